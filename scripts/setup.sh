@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 machine for pynydus: system packages and a virtualenv at .venv.
+# Idempotent: packages already installed are not fetched again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(containerd runc docker-registry fuse3 libfuse3-dev pkg-config erofs-utils skopeo umoci
+      e2fsprogs util-linux curl ca-certificates python3-venv)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.pynydus-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c 'import pynydus, grpc, pyfuse3' 
+  touch "$stamp"
+fi
+echo "setup: ok ($(.venv/bin/python --version), $(containerd --version | awk '{print $3}'))"

@@ -1,0 +1,81 @@
+"""One error taxonomy for all of pynydus.
+
+Each class names who is at fault and maps one-to-one to a gRPC status code at the
+snapshotter's service edge (containerd turns those codes back into its errdefs),
+to an errno inside FUSE handlers and to an exit code in the CLIs. Messages say
+what failed and with what, e.g. ``prepare snapshot "k1": parent "p0" not found``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+import grpc
+
+
+class NydusError(Exception):
+    """Base of every error pynydus raises on purpose."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    errno: int = _errno.EIO
+    exit_code: int = 1
+
+
+class NotFound(NydusError):
+    """The named object (snapshot, parent, blob, file) does not exist."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    errno = _errno.ENOENT
+
+
+class AlreadyExists(NydusError):
+    """An object with that key or name exists already."""
+
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    errno = _errno.EEXIST
+
+
+class FailedPrecondition(NydusError):
+    """The object is in a state that does not allow the operation."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    errno = _errno.EBUSY
+
+
+class InvalidArgument(NydusError):
+    """The caller passed something malformed: a filter, a label, a config value."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    errno = _errno.EINVAL
+    exit_code = 2
+
+
+class Unavailable(NydusError):
+    """A dependency (daemon, registry) cannot be reached right now; retrying may help."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    errno = _errno.EIO
+
+
+class NotImplementedFeature(NydusError):
+    """A recognised feature that this build does not implement."""
+
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    errno = _errno.ENOSYS
+
+
+class ConfigError(InvalidArgument):
+    """A configuration file or flag is wrong; the message names the key."""
+
+
+class FormatError(InvalidArgument):
+    """Malformed on-disk or on-wire data (bootstrap, blob, manifest).
+
+    The message names the field and the byte offset where the problem was found.
+    """
+
+    errno = _errno.EIO
+
+
+class HostCheckError(FailedPrecondition):
+    """The host lacks something pynydus needs (d_type, overlayfs, /dev/fuse)."""
