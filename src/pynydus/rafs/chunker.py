@@ -1,0 +1,549 @@
+"""Cut file data into chunks and write one Nydus data blob (separate-bootstrap flavour).
+
+Theory of operation. Files arrive one after another; each is read in
+``chunk_size`` pieces (never whole), every piece is digested (blake3 or sha256 of
+the *uncompressed* bytes) and looked up, first in the caller's chunk dict (chunks
+that already live in other blobs), then among the chunks this blob already holds.
+Only a miss is compressed and appended. Every chunk gets a slot in the blob's
+*uncompressed address space* starting on a 4 KiB boundary; the kernel's EROFS
+driver and nydusd's blob cache address chunks there.
+
+With ``compressor=none`` we also start each chunk's *compressed* bytes on a 4 KiB
+boundary, zero-filling the gaps, so compressed offset == uncompressed offset and
+the data section of the blob file *is* the uncompressed address space: the blob
+can be handed to the kernel as an EROFS extra device as-is (spec §7). Upstream
+packs raw chunks back to back; readers do not care, they follow the offsets.
+
+After the data the blob carries, in upstream's blob-toc layout (spec §2.2)::
+
+    chunks | tar(image.blob) | ci | ci header (4096) | tar(blob.meta)
+           | digests | tar(blob.digest) | TOC | tar(rafs.blob.toc)
+
+where ``ci`` is the V1 chunk-info array (16 B per chunk, compressed with the blob's
+compressor when that helps). A "tar(x)" is a 512-byte GNU header naming the
+section *before* it, so the blob parses backwards from its end.
+
+The blob is streamed to a temp file in ``blob_dir`` and renamed to its id at the
+end. The id is the sha256 of the whole file, i.e. its registry digest (upstream's
+internal id for separately built blobs skips the digest array; we deliberately use
+the pushable digest, spec §2.7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from pynydus.errors import FormatError, InvalidArgument
+from pynydus.rafs.compress import (
+    Compressor,
+    Digester,
+    compress,
+    digest,
+    toc_flag_for_compressor,
+)
+
+__all__ = [
+    "BLOB_FEATURES_DEFAULT",
+    "BlobDesc",
+    "BlobWriter",
+    "ChunkDict",
+    "ChunkRef",
+    "ChunkSource",
+    "DEFAULT_CHUNK_SIZE",
+    "gnu_tar_header",
+    "pack_ci_v1",
+]
+
+DEFAULT_CHUNK_SIZE = 0x100000
+MAX_CHUNK_SIZE = 0x1000000
+BLOCK = 4096
+MAX_CHUNKS_PER_BLOB = 1 << 24
+
+# BlobFeatures bits (spec §1.5).
+FEATURE_ALIGNED = 0x0000_0001
+FEATURE_INLINED_CHUNK_DIGEST = 0x0000_0020
+FEATURE_HAS_TAR_HEADER = 0x1000_0000
+FEATURE_HAS_TOC = 0x2000_0000
+FEATURE_CAP_TAR_TOC = 0x4000_0000
+BLOB_FEATURES_DEFAULT = (
+    FEATURE_ALIGNED
+    | FEATURE_INLINED_CHUNK_DIGEST
+    | FEATURE_HAS_TAR_HEADER
+    | FEATURE_HAS_TOC
+    | FEATURE_CAP_TAR_TOC
+)
+
+CI_HEADER_SIZE = 4096
+CI_MAGIC = 0xB10BB10B
+CI_V1_SIZE = 16
+TOC_ENTRY_SIZE = 128
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(slots=True, eq=False)
+class BlobDesc:
+    """Everything the bootstrap needs to know about one data blob.
+
+    Field names and meanings follow the RAFS v6 blob table entry (spec §1.5); the
+    bootstrap writer assigns ``blob_index`` when it lays out the blob table.
+    Identity (``is``) matters: chunk references point at their BlobDesc object.
+    """
+
+    blob_id: str
+    chunk_size: int
+    compressor: Compressor
+    digester: Digester
+    chunk_count: int = 0
+    features: int = BLOB_FEATURES_DEFAULT
+    compressed_size: int = 0
+    uncompressed_size: int = 0
+    blob_toc_size: int = 0
+    blob_toc_digest: bytes = bytes(32)
+    ci_compressor: Compressor = Compressor.NONE
+    ci_offset: int = 0
+    ci_compressed_size: int = 0
+    ci_uncompressed_size: int = 0
+    blob_meta_digest: bytes = bytes(32)
+    blob_meta_size: int = 0
+    cipher_algo: int = 0
+    cipher_iv: bytes = bytes(8)
+
+
+@dataclass(slots=True)
+class ChunkRef:
+    """One chunk as the bootstrap records it: where its bytes live and what they are.
+
+    ``ci_index`` is the chunk's position in its blob's chunk-info array; offsets are
+    in the blob file (compressed) and in its uncompressed address space.
+    ``file_offset`` is where the chunk sits in the file that first produced it.
+    """
+
+    digest: bytes
+    blob: BlobDesc
+    ci_index: int
+    compressed_offset: int
+    compressed_size: int
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed: bool
+    file_offset: int = 0
+
+
+ChunkDict = dict[bytes, ChunkRef]
+"""Chunks that exist already in other blobs, keyed by digest (``--chunk-dict``)."""
+
+
+class ChunkSource(Protocol):
+    """Anything with ``read(n)``; file data of one entry."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+@dataclass
+class BlobStats:
+    """Counters for the build report."""
+
+    bytes_in: int = 0
+    chunks_in: int = 0
+    chunks_written: int = 0
+    dedup_chunks: int = 0
+    dedup_bytes: int = 0
+    dict_chunks: int = 0
+    compressed_bytes: int = 0
+
+
+def gnu_tar_header(name: str, size: int) -> bytes:
+    """A 512-byte GNU tar header for a regular file ``name`` of ``size`` bytes.
+
+    Sizes of 8 GiB and more use GNU base-256 encoding. The checksum is set, as Go's
+    archive/tar (used by nydus-snapshotter to unpack blobs) insists on it.
+    """
+    raw = name.encode()
+    if len(raw) > 100:
+        raise InvalidArgument(f"tar header name {name!r} longer than 100 bytes")
+    h = bytearray(512)
+    h[0 : len(raw)] = raw
+    h[100:108] = b"0000644\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    if size < 8**11:
+        h[124:136] = b"%011o\0" % size
+    else:
+        h[124:136] = b"\x80" + size.to_bytes(11, "big")
+    h[136:148] = b"00000000000\0"
+    h[156:157] = b"0"
+    h[257:265] = b"ustar  \0"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def pack_ci_v1(c_off: int, c_size: int, u_off: int, u_size: int) -> bytes:
+    """Pack a 16-byte V1 chunk-info entry (``BlobChunkInfoV1Ondisk``, spec §2.3)."""
+    if u_off & 0xFFF or u_off & ~0xFFF_FFFF_F000 or not 0 < u_size <= MAX_CHUNK_SIZE:
+        raise InvalidArgument(f"chunk info: bad uncompressed offset/size {u_off:#x}/{u_size}")
+    if c_off >> 40 or not 0 < c_size <= MAX_CHUNK_SIZE:
+        raise InvalidArgument(f"chunk info: bad compressed offset/size {c_off:#x}/{c_size}")
+    us, cs = u_size - 1, c_size - 1
+    uncomp = ((us & 0xF0_0000) >> 12) | u_off | ((us & 0x0F_FFFF) << 44)
+    comp = c_off | ((cs & 0xF0_0000) << 20) | ((cs & 0x0F_FFFF) << 44)
+    return struct.pack("<QQ", uncomp, comp)
+
+
+def pack_ci_header(
+    features: int,
+    ci_compressor: Compressor,
+    entries: int,
+    ci_offset: int,
+    ci_compressed_size: int,
+    ci_uncompressed_size: int,
+) -> bytes:
+    """Pack the 4096-byte ``BlobCompressionContextHeader`` (spec §2.3)."""
+    head = struct.pack(
+        "<IIIIQQQQQI",
+        CI_MAGIC,
+        features,
+        int(ci_compressor),
+        entries,
+        ci_offset,
+        ci_compressed_size,
+        ci_uncompressed_size,
+        0,
+        0,
+        0,
+    )
+    return head + bytes(CI_HEADER_SIZE - 4 - len(head)) + struct.pack("<I", CI_MAGIC)
+
+
+def pack_toc_entry(
+    name: str, compressor: Compressor, sha256: bytes, c_off: int, c_size: int, u_size: int
+) -> bytes:
+    """Pack one 128-byte blob TOC entry (spec §2.6)."""
+    raw = name.encode()
+    return struct.pack(
+        "<II16s32sQQQ48s",
+        toc_flag_for_compressor(compressor),
+        0,
+        raw,
+        sha256,
+        c_off,
+        c_size,
+        u_size,
+        b"",
+    )
+
+
+class _HashingWriter:
+    """Buffered file writer that keeps a running sha256 and the position."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+        self.pos = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self._h.update(data)
+        self.pos += len(data)
+
+    def pad_to(self, align: int) -> None:
+        gap = _round_up(self.pos, align) - self.pos
+        if gap:
+            self.write(bytes(gap))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class BlobWriter:
+    """Write one data blob; feed files with :meth:`add_file`, then :meth:`finish`.
+
+    The blob is created lazily in ``blob_dir`` as a temp file; :meth:`finish` renames
+    it to ``<blob_id>`` and returns its :class:`BlobDesc`, or returns None (and
+    leaves nothing behind) when no chunk was written. :meth:`abort` removes the temp
+    file and is idempotent. Chunks found in ``chunk_dict`` are not written: their
+    :class:`ChunkRef` points at the dict's blob.
+    """
+
+    def __init__(
+        self,
+        blob_dir: str | os.PathLike[str],
+        *,
+        compressor: Compressor = Compressor.NONE,
+        digester: Digester = Digester.BLAKE3,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_dict: ChunkDict | None = None,
+    ) -> None:
+        if chunk_size & (chunk_size - 1) or not BLOCK <= chunk_size <= MAX_CHUNK_SIZE:
+            raise InvalidArgument(
+                f"chunk size {chunk_size:#x}: must be a power of two in [0x1000, 0x1000000]"
+            )
+        self.blob_dir = os.fspath(blob_dir)
+        self.compressor = compressor
+        self.digester = digester
+        self.chunk_size = chunk_size
+        self.chunk_dict = chunk_dict or {}
+        self.stats = BlobStats()
+        # Filled in at finish(); chunk refs hold this object from the start.
+        self.desc = BlobDesc(
+            blob_id="", chunk_size=chunk_size, compressor=compressor, digester=digester
+        )
+        self._own: dict[bytes, ChunkRef] = {}
+        self._ci: list[bytes] = []
+        self._digests: list[bytes] = []
+        self._u_end = 0  # end of the uncompressed address space used so far
+        self._tmp_path: str | None = None
+        self._file: BinaryIO | None = None
+        self._w: _HashingWriter | None = None
+
+    # ------------------------------------------------------------------ data
+    def add_file(self, reader: ChunkSource, size: int) -> tuple[list[ChunkRef], int]:
+        """Chunk ``size`` bytes of ``reader``; return the file's chunk refs and bytes read.
+
+        Reads at most ``chunk_size`` bytes at a time. A reader that ends early yields
+        fewer bytes (the caller decides whether that is an error); a reader with
+        more data than ``size`` is read only up to ``size``.
+        """
+        refs: list[ChunkRef] = []
+        done = 0
+        while done < size:
+            want = min(self.chunk_size, size - done)
+            piece = _read_full(reader, want)
+            if not piece:
+                break
+            refs.append(self.add_chunk(piece, done))
+            done += len(piece)
+            if len(piece) < want:
+                break
+        return refs, done
+
+    def add_chunk(self, data: bytes, file_offset: int = 0) -> ChunkRef:
+        """Add one chunk's uncompressed bytes (1..chunk_size); dedup, else append."""
+        n = len(data)
+        if not 0 < n <= self.chunk_size:
+            raise InvalidArgument(f"chunk of {n} bytes: must be 1..{self.chunk_size}")
+        self.stats.bytes_in += n
+        self.stats.chunks_in += 1
+        d = digest(data, self.digester)
+        hit = self.chunk_dict.get(d)
+        if hit is not None and hit.uncompressed_size == n:
+            self.stats.dict_chunks += 1
+            self.stats.dedup_chunks += 1
+            self.stats.dedup_bytes += n
+            return _copy_ref(hit, file_offset)
+        hit = self._own.get(d)
+        if hit is not None:
+            self.stats.dedup_chunks += 1
+            self.stats.dedup_bytes += n
+            return _copy_ref(hit, file_offset)
+        if len(self._ci) >= MAX_CHUNKS_PER_BLOB:
+            raise InvalidArgument(f"blob exceeds {MAX_CHUNKS_PER_BLOB} chunks")
+        w = self._writer()
+        payload, is_compressed = compress(data, self.compressor)
+        if self.compressor == Compressor.NONE:
+            w.pad_to(BLOCK)  # keeps compressed offset == uncompressed offset (kernel device)
+        c_off = w.pos
+        w.write(payload)
+        u_off = self._u_end
+        self._u_end = _round_up(u_off + n, BLOCK)
+        ref = ChunkRef(
+            digest=d,
+            blob=self.desc,
+            ci_index=len(self._ci),
+            compressed_offset=c_off,
+            compressed_size=len(payload),
+            uncompressed_offset=u_off,
+            uncompressed_size=n,
+            compressed=is_compressed,
+            file_offset=file_offset,
+        )
+        self._ci.append(pack_ci_v1(c_off, len(payload), u_off, n))
+        self._digests.append(d)
+        self._own[d] = ref
+        self.stats.chunks_written += 1
+        self.stats.compressed_bytes += len(payload)
+        return ref
+
+    def _writer(self) -> _HashingWriter:
+        if self._w is None:
+            os.makedirs(self.blob_dir, exist_ok=True)
+            fd, self._tmp_path = tempfile.mkstemp(prefix=".blob-", dir=self.blob_dir)
+            self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+            self._w = _HashingWriter(self._file)
+        return self._w
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> BlobDesc | None:
+        """Append ci, header, digests and TOC; rename the blob to its id.
+
+        Returns the completed :class:`BlobDesc` (also available as ``self.desc``),
+        or None if the blob holds no chunk. Calling it twice raises.
+        """
+        if self._w is None:
+            return None
+        if self._file is None:
+            raise InvalidArgument("blob writer already finished")
+        w = self._w
+        desc = self.desc
+        toc: list[bytes] = []
+        if self.compressor == Compressor.NONE:
+            w.pad_to(BLOCK)  # data section == uncompressed address space
+        data_size = w.pos
+        # Section 1: chunk data, named by the tar header that follows it.
+        hdr = gnu_tar_header("image.blob", data_size)
+        w.write(hdr)
+        # TOC digest of image.blob covers data + header; we need a second hash for that.
+        toc.append(
+            pack_toc_entry(
+                "image.blob",
+                Compressor.NONE,
+                bytes.fromhex(w.hexdigest()),
+                0,
+                data_size,
+                self._u_end,
+            )
+        )
+        # Section 2: chunk-info array + its header.
+        ci_raw = b"".join(self._ci)
+        ci_payload, ci_compressed = compress(ci_raw, self.compressor)
+        ci_compressor = self.compressor if ci_compressed else Compressor.NONE
+        ci_offset = w.pos
+        w.write(ci_payload)
+        header = pack_ci_header(
+            BLOB_FEATURES_DEFAULT,
+            ci_compressor,
+            len(self._ci),
+            ci_offset,
+            len(ci_payload),
+            len(ci_raw),
+        )
+        w.write(header)
+        w.write(gnu_tar_header("blob.meta", len(ci_payload) + CI_HEADER_SIZE))
+        toc.append(
+            pack_toc_entry(
+                "blob.meta",
+                ci_compressor,
+                hashlib.sha256(ci_raw).digest(),
+                ci_offset,
+                len(ci_payload),
+                len(ci_raw),
+            )
+        )
+        toc.append(
+            pack_toc_entry(
+                "blob.meta.header",
+                Compressor.NONE,
+                hashlib.sha256(header).digest(),
+                ci_offset + len(ci_payload),
+                CI_HEADER_SIZE,
+                CI_HEADER_SIZE,
+            )
+        )
+        # Section 3: chunk digests in ci order, never compressed.
+        digests = b"".join(self._digests)
+        dig_off = w.pos
+        w.write(digests)
+        w.write(gnu_tar_header("blob.digest", len(digests)))
+        toc.append(
+            pack_toc_entry(
+                "blob.digest",
+                Compressor.NONE,
+                hashlib.sha256(digests).digest(),
+                dig_off,
+                len(digests),
+                len(digests),
+            )
+        )
+        # Section 4: the TOC itself.
+        toc_bytes = b"".join(toc)
+        toc_hdr = gnu_tar_header("rafs.blob.toc", len(toc_bytes))
+        w.write(toc_bytes)
+        w.write(toc_hdr)
+
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        blob_id = w.hexdigest()
+        final = os.path.join(self.blob_dir, blob_id)
+        assert self._tmp_path is not None
+        os.chmod(self._tmp_path, 0o644)
+        os.replace(self._tmp_path, final)
+        self._tmp_path = None
+
+        desc.blob_id = blob_id
+        desc.chunk_count = len(self._ci)
+        desc.features = BLOB_FEATURES_DEFAULT
+        desc.compressed_size = w.pos
+        desc.uncompressed_size = self._u_end
+        desc.blob_toc_size = len(toc_bytes) + len(toc_hdr)
+        desc.blob_toc_digest = hashlib.sha256(toc_bytes + toc_hdr).digest()
+        desc.ci_compressor = ci_compressor
+        desc.ci_offset = ci_offset
+        desc.ci_compressed_size = len(ci_payload)
+        desc.ci_uncompressed_size = len(ci_raw)
+        return desc
+
+    @property
+    def path(self) -> str | None:
+        """Path of the finished blob file (None before :meth:`finish` or if empty)."""
+        if self.desc.blob_id:
+            return os.path.join(self.blob_dir, self.desc.blob_id)
+        return None
+
+    def abort(self) -> None:
+        """Drop the unfinished blob; safe to call at any time, any number of times."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp_path is not None:
+            try:
+                os.unlink(self._tmp_path)
+            except FileNotFoundError:
+                pass
+            self._tmp_path = None
+
+
+def _copy_ref(ref: ChunkRef, file_offset: int) -> ChunkRef:
+    return ChunkRef(
+        digest=ref.digest,
+        blob=ref.blob,
+        ci_index=ref.ci_index,
+        compressed_offset=ref.compressed_offset,
+        compressed_size=ref.compressed_size,
+        uncompressed_offset=ref.uncompressed_offset,
+        uncompressed_size=ref.uncompressed_size,
+        compressed=ref.compressed,
+        file_offset=file_offset,
+    )
+
+
+def _read_full(reader: ChunkSource, n: int) -> bytes:
+    """Read exactly n bytes unless the reader ends first."""
+    first = reader.read(n)
+    if len(first) == n or not first:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < n:
+        more = reader.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def read_only_check(size: int, got: int, path: bytes) -> None:
+    """Raise :class:`FormatError` when a tar entry delivered fewer bytes than declared."""
+    if got != size:
+        raise FormatError(f"entry {path!r}: expected {size} bytes of data, got {got}")
+

@@ -1,0 +1,188 @@
+"""Chunk codecs and chunk digests for RAFS data blobs.
+
+Every chunk of a Nydus blob is compressed on its own (no shared dictionary, no
+stream state), so a reader can decode any chunk from its compressed bytes and its
+uncompressed size alone. The numeric values of :class:`Compressor` and
+:class:`Digester` are the on-disk values of the blob table (``compression_algo``,
+``digest_algo``); the flag helpers give the bootstrap superblock bits and the blob
+TOC entry bits for the same algorithm.
+
+``lz4_block`` is a raw LZ4 block without frame or size prefix: decoding needs the
+uncompressed size, which the chunk info always carries. ``zstd`` is one frame at
+level 3. A chunk whose compressed form is not smaller than its input is stored raw
+and flagged uncompressed, exactly as upstream does, so even a zstd blob contains
+raw chunks.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import hashlib
+import zlib
+
+import blake3
+import lz4.block
+import zstandard
+
+from pynydus.errors import FormatError, InvalidArgument
+
+__all__ = [
+    "Compressor",
+    "Digester",
+    "compress",
+    "decompress",
+    "digest",
+    "new_hasher",
+    "parse_compressor",
+    "parse_digester",
+    "super_flag_for_compressor",
+    "super_flag_for_digester",
+    "toc_flag_for_compressor",
+]
+
+
+class Compressor(enum.IntEnum):
+    """Chunk / chunk-info compression, valued as in the RAFS v6 blob table."""
+
+    NONE = 0
+    LZ4_BLOCK = 1
+    GZIP = 2
+    ZSTD = 3
+
+
+class Digester(enum.IntEnum):
+    """Chunk digest algorithm, valued as in the RAFS v6 blob table."""
+
+    BLAKE3 = 0
+    SHA256 = 1
+
+
+_COMPRESSOR_NAMES = {
+    "none": Compressor.NONE,
+    "lz4_block": Compressor.LZ4_BLOCK,
+    "lz4": Compressor.LZ4_BLOCK,
+    "gzip": Compressor.GZIP,
+    "zstd": Compressor.ZSTD,
+}
+_DIGESTER_NAMES = {"blake3": Digester.BLAKE3, "sha256": Digester.SHA256}
+
+# zstd level 3 is upstream's default (zstd::bulk::compress with level 0 -> 3).
+_ZSTD_LEVEL = 3
+
+
+def parse_compressor(name: str | Compressor) -> Compressor:
+    """Map a CLI/config name (``none``, ``lz4_block``, ``zstd``, ``gzip``) to :class:`Compressor`."""
+    if isinstance(name, Compressor):
+        return name
+    try:
+        return _COMPRESSOR_NAMES[name.lower()]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown compressor {name!r}: expected one of none, lz4_block, zstd, gzip"
+        ) from None
+
+
+def parse_digester(name: str | Digester) -> Digester:
+    """Map ``blake3`` / ``sha256`` to :class:`Digester`."""
+    if isinstance(name, Digester):
+        return name
+    try:
+        return _DIGESTER_NAMES[name.lower()]
+    except KeyError:
+        raise InvalidArgument(f"unknown digester {name!r}: expected blake3 or sha256") from None
+
+
+def super_flag_for_compressor(c: Compressor) -> int:
+    """The RAFS superblock flag bit (``RafsSuperFlags``) for a compressor."""
+    return {
+        Compressor.NONE: 0x1,
+        Compressor.LZ4_BLOCK: 0x2,
+        Compressor.GZIP: 0x40,
+        Compressor.ZSTD: 0x80,
+    }[c]
+
+
+def super_flag_for_digester(d: Digester) -> int:
+    """The RAFS superblock flag bit for a digester."""
+    return {Digester.BLAKE3: 0x4, Digester.SHA256: 0x8}[d]
+
+
+def toc_flag_for_compressor(c: Compressor) -> int:
+    """The blob TOC entry flag for a compressor; gzip has no TOC encoding."""
+    try:
+        return {Compressor.NONE: 0x1, Compressor.ZSTD: 0x2, Compressor.LZ4_BLOCK: 0x4}[c]
+    except KeyError:
+        raise InvalidArgument(f"compressor {c.name} cannot be recorded in a blob TOC") from None
+
+
+def compress(data: bytes | memoryview, algo: Compressor) -> tuple[bytes, bool]:
+    """Compress one chunk; return ``(payload, compressed)``.
+
+    ``compressed`` is False (and ``payload`` is the input) when the algorithm is NONE,
+    the input is empty, or compression did not make the data smaller.
+    """
+    raw = bytes(data)
+    if algo == Compressor.NONE or not raw:
+        return raw, False
+    if algo == Compressor.LZ4_BLOCK:
+        out = lz4.block.compress(raw, store_size=False)
+    elif algo == Compressor.ZSTD:
+        out = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
+    elif algo == Compressor.GZIP:
+        out = gzip.compress(raw, compresslevel=6, mtime=0)
+    else:  # pragma: no cover - enum is closed
+        raise InvalidArgument(f"unsupported compressor {algo!r}")
+    if len(out) >= len(raw):
+        return raw, False
+    return out, True
+
+
+def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: int) -> bytes:
+    """Decode one chunk compressed with ``algo`` into exactly ``uncompressed_size`` bytes.
+
+    Raises :class:`FormatError` when the payload is corrupt or decodes to another size.
+    """
+    raw = bytes(data)
+    try:
+        if algo == Compressor.NONE:
+            out = raw
+        elif algo == Compressor.LZ4_BLOCK:
+            out = lz4.block.decompress(raw, uncompressed_size=uncompressed_size)
+        elif algo == Compressor.ZSTD:
+            out = zstandard.ZstdDecompressor().decompress(
+                raw, max_output_size=max(uncompressed_size, 1)
+            )
+        elif algo == Compressor.GZIP:
+            out = zlib.decompress(raw, wbits=31)
+        else:  # pragma: no cover
+            raise InvalidArgument(f"unsupported compressor {algo!r}")
+    except (lz4.block.LZ4BlockError, zstandard.ZstdError, zlib.error) as err:
+        raise FormatError(f"decompress {algo.name} chunk: {err}") from err
+    if len(out) != uncompressed_size:
+        raise FormatError(
+            f"decompress {algo.name} chunk: got {len(out)} bytes, expected {uncompressed_size}"
+        )
+    return out
+
+
+class _Hasher:
+    """Minimal common interface of hashlib / blake3 hashers."""
+
+    def update(self, data: bytes | memoryview) -> None: ...  # pragma: no cover
+
+    def digest(self) -> bytes: ...  # pragma: no cover
+
+
+def new_hasher(algo: Digester) -> _Hasher:
+    """A fresh incremental hasher for ``algo`` (``update``/``digest``)."""
+    if algo == Digester.BLAKE3:
+        return blake3.blake3()  # type: ignore[return-value]
+    return hashlib.sha256()  # type: ignore[return-value]
+
+
+def digest(data: bytes | memoryview, algo: Digester) -> bytes:
+    """The 32-byte chunk digest of uncompressed ``data``."""
+    if algo == Digester.BLAKE3:
+        return blake3.blake3(data).digest()
+    return hashlib.sha256(data).digest()
