@@ -9,6 +9,7 @@ what failed and with what, e.g. ``prepare snapshot "k1": parent "p0" not found``
 from __future__ import annotations
 
 import errno as _errno
+import json
 
 import grpc
 
@@ -79,3 +80,8 @@ class FormatError(InvalidArgument):
 
 class HostCheckError(FailedPrecondition):
     """The host lacks something pynydus needs (d_type, overlayfs, /dev/fuse)."""
+
+
+def q(value: str) -> str:
+    """Quote a name for an error message the way containerd's Go code does (%q)."""
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,59 @@
+"""Mount specs the snapshotter returns to containerd (sans-I/O).
+
+containerd performs these mounts itself (or through a helper for ``fuse.*``
+types); the snapshotter only describes them. Native mounts are those of
+containerd's overlayfs snapshotter, option for option, so an OCI image behaves
+the same through either snapshotter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pynydus.snapshot.metastore import Kind
+
+
+@dataclass(frozen=True)
+class Mount:
+    """containerd.types.Mount: what to pass to mount(2) (or a ``mount.<type>`` helper)."""
+
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
+def native_mounts(
+    kind: Kind,
+    upper: str,
+    work: str,
+    parent_uppers: Sequence[str],
+    *,
+    volatile: bool = False,
+    extra_options: Sequence[str] = (),
+) -> list[Mount]:
+    """Mounts for a snapshot whose layers all live as plain directories.
+
+    ``parent_uppers`` are the ``fs`` dirs of the ancestors, nearest parent first.
+
+    - no parents: a bind mount of the snapshot's own ``fs``, ``rw`` for active,
+      ``ro`` for a view;
+    - a view with one parent: a read-only bind of the parent's ``fs`` (no overlay
+      needed, and it is cheaper);
+    - otherwise overlay: active gets ``workdir``/``upperdir`` (and ``volatile`` when
+      asked), then ``lowerdir`` newest first, then ``extra_options`` (containerd adds
+      ``index=off`` where the kernel has the parameter).
+    """
+    if not parent_uppers:
+        ro = "ro" if kind == Kind.VIEW else "rw"
+        return [Mount("bind", upper, (ro, "rbind"))]
+    options: list[str] = []
+    if kind == Kind.ACTIVE:
+        options += [f"workdir={work}", f"upperdir={upper}"]
+        if volatile:
+            options.append("volatile")
+    elif len(parent_uppers) == 1:
+        return [Mount("bind", parent_uppers[0], ("ro", "rbind"))]
+    options.append("lowerdir=" + ":".join(parent_uppers))
+    options.extend(extra_options)
+    return [Mount("overlay", "overlay", tuple(options))]

@@ -1,0 +1,241 @@
+"""The snapshotter: containerd's snapshot semantics over directories and overlayfs.
+
+Theory of operation (the same as containerd's overlayfs snapshotter):
+
+- Every snapshot has an integer id and a directory ``snapshots/<id>`` holding
+  ``fs`` (the layer's upper dir) and, while active, ``work`` (overlay's workdir).
+- Prepare/View build the directory under a temporary name first, then record the
+  snapshot in the metastore and rename the directory to its id inside that one
+  transaction; any failure removes the temporary directory and records nothing.
+- Commit keeps the id (the data never moves) and records the disk usage.
+- Remove deletes the record in one transaction; the directory goes after it
+  commits (``sync_remove``) or at the next Cleanup, which deletes every directory
+  that has no record: removed snapshots and leftovers of crashes alike.
+
+The label decision table (``processor.choose``) picks, per Prepare, whether a layer
+is a plain directory or is served by a remote filesystem (Nydus); with no remote
+filesystem attached every layer is a plain directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pynydus import labels as L
+from pynydus.errors import q, AlreadyExists, FailedPrecondition, NotFound
+from pynydus.snapshot import processor
+from pynydus.snapshot.filters import Filter, snapshot_adaptor
+from pynydus.snapshot.metastore import Info, Kind, MetaStore, Snapshot, Usage
+from pynydus.snapshot.mounts import Mount, native_mounts
+from pynydus.system import host
+from pynydus.system.diskusage import disk_usage
+from pynydus.system.mountinfo import mountpoints_under
+
+log = logging.getLogger(__name__)
+
+_TEMP_PREFIX = "new-"
+
+
+@dataclass(frozen=True)
+class SnapshotterOptions:
+    # Remove deletes the directory at once instead of leaving it to Cleanup
+    # (upstream default false: containerd's GC calls Cleanup soon after).
+    sync_remove: bool = False
+    # Add overlay 'volatile' to every active mount (no fsync of the upper dir).
+    volatile: bool = False
+    # Unmount what this snapshotter mounted when it stops.
+    cleanup_on_close: bool = False
+
+
+class Snapshotter:
+    """containerd Snapshotter over ``root``. Thread-safe; every method is atomic."""
+
+    def __init__(self, root: str | Path, options: SnapshotterOptions | None = None) -> None:
+        self.root = Path(root)
+        self.options = options or SnapshotterOptions()
+        host.check_root_path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        host.check_overlayfs()
+        host.check_d_type(self.root)
+        self.snapshots_dir = self.root / "snapshots"
+        self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+        self.ms = MetaStore(self.root / "metadata.db")
+        self.features = processor.Features()
+        self._overlay_extra = ("index=off",) if host.overlay_supports_index() else ()
+        self._cleanup_lock = threading.Lock()
+
+    # --- paths --------------------------------------------------------------------
+
+    def upper_path(self, sid: str) -> str:
+        return str(self.snapshots_dir / sid / "fs")
+
+    def work_path(self, sid: str) -> str:
+        return str(self.snapshots_dir / sid / "work")
+
+    # --- API ----------------------------------------------------------------------
+
+    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
+        """Create active snapshot ``key`` over committed ``parent`` and return its mounts.
+
+        A second Prepare of the same key is AlreadyExists. When the decision table
+        says SKIP (a layer that needs no download) the snapshot is committed at once
+        under the ``containerd.io/snapshot.ref`` name and AlreadyExists is raised, as
+        containerd's unpacker expects.
+        """
+        labels = dict(labels or {})
+        L.validate(labels)
+        snap = self._create(Kind.ACTIVE, key, parent, labels)
+        decision = self._decide(snap, labels)
+        if decision.handler is processor.Handler.SKIP:
+            target = labels.get(L.TARGET_SNAPSHOT_REF, "")
+            commit_labels = {**labels, **decision.add_labels}
+            self.commit(target, key, commit_labels)
+            raise AlreadyExists(f"target snapshot {q(target)} already exists")
+        return self._mounts(snap, labels)
+
+    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
+        """Create read-only view ``key`` of committed ``parent`` and return its mounts."""
+        labels = dict(labels or {})
+        L.validate(labels)
+        snap = self._create(Kind.VIEW, key, parent, labels)
+        return self._mounts(snap, labels)
+
+    def mounts(self, key: str) -> list[Mount]:
+        """Mounts of active or view snapshot ``key``; FailedPrecondition for a committed one."""
+        sid, info, _ = self.ms.get_info(key)
+        if info.kind not in (Kind.ACTIVE, Kind.VIEW):
+            raise FailedPrecondition(f"mounts of snapshot {q(key)}: snapshot is not active or view")
+        return self._mounts(self.ms.get_snapshot(key), info.labels)
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        """Commit active ``key`` as ``name``; its labels become ``labels`` (not inherited).
+
+        The usage of the upper directory is measured now and recorded.
+        """
+        labels = dict(labels or {})
+        L.validate(labels)
+        snap = self.ms.get_snapshot(key)
+        if snap.kind != Kind.ACTIVE:
+            raise FailedPrecondition(f"commit {q(key)} as {q(name)}: snapshot is not active")
+        size, inodes = disk_usage(self.upper_path(snap.id))
+        with self.ms.transaction() as db:
+            self.ms.commit_active(db, key, name, Usage(size, inodes), labels)
+
+    def remove(self, key: str) -> None:
+        """Remove ``key``; FailedPrecondition while another snapshot has it as parent.
+
+        The directory is deleted now with ``sync_remove``, otherwise by Cleanup.
+        """
+        with self.ms.transaction() as db:
+            try:
+                sid, _ = self.ms.remove(db, key)
+            except FailedPrecondition as err:
+                raise FailedPrecondition(f"failed to remove snapshot {q(key)}: {err}") from err
+        if self.options.sync_remove:
+            self._remove_dirs([sid])
+
+    def stat(self, key: str) -> Info:
+        return self.ms.get_info(key)[1]
+
+    def update(self, name: str, labels: Mapping[str, str], paths: list[str]) -> Info:
+        """Update labels of ``name`` (field paths ``labels`` / ``labels.KEY``; empty = all)."""
+        L.validate(labels)
+        return self.ms.update_info(name, labels, paths)
+
+    def walk(self, flt: Filter) -> Iterator[Info]:
+        for info in self.ms.walk():
+            if flt.match(snapshot_adaptor(info.name, info.parent, info.kind, info.labels)):
+                yield info
+
+    def usage(self, key: str) -> Usage:
+        """Active: measured now from the upper dir. Otherwise: recorded at commit."""
+        sid, info, recorded = self.ms.get_info(key)
+        if info.kind == Kind.ACTIVE:
+            return Usage(*disk_usage(self.upper_path(sid)))
+        return recorded
+
+    def cleanup(self) -> list[str]:
+        """Delete directories under ``snapshots/`` that no snapshot owns; returns their names.
+
+        Idempotent. Directories with something mounted below them are left alone
+        (and logged): deleting through a mount would destroy someone's data.
+        """
+        with self._cleanup_lock:
+            orphans = self._orphan_dirs()
+            return self._remove_dirs(orphans)
+
+    def close(self) -> None:
+        self.ms.close()
+
+    # --- internals ----------------------------------------------------------------
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
+        tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.snapshots_dir))
+        try:
+            (tmp / "fs").mkdir(0o755)
+            os.chmod(tmp / "fs", 0o755)  # mkdir's mode is masked by umask
+            if kind == Kind.ACTIVE:
+                (tmp / "work").mkdir(0o711)
+                os.chmod(tmp / "work", 0o711)
+            with self.ms.transaction() as db:
+                snap = self.ms.create(db, kind, key, parent, labels)
+                if snap.parent_ids:
+                    # The new layer's root belongs to whoever owns the parent's root,
+                    # so a chown in a lower layer is not undone by the upper dir.
+                    st = os.stat(self.upper_path(snap.parent_ids[0]))
+                    os.lchown(tmp / "fs", st.st_uid, st.st_gid)
+                os.rename(tmp, self.snapshots_dir / snap.id)
+            return snap
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _decide(self, snap: Snapshot, labels: Mapping[str, str]) -> processor.Decision:
+        if not (self.features.nydus or self.features.proxy_driver):
+            return processor.DEFAULT
+        ancestors = [processor.Layer(pid, self.ms.labels_by_id(pid)) for pid in snap.parent_ids]
+        return processor.choose(labels, ancestors, self.features)
+
+    def _mounts(self, snap: Snapshot, labels: Mapping[str, str]) -> list[Mount]:
+        volatile = self.options.volatile or L.is_volatile(labels)
+        return native_mounts(
+            snap.kind,
+            self.upper_path(snap.id),
+            self.work_path(snap.id),
+            [self.upper_path(pid) for pid in snap.parent_ids],
+            volatile=volatile,
+            extra_options=self._overlay_extra,
+        )
+
+    def _orphan_dirs(self) -> list[str]:
+        live = self.ms.id_map()
+        return sorted(
+            entry.name
+            for entry in os.scandir(self.snapshots_dir)
+            if entry.name not in live and entry.is_dir(follow_symlinks=False)
+        )
+
+    def _remove_dirs(self, names: list[str]) -> list[str]:
+        removed = []
+        for name in names:
+            path = self.snapshots_dir / name
+            busy = mountpoints_under(str(path))
+            if busy:
+                log.warning("cleanup: leaving %s, still mounted: %s", path, ", ".join(busy))
+                continue
+            try:
+                shutil.rmtree(path)
+                removed.append(name)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                log.warning("cleanup: cannot remove %s: %s", path, err)
+        return removed
