@@ -1,0 +1,115 @@
+"""Fixtures for end-to-end tests: a registry with the test images, our snapshotter, and a
+private containerd that uses it as proxy plugin ``nydus``.
+
+Skips (does not fail) when not root or when a system tool is missing, naming it; run
+``scripts/setup.sh`` first. When a test fails, the tails of the snapshotter, containerd
+and registry logs are attached to its report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import images, oci
+from tests.harness.containerd import Containerd
+from tests.harness.registry import Registry
+from tests.harness.snapshotter import Snapshotter
+from tests.harness.util import make_workdir, remove_tree
+
+REQUIRED = ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/bin/docker-registry", "runc",
+            "skopeo", "/bin/busybox", "containerd-shim-runc-v2"]
+
+# components alive right now, for log tails on failure
+_LIVE: list[object] = []
+
+
+def _missing_tools() -> list[str]:
+    return [t for t in REQUIRED if shutil.which(t) is None and not Path(t).exists()]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    reasons = []
+    if os.geteuid() != 0:
+        reasons.append("needs root")
+    missing = _missing_tools()
+    if missing:
+        reasons.append(f"missing {', '.join(missing)} (run scripts/setup.sh)")
+    for item in items:
+        if Path(str(item.fspath)).parent == here:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.root)
+            if reasons:
+                item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for comp in list(_LIVE):
+            proc = getattr(comp, "proc", None)
+            if proc is not None:
+                rep.sections.append((f"{proc.name} log (tail)", proc.log_tail(60)))
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    with Registry() as reg:
+        _LIVE.append(reg)
+        try:
+            yield reg
+        finally:
+            _LIVE.remove(reg)
+
+
+@pytest.fixture(scope="session")
+def layouts() -> Iterator[Path]:
+    d = make_workdir("img")
+    try:
+        yield d
+    finally:
+        remove_tree(d)
+
+
+@pytest.fixture(scope="session")
+def layered_image(registry: Registry, layouts: Path) -> tuple[str, oci.BuiltImage]:
+    """The multi-layer check image, pushed: (reference, built image)."""
+    built = images.layered_image().write_layout(layouts / "layered")
+    ref = registry.ref("e2e/layered")
+    oci.push(built, ref)
+    return ref, built
+
+
+@pytest.fixture(scope="session")
+def small_image(registry: Registry, layouts: Path) -> tuple[str, oci.BuiltImage]:
+    built = images.small_image("e2e").write_layout(layouts / "small")
+    ref = registry.ref("e2e/small")
+    oci.push(built, ref)
+    return ref, built
+
+
+@pytest.fixture(scope="module")
+def snapshotter() -> Iterator[Snapshotter]:
+    with Snapshotter() as snap:
+        _LIVE.append(snap)
+        try:
+            yield snap
+        finally:
+            _LIVE.remove(snap)
+
+
+@pytest.fixture(scope="module")
+def containerd(snapshotter: Snapshotter, registry: Registry) -> Iterator[Containerd]:
+    with Containerd(snapshotter.socket, registry_hosts=[registry.host]) as ctrd:
+        _LIVE.append(ctrd)
+        try:
+            yield ctrd
+        finally:
+            _LIVE.remove(ctrd)
