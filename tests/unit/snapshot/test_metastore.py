@@ -1,0 +1,128 @@
+"""Metastore contract: containerd storage semantics, atomicity, persistence."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pynydus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from pynydus.snapshot.metastore import Kind, MetaStore, Usage
+
+
+@pytest.fixture
+def ms(tmp_path: Path) -> MetaStore:
+    return MetaStore(tmp_path / "metadata.db")
+
+
+def create(ms: MetaStore, kind: Kind, key: str, parent: str = "", labels: dict[str, str] | None = None):
+    with ms.transaction() as db:
+        return ms.create(db, kind, key, parent, labels or {})
+
+
+def commit(ms: MetaStore, key: str, name: str, labels: dict[str, str] | None = None) -> str:
+    with ms.transaction() as db:
+        return ms.commit_active(db, key, name, Usage(10, 2), labels or {})
+
+
+def test_create_commit_chain_and_ids_never_reused(ms: MetaStore) -> None:
+    a = create(ms, Kind.ACTIVE, "a")
+    assert commit(ms, "a", "A") == a.id
+    b = create(ms, Kind.ACTIVE, "b", "A")
+    assert b.parent_ids == (a.id,)
+    commit(ms, "b", "B")
+    c = create(ms, Kind.VIEW, "c", "B")
+    assert c.parent_ids == (b.id, a.id)
+    with ms.transaction() as db:
+        ms.remove(db, "c")
+    d = create(ms, Kind.ACTIVE, "d", "B")
+    assert int(d.id) > int(c.id)
+
+
+def test_create_errors_in_containerd_order(ms: MetaStore) -> None:
+    create(ms, Kind.ACTIVE, "a")
+    with pytest.raises(NotFound, match='parent snapshot "missing"'):
+        create(ms, Kind.ACTIVE, "x", "missing")
+    with pytest.raises(InvalidArgument, match="not a committed"):
+        create(ms, Kind.ACTIVE, "x", "a")
+    with pytest.raises(AlreadyExists):
+        create(ms, Kind.ACTIVE, "a")
+    with pytest.raises(InvalidArgument):
+        create(ms, Kind.COMMITTED, "y")
+    assert [i.name for i in ms.walk()] == ["a"]
+
+
+def test_commit_replaces_labels_and_records_usage(ms: MetaStore) -> None:
+    create(ms, Kind.ACTIVE, "a", labels={"old": "1"})
+    commit(ms, "a", "A", {"new": "2"})
+    sid, info, usage = ms.get_info("A")
+    assert info.kind == Kind.COMMITTED and dict(info.labels) == {"new": "2"}
+    assert info.created_ns == info.updated_ns
+    assert usage == Usage(10, 2)
+    with pytest.raises(NotFound):
+        ms.get_info("a")
+
+
+def test_commit_errors(ms: MetaStore) -> None:
+    create(ms, Kind.ACTIVE, "a")
+    commit(ms, "a", "A")
+    create(ms, Kind.VIEW, "v", "A")
+    create(ms, Kind.ACTIVE, "b", "A")
+    with pytest.raises(AlreadyExists):
+        commit(ms, "b", "A")
+    with pytest.raises(FailedPrecondition):
+        commit(ms, "v", "V")
+    with pytest.raises(FailedPrecondition):
+        commit(ms, "A", "A2")
+    with pytest.raises(NotFound):
+        commit(ms, "nope", "N")
+
+
+def test_remove_with_children_fails_and_changes_nothing(ms: MetaStore) -> None:
+    create(ms, Kind.ACTIVE, "a")
+    commit(ms, "a", "A")
+    create(ms, Kind.ACTIVE, "b", "A")
+    with pytest.raises(FailedPrecondition, match="child"):
+        with ms.transaction() as db:
+            ms.remove(db, "A")
+    assert {i.name for i in ms.walk()} == {"A", "b"}
+
+
+def test_update_paths(ms: MetaStore) -> None:
+    create(ms, Kind.ACTIVE, "a", labels={"x": "1", "y": "2"})
+    before = ms.get_info("a")[1]
+    info = ms.update_info("a", {"y": "20", "z": "3"}, ["labels.y", "labels.x"])
+    assert dict(info.labels) == {"y": "20"}  # x absent from the request: deleted
+    assert info.updated_ns > before.updated_ns and info.created_ns == before.created_ns
+    assert dict(ms.update_info("a", {"q": "1"}, []).labels) == {"q": "1"}
+    assert dict(ms.update_info("a", {"r": "1"}, ["labels"]).labels) == {"r": "1"}
+    with pytest.raises(InvalidArgument, match='"name"'):
+        ms.update_info("a", {}, ["name"])
+    with pytest.raises(NotFound):
+        ms.update_info("nope", {}, [])
+
+
+def test_transaction_rolls_back_on_error(ms: MetaStore) -> None:
+    with pytest.raises(RuntimeError):
+        with ms.transaction() as db:
+            ms.create(db, Kind.ACTIVE, "a", "", {})
+            raise RuntimeError("boom")
+    assert list(ms.walk()) == []
+
+
+def test_persists_across_reopen(tmp_path: Path) -> None:
+    ms = MetaStore(tmp_path / "m.db")
+    create(ms, Kind.ACTIVE, "a", labels={"k": "v"})
+    commit(ms, "a", "A", {"k": "v"})
+    ms.close()
+    ms2 = MetaStore(tmp_path / "m.db")
+    assert dict(ms2.get_info("A")[1].labels) == {"k": "v"}
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    MetaStore(tmp_path / "m.db").close()
+    db = sqlite3.connect(tmp_path / "m.db")
+    db.execute("UPDATE meta SET value='99' WHERE name='schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(FailedPrecondition, match="newer"):
+        MetaStore(tmp_path / "m.db")
