@@ -39,6 +39,14 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from pynydus.errors import FormatError, InvalidArgument
+from pynydus.rafs.blobmeta import (
+    BlobChunkInfo,
+    BlobCompressionContextHeader,
+    ChunkInfoFlags,
+    TocEntry,
+    pack_chunk_info_v1,
+    pack_section_header,
+)
 from pynydus.rafs.compress import (
     Compressor,
     Digester,
@@ -79,7 +87,6 @@ BLOB_FEATURES_DEFAULT = (
 )
 
 CI_HEADER_SIZE = 4096
-CI_MAGIC = 0xB10BB10B
 CI_V1_SIZE = 16
 TOC_ENTRY_SIZE = 128
 
@@ -188,57 +195,27 @@ def gnu_tar_header(name: str, size: int) -> bytes:
 
 def pack_ci_v1(c_off: int, c_size: int, u_off: int, u_size: int) -> bytes:
     """Pack a 16-byte V1 chunk-info entry (``BlobChunkInfoV1Ondisk``, spec §2.3)."""
-    if u_off & 0xFFF or u_off & ~0xFFF_FFFF_F000 or not 0 < u_size <= MAX_CHUNK_SIZE:
-        raise InvalidArgument(f"chunk info: bad uncompressed offset/size {u_off:#x}/{u_size}")
-    if c_off >> 40 or not 0 < c_size <= MAX_CHUNK_SIZE:
-        raise InvalidArgument(f"chunk info: bad compressed offset/size {c_off:#x}/{c_size}")
-    us, cs = u_size - 1, c_size - 1
-    uncomp = ((us & 0xF0_0000) >> 12) | u_off | ((us & 0x0F_FFFF) << 44)
-    comp = c_off | ((cs & 0xF0_0000) << 20) | ((cs & 0x0F_FFFF) << 44)
-    return struct.pack("<QQ", uncomp, comp)
+    flags = ChunkInfoFlags.COMPRESSED if c_size != u_size else 0
+    try:
+        return pack_chunk_info_v1(BlobChunkInfo(c_off, c_size, u_off, u_size, flags))
+    except ValueError as err:
+        raise InvalidArgument(f"chunk info: {err}") from err
 
 
-def pack_ci_header(
-    features: int,
-    ci_compressor: Compressor,
-    entries: int,
-    ci_offset: int,
-    ci_compressed_size: int,
-    ci_uncompressed_size: int,
-) -> bytes:
-    """Pack the 4096-byte ``BlobCompressionContextHeader`` (spec §2.3)."""
-    head = struct.pack(
-        "<IIIIQQQQQI",
-        CI_MAGIC,
-        features,
-        int(ci_compressor),
-        entries,
-        ci_offset,
-        ci_compressed_size,
-        ci_uncompressed_size,
-        0,
-        0,
-        0,
-    )
-    return head + bytes(CI_HEADER_SIZE - 4 - len(head)) + struct.pack("<I", CI_MAGIC)
+def section_header(name: str, size: int) -> bytes:
+    """The 512-byte tar header that names a blob section (GNU base-256 beyond 8 GiB)."""
+    if size < 8**11:
+        return pack_section_header(name, size)
+    return gnu_tar_header(name, size)
 
 
-def pack_toc_entry(
+def toc_entry(
     name: str, compressor: Compressor, sha256: bytes, c_off: int, c_size: int, u_size: int
 ) -> bytes:
     """Pack one 128-byte blob TOC entry (spec §2.6)."""
-    raw = name.encode()
-    return struct.pack(
-        "<II16s32sQQQ48s",
-        toc_flag_for_compressor(compressor),
-        0,
-        raw,
-        sha256,
-        c_off,
-        c_size,
-        u_size,
-        b"",
-    )
+    return TocEntry(
+        toc_flag_for_compressor(compressor), name.encode(), sha256, c_off, c_size, u_size
+    ).pack()
 
 
 class _HashingWriter:
@@ -398,11 +375,11 @@ class BlobWriter:
             w.pad_to(BLOCK)  # data section == uncompressed address space
         data_size = w.pos
         # Section 1: chunk data, named by the tar header that follows it.
-        hdr = gnu_tar_header("image.blob", data_size)
+        hdr = section_header("image.blob", data_size)
         w.write(hdr)
         # TOC digest of image.blob covers data + header; we need a second hash for that.
         toc.append(
-            pack_toc_entry(
+            toc_entry(
                 "image.blob",
                 Compressor.NONE,
                 bytes.fromhex(w.hexdigest()),
@@ -417,18 +394,18 @@ class BlobWriter:
         ci_compressor = self.compressor if ci_compressed else Compressor.NONE
         ci_offset = w.pos
         w.write(ci_payload)
-        header = pack_ci_header(
-            BLOB_FEATURES_DEFAULT,
-            ci_compressor,
-            len(self._ci),
-            ci_offset,
-            len(ci_payload),
-            len(ci_raw),
-        )
+        header = BlobCompressionContextHeader(
+            features=BLOB_FEATURES_DEFAULT,
+            ci_compressor=int(ci_compressor),
+            ci_entries=len(self._ci),
+            ci_offset=ci_offset,
+            ci_compressed_size=len(ci_payload),
+            ci_uncompressed_size=len(ci_raw),
+        ).pack()
         w.write(header)
-        w.write(gnu_tar_header("blob.meta", len(ci_payload) + CI_HEADER_SIZE))
+        w.write(section_header("blob.meta", len(ci_payload) + CI_HEADER_SIZE))
         toc.append(
-            pack_toc_entry(
+            toc_entry(
                 "blob.meta",
                 ci_compressor,
                 hashlib.sha256(ci_raw).digest(),
@@ -438,7 +415,7 @@ class BlobWriter:
             )
         )
         toc.append(
-            pack_toc_entry(
+            toc_entry(
                 "blob.meta.header",
                 Compressor.NONE,
                 hashlib.sha256(header).digest(),
@@ -451,9 +428,9 @@ class BlobWriter:
         digests = b"".join(self._digests)
         dig_off = w.pos
         w.write(digests)
-        w.write(gnu_tar_header("blob.digest", len(digests)))
+        w.write(section_header("blob.digest", len(digests)))
         toc.append(
-            pack_toc_entry(
+            toc_entry(
                 "blob.digest",
                 Compressor.NONE,
                 hashlib.sha256(digests).digest(),
@@ -464,7 +441,7 @@ class BlobWriter:
         )
         # Section 4: the TOC itself.
         toc_bytes = b"".join(toc)
-        toc_hdr = gnu_tar_header("rafs.blob.toc", len(toc_bytes))
+        toc_hdr = section_header("rafs.blob.toc", len(toc_bytes))
         w.write(toc_bytes)
         w.write(toc_hdr)
 

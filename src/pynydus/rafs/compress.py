@@ -16,7 +16,6 @@ raw chunks.
 
 from __future__ import annotations
 
-import enum
 import gzip
 import hashlib
 import zlib
@@ -26,6 +25,7 @@ import lz4.block
 import zstandard
 
 from pynydus.errors import FormatError, InvalidArgument
+from pynydus.rafs import layout as _layout
 
 __all__ = [
     "Compressor",
@@ -42,21 +42,9 @@ __all__ = [
 ]
 
 
-class Compressor(enum.IntEnum):
-    """Chunk / chunk-info compression, valued as in the RAFS v6 blob table."""
-
-    NONE = 0
-    LZ4_BLOCK = 1
-    GZIP = 2
-    ZSTD = 3
-
-
-class Digester(enum.IntEnum):
-    """Chunk digest algorithm, valued as in the RAFS v6 blob table."""
-
-    BLAKE3 = 0
-    SHA256 = 1
-
+# One definition of the on-disk enums, shared with the layout module.
+Compressor = _layout.Compressor
+Digester = _layout.Digester
 
 _COMPRESSOR_NAMES = {
     "none": Compressor.NONE,

@@ -1,0 +1,257 @@
+"""``build()``: turn a directory or an OCI layer tar into a RAFS v6 bootstrap + data blob.
+
+This is the entry point behind ``pynydus image build`` (upstream ``nydus-image
+create``). It wires the pieces together in one streaming pass:
+
+    source entries ──► chunker (data → blob file, dedup) ──► tree (metadata only)
+                                                   └──► v6writer (bootstrap file)
+
+Memory holds the metadata tree and one chunk at a time, never a whole file. The
+blob is written to a temp file in ``blob_dir`` and renamed to its sha256 (its
+registry digest) when complete; on any error it is removed and no bootstrap is
+written, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO, Literal
+
+from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
+from pynydus.rafs.chunker import DEFAULT_CHUNK_SIZE, BlobDesc, BlobWriter, ChunkDict, ChunkRef
+from pynydus.rafs.compress import Compressor, Digester, parse_compressor, parse_digester
+from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
+from pynydus.rafs.tree import Tree
+from pynydus.rafs.v6writer import V6Options, write_bootstrap
+
+__all__ = ["BlobReport", "BuildResult", "SourceType", "build", "build_tree"]
+
+SourceType = Literal["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs"]
+
+
+@dataclass(frozen=True)
+class BlobReport:
+    """One blob of the blob table as reported in the build JSON."""
+
+    blob_id: str
+    path: str | None  # None for blobs that came from a chunk dict or parent
+    compressed_size: int
+    uncompressed_size: int
+    chunk_count: int
+    new: bool  # written by this build
+
+
+@dataclass
+class BuildResult:
+    """Outcome of :func:`build`; ``to_json()`` is the ``--output-json`` document."""
+
+    bootstrap: str
+    bootstrap_size: int
+    blobs: list[BlobReport]
+    inodes: int
+    chunk_count: int  # distinct chunks referenced by the bootstrap (chunk table entries)
+    chunks_written: int
+    bytes_in: int  # file data read from the source
+    dedup_chunks: int
+    dedup_bytes: int
+    dict_chunks: int
+    compressed_bytes: int
+    elapsed_seconds: float
+    fs_version: int = 6
+    compressor: str = "none"
+    digester: str = "blake3"
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def blob_ids(self) -> list[str]:
+        return [b.blob_id for b in self.blobs]
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["blob_ids"] = self.blob_ids
+        doc["throughput_mib_s"] = (
+            round(self.bytes_in / 2**20 / self.elapsed_seconds, 2) if self.elapsed_seconds else None
+        )
+        return doc
+
+
+def _source_for(source: Any, type: str) -> Iterable[tuple[Any, Any]]:
+    if type == "dir-rafs":
+        return DirSource(source)
+    if type in ("tar-rafs", "targz-rafs"):
+        return TarSource(source)
+    if type == "tar-tarfs":
+        raise NotImplementedFeature("source type tar-tarfs is not implemented yet")
+    raise InvalidArgument(f"unknown source type {type!r}: expected dir-rafs, tar-rafs, targz-rafs")
+
+
+def build_tree(
+    entries: Iterable[tuple[Any, Any]],
+    writer: BlobWriter,
+    tree: Tree,
+    *,
+    strict_sizes: bool,
+) -> None:
+    """Feed every ``(Entry, reader)`` into ``writer`` (file data) and ``tree`` (metadata).
+
+    ``strict_sizes`` makes a short read an error (tar: the archive is truncated);
+    otherwise the size actually read wins (a directory file changed while walking).
+    """
+    for entry, reader in entries:
+        refs: list[ChunkRef] | None = None
+        is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
+        if entry.type == EntryType.REG and not is_whiteout:
+            refs, got = writer.add_file(reader, entry.size) if entry.size else ([], 0)
+            if got != entry.size:
+                if strict_sizes:
+                    raise FormatError(
+                        f"entry {entry.path!r}: expected {entry.size} bytes of data, got {got}"
+                    )
+                entry.size = got
+        tree.apply(entry, refs)
+
+
+def build(
+    source: str | os.PathLike[str] | BinaryIO,
+    bootstrap_out: str | os.PathLike[str],
+    blob_dir: str | os.PathLike[str],
+    *,
+    type: SourceType = "dir-rafs",
+    fs_version: int = 6,
+    compressor: str | Compressor = "none",
+    digester: str | Digester = "blake3",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_dict: ChunkDict | str | os.PathLike[str] | None = None,
+    parent_bootstrap: str | os.PathLike[str] | None = None,
+    prefetch_files: Iterable[str | bytes] | None = None,
+    output_json: str | os.PathLike[str] | None = None,
+    whiteout_spec: str = "overlayfs",
+    compact_inodes: bool = False,
+) -> BuildResult:
+    """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
+
+    ``source`` is a directory (``dir-rafs``) or a layer tar, plain/gzip/zstd by magic
+    (``tar-rafs``/``targz-rafs``; a file object works too). The blob is named by its
+    sha256 and omitted when the image has no file data. ``chunk_dict`` (a
+    digest→ChunkRef mapping, or a bootstrap path when the reader is available)
+    dedups against existing blobs, which then join the blob table. ``prefetch_files``
+    are absolute paths (``/`` = everything) recorded in the prefetch table.
+    A failed build removes its partial blob and writes no bootstrap. Not idempotent
+    in time (mtime of outputs) but deterministic in content for the same input.
+    """
+    t0 = time.monotonic()
+    if fs_version != 6:
+        raise NotImplementedFeature(f"fs version {fs_version}: only RAFS v6 can be built")
+    comp = parse_compressor(compressor)
+    dig = parse_digester(digester)
+    if comp == Compressor.GZIP:
+        raise InvalidArgument("compressor gzip is only used for zran data; choose none, lz4_block or zstd")
+    if parent_bootstrap is not None:
+        raise NotImplementedFeature("parent bootstrap needs the RAFS reader; use merge() instead")
+    dict_map = _load_chunk_dict(chunk_dict)
+
+    entries = _source_for(source, type)
+    tree = Tree(whiteout_spec)
+    writer = BlobWriter(
+        blob_dir, compressor=comp, digester=dig, chunk_size=chunk_size, chunk_dict=dict_map
+    )
+    try:
+        build_tree(entries, writer, tree, strict_sizes=type != "dir-rafs")
+        desc = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+    blobs = _blob_table(tree, dict_map, desc)
+    prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
+    try:
+        info = write_bootstrap(
+            tree,
+            blobs,
+            bootstrap_out,
+            V6Options(
+                chunk_size=chunk_size,
+                compressor=comp,
+                digester=dig,
+                compact_inodes=compact_inodes,
+                prefetch=prefetch,
+            ),
+        )
+    except BaseException:
+        if writer.path:
+            os.unlink(writer.path)
+        raise
+    st = writer.stats
+    warnings = [
+        f"xattr {name!r} of {path!r} has no RAFS v6 prefix; skipped"
+        for path, name in tree.skipped_xattrs
+    ]
+    result = BuildResult(
+        bootstrap=os.fspath(bootstrap_out),
+        bootstrap_size=info.size,
+        blobs=[
+            BlobReport(
+                blob_id=b.blob_id,
+                path=writer.path if b is desc else None,
+                compressed_size=b.compressed_size,
+                uncompressed_size=b.uncompressed_size,
+                chunk_count=b.chunk_count,
+                new=b is desc,
+            )
+            for b in blobs
+        ],
+        inodes=info.inodes,
+        chunk_count=info.chunk_table_entries,
+        chunks_written=st.chunks_written,
+        bytes_in=st.bytes_in,
+        dedup_chunks=st.dedup_chunks,
+        dedup_bytes=st.dedup_bytes,
+        dict_chunks=st.dict_chunks,
+        compressed_bytes=st.compressed_bytes,
+        elapsed_seconds=time.monotonic() - t0,
+        compressor=comp.name.lower(),
+        digester=dig.name.lower(),
+        warnings=warnings,
+    )
+    if output_json is not None:
+        with open(output_json, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
+    return result
+
+
+def _load_chunk_dict(
+    chunk_dict: ChunkDict | Mapping[bytes, ChunkRef] | str | os.PathLike[str] | None,
+) -> ChunkDict:
+    if chunk_dict is None:
+        return {}
+    if isinstance(chunk_dict, Mapping):
+        return dict(chunk_dict)
+    from pynydus.rafs.merge import chunk_dict_from_bootstrap
+
+    return chunk_dict_from_bootstrap(chunk_dict)
+
+
+def _blob_table(tree: Tree, dict_map: ChunkDict, new: BlobDesc | None) -> list[BlobDesc]:
+    """Blobs the tree references: chunk-dict blobs first (in dict order), then the new one."""
+    used: dict[int, BlobDesc] = {}
+    for _, node in tree.walk():
+        for c in node.inode.chunks:
+            used.setdefault(id(c.blob), c.blob)
+    order: list[BlobDesc] = []
+    seen: set[int] = set()
+    for ref in dict_map.values():
+        b = ref.blob
+        if id(b) in used and id(b) not in seen and b is not new:
+            order.append(b)
+            seen.add(id(b))
+    for b in used.values():  # anything referenced but not from the dict, e.g. a parent
+        if id(b) not in seen and b is not new:
+            order.append(b)
+            seen.add(id(b))
+    if new is not None:  # even if later entries replaced every file that used it
+        order.append(new)
+    return order

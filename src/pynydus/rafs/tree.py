@@ -1,0 +1,273 @@
+"""In-memory filesystem tree of one RAFS image: metadata and chunk references only.
+
+A :class:`Node` is a name in a directory; an :class:`Inode` is the object it names.
+Hardlinked regular files are several nodes sharing one Inode, which the bootstrap
+writer turns into one EROFS inode (one nid). Other hardlinked types (symlinks,
+devices) get a copy per name, as upstream does, because nydusd and the kernel do not
+expect shared non-regular inodes.
+
+Entries are applied in stream order with tar semantics: a later entry for the same
+path replaces the earlier one (a directory replacing a directory keeps its children),
+missing parent directories are created implicitly (0755, root-owned, mtime 0) and may
+be filled in by a later entry.
+
+OCI whiteouts are handled per ``whiteout_spec``:
+
+* ``overlayfs`` (default): ``.wh.NAME`` becomes a char device 0/0 named NAME and
+  ``.wh..wh..opq`` becomes ``trusted.overlay.opaque=y`` on its directory, the form an
+  overlayfs lower layer uses, so a mounted layer can sit under overlayfs as-is.
+* ``oci``: whiteouts are dropped (nothing below a single layer to hide).
+* ``none``: whiteout files are kept verbatim, as upstream's per-layer builds for
+  registry images do (``--whiteout-spec none``), leaving the merge to apply them.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pynydus.errors import FormatError, InvalidArgument
+from pynydus.rafs.chunker import ChunkRef
+from pynydus.rafs.tarstream import OCI_WHITEOUT_PREFIX, Entry, EntryType, Whiteout
+
+__all__ = [
+    "OVERLAY_OPAQUE_XATTR",
+    "WHITEOUT_SPECS",
+    "Inode",
+    "Node",
+    "Tree",
+    "encode_rdev",
+]
+
+OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
+WHITEOUT_SPECS = ("overlayfs", "oci", "none")
+
+
+def encode_rdev(major: int, minor: int) -> int:
+    """Linux ``new_encode_dev``: the 32-bit device number EROFS stores in ``i_u``."""
+    return (minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)
+
+
+def decode_rdev(rdev: int) -> tuple[int, int]:
+    """Inverse of :func:`encode_rdev`."""
+    return (rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    """File metadata plus, for regular files, the chunk list; identity = one EROFS inode."""
+
+    mode: int  # full st_mode
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    size: int = 0
+    rdev: int = 0  # new_encode_dev form
+    link: bytes = b""  # symlink target
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    chunks: list[ChunkRef] = field(default_factory=list)
+    nlink: int = 1
+    # Assigned by the bootstrap writer / reader.
+    nid: int = -1
+    ino: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    def copy(self) -> Inode:
+        """A detached copy (new identity) with the same metadata and chunks."""
+        return Inode(
+            mode=self.mode,
+            uid=self.uid,
+            gid=self.gid,
+            mtime=self.mtime,
+            mtime_nsec=self.mtime_nsec,
+            size=self.size,
+            rdev=self.rdev,
+            link=self.link,
+            xattrs=dict(self.xattrs),
+            chunks=list(self.chunks),
+        )
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """A directory entry: ``name`` in its parent, naming ``inode``; dirs have ``children``."""
+
+    name: bytes
+    inode: Inode
+    children: dict[bytes, Node] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+    def sorted_children(self) -> list[Node]:
+        """Children in raw byte order of their names (the on-disk dirent order)."""
+        assert self.children is not None
+        return [self.children[k] for k in sorted(self.children)]
+
+
+def _new_dir(name: bytes) -> Node:
+    return Node(name, Inode(mode=stat.S_IFDIR | 0o755), {})
+
+
+class Tree:
+    """A mutable filesystem tree rooted at ``root`` (name ``b"/"``)."""
+
+    def __init__(self, whiteout_spec: str = "overlayfs") -> None:
+        if whiteout_spec not in WHITEOUT_SPECS:
+            raise InvalidArgument(
+                f"whiteout spec {whiteout_spec!r}: expected one of {', '.join(WHITEOUT_SPECS)}"
+            )
+        self.whiteout_spec = whiteout_spec
+        self.root = _new_dir(b"/")
+        self.skipped_xattrs: list[tuple[bytes, bytes]] = []
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, path: bytes) -> Node | None:
+        """The node at normalized ``path`` (``b""`` = root), or None."""
+        node = self.root
+        if not path:
+            return node
+        for part in path.split(b"/"):
+            if node.children is None:
+                return None
+            nxt = node.children.get(part)
+            if nxt is None:
+                return None
+            node = nxt
+        return node
+
+    def _dir_for(self, path: bytes) -> Node:
+        """The directory at ``path``, creating missing directories on the way."""
+        node = self.root
+        if not path:
+            return node
+        for part in path.split(b"/"):
+            assert node.children is not None
+            nxt = node.children.get(part)
+            if nxt is None or nxt.children is None:
+                # A non-directory in the way is replaced, as extracting the tar would.
+                nxt = _new_dir(part)
+                node.children[part] = nxt
+            node = nxt
+        return node
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, entry: Entry, chunks: list[ChunkRef] | None = None) -> None:
+        """Apply one layer entry (with the chunks of its data, for regular files)."""
+        wh = entry.whiteout
+        if wh is not None and self.whiteout_spec != "none":
+            self._apply_whiteout(entry, wh)
+            return
+        if not entry.path:
+            if entry.type != EntryType.DIR:
+                raise FormatError("layer root entry is not a directory")
+            self._set_meta(self.root.inode, entry)
+            self.root.inode.mode = entry.st_mode
+            return
+        parent = self._dir_for(entry.parent)
+        assert parent.children is not None
+        name = entry.name
+        if len(name) > 255:
+            raise FormatError(f"entry {entry.path!r}: name longer than 255 bytes")
+        old = parent.children.get(name)
+        if entry.type == EntryType.HARDLINK:
+            target = self.lookup(entry.link)
+            if target is None or target.is_dir:
+                raise FormatError(
+                    f"hardlink {entry.path!r}: target {entry.link!r} missing or a directory"
+                )
+            if target is old:
+                return
+            inode = target.inode if target.inode.is_reg else target.inode.copy()
+            parent.children[name] = Node(name, inode)
+            return
+        if entry.type == EntryType.DIR and old is not None and old.is_dir:
+            self._set_meta(old.inode, entry)
+            return
+        inode = Inode(mode=entry.st_mode)
+        self._set_meta(inode, entry)
+        if entry.type == EntryType.REG:
+            inode.size = entry.size
+            inode.chunks = chunks or []
+        elif entry.type == EntryType.SYMLINK:
+            inode.link = entry.link
+            inode.size = len(entry.link)
+        elif entry.type in (EntryType.CHAR, EntryType.BLOCK):
+            inode.rdev = encode_rdev(entry.rdev_major, entry.rdev_minor)
+        parent.children[name] = Node(name, inode, {} if entry.type == EntryType.DIR else None)
+
+    def _set_meta(self, inode: Inode, e: Entry) -> None:
+        inode.mode = (inode.mode & ~0o7777) | (e.mode & 0o7777)
+        inode.uid, inode.gid = e.uid, e.gid
+        inode.mtime, inode.mtime_nsec = e.mtime, e.mtime_nsec
+        inode.xattrs = {}
+        for k, v in e.xattrs.items():
+            if _storable_xattr(k):
+                inode.xattrs[k] = v
+            else:
+                self.skipped_xattrs.append((e.path, k))
+
+    def _apply_whiteout(self, entry: Entry, wh: Whiteout) -> None:
+        if self.whiteout_spec == "oci":
+            return
+        parent = self._dir_for(entry.parent)
+        assert parent.children is not None
+        if wh == Whiteout.OPAQUE:
+            parent.inode.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+            return
+        name = entry.name[len(OCI_WHITEOUT_PREFIX) :]
+        if name in parent.children:
+            return  # same-layer files are not hidden by the layer's own whiteouts
+        inode = Inode(mode=stat.S_IFCHR | (entry.mode & 0o7777))
+        self._set_meta(inode, entry)
+        inode.mode = stat.S_IFCHR | (entry.mode & 0o7777)
+        parent.children[name] = Node(name, inode)
+
+    # ------------------------------------------------------------------ traversal
+    def walk(self) -> Iterator[tuple[bytes, Node]]:
+        """(path, node) for every node, parents before children, children sorted."""
+        stack: list[tuple[bytes, Node]] = [(b"", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            if node.children:
+                kids = node.sorted_children()
+                for child in reversed(kids):
+                    stack.append((path + b"/" + child.name if path else child.name, child))
+
+    def finalize(self) -> None:
+        """Compute nlink for every inode (dirs: 2 + subdirs; files: number of names)."""
+        for _, node in self.walk():
+            if node.is_dir:
+                node.inode.nlink = 2
+            else:
+                node.inode.nlink = 0
+        for _, node in self.walk():
+            if node.children is None:
+                continue
+            for child in node.children.values():
+                if child.is_dir:
+                    node.inode.nlink += 1
+                else:
+                    child.inode.nlink += 1
+
+
+_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
+_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+def _storable_xattr(name: bytes) -> bool:
+    """True if RAFS v6 has a name index for ``name`` (others are skipped, and reported)."""
+    if name in _ACL_NAMES:
+        return True
+    return any(name.startswith(p) and len(name) > len(p) for p in _XATTR_PREFIXES)
