@@ -1,0 +1,338 @@
+"""Blob cache: each data chunk is fetched from the backend once, then served locally.
+
+Per blob, in the cache ``work_dir`` (upstream's layout, §5.1 of the spec):
+``<blob_id>.blob.data`` is a sparse file of the blob's uncompressed size holding
+chunk i's decompressed bytes at its uncompressed offset, and
+``<blob_id>.blob.data.chunk_map`` says which chunks are there (see chunkmap.py).
+
+A read names the chunks it needs. Chunks already cached are read with pread.
+Missing ones are *claimed* by the first thread that needs them (so concurrent
+misses on one chunk fetch it once; later threads wait for the claim), extended
+forward with following missing chunks up to ``amplify_io`` bytes (reads are
+mostly sequential, and one larger request costs little more than a small one),
+grouped into contiguous compressed ranges, fetched with one ranged request per
+group, decompressed, optionally verified against their digests, written to the
+data file and only then marked ready.
+
+A chunk whose digest does not match is fetched once more; if it is still wrong
+the read fails (EIO at the FUSE edge) and the log names the blob and chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pynydus.daemon.chunkmap import ChunkMap
+from pynydus.errors import FormatError, NydusError, Unavailable
+from pynydus.rafs.compress import Compressor, Digester, decompress, digest
+
+log = logging.getLogger(__name__)
+
+# Gap between two missing chunks' compressed extents that we still bridge with one
+# request (reading the gap is cheaper than a second round trip).
+_MERGE_GAP = 64 << 10
+# How long a reader waits for another thread's fetch of a chunk it needs.
+_WAIT_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """Where one chunk lives in its blob (compressed) and in the cache (uncompressed)."""
+
+    index: int
+    c_off: int
+    c_size: int
+    u_off: int
+    u_size: int
+    compressed: bool
+    digest: bytes = b""
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    blob_id: str
+    compressor: Compressor
+    digester: Digester
+    uncompressed_size: int
+    chunk_count: int
+
+
+class Backend(Protocol):
+    """Where blobs come from: a registry, a local directory."""
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset`` of blob ``blob_id``, or raise."""
+        ...
+
+
+@dataclass
+class CacheStats:
+    """Counters exported by the daemon's metrics endpoints."""
+
+    hits: int = 0  # chunks served from the cache file
+    misses: int = 0  # chunks that had to be fetched
+    backend_requests: int = 0
+    backend_bytes: int = 0
+    backend_errors: int = 0
+    backend_latency_ms: float = 0.0
+    prefetch_bytes: int = 0
+    prefetch_requests: int = 0
+    digest_failures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: float) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class _Claim:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class BlobCache:
+    """The cache of one blob. Thread-safe; reads may run concurrently."""
+
+    def __init__(
+        self,
+        work_dir: str,
+        blob: BlobRef,
+        backend: Backend,
+        chunk_at: Callable[[int], ChunkRef | None],
+        *,
+        validate: bool = False,
+        amplify_io: int = 1 << 20,
+        stats: CacheStats | None = None,
+    ) -> None:
+        self.blob = blob
+        self.backend = backend
+        self.chunk_at = chunk_at
+        self.validate = validate
+        self.amplify_io = amplify_io
+        self.stats = stats or CacheStats()
+        os.makedirs(work_dir, exist_ok=True)
+        self.data_path = os.path.join(work_dir, f"{blob.blob_id}.blob.data")
+        self.map_path = self.data_path + ".chunk_map"
+        self.chunk_map = ChunkMap(self.map_path, blob.chunk_count)
+        self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self._fd).st_size < blob.uncompressed_size:
+            os.ftruncate(self._fd, blob.uncompressed_size)
+        self._lock = threading.Lock()
+        self._claims: dict[int, _Claim] = {}
+
+    def close(self) -> None:
+        self.chunk_map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # --- reading --------------------------------------------------------------------
+
+    def read(self, pieces: Sequence[tuple[ChunkRef, int, int]]) -> bytes:
+        """Bytes of ``pieces`` = (chunk, offset in chunk, length), concatenated in order."""
+        self.ensure([c for c, _, _ in pieces])
+        out = bytearray()
+        for chunk, off, length in pieces:
+            data = os.pread(self._fd, length, chunk.u_off + off)
+            if len(data) != length:
+                raise FormatError(
+                    f"blob {self.blob.blob_id}: cache file short at chunk {chunk.index} "
+                    f"(wanted {length} bytes at {chunk.u_off + off}, got {len(data)})"
+                )
+            out += data
+        return bytes(out)
+
+    def ensure(self, chunks: Sequence[ChunkRef], *, amplify: bool = True, prefetch: bool = False) -> int:
+        """Make every chunk of ``chunks`` ready in the cache; returns bytes fetched by us."""
+        hits = sum(1 for c in chunks if self.chunk_map.is_ready(c.index))
+        if hits:
+            self.stats.add(hits=hits)
+        mine, theirs = self._claim(chunks, amplify)
+        fetched = 0
+        if mine:
+            fetched = self._fetch(mine, prefetch=prefetch)
+        for index, claim in theirs:
+            if not claim.done.wait(_WAIT_SECONDS):
+                raise Unavailable(f"blob {self.blob.blob_id}: chunk {index}: timed out waiting for fetch")
+            if claim.error is not None:
+                # The other reader's fetch failed; try once ourselves (the fault may be gone).
+                again, _ = self._claim([c for c in chunks if c.index == index], False)
+                if again:
+                    fetched += self._fetch(again, prefetch=prefetch)
+        return fetched
+
+    def _claim(self, chunks: Sequence[ChunkRef], amplify: bool) -> tuple[list[ChunkRef], list[tuple[int, _Claim]]]:
+        mine: dict[int, ChunkRef] = {}
+        theirs: list[tuple[int, _Claim]] = []
+        with self._lock:
+            for c in chunks:
+                if c.index in mine or self.chunk_map.is_ready(c.index):
+                    continue
+                claim = self._claims.get(c.index)
+                if claim is not None:
+                    theirs.append((c.index, claim))
+                    continue
+                self._claims[c.index] = _Claim()
+                mine[c.index] = c
+            if mine and amplify and self.amplify_io > 0:
+                budget = self.amplify_io - sum(c.c_size for c in mine.values())
+                nxt = max(mine) + 1
+                while budget > 0 and nxt < self.blob.chunk_count:
+                    if nxt in mine or nxt in self._claims or self.chunk_map.is_ready(nxt):
+                        break
+                    extra = self.chunk_at(nxt)
+                    if extra is None:
+                        break
+                    self._claims[nxt] = _Claim()
+                    mine[nxt] = extra
+                    budget -= extra.c_size
+                    nxt += 1
+        return sorted(mine.values(), key=lambda c: c.c_off), theirs
+
+    def _release(self, chunks: Sequence[ChunkRef], error: BaseException | None) -> None:
+        with self._lock:
+            for c in chunks:
+                claim = self._claims.pop(c.index, None)
+                if claim is not None:
+                    claim.error = error
+                    claim.done.set()
+
+    def _fetch(self, chunks: list[ChunkRef], *, prefetch: bool) -> int:
+        """Fetch claimed ``chunks`` (sorted by c_off); releases every claim, even on error."""
+        fetched = 0
+        pending = list(chunks)
+        try:
+            for group in plan_ranges(chunks, max(self.amplify_io, 1 << 20)):
+                fetched += self._fetch_group(group, prefetch=prefetch)
+                self._release(group, None)
+                pending = pending[len(group):]
+        except BaseException as err:
+            self._release(pending, err)
+            raise
+        return fetched
+
+    def _fetch_group(self, group: list[ChunkRef], *, prefetch: bool) -> int:
+        start = group[0].c_off
+        end = max(c.c_off + c.c_size for c in group)
+        raw = self._backend_read(start, end - start, prefetch=prefetch)
+        ready = []
+        for c in group:
+            payload = raw[c.c_off - start:c.c_off - start + c.c_size]
+            data = self._decode(c, payload)
+            if data is None:  # digest mismatch: fetch this one chunk once more
+                self.stats.add(digest_failures=1)
+                log.warning("blob %s chunk %d: digest mismatch, fetching again", self.blob.blob_id, c.index)
+                data = self._decode(c, self._backend_read(c.c_off, c.c_size, prefetch=prefetch))
+                if data is None:
+                    self.stats.add(digest_failures=1)
+                    log.error("blob %s chunk %d: digest mismatch after refetch; failing the read",
+                              self.blob.blob_id, c.index)
+                    raise FormatError(f"blob {self.blob.blob_id} chunk {c.index}: digest mismatch")
+            os.pwrite(self._fd, data, c.u_off)
+            ready.append(c.index)
+        self.chunk_map.set_ready(ready)
+        self.stats.add(misses=len(group))
+        return end - start
+
+    def _decode(self, c: ChunkRef, payload: bytes) -> bytes | None:
+        if len(payload) != c.c_size:
+            raise FormatError(
+                f"blob {self.blob.blob_id} chunk {c.index}: backend returned {len(payload)} of "
+                f"{c.c_size} bytes"
+            )
+        algo = self.blob.compressor if c.compressed else Compressor.NONE
+        try:
+            data = decompress(payload, algo, c.u_size)
+        except FormatError as err:
+            # A payload that does not decode is as wrong as one with a bad digest.
+            log.warning("blob %s chunk %d: %s", self.blob.blob_id, c.index, err)
+            return None
+        if self.validate and c.digest and digest(data, self.blob.digester) != c.digest:
+            return None
+        return data
+
+    def _backend_read(self, offset: int, length: int, *, prefetch: bool) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            data = self.backend.read_range(self.blob.blob_id, offset, length)
+        except NydusError:
+            self.stats.add(backend_errors=1)
+            raise
+        except OSError as err:
+            self.stats.add(backend_errors=1)
+            raise Unavailable(f"blob {self.blob.blob_id}: read {length} bytes at {offset}: {err}") from err
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.add(backend_requests=1, backend_bytes=len(data), backend_latency_ms=ms)
+        if prefetch:
+            self.stats.add(prefetch_bytes=len(data), prefetch_requests=1)
+        if len(data) != length:
+            self.stats.add(backend_errors=1)
+            raise Unavailable(
+                f"blob {self.blob.blob_id}: backend returned {len(data)} of {length} bytes at {offset}"
+            )
+        return data
+
+
+def plan_ranges(chunks: Sequence[ChunkRef], max_request: int) -> list[list[ChunkRef]]:
+    """Group chunks (sorted by compressed offset) into ranges for single requests.
+
+    Neighbours are joined when the gap between them is at most 64 KiB and the joined
+    range stays within ``max_request`` bytes (a single chunk may exceed it alone).
+    """
+    groups: list[list[ChunkRef]] = []
+    for c in chunks:
+        if groups:
+            g = groups[-1]
+            g_start = g[0].c_off
+            g_end = max(x.c_off + x.c_size for x in g)
+            if 0 <= c.c_off - g_end <= _MERGE_GAP and c.c_off + c.c_size - g_start <= max_request:
+                g.append(c)
+                continue
+        groups.append([c])
+    return groups
+
+
+class LocalFsBackend:
+    """Blobs as files ``<dir>/<blob_id>`` (nydusd's ``localfs`` backend), or one ``blob_file``."""
+
+    def __init__(self, directory: str = "", blob_file: str = "", alt_dirs: Sequence[str] = ()) -> None:
+        self.dirs = [d for d in [directory, *alt_dirs] if d]
+        self.blob_file = blob_file
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, blob_id: str) -> int:
+        with self._lock:
+            fd = self._fds.get(blob_id)
+            if fd is not None:
+                return fd
+            candidates = [self.blob_file] if self.blob_file else [os.path.join(d, blob_id) for d in self.dirs]
+            for path in candidates:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                self._fds[blob_id] = fd
+                return fd
+        from pynydus.errors import NotFound
+
+        raise NotFound(f"localfs: blob {blob_id} not found in {', '.join(candidates) or '(no dir)'}")
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
+        return os.pread(self._fd(blob_id), length, offset)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

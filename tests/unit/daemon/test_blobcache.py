@@ -1,0 +1,147 @@
+"""Blob cache over a real localfs blob: fetch once, persist, merge, verify."""
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from pynydus.daemon.blobcache import BlobCache, BlobRef, ChunkRef, LocalFsBackend, plan_ranges
+from pynydus.daemon.chunkmap import HEADER_SIZE, ChunkMap
+from pynydus.errors import FormatError, Unavailable
+from pynydus.rafs.compress import Compressor, Digester, compress, digest
+
+CHUNK = 64 << 10
+BLOB_ID = "ab" * 32
+
+
+class CountingBackend(LocalFsBackend):
+    """The real localfs backend, counting the requests it serves."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self.requests: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
+        with self.lock:
+            self.requests.append((offset, length))
+        return super().read_range(blob_id, offset, length)
+
+
+def make_blob(tmp: Path, n: int = 8, algo: Compressor = Compressor.LZ4_BLOCK):
+    data = [bytes([i % 251]) * (CHUNK // 2) + os.urandom(CHUNK // 2) for i in range(n)]
+    blob = bytearray()
+    chunks = []
+    for i, d in enumerate(data):
+        payload, compressed = compress(d, algo)
+        chunks.append(ChunkRef(i, len(blob), len(payload), i * CHUNK, len(d), compressed,
+                               digest(d, Digester.BLAKE3)))
+        blob += payload
+    (tmp / "blobs").mkdir(exist_ok=True)
+    (tmp / "blobs" / BLOB_ID).write_bytes(blob)
+    ref = BlobRef(BLOB_ID, algo, Digester.BLAKE3, n * CHUNK, n)
+    return data, chunks, ref
+
+
+def cache(tmp: Path, ref: BlobRef, chunks, backend, **kw) -> BlobCache:
+    return BlobCache(str(tmp / "cache"), ref, backend, lambda i: chunks[i] if i < len(chunks) else None, **kw)
+
+
+def test_read_fetches_once_and_persists(tmp_path: Path) -> None:
+    data, chunks, ref = make_blob(tmp_path)
+    be = CountingBackend(str(tmp_path / "blobs"))
+    bc = cache(tmp_path, ref, chunks, be, amplify_io=0)
+    assert bc.read([(chunks[2], 100, 1000)]) == data[2][100:1100]
+    assert len(be.requests) == 1
+    assert bc.read([(chunks[2], 0, CHUNK)]) == data[2]
+    assert len(be.requests) == 1  # second read: from the cache
+    bc.close()
+    # A new cache over the same work dir (daemon restart) reuses the chunk.
+    bc2 = cache(tmp_path, ref, chunks, be, amplify_io=0)
+    assert bc2.chunk_map.is_ready(2) and not bc2.chunk_map.is_ready(1)
+    assert bc2.read([(chunks[2], 5, 5)]) == data[2][5:10]
+    assert len(be.requests) == 1
+    size = os.path.getsize(tmp_path / "cache" / f"{BLOB_ID}.blob.data.chunk_map")
+    assert size == HEADER_SIZE + 1
+
+
+def test_amplification_merges_following_chunks(tmp_path: Path) -> None:
+    data, chunks, ref = make_blob(tmp_path)
+    be = CountingBackend(str(tmp_path / "blobs"))
+    bc = cache(tmp_path, ref, chunks, be, amplify_io=4 * CHUNK)
+    bc.read([(chunks[0], 0, 10)])
+    assert len(be.requests) == 1
+    ready = [i for i in range(8) if bc.chunk_map.is_ready(i)]
+    assert ready[0] == 0 and len(ready) > 1
+    bc.read([(chunks[i], 0, CHUNK) for i in ready])
+    assert len(be.requests) == 1
+
+
+def test_concurrent_misses_fetch_once(tmp_path: Path) -> None:
+    data, chunks, ref = make_blob(tmp_path)
+    be = CountingBackend(str(tmp_path / "blobs"))
+    bc = cache(tmp_path, ref, chunks, be, amplify_io=0)
+    results: list[bytes] = []
+    barrier = threading.Barrier(8)
+
+    def reader() -> None:
+        barrier.wait()
+        results.append(bc.read([(chunks[5], 0, CHUNK)]))
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [data[5]] * 8
+    assert be.requests.count((chunks[5].c_off, chunks[5].c_size)) == 1
+
+
+def test_corrupt_chunk_refetched_then_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data, chunks, ref = make_blob(tmp_path, algo=Compressor.NONE)
+    blob = tmp_path / "blobs" / BLOB_ID
+    raw = bytearray(blob.read_bytes())
+    raw[chunks[3].c_off + 7] ^= 0xFF
+    blob.write_bytes(raw)
+    be = CountingBackend(str(tmp_path / "blobs"))
+    bc = cache(tmp_path, ref, chunks, be, validate=True, amplify_io=0)
+    with pytest.raises(FormatError, match="chunk 3: digest mismatch"):
+        bc.read([(chunks[3], 0, 10)])
+    assert len(be.requests) == 2 and bc.stats.digest_failures == 2
+    assert not bc.chunk_map.is_ready(3)
+    assert f"blob {BLOB_ID} chunk 3" in caplog.text
+    assert bc.read([(chunks[4], 0, 10)]) == data[4][:10]  # others still fine
+
+
+def test_truncated_blob_is_an_error_not_a_hole(tmp_path: Path) -> None:
+    data, chunks, ref = make_blob(tmp_path)
+    blob = tmp_path / "blobs" / BLOB_ID
+    blob.write_bytes(blob.read_bytes()[: chunks[6].c_off + 10])
+    bc = cache(tmp_path, ref, chunks, LocalFsBackend(str(tmp_path / "blobs")), amplify_io=0)
+    with pytest.raises(Unavailable, match="backend returned"):
+        bc.read([(chunks[6], 0, 10)])
+    assert not bc.chunk_map.is_ready(6)
+    assert bc.read([(chunks[1], 0, 10)]) == data[1][:10]
+
+
+def test_corrupt_chunk_map_is_reset(tmp_path: Path) -> None:
+    path = str(tmp_path / "m")
+    m = ChunkMap(path, 20)
+    m.set_ready([0, 19])
+    m.close()
+    with open(path, "r+b") as f:
+        f.write(b"junk")
+    m2 = ChunkMap(path, 20)
+    assert m2.ready_count == 0
+    m2.set_ready(list(range(20)))
+    assert m2.all_ready
+    m2.close()
+    assert ChunkMap(path, 20).all_ready
+
+
+def test_plan_ranges_bridges_small_gaps_only() -> None:
+    c = [ChunkRef(i, off, 100, 0, 100, False) for i, off in enumerate([0, 100, 300, 200000])]
+    groups = plan_ranges(c, 1 << 20)
+    assert [[x.index for x in g] for g in groups] == [[0, 1, 2], [3]]
+    assert [[x.index for x in g] for g in plan_ranges(c, 250)] == [[0, 1], [2], [3]]
