@@ -1,0 +1,621 @@
+"""RAFS v6 bootstrap decoder (EROFS with chunk-based files and a device table).
+
+Opening checks the superblock, the RAFS extended superblock, the device slots and
+the blob table the way nydusd does (``RafsV6SuperBlock::validate``,
+``RafsV6SuperBlockExt::validate``, ``RafsV6Blob::validate``), then stops.  An
+inode is decoded when it is asked for: ``offset = meta_blkaddr * block + nid * 32``.
+Directories are EROFS dirent blocks whose names are sorted over the whole
+directory, so lookup is a binary search over blocks and then inside one block.
+Regular files carry an array of 8-byte chunk addresses (blob index + 1, chunk-info
+index, uncompressed block address); compressed locations and digests come from the
+bootstrap chunk table, indexed lazily on first use.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterator
+
+from pynydus.errors import InvalidArgument, NotFound
+from pynydus.rafs.layout import (
+    BLOB_FEATURES_INCOMPAT_MASK,
+    BLOB_ID_LEN,
+    BLOB_MAX_SIZE_COMPRESSED,
+    BLOB_MAX_SIZE_UNCOMPRESSED,
+    EROFS_BLOCK_BITS_9,
+    EROFS_BLOCK_BITS_12,
+    EROFS_BLOCK_SIZE_4096,
+    EROFS_CHUNK_FORMAT_INDEXES,
+    EROFS_CHUNK_INDEX_SIZE,
+    EROFS_DEVT_SLOT_SIZE,
+    EROFS_DIRENT_SIZE,
+    EROFS_FEATURE_COMPAT_RAFS_V6,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_INODE_SLOT_SIZE,
+    EROFS_NAME_LEN,
+    EROFS_SUPER_OFFSET,
+    EROFS_XATTR_ENTRY_SIZE,
+    EROFS_XATTR_IBODY_HEADER_SIZE,
+    RAFS_MAX_CHUNK_SIZE,
+    RAFS_MAX_CHUNKS_PER_BLOB,
+    RAFS_MAX_SYMLINK,
+    RAFS_V6_BLOB_ENTRY_SIZE,
+    RAFS_V6_CHUNK_INFO_SIZE,
+    RAFS_V6_DEVT_SLOTOFF,
+    RAFS_V6_DEVTABLE_OFFSET,
+    RAFS_V6_EXT_SUPER_OFFSET,
+    RAFS_V6_FEATURE_INCOMPAT,
+    SUPER_FLAGS_KNOWN,
+    XATTR_PREFIXES,
+    BlobFeatures,
+    ChunkFlags,
+    CipherAlgo,
+    Compressor,
+    Digester,
+    FileType,
+    RafsChunkInfo,
+    RafsV6Blob,
+    RafsV6Device,
+    RafsV6Inode,
+    RafsV6SuperBlock,
+    RafsV6SuperBlockExt,
+    SuperFlags,
+    align_up,
+    compressor_from_flags,
+    digester_from_flags,
+    file_type_of_mode,
+    format_error,
+    need,
+    unpack_u32_array,
+    unpack_v6_inode,
+    xattr_ibody_size,
+)
+from pynydus.rafs.reader import BlobInfo, Bootstrap, Buffer, DirEntry, FileChunk, Stat
+
+_S_IFMT = 0o170000
+_S_IFDIR = 0o040000
+_S_IFREG = 0o100000
+_S_IFLNK = 0o120000
+_S_IFCHR = 0o020000
+_S_IFBLK = 0o060000
+
+_DIRENT = struct.Struct("<QHBx")
+_CHUNK_ADDR = struct.Struct("<HHI")
+_NAMEOFF = struct.Struct("<H")
+# blob_index, uncompressed_offset and index of an 80-byte chunk record, for the lazy index.
+_CHUNK_KEY = struct.Struct("<32xI12x8xQ8xI4x")
+
+
+class _Node:
+    """A decoded v6 inode plus where its parts are."""
+
+    __slots__ = ("nid", "off", "raw", "layout", "isize", "xsize", "mode", "size")
+
+    def __init__(self, nid: int, off: int, raw: RafsV6Inode) -> None:
+        self.nid = nid
+        self.off = off
+        self.raw = raw
+        self.layout = (raw.format >> 1) & 0x7
+        self.isize = raw.SIZE
+        self.xsize = xattr_ibody_size(raw.xattr_icount)
+        self.mode = raw.mode
+        self.size = raw.size
+
+
+class BootstrapV6(Bootstrap):
+    """A RAFS v6 bootstrap; inode numbers are nids.  See :class:`Bootstrap`."""
+
+    version = 6
+
+    def __init__(self, buf: Buffer) -> None:
+        super().__init__(buf)
+        n = len(buf)
+        if n < EROFS_BLOCK_SIZE_4096:
+            raise format_error("bootstrap size", 0, f"{n} bytes, a RAFS v6 bootstrap has at least 4096")
+        sb = RafsV6SuperBlock.unpack(buf, EROFS_SUPER_OFFSET)
+        self.superblock = sb
+        self._check_superblock(sb, n)
+        self.block_size = 1 << sb.blkszbits
+        self._meta_base = sb.meta_blkaddr * self.block_size
+        ext = RafsV6SuperBlockExt.unpack(buf, RAFS_V6_EXT_SUPER_OFFSET)
+        self.ext_superblock = ext
+        self.flags = ext.flags
+        self.chunk_size = ext.chunk_size
+        self.inode_count = sb.inos
+        devslot_end = RAFS_V6_DEVTABLE_OFFSET + EROFS_DEVT_SLOT_SIZE * sb.extra_devices
+        self._check_ext(ext, n, devslot_end, sb.extra_devices)
+        comp = compressor_from_flags(ext.flags)
+        dig = digester_from_flags(ext.flags)
+        assert comp is not None and dig is not None  # checked by _check_ext
+        self.compressor, self.digester = comp, dig
+        self.devices = self._load_devices(sb.extra_devices)
+        self.blobs = self._load_blobs(ext)
+        self.prefetch_list = self._load_prefetch(ext)
+        self.root_ino = sb.root_nid
+        root = self._node(sb.root_nid, "root nid", EROFS_SUPER_OFFSET + 14)
+        if root.mode & _S_IFMT != _S_IFDIR:
+            raise format_error("root inode", root.off, f"mode 0o{root.mode:o} is not a directory")
+        self._chunk_index: dict[tuple[int, int, int], int] | None = None
+
+    # -- headers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _check_superblock(sb: RafsV6SuperBlock, n: int) -> None:
+        base = EROFS_SUPER_OFFSET
+        if sb.checksum != 0:
+            raise format_error("superblock s_checksum", base + 4, f"0x{sb.checksum:x}, RAFS writes 0")
+        if not sb.feature_compat & EROFS_FEATURE_COMPAT_RAFS_V6:
+            raise format_error(
+                "superblock s_feature_compat", base + 8, f"0x{sb.feature_compat:x} lacks the RAFS v6 bit"
+            )
+        if sb.blkszbits not in (EROFS_BLOCK_BITS_12, EROFS_BLOCK_BITS_9):
+            raise format_error("superblock s_blkszbits", base + 12, f"{sb.blkszbits}, expected 12 or 9")
+        bs = 1 << sb.blkszbits
+        if n % bs:
+            raise format_error("bootstrap size", 0, f"{n} is not a multiple of the block size {bs}")
+        if sb.extslots != 0:
+            raise format_error("superblock s_extslots", base + 13, f"{sb.extslots}, expected 0")
+        if sb.inos == 0:
+            raise format_error("superblock s_inos", base + 16, "0 inodes")
+        if sb.xattr_blkaddr != 0:
+            raise format_error("superblock s_xattr_blkaddr", base + 44, "shared xattrs are not used by RAFS")
+        if sb.feature_incompat != RAFS_V6_FEATURE_INCOMPAT:
+            raise format_error(
+                "superblock s_feature_incompat", base + 80, f"0x{sb.feature_incompat:x}, expected 0xc"
+            )
+        if sb.u != 0:
+            raise format_error("superblock s_u", base + 84, f"{sb.u}, expected 0")
+        if sb.devt_slotoff != RAFS_V6_DEVT_SLOTOFF:
+            raise format_error("superblock s_devt_slotoff", base + 88, f"{sb.devt_slotoff}, expected 11")
+        if sb.extra_devices == 0 and sb.blocks not in (0, 4096):
+            raise format_error("superblock s_blocks", base + 36, f"{sb.blocks} with no extra devices")
+        if sb.meta_blkaddr * bs > n:
+            raise format_error(
+                "superblock s_meta_blkaddr", base + 40, f"block {sb.meta_blkaddr} is beyond the {n}-byte file"
+            )
+
+    @staticmethod
+    def _check_ext(ext: RafsV6SuperBlockExt, n: int, devslot_end: int, ndev: int) -> None:
+        base = RAFS_V6_EXT_SUPER_OFFSET
+        if ext.flags & ~SUPER_FLAGS_KNOWN:
+            raise format_error("ext superblock s_flags", base, f"unknown bits in 0x{ext.flags:x}")
+        if compressor_from_flags(ext.flags) is None:
+            raise format_error("ext superblock s_flags", base, f"0x{ext.flags:x}: not exactly one compressor")
+        if digester_from_flags(ext.flags) is None:
+            raise format_error("ext superblock s_flags", base, f"0x{ext.flags:x}: not exactly one digester")
+        cs = ext.chunk_size
+        if cs & (cs - 1) or not EROFS_BLOCK_SIZE_4096 <= cs <= RAFS_MAX_CHUNK_SIZE:
+            raise format_error("ext superblock s_chunk_size", base + 20, f"{cs} is not a power of two in 4 KiB..16 MiB")
+        bo, bsz = ext.blob_table_offset, ext.blob_table_size
+        if (
+            bo % EROFS_BLOCK_SIZE_4096
+            or bo < EROFS_BLOCK_SIZE_4096
+            or bo < devslot_end
+            or bsz % RAFS_V6_BLOB_ENTRY_SIZE
+            or bo + bsz > n
+        ):
+            raise format_error("ext superblock blob table", base + 8, f"offset {bo} size {bsz} invalid for a {n}-byte file")
+        if bsz // RAFS_V6_BLOB_ENTRY_SIZE != ndev:
+            raise format_error(
+                "ext superblock s_blob_table_size", base + 16, f"{bsz // RAFS_V6_BLOB_ENTRY_SIZE} blobs but {ndev} device slots"
+            )
+        ranges = [(bo, bo + bsz)]
+        co, csz = ext.chunk_table_offset, ext.chunk_table_size
+        if csz:
+            if (
+                co % EROFS_BLOCK_SIZE_4096
+                or co < EROFS_BLOCK_SIZE_4096
+                or co < devslot_end
+                or csz % RAFS_V6_CHUNK_INFO_SIZE
+                or co + csz > n
+            ):
+                raise format_error("ext superblock chunk table", base + 24, f"offset {co} size {csz} invalid for a {n}-byte file")
+            if co < bo + bsz and bo < co + csz:
+                raise format_error("ext superblock chunk table", base + 24, "overlaps the blob table")
+            ranges.append((co, co + csz))
+        po, psz = ext.prefetch_table_offset, ext.prefetch_table_size
+        if psz and po:  # legacy images may record a size with offset 0: no table
+            if po < EROFS_BLOCK_SIZE_4096 or psz % 4 or po < devslot_end or po + psz > n:
+                raise format_error("ext superblock prefetch table", base + 40, f"offset {po} size {psz} invalid for a {n}-byte file")
+            for a, b in ranges:
+                if po < b and a < po + psz:
+                    raise format_error("ext superblock prefetch table", base + 40, "overlaps the blob or chunk table")
+
+    def _load_devices(self, count: int) -> list[RafsV6Device]:
+        out: list[RafsV6Device] = []
+        seen: set[bytes] = set()
+        for i in range(count):
+            off = RAFS_V6_DEVTABLE_OFFSET + i * EROFS_DEVT_SLOT_SIZE
+            dev = RafsV6Device.unpack(self._buf, off)
+            _check_blob_id(dev.blob_id, off, "device slot blob id")
+            if dev.blocks == 0:
+                raise format_error("device slot blocks", off + 64, "0 blocks")
+            if dev.blob_id in seen:
+                raise format_error("device slot blob id", off, f"duplicate blob id {dev.blob_id.decode()}")
+            seen.add(dev.blob_id)
+            out.append(dev)
+        return out
+
+    def _load_blobs(self, ext: RafsV6SuperBlockExt) -> list[BlobInfo]:
+        tarfs = bool(ext.flags & SuperFlags.TARTFS_MODE)
+        out: list[BlobInfo] = []
+        for i in range(ext.blob_table_size // RAFS_V6_BLOB_ENTRY_SIZE):
+            off = ext.blob_table_offset + i * RAFS_V6_BLOB_ENTRY_SIZE
+            b = RafsV6Blob.unpack(self._buf, off)
+            blob_id = _check_blob_id(b.blob_id, off, "blob table blob id")
+            if b.blob_index != i:
+                raise format_error("blob table blob_index", off + 64, f"{b.blob_index} at position {i}")
+            if b.chunk_size != ext.chunk_size:
+                raise format_error("blob table chunk_size", off + 68, f"{b.chunk_size} != superblock {ext.chunk_size}")
+            if b.chunk_count > RAFS_MAX_CHUNKS_PER_BLOB:
+                raise format_error("blob table chunk_count", off + 72, f"{b.chunk_count} > 2^24")
+            for field, rel, value, enum_t in (
+                ("compression_algo", 76, b.compression_algo, Compressor),
+                ("digest_algo", 80, b.digest_algo, Digester),
+                ("ci_compressor", 108, b.ci_compressor, Compressor),
+                ("cipher_algo", 216, b.cipher_algo, CipherAlgo),
+            ):
+                if value not in enum_t._value2member_map_:
+                    raise format_error(f"blob table {field}", off + rel, f"unknown value {value}")
+            if b.uncompressed_size > BLOB_MAX_SIZE_UNCOMPRESSED:
+                raise format_error("blob table uncompressed_size", off + 96, f"{b.uncompressed_size} > 2^44")
+            if b.compressed_size > BLOB_MAX_SIZE_COMPRESSED:
+                raise format_error("blob table compressed_size", off + 88, f"{b.compressed_size} > 2^40")
+            f = b.features
+            if f & BLOB_FEATURES_INCOMPAT_MASK:
+                raise format_error("blob table features", off + 84, f"incompatible bits in 0x{f:x}")
+            aligned = bool(f & BlobFeatures.ALIGNED)
+            if aligned == tarfs:
+                raise format_error(
+                    "blob table features", off + 84, f"0x{f:x}: ALIGNED must be set exactly when not in tarfs mode"
+                )
+            _check_ci_sizes(b, off, tarfs)
+            dev = self.devices[i]
+            out.append(
+                BlobInfo(
+                    index=i,
+                    blob_id=blob_id,
+                    compressor=Compressor(b.compression_algo),
+                    digester=Digester(b.digest_algo),
+                    chunk_size=b.chunk_size,
+                    chunk_count=b.chunk_count,
+                    compressed_size=b.compressed_size,
+                    uncompressed_size=b.uncompressed_size,
+                    features=f,
+                    ci_compressor=Compressor(b.ci_compressor),
+                    ci_offset=b.ci_offset,
+                    ci_compressed_size=b.ci_compressed_size,
+                    ci_uncompressed_size=b.ci_uncompressed_size,
+                    blob_toc_size=b.blob_toc_size,
+                    blob_toc_digest=b.blob_toc_digest,
+                    blob_meta_digest=b.blob_meta_digest,
+                    blob_meta_size=b.blob_meta_size,
+                    cipher_algo=b.cipher_algo,
+                    mapped_blkaddr=dev.mapped_blkaddr,
+                    blocks=dev.blocks,
+                )
+            )
+        return out
+
+    def _load_prefetch(self, ext: RafsV6SuperBlockExt) -> list[int]:
+        if not ext.prefetch_table_size or not ext.prefetch_table_offset:
+            return []
+        nids = unpack_u32_array(
+            self._buf, ext.prefetch_table_offset, ext.prefetch_table_size // 4, "prefetch table"
+        )
+        out: list[int] = []
+        for nid in nids:
+            if nid == 0:
+                break
+            out.append(nid)
+        return out
+
+    # -- inodes ----------------------------------------------------------------------
+
+    def _node(self, nid: int, what: str = "", ref_off: int = -1) -> _Node:
+        """Decode inode ``nid``.  NotFound for a caller's out-of-range nid; FormatError
+        when the reference came from the image (``what``/``ref_off`` name it)."""
+        off = self._meta_base + nid * EROFS_INODE_SLOT_SIZE
+        if nid < 0 or off + 32 > len(self._buf):
+            if what:
+                raise format_error(what, ref_off, f"nid {nid} points beyond the bootstrap")
+            raise NotFound(f"inode {nid}: no such nid in this bootstrap")
+        raw = unpack_v6_inode(self._buf, off)
+        node = _Node(nid, off, raw)
+        need(len(self._buf), off, node.isize + node.xsize, f"inode {nid} with xattrs")
+        if file_type_of_mode(node.mode) == FileType.UNKNOWN:
+            raise format_error(f"inode {nid} i_mode", off + 4, f"invalid file type in 0o{node.mode:o}")
+        return node
+
+    def raw_inode(self, ino: int) -> RafsV6Inode:
+        """The on-disk inode record of nid ``ino`` (for inspection and tests)."""
+        return self._node(ino).raw
+
+    def stat(self, ino: int) -> Stat:
+        node = self._node(ino)
+        raw = node.raw
+        ftype = node.mode & _S_IFMT
+        rdev = raw.u if ftype in (_S_IFCHR, _S_IFBLK) else 0
+        return Stat(
+            ino=ino,
+            mode=raw.mode,
+            nlink=raw.nlink,
+            uid=raw.uid,
+            gid=raw.gid,
+            size=raw.size,
+            blocks=(raw.size + 511) // 512,
+            mtime=raw.mtime,
+            mtime_nsec=raw.mtime_nsec,
+            rdev=rdev,
+        )
+
+    # -- flat data (directories, symlinks) ----------------------------------------------
+
+    def _flat_blocks(self, node: _Node) -> list[tuple[int, int]]:
+        """(offset, length) of each data block of a FLAT_PLAIN / FLAT_INLINE inode.
+
+        Blocks live at ``i_u + i``; with FLAT_INLINE the last (partial) block sits
+        right after the inode and its xattrs and must not cross a block boundary.
+        """
+        bs = self.block_size
+        size = node.size
+        if node.layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE):
+            raise format_error(f"inode {node.nid} i_format", node.off, f"layout {node.layout} is not flat")
+        nblocks = (size + bs - 1) // bs
+        if nblocks == 0:
+            return []
+        n = len(self._buf)
+        inline = node.layout == EROFS_INODE_FLAT_INLINE
+        nfull = nblocks - 1 if inline else nblocks
+        # Every block must lie inside the file, so a huge i_size fails here, before any loop.
+        if nfull and (node.raw.u + nfull) * bs > n:
+            raise format_error(
+                f"inode {node.nid} i_u", node.off + 16, f"data blocks {node.raw.u}+{nfull} beyond the {n}-byte file"
+            )
+        out = [((node.raw.u + i) * bs, bs) for i in range(nfull)]
+        tail = size - (nblocks - 1) * bs
+        if inline:
+            toff = node.off + node.isize + node.xsize
+            if (toff % bs) + tail > bs or toff + tail > n:
+                raise format_error(f"inode {node.nid} inline data", toff, f"{tail} bytes cross a block boundary")
+            out.append((toff, tail))
+        else:
+            out[-1] = (out[-1][0], tail)
+        return out
+
+    def _dir_node(self, ino: int) -> _Node:
+        node = self._node(ino)
+        if node.mode & _S_IFMT != _S_IFDIR:
+            raise InvalidArgument(f"inode {ino} is not a directory")
+        if node.size < EROFS_DIRENT_SIZE + 1:
+            raise format_error(f"directory {ino} i_size", node.off + 8, f"{node.size} bytes cannot hold an entry")
+        return node
+
+    def _block_count(self, boff: int, blen: int, ino: int) -> int:
+        need(len(self._buf), boff, EROFS_DIRENT_SIZE, f"directory {ino} block")
+        (nameoff0,) = _NAMEOFF.unpack_from(self._buf, boff + 8)
+        if nameoff0 < EROFS_DIRENT_SIZE or nameoff0 % EROFS_DIRENT_SIZE or nameoff0 >= blen:
+            raise format_error(f"directory {ino} dirent e_nameoff", boff + 8, f"{nameoff0} invalid in a {blen}-byte block")
+        return nameoff0 // EROFS_DIRENT_SIZE
+
+    def _dirent(self, boff: int, blen: int, count: int, j: int, ino: int) -> tuple[bytes, int, int]:
+        buf = self._buf
+        doff = boff + j * EROFS_DIRENT_SIZE
+        nid, start, ftype = _DIRENT.unpack_from(buf, doff)
+        if j + 1 < count:
+            (end,) = _NAMEOFF.unpack_from(buf, doff + EROFS_DIRENT_SIZE + 8)
+        else:
+            end = buf.find(b"\0", boff + start, boff + blen) - boff if start < blen else -1
+            if end < 0:
+                end = blen
+        if not count * EROFS_DIRENT_SIZE <= start < end <= blen or end - start > EROFS_NAME_LEN:
+            raise format_error(f"directory {ino} dirent name", doff + 8, f"name span {start}..{end} invalid in a {blen}-byte block")
+        if ftype > FileType.SYMLINK:
+            raise format_error(f"directory {ino} dirent e_file_type", doff + 10, f"unknown type {ftype}")
+        if self._meta_base + nid * EROFS_INODE_SLOT_SIZE + 32 > len(buf):
+            raise format_error(f"directory {ino} dirent e_nid", doff, f"nid {nid} points beyond the bootstrap")
+        return bytes(buf[boff + start : boff + end]), nid, ftype
+
+    def readdir(self, ino: int) -> Iterator[DirEntry]:
+        node = self._dir_node(ino)
+        blocks = self._flat_blocks(node)
+        return self._iter_dir(ino, blocks)
+
+    def _iter_dir(self, ino: int, blocks: list[tuple[int, int]]) -> Iterator[DirEntry]:
+        prev = b""
+        for boff, blen in blocks:
+            count = self._block_count(boff, blen, ino)
+            for j in range(count):
+                name, nid, ftype = self._dirent(boff, blen, count, j, ino)
+                # Lookup is a binary search, so names must be strictly increasing.
+                if name <= prev:
+                    raise format_error(
+                        f"directory {ino} dirent order", boff + j * EROFS_DIRENT_SIZE, f"{name!r} after {prev!r}"
+                    )
+                prev = name
+                yield DirEntry(name, nid, FileType(ftype))
+
+    def lookup(self, parent: int, name: bytes) -> int:
+        node = self._dir_node(parent)
+        blocks = self._flat_blocks(node)
+        # Find the last block whose first name is <= name, then search inside it.
+        lo, hi = 0, len(blocks)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            boff, blen = blocks[mid]
+            count = self._block_count(boff, blen, parent)
+            first = self._dirent(boff, blen, count, 0, parent)[0]
+            if first <= name:
+                lo = mid
+            else:
+                hi = mid
+        boff, blen = blocks[lo]
+        count = self._block_count(boff, blen, parent)
+        a, b = 0, count
+        while a < b:
+            mid = (a + b) // 2
+            ename, nid, _ = self._dirent(boff, blen, count, mid, parent)
+            if ename == name:
+                return nid
+            if ename < name:
+                a = mid + 1
+            else:
+                b = mid
+        raise NotFound(f"lookup {name!r} in directory {parent}: no such entry")
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if node.mode & _S_IFMT != _S_IFLNK:
+            raise InvalidArgument(f"inode {ino} is not a symlink")
+        if not 0 < node.size <= RAFS_MAX_SYMLINK:
+            raise format_error(f"symlink {ino} i_size", node.off + 8, f"{node.size} not in 1..{RAFS_MAX_SYMLINK}")
+        return b"".join(bytes(self._buf[o : o + n]) for o, n in self._flat_blocks(node))
+
+    # -- xattrs ------------------------------------------------------------------------
+
+    def xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:
+        node = self._node(ino)
+        if not node.xsize:
+            return []
+        buf = self._buf
+        base = node.off + node.isize
+        end = base + node.xsize
+        shared = buf[base + 4]
+        if shared:
+            raise format_error(f"inode {ino} xattr h_shared_count", base + 4, f"{shared}: RAFS has no shared xattrs")
+        out: list[tuple[bytes, bytes]] = []
+        pos = base + EROFS_XATTR_IBODY_HEADER_SIZE
+        while pos + EROFS_XATTR_ENTRY_SIZE <= end:
+            name_len, index, value_size = struct.unpack_from("<BBH", buf, pos)
+            total = align_up(EROFS_XATTR_ENTRY_SIZE + name_len + value_size, 4)
+            if pos + total > end:
+                raise format_error(f"inode {ino} xattr entry", pos, f"{total} bytes run past the xattr area end {end}")
+            prefix = XATTR_PREFIXES.get(index)
+            if prefix is None:
+                raise format_error(f"inode {ino} xattr e_name_index", pos + 1, f"unknown prefix index {index}")
+            nstart = pos + EROFS_XATTR_ENTRY_SIZE
+            name = prefix + bytes(buf[nstart : nstart + name_len])
+            value = bytes(buf[nstart + name_len : nstart + name_len + value_size])
+            out.append((name, value))
+            pos += total
+        return out
+
+    # -- chunks ------------------------------------------------------------------------
+
+    def _chunk_addrs(self, node: _Node) -> tuple[int, int]:
+        """(offset of the chunk index array, number of chunks) of a regular file."""
+        if node.layout != EROFS_INODE_CHUNK_BASED:
+            raise format_error(f"inode {node.nid} i_format", node.off, f"regular file with layout {node.layout}, RAFS uses chunk-based")
+        if not node.raw.u & EROFS_CHUNK_FORMAT_INDEXES:
+            raise format_error(f"inode {node.nid} chunk format", node.off + 16, f"0x{node.raw.u:x} lacks the INDEXES flag")
+        count = (node.size + self.chunk_size - 1) // self.chunk_size
+        start = node.off + align_up(node.isize + node.xsize, 8)
+        need(len(self._buf), start, count * EROFS_CHUNK_INDEX_SIZE, f"inode {node.nid} chunk index array")
+        return start, count
+
+    def chunks(self, ino: int) -> list[FileChunk]:
+        node = self._node(ino)
+        if node.mode & _S_IFMT != _S_IFREG:
+            return []
+        start, count = self._chunk_addrs(node)
+        return [self._file_chunk(node, start, i) for i in range(count)]
+
+    def _chunks_in_range(self, ino: int, start: int, end: int) -> list[FileChunk]:
+        node = self._node(ino)
+        arr, count = self._chunk_addrs(node)
+        first = start // self.chunk_size
+        last = min(count, (end + self.chunk_size - 1) // self.chunk_size)
+        return [self._file_chunk(node, arr, i) for i in range(first, last)]
+
+    def chunk_addr(self, ino: int, i: int) -> tuple[int, int, int]:
+        """Raw (blob_index, ci_index, blkaddr) of chunk ``i`` of regular file ``ino``."""
+        node = self._node(ino)
+        arr, count = self._chunk_addrs(node)
+        if not 0 <= i < count:
+            raise IndexError(i)
+        lo, hi, blk = _CHUNK_ADDR.unpack_from(self._buf, arr + i * EROFS_CHUNK_INDEX_SIZE)
+        return (hi & 0xFF) - 1, ((hi >> 8) << 16) | lo, blk
+
+    def _file_chunk(self, node: _Node, arr: int, i: int) -> FileChunk:
+        off = arr + i * EROFS_CHUNK_INDEX_SIZE
+        lo, hi, blk = _CHUNK_ADDR.unpack_from(self._buf, off)
+        dev = hi & 0xFF
+        if not 1 <= dev <= len(self.blobs):
+            raise format_error(f"inode {node.nid} chunk {i} device id", off + 2, f"{dev} not in 1..{len(self.blobs)}")
+        blob = self.blobs[dev - 1]
+        ci = ((hi >> 8) << 16) | lo
+        if ci >= blob.chunk_count:
+            raise format_error(f"inode {node.nid} chunk {i} index", off, f"{ci} >= blob chunk count {blob.chunk_count}")
+        file_off = i * self.chunk_size
+        u_size = min(self.chunk_size, node.size - file_off)
+        u_off = blk * self.block_size
+        if u_off + u_size > align_up(blob.uncompressed_size, self.block_size):
+            raise format_error(
+                f"inode {node.nid} chunk {i} c_blk_addr", off + 4, f"{u_off}+{u_size} beyond blob size {blob.uncompressed_size}"
+            )
+        rec = self._chunk_record(blob.index, ci, u_off)
+        if rec is None:
+            return FileChunk(file_off, blob.index, blob.blob_id, ci, u_off, u_size, None, None, None, None, blob.compressor)
+        rec_off, info = rec
+        if info.uncompressed_size != u_size:
+            raise format_error(
+                "chunk table uncompressed_size", rec_off + 44, f"{info.uncompressed_size} but file geometry says {u_size}"
+            )
+        compressed = info.is_compressed
+        if blob.compressed_size and info.compressed_offset + info.compressed_size > blob.compressed_size and not info.flags & ChunkFlags.BATCH:
+            raise format_error(
+                "chunk table compressed range", rec_off + 40, f"ends beyond blob compressed size {blob.compressed_size}"
+            )
+        return FileChunk(
+            file_off, blob.index, blob.blob_id, ci, u_off, u_size,
+            info.compressed_offset, info.compressed_size, info.digest, compressed,
+            blob.compressor, info.flags, info.crc32,
+        )
+
+    def _chunk_record(self, blob_index: int, ci: int, u_off: int) -> tuple[int, RafsChunkInfo] | None:
+        """The bootstrap chunk-table record for a chunk, keyed like nydusd's chunk map."""
+        if self._chunk_index is None:
+            ext = self.ext_superblock
+            index: dict[tuple[int, int, int], int] = {}
+            if ext.chunk_table_size:
+                data = bytes(self._buf[ext.chunk_table_offset : ext.chunk_table_offset + ext.chunk_table_size])
+                for pos, (b, uo, idx) in enumerate(_CHUNK_KEY.iter_unpack(data)):
+                    index.setdefault((b, idx, uo), ext.chunk_table_offset + pos * RAFS_V6_CHUNK_INFO_SIZE)
+            self._chunk_index = index
+        off = self._chunk_index.get((blob_index, ci, u_off))
+        if off is None:
+            return None
+        return off, RafsChunkInfo.unpack(self._buf, off)
+
+    def chunk_table(self) -> Iterator[RafsChunkInfo]:
+        """All records of the bootstrap chunk table, in on-disk order."""
+        ext = self.ext_superblock
+        for i in range(ext.chunk_table_size // RAFS_V6_CHUNK_INFO_SIZE):
+            yield RafsChunkInfo.unpack(self._buf, ext.chunk_table_offset + i * RAFS_V6_CHUNK_INFO_SIZE)
+
+
+def _check_blob_id(raw: bytes, off: int, what: str) -> str:
+    if len(raw) != BLOB_ID_LEN or not raw.isascii() or b"\0" in raw or not raw.isalnum():
+        raise format_error(what, off, f"{raw[:64]!r} is not a 64-character id")
+    return raw.decode("ascii")
+
+
+def _check_ci_sizes(b: RafsV6Blob, off: int, tarfs: bool) -> None:
+    f = b.features
+    if b.ci_compressed_size > b.ci_uncompressed_size:
+        raise format_error("blob table ci_compressed_size", off + 120, f"{b.ci_compressed_size} > ci_uncompressed_size {b.ci_uncompressed_size}")
+    special = f & (BlobFeatures.BATCH | BlobFeatures.ZRAN | BlobFeatures.ENCRYPTED)
+    if f & BlobFeatures.CHUNK_INFO_V2:
+        if special:
+            ok = b.ci_uncompressed_size >= b.chunk_count * 24
+        else:
+            ok = b.ci_uncompressed_size == b.chunk_count * 24
+    elif special:
+        raise format_error("blob table features", off + 84, f"0x{f:x}: batch/zran/encrypted need CHUNK_INFO_V2")
+    else:
+        ok = bool(f & BlobFeatures.IS_CHUNKDICT_GENERATED) or tarfs or b.ci_uncompressed_size == b.chunk_count * 16
+    if not ok:
+        raise format_error("blob table ci_uncompressed_size", off + 128, f"{b.ci_uncompressed_size} for {b.chunk_count} chunks")
+
