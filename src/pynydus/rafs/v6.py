@@ -306,9 +306,11 @@ class BootstrapV6(Bootstrap):
             self._buf, ext.prefetch_table_offset, ext.prefetch_table_size // 4, "prefetch table"
         )
         out: list[int] = []
-        for nid in nids:
+        for i, nid in enumerate(nids):
             if nid == 0:
                 break
+            if self._meta_base + (nid + 1) * EROFS_INODE_SLOT_SIZE > len(self._buf):
+                raise format_error("prefetch table entry", ext.prefetch_table_offset + 4 * i, f"nid {nid} beyond the bootstrap")
             out.append(nid)
         return out
 
@@ -436,6 +438,12 @@ class BootstrapV6(Bootstrap):
                     )
                 prev = name
                 yield DirEntry(name, nid, FileType(ftype))
+
+    def _claim_dir_storage(self, ino: int, claimed: set[int]) -> None:
+        for boff, _ in self._flat_blocks(self._dir_node(ino)):
+            if boff in claimed:
+                raise format_error(f"directory {ino} data block", boff, "shared with another directory")
+            claimed.add(boff)
 
     def lookup(self, parent: int, name: bytes) -> int:
         node = self._dir_node(parent)
