@@ -25,6 +25,13 @@ from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
 from pynydus.rafs.chunker import DEFAULT_CHUNK_SIZE, BlobDesc, BlobWriter, ChunkDict, ChunkRef
 from pynydus.rafs.compress import Compressor, Digester, parse_compressor, parse_digester
 from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
+from pynydus.rafs.merge import (
+    LoadedImage,
+    chunk_dict_from_bootstrap,
+    chunk_dict_from_tree,
+    load_bootstrap,
+    overlay,
+)
 from pynydus.rafs.tree import Tree
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 
@@ -137,8 +144,9 @@ def build(
     ``source`` is a directory (``dir-rafs``) or a layer tar, plain/gzip/zstd by magic
     (``tar-rafs``/``targz-rafs``; a file object works too). The blob is named by its
     sha256 and omitted when the image has no file data. ``chunk_dict`` (a
-    digest→ChunkRef mapping, or a bootstrap path when the reader is available)
-    dedups against existing blobs, which then join the blob table. ``prefetch_files``
+    digest→ChunkRef mapping, or a bootstrap path) dedups against existing blobs, which
+    then join the blob table. ``parent_bootstrap`` makes the result the parent image
+    with this layer overlaid (its whiteouts applied), parent blobs first in the table. ``prefetch_files``
     are absolute paths (``/`` = everything) recorded in the prefetch table.
     A failed build removes its partial blob and writes no bootstrap. Not idempotent
     in time (mtime of outputs) but deterministic in content for the same input.
@@ -150,9 +158,18 @@ def build(
     dig = parse_digester(digester)
     if comp == Compressor.GZIP:
         raise InvalidArgument("compressor gzip is only used for zran data; choose none, lz4_block or zstd")
-    if parent_bootstrap is not None:
-        raise NotImplementedFeature("parent bootstrap needs the RAFS reader; use merge() instead")
     dict_map = _load_chunk_dict(chunk_dict)
+    parent: LoadedImage | None = None
+    if parent_bootstrap is not None:
+        parent = load_bootstrap(parent_bootstrap)
+        if parent.chunk_size != chunk_size or parent.digester != dig:
+            raise InvalidArgument(
+                f"parent bootstrap {os.fspath(parent_bootstrap)!r}: chunk size "
+                f"{parent.chunk_size:#x}/{parent.digester.name} differs from "
+                f"{chunk_size:#x}/{dig.name}"
+            )
+        # The parent's chunks dedup the new layer too (upstream's layered chunk dict).
+        dict_map = {**chunk_dict_from_tree(parent.tree), **dict_map}
 
     entries = _source_for(source, type)
     tree = Tree(whiteout_spec)
@@ -166,7 +183,11 @@ def build(
         writer.abort()
         raise
 
-    blobs = _blob_table(tree, dict_map, desc)
+    if parent is not None:
+        overlay(parent.tree.root, tree.root)  # whiteouts of the new layer hide parent entries
+        parent.tree.skipped_xattrs = tree.skipped_xattrs
+        tree = parent.tree
+    blobs = _blob_table(tree, dict_map, desc, parent.blobs if parent is not None else None)
     prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     try:
         info = write_bootstrap(
@@ -230,28 +251,27 @@ def _load_chunk_dict(
         return {}
     if isinstance(chunk_dict, Mapping):
         return dict(chunk_dict)
-    from pynydus.rafs.merge import chunk_dict_from_bootstrap
-
     return chunk_dict_from_bootstrap(chunk_dict)
 
 
-def _blob_table(tree: Tree, dict_map: ChunkDict, new: BlobDesc | None) -> list[BlobDesc]:
-    """Blobs the tree references: chunk-dict blobs first (in dict order), then the new one."""
-    used: dict[int, BlobDesc] = {}
+def _blob_table(
+    tree: Tree, dict_map: ChunkDict, new: BlobDesc | None, base: list[BlobDesc] | None = None
+) -> list[BlobDesc]:
+    """The blob table: ``base`` (a parent's table, kept whole and in order), then the
+    chunk-dict blobs the tree uses (in dict order), then the new blob. Blob ids are
+    unique; the writer resolves chunk references by identity, then by id."""
+    order: list[BlobDesc] = list(base or [])
+    ids = {b.blob_id for b in order}
+    used: dict[str, BlobDesc] = {}
     for _, node in tree.walk():
         for c in node.inode.chunks:
-            used.setdefault(id(c.blob), c.blob)
-    order: list[BlobDesc] = []
-    seen: set[int] = set()
-    for ref in dict_map.values():
-        b = ref.blob
-        if id(b) in used and id(b) not in seen and b is not new:
+            if c.blob is not new:
+                used.setdefault(c.blob.blob_id, c.blob)
+    candidates = [ref.blob for ref in dict_map.values()] + list(used.values())
+    for b in candidates:
+        if b.blob_id in used and b.blob_id not in ids:
             order.append(b)
-            seen.add(id(b))
-    for b in used.values():  # anything referenced but not from the dict, e.g. a parent
-        if id(b) not in seen and b is not new:
-            order.append(b)
-            seen.add(id(b))
+            ids.add(b.blob_id)
     if new is not None:  # even if later entries replaced every file that used it
         order.append(new)
     return order

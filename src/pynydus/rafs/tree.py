@@ -69,6 +69,9 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     chunks: list[ChunkRef] = field(default_factory=list)
     nlink: int = 1
+    # Created for a missing parent, not from an entry: a merge keeps the lower
+    # layer's metadata for it instead of this placeholder's.
+    implicit: bool = False
     # Assigned by the bootstrap writer / reader.
     nid: int = -1
     ino: int = 0
@@ -116,7 +119,7 @@ class Node:
 
 
 def _new_dir(name: bytes) -> Node:
-    return Node(name, Inode(mode=stat.S_IFDIR | 0o755), {})
+    return Node(name, Inode(mode=stat.S_IFDIR | 0o755, implicit=True), {})
 
 
 class Tree:
@@ -207,6 +210,7 @@ class Tree:
         parent.children[name] = Node(name, inode, {} if entry.type == EntryType.DIR else None)
 
     def _set_meta(self, inode: Inode, e: Entry) -> None:
+        inode.implicit = False
         inode.mode = (inode.mode & ~0o7777) | (e.mode & 0o7777)
         inode.uid, inode.gid = e.uid, e.gid
         inode.mtime, inode.mtime_nsec = e.mtime, e.mtime_nsec
