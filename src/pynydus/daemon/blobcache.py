@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pynydus.daemon.chunkmap import ChunkMap
-from pynydus.errors import FormatError, NydusError, Unavailable
+from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
 from pynydus.rafs.compress import Compressor, Digester, decompress, digest
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,11 @@ class BlobCache:
         t0 = time.perf_counter()
         try:
             data = self.backend.read_range(self.blob.blob_id, offset, length)
+        except NotFound as err:
+            # A blob the image needs is missing from the backend: an I/O error for
+            # the reader (ENOENT would claim the *file* does not exist).
+            self.stats.add(backend_errors=1)
+            raise Unavailable(f"blob {self.blob.blob_id}: {err}") from err
         except NydusError:
             self.stats.add(backend_errors=1)
             raise

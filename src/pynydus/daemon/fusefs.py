@@ -1,0 +1,333 @@
+"""The FUSE filesystem: read-only RAFS images through pyfuse3 (libfuse3).
+
+One FUSE mount serves either a single image at its root (dedicated mode,
+``--bootstrap``), or a pseudo root directory whose subdirectories are images
+mounted through the API (shared mode, ``POST /api/v1/mount?mountpoint=/<id>``).
+
+Inode numbers are the image's own (nid for v6), as nydusd reports them. In shared
+mode the instance's slot (1..255) sits in the top 8 bits, as upstream does. FUSE's
+root node id is 1, so in dedicated mode the image root's nid and nid 1 swap places.
+
+Images never change, so the kernel may cache everything: entries and attributes
+get huge timeouts, opens keep the page cache, and misses are cached negatively.
+Bootstrap lookups are in-memory and answered on the trio thread; file reads may
+wait for the network and run in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from pynydus.daemon.instance import RafsInstance
+from pynydus.errors import NotFound, NydusError
+from pynydus.rafs.reader import Stat
+
+log = logging.getLogger(__name__)
+
+_FOREVER = float(1 << 32)  # the image is immutable: cache entries/attrs "forever"
+_SLOT_SHIFT = 56
+_NID_MASK = (1 << _SLOT_SHIFT) - 1
+_ROOT = pyfuse3.ROOT_INODE
+_FOPS = ("getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
+         "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget")
+
+T = TypeVar("T")
+
+
+class Vfs:
+    """Which image (and which inode in it) a FUSE inode number means."""
+
+    def __init__(self) -> None:
+        self.dedicated: RafsInstance | None = None
+        self.slots: dict[int, tuple[bytes, RafsInstance]] = {}
+        self._lock = threading.Lock()
+
+    # dedicated mode: swap the image root and nid 1
+    def _ded_to_fuse(self, inst: RafsInstance, nid: int) -> int:
+        root = inst.bs.root_ino
+        return _ROOT if nid == root else (root if nid == _ROOT else nid)
+
+    def to_fuse(self, slot: int, inst: RafsInstance, nid: int) -> int:
+        if slot == 0:
+            return self._ded_to_fuse(inst, nid)
+        return (slot << _SLOT_SHIFT) | nid
+
+    def resolve(self, ino: int) -> tuple[int, RafsInstance, int] | None:
+        """(slot, instance, nid) of a FUSE inode; None for the shared-mode pseudo root."""
+        if self.dedicated is not None:
+            return 0, self.dedicated, self._ded_to_fuse(self.dedicated, ino)
+        if ino == _ROOT:
+            return None
+        slot = ino >> _SLOT_SHIFT
+        entry = self.slots.get(slot)
+        if entry is None:
+            raise NotFound(f"inode {ino}: no image in slot {slot}")
+        return slot, entry[1], ino & _NID_MASK
+
+    def add(self, name: bytes, inst: RafsInstance) -> int:
+        with self._lock:
+            if any(n == name for n, _ in self.slots.values()):
+                from pynydus.errors import AlreadyExists
+
+                raise AlreadyExists(f"mountpoint /{name.decode(errors='replace')} is already mounted")
+            free = next((s for s in range(1, 256) if s not in self.slots), None)
+            if free is None:
+                from pynydus.errors import FailedPrecondition
+
+                raise FailedPrecondition("255 images are mounted already; unmount one first")
+            self.slots[free] = (name, inst)
+            return free
+
+    def remove(self, name: bytes) -> tuple[int, RafsInstance]:
+        with self._lock:
+            for slot, (n, inst) in list(self.slots.items()):
+                if n == name:
+                    del self.slots[slot]
+                    return slot, inst
+        raise NotFound(f"mountpoint /{name.decode(errors='replace')} is not mounted")
+
+    def slot_by_name(self, name: bytes) -> tuple[int, RafsInstance] | None:
+        for slot, (n, inst) in self.slots.items():
+            if n == name:
+                return slot, inst
+        return None
+
+    def instances(self) -> list[RafsInstance]:
+        return [self.dedicated] if self.dedicated else [inst for _, inst in self.slots.values()]
+
+
+class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
+    """pyfuse3 operations over a Vfs. Errors become errno; nothing here writes."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vfs: Vfs, *, thread_num: int = 4, enable_xattr: bool = True) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.enable_xattr = enable_xattr
+        self.limiter = trio.CapacityLimiter(max(thread_num, 4) * 4)
+        self.start_ns = time.time_ns()
+        self.uid, self.gid = os.geteuid(), os.getegid()
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_fh = 1
+        self.inflight: dict[int, tuple[int, str, float]] = {}
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _attr(self, slot: int, inst: RafsInstance, st: Stat) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self.vfs.to_fuse(slot, inst, st.ino)
+        a.generation = 0
+        a.entry_timeout = _FOREVER
+        a.attr_timeout = _FOREVER
+        mode = st.mode
+        if st.ino == inst.bs.root_ino:
+            mode = (mode & ~0o7777) | 0o755  # as nydusd: the image root is always 0755
+        a.st_mode = mode
+        a.st_nlink = st.nlink
+        if inst.bs.explicit_uidgid:
+            a.st_uid, a.st_gid = st.uid, st.gid
+        else:  # images built without ownership belong to whoever runs the daemon
+            a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_rdev = st.rdev
+        a.st_size = st.size
+        a.st_blksize = 4096
+        a.st_blocks = st.blocks
+        mtime = st.mtime * 1_000_000_000 + st.mtime_nsec if st.mtime else self.start_ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    def _pseudo_root_attr(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = _ROOT
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        a.st_mode = stat.S_IFDIR | 0o755
+        a.st_nlink = 2 + len(self.vfs.slots)
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_blksize = 4096
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.start_ns
+        return a
+
+    def _run(self, op: str, ino: int, fn: Callable[[], T]) -> T:
+        inst = None
+        try:
+            resolved = self.vfs.resolve(ino) if ino else None
+            inst = resolved[1] if resolved else None
+            out = fn()
+            if inst is not None:
+                inst.fs_stats.hit(op)
+            return out
+        except pyfuse3.FUSEError:
+            if inst is not None:
+                inst.fs_stats.hit(op, error=True)
+            raise
+        except NydusError as err:
+            if inst is not None:
+                inst.fs_stats.hit(op, error=True)
+            if not isinstance(err, NotFound):
+                log.warning("%s inode %d: %s", op, ino, err)
+            raise pyfuse3.FUSEError(err.errno) from err
+        except Exception as err:
+            log.exception("%s inode %d: internal error", op, ino)
+            raise pyfuse3.FUSEError(errno.EIO) from err
+
+    # --- operations ---------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        def body() -> pyfuse3.EntryAttributes:
+            resolved = self.vfs.resolve(parent_inode)
+            if resolved is None:  # shared-mode pseudo root: one entry per mounted image
+                if name in (b".", b".."):
+                    return self._pseudo_root_attr()
+                hit = self.vfs.slot_by_name(name)
+                if hit is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                slot, inst = hit
+                return self._attr(slot, inst, inst.bs.stat(inst.bs.root_ino))
+            slot, inst, nid = resolved
+            if slot and nid == inst.bs.root_ino and name == b"..":
+                return self._pseudo_root_attr()
+            try:
+                child = inst.bs.lookup(nid, name)
+            except NotFound:
+                neg = pyfuse3.EntryAttributes()
+                neg.st_ino = 0  # a negative entry, cached by the kernel
+                neg.entry_timeout = _FOREVER
+                return neg
+            return self._attr(slot, inst, inst.bs.stat(child))
+
+        return self._run("lookup", parent_inode, body)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        def body() -> pyfuse3.EntryAttributes:
+            resolved = self.vfs.resolve(inode)
+            if resolved is None:
+                return self._pseudo_root_attr()
+            slot, inst, nid = resolved
+            return self._attr(slot, inst, inst.bs.stat(nid))
+
+        return self._run("getattr", inode, body)
+
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        def body() -> bytes:
+            resolved = self.vfs.resolve(inode)
+            if resolved is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            target: bytes = resolved[1].bs.readlink(resolved[2])
+            return target
+
+        return self._run("readlink", inode, body)
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        def body() -> int:
+            resolved = self.vfs.resolve(inode)
+            if resolved is None:
+                entries = [(b".", _ROOT), (b"..", _ROOT)]
+                entries += [(name, self.vfs.to_fuse(slot, inst, inst.bs.root_ino))
+                            for slot, (name, inst) in sorted(self.vfs.slots.items())]
+            else:
+                slot, inst, nid = resolved
+                entries = [(e.name, self.vfs.to_fuse(slot, inst, e.ino)) for e in inst.bs.readdir(nid)]
+            fh = self._next_fh
+            self._next_fh += 1
+            self._dirs[fh] = entries
+            return fh
+
+        return self._run("opendir", inode, body)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            if name in (b".", b".."):
+                continue  # the kernel synthesises these
+            attr = await self.getattr(ino)
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        def body() -> pyfuse3.FileInfo:
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+                raise pyfuse3.FUSEError(errno.EROFS)
+            resolved = self.vfs.resolve(inode)
+            if resolved is None:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            inst = resolved[1]
+            with inst.fs_stats.lock:
+                inst.fs_stats.nr_opens += 1
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
+
+        return self._run("open", inode, body)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        resolved = self._run("read", fh, lambda: self.vfs.resolve(fh))
+        if resolved is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        _, inst, nid = resolved
+        key = id(trio.lowlevel.current_task())
+        self.inflight[key] = (fh, "read", time.time())
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: self._run("read", fh, lambda: inst.read(nid, off, size)), limiter=self.limiter
+            )
+        finally:
+            self.inflight.pop(key, None)
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        def body() -> bytes:
+            resolved = self.vfs.resolve(inode)
+            if resolved is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            if not self.enable_xattr and not resolved[1].bs.has_xattr:
+                raise pyfuse3.FUSEError(errno.ENOSYS)
+            value = resolved[1].bs.getxattr(resolved[2], name)
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value
+
+        return self._run("getxattr", inode, body)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        def body() -> list[bytes]:
+            resolved = self.vfs.resolve(inode)
+            if resolved is None:
+                return []
+            if not self.enable_xattr and not resolved[1].bs.has_xattr:
+                raise pyfuse3.FUSEError(errno.ENOSYS)
+            names: list[bytes] = resolved[1].bs.listxattr(resolved[2])
+            return names
+
+        return self._run("listxattr", inode, body)
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 512
+        s.f_frsize = 512
+        s.f_namemax = 255
+        s.f_files = sum(inst.bs.inode_count for inst in self.vfs.instances())
+        return s
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return not mode & os.W_OK
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        return None
