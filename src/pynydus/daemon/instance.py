@@ -81,6 +81,9 @@ class RafsInstance:
             for cache in self._caches.values():
                 cache.close()
             self._caches.clear()
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
         self.bs.close()
 
     def cache(self, blob_index: int) -> BlobCache:
