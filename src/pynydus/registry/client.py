@@ -1,0 +1,712 @@
+"""OCI distribution client shared by the daemon (lazy ranged chunk reads) and the
+converter (pull and push).
+
+Synchronous and thread-safe: the daemon calls :meth:`RegistryClient.read_blob_range`
+from many worker threads at once; they share one pool of keep-alive connections,
+one token cache and one redirect cache. Everything that can fail on the wire is
+retried (see :mod:`.transport`); what is left surfaces as the pynydus taxonomy:
+NotFound (404), Unauthorized (401/403 after auth), Unavailable (network, timeouts,
+5xx after retries), DigestMismatch, ShortRead.
+
+Redirects: a registry may answer blob GETs with a redirect to blob storage. As
+nydusd does, the final URL is remembered per blob (for ``redirect_cache_ttl``
+seconds) and later ranges go straight there without a registry round trip; if the
+cached URL fails it is dropped and the read goes through the registry again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import httpx
+
+from pynydus.errors import InvalidArgument, NotFound, NydusError, Unavailable, q
+
+from . import media
+from .auth import Credentials, repository_scope
+from .errors import DigestMismatch, RegistryProtocolError, ShortRead
+from .metrics import RegistryMetrics
+from .reference import Reference, parse_reference, validate_digest, validate_repository
+from .referrers import (
+    add_referrer,
+    empty_index,
+    fallback_tag,
+    filter_artifact_type,
+    parse_index,
+    referrer_descriptor,
+    subject_of,
+)
+from .transport import RETRYABLE, Mirror, Request, Transport, raise_for_status
+
+MAX_MANIFEST_SIZE = 4 << 20   # the OCI spec's limit registries must accept
+DEFAULT_CHUNK = 1 << 20
+REDIRECT_CACHE_TTL = 60.0
+MONOLITHIC_LIMIT = 64 << 20   # above this, and with no chunk_size, uploads are chunked
+
+
+class Manifest(NamedTuple):
+    """A fetched manifest: unpacks as ``(media_type, digest, data)``."""
+
+    media_type: str
+    digest: str
+    data: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """What a HEAD tells: media type, digest and size of a manifest or blob."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+BlobSource = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
+
+
+def _hasher(digest: str) -> Any:
+    alg = digest.split(":", 1)[0]
+    try:
+        return hashlib.new(alg)
+    except ValueError as err:
+        raise InvalidArgument(f"digest {q(digest)}: unsupported algorithm {alg!r}") from err
+
+
+def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _content_type(resp: httpx.Response) -> str:
+    return resp.headers.get("content-type", "").split(";", 1)[0].strip()
+
+
+class _RedirectCache:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._d: dict[tuple[str, str], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> str | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                return None
+            if v[1] < time.monotonic():
+                del self._d[key]
+                return None
+            return v[0]
+
+    def put(self, key: tuple[str, str], url: str) -> None:
+        if self.ttl > 0:
+            with self._lock:
+                self._d[key] = (url, time.monotonic() + self.ttl)
+
+    def drop(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._d.pop(key, None)
+
+
+class RegistryClient:
+    """A client for one registry host (``host[:port]``, as in nydusd's backend config).
+
+    ``auth``: Credentials, or nydusd's base64 ``user:password`` string;
+    ``registry_token``: a bearer token used as-is; ``skip_verify`` (alias
+    ``insecure``): accept any TLS certificate and fall back to http when the host
+    speaks plain HTTP; ``timeout``/``connect_timeout``: seconds, 0 = none;
+    ``retry_limit``: extra attempts after a retryable failure; ``proxy``: an
+    HTTP(S) proxy URL (dfdaemon), bypassed for a while when it cannot be reached
+    (``proxy_fallback``); ``mirrors``: hosts tried in order before the origin for
+    reads. Close it (or use ``with``) to release connections.
+    """
+
+    def __init__(self, host: str, *, scheme: str = "https", skip_verify: bool = False,
+                 insecure: bool | None = None, auth: Credentials | str | None = None,
+                 registry_token: str | None = None, timeout: float = 5.0,
+                 connect_timeout: float = 5.0, retry_limit: int = 3,
+                 proxy: str | None = None, proxy_fallback: bool = True,
+                 mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
+                 redirect_cache_ttl: float = REDIRECT_CACHE_TTL, max_connections: int = 64,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not host or "/" in host:
+            raise InvalidArgument(f"registry host {q(host)}: want host[:port]")
+        creds = Credentials.from_auth_string(auth) if isinstance(auth, str) else auth
+        if registry_token:
+            creds = Credentials(registry_token=registry_token)
+        self.host = host
+        self._t = Transport(
+            host, scheme=scheme, skip_verify=bool(insecure) or skip_verify,
+            credentials=creds, timeout=timeout, connect_timeout=connect_timeout,
+            retry_limit=retry_limit, proxy=proxy, proxy_fallback=proxy_fallback,
+            mirrors=mirrors, ca_cert_files=ca_cert_files, max_connections=max_connections,
+            sleep=sleep)
+        self._redirects = _RedirectCache(redirect_cache_ttl)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def for_reference(cls, ref: Reference | str, **kwargs: Any) -> RegistryClient:
+        """A client for the registry of an image reference (Docker Hub's API host,
+        http for loopback registries unless ``scheme`` is given)."""
+        r = parse_reference(ref) if isinstance(ref, str) else ref
+        kwargs.setdefault("scheme", r.default_scheme)
+        return cls(r.api_host, **kwargs)
+
+    @classmethod
+    def from_backend_config(cls, cfg: Mapping[str, Any], **kwargs: Any) -> RegistryClient:
+        """From nydusd's registry backend config (``scheme host auth registry_token
+        skip_verify timeout connect_timeout retry_limit proxy mirrors``; see
+        rafs-nydusd-spec §4.2). ``repo`` is the caller's to use per request. The
+        removed ``mirrors`` key is still honoured: ``[{"host": url, "headers": {}}]``."""
+        host = cfg.get("host")
+        if not isinstance(host, str) or not host:
+            raise InvalidArgument("registry backend config: \"host\" is required")
+        proxy = cfg.get("proxy") or {}
+        mirrors = [Mirror(str(m.get("host", "")), dict(m.get("headers") or {}))
+                   for m in cfg.get("mirrors") or [] if isinstance(m, Mapping) and m.get("host")]
+        # nydusd's retry_limit counts extra attempts (0 = try once).
+        opts: dict[str, Any] = {
+            "scheme": cfg.get("scheme") or "https",
+            "skip_verify": bool(cfg.get("skip_verify", False)),
+            "auth": cfg.get("auth") or None,
+            "registry_token": cfg.get("registry_token") or None,
+            "timeout": float(cfg.get("timeout", 5)),
+            "connect_timeout": float(cfg.get("connect_timeout", 5)),
+            "retry_limit": int(cfg.get("retry_limit", 0)),
+            "proxy": proxy.get("url") or None,
+            "proxy_fallback": bool(proxy.get("fallback", True)),
+            "mirrors": mirrors,
+            "ca_cert_files": list(cfg.get("ca_cert_files") or []),
+        }
+        opts.update(kwargs)
+        return cls(host, **opts)
+
+    # ------------------------------------------------------------------- lifecycle
+    @property
+    def metrics(self) -> RegistryMetrics:
+        return self._t.metrics
+
+    def close(self) -> None:
+        """Release pooled connections. Idempotent."""
+        self._t.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_credentials(self, auth: Credentials | str | None) -> None:
+        """Replace the credentials (hot auth update); cached tokens are dropped."""
+        creds = Credentials.from_auth_string(auth) if isinstance(auth, str) else auth
+        self._t.set_credentials(creds)
+
+    # ----------------------------------------------------------------- basics
+    def ping(self) -> None:
+        """``GET /v2/``: the registry answers and accepts our credentials."""
+        what = f"registry {self.host}"
+
+        def op() -> None:
+            resp = self._t.exchange(Request("GET", "/v2/", what, pull=False))
+            raise_for_status(resp, what)
+        self._t.retrying(what, op)
+
+    @staticmethod
+    def _check(repo: str, digest: str | None = None) -> None:
+        validate_repository(repo)
+        if digest is not None:
+            validate_digest(digest)
+
+    # --------------------------------------------------------------- manifests
+    def get_manifest(self, repo: str, ref: str,
+                     accept: Sequence[str] = media.DEFAULT_MANIFEST_ACCEPT) -> Manifest:
+        """Fetch manifest ``ref`` (tag or digest) of ``repo``.
+
+        Returns ``(media_type, digest, data)``; the digest is computed from the bytes
+        and, when ``ref`` is a digest, must equal it (else DigestMismatch). Raises
+        NotFound naming repo and ref."""
+        self._check(repo)
+        what = f"manifest {q(ref)} in {q(repo)}"
+        by_digest = ":" in ref
+        if by_digest:
+            validate_digest(ref)
+
+        def op() -> Manifest:
+            resp = self._t.exchange(Request(
+                "GET", f"/v2/{repo}/manifests/{ref}", what,
+                (repository_scope(repo, "pull"),), {"Accept": ", ".join(accept)}),
+                stream=True)
+            try:
+                raise_for_status(resp, what)
+                data = self._read_limited(resp, MAX_MANIFEST_SIZE, what)
+            finally:
+                resp.close()
+            mt = _content_type(resp)
+            if not mt or mt in ("application/json", "text/plain"):
+                try:
+                    mt = str(json.loads(data).get("mediaType") or mt)
+                except (ValueError, AttributeError):
+                    pass
+            alg = ref.split(":", 1)[0] if by_digest else "sha256"
+            digest = compute_digest(data, alg)
+            if by_digest and digest != ref:
+                raise DigestMismatch(f"{what}: content hashes to {digest}")
+            return Manifest(mt, digest, data)
+        return self._t.retrying(what, op)
+
+    def head_manifest(self, repo: str, ref: str,
+                      accept: Sequence[str] = media.DEFAULT_MANIFEST_ACCEPT) -> Descriptor:
+        """Resolve ``ref`` without fetching the body (``Docker-Content-Digest``)."""
+        self._check(repo)
+        what = f"manifest {q(ref)} in {q(repo)}"
+
+        def op() -> Descriptor:
+            resp = self._t.exchange(Request(
+                "HEAD", f"/v2/{repo}/manifests/{ref}", what,
+                (repository_scope(repo, "pull"),), {"Accept": ", ".join(accept)}))
+            raise_for_status(resp, what)
+            digest = resp.headers.get("docker-content-digest") or (ref if ":" in ref else "")
+            if not digest:
+                raise RegistryProtocolError(f"{what}: HEAD answer has no Docker-Content-Digest")
+            return Descriptor(_content_type(resp), digest,
+                              int(resp.headers.get("content-length", "0")))
+        return self._t.retrying(what, op)
+
+    def put_manifest(self, repo: str, ref: str, media_type: str, data: bytes) -> str:
+        """Push ``data`` as manifest ``ref`` (a tag, or its own digest). Returns the
+        digest. Idempotent. If the manifest has a ``subject`` and the registry does
+        not implement referrers (no ``OCI-Subject`` in the answer), the subject's
+        referrers fallback tag index is updated, as the distribution spec asks."""
+        self._check(repo)
+        what = f"manifest {q(ref)} in {q(repo)}"
+        digest = compute_digest(data)
+        if ":" in ref and ref != digest:
+            raise InvalidArgument(f"put {what}: content hashes to {digest}")
+
+        def op() -> httpx.Response:
+            resp = self._t.exchange(Request(
+                "PUT", f"/v2/{repo}/manifests/{ref}", what,
+                (repository_scope(repo, "pull,push"),), {"Content-Type": media_type},
+                content=bytes(data), pull=False))
+            raise_for_status(resp, what)
+            return resp
+        resp = self._t.retrying(what, op)
+        self.metrics.add("bytes_written", len(data))
+        subject = subject_of(data)
+        if subject is not None and "oci-subject" not in resp.headers:
+            self._add_to_fallback_index(repo, subject,
+                                        referrer_descriptor(data, media_type, digest))
+        return digest
+
+    # -------------------------------------------------------------------- blobs
+    def head_blob(self, repo: str, digest: str) -> Descriptor:
+        """Size (and media type, if the registry says) of a blob; NotFound if absent."""
+        self._check(repo, digest)
+        what = f"blob {q(digest)} in {q(repo)}"
+
+        def op() -> Descriptor:
+            resp = self._t.exchange(Request("HEAD", f"/v2/{repo}/blobs/{digest}", what,
+                                            (repository_scope(repo, "pull"),)))
+            raise_for_status(resp, what)
+            size = resp.headers.get("content-length")
+            if size is None:
+                raise RegistryProtocolError(f"{what}: HEAD answer has no Content-Length")
+            return Descriptor(_content_type(resp), digest, int(size))
+        return self._t.retrying(what, op)
+
+    def blob_exists(self, repo: str, digest: str) -> bool:
+        try:
+            self.head_blob(repo, digest)
+        except NotFound:
+            return False
+        return True
+
+    def get_blob(self, repo: str, digest: str, *, chunk_size: int = DEFAULT_CHUNK,
+                 verify: bool = True) -> Iterator[bytes]:
+        """Stream a whole blob. After the last chunk the content is checked against
+        ``digest`` (DigestMismatch on mismatch). A connection lost mid-way resumes with
+        a Range request from the bytes already yielded (up to ``retry_limit`` times).
+        Closing the iterator early closes the connection."""
+        self._check(repo, digest)
+        return self._blob_stream(repo, digest, chunk_size, verify)
+
+    def _blob_stream(self, repo: str, digest: str, chunk_size: int,
+                     verify: bool) -> Iterator[bytes]:
+        what = f"blob {q(digest)} in {q(repo)}"
+        h = _hasher(digest)
+        received = 0
+        attempt = 0
+        while True:
+            headers = {"Range": f"bytes={received}-"} if received else {}
+            try:
+                resp = self._t.exchange(Request("GET", f"/v2/{repo}/blobs/{digest}", what,
+                                                (repository_scope(repo, "pull"),), headers),
+                                        stream=True)
+                try:
+                    raise_for_status(resp, what)
+                    skip = 0
+                    if received and resp.status_code == 200:
+                        skip = received  # range ignored: drop what we have already
+                    elif received and resp.status_code == 206:
+                        start = _content_range_start(resp)
+                        if start != received:
+                            raise RegistryProtocolError(
+                                f"{what}: resumed at {received}, got range from {start}")
+                    for chunk in resp.iter_bytes(chunk_size):
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        h.update(chunk)
+                        received += len(chunk)
+                        self.metrics.add("bytes_read", len(chunk))
+                        yield chunk
+                finally:
+                    resp.close()
+                break
+            except RETRYABLE as err:
+                attempt += 1
+                if attempt > self._t.retry_limit:
+                    raise Unavailable(f"{what}: registry {self.host} unavailable after "
+                                      f"{attempt} attempts ({received} bytes read): "
+                                      f"{type(err).__name__}: {err}") from err
+                self.metrics.add("retries")
+                time.sleep(self._t.backoff(attempt))
+        if verify and f"{digest.split(':', 1)[0]}:{h.hexdigest()}" != digest:
+            raise DigestMismatch(f"{what}: {received} bytes hash to "
+                                 f"{digest.split(':', 1)[0]}:{h.hexdigest()}")
+
+    def read_blob_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` of a blob with one HTTP Range GET.
+
+        Returns exactly ``length`` bytes. A 206 must start at ``offset``; a 200 (range
+        ignored) is sliced. Fewer bytes than asked is a ShortRead (retried); a range
+        past the end of the blob is InvalidArgument. Redirect targets are cached per
+        blob. Costs one request (none to the registry while a redirect is cached)."""
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"read blob {q(digest)}: negative offset or length")
+        self._check(repo, digest)
+        if length == 0:
+            return b""
+        what = f"blob {q(digest)} in {q(repo)} range {offset}+{length}"
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        key = (repo, digest)
+
+        def op() -> bytes:
+            cached = self._redirects.get(key)
+            if cached is not None:
+                try:
+                    resp = self._t.send_direct("GET", cached, headers)
+                    try:
+                        raise_for_status(resp, what)
+                        data = self._take_range(resp, offset, length, what)
+                    finally:
+                        resp.close()
+                    self.metrics.add("redirect_cache_hits")
+                    return data
+                except (*RETRYABLE, NydusError):
+                    self._redirects.drop(key)  # expired or revoked: ask the registry
+            resp = self._t.exchange(Request("GET", f"/v2/{repo}/blobs/{digest}", what,
+                                            (repository_scope(repo, "pull"),), headers),
+                                    stream=True)
+            try:
+                raise_for_status(resp, what)
+                data = self._take_range(resp, offset, length, what)
+            finally:
+                resp.close()
+            if resp.extensions.get("pynydus_redirected"):
+                self._redirects.put(key, str(resp.request.url))
+            return data
+        return self._t.retrying(what, op)
+
+    def _take_range(self, resp: httpx.Response, offset: int, length: int, what: str) -> bytes:
+        if resp.status_code == 206:
+            start, total = _content_range(resp)
+            if start != offset:
+                raise RegistryProtocolError(f"{what}: server sent a range from {start}")
+            if total is not None and offset + length > total:
+                raise InvalidArgument(f"{what}: past the end of the blob (size {total})")
+            skip = 0
+        elif resp.status_code == 200:
+            total = int(resp.headers["content-length"]) if \
+                "content-length" in resp.headers else None
+            if total is not None and offset + length > total:
+                raise InvalidArgument(f"{what}: past the end of the blob (size {total})")
+            skip = offset
+        else:
+            raise RegistryProtocolError(f"{what}: unexpected HTTP {resp.status_code}")
+        buf = bytearray()
+        for chunk in resp.iter_bytes():
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
+            buf += chunk
+            if len(buf) >= length:
+                break
+        if len(buf) < length:
+            self.metrics.add("errors")
+            raise ShortRead(f"{what}: got {len(buf)} of {length} bytes")
+        self.metrics.add("bytes_read", length)
+        return bytes(buf[:length])
+
+    @staticmethod
+    def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
+        buf = bytearray()
+        for chunk in resp.iter_bytes():
+            buf += chunk
+            if len(buf) > limit:
+                raise RegistryProtocolError(f"{what}: larger than {limit} bytes")
+        return bytes(buf)
+
+    # --------------------------------------------------------------------- push
+    def push_blob(self, repo: str, source: BlobSource, digest: str, *,
+                  size: int | None = None, mount_from: str | None = None,
+                  chunk_size: int | None = None) -> str:
+        """Upload a blob unless the repository has it already.
+
+        ``source``: bytes, a path, or a binary file object (read from its current
+        position; it must be seekable for retries). With ``mount_from`` a cross-repo
+        mount is tried first. Uploads are monolithic (POST then one PUT) unless
+        ``chunk_size`` is given or the blob is larger than 64 MiB (then PATCH chunks,
+        then PUT). Returns ``"exists"``, ``"mounted"`` or ``"uploaded"``. The registry
+        checks the digest (DigestMismatch). Idempotent."""
+        self._check(repo, digest)
+        if mount_from is not None:
+            validate_repository(mount_from)
+        opener, total = _blob_opener(source, size)
+        if self.blob_exists(repo, digest):
+            return "exists"
+        what = f"push blob {q(digest)} to {q(repo)}"
+        if chunk_size is None and total > MONOLITHIC_LIMIT:
+            chunk_size = 16 << 20
+        if chunk_size is not None and chunk_size <= 0:
+            raise InvalidArgument(f"{what}: chunk_size must be positive")
+
+        def op() -> str:
+            location = self._start_upload(repo, digest, mount_from, what)
+            if location is None:
+                return "mounted"
+            with opener() as f:
+                if chunk_size is not None and total > chunk_size:
+                    location = self._patch_chunks(location, repo, f, total, chunk_size, what)
+                    self._finish_upload(location, repo, digest, b"", what)
+                else:
+                    self._finish_upload(location, repo, digest, _iter_file(f, total), what,
+                                        total)
+            return "uploaded"
+        return self._t.retrying(what, op)
+
+    def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount only: True if the registry mounted it. A started
+        upload session (mount refused) is cancelled."""
+        self._check(repo, digest)
+        validate_repository(from_repo)
+        what = f"mount blob {q(digest)} from {q(from_repo)} to {q(repo)}"
+        loc = self._t.retrying(what, lambda: self._start_upload(repo, digest, from_repo, what))
+        if loc is None:
+            return True
+        try:
+            resp = self._t.exchange(Request("DELETE", loc, what,
+                                            (repository_scope(repo, "pull,push"),), pull=False))
+            resp.close()
+        except httpx.HTTPError:
+            pass
+        return False
+
+    def _start_upload(self, repo: str, digest: str, mount_from: str | None,
+                      what: str) -> str | None:
+        scopes = [repository_scope(repo, "pull,push")]
+        params: dict[str, str] = {}
+        if mount_from and mount_from != repo:
+            params = {"mount": digest, "from": mount_from}
+            scopes.append(repository_scope(mount_from, "pull"))
+        resp = self._t.exchange(Request("POST", f"/v2/{repo}/blobs/uploads/", what,
+                                        tuple(scopes), {"Content-Length": "0"},
+                                        params=params or None, pull=False))
+        raise_for_status(resp, what)
+        if resp.status_code == 201 and params:
+            return None
+        if resp.status_code != 202 or "location" not in resp.headers:
+            raise RegistryProtocolError(f"{what}: upload start answered HTTP "
+                                        f"{resp.status_code} without Location")
+        return self._abs(resp, resp.headers["location"])
+
+    def _abs(self, resp: httpx.Response, location: str) -> str:
+        return str(resp.request.url.join(location))
+
+    def _patch_chunks(self, location: str, repo: str, f: IO[bytes], total: int,
+                      chunk_size: int, what: str) -> str:
+        sent = 0
+        while sent < total:
+            chunk = f.read(min(chunk_size, total - sent))
+            if not chunk:
+                raise InvalidArgument(f"{what}: source ended at {sent} of {total} bytes")
+            end = sent + len(chunk) - 1
+            resp = self._t.exchange(Request(
+                "PATCH", location, what, (repository_scope(repo, "pull,push"),),
+                {"Content-Type": "application/octet-stream", "Content-Range": f"{sent}-{end}",
+                 "Content-Length": str(len(chunk))}, content=chunk, pull=False))
+            raise_for_status(resp, what)
+            if "location" not in resp.headers:
+                raise RegistryProtocolError(f"{what}: PATCH answer without Location")
+            location = self._abs(resp, resp.headers["location"])
+            sent += len(chunk)
+            self.metrics.add("bytes_written", len(chunk))
+        return location
+
+    def _finish_upload(self, location: str, repo: str, digest: str,
+                       body: bytes | Iterator[bytes], what: str, size: int = 0) -> None:
+        length = size if not isinstance(body, bytes) else len(body)
+        resp = self._t.exchange(Request(
+            "PUT", location, what, (repository_scope(repo, "pull,push"),),
+            {"Content-Type": "application/octet-stream", "Content-Length": str(length)},
+            params={"digest": digest}, content=body, pull=False))
+        raise_for_status(resp, what)
+        if resp.status_code != 201:
+            raise RegistryProtocolError(f"{what}: upload finished with HTTP {resp.status_code}")
+        self.metrics.add("bytes_written", length)
+
+    # ---------------------------------------------------------------- listings
+    def list_tags(self, repo: str) -> list[str]:
+        """All tags of ``repo`` (following ``Link`` pagination)."""
+        self._check(repo)
+        what = f"tags of {q(repo)}"
+        tags: list[str] = []
+        target = f"/v2/{repo}/tags/list"
+        while target:
+            def op(t: str = target) -> httpx.Response:
+                resp = self._t.exchange(Request("GET", t, what,
+                                                (repository_scope(repo, "pull"),)))
+                raise_for_status(resp, what)
+                return resp
+            resp = self._t.retrying(what, op)
+            tags.extend(resp.json().get("tags") or [])
+            link = resp.links.get("next", {}).get("url")
+            target = str(resp.request.url.join(link)) if link else ""
+        return tags
+
+    def get_referrers(self, repo: str, digest: str,
+                      artifact_type: str | None = None) -> dict[str, Any]:
+        """The image index of manifests whose ``subject`` is ``digest``: the referrers
+        API when the registry has it, else the fallback tag, else an empty index."""
+        self._check(repo, digest)
+        what = f"referrers of {q(digest)} in {q(repo)}"
+
+        def op() -> dict[str, Any] | None:
+            resp = self._t.exchange(Request(
+                "GET", f"/v2/{repo}/referrers/{digest}", what,
+                (repository_scope(repo, "pull"),), {"Accept": media.OCI_INDEX},
+                params={"artifactType": artifact_type} if artifact_type else None))
+            if resp.status_code == 404:
+                resp.close()
+                return None
+            raise_for_status(resp, what)
+            doc = parse_index(resp.content, what)
+            if artifact_type and "artifactType" not in resp.headers.get(
+                    "oci-filters-applied", ""):
+                doc = filter_artifact_type(doc, artifact_type)
+            return doc
+        doc = self._t.retrying(what, op)
+        if doc is not None:
+            return doc
+        try:
+            m = self.get_manifest(repo, fallback_tag(digest), accept=(media.OCI_INDEX,))
+        except NotFound:
+            return empty_index()
+        return filter_artifact_type(parse_index(m.data, what), artifact_type)
+
+    def _add_to_fallback_index(self, repo: str, subject: str, desc: dict[str, Any]) -> None:
+        tag = fallback_tag(subject)
+        try:
+            index = parse_index(self.get_manifest(repo, tag, accept=(media.OCI_INDEX,)).data,
+                                f"referrers tag {q(tag)}")
+        except NotFound:
+            index = empty_index()
+        body = json.dumps(add_referrer(index, desc), separators=(",", ":")).encode()
+        self.put_manifest(repo, tag, media.OCI_INDEX, body)
+
+
+# ------------------------------------------------------------------------- helpers
+def _content_range(resp: httpx.Response) -> tuple[int, int | None]:
+    """``Content-Range: bytes a-b/total`` → (a, total or None for ``*``)."""
+    cr = resp.headers.get("content-range", "")
+    try:
+        unit, _, rest = cr.partition(" ")
+        span, _, total = rest.partition("/")
+        start = int(span.split("-", 1)[0])
+        if unit != "bytes":
+            raise ValueError(unit)
+    except ValueError as err:
+        raise RegistryProtocolError(f"bad Content-Range {cr!r} in a 206 answer") from err
+    return start, (int(total) if total and total != "*" else None)
+
+
+def _content_range_start(resp: httpx.Response) -> int:
+    return _content_range(resp)[0]
+
+
+def _iter_file(f: IO[bytes], total: int, chunk: int = DEFAULT_CHUNK) -> Iterator[bytes]:
+    left = total
+    while left > 0:
+        b = f.read(min(chunk, left))
+        if not b:
+            raise InvalidArgument(f"blob source ended {left} bytes early")
+        left -= len(b)
+        yield b
+
+
+class _NoClose(io.BufferedIOBase):
+    """Context wrapper that leaves a caller's file open."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+
+    def read(self, n: int | None = -1) -> bytes:
+        return self._f.read(-1 if n is None else n)
+
+    def close(self) -> None:
+        pass
+
+
+def _blob_opener(source: BlobSource, size: int | None) -> tuple[Callable[[], IO[bytes]], int]:
+    """A factory that yields a fresh reader of ``source`` per attempt, and its size."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        return (lambda: io.BytesIO(data)), len(data)
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        return (lambda: open(path, "rb")), path.stat().st_size if size is None else size
+    f = source
+    try:
+        start = f.tell()
+        seekable = f.seekable()
+    except (AttributeError, OSError):
+        start, seekable = 0, False
+    if size is None:
+        if not seekable:
+            raise InvalidArgument("push_blob: size is required for an unseekable source")
+        size = f.seek(0, os.SEEK_END) - start
+        f.seek(start)
+    used = [False]
+
+    def opener() -> IO[bytes]:
+        if used[0]:
+            if not seekable:
+                raise Unavailable("push_blob: cannot retry an unseekable source")
+            f.seek(start)
+        used[0] = True
+        return _NoClose(f)  # type: ignore[return-value]
+    return opener, size

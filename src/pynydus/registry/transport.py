@@ -1,0 +1,487 @@
+"""HTTP exchanges with a registry: endpoints, auth, redirects, retries, metrics.
+
+One :class:`Transport` owns one pooled ``httpx.Client`` (keep-alive connections are
+reused across threads) and, with a proxy configured, a second direct one for proxy
+fallback. It knows nothing of manifests or blobs; :mod:`.client` builds those on:
+
+* :meth:`Transport.exchange` — one attempt: try each healthy mirror (pull requests
+  only), then the origin; answer a 401 challenge once; follow redirects by hand,
+  dropping ``Authorization`` when the redirect leaves the registry's host (blob
+  storage such as S3 rejects foreign credentials on a presigned URL).
+* :meth:`Transport.retrying` — bounded retries with exponential backoff and jitter
+  around a whole operation (request *and* body read), for transport errors,
+  timeouts, 429/5xx and truncated bodies; 4xx are answers, never retried.
+* :func:`raise_for_status` — maps an HTTP answer to the error taxonomy.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from pynydus.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplementedFeature,
+    NydusError,
+    Unavailable,
+)
+
+from .auth import (
+    Challenge,
+    Credentials,
+    Token,
+    TokenCache,
+    TokenKey,
+    merge_scopes,
+    parse_challenges,
+    parse_token_response,
+    pick_challenge,
+)
+from .errors import DigestMismatch, ShortRead, Unauthorized
+from .metrics import RegistryMetrics
+
+T = TypeVar("T")
+
+USER_AGENT = "pynydus-registry/0.1"
+CLIENT_ID = "pynydus-registry-client"
+MAX_REDIRECTS = 5
+BACKOFF_BASE = 0.1      # first retry after ~100 ms, as nydusd's prefetch retry
+BACKOFF_CAP = 2.0
+MIRROR_FAILURE_LIMIT = 3
+MIRROR_COOLDOWN = 30.0  # seconds a failing mirror is skipped before it is tried again
+PROXY_COOLDOWN = 5.0    # nydusd's proxy check_interval
+
+
+@dataclass
+class Mirror:
+    """A host tried before the origin for pulls (a pull-through cache, dfdaemon).
+
+    ``url``: ``scheme://host[:port]`` (a bare host takes the client's scheme);
+    ``headers``: extra headers sent to it (e.g. Dragonfly's ``X-Dragonfly-Registry``);
+    ``credentials``: its own; origin credentials are never sent to a mirror."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    credentials: Credentials | None = None
+
+
+@dataclass
+class Endpoint:
+    base: str                       # scheme://netloc
+    is_mirror: bool
+    headers: Mapping[str, str]
+    credentials: Credentials | None
+    failures: int = 0
+    skip_until: float = 0.0
+
+    @property
+    def netloc(self) -> str:
+        return urlsplit(self.base).netloc
+
+
+@dataclass
+class Request:
+    """What :meth:`Transport.exchange` sends. ``target`` is a path below the endpoint
+    (``/v2/...``) or an absolute URL on the origin (upload ``Location``)."""
+
+    method: str
+    target: str
+    what: str                               # for messages: 'blob "sha256:…" in "repo"'
+    scopes: tuple[str, ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str | Sequence[str]] | None = None
+    content: bytes | Iterable[bytes] | None = None
+    pull: bool = True                       # may be served by a mirror
+    follow_redirects: bool = True
+
+
+class RetryableStatus(Exception):
+    """A 429/5xx answer, raised inside :meth:`Transport.retrying`."""
+
+    def __init__(self, status: int, url: str, body: str = "") -> None:
+        super().__init__(f"HTTP {status} from {url}" + (f": {body}" if body else ""))
+        self.status = status
+
+
+RETRYABLE: tuple[type[BaseException], ...] = (httpx.TransportError, RetryableStatus, ShortRead)
+
+
+def _body_excerpt(resp: httpx.Response) -> str:
+    try:
+        if not resp.is_stream_consumed:
+            resp.read()
+        return resp.text[:300].strip()
+    except (httpx.HTTPError, UnicodeDecodeError):
+        return ""
+
+
+def raise_for_status(resp: httpx.Response, what: str) -> None:
+    """Map a final answer to the taxonomy; return for 2xx/3xx.
+
+    404 → NotFound, 401/403 → Unauthorized, 416 → InvalidArgument, 429/5xx →
+    RetryableStatus (retrying turns it into Unavailable), 400 DIGEST_INVALID →
+    DigestMismatch, 405 → NotImplementedFeature, other 4xx → FailedPrecondition."""
+    st = resp.status_code
+    if st < 400:
+        return
+    body = _body_excerpt(resp)
+    resp.close()
+    if st == 404:
+        raise NotFound(f"{what}: not found (HTTP 404 from {resp.request.url})")
+    if st in (401, 403):
+        raise Unauthorized(f"{what}: unauthorized (HTTP {st}): {body}", status=st,
+                           challenge=resp.headers.get("www-authenticate", ""))
+    if st == 429 or st >= 500:
+        raise RetryableStatus(st, str(resp.request.url), body)
+    if st == 416:
+        raise InvalidArgument(f"{what}: range not satisfiable (HTTP 416): {body}")
+    if st == 400 and "DIGEST_INVALID" in body:
+        raise DigestMismatch(f"{what}: registry says the digest does not match: {body}")
+    if st == 405:
+        raise NotImplementedFeature(f"{what}: the registry does not allow this (HTTP 405)")
+    raise FailedPrecondition(f"{what}: HTTP {st}: {body}")
+
+
+def _tls_speaks_plain_http(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "wrong version number" in text or "wrong_version_number" in text or \
+        "record layer failure" in text or "packet length too long" in text
+
+
+class Transport:
+    """Endpoints, connection pools, auth state and retry policy of one registry."""
+
+    def __init__(self, host: str, *, scheme: str = "https", skip_verify: bool = False,
+                 credentials: Credentials | None = None, timeout: float = 5.0,
+                 connect_timeout: float = 5.0, retry_limit: int = 3,
+                 proxy: str | None = None, proxy_fallback: bool = True,
+                 mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
+                 max_connections: int = 64, metrics: RegistryMetrics | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if scheme not in ("http", "https"):
+            raise InvalidArgument(f"registry scheme {scheme!r}: want http or https")
+        if retry_limit < 0:
+            raise InvalidArgument("registry retry_limit must be >= 0")
+        self.host = host
+        self.skip_verify = skip_verify
+        self.retry_limit = retry_limit
+        self.metrics = metrics if metrics is not None else RegistryMetrics()
+        self.tokens = TokenCache()
+        self._credentials = credentials
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._challenges: dict[str, Challenge] = {}   # netloc -> last challenge seen
+        self.origin = Endpoint(f"{scheme}://{host}", False, {}, credentials)
+        self.mirrors = [self._mirror_endpoint(m, scheme) for m in mirrors]
+        verify: bool | str | object = not skip_verify
+        if ca_cert_files and not skip_verify:
+            import ssl
+            ctx = ssl.create_default_context()
+            for f in ca_cert_files:
+                ctx.load_verify_locations(cafile=f)
+            verify = ctx
+        t = httpx.Timeout(timeout or None, connect=connect_timeout or None)
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections)
+        common = dict(verify=verify, timeout=t, limits=limits, follow_redirects=False,
+                      headers={"User-Agent": USER_AGENT}, trust_env=False)
+        self._http = httpx.Client(proxy=proxy, **common)  # type: ignore[arg-type]
+        self._direct = httpx.Client(**common) if proxy and proxy_fallback else None  # type: ignore[arg-type]
+        self._proxy_down_until = 0.0
+
+    @staticmethod
+    def _mirror_endpoint(m: Mirror | str, scheme: str) -> Endpoint:
+        mirror = Mirror(m) if isinstance(m, str) else m
+        url = mirror.url.rstrip("/")
+        if "://" not in url:
+            url = f"{scheme}://{url}"
+        return Endpoint(url, True, dict(mirror.headers), mirror.credentials)
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Close pooled connections; idempotent."""
+        self._http.close()
+        if self._direct is not None:
+            self._direct.close()
+
+    def set_credentials(self, credentials: Credentials | None) -> None:
+        """Swap origin credentials (nydusd's hot auth update): cached tokens and the
+        Basic header obtained with the old ones are dropped."""
+        with self._lock:
+            self._credentials = credentials
+            self.origin.credentials = credentials
+        self.tokens.clear()
+
+    # -------------------------------------------------------------------- retries
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry ``attempt`` (1-based): exponential, capped, jittered."""
+        d = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** (attempt - 1)))
+        return d * (0.5 + random.random() / 2)
+
+    def retrying(self, what: str, op: Callable[[], T], *, retries: int | None = None) -> T:
+        """Run ``op``; on a retryable failure sleep and run it again, at most
+        ``retries`` (default ``retry_limit``) more times. The last failure becomes
+        Unavailable naming ``what`` (a ShortRead stays ShortRead, itself Unavailable)."""
+        limit = self.retry_limit if retries is None else retries
+        attempt = 0
+        while True:
+            try:
+                return op()
+            except RETRYABLE as err:
+                if attempt >= limit:
+                    if isinstance(err, ShortRead):
+                        raise
+                    raise Unavailable(
+                        f"{what}: registry {self.host} unavailable after "
+                        f"{attempt + 1} attempts: {type(err).__name__}: {err}") from err
+            attempt += 1
+            self.metrics.add("retries")
+            self._sleep(self.backoff(attempt))
+
+    # ------------------------------------------------------------------- exchange
+    def exchange(self, req: Request, *, stream: bool = False) -> httpx.Response:
+        """One attempt at ``req``: mirrors first (pulls only), then the origin.
+
+        Returns the response with any status; the caller checks it (and closes it when
+        ``stream``). Raises transport errors, Unauthorized from the origin, and
+        RetryableStatus never (statuses are left to the caller)."""
+        if req.pull and self.mirrors and not req.target.startswith(("http://", "https://")):
+            now = time.monotonic()
+            for ep in self.mirrors:
+                if ep.skip_until > now:
+                    continue
+                try:
+                    resp = self._exchange_at(ep, req, stream)
+                except (httpx.TransportError, Unauthorized):
+                    self._mirror_failed(ep)
+                    continue
+                if resp.status_code < 400 or resp.status_code == 416:
+                    ep.failures = 0
+                    return resp
+                resp.close()
+                self._mirror_failed(ep)
+        return self._exchange_at(self.origin, req, stream)
+
+    def _mirror_failed(self, ep: Endpoint) -> None:
+        self.metrics.add("mirror_fallbacks")
+        ep.failures += 1
+        if ep.failures >= MIRROR_FAILURE_LIMIT:
+            ep.skip_until = time.monotonic() + MIRROR_COOLDOWN
+            ep.failures = 0
+
+    def _url(self, ep: Endpoint, target: str) -> str:
+        if target.startswith(("http://", "https://")):
+            return target
+        return ep.base + target
+
+    def _exchange_at(self, ep: Endpoint, req: Request, stream: bool) -> httpx.Response:
+        url = self._url(ep, req.target)
+        sent_auth = self._cached_authorization(ep, req)
+        resp = self._send(ep, req.method, url, req, sent_auth, stream)
+        if resp.status_code == 401:
+            challenges = parse_challenges(resp.headers.get_list("www-authenticate"))
+            body = _body_excerpt(resp)
+            resp.close()
+            challenge = pick_challenge(challenges)
+            if challenge is None:
+                raise Unauthorized(f"{req.what}: HTTP 401 without a usable challenge: {body}")
+            with self._lock:
+                self._challenges[ep.netloc] = challenge
+            if sent_auth is not None:
+                self._forget_authorization(ep, req, challenge, sent_auth)
+            auth = self._answer_challenge(ep, req, challenge)
+            if auth is None:
+                raise Unauthorized(
+                    f"{req.what}: registry {ep.netloc} requires authentication and no "
+                    f"credentials are configured", challenge=str(challenge.params))
+            resp = self._send(ep, req.method, url, req, auth, stream)
+            if resp.status_code == 401:
+                body = _body_excerpt(resp)
+                resp.close()
+                raise Unauthorized(f"{req.what}: registry {ep.netloc} rejected our "
+                                   f"credentials (HTTP 401): {body}",
+                                   challenge=resp.headers.get("www-authenticate", ""))
+        return resp
+
+    def _send(self, ep: Endpoint, method: str, url: str, req: Request, auth: str | None,
+              stream: bool) -> httpx.Response:
+        hops = 0
+        params = req.params
+        content = req.content
+        while True:
+            headers = {**ep.headers, **req.headers}
+            if auth is not None and urlsplit(url).netloc == ep.netloc:
+                headers["Authorization"] = auth
+            resp = self._send_raw(method, url, headers, params, content, stream, ep)
+            if not (req.follow_redirects and resp.status_code in (301, 302, 303, 307, 308)
+                    and "location" in resp.headers):
+                if hops:
+                    resp.extensions["pynydus_redirected"] = True
+                return resp
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                resp.close()
+                raise httpx.TooManyRedirects(f"{req.what}: more than {MAX_REDIRECTS} redirects",
+                                             request=resp.request)
+            url = urljoin(str(resp.request.url), resp.headers["location"])
+            resp.close()
+            self.metrics.add("redirects")
+            params = None  # the Location carries its own query
+            if resp.status_code == 303:
+                method, content = "GET", None
+
+    def send_direct(self, method: str, url: str, headers: Mapping[str, str]) -> httpx.Response:
+        """One streamed request to an absolute URL without auth, mirrors, redirects or
+        retries (a cached blob-storage redirect target). The caller closes it."""
+        return self._send_raw(method, url, headers, None, None, True)
+
+    def _send_raw(self, method: str, url: str, headers: Mapping[str, str],
+                  params: Mapping[str, str | Sequence[str]] | None,
+                  content: bytes | Iterable[bytes] | None, stream: bool,
+                  ep: Endpoint | None = None) -> httpx.Response:
+        client = self._http
+        if self._direct is not None and time.monotonic() < self._proxy_down_until:
+            client = self._direct
+        if params:
+            # httpx replaces a URL's query with ``params``; upload Locations carry state
+            # in their query that must survive, so merge instead.
+            url = str(httpx.URL(url).copy_merge_params(params))  # type: ignore[arg-type]
+            params = None
+        t0 = time.monotonic()
+        try:
+            request = client.build_request(method, url, headers=headers, content=content)
+            try:
+                resp = client.send(request, stream=stream)
+            except (httpx.ProxyError, httpx.ConnectError) as err:
+                # Only replayable bodies can be resent on another path.
+                if client is self._http and self._direct is not None and \
+                        (content is None or isinstance(content, bytes)):
+                    self._proxy_down_until = time.monotonic() + PROXY_COOLDOWN
+                    self.metrics.observe(time.monotonic() - t0, None)
+                    t0 = time.monotonic()
+                    resp = self._direct.send(client.build_request(
+                        method, url, headers=headers, params=params, content=content),
+                        stream=stream)
+                elif ep is not None and self._should_downgrade(ep, err):
+                    self.metrics.observe(time.monotonic() - t0, None)
+                    t0 = time.monotonic()
+                    url = self._downgrade(ep, url)
+                    resp = client.send(client.build_request(
+                        method, url, headers=headers, params=params, content=content),
+                        stream=stream)
+                else:
+                    raise
+        except httpx.HTTPError:
+            self.metrics.observe(time.monotonic() - t0, None)
+            raise
+        self.metrics.observe(time.monotonic() - t0, resp.status_code)
+        return resp
+
+    def _should_downgrade(self, ep: Endpoint, err: BaseException) -> bool:
+        # nydusd: with skip_verify, a TLS handshake answered by plain HTTP ("wrong
+        # version number") means an insecure registry; talk http to it from now on.
+        return self.skip_verify and ep.base.startswith("https://") and \
+            _tls_speaks_plain_http(err)
+
+    def _downgrade(self, ep: Endpoint, url: str) -> str:
+        with self._lock:
+            if ep.base.startswith("https://"):
+                ep.base = "http://" + ep.base[len("https://"):]
+        return "http://" + url[len("https://"):] if url.startswith("https://") else url
+
+    # ----------------------------------------------------------------------- auth
+    def _creds(self, ep: Endpoint) -> Credentials | None:
+        return ep.credentials
+
+    def _token_key(self, ep: Endpoint, req: Request, ch: Challenge) -> TokenKey:
+        scopes = merge_scopes(*req.scopes, ch.scope) if req.scopes else merge_scopes(ch.scope)
+        return (ch.realm, ch.service, scopes)
+
+    def _cached_authorization(self, ep: Endpoint, req: Request) -> str | None:
+        """The Authorization to send before any challenge: a static registry token, a
+        cached bearer token for this scope, or Basic after a Basic challenge. With a
+        known Bearer challenge but no token yet, fetch one now (saves a 401 round trip
+        per new scope)."""
+        creds = self._creds(ep)
+        if creds is not None and creds.registry_token:
+            return f"Bearer {creds.registry_token}"
+        with self._lock:
+            ch = self._challenges.get(ep.netloc)
+        if ch is None:
+            return None
+        if ch.scheme == "basic":
+            return creds.basic_header() if creds is not None and creds.has_basic else None
+        key = self._token_key(ep, req, ch)
+        tok = self.tokens.get(key)
+        if tok is not None:
+            return f"Bearer {tok.token}"
+        return self._answer_challenge(ep, req, ch)
+
+    def _forget_authorization(self, ep: Endpoint, req: Request, ch: Challenge,
+                              sent: str) -> None:
+        if sent.startswith("Bearer "):
+            self.tokens.invalidate(self._token_key(ep, req, ch), sent[len("Bearer "):])
+
+    def _answer_challenge(self, ep: Endpoint, req: Request, ch: Challenge) -> str | None:
+        creds = self._creds(ep)
+        if creds is not None and creds.registry_token:
+            return None  # the static token was refused; nothing else to try
+        if ch.scheme == "basic":
+            return creds.basic_header() if creds is not None and creds.has_basic else None
+        if not ch.realm:
+            return None
+        key = self._token_key(ep, req, ch)
+        with self.tokens.fetch_lock(key):
+            tok = self.tokens.get(key)  # another thread may have fetched it meanwhile
+            if tok is None:
+                tok = self._fetch_token(ch, key[2], creds, req.what)
+                self.tokens.put(key, tok)
+        return f"Bearer {tok.token}"
+
+    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...],
+                     creds: Credentials | None, what: str) -> Token:
+        self.metrics.add("token_fetches")
+        if creds is not None and creds.identity_token:
+            form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                    "service": ch.service, "client_id": CLIENT_ID,
+                    "scope": " ".join(scopes)}
+            resp = self._send_raw(
+                "POST", ch.realm, {"Content-Type": "application/x-www-form-urlencoded"},
+                None, str(httpx.QueryParams(form)).encode(), False)
+        else:
+            params: dict[str, str | Sequence[str]] = {"service": ch.service}
+            if scopes:
+                params["scope"] = list(scopes)
+            headers: dict[str, str] = {}
+            if creds is not None and creds.has_basic:
+                headers["Authorization"] = creds.basic_header()
+                params["account"] = creds.username
+            if not ch.service:
+                del params["service"]
+            resp = self._send_raw("GET", ch.realm, headers, params, None, False)
+        if resp.status_code in (401, 403):
+            raise Unauthorized(f"{what}: token server {ch.realm} refused the credentials "
+                               f"(HTTP {resp.status_code}): {_body_excerpt(resp)}",
+                               status=resp.status_code)
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise RetryableStatus(resp.status_code, ch.realm, _body_excerpt(resp))
+        if resp.status_code != 200:
+            raise Unauthorized(f"{what}: token server {ch.realm} answered HTTP "
+                               f"{resp.status_code}: {_body_excerpt(resp)}",
+                               status=resp.status_code)
+        return parse_token_response(resp.content, time.time())
+
+
+__all__ = [
+    "Endpoint", "Mirror", "NydusError", "Request", "RetryableStatus", "Transport",
+    "raise_for_status",
+]
