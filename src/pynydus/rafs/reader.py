@@ -176,6 +176,8 @@ class Bootstrap:
     block_size: int
     chunk_size: int
     flags: int
+    compressor: Compressor
+    digester: Digester
     inode_count: int
     blobs: list[BlobInfo]
     prefetch_list: list[int]

@@ -1,0 +1,182 @@
+"""Mutated bootstraps must fail with FormatError (or read fine): no other exception,
+no hang, no huge allocation.
+
+Inputs: the two upstream fixtures and a synthetic v6 image with the features the
+fixtures lack (xattrs, devices, inline/multi-block dirs, hard links).  Mutations
+are deterministic (fixed seed): truncations, bit flips, and "interesting" integer
+overwrites, biased towards the headers and the metadata actually reached.
+
+``PYNYDUS_RAFS_FUZZ_CASES`` sets the number of cases per input (default 400);
+bench/ or a nightly job can raise it.  Each case runs under a SIGALRM watchdog.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+import struct
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Callable, Iterator
+
+import pytest
+
+import synth_v6 as S
+from pynydus.errors import FormatError, NotFound
+from pynydus.rafs.reader import Bootstrap
+
+FIXTURES = Path("/work/shared/fixtures/snapshotter-testdata")
+CASES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_CASES", "400"))
+#: Entries of the tree exercised per case; enough to reach every inode of the
+#: synthetic image and the hot part of the fixtures without making a case slow.
+MAX_ENTRIES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_ENTRIES", "400"))
+CASE_DEADLINE_S = 10.0
+
+INTERESTING = [0, 1, 2, 7, 8, 11, 12, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0xFFFF, 0x10000,
+               0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 32, 1 << 40, (1 << 63) - 1, (1 << 64) - 1]
+
+
+def synthetic() -> bytes:
+    root = S.d()
+    root.children[b"a"] = S.d(children={
+        b"x\xff\xfe": S.f(5000, xattrs=[(b"user.k", b"v"), (b"security.selinux", b"ctx\0"),
+                                          (b"system.posix_acl_access", b"\x02\0\0\0")]),
+        b"fifo": S.Node(stat.S_IFIFO | 0o644),
+        b"chr": S.Node(stat.S_IFCHR | 0o600, rdev=0x0501),
+    })
+    big = S.d()
+    for i in range(300):
+        big.children[b"f%04d" % i] = S.f(i * 97)
+    root.children[b"big"] = big
+    root.children[b"long"] = S.ln(b"t" * 4096)
+    root.children[b"short"] = S.ln(b"/a/fifo")
+    h = S.f(3 << 20)
+    root.children[b"h1"] = h
+    big.children[b"h2"] = h
+    return S.build(root, prefetch=[b"/a"]).data
+
+
+def inputs() -> dict[str, bytes]:
+    out = {"synthetic-v6": synthetic()}
+    for name, rel in (("fixture-v6", "v6-bootstrap-chunk-pos-438272/image/image.boot"),
+                      ("fixture-v5", "v5-bootstrap-file-size-736032/image/image.boot")):
+        p = FIXTURES / rel
+        if p.exists():
+            out[name] = p.read_bytes()
+    return out
+
+
+INPUTS = inputs()
+
+
+def exercise(data: bytes) -> None:
+    """Use every read operation on whatever the bootstrap contains."""
+    bs = Bootstrap.from_bytes(data)
+    for ino in bs.prefetch_list:
+        bs.stat(ino)
+    for blob in bs.blobs:
+        assert len(blob.blob_id) > 0
+    n = 0
+    for path, ino in bs.walk():
+        st = bs.stat(ino)
+        bs.xattrs(ino)
+        if st.is_symlink:
+            bs.readlink(ino)
+        elif st.is_reg:
+            bs.chunks(ino)
+            bs.map_read(ino, max(0, st.size // 2 - 100), 1 << 21)
+        elif st.is_dir:
+            for entry in bs.readdir(ino):
+                try:
+                    assert bs.lookup(ino, entry.name) >= 0
+                except NotFound:
+                    pass  # an unsorted directory (rejected on full readdir) may hide names
+                break
+        n += 1
+        if n >= MAX_ENTRIES:
+            break
+    bs.close()
+
+
+def mutations(data: bytes, seed: int) -> Iterator[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    size = len(data)
+    # Offsets actually decoded (headers, tables, root inode, first dir blocks) get most flips.
+    hot = [(0, min(size, 8192)), (min(size, 8192), min(size, 65536)), (0, size)]
+    for i in range(CASES):
+        kind = i % 5
+        buf = bytearray(data)
+        if kind == 0:
+            cut = rng.randrange(0, size)
+            if rng.random() < 0.5:
+                cut -= cut % 4096
+            yield f"truncate@{cut}", bytes(buf[:cut])
+            continue
+        lo, hi = hot[rng.randrange(3)] if kind != 4 else (0, size)
+        if kind in (1, 4):
+            for _ in range(rng.randint(1, 8)):
+                off = rng.randrange(lo, hi)
+                buf[off] ^= 1 << rng.randrange(8)
+            yield f"flip@{lo}-{hi}", bytes(buf)
+        elif kind == 2:
+            width = rng.choice((1, 2, 4, 8))
+            off = rng.randrange(lo, max(lo + 1, hi - width))
+            value = rng.choice(INTERESTING) & ((1 << (8 * width)) - 1)
+            buf[off : off + width] = value.to_bytes(width, "little")
+            yield f"int{width * 8}@{off}={value:#x}", bytes(buf)
+        else:
+            off = rng.randrange(lo, hi)
+            n = rng.randint(1, 64)
+            buf[off : off + n] = rng.randbytes(n)
+            yield f"garbage@{off}+{n}", bytes(buf)
+
+
+class _Deadline(Exception):
+    pass
+
+
+def _with_deadline(fn: Callable[[], None], seconds: float) -> None:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise _Deadline()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_mutated_bootstraps_fail_only_with_format_error(name: str) -> None:
+    data = INPUTS[name]
+    exercise(data)  # the unmutated input reads cleanly
+    outcomes = {"ok": 0, "format_error": 0}
+    slowest = 0.0
+    for label, mutated in mutations(data, seed=sum(name.encode())):
+        t0 = time.perf_counter()
+        try:
+            _with_deadline(lambda: exercise(mutated), CASE_DEADLINE_S)
+            outcomes["ok"] += 1
+        except FormatError as err:
+            assert " at offset " in str(err) or "directory tree" in str(err) or "directory entry" in str(err), str(err)
+            outcomes["format_error"] += 1
+        except _Deadline:
+            pytest.fail(f"{name} {label}: no result within {CASE_DEADLINE_S}s")
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{name} {label}: {type(err).__name__}: {err}")
+        slowest = max(slowest, time.perf_counter() - t0)
+    assert outcomes["format_error"] > 0
+    print(f"{name}: {outcomes}, slowest case {slowest:.3f}s")
+
+
+def test_mutation_inputs_are_deterministic() -> None:
+    data = INPUTS["synthetic-v6"]
+    a = [m for _, m in zip(range(20), mutations(data, 7))]
+    b = [m for _, m in zip(range(20), mutations(data, 7))]
+    assert a == b
+    assert struct.unpack_from("<I", data, 1024)[0] == 0xE0F5E1E2
