@@ -240,6 +240,20 @@ def _tar_xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
     return out
 
 
+class _TarData:
+    """File data of one tar member; a truncated or corrupt stream is a FormatError."""
+
+    def __init__(self, f: BinaryIO, path: bytes) -> None:
+        self._f = f
+        self._path = path
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            return self._f.read(n)
+        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as err:
+            raise FormatError(f"layer tar: data of {self._path!r}: {err}") from err
+
+
 class TarSource:
     """Iterate an OCI layer tar (plain, gzip or zstd) as ``(Entry, DataReader | None)``.
 
@@ -283,7 +297,7 @@ class TarSource:
             while True:
                 try:
                     member = tf.next()
-                except tarfile.TarError as err:
+                except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as err:
                     raise FormatError(f"layer tar: {err}") from err
                 if member is None:
                     return
@@ -292,7 +306,11 @@ class TarSource:
                 entry = self._entry(member)
                 if entry is None:
                     continue
-                reader = tf.extractfile(member) if entry.type == EntryType.REG else None
+                reader = (
+                    _TarData(tf.extractfile(member), entry.path)  # type: ignore[arg-type]
+                    if entry.type == EntryType.REG
+                    else None
+                )
                 yield entry, reader
 
     @staticmethod
