@@ -17,10 +17,13 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, Protocol, Sequence
 
+from pynydus.rafs.compress import decompress
 from pynydus.rafs.layout import (
+    RAFS_MAX_CHUNKS_PER_BLOB,
     BlobFeatures,
+    Compressor,
     le_struct,
     PackedStruct,
     format_error,
@@ -344,3 +347,139 @@ def unpack_toc(tail: bytes | bytearray | memoryview) -> list[TocEntry]:
         raise format_error("blob TOC size", hdr_off + 124, f"{size} invalid for a {hdr_off}-byte tail")
     start = hdr_off - size
     return [TocEntry.unpack(tail, start + i * TocEntry.SIZE) for i in range(size // TocEntry.SIZE)]
+
+
+# ---------------------------------------------------------------------------
+# Loading a blob's chunk-info array (what nydusd does on first access to a v6 blob)
+
+
+@dataclass(frozen=True)
+class BlobMeta:
+    """A validated chunk-info array of one blob.
+
+    ``data`` is the uncompressed ci buffer: the entries, then (BATCH/ZRAN) the
+    contexts at ``header.ci_zran_offset``.  ``chunk(i)`` checks entry ``i`` against
+    the blob's sizes before returning it.
+    """
+
+    header: BlobCompressionContextHeader
+    data: bytes
+    v2: bool
+    chunk_count: int
+    compressed_size: int
+    uncompressed_size: int
+
+    def chunk(self, index: int) -> BlobChunkInfo:
+        """Entry ``index``; IndexError if out of range, FormatError if it is inconsistent."""
+        if not 0 <= index < self.chunk_count:
+            raise IndexError(index)
+        size = BLOB_CHUNK_INFO_V2_SIZE if self.v2 else BLOB_CHUNK_INFO_V1_SIZE
+        off = index * size
+        ci = unpack_chunk_info_v2(self.data, off) if self.v2 else unpack_chunk_info_v1(self.data, off)
+        plain = not ci.flags & (ChunkInfoFlags.COMPRESSED | ChunkInfoFlags.ENCRYPTED | ChunkInfoFlags.BATCH)
+        if (
+            ci.uncompressed_end > self.uncompressed_size
+            or (self.compressed_size and ci.compressed_end > self.compressed_size)
+            or (plain and ci.compressed_size != ci.uncompressed_size)
+        ):
+            raise format_error(
+                f"chunk info {index}", off,
+                f"c {ci.compressed_offset}+{ci.compressed_size} u {ci.uncompressed_offset}+{ci.uncompressed_size} "
+                f"inconsistent with blob sizes {self.compressed_size}/{self.uncompressed_size}",
+            )
+        return ci
+
+    def contexts(self) -> list[ZranContext] | list[BatchContext]:
+        """ZRAN or batch contexts stored after the entries ([] for plain blobs)."""
+        h = self.header
+        if not h.ci_zran_count:
+            return []
+        cls: type[ZranContext] | type[BatchContext] = (
+            ZranContext if h.features & BlobFeatures.ZRAN else BatchContext
+        )
+        need(len(self.data), h.ci_zran_offset, h.ci_zran_count * cls.SIZE, "ci contexts")
+        return [cls.unpack(self.data, h.ci_zran_offset + i * cls.SIZE) for i in range(h.ci_zran_count)]  # type: ignore[return-value]
+
+
+class BlobInfoLike(Protocol):
+    """What blob-meta loading needs of a blob; :class:`pynydus.rafs.reader.BlobInfo` fits."""
+
+    @property
+    def chunk_count(self) -> int: ...
+    @property
+    def ci_compressor(self) -> Compressor: ...
+    @property
+    def ci_offset(self) -> int: ...
+    @property
+    def ci_compressed_size(self) -> int: ...
+    @property
+    def ci_uncompressed_size(self) -> int: ...
+    @property
+    def compressed_size(self) -> int: ...
+    @property
+    def uncompressed_size(self) -> int: ...
+    @property
+    def features(self) -> int: ...
+
+
+#: Upper bound for an uncompressed chunk-info buffer: 2^24 V2 entries plus room for
+#: ZRAN/batch contexts and dictionaries.  Guards the decompression allocation.
+MAX_CI_UNCOMPRESSED_SIZE = RAFS_MAX_CHUNKS_PER_BLOB * BLOB_CHUNK_INFO_V2_SIZE + (256 << 20)
+
+
+def check_header(header: BlobCompressionContextHeader, blob: BlobInfoLike, offset: int = 0) -> None:
+    """FormatError unless ``header`` belongs to ``blob`` (upstream ``validate_header``).
+
+    ``offset`` is where the header was found, for the message.
+    """
+    if header.magic != BLOB_CCT_MAGIC or header.magic2 != BLOB_CCT_MAGIC:
+        raise format_error("blob meta header magic", offset, f"0x{header.magic:x}/0x{header.magic2:x}")
+    for field, rel, got, want in (
+        ("ci_entries", 12, header.ci_entries, blob.chunk_count),
+        ("ci_compressor", 8, header.ci_compressor, int(blob.ci_compressor)),
+        ("ci_offset", 16, header.ci_offset, blob.ci_offset),
+        ("ci_compressed_size", 24, header.ci_compressed_size, blob.ci_compressed_size),
+        ("ci_uncompressed_size", 32, header.ci_uncompressed_size, blob.ci_uncompressed_size),
+    ):
+        if got != want:
+            raise format_error(f"blob meta header {field}", offset + rel, f"{got}, blob table says {want}")
+
+
+def _build_meta(header: BlobCompressionContextHeader, ci: bytes, blob: BlobInfoLike) -> BlobMeta:
+    v2 = bool(blob.features & BlobFeatures.CHUNK_INFO_V2)
+    size = BLOB_CHUNK_INFO_V2_SIZE if v2 else BLOB_CHUNK_INFO_V1_SIZE
+    need(len(ci), 0, blob.chunk_count * size, "chunk info array")
+    return BlobMeta(header, ci, v2, blob.chunk_count, blob.compressed_size, blob.uncompressed_size)
+
+
+def parse_blob_meta(raw: bytes, blob: BlobInfoLike) -> BlobMeta:
+    """Parse ``ci_compressed_size + 4096`` bytes read at ``blob.ci_offset`` of the blob
+    (or of the separate meta blob): the compressed ci array, then its header.
+
+    Decompresses with ``blob.ci_compressor``; FormatError on any inconsistency.
+    """
+    if len(raw) != blob.ci_compressed_size + BLOB_CCT_HEADER_SIZE:
+        raise format_error("blob meta", 0, f"{len(raw)} bytes, expected ci_compressed_size + 4096")
+    header = BlobCompressionContextHeader.unpack(raw, blob.ci_compressed_size)
+    check_header(header, blob, blob.ci_compressed_size)
+    if blob.ci_uncompressed_size > MAX_CI_UNCOMPRESSED_SIZE:
+        raise format_error("blob meta ci_uncompressed_size", blob.ci_compressed_size + 32, "too large")
+    ci = decompress(raw[: blob.ci_compressed_size], Compressor(blob.ci_compressor), blob.ci_uncompressed_size)
+    return _build_meta(header, ci, blob)
+
+
+def pack_cached_blob_meta(header: BlobCompressionContextHeader, ci_uncompressed: bytes) -> bytes:
+    """``<blob_id>.blob.meta`` cache file: uncompressed ci padded to 4 KiB, then the header."""
+    pad = -len(ci_uncompressed) % 4096
+    return ci_uncompressed + bytes(pad) + header.pack()
+
+
+def parse_cached_blob_meta(data: bytes, blob: BlobInfoLike) -> BlobMeta:
+    """Parse a ``<blob_id>.blob.meta`` cache file (see :func:`pack_cached_blob_meta`)."""
+    ci_len = blob.ci_uncompressed_size
+    want = ci_len + (-ci_len % 4096) + BLOB_CCT_HEADER_SIZE
+    if len(data) != want:
+        raise format_error("cached blob meta", 0, f"{len(data)} bytes, expected {want}")
+    header = BlobCompressionContextHeader.unpack(data, want - BLOB_CCT_HEADER_SIZE)
+    check_header(header, blob, want - BLOB_CCT_HEADER_SIZE)
+    return _build_meta(header, data[:ci_len], blob)

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from pynydus.errors import FormatError
 from pynydus.rafs import blobmeta as M
 from pynydus.rafs import layout as L
+from pynydus.rafs.compress import compress
+from pynydus.rafs.reader import BlobInfo
 
 FIXED = [
     (L.RafsV6SuperBlock, 128), (L.RafsV6SuperBlockExt, 256), (L.RafsV6Device, 128), (L.RafsV6Blob, 256),
@@ -224,3 +226,38 @@ def test_blob_meta_header_defaults() -> None:
     h = M.BlobCompressionContextHeader(ci_entries=2)
     raw = h.pack()
     assert raw[:4] == raw[-4:] == (0xB10BB10B).to_bytes(4, "little")
+
+
+def _blob_with_meta(compressor: L.Compressor) -> tuple[bytes, BlobInfo]:
+    entries = [M.BlobChunkInfo(0, 100, 0, 5000, int(M.ChunkInfoFlags.COMPRESSED)),
+               M.BlobChunkInfo(100, 4096, 8192, 4096, 0)]
+    ci = M.pack_chunk_info_array(entries, v2=False)
+    packed, was_compressed = compress(ci, compressor)
+    ci_comp = compressor if was_compressed else L.Compressor.NONE
+    blob = BlobInfo(0, "b" * 64, L.Compressor.ZSTD, L.Digester.BLAKE3, 1 << 20, 2, 4196, 12288,
+                    features=int(L.BlobFeatures.ALIGNED), ci_compressor=ci_comp, ci_offset=4196,
+                    ci_compressed_size=len(packed), ci_uncompressed_size=len(ci))
+    header = M.BlobCompressionContextHeader(features=blob.features, ci_compressor=ci_comp, ci_entries=2,
+                                            ci_offset=4196, ci_compressed_size=len(packed), ci_uncompressed_size=len(ci))
+    return packed + header.pack(), blob
+
+
+@pytest.mark.parametrize("compressor", [L.Compressor.NONE, L.Compressor.ZSTD, L.Compressor.LZ4_BLOCK])
+def test_blob_meta_parses_validates_and_caches(compressor: L.Compressor) -> None:
+    raw, blob = _blob_with_meta(compressor)
+    meta = M.parse_blob_meta(raw, blob)
+    assert meta.chunk(0) == M.BlobChunkInfo(0, 100, 0, 5000, int(M.ChunkInfoFlags.COMPRESSED))
+    assert meta.chunk(1).uncompressed_offset == 8192 and meta.contexts() == []
+    with pytest.raises(IndexError):
+        meta.chunk(2)
+    cached = M.pack_cached_blob_meta(meta.header, meta.data)
+    assert len(cached) == 4096 + 4096
+    assert M.parse_cached_blob_meta(cached, blob).chunk(1) == meta.chunk(1)
+    with pytest.raises(FormatError, match="ci_entries"):
+        M.parse_blob_meta(raw, dataclasses.replace(blob, chunk_count=3))
+    with pytest.raises(FormatError, match="chunk info 1"):
+        M.parse_blob_meta(raw, dataclasses.replace(blob, uncompressed_size=8192)).chunk(1)
+    with pytest.raises(FormatError):
+        M.parse_blob_meta(raw[:-1], blob)
+    with pytest.raises(FormatError):
+        M.parse_cached_blob_meta(cached + b"\0", blob)
