@@ -1,0 +1,253 @@
+"""Fault injection: 5xx, truncated bodies, redirects, dead and silent registries,
+mirrors and proxies — with a real docker-registry behind our fault proxy."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pynydus.errors import NotFound, Unavailable
+from pynydus.registry import Mirror, RegistryClient, ShortRead, compute_digest
+from tests.harness.registry import Registry
+from tests.harness.util import free_port
+
+from .servers import FaultProxy
+
+Make = Callable[..., RegistryClient]
+MakeProxy = Callable[..., FaultProxy]
+REPO = "fault/img"
+
+
+@pytest.fixture(scope="module")
+def stored(registry: Registry) -> tuple[bytes, str]:
+    data = os.urandom(3 << 20)
+    d = compute_digest(data)
+    with RegistryClient(registry.host, scheme="http") as c:
+        c.push_blob(REPO, data, d)
+    return data, d
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A port that accepts TCP connections (kernel backlog) but never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    try:
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+    finally:
+        s.close()
+
+
+def fast(**kw: object) -> dict[str, object]:
+    return {"sleep": lambda _s: None, **kw}
+
+
+# ------------------------------------------------------------------------- retries
+def test_5xx_is_retried_then_succeeds(registry: Registry, stored: tuple[bytes, str],
+                                      client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host)
+    c = client(fp.host, retry_limit=3, **fast())
+    fp.fail(2, 500)
+    assert c.read_blob_range(REPO, d, 100, 1000) == data[100:1100]
+    assert c.metrics.retries == 2
+    fp.fail(1, 503)
+    assert c.get_manifest is not None and c.head_blob(REPO, d).size == len(data)
+
+
+def test_5xx_beyond_the_retry_limit_is_unavailable_with_the_cause(
+        registry: Registry, stored: tuple[bytes, str], client: Make,
+        fault_proxy: MakeProxy) -> None:
+    _, d = stored
+    fp = fault_proxy(registry.host)
+    c = client(fp.host, retry_limit=2, **fast())
+    fp.fail(10, 502)
+    with pytest.raises(Unavailable, match="HTTP 502") as ei:
+        c.read_blob_range(REPO, d, 0, 10)
+    assert "3 attempts" in str(ei.value)
+    assert fp.count("GET", "/blobs/") == 3
+
+
+def test_4xx_is_not_retried(registry: Registry, stored: tuple[bytes, str], client: Make,
+                            fault_proxy: MakeProxy) -> None:
+    _, d = stored
+    fp = fault_proxy(registry.host)
+    c = client(fp.host, retry_limit=3, **fast())
+    fp.fail(1, 404)
+    with pytest.raises(NotFound):
+        c.read_blob_range(REPO, d, 0, 10)
+    assert c.metrics.retries == 0 and fp.count("GET") == 1
+
+
+def test_exponential_backoff_between_attempts(registry: Registry, stored: tuple[bytes, str],
+                                              client: Make, fault_proxy: MakeProxy) -> None:
+    _, d = stored
+    fp = fault_proxy(registry.host)
+    sleeps: list[float] = []
+    c = client(fp.host, retry_limit=4, sleep=sleeps.append)
+    fp.fail(4, 500)
+    c.read_blob_range(REPO, d, 0, 10)
+    assert len(sleeps) == 4
+    # jittered in [d/2, d] of 0.1, 0.2, 0.4, 0.8 s
+    for s, base in zip(sleeps, (0.1, 0.2, 0.4, 0.8), strict=True):
+        assert base / 2 <= s <= base
+
+
+def test_short_body_is_detected_and_retried(registry: Registry, stored: tuple[bytes, str],
+                                            client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host, match="/blobs/")
+    c = client(fp.host, retry_limit=2, **fast())
+    fp.short(1, keep=100)
+    assert c.read_blob_range(REPO, d, 0, 4096) == data[:4096]
+    assert c.metrics.retries == 1
+    fp.short(10, keep=100)
+    with pytest.raises(ShortRead, match="got 100 of 4096"):
+        c.read_blob_range(REPO, d, 0, 4096)
+
+
+def test_body_cut_mid_way_is_retried(registry: Registry, stored: tuple[bytes, str],
+                                     client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host, match="/blobs/")
+    c = client(fp.host, retry_limit=2, **fast())
+    fp.cut(1, keep=1000)
+    assert c.read_blob_range(REPO, d, 5, 1 << 20) == data[5:5 + (1 << 20)]
+    assert c.metrics.retries == 1
+
+
+def test_full_blob_stream_resumes_after_a_cut(registry: Registry, stored: tuple[bytes, str],
+                                              client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host, match="/blobs/")
+    c = client(fp.host, retry_limit=2, **fast())
+    fp.cut(1, keep=1 << 20)
+    assert b"".join(c.get_blob(REPO, d)) == data
+    ranges = [h.get("Range") for m, p, h in fp.log if m == "GET"]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
+
+
+def test_200_full_body_answer_is_sliced(registry: Registry, stored: tuple[bytes, str],
+                                        client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host, ignore_range=True)
+    c = client(fp.host)
+    assert c.read_blob_range(REPO, d, 2 << 20, 4096) == data[2 << 20:(2 << 20) + 4096]
+    assert c.metrics.status_counts.get(200, 0) >= 1
+
+
+# ----------------------------------------------------------------------- redirects
+def test_redirect_is_followed_and_cached_per_blob(registry: Registry, stored: tuple[bytes, str],
+                                                  client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host, redirect=True)
+    c = client(fp.host)
+    for off in (0, 4096, 8192, 1 << 20):
+        assert c.read_blob_range(REPO, d, off, 4096) == data[off:off + 4096]
+    assert fp.count("GET", "/blobs/") == 1  # later ranges went straight to storage
+    m = c.metrics.snapshot()
+    assert m["redirects"] == 1 and m["redirect_cache_hits"] == 3
+    assert c.head_blob(REPO, d).size == len(data)  # HEAD follows the redirect too
+
+
+def test_failing_cached_redirect_falls_back_to_the_registry(
+        registry: Registry, stored: tuple[bytes, str], client: Make,
+        fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    storage = fault_proxy(registry.host)                 # "blob storage"
+    front = fault_proxy(registry.host, redirect=True)    # "registry" redirecting to it
+    front.upstream = storage.host
+    c = client(front.host, **fast())
+    assert c.read_blob_range(REPO, d, 0, 10) == data[:10]
+    storage.fail(1, 403)                                 # presigned URL expired
+    assert c.read_blob_range(REPO, d, 10, 10) == data[10:20]
+    assert front.count("GET", "/blobs/") == 2            # asked the registry again
+    assert c.metrics.retries == 0
+
+
+# ----------------------------------------------------------------- dead registries
+def test_stopped_registry_is_unavailable_quickly(make_registry: Callable[..., Registry],
+                                                 client: Make) -> None:
+    reg = make_registry()
+    data = os.urandom(1000)
+    d = compute_digest(data)
+    c = client(reg.host, retry_limit=2, connect_timeout=1.0, timeout=2.0)
+    c.push_blob("dead/img", data, d)
+    reg.stop()
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="3 attempts") as ei:
+        c.read_blob_range("dead/img", d, 0, 10)
+    assert time.monotonic() - t0 < 3.0
+    assert "ConnectError" in str(ei.value)
+    assert c.metrics.errors >= 3
+
+
+def test_silent_registry_times_out_without_hanging(blackhole: str, client: Make) -> None:
+    c = client(blackhole, retry_limit=1, timeout=0.5, connect_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="Timeout"):
+        c.read_blob_range("x/y", "sha256:" + "0" * 64, 0, 10)
+    assert time.monotonic() - t0 < 3.0
+
+
+# ------------------------------------------------------------------ mirrors, proxy
+def test_mirror_serves_reads_before_the_origin(registry: Registry, stored: tuple[bytes, str],
+                                               client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    origin = fault_proxy(registry.host)
+    mirror = fault_proxy(registry.host)
+    c = client(origin.host, mirrors=[Mirror(f"http://{mirror.host}",
+                                            {"X-Dragonfly-Registry": "http://o"})])
+    assert c.read_blob_range(REPO, d, 0, 100) == data[:100]
+    assert mirror.count("GET", "/blobs/") == 1 and origin.count("GET") == 0
+    assert mirror.log[-1][2].get("X-Dragonfly-Registry") == "http://o"
+    c.push_blob("fault/pushed", data[:10], compute_digest(data[:10]))
+    assert origin.count("PUT") == 1 and mirror.count("PUT") == 0  # pushes skip mirrors
+
+
+def test_failing_mirrors_fall_back_in_order_then_origin(
+        registry: Registry, stored: tuple[bytes, str], client: Make,
+        fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    origin = fault_proxy(registry.host)
+    sick = fault_proxy(registry.host)
+    dead = f"127.0.0.1:{free_port()}"
+    c = client(origin.host, mirrors=[dead, f"http://{sick.host}"], retry_limit=0)
+    sick.fail(1, 500)
+    assert c.read_blob_range(REPO, d, 0, 100) == data[:100]
+    assert sick.count("GET") == 1 and origin.count("GET") == 1
+    assert c.read_blob_range(REPO, d, 0, 100) == data[:100]  # sick mirror healthy again
+    assert sick.count("GET") == 2 and origin.count("GET") == 1
+    assert c.metrics.mirror_fallbacks == 3  # dead twice, sick once
+
+
+def test_forward_proxy_and_fallback_when_it_is_down(
+        registry: Registry, stored: tuple[bytes, str], client: Make,
+        fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    proxy = fault_proxy(registry.host)
+    c = client(registry.host, proxy=f"http://{proxy.host}")
+    assert c.read_blob_range(REPO, d, 0, 100) == data[:100]
+    assert proxy.count("GET", "/blobs/") == 1
+    down = client(registry.host, proxy=f"http://127.0.0.1:{free_port()}", retry_limit=0)
+    assert down.read_blob_range(REPO, d, 0, 100) == data[:100]
+    strict = client(registry.host, proxy=f"http://127.0.0.1:{free_port()}",
+                    proxy_fallback=False, retry_limit=0)
+    with pytest.raises(Unavailable):
+        strict.read_blob_range(REPO, d, 0, 100)
+
+
+def test_https_with_skip_verify_falls_back_to_http(registry: Registry,
+                                                   stored: tuple[bytes, str],
+                                                   client: Make) -> None:
+    data, d = stored
+    c = client(registry.host, scheme="https", skip_verify=True)
+    assert c.read_blob_range(REPO, d, 0, 10) == data[:10]
+    strict = client(registry.host, scheme="https", retry_limit=0)
+    with pytest.raises(Unavailable):
+        strict.read_blob_range(REPO, d, 0, 10)
