@@ -31,10 +31,12 @@ the pushable digest, spec §2.7).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import struct
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -89,6 +91,12 @@ BLOB_FEATURES_DEFAULT = (
 CI_HEADER_SIZE = 4096
 CI_V1_SIZE = 16
 TOC_ENTRY_SIZE = 128
+# Chunks of one file in flight between the reading thread and the codec workers:
+# bounds memory to about _WINDOW * chunk_size while keeping every core busy.
+_WINDOW = 4
+_WORKERS = min(4, os.cpu_count() or 1)
+
+_Prepared = tuple[bytes, bytes, bool]  # (digest, payload, compressed)
 
 
 def _round_up(n: int, a: int) -> int:
@@ -280,6 +288,7 @@ class BlobWriter:
         self._tmp_path: str | None = None
         self._file: BinaryIO | None = None
         self._w: _HashingWriter | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ data
     def add_file(self, reader: ChunkSource, size: int) -> tuple[list[ChunkRef], int]:
@@ -291,15 +300,32 @@ class BlobWriter:
         """
         refs: list[ChunkRef] = []
         done = 0
-        while done < size:
-            want = min(self.chunk_size, size - done)
-            piece = _read_full(reader, want)
-            if not piece:
-                break
-            refs.append(self.add_chunk(piece, done))
-            done += len(piece)
-            if len(piece) < want:
-                break
+        pool = self._pool() if size > self.chunk_size else None
+        inflight: collections.deque[tuple[int, int, Future[_Prepared]]] = collections.deque()
+        try:
+            while done < size:
+                want = min(self.chunk_size, size - done)
+                piece = _read_full(reader, want)
+                if not piece:
+                    break
+                if pool is None:
+                    refs.append(self._commit(self._prepare(piece), len(piece), done))
+                else:
+                    # Digest + compress run in worker threads (both release the GIL)
+                    # while this thread reads ahead; commits stay in file order.
+                    inflight.append((len(piece), done, pool.submit(self._prepare, piece)))
+                    if len(inflight) >= _WINDOW:
+                        n, off, fut = inflight.popleft()
+                        refs.append(self._commit(fut.result(), n, off))
+                done += len(piece)
+                if len(piece) < want:
+                    break
+            while inflight:
+                n, off, fut = inflight.popleft()
+                refs.append(self._commit(fut.result(), n, off))
+        finally:
+            for _, _, fut in inflight:
+                fut.cancel()
         return refs, done
 
     def add_chunk(self, data: bytes, file_offset: int = 0) -> ChunkRef:
@@ -307,9 +333,23 @@ class BlobWriter:
         n = len(data)
         if not 0 < n <= self.chunk_size:
             raise InvalidArgument(f"chunk of {n} bytes: must be 1..{self.chunk_size}")
+        return self._commit(self._prepare(data), n, file_offset)
+
+    def _pool(self) -> ThreadPoolExecutor | None:
+        if self._executor is None and _WORKERS > 1:
+            self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="chunker")
+        return self._executor
+
+    def _prepare(self, data: bytes) -> _Prepared:
+        """CPU part of a chunk: digest and compressed payload. Thread-safe (no state)."""
+        payload, is_compressed = compress(data, self.compressor)
+        return digest(data, self.digester), payload, is_compressed
+
+    def _commit(self, prep: _Prepared, n: int, file_offset: int) -> ChunkRef:
+        """Dedup against the dict and this blob, else append the prepared payload."""
+        d, payload, is_compressed = prep
         self.stats.bytes_in += n
         self.stats.chunks_in += 1
-        d = digest(data, self.digester)
         hit = self.chunk_dict.get(d)
         if hit is not None and hit.uncompressed_size == n:
             self.stats.dict_chunks += 1
@@ -324,7 +364,6 @@ class BlobWriter:
         if len(self._ci) >= MAX_CHUNKS_PER_BLOB:
             raise InvalidArgument(f"blob exceeds {MAX_CHUNKS_PER_BLOB} chunks")
         w = self._writer()
-        payload, is_compressed = compress(data, self.compressor)
         if self.compressor == Compressor.NONE:
             w.pad_to(BLOCK)  # keeps compressed offset == uncompressed offset (kernel device)
         c_off = w.pos
@@ -364,6 +403,7 @@ class BlobWriter:
         Returns the completed :class:`BlobDesc` (also available as ``self.desc``),
         or None if the blob holds no chunk. Calling it twice raises.
         """
+        self._shutdown()
         if self._w is None:
             return None
         if self._file is None:
@@ -476,8 +516,14 @@ class BlobWriter:
             return os.path.join(self.blob_dir, self.desc.blob_id)
         return None
 
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
     def abort(self) -> None:
         """Drop the unfinished blob; safe to call at any time, any number of times."""
+        self._shutdown()
         if self._file is not None:
             self._file.close()
             self._file = None
