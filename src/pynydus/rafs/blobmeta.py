@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, Sequence
+from typing import ClassVar, Protocol
 
 from pynydus.rafs.compress import decompress
 from pynydus.rafs.layout import (
     RAFS_MAX_CHUNKS_PER_BLOB,
     BlobFeatures,
     Compressor,
-    le_struct,
     PackedStruct,
+    ReadableBuffer,
     format_error,
+    le_struct,
     need,
 )
 
@@ -128,7 +130,9 @@ def pack_chunk_info_v1(ci: BlobChunkInfo) -> bytes:
         raise ValueError("V1 chunk info: compressed iff sizes differ")
     _check_sizes(ci)
     if ci.uncompressed_offset & ~_V1_UNCOMP_OFFSET_MASK:
-        raise ValueError(f"V1 uncompressed offset {ci.uncompressed_offset} not 4 KiB aligned or too big")
+        raise ValueError(
+            f"V1 uncompressed offset {ci.uncompressed_offset} not 4 KiB aligned or too big"
+        )
     u = ci.uncompressed_size - 1
     c = ci.compressed_size - 1
     uncomp = ((u & 0xF_FFFF) << 44) | ci.uncompressed_offset | ((u >> 20) << 8)
@@ -136,14 +140,16 @@ def pack_chunk_info_v1(ci: BlobChunkInfo) -> bytes:
     return _U64X2.pack(uncomp, comp)
 
 
-def unpack_chunk_info_v1(buf: bytes | bytearray | memoryview, offset: int) -> BlobChunkInfo:
+def unpack_chunk_info_v1(buf: ReadableBuffer, offset: int) -> BlobChunkInfo:
     """Decode a 16-byte V1 entry at ``offset``."""
     need(len(buf), offset, BLOB_CHUNK_INFO_V1_SIZE, "chunk info v1")
     uncomp, comp = _U64X2.unpack_from(buf, offset)
     u_size = ((uncomp >> 44) | (((uncomp >> 8) & 0xF) << 20)) + 1
     c_size = ((comp >> 44) | (((comp >> 40) & 0xF) << 20)) + 1
     flags = ChunkInfoFlags.COMPRESSED if c_size != u_size else 0
-    return BlobChunkInfo(comp & _MASK40, c_size, uncomp & _V1_UNCOMP_OFFSET_MASK, u_size, int(flags))
+    return BlobChunkInfo(
+        comp & _MASK40, c_size, uncomp & _V1_UNCOMP_OFFSET_MASK, u_size, int(flags)
+    )
 
 
 def pack_chunk_info_v2(ci: BlobChunkInfo) -> bytes:
@@ -155,7 +161,9 @@ def pack_chunk_info_v2(ci: BlobChunkInfo) -> bytes:
     if not 0 <= ci.compressed_size < BLOB_CCT_MAX_CHUNK_SIZE:
         raise ValueError(f"compressed size {ci.compressed_size} out of range")
     if ci.uncompressed_offset & 0xFFF or ci.uncompressed_offset >> 44:
-        raise ValueError(f"V2 uncompressed offset {ci.uncompressed_offset} not 4 KiB aligned or too big")
+        raise ValueError(
+            f"V2 uncompressed offset {ci.uncompressed_offset} not 4 KiB aligned or too big"
+        )
     if ci.compressed_offset > _MASK40:
         raise ValueError(f"compressed offset {ci.compressed_offset} too big")
     uncomp = (ci.flags << 56) | ((ci.uncompressed_size - 1) << 32) | (ci.uncompressed_offset >> 12)
@@ -163,7 +171,7 @@ def pack_chunk_info_v2(ci: BlobChunkInfo) -> bytes:
     return _U64X3.pack(uncomp, comp, ci.data)
 
 
-def unpack_chunk_info_v2(buf: bytes | bytearray | memoryview, offset: int) -> BlobChunkInfo:
+def unpack_chunk_info_v2(buf: ReadableBuffer, offset: int) -> BlobChunkInfo:
     """Decode a 24-byte V2 entry at ``offset``; FormatError on unknown flag bits."""
     need(len(buf), offset, BLOB_CHUNK_INFO_V2_SIZE, "chunk info v2")
     uncomp, comp, data = _U64X3.unpack_from(buf, offset)
@@ -202,7 +210,7 @@ class ChunkInfoArray:
 
     __slots__ = ("_buf", "_count", "_size", "_unpack")
 
-    def __init__(self, buf: bytes | bytearray | memoryview, count: int, v2: bool) -> None:
+    def __init__(self, buf: ReadableBuffer, count: int, v2: bool) -> None:
         self._size = BLOB_CHUNK_INFO_V2_SIZE if v2 else BLOB_CHUNK_INFO_V1_SIZE
         need(len(buf), 0, count * self._size, "chunk info array")
         self._buf = buf
@@ -311,7 +319,7 @@ def pack_section_header(name: str, size: int) -> bytes:
     return bytes(h)
 
 
-def unpack_section_header(buf: bytes | bytearray | memoryview, offset: int) -> tuple[str, int]:
+def unpack_section_header(buf: ReadableBuffer, offset: int) -> tuple[str, int]:
     """Decode a section header at ``offset``: (name, section size).
 
     Checks the checksum and the octal size so that random bytes are not taken
@@ -331,7 +339,7 @@ def unpack_section_header(buf: bytes | bytearray | memoryview, offset: int) -> t
     return name, size
 
 
-def unpack_toc(tail: bytes | bytearray | memoryview) -> list[TocEntry]:
+def unpack_toc(tail: ReadableBuffer) -> list[TocEntry]:
     """Parse the TOC from the last bytes of a blob (read ``min(4096, blob size)``).
 
     The last 512 bytes must be a section header named ``rafs.blob.toc``; its
@@ -342,9 +350,13 @@ def unpack_toc(tail: bytes | bytearray | memoryview) -> list[TocEntry]:
         raise format_error("blob TOC", 0, f"tail of {len(tail)} bytes has no tar header")
     name, size = unpack_section_header(tail, hdr_off)
     if name != TOC_ENTRY_BLOB_TOC:
-        raise format_error("blob TOC header name", hdr_off, f"{name!r} is not {TOC_ENTRY_BLOB_TOC!r}")
+        raise format_error(
+            "blob TOC header name", hdr_off, f"{name!r} is not {TOC_ENTRY_BLOB_TOC!r}"
+        )
     if size % TocEntry.SIZE or size > hdr_off:
-        raise format_error("blob TOC size", hdr_off + 124, f"{size} invalid for a {hdr_off}-byte tail")
+        raise format_error(
+            "blob TOC size", hdr_off + 124, f"{size} invalid for a {hdr_off}-byte tail"
+        )
     start = hdr_off - size
     return [TocEntry.unpack(tail, start + i * TocEntry.SIZE) for i in range(size // TocEntry.SIZE)]
 
@@ -375,15 +387,22 @@ class BlobMeta:
             raise IndexError(index)
         size = BLOB_CHUNK_INFO_V2_SIZE if self.v2 else BLOB_CHUNK_INFO_V1_SIZE
         off = index * size
-        ci = unpack_chunk_info_v2(self.data, off) if self.v2 else unpack_chunk_info_v1(self.data, off)
-        plain = not ci.flags & (ChunkInfoFlags.COMPRESSED | ChunkInfoFlags.ENCRYPTED | ChunkInfoFlags.BATCH)
+        ci = (
+            unpack_chunk_info_v2(self.data, off)
+            if self.v2
+            else unpack_chunk_info_v1(self.data, off)
+        )
+        plain = not ci.flags & (
+            ChunkInfoFlags.COMPRESSED | ChunkInfoFlags.ENCRYPTED | ChunkInfoFlags.BATCH
+        )
         if (
             ci.uncompressed_end > self.uncompressed_size
             or (self.compressed_size and ci.compressed_end > self.compressed_size)
             or (plain and ci.compressed_size != ci.uncompressed_size)
         ):
             raise format_error(
-                f"chunk info {index}", off,
+                f"chunk info {index}",
+                off,
                 f"c {ci.compressed_offset}+{ci.compressed_size} u {ci.uncompressed_offset}+{ci.uncompressed_size} "
                 f"inconsistent with blob sizes {self.compressed_size}/{self.uncompressed_size}",
             )
@@ -394,11 +413,13 @@ class BlobMeta:
         h = self.header
         if not h.ci_zran_count:
             return []
-        cls: type[ZranContext] | type[BatchContext] = (
+        cls: type[ZranContext | BatchContext] = (
             ZranContext if h.features & BlobFeatures.ZRAN else BatchContext
         )
         need(len(self.data), h.ci_zran_offset, h.ci_zran_count * cls.SIZE, "ci contexts")
-        return [cls.unpack(self.data, h.ci_zran_offset + i * cls.SIZE) for i in range(h.ci_zran_count)]  # type: ignore[return-value]
+        return [
+            cls.unpack(self.data, h.ci_zran_offset + i * cls.SIZE) for i in range(h.ci_zran_count)
+        ]  # type: ignore[return-value]
 
 
 class BlobInfoLike(Protocol):
@@ -433,7 +454,9 @@ def check_header(header: BlobCompressionContextHeader, blob: BlobInfoLike, offse
     ``offset`` is where the header was found, for the message.
     """
     if header.magic != BLOB_CCT_MAGIC or header.magic2 != BLOB_CCT_MAGIC:
-        raise format_error("blob meta header magic", offset, f"0x{header.magic:x}/0x{header.magic2:x}")
+        raise format_error(
+            "blob meta header magic", offset, f"0x{header.magic:x}/0x{header.magic2:x}"
+        )
     for field, rel, got, want in (
         ("ci_entries", 12, header.ci_entries, blob.chunk_count),
         ("ci_compressor", 8, header.ci_compressor, int(blob.ci_compressor)),
@@ -442,7 +465,9 @@ def check_header(header: BlobCompressionContextHeader, blob: BlobInfoLike, offse
         ("ci_uncompressed_size", 32, header.ci_uncompressed_size, blob.ci_uncompressed_size),
     ):
         if got != want:
-            raise format_error(f"blob meta header {field}", offset + rel, f"{got}, blob table says {want}")
+            raise format_error(
+                f"blob meta header {field}", offset + rel, f"{got}, blob table says {want}"
+            )
 
 
 def _build_meta(header: BlobCompressionContextHeader, ci: bytes, blob: BlobInfoLike) -> BlobMeta:
@@ -463,8 +488,12 @@ def parse_blob_meta(raw: bytes, blob: BlobInfoLike) -> BlobMeta:
     header = BlobCompressionContextHeader.unpack(raw, blob.ci_compressed_size)
     check_header(header, blob, blob.ci_compressed_size)
     if blob.ci_uncompressed_size > MAX_CI_UNCOMPRESSED_SIZE:
-        raise format_error("blob meta ci_uncompressed_size", blob.ci_compressed_size + 32, "too large")
-    ci = decompress(raw[: blob.ci_compressed_size], Compressor(blob.ci_compressor), blob.ci_uncompressed_size)
+        raise format_error(
+            "blob meta ci_uncompressed_size", blob.ci_compressed_size + 32, "too large"
+        )
+    ci = decompress(
+        raw[: blob.ci_compressed_size], Compressor(blob.ci_compressor), blob.ci_uncompressed_size
+    )
     return _build_meta(header, ci, blob)
 
 

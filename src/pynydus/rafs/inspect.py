@@ -19,7 +19,7 @@ from pynydus.rafs.v5 import BootstrapV5
 from pynydus.rafs.v6 import BootstrapV6
 
 
-def _flag_names(value: int, enum_t: type[SuperFlags] | type[BlobFeatures]) -> list[str]:
+def _flag_names(value: int, enum_t: type[SuperFlags | BlobFeatures]) -> list[str]:
     return [str(f.name) for f in enum_t if f.value & value]
 
 
@@ -67,7 +67,11 @@ def describe(bs: Bootstrap) -> dict[str, Any]:
         out["superblock"] = _struct_dict(bs.superblock)
         out["ext_superblock"] = _struct_dict(bs.ext_superblock)
         out["devices"] = [
-            {"blob_id": d.blob_id.decode("ascii"), "blocks": d.blocks, "mapped_blkaddr": d.mapped_blkaddr}
+            {
+                "blob_id": d.blob_id.decode("ascii"),
+                "blocks": d.blocks,
+                "mapped_blkaddr": d.mapped_blkaddr,
+            }
             for d in bs.devices
         ]
         out["chunk_table_entries"] = bs.ext_superblock.chunk_table_size // 80
@@ -75,16 +79,32 @@ def describe(bs: Bootstrap) -> dict[str, Any]:
         out["superblock"] = _struct_dict(bs.superblock)
     out["blobs"] = [_blob_dict(b) for b in bs.blobs]
 
-    counts = {"entries": 0, "inodes": 0, "regular": 0, "directories": 0, "symlinks": 0,
-              "char_devices": 0, "block_devices": 0, "fifos": 0, "sockets": 0,
-              "hardlinked_inodes": 0, "xattr_inodes": 0}
+    counts = {
+        "entries": 0,
+        "inodes": 0,
+        "regular": 0,
+        "directories": 0,
+        "symlinks": 0,
+        "char_devices": 0,
+        "block_devices": 0,
+        "fifos": 0,
+        "sockets": 0,
+        "hardlinked_inodes": 0,
+        "xattr_inodes": 0,
+    }
     total_size = 0
     chunk_refs = 0
     unique_chunks: set[tuple[int, int]] = set()
     first_path: dict[int, bytes] = {}
-    kinds = {stat.S_IFREG: "regular", stat.S_IFDIR: "directories", stat.S_IFLNK: "symlinks",
-             stat.S_IFCHR: "char_devices", stat.S_IFBLK: "block_devices", stat.S_IFIFO: "fifos",
-             stat.S_IFSOCK: "sockets"}
+    kinds = {
+        stat.S_IFREG: "regular",
+        stat.S_IFDIR: "directories",
+        stat.S_IFLNK: "symlinks",
+        stat.S_IFCHR: "char_devices",
+        stat.S_IFBLK: "block_devices",
+        stat.S_IFIFO: "fifos",
+        stat.S_IFSOCK: "sockets",
+    }
     for path, ino in bs.walk():
         counts["entries"] += 1
         if ino in first_path:
@@ -104,8 +124,12 @@ def describe(bs: Bootstrap) -> dict[str, Any]:
                 unique_chunks.add((c.blob_index, c.index))
         elif st.is_symlink:
             bs.readlink(ino)
-    out["stats"] = {**counts, "total_file_size": total_size, "chunk_refs": chunk_refs,
-                    "unique_chunks": len(unique_chunks)}
+    out["stats"] = {
+        **counts,
+        "total_file_size": total_size,
+        "chunk_refs": chunk_refs,
+        "unique_chunks": len(unique_chunks),
+    }
     out["prefetch_table"] = list(bs.prefetch_list)
     out["prefetch_paths"] = [
         first_path[i].decode("utf-8", "backslashreplace") if i in first_path else None

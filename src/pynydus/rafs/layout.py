@@ -22,12 +22,16 @@ names the structure or field and the absolute byte offset.
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from functools import cache
-from typing import ClassVar, Iterable, Self, Sequence
+from typing import ClassVar, Self
 
 from pynydus.errors import FormatError
+
+#: Anything the decoders read from: bytes, a bytearray, a memoryview or an mmap.
+ReadableBuffer = bytes | bytearray | memoryview | mmap.mmap
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -45,9 +49,7 @@ def format_error(what: str, offset: int, detail: str) -> FormatError:
 def need(buf_len: int, offset: int, size: int, what: str) -> None:
     """Raise FormatError unless ``[offset, offset+size)`` lies inside a buffer of ``buf_len``."""
     if offset < 0 or size < 0 or offset + size > buf_len:
-        raise format_error(
-            what, offset, f"needs {size} bytes but the buffer ends at {buf_len}"
-        )
+        raise format_error(what, offset, f"needs {size} bytes but the buffer ends at {buf_len}")
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +217,9 @@ RAFS_V6_EXT_SUPER_BLOCK_SIZE = 256
 EROFS_DEVT_SLOT_SIZE = 128
 #: ``s_devt_slotoff`` RAFS always writes: the device table starts right after the
 #: ext superblock, at 11 * 128 = 1408.
-RAFS_V6_DEVT_SLOTOFF = (RAFS_V6_EXT_SUPER_OFFSET + RAFS_V6_EXT_SUPER_BLOCK_SIZE) // EROFS_DEVT_SLOT_SIZE
+RAFS_V6_DEVT_SLOTOFF = (
+    RAFS_V6_EXT_SUPER_OFFSET + RAFS_V6_EXT_SUPER_BLOCK_SIZE
+) // EROFS_DEVT_SLOT_SIZE
 RAFS_V6_DEVTABLE_OFFSET = RAFS_V6_DEVT_SLOTOFF * EROFS_DEVT_SLOT_SIZE
 
 EROFS_BLOCK_BITS_12 = 12
@@ -321,9 +325,14 @@ def align_up(value: int, alignment: int) -> int:
 # Struct machinery
 
 
-@cache
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 class PackedStruct:
@@ -342,7 +351,7 @@ class PackedStruct:
             raise ValueError(f"{type(self).__name__}: cannot pack {self!r}: {err}") from err
 
     @classmethod
-    def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+    def unpack(cls, buf: ReadableBuffer, offset: int = 0) -> Self:
         """Decode one structure at ``offset``; FormatError if it does not fit in ``buf``."""
         need(len(buf), offset, cls.SIZE, cls.__name__)
         return cls(*cls._FMT.unpack_from(buf, offset))
@@ -501,7 +510,7 @@ def inode_format(extended: bool, datalayout: int) -> int:
     )
 
 
-def unpack_v6_inode(buf: bytes | bytearray | memoryview, offset: int) -> RafsV6Inode:
+def unpack_v6_inode(buf: ReadableBuffer, offset: int) -> RafsV6Inode:
     """Decode the compact or extended inode at ``offset``, chosen by bit 0 of ``i_format``.
 
     Raises FormatError if ``i_format`` has bits RAFS never uses (compressed layouts
@@ -691,9 +700,7 @@ def pack_u32_array(values: Sequence[int]) -> bytes:
     return struct.pack(f"<{len(values)}I", *values)
 
 
-def unpack_u32_array(
-    buf: bytes | bytearray | memoryview, offset: int, count: int, what: str
-) -> tuple[int, ...]:
+def unpack_u32_array(buf: ReadableBuffer, offset: int, count: int, what: str) -> tuple[int, ...]:
     """Decode ``count`` u32 at ``offset``; FormatError if that runs past ``buf``."""
     need(len(buf), offset, 4 * count, what)
     return struct.unpack_from(f"<{count}I", buf, offset)
@@ -824,14 +831,14 @@ class RafsV5BlobEntry:
 
 def pack_v5_blob_table(entries: Sequence[RafsV5BlobEntry]) -> bytes:
     """v5 blob table: ``u32 ra_off, u32 ra_size, id`` joined by NUL, padded to 8."""
-    parts = [_U32.pack(e.readahead_offset) + _U32.pack(e.readahead_size) + e.blob_id for e in entries]
+    parts = [
+        _U32.pack(e.readahead_offset) + _U32.pack(e.readahead_size) + e.blob_id for e in entries
+    ]
     data = b"\0".join(parts)
     return data + bytes(-len(data) % RAFS_V5_ALIGNMENT)
 
 
-def unpack_v5_blob_table(
-    buf: bytes | bytearray | memoryview, offset: int, size: int
-) -> list[RafsV5BlobEntry]:
+def unpack_v5_blob_table(buf: ReadableBuffer, offset: int, size: int) -> list[RafsV5BlobEntry]:
     """Decode a v5 blob table of ``size`` bytes at ``offset`` (trailing padding ignored).
 
     Each blob id must be non-empty valid ASCII without NUL.
@@ -867,9 +874,7 @@ def pack_v5_xattrs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     return data + bytes(-len(data) % RAFS_V5_ALIGNMENT)
 
 
-def unpack_v5_xattrs(
-    buf: bytes | bytearray | memoryview, offset: int
-) -> tuple[list[tuple[bytes, bytes]], int]:
+def unpack_v5_xattrs(buf: ReadableBuffer, offset: int) -> tuple[list[tuple[bytes, bytes]], int]:
     """Decode the v5 xattr table at ``offset``; returns (pairs, padded table size)."""
     need(len(buf), offset, 8, "v5 xattr table size")
     (size,) = struct.unpack_from("<Q", buf, offset)
@@ -891,5 +896,3 @@ def unpack_v5_xattrs(
         pairs.append((pair[:nul], pair[nul + 1 :]))
         pos += pair_size
     return pairs, align_up(8 + size, RAFS_V5_ALIGNMENT)
-
-

@@ -27,8 +27,9 @@ from __future__ import annotations
 import mmap
 import os
 import stat as _stat
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Self
+from typing import Self
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound
 from pynydus.rafs.layout import (
@@ -185,7 +186,9 @@ class Bootstrap:
 
     def __init__(self, buf: Buffer) -> None:
         # memoryview lacks find(); everything else is used as is (mmap is not copied).
-        self._buf: bytes | bytearray | mmap.mmap = buf.tobytes() if isinstance(buf, memoryview) else buf
+        self._buf: bytes | bytearray | mmap.mmap = (
+            buf.tobytes() if isinstance(buf, memoryview) else buf
+        )
         self._mmap: mmap.mmap | None = None
 
     # -- construction -----------------------------------------------------------------
@@ -207,7 +210,9 @@ class Bootstrap:
         ):
             return BootstrapV6(buf)
         raise format_error(
-            "bootstrap magic", 0, f"neither RAFS v5 (offset 0) nor RAFS v6/EROFS (offset 1024); size {len(buf)}"
+            "bootstrap magic",
+            0,
+            f"neither RAFS v5 (offset 0) nor RAFS v6/EROFS (offset 1024); size {len(buf)}",
         )
 
     @classmethod
@@ -315,7 +320,9 @@ class Bootstrap:
         raw = os.fsencode(path)
         parts = [p for p in raw.split(b"/") if p and p != b"."]
         if len(parts) > MAX_PATH_COMPONENTS:
-            raise InvalidArgument(f"path {raw[:64]!r}... has more than {MAX_PATH_COMPONENTS} components")
+            raise InvalidArgument(
+                f"path {raw[:64]!r}... has more than {MAX_PATH_COMPONENTS} components"
+            )
         ino = self.root_ino
         for part in parts:
             try:
@@ -352,7 +359,9 @@ class Bootstrap:
                     )
                 seen.add(entry.ino)
                 if not self.stat(entry.ino).is_dir:
-                    raise FormatError(f"directory entry {path!r}: ino {entry.ino} is not a directory")
+                    raise FormatError(
+                        f"directory entry {path!r}: ino {entry.ino} is not a directory"
+                    )
                 self._claim_dir_storage(entry.ino, claimed)
                 stack.append((path, self.readdir(entry.ino)))
 
@@ -388,4 +397,8 @@ class Bootstrap:
 
     def _chunks_in_range(self, ino: int, start: int, end: int) -> list[FileChunk]:
         """Chunks overlapping ``[start, end)``; versions override to avoid a full decode."""
-        return [c for c in self.chunks(ino) if c.file_offset < end and c.file_offset + c.uncompressed_size > start]
+        return [
+            c
+            for c in self.chunks(ino)
+            if c.file_offset < end and c.file_offset + c.uncompressed_size > start
+        ]

@@ -14,7 +14,7 @@ binary search.  Every inode is decoded on demand, with the checks nydusd applies
 from __future__ import annotations
 
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
 from pynydus.rafs.layout import (
@@ -25,7 +25,6 @@ from pynydus.rafs.layout import (
     RAFS_V5_EXT_BLOB_ENTRY_SIZE,
     RAFS_V5_INODE_SIZE,
     RAFS_V5_ROOT_INODE,
-    RAFS_V5_SUPER_MAGIC,
     RAFS_V5_SUPER_VERSION,
     RAFS_V5_SUPERBLOCK_SIZE,
     SUPER_FLAGS_COMPRESSION_MASK,
@@ -84,10 +83,16 @@ class BootstrapV5(Bootstrap):
         if sb.flags & ~SUPER_FLAGS_KNOWN:
             raise format_error("superblock s_flags", 16, f"unknown bits in 0x{sb.flags:x}")
         # v5 images may carry no compression or hash bit: nydusd then assumes none/blake3.
-        comp = compressor_from_flags(sb.flags) if sb.flags & SUPER_FLAGS_COMPRESSION_MASK else Compressor.NONE
+        comp = (
+            compressor_from_flags(sb.flags)
+            if sb.flags & SUPER_FLAGS_COMPRESSION_MASK
+            else Compressor.NONE
+        )
         dig = digester_from_flags(sb.flags) if sb.flags & SUPER_FLAGS_HASH_MASK else Digester.BLAKE3
         if comp is None or dig is None:
-            raise format_error("superblock s_flags", 16, f"0x{sb.flags:x} names several compressors or digesters")
+            raise format_error(
+                "superblock s_flags", 16, f"0x{sb.flags:x} names several compressors or digesters"
+            )
         self.compressor, self.digester = comp, dig
         self.flags = sb.flags
         self.chunk_size = cs
@@ -101,7 +106,9 @@ class BootstrapV5(Bootstrap):
         self.root_ino = RAFS_V5_ROOT_INODE
         _, root = self._node(RAFS_V5_ROOT_INODE)
         if root.mode & _S_IFMT != _S_IFDIR:
-            raise format_error("root inode i_mode", self._offset_of(1), f"0o{root.mode:o} is not a directory")
+            raise format_error(
+                "root inode i_mode", self._offset_of(1), f"0o{root.mode:o} is not a directory"
+            )
 
     @staticmethod
     def _check_tables(sb: RafsV5SuperBlock, n: int) -> None:
@@ -109,12 +116,18 @@ class BootstrapV5(Bootstrap):
 
         def rng(what: str, field_off: int, off: int, size: int) -> tuple[int, int]:
             if off < lo or off + size > n:
-                raise format_error(f"superblock {what}", field_off, f"offset {off} size {size} outside {lo}..{n}")
+                raise format_error(
+                    f"superblock {what}", field_off, f"offset {off} size {size} outside {lo}..{n}"
+                )
             return off, off + size
 
         inode_tbl = rng("inode table", 32, sb.inode_table_offset, 4 * sb.inode_table_entries)
         if sb.inodes_count > sb.inode_table_entries:
-            raise format_error("superblock s_inodes_count", 24, f"{sb.inodes_count} > table entries {sb.inode_table_entries}")
+            raise format_error(
+                "superblock s_inodes_count",
+                24,
+                f"{sb.inodes_count} > table entries {sb.inode_table_entries}",
+            )
         if sb.inode_table_entries == 0:
             raise format_error("superblock s_inode_table_entries", 64, "empty inode table")
         placed = [inode_tbl]
@@ -122,27 +135,52 @@ class BootstrapV5(Bootstrap):
             placed.append(rng("blob table", 48, sb.blob_table_offset, sb.blob_table_size))
         if sb.extended_blob_table_entries:
             placed.append(
-                rng("extended blob table", 80, sb.extended_blob_table_offset, RAFS_V5_EXT_BLOB_ENTRY_SIZE * sb.extended_blob_table_entries)
+                rng(
+                    "extended blob table",
+                    80,
+                    sb.extended_blob_table_offset,
+                    RAFS_V5_EXT_BLOB_ENTRY_SIZE * sb.extended_blob_table_entries,
+                )
             )
         if sb.prefetch_table_entries:
-            placed.append(rng("prefetch table", 40, sb.prefetch_table_offset, 4 * sb.prefetch_table_entries))
+            placed.append(
+                rng("prefetch table", 40, sb.prefetch_table_offset, 4 * sb.prefetch_table_entries)
+            )
         for i, (a, b) in enumerate(placed):
             for c, d in placed[i + 1 :]:
                 if a < d and c < b:
-                    raise format_error("superblock tables", 32, f"ranges {a}..{b} and {c}..{d} overlap")
+                    raise format_error(
+                        "superblock tables", 32, f"ranges {a}..{b} and {c}..{d} overlap"
+                    )
 
     def _load_blobs(self, sb: RafsV5SuperBlock) -> list[BlobInfo]:
         ext: list[RafsV5ExtBlobEntry] = [
-            RafsV5ExtBlobEntry.unpack(self._buf, sb.extended_blob_table_offset + i * RAFS_V5_EXT_BLOB_ENTRY_SIZE)
+            RafsV5ExtBlobEntry.unpack(
+                self._buf, sb.extended_blob_table_offset + i * RAFS_V5_EXT_BLOB_ENTRY_SIZE
+            )
             for i in range(sb.extended_blob_table_entries)
         ]
-        entries = unpack_v5_blob_table(self._buf, sb.blob_table_offset, sb.blob_table_size) if sb.blob_table_size else []
+        entries = (
+            unpack_v5_blob_table(self._buf, sb.blob_table_offset, sb.blob_table_size)
+            if sb.blob_table_size
+            else []
+        )
         if ext and len(ext) < len(entries):
-            raise format_error("superblock s_extended_blob_table_entries", 72, f"{len(ext)} < {len(entries)} blobs")
+            raise format_error(
+                "superblock s_extended_blob_table_entries", 72, f"{len(ext)} < {len(entries)} blobs"
+            )
         out: list[BlobInfo] = []
         for i, e in enumerate(entries):
-            if not all(0x21 <= c < 0x7F for c in e.blob_id) or b"/" in e.blob_id or len(e.blob_id) > 256:
-                raise format_error("v5 blob table blob id", sb.blob_table_offset, f"blob {i}: unusable id {e.blob_id[:80]!r}")
+            if (
+                not all(0x21 <= c < 0x7F for c in e.blob_id)
+                or b"/" in e.blob_id
+                or len(e.blob_id) > 256
+            ):
+                raise format_error(
+                    "v5 blob table blob id",
+                    sb.blob_table_offset,
+                    f"blob {i}: unusable id {e.blob_id[:80]!r}",
+                )
             x = ext[i] if ext else RafsV5ExtBlobEntry()
             out.append(
                 BlobInfo(
@@ -162,13 +200,19 @@ class BootstrapV5(Bootstrap):
         return out
 
     def _load_prefetch(self, sb: RafsV5SuperBlock) -> list[int]:
-        inos = unpack_u32_array(self._buf, sb.prefetch_table_offset, sb.prefetch_table_entries, "prefetch table")
+        inos = unpack_u32_array(
+            self._buf, sb.prefetch_table_offset, sb.prefetch_table_entries, "prefetch table"
+        )
         out: list[int] = []
         for i, ino in enumerate(inos):
             if ino == 0:
                 break
             if ino > sb.inode_table_entries:
-                raise format_error("prefetch table entry", sb.prefetch_table_offset + 4 * i, f"inode {ino} beyond the inode table")
+                raise format_error(
+                    "prefetch table entry",
+                    sb.prefetch_table_offset + 4 * i,
+                    f"inode {ino} beyond the inode table",
+                )
             out.append(ino)
         return out
 
@@ -179,7 +223,7 @@ class BootstrapV5(Bootstrap):
         if not 1 <= ino <= self._max_ino:
             raise NotFound(f"inode {ino}: not in 1..{self._max_ino}")
         entry_off = self._table_off + 4 * (ino - 1)
-        (v,) = _U32.unpack_from(self._buf, entry_off)
+        v: int = _U32.unpack_from(self._buf, entry_off)[0]
         if v <= RAFS_V5_SUPERBLOCK_SIZE >> 3 or v >= _MAX_TABLE_OFFSET:
             raise format_error(f"inode table entry {ino}", entry_off, f"offset {v * 8} invalid")
         return v * 8
@@ -204,11 +248,18 @@ class BootstrapV5(Bootstrap):
         if not hardlink and rec.parent >= rec.ino:
             raise format_error(f"{what} i_parent", off + 32, f"{rec.parent} >= i_ino {rec.ino}")
         need(len(self._buf), off, rec.body_size, f"{what} name and symlink")
-        if ftype == _S_IFDIR and rec.child_count:
-            if rec.child_index <= rec.ino or rec.child_index + rec.child_count - 1 > self._max_ino:
-                raise format_error(
-                    f"{what} children", off + 92, f"index {rec.child_index} count {rec.child_count} invalid for i_ino {rec.ino}"
-                )
+        if (
+            ftype == _S_IFDIR
+            and rec.child_count
+            and (
+                rec.child_index <= rec.ino or rec.child_index + rec.child_count - 1 > self._max_ino
+            )
+        ):
+            raise format_error(
+                f"{what} children",
+                off + 92,
+                f"index {rec.child_index} count {rec.child_count} invalid for i_ino {rec.ino}",
+            )
         if ftype == _S_IFLNK and rec.symlink_size == 0:
             raise format_error(f"{what} i_symlink_size", off + 102, "0 for a symlink")
         return off, rec
@@ -242,7 +293,9 @@ class BootstrapV5(Bootstrap):
     def _name(self, off: int, rec: RafsV5Inode) -> bytes:
         name = bytes(self._buf[off + RAFS_V5_INODE_SIZE : off + RAFS_V5_INODE_SIZE + rec.name_size])
         if b"/" in name or b"\0" in name or name in (b".", b".."):
-            raise format_error("inode name", off + RAFS_V5_INODE_SIZE, f"{name!r} is not a valid file name")
+            raise format_error(
+                "inode name", off + RAFS_V5_INODE_SIZE, f"{name!r} is not a valid file name"
+            )
         return name
 
     def _dir(self, ino: int) -> RafsV5Inode:
@@ -267,7 +320,9 @@ class BootstrapV5(Bootstrap):
             name, child_ino, mode = self._child(rec, k)
             if name <= prev:
                 raise format_error(
-                    f"directory {ino} children order", self._offset_of(rec.child_index + k), f"{name!r} after {prev!r}"
+                    f"directory {ino} children order",
+                    self._offset_of(rec.child_index + k),
+                    f"{name!r} after {prev!r}",
                 )
             prev = name
             yield DirEntry(name, child_ino, file_type_of_mode(mode))
@@ -278,7 +333,11 @@ class BootstrapV5(Bootstrap):
         first = rec.child_index
         for k in range(rec.child_count):
             if first + k in claimed:
-                raise format_error(f"directory {ino} children", self._offset_of(ino), "share inode-table slots with another directory")
+                raise format_error(
+                    f"directory {ino} children",
+                    self._offset_of(ino),
+                    "share inode-table slots with another directory",
+                )
             claimed.add(first + k)
 
     def lookup(self, parent: int, name: bytes) -> int:
@@ -318,27 +377,52 @@ class BootstrapV5(Bootstrap):
         if rec.mode & _S_IFMT != _S_IFREG or rec.child_count == 0:
             return []
         start = off + rec.body_size + self._xattr_size(off, rec)
-        need(len(self._buf), start, rec.child_count * RafsChunkInfo.SIZE, f"inode {ino} chunk records")
+        need(
+            len(self._buf),
+            start,
+            rec.child_count * RafsChunkInfo.SIZE,
+            f"inode {ino} chunk records",
+        )
         holes = bool(rec.flags & V5InodeFlags.HAS_HOLE)
         out: list[FileChunk] = []
         for i in range(rec.child_count):
             coff = start + i * RafsChunkInfo.SIZE
             c = RafsChunkInfo.unpack(self._buf, coff)
             if c.blob_index >= len(self.blobs):
-                raise format_error(f"inode {ino} chunk {i} blob_index", coff + 32, f"{c.blob_index} >= {len(self.blobs)} blobs")
+                raise format_error(
+                    f"inode {ino} chunk {i} blob_index",
+                    coff + 32,
+                    f"{c.blob_index} >= {len(self.blobs)} blobs",
+                )
             blob = self.blobs[c.blob_index]
             if blob.chunk_count and c.index >= blob.chunk_count:
-                raise format_error(f"inode {ino} chunk {i} index", coff + 72, f"{c.index} >= blob chunk count {blob.chunk_count}")
+                raise format_error(
+                    f"inode {ino} chunk {i} index",
+                    coff + 72,
+                    f"{c.index} >= blob chunk count {blob.chunk_count}",
+                )
             if not 0 < c.uncompressed_size <= self.chunk_size:
-                raise format_error(f"inode {ino} chunk {i} uncompressed_size", coff + 44, f"{c.uncompressed_size} invalid")
+                raise format_error(
+                    f"inode {ino} chunk {i} uncompressed_size",
+                    coff + 44,
+                    f"{c.uncompressed_size} invalid",
+                )
             file_off = c.file_offset if holes else i * self.chunk_size
             out.append(
                 FileChunk(
-                    file_off, c.blob_index, blob.blob_id, c.index, c.uncompressed_offset, c.uncompressed_size,
-                    c.compressed_offset, c.compressed_size, c.digest, c.is_compressed, blob.compressor, c.flags, c.crc32,
+                    file_off,
+                    c.blob_index,
+                    blob.blob_id,
+                    c.index,
+                    c.uncompressed_offset,
+                    c.uncompressed_size,
+                    c.compressed_offset,
+                    c.compressed_size,
+                    c.digest,
+                    c.is_compressed,
+                    blob.compressor,
+                    c.flags,
+                    c.crc32,
                 )
             )
         return out
-
-
-

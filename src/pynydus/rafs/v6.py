@@ -14,7 +14,7 @@ bootstrap chunk table, indexed lazily on first use.
 from __future__ import annotations
 
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
 from pynydus.rafs.layout import (
@@ -91,7 +91,7 @@ _CHUNK_KEY = struct.Struct("<32xI12x8xQ8xI4x")
 class _Node:
     """A decoded v6 inode plus where its parts are."""
 
-    __slots__ = ("nid", "off", "raw", "layout", "isize", "xsize", "mode", "size")
+    __slots__ = ("isize", "layout", "mode", "nid", "off", "raw", "size", "xsize")
 
     def __init__(self, nid: int, off: int, raw: RafsV6Inode) -> None:
         self.nid = nid
@@ -113,7 +113,9 @@ class BootstrapV6(Bootstrap):
         super().__init__(buf)
         n = len(buf)
         if n < EROFS_BLOCK_SIZE_4096:
-            raise format_error("bootstrap size", 0, f"{n} bytes, a RAFS v6 bootstrap has at least 4096")
+            raise format_error(
+                "bootstrap size", 0, f"{n} bytes, a RAFS v6 bootstrap has at least 4096"
+            )
         sb = RafsV6SuperBlock.unpack(buf, EROFS_SUPER_OFFSET)
         self.superblock = sb
         self._check_superblock(sb, n)
@@ -145,13 +147,19 @@ class BootstrapV6(Bootstrap):
     def _check_superblock(sb: RafsV6SuperBlock, n: int) -> None:
         base = EROFS_SUPER_OFFSET
         if sb.checksum != 0:
-            raise format_error("superblock s_checksum", base + 4, f"0x{sb.checksum:x}, RAFS writes 0")
+            raise format_error(
+                "superblock s_checksum", base + 4, f"0x{sb.checksum:x}, RAFS writes 0"
+            )
         if not sb.feature_compat & EROFS_FEATURE_COMPAT_RAFS_V6:
             raise format_error(
-                "superblock s_feature_compat", base + 8, f"0x{sb.feature_compat:x} lacks the RAFS v6 bit"
+                "superblock s_feature_compat",
+                base + 8,
+                f"0x{sb.feature_compat:x} lacks the RAFS v6 bit",
             )
         if sb.blkszbits not in (EROFS_BLOCK_BITS_12, EROFS_BLOCK_BITS_9):
-            raise format_error("superblock s_blkszbits", base + 12, f"{sb.blkszbits}, expected 12 or 9")
+            raise format_error(
+                "superblock s_blkszbits", base + 12, f"{sb.blkszbits}, expected 12 or 9"
+            )
         bs = 1 << sb.blkszbits
         if n % bs:
             raise format_error("bootstrap size", 0, f"{n} is not a multiple of the block size {bs}")
@@ -160,20 +168,30 @@ class BootstrapV6(Bootstrap):
         if sb.inos == 0:
             raise format_error("superblock s_inos", base + 16, "0 inodes")
         if sb.xattr_blkaddr != 0:
-            raise format_error("superblock s_xattr_blkaddr", base + 44, "shared xattrs are not used by RAFS")
+            raise format_error(
+                "superblock s_xattr_blkaddr", base + 44, "shared xattrs are not used by RAFS"
+            )
         if sb.feature_incompat != RAFS_V6_FEATURE_INCOMPAT:
             raise format_error(
-                "superblock s_feature_incompat", base + 80, f"0x{sb.feature_incompat:x}, expected 0xc"
+                "superblock s_feature_incompat",
+                base + 80,
+                f"0x{sb.feature_incompat:x}, expected 0xc",
             )
         if sb.u != 0:
             raise format_error("superblock s_u", base + 84, f"{sb.u}, expected 0")
         if sb.devt_slotoff != RAFS_V6_DEVT_SLOTOFF:
-            raise format_error("superblock s_devt_slotoff", base + 88, f"{sb.devt_slotoff}, expected 11")
+            raise format_error(
+                "superblock s_devt_slotoff", base + 88, f"{sb.devt_slotoff}, expected 11"
+            )
         if sb.extra_devices == 0 and sb.blocks not in (0, 4096):
-            raise format_error("superblock s_blocks", base + 36, f"{sb.blocks} with no extra devices")
+            raise format_error(
+                "superblock s_blocks", base + 36, f"{sb.blocks} with no extra devices"
+            )
         if sb.meta_blkaddr * bs > n:
             raise format_error(
-                "superblock s_meta_blkaddr", base + 40, f"block {sb.meta_blkaddr} is beyond the {n}-byte file"
+                "superblock s_meta_blkaddr",
+                base + 40,
+                f"block {sb.meta_blkaddr} is beyond the {n}-byte file",
             )
 
     @staticmethod
@@ -182,12 +200,20 @@ class BootstrapV6(Bootstrap):
         if ext.flags & ~SUPER_FLAGS_KNOWN:
             raise format_error("ext superblock s_flags", base, f"unknown bits in 0x{ext.flags:x}")
         if compressor_from_flags(ext.flags) is None:
-            raise format_error("ext superblock s_flags", base, f"0x{ext.flags:x}: not exactly one compressor")
+            raise format_error(
+                "ext superblock s_flags", base, f"0x{ext.flags:x}: not exactly one compressor"
+            )
         if digester_from_flags(ext.flags) is None:
-            raise format_error("ext superblock s_flags", base, f"0x{ext.flags:x}: not exactly one digester")
+            raise format_error(
+                "ext superblock s_flags", base, f"0x{ext.flags:x}: not exactly one digester"
+            )
         cs = ext.chunk_size
         if cs & (cs - 1) or not EROFS_BLOCK_SIZE_4096 <= cs <= RAFS_MAX_CHUNK_SIZE:
-            raise format_error("ext superblock s_chunk_size", base + 20, f"{cs} is not a power of two in 4 KiB..16 MiB")
+            raise format_error(
+                "ext superblock s_chunk_size",
+                base + 20,
+                f"{cs} is not a power of two in 4 KiB..16 MiB",
+            )
         bo, bsz = ext.blob_table_offset, ext.blob_table_size
         if (
             bo % EROFS_BLOCK_SIZE_4096
@@ -196,10 +222,16 @@ class BootstrapV6(Bootstrap):
             or bsz % RAFS_V6_BLOB_ENTRY_SIZE
             or bo + bsz > n
         ):
-            raise format_error("ext superblock blob table", base + 8, f"offset {bo} size {bsz} invalid for a {n}-byte file")
+            raise format_error(
+                "ext superblock blob table",
+                base + 8,
+                f"offset {bo} size {bsz} invalid for a {n}-byte file",
+            )
         if bsz // RAFS_V6_BLOB_ENTRY_SIZE != ndev:
             raise format_error(
-                "ext superblock s_blob_table_size", base + 16, f"{bsz // RAFS_V6_BLOB_ENTRY_SIZE} blobs but {ndev} device slots"
+                "ext superblock s_blob_table_size",
+                base + 16,
+                f"{bsz // RAFS_V6_BLOB_ENTRY_SIZE} blobs but {ndev} device slots",
             )
         ranges = [(bo, bo + bsz)]
         co, csz = ext.chunk_table_offset, ext.chunk_table_size
@@ -211,17 +243,31 @@ class BootstrapV6(Bootstrap):
                 or csz % RAFS_V6_CHUNK_INFO_SIZE
                 or co + csz > n
             ):
-                raise format_error("ext superblock chunk table", base + 24, f"offset {co} size {csz} invalid for a {n}-byte file")
+                raise format_error(
+                    "ext superblock chunk table",
+                    base + 24,
+                    f"offset {co} size {csz} invalid for a {n}-byte file",
+                )
             if co < bo + bsz and bo < co + csz:
-                raise format_error("ext superblock chunk table", base + 24, "overlaps the blob table")
+                raise format_error(
+                    "ext superblock chunk table", base + 24, "overlaps the blob table"
+                )
             ranges.append((co, co + csz))
         po, psz = ext.prefetch_table_offset, ext.prefetch_table_size
         if psz and po:  # legacy images may record a size with offset 0: no table
             if po < EROFS_BLOCK_SIZE_4096 or psz % 4 or po < devslot_end or po + psz > n:
-                raise format_error("ext superblock prefetch table", base + 40, f"offset {po} size {psz} invalid for a {n}-byte file")
+                raise format_error(
+                    "ext superblock prefetch table",
+                    base + 40,
+                    f"offset {po} size {psz} invalid for a {n}-byte file",
+                )
             for a, b in ranges:
                 if po < b and a < po + psz:
-                    raise format_error("ext superblock prefetch table", base + 40, "overlaps the blob or chunk table")
+                    raise format_error(
+                        "ext superblock prefetch table",
+                        base + 40,
+                        "overlaps the blob or chunk table",
+                    )
 
     def _load_devices(self, count: int) -> list[RafsV6Device]:
         out: list[RafsV6Device] = []
@@ -233,7 +279,9 @@ class BootstrapV6(Bootstrap):
             if dev.blocks == 0:
                 raise format_error("device slot blocks", off + 64, "0 blocks")
             if dev.blob_id in seen:
-                raise format_error("device slot blob id", off, f"duplicate blob id {dev.blob_id.decode()}")
+                raise format_error(
+                    "device slot blob id", off, f"duplicate blob id {dev.blob_id.decode()}"
+                )
             seen.add(dev.blob_id)
             out.append(dev)
         return out
@@ -246,9 +294,15 @@ class BootstrapV6(Bootstrap):
             b = RafsV6Blob.unpack(self._buf, off)
             blob_id = _check_blob_id(b.blob_id, off, "blob table blob id")
             if b.blob_index != i:
-                raise format_error("blob table blob_index", off + 64, f"{b.blob_index} at position {i}")
+                raise format_error(
+                    "blob table blob_index", off + 64, f"{b.blob_index} at position {i}"
+                )
             if b.chunk_size != ext.chunk_size:
-                raise format_error("blob table chunk_size", off + 68, f"{b.chunk_size} != superblock {ext.chunk_size}")
+                raise format_error(
+                    "blob table chunk_size",
+                    off + 68,
+                    f"{b.chunk_size} != superblock {ext.chunk_size}",
+                )
             if b.chunk_count > RAFS_MAX_CHUNKS_PER_BLOB:
                 raise format_error("blob table chunk_count", off + 72, f"{b.chunk_count} > 2^24")
             for field, rel, value, enum_t in (
@@ -260,16 +314,22 @@ class BootstrapV6(Bootstrap):
                 if value not in enum_t._value2member_map_:
                     raise format_error(f"blob table {field}", off + rel, f"unknown value {value}")
             if b.uncompressed_size > BLOB_MAX_SIZE_UNCOMPRESSED:
-                raise format_error("blob table uncompressed_size", off + 96, f"{b.uncompressed_size} > 2^44")
+                raise format_error(
+                    "blob table uncompressed_size", off + 96, f"{b.uncompressed_size} > 2^44"
+                )
             if b.compressed_size > BLOB_MAX_SIZE_COMPRESSED:
-                raise format_error("blob table compressed_size", off + 88, f"{b.compressed_size} > 2^40")
+                raise format_error(
+                    "blob table compressed_size", off + 88, f"{b.compressed_size} > 2^40"
+                )
             f = b.features
             if f & BLOB_FEATURES_INCOMPAT_MASK:
                 raise format_error("blob table features", off + 84, f"incompatible bits in 0x{f:x}")
             aligned = bool(f & BlobFeatures.ALIGNED)
             if aligned == tarfs:
                 raise format_error(
-                    "blob table features", off + 84, f"0x{f:x}: ALIGNED must be set exactly when not in tarfs mode"
+                    "blob table features",
+                    off + 84,
+                    f"0x{f:x}: ALIGNED must be set exactly when not in tarfs mode",
                 )
             _check_ci_sizes(b, off, tarfs)
             dev = self.devices[i]
@@ -310,7 +370,11 @@ class BootstrapV6(Bootstrap):
             if nid == 0:
                 break
             if self._meta_base + (nid + 1) * EROFS_INODE_SLOT_SIZE > len(self._buf):
-                raise format_error("prefetch table entry", ext.prefetch_table_offset + 4 * i, f"nid {nid} beyond the bootstrap")
+                raise format_error(
+                    "prefetch table entry",
+                    ext.prefetch_table_offset + 4 * i,
+                    f"nid {nid} beyond the bootstrap",
+                )
             out.append(nid)
         return out
 
@@ -328,7 +392,9 @@ class BootstrapV6(Bootstrap):
         node = _Node(nid, off, raw)
         need(len(self._buf), off, node.isize + node.xsize, f"inode {nid} with xattrs")
         if file_type_of_mode(node.mode) == FileType.UNKNOWN:
-            raise format_error(f"inode {nid} i_mode", off + 4, f"invalid file type in 0o{node.mode:o}")
+            raise format_error(
+                f"inode {nid} i_mode", off + 4, f"invalid file type in 0o{node.mode:o}"
+            )
         return node
 
     def raw_inode(self, ino: int) -> RafsV6Inode:
@@ -364,7 +430,9 @@ class BootstrapV6(Bootstrap):
         bs = self.block_size
         size = node.size
         if node.layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE):
-            raise format_error(f"inode {node.nid} i_format", node.off, f"layout {node.layout} is not flat")
+            raise format_error(
+                f"inode {node.nid} i_format", node.off, f"layout {node.layout} is not flat"
+            )
         nblocks = (size + bs - 1) // bs
         if nblocks == 0:
             return []
@@ -374,14 +442,18 @@ class BootstrapV6(Bootstrap):
         # Every block must lie inside the file, so a huge i_size fails here, before any loop.
         if nfull and (node.raw.u + nfull) * bs > n:
             raise format_error(
-                f"inode {node.nid} i_u", node.off + 16, f"data blocks {node.raw.u}+{nfull} beyond the {n}-byte file"
+                f"inode {node.nid} i_u",
+                node.off + 16,
+                f"data blocks {node.raw.u}+{nfull} beyond the {n}-byte file",
             )
         out = [((node.raw.u + i) * bs, bs) for i in range(nfull)]
         tail = size - (nblocks - 1) * bs
         if inline:
             toff = node.off + node.isize + node.xsize
             if (toff % bs) + tail > bs or toff + tail > n:
-                raise format_error(f"inode {node.nid} inline data", toff, f"{tail} bytes cross a block boundary")
+                raise format_error(
+                    f"inode {node.nid} inline data", toff, f"{tail} bytes cross a block boundary"
+                )
             out.append((toff, tail))
         else:
             out[-1] = (out[-1][0], tail)
@@ -392,14 +464,20 @@ class BootstrapV6(Bootstrap):
         if node.mode & _S_IFMT != _S_IFDIR:
             raise InvalidArgument(f"inode {ino} is not a directory")
         if node.size < EROFS_DIRENT_SIZE + 1:
-            raise format_error(f"directory {ino} i_size", node.off + 8, f"{node.size} bytes cannot hold an entry")
+            raise format_error(
+                f"directory {ino} i_size", node.off + 8, f"{node.size} bytes cannot hold an entry"
+            )
         return node
 
     def _block_count(self, boff: int, blen: int, ino: int) -> int:
         need(len(self._buf), boff, EROFS_DIRENT_SIZE, f"directory {ino} block")
-        (nameoff0,) = _NAMEOFF.unpack_from(self._buf, boff + 8)
+        nameoff0: int = _NAMEOFF.unpack_from(self._buf, boff + 8)[0]
         if nameoff0 < EROFS_DIRENT_SIZE or nameoff0 % EROFS_DIRENT_SIZE or nameoff0 >= blen:
-            raise format_error(f"directory {ino} dirent e_nameoff", boff + 8, f"{nameoff0} invalid in a {blen}-byte block")
+            raise format_error(
+                f"directory {ino} dirent e_nameoff",
+                boff + 8,
+                f"{nameoff0} invalid in a {blen}-byte block",
+            )
         return nameoff0 // EROFS_DIRENT_SIZE
 
     def _dirent(self, boff: int, blen: int, count: int, j: int, ino: int) -> tuple[bytes, int, int]:
@@ -413,11 +491,19 @@ class BootstrapV6(Bootstrap):
             if end < 0:
                 end = blen
         if not count * EROFS_DIRENT_SIZE <= start < end <= blen or end - start > EROFS_NAME_LEN:
-            raise format_error(f"directory {ino} dirent name", doff + 8, f"name span {start}..{end} invalid in a {blen}-byte block")
+            raise format_error(
+                f"directory {ino} dirent name",
+                doff + 8,
+                f"name span {start}..{end} invalid in a {blen}-byte block",
+            )
         if ftype > FileType.SYMLINK:
-            raise format_error(f"directory {ino} dirent e_file_type", doff + 10, f"unknown type {ftype}")
+            raise format_error(
+                f"directory {ino} dirent e_file_type", doff + 10, f"unknown type {ftype}"
+            )
         if self._meta_base + nid * EROFS_INODE_SLOT_SIZE + 32 > len(buf):
-            raise format_error(f"directory {ino} dirent e_nid", doff, f"nid {nid} points beyond the bootstrap")
+            raise format_error(
+                f"directory {ino} dirent e_nid", doff, f"nid {nid} points beyond the bootstrap"
+            )
         return bytes(buf[boff + start : boff + end]), nid, ftype
 
     def readdir(self, ino: int) -> Iterator[DirEntry]:
@@ -434,7 +520,9 @@ class BootstrapV6(Bootstrap):
                 # Lookup is a binary search, so names must be strictly increasing.
                 if name <= prev:
                     raise format_error(
-                        f"directory {ino} dirent order", boff + j * EROFS_DIRENT_SIZE, f"{name!r} after {prev!r}"
+                        f"directory {ino} dirent order",
+                        boff + j * EROFS_DIRENT_SIZE,
+                        f"{name!r} after {prev!r}",
                     )
                 prev = name
                 yield DirEntry(name, nid, FileType(ftype))
@@ -442,7 +530,9 @@ class BootstrapV6(Bootstrap):
     def _claim_dir_storage(self, ino: int, claimed: set[int]) -> None:
         for boff, _ in self._flat_blocks(self._dir_node(ino)):
             if boff in claimed:
-                raise format_error(f"directory {ino} data block", boff, "shared with another directory")
+                raise format_error(
+                    f"directory {ino} data block", boff, "shared with another directory"
+                )
             claimed.add(boff)
 
     def lookup(self, parent: int, name: bytes) -> int:
@@ -478,7 +568,9 @@ class BootstrapV6(Bootstrap):
         if node.mode & _S_IFMT != _S_IFLNK:
             raise InvalidArgument(f"inode {ino} is not a symlink")
         if not 0 < node.size <= RAFS_MAX_SYMLINK:
-            raise format_error(f"symlink {ino} i_size", node.off + 8, f"{node.size} not in 1..{RAFS_MAX_SYMLINK}")
+            raise format_error(
+                f"symlink {ino} i_size", node.off + 8, f"{node.size} not in 1..{RAFS_MAX_SYMLINK}"
+            )
         return b"".join(bytes(self._buf[o : o + n]) for o, n in self._flat_blocks(node))
 
     # -- xattrs ------------------------------------------------------------------------
@@ -492,17 +584,27 @@ class BootstrapV6(Bootstrap):
         end = base + node.xsize
         shared = buf[base + 4]
         if shared:
-            raise format_error(f"inode {ino} xattr h_shared_count", base + 4, f"{shared}: RAFS has no shared xattrs")
+            raise format_error(
+                f"inode {ino} xattr h_shared_count",
+                base + 4,
+                f"{shared}: RAFS has no shared xattrs",
+            )
         out: list[tuple[bytes, bytes]] = []
         pos = base + EROFS_XATTR_IBODY_HEADER_SIZE
         while pos + EROFS_XATTR_ENTRY_SIZE <= end:
             name_len, index, value_size = struct.unpack_from("<BBH", buf, pos)
             total = align_up(EROFS_XATTR_ENTRY_SIZE + name_len + value_size, 4)
             if pos + total > end:
-                raise format_error(f"inode {ino} xattr entry", pos, f"{total} bytes run past the xattr area end {end}")
+                raise format_error(
+                    f"inode {ino} xattr entry",
+                    pos,
+                    f"{total} bytes run past the xattr area end {end}",
+                )
             prefix = XATTR_PREFIXES.get(index)
             if prefix is None:
-                raise format_error(f"inode {ino} xattr e_name_index", pos + 1, f"unknown prefix index {index}")
+                raise format_error(
+                    f"inode {ino} xattr e_name_index", pos + 1, f"unknown prefix index {index}"
+                )
             nstart = pos + EROFS_XATTR_ENTRY_SIZE
             name = prefix + bytes(buf[nstart : nstart + name_len])
             value = bytes(buf[nstart + name_len : nstart + name_len + value_size])
@@ -515,12 +617,25 @@ class BootstrapV6(Bootstrap):
     def _chunk_addrs(self, node: _Node) -> tuple[int, int]:
         """(offset of the chunk index array, number of chunks) of a regular file."""
         if node.layout != EROFS_INODE_CHUNK_BASED:
-            raise format_error(f"inode {node.nid} i_format", node.off, f"regular file with layout {node.layout}, RAFS uses chunk-based")
+            raise format_error(
+                f"inode {node.nid} i_format",
+                node.off,
+                f"regular file with layout {node.layout}, RAFS uses chunk-based",
+            )
         if not node.raw.u & EROFS_CHUNK_FORMAT_INDEXES:
-            raise format_error(f"inode {node.nid} chunk format", node.off + 16, f"0x{node.raw.u:x} lacks the INDEXES flag")
+            raise format_error(
+                f"inode {node.nid} chunk format",
+                node.off + 16,
+                f"0x{node.raw.u:x} lacks the INDEXES flag",
+            )
         count = (node.size + self.chunk_size - 1) // self.chunk_size
         start = node.off + align_up(node.isize + node.xsize, 8)
-        need(len(self._buf), start, count * EROFS_CHUNK_INDEX_SIZE, f"inode {node.nid} chunk index array")
+        need(
+            len(self._buf),
+            start,
+            count * EROFS_CHUNK_INDEX_SIZE,
+            f"inode {node.nid} chunk index array",
+        )
         return start, count
 
     def chunks(self, ino: int) -> list[FileChunk]:
@@ -551,46 +666,94 @@ class BootstrapV6(Bootstrap):
         lo, hi, blk = _CHUNK_ADDR.unpack_from(self._buf, off)
         dev = hi & 0xFF
         if not 1 <= dev <= len(self.blobs):
-            raise format_error(f"inode {node.nid} chunk {i} device id", off + 2, f"{dev} not in 1..{len(self.blobs)}")
+            raise format_error(
+                f"inode {node.nid} chunk {i} device id",
+                off + 2,
+                f"{dev} not in 1..{len(self.blobs)}",
+            )
         blob = self.blobs[dev - 1]
         ci = ((hi >> 8) << 16) | lo
         if ci >= blob.chunk_count:
-            raise format_error(f"inode {node.nid} chunk {i} index", off, f"{ci} >= blob chunk count {blob.chunk_count}")
+            raise format_error(
+                f"inode {node.nid} chunk {i} index",
+                off,
+                f"{ci} >= blob chunk count {blob.chunk_count}",
+            )
         file_off = i * self.chunk_size
         u_size = min(self.chunk_size, node.size - file_off)
         u_off = blk * self.block_size
         if u_off + u_size > align_up(blob.uncompressed_size, self.block_size):
             raise format_error(
-                f"inode {node.nid} chunk {i} c_blk_addr", off + 4, f"{u_off}+{u_size} beyond blob size {blob.uncompressed_size}"
+                f"inode {node.nid} chunk {i} c_blk_addr",
+                off + 4,
+                f"{u_off}+{u_size} beyond blob size {blob.uncompressed_size}",
             )
         rec = self._chunk_record(blob.index, ci, u_off)
         if rec is None:
-            return FileChunk(file_off, blob.index, blob.blob_id, ci, u_off, u_size, None, None, None, None, blob.compressor)
+            return FileChunk(
+                file_off,
+                blob.index,
+                blob.blob_id,
+                ci,
+                u_off,
+                u_size,
+                None,
+                None,
+                None,
+                None,
+                blob.compressor,
+            )
         rec_off, info = rec
         if info.uncompressed_size != u_size:
             raise format_error(
-                "chunk table uncompressed_size", rec_off + 44, f"{info.uncompressed_size} but file geometry says {u_size}"
+                "chunk table uncompressed_size",
+                rec_off + 44,
+                f"{info.uncompressed_size} but file geometry says {u_size}",
             )
         compressed = info.is_compressed
-        if blob.compressed_size and info.compressed_offset + info.compressed_size > blob.compressed_size and not info.flags & ChunkFlags.BATCH:
+        if (
+            blob.compressed_size
+            and info.compressed_offset + info.compressed_size > blob.compressed_size
+            and not info.flags & ChunkFlags.BATCH
+        ):
             raise format_error(
-                "chunk table compressed range", rec_off + 40, f"ends beyond blob compressed size {blob.compressed_size}"
+                "chunk table compressed range",
+                rec_off + 40,
+                f"ends beyond blob compressed size {blob.compressed_size}",
             )
         return FileChunk(
-            file_off, blob.index, blob.blob_id, ci, u_off, u_size,
-            info.compressed_offset, info.compressed_size, info.digest, compressed,
-            blob.compressor, info.flags, info.crc32,
+            file_off,
+            blob.index,
+            blob.blob_id,
+            ci,
+            u_off,
+            u_size,
+            info.compressed_offset,
+            info.compressed_size,
+            info.digest,
+            compressed,
+            blob.compressor,
+            info.flags,
+            info.crc32,
         )
 
-    def _chunk_record(self, blob_index: int, ci: int, u_off: int) -> tuple[int, RafsChunkInfo] | None:
+    def _chunk_record(
+        self, blob_index: int, ci: int, u_off: int
+    ) -> tuple[int, RafsChunkInfo] | None:
         """The bootstrap chunk-table record for a chunk, keyed like nydusd's chunk map."""
         if self._chunk_index is None:
             ext = self.ext_superblock
             index: dict[tuple[int, int, int], int] = {}
             if ext.chunk_table_size:
-                data = bytes(self._buf[ext.chunk_table_offset : ext.chunk_table_offset + ext.chunk_table_size])
+                data = bytes(
+                    self._buf[
+                        ext.chunk_table_offset : ext.chunk_table_offset + ext.chunk_table_size
+                    ]
+                )
                 for pos, (b, uo, idx) in enumerate(_CHUNK_KEY.iter_unpack(data)):
-                    index.setdefault((b, idx, uo), ext.chunk_table_offset + pos * RAFS_V6_CHUNK_INFO_SIZE)
+                    index.setdefault(
+                        (b, idx, uo), ext.chunk_table_offset + pos * RAFS_V6_CHUNK_INFO_SIZE
+                    )
             self._chunk_index = index
         off = self._chunk_index.get((blob_index, ci, u_off))
         if off is None:
@@ -601,7 +764,9 @@ class BootstrapV6(Bootstrap):
         """All records of the bootstrap chunk table, in on-disk order."""
         ext = self.ext_superblock
         for i in range(ext.chunk_table_size // RAFS_V6_CHUNK_INFO_SIZE):
-            yield RafsChunkInfo.unpack(self._buf, ext.chunk_table_offset + i * RAFS_V6_CHUNK_INFO_SIZE)
+            yield RafsChunkInfo.unpack(
+                self._buf, ext.chunk_table_offset + i * RAFS_V6_CHUNK_INFO_SIZE
+            )
 
 
 def _check_blob_id(raw: bytes, off: int, what: str) -> str:
@@ -613,7 +778,11 @@ def _check_blob_id(raw: bytes, off: int, what: str) -> str:
 def _check_ci_sizes(b: RafsV6Blob, off: int, tarfs: bool) -> None:
     f = b.features
     if b.ci_compressed_size > b.ci_uncompressed_size:
-        raise format_error("blob table ci_compressed_size", off + 120, f"{b.ci_compressed_size} > ci_uncompressed_size {b.ci_uncompressed_size}")
+        raise format_error(
+            "blob table ci_compressed_size",
+            off + 120,
+            f"{b.ci_compressed_size} > ci_uncompressed_size {b.ci_uncompressed_size}",
+        )
     special = f & (BlobFeatures.BATCH | BlobFeatures.ZRAN | BlobFeatures.ENCRYPTED)
     if f & BlobFeatures.CHUNK_INFO_V2:
         if special:
@@ -621,9 +790,18 @@ def _check_ci_sizes(b: RafsV6Blob, off: int, tarfs: bool) -> None:
         else:
             ok = b.ci_uncompressed_size == b.chunk_count * 24
     elif special:
-        raise format_error("blob table features", off + 84, f"0x{f:x}: batch/zran/encrypted need CHUNK_INFO_V2")
+        raise format_error(
+            "blob table features", off + 84, f"0x{f:x}: batch/zran/encrypted need CHUNK_INFO_V2"
+        )
     else:
-        ok = bool(f & BlobFeatures.IS_CHUNKDICT_GENERATED) or tarfs or b.ci_uncompressed_size == b.chunk_count * 16
+        ok = (
+            bool(f & BlobFeatures.IS_CHUNKDICT_GENERATED)
+            or tarfs
+            or b.ci_uncompressed_size == b.chunk_count * 16
+        )
     if not ok:
-        raise format_error("blob table ci_uncompressed_size", off + 128, f"{b.ci_uncompressed_size} for {b.chunk_count} chunks")
-
+        raise format_error(
+            "blob table ci_uncompressed_size",
+            off + 128,
+            f"{b.ci_uncompressed_size} for {b.chunk_count} chunks",
+        )

@@ -32,7 +32,7 @@ class Node:
     target: bytes = b""
     rdev: int = 0
     xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
-    children: dict[bytes, "Node"] = field(default_factory=dict)
+    children: dict[bytes, Node] = field(default_factory=dict)
     # filled in by the writer
     nid: int = 0
     nlink: int = 1
@@ -175,7 +175,18 @@ def build(root: Node, chunk_size: int = 1 << 20, prefetch: list[bytes] | None = 
                 digest = hashlib.sha256(b"%d:%d" % (n.nid, i)).digest()
                 csz = max(1, usz // 2)
                 records.append(
-                    L.RafsChunkInfo(digest, 0, L.ChunkFlags.COMPRESSED, csz, usz, c_off, u_off, i * chunk_size, ci_next, 0)
+                    L.RafsChunkInfo(
+                        digest,
+                        0,
+                        L.ChunkFlags.COMPRESSED,
+                        csz,
+                        usz,
+                        c_off,
+                        u_off,
+                        i * chunk_size,
+                        ci_next,
+                        0,
+                    )
                 )
                 lst.append((ci_next, u_off, usz))
                 c_off += csz
@@ -186,9 +197,17 @@ def build(root: Node, chunk_size: int = 1 << 20, prefetch: list[bytes] | None = 
         elif stat.S_ISCHR(n.mode) or stat.S_ISBLK(n.mode):
             u = n.rdev
         ino = L.RafsV6InodeExtended(
-            format=L.inode_format(True, layout_), xattr_icount=icount, mode=n.mode, size=size, u=u,
-            ino=seq[id(n)], uid=n.uid, gid=n.gid,
-            mtime=n.mtime, mtime_nsec=n.mtime_nsec, nlink=n.nlink,
+            format=L.inode_format(True, layout_),
+            xattr_icount=icount,
+            mode=n.mode,
+            size=size,
+            u=u,
+            ino=seq[id(n)],
+            uid=n.uid,
+            gid=n.gid,
+            mtime=n.mtime,
+            mtime_nsec=n.mtime_nsec,
+            nlink=n.nlink,
         )
         rec = ino.pack() + xb + payload
         out[off : off + len(rec)] = rec
@@ -208,21 +227,39 @@ def build(root: Node, chunk_size: int = 1 << 20, prefetch: list[bytes] | None = 
             cur = cur.children[part]
         prefetch_nids.append(cur.nid)
     sb = L.RafsV6SuperBlock(
-        root_nid=root.nid, inos=len(order), blocks=u_total // BS, meta_blkaddr=meta_blkaddr, extra_devices=1
+        root_nid=root.nid,
+        inos=len(order),
+        blocks=u_total // BS,
+        meta_blkaddr=meta_blkaddr,
+        extra_devices=1,
     )
     ext = L.RafsV6SuperBlockExt(
-        flags=int(L.SuperFlags.COMPRESSION_ZSTD | L.SuperFlags.HASH_BLAKE3 | L.SuperFlags.EXPLICIT_UID_GID)
+        flags=int(
+            L.SuperFlags.COMPRESSION_ZSTD | L.SuperFlags.HASH_BLAKE3 | L.SuperFlags.EXPLICIT_UID_GID
+        )
         | (int(L.SuperFlags.HAS_XATTR) if any(n.xattrs for n in order) else 0),
-        blob_table_offset=4096, blob_table_size=256, chunk_size=chunk_size,
-        chunk_table_offset=chunk_table_off if records else 0, chunk_table_size=80 * len(records),
-        prefetch_table_offset=4096 + 256 if prefetch_nids else 0, prefetch_table_size=4 * len(prefetch_nids),
+        blob_table_offset=4096,
+        blob_table_size=256,
+        chunk_size=chunk_size,
+        chunk_table_offset=chunk_table_off if records else 0,
+        chunk_table_size=80 * len(records),
+        prefetch_table_offset=4096 + 256 if prefetch_nids else 0,
+        prefetch_table_size=4 * len(prefetch_nids),
     )
     dev = L.RafsV6Device(blob_id.encode(), u_total // BS, 0)
     blob = L.RafsV6Blob(
-        blob_id=blob_id.encode(), blob_index=0, chunk_size=chunk_size, chunk_count=ci_next,
-        compression_algo=L.Compressor.ZSTD, digest_algo=L.Digester.BLAKE3, features=int(L.BlobFeatures.ALIGNED),
-        compressed_size=c_off, uncompressed_size=u_total, ci_uncompressed_size=16 * ci_next,
-        ci_compressed_size=16 * ci_next, ci_offset=c_off,
+        blob_id=blob_id.encode(),
+        blob_index=0,
+        chunk_size=chunk_size,
+        chunk_count=ci_next,
+        compression_algo=L.Compressor.ZSTD,
+        digest_algo=L.Digester.BLAKE3,
+        features=int(L.BlobFeatures.ALIGNED),
+        compressed_size=c_off,
+        uncompressed_size=u_total,
+        ci_uncompressed_size=16 * ci_next,
+        ci_compressed_size=16 * ci_next,
+        ci_offset=c_off,
     )
     out[1024:1152] = sb.pack()
     out[1152:1408] = ext.pack()

@@ -95,7 +95,10 @@ def test_v6_headers_match_the_summary(v6: BootstrapV6) -> None:
         assert (hex(got) if isinstance(want, str) else got) == want, key
     [dev] = summary["devslots"]
     assert v6.devices[0].blob_id.decode() == dev["blob_id"]
-    assert (v6.devices[0].blocks, v6.devices[0].mapped_blkaddr) == (dev["blocks"], dev["mapped_blkaddr"])
+    assert (v6.devices[0].blocks, v6.devices[0].mapped_blkaddr) == (
+        dev["blocks"],
+        dev["mapped_blkaddr"],
+    )
     [want_blob] = summary["blobs"]
     [blob] = v6.blobs
     assert blob.blob_id == want_blob["blob_id"]
@@ -105,8 +108,16 @@ def test_v6_headers_match_the_summary(v6: BootstrapV6) -> None:
     assert blob.compressor == want_blob["compression_algo"] == Compressor.LZ4_BLOCK
     assert blob.digester == want_blob["digest_algo"] == Digester.BLAKE3
     assert hex(blob.features) == want_blob["features"]
-    for key in ("compressed_size", "uncompressed_size", "blob_toc_size", "ci_offset",
-                "ci_compressed_size", "ci_uncompressed_size", "blob_meta_size", "cipher_algo"):
+    for key in (
+        "compressed_size",
+        "uncompressed_size",
+        "blob_toc_size",
+        "ci_offset",
+        "ci_compressed_size",
+        "ci_uncompressed_size",
+        "blob_meta_size",
+        "cipher_algo",
+    ):
         assert getattr(blob, key) == want_blob[key], key
     assert blob.ci_compressor == want_blob["ci_compressor"]
     assert blob.blob_toc_digest.hex() == want_blob["blob_toc_digest"]
@@ -159,9 +170,14 @@ def test_v6_map_read_and_chunk_records(v6: BootstrapV6) -> None:
     assert all(c.compressed_size and c.digest and len(c.digest) == 32 for c in chunks)
     assert sum(c.uncompressed_size for c in chunks) == st.size
     reads = v6.map_read(ino, (1 << 20) - 10, 30)
-    assert [(r.chunk.index, r.offset, r.length) for r in reads] == [(510, (1 << 20) - 10, 10), (511, 0, 20)]
+    assert [(r.chunk.index, r.offset, r.length) for r in reads] == [
+        (510, (1 << 20) - 10, 10),
+        (511, 0, 20),
+    ]
     tail = v6.map_read(ino, st.size - 5, 100)
-    assert [(r.chunk.index, r.offset, r.length) for r in tail] == [(514, st.size - 5 - 4 * (1 << 20), 5)]
+    assert [(r.chunk.index, r.offset, r.length) for r in tail] == [
+        (514, st.size - 5 - 4 * (1 << 20), 5)
+    ]
     assert v6.map_read(ino, st.size, 10) == []
     assert v6.map_read(v6.lookup_path("/etc/.pwd.lock"), 0, 10) == []
     with pytest.raises(InvalidArgument):
@@ -185,10 +201,18 @@ def test_v6_and_v5_fixtures_hold_the_same_tree(v5: BootstrapV5, v6: BootstrapV6)
             st = bs.stat(ino)
             chunks = bs.chunks(ino)
             out[path] = (
-                st.mode, st.uid, st.gid, st.mtime, st.mtime_nsec, st.nlink,
+                st.mode,
+                st.uid,
+                st.gid,
+                st.mtime,
+                st.mtime_nsec,
+                st.nlink,
                 None if st.is_dir else st.size,
                 bs.readlink(ino) if st.is_symlink else None,
-                tuple((c.digest, c.uncompressed_size, c.compressed_size, c.compressed_offset) for c in chunks),
+                tuple(
+                    (c.digest, c.uncompressed_size, c.compressed_size, c.compressed_offset)
+                    for c in chunks
+                ),
             )
         return out
 
@@ -220,7 +244,9 @@ def test_v5_map_read_uses_chunk_records(v5: BootstrapV5) -> None:
     st = v5.stat(ino)
     reads = v5.map_read(ino, 0, st.size)
     assert sum(r.length for r in reads) == st.size
-    assert all(r.chunk.compressed_size and r.chunk.compressor == Compressor.LZ4_BLOCK for r in reads)
+    assert all(
+        r.chunk.compressed_size and r.chunk.compressor == Compressor.LZ4_BLOCK for r in reads
+    )
 
 
 def test_open_is_fast_and_lazy() -> None:
@@ -250,10 +276,13 @@ def test_invalid_archives_are_rejected(archive: str, tmp_path: Path) -> None:
         Bootstrap.open(boot)
 
 
-@pytest.mark.parametrize("archive,size", [
-    ("v6-bootstrap-chunk-pos-438272.tar.gz", 643072),
-    ("v5-bootstrap-file-size-736032.tar.gz", 736032),
-])
+@pytest.mark.parametrize(
+    "archive,size",
+    [
+        ("v6-bootstrap-chunk-pos-438272.tar.gz", 643072),
+        ("v5-bootstrap-file-size-736032.tar.gz", 736032),
+    ],
+)
 def test_valid_archives_extract_to_the_fixtures(archive: str, size: int, tmp_path: Path) -> None:
     with tarfile.open(ARCHIVES / archive) as tf:
         tf.extractall(tmp_path, filter="data")

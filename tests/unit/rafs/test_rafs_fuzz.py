@@ -18,13 +18,13 @@ import signal
 import stat
 import struct
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Iterator
 
 import pytest
-
 import synth_v6 as S
+
 from pynydus.errors import FormatError, NotFound
 from pynydus.rafs.reader import Bootstrap
 
@@ -35,18 +35,48 @@ CASES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_CASES", "400"))
 MAX_ENTRIES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_ENTRIES", "400"))
 CASE_DEADLINE_S = 10.0
 
-INTERESTING = [0, 1, 2, 7, 8, 11, 12, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0xFFFF, 0x10000,
-               0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 32, 1 << 40, (1 << 63) - 1, (1 << 64) - 1]
+INTERESTING = [
+    0,
+    1,
+    2,
+    7,
+    8,
+    11,
+    12,
+    0x7F,
+    0x80,
+    0xFF,
+    0x100,
+    0xFFF,
+    0x1000,
+    0xFFFF,
+    0x10000,
+    0x7FFF_FFFF,
+    0x8000_0000,
+    0xFFFF_FFFF,
+    1 << 32,
+    1 << 40,
+    (1 << 63) - 1,
+    (1 << 64) - 1,
+]
 
 
 def synthetic() -> bytes:
     root = S.d()
-    root.children[b"a"] = S.d(children={
-        b"x\xff\xfe": S.f(5000, xattrs=[(b"user.k", b"v"), (b"security.selinux", b"ctx\0"),
-                                          (b"system.posix_acl_access", b"\x02\0\0\0")]),
-        b"fifo": S.Node(stat.S_IFIFO | 0o644),
-        b"chr": S.Node(stat.S_IFCHR | 0o600, rdev=0x0501),
-    })
+    root.children[b"a"] = S.d(
+        children={
+            b"x\xff\xfe": S.f(
+                5000,
+                xattrs=[
+                    (b"user.k", b"v"),
+                    (b"security.selinux", b"ctx\0"),
+                    (b"system.posix_acl_access", b"\x02\0\0\0"),
+                ],
+            ),
+            b"fifo": S.Node(stat.S_IFIFO | 0o644),
+            b"chr": S.Node(stat.S_IFCHR | 0o600, rdev=0x0501),
+        }
+    )
     big = S.d()
     for i in range(300):
         big.children[b"f%04d" % i] = S.f(i * 97)
@@ -61,8 +91,10 @@ def synthetic() -> bytes:
 
 def inputs() -> dict[str, bytes]:
     out = {"synthetic-v6": synthetic()}
-    for name, rel in (("fixture-v6", "v6-bootstrap-chunk-pos-438272/image/image.boot"),
-                      ("fixture-v5", "v5-bootstrap-file-size-736032/image/image.boot")):
+    for name, rel in (
+        ("fixture-v6", "v6-bootstrap-chunk-pos-438272/image/image.boot"),
+        ("fixture-v5", "v5-bootstrap-file-size-736032/image/image.boot"),
+    ):
         p = FIXTURES / rel
         if p.exists():
             out[name] = p.read_bytes()
@@ -79,8 +111,7 @@ def exercise(data: bytes) -> None:
         bs.stat(ino)
     for blob in bs.blobs:
         assert len(blob.blob_id) > 0
-    n = 0
-    for path, ino in bs.walk():
+    for n, (_path, ino) in enumerate(bs.walk(), start=1):
         st = bs.stat(ino)
         bs.xattrs(ino)
         if st.is_symlink:
@@ -95,7 +126,6 @@ def exercise(data: bytes) -> None:
                 except NotFound:
                     pass  # an unsorted directory (rejected on full readdir) may hide names
                 break
-        n += 1
         if n >= MAX_ENTRIES:
             break
     bs.close()
@@ -160,10 +190,14 @@ def test_mutated_bootstraps_fail_only_with_format_error(name: str) -> None:
     for label, mutated in mutations(data, seed=sum(name.encode())):
         t0 = time.perf_counter()
         try:
-            _with_deadline(lambda: exercise(mutated), CASE_DEADLINE_S)
+            _with_deadline(lambda m=mutated: exercise(m), CASE_DEADLINE_S)  # type: ignore[misc]
             outcomes["ok"] += 1
         except FormatError as err:
-            assert " at offset " in str(err) or "directory tree" in str(err) or "directory entry" in str(err), str(err)
+            assert (
+                " at offset " in str(err)
+                or "directory tree" in str(err)
+                or "directory entry" in str(err)
+            ), str(err)
             outcomes["format_error"] += 1
         except _Deadline:
             pytest.fail(f"{name} {label}: no result within {CASE_DEADLINE_S}s")

@@ -16,11 +16,24 @@ from pynydus.rafs.compress import compress
 from pynydus.rafs.reader import BlobInfo
 
 FIXED = [
-    (L.RafsV6SuperBlock, 128), (L.RafsV6SuperBlockExt, 256), (L.RafsV6Device, 128), (L.RafsV6Blob, 256),
-    (L.RafsV6InodeCompact, 32), (L.RafsV6InodeExtended, 64), (L.RafsV6Dirent, 12), (L.XattrIbodyHeader, 12),
-    (L.XattrEntry, 4), (L.RafsV6InodeChunkAddr, 8), (L.RafsChunkInfo, 80), (L.RafsV5SuperBlock, 8192),
-    (L.RafsV5Inode, 128), (L.RafsV5ExtBlobEntry, 64), (M.BlobCompressionContextHeader, 4096),
-    (M.TocEntry, 128), (M.ZranContext, 40), (M.BatchContext, 40),
+    (L.RafsV6SuperBlock, 128),
+    (L.RafsV6SuperBlockExt, 256),
+    (L.RafsV6Device, 128),
+    (L.RafsV6Blob, 256),
+    (L.RafsV6InodeCompact, 32),
+    (L.RafsV6InodeExtended, 64),
+    (L.RafsV6Dirent, 12),
+    (L.XattrIbodyHeader, 12),
+    (L.XattrEntry, 4),
+    (L.RafsV6InodeChunkAddr, 8),
+    (L.RafsChunkInfo, 80),
+    (L.RafsV5SuperBlock, 8192),
+    (L.RafsV5Inode, 128),
+    (L.RafsV5ExtBlobEntry, 64),
+    (M.BlobCompressionContextHeader, 4096),
+    (M.TocEntry, 128),
+    (M.ZranContext, 40),
+    (M.BatchContext, 40),
 ]
 
 
@@ -35,7 +48,9 @@ def test_struct_sizes_and_default_round_trip(cls: type[L.PackedStruct], size: in
 
 
 @pytest.mark.parametrize("cls,size", FIXED, ids=[c.__name__ for c, _ in FIXED])
-def test_unpack_past_the_end_is_a_format_error_naming_struct_and_offset(cls: type[L.PackedStruct], size: int) -> None:
+def test_unpack_past_the_end_is_a_format_error_naming_struct_and_offset(
+    cls: type[L.PackedStruct], size: int
+) -> None:
     with pytest.raises(FormatError, match=rf"{cls.__name__} at offset 5 "):
         cls.unpack(bytes(size + 4), 5)
     with pytest.raises(FormatError):
@@ -47,7 +62,9 @@ def test_every_field_round_trips_with_distinct_values() -> None:
         kwargs = {}
         for i, f in enumerate(dataclasses.fields(cls)):
             default = f.default
-            kwargs[f.name] = bytes([i + 1]) * len(default) if isinstance(default, bytes) else (i + 1)
+            kwargs[f.name] = (
+                bytes([i + 1]) * len(default) if isinstance(default, bytes) else (i + 1)
+            )
         value = cls(**kwargs)  # type: ignore[arg-type]
         assert cls.unpack(value.pack()) == value, cls.__name__
 
@@ -61,8 +78,12 @@ def test_v6_superblock_defaults_are_what_rafs_requires() -> None:
 
 
 def test_inode_format_and_unpack_dispatch() -> None:
-    ext = L.RafsV6InodeExtended(format=L.inode_format(True, L.EROFS_INODE_CHUNK_BASED), mode=0o100644, size=5)
-    comp = L.RafsV6InodeCompact(format=L.inode_format(False, L.EROFS_INODE_FLAT_INLINE), mode=0o40755, size=7)
+    ext = L.RafsV6InodeExtended(
+        format=L.inode_format(True, L.EROFS_INODE_CHUNK_BASED), mode=0o100644, size=5
+    )
+    comp = L.RafsV6InodeCompact(
+        format=L.inode_format(False, L.EROFS_INODE_FLAT_INLINE), mode=0o40755, size=7
+    )
     assert ext.format == 9 and comp.format == 4
     assert L.unpack_v6_inode(ext.pack(), 0) == ext
     assert L.unpack_v6_inode(comp.pack() + bytes(32), 0) == comp
@@ -89,7 +110,10 @@ def test_flag_helpers() -> None:
     assert L.digester_from_flags(0x194) == L.Digester.BLAKE3
     assert L.compressor_from_flags(0x3) is None and L.compressor_from_flags(0x10) is None
     assert L.digester_from_flags(0xC) is None
-    assert L.compressor_flag(L.Compressor.LZ4_BLOCK) == 0x2 and L.digester_flag(L.Digester.SHA256) == 0x8
+    assert (
+        L.compressor_flag(L.Compressor.LZ4_BLOCK) == 0x2
+        and L.digester_flag(L.Digester.SHA256) == 0x8
+    )
     assert L.SUPER_FLAGS_KNOWN & 0x0300_03FF == 0x0300_03FF and not L.SUPER_FLAGS_KNOWN & 0x400
     assert L.file_type_of_mode(0o120777) == L.FileType.SYMLINK
     assert L.file_type_of_mode(0o170000) == L.FileType.UNKNOWN
@@ -119,7 +143,11 @@ def test_dir_blocks_never_split_an_entry_and_trim_the_last_block() -> None:
         count = first.nameoff // 12
         offs = [L.RafsV6Dirent.unpack(blk, 12 * j).nameoff for j in range(count)]
         for j, start in enumerate(offs):
-            end = offs[j + 1] if j + 1 < count else (blk.find(b"\0", start) if b"\0" in blk[start:] else len(blk))
+            end = (
+                offs[j + 1]
+                if j + 1 < count
+                else (blk.find(b"\0", start) if b"\0" in blk[start:] else len(blk))
+            )
             decoded.append(blk[start:end])
     assert decoded == names
     with pytest.raises(ValueError):
@@ -149,7 +177,13 @@ def test_v5_blob_table_and_xattrs_round_trip() -> None:
     u_size=st.integers(1, 1 << 24),
 )
 def test_chunk_info_v1_round_trips(c_off: int, c_size: int, u_blk: int, u_size: int) -> None:
-    ci = M.BlobChunkInfo(c_off, c_size, u_blk << 12, u_size, int(M.ChunkInfoFlags.COMPRESSED) if c_size != u_size else 0)
+    ci = M.BlobChunkInfo(
+        c_off,
+        c_size,
+        u_blk << 12,
+        u_size,
+        int(M.ChunkInfoFlags.COMPRESSED) if c_size != u_size else 0,
+    )
     raw = M.pack_chunk_info_v1(ci)
     assert len(raw) == 16 and M.unpack_chunk_info_v1(raw, 0) == ci
 
@@ -163,7 +197,9 @@ def test_chunk_info_v1_round_trips(c_off: int, c_size: int, u_blk: int, u_size: 
     flags=st.integers(0, 0x1F),
     data=st.integers(0, (1 << 64) - 1),
 )
-def test_chunk_info_v2_round_trips(c_off: int, c_size: int, u_blk: int, u_size: int, flags: int, data: int) -> None:
+def test_chunk_info_v2_round_trips(
+    c_off: int, c_size: int, u_blk: int, u_size: int, flags: int, data: int
+) -> None:
     ci = M.BlobChunkInfo(c_off, c_size, u_blk << 12, u_size, flags, data)
     raw = M.pack_chunk_info_v2(ci)
     assert len(raw) == 24 and M.unpack_chunk_info_v2(raw, 0) == ci
@@ -185,13 +221,25 @@ def test_chunk_info_array_is_bounded_by_its_buffer() -> None:
         M.ChunkInfoArray(bytes(32), 3, v2=False)
     assert M.expected_ci_uncompressed_size(10, int(L.BlobFeatures.ALIGNED)) == 160
     assert M.expected_ci_uncompressed_size(10, int(L.BlobFeatures.CHUNK_INFO_V2)) == 240
-    assert M.expected_ci_uncompressed_size(10, int(L.BlobFeatures.CHUNK_INFO_V2 | L.BlobFeatures.BATCH)) is None
+    assert (
+        M.expected_ci_uncompressed_size(
+            10, int(L.BlobFeatures.CHUNK_INFO_V2 | L.BlobFeatures.BATCH)
+        )
+        is None
+    )
 
 
 # The 512-byte trailer of upstream's test blob be7d77…fef (nydus tests/texture/blobs),
 # as written by Rust tar::Header::new_gnu: only these bytes are non-zero.
-UPSTREAM_TOC_HEADER_NONZERO = {0: b"rafs.blob.toc", 124: b"00000001000", 136: b"00000000000",
-                              148: b"0006255", 156: b"0", 257: b"ustar ", 263: b" "}
+UPSTREAM_TOC_HEADER_NONZERO = {
+    0: b"rafs.blob.toc",
+    124: b"00000001000",
+    136: b"00000000000",
+    148: b"0006255",
+    156: b"0",
+    257: b"ustar ",
+    263: b" ",
+}
 
 
 def test_section_header_matches_upstream_bytes() -> None:
@@ -209,8 +257,22 @@ def test_section_header_matches_upstream_bytes() -> None:
 
 def test_toc_round_trip_from_a_blob_tail() -> None:
     entries = [
-        M.TocEntry(int(M.TocFlags.COMPRESSION_NONE), name.encode().ljust(16, b"\0"), hashlib.sha256(name.encode()).digest(), i * 100, 100, 100)
-        for i, name in enumerate([M.TOC_ENTRY_BLOB_RAW, M.TOC_ENTRY_BLOB_META, M.TOC_ENTRY_BLOB_META_HEADER, M.TOC_ENTRY_BLOB_DIGEST])
+        M.TocEntry(
+            int(M.TocFlags.COMPRESSION_NONE),
+            name.encode().ljust(16, b"\0"),
+            hashlib.sha256(name.encode()).digest(),
+            i * 100,
+            100,
+            100,
+        )
+        for i, name in enumerate(
+            [
+                M.TOC_ENTRY_BLOB_RAW,
+                M.TOC_ENTRY_BLOB_META,
+                M.TOC_ENTRY_BLOB_META_HEADER,
+                M.TOC_ENTRY_BLOB_DIGEST,
+            ]
+        )
     ]
     body = b"".join(e.pack() for e in entries)
     tail = b"junk" * 100 + body + M.pack_section_header(M.TOC_ENTRY_BLOB_TOC, len(body))
@@ -229,20 +291,42 @@ def test_blob_meta_header_defaults() -> None:
 
 
 def _blob_with_meta(compressor: L.Compressor) -> tuple[bytes, BlobInfo]:
-    entries = [M.BlobChunkInfo(0, 100, 0, 5000, int(M.ChunkInfoFlags.COMPRESSED)),
-               M.BlobChunkInfo(100, 4096, 8192, 4096, 0)]
+    entries = [
+        M.BlobChunkInfo(0, 100, 0, 5000, int(M.ChunkInfoFlags.COMPRESSED)),
+        M.BlobChunkInfo(100, 4096, 8192, 4096, 0),
+    ]
     ci = M.pack_chunk_info_array(entries, v2=False)
     packed, was_compressed = compress(ci, compressor)
     ci_comp = compressor if was_compressed else L.Compressor.NONE
-    blob = BlobInfo(0, "b" * 64, L.Compressor.ZSTD, L.Digester.BLAKE3, 1 << 20, 2, 4196, 12288,
-                    features=int(L.BlobFeatures.ALIGNED), ci_compressor=ci_comp, ci_offset=4196,
-                    ci_compressed_size=len(packed), ci_uncompressed_size=len(ci))
-    header = M.BlobCompressionContextHeader(features=blob.features, ci_compressor=ci_comp, ci_entries=2,
-                                            ci_offset=4196, ci_compressed_size=len(packed), ci_uncompressed_size=len(ci))
+    blob = BlobInfo(
+        0,
+        "b" * 64,
+        L.Compressor.ZSTD,
+        L.Digester.BLAKE3,
+        1 << 20,
+        2,
+        4196,
+        12288,
+        features=int(L.BlobFeatures.ALIGNED),
+        ci_compressor=ci_comp,
+        ci_offset=4196,
+        ci_compressed_size=len(packed),
+        ci_uncompressed_size=len(ci),
+    )
+    header = M.BlobCompressionContextHeader(
+        features=blob.features,
+        ci_compressor=ci_comp,
+        ci_entries=2,
+        ci_offset=4196,
+        ci_compressed_size=len(packed),
+        ci_uncompressed_size=len(ci),
+    )
     return packed + header.pack(), blob
 
 
-@pytest.mark.parametrize("compressor", [L.Compressor.NONE, L.Compressor.ZSTD, L.Compressor.LZ4_BLOCK])
+@pytest.mark.parametrize(
+    "compressor", [L.Compressor.NONE, L.Compressor.ZSTD, L.Compressor.LZ4_BLOCK]
+)
 def test_blob_meta_parses_validates_and_caches(compressor: L.Compressor) -> None:
     raw, blob = _blob_with_meta(compressor)
     meta = M.parse_blob_meta(raw, blob)

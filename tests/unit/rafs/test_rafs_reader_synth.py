@@ -8,28 +8,35 @@ import struct
 import time
 
 import pytest
-
 import synth_v6 as S
+
 from pynydus.errors import FormatError, InvalidArgument, NotFound
 from pynydus.rafs import layout as L
 from pynydus.rafs.inspect import describe
 from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.v6 import BootstrapV6
 
-XATTRS = [(b"user.k", b"v"), (b"security.selinux", b"ctx\0"), (b"system.posix_acl_access", b"\x02\0\0\0"),
-          (b"trusted.overlay.opaque", b"y")]
+XATTRS = [
+    (b"user.k", b"v"),
+    (b"security.selinux", b"ctx\0"),
+    (b"system.posix_acl_access", b"\x02\0\0\0"),
+    (b"trusted.overlay.opaque", b"y"),
+]
 
 
 @pytest.fixture(scope="module")
 def image() -> S.Image:
     root = S.d(uid=1000, gid=1001)
-    root.children[b"a"] = S.d(children={
-        b"x\xff\xfe": S.f(5000, xattrs=XATTRS),
-        b"fifo": S.Node(stat.S_IFIFO | 0o644),
-        b"sock": S.Node(stat.S_IFSOCK | 0o644),
-        b"chr": S.Node(stat.S_IFCHR | 0o600, rdev=(5 << 8) | 1),
-        b"blk": S.Node(stat.S_IFBLK | 0o600, rdev=(7 << 8) | 3),
-    }, xattrs=[(b"trusted.overlay.opaque", b"y")])
+    root.children[b"a"] = S.d(
+        children={
+            b"x\xff\xfe": S.f(5000, xattrs=XATTRS),
+            b"fifo": S.Node(stat.S_IFIFO | 0o644),
+            b"sock": S.Node(stat.S_IFSOCK | 0o644),
+            b"chr": S.Node(stat.S_IFCHR | 0o600, rdev=(5 << 8) | 1),
+            b"blk": S.Node(stat.S_IFBLK | 0o600, rdev=(7 << 8) | 3),
+        },
+        xattrs=[(b"trusted.overlay.opaque", b"y")],
+    )
     big = S.d()
     for i in range(2000):
         big.children[b"file%05d" % i] = S.f(i, mtime=1_600_000_000 + i, mtime_nsec=i)
@@ -83,7 +90,13 @@ def test_special_files_report_type_and_rdev(bs: BootstrapV6) -> None:
 
 def test_stat_fields(bs: BootstrapV6) -> None:
     st = bs.stat(bs.lookup_path("/big/file01234"))
-    assert (st.size, st.mtime, st.mtime_nsec, st.nlink, st.blocks) == (1234, 1_600_001_234, 1234, 1, 3)
+    assert (st.size, st.mtime, st.mtime_nsec, st.nlink, st.blocks) == (
+        1234,
+        1_600_001_234,
+        1234,
+        1,
+        3,
+    )
     root = bs.stat(bs.root_ino)
     assert (root.uid, root.gid, root.nlink) == (1000, 1001, 5)
     assert bs.explicit_uidgid
@@ -122,11 +135,17 @@ def test_hard_links_share_one_nid(bs: BootstrapV6) -> None:
 def test_chunks_and_map_read_follow_file_geometry(bs: BootstrapV6, image: S.Image) -> None:
     ino = bs.lookup_path("/h1")
     chunks = bs.chunks(ino)
-    assert [(c.index, c.uncompressed_offset, c.uncompressed_size) for c in chunks] == image.chunks[ino]
+    assert [(c.index, c.uncompressed_offset, c.uncompressed_size) for c in chunks] == image.chunks[
+        ino
+    ]
     assert all(c.compressed and c.compressor == L.Compressor.ZSTD for c in chunks)
     mb = 1 << 20
     reads = bs.map_read(ino, mb - 1, mb + 2)
-    assert [(r.chunk.file_offset, r.offset, r.length) for r in reads] == [(0, mb - 1, 1), (mb, 0, mb), (2 * mb, 0, 1)]
+    assert [(r.chunk.file_offset, r.offset, r.length) for r in reads] == [
+        (0, mb - 1, 1),
+        (mb, 0, mb),
+        (2 * mb, 0, 1),
+    ]
     assert bs.map_read(ino, 0, 0) == []
     with pytest.raises(InvalidArgument):
         bs.map_read(ino, -1, 1)
@@ -158,34 +177,39 @@ def _patch(data: bytes, off: int, fmt: str, value: int) -> bytes:
     return bytes(buf)
 
 
-@pytest.mark.parametrize("off,fmt,value,field", [
-    (1024 + 4, "I", 1, "s_checksum"),
-    (1024 + 8, "I", 0, "s_feature_compat"),
-    (1024 + 12, "B", 10, "s_blkszbits"),
-    (1024 + 13, "B", 1, "s_extslots"),
-    (1024 + 16, "Q", 0, "s_inos"),
-    (1024 + 44, "I", 3, "s_xattr_blkaddr"),
-    (1024 + 80, "I", 0x1C, "s_feature_incompat"),
-    (1024 + 84, "H", 1, "s_u"),
-    (1024 + 88, "H", 12, "s_devt_slotoff"),
-    (1024 + 40, "I", 10**6, "s_meta_blkaddr"),
-    (1152, "Q", 0x3, "s_flags"),  # two compressors
-    (1152, "Q", 0x84, "s_flags"),  # replaced below by two digesters
-    (1152 + 20, "I", 3000, "s_chunk_size"),
-    (1152 + 8, "Q", 4000, "blob table"),
-    (1152 + 16, "I", 512, "s_blob_table_size"),
-    (1152 + 24, "Q", 4096, "chunk table"),
-    (1152 + 40, "Q", 1 << 40, "prefetch table"),
-    (1408 + 64, "I", 0, "device slot blocks"),
-    (1408, "B", ord("/"), "device slot blob id"),
-    (4096 + 64, "I", 1, "blob_index"),
-    (4096 + 68, "I", 1 << 21, "chunk_size"),
-    (4096 + 76, "I", 9, "compression_algo"),
-    (4096 + 84, "I", 0, "features"),
-    (4096 + 84, "I", 0x1001, "features"),
-    (4096 + 128, "Q", 10**9, "ci_uncompressed_size"),
-])
-def test_each_header_check_rejects_with_field_and_offset(image: S.Image, off: int, fmt: str, value: int, field: str) -> None:
+@pytest.mark.parametrize(
+    "off,fmt,value,field",
+    [
+        (1024 + 4, "I", 1, "s_checksum"),
+        (1024 + 8, "I", 0, "s_feature_compat"),
+        (1024 + 12, "B", 10, "s_blkszbits"),
+        (1024 + 13, "B", 1, "s_extslots"),
+        (1024 + 16, "Q", 0, "s_inos"),
+        (1024 + 44, "I", 3, "s_xattr_blkaddr"),
+        (1024 + 80, "I", 0x1C, "s_feature_incompat"),
+        (1024 + 84, "H", 1, "s_u"),
+        (1024 + 88, "H", 12, "s_devt_slotoff"),
+        (1024 + 40, "I", 10**6, "s_meta_blkaddr"),
+        (1152, "Q", 0x3, "s_flags"),  # two compressors
+        (1152, "Q", 0x84, "s_flags"),  # replaced below by two digesters
+        (1152 + 20, "I", 3000, "s_chunk_size"),
+        (1152 + 8, "Q", 4000, "blob table"),
+        (1152 + 16, "I", 512, "s_blob_table_size"),
+        (1152 + 24, "Q", 4096, "chunk table"),
+        (1152 + 40, "Q", 1 << 40, "prefetch table"),
+        (1408 + 64, "I", 0, "device slot blocks"),
+        (1408, "B", ord("/"), "device slot blob id"),
+        (4096 + 64, "I", 1, "blob_index"),
+        (4096 + 68, "I", 1 << 21, "chunk_size"),
+        (4096 + 76, "I", 9, "compression_algo"),
+        (4096 + 84, "I", 0, "features"),
+        (4096 + 84, "I", 0x1001, "features"),
+        (4096 + 128, "Q", 10**9, "ci_uncompressed_size"),
+    ],
+)
+def test_each_header_check_rejects_with_field_and_offset(
+    image: S.Image, off: int, fmt: str, value: int, field: str
+) -> None:
     data = _patch(image.data, off, fmt, value)
     if field == "s_flags" and value == 0x84:
         data = _patch(image.data, off, fmt, 0x80 | 0x4 | 0x8)  # two digesters
@@ -209,7 +233,7 @@ def test_directory_loop_is_detected(image: S.Image, bs: BootstrapV6) -> None:
     buf = bytearray(image.data)
     count = struct.unpack_from("<H", buf, boff + 8)[0] // 12
     for j in range(count):
-        nid, nameoff, ftype = struct.unpack_from("<QHB", buf, boff + 12 * j)
+        _nid, nameoff, ftype = struct.unpack_from("<QHB", buf, boff + 12 * j)
         if ftype == L.FileType.FIFO:
             struct.pack_into("<QHB", buf, boff + 12 * j, bs.root_ino, nameoff, L.FileType.DIR)
     looped = Bootstrap.from_bytes(bytes(buf))
@@ -220,7 +244,7 @@ def test_directory_loop_is_detected(image: S.Image, bs: BootstrapV6) -> None:
 def test_unsorted_directory_is_rejected_by_readdir(image: S.Image, bs: BootstrapV6) -> None:
     empty = image.root.children[b"empty"]
     node = bs._node(empty.nid)
-    boff, blen = bs._flat_blocks(node)[0]
+    boff, _blen = bs._flat_blocks(node)[0]
     buf = bytearray(image.data)
     # ".." -> ".-": now "." < ".-" still sorted; swap to make ".." < "." instead
     buf[boff + 24 : boff + 25] = b"/"
@@ -282,4 +306,6 @@ def test_a_50000_file_bootstrap_opens_in_well_under_100ms() -> None:
     per_lookup = (time.perf_counter() - t0) / 1000
     assert opened < 0.02, opened
     assert per_lookup < 0.002, per_lookup
-    print(f"50k files: {len(data)} bytes, open {opened * 1e3:.2f} ms, path lookup+stat {per_lookup * 1e6:.0f} us")
+    print(
+        f"50k files: {len(data)} bytes, open {opened * 1e3:.2f} ms, path lookup+stat {per_lookup * 1e6:.0f} us"
+    )
