@@ -20,6 +20,7 @@ the read fails (EIO at the FUSE edge) and the log names the blob and chunk.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -270,9 +271,14 @@ class BlobCache:
             # the reader (ENOENT would claim the *file* does not exist).
             self.stats.add(backend_errors=1)
             raise Unavailable(f"blob {self.blob.blob_id}: {err}") from err
-        except NydusError:
+        except NydusError as err:
             self.stats.add(backend_errors=1)
-            raise
+            if err.errno == errno.EIO:
+                raise
+            # Any backend failure is an I/O error for the reader, as in nydusd: EACCES
+            # (registry refused our credentials) or EINVAL from read(2) would blame the
+            # caller for what is the daemon's configuration or the registry's fault.
+            raise Unavailable(f"blob {self.blob.blob_id}: {err}") from err
         except OSError as err:
             self.stats.add(backend_errors=1)
             raise Unavailable(f"blob {self.blob.blob_id}: read {length} bytes at {offset}: {err}") from err
