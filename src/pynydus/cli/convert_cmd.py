@@ -1,0 +1,108 @@
+"""``pynydus convert`` and ``pynydus check-image`` (upstream: ``nydusify convert/check``)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from typing import Any
+
+__all__ = ["_add_convert"]
+
+
+def _int(text: str) -> int:
+    return int(text, 0)
+
+
+def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "convert", help="convert an OCI image in a registry to a Nydus image (nydusify convert)",
+        description="Pull an OCI/Docker image, convert every layer to a Nydus blob (in "
+                    "parallel, cached by layer digest), push blobs, bootstrap layer, config "
+                    "and manifest; the target tag is written last.")
+    p.add_argument("--source", required=True, help="source image reference")
+    p.add_argument("--target", required=True, help="target image reference (a tag)")
+    p.add_argument("--source-insecure", action="store_true", help="plain HTTP / no TLS checks")
+    p.add_argument("--target-insecure", action="store_true", help="plain HTTP / no TLS checks")
+    p.add_argument("--source-auth", help="user:password (default: docker config.json)")
+    p.add_argument("--target-auth", help="user:password (default: docker config.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--platform", help="os/arch[/variant] to convert (default linux/amd64)")
+    g.add_argument("--all-platforms", action="store_true", help="convert every platform")
+    p.add_argument("--fs-version", type=int, default=6, choices=[6])
+    p.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
+    p.add_argument("--chunk-size", type=_int, default=0x100000, help="power of two (0x100000)")
+    p.add_argument("--chunk-dict-bootstrap", help="bootstrap whose chunks new blobs reuse")
+    p.add_argument("--prefetch-files", help="file with absolute paths to prefetch, one a line")
+    p.add_argument("--merge-platform", action="store_true",
+                   help="add the Nydus manifest to the source's index")
+    p.add_argument("--with-referrer", action="store_true",
+                   help="set subject to the source manifest (OCI referrers)")
+    p.add_argument("--oci", action="store_true", help="OCI manifest even for a Docker source")
+    p.add_argument("--cache-dir", help="converted-layer cache (~/.cache/pynydus/convert)")
+    p.add_argument("--workers", type=int, default=0, help="parallel layers (default: CPUs)")
+    p.add_argument("--output-json", help="write a JSON summary here")
+    p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "quiet"])
+    p.set_defaults(func=_run_convert)
+
+    c = sub.add_parser(
+        "check-image", help="compare a Nydus image with its source image (nydusify check)",
+        description="Read the Nydus image through the RAFS reader (chunks fetched from the "
+                    "registry) and compare every path with the source layers flattened.")
+    c.add_argument("--source", required=True)
+    c.add_argument("--target", required=True)
+    c.add_argument("--source-insecure", action="store_true")
+    c.add_argument("--target-insecure", action="store_true")
+    c.add_argument("--source-auth")
+    c.add_argument("--target-auth")
+    c.add_argument("--platform", help="os/arch[/variant] (default linux/amd64)")
+    c.add_argument("--output-json")
+    c.set_defaults(func=_run_check)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from pynydus.convert.converter import ConvertOptions, convert, default_cache_dir
+    from pynydus.convert.layer import BuildOptions
+    from pynydus.convert.progress import make_reporter
+
+    dict_digest = ""
+    if args.chunk_dict_bootstrap:
+        with open(args.chunk_dict_bootstrap, "rb") as f:
+            dict_digest = hashlib.sha256(f.read()).hexdigest()
+    prefetch: tuple[str, ...] = ("/",)
+    if args.prefetch_files:
+        with open(args.prefetch_files) as f:
+            prefetch = tuple(line.strip() for line in f if line.strip()) or ("/",)
+    opts = ConvertOptions(
+        source=args.source, target=args.target, source_insecure=args.source_insecure,
+        target_insecure=args.target_insecure, source_auth=args.source_auth,
+        target_auth=args.target_auth, platform=args.platform, all_platforms=args.all_platforms,
+        build=BuildOptions(fs_version=args.fs_version, compressor=args.compressor,
+                           chunk_size=args.chunk_size, chunk_dict=args.chunk_dict_bootstrap,
+                           chunk_dict_digest=dict_digest, prefetch_files=prefetch),
+        merge_platform=args.merge_platform, with_referrer=args.with_referrer, oci=args.oci,
+        cache_dir=args.cache_dir or default_cache_dir(), workers=args.workers,
+        output_json=args.output_json)
+    report = convert(opts, make_reporter(args.progress))
+    print(f"{report.target}@{report.target_digest}")
+    return 0
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from pynydus.convert.check import CheckOptions, check_image
+
+    result = check_image(CheckOptions(
+        source=args.source, target=args.target, source_insecure=args.source_insecure,
+        target_insecure=args.target_insecure, source_auth=args.source_auth,
+        target_auth=args.target_auth, platform=args.platform))
+    doc: dict[str, Any] = result.to_json()
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(doc, f, indent=2)
+    if result.ok:
+        print(f"check-image: OK, {result.paths} paths, {result.files} files "
+              f"({result.bytes_compared} bytes) identical")
+        return 0
+    print(f"check-image: FAILED: {result.first_difference}", file=sys.stderr)
+    return 1

@@ -1,0 +1,95 @@
+"""The image bootstrap: per-layer bootstraps overlaid into one, chunks shared across layers.
+
+Layers are converted in parallel, each deduplicated against itself and the chunk
+dict only (a layer cannot wait for the layers below it without serialising the
+whole conversion). This step then deduplicates *across* layers, lowest first: a
+chunk of layer n whose digest a lower layer already holds is pointed at the lower
+layer's copy, so the runtime fetches and caches it once. The bytes stay in layer
+n's blob (rewriting blobs would change digests the cache and the registry already
+know); ``shared_bytes`` reports how much was redirected.
+
+The overlay itself (whiteouts, opaque directories, layer order, one blob-table entry
+per blob id) is :func:`pynydus.rafs.merge.overlay`, exactly what ``merge()`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pynydus.errors import InvalidArgument
+from pynydus.rafs.chunker import BlobDesc, ChunkRef
+from pynydus.rafs.merge import load_bootstrap, overlay
+from pynydus.rafs.tarstream import normalize_path
+from pynydus.rafs.tree import Tree
+from pynydus.rafs.v6writer import V6Options, write_bootstrap
+
+__all__ = ["MergedImage", "merge_layers"]
+
+
+@dataclass(frozen=True)
+class MergedImage:
+    path: str
+    size: int
+    blob_ids: list[str]          # blob table order (layer blobs, then dict blobs)
+    shared_bytes: list[int]      # per layer: chunk bytes redirected to lower layers
+    shared_chunks: list[int]
+
+
+def merge_layers(bootstraps: Sequence[str], out: str, *,
+                 prefetch_files: Sequence[str] = ("/",)) -> MergedImage:
+    """Overlay per-layer ``bootstraps`` (lowest first) into ``out``.
+
+    Deterministic for the same inputs. InvalidArgument if the layers disagree on
+    chunk size or digester.
+    """
+    if not bootstraps:
+        raise InvalidArgument("merge: no layers")
+    images = [load_bootstrap(p) for p in bootstraps]
+    first = images[0]
+    merged = Tree("none")
+    table: list[BlobDesc] = []
+    by_id: dict[str, BlobDesc] = {}
+    seen: dict[bytes, ChunkRef] = {}
+    shared_bytes: list[int] = []
+    shared_chunks: list[int] = []
+    for path, img in zip(bootstraps, images):
+        if img.chunk_size != first.chunk_size or img.digester != first.digester:
+            raise InvalidArgument(
+                f"merge: {os.fspath(path)!r} has chunk size {img.chunk_size:#x}/"
+                f"{img.digester.name}, the first layer {first.chunk_size:#x}/{first.digester.name}")
+        for b in img.blobs:
+            if b.blob_id not in by_id:
+                by_id[b.blob_id] = b
+                table.append(b)
+        n_bytes = n_chunks = 0
+        mine: dict[bytes, ChunkRef] = {}
+        for _, node in img.tree.walk():
+            chunks = node.inode.chunks
+            for i, c in enumerate(chunks):
+                c.blob = by_id[c.blob.blob_id]
+                lower = seen.get(c.digest)
+                if lower is not None and lower.blob is not c.blob \
+                        and lower.uncompressed_size == c.uncompressed_size:
+                    chunks[i] = ChunkRef(lower.digest, lower.blob, lower.ci_index,
+                                         lower.compressed_offset, lower.compressed_size,
+                                         lower.uncompressed_offset, lower.uncompressed_size,
+                                         lower.compressed, c.file_offset)
+                    n_bytes += c.uncompressed_size
+                    n_chunks += 1
+                else:
+                    mine.setdefault(c.digest, c)
+        for d, c in mine.items():
+            seen.setdefault(d, c)
+        shared_bytes.append(n_bytes)
+        shared_chunks.append(n_chunks)
+        overlay(merged.root, img.tree.root)
+    used = {c.blob.blob_id for _, n in merged.walk() for c in n.inode.chunks}
+    # Blobs no file references any more stay out of the table (nothing to fetch);
+    # the manifest still lists every layer blob.
+    table = [b for b in table if b.blob_id in used]
+    info = write_bootstrap(merged, table, out, V6Options(
+        chunk_size=first.chunk_size, compressor=images[-1].compressor, digester=first.digester,
+        prefetch=tuple(normalize_path(os.fsencode(p)) for p in prefetch_files)))
+    return MergedImage(out, info.size, list(info.blob_ids), shared_bytes, shared_chunks)

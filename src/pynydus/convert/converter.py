@@ -1,0 +1,393 @@
+"""``pynydus convert``: an image in a registry becomes a Nydus image in a registry.
+
+Theory of operation::
+
+    source manifest/index ──► select platforms ──► config + layer descriptors
+    layers (unique) ──► process pool: stream → builder → inline blob (cache) ──┐
+                                             each finished blob ──► push (threads)
+    all layers of an image ──► merge bootstraps ──► bootstrap layer, config ──► push
+    every blob pushed ──► manifests by digest ──► the tag (index or manifest) LAST
+
+Layers are converted in worker processes (the builder is CPU bound Python, so
+threads would share one core); blobs are uploaded from threads while later layers
+are still converting. Pushing the tag is the very last request, so a failure at
+any earlier point leaves the target tag as it was (blobs already uploaded are
+content-addressed and harmless). A blob the target has already is not uploaded
+(HEAD first); a layer converted before (same digest, same options) comes from the
+local cache without being downloaded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pynydus.errors import FailedPrecondition, InvalidArgument, NotFound, NydusError, q
+from pynydus.registry import (Credentials, RegistryClient, Unauthorized, media,
+                              parse_reference, resolve_credentials)
+from pynydus.registry.reference import Reference
+
+from . import image as img
+from .bootstrap import merge_layers
+from .layer import BuildOptions, LayerJob, LayerResult, RegistrySpec, convert_layer
+from .pack import bootstrap_layer
+from .progress import NullReporter, Reporter
+
+__all__ = ["ConvertOptions", "ConvertReport", "convert", "default_cache_dir"]
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pynydus", "convert")
+
+
+@dataclass
+class ConvertOptions:
+    source: str
+    target: str
+    source_insecure: bool = False
+    target_insecure: bool = False
+    source_auth: str | None = None   # "user:password" or base64 of it
+    target_auth: str | None = None
+    platform: str | None = None
+    all_platforms: bool = False
+    build: BuildOptions = field(default_factory=BuildOptions)
+    merge_platform: bool = False
+    with_referrer: bool = False
+    oci: bool = False
+    cache_dir: str = field(default_factory=default_cache_dir)
+    workers: int = 0                 # 0: one per CPU
+    output_json: str | None = None
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    target: str
+    target_digest: str
+    seconds: float
+    workers: int
+    images: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------- workers
+_PROGRESS: Any = None
+
+
+def _worker_init(progress_queue: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = progress_queue
+
+
+def _worker_report(index: int, event: str, value: int) -> None:
+    if _PROGRESS is not None:
+        _PROGRESS.put((index, event, value))
+
+
+def _worker_run(job: LayerJob) -> LayerResult:
+    # Worker exceptions must pickle: re-raise pynydus errors as themselves, others
+    # wrapped with their text (tracebacks do not cross the process boundary).
+    try:
+        return convert_layer(job, _worker_report)
+    except NydusError:
+        raise
+    except Exception as err:
+        raise NydusError(f"convert layer {job.layer.digest}: {type(err).__name__}: {err}") from None
+
+
+# --------------------------------------------------------------------- helpers
+def _credentials(explicit: str | None, host: str) -> Credentials | None:
+    if explicit:
+        if ":" in explicit:
+            user, _, password = explicit.partition(":")
+            return Credentials(username=user, password=password)
+        return Credentials.from_auth_string(explicit)
+    return resolve_credentials(host)
+
+
+def _spec(ref: Reference, insecure: bool, auth: str | None) -> RegistrySpec:
+    creds = _credentials(auth, ref.domain)
+    scheme = "http" if insecure else ref.default_scheme
+    return RegistrySpec(ref.api_host, scheme, insecure,
+                        creds.auth_string() if creds is not None and creds.has_basic else None)
+
+
+def _fetch_small_blob(client: RegistryClient, repo: str, digest: str) -> bytes:
+    return b"".join(client.get_blob(repo, digest))
+
+
+# --------------------------------------------------------------------- converter
+class _Run:
+    def __init__(self, opts: ConvertOptions, reporter: Reporter) -> None:
+        self.opts = opts
+        self.rep = reporter
+        self.src_ref = parse_reference(opts.source)
+        self.dst_ref = parse_reference(opts.target)
+        if self.dst_ref.digest:
+            raise InvalidArgument(f"target {q(opts.target)}: must be a tag, not a digest")
+        self.src_spec = _spec(self.src_ref, opts.source_insecure, opts.source_auth)
+        self.dst_spec = _spec(self.dst_ref, opts.target_insecure, opts.target_auth)
+        self.src = self.src_spec.client()
+        self.dst = self.dst_spec.client()
+        self.src_repo = self.src_ref.repository
+        self.dst_repo = self.dst_ref.repository
+        self.pushed: dict[str, cf.Future[str]] = {}
+        self.push_pool = cf.ThreadPoolExecutor(4, thread_name_prefix="push")
+
+    def close(self) -> None:
+        self.push_pool.shutdown(wait=True, cancel_futures=True)
+        self.src.close()
+        self.dst.close()
+
+    # ---------------------------------------------------------------- source
+    def resolve(self) -> tuple[dict[str, Any] | None, bytes | None, list[img.SourceImage]]:
+        what = f"source image {self.src_ref}"
+        try:
+            top = self.src.get_manifest(self.src_repo, self.src_ref.object)
+        except NotFound as err:
+            raise NotFound(f"{what}: not found ({err})") from err
+        except Unauthorized as err:
+            raise Unauthorized(f"{what}: access denied ({err})", status=err.status) from err
+        platform = img.parse_platform(self.opts.platform) if self.opts.platform else None
+        if top.media_type in media.INDEX_TYPES:
+            index = json.loads(top.data)
+            images = []
+            for d in img.select_manifests(index, platform, self.opts.all_platforms):
+                m = self.src.get_manifest(self.src_repo, d["digest"])
+                si = img.parse_manifest(m.media_type, m.digest, m.data)
+                si.platform = dict(d.get("platform") or {}) or None
+                images.append(si)
+            return index, top.data, images
+        return None, None, [img.parse_manifest(top.media_type, top.digest, top.data)]
+
+    # ---------------------------------------------------------------- pushing
+    def push_blob(self, digest: str, source: Any, size: int) -> cf.Future[str]:
+        fut = self.pushed.get(digest)
+        if fut is None:
+            fut = self.push_pool.submit(self.dst.push_blob, self.dst_repo, source, digest,
+                                        size=size)
+            self.pushed[digest] = fut
+        return fut
+
+    # ---------------------------------------------------------------- main
+    def run(self) -> ConvertReport:
+        t0 = time.monotonic()
+        opts = self.opts
+        opts.build.validate()
+        src_index, src_index_bytes, images = self.resolve()
+        for si in images:
+            img.attach_config(si, _fetch_small_blob(self.src, self.src_repo,
+                                                    str(si.config["digest"])))
+        self.rep.info(f"source {self.src_ref}: {len(images)} manifest(s), "
+                      f"{sum(len(si.layers) for si in images)} layer(s)")
+        results = self.convert_layers(images)
+        outputs: list[tuple[img.SourceImage, bytes, dict[str, Any], str, dict[str, Any]]] = []
+        for si in images:
+            outputs.append(self.finish_image(si, results))
+        for fut in list(self.pushed.values()):
+            fut.result()  # every blob is in the target before any manifest
+        multi = len(outputs) > 1 or opts.merge_platform
+        final_digest = ""
+        if not multi:
+            si, mbytes, mdoc, _, _ = outputs[0]
+            final_digest = self.dst.put_manifest(self.dst_repo, self.dst_ref.object,
+                                                 mdoc["mediaType"], mbytes)
+        else:
+            entries = []
+            for si, mbytes, mdoc, mdigest, _ in outputs:
+                self.dst.put_manifest(self.dst_repo, mdigest, mdoc["mediaType"], mbytes)
+                entries.append(img.nydus_index_entry(mbytes, mdoc, mdigest, si.platform))
+            if opts.merge_platform:
+                self.copy_source_manifests(images, src_index)
+                source_entries = [{**si.descriptor(), "platform": si.platform or {}}
+                                  for si in images]
+                index = img.merged_index(src_index, source_entries, entries)
+            else:
+                index = {"schemaVersion": 2, "mediaType": media.OCI_INDEX,
+                         "manifests": [{k: v for k, v in e.items() if k != "artifactType"}
+                                       for e in entries]}
+                for e in index["manifests"]:
+                    e["platform"] = {k: v for k, v in e["platform"].items()
+                                     if k != "os.features"}
+            final_digest = self.dst.put_manifest(self.dst_repo, self.dst_ref.object,
+                                                 media.OCI_INDEX, img.dumps(index))
+        report = ConvertReport(
+            source=str(self.src_ref), target=str(self.dst_ref), target_digest=final_digest,
+            seconds=round(time.monotonic() - t0, 3), workers=self.workers,
+            images=[o[4] for o in outputs])
+        self.rep.info(f"target {self.dst_ref}: pushed {final_digest} "
+                      f"in {report.seconds:.2f}s")
+        return report
+
+    # ---------------------------------------------------------------- layers
+    def convert_layers(self, images: Sequence[img.SourceImage]) -> dict[str, LayerResult]:
+        layers: dict[str, img.LayerDesc] = {}
+        for si in images:
+            for lyr in si.layers:
+                layers.setdefault(lyr.digest, lyr)
+        order = list(layers)
+        jobs = [LayerJob(i, self.src_repo, layers[d], self.src_spec, self.opts.build,
+                         self.opts.cache_dir) for i, d in enumerate(order)]
+        n = self.opts.workers or os.cpu_count() or 1
+        self.workers = max(1, min(n, len(jobs)))
+        for job in jobs:
+            self.rep.layer_started(job.layer.digest, job.layer.digest, job.layer.size)
+        ctx = multiprocessing.get_context("spawn")
+        progress_q: Any = ctx.Queue()
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                try:
+                    index, event, value = progress_q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                except (EOFError, OSError):
+                    return
+                if event == "bytes":
+                    self.rep.layer_bytes(order[index], value)
+
+        drainer = threading.Thread(target=drain, name="convert-progress", daemon=True)
+        drainer.start()
+        results: dict[str, LayerResult] = {}
+        try:
+            with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                        initargs=(progress_q,)) as pool:
+                futs = {pool.submit(_worker_run, job): job for job in jobs}
+                try:
+                    for fut in cf.as_completed(futs):
+                        res = fut.result()
+                        results[res.source_digest] = res
+                        self.rep.layer_done(res.source_digest, asdict(res))
+                        self.push_blob(res.blob_digest, res.blob_path(self.opts.cache_dir),
+                                       res.blob_size)
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+        finally:
+            stop.set()
+            drainer.join(timeout=2)
+            progress_q.close()
+        return results
+
+    # ---------------------------------------------------------------- one image
+    def finish_image(self, si: img.SourceImage, results: dict[str, LayerResult]
+                     ) -> tuple[img.SourceImage, bytes, dict[str, Any], str, dict[str, Any]]:
+        opts = self.opts
+        layer_results = [results[lyr.digest] for lyr in si.layers]
+        tmp_dir = os.path.join(opts.cache_dir, "tmp")
+        os.makedirs(tmp_dir, exist_ok=True)
+        boot_path = os.path.join(tmp_dir, f"image-{os.getpid()}-{si.digest.split(':')[1][:16]}.boot")
+        try:
+            merged = merge_layers([r.bootstrap for r in layer_results], boot_path,
+                                  prefetch_files=opts.build.prefetch_files)
+            with open(boot_path, "rb") as f:
+                boot = f.read()
+        finally:
+            try:
+                os.unlink(boot_path)
+            except FileNotFoundError:
+                pass
+        blobs = [img.BlobLayer(r.blob_digest, r.blob_size) for r in layer_results]
+        layer_ids = {b.digest.split(":", 1)[1] for b in blobs}
+        for blob_id in merged.blob_ids:  # chunk-dict blobs join the manifest, as upstream
+            if blob_id not in layer_ids:
+                digest = "sha256:" + blob_id
+                try:
+                    size = self.dst.head_blob(self.dst_repo, digest).size
+                except NotFound:
+                    raise FailedPrecondition(
+                        f"chunk dict blob {digest} is not in target {self.dst_ref.name}; "
+                        "push the chunk dict image there first") from None
+                blobs.append(img.BlobLayer(digest, size))
+                layer_ids.add(blob_id)
+        bl = bootstrap_layer(boot)
+        self.push_blob(bl.digest, bl.data, len(bl.data))
+        config = img.nydus_config(si.config_doc, blobs, bl.diff_id)
+        cbytes = img.dumps(config)
+        cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()
+        self.push_blob(cdigest, cbytes, len(cbytes))
+        subject = si.descriptor() if opts.with_referrer else None
+        mdoc = img.nydus_manifest(
+            si, blobs, img.BlobLayer(bl.digest, len(bl.data)),
+            img.BlobLayer(cdigest, len(cbytes)), fs_version=opts.build.fs_version,
+            oci=opts.oci or None, merge_platform=opts.merge_platform, subject=subject)
+        mbytes = img.dumps(mdoc)
+        mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
+        summary = {
+            "platform": si.platform, "source_manifest": si.digest, "manifest": mdigest,
+            "bootstrap": {"digest": bl.digest, "size": len(bl.data),
+                          "bootstrap_size": merged.size},
+            "layers": [
+                {"source_digest": r.source_digest, "source_size": r.source_size,
+                 "blob_digest": r.blob_digest, "blob_size": r.blob_size, "chunks": r.chunks,
+                 "chunks_written": r.chunks_written, "bytes_in": r.bytes_in,
+                 "deduplicated_bytes": r.dedup_bytes + merged.shared_bytes[i],
+                 "shared_with_lower_layers_bytes": merged.shared_bytes[i],
+                 "seconds": r.seconds, "cached": r.cached}
+                for i, r in enumerate(layer_results)],
+        }
+        return si, mbytes, mdoc, mdigest, summary
+
+    # ---------------------------------------------------------------- merge-platform
+    def copy_source_manifests(self, images: Sequence[img.SourceImage],
+                              src_index: dict[str, Any] | None) -> None:
+        """With --merge-platform the index must be complete in the target repository:
+        copy the source manifests (and their blobs) the target lacks."""
+        same_registry = self.src_spec.host == self.dst_spec.host
+        if same_registry and self.src_repo == self.dst_repo:
+            return
+        digests = [str(d["digest"]) for d in (src_index or {}).get("manifests") or []] \
+            if src_index is not None else [si.digest for si in images]
+        for digest in digests:
+            try:
+                self.dst.head_manifest(self.dst_repo, digest)
+                continue
+            except NotFound:
+                pass
+            m = self.src.get_manifest(self.src_repo, digest)
+            doc = json.loads(m.data)
+            for d in [doc.get("config")] + list(doc.get("layers") or []):
+                if not d:
+                    continue
+                dg, size = str(d["digest"]), int(d["size"])
+                if self.dst.blob_exists(self.dst_repo, dg):
+                    continue
+                if same_registry and self.dst.mount_blob(self.dst_repo, dg, self.src_repo):
+                    continue
+                data = _fetch_small_blob(self.src, self.src_repo, dg)
+                self.dst.push_blob(self.dst_repo, data, dg, size=size)
+            self.dst.put_manifest(self.dst_repo, digest, m.media_type, m.data)
+
+
+def convert(opts: ConvertOptions, reporter: Reporter | None = None) -> ConvertReport:
+    """Convert ``opts.source`` into a Nydus image tagged ``opts.target``.
+
+    Idempotent: converting again pushes the same manifest (nothing converted or
+    uploaded when the cache and the target have everything). The target tag is
+    written last; any error before leaves it untouched.
+    """
+    rep = reporter or NullReporter()
+    run = _Run(opts, rep)
+    try:
+        report = run.run()
+    finally:
+        run.close()
+        rep.close()
+    if opts.output_json:
+        with open(opts.output_json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    return report

@@ -1,0 +1,275 @@
+"""Convert one source layer into one Nydus blob, with a local cache of results.
+
+A :class:`LayerJob` is everything a worker process needs (picklable values only):
+where the layer lives, how to build, where the cache is. :func:`convert_layer`
+streams the layer blob from the registry straight into the RAFS builder
+(``tar-rafs``; gzip/zstd undone on the fly, nothing unpacked to disk, memory
+bounded by one chunk plus the tar reader's buffer), then packs the inline blob
+(:mod:`.pack`) and rewrites the per-layer bootstrap so that its blob table names
+the pushed blob's digest.
+
+The source digest is verified: the stream is drained to its end after the tar's
+end-of-archive marker, which makes the registry client compare the sha256 of every
+byte received with the layer digest (DigestMismatch otherwise; the partial blob is
+removed by the builder and nothing enters the cache).
+
+Cache layout under ``cache_dir`` (safe to share between runs; entries are written
+atomically and the entry's JSON last, so a crash leaves no half entry)::
+
+    layers/<key>.json      LayerResult of a finished conversion
+    blobs/<sha256 hex>     pushable inline blobs (content addressed)
+    bootstraps/<hex>.boot  per-layer bootstrap whose blob table names blobs/<hex>
+
+``key`` hashes the source layer digest with every build option that changes the
+output (fs version, compressor, chunk size, digester, chunk dict content,
+prefetch list), so a second convert of the same image converts nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pynydus.errors import InvalidArgument
+from pynydus.rafs.builder import build
+from pynydus.rafs.compress import parse_compressor, parse_digester
+from pynydus.rafs.merge import load_bootstrap
+from pynydus.rafs.v6writer import V6Options, write_bootstrap
+from pynydus.rafs.tarstream import normalize_path
+
+from .image import LayerDesc
+from .pack import inline_bootstrap
+
+__all__ = ["BuildOptions", "LayerJob", "LayerResult", "RegistrySpec", "cache_key", "convert_layer"]
+
+CACHE_FORMAT = 1
+Progress = Callable[[int, str, int], None]
+"""(layer index, event, value): "bytes" with a byte count, "done" with 0."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Builder knobs that shape the output (and therefore the cache key)."""
+
+    fs_version: int = 6
+    compressor: str = "zstd"      # nydusify's default
+    chunk_size: int = 0x100000    # nydusify's default (1 MiB)
+    digester: str = "blake3"
+    chunk_dict: str | None = None  # path of a chunk dict bootstrap
+    chunk_dict_digest: str = ""    # sha256 of that file: part of the cache key
+    prefetch_files: tuple[str, ...] = ("/",)  # upstream: prefetch policy fs, pattern "/"
+
+    def validate(self) -> None:
+        if self.fs_version != 6:
+            raise InvalidArgument(f"fs version {self.fs_version}: only 6 can be built")
+        parse_compressor(self.compressor)
+        parse_digester(self.digester)
+        if self.chunk_size & (self.chunk_size - 1) or not 0x1000 <= self.chunk_size <= 0x1000000:
+            raise InvalidArgument(
+                f"chunk size {self.chunk_size:#x}: must be a power of two in [0x1000, 0x1000000]")
+
+
+@dataclass(frozen=True)
+class RegistrySpec:
+    """How a worker process reaches a registry (a client cannot cross processes)."""
+
+    host: str
+    scheme: str
+    insecure: bool = False
+    auth: str | None = None  # base64 user:password, nydusd's form
+    retry_limit: int = 3
+    timeout: float = 60.0
+
+    def client(self) -> Any:
+        from pynydus.registry import RegistryClient
+
+        return RegistryClient(self.host, scheme=self.scheme, skip_verify=self.insecure,
+                              auth=self.auth, retry_limit=self.retry_limit,
+                              timeout=self.timeout, connect_timeout=10.0)
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    index: int
+    repo: str
+    layer: LayerDesc
+    registry: RegistrySpec
+    options: BuildOptions
+    cache_dir: str
+
+
+@dataclass
+class LayerResult:
+    """One converted layer, as stored in the cache and reported in the summary."""
+
+    source_digest: str
+    source_size: int
+    blob_digest: str
+    blob_size: int
+    bootstrap: str        # per-layer bootstrap path (blob table names blob_digest)
+    has_data: bool        # the blob holds chunks (it is in the merged blob table)
+    chunks: int           # chunks referenced by the layer's files
+    chunks_written: int
+    bytes_in: int         # file data read from the layer
+    compressed_bytes: int
+    dedup_bytes: int      # file data not written again (same layer or chunk dict)
+    seconds: float
+    cached: bool = False
+    index: int = -1
+    warnings: list[str] = field(default_factory=list)
+
+    def blob_path(self, cache_dir: str) -> str:
+        return os.path.join(cache_dir, "blobs", self.blob_digest.split(":", 1)[1])
+
+
+def cache_key(layer_digest: str, opts: BuildOptions) -> str:
+    doc = {"format": CACHE_FORMAT, "layer": layer_digest, "fs_version": opts.fs_version,
+           "compressor": parse_compressor(opts.compressor).name,
+           "chunk_size": opts.chunk_size, "digester": parse_digester(opts.digester).name,
+           "chunk_dict": opts.chunk_dict_digest, "prefetch": list(opts.prefetch_files)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _entry_path(cache_dir: str, key: str) -> str:
+    return os.path.join(cache_dir, "layers", key + ".json")
+
+
+def lookup_cache(cache_dir: str, layer_digest: str, opts: BuildOptions) -> LayerResult | None:
+    """The cached result for a layer, if complete (its blob and bootstrap exist)."""
+    path = _entry_path(cache_dir, cache_key(layer_digest, opts))
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        res = LayerResult(**doc)
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+    if not (os.path.exists(res.blob_path(cache_dir)) and os.path.exists(res.bootstrap)):
+        return None
+    res.cached = True
+    return res
+
+
+class _StreamReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks that reports progress."""
+
+    def __init__(self, chunks: Iterator[bytes], report: Callable[[int], None]) -> None:
+        self._it = chunks
+        self._buf = b""
+        self._report = report
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return 0
+            self.total += len(self._buf)
+            self._report(len(self._buf))
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResult:
+    """Convert ``job.layer`` (or return the cached result). Idempotent.
+
+    Costs one streamed GET of the layer blob and one pass of the builder; a cache
+    hit costs nothing on the network. Errors leave no cache entry and no temp file.
+    """
+    opts = job.options
+    cached = lookup_cache(job.cache_dir, job.layer.digest, opts)
+    if cached is not None:
+        cached.index = job.index
+        if progress:
+            progress(job.index, "done", 0)
+        return cached
+    t0 = time.monotonic()
+    blobs_dir = os.path.join(job.cache_dir, "blobs")
+    boots_dir = os.path.join(job.cache_dir, "bootstraps")
+    for d in (blobs_dir, boots_dir, os.path.join(job.cache_dir, "layers"),
+              os.path.join(job.cache_dir, "tmp")):
+        os.makedirs(d, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="layer-", dir=os.path.join(job.cache_dir, "tmp"))
+    try:
+        def report(n: int) -> None:
+            if progress:
+                progress(job.index, "bytes", n)
+
+        with job.registry.client() as client:
+            chunks = client.get_blob(job.repo, job.layer.digest)
+            raw = _StreamReader(chunks, report)
+            stream = io.BufferedReader(raw, buffer_size=1 << 20)
+            raw_boot = os.path.join(work, "layer.boot")
+            result = build(
+                stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,
+                compressor=opts.compressor, digester=opts.digester, chunk_size=opts.chunk_size,
+                chunk_dict=opts.chunk_dict, prefetch_files=opts.prefetch_files,
+                whiteout_spec="none")
+            # Drain to the end: the client checks the layer digest after the last byte.
+            while stream.read(1 << 20):
+                pass
+            if raw.total != job.layer.size:
+                raise InvalidArgument(
+                    f"layer {job.layer.digest}: registry sent {raw.total} bytes, "
+                    f"manifest says {job.layer.size}")
+        new = [b for b in result.blobs if b.new]
+        builder_blob = new[0].path if new else None
+        with open(raw_boot, "rb") as f:
+            layer_boot = f.read()
+        blob = inline_bootstrap(builder_blob, layer_boot, blobs_dir)
+        boot_out = os.path.join(boots_dir, blob.digest.split(":", 1)[1] + ".boot")
+        _retarget_bootstrap(raw_boot, boot_out, new[0].blob_id if new else None, blob, opts)
+        res = LayerResult(
+            source_digest=job.layer.digest, source_size=job.layer.size,
+            blob_digest=blob.digest, blob_size=blob.size, bootstrap=boot_out,
+            has_data=bool(new), chunks=result.chunk_count, chunks_written=result.chunks_written,
+            bytes_in=result.bytes_in, compressed_bytes=result.compressed_bytes,
+            dedup_bytes=result.dedup_bytes, seconds=round(time.monotonic() - t0, 3),
+            index=job.index, warnings=list(result.warnings))
+        entry = _entry_path(job.cache_dir, cache_key(job.layer.digest, opts))
+        tmp_entry = entry + f".{os.getpid()}.tmp"
+        with open(tmp_entry, "w") as f:
+            json.dump(asdict(res), f, indent=1)
+        os.replace(tmp_entry, entry)
+        if progress:
+            progress(job.index, "done", 0)
+        return res
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _retarget_bootstrap(src: str, dst: str, builder_id: str | None, blob: Any,
+                        opts: BuildOptions) -> None:
+    """Rewrite a per-layer bootstrap so that its own blob carries the pushed digest.
+
+    The builder names a blob by the sha256 of the builder's file; the registry
+    holds the inline blob (builder blob + bootstrap + new TOC), so id, TOC size
+    and TOC digest change. ``compressed_size`` stays the end of the builder's
+    blob, which is where upstream's inline blobs record it too.
+    """
+    if builder_id is None:
+        shutil.copyfile(src, dst)
+        return
+    img = load_bootstrap(src)
+    for b in img.blobs:
+        if b.blob_id == builder_id:
+            b.blob_id = blob.digest.split(":", 1)[1]
+            b.blob_toc_size = blob.toc_size
+            b.blob_toc_digest = blob.toc_digest
+            b.compressed_size = blob.data_end
+    write_bootstrap(img.tree, img.blobs, dst, V6Options(
+        chunk_size=img.chunk_size, compressor=img.compressor, digester=img.digester,
+        prefetch=tuple(normalize_path(os.fsencode(p)) for p in opts.prefetch_files)))
