@@ -142,3 +142,22 @@ def full_image(session_dir: Path) -> Image:
     src = session_dir / "full-src"
     make_full_tree(src)
     return build_image(src, session_dir / "full")
+
+
+BIG_FILES = 190  # 190 MiB of incompressible 1 MiB files + one 8 MiB file ≈ 200 MB
+TARGET = "apps/target.bin"  # the 1 MiB file the laziness tests read
+
+
+@pytest.fixture(scope="session")
+def big_image(session_dir: Path) -> Image:
+    """≈200 MB image of incompressible files (so compressed bytes = file bytes): the
+    laziness tests read one 1 MiB file of it and count what was fetched."""
+    src = session_dir / "big-src"
+    for d in ("data", "apps"):
+        (src / d).mkdir(parents=True)
+    os.chmod(src, 0o755)
+    for i in range(BIG_FILES):
+        (src / "data" / f"f{i:03d}").write_bytes(os.urandom(1 << 20))
+    (src / TARGET).write_bytes(os.urandom(1 << 20))
+    (src / "apps/large.bin").write_bytes(os.urandom(8 << 20))
+    return build_image(src, session_dir / "big")

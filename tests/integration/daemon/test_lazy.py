@@ -1,0 +1,107 @@
+"""Lazy pulling: the daemon fetches the chunks a read needs, once, and keeps them.
+
+Contract (checked by two independent witnesses, the daemon's backend metrics and the
+registry's own access log): reading one 1 MiB file of a ≈200 MB image fetches about
+that file's chunks; reading it again fetches nothing (blob cache, not only the page
+cache: the file's pages are dropped in between); a restarted daemon with the same
+cache ``work_dir`` fetches nothing for chunks it already has.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.registry import Registry
+
+from .conftest import TARGET, Image, StartFn, registry_config
+from .test_registry import push
+
+REPO = "daemon/big"
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big_registry(big_image: Image) -> Iterator[Registry]:
+    with Registry() as reg:
+        push(reg.host, big_image, REPO)
+        yield reg
+
+
+def drop_file_pages(path: Path) -> None:
+    """Evict one file's pages from the kernel page cache (not the whole machine's)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_one_file_fetches_its_chunks_once_and_survives_restart(
+        big_image: Image, big_registry: Registry, start_daemon: StartFn,
+        workdir: Path) -> None:
+    digest = f"sha256:{big_image.blob_id}"
+    cfg = registry_config(big_registry.host, REPO, workdir / "cache")
+    want = (big_image.src / TARGET).read_bytes()
+    gets0 = big_registry.blob_gets(digest)
+
+    d = start_daemon(bootstrap=big_image.bootstrap, config=cfg)
+    assert len(list((d.mountpoint / "data").iterdir())) == 190  # metadata: no fetch
+    assert d.backend_metrics()["read_count"] == 0
+    assert (d.mountpoint / TARGET).read_bytes() == want
+    m = d.backend_metrics()
+    # about that file's chunks: 1 MiB, at most one more amplify_io window (1 MiB)
+    assert MiB <= m["read_amount_total"] <= 2 * MiB + 64 * 1024, m
+    assert 1 <= m["read_count"] <= 3, m
+    gets1 = big_registry.blob_gets(digest)
+    assert gets1 - gets0 == m["read_count"]  # the registry saw exactly those requests
+    total = big_image.result.blobs[-1].compressed_size
+    assert total > 190 * MiB and m["read_amount_total"] < total / 50
+
+    # again, with the file's page cache dropped: served from the blob cache
+    hits = d.get("/api/v1/metrics/blobcache")["whole_hits"]
+    drop_file_pages(d.mountpoint / TARGET)
+    assert (d.mountpoint / TARGET).read_bytes() == want
+    assert d.backend_metrics()["read_count"] == m["read_count"]
+    assert d.get("/api/v1/metrics/blobcache")["whole_hits"] > hits
+    assert big_registry.blob_gets(digest) == gets1
+
+    # restart: a new process, same cache work_dir
+    d.stop()
+    d2 = start_daemon("again", bootstrap=big_image.bootstrap, config=cfg)
+    assert (d2.mountpoint / TARGET).read_bytes() == want
+    assert d2.backend_metrics()["read_count"] == 0
+    assert big_registry.blob_gets(digest) == gets1
+    # ... while a file never read is still fetched (the backend is live)
+    assert (d2.mountpoint / "data/f007").read_bytes() == \
+        (big_image.src / "data/f007").read_bytes()
+    assert d2.backend_metrics()["read_count"] >= 1
+    assert big_registry.blob_gets(digest) > gets1
+
+
+def test_concurrent_readers_of_one_file_fetch_it_once(
+        big_image: Image, big_registry: Registry, start_daemon: StartFn,
+        workdir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = start_daemon(bootstrap=big_image.bootstrap,
+                     config=registry_config(big_registry.host, REPO, workdir / "cache"))
+    path = d.mountpoint / "apps/large.bin"
+    want = (big_image.src / "apps/large.bin").read_bytes()
+
+    def read_at(off: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, MiB, off)
+        finally:
+            os.close(fd)
+
+    offsets = [(i % 8) * MiB for i in range(32)]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(read_at, offsets))
+    assert all(g == want[o:o + MiB] for g, o in zip(got, offsets))
+    m = d.backend_metrics()
+    assert m["read_amount_total"] <= 8 * MiB + 64 * 1024, m  # each chunk fetched once
