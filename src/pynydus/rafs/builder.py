@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
-from pynydus.rafs.chunker import DEFAULT_CHUNK_SIZE, BlobDesc, BlobWriter, ChunkDict, ChunkRef
+from pynydus.rafs.chunker import (
+    DEFAULT_CHUNK_SIZE,
+    BlobDesc,
+    BlobStats,
+    BlobWriter,
+    ChunkDict,
+    ChunkRef,
+)
 from pynydus.rafs.compress import Compressor, Digester, parse_compressor, parse_digester
 from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
 from pynydus.rafs.merge import (
@@ -32,6 +39,7 @@ from pynydus.rafs.merge import (
     load_bootstrap,
     overlay,
 )
+from pynydus.rafs.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.tree import Tree
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 
@@ -91,9 +99,9 @@ def _source_for(source: Any, type: str) -> Iterable[tuple[Any, Any]]:
         return DirSource(source)
     if type in ("tar-rafs", "targz-rafs"):
         return TarSource(source)
-    if type == "tar-tarfs":
-        raise NotImplementedFeature("source type tar-tarfs is not implemented yet")
-    raise InvalidArgument(f"unknown source type {type!r}: expected dir-rafs, tar-rafs, targz-rafs")
+    raise InvalidArgument(
+        f"unknown source type {type!r}: expected dir-rafs, tar-rafs, targz-rafs or tar-tarfs"
+    )
 
 
 def build_tree(
@@ -122,6 +130,16 @@ def build_tree(
         tree.apply(entry, refs)
 
 
+def _build_tarfs_tree(entries: TarSource, blob: TarfsBlob, tree: Tree) -> None:
+    """Tarfs variant of :func:`build_tree`: chunks point into the tar itself."""
+    for entry, reader in entries:
+        refs: list[ChunkRef] | None = None
+        is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
+        if entry.type == EntryType.REG and not is_whiteout:
+            refs = blob.add_file(entry, reader)
+        tree.apply(entry, refs)
+
+
 def build(
     source: str | os.PathLike[str] | BinaryIO,
     bootstrap_out: str | os.PathLike[str],
@@ -142,7 +160,9 @@ def build(
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
     ``source`` is a directory (``dir-rafs``) or a layer tar, plain/gzip/zstd by magic
-    (``tar-rafs``/``targz-rafs``; a file object works too). The blob is named by its
+    (``tar-rafs``/``targz-rafs``; a file object works too). ``tar-tarfs`` makes the
+    uncompressed tar itself the blob (512-byte blocks, sha256, no compression; the
+    kernel mounts it directly; spec §1.15). The blob is named by its
     sha256 and omitted when the image has no file data. ``chunk_dict`` (a
     digest→ChunkRef mapping, or a bootstrap path) dedups against existing blobs, which
     then join the blob table. ``parent_bootstrap`` makes the result the parent image
@@ -158,6 +178,12 @@ def build(
     dig = parse_digester(digester)
     if comp == Compressor.GZIP:
         raise InvalidArgument("compressor gzip is only used for zran data; choose none, lz4_block or zstd")
+    tarfs = type == "tar-tarfs"
+    if tarfs:
+        if chunk_dict is not None or parent_bootstrap is not None:
+            raise InvalidArgument("tar-tarfs layers take no chunk dict or parent; merge them instead")
+        # The blob is the raw tar: nothing is compressed, and upstream forces sha256.
+        comp, dig = Compressor.NONE, Digester.SHA256
     dict_map = _load_chunk_dict(chunk_dict)
     parent: LoadedImage | None = None
     if parent_bootstrap is not None:
@@ -171,17 +197,33 @@ def build(
         # The parent's chunks dedup the new layer too (upstream's layered chunk dict).
         dict_map = {**chunk_dict_from_tree(parent.tree), **dict_map}
 
-    entries = _source_for(source, type)
     tree = Tree(whiteout_spec)
-    writer = BlobWriter(
-        blob_dir, compressor=comp, digester=dig, chunk_size=chunk_size, chunk_dict=dict_map
-    )
-    try:
-        build_tree(entries, writer, tree, strict_sizes=type != "dir-rafs")
-        desc = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
+    writer: BlobWriter | TarfsBlob
+    if tarfs:
+        writer = TarfsBlob(blob_dir, chunk_size)
+        try:
+            _build_tarfs_tree(TarSource(source, tee=writer), writer, tree)
+            desc: BlobDesc | None = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        st = BlobStats(
+            bytes_in=writer.bytes_in,
+            chunks_in=writer.chunks,
+            chunks_written=writer.chunks,
+            compressed_bytes=writer.bytes_in,
+        )
+    else:
+        writer = BlobWriter(
+            blob_dir, compressor=comp, digester=dig, chunk_size=chunk_size, chunk_dict=dict_map
+        )
+        try:
+            build_tree(_source_for(source, type), writer, tree, strict_sizes=type != "dir-rafs")
+            desc = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        st = writer.stats
 
     if parent is not None:
         overlay(parent.tree.root, tree.root)  # whiteouts of the new layer hide parent entries
@@ -200,13 +242,14 @@ def build(
                 digester=dig,
                 compact_inodes=compact_inodes,
                 prefetch=prefetch,
+                block_size=TARFS_BLOCK_SIZE if tarfs else 4096,
+                tarfs=tarfs,
             ),
         )
     except BaseException:
         if writer.path:
             os.unlink(writer.path)
         raise
-    st = writer.stats
     warnings = [
         f"xattr {name!r} of {path!r} has no RAFS v6 prefix; skipped"
         for path, name in tree.skipped_xattrs

@@ -240,6 +240,24 @@ def _tar_xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
     return out
 
 
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+class _Tee:
+    """Read-through wrapper that copies every byte read into ``sink`` (tarfs blobs)."""
+
+    def __init__(self, inner: BinaryIO, sink: _Sink) -> None:
+        self._inner = inner
+        self._sink = sink
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._inner.read(n)
+        if data:
+            self._sink.write(data)
+        return data
+
+
 class _TarData:
     """File data of one tar member; a truncated or corrupt stream is a FormatError."""
 
@@ -257,16 +275,21 @@ class _TarData:
 class TarSource:
     """Iterate an OCI layer tar (plain, gzip or zstd) as ``(Entry, DataReader | None)``.
 
-    ``source`` is a path or a readable binary file object. The tar is read once,
+    ``source`` is a path or a readable binary file object. With ``tee`` every
+    uncompressed tar byte (up to its very end) is also written there, which is how
+    a tarfs blob gets made in the same pass. The tar is read once,
     front to back; each regular file's reader must be consumed (or abandoned)
     before the iterator advances. Memory is bounded by one tar record buffer plus
     what the caller reads. Iterating twice re-opens a path source but raises
     :class:`InvalidArgument` for a file object.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO) -> None:
+    def __init__(
+        self, source: str | os.PathLike[str] | BinaryIO, *, tee: _Sink | None = None
+    ) -> None:
         self._source = source
         self._consumed = False
+        self._tee = tee
         self.compression: str | None = None
 
     def __iter__(self) -> Iterator[tuple[Entry, DataReader | None]]:
@@ -287,6 +310,8 @@ class TarSource:
         stream = open_layer(_Prefixed(head, f))  # type: ignore[arg-type]
         if not head:
             return  # an empty file is an empty layer (upstream's empty.tar fixture)
+        if self._tee is not None:
+            stream = _Tee(stream, self._tee)  # type: ignore[assignment]
         try:
             tf = tarfile.open(
                 fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
@@ -300,6 +325,10 @@ class TarSource:
                 except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as err:
                     raise FormatError(f"layer tar: {err}") from err
                 if member is None:
+                    if self._tee is not None:
+                        # The copy must be the whole tar, padding after the end marker too.
+                        while stream.read(1 << 20):
+                            pass
                     return
                 # tarfile remembers every member for random access we never use.
                 tf.members.clear()

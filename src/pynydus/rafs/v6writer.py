@@ -45,7 +45,7 @@ from pynydus.rafs.tree import Inode, Node, Tree
 
 __all__ = ["BootstrapInfo", "V6Options", "write_bootstrap"]
 
-BS = L.EROFS_BLOCK_SIZE_4096
+ALIGN = 4096  # tables and the meta area stay 4 KiB aligned for every block size
 _SEG_ALIGN = 512 * 1024  # mapped_blkaddr alignment of HEAD builders (spec §1.4)
 
 
@@ -67,6 +67,9 @@ class V6Options:
     explicit_uidgid: bool = True
     compact_inodes: bool = False
     prefetch: tuple[bytes, ...] = ()
+    # 512 for tarfs (the blob is the raw tar, addressed in tar records), else 4096.
+    block_size: int = L.EROFS_BLOCK_SIZE_4096
+    tarfs: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,13 +109,13 @@ def _dir_names(node: Node) -> list[bytes]:
     return sorted([b".", b"..", *node.children])
 
 
-def _dir_block_sizes(names: list[bytes]) -> list[int]:
+def _dir_block_sizes(names: list[bytes], bs: int) -> list[int]:
     """Used bytes per dirent block, splitting exactly like ``layout.pack_dir_blocks``."""
     sizes: list[int] = []
     used = 0
     for name in names:
         need = L.EROFS_DIRENT_SIZE + len(name)
-        if used + need > BS:
+        if used + need > bs:
             sizes.append(used)
             used = 0
         used += need
@@ -126,7 +129,8 @@ class _Planner:
         self.opts = opts
         self.slots: list[_Slot] = []
         self.by_inode: dict[int, _Slot] = {}
-        self.pos = BS  # first meta block stays empty: root nid 128
+        self.bs = opts.block_size
+        self.pos = ALIGN  # first 4 KiB of the meta area stays empty: root nid 128
         self.data_blocks = 0
         self.build_time = (0, 0)
         if opts.compact_inodes:
@@ -162,32 +166,32 @@ class _Planner:
         s = _Slot(inode, node, extended=not self._compact_ok(inode), parent=parent)
         s.xattrs = L.pack_v6_xattrs(sorted(inode.xattrs.items()))
         head = s.isize + len(s.xattrs)
-        if head > BS:
-            raise InvalidArgument(f"inode with {len(s.xattrs)} bytes of xattrs does not fit a block")
+        if len(s.xattrs) > L.xattr_ibody_size(0xFFFF):
+            raise InvalidArgument(f"inode with {len(s.xattrs)} bytes of xattrs (max ~256 KiB)")
         tail_bytes = 0  # bytes that must sit in the inode's block
         extra = 0  # bytes after the inode that may run on (chunk indexes)
         if node.is_dir:
-            sizes = _dir_block_sizes(_dir_names(node))
-            s.dir_size = (len(sizes) - 1) * BS + sizes[-1]
-            tail = s.dir_size % BS
-            if tail and head + tail <= BS:
+            sizes = _dir_block_sizes(_dir_names(node), self.bs)
+            s.dir_size = (len(sizes) - 1) * self.bs + sizes[-1]
+            tail = s.dir_size % self.bs
+            if tail and head + tail <= self.bs:
                 s.layout = L.EROFS_INODE_FLAT_INLINE
                 s.inline_size = tail
-                s.data_blocks = s.dir_size // BS
+                s.data_blocks = s.dir_size // self.bs
             else:
                 s.layout = L.EROFS_INODE_FLAT_PLAIN
-                s.data_blocks = _align(s.dir_size, BS) // BS
+                s.data_blocks = _align(s.dir_size, self.bs) // self.bs
             tail_bytes = s.inline_size
         elif stat.S_ISLNK(inode.mode):
             n = len(inode.link)
             if not 0 < n <= L.RAFS_MAX_SYMLINK:
                 raise InvalidArgument(f"symlink target of {n} bytes (must be 1..4096)")
-            if head + n <= BS:
+            if head + n <= self.bs:
                 s.layout = L.EROFS_INODE_FLAT_INLINE
                 s.inline_size = n
             else:
                 s.layout = L.EROFS_INODE_FLAT_PLAIN
-                s.data_blocks = 1
+                s.data_blocks = -(-n // self.bs)  # several blocks with 512-byte blocks
             tail_bytes = s.inline_size
         elif stat.S_ISREG(inode.mode):
             s.layout = L.EROFS_INODE_CHUNK_BASED
@@ -197,10 +201,11 @@ class _Planner:
                     f"regular file of {inode.size} bytes has {len(inode.chunks)} chunks"
                 )
             extra = (_align(head, 8) - head) + 8 * n_chunks
-        # Keep inode + xattrs + inline data inside one block.
+        # Inline data must end in the inode's block (the kernel rejects a tail that
+        # crosses); we also keep inode + xattrs in one block whenever they fit one.
         pos = _align(self.pos, L.EROFS_INODE_SLOT_SIZE)
-        if pos % BS + head + tail_bytes > BS:
-            pos = _align(pos, BS)
+        if pos % self.bs + head + tail_bytes > self.bs and head + tail_bytes <= self.bs:
+            pos = _align(pos, self.bs)
         s.offset = pos
         self.pos = pos + head + tail_bytes + extra
         if s.data_blocks:
@@ -248,14 +253,15 @@ def write_bootstrap(
 
     n_dev = len(blobs)
     devt_end = L.RAFS_V6_DEVTABLE_OFFSET + n_dev * L.EROFS_DEVT_SLOT_SIZE
-    blob_tbl_off = _align(devt_end, BS)
+    bs = opts.block_size
+    blob_tbl_off = _align(devt_end, ALIGN)
     blob_tbl_size = n_dev * L.RAFS_V6_BLOB_ENTRY_SIZE
     pf_off = blob_tbl_off + blob_tbl_size
     pf_size = 4 * len(pf_nodes)
-    meta_base = _align(pf_off + pf_size, BS)
-    meta_blkaddr = meta_base // BS
-    data_base = _align(meta_base + planner.pos, BS)
-    data_blk0 = data_base // BS
+    meta_base = _align(pf_off + pf_size, ALIGN)
+    meta_blkaddr = meta_base // bs
+    data_base = _align(meta_base + planner.pos, bs)
+    data_blk0 = data_base // bs
 
     for ino, s in enumerate(slots, start=1):
         s.inode.nid = s.offset // L.EROFS_INODE_SLOT_SIZE
@@ -265,24 +271,26 @@ def write_bootstrap(
         raise InvalidArgument(f"root nid {root_nid} does not fit the superblock")
 
     # Chunk table: one record per distinct (digest, blob), sorted like upstream.
-    table: dict[tuple[bytes, int], ChunkRef] = {}
+    table: dict[tuple[bytes, int, int], ChunkRef] = {}
     for s in slots:
         for c in s.inode.chunks:
-            table.setdefault((c.digest, index_of(c)), c)
+            # (digest, blob) is unique for deduplicated blobs; tarfs repeats digests.
+            table.setdefault((c.digest, index_of(c), c.ci_index), c)
     chunk_keys = sorted(table)
-    chunk_tbl_off = data_base + planner.data_blocks * BS
+    chunk_tbl_off = _align(data_base + planner.data_blocks * bs, ALIGN)
     chunk_tbl_size = len(chunk_keys) * L.RAFS_V6_CHUNK_INFO_SIZE
-    total = _align(chunk_tbl_off + chunk_tbl_size, BS)
+    total = _align(chunk_tbl_off + chunk_tbl_size, ALIGN)
     if not chunk_keys:
         chunk_tbl_off = 0
-        total = _align(data_base + planner.data_blocks * BS, BS)
+        total = _align(data_base + planner.data_blocks * bs, ALIGN)
 
     buf = bytearray(total)
-    chunk_fmt = L.chunk_format(opts.chunk_size.bit_length() - 1)
+    blkszbits = bs.bit_length() - 1
+    chunk_fmt = L.chunk_format(opts.chunk_size.bit_length() - 1, blkszbits)
     has_xattr = False
     for s in slots:
         has_xattr |= bool(s.xattrs)
-        _write_inode(buf, s, meta_base, data_blk0, chunk_fmt, planner.by_inode, index_of)
+        _write_inode(buf, s, meta_base, data_blk0, chunk_fmt, bs, index_of)
 
     # Chunk table.
     pos = chunk_tbl_off
@@ -312,11 +320,13 @@ def write_bootstrap(
     for i, b in enumerate(blobs):
         if len(b.blob_id) != L.BLOB_ID_LEN:
             raise InvalidArgument(f"blob id {b.blob_id!r} is not 64 hex characters")
-        if b.uncompressed_size % BS or not b.uncompressed_size:
-            raise InvalidArgument(f"blob {b.blob_id}: uncompressed size not a non-zero 4 KiB multiple")
-        cnt = b.uncompressed_size // BS
-        maddr = _align(mapped, _SEG_ALIGN) // BS
-        mapped = (maddr + cnt) * BS
+        if b.uncompressed_size % bs or not b.uncompressed_size:
+            raise InvalidArgument(
+                f"blob {b.blob_id}: uncompressed size not a non-zero multiple of {bs}"
+            )
+        cnt = b.uncompressed_size // bs
+        maddr = _align(mapped, _SEG_ALIGN) // bs
+        mapped = (maddr + cnt) * bs
         blocks_total += cnt
         all_digest &= bool(b.features & L.BlobFeatures.INLINED_CHUNK_DIGEST)
         off = L.RAFS_V6_DEVTABLE_OFFSET + i * L.EROFS_DEVT_SLOT_SIZE
@@ -337,9 +347,12 @@ def write_bootstrap(
         flags |= int(L.SuperFlags.HAS_XATTR)
     if all_digest:
         flags |= int(L.SuperFlags.INLINED_CHUNK_DIGEST)
+    if opts.tarfs:
+        flags |= int(L.SuperFlags.TARTFS_MODE)
 
     sb = L.RafsV6SuperBlock(
         root_nid=root_nid,
+        blkszbits=blkszbits,
         inos=len(slots),
         build_time=planner.build_time[0],
         build_time_nsec=planner.build_time[1],
@@ -402,7 +415,7 @@ def _write_inode(
     meta_base: int,
     data_blk0: int,
     chunk_fmt: int,
-    by_inode: dict[int, _Slot],
+    bs: int,
     index_of: Callable[[ChunkRef], int],
 ) -> None:
     inode = s.inode
@@ -424,23 +437,23 @@ def _write_inode(
             else:
                 child = node.children[name].inode
                 entries.append((name, child.nid, L.file_type_of_mode(child.mode)))
-        blocks = L.pack_dir_blocks(entries, BS)
-        assert (len(blocks) - 1) * BS + len(blocks[-1]) == size, "dirent sizing drift"
+        blocks = L.pack_dir_blocks(entries, bs)
+        assert (len(blocks) - 1) * bs + len(blocks[-1]) == size, "dirent sizing drift"
         full = blocks[:-1] if s.inline_size else blocks
         if s.inline_size:
             inline = blocks[-1]
         if full:
             u = data_blk0 + s.data_first
-            p = u * BS
+            p = u * bs
             for blk in full:
                 buf[p : p + len(blk)] = blk
-                p += BS
+                p += bs
     elif stat.S_ISLNK(inode.mode):
         if s.inline_size:
             inline = inode.link
         else:
             u = data_blk0 + s.data_first
-            buf[u * BS : u * BS + len(inode.link)] = inode.link
+            buf[u * bs : u * bs + len(inode.link)] = inode.link
     elif stat.S_ISREG(inode.mode):
         u = chunk_fmt
     elif stat.S_ISCHR(inode.mode) or stat.S_ISBLK(inode.mode):
@@ -481,7 +494,7 @@ def _write_inode(
             buf[p : p + 8] = L.RafsV6InodeChunkAddr.of(
                 index_of(c),
                 c.ci_index,
-                c.uncompressed_offset // BS,
+                c.uncompressed_offset // bs,
             ).pack()
             p += 8
 

@@ -1,0 +1,137 @@
+"""The tarfs "blob": the layer's uncompressed tar itself, addressed in 512-byte records.
+
+In tarfs mode (``nydus-image create -t tar-tarfs``, spec §1.15) nothing is
+re-encoded. The blob is the raw tar, every regular file's chunks point at its
+data inside the tar (tar data starts on a 512-byte record, so with a 512-byte
+EROFS block size a chunk address is simply ``offset / 512``), and the kernel can
+mount the bootstrap with the tar file as its device. There is no chunk-info array,
+no TOC and no dedup (two equal chunks are two places in the tar).
+
+:class:`TarfsBlob` receives the uncompressed tar bytes as they stream past (it is
+the ``tee`` of :class:`~pynydus.rafs.tarstream.TarSource`), writes them to a temp
+file in ``blob_dir`` with a running sha256 and renames the file to that digest — the
+layer's diff id — at the end. Chunk digests are sha256 of the chunk bytes (upstream
+leaves them zero; real digests cost little and keep the chunk table meaningful).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import BinaryIO
+
+from pynydus.errors import InvalidArgument, NotImplementedFeature
+from pynydus.rafs.chunker import BlobDesc, ChunkRef, ChunkSource, _read_full
+from pynydus.rafs.compress import Compressor, Digester
+from pynydus.rafs.layout import BlobFeatures
+from pynydus.rafs.tarstream import Entry
+
+__all__ = ["TARFS_BLOCK_SIZE", "TARFS_FEATURES", "TarfsBlob"]
+
+TARFS_BLOCK_SIZE = 512
+TARFS_FEATURES = int(BlobFeatures.TARFS | BlobFeatures.CAP_TAR_TOC)
+
+
+class TarfsBlob:
+    """Copy of the uncompressed tar in ``blob_dir``, named by its sha256 at :meth:`finish`.
+
+    Use :meth:`write` as the tar source's tee, :meth:`add_file` for each regular
+    file as the builder meets it, then :meth:`finish` (or :meth:`abort`, idempotent).
+    """
+
+    def __init__(self, blob_dir: str | os.PathLike[str], chunk_size: int) -> None:
+        self.blob_dir = os.fspath(blob_dir)
+        self.chunk_size = chunk_size
+        os.makedirs(self.blob_dir, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=".tarfs-", dir=self.blob_dir)
+        self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._h = hashlib.sha256()
+        self.pos = 0
+        self.chunks = 0
+        self.bytes_in = 0
+        self.desc = BlobDesc(
+            blob_id="",
+            chunk_size=chunk_size,
+            compressor=Compressor.NONE,
+            digester=Digester.SHA256,
+            features=TARFS_FEATURES,
+        )
+
+    def write(self, data: bytes) -> None:
+        """Append uncompressed tar bytes (called by the tar source as it reads)."""
+        assert self._f is not None
+        self._f.write(data)
+        self._h.update(data)
+        self.pos += len(data)
+
+    def add_file(self, entry: Entry, reader: ChunkSource) -> list[ChunkRef]:
+        """Chunk refs of a regular file's data as it lies in the tar.
+
+        Reading the data (to digest it) is also what moves it through the tee.
+        """
+        if entry.size and entry.data_offset is None:
+            raise NotImplementedFeature(
+                f"tarfs: {entry.path!r} is a sparse tar member; its data is not contiguous"
+            )
+        refs: list[ChunkRef] = []
+        done = 0
+        while done < entry.size:
+            piece = _read_full(reader, min(self.chunk_size, entry.size - done))
+            if not piece:
+                raise InvalidArgument(f"tarfs: {entry.path!r}: tar data ends early")
+            off = (entry.data_offset or 0) + done
+            refs.append(
+                ChunkRef(
+                    digest=hashlib.sha256(piece).digest(),
+                    blob=self.desc,
+                    ci_index=self.chunks,
+                    compressed_offset=off,
+                    compressed_size=len(piece),
+                    uncompressed_offset=off,
+                    uncompressed_size=len(piece),
+                    compressed=False,
+                    file_offset=done,
+                )
+            )
+            self.chunks += 1
+            done += len(piece)
+        self.bytes_in += done
+        return refs
+
+    def finish(self) -> BlobDesc:
+        """Close and rename the copy to its sha256; fill in and return the descriptor."""
+        if self._f is None:
+            raise InvalidArgument("tarfs blob already finished")
+        if self.pos % TARFS_BLOCK_SIZE:
+            raise InvalidArgument(f"tarfs: tar size {self.pos} is not a multiple of 512")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        blob_id = self._h.hexdigest()
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, os.path.join(self.blob_dir, blob_id))
+        self._tmp = ""
+        d = self.desc
+        d.blob_id = blob_id
+        d.chunk_count = self.chunks
+        d.compressed_size = d.uncompressed_size = self.pos
+        return d
+
+    @property
+    def path(self) -> str | None:
+        """Path of the finished blob (None before :meth:`finish`)."""
+        return os.path.join(self.blob_dir, self.desc.blob_id) if self.desc.blob_id else None
+
+    def abort(self) -> None:
+        """Remove the unfinished copy; safe to call any number of times."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tmp:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = ""
