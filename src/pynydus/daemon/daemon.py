@@ -109,8 +109,8 @@ class Daemon:
     def run(self) -> int:
         """Mount, serve until told to stop, unmount. Returns the exit code."""
         mp = os.path.abspath(self.opts.mountpoint)
+        clean_stale_mountpoint(mp)  # before mkdir: a dead FUSE mount cannot even be stat'ed
         os.makedirs(mp, exist_ok=True)
-        clean_stale_mountpoint(mp)
         if self.opts.apisock:
             self.api = ApiServer(self.opts.apisock, self)
             self.api.start()

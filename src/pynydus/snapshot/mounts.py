@@ -57,3 +57,31 @@ def native_mounts(
     options.append("lowerdir=" + ":".join(parent_uppers))
     options.extend(extra_options)
     return [Mount("overlay", "overlay", tuple(options))]
+
+
+def remote_mounts(
+    kind: Kind,
+    upper: str,
+    work: str,
+    lowers: Sequence[str],
+    *,
+    volatile: bool = False,
+    helper_type: str = "",
+    extra: str | None = None,
+) -> list[Mount]:
+    """Overlay over a RAFS mountpoint (``lowers`` newest first, the RAFS mount among them).
+
+    Options in upstream's order: [volatile], then for active workdir and upperdir,
+    then lowerdir. With ``helper_type`` (e.g. ``fuse.nydus-overlayfs``) the mount
+    goes through that helper with ``extraoption=<base64 JSON>`` appended, which
+    the helper strips before calling overlay.
+    """
+    options: list[str] = ["volatile"] if volatile and kind == Kind.ACTIVE else []
+    if kind == Kind.ACTIVE:
+        options += [f"workdir={work}", f"upperdir={upper}"]
+    options.append("lowerdir=" + ":".join(lowers))
+    if helper_type:
+        if extra:
+            options.append(f"extraoption={extra}")
+        return [Mount(helper_type, "overlay", tuple(options))]
+    return [Mount("overlay", "overlay", tuple(options))]

@@ -14,6 +14,8 @@ from types import FrameType
 
 from pynydus import __version__
 from pynydus.config import SnapshotterConfig, load_config
+from pynydus.errors import HostCheckError
+from pynydus.manager.filesystem import NydusFilesystem
 from pynydus.snapshot.service import serve
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
 
@@ -54,6 +56,18 @@ def setup_logging(cfg: SnapshotterConfig) -> None:
     root.addHandler(err)
 
 
+def make_filesystem(cfg: SnapshotterConfig) -> NydusFilesystem | None:
+    """The Nydus filesystem for the configured fs_driver (fusedev is the default)."""
+    driver = str(cfg.daemon.fs_driver)
+    if driver == "fusedev":
+        Path(cfg.root).mkdir(parents=True, exist_ok=True)
+        return NydusFilesystem(cfg)
+    if driver == "fscache":
+        raise HostCheckError("fs_driver fscache needs /dev/cachefiles (EROFS over fscache), which "
+                             "pynydus does not drive; use fs_driver = \"fusedev\"")
+    raise HostCheckError(f"fs_driver {driver} is not supported yet; use fs_driver = \"fusedev\"")
+
+
 def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     """Load config, start serving, block until SIGTERM/SIGINT, stop gracefully.
 
@@ -63,12 +77,24 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     setup_logging(cfg)
     for w in warnings:
         log.warning("config: %s", w)
+    helper = ""
+    if cfg.snapshot.enable_nydus_overlayfs or str(cfg.daemon_mode) == "none":
+        helper = "fuse." + (cfg.snapshot.nydus_overlayfs_path or "nydus-overlayfs")
     options = SnapshotterOptions(
         sync_remove=cfg.snapshot.sync_remove,
         volatile=cfg.snapshot.enable_overlayfs_volatile,
         cleanup_on_close=cfg.cleanup_on_close,
+        nydus_overlayfs_type=helper,
     )
-    snapshotter = Snapshotter(cfg.root, options)
+    fs = make_filesystem(cfg)
+    try:
+        snapshotter = Snapshotter(cfg.root, options, fs)
+        if fs is not None:
+            fs.start()
+    except BaseException:
+        if fs is not None:
+            fs.close()
+        raise
     server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid)
     log.info("pynydus %s snapshotter serving on %s (root %s)", __version__, cfg.address, cfg.root)
 

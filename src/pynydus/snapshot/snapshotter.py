@@ -27,16 +27,20 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pynydus import labels as L
 from pynydus.errors import q, AlreadyExists, FailedPrecondition, NotFound
 from pynydus.snapshot import processor
 from pynydus.snapshot.filters import Filter, snapshot_adaptor
 from pynydus.snapshot.metastore import Info, Kind, MetaStore, Snapshot, Usage
-from pynydus.snapshot.mounts import Mount, native_mounts
+from pynydus.snapshot.mounts import Mount, native_mounts, remote_mounts
 from pynydus.system import host
 from pynydus.system.diskusage import disk_usage
 from pynydus.system.mountinfo import mountpoints_under
+
+if TYPE_CHECKING:
+    from pynydus.manager.filesystem import NydusFilesystem
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +56,16 @@ class SnapshotterOptions:
     volatile: bool = False
     # Unmount what this snapshotter mounted when it stops.
     cleanup_on_close: bool = False
+    # Remote mounts as one "fuse.<helper>" mount carrying extraoption (for runtimes
+    # that start the daemon themselves); "" means plain overlay.
+    nydus_overlayfs_type: str = ""
 
 
 class Snapshotter:
     """containerd Snapshotter over ``root``. Thread-safe; every method is atomic."""
 
-    def __init__(self, root: str | Path, options: SnapshotterOptions | None = None) -> None:
+    def __init__(self, root: str | Path, options: SnapshotterOptions | None = None,
+                 fs: NydusFilesystem | None = None) -> None:
         self.root = Path(root)
         self.options = options or SnapshotterOptions()
         host.check_root_path(self.root)
@@ -68,7 +76,8 @@ class Snapshotter:
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.ms = MetaStore(self.root / "metadata.db")
-        self.features = processor.Features()
+        self.fs = fs
+        self.features = processor.Features(nydus=fs is not None)
         self._overlay_extra = ("index=off",) if host.overlay_supports_index() else ()
         self._cleanup_lock = threading.Lock()
 
@@ -99,6 +108,12 @@ class Snapshotter:
             commit_labels = {**labels, **decision.add_labels}
             self.commit(target, key, commit_labels)
             raise AlreadyExists(f"target snapshot {q(target)} already exists")
+        if decision.handler is processor.Handler.REMOTE and decision.remote_id is not None:
+            try:
+                return self._remote(snap, decision.remote_id, labels)
+            except BaseException:
+                self._undo_create(key)
+                raise
         return self._mounts(snap, labels)
 
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
@@ -106,6 +121,13 @@ class Snapshotter:
         labels = dict(labels or {})
         L.validate(labels)
         snap = self._create(Kind.VIEW, key, parent, labels)
+        try:
+            remote_id = self._remote_layer(snap)
+            if remote_id is not None:
+                return self._remote(snap, remote_id, labels)
+        except BaseException:
+            self._undo_create(key)
+            raise
         return self._mounts(snap, labels)
 
     def mounts(self, key: str) -> list[Mount]:
@@ -113,7 +135,11 @@ class Snapshotter:
         sid, info, _ = self.ms.get_info(key)
         if info.kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"mounts of snapshot {q(key)}: snapshot is not active or view")
-        return self._mounts(self.ms.get_snapshot(key), info.labels)
+        snap = self.ms.get_snapshot(key)
+        remote_id = self._remote_layer(snap)
+        if remote_id is not None:
+            return self._remote(snap, remote_id, info.labels)
+        return self._mounts(snap, info.labels)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """Commit active ``key`` as ``name``; its labels become ``labels`` (not inherited).
@@ -156,10 +182,15 @@ class Snapshotter:
                 yield info
 
     def usage(self, key: str) -> Usage:
-        """Active: measured now from the upper dir. Otherwise: recorded at commit."""
+        """Active: measured now from the upper dir. Otherwise: recorded at commit, plus,
+        for a Nydus data layer, the blob cache files of its blob."""
         sid, info, recorded = self.ms.get_info(key)
         if info.kind == Kind.ACTIVE:
             return Usage(*disk_usage(self.upper_path(sid)))
+        digest = info.labels.get(L.CRI_LAYER_DIGEST, "")
+        if self.fs is not None and L.is_nydus_data_layer(info.labels) and digest.startswith("sha256:"):
+            size, files = self.fs.cache_usage(digest[len("sha256:"):])
+            return Usage(recorded.size + size, recorded.inodes + files)
         return recorded
 
     def cleanup(self) -> list[str]:
@@ -170,9 +201,16 @@ class Snapshotter:
         """
         with self._cleanup_lock:
             orphans = self._orphan_dirs()
-            return self._remove_dirs(orphans)
+            removed = self._remove_dirs(orphans)
+            if self.fs is not None:
+                blobs = self.fs.gc_cache()
+                if blobs:
+                    log.info("cleanup: removed cache of %d unused blobs", len(blobs))
+            return removed
 
     def close(self) -> None:
+        if self.fs is not None:
+            self.fs.close(teardown=self.options.cleanup_on_close)
         self.ms.close()
 
     # --- internals ----------------------------------------------------------------
@@ -204,6 +242,44 @@ class Snapshotter:
         ancestors = [processor.Layer(pid, self.ms.labels_by_id(pid)) for pid in snap.parent_ids]
         return processor.choose(labels, ancestors, self.features)
 
+    def _undo_create(self, key: str) -> None:
+        """Forget a snapshot whose Prepare/View failed after it was recorded."""
+        try:
+            with self.ms.transaction() as db:
+                sid, _ = self.ms.remove(db, key)
+            self._remove_dirs([sid])
+        except Exception as err:  # the original error matters more
+            log.warning("undo of %s failed: %s", key, err)
+
+    def _remote_layer(self, snap: Snapshot) -> str | None:
+        """The id of the Nydus bootstrap layer among the ancestors, if Nydus is on."""
+        if self.fs is None:
+            return None
+        for pid in snap.parent_ids:
+            if L.is_nydus_meta_layer(self.ms.labels_by_id(pid)):
+                return pid
+        return None
+
+    def _remote(self, snap: Snapshot, meta_id: str, labels: Mapping[str, str]) -> list[Mount]:
+        """Mount the image's RAFS instance (if not yet) and overlay the snapshot on it."""
+        assert self.fs is not None
+        self.fs.mount(meta_id, self.ms.labels_by_id(meta_id))
+        self.fs.wait_until_ready(meta_id)
+        above = []  # committed layers stacked on the image (e.g. by a build), newest first
+        for pid in snap.parent_ids:
+            if pid == meta_id:
+                break
+            above.append(self.upper_path(pid))
+        lowers = [*above, self.fs.mountpoint(meta_id)]
+        if snap.kind == Kind.VIEW:
+            lowers.append(self.upper_path(snap.id))  # overlay needs two lowers without an upper
+        volatile = self.options.volatile or L.is_volatile(labels)
+        return remote_mounts(
+            snap.kind, self.upper_path(snap.id), self.work_path(snap.id), lowers, volatile=volatile,
+            helper_type=self.options.nydus_overlayfs_type,
+            extra=self.fs.extraoption(meta_id) if self.options.nydus_overlayfs_type else None,
+        )
+
     def _mounts(self, snap: Snapshot, labels: Mapping[str, str]) -> list[Mount]:
         volatile = self.options.volatile or L.is_volatile(labels)
         return native_mounts(
@@ -227,6 +303,11 @@ class Snapshotter:
         removed = []
         for name in names:
             path = self.snapshots_dir / name
+            if self.fs is not None and self.fs.has_instance(name):
+                try:  # the image's daemon goes with its bootstrap snapshot
+                    self.fs.umount(name)
+                except Exception as err:
+                    log.warning("cleanup: cannot unmount RAFS instance of %s: %s", name, err)
             busy = mountpoints_under(str(path))
             if busy:
                 log.warning("cleanup: leaving %s, still mounted: %s", path, ", ".join(busy))

@@ -1,0 +1,103 @@
+"""Client of the nydusd HTTP API on a unix socket (works with pynydusd and nydusd)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from typing import Any
+
+from pynydus.errors import NotFound, NydusError, Unavailable
+
+# Daemon states as nydusd reports them.
+INIT, READY, RUNNING = "INIT", "READY", "RUNNING"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class DaemonClient:
+    """One request per connection: simple, and robust across daemon restarts."""
+
+    def __init__(self, sock_path: str, timeout: float = 30.0) -> None:
+        self.sock_path = sock_path
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        conn = _UnixConnection(self.sock_path, timeout or self.timeout)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except OSError as err:
+            raise Unavailable(f"daemon API {self.sock_path}: {method} {path}: {err}") from err
+        finally:
+            conn.close()
+        if resp.status in (200, 204):
+            return json.loads(data) if data else None
+        try:
+            detail = json.loads(data).get("message", "")
+        except (ValueError, AttributeError):
+            detail = data.decode(errors="replace")
+        err_cls: type[NydusError] = NotFound if resp.status == 404 else Unavailable
+        raise err_cls(f"daemon API {method} {path}: HTTP {resp.status}: {detail}")
+
+    def info(self, timeout: float | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = self._request("GET", "/api/v1/daemon", timeout=timeout)
+        return out
+
+    def state(self) -> str:
+        return str(self.info(timeout=5).get("state", "UNKNOWN"))
+
+    def wait_until(self, state: str, timeout: float, is_alive: Any = None) -> None:
+        """Poll until the daemon reports ``state``; Unavailable after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if is_alive is not None and not is_alive():
+                raise Unavailable(f"daemon API {self.sock_path}: daemon exited before {state}")
+            try:
+                if self.state() == state:
+                    return
+            except Unavailable as err:
+                last = err
+            time.sleep(0.02)
+        raise Unavailable(f"daemon API {self.sock_path}: not {state} after {timeout:.0f}s ({last})")
+
+    def mount(self, mountpoint: str, bootstrap: str, config_json: str,
+              prefetch_files: list[str] | None = None) -> None:
+        body: dict[str, Any] = {"fs_type": "rafs", "source": bootstrap, "config": config_json}
+        if prefetch_files:
+            body["prefetch_files"] = prefetch_files
+        self._request("POST", f"/api/v1/mount?mountpoint={mountpoint}", body)
+
+    def umount(self, mountpoint: str) -> None:
+        self._request("DELETE", f"/api/v1/mount?mountpoint={mountpoint}")
+
+    def blobcache_metrics(self, sid: str | None = None) -> dict[str, Any]:
+        path = "/api/v1/metrics/blobcache" + (f"?id={sid}" if sid else "")
+        out: dict[str, Any] = self._request("GET", path)
+        return out
+
+    def update_auth(self, auth_b64: str, sid: str | None = None) -> None:
+        path = "/api/v1/config" + (f"?id={sid}" if sid else "")
+        self._request("PUT", path, {"registry_auth": auth_b64})
+
+    def exit(self) -> None:
+        self._request("PUT", "/api/v1/daemon/exit")

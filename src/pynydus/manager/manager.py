@@ -1,0 +1,305 @@
+"""Daemon manager: spawn, supervise, recover and stop nydusd-compatible daemons.
+
+Each daemon is a separate process (``pynydusd`` by default, upstream ``nydusd``
+works too) in its own session, so it outlives a snapshotter restart: running
+containers keep reading. Its record (pid, API socket, mountpoint) is persisted
+before it is started; a restarted snapshotter reconnects to live daemons and
+starts again the ones that died meanwhile.
+
+A monitor thread notices dead daemons (our children are reaped; adopted ones are
+checked through /proc) and applies the recover policy: ``restart`` starts a new
+process on the same mountpoint and socket (after unmounting the dead FUSE mount)
+and, for a shared daemon, mounts its images again; ``none`` only reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pynydus.errors import FailedPrecondition, Unavailable
+from pynydus.manager.client import RUNNING, DaemonClient
+from pynydus.manager.store import DaemonRecord, DaemonStore
+from pynydus.system.mount import unmount
+from pynydus.system.mountinfo import is_mountpoint
+
+log = logging.getLogger(__name__)
+
+# How long a new daemon may take to answer RUNNING.
+START_TIMEOUT = 15.0
+_MONITOR_PERIOD = 0.5
+
+
+def resolve_daemon_binary(configured: str) -> list[str]:
+    """The command that starts a daemon. ``nydusd`` (upstream's default) or empty means
+    our ``pynydusd``; anything else is used as given (an upstream nydusd path)."""
+    if configured and configured != "nydusd":
+        path = shutil.which(configured) or configured
+        if not os.access(path, os.X_OK):
+            raise FailedPrecondition(f"daemon.nydusd_path {configured!r} is not an executable")
+        return [path]
+    sibling = os.path.join(os.path.dirname(sys.executable), "pynydusd")
+    if os.access(sibling, os.X_OK):
+        return [sibling]
+    return [sys.executable, "-m", "pynydus.daemon.main"]
+
+
+@dataclass
+class LiveDaemon:
+    record: DaemonRecord
+    proc: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
+    state: str = "STARTING"
+    restarts: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def client(self) -> DaemonClient:
+        return DaemonClient(self.record.api_socket)
+
+
+def _pid_alive(pid: int, api_socket: str) -> bool:
+    """Is ``pid`` a live (non-zombie) process serving ``api_socket``?"""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z":
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return api_socket.encode() in f.read()
+    except (OSError, ValueError):
+        return False
+
+
+class DaemonManager:
+    def __init__(self, store: DaemonStore, *, command: list[str], log_level: str = "info",
+                 recover_policy: str = "restart", thread_num: int = 0,
+                 on_restarted: Callable[[LiveDaemon], None] | None = None,
+                 cgroup: object | None = None) -> None:
+        self.store = store
+        self.command = command
+        self.log_level = log_level
+        self.recover_policy = recover_policy
+        self.thread_num = thread_num
+        self.on_restarted = on_restarted
+        self.cgroup = cgroup
+        self.daemons: dict[str, LiveDaemon] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="daemon-monitor", daemon=True)
+        self.deaths = 0
+
+    # --- lifecycle of the manager ------------------------------------------------------
+
+    def start_monitor(self) -> None:
+        self._monitor.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._monitor.is_alive():
+            self._monitor.join(timeout=5)
+
+    # --- one daemon ---------------------------------------------------------------------
+
+    def build_command(self, rec: DaemonRecord) -> list[str]:
+        """nydusd's command line, in upstream's order (fuse subcommand first)."""
+        cmd = [*self.command, "fuse"]
+        if rec.thread_num:
+            cmd += ["--thread-num", str(rec.thread_num)]
+        cmd += ["--mountpoint", rec.mountpoint]
+        if rec.mode == "dedicated":
+            cmd += ["--config", rec.config_path, "--bootstrap", rec.bootstrap]
+        cmd += ["--log-level", self.log_level, "--apisock", rec.api_socket]
+        if rec.log_file:
+            cmd += ["--log-file", rec.log_file]
+        return cmd
+
+    def start_daemon(self, rec: DaemonRecord) -> LiveDaemon:
+        """Spawn ``rec``'s daemon, persist it, wait until it is RUNNING.
+
+        On failure the process is killed, its mount cleared and the record removed.
+        """
+        with self._lock:
+            live = self.daemons.get(rec.id) or LiveDaemon(rec)
+            self.daemons[rec.id] = live
+        self._spawn(live)
+        try:
+            self._wait_running(live)
+        except BaseException:
+            self.destroy_daemon(rec.id)
+            raise
+        return live
+
+    def _spawn(self, live: LiveDaemon) -> None:
+        rec = live.record
+        clear_vestige(rec)  # first: a dead FUSE mount makes the mountpoint unusable
+        for d in (os.path.dirname(rec.api_socket), os.path.dirname(rec.log_file), rec.mountpoint):
+            if d:
+                os.makedirs(d, exist_ok=True)
+        cmd = self.build_command(rec)
+        log.info("starting daemon %s: %s", rec.id, " ".join(cmd))
+        errlog = open(rec.log_file + ".stderr", "ab") if rec.log_file else subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                    start_new_session=True, close_fds=True)
+        finally:
+            if errlog is not subprocess.DEVNULL:
+                errlog.close()  # type: ignore[union-attr]
+        live.proc = proc
+        live.state = "STARTING"
+        rec.pid = proc.pid
+        self.store.put_daemon(rec)
+        if self.cgroup is not None:
+            add = getattr(self.cgroup, "add_pid", None)
+            if add is not None:
+                add(proc.pid)
+
+    def _wait_running(self, live: LiveDaemon) -> None:
+        rec = live.record
+
+        def alive() -> bool:
+            return live.proc.poll() is None if live.proc is not None else _pid_alive(rec.pid, rec.api_socket)
+
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(rec.api_socket):
+            if not alive():
+                raise Unavailable(f"daemon {rec.id} exited during start-up; see {rec.log_file}(.stderr)")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"daemon {rec.id}: no API socket after {START_TIMEOUT:.0f}s")
+            time.sleep(0.01)
+        try:
+            live.client.wait_until(RUNNING, max(0.5, deadline - time.monotonic()), alive)
+        except Unavailable as err:
+            raise Unavailable(f"daemon {rec.id} did not become RUNNING: {err}; see {rec.log_file}") from err
+        live.state = RUNNING
+
+    def destroy_daemon(self, daemon_id: str) -> None:
+        """Stop a daemon (SIGTERM, then SIGKILL), unmount, forget it. Idempotent."""
+        with self._lock:
+            live = self.daemons.pop(daemon_id, None)
+        self.store.delete_daemon(daemon_id)
+        if live is None:
+            return
+        rec = live.record
+        live.state = "DESTROYED"
+        pid = live.proc.pid if live.proc is not None else rec.pid
+        if live.proc is not None or _pid_alive(rec.pid, rec.api_socket):
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if live.proc is not None:
+                    if live.proc.poll() is not None:
+                        break
+                elif not _pid_alive(pid, rec.api_socket):
+                    break
+                time.sleep(0.02)
+            else:
+                log.warning("daemon %s (pid %d) ignored SIGTERM; killing it", daemon_id, pid)
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+                if live.proc is not None:
+                    live.proc.wait(timeout=5)
+        clear_vestige(rec)
+        for path in (rec.api_socket,):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        log.info("daemon %s stopped", daemon_id)
+
+    # --- recovery -------------------------------------------------------------------------
+
+    def recover(self) -> tuple[list[LiveDaemon], list[DaemonRecord]]:
+        """Re-attach to persisted daemons. Returns (live ones, dead ones).
+
+        Dead ones are not restarted here: the caller decides (it knows the images).
+        """
+        live, dead = [], []
+        for rec in self.store.daemons():
+            ld = LiveDaemon(rec)
+            if _pid_alive(rec.pid, rec.api_socket):
+                try:
+                    if ld.client.state() == RUNNING:
+                        ld.state = RUNNING
+                        with self._lock:
+                            self.daemons[rec.id] = ld
+                        live.append(ld)
+                        log.info("daemon %s (pid %d) is alive; reconnected", rec.id, rec.pid)
+                        continue
+                except Unavailable as err:
+                    log.warning("daemon %s (pid %d) does not answer: %s", rec.id, rec.pid, err)
+            dead.append(rec)
+        return live, dead
+
+    def restart(self, rec: DaemonRecord) -> LiveDaemon:
+        with self._lock:
+            live = self.daemons.get(rec.id) or LiveDaemon(rec)
+            self.daemons[rec.id] = live
+        live.restarts += 1
+        self._spawn(live)
+        self._wait_running(live)
+        if self.on_restarted is not None:
+            self.on_restarted(live)
+        return live
+
+    # --- supervision ----------------------------------------------------------------------
+
+    def _dead(self) -> list[LiveDaemon]:
+        out = []
+        with self._lock:
+            items = list(self.daemons.values())
+        for live in items:
+            if live.state != RUNNING:
+                continue
+            rec = live.record
+            gone = (live.proc.poll() is not None) if live.proc is not None else not _pid_alive(rec.pid, rec.api_socket)
+            if gone:
+                out.append(live)
+        return out
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_MONITOR_PERIOD):
+            for live in self._dead():
+                self.deaths += 1
+                rec = live.record
+                code = live.proc.returncode if live.proc is not None else None
+                log.error("daemon %s (pid %d) died (exit %s); recover policy %s", rec.id, rec.pid, code,
+                          self.recover_policy)
+                live.state = "DIED"
+                if self.recover_policy != "restart":
+                    continue
+                try:
+                    self.restart(rec)
+                    log.info("daemon %s restarted as pid %d", rec.id, live.record.pid)
+                except Exception as err:  # keep supervising the others
+                    log.error("daemon %s: restart failed: %s", rec.id, err)
+
+
+def clear_vestige(rec: DaemonRecord) -> None:
+    """Unmount a dead daemon's FUSE mount and remove its stale API socket."""
+    if rec.mountpoint and is_mountpoint(rec.mountpoint):
+        try:
+            unmount(rec.mountpoint)
+        except OSError:
+            try:
+                unmount(rec.mountpoint, lazy=True)
+            except OSError as err:
+                log.warning("cannot unmount %s: %s", rec.mountpoint, err)
+    if rec.api_socket and os.path.exists(rec.api_socket):
+        try:
+            os.unlink(rec.api_socket)
+        except OSError:
+            pass

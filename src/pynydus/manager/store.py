@@ -1,0 +1,98 @@
+"""Persistent records of daemons and RAFS instances (SQLite at ``<root>/daemons.db``).
+
+What a restarted snapshotter needs to find its daemons again: which process
+serves which mountpoint through which API socket, and which image (snapshot)
+each daemon serves. Field names follow upstream's records (``ConfigState``,
+``Rafs``) so the docs map one to one; the file itself is SQLite, not bbolt.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DaemonRecord:
+    id: str
+    mode: str  # dedicated | shared
+    mountpoint: str
+    api_socket: str
+    config_path: str  # dedicated: the daemon's config; shared: ""
+    bootstrap: str  # dedicated: the image's bootstrap; shared: ""
+    log_file: str
+    pid: int = 0
+    thread_num: int = 0
+
+
+@dataclass
+class RafsRecord:
+    snapshot_id: str
+    daemon_id: str
+    image_ref: str
+    snapshot_dir: str
+    mountpoint: str
+    bootstrap: str
+    config_path: str
+    seq: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS daemons (id TEXT PRIMARY KEY, record TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS instances (snapshot_id TEXT PRIMARY KEY, "
+    "seq INTEGER NOT NULL, daemon_id TEXT NOT NULL, record TEXT NOT NULL)",
+)
+
+
+class DaemonStore:
+    def __init__(self, path: str | Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        for stmt in _SCHEMA:
+            self._db.execute(stmt)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+
+    def put_daemon(self, rec: DaemonRecord) -> None:
+        self._write("INSERT OR REPLACE INTO daemons(id, record) VALUES(?, ?)", (rec.id, json.dumps(asdict(rec))))
+
+    def delete_daemon(self, daemon_id: str) -> None:
+        self._write("DELETE FROM daemons WHERE id=?", (daemon_id,))
+
+    def daemons(self) -> list[DaemonRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM daemons ORDER BY id").fetchall()
+        return [DaemonRecord(**json.loads(r[0])) for r in rows]
+
+    def put_instance(self, rec: RafsRecord) -> RafsRecord:
+        """Insert or replace; a new instance gets the next sequence number (mount order)."""
+        with self._lock:
+            if rec.seq == 0:
+                row = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM instances").fetchone()
+                rec.seq = int(row[0])
+            self._db.execute(
+                "INSERT OR REPLACE INTO instances(snapshot_id, seq, daemon_id, record) VALUES(?, ?, ?, ?)",
+                (rec.snapshot_id, rec.seq, rec.daemon_id, json.dumps(asdict(rec))),
+            )
+        return rec
+
+    def delete_instance(self, snapshot_id: str) -> None:
+        self._write("DELETE FROM instances WHERE snapshot_id=?", (snapshot_id,))
+
+    def instances(self) -> list[RafsRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM instances ORDER BY seq").fetchall()
+        return [RafsRecord(**json.loads(r[0])) for r in rows]

@@ -1,0 +1,243 @@
+"""The Nydus path through the snapshotter, driven the way containerd drives it.
+
+A Nydus image is built from a generated tree with our builder; its data blob is
+pushed to a real docker-registry. Then, through the snapshotter's gRPC socket,
+the same calls containerd's unpacker and CRI make: Prepare of the data layer
+(answered AlreadyExists, never downloaded), Prepare + Commit of the bootstrap
+layer (into which containerd would unpack ``image/image.boot``), and Prepare of
+a container layer, which must come back as an overlay on a live RAFS mount served
+by a pynydusd process fetching from the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pynydus import labels as L
+from pynydus.api import snapshots_pb2 as pb
+from pynydus.rafs.builder import build
+from pynydus.registry.client import RegistryClient
+from pynydus.system.mount import MountSpec, mount_all, unmount_all
+from pynydus.system.mountinfo import is_mountpoint, mountpoints_under
+from tests.harness.registry import Registry
+from tests.harness.snapshotter import Snapshotter
+
+pytestmark = [pytest.mark.root]
+
+REPO = "test/nydus-app"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A Nydus image: source tree, bootstrap, and its blob pushed to a registry."""
+    work = tmp_path_factory.mktemp("nyimg")
+    src = work / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc/hello.txt").write_text("hello from a lazily pulled image\n")
+    (src / "data").mkdir()
+    big = os.urandom(3 << 20)
+    (src / "data/big.bin").write_bytes(big)
+    (src / "data/small.txt").write_text("small\n")
+    os.symlink("../etc/hello.txt", src / "data/link")
+    blobs = work / "blobs"
+    boot = work / "image.boot"
+    result = build(str(src), str(boot), str(blobs), compressor="lz4_block")
+    with Registry() as reg:
+        with RegistryClient(reg.host, scheme="http") as client:
+            for b in result.blobs:
+                client.push_blob(REPO, Path(b.path), "sha256:" + b.blob_id)
+        yield {"src": src, "boot": boot, "blob_ids": [b.blob_id for b in result.blobs],
+               "ref": f"{reg.host}/{REPO}:latest", "registry": reg, "big_sha": hashlib.sha256(big).hexdigest()}
+
+
+@pytest.fixture
+def snap() -> Iterator[Snapshotter]:
+    s = Snapshotter()
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def pull_nydus_image(snap: Snapshotter, image: dict, ns: str = "default") -> str:
+    """What containerd's unpacker does for a Nydus image; returns the top chain id."""
+    stub = snap.stub()
+    blob_key = f"{ns}/1/extract-blob"
+    blob_chain = f"{ns}/sha256:blobchain"
+    cri = {L.CRI_IMAGE_REF: image["ref"], L.CRI_LAYER_DIGEST: "sha256:" + image["blob_ids"][0]}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prepare(pb.PrepareSnapshotRequest(key=blob_key, labels={
+            L.TARGET_SNAPSHOT_REF: blob_chain, L.NYDUS_BLOB: "true", **cri}))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    boot_key = f"{ns}/2/extract-boot"
+    boot_chain = f"{ns}/sha256:bootchain"
+    labels = {L.TARGET_SNAPSHOT_REF: boot_chain, L.NYDUS_BOOTSTRAP: "true", **cri}
+    resp = stub.Prepare(pb.PrepareSnapshotRequest(key=boot_key, parent=blob_chain, labels=labels))
+    (m,) = resp.mounts
+    # containerd unpacks the bootstrap layer tar (image/image.boot) into the mount
+    upper = next(o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))
+    os.makedirs(os.path.join(upper, "image"))
+    shutil.copy(image["boot"], os.path.join(upper, "image", "image.boot"))
+    stub.Commit(pb.CommitSnapshotRequest(key=boot_key, name=boot_chain, labels=labels))
+    return boot_chain
+
+
+def container_rootfs(snap: Snapshotter, parent: str, key: str, target: Path) -> None:
+    resp = snap.stub().Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent))
+    (m,) = resp.mounts
+    assert m.type == "overlay"
+    lower = next(o for o in m.options if o.startswith("lowerdir="))
+    assert lower.endswith("/mnt"), lower  # the RAFS mountpoint of the bootstrap snapshot
+    target.mkdir(parents=True, exist_ok=True)
+    mount_all([MountSpec(m.type, m.source, tuple(m.options))], str(target))
+
+
+def daemon_pids(snap: Snapshotter) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pynydusd" in cmd and str(snap.root).encode() in cmd:
+            out.append(int(pid))
+    return out
+
+
+def test_lazy_image_through_snapshotter(snap: Snapshotter, image: dict, tmp_path: Path) -> None:
+    reg: Registry = image["registry"]
+    gets_before = reg.blob_gets()
+    top = pull_nydus_image(snap, image)
+    # The data layer was never downloaded: it is committed, empty.
+    infos = {i.name: i for r in snap.stub().List(pb.ListSnapshotsRequest()) for i in r.info}
+    assert infos["default/sha256:blobchain"].kind == pb.COMMITTED
+    assert reg.blob_gets() == gets_before
+
+    rootfs = tmp_path / "rootfs"
+    container_rootfs(snap, top, "default/3/c1", rootfs)
+    try:
+        assert (rootfs / "etc/hello.txt").read_text() == "hello from a lazily pulled image\n"
+        assert os.readlink(rootfs / "data/link") == "../etc/hello.txt"
+        assert reg.blob_gets() > gets_before  # data came from the registry on demand
+        big = (rootfs / "data/big.bin").read_bytes()
+        assert hashlib.sha256(big).hexdigest() == image["big_sha"]
+        # the container layer is writable and does not touch the image
+        (rootfs / "etc/new").write_text("x")
+        assert len(daemon_pids(snap)) == 1
+
+        # A second container of the same image reuses the daemon.
+        rootfs2 = tmp_path / "rootfs2"
+        container_rootfs(snap, top, "default/4/c2", rootfs2)
+        try:
+            assert (rootfs2 / "data/small.txt").read_text() == "small\n"
+            assert not (rootfs2 / "etc/new").exists()
+            assert len(daemon_pids(snap)) == 1
+        finally:
+            unmount_all(str(rootfs2))
+        # Mounts() answers the same remote mount.
+        (m,) = snap.stub().Mounts(pb.MountsRequest(key="default/3/c1")).mounts
+        assert any(o.startswith("lowerdir=") and o.endswith("/mnt") for o in m.options)
+    finally:
+        unmount_all(str(rootfs))
+
+
+def test_killed_daemon_is_restarted(snap: Snapshotter, image: dict, tmp_path: Path) -> None:
+    """recover_policy restart: a new daemon serves the image; new containers read again.
+
+    The old FUSE connection died with the daemon, and overlays already mounted on it
+    keep pointing at it (their reads fail with an error, not a hang): only failover,
+    which hands the /dev/fuse fd to the new process, could save them (docs/failover.md).
+    """
+    top = pull_nydus_image(snap, image)
+    rootfs = tmp_path / "rootfs"
+    container_rootfs(snap, top, "default/3/c1", rootfs)
+    try:
+        (pid,) = daemon_pids(snap)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pids = daemon_pids(snap)
+            if pids and pids != [pid]:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("daemon was not restarted")
+        with pytest.raises(OSError):
+            (rootfs / "data/big.bin").read_bytes()
+        rootfs2 = tmp_path / "rootfs2"
+        container_rootfs(snap, top, "default/4/c2", rootfs2)
+        try:
+            assert (rootfs2 / "etc/hello.txt").read_text() == "hello from a lazily pulled image\n"
+            assert hashlib.sha256((rootfs2 / "data/big.bin").read_bytes()).hexdigest() == image["big_sha"]
+        finally:
+            unmount_all(str(rootfs2))
+    finally:
+        unmount_all(str(rootfs))
+
+
+def test_snapshotter_restart_keeps_daemon_and_container(snap: Snapshotter, image: dict, tmp_path: Path) -> None:
+    top = pull_nydus_image(snap, image)
+    rootfs = tmp_path / "rootfs"
+    container_rootfs(snap, top, "default/3/c1", rootfs)
+    try:
+        before = daemon_pids(snap)
+        snap.restart()
+        assert daemon_pids(snap) == before  # the daemon outlived the snapshotter
+        assert (rootfs / "data/small.txt").read_text() == "small\n"
+        (m,) = snap.stub().Mounts(pb.MountsRequest(key="default/3/c1")).mounts
+        assert any(o.endswith("/mnt") for o in m.options if o.startswith("lowerdir="))
+    finally:
+        unmount_all(str(rootfs))
+
+
+def test_remove_image_stops_daemon_and_cleanup_drops_cache(snap: Snapshotter, image: dict, tmp_path: Path) -> None:
+    top = pull_nydus_image(snap, image)
+    rootfs = tmp_path / "rootfs"
+    container_rootfs(snap, top, "default/3/c1", rootfs)
+    (rootfs / "etc/hello.txt").read_text()
+    unmount_all(str(rootfs))
+    stub = snap.stub()
+    cache = snap.root / "cache"
+    assert any(n.endswith(".blob.data") for n in os.listdir(cache))
+    usage = stub.Usage(pb.UsageRequest(key="default/sha256:blobchain"))
+    assert usage.size > 0  # the data layer's cache counts
+    stub.Remove(pb.RemoveSnapshotRequest(key="default/3/c1"))
+    stub.Remove(pb.RemoveSnapshotRequest(key=top))
+    stub.Remove(pb.RemoveSnapshotRequest(key="default/sha256:blobchain"))
+    stub.Cleanup(pb.CleanupRequest())
+    assert daemon_pids(snap) == []
+    assert os.listdir(snap.root / "snapshots") == []
+    assert os.listdir(cache) == []
+    assert mountpoints_under(str(snap.root)) == []
+
+
+def test_missing_image_ref_is_a_clear_error(snap: Snapshotter, image: dict) -> None:
+    stub = snap.stub()
+    labels = {L.TARGET_SNAPSHOT_REF: "default/sha256:b2", L.NYDUS_BOOTSTRAP: "true"}
+    resp = stub.Prepare(pb.PrepareSnapshotRequest(key="default/k", labels=labels))
+    upper = next(o.split("=", 1)[1] for o in resp.mounts[0].options if o.startswith("upperdir=")) \
+        if resp.mounts[0].type == "overlay" else resp.mounts[0].source
+    os.makedirs(os.path.join(upper, "image"))
+    shutil.copy(image["boot"], os.path.join(upper, "image", "image.boot"))
+    stub.Commit(pb.CommitSnapshotRequest(key="default/k", name="default/sha256:b2", labels=labels))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prepare(pb.PrepareSnapshotRequest(key="default/c", parent="default/sha256:b2"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cri.image-ref" in err.value.details()
+    # nothing half-made: the container key does not exist
+    with pytest.raises(grpc.RpcError) as err2:
+        stub.Stat(pb.StatSnapshotRequest(key="default/c"))
+    assert err2.value.code() == grpc.StatusCode.NOT_FOUND
