@@ -239,7 +239,11 @@ class BootstrapV5(Bootstrap):
             raise format_error(f"{what} i_parent", off + 32, "0 for a non-root inode")
         if rec.nlink == 0:
             raise format_error(f"{what} i_nlink", off + 88, "0")
-        if not 0 < rec.name_size <= RAFS_MAX_NAME + 1:
+        # Old builders wrote the root without a name; nydusd accepts that (it only checks
+        # names when inode validation is on), and a child's empty name is caught by _name().
+        if rec.name_size > RAFS_MAX_NAME + 1 or (
+            rec.name_size == 0 and rec.ino != RAFS_V5_ROOT_INODE
+        ):
             raise format_error(f"{what} i_name_size", off + 100, f"{rec.name_size} not in 1..256")
         ftype = rec.mode & _S_IFMT
         if file_type_of_mode(rec.mode) == FileType.UNKNOWN:
@@ -292,7 +296,7 @@ class BootstrapV5(Bootstrap):
 
     def _name(self, off: int, rec: RafsV5Inode) -> bytes:
         name = bytes(self._buf[off + RAFS_V5_INODE_SIZE : off + RAFS_V5_INODE_SIZE + rec.name_size])
-        if b"/" in name or b"\0" in name or name in (b".", b".."):
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
             raise format_error(
                 "inode name", off + RAFS_V5_INODE_SIZE, f"{name!r} is not a valid file name"
             )

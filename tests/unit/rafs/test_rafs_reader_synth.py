@@ -3,9 +3,12 @@ directories, hard links, symlink storage, read mapping, malformed headers, scale
 
 from __future__ import annotations
 
+import shutil
 import stat
 import struct
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import synth_v6 as S
@@ -309,3 +312,23 @@ def test_a_50000_file_bootstrap_opens_in_well_under_100ms() -> None:
     print(
         f"50k files: {len(data)} bytes, open {opened * 1e3:.2f} ms, path lookup+stat {per_lookup * 1e6:.0f} us"
     )
+
+
+@pytest.mark.skipif(shutil.which("fsck.erofs") is None, reason="erofs-utils not installed")
+def test_synthetic_image_is_valid_erofs_for_fsck(
+    image: S.Image, bs: BootstrapV6, tmp_path: Path
+) -> None:
+    """The test writer follows the same rules the reader enforces; erofs-utils agrees."""
+    boot = tmp_path / "image.boot"
+    boot.write_bytes(image.data)
+    dev = tmp_path / "blob.data"
+    with dev.open("wb") as f:
+        f.truncate(bs.blobs[0].uncompressed_size)
+    run = subprocess.run(
+        ["fsck.erofs", f"--device={dev}", str(boot)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
