@@ -31,7 +31,6 @@ from pynydus.rafs.chunker import (
     ChunkRef,
 )
 from pynydus.rafs.compress import Compressor, Digester, parse_compressor, parse_digester
-from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
 from pynydus.rafs.merge import (
     LoadedImage,
     chunk_dict_from_bootstrap,
@@ -40,6 +39,7 @@ from pynydus.rafs.merge import (
     overlay,
 )
 from pynydus.rafs.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
+from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
 from pynydus.rafs.tree import Tree
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 
@@ -136,6 +136,7 @@ def _build_tarfs_tree(entries: TarSource, blob: TarfsBlob, tree: Tree) -> None:
         refs: list[ChunkRef] | None = None
         is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
         if entry.type == EntryType.REG and not is_whiteout:
+            assert reader is not None
             refs = blob.add_file(entry, reader)
         tree.apply(entry, refs)
 
@@ -177,11 +178,15 @@ def build(
     comp = parse_compressor(compressor)
     dig = parse_digester(digester)
     if comp == Compressor.GZIP:
-        raise InvalidArgument("compressor gzip is only used for zran data; choose none, lz4_block or zstd")
+        raise InvalidArgument(
+            "compressor gzip is only used for zran data; choose none, lz4_block or zstd"
+        )
     tarfs = type == "tar-tarfs"
     if tarfs:
         if chunk_dict is not None or parent_bootstrap is not None:
-            raise InvalidArgument("tar-tarfs layers take no chunk dict or parent; merge them instead")
+            raise InvalidArgument(
+                "tar-tarfs layers take no chunk dict or parent; merge them instead"
+            )
         # The blob is the raw tar: nothing is compressed, and upstream forces sha256.
         comp, dig = Compressor.NONE, Digester.SHA256
     dict_map = _load_chunk_dict(chunk_dict)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
-import struct
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,12 +58,12 @@ from pynydus.rafs.compress import (
 
 __all__ = [
     "BLOB_FEATURES_DEFAULT",
+    "DEFAULT_CHUNK_SIZE",
     "BlobDesc",
     "BlobWriter",
     "ChunkDict",
     "ChunkRef",
     "ChunkSource",
-    "DEFAULT_CHUNK_SIZE",
     "gnu_tar_header",
     "pack_ci_v1",
 ]
@@ -569,4 +568,3 @@ def read_only_check(size: int, got: int, path: bytes) -> None:
     """Raise :class:`FormatError` when a tar entry delivered fewer bytes than declared."""
     if got != size:
         raise FormatError(f"entry {path!r}: expected {size} bytes of data, got {got}")
-

@@ -95,20 +95,20 @@ def load_bootstrap(path: str | os.PathLike[str]) -> LoadedImage:
         tree = Tree("none")
         regs: dict[int, Inode] = {}
         dirs: dict[bytes, Node] = {b"/": tree.root}
-        for path, ino in bs.walk():
+        for fs_path, ino in bs.walk():
             inode = regs.get(ino) or _load_inode(bs, ino, blobs)
             if inode.is_reg:
                 regs[ino] = inode
-            if path == b"/":
+            if fs_path == b"/":
                 tree.root.inode = inode
                 continue
-            parent_path, _, name = path.rpartition(b"/")
+            parent_path, _, name = fs_path.rpartition(b"/")
             parent = dirs[parent_path or b"/"]
             node = Node(name, inode, {} if inode.is_dir else None)
             assert parent.children is not None
             parent.children[name] = node
             if inode.is_dir:
-                dirs[path] = node
+                dirs[fs_path] = node
         comp = compressor_from_flags(bs.flags)
         dig = digester_from_flags(bs.flags)
         return LoadedImage(
@@ -297,7 +297,9 @@ def merge(
         for c in node.inode.chunks:
             c.blob = by_id[c.blob.blob_id]
     used = {c.blob.blob_id for _, n in merged.walk() for c in n.inode.chunks}
-    warnings = [f"blob {b.blob_id} is not referenced by any file" for b in blobs if b.blob_id not in used]
+    warnings = [
+        f"blob {b.blob_id} is not referenced by any file" for b in blobs if b.blob_id not in used
+    ]
     last = images[-1]
     prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     info = write_bootstrap(

@@ -29,9 +29,9 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -170,7 +170,7 @@ def open_layer(fileobj: BinaryIO) -> BinaryIO:
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if head.startswith(_ZSTD_MAGIC):
         dctx = zstandard.ZstdDecompressor()
-        return dctx.stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+        return dctx.stream_reader(raw, read_across_frames=True)  # type: ignore[arg-type]
     return raw  # type: ignore[return-value]
 
 
@@ -224,7 +224,7 @@ def _enc(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def _tar_xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
+def _tar_xattrs(pax: Mapping[str, str]) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for key, value in pax.items():
         if key.startswith("LIBARCHIVE.xattr."):
@@ -305,7 +305,11 @@ class TarSource:
     def _iter(self, f: BinaryIO) -> Iterator[tuple[Entry, DataReader | None]]:
         head = _peek(f, 4)
         self.compression = (
-            "gzip" if head.startswith(_GZIP_MAGIC) else "zstd" if head.startswith(_ZSTD_MAGIC) else None
+            "gzip"
+            if head.startswith(_GZIP_MAGIC)
+            else "zstd"
+            if head.startswith(_ZSTD_MAGIC)
+            else None
         )
         stream = open_layer(_Prefixed(head, f))  # type: ignore[arg-type]
         if not head:
@@ -313,7 +317,7 @@ class TarSource:
         if self._tee is not None:
             stream = _Tee(stream, self._tee)  # type: ignore[assignment]
         try:
-            tf = tarfile.open(
+            tf = tarfile.open(  # noqa: SIM115 - entered with "with" right below
                 fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
             )
         except tarfile.ReadError as err:
@@ -331,7 +335,7 @@ class TarSource:
                             pass
                     return
                 # tarfile remembers every member for random access we never use.
-                tf.members.clear()
+                cast(Any, tf).members.clear()
                 entry = self._entry(member)
                 if entry is None:
                     continue
@@ -350,39 +354,37 @@ class TarSource:
             mtime, nsec = _pax_time(pax["mtime"])
         else:
             mtime, nsec = int(m.mtime), 0
-        common = dict(
-            path=path,
-            mode=m.mode & 0o7777,
-            uid=m.uid,
-            gid=m.gid,
-            mtime=mtime,
-            mtime_nsec=nsec,
-            xattrs=_tar_xattrs(pax),
-        )
+        common: dict[str, Any] = {
+            "path": path,
+            "mode": m.mode & 0o7777,
+            "uid": m.uid,
+            "gid": m.gid,
+            "mtime": mtime,
+            "mtime_nsec": nsec,
+            "xattrs": _tar_xattrs(pax),
+        }
         if m.isreg():  # REGTYPE, AREGTYPE, CONTTYPE, GNU sparse
             return Entry(
                 type=EntryType.REG,
                 size=m.size,
                 data_offset=None if m.issparse() else m.offset_data,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         if m.isdir():
-            return Entry(type=EntryType.DIR, **common)  # type: ignore[arg-type]
+            return Entry(type=EntryType.DIR, **common)
         if m.issym():
-            return Entry(type=EntryType.SYMLINK, link=_enc(m.linkname), **common)  # type: ignore[arg-type]
+            return Entry(type=EntryType.SYMLINK, link=_enc(m.linkname), **common)
         if m.islnk():
-            return Entry(
-                type=EntryType.HARDLINK, link=normalize_path(_enc(m.linkname)), **common  # type: ignore[arg-type]
-            )
+            return Entry(type=EntryType.HARDLINK, link=normalize_path(_enc(m.linkname)), **common)
         if m.ischr() or m.isblk():
             return Entry(
                 type=EntryType.CHAR if m.ischr() else EntryType.BLOCK,
                 rdev_major=m.devmajor,
                 rdev_minor=m.devminor,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         if m.isfifo():
-            return Entry(type=EntryType.FIFO, **common)  # type: ignore[arg-type]
+            return Entry(type=EntryType.FIFO, **common)
         return None  # unknown vendor types carry nothing a filesystem can show
 
 
@@ -401,7 +403,7 @@ class _LazyFile:
         if self._done:
             return b""
         if self._f is None:
-            self._f = open(self._path, "rb")  # noqa: SIM115 - closed at EOF below
+            self._f = open(self._path, "rb")  # noqa: SIM115 - closed at EOF or close()
         data = self._f.read(n)
         if not data or n < 0:
             self._f.close()

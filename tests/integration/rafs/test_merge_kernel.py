@@ -15,8 +15,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from erofs_harness import assert_same_tree, fsck, mounted, snapshot
+
 from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge
 from pynydus.rafs.reader import Bootstrap
@@ -150,7 +150,7 @@ def test_build_with_parent_bootstrap_equals_merge(tmp_path: Path, layers: dict[s
     build(layers["base"], tmp_path / "l1.boot", blobs)
     r12 = build(layers["upper"], tmp_path / "l12.boot", blobs, parent_bootstrap=tmp_path / "l1.boot")
     assert r12.dict_chunks == 2  # parent chunks dedup the new layer
-    r123 = build(layers["l3"], tmp_path / "l123.boot", blobs, type="tar-rafs",
+    build(layers["l3"], tmp_path / "l123.boot", blobs, type="tar-rafs",
                  parent_bootstrap=tmp_path / "l12.boot")
     devs = _devices(tmp_path / "l123.boot", blobs)
     assert len(devs) == 3
