@@ -398,7 +398,7 @@ class Token:
 def _parse_rfc3339(value: str) -> float | None:
     try:
         v = value.strip()
-        if v.endswith("Z") or v.endswith("z"):
+        if v.endswith(("Z", "z")):
             v = v[:-1] + "+00:00"
         # Go writes nanoseconds; fromisoformat takes at most microseconds.
         if "." in v:

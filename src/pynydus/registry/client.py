@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, Self
 
 import httpx
 
@@ -51,6 +51,9 @@ MAX_MANIFEST_SIZE = 4 << 20   # the OCI spec's limit registries must accept
 DEFAULT_CHUNK = 1 << 20
 REDIRECT_CACHE_TTL = 60.0
 MONOLITHIC_LIMIT = 64 << 20   # above this, and with no chunk_size, uploads are chunked
+
+
+_CACHED_URL_FAILURES: tuple[type[BaseException], ...] = (*RETRYABLE, NydusError)
 
 
 class Manifest(NamedTuple):
@@ -89,7 +92,7 @@ def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
 
 
 def _content_type(resp: httpx.Response) -> str:
-    return resp.headers.get("content-type", "").split(";", 1)[0].strip()
+    return str(resp.headers.get("content-type", "")).split(";", 1)[0].strip()
 
 
 class _RedirectCache:
@@ -152,6 +155,7 @@ class RegistryClient:
             mirrors=mirrors, ca_cert_files=ca_cert_files, max_connections=max_connections,
             sleep=sleep)
         self._redirects = _RedirectCache(redirect_cache_ttl)
+        self._sleep = sleep
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -200,7 +204,7 @@ class RegistryClient:
         """Release pooled connections. Idempotent."""
         self._t.close()
 
-    def __enter__(self) -> RegistryClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -382,7 +386,9 @@ class RegistryClient:
                                       f"{attempt} attempts ({received} bytes read): "
                                       f"{type(err).__name__}: {err}") from err
                 self.metrics.add("retries")
-                time.sleep(self._t.backoff(attempt))
+                self._sleep(self._t.backoff(attempt))
+            except httpx.HTTPError as err:
+                raise RegistryProtocolError(f"{what}: {type(err).__name__}: {err}") from err
         if verify and f"{digest.split(':', 1)[0]}:{h.hexdigest()}" != digest:
             raise DigestMismatch(f"{what}: {received} bytes hash to "
                                  f"{digest.split(':', 1)[0]}:{h.hexdigest()}")
@@ -415,7 +421,7 @@ class RegistryClient:
                         resp.close()
                     self.metrics.add("redirect_cache_hits")
                     return data
-                except (*RETRYABLE, NydusError):
+                except _CACHED_URL_FAILURES:
                     self._redirects.drop(key)  # expired or revoked: ask the registry
             resp = self._t.exchange(Request("GET", f"/v2/{repo}/blobs/{digest}", what,
                                             (repository_scope(repo, "pull"),), headers),
@@ -446,21 +452,29 @@ class RegistryClient:
             skip = offset
         else:
             raise RegistryProtocolError(f"{what}: unexpected HTTP {resp.status_code}")
-        buf = bytearray()
-        for chunk in resp.iter_bytes():
-            if skip:
-                if len(chunk) <= skip:
-                    skip -= len(chunk)
-                    continue
-                chunk, skip = chunk[skip:], 0
-            buf += chunk
-            if len(buf) >= length:
-                break
-        if len(buf) < length:
+        declared = resp.headers.get("content-length")
+        if not skip and declared is not None and declared.isdigit() and \
+                int(declared) <= length:
+            data = resp.read()  # the common case: one buffer, no re-slicing
+        else:
+            parts: list[bytes] = []
+            got = 0
+            for chunk in resp.iter_bytes():
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                parts.append(chunk)
+                got += len(chunk)
+                if got >= length:
+                    break
+            data = b"".join(parts)
+        if len(data) < length:
             self.metrics.add("errors")
-            raise ShortRead(f"{what}: got {len(buf)} of {length} bytes")
+            raise ShortRead(f"{what}: got {len(data)} of {length} bytes")
         self.metrics.add("bytes_read", length)
-        return bytes(buf[:length])
+        return data if len(data) == length else data[:length]
 
     @staticmethod
     def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:

@@ -17,6 +17,7 @@ fallback. It knows nothing of manifests or blobs; :mod:`.client` builds those on
 from __future__ import annotations
 
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ from .auth import (
     parse_token_response,
     pick_challenge,
 )
-from .errors import DigestMismatch, ShortRead, Unauthorized
+from .errors import DigestMismatch, RegistryProtocolError, ShortRead, Unauthorized
 from .metrics import RegistryMetrics
 
 T = TypeVar("T")
@@ -182,9 +183,8 @@ class Transport:
         self._challenges: dict[str, Challenge] = {}   # netloc -> last challenge seen
         self.origin = Endpoint(f"{scheme}://{host}", False, {}, credentials)
         self.mirrors = [self._mirror_endpoint(m, scheme) for m in mirrors]
-        verify: bool | str | object = not skip_verify
+        verify: bool | ssl.SSLContext = not skip_verify
         if ca_cert_files and not skip_verify:
-            import ssl
             ctx = ssl.create_default_context()
             for f in ca_cert_files:
                 ctx.load_verify_locations(cafile=f)
@@ -192,10 +192,15 @@ class Transport:
         t = httpx.Timeout(timeout or None, connect=connect_timeout or None)
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
-        common = dict(verify=verify, timeout=t, limits=limits, follow_redirects=False,
-                      headers={"User-Agent": USER_AGENT}, trust_env=False)
-        self._http = httpx.Client(proxy=proxy, **common)  # type: ignore[arg-type]
-        self._direct = httpx.Client(**common) if proxy and proxy_fallback else None  # type: ignore[arg-type]
+
+        def make(proxy_url: str | None) -> httpx.Client:
+            # trust_env off: HTTP(S)_PROXY of the daemon's environment must not
+            # silently reroute registry traffic; the proxy is explicit config.
+            return httpx.Client(proxy=proxy_url, verify=verify, timeout=t, limits=limits,
+                                follow_redirects=False, headers={"User-Agent": USER_AGENT},
+                                trust_env=False)
+        self._http = make(proxy)
+        self._direct = make(None) if proxy and proxy_fallback else None
         self._proxy_down_until = 0.0
 
     @staticmethod
@@ -224,7 +229,7 @@ class Transport:
     # -------------------------------------------------------------------- retries
     def backoff(self, attempt: int) -> float:
         """Delay before retry ``attempt`` (1-based): exponential, capped, jittered."""
-        d = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** (attempt - 1)))
+        d = min(BACKOFF_CAP, BACKOFF_BASE * (2.0 ** (attempt - 1)))
         return d * (0.5 + random.random() / 2)
 
     def retrying(self, what: str, op: Callable[[], T], *, retries: int | None = None) -> T:
@@ -243,6 +248,10 @@ class Transport:
                     raise Unavailable(
                         f"{what}: registry {self.host} unavailable after "
                         f"{attempt + 1} attempts: {type(err).__name__}: {err}") from err
+            except httpx.HTTPError as err:
+                # Not worth retrying: too many redirects, a Location we cannot
+                # follow, undecodable content.
+                raise RegistryProtocolError(f"{what}: {type(err).__name__}: {err}") from err
             attempt += 1
             self.metrics.add("retries")
             self._sleep(self.backoff(attempt))
@@ -354,7 +363,7 @@ class Transport:
         if params:
             # httpx replaces a URL's query with ``params``; upload Locations carry state
             # in their query that must survive, so merge instead.
-            url = str(httpx.URL(url).copy_merge_params(params))  # type: ignore[arg-type]
+            url = str(httpx.URL(url).copy_merge_params(params))
             params = None
         t0 = time.monotonic()
         try:

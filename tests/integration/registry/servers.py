@@ -90,7 +90,7 @@ class TokenServer(_Base):
 
     def __post_init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pynydus test token signer")])
         self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
@@ -177,7 +177,7 @@ class _TokenHandler(BaseHTTPRequestHandler):
         with ts._lock:
             ts.issued += 1
         self._reply(200, {"token": tok, "access_token": tok, "expires_in": ts.expires_in,
-                          "issued_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+                          "issued_at": dt.datetime.now(dt.UTC).isoformat()})
 
 
 # ------------------------------------------------------------------- fault proxy

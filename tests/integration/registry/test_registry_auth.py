@@ -164,7 +164,7 @@ def test_token_rejected_by_registry_is_refreshed_once(token_registry: tuple[Regi
 
 def test_concurrent_readers_share_one_token_fetch(token_registry: tuple[Registry, TokenServer],
                                                   client: Make) -> None:
-    reg, ts = token_registry
+    reg, _ = token_registry
     data, d = blob(1 << 20)
     client(reg.host, auth=ALICE).push_blob("tok/conc", data, d)
     c = client(reg.host, auth=ALICE)

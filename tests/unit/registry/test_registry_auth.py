@@ -37,9 +37,9 @@ def b64(s: str) -> str:
 
 # --------------------------------------------------------------------- challenges
 def test_bearer_challenge_with_realm_service_scope() -> None:
-    [c] = parse_challenges(['Bearer realm="https://auth.docker.io/token",'
-                            'service="registry.docker.io",'
-                            'scope="repository:samalba/my-app:pull,push"'])
+    [c] = parse_challenges([('Bearer realm="https://auth.docker.io/token",'
+                             'service="registry.docker.io",'
+                             'scope="repository:samalba/my-app:pull,push"')])
     assert c.scheme == "bearer"
     assert c.realm == "https://auth.docker.io/token"
     assert c.service == "registry.docker.io"
@@ -60,8 +60,8 @@ def test_several_challenges_in_one_header_and_across_headers() -> None:
 
 
 def test_quoted_strings_with_escapes_commas_and_spaces() -> None:
-    [c] = parse_challenges([r'Bearer realm="http://h/t?x=1,y=2" , error="invalid_token", '
-                            r'error_description="say \"hi\""'])
+    [c] = parse_challenges([(r'Bearer realm="http://h/t?x=1,y=2" , error="invalid_token", '
+                             r'error_description="say \"hi\""')])
     assert c.realm == "http://h/t?x=1,y=2"
     assert c.error == "invalid_token"
     assert c.params["error_description"] == 'say "hi"'
