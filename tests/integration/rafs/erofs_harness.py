@@ -22,6 +22,7 @@ import hashlib
 import os
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -37,13 +38,13 @@ _MS_RDONLY = 1
 _MNT_DETACH = 2
 
 
-def _mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> None:
+def mount_fs(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> None:
     if _libc.mount(source, target, fstype, flags, data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {source!r} on {target!r} ({data!r}): {os.strerror(err)}")
 
 
-def _umount(target: bytes) -> None:
+def umount_fs(target: bytes) -> None:
     if _libc.umount2(target, 0) != 0:
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT):
@@ -59,11 +60,11 @@ def mounted(bootstrap: str | Path, blobs: Sequence[str | Path]) -> Iterator[Path
     mnt = Path(tempfile.mkdtemp(prefix="pn-erofs-"))
     opts = ",".join(f"device={os.fspath(b)}" for b in blobs)
     try:
-        _mount(os.fsencode(bootstrap), os.fsencode(mnt), b"erofs", _MS_RDONLY, opts.encode())
+        mount_fs(os.fsencode(bootstrap), os.fsencode(mnt), b"erofs", _MS_RDONLY, opts.encode())
         try:
             yield mnt
         finally:
-            _umount(os.fsencode(mnt))
+            umount_fs(os.fsencode(mnt))
     finally:
         os.rmdir(mnt)
 
@@ -121,6 +122,17 @@ def _decompress_any(payload: bytes, n: int) -> bytes:
 # --------------------------------------------------------------------------- trees
 
 CAP_NET_BIND = bytes.fromhex("0100000200040000000000000000000000000000")  # vfs_cap_data v2
+# posix_acl_xattr v2: user::rw- user:1000:r-- group::r-- mask::r-- other::---
+_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, ident)
+    for tag, perm, ident in (
+        (0x01, 6, 0xFFFFFFFF),
+        (0x02, 4, 1000),
+        (0x04, 4, 0xFFFFFFFF),
+        (0x10, 4, 0xFFFFFFFF),
+        (0x20, 0, 0xFFFFFFFF),
+    )
+)
 
 
 def _set_times(p: Path | bytes, sec: int, nsec: int) -> None:
@@ -199,6 +211,11 @@ def make_rich_tree(root: Path, *, big: bool = True) -> None:
     os.setxattr(j(r, b"dir/hl-a"), "user.shared", b"on all links")
     for i in range(20):
         os.setxattr(j(r, b"many"), f"user.k{i:02d}", b"v" * i)
+    # POSIX ACLs (stored under the two system.posix_acl_* name indexes)
+    _w(j(r, b"acl-file"), b"acl\n")
+    os.setxattr(j(r, b"acl-file"), "system.posix_acl_access", _ACL)
+    os.makedirs(j(r, b"acl-dir"))
+    os.setxattr(j(r, b"acl-dir"), "system.posix_acl_default", _ACL)
     # ownership, modes
     os.chown(j(r, b"small.txt"), 1000, 1000)
     os.chown(j(r, b"exact-4k"), 70000, 80000)

@@ -12,10 +12,13 @@ import io
 import os
 import stat
 import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from erofs_harness import assert_same_tree, fsck, mounted, snapshot
+from erofs_harness import assert_same_tree, fsck, mount_fs, mounted, snapshot, umount_fs
 
 from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge
@@ -157,3 +160,41 @@ def test_build_with_parent_bootstrap_equals_merge(tmp_path: Path, layers: dict[s
     fsck(tmp_path / "l123.boot", devs)
     with mounted(tmp_path / "l123.boot", devs) as mnt:
         assert_same_tree(snapshot(layers["expected"]), snapshot(mnt))
+
+
+@contextmanager
+def _overlay(lowers: list[Path]) -> Iterator[Path]:
+    """Read-only overlayfs of ``lowers`` (uppermost first); always unmounted."""
+    mnt = Path(tempfile.mkdtemp(prefix="pn-ovl-"))
+    opts = "lowerdir=" + ":".join(str(p) for p in lowers)
+    try:
+        mount_fs(b"overlay", os.fsencode(mnt), b"overlay", 1, opts.encode())
+        try:
+            yield mnt
+        finally:
+            umount_fs(os.fsencode(mnt))
+    finally:
+        os.rmdir(mnt)
+
+
+def test_overlayfs_form_whiteouts_work_under_kernel_overlayfs(
+    tmp_path: Path, layers: dict[str, Path]
+) -> None:
+    """Per-layer images mounted separately and stacked by overlayfs: the char 0/0 and
+    opaque-xattr form our builder emits is what overlayfs itself understands."""
+    blobs = tmp_path / "blobs"
+    r1 = build(layers["base"], tmp_path / "l1.boot", blobs)
+    r2 = build(layers["upper"], tmp_path / "l2.boot", blobs)
+    r3 = build(layers["l3"], tmp_path / "l3.boot", blobs, type="tar-rafs")  # .wh. -> overlay form
+    with ExitStack() as stack:
+        mnts = [
+            stack.enter_context(mounted(r.bootstrap, _devices(Path(r.bootstrap), blobs)))
+            for r in (r1, r2, r3)
+        ]
+        with _overlay(list(reversed(mnts))) as ovl:
+            got = snapshot(ovl)
+    expected = snapshot(layers["expected"])
+    assert sorted(got) == sorted(expected)
+    for path, rec in expected.items():
+        if rec.kind == "reg":
+            assert got[path].sha256 == rec.sha256, path
