@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pynydus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_snapshotter(sub)
+    from pynydus.cli.image_cmd import add_image
+
+    add_image(sub)
     from pynydus.cli.convert_cmd import _add_convert; _add_convert(sub)  # noqa: E702
     return parser
 

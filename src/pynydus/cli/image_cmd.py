@@ -1,0 +1,136 @@
+"""``pynydus image build|merge|inspect|check|unpack``: nydus-image's jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _int(text: str) -> int:
+    return int(text, 0)  # 0x100000 as nydus-image writes it
+
+
+def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("image", help="build, merge, inspect, check and unpack RAFS images (nydus-image)")
+    isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+
+    b = isub.add_parser("build", help="build a RAFS v6 bootstrap and data blob from a directory or layer tar")
+    b.add_argument("source", help="directory, or OCI layer tar (plain, gzip or zstd)")
+    b.add_argument("--bootstrap", required=True, help="bootstrap file to write")
+    b.add_argument("--blob-dir", required=True, help="directory for the data blob (named by its sha256)")
+    b.add_argument("--type", default=None, choices=["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs"],
+                   help="default: dir-rafs for a directory, tar-rafs for a file")
+    b.add_argument("--fs-version", type=int, default=6, choices=[6])
+    b.add_argument("--compressor", default="lz4_block", choices=["none", "lz4_block", "zstd"])
+    b.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
+    b.add_argument("--chunk-size", type=_int, default=0x100000)
+    b.add_argument("--chunk-dict", help="bootstrap whose chunks are reused instead of stored again")
+    b.add_argument("--parent-bootstrap", help="build this layer on top of a parent image")
+    b.add_argument("--prefetch-files", help="file with one absolute path per line")
+    b.add_argument("--output-json", help="write the build report here")
+    b.set_defaults(func=_build)
+
+    m = isub.add_parser("merge", help="merge per-layer bootstraps (lowest first) into an image bootstrap")
+    m.add_argument("bootstraps", nargs="+")
+    m.add_argument("--bootstrap", required=True)
+    m.add_argument("--prefetch-files")
+    m.add_argument("--output-json")
+    m.set_defaults(func=_merge)
+
+    i = isub.add_parser("inspect", help="describe a bootstrap")
+    i.add_argument("bootstrap")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_inspect)
+
+    c = isub.add_parser("check", help="validate a bootstrap; with --blob-dir verify every chunk")
+    c.add_argument("bootstrap")
+    c.add_argument("--blob-dir")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_check)
+
+    u = isub.add_parser("unpack", help="write the image as a tar")
+    u.add_argument("bootstrap")
+    u.add_argument("--blob-dir", required=True)
+    u.add_argument("--output", required=True, help="tar file to write")
+    u.set_defaults(func=_unpack)
+
+
+def _lines(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _print(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _build(args: argparse.Namespace) -> int:
+    import os
+
+    from pynydus.rafs.builder import build
+
+    kind = args.type or ("dir-rafs" if os.path.isdir(args.source) else "tar-rafs")
+    result = build(
+        args.source, args.bootstrap, args.blob_dir, type=kind, fs_version=args.fs_version,
+        compressor=args.compressor, digester=args.digester, chunk_size=args.chunk_size,
+        chunk_dict=args.chunk_dict, parent_bootstrap=args.parent_bootstrap,
+        prefetch_files=_lines(args.prefetch_files), output_json=args.output_json,
+    )
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    blobs = ", ".join(f"{b.blob_id} ({b.compressed_size} bytes)" for b in result.blobs) or "none"
+    print(f"built {args.bootstrap}: {result.inodes} inodes, {result.chunk_count} chunks, blobs: {blobs}, "
+          f"{result.bytes_in / max(result.elapsed_seconds, 1e-9) / 1e6:.1f} MB/s", file=sys.stderr)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pynydus.rafs.merge import merge
+
+    result = merge(args.bootstraps, args.bootstrap, prefetch_files=_lines(args.prefetch_files),
+                   output_json=args.output_json)
+    _print(result.to_json())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pynydus.rafs.inspect import inspect_bootstrap
+
+    info = inspect_bootstrap(args.bootstrap)
+    if args.json:
+        _print(info)
+    else:
+        for key, value in info.items():
+            if isinstance(value, (dict, list)):
+                print(f"{key}:")
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                for k, v in items:
+                    print(f"  {k}: {v}")
+            else:
+                print(f"{key}: {value}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from pynydus.rafs.unpack import check_image
+
+    rep = check_image(args.bootstrap, args.blob_dir)
+    if args.json:
+        _print(rep.__dict__)
+    else:
+        what = f", {rep.chunks_verified} chunks ({rep.bytes_verified} bytes) verified" if args.blob_dir else ""
+        print(f"{args.bootstrap}: ok: {rep.inodes} inodes, {rep.files} files, {rep.chunks} chunk refs{what}")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    from pynydus.rafs.unpack import unpack_image
+
+    n = unpack_image(args.bootstrap, args.blob_dir, args.output)
+    print(f"wrote {n} entries to {args.output}", file=sys.stderr)
+    return 0

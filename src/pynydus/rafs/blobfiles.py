@@ -1,0 +1,84 @@
+"""File data of an image from blob files in a directory (``--blob-dir``).
+
+Used by ``image check`` (verify every chunk) and ``image unpack`` (write a tar):
+each chunk is read at its compressed extent, decoded and, when asked, checked
+against the digest the bootstrap records for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from pynydus.errors import FormatError, NotFound, NotImplementedFeature
+from pynydus.rafs.compress import Compressor, decompress, digest
+from pynydus.rafs.reader import Bootstrap, FileChunk
+
+
+class BlobFiles:
+    """Open blob files of one image by blob id; close() releases them."""
+
+    def __init__(self, bs: Bootstrap, blob_dir: str) -> None:
+        self.bs = bs
+        self.blob_dir = blob_dir
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> BlobFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _fd(self, blob_id: str) -> int:
+        fd = self._fds.get(blob_id)
+        if fd is None:
+            path = os.path.join(self.blob_dir, blob_id)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError as err:
+                raise NotFound(f"blob {blob_id} is not in {self.blob_dir}") from err
+            self._fds[blob_id] = fd
+        return fd
+
+    def chunk_data(self, c: FileChunk, *, verify: bool = False) -> bytes:
+        """The uncompressed bytes of chunk ``c``; FormatError if they are wrong."""
+        if c.compressed_offset is None or c.compressed_size is None:
+            raise NotImplementedFeature(f"blob {c.blob_id} chunk {c.index}: no chunk record in the bootstrap")
+        raw = os.pread(self._fd(c.blob_id), c.compressed_size, c.compressed_offset)
+        if len(raw) != c.compressed_size:
+            raise FormatError(
+                f"blob {c.blob_id} chunk {c.index}: blob is truncated (wanted {c.compressed_size} bytes "
+                f"at offset {c.compressed_offset}, got {len(raw)})"
+            )
+        algo = c.compressor if c.compressed else Compressor.NONE
+        try:
+            data = decompress(raw, algo, c.uncompressed_size)
+        except FormatError as err:
+            raise FormatError(f"blob {c.blob_id} chunk {c.index} at offset {c.compressed_offset}: {err}") from err
+        if verify and c.digest:
+            algo_d = self.bs.blobs[c.blob_index].digester
+            if digest(data, algo_d) != c.digest:
+                raise FormatError(
+                    f"blob {c.blob_id} chunk {c.index} at offset {c.compressed_offset}: digest mismatch"
+                )
+        return data
+
+    def file_data(self, ino: int) -> Iterator[bytes]:
+        """The bytes of regular file ``ino``, chunk by chunk (holes as zeros)."""
+        size = self.bs.stat(ino).size
+        pos = 0
+        for r in self.bs.map_read(ino, 0, size):
+            start = r.chunk.file_offset + r.offset
+            if start > pos:
+                yield bytes(start - pos)
+                pos = start
+            data = self.chunk_data(r.chunk)[r.offset:r.offset + r.length]
+            yield data
+            pos += len(data)
+        if pos < size:
+            yield bytes(size - pos)
