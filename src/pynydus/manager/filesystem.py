@@ -81,12 +81,16 @@ class NydusFilesystem:
         self.cache_dir = cfg.cache_dir()
         os.makedirs(self.cache_dir, exist_ok=True)
         self.template = load_template(cfg.daemon.nydusd_config)
+        policy = str(cfg.daemon.recover_policy)
+        if policy == "failover":
+            log.warning("recover_policy failover is not supported (docs/failover.md); using restart")
+            policy = "restart"
         self.store = DaemonStore(os.path.join(self.root, "daemons.db"))
         self.manager = DaemonManager(
             self.store,
             command=resolve_daemon_binary(cfg.daemon.nydusd_path),
             log_level=cfg.log.level if cfg.log.level in ("trace", "debug", "info", "warn", "error") else "info",
-            recover_policy=str(cfg.daemon.recover_policy),
+            recover_policy=policy,
             thread_num=cfg.daemon.threads_number,
             on_restarted=self._remount_shared,
         )
