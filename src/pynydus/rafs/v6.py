@@ -104,6 +104,37 @@ class _Node:
         self.size = raw.size
 
 
+class _FlatBlocks:
+    """(offset, length) of block ``i`` of a flat inode, computed on demand so that a
+    lookup in a huge directory touches O(log n) blocks and allocates nothing."""
+
+    __slots__ = ("base", "bs", "count", "inline_off", "tail")
+
+    def __init__(self, base: int, bs: int, count: int, tail: int, inline_off: int) -> None:
+        self.base, self.bs, self.count, self.tail, self.inline_off = (
+            base,
+            bs,
+            count,
+            tail,
+            inline_off,
+        )
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        if i < self.count - 1:
+            return self.base + i * self.bs, self.bs
+        if self.inline_off >= 0:
+            return self.inline_off, self.tail
+        return self.base + i * self.bs, self.tail
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return (self[i] for i in range(self.count))
+
+
 class BootstrapV6(Bootstrap):
     """A RAFS v6 bootstrap; inode numbers are nids.  See :class:`Bootstrap`."""
 
@@ -421,8 +452,8 @@ class BootstrapV6(Bootstrap):
 
     # -- flat data (directories, symlinks) ----------------------------------------------
 
-    def _flat_blocks(self, node: _Node) -> list[tuple[int, int]]:
-        """(offset, length) of each data block of a FLAT_PLAIN / FLAT_INLINE inode.
+    def _flat_blocks(self, node: _Node) -> _FlatBlocks:
+        """Data blocks of a FLAT_PLAIN / FLAT_INLINE inode, validated in O(1).
 
         Blocks live at ``i_u + i``; with FLAT_INLINE the last (partial) block sits
         right after the inode and its xattrs and must not cross a block boundary.
@@ -434,11 +465,9 @@ class BootstrapV6(Bootstrap):
                 f"inode {node.nid} i_format", node.off, f"layout {node.layout} is not flat"
             )
         nblocks = (size + bs - 1) // bs
-        if nblocks == 0:
-            return []
         n = len(self._buf)
         inline = node.layout == EROFS_INODE_FLAT_INLINE
-        nfull = nblocks - 1 if inline else nblocks
+        nfull = max(nblocks - 1, 0) if inline else nblocks
         # Every block must lie inside the file, so a huge i_size fails here, before any loop.
         if nfull and (node.raw.u + nfull) * bs > n:
             raise format_error(
@@ -446,18 +475,17 @@ class BootstrapV6(Bootstrap):
                 node.off + 16,
                 f"data blocks {node.raw.u}+{nfull} beyond the {n}-byte file",
             )
-        out = [((node.raw.u + i) * bs, bs) for i in range(nfull)]
         tail = size - (nblocks - 1) * bs
-        if inline:
-            toff = node.off + node.isize + node.xsize
-            if (toff % bs) + tail > bs or toff + tail > n:
+        inline_off = -1
+        if inline and nblocks:
+            inline_off = node.off + node.isize + node.xsize
+            if (inline_off % bs) + tail > bs or inline_off + tail > n:
                 raise format_error(
-                    f"inode {node.nid} inline data", toff, f"{tail} bytes cross a block boundary"
+                    f"inode {node.nid} inline data",
+                    inline_off,
+                    f"{tail} bytes cross a block boundary",
                 )
-            out.append((toff, tail))
-        else:
-            out[-1] = (out[-1][0], tail)
-        return out
+        return _FlatBlocks(node.raw.u * bs, bs, nblocks, tail, inline_off)
 
     def _dir_node(self, ino: int) -> _Node:
         node = self._node(ino)
@@ -511,7 +539,7 @@ class BootstrapV6(Bootstrap):
         blocks = self._flat_blocks(node)
         return self._iter_dir(ino, blocks)
 
-    def _iter_dir(self, ino: int, blocks: list[tuple[int, int]]) -> Iterator[DirEntry]:
+    def _iter_dir(self, ino: int, blocks: _FlatBlocks) -> Iterator[DirEntry]:
         prev = b""
         for boff, blen in blocks:
             count = self._block_count(boff, blen, ino)

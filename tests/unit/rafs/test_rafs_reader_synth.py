@@ -332,3 +332,19 @@ def test_synthetic_image_is_valid_erofs_for_fsck(
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_lookup_in_a_30000_entry_directory_touches_few_blocks() -> None:
+    root = S.d()
+    flat = S.d()
+    for i in range(30000):
+        flat.children[b"entry-%06d" % i] = S.f(0)
+    root.children[b"flat"] = flat
+    b = Bootstrap.from_bytes(S.build(root).data)
+    ino = b.lookup_path("/flat")
+    assert b.stat(ino).size > 150 * 4096
+    t0 = time.perf_counter()
+    for i in range(0, 30000, 30):
+        assert b.lookup(ino, b"entry-%06d" % i) == flat.children[b"entry-%06d" % i].nid
+    per_lookup = (time.perf_counter() - t0) / 1000
+    assert per_lookup < 0.002, per_lookup
