@@ -131,7 +131,9 @@ class RegistryClient:
     ``retry_limit``: extra attempts after a retryable failure; ``proxy``: an
     HTTP(S) proxy URL (dfdaemon), bypassed for a while when it cannot be reached
     (``proxy_fallback``); ``mirrors``: hosts tried in order before the origin for
-    reads. Close it (or use ``with``) to release connections.
+    reads; ``blob_url_scheme``/``blob_redirected_host``: rewrite redirect targets
+    (nydusd's keys of the same names). Close it (or use ``with``) to release
+    connections.
     """
 
     def __init__(self, host: str, *, scheme: str = "https", skip_verify: bool = False,
@@ -141,6 +143,7 @@ class RegistryClient:
                  proxy: str | None = None, proxy_fallback: bool = True,
                  mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
                  redirect_cache_ttl: float = REDIRECT_CACHE_TTL, max_connections: int = 64,
+                 blob_url_scheme: str = "", blob_redirected_host: str = "",
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if not host or "/" in host:
             raise InvalidArgument(f"registry host {q(host)}: want host[:port]")
@@ -153,6 +156,7 @@ class RegistryClient:
             credentials=creds, timeout=timeout, connect_timeout=connect_timeout,
             retry_limit=retry_limit, proxy=proxy, proxy_fallback=proxy_fallback,
             mirrors=mirrors, ca_cert_files=ca_cert_files, max_connections=max_connections,
+            blob_url_scheme=blob_url_scheme, blob_redirected_host=blob_redirected_host,
             sleep=sleep)
         self._redirects = _RedirectCache(redirect_cache_ttl)
         self._sleep = sleep
@@ -169,7 +173,8 @@ class RegistryClient:
     @classmethod
     def from_backend_config(cls, cfg: Mapping[str, Any], **kwargs: Any) -> RegistryClient:
         """From nydusd's registry backend config (``scheme host auth registry_token
-        skip_verify timeout connect_timeout retry_limit proxy mirrors``; see
+        skip_verify timeout connect_timeout retry_limit proxy mirrors ca_cert_files
+        blob_url_scheme blob_redirected_host``; see
         rafs-nydusd-spec §4.2). ``repo`` is the caller's to use per request. The
         removed ``mirrors`` key is still honoured: ``[{"host": url, "headers": {}}]``."""
         host = cfg.get("host")
@@ -191,6 +196,8 @@ class RegistryClient:
             "proxy_fallback": bool(proxy.get("fallback", True)),
             "mirrors": mirrors,
             "ca_cert_files": list(cfg.get("ca_cert_files") or []),
+            "blob_url_scheme": str(cfg.get("blob_url_scheme") or ""),
+            "blob_redirected_host": str(cfg.get("blob_redirected_host") or ""),
         }
         opts.update(kwargs)
         return cls(host, **opts)

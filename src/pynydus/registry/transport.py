@@ -167,6 +167,7 @@ class Transport:
                  proxy: str | None = None, proxy_fallback: bool = True,
                  mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
                  max_connections: int = 64, metrics: RegistryMetrics | None = None,
+                 blob_url_scheme: str = "", blob_redirected_host: str = "",
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if scheme not in ("http", "https"):
             raise InvalidArgument(f"registry scheme {scheme!r}: want http or https")
@@ -175,6 +176,10 @@ class Transport:
         self.host = host
         self.skip_verify = skip_verify
         self.retry_limit = retry_limit
+        # nydusd's blob_url_scheme / blob_redirected_host: rewrite where redirects
+        # point, e.g. to reach blob storage through an internal endpoint.
+        self.blob_url_scheme = blob_url_scheme
+        self.blob_redirected_host = blob_redirected_host
         self.metrics = metrics if metrics is not None else RegistryMetrics()
         self.tokens = TokenCache()
         self._credentials = credentials
@@ -341,12 +346,19 @@ class Transport:
                 resp.close()
                 raise httpx.TooManyRedirects(f"{req.what}: more than {MAX_REDIRECTS} redirects",
                                              request=resp.request)
-            url = urljoin(str(resp.request.url), resp.headers["location"])
+            url = self._rewrite_redirect(urljoin(str(resp.request.url), resp.headers["location"]))
             resp.close()
             self.metrics.add("redirects")
             params = None  # the Location carries its own query
             if resp.status_code == 303:
                 method, content = "GET", None
+
+    def _rewrite_redirect(self, url: str) -> str:
+        if not (self.blob_url_scheme or self.blob_redirected_host):
+            return url
+        u = urlsplit(url)
+        return u._replace(scheme=self.blob_url_scheme or u.scheme,
+                          netloc=self.blob_redirected_host or u.netloc).geturl()
 
     def send_direct(self, method: str, url: str, headers: Mapping[str, str]) -> httpx.Response:
         """One streamed request to an absolute URL without auth, mirrors, redirects or

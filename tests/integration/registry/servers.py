@@ -43,6 +43,11 @@ def _b64url(b: bytes) -> str:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    connections = 0  # TCP connections accepted: shows whether clients keep them alive
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections += 1
+        super().process_request(request, client_address)
 
 
 class _Base:
@@ -59,6 +64,10 @@ class _Base:
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
+
+    @property
+    def connections(self) -> int:
+        return int(self.server.connections)
 
     @property
     def host(self) -> str:

@@ -57,7 +57,7 @@ def test_5xx_is_retried_then_succeeds(registry: Registry, stored: tuple[bytes, s
     assert c.read_blob_range(REPO, d, 100, 1000) == data[100:1100]
     assert c.metrics.retries == 2
     fp.fail(1, 503)
-    assert c.get_manifest is not None and c.head_blob(REPO, d).size == len(data)
+    assert c.head_blob(REPO, d).size == len(data)
 
 
 def test_5xx_beyond_the_retry_limit_is_unavailable_with_the_cause(
@@ -251,3 +251,36 @@ def test_https_with_skip_verify_falls_back_to_http(registry: Registry,
     strict = client(registry.host, scheme="https", retry_limit=0)
     with pytest.raises(Unavailable):
         strict.read_blob_range(REPO, d, 0, 10)
+
+
+def test_redirect_target_host_can_be_rewritten(registry: Registry, stored: tuple[bytes, str],
+                                               client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    internal = fault_proxy(registry.host)            # what blob_redirected_host names
+    front = fault_proxy(registry.host, redirect=True)
+    c = client(front.host, blob_redirected_host=internal.host)
+    assert c.read_blob_range(REPO, d, 0, 10) == data[:10]
+    assert internal.count("GET", "/blobs/") == 1
+
+
+def test_connections_are_kept_alive_and_reused(registry: Registry, stored: tuple[bytes, str],
+                                               client: Make, fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host)
+    c = client(fp.host)
+    for i in range(20):
+        assert c.read_blob_range(REPO, d, i * 4096, 4096) == data[i * 4096:(i + 1) * 4096]
+    c.head_blob(REPO, d)
+    assert fp.connections == 1
+    assert c.metrics.requests == 21
+
+
+def test_unavailable_chains_the_last_cause(registry: Registry, stored: tuple[bytes, str],
+                                           client: Make, fault_proxy: MakeProxy) -> None:
+    _, d = stored
+    fp = fault_proxy(registry.host)
+    c = client(fp.host, retry_limit=1, **fast())
+    fp.fail(5, 500)
+    with pytest.raises(Unavailable) as ei:
+        c.read_blob_range(REPO, d, 0, 10)
+    assert getattr(ei.value.__cause__, "status", None) == 500
