@@ -93,11 +93,11 @@ class Pynydusd:
     def __init__(self, workdir: Path, *, name: str = "pynydusd", mountpoint: Path | None = None,
                  bootstrap: Path | str | None = None, config: dict[str, Any] | None = None,
                  config_text: str | None = None, extra_args: tuple[str, ...] = (),
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", apisock: Path | None = None) -> None:
         self.workdir = workdir
         self.name = name
         self.mountpoint = mountpoint or workdir / f"{name}.mnt"
-        self.apisock = workdir / f"{name}.sock"
+        self.apisock = apisock or workdir / f"{name}.sock"
         self.log = workdir / f"{name}.log"
         self.bootstrap = bootstrap
         self.config_path: Path | None = None

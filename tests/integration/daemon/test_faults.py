@@ -1,0 +1,303 @@
+"""Fault injection: the registry dies, hangs, lies; a chunk is corrupt; the daemon is killed.
+
+Contract: a read that cannot get its data fails with EIO within the configured timeouts
+and retries (never hangs), metadata keeps working, and reads work again as soon as the
+fault is gone; a corrupt chunk (digest validation on) is EIO with a log line naming the
+blob and the chunk; after kill -9 the next daemon cleans the dead mount and serves the
+same mountpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pynydus.rafs.reader import Bootstrap
+from tests.harness.pynydusd import fuse_mounted
+from tests.harness.registry import Registry
+from tests.integration.registry.servers import FaultProxy
+
+from .conftest import Image, StartFn, localfs_config, registry_config
+from .test_registry import push
+
+REPO = "daemon/faults"
+TIMEOUT = 2  # seconds, the daemon's connect and read timeouts in these tests
+RETRIES = 1
+# Worst case for one chunk: (1 + retries) attempts of at most a timeout each, plus the
+# client's backoff between attempts; well below pytest's timeout, so a hang is a failure.
+BOUND = (1 + RETRIES) * TIMEOUT + 6
+
+
+@pytest.fixture
+def own_registry(full_image: Image) -> Iterator[Registry]:
+    """A registry this test may stop, freeze and restart (same port, same storage)."""
+    with Registry() as reg:
+        push(reg.host, full_image, REPO)
+        yield reg
+
+
+def restart_registry(reg: Registry) -> None:
+    assert reg.proc is not None
+    reg.proc.start()  # same config file: same port and storage
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if reg._answers():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("registry did not come back")
+
+
+def expect_eio(fn: Callable[[], object], bound: float = BOUND) -> float:
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as err:
+        fn()
+    took = time.monotonic() - t0
+    assert err.value.errno == errno.EIO, err.value
+    assert took < bound, f"EIO after {took:.1f}s, bound {bound}s"
+    return took
+
+
+def read(path: Path, off: int = 0, n: int = 1 << 20) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def src_bytes(image: Image, rel: str, off: int = 0, n: int = 1 << 20) -> bytes:
+    return (image.src / rel).read_bytes()[off:off + n]
+
+
+def test_registry_stopped_mid_read_is_eio_then_recovers(
+        full_image: Image, own_registry: Registry, start_daemon: StartFn,
+        workdir: Path) -> None:
+    d = start_daemon(bootstrap=full_image.bootstrap,
+                     config=registry_config(own_registry.host, REPO, workdir / "cache",
+                                            timeout=TIMEOUT, retry_limit=RETRIES))
+    f = d.mountpoint / "files/multi-chunk"
+    assert read(f, 0, 4096) == src_bytes(full_image, "files/multi-chunk", 0, 4096)
+    assert own_registry.proc is not None
+    own_registry.proc.stop()  # mid-file: chunk 0 is cached, chunks 1.. are not
+    expect_eio(lambda: read(f, 2 << 20, 4096))
+    assert read(f, 0, 4096) == src_bytes(full_image, "files/multi-chunk", 0, 4096)  # cached
+    assert (d.mountpoint / "wide").is_dir()
+    restart_registry(own_registry)
+    assert read(f, 2 << 20, 4096) == src_bytes(full_image, "files/multi-chunk", 2 << 20, 4096)
+    assert d.backend_metrics()["read_errors"] >= 1
+
+
+def test_frozen_registry_times_out_instead_of_hanging(
+        full_image: Image, own_registry: Registry, start_daemon: StartFn,
+        workdir: Path) -> None:
+    """The registry accepts connections but never answers (SIGSTOP): read timeout."""
+    d = start_daemon(bootstrap=full_image.bootstrap,
+                     config=registry_config(own_registry.host, REPO, workdir / "cache",
+                                            timeout=TIMEOUT, retry_limit=RETRIES))
+    assert own_registry.proc is not None
+    pid = own_registry.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        took = expect_eio(lambda: read(d.mountpoint / "files/one-chunk"))
+        assert took >= TIMEOUT * 0.9  # it did wait for the configured timeout
+        # metadata and the API stay responsive while the backend is stuck
+        assert d.get("/api/v1/daemon")["state"] == "RUNNING"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert read(d.mountpoint / "files/one-chunk") == src_bytes(full_image, "files/one-chunk")
+
+
+@pytest.fixture
+def proxied(full_image: Image, own_registry: Registry, start_daemon: StartFn,
+            workdir: Path) -> Iterator[tuple[FaultProxy, Path]]:
+    fp = FaultProxy(own_registry.host, match="/blobs/")
+    try:
+        d = start_daemon(bootstrap=full_image.bootstrap,
+                         config=registry_config(fp.host, REPO, workdir / "cache",
+                                                timeout=TIMEOUT, retry_limit=RETRIES))
+        yield fp, d.mountpoint
+    finally:
+        fp.stop()
+
+
+# Each case reads files nobody read before (so the blob cache cannot answer).
+@pytest.mark.parametrize("status", [401, 403, 404, 500, 503])
+def test_error_status_is_eio_and_clears(full_image: Image, proxied: tuple[FaultProxy, Path],
+                                        status: int) -> None:
+    fp, mnt = proxied
+    fp.fail(100, status)
+    expect_eio(lambda: read(mnt / "wide/entry-0001-x"))
+    fp.clear()
+    assert read(mnt / "wide/entry-0001-x") == src_bytes(full_image, "wide/entry-0001-x")
+
+
+def test_one_500_is_retried_transparently(full_image: Image,
+                                          proxied: tuple[FaultProxy, Path]) -> None:
+    fp, mnt = proxied
+    fp.fail(1, 500)
+    assert read(mnt / "files/odd-size") == src_bytes(full_image, "files/odd-size")
+    assert fp.count("GET", "/blobs/") >= 2
+
+
+@pytest.mark.parametrize("kind", ["short", "cut"])
+def test_truncated_body_is_eio_and_clears(full_image: Image, proxied: tuple[FaultProxy, Path],
+                                          kind: str) -> None:
+    fp, mnt = proxied
+    getattr(fp, kind)(100, 10)  # 10 bytes of the body, then (short) EOF or (cut) close
+    expect_eio(lambda: read(mnt / "hard/orig"))
+    fp.clear()
+    assert read(mnt / "hard/orig") == src_bytes(full_image, "hard/orig")
+
+
+def test_one_truncated_body_is_retried(full_image: Image,
+                                       proxied: tuple[FaultProxy, Path]) -> None:
+    fp, mnt = proxied
+    fp.cut(1, 10)
+    assert read(mnt / "files/tiny") == src_bytes(full_image, "files/tiny")
+
+
+# ------------------------------------------------------------------------- corruption
+
+def _corrupt_copy(image: Image, rel: str, dest: Path) -> tuple[int, int]:
+    """Copy the image's blob to ``dest/<blob_id>`` with one byte of ``rel``'s first chunk
+    flipped. Returns (chunk index, compressed size)."""
+    bs = Bootstrap.open(str(image.bootstrap))
+    try:
+        chunk = bs.chunks(bs.lookup_path("/" + rel))[0]
+    finally:
+        bs.close()
+    assert chunk.compressed_offset is not None and chunk.compressed_size
+    data = bytearray(image.blob_path.read_bytes())
+    data[chunk.compressed_offset + chunk.compressed_size // 2] ^= 0x5A
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / image.blob_id).write_bytes(bytes(data))
+    return chunk.index, chunk.compressed_size
+
+
+@pytest.mark.parametrize("how", ["cache.validate", "digest_validate"])
+def test_corrupt_chunk_with_validation_is_eio_naming_blob_and_chunk(
+        full_image: Image, start_daemon: StartFn, workdir: Path, how: str) -> None:
+    index, _ = _corrupt_copy(full_image, "files/multi-chunk", workdir / "bad")
+    cfg = localfs_config(workdir / "bad", workdir / "cache")
+    if how == "cache.validate":
+        cfg["device"]["cache"]["validate"] = True
+    else:
+        cfg["digest_validate"] = True
+    d = start_daemon(bootstrap=full_image.bootstrap, config=cfg)
+    expect_eio(lambda: read(d.mountpoint / "files/multi-chunk", 0, 4096))
+    log = d.log_text()
+    lines = [ln for ln in log.splitlines()
+             if full_image.blob_id in ln and f"chunk {index}" in ln and "digest" in ln]
+    assert lines, log[-3000:]
+    # the rest of the image is fine
+    assert read(d.mountpoint / "files/tiny") == src_bytes(full_image, "files/tiny")
+    prom = d.api("GET", "/metrics")[1].decode()
+    failures = [float(ln.split()[1]) for ln in prom.splitlines()
+                if ln.startswith("nydusd_digest_failures_total ")]
+    # the first fetch and the one re-fetch, per FUSE read (the kernel may retry the
+    # failed readahead as a single-page read)
+    assert failures and failures[0] >= 2 and failures[0] % 2 == 0, failures
+
+
+def test_corrupt_chunk_refetched_once_then_good(full_image: Image, start_daemon: StartFn,
+                                                workdir: Path) -> None:
+    """A transient corruption (first answer bad, second good) costs one re-fetch."""
+    fp_reg = Registry()
+    with fp_reg:
+        push(fp_reg.host, full_image, REPO)
+        index, c_size = _corrupt_copy(full_image, "files/multi-chunk", workdir / "bad")
+        bad = (workdir / "bad" / full_image.blob_id).read_bytes()
+        proxy = _CorruptOnceProxy(fp_reg.host, bad)
+        try:
+            cfg = registry_config(proxy.host, REPO, workdir / "cache", timeout=TIMEOUT,
+                                  retry_limit=RETRIES, validate=True)
+            d = start_daemon(bootstrap=full_image.bootstrap, config=cfg)
+            assert read(d.mountpoint / "files/multi-chunk", 0, 4096) == \
+                src_bytes(full_image, "files/multi-chunk", 0, 4096)
+            assert "digest mismatch, fetching again" in d.log_text()
+        finally:
+            proxy.stop()
+
+
+class _CorruptOnceProxy(FaultProxy):
+    """Answers the first ranged blob GET from a corrupted copy of the blob."""
+
+    def __init__(self, upstream: str, bad_blob: bytes) -> None:
+        self.bad_blob = bad_blob
+        self.served_bad = False
+        super().__init__(upstream)
+        handler = self.server.RequestHandlerClass
+        proxy = self
+
+        class _H(handler):  # type: ignore[misc,valid-type]
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range", "")
+                if "/blobs/" in self.path and rng.startswith("bytes=") and \
+                        not proxy.served_bad:
+                    proxy.served_bad = True
+                    start, end = (int(x) for x in rng[6:].split("-"))
+                    body = proxy.bad_blob[start:end + 1]
+                    self.send_response(206)
+                    self.send_header("Content-Range",
+                                     f"bytes {start}-{end}/{len(proxy.bad_blob)}")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                super().do_GET()
+
+        self.server.RequestHandlerClass = _H
+
+
+# ---------------------------------------------------------------------------- kill -9
+
+def test_kill9_then_clean_remount_on_the_same_mountpoint(
+        full_image: Image, start_daemon: StartFn, workdir: Path) -> None:
+    cfg = localfs_config(full_image.blob_dir, workdir / "cache")
+    d = start_daemon(bootstrap=full_image.bootstrap, config=cfg)
+    assert read(d.mountpoint / "files/tiny") == src_bytes(full_image, "files/tiny")
+    d.kill9()
+    assert fuse_mounted(d.mountpoint)  # the mount outlives the daemon ...
+    with pytest.raises(OSError) as err:
+        os.listdir(d.mountpoint / "wide")  # ... dead (attrs are cached, opendir is not)
+    assert err.value.errno == errno.ENOTCONN
+    # a new daemon on the same mountpoint and API socket
+    d2 = start_daemon(bootstrap=full_image.bootstrap, config=cfg, mountpoint=d.mountpoint,
+                      apisock=d.apisock, timeout=30)
+    assert "stale" in d2.log_text()
+    mounts = [ln for ln in open("/proc/self/mountinfo")
+              if f" {os.path.realpath(d.mountpoint)} " in ln]
+    assert len(mounts) == 1, mounts  # the dead one is gone, not stacked below
+    assert read(d2.mountpoint / "files/multi-chunk") == src_bytes(full_image, "files/multi-chunk")
+    # a read in flight when the daemon dies fails (ENOTCONN), it does not hang
+    result: list[BaseException | bytes] = []
+
+    def reader() -> None:
+        try:
+            while True:
+                drop = os.open(d2.mountpoint / "files/dup-a", os.O_RDONLY)
+                try:
+                    os.posix_fadvise(drop, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.pread(drop, 1 << 20, 0)
+                finally:
+                    os.close(drop)
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    d2.kill9()
+    t.join(10)
+    assert not t.is_alive() and result, "reader hung after kill -9"
+    assert isinstance(result[0], OSError) and result[0].errno in (errno.ENOTCONN, errno.EIO)
