@@ -32,7 +32,6 @@ from pynydus.errors import (
     InvalidArgument,
     NotFound,
     NotImplementedFeature,
-    NydusError,
     Unavailable,
 )
 
@@ -383,10 +382,13 @@ class Transport:
             try:
                 resp = client.send(request, stream=stream)
             except (httpx.ProxyError, httpx.ConnectError) as err:
-                # Only replayable bodies can be resent on another path.
-                if client is self._http and self._direct is not None and \
-                        (content is None or isinstance(content, bytes)):
+                if client is self._http and self._direct is not None:
+                    # The proxy is down: go direct for a while (nydusd's proxy
+                    # fallback). Only a replayable body is resent at once; a
+                    # streamed one goes direct on the caller's retry.
                     self._proxy_down_until = time.monotonic() + PROXY_COOLDOWN
+                    if not (content is None or isinstance(content, bytes)):
+                        raise
                     self.metrics.observe(time.monotonic() - t0, None)
                     t0 = time.monotonic()
                     resp = self._direct.send(client.build_request(
@@ -503,6 +505,6 @@ class Transport:
 
 
 __all__ = [
-    "Endpoint", "Mirror", "NydusError", "Request", "RetryableStatus", "Transport",
+    "RETRYABLE", "Endpoint", "Mirror", "Request", "RetryableStatus", "Transport",
     "raise_for_status",
 ]
