@@ -53,6 +53,9 @@ OCI_WHITEOUT_OPAQUE = b".wh..wh..opq"
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# tarfile's stream reader copies in units of its buffer: 64 KiB keeps the number of
+# Python-level reads per 1 MiB chunk small without holding much memory.
+_TAR_BUFSIZE = 64 * 1024
 
 
 class EntryType(enum.Enum):
@@ -164,14 +167,18 @@ def open_layer(fileobj: BinaryIO) -> BinaryIO:
     Detects gzip and zstd by their magic numbers; anything else is taken as a plain
     tar. Only sequential ``read`` is used, so pipes and HTTP bodies work.
     """
-    head = _peek(fileobj, 4)
-    raw = _Prefixed(head, fileobj)
+    return _decoder(_peek(fileobj, 4), fileobj)
+
+
+def _decoder(head: bytes, rest: BinaryIO) -> BinaryIO:
+    """Uncompressed stream of ``head + rest`` (``head`` = bytes already peeked)."""
+    raw = io.BufferedReader(_Prefixed(head, rest), buffer_size=1 << 20)
     if head.startswith(_GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if head.startswith(_ZSTD_MAGIC):
         dctx = zstandard.ZstdDecompressor()
-        return dctx.stream_reader(raw, read_across_frames=True)  # type: ignore[arg-type]
-    return raw  # type: ignore[return-value]
+        return dctx.stream_reader(raw, read_across_frames=True)
+    return raw
 
 
 def _peek(f: BinaryIO, n: int) -> bytes:
@@ -311,14 +318,18 @@ class TarSource:
             if head.startswith(_ZSTD_MAGIC)
             else None
         )
-        stream = open_layer(_Prefixed(head, f))  # type: ignore[arg-type]
+        stream = _decoder(head, f)
         if not head:
             return  # an empty file is an empty layer (upstream's empty.tar fixture)
         if self._tee is not None:
             stream = _Tee(stream, self._tee)  # type: ignore[assignment]
         try:
             tf = tarfile.open(  # noqa: SIM115 - entered with "with" right below
-                fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
+                fileobj=stream,
+                mode="r|",
+                encoding="utf-8",
+                errors="surrogateescape",
+                bufsize=_TAR_BUFSIZE,
             )
         except tarfile.ReadError as err:
             raise FormatError(f"layer tar: {err}") from err
