@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+import synth_v5 as S5
 import synth_v6 as S
 
 from pynydus.errors import FormatError, NotFound
@@ -89,8 +90,28 @@ def synthetic() -> bytes:
     return S.build(root, prefetch=[b"/a"]).data
 
 
+def synthetic_v5() -> bytes:
+    root = S5.Node(stat.S_IFDIR | 0o755)
+    shared = S5.Node(stat.S_IFREG | 0o644, data_size=5)
+    sub = S5.Node(stat.S_IFDIR | 0o755, xattrs=[(b"user.x", b"y")])
+    for i in range(60):
+        sub.children[b"f%02d" % i] = S5.Node(stat.S_IFREG | 0o644, data_size=i * 1000)
+    sub.children[b"ln"] = S5.Node(stat.S_IFLNK | 0o777, target=b"f01")
+    sub.children[b"dev"] = S5.Node(stat.S_IFBLK | 0o600, rdev=0x0801)
+    sub.children[b"hl"] = shared
+    root.children[b"sub"] = sub
+    root.children[b"hl"] = shared
+    root.children[b"holes"] = S5.Node(
+        stat.S_IFREG | 0o644,
+        data_size=3 << 20,
+        chunk_spans=[(1 << 20, 10)],
+        xattrs=[(b"user.a", b"b")],
+    )
+    return S5.build(root)[0]
+
+
 def inputs() -> dict[str, bytes]:
-    out = {"synthetic-v6": synthetic()}
+    out = {"synthetic-v6": synthetic(), "synthetic-v5": synthetic_v5()}
     for name, rel in (
         ("fixture-v6", "v6-bootstrap-chunk-pos-438272/image/image.boot"),
         ("fixture-v5", "v5-bootstrap-file-size-736032/image/image.boot"),
