@@ -22,25 +22,23 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import multiprocessing
 import os
-import queue
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pynydus.errors import FailedPrecondition, InvalidArgument, NotFound, NydusError, q
+from pynydus.errors import FailedPrecondition, InvalidArgument, NotFound, q
 from pynydus.registry import (Credentials, RegistryClient, Unauthorized, media,
                               parse_reference, resolve_credentials)
 from pynydus.registry.reference import Reference
 
 from . import image as img
 from .bootstrap import merge_layers
-from .layer import BuildOptions, LayerJob, LayerResult, RegistrySpec, convert_layer
+from .layer import BuildOptions, LayerJob, LayerResult, RegistrySpec, lookup_cache
 from .pack import bootstrap_layer
 from .progress import NullReporter, Reporter
+from .workers import WorkerPool
 
 __all__ = ["ConvertOptions", "ConvertReport", "convert", "default_cache_dir"]
 
@@ -82,31 +80,6 @@ class ConvertReport:
         return asdict(self)
 
 
-# --------------------------------------------------------------------- workers
-_PROGRESS: Any = None
-
-
-def _worker_init(progress_queue: Any) -> None:
-    global _PROGRESS
-    _PROGRESS = progress_queue
-
-
-def _worker_report(index: int, event: str, value: int) -> None:
-    if _PROGRESS is not None:
-        _PROGRESS.put((index, event, value))
-
-
-def _worker_run(job: LayerJob) -> LayerResult:
-    # Worker exceptions must pickle: re-raise pynydus errors as themselves, others
-    # wrapped with their text (tracebacks do not cross the process boundary).
-    try:
-        return convert_layer(job, _worker_report)
-    except NydusError:
-        raise
-    except Exception as err:
-        raise NydusError(f"convert layer {job.layer.digest}: {type(err).__name__}: {err}") from None
-
-
 # --------------------------------------------------------------------- helpers
 def _credentials(explicit: str | None, host: str) -> Credentials | None:
     if explicit:
@@ -145,6 +118,7 @@ class _Run:
         self.dst_repo = self.dst_ref.repository
         self.pushed: dict[str, cf.Future[str]] = {}
         self.push_pool = cf.ThreadPoolExecutor(4, thread_name_prefix="push")
+        self.workers = 0
 
     def close(self) -> None:
         self.push_pool.shutdown(wait=True, cancel_futures=True)
@@ -238,50 +212,34 @@ class _Run:
             for lyr in si.layers:
                 layers.setdefault(lyr.digest, lyr)
         order = list(layers)
-        jobs = [LayerJob(i, self.src_repo, layers[d], self.src_spec, self.opts.build,
-                         self.opts.cache_dir) for i, d in enumerate(order)]
-        n = self.opts.workers or os.cpu_count() or 1
-        self.workers = max(1, min(n, len(jobs)))
-        for job in jobs:
-            self.rep.layer_started(job.layer.digest, job.layer.digest, job.layer.size)
-        ctx = multiprocessing.get_context("spawn")
-        progress_q: Any = ctx.Queue()
-        stop = threading.Event()
-
-        def drain() -> None:
-            while not stop.is_set():
-                try:
-                    index, event, value = progress_q.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                except (EOFError, OSError):
-                    return
-                if event == "bytes":
-                    self.rep.layer_bytes(order[index], value)
-
-        drainer = threading.Thread(target=drain, name="convert-progress", daemon=True)
-        drainer.start()
         results: dict[str, LayerResult] = {}
-        try:
-            with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
-                                        initargs=(progress_q,)) as pool:
-                futs = {pool.submit(_worker_run, job): job for job in jobs}
-                try:
-                    for fut in cf.as_completed(futs):
-                        res = fut.result()
-                        results[res.source_digest] = res
-                        self.rep.layer_done(res.source_digest, asdict(res))
-                        self.push_blob(res.blob_digest, res.blob_path(self.opts.cache_dir),
-                                       res.blob_size)
-                except BaseException:
-                    for f in futs:
-                        f.cancel()
-                    raise
-        finally:
-            stop.set()
-            drainer.join(timeout=2)
-            progress_q.close()
+        jobs = []
+        for i, d in enumerate(order):
+            self.rep.layer_started(d, d, layers[d].size)
+            hit = lookup_cache(self.opts.cache_dir, d, self.opts.build)
+            if hit is not None:  # no worker, no download
+                self.layer_finished(hit)
+                results[d] = hit
+            else:
+                jobs.append(LayerJob(i, self.src_repo, layers[d], self.src_spec, self.opts.build,
+                                     self.opts.cache_dir))
+        n = self.opts.workers or os.cpu_count() or 1
+        self.workers = max(1, min(n, len(jobs))) if jobs else 0
+        if not jobs:
+            return results
+
+        def progress(index: int, nbytes: int) -> None:
+            self.rep.layer_bytes(order[index], nbytes)
+
+        with WorkerPool(self.workers, progress) as pool:
+            for res in pool.run(jobs):
+                results[res.source_digest] = res
+                self.layer_finished(res)
         return results
+
+    def layer_finished(self, res: LayerResult) -> None:
+        self.rep.layer_done(res.source_digest, asdict(res))
+        self.push_blob(res.blob_digest, res.blob_path(self.opts.cache_dir), res.blob_size)
 
     # ---------------------------------------------------------------- one image
     def finish_image(self, si: img.SourceImage, results: dict[str, LayerResult]
