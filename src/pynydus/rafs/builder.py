@@ -94,9 +94,9 @@ class BuildResult:
         return doc
 
 
-def _source_for(source: Any, type: str) -> Iterable[tuple[Any, Any]]:
+def _source_for(source: Any, type: str, first: tuple[bytes, ...] = ()) -> Iterable[tuple[Any, Any]]:
     if type == "dir-rafs":
-        return DirSource(source)
+        return DirSource(source, first=first)
     if type in ("tar-rafs", "targz-rafs"):
         return TarSource(source)
     raise InvalidArgument(
@@ -202,6 +202,8 @@ def build(
         # The parent's chunks dedup the new layer too (upstream's layered chunk dict).
         dict_map = {**chunk_dict_from_tree(parent.tree), **dict_map}
 
+    # Prefetch files lead a directory build's blob (a tar stream has its own order).
+    prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     tree = Tree(whiteout_spec)
     writer: BlobWriter | TarfsBlob
     if tarfs:
@@ -223,7 +225,8 @@ def build(
             blob_dir, compressor=comp, digester=dig, chunk_size=chunk_size, chunk_dict=dict_map
         )
         try:
-            build_tree(_source_for(source, type), writer, tree, strict_sizes=type != "dir-rafs")
+            entries = _source_for(source, type, prefetch)
+            build_tree(entries, writer, tree, strict_sizes=type != "dir-rafs")
             desc = writer.finish()
         except BaseException:
             writer.abort()
@@ -235,7 +238,6 @@ def build(
         parent.tree.skipped_xattrs = tree.skipped_xattrs
         tree = parent.tree
     blobs = _blob_table(tree, dict_map, desc, parent.blobs if parent is not None else None)
-    prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     try:
         info = write_bootstrap(
             tree,
@@ -299,7 +301,9 @@ def _load_chunk_dict(
         return {}
     if isinstance(chunk_dict, Mapping):
         return dict(chunk_dict)
-    return chunk_dict_from_bootstrap(chunk_dict)
+    path = os.fspath(chunk_dict)
+    # upstream's CLI form is --chunk-dict bootstrap=PATH
+    return chunk_dict_from_bootstrap(path.removeprefix("bootstrap="))
 
 
 def _blob_table(

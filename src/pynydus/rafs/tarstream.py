@@ -29,7 +29,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, cast
 
@@ -452,11 +452,24 @@ class DirSource:
     A non-directory seen a second time (same ``st_dev``/``st_ino``) is reported as
     HARDLINK to the first path. Sparse files read as zeros (dedup collapses the
     zero chunks). ``xattrs=False`` skips reading extended attributes.
+
+    ``first`` lists normalized paths (files, or directories meaning every regular
+    file below them) whose entries come right after the root, so that their data
+    leads the blob, as upstream's directory builder does for prefetch files: a
+    prefetch then reads one contiguous range. Their parent directories follow later
+    in walk order (the tree fills in implied parents).
     """
 
-    def __init__(self, root: str | os.PathLike[str] | bytes, *, xattrs: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | bytes,
+        *,
+        xattrs: bool = True,
+        first: Sequence[bytes] = (),
+    ) -> None:
         self._root = os.fsencode(root)
         self._xattrs = xattrs
+        self._first = [p for p in first if p]
 
     def __iter__(self) -> Iterator[tuple[Entry, DataReader | None]]:
         st = os.lstat(self._root)
@@ -464,6 +477,14 @@ class DirSource:
             raise InvalidArgument(f"build source {self._root!r}: not a directory")
         seen: dict[tuple[int, int], bytes] = {}
         yield self._entry(self._root, b"", st, seen), None
+        early: set[bytes] = set()
+        for rel in self._early_files():
+            if rel in early:
+                continue
+            early.add(rel)
+            abs_path = os.path.join(self._root, rel)
+            entry = self._entry(abs_path, rel, os.lstat(abs_path), seen)
+            yield entry, _LazyFile(abs_path) if entry.type == EntryType.REG else None
         stack: list[bytes] = [b""]
         while stack:
             rel_dir = stack.pop()
@@ -474,6 +495,8 @@ class DirSource:
             for name in names:
                 rel = rel_dir + b"/" + name if rel_dir else name
                 abs_path = os.path.join(self._root, rel)
+                if rel in early:
+                    continue
                 cst = os.lstat(abs_path)
                 entry = self._entry(abs_path, rel, cst, seen)
                 reader = _LazyFile(abs_path) if entry.type == EntryType.REG else None
@@ -481,6 +504,24 @@ class DirSource:
                 if entry.type == EntryType.DIR:
                     subdirs.append(rel)
             stack.extend(reversed(subdirs))
+
+    def _early_files(self) -> Iterator[bytes]:
+        """Regular files named by ``first`` (directories expanded, sorted); missing ones skipped."""
+        for rel in self._first:
+            abs_path = os.path.join(self._root, rel)
+            try:
+                st = os.lstat(abs_path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield rel
+            elif stat.S_ISDIR(st.st_mode):
+                for dirpath, dirnames, filenames in os.walk(abs_path):
+                    dirnames.sort()
+                    for name in sorted(filenames):
+                        p = os.path.join(dirpath, name)
+                        if stat.S_ISREG(os.lstat(p).st_mode):
+                            yield os.path.relpath(p, self._root)
 
     def _entry(
         self, abs_path: bytes, rel: bytes, st: os.stat_result, seen: dict[tuple[int, int], bytes]

@@ -142,3 +142,23 @@ def test_symlink_and_special_files_layouts(tmp_path: Path) -> None:
         assert bs.readlink(bs.lookup_path("/short")) == b"t"
         st = bs.stat(bs.lookup_path("/blk"))
         assert stat.S_ISBLK(st.mode) and st.rdev == (8 << 8 | 1)
+
+
+def test_directory_build_puts_prefetch_files_first_in_the_blob(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "z").mkdir()
+    for name in ("a/1", "a/2", "z/hot", "z/warm/x"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(name.encode() * 1000)
+    res = build(src, tmp_path / "boot", tmp_path / "blobs", prefetch_files=["/z/warm", "/z/hot"])
+    with Bootstrap.open(tmp_path / "boot") as bs:
+        def first_offset(p: str) -> int:
+            return bs.chunks(bs.lookup_path(p))[0].uncompressed_offset
+
+        order = sorted(["/a/1", "/a/2", "/z/hot", "/z/warm/x"], key=first_offset)
+        assert order == ["/z/warm/x", "/z/hot", "/a/1", "/a/2"]
+        assert bs.prefetch_list == [bs.lookup_path("/z/warm"), bs.lookup_path("/z/hot")]
+        # implied-first parents still carry their own metadata in the end
+        assert bs.stat(bs.lookup_path("/z/warm")).mtime == int((src / "z/warm").stat().st_mtime)
+    assert res.inodes == 8
