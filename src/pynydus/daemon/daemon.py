@@ -30,7 +30,6 @@ from pynydus.daemon.blobcache import Backend, CacheStats, LocalFsBackend
 from pynydus.daemon.config import BackendConfig, DaemonConfig, parse_daemon_config
 from pynydus.daemon.fusefs import RafsFs, Vfs
 from pynydus.daemon.instance import RafsInstance
-from pynydus.daemon.metrics import prometheus_text
 from pynydus.daemon.prefetch import Prefetcher
 from pynydus.errors import InvalidArgument, NotFound, NotImplementedFeature, Unavailable
 from pynydus.system.mount import unmount
@@ -114,6 +113,7 @@ class Daemon:
         if self.opts.apisock:
             self.api = ApiServer(self.opts.apisock, self)
             self.api.start()
+        mounted = False
         try:
             if self.opts.bootstrap:
                 if self.opts.config is None:
@@ -125,6 +125,7 @@ class Daemon:
             self.fs = RafsFs(self.vfs, thread_num=self.opts.thread_num, enable_xattr=xattr)
             options = {"fsname=rafs", "subtype=rafs", "ro", "default_permissions", "allow_other"}
             pyfuse3.init(self.fs, mp, options)
+            mounted = True
             self.state = "READY"
             if self.vfs.dedicated is not None:
                 self._start_prefetch(self.vfs.dedicated,
@@ -134,10 +135,14 @@ class Daemon:
             self.state = "STOPPED"
             if self.prefetcher:
                 self.prefetcher.stop()
-            try:
-                pyfuse3.close(unmount=True)
-            except Exception:  # not initialised (mount failed early)
-                pass
+            # pyfuse3.close() without a successful init() dereferences a NULL session
+            # and kills the process with SIGSEGV (a missing bootstrap crashed the CLI
+            # instead of printing its error), so only close what was opened.
+            if mounted:
+                try:
+                    pyfuse3.close(unmount=True)
+                except Exception:
+                    log.exception("closing the FUSE session")
             for inst in self.vfs.instances():
                 inst.close()
             if self.api:
@@ -268,6 +273,8 @@ class Daemon:
         return metrics.json_metrics(self, kind, self._instances_for(sid))
 
     def prometheus(self) -> bytes:
+        from pynydus.daemon.metrics import prometheus_text  # not needed to start serving
+
         return prometheus_text(self)
 
     def get_config(self, sid: str | None) -> dict[str, Any]:
