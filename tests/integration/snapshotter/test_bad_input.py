@@ -165,6 +165,7 @@ def test_parent_that_is_not_committed_is_invalid_argument(population, op, parent
         ("prepare", "c1", ""),  # committed names share the key space
         ("view", "c2", "c1"),
         ("prepare", "a0", ""),
+        ("prepare", "c1", "c1"),  # key == parent
     ],
 )
 def test_duplicate_key_is_already_exists(population, op, key, parent):
@@ -261,8 +262,10 @@ def test_commit_of_a_non_active_snapshot_is_failed_precondition(population, key)
     assert_consistent(population, POPULATION)
 
 
-@pytest.mark.parametrize("name", ["c1", "a1", "v1"])
+@pytest.mark.parametrize("name", ["c1", "a1", "v1", "a0"])
 def test_commit_to_an_existing_name_is_already_exists(population, name):
+    """Including committing ``a0`` under its own key: containerd creates the name
+    first, finds it taken, and leaves the active as it was."""
     sn = _client(population)
     before = snapshot_state(sn)
     expect_code(grpc.StatusCode.ALREADY_EXISTS, sn.commit, name, "a0")
@@ -287,6 +290,7 @@ MALFORMED_FILTERS = [
     "name=x",
     "name!x",
     "name<>x",
+    "name==/a-wl/",  # /…/ quoting is for ~= only
 ]
 
 
@@ -464,3 +468,22 @@ def test_config_values_are_used(start_snapshotter):
     sn.remove("a")
     assert proc.snapshot_dirs() == set(), f"{fs} kept although sync_remove = true"
     assert_consistent(proc, set())
+
+
+def test_root_longer_than_70_bytes_is_refused(start_snapshotter):
+    """Upstream refuses a root over 70 bytes (daemon sockets live below it and must fit
+    in sun_path); the process exits non-zero and says why."""
+    proc = start_snapshotter(wait=False)
+    assert proc.proc is not None
+    proc.stop()
+    long_root = proc.base / ("r" * (80 - len(str(proc.base)) - 1))
+    assert len(str(long_root)) == 80
+    proc.root = long_root
+    proc.spawn()
+    try:
+        status = proc.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("snapshotter accepted an 80-byte root\n" + proc.logs())
+    assert status != 0
+    stderr = proc.stderr_path.read_text(errors="replace")
+    assert "root" in stderr and "70" in stderr, stderr

@@ -146,3 +146,74 @@ def test_cleanup_racing_with_prepare_never_takes_a_live_directory(snapshotter):
         fs = Path(sn.mounts(key)[0].source)
         assert (fs / "probe").read_text() == key, f"{key}: data lost to a racing Cleanup"
     assert_consistent(snapshotter, set(made))
+
+
+def test_racing_commits_of_one_key_exactly_one_wins(snapshotter):
+    """One active committed under 8 names at once: one Commit wins, the others find
+    the key gone (NOT_FOUND) — never two committed snapshots sharing one directory."""
+    sn = snapshotter.client
+    sn.prepare("k", "")
+    barrier = threading.Barrier(THREADS)
+
+    def attempt(t: int) -> str:
+        client = SnapshotterClient(snapshotter.address)
+        try:
+            barrier.wait()
+            client.commit(f"name{t}", "k")
+            return "OK"
+        except grpc.RpcError as err:
+            return err.code().name
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        outcomes = Counter(pool.map(attempt, range(THREADS)))
+    assert outcomes == Counter({"OK": 1, "NOT_FOUND": THREADS - 1}), outcomes
+    names = sn.names()
+    assert len(names) == 1 and names.pop().startswith("name")
+    assert_consistent(snapshotter, sn.names())
+
+
+def test_remove_racing_with_a_child_prepare_never_orphans_the_child(snapshotter):
+    """Remove(parent) and Prepare(child of parent) at the same moment: at most one of
+    them succeeds, and a child never outlives its parent."""
+    sn = snapshotter.client
+    rounds = 15
+    for r in range(rounds):
+        sn.prepare(f"p{r}-a", "")
+        sn.commit(f"p{r}", f"p{r}-a")
+    barrier = threading.Barrier(2)
+
+    def remove(r: int) -> str:
+        client = SnapshotterClient(snapshotter.address)
+        try:
+            barrier.wait()
+            client.remove(f"p{r}")
+            return "OK"
+        except grpc.RpcError as err:
+            return err.code().name
+        finally:
+            client.close()
+
+    def prepare(r: int) -> str:
+        client = SnapshotterClient(snapshotter.address)
+        try:
+            barrier.wait()
+            client.prepare(f"child{r}", f"p{r}")
+            return "OK"
+        except grpc.RpcError as err:
+            return err.code().name
+        finally:
+            client.close()
+
+    expected = set()
+    with ThreadPoolExecutor(2) as pool:
+        for r in range(rounds):
+            fr, fp = pool.submit(remove, r), pool.submit(prepare, r)
+            outcome = (fr.result(timeout=30), fp.result(timeout=30))
+            assert outcome in {("OK", "NOT_FOUND"), ("FAILED_PRECONDITION", "OK")}, (r, outcome)
+            if outcome[1] == "OK":
+                expected |= {f"p{r}", f"child{r}"}
+    assert_consistent(snapshotter, expected)
+    for info in sn.list("kind==active"):
+        assert sn.stat(info.parent).name == info.parent

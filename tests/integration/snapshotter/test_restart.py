@@ -123,12 +123,13 @@ def test_new_snapshots_never_land_in_an_old_directory(snapshotter, sn):
     assert_consistent(snapshotter, {"p1", "q1", "q2"})
 
 
-def test_sigterm_stops_cleanly_and_removes_the_socket(snapshotter, sn):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly_and_removes_the_socket(snapshotter, sn, sig):
     sn.prepare("a", "")
     assert snapshotter.address.exists()
-    status = snapshotter.stop(signal.SIGTERM)
-    assert status == 0, "SIGTERM must be a clean exit\n" + snapshotter.logs()
-    assert not snapshotter.address.exists(), "socket file left behind after SIGTERM"
+    status = snapshotter.stop(sig)
+    assert status == 0, f"{sig.name} must be a clean exit\n" + snapshotter.logs()
+    assert not snapshotter.address.exists(), f"socket file left behind after {sig.name}"
     sn = snapshotter.start()
     assert sn.names() == {"a"}
 

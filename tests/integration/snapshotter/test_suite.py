@@ -411,6 +411,11 @@ EXTRA_WALK_CASES = [
     (["parent==p,kind==view"], {"v"}),
     (["parent==p-wl", "parent==p"], {"a", "v", "a-wl", "v-wl"}),
     (["kind==bogus"], set()),
+    (["name~=/^a-/"], {"a-np", "a-wl", "a-np-wl"}),  # ~= also takes /re/ and |re|
+    (["name~=|wl$|"], {"p-wl", "a-wl", "v-wl", "a-np-wl"}),
+    (['parent==""'], {"a-np", "p", "p-wl", "a-np-wl", "dotted"}),  # parent is always present
+    (['labels.l==""'], set()),  # == needs the label present
+    (["labels.x.y==z"], {"dotted"}),  # unquoted label path: the rest joined with "."
     (["labels.nothere"], set()),
     (["labels.\"x.y\"==z"], {"dotted"}),
     (["labels.\"x.y\""], {"dotted"}),
@@ -420,9 +425,10 @@ EXTRA_WALK_CASES = [
 
 
 def test_walk_filter_operators(sn):
-    """List filters beyond containerd's suite: ``!=``, ``~=`` (regular expressions),
-    quoted values and label keys with dots, an unknown kind (matches nothing, not an
-    error), no filter and the empty filter (match everything)."""
+    """List filters beyond containerd's suite: ``!=``, ``~=`` (regular expressions, also
+    quoted as /re/ or |re|), quoted values and label keys with dots, an unknown kind
+    (matches nothing, not an error), ``==`` on an absent label (no match), ``parent==""``
+    (parentless ones), no filter and the empty filter (match everything)."""
     _walk_fixture(sn)
     sn.prepare("dotted-a", "")
     sn.commit("dotted", "dotted-a", {"x.y": "z"})
@@ -436,6 +442,19 @@ def test_walk_filter_operators(sn):
         if got != sorted(expected):
             failures.append(f"{filters}: expected {sorted(expected)}, got {got}")
     assert not failures, "\n".join(failures)
+
+
+def test_walk_with_a_regexp_that_does_not_compile(sn):
+    """containerd 1.6 compiles ``~=`` regexps lazily and a broken one matches nothing;
+    refusing it as INVALID_ARGUMENT at parse time is accepted too (both leave the caller
+    with no match and no partial answer)."""
+    _walk_fixture(sn)
+    try:
+        got = sn.list("name~=[")
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    else:
+        assert got == []
 
 
 def test_list_is_streamed_and_complete_with_many_snapshots(sn):
@@ -909,6 +928,11 @@ def test_usage_of_an_active_snapshot_is_live_du_of_its_upper_dir(sn, mounter):
     u = sn.usage("b")
     assert (u.size, u.inodes) == disk_usage(upper_dir(mounts))
     assert u.inodes == 2
+    # deleting a lower file leaves a whiteout in the upper dir: one more inode
+    (target / "f2").unlink()
+    u = sn.usage("b")
+    assert (u.size, u.inodes) == disk_usage(upper_dir(mounts))
+    assert u.inodes == 3
 
 
 def test_usage_of_a_committed_snapshot_is_recorded_at_commit(sn, mounter):
