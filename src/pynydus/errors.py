@@ -11,13 +11,13 @@ from __future__ import annotations
 import errno as _errno
 import json
 
-import grpc
-
 
 class NydusError(Exception):
     """Base of every error pynydus raises on purpose."""
 
-    grpc_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # Name of the grpc.StatusCode member (a string, so that importing errors does not
+    # import grpc: the FUSE daemon never needs it).
+    grpc_code: str = "UNKNOWN"
     errno: int = _errno.EIO
     exit_code: int = 1
 
@@ -25,28 +25,28 @@ class NydusError(Exception):
 class NotFound(NydusError):
     """The named object (snapshot, parent, blob, file) does not exist."""
 
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    grpc_code = "NOT_FOUND"
     errno = _errno.ENOENT
 
 
 class AlreadyExists(NydusError):
     """An object with that key or name exists already."""
 
-    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    grpc_code = "ALREADY_EXISTS"
     errno = _errno.EEXIST
 
 
 class FailedPrecondition(NydusError):
     """The object is in a state that does not allow the operation."""
 
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    grpc_code = "FAILED_PRECONDITION"
     errno = _errno.EBUSY
 
 
 class InvalidArgument(NydusError):
     """The caller passed something malformed: a filter, a label, a config value."""
 
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    grpc_code = "INVALID_ARGUMENT"
     errno = _errno.EINVAL
     exit_code = 2
 
@@ -54,14 +54,14 @@ class InvalidArgument(NydusError):
 class Unavailable(NydusError):
     """A dependency (daemon, registry) cannot be reached right now; retrying may help."""
 
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    grpc_code = "UNAVAILABLE"
     errno = _errno.EIO
 
 
 class NotImplementedFeature(NydusError):
     """A recognised feature that this build does not implement."""
 
-    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    grpc_code = "UNIMPLEMENTED"
     errno = _errno.ENOSYS
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import errno as _errno
 
-import grpc
-
 from pynydus.errors import FormatError, NydusError, Unavailable
 
 
@@ -24,7 +22,7 @@ class Unauthorized(NydusError):
 
     ``status`` is the last HTTP status; ``challenge`` the last ``WWW-Authenticate``."""
 
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    grpc_code = "PERMISSION_DENIED"
     errno = _errno.EACCES
     exit_code = 3
 

@@ -64,7 +64,7 @@ def _rpc(method: F) -> F:
             return method(self, request, context)
         except NydusError as err:
             log.debug("%s failed: %s", name, err)
-            context.abort(err.grpc_code, str(err))
+            context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
         except Exception as err:  # an internal bug must not kill the server
             log.exception("%s: internal error", name)
             context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {err}")
@@ -125,7 +125,7 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
             if batch:
                 yield snapshots_pb2.ListSnapshotsResponse(info=batch)
         except NydusError as err:
-            context.abort(err.grpc_code, str(err))
+            context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
         except Exception as err:
             log.exception("List: internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"List: internal error: {err}")
