@@ -6,7 +6,7 @@ fixtures lack (xattrs, devices, inline/multi-block dirs, hard links).  Mutations
 are deterministic (fixed seed): truncations, bit flips, and "interesting" integer
 overwrites, biased towards the headers and the metadata actually reached.
 
-``PYNYDUS_RAFS_FUZZ_CASES`` sets the number of cases per input (default 400);
+``PYNYDUS_RAFS_FUZZ_CASES`` sets the number of cases per input (default 300);
 bench/ or a nightly job can raise it.  Each case runs under a SIGALRM watchdog.
 """
 
@@ -30,7 +30,7 @@ from pynydus.errors import FormatError, NotFound
 from pynydus.rafs.reader import Bootstrap
 
 FIXTURES = Path("/work/shared/fixtures/snapshotter-testdata")
-CASES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_CASES", "400"))
+CASES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_CASES", "300"))
 #: Entries of the tree exercised per case; enough to reach every inode of the
 #: synthetic image and the hot part of the fixtures without making a case slow.
 MAX_ENTRIES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_ENTRIES", "400"))
