@@ -59,6 +59,7 @@ BACKOFF_CAP = 2.0
 MIRROR_FAILURE_LIMIT = 3
 MIRROR_COOLDOWN = 30.0  # seconds a failing mirror is skipped before it is tried again
 PROXY_COOLDOWN = 5.0    # nydusd's proxy check_interval
+RETRY_AFTER_CAP = 5.0   # longest Retry-After we wait for before the next attempt
 
 
 @dataclass
@@ -107,9 +108,17 @@ class Request:
 class RetryableStatus(Exception):
     """A 429/5xx answer, raised inside :meth:`Transport.retrying`."""
 
-    def __init__(self, status: int, url: str, body: str = "") -> None:
+    def __init__(self, status: int, url: str, body: str = "",
+                 retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {status} from {url}" + (f": {body}" if body else ""))
         self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (the delta form; dates are ignored)."""
+    v = resp.headers.get("retry-after", "").strip()
+    return float(v) if v.isdigit() else None
 
 
 RETRYABLE: tuple[type[BaseException], ...] = (httpx.TransportError, RetryableStatus, ShortRead)
@@ -141,7 +150,7 @@ def raise_for_status(resp: httpx.Response, what: str) -> None:
         raise Unauthorized(f"{what}: unauthorized (HTTP {st}): {body}", status=st,
                            challenge=resp.headers.get("www-authenticate", ""))
     if st == 429 or st >= 500:
-        raise RetryableStatus(st, str(resp.request.url), body)
+        raise RetryableStatus(st, str(resp.request.url), body, _retry_after(resp))
     if st == 416:
         raise InvalidArgument(f"{what}: range not satisfiable (HTTP 416): {body}")
     if st == 400 and "DIGEST_INVALID" in body:
@@ -246,6 +255,7 @@ class Transport:
             try:
                 return op()
             except RETRYABLE as err:
+                delay_hint = getattr(err, "retry_after", None)
                 if attempt >= limit:
                     if isinstance(err, ShortRead):
                         raise
@@ -258,7 +268,12 @@ class Transport:
                 raise RegistryProtocolError(f"{what}: {type(err).__name__}: {err}") from err
             attempt += 1
             self.metrics.add("retries")
-            self._sleep(self.backoff(attempt))
+            delay = self.backoff(attempt)
+            if delay_hint is not None:
+                # Honour the registry's rate limit, but never sleep past the cap:
+                # a FUSE read is waiting on this.
+                delay = max(delay, min(float(delay_hint), RETRY_AFTER_CAP))
+            self._sleep(delay)
 
     # ------------------------------------------------------------------- exchange
     def exchange(self, req: Request, *, stream: bool = False) -> httpx.Response:
@@ -300,6 +315,12 @@ class Transport:
         url = self._url(ep, req.target)
         sent_auth = self._cached_authorization(ep, req)
         resp = self._send(ep, req.method, url, req, sent_auth, stream)
+        if resp.status_code == 401 and sent_auth is not None and \
+                not resp.headers.get_list("www-authenticate"):
+            # Harbor answers an expired token with a bare 401; ask again without
+            # credentials to get a challenge we can answer (nydusd does the same).
+            resp.close()
+            resp = self._send(ep, req.method, url, req, None, stream)
         if resp.status_code == 401:
             challenges = parse_challenges(resp.headers.get_list("www-authenticate"))
             body = _body_excerpt(resp)

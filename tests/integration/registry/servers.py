@@ -210,11 +210,16 @@ class FaultProxy(_Base):
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._faults: list[tuple[str, int, int]] = []   # (kind, remaining, arg)
+        self.fail_headers: dict[str, str] = {}
+        # path substring -> (status, headers, body): canned answers, e.g. an API
+        # the registry behind does not have
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
         self._serve(_ProxyHandler)
 
-    def fail(self, n: int, status: int = 500) -> None:
+    def fail(self, n: int, status: int = 500, headers: dict[str, str] | None = None) -> None:
         with self._lock:
             self._faults.append(("fail", n, status))
+            self.fail_headers = dict(headers or {})
 
     def short(self, n: int, keep: int) -> None:
         with self._lock:
@@ -264,13 +269,26 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(n) if n else b""
         if fp.delay:
             time.sleep(fp.delay)
+        for needle, (status, hdrs, canned) in list(fp.routes.items()):
+            if needle in path:
+                self.send_response(status)
+                for k, v in hdrs.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(canned)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(canned)
+                return
         fault = fp.take_fault(path)
         if fault and fault[0] == "fail":
             msg = b'{"errors":[{"code":"UNKNOWN","message":"injected"}]}'
             self.send_response(fault[1])
+            for k, v in fp.fail_headers.items():
+                self.send_header(k, v)
             self.send_header("Content-Length", str(len(msg)))
             self.end_headers()
-            self.wfile.write(msg)
+            if self.command != "HEAD":
+                self.wfile.write(msg)
             return
         if fp.redirect and self.command in ("GET", "HEAD") and "/blobs/sha256:" in path:
             self.send_response(307)

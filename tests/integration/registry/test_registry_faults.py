@@ -3,6 +3,7 @@ mirrors and proxies — with a real docker-registry behind our fault proxy."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -284,3 +285,38 @@ def test_unavailable_chains_the_last_cause(registry: Registry, stored: tuple[byt
     with pytest.raises(Unavailable) as ei:
         c.read_blob_range(REPO, d, 0, 10)
     assert getattr(ei.value.__cause__, "status", None) == 500
+
+
+def test_retry_after_is_honoured_up_to_a_cap(registry: Registry, stored: tuple[bytes, str],
+                                             client: Make, fault_proxy: MakeProxy) -> None:
+    _, d = stored
+    fp = fault_proxy(registry.host)
+    sleeps: list[float] = []
+    c = client(fp.host, retry_limit=2, sleep=sleeps.append)
+    fp.fail(1, 429, {"Retry-After": "3"})
+    c.head_blob(REPO, d)
+    assert sleeps == [3.0]
+    fp.fail(1, 503, {"Retry-After": "3600"})
+    c.head_blob(REPO, d)
+    assert sleeps[-1] == 5.0
+
+
+def test_referrers_api_is_used_when_the_registry_has_it(
+        registry: Registry, stored: tuple[bytes, str], client: Make,
+        fault_proxy: MakeProxy) -> None:
+    fp = fault_proxy(registry.host)
+    subject = "sha256:" + "1" * 64
+    entries = [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": "sha256:" + "2" * 64, "size": 10, "artifactType": "a/x"},
+               {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": "sha256:" + "3" * 64, "size": 10, "artifactType": "a/y"}]
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": entries}).encode()
+    fp.routes[f"/referrers/{subject}"] = (
+        200, {"Content-Type": "application/vnd.oci.image.index.v1+json"}, body)
+    c = client(fp.host)
+    assert len(c.get_referrers("fault/img", subject)["manifests"]) == 2
+    # The registry did not filter (no OCI-Filters-Applied): the client does.
+    assert [m["artifactType"] for m in
+            c.get_referrers("fault/img", subject, artifact_type="a/y")["manifests"]] == ["a/y"]
+    assert fp.count("GET", "/manifests/sha256-") == 0  # no fallback-tag lookup
