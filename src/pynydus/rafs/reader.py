@@ -35,13 +35,13 @@ from pynydus.errors import FormatError, InvalidArgument, NotFound
 from pynydus.rafs.layout import (
     EROFS_SUPER_MAGIC_V1,
     EROFS_SUPER_OFFSET,
-    RAFS_V5_SUPER_MAGIC,
     Compressor,
     Digester,
     FileType,
     SuperFlags,
     format_error,
 )
+from pynydus.rafs.layout_v5 import RAFS_V5_SUPER_MAGIC
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 

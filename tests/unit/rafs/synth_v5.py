@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pynydus.rafs import layout as L
+from pynydus.rafs import layout_v5 as L5
 
 
 @dataclass
@@ -66,8 +67,8 @@ def build(root: Node, chunk_size: int = 1 << 20) -> tuple[bytes, dict[bytes, int
 
     n_slots = len(slots)
     blob_id = hashlib.sha256(b"v5 blob").hexdigest().encode()
-    blob_table = L.pack_v5_blob_table([L.RafsV5BlobEntry(0, 0, blob_id)])
-    table_off = L.RAFS_V5_SUPERBLOCK_SIZE
+    blob_table = L5.pack_v5_blob_table([L5.RafsV5BlobEntry(0, 0, blob_id)])
+    table_off = L5.RAFS_V5_SUPERBLOCK_SIZE
     table_size = L.align_up(4 * n_slots, 8)
     blob_off = table_off + table_size
     ext_off = blob_off + len(blob_table)
@@ -82,11 +83,11 @@ def build(root: Node, chunk_size: int = 1 << 20) -> tuple[bytes, dict[bytes, int
         flags = 0
         body = name.ljust(L.align_up(len(name), 8), b"\0") if slot != 1 else b"/".ljust(8, b"\0")
         if stat.S_ISLNK(node.mode):
-            flags |= L.V5InodeFlags.SYMLINK
+            flags |= L5.V5InodeFlags.SYMLINK
             body += node.target.ljust(L.align_up(len(node.target), 8), b"\0")
-        xb = L.pack_v5_xattrs(node.xattrs)
+        xb = L5.pack_v5_xattrs(node.xattrs)
         if xb:
-            flags |= L.V5InodeFlags.XATTR
+            flags |= L5.V5InodeFlags.XATTR
         chunks = b""
         count = 0
         if stat.S_ISREG(node.mode):
@@ -97,7 +98,7 @@ def build(root: Node, chunk_size: int = 1 << 20) -> tuple[bytes, dict[bytes, int
                     for o in range(0, node.data_size, chunk_size)
                 ]
             else:
-                flags |= L.V5InodeFlags.HAS_HOLE
+                flags |= L5.V5InodeFlags.HAS_HOLE
             for fo, sz in spans:
                 digest = hashlib.sha256(b"%d:%d" % (node.ino, fo)).digest()
                 chunks += L.RafsChunkInfo(digest, 0, 0, sz, sz, c_off, u_off, fo, ci, 0).pack()
@@ -106,11 +107,11 @@ def build(root: Node, chunk_size: int = 1 << 20) -> tuple[bytes, dict[bytes, int
                 u_off += sz
             count = len(spans)
         if node.nlink > 1 and stat.S_ISREG(node.mode):
-            flags |= L.V5InodeFlags.HARDLINK
+            flags |= L5.V5InodeFlags.HARDLINK
         first, nchild = child_range.get(slot, (0, 0))
         if stat.S_ISDIR(node.mode):
             count = nchild
-        rec = L.RafsV5Inode(
+        rec = L5.RafsV5Inode(
             parent=parent,
             ino=node.ino,
             mode=node.mode,
@@ -127,7 +128,7 @@ def build(root: Node, chunk_size: int = 1 << 20) -> tuple[bytes, dict[bytes, int
         )
         records += rec.pack() + body + xb + chunks
     table = L.pack_u32_array([o >> 3 for o in offsets]).ljust(table_size, b"\0")
-    sb = L.RafsV5SuperBlock(
+    sb = L5.RafsV5SuperBlock(
         block_size=chunk_size,
         flags=int(
             L.SuperFlags.COMPRESSION_NONE | L.SuperFlags.HASH_SHA256 | L.SuperFlags.HAS_XATTR
@@ -141,6 +142,6 @@ def build(root: Node, chunk_size: int = 1 << 20) -> tuple[bytes, dict[bytes, int
         extended_blob_table_entries=1,
         extended_blob_table_offset=ext_off,
     )
-    ext = L.RafsV5ExtBlobEntry(ci, 0, u_off, c_off)
+    ext = L5.RafsV5ExtBlobEntry(ci, 0, u_off, c_off)
     data = sb.pack() + table + blob_table + ext.pack() + bytes(records)
     return data + bytes(-len(data) % 8), paths

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pynydus.errors import FormatError
 from pynydus.rafs import blobmeta as M
 from pynydus.rafs import layout as L
+from pynydus.rafs import layout_v5 as L5
 from pynydus.rafs.compress import compress
 from pynydus.rafs.reader import BlobInfo
 
@@ -27,9 +28,9 @@ FIXED = [
     (L.XattrEntry, 4),
     (L.RafsV6InodeChunkAddr, 8),
     (L.RafsChunkInfo, 80),
-    (L.RafsV5SuperBlock, 8192),
-    (L.RafsV5Inode, 128),
-    (L.RafsV5ExtBlobEntry, 64),
+    (L5.RafsV5SuperBlock, 8192),
+    (L5.RafsV5Inode, 128),
+    (L5.RafsV5ExtBlobEntry, 64),
     (M.BlobCompressionContextHeader, 4096),
     (M.TocEntry, 128),
     (M.ZranContext, 40),
@@ -155,15 +156,15 @@ def test_dir_blocks_never_split_an_entry_and_trim_the_last_block() -> None:
 
 
 def test_v5_blob_table_and_xattrs_round_trip() -> None:
-    entries = [L.RafsV5BlobEntry(0, 0, b"a" * 64), L.RafsV5BlobEntry(5, 6, b"b" * 64)]
-    raw = L.pack_v5_blob_table(entries)
+    entries = [L5.RafsV5BlobEntry(0, 0, b"a" * 64), L5.RafsV5BlobEntry(5, 6, b"b" * 64)]
+    raw = L5.pack_v5_blob_table(entries)
     assert len(raw) % 8 == 0
-    assert L.unpack_v5_blob_table(raw, 0, len(raw)) == entries
+    assert L5.unpack_v5_blob_table(raw, 0, len(raw)) == entries
     pairs = [(b"user.x", b"1"), (b"security.selinux", b"\0\1")]
-    raw = L.pack_v5_xattrs(pairs)
-    assert L.unpack_v5_xattrs(raw, 0) == (pairs, len(raw))
+    raw = L5.pack_v5_xattrs(pairs)
+    assert L5.unpack_v5_xattrs(raw, 0) == (pairs, len(raw))
     with pytest.raises(FormatError, match="v5 xattr"):
-        L.unpack_v5_xattrs(b"\xff" + bytes(7), 0)
+        L5.unpack_v5_xattrs(b"\xff" + bytes(7), 0)
 
 
 # -- blob side ------------------------------------------------------------------------
