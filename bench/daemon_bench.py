@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""pynydusd read-path benchmark: FUSE daemon vs the same tree on native overlayfs.
+
+Every figure is measured in this run, against a baseline measured in this run, and
+printed as a ratio. Phases (full sizes; ``--quick`` shrinks them for the CI smoke):
+
+  warm sequential   one 1 GiB file, every chunk already in the blob cache, kernel page
+                    cache dropped (``echo 3 > /proc/sys/vm/drop_caches``) before each
+                    pass; pynydusd (localfs backend) vs overlayfs (lowerdir = the
+                    source tree on the host filesystem). Target: >= 50 % of native.
+  warm tree walk    os.walk + lstat of 50,000 files in 500 directories, caches
+                    dropped; pynydusd vs overlayfs. Target: <= 3x native time.
+  cold sequential   the 1 GiB file through the registry backend of a loopback
+                    ``docker-registry``, empty blob cache. Target: >= 200 MB/s.
+  cold random       16 reader threads, 4 KiB preads at random 4 KiB-aligned offsets
+                    of the 1 GiB file (readahead off: POSIX_FADV_RANDOM), empty blob
+                    cache, registry backend. Target: >= 2,000 IOPS.
+  start to ready    spawn of ``pynydusd`` for the 50,000-file image until a stat
+                    below the mountpoint answers. Target: < 1 s.
+  idle RSS          VmRSS of that daemon, idle after start and after one full walk.
+                    Target: < 80 MB.
+
+File data is half random, half runs of one byte per 4 KiB block, so lz4_block both
+compresses and stores raw chunks, as in real images. Data lives under
+``/var/tmp/pyn-dbench-*`` and is removed at the end (``--keep`` to keep it).
+
+    bench/daemon_bench.py                  # full run (about 3-5 minutes, ~4 GB of disk)
+    bench/daemon_bench.py --quick          # CI smoke: 32 MiB file, 2,000 files
+    bench/daemon_bench.py --json out.json  # also write every figure as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pynydus.rafs.builder import build  # noqa: E402
+from pynydus.registry.client import RegistryClient  # noqa: E402
+from tests.harness.pynydusd import PYNYDUSD, Pynydusd, force_unmount  # noqa: E402
+from tests.harness.registry import Registry  # noqa: E402
+from tests.harness.util import make_workdir, remove_tree, stop_recorded  # noqa: E402
+
+MiB = 1 << 20
+TARGETS = {
+    "warm_seq_ratio": ">= 0.50 of native",
+    "walk_ratio": "<= 3.0x native",
+    "cold_seq_mb_s": ">= 200 MB/s",
+    "cold_random_iops": ">= 2000 IOPS",
+    "start_to_ready_s": "< 1 s",
+    "idle_rss_mb": "< 80 MB",
+}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def drop_caches() -> None:
+    """Flush dirty pages, then drop page cache, dentries and inodes (whole machine)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def write_data(path: Path, size: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    block = 4096
+    with open(path, "wb") as f:
+        left = size
+        buf = bytearray()
+        while left > 0:
+            n = min(block, left)
+            buf += rnd.randbytes(n) if rnd.random() < 0.5 else bytes([rnd.randrange(256)]) * n
+            left -= n
+            if len(buf) >= 8 * MiB:
+                f.write(buf)
+                buf.clear()
+        f.write(buf)
+
+
+def make_walk_tree(root: Path, files: int, per_dir: int = 100) -> None:
+    root.mkdir(parents=True)
+    os.chmod(root, 0o755)
+    payload = os.urandom(4096)
+    for i in range(files):
+        d = root / f"d{i // per_dir:04d}"
+        if i % per_dir == 0:
+            d.mkdir()
+        with open(d / f"f{i % per_dir:03d}", "wb") as f:
+            f.write(payload[: (i * 37) % 3000])
+
+
+@contextmanager
+def overlay(lower: Path, base: Path) -> Iterator[Path]:
+    """The tree on native overlayfs: lowerdir = ``lower``, fresh upper/work dirs."""
+    upper, work, mnt = base / "upper", base / "work", base / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def seq_read(path: Path, bufsize: int = MiB) -> tuple[float, int]:
+    """Read the whole file once; (seconds, bytes)."""
+    n = 0
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            b = os.read(fd, bufsize)
+            if not b:
+                break
+            n += len(b)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0, n
+
+
+def walk_stat(root: Path) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            os.lstat(os.path.join(dirpath, name))
+            n += 1
+    return time.perf_counter() - t0, n
+
+
+def random_reads(path: Path, size: int, readers: int, reads_each: int, seed: int
+                 ) -> tuple[float, int, list[float]]:
+    """``readers`` threads, ``reads_each`` 4 KiB preads at random aligned offsets each.
+    Returns (seconds, reads, per-read latencies in ms)."""
+    pages = size // 4096
+    lat: list[float] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    start = threading.Barrier(readers + 1)
+
+    def reader(k: int) -> None:
+        rnd = random.Random(seed * 1000 + k)
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        mine = []
+        try:
+            start.wait()
+            for _ in range(reads_each):
+                off = rnd.randrange(pages) * 4096
+                t = time.perf_counter()
+                if len(os.pread(fd, 4096, off)) != 4096:
+                    raise OSError(f"short read at {off}")
+                mine.append((time.perf_counter() - t) * 1e3)
+        except BaseException as err:  # noqa: BLE001 - reported by the caller
+            errors.append(err)
+        finally:
+            os.close(fd)
+            with lock:
+                lat.extend(mine)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return took, len(lat), lat
+
+
+def median_of(fn: Callable[[], tuple[float, int]], repeat: int, before: Callable[[], None]
+              ) -> tuple[float, int, list[float]]:
+    runs = []
+    n = 0
+    for _ in range(repeat):
+        before()
+        took, n = fn()
+        runs.append(took)
+    return statistics.median(runs), n, runs
+
+
+def localfs_cfg(blob_dir: Path, cache: Path) -> dict[str, Any]:
+    return {"device": {"backend": {"type": "localfs", "config": {"dir": str(blob_dir)}},
+                       "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
+            "mode": "direct", "enable_xattr": True}
+
+
+def registry_cfg(host: str, repo: str, cache: Path) -> dict[str, Any]:
+    return {"device": {"backend": {"type": "registry",
+                                   "config": {"scheme": "http", "host": host, "repo": repo,
+                                              "timeout": 30, "connect_timeout": 5,
+                                              "retry_limit": 2}},
+                       "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
+            "mode": "direct", "enable_xattr": True}
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def start_to_ready(wd: Path, boot: Path, cfg: Path, probe: str, tag: str) -> tuple[float, Any]:
+    """Spawn pynydusd; seconds until ``lstat(mnt/probe)`` answers from the FUSE mount."""
+    mnt = wd / f"{tag}.mnt"
+    mnt.mkdir(exist_ok=True)
+    log = open(wd / f"{tag}.log", "ab")
+    t0 = time.perf_counter()
+    p = subprocess.Popen([PYNYDUSD, "--mountpoint", str(mnt), "--bootstrap", str(boot),
+                          "--config", str(cfg), "--apisock", str(wd / f"{tag}.sock")],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True)
+    log.close()
+    (wd / "pids").mkdir(exist_ok=True)
+    (wd / "pids" / f"{tag}.pid").write_text(f"{p.pid} {PYNYDUSD}\n")
+    parent_dev = os.stat(wd).st_dev
+    target = mnt / probe
+    while True:
+        if p.poll() is not None:
+            raise RuntimeError(f"pynydusd exited with {p.returncode}; see {wd / tag}.log")
+        try:
+            if os.stat(mnt).st_dev != parent_dev:
+                os.lstat(target)
+                return time.perf_counter() - t0, p
+        except OSError:
+            pass
+        time.sleep(0.001)
+
+
+def stop_proc(p: Any, mnt: Path) -> None:
+    p.terminate()
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
+    force_unmount(mnt)
+
+
+# -------------------------------------------------------------------------------- phases
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    seq_size = args.seq_mib * MiB
+    wd = make_workdir("dbench")
+    res: dict[str, Any] = {"config": {"seq_mib": args.seq_mib, "files": args.files,
+                                      "readers": args.readers, "reads_each": args.reads,
+                                      "repeat": args.repeat, "quick": args.quick},
+                           "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                                    "python": platform.python_version()}}
+    daemons: list[Pynydusd] = []
+    registry: Registry | None = None
+    try:
+        # ---- data and images
+        t0 = time.perf_counter()
+        seq_src = wd / "seq-src"
+        seq_src.mkdir()
+        os.chmod(seq_src, 0o755)
+        write_data(seq_src / "big.bin", seq_size, seed=1)
+        walk_src = wd / "walk-src"
+        make_walk_tree(walk_src, args.files)
+        res["prepare_seconds"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        seq_img = build(str(seq_src), str(wd / "seq.boot"), str(wd / "seq-blobs"),
+                        compressor="lz4_block")
+        walk_img = build(str(walk_src), str(wd / "walk.boot"), str(wd / "walk-blobs"),
+                         compressor="lz4_block")
+        res["build_seconds"] = round(time.perf_counter() - t0, 2)
+        seq_blob = seq_img.blob_ids[-1]
+        res["seq_blob"] = {"compressed": seq_img.blobs[-1].compressed_size,
+                           "uncompressed": seq_img.blobs[-1].uncompressed_size,
+                           "chunks": seq_img.blobs[-1].chunk_count}
+        print(f"prepared {args.seq_mib} MiB file and {args.files} files in "
+              f"{res['prepare_seconds']} s, built images in {res['build_seconds']} s",
+              flush=True)
+
+        # ---- warm sequential: overlayfs vs pynydusd with a fully populated blob cache
+        d = Pynydusd(wd, name="warm", bootstrap=wd / "seq.boot",
+                     config=localfs_cfg(wd / "seq-blobs", wd / "warm-cache"))
+        daemons.append(d)
+        d.start()
+        seq_read(d.mountpoint / "big.bin")  # populate the blob cache
+        assert d.get("/api/v1/metrics/blobcache")["data_all_ready"], "blob cache not full"
+        with overlay(seq_src, wd / "ovl-seq") as ovl:
+            nat, n, nat_runs = median_of(lambda: seq_read(ovl / "big.bin"), args.repeat,
+                                         drop_caches)
+        fus, n2, fus_runs = median_of(lambda: seq_read(d.mountpoint / "big.bin"), args.repeat,
+                                      drop_caches)
+        assert n == n2 == seq_size
+        res["warm_seq"] = {"native_mb_s": round(n / nat / 1e6, 1),
+                           "pynydusd_mb_s": round(n / fus / 1e6, 1),
+                           "native_runs_s": [round(x, 3) for x in nat_runs],
+                           "pynydusd_runs_s": [round(x, 3) for x in fus_runs]}
+        res["warm_seq_ratio"] = round(nat / fus, 3)
+        d.stop()
+        print(f"warm sequential: native {res['warm_seq']['native_mb_s']} MB/s, pynydusd "
+              f"{res['warm_seq']['pynydusd_mb_s']} MB/s", flush=True)
+
+        # ---- tree walk + start to ready + idle RSS on the walk image
+        cfg_path = wd / "walk.json"
+        cfg_path.write_text(json.dumps(localfs_cfg(wd / "walk-blobs", wd / "walk-cache")))
+        starts = []
+        for i in range(args.repeat):
+            if i == 0:
+                drop_caches()  # the first start reads the bootstrap from disk
+            took, p = start_to_ready(wd, wd / "walk.boot", cfg_path, "d0000/f000", f"start{i}")
+            starts.append(took)
+            if i < args.repeat - 1:
+                stop_proc(p, wd / f"start{i}.mnt")
+        mnt = wd / f"start{args.repeat - 1}.mnt"
+        rss_ready = rss_kib(p.pid)
+        try:
+            with overlay(walk_src, wd / "ovl-walk") as ovl:
+                nat, n, nat_runs = median_of(lambda: walk_stat(ovl), args.repeat, drop_caches)
+            fus, n2, fus_runs = median_of(lambda: walk_stat(mnt), args.repeat, drop_caches)
+            rss_walked = rss_kib(p.pid)
+        finally:
+            stop_proc(p, mnt)
+        assert n == n2 == args.files, (n, n2)
+        res["walk"] = {"files": n, "native_s": round(nat, 3), "pynydusd_s": round(fus, 3),
+                       "native_runs_s": [round(x, 3) for x in nat_runs],
+                       "pynydusd_runs_s": [round(x, 3) for x in fus_runs]}
+        res["walk_ratio"] = round(fus / nat, 2)
+        res["start_to_ready"] = {"runs_s": [round(x, 3) for x in starts],
+                                 "cold_first_s": round(starts[0], 3)}
+        res["start_to_ready_s"] = round(statistics.median(starts), 3)
+        res["idle_rss"] = {"after_start_kib": rss_ready, "after_walk_kib": rss_walked}
+        res["idle_rss_mb"] = round(max(rss_ready, rss_walked) / 1024, 1)
+        print(f"walk: native {nat:.2f} s, pynydusd {fus:.2f} s; start {res['start_to_ready_s']}"
+              f" s; RSS {res['idle_rss_mb']} MB", flush=True)
+
+        # ---- cold reads over a loopback registry
+        registry = Registry(wd / "registry")
+        registry.start()
+        with RegistryClient(registry.host, scheme="http", timeout=120) as c:
+            c.push_blob("bench/seq", str(wd / "seq-blobs" / seq_blob), f"sha256:{seq_blob}")
+        d = Pynydusd(wd, name="coldseq", bootstrap=wd / "seq.boot",
+                     config=registry_cfg(registry.host, "bench/seq", wd / "cold-cache-1"))
+        daemons.append(d)
+        d.start()
+        drop_caches()
+        took, n = seq_read(d.mountpoint / "big.bin")
+        m = d.backend_metrics()
+        res["cold_seq"] = {"seconds": round(took, 3), "bytes": n,
+                           "backend_requests": m["read_count"],
+                           "backend_bytes": m["read_amount_total"],
+                           "registry_gets": registry.blob_gets(f"sha256:{seq_blob}")}
+        res["cold_seq_mb_s"] = round(n / took / 1e6, 1)
+        d.stop()
+        # native reference for the same bytes: the registry blob read straight over HTTP
+        with RegistryClient(registry.host, scheme="http", timeout=120) as c:
+            t0 = time.perf_counter()
+            got = 0
+            for off in range(0, seq_img.blobs[-1].compressed_size, 4 * MiB):
+                ln = min(4 * MiB, seq_img.blobs[-1].compressed_size - off)
+                got += len(c.read_blob_range("bench/seq", f"sha256:{seq_blob}", off, ln))
+            res["cold_seq"]["plain_http_mb_s"] = round(got / (time.perf_counter() - t0) / 1e6, 1)
+        print(f"cold sequential: {res['cold_seq_mb_s']} MB/s "
+              f"(plain ranged GETs of the blob: {res['cold_seq']['plain_http_mb_s']} MB/s)",
+              flush=True)
+
+        d = Pynydusd(wd, name="coldrnd", bootstrap=wd / "seq.boot",
+                     config=registry_cfg(registry.host, "bench/seq", wd / "cold-cache-2"))
+        daemons.append(d)
+        d.start()
+        drop_caches()
+        took, reads, lat = random_reads(d.mountpoint / "big.bin", seq_size, args.readers,
+                                        args.reads, seed=7)
+        m = d.backend_metrics()
+        lat.sort()
+        res["cold_random"] = {"readers": args.readers, "reads": reads, "seconds": round(took, 3),
+                              "p50_ms": round(lat[len(lat) // 2], 2),
+                              "p99_ms": round(lat[int(len(lat) * 0.99)], 2),
+                              "backend_requests": m["read_count"],
+                              "backend_bytes": m["read_amount_total"]}
+        res["cold_random_iops"] = round(reads / took)
+        # the same load on overlayfs (page cache dropped) as the native reference
+        with overlay(seq_src, wd / "ovl-rnd") as ovl:
+            drop_caches()
+            ntook, nreads, _ = random_reads(ovl / "big.bin", seq_size, args.readers,
+                                            args.reads, seed=7)
+        res["cold_random"]["native_iops"] = round(nreads / ntook)
+        d.stop()
+        print(f"cold random: {res['cold_random_iops']} IOPS (native "
+              f"{res['cold_random']['native_iops']})", flush=True)
+    finally:
+        for dm in daemons:
+            dm.stop()
+        if registry is not None:
+            registry.stop()
+        stop_recorded(wd)
+        for m in list(wd.glob("*.mnt")):
+            force_unmount(m)
+        if args.keep:
+            print(f"kept {wd}")
+        else:
+            remove_tree(wd)
+    return res
+
+
+def verdict(key: str, value: float) -> str:
+    ok = {"warm_seq_ratio": value >= 0.5, "walk_ratio": value <= 3.0,
+          "cold_seq_mb_s": value >= 200, "cold_random_iops": value >= 2000,
+          "start_to_ready_s": value < 1.0, "idle_rss_mb": value < 80}[key]
+    return "meets" if ok else "MISSES"
+
+
+def report(res: dict[str, Any]) -> str:
+    ws, wk, cs, cr = res["warm_seq"], res["walk"], res["cold_seq"], res["cold_random"]
+    rows = [
+        ("warm sequential read", f"{ws['native_mb_s']} MB/s", f"{ws['pynydusd_mb_s']} MB/s",
+         f"{res['warm_seq_ratio']:.2f}x", "warm_seq_ratio", res["warm_seq_ratio"]),
+        (f"tree walk + lstat ({wk['files']} files)", f"{wk['native_s']} s",
+         f"{wk['pynydusd_s']} s", f"{res['walk_ratio']:.2f}x", "walk_ratio", res["walk_ratio"]),
+        ("cold sequential read (registry)", f"{cs['plain_http_mb_s']} MB/s (raw HTTP)",
+         f"{res['cold_seq_mb_s']} MB/s",
+         f"{res['cold_seq_mb_s'] / cs['plain_http_mb_s']:.2f}x", "cold_seq_mb_s",
+         res["cold_seq_mb_s"]),
+        (f"cold 4 KiB random, {cr['readers']} readers", f"{cr['native_iops']} IOPS",
+         f"{res['cold_random_iops']} IOPS",
+         f"{res['cold_random_iops'] / max(cr['native_iops'], 1):.2f}x", "cold_random_iops",
+         res["cold_random_iops"]),
+        ("start to ready", "-", f"{res['start_to_ready_s']} s", "-", "start_to_ready_s",
+         res["start_to_ready_s"]),
+        ("idle RSS (mounted, after walk)", "-", f"{res['idle_rss_mb']} MB", "-", "idle_rss_mb",
+         res["idle_rss_mb"]),
+    ]
+    out = ["| measurement | native (overlayfs) | pynydusd | pynydusd/native | target | verdict |",
+           "|---|---|---|---|---|---|"]
+    for name, nat, ours, ratio, key, val in rows:
+        out.append(f"| {name} | {nat} | {ours} | {ratio} | {TARGETS[key]} | "
+                   f"{verdict(key, val)} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
+    p.add_argument("--seq-mib", type=int, help="size of the sequential file (default 1024)")
+    p.add_argument("--files", type=int, help="files in the walk tree (default 50000)")
+    p.add_argument("--readers", type=int, default=16)
+    p.add_argument("--reads", type=int, help="random reads per reader (default 1000)")
+    p.add_argument("--repeat", type=int, help="passes per measurement, median (default 3)")
+    p.add_argument("--json", help="write all figures to this file")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("daemon_bench needs root (FUSE and overlay mounts, drop_caches)", file=sys.stderr)
+        return 2
+    q = args.quick
+    args.seq_mib = args.seq_mib or (32 if q else 1024)
+    args.files = args.files or (2000 if q else 50_000)
+    args.reads = args.reads or (50 if q else 1000)
+    args.repeat = args.repeat or (1 if q else 3)
+    res = run(args)
+    print()
+    print(f"pynydusd benchmark ({'quick' if q else 'full'}: {args.seq_mib} MiB file, "
+          f"{args.files} files, {args.readers} readers x {args.reads} reads, "
+          f"median of {args.repeat}; {res['host']['cpus']} CPUs, kernel {res['host']['kernel']})")
+    print(report(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
