@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound
+from pynydus.rafs.inspect import inspect_bootstrap
 from pynydus.rafs.layout import Compressor, Digester, FileType, RafsV6InodeExtended
 from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.v5 import BootstrapV5
@@ -300,3 +301,25 @@ def test_empty_and_tiny_files_are_format_errors(tmp_path: Path) -> None:
     for data in (b"", b"RAFS", b"\x53\x46\x41\x52", bytes(1024) + b"\xe2\xe1\xf5\xe0"):
         with pytest.raises(FormatError):
             Bootstrap.from_bytes(data)
+
+
+def test_inspect_reports_what_dump_erofs_reports_and_is_json() -> None:
+    """Spec §7.4: dump.erofs -S on the v6 fixture counts 3517 files (2627 regular,
+    678 directories, 212 symlinks) of 81619065 bytes in total."""
+    d = inspect_bootstrap(V6)
+    json.dumps(d)
+    s = d["stats"]
+    assert (s["inodes"], s["regular"], s["directories"], s["symlinks"]) == (3517, 2627, 678, 212)
+    assert s["total_file_size"] == 81619065 and s["unique_chunks"] == 2515
+    assert d["version"] == 6 and d["flags"] == "0x6" and d["compressor"] == "lz4_block"
+    assert d["prefetch_paths"] == ["/bin"] and d["devices"][0]["blocks"] == 20451
+    d5 = inspect_bootstrap(V5)
+    json.dumps(d5)
+    assert d5["version"] == 5 and d5["stats"]["entries"] == 3517 and d5["prefetch_all"]
+
+
+def test_inspect_of_a_malformed_bootstrap_is_a_format_error(tmp_path: Path) -> None:
+    bad = tmp_path / "image.boot"
+    bad.write_bytes(V6.read_bytes()[:8192])
+    with pytest.raises(FormatError):
+        inspect_bootstrap(bad)
