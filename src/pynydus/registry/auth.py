@@ -12,30 +12,30 @@ Theory of operation (distribution's token auth, which every registry speaks):
    cached per (realm, service, scope) and fetched anew shortly before expiry, or when
    the registry answers 401 to a cached one.
 
-Everything here is sans-I/O except :func:`load_docker_config` (reads a file) and
-credential helpers (run ``docker-credential-<name>``); the HTTP exchange with the token
-server lives in :mod:`.transport`.
+Everything here is sans-I/O; the HTTP exchange with the token server lives in
+:mod:`.transport`, credential sources (docker config, labels) in :mod:`.credentials`
+(re-exported here).
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from pynydus import labels as L
-from pynydus.errors import ConfigError, InvalidArgument, q
-
+from .credentials import (
+    Credentials,
+    DockerConfig,
+    credentials_from_labels,
+    docker_config_path,
+    load_docker_config,
+    resolve_credentials,
+)
 from .errors import RegistryProtocolError
-from .reference import DOCKER_HUB, DOCKER_HUB_API, DOCKER_HUB_AUTH_KEY, DOCKER_HUB_LEGACY
 
 # Docker's token spec: tokens without expires_in live 60 s, and no token should be
 # handed out with less than that.
@@ -43,228 +43,6 @@ DEFAULT_TOKEN_LIFETIME = 60.0
 # Refresh this long before expiry so a token does not run out between the check and
 # the registry's verification (bounded by a tenth of the lifetime for short tokens).
 REFRESH_MARGIN = 30.0
-CREDENTIAL_HELPER_TIMEOUT = 30.0
-
-
-# ----------------------------------------------------------------------- credentials
-@dataclass(frozen=True)
-class Credentials:
-    """What we may present to a registry.
-
-    * ``username`` + ``password``: Basic auth, and Basic auth to the token server.
-    * ``registry_token``: a bearer token used as-is (nydusd's ``registry_token``).
-    * ``identity_token``: an OAuth2 refresh token (docker config ``identitytoken``),
-      exchanged at the token server with ``grant_type=refresh_token``.
-    """
-
-    username: str = ""
-    password: str = field(default="", repr=False)
-    registry_token: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)
-
-    @classmethod
-    def from_auth_string(cls, auth: str) -> Credentials:
-        """Decode nydusd's / docker config's ``auth``: base64 of ``user:password``."""
-        try:
-            raw = base64.b64decode(auth.strip(), validate=True).decode()
-        except (ValueError, UnicodeDecodeError) as err:
-            raise InvalidArgument("registry auth is not base64 of user:password") from err
-        user, sep, pw = raw.partition(":")
-        if not sep:
-            raise InvalidArgument("registry auth does not contain ':' (want user:password)")
-        return cls(username=user, password=pw)
-
-    @property
-    def has_basic(self) -> bool:
-        return bool(self.username) and bool(self.password)
-
-    @property
-    def is_anonymous(self) -> bool:
-        return not (self.has_basic or self.registry_token or self.identity_token)
-
-    def auth_string(self) -> str:
-        """base64(``user:password``), the form nydusd's backend config ``auth`` takes."""
-        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-
-    def basic_header(self) -> str:
-        return f"Basic {self.auth_string()}"
-
-
-def credentials_from_labels(labels: Mapping[str, str]) -> Credentials | None:
-    """Credentials carried by snapshot labels (``pullusername`` + ``pullsecret``).
-
-    Both must be non-empty. Following the snapshotter's PassKeyChain, an empty
-    username with a secret would be a registry token, but labels never carry that."""
-    user = labels.get(L.PULL_USERNAME, "")
-    secret = labels.get(L.PULL_SECRET, "")
-    if user and secret:
-        return Credentials(username=user, password=secret)
-    return None
-
-
-# -------------------------------------------------------------------- docker config
-def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
-    """``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
-    env = os.environ if env is None else env
-    base = env.get("DOCKER_CONFIG")
-    if base:
-        return Path(base) / "config.json"
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".docker" / "config.json"
-
-
-def _config_key_host(key: str) -> str:
-    """``https://index.docker.io/v1/`` → ``index.docker.io``; ``host:5000`` stays."""
-    k = key
-    for prefix in ("https://", "http://"):
-        if k.startswith(prefix):
-            k = k[len(prefix):]
-            break
-    return k.split("/", 1)[0]
-
-
-def _hosts_for_lookup(host: str) -> list[str]:
-    if host in (DOCKER_HUB, DOCKER_HUB_API, DOCKER_HUB_LEGACY):
-        return [DOCKER_HUB_LEGACY, DOCKER_HUB, DOCKER_HUB_API]
-    return [host]
-
-
-@dataclass(frozen=True)
-class DockerConfig:
-    """The credential parts of a docker ``config.json``.
-
-    ``auths`` maps a normalised host to its entry; ``cred_helpers`` a host to a helper
-    name; ``creds_store`` is the default helper."""
-
-    auths: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    cred_helpers: Mapping[str, str] = field(default_factory=dict)
-    creds_store: str = ""
-    path: Path | None = None
-
-    @classmethod
-    def parse(cls, data: bytes | str, path: Path | None = None) -> DockerConfig:
-        """Parse the JSON text of a docker config; raise ConfigError naming the file."""
-        where = str(path) if path else "docker config"
-        try:
-            doc = json.loads(data)
-        except ValueError as err:
-            raise ConfigError(f"{where}: not valid JSON: {err}") from err
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{where}: top level must be an object")
-        auths: dict[str, Mapping[str, Any]] = {}
-        raw_auths = doc.get("auths") or {}
-        if not isinstance(raw_auths, dict):
-            raise ConfigError(f"{where}: \"auths\" must be an object")
-        for key, entry in raw_auths.items():
-            if isinstance(entry, dict):
-                auths.setdefault(_config_key_host(key), entry)
-        helpers = doc.get("credHelpers") or {}
-        if not isinstance(helpers, dict):
-            raise ConfigError(f"{where}: \"credHelpers\" must be an object")
-        store = doc.get("credsStore") or ""
-        return cls(auths=auths,
-                   cred_helpers={_config_key_host(k): str(v) for k, v in helpers.items()},
-                   creds_store=str(store), path=path)
-
-    def entry_credentials(self, host: str) -> Credentials | None:
-        """Credentials from the ``auths`` section alone (sans-I/O)."""
-        for h in _hosts_for_lookup(host):
-            entry = self.auths.get(h)
-            if entry is None:
-                continue
-            creds = _entry_to_credentials(entry, host)
-            if creds is not None:
-                return creds
-        return None
-
-    def lookup(self, host: str, *, run_helpers: bool = True) -> Credentials | None:
-        """Credentials for registry ``host`` (``docker.io`` and its aliases share one
-        entry): a per-host credential helper, then ``auths``, then ``credsStore``.
-        Incomplete entries count as absent."""
-        hosts = _hosts_for_lookup(host)
-        if run_helpers:
-            for h in hosts:
-                if h in self.cred_helpers:
-                    return _run_helper(self.cred_helpers[h], _helper_server(host))
-        creds = self.entry_credentials(host)
-        if creds is not None:
-            return creds
-        if run_helpers and self.creds_store:
-            return _run_helper(self.creds_store, _helper_server(host))
-        return None
-
-
-def _entry_to_credentials(entry: Mapping[str, Any], host: str) -> Credentials | None:
-    identity = str(entry.get("identitytoken") or "")
-    regtoken = str(entry.get("registrytoken") or "")
-    user = str(entry.get("username") or "")
-    pw = str(entry.get("password") or "")
-    if entry.get("auth"):
-        try:
-            c = Credentials.from_auth_string(str(entry["auth"]))
-        except InvalidArgument as err:
-            raise ConfigError(f"docker config auth for {q(host)}: {err}") from err
-        user, pw = c.username, c.password
-    if identity:
-        return Credentials(username=user, identity_token=identity)
-    if regtoken:
-        return Credentials(registry_token=regtoken)
-    if user and pw:
-        return Credentials(username=user, password=pw)
-    return None
-
-
-def _helper_server(host: str) -> str:
-    return DOCKER_HUB_AUTH_KEY if host in (DOCKER_HUB, DOCKER_HUB_API, DOCKER_HUB_LEGACY) \
-        else host
-
-
-def _run_helper(name: str, server: str) -> Credentials | None:
-    """Run ``docker-credential-<name> get`` with the server URL on stdin."""
-    try:
-        out = subprocess.run([f"docker-credential-{name}", "get"], input=server.encode(),
-                             capture_output=True, timeout=CREDENTIAL_HELPER_TIMEOUT,
-                             check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None  # "credentials not found in native keychain" and friends
-    try:
-        doc = json.loads(out.stdout)
-    except ValueError:
-        return None
-    user, secret = str(doc.get("Username") or ""), str(doc.get("Secret") or "")
-    if not secret:
-        return None
-    if user == "<token>":
-        return Credentials(identity_token=secret)
-    return Credentials(username=user, password=secret) if user else None
-
-
-def load_docker_config(path: Path | None = None,
-                       env: Mapping[str, str] | None = None) -> DockerConfig:
-    """Read the docker config (default :func:`docker_config_path`). A missing file is
-    an empty config; a malformed one is a ConfigError."""
-    p = path or docker_config_path(env)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        return DockerConfig(path=p)
-    except OSError as err:
-        raise ConfigError(f"cannot read docker config {p}: {err}") from err
-    return DockerConfig.parse(data, p)
-
-
-def resolve_credentials(host: str, *, labels: Mapping[str, str] | None = None,
-                        docker_config: DockerConfig | None = None) -> Credentials | None:
-    """The snapshotter's keychain order, for the sources we have: labels, then the
-    docker config (re-read on every call, as upstream does)."""
-    if labels:
-        creds = credentials_from_labels(labels)
-        if creds is not None:
-            return creds
-    cfg = docker_config if docker_config is not None else load_docker_config()
-    return cfg.lookup(host)
 
 
 # ------------------------------------------------------------------------ challenges
@@ -493,3 +271,11 @@ class TokenCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._tokens)
+
+
+__all__ = [
+    "DEFAULT_TOKEN_LIFETIME", "REFRESH_MARGIN", "Challenge", "Credentials", "DockerConfig",
+    "Token", "TokenCache", "TokenKey", "credentials_from_labels", "docker_config_path",
+    "load_docker_config", "merge_scopes", "parse_challenges", "parse_token_response",
+    "pick_challenge", "repository_scope", "resolve_credentials",
+]

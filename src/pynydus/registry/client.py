@@ -17,15 +17,12 @@ cached URL fails it is dropped and the read goes through the registry again.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self
 
 import httpx
 
@@ -46,11 +43,11 @@ from .referrers import (
     subject_of,
 )
 from .transport import RETRYABLE, Mirror, Request, Transport, raise_for_status
+from .upload import MONOLITHIC_LIMIT, BlobSource, Upload, blob_opener, iter_file
 
 MAX_MANIFEST_SIZE = 4 << 20   # the OCI spec's limit registries must accept
 DEFAULT_CHUNK = 1 << 20
 REDIRECT_CACHE_TTL = 60.0
-MONOLITHIC_LIMIT = 64 << 20   # above this, and with no chunk_size, uploads are chunked
 
 
 _CACHED_URL_FAILURES: tuple[type[BaseException], ...] = (*RETRYABLE, NydusError)
@@ -74,9 +71,6 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
-
-
-BlobSource = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
 
 
 def _hasher(digest: str) -> Any:
@@ -507,7 +501,7 @@ class RegistryClient:
         self._check(repo, digest)
         if mount_from is not None:
             validate_repository(mount_from)
-        opener, total = _blob_opener(source, size)
+        opener, total = blob_opener(source, size)
         if self.blob_exists(repo, digest):
             return "exists"
         what = f"push blob {q(digest)} to {q(repo)}"
@@ -516,17 +510,17 @@ class RegistryClient:
         if chunk_size is not None and chunk_size <= 0:
             raise InvalidArgument(f"{what}: chunk_size must be positive")
 
+        up = Upload(self._t, repo, digest, what)
+
         def op() -> str:
-            location = self._start_upload(repo, digest, mount_from, what)
+            location = up.start(mount_from)
             if location is None:
                 return "mounted"
             with opener() as f:
                 if chunk_size is not None and total > chunk_size:
-                    location = self._patch_chunks(location, repo, f, total, chunk_size, what)
-                    self._finish_upload(location, repo, digest, b"", what)
+                    up.finish(up.patch_chunks(location, f, total, chunk_size), b"")
                 else:
-                    self._finish_upload(location, repo, digest, _iter_file(f, total), what,
-                                        total)
+                    up.finish(location, iter_file(f, total), total)
             return "uploaded"
         return self._t.retrying(what, op)
 
@@ -536,69 +530,12 @@ class RegistryClient:
         self._check(repo, digest)
         validate_repository(from_repo)
         what = f"mount blob {q(digest)} from {q(from_repo)} to {q(repo)}"
-        loc = self._t.retrying(what, lambda: self._start_upload(repo, digest, from_repo, what))
+        up = Upload(self._t, repo, digest, what)
+        loc = self._t.retrying(what, lambda: up.start(from_repo))
         if loc is None:
             return True
-        try:
-            resp = self._t.exchange(Request("DELETE", loc, what,
-                                            (repository_scope(repo, "pull,push"),), pull=False))
-            resp.close()
-        except httpx.HTTPError:
-            pass
+        up.cancel(loc)
         return False
-
-    def _start_upload(self, repo: str, digest: str, mount_from: str | None,
-                      what: str) -> str | None:
-        scopes = [repository_scope(repo, "pull,push")]
-        params: dict[str, str] = {}
-        if mount_from and mount_from != repo:
-            params = {"mount": digest, "from": mount_from}
-            scopes.append(repository_scope(mount_from, "pull"))
-        resp = self._t.exchange(Request("POST", f"/v2/{repo}/blobs/uploads/", what,
-                                        tuple(scopes), {"Content-Length": "0"},
-                                        params=params or None, pull=False))
-        raise_for_status(resp, what)
-        if resp.status_code == 201 and params:
-            return None
-        if resp.status_code != 202 or "location" not in resp.headers:
-            raise RegistryProtocolError(f"{what}: upload start answered HTTP "
-                                        f"{resp.status_code} without Location")
-        return self._abs(resp, resp.headers["location"])
-
-    def _abs(self, resp: httpx.Response, location: str) -> str:
-        return str(resp.request.url.join(location))
-
-    def _patch_chunks(self, location: str, repo: str, f: IO[bytes], total: int,
-                      chunk_size: int, what: str) -> str:
-        sent = 0
-        while sent < total:
-            chunk = f.read(min(chunk_size, total - sent))
-            if not chunk:
-                raise InvalidArgument(f"{what}: source ended at {sent} of {total} bytes")
-            end = sent + len(chunk) - 1
-            resp = self._t.exchange(Request(
-                "PATCH", location, what, (repository_scope(repo, "pull,push"),),
-                {"Content-Type": "application/octet-stream", "Content-Range": f"{sent}-{end}",
-                 "Content-Length": str(len(chunk))}, content=chunk, pull=False))
-            raise_for_status(resp, what)
-            if "location" not in resp.headers:
-                raise RegistryProtocolError(f"{what}: PATCH answer without Location")
-            location = self._abs(resp, resp.headers["location"])
-            sent += len(chunk)
-            self.metrics.add("bytes_written", len(chunk))
-        return location
-
-    def _finish_upload(self, location: str, repo: str, digest: str,
-                       body: bytes | Iterator[bytes], what: str, size: int = 0) -> None:
-        length = size if not isinstance(body, bytes) else len(body)
-        resp = self._t.exchange(Request(
-            "PUT", location, what, (repository_scope(repo, "pull,push"),),
-            {"Content-Type": "application/octet-stream", "Content-Length": str(length)},
-            params={"digest": digest}, content=body, pull=False))
-        raise_for_status(resp, what)
-        if resp.status_code != 201:
-            raise RegistryProtocolError(f"{what}: upload finished with HTTP {resp.status_code}")
-        self.metrics.add("bytes_written", length)
 
     # ---------------------------------------------------------------- listings
     def list_tags(self, repo: str) -> list[str]:
@@ -677,57 +614,3 @@ def _content_range(resp: httpx.Response) -> tuple[int, int | None]:
 
 def _content_range_start(resp: httpx.Response) -> int:
     return _content_range(resp)[0]
-
-
-def _iter_file(f: IO[bytes], total: int, chunk: int = DEFAULT_CHUNK) -> Iterator[bytes]:
-    left = total
-    while left > 0:
-        b = f.read(min(chunk, left))
-        if not b:
-            raise InvalidArgument(f"blob source ended {left} bytes early")
-        left -= len(b)
-        yield b
-
-
-class _NoClose(io.BufferedIOBase):
-    """Context wrapper that leaves a caller's file open."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-
-    def read(self, n: int | None = -1) -> bytes:
-        return self._f.read(-1 if n is None else n)
-
-    def close(self) -> None:
-        pass
-
-
-def _blob_opener(source: BlobSource, size: int | None) -> tuple[Callable[[], IO[bytes]], int]:
-    """A factory that yields a fresh reader of ``source`` per attempt, and its size."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        return (lambda: io.BytesIO(data)), len(data)
-    if isinstance(source, str | os.PathLike):
-        path = Path(source)
-        return (lambda: open(path, "rb")), path.stat().st_size if size is None else size
-    f = source
-    try:
-        start = f.tell()
-        seekable = f.seekable()
-    except (AttributeError, OSError):
-        start, seekable = 0, False
-    if size is None:
-        if not seekable:
-            raise InvalidArgument("push_blob: size is required for an unseekable source")
-        size = f.seek(0, os.SEEK_END) - start
-        f.seek(start)
-    used = [False]
-
-    def opener() -> IO[bytes]:
-        if used[0]:
-            if not seekable:
-                raise Unavailable("push_blob: cannot retry an unseekable source")
-            f.seek(start)
-        used[0] = True
-        return _NoClose(f)  # type: ignore[return-value]
-    return opener, size
