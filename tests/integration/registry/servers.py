@@ -94,6 +94,7 @@ class TokenServer(_Base):
     # Seconds added to the JWT's exp/nbf; a big negative value issues tokens the
     # registry rejects (it allows 60 s of leeway) while expires_in still says 300.
     exp_offset: float = 0.0
+    readonly_users: set[str] = field(default_factory=set)  # granted "pull" only
     issued: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
 
@@ -124,6 +125,7 @@ class TokenServer(_Base):
                 f"    rootcertbundle: {self.cert_path}\n")
 
     def make_jwt(self, subject: str, scopes: list[str]) -> str:
+        ro = subject in self.readonly_users
         now = int(time.time())
         access = []
         for s in scopes:
@@ -131,7 +133,8 @@ class TokenServer(_Base):
                 parts = one.split(":")
                 if len(parts) >= 3:
                     access.append({"type": parts[0], "name": ":".join(parts[1:-1]),
-                                   "actions": [a for a in parts[-1].split(",") if a]})
+                                   "actions": [a for a in parts[-1].split(",")
+                                               if a and (a == "pull" or not ro)]})
         off = int(self.exp_offset)
         header = {"typ": "JWT", "alg": "RS256",
                   "x5c": [base64.b64encode(self.cert.public_bytes(
@@ -202,6 +205,7 @@ class FaultProxy(_Base):
 
     upstream: str
     match: str = ""
+    match_method: str = ""
     redirect: bool = False
     delay: float = 0.0
     ignore_range: bool = False
@@ -234,8 +238,9 @@ class FaultProxy(_Base):
             self._faults.clear()
             self.log.clear()
 
-    def take_fault(self, path: str) -> tuple[str, int] | None:
-        if self.match and self.match not in path:
+    def take_fault(self, method: str, path: str) -> tuple[str, int] | None:
+        if (self.match and self.match not in path) or \
+                (self.match_method and method != self.match_method):
             return None
         with self._lock:
             for i, (kind, left, arg) in enumerate(self._faults):
@@ -279,7 +284,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 if self.command != "HEAD":
                     self.wfile.write(canned)
                 return
-        fault = fp.take_fault(path)
+        fault = fp.take_fault(self.command, path)
         if fault and fault[0] == "fail":
             msg = b'{"errors":[{"code":"UNKNOWN","message":"injected"}]}'
             self.send_response(fault[1])

@@ -203,3 +203,19 @@ def test_bare_401_to_a_token_is_answered_by_asking_for_a_challenge(
     assert c.read_blob_range("tok/harbor", d, 3, 3) == data[3:6]
     assert c.metrics.token_fetches == fetches + 1
     assert c.metrics.retries == 0
+
+
+def test_pull_only_grant_cannot_push(token_registry: tuple[Registry, TokenServer],
+                                     client: Make) -> None:
+    reg, ts = token_registry
+    ts.readonly_users.add("bob")
+    try:
+        data, d = blob()
+        c = client(reg.host, auth=Credentials("bob", "builder"))
+        with pytest.raises(Unauthorized):
+            c.push_blob("tok/ro", data, d)
+        assert c.metrics.retries == 0
+        client(reg.host, auth=ALICE).push_blob("tok/ro", data, d)
+        assert c.read_blob_range("tok/ro", d, 0, 8) == data[:8]  # pulling is fine
+    finally:
+        ts.readonly_users.discard("bob")

@@ -3,9 +3,11 @@ mirrors and proxies — with a real docker-registry behind our fault proxy."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -320,3 +322,44 @@ def test_referrers_api_is_used_when_the_registry_has_it(
     assert [m["artifactType"] for m in
             c.get_referrers("fault/img", subject, artifact_type="a/y")["manifests"]] == ["a/y"]
     assert fp.count("GET", "/manifests/sha256-") == 0  # no fallback-tag lookup
+
+
+def test_failed_chunk_upload_restarts_the_session(registry: Registry, client: Make,
+                                                  fault_proxy: MakeProxy) -> None:
+    fp = fault_proxy(registry.host, match="/blobs/uploads/", match_method="PATCH")
+    c = client(fp.host, **fast())
+    data = os.urandom(700_000)
+    d = compute_digest(data)
+    f = io.BytesIO(data)
+    fp.fail(1, 500)  # the first PATCH fails; the retry seeks the file back
+    assert c.push_blob("fault/upload", f, d, chunk_size=256 * 1024) == "uploaded"
+    assert c.metrics.retries == 1
+    assert fp.count("POST", "/blobs/uploads/") == 2
+    assert b"".join(c.get_blob("fault/upload", d)) == data
+
+
+def test_many_threads_through_intermittent_faults(registry: Registry,
+                                                  stored: tuple[bytes, str], client: Make,
+                                                  fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    fp = fault_proxy(registry.host, match="/blobs/")
+    c = client(fp.host, retry_limit=5, **fast())
+    fp.fail(6, 503)
+    fp.short(4, keep=10)
+    fp.cut(4, keep=100)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(10):
+                off = ((k * 10 + i) * 65536) % (len(data) - 65536)
+                assert c.read_blob_range(REPO, d, off, 65536) == data[off:off + 65536]
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert c.metrics.retries == 14
