@@ -238,10 +238,8 @@ class NydusFilesystem:
         rec = self.instances.get(sid)
         if rec is None:
             raise NotFound(f"no RAFS instance for snapshot {q(sid)}")
-        live = self.manager.daemons.get(rec.daemon_id)
-        if live is None:
-            raise Unavailable(f"snapshot {q(sid)}: daemon {rec.daemon_id} is not running")
-        live.client.wait_until("RUNNING", 2.0)
+        # A daemon being restarted after a crash becomes ready within its start time.
+        self.manager.wait_ready(rec.daemon_id, timeout=20.0)
 
     def umount(self, sid: str) -> None:
         """Stop serving ``sid`` (a dedicated daemon exits). Idempotent."""

@@ -162,7 +162,7 @@ class DaemonManager:
             if add is not None:
                 add(proc.pid)
 
-    def _wait_running(self, live: LiveDaemon) -> None:
+    def _wait_running(self, live: LiveDaemon, final: bool = True) -> None:
         rec = live.record
 
         def alive() -> bool:
@@ -179,7 +179,7 @@ class DaemonManager:
             live.client.wait_until(RUNNING, max(0.5, deadline - time.monotonic()), alive)
         except Unavailable as err:
             raise Unavailable(f"daemon {rec.id} did not become RUNNING: {err}; see {rec.log_file}") from err
-        live.state = RUNNING
+        live.state = RUNNING if final else "RECOVERING"
 
     def destroy_daemon(self, daemon_id: str) -> None:
         """Stop a daemon (SIGTERM, then SIGKILL), unmount, forget it. Idempotent."""
@@ -250,19 +250,34 @@ class DaemonManager:
             self.daemons[rec.id] = live
         live.restarts += 1
         self._spawn(live)
-        self._wait_running(live)
+        self._wait_running(live, final=False)
         if self.on_restarted is not None:
-            self.on_restarted(live)
+            self.on_restarted(live)  # e.g. the shared daemon mounts its images again
+        live.state = RUNNING
         return live
 
     # --- supervision ----------------------------------------------------------------------
+
+    def wait_ready(self, daemon_id: str, timeout: float) -> LiveDaemon:
+        """Wait until the daemon is RUNNING by our account (started, and recovered if
+        it was restarted) and by its own; Unavailable otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = self.daemons.get(daemon_id)
+            if live is not None and live.state == RUNNING:
+                live.client.wait_until(RUNNING, max(0.5, deadline - time.monotonic()))
+                return live
+            if time.monotonic() > deadline:
+                state = live.state if live is not None else "gone"
+                raise Unavailable(f"daemon {daemon_id} is not ready (state {state})")
+            time.sleep(0.02)
 
     def _dead(self) -> list[LiveDaemon]:
         out = []
         with self._lock:
             items = list(self.daemons.values())
         for live in items:
-            if live.state != RUNNING:
+            if live.state not in (RUNNING, "RECOVERING"):
                 continue
             rec = live.record
             gone = (live.proc.poll() is not None) if live.proc is not None else not _pid_alive(rec.pid, rec.api_socket)
