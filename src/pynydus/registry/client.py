@@ -315,13 +315,18 @@ class RegistryClient:
 
     # -------------------------------------------------------------------- blobs
     def head_blob(self, repo: str, digest: str) -> Descriptor:
-        """Size (and media type, if the registry says) of a blob; NotFound if absent."""
+        """Size (and media type, if the registry says) of a blob; NotFound if absent.
+        Mirrors may answer."""
+        return self._head_blob(repo, digest, via_mirrors=True)
+
+    def _head_blob(self, repo: str, digest: str, *, via_mirrors: bool) -> Descriptor:
         self._check(repo, digest)
         what = f"blob {q(digest)} in {q(repo)}"
 
         def op() -> Descriptor:
             resp = self._t.exchange(Request("HEAD", f"/v2/{repo}/blobs/{digest}", what,
-                                            (repository_scope(repo, "pull"),)))
+                                            (repository_scope(repo, "pull"),),
+                                            pull=via_mirrors))
             raise_for_status(resp, what)
             size = resp.headers.get("content-length")
             if size is None:
@@ -329,9 +334,11 @@ class RegistryClient:
             return Descriptor(_content_type(resp), digest, int(size))
         return self._t.retrying(what, op)
 
-    def blob_exists(self, repo: str, digest: str) -> bool:
+    def blob_exists(self, repo: str, digest: str, *, origin_only: bool = False) -> bool:
+        """Whether the blob is there (``origin_only``: ask the registry itself, not a
+        mirror — what a pusher needs to know)."""
         try:
-            self.head_blob(repo, digest)
+            self._head_blob(repo, digest, via_mirrors=not origin_only)
         except NotFound:
             return False
         return True
@@ -502,7 +509,7 @@ class RegistryClient:
         if mount_from is not None:
             validate_repository(mount_from)
         opener, total = blob_opener(source, size)
-        if self.blob_exists(repo, digest):
+        if self.blob_exists(repo, digest, origin_only=True):
             return "exists"
         what = f"push blob {q(digest)} to {q(repo)}"
         if chunk_size is None and total > MONOLITHIC_LIMIT:

@@ -209,8 +209,10 @@ def test_mirror_serves_reads_before_the_origin(registry: Registry, stored: tuple
     assert c.read_blob_range(REPO, d, 0, 100) == data[:100]
     assert mirror.count("GET", "/blobs/") == 1 and origin.count("GET") == 0
     assert mirror.log[-1][2].get("X-Dragonfly-Registry") == "http://o"
-    c.push_blob("fault/pushed", data[:10], compute_digest(data[:10]))
+    # Whether a push is needed is a question for the origin, never a mirror.
+    assert c.push_blob("fault/pushed", data, d) == "uploaded"
     assert origin.count("PUT") == 1 and mirror.count("PUT") == 0  # pushes skip mirrors
+    assert origin.count("HEAD", "fault/pushed") == 1 and mirror.count("HEAD") == 0
 
 
 def test_failing_mirrors_fall_back_in_order_then_origin(
