@@ -157,13 +157,17 @@ def build(
     output_json: str | os.PathLike[str] | None = None,
     whiteout_spec: str = "overlayfs",
     compact_inodes: bool = False,
+    blob_cache_dir: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
     ``source`` is a directory (``dir-rafs``) or a layer tar, plain/gzip/zstd by magic
     (``tar-rafs``/``targz-rafs``; a file object works too). ``tar-tarfs`` makes the
     uncompressed tar itself the blob (512-byte blocks, sha256, no compression; the
-    kernel mounts it directly; spec §1.15). The blob is named by its
+    kernel mounts it directly; spec §1.15). ``blob_cache_dir`` also writes the
+    blob's cache form there (``<id>.blob.data`` = uncompressed address space, usable
+    as the kernel device of a compressed image; ``<id>.blob.meta``), like upstream's
+    ``--blob-cache-dir``. The blob is named by its
     sha256 and omitted when the image has no file data. ``chunk_dict`` (a
     digest→ChunkRef mapping, or a bootstrap path) dedups against existing blobs, which
     then join the blob table. ``parent_bootstrap`` makes the result the parent image
@@ -187,6 +191,8 @@ def build(
             raise InvalidArgument(
                 "tar-tarfs layers take no chunk dict or parent; merge them instead"
             )
+        if blob_cache_dir is not None:
+            raise InvalidArgument("tar-tarfs needs no blob cache: the tar is the uncompressed blob")
         # The blob is the raw tar: nothing is compressed, and upstream forces sha256.
         comp, dig = Compressor.NONE, Digester.SHA256
     dict_map = _load_chunk_dict(chunk_dict)
@@ -222,7 +228,12 @@ def build(
         )
     else:
         writer = BlobWriter(
-            blob_dir, compressor=comp, digester=dig, chunk_size=chunk_size, chunk_dict=dict_map
+            blob_dir,
+            compressor=comp,
+            digester=dig,
+            chunk_size=chunk_size,
+            chunk_dict=dict_map,
+            cache_dir=blob_cache_dir,
         )
         try:
             entries = _source_for(source, type, prefetch)

@@ -95,7 +95,8 @@ TOC_ENTRY_SIZE = 128
 _WINDOW = 4
 _WORKERS = min(4, os.cpu_count() or 1)
 
-_Prepared = tuple[bytes, bytes, bool]  # (digest, payload, compressed)
+# (digest, payload, compressed, raw data when a blob cache needs it besides the payload)
+_Prepared = tuple[bytes, bytes, bool, bytes | None]
 
 
 def _round_up(n: int, a: int) -> int:
@@ -265,6 +266,7 @@ class BlobWriter:
         digester: Digester = Digester.BLAKE3,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         chunk_dict: ChunkDict | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if chunk_size & (chunk_size - 1) or not BLOCK <= chunk_size <= MAX_CHUNK_SIZE:
             raise InvalidArgument(
@@ -288,6 +290,7 @@ class BlobWriter:
         self._file: BinaryIO | None = None
         self._w: _HashingWriter | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._cache = _CacheWriter(os.fspath(cache_dir)) if cache_dir is not None else None
 
     # ------------------------------------------------------------------ data
     def add_file(self, reader: ChunkSource, size: int) -> tuple[list[ChunkRef], int]:
@@ -342,11 +345,12 @@ class BlobWriter:
     def _prepare(self, data: bytes) -> _Prepared:
         """CPU part of a chunk: digest and compressed payload. Thread-safe (no state)."""
         payload, is_compressed = compress(data, self.compressor)
-        return digest(data, self.digester), payload, is_compressed
+        raw = data if self._cache is not None and is_compressed else None
+        return digest(data, self.digester), payload, is_compressed, raw
 
     def _commit(self, prep: _Prepared, n: int, file_offset: int) -> ChunkRef:
         """Dedup against the dict and this blob, else append the prepared payload."""
-        d, payload, is_compressed = prep
+        d, payload, is_compressed, raw = prep
         self.stats.bytes_in += n
         self.stats.chunks_in += 1
         hit = self.chunk_dict.get(d)
@@ -369,6 +373,8 @@ class BlobWriter:
         w.write(payload)
         u_off = self._u_end
         self._u_end = _round_up(u_off + n, BLOCK)
+        if self._cache is not None:
+            self._cache.write_chunk(u_off, raw if raw is not None else payload)
         ref = ChunkRef(
             digest=d,
             blob=self.desc,
@@ -506,6 +512,8 @@ class BlobWriter:
         desc.ci_offset = ci_offset
         desc.ci_compressed_size = len(ci_payload)
         desc.ci_uncompressed_size = len(ci_raw)
+        if self._cache is not None:
+            self._cache.finish(blob_id, self._u_end, ci_raw, header)
         return desc
 
     @property
@@ -523,6 +531,8 @@ class BlobWriter:
     def abort(self) -> None:
         """Drop the unfinished blob; safe to call at any time, any number of times."""
         self._shutdown()
+        if self._cache is not None:
+            self._cache.abort()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -532,6 +542,58 @@ class BlobWriter:
             except FileNotFoundError:
                 pass
             self._tmp_path = None
+
+
+class _CacheWriter:
+    """Writes the blob's cache form next to it, as upstream's ``--blob-cache-dir`` does.
+
+    ``<blob_id>.blob.data`` is the uncompressed address space (every chunk at its
+    4 KiB-aligned uncompressed offset): what nydusd's blob cache holds once fully
+    fetched, and what the kernel can mount as the blob's EROFS device even when the
+    blob itself is compressed. ``<blob_id>.blob.meta`` is the cache form of the
+    chunk-info array: the uncompressed array padded to 4 KiB, then the 4096-byte
+    header (spec §2.3).
+    """
+
+    def __init__(self, cache_dir: str) -> None:
+        os.makedirs(cache_dir, exist_ok=True)
+        self.dir = cache_dir
+        fd, self._tmp = tempfile.mkstemp(prefix=".blob-data-", dir=cache_dir)
+        self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._pos = 0
+
+    def write_chunk(self, u_off: int, data: bytes) -> None:
+        assert self._f is not None and u_off >= self._pos
+        if u_off > self._pos:
+            self._f.write(bytes(u_off - self._pos))
+        self._f.write(data)
+        self._pos = u_off + len(data)
+
+    def finish(self, blob_id: str, size: int, ci_raw: bytes, header: bytes) -> None:
+        assert self._f is not None
+        self._f.write(bytes(size - self._pos))
+        self._f.close()
+        self._f = None
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, os.path.join(self.dir, blob_id + ".blob.data"))
+        self._tmp = ""
+        meta = ci_raw + bytes(_round_up(len(ci_raw), BLOCK) - len(ci_raw)) + header
+        fd, tmp = tempfile.mkstemp(prefix=".blob-meta-", dir=self.dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(meta)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(self.dir, blob_id + ".blob.meta"))
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tmp:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = ""
 
 
 def _copy_ref(ref: ChunkRef, file_offset: int) -> ChunkRef:

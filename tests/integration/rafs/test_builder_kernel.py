@@ -84,6 +84,17 @@ def test_directory_build_compressed_mounts_identical_after_materialize(
     _check_mount(res, [data], snapshot(rich_src))
 
 
+def test_compressed_build_blob_cache_is_the_kernel_device(rich_src: Path, tmp_path: Path) -> None:
+    res = build(rich_src, tmp_path / "boot", tmp_path / "blobs", compressor="lz4_block",
+                blob_cache_dir=tmp_path / "cache")
+    blob_id = res.blob_ids[0]
+    data = tmp_path / "cache" / f"{blob_id}.blob.data"
+    assert data.stat().st_size == res.blobs[0].uncompressed_size
+    assert materialize(tmp_path / "blobs" / blob_id, tmp_path / "m") == data.stat().st_size
+    assert (tmp_path / "m").read_bytes() == data.read_bytes()
+    _check_mount(res, [data], snapshot(rich_src))
+
+
 def _gnu_tar(src: Path, out: Path) -> None:
     subprocess.run(
         ["tar", "--format=posix", "--xattrs", "--xattrs-include=*", "--numeric-owner",

@@ -136,3 +136,29 @@ def test_short_reader_reports_bytes_actually_read(tmp_path: Path) -> None:
 def test_chunk_size_must_be_power_of_two_4k_to_16m(tmp_path: Path, bad: int) -> None:
     with pytest.raises(InvalidArgument):
         BlobWriter(tmp_path, chunk_size=bad)
+
+
+def test_blob_cache_files_hold_uncompressed_chunks_and_cache_form_meta(tmp_path: Path) -> None:
+    data = _data(CS + 10, 7) + _rnd(CS)
+    w = BlobWriter(tmp_path / "blobs", compressor=Compressor.ZSTD, chunk_size=CS,
+                   cache_dir=tmp_path / "cache")
+    refs, _ = w.add_file(io.BytesIO(data), len(data))
+    desc = w.finish()
+    assert desc is not None
+    cache = (tmp_path / "cache" / f"{desc.blob_id}.blob.data").read_bytes()
+    assert len(cache) == desc.uncompressed_size
+    for r in refs:
+        start = r.file_offset
+        assert cache[r.uncompressed_offset : r.uncompressed_offset + r.uncompressed_size] == (
+            data[start : start + r.uncompressed_size]
+        )
+    meta = (tmp_path / "cache" / f"{desc.blob_id}.blob.meta").read_bytes()
+    ci_len = desc.ci_uncompressed_size
+    assert len(meta) == (ci_len + 4095) // 4096 * 4096 + 4096
+    hdr = blobmeta.BlobCompressionContextHeader.unpack(meta, len(meta) - 4096)
+    assert (hdr.ci_entries, hdr.ci_offset) == (desc.chunk_count, desc.ci_offset)
+    arr = blobmeta.ChunkInfoArray(meta[:ci_len], desc.chunk_count, v2=False)
+    assert arr[refs[0].ci_index].uncompressed_offset == refs[0].uncompressed_offset
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(
+        [f"{desc.blob_id}.blob.data", f"{desc.blob_id}.blob.meta"]
+    )
