@@ -85,6 +85,12 @@ class NydusFilesystem:
         if policy == "failover":
             log.warning("recover_policy failover is not supported (docs/failover.md); using restart")
             policy = "restart"
+        self.cgroup = None
+        if cfg.cgroup.enable:
+            from pynydus.system.cgroup import MemoryCgroup
+
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            self.cgroup = MemoryCgroup(cfg.cgroup.memory_limit_bytes(total))
         self.store = DaemonStore(os.path.join(self.root, "daemons.db"))
         self.manager = DaemonManager(
             self.store,
@@ -93,6 +99,7 @@ class NydusFilesystem:
             recover_policy=policy,
             thread_num=cfg.daemon.threads_number,
             on_restarted=self._remount_shared,
+            cgroup=self.cgroup,
         )
         self.instances: dict[str, RafsRecord] = {r.snapshot_id: r for r in self.store.instances()}
         self._locks: dict[str, threading.Lock] = {}
@@ -121,6 +128,8 @@ class NydusFilesystem:
                     log.warning("teardown of %s: %s", sid, err)
             if SHARED_DAEMON_ID in self.manager.daemons:
                 self.manager.destroy_daemon(SHARED_DAEMON_ID)
+        if self.cgroup is not None:
+            self.cgroup.close()
         self.store.close()
 
     # --- paths -----------------------------------------------------------------------------

@@ -238,6 +238,9 @@ class DaemonManager:
                             self.daemons[rec.id] = ld
                         live.append(ld)
                         log.info("daemon %s (pid %d) is alive; reconnected", rec.id, rec.pid)
+                        add = getattr(self.cgroup, "add_pid", None)
+                        if add is not None:
+                            add(rec.pid)
                         continue
                 except Unavailable as err:
                     log.warning("daemon %s (pid %d) does not answer: %s", rec.id, rec.pid, err)

@@ -249,3 +249,27 @@ def test_missing_image_ref_is_a_clear_error(snap: Snapshotter, image: dict) -> N
     with pytest.raises(grpc.RpcError) as err2:
         stub.Stat(pb.StatSnapshotRequest(key="default/c"))
     assert err2.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_daemons_run_in_a_memory_cgroup(image: dict, tmp_path: Path) -> None:
+    memory = Path("/sys/fs/cgroup/memory")
+    if not memory.is_dir():
+        pytest.skip("no cgroup v1 memory controller on this host")
+    config = tmp_path / "config.toml"
+    config.write_text('version = 1\n[cgroup]\nenable = true\nmemory_limit = "300MiB"\n')
+    snap = Snapshotter(config=config)
+    snap.start()
+    try:
+        top = pull_nydus_image(snap, image)
+        rootfs = tmp_path / "rootfs"
+        container_rootfs(snap, top, "default/3/c1", rootfs)
+        try:
+            (pid,) = daemon_pids(snap)
+            cg = memory / "system.slice" / "nydusd"
+            assert pid in [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+            assert int((cg / "memory.limit_in_bytes").read_text()) == 300 << 20
+            assert (rootfs / "data/small.txt").read_text() == "small\n"
+        finally:
+            unmount_all(str(rootfs))
+    finally:
+        snap.close()
