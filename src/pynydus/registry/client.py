@@ -240,6 +240,10 @@ class RegistryClient:
         Returns ``(media_type, digest, data)``; the digest is computed from the bytes
         and, when ``ref`` is a digest, must equal it (else DigestMismatch). Raises
         NotFound naming repo and ref."""
+        return self._get_manifest(repo, ref, accept, via_mirrors=True)
+
+    def _get_manifest(self, repo: str, ref: str, accept: Sequence[str], *,
+                      via_mirrors: bool) -> Manifest:
         self._check(repo)
         what = f"manifest {q(ref)} in {q(repo)}"
         by_digest = ":" in ref
@@ -249,8 +253,8 @@ class RegistryClient:
         def op() -> Manifest:
             resp = self._t.exchange(Request(
                 "GET", f"/v2/{repo}/manifests/{ref}", what,
-                (repository_scope(repo, "pull"),), {"Accept": ", ".join(accept)}),
-                stream=True)
+                (repository_scope(repo, "pull"),), {"Accept": ", ".join(accept)},
+                pull=via_mirrors), stream=True)
             try:
                 raise_for_status(resp, what)
                 data = self._read_limited(resp, MAX_MANIFEST_SIZE, what)
@@ -596,8 +600,9 @@ class RegistryClient:
     def _add_to_fallback_index(self, repo: str, subject: str, desc: dict[str, Any]) -> None:
         tag = fallback_tag(subject)
         try:
-            index = parse_index(self.get_manifest(repo, tag, accept=(media.OCI_INDEX,)).data,
-                                f"referrers tag {q(tag)}")
+            index = parse_index(
+                self._get_manifest(repo, tag, (media.OCI_INDEX,), via_mirrors=False).data,
+                f"referrers tag {q(tag)}")
         except NotFound:
             index = empty_index()
         body = json.dumps(add_referrer(index, desc), separators=(",", ":")).encode()
