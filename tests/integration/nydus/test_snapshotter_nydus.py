@@ -257,6 +257,7 @@ def test_daemons_run_in_a_memory_cgroup(image: dict, tmp_path: Path) -> None:
         pytest.skip("no cgroup v1 memory controller on this host")
     config = tmp_path / "config.toml"
     config.write_text('version = 1\n[cgroup]\nenable = true\nmemory_limit = "300MiB"\n')
+    slice_existed = (memory / "system.slice").exists()
     snap = Snapshotter(config=config)
     snap.start()
     try:
@@ -272,4 +273,9 @@ def test_daemons_run_in_a_memory_cgroup(image: dict, tmp_path: Path) -> None:
         finally:
             unmount_all(str(rootfs))
     finally:
-        snap.close()
+        snap.close()  # daemons outlive the snapshotter by design; close() ends them too
+        for d in [memory / "system.slice" / "nydusd"] + ([] if slice_existed else [memory / "system.slice"]):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
