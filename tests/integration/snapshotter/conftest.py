@@ -49,7 +49,8 @@ StartFn = Callable[..., SnapshotterProcess]
 
 @pytest.fixture
 def start_snapshotter() -> Iterator[StartFn]:
-    """``start(config_text=None, extra_args=(), umask=0o022, wait=True, tmpfs=False)``.
+    """``start(config_text=None, extra_args=(), umask=0o022, wait=True, tmpfs=False,
+    as_module=False)``.
 
     With ``wait=False`` the process is only spawned (for start-up failure tests); with
     ``tmpfs=True`` its directory is a fresh tmpfs (for tests that make many files)."""
@@ -61,12 +62,14 @@ def start_snapshotter() -> Iterator[StartFn]:
         umask: int = 0o022,
         wait: bool = True,
         tmpfs: bool = False,
+        as_module: bool = False,
     ) -> SnapshotterProcess:
         base = make_base()
         if tmpfs:
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs",
                             str(base)], check=True)
-        proc = SnapshotterProcess(base=base, extra_args=list(extra_args), umask=umask)
+        proc = SnapshotterProcess(base=base, extra_args=list(extra_args), umask=umask,
+                                  as_module=as_module)
         started.append(proc)
         if config_text is not None:
             proc.config = base / "config.toml"

@@ -193,6 +193,8 @@ class SnapshotterProcess:
     extra_args: list[str] = field(default_factory=list)
     config: Path | None = None
     umask: int = 0o022
+    # run as ``python -m pynydus.cli.main`` instead of the console script
+    as_module: bool = False
     root: Path = field(init=False)
     address: Path = field(init=False)
     work: Path = field(init=False)
@@ -217,7 +219,8 @@ class SnapshotterProcess:
         return self.base / f"stderr.{self.generation}.log"
 
     def command(self) -> list[str]:
-        cmd = pynydus_command() + [
+        base_cmd = [sys.executable, "-m", "pynydus.cli.main"] if self.as_module else pynydus_command()
+        cmd = base_cmd + [
             "snapshotter", "--root", str(self.root), "--address", str(self.address),
         ]
         if self.config is not None:

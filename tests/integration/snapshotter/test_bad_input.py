@@ -470,20 +470,30 @@ def test_config_values_are_used(start_snapshotter):
     assert_consistent(proc, set())
 
 
-def test_root_longer_than_70_bytes_is_refused(start_snapshotter):
+def test_root_longer_than_70_bytes_is_refused():
     """Upstream refuses a root over 70 bytes (daemon sockets live below it and must fit
     in sun_path); the process exits non-zero and says why."""
-    proc = start_snapshotter(wait=False)
-    assert proc.proc is not None
-    proc.stop()
-    long_root = proc.base / ("r" * (80 - len(str(proc.base)) - 1))
-    assert len(str(long_root)) == 80
-    proc.root = long_root
-    proc.spawn()
+    base = make_base()
+    proc = SnapshotterProcess(base=base)
     try:
-        status = proc.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pytest.fail("snapshotter accepted an 80-byte root\n" + proc.logs())
-    assert status != 0
-    stderr = proc.stderr_path.read_text(errors="replace")
-    assert "root" in stderr and "70" in stderr, stderr
+        proc.root = base / ("r" * (80 - len(str(base)) - 1))
+        assert len(str(proc.root)) == 80
+        popen = proc.spawn()
+        try:
+            status = popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("snapshotter accepted an 80-byte root\n" + proc.logs())
+        assert status != 0
+        stderr = proc.stderr_path.read_text(errors="replace")
+        assert "root" in stderr and "70" in stderr, stderr
+    finally:
+        teardown_base(base, [proc])
+
+
+def test_module_entry_point_and_log_level_flag(start_snapshotter):
+    """``python -m pynydus.cli.main snapshotter … --log-level debug`` serves too."""
+    proc = start_snapshotter(extra_args=["--log-level", "debug"], as_module=True)
+    sn = _client(proc)
+    sn.prepare("a", "")
+    assert sn.names() == {"a"}
+    assert proc.stop() == 0

@@ -14,8 +14,10 @@ errdefs maps to over gRPC.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -30,6 +32,8 @@ from .support import (
     KIND_VIEW,
     OVERLAY_VOLATILE,
     SNAPSHOTTER_NAME,
+    SnapshotterClient,
+    SnapshotterProcess,
     apply_all,
     assert_trees_equal,
     check_snapshots,
@@ -40,15 +44,101 @@ from .support import (
     info_copy,
     info_tuple,
     link,
+    make_base,
     mount_options,
     remove_all,
     snapshot_id_of,
     symlink,
+    teardown_base,
     ts_ns,
     upper_dir,
 )
 
 pytestmark = pytest.mark.root
+
+
+class NamespacedClient:
+    """A client confined to one key prefix of a snapshotter shared by several tests.
+
+    containerd itself runs every namespace on one snapshotter, with keys like
+    ``default/12/<key>``; doing the same here saves a process start per test and
+    exercises keys with slashes. Names and parents come back without the prefix. List
+    takes no filters here (tests of filters get a snapshotter of their own).
+    """
+
+    def __init__(self, proc: SnapshotterProcess, ns: str) -> None:
+        assert proc.client is not None
+        self.proc = proc
+        self.inner: SnapshotterClient = proc.client
+        self.ns = ns
+
+    def _k(self, key: str) -> str:
+        return self.ns + key if key else ""
+
+    def _strip(self, info: snapshots_pb2.Info) -> snapshots_pb2.Info:
+        assert info.name.startswith(self.ns), info.name
+        out = info_copy(info, name=info.name[len(self.ns):])
+        if info.parent:
+            assert info.parent.startswith(self.ns), info.parent
+            out.parent = info.parent[len(self.ns):]
+        return out
+
+    def prepare(self, key, parent="", labels=None):
+        return self.inner.prepare(self._k(key), self._k(parent), labels)
+
+    def view(self, key, parent="", labels=None):
+        return self.inner.view(self._k(key), self._k(parent), labels)
+
+    def mounts(self, key):
+        return self.inner.mounts(self._k(key))
+
+    def commit(self, name, key, labels=None):
+        self.inner.commit(self._k(name), self._k(key), labels)
+
+    def remove(self, key):
+        self.inner.remove(self._k(key))
+
+    def stat(self, key):
+        return self._strip(self.inner.stat(self._k(key)))
+
+    def update(self, info, paths=None):
+        return self._strip(self.inner.update(info_copy(info, name=self._k(info.name)), paths))
+
+    def list(self, *filters):
+        assert not filters, "filter tests use a snapshotter of their own"
+        return [self._strip(i) for i in self.inner.list() if i.name.startswith(self.ns)]
+
+    def names(self):
+        return {i.name for i in self.list()}
+
+    def usage(self, key):
+        return self.inner.usage(self._k(key))
+
+    def cleanup(self):
+        self.inner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def _shared_snapshotter() -> Iterator[SnapshotterProcess]:
+    base = make_base()
+    proc = SnapshotterProcess(base=base)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        teardown_base(base, [proc])
+
+
+_namespaces = itertools.count(1)
+
+
+@pytest.fixture
+def sn(_shared_snapshotter: SnapshotterProcess) -> NamespacedClient:
+    """A fresh namespace on the module's shared snapshotter (restarted if it died)."""
+    proc = _shared_snapshotter
+    if proc.proc is None or proc.proc.poll() is not None:
+        proc.start()
+    return NamespacedClient(proc, f"suite/{next(_namespaces)}/")
 
 # containerd's suite labels every snapshot as a GC root; so do we (labels must round-trip)
 OPT = {GC_ROOT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -290,9 +380,10 @@ def test_update_of_one_label_whose_key_has_dots_and_slashes(sn):
     assert dict(sn.stat("a").labels) == dict(got.labels)
 
 
-def test_labels_round_trip_and_empty_values_are_dropped(sn):
+def test_labels_round_trip_and_empty_values_are_dropped(snapshotter):
     """Label keys and values are opaque UTF-8; a label with an empty value is not stored
     (containerd's label writer skips it), at Prepare, Commit and Update alike."""
+    sn = snapshotter.client
     labels = {"ünï/cödé": "välue ✓", "spaces in key": " v ", "empty": "", "q'\"": "';--"}
     stored = {k: v for k, v in labels.items() if v}
     sn.prepare("a", "", labels)
@@ -316,9 +407,10 @@ KEYS = [
 ]
 
 
-def test_keys_are_opaque_strings(sn, mounter):
+def test_keys_are_opaque_strings(snapshotter, mounter):
     """containerd's keys carry slashes, colons, spaces; any string works as key and
     name, and filters on name find it."""
+    sn = snapshotter.client
     for i, key in enumerate(KEYS):
         target = mounter.mount(sn.prepare(key, "", {"i": str(i)}))
         (target / "f").write_text(str(i))
@@ -387,9 +479,10 @@ WALK_CASES = [
 ]
 
 
-def test_walk(sn):
+def test_walk(snapshotter):
     """Walk: List with containerd's filters (kinds, names, parents, labels, presence,
     ``!=``; ``,`` is AND inside one filter, several filters are OR)."""
+    sn = snapshotter.client
     _walk_fixture(sn)
     failures = []
     for filters, expected in WALK_CASES:
@@ -424,11 +517,12 @@ EXTRA_WALK_CASES = [
 ]
 
 
-def test_walk_filter_operators(sn):
+def test_walk_filter_operators(snapshotter):
     """List filters beyond containerd's suite: ``!=``, ``~=`` (regular expressions, also
     quoted as /re/ or |re|), quoted values and label keys with dots, an unknown kind
     (matches nothing, not an error), ``==`` on an absent label (no match), ``parent==""``
     (parentless ones), no filter and the empty filter (match everything)."""
+    sn = snapshotter.client
     _walk_fixture(sn)
     sn.prepare("dotted-a", "")
     sn.commit("dotted", "dotted-a", {"x.y": "z"})
@@ -444,10 +538,11 @@ def test_walk_filter_operators(sn):
     assert not failures, "\n".join(failures)
 
 
-def test_walk_with_a_regexp_that_does_not_compile(sn):
+def test_walk_with_a_regexp_that_does_not_compile(snapshotter):
     """containerd 1.6 compiles ``~=`` regexps lazily and a broken one matches nothing;
     refusing it as INVALID_ARGUMENT at parse time is accepted too (both leave the caller
     with no match and no partial answer)."""
+    sn = snapshotter.client
     _walk_fixture(sn)
     try:
         got = sn.list("name~=[")
@@ -457,8 +552,9 @@ def test_walk_with_a_regexp_that_does_not_compile(sn):
         assert got == []
 
 
-def test_list_is_streamed_and_complete_with_many_snapshots(sn):
+def test_list_is_streamed_and_complete_with_many_snapshots(snapshotter):
     """List returns every snapshot exactly once, however the stream is chunked."""
+    sn = snapshotter.client
     names = {f"many-{i:03d}" for i in range(200)}
     for n in sorted(names):
         sn.view(n, "", {"pad": "x" * 200})
@@ -629,8 +725,9 @@ def test_view_readonly(sn, mounter):
     assert sn.list() == []
 
 
-def test_stat_in_walk(sn, mounter):
+def test_stat_in_walk(snapshotter, mounter):
     """StatInWalk: Stat answers while a List stream is still open, and agrees with it."""
+    sn = snapshotter.client
     prefix = "stats-in-walk-"
     c1, c2 = f"{prefix}c1", f"{prefix}c2"
     mounter.unmount(mounter.mount(sn.prepare(c1 + "-a", "", OPT)))
@@ -733,14 +830,14 @@ def _extra_overlay_options(m) -> set[str]:
     }
 
 
-def test_mounts_parentless_active_is_rw_bind_of_its_fs(snapshotter, sn, mounter):
+def test_mounts_parentless_active_is_rw_bind_of_its_fs(sn, mounter):
     mounts = sn.prepare("a", "", OPT)
     assert len(mounts) == 1
     m = mounts[0]
     assert m.type == "bind"
     assert sorted(m.options) == ["rbind", "rw"]
-    sid = _assert_snapshot_path(m.source, snapshotter.root)
-    assert (snapshotter.root / "snapshots" / sid / "work").is_dir(), "an active has work/"
+    sid = _assert_snapshot_path(m.source, sn.proc.root)
+    assert (sn.proc.root / "snapshots" / sid / "work").is_dir(), "an active has work/"
     assert _same_mounts(sn.mounts("a"), mounts), "Mounts(key) differs from Prepare's answer"
 
     target = mounter.mount(mounts)
@@ -748,21 +845,22 @@ def test_mounts_parentless_active_is_rw_bind_of_its_fs(snapshotter, sn, mounter)
     assert (Path(m.source) / "hello").read_bytes() == b"hi"
 
 
-def test_mounts_parentless_view_is_ro_bind_of_its_own_fs(snapshotter, sn, mounter):
+def test_mounts_parentless_view_is_ro_bind_of_its_own_fs(sn, mounter):
     mounts = sn.view("v", "", OPT)
     assert len(mounts) == 1
     m = mounts[0]
     assert m.type == "bind"
     assert sorted(m.options) == ["rbind", "ro"]
-    sid = _assert_snapshot_path(m.source, snapshotter.root)
-    assert not (snapshotter.root / "snapshots" / sid / "work").exists(), "a view has no work/"
+    sid = _assert_snapshot_path(m.source, sn.proc.root)
+    assert not (sn.proc.root / "snapshots" / sid / "work").exists(), "a view has no work/"
     assert _same_mounts(sn.mounts("v"), mounts)
     target = mounter.mount(mounts)
     with pytest.raises(OSError):
         (target / "x").write_bytes(b"x")
 
 
-def test_mounts_view_with_one_parent_is_ro_bind_of_the_parent_fs(snapshotter, sn):
+def test_mounts_view_with_one_parent_is_ro_bind_of_the_parent_fs(snapshotter):
+    sn = snapshotter.client
     parent_fs = sn.prepare("p-a", "", OPT)[0].source
     sn.commit("p", "p-a", OPT)
     mounts = sn.view("v", "p", OPT)
@@ -794,7 +892,7 @@ def _chain(sn, mounter, n: int) -> tuple[list[str], list[str]]:
     return names, paths
 
 
-def test_mounts_active_with_parents_is_overlay_newest_lower_first(snapshotter, sn, mounter):
+def test_mounts_active_with_parents_is_overlay_newest_lower_first(sn, mounter):
     names, paths = _chain(sn, mounter, 3)
     mounts = sn.prepare("top", "l3", OPT)
     assert len(mounts) == 1
@@ -803,8 +901,8 @@ def test_mounts_active_with_parents_is_overlay_newest_lower_first(snapshotter, s
     assert m.source == "overlay"
     opts = mount_options(m)
     assert opts["lowerdir"].split(":") == list(reversed(paths)), "lowerdir must be newest:…:oldest"
-    upper_id = _assert_snapshot_path(opts["upperdir"], snapshotter.root)
-    work_id = _assert_snapshot_path(opts["workdir"], snapshotter.root, leaf="work")
+    upper_id = _assert_snapshot_path(opts["upperdir"], sn.proc.root)
+    work_id = _assert_snapshot_path(opts["workdir"], sn.proc.root, leaf="work")
     assert upper_id == work_id, "upperdir and workdir belong to one snapshot directory"
     assert opts["upperdir"] not in paths
     extra = _extra_overlay_options(m)
@@ -821,7 +919,7 @@ def test_mounts_active_with_parents_is_overlay_newest_lower_first(snapshotter, s
         assert not (Path(p) / "new").exists()
 
 
-def test_mounts_view_with_several_parents_is_overlay_with_lowerdir_only(snapshotter, sn, mounter):
+def test_mounts_view_with_several_parents_is_overlay_with_lowerdir_only(sn, mounter):
     names, paths = _chain(sn, mounter, 2)
     mounts = sn.view("v", "l2", OPT)
     assert len(mounts) == 1
@@ -967,9 +1065,10 @@ def test_usage_of_a_view_is_zero(sn):
 # cleanup
 
 
-def test_remove_defers_directories_to_cleanup_by_default(snapshotter, sn):
+def test_remove_defers_directories_to_cleanup_by_default(snapshotter):
     """Default (``sync_remove = false``): Remove only forgets the snapshot; Cleanup
     deletes its directory; live snapshots keep theirs."""
+    sn = snapshotter.client
     fs_a = Path(sn.prepare("a", "", OPT)[0].source)
     fs_v = Path(sn.view("v", "", OPT)[0].source)
     sn.commit("c", "a", OPT)
@@ -997,9 +1096,10 @@ def test_sync_remove_deletes_the_directory_at_remove(start_snapshotter):
     assert proc.snapshot_dirs() == {fs_b.parent.name}
 
 
-def test_cleanup_removes_orphan_directories(snapshotter, sn):
+def test_cleanup_removes_orphan_directories(snapshotter):
     """Anything under ``<root>/snapshots`` that no snapshot owns goes at Cleanup
     (e.g. left by a crash between mkdir and the metadata transaction)."""
+    sn = snapshotter.client
     live = Path(sn.prepare("a", "", OPT)[0].source).parent
     snapshots = snapshotter.root / "snapshots"
     orphan = snapshots / "987654"
@@ -1014,7 +1114,8 @@ def test_cleanup_removes_orphan_directories(snapshotter, sn):
     assert snapshotter.snapshot_dirs() == {live.name}
 
 
-def test_cleanup_with_nothing_to_do_is_harmless(snapshotter, sn):
+def test_cleanup_with_nothing_to_do_is_harmless(snapshotter):
+    sn = snapshotter.client
     sn.cleanup()
     sn.prepare("a", "", OPT)
     before = snapshotter.snapshot_dirs()
