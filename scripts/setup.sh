@@ -29,4 +29,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c 'import pynydus, grpc, pyfuse3' 
   touch "$stamp"
 fi
+# containerd mounts "fuse.nydus-overlayfs" through mount.fuse3, which runs the helper
+# by name from PATH: make ours reachable for a containerd started from any shell.
+ln -sf "$PWD/.venv/bin/nydus-overlayfs" /usr/local/bin/nydus-overlayfs
 echo "setup: ok ($(.venv/bin/python --version), $(containerd --version | awk '{print $3}'))"

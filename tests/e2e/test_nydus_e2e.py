@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -248,3 +249,23 @@ def test_remove_image_and_prune_stops_daemons_and_drops_cache(nydus_env, pulled:
     assert daemon_pids(snap) == []
     assert os.listdir(snap.root / "snapshots") == []
     assert [f for f in os.listdir(snap.root / "cache")] == []
+
+
+@pytest.mark.skipif(not Path("/usr/local/bin/nydus-overlayfs").exists() and not shutil.which("nydus-overlayfs"),
+                    reason="nydus-overlayfs helper not installed (scripts/setup.sh)")
+def test_nydus_overlayfs_mounts(registry: Registry, nydus_ref: str, tmp_path: Path) -> None:
+    """enable_nydus_overlayfs: containers get one fuse.nydus-overlayfs mount carrying
+    extraoption; containerd runs it through mount.fuse3 and our helper."""
+    config = tmp_path / "config.toml"
+    config.write_text('version = 1\n[snapshot]\nenable_nydus_overlayfs = true\n')
+    with Snapshotter(config=config) as snap, Containerd(snap.socket, registry_hosts=[registry.host],
+                                                        cri=True, namespace=NS) as ctrd:
+        CriImages(str(ctrd.socket)).pull(nydus_ref)
+        rows = [line.split() for line in ctrd.ctr_out("snapshots", "--snapshotter", SNAP, "ls").splitlines()[1:]]
+        parents = {r[1] for r in rows if len(r) == 3}
+        (top,) = [r[0] for r in rows if r[0] not in parents]
+        ctrd.ctr("snapshots", "--snapshotter", SNAP, "prepare", "ovl-probe", top)
+        shown = ctrd.ctr_out("snapshots", "--snapshotter", SNAP, "mounts", "/mnt/x", "ovl-probe")
+        assert "-t fuse.nydus-overlayfs" in shown and "extraoption=" in shown
+        ctrd.ctr("snapshots", "--snapshotter", SNAP, "rm", "ovl-probe")
+        assert run_check(ctrd, nydus_ref, "ny-ovl") == images.expected_check_output()
