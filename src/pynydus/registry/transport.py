@@ -160,6 +160,10 @@ def raise_for_status(resp: httpx.Response, what: str) -> None:
     raise FailedPrecondition(f"{what}: HTTP {st}: {body}")
 
 
+def _replayable(content: bytes | Iterable[bytes] | None) -> bool:
+    return content is None or isinstance(content, bytes)
+
+
 def _tls_speaks_plain_http(err: BaseException) -> bool:
     text = str(err).lower()
     return "wrong version number" in text or "wrong_version_number" in text or \
@@ -315,6 +319,8 @@ class Transport:
         url = self._url(ep, req.target)
         sent_auth = self._cached_authorization(ep, req)
         resp = self._send(ep, req.method, url, req, sent_auth, stream)
+        if resp.status_code == 401 and not _replayable(req.content):
+            self._refused_streamed_body(ep, req, resp, sent_auth)
         if resp.status_code == 401 and sent_auth is not None and \
                 not resp.headers.get_list("www-authenticate"):
             # Harbor answers an expired token with a bare 401; ask again without
@@ -336,7 +342,7 @@ class Transport:
             if auth is None:
                 raise Unauthorized(
                     f"{req.what}: registry {ep.netloc} requires authentication and no "
-                    f"credentials are configured", challenge=str(challenge.params))
+                    f"usable credentials are configured", challenge=str(challenge.params))
             resp = self._send(ep, req.method, url, req, auth, stream)
             if resp.status_code == 401:
                 body = _body_excerpt(resp)
@@ -345,6 +351,21 @@ class Transport:
                                    f"credentials (HTTP 401): {body}",
                                    challenge=resp.headers.get("www-authenticate", ""))
         return resp
+
+    def _refused_streamed_body(self, ep: Endpoint, req: Request, resp: httpx.Response,
+                               sent_auth: str | None) -> None:
+        """A 401 to a request whose body was streamed (a blob upload): the body is
+        spent, so learn the challenge, drop the refused token and let the caller's
+        retry reopen the source; the next attempt fetches a fresh token up front."""
+        challenge = pick_challenge(parse_challenges(resp.headers.get_list("www-authenticate")))
+        resp.close()
+        with self._lock:
+            if challenge is not None:
+                self._challenges[ep.netloc] = challenge
+            challenge = self._challenges.get(ep.netloc)
+        if challenge is not None and sent_auth is not None:
+            self._forget_authorization(ep, req, challenge, sent_auth)
+        raise RetryableStatus(401, str(resp.request.url), "streamed body refused by auth")
 
     def _send(self, ep: Endpoint, method: str, url: str, req: Request, auth: str | None,
               stream: bool) -> httpx.Response:
@@ -362,6 +383,10 @@ class Transport:
                     resp.extensions["pynydus_redirected"] = True
                 return resp
             hops += 1
+            if not _replayable(content):
+                resp.close()
+                raise RegistryProtocolError(
+                    f"{req.what}: redirected ({resp.status_code}) while sending a streamed body")
             if hops > MAX_REDIRECTS:
                 resp.close()
                 raise httpx.TooManyRedirects(f"{req.what}: more than {MAX_REDIRECTS} redirects",
@@ -408,7 +433,7 @@ class Transport:
                     # fallback). Only a replayable body is resent at once; a
                     # streamed one goes direct on the caller's retry.
                     self._proxy_down_until = time.monotonic() + PROXY_COOLDOWN
-                    if not (content is None or isinstance(content, bytes)):
+                    if not _replayable(content):
                         raise
                     self.metrics.observe(time.monotonic() - t0, None)
                     t0 = time.monotonic()

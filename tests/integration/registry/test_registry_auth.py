@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -47,7 +48,7 @@ def test_basic_auth_wrong_password_is_unauthorized(htpasswd_registry: Registry,
 
 def test_basic_auth_without_credentials_is_unauthorized(htpasswd_registry: Registry,
                                                         client: Make) -> None:
-    with pytest.raises(Unauthorized, match="no credentials"):
+    with pytest.raises(Unauthorized, match="no usable credentials"):
         client(htpasswd_registry.host).ping()
 
 
@@ -219,3 +220,17 @@ def test_pull_only_grant_cannot_push(token_registry: tuple[Registry, TokenServer
         assert c.read_blob_range("tok/ro", d, 0, 8) == data[:8]  # pulling is fine
     finally:
         ts.readonly_users.discard("bob")
+
+
+def test_streamed_upload_refused_by_auth_is_resent_from_the_source(
+        token_registry: tuple[Registry, TokenServer], client: Make,
+        fault_proxy: Callable[..., FaultProxy]) -> None:
+    reg, _ = token_registry
+    fp = fault_proxy(reg.host, match="/blobs/uploads/", match_method="PUT")
+    c = client(fp.host, auth=ALICE, sleep=lambda _s: None)
+    data = os.urandom(300_000)
+    d = compute_digest(data)
+    fp.fail(1, 401)  # the token "expired" just as the PUT with the file body went out
+    assert c.push_blob("tok/stream", io.BytesIO(data), d) == "uploaded"
+    assert c.metrics.retries == 1
+    assert b"".join(c.get_blob("tok/stream", d)) == data
