@@ -278,6 +278,12 @@ class NydusFilesystem:
                     pass
             log.info("unmounted RAFS instance of snapshot %s", sid)
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for live in list(self.manager.daemons.values()):
+            states[live.state] = states.get(live.state, 0) + 1
+        return {"states": states, "deaths": self.manager.deaths, "instances": len(self.instances)}
+
     def extraoption(self, sid: str) -> str:
         """base64 JSON that nydus-overlayfs-aware runtimes use to start the daemon themselves."""
         rec = self.instances[sid]

@@ -96,6 +96,13 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
             fs.close()
         raise
     server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid)
+    metrics_server = None
+    if cfg.metrics.address:
+        from pynydus.snapshot import metrics
+
+        if fs is not None:
+            metrics.register_daemons(fs.metrics_snapshot)
+        metrics_server = metrics.serve_metrics(cfg.metrics.address)
     log.info("pynydus %s snapshotter serving on %s (root %s)", __version__, cfg.address, cfg.root)
 
     stop = threading.Event()
@@ -112,6 +119,8 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     while not stop.wait(3600):
         pass
     server.stop(_GRACE_SECONDS).wait()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     snapshotter.close()
     try:
         os.unlink(cfg.address)

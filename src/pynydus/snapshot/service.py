@@ -23,6 +23,7 @@ from pynydus.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from pynydus.errors import NydusError
 from pynydus.snapshot import filters
 from pynydus.snapshot.metastore import Info
+from pynydus.snapshot.metrics import RPC_ERRORS, RPC_SECONDS
 from pynydus.snapshot.mounts import Mount
 from pynydus.snapshot.snapshotter import Snapshotter
 
@@ -64,12 +65,16 @@ def _rpc(method: F) -> F:
             return method(self, request, context)
         except NydusError as err:
             log.debug("%s failed: %s", name, err)
+            RPC_ERRORS.labels(name, err.grpc_code).inc()
             context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
         except Exception as err:  # an internal bug must not kill the server
             log.exception("%s: internal error", name)
+            RPC_ERRORS.labels(name, "INTERNAL").inc()
             context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {err}")
         finally:
-            log.debug("%s took %.2f ms", name, (time.perf_counter() - start) * 1e3)
+            elapsed = time.perf_counter() - start
+            RPC_SECONDS.labels(name).observe(elapsed)
+            log.debug("%s took %.2f ms", name, elapsed * 1e3)
 
     return wrapper  # type: ignore[return-value]
 

@@ -279,3 +279,28 @@ def test_daemons_run_in_a_memory_cgroup(image: dict, tmp_path: Path) -> None:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def test_prometheus_metrics(image: dict, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.toml"
+    config.write_text(f'version = 1\n[metrics]\naddress = "127.0.0.1:{port}"\n')
+    snap = Snapshotter(config=config)
+    snap.start()
+    try:
+        top = pull_nydus_image(snap, image)
+        rootfs = tmp_path / "rootfs"
+        container_rootfs(snap, top, "default/3/c1", rootfs)
+        unmount_all(str(rootfs))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/metrics", timeout=5).read().decode()
+        assert 'snapshotter_rpc_duration_seconds_count{method="Prepare"} 3.0' in text
+        assert 'snapshotter_rpc_errors_total{code="ALREADY_EXISTS",method="Prepare"} 1.0' in text
+        assert 'snapshotter_daemons{state="RUNNING"} 1.0' in text
+        assert "snapshotter_rafs_instances 1.0" in text
+    finally:
+        snap.close()
