@@ -195,6 +195,8 @@ class SnapshotterProcess:
     umask: int = 0o022
     # run as ``python -m pynydus.cli.main`` instead of the console script
     as_module: bool = False
+    # pass --root/--address (False: the config file must name them)
+    path_flags: bool = True
     root: Path = field(init=False)
     address: Path = field(init=False)
     work: Path = field(init=False)
@@ -220,9 +222,9 @@ class SnapshotterProcess:
 
     def command(self) -> list[str]:
         base_cmd = [sys.executable, "-m", "pynydus.cli.main"] if self.as_module else pynydus_command()
-        cmd = base_cmd + [
-            "snapshotter", "--root", str(self.root), "--address", str(self.address),
-        ]
+        cmd = base_cmd + ["snapshotter"]
+        if self.path_flags:
+            cmd += ["--root", str(self.root), "--address", str(self.address)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         return cmd + self.extra_args

@@ -497,3 +497,35 @@ def test_module_entry_point_and_log_level_flag(start_snapshotter):
     sn.prepare("a", "")
     assert sn.names() == {"a"}
     assert proc.stop() == 0
+
+
+def test_root_and_address_from_the_config_file():
+    """Without --root/--address the config's ``root`` and ``address`` are used."""
+    base = make_base()
+    proc = SnapshotterProcess(base=base, path_flags=False)
+    try:
+        proc.config = base / "config.toml"
+        proc.config.write_text(
+            f'version = 1\nroot = "{proc.root}"\naddress = "{proc.address}"\n'
+        )
+        sn = proc.start()
+        sn.prepare("a", "")
+        assert (proc.root / "snapshots").is_dir()
+        assert_consistent(proc, {"a"})
+    finally:
+        teardown_base(base, [proc])
+
+
+def test_command_line_wins_over_the_config_file(start_snapshotter):
+    """Upstream: flags override the file. The file's root and address stay unused."""
+    other = make_base()
+    try:
+        config = (
+            f'version = 1\nroot = "{other / "root"}"\naddress = "{other / "sn.sock"}"\n'
+        )
+        proc = start_snapshotter(config)
+        _client(proc).prepare("a", "")
+        assert (proc.root / "snapshots").is_dir()
+        assert not (other / "root").exists() and not (other / "sn.sock").exists()
+    finally:
+        teardown_base(other)

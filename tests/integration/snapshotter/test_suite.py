@@ -17,13 +17,13 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
 
-from pynydus.api import snapshots_pb2
+from pynydus.api import mount_pb2, snapshots_pb2
 
 from .support import (
     GC_ROOT,
@@ -57,6 +57,10 @@ from .support import (
 pytestmark = pytest.mark.root
 
 
+Mount = mount_pb2.Mount
+Labels = Mapping[str, str] | None
+
+
 class NamespacedClient:
     """A client confined to one key prefix of a snapshotter shared by several tests.
 
@@ -83,38 +87,40 @@ class NamespacedClient:
             out.parent = info.parent[len(self.ns):]
         return out
 
-    def prepare(self, key, parent="", labels=None):
+    def prepare(self, key: str, parent: str = "", labels: Labels = None) -> list[Mount]:
         return self.inner.prepare(self._k(key), self._k(parent), labels)
 
-    def view(self, key, parent="", labels=None):
+    def view(self, key: str, parent: str = "", labels: Labels = None) -> list[Mount]:
         return self.inner.view(self._k(key), self._k(parent), labels)
 
-    def mounts(self, key):
+    def mounts(self, key: str) -> list[Mount]:
         return self.inner.mounts(self._k(key))
 
-    def commit(self, name, key, labels=None):
+    def commit(self, name: str, key: str, labels: Labels = None) -> None:
         self.inner.commit(self._k(name), self._k(key), labels)
 
-    def remove(self, key):
+    def remove(self, key: str) -> None:
         self.inner.remove(self._k(key))
 
-    def stat(self, key):
+    def stat(self, key: str) -> snapshots_pb2.Info:
         return self._strip(self.inner.stat(self._k(key)))
 
-    def update(self, info, paths=None):
+    def update(
+        self, info: snapshots_pb2.Info, paths: Sequence[str] | None = None
+    ) -> snapshots_pb2.Info:
         return self._strip(self.inner.update(info_copy(info, name=self._k(info.name)), paths))
 
-    def list(self, *filters):
+    def list(self, *filters: str) -> list[snapshots_pb2.Info]:
         assert not filters, "filter tests use a snapshotter of their own"
         return [self._strip(i) for i in self.inner.list() if i.name.startswith(self.ns)]
 
-    def names(self):
+    def names(self) -> set[str]:
         return {i.name for i in self.list()}
 
-    def usage(self, key):
+    def usage(self, key: str) -> snapshots_pb2.UsageResponse:
         return self.inner.usage(self._k(key))
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         self.inner.cleanup()
 
 
