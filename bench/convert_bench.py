@@ -134,7 +134,7 @@ def run(size_mb: int, layers: int, out_json: str | None) -> dict[str, object]:
         "image": {"size_mb_file_data": size_mb, "layers": layers,
                   "compressed_bytes": src_bytes, "build_seconds": round(build_s, 1)},
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                 "kernel": platform.release()},
+                 "kernel": platform.release(), "loadavg_start": os.getloadavg()[0]},
     }
     py = sys.executable
     with Registry() as reg, tempfile.TemporaryDirectory(prefix="pyn-cvb-") as tmp:
@@ -172,6 +172,7 @@ def run(size_mb: int, layers: int, out_json: str | None) -> dict[str, object]:
                              "convert_seconds": round(c_wall, 2),
                              "push_seconds": round(p_wall, 2), "cpu_seconds": round(cpu, 2),
                              "cores_busy": round(cpu / total, 2)}
+    res["host"]["loadavg_end"] = os.getloadavg()[0]  # type: ignore[index]
     cold = res["pynydus_cold"]
     assert isinstance(cold, dict)
     res["ratio_ctr_remote_over_pynydus"] = round(total / cold["seconds"], 2)
@@ -194,10 +195,13 @@ def main() -> int:
     assert isinstance(cold, dict) and isinstance(ctr, dict)
     print(f"image: {size} MB file data, {layers} layers, "
           f"{res['image']['compressed_bytes'] / 1e6:.1f} MB compressed")  # type: ignore[index]
-    print(f"pynydus convert (cold):   {cold['seconds']:7.2f} s  cores busy {cold['cores_busy']}")
+    print(f"pynydus convert (cold):   {cold['seconds']:7.2f} s  cpu {cold['cpu_seconds']} s, "
+          f"cores busy {cold['cores_busy']}")
     print(f"ctr-remote estargz:       {ctr['seconds']:7.2f} s  (fetch {ctr['fetch_seconds']}, "
           f"convert {ctr['convert_seconds']}, push {ctr['push_seconds']})  "
-          f"cores busy {ctr['cores_busy']}")
+          f"cpu {ctr['cpu_seconds']} s, cores busy {ctr['cores_busy']}")
+    print(f"load average (1 min) at start/end: {res['host']['loadavg_start']:.1f}/"  # type: ignore[index]
+          f"{res['host']['loadavg_end']:.1f} on {os.cpu_count()} CPUs")  # type: ignore[index]
     print(f"ratio ctr-remote / pynydus: {res['ratio_ctr_remote_over_pynydus']}x")
     print(f"pynydus warm, new repo:   {res['pynydus_warm_new_repo']['seconds']:7.2f} s")  # type: ignore[index]
     print(f"pynydus warm, same repo:  {res['pynydus_warm_same_repo']['seconds']:7.2f} s")  # type: ignore[index]

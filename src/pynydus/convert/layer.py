@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pynydus.errors import InvalidArgument
+from pynydus.registry.errors import DigestMismatch
 from pynydus.rafs.builder import build
 from pynydus.rafs.compress import parse_compressor, parse_digester
 from pynydus.rafs.merge import load_bootstrap
@@ -213,14 +214,36 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
             raw = _StreamReader(chunks, report)
             stream = io.BufferedReader(raw, buffer_size=1 << 20)
             raw_boot = os.path.join(work, "layer.boot")
-            result = build(
-                stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,
-                compressor=opts.compressor, digester=opts.digester, chunk_size=opts.chunk_size,
-                chunk_dict=opts.chunk_dict, prefetch_files=opts.prefetch_files,
-                whiteout_spec="none")
+            try:
+                result = build(
+                    stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,
+                    compressor=opts.compressor, digester=opts.digester,
+                    chunk_size=opts.chunk_size, chunk_dict=opts.chunk_dict,
+                    prefetch_files=opts.prefetch_files, whiteout_spec="none")
+            except Exception as err:
+                # Corrupt bytes usually break the gzip or tar stream before the digest
+                # check at the end could run: name the real cause when it is that.
+                mismatch: Exception | None = err if isinstance(err, DigestMismatch) else None
+                if mismatch is None:
+                    try:
+                        for _ in chunks:
+                            pass
+                    except DigestMismatch as late:
+                        mismatch = late
+                    except Exception:  # noqa: BLE001 - the build error is the one to report
+                        pass
+                if mismatch is not None:
+                    raise DigestMismatch(
+                        f"source layer {job.layer.digest}: content does not match its "
+                        f"digest ({mismatch})") from err
+                raise
             # Drain to the end: the client checks the layer digest after the last byte.
-            while stream.read(1 << 20):
-                pass
+            try:
+                while stream.read(1 << 20):
+                    pass
+            except DigestMismatch as mismatch:
+                raise DigestMismatch(f"source layer {job.layer.digest}: content does not "
+                                     f"match its digest ({mismatch})") from mismatch
             if raw.total != job.layer.size:
                 raise InvalidArgument(
                     f"layer {job.layer.digest}: registry sent {raw.total} bytes, "

@@ -1,0 +1,133 @@
+"""Bad input and failures: clear errors, and nothing half-written tagged in the target."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from pynydus.errors import NotFound
+from tests.harness import oci
+from tests.harness.registry import Registry
+
+from .conftest import PASSWORD, USER, client_for, convert_args, layer_blob, push_layers, pynydus
+from .faultproxy import FaultProxy, Rule
+
+
+def _tag_absent(reg: Registry, repo: str, tag: str, auth: str | None = None) -> bool:
+    with client_for(reg, auth) as c:
+        try:
+            c.get_manifest(repo, tag)
+        except NotFound:
+            return True
+    return False
+
+
+def test_missing_source_tag(registry: Registry, layered: str, cache_dir: str) -> None:
+    r = pynydus(*convert_args(registry.ref("src/layered", "no-such-tag"),
+                              registry.ref("nydus/missing", "v1"), cache_dir))
+    assert r.rc != 0
+    assert "src/layered:no-such-tag" in r.err and "not found" in r.err
+    assert _tag_absent(registry, "nydus/missing", "v1")
+
+
+def test_auth_registry_with_and_without_credentials(auth_registry: Registry, workdir: Path,
+                                                    cache_dir: str) -> None:
+    img = oci.Image([oci.Layer("a").file("etc/secret-image", "x\n")])
+    src = auth_registry.ref("src/private")
+    oci.push(img.write_layout(workdir / "private"), src, creds=f"{USER}:{PASSWORD}")
+    dst = auth_registry.ref("nydus/private", "v1")
+    creds = f"{USER}:{PASSWORD}"
+    ok = pynydus(*convert_args(src, dst, cache_dir, "--source-auth", creds,
+                               "--target-auth", creds))
+    assert ok.rc == 0, ok.err
+    check = pynydus("check-image", "--source", src, "--target", dst,
+                    "--source-auth", creds, "--target-auth", creds)
+    assert check.rc == 0, check.err + check.out
+    dst2 = auth_registry.ref("nydus/private", "v2")
+    bad = pynydus(*convert_args(src, dst2, cache_dir, "--source-auth", f"{USER}:wrong",
+                                "--target-auth", creds))
+    assert bad.rc == 3, bad.err
+    assert "denied" in bad.err or "401" in bad.err or "unauthorized" in bad.err.lower()
+    # a good source but a target that refuses our credentials: nothing tagged there
+    bad_target = pynydus(*convert_args(src, dst2, cache_dir, "--source-auth", creds,
+                                       "--target-auth", f"{USER}:wrong"))
+    assert bad_target.rc == 3, bad_target.err
+    auth = base64.b64encode(creds.encode()).decode()
+    assert _tag_absent(auth_registry, "nydus/private", "v2", auth)
+
+
+def test_corrupt_source_layer_is_a_digest_error(registry: Registry, workdir: Path,
+                                               cache_dir: str) -> None:
+    big = bytes(range(256)) * 40000
+    img = oci.Image([oci.Layer("c").file("data/big.bin", big)])
+    built = img.write_layout(workdir / "corrupt")
+    oci.push(built, registry.ref("src/corrupt"))
+    digest = str(built.layers[0]["digest"]).split(":", 1)[1]
+    data = registry.storage / "docker/registry/v2/blobs/sha256" / digest[:2] / digest / "data"
+    raw = bytearray(data.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 64):
+        raw[i] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    r = pynydus(*convert_args(registry.ref("src/corrupt"), registry.ref("nydus/corrupt", "v1"),
+                              cache_dir))
+    assert r.rc != 0
+    assert f"source layer sha256:{digest}: content does not match its digest" in r.err, r.err
+    assert _tag_absent(registry, "nydus/corrupt", "v1")
+    assert not list(Path(cache_dir, "layers").glob("*.json"))  # nothing cached
+
+
+def test_unsupported_media_type(registry: Registry, cache_dir: str) -> None:
+    layer = oci.Layer("e").file("x", "y")
+    mt, blob, tar = layer_blob(layer, "gzip")
+    with client_for(registry) as c:
+        push_layers(c, "src/encrypted", "v1",
+                    [("application/vnd.oci.image.layer.v1.tar+gzip+encrypted", blob, tar)])
+    r = pynydus(*convert_args(registry.ref("src/encrypted", "v1"),
+                              registry.ref("nydus/encrypted", "v1"), cache_dir))
+    assert r.rc == 2
+    assert "unsupported media type" in r.err and "+encrypted" in r.err
+    assert _tag_absent(registry, "nydus/encrypted", "v1")
+
+
+def test_already_nydus_source_is_refused(registry: Registry, layered: str, cache_dir: str) -> None:
+    dst = registry.ref("nydus/twice", "v1")
+    assert pynydus(*convert_args(layered, dst, cache_dir)).rc == 0
+    r = pynydus(*convert_args(dst, registry.ref("nydus/twice", "v2"), cache_dir))
+    assert r.rc == 2 and "already a Nydus image" in r.err
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> FaultProxy:
+    p = FaultProxy(("127.0.0.1", registry.port))
+    yield p
+    p.close()
+
+
+def test_interrupted_blob_upload_is_retried(registry: Registry, layered: str, cache_dir: str,
+                                           proxy: FaultProxy) -> None:
+    proxy.rules.append(Rule("PUT", r"/v2/nydus/retried/blobs/uploads/", times=2))
+    dst = f"{proxy.host}/nydus/retried:v1"
+    r = pynydus(*convert_args(layered, dst, cache_dir))
+    assert r.rc == 0, r.err
+    assert len(proxy.cut) == 2
+    c = pynydus("check-image", "--source", layered, "--target", registry.ref("nydus/retried", "v1"))
+    assert c.rc == 0, c.err + c.out
+
+
+def test_failed_manifest_push_leaves_tag_untouched(registry: Registry, layered: str,
+                                                   cache_dir: str, proxy: FaultProxy) -> None:
+    proxy.rules.append(Rule("PUT", r"/v2/nydus/cutoff/manifests/v1$", times=-1))
+    r = pynydus(*convert_args(layered, f"{proxy.host}/nydus/cutoff:v1", cache_dir))
+    assert r.rc != 0
+    assert "manifest" in r.err and "nydus/cutoff" in r.err
+    assert _tag_absent(registry, "nydus/cutoff", "v1")
+    # every blob made it; a rerun without the fault completes the image
+    proxy.rules.clear()
+    again = pynydus(*convert_args(layered, f"{proxy.host}/nydus/cutoff:v1", cache_dir))
+    assert again.rc == 0, again.err
+    with client_for(registry) as c:
+        doc = json.loads(c.get_manifest("nydus/cutoff", "v1").data)
+    assert doc["layers"][-1]["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true"
