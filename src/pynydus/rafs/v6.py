@@ -281,7 +281,14 @@ class BootstrapV6(Bootstrap):
             raise format_error(
                 f"directory {ino} dirent e_nid", doff, f"nid {nid} points beyond the bootstrap"
             )
-        return bytes(buf[boff + start : boff + end]), nid, ftype
+        name = bytes(buf[boff + start : boff + end])
+        # A separator or NUL inside a name would let a path built from it escape its
+        # directory (image unpack joins names into host paths).
+        if b"/" in name or b"\0" in name:
+            raise format_error(
+                f"directory {ino} dirent name", boff + start, f"{name!r} is not a file name"
+            )
+        return name, nid, ftype
 
     def readdir(self, ino: int) -> Iterator[DirEntry]:
         node = self._dir_node(ino)

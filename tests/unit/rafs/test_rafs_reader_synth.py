@@ -348,3 +348,17 @@ def test_lookup_in_a_30000_entry_directory_touches_few_blocks() -> None:
         assert b.lookup(ino, b"entry-%06d" % i) == flat.children[b"entry-%06d" % i].nid
     per_lookup = (time.perf_counter() - t0) / 1000
     assert per_lookup < 0.002, per_lookup
+
+
+def test_names_with_a_separator_are_rejected(image: S.Image, bs: BootstrapV6) -> None:
+    """A dirent name like b"a/../x" would escape its directory when joined into a path."""
+    a = image.root.children[b"a"]
+    boff, blen = bs._flat_blocks(bs._node(a.nid))[0]
+    data = bytearray(image.data)
+    pos = bytes(data[boff : boff + blen]).find(b"fifo")
+    data[boff + pos + 1] = ord(
+        "/"
+    )  # "f/fo": still sorted after "chr", so only the name check fires
+    b = Bootstrap.from_bytes(bytes(data))
+    with pytest.raises(FormatError, match="is not a file name"):
+        list(b.readdir(a.nid))
