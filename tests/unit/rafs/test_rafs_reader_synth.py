@@ -249,8 +249,8 @@ def test_unsorted_directory_is_rejected_by_readdir(image: S.Image, bs: Bootstrap
     node = bs._node(empty.nid)
     boff, _blen = bs._flat_blocks(node)[0]
     buf = bytearray(image.data)
-    # ".." -> ".-": now "." < ".-" still sorted; swap to make ".." < "." instead
-    buf[boff + 24 : boff + 25] = b"/"
+    # entries are [".", ".."]; renaming "." to "0" puts "0" before "..", out of order
+    buf[boff + 24 : boff + 25] = b"0"
     with pytest.raises(FormatError, match="dirent order"):
         list(Bootstrap.from_bytes(bytes(buf)).readdir(empty.nid))
 
