@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pynydus.daemon.blobcache import Backend, BlobCache, BlobRef, CacheStats, ChunkRef
@@ -97,12 +97,40 @@ class RafsInstance:
                 ref = BlobRef(info.blob_id, info.compressor, info.digester, info.uncompressed_size,
                               info.chunk_count)
                 cache = BlobCache(
-                    self.config.cache.work_dir, ref, self.backend, lambda i: None,
+                    self.config.cache.work_dir, ref, self.backend, self._chunk_lookup(blob_index),
                     validate=self.config.cache.validate or self.config.rafs.validate,
                     amplify_io=self.config.rafs.batch_size, stats=self.cache_stats,
                 )
                 self._caches[blob_index] = cache
             return cache
+
+    def _chunk_lookup(self, blob_index: int) -> Callable[[int], ChunkRef | None]:
+        """``chunk index -> ChunkRef`` of one blob, for read amplification (amplify_io).
+
+        Built from the bootstrap chunk table on the first miss that wants to extend its
+        request with the following chunks (one pass over the table, per blob). Without
+        it the cache could never add a neighbour and ``amplify_io`` was ignored: every
+        miss cost one request per chunk. Images whose bootstrap has no chunk table
+        (v5, or v6 records only in the blob's chunk-info array) do not amplify.
+        """
+        table: dict[int, ChunkRef] | None = None
+
+        def chunk_at(index: int) -> ChunkRef | None:
+            nonlocal table
+            if table is None:
+                records = getattr(self.bs, "chunk_table", None)
+                table = {}
+                if records is not None:
+                    for rec in records():
+                        if rec.blob_index == blob_index and rec.index not in table:
+                            table[rec.index] = ChunkRef(
+                                index=rec.index, c_off=rec.compressed_offset,
+                                c_size=rec.compressed_size, u_off=rec.uncompressed_offset,
+                                u_size=rec.uncompressed_size, compressed=rec.is_compressed,
+                                digest=rec.digest)
+            return table.get(index)
+
+        return chunk_at
 
     def underlying_files(self) -> list[str]:
         """Cache files of this image's blobs (for the snapshotter's cache GC)."""
