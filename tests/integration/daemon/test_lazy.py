@@ -105,3 +105,31 @@ def test_concurrent_readers_of_one_file_fetch_it_once(
     assert all(g == want[o:o + MiB] for g, o in zip(got, offsets))
     m = d.backend_metrics()
     assert m["read_amount_total"] <= 8 * MiB + 64 * 1024, m  # each chunk fetched once
+
+
+@pytest.mark.parametrize("amplify_io", [1 << 20, 0])
+def test_a_miss_brings_following_chunks_up_to_amplify_io(start_daemon: StartFn, workdir: Path,
+                                                         amplify_io: int) -> None:
+    """100 files of 8 KiB incompressible data, one chunk each, stored one after the other:
+    with amplify_io = 1 MiB the first miss fetches its neighbours in the same request
+    (upstream's user-I/O amplification); with 0 every file costs its own request."""
+    from .conftest import build_image, localfs_config
+
+    src = workdir / "src"
+    src.mkdir()
+    os.chmod(src, 0o755)
+    files = {f"f{i:03d}": os.urandom(8192) for i in range(100)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    img = build_image(src, workdir / "img")
+    d = start_daemon(bootstrap=img.bootstrap,
+                     config=localfs_config(img.blob_dir, workdir / "cache", amplify_io=amplify_io))
+    for name in sorted(files)[:50]:
+        assert (d.mountpoint / name).read_bytes() == files[name]
+    m = d.backend_metrics()
+    if amplify_io:
+        assert m["read_count"] == 1, m  # 50 x 8 KiB fit in one 1 MiB window
+        assert m["read_amount_total"] == 100 * 8192  # the window stops at the blob's end
+    else:
+        assert m["read_count"] == 50, m
+        assert m["read_amount_total"] == 50 * 8192
