@@ -167,6 +167,11 @@ class Token:
     lifetime: float
     refresh_token: str = field(default="", repr=False)
 
+    def renew_at(self) -> float:
+        """When a background renewer should replace it: a quarter of the lifetime
+        (at most a minute) before expiry, ahead of the inline refresh margin."""
+        return self.expires_at - min(60.0, self.lifetime / 4)
+
     def fresh(self, now: float) -> bool:
         """Usable for at least the refresh margin (a tenth of the lifetime for short
         tokens, at most :data:`REFRESH_MARGIN`)."""
@@ -260,6 +265,11 @@ class TokenCache:
     def clear(self) -> None:
         with self._lock:
             self._tokens.clear()
+
+    def items(self) -> list[tuple[TokenKey, Token]]:
+        """A snapshot of every cached token, fresh or not."""
+        with self._lock:
+            return list(self._tokens.items())
 
     def fetch_lock(self, key: TokenKey) -> threading.Lock:
         with self._lock:

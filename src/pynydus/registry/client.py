@@ -126,8 +126,9 @@ class RegistryClient:
     HTTP(S) proxy URL (dfdaemon), bypassed for a while when it cannot be reached
     (``proxy_fallback``); ``mirrors``: hosts tried in order before the origin for
     reads; ``blob_url_scheme``/``blob_redirected_host``: rewrite redirect targets
-    (nydusd's keys of the same names). Close it (or use ``with``) to release
-    connections.
+    (nydusd's keys of the same names); ``token_renewal``: renew bearer tokens in a
+    background thread before they expire (see :mod:`.renewal`). Close it (or use
+    ``with``) to release connections and stop that thread.
     """
 
     def __init__(self, host: str, *, scheme: str = "https", skip_verify: bool = False,
@@ -138,6 +139,7 @@ class RegistryClient:
                  mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
                  redirect_cache_ttl: float = REDIRECT_CACHE_TTL, max_connections: int = 64,
                  blob_url_scheme: str = "", blob_redirected_host: str = "",
+                 token_renewal: bool = True,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if not host or "/" in host:
             raise InvalidArgument(f"registry host {q(host)}: want host[:port]")
@@ -151,7 +153,7 @@ class RegistryClient:
             retry_limit=retry_limit, proxy=proxy, proxy_fallback=proxy_fallback,
             mirrors=mirrors, ca_cert_files=ca_cert_files, max_connections=max_connections,
             blob_url_scheme=blob_url_scheme, blob_redirected_host=blob_redirected_host,
-            sleep=sleep)
+            token_renewal=token_renewal, sleep=sleep)
         self._redirects = _RedirectCache(redirect_cache_ttl)
         self._sleep = sleep
 

@@ -26,7 +26,8 @@ class RegistryMetrics:
     retries: int = 0            # attempts beyond the first
     bytes_read: int = 0         # blob and manifest body bytes handed to callers
     bytes_written: int = 0      # bytes uploaded (blobs, manifests)
-    token_fetches: int = 0
+    token_fetches: int = 0      # incl. background renewals
+    token_renewals: int = 0     # fetched ahead of expiry by the renewer thread
     redirects: int = 0          # 3xx followed
     redirect_cache_hits: int = 0
     mirror_fallbacks: int = 0   # a mirror failed and the next endpoint was tried
@@ -62,7 +63,8 @@ class RegistryMetrics:
             return {
                 "requests": self.requests, "errors": self.errors, "retries": self.retries,
                 "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
-                "token_fetches": self.token_fetches, "redirects": self.redirects,
+                "token_fetches": self.token_fetches, "token_renewals": self.token_renewals,
+                "redirects": self.redirects,
                 "redirect_cache_hits": self.redirect_cache_hits,
                 "mirror_fallbacks": self.mirror_fallbacks,
                 "latency_sum": self.latency_sum, "latency_count": self.latency_count,

@@ -48,6 +48,7 @@ from .auth import (
 )
 from .errors import DigestMismatch, RegistryProtocolError, ShortRead, Unauthorized
 from .metrics import RegistryMetrics
+from .renewal import TokenRenewer
 
 T = TypeVar("T")
 
@@ -180,6 +181,7 @@ class Transport:
                  mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
                  max_connections: int = 64, metrics: RegistryMetrics | None = None,
                  blob_url_scheme: str = "", blob_redirected_host: str = "",
+                 token_renewal: bool = True,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if scheme not in ("http", "https"):
             raise InvalidArgument(f"registry scheme {scheme!r}: want http or https")
@@ -194,6 +196,12 @@ class Transport:
         self.blob_redirected_host = blob_redirected_host
         self.metrics = metrics if metrics is not None else RegistryMetrics()
         self.tokens = TokenCache()
+        # token key -> (endpoint, challenge, what) it was fetched for, and when it
+        # was last sent: what the background renewer needs to fetch it again.
+        self._token_sources: dict[TokenKey, tuple[Endpoint, Challenge, str]] = {}
+        self._token_used: dict[TokenKey, float] = {}
+        self._renewer = TokenRenewer(self.renew_due, f"token-renewal {host}") \
+            if token_renewal else None
         self._credentials = credentials
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -230,7 +238,9 @@ class Transport:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Close pooled connections; idempotent."""
+        """Stop token renewal, close pooled connections; idempotent."""
+        if self._renewer is not None:
+            self._renewer.stop()
         self._http.close()
         if self._direct is not None:
             self._direct.close()
@@ -241,6 +251,7 @@ class Transport:
         with self._lock:
             self._credentials = credentials
             self.origin.credentials = credentials
+            self._token_sources.clear()
         self.tokens.clear()
 
     # -------------------------------------------------------------------- retries
@@ -492,6 +503,7 @@ class Transport:
         key = self._token_key(ep, req, ch)
         tok = self.tokens.get(key)
         if tok is not None:
+            self._token_used[key] = time.time()
             return f"Bearer {tok.token}"
         return self._answer_challenge(ep, req, ch)
 
@@ -514,7 +526,39 @@ class Transport:
             if tok is None:
                 tok = self._fetch_token(ch, key[2], creds, req.what)
                 self.tokens.put(key, tok)
+                with self._lock:
+                    self._token_sources[key] = (ep, ch, req.what)
+                if self._renewer is not None:
+                    self._renewer.notify()
+        self._token_used[key] = time.time()
         return f"Bearer {tok.token}"
+
+    def renew_due(self) -> float | None:
+        """Fetch anew every cached token past its renewal time that was used since it
+        was issued; return the seconds until the next one is due (None: none cached).
+        Called by the renewer thread."""
+        now = time.time()
+        next_due: float | None = None
+        for key, tok in self.tokens.items():
+            with self._lock:
+                source = self._token_sources.get(key)
+            if source is None:
+                continue
+            due = tok.renew_at()
+            if due > now:
+                next_due = due - now if next_due is None else min(next_due, due - now)
+                continue
+            issued = tok.expires_at - tok.lifetime
+            if self._token_used.get(key, 0.0) < issued:
+                continue  # idle since issued: let it lapse
+            ep, ch, what = source
+            with self.tokens.fetch_lock(key):
+                fresh = self._fetch_token(ch, key[2], self._creds(ep), what)
+                self.tokens.put(key, fresh)
+            self.metrics.add("token_renewals")
+            due = fresh.renew_at() - now
+            next_due = due if next_due is None else min(next_due, due)
+        return next_due
 
     def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...],
                      creds: Credentials | None, what: str) -> Token:

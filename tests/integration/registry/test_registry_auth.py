@@ -131,7 +131,7 @@ def test_token_expiry_fetches_a_new_token_before_use(token_registry: tuple[Regis
     client(reg.host, auth=ALICE).push_blob("tok/exp", data, d)
     ts.expires_in = 2
     try:
-        c = client(reg.host, auth=ALICE)
+        c = client(reg.host, auth=ALICE, token_renewal=False)
         c.read_blob_range("tok/exp", d, 0, 1)
         c.read_blob_range("tok/exp", d, 1, 1)
         assert c.metrics.token_fetches == 1
@@ -234,3 +234,31 @@ def test_streamed_upload_refused_by_auth_is_resent_from_the_source(
     assert c.push_blob("tok/stream", io.BytesIO(data), d) == "uploaded"
     assert c.metrics.retries == 1
     assert b"".join(c.get_blob("tok/stream", d)) == data
+
+
+def test_tokens_in_use_are_renewed_in_the_background(
+        token_registry: tuple[Registry, TokenServer], client: Make) -> None:
+    reg, ts = token_registry
+    data, d = blob()
+    client(reg.host, auth=ALICE).push_blob("tok/renew", data, d)
+    ts.expires_in = 4  # renewed a second before expiry, refreshed inline at 0.4 s
+    try:
+        c = client(reg.host, auth=ALICE)
+        c.read_blob_range("tok/renew", d, 0, 1)
+        first = c.metrics.token_fetches
+        time.sleep(3.6)
+        assert c.metrics.token_renewals == 1  # without any read in between
+        assert c.read_blob_range("tok/renew", d, 1, 1) == data[1:2]
+        assert c.metrics.token_fetches == first + 1  # the read did not fetch inline
+        time.sleep(4.2)                       # used once since renewal: renewed again,
+        assert c.metrics.token_renewals == 2  # then idle: left to lapse
+        time.sleep(3.2)
+        assert c.metrics.token_renewals == 2
+        def renewers() -> int:
+            return sum(1 for t in threading.enumerate()
+                       if t.name.startswith("token-renewal") and t.is_alive())
+        before = renewers()
+        c.close()  # stops and joins its renewer
+        assert renewers() == before - 1
+    finally:
+        ts.expires_in = 300
