@@ -1,0 +1,558 @@
+#!/usr/bin/env python3
+"""Lazy pull end to end: time from the start of the pull to the end of the container's
+startup command, for the same image pulled three ways, all in one run:
+
+  overlayfs  ``ctr images pull --plain-http REF:oci`` (fetch + unpack every layer), then
+             ``ctr run --rm REF`` with containerd's own overlayfs snapshotter: the baseline;
+  stargz     ``ctr-remote images rpull --plain-http REF:esgz`` (manifest + TOCs, layers
+             become FUSE mounts), then ``ctr run --rm --snapshotter stargz``: the peer
+             (bench/stargz: containerd-stargz-grpc built from Debian's Go sources);
+  nydus      ``ctr-remote images rpull --plain-http --snapshotter nydus REF:nydus`` (only
+             the bootstrap layer is downloaded), then ``ctr run --rm --snapshotter nydus``:
+             our snapshotter starts pynydusd, which fetches chunks on demand.
+             ``--nydus-pull cri`` pulls through containerd's CRI ImageService instead.
+
+Each repetition is cold: a new containerd (empty content store and snapshots), a new
+snapshotter process with an empty root and cache, and the page cache dropped
+(``sync; echo 3 > /proc/sys/vm/drop_caches``, the whole machine's) right before the
+pull. Modes alternate inside a repetition, so they share the machine's conditions.
+
+Networks: ``loopback`` (registry on 127.0.0.1, no shaping) and ``100mbit``: the same
+registry behind a throttling TCP proxy of this script (127.0.0.1, a token bucket of
+100 Mbit/s per direction shared by all connections, as one link would be). A proxy,
+not ``tc`` on ``lo``: a root qdisc on ``lo`` would sit in every other loopback user's
+path on this shared machine.
+
+Reported per network and image (medians of n): pull, run and pull+run seconds,
+pull+run of overlayfs divided by each mode's (``x faster``), bytes the registry sent
+(its access log: every GET's response bytes, split pull/run), and the bytes the
+startup command reads: the large image's app reports the whole-file sizes of what it
+mapped, imported and read; for the busybox images it is busybox plus the files the
+command reads. For nydus also pynydusd's own counters (FUSE bytes read, chunks
+fetched) and a time breakdown from the snapshotter's and the daemon's logs.
+
+    bench/lazy_pull.py                      # full: large, many-files, small; n=3; both networks
+    bench/lazy_pull.py --quick              # smoke: small image, n=1, both networks
+    bench/lazy_pull.py -n 5 --images large --networks loopback --json out.json
+
+Images come from ``bench/lazy_images.py`` (built on first use). Everything lives under
+/var/tmp/pynydus-bench (``PYNYDUS_BENCH_DIR``) and /var/tmp/pyn-lz*; every process
+started here is stopped by PID, mounts below our directories are unmounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import lazy_images  # noqa: E402
+
+from pynydus.manager.client import DaemonClient  # noqa: E402
+from tests.harness.containerd import Containerd  # noqa: E402
+from tests.harness.cri import CriImages  # noqa: E402
+from tests.harness.registry import Registry  # noqa: E402
+from tests.harness.snapshotter import Snapshotter  # noqa: E402
+from tests.harness.util import Proc, make_workdir, remove_tree, unmount_under, wait_until  # noqa: E402
+
+CTR = "/usr/bin/ctr"
+CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
+STARGZ_BIN = lazy_images.WORK / "bin" / "pynydus-stargz"
+MODES = ("overlayfs", "stargz", "nydus")
+TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus"}
+NETWORKS = ("loopback", "100mbit")
+TARGET_X = 10.0
+
+# 127.0.0.1 - - [27/Nov/2026:18:50:01 +0000] "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 1234 "" "ua"
+_ACCESS = re.compile(r'"(?P<m>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
+_LOGTIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+
+
+def say(msg: str) -> None:
+    print(f"[lazy_pull {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# --------------------------------------------------------------------- throttling proxy
+
+class TokenBucket:
+    """``rate`` bytes per second, at most ``burst`` bytes ahead; shared by coroutines."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        async with self.lock:  # FIFO: connections share the link in arrival order
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                if self.tokens >= n:
+                    self.tokens -= n
+                    return
+                await asyncio.sleep((n - self.tokens) / self.rate)
+
+
+async def _throttle_main(listen_port_file: str, upstream: str, mbit: float) -> None:
+    host, port = upstream.rsplit(":", 1)
+    rate = mbit * 1e6 / 8
+    down, up = TokenBucket(rate, 64 << 10), TokenBucket(rate, 64 << 10)
+    piece = 16 << 10  # ~1.3 ms of link time at 100 Mbit/s
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, bucket: TokenBucket) -> None:
+        try:
+            while data := await r.read(piece):
+                await bucket.take(len(data))
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                w.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection(host, int(port))
+        except OSError:
+            cw.close()
+            return
+        await asyncio.gather(pipe(cr, uw, up), pipe(ur, cw, down))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    Path(listen_port_file).write_text(str(server.sockets[0].getsockname()[1]))
+    async with server:
+        await server.serve_forever()
+
+
+class Throttle:
+    """The proxy as a child process (its own interpreter: the benchmark driver's waits
+    must not steal its time slices); ``host`` is what image references use."""
+
+    def __init__(self, upstream: str, mbit: float) -> None:
+        self.workdir = make_workdir("lzthr")
+        self.upstream, self.mbit = upstream, mbit
+        self.proc: Proc | None = None
+        self.port = 0
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Throttle:
+        port_file = self.workdir / "port"
+        self.proc = Proc("throttle", [sys.executable, __file__, "_throttle", str(port_file),
+                                      self.upstream, str(self.mbit)], self.workdir,
+                         self.workdir / "throttle.log")
+        self.proc.start()
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "", 10,
+                   "throttling proxy")
+        self.port = int(port_file.read_text())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=5)
+        remove_tree(self.workdir)
+
+
+# --------------------------------------------------------------------- stargz peer
+
+class Stargz:
+    """Our stargz proxy snapshotter build, fresh root each time; SIGTERM unmounts its
+    FUSE layers, and anything left below its directory is unmounted here."""
+
+    def __init__(self, plain_http: list[str]) -> None:
+        self.workdir = make_workdir("lzsgz")
+        self.root = self.workdir / "root"
+        self.socket = self.workdir / "s.sock"
+        self.plain_http = plain_http
+        self.proc: Proc | None = None
+
+    def __enter__(self) -> Stargz:
+        self.proc = Proc("stargz", [str(STARGZ_BIN), "-address", str(self.socket), "-root",
+                                    str(self.root), "-plain-http", ",".join(self.plain_http)],
+                         self.workdir, self.workdir / "stargz.log")
+        self.proc.start()
+        wait_until(lambda: self.socket.exists(), 20, "stargz snapshotter socket")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=20)
+        unmount_under(self.workdir)
+        remove_tree(self.workdir)
+
+
+def ensure_stargz(build: bool) -> str | None:
+    """None when the stargz peer can run, else why not."""
+    if not Path(CTR_REMOTE).exists():
+        return "ctr-remote missing (Debian package stargz-snapshotter)"
+    if STARGZ_BIN.exists():
+        return None
+    if not build:
+        return f"{STARGZ_BIN} not built (bench/stargz/build.sh)"
+    say("building the stargz peer (bench/stargz/build.sh, ~2 min cold)")
+    r = subprocess.run([str(REPO / "bench/stargz/build.sh"), str(STARGZ_BIN.parent)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return f"bench/stargz/build.sh failed: {r.stderr.strip()[-400:]}"
+    return None
+
+
+# --------------------------------------------------------------------- one measurement
+
+@dataclass
+class Sample:
+    network: str
+    image: str
+    mode: str
+    rep: int
+    pull_s: float
+    run_s: float
+    total_s: float
+    fetched_pull: int  # bytes the registry sent during the pull
+    fetched_run: int   # ... during the run
+    requests_run: int
+    workload_read: int  # bytes the startup command reads (whole files)
+    fuse_read: int = 0  # nydus: bytes pynydusd served through FUSE
+    chunks_fetched: int = 0
+    backend_requests: int = 0
+    load1: float = 0.0
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+
+def access_bytes(log: Path, start: int, end: int) -> tuple[int, int, int]:
+    """(end, response bytes of successful GETs logged in [start, end), their count)."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    total = n = 0
+    for line in data.decode(errors="replace").splitlines():
+        m = _ACCESS.search(line)
+        if m and m["m"] == "GET" and m["status"].startswith("2") and m["bytes"] != "-":
+            total += int(m["bytes"])
+            n += 1
+    return end, total, n
+
+
+def settle_log(log: Path, quiet: float = 0.15, limit: float = 2.0) -> int:
+    """The registry writes an access-log line after the response; wait until the log
+    stops growing for ``quiet`` seconds so a phase's last requests are counted in it."""
+    deadline = time.monotonic() + limit
+    size = log.stat().st_size
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = log.stat().st_size
+        if now == size:
+            break
+        size = now
+    return size
+
+
+def _logtime(line: str) -> float | None:
+    m = _LOGTIME.match(line)
+    if not m:
+        return None
+    return time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
+
+
+def nydus_breakdown(snap: Snapshotter, t_pull: float, t_run: float, t_end: float) -> dict[str, float]:
+    """Where the nydus time went, from log timestamps (wall clock, ms resolution):
+    pull, run start -> daemon spawned -> daemon serving -> RAFS mounted -> command done."""
+    out: dict[str, float] = {}
+    spawn = None
+    for line in snap.log.read_text(errors="replace").splitlines():
+        if "starting daemon" in line:
+            spawn = _logtime(line)
+            break
+    dlogs = sorted((snap.root / "logs").rglob("*.log")) if (snap.root / "logs").is_dir() else []
+    serving = mounted = None
+    for dl in dlogs:
+        for line in dl.read_text(errors="replace").splitlines():
+            if serving is None and "serving" in line:
+                serving = _logtime(line)
+            if mounted is None and "mounted" in line and "unmounted" not in line:
+                mounted = _logtime(line)
+    out["pull"] = t_run - t_pull
+    if spawn:
+        out["run_to_spawn"] = spawn - t_run
+        if serving:
+            out["spawn_to_serving"] = serving - spawn
+        if mounted:
+            out["spawn_to_mounted"] = mounted - spawn
+            out["mounted_to_end"] = t_end - mounted
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def nydus_counters(snap: Snapshotter) -> tuple[int, int, int]:
+    """(FUSE bytes read, chunks fetched, backend requests) over the snapshotter's live
+    daemons, from their nydusd-compatible metrics API."""
+    fuse = chunks = requests = 0
+    for sock in (snap.root / "socket").glob("*/*.sock"):
+        c = DaemonClient(str(sock), timeout=5)
+        with contextlib.suppress(Exception):
+            fuse += int(c._request("GET", "/api/v1/metrics")["data_read"])
+            chunks += int(c._request("GET", "/api/v1/metrics/blobcache")["total"]) - int(
+                c._request("GET", "/api/v1/metrics/blobcache")["whole_hits"])
+            requests += int(c._request("GET", "/api/v1/metrics/backend")["read_count"])
+    return fuse, chunks, requests
+
+
+@contextlib.contextmanager
+def peer(mode: str, plain_http: list[str]) -> Iterator[Snapshotter | Stargz | None]:
+    if mode == "nydus":
+        with Snapshotter(tag="lzsnap", log_level="debug") as snap:
+            yield snap
+    elif mode == "stargz":
+        with Stargz(plain_http) as sgz:
+            yield sgz
+    else:
+        yield None
+
+
+def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, network: str,
+            rep: int, plain_http: list[str], *, drop: bool, nydus_pull: str) -> Sample:
+    cid = f"lz-{mode}-{rep}"
+    with peer(mode, plain_http) as p:
+        sock = getattr(p, "socket", None)
+        cri = mode == "nydus" and nydus_pull == "cri"
+        ns = "k8s.io" if cri else None
+        with Containerd(sock, proxy_name=mode if mode != "overlayfs" else "nydus", cri=cri,
+                        namespace=ns, registry_hosts=plain_http, tag="lzctrd") as ctrd:
+            base = ["-a", str(ctrd.socket), "-n", ctrd.namespace]
+            if mode == "overlayfs":
+                pull = [CTR, *base, "images", "pull", "--plain-http", ref]
+            else:
+                pull = [CTR_REMOTE, *base, "images", "rpull", "--plain-http",
+                        "--snapshotter", mode, ref]
+            run = [CTR, *base, "run", "--rm"] + (["--snapshotter", mode] if mode != "overlayfs"
+                                                   else []) + [ref, cid]
+            if drop:
+                drop_caches()
+            load1 = float(Path("/proc/loadavg").read_text().split()[0])
+            off0 = registry.access_log.stat().st_size
+            t0 = time.monotonic()
+            w0 = time.time()
+            if cri:
+                CriImages(str(ctrd.socket)).pull(ref)
+            else:
+                subprocess.run(pull, check=True, capture_output=True, timeout=1800)
+            t1 = time.monotonic()
+            w1 = time.time()
+            # the registry logs a request once its response is written, before the
+            # client can exit: the log's size now is the pull's end (a stat, ~us)
+            off1 = registry.access_log.stat().st_size
+            r = subprocess.run(run, capture_output=True, text=True, timeout=1800, check=False)
+            t2 = time.monotonic()
+            w2 = time.time()
+            if r.returncode != 0 or expect not in r.stdout:
+                raise RuntimeError(f"{mode} {ref}: run failed ({r.returncode}): "
+                                   f"{r.stdout[-500:]} {r.stderr[-500:]}")
+            end = settle_log(registry.access_log)
+            _, fetched_pull, _ = access_bytes(registry.access_log, off0, off1)
+            _, fetched_run, n_run = access_bytes(registry.access_log, off1, end)
+            m = re.search(r"touched_bytes=(\d+)", r.stdout)
+            s = Sample(network, image, mode, rep, t1 - t0, t2 - t1, t2 - t0, fetched_pull,
+                       fetched_run, n_run, int(m[1]) if m else 0, load1=load1)
+            if mode == "nydus" and isinstance(p, Snapshotter):
+                s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
+                s.breakdown = nydus_breakdown(p, w0, w1, w2)
+            return s
+
+
+# --------------------------------------------------------------------- report
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple[str, list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    lines = [f"| network | image | mode | pull s | run s | **pull+run s** | min..max | vs overlayfs "
+             f"| MB fetched pull / run | MB read by Cmd | fetched / read |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({(s.network, s.image) for s in samples},
+                  key=lambda k: (NETWORKS.index(k[0]), ["large", "many-files", "small"].index(k[1])))
+    for net, img in keys:
+        by_mode = {m: [s for s in samples if (s.network, s.image, s.mode) == (net, img, m)]
+                   for m in MODES}
+        base = med([s.total_s for s in by_mode["overlayfs"]])
+        for mode in MODES:
+            ss = by_mode[mode]
+            if not ss:
+                continue
+            tot = med([s.total_s for s in ss])
+            read = med([s.workload_read for s in ss]) or images_state.get(img, {}).get("reads_bytes", 0)
+            fetched = med([s.fetched_pull + s.fetched_run for s in ss])
+            ratio = base / tot if base == base and tot else float("nan")
+            row = {"network": net, "image": img, "mode": mode, "n": len(ss),
+                   "pull_s": med([s.pull_s for s in ss]), "run_s": med([s.run_s for s in ss]),
+                   "total_s": tot, "min_s": min(s.total_s for s in ss),
+                   "max_s": max(s.total_s for s in ss), "x_vs_overlayfs": ratio,
+                   "fetched_pull": med([s.fetched_pull for s in ss]),
+                   "fetched_run": med([s.fetched_run for s in ss]), "fetched": fetched,
+                   "workload_read": read,
+                   "fetched_over_read": fetched / read if read else float("nan"),
+                   "fuse_read": med([s.fuse_read for s in ss]) if mode == "nydus" else None}
+            rows.append(row)
+            lines.append(
+                f"| {net} | {img} | {mode} | {row['pull_s']:.2f} | {row['run_s']:.2f} | "
+                f"**{tot:.2f}** | {row['min_s']:.2f}..{row['max_s']:.2f} | "
+                f"{'1.00x (base)' if mode == 'overlayfs' else f'{ratio:.2f}x'} | "
+                f"{row['fetched_pull'] / 1e6:.1f} / {row['fetched_run'] / 1e6:.1f} | "
+                f"{read / 1e6:.1f} | {row['fetched_over_read']:.2f} |")
+    return "\n".join(lines), rows
+
+
+def checks(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, each as PASS/FAIL with the figures."""
+    out = []
+    get = {(r["network"], r["image"], r["mode"]): r for r in rows}
+    for net in NETWORKS:
+        ny, sg, ov = (get.get((net, "large", m)) for m in ("nydus", "stargz", "overlayfs"))
+        if ny and ov and net == "loopback":
+            ok = ny["x_vs_overlayfs"] >= TARGET_X
+            out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: nydus {ny['x_vs_overlayfs']:.1f}x "
+                       f"faster than overlayfs (target >= {TARGET_X:.0f}x)")
+        if ny and sg:
+            ok = ny["total_s"] < sg["total_s"]
+            out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: nydus {ny['total_s']:.2f} s vs "
+                       f"stargz {sg['total_s']:.2f} s (target: faster)")
+        if ny:
+            ok = ny["fetched_over_read"] <= 1.5
+            out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: nydus fetched "
+                       f"{ny['fetched'] / 1e6:.1f} MB for {ny['workload_read'] / 1e6:.1f} MB read "
+                       f"= {ny['fetched_over_read']:.2f}x (target <= 1.5x)")
+        nys, ovs = get.get((net, "small", "nydus")), get.get((net, "small", "overlayfs"))
+        if nys and ovs:
+            d = nys["total_s"] - ovs["total_s"]
+            out.append(f"{'PASS' if d <= 0.2 else 'FAIL'} small/{net}: nydus - overlayfs = "
+                       f"{d:+.2f} s (target <= +0.20 s)")
+    return out
+
+
+# --------------------------------------------------------------------- main
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_throttle":
+        asyncio.run(_throttle_main(sys.argv[2], sys.argv[3], float(sys.argv[4])))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", "--repeat", type=int, default=3)
+    ap.add_argument("--images", default="large,many-files,small")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--networks", default=",".join(NETWORKS))
+    ap.add_argument("--mbit", type=float, default=100.0, help="throttled network rate")
+    ap.add_argument("--quick", action="store_true", help="small image only, n=1 (CI smoke)")
+    ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--no-build-stargz", action="store_true",
+                    help="skip stargz instead of building its peer when it is missing")
+    ap.add_argument("--nydus-pull", choices=["rpull", "cri"], default="rpull")
+    ap.add_argument("--json", help="write every sample and the summary here")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("lazy_pull: needs root (containerd, mounts, drop_caches)", file=sys.stderr)
+        return 2
+    if a.quick:
+        a.repeat, a.images = 1, "small"
+    images = [i for i in a.images.split(",") if i]
+    modes = [m for m in a.modes.split(",") if m]
+    networks = [n for n in a.networks.split(",") if n]
+    notes: list[str] = []
+    if "stargz" in modes:
+        why = ensure_stargz(build=not a.no_build_stargz)
+        if why:
+            notes.append(f"stargz skipped: {why}")
+            say(notes[-1])
+            modes.remove("stargz")
+
+    samples: list[Sample] = []
+    stop = {"sig": 0}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["sig"] = signum
+        raise KeyboardInterrupt  # unwinds every context manager: processes, mounts, dirs
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with lazy_images.bench_registry() as reg:
+        formats = tuple(["oci"] + [TAG[m] for m in modes if m != "overlayfs"])
+        state = lazy_images.ensure(reg, images, formats=formats)
+        for net in networks:
+            with contextlib.ExitStack() as stack:
+                host = reg.host
+                if net == "100mbit":
+                    host = stack.enter_context(Throttle(reg.host, a.mbit)).host
+                plain = sorted({reg.host, host})
+                for img in images:
+                    st = state[img]
+                    for rep in range(1, a.repeat + 1):
+                        for mode in modes:
+                            ref = f"{host}/{st['repo']}:{TAG[mode]}"
+                            s = measure(mode, img, ref, st["expect"], reg, net, rep, plain,
+                                        drop=not a.no_drop_caches, nydus_pull=a.nydus_pull)
+                            if not s.workload_read:
+                                s.workload_read = int(st.get("reads_bytes", 0))
+                            samples.append(s)
+                            say(f"{net:8} {img:10} {mode:9} rep {rep}: pull {s.pull_s:6.2f} s "
+                                f"run {s.run_s:6.2f} s total {s.total_s:6.2f} s  fetched "
+                                f"{s.fetched_pull / 1e6:.1f}+{s.fetched_run / 1e6:.1f} MB"
+                                + (f"  {s.breakdown}" if s.breakdown else ""))
+    table, rows = report(samples, state, a.repeat)
+    cmd = "bench/lazy_pull.py " + " ".join(sys.argv[1:])
+    print(f"\n### Lazy pull end to end ({started}, n={a.repeat}, medians; "
+          f"page cache dropped: {not a.no_drop_caches}; nydus pull: {a.nydus_pull})\n")
+    print(f"`{cmd}` on {platform.node()} ({os.cpu_count()} CPUs, {platform.release()})\n")
+    print(table)
+    print()
+    for line in checks(rows) + notes:
+        print(f"- {line}")
+    ny = [s for s in samples if s.mode == "nydus" and s.breakdown]
+    if ny:
+        print("\nnydus time breakdown (medians, s):")
+        for net in networks:
+            for img in images:
+                ss = [s for s in ny if (s.network, s.image) == (net, img)]
+                if ss:
+                    keys = list(ss[0].breakdown)
+                    parts = ", ".join(f"{k} {med([s.breakdown.get(k, 0) for s in ss]):.3f}"
+                                      for k in keys)
+                    print(f"- {net} {img}: {parts}; FUSE read "
+                          f"{med([s.fuse_read for s in ss]) / 1e6:.1f} MB")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"started": started, "command": cmd, "n": a.repeat,
+                                            "rows": rows, "samples": [asdict(s) for s in samples],
+                                            "notes": notes, "images": state}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
