@@ -69,6 +69,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO: one line per chunk fetch would flood the daemon
+    # log at the default level (nydusd logs backend requests only when debugging).
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG
+                                         else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
