@@ -69,6 +69,7 @@ def test_full_tree_through_registry_without_auth(full_image: Image, plain_regist
     assert gets == m["read_count"] > 0
     # every byte fetched at most once: no more than the blob's compressed size
     assert m["read_amount_total"] <= full_image.result.blobs[-1].compressed_size
+    assert "HTTP Request" not in d.log_text()  # no line per chunk fetch at --log-level info
 
 
 def test_full_tree_through_registry_with_token_auth(
