@@ -377,7 +377,9 @@ class Bootstrap:
         """Chunk reads that serve ``read(ino, offset, size)``, clamped to the file size.
 
         Each item says which chunk, and which bytes of its uncompressed data, to
-        copy; together they cover ``[offset, min(offset+size, file size))`` in order.
+        copy to file position ``chunk.file_offset + offset``; in file order they cover
+        ``[offset, min(offset+size, file size))``, except the holes of a v5 file
+        flagged HAS_HOLE, which read as zeros.  Costs O(chunks in the range) for v6.
         """
         if offset < 0 or size < 0:
             raise InvalidArgument(f"read of inode {ino}: negative offset {offset} or size {size}")
