@@ -63,8 +63,8 @@ def auth_registry(workdir: Path) -> Iterator[Registry]:
 def xattr_layer() -> oci.Layer:
     return (oci.Layer("xattrs")
             .file("app/xattr.txt", "has xattrs\n",
-                  xattrs={"user.pynydus.test": "value-1", "security.capability": "cap"})
-            .file("app/big-again.bin", images.BIG[: 300_000] + b"tail")  # shares chunks? no: 1 MiB chunking
+                  xattrs={"user.pynydus.test": "value-1", "trusted.pynydus.note": "t"})
+            .file("app/part-of-big.bin", images.BIG[: 300_000] + b"tail")
             .file("app/dup-of-big.bin", images.BIG))  # same content as a lower layer's file
 
 
