@@ -335,6 +335,8 @@ def _blob_table(
         if b.blob_id in used and b.blob_id not in ids:
             order.append(b)
             ids.add(b.blob_id)
-    if new is not None:  # even if later entries replaced every file that used it
+    # The new blob goes in even if later entries replaced every file that used it,
+    # unless a blob with the same content (same id) is in the table already.
+    if new is not None and new.blob_id not in ids:
         order.append(new)
     return order

@@ -207,6 +207,8 @@ def overlay(lower: Node, upper: Node) -> None:
     Upper nodes are reused (not copied), so ``upper`` must not be used afterwards.
     """
     assert lower.children is not None and upper.children is not None
+    if upper.inode.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y":
+        lower.children.clear()  # an opaque upper directory hides everything below it
     if not upper.inode.implicit or lower.inode.implicit:
         lower.inode = upper.inode
     lower.inode.xattrs.pop(OVERLAY_OPAQUE_XATTR, None)
@@ -219,10 +221,6 @@ def overlay(lower: Node, upper: Node) -> None:
         elif _is_overlay_whiteout(u):
             lower.children.pop(name, None)
         else:
-            if u.is_dir and u.inode.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y":
-                old = lower.children.get(name)
-                if old is not None and old.children is not None:
-                    old.children.clear()
             kept.append(u)
     for u in kept:
         old = lower.children.get(u.name)

@@ -44,6 +44,10 @@ OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
 WHITEOUT_SPECS = ("overlayfs", "oci", "none")
 
 
+def _is_overlay_whiteout(inode: Inode) -> bool:
+    return stat.S_ISCHR(inode.mode) and inode.rdev == 0
+
+
 def encode_rdev(major: int, minor: int) -> int:
     """Linux ``new_encode_dev``: the 32-bit device number EROFS stores in ``i_u``."""
     return (minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)
@@ -158,8 +162,12 @@ class Tree:
             assert node.children is not None
             nxt = node.children.get(part)
             if nxt is None or nxt.children is None:
-                # A non-directory in the way is replaced, as extracting the tar would.
+                # A non-directory in the way is replaced, as extracting the tar would;
+                # replacing this layer's whiteout makes the directory opaque instead.
+                was_whiteout = nxt is not None and _is_overlay_whiteout(nxt.inode)
                 nxt = _new_dir(part)
+                if was_whiteout:
+                    nxt.inode.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
                 node.children[part] = nxt
             node = nxt
         return node
@@ -199,6 +207,10 @@ class Tree:
             return
         inode = Inode(mode=entry.st_mode)
         self._set_meta(inode, entry)
+        if entry.type == EntryType.DIR and old is not None and _is_overlay_whiteout(old.inode):
+            # A directory created over a whiteout hides the lower directory's content,
+            # exactly what overlayfs does when a directory replaces a whiteout.
+            inode.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
         if entry.type == EntryType.REG:
             inode.size = entry.size
             inode.chunks = chunks or []
@@ -210,6 +222,8 @@ class Tree:
         parent.children[name] = Node(name, inode, {} if entry.type == EntryType.DIR else None)
 
     def _set_meta(self, inode: Inode, e: Entry) -> None:
+        # An opaque marker set by this layer's whiteouts outlives a later dir entry.
+        opaque = inode.xattrs.get(OVERLAY_OPAQUE_XATTR)
         inode.implicit = False
         inode.mode = (inode.mode & ~0o7777) | (e.mode & 0o7777)
         inode.uid, inode.gid = e.uid, e.gid
@@ -220,18 +234,26 @@ class Tree:
                 inode.xattrs[k] = v
             else:
                 self.skipped_xattrs.append((e.path, k))
+        if opaque is not None:
+            inode.xattrs.setdefault(OVERLAY_OPAQUE_XATTR, opaque)
 
     def _apply_whiteout(self, entry: Entry, wh: Whiteout) -> None:
-        if self.whiteout_spec == "oci":
-            return
+        # Every spec keeps the directories a whiteout's path implies.
         parent = self._dir_for(entry.parent)
         assert parent.children is not None
+        if self.whiteout_spec == "oci":
+            return
         if wh == Whiteout.OPAQUE:
             parent.inode.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
             return
         name = entry.name[len(OCI_WHITEOUT_PREFIX) :]
-        if name in parent.children:
-            return  # same-layer files are not hidden by the layer's own whiteouts
+        same_layer = parent.children.get(name)
+        if same_layer is not None:
+            # The layer's own entry stays; the whiteout still hides what is below it,
+            # which for a directory means: make it opaque.
+            if same_layer.children is not None:
+                same_layer.inode.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
+            return
         inode = Inode(mode=stat.S_IFCHR | (entry.mode & 0o7777))
         self._set_meta(inode, entry)
         inode.mode = stat.S_IFCHR | (entry.mode & 0o7777)
