@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Self
 
-from pynydus.errors import FormatError, InvalidArgument, NotFound
+from pynydus.errors import InvalidArgument, NotFound
 from pynydus.rafs.layout import (
     EROFS_SUPER_MAGIC_V1,
     EROFS_SUPER_OFFSET,
@@ -354,16 +354,24 @@ class Bootstrap:
             yield path, entry.ino
             if entry.file_type == FileType.DIR:
                 if entry.ino in seen:
-                    raise FormatError(
-                        f"directory tree: {path!r} (ino {entry.ino}) is reachable twice (loop or directory hard link)"
+                    raise format_error(
+                        f"directory tree at {path!r}",
+                        self._inode_offset(entry.ino),
+                        f"directory ino {entry.ino} is reachable twice (loop or directory hard link)",
                     )
                 seen.add(entry.ino)
                 if not self.stat(entry.ino).is_dir:
-                    raise FormatError(
-                        f"directory entry {path!r}: ino {entry.ino} is not a directory"
+                    raise format_error(
+                        f"directory entry {path!r}",
+                        self._inode_offset(entry.ino),
+                        f"typed as a directory but ino {entry.ino} is not one",
                     )
                 self._claim_dir_storage(entry.ino, claimed)
                 stack.append((path, self.readdir(entry.ino)))
+
+    def _inode_offset(self, ino: int) -> int:
+        """Byte offset of inode ``ino``'s record, for error messages."""
+        raise NotImplementedError
 
     def _claim_dir_storage(self, ino: int, claimed: set[int]) -> None:
         """Record where directory ``ino`` keeps its entries; FormatError if another

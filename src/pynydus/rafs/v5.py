@@ -292,6 +292,9 @@ class BootstrapV5(Bootstrap):
             rdev=rdev,
         )
 
+    def _inode_offset(self, ino: int) -> int:
+        return self._offset_of(ino)
+
     def raw_inode(self, ino: int) -> RafsV5Inode:
         """The on-disk inode record in table slot ``ino`` (for inspection and tests)."""
         return self._node(ino)[1]

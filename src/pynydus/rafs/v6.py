@@ -177,6 +177,9 @@ class BootstrapV6(Bootstrap):
             )
         return node
 
+    def _inode_offset(self, ino: int) -> int:
+        return self._meta_base + ino * EROFS_INODE_SLOT_SIZE
+
     def raw_inode(self, ino: int) -> RafsV6Inode:
         """The on-disk inode record of nid ``ino`` (for inspection and tests)."""
         return self._node(ino).raw
