@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from pynydus.errors import FormatError
 from pynydus.rafs.compress import decompress
 from pynydus.rafs.layout import (
     RAFS_MAX_CHUNKS_PER_BLOB,
@@ -491,9 +492,14 @@ def parse_blob_meta(raw: bytes, blob: BlobInfoLike) -> BlobMeta:
         raise format_error(
             "blob meta ci_uncompressed_size", blob.ci_compressed_size + 32, "too large"
         )
-    ci = decompress(
-        raw[: blob.ci_compressed_size], Compressor(blob.ci_compressor), blob.ci_uncompressed_size
-    )
+    try:
+        ci = decompress(
+            raw[: blob.ci_compressed_size],
+            Compressor(blob.ci_compressor),
+            blob.ci_uncompressed_size,
+        )
+    except FormatError as err:
+        raise format_error("blob meta chunk-info array", 0, str(err)) from err
     return _build_meta(header, ci, blob)
 
 

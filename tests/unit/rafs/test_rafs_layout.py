@@ -346,3 +346,38 @@ def test_blob_meta_parses_validates_and_caches(compressor: L.Compressor) -> None
         M.parse_blob_meta(raw[:-1], blob)
     with pytest.raises(FormatError):
         M.parse_cached_blob_meta(cached + b"\0", blob)
+
+
+def test_blob_meta_with_corrupt_compressed_array_is_a_format_error() -> None:
+    entries = [M.BlobChunkInfo(i * 4096, 4096, i * 4096, 4096, 0) for i in range(200)]
+    ci = M.pack_chunk_info_array(entries, v2=False)
+    packed, was_compressed = compress(ci, L.Compressor.ZSTD)
+    assert was_compressed
+    blob = BlobInfo(
+        0,
+        "c" * 64,
+        L.Compressor.ZSTD,
+        L.Digester.BLAKE3,
+        1 << 20,
+        200,
+        200 * 4096,
+        200 * 4096,
+        features=int(L.BlobFeatures.ALIGNED),
+        ci_compressor=L.Compressor.ZSTD,
+        ci_offset=200 * 4096,
+        ci_compressed_size=len(packed),
+        ci_uncompressed_size=len(ci),
+    )
+    header = M.BlobCompressionContextHeader(
+        features=blob.features,
+        ci_compressor=L.Compressor.ZSTD,
+        ci_entries=200,
+        ci_offset=blob.ci_offset,
+        ci_compressed_size=len(packed),
+        ci_uncompressed_size=len(ci),
+    )
+    assert (
+        M.parse_blob_meta(packed + header.pack(), blob).chunk(199).compressed_offset == 199 * 4096
+    )
+    with pytest.raises(FormatError, match="chunk-info array at offset 0"):
+        M.parse_blob_meta(b"\xff" * len(packed) + header.pack(), blob)
