@@ -116,6 +116,10 @@ class NydusFilesystem:
                 self.manager.restart(rec)
             except Exception as err:
                 log.error("daemon %s could not be restarted: %s", rec.id, err)
+        if self.mode == "shared":
+            # Started eagerly, as upstream does: the first image then costs an API
+            # mount (milliseconds), not a daemon start.
+            self._shared_daemon()
         self.manager.start_monitor()
 
     def close(self, teardown: bool = False) -> None:
