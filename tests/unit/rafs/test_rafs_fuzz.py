@@ -27,7 +27,10 @@ import synth_v5 as S5
 import synth_v6 as S
 
 from pynydus.errors import FormatError, NotFound
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs import blobmeta as M
+from pynydus.rafs.compress import compress
+from pynydus.rafs.layout import BlobFeatures, Compressor, Digester
+from pynydus.rafs.reader import BlobInfo, Bootstrap
 
 FIXTURES = Path("/work/shared/fixtures/snapshotter-testdata")
 CASES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_CASES", "300"))
@@ -231,3 +234,98 @@ def test_mutation_inputs_are_deterministic() -> None:
     b = [m for _, m in zip(range(20), mutations(data, 7))]
     assert a == b
     assert struct.unpack_from("<I", data, 1024)[0] == 0xE0F5E1E2
+
+
+def _blob_meta_inputs() -> list[tuple[str, bytes, BlobInfo, bool]]:
+    """(label, bytes, blob, cached?) for a compressed V1 array and a cached V2 one."""
+    v1 = [M.BlobChunkInfo(i * 3000, 3000, i * 4096, 4000, 1) for i in range(64)]
+    ci = M.pack_chunk_info_array(v1, v2=False)
+    packed, _ = compress(ci, Compressor.ZSTD)
+    b1 = BlobInfo(
+        0,
+        "d" * 64,
+        Compressor.ZSTD,
+        Digester.BLAKE3,
+        1 << 20,
+        64,
+        64 * 3000,
+        64 * 4096,
+        features=int(BlobFeatures.ALIGNED),
+        ci_compressor=Compressor.ZSTD,
+        ci_offset=64 * 3000,
+        ci_compressed_size=len(packed),
+        ci_uncompressed_size=len(ci),
+    )
+    h1 = M.BlobCompressionContextHeader(
+        features=b1.features,
+        ci_compressor=Compressor.ZSTD,
+        ci_entries=64,
+        ci_offset=b1.ci_offset,
+        ci_compressed_size=len(packed),
+        ci_uncompressed_size=len(ci),
+    )
+    v2 = [M.BlobChunkInfo(i * 10, 10, i * 4096, 100, 0x3, (i % 4) << 32 | 7) for i in range(40)]
+    ctx = b"".join(M.ZranContext(i, i, 0, 10, 100, 0, 0, 0).pack() for i in range(4))
+    ci2 = M.pack_chunk_info_array(v2, v2=True) + ctx
+    f2 = int(
+        BlobFeatures.ALIGNED
+        | BlobFeatures.CHUNK_INFO_V2
+        | BlobFeatures.ZRAN
+        | BlobFeatures.SEPARATE
+    )
+    b2 = BlobInfo(
+        1,
+        "e" * 64,
+        Compressor.GZIP,
+        Digester.SHA256,
+        1 << 20,
+        40,
+        400,
+        40 * 4096,
+        features=f2,
+        ci_compressor=Compressor.NONE,
+        ci_offset=0,
+        ci_compressed_size=len(ci2),
+        ci_uncompressed_size=len(ci2),
+    )
+    h2 = M.BlobCompressionContextHeader(
+        features=f2,
+        ci_entries=40,
+        ci_compressed_size=len(ci2),
+        ci_uncompressed_size=len(ci2),
+        ci_zran_offset=40 * 24,
+        ci_zran_size=len(ctx),
+        ci_zran_count=4,
+    )
+    return [
+        ("v1-zstd", packed + h1.pack(), b1, False),
+        ("v2-zran-cached", M.pack_cached_blob_meta(h2, ci2), b2, True),
+    ]
+
+
+def _use_meta(cached: bool, blob: BlobInfo, buf: bytes) -> None:
+    meta = M.parse_cached_blob_meta(buf, blob) if cached else M.parse_blob_meta(buf, blob)
+    for i in range(meta.chunk_count):
+        meta.chunk(i)
+    meta.contexts()
+
+
+def test_mutated_blob_meta_fails_only_with_format_error() -> None:
+    for label, data, blob, cached in _blob_meta_inputs():
+        _use_meta(cached, blob, data)
+        rng = random.Random(len(data))
+        for case in range(CASES):
+            buf = bytearray(data)
+            for _ in range(rng.randint(1, 6)):
+                buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+            if case % 7 == 0:
+                del buf[rng.randrange(len(buf)) :]
+            try:
+                _with_deadline(
+                    lambda c=cached, b=blob, m=bytes(buf): _use_meta(c, b, m),  # type: ignore[misc]
+                    CASE_DEADLINE_S,
+                )
+            except FormatError as err:
+                assert " at offset " in str(err), str(err)
+            except Exception as err:  # noqa: BLE001 - the point of the test
+                pytest.fail(f"{label} case {case}: {type(err).__name__}: {err}")
