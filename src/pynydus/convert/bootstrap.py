@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pynydus.errors import InvalidArgument
 from pynydus.rafs.chunker import BlobDesc, ChunkRef
 from pynydus.rafs.merge import load_bootstrap, overlay
+from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.tarstream import normalize_path
 from pynydus.rafs.tree import Tree
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 
-__all__ = ["MergedImage", "merge_layers"]
+__all__ = ["LayerChunks", "MergedImage", "layer_chunks", "merge_layers"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,36 @@ def merge_layers(bootstraps: Sequence[str], out: str, *,
         chunk_size=first.chunk_size, compressor=images[-1].compressor, digester=first.digester,
         prefetch=tuple(normalize_path(os.fsencode(p)) for p in prefetch_files)))
     return MergedImage(out, info.size, list(info.blob_ids), shared_bytes, shared_chunks)
+
+
+@dataclass(frozen=True)
+class LayerChunks:
+    """Chunk digests of one per-layer bootstrap: those stored in the layer's own blob
+    (with their uncompressed sizes) and every digest its files reference."""
+
+    own: dict[bytes, int]
+    referenced: frozenset[bytes]
+
+    @property
+    def own_bytes(self) -> int:
+        return sum(self.own.values())
+
+    def duplicated_bytes(self, lower: set[bytes] | frozenset[bytes]) -> int:
+        """Bytes of own chunks that a lower layer already stores."""
+        return sum(n for d, n in self.own.items() if d in lower)
+
+
+def layer_chunks(bootstrap: str, blob_digest: str) -> LayerChunks:
+    """Read the chunk digests of a per-layer bootstrap whose own blob is ``blob_digest``."""
+    own_id = blob_digest.split(":", 1)[-1]
+    own: dict[bytes, int] = {}
+    seen: set[bytes] = set()
+    with Bootstrap.open(bootstrap) as bs:
+        for _, ino in bs.walk():
+            for c in bs.chunks(ino):
+                if c.digest is None:
+                    continue
+                seen.add(c.digest)
+                if c.blob_id == own_id:
+                    own[c.digest] = c.uncompressed_size
+    return LayerChunks(own, frozenset(seen))

@@ -34,7 +34,7 @@ from pynydus.registry import (Credentials, RegistryClient, Unauthorized, media,
 from pynydus.registry.reference import Reference
 
 from . import image as img
-from .bootstrap import merge_layers
+from .bootstrap import LayerChunks, layer_chunks, merge_layers
 from .layer import BuildOptions, LayerJob, LayerResult, RegistrySpec, lookup_cache
 from .pack import bootstrap_layer
 from .progress import NullReporter, Reporter
@@ -78,6 +78,24 @@ class ConvertReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Pass 2 thresholds: rebuilding costs a second conversion of the layer, worth it
+# when it saves at least a chunk's worth of registry bytes or a good share of a
+# small layer.
+REBUILD_MIN_BYTES = 1 << 20
+REBUILD_MIN_FRACTION = 0.25
+
+
+@dataclass
+class _Settle:
+    """One image's layers being settled in order (see ``convert_layers``)."""
+
+    image: img.SourceImage
+    next: int = 0
+    lower: set[bytes] = field(default_factory=set)
+    finals: list[LayerResult | None] = field(default_factory=list)
+    rebuild: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------- helpers
@@ -206,46 +224,105 @@ class _Run:
         return report
 
     # ---------------------------------------------------------------- layers
-    def convert_layers(self, images: Sequence[img.SourceImage]) -> dict[str, LayerResult]:
+    def convert_layers(self, images: Sequence[img.SourceImage]) -> dict[str, list[LayerResult]]:
+        """Every layer of every image converted: the final results per image manifest.
+
+        Pass 1 converts each distinct layer on its own, in parallel. As results come
+        in, each image's layers are settled in order: a layer whose own chunks a lower
+        layer already stores (at least REBUILD_MIN_BYTES, or REBUILD_MIN_FRACTION of
+        its data) is marked for pass 2, every other layer is final and its blob is
+        pushed at once. Pass 2 rebuilds the marked layers in order with the lower
+        layers' chunks as chunk dict, so their blobs hold only new data.
+        """
         layers: dict[str, img.LayerDesc] = {}
         for si in images:
             for lyr in si.layers:
                 layers.setdefault(lyr.digest, lyr)
         order = list(layers)
-        results: dict[str, LayerResult] = {}
+        first: dict[str, LayerResult] = {}
         jobs = []
         for i, d in enumerate(order):
             self.rep.layer_started(d, d, layers[d].size)
             hit = lookup_cache(self.opts.cache_dir, d, self.opts.build)
             if hit is not None:  # no worker, no download
-                self.layer_finished(hit)
-                results[d] = hit
+                first[d] = hit
             else:
                 jobs.append(LayerJob(i, self.src_repo, layers[d], self.src_spec, self.opts.build,
                                      self.opts.cache_dir))
+        settle = [_Settle(si) for si in images]
+        chunks: dict[str, LayerChunks] = {}
+
+        def advance() -> None:
+            for st in settle:
+                while st.next < len(st.image.layers) and st.image.layers[st.next].digest in first:
+                    res = first[st.image.layers[st.next].digest]
+                    lc = chunks.get(res.blob_digest)
+                    if lc is None:
+                        lc = chunks[res.blob_digest] = layer_chunks(res.bootstrap, res.blob_digest)
+                    dup = lc.duplicated_bytes(st.lower)
+                    if dup and (dup >= REBUILD_MIN_BYTES
+                                or dup >= REBUILD_MIN_FRACTION * lc.own_bytes):
+                        st.rebuild.append(st.next)
+                        st.finals.append(None)
+                    else:
+                        st.finals.append(res)
+                        self.layer_finished(res)
+                    st.lower |= lc.referenced
+                    st.next += 1
+
         n = self.opts.workers or os.cpu_count() or 1
         self.workers = max(1, min(n, len(jobs))) if jobs else 0
-        if not jobs:
-            return results
+        pool: WorkerPool | None = None
 
         def progress(index: int, nbytes: int) -> None:
-            self.rep.layer_bytes(order[index], nbytes)
+            self.rep.layer_bytes(order[index % len(order)], nbytes)
 
-        with WorkerPool(self.workers, progress) as pool:
-            for res in pool.run(jobs):
-                results[res.source_digest] = res
-                self.layer_finished(res)
-        return results
+        try:
+            advance()
+            if jobs:
+                pool = WorkerPool(self.workers, progress)
+                for res in pool.run(jobs):
+                    first[res.source_digest] = res
+                    advance()
+            for st in settle:
+                for i in st.rebuild:
+                    lower = tuple((r.blob_digest, r.bootstrap) for r in st.finals[:i]
+                                  if r is not None)
+                    lyr = st.image.layers[i]
+                    res = lookup_cache(self.opts.cache_dir, lyr.digest, self.opts.build,
+                                       tuple(d for d, _ in lower))
+                    if res is None:
+                        self.rep.info(f"layer {lyr.digest[7:19]}: duplicates lower layers' "
+                                      "data, converting again against them")
+                        if pool is None:
+                            pool = WorkerPool(1, progress)
+                            self.workers = max(self.workers, 1)
+                        job = LayerJob(order.index(lyr.digest) + len(order), self.src_repo, lyr,
+                                       self.src_spec, self.opts.build, self.opts.cache_dir,
+                                       lower)
+                        res = next(iter(pool.run([job])))
+                    res.rebuilt = True
+                    st.finals[i] = res
+                    self.layer_finished(res)
+        finally:
+            if pool is not None:
+                pool.close()
+        out: dict[str, list[LayerResult]] = {}
+        for st in settle:
+            finals = [r for r in st.finals if r is not None]
+            assert len(finals) == len(st.image.layers)
+            out[st.image.digest] = finals
+        return out
 
     def layer_finished(self, res: LayerResult) -> None:
         self.rep.layer_done(res.source_digest, asdict(res))
         self.push_blob(res.blob_digest, res.blob_path(self.opts.cache_dir), res.blob_size)
 
     # ---------------------------------------------------------------- one image
-    def finish_image(self, si: img.SourceImage, results: dict[str, LayerResult]
+    def finish_image(self, si: img.SourceImage, results: dict[str, list[LayerResult]]
                      ) -> tuple[img.SourceImage, bytes, dict[str, Any], str, dict[str, Any]]:
         opts = self.opts
-        layer_results = [results[lyr.digest] for lyr in si.layers]
+        layer_results = results[si.digest]
         tmp_dir = os.path.join(opts.cache_dir, "tmp")
         os.makedirs(tmp_dir, exist_ok=True)
         boot_path = os.path.join(tmp_dir, f"image-{os.getpid()}-{si.digest.split(':')[1][:16]}.boot")
@@ -295,7 +372,8 @@ class _Run:
                  "chunks_written": r.chunks_written, "bytes_in": r.bytes_in,
                  "deduplicated_bytes": r.dedup_bytes + merged.shared_bytes[i],
                  "shared_with_lower_layers_bytes": merged.shared_bytes[i],
-                 "seconds": r.seconds, "cached": r.cached}
+                 "seconds": r.seconds, "cached": r.cached,
+                 "rebuilt_against_lower_layers": r.rebuilt}
                 for i, r in enumerate(layer_results)],
         }
         return si, mbytes, mdoc, mdigest, summary

@@ -42,7 +42,8 @@ from pynydus.errors import InvalidArgument
 from pynydus.registry.errors import DigestMismatch
 from pynydus.rafs.builder import build
 from pynydus.rafs.compress import parse_compressor, parse_digester
-from pynydus.rafs.merge import load_bootstrap
+from pynydus.rafs.chunker import ChunkDict
+from pynydus.rafs.merge import chunk_dict_from_bootstrap, chunk_dict_from_tree, load_bootstrap
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 from pynydus.rafs.tarstream import normalize_path
 
@@ -99,12 +100,17 @@ class RegistrySpec:
 
 @dataclass(frozen=True)
 class LayerJob:
+    """One layer to convert. ``lower``: (blob digest, per-layer bootstrap) of the
+    image's lower layers whose chunks this layer may reference instead of storing
+    them again (cross-layer dedup; empty for the first, parallel pass)."""
+
     index: int
     repo: str
     layer: LayerDesc
     registry: RegistrySpec
     options: BuildOptions
     cache_dir: str
+    lower: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -124,6 +130,7 @@ class LayerResult:
     dedup_bytes: int      # file data not written again (same layer or chunk dict)
     seconds: float
     cached: bool = False
+    rebuilt: bool = False  # converted again with the lower layers as chunk dict
     index: int = -1
     warnings: list[str] = field(default_factory=list)
 
@@ -131,11 +138,14 @@ class LayerResult:
         return os.path.join(cache_dir, "blobs", self.blob_digest.split(":", 1)[1])
 
 
-def cache_key(layer_digest: str, opts: BuildOptions) -> str:
+def cache_key(layer_digest: str, opts: BuildOptions, lower: tuple[str, ...] = ()) -> str:
+    """Cache key of a layer converted with ``opts`` (and deduplicated against the
+    blobs ``lower``, by digest)."""
     doc = {"format": CACHE_FORMAT, "layer": layer_digest, "fs_version": opts.fs_version,
            "compressor": parse_compressor(opts.compressor).name,
            "chunk_size": opts.chunk_size, "digester": parse_digester(opts.digester).name,
-           "chunk_dict": opts.chunk_dict_digest, "prefetch": list(opts.prefetch_files)}
+           "chunk_dict": opts.chunk_dict_digest, "prefetch": list(opts.prefetch_files),
+           "lower": list(lower)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -143,9 +153,10 @@ def _entry_path(cache_dir: str, key: str) -> str:
     return os.path.join(cache_dir, "layers", key + ".json")
 
 
-def lookup_cache(cache_dir: str, layer_digest: str, opts: BuildOptions) -> LayerResult | None:
+def lookup_cache(cache_dir: str, layer_digest: str, opts: BuildOptions,
+                 lower: tuple[str, ...] = ()) -> LayerResult | None:
     """The cached result for a layer, if complete (its blob and bootstrap exist)."""
-    path = _entry_path(cache_dir, cache_key(layer_digest, opts))
+    path = _entry_path(cache_dir, cache_key(layer_digest, opts, lower))
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -191,7 +202,8 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
     hit costs nothing on the network. Errors leave no cache entry and no temp file.
     """
     opts = job.options
-    cached = lookup_cache(job.cache_dir, job.layer.digest, opts)
+    lower_ids = tuple(d for d, _ in job.lower)
+    cached = lookup_cache(job.cache_dir, job.layer.digest, opts, lower_ids)
     if cached is not None:
         cached.index = job.index
         if progress:
@@ -214,11 +226,12 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
             raw = _StreamReader(chunks, report)
             stream = io.BufferedReader(raw, buffer_size=1 << 20)
             raw_boot = os.path.join(work, "layer.boot")
+            chunk_dict = _chunk_dict(opts, job.lower)
             try:
                 result = build(
                     stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,
                     compressor=opts.compressor, digester=opts.digester,
-                    chunk_size=opts.chunk_size, chunk_dict=opts.chunk_dict,
+                    chunk_size=opts.chunk_size, chunk_dict=chunk_dict,
                     prefetch_files=opts.prefetch_files, whiteout_spec="none")
             except Exception as err:
                 # Corrupt bytes usually break the gzip or tar stream before the digest
@@ -262,7 +275,7 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
             bytes_in=result.bytes_in, compressed_bytes=result.compressed_bytes,
             dedup_bytes=result.dedup_bytes, seconds=round(time.monotonic() - t0, 3),
             index=job.index, warnings=list(result.warnings))
-        entry = _entry_path(job.cache_dir, cache_key(job.layer.digest, opts))
+        entry = _entry_path(job.cache_dir, cache_key(job.layer.digest, opts, lower_ids))
         tmp_entry = entry + f".{os.getpid()}.tmp"
         with open(tmp_entry, "w") as f:
             json.dump(asdict(res), f, indent=1)
@@ -272,6 +285,19 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _chunk_dict(opts: BuildOptions, lower: tuple[tuple[str, str], ...]) -> Any:
+    """The chunk dict of a build: the user's dict bootstrap, then every chunk of the
+    lower layers' own bootstraps (per-layer trees keep whiteout-deleted files, so
+    their chunks count too). A path when there is only the user's dict."""
+    if not lower:
+        return opts.chunk_dict
+    out: ChunkDict = chunk_dict_from_bootstrap(opts.chunk_dict) if opts.chunk_dict else {}
+    for _, boot in lower:
+        for d, ref in chunk_dict_from_tree(load_bootstrap(boot).tree).items():
+            out.setdefault(d, ref)
+    return out
 
 
 def _retarget_bootstrap(src: str, dst: str, builder_id: str | None, blob: Any,
