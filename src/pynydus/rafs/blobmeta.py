@@ -320,6 +320,14 @@ def pack_section_header(name: str, size: int) -> bytes:
     return bytes(h)
 
 
+def _octal(field: bytes, offset: int, what: str) -> int:
+    """A tar numeric field: octal digits, padded with spaces or NULs (no sign, no base-256)."""
+    digits = field.replace(b"\0", b" ").strip()
+    if not digits or not all(0x30 <= c <= 0x37 for c in digits):
+        raise format_error(f"section tar header {what}", offset, f"{field!r} is not octal")
+    return int(digits, 8)
+
+
 def unpack_section_header(buf: ReadableBuffer, offset: int) -> tuple[str, int]:
     """Decode a section header at ``offset``: (name, section size).
 
@@ -328,11 +336,8 @@ def unpack_section_header(buf: ReadableBuffer, offset: int) -> tuple[str, int]:
     """
     need(len(buf), offset, TAR_BLOCK_SIZE, "section tar header")
     h = bytes(buf[offset : offset + TAR_BLOCK_SIZE])
-    try:
-        stored = int(h[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
-        size = int(h[124:136].replace(b"\0", b" ").strip() or b"0", 8)
-    except ValueError as err:
-        raise format_error("section tar header", offset, "non-octal size or checksum") from err
+    stored = _octal(h[148:156], offset + 148, "checksum")
+    size = _octal(h[124:136], offset + 124, "size")
     computed = sum(h[:148]) + 8 * 0x20 + sum(h[156:])
     if stored != computed:
         raise format_error("section tar header checksum", offset + 148, f"{stored} != {computed}")

@@ -329,3 +329,24 @@ def test_mutated_blob_meta_fails_only_with_format_error() -> None:
                 assert " at offset " in str(err), str(err)
             except Exception as err:  # noqa: BLE001 - the point of the test
                 pytest.fail(f"{label} case {case}: {type(err).__name__}: {err}")
+
+
+def test_mutated_blob_tails_fail_only_with_format_error() -> None:
+    entries = [
+        M.TocEntry(1, name.encode().ljust(16, b"\0"), bytes(32), i * 10, 10, 10)
+        for i, name in enumerate(["image.blob", "blob.meta", "blob.meta.header", "blob.digest"])
+    ]
+    body = b"".join(e.pack() for e in entries)
+    tail = b"x" * 600 + body + M.pack_section_header(M.TOC_ENTRY_BLOB_TOC, len(body))
+    assert len(M.unpack_toc(tail)) == 4
+    rng = random.Random(5)
+    for case in range(CASES):
+        buf = bytearray(tail)
+        for _ in range(rng.randint(1, 4)):
+            buf[rng.randrange(len(buf) - 512, len(buf))] = rng.randrange(256)
+        try:
+            M.unpack_toc(bytes(buf))
+        except FormatError as err:
+            assert " at offset " in str(err), str(err)
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"tail case {case}: {type(err).__name__}: {err}")
