@@ -310,7 +310,10 @@ def pack_section_header(name: str, size: int) -> bytes:
         raise ValueError(f"section name {name!r} must be 1..100 bytes")
     h = bytearray(TAR_BLOCK_SIZE)
     h[0 : len(raw)] = raw
-    h[124:136] = b"%011o\0" % size
+    if size < 8**11:
+        h[124:136] = b"%011o\0" % size
+    else:  # GNU base-256, as tar-rs writes sizes that do not fit 11 octal digits
+        h[124:136] = b"\x80" + size.to_bytes(11, "big")
     h[136:148] = b"%011o\0" % 0
     h[156] = ord("0")
     h[257:263] = b"ustar "
@@ -321,7 +324,10 @@ def pack_section_header(name: str, size: int) -> bytes:
 
 
 def _octal(field: bytes, offset: int, what: str) -> int:
-    """A tar numeric field: octal digits, padded with spaces or NULs (no sign, no base-256)."""
+    """A tar numeric field: octal digits padded with spaces or NULs (no sign), or GNU
+    base-256 (first byte 0x80) for sizes of 8 GiB and more."""
+    if field[0] == 0x80:
+        return int.from_bytes(field[1:], "big")
     digits = field.replace(b"\0", b" ").strip()
     if not digits or not all(0x30 <= c <= 0x37 for c in digits):
         raise format_error(f"section tar header {what}", offset, f"{field!r} is not octal")

@@ -381,3 +381,10 @@ def test_blob_meta_with_corrupt_compressed_array_is_a_format_error() -> None:
     )
     with pytest.raises(FormatError, match="chunk-info array at offset 0"):
         M.parse_blob_meta(b"\xff" * len(packed) + header.pack(), blob)
+
+
+def test_section_header_sizes_beyond_8_gib_use_gnu_base_256() -> None:
+    big = 9 << 30
+    h = M.pack_section_header(M.TOC_ENTRY_BLOB_RAW, big)
+    assert h[124] == 0x80
+    assert M.unpack_section_header(h, 0) == (M.TOC_ENTRY_BLOB_RAW, big)
