@@ -157,7 +157,8 @@ def test_build_with_parent_bootstrap_equals_merge(tmp_path: Path, layers: dict[s
                  parent_bootstrap=tmp_path / "l12.boot")
     devs = _devices(tmp_path / "l123.boot", blobs)
     assert len(devs) == 3
-    fsck(tmp_path / "l123.boot", devs)
+    for boot in ("l1.boot", "l12.boot", "l123.boot"):
+        fsck(tmp_path / boot, _devices(tmp_path / boot, blobs))
     with mounted(tmp_path / "l123.boot", devs) as mnt:
         assert_same_tree(snapshot(layers["expected"]), snapshot(mnt))
 
@@ -186,6 +187,8 @@ def test_overlayfs_form_whiteouts_work_under_kernel_overlayfs(
     r1 = build(layers["base"], tmp_path / "l1.boot", blobs)
     r2 = build(layers["upper"], tmp_path / "l2.boot", blobs)
     r3 = build(layers["l3"], tmp_path / "l3.boot", blobs, type="tar-rafs")  # .wh. -> overlay form
+    for r in (r1, r2, r3):
+        fsck(r.bootstrap, _devices(Path(r.bootstrap), blobs))
     with ExitStack() as stack:
         mnts = [
             stack.enter_context(mounted(r.bootstrap, _devices(Path(r.bootstrap), blobs)))
