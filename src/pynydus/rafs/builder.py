@@ -41,7 +41,7 @@ from pynydus.rafs.merge import (
 from pynydus.rafs.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
 from pynydus.rafs.tree import Tree
-from pynydus.rafs.v6writer import V6Options, write_bootstrap
+from pynydus.rafs.v6writer import BootstrapInfo, V6Options, write_bootstrap
 
 __all__ = ["BlobReport", "BuildResult", "SourceType", "build", "build_tree"]
 
@@ -164,17 +164,22 @@ def build(
     ``source`` is a directory (``dir-rafs``) or a layer tar, plain/gzip/zstd by magic
     (``tar-rafs``/``targz-rafs``; a file object works too). ``tar-tarfs`` makes the
     uncompressed tar itself the blob (512-byte blocks, sha256, no compression; the
-    kernel mounts it directly; spec §1.15). ``blob_cache_dir`` also writes the
-    blob's cache form there (``<id>.blob.data`` = uncompressed address space, usable
-    as the kernel device of a compressed image; ``<id>.blob.meta``), like upstream's
-    ``--blob-cache-dir``. The blob is named by its
-    sha256 and omitted when the image has no file data. ``chunk_dict`` (a
-    digest→ChunkRef mapping, or a bootstrap path) dedups against existing blobs, which
-    then join the blob table. ``parent_bootstrap`` makes the result the parent image
-    with this layer overlaid (its whiteouts applied), parent blobs first in the table. ``prefetch_files``
-    are absolute paths (``/`` = everything) recorded in the prefetch table.
-    A failed build removes its partial blob and writes no bootstrap. Not idempotent
-    in time (mtime of outputs) but deterministic in content for the same input.
+    kernel mounts it directly; spec §1.15).
+
+    The blob is named by its sha256 and omitted when the image has no file data.
+    ``chunk_dict`` (a digest→ChunkRef mapping, or a bootstrap path, optionally as
+    ``bootstrap=PATH``) dedups against existing blobs, which then join the blob
+    table. ``parent_bootstrap`` makes the result the parent image with this layer
+    overlaid (its whiteouts applied), parent blobs first in the table.
+    ``prefetch_files`` are absolute paths (``/`` = everything) recorded in the
+    prefetch table; a directory build also writes their data first.
+    ``whiteout_spec`` says what OCI whiteouts become (:mod:`pynydus.rafs.tree`).
+    ``blob_cache_dir`` also writes the blob's cache form (``<id>.blob.data``, the
+    uncompressed address space usable as the kernel device of a compressed image,
+    and ``<id>.blob.meta``), like upstream's ``--blob-cache-dir``.
+
+    A failed build removes its partial blob and writes no bootstrap. The output is
+    deterministic: the same input gives byte-identical bootstrap and blob.
     """
     t0 = time.monotonic()
     if fs_version != 6:
@@ -211,78 +216,111 @@ def build(
     # Prefetch files lead a directory build's blob (a tar stream has its own order).
     prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     tree = Tree(whiteout_spec)
-    writer: BlobWriter | TarfsBlob
     if tarfs:
-        writer = TarfsBlob(blob_dir, chunk_size)
-        try:
-            _build_tarfs_tree(TarSource(source, tee=writer), writer, tree)
-            desc: BlobDesc | None = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        st = BlobStats(
-            bytes_in=writer.bytes_in,
-            chunks_in=writer.chunks,
-            chunks_written=writer.chunks,
-            compressed_bytes=writer.bytes_in,
-        )
+        data = _write_tarfs_blob(source, blob_dir, chunk_size, tree)
     else:
-        writer = BlobWriter(
-            blob_dir,
-            compressor=comp,
-            digester=dig,
-            chunk_size=chunk_size,
-            chunk_dict=dict_map,
-            cache_dir=blob_cache_dir,
+        data = _write_blob(
+            _source_for(source, type, prefetch),
+            BlobWriter(
+                blob_dir,
+                compressor=comp,
+                digester=dig,
+                chunk_size=chunk_size,
+                chunk_dict=dict_map,
+                cache_dir=blob_cache_dir,
+            ),
+            tree,
+            strict_sizes=type != "dir-rafs",
         )
-        try:
-            entries = _source_for(source, type, prefetch)
-            build_tree(entries, writer, tree, strict_sizes=type != "dir-rafs")
-            desc = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        st = writer.stats
 
     if parent is not None:
         overlay(parent.tree.root, tree.root)  # whiteouts of the new layer hide parent entries
         parent.tree.skipped_xattrs = tree.skipped_xattrs
         tree = parent.tree
-    blobs = _blob_table(tree, dict_map, desc, parent.blobs if parent is not None else None)
+    blobs = _blob_table(tree, dict_map, data.desc, parent.blobs if parent is not None else None)
+    options = V6Options(
+        chunk_size=chunk_size,
+        compressor=comp,
+        digester=dig,
+        compact_inodes=compact_inodes,
+        prefetch=prefetch,
+        block_size=TARFS_BLOCK_SIZE if tarfs else 4096,
+        tarfs=tarfs,
+    )
     try:
-        info = write_bootstrap(
-            tree,
-            blobs,
-            bootstrap_out,
-            V6Options(
-                chunk_size=chunk_size,
-                compressor=comp,
-                digester=dig,
-                compact_inodes=compact_inodes,
-                prefetch=prefetch,
-                block_size=TARFS_BLOCK_SIZE if tarfs else 4096,
-                tarfs=tarfs,
-            ),
-        )
+        info = write_bootstrap(tree, blobs, bootstrap_out, options)
     except BaseException:
-        if writer.path:
-            os.unlink(writer.path)
+        if data.path and not data.existed:
+            os.unlink(data.path)
         raise
-    warnings = [
-        f"xattr {name!r} of {path!r} has no RAFS v6 prefix; skipped"
-        for path, name in tree.skipped_xattrs
-    ]
-    result = BuildResult(
+    result = _result(bootstrap_out, info, blobs, data, tree, comp, dig, time.monotonic() - t0)
+    if output_json is not None:
+        with open(output_json, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
+    return result
+
+
+@dataclass
+class _BlobOutcome:
+    desc: BlobDesc | None  # None: no file data, no blob
+    path: str | None
+    existed: bool  # a file with this id was in blob_dir already (same content)
+    stats: BlobStats
+
+
+def _write_blob(
+    entries: Iterable[tuple[Any, Any]], writer: BlobWriter, tree: Tree, *, strict_sizes: bool
+) -> _BlobOutcome:
+    try:
+        build_tree(entries, writer, tree, strict_sizes=strict_sizes)
+        desc = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return _BlobOutcome(desc, writer.path, writer.replaced_existing, writer.stats)
+
+
+def _write_tarfs_blob(
+    source: Any, blob_dir: str | os.PathLike[str], chunk_size: int, tree: Tree
+) -> _BlobOutcome:
+    blob = TarfsBlob(blob_dir, chunk_size)
+    try:
+        _build_tarfs_tree(TarSource(source, tee=blob), blob, tree)
+        desc = blob.finish()
+    except BaseException:
+        blob.abort()
+        raise
+    stats = BlobStats(
+        bytes_in=blob.bytes_in,
+        chunks_in=blob.chunks,
+        chunks_written=blob.chunks,
+        compressed_bytes=blob.bytes_in,
+    )
+    return _BlobOutcome(desc, blob.path, blob.replaced_existing, stats)
+
+
+def _result(
+    bootstrap_out: str | os.PathLike[str],
+    info: BootstrapInfo,
+    blobs: list[BlobDesc],
+    data: _BlobOutcome,
+    tree: Tree,
+    comp: Compressor,
+    dig: Digester,
+    elapsed: float,
+) -> BuildResult:
+    st = data.stats
+    return BuildResult(
         bootstrap=os.fspath(bootstrap_out),
         bootstrap_size=info.size,
         blobs=[
             BlobReport(
                 blob_id=b.blob_id,
-                path=writer.path if b is desc else None,
+                path=data.path if b is data.desc else None,
                 compressed_size=b.compressed_size,
                 uncompressed_size=b.uncompressed_size,
                 chunk_count=b.chunk_count,
-                new=b is desc,
+                new=b is data.desc,
             )
             for b in blobs
         ],
@@ -294,15 +332,14 @@ def build(
         dedup_bytes=st.dedup_bytes,
         dict_chunks=st.dict_chunks,
         compressed_bytes=st.compressed_bytes,
-        elapsed_seconds=time.monotonic() - t0,
+        elapsed_seconds=elapsed,
         compressor=comp.name.lower(),
         digester=dig.name.lower(),
-        warnings=warnings,
+        warnings=[
+            f"xattr {name!r} of {path!r} has no RAFS v6 prefix; skipped"
+            for path, name in tree.skipped_xattrs
+        ],
     )
-    if output_json is not None:
-        with open(output_json, "w") as f:
-            json.dump(result.to_json(), f, indent=2)
-    return result
 
 
 def _load_chunk_dict(

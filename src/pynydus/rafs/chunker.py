@@ -291,6 +291,7 @@ class BlobWriter:
         self._w: _HashingWriter | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._cache = _CacheWriter(os.fspath(cache_dir)) if cache_dir is not None else None
+        self.replaced_existing = False
 
     # ------------------------------------------------------------------ data
     def add_file(self, reader: ChunkSource, size: int) -> tuple[list[ChunkRef], int]:
@@ -498,6 +499,8 @@ class BlobWriter:
         final = os.path.join(self.blob_dir, blob_id)
         assert self._tmp_path is not None
         os.chmod(self._tmp_path, 0o644)
+        # Same id = same bytes: an existing file is replaced by an identical one.
+        self.replaced_existing = os.path.exists(final)
         os.replace(self._tmp_path, final)
         self._tmp_path = None
 

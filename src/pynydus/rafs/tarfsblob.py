@@ -50,6 +50,7 @@ class TarfsBlob:
         self.pos = 0
         self.chunks = 0
         self.bytes_in = 0
+        self.replaced_existing = False
         self.desc = BlobDesc(
             blob_id="",
             chunk_size=chunk_size,
@@ -111,7 +112,9 @@ class TarfsBlob:
         self._f = None
         blob_id = self._h.hexdigest()
         os.chmod(self._tmp, 0o644)
-        os.replace(self._tmp, os.path.join(self.blob_dir, blob_id))
+        final = os.path.join(self.blob_dir, blob_id)
+        self.replaced_existing = os.path.exists(final)  # same id = same bytes
+        os.replace(self._tmp, final)
         self._tmp = ""
         d = self.desc
         d.blob_id = blob_id

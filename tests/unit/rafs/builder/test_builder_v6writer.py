@@ -162,3 +162,13 @@ def test_directory_build_puts_prefetch_files_first_in_the_blob(tmp_path: Path) -
         # implied-first parents still carry their own metadata in the end
         assert bs.stat(bs.lookup_path("/z/warm")).mtime == int((src / "z/warm").stat().st_mtime)
     assert res.inodes == 8
+
+
+def test_failed_bootstrap_write_keeps_an_identical_blob_other_images_use(tmp_path: Path) -> None:
+    layer = _layer(tmp_path, {"a": b"shared" * 1000})
+    first = build(layer, tmp_path / "boot", tmp_path / "blobs", type="tar-rafs")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_bytes(b"")  # a non-empty dir cannot be replaced by a file
+    with pytest.raises(OSError):
+        build(layer, tmp_path / "taken", tmp_path / "blobs", type="tar-rafs")
+    assert (tmp_path / "blobs" / first.blob_ids[0]).exists()
