@@ -17,6 +17,7 @@ Exit status 0 only when every step worked and everything was torn down.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -26,12 +27,11 @@ from typing import TypeVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import images, oci  # noqa: E402
-from tests.harness.containerd import Containerd  # noqa: E402
-from tests.harness.registry import Registry  # noqa: E402
-from tests.harness.snapshotter import Snapshotter  # noqa: E402
-from tests.harness.util import (make_workdir, mounts_under, pid_alive,  # noqa: E402
-                                remove_tree, sweep_stale)
+from tests.harness import images, oci
+from tests.harness.containerd import Containerd
+from tests.harness.registry import Registry
+from tests.harness.snapshotter import Snapshotter
+from tests.harness.util import make_workdir, mounts_under, pid_alive, remove_tree, sweep_stale
 
 T = TypeVar("T")
 SNAP = "nydus"
@@ -57,8 +57,11 @@ def main() -> int:
     if os.geteuid() != 0:
         say("demo: needs root (containerd, runc, overlay mounts)")
         return 1
+    # SIGTERM/SIGHUP unwind like Ctrl-C: every component is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     t_start = time.monotonic()
-    stale = sweep_stale()
+    stale = sweep_stale("demo")  # only directories of earlier demo runs (pyn-demo-*)
     if stale:
         say(f"==> cleaned up {len(stale)} directories left by an interrupted run: "
             + ", ".join(str(p) for p in stale))
@@ -66,10 +69,10 @@ def main() -> int:
     pids: list[int] = []
     dirs: list[Path] = []
     ok = False
-    layouts = make_workdir("img")
+    layouts = make_workdir("demo-img")
     dirs.append(layouts)
     try:
-        with Registry() as reg:
+        with Registry(tag="demo-reg") as reg:
             pids.append(reg.proc.pid if reg.proc else 0)
             dirs.append(reg.workdir)
             say(f"==> registry: docker-registry pid {reg.proc.pid if reg.proc else '?'} "
@@ -81,12 +84,12 @@ def main() -> int:
             ref = reg.ref("demo/layered")
             step(f"push {ref} (skopeo)", lambda: oci.push(built, ref))
 
-            with Snapshotter(log_level="info") as snap:
+            with Snapshotter(log_level="info", tag="demo-snap") as snap:
                 pids.append(snap.pid)
                 dirs.append(snap.workdir)
                 say(f"==> snapshotter: pynydus snapshotter pid {snap.pid}, socket {snap.socket},"
                     f" root {snap.root}")
-                with Containerd(snap.socket, registry_hosts=[reg.host]) as ctrd:
+                with Containerd(snap.socket, registry_hosts=[reg.host], tag="demo-ctrd") as ctrd:
                     pids.append(ctrd.pid)
                     dirs.append(ctrd.workdir)
                     say(f"==> containerd: pid {ctrd.pid}, socket {ctrd.socket}, namespace "

@@ -19,7 +19,7 @@ from tests.harness import images, oci
 from tests.harness.containerd import Containerd
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
-from tests.harness.util import make_workdir, remove_tree
+from tests.harness.util import make_workdir, remove_tree, sweep_stale
 
 REQUIRED = ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/bin/docker-registry", "runc",
             "skopeo", "/bin/busybox", "containerd-shim-runc-v2"]
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if missing:
         reasons.append(f"missing {', '.join(missing)} (run scripts/setup.sh)")
     for item in items:
-        if Path(str(item.fspath)).parent == here:
+        if Path(str(item.path)).parent == here:
             item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.root)
             if reasons:
@@ -53,10 +53,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     outcome = yield
     rep = outcome.get_result()
     if rep.failed:
-        for comp in list(_LIVE):
+        for comp in _LIVE:
             proc = getattr(comp, "proc", None)
             if proc is not None:
                 rep.sections.append((f"{proc.name} log (tail)", proc.log_tail(60)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_leftovers() -> None:
+    """With PYNYDUS_E2E_SWEEP=1 (CI: the machine is ours alone), first clean what an
+    interrupted earlier run left behind: work directories whose owning process is gone,
+    with their processes, shims and mounts."""
+    if os.environ.get("PYNYDUS_E2E_SWEEP") == "1":
+        sweep_stale()
 
 
 @pytest.fixture(scope="session")

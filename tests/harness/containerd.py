@@ -29,12 +29,24 @@ import contextlib
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
-from .util import (HarnessError, Proc, kill_pid, make_workdir, pid_alive, proc_cmdline,
-                   remove_tree, run, unmount_under, wait_until)
+from .util import (
+    HarnessError,
+    Proc,
+    kill_pid,
+    make_workdir,
+    pid_alive,
+    proc_cmdline,
+    remove_tree,
+    run,
+    unmount_under,
+    wait_until,
+)
 
 CONTAINERD_BIN = "/usr/bin/containerd"
 CTR_BIN = "/usr/bin/ctr"
@@ -60,8 +72,9 @@ class Containerd:
     def __init__(self, proxy_socket: Path | None = None, *, proxy_name: str = "nydus",
                  namespace: str | None = None, cri: bool = False,
                  cri_snapshotter: str = "nydus", registry_hosts: Sequence[str] = (),
-                 log_level: str = "info", extra_toml: str = "", keep: bool = False) -> None:
-        self.workdir = make_workdir("ctrd")
+                 log_level: str = "info", extra_toml: str = "", keep: bool = False,
+                 tag: str = "ctrd") -> None:
+        self.workdir = make_workdir(tag)
         self.proxy_socket = proxy_socket
         self.proxy_name = proxy_name
         self.namespace = namespace or f"pyn{secrets.token_hex(3)}"
@@ -148,7 +161,7 @@ class Containerd:
             '  capabilities = ["pull", "resolve", "push"]\n  skip_verify = true\n')
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> Containerd:
+    def start(self) -> Self:
         for d in (self.root, self.state, self.certs_d, self.workdir / "cni"):
             d.mkdir(parents=True, exist_ok=True)
         for host in self.registry_hosts:
@@ -188,6 +201,25 @@ class Containerd:
     def ctr_out(self, *args: str, timeout: float = 300) -> str:
         return self.ctr(*args, timeout=timeout).stdout
 
+    def snapshotter_reachable(self, name: str = "nydus") -> bool:
+        """True once containerd can call the (proxy) snapshotter ``name``: a scratch
+        Prepare and Remove through containerd succeed. After the proxy restarts,
+        containerd's client redials with a backoff of up to a few seconds, and calls in
+        that window fail with Unavailable."""
+        key = f"probe-{secrets.token_hex(4)}"
+        r = self.ctr("snapshot", "--snapshotter", name, "prepare", key, check=False, timeout=30)
+        if r.returncode != 0:
+            return False
+        self.ctr("snapshot", "--snapshotter", name, "rm", key, check=False, timeout=30)
+        return True
+
+    def wait_snapshotter(self, name: str = "nydus", timeout: float = 30.0) -> float:
+        """Wait until ``snapshotter_reachable(name)``; returns the seconds it took."""
+        t0 = time.monotonic()
+        wait_until(lambda: self.snapshotter_reachable(name), timeout,
+                   f"containerd to reach snapshotter {name!r}", interval=0.2)
+        return time.monotonic() - t0
+
     def remove_all_containers(self) -> None:
         """Kill every task and delete every container in our namespaces (best effort)."""
         if self.proc is None or not self.proc.running():
@@ -213,8 +245,10 @@ class Containerd:
             cleanup_state_dir(self.workdir, [self.namespace])
             if not self.keep:
                 remove_tree(self.workdir)
+            elif self.workdir.exists():
+                (self.workdir / "keep").touch()
 
-    def __enter__(self) -> Containerd:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:
@@ -278,7 +312,7 @@ def cleanup_state_dir(workdir: Path, namespaces: Sequence[str] = ()) -> None:
         runc_state = RUNC_ROOT / ns / cid
         if runc_state.exists():
             subprocess.run(["runc", "--root", str(RUNC_ROOT / ns), "delete", "--force", cid],
-                           capture_output=True, timeout=30)
+                           capture_output=True, timeout=30, check=False)
     unmount_under(workdir)
     for ns in nss:
         if not ns.startswith("pyn"):

@@ -5,18 +5,23 @@ directory. The access log (Apache combined format, written by distribution to st
 to ``access.log`` so tests can count what was fetched (``blob_gets``); the application log
 goes to ``registry.log``.
 
-Auth: ``Registry(htpasswd=Path)`` turns on distribution's htpasswd (basic) auth with a
-bcrypt file made by the caller (``htpasswd -Bbn user pass``). Token auth is a later hook:
-pass extra YAML through ``auth_yaml``.
+Auth: ``Registry(htpasswd=write_htpasswd(path, user, password))`` turns on distribution's
+htpasswd (basic) auth; push with ``oci.push(..., creds="user:password")`` and pull with
+``ctr images pull --user user:password``. Token auth is a later hook: pass the ``auth:``
+YAML section through ``auth_yaml``.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from .util import HarnessError, Proc, free_port, make_workdir, remove_tree, wait_until
 
@@ -26,13 +31,31 @@ REGISTRY_BIN = "/usr/bin/docker-registry"
 _ACCESS_RE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
 
 
+def write_htpasswd(path: Path, user: str, password: str) -> Path:
+    """Write a one-user bcrypt htpasswd file (distribution accepts only bcrypt)."""
+    if shutil.which("htpasswd"):
+        line = subprocess.run(["htpasswd", "-Bbn", user, password], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt  # stdlib until 3.13; glibc/libxcrypt provide bcrypt
+
+            hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+        if not hashed or not hashed.startswith("$2"):
+            raise HarnessError("no bcrypt available: install apache2-utils (htpasswd)")
+        line = f"{user}:{hashed}"
+    path.write_text(line + "\n")
+    return path
+
+
 class Registry:
     """Context manager: ``with Registry() as reg: reg.host -> '127.0.0.1:PORT'``."""
 
     def __init__(self, workdir: Path | None = None, *, htpasswd: Path | None = None,
-                 auth_yaml: str | None = None, keep: bool = False) -> None:
+                 auth_yaml: str | None = None, keep: bool = False, tag: str = "reg") -> None:
         self._own_dir = workdir is None
-        self.workdir = workdir or make_workdir("reg")
+        self.workdir = workdir or make_workdir(tag)
         self.keep = keep
         self.port = 0
         self.htpasswd = htpasswd
@@ -90,7 +113,7 @@ class Registry:
         except urllib.error.HTTPError as err:
             return err.code == 401  # auth enabled: up and asking for credentials
 
-    def start(self) -> Registry:
+    def start(self) -> Self:
         self.storage.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):  # the free port may be taken between probe and bind
             self.port = free_port()
@@ -117,8 +140,10 @@ class Registry:
             self.proc.stop()
         if self._own_dir and not self.keep:
             remove_tree(self.workdir)
+        elif self.workdir.exists():
+            (self.workdir / "keep").touch()
 
-    def __enter__(self) -> Registry:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:

@@ -19,12 +19,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import grpc
 
 from pynydus.api import snapshots_pb2, snapshots_pb2_grpc
 
-from .util import HarnessError, Proc, make_workdir, remove_tree, wait_until
+from .util import (
+    HarnessError,
+    Proc,
+    kill_processes_using,
+    make_workdir,
+    remove_tree,
+    unmount_under,
+    wait_until,
+)
 
 MAX_ROOT_LEN = 70  # the snapshotter refuses longer roots (mount option lengths)
 
@@ -47,8 +56,8 @@ class Snapshotter:
 
     def __init__(self, *, config: Path | None = None, log_level: str = "debug",
                  extra_args: Sequence[str] = (), keep: bool = False,
-                 ready_timeout: float = 30.0) -> None:
-        self.workdir = make_workdir("snap")
+                 ready_timeout: float = 30.0, tag: str = "snap") -> None:
+        self.workdir = make_workdir(tag)
         self.root = self.workdir / "root"
         self.socket = self.workdir / "s.sock"
         self.log = self.workdir / "snapshotter.log"
@@ -112,7 +121,7 @@ class Snapshotter:
         self.list_infos(timeout=5)
         return True
 
-    def start(self) -> Snapshotter:
+    def start(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = Proc("snapshotter", self.argv, self.workdir, self.log)
         self.proc.start()
@@ -152,12 +161,19 @@ class Snapshotter:
         raise HarnessError("no VmRSS in /proc status")
 
     def close(self) -> None:
-        """Stop and remove the work directory (unmounting whatever is left); idempotent."""
+        """Stop the snapshotter, then every process it left working under its root (FUSE
+        daemons outlive a snapshotter stop by design, so that a restart can reattach),
+        unmount what is left and remove the work directory; idempotent. With ``keep`` the
+        directory (and a ``keep`` marker that stops ``sweep_stale``) stays."""
         self.stop()
-        if not self.keep:
+        kill_processes_using(self.workdir)
+        unmount_under(self.workdir)
+        if self.keep:
+            (self.workdir / "keep").touch()
+        else:
             remove_tree(self.workdir)
 
-    def __enter__(self) -> Snapshotter:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:
