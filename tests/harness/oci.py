@@ -288,10 +288,10 @@ def push(image: BuiltImage, ref: str, *, creds: str | None = None) -> None:
     if creds:
         argv += ["--dest-creds", creds]
     argv += [f"oci:{image.layout}:{image.tag}", f"docker://{ref}"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     if r.returncode != 0 and "preserve-digests" in r.stderr:
         # skopeo < 1.6 has no --preserve-digests; it keeps digests anyway without conversion
         argv.remove("--preserve-digests")
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     if r.returncode != 0:
         raise HarnessError(f"skopeo copy to {ref} failed: {r.stderr.strip()}")
