@@ -310,3 +310,27 @@ def test_tarfs_fixtures_mount(tmp_path: Path, name: str) -> None:
                 assert p.read_bytes() == tf.extractfile(m).read()  # type: ignore[union-attr]
             elif m.issym():
                 assert os.readlink(p) == m.linkname
+
+
+@pytest.mark.slow
+def test_file_larger_than_4gib_keeps_its_size_and_data(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    big = src / "big.img"
+    marks = {0: b"start", 3 * 2**30 + 5: b"middle", 5 * 2**30 - 3: b"end"}
+    with open(big, "wb") as f:
+        f.truncate(5 * 2**30)
+        for off, data in marks.items():
+            f.seek(off)
+            f.write(data)
+    res = build(src, tmp_path / "boot", tmp_path / "blobs", chunk_size=0x1000000)
+    assert res.chunks_written == 4  # 3 distinct data chunks + one zero chunk for all holes
+    blobs = _blob_paths(res, tmp_path / "blobs")
+    fsck(res.bootstrap, blobs)
+    with mounted(res.bootstrap, blobs) as mnt, open(mnt / "big.img", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == 5 * 2**30
+        for off, data in marks.items():
+            f.seek(off)
+            assert f.read(len(data)) == data
+        f.seek(4 * 2**30 + 7)
+        assert f.read(100) == bytes(100)
