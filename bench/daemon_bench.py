@@ -255,6 +255,8 @@ def stop_proc(p: Any, mnt: Path) -> None:
         p.kill()
         p.wait(10)
     force_unmount(mnt)
+    # forget the PID so no later clean-up can mistake a reused PID for our daemon
+    (mnt.parent / "pids" / f"{mnt.name.removesuffix('.mnt')}.pid").unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------- phases

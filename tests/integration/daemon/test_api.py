@@ -114,6 +114,16 @@ def test_shared_mode_two_images_then_umount_one(full_image: Image, start_daemon:
                  _mount_body(V6_BOOT, localfs_config(workdir / "noblobs",
                                                      workdir / "cache"))) == (204, None)
     assert sorted(os.listdir(d.mountpoint)) == ["a", "b"]
+    # as nydusd (fuse-backend-rs Vfs): st_ino = (slot << 56) | nid, first image in slot 1
+    from pynydus.rafs.reader import Bootstrap
+
+    bs = Bootstrap.open(str(full_image.bootstrap))
+    try:
+        nid = bs.lookup_path("/files/tiny")
+    finally:
+        bs.close()
+    assert os.stat(d.mountpoint / "a/files/tiny").st_ino == (1 << 56) | nid
+    assert os.stat(d.mountpoint / "b/etc").st_ino >> 56 == 2
     assert compare_trees(full_image.src, d.mountpoint / "a") == []
     assert os.readlink(d.mountpoint / "b/bin") == "usr/bin"
     assert len(list((d.mountpoint / "b/etc").iterdir())) > 50

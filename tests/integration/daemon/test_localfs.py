@@ -51,8 +51,10 @@ def test_inode_numbers_are_nids_and_hardlinks_share_one(full_image: Image,
             nid = bs.lookup_path(b"/" + rel)
             ino = os.lstat(os.path.join(os.fsencode(d.mountpoint), rel)).st_ino
             assert ino == nid, rel
-        # Deliberate difference from nydusd: the root reports FUSE's root id 1, because
-        # pyfuse3 uses one number as node id and st_ino (nydusd reports the root nid).
+        # Differences from nydusd, whose fuse-backend-rs Vfs reports st_ino =
+        # (fs_idx << 56) | nid with fs_idx 1 for the image mounted at "/": we report the
+        # nid itself (what the kernel's EROFS shows, and the golden data), and the root
+        # reports FUSE's root id 1 because pyfuse3 uses one number as node id and st_ino.
         assert os.stat(d.mountpoint).st_ino == 1
     finally:
         bs.close()
@@ -165,7 +167,7 @@ def test_upstream_v6_fixture_lists_and_stats_as_golden(start_daemon: StartFn,
         want["uid"], want["gid"] = str(os.geteuid()), str(os.getegid())
         if g["path"] == "/":
             assert want["mtime"] == "0" and t0 - 60 <= int(got["mtime"]) <= time.time()
-            assert got["nid"] == "1"  # FUSE root id; nydusd reports nid 128 (documented)
+            assert got["nid"] == "1"  # FUSE root id (nydusd: 1 << 56 | 128), see above
             got["mtime"], got["mtime_nsec"], got["nid"] = want["mtime"], "0", want["nid"]
         if got != want:
             mismatches.append((g["path"], {k: (want[k], got[k]) for k in got if got[k] != want[k]}))
