@@ -365,3 +365,23 @@ def test_many_threads_through_intermittent_faults(registry: Registry,
         t.join(60)
     assert not errors, errors[:3]
     assert c.metrics.retries == 14
+
+
+def test_nydusd_backend_config_keys_reach_the_client(registry: Registry,
+                                                     stored: tuple[bytes, str],
+                                                     fault_proxy: MakeProxy) -> None:
+    data, d = stored
+    mirror = fault_proxy(registry.host)
+    internal = fault_proxy(registry.host)
+    front = fault_proxy(registry.host, redirect=True)
+    cfg = {"scheme": "http", "host": front.host, "repo": REPO, "timeout": 2,
+           "connect_timeout": 2, "retry_limit": 0, "blob_redirected_host": internal.host,
+           "proxy": {"url": "", "fallback": True},
+           "mirrors": [{"host": f"http://{mirror.host}", "headers": {"X-M": "1"}}]}
+    with RegistryClient.from_backend_config(cfg) as c:
+        assert c.read_blob_range(REPO, d, 0, 10) == data[:10]
+        assert mirror.count("GET", "/blobs/") == 1 and mirror.log[-1][2].get("X-M") == "1"
+    cfg["mirrors"] = []
+    with RegistryClient.from_backend_config(cfg) as c:
+        assert c.read_blob_range(REPO, d, 0, 10) == data[:10]
+        assert internal.count("GET", "/blobs/") == 1  # redirect rewritten to it
