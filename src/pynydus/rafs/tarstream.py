@@ -29,6 +29,7 @@ import io
 import os
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, cast
@@ -247,6 +248,18 @@ def _tar_xattrs(pax: Mapping[str, str]) -> dict[bytes, bytes]:
     return out
 
 
+# What decoders and the tar parser raise for malformed input (gzip.BadGzipFile is
+# an OSError; plain OSErrors from the source file itself are left alone).
+_DECODE_ERRORS = (
+    tarfile.TarError,
+    EOFError,
+    gzip.BadGzipFile,
+    zlib.error,
+    zstandard.ZstdError,
+    UnicodeError,
+)
+
+
 class _Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
@@ -275,7 +288,7 @@ class _TarData:
     def read(self, n: int = -1, /) -> bytes:
         try:
             return self._f.read(n)
-        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as err:
+        except _DECODE_ERRORS as err:
             raise FormatError(f"layer tar: data of {self._path!r}: {err}") from err
 
 
@@ -310,6 +323,14 @@ class TarSource:
             yield from self._iter(self._source)
 
     def _iter(self, f: BinaryIO) -> Iterator[tuple[Entry, DataReader | None]]:
+        try:
+            yield from self._iter_entries(f)
+        except _DECODE_ERRORS as err:
+            # Decoder and tar-parser failures anywhere (header, data skip, end padding)
+            # mean malformed input; consumer exceptions never pass through here.
+            raise FormatError(f"layer tar: {type(err).__name__}: {err}") from err
+
+    def _iter_entries(self, f: BinaryIO) -> Iterator[tuple[Entry, DataReader | None]]:
         head = _peek(f, 4)
         self.compression = (
             "gzip"
@@ -323,22 +344,16 @@ class TarSource:
             return  # an empty file is an empty layer (upstream's empty.tar fixture)
         if self._tee is not None:
             stream = _Tee(stream, self._tee)  # type: ignore[assignment]
-        try:
-            tf = tarfile.open(  # noqa: SIM115 - entered with "with" right below
-                fileobj=stream,
-                mode="r|",
-                encoding="utf-8",
-                errors="surrogateescape",
-                bufsize=_TAR_BUFSIZE,
-            )
-        except tarfile.ReadError as err:
-            raise FormatError(f"layer tar: {err}") from err
+        tf = tarfile.open(  # noqa: SIM115 - entered with "with" right below
+            fileobj=stream,
+            mode="r|",
+            encoding="utf-8",
+            errors="surrogateescape",
+            bufsize=_TAR_BUFSIZE,
+        )
         with tf:
             while True:
-                try:
-                    member = tf.next()
-                except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as err:
-                    raise FormatError(f"layer tar: {err}") from err
+                member = tf.next()
                 if member is None:
                     if self._tee is not None:
                         # The copy must be the whole tar, padding after the end marker too.
