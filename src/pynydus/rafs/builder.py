@@ -120,7 +120,12 @@ def build_tree(
         refs: list[ChunkRef] | None = None
         is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
         if entry.type == EntryType.REG and not is_whiteout:
-            refs, got = writer.add_file(reader, entry.size) if entry.size else ([], 0)
+            try:
+                refs, got = writer.add_file(reader, entry.size) if entry.size else ([], 0)
+            finally:
+                close = getattr(reader, "close", None)
+                if close is not None:
+                    close()  # a directory source's file stays open unless read to EOF
             if got != entry.size:
                 if strict_sizes:
                     raise FormatError(
