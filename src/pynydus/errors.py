@@ -58,6 +58,14 @@ class Unavailable(NydusError):
     errno = _errno.EIO
 
 
+class PermissionDenied(NydusError):
+    """Credentials were refused (a registry's 401/403 after authenticating)."""
+
+    grpc_code = "PERMISSION_DENIED"
+    errno = _errno.EACCES
+    exit_code = 3
+
+
 class NotImplementedFeature(NydusError):
     """A recognised feature that this build does not implement."""
 

@@ -12,19 +12,13 @@ base taxonomy (the gRPC edge, FUSE handlers, CLI exit codes) still map them righ
 
 from __future__ import annotations
 
-import errno as _errno
-
-from pynydus.errors import FormatError, NydusError, Unavailable
+from pynydus.errors import FormatError, PermissionDenied, Unavailable
 
 
-class Unauthorized(NydusError):
+class Unauthorized(PermissionDenied):
     """The registry rejected the request after authentication (HTTP 401 or 403).
 
     ``status`` is the last HTTP status; ``challenge`` the last ``WWW-Authenticate``."""
-
-    grpc_code = "PERMISSION_DENIED"
-    errno = _errno.EACCES
-    exit_code = 3
 
     def __init__(self, message: str, *, status: int = 401, challenge: str = "") -> None:
         super().__init__(message)
