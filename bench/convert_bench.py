@@ -42,9 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import oci  # noqa: E402
-from tests.harness.containerd import Containerd  # noqa: E402
-from tests.harness.registry import Registry  # noqa: E402
+from tests.harness import oci
+from tests.harness.containerd import Containerd
+from tests.harness.registry import Registry
 
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
 FILE_SIZE = 4 << 20

@@ -23,14 +23,21 @@ import concurrent.futures as cf
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pynydus.errors import FailedPrecondition, InvalidArgument, NotFound, q
-from pynydus.registry import (Credentials, RegistryClient, Unauthorized, media,
-                              parse_reference, resolve_credentials)
+from pynydus.registry import (
+    Credentials,
+    RegistryClient,
+    Unauthorized,
+    media,
+    parse_reference,
+    resolve_credentials,
+)
 from pynydus.registry.reference import Reference
 
 from . import image as img
@@ -109,9 +116,10 @@ def _credentials(explicit: str | None, host: str) -> Credentials | None:
 
 
 def _spec(ref: Reference, insecure: bool, auth: str | None) -> RegistrySpec:
+    """``insecure`` is nydusify's ``--*-insecure``: accept any TLS certificate and fall
+    back to plain HTTP when the registry speaks it (loopback registries use HTTP anyway)."""
     creds = _credentials(auth, ref.domain)
-    scheme = "http" if insecure else ref.default_scheme
-    return RegistrySpec(ref.api_host, scheme, insecure,
+    return RegistrySpec(ref.api_host, ref.default_scheme, insecure,
                         creds.auth_string() if creds is not None and creds.has_basic else None)
 
 
@@ -178,7 +186,7 @@ class _Run:
         t0 = time.monotonic()
         opts = self.opts
         opts.build.validate()
-        src_index, src_index_bytes, images = self.resolve()
+        src_index, _, images = self.resolve()
         for si in images:
             img.attach_config(si, _fetch_small_blob(self.src, self.src_repo,
                                                     str(si.config["digest"])))
@@ -289,9 +297,11 @@ class _Run:
                     lower = tuple((r.blob_digest, r.bootstrap) for r in st.finals[:i]
                                   if r is not None)
                     lyr = st.image.layers[i]
-                    res = lookup_cache(self.opts.cache_dir, lyr.digest, self.opts.build,
+                    hit = lookup_cache(self.opts.cache_dir, lyr.digest, self.opts.build,
                                        tuple(d for d, _ in lower))
-                    if res is None:
+                    if hit is not None:
+                        res = hit
+                    else:
                         self.rep.info(f"layer {lyr.digest[7:19]}: duplicates lower layers' "
                                       "data, converting again against them")
                         if pool is None:
@@ -404,9 +414,19 @@ class _Run:
                     continue
                 if same_registry and self.dst.mount_blob(self.dst_repo, dg, self.src_repo):
                     continue
-                data = _fetch_small_blob(self.src, self.src_repo, dg)
-                self.dst.push_blob(self.dst_repo, data, dg, size=size)
+                self._copy_blob(dg, size)
             self.dst.put_manifest(self.dst_repo, digest, m.media_type, m.data)
+
+
+    def _copy_blob(self, digest: str, size: int) -> None:
+        """Source blob → target blob through a temp file (memory stays bounded)."""
+        tmp_dir = os.path.join(self.opts.cache_dir, "tmp")
+        os.makedirs(tmp_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=tmp_dir) as f:
+            for chunk in self.src.get_blob(self.src_repo, digest):
+                f.write(chunk)
+            f.seek(0)
+            self.dst.push_blob(self.dst_repo, f, digest, size=size)
 
 
 def convert(opts: ConvertOptions, reporter: Reporter | None = None) -> ConvertReport:

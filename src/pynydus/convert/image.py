@@ -45,8 +45,8 @@ from pynydus.registry import media
 __all__ = [
     "BOOTSTRAP_HISTORY",
     "LayerDesc",
-    "SourceImage",
     "Platform",
+    "SourceImage",
     "dumps",
     "is_nydus_manifest",
     "layer_compression",
@@ -275,7 +275,7 @@ class BlobLayer:
 def nydus_config(source_config: Mapping[str, Any], blobs: Sequence[BlobLayer],
                  bootstrap_diff_id: str) -> dict[str, Any]:
     """The converted image config: diff ids rewritten, one history entry appended."""
-    cfg = json.loads(json.dumps(source_config))  # deep copy, JSON types only
+    cfg: dict[str, Any] = json.loads(json.dumps(source_config))  # deep copy, JSON types only
     rootfs = dict(cfg.get("rootfs") or {"type": "layers"})
     rootfs["type"] = rootfs.get("type") or "layers"
     rootfs["diff_ids"] = [b.digest for b in blobs] + [bootstrap_diff_id]
@@ -350,6 +350,7 @@ def merged_index(source_index: Mapping[str, Any] | None,
                  nydus_entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The ``--merge-platform`` index: the source's manifests (or ``source_entries``
     when the source was a single manifest), stale Nydus entries dropped, ours added."""
+    doc: dict[str, Any]
     if source_index is not None:
         doc = json.loads(json.dumps(source_index))
         doc["mediaType"] = media.OCI_INDEX

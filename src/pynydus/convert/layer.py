@@ -39,13 +39,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pynydus.errors import InvalidArgument
-from pynydus.registry.errors import DigestMismatch
 from pynydus.rafs.builder import build
-from pynydus.rafs.compress import parse_compressor, parse_digester
 from pynydus.rafs.chunker import ChunkDict
+from pynydus.rafs.compress import parse_compressor, parse_digester
 from pynydus.rafs.merge import chunk_dict_from_bootstrap, chunk_dict_from_tree, load_bootstrap
-from pynydus.rafs.v6writer import V6Options, write_bootstrap
 from pynydus.rafs.tarstream import normalize_path
+from pynydus.rafs.v6writer import V6Options, write_bootstrap
+from pynydus.registry.errors import DigestMismatch
 
 from .image import LayerDesc
 from .pack import inline_bootstrap
@@ -243,7 +243,7 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
                             pass
                     except DigestMismatch as late:
                         mismatch = late
-                    except Exception:  # noqa: BLE001 - the build error is the one to report
+                    except Exception:  # noqa: BLE001, S110 - the build error is the one to report
                         pass
                 if mismatch is not None:
                     raise DigestMismatch(
@@ -277,8 +277,8 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
             index=job.index, warnings=list(result.warnings))
         entry = _entry_path(job.cache_dir, cache_key(job.layer.digest, opts, lower_ids))
         tmp_entry = entry + f".{os.getpid()}.tmp"
-        with open(tmp_entry, "w") as f:
-            json.dump(asdict(res), f, indent=1)
+        with open(tmp_entry, "w") as out:
+            json.dump(asdict(res), out, indent=1)
         os.replace(tmp_entry, entry)
         if progress:
             progress(job.index, "done", 0)

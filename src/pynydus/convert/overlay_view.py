@@ -22,9 +22,9 @@ import hashlib
 import io
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import zstandard
 
@@ -59,7 +59,7 @@ def _norm(name: str) -> str:
     return "/".join(parts)
 
 
-def _xattrs(pax: dict[str, str]) -> dict[bytes, bytes]:
+def _xattrs(pax: Mapping[str, str]) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for k, v in pax.items():
         if k.startswith("LIBARCHIVE.xattr."):
@@ -81,6 +81,13 @@ def _mtime(m: tarfile.TarInfo) -> int:
     if v is not None:
         return int(v.split(".")[0] or 0)
     return int(m.mtime)
+
+
+def _sha256_of(f: IO[bytes]) -> str:
+    h = hashlib.sha256()
+    while block := f.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
 
 
 class _Prefixed(io.RawIOBase):
@@ -106,8 +113,8 @@ def open_layer_stream(f: BinaryIO) -> BinaryIO:
     head = f.read(4)
     raw = io.BufferedReader(_Prefixed(head, f))
     if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
-    return raw  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value,unused-ignore]
+    return raw  # type: ignore[return-value,unused-ignore]
 
 
 class OverlayView:
@@ -142,7 +149,7 @@ class OverlayView:
         with tarfile.open(fileobj=open_layer_stream(stream), mode="r|*",
                           encoding="utf-8", errors="surrogateescape") as tf:
             for m in tf:
-                tf.members.clear()
+                tf.members.clear()  # type: ignore[attr-defined]  # streaming: keep nothing
                 path = _norm(m.name)
                 base = path.rsplit("/", 1)[-1]
                 parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -158,12 +165,9 @@ class OverlayView:
                 target = ""
                 if m.isreg():
                     rec.kind, rec.size = "reg", m.size
-                    h = hashlib.sha256()
                     f = tf.extractfile(m)
                     assert f is not None
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                    rec.sha256 = h.hexdigest()
+                    rec.sha256 = _sha256_of(f)
                 elif m.isdir():
                     rec.kind = "dir"
                 elif m.issym():
@@ -180,8 +184,8 @@ class OverlayView:
                     continue
                 entries.append((path, rec, target))
         for d in opaque:
-            rec = self.paths.get(d)
-            if rec is not None and rec.kind == "dir":
+            opq = self.paths.get(d)
+            if opq is not None and opq.kind == "dir":
                 prefix = d + "/" if d else ""
                 for p in [p for p in self.paths if p.startswith(prefix) and p != ""]:
                     del self.paths[p]
@@ -194,14 +198,14 @@ class OverlayView:
                 continue
             self._ensure_parents(path)
             if target:
-                src = self.paths.get(target)
-                if src is None or src.kind != "reg":
+                linked = self.paths.get(target)
+                if linked is None or linked.kind != "reg":
                     raise ValueError(f"hardlink {path!r}: target {target!r} missing")
-                if not src.group:
+                if not linked.group:
                     self._groups += 1
-                    src.group = self._groups
+                    linked.group = self._groups
                 self._remove_tree(path)
-                self.paths[path] = src  # same record: one inode, two names
+                self.paths[path] = linked  # same record: one inode, two names
                 continue
             old = self.paths.get(path)
             if rec.kind == "dir" and old is not None and old.kind == "dir":

@@ -79,8 +79,14 @@ class RichReporter:
     """A rich progress bar per layer (bytes of the source layer consumed)."""
 
     def __init__(self) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
 
         self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                            TransferSpeedColumn(), TimeElapsedColumn(), transient=False)
@@ -104,7 +110,7 @@ class RichReporter:
                        description=f"layer {_short(summary['source_digest'])}{note}")
 
     def info(self, message: str) -> None:
-        self._p.console.log(message)
+        self._p.console.print(message)
 
     def close(self) -> None:
         self._p.stop()

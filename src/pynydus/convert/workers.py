@@ -144,11 +144,30 @@ class WorkerPool:
             if p.stdout is not None:
                 p.stdout.close()
 
-    def __enter__(self) -> WorkerPool:
+    def __enter__(self) -> WorkerPool:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ProgressBatcher:
+    """Progress callback of a worker: byte counts sent to the parent per MiB."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._pending = 0
+
+    def __call__(self, index: int, event: str, value: int) -> None:
+        if event == "bytes":
+            self._pending += value
+            if self._pending >= 1 << 20:
+                self.flush(index)
+
+    def flush(self, index: int) -> None:
+        if self._pending:
+            _send(self._out, ("progress", index, self._pending))
+            self._pending = 0
 
 
 def _worker_main() -> int:
@@ -161,27 +180,18 @@ def _worker_main() -> int:
             job: LayerJob = _recv(proto_in)
         except EOFError:
             return 0
-        sent = [0]
-
-        def progress(index: int, event: str, value: int) -> None:
-            if event == "bytes":
-                sent[0] += value
-                if sent[0] >= 1 << 20:
-                    _send(proto_out, ("progress", index, sent[0]))
-                    sent[0] = 0
-
+        batcher = _ProgressBatcher(proto_out)
         try:
-            res: LayerResult = convert_layer(job, progress)
-            if sent[0]:
-                _send(proto_out, ("progress", job.index, sent[0]))
+            res: LayerResult = convert_layer(job, batcher)
+            batcher.flush(job.index)
             _send(proto_out, ("done", res))
-        except Exception as err:  # reported to the parent, which raises it
+        except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
             exc: BaseException = err
             if not isinstance(err, NydusError):
                 exc = NydusError(f"convert layer {job.layer.digest}: {type(err).__name__}: {err}")
             try:
                 pickle.loads(pickle.dumps(exc))
-            except Exception:
+            except Exception:  # noqa: BLE001 - any unpicklable error travels as text
                 exc = NydusError(str(exc))
             _send(proto_out, ("error", exc))
 

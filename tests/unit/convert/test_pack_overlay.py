@@ -12,8 +12,13 @@ from pathlib import Path
 from pynydus.convert.bootstrap import merge_layers
 from pynydus.convert.layer import BuildOptions, cache_key
 from pynydus.convert.overlay_view import OverlayView
-from pynydus.convert.pack import (bootstrap_from_layer, bootstrap_layer,
-                                  extract_inline_bootstrap, inline_bootstrap, read_toc)
+from pynydus.convert.pack import (
+    bootstrap_from_layer,
+    bootstrap_layer,
+    extract_inline_bootstrap,
+    inline_bootstrap,
+    read_toc,
+)
 from pynydus.rafs.builder import build
 from pynydus.rafs.reader import Bootstrap
 
