@@ -301,15 +301,17 @@ def plan_ranges(chunks: Sequence[ChunkRef], max_request: int) -> list[list[Chunk
     range stays within ``max_request`` bytes (a single chunk may exceed it alone).
     """
     groups: list[list[ChunkRef]] = []
+    # The open group's extent is kept as we go: recomputing its end from all its
+    # members made this quadratic, and an amplified miss over small files plans
+    # 1,000+ chunks (seconds of CPU on the read path for a 50,000-file image).
+    g_start = g_end = 0
     for c in chunks:
-        if groups:
-            g = groups[-1]
-            g_start = g[0].c_off
-            g_end = max(x.c_off + x.c_size for x in g)
-            if 0 <= c.c_off - g_end <= _MERGE_GAP and c.c_off + c.c_size - g_start <= max_request:
-                g.append(c)
-                continue
+        if groups and 0 <= c.c_off - g_end <= _MERGE_GAP and c.c_off + c.c_size - g_start <= max_request:
+            groups[-1].append(c)
+            g_end = max(g_end, c.c_off + c.c_size)
+            continue
         groups.append([c])
+        g_start, g_end = c.c_off, c.c_off + c.c_size
     return groups
 
 
