@@ -52,8 +52,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness.containerd import Containerd  # noqa: E402
-from tests.harness.registry import Registry  # noqa: E402
+from tests.harness.containerd import Containerd
+from tests.harness.registry import Registry
 
 WORK = Path(os.environ.get("PYNYDUS_BENCH_DIR", "/var/tmp/pynydus-bench"))
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -69,6 +69,8 @@ RECIPE_VERSION = 1
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+ACCEPT = (f"{MT_MANIFEST}, application/vnd.oci.image.index.v1+json, "
+          "application/vnd.docker.distribution.manifest.v2+json")
 
 
 def log(msg: str) -> None:
@@ -335,8 +337,8 @@ def specs(rebuild_base: bool = False) -> dict[str, ImageSpec]:
             reads=("bin/busybox", "app/hello.sh")),
         "many-files": ImageSpec(
             "many-files",
-            ["/bin/sh", "-c", "cat /data/d042/f21000.txt /data/d007/f03512.txt >/dev/null"
-             " && echo many-files: ok"],
+            ["/bin/sh", "-c", ("cat /data/d042/f21000.txt /data/d007/f03512.txt >/dev/null"
+                               " && echo many-files: ok")],
             "many-files: ok",
             [("busybox", tree_busybox), ("many", tree_many)],
             reads=("bin/busybox", "data/d042/f21000.txt", "data/d007/f03512.txt")),
@@ -380,8 +382,7 @@ def reads_bytes(spec: ImageSpec) -> int:
 
 def tag_exists(registry_host: str, repo: str, tag: str) -> bool:
     req = urllib.request.Request(f"http://{registry_host}/v2/{repo}/manifests/{tag}", method="HEAD")
-    req.add_header("Accept", ", ".join([MT_MANIFEST, "application/vnd.oci.image.index.v1+json",
-                                        "application/vnd.docker.distribution.manifest.v2+json"]))
+    req.add_header("Accept", ACCEPT)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return bool(r.status == 200)
@@ -393,8 +394,7 @@ def manifest_info(registry_host: str, repo: str, tag: str) -> dict[str, Any]:
     """Digest and layer sizes of a pushed image (through a platform index if any)."""
     def get(ref: str) -> tuple[dict[str, Any], str]:
         req = urllib.request.Request(f"http://{registry_host}/v2/{repo}/manifests/{ref}")
-        req.add_header("Accept", ", ".join([MT_MANIFEST, "application/vnd.oci.image.index.v1+json",
-                                            "application/vnd.docker.distribution.manifest.v2+json"]))
+        req.add_header("Accept", ACCEPT)
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read()), r.headers.get("Docker-Content-Digest", "")
     man, digest = get(tag)

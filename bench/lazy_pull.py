@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -58,20 +59,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import lazy_images  # noqa: E402
+import lazy_images
 
-from pynydus.manager.client import DaemonClient  # noqa: E402
-from tests.harness.containerd import Containerd  # noqa: E402
-from tests.harness.cri import CriImages  # noqa: E402
-from tests.harness.registry import Registry  # noqa: E402
-from tests.harness.snapshotter import Snapshotter  # noqa: E402
-from tests.harness.util import Proc, make_workdir, remove_tree, unmount_under, wait_until  # noqa: E402
+from pynydus.manager.client import DaemonClient
+from pynydus.manager.daemonconfig import DEFAULT_TEMPLATE
+from tests.harness.containerd import Containerd
+from tests.harness.cri import CriImages
+from tests.harness.registry import Registry
+from tests.harness.snapshotter import Snapshotter
+from tests.harness.util import Proc, make_workdir, remove_tree, unmount_under, wait_until
 
 CTR = "/usr/bin/ctr"
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
@@ -88,6 +90,20 @@ _LOGTIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 def say(msg: str) -> None:
     print(f"[lazy_pull {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def use_bytecode() -> None:
+    """Let our snapshotter and pynydusd (children of this process) load compiled
+    bytecode, as an installed pynydus does: a development shell often sets
+    PYTHONDONTWRITEBYTECODE, and then every daemon start compiles pynydus from source
+    (0.5 s+ of its start-up). The cache goes to a prefix directory outside the
+    repository and is filled once here, before anything is timed."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(lazy_images.WORK / "pycache")
+    import pynydus
+
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(pynydus.__file__).parent)],
+                   check=True, timeout=300, stdout=subprocess.DEVNULL)
 
 
 def drop_caches() -> None:
@@ -165,7 +181,7 @@ class Throttle:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> Throttle:
+    def __enter__(self) -> Self:
         port_file = self.workdir / "port"
         self.proc = Proc("throttle", [sys.executable, __file__, "_throttle", str(port_file),
                                       self.upstream, str(self.mbit)], self.workdir,
@@ -195,7 +211,7 @@ class Stargz:
         self.plain_http = plain_http
         self.proc: Proc | None = None
 
-    def __enter__(self) -> Stargz:
+    def __enter__(self) -> Self:
         self.proc = Proc("stargz", [str(STARGZ_BIN), "-address", str(self.socket), "-root",
                                     str(self.root), "-plain-http", ",".join(self.plain_http)],
                          self.workdir, self.workdir / "stargz.log")
@@ -325,11 +341,51 @@ def nydus_counters(snap: Snapshotter) -> tuple[int, int, int]:
     return fuse, chunks, requests
 
 
+PYSPY = Path(sys.executable).parent / "py-spy"
+
+
+def snapshotter_config(out: Path, profile: bool, amplify_io: int | None) -> Path | None:
+    """A snapshotter config for this run, or None for the defaults. ``profile``: the
+    ``daemon.nydusd_path`` runs pynydusd under py-spy (raw collapsed stacks in ``out``,
+    written when the daemon exits); ``amplify_io``: a daemon template (the built-in one
+    with that ``amplify_io``) as ``daemon.nydusd_config``."""
+    if not profile and amplify_io is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["version = 1", "[daemon]"]
+    if profile:
+        wrapper = out / "pynydusd-pyspy"
+        pynydusd = Path(sys.executable).parent / "pynydusd"
+        wrapper.write_text(f"""#!/bin/sh
+exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynydusd} "$@"
+""")
+        wrapper.chmod(0o755)
+        lines.append(f'nydusd_path = "{wrapper}"')
+    if amplify_io is not None:
+        template = json.loads(json.dumps(DEFAULT_TEMPLATE))
+        template["amplify_io"] = amplify_io
+        (out / "nydusd-config.json").write_text(json.dumps(template, indent=1))
+        lines.append(f'nydusd_config = "{out / "nydusd-config.json"}"')
+    cfg = out / "snapshotter.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
 @contextlib.contextmanager
-def peer(mode: str, plain_http: list[str]) -> Iterator[Snapshotter | Stargz | None]:
+def peer(mode: str, plain_http: list[str], profile: Path | None = None,
+         amplify_io: int | None = None) -> Iterator[Snapshotter | Stargz | None]:
     if mode == "nydus":
-        with Snapshotter(tag="lzsnap", log_level="debug") as snap:
+        cfg_dir = profile or make_workdir("lzcfg")
+        cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io)
+        with Snapshotter(tag="lzsnap", log_level="debug", config=cfg) as snap:
             yield snap
+            if profile is not None:  # let py-spy see its child exit and write the profile
+                for sock in (snap.root / "socket").glob("*/*.sock"):
+                    with contextlib.suppress(Exception):
+                        DaemonClient(str(sock), timeout=5)._request("PUT", "/api/v1/daemon/exit")
+                time.sleep(3)
+        if profile is None:
+            remove_tree(cfg_dir)
     elif mode == "stargz":
         with Stargz(plain_http) as sgz:
             yield sgz
@@ -338,9 +394,11 @@ def peer(mode: str, plain_http: list[str]) -> Iterator[Snapshotter | Stargz | No
 
 
 def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, network: str,
-            rep: int, plain_http: list[str], *, drop: bool, nydus_pull: str) -> Sample:
+            rep: int, plain_http: list[str], *, drop: bool, nydus_pull: str,
+            keep_logs: Path | None = None, profile: Path | None = None,
+            amplify_io: int | None = None) -> Sample:
     cid = f"lz-{mode}-{rep}"
-    with peer(mode, plain_http) as p:
+    with peer(mode, plain_http, profile, amplify_io) as p:
         sock = getattr(p, "socket", None)
         cri = mode == "nydus" and nydus_pull == "cri"
         ns = "k8s.io" if cri else None
@@ -384,6 +442,16 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             if mode == "nydus" and isinstance(p, Snapshotter):
                 s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
                 s.breakdown = nydus_breakdown(p, w0, w1, w2)
+                if keep_logs is not None:
+                    dst = keep_logs / f"{network}-{image}-{rep}"
+                    shutil.rmtree(dst, ignore_errors=True)
+                    dst.mkdir(parents=True)
+                    shutil.copy(p.log, dst / "snapshotter.log")
+                    for f in (p.root / "logs").rglob("*"):
+                        if f.is_file():
+                            shutil.copy(f, dst / f.name)
+                    (dst / "times.json").write_text(json.dumps(
+                        {"pull_start": w0, "pull_end": w1, "run_end": w2}))
             return s
 
 
@@ -395,8 +463,8 @@ def med(xs: list[float]) -> float:
 
 def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple[str, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
-    lines = [f"| network | image | mode | pull s | run s | **pull+run s** | min..max | vs overlayfs "
-             f"| MB fetched pull / run | MB read by Cmd | fetched / read |",
+    lines = [("| network | image | mode | pull s | run s | **pull+run s** | min..max | vs overlayfs "
+              "| MB fetched pull / run | MB read by Cmd | fetched / read |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(s.network, s.image) for s in samples},
                   key=lambda k: (NETWORKS.index(k[0]), ["large", "many-files", "small"].index(k[1])))
@@ -411,7 +479,7 @@ def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple
             tot = med([s.total_s for s in ss])
             read = med([s.workload_read for s in ss]) or images_state.get(img, {}).get("reads_bytes", 0)
             fetched = med([s.fetched_pull + s.fetched_run for s in ss])
-            ratio = base / tot if base == base and tot else float("nan")
+            ratio = base / tot if not math.isnan(base) and tot else float("nan")
             row = {"network": net, "image": img, "mode": mode, "n": len(ss),
                    "pull_s": med([s.pull_s for s in ss]), "run_s": med([s.run_s for s in ss]),
                    "total_s": tot, "min_s": min(s.total_s for s in ss),
@@ -477,6 +545,10 @@ def main() -> int:
                     help="skip stargz instead of building its peer when it is missing")
     ap.add_argument("--nydus-pull", choices=["rpull", "cri"], default="rpull")
     ap.add_argument("--json", help="write every sample and the summary here")
+    ap.add_argument("--keep-logs", help="copy each nydus run's snapshotter and daemon logs here")
+    ap.add_argument("--profile", help="run pynydusd under py-spy; collapsed stacks go here")
+    ap.add_argument("--amplify-io", type=lambda v: int(v, 0), default=None,
+                    help="pynydusd amplify_io for this run (default: the snapshotter's template)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("lazy_pull: needs root (containerd, mounts, drop_caches)", file=sys.stderr)
@@ -502,6 +574,7 @@ def main() -> int:
         raise KeyboardInterrupt  # unwinds every context manager: processes, mounts, dirs
 
     signal.signal(signal.SIGTERM, on_signal)
+    use_bytecode()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with lazy_images.bench_registry() as reg:
         formats = tuple(["oci"] + [TAG[m] for m in modes if m != "overlayfs"])
@@ -518,7 +591,10 @@ def main() -> int:
                         for mode in modes:
                             ref = f"{host}/{st['repo']}:{TAG[mode]}"
                             s = measure(mode, img, ref, st["expect"], reg, net, rep, plain,
-                                        drop=not a.no_drop_caches, nydus_pull=a.nydus_pull)
+                                        drop=not a.no_drop_caches, nydus_pull=a.nydus_pull,
+                                        keep_logs=Path(a.keep_logs) if a.keep_logs else None,
+                                        profile=Path(a.profile) / f"{net}-{img}-{rep}"
+                                        if a.profile else None, amplify_io=a.amplify_io)
                             if not s.workload_read:
                                 s.workload_read = int(st.get("reads_bytes", 0))
                             samples.append(s)

@@ -1,0 +1,43 @@
+"""The lazy-pull benchmark must keep running: ``bench/lazy_pull.py --quick``.
+
+Small image only, one repetition, loopback and the 100 Mbit/s proxy, overlayfs and
+nydus (stargz too when its peer binary is already built: the smoke never compiles
+Go). Checks the shape of the report, not the figures: every mode produced a row with a
+ratio against overlayfs measured in the same run, and nydus fetched its data at run
+time, not at pull time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NEEDED = ["/usr/bin/ctr-remote", "skopeo", "pigz"]
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None and not Path(t).exists() for t in NEEDED),
+                    reason=f"lazy-pull smoke needs {', '.join(NEEDED)}")
+def test_lazy_pull_quick_prints_ratios(tmp_path: Path) -> None:
+    out_json = tmp_path / "lazy.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "lazy_pull.py"), "--quick",
+                        "--no-build-stargz", "--json", str(out_json)],
+                       capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
+    data = json.loads(out_json.read_text())
+    rows = {(row["network"], row["mode"]): row for row in data["rows"]}
+    for net in ("loopback", "100mbit"):
+        for mode in ("overlayfs", "nydus"):
+            row = rows[(net, mode)]
+            assert row["image"] == "small" and row["n"] == 1
+            assert row["total_s"] > 0 and row["x_vs_overlayfs"] > 0
+        assert rows[(net, "overlayfs")]["fetched_pull"] > 1e6  # the whole image at pull
+        nydus = rows[(net, "nydus")]
+        assert nydus["fetched_pull"] < 0.2e6 < nydus["fetched_run"]  # bootstrap only, then lazily
+    assert "| loopback | small | nydus |" in r.stdout
+    assert "vs overlayfs" in r.stdout
