@@ -233,15 +233,18 @@ class SnapshotterProcess:
         """Start the process without waiting for readiness."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.generation += 1
-        umask = self.umask
+        # The umask is set by a shell that then execs (same PID), not by preexec_fn:
+        # running Python between fork and exec in a process with live gRPC threads
+        # lets gRPC's fork handlers restart its poller in the child, which aborts
+        # (SIGABRT, "epoll_wait error: Bad file descriptor") when the fds are closed.
+        argv = ["/bin/sh", "-c", f'umask {self.umask:03o} && exec "$@"', "sh", *self.command()]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                self.command(),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
                 cwd=self.base,
-                preexec_fn=lambda: os.umask(umask),
                 start_new_session=True,
             )
         return self.proc

@@ -420,7 +420,7 @@ def test_config_type_error_exits_non_zero_naming_the_key(start_snapshotter, conf
         pytest.fail(f"snapshotter kept running with a wrong-typed {key!r}\n" + proc.logs())
     assert status != 0, "a wrong type must fail start-up\n" + proc.logs()
     stderr = proc.stderr_path.read_text(errors="replace")
-    assert key in stderr, f"stderr does not name {key!r}:\n{stderr}"
+    assert key in stderr, f"exit status {status}; stderr does not name {key!r}:\n{proc.logs()}"
     # nothing serves on the socket
     assert not proc.address.exists() or not _answers(proc)
 
