@@ -166,6 +166,7 @@ def lookup_cache(cache_dir: str, layer_digest: str, opts: BuildOptions,
     if not (os.path.exists(res.blob_path(cache_dir)) and os.path.exists(res.bootstrap)):
         return None
     res.cached = True
+    res.seconds = 0.0  # nothing was converted in this run
     return res
 
 
