@@ -66,10 +66,13 @@ def start_snapshotter() -> Iterator[StartFn]:
     ) -> SnapshotterProcess:
         base = make_base()
         if tmpfs:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs",
-                            str(base)], check=True)
-        proc = SnapshotterProcess(base=base, extra_args=list(extra_args), umask=umask,
-                                  as_module=as_module)
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(base)],
+                check=True,
+            )
+        proc = SnapshotterProcess(
+            base=base, extra_args=list(extra_args), umask=umask, as_module=as_module
+        )
         started.append(proc)
         if config_text is not None:
             proc.config = base / "config.toml"

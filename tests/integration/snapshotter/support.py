@@ -221,7 +221,9 @@ class SnapshotterProcess:
         return self.base / f"stderr.{self.generation}.log"
 
     def command(self) -> list[str]:
-        base_cmd = [sys.executable, "-m", "pynydus.cli.main"] if self.as_module else pynydus_command()
+        base_cmd = (
+            [sys.executable, "-m", "pynydus.cli.main"] if self.as_module else pynydus_command()
+        )
         cmd = base_cmd + ["snapshotter"]
         if self.path_flags:
             cmd += ["--root", str(self.root), "--address", str(self.address)]
@@ -257,8 +259,7 @@ class SnapshotterProcess:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(
-                    f"snapshotter exited with {proc.returncode} before it was ready\n"
-                    + self.logs()
+                    f"snapshotter exited with {proc.returncode} before it was ready\n" + self.logs()
                 )
             if self.address.exists():
                 client = SnapshotterClient(self.address, timeout=2.0)
@@ -365,10 +366,10 @@ def unmount(target: Path) -> None:
     for attempt in range(50):
         if target not in mountpoints_below(target):
             return
-        r = subprocess.run(["umount", str(target)], capture_output=True, text=True)
+        r = subprocess.run(["umount", str(target)], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             if attempt >= 10:
-                subprocess.run(["umount", "-l", str(target)], capture_output=True)
+                subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
             else:
                 time.sleep(0.05)
     raise RuntimeError(f"cannot unmount {target}")
@@ -385,7 +386,7 @@ def unmount_below(base: Path) -> None:
 
 
 def _run_mount(argv: list[str], cwd: str | None = None) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)!r} failed ({r.returncode}): {r.stderr.strip()}")
 
@@ -572,7 +573,7 @@ def _xattrs(p: Path) -> tuple[tuple[str, bytes], ...]:
         return ()
     out = []
     for n in sorted(names):
-        if n.startswith("trusted.overlay.") or n.startswith("security."):
+        if n.startswith(("trusted.overlay.", "security.")):
             continue
         with contextlib.suppress(OSError):
             out.append((n, os.getxattr(p, n, follow_symlinks=False)))
@@ -623,8 +624,10 @@ def diff_trees(expected: Path, actual: Path) -> list[str]:
                     ev, av = oct(ev), oct(av)
                 problems.append(f"{rel!r}: {attr} expected {ev!r}, got {av!r}")
     if exp_links != act_links:
-        problems.append(f"hard links: expected {sorted(map(sorted, exp_links))}, "
-                        f"got {sorted(map(sorted, act_links))}")
+        problems.append(
+            f"hard links: expected {sorted(map(sorted, exp_links))}, "
+            f"got {sorted(map(sorted, act_links))}"
+        )
     return problems
 
 
@@ -684,9 +687,7 @@ def create_snapshot(
     return name
 
 
-def check_snapshot(
-    client: SnapshotterClient, mounter: object, name: str, expected: Path
-) -> None:
+def check_snapshot(client: SnapshotterClient, mounter: object, name: str, expected: Path) -> None:
     """Mount a view of committed ``name`` and compare it with the tree ``expected``."""
     view = f"{name}-view"
     mounts = client.view(view, name)

@@ -69,10 +69,9 @@ class _Shared:
         if self.proc is None or self.proc.client is None:
             return False
         try:
-            return (
-                snapshot_state(self.proc.client) == self.state
-                and len(self.proc.snapshot_dirs()) == len(POPULATION)
-            )
+            return snapshot_state(self.proc.client) == self.state and len(
+                self.proc.snapshot_dirs()
+            ) == len(POPULATION)
         except grpc.RpcError:
             return False
 
@@ -373,8 +372,9 @@ def test_update_of_an_immutable_or_unknown_field_is_invalid_argument(population,
     sn = _client(population)
     for key in ("c2", "a1", "v1"):
         info = sn.stat(key)
-        changed = info_copy(info, parent="c1" if info.parent != "c1" else "", kind=KIND_VIEW,
-                            labels={"x": "1"})
+        changed = info_copy(
+            info, parent="c1" if info.parent != "c1" else "", kind=KIND_VIEW, labels={"x": "1"}
+        )
         expect_code(grpc.StatusCode.INVALID_ARGUMENT, sn.update, changed, [path])
         assert info_tuple(sn.stat(key)) == info_tuple(info), f"{key} changed by a refused Update"
     assert_consistent(population, POPULATION)
@@ -408,8 +408,14 @@ def test_refused_update_applies_none_of_its_paths(population):
         ('version = "1"\n', "version"),
         ("[snapshot]\nsync_remove = true\n", "version"),  # upstream: version = 1 is required
     ],
-    ids=["sync_remove-str", "cleanup_on_close-str", "log-level-int", "sync_remove-list",
-         "version-str", "version-missing"],
+    ids=[
+        "sync_remove-str",
+        "cleanup_on_close-str",
+        "log-level-int",
+        "sync_remove-list",
+        "version-str",
+        "version-missing",
+    ],
 )
 def test_config_type_error_exits_non_zero_naming_the_key(start_snapshotter, config, key):
     proc = start_snapshotter(config, wait=False)
@@ -438,11 +444,7 @@ def _answers(proc: SnapshotterProcess) -> bool:
 
 def test_config_unknown_key_warns_and_still_serves(start_snapshotter):
     config = (
-        "version = 1\n"
-        'mystery_knob = "x"\n'
-        "[snapshot]\n"
-        "sync_remove = false\n"
-        "frobnicate_widgets = 3\n"
+        'version = 1\nmystery_knob = "x"\n[snapshot]\nsync_remove = false\nfrobnicate_widgets = 3\n'
     )
     proc = start_snapshotter(config)
     sn = _client(proc)
@@ -461,7 +463,7 @@ def test_config_unknown_key_warns_and_still_serves(start_snapshotter):
 def test_config_values_are_used(start_snapshotter):
     """A well-typed config is honoured: ``sync_remove = true`` from the file, a
     ``[log] level`` and ``cleanup_on_close`` accepted."""
-    config = "version = 1\ncleanup_on_close = false\n[log]\nlevel = \"debug\"\n[snapshot]\nsync_remove = true\n"
+    config = 'version = 1\ncleanup_on_close = false\n[log]\nlevel = "debug"\n[snapshot]\nsync_remove = true\n'
     proc = start_snapshotter(config)
     sn = _client(proc)
     fs = sn.prepare("a", "")[0].source
@@ -505,9 +507,7 @@ def test_root_and_address_from_the_config_file():
     proc = SnapshotterProcess(base=base, path_flags=False)
     try:
         proc.config = base / "config.toml"
-        proc.config.write_text(
-            f'version = 1\nroot = "{proc.root}"\naddress = "{proc.address}"\n'
-        )
+        proc.config.write_text(f'version = 1\nroot = "{proc.root}"\naddress = "{proc.address}"\n')
         sn = proc.start()
         sn.prepare("a", "")
         assert (proc.root / "snapshots").is_dir()
@@ -520,9 +520,7 @@ def test_command_line_wins_over_the_config_file(start_snapshotter):
     """Upstream: flags override the file. The file's root and address stay unused."""
     other = make_base()
     try:
-        config = (
-            f'version = 1\nroot = "{other / "root"}"\naddress = "{other / "sn.sock"}"\n'
-        )
+        config = f'version = 1\nroot = "{other / "root"}"\naddress = "{other / "sn.sock"}"\n'
         proc = start_snapshotter(config)
         _client(proc).prepare("a", "")
         assert (proc.root / "snapshots").is_dir()

@@ -22,7 +22,6 @@ import pytest
 from .support import (
     OVERLAY_VOLATILE,
     SnapshotterClient,
-    SnapshotterProcess,
     assert_consistent,
     info_copy,
     info_tuple,
@@ -36,8 +35,9 @@ def _mounts_tuple(mounts) -> list[tuple[str, str, tuple[str, ...]]]:
     return [(m.type, m.source, tuple(m.options)) for m in mounts]
 
 
-def _write_layer(sn: SnapshotterClient, mounter, key: str, parent: str, files: dict[str, str],
-                 labels=None) -> None:
+def _write_layer(
+    sn: SnapshotterClient, mounter, key: str, parent: str, files: dict[str, str], labels=None
+) -> None:
     target = mounter.mount(sn.prepare(key, parent, labels))
     for name, text in files.items():
         (target / name).write_text(text)
