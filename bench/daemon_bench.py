@@ -49,11 +49,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pynydus.rafs.builder import build  # noqa: E402
-from pynydus.registry.client import RegistryClient  # noqa: E402
-from tests.harness.pynydusd import PYNYDUSD, Pynydusd, force_unmount  # noqa: E402
-from tests.harness.registry import Registry  # noqa: E402
-from tests.harness.util import make_workdir, remove_tree, stop_recorded  # noqa: E402
+from pynydus.rafs.builder import build
+from pynydus.registry.client import RegistryClient
+from tests.harness.pynydusd import PYNYDUSD, Pynydusd, force_unmount
+from tests.harness.registry import Registry
+from tests.harness.util import make_workdir, remove_tree, stop_recorded
 
 MiB = 1 << 20
 TARGETS = {
@@ -224,13 +224,12 @@ def start_to_ready(wd: Path, boot: Path, cfg: Path, probe: str, tag: str) -> tup
     """Spawn pynydusd; seconds until ``lstat(mnt/probe)`` answers from the FUSE mount."""
     mnt = wd / f"{tag}.mnt"
     mnt.mkdir(exist_ok=True)
-    log = open(wd / f"{tag}.log", "ab")
-    t0 = time.perf_counter()
-    p = subprocess.Popen([PYNYDUSD, "--mountpoint", str(mnt), "--bootstrap", str(boot),
-                          "--config", str(cfg), "--apisock", str(wd / f"{tag}.sock")],
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True)
-    log.close()
+    with open(wd / f"{tag}.log", "ab") as log:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([PYNYDUSD, "--mountpoint", str(mnt), "--bootstrap", str(boot),
+                              "--config", str(cfg), "--apisock", str(wd / f"{tag}.sock")],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True)
     (wd / "pids").mkdir(exist_ok=True)
     (wd / "pids" / f"{tag}.pid").write_text(f"{p.pid} {PYNYDUSD}\n")
     parent_dev = os.stat(wd).st_dev
@@ -287,6 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         walk_img = build(str(walk_src), str(wd / "walk.boot"), str(wd / "walk-blobs"),
                          compressor="lz4_block")
         res["build_seconds"] = round(time.perf_counter() - t0, 2)
+        res["walk_image"] = {"inodes": walk_img.inodes, "bootstrap_bytes": walk_img.bootstrap_size}
         seq_blob = seq_img.blob_ids[-1]
         res["seq_blob"] = {"compressed": seq_img.blobs[-1].compressed_size,
                            "uncompressed": seq_img.blobs[-1].uncompressed_size,

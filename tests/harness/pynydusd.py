@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from .util import HarnessError, Proc, wait_until
 
@@ -82,9 +82,9 @@ def force_unmount(path: str | Path) -> None:
     for _ in range(5):
         if not fuse_mounted(path):
             return
-        r = subprocess.run(["umount", str(path)], capture_output=True)
+        r = subprocess.run(["umount", str(path)], capture_output=True, check=False)
         if r.returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 class Pynydusd:
@@ -120,7 +120,7 @@ class Pynydusd:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, wait: bool = True, timeout: float = 30.0) -> Pynydusd:
+    def start(self, wait: bool = True, timeout: float = 30.0) -> Self:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
         self.proc.start()
@@ -183,7 +183,7 @@ class Pynydusd:
         """Crash the daemon: SIGKILL, no clean-up (the FUSE mount stays, dead)."""
         self.proc.kill9()
 
-    def __enter__(self) -> Pynydusd:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:

@@ -217,7 +217,7 @@ def test_corrupt_chunk_refetched_once_then_good(full_image: Image, start_daemon:
     fp_reg = Registry()
     with fp_reg:
         push(fp_reg.host, full_image, REPO)
-        index, c_size = _corrupt_copy(full_image, "files/multi-chunk", workdir / "bad")
+        _corrupt_copy(full_image, "files/multi-chunk", workdir / "bad")
         bad = (workdir / "bad" / full_image.blob_id).read_bytes()
         proxy = _CorruptOnceProxy(fp_reg.host, bad)
         try:
@@ -277,8 +277,8 @@ def test_kill9_then_clean_remount_on_the_same_mountpoint(
     d2 = start_daemon(bootstrap=full_image.bootstrap, config=cfg, mountpoint=d.mountpoint,
                       apisock=d.apisock, timeout=30)
     assert "stale" in d2.log_text()
-    mounts = [ln for ln in open("/proc/self/mountinfo")
-              if f" {os.path.realpath(d.mountpoint)} " in ln]
+    with open("/proc/self/mountinfo") as f:
+        mounts = [ln for ln in f if f" {os.path.realpath(d.mountpoint)} " in ln]
     assert len(mounts) == 1, mounts  # the dead one is gone, not stacked below
     assert read(d2.mountpoint / "files/multi-chunk") == src_bytes(full_image, "files/multi-chunk")
     # a read in flight when the daemon dies fails (ENOTCONN), it does not hang

@@ -86,7 +86,7 @@ def test_filesystem_is_read_only(full_image: Image, start_daemon: StartFn,
                                  workdir: Path) -> None:
     d = start_daemon(bootstrap=full_image.bootstrap,
                      config=localfs_config(full_image.blob_dir, workdir / "cache"))
-    for fn in (lambda: open(d.mountpoint / "files/tiny", "wb"),
+    for fn in (lambda: os.open(d.mountpoint / "files/tiny", os.O_WRONLY),
                lambda: (d.mountpoint / "new").write_text("x"),
                lambda: os.mkdir(d.mountpoint / "newdir"),
                lambda: os.unlink(d.mountpoint / "files/tiny"),

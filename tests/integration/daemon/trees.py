@@ -226,7 +226,7 @@ def compare_trees(src: Path, mnt: Path, *, check_data: bool = True,
         a, b = os.lstat(sp), os.lstat(mp)
         name = rel.decode(errors="backslashreplace") or "/"
 
-        def diff(what: str, x: object, y: object) -> None:
+        def diff(what: str, x: object, y: object, name: str = name) -> None:
             diffs.append(f"{name}: {what}: source {x!r} mount {y!r}")
 
         if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode):
@@ -240,13 +240,11 @@ def compare_trees(src: Path, mnt: Path, *, check_data: bool = True,
             diff("mtime_ns", a.st_mtime_ns, b.st_mtime_ns)
         if not stat.S_ISDIR(a.st_mode) and a.st_nlink != b.st_nlink:
             diff("nlink", a.st_nlink, b.st_nlink)
-        if stat.S_ISREG(a.st_mode) or stat.S_ISLNK(a.st_mode):
-            if a.st_size != b.st_size:
-                diff("size", a.st_size, b.st_size)
-        if stat.S_ISCHR(a.st_mode) or stat.S_ISBLK(a.st_mode):
-            if a.st_rdev != b.st_rdev:
-                diff("rdev", (os.major(a.st_rdev), os.minor(a.st_rdev)),
-                     (os.major(b.st_rdev), os.minor(b.st_rdev)))
+        if (stat.S_ISREG(a.st_mode) or stat.S_ISLNK(a.st_mode)) and a.st_size != b.st_size:
+            diff("size", a.st_size, b.st_size)
+        if (stat.S_ISCHR(a.st_mode) or stat.S_ISBLK(a.st_mode)) and a.st_rdev != b.st_rdev:
+            diff("rdev", (os.major(a.st_rdev), os.minor(a.st_rdev)),
+                 (os.major(b.st_rdev), os.minor(b.st_rdev)))
         if stat.S_ISLNK(a.st_mode) and os.readlink(sp) != os.readlink(mp):
             diff("symlink target", os.readlink(sp), os.readlink(mp))
         if check_xattrs and _xattrs(sp) != _xattrs(mp):
