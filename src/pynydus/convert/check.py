@@ -30,7 +30,7 @@ from pynydus.registry import RegistryClient, media, parse_reference
 from pynydus.registry.reference import Reference
 
 from . import image as img
-from .converter import _spec
+from .endpoints import registry_spec
 from .overlay_view import FileRecord, OverlayView, kind_of_mode
 from .pack import bootstrap_from_layer
 
@@ -200,8 +200,8 @@ def check_image(opts: CheckOptions) -> CheckResult:
     """Compare ``opts.target`` (Nydus) with ``opts.source`` (OCI); never raises for a
     content difference (see :attr:`CheckResult.first_difference`)."""
     src_ref, dst_ref = parse_reference(opts.source), parse_reference(opts.target)
-    src = _spec(src_ref, opts.source_insecure, opts.source_auth).client()
-    dst = _spec(dst_ref, opts.target_insecure, opts.target_auth).client()
+    src = registry_spec(src_ref, opts.source_insecure, opts.source_auth).client()
+    dst = registry_spec(dst_ref, opts.target_insecure, opts.target_auth).client()
     with src, dst:
         src_digest, src_doc = _resolve(src, src_ref, opts.platform, nydus=False)
         dst_digest, dst_doc = _resolve(dst, dst_ref, opts.platform, nydus=True)

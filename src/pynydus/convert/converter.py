@@ -30,19 +30,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pynydus.errors import FailedPrecondition, InvalidArgument, NotFound, q
-from pynydus.registry import (
-    Credentials,
-    RegistryClient,
-    Unauthorized,
-    media,
-    parse_reference,
-    resolve_credentials,
-)
-from pynydus.registry.reference import Reference
+from pynydus.registry import RegistryClient, Unauthorized, media, parse_reference
 
 from . import image as img
 from .bootstrap import LayerChunks, layer_chunks, merge_layers
-from .layer import BuildOptions, LayerJob, LayerResult, RegistrySpec, lookup_cache
+from .endpoints import registry_spec
+from .layer import BuildOptions, LayerJob, LayerResult, lookup_cache
 from .pack import bootstrap_layer
 from .progress import NullReporter, Reporter
 from .workers import WorkerPool
@@ -106,23 +99,6 @@ class _Settle:
 
 
 # --------------------------------------------------------------------- helpers
-def _credentials(explicit: str | None, host: str) -> Credentials | None:
-    if explicit:
-        if ":" in explicit:
-            user, _, password = explicit.partition(":")
-            return Credentials(username=user, password=password)
-        return Credentials.from_auth_string(explicit)
-    return resolve_credentials(host)
-
-
-def _spec(ref: Reference, insecure: bool, auth: str | None) -> RegistrySpec:
-    """``insecure`` is nydusify's ``--*-insecure``: accept any TLS certificate and fall
-    back to plain HTTP when the registry speaks it (loopback registries use HTTP anyway)."""
-    creds = _credentials(auth, ref.domain)
-    return RegistrySpec(ref.api_host, ref.default_scheme, insecure,
-                        creds.auth_string() if creds is not None and creds.has_basic else None)
-
-
 def _fetch_small_blob(client: RegistryClient, repo: str, digest: str) -> bytes:
     return b"".join(client.get_blob(repo, digest))
 
@@ -136,8 +112,8 @@ class _Run:
         self.dst_ref = parse_reference(opts.target)
         if self.dst_ref.digest:
             raise InvalidArgument(f"target {q(opts.target)}: must be a tag, not a digest")
-        self.src_spec = _spec(self.src_ref, opts.source_insecure, opts.source_auth)
-        self.dst_spec = _spec(self.dst_ref, opts.target_insecure, opts.target_auth)
+        self.src_spec = registry_spec(self.src_ref, opts.source_insecure, opts.source_auth)
+        self.dst_spec = registry_spec(self.dst_ref, opts.target_insecure, opts.target_auth)
         self.src = self.src_spec.client()
         self.dst = self.dst_spec.client()
         self.src_repo = self.src_ref.repository

@@ -47,10 +47,11 @@ from pynydus.rafs.tarstream import normalize_path
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 from pynydus.registry.errors import DigestMismatch
 
+from .endpoints import RegistrySpec
 from .image import LayerDesc
 from .pack import inline_bootstrap
 
-__all__ = ["BuildOptions", "LayerJob", "LayerResult", "RegistrySpec", "cache_key", "convert_layer"]
+__all__ = ["BuildOptions", "LayerJob", "LayerResult", "cache_key", "convert_layer", "lookup_cache"]
 
 CACHE_FORMAT = 1
 Progress = Callable[[int, str, int], None]
@@ -77,25 +78,6 @@ class BuildOptions:
         if self.chunk_size & (self.chunk_size - 1) or not 0x1000 <= self.chunk_size <= 0x1000000:
             raise InvalidArgument(
                 f"chunk size {self.chunk_size:#x}: must be a power of two in [0x1000, 0x1000000]")
-
-
-@dataclass(frozen=True)
-class RegistrySpec:
-    """How a worker process reaches a registry (a client cannot cross processes)."""
-
-    host: str
-    scheme: str
-    insecure: bool = False
-    auth: str | None = None  # base64 user:password, nydusd's form
-    retry_limit: int = 3
-    timeout: float = 60.0
-
-    def client(self) -> Any:
-        from pynydus.registry import RegistryClient
-
-        return RegistryClient(self.host, scheme=self.scheme, skip_verify=self.insecure,
-                              auth=self.auth, retry_limit=self.retry_limit,
-                              timeout=self.timeout, connect_timeout=10.0)
 
 
 @dataclass(frozen=True)
