@@ -53,14 +53,18 @@ def _run_snapshotter(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pynydus", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pynydus",
+        description="Nydus image acceleration for containerd: snapshotter, image builder, converter.",
+    )
     parser.add_argument("--version", action="version", version=f"pynydus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_snapshotter(sub)
+    from pynydus.cli.convert_cmd import _add_convert
     from pynydus.cli.image_cmd import add_image
 
+    _add_snapshotter(sub)
     add_image(sub)
-    from pynydus.cli.convert_cmd import _add_convert; _add_convert(sub)  # noqa: E702
+    _add_convert(sub)
     return parser
 
 

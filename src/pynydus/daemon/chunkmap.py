@@ -56,7 +56,7 @@ class ChunkMap:
             os.close(fd)
             raise
         self._fd = fd
-        self._ready = sum(bin(b).count("1") for b in self._bits)
+        self._ready = sum(b.bit_count() for b in self._bits)
 
     def is_ready(self, index: int) -> bool:
         return bool(self._bits[index >> 3] & (0x80 >> (index & 7)))

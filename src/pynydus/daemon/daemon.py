@@ -250,11 +250,11 @@ class Daemon:
 
     def umount(self, mountpoint: str) -> None:
         name = self._name(mountpoint)
-        slot, inst = self.vfs.remove(name)
+        _, inst = self.vfs.remove(name)
         self.mounts_info.pop(mountpoint, None)
         try:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
-        except Exception as err:  # best effort: the kernel will find ENOENT anyway
+        except Exception as err:  # noqa: BLE001 - best effort: the kernel finds ENOENT anyway
             log.debug("invalidate %s: %s", mountpoint, err)
         inst.close()
         log.info("unmounted %s", mountpoint)

@@ -109,12 +109,12 @@ class NydusFilesystem:
 
     def start(self) -> None:
         """Reconnect to daemons that survived a restart, restart the ones that did not."""
-        live, dead = self.manager.recover()
+        _, dead = self.manager.recover()
         for rec in dead:
             try:
                 log.info("restarting daemon %s for %s", rec.id, rec.mountpoint)
                 self.manager.restart(rec)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - the other images must still come up
                 log.error("daemon %s could not be restarted: %s", rec.id, err)
         if self.mode == "shared":
             # Started eagerly, as upstream does: the first image then costs an API
@@ -128,7 +128,7 @@ class NydusFilesystem:
             for sid in list(self.instances):
                 try:
                     self.umount(sid)
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001 - tear down as much as we can
                     log.warning("teardown of %s: %s", sid, err)
             if SHARED_DAEMON_ID in self.manager.daemons:
                 self.manager.destroy_daemon(SHARED_DAEMON_ID)

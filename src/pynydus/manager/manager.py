@@ -146,13 +146,11 @@ class DaemonManager:
                 os.makedirs(d, exist_ok=True)
         cmd = self.build_command(rec)
         log.info("starting daemon %s: %s", rec.id, " ".join(cmd))
-        errlog = open(rec.log_file + ".stderr", "ab") if rec.log_file else subprocess.DEVNULL
-        try:
+        # What the daemon prints before its own logging is up (argument errors, crashes)
+        # goes to <log>.stderr; the daemon keeps its copy of the fd, we close ours.
+        with open(rec.log_file + ".stderr" if rec.log_file else os.devnull, "ab") as errlog:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                                     start_new_session=True, close_fds=True)
-        finally:
-            if errlog is not subprocess.DEVNULL:
-                errlog.close()  # type: ignore[union-attr]
         live.proc = proc
         live.state = "STARTING"
         rec.pid = proc.pid
@@ -302,7 +300,7 @@ class DaemonManager:
                 try:
                     self.restart(rec)
                     log.info("daemon %s restarted as pid %d", rec.id, live.record.pid)
-                except Exception as err:  # keep supervising the others
+                except Exception as err:  # noqa: BLE001 - keep supervising the others
                     log.error("daemon %s: restart failed: %s", rec.id, err)
 
 

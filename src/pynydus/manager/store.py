@@ -44,8 +44,10 @@ class RafsRecord:
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS daemons (id TEXT PRIMARY KEY, record TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS instances (snapshot_id TEXT PRIMARY KEY, "
-    "seq INTEGER NOT NULL, daemon_id TEXT NOT NULL, record TEXT NOT NULL)",
+    (
+        "CREATE TABLE IF NOT EXISTS instances (snapshot_id TEXT PRIMARY KEY, "
+        "seq INTEGER NOT NULL, daemon_id TEXT NOT NULL, record TEXT NOT NULL)"
+    ),
 )
 
 

@@ -8,7 +8,7 @@ Grammar (containerd ``filters`` package)::
     field     := quoted | [A-Za-z0-9_-]+
     operator  := "==" | "!=" | "~="              "~=" is a regular expression search
     value     := quoted | [^\\s,]+
-    quoted    := "..." (Go string syntax); values may also be quoted /.../ or |...|
+    quoted    := "..." (Go string syntax); a ~= value may also be quoted /.../ or |...|
 
 Several filter strings in one request match if any one matches (OR). For
 snapshots the fields are ``kind`` (``active``, ``view``, ``committed``),
@@ -115,7 +115,7 @@ class _Parser:
             return Selector(path)
         op_pos = self.pos
         op = self.operator()
-        value = self.value()
+        value = self.value(allow_alt_quotes=op == "~=")
         pattern = None
         if op == "~=":
             try:
@@ -153,10 +153,12 @@ class _Parser:
             raise self.error(start, f"unsupported operator {op!r}")
         return op
 
-    def value(self) -> str:
+    def value(self, allow_alt_quotes: bool) -> str:
         ch = self.peek()
         start = self.pos
         if ch in _QUOTES:
+            if ch != '"' and not allow_alt_quotes:  # /re/ and |re| are for ~= only
+                raise self.error(start, "invalid quote encountered")
             return self.quoted(ch)
         if ch in (_EOF, ","):
             raise self.error(start, "expected value or quoted")

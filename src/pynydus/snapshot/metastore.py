@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
-from pynydus.errors import q, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from pynydus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, q
 
 SCHEMA_VERSION = 1
 
@@ -310,7 +310,9 @@ class MetaStore:
 
 
 def _dump_labels(labels: Mapping[str, str]) -> str:
-    return json.dumps(dict(labels), sort_keys=True, separators=(",", ":"))
+    # As containerd's label writer: an empty value means "unset", it is not stored.
+    kept = {k: v for k, v in labels.items() if v != ""}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
 
 
 def _info(row: tuple[object, ...]) -> Info:

@@ -40,22 +40,21 @@ def native_mounts(
       ``ro`` for a view;
     - a view with one parent: a read-only bind of the parent's ``fs`` (no overlay
       needed, and it is cheaper);
-    - otherwise overlay: active gets ``workdir``/``upperdir`` (and ``volatile`` when
-      asked), then ``lowerdir`` newest first, then ``extra_options`` (containerd adds
-      ``index=off`` where the kernel has the parameter).
+    - otherwise overlay: first ``extra_options`` (containerd puts ``index=off`` there
+      where the kernel has the parameter), then for active ``workdir``/``upperdir``
+      (and ``volatile`` when asked), then ``lowerdir`` newest first.
     """
     if not parent_uppers:
         ro = "ro" if kind == Kind.VIEW else "rw"
         return [Mount("bind", upper, (ro, "rbind"))]
-    options: list[str] = []
+    if kind != Kind.ACTIVE and len(parent_uppers) == 1:
+        return [Mount("bind", parent_uppers[0], ("ro", "rbind"))]
+    options: list[str] = list(extra_options)
     if kind == Kind.ACTIVE:
         options += [f"workdir={work}", f"upperdir={upper}"]
         if volatile:
             options.append("volatile")
-    elif len(parent_uppers) == 1:
-        return [Mount("bind", parent_uppers[0], ("ro", "rbind"))]
     options.append("lowerdir=" + ":".join(parent_uppers))
-    options.extend(extra_options)
     return [Mount("overlay", "overlay", tuple(options))]
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pynydus import labels as L
-from pynydus.errors import q, AlreadyExists, FailedPrecondition, NotFound
+from pynydus.errors import AlreadyExists, FailedPrecondition, NotFound, q
 from pynydus.snapshot import processor
 from pynydus.snapshot.filters import Filter, snapshot_adaptor
 from pynydus.snapshot.metastore import Info, Kind, MetaStore, Snapshot, Usage
@@ -132,7 +132,7 @@ class Snapshotter:
 
     def mounts(self, key: str) -> list[Mount]:
         """Mounts of active or view snapshot ``key``; FailedPrecondition for a committed one."""
-        sid, info, _ = self.ms.get_info(key)
+        _, info, _ = self.ms.get_info(key)
         if info.kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"mounts of snapshot {q(key)}: snapshot is not active or view")
         snap = self.ms.get_snapshot(key)
@@ -148,12 +148,15 @@ class Snapshotter:
         """
         labels = dict(labels or {})
         L.validate(labels)
-        snap = self.ms.get_snapshot(key)
-        if snap.kind != Kind.ACTIVE:
-            raise FailedPrecondition(f"commit {q(key)} as {q(name)}: snapshot is not active")
-        size, inodes = disk_usage(self.upper_path(snap.id))
+        usage = Usage()
+        try:
+            snap = self.ms.get_snapshot(key)
+            if snap.kind == Kind.ACTIVE:
+                usage = Usage(*disk_usage(self.upper_path(snap.id)))
+        except NotFound:
+            pass  # commit_active reports it, after checking the name as containerd does
         with self.ms.transaction() as db:
-            self.ms.commit_active(db, key, name, Usage(size, inodes), labels)
+            self.ms.commit_active(db, key, name, usage, labels)
 
     def remove(self, key: str) -> None:
         """Remove ``key``; FailedPrecondition while another snapshot has it as parent.
@@ -216,14 +219,17 @@ class Snapshotter:
     # --- internals ----------------------------------------------------------------
 
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
-        tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.snapshots_dir))
+        # The temporary directory is made inside the write transaction, so Cleanup
+        # (which scans for orphans inside one too) never sees a half-made snapshot.
+        tmp: Path | None = None
         try:
-            (tmp / "fs").mkdir(0o755)
-            os.chmod(tmp / "fs", 0o755)  # mkdir's mode is masked by umask
-            if kind == Kind.ACTIVE:
-                (tmp / "work").mkdir(0o711)
-                os.chmod(tmp / "work", 0o711)
             with self.ms.transaction() as db:
+                tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.snapshots_dir))
+                (tmp / "fs").mkdir(0o755)
+                os.chmod(tmp / "fs", 0o755)  # mkdir's mode is masked by umask
+                if kind == Kind.ACTIVE:
+                    (tmp / "work").mkdir(0o711)
+                    os.chmod(tmp / "work", 0o711)
                 snap = self.ms.create(db, kind, key, parent, labels)
                 if snap.parent_ids:
                     # The new layer's root belongs to whoever owns the parent's root,
@@ -233,7 +239,8 @@ class Snapshotter:
                 os.rename(tmp, self.snapshots_dir / snap.id)
             return snap
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def _decide(self, snap: Snapshot, labels: Mapping[str, str]) -> processor.Decision:
@@ -248,7 +255,7 @@ class Snapshotter:
             with self.ms.transaction() as db:
                 sid, _ = self.ms.remove(db, key)
             self._remove_dirs([sid])
-        except Exception as err:  # the original error matters more
+        except Exception as err:  # noqa: BLE001 - the original error matters more
             log.warning("undo of %s failed: %s", key, err)
 
     def _remote_layer(self, snap: Snapshot) -> str | None:
@@ -292,12 +299,15 @@ class Snapshotter:
         )
 
     def _orphan_dirs(self) -> list[str]:
-        live = self.ms.id_map()
-        return sorted(
-            entry.name
-            for entry in os.scandir(self.snapshots_dir)
-            if entry.name not in live and entry.is_dir(follow_symlinks=False)
-        )
+        # Inside a write transaction: no snapshot is being created while we scan, and
+        # ids are never reused, so what is an orphan now stays one.
+        with self.ms.transaction():
+            live = self.ms.id_map()
+            return sorted(
+                entry.name
+                for entry in os.scandir(self.snapshots_dir)
+                if entry.name not in live and entry.is_dir(follow_symlinks=False)
+            )
 
     def _remove_dirs(self, names: list[str]) -> list[str]:
         removed = []
@@ -306,7 +316,7 @@ class Snapshotter:
             if self.fs is not None and self.fs.has_instance(name):
                 try:  # the image's daemon goes with its bootstrap snapshot
                     self.fs.umount(name)
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001 - one bad instance must not stop cleanup
                     log.warning("cleanup: cannot unmount RAFS instance of %s: %s", name, err)
             busy = mountpoints_under(str(path))
             if busy:

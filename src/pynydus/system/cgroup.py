@@ -24,9 +24,12 @@ class MemoryCgroup:
         self.limit = limit
         unified = os.path.exists(os.path.join(root, "cgroup.controllers"))
         if unified:
-            controllers = open(os.path.join(root, "cgroup.subtree_control")).read().split()
+            with open(os.path.join(root, "cgroup.subtree_control")) as f:
+                controllers = f.read().split()
             if "memory" not in controllers:
-                raise HostCheckError(f"cgroup v2: the memory controller is not enabled in {root}/cgroup.subtree_control")
+                raise HostCheckError(
+                    f"cgroup v2: the memory controller is not enabled in {root}/cgroup.subtree_control"
+                )
             self.path = os.path.join(root, name)
             self.limit_file = "memory.max"
         elif os.path.isdir(os.path.join(root, "memory")):

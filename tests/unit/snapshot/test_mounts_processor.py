@@ -18,12 +18,12 @@ def test_view_of_one_parent_binds_parent_readonly() -> None:
     assert native_mounts(Kind.VIEW, "/r/2/fs", "", ["/r/1/fs"]) == [Mount("bind", "/r/1/fs", ("ro", "rbind"))]
 
 
-def test_active_overlay_lowerdir_newest_first_then_extra() -> None:
+def test_active_overlay_extra_first_then_lowerdir_newest_first() -> None:
     (m,) = native_mounts(Kind.ACTIVE, "/r/3/fs", "/r/3/work", ["/r/2/fs", "/r/1/fs"],
                          volatile=True, extra_options=("index=off",))
     assert m.type == "overlay" and m.source == "overlay"
-    assert m.options == ("workdir=/r/3/work", "upperdir=/r/3/fs", "volatile",
-                         "lowerdir=/r/2/fs:/r/1/fs", "index=off")
+    assert m.options == ("index=off", "workdir=/r/3/work", "upperdir=/r/3/fs", "volatile",
+                         "lowerdir=/r/2/fs:/r/1/fs")
 
 
 def test_view_of_two_parents_is_lowerdir_only() -> None:
