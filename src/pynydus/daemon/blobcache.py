@@ -162,14 +162,24 @@ class BlobCache:
         fetched = 0
         if mine:
             fetched = self._fetch(mine, prefetch=prefetch)
-        for index, claim in theirs:
+        retried: set[int] = set()
+        while theirs:
+            index, claim = theirs.pop()
             if not claim.done.wait(_WAIT_SECONDS):
                 raise Unavailable(f"blob {self.blob.blob_id}: chunk {index}: timed out waiting for fetch")
-            if claim.error is not None:
+            if claim.error is not None and index not in retried:
                 # The other reader's fetch failed; try once ourselves (the fault may be gone).
-                again, _ = self._claim([c for c in chunks if c.index == index], False)
+                # A third reader may have claimed it first: then wait for that claim too,
+                # never go on to read a chunk that is not in the cache (it reads as zeros).
+                retried.add(index)
+                again, more = self._claim([c for c in chunks if c.index == index], False)
                 if again:
                     fetched += self._fetch(again, prefetch=prefetch)
+                theirs.extend(more)
+        missing = [c.index for c in chunks if not self.chunk_map.is_ready(c.index)]
+        if missing:
+            raise Unavailable(f"blob {self.blob.blob_id}: chunk {missing[0]}: fetch by another "
+                              f"reader failed")
         return fetched
 
     def _claim(self, chunks: Sequence[ChunkRef], amplify: bool) -> tuple[list[ChunkRef], list[tuple[int, _Claim]]]:
