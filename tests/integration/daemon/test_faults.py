@@ -303,3 +303,49 @@ def test_kill9_then_clean_remount_on_the_same_mountpoint(
     t.join(10)
     assert not t.is_alive() and result, "reader hung after kill -9"
     assert isinstance(result[0], OSError) and result[0].errno in (errno.ENOTCONN, errno.EIO)
+
+
+def test_concurrent_readers_after_a_failed_fetch_never_see_zeros(
+        full_image: Image, own_registry: Registry, start_daemon: StartFn,
+        workdir: Path) -> None:
+    """Reader A's fetch of a chunk fails (500, no retries) while B and C wait for it; B
+    claims the chunk again, C waits for B. C used to stop waiting and read the chunk's
+    still-empty cache range: 4 KiB of zeros returned as file data."""
+    fp = FaultProxy(own_registry.host, match="/blobs/", delay=0.4)
+    try:
+        d = start_daemon(bootstrap=full_image.bootstrap,
+                         config=registry_config(fp.host, REPO, workdir / "cache",
+                                                timeout=TIMEOUT, retry_limit=0,
+                                                amplify_io=0))
+        path = d.mountpoint / "files/one-chunk"
+        want = src_bytes(full_image, "files/one-chunk")
+        fp.fail(1, 500)
+        results: dict[int, bytes | OSError] = {}
+
+        def reader(k: int) -> None:
+            time.sleep(0.1 * k)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                results[k] = os.pread(fd, 4096, k * 256 * 1024)
+            except OSError as err:
+                results[k] = err
+            finally:
+                os.close(fd)
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(results) == 3
+        for k, got in results.items():
+            if isinstance(got, OSError):
+                assert got.errno == errno.EIO, (k, got)
+            else:
+                assert got == want[k * 256 * 1024:k * 256 * 1024 + 4096], \
+                    f"reader {k} got wrong bytes (zeros: {got == bytes(4096)})"
+        assert any(isinstance(v, bytes) for v in results.values())
+        assert d.backend_metrics()["read_errors"] >= 1  # the injected 500 did hit a fetch
+    finally:
+        fp.stop()
