@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 
 # Like upstream's fusedev template, but without prefetch_all: lazy pulling should
 # fetch what the workload reads, and operators who want the whole image warmed
-# in the background turn fs_prefetch on in their template.
+# in the background turn fs_prefetch on in their template. amplify_io is 128 KiB
+# (nydusd's floor) rather than upstream's 1 MiB: a start-up reads many small files
+# (modules, libraries) one after another, and a 1 MiB window per miss brought
+# 23 MB to serve the 9 MB python's start-up reads in bench/lazy_pull.py's large
+# image (9.7 MB at 128 KiB); that was no faster on loopback and 1.7x slower at
+# 100 Mbit/s (docs/benchmarks.md, "Lazy pull end to end").
 DEFAULT_TEMPLATE: dict[str, Any] = {
     "device": {
         "backend": {"type": "registry", "config": {"timeout": 5, "connect_timeout": 5, "retry_limit": 2}},
@@ -36,7 +41,7 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "digest_validate": False,
     "iostats_files": False,
     "enable_xattr": True,
-    "amplify_io": 1048576,
+    "amplify_io": 131072,
     "fs_prefetch": {"enable": False, "threads_count": 4, "merging_size": 1048576, "prefetch_all": False},
 }
 
