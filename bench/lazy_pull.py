@@ -78,8 +78,14 @@ from tests.harness.util import Proc, make_workdir, remove_tree, unmount_under, w
 CTR = "/usr/bin/ctr"
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
 STARGZ_BIN = lazy_images.WORK / "bin" / "pynydus-stargz"
-MODES = ("overlayfs", "stargz", "nydus")
-TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus"}
+MODES = ("overlayfs", "stargz", "nydus", "nydus-shared")
+TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus"}
+# containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
+SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus"}
+# nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
+# started at the container's Prepare); nydus-shared: one pynydusd started with the
+# snapshotter, each image an API mount in it (upstream's shared mode)
+DAEMON_MODE = {"nydus": None, "nydus-shared": "shared"}
 NETWORKS = ("loopback", "100mbit")
 TARGET_X = 10.0
 
@@ -300,30 +306,43 @@ def _logtime(line: str) -> float | None:
 
 
 def nydus_breakdown(snap: Snapshotter, t_pull: float, t_run: float, t_end: float) -> dict[str, float]:
-    """Where the nydus time went, from log timestamps (wall clock, ms resolution):
-    pull, run start -> daemon spawned -> daemon serving -> RAFS mounted -> command done."""
-    out: dict[str, float] = {}
-    spawn = None
-    for line in snap.log.read_text(errors="replace").splitlines():
-        if "starting daemon" in line:
-            spawn = _logtime(line)
-            break
+    """Where the nydus time went, from log timestamps (wall clock, ms resolution).
+
+    ``pull``; ``run_to_spawn`` (ctr run until the snapshotter starts a dedicated
+    daemon) and ``spawn_to_serving`` (interpreter start, imports, bootstrap, FUSE
+    mount); ``run_to_mounted`` for an API mount into a shared daemon; then
+    ``ready_to_first_fetch`` (runc creates the container, the command starts),
+    ``fetch_span`` (first to last chunk request) and ``last_fetch_to_end``."""
+    def stamps(path: Path, needle: str) -> list[float]:
+        out = []
+        for line in path.read_text(errors="replace").splitlines():
+            if needle in line:
+                t = _logtime(line)
+                if t is not None and t >= t_pull - 0.001:
+                    out.append(t)
+        return out
+
     dlogs = sorted((snap.root / "logs").rglob("*.log")) if (snap.root / "logs").is_dir() else []
-    serving = mounted = None
-    for dl in dlogs:
-        for line in dl.read_text(errors="replace").splitlines():
-            if serving is None and "serving" in line:
-                serving = _logtime(line)
-            if mounted is None and "mounted" in line and "unmounted" not in line:
-                mounted = _logtime(line)
-    out["pull"] = t_run - t_pull
+    spawn = stamps(snap.log, "starting daemon")
+    serving = [t for d in dlogs for t in stamps(d, " serving ")]
+    mounted = [t for d in dlogs for t in stamps(d, "INFO pynydusd: mounted ")]
+    fetches = sorted(t for d in dlogs for t in stamps(d, "HTTP Request: GET"))
+    out = {"pull": t_run - t_pull}
+    ready = None
     if spawn:
-        out["run_to_spawn"] = spawn - t_run
+        out["run_to_spawn"] = spawn[0] - t_run
         if serving:
-            out["spawn_to_serving"] = serving - spawn
-        if mounted:
-            out["spawn_to_mounted"] = mounted - spawn
-            out["mounted_to_end"] = t_end - mounted
+            out["spawn_to_serving"] = serving[0] - spawn[0]
+            ready = serving[0]
+    elif mounted:
+        out["run_to_mounted"] = mounted[0] - t_run
+        ready = mounted[0]
+    if ready is not None and fetches:
+        out["ready_to_first_fetch"] = fetches[0] - ready
+        out["fetch_span"] = fetches[-1] - fetches[0]
+        out["last_fetch_to_end"] = t_end - fetches[-1]
+    elif ready is not None:
+        out["ready_to_end"] = t_end - ready
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -344,15 +363,21 @@ def nydus_counters(snap: Snapshotter) -> tuple[int, int, int]:
 PYSPY = Path(sys.executable).parent / "py-spy"
 
 
-def snapshotter_config(out: Path, profile: bool, amplify_io: int | None) -> Path | None:
+def snapshotter_config(out: Path, profile: bool, amplify_io: int | None,
+                       daemon_mode: str | None) -> Path | None:
     """A snapshotter config for this run, or None for the defaults. ``profile``: the
     ``daemon.nydusd_path`` runs pynydusd under py-spy (raw collapsed stacks in ``out``,
     written when the daemon exits); ``amplify_io``: a daemon template (the built-in one
-    with that ``amplify_io``) as ``daemon.nydusd_config``."""
-    if not profile and amplify_io is None:
+    with that ``amplify_io``) as ``daemon.nydusd_config``; ``daemon_mode``: dedicated
+    (one pynydusd per image, started at the container's Prepare) or shared (one
+    pynydusd started with the snapshotter, images mounted through its API)."""
+    if not profile and amplify_io is None and daemon_mode is None:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["version = 1", "[daemon]"]
+    lines = ["version = 1"]
+    if daemon_mode is not None:
+        lines.append(f'daemon_mode = "{daemon_mode}"')
+    lines.append("[daemon]")
     if profile:
         wrapper = out / "pynydusd-pyspy"
         pynydusd = Path(sys.executable).parent / "pynydusd"
@@ -374,9 +399,9 @@ exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynyd
 @contextlib.contextmanager
 def peer(mode: str, plain_http: list[str], profile: Path | None = None,
          amplify_io: int | None = None) -> Iterator[Snapshotter | Stargz | None]:
-    if mode == "nydus":
+    if mode in DAEMON_MODE:
         cfg_dir = profile or make_workdir("lzcfg")
-        cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io)
+        cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode])
         with Snapshotter(tag="lzsnap", log_level="debug", config=cfg) as snap:
             yield snap
             if profile is not None:  # let py-spy see its child exit and write the profile
@@ -398,20 +423,19 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             keep_logs: Path | None = None, profile: Path | None = None,
             amplify_io: int | None = None) -> Sample:
     cid = f"lz-{mode}-{rep}"
+    sn = SNAPSHOTTER[mode]
     with peer(mode, plain_http, profile, amplify_io) as p:
         sock = getattr(p, "socket", None)
-        cri = mode == "nydus" and nydus_pull == "cri"
+        cri = mode in DAEMON_MODE and nydus_pull == "cri"
         ns = "k8s.io" if cri else None
-        with Containerd(sock, proxy_name=mode if mode != "overlayfs" else "nydus", cri=cri,
+        with Containerd(sock, proxy_name=sn or "nydus", cri=cri,
                         namespace=ns, registry_hosts=plain_http, tag="lzctrd") as ctrd:
             base = ["-a", str(ctrd.socket), "-n", ctrd.namespace]
-            if mode == "overlayfs":
+            if sn is None:
                 pull = [CTR, *base, "images", "pull", "--plain-http", ref]
             else:
-                pull = [CTR_REMOTE, *base, "images", "rpull", "--plain-http",
-                        "--snapshotter", mode, ref]
-            run = [CTR, *base, "run", "--rm"] + (["--snapshotter", mode] if mode != "overlayfs"
-                                                   else []) + [ref, cid]
+                pull = [CTR_REMOTE, *base, "images", "rpull", "--plain-http", "--snapshotter", sn, ref]
+            run = [CTR, *base, "run", "--rm"] + (["--snapshotter", sn] if sn else []) + [ref, cid]
             if drop:
                 drop_caches()
             load1 = float(Path("/proc/loadavg").read_text().split()[0])
@@ -439,11 +463,11 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             m = re.search(r"touched_bytes=(\d+)", r.stdout)
             s = Sample(network, image, mode, rep, t1 - t0, t2 - t1, t2 - t0, fetched_pull,
                        fetched_run, n_run, int(m[1]) if m else 0, load1=load1)
-            if mode == "nydus" and isinstance(p, Snapshotter):
+            if isinstance(p, Snapshotter):
                 s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
                 s.breakdown = nydus_breakdown(p, w0, w1, w2)
                 if keep_logs is not None:
-                    dst = keep_logs / f"{network}-{image}-{rep}"
+                    dst = keep_logs / f"{network}-{image}-{mode}-{rep}"
                     shutil.rmtree(dst, ignore_errors=True)
                     dst.mkdir(parents=True)
                     shutil.copy(p.log, dst / "snapshotter.log")
@@ -488,7 +512,7 @@ def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple
                    "fetched_run": med([s.fetched_run for s in ss]), "fetched": fetched,
                    "workload_read": read,
                    "fetched_over_read": fetched / read if read else float("nan"),
-                   "fuse_read": med([s.fuse_read for s in ss]) if mode == "nydus" else None}
+                   "fuse_read": med([s.fuse_read for s in ss]) if mode in DAEMON_MODE else None}
             rows.append(row)
             lines.append(
                 f"| {net} | {img} | {mode} | {row['pull_s']:.2f} | {row['run_s']:.2f} | "
@@ -500,29 +524,31 @@ def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple
 
 
 def checks(rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, each as PASS/FAIL with the figures."""
+    """The issue's targets, each as PASS/FAIL with the figures, for each nydus mode."""
     out = []
     get = {(r["network"], r["image"], r["mode"]): r for r in rows}
     for net in NETWORKS:
-        ny, sg, ov = (get.get((net, "large", m)) for m in ("nydus", "stargz", "overlayfs"))
-        if ny and ov and net == "loopback":
-            ok = ny["x_vs_overlayfs"] >= TARGET_X
-            out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: nydus {ny['x_vs_overlayfs']:.1f}x "
-                       f"faster than overlayfs (target >= {TARGET_X:.0f}x)")
-        if ny and sg:
-            ok = ny["total_s"] < sg["total_s"]
-            out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: nydus {ny['total_s']:.2f} s vs "
-                       f"stargz {sg['total_s']:.2f} s (target: faster)")
-        if ny:
-            ok = ny["fetched_over_read"] <= 1.5
-            out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: nydus fetched "
-                       f"{ny['fetched'] / 1e6:.1f} MB for {ny['workload_read'] / 1e6:.1f} MB read "
-                       f"= {ny['fetched_over_read']:.2f}x (target <= 1.5x)")
-        nys, ovs = get.get((net, "small", "nydus")), get.get((net, "small", "overlayfs"))
-        if nys and ovs:
-            d = nys["total_s"] - ovs["total_s"]
-            out.append(f"{'PASS' if d <= 0.2 else 'FAIL'} small/{net}: nydus - overlayfs = "
-                       f"{d:+.2f} s (target <= +0.20 s)")
+        for m in DAEMON_MODE:
+            ny, sg, ov = (get.get((net, "large", x)) for x in (m, "stargz", "overlayfs"))
+            if ny and ov and net == "loopback":
+                ok = ny["x_vs_overlayfs"] >= TARGET_X
+                out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: {m} "
+                           f"{ny['x_vs_overlayfs']:.1f}x faster than overlayfs "
+                           f"(target >= {TARGET_X:.0f}x)")
+            if ny and sg:
+                ok = ny["total_s"] < sg["total_s"]
+                out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: {m} {ny['total_s']:.2f} s "
+                           f"vs stargz {sg['total_s']:.2f} s (target: faster)")
+            if ny:
+                ok = ny["fetched_over_read"] <= 1.5
+                out.append(f"{'PASS' if ok else 'FAIL'} large/{net}: {m} fetched "
+                           f"{ny['fetched'] / 1e6:.1f} MB for {ny['workload_read'] / 1e6:.1f} MB "
+                           f"read = {ny['fetched_over_read']:.2f}x (target <= 1.5x)")
+            nys, ovs = get.get((net, "small", m)), get.get((net, "small", "overlayfs"))
+            if nys and ovs:
+                d = nys["total_s"] - ovs["total_s"]
+                out.append(f"{'PASS' if d <= 0.2 else 'FAIL'} small/{net}: {m} - overlayfs = "
+                           f"{d:+.2f} s (target <= +0.20 s)")
     return out
 
 
@@ -577,7 +603,7 @@ def main() -> int:
     use_bytecode()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with lazy_images.bench_registry() as reg:
-        formats = tuple(["oci"] + [TAG[m] for m in modes if m != "overlayfs"])
+        formats = tuple(dict.fromkeys(["oci"] + [TAG[m] for m in modes]))
         state = lazy_images.ensure(reg, images, formats=formats)
         for net in networks:
             with contextlib.ExitStack() as stack:
@@ -611,17 +637,17 @@ def main() -> int:
     print()
     for line in checks(rows) + notes:
         print(f"- {line}")
-    ny = [s for s in samples if s.mode == "nydus" and s.breakdown]
+    ny = [s for s in samples if s.mode in DAEMON_MODE and s.breakdown]
     if ny:
         print("\nnydus time breakdown (medians, s):")
         for net in networks:
-            for img in images:
-                ss = [s for s in ny if (s.network, s.image) == (net, img)]
+            for img, mode in [(i, m) for i in images for m in DAEMON_MODE]:
+                ss = [s for s in ny if (s.network, s.image, s.mode) == (net, img, mode)]
                 if ss:
                     keys = list(ss[0].breakdown)
                     parts = ", ".join(f"{k} {med([s.breakdown.get(k, 0) for s in ss]):.3f}"
                                       for k in keys)
-                    print(f"- {net} {img}: {parts}; FUSE read "
+                    print(f"- {net} {img} {mode}: {parts}; FUSE read "
                           f"{med([s.fuse_read for s in ss]) / 1e6:.1f} MB")
     if a.json:
         Path(a.json).write_text(json.dumps({"started": started, "command": cmd, "n": a.repeat,
