@@ -124,10 +124,21 @@ class BlobCache:
         os.makedirs(work_dir, exist_ok=True)
         self.data_path = os.path.join(work_dir, f"{blob.blob_id}.blob.data")
         self.map_path = self.data_path + ".chunk_map"
-        self.chunk_map = ChunkMap(self.map_path, blob.chunk_count)
         self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size < blob.uncompressed_size:
+            # A data file that is missing (deleted by cache GC or by hand) or short has lost
+            # chunks its map may still call ready: those would be served as zeros. Start
+            # the map empty; the chunks are fetched again.
+            if os.path.exists(self.map_path):
+                log.warning("blob %s: cache data file %s is missing or short; discarding its "
+                            "chunk map", blob.blob_id, self.data_path)
+                os.unlink(self.map_path)
             os.ftruncate(self._fd, blob.uncompressed_size)
+        try:
+            self.chunk_map = ChunkMap(self.map_path, blob.chunk_count)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._lock = threading.Lock()
         self._claims: dict[int, _Claim] = {}
 
