@@ -133,3 +133,22 @@ def test_a_miss_brings_following_chunks_up_to_amplify_io(start_daemon: StartFn, 
     else:
         assert m["read_count"] == 50, m
         assert m["read_amount_total"] == 50 * 8192
+
+
+def test_cache_data_file_lost_between_runs_is_refetched_not_zeros(
+        full_image: Image, start_daemon: StartFn, workdir: Path) -> None:
+    """The chunk map survives but ``<blob>.blob.data`` was removed (cache GC, an operator):
+    the next daemon must fetch again, not serve the map's "ready" chunks as holes."""
+    from .conftest import localfs_config
+
+    cfg = localfs_config(full_image.blob_dir, workdir / "cache")
+    want = (full_image.src / "files/multi-chunk").read_bytes()
+    d = start_daemon(bootstrap=full_image.bootstrap, config=cfg)
+    assert (d.mountpoint / "files/multi-chunk").read_bytes() == want
+    d.stop()
+    data = workdir / "cache" / f"{full_image.blob_id}.blob.data"
+    data.unlink()
+    d2 = start_daemon("again", bootstrap=full_image.bootstrap, config=cfg)
+    assert (d2.mountpoint / "files/multi-chunk").read_bytes() == want
+    assert d2.backend_metrics()["read_count"] >= 1
+    assert "discarding its chunk map" in d2.log_text()
