@@ -7,6 +7,8 @@
 ``full_image``     (session) the all-entry-types tree of ``trees.py`` built with lz4_block
 ``localfs_config`` nydusd JSON v1 config for a localfs backend and a blob cache dir
 ``registry_config`` the same for a registry backend
+``push``           upload an image's blob with our registry client
+``settled_gets``   the registry access log's blob GET count, once it caught up
 
 Everything here mounts, so every test is marked ``root`` and skipped when not root.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,9 @@ from typing import Any
 import pytest
 
 from pynydus.rafs.builder import BuildResult, build
+from pynydus.registry.client import RegistryClient
 from tests.harness.pynydusd import Pynydusd, force_unmount
+from tests.harness.registry import Registry
 from tests.harness.util import make_workdir, remove_tree, stop_recorded
 
 from .trees import make_full_tree
@@ -62,6 +67,23 @@ def build_image(src: Path, out: Path, **kw: Any) -> Image:
     kw.setdefault("compressor", "lz4_block")
     res = build(str(src), str(boot), str(out / "blobs"), **kw)
     return Image(src, boot, out / "blobs", res)
+
+
+def push(host: str, image: Image, repo: str, **auth: str) -> None:
+    with RegistryClient(host, scheme="http", **auth) as c:  # type: ignore[arg-type]
+        c.push_blob(repo, str(image.blob_path), f"sha256:{image.blob_id}")
+
+
+def settled_gets(reg: Registry, digest: str, expect: int, timeout: float = 5.0) -> int:
+    """The registry's count of blob GETs once it reaches ``expect`` (or after ``timeout``):
+    distribution writes its access-log line after the response went out, so the client
+    may have its bytes a moment before the log shows the request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = reg.blob_gets(digest)
+        if n >= expect or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
 
 
 def localfs_config(blob_dir: Path, cache_dir: Path, **extra: Any) -> dict[str, Any]:

@@ -24,8 +24,7 @@ from tests.harness.pynydusd import fuse_mounted
 from tests.harness.registry import Registry
 from tests.integration.registry.servers import FaultProxy
 
-from .conftest import Image, StartFn, localfs_config, registry_config
-from .test_registry import push
+from .conftest import Image, StartFn, localfs_config, push, registry_config
 
 REPO = "daemon/faults"
 TIMEOUT = 2  # seconds, the daemon's connect and read timeouts in these tests
