@@ -50,6 +50,11 @@ class Vfs:
     def __init__(self) -> None:
         self.dedicated: RafsInstance | None = None
         self.slots: dict[int, tuple[bytes, RafsInstance]] = {}
+        # Slots are handed out round-robin (as fuse-backend-rs does for nydusd), not
+        # lowest-free: the kernel keeps inodes (attributes cached "forever", page cache
+        # kept) of an unmounted image while anything holds them open, and an image
+        # mounted right away in the same slot would be answered from them.
+        self._next_slot = 1
         self._lock = threading.Lock()
 
     # dedicated mode: swap the image root and nid 1
@@ -80,12 +85,14 @@ class Vfs:
                 from pynydus.errors import AlreadyExists
 
                 raise AlreadyExists(f"mountpoint /{name.decode(errors='replace')} is already mounted")
-            free = next((s for s in range(1, 256) if s not in self.slots), None)
+            order = [(self._next_slot - 1 + i) % 255 + 1 for i in range(255)]
+            free = next((s for s in order if s not in self.slots), None)
             if free is None:
                 from pynydus.errors import FailedPrecondition
 
                 raise FailedPrecondition("255 images are mounted already; unmount one first")
             self.slots[free] = (name, inst)
+            self._next_slot = free % 255 + 1
             return free
 
     def remove(self, name: bytes) -> tuple[int, RafsInstance]:
