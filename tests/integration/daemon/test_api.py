@@ -248,3 +248,35 @@ def test_zstd_image_in_shared_mode_and_localfs_dir_flag(start_daemon: StartFn,
     d = start_daemon(bootstrap=img.bootstrap, extra_args=("-D", str(img.blob_dir)))
     assert (d.mountpoint / "f").read_bytes() == b"z" * 3_000_000
     assert (img.blob_dir / f"{img.blob_id}.blob.data").exists()
+
+
+def test_shared_mode_remount_while_old_file_is_open_shows_the_new_image(
+        start_daemon: StartFn, workdir: Path) -> None:
+    """Unmount /a while a process holds one of its files open, mount another image: the
+    new image's file (same nid) must show its own size and bytes. With slots reused
+    lowest-first the kernel answered from the old image's cached inode and pages."""
+    images = {}
+    for name, content in (("x", b"X" * 10_000), ("y", b"Y" * 20_000)):
+        src = workdir / f"src-{name}"
+        src.mkdir()
+        os.chmod(src, 0o755)
+        (src / "f").write_bytes(content)
+        images[name] = build_image(src, workdir / f"img-{name}")
+    d = start_daemon()
+
+    def mount(name: str) -> None:
+        img = images[name]
+        assert d.api("POST", "/api/v1/mount?mountpoint=/a",
+                     _mount_body(img.bootstrap, localfs_config(img.blob_dir,
+                                                               workdir / "cache"))) == (204, None)
+
+    mount("x")
+    fd = os.open(d.mountpoint / "a/f", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 5, 0) == b"XXXXX"
+        assert d.api("DELETE", "/api/v1/mount?mountpoint=/a") == (204, None)
+        mount("y")
+        assert os.stat(d.mountpoint / "a/f").st_size == 20_000
+        assert (d.mountpoint / "a/f").read_bytes() == b"Y" * 20_000
+    finally:
+        os.close(fd)
