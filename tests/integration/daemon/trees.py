@@ -11,7 +11,8 @@ namespace RAFS v6 keeps (user, trusted, security incl. ``security.capability``),
 ``compare_trees(src, mnt)`` walks both with ``lstat`` and returns a list of differences
 (empty = identical): type, permission bits, size, nlink, uid/gid, mtime (ns), rdev,
 symlink target, xattr names and values, file bytes (sha256) and hardlink grouping (two
-paths share an inode on the mount exactly when they do in the source).
+paths share an inode on the mount exactly when they do in the source); nlink of
+directories too.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def compare_trees(src: Path, mnt: Path, *, check_data: bool = True,
             diff("owner", (a.st_uid, a.st_gid), (b.st_uid, b.st_gid))
         if a.st_mtime_ns != b.st_mtime_ns:
             diff("mtime_ns", a.st_mtime_ns, b.st_mtime_ns)
-        if not stat.S_ISDIR(a.st_mode) and a.st_nlink != b.st_nlink:
+        if a.st_nlink != b.st_nlink:  # directories: 2 + subdirectories, as on disk
             diff("nlink", a.st_nlink, b.st_nlink)
         if (stat.S_ISREG(a.st_mode) or stat.S_ISLNK(a.st_mode)) and a.st_size != b.st_size:
             diff("size", a.st_size, b.st_size)
