@@ -92,7 +92,8 @@ class Run:
 
 def pynydus(*args: str, timeout: float = 600) -> Run:
     r = subprocess.run([sys.executable, "-m", "pynydus.cli.main", *args], capture_output=True,
-                       text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       text=True, timeout=timeout, check=False,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return Run(r.returncode, r.stdout, r.stderr)
 
 

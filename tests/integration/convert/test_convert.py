@@ -59,7 +59,7 @@ def test_manifest_layout_is_upstreams(registry: Registry, layered: str, cache_di
     dst = registry.ref("nydus/layout", "v1")
     assert pynydus(*convert_args(layered, dst, cache_dir)).rc == 0
     _, _, src = _manifest(registry, "src/layered", "latest")
-    digest, raw, m = _manifest(registry, "nydus/layout", "v1")
+    _, _, m = _manifest(registry, "nydus/layout", "v1")
     assert m["schemaVersion"] == 2
     assert m["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert "subject" not in m

@@ -81,7 +81,7 @@ def test_corrupt_source_layer_is_a_digest_error(registry: Registry, workdir: Pat
 
 def test_unsupported_media_type(registry: Registry, cache_dir: str) -> None:
     layer = oci.Layer("e").file("x", "y")
-    mt, blob, tar = layer_blob(layer, "gzip")
+    _, blob, tar = layer_blob(layer, "gzip")
     with client_for(registry) as c:
         push_layers(c, "src/encrypted", "v1",
                     [("application/vnd.oci.image.layer.v1.tar+gzip+encrypted", blob, tar)])
