@@ -265,6 +265,8 @@ class _Run:
             advance()
             if jobs:
                 pool = WorkerPool(self.workers, progress)
+                # Largest first: the last layer to finish should be a small one.
+                jobs.sort(key=lambda j: -j.layer.size)
                 for res in pool.run(jobs):
                     first[res.source_digest] = res
                     advance()

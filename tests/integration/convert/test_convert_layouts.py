@@ -157,3 +157,25 @@ def test_chunk_dict_bootstrap_dedups_against_another_image(registry: Registry, c
     assert lyr["deduplicated_bytes"] >= len(shared)
     ok = pynydus("check-image", "--source", registry.ref("src/dict-b"), "--target", dst_b)
     assert ok.rc == 0, ok.err + ok.out
+
+
+def test_prefetch_files_end_up_in_the_prefetch_table(registry: Registry, cache_dir: str,
+                                                      tmp_path: Path) -> None:
+    from pynydus.rafs.reader import Bootstrap
+
+    base, mid, top = _layers("prefetch")
+    with client_for(registry) as c:
+        push_layers(c, "src/prefetch", "v1", [layer_blob(base, "gzip"), layer_blob(top, "gzip")])
+    listing = tmp_path / "prefetch.txt"
+    listing.write_text("/data/arch\n/etc/os\n")
+    dst = registry.ref("nydus/prefetch", "v1")
+    r = pynydus(*convert_args(registry.ref("src/prefetch", "v1"), dst, cache_dir,
+                              "--prefetch-files", str(listing)))
+    assert r.rc == 0, r.err
+    with client_for(registry) as c:
+        m = json.loads(c.get_manifest("nydus/prefetch", "v1").data)
+        boot = bootstrap_from_layer(b"".join(c.get_blob("nydus/prefetch",
+                                                        m["layers"][-1]["digest"])))
+    with Bootstrap.from_bytes(boot) as bs:
+        want = {bs.lookup_path("/data/arch"), bs.lookup_path("/etc/os")}
+        assert set(bs.prefetch_list) == want
