@@ -163,7 +163,7 @@ def test_prefetch_files_end_up_in_the_prefetch_table(registry: Registry, cache_d
                                                       tmp_path: Path) -> None:
     from pynydus.rafs.reader import Bootstrap
 
-    base, mid, top = _layers("prefetch")
+    base, _, top = _layers("prefetch")
     with client_for(registry) as c:
         push_layers(c, "src/prefetch", "v1", [layer_blob(base, "gzip"), layer_blob(top, "gzip")])
     listing = tmp_path / "prefetch.txt"
