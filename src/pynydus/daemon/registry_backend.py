@@ -3,32 +3,66 @@
 A thin adapter from nydusd's registry backend config to the shared registry
 client (auth, retries, redirects, mirrors and proxy live there). Blob ids are
 hex sha256 digests, as in the bootstrap's blob table.
+
+The client is built on a thread of its own, started with the backend: it is
+first needed at the first chunk miss, which comes after the FUSE mount and the
+container's start, while building it (importing httpx, an SSL context even for
+plain HTTP) sat on every dedicated daemon's start-up path, about 0.15 s of it
+(bench/lazy_pull.py --profile). Every use waits for the build; a build that
+failed fails each use with the same error.
 """
 
 from __future__ import annotations
 
+import threading
+from typing import TYPE_CHECKING
+
 from pynydus.daemon.config import RegistryConfig
-from pynydus.registry.client import Mirror, RegistryClient
+
+if TYPE_CHECKING:
+    from pynydus.registry.client import RegistryClient
 
 
 class RegistryBackend:
     def __init__(self, cfg: RegistryConfig) -> None:
         self.cfg = cfg
         self.repo = cfg.repo
-        self.client = RegistryClient(
-            cfg.host,
-            scheme=cfg.scheme or "https",
-            skip_verify=cfg.skip_verify,
-            auth=cfg.auth or None,
-            registry_token=cfg.registry_token or None,
-            timeout=float(cfg.timeout),
-            connect_timeout=float(cfg.connect_timeout),
-            retry_limit=cfg.retry_limit,
-            proxy=cfg.proxy.url or None,
-            proxy_fallback=cfg.proxy.fallback,
-            mirrors=[Mirror(m.host, dict(m.headers)) for m in cfg.mirrors],
-            ca_cert_files=list(cfg.ca_cert_files),
-        )
+        self._client: RegistryClient | None = None
+        self._error: BaseException | None = None
+        self._built = threading.Event()
+        threading.Thread(target=self._build, name="registry-client", daemon=True).start()
+
+    def _build(self) -> None:
+        try:
+            from pynydus.registry.client import Mirror, RegistryClient
+
+            cfg = self.cfg
+            self._client = RegistryClient(
+                cfg.host,
+                scheme=cfg.scheme or "https",
+                skip_verify=cfg.skip_verify,
+                auth=cfg.auth or None,
+                registry_token=cfg.registry_token or None,
+                timeout=float(cfg.timeout),
+                connect_timeout=float(cfg.connect_timeout),
+                retry_limit=cfg.retry_limit,
+                proxy=cfg.proxy.url or None,
+                proxy_fallback=cfg.proxy.fallback,
+                mirrors=[Mirror(m.host, dict(m.headers)) for m in cfg.mirrors],
+                ca_cert_files=list(cfg.ca_cert_files),
+            )
+        except BaseException as err:  # noqa: BLE001 - handed to every caller of .client
+            self._error = err
+        finally:
+            self._built.set()
+
+    @property
+    def client(self) -> RegistryClient:
+        self._built.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._client is not None
+        return self._client
 
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
         digest = blob_id if ":" in blob_id else f"sha256:{blob_id}"
@@ -39,4 +73,6 @@ class RegistryBackend:
         self.client.set_credentials(auth)
 
     def close(self) -> None:
-        self.client.close()
+        self._built.wait()
+        if self._client is not None:
+            self._client.close()
