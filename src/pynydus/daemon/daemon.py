@@ -62,6 +62,17 @@ def make_backend(cfg: BackendConfig) -> Backend:
     raise NotImplementedFeature(f"backend type {cfg.type!r} is not supported")
 
 
+def _warm_imports() -> None:
+    """Import the registry client (httpx) off the start-up path. It is first needed
+    at a chunk miss; a shared daemon starts long before its first API mount, whose
+    first read then no longer waits 0.1-0.5 s for the import (bench/lazy_pull.py
+    --profile)."""
+    try:
+        import pynydus.registry.client  # noqa: F401
+    except Exception:  # the real import at first use reports it
+        log.debug("warming the registry client import failed", exc_info=True)
+
+
 def clean_stale_mountpoint(path: str) -> None:
     """Unmount whatever a dead daemon left at ``path`` (ENOTCONN on access)."""
     if is_mountpoint(path):
@@ -107,6 +118,7 @@ class Daemon:
 
     def run(self) -> int:
         """Mount, serve until told to stop, unmount. Returns the exit code."""
+        threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
         mp = os.path.abspath(self.opts.mountpoint)
         clean_stale_mountpoint(mp)  # before mkdir: a dead FUSE mount cannot even be stat'ed
         os.makedirs(mp, exist_ok=True)
