@@ -348,3 +348,39 @@ def test_concurrent_readers_after_a_failed_fetch_never_see_zeros(
         assert d.backend_metrics()["read_errors"] >= 1  # the injected 500 did hit a fetch
     finally:
         fp.stop()
+
+
+def test_sigterm_during_a_stuck_backend_read_exits_and_unmounts(
+        full_image: Image, own_registry: Registry, start_daemon: StartFn,
+        workdir: Path) -> None:
+    """The registry hangs (SIGSTOP) under a read; SIGTERM. The daemon finishes within the
+    backend's own bound (timeout x attempts: it drains the read, it does not abandon it),
+    exits 0 and leaves no mount behind; the reader gets an error, not a hang."""
+    d = start_daemon(bootstrap=full_image.bootstrap,
+                     config=registry_config(own_registry.host, REPO, workdir / "cache",
+                                            timeout=TIMEOUT, retry_limit=RETRIES))
+    assert own_registry.proc is not None
+    pid = own_registry.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    errors: list[int] = []
+
+    def reader() -> None:
+        try:
+            read(d.mountpoint / "files/one-chunk")
+        except OSError as err:
+            errors.append(err.errno or 0)
+
+    t = threading.Thread(target=reader, daemon=True)
+    try:
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert d.proc.popen is not None
+        d.proc.popen.send_signal(signal.SIGTERM)
+        assert d.proc.popen.wait(BOUND + 5) == 0
+        assert time.monotonic() - t0 < BOUND
+        assert not fuse_mounted(d.mountpoint)
+        t.join(10)
+        assert not t.is_alive() and errors
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -208,3 +208,30 @@ def test_daemon_stops_cleanly_on_sigterm(full_image: Image, start_daemon: StartF
     assert d.proc.stop(timeout=10) == 0
     assert not fuse_mounted(d.mountpoint)
     assert not d.apisock.exists()
+
+
+@pytest.mark.slow
+def test_file_larger_than_4gib_reads_at_64bit_offsets(start_daemon: StartFn,
+                                                      workdir: Path) -> None:
+    """A 5 GiB sparse file (16 MiB chunks, zero chunks deduplicated): sizes and offsets
+    past 4 GiB survive bootstrap, FUSE and the chunk mapping."""
+    src = workdir / "src"
+    src.mkdir()
+    os.chmod(src, 0o755)
+    with open(src / "huge", "wb") as f:
+        f.seek((4 << 30) + 12345)
+        f.write(b"beyond 4 GiB")
+        f.seek((5 << 30) - 4)
+        f.write(b"end!")
+    img = build_image(src, workdir / "img", chunk_size=16 << 20)
+    d = start_daemon(bootstrap=img.bootstrap, config=localfs_config(img.blob_dir, workdir / "c"))
+    p = d.mountpoint / "huge"
+    assert os.stat(p).st_size == 5 << 30
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 12, (4 << 30) + 12345) == b"beyond 4 GiB"
+        assert os.pread(fd, 10, (5 << 30) - 4) == b"end!"
+        assert os.pread(fd, 4096, 3 << 30) == bytes(4096)
+    finally:
+        os.close(fd)
+    assert d.backend_metrics()["read_amount_total"] < 1 << 20  # zero chunks are one chunk
