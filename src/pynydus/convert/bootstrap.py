@@ -86,10 +86,8 @@ def merge_layers(bootstraps: Sequence[str], out: str, *,
         shared_bytes.append(n_bytes)
         shared_chunks.append(n_chunks)
         overlay(merged.root, img.tree.root)
-    used = {c.blob.blob_id for _, n in merged.walk() for c in n.inode.chunks}
-    # Blobs no file references any more stay out of the table (nothing to fetch);
-    # the manifest still lists every layer blob.
-    table = [b for b in table if b.blob_id in used]
+    # Like merge(): every layer's blobs stay in the table, also those whose files a
+    # later layer deleted (upstream's merged blob table lists them too).
     info = write_bootstrap(merged, table, out, V6Options(
         chunk_size=first.chunk_size, compressor=images[-1].compressor, digester=first.digester,
         prefetch=tuple(normalize_path(os.fsencode(p)) for p in prefetch_files)))
