@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PKGS=(containerd runc docker-registry fuse3 libfuse3-dev pkg-config erofs-utils skopeo umoci
       e2fsprogs util-linux curl ca-certificates python3-venv
-      busybox-static)  # busybox-static: the shell/base layer of the e2e test images
+      busybox-static   # the shell/base layer of the e2e test images
+      stargz-snapshotter)  # ctr-remote: lazy pulls with labels (rpull), eStargz peer in bench/
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
