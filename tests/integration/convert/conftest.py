@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import zstandard
@@ -27,6 +30,9 @@ from pynydus.registry import RegistryClient
 from tests.harness import images, oci
 from tests.harness.registry import Registry, write_htpasswd
 from tests.harness.util import make_workdir, remove_tree
+
+if TYPE_CHECKING:
+    from pynydus.convert.overlay_view import OverlayView
 
 USER, PASSWORD = "conv", "s3cret-pw"
 
@@ -65,6 +71,7 @@ def xattr_layer() -> oci.Layer:
             .file("app/xattr.txt", "has xattrs\n",
                   xattrs={"user.pynydus.test": "value-1", "trusted.pynydus.note": "t"})
             .file("app/part-of-big.bin", images.BIG[: 300_000] + b"tail")
+            .file("app/dated.txt", "dated\n", mtime=1_700_000_000)
             .file("app/dup-of-big.bin", images.BIG))  # same content as a lower layer's file
 
 
@@ -163,3 +170,50 @@ def layer_blob(layer: oci.Layer, compression: str) -> tuple[str, bytes, bytes]:
 
 def client_for(reg: Registry, auth: str | None = None) -> RegistryClient:
     return RegistryClient(reg.host, scheme="http", auth=auth)
+
+
+# ----------------------------------------------------------------- mounted trees
+def source_view(reg: Registry, repo: str, ref: str) -> OverlayView:
+    """The source image's layers applied with overlay semantics (check-image's model)."""
+    from pynydus.convert.overlay_view import OverlayView
+
+    view = OverlayView()
+    with client_for(reg) as c:
+        src = json.loads(c.get_manifest(repo, ref).data)
+        for lyr in src["layers"]:
+            view.apply_layer(io.BytesIO(b"".join(c.get_blob(repo, lyr["digest"]))))
+    return view
+
+
+def assert_tree_matches(root: Path, view: OverlayView, *, zero_mtime: bool = True) -> None:
+    """A mounted tree has exactly the view's paths with its types, modes, owners,
+    contents, mtimes, link targets, xattrs and hardlink identity. ``zero_mtime=False``:
+    a source mtime of 0 is not compared (pynydusd, like nydusd, shows its start time)."""
+    seen = {""}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath, name)
+            rel = str(full.relative_to(root))
+            seen.add(rel)
+            want = view.paths.get(rel)
+            assert want is not None, f"/{rel} is in the mount but not in the source"
+            st = os.lstat(full)
+            assert stat.S_IMODE(st.st_mode) == want.mode, rel
+            assert (st.st_uid, st.st_gid) == (want.uid, want.gid), rel
+            if stat.S_ISREG(st.st_mode):
+                assert want.kind == "reg", rel
+                assert hashlib.sha256(full.read_bytes()).hexdigest() == want.sha256, rel
+                if want.mtime or zero_mtime:
+                    assert st.st_mtime_ns // 10**9 == want.mtime, rel
+            elif stat.S_ISLNK(st.st_mode):
+                assert want.kind == "symlink" and os.readlink(full).encode() == want.link, rel
+            elif stat.S_ISDIR(st.st_mode):
+                assert want.kind == "dir", rel
+            for key, value in want.xattrs.items():
+                assert os.getxattr(full, key, follow_symlinks=False) == value, (rel, key)
+    assert seen == set(view.paths), sorted(set(view.paths) ^ seen)
+    groups: dict[int, set[int]] = {}
+    for p, rec in view.paths.items():
+        if rec.group:
+            groups.setdefault(rec.group, set()).add(os.lstat(root / p).st_ino)
+    assert groups and all(len(inos) == 1 for inos in groups.values()), groups
