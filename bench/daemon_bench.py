@@ -410,8 +410,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if registry is not None:
             registry.stop()
         stop_recorded(wd)
-        for m in list(wd.glob("*.mnt")):
-            force_unmount(m)
+        for mnt_dir in list(wd.glob("*.mnt")):
+            force_unmount(mnt_dir)
         if args.keep:
             print(f"kept {wd}")
         else:
