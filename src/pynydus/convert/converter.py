@@ -36,7 +36,7 @@ from . import image as img
 from .bootstrap import LayerChunks, layer_chunks, merge_layers
 from .endpoints import registry_spec
 from .layer import BuildOptions, LayerJob, LayerResult, lookup_cache
-from .pack import bootstrap_layer
+from .pack import blob_meta_cache_file, bootstrap_layer
 from .progress import NullReporter, Reporter
 from .workers import WorkerPool
 
@@ -337,7 +337,12 @@ class _Run:
                         "push the chunk dict image there first") from None
                 blobs.append(img.BlobLayer(digest, size))
                 layer_ids.add(blob_id)
-        bl = bootstrap_layer(boot)
+        metas = []
+        for r in layer_results:
+            meta = blob_meta_cache_file(r.blob_path(opts.cache_dir)) if r.has_data else None
+            if meta is not None and r.blob_digest not in {d for d, _ in metas}:
+                metas.append((r.blob_digest, meta))
+        bl = bootstrap_layer(boot, metas)
         self.push_blob(bl.digest, bl.data, len(bl.data))
         config = img.nydus_config(si.config_doc, blobs, bl.diff_id)
         cbytes = img.dumps(config)

@@ -15,8 +15,8 @@ The embedded bootstrap keeps the builder's blob id (upstream does the same); the
 image's merged bootstrap names the blob by the sha256 of the final file, which is
 what the runtime asks the registry for.
 
-Bootstrap layer: a gzip'ed tar with ``image/`` and ``image/image.boot`` (0444),
-deterministic (mtime 0, no owner names) so the same bootstrap gives the same digest.
+Bootstrap layer: a gzip'ed tar with ``image/``, ``image/image.boot`` (0444) and one
+``image/<blob digest hex>.blob.meta`` per data blob (spec §3.2), deterministic (mtime 0, no owner names) so the same bootstrap gives the same digest.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -33,9 +34,10 @@ import zstandard
 
 from pynydus.errors import FormatError
 from pynydus.rafs.blobmeta import TocEntry, pack_section_header
-from pynydus.rafs.compress import Compressor, toc_flag_for_compressor
+from pynydus.rafs.compress import Compressor, decompress, toc_flag_for_compressor
 
-__all__ = ["InlineBlob", "bootstrap_layer", "inline_bootstrap", "read_toc"]
+__all__ = ["InlineBlob", "blob_meta_cache_file", "bootstrap_layer", "inline_bootstrap",
+           "read_toc"]
 
 TAR_BLOCK = 512
 TOC_NAME = "rafs.blob.toc"
@@ -167,16 +169,50 @@ class BootstrapLayer:
     diff_id: str
 
 
-def bootstrap_layer(bootstrap: bytes) -> BootstrapLayer:
-    """Pack ``bootstrap`` as ``image/image.boot`` in a deterministic tar.gz."""
+def blob_meta_cache_file(blob_path: str) -> bytes | None:
+    """The blob's chunk-info array in nydusd's cache form (``<blob_id>.blob.meta``):
+    uncompressed ci padded to 4 KiB, then the 4096-byte header; None for a blob
+    without chunks. Taken from the blob's own TOC entries, as upstream does."""
+    size = os.path.getsize(blob_path)
+    with open(blob_path, "rb") as f:
+        _, entries = read_toc(f, size)
+        by_name = {e.entry_name: e for e in entries}
+        meta, header = by_name.get("blob.meta"), by_name.get("blob.meta.header")
+        if meta is None or header is None:
+            return None
+        f.seek(meta.compressed_offset)
+        raw = f.read(meta.compressed_size)
+        f.seek(header.compressed_offset)
+        head = f.read(header.compressed_size)
+    comp = {0x1: Compressor.NONE, 0x2: Compressor.ZSTD, 0x4: Compressor.LZ4_BLOCK}.get(
+        meta.flags & 0xF)
+    if comp is None:
+        raise FormatError(f"{blob_path}: blob.meta has unknown compression flags {meta.flags:#x}")
+    ci = decompress(raw, comp, meta.uncompressed_size) if comp != Compressor.NONE else raw
+    if not ci and not head:
+        return None
+    pad = -len(ci) % 4096
+    return ci + bytes(pad) + head
+
+
+def bootstrap_layer(bootstrap: bytes,
+                    blob_metas: Sequence[tuple[str, bytes]] = ()) -> BootstrapLayer:
+    """Pack ``bootstrap`` as ``image/image.boot`` in a deterministic tar.gz, followed by
+    ``image/<blob digest hex>.blob.meta`` per ``(digest, cache-form blob meta)``
+    (upstream's bootstrap layer since nydus-snapshotter eefc9f4: the runtime can
+    seed its blob cache instead of fetching every blob's chunk-info array)."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tf:
         d = tarfile.TarInfo("image")
         d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 0
         tf.addfile(d)
-        ti = tarfile.TarInfo(BOOTSTRAP_IN_LAYER)
-        ti.size, ti.mode, ti.mtime = len(bootstrap), 0o444, 0
-        tf.addfile(ti, io.BytesIO(bootstrap))
+        files = [(BOOTSTRAP_IN_LAYER, bootstrap)]
+        files += [(f"image/{digest.split(':', 1)[-1]}.blob.meta", data)
+                  for digest, data in blob_metas]
+        for name, data in files:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o444, 0
+            tf.addfile(ti, io.BytesIO(data))
     tar = raw.getvalue()
     gz = gzip.compress(tar, compresslevel=6, mtime=0)
     return BootstrapLayer(gz, "sha256:" + hashlib.sha256(gz).hexdigest(),

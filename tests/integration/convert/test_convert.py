@@ -77,6 +77,15 @@ def test_manifest_layout_is_upstreams(registry: Registry, layered: str, cache_di
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
         member = tf.getmember("image/image.boot")
         assert member.mode == 0o444
+        metas = {m.name: tf.extractfile(m).read() for m in tf.getmembers()  # type: ignore[union-attr]
+                 if m.name.endswith(".blob.meta")}
+    # one cache-form blob meta per data blob: ci padded to 4 KiB + the 4096-byte header
+    with Bootstrap.from_bytes(bootstrap_from_layer(boot_gz)) as bs:
+        assert set(metas) == {f"image/{b.blob_id}.blob.meta" for b in bs.blobs}
+        for b in bs.blobs:
+            meta = metas[f"image/{b.blob_id}.blob.meta"]
+            assert len(meta) == -(-b.ci_uncompressed_size // 4096) * 4096 + 4096
+            assert meta[-4096:-4092] == meta[-4:] == (0xB10BB10B).to_bytes(4, "little")
     # config: diff ids = blob digests + uncompressed bootstrap tar digest; history appended
     cfg = json.loads(_blob(registry, "nydus/layout", m["config"]["digest"]))
     assert cfg["rootfs"]["diff_ids"] == [b["digest"] for b in blobs] + [sha(tar)]
