@@ -486,11 +486,15 @@ def ensure(registry: Registry, names: list[str], *, rebuild: bool = False,
 
 
 def bench_registry() -> Registry:
-    """The benchmark's registry: storage kept under WORK/registry across runs (a new
-    loopback port each start; image references carry the port, blobs do not)."""
-    d = WORK / "registry"
-    d.mkdir(parents=True, exist_ok=True)
-    return Registry(d, keep=True)
+    """The benchmark's registry: its storage is kept under WORK/registry/data across
+    runs (a new loopback port each start; image references carry the port, blobs do
+    not); its config and access log are private to this process (/var/tmp/pyn-lzreg-*,
+    removed at stop), so two runs at once never count each other's requests."""
+    storage = WORK / "registry" / "data"
+    storage.mkdir(parents=True, exist_ok=True)
+    reg = Registry(tag="lzreg")
+    reg.storage = storage
+    return reg
 
 
 def main() -> int:

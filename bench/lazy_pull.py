@@ -401,21 +401,38 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
          amplify_io: int | None = None) -> Iterator[Snapshotter | Stargz | None]:
     if mode in DAEMON_MODE:
         cfg_dir = profile or make_workdir("lzcfg")
-        cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode])
-        with Snapshotter(tag="lzsnap", log_level="debug", config=cfg) as snap:
-            yield snap
-            if profile is not None:  # let py-spy see its child exit and write the profile
-                for sock in (snap.root / "socket").glob("*/*.sock"):
-                    with contextlib.suppress(Exception):
-                        DaemonClient(str(sock), timeout=5)._request("PUT", "/api/v1/daemon/exit")
-                time.sleep(3)
-        if profile is None:
-            remove_tree(cfg_dir)
+        try:
+            cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode])
+            with Snapshotter(tag="lzsnap", log_level="debug", config=cfg) as snap:
+                yield snap
+                if profile is not None:  # let py-spy see its child exit and write the profile
+                    for sock in (snap.root / "socket").glob("*/*.sock"):
+                        with contextlib.suppress(Exception):
+                            DaemonClient(str(sock), timeout=5)._request("PUT", "/api/v1/daemon/exit")
+                    time.sleep(3)
+        finally:
+            if profile is None:
+                remove_tree(cfg_dir)
     elif mode == "stargz":
         with Stargz(plain_http) as sgz:
             yield sgz
     else:
         yield None
+
+
+class RunFailed(RuntimeError):
+    """The container did not print what its image's Cmd prints on success."""
+
+
+def save_logs(snap: Snapshotter, dst: Path, w0: float, w1: float, w2: float) -> None:
+    """The snapshotter's and its daemons' logs and the run's wall-clock stamps."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    shutil.copy(snap.log, dst / "snapshotter.log")
+    for f in (snap.root / "logs").rglob("*"):
+        if f.is_file():
+            shutil.copy(f, dst / f.name)
+    (dst / "times.json").write_text(json.dumps({"pull_start": w0, "pull_end": w1, "run_end": w2}))
 
 
 def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, network: str,
@@ -455,8 +472,10 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             t2 = time.monotonic()
             w2 = time.time()
             if r.returncode != 0 or expect not in r.stdout:
-                raise RuntimeError(f"{mode} {ref}: run failed ({r.returncode}): "
-                                   f"{r.stdout[-500:]} {r.stderr[-500:]}")
+                if keep_logs is not None and isinstance(p, Snapshotter):
+                    save_logs(p, keep_logs / f"FAILED-{network}-{image}-{mode}-{rep}", w0, w1, w2)
+                raise RunFailed(f"{mode} {ref}: run failed (exit {r.returncode}): "
+                                f"stdout {r.stdout[-500:]!r} stderr {r.stderr[-500:]!r}")
             end = settle_log(registry.access_log)
             _, fetched_pull, _ = access_bytes(registry.access_log, off0, off1)
             _, fetched_run, n_run = access_bytes(registry.access_log, off1, end)
@@ -467,15 +486,7 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
                 s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
                 s.breakdown = nydus_breakdown(p, w0, w1, w2)
                 if keep_logs is not None:
-                    dst = keep_logs / f"{network}-{image}-{mode}-{rep}"
-                    shutil.rmtree(dst, ignore_errors=True)
-                    dst.mkdir(parents=True)
-                    shutil.copy(p.log, dst / "snapshotter.log")
-                    for f in (p.root / "logs").rglob("*"):
-                        if f.is_file():
-                            shutil.copy(f, dst / f.name)
-                    (dst / "times.json").write_text(json.dumps(
-                        {"pull_start": w0, "pull_end": w1, "run_end": w2}))
+                    save_logs(p, keep_logs / f"{network}-{image}-{mode}-{rep}", w0, w1, w2)
             return s
 
 
@@ -616,11 +627,17 @@ def main() -> int:
                     for rep in range(1, a.repeat + 1):
                         for mode in modes:
                             ref = f"{host}/{st['repo']}:{TAG[mode]}"
-                            s = measure(mode, img, ref, st["expect"], reg, net, rep, plain,
-                                        drop=not a.no_drop_caches, nydus_pull=a.nydus_pull,
-                                        keep_logs=Path(a.keep_logs) if a.keep_logs else None,
-                                        profile=Path(a.profile) / f"{net}-{img}-{rep}"
-                                        if a.profile else None, amplify_io=a.amplify_io)
+                            kw: dict[str, Any] = {
+                                "drop": not a.no_drop_caches, "nydus_pull": a.nydus_pull,
+                                "keep_logs": Path(a.keep_logs) if a.keep_logs else None,
+                                "profile": Path(a.profile) / f"{net}-{img}-{rep}"
+                                if a.profile else None, "amplify_io": a.amplify_io}
+                            try:
+                                s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
+                            except RunFailed as err:  # counted, reported, repeated once
+                                notes.append(f"{net} {img} {mode} rep {rep}: {err}; repeated")
+                                say(notes[-1])
+                                s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
                             if not s.workload_read:
                                 s.workload_read = int(st.get("reads_bytes", 0))
                             samples.append(s)
