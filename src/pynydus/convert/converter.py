@@ -337,7 +337,7 @@ class _Run:
                         "push the chunk dict image there first") from None
                 blobs.append(img.BlobLayer(digest, size))
                 layer_ids.add(blob_id)
-        metas = []
+        metas: list[tuple[str, bytes]] = []
         for r in layer_results:
             meta = blob_meta_cache_file(r.blob_path(opts.cache_dir)) if r.has_data else None
             if meta is not None and r.blob_digest not in {d for d, _ in metas}:
