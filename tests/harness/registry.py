@@ -28,7 +28,8 @@ from .util import HarnessError, Proc, free_port, make_workdir, remove_tree, wait
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
 # 127.0.0.1 - - [27/Nov/2026:18:50:01 +0000] "GET /v2/x/blobs/sha256:ab.. HTTP/1.1" 200 ...
-_ACCESS_RE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+_ACCESS_RE = re.compile(
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
 
 
 def write_htpasswd(path: Path, user: str, password: str) -> Path:
@@ -167,6 +168,20 @@ class Registry:
             if m:
                 out.append((m["method"], m["path"], int(m["status"])))
         return out
+
+    def blob_bytes(self, digest: str | None = None) -> int:
+        """Bytes the registry sent for successful blob GETs (optionally of one digest)."""
+        try:
+            text = self.access_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        total = 0
+        for line in text.splitlines():
+            m = _ACCESS_RE.search(line)
+            if (m and m["method"] == "GET" and "/blobs/" in m["path"] and 200 <= int(m["status"]) < 300
+                    and (digest is None or m["path"].endswith(digest)) and m["bytes"] != "-"):
+                total += int(m["bytes"])
+        return total
 
     def blob_gets(self, digest: str | None = None, *, ok_only: bool = True) -> int:
         """Number of GET requests for blobs (optionally for one ``sha256:…`` digest);
