@@ -248,7 +248,7 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
         builder_blob = new[0].path if new else None
         with open(raw_boot, "rb") as f:
             layer_boot = f.read()
-        blob = inline_bootstrap(builder_blob, layer_boot, blobs_dir)
+        blob = inline_bootstrap(builder_blob, layer_boot, blobs_dir, consume=True)
         boot_out = os.path.join(boots_dir, blob.digest.split(":", 1)[1] + ".boot")
         _retarget_bootstrap(raw_boot, boot_out, new[0].blob_id if new else None, blob, opts)
         res = LayerResult(

@@ -91,51 +91,58 @@ def read_toc(f: BinaryIO, size: int) -> tuple[int, list[TocEntry]]:
     return start, entries
 
 
-def inline_bootstrap(blob_path: str | None, bootstrap: bytes, out_dir: str) -> InlineBlob:
+def inline_bootstrap(blob_path: str | None, bootstrap: bytes, out_dir: str, *,
+                     consume: bool = False) -> InlineBlob:
     """Write ``blob + zstd(bootstrap) + tar(image.boot) + TOC + tar(rafs.blob.toc)``.
 
-    ``blob_path`` (a builder blob, or None for a layer without file data) is not
-    modified. The result goes to ``out_dir/<sha256>``; written atomically.
+    ``blob_path`` is a builder blob, or None for a layer without file data. It is
+    left as it is, unless ``consume``: then it is rewritten in place and moved (no
+    copy of the chunk data; it must be on the same filesystem as ``out_dir``). The
+    result goes to ``out_dir/<sha256>``, atomically.
     """
     comp = zstandard.ZstdCompressor(level=3).compress(bootstrap)
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".inline-{os.getpid()}-{id(bootstrap):x}")
     h = hashlib.sha256()
     entries: list[TocEntry] = []
+    pos = 0
     try:
-        with open(tmp, "wb") as out:
-            pos = 0
+        if blob_path is not None and consume:
+            os.replace(blob_path, tmp)
+        else:
+            open(tmp, "wb").close()
+        with open(tmp, "r+b") as out:
             if blob_path is not None:
-                size = os.path.getsize(blob_path)
-                with open(blob_path, "rb") as src:
-                    toc_start, entries = read_toc(src, size)
+                src_path = tmp if consume else blob_path
+                with open(src_path, "rb") as src:
+                    pos, entries = read_toc(src, os.path.getsize(src_path))
                     src.seek(0)
-                    left = toc_start
-                    while left:
+                    left = pos
+                    while left:  # hash (and, unless consuming, copy) the chunk data part
                         buf = src.read(min(_COPY, left))
                         if not buf:
                             raise FormatError(f"{blob_path}: shorter than its TOC says")
-                        out.write(buf)
+                        if not consume:
+                            out.write(buf)
                         h.update(buf)
                         left -= len(buf)
-                pos = toc_start
+                out.seek(pos)
+                out.truncate()
             data_end = pos
             boot_hdr = pack_section_header(BOOT_NAME, len(comp))
-            for part in (comp, boot_hdr):
-                out.write(part)
-                h.update(part)
             entries = [e for e in entries if e.entry_name != BOOT_NAME]
             entries.append(TocEntry(
                 toc_flag_for_compressor(Compressor.ZSTD), BOOT_NAME.encode().ljust(16, b"\0"),
                 hashlib.sha256(bootstrap).digest(), pos, len(comp), len(bootstrap)))
             toc = b"".join(e.pack() for e in entries)
             toc_hdr = pack_section_header(TOC_NAME, len(toc))
-            for part in (toc, toc_hdr):
+            for part in (comp, boot_hdr, toc, toc_hdr):
                 out.write(part)
                 h.update(part)
             total = pos + len(comp) + TAR_BLOCK + len(toc) + TAR_BLOCK
         digest = h.hexdigest()
         final = os.path.join(out_dir, digest)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, final)
     except BaseException:
         try:

@@ -127,3 +127,14 @@ def test_merge_layers_shares_chunks_with_lower_layers(tmp_path: Path) -> None:
         # the lower file is gone, its chunks live on through the upper path
         assert [p for p, _ in bs.walk()] == [b"/", b"/lib", b"/new", b"/usr", b"/usr/lib",
                                              b"/usr/lib/a.so"]
+
+
+def test_inline_bootstrap_consume_gives_the_same_blob_without_a_copy(tmp_path: Path) -> None:
+    boot, blob = _layer_build(tmp_path, "c", _tar([("file", "a", os.urandom(20000))]))
+    assert blob is not None
+    raw_boot = Path(boot).read_bytes()
+    copied = inline_bootstrap(blob, raw_boot, str(tmp_path / "copied"))
+    moved = inline_bootstrap(blob, raw_boot, str(tmp_path / "moved"), consume=True)
+    assert not os.path.exists(blob)
+    assert moved.digest == copied.digest and moved.size == copied.size
+    assert Path(moved.path).read_bytes() == Path(copied.path).read_bytes()
