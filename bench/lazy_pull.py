@@ -581,6 +581,8 @@ def main() -> int:
     ap.add_argument("--no-build-stargz", action="store_true",
                     help="skip stargz instead of building its peer when it is missing")
     ap.add_argument("--nydus-pull", choices=["rpull", "cri"], default="rpull")
+    ap.add_argument("--nydus-tag", help="pull this tag for the nydus modes (another conversion "
+                    "of the same image, e.g. with another --chunk-size)")
     ap.add_argument("--json", help="write every sample and the summary here")
     ap.add_argument("--keep-logs", help="copy each nydus run's snapshotter and daemon logs here")
     ap.add_argument("--profile", help="run pynydusd under py-spy; collapsed stacks go here")
@@ -626,7 +628,8 @@ def main() -> int:
                     st = state[img]
                     for rep in range(1, a.repeat + 1):
                         for mode in modes:
-                            ref = f"{host}/{st['repo']}:{TAG[mode]}"
+                            tag = a.nydus_tag if a.nydus_tag and mode in DAEMON_MODE else TAG[mode]
+                            ref = f"{host}/{st['repo']}:{tag}"
                             kw: dict[str, Any] = {
                                 "drop": not a.no_drop_caches, "nydus_pull": a.nydus_pull,
                                 "keep_logs": Path(a.keep_logs) if a.keep_logs else None,
