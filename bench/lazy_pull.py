@@ -364,14 +364,16 @@ PYSPY = Path(sys.executable).parent / "py-spy"
 
 
 def snapshotter_config(out: Path, profile: bool, amplify_io: int | None,
-                       daemon_mode: str | None) -> Path | None:
+                       daemon_mode: str | None, prefetch: bool = False) -> Path | None:
     """A snapshotter config for this run, or None for the defaults. ``profile``: the
     ``daemon.nydusd_path`` runs pynydusd under py-spy (raw collapsed stacks in ``out``,
     written when the daemon exits); ``amplify_io``: a daemon template (the built-in one
     with that ``amplify_io``) as ``daemon.nydusd_config``; ``daemon_mode``: dedicated
     (one pynydusd per image, started at the container's Prepare) or shared (one
-    pynydusd started with the snapshotter, images mounted through its API)."""
-    if not profile and amplify_io is None and daemon_mode is None:
+    pynydusd started with the snapshotter, images mounted through its API); ``prefetch``:
+    the template turns ``fs_prefetch`` on (the bootstrap's prefetch table is fetched by
+    worker threads at mount)."""
+    if not profile and amplify_io is None and daemon_mode is None and not prefetch:
         return None
     out.mkdir(parents=True, exist_ok=True)
     lines = ["version = 1"]
@@ -386,9 +388,12 @@ exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynyd
 """)
         wrapper.chmod(0o755)
         lines.append(f'nydusd_path = "{wrapper}"')
-    if amplify_io is not None:
+    if amplify_io is not None or prefetch:
         template = json.loads(json.dumps(DEFAULT_TEMPLATE))
-        template["amplify_io"] = amplify_io
+        if amplify_io is not None:
+            template["amplify_io"] = amplify_io
+        if prefetch:
+            template["fs_prefetch"]["enable"] = True
         (out / "nydusd-config.json").write_text(json.dumps(template, indent=1))
         lines.append(f'nydusd_config = "{out / "nydusd-config.json"}"')
     cfg = out / "snapshotter.toml"
@@ -398,11 +403,13 @@ exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynyd
 
 @contextlib.contextmanager
 def peer(mode: str, plain_http: list[str], profile: Path | None = None,
-         amplify_io: int | None = None) -> Iterator[Snapshotter | Stargz | None]:
+         amplify_io: int | None = None,
+         prefetch: bool = False) -> Iterator[Snapshotter | Stargz | None]:
     if mode in DAEMON_MODE:
         cfg_dir = profile or make_workdir("lzcfg")
         try:
-            cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode])
+            cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode],
+                                     prefetch)
             with Snapshotter(tag="lzsnap", log_level="debug", config=cfg) as snap:
                 yield snap
                 if profile is not None:  # let py-spy see its child exit and write the profile
@@ -438,10 +445,10 @@ def save_logs(snap: Snapshotter, dst: Path, w0: float, w1: float, w2: float) -> 
 def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, network: str,
             rep: int, plain_http: list[str], *, drop: bool, nydus_pull: str,
             keep_logs: Path | None = None, profile: Path | None = None,
-            amplify_io: int | None = None) -> Sample:
+            amplify_io: int | None = None, prefetch: bool = False) -> Sample:
     cid = f"lz-{mode}-{rep}"
     sn = SNAPSHOTTER[mode]
-    with peer(mode, plain_http, profile, amplify_io) as p:
+    with peer(mode, plain_http, profile, amplify_io, prefetch) as p:
         sock = getattr(p, "socket", None)
         cri = mode in DAEMON_MODE and nydus_pull == "cri"
         ns = "k8s.io" if cri else None
@@ -581,6 +588,9 @@ def main() -> int:
     ap.add_argument("--no-build-stargz", action="store_true",
                     help="skip stargz instead of building its peer when it is missing")
     ap.add_argument("--nydus-pull", choices=["rpull", "cri"], default="rpull")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="pynydusd with fs_prefetch on (use with a --nydus-tag converted "
+                         "with --prefetch-files)")
     ap.add_argument("--nydus-tag", help="pull this tag for the nydus modes (another conversion "
                     "of the same image, e.g. with another --chunk-size)")
     ap.add_argument("--json", help="write every sample and the summary here")
@@ -634,7 +644,8 @@ def main() -> int:
                                 "drop": not a.no_drop_caches, "nydus_pull": a.nydus_pull,
                                 "keep_logs": Path(a.keep_logs) if a.keep_logs else None,
                                 "profile": Path(a.profile) / f"{net}-{img}-{rep}"
-                                if a.profile else None, "amplify_io": a.amplify_io}
+                                if a.profile else None, "amplify_io": a.amplify_io,
+                                "prefetch": a.prefetch}
                             try:
                                 s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
                             except RunFailed as err:  # counted, reported, repeated once
