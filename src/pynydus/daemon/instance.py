@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pynydus.daemon.blobcache import Backend, BlobCache, BlobRef, CacheStats, ChunkRef
@@ -74,11 +75,17 @@ class RafsInstance:
         self.cache_stats = cache_stats or CacheStats()
         self.fs_stats = FsStats()
         self._caches: dict[int, BlobCache] = {}
+        # Sequential readahead: per inode (next expected offset, fetched-or-queued up to).
+        self.readahead_bytes = 4 * max(config.rafs.batch_size, 1 << 20)
+        self._ra_state: dict[int, tuple[int, int]] = {}
+        self._ra_lock = threading.Lock()
+        self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
         self._lock = threading.Lock()
         self._tables: dict[int, dict[int, ChunkRef]] | None = None  # see _chunk_lookup
         self._tables_lock = threading.Lock()
 
     def close(self) -> None:
+        self._ra_pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             for cache in self._caches.values():
                 cache.close()
@@ -151,29 +158,88 @@ class RafsInstance:
             out += [base + ".blob.data", base + ".blob.data.chunk_map"]
         return out
 
-    def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes of file ``ino`` at ``offset`` (short only at end of file)."""
+    def read(self, ino: int, offset: int, size: int) -> bytearray:
+        """Up to ``size`` bytes of file ``ino`` at ``offset`` (short only at end of file).
+
+        May wait for the backend. A sequential reader gets the following chunks of the
+        same file fetched in the background (readahead), so a cold sequential read is
+        not a chain of one-chunk round trips.
+        """
         t0 = time.perf_counter()
+        out = self._assemble(ino, offset, size, cached_only=False)
+        assert out is not None
+        self._readahead(ino, offset, len(out))
+        with self.fs_stats.lock:
+            self.fs_stats.data_read += len(out)
+            self.fs_stats.read_latency_us_total += int((time.perf_counter() - t0) * 1e6)
+        return out
+
+    def read_cached(self, ino: int, offset: int, size: int) -> bytearray | None:
+        """Like ``read`` when every byte is in the cache and the page cache; else None.
+
+        Never blocks, so the FUSE loop answers warm reads itself."""
+        out = self._assemble(ino, offset, size, cached_only=True)
+        if out is not None:
+            self._readahead(ino, offset, len(out))
+            with self.fs_stats.lock:
+                self.fs_stats.data_read += len(out)
+        return out
+
+    def _assemble(self, ino: int, offset: int, size: int, *, cached_only: bool) -> bytearray | None:
         reads = self.bs.map_read(ino, offset, size)
-        out = bytearray()
+        end = max(offset, min(offset + size, self.bs.stat(ino).size))
+        parts: list[bytearray] = []
         pos = offset
         for blob_index, group in _by_blob(reads):
             first = group[0]
             start = first.chunk.file_offset + first.offset
             if start > pos:  # a hole before these chunks
-                out += bytes(start - pos)
+                parts.append(bytearray(start - pos))
                 pos = start
-            data = self.cache(blob_index).read([(_chunk_ref(r.chunk), r.offset, r.length) for r in group])
-            out += data
+            pieces = [(_chunk_ref(r.chunk), r.offset, r.length) for r in group]
+            cache = self.cache(blob_index)
+            data = cache.read_cached(pieces) if cached_only else cache.read(pieces)
+            if data is None:
+                return None
+            parts.append(data)
             pos += len(data)
-        file_size = self.bs.stat(ino).size
-        end = min(offset + size, file_size)
         if pos < end:  # trailing hole
-            out += bytes(end - pos)
-        with self.fs_stats.lock:
-            self.fs_stats.data_read += len(out)
-            self.fs_stats.read_latency_us_total += int((time.perf_counter() - t0) * 1e6)
-        return bytes(out)
+            parts.append(bytearray(end - pos))
+        if len(parts) == 1:
+            return parts[0]
+        out = bytearray()
+        for p in parts:
+            out += p
+        return out
+
+    def _readahead(self, ino: int, offset: int, length: int) -> None:
+        """After a sequential read, fetch the file's next ``readahead`` bytes in the background."""
+        window = self.readahead_bytes
+        if window <= 0 or length == 0:
+            return
+        end = offset + length
+        with self._ra_lock:
+            expected, scheduled = self._ra_state.get(ino, (-1, 0))
+            self._ra_state[ino] = (end, scheduled)
+            if offset != expected or scheduled >= end + window // 2:
+                return  # not sequential, or enough is on its way already
+            start = max(scheduled, end)
+            self._ra_state[ino] = (end, start + window)
+            if len(self._ra_state) > 4096:  # bounded memory: forget the oldest files
+                for key in list(self._ra_state)[:1024]:
+                    del self._ra_state[key]
+        self._ra_pool.submit(self._fetch_ahead, ino, start, window)
+
+    def _fetch_ahead(self, ino: int, start: int, length: int) -> None:
+        try:
+            reads = self.bs.map_read(ino, start, length)
+            by_blob: dict[int, list[ChunkRef]] = {}
+            for r in reads:
+                by_blob.setdefault(r.chunk.blob_index, []).append(_chunk_ref(r.chunk))
+            for blob_index, refs in by_blob.items():
+                self.cache(blob_index).ensure(refs, amplify=False)
+        except Exception as err:  # noqa: BLE001 - readahead is a hint; the read itself reports
+            log.debug("readahead of inode %d at %d failed: %s", ino, start, err)
 
     def prefetch_chunks(self, chunks: Iterable[FileChunk]) -> int:
         """Fetch these chunks into the cache (no data returned); bytes fetched."""

@@ -14,6 +14,7 @@ class MountEntry:
     fstype: str
     source: str
     options: str
+    device: str = ""  # "major:minor" of the mounted filesystem
 
 
 def _unescape(field: str) -> str:
@@ -41,7 +42,8 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
             if len(lf) < 6 or len(rf) < 3:
                 continue
             entries.append(
-                MountEntry(int(lf[0]), int(lf[1]), _unescape(lf[4]), rf[0], _unescape(rf[1]), lf[5] + "," + rf[2])
+                MountEntry(int(lf[0]), int(lf[1]), _unescape(lf[4]), rf[0], _unescape(rf[1]),
+                           lf[5] + "," + rf[2], lf[2])
             )
     return entries
 
