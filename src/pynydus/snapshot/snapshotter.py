@@ -59,6 +59,9 @@ class SnapshotterOptions:
     # Remote mounts as one "fuse.<helper>" mount carrying extraoption (for runtimes
     # that start the daemon themselves); "" means plain overlay.
     nydus_overlayfs_type: str = ""
+    # Start serving a Nydus image when its bootstrap layer is committed (end of the pull)
+    # instead of at the first container's Prepare.
+    mount_on_commit: bool = True
 
 
 class Snapshotter:
@@ -156,7 +159,20 @@ class Snapshotter:
         except NotFound:
             pass  # commit_active reports it, after checking the name as containerd does
         with self.ms.transaction() as db:
-            self.ms.commit_active(db, key, name, usage, labels)
+            sid = self.ms.commit_active(db, key, name, usage, labels)
+        if self.fs is not None and L.is_nydus_meta_layer(labels) and self.options.mount_on_commit:
+            # The image's bootstrap has just been unpacked: start serving it now, while
+            # containerd finishes the pull, so the first container does not wait for a
+            # daemon to start. Errors are only logged: Prepare mounts again and reports.
+            threading.Thread(target=self._mount_early, args=(sid, labels), daemon=True,
+                             name=f"mount-{sid}").start()
+
+    def _mount_early(self, sid: str, labels: Mapping[str, str]) -> None:
+        assert self.fs is not None
+        try:
+            self.fs.mount(sid, labels)
+        except Exception as err:  # noqa: BLE001 - a hint; Prepare mounts again and reports
+            log.info("early mount of image snapshot %s failed (Prepare will retry): %s", sid, err)
 
     def remove(self, key: str) -> None:
         """Remove ``key``; FailedPrecondition while another snapshot has it as parent.
