@@ -591,6 +591,8 @@ def main() -> int:
     ap.add_argument("--prefetch", action="store_true",
                     help="pynydusd with fs_prefetch on (use with a --nydus-tag converted "
                          "with --prefetch-files)")
+    ap.add_argument("--stargz-tag", help="pull this tag for stargz (e.g. an image made with "
+                    "ctr-remote images optimize)")
     ap.add_argument("--nydus-tag", help="pull this tag for the nydus modes (another conversion "
                     "of the same image, e.g. with another --chunk-size)")
     ap.add_argument("--json", help="write every sample and the summary here")
@@ -638,7 +640,11 @@ def main() -> int:
                     st = state[img]
                     for rep in range(1, a.repeat + 1):
                         for mode in modes:
-                            tag = a.nydus_tag if a.nydus_tag and mode in DAEMON_MODE else TAG[mode]
+                            tag = TAG[mode]
+                            if a.nydus_tag and mode in DAEMON_MODE:
+                                tag = a.nydus_tag
+                            elif a.stargz_tag and mode == "stargz":
+                                tag = a.stargz_tag
                             ref = f"{host}/{st['repo']}:{tag}"
                             kw: dict[str, Any] = {
                                 "drop": not a.no_drop_caches, "nydus_pull": a.nydus_pull,
