@@ -188,15 +188,20 @@ class BlobCache:
             pos += length
         return out
 
-    def ensure(self, chunks: Sequence[ChunkRef], *, amplify: bool = True, prefetch: bool = False) -> int:
-        """Make every chunk of ``chunks`` ready in the cache; returns bytes fetched by us."""
+    def ensure(self, chunks: Sequence[ChunkRef], *, amplify: bool = True, prefetch: bool = False,
+               max_request: int = 0) -> int:
+        """Make every chunk of ``chunks`` ready in the cache; returns bytes fetched by us.
+
+        ``max_request`` caps one ranged request (default: amplify_io, at least 1 MiB);
+        background work (readahead, prefetch) asks for larger ones: fewer round trips.
+        """
         hits = sum(1 for c in chunks if self.chunk_map.is_ready(c.index))
         if hits:
             self.stats.add(hits=hits)
         mine, theirs = self._claim(chunks, amplify)
         fetched = 0
         if mine:
-            fetched = self._fetch(mine, prefetch=prefetch)
+            fetched = self._fetch(mine, prefetch=prefetch, max_request=max_request)
         retried: set[int] = set()
         while theirs:
             index, claim = theirs.pop()
@@ -253,12 +258,12 @@ class BlobCache:
                     claim.error = error
                     claim.done.set()
 
-    def _fetch(self, chunks: list[ChunkRef], *, prefetch: bool) -> int:
+    def _fetch(self, chunks: list[ChunkRef], *, prefetch: bool, max_request: int = 0) -> int:
         """Fetch claimed ``chunks`` (sorted by c_off); releases every claim, even on error."""
         fetched = 0
         pending = list(chunks)
         try:
-            for group in plan_ranges(chunks, max(self.amplify_io, 1 << 20)):
+            for group in plan_ranges(chunks, max_request or max(self.amplify_io, 1 << 20)):
                 fetched += self._fetch_group(group, prefetch=prefetch)
                 self._release(group, None)
                 pending = pending[len(group):]

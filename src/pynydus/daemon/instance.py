@@ -76,7 +76,7 @@ class RafsInstance:
         self.fs_stats = FsStats()
         self._caches: dict[int, BlobCache] = {}
         # Sequential readahead: per inode (next expected offset, fetched-or-queued up to).
-        self.readahead_bytes = 4 * max(config.rafs.batch_size, 1 << 20)
+        self.readahead_bytes = 8 * max(config.rafs.batch_size, 1 << 20)
         self._ra_state: dict[int, tuple[int, int]] = {}
         self._ra_lock = threading.Lock()
         self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
@@ -237,7 +237,7 @@ class RafsInstance:
             for r in reads:
                 by_blob.setdefault(r.chunk.blob_index, []).append(_chunk_ref(r.chunk))
             for blob_index, refs in by_blob.items():
-                self.cache(blob_index).ensure(refs, amplify=False)
+                self.cache(blob_index).ensure(refs, amplify=False, max_request=length)
         except Exception as err:  # noqa: BLE001 - readahead is a hint; the read itself reports
             log.debug("readahead of inode %d at %d failed: %s", ino, start, err)
 
