@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import threading
 import zlib
 from typing import Protocol
 
@@ -127,6 +128,17 @@ def compress(data: bytes | memoryview, algo: Compressor) -> tuple[bytes, bool]:
     return out, True
 
 
+_tls = threading.local()
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """One decompression context per thread: creating one costs more than a small chunk."""
+    d = getattr(_tls, "zstd", None)
+    if d is None:
+        d = _tls.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
 def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: int) -> bytes:
     """Decode one chunk compressed with ``algo`` into exactly ``uncompressed_size`` bytes.
 
@@ -139,9 +151,7 @@ def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: in
         elif algo == Compressor.LZ4_BLOCK:
             out = lz4.block.decompress(raw, uncompressed_size=uncompressed_size)
         elif algo == Compressor.ZSTD:
-            out = zstandard.ZstdDecompressor().decompress(
-                raw, max_output_size=max(uncompressed_size, 1)
-            )
+            out = _zstd_decompressor().decompress(raw, max_output_size=max(uncompressed_size, 1))
         elif algo == Compressor.GZIP:
             out = zlib.decompress(raw, wbits=31)
         else:  # pragma: no cover
