@@ -150,6 +150,13 @@ class RafsInstance:
                 self._tables = built
             return self._tables
 
+    def all_cached(self) -> bool:
+        """Every chunk of every blob is in the cache (asks only caches already open: a
+        metrics query must not create cache files)."""
+        with self._lock:
+            caches = dict(self._caches)
+        return len(caches) == len(self.bs.blobs) and all(c.chunk_map.all_ready for c in caches.values())
+
     def underlying_files(self) -> list[str]:
         """Cache files of this image's blobs (for the snapshotter's cache GC)."""
         out = []

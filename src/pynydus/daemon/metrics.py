@@ -69,7 +69,7 @@ def json_metrics(daemon: Daemon, kind: str, instances: list[RafsInstance]) -> An
         ready = True
         for inst in instances:
             files += inst.underlying_files()
-            ready = ready and all(inst.cache(i).chunk_map.all_ready for i in range(len(inst.bs.blobs)))
+            ready = ready and inst.all_cached()
         p = daemon.prefetcher
         with cs.lock:
             return {
