@@ -16,6 +16,12 @@ to ``bench/<name>:esgz``:
               Cmd: ``sh`` reads two of them.
   small       busybox base + a hello script: ~2 MB. Cmd ``/bin/sh /app/hello.sh``.
 
+Optional variants (``--formats``, or ``bench/lazy_pull.py --nydus-tag/--stargz-tag``) of
+the large image, whose app reports the files its start-up touched:
+``bench/large:nydus-pf`` converted with ``pynydus convert --prefetch-files`` (those files,
+recorded by running the Cmd once in an overlayfs container) and ``bench/large:esgzopt``
+from ``ctr-remote images optimize --oci`` (eStargz with the Cmd's files first, prefetched).
+
 Everything but the debootstrap layer is generated from seeds, tar mtimes are 0 and
 gzip is ``pigz -n``, so the OCI digests repeat from one build to the next. Sources,
 layouts, the registry's storage and a state file live under the work directory
@@ -63,6 +69,7 @@ PYNYDUS = Path(sys.executable).parent / "pynydus"
 BUSYBOX = Path("/bin/busybox")
 MiB = 1 << 20
 FORMATS = ("oci", "nydus", "esgz")
+VARIANTS = ("nydus-pf", "esgzopt")  # large image only, on request
 # Bump when what an image contains changes: the state file then forces a rebuild.
 RECIPE_VERSION = 1
 
@@ -417,6 +424,33 @@ def convert_nydus(src: str, dst: str) -> None:
                     "--target-insecure", "--progress", "plain"], check=True, timeout=3600)
 
 
+RECORD_TOUCHED = ("exec(open('/app/main.py').read()); "
+                  "print('\\n'.join(sorted(touched)))")
+
+
+def convert_variants(host: str, repo: str, want: list[str]) -> None:
+    """``nydus-pf`` and ``esgzopt`` of the large image (see the module docstring)."""
+    src = f"{host}/{repo}:oci"
+    with Containerd(tag="lzvar") as ctrd:
+        base = [CTR_REMOTE, "-a", str(ctrd.socket), "-n", ctrd.namespace]
+        ctrd.ctr("images", "pull", "--plain-http", src, timeout=1800)
+        if "nydus-pf" in want:
+            out = ctrd.ctr_out("run", "--rm", src, "lz-record", "python3", "-c", RECORD_TOUCHED,
+                               timeout=600)
+            listing = WORK / "large-prefetch.txt"
+            listing.write_text("".join(f"{p}\n" for p in out.splitlines() if p.startswith("/")))
+            exe = [str(PYNYDUS)] if PYNYDUS.exists() else [sys.executable, "-m", "pynydus.cli.main"]
+            subprocess.run([*exe, "convert", "--source", src, "--target", f"{host}/{repo}:nydus-pf",
+                            "--source-insecure", "--target-insecure", "--prefetch-files",
+                            str(listing), "--progress", "plain"], check=True, timeout=3600)
+        if "esgzopt" in want:
+            dst = f"{host}/{repo}:esgzopt"
+            subprocess.run([*base, "images", "optimize", "--oci", "--period", "10", src, dst],
+                           check=True, capture_output=True, timeout=3600)
+            subprocess.run([*base, "images", "push", "--plain-http", dst], check=True,
+                           capture_output=True, timeout=1800)
+
+
 def convert_estargz(pairs: list[tuple[str, str]]) -> None:
     """``ctr-remote images convert --estargz --oci`` in a private containerd, then push."""
     with Containerd(tag="lzimg") as ctrd:
@@ -472,6 +506,14 @@ def ensure(registry: Registry, names: list[str], *, rebuild: bool = False,
         if "esgz" in formats and (fresh or not tag_exists(host, repo, "esgz")):
             need_esgz.append((f"{host}/{repo}:oci", f"{host}/{repo}:esgz"))
         state[name] = st
+    variants = [f for f in formats if f in VARIANTS]
+    if variants:
+        if "large" not in names:
+            raise SystemExit(f"{', '.join(variants)}: only the large image has these variants")
+        missing = [v for v in variants if not tag_exists(host, "bench/large", v)]
+        if missing:
+            log(f"large: {', '.join(missing)}")
+            convert_variants(host, "bench/large", missing)
     if need_esgz:
         t0 = time.monotonic()
         log(f"eStargz: {', '.join(d for _, d in need_esgz)}")

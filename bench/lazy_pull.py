@@ -628,7 +628,8 @@ def main() -> int:
     use_bytecode()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with lazy_images.bench_registry() as reg:
-        formats = tuple(dict.fromkeys(["oci"] + [TAG[m] for m in modes]))
+        formats = tuple(dict.fromkeys(["oci"] + [TAG[m] for m in modes] + [
+            t for t in (a.nydus_tag, a.stargz_tag) if t in lazy_images.VARIANTS]))
         state = lazy_images.ensure(reg, images, formats=formats)
         for net in networks:
             with contextlib.ExitStack() as stack:
