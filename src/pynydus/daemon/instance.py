@@ -244,7 +244,9 @@ class RafsInstance:
             for r in reads:
                 by_blob.setdefault(r.chunk.blob_index, []).append(_chunk_ref(r.chunk))
             for blob_index, refs in by_blob.items():
-                self.cache(blob_index).ensure(refs, amplify=False, max_request=length)
+                cache = self.cache(blob_index)
+                cache.ensure(refs, amplify=False, max_request=length)
+                cache.will_need(refs)  # and from the cache file into the page cache
         except Exception as err:  # noqa: BLE001 - readahead is a hint; the read itself reports
             log.debug("readahead of inode %d at %d failed: %s", ino, start, err)
 
