@@ -148,9 +148,12 @@ class DaemonManager:
         log.info("starting daemon %s: %s", rec.id, " ".join(cmd))
         # What the daemon prints before its own logging is up (argument errors, crashes)
         # goes to <log>.stderr; the daemon keeps its copy of the fd, we close ours.
+        # A daemon's start is on a container's critical path: let Python keep its
+        # bytecode cache even where the snapshotter's environment turned it off.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         with open(rec.log_file + ".stderr" if rec.log_file else os.devnull, "ab") as errlog:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                                    start_new_session=True, close_fds=True)
+                                    start_new_session=True, close_fds=True, env=env)
         live.proc = proc
         live.state = "STARTING"
         rec.pid = proc.pid
