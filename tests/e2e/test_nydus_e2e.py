@@ -31,19 +31,6 @@ SNAP = "nydus"
 NS = "k8s.io"  # the CRI plugin's namespace
 
 
-def daemon_pids(snap: Snapshotter) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"pynydusd" in cmd and str(snap.root).encode() in cmd:
-                out.append(int(pid))
-    return sorted(out)
-
-
 @pytest.fixture(scope="module")
 def nydus_ref(registry: Registry, layered_image: tuple[str, oci.BuiltImage]) -> str:
     src, _ = layered_image
@@ -61,7 +48,7 @@ def nydus_env(registry: Registry) -> Iterator[tuple[Snapshotter, Containerd]]:
 
 @pytest.fixture(scope="module")
 def pulled(nydus_env: tuple[Snapshotter, Containerd], nydus_ref: str, registry: Registry) -> dict:
-    snap, ctrd = nydus_env
+    _snap, ctrd = nydus_env
     manifest = json.loads(subprocess.run(
         ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{nydus_ref}"],
         check=True, capture_output=True, text=True).stdout)
@@ -101,7 +88,7 @@ def run_check(ctrd: Containerd, ref: str, cid: str) -> str:
 
 
 def test_pull_downloads_only_the_bootstrap(nydus_env, pulled: dict, registry: Registry) -> None:
-    snap, ctrd = nydus_env
+    _snap, ctrd = nydus_env
     for d in pulled["data"]:
         assert registry.blob_gets(d) == pulled["before"][d], f"data blob {d} was downloaded at pull"
     assert registry.blob_gets(pulled["boot"]) > pulled["before"][pulled["boot"]]
@@ -118,18 +105,18 @@ def test_container_reads_lazily_and_sees_the_right_rootfs(nydus_env, pulled: dic
     assert out == images.expected_check_output()
     fetched = sum(registry.blob_gets(d) - pulled["before"][d] for d in pulled["data"])
     assert fetched > 0  # the data came at run time, on demand
-    assert len(daemon_pids(snap)) == 1
+    assert len(snap.daemon_pids()) == 1
 
 
 def test_second_container_reuses_the_daemon(nydus_env, pulled: dict, nydus_ref: str) -> None:
     snap, ctrd = nydus_env
-    before = daemon_pids(snap)
+    before = snap.daemon_pids()
     assert run_check(ctrd, nydus_ref, "ny-check-2") == images.expected_check_output()
-    assert daemon_pids(snap) == before
+    assert snap.daemon_pids() == before
 
 
 def test_oci_image_runs_beside_it(nydus_env, pulled: dict, layered_image) -> None:
-    snap, ctrd = nydus_env
+    _snap, ctrd = nydus_env
     ref, _ = layered_image
     CriImages(str(ctrd.socket)).pull(ref)
     assert run_check(ctrd, ref, "oci-check") == images.expected_check_output()
@@ -140,9 +127,9 @@ def test_running_container_survives_snapshotter_restart(nydus_env, pulled: dict,
     cid = "ny-sleeper"
     ctrd.ctr("run", "-d", "--snapshotter", SNAP, nydus_ref, cid, "sleep", "300")
     try:
-        daemons = daemon_pids(snap)
+        daemons = snap.daemon_pids()
         snap.restart()
-        assert daemon_pids(snap) == daemons
+        assert snap.daemon_pids() == daemons
         out = ctrd.ctr_out("tasks", "exec", "--exec-id", "e1", cid, "cat", "/app/v3.txt")
         assert out.strip() == "three"
         wait_reachable(ctrd)
@@ -156,11 +143,11 @@ def test_running_container_survives_snapshotter_restart(nydus_env, pulled: dict,
 
 def test_killed_daemon_is_restarted(nydus_env, pulled: dict, nydus_ref: str) -> None:
     snap, ctrd = nydus_env
-    (pid,) = daemon_pids(snap)
+    (pid,) = snap.daemon_pids()
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        now = daemon_pids(snap)
+        now = snap.daemon_pids()
         if now and now != [pid]:
             break
         time.sleep(0.1)
@@ -184,7 +171,7 @@ def test_plain_ctr_pull_fails_clearly(registry: Registry, nydus_ref: str) -> Non
 def test_ctr_remote_rpull_pulls_lazily(nydus_env, pulled: dict, nydus_ref: str) -> None:
     """ctr-remote passes the layer annotations and stargz's reference label, which is
     enough for us: the pull downloads no data blob and the image runs."""
-    snap, ctrd = nydus_env
+    _snap, ctrd = nydus_env
     ns = "rpull"
     subprocess.run(["/usr/bin/ctr-remote", "-a", str(ctrd.socket), "-n", ns, "images", "rpull",
                     "--plain-http", "--snapshotter", SNAP, nydus_ref], check=True, capture_output=True,
@@ -244,9 +231,9 @@ def test_remove_image_and_prune_stops_daemons_and_drops_cache(nydus_env, pulled:
         if refs:
             ctrd.ctr("images", "rm", "--sync", *refs, namespace=ns, check=False)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (daemon_pids(snap) or os.listdir(snap.root / "snapshots")):
+    while time.monotonic() < deadline and (snap.daemon_pids() or os.listdir(snap.root / "snapshots")):
         time.sleep(0.2)
-    assert daemon_pids(snap) == []
+    assert snap.daemon_pids() == []
     assert os.listdir(snap.root / "snapshots") == []
     assert [f for f in os.listdir(snap.root / "cache")] == []
 

@@ -152,6 +152,21 @@ class Snapshotter:
         self.start()
         return rc
 
+    def daemon_pids(self) -> list[int]:
+        """PIDs of the pynydusd processes serving images for this snapshotter (sorted)."""
+        out = []
+        root = str(self.root).encode()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"pynydusd" in cmd and root in cmd:
+                out.append(int(pid))
+        return sorted(out)
+
     def rss_kib(self) -> int:
         """Resident set size of the snapshotter process (VmRSS, KiB)."""
         with open(f"/proc/{self.pid}/status") as f:

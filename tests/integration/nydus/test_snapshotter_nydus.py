@@ -15,7 +15,6 @@ import hashlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from pynydus.api import snapshots_pb2 as pb
 from pynydus.rafs.builder import build
 from pynydus.registry.client import RegistryClient
 from pynydus.system.mount import MountSpec, mount_all, unmount_all
-from pynydus.system.mountinfo import is_mountpoint, mountpoints_under
+from pynydus.system.mountinfo import mountpoints_under
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 
@@ -105,20 +104,6 @@ def container_rootfs(snap: Snapshotter, parent: str, key: str, target: Path) -> 
     mount_all([MountSpec(m.type, m.source, tuple(m.options))], str(target))
 
 
-def daemon_pids(snap: Snapshotter) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"pynydusd" in cmd and str(snap.root).encode() in cmd:
-            out.append(int(pid))
-    return out
-
-
 def test_lazy_image_through_snapshotter(snap: Snapshotter, image: dict, tmp_path: Path) -> None:
     reg: Registry = image["registry"]
     gets_before = reg.blob_gets()
@@ -138,7 +123,7 @@ def test_lazy_image_through_snapshotter(snap: Snapshotter, image: dict, tmp_path
         assert hashlib.sha256(big).hexdigest() == image["big_sha"]
         # the container layer is writable and does not touch the image
         (rootfs / "etc/new").write_text("x")
-        assert len(daemon_pids(snap)) == 1
+        assert len(snap.daemon_pids()) == 1
 
         # A second container of the same image reuses the daemon.
         rootfs2 = tmp_path / "rootfs2"
@@ -146,7 +131,7 @@ def test_lazy_image_through_snapshotter(snap: Snapshotter, image: dict, tmp_path
         try:
             assert (rootfs2 / "data/small.txt").read_text() == "small\n"
             assert not (rootfs2 / "etc/new").exists()
-            assert len(daemon_pids(snap)) == 1
+            assert len(snap.daemon_pids()) == 1
         finally:
             unmount_all(str(rootfs2))
         # Mounts() answers the same remote mount.
@@ -167,11 +152,11 @@ def test_killed_daemon_is_restarted(snap: Snapshotter, image: dict, tmp_path: Pa
     rootfs = tmp_path / "rootfs"
     container_rootfs(snap, top, "default/3/c1", rootfs)
     try:
-        (pid,) = daemon_pids(snap)
+        (pid,) = snap.daemon_pids()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            pids = daemon_pids(snap)
+            pids = snap.daemon_pids()
             if pids and pids != [pid]:
                 break
             time.sleep(0.1)
@@ -195,9 +180,9 @@ def test_snapshotter_restart_keeps_daemon_and_container(snap: Snapshotter, image
     rootfs = tmp_path / "rootfs"
     container_rootfs(snap, top, "default/3/c1", rootfs)
     try:
-        before = daemon_pids(snap)
+        before = snap.daemon_pids()
         snap.restart()
-        assert daemon_pids(snap) == before  # the daemon outlived the snapshotter
+        assert snap.daemon_pids() == before  # the daemon outlived the snapshotter
         assert (rootfs / "data/small.txt").read_text() == "small\n"
         (m,) = snap.stub().Mounts(pb.MountsRequest(key="default/3/c1")).mounts
         assert any("/mnt" in o for o in m.options if o.startswith("lowerdir="))
@@ -224,11 +209,11 @@ def test_remove_image_stops_daemon_and_cleanup_drops_cache(snap: Snapshotter, im
     assert os.listdir(cache) == []
     if "shared" in snap.config.read_text():
         # upstream keeps the shared daemon until the snapshotter stops; it serves nothing now
-        assert len(daemon_pids(snap)) == 1
+        assert len(snap.daemon_pids()) == 1
         assert os.listdir(snap.root / "mnt") == []
         assert mountpoints_under(str(snap.root)) == [str(snap.root / "mnt")]
     else:
-        assert daemon_pids(snap) == []
+        assert snap.daemon_pids() == []
         assert mountpoints_under(str(snap.root)) == []
 
 
@@ -265,7 +250,7 @@ def test_daemons_run_in_a_memory_cgroup(image: dict, tmp_path: Path) -> None:
         rootfs = tmp_path / "rootfs"
         container_rootfs(snap, top, "default/3/c1", rootfs)
         try:
-            (pid,) = daemon_pids(snap)
+            (pid,) = snap.daemon_pids()
             cg = memory / "system.slice" / "nydusd"
             assert pid in [int(p) for p in (cg / "cgroup.procs").read_text().split()]
             assert int((cg / "memory.limit_in_bytes").read_text()) == 300 << 20
