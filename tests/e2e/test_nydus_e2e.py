@@ -105,14 +105,14 @@ def test_container_reads_lazily_and_sees_the_right_rootfs(nydus_env, pulled: dic
     assert out == images.expected_check_output()
     fetched = sum(registry.blob_gets(d) - pulled["before"][d] for d in pulled["data"])
     assert fetched > 0  # the data came at run time, on demand
-    assert len(snap.daemon_pids()) == 1
+    assert len(snap.image_daemon_pids()) == 1
 
 
 def test_second_container_reuses_the_daemon(nydus_env, pulled: dict, nydus_ref: str) -> None:
     snap, ctrd = nydus_env
-    before = snap.daemon_pids()
+    before = snap.image_daemon_pids()
     assert run_check(ctrd, nydus_ref, "ny-check-2") == images.expected_check_output()
-    assert snap.daemon_pids() == before
+    assert snap.image_daemon_pids() == before
 
 
 def test_oci_image_runs_beside_it(nydus_env, pulled: dict, layered_image) -> None:
@@ -127,9 +127,9 @@ def test_running_container_survives_snapshotter_restart(nydus_env, pulled: dict,
     cid = "ny-sleeper"
     ctrd.ctr("run", "-d", "--snapshotter", SNAP, nydus_ref, cid, "sleep", "300")
     try:
-        daemons = snap.daemon_pids()
+        daemons = snap.image_daemon_pids()
         snap.restart()
-        assert snap.daemon_pids() == daemons
+        assert snap.image_daemon_pids() == daemons
         out = ctrd.ctr_out("tasks", "exec", "--exec-id", "e1", cid, "cat", "/app/v3.txt")
         assert out.strip() == "three"
         wait_reachable(ctrd)
@@ -143,11 +143,11 @@ def test_running_container_survives_snapshotter_restart(nydus_env, pulled: dict,
 
 def test_killed_daemon_is_restarted(nydus_env, pulled: dict, nydus_ref: str) -> None:
     snap, ctrd = nydus_env
-    (pid,) = snap.daemon_pids()
+    (pid,) = snap.image_daemon_pids()
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        now = snap.daemon_pids()
+        now = snap.image_daemon_pids()
         if now and now != [pid]:
             break
         time.sleep(0.1)
@@ -231,9 +231,9 @@ def test_remove_image_and_prune_stops_daemons_and_drops_cache(nydus_env, pulled:
         if refs:
             ctrd.ctr("images", "rm", "--sync", *refs, namespace=ns, check=False)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (snap.daemon_pids() or os.listdir(snap.root / "snapshots")):
+    while time.monotonic() < deadline and (snap.image_daemon_pids() or os.listdir(snap.root / "snapshots")):
         time.sleep(0.2)
-    assert snap.daemon_pids() == []
+    assert snap.image_daemon_pids() == []
     assert os.listdir(snap.root / "snapshots") == []
     assert [f for f in os.listdir(snap.root / "cache")] == []
 

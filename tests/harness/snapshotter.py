@@ -167,6 +167,24 @@ class Snapshotter:
                 out.append(int(pid))
         return sorted(out)
 
+    def image_daemon_pids(self) -> list[int]:
+        """PIDs of the daemons that serve an image now (not an idle standby daemon), from
+        the snapshotter's daemon records (read-only)."""
+        import json
+        import sqlite3
+
+        db_path = self.root / "daemons.db"
+        if not db_path.exists():
+            return []
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            serving = {r[0] for r in db.execute("SELECT DISTINCT daemon_id FROM instances")}
+            records = [json.loads(r[0]) for r in db.execute("SELECT record FROM daemons")]
+        finally:
+            db.close()
+        alive = set(self.daemon_pids())
+        return sorted(r["pid"] for r in records if r["id"] in serving and r["pid"] in alive)
+
     def rss_kib(self) -> int:
         """Resident set size of the snapshotter process (VmRSS, KiB)."""
         with open(f"/proc/{self.pid}/status") as f:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import struct
 import threading
 import time
@@ -29,6 +30,7 @@ from pynydus.errors import FailedPrecondition, NotFound, Unavailable, q
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
+from pynydus.system.mountinfo import mountpoints_under
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +106,30 @@ class NydusFilesystem:
         self.instances: dict[str, RafsRecord] = {r.snapshot_id: r for r in self.store.instances()}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        # Dedicated mode keeps one started daemon in reserve: the next image is mounted
+        # into it through the API (milliseconds) instead of waiting for a process start.
+        self.use_standby = self.mode != "shared"
+        self._standby: LiveDaemon | None = None
+        self._standby_lock = threading.Lock()
+        self._refilling = False
+        self._closing = False
 
     # --- start-up ------------------------------------------------------------------------
 
     def start(self) -> None:
         """Reconnect to daemons that survived a restart, restart the ones that did not."""
-        _, dead = self.manager.recover()
+        live, dead = self.manager.recover()
+        serving = {r.daemon_id for r in self.instances.values()}
+        for ld in live:
+            if ld.record.mode == "standby" and ld.record.id not in serving:
+                if self._standby is None and self.use_standby:
+                    self._standby = ld  # a spare from before the restart: keep it
+                else:
+                    self.manager.destroy_daemon(ld.record.id)
         for rec in dead:
+            if rec.mode == "standby" and rec.id not in serving:
+                self.manager.destroy_daemon(rec.id)  # a spare is not worth restarting
+                continue
             try:
                 log.info("restarting daemon %s for %s", rec.id, rec.mountpoint)
                 self.manager.restart(rec)
@@ -121,10 +140,17 @@ class NydusFilesystem:
             # mount (milliseconds), not a daemon start.
             self._shared_daemon()
         self.manager.start_monitor()
+        self._refill_standby()
 
     def close(self, teardown: bool = False) -> None:
+        self._closing = True
         self.manager.close()
         if teardown:
+            with self._standby_lock:
+                spare, self._standby = self._standby, None
+            if spare is not None:
+                self.manager.destroy_daemon(spare.record.id)
+                self._remove_daemon_dir(spare.record.id)
             for sid in list(self.instances):
                 try:
                     self.umount(sid)
@@ -195,7 +221,76 @@ class NydusFilesystem:
                 raise FailedPrecondition(f"no valid RAFS bootstrap at {boot}")
             time.sleep(0.05)
 
+    def _refill_standby(self) -> None:
+        """Start a spare daemon in the background if dedicated mode has none."""
+        if not self.use_standby or self._closing:
+            return
+        with self._standby_lock:
+            if self._standby is not None or self._refilling:
+                return
+            self._refilling = True
+
+        def start() -> None:
+            try:
+                did = secrets.token_hex(10)
+                rec = DaemonRecord(
+                    id=did, mode="standby", mountpoint=os.path.join(self.root, "daemons", did, "mnt"),
+                    api_socket=os.path.join(self.cfg.socket_dir(), did, "api.sock"),
+                    config_path="", bootstrap="",
+                    log_file=os.path.join(self.cfg.log_dir(), did, "nydusd.log"),
+                    thread_num=self.cfg.daemon.threads_number,
+                )
+                live = self.manager.start_daemon(rec)
+                with self._standby_lock:
+                    if self._closing or self._standby is not None:
+                        live = None  # not needed any more
+                    else:
+                        self._standby = live
+                if live is None:
+                    self.manager.destroy_daemon(did)
+            except Exception as err:  # noqa: BLE001 - images still mount the slow way
+                log.warning("could not start a standby daemon: %s", err)
+            finally:
+                with self._standby_lock:
+                    self._refilling = False
+
+        threading.Thread(target=start, name="standby-daemon", daemon=True).start()
+
+    def _remove_daemon_dir(self, did: str) -> None:
+        """``<root>/daemons/<id>`` of a former standby daemon, once it is unmounted."""
+        path = os.path.join(self.root, "daemons", did)
+        if os.path.isdir(path) and not mountpoints_under(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _take_standby(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord | None:
+        """Mount the image into the spare daemon, which becomes its dedicated daemon."""
+        with self._standby_lock:
+            live, self._standby = self._standby, None
+        if live is None:
+            return None
+        try:
+            if live.state != "RUNNING":
+                raise Unavailable(f"standby daemon {live.record.id} is {live.state}")
+            config_path = os.path.join(self.cfg.config_dir(), live.record.id, "config.json")
+            write_config(config_path, cfg)
+            live.client.mount(f"/{sid}", boot, json.dumps(cfg))
+        except Exception as err:  # noqa: BLE001 - fall back to starting a daemon
+            log.warning("standby daemon %s unusable (%s); starting one", live.record.id, err)
+            self.manager.destroy_daemon(live.record.id)
+            return None
+        live.record.mode = "assigned"
+        live.record.config_path = config_path
+        self.manager.store.put_daemon(live.record)
+        return RafsRecord(snapshot_id=sid, daemon_id=live.record.id, image_ref=image_ref,
+                          snapshot_dir=self.snapshot_dir(sid),
+                          mountpoint=os.path.join(live.record.mountpoint, sid), bootstrap=boot,
+                          config_path=config_path)
+
     def _mount_dedicated(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord:
+        taken = self._take_standby(sid, image_ref, boot, cfg)
+        self._refill_standby()
+        if taken is not None:
+            return taken
         did = secrets.token_hex(10)
         config_path = os.path.join(self.cfg.config_dir(), did, "config.json")
         write_config(config_path, cfg)
@@ -236,8 +331,9 @@ class NydusFilesystem:
                           config_path=config_path)
 
     def _remount_shared(self, live: LiveDaemon) -> None:
-        """After a shared daemon restarts, mount its images again in their original order."""
-        if live.record.mode != "shared":
+        """After a daemon that serves images through the API restarts (the shared daemon,
+        or a standby that became an image's daemon), mount them again in their order."""
+        if live.record.mode not in ("shared", "assigned"):
             return
         for rec in sorted(self.instances.values(), key=lambda r: r.seq):
             if rec.daemon_id != live.record.id:
@@ -280,6 +376,7 @@ class NydusFilesystem:
                     os.rmdir(os.path.dirname(rec.config_path))
                 except OSError:
                     pass
+                self._remove_daemon_dir(rec.daemon_id)
             log.info("unmounted RAFS instance of snapshot %s", sid)
 
     def metrics_snapshot(self) -> dict[str, Any]:
