@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""RAFS build and merge: ``pynydus image build|merge`` against ``mkfs.erofs`` and ``gzip -d``.
+
+Everything runs in one invocation so ratios compare figures taken on the same machine
+under the same load (the shared 2-vCPU VM; every figure carries its 1-minute load
+average). Every tool runs as a child process and is measured with ``os.wait4``: wall
+seconds, CPU seconds (user + sys of the child) and peak RSS.
+
+1. **build, none**: layer (a) ``mixed`` (a few large files, half incompressible, half
+   text-like, plus many small text files; 500 MB) and layer (b) ``small`` (50,000 files),
+   each a directory, ``pynydus image build --compressor none`` vs ``mkfs.erofs IMG DIR``
+   (uncompressed). Target: pynydus / mkfs.erofs <= 2.
+2. **build, lz4_block** of layer (a), pinned to one CPU (``taskset -c 0``): MB of input
+   per CPU second and per wall second. Target >= 150 MB/s.
+3. **build from a gzip tar** of layer (a) (``--type targz-rafs --compressor none``) vs
+   ``gzip -dc > /dev/null`` and vs Python's zlib inflating the same file (the decoder the
+   builder itself uses). Target: limited by gzip decoding (ratio to zlib close to 1).
+4. **merge** of ten 50,000-file layer bootstraps (built once; half of every layer's
+   directories are shared with the other layers, so the overlay has real work). Target < 5 s.
+5. **peak RSS** of ``pynydus image build --compressor lz4_block`` on a 2 GB layer.
+   Target < 300 MB.
+
+The page cache is dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) before every
+timed run that reads the source, so each tool reads from disk (off in ``--quick`` and with
+``--no-drop-caches``). Short phases are repeated (median of ``--repeat``, default 3).
+Data lives under /var/tmp/pynydus-rafs-bench and is removed at the end (``--keep`` keeps it).
+
+    bench/rafs_bench.py                   # full run (about 15 minutes)
+    bench/rafs_bench.py --quick           # CI smoke: tiny sizes, < 60 s
+    bench/rafs_bench.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ROOT = Path("/var/tmp/pynydus-rafs-bench")
+# The console script beside this interpreter (the venv's), as users run it.
+PYNYDUS = [str(Path(sys.executable).parent / "pynydus")]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    mixed_mb: int
+    small_files: int
+    merge_layers: int
+    merge_files: int
+    big_mb: int
+
+
+FULL = Sizes(mixed_mb=500, small_files=50_000, merge_layers=10, merge_files=50_000, big_mb=2000)
+QUICK = Sizes(mixed_mb=8, small_files=500, merge_layers=10, merge_files=300, big_mb=24)
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: float
+    maxrss_mb: float
+    load1: float
+
+
+# -- data ---------------------------------------------------------------------------------
+
+def _corpus(rng: random.Random, n: int) -> bytes:
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    vocab = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(4000)]
+    return " ".join(rng.choices(vocab, k=n // 5 + 1)).encode()[:n]
+
+
+def _text(rng: random.Random, corpus: bytes, n: int) -> bytes:
+    # Slices of one corpus at random offsets: compressible like text, cheap to make,
+    # and distinct enough that 1 MiB chunks do not dedup.
+    out = bytearray()
+    while len(out) < n:
+        off = rng.randrange(0, len(corpus) - 4096)
+        out += corpus[off:off + min(n - len(out), len(corpus) - off)]
+    return bytes(out[:n])
+
+
+def gen_mixed(root: Path, total_mb: int, seed: int) -> int:
+    """80% in 8 large files (alternately random and text), 20% in ~8 KiB text files."""
+    rng = random.Random(seed)
+    corpus = _corpus(rng, 8 << 20)
+    total = total_mb << 20
+    big = total * 8 // 10
+    root.mkdir(parents=True)
+    (root / "big").mkdir()
+    for i in range(8):
+        size = big // 8
+        path = root / "big" / f"file{i}.{'bin' if i % 2 == 0 else 'txt'}"
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 8 << 20)
+                f.write(rng.randbytes(n) if i % 2 == 0 else _text(rng, corpus, n))
+                left -= n
+    left = total - big
+    files = 0
+    while left > 0:
+        d = root / "src" / f"pkg{files // 200:04d}"
+        if files % 200 == 0:
+            d.mkdir(parents=True)
+        n = min(left, rng.randint(512, 16 << 10))
+        (d / f"mod{files % 200:03d}.py").write_bytes(_text(rng, corpus, n))
+        left -= n
+        files += 1
+    return files + 8
+
+
+def gen_small(root: Path, n_files: int, seed: int, shared_half: bool = False) -> None:
+    """``n_files`` text files of 0-4 KiB, 100 per directory.
+
+    ``shared_half``: the first half of the directories have the same names in every layer
+    (so a merge overlays them), the rest are named after the seed.
+    """
+    rng = random.Random(seed)
+    corpus = _corpus(rng, 1 << 20)
+    n_dirs = (n_files + 99) // 100
+    root.mkdir(parents=True)
+    for d in range(n_dirs):
+        name = f"d{d:04d}" if shared_half and d < n_dirs // 2 else f"l{seed}_d{d:04d}"
+        dp = root / name
+        dp.mkdir()
+        for i in range(min(100, n_files - d * 100)):
+            (dp / f"f{i:03d}.txt").write_bytes(_text(rng, corpus, rng.randint(0, 4096)))
+
+
+def dir_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# -- measurement --------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, drop: bool, repeat: int) -> None:
+        self.drop = drop
+        self.repeat = repeat
+
+    def drop_caches(self) -> None:
+        if not self.drop:
+            return
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+
+    def run(self, cmd: list[str], *, stdout: int | None = subprocess.DEVNULL,
+            stdin: int | None = None, pre: list[Path] = (), cold: bool = True) -> Run:
+        """One child: wall, CPU (user+sys), peak RSS. ``pre`` paths are removed first."""
+        for p in pre:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        if cold:
+            self.drop_caches()
+        load1 = os.getloadavg()[0]
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=stdout, stdin=stdin, stderr=subprocess.PIPE, env=env)
+        err = proc.stderr.read() if proc.stderr else b""
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd!r} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
+        return Run(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, load1)
+
+    def median(self, make: callable) -> tuple[Run, list[Run]]:
+        runs = [make() for _ in range(self.repeat)]
+        runs_sorted = sorted(runs, key=lambda r: r.wall)
+        return runs_sorted[len(runs) // 2], runs
+
+
+def build_cmd(src: Path, bootstrap: Path, blob_dir: Path, compressor: str, kind: str | None = None) -> list[str]:
+    cmd = [*PYNYDUS, "image", "build", str(src), "--bootstrap", str(bootstrap),
+           "--blob-dir", str(blob_dir), "--compressor", compressor]
+    if kind:
+        cmd += ["--type", kind]
+    return cmd
+
+
+ZLIB_INFLATE = (
+    "import sys, zlib\n"
+    "d = zlib.decompressobj(31)\n"
+    "with open(sys.argv[1], 'rb') as f:\n"
+    "    while b := f.read(1 << 20):\n"
+    "        d.decompress(b)\n"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per short phase (median)")
+    ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--workdir", default=str(DATA_ROOT))
+    ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: build,lz4,targz,merge,rss")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    skip = set(filter(None, args.skip.split(",")))
+    drop = not (args.quick or args.no_drop_caches) and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+    b = Bench(drop, args.repeat)
+    work = Path(args.workdir) / ("quick" if args.quick else "full")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    out = work / "out"
+    res: dict[str, object] = {"sizes": asdict(sizes), "drop_caches": drop, "repeat": args.repeat,
+                              "nproc": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rows: list[tuple[str, str, str, str]] = []  # (figure, value, target, load1)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        mixed = work / "mixed"
+        log(f"generating layer (a): {sizes.mixed_mb} MB mixed")
+        n_mixed = gen_mixed(mixed, sizes.mixed_mb, seed=1)
+        mixed_mb = dir_bytes(mixed) / 1e6
+        res["mixed"] = {"files": n_mixed, "mb": mixed_mb}
+
+        if "build" not in skip:
+            small = work / "small"
+            log(f"generating layer (b): {sizes.small_files} small files")
+            gen_small(small, sizes.small_files, seed=2)
+            for name, src in (("mixed", mixed), ("small", small)):
+                log(f"build {name}: pynydus none vs mkfs.erofs")
+                img = out / "erofs.img"
+                bs, blobs = out / "bootstrap", out / "blobs"
+
+                def erofs() -> Run:
+                    out.mkdir(exist_ok=True)
+                    return b.run(["mkfs.erofs", "--quiet", str(img), str(src)], pre=[img])
+
+                def ours() -> Run:
+                    out.mkdir(exist_ok=True)
+                    r = b.run(build_cmd(src, bs, blobs, "none"), pre=[bs, blobs])
+                    return r
+
+                # Alternate the two tools so drifting load hits both alike.
+                e_runs, p_runs = [], []
+                for _ in range(b.repeat):
+                    e_runs.append(erofs())
+                    p_runs.append(ours())
+                e = sorted(e_runs, key=lambda r: r.wall)[len(e_runs) // 2]
+                p = sorted(p_runs, key=lambda r: r.wall)[len(p_runs) // 2]
+                ratio = p.wall / e.wall
+                res[f"build_{name}"] = {"pynydus": [asdict(r) for r in p_runs],
+                                        "mkfs_erofs": [asdict(r) for r in e_runs], "ratio": ratio}
+                rows.append((f"build {name}: mkfs.erofs (wall / cpu)", f"{e.wall:.2f} s / {e.cpu:.2f} s", "baseline", f"{e.load1:.2f}"))
+                rows.append((f"build {name}: pynydus none (wall / cpu)", f"{p.wall:.2f} s / {p.cpu:.2f} s", "", f"{p.load1:.2f}"))
+                rows.append((f"build {name}: pynydus / mkfs.erofs (wall)", f"{ratio:.2f}x", "<= 2x", ""))
+            shutil.rmtree(small)
+
+        if "lz4" not in skip:
+            log("build mixed: lz4_block on one CPU")
+            bs, blobs = out / "bootstrap", out / "blobs"
+            out.mkdir(exist_ok=True)
+            m, runs = b.median(lambda: b.run(["taskset", "-c", "0", *build_cmd(mixed, bs, blobs, "lz4_block")],
+                                             pre=[bs, blobs]))
+            comp = sum(p.stat().st_size for p in blobs.iterdir())
+            res["lz4"] = {"runs": [asdict(r) for r in runs], "mb_in": mixed_mb, "blob_mb": comp / 1e6}
+            rows.append(("lz4_block build: MB in / CPU s", f"{mixed_mb / m.cpu:.0f} MB/s", ">= 150 MB/s", f"{m.load1:.2f}"))
+            rows.append(("lz4_block build: MB in / wall s (1 CPU)", f"{mixed_mb / m.wall:.0f} MB/s", "", ""))
+
+        if "targz" not in skip:
+            log("gzip tar of layer (a)")
+            tgz = work / "mixed.tar.gz"
+            with open(tgz, "wb") as f:
+                tar = subprocess.Popen(["tar", "-C", str(mixed), "-cf", "-", "."], stdout=subprocess.PIPE)
+                subprocess.run(["gzip", "-6"], stdin=tar.stdout, stdout=f, check=True)
+                assert tar.wait() == 0
+            gz_mb = tgz.stat().st_size / 1e6
+            bs, blobs = out / "bootstrap", out / "blobs"
+            out.mkdir(exist_ok=True)
+            g_runs, z_runs, p_runs = [], [], []
+            for _ in range(b.repeat):
+                g_runs.append(b.run(["gzip", "-dc", str(tgz)]))
+                z_runs.append(b.run([sys.executable, "-c", ZLIB_INFLATE, str(tgz)]))
+                p_runs.append(b.run(build_cmd(tgz, bs, blobs, "none", "targz-rafs"), pre=[bs, blobs]))
+            g, z, p = (sorted(x, key=lambda r: r.wall)[len(x) // 2] for x in (g_runs, z_runs, p_runs))
+            res["targz"] = {"gz_mb": gz_mb, "gzip_dc": [asdict(r) for r in g_runs],
+                            "zlib": [asdict(r) for r in z_runs], "pynydus": [asdict(r) for r in p_runs]}
+            rows.append(("targz: gzip -dc > /dev/null (wall)", f"{g.wall:.2f} s", "baseline", f"{g.load1:.2f}"))
+            rows.append(("targz: Python zlib inflate (wall)", f"{z.wall:.2f} s", "baseline", f"{z.load1:.2f}"))
+            rows.append(("targz: pynydus build none (wall / cpu)", f"{p.wall:.2f} s / {p.cpu:.2f} s", "", f"{p.load1:.2f}"))
+            rows.append(("targz: pynydus / gzip -dc", f"{p.wall / g.wall:.2f}x", "", ""))
+            rows.append(("targz: pynydus / zlib inflate", f"{p.wall / z.wall:.2f}x", "~1x (decode-bound)", ""))
+            tgz.unlink()
+
+        if "merge" not in skip:
+            layers = []
+            for k in range(sizes.merge_layers):
+                src = work / f"layer{k}"
+                log(f"merge: generating and building layer {k}")
+                gen_small(src, sizes.merge_files, seed=100 + k, shared_half=True)
+                bs = work / f"layer{k}.boot"
+                b.run(build_cmd(src, bs, work / "merge-blobs", "lz4_block"), cold=False)
+                shutil.rmtree(src)
+                layers.append(bs)
+            merged = out / "merged.boot"
+            m, runs = b.median(lambda: b.run([*PYNYDUS, "image", "merge", *map(str, layers),
+                                              "--bootstrap", str(merged)], pre=[merged]))
+            res["merge"] = {"layers": len(layers), "files_per_layer": sizes.merge_files,
+                            "runs": [asdict(r) for r in runs], "merged_bytes": merged.stat().st_size}
+            rows.append((f"merge {len(layers)} x {sizes.merge_files} files (wall / cpu)",
+                         f"{m.wall:.2f} s / {m.cpu:.2f} s", "< 5 s", f"{m.load1:.2f}"))
+
+        if "rss" not in skip:
+            shutil.rmtree(mixed)
+            big = work / "big"
+            log(f"generating {sizes.big_mb} MB layer")
+            gen_mixed(big, sizes.big_mb, seed=3)
+            big_mb = dir_bytes(big) / 1e6
+            bs, blobs = out / "bootstrap", out / "blobs"
+            out.mkdir(exist_ok=True)
+            log("build big layer: peak RSS")
+            r = b.run(build_cmd(big, bs, blobs, "lz4_block"), pre=[bs, blobs])
+            res["rss"] = {"mb_in": big_mb, "run": asdict(r)}
+            rows.append((f"build {big_mb:.0f} MB lz4_block: peak RSS", f"{r.maxrss_mb:.0f} MB", "< 300 MB", f"{r.load1:.2f}"))
+            rows.append((f"build {big_mb:.0f} MB lz4_block (wall / cpu)", f"{r.wall:.1f} s / {r.cpu:.1f} s", "", ""))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    w0 = max(len(r[0]) for r in rows) if rows else 10
+    print(f"RAFS build and merge ({'quick' if args.quick else 'full'}; median of {b.repeat}; "
+          f"drop caches: {drop}; layer (a) {res['mixed']['mb']:.0f} MB in {res['mixed']['files']} files)")
+    print(f"| {'figure':<{w0}} | value | target | load1 |")
+    print(f"|{'-' * (w0 + 2)}|---|---|---|")
+    for fig, val, tgt, load in rows:
+        print(f"| {fig:<{w0}} | {val} | {tgt} | {load} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
