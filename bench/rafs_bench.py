@@ -37,12 +37,10 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
-import tarfile
 import time
-import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,7 +156,7 @@ class Bench:
             f.write("3\n")
 
     def run(self, cmd: list[str], *, stdout: int | None = subprocess.DEVNULL,
-            stdin: int | None = None, pre: list[Path] = (), cold: bool = True) -> Run:
+            stdin: int | None = None, pre: Sequence[Path] = (), cold: bool = True) -> Run:
         """One child: wall, CPU (user+sys), peak RSS. ``pre`` paths are removed first."""
         for p in pre:
             if p.is_dir():
@@ -179,7 +177,7 @@ class Bench:
             raise RuntimeError(f"{cmd!r} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
         return Run(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, load1)
 
-    def median(self, make: callable) -> tuple[Run, list[Run]]:
+    def median(self, make: Callable[[], Run]) -> tuple[Run, list[Run]]:
         runs = [make() for _ in range(self.repeat)]
         runs_sorted = sorted(runs, key=lambda r: r.wall)
         return runs_sorted[len(runs) // 2], runs
@@ -244,14 +242,13 @@ def main(argv: list[str] | None = None) -> int:
                 img = out / "erofs.img"
                 bs, blobs = out / "bootstrap", out / "blobs"
 
-                def erofs() -> Run:
+                def erofs(src: Path = src, img: Path = img) -> Run:
                     out.mkdir(exist_ok=True)
                     return b.run(["mkfs.erofs", "--quiet", str(img), str(src)], pre=[img])
 
-                def ours() -> Run:
+                def ours(src: Path = src, bs: Path = bs, blobs: Path = blobs) -> Run:
                     out.mkdir(exist_ok=True)
-                    r = b.run(build_cmd(src, bs, blobs, "none"), pre=[bs, blobs])
-                    return r
+                    return b.run(build_cmd(src, bs, blobs, "none"), pre=[bs, blobs])
 
                 # Alternate the two tools so drifting load hits both alike.
                 e_runs, p_runs = [], []
