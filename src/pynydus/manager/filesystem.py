@@ -112,6 +112,7 @@ class NydusFilesystem:
         self._standby: LiveDaemon | None = None
         self._standby_lock = threading.Lock()
         self._refilling = False
+        self._refill_thread: threading.Thread | None = None
         self._closing = False
 
     # --- start-up ------------------------------------------------------------------------
@@ -143,14 +144,19 @@ class NydusFilesystem:
         self._refill_standby()
 
     def close(self, teardown: bool = False) -> None:
+        """Stop supervising. Daemons serving images keep running (containers read through
+        them; a restarted snapshotter reconnects), unless ``teardown``. The standby
+        daemon serves nothing and is always stopped."""
         self._closing = True
+        if self._refill_thread is not None:
+            self._refill_thread.join(timeout=20)  # it stops what it started once it sees closing
         self.manager.close()
+        with self._standby_lock:
+            spare, self._standby = self._standby, None
+        if spare is not None:
+            self.manager.destroy_daemon(spare.record.id)
+            self._remove_daemon_dir(spare.record.id)
         if teardown:
-            with self._standby_lock:
-                spare, self._standby = self._standby, None
-            if spare is not None:
-                self.manager.destroy_daemon(spare.record.id)
-                self._remove_daemon_dir(spare.record.id)
             for sid in list(self.instances):
                 try:
                     self.umount(sid)
@@ -254,7 +260,8 @@ class NydusFilesystem:
                 with self._standby_lock:
                     self._refilling = False
 
-        threading.Thread(target=start, name="standby-daemon", daemon=True).start()
+        self._refill_thread = threading.Thread(target=start, name="standby-daemon", daemon=True)
+        self._refill_thread.start()
 
     def _remove_daemon_dir(self, did: str) -> None:
         """``<root>/daemons/<id>`` of a former standby daemon, once it is unmounted."""

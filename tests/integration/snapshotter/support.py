@@ -336,8 +336,25 @@ def teardown_base(base: Path, procs: Iterable[SnapshotterProcess] = ()) -> None:
     for p in procs:
         with contextlib.suppress(Exception):
             p.stop()
+    stop_daemons_below(base)
     unmount_below(base)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def stop_daemons_below(base: Path) -> None:
+    """Kill the pynydusd processes our snapshotters left working under ``base`` (daemons
+    outlive a snapshotter by design; a kill -9'd snapshotter cannot stop even its standby)."""
+    needle = str(base).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pynydusd" in cmd and needle in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------
