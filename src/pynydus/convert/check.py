@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound, q
-from pynydus.rafs.compress import decompress
+from pynydus.rafs.compress import decode_chunk
 from pynydus.rafs.reader import Bootstrap, FileChunk
 from pynydus.rafs.tree import decode_rdev
 from pynydus.registry import RegistryClient, media, parse_reference
@@ -132,12 +132,9 @@ class _ChunkReader:
         for c in group:
             off = (c.compressed_offset or 0) - start
             raw = data[off:off + (c.compressed_size or 0)]
-            if c.compressed:
-                yield decompress(raw, c.compressor, c.uncompressed_size)
-            else:
-                if len(raw) != c.uncompressed_size:
-                    raise FormatError(f"chunk {c.index} of blob {c.blob_id}: raw size mismatch")
-                yield raw
+            yield decode_chunk(raw, compressed=bool(c.compressed), compressor=c.compressor,
+                               uncompressed_size=c.uncompressed_size,
+                               what=f"chunk {c.index} of blob {c.blob_id}")
 
 
 def _describe(rec: FileRecord) -> str:

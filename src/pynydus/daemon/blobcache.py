@@ -31,7 +31,7 @@ from typing import Protocol
 
 from pynydus.daemon.chunkmap import ChunkMap
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
-from pynydus.rafs.compress import Compressor, Digester, decompress, digest
+from pynydus.rafs.compress import Compressor, Digester, decode_chunk
 
 log = logging.getLogger(__name__)
 
@@ -307,21 +307,22 @@ class BlobCache:
         return end - start
 
     def _decode(self, c: ChunkRef, payload: bytes) -> bytes | None:
+        """The chunk's bytes, or None when they are corrupt (the caller fetches again)."""
         if len(payload) != c.c_size:
             raise FormatError(
                 f"blob {self.blob.blob_id} chunk {c.index}: backend returned {len(payload)} of "
                 f"{c.c_size} bytes"
             )
-        algo = self.blob.compressor if c.compressed else Compressor.NONE
         try:
-            data = decompress(payload, algo, c.u_size)
+            return decode_chunk(
+                payload, compressed=c.compressed, compressor=self.blob.compressor,
+                uncompressed_size=c.u_size, expected_digest=c.digest if self.validate else b"",
+                digester=self.blob.digester, what=f"blob {self.blob.blob_id} chunk {c.index}",
+            )
         except FormatError as err:
             # A payload that does not decode is as wrong as one with a bad digest.
-            log.warning("blob %s chunk %d: %s", self.blob.blob_id, c.index, err)
+            log.warning("%s", err)
             return None
-        if self.validate and c.digest and digest(data, self.blob.digester) != c.digest:
-            return None
-        return data
 
     def _backend_read(self, offset: int, length: int, *, prefetch: bool) -> bytes:
         t0 = time.perf_counter()

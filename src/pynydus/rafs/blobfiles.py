@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 
 from pynydus.errors import FormatError, NotFound, NotImplementedFeature
-from pynydus.rafs.compress import Compressor, decompress, digest
+from pynydus.rafs.compress import decode_chunk
 from pynydus.rafs.reader import Bootstrap, FileChunk
 
 
@@ -55,18 +55,13 @@ class BlobFiles:
                 f"blob {c.blob_id} chunk {c.index}: blob is truncated (wanted {c.compressed_size} bytes "
                 f"at offset {c.compressed_offset}, got {len(raw)})"
             )
-        algo = c.compressor if c.compressed else Compressor.NONE
-        try:
-            data = decompress(raw, algo, c.uncompressed_size)
-        except FormatError as err:
-            raise FormatError(f"blob {c.blob_id} chunk {c.index} at offset {c.compressed_offset}: {err}") from err
-        if verify and c.digest:
-            algo_d = self.bs.blobs[c.blob_index].digester
-            if digest(data, algo_d) != c.digest:
-                raise FormatError(
-                    f"blob {c.blob_id} chunk {c.index} at offset {c.compressed_offset}: digest mismatch"
-                )
-        return data
+        where = f"blob {c.blob_id} chunk {c.index} at offset {c.compressed_offset}"
+        return decode_chunk(
+            raw, compressed=bool(c.compressed), compressor=c.compressor,
+            uncompressed_size=c.uncompressed_size,
+            expected_digest=(c.digest or b"") if verify else b"",
+            digester=self.bs.blobs[c.blob_index].digester, what=where,
+        )
 
     def file_data(self, ino: int) -> Iterator[bytes]:
         """The bytes of regular file ``ino``, chunk by chunk (holes as zeros)."""

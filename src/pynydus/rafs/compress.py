@@ -33,6 +33,7 @@ __all__ = [
     "Compressor",
     "Digester",
     "compress",
+    "decode_chunk",
     "decompress",
     "digest",
     "new_hasher",
@@ -185,3 +186,29 @@ def digest(data: bytes | memoryview, algo: Digester) -> bytes:
     if algo == Digester.BLAKE3:
         return blake3.blake3(data).digest()
     return hashlib.sha256(data).digest()
+
+
+def decode_chunk(
+    raw: bytes | memoryview,
+    *,
+    compressed: bool,
+    compressor: Compressor,
+    uncompressed_size: int,
+    expected_digest: bytes = b"",
+    digester: Digester = Digester.BLAKE3,
+    what: str = "chunk",
+) -> bytes:
+    """The uncompressed bytes of one chunk as stored in a blob, checked.
+
+    ``compressed`` is the chunk's own flag (a chunk may be stored raw in a compressed
+    blob). With ``expected_digest`` the result must hash to it. Every failure is a
+    FormatError whose message starts with ``what`` (name the blob and chunk there).
+    """
+    algo = compressor if compressed else Compressor.NONE
+    try:
+        data = decompress(raw, algo, uncompressed_size)
+    except FormatError as err:
+        raise FormatError(f"{what}: {err}") from err
+    if expected_digest and digest(data, digester) != expected_digest:
+        raise FormatError(f"{what}: digest mismatch")
+    return data
