@@ -32,12 +32,12 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from .util import (
     HarnessError,
     Proc,
+    Service,
     kill_pid,
     make_workdir,
     pid_alive,
@@ -66,7 +66,7 @@ _ALWAYS_DISABLED = [
 ]
 
 
-class Containerd:
+class Containerd(Service):
     """Context manager around one private containerd process."""
 
     def __init__(self, proxy_socket: Path | None = None, *, proxy_name: str = "nydus",
@@ -247,17 +247,6 @@ class Containerd:
                 remove_tree(self.workdir)
             elif self.workdir.exists():
                 (self.workdir / "keep").touch()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def _task_bundles(workdir: Path) -> list[tuple[str, str, Path]]:

@@ -24,10 +24,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
-from .util import HarnessError, Proc, wait_until
+from .util import HarnessError, Proc, Service, wait_until
 
 PYNYDUSD = str(Path(sys.executable).with_name("pynydusd"))
 
@@ -87,7 +86,7 @@ def force_unmount(path: str | Path) -> None:
             subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
-class Pynydusd:
+class Pynydusd(Service):
     """One ``pynydusd`` process. Context manager; ``stop()`` is idempotent."""
 
     def __init__(self, workdir: Path, *, name: str = "pynydusd", mountpoint: Path | None = None,
@@ -183,13 +182,3 @@ class Pynydusd:
         """Crash the daemon: SIGKILL, no clean-up (the FUSE mount stays, dead)."""
         self.proc.kill9()
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

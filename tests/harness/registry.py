@@ -20,10 +20,9 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from .util import HarnessError, Proc, free_port, make_workdir, remove_tree, wait_until
+from .util import HarnessError, Proc, Service, free_port, make_workdir, remove_tree, wait_until
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -50,7 +49,7 @@ def write_htpasswd(path: Path, user: str, password: str) -> Path:
     return path
 
 
-class Registry:
+class Registry(Service):
     """Context manager: ``with Registry() as reg: reg.host -> '127.0.0.1:PORT'``."""
 
     def __init__(self, workdir: Path | None = None, *, htpasswd: Path | None = None,
@@ -143,17 +142,6 @@ class Registry:
             remove_tree(self.workdir)
         elif self.workdir.exists():
             (self.workdir / "keep").touch()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     # ---------------------------------------------------------------- access log
     def requests(self) -> list[tuple[str, str, int]]:

@@ -18,7 +18,6 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import grpc
@@ -28,6 +27,7 @@ from pynydus.api import snapshots_pb2, snapshots_pb2_grpc
 from .util import (
     HarnessError,
     Proc,
+    Service,
     kill_processes_using,
     make_workdir,
     remove_tree,
@@ -51,7 +51,7 @@ def snapshotter_command() -> list[str]:
     return [sys.executable, "-m", "pynydus.cli.main", "snapshotter"]
 
 
-class Snapshotter:
+class Snapshotter(Service):
     """Context manager around one snapshotter process (root and socket survive restarts)."""
 
     def __init__(self, *, config: Path | None = None, log_level: str = "debug",
@@ -193,6 +193,9 @@ class Snapshotter:
                     return int(line.split()[1])
         raise HarnessError("no VmRSS in /proc status")
 
+    def teardown(self) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the snapshotter, then every process it left working under its root (FUSE
         daemons outlive a snapshotter stop by design, so that a restart can reattach),
@@ -206,13 +209,3 @@ class Snapshotter:
         else:
             remove_tree(self.workdir)
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -25,7 +25,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from types import TracebackType
+from typing import IO, Self
 
 WORK_PARENT = Path(os.environ.get("PYNYDUS_HARNESS_TMP", "/var/tmp"))
 WORK_PREFIX = "pyn-"
@@ -348,3 +349,28 @@ def sweep_stale(tag: str | None = None) -> list[Path]:
         remove_tree(d)
         cleaned.append(d)
     return cleaned
+
+
+class Service:
+    """Context manager for a component the tests start: ``start()`` on entry; on exit,
+    or when the start fails half-way, ``teardown()`` (``stop()`` unless overridden)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.teardown()
+            raise
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.teardown()
