@@ -28,7 +28,7 @@ from pynydus import labels as L
 from pynydus.config import SnapshotterConfig
 from pynydus.errors import FailedPrecondition, NotFound, Unavailable, q
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
-from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary
+from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.system.mountinfo import mountpoints_under
 
@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 SHARED_DAEMON_ID = "shared_daemon"
 _BOOTSTRAP_WAIT = 1.0  # seconds for containerd to finish writing the bootstrap
+# A spare daemon starts at this nice value and runs at 0 once RUNNING or needed.
+_STANDBY_NICENESS = 10
+# How long an image waits for a spare that is starting before starting its own daemon.
+_STANDBY_WAIT = 10.0
 _V5_MAGIC = 0x52414653
 _V6_MAGIC = 0xE0F5E1E2
 
@@ -111,7 +115,8 @@ class NydusFilesystem:
         self.use_standby = self.mode != "shared"
         self._standby: LiveDaemon | None = None
         self._standby_lock = threading.Lock()
-        self._refilling = False
+        self._standby_done = threading.Condition(self._standby_lock)
+        self._refilling: DaemonRecord | None = None  # the spare being started, if any
         self._refill_thread: threading.Thread | None = None
         self._closing = False
 
@@ -228,37 +233,39 @@ class NydusFilesystem:
             time.sleep(0.05)
 
     def _refill_standby(self) -> None:
-        """Start a spare daemon in the background if dedicated mode has none."""
+        """Start a spare daemon in the background if dedicated mode has none.
+
+        The spare starts at a low CPU priority: it is started when an image takes the
+        previous one, which is exactly when that image's container starts and reads.
+        """
         if not self.use_standby or self._closing:
             return
+        did = secrets.token_hex(10)
+        rec = DaemonRecord(
+            id=did, mode="standby", mountpoint=os.path.join(self.root, "daemons", did, "mnt"),
+            api_socket=os.path.join(self.cfg.socket_dir(), did, "api.sock"),
+            config_path="", bootstrap="",
+            log_file=os.path.join(self.cfg.log_dir(), did, "nydusd.log"),
+            thread_num=self.cfg.daemon.threads_number,
+        )
         with self._standby_lock:
-            if self._standby is not None or self._refilling:
+            if self._standby is not None or self._refilling is not None:
                 return
-            self._refilling = True
+            self._refilling = rec
 
         def start() -> None:
+            live: LiveDaemon | None = None
             try:
-                did = secrets.token_hex(10)
-                rec = DaemonRecord(
-                    id=did, mode="standby", mountpoint=os.path.join(self.root, "daemons", did, "mnt"),
-                    api_socket=os.path.join(self.cfg.socket_dir(), did, "api.sock"),
-                    config_path="", bootstrap="",
-                    log_file=os.path.join(self.cfg.log_dir(), did, "nydusd.log"),
-                    thread_num=self.cfg.daemon.threads_number,
-                )
-                live = self.manager.start_daemon(rec)
-                with self._standby_lock:
-                    if self._closing or self._standby is not None:
-                        live = None  # not needed any more
-                    else:
-                        self._standby = live
-                if live is None:
-                    self.manager.destroy_daemon(did)
+                live = self.manager.start_daemon(rec, niceness=_STANDBY_NICENESS)
             except Exception as err:  # noqa: BLE001 - images still mount the slow way
                 log.warning("could not start a standby daemon: %s", err)
-            finally:
-                with self._standby_lock:
-                    self._refilling = False
+            with self._standby_lock:
+                self._refilling = None
+                if live is not None and not self._closing and self._standby is None:
+                    self._standby, live = live, None
+                self._standby_done.notify_all()
+            if live is not None:
+                self.manager.destroy_daemon(did)  # not needed any more
 
         self._refill_thread = threading.Thread(target=start, name="standby-daemon", daemon=True)
         self._refill_thread.start()
@@ -272,6 +279,13 @@ class NydusFilesystem:
     def _take_standby(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord | None:
         """Mount the image into the spare daemon, which becomes its dedicated daemon."""
         with self._standby_lock:
+            starting = self._refilling
+            if self._standby is None and starting is not None:
+                # A spare is on its way: it is further along than a daemon started now.
+                if starting.pid:
+                    set_niceness(starting.pid, 0)
+                self._standby_done.wait_for(lambda: self._refilling is not starting,
+                                            timeout=_STANDBY_WAIT)
             live, self._standby = self._standby, None
         if live is None:
             return None

@@ -122,20 +122,27 @@ class DaemonManager:
             cmd += ["--log-file", rec.log_file]
         return cmd
 
-    def start_daemon(self, rec: DaemonRecord) -> LiveDaemon:
+    def start_daemon(self, rec: DaemonRecord, *, niceness: int = 0) -> LiveDaemon:
         """Spawn ``rec``'s daemon, persist it, wait until it is RUNNING.
 
+        ``niceness`` > 0 starts it at a lower CPU priority (a spare daemon whose start
+        must not compete with containers starting now); it runs at normal priority once
+        RUNNING, or earlier when someone calls :func:`set_niceness` on it.
         On failure the process is killed, its mount cleared and the record removed.
         """
         with self._lock:
             live = self.daemons.get(rec.id) or LiveDaemon(rec)
             self.daemons[rec.id] = live
         self._spawn(live)
+        if niceness:
+            set_niceness(rec.pid, niceness)
         try:
             self._wait_running(live)
         except BaseException:
             self.destroy_daemon(rec.id)
             raise
+        if niceness:
+            set_niceness(rec.pid, 0)
         return live
 
     def _spawn(self, live: LiveDaemon) -> None:
@@ -305,6 +312,20 @@ class DaemonManager:
                     log.info("daemon %s restarted as pid %d", rec.id, live.record.pid)
                 except Exception as err:  # noqa: BLE001 - keep supervising the others
                     log.error("daemon %s: restart failed: %s", rec.id, err)
+
+
+def set_niceness(pid: int, niceness: int) -> None:
+    """Set the nice value of every thread of ``pid`` (Linux keeps one per thread; threads
+    started later inherit their creator's). Best effort: the process may be gone."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError:
+            pass
 
 
 def clear_vestige(rec: DaemonRecord) -> None:

@@ -293,3 +293,61 @@ def test_prometheus_metrics(image: dict, tmp_path: Path) -> None:
         assert "snapshotter_rafs_instances 1.0" in text
     finally:
         snap.close()
+
+
+def _daemon_records(snap: Snapshotter) -> list[dict]:
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{snap.root / 'daemons.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return [json.loads(r[0]) for r in db.execute("SELECT record FROM daemons")]
+    finally:
+        db.close()
+
+
+def _thread_nice(pid: int) -> set[int]:
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out.add(int(fields[16]))  # field 19 of stat(5): nice
+    return out
+
+
+def test_image_mounted_while_standby_starts_waits_for_it(image: dict, tmp_path: Path) -> None:
+    """Dedicated mode: an image that arrives while the spare daemon is still starting is
+    mounted into that spare (no second daemon start on the container's critical path),
+    and every daemon runs at normal priority once it serves or is ready."""
+    config = tmp_path / "config.toml"
+    config.write_text('version = 1\ndaemon_mode = "dedicated"\n')
+    snap = Snapshotter(config=config)
+    snap.start()
+    try:
+        top = pull_nydus_image(snap, image)  # right away: the spare is still starting
+        rootfs = tmp_path / "rootfs"
+        container_rootfs(snap, top, "default/3/c1", rootfs)
+        try:
+            assert (rootfs / "etc/hello.txt").read_text() == "hello from a lazily pulled image\n"
+            records = _daemon_records(snap)
+            serving = [r for r in records if r["mode"] == "assigned"]
+            assert len(serving) == 1, records
+            assert not [r for r in records if r["mode"] == "dedicated"], records
+            assert _thread_nice(serving[0]["pid"]) == {0}
+            # the next spare comes up and, once ready, also runs at normal priority
+            deadline = time.monotonic() + 30
+            while True:
+                spares = [r for r in _daemon_records(snap) if r["mode"] == "standby"]
+                if spares and os.path.exists(spares[0]["api_socket"]):
+                    from pynydus.manager.client import DaemonClient
+
+                    if DaemonClient(spares[0]["api_socket"], timeout=5).state() == "RUNNING":
+                        break
+                assert time.monotonic() < deadline, "no standby daemon became RUNNING"
+                time.sleep(0.05)
+            time.sleep(0.2)  # the manager renices right after it sees RUNNING
+            assert _thread_nice(spares[0]["pid"]) == {0}
+        finally:
+            unmount_all(str(rootfs))
+    finally:
+        snap.close()
