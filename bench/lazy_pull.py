@@ -323,7 +323,11 @@ def nydus_breakdown(snap: Snapshotter, t_pull: float, t_run: float, t_end: float
         return out
 
     dlogs = sorted((snap.root / "logs").rglob("*.log")) if (snap.root / "logs").is_dir() else []
-    spawn = stamps(snap.log, "starting daemon")
+    # only a daemon started for an image has --bootstrap (a standby daemon refilled
+    # after an image took the previous one has none)
+    spawn = [t for line in snap.log.read_text(errors="replace").splitlines()
+             if "starting daemon" in line and "--bootstrap" in line
+             and (t := _logtime(line)) is not None and t >= t_pull - 0.001]
     serving = [t for d in dlogs for t in stamps(d, " serving ")]
     mounted = [t for d in dlogs for t in stamps(d, "INFO pynydusd: mounted ")]
     fetches = sorted(t for d in dlogs for t in stamps(d, "HTTP Request: GET"))
@@ -404,13 +408,17 @@ exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynyd
 @contextlib.contextmanager
 def peer(mode: str, plain_http: list[str], profile: Path | None = None,
          amplify_io: int | None = None,
-         prefetch: bool = False) -> Iterator[Snapshotter | Stargz | None]:
+         prefetch: bool = False, keep_logs: bool = False) -> Iterator[Snapshotter | Stargz | None]:
     if mode in DAEMON_MODE:
         cfg_dir = profile or make_workdir("lzcfg")
         try:
             cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode],
                                      prefetch)
-            with Snapshotter(tag="lzsnap", log_level="debug", config=cfg) as snap:
+            # info as on a node; debug when the logs are kept (the breakdown needs the
+            # daemons' per-request lines)
+            level = "debug" if keep_logs or profile is not None else "info"
+            with Snapshotter(tag="lzsnap", log_level=level, config=cfg) as snap:
+                wait_daemons_ready(snap)
                 yield snap
                 if profile is not None:  # let py-spy see its child exit and write the profile
                     for sock in (snap.root / "socket").glob("*/*.sock"):
@@ -425,6 +433,34 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
             yield sgz
     else:
         yield None
+
+
+def wait_daemons_ready(snap: Snapshotter, timeout: float = 30.0) -> None:
+    """Wait until the daemons a snapshotter starts on its own (the shared daemon, or the
+    standby daemon of dedicated mode) are RUNNING. On a node the snapshotter starts at
+    boot, long before a pull; timing a pull that races its start-up would measure that
+    race (and the page-cache drop would hit the daemon's imports mid-way)."""
+    import sqlite3
+
+    def ready() -> bool:
+        db_path = snap.root / "daemons.db"
+        if not db_path.exists():
+            return False
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            records = [json.loads(r[0]) for r in db.execute("SELECT record FROM daemons")]
+        except sqlite3.Error:
+            return False
+        finally:
+            db.close()
+        socks = [r["api_socket"] for r in records if r.get("mode") in ("standby", "shared")]
+        try:
+            return bool(socks) and all(DaemonClient(s, timeout=2).state() == "RUNNING"
+                                       for s in socks)
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    wait_until(ready, timeout, "the snapshotter's standby/shared daemon")
 
 
 class RunFailed(RuntimeError):
@@ -448,7 +484,7 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             amplify_io: int | None = None, prefetch: bool = False) -> Sample:
     cid = f"lz-{mode}-{rep}"
     sn = SNAPSHOTTER[mode]
-    with peer(mode, plain_http, profile, amplify_io, prefetch) as p:
+    with peer(mode, plain_http, profile, amplify_io, prefetch, keep_logs is not None) as p:
         sock = getattr(p, "socket", None)
         cri = mode in DAEMON_MODE and nydus_pull == "cri"
         ns = "k8s.io" if cri else None
