@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Self
 
 from pynydus.errors import FormatError, NotFound, NotImplementedFeature
 from pynydus.rafs.compress import decode_chunk
@@ -28,7 +29,7 @@ class BlobFiles:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> BlobFiles:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "ChunkDict",
     "ChunkRef",
     "ChunkSource",
+    "discard_partial",
     "gnu_tar_header",
     "pack_ci_v1",
 ]
@@ -536,15 +537,8 @@ class BlobWriter:
         self._shutdown()
         if self._cache is not None:
             self._cache.abort()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tmp_path is not None:
-            try:
-                os.unlink(self._tmp_path)
-            except FileNotFoundError:
-                pass
-            self._tmp_path = None
+        discard_partial(self._file, self._tmp_path)
+        self._file = self._tmp_path = None
 
 
 class _CacheWriter:
@@ -588,15 +582,23 @@ class _CacheWriter:
         os.replace(tmp, os.path.join(self.dir, blob_id + ".blob.meta"))
 
     def abort(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        if self._tmp:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-            self._tmp = ""
+        discard_partial(self._f, self._tmp)
+        self._f, self._tmp = None, ""
+
+
+def discard_partial(f: BinaryIO | None, path: str | None) -> None:
+    """Close ``f`` and remove the unfinished output file ``path``; either may be None.
+
+    The abort path of every writer that streams into a temp file and renames it at
+    the end (blob, blob cache, tarfs copy): idempotent, a missing file is fine.
+    """
+    if f is not None:
+        f.close()
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _copy_ref(ref: ChunkRef, file_offset: int) -> ChunkRef:

@@ -22,7 +22,7 @@ import tempfile
 from typing import BinaryIO
 
 from pynydus.errors import InvalidArgument, NotImplementedFeature
-from pynydus.rafs.chunker import BlobDesc, ChunkRef, ChunkSource, _read_full
+from pynydus.rafs.chunker import BlobDesc, ChunkRef, ChunkSource, _read_full, discard_partial
 from pynydus.rafs.compress import Compressor, Digester
 from pynydus.rafs.layout import BlobFeatures
 from pynydus.rafs.tarstream import Entry
@@ -129,12 +129,5 @@ class TarfsBlob:
 
     def abort(self) -> None:
         """Remove the unfinished copy; safe to call any number of times."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        if self._tmp:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-            self._tmp = ""
+        discard_partial(self._f, self._tmp)
+        self._f, self._tmp = None, ""

@@ -13,6 +13,7 @@ binary search.  Every inode is decoded on demand, with the checks nydusd applies
 
 from __future__ import annotations
 
+import stat
 import struct
 from collections.abc import Iterator
 
@@ -52,12 +53,6 @@ from pynydus.rafs.layout_v5 import (
 )
 from pynydus.rafs.reader import BlobInfo, Bootstrap, Buffer, DirEntry, FileChunk, Stat
 
-_S_IFMT = 0o170000
-_S_IFDIR = 0o040000
-_S_IFREG = 0o100000
-_S_IFLNK = 0o120000
-_S_IFCHR = 0o020000
-_S_IFBLK = 0o060000
 _U32 = struct.Struct("<I")
 #: nydusd rejects inode-table offsets at or beyond 2^29 * 8.
 _MAX_TABLE_OFFSET = 1 << 29
@@ -107,7 +102,7 @@ class BootstrapV5(Bootstrap):
         self.prefetch_list = self._load_prefetch(sb)
         self.root_ino = RAFS_V5_ROOT_INODE
         _, root = self._node(RAFS_V5_ROOT_INODE)
-        if root.mode & _S_IFMT != _S_IFDIR:
+        if stat.S_IFMT(root.mode) != stat.S_IFDIR:
             raise format_error(
                 "root inode i_mode", self._offset_of(1), f"0o{root.mode:o} is not a directory"
             )
@@ -247,15 +242,15 @@ class BootstrapV5(Bootstrap):
             rec.name_size == 0 and rec.ino != RAFS_V5_ROOT_INODE
         ):
             raise format_error(f"{what} i_name_size", off + 100, f"{rec.name_size} not in 1..256")
-        ftype = rec.mode & _S_IFMT
+        ftype = stat.S_IFMT(rec.mode)
         if file_type_of_mode(rec.mode) == FileType.UNKNOWN:
             raise format_error(f"{what} i_mode", off + 60, f"invalid file type in 0o{rec.mode:o}")
-        hardlink = ftype == _S_IFREG and rec.nlink > 1
+        hardlink = ftype == stat.S_IFREG and rec.nlink > 1
         if not hardlink and rec.parent >= rec.ino:
             raise format_error(f"{what} i_parent", off + 32, f"{rec.parent} >= i_ino {rec.ino}")
         need(len(self._buf), off, rec.body_size, f"{what} name and symlink")
         if (
-            ftype == _S_IFDIR
+            ftype == stat.S_IFDIR
             and rec.child_count
             and (
                 rec.child_index <= rec.ino or rec.child_index + rec.child_count - 1 > self._max_ino
@@ -266,7 +261,7 @@ class BootstrapV5(Bootstrap):
                 off + 92,
                 f"index {rec.child_index} count {rec.child_count} invalid for i_ino {rec.ino}",
             )
-        if ftype == _S_IFLNK and rec.symlink_size == 0:
+        if ftype == stat.S_IFLNK and rec.symlink_size == 0:
             raise format_error(f"{what} i_symlink_size", off + 102, "0 for a symlink")
         return off, rec
 
@@ -278,7 +273,7 @@ class BootstrapV5(Bootstrap):
 
     def stat(self, ino: int) -> Stat:
         _, rec = self._node(ino)
-        rdev = rec.rdev if rec.mode & _S_IFMT in (_S_IFCHR, _S_IFBLK) else 0
+        rdev = rec.rdev if stat.S_IFMT(rec.mode) in (stat.S_IFCHR, stat.S_IFBLK) else 0
         return Stat(
             ino=ino,
             mode=rec.mode,
@@ -309,7 +304,7 @@ class BootstrapV5(Bootstrap):
 
     def _dir(self, ino: int) -> RafsV5Inode:
         _, rec = self._node(ino)
-        if rec.mode & _S_IFMT != _S_IFDIR:
+        if stat.S_IFMT(rec.mode) != stat.S_IFDIR:
             raise InvalidArgument(f"inode {ino} is not a directory")
         return rec
 
@@ -369,7 +364,7 @@ class BootstrapV5(Bootstrap):
 
     def readlink(self, ino: int) -> bytes:
         off, rec = self._node(ino)
-        if rec.mode & _S_IFMT != _S_IFLNK:
+        if stat.S_IFMT(rec.mode) != stat.S_IFLNK:
             raise InvalidArgument(f"inode {ino} is not a symlink")
         start = off + RAFS_V5_INODE_SIZE + align_up(rec.name_size, RAFS_V5_ALIGNMENT)
         return bytes(self._buf[start : start + rec.symlink_size])
@@ -383,7 +378,7 @@ class BootstrapV5(Bootstrap):
 
     def chunks(self, ino: int) -> list[FileChunk]:
         off, rec = self._node(ino)
-        if rec.mode & _S_IFMT != _S_IFREG or rec.child_count == 0:
+        if stat.S_IFMT(rec.mode) != stat.S_IFREG or rec.child_count == 0:
             return []
         start = off + rec.body_size + self._xattr_size(off, rec)
         need(

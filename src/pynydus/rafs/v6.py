@@ -13,6 +13,7 @@ bootstrap chunk table, indexed lazily on first use.
 
 from __future__ import annotations
 
+import stat
 import struct
 from collections.abc import Iterator
 
@@ -59,13 +60,6 @@ from pynydus.rafs.v6headers import (
     load_devices,
     load_prefetch,
 )
-
-_S_IFMT = 0o170000
-_S_IFDIR = 0o040000
-_S_IFREG = 0o100000
-_S_IFLNK = 0o120000
-_S_IFCHR = 0o020000
-_S_IFBLK = 0o060000
 
 _DIRENT = struct.Struct("<QHBx")
 _CHUNK_ADDR = struct.Struct("<HHI")
@@ -154,7 +148,7 @@ class BootstrapV6(Bootstrap):
         self.prefetch_list = load_prefetch(self._buf, ext, self._meta_base)
         self.root_ino = sb.root_nid
         root = self._node(sb.root_nid, "root nid", EROFS_SUPER_OFFSET + 14)
-        if root.mode & _S_IFMT != _S_IFDIR:
+        if stat.S_IFMT(root.mode) != stat.S_IFDIR:
             raise format_error("root inode", root.off, f"mode 0o{root.mode:o} is not a directory")
         self._chunk_index: dict[tuple[int, int, int], int] | None = None
 
@@ -187,8 +181,8 @@ class BootstrapV6(Bootstrap):
     def stat(self, ino: int) -> Stat:
         node = self._node(ino)
         raw = node.raw
-        ftype = node.mode & _S_IFMT
-        rdev = raw.u if ftype in (_S_IFCHR, _S_IFBLK) else 0
+        ftype = stat.S_IFMT(node.mode)
+        rdev = raw.u if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
         return Stat(
             ino=ino,
             mode=raw.mode,
@@ -241,7 +235,7 @@ class BootstrapV6(Bootstrap):
 
     def _dir_node(self, ino: int) -> _Node:
         node = self._node(ino)
-        if node.mode & _S_IFMT != _S_IFDIR:
+        if stat.S_IFMT(node.mode) != stat.S_IFDIR:
             raise InvalidArgument(f"inode {ino} is not a directory")
         if node.size < EROFS_DIRENT_SIZE + 1:
             raise format_error(
@@ -352,7 +346,7 @@ class BootstrapV6(Bootstrap):
 
     def readlink(self, ino: int) -> bytes:
         node = self._node(ino)
-        if node.mode & _S_IFMT != _S_IFLNK:
+        if stat.S_IFMT(node.mode) != stat.S_IFLNK:
             raise InvalidArgument(f"inode {ino} is not a symlink")
         if not 0 < node.size <= RAFS_MAX_SYMLINK:
             raise format_error(
@@ -427,7 +421,7 @@ class BootstrapV6(Bootstrap):
 
     def chunks(self, ino: int) -> list[FileChunk]:
         node = self._node(ino)
-        if node.mode & _S_IFMT != _S_IFREG:
+        if stat.S_IFMT(node.mode) != stat.S_IFREG:
             return []
         start, count = self._chunk_addrs(node)
         return [self._file_chunk(node, start, i) for i in range(count)]
