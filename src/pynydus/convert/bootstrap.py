@@ -23,7 +23,7 @@ from pynydus.rafs.chunker import BlobDesc, ChunkRef
 from pynydus.rafs.merge import load_bootstrap, overlay
 from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.tarstream import normalize_path
-from pynydus.rafs.tree import Tree
+from pynydus.rafs.tree import Tree, bind_lower_links
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 
 __all__ = ["LayerChunks", "MergedImage", "layer_chunks", "merge_layers"]
@@ -85,6 +85,7 @@ def merge_layers(bootstraps: Sequence[str], out: str, *,
             seen.setdefault(d, c)
         shared_bytes.append(n_bytes)
         shared_chunks.append(n_chunks)
+        bind_lower_links(merged.root, img.tree.root)
         overlay(merged.root, img.tree.root)
     # Like merge(): every layer's blobs stay in the table, also those whose files a
     # later layer deleted (upstream's merged blob table lists them too).

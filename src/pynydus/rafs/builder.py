@@ -40,7 +40,7 @@ from pynydus.rafs.merge import (
 )
 from pynydus.rafs.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
-from pynydus.rafs.tree import Tree
+from pynydus.rafs.tree import Tree, bind_lower_links
 from pynydus.rafs.v6writer import BootstrapInfo, V6Options, write_bootstrap
 
 __all__ = ["BlobReport", "BuildResult", "SourceType", "build", "build_tree"]
@@ -238,7 +238,10 @@ def build(
             strict_sizes=type != "dir-rafs",
         )
 
+    lower_links = list(tree.lower_links)
     if parent is not None:
+        bind_lower_links(parent.tree.root, tree.root)
+        lower_links = []
         overlay(parent.tree.root, tree.root)  # whiteouts of the new layer hide parent entries
         parent.tree.skipped_xattrs = tree.skipped_xattrs
         tree = parent.tree
@@ -259,6 +262,11 @@ def build(
             os.unlink(data.path)
         raise
     result = _result(bootstrap_out, info, blobs, data, tree, comp, dig, time.monotonic() - t0)
+    result.warnings += [
+        f"hardlink {path!r}: target {target!r} is not in this layer; a merge onto the "
+        "lower layers binds it (empty file until then)"
+        for path, target in lower_links
+    ]
     if output_json is not None:
         with open(output_json, "w") as f:
             json.dump(result.to_json(), f, indent=2)

@@ -37,7 +37,7 @@ from pynydus.rafs.compress import Compressor, Digester
 from pynydus.rafs.layout import compressor_from_flags, digester_from_flags
 from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.tarstream import OCI_WHITEOUT_OPAQUE, OCI_WHITEOUT_PREFIX, normalize_path
-from pynydus.rafs.tree import OVERLAY_OPAQUE_XATTR, Inode, Node, Tree
+from pynydus.rafs.tree import OVERLAY_OPAQUE_XATTR, Inode, Node, Tree, bind_lower_links
 from pynydus.rafs.v6writer import V6Options, write_bootstrap
 
 __all__ = [
@@ -289,6 +289,7 @@ def merge(
             if b.blob_id not in by_id:
                 by_id[b.blob_id] = b
                 blobs.append(b)
+        bind_lower_links(merged.root, img.tree.root)  # tree.py: links into lower layers
         overlay(merged.root, img.tree.root)
     # Chunks of a repeated blob id must reference the table's single entry.
     for _, node in merged.walk():

@@ -19,6 +19,13 @@ OCI whiteouts are handled per ``whiteout_spec``:
 * ``oci``: whiteouts are dropped (nothing below a single layer to hide).
 * ``none``: whiteout files are kept verbatim, as upstream's per-layer builds for
   registry images do (``--whiteout-spec none``), leaving the merge to apply them.
+
+A hardlink whose target is not in the layer (it is in a lower layer, as layers
+made by some build tools have) cannot be resolved by the layer alone. It becomes
+an empty regular file carrying ``trusted.pynydus.lower-hardlink`` = target path;
+:func:`bind_lower_links` turns it into the lower target when the layer is put on
+top of its lower layers (merge, parent bootstrap). Upstream's builder rejects such
+a layer (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -32,15 +39,19 @@ from pynydus.rafs.chunker import ChunkRef
 from pynydus.rafs.tarstream import OCI_WHITEOUT_PREFIX, Entry, EntryType, Whiteout
 
 __all__ = [
+    "LOWER_HARDLINK_XATTR",
     "OVERLAY_OPAQUE_XATTR",
     "WHITEOUT_SPECS",
     "Inode",
     "Node",
     "Tree",
+    "bind_lower_links",
     "encode_rdev",
 ]
 
 OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
+# Marks a hardlink whose target is in a lower layer; the value is the target's path.
+LOWER_HARDLINK_XATTR = b"trusted.pynydus.lower-hardlink"
 WHITEOUT_SPECS = ("overlayfs", "oci", "none")
 
 
@@ -137,21 +148,13 @@ class Tree:
         self.whiteout_spec = whiteout_spec
         self.root = _new_dir(b"/")
         self.skipped_xattrs: list[tuple[bytes, bytes]] = []
+        # (path, target) of hardlinks left for a lower layer to resolve
+        self.lower_links: list[tuple[bytes, bytes]] = []
 
     # ------------------------------------------------------------------ lookup
     def lookup(self, path: bytes) -> Node | None:
         """The node at normalized ``path`` (``b""`` = root), or None."""
-        node = self.root
-        if not path:
-            return node
-        for part in path.split(b"/"):
-            if node.children is None:
-                return None
-            nxt = node.children.get(part)
-            if nxt is None:
-                return None
-            node = nxt
-        return node
+        return _lookup(self.root, path)
 
     def _dir_for(self, path: bytes) -> Node:
         """The directory at ``path``, creating missing directories on the way."""
@@ -193,10 +196,12 @@ class Tree:
         old = parent.children.get(name)
         if entry.type == EntryType.HARDLINK:
             target = self.lookup(entry.link)
-            if target is None or target.is_dir:
-                raise FormatError(
-                    f"hardlink {entry.path!r}: target {entry.link!r} missing or a directory"
-                )
+            if target is None:
+                # The target lives in a lower layer: keep the link for the merge to bind.
+                parent.children[name] = Node(name, self._lower_link(entry))
+                return
+            if target.is_dir:
+                raise FormatError(f"hardlink {entry.path!r}: target {entry.link!r} is a directory")
             if target is old:
                 return
             inode = target.inode if target.inode.is_reg else target.inode.copy()
@@ -220,6 +225,14 @@ class Tree:
         elif entry.type in (EntryType.CHAR, EntryType.BLOCK):
             inode.rdev = encode_rdev(entry.rdev_major, entry.rdev_minor)
         parent.children[name] = Node(name, inode, {} if entry.type == EntryType.DIR else None)
+
+    def _lower_link(self, entry: Entry) -> Inode:
+        """Placeholder for a hardlink whose target is not in this layer (see module doc)."""
+        inode = Inode(mode=stat.S_IFREG | (entry.mode & 0o7777))
+        self._set_meta(inode, entry)
+        inode.xattrs[LOWER_HARDLINK_XATTR] = entry.link
+        self.lower_links.append((entry.path, entry.link))
+        return inode
 
     def _set_meta(self, inode: Inode, e: Entry) -> None:
         # An opaque marker set by this layer's whiteouts outlives a later dir entry.
@@ -286,6 +299,62 @@ class Tree:
                     node.inode.nlink += 1
                 else:
                     child.inode.nlink += 1
+
+
+def _nodes(root: Node) -> Iterator[tuple[Node, Node]]:
+    """(parent, node) for every node below ``root``, in no particular order (cheap)."""
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        assert d.children is not None
+        for child in d.children.values():
+            yield d, child
+            if child.children is not None:
+                stack.append(child)
+
+
+def bind_lower_links(lower: Node, upper: Node) -> None:
+    """Point the hardlinks of layer ``upper`` that wait for a lower target at it, in place.
+
+    ``lower`` is the root of everything below the layer (the merged lower layers),
+    ``upper`` the layer's own root, before :func:`pynydus.rafs.merge.overlay` puts
+    one on the other. A placeholder becomes the lower target's inode (regular
+    files: one inode, a real hardlink in the merged image; other types: a copy,
+    as for hardlinks inside a layer). Raises :class:`FormatError` when the target
+    is missing below too or is a directory, as extracting the layers would fail.
+    Costs one pass over ``upper``'s nodes.
+    """
+    bound: dict[int, Inode] = {}  # id(placeholder) -> target; links to a link share it
+    for parent, node in _nodes(upper):
+        inode = node.inode
+        if not inode.xattrs or LOWER_HARDLINK_XATTR not in inode.xattrs:
+            continue
+        target = bound.get(id(inode))
+        if target is None:
+            path = inode.xattrs[LOWER_HARDLINK_XATTR]
+            found = _lookup(lower, path)
+            if found is None or found.is_dir:
+                raise FormatError(
+                    f"hardlink {node.name!r}: target {path!r} is in no lower layer"
+                    if found is None
+                    else f"hardlink {node.name!r}: target {path!r} is a directory"
+                )
+            target = found.inode if found.inode.is_reg else found.inode.copy()
+            bound[id(inode)] = target
+        assert parent.children is not None
+        parent.children[node.name] = Node(node.name, target)
+
+
+def _lookup(root: Node, path: bytes) -> Node | None:
+    node = root
+    for part in path.split(b"/") if path else ():
+        if node.children is None:
+            return None
+        nxt = node.children.get(part)
+        if nxt is None:
+            return None
+        node = nxt
+    return node
 
 
 _XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")

@@ -22,7 +22,7 @@ from pynydus.rafs.tarstream import (
     _pax_time,
     normalize_path,
 )
-from pynydus.rafs.tree import Tree, decode_rdev, encode_rdev
+from pynydus.rafs.tree import LOWER_HARDLINK_XATTR, Tree, bind_lower_links, decode_rdev, encode_rdev
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -145,7 +145,31 @@ def test_tree_hardlinks_share_regular_inodes_only() -> None:
     assert t.lookup(b"h2").inode.link == b"f" and t.lookup(b"s").inode.nlink == 1
     assert t.root.inode.nlink == 2
     with pytest.raises(FormatError):
-        t.apply(_e(b"h3", EntryType.HARDLINK, link=b"missing"))
+        t.apply(_e(b"h3", EntryType.HARDLINK, link=b""))  # the root: a directory
+    # A target outside the layer waits for the lower layers (tree.bind_lower_links).
+    t.apply(_e(b"h4", EntryType.HARDLINK, link=b"lower/file"))
+    h4 = t.lookup(b"h4").inode
+    assert h4.is_reg and h4.size == 0 and h4.xattrs == {LOWER_HARDLINK_XATTR: b"lower/file"}
+    assert t.lower_links == [(b"h4", b"lower/file")]
+
+
+def test_bind_lower_links_shares_the_lower_inode() -> None:
+    lower = Tree()
+    lower.apply(_e(b"usr/bin/tool", size=0))
+    lower.apply(_e(b"usr/bin/sh", EntryType.SYMLINK, link=b"tool"))
+    upper = Tree("none")
+    upper.apply(_e(b"a", EntryType.HARDLINK, link=b"usr/bin/tool"))
+    upper.apply(_e(b"b", EntryType.HARDLINK, link=b"a"))  # a link to the waiting link
+    upper.apply(_e(b"c", EntryType.HARDLINK, link=b"usr/bin/sh"))
+    bind_lower_links(lower.root, upper.root)
+    tool = lower.lookup(b"usr/bin/tool").inode
+    assert upper.lookup(b"a").inode is tool and upper.lookup(b"b").inode is tool
+    c = upper.lookup(b"c").inode
+    assert c is not lower.lookup(b"usr/bin/sh").inode and c.link == b"tool"
+    missing = Tree("none")
+    missing.apply(_e(b"x", EntryType.HARDLINK, link=b"nowhere"))
+    with pytest.raises(FormatError, match="nowhere"):
+        bind_lower_links(lower.root, missing.root)
 
 
 def test_tree_whiteout_specs() -> None:
