@@ -254,6 +254,12 @@ class Bootstrap:
         return len(self._buf)
 
     @property
+    def buffer(self) -> bytes | bytearray | mmap.mmap:
+        """The whole bootstrap (read-only use; valid until ``close()``), for callers
+        that copy records in bulk, like merge."""
+        return self._buf
+
+    @property
     def explicit_uidgid(self) -> bool:
         return bool(self.flags & SuperFlags.EXPLICIT_UID_GID)
 

@@ -233,6 +233,11 @@ class BootstrapV6(Bootstrap):
                 )
         return _FlatBlocks(node.raw.u * bs, bs, nblocks, tail, inline_off)
 
+    def dir_blocks(self, ino: int) -> list[tuple[int, int]]:
+        """(offset, length) of each dirent block of directory ``ino``, bounds-checked;
+        for callers that decode dirents in bulk (merge). Entries are not validated."""
+        return list(self._flat_blocks(self._dir_node(ino)))
+
     def _dir_node(self, ino: int) -> _Node:
         node = self._node(ino)
         if stat.S_IFMT(node.mode) != stat.S_IFDIR:
