@@ -43,7 +43,7 @@ from pynydus.rafs.chunker import BlobDesc, ChunkRef
 from pynydus.rafs.compress import Compressor, Digester
 from pynydus.rafs.tree import Inode, Node, Tree
 
-__all__ = ["BootstrapInfo", "V6Options", "write_bootstrap"]
+__all__ = ["BootstrapInfo", "HeadLayout", "V6Options", "write_bootstrap", "write_heads"]
 
 ALIGN = 4096  # tables and the meta area stay 4 KiB aligned for every block size
 _SEG_ALIGN = 512 * 1024  # mapped_blkaddr alignment of HEAD builders (spec §1.4)
@@ -215,6 +215,105 @@ class _Planner:
         self.by_inode[id(inode)] = s
 
 
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the tables before the meta area go, given the blob and prefetch counts."""
+
+    blob_table_offset: int
+    blob_table_size: int
+    prefetch_offset: int
+    prefetch_size: int
+    meta_base: int  # byte offset of the meta area (4 KiB aligned)
+
+    @classmethod
+    def of(cls, n_blobs: int, n_prefetch: int) -> HeadLayout:
+        devt_end = L.RAFS_V6_DEVTABLE_OFFSET + n_blobs * L.EROFS_DEVT_SLOT_SIZE
+        blob_tbl_off = _align(devt_end, ALIGN)
+        blob_tbl_size = n_blobs * L.RAFS_V6_BLOB_ENTRY_SIZE
+        pf_off = blob_tbl_off + blob_tbl_size
+        pf_size = 4 * n_prefetch
+        return cls(blob_tbl_off, blob_tbl_size, pf_off, pf_size, _align(pf_off + pf_size, ALIGN))
+
+
+def write_heads(
+    buf: bytearray,
+    blobs: list[BlobDesc],
+    opts: V6Options,
+    heads: HeadLayout,
+    *,
+    root_nid: int,
+    inos: int,
+    build_time: tuple[int, int],
+    chunk_table: tuple[int, int],
+    has_xattr: bool,
+) -> None:
+    """Fill in the superblocks, device slots and blob table of a laid-out image.
+
+    ``buf`` is the whole image (its length is where the blobs' mapped block
+    addresses start); ``chunk_table`` is (offset, size), (0, 0) when empty.
+    Raises InvalidArgument for a blob the device table cannot describe.
+    """
+    bs = opts.block_size
+    mapped = len(buf)
+    blocks_total = 0
+    all_digest = True
+    for i, b in enumerate(blobs):
+        if len(b.blob_id) != L.BLOB_ID_LEN:
+            raise InvalidArgument(f"blob id {b.blob_id!r} is not 64 hex characters")
+        if b.uncompressed_size % bs or not b.uncompressed_size:
+            raise InvalidArgument(
+                f"blob {b.blob_id}: uncompressed size not a non-zero multiple of {bs}"
+            )
+        cnt = b.uncompressed_size // bs
+        maddr = _align(mapped, _SEG_ALIGN) // bs
+        mapped = (maddr + cnt) * bs
+        blocks_total += cnt
+        all_digest &= bool(b.features & L.BlobFeatures.INLINED_CHUNK_DIGEST)
+        off = L.RAFS_V6_DEVTABLE_OFFSET + i * L.EROFS_DEVT_SLOT_SIZE
+        buf[off : off + L.EROFS_DEVT_SLOT_SIZE] = L.RafsV6Device(
+            b.blob_id.encode(), cnt, maddr
+        ).pack()
+        off = heads.blob_table_offset + i * L.RAFS_V6_BLOB_ENTRY_SIZE
+        buf[off : off + L.RAFS_V6_BLOB_ENTRY_SIZE] = _blob_entry(b, i).pack()
+
+    flags = (
+        L.compressor_flag(opts.compressor)
+        | L.digester_flag(opts.digester)
+        | int(L.SuperFlags.ENCRYPTION_NONE)
+    )
+    if opts.explicit_uidgid:
+        flags |= int(L.SuperFlags.EXPLICIT_UID_GID)
+    if has_xattr:
+        flags |= int(L.SuperFlags.HAS_XATTR)
+    if all_digest:
+        flags |= int(L.SuperFlags.INLINED_CHUNK_DIGEST)
+    if opts.tarfs:
+        flags |= int(L.SuperFlags.TARTFS_MODE)
+
+    sb = L.RafsV6SuperBlock(
+        root_nid=root_nid,
+        blkszbits=bs.bit_length() - 1,
+        inos=inos,
+        build_time=build_time[0],
+        build_time_nsec=build_time[1],
+        blocks=blocks_total,
+        meta_blkaddr=heads.meta_base // bs,
+        extra_devices=len(blobs),
+    )
+    buf[L.EROFS_SUPER_OFFSET : L.EROFS_SUPER_OFFSET + sb.SIZE] = sb.pack()
+    ext = L.RafsV6SuperBlockExt(
+        flags=flags,
+        blob_table_offset=heads.blob_table_offset,
+        blob_table_size=heads.blob_table_size,
+        chunk_size=opts.chunk_size,
+        chunk_table_offset=chunk_table[0],
+        chunk_table_size=chunk_table[1],
+        prefetch_table_offset=heads.prefetch_offset if heads.prefetch_size else 0,
+        prefetch_table_size=heads.prefetch_size,
+    )
+    buf[L.RAFS_V6_EXT_SUPER_OFFSET : L.RAFS_V6_EXT_SUPER_OFFSET + ext.SIZE] = ext.pack()
+
+
 def write_bootstrap(
     tree: Tree, blobs: list[BlobDesc], out_path: str | os.PathLike[str], opts: V6Options
 ) -> BootstrapInfo:
@@ -251,14 +350,9 @@ def write_bootstrap(
         if n is not None and all(n is not q for q in pf_nodes):
             pf_nodes.append(n)
 
-    n_dev = len(blobs)
-    devt_end = L.RAFS_V6_DEVTABLE_OFFSET + n_dev * L.EROFS_DEVT_SLOT_SIZE
     bs = opts.block_size
-    blob_tbl_off = _align(devt_end, ALIGN)
-    blob_tbl_size = n_dev * L.RAFS_V6_BLOB_ENTRY_SIZE
-    pf_off = blob_tbl_off + blob_tbl_size
-    pf_size = 4 * len(pf_nodes)
-    meta_base = _align(pf_off + pf_size, ALIGN)
+    heads = HeadLayout.of(len(blobs), len(pf_nodes))
+    pf_off, pf_size, meta_base = heads.prefetch_offset, heads.prefetch_size, heads.meta_base
     meta_blkaddr = meta_base // bs
     data_base = _align(meta_base + planner.pos, bs)
     data_blk0 = data_base // bs
@@ -313,65 +407,17 @@ def write_bootstrap(
     pf_nids = tuple(n.inode.nid for n in pf_nodes)
     buf[pf_off : pf_off + pf_size] = L.pack_u32_array(pf_nids)
 
-    # Device slots and blob table.
-    mapped = total
-    blocks_total = 0
-    all_digest = True
-    for i, b in enumerate(blobs):
-        if len(b.blob_id) != L.BLOB_ID_LEN:
-            raise InvalidArgument(f"blob id {b.blob_id!r} is not 64 hex characters")
-        if b.uncompressed_size % bs or not b.uncompressed_size:
-            raise InvalidArgument(
-                f"blob {b.blob_id}: uncompressed size not a non-zero multiple of {bs}"
-            )
-        cnt = b.uncompressed_size // bs
-        maddr = _align(mapped, _SEG_ALIGN) // bs
-        mapped = (maddr + cnt) * bs
-        blocks_total += cnt
-        all_digest &= bool(b.features & L.BlobFeatures.INLINED_CHUNK_DIGEST)
-        off = L.RAFS_V6_DEVTABLE_OFFSET + i * L.EROFS_DEVT_SLOT_SIZE
-        buf[off : off + L.EROFS_DEVT_SLOT_SIZE] = L.RafsV6Device(
-            b.blob_id.encode(), cnt, maddr
-        ).pack()
-        off = blob_tbl_off + i * L.RAFS_V6_BLOB_ENTRY_SIZE
-        buf[off : off + L.RAFS_V6_BLOB_ENTRY_SIZE] = _blob_entry(b, i).pack()
-
-    flags = (
-        L.compressor_flag(opts.compressor)
-        | L.digester_flag(opts.digester)
-        | int(L.SuperFlags.ENCRYPTION_NONE)
-    )
-    if opts.explicit_uidgid:
-        flags |= int(L.SuperFlags.EXPLICIT_UID_GID)
-    if has_xattr:
-        flags |= int(L.SuperFlags.HAS_XATTR)
-    if all_digest:
-        flags |= int(L.SuperFlags.INLINED_CHUNK_DIGEST)
-    if opts.tarfs:
-        flags |= int(L.SuperFlags.TARTFS_MODE)
-
-    sb = L.RafsV6SuperBlock(
+    write_heads(
+        buf,
+        blobs,
+        opts,
+        heads,
         root_nid=root_nid,
-        blkszbits=blkszbits,
         inos=len(slots),
-        build_time=planner.build_time[0],
-        build_time_nsec=planner.build_time[1],
-        blocks=blocks_total,
-        meta_blkaddr=meta_blkaddr,
-        extra_devices=n_dev,
+        build_time=planner.build_time,
+        chunk_table=(chunk_tbl_off, chunk_tbl_size),
+        has_xattr=has_xattr,
     )
-    buf[L.EROFS_SUPER_OFFSET : L.EROFS_SUPER_OFFSET + sb.SIZE] = sb.pack()
-    ext = L.RafsV6SuperBlockExt(
-        flags=flags,
-        blob_table_offset=blob_tbl_off,
-        blob_table_size=blob_tbl_size,
-        chunk_size=opts.chunk_size,
-        chunk_table_offset=chunk_tbl_off,
-        chunk_table_size=chunk_tbl_size,
-        prefetch_table_offset=pf_off if pf_size else 0,
-        prefetch_table_size=pf_size,
-    )
-    buf[L.RAFS_V6_EXT_SUPER_OFFSET : L.RAFS_V6_EXT_SUPER_OFFSET + ext.SIZE] = ext.pack()
 
     _atomic_write(os.fspath(out_path), buf)
     return BootstrapInfo(

@@ -1,0 +1,127 @@
+"""Layer sources and the merged chunk table, for :mod:`pynydus.rafs.mergewrite`.
+
+A merged regular file keeps its layer's chunk index array; only the device id byte
+of each entry changes (layer blob index -> merged blob table index). The merged
+chunk table holds one 80-byte record per distinct (digest, merged blob, chunk
+index) used by a surviving file, sorted, taken from the layers' own records, with
+the fields the tree writer sets: the COMPRESSED flag only, ``file_offset`` of the
+first file (in slot order) that uses the chunk, crc32 zero.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from array import array
+from dataclasses import dataclass, field
+
+from pynydus.errors import InvalidArgument
+from pynydus.rafs import layout as L
+from pynydus.rafs.v6 import BootstrapV6
+
+__all__ = ["ChunkTable", "LayerSource"]
+
+_ADDR = struct.Struct("<HHI")
+_CHUNK = struct.Struct("<32sIIIIQQQII")
+_CHUNK_KEY = struct.Struct("<32xI12x8xQ8xI4x")  # blob_index, uncompressed_offset, index
+_COMPRESSED = int(L.ChunkFlags.COMPRESSED)  # the only chunk flag a merged record keeps
+_REC = L.RAFS_V6_CHUNK_INFO_SIZE
+# Sort key prefix of a pending record (after the digest): merged blob, chunk index.
+_ORDER = struct.Struct(">BI")
+_TAIL = struct.Struct("<IIIIQQQII")  # a record after its digest
+_KEY_LEN = 32 + _ORDER.size
+
+
+@dataclass
+class LayerSource:
+    """One layer's bootstrap and where its blobs went in the merged blob table."""
+
+    bs: BootstrapV6
+    blob_map: list[int]  # local blob index -> merged blob index
+    _records: list[tuple[array[int], array[int]]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        buf = self.bs.buffer
+        # Digest slices must be bytes: an mmap or bytes, never a bytearray.
+        self.buf: bytes | mmap.mmap = bytes(buf) if isinstance(buf, bytearray) else buf
+        self.meta_base = self.bs.superblock.meta_blkaddr * self.bs.block_size
+        tbl = bytearray(range(256))
+        for local, merged in enumerate(self.blob_map):
+            tbl[local + 1] = merged + 1
+        # bytes.translate table for the device id byte of a chunk index entry
+        self.dev_table = bytes(tbl)
+
+    def chunk_records(self) -> list[tuple[array[int], array[int]]]:
+        """Per blob, indexed by chunk index: the offset of its chunk-table record (-1:
+        none) and that record's block address (uncompressed offset / 4 KiB, -1 when
+        unaligned). The first record of a chunk wins, as in the reader. Two arrays of
+        8-byte ints per blob rather than a dict entry per chunk."""
+        if self._records is None:
+            blobs = self.bs.blobs
+            recs = [array("q", [-1]) * b.chunk_count for b in blobs]
+            blks = [array("q", [-1]) * b.chunk_count for b in blobs]
+            ext = self.bs.ext_superblock
+            start = ext.chunk_table_offset
+            data = bytes(self.buf[start : start + ext.chunk_table_size])
+            for pos, (b, uo, idx) in enumerate(_CHUNK_KEY.iter_unpack(data)):
+                if b < len(blobs) and idx < blobs[b].chunk_count and recs[b][idx] < 0:
+                    recs[b][idx] = start + pos * _REC
+                    blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
+            self._records = list(zip(recs, blks))
+        return self._records
+
+
+class ChunkTable:
+    """The merged chunk table, filled file by file in slot order."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self._seen: set[int] = set()  # (merged blob << 24) | chunk index
+        self._records: list[bytes] = []
+        self.used_blobs: set[int] = set()
+
+    def add_file(self, src: LayerSource, array_off: int, count: int) -> None:
+        """Record the chunks of one file: its ``count``-entry chunk index array at
+        ``array_off`` in ``src``'s bootstrap. InvalidArgument for a chunk without a
+        chunk-table record, as the tree merge raises."""
+        buf = src.buf
+        per_blob = src.chunk_records()
+        blob_map = src.blob_map
+        seen = self._seen
+        fo = 0
+        for lo, hi, blk in _ADDR.iter_unpack(buf[array_off : array_off + 8 * count]):
+            dev = hi & 0xFF
+            ci = ((hi >> 8) << 16) | lo
+            try:
+                recs, blks = per_blob[dev - 1]
+                rec = recs[ci] if dev and blks[ci] == blk else -1
+            except IndexError:
+                rec = -1
+            if rec < 0:
+                raise InvalidArgument(f"chunk {ci} of blob {dev - 1} has no chunk record")
+            # (blob, chunk index) names one chunk, so it stands for (digest, blob, index).
+            gblob = blob_map[dev - 1]
+            key = (gblob << 24) | ci
+            if key not in seen:
+                seen.add(key)
+                self.used_blobs.add(gblob)
+                dig, _, flags, cs, us, co, uo, _, idx, _ = _CHUNK.unpack_from(buf, rec)
+                self._records.append(
+                    dig
+                    + _ORDER.pack(gblob, ci)
+                    + _TAIL.pack(gblob, flags & _COMPRESSED, cs, us, co, uo, fo, idx, 0)
+                )
+            fo += self.chunk_size
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def emit(self, out: bytearray) -> None:
+        """Append the records to ``out``, sorted by (digest, blob, chunk index);
+        the table is empty afterwards."""
+        recs = self._records
+        recs.sort()  # each item starts with its sort key: digest, blob, index (big-endian)
+        for r in recs:
+            out += r[:32]
+            out += r[_KEY_LEN:]
+        recs.clear()
