@@ -114,10 +114,15 @@ def load_bootstrap(path: str | os.PathLike[str]) -> LoadedImage:
         blobs = blob_descs(bs)
         tree = Tree("none")
         regs: dict[int, Inode] = {}
+        # nydus-image writes one v6 inode record per name of a hardlinked file, all
+        # with the same i_ino: that, not the nid, is the file's identity.
+        by_i_ino: dict[int, Inode] = {}
         dirs: dict[bytes, Node] = {b"/": tree.root}
         for fs_path, ino in bs.walk():
             inode = regs.get(ino) or _load_inode(bs, ino, blobs)
             if inode.is_reg:
+                if inode.nlink > 1 and isinstance(bs, BootstrapV6):
+                    inode = by_i_ino.setdefault(bs.raw_inode(ino).ino, inode)
                 regs[ino] = inode
             if fs_path == b"/":
                 tree.root.inode = inode
@@ -152,6 +157,7 @@ def _load_inode(bs: Bootstrap, ino: int, blobs: list[BlobDesc]) -> Inode:
         size=0 if st.is_dir else st.size,
         rdev=st.rdev,
         xattrs=dict(bs.xattrs(ino)),
+        nlink=st.nlink,  # recounted when written; here it flags hardlinked files
     )
     if st.is_dir and _looks_implicit(inode):
         inode.implicit = True

@@ -173,6 +173,7 @@ class _Writer:
         # Regular files that may have several names: leaf key -> nid, and nid -> names.
         self.reg_nid: dict[int, int] = {}
         self.links: dict[int, int] = {}
+        self.i_ino_nid: dict[tuple[int, int], int] = {}  # (layer, i_ino) -> nid
         self.long_links: list[tuple[int, int, bytes]] = []  # (offset, data block, target)
         self.data_blocks = 0
         self.has_xattr = False
@@ -277,6 +278,19 @@ class _Writer:
             link = src.bs.readlink(src_nid)
             if head + len(link) <= self.bs:
                 tail = len(link)
+        src_links = 0
+        if typ == _S_IFREG:
+            # Only a file with several names in its layer, or one a layer above
+            # hardlinked to, can be met again; nydus-image gives each name its own
+            # record, with the file's i_ino, so that is what identifies it.
+            src_links = _U32.unpack_from(buf, off + 44)[0] if extended else 2
+            if src_links > 1:
+                i_ino = (key % n_layers, _U32.unpack_from(buf, off + 20)[0])
+                same = self.i_ino_nid.get(i_ino)
+                if same is not None:
+                    self.reg_nid[key] = same
+                    self.links[same] += 1
+                    return same, ftype
         pos = self._slot(head, tail)
         img = self.img
         if extended:
@@ -287,12 +301,11 @@ class _Writer:
         nid = (pos - self.meta_base) // 32
         if typ == _S_IFREG:
             _U_INO.pack_into(img, pos + 16, self.chunk_fmt, self.ino)
-            # Only a file with several names in its layer, or one a layer above
-            # hardlinked to, can be met again.
-            src_links = _U32.unpack_from(buf, off + 44)[0] if extended else 2
             if src_links > 1 or key in self.linked:
                 self.reg_nid[key] = nid
                 self.links[nid] = 1
+                if src_links > 1:
+                    self.i_ino_nid[key % n_layers, _U32.unpack_from(buf, off + 20)[0]] = nid
             if n:
                 q = off + _align(isize + xsize, 8)
                 if q + 8 * n > len(buf):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import stat
 import tarfile
 import tempfile
@@ -23,6 +24,13 @@ from erofs_harness import assert_same_tree, fsck, mount_fs, mounted, snapshot, u
 from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge
 from pynydus.rafs.reader import Bootstrap
+from tests.harness.rafs_layers import (
+    Ent,
+    expected_listing,
+    layer_tar,
+    mount_listing,
+    random_layers,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -201,3 +209,37 @@ def test_overlayfs_form_whiteouts_work_under_kernel_overlayfs(
     for path, rec in expected.items():
         if rec.kind == "reg":
             assert got[path].sha256 == rec.sha256, path
+
+
+def _rich_layers(seed: int) -> list[list[Ent]]:
+    """The first random 4-layer stack from ``seed`` on that uses every entry kind."""
+    kinds = {"dir", "file", "symlink", "hardlink", "fifo", "char", "wh", "opq"}
+    while True:
+        layers = random_layers(random.Random(seed), 4, explicit_dirs=True, tries=40)
+        if {e.kind for ents in layers for e in ents} >= kinds and any(
+            len(e.link) > 2000 for ents in layers for e in ents
+        ):
+            return layers
+        seed += 1
+
+
+@pytest.mark.parametrize("seed", [0, 1000, 2000])
+def test_random_layers_merged_mount_as_the_oci_model_says(tmp_path: Path, seed: int) -> None:
+    """Four random layers (whiteouts, opaque dirs, hardlinks, xattrs, long symlinks,
+    devices, files and directories replacing each other), built alternately with both
+    whiteout forms, merged by records: fsck.erofs is clean and the kernel's view of the
+    merged image is the model's OCI layer application, content included."""
+    layers = _rich_layers(seed)
+    blobs = tmp_path / "blobs"
+    boots = []
+    for i, ents in enumerate(layers):
+        boot = tmp_path / f"l{i}.boot"
+        build(io.BytesIO(layer_tar(ents)), boot, blobs, type="tar-rafs",
+              whiteout_spec=("overlayfs", "none")[i % 2])
+        boots.append(boot)
+    merge(boots, tmp_path / "merged.boot")
+    devs = _devices(tmp_path / "merged.boot", blobs)
+    fsck(tmp_path / "merged.boot", devs, "--extract")
+    with mounted(tmp_path / "merged.boot", devs) as mnt:
+        got = mount_listing(mnt)
+    assert got == expected_listing(layers, data="sha256")
