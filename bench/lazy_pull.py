@@ -463,6 +463,9 @@ def wait_daemons_ready(snap: Snapshotter, timeout: float = 30.0) -> None:
     wait_until(ready, timeout, "the snapshotter's standby/shared daemon")
 
 
+_CMD_OK = "lazy-pull-cmd-ok"
+
+
 class RunFailed(RuntimeError):
     """The container did not print what its image's Cmd prints on success."""
 
@@ -481,7 +484,8 @@ def save_logs(snap: Snapshotter, dst: Path, w0: float, w1: float, w2: float) -> 
 def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, network: str,
             rep: int, plain_http: list[str], *, drop: bool, nydus_pull: str,
             keep_logs: Path | None = None, profile: Path | None = None,
-            amplify_io: int | None = None, prefetch: bool = False) -> Sample:
+            amplify_io: int | None = None, prefetch: bool = False,
+            cmd: str | None = None) -> Sample:
     cid = f"lz-{mode}-{rep}"
     sn = SNAPSHOTTER[mode]
     with peer(mode, plain_http, profile, amplify_io, prefetch, keep_logs is not None) as p:
@@ -496,6 +500,9 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             else:
                 pull = [CTR_REMOTE, *base, "images", "rpull", "--plain-http", "--snapshotter", sn, ref]
             run = [CTR, *base, "run", "--rm"] + (["--snapshotter", sn] if sn else []) + [ref, cid]
+            if cmd:  # another start-up workload than the image's Cmd
+                run += ["/bin/sh", "-c", f"{cmd} && echo {_CMD_OK}"]
+                expect = _CMD_OK
             if drop:
                 drop_caches()
             load1 = float(Path("/proc/loadavg").read_text().split()[0])
@@ -634,6 +641,8 @@ def main() -> int:
     ap.add_argument("--json", help="write every sample and the summary here")
     ap.add_argument("--keep-logs", help="copy each nydus run's snapshotter and daemon logs here")
     ap.add_argument("--profile", help="run pynydusd under py-spy; collapsed stacks go here")
+    ap.add_argument("--cmd", help="run this shell command in the container instead of the "
+                    "image's Cmd (e.g. a heavier python import); 'read by Cmd' is then unknown")
     ap.add_argument("--amplify-io", type=lambda v: int(v, 0), default=None,
                     help="pynydusd amplify_io for this run (default: the snapshotter's template)")
     a = ap.parse_args()
@@ -688,14 +697,14 @@ def main() -> int:
                                 "keep_logs": Path(a.keep_logs) if a.keep_logs else None,
                                 "profile": Path(a.profile) / f"{net}-{img}-{rep}"
                                 if a.profile else None, "amplify_io": a.amplify_io,
-                                "prefetch": a.prefetch}
+                                "prefetch": a.prefetch, "cmd": a.cmd}
                             try:
                                 s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
                             except RunFailed as err:  # counted, reported, repeated once
                                 notes.append(f"{net} {img} {mode} rep {rep}: {err}; repeated")
                                 say(notes[-1])
                                 s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
-                            if not s.workload_read:
+                            if not s.workload_read and not a.cmd:
                                 s.workload_read = int(st.get("reads_bytes", 0))
                             samples.append(s)
                             say(f"{net:8} {img:10} {mode:9} rep {rep}: pull {s.pull_s:6.2f} s "
