@@ -150,11 +150,12 @@ class BlobCache:
 
     # --- reading --------------------------------------------------------------------
 
-    def read(self, pieces: Sequence[tuple[ChunkRef, int, int]]) -> bytearray:
-        """Bytes of ``pieces`` = (chunk, offset in chunk, length), concatenated in order.
+    def read(self, pieces: Sequence[tuple[ChunkRef, int, int]], amplify: bool = True) -> bytearray:
+        """Bytes of ``pieces`` = (chunk, offset in chunk, length), concatenated in order;
+        a miss fetches the following chunks too (up to amplify_io) when ``amplify``.
 
         A bytearray: FUSE replies take any buffer, and this saves a copy per read."""
-        self.ensure([c for c, _, _ in pieces])
+        self.ensure([c for c, _, _ in pieces], amplify=amplify)
         return self._pread_pieces(pieces, 0)
 
     def read_cached(self, pieces: Sequence[tuple[ChunkRef, int, int]]) -> bytearray | None:

@@ -77,6 +77,7 @@ class RafsInstance:
         self._caches: dict[int, BlobCache] = {}
         # Sequential readahead: per inode (next expected offset, fetched-or-queued up to).
         self.readahead_bytes = 8 * max(config.rafs.batch_size, 1 << 20)
+        self.amplify_below = config.rafs.batch_size // 2
         self._ra_state: dict[int, tuple[int, int]] = {}
         self._ra_lock = threading.Lock()
         self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
@@ -194,7 +195,13 @@ class RafsInstance:
 
     def _assemble(self, ino: int, offset: int, size: int, *, cached_only: bool) -> bytearray | None:
         reads = self.bs.map_read(ino, offset, size)
-        end = max(offset, min(offset + size, self.bs.stat(ino).size))
+        file_size = self.bs.stat(ino).size
+        end = max(offset, min(offset + size, file_size))
+        # Amplify misses (fetch the blob's next chunks in the same request) only from
+        # small files: a start-up reads runs of small neighbours (modules, configs) for
+        # which a round trip costs more than the bytes, while a file of half the window
+        # or more is mostly read on its own (sequential reads of it get readahead).
+        amplify = file_size < self.amplify_below
         parts: list[bytearray] = []
         pos = offset
         for blob_index, group in _by_blob(reads):
@@ -205,7 +212,7 @@ class RafsInstance:
                 pos = start
             pieces = [(_chunk_ref(r.chunk), r.offset, r.length) for r in group]
             cache = self.cache(blob_index)
-            data = cache.read_cached(pieces) if cached_only else cache.read(pieces)
+            data = cache.read_cached(pieces) if cached_only else cache.read(pieces, amplify)
             if data is None:
                 return None
             parts.append(data)

@@ -134,6 +134,35 @@ def test_a_miss_brings_following_chunks_up_to_amplify_io(start_daemon: StartFn, 
         assert m["read_amount_total"] == 50 * 8192
 
 
+def test_a_miss_on_a_large_file_does_not_amplify_into_its_neighbours(
+        start_daemon: StartFn, workdir: Path) -> None:
+    """A file of half the amplify_io window or more is fetched alone (its neighbours in
+    the blob are other files it says nothing about); a small file's miss still brings
+    the small files after it."""
+    from .conftest import build_image, localfs_config
+
+    src = workdir / "src"
+    src.mkdir()
+    os.chmod(src, 0o755)
+    big = os.urandom(600 << 10)  # one chunk, above half of the 1 MiB window
+    (src / "a-big").write_bytes(big)
+    files = {f"f{i:03d}": os.urandom(8192) for i in range(20)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    img = build_image(src, workdir / "img")
+    d = start_daemon(bootstrap=img.bootstrap,
+                     config=localfs_config(img.blob_dir, workdir / "cache", amplify_io=1 << 20))
+    assert (d.mountpoint / "a-big").read_bytes() == big
+    m = d.backend_metrics()
+    assert m["read_count"] == 1 and m["read_amount_total"] == len(big), m
+    assert (d.mountpoint / "f000").read_bytes() == files["f000"]
+    for name in sorted(files):
+        assert (d.mountpoint / name).read_bytes() == files[name]
+    m = d.backend_metrics()
+    assert m["read_count"] == 2, m  # f000's miss brought the other 19
+    assert m["read_amount_total"] == len(big) + 20 * 8192, m
+
+
 def test_cache_data_file_lost_between_runs_is_refetched_not_zeros(
         full_image: Image, start_daemon: StartFn, workdir: Path) -> None:
     """The chunk map survives but ``<blob>.blob.data`` was removed (cache GC, an operator):
