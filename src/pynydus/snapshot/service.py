@@ -13,11 +13,13 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from pynydus.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from pynydus.errors import NydusError
@@ -54,23 +56,32 @@ def mounts_to_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
 
 
+class RpcAbort(Exception):
+    """A call ends with gRPC status ``code`` (a grpc.StatusCode name) and ``message``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 def _rpc(method: F) -> F:
-    """Run an RPC body, turning our errors into gRPC statuses and timing the call."""
+    """Run an RPC body, turning our errors into RpcAbort and timing the call."""
 
     @functools.wraps(method)
-    def wrapper(self: SnapshotsService, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Snapshots, request: Any) -> Any:
         start = time.perf_counter()
         name = method.__name__
         try:
-            return method(self, request, context)
+            return method(self, request)
         except NydusError as err:
             log.debug("%s failed: %s", name, err)
             RPC_ERRORS.labels(name, err.grpc_code).inc()
-            context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
+            raise RpcAbort(err.grpc_code, str(err)) from err
         except Exception as err:  # an internal bug must not kill the server
             log.exception("%s: internal error", name)
             RPC_ERRORS.labels(name, "INTERNAL").inc()
-            context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {err}")
+            raise RpcAbort("INTERNAL", f"{name}: internal error: {err}") from err
         finally:
             elapsed = time.perf_counter() - start
             RPC_SECONDS.labels(name).observe(elapsed)
@@ -79,46 +90,64 @@ def _rpc(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
+class Snapshots:
+    """The Snapshots service without a transport: protobuf request in, response out.
+
+    Every method raises RpcAbort for a failed call; both servers (grpcio's and
+    ``h2server``) wrap this one object.
+    """
+
     def __init__(self, snapshotter: Snapshotter) -> None:
         self.sn = snapshotter
 
     @_rpc
-    def Prepare(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Prepare(self, request: Any) -> Any:
         mounts = self.sn.prepare(request.key, request.parent, dict(request.labels))
         return snapshots_pb2.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     @_rpc
-    def View(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def View(self, request: Any) -> Any:
         mounts = self.sn.view(request.key, request.parent, dict(request.labels))
         return snapshots_pb2.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     @_rpc
-    def Mounts(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Mounts(self, request: Any) -> Any:
         return snapshots_pb2.MountsResponse(mounts=mounts_to_pb(self.sn.mounts(request.key)))
 
     @_rpc
-    def Commit(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Commit(self, request: Any) -> Any:
         self.sn.commit(request.name, request.key, dict(request.labels))
         return empty_pb2.Empty()
 
     @_rpc
-    def Remove(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Remove(self, request: Any) -> Any:
         self.sn.remove(request.key)
         return empty_pb2.Empty()
 
     @_rpc
-    def Stat(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Stat(self, request: Any) -> Any:
         return snapshots_pb2.StatSnapshotResponse(info=info_to_pb(self.sn.stat(request.key)))
 
     @_rpc
-    def Update(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Update(self, request: Any) -> Any:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = self.sn.update(request.info.name, dict(request.info.labels), paths)
         return snapshots_pb2.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        # A generator cannot use _rpc's abort-after-return; parse first, then stream.
+    def is_cheap(self, method: str, request: Any) -> bool:
+        """The call answers from the metastore alone (tens of microseconds, never waits on
+        a daemon or the disk), so a server may run it on its connection's reader thread."""
+        if method == "Stat":
+            return True
+        if method == "Mounts":
+            try:
+                return not self.sn.mounts_need_instance(request.key)
+            except NydusError:
+                return True  # Mounts fails just as fast
+        return False
+
+    def List(self, request: Any) -> Iterator[Any]:
+        """Batches of infos; a failure (even after some batches) raises RpcAbort."""
         try:
             flt = filters.parse(list(request.filters))
             batch: list[snapshots_pb2.Info] = []
@@ -130,39 +159,106 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
             if batch:
                 yield snapshots_pb2.ListSnapshotsResponse(info=batch)
         except NydusError as err:
-            context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
+            raise RpcAbort(err.grpc_code, str(err)) from err
         except Exception as err:
             log.exception("List: internal error")
-            context.abort(grpc.StatusCode.INTERNAL, f"List: internal error: {err}")
+            raise RpcAbort("INTERNAL", f"List: internal error: {err}") from err
 
     @_rpc
-    def Usage(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Usage(self, request: Any) -> Any:
         usage = self.sn.usage(request.key)
         return snapshots_pb2.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     @_rpc
-    def Cleanup(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Cleanup(self, request: Any) -> Any:
         removed = self.sn.cleanup()
         if removed:
             log.info("cleanup removed %d directories", len(removed))
         return empty_pb2.Empty()
 
 
+@dataclass(frozen=True)
+class Method:
+    """One RPC of the service as a transport sees it."""
+
+    name: str
+    request: type[Message]
+    streaming: bool  # server-streaming (List); the others are unary
+
+
+_PREFIX = "/containerd.services.snapshots.v1.Snapshots/"
+METHODS: dict[str, Method] = {
+    _PREFIX + name: Method(name, getattr(snapshots_pb2, req), name == "List")
+    for name, req in [
+        ("Prepare", "PrepareSnapshotRequest"), ("View", "ViewSnapshotRequest"),
+        ("Mounts", "MountsRequest"), ("Commit", "CommitSnapshotRequest"),
+        ("Remove", "RemoveSnapshotRequest"), ("Stat", "StatSnapshotRequest"),
+        ("Update", "UpdateSnapshotRequest"), ("List", "ListSnapshotsRequest"),
+        ("Usage", "UsageRequest"), ("Cleanup", "CleanupRequest"),
+    ]
+}
+
+
+class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
+    """grpcio's servicer over Snapshots: RpcAbort becomes context.abort."""
+
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self.core = Snapshots(snapshotter)
+
+    def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from self.core.List(request)
+        except RpcAbort as err:
+            context.abort(getattr(grpc.StatusCode, err.code), err.message)
+
+
+def _unary(name: str) -> Callable[[SnapshotsService, Any, grpc.ServicerContext], Any]:
+    def call(self: SnapshotsService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return getattr(self.core, name)(request)
+        except RpcAbort as err:
+            context.abort(getattr(grpc.StatusCode, err.code), err.message)
+
+    call.__name__ = name
+    return call
+
+
+for _m in METHODS.values():
+    if not _m.streaming:
+        setattr(SnapshotsService, _m.name, _unary(_m.name))
+
+
+# Which server carries the service: "h2" (our HTTP/2 server, h2server.py) or "grpcio".
+SERVER_ENV = "PYNYDUS_SNAPSHOTS_SERVER"
+
+
 def serve(snapshotter: Snapshotter, address: str, *, workers: int = 16, uid: int = 0,
-          gid: int = 0) -> grpc.Server:
-    """Start serving on unix socket ``address`` (stale socket replaced, parents created)."""
+          gid: int = 0, server: str | None = None) -> Any:
+    """Start serving on unix socket ``address`` (stale socket replaced, parents created).
+
+    ``server`` (default: $PYNYDUS_SNAPSHOTS_SERVER, else "h2") picks the implementation;
+    both return an object whose ``stop(grace)`` returns an event set once stopped.
+    """
+    kind = server or os.environ.get(SERVER_ENV) or "h2"
+    if kind not in ("h2", "grpcio"):
+        raise ValueError(f"{SERVER_ENV}={kind!r}: expected \"h2\" or \"grpcio\"")
     path = Path(address)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket() or path.exists():
         path.unlink()
-    server = grpc.server(
+    if kind == "h2":
+        from pynydus.snapshot import h2server
+
+        return h2server.serve(snapshotter, path, workers=workers, uid=uid, gid=gid)
+    grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", 16 << 20)],
     )
-    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
-    server.add_insecure_port("unix:" + str(path))
-    server.start()
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), grpc_server)
+    grpc_server.add_insecure_port("unix:" + str(path))
+    grpc_server.start()
     os.chmod(path, 0o660)
     if uid or gid:
         os.chown(path, uid, gid)
-    return server
+    log.info("snapshots service on grpcio (%s=grpcio)", SERVER_ENV)
+    return grpc_server

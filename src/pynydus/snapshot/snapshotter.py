@@ -144,6 +144,13 @@ class Snapshotter:
             return self._remote(snap, remote_id, info.labels)
         return self._mounts(snap, info.labels)
 
+    def mounts_need_instance(self, key: str) -> bool:
+        """Whether Mounts of ``key`` involves a Nydus instance (may start a daemon and wait
+        for it); False means Mounts is a metastore read. NotFound if there is no ``key``."""
+        if self.fs is None:
+            return False
+        return self._remote_layer(self.ms.get_snapshot(key)) is not None
+
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """Commit active ``key`` as ``name``; its labels become ``labels`` (not inherited).
 

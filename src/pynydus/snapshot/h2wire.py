@@ -1,0 +1,604 @@
+"""Sans-I/O HTTP/2 server connection carrying gRPC unary and server-streaming calls.
+
+Theory of operation (bytes in, events and bytes out, as h11 does for HTTP/1.1):
+
+* ``receive(data)`` parses whatever bytes arrived (any split, frames may straddle calls)
+  and returns events; ``data_to_send()`` returns the bytes the connection wants written
+  (SETTINGS and its ACK, PING ACKs, WINDOW_UPDATEs, responses, RST_STREAM, GOAWAY).
+  The caller owns the socket and serialises calls into one ``H2Connection``.
+* A request is delivered once, whole: ``Request`` after the client ends its half of the
+  stream, carrying the ``:path`` and the single gRPC message (5-byte prefix stripped).
+  Our calls take exactly one request message, so nothing is streamed inwards.
+* Responses: ``respond(sid, message)`` for a unary call, or ``start(sid)``,
+  ``send_message(sid, message)``... ``finish(sid, code, text)`` for a server stream;
+  ``fail(sid, code, text)`` sends a trailers-only error. Outgoing DATA obeys the peer's
+  connection and stream windows and max frame size: what does not fit waits in the
+  stream's queue and leaves with the WINDOW_UPDATE that makes room (``pending(sid)``
+  says how much still waits, so a producer can hold back).
+* Inward flow control: we advertise large windows (a request may be 16 MiB) and give
+  credit back when half of a window is used, so clients never stall on us.
+* Any violation of the protocol by the peer (bad preface, malformed frame, HPACK
+  garbage, wrong stream ids) ends the connection: a GOAWAY with the error code is
+  queued, ``closed`` becomes true and ``Terminated`` is returned. Nothing raises to
+  the caller. Errors confined to one stream reset only that stream.
+
+HPACK: requests are decoded with the ``hpack`` package (clients use the dynamic table
+and Huffman coding); our few response header blocks are literals without indexing, so
+we keep no encoder state and the constant blocks are encoded once.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import cast
+
+import hpack
+import hpack.exceptions
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
+    CONTINUATION = range(10)
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+ENHANCE_YOUR_CALM = 11
+
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
+
+_DEFAULT_WINDOW = 65_535
+_MAX_WINDOW = 2**31 - 1
+_DEFAULT_FRAME = 16_384
+_FRAME_HEAD = struct.Struct(">BHBBL")  # 24-bit length written as a byte and a short
+
+# gRPC status codes by name (the names NydusError.grpc_code uses).
+STATUS_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+_OUT_HEADERS, _OUT_DATA, _OUT_TRAILERS = range(3)  # what a stream's output queue holds
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection accepts; advertised in our SETTINGS where HTTP/2 has a setting."""
+
+    max_concurrent_streams: int = 100  # containerd keeps a handful of calls in flight
+    max_message: int = 16 << 20  # as grpcio's grpc.max_receive_message_length before
+    max_header_list: int = 64 << 10  # request headers are a few hundred bytes
+    stream_window: int = 1 << 20  # a request rarely exceeds this: no WINDOW_UPDATE round trip
+    connection_window: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class Request:
+    stream_id: int
+    path: str
+    message: bytes
+    timeout: float | None  # seconds, from grpc-timeout
+
+
+@dataclass(frozen=True)
+class StreamReset:
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True)
+class Terminated:
+    """The connection is over: the peer sent GOAWAY (remote) or broke the protocol."""
+
+    error_code: int
+    remote: bool
+    reason: str
+
+
+Event = Request | StreamReset | Terminated
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class _Stream:
+    __slots__ = (
+        "body",
+        "done",
+        "out",
+        "out_bytes",
+        "path",
+        "recv_unacked",
+        "refused",
+        "remote_closed",
+        "send_window",
+        "sid",
+        "timeout",
+    )
+
+    def __init__(self, sid: int, send_window: int) -> None:
+        self.sid = sid
+        self.path = ""
+        self.timeout: float | None = None
+        self.body = bytearray()
+        self.remote_closed = False
+        self.refused = False  # answered early (too big): ignore further DATA
+        self.send_window = send_window
+        self.recv_unacked = 0
+        self.out: deque[tuple[int, bytes]] = deque()  # (_OUT_*, payload)
+        self.out_bytes = 0
+        self.done = False  # our END_STREAM is queued
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = bytearray([first | limit])
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """One header field as an HPACK literal without indexing, new name (no table state)."""
+    return b"\x00" + _hpack_int(len(name), 7, 0) + name + _hpack_int(len(value), 7, 0) + value
+
+
+def percent_encode(text: str) -> bytes:
+    """grpc-message encoding: printable ASCII except '%' as is, everything else %XX of UTF-8."""
+    raw = text.encode("utf-8", "replace")
+    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
+        return raw
+    return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
+
+
+_RESPONSE_HEADERS = b"\x88" + literal(b"content-type", b"application/grpc")  # 0x88: :status 200
+_TRAILERS_OK = literal(b"grpc-status", b"0")
+
+
+def _trailers(code: int, text: str) -> bytes:
+    block = literal(b"grpc-status", str(code).encode())
+    return block + literal(b"grpc-message", percent_encode(text)) if text else block
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """grpc-timeout ``<1-8 digits><unit>``; None when absent or malformed (no deadline)."""
+    if 2 <= len(value) <= 9 and value[:-1].isdigit():
+        unit = _TIMEOUT_UNITS.get(value[-1:])
+        if unit is not None:
+            return int(value[:-1]) * unit
+    return None
+
+
+def _only_indexed(block: bytes) -> bool:
+    """Every field of the HPACK block is an indexed representation (RFC 7541 6.1)."""
+    i, n = 0, len(block)
+    while i < n:
+        b = block[i]
+        if not b & 0x80:
+            return False
+        i += 1
+        if b & 0x7F == 0x7F:  # index continues in 7-bit groups
+            while i < n and block[i] & 0x80:
+                i += 1
+            i += 1
+    return True
+
+
+class H2Connection:
+    """The server side of one HTTP/2 connection. Not thread-safe: callers serialise."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self.closed = False
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._preface_seen = False
+        self._settings_seen = False
+        self._decoder = hpack.Decoder(max_header_list_size=limits.max_header_list)
+        self._hmemo: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._waiting: dict[int, _Stream] = {}  # streams with queued output
+        self._last_sid = 0
+        self._going_away = False
+        self._cont: tuple[int, int, bytearray] | None = None  # (sid, flags, block) awaiting CONTINUATION
+        self._send_window = _DEFAULT_WINDOW
+        self._peer_initial_window = _DEFAULT_WINDOW
+        self._peer_max_frame = _DEFAULT_FRAME
+        self._recv_unacked = 0
+        settings = struct.pack(
+            ">HLHLHLHL", S_ENABLE_PUSH, 0, S_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams,
+            S_INITIAL_WINDOW_SIZE, limits.stream_window, S_MAX_HEADER_LIST_SIZE,
+            limits.max_header_list)
+        self._out.append(frame(SETTINGS, 0, 0, settings))
+        if limits.connection_window > _DEFAULT_WINDOW:
+            self._window_update(0, limits.connection_window - _DEFAULT_WINDOW)
+
+    # --- output ----------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def last_stream_id(self) -> int:
+        return self._last_sid
+
+    def is_open(self, sid: int) -> bool:
+        """The stream still wants our response (not reset by the peer, connection up)."""
+        return not self.closed and sid in self._streams
+
+    def pending(self, sid: int) -> int:
+        """Bytes of DATA queued on ``sid`` waiting for flow-control credit (0 if gone)."""
+        st = self._streams.get(sid)
+        return st.out_bytes if st is not None else 0
+
+    def respond(self, sid: int, message: bytes) -> None:
+        """Unary success: headers, one message, OK trailers."""
+        self.start(sid)
+        self.send_message(sid, message)
+        self.finish(sid, 0, "")
+
+    def start(self, sid: int) -> None:
+        self._enqueue(sid, _OUT_HEADERS, _RESPONSE_HEADERS)
+
+    def send_message(self, sid: int, message: bytes) -> None:
+        self._enqueue(sid, _OUT_DATA, b"\x00" + len(message).to_bytes(4, "big") + message)
+
+    def finish(self, sid: int, code: int, text: str) -> None:
+        """Trailers after ``start``; ends our half of the stream."""
+        block = _TRAILERS_OK if code == 0 and not text else _trailers(code, text)
+        self._enqueue(sid, _OUT_TRAILERS, block)
+
+    def fail(self, sid: int, code: int, text: str) -> None:
+        """Trailers-only response (no ``start``): an error before any message."""
+        self._enqueue(sid, _OUT_TRAILERS, _RESPONSE_HEADERS + _trailers(code, text))
+
+    def goaway(self) -> None:
+        """Graceful shutdown: no new streams; those started finish. Idempotent."""
+        if not self._going_away and not self.closed:
+            self._going_away = True
+            self._out.append(frame(GOAWAY, 0, 0, struct.pack(">LL", self._last_sid, NO_ERROR)))
+
+    def _enqueue(self, sid: int, kind: int, payload: bytes) -> None:
+        st = self._streams.get(sid)
+        if st is None or st.done or self.closed:
+            return  # reset by the peer or connection gone: the response has no reader
+        st.out.append((kind, payload))
+        if kind == _OUT_DATA:
+            st.out_bytes += len(payload)
+        elif kind == _OUT_TRAILERS:
+            st.done = True
+        self._flush(st)
+
+    def _flush(self, st: _Stream) -> None:
+        while st.out:
+            kind, payload = st.out[0]
+            if kind == _OUT_DATA:
+                n = min(len(payload), self._send_window, st.send_window, self._peer_max_frame)
+                if n <= 0:
+                    self._waiting[st.sid] = st
+                    return
+                self._out.append(frame(DATA, 0, st.sid, payload[:n]))
+                self._send_window -= n
+                st.send_window -= n
+                st.out_bytes -= n
+                if n < len(payload):
+                    st.out[0] = (kind, payload[n:])
+                    continue
+                st.out.popleft()
+            else:
+                st.out.popleft()
+                self._headers(st.sid, payload, kind == _OUT_TRAILERS)
+                if kind == _OUT_TRAILERS:
+                    self._end_local(st)
+                    return
+        self._waiting.pop(st.sid, None)
+
+    def _headers(self, sid: int, block: bytes, end: bool) -> None:
+        size = self._peer_max_frame
+        flags = END_STREAM if end else 0
+        if len(block) <= size:
+            self._out.append(frame(HEADERS, flags | END_HEADERS, sid, block))
+            return
+        self._out.append(frame(HEADERS, flags, sid, block[:size]))
+        for i in range(size, len(block), size):
+            last = i + size >= len(block)
+            self._out.append(frame(CONTINUATION, END_HEADERS if last else 0, sid, block[i:i + size]))
+
+    def _end_local(self, st: _Stream) -> None:
+        del self._streams[st.sid]
+        self._waiting.pop(st.sid, None)
+        if not st.remote_closed:  # answered before the request ended: tell the client to stop
+            self._out.append(frame(RST_STREAM, 0, st.sid, struct.pack(">L", NO_ERROR)))
+
+    def _window_update(self, sid: int, increment: int) -> None:
+        self._out.append(frame(WINDOW_UPDATE, 0, sid, struct.pack(">L", increment)))
+
+    # --- input -----------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed bytes read from the socket; returns what happened."""
+        if self.closed:
+            return []
+        events: list[Event] = []
+        buf = self._buf
+        buf += data
+        try:
+            pos = 0
+            if not self._preface_seen:
+                n = min(len(buf), len(PREFACE))
+                if buf[:n] != PREFACE[:n]:
+                    raise ProtocolError(PROTOCOL_ERROR, "invalid connection preface")
+                if n < len(PREFACE):
+                    return events
+                self._preface_seen = True
+                pos = len(PREFACE)
+            end = len(buf)
+            while end - pos >= 9:
+                length = int.from_bytes(buf[pos:pos + 3], "big")
+                if length > _DEFAULT_FRAME:  # we never raise SETTINGS_MAX_FRAME_SIZE
+                    raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                if end - pos - 9 < length:
+                    break
+                ftype, flags = buf[pos + 3], buf[pos + 4]
+                sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+                payload = bytes(buf[pos + 9:pos + 9 + length])
+                pos += 9 + length
+                self._frame(ftype, flags, sid, payload, events)
+            del buf[:pos]
+        except ProtocolError as err:
+            self._terminate(err.code, str(err), events)
+        except hpack.exceptions.HPACKError as err:
+            self._terminate(COMPRESSION_ERROR, f"header block: {err}", events)
+        return events
+
+    def _terminate(self, code: int, reason: str, events: list[Event]) -> None:
+        self._out.append(frame(GOAWAY, 0, 0, struct.pack(">LL", self._last_sid, code)
+                               + reason.encode()[:256]))
+        self.closed = True
+        self._buf.clear()
+        self._streams.clear()
+        self._waiting.clear()
+        events.append(Terminated(code, False, reason))
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if not self._settings_seen and (ftype != SETTINGS or flags & ACK):
+            raise ProtocolError(PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if self._cont is not None and ftype != CONTINUATION:
+            raise ProtocolError(PROTOCOL_ERROR, "header block interrupted by another frame")
+        if ftype == DATA:
+            self._on_data(flags, sid, payload, events)
+        elif ftype == HEADERS:
+            self._on_headers(flags, sid, payload, events)
+        elif ftype == CONTINUATION:
+            if self._cont is None or self._cont[0] != sid:
+                raise ProtocolError(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            block = self._cont[2]
+            block += payload
+            if len(block) > 2 * self.limits.max_header_list:
+                raise ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
+            if flags & END_HEADERS:
+                first_flags = self._cont[1]
+                self._cont = None
+                self._on_header_block(sid, first_flags, bytes(block), events)
+        elif ftype == SETTINGS:
+            self._on_settings(flags, sid, payload)
+        elif ftype == PING:
+            if sid != 0 or len(payload) != 8:
+                raise ProtocolError(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
+            if not flags & ACK:
+                self._out.append(frame(PING, ACK, 0, payload))
+        elif ftype == WINDOW_UPDATE:
+            self._on_window_update(sid, payload)
+        elif ftype == RST_STREAM:
+            if sid == 0 or len(payload) != 4:
+                raise ProtocolError(PROTOCOL_ERROR if not sid else FRAME_SIZE_ERROR, "bad RST_STREAM")
+            if sid > self._last_sid:
+                raise ProtocolError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+            st = self._streams.pop(sid, None)
+            self._waiting.pop(sid, None)
+            if st is not None:
+                events.append(StreamReset(sid, int.from_bytes(payload, "big")))
+        elif ftype == GOAWAY:
+            if sid != 0 or len(payload) < 8:
+                raise ProtocolError(PROTOCOL_ERROR, "bad GOAWAY")
+            code = int.from_bytes(payload[4:8], "big")
+            events.append(Terminated(code, True, payload[8:].decode("utf-8", "replace")))
+        elif ftype == PRIORITY:
+            if sid == 0 or len(payload) != 5:
+                raise ProtocolError(PROTOCOL_ERROR if not sid else FRAME_SIZE_ERROR, "bad PRIORITY")
+        elif ftype == PUSH_PROMISE:
+            raise ProtocolError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        # other frame types are extensions: ignored, as RFC 9113 requires
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ProtocolError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        self._settings_seen = True
+        for i in range(0, len(payload), 6):
+            ident, value = struct.unpack_from(">HL", payload, i)
+            if ident == S_ENABLE_PUSH and value > 1:
+                raise ProtocolError(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+            if ident == S_INITIAL_WINDOW_SIZE:
+                if value > _MAX_WINDOW:
+                    raise ProtocolError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for st in self._streams.values():
+                    st.send_window += delta
+            elif ident == S_MAX_FRAME_SIZE:
+                if not _DEFAULT_FRAME <= value <= 16_777_215:
+                    raise ProtocolError(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
+                self._peer_max_frame = value
+        self._out.append(frame(SETTINGS, ACK, 0))
+        self._resume()
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ProtocolError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0:
+                raise ProtocolError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._send_window += inc
+            if self._send_window > _MAX_WINDOW:
+                raise ProtocolError(FLOW_CONTROL_ERROR, "connection window overflow")
+            self._resume()
+            return
+        st = self._streams.get(sid)
+        if st is None:
+            return  # a stream we already finished or reset
+        if inc == 0 or st.send_window + inc > _MAX_WINDOW:
+            self._reset(st, PROTOCOL_ERROR if inc == 0 else FLOW_CONTROL_ERROR)
+            return
+        st.send_window += inc
+        self._flush(st)
+
+    def _resume(self) -> None:
+        for st in list(self._waiting.values()):
+            self._flush(st)
+
+    def _reset(self, st: _Stream, code: int) -> None:
+        self._out.append(frame(RST_STREAM, 0, st.sid, struct.pack(">L", code)))
+        self._streams.pop(st.sid, None)
+        self._waiting.pop(st.sid, None)
+
+    def _strip_padding(self, flags: int, payload: bytes) -> bytes:
+        if flags & PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise ProtocolError(PROTOCOL_ERROR, "padding exceeds the frame")
+            return payload[1:len(payload) - payload[0]]
+        return payload
+
+    def _on_data(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if sid == 0:
+            raise ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
+        self._recv_unacked += len(payload)  # padding counts against flow control too
+        if self._recv_unacked >= self.limits.connection_window // 2:
+            self._window_update(0, self._recv_unacked)
+            self._recv_unacked = 0
+        data = self._strip_padding(flags, payload)
+        st = self._streams.get(sid)
+        if st is None:
+            if sid > self._last_sid:
+                raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            return  # late DATA for a stream we answered or reset
+        if st.remote_closed:
+            self._reset(st, STREAM_CLOSED)
+            return
+        if not st.refused:
+            st.body += data
+            declared = int.from_bytes(st.body[1:5], "big") if len(st.body) >= 5 else 0
+            if max(declared, len(st.body) - 5) > self.limits.max_message:
+                st.refused = True
+                st.body = bytearray()
+                self.fail(sid, STATUS_CODES["RESOURCE_EXHAUSTED"],
+                          f"request message larger than {self.limits.max_message} bytes")
+                if sid not in self._streams:
+                    return
+        if flags & END_STREAM:
+            st.remote_closed = True
+            self._request_complete(st, events)
+            return
+        st.recv_unacked += len(payload)
+        if st.recv_unacked >= self.limits.stream_window // 2:
+            self._window_update(sid, st.recv_unacked)
+            st.recv_unacked = 0
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+        if sid == 0:
+            raise ProtocolError(PROTOCOL_ERROR, "HEADERS on stream 0")
+        block = self._strip_padding(flags, payload)
+        if flags & PRIORITY_FLAG:
+            if len(block) < 5:
+                raise ProtocolError(FRAME_SIZE_ERROR, "HEADERS priority fields missing")
+            block = block[5:]
+        if flags & END_HEADERS:
+            self._on_header_block(sid, flags, block, events)
+        else:
+            self._cont = (sid, flags, bytearray(block))
+
+    def _on_header_block(self, sid: int, flags: int, block: bytes, events: list[Event]) -> None:
+        # Decode first, whatever happens to the stream: the HPACK table is per connection.
+        headers = self._decode(block)
+        st = self._streams.get(sid)
+        if st is not None:  # trailers from the client end its half
+            if st.remote_closed or not flags & END_STREAM:
+                raise ProtocolError(PROTOCOL_ERROR, f"second HEADERS on stream {sid}")
+            st.remote_closed = True
+            self._request_complete(st, events)
+            return
+        if sid % 2 == 0 or sid <= self._last_sid:
+            raise ProtocolError(PROTOCOL_ERROR, f"HEADERS on stream {sid} (not a new odd id)")
+        self._last_sid = sid
+        st = _Stream(sid, self._peer_initial_window)
+        if self._going_away or len(self._streams) >= self.limits.max_concurrent_streams:
+            self._out.append(frame(RST_STREAM, 0, sid, struct.pack(">L", REFUSED_STREAM)))
+            return
+        self._streams[sid] = st
+        for name, value in headers:
+            if name == b":path":
+                st.path = value.decode("utf-8", "replace")
+            elif name == b"grpc-timeout":
+                st.timeout = parse_timeout(value)
+        if not st.path:
+            self._reset(st, PROTOCOL_ERROR)
+            return
+        if flags & END_STREAM:
+            st.remote_closed = True
+            self._request_complete(st, events)
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """HPACK-decode, remembering blocks made only of indexed fields: those leave the
+        dynamic table as it was, so the same bytes mean the same headers until a block
+        with literals (which may add entries or resize the table) clears the memo.
+        A client repeating a call sends the same few bytes each time."""
+        hit = self._hmemo.get(block)
+        if hit is not None:
+            return hit
+        headers = cast(list[tuple[bytes, bytes]], list(self._decoder.decode(block, raw=True)))
+        if _only_indexed(block):
+            if len(self._hmemo) < 64:
+                self._hmemo[block] = headers
+        else:
+            self._hmemo.clear()
+        return headers
+
+    def _request_complete(self, st: _Stream, events: list[Event]) -> None:
+        if st.refused:
+            return
+        body = st.body
+        st.body = bytearray()
+        if len(body) >= 5 and body[0] != 0:
+            self.fail(st.sid, STATUS_CODES["UNIMPLEMENTED"],
+                      "compressed request messages are not supported")
+        elif len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+            self.fail(st.sid, STATUS_CODES["INTERNAL"], "expected exactly one request message")
+        else:
+            events.append(Request(st.sid, st.path, bytes(body[5:]), st.timeout))
