@@ -70,8 +70,8 @@ class Peer:
         return fields, msgs, ended
 
 
-def connected(limits: Limits = Limits(), settings_payload: bytes = b"") -> H2Connection:
-    conn = H2Connection(limits)
+def connected(limits: Limits | None = None, settings_payload: bytes = b"") -> H2Connection:
+    conn = H2Connection(limits or Limits())
     assert conn.receive(w.PREFACE + w.frame(w.SETTINGS, 0, 0, settings_payload)) == []
     conn.data_to_send()
     return conn
@@ -93,7 +93,7 @@ def test_a_request_arrives_whole_whatever_the_byte_splits(cuts: list[int]) -> No
     conn = H2Connection()
     events = []
     last = 0
-    for cut in sorted(set(min(c, len(data)) for c in cuts)) + [len(data)]:
+    for cut in sorted({min(c, len(data)) for c in cuts}) + [len(data)]:
         events += conn.receive(data[last:cut])
         last = cut
     assert events == [Request(1, STAT, b"key-1", None)]
