@@ -113,7 +113,7 @@ class _Conn:
             return
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
         if not method.streaming and self.server.core.is_cheap(method.name, request):
-            self._unary(req.stream_id, method, request, None)
+            self._unary(req.stream_id, method, request, None, inline=True)
             return
         if not self.server._begin():
             self._fail(req.stream_id, "UNAVAILABLE", "the snapshotter is stopping")
@@ -141,7 +141,9 @@ class _Conn:
             return True
         return False
 
-    def _unary(self, sid: int, method: Method, request: Any, deadline: float | None) -> None:
+    def _unary(self, sid: int, method: Method, request: Any, deadline: float | None,
+               inline: bool = False) -> None:
+        """Run a unary call, on the reader thread when ``inline``."""
         if self._expired(sid, deadline):
             return
         try:
@@ -152,6 +154,15 @@ class _Conn:
         with self.cond:
             self.h2.respond(sid, payload)
             self._write()
+            if not inline:
+                self._drain(sid)
+
+    def _drain(self, sid: int) -> None:
+        """Wait until the response has left (flow control may hold it back): a graceful stop
+        waits for calls in flight, and a call is in flight until its trailers are sent.
+        Caller holds ``cond``; never called on the reader thread, which grants the credit."""
+        while not self.broken and self.h2.is_open(sid):
+            self.cond.wait()
 
     def _fail(self, sid: int, code: str, message: str) -> None:
         with self.cond:
@@ -182,6 +193,7 @@ class _Conn:
         with self.cond:
             self.h2.finish(sid, code, text)
             self._write()
+            self._drain(sid)
 
     def goaway(self) -> None:
         with self.cond:
