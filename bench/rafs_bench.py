@@ -17,6 +17,9 @@ seconds, CPU seconds (user + sys of the child) and peak RSS.
    builder itself uses). Target: limited by gzip decoding (ratio to zlib close to 1).
 4. **merge** of ten 50,000-file layer bootstraps (built once; half of every layer's
    directories are shared with the other layers, so the overlay has real work). Target < 5 s.
+   ``--merge-old`` also times the tree merge (the implementation the record merge
+   replaced, still there for v5/tarfs layers) alternating with it, and checks that both
+   write the same bytes; ``--merge-layers DIR`` reuses layer bootstraps built earlier.
 5. **peak RSS** of ``pynydus image build --compressor lz4_block`` on a 2 GB layer.
    Target < 300 MB.
 
@@ -191,6 +194,12 @@ def build_cmd(src: Path, bootstrap: Path, blob_dir: Path, compressor: str, kind:
     return cmd
 
 
+MERGE_TREES = (
+    "import sys\n"
+    "from pynydus.rafs.merge import merge_trees\n"
+    "merge_trees(sys.argv[2:], sys.argv[1])\n"
+)
+
 ZLIB_INFLATE = (
     "import sys, zlib\n"
     "d = zlib.decompressobj(31)\n"
@@ -209,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=str(DATA_ROOT))
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: build,lz4,targz,merge,rss")
+    ap.add_argument("--merge-old", action="store_true",
+                    help="merge phase: also time the tree merge (merge_trees) of this tree, alternating")
+    ap.add_argument("--merge-layers", help="merge phase: use DIR/layer*.boot (built earlier) "
+                    "instead of generating and building the layers")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     skip = set(filter(None, args.skip.split(",")))
@@ -302,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             tgz.unlink()
 
         if "merge" not in skip:
-            layers = []
-            for k in range(sizes.merge_layers):
+            layers = sorted(Path(args.merge_layers).glob("layer*.boot")) if args.merge_layers else []
+            for k in range(0 if layers else sizes.merge_layers):
                 src = work / f"layer{k}"
                 log(f"merge: generating and building layer {k}")
                 gen_small(src, sizes.merge_files, seed=100 + k, shared_half=True)
@@ -311,13 +324,33 @@ def main(argv: list[str] | None = None) -> int:
                 b.run(build_cmd(src, bs, work / "merge-blobs", "lz4_block"), cold=False)
                 shutil.rmtree(src)
                 layers.append(bs)
-            merged = out / "merged.boot"
-            m, runs = b.median(lambda: b.run([*PYNYDUS, "image", "merge", *map(str, layers),
-                                              "--bootstrap", str(merged)], pre=[merged]))
+            out.mkdir(exist_ok=True)
+            merged, merged_old = out / "merged.boot", out / "merged-tree.boot"
+            # The tree merge (the implementation before the record merge) alternates with
+            # ours, so both see the same load; their outputs must be the same bytes.
+            m_runs: dict[str, list[Run]] = {"records": [], "tree": []}
+            for _ in range(b.repeat):
+                m_runs["records"].append(b.run([*PYNYDUS, "image", "merge", *map(str, layers),
+                                                "--bootstrap", str(merged)], pre=[merged]))
+                if args.merge_old:
+                    m_runs["tree"].append(b.run([sys.executable, "-c", MERGE_TREES, str(merged_old),
+                                                 *map(str, layers)], pre=[merged_old]))
+            m = sorted(m_runs["records"], key=lambda r: r.wall)[len(m_runs["records"]) // 2]
             res["merge"] = {"layers": len(layers), "files_per_layer": sizes.merge_files,
-                            "runs": [asdict(r) for r in runs], "merged_bytes": merged.stat().st_size}
-            rows.append((f"merge {len(layers)} x {sizes.merge_files} files (wall / cpu)",
-                         f"{m.wall:.2f} s / {m.cpu:.2f} s", "< 5 s", f"{m.load1:.2f}"))
+                            "runs": [asdict(r) for r in m_runs["records"]],
+                            "tree_runs": [asdict(r) for r in m_runs["tree"]],
+                            "merged_bytes": merged.stat().st_size}
+            name = f"merge {len(layers)} x {sizes.merge_files} files"
+            rows.append((f"{name} (wall / cpu)", f"{m.wall:.2f} s / {m.cpu:.2f} s", "< 5 s", f"{m.load1:.2f}"))
+            rows.append((f"{name}: peak RSS", f"{m.maxrss_mb:.0f} MB", "", ""))
+            if m_runs["tree"]:
+                t = sorted(m_runs["tree"], key=lambda r: r.wall)[len(m_runs["tree"]) // 2]
+                same = merged.read_bytes() == merged_old.read_bytes()
+                res["merge"]["identical_to_tree_merge"] = same
+                rows.append((f"{name}, tree merge (wall / cpu)", f"{t.wall:.2f} s / {t.cpu:.2f} s", "", f"{t.load1:.2f}"))
+                rows.append((f"{name}, tree merge: peak RSS", f"{t.maxrss_mb:.0f} MB", "", ""))
+                rows.append((f"{name}: tree / records (wall; cpu)", f"{t.wall / m.wall:.1f}x; {t.cpu / m.cpu:.1f}x",
+                             "", "same bytes" if same else "OUTPUTS DIFFER"))
 
         if "rss" not in skip:
             shutil.rmtree(mixed)
