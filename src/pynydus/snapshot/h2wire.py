@@ -22,9 +22,9 @@ Theory of operation (bytes in, events and bytes out, as h11 does for HTTP/1.1):
   queued, ``closed`` becomes true and ``Terminated`` is returned. Nothing raises to
   the caller. Errors confined to one stream reset only that stream.
 
-HPACK: requests are decoded with the ``hpack`` package (clients use the dynamic table
-and Huffman coding); our few response header blocks are literals without indexing, so
-we keep no encoder state and the constant blocks are encoded once.
+HPACK: requests are decoded by ``hpackin`` (clients use the dynamic table and Huffman
+coding); our few response header blocks are literals without indexing, so we keep no
+encoder state and the constant blocks are encoded once.
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ from __future__ import annotations
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
 
-import hpack
-import hpack.exceptions
+from pynydus.snapshot.hpackin import Decoder, HpackError
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -188,21 +186,6 @@ def parse_timeout(value: bytes) -> float | None:
     return None
 
 
-def _only_indexed(block: bytes) -> bool:
-    """Every field of the HPACK block is an indexed representation (RFC 7541 6.1)."""
-    i, n = 0, len(block)
-    while i < n:
-        b = block[i]
-        if not b & 0x80:
-            return False
-        i += 1
-        if b & 0x7F == 0x7F:  # index continues in 7-bit groups
-            while i < n and block[i] & 0x80:
-                i += 1
-            i += 1
-    return True
-
-
 class H2Connection:
     """The server side of one HTTP/2 connection. Not thread-safe: callers serialise."""
 
@@ -213,8 +196,7 @@ class H2Connection:
         self._out: list[bytes] = []
         self._preface_seen = False
         self._settings_seen = False
-        self._decoder = hpack.Decoder(max_header_list_size=limits.max_header_list)
-        self._hmemo: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._decoder = Decoder(max_header_list=limits.max_header_list)
         self._streams: dict[int, _Stream] = {}
         self._waiting: dict[int, _Stream] = {}  # streams with queued output
         self._last_sid = 0
@@ -368,7 +350,7 @@ class H2Connection:
             del buf[:pos]
         except ProtocolError as err:
             self._terminate(err.code, str(err), events)
-        except hpack.exceptions.HPACKError as err:
+        except HpackError as err:
             self._terminate(COMPRESSION_ERROR, f"header block: {err}", events)
         return events
 
@@ -546,7 +528,7 @@ class H2Connection:
 
     def _on_header_block(self, sid: int, flags: int, block: bytes, events: list[Event]) -> None:
         # Decode first, whatever happens to the stream: the HPACK table is per connection.
-        headers = self._decode(block)
+        headers = self._decoder.decode(block)
         st = self._streams.get(sid)
         if st is not None:  # trailers from the client end its half
             if st.remote_closed or not flags & END_STREAM:
@@ -573,22 +555,6 @@ class H2Connection:
         if flags & END_STREAM:
             st.remote_closed = True
             self._request_complete(st, events)
-
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """HPACK-decode, remembering blocks made only of indexed fields: those leave the
-        dynamic table as it was, so the same bytes mean the same headers until a block
-        with literals (which may add entries or resize the table) clears the memo.
-        A client repeating a call sends the same few bytes each time."""
-        hit = self._hmemo.get(block)
-        if hit is not None:
-            return hit
-        headers = cast(list[tuple[bytes, bytes]], list(self._decoder.decode(block, raw=True)))
-        if _only_indexed(block):
-            if len(self._hmemo) < 64:
-                self._hmemo[block] = headers
-        else:
-            self._hmemo.clear()
-        return headers
 
     def _request_complete(self, st: _Stream, events: list[Event]) -> None:
         if st.refused:

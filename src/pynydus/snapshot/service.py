@@ -68,10 +68,12 @@ class RpcAbort(Exception):
 def _rpc(method: F) -> F:
     """Run an RPC body, turning our errors into RpcAbort and timing the call."""
 
+    name = method.__name__
+    seconds = RPC_SECONDS.labels(name)  # the per-method child, looked up once
+
     @functools.wraps(method)
     def wrapper(self: Snapshots, request: Any) -> Any:
         start = time.perf_counter()
-        name = method.__name__
         try:
             return method(self, request)
         except NydusError as err:
@@ -84,7 +86,7 @@ def _rpc(method: F) -> F:
             raise RpcAbort("INTERNAL", f"{name}: internal error: {err}") from err
         finally:
             elapsed = time.perf_counter() - start
-            RPC_SECONDS.labels(name).observe(elapsed)
+            seconds.observe(elapsed)
             log.debug("%s took %.2f ms", name, elapsed * 1e3)
 
     return wrapper  # type: ignore[return-value]
