@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 import struct
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
 from pynydus.rafs import layout as L
@@ -38,7 +38,6 @@ class LayerSource:
 
     bs: BootstrapV6
     blob_map: list[int]  # local blob index -> merged blob index
-    _records: list[tuple[array[int], array[int]]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         buf = self.bs.buffer
@@ -50,25 +49,24 @@ class LayerSource:
             tbl[local + 1] = merged + 1
         # bytes.translate table for the device id byte of a chunk index entry
         self.dev_table = bytes(tbl)
+        self.records = self._load_records()
 
-    def chunk_records(self) -> list[tuple[array[int], array[int]]]:
+    def _load_records(self) -> list[tuple[array[int], array[int]]]:
         """Per blob, indexed by chunk index: the offset of its chunk-table record (-1:
         none) and that record's block address (uncompressed offset / 4 KiB, -1 when
         unaligned). The first record of a chunk wins, as in the reader. Two arrays of
         8-byte ints per blob rather than a dict entry per chunk."""
-        if self._records is None:
-            blobs = self.bs.blobs
-            recs = [array("q", [-1]) * b.chunk_count for b in blobs]
-            blks = [array("q", [-1]) * b.chunk_count for b in blobs]
-            ext = self.bs.ext_superblock
-            start = ext.chunk_table_offset
-            data = bytes(self.buf[start : start + ext.chunk_table_size])
-            for pos, (b, uo, idx) in enumerate(_CHUNK_KEY.iter_unpack(data)):
-                if b < len(blobs) and idx < blobs[b].chunk_count and recs[b][idx] < 0:
-                    recs[b][idx] = start + pos * _REC
-                    blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
-            self._records = list(zip(recs, blks))
-        return self._records
+        blobs = self.bs.blobs
+        recs = [array("q", [-1]) * b.chunk_count for b in blobs]
+        blks = [array("q", [-1]) * b.chunk_count for b in blobs]
+        ext = self.bs.ext_superblock
+        start = ext.chunk_table_offset
+        data = bytes(self.buf[start : start + ext.chunk_table_size])
+        for pos, (b, uo, idx) in enumerate(_CHUNK_KEY.iter_unpack(data)):
+            if b < len(blobs) and idx < blobs[b].chunk_count and recs[b][idx] < 0:
+                recs[b][idx] = start + pos * _REC
+                blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
+        return list(zip(recs, blks))
 
 
 class ChunkTable:
@@ -85,11 +83,12 @@ class ChunkTable:
         ``array_off`` in ``src``'s bootstrap. InvalidArgument for a chunk without a
         chunk-table record, as the tree merge raises."""
         buf = src.buf
-        per_blob = src.chunk_records()
+        per_blob = src.records
         blob_map = src.blob_map
         seen = self._seen
-        fo = 0
-        for lo, hi, blk in _ADDR.iter_unpack(buf[array_off : array_off + 8 * count]):
+        unpack_addr = _ADDR.unpack_from
+        for i in range(count):
+            lo, hi, blk = unpack_addr(buf, array_off + 8 * i)
             dev = hi & 0xFF
             ci = ((hi >> 8) << 16) | lo
             try:
@@ -102,16 +101,18 @@ class ChunkTable:
             # (blob, chunk index) names one chunk, so it stands for (digest, blob, index).
             gblob = blob_map[dev - 1]
             key = (gblob << 24) | ci
-            if key not in seen:
-                seen.add(key)
-                self.used_blobs.add(gblob)
-                dig, _, flags, cs, us, co, uo, _, idx, _ = _CHUNK.unpack_from(buf, rec)
-                self._records.append(
-                    dig
-                    + _ORDER.pack(gblob, ci)
-                    + _TAIL.pack(gblob, flags & _COMPRESSED, cs, us, co, uo, fo, idx, 0)
+            if key in seen:
+                continue
+            seen.add(key)
+            self.used_blobs.add(gblob)
+            dig, _, flags, cs, us, co, uo, _, idx, _ = _CHUNK.unpack_from(buf, rec)
+            self._records.append(
+                dig
+                + _ORDER.pack(gblob, ci)
+                + _TAIL.pack(
+                    gblob, flags & _COMPRESSED, cs, us, co, uo, i * self.chunk_size, idx, 0
                 )
-            fo += self.chunk_size
+            )
 
     def __len__(self) -> int:
         return len(self._records)

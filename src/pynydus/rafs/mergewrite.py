@@ -45,6 +45,9 @@ from pynydus.rafs.v6writer import (
 __all__ = ["write_merged"]
 
 _HEAD = struct.Struct("<HHH")  # i_format, i_xattr_icount, i_mode
+# i_format, i_xattr_icount, i_mode, i_size, i_nlink of an extended inode
+_REG_HEAD = struct.Struct("<HHH2xQ28xI")
+_EXT_CHUNKED = L.inode_format(True, L.EROFS_INODE_CHUNK_BASED)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -94,6 +97,8 @@ def write_merged(
     cannot describe; FormatError for a malformed leaf inode.
     """
     bs = opts.block_size
+    if bs != L.EROFS_BLOCK_SIZE_4096:
+        raise InvalidArgument(f"merge on records writes 4096-byte blocks, not {bs}")
     root = tree.root
     prefetch = _prefetch_targets(root, opts.prefetch)
     heads = HeadLayout.of(len(blobs), len(prefetch))
@@ -161,6 +166,7 @@ class _Writer:
         linked: set[int],
     ) -> None:
         self.layers = layers
+        self.n_layers = len(layers)
         self.meta_base = meta_base
         self.bs = bs
         self.chunk_size = chunk_size
@@ -252,8 +258,69 @@ class _Writer:
         return slot
 
     def _copy_leaf(self, key: int, name: bytes) -> tuple[int, int]:
-        """Copy non-directory ``key`` into the image; (its nid, its dirent file type)."""
-        n_layers = len(self.layers)
+        """Copy non-directory ``key`` into the image; (its nid, its dirent file type).
+
+        The common case, an extended chunk-based regular file, is written here with
+        as few Python operations as possible; anything else goes to ``_copy_other``.
+        """
+        n_layers = self.n_layers
+        layer = key % n_layers
+        src = self.layers[layer]
+        buf = src.buf
+        off = src.meta_base + (key // n_layers) * 32
+        fmt, icount, mode, size, src_links = _REG_HEAD.unpack_from(buf, off)
+        if fmt != _EXT_CHUNKED or mode & _S_IFMT != _S_IFREG:
+            return self._copy_other(key, name)
+        xsize = 12 + 4 * (icount - 1) if icount else 0
+        head = _EXT + xsize
+        if off + head > len(buf):
+            raise L.format_error(f"file {name!r}", off, "inode runs past the bootstrap")
+        if src_links > 1:
+            # nydus-image writes one record per name of a hardlinked file, all with
+            # its i_ino; our builder shares one record. Either way: one file.
+            i_ino = (layer, _U32.unpack_from(buf, off + 20)[0])
+            same = self.i_ino_nid.get(i_ino)
+            if same is not None:
+                self.reg_nid[key] = same
+                self.links[same] += 1
+                return same, _REG_FT
+        img = self.img
+        end = len(img)
+        pos = (end + 31) & ~31
+        if (pos & 4095) + head > 4096 and head <= 4096:  # as _slot does, for 4 KiB blocks
+            pos = (pos + 4095) & ~4095
+        if pos != end:
+            img += bytes(pos - end)
+        self.ino += 1
+        img += buf[off : off + head]
+        _U_INO.pack_into(img, pos + 16, self.chunk_fmt, self.ino)
+        _U32.pack_into(img, pos + 44, 1)  # i_nlink; further names are counted at the end
+        nid = (pos - self.meta_base) >> 5
+        if icount:
+            self.has_xattr = True
+        if src_links > 1 or key in self.linked:
+            self.reg_nid[key] = nid
+            self.links[nid] = 1
+            if src_links > 1:
+                self.i_ino_nid[layer, _U32.unpack_from(buf, off + 20)[0]] = nid
+        n = (size + self.chunk_size - 1) // self.chunk_size
+        if n:
+            q = off + ((head + 7) & ~7)
+            if q + 8 * n > len(buf):
+                raise L.format_error(f"file {name!r} chunk array", q, "runs past the end")
+            end = len(img)
+            if end & 7:
+                img += bytes(8 - (end & 7))
+                end = len(img)
+            img += buf[q : q + 8 * n]
+            # Device id byte of every 8-byte entry: layer blob index -> merged index.
+            img[end + 2 :: 8] = img[end + 2 :: 8].translate(src.dev_table)
+            self.chunks.add_file(src, q, n)
+        return nid, _REG_FT
+
+    def _copy_other(self, key: int, name: bytes) -> tuple[int, int]:
+        """``_copy_leaf`` for compact inodes, symlinks, devices, fifos and sockets."""
+        n_layers = self.n_layers
         src = self.layers[key % n_layers]
         src_nid = key // n_layers
         buf = src.buf
@@ -278,34 +345,26 @@ class _Writer:
             link = src.bs.readlink(src_nid)
             if head + len(link) <= self.bs:
                 tail = len(link)
-        src_links = 0
-        if typ == _S_IFREG:
-            # Only a file with several names in its layer, or one a layer above
-            # hardlinked to, can be met again; nydus-image gives each name its own
-            # record, with the file's i_ino, so that is what identifies it.
-            src_links = _U32.unpack_from(buf, off + 44)[0] if extended else 2
-            if src_links > 1:
-                i_ino = (key % n_layers, _U32.unpack_from(buf, off + 20)[0])
-                same = self.i_ino_nid.get(i_ino)
-                if same is not None:
-                    self.reg_nid[key] = same
-                    self.links[same] += 1
-                    return same, ftype
+        if typ == _S_IFREG:  # compact: its nlink is 16 bits, assume it may have more names
+            i_ino = (key % n_layers, _U32.unpack_from(buf, off + 20)[0])
+            same = self.i_ino_nid.get(i_ino)
+            if same is not None:
+                self.reg_nid[key] = same
+                self.links[same] += 1
+                return same, ftype
         pos = self._slot(head, tail)
         img = self.img
         if extended:
             img += buf[off : off + _EXT + xsize]
         else:
             img += _widen(src.bs, src_nid) + buf[off + 32 : off + 32 + xsize]
-        _U32.pack_into(img, pos + 44, 1)  # i_nlink; further names are counted at the end
+        _U32.pack_into(img, pos + 44, 1)
         nid = (pos - self.meta_base) // 32
         if typ == _S_IFREG:
             _U_INO.pack_into(img, pos + 16, self.chunk_fmt, self.ino)
-            if src_links > 1 or key in self.linked:
-                self.reg_nid[key] = nid
-                self.links[nid] = 1
-                if src_links > 1:
-                    self.i_ino_nid[key % n_layers, _U32.unpack_from(buf, off + 20)[0]] = nid
+            self.reg_nid[key] = nid
+            self.links[nid] = 1
+            self.i_ino_nid[i_ino] = nid
             if n:
                 q = off + _align(isize + xsize, 8)
                 if q + 8 * n > len(buf):
@@ -313,8 +372,7 @@ class _Writer:
                 img += bytes(-len(img) & 7)
                 a = len(img)
                 img += buf[q : q + 8 * n]
-                # Device id byte of every 8-byte entry: layer blob index -> merged index.
-                img[a + 2 : a + 8 * n : 8] = img[a + 2 : a + 8 * n : 8].translate(src.dev_table)
+                img[a + 2 :: 8] = img[a + 2 :: 8].translate(src.dev_table)
                 self.chunks.add_file(src, q, n)
             return nid, ftype
         u = _U32.unpack_from(img, pos + 16)[0] if typ in (stat.S_IFCHR, stat.S_IFBLK) else 0
