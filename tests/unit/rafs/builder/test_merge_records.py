@@ -37,12 +37,19 @@ V6 = FIXTURES / "v6-bootstrap-chunk-pos-438272/image/image.boot"
 V5 = FIXTURES / "v5-bootstrap-file-size-736032/image/image.boot"
 
 
-def _build_layers(work: Path, layers: list, spec: str) -> list[Path]:
-    boots = []
+def _build_layers(work: Path, layers: list, spec: str, chunk_dict: bool = False) -> list[Path]:
+    """Build each layer; with ``chunk_dict`` a layer reuses the chunks of the one below,
+    so its files point into the lower layer's blob too."""
+    boots: list[Path] = []
     for i, ents in enumerate(layers):
         boot = work / f"l{i}.boot"
         build(
-            io.BytesIO(layer_tar(ents)), boot, work / "blobs", type="tar-rafs", whiteout_spec=spec
+            io.BytesIO(layer_tar(ents)),
+            boot,
+            work / "blobs",
+            type="tar-rafs",
+            whiteout_spec=spec,
+            chunk_dict=boots[-1] if chunk_dict and boots else None,
         )
         boots.append(boot)
     return boots
@@ -70,14 +77,20 @@ def test_merge_listing_equals_oci_layer_application(seed: int, n: int, spec: str
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32), n=st.integers(1, 4), spec=st.sampled_from(["overlayfs", "none"]))
+@given(
+    seed=st.integers(0, 2**32),
+    n=st.integers(1, 4),
+    spec=st.sampled_from(["overlayfs", "none"]),
+    chunk_dict=st.booleans(),
+)
 def test_merge_is_byte_identical_to_the_tree_merge_with_implied_directories(
-    seed: int, n: int, spec: str
+    seed: int, n: int, spec: str, chunk_dict: bool
 ) -> None:
     layers = random_layers(random.Random(seed), n, explicit_dirs=False)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        new, old = _both(work, _build_layers(work, layers, spec), prefetch_files=["a", "b/c", "/"])
+        boots = _build_layers(work, layers, spec, chunk_dict)
+        new, old = _both(work, boots, prefetch_files=["a", "b/c", "/"])
         assert new == old
 
 
