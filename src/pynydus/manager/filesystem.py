@@ -38,6 +38,8 @@ SHARED_DAEMON_ID = "shared_daemon"
 _BOOTSTRAP_WAIT = 1.0  # seconds for containerd to finish writing the bootstrap
 # A spare daemon starts at this nice value and runs at 0 once RUNNING or needed.
 _STANDBY_NICENESS = 10
+# After an image takes the spare, the next one starts this much later (seconds).
+_STANDBY_REFILL_DELAY = 3.0
 # How long an image waits for a spare that is starting before starting its own daemon.
 _STANDBY_WAIT = 10.0
 _V5_MAGIC = 0x52414653
@@ -116,6 +118,7 @@ class NydusFilesystem:
         self._standby: LiveDaemon | None = None
         self._standby_lock = threading.Lock()
         self._standby_done = threading.Condition(self._standby_lock)
+        self._refill_now = threading.Event()  # cuts a delayed refill's wait short
         self._refilling: DaemonRecord | None = None  # the spare being started, if any
         self._refill_thread: threading.Thread | None = None
         self._closing = False
@@ -153,6 +156,7 @@ class NydusFilesystem:
         them; a restarted snapshotter reconnects), unless ``teardown``. The standby
         daemon serves nothing and is always stopped."""
         self._closing = True
+        self._refill_now.set()
         if self._refill_thread is not None:
             self._refill_thread.join(timeout=20)  # it stops what it started once it sees closing
         self.manager.close()
@@ -232,11 +236,12 @@ class NydusFilesystem:
                 raise FailedPrecondition(f"no valid RAFS bootstrap at {boot}")
             time.sleep(0.05)
 
-    def _refill_standby(self) -> None:
+    def _refill_standby(self, delay: float = 0.0) -> None:
         """Start a spare daemon in the background if dedicated mode has none.
 
-        The spare starts at a low CPU priority: it is started when an image takes the
-        previous one, which is exactly when that image's container starts and reads.
+        After an image took the previous spare, its container starts and reads right
+        then: the new spare waits ``delay`` seconds (cut short when another image needs
+        it) and starts at a low CPU priority, so it does not compete with that start.
         """
         if not self.use_standby or self._closing:
             return
@@ -252,13 +257,21 @@ class NydusFilesystem:
             if self._standby is not None or self._refilling is not None:
                 return
             self._refilling = rec
+            self._refill_now.clear()
 
         def start() -> None:
             live: LiveDaemon | None = None
             try:
-                live = self.manager.start_daemon(rec, niceness=_STANDBY_NICENESS)
+                if delay:
+                    self._refill_now.wait(delay)
+                if self._closing:
+                    raise Unavailable("snapshotter closing")
+                # low priority unless an image is already waiting for it
+                niceness = 0 if self._refill_now.is_set() else _STANDBY_NICENESS
+                live = self.manager.start_daemon(rec, niceness=niceness)
             except Exception as err:  # noqa: BLE001 - images still mount the slow way
-                log.warning("could not start a standby daemon: %s", err)
+                if not self._closing:
+                    log.warning("could not start a standby daemon: %s", err)
             with self._standby_lock:
                 self._refilling = None
                 if live is not None and not self._closing and self._standby is None:
@@ -282,10 +295,14 @@ class NydusFilesystem:
             starting = self._refilling
             if self._standby is None and starting is not None:
                 # A spare is on its way: it is further along than a daemon started now.
-                if starting.pid:
-                    set_niceness(starting.pid, 0)
-                self._standby_done.wait_for(lambda: self._refilling is not starting,
-                                            timeout=_STANDBY_WAIT)
+                self._refill_now.set()
+                deadline = time.monotonic() + _STANDBY_WAIT
+                reniced = 0
+                while self._refilling is starting and time.monotonic() < deadline:
+                    if starting.pid and starting.pid != reniced:  # spawned: full speed now
+                        set_niceness(starting.pid, 0)
+                        reniced = starting.pid
+                    self._standby_done.wait(0.05)
             live, self._standby = self._standby, None
         if live is None:
             return None
@@ -309,7 +326,7 @@ class NydusFilesystem:
 
     def _mount_dedicated(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord:
         taken = self._take_standby(sid, image_ref, boot, cfg)
-        self._refill_standby()
+        self._refill_standby(delay=_STANDBY_REFILL_DELAY)
         if taken is not None:
             return taken
         did = secrets.token_hex(10)

@@ -351,3 +351,48 @@ def test_image_mounted_while_standby_starts_waits_for_it(image: dict, tmp_path: 
             unmount_all(str(rootfs))
     finally:
         snap.close()
+
+
+def _wait_standby_running(snap: Snapshotter, timeout: float = 30) -> dict:
+    from pynydus.manager.client import DaemonClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        spares = [r for r in _daemon_records(snap) if r["mode"] == "standby"]
+        if spares and os.path.exists(spares[0]["api_socket"]):
+            try:
+                if DaemonClient(spares[0]["api_socket"], timeout=5).state() == "RUNNING":
+                    return spares[0]
+            except Exception:  # noqa: BLE001 - still starting
+                pass
+        assert time.monotonic() < deadline, "no standby daemon became RUNNING"
+        time.sleep(0.05)
+
+
+def test_second_image_right_after_the_first_gets_the_next_spare_at_once(
+        image: dict, tmp_path: Path) -> None:
+    """The spare that replaces a taken one starts only 3 s later (not during the first
+    container's start-up), unless a second image needs it: then it starts at once."""
+    config = tmp_path / "config.toml"
+    config.write_text('version = 1\ndaemon_mode = "dedicated"\n')
+    snap = Snapshotter(config=config)
+    snap.start()
+    rootfs_a, rootfs_b = tmp_path / "a", tmp_path / "b"
+    try:
+        _wait_standby_running(snap)
+        top_a = pull_nydus_image(snap, image, ns="one")
+        container_rootfs(snap, top_a, "one/3/c1", rootfs_a)
+        # the replacement is scheduled, not started: no standby record yet
+        assert not [r for r in _daemon_records(snap) if r["mode"] == "standby"]
+        t0 = time.monotonic()
+        top_b = pull_nydus_image(snap, image, ns="two")
+        container_rootfs(snap, top_b, "two/3/c1", rootfs_b)
+        elapsed = time.monotonic() - t0
+        assert (rootfs_b / "etc/hello.txt").read_text() == "hello from a lazily pulled image\n"
+        modes = sorted(r["mode"] for r in _daemon_records(snap))
+        assert modes.count("assigned") == 2 and "dedicated" not in modes, modes
+        assert elapsed < 2.9, f"second image waited {elapsed:.2f} s: the refill delay was not cut"
+    finally:
+        unmount_all(str(rootfs_a))
+        unmount_all(str(rootfs_b))
+        snap.close()
