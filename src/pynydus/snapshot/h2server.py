@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 _CODES = h2wire.STATUS_CODES
 # A List producer stays at most this far ahead of the client's flow-control window.
 _LIST_AHEAD = 256 << 10
+# How long a PING ACK may wait for a response to travel with. Go's client pings after
+# each response it reads (BDP estimation) and sends its next call right after: one write
+# and one wake-up of containerd's reader instead of two. Only its RTT estimate sees this.
+_PING_ACK_DELAY_MS = 2
 
 
 class _Conn:
@@ -57,9 +62,9 @@ class _Conn:
         self.broken = False
         self.thread = threading.Thread(target=self._read_loop, name="h2-conn", daemon=True)
 
-    def _write(self) -> None:
+    def _write(self, defer_pings: bool = False) -> None:
         """Send what the connection queued; caller holds ``cond``."""
-        out = self.h2.data_to_send()
+        out = self.h2.data_to_send(defer_pings)
         if out and not self.broken:
             try:
                 self.sock.sendall(out)
@@ -71,7 +76,13 @@ class _Conn:
         try:
             with self.cond:
                 self._write()
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
             while not self.broken:
+                if self.h2.pings_waiting and not poller.poll(_PING_ACK_DELAY_MS):
+                    with self.cond:  # no request came to carry the ACK: send it alone
+                        self._write()
+                    continue
                 try:
                     data = self.sock.recv(1 << 16)
                 except OSError:
@@ -80,7 +91,7 @@ class _Conn:
                     break
                 with self.cond:
                     events = self.h2.receive(data)
-                    self._write()
+                    self._write(defer_pings=True)
                     if self.h2.closed:
                         self.broken = True
                     self.cond.notify_all()  # credit may have arrived for a List producer

@@ -5,6 +5,9 @@ Theory of operation (bytes in, events and bytes out, as h11 does for HTTP/1.1):
 * ``receive(data)`` parses whatever bytes arrived (any split, frames may straddle calls)
   and returns events; ``data_to_send()`` returns the bytes the connection wants written
   (SETTINGS and its ACK, PING ACKs, WINDOW_UPDATEs, responses, RST_STREAM, GOAWAY).
+  Go's client sends a BDP PING after nearly every response it reads; the caller may
+  hold the ACK back briefly so that it leaves with the next response in one write
+  (``data_to_send(defer_pings=True)``, ``pings_waiting``).
   The caller owns the socket and serialises calls into one ``H2Connection``.
 * A request is delivered once, whole: ``Request`` after the client ends its half of the
   stream, carrying the ``:path`` and the single gRPC message (5-byte prefix stripped).
@@ -194,6 +197,7 @@ class H2Connection:
         self.closed = False
         self._buf = bytearray()
         self._out: list[bytes] = []
+        self._acks: list[bytes] = []  # PING ACKs, sent first with the next output
         self._preface_seen = False
         self._settings_seen = False
         self._decoder = Decoder(max_header_list=limits.max_header_list)
@@ -216,10 +220,20 @@ class H2Connection:
 
     # --- output ----------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
+    def data_to_send(self, defer_pings: bool = False) -> bytes:
+        """Bytes to write. With ``defer_pings``, PING ACKs alone are kept back (see
+        ``pings_waiting``) so they can ride with the next response."""
+        if defer_pings and not self._out:
+            return b""
+        out = b"".join(self._acks + self._out)
+        self._acks.clear()
         self._out.clear()
         return out
+
+    @property
+    def pings_waiting(self) -> bool:
+        """PING ACKs are held back by ``data_to_send(defer_pings=True)``."""
+        return bool(self._acks)
 
     @property
     def last_stream_id(self) -> int:
@@ -389,7 +403,7 @@ class H2Connection:
             if sid != 0 or len(payload) != 8:
                 raise ProtocolError(PROTOCOL_ERROR if sid else FRAME_SIZE_ERROR, "bad PING")
             if not flags & ACK:
-                self._out.append(frame(PING, ACK, 0, payload))
+                self._acks.append(frame(PING, ACK, 0, payload))
         elif ftype == WINDOW_UPDATE:
             self._on_window_update(sid, payload)
         elif ftype == RST_STREAM:
