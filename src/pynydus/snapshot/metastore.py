@@ -121,6 +121,14 @@ class MetaStore:
         with self._lock:
             self._db.close()
 
+    def busy(self) -> bool:
+        """A hint: another thread holds the store now (a write transaction commits with an
+        fsync, which can take milliseconds on a busy disk). Never blocks."""
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            return False
+        return True
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; rolled back if the body raises."""

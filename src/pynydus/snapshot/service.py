@@ -138,7 +138,11 @@ class Snapshots:
 
     def is_cheap(self, method: str, request: Any) -> bool:
         """The call answers from the metastore alone (tens of microseconds, never waits on
-        a daemon or the disk), so a server may run it on its connection's reader thread."""
+        a daemon or the disk), so a server may run it on its connection's reader thread.
+        Not while a transaction holds the metastore: its commit fsyncs, and the reader
+        thread must stay free to dispatch the connection's other calls."""
+        if self.sn.ms.busy():
+            return False
         if method == "Stat":
             return True
         if method == "Mounts":

@@ -126,3 +126,15 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(FailedPrecondition, match="newer"):
         MetaStore(tmp_path / "m.db")
+
+
+def test_busy_while_another_thread_holds_a_transaction(ms: MetaStore) -> None:
+    import threading
+
+    seen: list[bool] = []
+    assert not ms.busy()
+    with ms.transaction():
+        t = threading.Thread(target=lambda: seen.append(ms.busy()))
+        t.start()
+        t.join()
+    assert seen == [True] and not ms.busy()
