@@ -40,7 +40,7 @@ from pynydus.rafs.merge import (
 )
 from pynydus.rafs.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
-from pynydus.rafs.tree import Tree, bind_lower_links
+from pynydus.rafs.tree import Tree, bind_lower_links, iter_nodes
 from pynydus.rafs.v6writer import BootstrapInfo, V6Options, write_bootstrap
 
 __all__ = ["BlobReport", "BuildResult", "SourceType", "build", "build_tree"]
@@ -376,7 +376,7 @@ def _blob_table(
     order: list[BlobDesc] = list(base or [])
     ids = {b.blob_id for b in order}
     used: dict[str, BlobDesc] = {}
-    for _, node in tree.walk():
+    for _, node in iter_nodes(tree.root):  # order does not matter: no sorting
         for c in node.inode.chunks:
             if c.blob is not new:
                 used.setdefault(c.blob.blob_id, c.blob)

@@ -34,7 +34,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import queue
+import struct
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -73,6 +76,7 @@ DEFAULT_CHUNK_SIZE = 0x100000
 MAX_CHUNK_SIZE = 0x1000000
 BLOCK = 4096
 MAX_CHUNKS_PER_BLOB = 1 << 24
+_MAX_V1_OFFSET = (1 << 40) - 1  # V1 chunk info holds 40-bit compressed offsets
 
 # BlobFeatures bits (spec §1.5).
 FEATURE_ALIGNED = 0x0000_0001
@@ -94,10 +98,22 @@ TOC_ENTRY_SIZE = 128
 # Chunks of one file in flight between the reading thread and the codec workers:
 # bounds memory to about _WINDOW * chunk_size while keeping every core busy.
 _WINDOW = 4
-_WORKERS = min(4, os.cpu_count() or 1)
+# Blob bytes are handed to the writer thread in batches of about this size, so
+# small files cost one list append each, not one thread hand-off.
+_WRITE_BATCH = 1 << 20
 
 # (digest, payload, compressed, raw data when a blob cache needs it besides the payload)
-_Prepared = tuple[bytes, bytes, bool, bytes | None]
+_Prepared = tuple[bytes, "Buffer", bool, "Buffer | None"]
+Buffer = bytes | memoryview
+_V1 = struct.Struct("<QQ")
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (``taskset`` narrows it; os.cpu_count() does not)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _round_up(n: int, a: int) -> int:
@@ -160,7 +176,7 @@ ChunkDict = dict[bytes, ChunkRef]
 class ChunkSource(Protocol):
     """Anything with ``read(n)``; file data of one entry."""
 
-    def read(self, n: int = -1, /) -> bytes: ...
+    def read(self, n: int = -1, /) -> bytes | memoryview: ...
 
 
 @dataclass
@@ -228,24 +244,79 @@ def toc_entry(
 
 
 class _HashingWriter:
-    """Buffered file writer that keeps a running sha256 and the position."""
+    """File writer that keeps a running sha256 and the position.
 
-    def __init__(self, f: BinaryIO) -> None:
+    With ``threaded`` the sha256 and the write run on a thread of its own (both
+    release the GIL on large buffers), fed in batches of about 1 MiB: the thread
+    that chunks the source never waits for them. ``pos`` is always current;
+    :meth:`hexdigest` and :meth:`sync` wait for the writes so far. A write error
+    on the thread is raised by the next call. :meth:`close` stops the thread.
+    """
+
+    def __init__(self, f: BinaryIO, *, threaded: bool = False) -> None:
         self._f = f
         self._h = hashlib.sha256()
         self.pos = 0
+        self._threaded = threaded
+        self._parts: list[Buffer] = []
+        self._pending = 0
+        self._q: queue.Queue[list[Buffer] | None] = queue.Queue(maxsize=8)
+        self._thread: threading.Thread | None = None
+        self._err: BaseException | None = None
 
-    def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
-        self._h.update(data)
+    def write(self, data: Buffer) -> None:
         self.pos += len(data)
+        if not self._threaded:
+            self._f.write(data)
+            self._h.update(data)
+            return
+        self._parts.append(data)
+        self._pending += len(data)
+        if self._pending >= _WRITE_BATCH:
+            self._hand_off()
 
     def pad_to(self, align: int) -> None:
         gap = _round_up(self.pos, align) - self.pos
         if gap:
             self.write(bytes(gap))
 
+    def _hand_off(self) -> None:
+        if self._err is not None:
+            raise OSError(f"blob write failed: {self._err}") from self._err
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+            self._thread.start()
+        batch, self._parts, self._pending = self._parts, [], 0
+        self._q.put(batch)
+
+    def _run(self) -> None:
+        while (batch := self._q.get()) is not None:
+            if self._err is not None:
+                continue  # keep draining so the producer never blocks
+            try:
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                self._h.update(data)
+                self._f.write(data)
+            except BaseException as err:  # noqa: BLE001 - raised on the caller's thread
+                self._err = err
+
+    def sync(self) -> None:
+        """Wait until everything written so far is hashed and in the file object."""
+        if self._parts:
+            self._hand_off()
+        self.close()
+        if self._err is not None:
+            raise OSError(f"blob write failed: {self._err}") from self._err
+
+    def close(self) -> None:
+        """Stop the writer thread (after the batches already handed over); idempotent."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+
     def hexdigest(self) -> str:
+        self.sync()
         return self._h.hexdigest()
 
 
@@ -284,7 +355,8 @@ class BlobWriter:
             blob_id="", chunk_size=chunk_size, compressor=compressor, digester=digester
         )
         self._own: dict[bytes, ChunkRef] = {}
-        self._ci: list[bytes] = []
+        self._ci = bytearray()  # V1 chunk-info entries, 16 bytes each
+        self._n = 0  # chunks in this blob
         self._digests: list[bytes] = []
         self._u_end = 0  # end of the uncompressed address space used so far
         self._tmp_path: str | None = None
@@ -293,6 +365,7 @@ class BlobWriter:
         self._executor: ThreadPoolExecutor | None = None
         self._cache = _CacheWriter(os.fspath(cache_dir)) if cache_dir is not None else None
         self.replaced_existing = False
+        self._cpus = _usable_cpus()
 
     # ------------------------------------------------------------------ data
     def add_file(self, reader: ChunkSource, size: int) -> tuple[list[ChunkRef], int]:
@@ -302,9 +375,14 @@ class BlobWriter:
         fewer bytes (the caller decides whether that is an error); a reader with
         more data than ``size`` is read only up to ``size``.
         """
+        if size <= self.chunk_size:  # most files: one chunk, no pipeline
+            piece = _read_full(reader, size)
+            if not piece:
+                return [], 0
+            return [self._commit(self._prepare(piece), len(piece), 0)], len(piece)
         refs: list[ChunkRef] = []
         done = 0
-        pool = self._pool() if size > self.chunk_size else None
+        pool = self._pool()
         inflight: collections.deque[tuple[int, int, Future[_Prepared]]] = collections.deque()
         try:
             while done < size:
@@ -340,11 +418,14 @@ class BlobWriter:
         return self._commit(self._prepare(data), n, file_offset)
 
     def _pool(self) -> ThreadPoolExecutor | None:
-        if self._executor is None and _WORKERS > 1:
-            self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="chunker")
+        # Worth a thread hand-off only when there is a codec to run and a second CPU
+        # to run it on; digesting alone (blake3: GB/s) is cheaper than the hand-off.
+        if self._executor is None and self._cpus > 1 and self.compressor != Compressor.NONE:
+            workers = min(4, self._cpus)
+            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="chunker")
         return self._executor
 
-    def _prepare(self, data: bytes) -> _Prepared:
+    def _prepare(self, data: Buffer) -> _Prepared:
         """CPU part of a chunk: digest and compressed payload. Thread-safe (no state)."""
         payload, is_compressed = compress(data, self.compressor)
         raw = data if self._cache is not None and is_compressed else None
@@ -366,29 +447,29 @@ class BlobWriter:
             self.stats.dedup_chunks += 1
             self.stats.dedup_bytes += n
             return _copy_ref(hit, file_offset)
-        if len(self._ci) >= MAX_CHUNKS_PER_BLOB:
+        index = self._n
+        if index >= MAX_CHUNKS_PER_BLOB:
             raise InvalidArgument(f"blob exceeds {MAX_CHUNKS_PER_BLOB} chunks")
-        w = self._writer()
-        if self.compressor == Compressor.NONE:
-            w.pad_to(BLOCK)  # keeps compressed offset == uncompressed offset (kernel device)
+        w = self._w if self._w is not None else self._writer()
         c_off = w.pos
+        if self.compressor == Compressor.NONE and c_off % BLOCK:
+            w.pad_to(BLOCK)  # keeps compressed offset == uncompressed offset (kernel device)
+            c_off = w.pos
+        c_size = len(payload)
         w.write(payload)
         u_off = self._u_end
-        self._u_end = _round_up(u_off + n, BLOCK)
+        self._u_end = (u_off + n + BLOCK - 1) & -BLOCK
         if self._cache is not None:
             self._cache.write_chunk(u_off, raw if raw is not None else payload)
-        ref = ChunkRef(
-            digest=d,
-            blob=self.desc,
-            ci_index=len(self._ci),
-            compressed_offset=c_off,
-            compressed_size=len(payload),
-            uncompressed_offset=u_off,
-            uncompressed_size=n,
-            compressed=is_compressed,
-            file_offset=file_offset,
+        ref = ChunkRef(d, self.desc, index, c_off, c_size, u_off, n, is_compressed, file_offset)
+        # V1 chunk info (spec §2.3), inline: u_off is 4 KiB aligned by construction,
+        # sizes are 1..chunk_size <= 16 MiB; finish() checks the 40-bit offset bound.
+        u, c = n - 1, c_size - 1
+        self._ci += _V1.pack(
+            ((u & 0xF_FFFF) << 44) | u_off | ((u >> 20) << 8),
+            ((c & 0xF_FFFF) << 44) | ((c >> 20) << 40) | c_off,
         )
-        self._ci.append(pack_ci_v1(c_off, len(payload), u_off, n))
+        self._n = index + 1
         self._digests.append(d)
         self._own[d] = ref
         self.stats.chunks_written += 1
@@ -400,7 +481,7 @@ class BlobWriter:
             os.makedirs(self.blob_dir, exist_ok=True)
             fd, self._tmp_path = tempfile.mkstemp(prefix=".blob-", dir=self.blob_dir)
             self._file = os.fdopen(fd, "wb", buffering=1 << 20)
-            self._w = _HashingWriter(self._file)
+            self._w = _HashingWriter(self._file, threaded=self._cpus > 1)
         return self._w
 
     # ------------------------------------------------------------------ finish
@@ -435,8 +516,10 @@ class BlobWriter:
                 self._u_end,
             )
         )
+        if data_size > _MAX_V1_OFFSET:
+            raise InvalidArgument(f"blob data of {data_size} bytes: V1 chunk info ends at 1 TiB")
         # Section 2: chunk-info array + its header.
-        ci_raw = b"".join(self._ci)
+        ci_raw = bytes(self._ci)
         ci_payload, ci_compressed = compress(ci_raw, self.compressor)
         ci_compressor = self.compressor if ci_compressed else Compressor.NONE
         ci_offset = w.pos
@@ -444,7 +527,7 @@ class BlobWriter:
         header = BlobCompressionContextHeader(
             features=BLOB_FEATURES_DEFAULT,
             ci_compressor=int(ci_compressor),
-            ci_entries=len(self._ci),
+            ci_entries=self._n,
             ci_offset=ci_offset,
             ci_compressed_size=len(ci_payload),
             ci_uncompressed_size=len(ci_raw),
@@ -492,6 +575,7 @@ class BlobWriter:
         w.write(toc_bytes)
         w.write(toc_hdr)
 
+        w.sync()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -506,7 +590,7 @@ class BlobWriter:
         self._tmp_path = None
 
         desc.blob_id = blob_id
-        desc.chunk_count = len(self._ci)
+        desc.chunk_count = self._n
         desc.features = BLOB_FEATURES_DEFAULT
         desc.compressed_size = w.pos
         desc.uncompressed_size = self._u_end
@@ -537,6 +621,8 @@ class BlobWriter:
         self._shutdown()
         if self._cache is not None:
             self._cache.abort()
+        if self._w is not None:
+            self._w.close()
         discard_partial(self._file, self._tmp_path)
         self._file = self._tmp_path = None
 
@@ -559,7 +645,7 @@ class _CacheWriter:
         self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
         self._pos = 0
 
-    def write_chunk(self, u_off: int, data: bytes) -> None:
+    def write_chunk(self, u_off: int, data: Buffer) -> None:
         assert self._f is not None and u_off >= self._pos
         if u_off > self._pos:
             self._f.write(bytes(u_off - self._pos))
@@ -615,7 +701,7 @@ def _copy_ref(ref: ChunkRef, file_offset: int) -> ChunkRef:
     )
 
 
-def _read_full(reader: ChunkSource, n: int) -> bytes:
+def _read_full(reader: ChunkSource, n: int) -> Buffer:
     """Read exactly n bytes unless the reader ends first."""
     first = reader.read(n)
     if len(first) == n or not first:

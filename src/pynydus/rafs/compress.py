@@ -20,7 +20,7 @@ import gzip
 import hashlib
 import threading
 import zlib
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import blake3
 import lz4.block  # type: ignore[import-untyped]
@@ -107,29 +107,39 @@ def toc_flag_for_compressor(c: Compressor) -> int:
         raise InvalidArgument(f"compressor {c.name} cannot be recorded in a blob TOC") from None
 
 
-def compress(data: bytes | memoryview, algo: Compressor) -> tuple[bytes, bool]:
+_Data = TypeVar("_Data", bytes, memoryview, bytes | memoryview)
+
+
+def compress(data: _Data, algo: Compressor) -> tuple[bytes | _Data, bool]:
     """Compress one chunk; return ``(payload, compressed)``.
 
-    ``compressed`` is False (and ``payload`` is the input) when the algorithm is NONE,
-    the input is empty, or compression did not make the data smaller.
+    ``compressed`` is False (and ``payload`` is ``data`` itself, not a copy) when the
+    algorithm is NONE, the input is empty, or compression did not make it smaller.
     """
-    raw = bytes(data)
-    if algo == Compressor.NONE or not raw:
-        return raw, False
+    if algo == Compressor.NONE or not data:
+        return data, False
     if algo == Compressor.LZ4_BLOCK:
-        out = lz4.block.compress(raw, store_size=False)
+        out = lz4.block.compress(data, store_size=False)
     elif algo == Compressor.ZSTD:
-        out = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
+        out = _zstd_compressor().compress(data)
     elif algo == Compressor.GZIP:
-        out = gzip.compress(raw, compresslevel=6, mtime=0)
+        out = gzip.compress(data, compresslevel=6, mtime=0)
     else:  # pragma: no cover - enum is closed
         raise InvalidArgument(f"unsupported compressor {algo!r}")
-    if len(out) >= len(raw):
-        return raw, False
+    if len(out) >= len(data):
+        return data, False
     return out, True
 
 
 _tls = threading.local()
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    """One compression context per thread (a context serves one call at a time)."""
+    c = getattr(_tls, "zstd_c", None)
+    if c is None:
+        c = _tls.zstd_c = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return c
 
 
 def _zstd_decompressor() -> zstandard.ZstdDecompressor:

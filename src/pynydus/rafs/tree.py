@@ -47,6 +47,7 @@ __all__ = [
     "Tree",
     "bind_lower_links",
     "encode_rdev",
+    "iter_nodes",
 ]
 
 OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
@@ -286,22 +287,18 @@ class Tree:
 
     def finalize(self) -> None:
         """Compute nlink for every inode (dirs: 2 + subdirs; files: number of names)."""
-        for _, node in self.walk():
-            if node.is_dir:
-                node.inode.nlink = 2
+        self.root.inode.nlink = 2
+        nodes = list(iter_nodes(self.root))  # two passes, no sorting
+        for _, node in nodes:
+            node.inode.nlink = 2 if node.children is not None else 0
+        for parent, node in nodes:
+            if node.children is not None:
+                parent.inode.nlink += 1
             else:
-                node.inode.nlink = 0
-        for _, node in self.walk():
-            if node.children is None:
-                continue
-            for child in node.children.values():
-                if child.is_dir:
-                    node.inode.nlink += 1
-                else:
-                    child.inode.nlink += 1
+                node.inode.nlink += 1
 
 
-def _nodes(root: Node) -> Iterator[tuple[Node, Node]]:
+def iter_nodes(root: Node) -> Iterator[tuple[Node, Node]]:
     """(parent, node) for every node below ``root``, in no particular order (cheap)."""
     stack = [root]
     while stack:
@@ -325,7 +322,7 @@ def bind_lower_links(lower: Node, upper: Node) -> None:
     Costs one pass over ``upper``'s nodes.
     """
     bound: dict[int, Inode] = {}  # id(placeholder) -> target; links to a link share it
-    for parent, node in _nodes(upper):
+    for parent, node in iter_nodes(upper):
         inode = node.inode
         if not inode.xattrs or LOWER_HARDLINK_XATTR not in inode.xattrs:
             continue

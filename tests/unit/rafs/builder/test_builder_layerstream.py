@@ -1,0 +1,184 @@
+"""The build pipeline's threads: layer decoding ahead (LayerStream), the directory
+read-ahead, the blob writer thread; each must give exactly the bytes of the serial
+path, raise the decoder's errors where the data stops, and leave no thread behind."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import tarfile
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from pynydus.rafs import chunker, layerstream
+from pynydus.rafs.chunker import BlobWriter, _HashingWriter
+from pynydus.rafs.compress import Compressor
+from pynydus.rafs.layerstream import LayerStream
+from pynydus.rafs.tarstream import DirSource, TarSource
+
+RNG = random.Random(7)
+PAYLOAD = b"".join(RNG.randbytes(997) + b"text " * 300 for _ in range(300))  # ~740 KB
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few KiB, so every test crosses many block boundaries."""
+    monkeypatch.setattr(layerstream, "_IN", 4096)
+    monkeypatch.setattr(layerstream, "_OUT", 7000)
+    monkeypatch.setattr(layerstream, "_AHEAD", 2)
+
+
+def _stream(raw: bytes, **kw: object) -> LayerStream:
+    f = io.BytesIO(raw)
+    return LayerStream(f, f.read(4), **kw)  # type: ignore[arg-type]
+
+
+def _no_threads(prefix: str) -> bool:
+    return not [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_gzip_members_and_zero_padding_decode_like_gzip_module() -> None:
+    raw = gzip.compress(PAYLOAD[:1000]) + bytes(700) + gzip.compress(PAYLOAD[1000:]) + bytes(3)
+    assert gzip.decompress(raw) == PAYLOAD
+    with _stream(raw) as s:
+        assert s.compression == "gzip"
+        assert s.read() == PAYLOAD
+        assert s.read(10) == b""
+    assert _no_threads("layer-decode")
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda g: g[: len(g) // 2], EOFError),  # truncated
+        (lambda g: g + b"garbage!", gzip.BadGzipFile),  # not a member after a member
+        (lambda g: g[:-8] + bytes(4) + g[-4:], zlib.error),  # wrong CRC32
+    ],
+)
+def test_gzip_errors_surface_at_the_read_where_data_stops(damage: object, error: type) -> None:
+    raw = damage(gzip.compress(PAYLOAD))  # type: ignore[operator]
+    with _stream(raw) as s, pytest.raises(error):
+        s.read()
+
+
+def test_reads_views_seeks_and_tee_see_the_same_bytes() -> None:
+    raw = b"".join(zstandard.ZstdCompressor().compress(PAYLOAD[i : i + 50_000])
+                   for i in range(0, len(PAYLOAD), 50_000))  # many frames
+    copy = io.BytesIO()
+    got = bytearray()
+    with _stream(raw, tee=copy) as s:
+        assert s.compression == "zstd"
+        got += s.read(10)
+        got += s.read_view(20_000)  # spans blocks: joined
+        got += s.read_view(100)  # inside one block: a view
+        assert s.tell() == len(got)
+        s.seek(len(got) + 5000)
+        assert s.tell() == len(got) + 5000
+        with pytest.raises(io.UnsupportedOperation):
+            s.seek(0)
+        rest = s.read(-1)
+        s.drain()
+    assert bytes(got) == PAYLOAD[: len(got)]
+    assert rest == PAYLOAD[len(got) + 5000 :]
+    assert copy.getvalue() == PAYLOAD
+
+
+def test_close_stops_a_decoder_blocked_on_a_full_queue() -> None:
+    s = _stream(gzip.compress(PAYLOAD))
+    assert s.read(1) == PAYLOAD[:1]
+    s.close()
+    s.close()  # idempotent
+    assert s.read(5) == b""
+    assert _no_threads("layer-decode")
+
+
+def test_tar_source_over_small_blocks_and_abandoned_iteration() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(40):
+            data = PAYLOAD[i * 9000 : i * 9000 + 1000 + i * 331]
+            t = tarfile.TarInfo(f"dir/file{i:02d}" + "x" * (120 if i % 7 == 0 else 0))
+            t.size = len(data)
+            tf.addfile(t, io.BytesIO(data))
+    raw = gzip.compress(buf.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        want = {m.name: tf.extractfile(m).read() for m in tf if m.isreg()}  # type: ignore[union-attr]
+    got = {}
+    for e, r in TarSource(io.BytesIO(raw)):
+        assert r is not None
+        data = b""
+        while piece := r.read(777):
+            data += bytes(piece)
+        got[e.path.decode()] = data
+    assert got == want
+    it = iter(TarSource(io.BytesIO(raw)))
+    next(it)
+    it.close()  # type: ignore[attr-defined]  # a consumer that stops early
+    assert _no_threads("layer-decode")
+
+
+def test_dir_read_ahead_gives_file_content_and_stops_with_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynydus.rafs import tarstream
+
+    monkeypatch.setattr(tarstream, "_AHEAD_ENTRIES", 8)
+    monkeypatch.setattr(tarstream, "_AHEAD_MAX_FILE", 3000)
+    want = {}
+    for d in range(5):
+        (tmp_path / f"d{d}").mkdir()
+        for i in range(30):
+            data = PAYLOAD[i * 100 : i * 100 + (i * 211) % 6000]  # some above 3000 bytes
+            (tmp_path / f"d{d}" / f"f{i:02d}").write_bytes(data)
+            want[f"d{d}/f{i:02d}".encode()] = data
+    os.symlink("d0/f01", tmp_path / "link")
+    got = {}
+    for e, r in DirSource(tmp_path):
+        if r is not None:
+            got[e.path] = bytes(r.read(-1)) if e.size % 2 else b"".join(
+                bytes(p) for p in iter(lambda r=r: r.read(500), b""))
+    assert got == want
+    assert _no_threads("dir-read-ahead")
+    it = iter(DirSource(tmp_path))
+    next(it), next(it)
+    it.close()  # type: ignore[attr-defined]
+    assert _no_threads("dir-read-ahead")
+
+
+class _FailingFile(io.BytesIO):
+    def write(self, data: object) -> int:  # type: ignore[override]
+        raise OSError(28, "No space left on device")
+
+
+def test_blob_writer_thread_raises_write_errors_on_the_callers_thread() -> None:
+    w = _HashingWriter(_FailingFile(), threaded=True)  # type: ignore[arg-type]
+    w.write(bytes(2 << 20))  # handed to the thread, which fails
+    with pytest.raises(OSError, match="No space left"):
+        w.sync()
+    w.close()
+    assert _no_threads("blob-writer")
+
+
+@pytest.mark.parametrize("compressor", [Compressor.NONE, Compressor.LZ4_BLOCK, Compressor.ZSTD])
+def test_one_cpu_and_threaded_pipelines_write_identical_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compressor: Compressor
+) -> None:
+    files = [PAYLOAD[: n] for n in (0, 1, 4095, 70_000, 300_000)] + [PAYLOAD * 3]
+    ids = []
+    for cpus in (1, 2):
+        monkeypatch.setattr(chunker, "_usable_cpus", lambda cpus=cpus: cpus)
+        w = BlobWriter(tmp_path / f"cpu{cpus}", compressor=compressor, chunk_size=0x10000)
+        for data in files:
+            refs, n = w.add_file(io.BytesIO(data), len(data))
+            assert n == len(data) and sum(r.uncompressed_size for r in refs) == n
+        desc = w.finish()
+        assert desc is not None
+        ids.append(desc.blob_id)
+    assert ids[0] == ids[1]
+    assert _no_threads("blob-writer")
