@@ -31,6 +31,8 @@ Data lives under /var/tmp/pynydus-rafs-bench and is removed at the end (``--keep
     bench/rafs_bench.py                   # full run (about 15 minutes)
     bench/rafs_bench.py --quick           # CI smoke: tiny sizes, < 60 s
     bench/rafs_bench.py --json out.json
+    bench/rafs_bench.py --only targz,small,lz4 --baseline-src /var/tmp/pyn-old/src
+                                          # some phases; an older tree's builds alongside
 """
 
 from __future__ import annotations
@@ -159,8 +161,10 @@ class Bench:
             f.write("3\n")
 
     def run(self, cmd: list[str], *, stdout: int | None = subprocess.DEVNULL,
-            stdin: int | None = None, pre: Sequence[Path] = (), cold: bool = True) -> Run:
-        """One child: wall, CPU (user+sys), peak RSS. ``pre`` paths are removed first."""
+            stdin: int | None = None, pre: Sequence[Path] = (), cold: bool = True,
+            src: Path = REPO / "src") -> Run:
+        """One child: wall, CPU (user+sys), peak RSS. ``pre`` paths are removed first;
+        ``src`` is the pynydus source tree the child imports."""
         for p in pre:
             if p.is_dir():
                 shutil.rmtree(p)
@@ -169,7 +173,7 @@ class Bench:
         if cold:
             self.drop_caches()
         load1 = os.getloadavg()[0]
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        env = dict(os.environ, PYTHONPATH=str(src))
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=stdout, stdin=stdin, stderr=subprocess.PIPE, env=env)
         err = proc.stderr.read() if proc.stderr else b""
@@ -184,6 +188,11 @@ class Bench:
         runs = [make() for _ in range(self.repeat)]
         runs_sorted = sorted(runs, key=lambda r: r.wall)
         return runs_sorted[len(runs) // 2], runs
+
+
+def _median(runs: list[Run]) -> Run:
+    """The median run by wall time."""
+    return sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
 
 
 def build_cmd(src: Path, bootstrap: Path, blob_dir: Path, compressor: str, kind: str | None = None) -> list[str]:
@@ -218,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=str(DATA_ROOT))
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: build,lz4,targz,merge,rss")
+    ap.add_argument("--only", default="",
+                    help="comma list of phases to run, the others skipped: build (= mixed,small), "
+                         "mixed, small, lz4, targz, merge, rss")
+    ap.add_argument("--baseline-src", type=Path,
+                    help="another pynydus src/ (e.g. a worktree of an older commit): its build runs "
+                         "alternate with ours in the build, lz4 and targz phases and are reported too")
     ap.add_argument("--merge-old", action="store_true",
                     help="merge phase: also time the tree merge (merge_trees) of this tree, alternating")
     ap.add_argument("--merge-layers", help="merge phase: use DIR/layer*.boot (built earlier) "
@@ -225,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
+    if only:
+        if only & {"mixed", "small"}:
+            only.add("build")
+        skip |= {"build", "lz4", "targz", "merge", "rss"} - only
+    build_layers = [n for n in ("mixed", "small") if not only & {"mixed", "small"} or n in only]
+    base_src: Path | None = args.baseline_src.resolve() if args.baseline_src else None
+    # (label, src tree) of every pynydus variant a build phase measures
+    variants = [("pynydus", REPO / "src")] + ([("baseline", base_src)] if base_src else [])
     drop = not (args.quick or args.no_drop_caches) and os.access("/proc/sys/vm/drop_caches", os.W_OK)
     b = Bench(drop, args.repeat)
     work = Path(args.workdir) / ("quick" if args.quick else "full")
@@ -241,16 +265,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         mixed = work / "mixed"
-        log(f"generating layer (a): {sizes.mixed_mb} MB mixed")
-        n_mixed = gen_mixed(mixed, sizes.mixed_mb, seed=1)
-        mixed_mb = dir_bytes(mixed) / 1e6
-        res["mixed"] = {"files": n_mixed, "mb": mixed_mb}
+        mixed_mb = 0.0
+        if ("build" not in skip and "mixed" in build_layers) or not {"lz4", "targz"} <= skip:
+            log(f"generating layer (a): {sizes.mixed_mb} MB mixed")
+            n_mixed = gen_mixed(mixed, sizes.mixed_mb, seed=1)
+            mixed_mb = dir_bytes(mixed) / 1e6
+            res["mixed"] = {"files": n_mixed, "mb": mixed_mb}
 
         if "build" not in skip:
             small = work / "small"
-            log(f"generating layer (b): {sizes.small_files} small files")
-            gen_small(small, sizes.small_files, seed=2)
-            for name, src in (("mixed", mixed), ("small", small)):
+            if "small" in build_layers:
+                log(f"generating layer (b): {sizes.small_files} small files")
+                gen_small(small, sizes.small_files, seed=2)
+            for name, src in [(n, mixed if n == "mixed" else small) for n in build_layers]:
                 log(f"build {name}: pynydus none vs mkfs.erofs")
                 img = out / "erofs.img"
                 bs, blobs = out / "bootstrap", out / "blobs"
@@ -259,35 +286,49 @@ def main(argv: list[str] | None = None) -> int:
                     out.mkdir(exist_ok=True)
                     return b.run(["mkfs.erofs", "--quiet", str(img), str(src)], pre=[img])
 
-                def ours(src: Path = src, bs: Path = bs, blobs: Path = blobs) -> Run:
+                def ours(src: Path = src, bs: Path = bs, blobs: Path = blobs,
+                         tree: Path = REPO / "src") -> Run:
                     out.mkdir(exist_ok=True)
-                    return b.run(build_cmd(src, bs, blobs, "none"), pre=[bs, blobs])
+                    return b.run(build_cmd(src, bs, blobs, "none"), pre=[bs, blobs], src=tree)
 
-                # Alternate the two tools so drifting load hits both alike.
-                e_runs, p_runs = [], []
+                # Alternate the tools so drifting load hits all alike.
+                e_runs: list[Run] = []
+                v_runs: dict[str, list[Run]] = {label: [] for label, _ in variants}
                 for _ in range(b.repeat):
                     e_runs.append(erofs())
-                    p_runs.append(ours())
-                e = sorted(e_runs, key=lambda r: r.wall)[len(e_runs) // 2]
-                p = sorted(p_runs, key=lambda r: r.wall)[len(p_runs) // 2]
-                ratio = p.wall / e.wall
-                res[f"build_{name}"] = {"pynydus": [asdict(r) for r in p_runs],
-                                        "mkfs_erofs": [asdict(r) for r in e_runs], "ratio": ratio}
+                    for label, tree in variants:
+                        v_runs[label].append(ours(tree=tree))
+                e = _median(e_runs)
+                res[f"build_{name}"] = {"mkfs_erofs": [asdict(r) for r in e_runs],
+                                        **{k: [asdict(r) for r in v] for k, v in v_runs.items()},
+                                        "ratio": _median(v_runs["pynydus"]).wall / e.wall}
                 rows.append((f"build {name}: mkfs.erofs (wall / cpu)", f"{e.wall:.2f} s / {e.cpu:.2f} s", "baseline", f"{e.load1:.2f}"))
-                rows.append((f"build {name}: pynydus none (wall / cpu)", f"{p.wall:.2f} s / {p.cpu:.2f} s", "", f"{p.load1:.2f}"))
-                rows.append((f"build {name}: pynydus / mkfs.erofs (wall)", f"{ratio:.2f}x", "<= 2x", ""))
-            shutil.rmtree(small)
+                for label, _ in variants:
+                    p = _median(v_runs[label])
+                    rows.append((f"build {name}: {label} none (wall / cpu)", f"{p.wall:.2f} s / {p.cpu:.2f} s", "", f"{p.load1:.2f}"))
+                    rows.append((f"build {name}: {label} / mkfs.erofs (wall; cpu)",
+                                 f"{p.wall / e.wall:.2f}x; {p.cpu / e.cpu:.2f}x", "<= 2x", ""))
+            shutil.rmtree(small, ignore_errors=True)
 
         if "lz4" not in skip:
             log("build mixed: lz4_block on one CPU")
             bs, blobs = out / "bootstrap", out / "blobs"
             out.mkdir(exist_ok=True)
-            m, runs = b.median(lambda: b.run(["taskset", "-c", "0", *build_cmd(mixed, bs, blobs, "lz4_block")],
-                                             pre=[bs, blobs]))
+            l_runs: dict[str, list[Run]] = {label: [] for label, _ in variants}
+            for _ in range(b.repeat):
+                for label, tree in variants:
+                    l_runs[label].append(b.run(
+                        ["taskset", "-c", "0", *build_cmd(mixed, bs, blobs, "lz4_block")],
+                        pre=[bs, blobs], src=tree))
             comp = sum(p.stat().st_size for p in blobs.iterdir())
-            res["lz4"] = {"runs": [asdict(r) for r in runs], "mb_in": mixed_mb, "blob_mb": comp / 1e6}
-            rows.append(("lz4_block build: MB in / CPU s", f"{mixed_mb / m.cpu:.0f} MB/s", ">= 150 MB/s", f"{m.load1:.2f}"))
-            rows.append(("lz4_block build: MB in / wall s (1 CPU)", f"{mixed_mb / m.wall:.0f} MB/s", "", ""))
+            res["lz4"] = {"runs": [asdict(r) for r in l_runs["pynydus"]], "mb_in": mixed_mb,
+                          "blob_mb": comp / 1e6,
+                          **({"baseline": [asdict(r) for r in l_runs["baseline"]]} if base_src else {})}
+            for label, _ in variants:
+                m = _median(l_runs[label])
+                who = "" if label == "pynydus" else f" ({label})"
+                rows.append((f"lz4_block build{who}: MB in / CPU s", f"{mixed_mb / m.cpu:.0f} MB/s", ">= 150 MB/s", f"{m.load1:.2f}"))
+                rows.append((f"lz4_block build{who}: MB in / wall s (1 CPU)", f"{mixed_mb / m.wall:.0f} MB/s", "", ""))
 
         if "targz" not in skip:
             log("gzip tar of layer (a)")
@@ -299,19 +340,27 @@ def main(argv: list[str] | None = None) -> int:
             gz_mb = tgz.stat().st_size / 1e6
             bs, blobs = out / "bootstrap", out / "blobs"
             out.mkdir(exist_ok=True)
-            g_runs, z_runs, p_runs = [], [], []
+            g_runs: list[Run] = []
+            z_runs: list[Run] = []
+            t_runs: dict[str, list[Run]] = {label: [] for label, _ in variants}
             for _ in range(b.repeat):
                 g_runs.append(b.run(["gzip", "-dc", str(tgz)]))
                 z_runs.append(b.run([sys.executable, "-c", ZLIB_INFLATE, str(tgz)]))
-                p_runs.append(b.run(build_cmd(tgz, bs, blobs, "none", "targz-rafs"), pre=[bs, blobs]))
-            g, z, p = (sorted(x, key=lambda r: r.wall)[len(x) // 2] for x in (g_runs, z_runs, p_runs))
+                for label, tree in variants:
+                    t_runs[label].append(b.run(build_cmd(tgz, bs, blobs, "none", "targz-rafs"),
+                                               pre=[bs, blobs], src=tree))
+            g, z = _median(g_runs), _median(z_runs)
             res["targz"] = {"gz_mb": gz_mb, "gzip_dc": [asdict(r) for r in g_runs],
-                            "zlib": [asdict(r) for r in z_runs], "pynydus": [asdict(r) for r in p_runs]}
+                            "zlib": [asdict(r) for r in z_runs],
+                            **{k: [asdict(r) for r in v] for k, v in t_runs.items()}}
             rows.append(("targz: gzip -dc > /dev/null (wall)", f"{g.wall:.2f} s", "baseline", f"{g.load1:.2f}"))
-            rows.append(("targz: Python zlib inflate (wall)", f"{z.wall:.2f} s", "baseline", f"{z.load1:.2f}"))
-            rows.append(("targz: pynydus build none (wall / cpu)", f"{p.wall:.2f} s / {p.cpu:.2f} s", "", f"{p.load1:.2f}"))
-            rows.append(("targz: pynydus / gzip -dc", f"{p.wall / g.wall:.2f}x", "", ""))
-            rows.append(("targz: pynydus / zlib inflate", f"{p.wall / z.wall:.2f}x", "~1x (decode-bound)", ""))
+            rows.append(("targz: Python zlib inflate (wall / cpu)", f"{z.wall:.2f} s / {z.cpu:.2f} s", "baseline", f"{z.load1:.2f}"))
+            for label, _ in variants:
+                p = _median(t_runs[label])
+                rows.append((f"targz: {label} build none (wall / cpu)", f"{p.wall:.2f} s / {p.cpu:.2f} s", "", f"{p.load1:.2f}"))
+                rows.append((f"targz: {label} / gzip -dc", f"{p.wall / g.wall:.2f}x", "", ""))
+                rows.append((f"targz: {label} / zlib inflate (wall; cpu)",
+                             f"{p.wall / z.wall:.2f}x; {p.cpu / z.cpu:.2f}x", "~1x (decode-bound)", ""))
             tgz.unlink()
 
         if "merge" not in skip:
@@ -353,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                              "", "same bytes" if same else "OUTPUTS DIFFER"))
 
         if "rss" not in skip:
-            shutil.rmtree(mixed)
+            shutil.rmtree(mixed, ignore_errors=True)
             big = work / "big"
             log(f"generating {sizes.big_mb} MB layer")
             gen_mixed(big, sizes.big_mb, seed=3)
@@ -370,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     w0 = max(len(r[0]) for r in rows) if rows else 10
+    layer_a = res.get("mixed")
     print(f"RAFS build and merge ({'quick' if args.quick else 'full'}; median of {b.repeat}; "
-          f"drop caches: {drop}; layer (a) {res['mixed']['mb']:.0f} MB in {res['mixed']['files']} files)")
+          f"drop caches: {drop}"
+          + (f"; layer (a) {layer_a['mb']:.0f} MB in {layer_a['files']} files)"  # type: ignore[index]
+             if layer_a else ")"))
     print(f"| {'figure':<{w0}} | value | target | load1 |")
     print(f"|{'-' * (w0 + 2)}|---|---|---|")
     for fig, val, tgt, load in rows:
