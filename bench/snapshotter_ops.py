@@ -22,6 +22,11 @@ answers Remove from its bolt database (the backend Remove happens later in its g
 collector), calls the backend for Prepare/View/Commit/Mounts/Stat, and serves List by
 walking its database and calling the backend's Stat once per snapshot.
 
+With ``--peers grpcio,stargz`` the same containerd also proxies to pynydus on grpcio's
+server (plugin ``nydus-grpcio``, the fallback kept by PYNYDUS_SNAPSHOTS_SERVER=grpcio) and
+to the Go stargz snapshotter (plugin ``stargz``: what a compiled proxy snapshotter costs
+through containerd on this machine), interleaved like the others.
+
     bench/snapshotter_ops.py                 # full run (about 3-6 minutes)
     bench/snapshotter_ops.py --quick         # CI smoke: small counts
     bench/snapshotter_ops.py --iterations 200 --list-count 2000 --json out.json
@@ -30,6 +35,7 @@ walking its database and calling the backend's Stat once per snapshot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +55,7 @@ import grpc
 
 from pynydus.api import snapshots_pb2 as pb
 from pynydus.api import snapshots_pb2_grpc
+from pynydus.snapshot.service import SERVER_ENV
 from tests.harness.containerd import Containerd
 from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import wait_until
@@ -191,6 +198,33 @@ def remove_list_phase(clients: dict[str, Client], n: int) -> None:
             c.remove(f"l{j}")
 
 
+def start_peers(stack: contextlib.ExitStack, peers: list[str], log_level: str,
+                log: Callable[[str], None]) -> dict[str, tuple[Path, int]]:
+    """Start the extra proxy snapshotters: plugin name -> (socket, pid to sample RSS of)."""
+    out: dict[str, tuple[Path, int]] = {}
+    for peer in peers:
+        if peer == "grpcio":
+            # The harness's process inherits our environment at start.
+            os.environ[SERVER_ENV] = "grpcio"
+            try:
+                s = stack.enter_context(Snapshotter(log_level=log_level, tag="bench-gsnap"))
+            finally:
+                del os.environ[SERVER_ENV]
+            out["nydus-grpcio"] = (s.socket, s.pid)
+        elif peer == "stargz":
+            sys.path.insert(0, str(REPO / "bench"))
+            from lazy_pull import STARGZ_BIN, Stargz  # the Go proxy of the lazy-pull bench
+
+            if not STARGZ_BIN.exists():
+                log(f"stargz peer skipped: {STARGZ_BIN} not built (bench/stargz/build.sh)")
+                continue
+            sg = stack.enter_context(Stargz(plain_http=[]))
+            out["stargz"] = (sg.socket, sg.proc.pid if sg.proc and sg.proc.popen else 0)
+        else:
+            raise SystemExit(f"--peers: unknown peer {peer!r} (grpcio, stargz)")
+    return out
+
+
 def machine() -> str:
     ctrd = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=False).stdout
     try:
@@ -219,6 +253,10 @@ def main() -> int:
     ap.add_argument("--list-reps", type=int, default=3)
     ap.add_argument("--no-direct", action="store_true",
                     help="skip the direct-to-socket measurements of pynydus")
+    ap.add_argument("--peers", default="",
+                    help="comma list of further proxy snapshotters measured in the same run: "
+                         "grpcio (pynydus on grpcio's server, plugin nydus-grpcio), stargz "
+                         "(the Go stargz snapshotter built by bench/stargz/build.sh)")
     ap.add_argument("--snapshotter-log-level", default="info")
     ap.add_argument("--json", type=Path, default=None, help="write all figures here")
     a = ap.parse_args()
@@ -240,15 +278,25 @@ def main() -> int:
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     # "direct" gets its own snapshotter instance: containerd's garbage collector removes
     # every backend snapshot its metadata does not know, so it would delete ours.
-    with Snapshotter(log_level=a.snapshotter_log_level, tag="bench-snap") as snap, \
-            Snapshotter(log_level=a.snapshotter_log_level, tag="bench-dsnap") as direct_snap, \
-            Containerd(snap.socket, log_level="warn", extra_toml=GC_TOML,
-                       tag="bench-ctrd") as ctrd:
+    peers = [p for p in a.peers.split(",") if p]
+    with contextlib.ExitStack() as stack:
+        snap = stack.enter_context(Snapshotter(log_level=a.snapshotter_log_level, tag="bench-snap"))
+        direct_snap = stack.enter_context(
+            Snapshotter(log_level=a.snapshotter_log_level, tag="bench-dsnap"))
+        peer_sockets = start_peers(stack, peers, a.snapshotter_log_level, log)
+        peer_toml = "".join(f'\n[proxy_plugins.{name}]\n  type = "snapshot"\n'
+                            f'  address = "{sock}"\n' for name, (sock, _) in peer_sockets.items())
+        ctrd = stack.enter_context(Containerd(snap.socket, log_level="warn",
+                                              extra_toml=GC_TOML + peer_toml, tag="bench-ctrd"))
         mem: dict[str, dict[str, int]] = {"fresh": settle(snap, 1.0)}
+        peer_mem = {name: {"fresh": rss(pid)} for name, (_, pid) in peer_sockets.items() if pid}
         ch = grpc.insecure_channel(f"unix://{ctrd.socket}")
         direct_ch = grpc.insecure_channel(f"unix://{direct_snap.socket}")
         clients = {OVERLAY: Client(ch, OVERLAY, ctrd.namespace),
                    NYDUS: Client(ch, NYDUS, ctrd.namespace)}
+        for name in peer_sockets:
+            ctrd.wait_snapshotter(name)
+            clients[name] = Client(ch, name, ctrd.namespace)
         if not a.no_direct:
             clients["nydus-direct"] = Client(direct_ch, "", None)
         names = list(clients)
@@ -296,12 +344,16 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001 - report, do not fail the figures
             log(f"  warning: {err}")
         mem["idle_after_run"] = settle(snap, 3.0)
+        for name, (_, pid) in peer_sockets.items():
+            if pid:
+                peer_mem[name]["idle_after_run"] = rss(pid)
         ch.close()
         direct_ch.close()
 
     stats = {n: {op: {"p50_ms": pct(xs, 0.5) * 1e3, "p95_ms": pct(xs, 0.95) * 1e3,
                       "n": len(xs)} for op, xs in samples[n].by_op.items()} for n in names}
-    result.update({"ops": stats, "list": lists, "rss_kib": mem})
+    result.update({"ops": stats, "list": lists, "rss_kib": mem, "peers": list(peer_sockets),
+                   "peer_rss_kib": peer_mem})
     print(render(result, direct=not a.no_direct))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
@@ -309,14 +361,16 @@ def main() -> int:
 
 
 def render(r: dict, direct: bool) -> str:  # type: ignore[type-arg]
-    ops, lists, mem = r["ops"], r["list"], r["rss_kib"]
+    ops, lists, mem, peers = r["ops"], r["list"], r["rss_kib"], r.get("peers", [])
     lines = [f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
              (f"Run: {r['started']}, {r['iterations']} measured iterations "
               f"(+{r['warmup']} warm-up) per snapshotter, order alternating"), "",
              ("| op | overlayfs p50 ms | overlayfs p95 ms | nydus p50 ms | nydus p95 ms "
               "| ratio p50 nydus/overlayfs | ratio p95 |"
-              + (" nydus direct p50 ms | direct p95 ms |" if direct else "")),
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if direct else "")]
+              + (" nydus direct p50 ms | direct p95 ms |" if direct else "")
+              + "".join(f" {p} p50 ms | ratio p50 {p}/overlayfs |" for p in peers)),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if direct else "")
+             + "---:|---:|" * len(peers)]
     for op in OPS:
         o, y = ops[OVERLAY][op], ops[NYDUS][op]
         row = (f"| {op} | {o['p50_ms']:.3f} | {o['p95_ms']:.3f} | {y['p50_ms']:.3f} | "
@@ -325,6 +379,8 @@ def render(r: dict, direct: bool) -> str:  # type: ignore[type-arg]
         if direct:
             d = ops["nydus-direct"][op]
             row += f" {d['p50_ms']:.3f} | {d['p95_ms']:.3f} |"
+        for p in peers:
+            row += f" {ops[p][op]['p50_ms']:.3f} | {ops[p][op]['p50_ms'] / o['p50_ms']:.2f}x |"
         lines.append(row)
     n = r["list_count"]
     lines += ["", (f"List over {n} active snapshots (median of the List calls; creation is "
@@ -344,6 +400,8 @@ def render(r: dict, direct: bool) -> str:  # type: ignore[type-arg]
     lines += ["", "pynydus snapshotter memory (KiB): "
               + ", ".join(f"{k} VmRSS {v['VmRSS']}" for k, v in mem.items())
               + f"; peak VmHWM {max(v['VmHWM'] for v in mem.values())}"]
+    for p, pm in r.get("peer_rss_kib", {}).items():
+        lines.append(f"{p} memory (KiB): " + ", ".join(f"{k} VmRSS {v['VmRSS']}" for k, v in pm.items()))
     return "\n".join(lines)
 
 
