@@ -14,6 +14,7 @@ import mmap
 import struct
 from array import array
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from pynydus.errors import InvalidArgument
 from pynydus.rafs import layout as L
@@ -26,6 +27,8 @@ _CHUNK = struct.Struct("<32sIIIIQQQII")
 _CHUNK_KEY = struct.Struct("<32xI12x8xQ8xI4x")  # blob_index, uncompressed_offset, index
 _COMPRESSED = int(L.ChunkFlags.COMPRESSED)  # the only chunk flag a merged record keeps
 _REC = L.RAFS_V6_CHUNK_INFO_SIZE
+# chunk index -> value; an array (-1: none) when dense, a dict when sparse
+ChunkIndex: TypeAlias = "array[int] | dict[int, int]"
 # Sort key prefix of a pending record (after the digest): merged blob, chunk index.
 _ORDER = struct.Struct(">BI")
 _TAIL = struct.Struct("<IIIIQQQII")  # a record after its digest
@@ -51,21 +54,38 @@ class LayerSource:
         self.dev_table = bytes(tbl)
         self.records = self._load_records()
 
-    def _load_records(self) -> list[tuple[array[int], array[int]]]:
+    def _load_records(self) -> list[tuple[ChunkIndex, ChunkIndex]]:
         """Per blob, indexed by chunk index: the offset of its chunk-table record (-1:
         none) and that record's block address (uncompressed offset / 4 KiB, -1 when
         unaligned). The first record of a chunk wins, as in the reader. Two arrays of
         8-byte ints per blob rather than a dict entry per chunk."""
         blobs = self.bs.blobs
-        recs = [array("q", [-1]) * b.chunk_count for b in blobs]
-        blks = [array("q", [-1]) * b.chunk_count for b in blobs]
         ext = self.bs.ext_superblock
         start = ext.chunk_table_offset
         data = bytes(self.buf[start : start + ext.chunk_table_size])
-        for pos, (b, uo, idx) in enumerate(_CHUNK_KEY.iter_unpack(data)):
-            if b < len(blobs) and idx < blobs[b].chunk_count and recs[b][idx] < 0:
-                recs[b][idx] = start + pos * _REC
-                blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
+        rows = list(_CHUNK_KEY.iter_unpack(data))
+        # Arrays as long as the highest chunk index with a record; a blob whose few
+        # records sit at high indexes (a chunk dict of a huge blob) gets dicts instead.
+        sizes = [0] * len(blobs)
+        counts = [0] * len(blobs)
+        for b, _, idx in rows:
+            if b < len(blobs) and idx < blobs[b].chunk_count:
+                counts[b] += 1
+                sizes[b] = max(sizes[b], idx + 1)
+        recs: list[ChunkIndex] = []
+        blks: list[ChunkIndex] = []
+        for n, count in zip(sizes, counts):
+            dense = n <= 4 * count + 4096
+            recs.append(array("q", [-1]) * n if dense else {})
+            blks.append(array("q", [-1]) * n if dense else {})
+        for pos, (b, uo, idx) in enumerate(rows):
+            if b >= len(blobs) or idx >= sizes[b]:
+                continue
+            r = recs[b]
+            if r[idx] >= 0 if isinstance(r, array) else idx in r:
+                continue  # the first record of a chunk wins
+            r[idx] = start + pos * _REC
+            blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
         return list(zip(recs, blks))
 
 
@@ -94,7 +114,7 @@ class ChunkTable:
             try:
                 recs, blks = per_blob[dev - 1]
                 rec = recs[ci] if dev and blks[ci] == blk else -1
-            except IndexError:
+            except (IndexError, KeyError):  # no such index, or no record for it
                 rec = -1
             if rec < 0:
                 raise InvalidArgument(f"chunk {ci} of blob {dev - 1} has no chunk record")

@@ -10,6 +10,7 @@ malformed layers are covered at the end.
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import shutil
@@ -21,10 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pynydus.errors import FormatError, InvalidArgument
+from pynydus.errors import FormatError, InvalidArgument, NotFound
 from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge, merge_trees
 from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.v6 import BootstrapV6
 from tests.harness.rafs_layers import (
     bootstrap_listing,
     expected_listing,
@@ -179,3 +181,60 @@ def test_malformed_directories_are_format_errors(tmp_path: Path) -> None:
             merge([bad], tmp_path / "m.boot")
     assert not (tmp_path / "m.boot").exists()
     shutil.rmtree(tmp_path / "blobs")
+
+
+def test_a_few_chunks_of_a_large_lower_blob_are_found(tmp_path: Path) -> None:
+    """Layer 2 dedups one file against the 5,000th chunk of layer 1's blob: its chunk
+    table has one record at a high chunk index (the sparse lookup)."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    for i in range(5000):
+        (lower / f"f{i:04d}").write_bytes(b"file %d" % i)
+    (upper / "same-as-last").write_bytes(b"file 4999")
+    build(lower, tmp_path / "l1.boot", tmp_path / "blobs")
+    r2 = build(upper, tmp_path / "l2.boot", tmp_path / "blobs", chunk_dict=tmp_path / "l1.boot")
+    assert r2.dict_chunks == 1
+    boots = [tmp_path / "l1.boot", tmp_path / "l2.boot"]
+    new, old = _both(tmp_path, boots)
+    assert new == old
+    assert (
+        bootstrap_listing(tmp_path / "l2.boot", data="map")["/same-as-last"][10]
+        == (bootstrap_listing(tmp_path / "new.boot", data="map")["/same-as-last"][10])
+    )
+
+
+@functools.cache
+def _fuzz_layers() -> tuple[bytes, bytes]:
+    with tempfile.TemporaryDirectory() as d:
+        layers = random_layers(random.Random(5), 2, explicit_dirs=True, tries=30)
+        lower, upper = _build_layers(Path(d), layers, "none")
+        return lower.read_bytes(), upper.read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_layers_fail_with_format_errors_only(data: st.DataObject) -> None:
+    """Bit flips and integer overwrites in a layer's inodes, dirents and chunk table:
+    the merge writes an image or raises InvalidArgument/FormatError/NotFound, nothing
+    else, and leaves no output behind when it fails."""
+    layers = list(_fuzz_layers())
+    target = data.draw(st.integers(0, 1))
+    victim = bytearray(layers[target])
+    meta_base = BootstrapV6(bytes(victim)).superblock.meta_blkaddr * 4096
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(meta_base, len(victim) - 4))
+        if data.draw(st.booleans()):
+            victim[pos] ^= 1 << data.draw(st.integers(0, 7))
+        else:
+            value = data.draw(st.sampled_from([0, 1, 0xFF, 0xFFFF, 0x7FFF_FFFF, 0xFFFF_FFFF]))
+            struct.pack_into("<I", victim, pos, value)
+    layers[target] = bytes(victim)
+    with tempfile.TemporaryDirectory() as d:
+        boots = [Path(d) / "l0.boot", Path(d) / "l1.boot"]
+        for boot, content in zip(boots, layers):
+            boot.write_bytes(content)
+        try:
+            merge(boots, Path(d) / "m.boot")
+        except (InvalidArgument, NotFound):
+            assert not (Path(d) / "m.boot").exists()
