@@ -418,7 +418,8 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
             # daemons' per-request lines)
             level = "debug" if keep_logs or profile is not None else "info"
             with Snapshotter(tag="lzsnap", log_level=level, config=cfg) as snap:
-                wait_daemons_ready(snap)
+                if profile is None:  # under py-spy a daemon's start is several times slower
+                    wait_daemons_ready(snap, timeout=60)
                 yield snap
                 if profile is not None:  # let py-spy see its child exit and write the profile
                     for sock in (snap.root / "socket").glob("*/*.sock"):
