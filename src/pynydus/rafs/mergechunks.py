@@ -55,37 +55,32 @@ class LayerSource:
         self.records = self._load_records()
 
     def _load_records(self) -> list[tuple[ChunkIndex, ChunkIndex]]:
-        """Per blob, indexed by chunk index: the offset of its chunk-table record (-1:
-        none) and that record's block address (uncompressed offset / 4 KiB, -1 when
-        unaligned). The first record of a chunk wins, as in the reader. Two arrays of
-        8-byte ints per blob rather than a dict entry per chunk."""
+        """Per blob, by chunk index: the offset of its chunk-table record and that
+        record's block address (uncompressed offset / 4 KiB, -1 when unaligned); -1
+        or missing when there is no record. The first record of a chunk wins, as in
+        the reader."""
         blobs = self.bs.blobs
         ext = self.bs.ext_superblock
         start = ext.chunk_table_offset
         data = bytes(self.buf[start : start + ext.chunk_table_size])
         rows = list(_CHUNK_KEY.iter_unpack(data))
-        # Arrays as long as the highest chunk index with a record; a blob whose few
-        # records sit at high indexes (a chunk dict of a huge blob) gets dicts instead.
-        sizes = [0] * len(blobs)
-        counts = [0] * len(blobs)
-        for b, _, idx in rows:
-            if b < len(blobs) and idx < blobs[b].chunk_count:
-                counts[b] += 1
-                sizes[b] = max(sizes[b], idx + 1)
+        nb = len(blobs)
+        limits = [b.chunk_count for b in blobs]
+        # An array per blob when it has about as many records as chunks (a layer's own
+        # blob); a dict for a blob the layer uses a few chunks of (a chunk dict's), so
+        # a large chunk_count costs nothing and a corrupt one cannot exhaust memory.
         recs: list[ChunkIndex] = []
         blks: list[ChunkIndex] = []
-        for n, count in zip(sizes, counts):
-            dense = n <= 4 * count + 4096
+        for n in limits:
+            dense = n <= 4 * len(rows) + 4096
             recs.append(array("q", [-1]) * n if dense else {})
             blks.append(array("q", [-1]) * n if dense else {})
-        for pos, (b, uo, idx) in enumerate(rows):
-            if b >= len(blobs) or idx >= sizes[b]:
-                continue
-            r = recs[b]
-            if r[idx] >= 0 if isinstance(r, array) else idx in r:
-                continue  # the first record of a chunk wins
-            r[idx] = start + pos * _REC
-            blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
+        # Backwards, so that the first record of a chunk is the one left (as in the reader).
+        for pos in range(len(rows) - 1, -1, -1):
+            b, uo, idx = rows[pos]
+            if b < nb and idx < limits[b]:
+                recs[b][idx] = start + pos * _REC
+                blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
         return list(zip(recs, blks))
 
 
