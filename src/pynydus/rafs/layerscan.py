@@ -47,10 +47,9 @@ __all__ = [
     "LayerDir",
     "MergedDir",
     "MergedTree",
-    "leaf_key",
+    "find",
     "overlay_layer",
     "scan_layer",
-    "split_key",
 ]
 
 _DIRENT = struct.Struct("<QHBx")
@@ -65,15 +64,8 @@ Meta = tuple[int, int, int, int, int]
 _IMPLICIT_META: Meta = (stat.S_IFDIR | 0o755, 0, 0, 0, 0)
 
 
-def leaf_key(layer: int, nid: int, n_layers: int) -> int:
-    """One int for a non-directory inode of a layer (hardlinks of a layer share it)."""
-    return nid * n_layers + layer
-
-
-def split_key(key: int, n_layers: int) -> tuple[int, int]:
-    """(layer, nid) of a :func:`leaf_key`."""
-    nid, layer = divmod(key, n_layers)
-    return layer, nid
+# A non-directory entry is a *leaf key*: ``nid * n_layers + layer``, one int naming
+# the inode in its layer's bootstrap (hardlinks in a layer share it).
 
 
 @dataclass(slots=True, eq=False)
@@ -261,7 +253,10 @@ def _dirents(bs: BootstrapV6, nid: int, max_nid: int) -> tuple[list[bytes], list
 # --------------------------------------------------------------------------- overlay
 
 
-def _lookup(root: MergedDir, path: bytes) -> MergedDir | int | None:
+def find(root: MergedDir, path: bytes) -> tuple[MergedDir, bytes, MergedDir | int] | None:
+    """(parent, name, node) of normalized ``path`` in the merged tree (``b""``: the
+    root, as ``(root, b"", root)``); None if some component is missing."""
+    parent, name = root, b""
     node: MergedDir | int = root
     for part in path.split(b"/") if path else ():
         if not isinstance(node, MergedDir):
@@ -269,8 +264,8 @@ def _lookup(root: MergedDir, path: bytes) -> MergedDir | int | None:
         nxt = node.children.get(part)
         if nxt is None:
             return None
-        node = nxt
-    return node
+        parent, name, node = node, part, nxt
+    return parent, name, node
 
 
 def overlay_layer(merged: MergedTree, layer: LayerSkeleton) -> None:
@@ -282,7 +277,8 @@ def overlay_layer(merged: MergedTree, layer: LayerSkeleton) -> None:
     """
     bound: dict[int, int] = {}
     for key, path in layer.lower_links.items():
-        target = _lookup(merged.root, path.strip(b"/"))
+        found = find(merged.root, path.strip(b"/"))
+        target = None if found is None else found[2]
         if not isinstance(target, int):
             what = "is in no lower layer" if target is None else "is a directory"
             raise FormatError(f"hardlink to {path!r}: target {what}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pynydus.errors import InvalidArgument
 from pynydus.rafs import layout as L
 from pynydus.rafs.chunker import BlobDesc
-from pynydus.rafs.layerscan import MergedDir, MergedTree
+from pynydus.rafs.layerscan import MergedDir, MergedTree, find
 from pynydus.rafs.mergechunks import ChunkTable, LayerSource
 from pynydus.rafs.v6 import BootstrapV6
 from pynydus.rafs.v6writer import (
@@ -475,20 +475,14 @@ def _prefetch_targets(root: MergedDir, paths: tuple[bytes, ...]) -> list[Target]
     out: list[Target] = []
     seen: set[tuple[int, bytes]] = set()
     for p in paths:
-        node: MergedDir | int = root
-        parent, last = root, b""
-        for part in p.split(b"/") if p else ():
-            if not isinstance(node, MergedDir):
-                break
-            nxt = node.children.get(part)
-            if nxt is None:
-                break
-            parent, last, node = node, part, nxt
-        else:
-            ident = (id(node), b"") if isinstance(node, MergedDir) else (id(parent), last)
-            if ident not in seen:
-                seen.add(ident)
-                out.append(node if isinstance(node, MergedDir) else (parent, last))
+        found = find(root, p)
+        if found is None:
+            continue
+        parent, name, node = found
+        ident = (id(node), b"") if isinstance(node, MergedDir) else (id(parent), name)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(node if isinstance(node, MergedDir) else (parent, name))
     return out
 
 
