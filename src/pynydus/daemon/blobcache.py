@@ -8,8 +8,10 @@ chunk i's decompressed bytes at its uncompressed offset, and
 A read names the chunks it needs. Chunks already cached are read with pread.
 Missing ones are *claimed* by the first thread that needs them (so concurrent
 misses on one chunk fetch it once; later threads wait for the claim), extended
-forward with following missing chunks up to ``amplify_io`` bytes (reads are
-mostly sequential, and one larger request costs little more than a small one),
+forward with following missing chunks (reads are mostly sequential, and one larger
+request costs little more than a small one): up to ``amplify_io`` bytes while the
+neighbours a miss brings get read, a window halved down to 16 KiB while they do not
+(a start-up that reads one large file after another gains nothing from them),
 grouped into contiguous compressed ranges, fetched with one ranged request per
 group, decompressed, optionally verified against their digests, written to the
 data file and only then marked ready.
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 # Gap between two missing chunks' compressed extents that we still bridge with one
 # request (reading the gap is cheaper than a second round trip).
 _MERGE_GAP = 64 << 10
+# The smallest amplification window (bytes of neighbours after a miss): a probe that
+# lets the window grow again when neighbours start being read.
+_AMPLIFY_PROBE = 16 << 10
 # How long a reader waits for another thread's fetch of a chunk it needs.
 _WAIT_SECONDS = 120.0
 
@@ -141,6 +146,11 @@ class BlobCache:
             raise
         self._lock = threading.Lock()
         self._claims: dict[int, _Claim] = {}
+        # Adaptive amplification: the window, the chunks the last one brought, and
+        # whether a reader has wanted one of them since.
+        self._amp_window = amplify_io
+        self._amp_pending: set[int] | None = None
+        self._amp_used = False
 
     def close(self) -> None:
         self.chunk_map.close()
@@ -166,6 +176,8 @@ class BlobCache:
         """
         if not all(self.chunk_map.is_ready(c.index) for c, _, _ in pieces):
             return None
+        if self._amp_pending:
+            self._note_use([c.index for c, _, _ in pieces])
         try:
             out = self._pread_pieces(pieces, os.RWF_NOWAIT)
         except BlockingIOError:
@@ -238,6 +250,7 @@ class BlobCache:
         mine: dict[int, ChunkRef] = {}
         theirs: list[tuple[int, _Claim]] = []
         with self._lock:
+            self._note_use([c.index for c in chunks])
             for c in chunks:
                 if c.index in mine or self.chunk_map.is_ready(c.index):
                     continue
@@ -248,8 +261,17 @@ class BlobCache:
                 self._claims[c.index] = _Claim()
                 mine[c.index] = c
             if mine and amplify and self.amplify_io > 0:
-                budget = self.amplify_io - sum(c.c_size for c in mine.values())
+                if self._amp_pending is not None:
+                    # How did the previous amplification do? Grow the window while its
+                    # chunks get read, halve it while they do not (down to a probe).
+                    if self._amp_used:
+                        self._amp_window = min(self.amplify_io, self._amp_window * 2)
+                    else:
+                        self._amp_window = max(_AMPLIFY_PROBE, self._amp_window // 2)
+                budget = max(self._amp_window - sum(c.c_size for c in mine.values()),
+                             min(_AMPLIFY_PROBE, self.amplify_io))
                 nxt = max(mine) + 1
+                added: list[int] = []
                 while budget > 0 and nxt < self.blob.chunk_count:
                     if nxt in mine or nxt in self._claims or self.chunk_map.is_ready(nxt):
                         break
@@ -258,9 +280,18 @@ class BlobCache:
                         break
                     self._claims[nxt] = _Claim()
                     mine[nxt] = extra
+                    added.append(nxt)
                     budget -= extra.c_size
                     nxt += 1
+                self._amp_pending = set(added) if added else None
+                self._amp_used = False
         return sorted(mine.values(), key=lambda c: c.c_off), theirs
+
+    def _note_use(self, indexes: Sequence[int]) -> None:
+        """A reader wants these chunks: credit the last amplification if it brought one."""
+        pending = self._amp_pending
+        if pending and not self._amp_used and any(i in pending for i in indexes):
+            self._amp_used = True
 
     def _release(self, chunks: Sequence[ChunkRef], error: BaseException | None) -> None:
         with self._lock:

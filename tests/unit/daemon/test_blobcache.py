@@ -78,6 +78,37 @@ def test_amplification_merges_following_chunks(tmp_path: Path) -> None:
     assert len(be.requests) == 1
 
 
+def test_amplification_window_adapts_to_whether_neighbours_are_read(tmp_path: Path) -> None:
+    """Misses whose amplified neighbours nobody reads halve the window down to a probe;
+    once a probe's neighbour is read, the window grows back."""
+    data, chunks, ref = make_blob(tmp_path, n=96, algo=Compressor.NONE)
+    be = CountingBackend(str(tmp_path / "blobs"))
+    bc = cache(tmp_path, ref, chunks, be, amplify_io=8 * CHUNK)
+
+    def miss(i: int) -> int:
+        """Read chunk i (a miss); how many chunks the request brought."""
+        before = len(be.requests)
+        bc.read([(chunks[i], 0, 10)])
+        assert len(be.requests) == before + 1
+        return be.requests[-1][1] // CHUNK
+
+    assert miss(0) == 8  # the full window: 0 and 7 neighbours
+    # random reads far apart: the neighbours are never read, the window shrinks
+    sizes = [miss(i) for i in (10, 20, 30, 40)]
+    assert sizes == [4, 2, 2, 2], sizes  # halved each time; the probe still brings one
+    # now read sequentially: each probe's neighbour is read, the window grows again
+    grown = []
+    i = 50
+    while i < 96:
+        n = miss(i)
+        grown.append(n)
+        for j in range(i + 1, min(i + n, 96)):
+            bc.read([(chunks[j], 0, 10)])  # cache hits on the neighbours
+        i += n
+    assert grown[0] == 2 and max(grown) == 8, grown  # back to the full window
+    bc.close()
+
+
 def test_concurrent_misses_fetch_once(tmp_path: Path) -> None:
     data, chunks, ref = make_blob(tmp_path)
     be = CountingBackend(str(tmp_path / "blobs"))
