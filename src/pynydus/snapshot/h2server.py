@@ -113,6 +113,13 @@ class _Conn:
                 pass
 
     def _dispatch(self, req: Request) -> None:
+        try:
+            self._dispatch_call(req)
+        except Exception as err:  # a bug must cost one call, not the connection's reader
+            log.exception("stream %d (%s): unexpected error", req.stream_id, req.path)
+            self._fail(req.stream_id, "INTERNAL", f"{req.path}: internal error: {err}")
+
+    def _dispatch_call(self, req: Request) -> None:
         method = METHODS.get(req.path)
         if method is None:
             self._fail(req.stream_id, "UNIMPLEMENTED", f"unknown method {req.path}")

@@ -119,7 +119,6 @@ class _Stream:
         "out_bytes",
         "path",
         "recv_unacked",
-        "refused",
         "remote_closed",
         "send_window",
         "sid",
@@ -132,7 +131,6 @@ class _Stream:
         self.timeout: float | None = None
         self.body = bytearray()
         self.remote_closed = False
-        self.refused = False  # answered early (too big): ignore further DATA
         self.send_window = send_window
         self.recv_unacked = 0
         self.out: deque[tuple[int, bytes]] = deque()  # (_OUT_*, payload)
@@ -508,16 +506,14 @@ class H2Connection:
         if st.remote_closed:
             self._reset(st, STREAM_CLOSED)
             return
-        if not st.refused:
-            st.body += data
-            declared = int.from_bytes(st.body[1:5], "big") if len(st.body) >= 5 else 0
-            if max(declared, len(st.body) - 5) > self.limits.max_message:
-                st.refused = True
-                st.body = bytearray()
-                self.fail(sid, STATUS_CODES["RESOURCE_EXHAUSTED"],
-                          f"request message larger than {self.limits.max_message} bytes")
-                if sid not in self._streams:
-                    return
+        st.body += data
+        declared = int.from_bytes(st.body[1:5], "big") if len(st.body) >= 5 else 0
+        if max(declared, len(st.body) - 5) > self.limits.max_message:
+            # Answered at once (the stream is then closed, with RST_STREAM NO_ERROR):
+            # what is still on its way is dropped as late DATA.
+            self.fail(sid, STATUS_CODES["RESOURCE_EXHAUSTED"],
+                      f"request message larger than {self.limits.max_message} bytes")
+            return
         if flags & END_STREAM:
             st.remote_closed = True
             self._request_complete(st, events)
@@ -571,8 +567,6 @@ class H2Connection:
             self._request_complete(st, events)
 
     def _request_complete(self, st: _Stream, events: list[Event]) -> None:
-        if st.refused:
-            return
         body = st.body
         st.body = bytearray()
         if len(body) >= 5 and body[0] != 0:
