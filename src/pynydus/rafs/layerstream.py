@@ -12,9 +12,10 @@ memoryviews unless a chunk straddles two blocks.
 
 :class:`LayerStream` is forward-only: ``read``, ``read_view``, ``tell`` and forward
 ``seek`` are what :mod:`tarfile` needs in random-access mode (``r:``) over it.
-Decoder errors raised on the thread (zlib.error, EOFError for a truncated stream,
-gzip.BadGzipFile, zstandard.ZstdError) are raised again by the consumer's read at
-the point where the data stops. :meth:`close` stops the thread; it is idempotent.
+Decoder errors raised on the thread (:data:`DECODE_ERRORS`, EOFError for a truncated
+stream) are raised again by the consumer's read at
+the point where the data stops. Gzip is inflated with ISA-L (python-isal) when it is
+installed, else with zlib: same bytes, about half the CPU time. :meth:`close` stops the thread; it is idempotent.
 """
 
 from __future__ import annotations
@@ -23,13 +24,27 @@ import gzip
 import io
 import queue
 import threading
+import types
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO, Protocol, Self, cast
+from typing import Any, BinaryIO, Protocol, Self, cast
 
 import zstandard
 
-__all__ = ["GZIP_MAGIC", "ZSTD_MAGIC", "LayerStream", "compression_of"]
+_inflate_lib: types.ModuleType
+try:  # ISA-L's inflate: same interface as zlib's, about twice as fast (and GIL-free)
+    from isal import isal_zlib as _inflate_lib
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+    _inflate_lib = zlib
+
+__all__ = ["DECODE_ERRORS", "GZIP_MAGIC", "INFLATE", "ZSTD_MAGIC", "LayerStream", "compression_of"]
+
+#: Which library inflates gzip layers ("isal_zlib" or "zlib").
+INFLATE = _inflate_lib.__name__.rsplit(".", 1)[-1]
+#: What the decoders raise for malformed input (besides EOFError for a truncated one).
+DECODE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {zlib.error, gzip.BadGzipFile, zstandard.ZstdError, cast(Any, _inflate_lib).error}
+)
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -65,7 +80,7 @@ def _inputs(head: bytes, f: BinaryIO) -> Iterator[bytes]:
 def _gzip_blocks(inputs: Iterator[bytes]) -> Iterator[bytes]:
     """Inflate concatenated gzip members; zero padding after a member is allowed, as in
     :mod:`gzip`. The gzip trailer (CRC32, size) is checked by zlib itself."""
-    d: zlib._Decompress | None = zlib.decompressobj(31)
+    d: Any = _inflate_lib.decompressobj(31)
     for data in inputs:
         while data:
             if d is None:  # between members
@@ -74,7 +89,7 @@ def _gzip_blocks(inputs: Iterator[bytes]) -> Iterator[bytes]:
                     break
                 if not GZIP_MAGIC.startswith(data[:2]):
                     raise gzip.BadGzipFile(f"Not a gzipped file ({data[:2]!r})")
-                d = zlib.decompressobj(31)
+                d = _inflate_lib.decompressobj(31)
             out = d.decompress(data, _OUT)
             if out:
                 yield out

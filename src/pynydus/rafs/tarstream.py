@@ -24,20 +24,16 @@ from __future__ import annotations
 import base64
 import enum
 import errno
-import gzip
 import os
 import stat
 import tarfile
 import threading
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, cast
 
-import zstandard
-
 from pynydus.errors import FormatError, InvalidArgument
-from pynydus.rafs.layerstream import LayerStream
+from pynydus.rafs.layerstream import DECODE_ERRORS, LayerStream
 
 __all__ = [
     "DataReader",
@@ -211,13 +207,11 @@ _AHEAD_ENTRIES = 512
 
 # What decoders and the tar parser raise for malformed input (gzip.BadGzipFile is
 # an OSError; plain OSErrors from the source file itself are left alone).
-_DECODE_ERRORS = (
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
     tarfile.TarError,
     EOFError,
-    gzip.BadGzipFile,
-    zlib.error,
-    zstandard.ZstdError,
     UnicodeError,
+    *DECODE_ERRORS,
 )
 
 
