@@ -170,7 +170,8 @@ def scan_layer(bs: BootstrapV6, layer: int, n_layers: int) -> LayerSkeleton:
                         whiteouts.append(name[_WH_LEN:])
                     continue
             if ftype == _DIR:
-                entries.append((name, -child - 1))  # loaded below, once this dir is done
+                pending.append((entries, len(entries), child))  # loaded once this dir is done
+                entries.append((name, -1))
                 continue
             if ftype == _CHR:
                 mode, u = _MODE_U.unpack_from(buf, meta_base + child * 32)
@@ -190,16 +191,12 @@ def scan_layer(bs: BootstrapV6, layer: int, n_layers: int) -> LayerSkeleton:
             entries.append((name, key))
         return d
 
+    # Subdirectories met in a listing: (that listing, position, nid), loaded depth first.
+    pending: list[tuple[list[tuple[bytes, LayerDir | int]], int, int]] = []
     root = load_dir(bs.root_ino)
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        ents = d.entries
-        for i, (name, v) in enumerate(ents):
-            if type(v) is int and v < 0:  # a directory nid, stored negated below
-                sub = load_dir(-v - 1)
-                ents[i] = (name, sub)
-                stack.append(sub)
+    while pending:
+        ents, i, nid = pending.pop()
+        ents[i] = (ents[i][0], load_dir(nid))
     return LayerSkeleton(root, lower_links)
 
 
