@@ -35,13 +35,8 @@ from pynydus.rafs.layout import (
     format_error,
 )
 from pynydus.rafs.tarstream import OCI_WHITEOUT_OPAQUE, OCI_WHITEOUT_PREFIX
-from pynydus.rafs.tree import OVERLAY_OPAQUE_XATTR
+from pynydus.rafs.tree import LOWER_HARDLINK_XATTR, OVERLAY_OPAQUE_XATTR
 from pynydus.rafs.v6 import BootstrapV6
-
-try:  # the builder's marker for a hardlink into a lower layer (newer tree.py)
-    from pynydus.rafs.tree import LOWER_HARDLINK_XATTR
-except ImportError:  # pragma: no cover - older tree.py without lower links
-    LOWER_HARDLINK_XATTR = b"trusted.pynydus.lower-hardlink"
 
 __all__ = [
     "LayerDir",
