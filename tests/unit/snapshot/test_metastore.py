@@ -138,3 +138,30 @@ def test_busy_while_another_thread_holds_a_transaction(ms: MetaStore) -> None:
         t.start()
         t.join()
     assert seen == [True] and not ms.busy()
+
+
+def test_chain_is_nearest_parent_first_and_labels_follow_ids(ms: MetaStore) -> None:
+    parent = ""
+    for i in range(4):
+        create(ms, Kind.ACTIVE, f"l{i}-a", parent, labels={"n": str(i)})
+        commit(ms, f"l{i}-a", f"l{i}", {"n": str(i)})
+        parent = f"l{i}"
+    create(ms, Kind.ACTIVE, "top", "l3")
+    snap = ms.get_snapshot("top")
+    assert snap.parent_ids == tuple(ms.get_info(f"l{i}")[0] for i in (3, 2, 1, 0))
+    assert [lb["n"] for lb in ms.labels_by_ids(snap.parent_ids)] == ["3", "2", "1", "0"]
+    assert ms.labels_by_ids([]) == []
+    with pytest.raises(NotFound):
+        ms.labels_by_ids(["999"])
+
+
+def test_a_parent_loop_in_a_corrupt_database_is_reported(ms: MetaStore) -> None:
+    create(ms, Kind.ACTIVE, "x-a")
+    commit(ms, "x-a", "x")
+    create(ms, Kind.ACTIVE, "y", "x")
+    xid = ms.get_info("x")[0]
+    with ms.transaction() as db:  # x becomes its own grandparent
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.execute("UPDATE snapshots SET parent_id=? WHERE id=?", (int(xid), int(xid)))
+    with pytest.raises(FailedPrecondition, match="loop"):
+        ms.get_snapshot("y")
