@@ -238,3 +238,29 @@ def test_mutated_layers_fail_with_format_errors_only(data: st.DataObject) -> Non
             merge(boots, Path(d) / "m.boot")
         except (InvalidArgument, NotFound):
             assert not (Path(d) / "m.boot").exists()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_compact_inodes_are_widened_like_the_tree_merge(tmp_path: Path, seed: int) -> None:
+    """Layers built with compact inodes (one mtime, small ids): the record merge widens
+    each copied record to an extended one, as the tree merge re-encodes it."""
+    layers = random_layers(random.Random(seed), 3, explicit_dirs=True, tries=20)
+    for ents in layers:
+        for e in ents:
+            e.mtime, e.uid = 1_600_000_000, e.uid % 1000
+    boots = []
+    for i, ents in enumerate(layers):
+        boot = tmp_path / f"l{i}.boot"
+        build(
+            io.BytesIO(layer_tar(ents)),
+            boot,
+            tmp_path / "blobs",
+            type="tar-rafs",
+            compact_inodes=True,
+            whiteout_spec="none",
+        )
+        boots.append(boot)
+    with Bootstrap.open(boots[-1]) as bs:
+        assert any(not bs.raw_inode(ino).format & 1 for _, ino in bs.walk())
+    new, old = _both(tmp_path, boots)
+    assert new == old
