@@ -419,6 +419,23 @@ class _Prefetched:
         return out
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _NoReadAhead:
+    """What :class:`_ReadAhead` offers, doing nothing (the walk reads every file itself)."""
+
+    def take(self, path: bytes) -> None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+
 class _ReadAhead:
     """Reads a directory walk's small files ahead of it, on a thread of its own.
 
@@ -556,7 +573,9 @@ class DirSource:
             abs_path = os.path.join(self._root, rel)
             entry = self._entry(abs_path, rel, os.lstat(abs_path), seen)
             yield entry, _LazyFile(abs_path) if entry.type == EntryType.REG else None
-        ahead = _ReadAhead(self._root)
+        # On one CPU the read-ahead thread's own walk is pure overhead: nothing runs beside it.
+        ahead: _ReadAhead | _NoReadAhead = _ReadAhead(self._root) if _usable_cpus() > 1 \
+            else _NoReadAhead()
         try:
             stack: list[bytes] = [b""]
             while stack:
