@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -176,8 +176,7 @@ class BlobCache:
         """
         if not all(self.chunk_map.is_ready(c.index) for c, _, _ in pieces):
             return None
-        if self._amp_pending:
-            self._note_use([c.index for c, _, _ in pieces])
+        self._note_use(c.index for c, _, _ in pieces)
         try:
             out = self._pread_pieces(pieces, os.RWF_NOWAIT)
         except BlockingIOError:
@@ -250,7 +249,7 @@ class BlobCache:
         mine: dict[int, ChunkRef] = {}
         theirs: list[tuple[int, _Claim]] = []
         with self._lock:
-            self._note_use([c.index for c in chunks])
+            self._note_use(c.index for c in chunks)
             for c in chunks:
                 if c.index in mine or self.chunk_map.is_ready(c.index):
                     continue
@@ -287,7 +286,7 @@ class BlobCache:
                 self._amp_used = False
         return sorted(mine.values(), key=lambda c: c.c_off), theirs
 
-    def _note_use(self, indexes: Sequence[int]) -> None:
+    def _note_use(self, indexes: Iterable[int]) -> None:
         """A reader wants these chunks: credit the last amplification if it brought one."""
         pending = self._amp_pending
         if pending and not self._amp_used and any(i in pending for i in indexes):

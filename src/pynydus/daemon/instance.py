@@ -263,10 +263,7 @@ class RafsInstance:
     def _fetch_ahead(self, ino: int, start: int, length: int) -> None:
         try:
             reads = self.bs.map_read(ino, start, length)
-            by_blob: dict[int, list[ChunkRef]] = {}
-            for r in reads:
-                by_blob.setdefault(r.chunk.blob_index, []).append(_chunk_ref(r.chunk))
-            for blob_index, refs in by_blob.items():
+            for blob_index, refs in _refs_by_blob(r.chunk for r in reads).items():
                 cache = self.cache(blob_index)
                 cache.ensure(refs, amplify=False, max_request=length)
                 cache.will_need(refs)  # and from the cache file into the page cache
@@ -276,15 +273,20 @@ class RafsInstance:
     def prefetch_chunks(self, chunks: Iterable[FileChunk]) -> int:
         """Fetch these chunks into the cache (no data returned); bytes fetched."""
         fetched = 0
-        by_blob: dict[int, list[ChunkRef]] = {}
-        for c in chunks:
-            by_blob.setdefault(c.blob_index, []).append(_chunk_ref(c))
-        for blob_index, refs in by_blob.items():
+        for blob_index, refs in _refs_by_blob(chunks).items():
             refs.sort(key=lambda r: r.c_off)
             cache = self.cache(blob_index)
             for i in range(0, len(refs), 64):
                 fetched += cache.ensure(refs[i:i + 64], amplify=False, prefetch=True)
         return fetched
+
+
+def _refs_by_blob(chunks: Iterable[FileChunk]) -> dict[int, list[ChunkRef]]:
+    """The chunks' cache references, grouped by blob index (order kept within a blob)."""
+    by_blob: dict[int, list[ChunkRef]] = {}
+    for c in chunks:
+        by_blob.setdefault(c.blob_index, []).append(_chunk_ref(c))
+    return by_blob
 
 
 def _by_blob(reads: list[ChunkRead]) -> list[tuple[int, list[ChunkRead]]]:

@@ -236,6 +236,17 @@ class NydusFilesystem:
                 raise FailedPrecondition(f"no valid RAFS bootstrap at {boot}")
             time.sleep(0.05)
 
+    def _daemon_record(self, did: str, mode: str, mountpoint: str, *, config_path: str = "",
+                       bootstrap: str = "") -> DaemonRecord:
+        """A new daemon's record: its API socket and log file are named by its id."""
+        return DaemonRecord(
+            id=did, mode=mode, mountpoint=mountpoint,
+            api_socket=os.path.join(self.cfg.socket_dir(), did, "api.sock"),
+            config_path=config_path, bootstrap=bootstrap,
+            log_file=os.path.join(self.cfg.log_dir(), did, "nydusd.log"),
+            thread_num=self.cfg.daemon.threads_number,
+        )
+
     def _refill_standby(self, delay: float = 0.0) -> None:
         """Start a spare daemon in the background if dedicated mode has none.
 
@@ -246,13 +257,7 @@ class NydusFilesystem:
         if not self.use_standby or self._closing:
             return
         did = secrets.token_hex(10)
-        rec = DaemonRecord(
-            id=did, mode="standby", mountpoint=os.path.join(self.root, "daemons", did, "mnt"),
-            api_socket=os.path.join(self.cfg.socket_dir(), did, "api.sock"),
-            config_path="", bootstrap="",
-            log_file=os.path.join(self.cfg.log_dir(), did, "nydusd.log"),
-            thread_num=self.cfg.daemon.threads_number,
-        )
+        rec = self._daemon_record(did, "standby", os.path.join(self.root, "daemons", did, "mnt"))
         with self._standby_lock:
             if self._standby is not None or self._refilling is not None:
                 return
@@ -333,13 +338,7 @@ class NydusFilesystem:
         config_path = os.path.join(self.cfg.config_dir(), did, "config.json")
         write_config(config_path, cfg)
         mp = os.path.join(self.snapshot_dir(sid), "mnt")
-        rec = DaemonRecord(
-            id=did, mode="dedicated", mountpoint=mp,
-            api_socket=os.path.join(self.cfg.socket_dir(), did, "api.sock"),
-            config_path=config_path, bootstrap=boot,
-            log_file=os.path.join(self.cfg.log_dir(), did, "nydusd.log"),
-            thread_num=self.cfg.daemon.threads_number,
-        )
+        rec = self._daemon_record(did, "dedicated", mp, config_path=config_path, bootstrap=boot)
         self.manager.start_daemon(rec)
         return RafsRecord(snapshot_id=sid, daemon_id=did, image_ref=image_ref,
                           snapshot_dir=self.snapshot_dir(sid), mountpoint=mp, bootstrap=boot,
@@ -349,13 +348,7 @@ class NydusFilesystem:
         live = self.manager.daemons.get(SHARED_DAEMON_ID)
         if live is not None:
             return live
-        rec = DaemonRecord(
-            id=SHARED_DAEMON_ID, mode="shared", mountpoint=os.path.join(self.root, "mnt"),
-            api_socket=os.path.join(self.cfg.socket_dir(), SHARED_DAEMON_ID, "api.sock"),
-            config_path="", bootstrap="",
-            log_file=os.path.join(self.cfg.log_dir(), SHARED_DAEMON_ID, "nydusd.log"),
-            thread_num=self.cfg.daemon.threads_number,
-        )
+        rec = self._daemon_record(SHARED_DAEMON_ID, "shared", os.path.join(self.root, "mnt"))
         return self.manager.start_daemon(rec)
 
     def _mount_shared(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord:
