@@ -134,14 +134,12 @@ def load_bootstrap(path: str | os.PathLike[str]) -> LoadedImage:
             parent.children[name] = node
             if inode.is_dir:
                 dirs[fs_path] = node
-        comp = compressor_from_flags(bs.flags)
-        dig = digester_from_flags(bs.flags)
         return LoadedImage(
             tree=tree,
             blobs=blobs,
             chunk_size=bs.chunk_size,
-            compressor=Compressor(comp if comp is not None else Compressor.NONE),
-            digester=Digester(dig if dig is not None else Digester.BLAKE3),
+            compressor=_compressor(bs),
+            digester=_digester(bs),
             version=bs.version,
         )
 
@@ -314,7 +312,7 @@ def merge(
             )
         v6 = [b for b in opened if isinstance(b, BootstrapV6)]
         layer_blobs = [blob_descs(b) for b in v6]
-        _check_layers(bootstraps, [(b.chunk_size, Digester(_digester(b))) for b in v6])
+        _check_layers(bootstraps, [(b.chunk_size, _digester(b)) for b in v6])
         blobs, _ = _blob_table(layer_blobs)
         index = {b.blob_id: i for i, b in enumerate(blobs)}
         merged = MergedTree()
@@ -331,6 +329,11 @@ def merge(
     )
 
 
+def _compressor(bs: Bootstrap) -> Compressor:
+    comp = compressor_from_flags(bs.flags)
+    return Compressor(comp if comp is not None else Compressor.NONE)
+
+
 def _digester(bs: Bootstrap) -> Digester:
     dig = digester_from_flags(bs.flags)
     return Digester(dig if dig is not None else Digester.BLAKE3)
@@ -339,10 +342,9 @@ def _digester(bs: Bootstrap) -> Digester:
 def _options(
     first: Bootstrap, last: Bootstrap, prefetch_files: Iterable[str | bytes] | None
 ) -> V6Options:
-    comp = compressor_from_flags(last.flags)
     return V6Options(
         chunk_size=first.chunk_size,
-        compressor=Compressor(comp if comp is not None else Compressor.NONE),
+        compressor=_compressor(last),
         digester=_digester(first),
         prefetch=tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ())),
     )
