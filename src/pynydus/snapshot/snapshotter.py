@@ -271,9 +271,12 @@ class Snapshotter:
     def _decide(self, snap: Snapshot, labels: Mapping[str, str]) -> processor.Decision:
         if not (self.features.nydus or self.features.proxy_driver):
             return processor.DEFAULT
-        ancestors = [processor.Layer(pid, labels) for pid, labels in
-                     zip(snap.parent_ids, self.ms.labels_by_ids(snap.parent_ids), strict=True)]
-        return processor.choose(labels, ancestors, self.features)
+        return processor.choose(labels, self._ancestors(snap), self.features)
+
+    def _ancestors(self, snap: Snapshot) -> list[processor.Layer]:
+        """The parents of ``snap``, nearest first, with their labels (one metastore read)."""
+        return [processor.Layer(pid, labels) for pid, labels in
+                zip(snap.parent_ids, self.ms.labels_by_ids(snap.parent_ids), strict=True)]
 
     def _undo_create(self, key: str) -> None:
         """Forget a snapshot whose Prepare/View failed after it was recorded."""
@@ -288,10 +291,9 @@ class Snapshotter:
         """The id of the Nydus bootstrap layer among the ancestors, if Nydus is on."""
         if self.fs is None:
             return None
-        for pid, labels in zip(snap.parent_ids, self.ms.labels_by_ids(snap.parent_ids),
-                               strict=True):
-            if L.is_nydus_meta_layer(labels):
-                return pid
+        for layer in self._ancestors(snap):
+            if L.is_nydus_meta_layer(layer.labels):
+                return layer.id
         return None
 
     def _remote(self, snap: Snapshot, meta_id: str, labels: Mapping[str, str]) -> list[Mount]:
