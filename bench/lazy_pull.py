@@ -441,24 +441,13 @@ def wait_daemons_ready(snap: Snapshotter, timeout: float = 30.0) -> None:
     standby daemon of dedicated mode) are RUNNING. On a node the snapshotter starts at
     boot, long before a pull; timing a pull that races its start-up would measure that
     race (and the page-cache drop would hit the daemon's imports mid-way)."""
-    import sqlite3
-
     def ready() -> bool:
-        db_path = snap.root / "daemons.db"
-        if not db_path.exists():
-            return False
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
         try:
-            records = [json.loads(r[0]) for r in db.execute("SELECT record FROM daemons")]
-        except sqlite3.Error:
-            return False
-        finally:
-            db.close()
-        socks = [r["api_socket"] for r in records if r.get("mode") in ("standby", "shared")]
-        try:
+            socks = [r["api_socket"] for r in snap.daemon_records()
+                     if r.get("mode") in ("standby", "shared")]
             return bool(socks) and all(DaemonClient(s, timeout=2).state() == "RUNNING"
                                        for s in socks)
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # noqa: BLE001 - not up yet (no record, socket, or answer)
             return False
 
     wait_until(ready, timeout, "the snapshotter's standby/shared daemon")

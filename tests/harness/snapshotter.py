@@ -167,21 +167,36 @@ class Snapshotter(Service):
                 out.append(int(pid))
         return sorted(out)
 
-    def image_daemon_pids(self) -> list[int]:
-        """PIDs of the daemons that serve an image now (not an idle standby daemon), from
-        the snapshotter's daemon records (read-only)."""
-        import json
+    def _daemons_db(self, *queries: str) -> list[list[tuple]]:
+        """Rows of each query on the snapshotter's daemons.db, opened read-only (no rows
+        before the snapshotter created it)."""
         import sqlite3
 
         db_path = self.root / "daemons.db"
         if not db_path.exists():
-            return []
+            return [[] for _ in queries]
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
         try:
-            serving = {r[0] for r in db.execute("SELECT DISTINCT daemon_id FROM instances")}
-            records = [json.loads(r[0]) for r in db.execute("SELECT record FROM daemons")]
+            return [db.execute(query).fetchall() for query in queries]
         finally:
             db.close()
+
+    def daemon_records(self) -> list[dict]:
+        """The snapshotter's daemon records (mode, pid, api_socket, ...), read-only."""
+        import json
+
+        (rows,) = self._daemons_db("SELECT record FROM daemons")
+        return [json.loads(r[0]) for r in rows]
+
+    def image_daemon_pids(self) -> list[int]:
+        """PIDs of the daemons that serve an image now (not an idle standby daemon), from
+        the snapshotter's daemon records (read-only)."""
+        import json
+
+        serving_rows, rows = self._daemons_db("SELECT DISTINCT daemon_id FROM instances",
+                                              "SELECT record FROM daemons")
+        serving = {r[0] for r in serving_rows}
+        records = [json.loads(r[0]) for r in rows]
         alive = set(self.daemon_pids())
         return sorted(r["pid"] for r in records if r["id"] in serving and r["pid"] in alive)
 

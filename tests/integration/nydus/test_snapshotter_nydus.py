@@ -11,6 +11,7 @@ by a pynydusd process fetching from the registry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -295,17 +296,6 @@ def test_prometheus_metrics(image: dict, tmp_path: Path) -> None:
         snap.close()
 
 
-def _daemon_records(snap: Snapshotter) -> list[dict]:
-    import json
-    import sqlite3
-
-    db = sqlite3.connect(f"file:{snap.root / 'daemons.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return [json.loads(r[0]) for r in db.execute("SELECT record FROM daemons")]
-    finally:
-        db.close()
-
-
 def _thread_nice(pid: int) -> set[int]:
     out = set()
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -313,6 +303,20 @@ def _thread_nice(pid: int) -> set[int]:
             fields = f.read().rsplit(")", 1)[1].split()
         out.add(int(fields[16]))  # field 19 of stat(5): nice
     return out
+
+
+def _wait_standby_running(snap: Snapshotter, timeout: float = 30) -> dict:
+    from pynydus.manager.client import DaemonClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        spares = [r for r in snap.daemon_records() if r["mode"] == "standby"]
+        if spares and os.path.exists(spares[0]["api_socket"]):
+            with contextlib.suppress(Exception):  # still starting
+                if DaemonClient(spares[0]["api_socket"], timeout=5).state() == "RUNNING":
+                    return spares[0]
+        assert time.monotonic() < deadline, "no standby daemon became RUNNING"
+        time.sleep(0.05)
 
 
 def test_image_mounted_while_standby_starts_waits_for_it(image: dict, tmp_path: Path) -> None:
@@ -329,44 +333,19 @@ def test_image_mounted_while_standby_starts_waits_for_it(image: dict, tmp_path: 
         container_rootfs(snap, top, "default/3/c1", rootfs)
         try:
             assert (rootfs / "etc/hello.txt").read_text() == "hello from a lazily pulled image\n"
-            records = _daemon_records(snap)
+            records = snap.daemon_records()
             serving = [r for r in records if r["mode"] == "assigned"]
             assert len(serving) == 1, records
             assert not [r for r in records if r["mode"] == "dedicated"], records
             assert _thread_nice(serving[0]["pid"]) == {0}
             # the next spare comes up and, once ready, also runs at normal priority
-            deadline = time.monotonic() + 30
-            while True:
-                spares = [r for r in _daemon_records(snap) if r["mode"] == "standby"]
-                if spares and os.path.exists(spares[0]["api_socket"]):
-                    from pynydus.manager.client import DaemonClient
-
-                    if DaemonClient(spares[0]["api_socket"], timeout=5).state() == "RUNNING":
-                        break
-                assert time.monotonic() < deadline, "no standby daemon became RUNNING"
-                time.sleep(0.05)
+            spare = _wait_standby_running(snap)
             time.sleep(0.2)  # the manager renices right after it sees RUNNING
-            assert _thread_nice(spares[0]["pid"]) == {0}
+            assert _thread_nice(spare["pid"]) == {0}
         finally:
             unmount_all(str(rootfs))
     finally:
         snap.close()
-
-
-def _wait_standby_running(snap: Snapshotter, timeout: float = 30) -> dict:
-    from pynydus.manager.client import DaemonClient
-
-    deadline = time.monotonic() + timeout
-    while True:
-        spares = [r for r in _daemon_records(snap) if r["mode"] == "standby"]
-        if spares and os.path.exists(spares[0]["api_socket"]):
-            try:
-                if DaemonClient(spares[0]["api_socket"], timeout=5).state() == "RUNNING":
-                    return spares[0]
-            except Exception:  # noqa: BLE001 - still starting
-                pass
-        assert time.monotonic() < deadline, "no standby daemon became RUNNING"
-        time.sleep(0.05)
 
 
 def test_second_image_right_after_the_first_gets_the_next_spare_at_once(
@@ -383,13 +362,13 @@ def test_second_image_right_after_the_first_gets_the_next_spare_at_once(
         top_a = pull_nydus_image(snap, image, ns="one")
         container_rootfs(snap, top_a, "one/3/c1", rootfs_a)
         # the replacement is scheduled, not started: no standby record yet
-        assert not [r for r in _daemon_records(snap) if r["mode"] == "standby"]
+        assert not [r for r in snap.daemon_records() if r["mode"] == "standby"]
         t0 = time.monotonic()
         top_b = pull_nydus_image(snap, image, ns="two")
         container_rootfs(snap, top_b, "two/3/c1", rootfs_b)
         elapsed = time.monotonic() - t0
         assert (rootfs_b / "etc/hello.txt").read_text() == "hello from a lazily pulled image\n"
-        modes = sorted(r["mode"] for r in _daemon_records(snap))
+        modes = sorted(r["mode"] for r in snap.daemon_records())
         assert modes.count("assigned") == 2 and "dedicated" not in modes, modes
         assert elapsed < 2.9, f"second image waited {elapsed:.2f} s: the refill delay was not cut"
     finally:
