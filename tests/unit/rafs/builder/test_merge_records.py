@@ -39,9 +39,11 @@ V6 = FIXTURES / "v6-bootstrap-chunk-pos-438272/image/image.boot"
 V5 = FIXTURES / "v5-bootstrap-file-size-736032/image/image.boot"
 
 
-def _build_layers(work: Path, layers: list, spec: str, chunk_dict: bool = False) -> list[Path]:
+def _build_layers(
+    work: Path, layers: list, spec: str, chunk_dict: bool = False, **build_kw: object
+) -> list[Path]:
     """Build each layer; with ``chunk_dict`` a layer reuses the chunks of the one below,
-    so its files point into the lower layer's blob too."""
+    so its files point into the lower layer's blob too. ``build_kw`` goes to ``build``."""
     boots: list[Path] = []
     for i, ents in enumerate(layers):
         boot = work / f"l{i}.boot"
@@ -52,6 +54,7 @@ def _build_layers(work: Path, layers: list, spec: str, chunk_dict: bool = False)
             type="tar-rafs",
             whiteout_spec=spec,
             chunk_dict=boots[-1] if chunk_dict and boots else None,
+            **build_kw,
         )
         boots.append(boot)
     return boots
@@ -248,18 +251,7 @@ def test_compact_inodes_are_widened_like_the_tree_merge(tmp_path: Path, seed: in
     for ents in layers:
         for e in ents:
             e.mtime, e.uid = 1_600_000_000, e.uid % 1000
-    boots = []
-    for i, ents in enumerate(layers):
-        boot = tmp_path / f"l{i}.boot"
-        build(
-            io.BytesIO(layer_tar(ents)),
-            boot,
-            tmp_path / "blobs",
-            type="tar-rafs",
-            compact_inodes=True,
-            whiteout_spec="none",
-        )
-        boots.append(boot)
+    boots = _build_layers(tmp_path, layers, "none", compact_inodes=True)
     with Bootstrap.open(boots[-1]) as bs:
         assert any(not bs.raw_inode(ino).format & 1 for _, ino in bs.walk())
     new, old = _both(tmp_path, boots)
