@@ -36,6 +36,8 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
+from hpack.hpack import encode_integer
+
 from pynydus.snapshot.hpackin import Decoder, HpackError
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -143,22 +145,9 @@ def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
 
 
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def literal(name: bytes, value: bytes) -> bytes:
     """One header field as an HPACK literal without indexing, new name (no table state)."""
-    return b"\x00" + _hpack_int(len(name), 7, 0) + name + _hpack_int(len(value), 7, 0) + value
+    return b"\x00" + encode_integer(len(name), 7) + name + encode_integer(len(value), 7) + value
 
 
 def percent_encode(text: str) -> bytes:
