@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, cast
 
 from pynydus.errors import FormatError, InvalidArgument
+from pynydus.rafs.chunker import _usable_cpus
 from pynydus.rafs.layerstream import DECODE_ERRORS, LayerStream
 
 __all__ = [
@@ -417,13 +418,6 @@ class _Prefetched:
         out = self._data[self._pos : end]
         self._pos += len(out)
         return out
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 class _NoReadAhead:
