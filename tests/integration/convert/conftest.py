@@ -115,6 +115,14 @@ def convert_args(src: str, dst: str, cache: str, *extra: str) -> list[str]:
 
 
 # ----------------------------------------------------------------- direct pushes
+def convert_and_check(src: str, dst: str, cache: str) -> None:
+    """Convert ``src`` to ``dst`` and have ``check-image`` compare them; both succeed."""
+    r = pynydus(*convert_args(src, dst, cache))
+    assert r.rc == 0, r.err
+    c = pynydus("check-image", "--source", src, "--target", dst)
+    assert c.rc == 0, c.err + c.out
+
+
 def sha(b: bytes) -> str:
     return "sha256:" + hashlib.sha256(b).hexdigest()
 

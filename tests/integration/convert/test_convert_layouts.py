@@ -11,7 +11,14 @@ from pynydus.convert.pack import bootstrap_from_layer
 from tests.harness import oci
 from tests.harness.registry import Registry
 
-from .conftest import client_for, convert_args, layer_blob, push_layers, pynydus
+from .conftest import (
+    client_for,
+    convert_and_check,
+    convert_args,
+    layer_blob,
+    push_layers,
+    pynydus,
+)
 
 
 def _layers(tag: str) -> list[oci.Layer]:
@@ -33,10 +40,7 @@ def test_zstd_plain_and_docker_layers(registry: Registry, cache_dir: str) -> Non
                                             layer_blob(top, "docker")], docker=True)
     for repo in ("mixed", "docker"):
         src, dst = registry.ref(f"src/{repo}", "v1"), registry.ref(f"nydus/{repo}", "v1")
-        r = pynydus(*convert_args(src, dst, cache_dir))
-        assert r.rc == 0, r.err
-        c = pynydus("check-image", "--source", src, "--target", dst)
-        assert c.rc == 0, c.err + c.out
+        convert_and_check(src, dst, cache_dir)
     with client_for(registry) as c:
         m = json.loads(c.get_manifest("nydus/docker", "v1").data)
     # a Docker source keeps Docker media types (upstream without --oci)

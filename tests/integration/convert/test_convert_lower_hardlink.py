@@ -16,7 +16,7 @@ from pynydus.rafs.reader import Bootstrap
 from tests.harness import oci
 from tests.harness.registry import Registry
 
-from .conftest import client_for, convert_args, pynydus
+from .conftest import client_for, convert_and_check
 
 TOOL = bytes(range(256)) * 5000
 
@@ -33,10 +33,7 @@ def test_link_to_a_lower_layer_file_converts_and_checks(
     src = registry.ref("src/lower-hardlink")
     oci.push(image.write_layout(workdir / "lower-hardlink"), src)
     dst = registry.ref("nydus/lower-hardlink", "v1")
-    r = pynydus(*convert_args(src, dst, cache_dir))
-    assert r.rc == 0, r.err
-    c = pynydus("check-image", "--source", src, "--target", dst)
-    assert c.rc == 0, c.err + c.out
+    convert_and_check(src, dst, cache_dir)
     with client_for(registry) as cl:
         m = json.loads(cl.get_manifest("nydus/lower-hardlink", "v1").data)
         boot = b"".join(cl.get_blob("nydus/lower-hardlink", m["layers"][-1]["digest"]))
