@@ -338,9 +338,13 @@ class _Run:
                 blobs.append(img.BlobLayer(digest, size))
                 layer_ids.add(blob_id)
         metas: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
         for r in layer_results:
-            meta = blob_meta_cache_file(r.blob_path(opts.cache_dir)) if r.has_data else None
-            if meta is not None and r.blob_digest not in {d for d, _ in metas}:
+            if not r.has_data or r.blob_digest in seen:
+                continue  # a blob shared by layers: its TOC is read once
+            seen.add(r.blob_digest)
+            meta = blob_meta_cache_file(r.blob_path(opts.cache_dir))
+            if meta is not None:
                 metas.append((r.blob_digest, meta))
         bl = bootstrap_layer(boot, metas)
         self.push_blob(bl.digest, bl.data, len(bl.data))
