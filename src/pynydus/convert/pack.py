@@ -191,8 +191,8 @@ def blob_meta_cache_file(blob_path: str) -> bytes | None:
         raw = f.read(meta.compressed_size)
         f.seek(header.compressed_offset)
         head = f.read(header.compressed_size)
-    comp = {0x1: Compressor.NONE, 0x2: Compressor.ZSTD, 0x4: Compressor.LZ4_BLOCK}.get(
-        meta.flags & 0xF)
+    comp = next((c for c in (Compressor.NONE, Compressor.ZSTD, Compressor.LZ4_BLOCK)
+                 if toc_flag_for_compressor(c) == meta.flags & 0xF), None)
     if comp is None:
         raise FormatError(f"{blob_path}: blob.meta has unknown compression flags {meta.flags:#x}")
     ci = decompress(raw, comp, meta.uncompressed_size) if comp != Compressor.NONE else raw
