@@ -1,0 +1,183 @@
+"""The v6 bootstrap writer's output, pinned: byte-identical bootstraps for fixed trees.
+
+The expected digests were produced by the writer before its per-inode fast path
+(commit a111d13); any change to them is a change of the on-disk format and must be
+deliberate. The trees are built in memory (no tar parsing, no chunking), so only
+the writer is under test, with every inode kind and layout it has: inline and
+plain directories (names sorting before ``.``), inline and block symlinks,
+devices, fifos, xattrs, hardlinks, multi-chunk files, deduplicated chunks in two
+blobs, compact inodes, 512-byte tarfs blocks and a prefetch table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import stat
+from pathlib import Path
+
+import pytest
+
+from pynydus.rafs import layout as L
+from pynydus.rafs.chunker import BlobDesc, ChunkRef
+from pynydus.rafs.tree import Inode, Node, Tree, encode_rdev
+from pynydus.rafs.v6writer import V6Options, write_bootstrap
+
+_XATTR_NAMES = (
+    b"user.a",
+    b"user.long" + b"x" * 40,
+    b"trusted.overlay.opaque",
+    b"security.capability",
+    b"system.posix_acl_access",
+)
+
+
+def _tree(seed: int, bs: int, chunk_size: int) -> tuple[Tree, list[BlobDesc]]:
+    rnd = random.Random(seed)
+    blobs = [
+        BlobDesc(
+            blob_id=hashlib.sha256(b"blob%d" % i).hexdigest(),
+            chunk_size=chunk_size,
+            compressor=L.Compressor.ZSTD,
+            digester=L.Digester.BLAKE3,
+            chunk_count=1000,
+            compressed_size=(1 << 30) + i,
+            uncompressed_size=(1 << 30),
+        )
+        for i in range(2)
+    ]
+    shared: list[ChunkRef] = []
+    next_off = [0, 0]
+
+    def chunk(fo: int, size: int) -> ChunkRef:
+        if shared and rnd.random() < 0.2:
+            return shared[rnd.randrange(len(shared))]
+        b = rnd.randrange(2)
+        off = next_off[b]
+        next_off[b] += -(-size // bs) * bs
+        c = ChunkRef(
+            digest=rnd.randbytes(32),
+            blob=blobs[b],
+            ci_index=rnd.randrange(1 << 24),
+            compressed_offset=rnd.randrange(1 << 34),
+            compressed_size=rnd.randrange(1, size + 1),
+            uncompressed_offset=off,
+            uncompressed_size=size,
+            compressed=rnd.random() < 0.5,
+            file_offset=fo,
+        )
+        shared.append(c)
+        return c
+
+    def meta(mode: int) -> Inode:
+        i = Inode(
+            mode=mode,
+            uid=rnd.choice((0, 1000, 70000)),
+            gid=rnd.choice((0, 100, 1 << 20)),
+            mtime=rnd.choice((1_700_000_000, 1_700_000_000, 1_600_000_123)),
+            mtime_nsec=rnd.choice((0, 0, 5)),
+        )
+        if rnd.random() < 0.1:
+            for name in rnd.sample(_XATTR_NAMES, rnd.randrange(1, 4)):
+                i.xattrs[name] = rnd.randbytes(rnd.randrange(0, 200))
+        return i
+
+    tree = Tree()
+    regs: list[Inode] = []
+    dirs = [tree.root]
+    for d in range(40):
+        parent = rnd.choice(dirs)
+        assert parent.children is not None
+        name = b"d%d" % d
+        node = Node(name, meta(stat.S_IFDIR | 0o755), {})
+        parent.children[name] = node
+        dirs.append(node)
+    big = Node(b"big", meta(stat.S_IFDIR | 0o700), {})
+    assert tree.root.children is not None
+    tree.root.children[b"big"] = big
+    dirs.append(big)
+    odd_names = [b"-dash", b".-", b"...", b"!", b"+plus", b".hidden", b"z" * 255]
+    for n in range(1500):
+        d = big if n < 400 else rnd.choice(dirs)
+        assert d.children is not None
+        name = odd_names.pop() if odd_names else b"f%05d_%s" % (n, b"n" * rnd.randrange(30))
+        kind = rnd.random()
+        if kind < 0.6:
+            i = meta(stat.S_IFREG | 0o644)
+            i.size = rnd.choice((0, 1, 4096, chunk_size, 3 * chunk_size + 7, rnd.randrange(1 << 16)))
+            i.chunks = [
+                chunk(k * chunk_size, min(chunk_size, i.size - k * chunk_size))
+                for k in range(-(-i.size // chunk_size))
+            ]
+            regs.append(i)
+        elif kind < 0.7 and regs:
+            i = rnd.choice(regs)  # hardlink
+        elif kind < 0.85:
+            i = meta(stat.S_IFLNK | 0o777)
+            i.link = rnd.randbytes(rnd.choice((1, 40, 300, 500, 3000, 4096))).replace(b"\0", b"a")
+            i.size = len(i.link)
+        elif kind < 0.93:
+            i = meta(rnd.choice((stat.S_IFCHR, stat.S_IFBLK)) | 0o600)
+            i.rdev = encode_rdev(rnd.randrange(300), rnd.randrange(1 << 12))
+        else:
+            i = meta(rnd.choice((stat.S_IFIFO, stat.S_IFSOCK)) | 0o644)
+        d.children[name] = Node(name, i)
+    return tree, blobs
+
+
+def _write(tmp_path: Path, seed: int, opts: V6Options) -> str:
+    tree, blobs = _tree(seed, opts.block_size, opts.chunk_size)
+    out = tmp_path / "bootstrap"
+    write_bootstrap(tree, blobs, out, opts)
+    h = hashlib.sha256(out.read_bytes())
+    for path, node in tree.walk():  # what the writer assigns on the tree
+        h.update(b"%s %d %d %d\n" % (path, node.inode.nid, node.inode.ino, node.inode.nlink))
+    return h.hexdigest()
+
+
+_CASES = {
+    "default": (1, V6Options(chunk_size=1 << 16)),
+    "compact-zstd-sha256": (
+        2,
+        V6Options(
+            chunk_size=1 << 16,
+            compact_inodes=True,
+            compressor=L.Compressor.ZSTD,
+            digester=L.Digester.SHA256,
+            prefetch=(b"big", b"d3", b"", b"big", b"missing"),
+        ),
+    ),
+    "tarfs-512": (
+        3,
+        V6Options(
+            chunk_size=1 << 12,
+            block_size=L.EROFS_BLOCK_SIZE_512,
+            tarfs=True,
+            digester=L.Digester.SHA256,
+            explicit_uidgid=False,
+            prefetch=(b"d1",),
+        ),
+    ),
+}
+
+_GOLDEN = {
+    "default": "849801b7370d68353dd6426162e0137f8a49aef40c29675deb9eb9f931ca3b0f",
+    "compact-zstd-sha256": "9d8a7d4f7b7624121d886b53beaf436a52b81029870a7d76e3be7bbae8226c14",
+    "tarfs-512": "967fdf802f87309c0b0961415edf753cf35ecceb5ec01797ea03f8856c7b66a5",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_bootstrap_bytes_and_assigned_nids_match_the_pinned_digest(
+    tmp_path: Path, case: str
+) -> None:
+    seed, opts = _CASES[case]
+    assert _write(tmp_path, seed, opts) == _GOLDEN[case]
+
+
+def test_a_second_write_of_the_same_tree_is_identical(tmp_path: Path) -> None:
+    tree, blobs = _tree(4, 4096, 1 << 16)
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_bootstrap(tree, blobs, a, V6Options(chunk_size=1 << 16))
+    write_bootstrap(tree, blobs, b, V6Options(chunk_size=1 << 16))
+    assert a.read_bytes() == b.read_bytes()
