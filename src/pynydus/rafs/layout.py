@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import enum
 import mmap
+import operator
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar, Self
 
@@ -306,6 +307,7 @@ def align_up(value: int, alignment: int) -> int:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELD_GETTERS: dict[type, Callable[[object], tuple[object, ...]]] = {}
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
@@ -313,6 +315,18 @@ def _field_names(cls: type) -> tuple[str, ...]:
     if names is None:
         names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
     return names
+
+
+def _field_getter(cls: type) -> Callable[[object], tuple[object, ...]]:
+    # One attrgetter call reads every field in C; pack() runs per inode and per chunk.
+    names = _field_names(cls)
+    if len(names) == 1:
+        get1 = operator.attrgetter(names[0])
+        getter: Callable[[object], tuple[object, ...]] = lambda v: (get1(v),)
+    else:
+        getter = operator.attrgetter(*names)
+    _FIELD_GETTERS[cls] = getter
+    return getter
 
 
 class PackedStruct:
@@ -325,10 +339,20 @@ class PackedStruct:
 
     def pack(self) -> bytes:
         """On-disk bytes of this value (exactly ``SIZE`` bytes, reserved areas zero)."""
+        cls = type(self)
+        get = _FIELD_GETTERS.get(cls) or _field_getter(cls)
         try:
-            return self._FMT.pack(*[getattr(self, n) for n in _field_names(type(self))])
+            return self._FMT.pack(*get(self))
         except struct.error as err:
-            raise ValueError(f"{type(self).__name__}: cannot pack {self!r}: {err}") from err
+            raise ValueError(f"{cls.__name__}: cannot pack {self!r}: {err}") from err
+
+    @classmethod
+    def codec(cls) -> struct.Struct:
+        """The precompiled struct behind ``pack``/``unpack``: its ``pack`` takes the
+        fields positionally, in declaration order, without building a value first.
+        For writers that encode one structure per inode or chunk; like ``pack``, it
+        raises ``struct.error`` for a field out of range."""
+        return cls._FMT
 
     @classmethod
     def unpack(cls, buf: ReadableBuffer, offset: int = 0) -> Self:

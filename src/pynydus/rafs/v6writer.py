@@ -32,8 +32,9 @@ from __future__ import annotations
 import collections
 import os
 import stat
+import struct
 import tempfile
-from collections import deque
+from bisect import insort
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,28 +86,47 @@ class BootstrapInfo:
     prefetch_nids: tuple[int, ...]
 
 
+_S_IFMT = 0o170000
+_EXT = L.RafsV6InodeExtended.codec()
+_COMPACT = L.RafsV6InodeCompact.codec()
+_DIRENT = L.RafsV6Dirent.codec()
+_CHUNK_ADDR = L.RafsV6InodeChunkAddr.codec()
+_CHUNK_INFO = L.RafsChunkInfo.codec()
+_DIR_FT = int(L.FileType.DIR)
+_FILE_TYPE = {
+    m: int(L.file_type_of_mode(m))
+    for m in (
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+        stat.S_IFIFO,
+        stat.S_IFSOCK,
+    )
+}
+_MAX_XATTRS = L.xattr_ibody_size(0xFFFF)
+
+
 @dataclass(slots=True, eq=False)
-class _Slot:
+class _Deferred:
+    """An inode pass 1 placed but could not encode: a directory (its dirents need
+    nids placed later) or a symlink stored in data blocks (it needs the data area's
+    block address)."""
+
     inode: Inode
-    node: Node
-    offset: int = 0  # relative to the meta area start
-    extended: bool = True
-    xattrs: bytes = b""
-    layout: int = L.EROFS_INODE_FLAT_PLAIN
+    parent: Inode  # of a directory; a symlink's own inode
+    offset: int  # relative to the meta area start
+    extended: bool
+    xattrs: bytes
+    layout: int
+    size: int  # i_size: dirent bytes, or the symlink target length
     inline_size: int = 0
     data_blocks: int = 0  # full blocks in the data area
     data_first: int = 0  # index into the data area
-    dir_size: int = 0
-    parent: Node | None = None  # directories only
-
-    @property
-    def isize(self) -> int:
-        return L.RafsV6InodeExtended.SIZE if self.extended else L.RafsV6InodeCompact.SIZE
-
-
-def _dir_names(node: Node) -> list[bytes]:
-    assert node.children is not None
-    return sorted([b".", b"..", *node.children])
+    children: dict[bytes, Node] | None = None  # of a directory
+    names: list[bytes] | None = None  # dirent names, ``.`` and ``..`` included
+    block_ends: list[int] | None = None  # index in ``names`` where each dirent block ends
 
 
 def _dir_block_sizes(names: list[bytes], bs: int) -> list[int]:
@@ -123,15 +143,64 @@ def _dir_block_sizes(names: list[bytes], bs: int) -> list[int]:
     return sizes
 
 
+def _link_counts(tree: Tree) -> list[tuple[Node, Node, list[Node]]]:
+    """Set every inode's nlink (as :meth:`Tree.finalize` does) and return the
+    directories breadth first as (dir, parent, children sorted by name).
+
+    One walk serves both, so the writer sorts each directory once.
+    """
+    root = tree.root
+    root.inode.nlink = 2
+    order: list[tuple[Node, Node, list[Node]]] = []
+    leaves: list[Inode] = []
+    queue: list[tuple[Node, Node]] = [(root, root)]
+    for d, parent in queue:  # grows while it is read: breadth first
+        kids = d.children
+        assert kids is not None
+        ordered = [kids[k] for k in sorted(kids)]
+        order.append((d, parent, ordered))
+        for c in ordered:
+            if c.children is not None:
+                c.inode.nlink = 2
+                queue.append((c, d))
+            else:
+                leaves.append(c.inode)
+    # Counting starts only after every inode was reset: an inode may have several names.
+    for inode in leaves:
+        inode.nlink = 0
+    for _, parent, _ in order[1:]:
+        parent.inode.nlink += 1
+    for inode in leaves:
+        inode.nlink += 1
+    return order
+
+
 class _Planner:
-    def __init__(self, tree: Tree, opts: V6Options) -> None:
+    """Pass 1: place every inode and encode the ones whose bytes need no later nid.
+
+    Regular files, inline symlinks and special files are encoded into ``meta`` (the
+    meta area, offsets relative to its start) as they are placed; directories and
+    block symlinks are recorded in ``deferred`` for pass 2. Assigns ``nid``/``ino``.
+    """
+
+    def __init__(self, tree: Tree, opts: V6Options, blob_index: Callable[[ChunkRef], int]) -> None:
         self.tree = tree
         self.opts = opts
-        self.slots: list[_Slot] = []
-        self.by_inode: dict[int, _Slot] = {}
+        self.blob_index = blob_index
         self.bs = opts.block_size
+        self.chunk_fmt = L.chunk_format(
+            opts.chunk_size.bit_length() - 1, opts.block_size.bit_length() - 1
+        )
+        self.meta = bytearray()
         self.pos = ALIGN  # first 4 KiB of the meta area stays empty: root nid 128
+        self.inodes = 0
         self.data_blocks = 0
+        self.deferred: list[_Deferred] = []
+        self.placed: set[int] = set()  # id() of placed inodes (hardlinks are placed once)
+        # Chunk table: one record per distinct (digest, blob), first reference wins.
+        # (digest, blob) is unique for deduplicated blobs; tarfs repeats digests.
+        self.chunks: dict[tuple[bytes, int, int], ChunkRef] = {}
+        self.has_xattr = False
         self.build_time = (0, 0)
         if opts.compact_inodes:
             counts = collections.Counter(
@@ -140,15 +209,13 @@ class _Planner:
             self.build_time = counts.most_common(1)[0][0]
 
     def plan(self) -> None:
-        queue: deque[tuple[Node, Node]] = deque([(self.tree.root, self.tree.root)])
-        while queue:
-            d, parent = queue.popleft()
-            self._place(d, parent)
-            for child in d.sorted_children():
-                if child.is_dir:
-                    queue.append((child, d))
-                elif id(child.inode) not in self.by_inode:
-                    self._place(child)
+        placed = self.placed
+        place_leaf = self._place_leaf
+        for d, parent, kids in _link_counts(self.tree):
+            self._place_dir(d, parent, kids)
+            for child in kids:
+                if child.children is None and id(child.inode) not in placed:
+                    place_leaf(child.inode)
 
     def _compact_ok(self, i: Inode) -> bool:
         return (
@@ -161,58 +228,186 @@ class _Planner:
             and (i.mtime, i.mtime_nsec) == self.build_time
         )
 
-    def _place(self, node: Node, parent: Node | None = None) -> None:
-        inode = node.inode
-        s = _Slot(inode, node, extended=not self._compact_ok(inode), parent=parent)
-        s.xattrs = L.pack_v6_xattrs(sorted(inode.xattrs.items()))
-        head = s.isize + len(s.xattrs)
-        if len(s.xattrs) > L.xattr_ibody_size(0xFFFF):
-            raise InvalidArgument(f"inode with {len(s.xattrs)} bytes of xattrs (max ~256 KiB)")
-        tail_bytes = 0  # bytes that must sit in the inode's block
-        extra = 0  # bytes after the inode that may run on (chunk indexes)
-        if node.is_dir:
-            sizes = _dir_block_sizes(_dir_names(node), self.bs)
-            s.dir_size = (len(sizes) - 1) * self.bs + sizes[-1]
-            tail = s.dir_size % self.bs
-            if tail and head + tail <= self.bs:
-                s.layout = L.EROFS_INODE_FLAT_INLINE
-                s.inline_size = tail
-                s.data_blocks = s.dir_size // self.bs
-            else:
-                s.layout = L.EROFS_INODE_FLAT_PLAIN
-                s.data_blocks = _align(s.dir_size, self.bs) // self.bs
-            tail_bytes = s.inline_size
-        elif stat.S_ISLNK(inode.mode):
-            n = len(inode.link)
-            if not 0 < n <= L.RAFS_MAX_SYMLINK:
-                raise InvalidArgument(f"symlink target of {n} bytes (must be 1..4096)")
-            if head + n <= self.bs:
-                s.layout = L.EROFS_INODE_FLAT_INLINE
-                s.inline_size = n
-            else:
-                s.layout = L.EROFS_INODE_FLAT_PLAIN
-                s.data_blocks = -(-n // self.bs)  # several blocks with 512-byte blocks
-            tail_bytes = s.inline_size
-        elif stat.S_ISREG(inode.mode):
-            s.layout = L.EROFS_INODE_CHUNK_BASED
-            n_chunks = -(-inode.size // self.opts.chunk_size)
-            if n_chunks != len(inode.chunks):
-                raise InvalidArgument(
-                    f"regular file of {inode.size} bytes has {len(inode.chunks)} chunks"
-                )
-            extra = (_align(head, 8) - head) + 8 * n_chunks
+    def _xattrs(self, inode: Inode) -> bytes:
+        if not inode.xattrs:
+            return b""
+        xattrs = L.pack_v6_xattrs(sorted(inode.xattrs.items()))
+        if len(xattrs) > _MAX_XATTRS:
+            raise InvalidArgument(f"inode with {len(xattrs)} bytes of xattrs (max ~256 KiB)")
+        self.has_xattr = True
+        return xattrs
+
+    def _slot(self, inode: Inode, head: int, tail: int, extra: int) -> int:
+        """Reserve the next slot: ``head`` (inode + xattrs) and ``tail`` (inline data)
+        in one block, ``extra`` (chunk indexes) may run on. Returns the offset."""
         # Inline data must end in the inode's block (the kernel rejects a tail that
         # crosses); we also keep inode + xattrs in one block whenever they fit one.
-        pos = _align(self.pos, L.EROFS_INODE_SLOT_SIZE)
-        if pos % self.bs + head + tail_bytes > self.bs and head + tail_bytes <= self.bs:
-            pos = _align(pos, self.bs)
-        s.offset = pos
-        self.pos = pos + head + tail_bytes + extra
+        bs = self.bs
+        pos = (self.pos + 31) & ~31
+        if pos % bs + head + tail > bs and head + tail <= bs:
+            pos = _align(pos, bs)
+        self.pos = pos + head + tail + extra
+        self.inodes += 1
+        inode.ino = self.inodes
+        inode.nid = pos // L.EROFS_INODE_SLOT_SIZE
+        self.placed.add(id(inode))
+        return pos
+
+    def _place_dir(self, node: Node, parent: Node, kids: list[Node]) -> None:
+        inode = node.inode
+        bs = self.bs
+        extended = not (self.opts.compact_inodes and self._compact_ok(inode))
+        xattrs = self._xattrs(inode)
+        head = (64 if extended else 32) + len(xattrs)
+        names = [c.name for c in kids]
+        insort(names, b".")
+        insort(names, b"..")
+        ends: list[int] = []
+        used = 0
+        for i, name in enumerate(names):
+            n = len(name)
+            if not 0 < n <= L.EROFS_NAME_LEN or b"\0" in name:
+                raise ValueError(f"dirent name {name!r} is empty, too long or contains NUL")
+            if used + 12 + n > bs:
+                ends.append(i)
+                used = 0
+            used += 12 + n
+        ends.append(len(names))
+        size = (len(ends) - 1) * bs + used
+        tail = size % bs
+        if tail and head + tail <= bs:
+            s = _Deferred(inode, parent.inode, 0, extended, xattrs, L.EROFS_INODE_FLAT_INLINE, size)
+            s.inline_size = tail
+            s.data_blocks = size // bs
+        else:
+            s = _Deferred(inode, parent.inode, 0, extended, xattrs, L.EROFS_INODE_FLAT_PLAIN, size)
+            s.data_blocks = -(-size // bs)
+        s.children, s.names, s.block_ends = node.children, names, ends
+        s.offset = self._slot(inode, head, s.inline_size, 0)
+        self._reserve_data(s)
+
+    def _reserve_data(self, s: _Deferred) -> None:
         if s.data_blocks:
             s.data_first = self.data_blocks
             self.data_blocks += s.data_blocks
-        self.slots.append(s)
-        self.by_inode[id(inode)] = s
+        self.deferred.append(s)
+
+    def _place_leaf(self, inode: Inode) -> None:
+        mode = inode.mode
+        typ = mode & _S_IFMT
+        extended = not (self.opts.compact_inodes and self._compact_ok(inode))
+        xattrs = self._xattrs(inode)
+        head = (64 if extended else 32) + len(xattrs)
+        chunks = inode.chunks
+        tail = b""
+        pad = 0
+        u = 0
+        if typ == stat.S_IFREG:
+            layout = L.EROFS_INODE_CHUNK_BASED
+            n_chunks = -(-inode.size // self.opts.chunk_size)
+            if n_chunks != len(chunks):
+                raise InvalidArgument(
+                    f"regular file of {inode.size} bytes has {len(chunks)} chunks"
+                )
+            u = self.chunk_fmt
+            pad = -head & 7  # chunk indexes are 8-byte aligned
+            extra = pad + 8 * n_chunks
+        else:
+            if chunks:
+                raise InvalidArgument(f"inode of mode 0o{mode:o} has chunks")
+            layout = L.EROFS_INODE_FLAT_PLAIN
+            extra = 0
+            if typ == stat.S_IFLNK:
+                link = inode.link
+                n = len(link)
+                if not 0 < n <= L.RAFS_MAX_SYMLINK:
+                    raise InvalidArgument(f"symlink target of {n} bytes (must be 1..4096)")
+                if head + n > self.bs:
+                    s = _Deferred(inode, inode, 0, extended, xattrs, layout, inode.size)
+                    s.data_blocks = -(-n // self.bs)  # several blocks with 512-byte blocks
+                    s.offset = self._slot(inode, head, 0, 0)
+                    self._reserve_data(s)
+                    return
+                layout = L.EROFS_INODE_FLAT_INLINE
+                tail = link
+            elif typ == stat.S_IFCHR or typ == stat.S_IFBLK:
+                u = inode.rdev
+        pos = self._slot(inode, head, len(tail), extra)
+        meta = self.meta
+        if pos > len(meta):
+            meta += bytes(pos - len(meta))
+        meta += _pack_inode(inode, extended, layout, len(xattrs), inode.size, u)
+        meta += xattrs
+        if tail:
+            meta += tail
+        if chunks:
+            if pad:
+                meta += bytes(pad)
+            meta += self._chunk_indexes(chunks)
+
+    def _chunk_indexes(self, chunks: list[ChunkRef]) -> bytes:
+        table = self.chunks
+        blob_index = self.blob_index
+        bs = self.bs
+        out = []
+        for c in chunks:
+            bi = blob_index(c)
+            ci = c.ci_index
+            key = (c.digest, bi, ci)
+            if key not in table:
+                table[key] = c
+            if not 0 <= ci < L.RAFS_MAX_CHUNKS_PER_BLOB:
+                raise ValueError(f"chunk index {ci} out of range")
+            try:
+                # device id = blob index + 1; bits 16..23 of the index above it
+                out.append(
+                    _CHUNK_ADDR.pack(
+                        ci & 0xFFFF, (ci >> 16) << 8 | (bi + 1), c.uncompressed_offset // bs
+                    )
+                )
+            except struct.error as err:
+                raise ValueError(f"chunk at {c.uncompressed_offset}: cannot index: {err}") from err
+        return b"".join(out)
+
+
+def _pack_inode(
+    inode: Inode, extended: bool, layout: int, xattr_len: int, size: int, u: int
+) -> bytes:
+    """The 64- or 32-byte EROFS inode record of ``inode``."""
+    icount = (xattr_len - L.EROFS_XATTR_IBODY_HEADER_SIZE) // 4 + 1 if xattr_len else 0
+    try:
+        if extended:
+            return _EXT.pack(
+                L.EROFS_INODE_LAYOUT_EXTENDED | layout << 1,
+                icount,
+                inode.mode,
+                size,
+                u,
+                inode.ino,
+                inode.uid,
+                inode.gid,
+                inode.mtime,
+                inode.mtime_nsec,
+                inode.nlink,
+            )
+        return _COMPACT.pack(
+            L.EROFS_INODE_LAYOUT_COMPACT | layout << 1,
+            icount,
+            inode.mode,
+            inode.nlink,
+            size,
+            0,
+            u,
+            inode.ino,
+            inode.uid,
+            inode.gid,
+        )
+    except struct.error as err:
+        kind = "RafsV6InodeExtended" if extended else "RafsV6InodeCompact"
+        raise ValueError(
+            f"{kind}: cannot pack inode {inode.ino} (mode 0o{inode.mode:o}, uid {inode.uid}, "
+            f"gid {inode.gid}, size {size}, mtime {inode.mtime}): {err}"
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -320,11 +515,13 @@ def write_bootstrap(
     """Write ``tree`` as a RAFS v6 bootstrap to ``out_path`` (atomically, via rename).
 
     ``blobs`` is the blob table in order; every chunk of the tree must reference one
-    of them (by identity or blob id). Assigns ``nid``/``ino`` on the tree's inodes.
-    Raises :class:`InvalidArgument` when the tree cannot be represented.
+    of them (by identity or blob id). Assigns ``nid``/``ino`` on the tree's inodes
+    and sets their ``nlink`` (as :meth:`Tree.finalize`). Raises
+    :class:`InvalidArgument` when the tree cannot be represented. Costs one walk
+    of the tree and one encoding of each inode; the same tree and options give
+    byte-identical output.
     """
-    tree.finalize()
-    blob_index: dict[int, int] = {id(b): i for i, b in enumerate(blobs)}
+    blob_ids: dict[int, int] = {id(b): i for i, b in enumerate(blobs)}
     by_id: dict[str, int] = {b.blob_id: i for i, b in enumerate(blobs)}
     if len(by_id) != len(blobs):
         raise InvalidArgument("blob table has duplicate blob ids")
@@ -332,16 +529,17 @@ def write_bootstrap(
         raise InvalidArgument(f"{len(blobs)} blobs: RAFS v6 supports at most 254")
 
     def index_of(c: ChunkRef) -> int:
-        i = blob_index.get(id(c.blob))
+        blob = c.blob
+        i = blob_ids.get(id(blob))
         if i is None:
-            i = by_id.get(c.blob.blob_id)
-        if i is None:
-            raise InvalidArgument(f"chunk references blob {c.blob.blob_id!r} not in blob table")
+            i = by_id.get(blob.blob_id)
+            if i is None:
+                raise InvalidArgument(f"chunk references blob {blob.blob_id!r} not in blob table")
+            blob_ids[id(blob)] = i  # the chunk keeps ``blob`` alive, so its id stays its own
         return i
 
-    planner = _Planner(tree, opts)
+    planner = _Planner(tree, opts, index_of)
     planner.plan()
-    slots = planner.slots
 
     # Prefetch nids are known only after planning; their count is known now.
     pf_nodes: list[Node] = []
@@ -355,21 +553,13 @@ def write_bootstrap(
     pf_off, pf_size, meta_base = heads.prefetch_offset, heads.prefetch_size, heads.meta_base
     meta_blkaddr = meta_base // bs
     data_base = _align(meta_base + planner.pos, bs)
-    data_blk0 = data_base // bs
 
-    for ino, s in enumerate(slots, start=1):
-        s.inode.nid = s.offset // L.EROFS_INODE_SLOT_SIZE
-        s.inode.ino = ino
     root_nid = tree.root.inode.nid
     if root_nid > 0xFFFF:
         raise InvalidArgument(f"root nid {root_nid} does not fit the superblock")
 
     # Chunk table: one record per distinct (digest, blob), sorted like upstream.
-    table: dict[tuple[bytes, int, int], ChunkRef] = {}
-    for s in slots:
-        for c in s.inode.chunks:
-            # (digest, blob) is unique for deduplicated blobs; tarfs repeats digests.
-            table.setdefault((c.digest, index_of(c), c.ci_index), c)
+    table = planner.chunks
     chunk_keys = sorted(table)
     chunk_tbl_off = _align(data_base + planner.data_blocks * bs, ALIGN)
     chunk_tbl_size = len(chunk_keys) * L.RAFS_V6_CHUNK_INFO_SIZE
@@ -378,29 +568,32 @@ def write_bootstrap(
         chunk_tbl_off = 0
         total = _align(data_base + planner.data_blocks * bs, ALIGN)
 
-    buf = bytearray(total)
-    blkszbits = bs.bit_length() - 1
-    chunk_fmt = L.chunk_format(opts.chunk_size.bit_length() - 1, blkszbits)
-    has_xattr = False
-    for s in slots:
-        has_xattr |= bool(s.xattrs)
-        _write_inode(buf, s, meta_base, data_blk0, chunk_fmt, bs, index_of)
+    buf = bytearray(meta_base)
+    buf += planner.meta
+    buf += bytes(total - len(buf))
+    for s in planner.deferred:
+        _write_deferred(buf, s, meta_base, data_base // bs, bs)
 
-    # Chunk table.
     pos = chunk_tbl_off
     for key in chunk_keys:
         c = table[key]
-        buf[pos : pos + L.RAFS_V6_CHUNK_INFO_SIZE] = L.RafsChunkInfo(
-            digest=c.digest,
-            blob_index=key[1],
-            flags=int(L.ChunkFlags.COMPRESSED) if c.compressed else 0,
-            compressed_size=c.compressed_size,
-            uncompressed_size=c.uncompressed_size,
-            compressed_offset=c.compressed_offset,
-            uncompressed_offset=c.uncompressed_offset,
-            file_offset=c.file_offset,
-            index=c.ci_index,
-        ).pack()
+        try:
+            _CHUNK_INFO.pack_into(
+                buf,
+                pos,
+                c.digest,
+                key[1],
+                int(L.ChunkFlags.COMPRESSED) if c.compressed else 0,
+                c.compressed_size,
+                c.uncompressed_size,
+                c.compressed_offset,
+                c.uncompressed_offset,
+                c.file_offset,
+                c.ci_index,
+                0,
+            )
+        except struct.error as err:
+            raise ValueError(f"RafsChunkInfo: cannot pack {c!r}: {err}") from err
         pos += L.RAFS_V6_CHUNK_INFO_SIZE
 
     # Prefetch table.
@@ -413,16 +606,16 @@ def write_bootstrap(
         opts,
         heads,
         root_nid=root_nid,
-        inos=len(slots),
+        inos=planner.inodes,
         build_time=planner.build_time,
         chunk_table=(chunk_tbl_off, chunk_tbl_size),
-        has_xattr=has_xattr,
+        has_xattr=planner.has_xattr,
     )
 
     _atomic_write(os.fspath(out_path), buf)
     return BootstrapInfo(
         size=total,
-        inodes=len(slots),
+        inodes=planner.inodes,
         root_nid=root_nid,
         meta_blkaddr=meta_blkaddr,
         chunk_table_entries=len(chunk_keys),
@@ -455,94 +648,53 @@ def _blob_entry(b: BlobDesc, index: int) -> L.RafsV6Blob:
     )
 
 
-def _write_inode(
-    buf: bytearray,
-    s: _Slot,
-    meta_base: int,
-    data_blk0: int,
-    chunk_fmt: int,
-    bs: int,
-    index_of: Callable[[ChunkRef], int],
-) -> None:
+def _write_deferred(buf: bytearray, s: _Deferred, meta_base: int, data_blk0: int, bs: int) -> None:
+    """Pass 2: encode a directory (dirents, now that every nid is known) or a block
+    symlink (now that the data area's address is known) into the image ``buf``."""
     inode = s.inode
     off = meta_base + s.offset
-    u = 0
-    size = inode.size
-    inline = b""
-    if s.node.is_dir:
-        size = s.dir_size
-        node = s.node
-        assert node.children is not None
-        parent_nid = s.parent.inode.nid if s.parent is not None else inode.nid
-        entries: list[tuple[bytes, int, int]] = []
-        for name in _dir_names(node):
-            if name == b".":
-                entries.append((name, inode.nid, L.FileType.DIR))
-            elif name == b"..":
-                entries.append((name, parent_nid, L.FileType.DIR))
-            else:
-                child = node.children[name].inode
-                entries.append((name, child.nid, L.file_type_of_mode(child.mode)))
-        blocks = L.pack_dir_blocks(entries, bs)
-        assert (len(blocks) - 1) * bs + len(blocks[-1]) == size, "dirent sizing drift"
-        full = blocks[:-1] if s.inline_size else blocks
-        if s.inline_size:
-            inline = blocks[-1]
-        if full:
-            u = data_blk0 + s.data_first
-            p = u * bs
-            for blk in full:
-                buf[p : p + len(blk)] = blk
-                p += bs
-    elif stat.S_ISLNK(inode.mode):
-        if s.inline_size:
-            inline = inode.link
-        else:
-            u = data_blk0 + s.data_first
-            buf[u * bs : u * bs + len(inode.link)] = inode.link
-    elif stat.S_ISREG(inode.mode):
-        u = chunk_fmt
-    elif stat.S_ISCHR(inode.mode) or stat.S_ISBLK(inode.mode):
-        u = inode.rdev
-    fmt = L.inode_format(s.extended, s.layout)
-    icount = L.xattr_icount_for(len(s.xattrs))
-    if s.extended:
-        raw = L.RafsV6InodeExtended(
-            format=fmt,
-            xattr_icount=icount,
-            mode=inode.mode,
-            size=size,
-            u=u,
-            ino=inode.ino,
-            uid=inode.uid,
-            gid=inode.gid,
-            mtime=inode.mtime,
-            mtime_nsec=inode.mtime_nsec,
-            nlink=inode.nlink,
-        ).pack()
+    head = (64 if s.extended else 32) + len(s.xattrs)
+    u = data_blk0 + s.data_first if s.data_blocks else 0
+    if s.names is None:
+        buf[u * bs : u * bs + len(inode.link)] = inode.link
     else:
-        raw = L.RafsV6InodeCompact(
-            format=fmt,
-            xattr_icount=icount,
-            mode=inode.mode,
-            nlink=inode.nlink,
-            size=size,
-            u=u,
-            ino=inode.ino,
-            uid=inode.uid,
-            gid=inode.gid,
-        ).pack()
-    body = raw + s.xattrs + inline
-    buf[off : off + len(body)] = body
-    if inode.chunks:
-        p = off + _align(len(raw) + len(s.xattrs), 8)
-        for c in inode.chunks:
-            buf[p : p + 8] = L.RafsV6InodeChunkAddr.of(
-                index_of(c),
-                c.ci_index,
-                c.uncompressed_offset // bs,
-            ).pack()
-            p += 8
+        _write_dirents(buf, s, u * bs if s.data_blocks else 0, off + head, bs)
+    buf[off : off + head] = (
+        _pack_inode(inode, s.extended, s.layout, len(s.xattrs), s.size, u) + s.xattrs
+    )
+
+
+def _write_dirents(buf: bytearray, s: _Deferred, data_at: int, inline_at: int, bs: int) -> None:
+    """Dirent blocks of directory ``s``: full blocks from ``data_at`` on, the last one
+    at ``inline_at`` when it is inline. Each block holds its 12-byte dirents, then
+    their names unterminated; the rest stays zero (``buf`` comes zeroed)."""
+    names, ends, kids = s.names, s.block_ends, s.children
+    assert names is not None and ends is not None and kids is not None
+    self_nid = s.inode.nid
+    parent_nid = s.parent.nid
+    file_type = _FILE_TYPE
+    pack_into = _DIRENT.pack_into
+    start = 0
+    last = len(ends) - 1
+    for k, end in enumerate(ends):
+        p = inline_at if k == last and s.inline_size else data_at + k * bs
+        block = names[start:end]
+        nameoff = 12 * len(block)
+        q = p + nameoff
+        for name in block:
+            if name == b".":
+                pack_into(buf, p, self_nid, nameoff, _DIR_FT)
+            elif name == b"..":
+                pack_into(buf, p, parent_nid, nameoff, _DIR_FT)
+            else:
+                child = kids[name].inode
+                pack_into(buf, p, child.nid, nameoff, file_type.get(child.mode & _S_IFMT, 0))
+            p += 12
+            nameoff += len(name)
+        joined = b"".join(block)
+        buf[q : q + len(joined)] = joined
+        start = end
+    assert last * bs + nameoff == s.size, "dirent sizing drift"
 
 
 def _atomic_write(path: str, data: bytes | bytearray) -> None:

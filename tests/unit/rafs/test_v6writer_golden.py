@@ -104,7 +104,9 @@ def _tree(seed: int, bs: int, chunk_size: int) -> tuple[Tree, list[BlobDesc]]:
         kind = rnd.random()
         if kind < 0.6:
             i = meta(stat.S_IFREG | 0o644)
-            i.size = rnd.choice((0, 1, 4096, chunk_size, 3 * chunk_size + 7, rnd.randrange(1 << 16)))
+            i.size = rnd.choice(
+                (0, 1, 4096, chunk_size, 3 * chunk_size + 7, rnd.randrange(1 << 16))
+            )
             i.chunks = [
                 chunk(k * chunk_size, min(chunk_size, i.size - k * chunk_size))
                 for k in range(-(-i.size // chunk_size))
