@@ -24,10 +24,12 @@ from __future__ import annotations
 import base64
 import enum
 import errno
+import io
 import os
 import stat
 import tarfile
 import threading
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, cast
@@ -148,6 +150,9 @@ def normalize_path(raw: bytes) -> bytes:
 
     Raises :class:`FormatError` for ``..`` components, which could escape the root.
     """
+    if raw[:1] not in (b"/", b".") and b"//" not in raw and b"/." not in raw:
+        # No empty, "." or ".." component, except an empty one after a trailing "/".
+        return raw[:-1] if raw.endswith(b"/") else raw
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise FormatError(f"layer path {raw!r}: '..' component not allowed")
@@ -155,6 +160,44 @@ def normalize_path(raw: bytes) -> bytes:
 
 
 # --------------------------------------------------------------------------- tar
+#
+# Headers are parsed here, not by tarfile: tarfile costs ~25 µs per member (a
+# TarInfo, a dozen nti/nts calls, two 512-element checksum sums), a large share of a
+# big layer's main-thread time. _parse_header takes one 512-byte block and returns
+# its fields, or None for anything short of a well-formed header of a common type.
+# A member whose header chain (PAX ``x``/``g``, GNU ``L``/``K``, then the member's
+# own header) parses and holds only ordinary PAX records is built here, applying the
+# chain as tarfile does. Anything else -- GNU sparse, vendor typeflags, unusual PAX
+# records, bad checksums or numbers, the zero block at the end, a truncated header --
+# is handed to tarfile together with the blocks already taken for it
+# (:class:`_Replay`), so tarfile decides exactly as it always did. Either way the
+# outcome equals tarfile's.
+#
+# Names, link targets and PAX values stay bytes: tarfile decodes them as UTF-8 with
+# surrogateescape (TarSource's settings) and _enc encodes them back, which gives
+# the original bytes for any input, so nothing is decoded on the fast path.
+
+_BLOCK = 512
+
+# Typeflags the fast path builds entries for (tarfile's REGTYPE, AREGTYPE, CONTTYPE,
+# LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE) ...
+_PLAIN_TYPES: dict[bytes, EntryType] = {
+    b"0": EntryType.REG,
+    b"\0": EntryType.REG,
+    b"7": EntryType.REG,
+    b"1": EntryType.HARDLINK,
+    b"2": EntryType.SYMLINK,
+    b"3": EntryType.CHAR,
+    b"4": EntryType.BLOCK,
+    b"5": EntryType.DIR,
+    b"6": EntryType.FIFO,
+}
+# ... and the headers that qualify the member after them: PAX extended and global
+# records, GNU long name and long link target.
+_EXT_TYPES = frozenset((b"x", b"g", b"L", b"K"))
+
+# type, name, mode, uid, gid, size, mtime, linkname, devmajor, devminor, prefix
+_Header = tuple[bytes, bytes, int, int, int, int, int, bytes, int, int, bytes]
 
 
 def _peek(f: BinaryIO, n: int) -> bytes:
@@ -165,6 +208,144 @@ def _peek(f: BinaryIO, n: int) -> bytes:
             break
         buf += got
     return buf
+
+
+def _padded(size: int) -> int:
+    """``size`` rounded up to whole blocks (for any int, as tarfile rounds)."""
+    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _cstr(field: bytes) -> bytes:
+    """A header text field up to its first NUL."""
+    end = field.find(b"\0")
+    return field if end < 0 else field[:end]
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field as tarfile reads it; ValueError if it reads none.
+
+    GNU base-256 when the lead byte is 0x80 (positive) or 0xFF (negative, two's
+    complement); else ASCII octal up to the first NUL, blanks around it ignored,
+    blank meaning 0.
+    """
+    lead = field[0]
+    if lead == 0x80 or lead == 0xFF:
+        n = int.from_bytes(field[1:], "big")
+        return n - (1 << (8 * len(field) - 8)) if lead == 0xFF else n
+    text = _cstr(field).decode("ascii").strip()
+    return int(text or "0", 8)
+
+
+# mode+uid+gid and devmajor+devminor fields, as read: a layer repeats a few
+# spellings thousands of times, and a dict lookup is cheaper than parsing them.
+_IDS: dict[bytes, tuple[int, int, int]] = {}
+_DEVS: dict[bytes, tuple[int, int]] = {}
+_FIELD_CACHE_MAX = 4096
+
+
+def _octal(field: bytes) -> int:
+    """The usual spelling of a number (octal digits ended by NUL or space) fast;
+    anything else through :func:`_number`."""
+    try:
+        return int(field.rstrip(b" \0") or b"0", 8)
+    except ValueError:
+        # An embedded NUL (text after the end) or base-256 land here: int() takes
+        # neither, so whatever it does take reads the same as tarfile reads it.
+        return _number(field)
+
+
+def _parse_header(buf: bytes) -> _Header | None:
+    """The fields of one tar header block, or None unless it is a well-formed
+    header of a type in :data:`_PLAIN_TYPES` or :data:`_EXT_TYPES` with a
+    non-negative size.
+
+    Well-formed as tarfile judges it: 512 bytes, not all zero, the checksum equal
+    to the unsigned or the signed byte sum (the checksum field counted as spaces),
+    every numeric field readable. Text fields are cut at their first NUL; nothing
+    else is interpreted (no prefix joining, no V7 directory rule).
+    """
+    if len(buf) != _BLOCK:
+        return None
+    # The byte sum through adler32's low half (1 + sum mod 65521): exact for 256
+    # bytes (at most 65280), and a C call instead of a loop over 512 ints.
+    total = (zlib.adler32(buf[:256]) & 0xFFFF) + (zlib.adler32(buf[256:]) & 0xFFFF) - 2
+    if total == 0:
+        return None  # the zero block that ends an archive
+    flag = buf[156:157]
+    if flag not in _PLAIN_TYPES and flag not in _EXT_TYPES:
+        return None
+    try:
+        key = buf[100:124]
+        ids = _IDS.get(key)
+        if ids is None:
+            ids = _octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124])
+            if len(_IDS) >= _FIELD_CACHE_MAX:
+                _IDS.clear()
+            _IDS[key] = ids
+        key = buf[329:345]
+        devs = _DEVS.get(key)
+        if devs is None:
+            devs = _octal(buf[329:337]), _octal(buf[337:345])
+            if len(_DEVS) >= _FIELD_CACHE_MAX:
+                _DEVS.clear()
+            _DEVS[key] = devs
+        size = _octal(buf[124:136])
+        mtime = _octal(buf[136:148])
+        chksum = _octal(buf[148:156])
+    except ValueError:
+        return None
+    unsigned = total - sum(buf[148:156]) + 8 * 32
+    if chksum != unsigned:
+        high = sum(b >> 7 for b in buf[:148]) + sum(b >> 7 for b in buf[156:])
+        if chksum != unsigned - 256 * high:
+            return None
+    if size < 0:
+        return None
+    end = buf.find(0, 0, 100)
+    return (
+        flag,
+        buf[:end] if end >= 0 else buf[:100],
+        *ids,
+        size,
+        mtime,
+        _cstr(buf[157:257]) if buf[157] else b"",
+        *devs,
+        _cstr(buf[345:500]) if buf[345] else b"",
+    )
+
+
+def _pax_records(payload: bytes) -> dict[bytes, bytes] | None:
+    """The ``LENGTH KEY=VALUE\\n`` records of a PAX header's data (block padding
+    included), or None for anything tarfile might read differently: a malformed or
+    zero-length record, trailing bytes other than NUL, ``hdrcharset`` (validated
+    by tarfile) and ``GNU.sparse.*`` keys (sparse files). A key given twice keeps
+    its first place and its last value."""
+    if b"hdrcharset=" in payload or b"GNU.sparse." in payload:
+        return None
+    records: dict[bytes, bytes] = {}
+    pos, n = 0, len(payload)
+    while pos < n and payload[pos]:
+        space = payload.find(b" ", pos, pos + 24)
+        digits = payload[pos:space]
+        if space < 0 or not digits.isdigit():
+            return None
+        end = pos + int(digits)
+        equals = payload.find(b"=", space + 1, end - 1)
+        if end > n or payload[end - 1] != 0x0A or equals <= space + 1:
+            return None
+        records[payload[space + 1 : equals]] = payload[equals + 1 : end - 1]
+        pos = end
+    if payload.count(0, pos) != n - pos:
+        return None
+    return records
+
+
+def _pax_number(value: bytes, kind: type[int | float]) -> int | float:
+    """A PAX number as tarfile applies it (as text; 0 if unreadable)."""
+    try:
+        return kind(value.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return 0
 
 
 def _pax_time(value: str) -> tuple[int, int]:
@@ -181,24 +362,102 @@ def _pax_time(value: str) -> tuple[int, int]:
     return sec, nsec
 
 
+def _mtime(path: bytes, pax: Mapping[bytes, bytes], fallback: float) -> tuple[int, int]:
+    """(seconds, nanoseconds): PAX ``mtime`` if given (exactly), else ``fallback``."""
+    value = pax.get(b"mtime")
+    try:
+        if value is None:
+            return int(fallback), 0
+        return _pax_time(value.decode("utf-8", "surrogateescape"))
+    except (ValueError, OverflowError) as err:
+        raise FormatError(f"layer tar: {path!r}: bad mtime {value!r}: {err}") from err
+
+
 def _enc(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def _tar_xattrs(pax: Mapping[str, str]) -> dict[bytes, bytes]:
+def _dec(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _tar_xattrs(pax: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for key, value in pax.items():
-        if key.startswith("LIBARCHIVE.xattr."):
-            name = _enc(key[len("LIBARCHIVE.xattr.") :])
-            b64 = value + "=" * (-len(value) % 4)
+        if key.startswith(b"LIBARCHIVE.xattr.") and value.isascii():
+            b64 = value + b"=" * (-len(value) % 4)
             try:
-                out.setdefault(name, base64.b64decode(b64, altchars=b"-_"))
+                out.setdefault(key[len(b"LIBARCHIVE.xattr.") :], base64.b64decode(b64, b"-_"))
             except ValueError:
                 continue
     for key, value in pax.items():
-        if key.startswith("SCHILY.xattr."):
-            out[_enc(key[len("SCHILY.xattr.") :])] = _enc(value)
+        if key.startswith(b"SCHILY.xattr."):
+            out[key[len(b"SCHILY.xattr.") :]] = value
     return out
+
+
+def _entry(
+    etype: EntryType,
+    path: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime: tuple[int, int],
+    size: int,
+    link: bytes,
+    rdev: tuple[int, int],
+    xattrs: dict[bytes, bytes],
+    data_offset: int | None,
+) -> Entry:
+    """The Entry of one member; fields a type does not have are left at their defaults."""
+    path = normalize_path(path)
+    if etype is EntryType.REG:
+        return Entry(path, etype, mode & 0o7777, uid, gid, *mtime, size, b"", 0, 0, xattrs,
+                     data_offset)
+    if etype is EntryType.HARDLINK:
+        link = normalize_path(link)
+    elif etype is not EntryType.SYMLINK:
+        link = b""
+    if etype is not EntryType.CHAR and etype is not EntryType.BLOCK:
+        rdev = (0, 0)
+    return Entry(path, etype, mode & 0o7777, uid, gid, *mtime, 0, link, *rdev, xattrs, None)
+
+
+def _member_entry(m: tarfile.TarInfo) -> Entry | None:
+    """The Entry of a member tarfile parsed; None for types a filesystem cannot show.
+
+    Path and mtime are checked first, for every type, as TarSource always did."""
+    name = _enc(m.name)
+    normalize_path(name)
+    pax = {_enc(k): _enc(v) for k, v in m.pax_headers.items()}
+    mtime = _mtime(name, pax, m.mtime)
+    if m.isreg():  # REGTYPE, AREGTYPE, CONTTYPE, GNU sparse
+        etype = EntryType.REG
+    elif m.isdir():
+        etype = EntryType.DIR
+    elif m.issym():
+        etype = EntryType.SYMLINK
+    elif m.islnk():
+        etype = EntryType.HARDLINK
+    elif m.ischr() or m.isblk():
+        etype = EntryType.CHAR if m.ischr() else EntryType.BLOCK
+    elif m.isfifo():
+        etype = EntryType.FIFO
+    else:
+        return None  # unknown vendor types carry nothing a filesystem can show
+    return _entry(
+        etype,
+        name,
+        m.mode,
+        m.uid,
+        m.gid,
+        mtime,
+        m.size,
+        _enc(m.linkname),
+        (m.devmajor, m.devminor),
+        _tar_xattrs(pax),
+        None if m.issparse() else m.offset_data,
+    )
 
 
 # Directory read-ahead (_ReadAhead): files up to this size are read whole, at most
@@ -214,6 +473,13 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     UnicodeError,
     *DECODE_ERRORS,
 )
+# ... and what tarfile lets out for some malformed members (a GNU.sparse.size that is
+# no number, say): a FormatError too when it parses a member for _TarReader.
+_MEMBER_ERRORS: tuple[type[BaseException], ...] = (*_DECODE_ERRORS, ValueError)
+
+# Gaps up to this size (block padding, small unread files) are skipped with one
+# read; longer ones with a seek.
+_SKIP_READ = 64 * 1024
 
 
 class _Sink(Protocol):
@@ -221,17 +487,22 @@ class _Sink(Protocol):
 
 
 class _Slice:
-    """The next ``size`` bytes of a layer stream, as zero-copy views where possible."""
+    """The next ``size`` bytes of a layer stream (a member's file data), as zero-copy
+    views where possible; a truncated or corrupt stream is a FormatError."""
 
-    def __init__(self, stream: LayerStream, size: int) -> None:
+    def __init__(self, stream: LayerStream, size: int, path: bytes) -> None:
         self._stream = stream
         self._left = size
+        self._path = path
 
     def read(self, n: int = -1, /) -> bytes | memoryview:
         n = self._left if n < 0 else min(n, self._left)
         if n <= 0:
             return b""
-        data = self._stream.read_view(n)
+        try:
+            data = self._stream.read_view(n)
+        except _DECODE_ERRORS as err:
+            raise FormatError(f"layer tar: data of {self._path!r}: {err}") from err
         self._left -= len(data)
         if len(data) < n:
             self._left = 0  # the stream ended early: the caller sees a short file
@@ -239,9 +510,9 @@ class _Slice:
 
 
 class _TarData:
-    """File data of one tar member; a truncated or corrupt stream is a FormatError."""
+    """File data tarfile reads for a sparse member; corrupt data is a FormatError."""
 
-    def __init__(self, f: _Slice | BinaryIO, path: bytes) -> None:
+    def __init__(self, f: BinaryIO, path: bytes) -> None:
         self._f = f
         self._path = path
 
@@ -250,6 +521,241 @@ class _TarData:
             return self._f.read(n)
         except _DECODE_ERRORS as err:
             raise FormatError(f"layer tar: data of {self._path!r}: {err}") from err
+
+
+class _Replay:
+    """A layer stream with the bytes already taken from it put back in front.
+
+    What tarfile reads a member through when the fast path declines it: ``read``,
+    ``tell`` and forward ``seek``, at the offsets of the stream itself."""
+
+    def __init__(self, stream: LayerStream, head: bytes) -> None:
+        self._stream = stream
+        self.head = head
+
+    def read(self, n: int = -1, /) -> bytes:
+        head = self.head
+        if not head:
+            return self._stream.read(n)
+        if 0 <= n <= len(head):
+            self.head = head[n:]
+            return head[:n]
+        self.head = b""
+        return head + self._stream.read(n - len(head) if n >= 0 else -1)
+
+    def tell(self) -> int:
+        return self._stream.tell() - len(self.head)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            pos += self.tell()
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("layer stream: seek from the end")
+        drop = pos - self.tell()
+        if 0 <= drop <= len(self.head):
+            self.head = self.head[drop:]
+            return pos
+        self.head = b""
+        return self._stream.seek(pos)
+
+
+class _TarReader:
+    """The members of the tar in a :class:`LayerStream`, one header chain at a time.
+
+    Holds what carries from member to member: the offset of the next header (as
+    tarfile's ``TarFile.offset``) and the PAX global records.
+    """
+
+    def __init__(self, stream: LayerStream) -> None:
+        self._stream = stream
+        self._offset = 0
+        self._glob: dict[bytes, bytes] = {}
+        self._glob_sparse = False  # GNU.sparse.* global records: tarfile applies those
+
+    def next(self) -> tuple[Entry | None, DataReader | None] | None:
+        """The next member (its Entry None for vendor types), or None at the end.
+
+        Like ``TarFile.next``: first skips what is left of the previous member
+        (FormatError if the stream ends first). The previous member's reader is
+        invalid afterwards.
+        """
+        stream = self._stream
+        start = self._offset
+        pos = stream.tell()
+        if pos != start:
+            self._skip(pos, start)
+        buf = stream.read(_BLOCK)
+        hdr = _parse_header(buf)
+        if hdr is None or self._glob_sparse:
+            return self._delegate([buf], start)
+        if hdr[0] in _EXT_TYPES or self._glob:
+            return self._chain(hdr, [buf], start)
+        # The common case: a plain header, no PAX records anywhere.
+        flag, name, mode, uid, gid, size, mtime, link, major, minor, prefix = hdr
+        etype = _PLAIN_TYPES[flag]
+        if flag == b"\0" and name.endswith(b"/"):
+            etype = EntryType.DIR  # V7 spelling of a directory
+        if prefix:
+            name = prefix + b"/" + name
+        data = start + _BLOCK
+        if etype is EntryType.REG:
+            self._offset = data + _padded(size)
+            path = normalize_path(name)
+            entry = Entry(path, etype, mode & 0o7777, uid, gid, mtime, 0, size, b"", 0, 0, {},
+                          data)
+            return entry, _Slice(stream, size, path)
+        self._offset = data
+        return _entry(etype, name, mode, uid, gid, (mtime, 0), 0, link, (major, minor), {},
+                      None), None
+
+    def _chain(
+        self, hdr: _Header, chain: list[bytes], start: int
+    ) -> tuple[Entry | None, DataReader | None] | None:
+        """A member with PAX records (global or its own) or GNU long names.
+
+        tarfile applies a chain from the inside out: the global records when it
+        parses the member's own header, then each qualifying header from the one
+        nearest the member to the first; each ``x`` replaces the member's PAX
+        records (its own on top of the globals as they stood when it was read).
+        """
+        stream = self._stream
+        glob = self._glob
+        layers: list[tuple[bytes, bytes | dict[bytes, bytes]]] = []
+        while hdr[0] in _EXT_TYPES:
+            flag, size = hdr[0], hdr[5]
+            payload = stream.read(_padded(size))
+            chain.append(payload)
+            if flag == b"L" or flag == b"K":
+                layers.append((flag, _cstr(payload)))
+            else:
+                records = _pax_records(payload)
+                if records is None:
+                    return self._delegate(chain, start)
+                if flag == b"g":
+                    glob = {**glob, **records}
+                else:
+                    layers.append((flag, {**glob, **records}))
+            buf = stream.read(_BLOCK)
+            chain.append(buf)
+            nxt = _parse_header(buf)
+            if nxt is None:
+                return self._delegate(chain, start)
+            hdr = nxt
+        flag, name, mode, uid, gid, size, mtime_, link, major, minor, prefix = hdr
+        etype = _PLAIN_TYPES[flag]
+        if flag == b"\0" and name.endswith(b"/"):
+            etype = EntryType.DIR
+        if prefix:
+            name = prefix + b"/" + name
+        reg = etype is EntryType.REG
+        data = stream.tell()
+        offset = data + _padded(size) if reg else data
+        mtime: float = mtime_
+        pax = glob
+        if glob:
+            name, link, size, mtime, uid, gid = _apply_pax(glob, name, link, size, mtime, uid, gid)
+        for flag, value in reversed(layers):
+            if isinstance(value, dict):
+                name, link, size, mtime, uid, gid = _apply_pax(
+                    value, name, link, size, mtime, uid, gid
+                )
+                pax = value
+                if b"size" in value:
+                    offset = data + _padded(size) if reg else data
+            elif flag == b"L":
+                name = value
+            else:
+                link = value
+        self._glob = glob
+        self._offset = offset
+        entry = _entry(
+            etype,
+            name,
+            mode,
+            uid,
+            gid,
+            _mtime(name, pax, mtime),
+            size,
+            link,
+            (major, minor),
+            _tar_xattrs(pax) if pax else {},
+            data if reg else None,
+        )
+        return entry, _Slice(stream, size, entry.path) if reg else None
+
+    def _delegate(
+        self, chain: list[bytes], start: int
+    ) -> tuple[Entry | None, DataReader | None] | None:
+        """Let tarfile parse the member whose header chain starts at ``start``
+        (``chain``: the blocks taken from the stream for it so far)."""
+        stream = self._stream
+        replay = _Replay(stream, b"".join(chain))
+        try:
+            # One TarFile per member: its constructor reads the first member from
+            # the stream's offset, with TarFile.next's rules for errors and the end.
+            tf = tarfile.TarFile(
+                fileobj=replay,  # type: ignore[arg-type]
+                mode="r",
+                encoding="utf-8",
+                errors="surrogateescape",
+                pax_headers={_dec(k): _dec(v) for k, v in self._glob.items()},
+            )
+        except _MEMBER_ERRORS as err:
+            raise FormatError(
+                f"layer tar: member at offset {start}: {type(err).__name__}: {err}"
+            ) from err
+        # The member the constructor read (tf.next() would read on past an end).
+        member: tarfile.TarInfo | None = cast(Any, tf).firstmember
+        if member is None:
+            return None
+        assert not replay.head, "tarfile read less than the fast path took"
+        self._glob = {_enc(k): _enc(v) for k, v in tf.pax_headers.items()}
+        self._glob_sparse = any(k.startswith(b"GNU.sparse.") for k in self._glob)
+        self._offset = tf.offset
+        entry = _member_entry(member)
+        if entry is None or entry.type is not EntryType.REG:
+            return entry, None
+        if member.issparse():
+            return entry, _TarData(cast(BinaryIO, tf.extractfile(member)), entry.path)
+        return entry, _Slice(stream, member.size, entry.path)
+
+    def _skip(self, pos: int, offset: int) -> None:
+        """Skip to the next header at ``offset`` (TarFile.next's advance)."""
+        if offset < pos:  # a negative size: tarfile would seek back
+            raise FormatError(f"layer tar: next header at offset {offset} before {pos}")
+        gap = offset - pos
+        if gap <= _SKIP_READ:
+            short = len(self._stream.read_view(gap)) < gap
+        else:
+            self._stream.seek(offset - 1)
+            short = not self._stream.read(1)
+        if short:
+            raise FormatError(f"layer tar: unexpected end of data before offset {offset}")
+
+
+def _apply_pax(
+    pax: Mapping[bytes, bytes],
+    name: bytes,
+    link: bytes,
+    size: int,
+    mtime: float,
+    uid: int,
+    gid: int,
+) -> tuple[bytes, bytes, int, float, int, int]:
+    """A member's fields with PAX records applied (tarfile's ``_apply_pax_info``)."""
+    if b"path" in pax:
+        name = pax[b"path"]  # tarfile strips trailing "/"; normalize_path does too
+    if b"linkpath" in pax:
+        link = pax[b"linkpath"]
+    if b"size" in pax:
+        size = int(_pax_number(pax[b"size"], int))
+    if b"mtime" in pax:
+        mtime = _pax_number(pax[b"mtime"], float)
+    if b"uid" in pax:
+        uid = int(_pax_number(pax[b"uid"], int))
+    if b"gid" in pax:
+        gid = int(_pax_number(pax[b"gid"], int))
+    return name, link, size, mtime, uid, gid
 
 
 class TarSource:
@@ -262,6 +768,9 @@ class TarSource:
     before the iterator advances. Memory is bounded by one tar record buffer plus
     what the caller reads. Iterating twice re-opens a path source but raises
     :class:`InvalidArgument` for a file object.
+
+    Members are read as :mod:`tarfile` reads them (same entries, same end of
+    archive, malformed input a :class:`FormatError`), by :class:`_TarReader`.
     """
 
     def __init__(
@@ -297,76 +806,12 @@ class TarSource:
             return  # an empty file is an empty layer (upstream's empty.tar fixture)
         with LayerStream(f, head, tee=self._tee) as stream:
             self.compression = stream.compression
-            # Random-access mode over a forward-only stream: tarfile parses headers
-            # (PAX, GNU long names, sparse maps) and seeks forward over data; regular
-            # file data is taken straight from the stream's blocks (_TarData).
-            tf = tarfile.TarFile(
-                fileobj=stream,  # type: ignore[arg-type]
-                mode="r",
-                encoding="utf-8",
-                errors="surrogateescape",
-            )
-            with tf:
-                while True:
-                    member = tf.next()
-                    if member is None:
-                        if self._tee is not None:
-                            stream.drain()  # the copy must be the whole tar, padding too
-                        return
-                    # tarfile remembers every member for random access we never use.
-                    cast(Any, tf).members.clear()
-                    entry = self._entry(member)
-                    if entry is None:
-                        continue
-                    reader: DataReader | None = None
-                    if entry.type == EntryType.REG:
-                        reader = (
-                            _TarData(tf.extractfile(member), entry.path)  # type: ignore[arg-type]
-                            if member.issparse()
-                            else _TarData(_Slice(stream, member.size), entry.path)
-                        )
-                    yield entry, reader
-
-    @staticmethod
-    def _entry(m: tarfile.TarInfo) -> Entry | None:
-        path = normalize_path(_enc(m.name))
-        pax = m.pax_headers
-        if "mtime" in pax:
-            mtime, nsec = _pax_time(pax["mtime"])
-        else:
-            mtime, nsec = int(m.mtime), 0
-        common: dict[str, Any] = {
-            "path": path,
-            "mode": m.mode & 0o7777,
-            "uid": m.uid,
-            "gid": m.gid,
-            "mtime": mtime,
-            "mtime_nsec": nsec,
-            "xattrs": _tar_xattrs(pax),
-        }
-        if m.isreg():  # REGTYPE, AREGTYPE, CONTTYPE, GNU sparse
-            return Entry(
-                type=EntryType.REG,
-                size=m.size,
-                data_offset=None if m.issparse() else m.offset_data,
-                **common,
-            )
-        if m.isdir():
-            return Entry(type=EntryType.DIR, **common)
-        if m.issym():
-            return Entry(type=EntryType.SYMLINK, link=_enc(m.linkname), **common)
-        if m.islnk():
-            return Entry(type=EntryType.HARDLINK, link=normalize_path(_enc(m.linkname)), **common)
-        if m.ischr() or m.isblk():
-            return Entry(
-                type=EntryType.CHAR if m.ischr() else EntryType.BLOCK,
-                rdev_major=m.devmajor,
-                rdev_minor=m.devminor,
-                **common,
-            )
-        if m.isfifo():
-            return Entry(type=EntryType.FIFO, **common)
-        return None  # unknown vendor types carry nothing a filesystem can show
+            reader = _TarReader(stream)
+            while (member := reader.next()) is not None:
+                if member[0] is not None:
+                    yield member  # type: ignore[misc]
+            if self._tee is not None:
+                stream.drain()  # the copy must be the whole tar, padding too
 
 
 # --------------------------------------------------------------------------- directory
