@@ -16,13 +16,26 @@ Decoder errors raised on the thread (:data:`DECODE_ERRORS`, EOFError for a trunc
 stream) are raised again by the consumer's read at
 the point where the data stops. Gzip is inflated with ISA-L (python-isal) when it is
 installed, else with zlib: same bytes, about half the CPU time. :meth:`close` stops the thread; it is idempotent.
+
+A big compressed layer in a regular file is decoded by a child process instead
+(:mod:`pynydus.rafs.decodeproc`) when a second CPU is usable: the thread then only
+reads the child's output from a pipe. Decoding in-process makes the decoder and
+the tar parser take turns at the GIL (every decoder call gives it up and must win
+it back from a parser that runs Python), so on two CPUs the decoder ran at about
+half speed; a process of its own decodes at full speed while the parser works.
+The child's errors come back as the same exception types, at the same place.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import io
+import os
 import queue
+import stat
+import subprocess
+import sys
 import threading
 import types
 import zlib
@@ -55,6 +68,11 @@ _IN = 1 << 20
 _OUT = 4 << 20
 _AHEAD = 4
 _END = object()
+# Compressed layers at least this big (in a regular file) are decoded by a child
+# process when a second CPU is usable; below it the process start (~40 ms) is not
+# worth it. PYNYDUS_LAYER_DECODER=thread turns the child off, =process forces it.
+_PROCESS_MIN = 8 << 20
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python 3.10+ on Linux has it too)
 
 
 class _Sink(Protocol):
@@ -115,7 +133,7 @@ class _Chain(io.RawIOBase):
 
     def __init__(self, parts: Iterator[bytes]) -> None:
         self._parts = parts
-        self._cur = b""
+        self._cur = memoryview(b"")
 
     def readable(self) -> bool:
         return True
@@ -125,22 +143,208 @@ class _Chain(io.RawIOBase):
             nxt = next(self._parts, None)
             if nxt is None:
                 return 0
-            self._cur = nxt
+            self._cur = memoryview(nxt)
         n = min(len(b), len(self._cur))
         b[:n] = self._cur[:n]
         self._cur = self._cur[n:]
         return n
 
 
+_ZSTD_FRAME = int.from_bytes(ZSTD_MAGIC, "little")
+
+
+class _ZstdFrames:
+    """Walks zstd frame and block headers over the compressed bytes as they pass.
+
+    The decoder (zstandard's stream reader) returns end-of-data when its input
+    ends inside a frame, so a truncated layer would decode "successfully" to a
+    shorter tar. This walker knows where every frame ends: :meth:`end` raises
+    EOFError unless the input stopped at a frame boundary. Bytes that are neither
+    a zstd frame nor a skippable frame raise ZstdError, as trailing garbage does
+    for the zstd tool.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""  # header bytes split across inputs
+        self._skip = 0  # bytes of block content / skippable payload still to pass
+        self._state = "frame"  # "frame": a magic is next; "block": a block header is next
+        self._checksum = False
+        self._offset = 0  # input offset of _pending[0]
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                take = min(self._skip, len(view))
+                self._skip -= take
+                self._offset += take
+                view = view[take:]
+                continue
+            need = self._need()
+            have = len(self._pending)
+            if have + len(view) < need:
+                self._pending += bytes(view)
+                return
+            head = self._pending + bytes(view[: need - have])
+            view = view[need - have :]
+            self._pending = b""
+            more = self._header(head)
+            if more:  # a frame header's size depends on its first byte: read on
+                self._pending = head
+                continue
+            self._offset += len(head)
+
+    def _need(self) -> int:
+        if self._state == "block":
+            return 3
+        if self._state == "checksum":
+            return 4
+        head = self._pending
+        if len(head) < 5:
+            return 5  # magic + a first byte: enough to know the header's size
+        if int.from_bytes(head[:4], "little") & 0xFFFFFFF0 == 0x184D2A50:
+            return 8  # skippable frame: magic + payload size
+        return max(5, self._frame_header_size(head))
+
+    @staticmethod
+    def _frame_header_size(head: bytes) -> int:
+        fhd = head[4]
+        single = fhd & 0x20
+        fcs = (0, 2, 4, 8)[fhd >> 6] if fhd >> 6 else (1 if single else 0)
+        return 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+
+    def _header(self, head: bytes) -> bool:
+        """Consume one header; True when more header bytes are needed first."""
+        if self._state == "block":
+            h = int.from_bytes(head, "little")
+            kind, size = (h >> 1) & 3, h >> 3
+            if kind == 3:
+                raise zstandard.ZstdError(f"zstd: reserved block type at offset {self._offset}")
+            self._skip = 1 if kind == 1 else size
+            if h & 1:  # last block of the frame
+                self._state = "checksum" if self._checksum else "frame"
+            return False
+        if self._state == "checksum":
+            self._state = "frame"
+            return False
+        magic = int.from_bytes(head[:4], "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame: 4-byte size, payload
+            if len(head) < 8:
+                return True
+            self._skip = int.from_bytes(head[4:8], "little")
+            return False
+        if magic != _ZSTD_FRAME:
+            raise zstandard.ZstdError(f"zstd: no frame magic at offset {self._offset}")
+        if len(head) < self._frame_header_size(head):
+            return True
+        self._checksum = bool(head[4] & 4)
+        self._state = "block"
+        return False
+
+    def end(self) -> None:
+        if self._skip or self._pending or self._state != "frame":
+            raise EOFError(f"zstd stream ended inside a frame (offset {self._offset})")
+
+
 def _zstd_blocks(inputs: Iterator[bytes]) -> Iterator[bytes]:
-    raw = cast(BinaryIO, _Chain(inputs))
+    frames = _ZstdFrames()
+
+    def walked() -> Iterator[bytes]:
+        for data in inputs:
+            frames.feed(data)
+            yield data
+
+    raw = cast(BinaryIO, _Chain(walked()))
     reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     while data := reader.read(_OUT):
         yield data
+    for _ in walked():  # what the reader left unread (none in practice) is walked too
+        pass
+    frames.end()
 
 
 def _plain_blocks(inputs: Iterator[bytes]) -> Iterator[bytes]:
     yield from inputs
+
+
+def _decoder_error(codec: str, kind: str, message: str) -> BaseException:
+    """The exception a decoder process reported, as the in-process decoder raises it."""
+    if kind == "EOFError":
+        return EOFError(message)
+    if kind == "BadGzipFile":
+        return gzip.BadGzipFile(message)
+    if codec == "zstd":
+        return zstandard.ZstdError(message)
+    return cast(type[BaseException], _inflate_lib.error)(message)
+
+
+def _process_input(f: BinaryIO, head: bytes, codec: str | None) -> tuple[int, int] | None:
+    """(fd, offset) of the compressed stream for a decoder process, or None to decode here.
+
+    Only a regular file can be handed over (the child reads it with pread at the
+    offset where ``head`` started), only when it is big enough, and only when a
+    second CPU can run the child.
+    """
+    mode = os.environ.get("PYNYDUS_LAYER_DECODER", "")
+    if codec is None or mode == "thread":
+        return None
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        start = f.tell() - len(head)
+    except (AttributeError, OSError, ValueError):
+        return None  # not a file with a descriptor (BytesIO, a socket wrapper, ...)
+    if not stat.S_ISREG(st.st_mode) or start < 0:
+        return None
+    if mode != "process":
+        if st.st_size - start < _PROCESS_MIN or len(os.sched_getaffinity(0)) < 2:
+            return None
+    return fd, start
+
+
+class _DecoderProcess:
+    """A child process that decodes ``codec`` from ``fd`` at ``offset`` into a pipe."""
+
+    def __init__(self, codec: str, fd: int, offset: int) -> None:
+        self.codec = codec
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pynydus.rafs.decodeproc", codec, str(offset)],
+            stdin=fd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        try:  # a bigger pipe: fewer wake-ups on both sides
+            fcntl.fcntl(self.proc.stdout.fileno(), _F_SETPIPE_SZ, _IN)
+        except OSError:
+            pass
+
+    def blocks(self) -> Iterator[bytes]:
+        out = self.proc.stdout
+        assert out is not None
+        while data := out.read(_OUT):  # BufferedReader: loops until _OUT bytes or EOF
+            yield data
+        rc = self.proc.wait()
+        if rc == 0:
+            return
+        assert self.proc.stderr is not None
+        report = self.proc.stderr.read().decode(errors="replace")
+        kind, sep, message = report.partition("\0")
+        if rc > 0 and sep:
+            raise _decoder_error(self.codec, kind, message)
+        raise OSError(f"layer decoder process exited with status {rc}: {report.strip()}")
+
+    def stop(self) -> None:
+        """Kill the child if it still runs (a consumer stopped early): its pipe ends."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def reap(self) -> None:
+        """Wait for the child and close the pipes (after the reading thread is gone)."""
+        self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 class LayerStream:
@@ -155,8 +359,15 @@ class LayerStream:
 
     def __init__(self, f: BinaryIO, head: bytes = b"", *, tee: _Sink | None = None) -> None:
         self.compression = compression_of(head)
-        make = {"gzip": _gzip_blocks, "zstd": _zstd_blocks, None: _plain_blocks}
-        self._blocks = make[self.compression](_inputs(head, f))
+        self._decoder: _DecoderProcess | None = None
+        where = _process_input(f, head, self.compression)
+        if where is not None:
+            assert self.compression is not None
+            self._decoder = _DecoderProcess(self.compression, *where)
+            self._blocks = self._decoder.blocks()
+        else:
+            make = {"gzip": _gzip_blocks, "zstd": _zstd_blocks, None: _plain_blocks}
+            self._blocks = make[self.compression](_inputs(head, f))
         self._tee = tee
         self._q: queue.Queue[object] = queue.Queue(maxsize=_AHEAD)
         self._stop = threading.Event()
@@ -165,6 +376,8 @@ class LayerStream:
         self._i = 0  # read position inside _buf
         self._base = 0  # stream offset of _buf[0]
         self._eof = False
+        # With a decoder process the thread only reads its pipe, blocks ahead: a pipe
+        # holds 1 MiB at most, too little to keep the child busy by itself.
         self._thread = threading.Thread(target=self._produce, name="layer-decode", daemon=True)
         self._thread.start()
 
@@ -268,14 +481,18 @@ class LayerStream:
             self._i = len(self._buf)
 
     def close(self) -> None:
-        """Stop the decoding thread and drop buffered blocks; idempotent."""
+        """Stop the decoding thread (and process) and drop buffered blocks; idempotent."""
         self._stop.set()
         while True:  # unblock a producer waiting on a full queue
             try:
                 self._q.get_nowait()
             except queue.Empty:
                 break
+        if self._decoder is not None:
+            self._decoder.stop()  # a producer blocked reading the pipe sees its end
         self._thread.join()
+        if self._decoder is not None:
+            self._decoder.reap()
         self._eof = True
         self._buf, self._mv, self._i = b"", memoryview(b""), 0
 

@@ -77,6 +77,28 @@ def test_gzip_errors_surface_at_the_read_where_data_stops(
         s.read()
 
 
+@pytest.mark.parametrize("feed", [1, 7, 4096])
+def test_zstd_truncated_inside_a_frame_is_an_error_not_a_short_tar(
+    feed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zstandard's reader ends quietly when its input stops mid-frame; the frame walker
+    must not (a layer cut at a tar entry boundary would lose files silently)."""
+    monkeypatch.setattr(layerstream, "_IN", feed)  # headers split across inputs
+    z = zstandard.ZstdCompressor().compress(PAYLOAD[:20_000])
+    zc = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(
+        PAYLOAD[20_000:40_000]
+    )
+    skippable = b"\x50\x2a\x4d\x18" + (5).to_bytes(4, "little") + b"hello"
+    whole = z + skippable + zc + skippable
+    with _stream(whole) as s:
+        assert s.read() == PAYLOAD[:40_000]
+    for cut in (len(z) - 1, len(z) + 3, len(z) + len(skippable) + 8, len(whole) - 2):
+        with _stream(whole[:cut]) as s, pytest.raises(EOFError, match="inside a frame"):
+            s.read()
+    with _stream(z + b"\0" * 8) as s, pytest.raises(zstandard.ZstdError):  # the reader or walker
+        s.read()
+
+
 def test_reads_views_seeks_and_tee_see_the_same_bytes() -> None:
     raw = b"".join(zstandard.ZstdCompressor().compress(PAYLOAD[i : i + 50_000])
                    for i in range(0, len(PAYLOAD), 50_000))  # many frames
@@ -192,3 +214,122 @@ def test_one_cpu_and_threaded_pipelines_write_identical_blobs(
         ids.append(desc.blob_id)
     assert ids[0] == ids[1]
     assert _no_threads("blob-writer")
+
+
+# -- decoder process (big layers in regular files, two CPUs) ------------------------------
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every compressed file stream is decoded by a child process, whatever its size."""
+    monkeypatch.setenv("PYNYDUS_LAYER_DECODER", "process")
+
+
+def _file_stream(tmp_path: Path, raw: bytes, prefix: bytes = b"", **kw: object) -> LayerStream:
+    """A LayerStream over a real file whose layer starts after ``prefix`` (as a caller
+    that read some bytes of a bigger file first would hand it over)."""
+    p = tmp_path / "layer"
+    p.write_bytes(prefix + raw)
+    f = open(p, "rb")  # noqa: SIM115 - closed with the stream's owner below
+    f.seek(len(prefix))
+    s = LayerStream(f, f.read(4), **kw)  # type: ignore[arg-type]
+    s._test_file = f  # type: ignore[attr-defined]  # keep it open as long as the stream
+    return s
+
+
+@pytest.mark.usefixtures("in_process")
+def test_decoder_process_gives_the_in_process_bytes(tmp_path: Path) -> None:
+    raw = gzip.compress(PAYLOAD[:1000]) + bytes(700) + gzip.compress(PAYLOAD[1000:])
+    with _file_stream(tmp_path, raw, prefix=b"unrelated bytes before the layer") as s:
+        assert s._decoder is not None  # the child really decodes
+        assert s.compression == "gzip"
+        assert s.read() == PAYLOAD
+        proc = s._decoder.proc
+    assert proc.returncode == 0
+    assert _no_threads("layer-decode")
+    zst = b"".join(zstandard.ZstdCompressor().compress(PAYLOAD[i : i + 50_000])
+                   for i in range(0, len(PAYLOAD), 50_000))
+    copy = io.BytesIO()
+    with _file_stream(tmp_path, zst, tee=copy) as s:
+        assert s._decoder is not None and s.compression == "zstd"
+        assert s.read(10) == PAYLOAD[:10]
+        s.drain()
+    assert copy.getvalue() == PAYLOAD
+
+
+@pytest.mark.usefixtures("in_process")
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda g: g[: len(g) // 2], EOFError),
+        (lambda g: g + b"garbage!", gzip.BadGzipFile),
+        (lambda g: g[:-8] + bytes(4) + g[-4:], layerstream.DECODE_ERRORS),
+    ],
+)
+def test_decoder_process_errors_are_the_in_process_ones(
+    tmp_path: Path, damage: object, error: type
+) -> None:
+    raw = damage(gzip.compress(PAYLOAD))  # type: ignore[operator]
+    with _file_stream(tmp_path, raw) as s, pytest.raises(error) as info:
+        s.read()
+    assert str(info.value)  # the child's message comes back
+    zst = zstandard.ZstdCompressor().compress(PAYLOAD)
+    for bad, kind in [(zst[:-5], EOFError), (zst + b"garbage!", zstandard.ZstdError)]:
+        with _stream(bad) as s, pytest.raises(kind) as here:
+            s.read()
+        with _file_stream(tmp_path, bad) as s, pytest.raises(kind) as there:
+            s.read()
+        assert str(there.value) == str(here.value)
+
+
+@pytest.mark.usefixtures("in_process")
+def test_decoder_process_stopped_early_or_killed(tmp_path: Path) -> None:
+    big = RNG.randbytes(3 << 20)  # more than a pipe and a few small blocks hold
+    raw = gzip.compress(big, compresslevel=1)
+    s = _file_stream(tmp_path, raw)
+    assert s.read(5) == big[:5]
+    proc = s._decoder.proc  # type: ignore[union-attr]
+    s.close()  # the child is blocked writing to a full pipe: killed and reaped
+    assert proc.returncode is not None
+    assert _no_threads("layer-decode")
+    with pytest.raises(OSError, match="status -9"):
+        with _file_stream(tmp_path, raw) as s:
+            s.read(5)
+            os.kill(s._decoder.proc.pid, 9)  # type: ignore[union-attr]
+            s.read()
+
+
+def test_decoder_process_only_for_big_files_with_a_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = gzip.compress(PAYLOAD)
+    with _file_stream(tmp_path, raw) as s:  # far below _PROCESS_MIN: decoded here
+        assert s._decoder is None and s.read() == PAYLOAD
+    monkeypatch.setattr(layerstream, "_PROCESS_MIN", 1000)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with _file_stream(tmp_path, raw) as s:
+        assert s._decoder is not None and s.read() == PAYLOAD
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one CPU: no child
+    with _file_stream(tmp_path, raw) as s:
+        assert s._decoder is None
+    monkeypatch.setenv("PYNYDUS_LAYER_DECODER", "process")
+    with _stream(raw) as s:  # no descriptor (BytesIO): in-process even when forced
+        assert s._decoder is None and s.read() == PAYLOAD
+
+
+@pytest.mark.usefixtures("in_process")
+def test_tar_source_from_a_file_through_the_decoder_process(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(30):
+            data = PAYLOAD[i * 9000 : i * 9000 + 1000 + i * 2331]
+            t = tarfile.TarInfo(f"d/f{i:02d}")
+            t.size = len(data)
+            tf.addfile(t, io.BytesIO(data))
+    path = tmp_path / "layer.tar.gz"
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    got = {e.path: b"".join(bytes(p) for p in iter(lambda r=r: r.read(5000), b""))
+           for e, r in TarSource(str(path)) if r is not None}
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
+        want = {m.name.encode(): tf.extractfile(m).read() for m in tf if m.isreg()}  # type: ignore[union-attr]
+    assert got == want
