@@ -238,6 +238,37 @@ def build(
             strict_sizes=type != "dir-rafs",
         )
 
+    try:
+        result = _finish_build(
+            tree, parent, data, dict_map, bootstrap_out, output_json, t0,
+            V6Options(
+                chunk_size=chunk_size,
+                compressor=comp,
+                digester=dig,
+                compact_inodes=compact_inodes,
+                prefetch=prefetch,
+                block_size=TARFS_BLOCK_SIZE if tarfs else 4096,
+                tarfs=tarfs,
+            ),
+        )
+        data.settle()
+    except BaseException:
+        data.discard()  # a failed build leaves no blob behind
+        raise
+    return result
+
+
+def _finish_build(
+    tree: Tree,
+    parent: LoadedImage | None,
+    data: _BlobOutcome,
+    dict_map: ChunkDict,
+    bootstrap_out: str | os.PathLike[str],
+    output_json: str | os.PathLike[str] | None,
+    t0: float,
+    options: V6Options,
+) -> BuildResult:
+    """Put the layer on its parent, write the bootstrap and the JSON report."""
     lower_links = list(tree.lower_links)
     if parent is not None:
         bind_lower_links(parent.tree.root, tree.root)
@@ -246,22 +277,11 @@ def build(
         parent.tree.skipped_xattrs = tree.skipped_xattrs
         tree = parent.tree
     blobs = _blob_table(tree, dict_map, data.desc, parent.blobs if parent is not None else None)
-    options = V6Options(
-        chunk_size=chunk_size,
-        compressor=comp,
-        digester=dig,
-        compact_inodes=compact_inodes,
-        prefetch=prefetch,
-        block_size=TARFS_BLOCK_SIZE if tarfs else 4096,
-        tarfs=tarfs,
+    info = write_bootstrap(tree, blobs, bootstrap_out, options)
+    result = _result(
+        bootstrap_out, info, blobs, data, tree, options.compressor, options.digester,
+        time.monotonic() - t0,
     )
-    try:
-        info = write_bootstrap(tree, blobs, bootstrap_out, options)
-    except BaseException:
-        if data.path and not data.existed:
-            os.unlink(data.path)
-        raise
-    result = _result(bootstrap_out, info, blobs, data, tree, comp, dig, time.monotonic() - t0)
     result.warnings += [
         f"hardlink {path!r}: target {target!r} is not in this layer; a merge onto the "
         "lower layers binds it (empty file until then)"
@@ -279,6 +299,19 @@ class _BlobOutcome:
     path: str | None
     existed: bool  # a file with this id was in blob_dir already (same content)
     stats: BlobStats
+    writer: BlobWriter | None = None  # still making the blob durable (finish(settle=False))
+
+    def settle(self) -> None:
+        """Wait until the blob is durable under its id."""
+        if self.writer is not None:
+            self.writer.settle()
+
+    def discard(self) -> None:
+        """Remove the blob this build wrote (the build failed after it)."""
+        if self.writer is not None:
+            self.writer.abort()
+        elif self.path and not self.existed:
+            os.unlink(self.path)
 
 
 def _write_blob(
@@ -286,11 +319,12 @@ def _write_blob(
 ) -> _BlobOutcome:
     try:
         build_tree(entries, writer, tree, strict_sizes=strict_sizes)
-        desc = writer.finish()
+        # The blob's fsync and rename overlap with writing the bootstrap.
+        desc = writer.finish(settle=False)
     except BaseException:
         writer.abort()
         raise
-    return _BlobOutcome(desc, writer.path, writer.replaced_existing, writer.stats)
+    return _BlobOutcome(desc, writer.path, writer.replaced_existing, writer.stats, writer)
 
 
 def _write_tarfs_blob(

@@ -366,6 +366,8 @@ class BlobWriter:
         self._cache = _CacheWriter(os.fspath(cache_dir)) if cache_dir is not None else None
         self.replaced_existing = False
         self._cpus = _usable_cpus()
+        self._settler: threading.Thread | None = None
+        self._settle_err: BaseException | None = None
 
     # ------------------------------------------------------------------ data
     def add_file(self, reader: ChunkSource, size: int) -> tuple[list[ChunkRef], int]:
@@ -485,16 +487,21 @@ class BlobWriter:
         return self._w
 
     # ------------------------------------------------------------------ finish
-    def finish(self) -> BlobDesc | None:
+    def finish(self, *, settle: bool = True) -> BlobDesc | None:
         """Append ci, header, digests and TOC; rename the blob to its id.
 
         Returns the completed :class:`BlobDesc` (also available as ``self.desc``),
         or None if the blob holds no chunk. Calling it twice raises.
+
+        The blob is made durable (fsync) before it is renamed to its id. With
+        ``settle=False`` that happens on a thread while the caller goes on (a
+        builder writes the bootstrap meanwhile); the caller must then call
+        :meth:`settle` before it relies on the file, and :meth:`abort` on failure.
         """
         self._shutdown()
         if self._w is None:
             return None
-        if self._file is None:
+        if self._file is None or self.desc.blob_id:
             raise InvalidArgument("blob writer already finished")
         w = self._w
         desc = self.desc
@@ -577,17 +584,9 @@ class BlobWriter:
 
         w.sync()
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
         blob_id = w.hexdigest()
-        final = os.path.join(self.blob_dir, blob_id)
-        assert self._tmp_path is not None
-        os.chmod(self._tmp_path, 0o644)
         # Same id = same bytes: an existing file is replaced by an identical one.
-        self.replaced_existing = os.path.exists(final)
-        os.replace(self._tmp_path, final)
-        self._tmp_path = None
+        self.replaced_existing = os.path.exists(os.path.join(self.blob_dir, blob_id))
 
         desc.blob_id = blob_id
         desc.chunk_count = self._n
@@ -600,9 +599,37 @@ class BlobWriter:
         desc.ci_offset = ci_offset
         desc.ci_compressed_size = len(ci_payload)
         desc.ci_uncompressed_size = len(ci_raw)
+        self._settler = threading.Thread(
+            target=self._make_durable, args=(blob_id,), name="blob-settle", daemon=True
+        )
+        self._settler.start()
         if self._cache is not None:
             self._cache.finish(blob_id, self._u_end, ci_raw, header)
+        if settle:
+            self.settle()
         return desc
+
+    def _make_durable(self, blob_id: str) -> None:
+        """fsync, close and rename the finished blob (on the settle thread)."""
+        try:
+            assert self._file is not None and self._tmp_path is not None
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.chmod(self._tmp_path, 0o644)
+            os.replace(self._tmp_path, os.path.join(self.blob_dir, blob_id))
+            self._tmp_path = None
+        except BaseException as err:  # noqa: BLE001 - raised by settle()
+            self._settle_err = err
+
+    def settle(self) -> None:
+        """Wait until the finished blob is durable under its id; raise what went wrong."""
+        if self._settler is not None:
+            self._settler.join()
+            self._settler = None
+        if self._settle_err is not None:
+            err, self._settle_err = self._settle_err, None
+            raise OSError(f"blob {self.desc.blob_id or '?'}: {err}") from err
 
     @property
     def path(self) -> str | None:
@@ -617,8 +644,18 @@ class BlobWriter:
             self._executor = None
 
     def abort(self) -> None:
-        """Drop the unfinished blob; safe to call at any time, any number of times."""
+        """Drop the unfinished blob; safe to call at any time, any number of times.
+
+        After a ``finish(settle=False)`` it waits for the settle thread and removes
+        the blob unless a file of that id was there before (same bytes, kept)."""
         self._shutdown()
+        if self._settler is not None:
+            self._settler.join()
+            self._settler = None
+            self._settle_err = None
+            final = self.path
+            if final and not self.replaced_existing and self._tmp_path is None:
+                discard_partial(None, final)
         if self._cache is not None:
             self._cache.abort()
         if self._w is not None:
