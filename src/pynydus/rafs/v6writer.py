@@ -16,9 +16,14 @@ inline xattrs + inline tail never cross a 4 KiB block, which EROFS requires for
 inline data) in breadth-first directory order: a directory's inode, then its
 non-directory children, then the next directory. It also reserves the full dirent
 blocks and long-symlink blocks in a data area after the inodes. Dirent block
-*sizes* depend only on names, so nothing in pass 1 needs a nid. Pass 2 knows every
-nid and encodes the bytes. Regular-file chunk index arrays follow the inode
-(8-byte aligned) and may span blocks; the kernel reads each 8-byte index on its own.
+*sizes* depend only on names, so nothing in pass 1 needs a nid. Pass 1 also
+encodes every inode whose bytes are known once it is placed (regular files,
+inline symlinks, special files: the bulk of an image), so each is visited once.
+Pass 2 knows every nid and encodes the directories (their dirents name children
+placed later) and the block symlinks. Regular-file chunk index arrays follow the
+inode (8-byte aligned) and may span blocks; the kernel reads each 8-byte index on
+its own. The hot paths pack with the layout structs' precompiled codecs instead
+of building a value per inode or chunk.
 
 Inodes are extended (64 B) by default: a compact inode has no mtime, and nydusd
 reports rdev 0 and its own clock for it (spec §1.8, §9). ``compact_inodes=True``
@@ -188,6 +193,7 @@ class _Planner:
         self.opts = opts
         self.blob_index = blob_index
         self.bs = opts.block_size
+        self.compact = opts.compact_inodes
         self.chunk_fmt = L.chunk_format(
             opts.chunk_size.bit_length() - 1, opts.block_size.bit_length() - 1
         )
@@ -295,8 +301,8 @@ class _Planner:
     def _place_leaf(self, inode: Inode) -> None:
         mode = inode.mode
         typ = mode & _S_IFMT
-        extended = not (self.opts.compact_inodes and self._compact_ok(inode))
-        xattrs = self._xattrs(inode)
+        extended = not (self.compact and self._compact_ok(inode))
+        xattrs = self._xattrs(inode) if inode.xattrs else b""
         head = (64 if extended else 32) + len(xattrs)
         chunks = inode.chunks
         tail = b""
@@ -343,13 +349,14 @@ class _Planner:
         if chunks:
             if pad:
                 meta += bytes(pad)
-            meta += self._chunk_indexes(chunks)
+            self._append_chunk_indexes(meta, chunks)
 
-    def _chunk_indexes(self, chunks: list[ChunkRef]) -> bytes:
+    def _append_chunk_indexes(self, meta: bytearray, chunks: list[ChunkRef]) -> None:
+        """Append the 8-byte chunk indexes of ``chunks`` to ``meta`` and enter each
+        chunk in the chunk table."""
         table = self.chunks
         blob_index = self.blob_index
         bs = self.bs
-        out = []
         for c in chunks:
             bi = blob_index(c)
             ci = c.ci_index
@@ -360,14 +367,11 @@ class _Planner:
                 raise ValueError(f"chunk index {ci} out of range")
             try:
                 # device id = blob index + 1; bits 16..23 of the index above it
-                out.append(
-                    _CHUNK_ADDR.pack(
-                        ci & 0xFFFF, (ci >> 16) << 8 | (bi + 1), c.uncompressed_offset // bs
-                    )
+                meta += _CHUNK_ADDR.pack(
+                    ci & 0xFFFF, (ci >> 16) << 8 | (bi + 1), c.uncompressed_offset // bs
                 )
             except struct.error as err:
                 raise ValueError(f"chunk at {c.uncompressed_offset}: cannot index: {err}") from err
-        return b"".join(out)
 
 
 def _pack_inode(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pynydus.errors import InvalidArgument
 from pynydus.rafs import layout as L
 from pynydus.rafs.chunker import BlobDesc, ChunkRef
 from pynydus.rafs.tree import Inode, Node, Tree, encode_rdev
@@ -183,3 +184,14 @@ def test_a_second_write_of_the_same_tree_is_identical(tmp_path: Path) -> None:
     write_bootstrap(tree, blobs, a, V6Options(chunk_size=1 << 16))
     write_bootstrap(tree, blobs, b, V6Options(chunk_size=1 << 16))
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_chunks_on_a_non_regular_inode_are_rejected(tmp_path: Path) -> None:
+    tree, blobs = _tree(5, 4096, 1 << 16)
+    reg = next(n.inode for _, n in tree.walk() if n.inode.is_reg and n.inode.chunks)
+    link = Inode(mode=stat.S_IFLNK | 0o777, link=b"t", size=1, chunks=list(reg.chunks))
+    assert tree.root.children is not None
+    tree.root.children[b"odd"] = Node(b"odd", link)
+    with pytest.raises(InvalidArgument, match="has chunks"):
+        write_bootstrap(tree, blobs, tmp_path / "b", V6Options(chunk_size=1 << 16))
+    assert not (tmp_path / "b").exists()
