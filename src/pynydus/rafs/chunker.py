@@ -246,7 +246,9 @@ def toc_entry(
 class _HashingWriter:
     """File writer that keeps a running sha256 and the position.
 
-    With ``threaded`` the sha256 and the write run on a thread of its own (both
+    Writes go to ``f`` (unbuffered) in batches of about 1 MiB: small parts are
+    joined, a big one is written as it is. With ``threaded`` the sha256 and the
+    write run on a thread of its own (both
     release the GIL on large buffers), fed in batches of about 1 MiB: the thread
     that chunks the source never waits for them. ``pos`` is always current;
     :meth:`hexdigest` and :meth:`sync` wait for the writes so far. A write error
@@ -266,10 +268,6 @@ class _HashingWriter:
 
     def write(self, data: Buffer) -> None:
         self.pos += len(data)
-        if not self._threaded:
-            self._f.write(data)
-            self._h.update(data)
-            return
         self._parts.append(data)
         self._pending += len(data)
         if self._pending >= _WRITE_BATCH:
@@ -283,20 +281,28 @@ class _HashingWriter:
     def _hand_off(self) -> None:
         if self._err is not None:
             raise OSError(f"blob write failed: {self._err}") from self._err
+        batch, self._parts, self._pending = self._parts, [], 0
+        if not self._threaded:
+            self._write_batch(batch)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
             self._thread.start()
-        batch, self._parts, self._pending = self._parts, [], 0
         self._q.put(batch)
+
+    def _write_batch(self, batch: list[Buffer]) -> None:
+        # One copy at most (joining small parts); a big payload goes to the kernel as is.
+        data = memoryview(batch[0] if len(batch) == 1 else b"".join(batch))
+        self._h.update(data)
+        while data:
+            data = data[self._f.write(data) :]
 
     def _run(self) -> None:
         while (batch := self._q.get()) is not None:
             if self._err is not None:
                 continue  # keep draining so the producer never blocks
             try:
-                data = batch[0] if len(batch) == 1 else b"".join(batch)
-                self._h.update(data)
-                self._f.write(data)
+                self._write_batch(batch)
             except BaseException as err:  # noqa: BLE001 - raised on the caller's thread
                 self._err = err
 
@@ -482,7 +488,8 @@ class BlobWriter:
         if self._w is None:
             os.makedirs(self.blob_dir, exist_ok=True)
             fd, self._tmp_path = tempfile.mkstemp(prefix=".blob-", dir=self.blob_dir)
-            self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+            # Unbuffered: _HashingWriter hands over ~1 MiB batches itself.
+            self._file = os.fdopen(fd, "wb", buffering=0)
             self._w = _HashingWriter(self._file, threaded=self._cpus > 1)
         return self._w
 
