@@ -29,7 +29,6 @@ import os
 import stat
 import tarfile
 import threading
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, cast
@@ -37,6 +36,16 @@ from typing import Any, BinaryIO, Protocol, cast
 from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.chunker import _usable_cpus
 from pynydus.rafs.layerstream import DECODE_ERRORS, LayerStream
+from pynydus.rafs.tarheader import (
+    BLOCK,
+    EXT_TYPES,
+    Header,
+    apply_pax,
+    cstr,
+    padded,
+    parse_header,
+    pax_records,
+)
 
 __all__ = [
     "DataReader",
@@ -161,27 +170,21 @@ def normalize_path(raw: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- tar
 #
-# Headers are parsed here, not by tarfile: tarfile costs ~25 µs per member (a
-# TarInfo, a dozen nti/nts calls, two 512-element checksum sums), a large share of a
-# big layer's main-thread time. _parse_header takes one 512-byte block and returns
-# its fields, or None for anything short of a well-formed header of a common type.
-# A member whose header chain (PAX ``x``/``g``, GNU ``L``/``K``, then the member's
-# own header) parses and holds only ordinary PAX records is built here, applying the
-# chain as tarfile does. Anything else -- GNU sparse, vendor typeflags, unusual PAX
-# records, bad checksums or numbers, the zero block at the end, a truncated header --
-# is handed to tarfile together with the blocks already taken for it
-# (:class:`_Replay`), so tarfile decides exactly as it always did. Either way the
-# outcome equals tarfile's.
+# Headers are parsed by pynydus.rafs.tarheader, not by tarfile (which costs ~25 µs a
+# member). A member whose header chain (PAX ``x``/``g``, GNU ``L``/``K``, then the
+# member's own header) parses and holds only ordinary PAX records is built here,
+# applying the chain as tarfile does. Anything else -- GNU sparse, vendor typeflags,
+# unusual PAX records, bad checksums or numbers, the zero block at the end, a
+# truncated header -- is handed to tarfile together with the blocks already taken
+# for it (:class:`_Replay`), so tarfile decides exactly as it always did. Either way
+# the outcome equals tarfile's.
 #
 # Names, link targets and PAX values stay bytes: tarfile decodes them as UTF-8 with
 # surrogateescape (TarSource's settings) and _enc encodes them back, which gives
 # the original bytes for any input, so nothing is decoded on the fast path.
 
-_BLOCK = 512
-
-# Typeflags the fast path builds entries for (tarfile's REGTYPE, AREGTYPE, CONTTYPE,
-# LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE) ...
-_PLAIN_TYPES: dict[bytes, EntryType] = {
+# What the member's own typeflag makes of it (tarheader.PLAIN_TYPES).
+_ENTRY_TYPES: dict[bytes, EntryType] = {
     b"0": EntryType.REG,
     b"\0": EntryType.REG,
     b"7": EntryType.REG,
@@ -192,12 +195,6 @@ _PLAIN_TYPES: dict[bytes, EntryType] = {
     b"5": EntryType.DIR,
     b"6": EntryType.FIFO,
 }
-# ... and the headers that qualify the member after them: PAX extended and global
-# records, GNU long name and long link target.
-_EXT_TYPES = frozenset((b"x", b"g", b"L", b"K"))
-
-# type, name, mode, uid, gid, size, mtime, linkname, devmajor, devminor, prefix
-_Header = tuple[bytes, bytes, int, int, int, int, int, bytes, int, int, bytes]
 
 
 def _peek(f: BinaryIO, n: int) -> bytes:
@@ -208,144 +205,6 @@ def _peek(f: BinaryIO, n: int) -> bytes:
             break
         buf += got
     return buf
-
-
-def _padded(size: int) -> int:
-    """``size`` rounded up to whole blocks (for any int, as tarfile rounds)."""
-    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
-
-
-def _cstr(field: bytes) -> bytes:
-    """A header text field up to its first NUL."""
-    end = field.find(b"\0")
-    return field if end < 0 else field[:end]
-
-
-def _number(field: bytes) -> int:
-    """A numeric header field as tarfile reads it; ValueError if it reads none.
-
-    GNU base-256 when the lead byte is 0x80 (positive) or 0xFF (negative, two's
-    complement); else ASCII octal up to the first NUL, blanks around it ignored,
-    blank meaning 0.
-    """
-    lead = field[0]
-    if lead == 0x80 or lead == 0xFF:
-        n = int.from_bytes(field[1:], "big")
-        return n - (1 << (8 * len(field) - 8)) if lead == 0xFF else n
-    text = _cstr(field).decode("ascii").strip()
-    return int(text or "0", 8)
-
-
-# mode+uid+gid and devmajor+devminor fields, as read: a layer repeats a few
-# spellings thousands of times, and a dict lookup is cheaper than parsing them.
-_IDS: dict[bytes, tuple[int, int, int]] = {}
-_DEVS: dict[bytes, tuple[int, int]] = {}
-_FIELD_CACHE_MAX = 4096
-
-
-def _octal(field: bytes) -> int:
-    """The usual spelling of a number (octal digits ended by NUL or space) fast;
-    anything else through :func:`_number`."""
-    try:
-        return int(field.rstrip(b" \0") or b"0", 8)
-    except ValueError:
-        # An embedded NUL (text after the end) or base-256 land here: int() takes
-        # neither, so whatever it does take reads the same as tarfile reads it.
-        return _number(field)
-
-
-def _parse_header(buf: bytes) -> _Header | None:
-    """The fields of one tar header block, or None unless it is a well-formed
-    header of a type in :data:`_PLAIN_TYPES` or :data:`_EXT_TYPES` with a
-    non-negative size.
-
-    Well-formed as tarfile judges it: 512 bytes, not all zero, the checksum equal
-    to the unsigned or the signed byte sum (the checksum field counted as spaces),
-    every numeric field readable. Text fields are cut at their first NUL; nothing
-    else is interpreted (no prefix joining, no V7 directory rule).
-    """
-    if len(buf) != _BLOCK:
-        return None
-    # The byte sum through adler32's low half (1 + sum mod 65521): exact for 256
-    # bytes (at most 65280), and a C call instead of a loop over 512 ints.
-    total = (zlib.adler32(buf[:256]) & 0xFFFF) + (zlib.adler32(buf[256:]) & 0xFFFF) - 2
-    if total == 0:
-        return None  # the zero block that ends an archive
-    flag = buf[156:157]
-    if flag not in _PLAIN_TYPES and flag not in _EXT_TYPES:
-        return None
-    try:
-        key = buf[100:124]
-        ids = _IDS.get(key)
-        if ids is None:
-            ids = _octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124])
-            if len(_IDS) >= _FIELD_CACHE_MAX:
-                _IDS.clear()
-            _IDS[key] = ids
-        key = buf[329:345]
-        devs = _DEVS.get(key)
-        if devs is None:
-            devs = _octal(buf[329:337]), _octal(buf[337:345])
-            if len(_DEVS) >= _FIELD_CACHE_MAX:
-                _DEVS.clear()
-            _DEVS[key] = devs
-        size = _octal(buf[124:136])
-        mtime = _octal(buf[136:148])
-        chksum = _octal(buf[148:156])
-    except ValueError:
-        return None
-    unsigned = total - sum(buf[148:156]) + 8 * 32
-    if chksum != unsigned:
-        high = sum(b >> 7 for b in buf[:148]) + sum(b >> 7 for b in buf[156:])
-        if chksum != unsigned - 256 * high:
-            return None
-    if size < 0:
-        return None
-    end = buf.find(0, 0, 100)
-    return (
-        flag,
-        buf[:end] if end >= 0 else buf[:100],
-        *ids,
-        size,
-        mtime,
-        _cstr(buf[157:257]) if buf[157] else b"",
-        *devs,
-        _cstr(buf[345:500]) if buf[345] else b"",
-    )
-
-
-def _pax_records(payload: bytes) -> dict[bytes, bytes] | None:
-    """The ``LENGTH KEY=VALUE\\n`` records of a PAX header's data (block padding
-    included), or None for anything tarfile might read differently: a malformed or
-    zero-length record, trailing bytes other than NUL, ``hdrcharset`` (validated
-    by tarfile) and ``GNU.sparse.*`` keys (sparse files). A key given twice keeps
-    its first place and its last value."""
-    if b"hdrcharset=" in payload or b"GNU.sparse." in payload:
-        return None
-    records: dict[bytes, bytes] = {}
-    pos, n = 0, len(payload)
-    while pos < n and payload[pos]:
-        space = payload.find(b" ", pos, pos + 24)
-        digits = payload[pos:space]
-        if space < 0 or not digits.isdigit():
-            return None
-        end = pos + int(digits)
-        equals = payload.find(b"=", space + 1, end - 1)
-        if end > n or payload[end - 1] != 0x0A or equals <= space + 1:
-            return None
-        records[payload[space + 1 : equals]] = payload[equals + 1 : end - 1]
-        pos = end
-    if payload.count(0, pos) != n - pos:
-        return None
-    return records
-
-
-def _pax_number(value: bytes, kind: type[int | float]) -> int | float:
-    """A PAX number as tarfile applies it (as text; 0 if unreadable)."""
-    try:
-        return kind(value.decode("utf-8", "surrogateescape"))
-    except ValueError:
-        return 0
 
 
 def _pax_time(value: str) -> tuple[int, int]:
@@ -584,22 +443,22 @@ class _TarReader:
         pos = stream.tell()
         if pos != start:
             self._skip(pos, start)
-        buf = stream.read(_BLOCK)
-        hdr = _parse_header(buf)
+        buf = stream.read(BLOCK)
+        hdr = parse_header(buf)
         if hdr is None or self._glob_sparse:
             return self._delegate([buf], start)
-        if hdr[0] in _EXT_TYPES or self._glob:
+        if hdr[0] in EXT_TYPES or self._glob:
             return self._chain(hdr, [buf], start)
         # The common case: a plain header, no PAX records anywhere.
         flag, name, mode, uid, gid, size, mtime, link, major, minor, prefix = hdr
-        etype = _PLAIN_TYPES[flag]
+        etype = _ENTRY_TYPES[flag]
         if flag == b"\0" and name.endswith(b"/"):
             etype = EntryType.DIR  # V7 spelling of a directory
         if prefix:
             name = prefix + b"/" + name
-        data = start + _BLOCK
+        data = start + BLOCK
         if etype is EntryType.REG:
-            self._offset = data + _padded(size)
+            self._offset = data + padded(size)
             path = normalize_path(name)
             entry = Entry(path, etype, mode & 0o7777, uid, gid, mtime, 0, size, b"", 0, 0, {},
                           data)
@@ -609,7 +468,7 @@ class _TarReader:
                       None), None
 
     def _chain(
-        self, hdr: _Header, chain: list[bytes], start: int
+        self, hdr: Header, chain: list[bytes], start: int
     ) -> tuple[Entry | None, DataReader | None] | None:
         """A member with PAX records (global or its own) or GNU long names.
 
@@ -621,47 +480,47 @@ class _TarReader:
         stream = self._stream
         glob = self._glob
         layers: list[tuple[bytes, bytes | dict[bytes, bytes]]] = []
-        while hdr[0] in _EXT_TYPES:
+        while hdr[0] in EXT_TYPES:
             flag, size = hdr[0], hdr[5]
-            payload = stream.read(_padded(size))
+            payload = stream.read(padded(size))
             chain.append(payload)
             if flag == b"L" or flag == b"K":
-                layers.append((flag, _cstr(payload)))
+                layers.append((flag, cstr(payload)))
             else:
-                records = _pax_records(payload)
+                records = pax_records(payload)
                 if records is None:
                     return self._delegate(chain, start)
                 if flag == b"g":
                     glob = {**glob, **records}
                 else:
                     layers.append((flag, {**glob, **records}))
-            buf = stream.read(_BLOCK)
+            buf = stream.read(BLOCK)
             chain.append(buf)
-            nxt = _parse_header(buf)
+            nxt = parse_header(buf)
             if nxt is None:
                 return self._delegate(chain, start)
             hdr = nxt
         flag, name, mode, uid, gid, size, mtime_, link, major, minor, prefix = hdr
-        etype = _PLAIN_TYPES[flag]
+        etype = _ENTRY_TYPES[flag]
         if flag == b"\0" and name.endswith(b"/"):
             etype = EntryType.DIR
         if prefix:
             name = prefix + b"/" + name
         reg = etype is EntryType.REG
         data = stream.tell()
-        offset = data + _padded(size) if reg else data
+        offset = data + padded(size) if reg else data
         mtime: float = mtime_
         pax = glob
         if glob:
-            name, link, size, mtime, uid, gid = _apply_pax(glob, name, link, size, mtime, uid, gid)
+            name, link, size, mtime, uid, gid = apply_pax(glob, name, link, size, mtime, uid, gid)
         for flag, value in reversed(layers):
             if isinstance(value, dict):
-                name, link, size, mtime, uid, gid = _apply_pax(
+                name, link, size, mtime, uid, gid = apply_pax(
                     value, name, link, size, mtime, uid, gid
                 )
                 pax = value
                 if b"size" in value:
-                    offset = data + _padded(size) if reg else data
+                    offset = data + padded(size) if reg else data
             elif flag == b"L":
                 name = value
             else:
@@ -731,31 +590,6 @@ class _TarReader:
             short = not self._stream.read(1)
         if short:
             raise FormatError(f"layer tar: unexpected end of data before offset {offset}")
-
-
-def _apply_pax(
-    pax: Mapping[bytes, bytes],
-    name: bytes,
-    link: bytes,
-    size: int,
-    mtime: float,
-    uid: int,
-    gid: int,
-) -> tuple[bytes, bytes, int, float, int, int]:
-    """A member's fields with PAX records applied (tarfile's ``_apply_pax_info``)."""
-    if b"path" in pax:
-        name = pax[b"path"]  # tarfile strips trailing "/"; normalize_path does too
-    if b"linkpath" in pax:
-        link = pax[b"linkpath"]
-    if b"size" in pax:
-        size = int(_pax_number(pax[b"size"], int))
-    if b"mtime" in pax:
-        mtime = _pax_number(pax[b"mtime"], float)
-    if b"uid" in pax:
-        uid = int(_pax_number(pax[b"uid"], int))
-    if b"gid" in pax:
-        gid = int(_pax_number(pax[b"gid"], int))
-    return name, link, size, mtime, uid, gid
 
 
 class TarSource:

@@ -27,12 +27,11 @@ from hypothesis import strategies as st
 from pynydus.errors import FormatError
 from pynydus.rafs import layerstream
 from pynydus.rafs.layerstream import LayerStream
+from pynydus.rafs.tarheader import parse_header, pax_records
 from pynydus.rafs.tarstream import (
     Entry,
     EntryType,
     TarSource,
-    _parse_header,
-    _pax_records,
     _pax_time,
     _peek,
     normalize_path,
@@ -487,7 +486,7 @@ def _damage_after_pax(raw: bytes) -> bytes:
                                     lambda raw: b"not a tar" * 100])
 def test_corrupt_tars_fail_with_format_error_where_tarfile_failed(damage: Any) -> None:
     raw = damage(_valid())
-    got, err = _same(raw)
+    _, err = _same(raw)
     assert err == "FormatError"
     with pytest.raises(FormatError, match="layer tar"):
         for _, reader in TarSource(io.BytesIO(raw)):
@@ -543,11 +542,11 @@ def test_normalize_path_fast_path_is_the_general_rule(raw: bytes) -> None:
 
 def test_header_and_pax_record_parsers_decline_what_tarfile_must_judge() -> None:
     good = _block(b"f", b"0", 5)
-    assert _parse_header(good) is not None
-    assert _parse_header(good[:511]) is None
-    assert _parse_header(bytes(512)) is None
-    assert _parse_header(_block(b"f", b"S")) is None  # GNU sparse
-    assert _parse_header(_block(b"f", b"0", chksum=1)) is None
-    assert _pax_records(_rec(b"a", b"1") + _rec(b"a", b"2") + bytes(100)) == {b"a": b"2"}
-    assert _pax_records(b"5 a=1\n") is None  # wrong length
-    assert _pax_records(_rec(b"GNU.sparse.map", b"0,1")) is None
+    assert parse_header(good) is not None
+    assert parse_header(good[:511]) is None
+    assert parse_header(bytes(512)) is None
+    assert parse_header(_block(b"f", b"S")) is None  # GNU sparse
+    assert parse_header(_block(b"f", b"0", chksum=1)) is None
+    assert pax_records(_rec(b"a", b"1") + _rec(b"a", b"2") + bytes(100)) == {b"a": b"2"}
+    assert pax_records(b"5 a=1\n") is None  # wrong length
+    assert pax_records(_rec(b"GNU.sparse.map", b"0,1")) is None
