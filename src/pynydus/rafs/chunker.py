@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from pynydus.errors import FormatError, InvalidArgument
+from pynydus.system.writeback import start_writeback
 from pynydus.rafs.blobmeta import (
     BlobChunkInfo,
     BlobCompressionContextHeader,
@@ -101,6 +102,8 @@ _WINDOW = 4
 # Blob bytes are handed to the writer thread in batches of about this size, so
 # small files cost one list append each, not one thread hand-off.
 _WRITE_BATCH = 1 << 20
+# Writeback of the blob is started every this many bytes (see pynydus.system.writeback).
+_WRITEBACK_STEP = 16 << 20
 
 # (digest, payload, compressed, raw data when a blob cache needs it besides the payload)
 _Prepared = tuple[bytes, "Buffer", bool, "Buffer | None"]
@@ -265,6 +268,12 @@ class _HashingWriter:
         self._q: queue.Queue[list[Buffer] | None] = queue.Queue(maxsize=8)
         self._thread: threading.Thread | None = None
         self._err: BaseException | None = None
+        try:
+            self._fd: int | None = f.fileno()
+        except (OSError, ValueError):  # io.UnsupportedOperation: not a real file
+            self._fd = None
+        self._written = 0  # bytes handed to the kernel
+        self._flushed = 0  # bytes whose writeback was started
 
     def write(self, data: Buffer) -> None:
         self.pos += len(data)
@@ -294,8 +303,13 @@ class _HashingWriter:
         # One copy at most (joining small parts); a big payload goes to the kernel as is.
         data = memoryview(batch[0] if len(batch) == 1 else b"".join(batch))
         self._h.update(data)
+        self._written += len(data)
         while data:
             data = data[self._f.write(data) :]
+        if self._written - self._flushed >= _WRITEBACK_STEP and self._fd is not None:
+            # Disk writes overlap with the build instead of all waiting for the fsync.
+            start_writeback(self._fd, self._flushed, self._written - self._flushed)
+            self._flushed = self._written
 
     def _run(self) -> None:
         while (batch := self._q.get()) is not None:
