@@ -10,10 +10,15 @@ a block that does not parse means there, is :class:`pynydus.rafs.tarstream.TarSo
 
 The parsers accept exactly what :mod:`tarfile` accepts for the header types in
 :data:`PLAIN_TYPES` and :data:`EXT_TYPES` (same checksum rule, same number
-spellings), and return None for anything tarfile may read differently, so that
-the caller can hand it to tarfile. They exist because tarfile costs ~25 µs per
-member (a TarInfo, a dozen nti/nts calls, two 512-element checksum sums), a large
-share of a big layer's main-thread time.
+spellings), and return None for well-formed input tarfile may read differently
+(other typeflags, sparse files, ``hdrcharset``), so that the caller can hand it
+to tarfile. They exist because tarfile costs ~25 µs per member (a TarInfo, a
+dozen nti/nts calls, two 512-element checksum sums), a large share of a big
+layer's main-thread time. Damage is told apart, not handed on: after the first
+member tarfile takes a damaged header for the end of the archive, and it reads
+some malformed PAX records as something else; :func:`header_damage` says what is
+wrong with a block and :func:`pax_records` rejects every malformed record, so
+that the reader can fail instead of losing the rest of a layer.
 
 Names, link targets and PAX values stay bytes: nothing is decoded here.
 """
@@ -27,15 +32,18 @@ __all__ = [
     "BLOCK",
     "EXT_TYPES",
     "PLAIN_TYPES",
+    "ZERO_BLOCK",
     "Header",
     "apply_pax",
     "cstr",
+    "header_damage",
     "padded",
     "parse_header",
     "pax_records",
 ]
 
 BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)  # ends an archive (tarfile stops at the first one)
 
 # Typeflags of members the parser reads headers of: tarfile's REGTYPE, AREGTYPE,
 # CONTTYPE, LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE ...
@@ -152,28 +160,80 @@ def parse_header(buf: bytes) -> Header | None:
     )
 
 
-def pax_records(payload: bytes) -> dict[bytes, bytes] | None:
-    """The ``LENGTH KEY=VALUE\\n`` records of a PAX header's data (block padding
-    included), or None for anything tarfile might read differently: a malformed or
-    zero-length record, trailing bytes other than NUL, ``hdrcharset`` (validated
-    by tarfile) and ``GNU.sparse.*`` keys (sparse files). A key given twice keeps
-    its first place and its last value."""
-    if b"hdrcharset=" in payload or b"GNU.sparse." in payload:
-        return None
+def header_damage(buf: bytes) -> str | None:
+    """Why ``buf`` is no header block tarfile would read (cut short, a numeric field
+    it cannot read, a checksum mismatch), or None if it is one.
+
+    For the blocks :func:`parse_header` declines, to tell damage from the zero
+    block (which the caller tests for first: it is well-formed here) and from
+    well-formed headers of other types, which tarfile reads.
+    """
+    if not buf:
+        return "the data ends where a header should start"
+    if len(buf) != BLOCK:
+        return f"header cut short ({len(buf)} of {BLOCK} bytes)"
+    for name, lo, hi in _NUMBER_FIELDS:
+        try:
+            _number(buf[lo:hi])
+        except ValueError:
+            return f"invalid {name} field {buf[lo:hi]!r}"
+    chksum = _number(buf[148:156])
+    unsigned = sum(buf) - sum(buf[148:156]) + 8 * 32
+    signed = unsigned - 256 * (sum(b >> 7 for b in buf[:148]) + sum(b >> 7 for b in buf[156:]))
+    if chksum != unsigned and chksum != signed:
+        return f"checksum mismatch (field {chksum}, block sums to {unsigned})"
+    return None
+
+
+# The numeric fields tarfile reads from every header block (name, start, end).
+_NUMBER_FIELDS = (
+    ("mode", 100, 108),
+    ("uid", 108, 116),
+    ("gid", 116, 124),
+    ("size", 124, 136),
+    ("mtime", 136, 148),
+    ("checksum", 148, 156),
+    ("devmajor", 329, 337),
+    ("devminor", 337, 345),
+)
+
+
+def pax_records(payload: bytes, size: int) -> dict[bytes, bytes] | None:
+    """The ``LENGTH KEY=VALUE\\n`` records in the first ``size`` bytes of a PAX
+    header's data (``payload``, at least ``size`` bytes); None if the header needs
+    tarfile: ``hdrcharset`` (tarfile validates it) and ``GNU.sparse.*`` records
+    (sparse files). A key given twice keeps its first place and its last value.
+
+    ValueError, naming the byte, for a record whose length does not end it at a
+    newline (zero, past ``size``, too short), one with no length or no key, and
+    bytes other than NUL after the last record. tarfile takes some of these as
+    something else or stops reading the archive there; Go's archive/tar rejects
+    them all. Both write exact records with ``size`` their total length (blocks are
+    NUL-padded past it), which is all this accepts: NULs after the last record up
+    to ``size`` are tolerated, the padding after ``size`` is not read.
+    """
+    if len(payload) < size:
+        raise ValueError(f"PAX data cut short ({len(payload)} of {size} bytes)")
     records: dict[bytes, bytes] = {}
-    pos, n = 0, len(payload)
-    while pos < n and payload[pos]:
-        space = payload.find(b" ", pos, pos + 24)
+    pos = 0
+    while pos < size and payload[pos]:
+        space = payload.find(b" ", pos, min(pos + 24, size))
         digits = payload[pos:space]
         if space < 0 or not digits.isdigit():
-            return None
+            raise ValueError(f"PAX record at byte {pos}: no length: {payload[pos:pos + 24]!r}")
         end = pos + int(digits)
+        if end > size:
+            raise ValueError(f"PAX record at byte {pos}: length {int(digits)} runs past the "
+                             f"{size} bytes of PAX data")
         equals = payload.find(b"=", space + 1, end - 1)
-        if end > n or payload[end - 1] != 0x0A or equals <= space + 1:
-            return None
+        if equals <= space + 1 or payload[end - 1] != 0x0A:
+            raise ValueError(f"PAX record at byte {pos}: length {int(digits)} does not match "
+                             f"the record {payload[pos:min(end, pos + 60)]!r}")
         records[payload[space + 1 : equals]] = payload[equals + 1 : end - 1]
         pos = end
-    if payload.count(0, pos) != n - pos:
+    if payload.count(0, pos, size) != size - pos:
+        raise ValueError(f"PAX data: bytes other than NUL after the last record, at byte {pos}")
+    if payload.find(b"hdrcharset=", 0, size) >= 0 or payload.find(b"GNU.sparse.", 0, size) >= 0:
         return None
     return records
 

@@ -39,9 +39,11 @@ from pynydus.rafs.layerstream import DECODE_ERRORS, LayerStream
 from pynydus.rafs.tarheader import (
     BLOCK,
     EXT_TYPES,
+    ZERO_BLOCK,
     Header,
     apply_pax,
     cstr,
+    header_damage,
     padded,
     parse_header,
     pax_records,
@@ -173,11 +175,18 @@ def normalize_path(raw: bytes) -> bytes:
 # Headers are parsed by pynydus.rafs.tarheader, not by tarfile (which costs ~25 µs a
 # member). A member whose header chain (PAX ``x``/``g``, GNU ``L``/``K``, then the
 # member's own header) parses and holds only ordinary PAX records is built here,
-# applying the chain as tarfile does. Anything else -- GNU sparse, vendor typeflags,
-# unusual PAX records, bad checksums or numbers, the zero block at the end, a
-# truncated header -- is handed to tarfile together with the blocks already taken
-# for it (:class:`_Replay`), so tarfile decides exactly as it always did. Either way
-# the outcome equals tarfile's.
+# applying the chain as tarfile does. Well-formed members of other kinds -- GNU
+# sparse, vendor typeflags, ``hdrcharset`` -- are handed to tarfile together with
+# the blocks already taken for them (:class:`_Replay`), and tarfile reads them as
+# it always did.
+#
+# Damage is an error wherever it is, unlike in tarfile: a header block that is cut
+# short, fails its checksum or has a number field that reads as none, a PAX or GNU
+# long-name payload cut short, a malformed PAX record. tarfile takes a damaged
+# header after the first member for the end of the archive and silently drops the
+# rest of the layer (upstream's tar-rs builder fails: "archive header checksum
+# mismatch"). The end is a zero block (nothing after it is read) or the end of the
+# data exactly where a header would start (many writers omit the two zero blocks).
 #
 # Names, link targets and PAX values stay bytes: tarfile decodes them as UTF-8 with
 # surrogateescape (TarSource's settings) and _enc encodes them back, which gives
@@ -282,8 +291,9 @@ def _entry(
     return Entry(path, etype, mode & 0o7777, uid, gid, *mtime, 0, link, *rdev, xattrs, None)
 
 
-def _member_entry(m: tarfile.TarInfo) -> Entry | None:
-    """The Entry of a member tarfile parsed; None for types a filesystem cannot show.
+def _member_entry(m: tarfile.TarInfo, base: int) -> Entry | None:
+    """The Entry of a member tarfile parsed (its offsets from ``base``); None for types
+    a filesystem cannot show.
 
     Path and mtime are checked first, for every type, as TarSource always did."""
     name = _enc(m.name)
@@ -315,7 +325,7 @@ def _member_entry(m: tarfile.TarInfo) -> Entry | None:
         _enc(m.linkname),
         (m.devmajor, m.devminor),
         _tar_xattrs(pax),
-        None if m.issparse() else m.offset_data,
+        None if m.issparse() else base + m.offset_data,
     )
 
 
@@ -334,7 +344,18 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 # ... and what tarfile lets out for some malformed members (a GNU.sparse.size that is
 # no number, say): a FormatError too when it parses a member for _TarReader.
-_MEMBER_ERRORS: tuple[type[BaseException], ...] = (*_DECODE_ERRORS, ValueError)
+_MEMBER_ERRORS: tuple[type[BaseException], ...] = (*_DECODE_ERRORS, ValueError, IndexError)
+
+# Names of the headers that qualify a member, for messages.
+_EXT_NAMES = {b"x": "PAX", b"g": "PAX global", b"L": "GNU long name", b"K": "GNU long link"}
+
+
+def _check_header(buf: bytes, offset: int) -> None:
+    """FormatError if ``buf``, the block at ``offset``, is a damaged header."""
+    damage = header_damage(buf)
+    if damage is not None:
+        raise FormatError(f"layer tar: header at offset {offset}: {damage}")
+
 
 # Gaps up to this size (block padding, small unread files) are skipped with one
 # read; longer ones with a seek.
@@ -383,14 +404,18 @@ class _TarData:
 
 
 class _Replay:
-    """A layer stream with the bytes already taken from it put back in front.
+    """A layer stream from offset ``base`` on, with the bytes already taken from it
+    put back in front.
 
     What tarfile reads a member through when the fast path declines it: ``read``,
-    ``tell`` and forward ``seek``, at the offsets of the stream itself."""
+    ``tell`` and forward ``seek``, at offsets from ``base``. tarfile so sees every
+    member as the first of an archive, the one place where it reports a damaged
+    header instead of ending the archive there."""
 
-    def __init__(self, stream: LayerStream, head: bytes) -> None:
+    def __init__(self, stream: LayerStream, head: bytes, base: int) -> None:
         self._stream = stream
         self.head = head
+        self._base = base
 
     def read(self, n: int = -1, /) -> bytes:
         head = self.head
@@ -403,7 +428,7 @@ class _Replay:
         return head + self._stream.read(n - len(head) if n >= 0 else -1)
 
     def tell(self) -> int:
-        return self._stream.tell() - len(self.head)
+        return self._stream.tell() - len(self.head) - self._base
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_CUR:
@@ -415,7 +440,7 @@ class _Replay:
             self.head = self.head[drop:]
             return pos
         self.head = b""
-        return self._stream.seek(pos)
+        return self._stream.seek(pos + self._base) - self._base
 
 
 class _TarReader:
@@ -432,11 +457,13 @@ class _TarReader:
         self._glob_sparse = False  # GNU.sparse.* global records: tarfile applies those
 
     def next(self) -> tuple[Entry | None, DataReader | None] | None:
-        """The next member (its Entry None for vendor types), or None at the end.
+        """The next member (its Entry None for vendor types), or None at the end
+        (a zero block, or no data where the next header would start).
 
         Like ``TarFile.next``: first skips what is left of the previous member
-        (FormatError if the stream ends first). The previous member's reader is
-        invalid afterwards.
+        (FormatError if the stream ends first). Unlike it, a damaged header chain
+        is a FormatError wherever it is. The previous member's reader is invalid
+        afterwards.
         """
         stream = self._stream
         start = self._offset
@@ -445,7 +472,10 @@ class _TarReader:
             self._skip(pos, start)
         buf = stream.read(BLOCK)
         hdr = parse_header(buf)
-        if hdr is None or self._glob_sparse:
+        if hdr is None:
+            if buf == ZERO_BLOCK or (not buf and start):
+                return None  # the end of the archive
+            _check_header(buf, start)
             return self._delegate([buf], start)
         if hdr[0] in EXT_TYPES or self._glob:
             return self._chain(hdr, [buf], start)
@@ -480,26 +510,49 @@ class _TarReader:
         stream = self._stream
         glob = self._glob
         layers: list[tuple[bytes, bytes | dict[bytes, bytes]]] = []
+        # GNU sparse global records, hdrcharset or sparse records here: tarfile reads
+        # the member, once every header and record of its chain proved well-formed.
+        delegate = self._glob_sparse
+        at = start  # the offset of hdr
         while hdr[0] in EXT_TYPES:
             flag, size = hdr[0], hdr[5]
             payload = stream.read(padded(size))
             chain.append(payload)
+            if len(payload) < padded(size):
+                raise FormatError(
+                    f"layer tar: {_EXT_NAMES[flag]} header at offset {at}: data cut short at "
+                    f"offset {at + BLOCK + len(payload)} ({len(payload)} of {padded(size)} bytes)"
+                )
             if flag == b"L" or flag == b"K":
                 layers.append((flag, cstr(payload)))
             else:
-                records = pax_records(payload)
+                try:
+                    records = pax_records(payload, size)
+                except ValueError as err:
+                    raise FormatError(
+                        f"layer tar: {_EXT_NAMES[flag]} header at offset {at}: {err}"
+                    ) from err
                 if records is None:
-                    return self._delegate(chain, start)
-                if flag == b"g":
+                    delegate = True
+                elif flag == b"g":
                     glob = {**glob, **records}
                 else:
                     layers.append((flag, {**glob, **records}))
+            prev, at = flag, at + BLOCK + len(payload)
             buf = stream.read(BLOCK)
             chain.append(buf)
             nxt = parse_header(buf)
             if nxt is None:
+                if buf == ZERO_BLOCK or not buf:
+                    raise FormatError(
+                        f"layer tar: header at offset {at}: the archive ends right after a "
+                        f"{_EXT_NAMES[prev]} header"
+                    )
+                _check_header(buf, at)
                 return self._delegate(chain, start)
             hdr = nxt
+        if delegate:
+            return self._delegate(chain, start)
         flag, name, mode, uid, gid, size, mtime_, link, major, minor, prefix = hdr
         etype = _ENTRY_TYPES[flag]
         if flag == b"\0" and name.endswith(b"/"):
@@ -548,7 +601,7 @@ class _TarReader:
         """Let tarfile parse the member whose header chain starts at ``start``
         (``chain``: the blocks taken from the stream for it so far)."""
         stream = self._stream
-        replay = _Replay(stream, b"".join(chain))
+        replay = _Replay(stream, b"".join(chain), start)
         try:
             # One TarFile per member: its constructor reads the first member from
             # the stream's offset, with TarFile.next's rules for errors and the end.
@@ -566,12 +619,14 @@ class _TarReader:
         # The member the constructor read (tf.next() would read on past an end).
         member: tarfile.TarInfo | None = cast(Any, tf).firstmember
         if member is None:
-            return None
+            # Only a zero block, never handed to tarfile, makes it read none without
+            # an error: whatever else did must not end the archive in silence.
+            raise FormatError(f"layer tar: member at offset {start}: tarfile read no member")
         assert not replay.head, "tarfile read less than the fast path took"
         self._glob = {_enc(k): _enc(v) for k, v in tf.pax_headers.items()}
         self._glob_sparse = any(k.startswith(b"GNU.sparse.") for k in self._glob)
-        self._offset = tf.offset
-        entry = _member_entry(member)
+        self._offset = start + tf.offset
+        entry = _member_entry(member, start)
         if entry is None or entry.type is not EntryType.REG:
             return entry, None
         if member.issparse():
@@ -603,8 +658,11 @@ class TarSource:
     what the caller reads. Iterating twice re-opens a path source but raises
     :class:`InvalidArgument` for a file object.
 
-    Members are read as :mod:`tarfile` reads them (same entries, same end of
-    archive, malformed input a :class:`FormatError`), by :class:`_TarReader`.
+    Members are read as :mod:`tarfile` reads them (same entries, malformed input a
+    :class:`FormatError`), by :class:`_TarReader`, except that the archive ends
+    only at a zero block or where the data ends at a header boundary: a damaged
+    header or PAX record anywhere is a FormatError naming its offset, not the end
+    of the archive (tarfile ends there after the first member, in silence).
     """
 
     def __init__(

@@ -7,6 +7,11 @@ names, sparse members) and corrupted or truncated tars, both must yield the same
 entries (every field, xattrs in the same order), the same file bytes, and fail
 at the same member with FormatError. Where the reference let a ValueError out
 (a PAX mtime that is no number), the parser now raises FormatError.
+
+Where tarfile ends the archive in silence at a damaged header (anywhere after the
+first member), the parser yields the same entries and then raises FormatError:
+the reference below reports such a stop as an error. Malformed PAX records, which
+tarfile takes in several ways, are a FormatError at their member.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import gzip
 import io
 import random
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -27,7 +33,7 @@ from hypothesis import strategies as st
 from pynydus.errors import FormatError
 from pynydus.rafs import layerstream
 from pynydus.rafs.layerstream import LayerStream
-from pynydus.rafs.tarheader import parse_header, pax_records
+from pynydus.rafs.tarheader import header_damage, parse_header, pax_records
 from pynydus.rafs.tarstream import (
     Entry,
     EntryType,
@@ -116,6 +122,15 @@ class _RefSlice:
         return data
 
 
+class _SilentStop(tarfile.ReadError):
+    """tarfile ended the archive at a block that is neither the end of the data nor
+    a zero block: a damaged header it took for the end."""
+
+
+def _plain(raw: bytes) -> bytes:
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
 def _reference(raw: bytes, tee: io.BytesIO | None = None) -> Iterator[tuple[Entry, Any]]:
     f = io.BytesIO(raw)
     head = _peek(cast(BinaryIO, f), 4)
@@ -130,6 +145,9 @@ def _reference(raw: bytes, tee: io.BytesIO | None = None) -> Iterator[tuple[Entr
                 if member is None:
                     if tee is not None:
                         stream.drain()
+                    block = _plain(raw)[tf.offset : tf.offset + 512]
+                    if block and block != bytes(512):
+                        raise _SilentStop(f"tarfile stopped at offset {tf.offset}")
                     return
                 cast(Any, tf).members.clear()
                 entry = _ref_entry(member)
@@ -340,6 +358,19 @@ def test_gzip_layer_and_tee_match_tarfile(raw: bytes) -> None:
     assert copy.getvalue() == raw
 
 
+# PAX data with records whose length does not match them: FormatError, wherever
+# tarfile ends the archive, raises or reads something.
+_BAD_PAX = [
+    b"0 path=x\n",  # zero length
+    b"11 path=x\n",  # length past the record (and the data)
+    b"11 path=x\nab",  # length past the record, within the data
+    b"8 path=x\n",  # length short of the record
+    b"9 path=x\n\n\n",  # junk after the last record
+    b"5 =x\n9 a=b\n",  # no key
+    b"path=x\n",  # no length
+    b"30 hdrcharset=BINARY\n",  # wrong length with a record tarfile must judge
+]
+
 _chain_parts = st.sampled_from([
     ("x", [(b"path", b"pax/name"), (b"mtime", b"1.5")]),
     ("x", [(b"size", b"3"), (b"uid", b"77"), (b"SCHILY.xattr.user.x", b"1")]),
@@ -351,13 +382,11 @@ _chain_parts = st.sampled_from([
     ("L", b"long/" + b"n" * 150),
     ("L", b"dir/"),
     ("K", b"long/" + b"k" * 150),
-    ("raw", b"0 path=x\n"),  # zero length
-    ("raw", b"11 path=x\n"),  # length past the record
-    ("raw", b"9 path=x\n\n\n"),  # junk after the last record
-    ("raw", b"7 =x\n9 a=b\n"),  # no key
-    ("raw", b"30 hdrcharset=BINARY\n"),
-    ("raw", b"18 hdrcharset=\xff\n"),
-    ("raw", b"15 mtime=nan\n"),
+    ("raw", b"21 hdrcharset=BINARY\n"),
+    ("raw", b"16 hdrcharset=\xff\n"),
+    ("raw", b"13 mtime=nan\n"),
+    ("raw", b"9 path=x\n" + bytes(7)),  # NULs inside the size after the records
+    *[("bad", rec) for rec in _BAD_PAX],
 ])
 
 
@@ -375,7 +404,7 @@ def test_header_chains_apply_as_tarfile_applies_them(
 ) -> None:
     raw = b""
     for kind, value in chain:
-        if kind == "raw":
+        if kind in ("raw", "bad"):
             raw += _ext(b"x", value)
         elif kind in "xg":
             raw += _ext(kind.encode(), b"".join(_rec(k, v) for k, v in value))
@@ -385,6 +414,11 @@ def test_header_chains_apply_as_tarfile_applies_them(
                                                                        + bytes(size % 7))
     if after:
         raw += _block(b"next", b"0", 4) + _data(b"tail")
+    if any(kind == "bad" for kind, _ in chain):
+        assert _new(raw + END) == ([], "FormatError")
+        with pytest.raises(FormatError, match=r"PAX header at offset \d+: PAX"):
+            list(TarSource(io.BytesIO(raw + END)))
+        return
     _same(raw + END)
     _same(raw + END, read=False)
 
@@ -494,14 +528,145 @@ def test_corrupt_tars_fail_with_format_error_where_tarfile_failed(damage: Any) -
                 pass
 
 
-def test_where_tarfile_ends_quietly_so_does_the_parser() -> None:
+def test_only_a_zero_block_or_the_end_of_data_at_a_header_ends_the_archive() -> None:
     valid = _valid()
-    # a bad checksum or a cut header after the first member ends the archive for
-    # tarfile (no error): the same entries, nothing more
-    for raw in (valid[:1536] + b"\x01" + valid[1537:], valid[:1536 + 200], valid[:1536],
-                valid[:1536] + END + b"garbage after the end" * 50):
+    for raw in (valid[:1536], valid[:1536] + END + b"garbage after the end" * 50,
+                valid[:1536] + bytes(512) + b"\x01" * 512):
         got, err = _same(raw)
         assert err is None and [e.path for e, _, _ in got] == [b"first"]
+
+
+def _read_paths(raw: bytes) -> tuple[list[bytes], str]:
+    """Paths read, and the FormatError's message ("" if none)."""
+    got: list[bytes] = []
+    try:
+        for entry, reader in TarSource(io.BytesIO(raw)):
+            got.append(entry.path)
+            while reader is not None and reader.read(1000):
+                pass
+    except FormatError as err:
+        return got, str(err)
+    return got, ""
+
+
+def _with_checksum(block: bytes, value: bytes) -> bytes:
+    return block[:148] + value + block[156:]
+
+
+def _four() -> tuple[bytes, list[int]]:
+    """Four members (a PAX one and a GNU long name among them) and their header offsets."""
+    members = [
+        _block(b"one", b"0", 700) + _data(b"1" * 700),
+        _ext(b"x", _rec(b"path", b"two") + _rec(b"mtime", b"1.5")) + _block(b"t", b"0", 3)
+        + _data(b"two"),
+        _ext(b"L", b"three/" + b"3" * 200) + _block(b"t", b"5"),
+        _block(b"four", b"0", 4) + _data(b"four"),
+    ]
+    offsets = [sum(len(m) for m in members[:i]) for i in range(4)]
+    return b"".join(members), offsets
+
+
+@pytest.mark.parametrize("where", [0, 1, 2, 3], ids=["first", "pax", "gnu-long-name", "last"])
+@pytest.mark.parametrize("damage", ["checksum", "octal", "cut"])
+def test_a_damaged_header_is_a_format_error_naming_its_offset_wherever_it_is(
+    where: int, damage: str
+) -> None:
+    raw, offsets = _four()
+    at = offsets[where]  # the first header of the member (PAX or GNU one included)
+    block = raw[at : at + 512]
+    if damage == "checksum":
+        bad = raw[:at] + _with_checksum(block, b"0000001\0") + raw[at + 512 :] + END
+        want = "checksum mismatch"
+    elif damage == "octal":
+        bad = raw[:at] + block[:100] + b"0009\0\0\0\0" + block[108:] + raw[at + 512 :] + END
+        want = "invalid mode field"
+    else:
+        bad, want = raw[: at + 300], "header cut short (300 of 512 bytes)"
+    got, message = _read_paths(bad)
+    assert got == [b"one", b"two", b"three/" + b"3" * 200, b"four"][:where]
+    assert f"layer tar: header at offset {at}: {want}" in message
+    if where:  # tarfile took it for the end of the archive
+        assert _old(bad)[1] == "FormatError"  # the reference reports the silent stop
+
+
+@pytest.mark.parametrize("kind", ["x", "L"])
+@pytest.mark.parametrize("cut", [1, 100, 511, 512])
+def test_data_of_a_pax_or_long_name_header_cut_short_is_a_format_error(kind: str, cut: int) -> None:
+    raw, offsets = _four()
+    at = offsets[1] if kind == "x" else offsets[2]
+    got, message = _read_paths(raw[: at + 512 + cut - 512 * (cut == 512)])
+    if cut == 512:  # the end of data right after the PAX or GNU header block
+        assert "the data ends where a header should start" not in message
+    assert got == [b"one", b"two"][: 1 if kind == "x" else 2]
+    assert f"header at offset {at}" in message and "cut short" in message or \
+        "ends right after" in message
+
+
+@pytest.mark.parametrize("kind", ["x", "L"])
+def test_the_end_right_after_a_pax_or_long_name_header_is_a_format_error(kind: str) -> None:
+    raw, offsets = _four()
+    start = offsets[1] if kind == "x" else offsets[2]
+    nxt = offsets[2] - 1024 if kind == "x" else offsets[3] - 512  # the member's own header
+    for tail in (b"", END):
+        got, message = _read_paths(raw[:nxt] + tail)
+        assert got == [b"one", b"two"][: 1 if kind == "x" else 2]
+        name = "PAX" if kind == "x" else "GNU long name"
+        assert message == f"layer tar: header at offset {nxt}: the archive ends right after a " \
+            f"{name} header", start
+
+
+@pytest.mark.parametrize("record", _BAD_PAX)
+def test_a_pax_record_whose_length_does_not_match_is_a_format_error(record: bytes) -> None:
+    raw, offsets = _four()
+    bad = raw[: offsets[3]] + _ext(b"x", record) + raw[offsets[3] :] + END
+    got, message = _read_paths(bad)
+    assert got == [b"one", b"two", b"three/" + b"3" * 200]
+    assert message.startswith(f"layer tar: PAX header at offset {offsets[3]}: PAX")
+
+
+def test_a_valid_tar_cut_after_any_complete_member_reads_up_to_there() -> None:
+    raw, offsets = _four()
+    paths = [b"one", b"two", b"three/" + b"3" * 200, b"four"]
+    ends = [*offsets[1:], len(raw)]
+    for n, end in enumerate(ends, 1):
+        got, err = _same(raw[:end])
+        assert err is None and [e.path for e, _, _ in got] == paths[:n]
+    for cut in range(512, len(raw), 512):  # anywhere else: inside a member
+        if cut not in ends:
+            got_paths, message = _read_paths(raw[:cut])
+            assert message, cut
+            assert got_paths == paths[: len(got_paths)]
+
+
+# Written by Go 1.19's archive/tar (FormatPAX: a directory, a file with a 150-byte
+# name and xattrs, a symlink with a long target and a uid past USTAR's range, then
+# a USTAR member with a UTF-8 name), zlib-compressed.
+_GO_TAR = (
+    "eNrtmM9OwkAQh1ePfYp9grJ/Znfl0JMXTDyYePK4tFUaSiHtVvGRfA5fzFY0UggQE1rEzndhQ0gauvP7ZmejJB/c"
+    "2eUotlGcFz4jLcBW7PpkTOqfdf09Z0ZwQpekA8rC2bx6POknktGZS2ZxwM33+/e5kKC0uRp6BPnnRFX+235GXVRG"
+    "qd35r9YclABjGKzyz4QiVJ1T/jf/3Bnt/7r/B9nxOeR/YND0vxRaof+78f+Q3l+Pbm4f/KV1LveLOCzzxL36oV3Y"
+    "cZJWy+Di0hOm+bOyiHN/GjyTF29/B+Ea6MK6SVAXWvYn8fru/7ZfcF0SGmC3/zlv+r8qHm4IZej/1pnEaTqnT3M8"
+    "6vU3/43+n2adz39Cy435j0sJ2P+7gEugaZJNP3u0OxGHzhCKlkkUAB+CZICmOnb+W4j87+5/Nuc/aZiShIouaq/n"
+    "/b/h/tA+nmT/+db9nzYC/d+J/7/Gs2rr399Qrb2jpchv5V/v9f/6+a++JzQacP7rBDsOMQQIgiA95APN27vU"
+)
+
+
+def test_pax_headers_written_by_go_and_by_tarfile_read_as_tarfile_reads_them() -> None:
+    go = zlib.decompress(base64.b64decode(_GO_TAR))
+    got, err = _same(go)
+    assert err is None
+    assert [(e.path, e.mtime, e.mtime_nsec, e.uid) for e, _, _ in got] == [
+        (b"dir", 1700000000, 123456789, 0), (b"dir/" + b"n" * 150, 1700000000, 123456789, 0),
+        (b"dir/ln", 1700000000, 123456789, 1 << 22), ("caf\u00e9".encode(), 5, 0, 0)]
+    assert got[1][0].xattrs == {b"user.k": b"v\0w", b"security.capability": b"\x01\x02"}
+    assert got[1][2] == b"hello go\n" and got[2][0].link == b"t" * 120
+    info = tarfile.TarInfo("d/" + "p" * 150)
+    info.size, info.mtime, info.uid = 2, 1.25, 1 << 22
+    info.pax_headers = {"SCHILY.xattr.user.a": "\u00e9", "comment": "x" * 600}
+    written = _write([(info, b"py")], tarfile.PAX_FORMAT, {"comment": "global"})
+    got, err = _same(written)
+    assert err is None and got[0][0].path == b"d/" + b"p" * 150 and got[0][2] == b"py"
+    assert got[0][0].xattrs == {b"user.a": "\u00e9".encode()}
 
 
 def test_a_pax_mtime_that_is_no_number_is_a_format_error() -> None:
@@ -523,7 +688,15 @@ def test_random_damage_gives_tarfiles_entries_then_format_error(
         data[at % len(data)] = value
     if truncate:
         del data[cuts[0][0] % len(data) :]
-    _same(bytes(data))
+    # tarfile's entries, up to where the parser, stricter about PAX records, may stop
+    old, new = _old(bytes(data)), _new(bytes(data))
+    assert new[0] == old[0][: len(new[0])]
+    if new[1] is None:
+        assert new == old
+    elif old[1] in ("ValueError", "UnsupportedOperation", "OverflowError"):
+        assert new[1] == "FormatError" and new[0] == old[0]
+    else:
+        assert new[1] == "FormatError"
 
 
 @SETTINGS
@@ -542,11 +715,34 @@ def test_normalize_path_fast_path_is_the_general_rule(raw: bytes) -> None:
 
 def test_header_and_pax_record_parsers_decline_what_tarfile_must_judge() -> None:
     good = _block(b"f", b"0", 5)
-    assert parse_header(good) is not None
+    assert parse_header(good) is not None and header_damage(good) is None
     assert parse_header(good[:511]) is None
+    assert header_damage(good[:511]) == "header cut short (511 of 512 bytes)"
     assert parse_header(bytes(512)) is None
-    assert parse_header(_block(b"f", b"S")) is None  # GNU sparse
+    assert parse_header(_block(b"f", b"S")) is None  # GNU sparse: tarfile reads it
+    assert header_damage(_block(b"f", b"S")) is None
     assert parse_header(_block(b"f", b"0", chksum=1)) is None
-    assert pax_records(_rec(b"a", b"1") + _rec(b"a", b"2") + bytes(100)) == {b"a": b"2"}
-    assert pax_records(b"5 a=1\n") is None  # wrong length
-    assert pax_records(_rec(b"GNU.sparse.map", b"0,1")) is None
+    assert (header_damage(_block(b"f", b"0", chksum=1)) or "").startswith("checksum mismatch")
+    assert header_damage(_block(b"f", b"0", uid=b"12x")) == "invalid uid field b'12x\\x00\\x00\\x00\\x00\\x00'"
+    recs = _rec(b"a", b"1") + _rec(b"a", b"2")
+    assert pax_records(recs + bytes(100), len(recs)) == {b"a": b"2"}
+    assert pax_records(recs + b"\0\0" + b"junk", len(recs) + 2) == {b"a": b"2"}  # padding unread
+    with pytest.raises(ValueError, match="length 5 does not match"):
+        pax_records(b"5 a=1\n", 6)
+    with pytest.raises(ValueError, match="runs past"):
+        pax_records(recs + b"7 a=1\n", len(recs) + 6)
+    sparse = _rec(b"GNU.sparse.map", b"0,1")
+    assert pax_records(sparse, len(sparse)) is None
+
+
+@pytest.mark.parametrize("tail", [b"", b"\x01" * 100, bytes(100)], ids=["none", "junk", "zeros"])
+def test_a_gnu_sparse_header_cut_inside_its_extension_is_a_format_error(tail: bytes) -> None:
+    h = bytearray(_block(b"sparse", b"S", 1024))
+    h[386:410] = b"%011o\0%011o\0" % (0, 512)
+    h[482] = 1  # an extension block follows
+    h[483:495] = b"%011o\0" % 3000
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    first = _block(b"a", b"0", 1) + _data(b"1")
+    got, message = _read_paths(first + bytes(h) + tail)
+    assert got == [b"a"] and message.startswith("layer tar: member at offset 1024: ")
