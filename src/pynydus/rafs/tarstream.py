@@ -332,6 +332,11 @@ def _member_entry(m: tarfile.TarInfo, base: int) -> Entry | None:
 # Directory read-ahead (_ReadAhead): files up to this size are read whole, at most
 # this many entries ahead of the walk.
 _AHEAD_MAX_FILE = 64 * 1024
+
+# PAX and GNU long-name/long-link payloads are read into memory whole; a header that
+# claims more is malformed (names are at most PATH_MAX, xattr values 64 KiB on Linux).
+_EXT_MAX = 16 << 20
+_CHAIN_MAX = 64 << 20
 _AHEAD_ENTRIES = 512
 
 # What decoders and the tar parser raise for malformed input (gzip.BadGzipFile is
@@ -514,8 +519,17 @@ class _TarReader:
         # the member, once every header and record of its chain proved well-formed.
         delegate = self._glob_sparse
         at = start  # the offset of hdr
+        held = 0  # payload bytes of this chain in memory
         while hdr[0] in EXT_TYPES:
             flag, size = hdr[0], hdr[5]
+            held += size
+            if size > _EXT_MAX or held > _CHAIN_MAX:
+                # Sized by the (checksum-valid) header alone: refuse before reading.
+                raise FormatError(
+                    f"layer tar: {_EXT_NAMES[flag]} header at offset {at}: {size} bytes of "
+                    f"extended header data (at most {_EXT_MAX} per header, {_CHAIN_MAX} per "
+                    "member)"
+                )
             payload = stream.read(padded(size))
             chain.append(payload)
             if len(payload) < padded(size):

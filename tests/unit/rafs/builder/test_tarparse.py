@@ -746,3 +746,21 @@ def test_a_gnu_sparse_header_cut_inside_its_extension_is_a_format_error(tail: by
     first = _block(b"a", b"0", 1) + _data(b"1")
     got, message = _read_paths(first + bytes(h) + tail)
     assert got == [b"a"] and message.startswith("layer tar: member at offset 1024: ")
+
+
+@pytest.mark.parametrize("flag", [b"x", b"L", b"K"])
+def test_an_extended_header_claiming_more_than_its_cap_is_refused_before_reading(
+    flag: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The payload size comes from a checksum-valid header alone: it must not size an
+    allocation (a corrupt 8 GiB PAX header would read the rest of the layer)."""
+    from pynydus.rafs import tarstream
+
+    huge = _block(b"././@LongLink" if flag != b"x" else b"pax", flag, 8 << 30)
+    got, message = _read_paths(_block(b"one", b"0", 3) + _data(b"one") + huge + bytes(4096))
+    assert got == [b"one"] and "extended header data" in message and "offset 1024" in message
+    # Many headers under the per-header cap still may not pile up past the chain cap.
+    monkeypatch.setattr(tarstream, "_CHAIN_MAX", 3000)
+    chain = b"".join(_ext(b"x", _rec(b"comment", b"c" * 1000)) for _ in range(4))
+    got, message = _read_paths(chain + _block(b"two", b"0", 3) + _data(b"two"))
+    assert got == [] and "per member" in message
