@@ -53,6 +53,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path("/var/tmp/pynydus-rafs-bench")
 PYCACHE = Path("/var/tmp/pynydus-bench/pycache")
+WARM_IMPORTS = ("import pynydus.cli.image_cmd, pynydus.rafs.builder, pynydus.rafs.merge, "
+                "pynydus.rafs.decodeproc")
 # The console script beside this interpreter (the venv's), as users run it.
 PYNYDUS = [str(Path(sys.executable).parent / "pynydus")]
 
@@ -259,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     drop = not (args.quick or args.no_drop_caches) and os.access("/proc/sys/vm/drop_caches", os.W_OK)
     b = Bench(drop, args.repeat)
     for _, tree in variants:  # fill the pycache before anything is timed
-        b.run([sys.executable, "-c", "import pynydus.cli.image_cmd, pynydus.rafs.builder, "
-               "pynydus.rafs.merge, pynydus.rafs.decodeproc"], cold=False, src=tree)
+        b.run([sys.executable, "-c", WARM_IMPORTS], cold=False, src=tree)
     work = Path(args.workdir) / ("quick" if args.quick else "full")
     if work.exists():
         shutil.rmtree(work)

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from pynydus.errors import FormatError, InvalidArgument
-from pynydus.system.writeback import start_writeback
 from pynydus.rafs.blobmeta import (
     BlobChunkInfo,
     BlobCompressionContextHeader,
@@ -59,6 +58,7 @@ from pynydus.rafs.compress import (
     digest,
     toc_flag_for_compressor,
 )
+from pynydus.system.writeback import start_writeback
 
 __all__ = [
     "BLOB_FEATURES_DEFAULT",

@@ -6,7 +6,7 @@ offset is left alone), decodes it with the same code the in-process decoder uses
 and writes the uncompressed tar to standard output. A malformed stream ends it with
 status 3 and ``KIND\\0MESSAGE`` on standard error (KIND is the exception's class
 name), which the parent raises again as the same exception. A parent that stopped
-reading (its end of the pipe closed) ends it quietly.
+reading (its end of the socket closed) ends it quietly.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import sys
 from collections.abc import Iterator
 
 from pynydus.rafs.layerstream import _IN, DECODE_ERRORS, _gzip_blocks, _zstd_blocks
+
+# What ends the child with a report the parent raises again.
+_REPORTED: tuple[type[BaseException], ...] = (EOFError, *DECODE_ERRORS)
 
 
 def _pread_inputs(fd: int, offset: int) -> Iterator[bytes]:
@@ -38,7 +41,7 @@ def main(argv: list[str]) -> int:
             _write_all(1, block)
     except BrokenPipeError:
         return 0  # the consumer stopped early; nothing to report
-    except (EOFError, *DECODE_ERRORS) as err:
+    except _REPORTED as err:
         sys.stderr.write(f"{type(err).__name__}\0{err}")
         return 3
     return 0

@@ -19,7 +19,7 @@ installed, else with zlib: same bytes, about half the CPU time. :meth:`close` st
 
 A big compressed layer in a regular file is decoded by a child process instead
 (:mod:`pynydus.rafs.decodeproc`) when a second CPU is usable: the thread then only
-reads the child's output from a pipe. Decoding in-process makes the decoder and
+receives the child's output from a socket, a block per call. Decoding in-process makes the decoder and
 the tar parser take turns at the GIL (every decoder call gives it up and must win
 it back from a parser that runs Python), so on two CPUs the decoder ran at about
 half speed; a process of its own decodes at full speed while the parser works.
@@ -28,11 +28,11 @@ The child's errors come back as the same exception types, at the same place.
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import io
 import os
 import queue
+import socket
 import stat
 import subprocess
 import sys
@@ -72,7 +72,6 @@ _END = object()
 # process when a second CPU is usable; below it the process start (~40 ms) is not
 # worth it. PYNYDUS_LAYER_DECODER=thread turns the child off, =process forces it.
 _PROCESS_MIN = 8 << 20
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python 3.10+ on Linux has it too)
 
 
 class _Sink(Protocol):
@@ -296,33 +295,39 @@ def _process_input(f: BinaryIO, head: bytes, codec: str | None) -> tuple[int, in
         return None  # not a file with a descriptor (BytesIO, a socket wrapper, ...)
     if not stat.S_ISREG(st.st_mode) or start < 0:
         return None
-    if mode != "process":
-        if st.st_size - start < _PROCESS_MIN or len(os.sched_getaffinity(0)) < 2:
-            return None
+    big = st.st_size - start >= _PROCESS_MIN
+    if mode != "process" and (not big or len(os.sched_getaffinity(0)) < 2):
+        return None
     return fd, start
 
 
 class _DecoderProcess:
-    """A child process that decodes ``codec`` from ``fd`` at ``offset`` into a pipe."""
+    """A child process that decodes ``codec`` from ``fd`` at ``offset`` into a socket.
+
+    A socket, not a pipe: ``recv(n, MSG_WAITALL)`` waits in the kernel until a whole
+    block has arrived, so the reading thread wins the GIL back once per block. A
+    pipe holds at most 1 MiB, and reading a 4 MiB block from it took four reads,
+    each waiting for the GIL while the child, its pipe full, waited for the reader.
+    """
 
     def __init__(self, codec: str, fd: int, offset: int) -> None:
         self.codec = codec
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pynydus.rafs.decodeproc", codec, str(offset)],
-            stdin=fd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert self.proc.stdout is not None
-        try:  # a bigger pipe: fewer wake-ups on both sides
-            fcntl.fcntl(self.proc.stdout.fileno(), _F_SETPIPE_SZ, _IN)
-        except OSError:
-            pass
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pynydus.rafs.decodeproc", codec, str(offset)],
+                stdin=fd,
+                stdout=theirs.fileno(),
+                stderr=subprocess.PIPE,
+            )
+        except BaseException:
+            self._sock.close()
+            raise
+        finally:
+            theirs.close()
 
     def blocks(self) -> Iterator[bytes]:
-        out = self.proc.stdout
-        assert out is not None
-        while data := out.read(_OUT):  # BufferedReader: loops until _OUT bytes or EOF
+        while data := self._sock.recv(_OUT, socket.MSG_WAITALL):
             yield data
         rc = self.proc.wait()
         if rc == 0:
@@ -335,16 +340,16 @@ class _DecoderProcess:
         raise OSError(f"layer decoder process exited with status {rc}: {report.strip()}")
 
     def stop(self) -> None:
-        """Kill the child if it still runs (a consumer stopped early): its pipe ends."""
+        """Kill the child if it still runs (a consumer stopped early): its output ends."""
         if self.proc.poll() is None:
             self.proc.kill()
 
     def reap(self) -> None:
-        """Wait for the child and close the pipes (after the reading thread is gone)."""
+        """Wait for the child and close its socket and pipe (after the reader is gone)."""
         self.proc.wait()
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        self._sock.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 class LayerStream:
@@ -376,8 +381,7 @@ class LayerStream:
         self._i = 0  # read position inside _buf
         self._base = 0  # stream offset of _buf[0]
         self._eof = False
-        # With a decoder process the thread only reads its pipe, blocks ahead: a pipe
-        # holds 1 MiB at most, too little to keep the child busy by itself.
+        # With a decoder process the thread only receives its output, blocks ahead.
         self._thread = threading.Thread(target=self._produce, name="layer-decode", daemon=True)
         self._thread.start()
 
@@ -489,7 +493,7 @@ class LayerStream:
             except queue.Empty:
                 break
         if self._decoder is not None:
-            self._decoder.stop()  # a producer blocked reading the pipe sees its end
+            self._decoder.stop()  # a producer blocked receiving sees the end
         self._thread.join()
         if self._decoder is not None:
             self._decoder.reap()

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import Any
 
 __all__ = ["start_writeback"]
 
 _SYNC_FILE_RANGE_WRITE = 2
 
+_sync_file_range: Any = None
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     _sync_file_range = _libc.sync_file_range

@@ -292,11 +292,10 @@ def test_decoder_process_stopped_early_or_killed(tmp_path: Path) -> None:
     s.close()  # the child is blocked writing to a full pipe: killed and reaped
     assert proc.returncode is not None
     assert _no_threads("layer-decode")
-    with pytest.raises(OSError, match="status -9"):
-        with _file_stream(tmp_path, raw) as s:
-            s.read(5)
-            os.kill(s._decoder.proc.pid, 9)  # type: ignore[union-attr]
-            s.read()
+    with pytest.raises(OSError, match="status -9"), _file_stream(tmp_path, raw) as s:
+        s.read(5)
+        os.kill(s._decoder.proc.pid, 9)  # type: ignore[union-attr]
+        s.read()
 
 
 def test_decoder_process_only_for_big_files_with_a_descriptor(
