@@ -53,8 +53,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path("/var/tmp/pynydus-rafs-bench")
 PYCACHE = Path("/var/tmp/pynydus-bench/pycache")
-WARM_IMPORTS = ("import pynydus.cli.image_cmd, pynydus.rafs.builder, pynydus.rafs.merge, "
-                "pynydus.rafs.decodeproc")
+# What a build imports (older trees given with --baseline-src may lack some of it).
+WARM_IMPORTS = ("import importlib.util as u\n"
+                "for m in ('pynydus.cli.image_cmd', 'pynydus.rafs.builder', 'pynydus.rafs.merge', "
+                "'pynydus.rafs.decodeproc'):\n"
+                "    u.find_spec(m) and __import__(m)")
 # The console script beside this interpreter (the venv's), as users run it.
 PYNYDUS = [str(Path(sys.executable).parent / "pynydus")]
 
