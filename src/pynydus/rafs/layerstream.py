@@ -44,6 +44,8 @@ from typing import Any, BinaryIO, Protocol, Self, cast
 
 import zstandard
 
+from pynydus.errors import InvalidArgument
+
 _inflate_lib: types.ModuleType
 try:  # ISA-L's inflate: same interface as zlib's, about twice as fast (and GIL-free)
     from isal import isal_zlib as _inflate_lib
@@ -70,7 +72,8 @@ _AHEAD = 4
 _END = object()
 # Compressed layers at least this big (in a regular file) are decoded by a child
 # process when a second CPU is usable; below it the process start (~40 ms) is not
-# worth it. PYNYDUS_LAYER_DECODER=thread turns the child off, =process forces it.
+# worth it. PYNYDUS_LAYER_DECODER=thread turns the child off, =process forces it
+# (for any size and CPU count), =auto (or unset) is the rule above.
 _PROCESS_MIN = 8 << 20
 
 
@@ -284,7 +287,11 @@ def _process_input(f: BinaryIO, head: bytes, codec: str | None) -> tuple[int, in
     offset where ``head`` started), only when it is big enough, and only when a
     second CPU can run the child.
     """
-    mode = os.environ.get("PYNYDUS_LAYER_DECODER", "")
+    mode = os.environ.get("PYNYDUS_LAYER_DECODER", "auto") or "auto"
+    if mode not in ("auto", "thread", "process"):
+        raise InvalidArgument(
+            f"PYNYDUS_LAYER_DECODER={mode!r}: expected auto, thread or process"
+        )
     if codec is None or mode == "thread":
         return None
     try:

@@ -332,3 +332,14 @@ def test_tar_source_from_a_file_through_the_decoder_process(tmp_path: Path) -> N
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
         want = {m.name.encode(): tf.extractfile(m).read() for m in tf if m.isreg()}  # type: ignore[union-attr]
     assert got == want
+
+
+def test_a_misspelt_decoder_setting_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynydus.errors import InvalidArgument
+
+    monkeypatch.setenv("PYNYDUS_LAYER_DECODER", "proces")
+    with pytest.raises(InvalidArgument, match="expected auto, thread or process"):
+        _stream(gzip.compress(PAYLOAD))
+    monkeypatch.setenv("PYNYDUS_LAYER_DECODER", "auto")
+    with _stream(gzip.compress(PAYLOAD)) as s:
+        assert s.read() == PAYLOAD
