@@ -11,11 +11,12 @@ seconds, CPU seconds (user + sys of the child) and peak RSS.
    each a directory, ``pynydus image build --compressor none`` vs ``mkfs.erofs IMG DIR``
    (uncompressed). Target: pynydus / mkfs.erofs <= 2.
 2. **build, lz4_block** of layer (a), pinned to one CPU (``taskset -c 0``): MB of input
-   per CPU second and per wall second. Target >= 150 MB/s.
+   per wall second with the source in the page cache (what one core does; target >= 150
+   MB/s), and per CPU second / wall second with caches dropped (adds the disk reads).
 3. **build from a gzip tar** of layer (a) (``--type targz-rafs --compressor none``) vs
-   ``gzip -dc > /dev/null``, vs Python's zlib and vs python-isal (ISA-L, the decoder the
-   builder uses since it became a dependency) inflating the same file. Target: limited by
-   gzip decoding (ratio to zlib close to 1).
+   ``gzip -dc > /dev/null``, ``unpigz -c`` (containerd's layer decompressor), Python's
+   zlib and python-isal (ISA-L, the decoder the builder uses) inflating the same file.
+   Target: limited by gzip decoding (ratio to zlib close to 1).
 4. **merge** of ten 50,000-file layer bootstraps (built once; half of every layer's
    directories are shared with the other layers, so the overlay has real work). Target < 5 s.
    ``--merge-old`` also times the tree merge (the implementation the record merge
