@@ -30,6 +30,9 @@ def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--parent-bootstrap", help="build this layer on top of a parent image")
     b.add_argument("--prefetch-files", help="file with one absolute path per line")
     b.add_argument("--output-json", help="write the build report here")
+    b.add_argument("--progress", default="auto", choices=["auto", "line", "plain", "quiet"],
+                   help="on stderr: line (one line rewritten), plain (a line every 5 s), "
+                        "quiet; auto: line at a terminal, else plain")
     b.set_defaults(func=_build)
 
     m = isub.add_parser("merge", help="merge per-layer bootstraps (lowest first) into an image bootstrap")
@@ -72,21 +75,64 @@ def _print(data: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     import os
 
-    from pynydus.rafs.builder import build
+    from pynydus.rafs.builder import SourceType, build
 
-    kind = args.type or ("dir-rafs" if os.path.isdir(args.source) else "tar-rafs")
-    result = build(
-        args.source, args.bootstrap, args.blob_dir, type=kind, fs_version=args.fs_version,
-        compressor=args.compressor, digester=args.digester, chunk_size=args.chunk_size,
-        chunk_dict=args.chunk_dict, parent_bootstrap=args.parent_bootstrap,
-        prefetch_files=_lines(args.prefetch_files), output_json=args.output_json,
-    )
+    kind: SourceType = args.type or ("dir-rafs" if os.path.isdir(args.source) else "tar-rafs")
+    mode = args.progress
+    if mode == "auto":
+        mode = "line" if sys.stderr.isatty() else "plain"
+    show = None if mode == "quiet" else _BuildProgressLine(rewrite=mode == "line")
+    try:
+        result = build(
+            args.source, args.bootstrap, args.blob_dir, type=kind, fs_version=args.fs_version,
+            compressor=args.compressor, digester=args.digester, chunk_size=args.chunk_size,
+            chunk_dict=args.chunk_dict, parent_bootstrap=args.parent_bootstrap,
+            prefetch_files=_lines(args.prefetch_files), output_json=args.output_json,
+            progress=show, progress_interval=0.5 if mode == "line" else 5.0,
+        )
+    finally:
+        if show is not None:
+            show.close()
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     blobs = ", ".join(f"{b.blob_id} ({b.compressed_size} bytes)" for b in result.blobs) or "none"
     print(f"built {args.bootstrap}: {result.inodes} inodes, {result.chunk_count} chunks, blobs: {blobs}, "
           f"{result.bytes_in / max(result.elapsed_seconds, 1e-9) / 1e6:.1f} MB/s", file=sys.stderr)
     return 0
+
+
+class _BuildProgressLine:
+    """Prints :class:`~pynydus.rafs.builder.BuildProgress` to stderr: one rewritten line
+    at a terminal, or a line per report (phases included) in a log."""
+
+    def __init__(self, *, rewrite: bool) -> None:
+        self._rewrite = rewrite
+        self._shown = False
+
+    def __call__(self, p: Any) -> None:
+        if p.phase == "data":
+            rate = p.bytes_in / p.elapsed / 1e6 if p.elapsed else 0.0
+            text = f"{p.entries:,} entries, {p.bytes_in / 1e6:,.1f} MB of file data ({rate:.1f} MB/s)"
+        elif p.phase == "bootstrap":
+            text = f"{p.entries:,} entries, {p.bytes_in / 1e6:,.1f} MB read; writing the bootstrap"
+        else:
+            if self._rewrite:
+                self.close()
+            return
+        line = f"[build {p.elapsed:6.1f}s] {text}"
+        if self._rewrite:
+            sys.stderr.write(f"\r\x1b[K{line}")
+            self._shown = True
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        """End a rewritten line (also when the build failed)."""
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._shown = False
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal
 
@@ -43,7 +43,7 @@ from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_pa
 from pynydus.rafs.tree import Tree, bind_lower_links, iter_nodes
 from pynydus.rafs.v6writer import BootstrapInfo, V6Options, write_bootstrap
 
-__all__ = ["BlobReport", "BuildResult", "SourceType", "build", "build_tree"]
+__all__ = ["BlobReport", "BuildProgress", "BuildResult", "SourceType", "build", "build_tree"]
 
 SourceType = Literal["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs"]
 
@@ -94,6 +94,42 @@ class BuildResult:
         return doc
 
 
+@dataclass(frozen=True)
+class BuildProgress:
+    """Where a build is: handed to ``build(progress=...)`` about once a second.
+
+    ``phase`` is "data" while entries and file data are read (``entries`` and
+    ``bytes_in`` grow), then "bootstrap" once, then "done" once.
+    """
+
+    phase: Literal["data", "bootstrap", "done"]
+    entries: int
+    bytes_in: int
+    elapsed: float
+
+
+ProgressFn = Callable[[BuildProgress], None]
+
+
+class _Ticker:
+    """Calls ``fn`` at most every ``interval`` seconds; cheap to poke per entry."""
+
+    def __init__(self, fn: ProgressFn | None, interval: float, t0: float) -> None:
+        self.fn, self.interval, self.t0 = fn, interval, t0
+        self._next = t0 + interval
+        self.entries = 0
+
+    def entry(self, bytes_in: int) -> None:
+        self.entries += 1
+        if self.fn is not None and (now := time.monotonic()) >= self._next:
+            self._next = now + self.interval
+            self.fn(BuildProgress("data", self.entries, bytes_in, now - self.t0))
+
+    def phase(self, phase: Literal["bootstrap", "done"], bytes_in: int) -> None:
+        if self.fn is not None:
+            self.fn(BuildProgress(phase, self.entries, bytes_in, time.monotonic() - self.t0))
+
+
 def _source_for(source: Any, type: str, first: tuple[bytes, ...] = ()) -> Iterable[tuple[Any, Any]]:
     if type == "dir-rafs":
         return DirSource(source, first=first)
@@ -110,6 +146,7 @@ def build_tree(
     tree: Tree,
     *,
     strict_sizes: bool,
+    ticker: _Ticker | None = None,
 ) -> None:
     """Feed every ``(Entry, reader)`` into ``writer`` (file data) and ``tree`` (metadata).
 
@@ -117,6 +154,8 @@ def build_tree(
     otherwise the size actually read wins (a directory file changed while walking).
     """
     for entry, reader in entries:
+        if ticker is not None:
+            ticker.entry(writer.stats.bytes_in)
         refs: list[ChunkRef] | None = None
         is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
         if entry.type == EntryType.REG and not is_whiteout:
@@ -135,9 +174,10 @@ def build_tree(
         tree.apply(entry, refs)
 
 
-def _build_tarfs_tree(entries: TarSource, blob: TarfsBlob, tree: Tree) -> None:
+def _build_tarfs_tree(entries: TarSource, blob: TarfsBlob, tree: Tree, ticker: _Ticker) -> None:
     """Tarfs variant of :func:`build_tree`: chunks point into the tar itself."""
     for entry, reader in entries:
+        ticker.entry(blob.bytes_in)
         refs: list[ChunkRef] | None = None
         is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
         if entry.type == EntryType.REG and not is_whiteout:
@@ -163,6 +203,8 @@ def build(
     whiteout_spec: str = "overlayfs",
     compact_inodes: bool = False,
     blob_cache_dir: str | os.PathLike[str] | None = None,
+    progress: ProgressFn | None = None,
+    progress_interval: float = 1.0,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
@@ -183,10 +225,14 @@ def build(
     uncompressed address space usable as the kernel device of a compressed image,
     and ``<id>.blob.meta``), like upstream's ``--blob-cache-dir``.
 
+    ``progress`` is called with a :class:`BuildProgress` every ``progress_interval``
+    seconds while data is read, and once per later phase (on the calling thread).
+
     A failed build removes its partial blob and writes no bootstrap. The output is
     deterministic: the same input gives byte-identical bootstrap and blob.
     """
     t0 = time.monotonic()
+    ticker = _Ticker(progress, progress_interval, t0)
     if fs_version != 6:
         raise NotImplementedFeature(f"fs version {fs_version}: only RAFS v6 can be built")
     comp = parse_compressor(compressor)
@@ -222,7 +268,7 @@ def build(
     prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     tree = Tree(whiteout_spec)
     if tarfs:
-        data = _write_tarfs_blob(source, blob_dir, chunk_size, tree)
+        data = _write_tarfs_blob(source, blob_dir, chunk_size, tree, ticker)
     else:
         data = _write_blob(
             _source_for(source, type, prefetch),
@@ -236,7 +282,9 @@ def build(
             ),
             tree,
             strict_sizes=type != "dir-rafs",
+            ticker=ticker,
         )
+    ticker.phase("bootstrap", data.stats.bytes_in)
 
     try:
         result = _finish_build(
@@ -255,6 +303,7 @@ def build(
     except BaseException:
         data.discard()  # a failed build leaves no blob behind
         raise
+    ticker.phase("done", data.stats.bytes_in)
     return result
 
 
@@ -315,10 +364,15 @@ class _BlobOutcome:
 
 
 def _write_blob(
-    entries: Iterable[tuple[Any, Any]], writer: BlobWriter, tree: Tree, *, strict_sizes: bool
+    entries: Iterable[tuple[Any, Any]],
+    writer: BlobWriter,
+    tree: Tree,
+    *,
+    strict_sizes: bool,
+    ticker: _Ticker,
 ) -> _BlobOutcome:
     try:
-        build_tree(entries, writer, tree, strict_sizes=strict_sizes)
+        build_tree(entries, writer, tree, strict_sizes=strict_sizes, ticker=ticker)
         # The blob's fsync and rename overlap with writing the bootstrap.
         desc = writer.finish(settle=False)
     except BaseException:
@@ -328,11 +382,11 @@ def _write_blob(
 
 
 def _write_tarfs_blob(
-    source: Any, blob_dir: str | os.PathLike[str], chunk_size: int, tree: Tree
+    source: Any, blob_dir: str | os.PathLike[str], chunk_size: int, tree: Tree, ticker: _Ticker
 ) -> _BlobOutcome:
     blob = TarfsBlob(blob_dir, chunk_size)
     try:
-        _build_tarfs_tree(TarSource(source, tee=blob), blob, tree)
+        _build_tarfs_tree(TarSource(source, tee=blob), blob, tree, ticker)
         desc = blob.finish()
     except BaseException:
         blob.abort()

@@ -19,7 +19,8 @@ PYNYDUS = [sys.executable, "-m", "pynydus.cli.main"]
 
 
 def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*PYNYDUS, *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*PYNYDUS, *args], capture_output=True, text=True, timeout=300,
+                          check=False)
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -123,3 +124,24 @@ def test_generated_trees_round_trip(tmp_path: Path, files: dict, compressor: str
     run("image", "check", str(work / "boot"), "--blob-dir", str(work / "b"))
     run("image", "unpack", str(work / "boot"), "--blob-dir", str(work / "b"), "--output", str(work / "out.tar"))
     assert entries(work / "out.tar") == entries(work / "in.tar")
+
+
+def test_build_progress_modes_on_stderr(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(os.urandom(1000 + i))
+    out = {}
+    for mode in ("plain", "quiet", "line", "auto"):
+        r = subprocess.run([*PYNYDUS, "image", "build", str(src), "--bootstrap",
+                            str(tmp_path / f"{mode}.boot"), "--blob-dir", str(tmp_path / "blobs"),
+                            "--progress", mode], capture_output=True, timeout=300, check=True)
+        out[mode] = r.stderr.decode()  # bytes: text mode would turn \r into \n
+    assert "[build" in out["plain"] and "writing the bootstrap" in out["plain"]
+    assert "\r" not in out["plain"]
+    assert "[build" not in out["quiet"] and "built " in out["quiet"]
+    assert "\r\x1b[K[build" in out["line"] and "writing the bootstrap" in out["line"]
+    assert "\r" not in out["auto"] and "[build" in out["auto"]  # stderr is not a terminal
+    bad = run("image", "build", str(src), "--bootstrap", str(tmp_path / "x.boot"),
+              "--blob-dir", str(tmp_path / "blobs"), "--progress", "loud", ok=False)
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr

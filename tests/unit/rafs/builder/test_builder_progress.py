@@ -1,0 +1,64 @@
+"""Build progress: reports while data is read, then the bootstrap and done phases."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pynydus.rafs.builder import BuildProgress, build
+
+
+def _tree(root: Path) -> int:
+    total = 0
+    for i in range(60):
+        d = root / f"d{i % 6}"
+        d.mkdir(exist_ok=True)
+        data = bytes([i]) * (i * 997)
+        (d / f"f{i}").write_bytes(data)
+        total += len(data)
+    return total
+
+
+@pytest.mark.parametrize("kind", ["dir-rafs", "tar-rafs", "tar-tarfs"])
+def test_progress_reports_grow_and_end_with_the_bootstrap_and_done(
+    tmp_path: Path, kind: str
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    total = _tree(src)
+    source: Path = src
+    if kind != "dir-rafs":
+        source = tmp_path / "layer.tar"
+        with tarfile.open(source, "w") as tf:
+            tf.add(src, arcname=".")
+    seen: list[BuildProgress] = []
+    result = build(source, tmp_path / "bs", tmp_path / "blobs", type=kind,  # type: ignore[arg-type]
+                   progress=seen.append, progress_interval=0.0)
+    data = [p for p in seen if p.phase == "data"]
+    assert [p.phase for p in seen[len(data):]] == ["bootstrap", "done"]
+    assert len(data) >= 60  # one report per entry at interval 0
+    assert [p.entries for p in data] == sorted(p.entries for p in data)
+    assert [p.bytes_in for p in data] == sorted(p.bytes_in for p in data)
+    assert [p.elapsed for p in seen] == sorted(p.elapsed for p in seen)
+    end = seen[-1]
+    assert end.entries >= 67  # 60 files, 6 directories, the root
+    assert end.bytes_in == result.bytes_in == total
+
+
+def test_no_callback_no_reports_and_a_failing_build_reports_no_done(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        t = tarfile.TarInfo("f")
+        t.size = 10
+        tf.addfile(t, io.BytesIO(bytes(10)))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw.getvalue()[:520])  # the header and a few data bytes
+    seen: list[BuildProgress] = []
+    with pytest.raises(Exception, match="expected 10 bytes"):
+        build(cut, tmp_path / "bs", tmp_path / "blobs", type="tar-rafs",
+              progress=seen.append, progress_interval=0.0)
+    assert "done" not in [p.phase for p in seen]
+    assert not (tmp_path / "bs").exists()
