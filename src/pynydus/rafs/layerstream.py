@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import queue
 import socket
@@ -63,6 +64,8 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = tuple(
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+log = logging.getLogger(__name__)
 
 # 1 MiB of compressed input per read; at most 4 MiB of output per block, 4 blocks
 # ahead: decoding overlaps the consumer's work, memory stays under ~20 MiB.
@@ -375,7 +378,11 @@ class LayerStream:
         where = _process_input(f, head, self.compression)
         if where is not None:
             assert self.compression is not None
-            self._decoder = _DecoderProcess(self.compression, *where)
+            try:
+                self._decoder = _DecoderProcess(self.compression, *where)
+            except OSError as err:  # no process to be had (limits, memory): decode here
+                log.warning("layer decoder process did not start (%s); decoding in-process", err)
+        if self._decoder is not None:
             self._blocks = self._decoder.blocks()
         else:
             make = {"gzip": _gzip_blocks, "zstd": _zstd_blocks, None: _plain_blocks}

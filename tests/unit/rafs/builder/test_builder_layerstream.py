@@ -343,3 +343,16 @@ def test_a_misspelt_decoder_setting_is_an_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PYNYDUS_LAYER_DECODER", "auto")
     with _stream(gzip.compress(PAYLOAD)) as s:
         assert s.read() == PAYLOAD
+
+
+@pytest.mark.usefixtures("in_process")
+def test_no_decoder_process_to_be_had_decodes_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(layerstream.subprocess, "Popen", refuse)
+    with _file_stream(tmp_path, gzip.compress(PAYLOAD)) as s:
+        assert s._decoder is None and s.read() == PAYLOAD
+    assert "decoding in-process" in caplog.text
