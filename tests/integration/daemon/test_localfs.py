@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from pynydus.rafs.reader import Bootstrap
+from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 from tests.harness.pynydusd import fuse_mounted
 
 from .conftest import Image, StartFn, build_image, localfs_config
 from .trees import compare_trees, walk
 
-FIXTURES = Path("/work/shared/fixtures/snapshotter-testdata")
+FIXTURES = SHARED_FIXTURES / "snapshotter-testdata"
 V6_BOOT = FIXTURES / "v6-bootstrap-chunk-pos-438272" / "image" / "image.boot"
 V5_BOOT = FIXTURES / "v5-bootstrap-file-size-736032" / "image" / "image.boot"
 GOLDEN = FIXTURES / "v6-bootstrap-chunk-pos-438272.golden.tsv"

@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-FIXTURES = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures"
+from tests.harness.paths import FIXTURES as SHARED_FIXTURES
+
+FIXTURES = SHARED_FIXTURES
 PYNYDUS = [sys.executable, "-m", "pynydus.cli.main"]
 
 

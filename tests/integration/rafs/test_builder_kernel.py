@@ -32,13 +32,14 @@ from erofs_harness import (
 )
 
 from pynydus.rafs.builder import BuildResult, build
+from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="kernel EROFS mounts need root"),
 ]
 
-FIXTURES = Path("/work/shared/fixtures/tar")
+FIXTURES = SHARED_FIXTURES / "tar"
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from pynydus.rafs.layout import Compressor, Digester, FileType, RafsV6InodeExten
 from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.v5 import BootstrapV5
 from pynydus.rafs.v6 import BootstrapV6
+from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/snapshotter-testdata")
+FIXTURES = SHARED_FIXTURES / "snapshotter-testdata"
 V6 = FIXTURES / "v6-bootstrap-chunk-pos-438272/image/image.boot"
 V5 = FIXTURES / "v5-bootstrap-file-size-736032/image/image.boot"
 GOLDEN = FIXTURES / "v6-bootstrap-chunk-pos-438272.golden.tsv"

@@ -19,7 +19,6 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -31,8 +30,9 @@ from pynydus.rafs import blobmeta as M
 from pynydus.rafs.compress import compress
 from pynydus.rafs.layout import BlobFeatures, Compressor, Digester
 from pynydus.rafs.reader import BlobInfo, Bootstrap
+from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/snapshotter-testdata")
+FIXTURES = SHARED_FIXTURES / "snapshotter-testdata"
 CASES = int(os.environ.get("PYNYDUS_RAFS_FUZZ_CASES", "300"))
 #: Entries of the tree exercised per case; enough to reach every inode of the
 #: synthetic image and the hot part of the fixtures without making a case slow.

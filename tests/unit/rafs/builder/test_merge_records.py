@@ -27,6 +27,7 @@ from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge, merge_trees
 from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.v6 import BootstrapV6
+from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 from tests.harness.rafs_layers import (
     bootstrap_listing,
     expected_listing,
@@ -34,7 +35,7 @@ from tests.harness.rafs_layers import (
     random_layers,
 )
 
-FIXTURES = Path("/work/shared/fixtures/snapshotter-testdata")
+FIXTURES = SHARED_FIXTURES / "snapshotter-testdata"
 V6 = FIXTURES / "v6-bootstrap-chunk-pos-438272/image/image.boot"
 V5 = FIXTURES / "v5-bootstrap-file-size-736032/image/image.boot"
 

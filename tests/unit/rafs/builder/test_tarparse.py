@@ -23,7 +23,6 @@ import random
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import pytest
@@ -42,8 +41,9 @@ from pynydus.rafs.tarstream import (
     _peek,
     normalize_path,
 )
+from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/tar")
+FIXTURES = SHARED_FIXTURES / "tar"
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
