@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 
-from pynydus.rafs.layerstream import _IN, DECODE_ERRORS, _gzip_blocks, _zstd_blocks
+from pynydus.rafs.layerstream import DECODE_ERRORS, _gzip_blocks, _pread_inputs, _zstd_blocks
 
 # What ends the child with a report the parent raises again.
 _REPORTED: tuple[type[BaseException], ...] = (EOFError, *DECODE_ERRORS)
-
-
-def _pread_inputs(fd: int, offset: int) -> Iterator[bytes]:
-    while data := os.pread(fd, _IN, offset):
-        offset += len(data)
-        yield data
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -67,6 +67,9 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 log = logging.getLogger(__name__)
 
+# The directory that holds the pynydus package (handed to the decoder process).
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # 1 MiB of compressed input per read; at most 4 MiB of output per block, 4 blocks
 # ahead: decoding overlaps the consumer's work, memory stays under ~20 MiB.
 _IN = 1 << 20
@@ -91,6 +94,13 @@ def compression_of(head: bytes) -> str | None:
     if head.startswith(ZSTD_MAGIC):
         return "zstd"
     return None
+
+
+def _pread_inputs(fd: int, offset: int) -> Iterator[bytes]:
+    """The file's bytes from ``offset`` on, read with pread (its file offset is left alone)."""
+    while data := os.pread(fd, _IN, offset):
+        offset += len(data)
+        yield data
 
 
 def _inputs(head: bytes, f: BinaryIO) -> Iterator[bytes]:
@@ -322,6 +332,13 @@ class _DecoderProcess:
 
     def __init__(self, codec: str, fd: int, offset: int) -> None:
         self.codec = codec
+        self._fd, self._offset = fd, offset
+        # The child imports this package from where the parent has it, whatever the
+        # parent's sys.path was made of (PYTHONPATH, a source checkout, a venv).
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])
+        )
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
@@ -329,6 +346,7 @@ class _DecoderProcess:
                 stdin=fd,
                 stdout=theirs.fileno(),
                 stderr=subprocess.PIPE,
+                env=env,
             )
         except BaseException:
             self._sock.close()
@@ -337,7 +355,9 @@ class _DecoderProcess:
             theirs.close()
 
     def blocks(self) -> Iterator[bytes]:
+        sent = False
         while data := self._sock.recv(_OUT, socket.MSG_WAITALL):
+            sent = True
             yield data
         rc = self.proc.wait()
         if rc == 0:
@@ -347,6 +367,14 @@ class _DecoderProcess:
         kind, sep, message = report.partition("\0")
         if rc > 0 and sep:
             raise _decoder_error(self.codec, kind, message)
+        if not sent and rc > 0:
+            # The child failed before decoding anything (it could not start Python or
+            # import us): the file is still all there, so decode it here instead.
+            log.warning("layer decoder process failed (status %d: %s); decoding in-process",
+                        rc, report.strip()[-500:])
+            make = {"gzip": _gzip_blocks, "zstd": _zstd_blocks}[self.codec]
+            yield from make(_pread_inputs(self._fd, self._offset))
+            return
         raise OSError(f"layer decoder process exited with status {rc}: {report.strip()}")
 
     def stop(self) -> None:

@@ -356,3 +356,18 @@ def test_no_decoder_process_to_be_had_decodes_in_process(
     with _file_stream(tmp_path, gzip.compress(PAYLOAD)) as s:
         assert s._decoder is None and s.read() == PAYLOAD
     assert "decoding in-process" in caplog.text
+
+
+@pytest.mark.usefixtures("in_process")
+def test_a_decoder_process_that_dies_before_any_output_is_replaced_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that cannot start Python or import us fails before it sends a byte:
+    the whole file is still there to decode here. One that fails later is an error."""
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with _file_stream(tmp_path, gzip.compress(PAYLOAD), prefix=b"x" * 10) as s:
+        assert s._decoder is not None
+        assert s.read() == PAYLOAD
+    assert "decoding in-process" in caplog.text
