@@ -250,9 +250,9 @@ class _HashingWriter:
     """File writer that keeps a running sha256 and the position.
 
     Writes go to ``f`` (unbuffered) in batches of about 1 MiB: small parts are
-    joined, a big one is written as it is. With ``threaded`` the sha256 and the
-    write run on a thread of its own (both
-    release the GIL on large buffers), fed in batches of about 1 MiB: the thread
+    joined, a big one is written as it is; every 16 MiB the kernel is asked to
+    start writing them to disk. With ``threaded`` the sha256 and the writes run
+    on a thread of its own (both release the GIL on large buffers): the thread
     that chunks the source never waits for them. ``pos`` is always current;
     :meth:`hexdigest` and :meth:`sync` wait for the writes so far. A write error
     on the thread is raised by the next call. :meth:`close` stops the thread.
