@@ -10,20 +10,21 @@ takes headers and file data as slices of those blocks: one Python call per heade
 or chunk, no per-read buffering layers in between, and file data as zero-copy
 memoryviews unless a chunk straddles two blocks.
 
-:class:`LayerStream` is forward-only: ``read``, ``read_view``, ``tell`` and forward
-``seek`` are what :mod:`tarfile` needs in random-access mode (``r:``) over it.
-Decoder errors raised on the thread (:data:`DECODE_ERRORS`, EOFError for a truncated
-stream) are raised again by the consumer's read at
-the point where the data stops. Gzip is inflated with ISA-L (python-isal) when it is
-installed, else with zlib: same bytes, about half the CPU time. :meth:`close` stops the thread; it is idempotent.
-
 A big compressed layer in a regular file is decoded by a child process instead
-(:mod:`pynydus.rafs.decodeproc`) when a second CPU is usable: the thread then only
-receives the child's output from a socket, a block per call. Decoding in-process makes the decoder and
-the tar parser take turns at the GIL (every decoder call gives it up and must win
-it back from a parser that runs Python), so on two CPUs the decoder ran at about
-half speed; a process of its own decodes at full speed while the parser works.
-The child's errors come back as the same exception types, at the same place.
+(:mod:`pynydus.rafs.decodeproc`) when a second CPU is usable, and the thread only
+receives the child's output from a socket, a block per call. In-process, the
+decoder and the tar parser take turns at the GIL (every decoder call gives it up
+and must win it back from a parser running Python); a process of its own decodes
+at full speed while the parser works. A child that cannot start, or dies before
+its first byte, is replaced by in-process decoding.
+
+:class:`LayerStream` is forward-only: ``read``, ``read_view``, ``tell`` and forward
+``seek`` are what the tar reader needs. Decoder errors (:data:`DECODE_ERRORS`,
+EOFError for a truncated stream), raised on the thread or reported by the child
+as the same exception types, are raised again by the consumer's read at the point
+where the data stops. Gzip is inflated with ISA-L (python-isal) when it is
+installed, else with zlib: same bytes, about half the CPU time. :meth:`close`
+stops the thread (and the child); it is idempotent.
 """
 
 from __future__ import annotations
