@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pynydus.rafs.layerstream import DECODE_ERRORS, _gzip_blocks, _pread_inputs, _zstd_blocks
+from pynydus.rafs.layerstream import DECODE_ERRORS, DECODERS, _pread_inputs
 
 # What ends the child with a report the parent raises again.
 _REPORTED: tuple[type[BaseException], ...] = (EOFError, *DECODE_ERRORS)
@@ -28,7 +28,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def main(argv: list[str]) -> int:
     codec, offset = argv[0], int(argv[1])
-    decode = {"gzip": _gzip_blocks, "zstd": _zstd_blocks}[codec]
+    decode = DECODERS[codec]
     try:
         for block in decode(_pread_inputs(0, offset)):
             _write_all(1, block)

@@ -41,7 +41,7 @@ import sys
 import threading
 import types
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol, Self, cast
 
 import zstandard
@@ -54,7 +54,16 @@ try:  # ISA-L's inflate: same interface as zlib's, about twice as fast (and GIL-
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
     _inflate_lib = zlib
 
-__all__ = ["DECODE_ERRORS", "GZIP_MAGIC", "INFLATE", "ZSTD_MAGIC", "LayerStream", "compression_of"]
+__all__ = [
+    "DECODERS",
+    "DECODE_ERRORS",
+    "GZIP_MAGIC",
+    "INFLATE",
+    "ZSTD_MAGIC",
+    "LayerStream",
+    "absolute_seek",
+    "compression_of",
+]
 
 #: Which library inflates gzip layers ("isal_zlib" or "zlib").
 INFLATE = _inflate_lib.__name__.rsplit(".", 1)[-1]
@@ -283,6 +292,24 @@ def _plain_blocks(inputs: Iterator[bytes]) -> Iterator[bytes]:
     yield from inputs
 
 
+#: Blocks of uncompressed tar from compressed inputs, by codec (None: a plain tar).
+DECODERS: dict[str | None, Callable[[Iterator[bytes]], Iterator[bytes]]] = {
+    "gzip": _gzip_blocks,
+    "zstd": _zstd_blocks,
+    None: _plain_blocks,
+}
+
+
+def absolute_seek(pos: int, whence: int, here: int) -> int:
+    """The absolute target of ``seek(pos, whence)`` at ``here``; forward-only streams
+    have no end to seek from."""
+    if whence == io.SEEK_CUR:
+        return pos + here
+    if whence != io.SEEK_SET:
+        raise io.UnsupportedOperation("layer stream: seek from the end")
+    return pos
+
+
 def _decoder_error(codec: str, kind: str, message: str) -> BaseException:
     """The exception a decoder process reported, as the in-process decoder raises it."""
     if kind == "EOFError":
@@ -373,8 +400,7 @@ class _DecoderProcess:
             # import us): the file is still all there, so decode it here instead.
             log.warning("layer decoder process failed (status %d: %s); decoding in-process",
                         rc, report.strip()[-500:])
-            make = {"gzip": _gzip_blocks, "zstd": _zstd_blocks}[self.codec]
-            yield from make(_pread_inputs(self._fd, self._offset))
+            yield from DECODERS[self.codec](_pread_inputs(self._fd, self._offset))
             return
         raise OSError(f"layer decoder process exited with status {rc}: {report.strip()}")
 
@@ -414,8 +440,7 @@ class LayerStream:
         if self._decoder is not None:
             self._blocks = self._decoder.blocks()
         else:
-            make = {"gzip": _gzip_blocks, "zstd": _zstd_blocks, None: _plain_blocks}
-            self._blocks = make[self.compression](_inputs(head, f))
+            self._blocks = DECODERS[self.compression](_inputs(head, f))
         self._tee = tee
         self._q: queue.Queue[object] = queue.Queue(maxsize=_AHEAD)
         self._stop = threading.Event()
@@ -503,10 +528,7 @@ class LayerStream:
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         """Skip forward to absolute ``pos`` (tarfile seeks over data it is not given)."""
-        if whence == io.SEEK_CUR:
-            pos += self.tell()
-        elif whence != io.SEEK_SET:
-            raise io.UnsupportedOperation("layer stream: seek from the end")
+        pos = absolute_seek(pos, whence, self.tell())
         skip = pos - self.tell()
         if skip < 0:
             raise io.UnsupportedOperation(f"layer stream: cannot seek back {-skip} bytes")

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.chunker import _usable_cpus
-from pynydus.rafs.layerstream import DECODE_ERRORS, LayerStream
+from pynydus.rafs.layerstream import DECODE_ERRORS, LayerStream, absolute_seek
 from pynydus.rafs.tarheader import (
     BLOCK,
     EXT_TYPES,
@@ -436,10 +436,7 @@ class _Replay:
         return self._stream.tell() - len(self.head) - self._base
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_CUR:
-            pos += self.tell()
-        elif whence != io.SEEK_SET:
-            raise io.UnsupportedOperation("layer stream: seek from the end")
+        pos = absolute_seek(pos, whence, self.tell())
         drop = pos - self.tell()
         if 0 <= drop <= len(self.head):
             self.head = self.head[drop:]
