@@ -42,7 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from pynydus.errors import FormatError, InvalidArgument
+from pynydus.errors import InvalidArgument
 from pynydus.rafs.blobmeta import (
     BlobChunkInfo,
     BlobCompressionContextHeader,
@@ -773,9 +773,3 @@ def _read_full(reader: ChunkSource, n: int) -> Buffer:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
-
-
-def read_only_check(size: int, got: int, path: bytes) -> None:
-    """Raise :class:`FormatError` when a tar entry delivered fewer bytes than declared."""
-    if got != size:
-        raise FormatError(f"entry {path!r}: expected {size} bytes of data, got {got}")
