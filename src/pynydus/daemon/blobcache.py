@@ -149,7 +149,7 @@ class BlobCache:
         # Adaptive amplification: the window, the chunks the last one brought, and
         # whether a reader has wanted one of them since.
         self._amp_window = amplify_io
-        self._amp_pending: set[int] | None = None
+        self._amp_pending: range | None = None
         self._amp_used = False
 
     def close(self) -> None:
@@ -269,8 +269,7 @@ class BlobCache:
                         self._amp_window = max(_AMPLIFY_PROBE, self._amp_window // 2)
                 budget = max(self._amp_window - sum(c.c_size for c in mine.values()),
                              min(_AMPLIFY_PROBE, self.amplify_io))
-                nxt = max(mine) + 1
-                added: list[int] = []
+                first = nxt = max(mine) + 1
                 while budget > 0 and nxt < self.blob.chunk_count:
                     if nxt in mine or nxt in self._claims or self.chunk_map.is_ready(nxt):
                         break
@@ -279,10 +278,9 @@ class BlobCache:
                         break
                     self._claims[nxt] = _Claim()
                     mine[nxt] = extra
-                    added.append(nxt)
                     budget -= extra.c_size
                     nxt += 1
-                self._amp_pending = set(added) if added else None
+                self._amp_pending = range(first, nxt) or None  # the neighbours it brought
                 self._amp_used = False
         return sorted(mine.values(), key=lambda c: c.c_off), theirs
 
