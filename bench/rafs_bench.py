@@ -47,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -194,11 +194,6 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd!r} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
         return Run(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, load1)
-
-    def median(self, make: Callable[[], Run]) -> tuple[Run, list[Run]]:
-        runs = [make() for _ in range(self.repeat)]
-        runs_sorted = sorted(runs, key=lambda r: r.wall)
-        return runs_sorted[len(runs) // 2], runs
 
 
 def _median(runs: list[Run]) -> Run:
@@ -426,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.merge_old:
                     m_runs["tree"].append(b.run([sys.executable, "-c", MERGE_TREES, str(merged_old),
                                                  *map(str, layers)], pre=[merged_old]))
-            m = sorted(m_runs["records"], key=lambda r: r.wall)[len(m_runs["records"]) // 2]
+            m = _median(m_runs["records"])
             res["merge"] = {"layers": len(layers), "files_per_layer": sizes.merge_files,
                             "runs": [asdict(r) for r in m_runs["records"]],
                             "tree_runs": [asdict(r) for r in m_runs["tree"]],
@@ -435,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"{name} (wall / cpu)", f"{m.wall:.2f} s / {m.cpu:.2f} s", "< 5 s", f"{m.load1:.2f}"))
             rows.append((f"{name}: peak RSS", f"{m.maxrss_mb:.0f} MB", "", ""))
             if m_runs["tree"]:
-                t = sorted(m_runs["tree"], key=lambda r: r.wall)[len(m_runs["tree"]) // 2]
+                t = _median(m_runs["tree"])
                 same = merged.read_bytes() == merged_old.read_bytes()
                 res["merge"]["identical_to_tree_merge"] = same
                 rows.append((f"{name}, tree merge (wall / cpu)", f"{t.wall:.2f} s / {t.cpu:.2f} s", "", f"{t.load1:.2f}"))
