@@ -115,9 +115,8 @@ class _BuildProgressLine:
             text = f"{p.entries:,} entries, {p.bytes_in / 1e6:,.1f} MB of file data ({rate:.1f} MB/s)"
         elif p.phase == "bootstrap":
             text = f"{p.entries:,} entries, {p.bytes_in / 1e6:,.1f} MB read; writing the bootstrap"
-        else:
-            if self._rewrite:
-                self.close()
+        else:  # done: end a rewritten line
+            self.close()
             return
         line = f"[build {p.elapsed:6.1f}s] {text}"
         if self._rewrite:
