@@ -8,7 +8,7 @@ Theory of operation:
 
 * One accept thread; per connection one reader thread on a blocking socket. The reader
   feeds bytes to the connection's ``H2Connection`` and writes what it answers.
-* Cheap calls (``Snapshots.is_cheap``: Stat, Mounts of a non-Nydus snapshot) run right on
+* Cheap calls (``Snapshots.inline_call``: Stat, Mounts of a non-Nydus snapshot) run right on
   the reader thread: no thread hand-off, which is where the latency went. Everything else
   runs on a shared pool of worker threads, so a Prepare that mounts an image for hundreds
   of milliseconds never holds up the Stat calls containerd multiplexes beside it.
@@ -23,12 +23,14 @@ Theory of operation:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -130,8 +132,9 @@ class _Conn:
             self._fail(req.stream_id, "INTERNAL", f"{method.name}: bad request message: {err}")
             return
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
-        if not method.streaming and self.server.core.is_cheap(method.name, request):
-            self._unary(req.stream_id, method, request, None, inline=True)
+        call = None if method.streaming else self.server.core.inline_call(method.name, request)
+        if call is not None:
+            self._unary(req.stream_id, call, None, inline=True)
             return
         if not self.server._begin():
             self._fail(req.stream_id, "UNAVAILABLE", "the snapshotter is stopping")
@@ -147,7 +150,8 @@ class _Conn:
             if method.streaming:
                 self._stream(sid, method, request, deadline)
             else:
-                self._unary(sid, method, request, deadline)
+                self._unary(sid, functools.partial(getattr(self.server.core, method.name), request),
+                            deadline)
         except Exception:  # never lose a worker thread to a bug
             log.exception("%s: unexpected error in the HTTP/2 server", method.name)
         finally:
@@ -159,13 +163,13 @@ class _Conn:
             return True
         return False
 
-    def _unary(self, sid: int, method: Method, request: Any, deadline: float | None,
+    def _unary(self, sid: int, call: Callable[[], Any], deadline: float | None,
                inline: bool = False) -> None:
         """Run a unary call, on the reader thread when ``inline``."""
         if self._expired(sid, deadline):
             return
         try:
-            payload = getattr(self.server.core, method.name)(request).SerializeToString()
+            payload = call().SerializeToString()
         except RpcAbort as err:
             self._fail(sid, err.code, err.message)
             return

@@ -27,7 +27,7 @@ from pynydus.snapshot import filters
 from pynydus.snapshot.metastore import Info
 from pynydus.snapshot.metrics import RPC_ERRORS, RPC_SECONDS
 from pynydus.snapshot.mounts import Mount
-from pynydus.snapshot.snapshotter import Snapshotter
+from pynydus.snapshot.snapshotter import MountsTarget, Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ def _rpc(method: F) -> F:
     seconds = RPC_SECONDS.labels(name)  # the per-method child, looked up once
 
     @functools.wraps(method)
-    def wrapper(self: Snapshots, request: Any) -> Any:
+    def wrapper(self: Snapshots, request: Any, *args: Any) -> Any:
         start = time.perf_counter()
         try:
-            return method(self, request)
+            return method(self, request, *args)
         except NydusError as err:
             log.debug("%s failed: %s", name, err)
             RPC_ERRORS.labels(name, err.grpc_code).inc()
@@ -113,8 +113,11 @@ class Snapshots:
         return snapshots_pb2.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     @_rpc
-    def Mounts(self, request: Any) -> Any:
-        return snapshots_pb2.MountsResponse(mounts=mounts_to_pb(self.sn.mounts(request.key)))
+    def Mounts(self, request: Any, target: MountsTarget | None = None) -> Any:
+        """``target``: what ``inline_call`` already read for ``request.key``."""
+        if target is None:
+            target = self.sn.mounts_target(request.key)
+        return snapshots_pb2.MountsResponse(mounts=mounts_to_pb(self.sn.mounts_of(target)))
 
     @_rpc
     def Commit(self, request: Any) -> Any:
@@ -136,21 +139,25 @@ class Snapshots:
         info = self.sn.update(request.info.name, dict(request.info.labels), paths)
         return snapshots_pb2.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    def is_cheap(self, method: str, request: Any) -> bool:
-        """The call answers from the metastore alone (tens of microseconds, never waits on
-        a daemon or the disk), so a server may run it on its connection's reader thread.
-        Not while a transaction holds the metastore: its commit fsyncs, and the reader
+    def inline_call(self, method: str, request: Any) -> Callable[[], Any] | None:
+        """The call, ready to run, if it answers from the metastore alone (tens of
+        microseconds, never waits on a daemon or the disk), so a server may run it on its
+        connection's reader thread; None otherwise. What deciding read is not read again.
+        None while a transaction holds the metastore: its commit fsyncs, and the reader
         thread must stay free to dispatch the connection's other calls."""
         if self.sn.ms.busy():
-            return False
+            return None
         if method == "Stat":
-            return True
+            return functools.partial(self.Stat, request)
         if method == "Mounts":
             try:
-                return not self.sn.mounts_need_instance(request.key)
+                target = self.sn.mounts_target(request.key)
             except NydusError:
-                return True  # Mounts fails just as fast
-        return False
+                return functools.partial(self.Mounts, request)  # fails just as fast
+            if target.needs_instance:
+                return None
+            return functools.partial(self.Mounts, request, target)
+        return None
 
     def List(self, request: Any) -> Iterator[Any]:
         """Batches of infos; a failure (even after some batches) raises RpcAbort."""

@@ -64,6 +64,21 @@ class SnapshotterOptions:
     mount_on_commit: bool = True
 
 
+@dataclass(frozen=True)
+class MountsTarget:
+    """Snapshot ``snap`` as Mounts sees it: its labels and, when the image is served by
+    Nydus, the id of the bootstrap layer whose instance its mounts stand on."""
+
+    snap: Snapshot
+    labels: Mapping[str, str]
+    meta_id: str | None
+
+    @property
+    def needs_instance(self) -> bool:
+        """Mounts starts (or waits for) a Nydus instance; False means a metastore read."""
+        return self.meta_id is not None
+
+
 class Snapshotter:
     """containerd Snapshotter over ``root``. Thread-safe; every method is atomic."""
 
@@ -137,21 +152,27 @@ class Snapshotter:
 
     def mounts(self, key: str) -> list[Mount]:
         """Mounts of active or view snapshot ``key``; FailedPrecondition for a committed one."""
-        _, info, _ = self.ms.get_info(key)
-        if info.kind not in (Kind.ACTIVE, Kind.VIEW):
-            raise FailedPrecondition(f"mounts of snapshot {q(key)}: snapshot is not active or view")
-        snap = self.ms.get_snapshot(key)
-        remote_id = self._remote_layer(snap)
-        if remote_id is not None:
-            return self._remote(snap, remote_id, info.labels)
-        return self._mounts(snap, info.labels)
+        return self.mounts_of(self.mounts_target(key))
 
-    def mounts_need_instance(self, key: str) -> bool:
-        """Whether Mounts of ``key`` involves a Nydus instance (may start a daemon and wait
-        for it); False means Mounts is a metastore read. NotFound if there is no ``key``."""
-        if self.fs is None:
-            return False
-        return self._remote_layer(self.ms.get_snapshot(key)) is not None
+    def mounts_target(self, key: str) -> MountsTarget:
+        """What Mounts of ``key`` stands on, read from the metastore alone (key, chain and
+        labels: three queries). NotFound if there is no ``key``, FailedPrecondition if it
+        is committed."""
+        snap = self.ms.get_snapshot(key)
+        if snap.kind not in (Kind.ACTIVE, Kind.VIEW):
+            raise FailedPrecondition(f"mounts of snapshot {q(key)}: snapshot is not active or view")
+        if self.fs is None:  # no Nydus: the parents' labels do not matter
+            return MountsTarget(snap, self.ms.labels_by_ids((snap.id,))[0], None)
+        labels, *parents = self.ms.labels_by_ids((snap.id, *snap.parent_ids))
+        return MountsTarget(snap, labels, self._meta_layer(
+            [processor.Layer(pid, pl) for pid, pl in zip(snap.parent_ids, parents, strict=True)]))
+
+    def mounts_of(self, target: MountsTarget) -> list[Mount]:
+        """The mounts of a ``mounts_target``; starts the image's Nydus instance if it needs
+        one (``target.needs_instance``) and waits for it."""
+        if target.meta_id is not None:
+            return self._remote(target.snap, target.meta_id, target.labels)
+        return self._mounts(target.snap, target.labels)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         """Commit active ``key`` as ``name``; its labels become ``labels`` (not inherited).
@@ -291,7 +312,12 @@ class Snapshotter:
         """The id of the Nydus bootstrap layer among the ancestors, if Nydus is on."""
         if self.fs is None:
             return None
-        for layer in self._ancestors(snap):
+        return self._meta_layer(self._ancestors(snap))
+
+    @staticmethod
+    def _meta_layer(ancestors: list[processor.Layer]) -> str | None:
+        """The id of the nearest Nydus bootstrap layer among ``ancestors``."""
+        for layer in ancestors:
             if L.is_nydus_meta_layer(layer.labels):
                 return layer.id
         return None
