@@ -268,21 +268,21 @@ class _Writer:
         src = self.layers[layer]
         buf = src.buf
         off = src.meta_base + (key // n_layers) * 32
-        fmt, icount, mode, size, src_links = _REG_HEAD.unpack_from(buf, off)
+        try:
+            fmt, icount, mode, size, src_links = _REG_HEAD.unpack_from(buf, off)
+        except struct.error:  # too near the end for an extended inode: checked there
+            return self._copy_other(key, name)
         if fmt != _EXT_CHUNKED or mode & _S_IFMT != _S_IFREG:
             return self._copy_other(key, name)
         xsize = 12 + 4 * (icount - 1) if icount else 0
         head = _EXT + xsize
         if off + head > len(buf):
             raise L.format_error(f"file {name!r}", off, "inode runs past the bootstrap")
+        i_ino = None
         if src_links > 1:
-            # nydus-image writes one record per name of a hardlinked file, all with
-            # its i_ino; our builder shares one record. Either way: one file.
             i_ino = (layer, _U32.unpack_from(buf, off + 20)[0])
-            same = self.i_ino_nid.get(i_ino)
+            same = self._placed_file(key, i_ino)
             if same is not None:
-                self.reg_nid[key] = same
-                self.links[same] += 1
                 return same, _REG_FT
         img = self.img
         end = len(img)
@@ -298,25 +298,42 @@ class _Writer:
         nid = (pos - self.meta_base) >> 5
         if icount:
             self.has_xattr = True
-        if src_links > 1 or key in self.linked:
+        if i_ino is not None or key in self.linked:
             self.reg_nid[key] = nid
             self.links[nid] = 1
-            if src_links > 1:
-                self.i_ino_nid[layer, _U32.unpack_from(buf, off + 20)[0]] = nid
+            if i_ino is not None:
+                self.i_ino_nid[i_ino] = nid
         n = (size + self.chunk_size - 1) // self.chunk_size
         if n:
-            q = off + ((head + 7) & ~7)
-            if q + 8 * n > len(buf):
-                raise L.format_error(f"file {name!r} chunk array", q, "runs past the end")
-            end = len(img)
-            if end & 7:
-                img += bytes(8 - (end & 7))
-                end = len(img)
-            img += buf[q : q + 8 * n]
-            # Device id byte of every 8-byte entry: layer blob index -> merged index.
-            img[end + 2 :: 8] = img[end + 2 :: 8].translate(src.dev_table)
-            self.chunks.add_file(src, q, n)
+            self._copy_chunks(src, off + ((head + 7) & ~7), n, name)
         return nid, _REG_FT
+
+    def _placed_file(self, key: int, i_ino: tuple[int, int]) -> int | None:
+        """The nid of the regular file ``i_ino`` (layer, i_ino) if it is placed
+        already, counting ``key`` as one more of its names; else None.
+
+        nydus-image writes one record per name of a hardlinked file, all with its
+        i_ino; our builder shares one record. Either way: one file.
+        """
+        same = self.i_ino_nid.get(i_ino)
+        if same is not None:
+            self.reg_nid[key] = same
+            self.links[same] += 1
+        return same
+
+    def _copy_chunks(self, src: LayerSource, q: int, n: int, name: bytes) -> None:
+        """Append file ``name``'s ``n``-entry chunk index array (at ``q`` in ``src``'s
+        bootstrap) 8-byte aligned, its device ids mapped, and record its chunks."""
+        buf = src.buf
+        if q + 8 * n > len(buf):
+            raise L.format_error(f"file {name!r} chunk array", q, "runs past the end")
+        img = self.img
+        img += bytes(-len(img) & 7)
+        a = len(img)
+        img += buf[q : q + 8 * n]
+        # Device id byte of every 8-byte entry: layer blob index -> merged index.
+        img[a + 2 :: 8] = img[a + 2 :: 8].translate(src.dev_table)
+        self.chunks.add_file(src, q, n)
 
     def _copy_other(self, key: int, name: bytes) -> tuple[int, int]:
         """``_copy_leaf`` for compact inodes, symlinks, devices, fifos and sockets."""
@@ -341,17 +358,15 @@ class _Writer:
             if (fmt >> 1) & 7 != L.EROFS_INODE_CHUNK_BASED:
                 raise L.format_error(f"regular file {name!r}", off, "is not chunk-based")
             n = -(-(_U64 if extended else _U32).unpack_from(buf, off + 8)[0] // self.chunk_size)
+            # compact: its nlink is 16 bits, assume it may have more names
+            i_ino = (key % n_layers, _U32.unpack_from(buf, off + 20)[0])
+            same = self._placed_file(key, i_ino)
+            if same is not None:
+                return same, ftype
         elif typ == _S_IFLNK:
             link = src.bs.readlink(src_nid)
             if head + len(link) <= self.bs:
                 tail = len(link)
-        if typ == _S_IFREG:  # compact: its nlink is 16 bits, assume it may have more names
-            i_ino = (key % n_layers, _U32.unpack_from(buf, off + 20)[0])
-            same = self.i_ino_nid.get(i_ino)
-            if same is not None:
-                self.reg_nid[key] = same
-                self.links[same] += 1
-                return same, ftype
         pos = self._slot(head, tail)
         img = self.img
         if extended:
@@ -366,14 +381,7 @@ class _Writer:
             self.links[nid] = 1
             self.i_ino_nid[i_ino] = nid
             if n:
-                q = off + _align(isize + xsize, 8)
-                if q + 8 * n > len(buf):
-                    raise L.format_error(f"file {name!r} chunk array", q, "runs past the end")
-                img += bytes(-len(img) & 7)
-                a = len(img)
-                img += buf[q : q + 8 * n]
-                img[a + 2 :: 8] = img[a + 2 :: 8].translate(src.dev_table)
-                self.chunks.add_file(src, q, n)
+                self._copy_chunks(src, off + _align(isize + xsize, 8), n, name)
             return nid, ftype
         u = _U32.unpack_from(img, pos + 16)[0] if typ in (stat.S_IFCHR, stat.S_IFBLK) else 0
         layout = L.EROFS_INODE_FLAT_PLAIN
