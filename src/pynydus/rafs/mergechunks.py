@@ -22,8 +22,8 @@ from pynydus.rafs.v6 import BootstrapV6
 
 __all__ = ["ChunkTable", "LayerSource"]
 
-_ADDR = struct.Struct("<HHI")
-_CHUNK = struct.Struct("<32sIIIIQQQII")
+_ADDR = L.RafsV6InodeChunkAddr.codec()
+_CHUNK = L.RafsChunkInfo.codec()
 _CHUNK_KEY = struct.Struct("<32xI12x8xQ8xI4x")  # blob_index, uncompressed_offset, index
 _COMPRESSED = int(L.ChunkFlags.COMPRESSED)  # the only chunk flag a merged record keeps
 _REC = L.RAFS_V6_CHUNK_INFO_SIZE
