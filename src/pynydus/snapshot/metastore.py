@@ -220,12 +220,7 @@ class MetaStore:
 
     def labels_by_id(self, sid: str) -> dict[str, str]:
         """Labels of the snapshot with id ``sid``; NotFound if there is none."""
-        with self._lock:
-            row = self._db.execute("SELECT labels FROM snapshots WHERE id=?", (int(sid),)).fetchone()
-        if row is None:
-            raise NotFound(f"snapshot id {sid} does not exist")
-        labels: dict[str, str] = json.loads(row[0])
-        return labels
+        return self.labels_by_ids((sid,))[0]
 
     def id_map(self) -> dict[str, str]:
         """id -> key of every snapshot (for finding orphan directories)."""
