@@ -114,7 +114,6 @@ def convert_args(src: str, dst: str, cache: str, *extra: str) -> list[str]:
             "--progress", "plain", *extra]
 
 
-# ----------------------------------------------------------------- direct pushes
 def convert_and_check(src: str, dst: str, cache: str) -> None:
     """Convert ``src`` to ``dst`` and have ``check-image`` compare them; both succeed."""
     r = pynydus(*convert_args(src, dst, cache))
@@ -123,6 +122,7 @@ def convert_and_check(src: str, dst: str, cache: str) -> None:
     assert c.rc == 0, c.err + c.out
 
 
+# ----------------------------------------------------------------- direct pushes
 def sha(b: bytes) -> str:
     return "sha256:" + hashlib.sha256(b).hexdigest()
 
