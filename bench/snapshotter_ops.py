@@ -204,12 +204,8 @@ def start_peers(stack: contextlib.ExitStack, peers: list[str], log_level: str,
     out: dict[str, tuple[Path, int]] = {}
     for peer in peers:
         if peer == "grpcio":
-            # The harness's process inherits our environment at start.
-            os.environ[SERVER_ENV] = "grpcio"
-            try:
-                s = stack.enter_context(Snapshotter(log_level=log_level, tag="bench-gsnap"))
-            finally:
-                del os.environ[SERVER_ENV]
+            s = stack.enter_context(Snapshotter(log_level=log_level, tag="bench-gsnap",
+                                                env={SERVER_ENV: "grpcio"}))
             out["nydus-grpcio"] = (s.socket, s.pid)
         elif peer == "stargz":
             sys.path.insert(0, str(REPO / "bench"))

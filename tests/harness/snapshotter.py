@@ -16,7 +16,7 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -56,7 +56,8 @@ class Snapshotter(Service):
 
     def __init__(self, *, config: Path | None = None, log_level: str = "debug",
                  extra_args: Sequence[str] = (), keep: bool = False,
-                 ready_timeout: float = 30.0, tag: str = "snap") -> None:
+                 ready_timeout: float = 30.0, tag: str = "snap",
+                 env: Mapping[str, str] | None = None) -> None:
         self.workdir = make_workdir(tag)
         self.root = self.workdir / "root"
         self.socket = self.workdir / "s.sock"
@@ -66,6 +67,7 @@ class Snapshotter(Service):
         self.extra_args = list(extra_args)
         self.keep = keep
         self.ready_timeout = ready_timeout
+        self.env = env  # added to ours for the snapshotter process
         self.proc: Proc | None = None
         self._channel: grpc.Channel | None = None
         if len(str(self.root).encode()) > MAX_ROOT_LEN:
@@ -123,7 +125,8 @@ class Snapshotter(Service):
 
     def start(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.proc = Proc("snapshotter", self.argv, self.workdir, self.log)
+        self.proc = Proc("snapshotter", self.argv, self.workdir, self.log,
+                         env=None if self.env is None else {**os.environ, **self.env})
         self.proc.start()
         try:
             wait_until(self._ready, self.ready_timeout, f"snapshotter on {self.socket}",
