@@ -90,7 +90,6 @@ class RafsInstance:
         self._lock = threading.Lock()
         self._index: dict[int, dict[int, int]] | None = None  # see _chunk_lookup
         self._index_lock = threading.Lock()
-        self._chunk_table_at = 0
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
@@ -133,10 +132,10 @@ class RafsInstance:
         """
 
         def chunk_at(index: int) -> ChunkRef | None:
-            pos = self._chunk_index().get(blob_index, {}).get(index)
-            if pos is None:
+            at = self._chunk_index().get(blob_index, {}).get(index)
+            if at is None:
                 return None
-            rec = RafsChunkInfo.unpack(self.bs.buffer, self._chunk_table_at + pos * RafsChunkInfo.SIZE)
+            rec = RafsChunkInfo.unpack(self.bs.buffer, at)
             return ChunkRef(index=rec.index, c_off=rec.compressed_offset, c_size=rec.compressed_size,
                             u_off=rec.uncompressed_offset, u_size=rec.uncompressed_size,
                             compressed=rec.is_compressed, digest=rec.digest)
@@ -144,7 +143,8 @@ class RafsInstance:
         return chunk_at
 
     def _chunk_index(self) -> dict[int, dict[int, int]]:
-        """blob index -> chunk index -> record number in the bootstrap chunk table."""
+        """blob index -> chunk index -> offset of its record in the bootstrap (the first
+        record of a chunk wins)."""
         index = self._index
         if index is not None:
             return index
@@ -159,10 +159,10 @@ class RafsInstance:
                         log.warning("bootstrap chunk table at %d+%d is malformed; reads will "
                                     "not be amplified", start, size)
                     else:
-                        self._chunk_table_at = start
                         view = memoryview(buf)[start:start + size]
-                        for pos, (blob, chunk) in enumerate(_CHUNK_KEYS.iter_unpack(view)):
-                            built.setdefault(blob, {}).setdefault(chunk, pos)
+                        ats = range(start, start + size, RafsChunkInfo.SIZE)
+                        for at, (blob, chunk) in zip(ats, _CHUNK_KEYS.iter_unpack(view)):
+                            built.setdefault(blob, {}).setdefault(chunk, at)
                         view.release()
                 self._index = built
             return self._index
