@@ -269,11 +269,10 @@ class NydusFilesystem:
             try:
                 if delay:
                     self._refill_now.wait(delay)
-                if self._closing:
-                    raise Unavailable("snapshotter closing")
-                # low priority unless an image is already waiting for it
-                niceness = 0 if self._refill_now.is_set() else _STANDBY_NICENESS
-                live = self.manager.start_daemon(rec, niceness=niceness)
+                if not self._closing:
+                    # low priority unless an image is already waiting for it
+                    niceness = 0 if self._refill_now.is_set() else _STANDBY_NICENESS
+                    live = self.manager.start_daemon(rec, niceness=niceness)
             except Exception as err:  # noqa: BLE001 - images still mount the slow way
                 if not self._closing:
                     log.warning("could not start a standby daemon: %s", err)
