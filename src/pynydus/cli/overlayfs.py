@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pynydus.system.mount import MountSpec, mount
+from pynydus.host.mount import MountSpec, mount
 
 _DROPPED = ("extraoption=", "io.katacontainers.volume=")
 

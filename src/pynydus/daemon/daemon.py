@@ -32,8 +32,8 @@ from pynydus.daemon.fusefs import RafsFs, Vfs
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.prefetch import Prefetcher
 from pynydus.errors import InvalidArgument, NotFound, NotImplementedFeature, Unavailable
-from pynydus.system.mount import unmount
-from pynydus.system.mountinfo import is_mountpoint
+from pynydus.host.mount import unmount
+from pynydus.host.mountinfo import is_mountpoint
 
 log = logging.getLogger("pynydusd")
 
@@ -81,7 +81,7 @@ READAHEAD_KB = 1024
 def tune_readahead(mountpoint: str, kb: int) -> None:
     """Set read_ahead_kb of the FUSE connection's bdi (found via mountinfo, since a
     stat of the mountpoint would wait for the loop that is not running yet)."""
-    from pynydus.system.mountinfo import read_mountinfo
+    from pynydus.host.mountinfo import read_mountinfo
 
     for entry in reversed(read_mountinfo()):
         if entry.mountpoint == mountpoint and entry.device:

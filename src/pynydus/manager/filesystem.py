@@ -30,7 +30,7 @@ from pynydus.errors import FailedPrecondition, NotFound, Unavailable, q
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
-from pynydus.system.mountinfo import mountpoints_under
+from pynydus.host.mountinfo import mountpoints_under
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class NydusFilesystem:
             policy = "restart"
         self.cgroup = None
         if cfg.cgroup.enable:
-            from pynydus.system.cgroup import MemoryCgroup
+            from pynydus.host.cgroup import MemoryCgroup
 
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             self.cgroup = MemoryCgroup(cfg.cgroup.memory_limit_bytes(total))

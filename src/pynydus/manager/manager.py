@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pynydus.errors import FailedPrecondition, Unavailable
 from pynydus.manager.client import RUNNING, DaemonClient
 from pynydus.manager.store import DaemonRecord, DaemonStore
-from pynydus.system.mount import unmount
-from pynydus.system.mountinfo import is_mountpoint
+from pynydus.host.mount import unmount
+from pynydus.host.mountinfo import is_mountpoint
 
 log = logging.getLogger(__name__)
 

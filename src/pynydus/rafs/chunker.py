@@ -58,7 +58,7 @@ from pynydus.rafs.compress import (
     digest,
     toc_flag_for_compressor,
 )
-from pynydus.system.writeback import start_writeback
+from pynydus.host.writeback import start_writeback
 
 __all__ = [
     "BLOB_FEATURES_DEFAULT",
@@ -102,7 +102,7 @@ _WINDOW = 4
 # Blob bytes are handed to the writer thread in batches of about this size, so
 # small files cost one list append each, not one thread hand-off.
 _WRITE_BATCH = 1 << 20
-# Writeback of the blob is started every this many bytes (see pynydus.system.writeback).
+# Writeback of the blob is started every this many bytes (see pynydus.host.writeback).
 _WRITEBACK_STEP = 16 << 20
 
 # (digest, payload, compressed, raw data when a blob cache needs it besides the payload)

@@ -35,9 +35,9 @@ from pynydus.snapshot import processor
 from pynydus.snapshot.filters import Filter, snapshot_adaptor
 from pynydus.snapshot.metastore import Info, Kind, MetaStore, Snapshot, Usage
 from pynydus.snapshot.mounts import Mount, native_mounts, remote_mounts
-from pynydus.system import host
-from pynydus.system.diskusage import disk_usage
-from pynydus.system.mountinfo import mountpoints_under
+from pynydus.host import checks
+from pynydus.host.diskusage import disk_usage
+from pynydus.host.mountinfo import mountpoints_under
 
 if TYPE_CHECKING:
     from pynydus.manager.filesystem import NydusFilesystem
@@ -86,18 +86,18 @@ class Snapshotter:
                  fs: NydusFilesystem | None = None) -> None:
         self.root = Path(root)
         self.options = options or SnapshotterOptions()
-        host.check_root_path(self.root)
+        checks.check_root_path(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
-        host.check_overlayfs()
-        host.check_d_type(self.root)
+        checks.check_overlayfs()
+        checks.check_d_type(self.root)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.ms = MetaStore(self.root / "metadata.db")
         self._snapshots = str(self.snapshots_dir)
         self.fs = fs
         self.features = processor.Features(nydus=fs is not None)
-        self._overlay_extra = ("index=off",) if host.overlay_supports_index() else ()
+        self._overlay_extra = ("index=off",) if checks.overlay_supports_index() else ()
         self._cleanup_lock = threading.Lock()
 
     # --- paths --------------------------------------------------------------------

@@ -28,8 +28,8 @@ from pynydus import labels as L
 from pynydus.api import snapshots_pb2 as pb
 from pynydus.rafs.builder import build
 from pynydus.registry.client import RegistryClient
-from pynydus.system.mount import MountSpec, mount_all, unmount_all
-from pynydus.system.mountinfo import mountpoints_under
+from pynydus.host.mount import MountSpec, mount_all, unmount_all
+from pynydus.host.mountinfo import mountpoints_under
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 
