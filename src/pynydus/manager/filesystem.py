@@ -27,10 +27,10 @@ from typing import Any
 from pynydus import labels as L
 from pynydus.config import SnapshotterConfig
 from pynydus.errors import FailedPrecondition, NotFound, Unavailable, q
+from pynydus.host.mountinfo import mountpoints_under
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
-from pynydus.host.mountinfo import mountpoints_under
 
 log = logging.getLogger(__name__)
 

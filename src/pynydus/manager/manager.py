@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pynydus.errors import FailedPrecondition, Unavailable
-from pynydus.manager.client import RUNNING, DaemonClient
-from pynydus.manager.store import DaemonRecord, DaemonStore
 from pynydus.host.mount import unmount
 from pynydus.host.mountinfo import is_mountpoint
+from pynydus.manager.client import RUNNING, DaemonClient
+from pynydus.manager.store import DaemonRecord, DaemonStore
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from pynydus.errors import InvalidArgument
+from pynydus.host.writeback import start_writeback
 from pynydus.rafs.blobmeta import (
     BlobChunkInfo,
     BlobCompressionContextHeader,
@@ -58,7 +59,6 @@ from pynydus.rafs.compress import (
     digest,
     toc_flag_for_compressor,
 )
-from pynydus.host.writeback import start_writeback
 
 __all__ = [
     "BLOB_FEATURES_DEFAULT",

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING
 
 from pynydus import labels as L
 from pynydus.errors import AlreadyExists, FailedPrecondition, NotFound, q
+from pynydus.host import checks
+from pynydus.host.diskusage import disk_usage
+from pynydus.host.mountinfo import mountpoints_under
 from pynydus.snapshot import processor
 from pynydus.snapshot.filters import Filter, snapshot_adaptor
 from pynydus.snapshot.metastore import Info, Kind, MetaStore, Snapshot, Usage
 from pynydus.snapshot.mounts import Mount, native_mounts, remote_mounts
-from pynydus.host import checks
-from pynydus.host.diskusage import disk_usage
-from pynydus.host.mountinfo import mountpoints_under
 
 if TYPE_CHECKING:
     from pynydus.manager.filesystem import NydusFilesystem

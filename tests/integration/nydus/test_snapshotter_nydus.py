@@ -26,10 +26,10 @@ import pytest
 
 from pynydus import labels as L
 from pynydus.api import snapshots_pb2 as pb
-from pynydus.rafs.builder import build
-from pynydus.registry.client import RegistryClient
 from pynydus.host.mount import MountSpec, mount_all, unmount_all
 from pynydus.host.mountinfo import mountpoints_under
+from pynydus.rafs.builder import build
+from pynydus.registry.client import RegistryClient
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 

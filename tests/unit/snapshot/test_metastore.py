@@ -81,9 +81,8 @@ def test_remove_with_children_fails_and_changes_nothing(ms: MetaStore) -> None:
     create(ms, Kind.ACTIVE, "a")
     commit(ms, "a", "A")
     create(ms, Kind.ACTIVE, "b", "A")
-    with pytest.raises(FailedPrecondition, match="child"):
-        with ms.transaction() as db:
-            ms.remove(db, "A")
+    with pytest.raises(FailedPrecondition, match="child"), ms.transaction() as db:
+        ms.remove(db, "A")
     assert {i.name for i in ms.walk()} == {"A", "b"}
 
 
@@ -102,10 +101,9 @@ def test_update_paths(ms: MetaStore) -> None:
 
 
 def test_transaction_rolls_back_on_error(ms: MetaStore) -> None:
-    with pytest.raises(RuntimeError):
-        with ms.transaction() as db:
-            ms.create(db, Kind.ACTIVE, "a", "", {})
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ms.transaction() as db:
+        ms.create(db, Kind.ACTIVE, "a", "", {})
+        raise RuntimeError("boom")
     assert list(ms.walk()) == []
 
 

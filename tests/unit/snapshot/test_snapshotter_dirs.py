@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from pynydus import labels as L
-from pynydus.errors import AlreadyExists, FailedPrecondition, HostCheckError, InvalidArgument, NotFound
+from pynydus.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    HostCheckError,
+    InvalidArgument,
+    NotFound,
+)
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
 
 
