@@ -55,7 +55,7 @@ import grpc
 
 from pynydus.api import snapshots_pb2 as pb
 from pynydus.api import snapshots_pb2_grpc
-from pynydus.snapshot.service import SERVER_ENV
+from pynydus.snapshot.server import SERVER_ENV
 from tests.harness.containerd import Containerd
 from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import wait_until

@@ -1,4 +1,4 @@
-"""Running the snapshotter as a process: config, logging, signals, graceful stop."""
+"""Running the snapshotter as a process: config, logging, the server, signals, graceful stop."""
 
 from __future__ import annotations
 
@@ -11,18 +11,25 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pynydus import __version__
 from pynydus.config import SnapshotterConfig, load_config
 from pynydus.errors import HostCheckError
+from pynydus.grpcwire import server as h2server
 from pynydus.manager.filesystem import NydusFilesystem
-from pynydus.snapshot.service import serve
+from pynydus.snapshot.service import Snapshots, grpcio_server
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
 
 log = logging.getLogger("pynydus.snapshotter")
 
 # How long in-flight calls may take to finish after SIGTERM before we stop anyway.
 _GRACE_SECONDS = 30.0
+
+# Which server carries the service: "h2" (ours, pynydus.grpcwire) or "grpcio".
+SERVER_ENV = "PYNYDUS_SNAPSHOTS_SERVER"
+# Calls served at once (the grpcio server's pool has as many threads).
+_WORKERS = 16
 
 _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
            "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
@@ -66,6 +73,28 @@ def make_filesystem(cfg: SnapshotterConfig) -> NydusFilesystem | None:
         raise HostCheckError("fs_driver fscache needs /dev/cachefiles (EROFS over fscache), which "
                              "pynydus does not drive; use fs_driver = \"fusedev\"")
     raise HostCheckError(f"fs_driver {driver} is not supported yet; use fs_driver = \"fusedev\"")
+
+
+def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, uid: int = 0,
+          gid: int = 0, server: str | None = None) -> Any:
+    """Start serving on unix socket ``address`` (stale socket replaced, parents created).
+
+    ``server`` (default: $PYNYDUS_SNAPSHOTS_SERVER, else "h2") picks the implementation;
+    both return an object whose ``stop(grace)`` returns an event set once stopped.
+    """
+    kind = server or os.environ.get(SERVER_ENV) or "h2"
+    if kind not in ("h2", "grpcio"):
+        raise ValueError(f"{SERVER_ENV}={kind!r}: expected \"h2\" or \"grpcio\"")
+    path = Path(address)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket() or path.exists():
+        path.unlink()
+    core = Snapshots(snapshotter)
+    if kind == "h2":
+        return h2server.serve(core.methods(), path, workers=workers, uid=uid, gid=gid,
+                              inline=core.inline)
+    log.info("snapshots service on grpcio (%s=grpcio)", SERVER_ENV)
+    return grpcio_server(core, path, workers=workers, uid=uid, gid=gid)
 
 
 def run(config_path: str | None, overrides: Mapping[str, object]) -> int:

@@ -1,8 +1,11 @@
-"""gRPC edge: containerd.services.snapshots.v1.Snapshots over a unix socket.
+"""gRPC edge: containerd.services.snapshots.v1.Snapshots, without a transport.
 
 Translates protobuf requests into Snapshotter calls and our error taxonomy into
 gRPC status codes (which containerd's proxy client maps back to its errdefs).
-Nothing here decides anything about snapshots.
+Nothing here decides anything about snapshots. ``Snapshots.methods()`` is the table
+our HTTP/2 server (``pynydus.grpcwire``) is handed; ``grpcio_server`` puts the same
+service on grpcio's server. Which of the two runs is chosen at start-up
+(``snapshot/server.py``).
 """
 
 from __future__ import annotations
@@ -13,16 +16,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
-from google.protobuf.message import Message
 
 from pynydus.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from pynydus.errors import NydusError
+from pynydus.grpcwire.rpc import Method, RpcAbort
 from pynydus.snapshot import filters
 from pynydus.snapshot.metastore import Info
 from pynydus.snapshot.metrics import RPC_ERRORS, RPC_SECONDS
@@ -56,15 +58,6 @@ def mounts_to_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
 
 
-class RpcAbort(Exception):
-    """A call ends with gRPC status ``code`` (a grpc.StatusCode name) and ``message``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def _rpc(method: F) -> F:
     """Run an RPC body, turning our errors into RpcAbort and timing the call."""
 
@@ -96,7 +89,7 @@ class Snapshots:
     """The Snapshots service without a transport: protobuf request in, response out.
 
     Every method raises RpcAbort for a failed call; both servers (grpcio's and
-    ``h2server``) wrap this one object.
+    ``grpcwire``'s) wrap this one object.
     """
 
     def __init__(self, snapshotter: Snapshotter) -> None:
@@ -114,7 +107,7 @@ class Snapshots:
 
     @_rpc
     def Mounts(self, request: Any, target: MountsTarget | None = None) -> Any:
-        """``target``: what ``inline_call`` already read for ``request.key``."""
+        """``target``: what ``inline`` already read for ``request.key``."""
         if target is None:
             target = self.sn.mounts_target(request.key)
         return snapshots_pb2.MountsResponse(mounts=mounts_to_pb(self.sn.mounts_of(target)))
@@ -139,7 +132,7 @@ class Snapshots:
         info = self.sn.update(request.info.name, dict(request.info.labels), paths)
         return snapshots_pb2.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    def inline_call(self, method: str, request: Any) -> Callable[[], Any] | None:
+    def inline(self, method: Method, request: Any) -> Callable[[], Any] | None:
         """The call, ready to run, if it answers from the metastore alone (tens of
         microseconds, never waits on a daemon or the disk), so a server may run it on its
         connection's reader thread; None otherwise. What deciding read is not read again.
@@ -147,9 +140,9 @@ class Snapshots:
         thread must stay free to dispatch the connection's other calls."""
         if self.sn.ms.busy():
             return None
-        if method == "Stat":
+        if method.name == "Stat":
             return functools.partial(self.Stat, request)
-        if method == "Mounts":
+        if method.name == "Mounts":
             try:
                 target = self.sn.mounts_target(request.key)
             except NydusError:
@@ -189,34 +182,29 @@ class Snapshots:
             log.info("cleanup removed %d directories", len(removed))
         return empty_pb2.Empty()
 
-
-@dataclass(frozen=True)
-class Method:
-    """One RPC of the service as a transport sees it."""
-
-    name: str
-    request: type[Message]
-    streaming: bool  # server-streaming (List); the others are unary
+    def methods(self) -> dict[str, Method]:
+        """The method table by gRPC path, for ``pynydus.grpcwire``'s server."""
+        return {_PREFIX + name: Method(name, getattr(snapshots_pb2, req).FromString,
+                                       getattr(self, name), name == "List")
+                for name, req in _RPCS}
 
 
 _PREFIX = "/containerd.services.snapshots.v1.Snapshots/"
-METHODS: dict[str, Method] = {
-    _PREFIX + name: Method(name, getattr(snapshots_pb2, req), name == "List")
-    for name, req in [
-        ("Prepare", "PrepareSnapshotRequest"), ("View", "ViewSnapshotRequest"),
-        ("Mounts", "MountsRequest"), ("Commit", "CommitSnapshotRequest"),
-        ("Remove", "RemoveSnapshotRequest"), ("Stat", "StatSnapshotRequest"),
-        ("Update", "UpdateSnapshotRequest"), ("List", "ListSnapshotsRequest"),
-        ("Usage", "UsageRequest"), ("Cleanup", "CleanupRequest"),
-    ]
-}
+# (method, request message) of every RPC of the service; List is the one server stream.
+_RPCS = [
+    ("Prepare", "PrepareSnapshotRequest"), ("View", "ViewSnapshotRequest"),
+    ("Mounts", "MountsRequest"), ("Commit", "CommitSnapshotRequest"),
+    ("Remove", "RemoveSnapshotRequest"), ("Stat", "StatSnapshotRequest"),
+    ("Update", "UpdateSnapshotRequest"), ("List", "ListSnapshotsRequest"),
+    ("Usage", "UsageRequest"), ("Cleanup", "CleanupRequest"),
+]
 
 
 class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
     """grpcio's servicer over Snapshots: RpcAbort becomes context.abort."""
 
-    def __init__(self, snapshotter: Snapshotter) -> None:
-        self.core = Snapshots(snapshotter)
+    def __init__(self, core: Snapshots) -> None:
+        self.core = core
 
     def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
@@ -236,42 +224,22 @@ def _unary(name: str) -> Callable[[SnapshotsService, Any, grpc.ServicerContext],
     return call
 
 
-for _m in METHODS.values():
-    if not _m.streaming:
-        setattr(SnapshotsService, _m.name, _unary(_m.name))
+for _name, _ in _RPCS:
+    if _name != "List":
+        setattr(SnapshotsService, _name, _unary(_name))
 
 
-# Which server carries the service: "h2" (our HTTP/2 server, h2server.py) or "grpcio".
-SERVER_ENV = "PYNYDUS_SNAPSHOTS_SERVER"
-
-
-def serve(snapshotter: Snapshotter, address: str, *, workers: int = 16, uid: int = 0,
-          gid: int = 0, server: str | None = None) -> Any:
-    """Start serving on unix socket ``address`` (stale socket replaced, parents created).
-
-    ``server`` (default: $PYNYDUS_SNAPSHOTS_SERVER, else "h2") picks the implementation;
-    both return an object whose ``stop(grace)`` returns an event set once stopped.
-    """
-    kind = server or os.environ.get(SERVER_ENV) or "h2"
-    if kind not in ("h2", "grpcio"):
-        raise ValueError(f"{SERVER_ENV}={kind!r}: expected \"h2\" or \"grpcio\"")
-    path = Path(address)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket() or path.exists():
-        path.unlink()
-    if kind == "h2":
-        from pynydus.snapshot import h2server
-
-        return h2server.serve(snapshotter, path, workers=workers, uid=uid, gid=gid)
-    grpc_server = grpc.server(
+def grpcio_server(core: Snapshots, path: Path, *, workers: int, uid: int = 0,
+                  gid: int = 0) -> grpc.Server:
+    """``core`` on grpcio's sync server, listening on unix socket ``path`` (already free)."""
+    server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", 16 << 20)],
     )
-    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), grpc_server)
-    grpc_server.add_insecure_port("unix:" + str(path))
-    grpc_server.start()
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(core), server)
+    server.add_insecure_port("unix:" + str(path))
+    server.start()
     os.chmod(path, 0o660)
     if uid or gid:
         os.chown(path, uid, gid)
-    log.info("snapshots service on grpcio (%s=grpcio)", SERVER_ENV)
-    return grpc_server
+    return server

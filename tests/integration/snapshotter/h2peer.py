@@ -1,6 +1,6 @@
 """A bare HTTP/2 gRPC client side for tests: frames out, frames in, no state machine.
 
-Written apart from ``pynydus.snapshot.h2wire`` (only its frame constants are shared) so
+Written apart from ``pynydus.grpcwire.connection`` (only its frame constants are shared) so
 tests check the server against an independent reading of the protocol.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import hpack
 
-from pynydus.snapshot import h2wire as w
+from pynydus.grpcwire import connection as w
 
 STAT = "/containerd.services.snapshots.v1.Snapshots/Stat"
 LIST = "/containerd.services.snapshots.v1.Snapshots/List"

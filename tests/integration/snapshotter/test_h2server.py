@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from pynydus.api import snapshots_pb2
-from pynydus.snapshot import h2wire as w
-from pynydus.snapshot.service import SERVER_ENV
+from pynydus.grpcwire import connection as w
+from pynydus.snapshot.server import SERVER_ENV
 
 from .conftest import StartFn
 from .h2peer import LIST, Peer, recv_until, whole_frames

@@ -1,50 +1,44 @@
-"""The snapshots service on a unix socket with our own HTTP/2 (``h2wire``) and plain threads.
+"""A gRPC server on a unix socket: our own HTTP/2 (``connection``) and plain threads.
 
-Why not grpcio: through containerd, a read-only call costs ~0.03 ms in our code and
-~0.4 ms in grpcio's machinery (completion queue, hand-off to a Python worker thread,
-generic handlers), and containerd 1.6 sends one Stat per snapshot during a List.
+It serves whatever method table it is handed (``rpc.Method`` by ``:path``) and knows
+nothing of the service behind it. Why not grpcio: through containerd, a read-only
+snapshots call costs ~0.03 ms in the service and ~0.4 ms in grpcio's machinery
+(completion queue, hand-off to a Python worker thread, generic handlers), and
+containerd 1.6 sends one Stat per snapshot during a List.
 
 Theory of operation:
 
 * One accept thread; per connection one reader thread on a blocking socket. The reader
   feeds bytes to the connection's ``H2Connection`` and writes what it answers.
-* Cheap calls (``Snapshots.inline_call``: Stat, Mounts of a non-Nydus snapshot) run right on
+* Cheap calls (those the service's ``inline`` hook returns ready to run) run right on
   the reader thread: no thread hand-off, which is where the latency went. Everything else
-  runs on a shared pool of worker threads, so a Prepare that mounts an image for hundreds
-  of milliseconds never holds up the Stat calls containerd multiplexes beside it.
+  runs on a shared pool of worker threads, so a call that takes hundreds of milliseconds
+  never holds up the cheap calls a client multiplexes beside it.
 * One lock per connection guards the ``H2Connection`` and the socket writes; its condition
   wakes List producers when a WINDOW_UPDATE (read by the reader thread) gives credit.
-* The metastore is one SQLite connection behind an RLock, made for calls from many
-  threads; nothing here holds that lock while waiting on the network (List materialises
-  its rows before yielding).
 * Stop: close the listener, GOAWAY on every connection, wait up to ``grace`` for calls in
   flight, then close the connections.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
-from pynydus.snapshot import h2wire
-from pynydus.snapshot.h2wire import H2Connection, Limits, Request, StreamReset, Terminated
-from pynydus.snapshot.service import METHODS, Method, RpcAbort, Snapshots
-from pynydus.snapshot.snapshotter import Snapshotter
+from pynydus.grpcwire.connection import H2Connection, Limits, Request, StreamReset, Terminated
+from pynydus.grpcwire.rpc import STATUS_CODES, Inline, Method, RpcAbort
 
 log = logging.getLogger(__name__)
 
-_CODES = h2wire.STATUS_CODES
+_CODES = STATUS_CODES
 # A List producer stays at most this far ahead of the client's flow-control window.
 _LIST_AHEAD = 256 << 10
 # How long a PING ACK may wait for a response to travel with. Go's client pings after
@@ -122,17 +116,18 @@ class _Conn:
             self._fail(req.stream_id, "INTERNAL", f"{req.path}: internal error: {err}")
 
     def _dispatch_call(self, req: Request) -> None:
-        method = METHODS.get(req.path)
+        method = self.server.methods.get(req.path)
         if method is None:
             self._fail(req.stream_id, "UNIMPLEMENTED", f"unknown method {req.path}")
             return
         try:
-            request = method.request.FromString(req.message)
-        except DecodeError as err:
+            request = method.decode(req.message)
+        except Exception as err:  # noqa: BLE001 - whatever the decoder raises: a bad message
             self._fail(req.stream_id, "INTERNAL", f"{method.name}: bad request message: {err}")
             return
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
-        call = None if method.streaming else self.server.core.inline_call(method.name, request)
+        inline = self.server.inline
+        call = None if method.streaming or inline is None else inline(method, request)
         if call is not None:
             self._unary(req.stream_id, call, None, inline=True)
             return
@@ -150,8 +145,7 @@ class _Conn:
             if method.streaming:
                 self._stream(sid, method, request, deadline)
             else:
-                self._unary(sid, functools.partial(getattr(self.server.core, method.name), request),
-                            deadline)
+                self._unary(sid, lambda: method.call(request), deadline)
         except Exception:  # never lose a worker thread to a bug
             log.exception("%s: unexpected error in the HTTP/2 server", method.name)
         finally:
@@ -199,7 +193,7 @@ class _Conn:
             self._write()
         code, text = 0, ""
         try:
-            for msg in getattr(self.server.core, method.name)(request):
+            for msg in method.call(request):
                 payload = msg.SerializeToString()
                 with self.cond:
                     self.h2.send_message(sid, payload)
@@ -230,11 +224,13 @@ class _Conn:
 
 
 class H2Server:
-    """Serves ``Snapshots`` on a unix socket; ``stop()`` mirrors grpc.Server.stop."""
+    """Serves ``methods`` (by ``:path``) on a listening socket; ``stop()`` mirrors
+    grpc.Server.stop."""
 
-    def __init__(self, core: Snapshots, listener: socket.socket, *, workers: int,
-                 limits: Limits) -> None:
-        self.core = core
+    def __init__(self, methods: Mapping[str, Method], listener: socket.socket, *, workers: int,
+                 limits: Limits, inline: Inline | None = None) -> None:
+        self.methods = methods
+        self.inline = inline
         self.limits = limits
         self.pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="h2-call")
         self._listener = listener
@@ -308,15 +304,16 @@ class H2Server:
         return done
 
 
-def serve(snapshotter: Snapshotter, path: Path, *, workers: int, uid: int, gid: int,
-          limits: Limits | None = None) -> H2Server:
-    """Listen on unix socket ``path`` (already free) and start serving."""
+def serve(methods: Mapping[str, Method], path: Path, *, workers: int, uid: int = 0, gid: int = 0,
+          inline: Inline | None = None, limits: Limits | None = None) -> H2Server:
+    """Listen on unix socket ``path`` (already free) and start serving ``methods``."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     os.chmod(path, 0o660)
     if uid or gid:
         os.chown(path, uid, gid)
     listener.listen(128)
-    server = H2Server(Snapshots(snapshotter), listener, workers=workers, limits=limits or Limits())
+    server = H2Server(methods, listener, workers=workers, limits=limits or Limits(),
+                      inline=inline)
     server.start()
     return server

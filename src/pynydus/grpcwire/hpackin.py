@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from hpack.huffman_table import decode_huffman
-from hpack.table import HeaderTable
+from pynydus.grpcwire._hpack import STATIC_TABLE as _STATIC
+from pynydus.grpcwire._hpack import decode_huffman
 
-_STATIC: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
 _NSTATIC = len(_STATIC)
 _ENTRY_OVERHEAD = 32  # RFC 7541 4.1
 

@@ -7,8 +7,8 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynydus.snapshot import h2wire as w
-from pynydus.snapshot.h2wire import H2Connection, Limits, Request, StreamReset, Terminated
+from pynydus.grpcwire import connection as w
+from pynydus.grpcwire.connection import H2Connection, Limits, Request, StreamReset, Terminated
 from tests.integration.snapshotter.h2peer import STAT, Peer
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynydus.snapshot.hpackin import Decoder, HpackError
+from pynydus.grpcwire.hpackin import Decoder, HpackError
 
 _token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-0123456789", min_size=1, max_size=20)
 _value = st.binary(max_size=60)

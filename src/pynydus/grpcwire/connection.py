@@ -36,9 +36,9 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-from hpack.hpack import encode_integer
-
-from pynydus.snapshot.hpackin import Decoder, HpackError
+from pynydus.grpcwire._hpack import encode_integer
+from pynydus.grpcwire.hpackin import Decoder, HpackError
+from pynydus.grpcwire.rpc import STATUS_CODES
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -59,13 +59,6 @@ _MAX_WINDOW = 2**31 - 1
 _DEFAULT_FRAME = 16_384
 _FRAME_HEAD = struct.Struct(">BHBBL")  # 24-bit length written as a byte and a short
 
-# gRPC status codes by name (the names NydusError.grpc_code uses).
-STATUS_CODES = {
-    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
-    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
-    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
-    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
-}
 _OUT_HEADERS, _OUT_DATA, _OUT_TRAILERS = range(3)  # what a stream's output queue holds
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
