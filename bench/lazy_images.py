@@ -195,8 +195,7 @@ def tree_debian(d: Path, rebuild: bool) -> None:
     if d.is_dir() and (d / "usr/bin/python3").exists() and not rebuild:
         return
     if shutil.which("debootstrap") is None:
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "debootstrap"],
-                       check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        raise SystemExit("debootstrap missing: scripts/setup.sh installs it")
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(d, ignore_errors=True)
@@ -270,7 +269,9 @@ def write_layer(src: Path, blobs: Path) -> LayerOut:
                         tf.addfile(ti)
         tar_size = hw.n
     gz = blobs / ".layer.tar.gz"
-    comp = ["pigz", "-n", "-6", "-c"] if shutil.which("pigz") else ["gzip", "-n", "-6", "-c"]
+    if shutil.which("pigz") is None:  # gzip would write other bytes: other image digests
+        raise SystemExit("pigz missing: scripts/setup.sh installs it")
+    comp = ["pigz", "-n", "-6", "-c"]
     with open(tmp_tar, "rb") as inp, open(gz, "wb") as out:
         subprocess.run(comp, stdin=inp, stdout=out, check=True)
     tmp_tar.unlink()

@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 PKGS=(containerd runc docker-registry fuse3 libfuse3-dev pkg-config erofs-utils skopeo umoci
       e2fsprogs util-linux curl ca-certificates python3-venv
       busybox-static   # the shell/base layer of the e2e test images
-      stargz-snapshotter)  # ctr-remote: lazy pulls with labels (rpull), eStargz peer in bench/
+      stargz-snapshotter   # ctr-remote: lazy pulls with labels (rpull), eStargz peer in bench/
+      pigz                 # pigz/unpigz: bench/lazy_images.py layers, rafs_bench's unpigz baseline
+      debootstrap          # bench/lazy_images.py: the Debian base of the lazy-pull images
+      apache2-utils        # htpasswd: bcrypt files for the registries with auth
+      mount gzip tar)      # mount/umount, gzip, tar: called by tests (tests/harness/tools.py)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

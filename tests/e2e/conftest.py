@@ -1,21 +1,20 @@
 """Fixtures for end-to-end tests: a registry with the test images, our snapshotter, and a
 private containerd that uses it as proxy plugin ``nydus``.
 
-Skips (does not fail) when not root or when a system tool is missing, naming it; run
-``scripts/setup.sh`` first. When a test fails, the tails of the snapshotter, containerd
+Skipped when not root; a missing system tool fails every test here, naming the tool
+and its package (``scripts/setup.sh`` installs them all). When a test fails, the tails of the snapshotter, containerd
 and registry logs are attached to its report.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import images, oci
+from tests.harness import images, oci, tools
 from tests.harness.containerd import Containerd
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
@@ -28,18 +27,11 @@ REQUIRED = ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/bin/docker-registry", "
 _LIVE: list[object] = []
 
 
-def _missing_tools() -> list[str]:
-    return [t for t in REQUIRED if shutil.which(t) is None and not Path(t).exists()]
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     reasons = []
     if os.geteuid() != 0:
         reasons.append("needs root")
-    missing = _missing_tools()
-    if missing:
-        reasons.append(f"missing {', '.join(missing)} (run scripts/setup.sh)")
     for item in items:
         if Path(str(item.path)).parent == here:
             item.add_marker(pytest.mark.e2e)
@@ -57,6 +49,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
             proc = getattr(comp, "proc", None)
             if proc is not None:
                 rep.sections.append((f"{proc.name} log (tail)", proc.log_tail(60)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tools_present() -> None:
+    """A missing program fails the e2e tests (it never skips them)."""
+    tools.require(*REQUIRED)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,20 +10,17 @@ time, not at pull time.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.harness import tools
 
 REPO = Path(__file__).resolve().parents[2]
-NEEDED = ["/usr/bin/ctr-remote", "skopeo", "pigz"]
 
 
-@pytest.mark.skipif(any(shutil.which(t) is None and not Path(t).exists() for t in NEEDED),
-                    reason=f"lazy-pull smoke needs {', '.join(NEEDED)}")
 def test_lazy_pull_quick_prints_ratios(tmp_path: Path) -> None:
+    tools.require("/usr/bin/ctr-remote", "skopeo", "pigz")
     out_json = tmp_path / "lazy.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "lazy_pull.py"), "--quick",
                         "--no-build-stargz", "--json", str(out_json)],

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pynydus.convert.converter import ConvertOptions, convert
-from tests.harness import images, oci
+from tests.harness import images, oci, tools
 from tests.harness.containerd import Containerd
 from tests.harness.cri import CriImages
 from tests.harness.registry import Registry
@@ -167,10 +167,10 @@ def test_plain_ctr_pull_fails_clearly(registry: Registry, nydus_ref: str) -> Non
         assert "application/vnd.oci.image.layer.nydus.blob.v1" in proc.stderr
 
 
-@pytest.mark.skipif(not Path("/usr/bin/ctr-remote").exists(), reason="ctr-remote (stargz-snapshotter) missing")
 def test_ctr_remote_rpull_pulls_lazily(nydus_env, pulled: dict, nydus_ref: str) -> None:
     """ctr-remote passes the layer annotations and stargz's reference label, which is
     enough for us: the pull downloads no data blob and the image runs."""
+    tools.require("/usr/bin/ctr-remote")
     _snap, ctrd = nydus_env
     ns = "rpull"
     subprocess.run(["/usr/bin/ctr-remote", "-a", str(ctrd.socket), "-n", ns, "images", "rpull",
@@ -238,11 +238,11 @@ def test_remove_image_and_prune_stops_daemons_and_drops_cache(nydus_env, pulled:
     assert [f for f in os.listdir(snap.root / "cache")] == []
 
 
-@pytest.mark.skipif(not Path("/usr/local/bin/nydus-overlayfs").exists() and not shutil.which("nydus-overlayfs"),
-                    reason="nydus-overlayfs helper not installed (scripts/setup.sh)")
 def test_nydus_overlayfs_mounts(registry: Registry, nydus_ref: str, tmp_path: Path) -> None:
     """enable_nydus_overlayfs: containers get one fuse.nydus-overlayfs mount carrying
     extraoption; containerd runs it through mount.fuse3 and our helper."""
+    tools.require("mount.fuse3")
+    assert shutil.which("nydus-overlayfs"), "nydus-overlayfs is not in PATH: scripts/setup.sh links it"
     config = tmp_path / "config.toml"
     config.write_text('version = 1\n[snapshot]\nenable_nydus_overlayfs = true\n')
     with Snapshotter(config=config) as snap, Containerd(snap.socket, registry_hosts=[registry.host],

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import pytest
 import zstandard
 
 from pynydus.registry import RegistryClient
-from tests.harness import images, oci
+from tests.harness import images, oci, tools
 from tests.harness.registry import Registry, write_htpasswd
 from tests.harness.util import make_workdir, remove_tree
 
@@ -37,13 +36,10 @@ if TYPE_CHECKING:
 USER, PASSWORD = "conv", "s3cret-pw"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    missing = [t for t in ("/usr/bin/docker-registry", "skopeo") if shutil.which(t) is None
-               and not Path(t).exists()]
-    for item in items:
-        if Path(str(item.path)).parent == here and missing:
-            item.add_marker(pytest.mark.skip(reason=f"missing {', '.join(missing)}"))
+@pytest.fixture(scope="session", autouse=True)
+def _tools_present() -> None:
+    """A missing registry or skopeo fails these tests (setup.sh installs both)."""
+    tools.require("/usr/bin/docker-registry", "skopeo")
 
 
 @pytest.fixture(scope="session")

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.harness import tools
+
 REPO = Path(__file__).resolve().parents[3]
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (containerd for ctr-remote)"),
-    pytest.mark.skipif(shutil.which("ctr-remote") is None,
-                       reason="ctr-remote missing (Debian package stargz-snapshotter)"),
 ]
 
 
 def test_convert_bench_quick(tmp_path: Path) -> None:
+    tools.require("/usr/bin/ctr-remote")
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "convert_bench.py"), "--quick",
                         "--json", str(out)], capture_output=True, text=True, timeout=900,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import tools
 from tests.harness.containerd import Containerd
 from tests.harness.registry import Registry
 
@@ -25,13 +25,12 @@ from .conftest import convert_args, pynydus
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (containerd)"),
-    pytest.mark.skipif(shutil.which("containerd") is None or shutil.which("ctr") is None,
-                       reason="containerd/ctr missing"),
 ]
 
 
 @pytest.fixture(scope="module")
 def ctrd(registry: Registry) -> Iterator[Containerd]:
+    tools.require("/usr/bin/containerd", "/usr/bin/ctr")
     with Containerd(registry_hosts=[registry.host]) as c:
         yield c
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from pynydus.convert.pack import bootstrap_from_layer
 from pynydus.rafs.reader import Bootstrap
+from tests.harness import tools
 from tests.harness.pynydusd import Pynydusd
 from tests.harness.registry import Registry
 from tests.harness.util import make_workdir, remove_tree
@@ -59,9 +59,9 @@ def test_pynydusd_serves_the_converted_image(registry: Registry, layered: str, c
         assert_tree_matches(d.mountpoint, view, zero_mtime=False)
 
 
-@pytest.mark.skipif(shutil.which("fsck.erofs") is None, reason="erofs-utils missing")
 def test_kernel_erofs_mounts_the_converted_image(registry: Registry, layered: str,
                                                  cache_dir: str, mountdir: Path) -> None:
+    tools.require("fsck.erofs")
     from tests.integration.rafs.erofs_harness import fsck, materialize, mounted
 
     boot = _converted(registry, layered, cache_dir, "nydus/kernel")

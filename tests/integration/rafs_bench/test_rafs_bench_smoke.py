@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
+from tests.harness import tools
 
 REPO = Path(__file__).resolve().parents[3]
 
-pytestmark = pytest.mark.skipif(shutil.which("mkfs.erofs") is None,
-                                reason="mkfs.erofs missing (Debian package erofs-utils)")
 
 
 def test_rafs_bench_quick_prints_the_table(tmp_path: Path) -> None:
+    tools.require("mkfs.erofs", "unpigz", "taskset")
     out = tmp_path / "bench.json"
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(REPO / "bench" / "rafs_bench.py"), "--quick",

@@ -3,7 +3,6 @@ directories, hard links, symlink storage, read mapping, malformed headers, scale
 
 from __future__ import annotations
 
-import shutil
 import stat
 import struct
 import subprocess
@@ -18,6 +17,7 @@ from pynydus.rafs import layout as L
 from pynydus.rafs.inspect import describe
 from pynydus.rafs.reader import Bootstrap
 from pynydus.rafs.v6 import BootstrapV6
+from tests.harness import tools
 
 XATTRS = [
     (b"user.k", b"v"),
@@ -314,11 +314,11 @@ def test_a_50000_file_bootstrap_opens_in_well_under_100ms() -> None:
     )
 
 
-@pytest.mark.skipif(shutil.which("fsck.erofs") is None, reason="erofs-utils not installed")
 def test_synthetic_image_is_valid_erofs_for_fsck(
     image: S.Image, bs: BootstrapV6, tmp_path: Path
 ) -> None:
     """The test writer follows the same rules the reader enforces; erofs-utils agrees."""
+    tools.require("fsck.erofs")
     boot = tmp_path / "image.boot"
     boot.write_bytes(image.data)
     dev = tmp_path / "blob.data"

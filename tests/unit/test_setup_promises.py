@@ -1,0 +1,54 @@
+"""What ``scripts/setup.sh`` promises is on this machine.
+
+setup.sh installs the Debian packages of its ``PKGS`` list; tests need the programs of
+``tests/harness/tools.py``. These tests fail, naming the package or program, when a
+package setup promises is not installed, when one of its programs is gone, or when a
+program tests run comes from a package setup does not install. Together with
+``tools.require`` (a missing program fails the test that needs it) this makes a machine
+prepared by setup.sh run the whole suite without a skip for a missing install step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.harness import tools
+
+
+def test_pkgs_is_parsed_from_setup_sh() -> None:
+    text = 'x\nPKGS=(a b   # comment ( with ) parens\n      c)  # tail\nmore\n'
+    assert tools.setup_packages(text) == ["a", "b", "c"]
+    pkgs = tools.setup_packages()
+    assert "containerd" in pkgs and len(pkgs) == len(set(pkgs)) > 10
+
+
+def test_every_tool_tests_run_comes_from_a_package_setup_installs() -> None:
+    pkgs = set(tools.setup_packages())
+    absent = sorted({f"{prog} ({pkg})" for prog, pkg in tools.TOOLS.items() if pkg not in pkgs})
+    assert not absent, f"add these packages to scripts/setup.sh PKGS: {absent}"
+
+
+@pytest.mark.parametrize("package", tools.setup_packages())
+def test_package_setup_promises_is_installed(package: str) -> None:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True,
+                       text=True, check=False)
+    assert "install ok installed" in r.stdout, (
+        f"Debian package {package} (scripts/setup.sh PKGS) is not installed: run scripts/setup.sh")
+    gone = [str(p) for p in tools.package_programs(package) if not os.path.exists(p)]
+    assert not gone, f"{package} is installed but its programs are missing: {gone}"
+
+
+@pytest.mark.parametrize("program", sorted(tools.TOOLS))
+def test_program_tests_run_is_present(program: str) -> None:
+    tools.require(program)
+
+
+def test_require_fails_naming_program_and_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(tools.TOOLS, "/nonexistent/pyn-tool", "pyn-package")
+    with pytest.raises(tools.MissingTool, match=r"/nonexistent/pyn-tool \(Debian package pyn-package\)"):
+        tools.require("/nonexistent/pyn-tool")
+    with pytest.raises(KeyError, match="TOOLS"):
+        tools.require("not-a-known-tool")
