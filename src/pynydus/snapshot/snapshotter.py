@@ -126,7 +126,11 @@ class Snapshotter:
         if decision.handler is processor.Handler.SKIP:
             target = labels.get(L.TARGET_SNAPSHOT_REF, "")
             commit_labels = {**labels, **decision.add_labels}
-            self.commit(target, key, commit_labels)
+            try:
+                self.commit(target, key, commit_labels)
+            except BaseException:
+                self._undo_create(key)  # else a retry of the key is AlreadyExists: "unpacked"
+                raise
             raise AlreadyExists(f"target snapshot {q(target)} already exists")
         if decision.handler is processor.Handler.REMOTE and decision.remote_id is not None:
             try:

@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,84 +25,14 @@ import pytest
 
 from pynydus import labels as L
 from pynydus.api import snapshots_pb2 as pb
-from pynydus.host.mount import MountSpec, mount_all, unmount_all
+from pynydus.host.mount import unmount_all
 from pynydus.host.mountinfo import mountpoints_under
-from pynydus.rafs.builder import build
-from pynydus.registry.client import RegistryClient
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 
+from .support import container_rootfs, pull_nydus_image
+
 pytestmark = [pytest.mark.root]
-
-REPO = "test/nydus-app"
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A Nydus image: source tree, bootstrap, and its blob pushed to a registry."""
-    work = tmp_path_factory.mktemp("nyimg")
-    src = work / "src"
-    (src / "etc").mkdir(parents=True)
-    (src / "etc/hello.txt").write_text("hello from a lazily pulled image\n")
-    (src / "data").mkdir()
-    big = os.urandom(3 << 20)
-    (src / "data/big.bin").write_bytes(big)
-    (src / "data/small.txt").write_text("small\n")
-    os.symlink("../etc/hello.txt", src / "data/link")
-    blobs = work / "blobs"
-    boot = work / "image.boot"
-    result = build(str(src), str(boot), str(blobs), compressor="lz4_block")
-    with Registry() as reg:
-        with RegistryClient(reg.host, scheme="http") as client:
-            for b in result.blobs:
-                client.push_blob(REPO, Path(b.path), "sha256:" + b.blob_id)
-        yield {"src": src, "boot": boot, "blob_ids": [b.blob_id for b in result.blobs],
-               "ref": f"{reg.host}/{REPO}:latest", "registry": reg, "big_sha": hashlib.sha256(big).hexdigest()}
-
-
-@pytest.fixture(params=["dedicated", "shared"])
-def snap(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Snapshotter]:
-    config = tmp_path / "config.toml"
-    config.write_text(f'version = 1\ndaemon_mode = "{request.param}"\n')
-    s = Snapshotter(config=config)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def pull_nydus_image(snap: Snapshotter, image: dict, ns: str = "default") -> str:
-    """What containerd's unpacker does for a Nydus image; returns the top chain id."""
-    stub = snap.stub()
-    blob_key = f"{ns}/1/extract-blob"
-    blob_chain = f"{ns}/sha256:blobchain"
-    cri = {L.CRI_IMAGE_REF: image["ref"], L.CRI_LAYER_DIGEST: "sha256:" + image["blob_ids"][0]}
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Prepare(pb.PrepareSnapshotRequest(key=blob_key, labels={
-            L.TARGET_SNAPSHOT_REF: blob_chain, L.NYDUS_BLOB: "true", **cri}))
-    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    boot_key = f"{ns}/2/extract-boot"
-    boot_chain = f"{ns}/sha256:bootchain"
-    labels = {L.TARGET_SNAPSHOT_REF: boot_chain, L.NYDUS_BOOTSTRAP: "true", **cri}
-    resp = stub.Prepare(pb.PrepareSnapshotRequest(key=boot_key, parent=blob_chain, labels=labels))
-    (m,) = resp.mounts
-    # containerd unpacks the bootstrap layer tar (image/image.boot) into the mount
-    upper = next(o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))
-    os.makedirs(os.path.join(upper, "image"))
-    shutil.copy(image["boot"], os.path.join(upper, "image", "image.boot"))
-    stub.Commit(pb.CommitSnapshotRequest(key=boot_key, name=boot_chain, labels=labels))
-    return boot_chain
-
-
-def container_rootfs(snap: Snapshotter, parent: str, key: str, target: Path) -> None:
-    resp = snap.stub().Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent))
-    (m,) = resp.mounts
-    assert m.type == "overlay"
-    lower = next(o for o in m.options if o.startswith("lowerdir="))
-    assert "/mnt" in lower, lower  # the RAFS mountpoint of the bootstrap snapshot
-    target.mkdir(parents=True, exist_ok=True)
-    mount_all([MountSpec(m.type, m.source, tuple(m.options))], str(target))
 
 
 def test_lazy_image_through_snapshotter(snap: Snapshotter, image: dict, tmp_path: Path) -> None:

@@ -1,0 +1,74 @@
+"""The calls containerd makes for a Nydus image, through the snapshotter's socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pynydus import labels as L
+from pynydus.api import snapshots_pb2 as pb
+from pynydus.host.mount import MountSpec, mount_all
+from tests.harness.snapshotter import Snapshotter
+
+REPO = "test/nydus-app"
+
+
+def upper_of(m: object) -> str:
+    """The directory containerd unpacks a layer into, from a Prepare's mount."""
+    if m.type == "bind":  # type: ignore[attr-defined]
+        return str(m.source)  # type: ignore[attr-defined]
+    return next(o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))  # type: ignore[attr-defined]
+
+
+def pull_nydus_image(snap: Snapshotter, image: dict, ns: str = "default", *,
+                     boot: bytes | None = None, extra_labels: dict[str, str] | None = None) -> str:
+    """What containerd's unpacker does for a Nydus image; returns the top chain id.
+
+    ``boot`` replaces the bootstrap containerd would unpack (to serve a damaged one);
+    ``extra_labels`` go on both layers (e.g. pull credentials)."""
+    stub = snap.stub()
+    blob_key = f"{ns}/1/extract-blob"
+    blob_chain = f"{ns}/sha256:blobchain"
+    cri = {L.CRI_IMAGE_REF: image["ref"], L.CRI_LAYER_DIGEST: "sha256:" + image["blob_ids"][0],
+           **(extra_labels or {})}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prepare(pb.PrepareSnapshotRequest(key=blob_key, labels={
+            L.TARGET_SNAPSHOT_REF: blob_chain, L.NYDUS_BLOB: "true", **cri}))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    boot_key = f"{ns}/2/extract-boot"
+    boot_chain = f"{ns}/sha256:bootchain"
+    labels = {L.TARGET_SNAPSHOT_REF: boot_chain, L.NYDUS_BOOTSTRAP: "true", **cri}
+    resp = stub.Prepare(pb.PrepareSnapshotRequest(key=boot_key, parent=blob_chain, labels=labels))
+    (m,) = resp.mounts
+    # containerd unpacks the bootstrap layer tar (image/image.boot) into the mount
+    upper = upper_of(m)
+    os.makedirs(os.path.join(upper, "image"))
+    if boot is None:
+        shutil.copy(image["boot"], os.path.join(upper, "image", "image.boot"))
+    else:
+        Path(upper, "image", "image.boot").write_bytes(boot)
+    stub.Commit(pb.CommitSnapshotRequest(key=boot_key, name=boot_chain, labels=labels))
+    return boot_chain
+
+
+def container_rootfs(snap: Snapshotter, parent: str, key: str, target: Path) -> None:
+    resp = snap.stub().Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent))
+    (m,) = resp.mounts
+    assert m.type == "overlay"
+    lower = next(o for o in m.options if o.startswith("lowerdir="))
+    assert "/mnt" in lower, lower  # the RAFS mountpoint of the bootstrap snapshot
+    target.mkdir(parents=True, exist_ok=True)
+    mount_all([MountSpec(m.type, m.source, tuple(m.options))], str(target))
+
+
+def exists(snap: Snapshotter, key: str) -> bool:
+    try:
+        snap.stub().Stat(pb.StatSnapshotRequest(key=key))
+        return True
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND, err
+        return False
