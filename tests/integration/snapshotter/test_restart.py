@@ -3,8 +3,8 @@
 A graceful stop (SIGTERM) and a crash (SIGKILL) are both followed by a new process on the
 same root and socket. Stat, labels, mounts and usage must be identical; the snapshots
 must still mount and carry their files; new snapshots must not collide with old ones.
-SIGTERM while a slow call (Usage over many files) is in flight lets the call finish, the
-process exits 0 and removes its socket.
+SIGTERM while a call is in flight (held inside the server by a gate FUSE mount) lets the
+call finish, the process exits 0 and removes its socket.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from .support import (
 )
 
 pytestmark = pytest.mark.root
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _mounts_tuple(mounts) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -134,59 +137,76 @@ def test_signal_stops_cleanly_and_removes_the_socket(snapshotter, sn, sig):
     assert sn.names() == {"a"}
 
 
-def test_sigterm_lets_an_in_flight_call_finish(start_snapshotter):
-    """Usage of an active with many files takes a while; SIGTERM during it must not cut
-    it off: the caller gets the full answer, then the process exits 0."""
-    # on tmpfs: making 20000 files on a busy ext4 takes longer than the whole suite may
-    snapshotter = start_snapshotter(tmpfs=True)
-    sn = snapshotter.client
-    fs = Path(sn.prepare("big", "")[0].source)
-    n = 20_000
-    for i in range(n // 100):
-        d = fs / f"d{i:03d}"
-        d.mkdir()
-        for j in range(99):
-            os.close(os.open(d / f"f{j}", os.O_CREAT | os.O_WRONLY, 0o644))
-    expected_inodes = 1 + n  # root + 200 dirs + 19800 files
+def _wait_for(pred, timeout: float, what: str, logs) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\n" + logs())
+        time.sleep(0.01)
 
-    probe = time.monotonic()
-    sn.usage("big")
-    call_time = time.monotonic() - probe
 
-    result: dict[str, object] = {}
-
-    def call() -> None:
-        client = SnapshotterClient(snapshotter.address, timeout=60)
-        try:
-            result["usage"] = client.usage("big")
-        except grpc.RpcError as err:
-            result["error"] = err
-        finally:
-            result["end"] = time.monotonic()
-            client.close()
-
-    t = threading.Thread(target=call)
-    t.start()
-    # let the request reach the server; signal well before it can have finished
-    time.sleep(min(0.05, call_time / 4))
-    signalled = time.monotonic()
-    assert snapshotter.proc is not None
-    snapshotter.proc.send_signal(signal.SIGTERM)
-    t.join(timeout=60)
-    assert not t.is_alive()
+def test_sigterm_lets_an_in_flight_call_finish(snapshotter, sn, tmp_path):
+    """SIGTERM while a call is inside the server: the caller gets the full answer, then
+    the process exits 0. The overlap is made, not hoped for: Usage walks an active
+    snapshot holding a gate FUSE mount (tests/harness/gatefs.py) whose opendir does not
+    answer until the test lets it, which it does only after the snapshotter logged that
+    it got the signal."""
+    fs = Path(sn.prepare("busy", "")[0].source)
+    for i in range(10):
+        (fs / f"f{i}").write_bytes(b"x" * 4096)
+    gate, control = fs / "gate", tmp_path / "gate-control"
+    gate.mkdir()
+    control.mkdir()
+    gatefs = subprocess.Popen([sys.executable, "-m", "tests.harness.gatefs", str(gate), str(control)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        status = snapshotter.proc.wait(timeout=15)  # no second signal: that one exits at once
-    except subprocess.TimeoutExpired:
-        pytest.fail("snapshotter did not exit after SIGTERM\n" + snapshotter.logs())
-    snapshotter.stop()
-    assert "error" not in result, (
-        f"in-flight Usage cut off by SIGTERM: {result.get('error')!r}\n" + snapshotter.logs()
-    )
-    assert result["usage"].inodes == expected_inodes  # type: ignore[attr-defined]
-    assert status == 0, snapshotter.logs()
-    assert not snapshotter.address.exists()
-    overlapped = result["end"] > signalled  # type: ignore[operator]
-    print(f"Usage took {call_time:.3f}s alone; overlapped the SIGTERM: {overlapped}")
+        _wait_for(lambda: (control / "mounted").exists() and os.path.ismount(gate), 30,
+                  "the gate FUSE mount", snapshotter.logs)
+        expected_inodes = 1 + 10 + 1  # fs, its files, the gate's root
+        assert sn.usage("busy").inodes == expected_inodes  # unarmed: passes straight through
+        (control / "armed").touch()
+        result: dict[str, object] = {}
+
+        def call() -> None:
+            client = SnapshotterClient(snapshotter.address, timeout=60)
+            try:
+                result["usage"] = client.usage("busy")
+            except grpc.RpcError as err:
+                result["error"] = err
+            finally:
+                client.close()
+
+        t = threading.Thread(target=call)
+        t.start()
+        _wait_for((control / "entered").exists, 30, "Usage to reach the gate", snapshotter.logs)
+        tid = int((control / "entered").read_text())  # FUSE names the calling thread
+        assert os.path.exists(f"/proc/{snapshotter.proc.pid}/task/{tid}")  # the server's walk
+        snapshotter.proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: "letting in-flight calls finish" in snapshotter.all_log_text(), 30,
+                  "the snapshotter to log the signal", snapshotter.logs)
+        assert t.is_alive() and not result  # the call is still in flight after the signal
+        assert snapshotter.proc.poll() is None  # and the process waits for it
+        (control / "release").touch()
+        t.join(timeout=60)
+        assert not t.is_alive()
+        try:
+            status = snapshotter.proc.wait(timeout=30)  # no second signal: that one exits at once
+        except subprocess.TimeoutExpired:
+            pytest.fail("snapshotter did not exit after SIGTERM\n" + snapshotter.logs())
+        assert "error" not in result, (
+            f"in-flight Usage cut off by SIGTERM: {result.get('error')!r}\n" + snapshotter.logs()
+        )
+        assert result["usage"].inodes == expected_inodes  # type: ignore[attr-defined]
+        assert status == 0, snapshotter.logs()
+        assert not snapshotter.address.exists()
+    finally:
+        (control / "release").touch()
+        subprocess.run(["fusermount3", "-u", "-z", str(gate)], capture_output=True, check=False)
+        try:
+            gatefs.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            gatefs.kill()
+            gatefs.wait()
 
 
 def test_restart_after_kill_9_is_consistent(snapshotter, sn, mounter):
