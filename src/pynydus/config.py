@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pynydus.errors import ConfigError
+from pynydus.logs import LEVELS
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -79,7 +80,7 @@ DEFAULT_SYSTEM_ADDRESS: Final = "/run/containerd-nydus/system.sock"
 # at most 70 bytes that path fits the 108-byte sun_path of a unix socket address.
 MAX_ROOT_PATH_LEN: Final = 70
 
-LOG_LEVELS: Final = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "panic")
+LOG_LEVELS: Final = tuple(LEVELS)  # logrus's names
 
 
 class FsDriver(enum.StrEnum):

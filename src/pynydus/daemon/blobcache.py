@@ -28,10 +28,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from pynydus.daemon.chunkmap import ChunkMap
+from pynydus.daemon.metrics import CacheStats
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
 from pynydus.rafs.compress import Compressor, Digester, decode_chunk
 
@@ -75,27 +76,6 @@ class Backend(Protocol):
     def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` of blob ``blob_id``, or raise."""
         ...
-
-
-@dataclass
-class CacheStats:
-    """Counters exported by the daemon's metrics endpoints."""
-
-    hits: int = 0  # chunks served from the cache file
-    misses: int = 0  # chunks that had to be fetched
-    backend_requests: int = 0
-    backend_bytes: int = 0
-    backend_errors: int = 0
-    backend_latency_ms: float = 0.0
-    prefetch_bytes: int = 0
-    prefetch_requests: int = 0
-    digest_failures: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **kw: float) -> None:
-        with self.lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
 
 
 class _Claim:
@@ -355,15 +335,20 @@ class BlobCache:
 
     def _backend_read(self, offset: int, length: int, *, prefetch: bool) -> bytes:
         t0 = time.perf_counter()
+
+        def count(size: int, error: bool) -> None:
+            millis = int((time.perf_counter() - t0) * 1e3)
+            self.stats.backend_read(size, millis, error=error, prefetch=prefetch and not error)
+
         try:
             data = self.backend.read_range(self.blob.blob_id, offset, length)
         except NotFound as err:
             # A blob the image needs is missing from the backend: an I/O error for
             # the reader (ENOENT would claim the *file* does not exist).
-            self.stats.add(backend_errors=1)
+            count(0, True)
             raise Unavailable(f"blob {self.blob.blob_id}: {err}") from err
         except NydusError as err:
-            self.stats.add(backend_errors=1)
+            count(0, True)
             if err.errno == errno.EIO:
                 raise
             # Any backend failure is an I/O error for the reader, as in nydusd: EACCES
@@ -371,14 +356,10 @@ class BlobCache:
             # caller for what is the daemon's configuration or the registry's fault.
             raise Unavailable(f"blob {self.blob.blob_id}: {err}") from err
         except OSError as err:
-            self.stats.add(backend_errors=1)
+            count(0, True)
             raise Unavailable(f"blob {self.blob.blob_id}: read {length} bytes at {offset}: {err}") from err
-        ms = (time.perf_counter() - t0) * 1e3
-        self.stats.add(backend_requests=1, backend_bytes=len(data), backend_latency_ms=ms)
-        if prefetch:
-            self.stats.add(prefetch_bytes=len(data), prefetch_requests=1)
+        count(len(data), len(data) != length)
         if len(data) != length:
-            self.stats.add(backend_errors=1)
             raise Unavailable(
                 f"blob {self.blob.blob_id}: backend returned {len(data)} of {length} bytes at {offset}"
             )

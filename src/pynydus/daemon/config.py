@@ -2,7 +2,7 @@
 
 The snapshotter writes legacy v1 JSON (``device.backend``, ``device.cache``,
 ``fs_prefetch``, ``digest_validate``, ``amplify_io``); newer tools write v2
-(``version = 2``, ``backend``, ``cache``, ``rafs``). Both become ``DaemonConfig``.
+(``version = 2``, ``backend``, ``cache``, ``rafs``). Both become ``NydusdConfig``.
 
 Every known field is type-checked and a wrong one raises ConfigError naming the
 dotted path (``device.backend.config.timeout: expected an integer, got "5s"``).
@@ -116,7 +116,7 @@ class RafsConfig:
 
 
 @dataclass(frozen=True)
-class DaemonConfig:
+class NydusdConfig:
     id: str = ""
     backend: BackendConfig = field(default_factory=BackendConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -298,7 +298,7 @@ def _prefetch(n: _Node, v1: bool) -> PrefetchConfig:
     return cfg
 
 
-def _from_v1(root: _Node) -> DaemonConfig:
+def _from_v1(root: _Node) -> NydusdConfig:
     dev = root.node("device")
     be = dev.node("backend")
     btype = be.str("type")
@@ -321,10 +321,10 @@ def _from_v1(root: _Node) -> DaemonConfig:
         latest_read_files=root.bool("latest_read_files"), prefetch=prefetch,
     )
     root.finish("id_mapping", "warmup")
-    return DaemonConfig(id=dev_id, backend=backend, cache=cache_cfg, rafs=rafs)
+    return NydusdConfig(id=dev_id, backend=backend, cache=cache_cfg, rafs=rafs)
 
 
-def _from_v2(root: _Node) -> DaemonConfig:
+def _from_v2(root: _Node) -> NydusdConfig:
     be = root.node("backend")
     btype = be.str("type")
     backend = _backend(btype, be.node(btype), be._key(btype), root.origin) if btype else BackendConfig()
@@ -350,12 +350,12 @@ def _from_v2(root: _Node) -> DaemonConfig:
         prefetch=rp if rp.enable or not cp.enable else cp,
     )
     rn.finish()
-    cfg = DaemonConfig(id=root.str("id"), backend=backend, cache=cache_cfg, rafs=rafs)
+    cfg = NydusdConfig(id=root.str("id"), backend=backend, cache=cache_cfg, rafs=rafs)
     root.finish("version", "overlay", "external_backends", "metadata_path")
     return cfg
 
 
-def parse_daemon_config(text: str, origin: str = "config") -> tuple[DaemonConfig, list[str]]:
+def parse_daemon_config(text: str, origin: str = "config") -> tuple[NydusdConfig, list[str]]:
     """Parse nydusd config text (v1 JSON, v2 JSON or v2 TOML) into (config, warnings).
 
     ``IMAGE_PULL_AUTH`` in the environment (base64 user:password) replaces the
@@ -387,7 +387,7 @@ def parse_daemon_config(text: str, origin: str = "config") -> tuple[DaemonConfig
     return cfg, warnings
 
 
-def load_daemon_config(path: str) -> tuple[DaemonConfig, list[str]]:
+def load_daemon_config(path: str) -> tuple[NydusdConfig, list[str]]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

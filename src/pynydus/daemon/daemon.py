@@ -25,15 +25,18 @@ import pyfuse3
 import trio
 
 from pynydus import __version__
+from pynydus.daemon import metrics
 from pynydus.daemon.api import ApiServer
-from pynydus.daemon.blobcache import Backend, CacheStats, LocalFsBackend
-from pynydus.daemon.config import BackendConfig, DaemonConfig, parse_daemon_config
+from pynydus.daemon.blobcache import Backend, LocalFsBackend
+from pynydus.daemon.config import BackendConfig, NydusdConfig, parse_daemon_config
 from pynydus.daemon.fusefs import RafsFs, Vfs
 from pynydus.daemon.instance import RafsInstance
+from pynydus.daemon.metrics import CacheStats
 from pynydus.daemon.prefetch import Prefetcher
 from pynydus.errors import InvalidArgument, NotFound, NotImplementedFeature, Unavailable
 from pynydus.host.mount import unmount
 from pynydus.host.mountinfo import is_mountpoint
+from pynydus.logs import level_of
 
 log = logging.getLogger("pynydusd")
 
@@ -43,7 +46,7 @@ class DaemonOptions:
     mountpoint: str
     apisock: str = ""
     bootstrap: str = ""
-    config: DaemonConfig | None = None
+    config: NydusdConfig | None = None
     daemon_id: str = ""
     supervisor: str = ""
     thread_num: int = 4
@@ -122,7 +125,7 @@ class Daemon:
 
     # --- setup ------------------------------------------------------------------------
 
-    def _instance(self, bootstrap: str, cfg: DaemonConfig) -> RafsInstance:
+    def _instance(self, bootstrap: str, cfg: NydusdConfig) -> RafsInstance:
         if not os.path.isfile(bootstrap):
             raise NotFound(f"bootstrap {bootstrap} does not exist")
         return RafsInstance(bootstrap, cfg, make_backend(cfg.backend), self.cache_stats)
@@ -226,11 +229,10 @@ class Daemon:
         }
 
     def set_log_level(self, level: str) -> None:
-        levels = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-                  "warn": logging.WARNING, "error": logging.ERROR}
-        if level.lower() not in levels:
-            raise InvalidArgument(f"log_level: unknown level {level!r}")
-        logging.getLogger().setLevel(levels[level.lower()])
+        try:
+            logging.getLogger().setLevel(level_of(level))
+        except ValueError as err:
+            raise InvalidArgument(f"log_level: {err}") from None
 
     def exit(self) -> None:
         if self.trio_token is None:
@@ -309,14 +311,34 @@ class Daemon:
         return self.vfs.instances()
 
     def metrics(self, kind: str, sid: str | None, query: dict[str, str]) -> Any:
-        from pynydus.daemon import metrics
-
-        return metrics.json_metrics(self, kind, self._instances_for(sid))
+        instances = self._instances_for(sid)
+        if kind == "fs":
+            rafs = instances[0].config.rafs if len(instances) == 1 else None
+            return metrics.fs_json((i.fs_stats for i in instances),
+                                   files_account_enabled=bool(rafs and rafs.iostats_files),
+                                   access_pattern_enabled=bool(rafs and rafs.access_pattern))
+        if kind == "backend":
+            return metrics.backend_json(self.cache_stats,
+                                        instances[0].config.backend.type if instances else "")
+        if kind == "blobcache":
+            return metrics.blobcache_json(
+                self.cache_stats,
+                underlying_files=[f for i in instances for f in i.underlying_files()],
+                store_path=instances[0].config.cache.work_dir if instances else "",
+                entries=sum(len(i.bs.blobs) for i in instances),
+                all_ready=bool(instances) and all(i.all_cached() for i in instances),
+                prefetch=self.prefetcher)
+        if kind == "inflight":
+            return metrics.inflight_json(self.fs.inflight) if self.fs else []
+        if kind in ("files", "pattern"):
+            return []
+        raise metrics.unknown(kind)
 
     def prometheus(self) -> bytes:
-        from pynydus.daemon.metrics import prometheus_text  # not needed to start serving
-
-        return prometheus_text(self)
+        return metrics.prometheus_text(metrics.DaemonSnapshot(
+            state=self.state, started=self.started, cache=self.cache_stats,
+            fs=[i.fs_stats for i in self.vfs.instances()],
+            inflight=len(self.fs.inflight) if self.fs else 0))
 
     def get_config(self, sid: str | None) -> dict[str, Any]:
         return {"registry_auth": "<redacted>" if self.auth_overrides else ""}
@@ -344,7 +366,7 @@ class Daemon:
                 "blobs": [b.blob_id for b in bs.blobs]}
 
 
-def load_config_file(path: str) -> DaemonConfig:
+def load_config_file(path: str) -> NydusdConfig:
     from pynydus.daemon.config import load_daemon_config
 
     cfg, warnings = load_daemon_config(path)
@@ -353,7 +375,7 @@ def load_config_file(path: str) -> DaemonConfig:
     return cfg
 
 
-def localfs_config(directory: str) -> DaemonConfig:
+def localfs_config(directory: str) -> NydusdConfig:
     """``--localfs-dir``: localfs backend and blob cache in one directory."""
     text = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": directory}},
                                   "cache": {"type": "blobcache", "config": {"work_dir": directory}}},

@@ -12,6 +12,10 @@ Images never change, so the kernel may cache everything: entries and attributes
 get huge timeouts, opens keep the page cache, and misses are cached negatively.
 Bootstrap lookups are in-memory and answered on the trio thread; file reads may
 wait for the network and run in worker threads.
+
+Each request resolves its inode once and is counted once in its image's ``FsStats``
+(a hit or an error); a read is planned once and served from that plan, on the loop when
+its bytes are warm, else on a worker thread.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pyfuse3
 import trio
 
 from pynydus.daemon.instance import RafsInstance
+from pynydus.daemon.metrics import FsStats
 from pynydus.errors import NotFound, NydusError
 from pynydus.rafs.reader import Stat
 
@@ -38,10 +43,10 @@ _FOREVER = float(1 << 32)  # the image is immutable: cache entries/attrs "foreve
 _SLOT_SHIFT = 56
 _NID_MASK = (1 << _SLOT_SHIFT) - 1
 _ROOT = pyfuse3.ROOT_INODE
-_FOPS = ("getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
-         "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget")
 
 T = TypeVar("T")
+# (slot, instance, nid) of a FUSE inode; None is the shared-mode pseudo root
+Resolved = tuple[int, RafsInstance, int] | None
 
 
 class Vfs:
@@ -168,34 +173,40 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.start_ns
         return a
 
-    def _run(self, op: str, ino: int, fn: Callable[[], T]) -> T:
-        inst = None
+    def _run(self, op: str, ino: int, body: Callable[[Resolved], T]) -> T:
+        """Resolve ``ino`` once, run ``body`` with it and count the request once."""
+        stats: FsStats | None = None
         try:
-            resolved = self.vfs.resolve(ino) if ino else None
-            inst = resolved[1] if resolved else None
-            out = fn()
-            if inst is not None:
-                inst.fs_stats.hit(op)
-            return out
-        except pyfuse3.FUSEError:
-            if inst is not None:
-                inst.fs_stats.hit(op, error=True)
-            raise
-        except NydusError as err:
-            if inst is not None:
-                inst.fs_stats.hit(op, error=True)
+            resolved = self.vfs.resolve(ino)
+            stats = resolved[1].fs_stats if resolved else None
+            out = body(resolved)
+        except Exception as err:
+            fuse_err = self._failed(op, ino, stats, err)
+            if fuse_err is err:
+                raise
+            raise fuse_err from err
+        if stats is not None:
+            stats.record(op)
+        return out
+
+    @staticmethod
+    def _failed(op: str, ino: int, stats: FsStats | None, err: Exception) -> pyfuse3.FUSEError:
+        """The FUSE error a failed request answers with; counts it as an error."""
+        if stats is not None:
+            stats.record(op, error=True)
+        if isinstance(err, pyfuse3.FUSEError):
+            return err
+        if isinstance(err, NydusError):
             if not isinstance(err, NotFound):
                 log.warning("%s inode %d: %s", op, ino, err)
-            raise pyfuse3.FUSEError(err.errno) from err
-        except Exception as err:
-            log.exception("%s inode %d: internal error", op, ino)
-            raise pyfuse3.FUSEError(errno.EIO) from err
+            return pyfuse3.FUSEError(err.errno)
+        log.exception("%s inode %d: internal error", op, ino, exc_info=err)
+        return pyfuse3.FUSEError(errno.EIO)
 
     # --- operations ---------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        def body() -> pyfuse3.EntryAttributes:
-            resolved = self.vfs.resolve(parent_inode)
+        def body(resolved: Resolved) -> pyfuse3.EntryAttributes:
             if resolved is None:  # shared-mode pseudo root: one entry per mounted image
                 if name in (b".", b".."):
                     return self._pseudo_root_attr()
@@ -219,8 +230,7 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
         return self._run("lookup", parent_inode, body)
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        def body() -> pyfuse3.EntryAttributes:
-            resolved = self.vfs.resolve(inode)
+        def body(resolved: Resolved) -> pyfuse3.EntryAttributes:
             if resolved is None:
                 return self._pseudo_root_attr()
             slot, inst, nid = resolved
@@ -229,8 +239,7 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
         return self._run("getattr", inode, body)
 
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        def body() -> bytes:
-            resolved = self.vfs.resolve(inode)
+        def body(resolved: Resolved) -> bytes:
             if resolved is None:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             target: bytes = resolved[1].bs.readlink(resolved[2])
@@ -239,8 +248,7 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
         return self._run("readlink", inode, body)
 
     async def opendir(self, inode: int, ctx: Any) -> int:
-        def body() -> int:
-            resolved = self.vfs.resolve(inode)
+        def body(resolved: Resolved) -> int:
             if resolved is None:
                 entries = [(b".", _ROOT), (b"..", _ROOT)]
                 entries += [(name, self.vfs.to_fuse(slot, inst, inst.bs.root_ino))
@@ -269,43 +277,53 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
         self._dirs.pop(fh, None)
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        def body() -> pyfuse3.FileInfo:
+        def body(resolved: Resolved) -> pyfuse3.FileInfo:
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 raise pyfuse3.FUSEError(errno.EROFS)
-            resolved = self.vfs.resolve(inode)
             if resolved is None:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            inst = resolved[1]
-            with inst.fs_stats.lock:
-                inst.fs_stats.nr_opens += 1
             return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
         return self._run("open", inode, body)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
-        resolved = self._run("read", fh, lambda: self.vfs.resolve(fh))
-        if resolved is None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        _, inst, nid = resolved
-        # Warm data is answered right here: a thread hand-off costs more than the read.
-        cached = self._run("read", fh, lambda: inst.read_cached(nid, off, size))
-        if cached is not None:
-            return cached
-        key = id(trio.lowlevel.current_task())
-        self.inflight[key] = (fh, "read", time.time())
+        t0 = time.perf_counter_ns()
+        stats: FsStats | None = None
         try:
-            return await trio.to_thread.run_sync(
-                lambda: self._run("read", fh, lambda: inst.read(nid, off, size)), limiter=self.limiter
-            )
-        finally:
-            self.inflight.pop(key, None)
+            resolved = self.vfs.resolve(fh)
+            if resolved is None:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            _, inst, nid = resolved
+            stats = inst.fs_stats
+            plan = inst.plan_read(nid, off, size)
+            # Warm data is answered right here: a thread hand-off costs more than the read.
+            data = inst.read_cached(plan)
+            if data is None:
+                key = id(trio.lowlevel.current_task())
+                self.inflight[key] = (fh, "read", time.time())
+                try:
+                    data = await trio.to_thread.run_sync(inst.read_planned, plan,
+                                                         limiter=self.limiter)
+                finally:
+                    self.inflight.pop(key, None)
+        except Exception as err:  # trio's Cancelled is a BaseException and passes
+            fuse_err = self._failed("read", fh, stats, err)
+            if fuse_err is err:
+                raise
+            raise fuse_err from err
+        inst.fs_stats.record("read", size=len(data), latency_us=(time.perf_counter_ns() - t0) // 1000)
+        return data
 
     async def release(self, fh: int) -> None:
-        return None
+        try:
+            resolved = self.vfs.resolve(fh)
+        except NydusError:  # the image was unmounted while the file was open
+            return
+        if resolved is not None:
+            resolved[1].fs_stats.record("release")
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        def body() -> bytes:
-            resolved = self.vfs.resolve(inode)
+        def body(resolved: Resolved) -> bytes:
             if resolved is None:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             if not self.enable_xattr and not resolved[1].bs.has_xattr:
@@ -318,8 +336,7 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
         return self._run("getxattr", inode, body)
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        def body() -> list[bytes]:
-            resolved = self.vfs.resolve(inode)
+        def body(resolved: Resolved) -> list[bytes]:
             if resolved is None:
                 return []
             if not self.enable_xattr and not resolved[1].bs.has_xattr:

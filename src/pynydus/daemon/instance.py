@@ -1,9 +1,11 @@
 """A mounted RAFS image: its bootstrap, its blob caches and the file read path.
 
-``read(ino, offset, size)`` maps the byte range to chunk pieces with the
-bootstrap (``Bootstrap.map_read``), groups them by blob and lets each blob's
-cache produce the bytes, fetching missing chunks from the backend. Holes (file
-ranges no chunk covers, as in sparse files) read as zeros.
+A read is planned once (``plan_read``: the byte range mapped to chunk pieces with the
+bootstrap's ``map_read``, grouped by blob) and then served from the plan: by
+``read_cached`` when every byte is in the cache and the page cache (never blocks), else by
+``read_planned``, which lets each blob's cache fetch missing chunks from the backend.
+Holes (file ranges no chunk covers, as in sparse files) read as zeros. Counting the read
+is the FUSE layer's business (``FsStats``), once per request.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from pynydus.daemon.blobcache import Backend, BlobCache, BlobRef, CacheStats, ChunkRef
-from pynydus.daemon.config import DaemonConfig
+from pynydus.daemon.blobcache import Backend, BlobCache, BlobRef, ChunkRef
+from pynydus.daemon.config import NydusdConfig
+from pynydus.daemon.metrics import CacheStats, FsStats
 from pynydus.errors import FormatError, NotImplementedFeature
 from pynydus.rafs.layout import RafsChunkInfo
 from pynydus.rafs.reader import Bootstrap, ChunkRead, FileChunk
@@ -29,21 +32,17 @@ _CHUNK_KEYS = struct.Struct("<32xI36xI4x")
 assert _CHUNK_KEYS.size == RafsChunkInfo.SIZE
 
 
-@dataclass
-class FsStats:
-    """Per-instance filesystem counters, shaped for nydusd's /api/v1/metrics."""
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """What one read of ``ino`` at ``offset`` needs: per blob, the file position where its
+    pieces start and the pieces (chunk, offset in chunk, length); ``end`` is where the read
+    stops (the file size caps it); ``amplify`` whether misses may fetch neighbours."""
 
-    nr_opens: int = 0
-    data_read: int = 0
-    fop_hits: dict[str, int] = field(default_factory=dict)
-    fop_errors: dict[str, int] = field(default_factory=dict)
-    read_latency_us_total: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def hit(self, op: str, error: bool = False) -> None:
-        with self.lock:
-            bucket = self.fop_errors if error else self.fop_hits
-            bucket[op] = bucket.get(op, 0) + 1
+    ino: int
+    offset: int
+    end: int
+    groups: tuple[tuple[int, int, list[tuple[ChunkRef, int, int]]], ...]
+    amplify: bool
 
 
 def _chunk_ref(c: FileChunk) -> ChunkRef:
@@ -66,7 +65,7 @@ def _chunk_ref(c: FileChunk) -> ChunkRef:
 class RafsInstance:
     """One image served by the daemon. Thread-safe after construction."""
 
-    def __init__(self, bootstrap_path: str, config: DaemonConfig, backend: Backend,
+    def __init__(self, bootstrap_path: str, config: NydusdConfig, backend: Backend,
                  cache_stats: CacheStats | None = None) -> None:
         if not config.cache.enabled:
             raise NotImplementedFeature(
@@ -182,59 +181,61 @@ class RafsInstance:
             out += [base + ".blob.data", base + ".blob.data.chunk_map"]
         return out
 
-    def read(self, ino: int, offset: int, size: int) -> bytearray:
-        """Up to ``size`` bytes of file ``ino`` at ``offset`` (short only at end of file).
-
-        May wait for the backend. A sequential reader gets the following chunks of the
-        same file fetched in the background (readahead), so a cold sequential read is
-        not a chain of one-chunk round trips.
-        """
-        t0 = time.perf_counter()
-        out = self._assemble(ino, offset, size, cached_only=False)
-        assert out is not None
-        self._readahead(ino, offset, len(out))
-        with self.fs_stats.lock:
-            self.fs_stats.data_read += len(out)
-            self.fs_stats.read_latency_us_total += int((time.perf_counter() - t0) * 1e6)
-        return out
-
-    def read_cached(self, ino: int, offset: int, size: int) -> bytearray | None:
-        """Like ``read`` when every byte is in the cache and the page cache; else None.
-
-        Never blocks, so the FUSE loop answers warm reads itself."""
-        out = self._assemble(ino, offset, size, cached_only=True)
-        if out is not None:
-            self._readahead(ino, offset, len(out))
-            with self.fs_stats.lock:
-                self.fs_stats.data_read += len(out)
-        return out
-
-    def _assemble(self, ino: int, offset: int, size: int, *, cached_only: bool) -> bytearray | None:
+    def plan_read(self, ino: int, offset: int, size: int) -> ReadPlan:
+        """Plan a read of up to ``size`` bytes of file ``ino`` at ``offset`` (short only at
+        end of file). Pure: touches neither the cache nor the backend."""
         reads = self.bs.map_read(ino, offset, size)
         file_size = self.bs.stat(ino).size
-        end = max(offset, min(offset + size, file_size))
+        groups = tuple(
+            (blob_index, group[0].chunk.file_offset + group[0].offset,
+             [(_chunk_ref(r.chunk), r.offset, r.length) for r in group])
+            for blob_index, group in _by_blob(reads)
+        )
         # Amplify misses (fetch the blob's next chunks in the same request) only from
         # small files: a start-up reads runs of small neighbours (modules, configs) for
         # which a round trip costs more than the bytes, while a file of half the window
         # or more is mostly read on its own (sequential reads of it get readahead).
-        amplify = file_size < self.amplify_below
+        return ReadPlan(ino, offset, max(offset, min(offset + size, file_size)), groups,
+                        amplify=file_size < self.amplify_below)
+
+    def read_planned(self, plan: ReadPlan) -> bytearray:
+        """The bytes of ``plan``; may wait for the backend.
+
+        A sequential reader gets the following chunks of the same file fetched in the
+        background (readahead), so a cold sequential read is not a chain of one-chunk
+        round trips."""
+        out = self._assemble(plan, cached_only=False)
+        assert out is not None
+        self._readahead(plan.ino, plan.offset, len(out))
+        return out
+
+    def read_cached(self, plan: ReadPlan) -> bytearray | None:
+        """Like ``read_planned`` when every byte is in the cache and the page cache; else
+        None. Never blocks, so the FUSE loop answers warm reads itself."""
+        out = self._assemble(plan, cached_only=True)
+        if out is not None:
+            self._readahead(plan.ino, plan.offset, len(out))
+        return out
+
+    def read(self, ino: int, offset: int, size: int) -> bytearray:
+        """``read_planned(plan_read(...))``: for callers that need no warm path."""
+        return self.read_planned(self.plan_read(ino, offset, size))
+
+    def _assemble(self, plan: ReadPlan, *, cached_only: bool) -> bytearray | None:
         parts: list[bytearray] = []
-        pos = offset
-        for blob_index, group in _by_blob(reads):
-            first = group[0]
-            start = first.chunk.file_offset + first.offset
+        pos = plan.offset
+        for blob_index, start, pieces in plan.groups:
             if start > pos:  # a hole before these chunks
                 parts.append(bytearray(start - pos))
                 pos = start
-            pieces = [(_chunk_ref(r.chunk), r.offset, r.length) for r in group]
             cache = self.cache(blob_index)
-            data = cache.read_cached(pieces) if cached_only else cache.read(pieces, amplify)
+            data = cache.read_cached(pieces) if cached_only else cache.read(pieces, plan.amplify)
             if data is None:
                 return None
             parts.append(data)
             pos += len(data)
-        if pos < end:  # trailing hole
-            parts.append(bytearray(end - pos))
+        if pos < plan.end:  # trailing hole
+            parts.append(bytearray(plan.end - pos))
         if len(parts) == 1:
             return parts[0]
         out = bytearray()

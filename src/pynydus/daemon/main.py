@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import resource
 import sys
 from collections.abc import Sequence
 
 from pynydus import __version__
 from pynydus.errors import ConfigError, NydusError
+from pynydus.logs import LEVELS, RotatingLog
 
 log = logging.getLogger("pynydusd")
 
 _SUBCOMMANDS = ("fuse", "singleton", "virtiofs", "nbd", "uffd")
+# rotated daemon logs kept (--log-rotation-size)
+_LOG_BACKUPS = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failover-policy", choices=["none", "resend", "flush"], default="resend")
     p.add_argument("--thread-num", "--fuse-threads", type=int, default=4, dest="thread_num")
     p.add_argument("--prefetch-files", help="file with one absolute path per line to prefetch")
-    p.add_argument("-l", "--log-level", default="info",
-                   choices=["trace", "debug", "info", "warn", "error"])
+    p.add_argument("-l", "--log-level", default="info", type=str.lower, choices=list(LEVELS))
     p.add_argument("-L", "--log-file", help="log file (default stderr)")
     p.add_argument("--log-rotation-size", type=int, default=0, help="MB; 0 = no rotation")
     p.add_argument("--rlimit-nofile", type=int, default=1_000_000)
@@ -54,15 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-             "warn": logging.WARNING, "error": logging.ERROR}[args.log_level]
+    level = LEVELS[args.log_level]
     handler: logging.Handler
     if args.log_file:
-        if args.log_rotation_size > 0:
-            handler = logging.handlers.RotatingFileHandler(
-                args.log_file, maxBytes=args.log_rotation_size << 20, backupCount=5)
-        else:
-            handler = logging.FileHandler(args.log_file)
+        # nydusd keeps a few rotated files; 0 MB never rotates
+        handler = RotatingLog(args.log_file, max_bytes=max(0, args.log_rotation_size) << 20,
+                              max_backups=_LOG_BACKUPS)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -28,6 +28,7 @@ from pynydus import labels as L
 from pynydus.config import SnapshotterConfig
 from pynydus.errors import FailedPrecondition, NotFound, Unavailable, q
 from pynydus.host.mountinfo import mountpoints_under
+from pynydus.logs import nydusd_level
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
@@ -103,9 +104,10 @@ class NydusFilesystem:
         self.manager = DaemonManager(
             self.store,
             command=resolve_daemon_binary(cfg.daemon.nydusd_path),
-            log_level=cfg.log.level if cfg.log.level in ("trace", "debug", "info", "warn", "error") else "info",
+            log_level=nydusd_level(cfg.log.level),
             recover_policy=policy,
             thread_num=cfg.daemon.threads_number,
+            log_rotation_size=cfg.daemon.log_rotation_size,
             on_restarted=self._remount_shared,
             cgroup=self.cgroup,
         )

@@ -82,6 +82,7 @@ def _pid_alive(pid: int, api_socket: str) -> bool:
 class DaemonManager:
     def __init__(self, store: DaemonStore, *, command: list[str], log_level: str = "info",
                  recover_policy: str = "restart", thread_num: int = 0,
+                 log_rotation_size: int = 0,
                  on_restarted: Callable[[LiveDaemon], None] | None = None,
                  cgroup: object | None = None) -> None:
         self.store = store
@@ -89,6 +90,7 @@ class DaemonManager:
         self.log_level = log_level
         self.recover_policy = recover_policy
         self.thread_num = thread_num
+        self.log_rotation_size = log_rotation_size  # MB, daemon.log_rotation_size; 0: never
         self.on_restarted = on_restarted
         self.cgroup = cgroup
         self.daemons: dict[str, LiveDaemon] = {}
@@ -118,6 +120,8 @@ class DaemonManager:
         if rec.mode == "dedicated":
             cmd += ["--config", rec.config_path, "--bootstrap", rec.bootstrap]
         cmd += ["--log-level", self.log_level, "--apisock", rec.api_socket]
+        if self.log_rotation_size:
+            cmd += ["--log-rotation-size", str(self.log_rotation_size)]
         if rec.log_file:
             cmd += ["--log-file", rec.log_file]
         return cmd

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ from pynydus import __version__
 from pynydus.config import SnapshotterConfig, load_config
 from pynydus.errors import HostCheckError
 from pynydus.grpcwire import server as h2server
+from pynydus.logs import LEVELS, RotatingLog
 from pynydus.manager.filesystem import NydusFilesystem
 from pynydus.snapshot.service import Snapshots, grpcio_server
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
@@ -31,14 +31,11 @@ SERVER_ENV = "PYNYDUS_SNAPSHOTS_SERVER"
 # Calls served at once (the grpcio server's pool has as many threads).
 _WORKERS = 16
 
-_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
-           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
-           "fatal": logging.CRITICAL, "panic": logging.CRITICAL}
-
 
 def setup_logging(cfg: SnapshotterConfig) -> None:
-    """stdout when log.log_to_stdout, else a rotating file in log.dir; warnings also on stderr."""
-    level = _LEVELS.get(cfg.log.level, logging.INFO)
+    """stdout when log.log_to_stdout, else a rotating file in log.dir (lumberjack's rotation:
+    size, backups, age, local time, gzip); warnings also on stderr."""
+    level = LEVELS[cfg.log.level]
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.handlers.clear()
@@ -50,10 +47,13 @@ def setup_logging(cfg: SnapshotterConfig) -> None:
         return
     log_dir = Path(cfg.log_dir())
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        log_dir / "nydus-snapshotter.log",
-        maxBytes=cfg.log.log_rotation_max_size << 20,
-        backupCount=cfg.log.log_rotation_max_backups,
+    handler = RotatingLog(
+        str(log_dir / "nydus-snapshotter.log"),
+        max_bytes=cfg.log.log_rotation_max_size << 20,
+        max_backups=cfg.log.log_rotation_max_backups,
+        max_age_days=cfg.log.log_rotation_max_age,
+        local_time=cfg.log.log_rotation_local_time,
+        compress=cfg.log.log_rotation_compress,
     )
     handler.setFormatter(fmt)
     root.addHandler(handler)

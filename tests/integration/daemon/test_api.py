@@ -50,12 +50,18 @@ def test_daemon_info_and_metrics_shapes(full_image: Image, start_daemon: StartFn
     assert len(fs["fop_hits"]) == len(FOPS) == len(fs["fop_errors"])
     assert fs["fop_hits"][FOPS.index("read")] >= 1
     assert fs["data_read"] >= (full_image.src / "files/multi-chunk").stat().st_size
+    # the histograms hold every read (nydusd's buckets), each counted once
+    reads = fs["fop_hits"][FOPS.index("read")]
+    assert sum(fs["block_count_read"]) == reads == sum(fs["read_latency_dist"])
+    assert fs["fop_cumulative_latency_total"][FOPS.index("read")] > 0
     backend = d.get("/api/v1/metrics/backend")
     assert set(backend) >= {"backend_type", "read_count", "read_errors", "read_amount_total",
                             "read_cumulative_latency_millis_total",
                             "read_cumulative_latency_millis_dist", "read_count_block_size_dist",
                             "read_latency_sizes_dist"}
     assert backend["backend_type"] == "localfs" and backend["read_count"] >= 1
+    assert sum(backend["read_count_block_size_dist"]) == backend["read_count"]
+    assert sum(map(sum, backend["read_latency_sizes_dist"])) == backend["read_count"]
     cache = d.get("/api/v1/metrics/blobcache")
     assert set(cache) >= {"id", "underlying_files", "store_path", "partial_hits", "whole_hits",
                           "total", "entries_count", "prefetch_data_amount",
