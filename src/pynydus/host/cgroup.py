@@ -5,6 +5,9 @@ As upstream: one cgroup ``system.slice/nydusd`` holding every daemon process, wi
 already holds processes keeps them and gets the new limit; an empty one is
 recreated. It is deleted at shutdown only if empty, since running daemons outlive
 the snapshotter.
+
+``PYNYDUS_CGROUP_ROOT`` moves the cgroup mount point from ``/sys/fs/cgroup`` (tests use
+it to run the v2 path on a cgroup v1 host).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pynydus.errors import HostCheckError
 
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_ROOT = os.environ.get("PYNYDUS_CGROUP_ROOT") or "/sys/fs/cgroup"
 
 
 class MemoryCgroup:
