@@ -2,7 +2,8 @@
 
 A thin adapter from nydusd's registry backend config to the shared registry
 client (auth, retries, redirects, mirrors and proxy live there). Blob ids are
-hex sha256 digests, as in the bootstrap's blob table.
+hex sha256 digests, as in the bootstrap's blob table. ``client_from_config`` is the
+one place where the config's keys become client options.
 
 The client is built on a thread of its own, started with the backend: it is
 first needed at the first chunk miss, which comes after the FUSE mount and the
@@ -23,6 +24,30 @@ if TYPE_CHECKING:
     from pynydus.registry.client import RegistryClient
 
 
+def client_from_config(cfg: RegistryConfig) -> RegistryClient:
+    """The registry client nydusd's registry backend config (``device.backend.config``
+    in v1, ``backend.registry`` in v2) asks for. ``repo`` is the caller's to use per
+    request; nydusd's ``retry_limit`` counts extra attempts (0: try once)."""
+    from pynydus.registry.client import Mirror, RegistryClient
+
+    return RegistryClient(
+        cfg.host,
+        scheme=cfg.scheme or "https",
+        skip_verify=cfg.skip_verify,
+        auth=cfg.auth or None,
+        registry_token=cfg.registry_token or None,
+        timeout=float(cfg.timeout),
+        connect_timeout=float(cfg.connect_timeout),
+        retry_limit=cfg.retry_limit,
+        proxy=cfg.proxy.url or None,
+        proxy_fallback=cfg.proxy.fallback,
+        mirrors=[Mirror(m.host, dict(m.headers)) for m in cfg.mirrors],
+        ca_cert_files=list(cfg.ca_cert_files),
+        blob_url_scheme=cfg.blob_url_scheme,
+        blob_redirected_host=cfg.blob_redirected_host,
+    )
+
+
 class RegistryBackend:
     def __init__(self, cfg: RegistryConfig) -> None:
         self.cfg = cfg
@@ -34,23 +59,7 @@ class RegistryBackend:
 
     def _build(self) -> None:
         try:
-            from pynydus.registry.client import Mirror, RegistryClient
-
-            cfg = self.cfg
-            self._client = RegistryClient(
-                cfg.host,
-                scheme=cfg.scheme or "https",
-                skip_verify=cfg.skip_verify,
-                auth=cfg.auth or None,
-                registry_token=cfg.registry_token or None,
-                timeout=float(cfg.timeout),
-                connect_timeout=float(cfg.connect_timeout),
-                retry_limit=cfg.retry_limit,
-                proxy=cfg.proxy.url or None,
-                proxy_fallback=cfg.proxy.fallback,
-                mirrors=[Mirror(m.host, dict(m.headers)) for m in cfg.mirrors],
-                ca_cert_files=list(cfg.ca_cert_files),
-            )
+            self._client = client_from_config(self.cfg)
         except BaseException as err:  # noqa: BLE001 - handed to every caller of .client
             self._error = err
         finally:

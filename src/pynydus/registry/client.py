@@ -20,7 +20,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
 
@@ -165,38 +165,6 @@ class RegistryClient:
         r = parse_reference(ref) if isinstance(ref, str) else ref
         kwargs.setdefault("scheme", r.default_scheme)
         return cls(r.api_host, **kwargs)
-
-    @classmethod
-    def from_backend_config(cls, cfg: Mapping[str, Any], **kwargs: Any) -> RegistryClient:
-        """From nydusd's registry backend config (``scheme host auth registry_token
-        skip_verify timeout connect_timeout retry_limit proxy mirrors ca_cert_files
-        blob_url_scheme blob_redirected_host``; see
-        rafs-nydusd-spec §4.2). ``repo`` is the caller's to use per request. The
-        removed ``mirrors`` key is still honoured: ``[{"host": url, "headers": {}}]``."""
-        host = cfg.get("host")
-        if not isinstance(host, str) or not host:
-            raise InvalidArgument("registry backend config: \"host\" is required")
-        proxy = cfg.get("proxy") or {}
-        mirrors = [Mirror(str(m.get("host", "")), dict(m.get("headers") or {}))
-                   for m in cfg.get("mirrors") or [] if isinstance(m, Mapping) and m.get("host")]
-        # nydusd's retry_limit counts extra attempts (0 = try once).
-        opts: dict[str, Any] = {
-            "scheme": cfg.get("scheme") or "https",
-            "skip_verify": bool(cfg.get("skip_verify", False)),
-            "auth": cfg.get("auth") or None,
-            "registry_token": cfg.get("registry_token") or None,
-            "timeout": float(cfg.get("timeout", 5)),
-            "connect_timeout": float(cfg.get("connect_timeout", 5)),
-            "retry_limit": int(cfg.get("retry_limit", 0)),
-            "proxy": proxy.get("url") or None,
-            "proxy_fallback": bool(proxy.get("fallback", True)),
-            "mirrors": mirrors,
-            "ca_cert_files": list(cfg.get("ca_cert_files") or []),
-            "blob_url_scheme": str(cfg.get("blob_url_scheme") or ""),
-            "blob_redirected_host": str(cfg.get("blob_redirected_host") or ""),
-        }
-        opts.update(kwargs)
-        return cls(host, **opts)
 
     # ------------------------------------------------------------------- lifecycle
     @property

@@ -18,7 +18,7 @@ import pytest
 from pynydus.registry.client import RegistryClient
 from tests.harness.registry import Registry
 from tests.harness.util import make_workdir, remove_tree
-from tests.integration.registry.servers import TokenServer
+from tests.integration.registry.servers import FaultProxy, TokenServer
 
 from .conftest import Image, StartFn, push, registry_config, settled_gets
 from .trees import compare_trees
@@ -66,6 +66,31 @@ def test_full_tree_through_registry_without_auth(full_image: Image, plain_regist
     # every byte fetched at most once: no more than the blob's compressed size
     assert m["read_amount_total"] <= full_image.result.blobs[-1].compressed_size
     assert "HTTP Request" not in d.log_text()  # no line per chunk fetch at --log-level info
+
+
+def test_redirected_blob_reads_go_to_blob_url_scheme_and_redirected_host(
+        full_image: Image, plain_registry: Registry, start_daemon: StartFn,
+        workdir: Path) -> None:
+    """The registry redirects blob GETs to a storage URL the daemon cannot reach
+    (https on a closed port); nydusd's blob_url_scheme and blob_redirected_host rewrite
+    it to where the storage really answers (plain http through a proxy we count)."""
+    from tests.harness.util import free_port
+
+    storage = FaultProxy(plain_registry.host)
+    front = FaultProxy(plain_registry.host, redirect=True,
+                       redirect_to=f"https://127.0.0.1:{free_port()}")
+    try:
+        cfg = registry_config(front.host, REPO, workdir / "cache")
+        cfg["device"]["backend"]["config"].update(
+            {"blob_url_scheme": "http", "blob_redirected_host": storage.host, "retry_limit": 0})
+        d = start_daemon(bootstrap=full_image.bootstrap, config=cfg)
+        assert compare_trees(full_image.src, d.mountpoint) == []
+        assert front.count("GET", "/blobs/") >= 1
+        assert storage.count("GET", "/blobs/") >= 1
+        assert d.backend_metrics()["read_errors"] == 0
+    finally:
+        front.stop()
+        storage.stop()
 
 
 def test_full_tree_through_registry_with_token_auth(

@@ -7,6 +7,7 @@
 ``fault_proxy``       factory: FaultProxy(upstream) in front of a registry
 ``client``            factory: RegistryClient with short timeouts, closed at teardown
 ``make_registry``     factory for tests that stop their registry on purpose
+``backend_client``    (function) the client pynydusd makes of a registry backend config
 
 Every server is stopped (by our own PID / our own thread) in teardown, and its
 work directory removed.
@@ -14,6 +15,7 @@ work directory removed.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -21,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from pynydus.daemon.config import parse_daemon_config
+from pynydus.daemon.registry_backend import client_from_config
 from pynydus.registry import RegistryClient
 from tests.harness import tools
 from tests.harness.registry import REGISTRY_BIN, Registry
@@ -29,6 +33,16 @@ from tests.harness.util import make_workdir, remove_tree
 from .servers import FaultProxy, TokenServer
 
 USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+def backend_client(backend_config: dict[str, Any]) -> RegistryClient:
+    """The client pynydusd builds from nydusd's registry backend config (v1's
+    ``device.backend.config``), through the daemon's own parser."""
+    text = json.dumps({"device": {"backend": {"type": "registry", "config": backend_config},
+                                  "cache": {"type": "blobcache"}}})
+    cfg, warnings = parse_daemon_config(text)
+    assert warnings == []
+    return client_from_config(cfg.backend.registry)
 
 
 

@@ -201,12 +201,14 @@ class FaultProxy(_Base):
     ``fail(n, status)`` answers ``status`` n times; ``short(n, keep)`` forwards but
     sends only ``keep`` body bytes with a matching Content-Length; ``cut(n, keep)``
     sends the real headers and then closes after ``keep`` bytes; ``redirect`` answers
-    blob GETs with 307 to the upstream; ``delay`` sleeps before answering."""
+    blob GETs with 307 to the upstream (or to ``redirect_to``, a ``scheme://host``);
+    ``delay`` sleeps before answering."""
 
     upstream: str
     match: str = ""
     match_method: str = ""
     redirect: bool = False
+    redirect_to: str = ""
     delay: float = 0.0
     ignore_range: bool = False
     log: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
@@ -297,7 +299,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if fp.redirect and self.command in ("GET", "HEAD") and "/blobs/sha256:" in path:
             self.send_response(307)
-            self.send_header("Location", f"http://{fp.upstream}{path}")
+            self.send_header("Location", f"{fp.redirect_to or 'http://' + fp.upstream}{path}")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return

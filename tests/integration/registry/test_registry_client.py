@@ -14,6 +14,8 @@ from pynydus.errors import InvalidArgument, NotFound
 from pynydus.registry import DigestMismatch, RegistryClient, compute_digest, media
 from tests.harness.registry import Registry
 
+from .conftest import backend_client
+
 Make = Callable[..., RegistryClient]
 
 
@@ -193,7 +195,7 @@ def test_early_close_of_blob_iterator_releases_the_connection(registry: Registry
 
 def test_backend_config_and_reference_constructors(registry: Registry) -> None:
     data, d = blob(1000)
-    with RegistryClient.from_backend_config({
+    with backend_client({
             "scheme": "http", "host": registry.host, "repo": "ns/cfg", "timeout": 3,
             "connect_timeout": 3, "retry_limit": 1, "proxy": {"url": "", "fallback": True},
             "mirrors": []}) as c:

@@ -18,6 +18,7 @@ from pynydus.registry import Mirror, RegistryClient, ShortRead, compute_digest
 from tests.harness.registry import Registry
 from tests.harness.util import free_port
 
+from .conftest import backend_client
 from .servers import FaultProxy
 
 Make = Callable[..., RegistryClient]
@@ -378,10 +379,10 @@ def test_nydusd_backend_config_keys_reach_the_client(registry: Registry,
            "connect_timeout": 2, "retry_limit": 0, "blob_redirected_host": internal.host,
            "proxy": {"url": "", "fallback": True},
            "mirrors": [{"host": f"http://{mirror.host}", "headers": {"X-M": "1"}}]}
-    with RegistryClient.from_backend_config(cfg) as c:
+    with backend_client(cfg) as c:
         assert c.read_blob_range(REPO, d, 0, 10) == data[:10]
         assert mirror.count("GET", "/blobs/") == 1 and mirror.log[-1][2].get("X-M") == "1"
     cfg["mirrors"] = []
-    with RegistryClient.from_backend_config(cfg) as c:
+    with backend_client(cfg) as c:
         assert c.read_blob_range(REPO, d, 0, 10) == data[:10]
         assert internal.count("GET", "/blobs/") == 1  # redirect rewritten to it
