@@ -55,10 +55,13 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path("/var/tmp/pynydus-rafs-bench")
 PYCACHE = Path("/var/tmp/pynydus-bench/pycache")
 # What a build imports (older trees given with --baseline-src may lack some of it).
-WARM_IMPORTS = ("import importlib.util as u\n"
+WARM_IMPORTS = ("import importlib\n"
                 "for m in ('pynydus.cli.image_cmd', 'pynydus.rafs.builder', 'pynydus.rafs.merge', "
-                "'pynydus.rafs.decodeproc'):\n"
-                "    u.find_spec(m) and __import__(m)")
+                "'pynydus.rafs.decoder.decodeproc', 'pynydus.rafs.decodeproc'):\n"
+                "    try:\n"
+                "        importlib.import_module(m)\n"
+                "    except ImportError:\n"
+                "        pass\n")
 # The console script beside this interpreter (the venv's), as users run it.
 PYNYDUS = [str(Path(sys.executable).parent / "pynydus")]
 

@@ -286,12 +286,12 @@ def expected_listing(layers: list[list[Ent]], *, data: str = "chunks") -> Listin
 def bootstrap_listing(boot: str | Path, *, data: str = "chunks") -> Listing:
     """A merged bootstrap seen through the reader (``data="map"``: the full chunk map,
     blob id, index, compressed and uncompressed location and digest per chunk)."""
-    from pynydus.rafs.reader import Bootstrap
-    from pynydus.rafs.tree import decode_rdev
+    from pynydus.rafs.format import decode_rdev
+    from pynydus.rafs.read import open_bootstrap
 
     out: Listing = {}
     groups: dict[int, list[str]] = {}
-    with Bootstrap.open(boot) as bs:
+    with open_bootstrap(boot) as bs:
         entries = list(bs.walk())
         # A file's identity is its i_ino: nydus-image writes a record per hardlink name.
         ident = {ino: bs.raw_inode(ino).ino if bs.version == 6 else ino for _, ino in entries}

@@ -102,7 +102,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 class _BuildProgressLine:
-    """Prints :class:`~pynydus.rafs.builder.BuildProgress` to stderr: one rewritten line
+    """Prints :class:`~pynydus.rafs.builder.create.BuildProgress` to stderr: one rewritten line
     at a terminal, or a line per report (phases included) in a log."""
 
     def __init__(self, *, rewrite: bool) -> None:
@@ -144,7 +144,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pynydus.rafs.inspect import inspect_bootstrap
+    from pynydus.rafs.read import inspect_bootstrap
 
     info = inspect_bootstrap(args.bootstrap)
     if args.json:
@@ -162,7 +162,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pynydus.rafs.unpack import check_image
+    from pynydus.rafs.read import check_image
 
     rep = check_image(args.bootstrap, args.blob_dir)
     if args.json:
@@ -174,7 +174,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _unpack(args: argparse.Namespace) -> int:
-    from pynydus.rafs.unpack import unpack_image
+    from pynydus.rafs.read import unpack_image
 
     n = unpack_image(args.bootstrap, args.blob_dir, args.output)
     print(f"wrote {n} entries to {args.output}", file=sys.stderr)

@@ -9,7 +9,7 @@ n's blob (rewriting blobs would change digests the cache and the registry alread
 know); ``shared_bytes`` reports how much was redirected.
 
 The overlay itself (whiteouts, opaque directories, layer order, one blob-table entry
-per blob id) is :func:`pynydus.rafs.merge.overlay`, exactly what ``merge()`` does.
+per blob id) is :func:`pynydus.rafs.builder.overlay`, exactly what ``merge()`` does.
 """
 
 from __future__ import annotations
@@ -19,12 +19,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs.chunker import BlobDesc, ChunkRef
-from pynydus.rafs.merge import load_bootstrap, overlay
-from pynydus.rafs.reader import Bootstrap
-from pynydus.rafs.tarstream import normalize_path
-from pynydus.rafs.tree import Tree, bind_lower_links
-from pynydus.rafs.v6writer import V6Options, write_bootstrap
+from pynydus.rafs.builder import (
+    BlobDesc,
+    ChunkRef,
+    Tree,
+    V6Options,
+    bind_lower_links,
+    load_bootstrap,
+    overlay,
+    write_bootstrap,
+)
+from pynydus.rafs.read import open_bootstrap
+from pynydus.rafs.source import normalize_path
 
 __all__ = ["LayerChunks", "MergedImage", "layer_chunks", "merge_layers"]
 
@@ -117,7 +123,7 @@ def layer_chunks(bootstrap: str, blob_digest: str) -> LayerChunks:
     own_id = blob_digest.split(":", 1)[-1]
     own: dict[bytes, int] = {}
     seen: set[bytes] = set()
-    with Bootstrap.open(bootstrap) as bs:
+    with open_bootstrap(bootstrap) as bs:
         for _, ino in bs.walk():
             for c in bs.chunks(ino):
                 if c.digest is None:

@@ -5,7 +5,7 @@ through :class:`.overlay_view.OverlayView` (overlay semantics, content hashed, n
 data kept). The Nydus image's bootstrap layer is unpacked and opened with the RAFS
 reader; every regular file is read chunk by chunk with ranged GETs on the blob
 named in the bootstrap's blob table (contiguous chunks of a file in one request),
-each chunk decompressed with :mod:`pynydus.rafs.compress` and checked against its
+each chunk decompressed with :mod:`pynydus.rafs.format.compress` and checked against its
 size. Then every path of both trees is compared in sorted order: type, permission
 bits, owner, mtime (files), size, content sha256, symlink target, device numbers,
 xattrs, and hardlink groups (same inode in the Nydus image). The first difference
@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound, q
-from pynydus.rafs.compress import decode_chunk
-from pynydus.rafs.reader import Bootstrap, FileChunk
-from pynydus.rafs.tree import decode_rdev
+from pynydus.rafs.format import decode_chunk, decode_rdev
+from pynydus.rafs.read import Bootstrap, FileChunk, bootstrap_from_bytes
 from pynydus.registry import RegistryClient, media, parse_reference
 from pynydus.registry.reference import Reference
 
@@ -219,7 +218,7 @@ def check_image(opts: CheckOptions) -> CheckResult:
         boot = bootstrap_from_layer(b"".join(dst.get_blob(dst_ref.repository,
                                                           boot_desc["digest"])))
         reader = _ChunkReader(dst, dst_ref.repository)
-        bs = Bootstrap.from_bytes(boot)
+        bs = bootstrap_from_bytes(boot)
         try:
             got, inos, total = _nydus_view(bs, reader)
         finally:

@@ -39,12 +39,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs.builder import build
-from pynydus.rafs.chunker import ChunkDict
-from pynydus.rafs.compress import parse_compressor, parse_digester
-from pynydus.rafs.merge import chunk_dict_from_bootstrap, chunk_dict_from_tree, load_bootstrap
-from pynydus.rafs.tarstream import normalize_path
-from pynydus.rafs.v6writer import V6Options, write_bootstrap
+from pynydus.rafs.builder import (
+    ChunkDict,
+    V6Options,
+    build,
+    chunk_dict_from_bootstrap,
+    chunk_dict_from_tree,
+    load_bootstrap,
+    write_bootstrap,
+)
+from pynydus.rafs.format import parse_compressor, parse_digester
+from pynydus.rafs.source import normalize_path
 from pynydus.registry.errors import DigestMismatch
 
 from .endpoints import RegistrySpec

@@ -33,8 +33,13 @@ from typing import BinaryIO
 import zstandard
 
 from pynydus.errors import FormatError
-from pynydus.rafs.blobmeta import TocEntry, pack_section_header
-from pynydus.rafs.compress import Compressor, decompress, toc_flag_for_compressor
+from pynydus.rafs.format import (
+    Compressor,
+    TocEntry,
+    decompress,
+    pack_section_header,
+    toc_flag_for_compressor,
+)
 
 __all__ = ["InlineBlob", "blob_meta_cache_file", "bootstrap_layer", "inline_bootstrap",
            "read_toc"]

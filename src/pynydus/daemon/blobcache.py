@@ -34,7 +34,7 @@ from typing import Protocol
 from pynydus.daemon.chunkmap import ChunkMap
 from pynydus.daemon.metrics import CacheStats
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
-from pynydus.rafs.compress import Compressor, Digester, decode_chunk
+from pynydus.rafs.format import Compressor, Digester, decode_chunk
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import trio
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.metrics import FsStats
 from pynydus.errors import NotFound, NydusError
-from pynydus.rafs.reader import Stat
+from pynydus.rafs.read import Stat
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from pynydus.daemon.blobcache import Backend, BlobCache, BlobRef, ChunkRef
 from pynydus.daemon.config import NydusdConfig
 from pynydus.daemon.metrics import CacheStats, FsStats
 from pynydus.errors import FormatError, NotImplementedFeature
-from pynydus.rafs.layout import RafsChunkInfo
-from pynydus.rafs.reader import Bootstrap, ChunkRead, FileChunk
+from pynydus.rafs.format import RafsChunkInfo
+from pynydus.rafs.read import ChunkRead, FileChunk, open_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class RafsInstance:
         self.bootstrap_path = bootstrap_path
         self.config = config
         self.backend = backend
-        self.bs = Bootstrap.open(bootstrap_path)
+        self.bs = open_bootstrap(bootstrap_path)
         self.mounted_at = time.time()
         self.cache_stats = cache_stats or CacheStats()
         self.fs_stats = FsStats()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pynydus.daemon.instance import RafsInstance
 from pynydus.errors import NydusError
-from pynydus.rafs.reader import FileChunk
+from pynydus.rafs.read import FileChunk
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 from pynydus.convert.pack import bootstrap_from_layer, read_toc
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import bootstrap_from_bytes
 from tests.harness.registry import Registry
 
 from .conftest import client_for, convert_args, pynydus, sha
@@ -80,7 +80,7 @@ def test_manifest_layout_is_upstreams(registry: Registry, layered: str, cache_di
         metas = {m.name: tf.extractfile(m).read() for m in tf.getmembers()  # type: ignore[union-attr]
                  if m.name.endswith(".blob.meta")}
     # one cache-form blob meta per data blob: ci padded to 4 KiB + the 4096-byte header
-    with Bootstrap.from_bytes(bootstrap_from_layer(boot_gz)) as bs:
+    with bootstrap_from_bytes(bootstrap_from_layer(boot_gz)) as bs:
         assert set(metas) == {f"image/{b.blob_id}.blob.meta" for b in bs.blobs}
         for b in bs.blobs:
             meta = metas[f"image/{b.blob_id}.blob.meta"]
@@ -93,7 +93,7 @@ def test_manifest_layout_is_upstreams(registry: Registry, layered: str, cache_di
                                   "comment": "Nydus Bootstrap Layer"}
     assert m["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
     # merged bootstrap: blob ids are the pushed layer digests (what nydusd fetches)
-    with Bootstrap.from_bytes(bootstrap_from_layer(boot_gz)) as bs:
+    with bootstrap_from_bytes(bootstrap_from_layer(boot_gz)) as bs:
         ids = ["sha256:" + b.blob_id for b in bs.blobs]
         assert bs.prefetch_all or bs.prefetch_list
     assert set(ids) <= {b["digest"] for b in blobs}

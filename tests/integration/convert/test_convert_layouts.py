@@ -165,7 +165,7 @@ def test_chunk_dict_bootstrap_dedups_against_another_image(registry: Registry, c
 
 def test_prefetch_files_end_up_in_the_prefetch_table(registry: Registry, cache_dir: str,
                                                       tmp_path: Path) -> None:
-    from pynydus.rafs.reader import Bootstrap
+    from pynydus.rafs.read import bootstrap_from_bytes
 
     base, _, top = _layers("prefetch")
     with client_for(registry) as c:
@@ -180,6 +180,6 @@ def test_prefetch_files_end_up_in_the_prefetch_table(registry: Registry, cache_d
         m = json.loads(c.get_manifest("nydus/prefetch", "v1").data)
         boot = bootstrap_from_layer(b"".join(c.get_blob("nydus/prefetch",
                                                         m["layers"][-1]["digest"])))
-    with Bootstrap.from_bytes(boot) as bs:
+    with bootstrap_from_bytes(boot) as bs:
         want = {bs.lookup_path("/data/arch"), bs.lookup_path("/etc/os")}
         assert set(bs.prefetch_list) == want

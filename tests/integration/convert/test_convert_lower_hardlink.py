@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pynydus.convert.pack import bootstrap_from_layer
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import bootstrap_from_bytes
 from tests.harness import oci
 from tests.harness.registry import Registry
 
@@ -37,7 +37,7 @@ def test_link_to_a_lower_layer_file_converts_and_checks(
     with client_for(registry) as cl:
         m = json.loads(cl.get_manifest("nydus/lower-hardlink", "v1").data)
         boot = b"".join(cl.get_blob("nydus/lower-hardlink", m["layers"][-1]["digest"]))
-    with Bootstrap.from_bytes(bootstrap_from_layer(boot)) as bs:
+    with bootstrap_from_bytes(bootstrap_from_layer(boot)) as bs:
         ino = {p: i for p, i in bs.walk()}
         tool, old = ino[b"/usr/bin/tool"], ino[b"/usr/bin/tool.old"]
         assert tool == old and bs.stat(tool).nlink == 2 and bs.stat(tool).size == len(TOOL)

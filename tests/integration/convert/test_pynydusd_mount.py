@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pynydus.convert.pack import bootstrap_from_layer
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import bootstrap_from_bytes
 from tests.harness import tools
 from tests.harness.pynydusd import Pynydusd
 from tests.harness.registry import Registry
@@ -68,7 +68,7 @@ def test_kernel_erofs_mounts_the_converted_image(registry: Registry, layered: st
     boot_path = mountdir / "image.boot"
     boot_path.write_bytes(boot)
     devices = []
-    with Bootstrap.from_bytes(boot) as bs, client_for(registry) as c:
+    with bootstrap_from_bytes(boot) as bs, client_for(registry) as c:
         for b in bs.blobs:  # device order = blob table order
             raw = mountdir / f"{b.blob_id}.blob"
             raw.write_bytes(b"".join(c.get_blob("nydus/kernel", "sha256:" + b.blob_id)))

@@ -121,9 +121,9 @@ def test_shared_mode_two_images_then_umount_one(full_image: Image, start_daemon:
                                                      workdir / "cache"))) == (204, None)
     assert sorted(os.listdir(d.mountpoint)) == ["a", "b"]
     # as nydusd (fuse-backend-rs Vfs): st_ino = (slot << 56) | nid, first image in slot 1
-    from pynydus.rafs.reader import Bootstrap
+    from pynydus.rafs.read import open_bootstrap
 
-    bs = Bootstrap.open(str(full_image.bootstrap))
+    bs = open_bootstrap(str(full_image.bootstrap))
     try:
         nid = bs.lookup_path("/files/tiny")
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import open_bootstrap
 from tests.harness.pynydusd import fuse_mounted
 from tests.harness.registry import Registry
 from tests.integration.registry.servers import FaultProxy
@@ -172,7 +172,7 @@ def test_one_truncated_body_is_retried(full_image: Image,
 def _corrupt_copy(image: Image, rel: str, dest: Path) -> tuple[int, int]:
     """Copy the image's blob to ``dest/<blob_id>`` with one byte of ``rel``'s first chunk
     flipped. Returns (chunk index, compressed size)."""
-    bs = Bootstrap.open(str(image.bootstrap))
+    bs = open_bootstrap(str(image.bootstrap))
     try:
         chunk = bs.chunks(bs.lookup_path("/" + rel))[0]
     finally:

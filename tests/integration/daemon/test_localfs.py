@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import open_bootstrap
 from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 from tests.harness.pynydusd import fuse_mounted
 
@@ -46,7 +46,7 @@ def test_inode_numbers_are_nids_and_hardlinks_share_one(full_image: Image,
                                                         workdir: Path) -> None:
     d = start_daemon(bootstrap=full_image.bootstrap,
                      config=localfs_config(full_image.blob_dir, workdir / "cache"))
-    bs = Bootstrap.open(str(full_image.bootstrap))
+    bs = open_bootstrap(str(full_image.bootstrap))
     try:
         for rel in walk(full_image.src)[1:]:
             nid = bs.lookup_path(b"/" + rel)

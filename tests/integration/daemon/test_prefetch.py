@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import open_bootstrap
 
 from .conftest import Image, StartFn, localfs_config
 from .trees import compare_trees
@@ -62,7 +62,7 @@ def test_prefetch_files_fetches_only_the_listed_files(full_image: Image, start_d
                                            fs_prefetch={"enable": True, "threads_count": 1,
                                                         "prefetch_all": False}),
                      extra_args=("--prefetch-files", str(lst)))
-    bs = Bootstrap.open(str(full_image.bootstrap))
+    bs = open_bootstrap(str(full_image.bootstrap))
     try:
         want = {c.index for p in ("/files/multi-chunk", "/hard/orig", "/hard/with-xattr")
                 for c in bs.chunks(bs.lookup_path(p))}

@@ -30,8 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynydus.rafs import blobmeta
-from pynydus.rafs.compress import Compressor, decompress
+from pynydus.rafs.format import Compressor, blobmeta, decompress
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _MS_RDONLY = 1

@@ -224,7 +224,7 @@ def test_compact_inodes_are_lossless_for_the_kernel(tmp_path: Path) -> None:
 
 
 def _count_compact_inodes(boot: bytes) -> int:
-    from pynydus.rafs import layout as L
+    from pynydus.rafs.format import layout as L
 
     sb = L.RafsV6SuperBlock.unpack(boot, L.EROFS_SUPER_OFFSET)
     base = sb.meta_blkaddr * 4096
@@ -233,7 +233,7 @@ def _count_compact_inodes(boot: bytes) -> int:
 
 
 def _children_compact(boot: bytes, base: int, nid: int, seen: set[int]) -> int:
-    from pynydus.rafs import layout as L
+    from pynydus.rafs.format import layout as L
 
     ino = L.unpack_v6_inode(boot, base + nid * 32)
     if not stat.S_ISDIR(ino.mode):

@@ -19,9 +19,9 @@ from erofs_harness import assert_same_tree, fsck, mounted, snapshot
 
 from pynydus.errors import FormatError
 from pynydus.rafs.builder import build
+from pynydus.rafs.format import LOWER_HARDLINK_XATTR
 from pynydus.rafs.merge import merge
-from pynydus.rafs.reader import Bootstrap
-from pynydus.rafs.tree import LOWER_HARDLINK_XATTR
+from pynydus.rafs.read import open_bootstrap
 
 pytestmark = [
     pytest.mark.root,
@@ -92,7 +92,7 @@ def layers(tmp_path: Path) -> dict[str, Path]:
 
 
 def _devices(boot: Path | str, blob_dir: Path) -> list[Path]:
-    with Bootstrap.open(boot) as bs:
+    with open_bootstrap(boot) as bs:
         return [blob_dir / b.blob_id for b in bs.blobs]
 
 

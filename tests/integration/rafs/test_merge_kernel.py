@@ -23,7 +23,7 @@ from erofs_harness import assert_same_tree, fsck, mount_fs, mounted, snapshot, u
 
 from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import open_bootstrap
 from tests.harness.rafs_layers import (
     Ent,
     expected_listing,
@@ -131,7 +131,7 @@ def layers(tmp_path: Path) -> dict[str, Path]:
 
 
 def _devices(boot: Path, blob_dir: Path) -> list[Path]:
-    with Bootstrap.open(boot) as bs:
+    with open_bootstrap(boot) as bs:
         return [blob_dir / b.blob_id for b in bs.blobs]
 
 

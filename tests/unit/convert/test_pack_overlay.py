@@ -20,7 +20,7 @@ from pynydus.convert.pack import (
     read_toc,
 )
 from pynydus.rafs.builder import build
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import open_bootstrap
 
 
 def _tar(entries: list[tuple[str, str, bytes | str]]) -> bytes:
@@ -121,7 +121,7 @@ def test_merge_layers_shares_chunks_with_lower_layers(tmp_path: Path) -> None:
                                                ("file", "new", os.urandom(100))]))
     merged = merge_layers([b1, b2], str(tmp_path / "image.boot"))
     assert merged.shared_bytes == [0, len(data)]
-    with Bootstrap.open(merged.path) as bs:
+    with open_bootstrap(merged.path) as bs:
         ino = bs.lookup_path("/usr/lib/a.so")
         assert {c.blob_id for c in bs.chunks(ino)} == {bs.blobs[0].blob_id}
         # the lower file is gone, its chunks live on through the upper path

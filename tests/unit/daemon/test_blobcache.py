@@ -9,7 +9,7 @@ import pytest
 from pynydus.daemon.blobcache import BlobCache, BlobRef, ChunkRef, LocalFsBackend, plan_ranges
 from pynydus.daemon.chunkmap import HEADER_SIZE, ChunkMap
 from pynydus.errors import FormatError, Unavailable
-from pynydus.rafs.compress import Compressor, Digester, compress, digest
+from pynydus.rafs.format import Compressor, Digester, compress, digest
 
 CHUNK = 64 << 10
 BLOB_ID = "ab" * 32

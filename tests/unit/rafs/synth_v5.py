@@ -13,8 +13,8 @@ import stat
 from collections import deque
 from dataclasses import dataclass, field
 
-from pynydus.rafs import layout as L
-from pynydus.rafs import layout_v5 as L5
+from pynydus.rafs.format import layout as L
+from pynydus.rafs.format import layout_v5 as L5
 
 
 @dataclass

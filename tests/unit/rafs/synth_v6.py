@@ -14,7 +14,7 @@ import stat
 from collections import deque
 from dataclasses import dataclass, field
 
-from pynydus.rafs import layout as L
+from pynydus.rafs.format import layout as L
 
 BS = 4096
 

@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound
-from pynydus.rafs.inspect import inspect_bootstrap
-from pynydus.rafs.layout import Compressor, Digester, FileType, RafsV6InodeExtended
-from pynydus.rafs.reader import Bootstrap
-from pynydus.rafs.v5 import BootstrapV5
-from pynydus.rafs.v6 import BootstrapV6
+from pynydus.rafs.format import Compressor, Digester, FileType
+from pynydus.rafs.format.layout import RafsV6InodeExtended
+from pynydus.rafs.read import (
+    Bootstrap,
+    BootstrapV5,
+    BootstrapV6,
+    bootstrap_from_bytes,
+    inspect_bootstrap,
+    open_bootstrap,
+)
 from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 
 FIXTURES = SHARED_FIXTURES / "snapshotter-testdata"
@@ -29,14 +34,14 @@ pytestmark = pytest.mark.skipif(not V6.exists(), reason="shared fixtures not ava
 
 @pytest.fixture(scope="module")
 def v6() -> BootstrapV6:
-    bs = Bootstrap.open(V6)
+    bs = open_bootstrap(V6)
     assert isinstance(bs, BootstrapV6)
     return bs
 
 
 @pytest.fixture(scope="module")
 def v5() -> BootstrapV5:
-    bs = Bootstrap.open(V5)
+    bs = open_bootstrap(V5)
     assert isinstance(bs, BootstrapV5)
     return bs
 
@@ -252,10 +257,10 @@ def test_v5_map_read_uses_chunk_records(v5: BootstrapV5) -> None:
 
 
 def test_open_is_fast_and_lazy() -> None:
-    Bootstrap.open(V6).close()  # warm imports
+    open_bootstrap(V6).close()  # warm imports
     for path in (V6, V5):
         t0 = time.perf_counter()
-        with Bootstrap.open(path) as bs:
+        with open_bootstrap(path) as bs:
             bs.stat(bs.root_ino)
         assert time.perf_counter() - t0 < 0.05
 
@@ -272,10 +277,10 @@ def test_invalid_archives_are_rejected(archive: str, tmp_path: Path) -> None:
         assert candidates
         for p in candidates:
             with pytest.raises(FormatError, match="bootstrap magic at offset 0"):
-                Bootstrap.open(p)
+                open_bootstrap(p)
         return
     with pytest.raises(FormatError, match="bootstrap magic at offset 0"):
-        Bootstrap.open(boot)
+        open_bootstrap(boot)
 
 
 @pytest.mark.parametrize(
@@ -290,7 +295,7 @@ def test_valid_archives_extract_to_the_fixtures(archive: str, size: int, tmp_pat
         tf.extractall(tmp_path, filter="data")
     boot = tmp_path / "image" / "image.boot"
     assert boot.stat().st_size == size
-    with Bootstrap.open(boot) as bs:
+    with open_bootstrap(boot) as bs:
         assert sum(1 for _ in bs.walk()) == 3517
 
 
@@ -298,10 +303,10 @@ def test_empty_and_tiny_files_are_format_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     with pytest.raises(FormatError):
-        Bootstrap.open(empty)
+        open_bootstrap(empty)
     for data in (b"", b"RAFS", b"\x53\x46\x41\x52", bytes(1024) + b"\xe2\xe1\xf5\xe0"):
         with pytest.raises(FormatError):
-            Bootstrap.from_bytes(data)
+            bootstrap_from_bytes(data)
 
 
 def test_inspect_reports_what_dump_erofs_reports_and_is_json() -> None:

@@ -26,10 +26,9 @@ import synth_v5 as S5
 import synth_v6 as S
 
 from pynydus.errors import FormatError, NotFound
-from pynydus.rafs import blobmeta as M
-from pynydus.rafs.compress import compress
-from pynydus.rafs.layout import BlobFeatures, Compressor, Digester
-from pynydus.rafs.reader import BlobInfo, Bootstrap
+from pynydus.rafs.format import BlobFeatures, Compressor, Digester, compress
+from pynydus.rafs.format import blobmeta as M
+from pynydus.rafs.read import BlobInfo, bootstrap_from_bytes
 from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 
 FIXTURES = SHARED_FIXTURES / "snapshotter-testdata"
@@ -130,7 +129,7 @@ INPUTS = inputs()
 
 def exercise(data: bytes) -> None:
     """Use every read operation on whatever the bootstrap contains."""
-    bs = Bootstrap.from_bytes(data)
+    bs = bootstrap_from_bytes(data)
     for ino in bs.prefetch_list:
         bs.stat(ino)
     for blob in bs.blobs:

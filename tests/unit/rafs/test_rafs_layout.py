@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pynydus.errors import FormatError
-from pynydus.rafs import blobmeta as M
-from pynydus.rafs import layout as L
-from pynydus.rafs import layout_v5 as L5
-from pynydus.rafs.compress import compress
-from pynydus.rafs.reader import BlobInfo
+from pynydus.rafs.format import blobmeta as M
+from pynydus.rafs.format import compress
+from pynydus.rafs.format import layout as L
+from pynydus.rafs.format import layout_v5 as L5
+from pynydus.rafs.read import BlobInfo
 
 FIXED = [
     (L.RafsV6SuperBlock, 128),

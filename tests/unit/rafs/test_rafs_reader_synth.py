@@ -13,10 +13,8 @@ import pytest
 import synth_v6 as S
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound
-from pynydus.rafs import layout as L
-from pynydus.rafs.inspect import describe
-from pynydus.rafs.reader import Bootstrap
-from pynydus.rafs.v6 import BootstrapV6
+from pynydus.rafs.format import layout as L
+from pynydus.rafs.read import BootstrapV6, bootstrap_from_bytes, describe
 from tests.harness import tools
 
 XATTRS = [
@@ -56,7 +54,7 @@ def image() -> S.Image:
 
 @pytest.fixture(scope="module")
 def bs(image: S.Image) -> BootstrapV6:
-    b = Bootstrap.from_bytes(image.data)
+    b = bootstrap_from_bytes(image.data)
     assert isinstance(b, BootstrapV6)
     return b
 
@@ -217,7 +215,7 @@ def test_each_header_check_rejects_with_field_and_offset(
     if field == "s_flags" and value == 0x84:
         data = _patch(image.data, off, fmt, 0x80 | 0x4 | 0x8)  # two digesters
     with pytest.raises(FormatError, match=rf"{field}.* at offset \d+") as err:
-        Bootstrap.from_bytes(data)
+        bootstrap_from_bytes(data)
     assert "offset" in str(err.value)
 
 
@@ -225,7 +223,7 @@ def test_root_must_be_a_directory(image: S.Image) -> None:
     root_off = 8192 + 128 * 32
     data = _patch(image.data, root_off + 4, "H", stat.S_IFREG | 0o644)
     with pytest.raises(FormatError, match="root inode"):
-        Bootstrap.from_bytes(data)
+        bootstrap_from_bytes(data)
 
 
 def test_directory_loop_is_detected(image: S.Image, bs: BootstrapV6) -> None:
@@ -239,7 +237,7 @@ def test_directory_loop_is_detected(image: S.Image, bs: BootstrapV6) -> None:
         _nid, nameoff, ftype = struct.unpack_from("<QHB", buf, boff + 12 * j)
         if ftype == L.FileType.FIFO:
             struct.pack_into("<QHB", buf, boff + 12 * j, bs.root_ino, nameoff, L.FileType.DIR)
-    looped = Bootstrap.from_bytes(bytes(buf))
+    looped = bootstrap_from_bytes(bytes(buf))
     with pytest.raises(FormatError, match="reachable twice"):
         list(looped.walk())
 
@@ -252,7 +250,7 @@ def test_unsorted_directory_is_rejected_by_readdir(image: S.Image, bs: Bootstrap
     # entries are [".", ".."]; renaming "." to "0" puts "0" before "..", out of order
     buf[boff + 24 : boff + 25] = b"0"
     with pytest.raises(FormatError, match="dirent order"):
-        list(Bootstrap.from_bytes(bytes(buf)).readdir(empty.nid))
+        list(bootstrap_from_bytes(bytes(buf)).readdir(empty.nid))
 
 
 def test_chunk_pointing_at_a_missing_blob_is_rejected(image: S.Image, bs: BootstrapV6) -> None:
@@ -261,17 +259,17 @@ def test_chunk_pointing_at_a_missing_blob_is_rejected(image: S.Image, bs: Bootst
     arr, _ = bs._chunk_addrs(node)
     data = _patch(image.data, arr + 2, "H", 2)  # device id 2 in a 1-blob image
     with pytest.raises(FormatError, match="device id.* at offset"):
-        Bootstrap.from_bytes(data).chunks(ino)
+        bootstrap_from_bytes(data).chunks(ino)
     data = _patch(image.data, arr, "H", 0xFFFF)  # ci index beyond chunk_count
     with pytest.raises(FormatError, match="chunk 0 index"):
-        Bootstrap.from_bytes(data).chunks(ino)
+        bootstrap_from_bytes(data).chunks(ino)
 
 
 def test_huge_sizes_fail_before_allocating(image: S.Image, bs: BootstrapV6) -> None:
     for name, field_off in ((b"h1", 8), (b"big", 8), (b"long", 8)):
         ino = image.root.children[name].nid
         data = _patch(image.data, 8192 + ino * 32 + field_off, "Q", (1 << 64) - 1)
-        b = Bootstrap.from_bytes(data)
+        b = bootstrap_from_bytes(data)
         with pytest.raises(FormatError):
             if name == b"h1":
                 b.chunks(ino)
@@ -299,9 +297,9 @@ def test_a_50000_file_bootstrap_opens_in_well_under_100ms() -> None:
             sub.children[b"f%04d" % f_i] = S.f(f_i % 7)
         root.children[b"d%02d" % d_i] = sub
     data = S.build(root).data
-    Bootstrap.from_bytes(data)  # warm imports
+    bootstrap_from_bytes(data)  # warm imports
     t0 = time.perf_counter()
-    b = Bootstrap.from_bytes(data)
+    b = bootstrap_from_bytes(data)
     opened = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(1000):
@@ -340,7 +338,7 @@ def test_lookup_in_a_30000_entry_directory_touches_few_blocks() -> None:
     for i in range(30000):
         flat.children[b"entry-%06d" % i] = S.f(0)
     root.children[b"flat"] = flat
-    b = Bootstrap.from_bytes(S.build(root).data)
+    b = bootstrap_from_bytes(S.build(root).data)
     ino = b.lookup_path("/flat")
     assert b.stat(ino).size > 150 * 4096
     t0 = time.perf_counter()
@@ -359,6 +357,6 @@ def test_names_with_a_separator_are_rejected(image: S.Image, bs: BootstrapV6) ->
     data[boff + pos + 1] = ord(
         "/"
     )  # "f/fo": still sorted after "chr", so only the name check fires
-    b = Bootstrap.from_bytes(bytes(data))
+    b = bootstrap_from_bytes(bytes(data))
     with pytest.raises(FormatError, match="is not a file name"):
         list(b.readdir(a.nid))

@@ -8,9 +8,8 @@ import pytest
 import synth_v5 as S5
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound
-from pynydus.rafs.layout import Digester, FileType
-from pynydus.rafs.reader import Bootstrap
-from pynydus.rafs.v5 import BootstrapV5
+from pynydus.rafs.format import Digester, FileType
+from pynydus.rafs.read import BootstrapV5, bootstrap_from_bytes
 
 XATTRS = [(b"user.a", b"1"), (b"security.capability", b"\x01\x02")]
 MB = 1 << 20
@@ -38,7 +37,7 @@ def built() -> tuple[bytes, dict[bytes, int]]:
 
 @pytest.fixture(scope="module")
 def bs(built: tuple[bytes, dict[bytes, int]]) -> BootstrapV5:
-    b = Bootstrap.from_bytes(built[0])
+    b = bootstrap_from_bytes(built[0])
     assert isinstance(b, BootstrapV5)
     return b
 
@@ -124,6 +123,6 @@ def test_v5_header_checks(built: tuple[bytes, dict[bytes, int]]) -> None:
         bad = bytearray(data)
         bad[off : off + len(value)] = value
         with pytest.raises(FormatError, match=field):
-            Bootstrap.from_bytes(bytes(bad))
+            bootstrap_from_bytes(bytes(bad))
     with pytest.raises(FormatError, match="bootstrap size"):
-        Bootstrap.from_bytes(data[:-4])
+        bootstrap_from_bytes(data[:-4])

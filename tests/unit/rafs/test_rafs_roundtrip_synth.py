@@ -13,7 +13,7 @@ import synth_v6 as S
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import bootstrap_from_bytes
 
 CHUNK = 4096 * 4
 
@@ -71,7 +71,7 @@ def expected(root: S.Node) -> dict[bytes, S.Node]:
 @given(trees())
 def test_reader_returns_the_tree_the_writer_laid_out(root: S.Node) -> None:
     img = S.build(root, chunk_size=CHUNK)
-    bs = Bootstrap.from_bytes(img.data)
+    bs = bootstrap_from_bytes(img.data)
     want = expected(root)
     got = dict(bs.walk())
     assert set(got) == set(want)

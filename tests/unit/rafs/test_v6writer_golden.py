@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs import layout as L
-from pynydus.rafs.chunker import BlobDesc, ChunkRef
-from pynydus.rafs.tree import Inode, Node, Tree, encode_rdev
-from pynydus.rafs.v6writer import V6Options, write_bootstrap
+from pynydus.rafs.builder import BlobDesc, ChunkRef, Inode, Node, Tree, V6Options, write_bootstrap
+from pynydus.rafs.format import encode_rdev
+from pynydus.rafs.format import layout as L
 
 _XATTR_NAMES = (
     b"user.a",

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs import blobmeta
-from pynydus.rafs.chunker import BLOB_FEATURES_DEFAULT, BlobWriter
-from pynydus.rafs.compress import Compressor, Digester, decompress, digest
+from pynydus.rafs.builder import BlobWriter
+from pynydus.rafs.builder.blobwriter import BLOB_FEATURES_DEFAULT
+from pynydus.rafs.format import Compressor, Digester, blobmeta, decompress, digest
 
 CS = 0x10000
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pynydus.rafs import chunker, layerstream
-from pynydus.rafs.chunker import BlobWriter, _HashingWriter
-from pynydus.rafs.compress import Compressor
-from pynydus.rafs.layerstream import LayerStream
-from pynydus.rafs.tarstream import DirSource, TarSource
+from pynydus.rafs.builder import BlobWriter, blobwriter
+from pynydus.rafs.builder.blobwriter import _HashingWriter
+from pynydus.rafs.decoder import LayerStream, layerstream
+from pynydus.rafs.format import Compressor
+from pynydus.rafs.source import DirSource, TarSource
 
 RNG = random.Random(7)
 PAYLOAD = b"".join(RNG.randbytes(997) + b"text " * 300 for _ in range(300))  # ~740 KB
@@ -158,10 +158,10 @@ def test_tar_source_over_small_blocks_and_abandoned_iteration(inflate: str) -> N
 def test_dir_read_ahead_gives_file_content_and_stops_with_the_walk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pynydus.rafs import tarstream
+    from pynydus.rafs.source import dirsource
 
-    monkeypatch.setattr(tarstream, "_AHEAD_ENTRIES", 8)
-    monkeypatch.setattr(tarstream, "_AHEAD_MAX_FILE", 3000)
+    monkeypatch.setattr(dirsource, "_AHEAD_ENTRIES", 8)
+    monkeypatch.setattr(dirsource, "_AHEAD_MAX_FILE", 3000)
     want = {}
     for d in range(5):
         (tmp_path / f"d{d}").mkdir()
@@ -204,7 +204,7 @@ def test_one_cpu_and_threaded_pipelines_write_identical_blobs(
     files = [PAYLOAD[: n] for n in (0, 1, 4095, 70_000, 300_000)] + [PAYLOAD * 3]
     ids = []
     for cpus in (1, 2):
-        monkeypatch.setattr(chunker, "_usable_cpus", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(blobwriter, "usable_cpus", lambda cpus=cpus: cpus)
         w = BlobWriter(tmp_path / f"cpu{cpus}", compressor=compressor, chunk_size=0x10000)
         for data in files:
             refs, n = w.add_file(io.BytesIO(data), len(data))

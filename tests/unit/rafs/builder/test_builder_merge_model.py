@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import open_bootstrap
 
 Op = tuple[str, str, int]  # (kind: dir|file|wh|opq, path, content id)
 
@@ -125,7 +125,7 @@ def _model(layers: list[list[Op]]) -> dict[str, tuple[str, int]]:
 
 def _view(boot: Path) -> dict[str, tuple[str, int]]:
     out: dict[str, tuple[str, int]] = {}
-    with Bootstrap.open(boot) as bs:
+    with open_bootstrap(boot) as bs:
         for path, ino in bs.walk():
             if path == b"/":
                 continue

@@ -3,7 +3,7 @@
 Hypothesis generates trees (names incl. non-UTF-8 and 255-byte ones, every tar entry
 type, xattrs, ids, nanosecond mtimes, file sizes around chunk boundaries, hardlinks),
 writes them as a PAX tar in memory, builds with every compressor, and the RAFS
-reader (:mod:`pynydus.rafs.reader`, written independently) must report the same
+reader (:mod:`pynydus.rafs.read.bootstrap`, written independently) must report the same
 paths, attributes, link targets, xattrs and file bytes (read through its chunk
 map from the blob file).
 """
@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pynydus.rafs.builder import build
-from pynydus.rafs.compress import Compressor, decompress
+from pynydus.rafs.format import Compressor, decompress
 from pynydus.rafs.merge import merge
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read import Bootstrap, open_bootstrap
 
 CHUNK = 0x1000
 
@@ -147,7 +147,7 @@ _TYPE = {"reg": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK,
 
 
 def _check(tree: dict[bytes, Spec], boot: Path, blob_dir: Path) -> None:
-    with Bootstrap.open(boot) as bs:
+    with open_bootstrap(boot) as bs:
         seen = dict(bs.walk())
         listed = {p[1:] for p in seen if p != b"/"}
         # implied parents are created; nothing else may appear

@@ -13,16 +13,10 @@ import pytest
 import zstandard
 
 from pynydus.errors import FormatError
-from pynydus.rafs.tarstream import (
-    DirSource,
-    Entry,
-    EntryType,
-    TarSource,
-    Whiteout,
-    _pax_time,
-    normalize_path,
-)
-from pynydus.rafs.tree import LOWER_HARDLINK_XATTR, Tree, bind_lower_links, decode_rdev, encode_rdev
+from pynydus.rafs.builder import Tree, bind_lower_links
+from pynydus.rafs.format import LOWER_HARDLINK_XATTR, decode_rdev, encode_rdev
+from pynydus.rafs.source import DirSource, Entry, EntryType, TarSource, Whiteout, normalize_path
+from pynydus.rafs.source.tarsource import _pax_time
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
-from pynydus.rafs import layout as L
 from pynydus.rafs.builder import build
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.format import layout as L
+from pynydus.rafs.read import open_bootstrap
 
 
 def _layer(tmp_path: Path, files: dict[str, bytes], dirs: tuple[str, ...] = ()) -> Path:
@@ -57,7 +57,7 @@ def test_superblocks_tables_and_devslots(tmp_path: Path) -> None:
     assert dev.blob_id == blob.blob_id and dev.blocks == blob.uncompressed_size // 4096
     assert dev.mapped_blkaddr * 4096 == (len(boot) + 0x7FFFF) // 0x80000 * 0x80000
     assert sb.blocks == dev.blocks
-    with Bootstrap.open(tmp_path / "boot") as bs:
+    with open_bootstrap(tmp_path / "boot") as bs:
         assert bs.prefetch_list == [bs.lookup_path(b"/b"), bs.lookup_path(b"/a")]
         ents = [e.name for e in bs.readdir(bs.root_ino)]
         assert ents == sorted(ents) and ents[:2] == [b".", b".."]
@@ -74,7 +74,7 @@ def test_chunk_table_sorted_by_digest_and_indexes_point_into_the_blob(tmp_path: 
     recs = [L.RafsChunkInfo.unpack(boot, ext.chunk_table_offset + 80 * i)
             for i in range(ext.chunk_table_size // 80)]
     assert [r.digest for r in recs] == sorted(r.digest for r in recs)
-    with Bootstrap.open(tmp_path / "boot") as bs:
+    with open_bootstrap(tmp_path / "boot") as bs:
         for i in range(6):
             chunks = bs.chunks(bs.lookup_path(f"/f{i}"))
             assert [c.file_offset for c in chunks] == [0, 4096, 8192, 12288][: len(chunks)]
@@ -87,7 +87,7 @@ def test_large_directories_use_plain_blocks_and_small_ones_inline(tmp_path: Path
     build(_layer(tmp_path, files), tmp_path / "boot", tmp_path / "blobs", type="tar-rafs")
     boot = (tmp_path / "boot").read_bytes()
     sb = L.RafsV6SuperBlock.unpack(boot, 1024)
-    with Bootstrap.open(tmp_path / "boot") as bs:
+    with open_bootstrap(tmp_path / "boot") as bs:
         for path, layouts in (("/big", {L.EROFS_INODE_FLAT_PLAIN, L.EROFS_INODE_FLAT_INLINE}),
                               ("/small", {L.EROFS_INODE_FLAT_INLINE})):
             nid = bs.lookup_path(path)
@@ -137,7 +137,7 @@ def test_symlink_and_special_files_layouts(tmp_path: Path) -> None:
             tf.addfile(t)
     (tmp_path / "l.tar").write_bytes(buf.getvalue())
     build(tmp_path / "l.tar", tmp_path / "boot", tmp_path / "blobs", type="tar-rafs")
-    with Bootstrap.open(tmp_path / "boot") as bs:
+    with open_bootstrap(tmp_path / "boot") as bs:
         assert bs.readlink(bs.lookup_path("/long")) == b"x" * 4095
         assert bs.readlink(bs.lookup_path("/short")) == b"t"
         st = bs.stat(bs.lookup_path("/blk"))
@@ -152,7 +152,7 @@ def test_directory_build_puts_prefetch_files_first_in_the_blob(tmp_path: Path) -
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(name.encode() * 1000)
     res = build(src, tmp_path / "boot", tmp_path / "blobs", prefetch_files=["/z/warm", "/z/hot"])
-    with Bootstrap.open(tmp_path / "boot") as bs:
+    with open_bootstrap(tmp_path / "boot") as bs:
         def first_offset(p: str) -> int:
             return bs.chunks(bs.lookup_path(p))[0].uncompressed_offset
 

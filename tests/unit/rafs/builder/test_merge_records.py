@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 from pynydus.errors import FormatError, InvalidArgument, NotFound
 from pynydus.rafs.builder import build
 from pynydus.rafs.merge import merge, merge_trees
-from pynydus.rafs.reader import Bootstrap
-from pynydus.rafs.v6 import BootstrapV6
+from pynydus.rafs.read import BootstrapV6, open_bootstrap
 from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 from tests.harness.rafs_layers import (
     bootstrap_listing,
@@ -155,7 +154,7 @@ def test_layers_with_other_chunk_sizes_are_refused(tmp_path: Path) -> None:
 
 def _corrupt_root_dirents(boot: Path, out: Path, mutate) -> None:  # type: ignore[no-untyped-def]
     data = bytearray(boot.read_bytes())
-    with Bootstrap.open(boot) as bs:
+    with open_bootstrap(boot) as bs:
         ((off, length),) = bs.dir_blocks(bs.root_ino)
     mutate(data, off, length)
     out.write_bytes(bytes(data))
@@ -166,7 +165,7 @@ def test_malformed_directories_are_format_errors(tmp_path: Path) -> None:
     (src / "d").mkdir(parents=True)
     (src / "e").write_bytes(b"e")
     build(src, tmp_path / "ok.boot", tmp_path / "blobs")
-    with Bootstrap.open(tmp_path / "ok.boot") as bs:
+    with open_bootstrap(tmp_path / "ok.boot") as bs:
         root = bs.root_ino
 
     def unsorted(data: bytearray, off: int, length: int) -> None:
@@ -253,7 +252,7 @@ def test_compact_inodes_are_widened_like_the_tree_merge(tmp_path: Path, seed: in
         for e in ents:
             e.mtime, e.uid = 1_600_000_000, e.uid % 1000
     boots = _build_layers(tmp_path, layers, "none", compact_inodes=True)
-    with Bootstrap.open(boots[-1]) as bs:
+    with open_bootstrap(boots[-1]) as bs:
         assert any(not bs.raw_inode(ino).format & 1 for _, ino in bs.walk())
     new, old = _both(tmp_path, boots)
     assert new == old

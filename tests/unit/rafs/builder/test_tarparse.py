@@ -30,17 +30,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pynydus.errors import FormatError
-from pynydus.rafs import layerstream
-from pynydus.rafs.layerstream import LayerStream
-from pynydus.rafs.tarheader import header_damage, parse_header, pax_records
-from pynydus.rafs.tarstream import (
-    Entry,
-    EntryType,
-    TarSource,
-    _pax_time,
-    _peek,
-    normalize_path,
-)
+from pynydus.rafs.decoder import LayerStream, layerstream
+from pynydus.rafs.format.tarheader import header_damage, parse_header, pax_records
+from pynydus.rafs.source import Entry, EntryType, TarSource, normalize_path
+from pynydus.rafs.source.tarsource import _pax_time, _peek
 from tests.harness.paths import FIXTURES as SHARED_FIXTURES
 
 FIXTURES = SHARED_FIXTURES / "tar"
@@ -754,13 +747,13 @@ def test_an_extended_header_claiming_more_than_its_cap_is_refused_before_reading
 ) -> None:
     """The payload size comes from a checksum-valid header alone: it must not size an
     allocation (a corrupt 8 GiB PAX header would read the rest of the layer)."""
-    from pynydus.rafs import tarstream
+    from pynydus.rafs.source import tarsource
 
     huge = _block(b"././@LongLink" if flag != b"x" else b"pax", flag, 8 << 30)
     got, message = _read_paths(_block(b"one", b"0", 3) + _data(b"one") + huge + bytes(4096))
     assert got == [b"one"] and "extended header data" in message and "offset 1024" in message
     # Many headers under the per-header cap still may not pile up past the chain cap.
-    monkeypatch.setattr(tarstream, "_CHAIN_MAX", 3000)
+    monkeypatch.setattr(tarsource, "_CHAIN_MAX", 3000)
     chain = b"".join(_ext(b"x", _rec(b"comment", b"c" * 1000)) for _ in range(4))
     got, message = _read_paths(chain + _block(b"two", b"0", 3) + _data(b"two"))
     assert got == [] and "per member" in message

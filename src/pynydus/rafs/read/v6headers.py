@@ -2,12 +2,13 @@
 prefetch tables, checked the way nydusd checks them before it mounts an image.
 
 Everything here runs once when a bootstrap is opened and costs O(blobs + prefetch
-entries); the tree itself is decoded lazily by :mod:`pynydus.rafs.v6`.
+entries); the tree itself is decoded lazily by :mod:`pynydus.rafs.read.v6`.
 """
 
 from __future__ import annotations
 
-from pynydus.rafs.layout import (
+from pynydus.rafs.format import BlobFeatures, Compressor, Digester, SuperFlags
+from pynydus.rafs.format.layout import (
     BLOB_FEATURES_INCOMPAT_MASK,
     BLOB_ID_LEN,
     BLOB_MAX_SIZE_COMPRESSED,
@@ -28,22 +29,18 @@ from pynydus.rafs.layout import (
     RAFS_V6_EXT_SUPER_OFFSET,
     RAFS_V6_FEATURE_INCOMPAT,
     SUPER_FLAGS_KNOWN,
-    BlobFeatures,
     CipherAlgo,
-    Compressor,
-    Digester,
     RafsV6Blob,
     RafsV6Device,
     RafsV6SuperBlock,
     RafsV6SuperBlockExt,
     ReadableBuffer,
-    SuperFlags,
     compressor_from_flags,
     digester_from_flags,
     format_error,
     unpack_u32_array,
 )
-from pynydus.rafs.reader import BlobInfo
+from pynydus.rafs.read.bootstrap import BlobInfo
 
 
 def check_superblock(sb: RafsV6SuperBlock, n: int) -> None:

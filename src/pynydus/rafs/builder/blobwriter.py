@@ -44,20 +44,21 @@ from typing import BinaryIO, Protocol
 
 from pynydus.errors import InvalidArgument
 from pynydus.host.writeback import start_writeback
-from pynydus.rafs.blobmeta import (
+from pynydus.rafs.decoder import usable_cpus
+from pynydus.rafs.format import (
+    Compressor,
+    Digester,
+    TocEntry,
+    compress,
+    digest,
+    pack_section_header,
+    toc_flag_for_compressor,
+)
+from pynydus.rafs.format.blobmeta import (
     BlobChunkInfo,
     BlobCompressionContextHeader,
     ChunkInfoFlags,
-    TocEntry,
     pack_chunk_info_v1,
-    pack_section_header,
-)
-from pynydus.rafs.compress import (
-    Compressor,
-    Digester,
-    compress,
-    digest,
-    toc_flag_for_compressor,
 )
 
 __all__ = [
@@ -109,14 +110,6 @@ _WRITEBACK_STEP = 16 << 20
 _Prepared = tuple[bytes, "Buffer", bool, "Buffer | None"]
 Buffer = bytes | memoryview
 _V1 = struct.Struct("<QQ")
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (``taskset`` narrows it; os.cpu_count() does not)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _round_up(n: int, a: int) -> int:
@@ -385,7 +378,7 @@ class BlobWriter:
         self._executor: ThreadPoolExecutor | None = None
         self._cache = _CacheWriter(os.fspath(cache_dir)) if cache_dir is not None else None
         self.replaced_existing = False
-        self._cpus = _usable_cpus()
+        self._cpus = usable_cpus()
         self._settler: threading.Thread | None = None
         self._settle_err: BaseException | None = None
 

@@ -8,7 +8,7 @@ mount the bootstrap with the tar file as its device. There is no chunk-info arra
 no TOC and no dedup (two equal chunks are two places in the tar).
 
 :class:`TarfsBlob` receives the uncompressed tar bytes as they stream past (it is
-the ``tee`` of :class:`~pynydus.rafs.tarstream.TarSource`), writes them to a temp
+the ``tee`` of :class:`~pynydus.rafs.source.tarsource.TarSource`), writes them to a temp
 file in ``blob_dir`` with a running sha256 and renames the file to that digest — the
 layer's diff id — at the end. Chunk digests are sha256 of the chunk bytes (upstream
 leaves them zero; real digests cost little and keep the chunk table meaningful).
@@ -22,10 +22,15 @@ import tempfile
 from typing import BinaryIO
 
 from pynydus.errors import InvalidArgument, NotImplementedFeature
-from pynydus.rafs.chunker import BlobDesc, ChunkRef, ChunkSource, _read_full, discard_partial
-from pynydus.rafs.compress import Compressor, Digester
-from pynydus.rafs.layout import BlobFeatures
-from pynydus.rafs.tarstream import Entry
+from pynydus.rafs.builder.blobwriter import (
+    BlobDesc,
+    ChunkRef,
+    ChunkSource,
+    _read_full,
+    discard_partial,
+)
+from pynydus.rafs.format import BlobFeatures, Compressor, Digester
+from pynydus.rafs.source import Entry
 
 __all__ = ["TARFS_BLOCK_SIZE", "TARFS_FEATURES", "TarfsBlob"]
 

@@ -17,9 +17,10 @@ never another exception, a hang, or an allocation sized by the input alone.  Ask
 for an inode number that cannot exist raises :class:`pynydus.errors.NotFound`;
 asking a non-directory for its entries raises :class:`pynydus.errors.InvalidArgument`.
 
-The version-specific decoders live in :mod:`pynydus.rafs.v6` and
-:mod:`pynydus.rafs.v5`; this module holds the value types, the common algorithms
-(path lookup, tree walk, read mapping) and the factory.
+The version-specific decoders live in :mod:`pynydus.rafs.read.v6` and
+:mod:`pynydus.rafs.read.v5`; this module holds the value types and the common
+algorithms (path lookup, tree walk, read mapping); :mod:`pynydus.rafs.read.open`
+tells the versions apart.
 """
 
 from __future__ import annotations
@@ -32,16 +33,8 @@ from dataclasses import dataclass
 from typing import Self
 
 from pynydus.errors import InvalidArgument, NotFound
-from pynydus.rafs.layout import (
-    EROFS_SUPER_MAGIC_V1,
-    EROFS_SUPER_OFFSET,
-    Compressor,
-    Digester,
-    FileType,
-    SuperFlags,
-    format_error,
-)
-from pynydus.rafs.layout_v5 import RAFS_V5_SUPER_MAGIC
+from pynydus.rafs.format import Compressor, Digester, FileType, SuperFlags
+from pynydus.rafs.format.layout import format_error
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
@@ -166,7 +159,9 @@ class ChunkRead:
 
 
 class Bootstrap:
-    """An open RAFS bootstrap.  Use :meth:`open` or :meth:`from_bytes`.
+    """An open RAFS bootstrap, v5 or v6: :func:`~pynydus.rafs.read.open.open_bootstrap`
+    (a file) or :func:`~pynydus.rafs.read.open.bootstrap_from_bytes` (a buffer) detect
+    the version and construct the subclass.
 
     Instances are read-only and safe to share between threads once opened.
     ``close()`` releases the mmap (idempotent); afterwards no method may be called.
@@ -191,48 +186,9 @@ class Bootstrap:
         )
         self._mmap: mmap.mmap | None = None
 
-    # -- construction -----------------------------------------------------------------
-
-    @classmethod
-    def from_bytes(cls, buf: Buffer) -> Bootstrap:
-        """Detect the version and parse the headers of a bootstrap held in memory.
-
-        Costs O(number of blobs + prefetch entries); no inode is decoded.
-        """
-        from pynydus.rafs.v5 import BootstrapV5
-        from pynydus.rafs.v6 import BootstrapV6
-
-        if len(buf) >= 4 and int.from_bytes(buf[0:4], "little") == RAFS_V5_SUPER_MAGIC:
-            return BootstrapV5(buf)
-        if len(buf) >= EROFS_SUPER_OFFSET + 4 and (
-            int.from_bytes(buf[EROFS_SUPER_OFFSET : EROFS_SUPER_OFFSET + 4], "little")
-            == EROFS_SUPER_MAGIC_V1
-        ):
-            return BootstrapV6(buf)
-        raise format_error(
-            "bootstrap magic",
-            0,
-            f"neither RAFS v5 (offset 0) nor RAFS v6/EROFS (offset 1024); size {len(buf)}",
-        )
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Bootstrap:
-        """mmap the bootstrap file at ``path`` read-only and parse its headers.
-
-        OSError if the file cannot be read; FormatError if it is not a valid bootstrap.
-        """
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise format_error("bootstrap", 0, f"{os.fspath(path)!r} is empty")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            bs = cls.from_bytes(mm)
-        except BaseException:
-            mm.close()
-            raise
-        bs._mmap = mm
-        return bs
+    def adopt(self, mapping: mmap.mmap) -> None:
+        """Make :meth:`close` release ``mapping`` (the mmap this bootstrap was parsed from)."""
+        self._mmap = mapping
 
     def close(self) -> None:
         """Release the mapping (idempotent)."""

@@ -1,6 +1,6 @@
-"""Write a merged skeleton (:mod:`pynydus.rafs.layerscan`) as one RAFS v6 bootstrap.
+"""Write a merged skeleton (:mod:`pynydus.rafs.merge.skeleton`) as one RAFS v6 bootstrap.
 
-The layout is exactly :func:`pynydus.rafs.v6writer.write_bootstrap`'s (breadth first:
+The layout is exactly :func:`pynydus.rafs.builder.v6writer.write_bootstrap`'s (breadth first:
 a directory's inode, then its non-directory children in name order; extended
 inodes in 32-byte slots; inline tails kept in their block; full dirent blocks and
 long symlinks after the inodes; then the chunk table), so for layers made by our
@@ -26,21 +26,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs import layout as L
-from pynydus.rafs.chunker import BlobDesc
-from pynydus.rafs.layerscan import MergedDir, MergedTree, find
-from pynydus.rafs.mergechunks import ChunkTable, LayerSource
-from pynydus.rafs.v6 import BootstrapV6
-from pynydus.rafs.v6writer import (
+from pynydus.rafs.builder import BlobDesc, BootstrapInfo, V6Options
+from pynydus.rafs.builder.v6writer import (
     ALIGN,
-    BootstrapInfo,
     HeadLayout,
-    V6Options,
     _align,
     _atomic_write,
     _dir_block_sizes,
     write_heads,
 )
+from pynydus.rafs.format import layout as L
+from pynydus.rafs.merge.chunktable import ChunkTable, LayerSource
+from pynydus.rafs.merge.skeleton import MergedDir, MergedTree, find
+from pynydus.rafs.read import BootstrapV6
 
 __all__ = ["write_merged"]
 

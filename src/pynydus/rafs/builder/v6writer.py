@@ -1,4 +1,4 @@
-"""RAFS v6 bootstrap writer: lay out a :class:`~pynydus.rafs.tree.Tree` as an EROFS image.
+"""RAFS v6 bootstrap writer: lay out a :class:`~pynydus.rafs.builder.tree.Tree` as an EROFS image.
 
 The output is an EROFS image with chunk-based regular files and a device table,
 plus the RAFS tables nydusd needs (ext superblock, blob table, prefetch table,
@@ -44,10 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs import layout as L
-from pynydus.rafs.chunker import BlobDesc, ChunkRef
-from pynydus.rafs.compress import Compressor, Digester
-from pynydus.rafs.tree import Inode, Node, Tree
+from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkRef
+from pynydus.rafs.builder.tree import Inode, Node, Tree
+from pynydus.rafs.format import Compressor, Digester
+from pynydus.rafs.format import layout as L
 
 __all__ = ["BootstrapInfo", "HeadLayout", "V6Options", "write_bootstrap", "write_heads"]
 

@@ -18,7 +18,8 @@ import struct
 from collections.abc import Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
-from pynydus.rafs.layout import (
+from pynydus.rafs.format import FileType, RafsChunkInfo
+from pynydus.rafs.format.layout import (
     EROFS_BLOCK_SIZE_4096,
     EROFS_CHUNK_FORMAT_INDEXES,
     EROFS_CHUNK_INDEX_SIZE,
@@ -38,8 +39,6 @@ from pynydus.rafs.layout import (
     RAFS_V6_EXT_SUPER_OFFSET,
     XATTR_PREFIXES,
     ChunkFlags,
-    FileType,
-    RafsChunkInfo,
     RafsV6Inode,
     RafsV6SuperBlock,
     RafsV6SuperBlockExt,
@@ -52,8 +51,8 @@ from pynydus.rafs.layout import (
     unpack_v6_inode,
     xattr_ibody_size,
 )
-from pynydus.rafs.reader import Bootstrap, Buffer, DirEntry, FileChunk, Stat
-from pynydus.rafs.v6headers import (
+from pynydus.rafs.read.bootstrap import Bootstrap, Buffer, DirEntry, FileChunk, Stat
+from pynydus.rafs.read.v6headers import (
     check_ext,
     check_superblock,
     load_blobs,

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from typing import Self
 
 from pynydus.errors import FormatError, NotFound, NotImplementedFeature
-from pynydus.rafs.compress import decode_chunk
-from pynydus.rafs.reader import Bootstrap, FileChunk
+from pynydus.rafs.format import decode_chunk
+from pynydus.rafs.read.bootstrap import Bootstrap, FileChunk
 
 
 class BlobFiles:

@@ -7,7 +7,7 @@ tells where every chunk of the blob lives, compressed and uncompressed; it is
 followed by a 4096-byte header.  The TOC (spec §2.6) at the very end lists the
 sections with their sha256.
 
-Sans-I/O like :mod:`pynydus.rafs.layout`: bytes in, values out; malformed input
+Sans-I/O like :mod:`pynydus.rafs.format.layout`: bytes in, values out; malformed input
 raises :class:`pynydus.errors.FormatError` naming the field and byte offset
 (offsets are relative to the buffer the caller passed).
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from pynydus.errors import FormatError
-from pynydus.rafs.compress import decompress
-from pynydus.rafs.layout import (
+from pynydus.rafs.format.compress import decompress
+from pynydus.rafs.format.layout import (
     RAFS_MAX_CHUNKS_PER_BLOB,
     BlobFeatures,
     Compressor,
@@ -435,7 +435,7 @@ class BlobMeta:
 
 
 class BlobInfoLike(Protocol):
-    """What blob-meta loading needs of a blob; :class:`pynydus.rafs.reader.BlobInfo` fits."""
+    """What blob-meta loading needs of a blob; :class:`pynydus.rafs.read.bootstrap.BlobInfo` fits."""
 
     @property
     def chunk_count(self) -> int: ...

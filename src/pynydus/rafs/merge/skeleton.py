@@ -2,17 +2,17 @@
 
 A merge spends nearly all its time on regular files, yet it only needs to know
 *where* each one is: its bytes can be carried over from the layer's bootstrap with
-a few fields rewritten (see :mod:`pynydus.rafs.mergewrite`). So a layer is scanned
+a few fields rewritten (see :mod:`pynydus.rafs.merge.writer`). So a layer is scanned
 into a skeleton: every directory is decoded (metadata, xattrs, entries), every other
 entry stays a *leaf key*, one int naming (layer, nid), and no inode object is built
 for it. Dirent blocks are decoded a block at a time with ``struct.iter_unpack``.
 
 :func:`overlay_layer` then applies one layer skeleton on the merged skeleton with
-the same rules as :func:`pynydus.rafs.merge.overlay` (whiteouts of both forms hide
+the same rules as :func:`pynydus.rafs.builder.overlay` (whiteouts of both forms hide
 lower entries only, opaque directories, implicit directories keep lower metadata, a
 directory over a directory merges, anything else replaces), and binds the hardlinks
 our builder left for a lower layer (``LOWER_HARDLINK_XATTR``) as
-:func:`pynydus.rafs.tree.bind_lower_links` does. Only directories that two layers
+:func:`pynydus.rafs.builder.tree.bind_lower_links` does. Only directories that two layers
 both have are merged name by name; a subtree present in one layer is adopted whole.
 
 Everything here takes values (a decoded bootstrap) and returns values; no I/O.
@@ -26,17 +26,21 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from pynydus.errors import FormatError
-from pynydus.rafs.layout import (
+from pynydus.rafs.format import (
+    LOWER_HARDLINK_XATTR,
+    OCI_WHITEOUT_OPAQUE,
+    OCI_WHITEOUT_PREFIX,
+    OVERLAY_OPAQUE_XATTR,
+    FileType,
+    SuperFlags,
+)
+from pynydus.rafs.format.layout import (
     EROFS_DIRENT_SIZE,
     EROFS_INODE_SLOT_SIZE,
     EROFS_NAME_LEN,
-    FileType,
-    SuperFlags,
     format_error,
 )
-from pynydus.rafs.tarstream import OCI_WHITEOUT_OPAQUE, OCI_WHITEOUT_PREFIX
-from pynydus.rafs.tree import LOWER_HARDLINK_XATTR, OVERLAY_OPAQUE_XATTR
-from pynydus.rafs.v6 import BootstrapV6
+from pynydus.rafs.read import BootstrapV6
 
 __all__ = [
     "LayerDir",

@@ -1,4 +1,4 @@
-"""Layer sources and the merged chunk table, for :mod:`pynydus.rafs.mergewrite`.
+"""Layer sources and the merged chunk table, for :mod:`pynydus.rafs.merge.writer`.
 
 A merged regular file keeps its layer's chunk index array; only the device id byte
 of each entry changes (layer blob index -> merged blob table index). The merged
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs import layout as L
-from pynydus.rafs.v6 import BootstrapV6
+from pynydus.rafs.format import layout as L
+from pynydus.rafs.read import BootstrapV6
 
 __all__ = ["ChunkTable", "LayerSource"]
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from pynydus.rafs.blobfiles import BlobFiles
-from pynydus.rafs.reader import Bootstrap
+from pynydus.rafs.read.blobfiles import BlobFiles
+from pynydus.rafs.read.open import open_bootstrap
 
 _OPAQUE = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 
@@ -39,7 +39,7 @@ def check_image(bootstrap: str, blob_dir: str | None = None,
     """Validate ``bootstrap`` (and every chunk in ``blob_dir``); raises on the first error."""
     t0 = time.monotonic()
     rep = CheckReport()
-    with Bootstrap.open(bootstrap) as bs:
+    with open_bootstrap(bootstrap) as bs:
         rep.blobs = [b.blob_id for b in bs.blobs]
         seen: set[tuple[int, int]] = set()
         blobs = BlobFiles(bs, blob_dir) if blob_dir else None
@@ -95,7 +95,7 @@ class _ChunkStream(io.RawIOBase):
 def unpack_image(bootstrap: str, blob_dir: str, output: str) -> int:
     """Write the image as a tar to ``output``; returns the number of entries."""
     count = 0
-    with Bootstrap.open(bootstrap) as bs, BlobFiles(bs, blob_dir) as blobs, \
+    with open_bootstrap(bootstrap) as bs, BlobFiles(bs, blob_dir) as blobs, \
             tarfile.open(output, "w", format=tarfile.PAX_FORMAT) as tar:
         first_path: dict[int, str] = {}
         for raw_path, ino in bs.walk():

@@ -5,13 +5,13 @@ Theory of operation. A layer arrives plain, gzip (any number of members) or zstd
 cost of a tar.gz build that cannot shrink, so it runs on a thread of its own: the
 thread reads 1 MiB of compressed input at a time and inflates it into blocks of up
 to 4 MiB (zlib and zstd release the GIL while they work), a few blocks ahead of the
-consumer. The consumer (the tar parser and the chunker on the main thread) then
+consumer. The consumer (the tar parser and the blob writer on the main thread) then
 takes headers and file data as slices of those blocks: one Python call per header
 or chunk, no per-read buffering layers in between, and file data as zero-copy
 memoryviews unless a chunk straddles two blocks.
 
 A big compressed layer in a regular file is decoded by a child process instead
-(:mod:`pynydus.rafs.decodeproc`) when a second CPU is usable, and the thread only
+(:mod:`pynydus.rafs.decoder.decodeproc`) when a second CPU is usable, and the thread only
 receives the child's output from a socket, a block per call. In-process, the
 decoder and the tar parser take turns at the GIL (every decoder call gives it up
 and must win it back from a parser running Python); a process of its own decodes
@@ -46,6 +46,7 @@ from typing import Any, BinaryIO, Protocol, Self, cast
 
 import zstandard
 
+import pynydus
 from pynydus.errors import InvalidArgument
 
 _inflate_lib: types.ModuleType
@@ -63,6 +64,7 @@ __all__ = [
     "LayerStream",
     "absolute_seek",
     "compression_of",
+    "usable_cpus",
 ]
 
 #: Which library inflates gzip layers ("isal_zlib" or "zlib").
@@ -78,7 +80,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 log = logging.getLogger(__name__)
 
 # The directory that holds the pynydus package (handed to the decoder process).
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pynydus.__file__)))
 
 # 1 MiB of compressed input per read; at most 4 MiB of output per block, 4 blocks
 # ahead: decoding overlaps the consumer's work, memory stays under ~20 MiB.
@@ -95,6 +97,14 @@ _PROCESS_MIN = 8 << 20
 
 class _Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (``taskset`` narrows it; os.cpu_count() does not)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def compression_of(head: bytes) -> str | None:
@@ -344,7 +354,7 @@ def _process_input(f: BinaryIO, head: bytes, codec: str | None) -> tuple[int, in
     if not stat.S_ISREG(st.st_mode) or start < 0:
         return None
     big = st.st_size - start >= _PROCESS_MIN
-    if mode != "process" and (not big or len(os.sched_getaffinity(0)) < 2):
+    if mode != "process" and (not big or usable_cpus() < 2):
         return None
     return fd, start
 
@@ -370,7 +380,7 @@ class _DecoderProcess:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pynydus.rafs.decodeproc", codec, str(offset)],
+                [sys.executable, "-m", "pynydus.rafs.decoder.decodeproc", codec, str(offset)],
                 stdin=fd,
                 stdout=theirs.fileno(),
                 stderr=subprocess.PIPE,

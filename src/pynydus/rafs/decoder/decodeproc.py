@@ -1,6 +1,6 @@
-"""The decoder process of :class:`pynydus.rafs.layerstream.LayerStream` (run with ``-m``).
+"""The decoder process of :class:`pynydus.rafs.decoder.layerstream.LayerStream` (run with ``-m``).
 
-``python -m pynydus.rafs.decodeproc CODEC OFFSET`` reads a compressed layer from
+``python -m pynydus.rafs.decoder.decodeproc CODEC OFFSET`` reads a compressed layer from
 standard input (a regular file, read with pread from OFFSET, so the parent's file
 offset is left alone), decodes it with the same code the in-process decoder uses
 and writes the uncompressed tar to standard output. A malformed stream ends it with
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pynydus.rafs.layerstream import DECODE_ERRORS, DECODERS, _pread_inputs
+from pynydus.rafs.decoder.layerstream import DECODE_ERRORS, DECODERS, _pread_inputs
 
 # What ends the child with a report the parent raises again.
 _REPORTED: tuple[type[BaseException], ...] = (EOFError, *DECODE_ERRORS)

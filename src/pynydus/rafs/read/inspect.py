@@ -13,10 +13,11 @@ import stat
 from dataclasses import fields
 from typing import Any
 
-from pynydus.rafs.layout import BlobFeatures, SuperFlags
-from pynydus.rafs.reader import BlobInfo, Bootstrap
-from pynydus.rafs.v5 import BootstrapV5
-from pynydus.rafs.v6 import BootstrapV6
+from pynydus.rafs.format import BlobFeatures, SuperFlags
+from pynydus.rafs.read.bootstrap import BlobInfo, Bootstrap
+from pynydus.rafs.read.open import open_bootstrap
+from pynydus.rafs.read.v5 import BootstrapV5
+from pynydus.rafs.read.v6 import BootstrapV6
 
 
 def _flag_names(value: int, enum_t: type[SuperFlags | BlobFeatures]) -> list[str]:
@@ -144,7 +145,7 @@ def inspect_bootstrap(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     OSError if unreadable, FormatError if malformed.  Read-only; repeatable.
     """
-    with Bootstrap.open(path) as bs:
+    with open_bootstrap(path) as bs:
         d = describe(bs)
     d["path"] = os.fspath(path)
     return d

@@ -1,6 +1,6 @@
 """RAFS on-disk structures shared by v5 and v6, and the RAFS v6 (EROFS) ones; sans-I/O.
 
-The legacy v5 structures live in :mod:`pynydus.rafs.layout_v5`.
+The legacy v5 structures live in :mod:`pynydus.rafs.format.layout_v5`.
 
 
 Theory of operation: every structure is a frozen dataclass whose fields, in
@@ -9,7 +9,7 @@ little-endian ``struct.Struct``.  ``pack()`` turns the value into its on-disk
 bytes (reserved areas written as zeros); ``unpack(buf, offset)`` reads it back
 after checking that the whole structure lies inside ``buf``.  Unpacking checks
 only *size*; the semantic checks that upstream nydusd applies (magic, versions,
-alignment, bounds) live in the reader (``pynydus.rafs.v6`` / ``v5``), because a
+alignment, bounds) live in the reader (``pynydus.rafs.read.v6`` / ``v5``), because a
 builder must be able to construct a value before it is valid.  A builder checks
 its output by opening it with the reader.
 
@@ -744,3 +744,13 @@ def _pack_one_dir_block(entries: list[tuple[bytes, int, int]]) -> bytes:
         heads += RafsV6Dirent(nid, names_off + len(names), ftype).pack()
         names += name
     return bytes(heads + names)
+
+
+def encode_rdev(major: int, minor: int) -> int:
+    """Linux ``new_encode_dev``: the 32-bit device number EROFS stores in ``i_u``."""
+    return (minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)
+
+
+def decode_rdev(rdev: int) -> tuple[int, int]:
+    """(major, minor) of a device number in ``i_u`` form; inverse of :func:`encode_rdev`."""
+    return (rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)

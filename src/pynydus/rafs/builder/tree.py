@@ -35,39 +35,32 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pynydus.errors import FormatError, InvalidArgument
-from pynydus.rafs.chunker import ChunkRef
-from pynydus.rafs.tarstream import OCI_WHITEOUT_PREFIX, Entry, EntryType, Whiteout
+from pynydus.rafs.builder.blobwriter import ChunkRef
+from pynydus.rafs.format import (
+    LOWER_HARDLINK_XATTR,
+    OCI_WHITEOUT_OPAQUE,
+    OCI_WHITEOUT_PREFIX,
+    OVERLAY_OPAQUE_XATTR,
+    encode_rdev,
+    is_overlay_whiteout,
+)
+from pynydus.rafs.source import Entry, EntryType, Whiteout
 
 __all__ = [
-    "LOWER_HARDLINK_XATTR",
-    "OVERLAY_OPAQUE_XATTR",
     "WHITEOUT_SPECS",
     "Inode",
     "Node",
     "Tree",
     "bind_lower_links",
-    "encode_rdev",
     "iter_nodes",
+    "overlay",
 ]
 
-OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
-# Marks a hardlink whose target is in a lower layer; the value is the target's path.
-LOWER_HARDLINK_XATTR = b"trusted.pynydus.lower-hardlink"
 WHITEOUT_SPECS = ("overlayfs", "oci", "none")
 
 
 def _is_overlay_whiteout(inode: Inode) -> bool:
-    return stat.S_ISCHR(inode.mode) and inode.rdev == 0
-
-
-def encode_rdev(major: int, minor: int) -> int:
-    """Linux ``new_encode_dev``: the 32-bit device number EROFS stores in ``i_u``."""
-    return (minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)
-
-
-def decode_rdev(rdev: int) -> tuple[int, int]:
-    """Inverse of :func:`encode_rdev`."""
-    return (rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+    return is_overlay_whiteout(inode.mode, inode.rdev)
 
 
 @dataclass(slots=True, eq=False)
@@ -314,7 +307,7 @@ def bind_lower_links(lower: Node, upper: Node) -> None:
     """Point the hardlinks of layer ``upper`` that wait for a lower target at it, in place.
 
     ``lower`` is the root of everything below the layer (the merged lower layers),
-    ``upper`` the layer's own root, before :func:`pynydus.rafs.merge.overlay` puts
+    ``upper`` the layer's own root, before :func:`overlay` puts
     one on the other. A placeholder becomes the lower target's inode (regular
     files: one inode, a real hardlink in the merged image; other types: a copy,
     as for hardlinks inside a layer). Raises :class:`FormatError` when the target
@@ -340,6 +333,42 @@ def bind_lower_links(lower: Node, upper: Node) -> None:
             bound[id(inode)] = target
         assert parent.children is not None
         parent.children[node.name] = Node(node.name, target)
+
+
+def overlay(lower: Node, upper: Node) -> None:
+    """Apply directory ``upper`` (one layer) on top of directory ``lower``, in place.
+
+    ``lower`` takes ``upper``'s metadata (unless upper's directory was only implied
+    by its children's paths); whiteouts in ``upper`` hide lower entries
+    and are not copied; other upper entries are added or replace/merge into lower.
+    Upper nodes are reused (not copied), so ``upper`` must not be used afterwards.
+    """
+    assert lower.children is not None and upper.children is not None
+    if upper.inode.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y":
+        lower.children.clear()  # an opaque upper directory hides everything below it
+    if not upper.inode.implicit or lower.inode.implicit:
+        lower.inode = upper.inode
+    lower.inode.xattrs.pop(OVERLAY_OPAQUE_XATTR, None)
+    kept: list[Node] = []
+    for name, u in upper.children.items():
+        if name == OCI_WHITEOUT_OPAQUE:
+            lower.children.clear()
+        elif name.startswith(OCI_WHITEOUT_PREFIX):
+            lower.children.pop(name[len(OCI_WHITEOUT_PREFIX) :], None)
+        elif _is_overlay_whiteout(u.inode):
+            lower.children.pop(name, None)
+        else:
+            kept.append(u)
+    for u in kept:
+        old = lower.children.get(u.name)
+        if u.is_dir and old is not None and old.is_dir:
+            overlay(old, u)
+        elif u.is_dir:
+            fresh = Node(u.name, Inode(mode=u.inode.mode), {})
+            overlay(fresh, u)  # strips whiteouts at the lowest layer, too
+            lower.children[u.name] = fresh
+        else:
+            lower.children[u.name] = u
 
 
 def _lookup(root: Node, path: bytes) -> Node | None:

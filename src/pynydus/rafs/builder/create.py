@@ -3,8 +3,8 @@
 This is the entry point behind ``pynydus image build`` (upstream ``nydus-image
 create``). It wires the pieces together in one streaming pass:
 
-    source entries ──► chunker (data → blob file, dedup) ──► tree (metadata only)
-                                                   └──► v6writer (bootstrap file)
+    source entries ──► blob writer (data → blob file, dedup) ──► tree (metadata only)
+                                                       └──► v6writer (bootstrap file)
 
 Memory holds the metadata tree and one chunk at a time, never a whole file. The
 blob is written to a temp file in ``blob_dir`` and renamed to its sha256 (its
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
-from pynydus.rafs.chunker import (
+from pynydus.rafs.builder.blobwriter import (
     DEFAULT_CHUNK_SIZE,
     BlobDesc,
     BlobStats,
@@ -30,18 +30,17 @@ from pynydus.rafs.chunker import (
     ChunkDict,
     ChunkRef,
 )
-from pynydus.rafs.compress import Compressor, Digester, parse_compressor, parse_digester
-from pynydus.rafs.merge import (
+from pynydus.rafs.builder.load import (
     LoadedImage,
     chunk_dict_from_bootstrap,
     chunk_dict_from_tree,
     load_bootstrap,
-    overlay,
 )
-from pynydus.rafs.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
-from pynydus.rafs.tarstream import DirSource, EntryType, TarSource, normalize_path
-from pynydus.rafs.tree import Tree, bind_lower_links, iter_nodes
-from pynydus.rafs.v6writer import BootstrapInfo, V6Options, write_bootstrap
+from pynydus.rafs.builder.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
+from pynydus.rafs.builder.tree import Tree, bind_lower_links, iter_nodes, overlay
+from pynydus.rafs.builder.v6writer import BootstrapInfo, V6Options, write_bootstrap
+from pynydus.rafs.format import Compressor, Digester, parse_compressor, parse_digester
+from pynydus.rafs.source import DirSource, EntryType, TarSource, normalize_path
 
 __all__ = ["BlobReport", "BuildProgress", "BuildResult", "SourceType", "build", "build_tree"]
 
@@ -220,7 +219,7 @@ def build(
     overlaid (its whiteouts applied), parent blobs first in the table.
     ``prefetch_files`` are absolute paths (``/`` = everything) recorded in the
     prefetch table; a directory build also writes their data first.
-    ``whiteout_spec`` says what OCI whiteouts become (:mod:`pynydus.rafs.tree`).
+    ``whiteout_spec`` says what OCI whiteouts become (:mod:`pynydus.rafs.builder.tree`).
     ``blob_cache_dir`` also writes the blob's cache form (``<id>.blob.data``, the
     uncompressed address space usable as the kernel device of a compressed image,
     and ``<id>.blob.meta``), like upstream's ``--blob-cache-dir``.

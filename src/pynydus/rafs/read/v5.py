@@ -18,16 +18,13 @@ import struct
 from collections.abc import Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
-from pynydus.rafs.layout import (
+from pynydus.rafs.format import Compressor, Digester, FileType, RafsChunkInfo
+from pynydus.rafs.format.layout import (
     RAFS_MAX_CHUNK_SIZE,
     RAFS_MAX_NAME,
     SUPER_FLAGS_COMPRESSION_MASK,
     SUPER_FLAGS_HASH_MASK,
     SUPER_FLAGS_KNOWN,
-    Compressor,
-    Digester,
-    FileType,
-    RafsChunkInfo,
     align_up,
     compressor_from_flags,
     digester_from_flags,
@@ -36,7 +33,7 @@ from pynydus.rafs.layout import (
     need,
     unpack_u32_array,
 )
-from pynydus.rafs.layout_v5 import (
+from pynydus.rafs.format.layout_v5 import (
     RAFS_MAX_METADATA_SIZE,
     RAFS_V5_ALIGNMENT,
     RAFS_V5_EXT_BLOB_ENTRY_SIZE,
@@ -51,7 +48,7 @@ from pynydus.rafs.layout_v5 import (
     unpack_v5_blob_table,
     unpack_v5_xattrs,
 )
-from pynydus.rafs.reader import BlobInfo, Bootstrap, Buffer, DirEntry, FileChunk, Stat
+from pynydus.rafs.read.bootstrap import BlobInfo, Bootstrap, Buffer, DirEntry, FileChunk, Stat
 
 _U32 = struct.Struct("<I")
 #: nydusd rejects inode-table offsets at or beyond 2^29 * 8.

@@ -27,7 +27,7 @@ import lz4.block  # type: ignore[import-untyped]
 import zstandard
 
 from pynydus.errors import FormatError, InvalidArgument
-from pynydus.rafs import layout as _layout
+from pynydus.rafs.format import layout as _layout
 
 __all__ = [
     "Compressor",

@@ -1,8 +1,8 @@
 """RAFS v5 on-disk structures (the pre-EROFS format), sans-I/O.
 
-Same conventions as :mod:`pynydus.rafs.layout`: frozen dataclasses packed with one
+Same conventions as :mod:`pynydus.rafs.format.layout`: frozen dataclasses packed with one
 precompiled little-endian struct, ``unpack`` checks only that the bytes are there,
-the reader (:mod:`pynydus.rafs.v5`) applies nydusd's semantic checks.  The 80-byte
+the reader (:mod:`pynydus.rafs.read.v5`) applies nydusd's semantic checks.  The 80-byte
 chunk record is shared with v6 and defined in ``layout`` (``RafsChunkInfo``).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pynydus.rafs.layout import (
+from pynydus.rafs.format.layout import (
     RAFS_DEFAULT_CHUNK_SIZE,
     PackedStruct,
     ReadableBuffer,

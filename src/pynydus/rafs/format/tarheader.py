@@ -6,7 +6,7 @@ long name / long link target (``L``/``K``) headers, whose data qualifies what
 follows, then the member's own header. :func:`parse_header` reads one block and
 :func:`pax_records` one PAX header's data; :func:`apply_pax` applies records to a
 member's fields. The reader that walks the chain over a stream, and decides what
-a block that does not parse means there, is :class:`pynydus.rafs.tarstream.TarSource`.
+a block that does not parse means there, is :class:`pynydus.rafs.source.tarsource.TarSource`.
 
 The parsers accept exactly what :mod:`tarfile` accepts for the header types in
 :data:`PLAIN_TYPES` and :data:`EXT_TYPES` (same checksum rule, same number

@@ -1,0 +1,17 @@
+"""The uncompressed bytes of a layer tar: gzip or zstd decoded ahead of its reader.
+
+:class:`LayerStream` decodes on a thread, or, for a big layer in a regular file with
+a second CPU free, in a child process (``python -m pynydus.rafs.decoder.decodeproc``).
+This package imports nothing else of :mod:`pynydus.rafs`, so that child starts
+with the decoder alone.
+"""
+
+from pynydus.rafs.decoder.layerstream import (
+    DECODE_ERRORS,
+    LayerStream,
+    absolute_seek,
+    compression_of,
+    usable_cpus,
+)
+
+__all__ = ["DECODE_ERRORS", "LayerStream", "absolute_seek", "compression_of", "usable_cpus"]

@@ -1,0 +1,59 @@
+"""Open a RAFS bootstrap: tell v5 from v6 by its magic and construct that reader.
+
+The only place that knows both versions: :class:`~pynydus.rafs.read.bootstrap.Bootstrap`
+holds what they share, :class:`~pynydus.rafs.read.v5.BootstrapV5` and
+:class:`~pynydus.rafs.read.v6.BootstrapV6` build on it, and this module picks one.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from pynydus.rafs.format.layout import EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET, format_error
+from pynydus.rafs.format.layout_v5 import RAFS_V5_SUPER_MAGIC
+from pynydus.rafs.read.bootstrap import Bootstrap, Buffer
+from pynydus.rafs.read.v5 import BootstrapV5
+from pynydus.rafs.read.v6 import BootstrapV6
+
+__all__ = ["bootstrap_from_bytes", "open_bootstrap"]
+
+
+def bootstrap_from_bytes(buf: Buffer) -> Bootstrap:
+    """Detect the version and parse the headers of a bootstrap held in memory.
+
+    Costs O(number of blobs + prefetch entries); no inode is decoded. The buffer is
+    not copied (except a memoryview) and must outlive the bootstrap.
+    """
+    if len(buf) >= 4 and int.from_bytes(buf[0:4], "little") == RAFS_V5_SUPER_MAGIC:
+        return BootstrapV5(buf)
+    if len(buf) >= EROFS_SUPER_OFFSET + 4 and (
+        int.from_bytes(buf[EROFS_SUPER_OFFSET : EROFS_SUPER_OFFSET + 4], "little")
+        == EROFS_SUPER_MAGIC_V1
+    ):
+        return BootstrapV6(buf)
+    raise format_error(
+        "bootstrap magic",
+        0,
+        f"neither RAFS v5 (offset 0) nor RAFS v6/EROFS (offset 1024); size {len(buf)}",
+    )
+
+
+def open_bootstrap(path: str | os.PathLike[str]) -> Bootstrap:
+    """mmap the bootstrap file at ``path`` read-only and parse its headers.
+
+    OSError if the file cannot be read; FormatError if it is not a valid bootstrap.
+    ``close()`` (or leaving a ``with`` block) releases the mapping.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise format_error("bootstrap", 0, f"{os.fspath(path)!r} is empty")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        bs = bootstrap_from_bytes(mm)
+    except BaseException:
+        mm.close()
+        raise
+    bs.adopt(mm)
+    return bs
