@@ -77,13 +77,18 @@ class ConfigError(InvalidArgument):
     """A configuration file or flag is wrong; the message names the key."""
 
 
-class FormatError(InvalidArgument):
-    """Malformed on-disk or on-wire data (bootstrap, blob, manifest).
+class FormatError(NydusError):
+    """Malformed on-disk or on-wire data (bootstrap, blob, manifest, layer).
 
+    The data is at fault, not the caller: gRPC DATA_LOSS ("unrecoverable data loss or
+    corruption"), which containerd's errdefs reads as ErrDataLoss (errdefs v0.3+) or
+    ErrUnknown (containerd 1.6), never as the caller's invalid argument. EIO in FUSE.
     The message names the field and the byte offset where the problem was found.
     """
 
+    grpc_code = "DATA_LOSS"
     errno = _errno.EIO
+    exit_code = 2  # for a CLI the data is its input (a file or image it was pointed at)
 
 
 class HostCheckError(FailedPrecondition):

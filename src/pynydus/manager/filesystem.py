@@ -32,6 +32,8 @@ from pynydus.logs import nydusd_level
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
+from pynydus.rafs.layout import EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
+from pynydus.rafs.layout_v5 import RAFS_V5_SUPER_MAGIC
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,8 @@ _STANDBY_NICENESS = 10
 _STANDBY_REFILL_DELAY = 3.0
 # How long an image waits for a spare that is starting before starting its own daemon.
 _STANDBY_WAIT = 10.0
-_V5_MAGIC = 0x52414653
-_V6_MAGIC = 0xE0F5E1E2
+# How long close() waits for mounts under way (a daemon start, a standby's wait).
+_CLOSE_MOUNT_WAIT = 30.0
 
 
 def bootstrap_path(snapshot_dir: str) -> str:
@@ -61,20 +63,21 @@ def bootstrap_ready(path: str) -> bool:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(1024 + 16)
+            head = f.read(EROFS_SUPER_OFFSET + 16)
     except OSError:
         return False
-    if size >= 8 and struct.unpack_from("<I", head, 0)[0] == _V5_MAGIC:
+    if size >= 8 and struct.unpack_from("<I", head, 0)[0] == RAFS_V5_SUPER_MAGIC:
         return True
-    if len(head) >= 1028 and struct.unpack_from("<I", head, 1024)[0] == _V6_MAGIC:
+    if (len(head) >= EROFS_SUPER_OFFSET + 4
+            and struct.unpack_from("<I", head, EROFS_SUPER_OFFSET)[0] == EROFS_SUPER_MAGIC_V1):
         return size % 4096 == 0 or size % 512 == 0
     return False
 
 
 def fs_version(path: str) -> str:
     with open(path, "rb") as f:
-        head = f.read(1028)
-    return "v5" if struct.unpack_from("<I", head, 0)[0] == _V5_MAGIC else "v6"
+        head = f.read(4)
+    return "v5" if len(head) == 4 and struct.unpack("<I", head)[0] == RAFS_V5_SUPER_MAGIC else "v6"
 
 
 class NydusFilesystem:
@@ -114,6 +117,9 @@ class NydusFilesystem:
         self.instances: dict[str, RafsRecord] = {r.snapshot_id: r for r in self.store.instances()}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        # Mounts under way; close() waits for them, so every daemon they start has its record.
+        self._mounting = 0
+        self._mounts_done = threading.Condition(self._lock)
         # Dedicated mode keeps one started daemon in reserve: the next image is mounted
         # into it through the API (milliseconds) instead of waiting for a process start.
         self.use_standby = self.mode != "shared"
@@ -123,7 +129,7 @@ class NydusFilesystem:
         self._refill_now = threading.Event()  # cuts a delayed refill's wait short
         self._refilling: DaemonRecord | None = None  # the spare being started, if any
         self._refill_thread: threading.Thread | None = None
-        self._closing = False
+        self._closing = False  # set under _lock: no mount starts after it
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -156,8 +162,16 @@ class NydusFilesystem:
     def close(self, teardown: bool = False) -> None:
         """Stop supervising. Daemons serving images keep running (containers read through
         them; a restarted snapshotter reconnects), unless ``teardown``. The standby
-        daemon serves nothing and is always stopped."""
-        self._closing = True
+        daemon serves nothing and is always stopped. Mounts under way are finished (or
+        refused, if still waiting for their bootstrap) first, and later ones are refused,
+        so that no daemon runs without a record."""
+        with self._lock:
+            self._closing = True
+            deadline = time.monotonic() + _CLOSE_MOUNT_WAIT
+            while self._mounting and time.monotonic() < deadline:
+                self._mounts_done.wait(deadline - time.monotonic())
+            if self._mounting:
+                log.warning("closing with %d mounts still under way", self._mounting)
         self._refill_now.set()
         if self._refill_thread is not None:
             self._refill_thread.join(timeout=20)  # it stops what it started once it sees closing
@@ -205,8 +219,21 @@ class NydusFilesystem:
         """Serve the image whose bootstrap is in snapshot ``sid``; returns the mountpoint.
 
         Idempotent. Raises FailedPrecondition when the labels lack the image
-        reference (the registry to fetch from), Unavailable when the daemon fails.
+        reference (the registry to fetch from), Unavailable when the daemon fails or
+        the snapshotter is closing.
         """
+        with self._lock:
+            if self._closing:
+                raise Unavailable(f"mount of snapshot {q(sid)}: the snapshotter is closing")
+            self._mounting += 1
+        try:
+            return self._mount(sid, labels)
+        finally:
+            with self._lock:
+                self._mounting -= 1
+                self._mounts_done.notify_all()
+
+    def _mount(self, sid: str, labels: Mapping[str, str]) -> str:
         with self._sid_lock(sid):
             if sid in self.instances:
                 return self.instances[sid].mountpoint
@@ -215,7 +242,7 @@ class NydusFilesystem:
                 raise FailedPrecondition(
                     f"snapshot {q(sid)}: the Nydus image has no image reference label "
                     f"({L.CRI_IMAGE_REF}); pull it through the CRI (kubelet/crictl), "
-                    f"'ctr-remote images rpull' or 'pynydus pull', not plain 'ctr images pull'"
+                    f"'ctr-remote images rpull' or nerdctl, not plain 'ctr images pull'"
                 )
             sdir = self.snapshot_dir(sid)
             boot = self._wait_bootstrap(sdir)
@@ -234,6 +261,8 @@ class NydusFilesystem:
             boot = bootstrap_path(sdir)
             if bootstrap_ready(boot):
                 return boot
+            if self._closing:
+                raise Unavailable(f"mount of {boot}: the snapshotter is closing")
             if time.monotonic() > deadline:
                 raise FailedPrecondition(f"no valid RAFS bootstrap at {boot}")
             time.sleep(0.05)

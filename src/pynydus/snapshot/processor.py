@@ -6,19 +6,23 @@ labels of the new snapshot and of its ancestors, whether a layer is
 - ``DEFAULT``: a plain directory containerd unpacks into (native mounts),
 - ``SKIP``: committed at once and answered AlreadyExists, so containerd never
   downloads it (a Nydus data blob, fetched lazily later),
-- ``REMOTE``: mounted through the RAFS filesystem of the ancestor ``remote_id``,
-- ``PROXY``: left to another agent (Kata guest pull).
+- ``REMOTE``: mounted through the RAFS filesystem of the image's bootstrap layer.
 
-Rows whose feature is off in ``Features`` are skipped, so with no remote
-filesystem configured every layer is DEFAULT and the snapshotter is exactly
-containerd's overlayfs snapshotter. Rows not implemented yet (index/referrer
-detection, stargz, tarfs) are named in comments where they go.
+``bootstrap_layer`` is the one answer to "which ancestor is the image's Nydus
+bootstrap": Prepare (through ``choose``), View and Mounts all ask it.
+
+With no remote filesystem configured (``Features.nydus`` false) every layer is
+DEFAULT and the snapshotter is exactly containerd's overlayfs snapshotter.
+upstream's proxy rows (``fs_driver = "proxy"``: skip every CRI layer and mark it
+``nydus-proxy-mode``; a container layer over such a parent handed to the guest) are
+not here: that driver is refused at start-up (``docs/decisions.md``). Rows not
+implemented (index/referrer detection, stargz, tarfs) are named where they would go.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from pynydus import labels as L
@@ -28,7 +32,6 @@ class Handler(Enum):
     DEFAULT = "default"
     SKIP = "skip"
     REMOTE = "remote"
-    PROXY = "proxy"
 
 
 @dataclass(frozen=True)
@@ -44,17 +47,26 @@ class Features:
     """Which rows of the table are live."""
 
     nydus: bool = False  # a RAFS filesystem (daemon manager) is attached
-    proxy_driver: bool = False  # fs_driver = proxy
 
 
 @dataclass(frozen=True)
 class Decision:
     handler: Handler
-    remote_id: str | None = None  # REMOTE: the snapshot whose RAFS instance serves the mount
-    add_labels: Mapping[str, str] = field(default_factory=dict)  # persisted on commit
+    # REMOTE: the bootstrap layer whose RAFS instance serves the mount, with its labels
+    remote: Layer | None = None
 
 
 DEFAULT = Decision(Handler.DEFAULT)
+SKIP = Decision(Handler.SKIP)
+
+
+def bootstrap_layer(ancestors: Sequence[Layer]) -> Layer | None:
+    """The nearest of ``ancestors`` (nearest first) that carries the image's RAFS
+    bootstrap, or None for an image that is not a Nydus image."""
+    for layer in ancestors:
+        if L.is_nydus_meta_layer(layer.labels):
+            return layer
+    return None
 
 
 def choose(
@@ -66,37 +78,28 @@ def choose(
 
     Raises nothing for unknown labels: an unrecognised layer is DEFAULT.
     """
+    if not features.nydus:
+        return DEFAULT
     if L.TARGET_SNAPSHOT_REF in labels:
-        return _choose_pulled_layer(labels, features)
-    return _choose_container_layer(ancestors, features)
+        return _choose_pulled_layer(labels)
+    return _choose_container_layer(ancestors)
 
 
-def _choose_pulled_layer(labels: Mapping[str, str], features: Features) -> Decision:
-    # A1: proxy driver skips every layer the CRI describes.
-    if features.proxy_driver and L.CRI_LAYER_DIGEST in labels:
-        return Decision(Handler.SKIP, add_labels={L.NYDUS_PROXY_MODE: "true"})
-    if features.nydus:
-        # A2: the bootstrap layer is small; containerd unpacks it like any layer.
-        if L.is_nydus_meta_layer(labels):
-            return DEFAULT
-        # A3: data blobs are never downloaded; the daemon fetches chunks lazily.
-        if L.is_nydus_data_layer(labels):
-            return Decision(Handler.SKIP)
-    # A4 index detection, A5 referrer detection, A6 stargz, A7 tarfs: later issues.
+def _choose_pulled_layer(labels: Mapping[str, str]) -> Decision:
+    # A2: the bootstrap layer is small; containerd unpacks it like any layer.
+    if L.is_nydus_meta_layer(labels):
+        return DEFAULT
+    # A3: data blobs are never downloaded; the daemon fetches chunks lazily.
+    if L.is_nydus_data_layer(labels):
+        return SKIP
+    # A4 index detection, A5 referrer detection, A6 stargz, A7 tarfs: not implemented.
     return DEFAULT  # A8
 
 
-def _choose_container_layer(ancestors: Sequence[Layer], features: Features) -> Decision:
-    parent = ancestors[0] if ancestors else None
-    # B2 (wins over B1): a proxy-mode parent is served remotely.
-    if parent is not None and L.NYDUS_PROXY_MODE in parent.labels:
-        return Decision(Handler.REMOTE, remote_id=parent.id)
-    if features.proxy_driver:
-        return Decision(Handler.PROXY)  # B1
-    if features.nydus:
-        # B3: the image's bootstrap layer is somewhere in the chain.
-        for layer in ancestors:
-            if L.is_nydus_meta_layer(layer.labels):
-                return Decision(Handler.REMOTE, remote_id=layer.id)
-    # B4 index, B5 referrer, B6 stargz, B7 tarfs: later issues.
+def _choose_container_layer(ancestors: Sequence[Layer]) -> Decision:
+    # B3: the image's bootstrap layer is somewhere in the chain.
+    meta = bootstrap_layer(ancestors)
+    if meta is not None:
+        return Decision(Handler.REMOTE, remote=meta)
+    # B4 index, B5 referrer, B6 stargz, B7 tarfs: not implemented.
     return DEFAULT  # B8

@@ -67,16 +67,16 @@ class SnapshotterOptions:
 @dataclass(frozen=True)
 class MountsTarget:
     """Snapshot ``snap`` as Mounts sees it: its labels and, when the image is served by
-    Nydus, the id of the bootstrap layer whose instance its mounts stand on."""
+    Nydus, the bootstrap layer (id and labels) whose instance its mounts stand on."""
 
     snap: Snapshot
     labels: Mapping[str, str]
-    meta_id: str | None
+    meta: processor.Layer | None
 
     @property
     def needs_instance(self) -> bool:
         """Mounts starts (or waits for) a Nydus instance; False means a metastore read."""
-        return self.meta_id is not None
+        return self.meta is not None
 
 
 class Snapshotter:
@@ -99,6 +99,10 @@ class Snapshotter:
         self.features = processor.Features(nydus=fs is not None)
         self._overlay_extra = ("index=off",) if checks.overlay_supports_index() else ()
         self._cleanup_lock = threading.Lock()
+        # Early mounts started by Commit (see commit); close() waits for them.
+        self._early_lock = threading.Lock()
+        self._early: set[threading.Thread] = set()
+        self._closing = False
 
     # --- paths --------------------------------------------------------------------
 
@@ -125,16 +129,15 @@ class Snapshotter:
         decision = self._decide(snap, labels)
         if decision.handler is processor.Handler.SKIP:
             target = labels.get(L.TARGET_SNAPSHOT_REF, "")
-            commit_labels = {**labels, **decision.add_labels}
             try:
-                self.commit(target, key, commit_labels)
+                self.commit(target, key, labels)
             except BaseException:
                 self._undo_create(key)  # else a retry of the key is AlreadyExists: "unpacked"
                 raise
             raise AlreadyExists(f"target snapshot {q(target)} already exists")
-        if decision.handler is processor.Handler.REMOTE and decision.remote_id is not None:
+        if decision.remote is not None:
             try:
-                return self._remote(snap, decision.remote_id, labels)
+                return self._remote(snap, decision.remote, labels)
             except BaseException:
                 self._undo_create(key)
                 raise
@@ -146,9 +149,9 @@ class Snapshotter:
         L.validate(labels)
         snap = self._create(Kind.VIEW, key, parent, labels)
         try:
-            remote_id = self._remote_layer(snap)
-            if remote_id is not None:
-                return self._remote(snap, remote_id, labels)
+            meta = None if self.fs is None else processor.bootstrap_layer(self._ancestors(snap))
+            if meta is not None:
+                return self._remote(snap, meta, labels)
         except BaseException:
             self._undo_create(key)
             raise
@@ -168,14 +171,14 @@ class Snapshotter:
         if self.fs is None:  # no Nydus: the parents' labels do not matter
             return MountsTarget(snap, self.ms.labels_by_ids((snap.id,))[0], None)
         labels, *parents = self.ms.labels_by_ids((snap.id, *snap.parent_ids))
-        return MountsTarget(snap, labels, self._meta_layer(
+        return MountsTarget(snap, labels, processor.bootstrap_layer(
             [processor.Layer(pid, pl) for pid, pl in zip(snap.parent_ids, parents, strict=True)]))
 
     def mounts_of(self, target: MountsTarget) -> list[Mount]:
         """The mounts of a ``mounts_target``; starts the image's Nydus instance if it needs
         one (``target.needs_instance``) and waits for it."""
-        if target.meta_id is not None:
-            return self._remote(target.snap, target.meta_id, target.labels)
+        if target.meta is not None:
+            return self._remote(target.snap, target.meta, target.labels)
         return self._mounts(target.snap, target.labels)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
@@ -198,8 +201,13 @@ class Snapshotter:
             # The image's bootstrap has just been unpacked: start serving it now, while
             # containerd finishes the pull, so the first container does not wait for a
             # daemon to start. Errors are only logged: Prepare mounts again and reports.
-            threading.Thread(target=self._mount_early, args=(sid, labels), daemon=True,
-                             name=f"mount-{sid}").start()
+            with self._early_lock:
+                if self._closing:
+                    return
+                thread = threading.Thread(target=self._mount_early, args=(sid, labels),
+                                          daemon=True, name=f"mount-{sid}")
+                self._early.add(thread)
+            thread.start()
 
     def _mount_early(self, sid: str, labels: Mapping[str, str]) -> None:
         assert self.fs is not None
@@ -207,6 +215,9 @@ class Snapshotter:
             self.fs.mount(sid, labels)
         except Exception as err:  # noqa: BLE001 - a hint; Prepare mounts again and reports
             log.info("early mount of image snapshot %s failed (Prepare will retry): %s", sid, err)
+        finally:
+            with self._early_lock:
+                self._early.discard(threading.current_thread())
 
     def remove(self, key: str) -> None:
         """Remove ``key``; FailedPrecondition while another snapshot has it as parent.
@@ -262,8 +273,15 @@ class Snapshotter:
             return removed
 
     def close(self) -> None:
+        """Stop: no early mount starts any more; the filesystem finishes (or refuses) the
+        mounts under way and stops supervising; the early-mount threads are joined."""
+        with self._early_lock:
+            self._closing = True
+            early = list(self._early)
         if self.fs is not None:
             self.fs.close(teardown=self.options.cleanup_on_close)
+        for thread in early:
+            thread.join(timeout=30)  # the filesystem refuses their mounts now: they end soon
         self.ms.close()
 
     # --- internals ----------------------------------------------------------------
@@ -294,7 +312,7 @@ class Snapshotter:
             raise
 
     def _decide(self, snap: Snapshot, labels: Mapping[str, str]) -> processor.Decision:
-        if not (self.features.nydus or self.features.proxy_driver):
+        if not self.features.nydus:
             return processor.DEFAULT
         return processor.choose(labels, self._ancestors(snap), self.features)
 
@@ -312,24 +330,13 @@ class Snapshotter:
         except Exception as err:  # noqa: BLE001 - the original error matters more
             log.warning("undo of %s failed: %s", key, err)
 
-    def _remote_layer(self, snap: Snapshot) -> str | None:
-        """The id of the Nydus bootstrap layer among the ancestors, if Nydus is on."""
-        if self.fs is None:
-            return None
-        return self._meta_layer(self._ancestors(snap))
-
-    @staticmethod
-    def _meta_layer(ancestors: list[processor.Layer]) -> str | None:
-        """The id of the nearest Nydus bootstrap layer among ``ancestors``."""
-        for layer in ancestors:
-            if L.is_nydus_meta_layer(layer.labels):
-                return layer.id
-        return None
-
-    def _remote(self, snap: Snapshot, meta_id: str, labels: Mapping[str, str]) -> list[Mount]:
-        """Mount the image's RAFS instance (if not yet) and overlay the snapshot on it."""
+    def _remote(self, snap: Snapshot, meta: processor.Layer,
+                labels: Mapping[str, str]) -> list[Mount]:
+        """Mount the image's RAFS instance (if not yet) and overlay the snapshot on it.
+        ``meta``: the bootstrap layer as the caller read it (labels are not read again)."""
         assert self.fs is not None
-        self.fs.mount(meta_id, self.ms.labels_by_id(meta_id))
+        meta_id = meta.id
+        self.fs.mount(meta_id, meta.labels)
         self.fs.wait_until_ready(meta_id)
         above = []  # committed layers stacked on the image (e.g. by a build), newest first
         for pid in snap.parent_ids:

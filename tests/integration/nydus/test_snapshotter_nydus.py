@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +30,14 @@ import pytest
 
 from pynydus import labels as L
 from pynydus.api import snapshots_pb2 as pb
+from pynydus.config import load_config
+from pynydus.errors import Unavailable
 from pynydus.host.mount import unmount_all
 from pynydus.host.mountinfo import mountpoints_under
+from pynydus.manager.filesystem import NydusFilesystem
+from pynydus.snapshot.server import make_filesystem
+from pynydus.snapshot.snapshotter import Snapshotter as SnapshotterCore
+from pynydus.snapshot.snapshotter import SnapshotterOptions
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 
@@ -162,7 +173,13 @@ def test_missing_image_ref_is_a_clear_error(snap: Snapshotter, image: dict) -> N
     with pytest.raises(grpc.RpcError) as err:
         stub.Prepare(pb.PrepareSnapshotRequest(key="default/c", parent="default/sha256:b2"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "cri.image-ref" in err.value.details()
+    details = err.value.details()
+    assert "cri.image-ref" in details
+    # every pynydus command it suggests exists
+    for sub in re.findall(r"'pynydus ([\w-]+)", details):
+        assert subprocess.run(["pynydus", sub, "--help"], capture_output=True, check=False,
+                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                   + os.environ["PATH"]}).returncode == 0, details
     # nothing half-made: the container key does not exist
     with pytest.raises(grpc.RpcError) as err2:
         stub.Stat(pb.StatSnapshotRequest(key="default/c"))
@@ -303,4 +320,144 @@ def test_second_image_right_after_the_first_gets_the_next_spare_at_once(
     finally:
         unmount_all(str(rootfs_a))
         unmount_all(str(rootfs_b))
+        snap.close()
+
+
+def _in_process(tmp_path: Path, mode: str) -> tuple[SnapshotterCore, NydusFilesystem]:
+    """The snapshotter as ``pynydus snapshotter`` builds it, without a server."""
+    root = Path(tempfile.mkdtemp(prefix="pyn-fs-", dir="/var/tmp")) / "r"  # <= 70 bytes
+    cfg, _ = load_config(None, {"root": str(root), "address": str(tmp_path / "s.sock"),
+                                "daemon_mode": mode})
+    fs = make_filesystem(cfg)
+    assert fs is not None
+    core = SnapshotterCore(root, SnapshotterOptions(), fs)
+    fs.start()
+    return core, fs
+
+
+def _stray_daemons(root: Path, fs: NydusFilesystem) -> list[int]:
+    """pynydusd processes working under ``root`` that no daemon record names (read from
+    daemons.db, opened anew: the snapshotter's own connection is closed)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{root / 'daemons.db'}?mode=ro", uri=True)
+    try:
+        recorded = {json.loads(r[0])["pid"] for r in db.execute("SELECT record FROM daemons")}
+    finally:
+        db.close()
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if pid.isdigit() and b"pynydusd" in cmd and str(root).encode() in cmd:
+            pids.append(int(pid))
+    return sorted(set(pids) - recorded)
+
+
+def _kill_under(root: Path) -> None:
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and str(root).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+    time.sleep(0.3)
+    for mp in sorted(mountpoints_under(str(root)), reverse=True):
+        subprocess.run(["umount", "-l", mp], check=False)
+    shutil.rmtree(root.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_close_while_the_bootstrap_commit_mounts_leaves_no_daemon_without_a_record(
+        image: dict, tmp_path: Path, mode: str) -> None:
+    """The Commit of the bootstrap layer starts the image's mount in the background, which
+    waits (up to 1 s) for containerd to finish writing the bootstrap. ``close()`` in that
+    wait must not return while the mount can still start a daemon, or mount into one, that
+    no record names (the next snapshotter would never find it): it refuses or waits."""
+    core, fs = _in_process(tmp_path, mode)
+    root = core.root
+    try:
+        labels = {L.TARGET_SNAPSHOT_REF: "default/sha256:bootchain", L.NYDUS_BOOTSTRAP: "true",
+                  L.CRI_IMAGE_REF: image["ref"]}
+        (m,) = core.prepare("default/2/extract", "", labels)
+        boot = Path(m.source) / "image" / "image.boot"  # a bind of the layer's fs
+        boot.parent.mkdir()
+        boot.write_bytes(image["boot"].read_bytes()[:1000])  # still being written
+        core.commit("default/sha256:bootchain", "default/2/extract", labels)
+        finish = threading.Timer(0.3, shutil.copy, (image["boot"], boot))  # containerd is done
+        finish.start()
+        core.close()
+        # Nothing the snapshotter started runs on after close() returned.
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("mount-")]
+        finish.join()
+        time.sleep(2.0)  # a daemon started by a straggling mount would be up by now
+        assert _stray_daemons(root, fs) == []
+    finally:
+        _kill_under(root)
+
+
+def test_mount_after_close_is_refused_and_starts_nothing(image: dict, tmp_path: Path) -> None:
+    core, fs = _in_process(tmp_path, "dedicated")
+    root = core.root
+    try:
+        labels = {L.TARGET_SNAPSHOT_REF: "default/sha256:b", L.NYDUS_BOOTSTRAP: "true",
+                  L.CRI_IMAGE_REF: image["ref"]}
+        (m,) = core.prepare("default/2/extract", "", labels)
+        (Path(m.source) / "image").mkdir()
+        shutil.copy(image["boot"], Path(m.source) / "image" / "image.boot")
+        sid = core.ms.get_snapshot("default/2/extract").id
+        core.close()
+        with pytest.raises(Unavailable, match="closing"):
+            fs.mount(sid, labels)
+        time.sleep(1.0)
+        assert _stray_daemons(root, fs) == []
+    finally:
+        _kill_under(root)
+
+
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_sigterm_while_the_bootstrap_commit_mounts_leaves_no_daemon_without_a_record(
+        image: dict, tmp_path: Path, mode: str) -> None:
+    """The Commit of the bootstrap layer starts the image's mount in the background, which
+    waits (up to 1 s) for containerd to finish writing the bootstrap. A SIGTERM in that
+    wait must not let the mount start a daemon, or mount into one, that no record names
+    (the next snapshotter would never find it): the stop refuses or waits for it."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'version = 1\ndaemon_mode = "{mode}"\n')
+    snap = Snapshotter(config=config)
+    snap.start()
+    try:
+        if mode == "dedicated":
+            _wait_standby_running(snap)
+        stub = snap.stub()
+        labels = {L.TARGET_SNAPSHOT_REF: "default/sha256:bootchain", L.NYDUS_BOOTSTRAP: "true",
+                  L.CRI_IMAGE_REF: image["ref"]}
+        resp = stub.Prepare(pb.PrepareSnapshotRequest(key="default/2/extract", labels=labels))
+        upper = resp.mounts[0].source  # a bind of the parentless layer's fs
+        boot = Path(upper) / "image" / "image.boot"
+        boot.parent.mkdir()
+        boot.write_bytes(image["boot"].read_bytes()[:1000])  # still being written
+        stub.Commit(pb.CommitSnapshotRequest(key="default/2/extract",
+                                             name="default/sha256:bootchain", labels=labels))
+        assert snap.proc is not None and snap.proc.popen is not None
+        os.kill(snap.pid, signal.SIGTERM)
+        time.sleep(0.3)  # the stop is under way; the mount still waits for the bootstrap
+        shutil.copy(image["boot"], boot)  # containerd finishes writing it
+        assert snap.proc.popen.wait(timeout=30) == 0
+        time.sleep(2.0)  # a daemon started by a straggling thread would be up by now
+        with contextlib.suppress(FileNotFoundError):
+            ours = {r["pid"] for r in snap.daemon_records()}
+        serving = snap.image_daemon_pids()
+        stray = set(snap.daemon_pids()) - ours
+        assert not stray, f"daemons {stray} run with no record; records {snap.daemon_records()}"
+        snap.start()  # the next snapshotter serves the image
+        rootfs = tmp_path / "rootfs"
+        container_rootfs(snap, "default/sha256:bootchain", "default/3/c1", rootfs)
+        try:
+            assert (rootfs / "etc/hello.txt").read_text() == "hello from a lazily pulled image\n"
+        finally:
+            unmount_all(str(rootfs))
+        if serving:  # a mount that finished before the stop is the one served now
+            assert snap.image_daemon_pids() == serving
+    finally:
         snap.close()

@@ -54,7 +54,7 @@ def test_create_errors_in_containerd_order(ms: MetaStore) -> None:
 def test_commit_replaces_labels_and_records_usage(ms: MetaStore) -> None:
     create(ms, Kind.ACTIVE, "a", labels={"old": "1"})
     commit(ms, "a", "A", {"new": "2"})
-    sid, info, usage = ms.get_info("A")
+    _sid, info, usage = ms.get_info("A")
     assert info.kind == Kind.COMMITTED and dict(info.labels) == {"new": "2"}
     assert info.created_ns == info.updated_ns
     assert usage == Usage(10, 2)

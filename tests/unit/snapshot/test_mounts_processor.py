@@ -52,10 +52,13 @@ def test_container_layer_over_nydus_image_is_remote_at_meta_layer() -> None:
     chain = [processor.Layer("3", {}), processor.Layer("2", {L.NYDUS_BOOTSTRAP: "true"}),
              processor.Layer("1", {L.NYDUS_BLOB: "true"})]
     d = processor.choose({}, chain, NYDUS)
-    assert (d.handler, d.remote_id) == (processor.Handler.REMOTE, "2")
+    assert d.handler is processor.Handler.REMOTE and d.remote == chain[1]
+    assert processor.bootstrap_layer(chain) == chain[1]
 
 
-def test_proxy_driver_skips_cri_layers_and_marks_them() -> None:
-    f = processor.Features(proxy_driver=True)
-    d = processor.choose({L.TARGET_SNAPSHOT_REF: "x", L.CRI_LAYER_DIGEST: "sha256:1"}, [], f)
-    assert d.handler is processor.Handler.SKIP and d.add_labels == {L.NYDUS_PROXY_MODE: "true"}
+def test_bootstrap_layer_is_the_nearest_and_none_for_an_oci_image() -> None:
+    near = processor.Layer("5", {L.NYDUS_BOOTSTRAP: "true"})
+    far = processor.Layer("2", {L.NYDUS_BOOTSTRAP: "true"})
+    assert processor.bootstrap_layer([processor.Layer("6", {}), near, far]) is near
+    assert processor.bootstrap_layer([processor.Layer("1", {})]) is None
+    assert processor.bootstrap_layer([]) is None
