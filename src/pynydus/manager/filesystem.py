@@ -32,8 +32,8 @@ from pynydus.logs import nydusd_level
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
-from pynydus.rafs.layout import EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
-from pynydus.rafs.layout_v5 import RAFS_V5_SUPER_MAGIC
+from pynydus.rafs.format.layout import EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
+from pynydus.rafs.format.layout_v5 import RAFS_V5_SUPER_MAGIC
 
 log = logging.getLogger(__name__)
 
