@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 machine for pynydus: system packages and a virtualenv at .venv.
 # Idempotent: packages already installed are not fetched again.
+# --peers: then also install the upstream peer programs (scripts/peers.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+peers=
+if [ "${1:-}" = "--peers" ]; then peers=1; shift; fi
 
 PKGS=(containerd runc docker-registry fuse3 libfuse3-dev pkg-config erofs-utils skopeo umoci
       e2fsprogs util-linux curl ca-certificates python3-venv
@@ -38,3 +41,6 @@ fi
 # by name from PATH: make ours reachable for a containerd started from any shell.
 ln -sf "$PWD/.venv/bin/nydus-overlayfs" /usr/local/bin/nydus-overlayfs
 echo "setup: ok ($(.venv/bin/python --version), $(containerd --version | awk '{print $3}'))"
+if [ -n "$peers" ]; then
+  scripts/peers.sh
+fi
