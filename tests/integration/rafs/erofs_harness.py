@@ -54,10 +54,12 @@ def umount_fs(target: bytes) -> None:
 
 
 @contextmanager
-def mounted(bootstrap: str | Path, blobs: Sequence[str | Path]) -> Iterator[Path]:
-    """Mount ``bootstrap`` read-only with ``blobs`` as extra devices; yield the mountpoint."""
+def mounted(bootstrap: str | Path, blobs: Sequence[str | Path],
+            options: Sequence[str] = ()) -> Iterator[Path]:
+    """Mount ``bootstrap`` read-only with ``blobs`` as extra devices (and EROFS mount
+    ``options``, e.g. ``noacl``); yield the mountpoint."""
     mnt = Path(tempfile.mkdtemp(prefix="pn-erofs-"))
-    opts = ",".join(f"device={os.fspath(b)}" for b in blobs)
+    opts = ",".join([*(f"device={os.fspath(b)}" for b in blobs), *options])
     try:
         mount_fs(os.fsencode(bootstrap), os.fsencode(mnt), b"erofs", _MS_RDONLY, opts.encode())
         try:

@@ -12,6 +12,7 @@ blobs, compact inodes, 512-byte tarfs blocks and a prefetch table.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import stat
 from pathlib import Path
@@ -22,6 +23,7 @@ from pynydus.errors import InvalidArgument
 from pynydus.rafs.builder import BlobDesc, ChunkRef, Inode, Node, Tree, V6Options, write_bootstrap
 from pynydus.rafs.format import encode_rdev
 from pynydus.rafs.format import layout as L
+from tests.harness import tools
 
 _XATTR_NAMES = (
     b"user.a",
@@ -194,3 +196,124 @@ def test_chunks_on_a_non_regular_inode_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="has chunks"):
         write_bootstrap(tree, blobs, tmp_path / "b", V6Options(chunk_size=1 << 16))
     assert not (tmp_path / "b").exists()
+
+
+# --- the same outputs, refereed by erofs-utils and the kernel ----------------------------
+# The digests above only say the bytes did not change. Whether those bytes are a correct
+# EROFS image is for fsck.erofs and the kernel's EROFS to say: each pinned case is checked
+# by fsck.erofs and mounted, and the mount must show the tree the writer was given (names,
+# types, modes, owners, sizes, mtimes, link targets, device numbers, xattrs, link counts
+# and hardlink identity). The blobs are sparse files of their declared size (file data is
+# not compared: the chunks point at made-up data). The trees fill xattr values with random
+# bytes, which the kernel parses for POSIX ACLs: the mount is ``noacl`` (an invalid ACL
+# would fail every permission check on its inode, hiding whole subtrees), so ACL names
+# are not listed and not expected.
+
+
+def _blob_devices(tmp_path: Path, blobs: list[BlobDesc]) -> list[Path]:
+    devices = []
+    for b in blobs:
+        dev = tmp_path / f"{b.blob_id[:12]}.dev"
+        with dev.open("wb") as f:
+            f.truncate(b.uncompressed_size)
+        devices.append(dev)
+    return devices
+
+
+def _model(tree: Tree) -> dict[bytes, Inode]:
+    return {path: node.inode for path, node in tree.walk()}
+
+
+def _kernel_view(root: Path) -> dict[bytes, tuple[os.stat_result, bytes, list[bytes]]]:
+    out = {b"": (os.lstat(root), b"", sorted(os.fsencode(n) for n in os.listxattr(root)))}
+
+    def fail(err: OSError) -> None:
+        raise err
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            link = os.fsencode(os.readlink(full)) if stat.S_ISLNK(st.st_mode) else b""
+            names = sorted(os.fsencode(n) for n in os.listxattr(full, follow_symlinks=False))
+            out[os.fsencode(os.path.relpath(full, root))] = (st, link, names)
+    return out
+
+
+def _value_readable(i: Inode, name: bytes) -> bool:
+    """Whether the kernel hands back this xattr's value as written: security.capability
+    values are parsed (random bytes are EINVAL) and user.* exists on regular files and
+    directories only (VFS)."""
+    if name == b"security.capability":
+        return False
+    if name.startswith(b"user."):
+        return i.is_reg or i.is_dir
+    return True
+
+
+_ACL = b"system.posix_acl"
+# A symlink target is at most a page less its terminating NUL (nd_terminate_link).
+_MAX_LINK = 4095
+
+
+def _differences(tree: Tree, mnt: Path) -> tuple[list[str], int]:
+    """Differences of the mount from ``tree``, and how many xattr values were compared."""
+    model, seen = _model(tree), _kernel_view(mnt)
+    diffs = [f"{p!r} missing in the mount" for p in sorted(set(model) - set(seen))]
+    diffs += [f"{p!r} not in the tree" for p in sorted(set(seen) - set(model))]
+    ino_of: dict[int, int] = {}  # id(model inode) -> st_ino
+    values = 0
+    for path in sorted(set(model) & set(seen)):
+        i, (st, link, names) = model[path], seen[path]
+        want = {"mode": i.mode, "uid": i.uid, "gid": i.gid, "nlink": i.nlink,
+                "mtime": (i.mtime, i.mtime_nsec),
+                "xattr names": sorted(k for k in i.xattrs if not k.startswith(_ACL))}
+        got = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "nlink": st.st_nlink,
+               "mtime": (int(st.st_mtime_ns // 10**9), st.st_mtime_ns % 10**9),
+               "xattr names": names}
+        if not i.is_dir:
+            want["size"], got["size"] = i.size, st.st_size
+        if stat.S_ISLNK(i.mode):
+            want["link"], got["link"] = i.link[:_MAX_LINK], link
+        if stat.S_ISCHR(i.mode) or stat.S_ISBLK(i.mode):
+            want["rdev"], got["rdev"] = i.rdev, _encode(st.st_rdev)
+        for k, value in want.items():
+            if value != got[k]:
+                shown = (value, got[k]) if k != "link" else (f"{len(value)} bytes", f"{len(got[k])}")
+                diffs.append(f"{path!r}: {k} {shown[0]!r} != {shown[1]!r}")
+        full = os.path.join(mnt, os.fsdecode(path))
+        for name, value in sorted(i.xattrs.items()):
+            if name in names and _value_readable(i, name):
+                values += 1
+                if os.getxattr(full, os.fsdecode(name), follow_symlinks=False) != value:
+                    diffs.append(f"{path!r}: xattr {name!r} value differs")
+        if ino_of.setdefault(id(i), st.st_ino) != st.st_ino:
+            diffs.append(f"{path!r}: a hardlink of the tree is a separate inode in the mount")
+    if len(set(ino_of.values())) != len(ino_of):
+        diffs.append("two inodes of the tree share an inode number in the mount")
+    return diffs, values
+
+
+def _encode(rdev: int) -> int:
+    return encode_rdev(os.major(rdev), os.minor(rdev))
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_pinned_outputs_are_valid_erofs_for_fsck_and_the_kernel(tmp_path: Path, case: str) -> None:
+    tools.require("fsck.erofs")
+    if os.geteuid() != 0:
+        pytest.skip("kernel EROFS mounts need root")
+    from tests.integration.rafs.erofs_harness import fsck, mounted
+
+    seed, opts = _CASES[case]
+    assert _write(tmp_path, seed, opts) == _GOLDEN[case]  # the very bytes pinned above
+    tree, blobs = _tree(seed, opts.block_size, opts.chunk_size)
+    boot = tmp_path / "bootstrap"
+    write_bootstrap(tree, blobs, boot, opts)
+    devices = _blob_devices(tmp_path, blobs)
+    if opts.block_size == 4096:  # fsck.erofs 1.5: "blksize 512 isn't supported"; the kernel is
+        fsck(boot, devices)
+    with mounted(boot, devices, options=("noacl",)) as mnt:
+        diffs, values = _differences(tree, mnt)
+    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs[:40])
+    assert values > 20, values  # xattr values were compared, not only names
