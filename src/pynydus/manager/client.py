@@ -45,8 +45,8 @@ class DaemonClient:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
-        except OSError as err:
-            raise Unavailable(f"daemon API {self.sock_path}: {method} {path}: {err}") from err
+        except (OSError, http.client.HTTPException) as err:  # HTTPException: a reply cut off
+            raise Unavailable(f"daemon API {self.sock_path}: {method} {path}: {err!r}") from err
         finally:
             conn.close()
         if resp.status in (200, 204):
