@@ -202,7 +202,9 @@ class FaultProxy(_Base):
     sends only ``keep`` body bytes with a matching Content-Length; ``cut(n, keep)``
     sends the real headers and then closes after ``keep`` bytes; ``redirect`` answers
     blob GETs with 307 to the upstream (or to ``redirect_to``, a ``scheme://host``);
-    ``delay`` sleeps before answering."""
+    ``delay`` sleeps before answering. ``hold(n)`` makes the next n matching requests wait
+    (after they are logged, before any fault is taken) until ``release()``: a test then
+    knows a request is in flight for as long as it wants."""
 
     upstream: str
     match: str = ""
@@ -220,6 +222,8 @@ class FaultProxy(_Base):
         # path substring -> (status, headers, body): canned answers, e.g. an API
         # the registry behind does not have
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self._holds = 0
+        self._released = threading.Event()
         self._serve(_ProxyHandler)
 
     def fail(self, n: int, status: int = 500, headers: dict[str, str] | None = None) -> None:
@@ -234,6 +238,40 @@ class FaultProxy(_Base):
     def cut(self, n: int, keep: int) -> None:
         with self._lock:
             self._faults.append(("cut", n, keep))
+
+    def hold(self, n: int = 1) -> None:
+        with self._lock:
+            self._holds += n
+            self._released.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds = 0
+        self._released.set()
+
+    def stop(self) -> None:
+        self.release()  # held requests end before the server does
+        super().stop()
+
+    def take_hold(self, method: str, path: str) -> bool:
+        if (self.match and self.match not in path) or \
+                (self.match_method and method != self.match_method):
+            return False
+        with self._lock:
+            if self._holds <= 0:
+                return False
+            self._holds -= 1
+            return True
+
+    def wait_count(self, n: int, method: str | None = None, contains: str = "",
+                   timeout: float = 30.0) -> None:
+        """Wait until ``count(method, contains)`` is at least ``n``."""
+        deadline = time.monotonic() + timeout
+        while self.count(method, contains) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"proxy saw {self.count(method, contains)} of {n} "
+                                     f"{method or ''} {contains} requests")
+            time.sleep(0.01)
 
     def clear(self) -> None:
         with self._lock:
@@ -274,6 +312,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             fp.log.append((self.command, path, dict(self.headers.items())))
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else b""
+        if fp.take_hold(self.command, path):
+            fp._released.wait(120)
         if fp.delay:
             time.sleep(fp.delay)
         for needle, (status, hdrs, canned) in list(fp.routes.items()):
