@@ -16,6 +16,8 @@ from pynydus import __version__
 from pynydus.config import SnapshotterConfig, load_config
 from pynydus.errors import HostCheckError
 from pynydus.grpcwire import server as h2server
+from pynydus.host import checks
+from pynydus.host.exclusive import SocketClaim, claim_socket, lock_root
 from pynydus.logs import LEVELS, RotatingLog
 from pynydus.manager.filesystem import NydusFilesystem
 from pynydus.snapshot.service import Snapshots, grpcio_server
@@ -77,7 +79,7 @@ def make_filesystem(cfg: SnapshotterConfig) -> NydusFilesystem | None:
 
 def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, uid: int = 0,
           gid: int = 0, server: str | None = None) -> Any:
-    """Start serving on unix socket ``address`` (stale socket replaced, parents created).
+    """Start serving on unix socket ``address``, which ``claim_socket`` has made free.
 
     ``server`` (default: $PYNYDUS_SNAPSHOTS_SERVER, else "h2") picks the implementation;
     both return an object whose ``stop(grace)`` returns an event set once stopped.
@@ -86,9 +88,6 @@ def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, ui
     if kind not in ("h2", "grpcio"):
         raise ValueError(f"{SERVER_ENV}={kind!r}: expected \"h2\" or \"grpcio\"")
     path = Path(address)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket() or path.exists():
-        path.unlink()
     core = Snapshots(snapshotter)
     if kind == "h2":
         return h2server.serve(core.methods(), path, workers=workers, uid=uid, gid=gid,
@@ -115,6 +114,11 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
         cleanup_on_close=cfg.cleanup_on_close,
         nydus_overlayfs_type=helper,
     )
+    # Before anything touches the root: a second instance would adopt (and on stop kill)
+    # the first one's daemons, and take over its socket.
+    checks.check_root_path(Path(cfg.root))
+    root_lock = lock_root(Path(cfg.root))
+    claim_socket(Path(cfg.address))
     fs = make_filesystem(cfg)
     try:
         snapshotter = Snapshotter(cfg.root, options, fs)
@@ -125,6 +129,7 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
             fs.close()
         raise
     server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid)
+    claim = SocketClaim.of(Path(cfg.address))
     metrics_server = None
     if cfg.metrics.address:
         from pynydus.snapshot import metrics
@@ -151,9 +156,7 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     if metrics_server is not None:
         metrics_server.shutdown()
     snapshotter.close()
-    try:
-        os.unlink(cfg.address)
-    except FileNotFoundError:
-        pass
+    claim.release()
+    root_lock.release()
     log.info("stopped")
     return 0
