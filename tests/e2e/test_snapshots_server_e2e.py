@@ -5,9 +5,12 @@ multiplexed on one connection), on whichever server ``serve`` picks by default."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +20,7 @@ from pynydus.api import snapshots_pb2_grpc
 from tests.harness.containerd import Containerd
 from tests.harness.snapshotter import Snapshotter
 
+REPO = Path(__file__).resolve().parents[2]
 GC_ROOT = "containerd.io/gc.root"  # keeps containerd's GC off our parentless snapshots
 
 
@@ -82,33 +86,43 @@ def _upper_dir(mounts: list[object]) -> str:
     return m.source  # type: ignore[attr-defined,no-any-return]
 
 
-def test_stat_calls_are_answered_while_a_slow_call_runs(ctrd: Ctrd) -> None:
-    """Usage of an active snapshot walks its upper directory (here 60,000 files: a long
-    call); Stat calls containerd multiplexes beside it on the same connection must not
-    queue behind it."""
+def test_stat_calls_are_answered_while_a_slow_call_runs(ctrd: Ctrd, tmp_path: Path) -> None:
+    """Usage of an active snapshot walks its upper directory; Stat calls containerd
+    multiplexes beside it on the same connection must not queue behind it. The Usage is
+    held inside the snapshotter for as long as the test wants: its walk reaches a gate
+    FUSE mount (tests/harness/gatefs.py) that answers only when released."""
     upper = _upper_dir(ctrd.prepare("slow-usage"))
     ctrd.prepare("quick")
-    for d in range(60):
+    for d in range(3):
         sub = os.path.join(upper, f"d{d}")
         os.mkdir(sub)
-        for f in range(1000):
+        for f in range(10):
             os.close(os.open(os.path.join(sub, str(f)), os.O_CREAT | os.O_WRONLY, 0o644))
-    usage: dict[str, float] = {}
-
-    def slow() -> None:
-        t = time.monotonic()
-        usage["inodes"] = ctrd.usage("slow-usage").inodes
-        usage["seconds"] = time.monotonic() - t
-
-    worker = threading.Thread(target=slow)
-    worker.start()
-    stats = []
-    while worker.is_alive():
-        t = time.monotonic()
-        assert ctrd.stat("quick").name == "quick"
-        stats.append(time.monotonic() - t)
-    worker.join()
-    assert usage["inodes"] >= 60_061
-    assert usage["seconds"] > 0.2, "Usage too quick to overlap anything; add files"
-    assert len(stats) >= 5, f"only {len(stats)} Stat calls during {usage['seconds']:.2f} s of Usage"
-    assert sorted(stats)[len(stats) // 2] < usage["seconds"] / 4
+    gate, control = Path(upper) / "gate", tmp_path / "control"
+    gate.mkdir()
+    control.mkdir()
+    gatefs = subprocess.Popen([sys.executable, "-m", "tests.harness.gatefs", str(gate),
+                               str(control)], cwd=REPO)
+    usage: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: usage.update(r=ctrd.usage("slow-usage")))
+    try:
+        deadline = time.monotonic() + 30
+        while not (control / "mounted").exists() or not os.path.ismount(gate):
+            assert time.monotonic() < deadline, "gate FUSE mount did not come up"
+            time.sleep(0.01)
+        (control / "armed").touch()
+        worker.start()
+        while not (control / "entered").exists():
+            assert time.monotonic() < deadline, "Usage did not reach the gate"
+            time.sleep(0.01)
+        for _ in range(20):  # all answered while the Usage is provably in flight
+            assert ctrd.stat("quick").name == "quick"
+        assert worker.is_alive() and not usage
+        (control / "release").touch()
+        worker.join(60)
+        assert not worker.is_alive()
+        assert usage["r"].inodes == 1 + 3 + 30 + 1  # type: ignore[attr-defined]
+    finally:
+        (control / "release").touch()
+        subprocess.run(["fusermount3", "-u", "-z", str(gate)], capture_output=True, check=False)
+        gatefs.wait(20)

@@ -66,21 +66,36 @@ def test_prefetch_files_fetches_only_the_listed_files(full_image: Image, start_d
     try:
         want = {c.index for p in ("/files/multi-chunk", "/hard/orig", "/hard/with-xattr")
                 for c in bs.chunks(bs.lookup_path(p))}
-        other = {c.index for c in bs.chunks(bs.lookup_path("/files/dup-a"))}
+        (blob,) = bs.blobs
+        chunk_count = blob.chunk_count
     finally:
         bs.close()
     chunk_map = workdir / "cache" / f"{full_image.blob_id}.blob.data.chunk_map"
 
-    def ready(idx: int) -> bool:
+    def ready() -> set[int]:
         data = chunk_map.read_bytes()
-        return bool(data[4096 + idx // 8] & (0x80 >> (idx % 8)))
+        return {i for i in range(chunk_count) if data[4096 + i // 8] & (0x80 >> (i % 8))}
 
-    wait_for(lambda: chunk_map.exists() and all(ready(i) for i in want), 30,
-             "the listed files' chunks")
-    time.sleep(0.5)  # nothing else follows
-    assert not any(ready(i) for i in other - want)
-    assert d.get("/api/v1/metrics/blobcache")["data_all_ready"] is False
+    # the prefetcher reports its end; then the cache holds exactly the listed chunks
+    wait_for(lambda: d.get("/api/v1/metrics/blobcache")["prefetch_end_time_secs"] > 0, 30,
+             "the prefetch to finish")
+    assert ready() == want
+    m = d.get("/api/v1/metrics/blobcache")
+    assert m["data_all_ready"] is False and 0 < len(want) < chunk_count
     assert d.get("/api/v1/metrics")["data_read"] == 0
+    assert m["prefetch_data_amount"] == compressed_sizes(full_image, want)
+
+
+def compressed_sizes(image: Image, indexes: set[int]) -> int:
+    """Backend bytes of these chunks (what prefetch_data_amount counts)."""
+    bs = open_bootstrap(str(image.bootstrap))
+    try:
+        sizes = {c.index: c.compressed_size
+                 for p in ("/files/multi-chunk", "/hard/orig", "/hard/with-xattr")
+                 for c in bs.chunks(bs.lookup_path(p))}
+        return sum(sizes[i] for i in indexes)
+    finally:
+        bs.close()
 
 
 def test_v2_toml_config_serves_the_same_tree(full_image: Image, start_daemon: StartFn,
