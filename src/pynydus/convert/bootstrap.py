@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pynydus.errors import InvalidArgument
 from pynydus.rafs.builder import (
     BlobDesc,
-    ChunkRef,
+    ChunkDesc,
     Tree,
     V6Options,
     bind_lower_links,
@@ -58,7 +58,7 @@ def merge_layers(bootstraps: Sequence[str], out: str, *,
     merged = Tree("none")
     table: list[BlobDesc] = []
     by_id: dict[str, BlobDesc] = {}
-    seen: dict[bytes, ChunkRef] = {}
+    seen: dict[bytes, ChunkDesc] = {}
     shared_bytes: list[int] = []
     shared_chunks: list[int] = []
     for path, img in zip(bootstraps, images):
@@ -71,7 +71,7 @@ def merge_layers(bootstraps: Sequence[str], out: str, *,
                 by_id[b.blob_id] = b
                 table.append(b)
         n_bytes = n_chunks = 0
-        mine: dict[bytes, ChunkRef] = {}
+        mine: dict[bytes, ChunkDesc] = {}
         for _, node in img.tree.walk():
             chunks = node.inode.chunks
             for i, c in enumerate(chunks):
@@ -79,7 +79,7 @@ def merge_layers(bootstraps: Sequence[str], out: str, *,
                 lower = seen.get(c.digest)
                 if lower is not None and lower.blob is not c.blob \
                         and lower.uncompressed_size == c.uncompressed_size:
-                    chunks[i] = ChunkRef(lower.digest, lower.blob, lower.ci_index,
+                    chunks[i] = ChunkDesc(lower.digest, lower.blob, lower.ci_index,
                                          lower.compressed_offset, lower.compressed_size,
                                          lower.uncompressed_offset, lower.uncompressed_size,
                                          lower.compressed, c.file_offset)

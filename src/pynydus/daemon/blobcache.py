@@ -34,7 +34,8 @@ from typing import Protocol
 from pynydus.daemon.chunkmap import ChunkMap
 from pynydus.daemon.metrics import CacheStats
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
-from pynydus.rafs.format import Compressor, Digester, decode_chunk
+from pynydus.rafs.format import decode_chunk
+from pynydus.rafs.read import BlobInfo
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,6 @@ class ChunkRef:
     digest: bytes = b""
 
 
-@dataclass(frozen=True)
-class BlobRef:
-    blob_id: str
-    compressor: Compressor
-    digester: Digester
-    uncompressed_size: int
-    chunk_count: int
-
-
 class Backend(Protocol):
     """Where blobs come from: a registry, a local directory."""
 
@@ -92,7 +84,7 @@ class BlobCache:
     def __init__(
         self,
         work_dir: str,
-        blob: BlobRef,
+        blob: BlobInfo,
         backend: Backend,
         chunk_at: Callable[[int], ChunkRef | None],
         *,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pynydus.daemon.blobcache import Backend, BlobCache, BlobRef, ChunkRef
+from pynydus.daemon.blobcache import Backend, BlobCache, ChunkRef
 from pynydus.daemon.config import NydusdConfig
 from pynydus.daemon.metrics import CacheStats, FsStats
 from pynydus.errors import FormatError, NotImplementedFeature
@@ -108,11 +108,9 @@ class RafsInstance:
                 if not 0 <= blob_index < len(self.bs.blobs):
                     raise FormatError(f"chunk refers to blob index {blob_index}, image has "
                                       f"{len(self.bs.blobs)} blobs")
-                info = self.bs.blobs[blob_index]
-                ref = BlobRef(info.blob_id, info.compressor, info.digester, info.uncompressed_size,
-                              info.chunk_count)
                 cache = BlobCache(
-                    self.config.cache.work_dir, ref, self.backend, self._chunk_lookup(blob_index),
+                    self.config.cache.work_dir, self.bs.blobs[blob_index], self.backend,
+                    self._chunk_lookup(blob_index),
                     validate=self.config.cache.validate or self.config.rafs.validate,
                     amplify_io=self.config.rafs.batch_size, stats=self.cache_stats,
                 )

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pynydus.daemon.blobcache import BlobCache, BlobRef, ChunkRef, LocalFsBackend, plan_ranges
+from pynydus.daemon.blobcache import BlobCache, ChunkRef, LocalFsBackend, plan_ranges
 from pynydus.daemon.chunkmap import HEADER_SIZE, ChunkMap
 from pynydus.errors import FormatError, Unavailable
 from pynydus.rafs.format import Compressor, Digester, compress, digest
+from pynydus.rafs.read import BlobInfo
 
 CHUNK = 64 << 10
 BLOB_ID = "ab" * 32
@@ -40,11 +41,13 @@ def make_blob(tmp: Path, n: int = 8, algo: Compressor = Compressor.LZ4_BLOCK):
         blob += payload
     (tmp / "blobs").mkdir(exist_ok=True)
     (tmp / "blobs" / BLOB_ID).write_bytes(blob)
-    ref = BlobRef(BLOB_ID, algo, Digester.BLAKE3, n * CHUNK, n)
+    ref = BlobInfo(index=0, blob_id=BLOB_ID, compressor=algo, digester=Digester.BLAKE3,
+                   chunk_size=CHUNK, chunk_count=n, compressed_size=len(blob),
+                   uncompressed_size=n * CHUNK)
     return data, chunks, ref
 
 
-def cache(tmp: Path, ref: BlobRef, chunks, backend, **kw) -> BlobCache:
+def cache(tmp: Path, ref: BlobInfo, chunks, backend, **kw) -> BlobCache:
     return BlobCache(str(tmp / "cache"), ref, backend, lambda i: chunks[i] if i < len(chunks) else None, **kw)
 
 

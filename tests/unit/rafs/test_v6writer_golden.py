@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs.builder import BlobDesc, ChunkRef, Inode, Node, Tree, V6Options, write_bootstrap
+from pynydus.rafs.builder import BlobDesc, ChunkDesc, Inode, Node, Tree, V6Options, write_bootstrap
 from pynydus.rafs.format import encode_rdev
 from pynydus.rafs.format import layout as L
 from tests.harness import tools
@@ -48,16 +48,16 @@ def _tree(seed: int, bs: int, chunk_size: int) -> tuple[Tree, list[BlobDesc]]:
         )
         for i in range(2)
     ]
-    shared: list[ChunkRef] = []
+    shared: list[ChunkDesc] = []
     next_off = [0, 0]
 
-    def chunk(fo: int, size: int) -> ChunkRef:
+    def chunk(fo: int, size: int) -> ChunkDesc:
         if shared and rnd.random() < 0.2:
             return shared[rnd.randrange(len(shared))]
         b = rnd.randrange(2)
         off = next_off[b]
         next_off[b] += -(-size // bs) * bs
-        c = ChunkRef(
+        c = ChunkDesc(
             digest=rnd.randbytes(32),
             blob=blobs[b],
             ci_index=rnd.randrange(1 << 24),

@@ -13,8 +13,8 @@ from pynydus.rafs.builder.blobwriter import (
     BlobDesc,
     BlobStats,
     BlobWriter,
+    ChunkDesc,
     ChunkDict,
-    ChunkRef,
 )
 from pynydus.rafs.builder.create import BlobReport, BuildProgress, BuildResult, SourceType, build
 from pynydus.rafs.builder.load import (
@@ -39,7 +39,7 @@ __all__ = [
     "BuildProgress",
     "BuildResult",
     "ChunkDict",
-    "ChunkRef",
+    "ChunkDesc",
     "Inode",
     "LoadedImage",
     "Node",

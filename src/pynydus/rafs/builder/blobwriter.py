@@ -40,12 +40,13 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from pynydus.errors import InvalidArgument
 from pynydus.host.writeback import start_writeback
 from pynydus.rafs.decoder import usable_cpus
 from pynydus.rafs.format import (
+    BlobFeatures,
     Compressor,
     Digester,
     TocEntry,
@@ -54,12 +55,15 @@ from pynydus.rafs.format import (
     pack_section_header,
     toc_flag_for_compressor,
 )
+from pynydus.rafs.format import layout as L
 from pynydus.rafs.format.blobmeta import (
+    BLOB_CCT_HEADER_SIZE,
     BlobChunkInfo,
     BlobCompressionContextHeader,
     ChunkInfoFlags,
     pack_chunk_info_v1,
 )
+from pynydus.rafs.source import DataReader, Entry
 
 __all__ = [
     "BLOB_FEATURES_DEFAULT",
@@ -67,36 +71,23 @@ __all__ = [
     "BlobDesc",
     "BlobWriter",
     "ChunkDict",
-    "ChunkRef",
-    "ChunkSource",
+    "ChunkDesc",
     "discard_partial",
-    "gnu_tar_header",
     "pack_ci_v1",
 ]
 
 DEFAULT_CHUNK_SIZE = 0x100000
-MAX_CHUNK_SIZE = 0x1000000
-BLOCK = 4096
-MAX_CHUNKS_PER_BLOB = 1 << 24
+BLOCK = L.EROFS_BLOCK_SIZE_4096  # chunks start on this boundary in the uncompressed space
 _MAX_V1_OFFSET = (1 << 40) - 1  # V1 chunk info holds 40-bit compressed offsets
 
-# BlobFeatures bits (spec §1.5).
-FEATURE_ALIGNED = 0x0000_0001
-FEATURE_INLINED_CHUNK_DIGEST = 0x0000_0020
-FEATURE_HAS_TAR_HEADER = 0x1000_0000
-FEATURE_HAS_TOC = 0x2000_0000
-FEATURE_CAP_TAR_TOC = 0x4000_0000
-BLOB_FEATURES_DEFAULT = (
-    FEATURE_ALIGNED
-    | FEATURE_INLINED_CHUNK_DIGEST
-    | FEATURE_HAS_TAR_HEADER
-    | FEATURE_HAS_TOC
-    | FEATURE_CAP_TAR_TOC
+BLOB_FEATURES_DEFAULT = int(
+    BlobFeatures.ALIGNED
+    | BlobFeatures.INLINED_CHUNK_DIGEST
+    | BlobFeatures.HAS_TAR_HEADER
+    | BlobFeatures.HAS_TOC
+    | BlobFeatures.CAP_TAR_TOC
 )
 
-CI_HEADER_SIZE = 4096
-CI_V1_SIZE = 16
-TOC_ENTRY_SIZE = 128
 # Chunks of one file in flight between the reading thread and the codec workers:
 # bounds memory to about _WINDOW * chunk_size while keeping every core busy.
 _WINDOW = 4
@@ -118,11 +109,14 @@ def _round_up(n: int, a: int) -> int:
 
 @dataclass(slots=True, eq=False)
 class BlobDesc:
-    """Everything the bootstrap needs to know about one data blob.
+    """A blob of the image being written: what the bootstrap writer puts in its blob table.
 
-    Field names and meanings follow the RAFS v6 blob table entry (spec §1.5); the
-    bootstrap writer assigns ``blob_index`` when it lays out the blob table.
-    Identity (``is``) matters: chunk references point at their BlobDesc object.
+    Made by the blob writer (filled in at ``finish()``) or by the loader from a read
+    bootstrap's :class:`~pynydus.rafs.read.BlobInfo` (the blob table entry as decoded,
+    read-only, with its table index); this one is mutable and its place in the table
+    is decided when the bootstrap is written. Field names and meanings follow the
+    RAFS v6 blob table entry (spec §1.5). Identity (``is``) matters: each
+    :class:`ChunkDesc` points at its BlobDesc object.
     """
 
     blob_id: str
@@ -146,12 +140,14 @@ class BlobDesc:
 
 
 @dataclass(slots=True)
-class ChunkRef:
-    """One chunk as the bootstrap records it: where its bytes live and what they are.
+class ChunkDesc:
+    """A chunk of a file in the image being written: where its bytes live, what they are.
 
-    ``ci_index`` is the chunk's position in its blob's chunk-info array; offsets are
-    in the blob file (compressed) and in its uncompressed address space.
-    ``file_offset`` is where the chunk sits in the file that first produced it.
+    The writer's side of :class:`~pynydus.rafs.read.FileChunk` (a chunk as the reader
+    decodes it from a bootstrap). ``ci_index`` is the chunk's position in its blob's
+    chunk-info array; offsets are in the blob file (compressed) and in its
+    uncompressed address space. ``file_offset`` is where the chunk sits in the file
+    that first produced it.
     """
 
     digest: bytes
@@ -165,14 +161,8 @@ class ChunkRef:
     file_offset: int = 0
 
 
-ChunkDict = dict[bytes, ChunkRef]
+ChunkDict = dict[bytes, ChunkDesc]
 """Chunks that exist already in other blobs, keyed by digest (``--chunk-dict``)."""
-
-
-class ChunkSource(Protocol):
-    """Anything with ``read(n)``; file data of one entry."""
-
-    def read(self, n: int = -1, /) -> bytes | memoryview: ...
 
 
 @dataclass
@@ -188,32 +178,6 @@ class BlobStats:
     compressed_bytes: int = 0
 
 
-def gnu_tar_header(name: str, size: int) -> bytes:
-    """A 512-byte GNU tar header for a regular file ``name`` of ``size`` bytes.
-
-    Sizes of 8 GiB and more use GNU base-256 encoding. The checksum is set, as Go's
-    archive/tar (used by nydus-snapshotter to unpack blobs) insists on it.
-    """
-    raw = name.encode()
-    if len(raw) > 100:
-        raise InvalidArgument(f"tar header name {name!r} longer than 100 bytes")
-    h = bytearray(512)
-    h[0 : len(raw)] = raw
-    h[100:108] = b"0000644\0"
-    h[108:116] = b"0000000\0"
-    h[116:124] = b"0000000\0"
-    if size < 8**11:
-        h[124:136] = b"%011o\0" % size
-    else:
-        h[124:136] = b"\x80" + size.to_bytes(11, "big")
-    h[136:148] = b"00000000000\0"
-    h[156:157] = b"0"
-    h[257:265] = b"ustar  \0"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
 def pack_ci_v1(c_off: int, c_size: int, u_off: int, u_size: int) -> bytes:
     """Pack a 16-byte V1 chunk-info entry (``BlobChunkInfoV1Ondisk``, spec §2.3)."""
     flags = ChunkInfoFlags.COMPRESSED if c_size != u_size else 0
@@ -221,13 +185,6 @@ def pack_ci_v1(c_off: int, c_size: int, u_off: int, u_size: int) -> bytes:
         return pack_chunk_info_v1(BlobChunkInfo(c_off, c_size, u_off, u_size, flags))
     except ValueError as err:
         raise InvalidArgument(f"chunk info: {err}") from err
-
-
-def section_header(name: str, size: int) -> bytes:
-    """The 512-byte tar header that names a blob section (GNU base-256 beyond 8 GiB)."""
-    if size < 8**11:
-        return pack_section_header(name, size)
-    return gnu_tar_header(name, size)
 
 
 def toc_entry(
@@ -340,7 +297,7 @@ class BlobWriter:
     it to ``<blob_id>`` and returns its :class:`BlobDesc`, or returns None (and
     leaves nothing behind) when no chunk was written. :meth:`abort` removes the temp
     file and is idempotent. Chunks found in ``chunk_dict`` are not written: their
-    :class:`ChunkRef` points at the dict's blob.
+    :class:`ChunkDesc` points at the dict's blob.
     """
 
     def __init__(
@@ -353,7 +310,7 @@ class BlobWriter:
         chunk_dict: ChunkDict | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        if chunk_size & (chunk_size - 1) or not BLOCK <= chunk_size <= MAX_CHUNK_SIZE:
+        if chunk_size & (chunk_size - 1) or not BLOCK <= chunk_size <= L.RAFS_MAX_CHUNK_SIZE:
             raise InvalidArgument(
                 f"chunk size {chunk_size:#x}: must be a power of two in [0x1000, 0x1000000]"
             )
@@ -367,7 +324,7 @@ class BlobWriter:
         self.desc = BlobDesc(
             blob_id="", chunk_size=chunk_size, compressor=compressor, digester=digester
         )
-        self._own: dict[bytes, ChunkRef] = {}
+        self._own: dict[bytes, ChunkDesc] = {}
         self._ci = bytearray()  # V1 chunk-info entries, 16 bytes each
         self._n = 0  # chunks in this blob
         self._digests: list[bytes] = []
@@ -383,7 +340,11 @@ class BlobWriter:
         self._settle_err: BaseException | None = None
 
     # ------------------------------------------------------------------ data
-    def add_file(self, reader: ChunkSource, size: int) -> tuple[list[ChunkRef], int]:
+    def add_entry(self, entry: Entry, reader: DataReader) -> tuple[list[ChunkDesc], int]:
+        """:meth:`add_file` for a regular file of a build source: its ``entry.size`` bytes."""
+        return self.add_file(reader, entry.size) if entry.size else ([], 0)
+
+    def add_file(self, reader: DataReader, size: int) -> tuple[list[ChunkDesc], int]:
         """Chunk ``size`` bytes of ``reader``; return the file's chunk refs and bytes read.
 
         Reads at most ``chunk_size`` bytes at a time. A reader that ends early yields
@@ -395,7 +356,7 @@ class BlobWriter:
             if not piece:
                 return [], 0
             return [self._commit(self._prepare(piece), len(piece), 0)], len(piece)
-        refs: list[ChunkRef] = []
+        refs: list[ChunkDesc] = []
         done = 0
         pool = self._pool()
         inflight: collections.deque[tuple[int, int, Future[_Prepared]]] = collections.deque()
@@ -425,7 +386,7 @@ class BlobWriter:
                 fut.cancel()
         return refs, done
 
-    def add_chunk(self, data: bytes, file_offset: int = 0) -> ChunkRef:
+    def add_chunk(self, data: bytes, file_offset: int = 0) -> ChunkDesc:
         """Add one chunk's uncompressed bytes (1..chunk_size); dedup, else append."""
         n = len(data)
         if not 0 < n <= self.chunk_size:
@@ -446,7 +407,7 @@ class BlobWriter:
         raw = data if self._cache is not None and is_compressed else None
         return digest(data, self.digester), payload, is_compressed, raw
 
-    def _commit(self, prep: _Prepared, n: int, file_offset: int) -> ChunkRef:
+    def _commit(self, prep: _Prepared, n: int, file_offset: int) -> ChunkDesc:
         """Dedup against the dict and this blob, else append the prepared payload."""
         d, payload, is_compressed, raw = prep
         self.stats.bytes_in += n
@@ -463,8 +424,8 @@ class BlobWriter:
             self.stats.dedup_bytes += n
             return _copy_ref(hit, file_offset)
         index = self._n
-        if index >= MAX_CHUNKS_PER_BLOB:
-            raise InvalidArgument(f"blob exceeds {MAX_CHUNKS_PER_BLOB} chunks")
+        if index >= L.RAFS_MAX_CHUNKS_PER_BLOB:
+            raise InvalidArgument(f"blob exceeds {L.RAFS_MAX_CHUNKS_PER_BLOB} chunks")
         w = self._w if self._w is not None else self._writer()
         c_off = w.pos
         if self.compressor == Compressor.NONE and c_off % BLOCK:
@@ -476,7 +437,7 @@ class BlobWriter:
         self._u_end = (u_off + n + BLOCK - 1) & -BLOCK
         if self._cache is not None:
             self._cache.write_chunk(u_off, raw if raw is not None else payload)
-        ref = ChunkRef(d, self.desc, index, c_off, c_size, u_off, n, is_compressed, file_offset)
+        ref = ChunkDesc(d, self.desc, index, c_off, c_size, u_off, n, is_compressed, file_offset)
         # V1 chunk info (spec §2.3), inline: u_off is 4 KiB aligned by construction,
         # sizes are 1..chunk_size <= 16 MiB; finish() checks the 40-bit offset bound.
         u, c = n - 1, c_size - 1
@@ -524,7 +485,7 @@ class BlobWriter:
             w.pad_to(BLOCK)  # data section == uncompressed address space
         data_size = w.pos
         # Section 1: chunk data, named by the tar header that follows it.
-        hdr = section_header("image.blob", data_size)
+        hdr = pack_section_header("image.blob", data_size)
         w.write(hdr)
         # TOC digest of image.blob covers data + header; we need a second hash for that.
         toc.append(
@@ -554,7 +515,7 @@ class BlobWriter:
             ci_uncompressed_size=len(ci_raw),
         ).pack()
         w.write(header)
-        w.write(section_header("blob.meta", len(ci_payload) + CI_HEADER_SIZE))
+        w.write(pack_section_header("blob.meta", len(ci_payload) + BLOB_CCT_HEADER_SIZE))
         toc.append(
             toc_entry(
                 "blob.meta",
@@ -571,15 +532,15 @@ class BlobWriter:
                 Compressor.NONE,
                 hashlib.sha256(header).digest(),
                 ci_offset + len(ci_payload),
-                CI_HEADER_SIZE,
-                CI_HEADER_SIZE,
+                BLOB_CCT_HEADER_SIZE,
+                BLOB_CCT_HEADER_SIZE,
             )
         )
         # Section 3: chunk digests in ci order, never compressed.
         digests = b"".join(self._digests)
         dig_off = w.pos
         w.write(digests)
-        w.write(section_header("blob.digest", len(digests)))
+        w.write(pack_section_header("blob.digest", len(digests)))
         toc.append(
             toc_entry(
                 "blob.digest",
@@ -592,7 +553,7 @@ class BlobWriter:
         )
         # Section 4: the TOC itself.
         toc_bytes = b"".join(toc)
-        toc_hdr = section_header("rafs.blob.toc", len(toc_bytes))
+        toc_hdr = pack_section_header("rafs.blob.toc", len(toc_bytes))
         w.write(toc_bytes)
         w.write(toc_hdr)
 
@@ -738,8 +699,8 @@ def discard_partial(f: BinaryIO | None, path: str | None) -> None:
             pass
 
 
-def _copy_ref(ref: ChunkRef, file_offset: int) -> ChunkRef:
-    return ChunkRef(
+def _copy_ref(ref: ChunkDesc, file_offset: int) -> ChunkDesc:
+    return ChunkDesc(
         digest=ref.digest,
         blob=ref.blob,
         ci_index=ref.ci_index,
@@ -752,7 +713,7 @@ def _copy_ref(ref: ChunkRef, file_offset: int) -> ChunkRef:
     )
 
 
-def _read_full(reader: ChunkSource, n: int) -> Buffer:
+def _read_full(reader: DataReader, n: int) -> Buffer:
     """Read exactly n bytes unless the reader ends first."""
     first = reader.read(n)
     if len(first) == n or not first:

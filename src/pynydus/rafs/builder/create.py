@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
 from pynydus.rafs.builder.blobwriter import (
@@ -27,8 +27,8 @@ from pynydus.rafs.builder.blobwriter import (
     BlobDesc,
     BlobStats,
     BlobWriter,
+    ChunkDesc,
     ChunkDict,
-    ChunkRef,
 )
 from pynydus.rafs.builder.load import (
     LoadedImage,
@@ -40,7 +40,14 @@ from pynydus.rafs.builder.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.builder.tree import Tree, bind_lower_links, iter_nodes, overlay
 from pynydus.rafs.builder.v6writer import BootstrapInfo, V6Options, write_bootstrap
 from pynydus.rafs.format import Compressor, Digester, parse_compressor, parse_digester
-from pynydus.rafs.source import DirSource, EntryType, TarSource, normalize_path
+from pynydus.rafs.source import (
+    DataReader,
+    DirSource,
+    Entry,
+    EntryType,
+    TarSource,
+    normalize_path,
+)
 
 __all__ = ["BlobReport", "BuildProgress", "BuildResult", "SourceType", "build", "build_tree"]
 
@@ -129,7 +136,9 @@ class _Ticker:
             self.fn(BuildProgress(phase, self.entries, bytes_in, time.monotonic() - self.t0))
 
 
-def _source_for(source: Any, type: str, first: tuple[bytes, ...] = ()) -> Iterable[tuple[Any, Any]]:
+def _source_for(
+    source: Any, type: str, first: tuple[bytes, ...] = ()
+) -> Iterable[tuple[Entry, DataReader | None]]:
     if type == "dir-rafs":
         return DirSource(source, first=first)
     if type in ("tar-rafs", "targz-rafs"):
@@ -139,27 +148,39 @@ def _source_for(source: Any, type: str, first: tuple[bytes, ...] = ()) -> Iterab
     )
 
 
+class LayerBlob(Protocol):
+    """The blob a build feeds file data into: a :class:`BlobWriter` (chunked, deduplicated,
+    compressed) or a :class:`TarfsBlob` (the layer tar itself)."""
+
+    stats: BlobStats
+
+    def add_entry(self, entry: Entry, reader: DataReader) -> tuple[list[ChunkDesc], int]:
+        """The chunks of regular file ``entry`` read from ``reader``, and the bytes read."""
+        ...
+
+
 def build_tree(
-    entries: Iterable[tuple[Any, Any]],
-    writer: BlobWriter,
+    entries: Iterable[tuple[Entry, DataReader | None]],
+    blob: LayerBlob,
     tree: Tree,
     *,
     strict_sizes: bool,
     ticker: _Ticker | None = None,
 ) -> None:
-    """Feed every ``(Entry, reader)`` into ``writer`` (file data) and ``tree`` (metadata).
+    """Feed every ``(Entry, reader)`` into ``blob`` (file data) and ``tree`` (metadata).
 
     ``strict_sizes`` makes a short read an error (tar: the archive is truncated);
     otherwise the size actually read wins (a directory file changed while walking).
     """
     for entry, reader in entries:
         if ticker is not None:
-            ticker.entry(writer.stats.bytes_in)
-        refs: list[ChunkRef] | None = None
+            ticker.entry(blob.stats.bytes_in)
+        refs: list[ChunkDesc] | None = None
         is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
         if entry.type == EntryType.REG and not is_whiteout:
+            assert reader is not None
             try:
-                refs, got = writer.add_file(reader, entry.size) if entry.size else ([], 0)
+                refs, got = blob.add_entry(entry, reader)
             finally:
                 close = getattr(reader, "close", None)
                 if close is not None:
@@ -170,18 +191,6 @@ def build_tree(
                         f"entry {entry.path!r}: expected {entry.size} bytes of data, got {got}"
                     )
                 entry.size = got
-        tree.apply(entry, refs)
-
-
-def _build_tarfs_tree(entries: TarSource, blob: TarfsBlob, tree: Tree, ticker: _Ticker) -> None:
-    """Tarfs variant of :func:`build_tree`: chunks point into the tar itself."""
-    for entry, reader in entries:
-        ticker.entry(blob.bytes_in)
-        refs: list[ChunkRef] | None = None
-        is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
-        if entry.type == EntryType.REG and not is_whiteout:
-            assert reader is not None
-            refs = blob.add_file(entry, reader)
         tree.apply(entry, refs)
 
 
@@ -213,7 +222,7 @@ def build(
     kernel mounts it directly; spec §1.15).
 
     The blob is named by its sha256 and omitted when the image has no file data.
-    ``chunk_dict`` (a digest→ChunkRef mapping, or a bootstrap path, optionally as
+    ``chunk_dict`` (a digest→ChunkDesc mapping, or a bootstrap path, optionally as
     ``bootstrap=PATH``) dedups against existing blobs, which then join the blob
     table. ``parent_bootstrap`` makes the result the parent image with this layer
     overlaid (its whiteouts applied), parent blobs first in the table.
@@ -363,7 +372,7 @@ class _BlobOutcome:
 
 
 def _write_blob(
-    entries: Iterable[tuple[Any, Any]],
+    entries: Iterable[tuple[Entry, DataReader | None]],
     writer: BlobWriter,
     tree: Tree,
     *,
@@ -385,18 +394,12 @@ def _write_tarfs_blob(
 ) -> _BlobOutcome:
     blob = TarfsBlob(blob_dir, chunk_size)
     try:
-        _build_tarfs_tree(TarSource(source, tee=blob), blob, tree, ticker)
+        build_tree(TarSource(source, tee=blob), blob, tree, strict_sizes=True, ticker=ticker)
         desc = blob.finish()
     except BaseException:
         blob.abort()
         raise
-    stats = BlobStats(
-        bytes_in=blob.bytes_in,
-        chunks_in=blob.chunks,
-        chunks_written=blob.chunks,
-        compressed_bytes=blob.bytes_in,
-    )
-    return _BlobOutcome(desc, blob.path, blob.replaced_existing, stats)
+    return _BlobOutcome(desc, blob.path, blob.replaced_existing, blob.stats)
 
 
 def _result(
@@ -443,7 +446,7 @@ def _result(
 
 
 def _load_chunk_dict(
-    chunk_dict: ChunkDict | Mapping[bytes, ChunkRef] | str | os.PathLike[str] | None,
+    chunk_dict: ChunkDict | Mapping[bytes, ChunkDesc] | str | os.PathLike[str] | None,
 ) -> ChunkDict:
     if chunk_dict is None:
         return {}

@@ -2,7 +2,7 @@
 
 The inverse of :func:`pynydus.rafs.builder.v6writer.write_bootstrap` (upstream's
 ``Tree::from_bootstrap``): every inode is decoded through the reader into an
-:class:`Inode`, every chunk into a :class:`ChunkRef` on a :class:`BlobDesc` of the
+:class:`Inode`, every chunk into a :class:`ChunkDesc` on a :class:`BlobDesc` of the
 bootstrap's blob table. ``build(parent_bootstrap=…)`` puts a new layer on such a
 tree, ``build(chunk_dict=<bootstrap>)`` dedups against its chunks, and the tree
 merge (:func:`pynydus.rafs.merge.merge_trees`) overlays layers loaded this way.
@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkDict, ChunkRef
+from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkDesc, ChunkDict
 from pynydus.rafs.builder.tree import Inode, Node, Tree
 from pynydus.rafs.format import Compressor, Digester
 from pynydus.rafs.format.layout import compressor_from_flags, digester_from_flags
@@ -136,7 +136,7 @@ def _load_inode(bs: Bootstrap, ino: int, blobs: list[BlobDesc]) -> Inode:
                     f"inode {ino}: chunk {c.index} of blob {c.blob_id} has no chunk record"
                 )
             inode.chunks.append(
-                ChunkRef(
+                ChunkDesc(
                     digest=c.digest,
                     blob=blobs[c.blob_index],
                     ci_index=c.index,

@@ -24,13 +24,13 @@ from typing import BinaryIO
 from pynydus.errors import InvalidArgument, NotImplementedFeature
 from pynydus.rafs.builder.blobwriter import (
     BlobDesc,
-    ChunkRef,
-    ChunkSource,
+    BlobStats,
+    ChunkDesc,
     _read_full,
     discard_partial,
 )
 from pynydus.rafs.format import BlobFeatures, Compressor, Digester
-from pynydus.rafs.source import Entry
+from pynydus.rafs.source import DataReader, Entry
 
 __all__ = ["TARFS_BLOCK_SIZE", "TARFS_FEATURES", "TarfsBlob"]
 
@@ -41,7 +41,7 @@ TARFS_FEATURES = int(BlobFeatures.TARFS | BlobFeatures.CAP_TAR_TOC)
 class TarfsBlob:
     """Copy of the uncompressed tar in ``blob_dir``, named by its sha256 at :meth:`finish`.
 
-    Use :meth:`write` as the tar source's tee, :meth:`add_file` for each regular
+    Use :meth:`write` as the tar source's tee, :meth:`add_entry` for each regular
     file as the builder meets it, then :meth:`finish` (or :meth:`abort`, idempotent).
     """
 
@@ -53,8 +53,7 @@ class TarfsBlob:
         self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
         self._h = hashlib.sha256()
         self.pos = 0
-        self.chunks = 0
-        self.bytes_in = 0
+        self.stats = BlobStats()  # every chunk is new and stored raw
         self.replaced_existing = False
         self.desc = BlobDesc(
             blob_id="",
@@ -71,8 +70,8 @@ class TarfsBlob:
         self._h.update(data)
         self.pos += len(data)
 
-    def add_file(self, entry: Entry, reader: ChunkSource) -> list[ChunkRef]:
-        """Chunk refs of a regular file's data as it lies in the tar.
+    def add_entry(self, entry: Entry, reader: DataReader) -> tuple[list[ChunkDesc], int]:
+        """The chunks of a regular file's data as it lies in the tar, and its size.
 
         Reading the data (to digest it) is also what moves it through the tee.
         """
@@ -80,7 +79,7 @@ class TarfsBlob:
             raise NotImplementedFeature(
                 f"tarfs: {entry.path!r} is a sparse tar member; its data is not contiguous"
             )
-        refs: list[ChunkRef] = []
+        refs: list[ChunkDesc] = []
         done = 0
         while done < entry.size:
             piece = _read_full(reader, min(self.chunk_size, entry.size - done))
@@ -88,10 +87,10 @@ class TarfsBlob:
                 raise InvalidArgument(f"tarfs: {entry.path!r}: tar data ends early")
             off = (entry.data_offset or 0) + done
             refs.append(
-                ChunkRef(
+                ChunkDesc(
                     digest=hashlib.sha256(piece).digest(),
                     blob=self.desc,
-                    ci_index=self.chunks,
+                    ci_index=self.stats.chunks_written,
                     compressed_offset=off,
                     compressed_size=len(piece),
                     uncompressed_offset=off,
@@ -100,10 +99,12 @@ class TarfsBlob:
                     file_offset=done,
                 )
             )
-            self.chunks += 1
+            self.stats.chunks_in += 1
+            self.stats.chunks_written += 1
             done += len(piece)
-        self.bytes_in += done
-        return refs
+        self.stats.bytes_in += done
+        self.stats.compressed_bytes += done
+        return refs, done
 
     def finish(self) -> BlobDesc:
         """Close and rename the copy to its sha256; fill in and return the descriptor."""
@@ -123,7 +124,7 @@ class TarfsBlob:
         self._tmp = ""
         d = self.desc
         d.blob_id = blob_id
-        d.chunk_count = self.chunks
+        d.chunk_count = self.stats.chunks_written
         d.compressed_size = d.uncompressed_size = self.pos
         return d
 

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pynydus.errors import FormatError, InvalidArgument
-from pynydus.rafs.builder.blobwriter import ChunkRef
+from pynydus.rafs.builder.blobwriter import ChunkDesc
 from pynydus.rafs.format import (
     LOWER_HARDLINK_XATTR,
     OCI_WHITEOUT_OPAQUE,
@@ -76,7 +76,7 @@ class Inode:
     rdev: int = 0  # new_encode_dev form
     link: bytes = b""  # symlink target
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    chunks: list[ChunkRef] = field(default_factory=list)
+    chunks: list[ChunkDesc] = field(default_factory=list)
     nlink: int = 1
     # Created for a missing parent, not from an entry: a merge keeps the lower
     # layer's metadata for it instead of this placeholder's.
@@ -170,7 +170,7 @@ class Tree:
         return node
 
     # ------------------------------------------------------------------ apply
-    def apply(self, entry: Entry, chunks: list[ChunkRef] | None = None) -> None:
+    def apply(self, entry: Entry, chunks: list[ChunkDesc] | None = None) -> None:
         """Apply one layer entry (with the chunks of its data, for regular files)."""
         wh = entry.whiteout
         if wh is not None and self.whiteout_spec != "none":

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkRef
+from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkDesc
 from pynydus.rafs.builder.tree import Inode, Node, Tree
 from pynydus.rafs.format import Compressor, Digester
 from pynydus.rafs.format import layout as L
@@ -188,7 +188,7 @@ class _Planner:
     block symlinks are recorded in ``deferred`` for pass 2. Assigns ``nid``/``ino``.
     """
 
-    def __init__(self, tree: Tree, opts: V6Options, blob_index: Callable[[ChunkRef], int]) -> None:
+    def __init__(self, tree: Tree, opts: V6Options, blob_index: Callable[[ChunkDesc], int]) -> None:
         self.tree = tree
         self.opts = opts
         self.blob_index = blob_index
@@ -205,7 +205,7 @@ class _Planner:
         self.placed: set[int] = set()  # id() of placed inodes (hardlinks are placed once)
         # Chunk table: one record per distinct (digest, blob), first reference wins.
         # (digest, blob) is unique for deduplicated blobs; tarfs repeats digests.
-        self.chunks: dict[tuple[bytes, int, int], ChunkRef] = {}
+        self.chunks: dict[tuple[bytes, int, int], ChunkDesc] = {}
         self.has_xattr = False
         self.build_time = (0, 0)
         if opts.compact_inodes:
@@ -351,7 +351,7 @@ class _Planner:
                 meta += bytes(pad)
             self._append_chunk_indexes(meta, chunks)
 
-    def _append_chunk_indexes(self, meta: bytearray, chunks: list[ChunkRef]) -> None:
+    def _append_chunk_indexes(self, meta: bytearray, chunks: list[ChunkDesc]) -> None:
         """Append the 8-byte chunk indexes of ``chunks`` to ``meta`` and enter each
         chunk in the chunk table."""
         table = self.chunks
@@ -532,7 +532,7 @@ def write_bootstrap(
     if len(blobs) > 254:
         raise InvalidArgument(f"{len(blobs)} blobs: RAFS v6 supports at most 254")
 
-    def index_of(c: ChunkRef) -> int:
+    def index_of(c: ChunkDesc) -> int:
         blob = c.blob
         i = blob_ids.get(id(blob))
         if i is None:

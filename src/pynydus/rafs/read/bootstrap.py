@@ -90,6 +90,8 @@ class DirEntry:
 class BlobInfo:
     """One data blob referenced by the bootstrap (v6 blob table + devslot, or v5 tables).
 
+    The blob table entry as read: immutable, ``index`` is its place in the table.
+    The blob of an image being written is a :class:`pynydus.rafs.builder.BlobDesc`.
     Sizes that an old image does not record are 0.  ``features`` are
     :class:`BlobFeatures` bits.  ``ci_*`` locate the chunk-info array inside the blob
     (v6 only).  ``mapped_blkaddr``/``blocks`` come from the v6 device slot.
@@ -121,7 +123,8 @@ class BlobInfo:
 
 @dataclass(frozen=True, slots=True)
 class FileChunk:
-    """One chunk of a regular file and where its bytes live.
+    """One chunk of a regular file and where its bytes live, as read from a bootstrap
+    (the writer's side is :class:`pynydus.rafs.builder.ChunkDesc`).
 
     ``file_offset`` is where the chunk starts in the file; ``index`` is the chunk's
     position in its blob's chunk-info array.  ``uncompressed_offset`` is inside the
