@@ -41,8 +41,10 @@ SHARED_DAEMON_ID = "shared_daemon"
 _BOOTSTRAP_WAIT = 1.0  # seconds for containerd to finish writing the bootstrap
 # A spare daemon starts at this nice value and runs at 0 once RUNNING or needed.
 _STANDBY_NICENESS = 10
-# After an image takes the spare, the next one starts this much later (seconds).
-_STANDBY_REFILL_DELAY = 3.0
+# After an image takes the spare, the next one starts this much later (seconds);
+# PYNYDUS_STANDBY_REFILL_DELAY overrides it (tests make it long, so that cutting it short
+# is told apart from waiting it out without a race).
+_STANDBY_REFILL_DELAY = float(os.environ.get("PYNYDUS_STANDBY_REFILL_DELAY") or 3.0)
 # How long an image waits for a spare that is starting before starting its own daemon.
 _STANDBY_WAIT = 10.0
 # How long close() waits for mounts under way (a daemon start, a standby's wait).

@@ -238,22 +238,32 @@ def test_streamed_upload_refused_by_auth_is_resent_from_the_source(
 
 def test_tokens_in_use_are_renewed_in_the_background(
         token_registry: tuple[Registry, TokenServer], client: Make) -> None:
+    """A 4 s token is renewed by the background thread a quarter of its lifetime before
+    expiry (at 3 s; the inline refresh margin is 0.4 s). Each step waits for the event it
+    checks (a renewal counted) instead of sleeping a fixed time and hoping the renewer
+    was on time; only "no renewal" needs time to pass, and then it waits past the
+    token's expiry, after which a renewal could no longer help anyone."""
     reg, ts = token_registry
     data, d = blob()
     client(reg.host, auth=ALICE).push_blob("tok/renew", data, d)
-    ts.expires_in = 4  # renewed a second before expiry, refreshed inline at 0.4 s
+    ts.expires_in = 4
     try:
         c = client(reg.host, auth=ALICE)
+        t0 = time.monotonic()
         c.read_blob_range("tok/renew", d, 0, 1)
         first = c.metrics.token_fetches
-        time.sleep(3.6)
-        assert c.metrics.token_renewals == 1  # without any read in between
+        wait_for(lambda: c.metrics.token_renewals == 1, 30, "the first renewal")
+        assert time.monotonic() - t0 >= 2.5  # due at 3 s, not earlier
+        assert c.metrics.token_fetches == first + 1  # the renewal, without any read
         assert c.read_blob_range("tok/renew", d, 1, 1) == data[1:2]
         assert c.metrics.token_fetches == first + 1  # the read did not fetch inline
-        time.sleep(4.2)                       # used once since renewal: renewed again,
-        assert c.metrics.token_renewals == 2  # then idle: left to lapse
-        time.sleep(3.2)
+        wait_for(lambda: c.metrics.token_renewals == 2, 30, "the second renewal")
+        renewed = time.monotonic()
+        # not used since: left to lapse. Wait until that token has expired for certain.
+        time.sleep(max(0.0, renewed + 4.2 - time.monotonic()))
         assert c.metrics.token_renewals == 2
+        assert c.metrics.token_fetches == first + 2
+
         def renewers() -> int:
             return sum(1 for t in threading.enumerate()
                        if t.name.startswith("token-renewal") and t.is_alive())
@@ -262,3 +272,11 @@ def test_tokens_in_use_are_renewed_in_the_background(
         assert renewers() == before - 1
     finally:
         ts.expires_in = 300
+
+
+def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
