@@ -14,12 +14,16 @@ offline and pushed to a private loopback ``docker-registry``. Then, in the same 
   from the local cache, only pushing), and once more into the same repository
   (nothing to do but manifests).
 
-Reported: wall seconds per phase, the ratio ctr-remote/pynydus end to end, and the
-CPU the tool's processes used divided by wall time ("cores busy"; the machine's
-other tenants do not count). The image layout is cached in /var/tmp by its
-parameters, so a rerun does not rebuild it.
+Each tool runs ``--repeat`` times (default 3), the two alternating and each going
+first in turn; every round has a fresh registry holding only the source image (so no
+run finds the blobs of an earlier one), pynydus an empty layer cache, ctr-remote a
+fresh containerd, and the page cache is dropped before each run. Reported: medians
+of wall seconds per phase (every run in the JSON), the ratio ctr-remote/pynydus of
+those medians, and the CPU the tool's processes used divided by wall time ("cores
+busy"; the machine's other tenants do not count). The image layout is cached in
+/var/tmp by its parameters, so a rerun does not rebuild it.
 
-    bench/convert_bench.py                    # full run: 500 MB, 5 layers
+    bench/convert_bench.py                    # full run: 500 MB, 5 layers, 3 rounds
     bench/convert_bench.py --quick            # CI smoke: 5 x 4 MB
     bench/convert_bench.py --size-mb 200 --layers 4 --json out.json
 """
@@ -33,6 +37,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,7 +130,17 @@ def timed(argv: list[str], *, extra_pid: int | None = None) -> tuple[float, floa
     return wall, cpu
 
 
-def run(size_mb: int, layers: int, out_json: str | None) -> dict[str, object]:
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _med(runs: list[dict[str, float]], key: str) -> float:
+    return round(statistics.median(r[key] for r in runs), 2)
+
+
+def run(size_mb: int, layers: int, repeat: int, out_json: str | None) -> dict[str, object]:
     t_build = time.monotonic()
     image = cached_image(size_mb, layers)
     build_s = time.monotonic() - t_build
@@ -135,10 +150,15 @@ def run(size_mb: int, layers: int, out_json: str | None) -> dict[str, object]:
                   "compressed_bytes": src_bytes, "build_seconds": round(build_s, 1)},
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                  "kernel": platform.release(), "loadavg_start": os.getloadavg()[0]},
+        "repeat": repeat,
     }
     py = sys.executable
-    with Registry() as reg, tempfile.TemporaryDirectory(prefix="pyn-cvb-") as tmp:
-        oci.push(image, reg.ref("bench/src"))
+    ours_runs: list[dict[str, float]] = []
+    ctr_runs: list[dict[str, float]] = []
+    order: list[list[str]] = []
+    layers_summary: list[object] = []
+
+    def pynydus_round(reg: Registry, tmp: str) -> None:
         src = reg.ref("bench/src")
 
         def ours(target: str, cache: str) -> tuple[float, float]:
@@ -146,20 +166,23 @@ def run(size_mb: int, layers: int, out_json: str | None) -> dict[str, object]:
                           "--target", target, "--cache-dir", cache, "--progress", "quiet",
                           "--output-json", os.path.join(tmp, "summary.json")])
 
-        cache = os.path.join(tmp, "cache")
+        cache = os.path.join(tmp, "cache")  # empty: a new temporary directory per round
+        drop_caches()
         wall, cpu = ours(reg.ref("bench/nydus"), cache)
-        res["pynydus_cold"] = {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
-                               "cores_busy": round(cpu / wall, 2)}
         summary = json.loads(Path(tmp, "summary.json").read_text())
-        res["pynydus_layers"] = summary["images"][0]["layers"]
-        wall, cpu = ours(reg.ref("bench/nydus2"), cache)
-        res["pynydus_warm_new_repo"] = {"seconds": round(wall, 2)}
-        wall, cpu = ours(reg.ref("bench/nydus2"), cache)
-        res["pynydus_warm_same_repo"] = {"seconds": round(wall, 2)}
+        layers_summary[:] = summary["images"][0]["layers"]
+        warm_new, _ = ours(reg.ref("bench/nydus2"), cache)
+        warm_same, _ = ours(reg.ref("bench/nydus2"), cache)
+        ours_runs.append({"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                          "cores_busy": round(cpu / wall, 2), "warm_new_repo": round(warm_new, 2),
+                          "warm_same_repo": round(warm_same, 2)})
 
-        with Containerd() as ctrd:
+    def ctr_round(reg: Registry, tmp: str) -> None:
+        src = reg.ref("bench/src")
+        with Containerd() as ctrd:  # empty content store
             base = ["-a", str(ctrd.socket), "-n", ctrd.namespace]
             pid = ctrd.pid
+            drop_caches()
             f_wall, f_cpu = timed(["ctr", *base, "content", "fetch", "--plain-http", src],
                                   extra_pid=pid)
             c_wall, c_cpu = timed([CTR_REMOTE, *base, "images", "convert", "--estargz", "--oci",
@@ -168,14 +191,31 @@ def run(size_mb: int, layers: int, out_json: str | None) -> dict[str, object]:
                                    reg.ref("bench/esgz")], extra_pid=pid)
         total = f_wall + c_wall + p_wall
         cpu = f_cpu + c_cpu + p_cpu
-        res["ctr_remote"] = {"seconds": round(total, 2), "fetch_seconds": round(f_wall, 2),
-                             "convert_seconds": round(c_wall, 2),
-                             "push_seconds": round(p_wall, 2), "cpu_seconds": round(cpu, 2),
-                             "cores_busy": round(cpu / total, 2)}
+        ctr_runs.append({"seconds": round(total, 2), "fetch_seconds": round(f_wall, 2),
+                         "convert_seconds": round(c_wall, 2), "push_seconds": round(p_wall, 2),
+                         "cpu_seconds": round(cpu, 2), "cores_busy": round(cpu / total, 2)})
+
+    tools = {"pynydus": pynydus_round, "ctr-remote": ctr_round}
+    names = list(tools)
+    for rnd in range(repeat):
+        k = rnd % len(names)
+        order.append(names[k:] + names[:k])
+        for name in order[-1]:
+            with Registry() as reg, tempfile.TemporaryDirectory(prefix="pyn-cvb-") as tmp:
+                oci.push(image, reg.ref("bench/src"))
+                tools[name](reg, tmp)
     res["host"]["loadavg_end"] = os.getloadavg()[0]  # type: ignore[index]
-    cold = res["pynydus_cold"]
-    assert isinstance(cold, dict)
-    res["ratio_ctr_remote_over_pynydus"] = round(total / cold["seconds"], 2)
+    res["order"] = order
+    res["pynydus_cold"] = {"seconds": _med(ours_runs, "seconds"),
+                           "cpu_seconds": _med(ours_runs, "cpu_seconds"),
+                           "cores_busy": _med(ours_runs, "cores_busy"), "runs": ours_runs}
+    res["pynydus_layers"] = layers_summary
+    res["pynydus_warm_new_repo"] = {"seconds": _med(ours_runs, "warm_new_repo")}
+    res["pynydus_warm_same_repo"] = {"seconds": _med(ours_runs, "warm_same_repo")}
+    res["ctr_remote"] = {k: _med(ctr_runs, k) for k in ctr_runs[0]} | {"runs": ctr_runs}
+    cold, ctr = res["pynydus_cold"], res["ctr_remote"]
+    assert isinstance(cold, dict) and isinstance(ctr, dict)
+    res["ratio_ctr_remote_over_pynydus"] = round(ctr["seconds"] / cold["seconds"], 2)
     res["pynydus_source_mb_per_s"] = round(src_bytes / 1e6 / cold["seconds"], 1)
     if out_json:
         Path(out_json).write_text(json.dumps(res, indent=2))
@@ -187,10 +227,14 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=500)
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="5 layers x 4 MB (CI smoke)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool, alternating (3)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("convert_bench needs root (containerd, drop_caches)", file=sys.stderr)
+        return 2
     size, layers = (20, 5) if args.quick else (args.size_mb, args.layers)
-    res = run(size, layers, args.json)
+    res = run(size, layers, args.repeat, args.json)
     cold, ctr = res["pynydus_cold"], res["ctr_remote"]
     assert isinstance(cold, dict) and isinstance(ctr, dict)
     print(f"image: {size} MB file data, {layers} layers, "
@@ -202,7 +246,9 @@ def main() -> int:
           f"cpu {ctr['cpu_seconds']} s, cores busy {ctr['cores_busy']}")
     print(f"load average (1 min) at start/end: {res['host']['loadavg_start']:.1f}/"  # type: ignore[index]
           f"{res['host']['loadavg_end']:.1f} on {os.cpu_count()} CPUs")  # type: ignore[index]
-    print(f"ratio ctr-remote / pynydus: {res['ratio_ctr_remote_over_pynydus']}x")
+    print(f"medians of {res['repeat']} runs per tool, alternating: {res['order']}")
+    print(f"ratio ctr-remote / pynydus: {ctr['seconds']:.2f} s / {cold['seconds']:.2f} s = "
+          f"{res['ratio_ctr_remote_over_pynydus']:.2f}x")
     print(f"pynydus warm, new repo:   {res['pynydus_warm_new_repo']['seconds']:7.2f} s")  # type: ignore[index]
     print(f"pynydus warm, same repo:  {res['pynydus_warm_same_repo']['seconds']:7.2f} s")  # type: ignore[index]
     return 0

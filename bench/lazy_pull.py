@@ -15,7 +15,8 @@ startup command, for the same image pulled three ways, all in one run:
 Each repetition is cold: a new containerd (empty content store and snapshots), a new
 snapshotter process with an empty root and cache, and the page cache dropped
 (``sync; echo 3 > /proc/sys/vm/drop_caches``, the whole machine's) right before the
-pull. Modes alternate inside a repetition, so they share the machine's conditions.
+pull. Modes alternate inside a repetition, each going first in turn (the order rotates
+between repetitions), so they share the machine's conditions.
 
 Networks: ``loopback`` (registry on 127.0.0.1, no shaping) and ``100mbit``: the same
 registry behind a throttling TCP proxy of this script (127.0.0.1, a token bucket of
@@ -675,7 +676,8 @@ def main() -> int:
                 for img in images:
                     st = state[img]
                     for rep in range(1, a.repeat + 1):
-                        for mode in modes:
+                        k = (rep - 1) % len(modes)  # each mode goes first in turn
+                        for mode in modes[k:] + modes[:k]:
                             tag = TAG[mode]
                             if a.nydus_tag and mode in DAEMON_MODE:
                                 tag = a.nydus_tag

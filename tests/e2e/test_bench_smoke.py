@@ -33,5 +33,22 @@ def test_snapshotter_ops_quick_prints_ratios(tmp_path: Path) -> None:
     for target in ("overlayfs", "nydus"):
         for op in OPS:
             assert data["ops"][target][op]["n"] > 0
+    # every printed ratio is the quotient of the figures the JSON holds
+    ops = data["ops"]
+    for op in OPS:
+        cells = [c.strip() for c in rows[op].split("|")[1:-1]]
+        y, o = ops["nydus"][op], ops["overlayfs"][op]
+        assert cells[5] == f"{y['p50_ms'] / o['p50_ms']:.2f}x", (op, cells)
+        assert cells[6] == f"{y['p95_ms'] / o['p95_ms']:.2f}x", (op, cells)
+        assert cells[1] == f"{o['p50_ms']:.3f}" and cells[3] == f"{y['p50_ms']:.3f}", cells
+    listed = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+              for line in r.stdout.splitlines()
+              if line.startswith("| ") and line.count("|") == 6}
+    lists = data["list"]
+    for name in ("overlayfs", "nydus"):
+        cells = listed[name]
+        assert cells[4] == f"{lists[name]['list_s'] / lists['overlayfs']['list_s']:.2f}x", cells
+        assert cells[2] == f"{lists[name]['list_s'] * 1000:.1f}", cells
+        assert len(lists[name]["list_runs_s"]) >= 1
     assert data["list"]["nydus"]["listed"] >= 100
     assert data["rss_kib"]["idle_after_run"]["VmRSS"] > 0

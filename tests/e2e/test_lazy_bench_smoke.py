@@ -38,3 +38,17 @@ def test_lazy_pull_quick_prints_ratios(tmp_path: Path) -> None:
         assert nydus["fetched_pull"] < 0.2e6 < nydus["fetched_run"]  # bootstrap only, then lazily
     assert "| loopback | small | nydus |" in r.stdout
     assert "vs overlayfs" in r.stdout
+    # every printed figure and ratio is the JSON's: the quotient of its figures
+    printed = {(c[0], c[1], c[2]): c for c in
+               ([x.strip() for x in ln.split("|")[1:-1]] for ln in r.stdout.splitlines()
+                if ln.startswith("| ") and ln.count("|") == 12)}
+    for (net, mode), row in rows.items():
+        cells = printed[(net, "small", mode)]
+        base = rows[(net, "overlayfs")]["total_s"]
+        assert cells[5] == f"**{row['total_s']:.2f}**", cells
+        want = "1.00x (base)" if mode == "overlayfs" else f"{base / row['total_s']:.2f}x"
+        assert cells[7] == want, cells
+        assert row["x_vs_overlayfs"] == base / row["total_s"]
+        fetched = row["fetched_pull"] + row["fetched_run"]
+        assert row["fetched"] == fetched
+        assert cells[10] == f"{fetched / row['workload_read']:.2f}", cells

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,4 +31,15 @@ def test_convert_bench_quick(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert res["pynydus_cold"]["seconds"] > 0 and res["ctr_remote"]["seconds"] > 0
     assert len(res["pynydus_layers"]) == 5
-    assert "ratio ctr-remote / pynydus" in r.stdout
+    # three runs per tool, alternating, each tool first in turn; medians reported
+    assert res["repeat"] == 3 and len(res["order"]) == 3
+    assert [o[0] for o in res["order"]] == ["pynydus", "ctr-remote", "pynydus"]
+    cold, ctr = res["pynydus_cold"], res["ctr_remote"]
+    assert len(cold["runs"]) == len(ctr["runs"]) == 3
+    assert cold["seconds"] == round(statistics.median(x["seconds"] for x in cold["runs"]), 2)
+    assert ctr["seconds"] == round(statistics.median(x["seconds"] for x in ctr["runs"]), 2)
+    # the printed ratio is the quotient of the two JSON figures printed beside it
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("ratio ctr-remote / pynydus"))
+    assert line == (f"ratio ctr-remote / pynydus: {ctr['seconds']:.2f} s / {cold['seconds']:.2f} s"
+                    f" = {ctr['seconds'] / cold['seconds']:.2f}x"), line
+    assert res["ratio_ctr_remote_over_pynydus"] == round(ctr["seconds"] / cold["seconds"], 2)

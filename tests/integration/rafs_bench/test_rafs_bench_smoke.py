@@ -33,3 +33,28 @@ def test_rafs_bench_quick_prints_the_table(tmp_path: Path) -> None:
     assert res["merge"]["layers"] == 10 and res["rss"]["run"]["maxrss_mb"] > 0
     assert len(res["lz4"]["warm_runs"]) == len(res["lz4"]["runs"]) == 3
     assert not (tmp_path / "data" / "quick").exists()  # cleaned up
+    # every printed ratio is the quotient of the median runs the JSON holds
+    value = {c[0]: c[1] for c in ([x.strip() for x in ln.split("|")[1:-1]]
+                                  for ln in r.stdout.splitlines() if ln.startswith("| "))}
+
+    def med(runs: list[dict[str, float]]) -> dict[str, float]:
+        return sorted(runs, key=lambda x: x["wall"])[len(runs) // 2]
+
+    for name in ("mixed", "small"):
+        p, e = med(res[f"build_{name}"]["pynydus"]), med(res[f"build_{name}"]["mkfs_erofs"])
+        assert value[f"build {name}: pynydus / mkfs.erofs (wall; cpu)"] == \
+            f"{p['wall'] / e['wall']:.2f}x; {p['cpu'] / e['cpu']:.2f}x"
+        assert res[f"build_{name}"]["ratio"] == p["wall"] / e["wall"]
+    t = res["targz"]
+    p = med(t["pynydus"])
+    for label, key in (("gzip -dc", "gzip_dc"), ("unpigz -c", "unpigz")):
+        assert value[f"targz: pynydus / {label}"] == f"{p['wall'] / med(t[key])['wall']:.2f}x"
+    for label, key in (("zlib inflate", "zlib"), ("isal inflate", "isal")):
+        base = med(t[key])
+        assert value[f"targz: pynydus / {label} (wall; cpu)"] == \
+            f"{p['wall'] / base['wall']:.2f}x; {p['cpu'] / base['cpu']:.2f}x"
+    mixed_mb = res["mixed"]["mb"]
+    w, c = med(res["lz4"]["warm_runs"]), med(res["lz4"]["runs"])
+    assert value["lz4_block build, warm cache: MB in / wall s on 1 CPU"] == \
+        f"{mixed_mb / w['wall']:.0f} MB/s"
+    assert value["lz4_block build, cold cache: MB in / CPU s"] == f"{mixed_mb / c['cpu']:.0f} MB/s"
