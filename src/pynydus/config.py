@@ -1,26 +1,26 @@
 """Snapshotter configuration: upstream's TOML keys as frozen, validated dataclasses.
 
 Theory of operation. ``load_config`` turns one TOML file (read with tomllib) plus a mapping
-of command-line overrides into a ``SnapshotterConfig`` in three steps:
+of command-line overrides into a ``SnapshotterConfig``. The schema below is read by the
+engine shared with nydusd's config (``pynydus.confschema``): keys are collected with where
+they came from (unknown keys and sections become warnings with a suggestion; upstream
+ignores them silently), overrides are recorded after the file so the command line always
+wins, and each value is type-checked and converted, a mismatch naming the dotted key. Then:
 
-1. *Collect*: walk the TOML tables guided by the dataclass schema below. Every known key is
-   recorded under its dotted name together with where it came from; unknown keys and
-   sections become warnings with a difflib suggestion (upstream ignores them silently).
-   Overrides are recorded after the file, so the command line always wins.
-2. *Convert*: each recorded value is type-checked and converted (durations to seconds,
-   enumerations to ``StrEnum`` members). A mismatch raises ``ConfigError`` naming the dotted
-   key, what was expected and what was found.
-3. *Validate*: the cross-field rules of upstream's ``ValidateConfig`` and
-   ``ProcessConfigurations`` (root length, keychain exclusivity, files that must exist,
-   fscache forcing the shared daemon mode).
+1. *Refuse* what pynydus does not implement yet: a key marked ``unsupported`` with another
+   value than its default stops start-up naming the key (defaults, as upstream's sample
+   file spells them out, still load). A key marked ``inert`` is one upstream itself does
+   nothing with in what pynydus supports; a non-default value loads with a warning.
+2. *Validate*: the cross-field rules of upstream's ``ValidateConfig`` and
+   ``ProcessConfigurations`` (root length, fscache forcing the shared daemon mode).
 
-Deliberate difference from upstream: upstream merges its defaults in with mergo *after*
-loading, which only fills zero values, so ``log_rotation_compress = false`` cannot turn a
-default-true boolean off and a numeric ``0`` means "use the default". Here a key that is
-present takes its value; defaults apply only to keys that are absent.
+``parse_config`` stops before step 1 (for tools that only read a file). Deliberate
+difference from upstream: upstream merges its defaults in with mergo *after* loading, which
+only fills zero values, so ``log_rotation_compress = false`` cannot turn a default-true
+boolean off and a numeric ``0`` means "use the default". Here a key that is present takes
+its value; defaults apply only to keys that are absent.
 
-Everything here except the existence checks of validation (mirrors dir, public key file) is
-pure: values in, values out.
+Everything here except the existence checks of validation is pure: values in, values out.
 """
 
 from __future__ import annotations
@@ -28,16 +28,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import functools
-import json
 import os
-import re
 import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pynydus import confschema as schema
+from pynydus.confschema import (
+    choice,
+    count,
+    duration,
+    inert,
+    memory,
+    parse_duration,
+    parse_memory_limit,
+    unsupported,
+    with_meta,
+)
 from pynydus.errors import ConfigError
 from pynydus.logs import LEVELS
 
@@ -68,6 +77,7 @@ __all__ = [
     "TarfsConfig",
     "TarfsExportMode",
     "load_config",
+    "parse_config",
     "parse_duration",
     "parse_memory_limit",
 ]
@@ -129,22 +139,10 @@ class TarfsExportMode(enum.StrEnum):
     IMAGE_BLOCK_WITH_VERITY = "image_block_with_verity"
 
 
-# Field metadata understood by the converter.
-_DURATION = "duration"  # TOML string like "10s" -> float seconds
-_POSITIVE = "positive"  # duration must be > 0
-_MEMORY = "memory"  # string checked with parse_memory_limit, kept as written
-_MIN = "min"
-_MAX = "max"
-_CHOICES = "choices"  # case-insensitive string choices, stored lower-case
-_ALIASES = "aliases"  # enum spellings that map onto a member
-
-
-def _duration(default: float, *, positive: bool) -> Any:
-    return field(default=default, metadata={_DURATION: True, _POSITIVE: positive})
-
-
-def _count(default: int, *, maximum: int | None = None) -> Any:
-    return field(default=default, metadata={_MIN: 0, _MAX: maximum})
+# Why the unsupported keys are refused, once per feature.
+_SYSTEM = "the system controller ([system]) and its debug listeners"
+_TARFS = "tarfs: OCI layers served as RAFS blobs"
+_KEYCHAIN = "registry credentials from Kubernetes (kubeconfig, CRI or kubelet keychains)"
 
 
 # --- sections -------------------------------------------------------------------------
@@ -155,19 +153,19 @@ class DebugConfig:
     """``[system.debug]``."""
 
     # 0: do not sample nydusd's start-up CPU utilisation
-    daemon_cpu_profile_duration_secs: int = _count(0)
+    daemon_cpu_profile_duration_secs: int = with_meta(count(0), unsupported=_SYSTEM)
     # "": no pprof-like listener
-    pprof_address: str = ""
+    pprof_address: str = unsupported("", _SYSTEM)
 
 
 @dataclass(frozen=True)
 class SystemConfig:
     """``[system]``: the system controller, HTTP on a unix socket."""
 
-    enable: bool = False
-    address: str = DEFAULT_SYSTEM_ADDRESS
-    uid: int = _count(0)
-    gid: int = _count(0)
+    enable: bool = unsupported(False, _SYSTEM)
+    address: str = unsupported(DEFAULT_SYSTEM_ADDRESS, _SYSTEM)
+    uid: int = with_meta(count(0), unsupported=_SYSTEM)
+    gid: int = with_meta(count(0), unsupported=_SYSTEM)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -178,14 +176,16 @@ class DaemonConfig:
     # bare names are looked up in $PATH when the binary is spawned, as upstream does at start-up
     nydusd_path: str = "nydusd"
     nydusd_config: str = "/etc/nydus/nydusd-config.json"
-    nydusimage_path: str = "nydus-image"
+    nydusimage_path: str = inert("nydus-image", "upstream runs nydus-image only for tarfs, "
+                                 "which pynydus does not have yet")
     fs_driver: FsDriver = FsDriver.FUSEDEV
     recover_policy: RecoverPolicy = RecoverPolicy.RESTART
     # 0: let nydusd pick its own thread count; nydusd rejects more than 1024
-    threads_number: int = _count(0, maximum=1024)
+    threads_number: int = count(0, maximum=1024)
     # MB; 0: nydusd does not rotate its log
-    log_rotation_size: int = _count(100)
-    failover_policy: FailoverPolicy = FailoverPolicy.RESEND
+    log_rotation_size: int = count(100)
+    failover_policy: FailoverPolicy = unsupported(
+        FailoverPolicy.RESEND, "failover of a live FUSE session, see docs/failover.md")
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class CgroupConfig:
 
     enable: bool = False
     # "": no memory limit; otherwise bytes, 512MiB, 2Gi or 10% of RAM (see parse_memory_limit)
-    memory_limit: str = field(default="", metadata={_MEMORY: True})
+    memory_limit: str = memory("")
 
     def memory_limit_bytes(self, total_ram: int) -> int | None:
         """The limit in bytes for a host with ``total_ram`` bytes, or None for no limit."""
@@ -203,60 +203,65 @@ class CgroupConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """``[log]``: the snapshotter's own log."""
+    """``[log]``: the snapshotter's own log (rotated as lumberjack does, pynydus.logs)."""
 
     log_to_stdout: bool = False
-    level: str = field(default="info", metadata={_CHOICES: LOG_LEVELS})
+    level: str = choice("info", LOG_LEVELS)
     # "": <root>/logs, see SnapshotterConfig.log_dir()
     dir: str = ""
-    log_rotation_max_size: int = _count(200)  # MB
-    log_rotation_max_backups: int = _count(5)
-    log_rotation_max_age: int = _count(0)  # days; 0: never delete by age
-    log_rotation_local_time: bool = True
-    log_rotation_compress: bool = True
+    log_rotation_max_size: int = count(200)  # MB; 0: never rotate
+    log_rotation_max_backups: int = count(5)  # 0: keep every backup
+    log_rotation_max_age: int = count(0)  # days; 0: never delete by age
+    log_rotation_local_time: bool = True  # backup names in local time, else UTC
+    log_rotation_compress: bool = True  # gzip backups
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     """``[metrics]``: Prometheus exporter."""
 
-    # "": no exporter and no collection at all
+    # "": no exporter
     address: str = ""
     # in-flight IO older than this counts as hung
-    hung_io_interval: float = _duration(10.0, positive=True)
-    collect_interval: float = _duration(60.0, positive=True)
+    hung_io_interval: float = with_meta(duration(10.0, positive=True),
+                                        unsupported="periodic collection of daemon metrics")
+    collect_interval: float = with_meta(duration(60.0, positive=True),
+                                        unsupported="periodic collection of daemon metrics")
 
 
 @dataclass(frozen=True)
 class MirrorsConfig:
     """``[remote.mirrors_config]``: containerd-style ``hosts.toml`` directory."""
 
-    dir: str = ""
+    dir: str = unsupported("", "registry mirrors from a hosts.toml directory; set mirrors in "
+                           "the nydusd config template instead")
 
 
 @dataclass(frozen=True)
 class AuthConfig:
     """``[remote.auth]``: where registry credentials come from besides labels and docker config."""
 
-    enable_kubeconfig_keychain: bool = False
+    enable_kubeconfig_keychain: bool = unsupported(False, _KEYCHAIN)
     # "": $KUBECONFIG, ~/.kube/config, then the in-cluster service account
-    kubeconfig_path: str = ""
-    enable_cri_keychain: bool = False
-    image_service_address: str = "/run/containerd/containerd.sock"
-    enable_kubelet_credential_providers: bool = False
-    credential_provider_config: str = ""
-    credential_provider_bin_dir: str = ""
+    kubeconfig_path: str = unsupported("", _KEYCHAIN)
+    enable_cri_keychain: bool = unsupported(False, _KEYCHAIN)
+    image_service_address: str = unsupported("/run/containerd/containerd.sock", _KEYCHAIN)
+    enable_kubelet_credential_providers: bool = unsupported(False, _KEYCHAIN)
+    credential_provider_config: str = unsupported("", _KEYCHAIN)
+    credential_provider_bin_dir: str = unsupported("", _KEYCHAIN)
     # 0: no renewal loop
-    credential_renewal_interval: float = _duration(0.0, positive=False)
+    credential_renewal_interval: float = with_meta(duration(0.0, positive=False),
+                                                   unsupported=_KEYCHAIN)
 
 
 @dataclass(frozen=True)
 class RemoteConfig:
     """``[remote]``: registries."""
 
-    # upstream parses but never uses it; kept so existing files load without warnings
-    convert_vpc_registry: bool = False
-    skip_ssl_verify: bool = False
+    convert_vpc_registry: bool = inert(False, "upstream parses it but never uses it")
+    skip_ssl_verify: bool = inert(False, "upstream uses it only with the fs drivers other "
+                                  "than fusedev and fscache; for fusedev set skip_verify in "
+                                  "the nydusd config template")
     mirrors_config: MirrorsConfig = field(default_factory=MirrorsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -268,7 +273,7 @@ class SnapshotConfig:
     enable_nydus_overlayfs: bool = False
     # "": mount type fuse.nydus-overlayfs; otherwise fuse.<path>
     nydus_overlayfs_path: str = ""
-    enable_kata_volume: bool = False
+    enable_kata_volume: bool = unsupported(False, "Kata virtual volumes in mounts")
     sync_remove: bool = False
     enable_overlayfs_volatile: bool = False
 
@@ -277,9 +282,10 @@ class SnapshotConfig:
 class CacheManagerConfig:
     """``[cache_manager]``: the blob cache."""
 
-    # upstream accepts and ignores it
-    disable: bool = False
-    gc_period: float = _duration(24 * 3600.0, positive=True)
+    disable: bool = inert(False, "upstream accepts it and ignores it")
+    gc_period: float = with_meta(duration(24 * 3600.0, positive=True),
+                                 inert="upstream has no periodic cache GC; the cache is "
+                                 "collected by Cleanup")
     # "": <root>/cache, see SnapshotterConfig.cache_dir()
     cache_dir: str = ""
 
@@ -288,30 +294,34 @@ class CacheManagerConfig:
 class ImageConfig:
     """``[image]``: bootstrap signature verification."""
 
-    public_key_file: str = ""
-    validate_signature: bool = False
+    public_key_file: str = unsupported("", "bootstrap signature verification")
+    validate_signature: bool = unsupported(False, "bootstrap signature verification")
 
 
 @dataclass(frozen=True)
 class TarfsConfig:
     """``[experimental.tarfs]``: run OCI images with their tar layers as RAFS blobs."""
 
-    enable_tarfs: bool = False
-    mount_tarfs_on_host: bool = False
-    tarfs_hint: bool = False
+    enable_tarfs: bool = unsupported(False, _TARFS)
+    mount_tarfs_on_host: bool = unsupported(False, _TARFS)
+    tarfs_hint: bool = unsupported(False, _TARFS)
     # 0: no limit on concurrent layer conversions per image
-    max_concurrent_proc: int = _count(0)
-    export_mode: TarfsExportMode = TarfsExportMode.DISABLED
+    max_concurrent_proc: int = with_meta(count(0), unsupported=_TARFS)
+    export_mode: TarfsExportMode = unsupported(
+        TarfsExportMode.DISABLED, _TARFS)
 
 
 @dataclass(frozen=True)
 class ExperimentalConfig:
     """``[experimental]``."""
 
-    enable_stargz: bool = False
-    enable_referrer_detect: bool = False
-    enable_index_detect: bool = False
-    enable_backend_source: bool = False
+    enable_stargz: bool = unsupported(False, "stargz images")
+    enable_referrer_detect: bool = unsupported(False, "finding a Nydus image through the "
+                                               "OCI referrers of an OCI image")
+    enable_index_detect: bool = unsupported(False, "finding a Nydus image in the OCI index "
+                                            "of an OCI image")
+    enable_backend_source: bool = unsupported(False, "--backend-source for nydusd "
+                                              "(system controller)")
     tarfs: TarfsConfig = field(default_factory=TarfsConfig)
 
 
@@ -326,11 +336,11 @@ class SnapshotterConfig:
     version: int = SUPPORTED_VERSION
     root: str = DEFAULT_ROOT
     address: str = DEFAULT_ADDRESS
-    uid: int = _count(0)
-    gid: int = _count(0)
+    uid: int = count(0)
+    gid: int = count(0)
     # upstream's default "multiple" is an alias of dedicated
     daemon_mode: DaemonMode = field(
-        default=DaemonMode.DEDICATED, metadata={_ALIASES: {"multiple": DaemonMode.DEDICATED}}
+        default=DaemonMode.DEDICATED, metadata={"aliases": {"multiple": DaemonMode.DEDICATED}}
     )
     cleanup_on_close: bool = False
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -373,243 +383,6 @@ class SnapshotterConfig:
         return os.path.join(self.root, "supervisor")
 
 
-# --- value parsers ----------------------------------------------------------------------
-
-# Go's time.ParseDuration units, which upstream's files are written for.
-_DURATION_UNITS: Final = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION_WHOLE = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
-
-
-def parse_duration(text: str) -> float:
-    """Parse a Go-style duration ("24h", "10s", "1m30s", "500ms", "0") into seconds.
-
-    Negative durations are rejected: every duration in the file is an interval.
-    Raises ConfigError for anything else.
-    """
-    if text == "0":
-        return 0.0
-    if not _DURATION_WHOLE.fullmatch(text):
-        raise ConfigError(f'invalid duration "{text}": expected e.g. "10s", "1m", "24h"')
-    return sum(float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART.findall(text))
-
-
-_MEMORY_UNITS: Final = {
-    "B": 1,
-    **{f"{p}iB": 1024 ** (i + 1) for i, p in enumerate("KMGTP")},
-    **{f"{p}i": 1024 ** (i + 1) for i, p in enumerate("KMGTP")},
-}
-_MEMORY_PLAIN = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_MEMORY_WITH_UNIT = re.compile(r"(\d+\.?\d*|\.\d+)([A-Za-z%]+)")
-
-
-def parse_memory_limit(text: str, total_ram: int) -> int | None:
-    """Parse ``cgroup.memory_limit`` into bytes; None means "no limit" (empty string).
-
-    Accepted, as upstream's parser: a plain number of bytes ("1073741824", "1.5e9"), a number
-    with unit B, KiB..PiB or Ki..Pi (powers of 1024), or a percentage of ``total_ram`` bytes
-    rounded to the nearest byte. Unlike upstream, an unknown unit is an error rather than a
-    limit of 0 bytes. Raises ConfigError.
-    """
-    text = text.strip()
-    if text == "":
-        return None
-    if _MEMORY_PLAIN.fullmatch(text):
-        return int(float(text))
-    match = _MEMORY_WITH_UNIT.fullmatch(text)
-    if match is None:
-        raise ConfigError(f'invalid memory limit "{text}": expected e.g. "512MiB", "2Gi" or "10%"')
-    value, unit = float(match[1]), match[2]
-    if unit == "%":
-        return int(total_ram * value / 100 + 0.5)
-    if unit not in _MEMORY_UNITS:
-        units = ", ".join([*_MEMORY_UNITS, "%"])
-        raise ConfigError(f'invalid memory limit "{text}": unknown unit "{unit}" (known: {units})')
-    return int(value * _MEMORY_UNITS[unit])
-
-
-# --- schema walking -------------------------------------------------------------------
-
-
-_SCHEMAS: dict[type[Any], dict[str, tuple[dataclasses.Field[Any], Any]]] = {}
-
-
-def _schema(cls: type[Any]) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
-    """Field name -> (field, resolved annotation) of a section dataclass, cached."""
-    if cls not in _SCHEMAS:
-        hints = typing.get_type_hints(cls)
-        _SCHEMAS[cls] = {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
-    return _SCHEMAS[cls]
-
-
-def _is_section(hint: Any) -> bool:
-    return dataclasses.is_dataclass(hint)
-
-
-@functools.cache
-def _all_leaves() -> dict[str, tuple[dataclasses.Field[Any], Any]]:
-    leaves: dict[str, tuple[dataclasses.Field[Any], Any]] = {}
-
-    def walk(cls: type[Any], prefix: str) -> None:
-        for name, (fld, hint) in _schema(cls).items():
-            if _is_section(hint):
-                walk(hint, f"{prefix}{name}.")
-            else:
-                leaves[f"{prefix}{name}"] = (fld, hint)
-
-    walk(SnapshotterConfig, "")
-    return leaves
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"float {value!r}"
-    if isinstance(value, str):
-        return f"string {json.dumps(value, ensure_ascii=False)}"
-    if isinstance(value, dict):
-        return "table"
-    if isinstance(value, list):
-        return "array"
-    return f"{type(value).__name__} {value}"
-
-
-def _suggestion(cls: type[Any], prefix: str, name: str) -> str:
-    # A key written in the wrong section (e.g. upstream's old [experimental] enable_tarfs)
-    # is the likelier mistake than a typo, so an exact name elsewhere is suggested first.
-    elsewhere = [k for k in _all_leaves() if k.rsplit(".", 1)[-1] == name]
-    if elsewhere:
-        return f' (did you mean "{elsewhere[0]}"?)'
-    close = difflib.get_close_matches(name, list(_schema(cls)), n=1, cutoff=0.7)
-    return f' (did you mean "{close[0]}"?)' if close else ""
-
-
-_Recorded = dict[str, tuple[object, str]]  # dotted key -> (raw value, origin for messages)
-
-
-def _collect(
-    table: Mapping[str, object],
-    cls: type[Any],
-    prefix: str,
-    origin: str,
-    out: _Recorded,
-    warnings: list[str],
-) -> None:
-    schema = _schema(cls)
-    for name, value in table.items():
-        dotted = prefix + name
-        entry = schema.get(name)
-        if entry is None:
-            what = "section" if isinstance(value, dict) else "key"
-            hint = _suggestion(cls, prefix, name)
-            warnings.append(f'{origin}: unknown {what} "{dotted}"{hint}')
-            continue
-        if _is_section(entry[1]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{origin}: {dotted}: expected a table, got {_describe(value)}")
-            _collect(value, entry[1], dotted + ".", origin, out, warnings)
-        else:
-            out[dotted] = (value, origin)
-
-
-class _Mismatch(Exception):
-    def __init__(self, expected: str) -> None:
-        super().__init__(expected)
-        self.expected = expected
-
-
-def _quoted(values: typing.Iterable[str]) -> str:
-    return ", ".join(f'"{v}"' for v in values)
-
-
-def _coerce(fld: dataclasses.Field[Any], hint: Any, raw: object) -> object:
-    meta = fld.metadata
-    if meta.get(_DURATION):
-        expected = 'a duration string such as "10s", "1m" or "24h"'
-        if meta.get(_POSITIVE):
-            expected = "a positive " + expected.removeprefix("a ")
-        if not isinstance(raw, str):
-            raise _Mismatch(expected)
-        try:
-            seconds = parse_duration(raw)
-        except ConfigError:
-            raise _Mismatch(expected) from None
-        if meta.get(_POSITIVE) and seconds <= 0:
-            raise _Mismatch(expected)
-        return seconds
-    if meta.get(_MEMORY):
-        expected = 'a memory size string such as "512MiB", "2Gi", "10%" or ""'
-        if not isinstance(raw, str):
-            raise _Mismatch(expected)
-        try:
-            parse_memory_limit(raw, 0)
-        except ConfigError:
-            raise _Mismatch(expected) from None
-        return raw
-    if hint is bool:
-        if not isinstance(raw, bool):
-            raise _Mismatch("a boolean")
-        return raw
-    if hint is int:
-        lo, hi = meta.get(_MIN), meta.get(_MAX)
-        expected = "an integer"
-        if lo is not None and hi is not None:
-            expected = f"an integer in {lo}..{hi}"
-        elif lo is not None:
-            expected = f"an integer >= {lo}"
-        # bool is an int subclass in Python but never an integer in TOML
-        if not isinstance(raw, int) or isinstance(raw, bool):
-            raise _Mismatch(expected)
-        if (lo is not None and raw < lo) or (hi is not None and raw > hi):
-            raise _Mismatch(expected)
-        return raw
-    if hint is str:
-        if not isinstance(raw, str):
-            raise _Mismatch("a string")
-        choices: tuple[str, ...] | None = meta.get(_CHOICES)
-        if choices is not None:
-            if raw.lower() not in choices:
-                raise _Mismatch(f"one of {_quoted(choices)}")
-            return raw.lower()
-        return raw
-    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
-        aliases: Mapping[str, object] = meta.get(_ALIASES, {})
-        spellings = [*(m.value for m in hint), *aliases]
-        if not isinstance(raw, str) or raw not in spellings:
-            raise _Mismatch(f"one of {_quoted(spellings)}")
-        return aliases[raw] if raw in aliases else hint(raw)
-    raise AssertionError(f"config schema: no converter for {hint!r}")  # a bug, not a user error
-
-
-def _build(cls: type[Any], prefix: str, recorded: _Recorded) -> Any:
-    kwargs: dict[str, object] = {}
-    for name, (fld, hint) in _schema(cls).items():
-        dotted = prefix + name
-        if _is_section(hint):
-            kwargs[name] = _build(hint, dotted + ".", recorded)
-        elif dotted in recorded:
-            raw, origin = recorded[dotted]
-            try:
-                kwargs[name] = _coerce(fld, hint, raw)
-            except _Mismatch as err:
-                raise ConfigError(
-                    f"{origin}: {dotted}: expected {err.expected}, got {_describe(raw)}"
-                ) from None
-    return cls(**kwargs)
-
-
 # --- loading and validation ---------------------------------------------------------------
 
 
@@ -626,34 +399,18 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config {path}: cannot read: {err}") from err
 
 
-def load_config(
-    path: str | os.PathLike[str] | None,
-    overrides: Mapping[str, object] | None = None,
-) -> tuple[SnapshotterConfig, list[str]]:
-    """Load, type-check and validate the snapshotter configuration.
-
-    ``path`` is a TOML file in upstream's format (it must say ``version = 1``); None means
-    defaults only. ``overrides`` maps dotted keys ("root", "daemon.fs_driver", "log.level")
-    to values from the command line; they win over the file and are checked the same way; a
-    None value means "flag not given" and is skipped.
-
-    Returns the configuration and warnings (unknown keys and sections, settings forced by
-    other settings) for the caller to log. Raises ConfigError naming the file and dotted key
-    for a missing or unreadable file, a TOML syntax error (with line), a wrong type, an
-    unknown override key or a failed validation rule. Reads only ``path`` and checks that
-    the mirrors dir and public key file exist; creates nothing. Calling it twice with the
-    same inputs gives equal results.
-    """
-    warnings: list[str] = []
-    recorded: _Recorded = {}
+def _parse(
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, object] | None
+) -> tuple[SnapshotterConfig, schema.Recorded, typing.Callable[[str], str]]:
+    recorded = schema.Recorded()
     default_origin = "config"
     if path is not None:
         file = os.fspath(path)
         default_origin = f"config {file}"
-        _collect(_read_toml(file), SnapshotterConfig, "", default_origin, recorded, warnings)
-        if "version" not in recorded:
+        schema.collect(_read_toml(file), SnapshotterConfig, "", default_origin, recorded)
+        if "version" not in recorded.values:
             raise ConfigError(f"{default_origin}: version: missing; the file must say version = 1")
-    leaves = _all_leaves()
+    leaves = schema.all_leaves(SnapshotterConfig)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -661,27 +418,62 @@ def load_config(
             close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.7)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             raise ConfigError(f'override: unknown key "{key}"{hint}')
-        recorded[key] = (value, "override")
-    cfg: SnapshotterConfig = _build(SnapshotterConfig, "", recorded)
+        recorded.values[key] = (value, "override")
+    cfg: SnapshotterConfig = schema.build(SnapshotterConfig, "", recorded)
 
     def origin(key: str) -> str:
-        return recorded[key][1] if key in recorded else default_origin
+        return recorded.origin(key, default_origin)
 
-    mode_written = recorded["daemon_mode"][0] if "daemon_mode" in recorded else None
-    return _validate(cfg, origin, mode_written, warnings), warnings
-
-
-def _validate(
-    cfg: SnapshotterConfig,
-    origin: typing.Callable[[str], str],
-    mode_written: object,
-    warnings: list[str],
-) -> SnapshotterConfig:
     if cfg.version != SUPPORTED_VERSION:
         raise ConfigError(
             f"{origin('version')}: version: unsupported configuration version {cfg.version},"
             f" expected {SUPPORTED_VERSION}"
         )
+    return cfg, recorded, origin
+
+
+def parse_config(
+    path: str | os.PathLike[str] | None,
+    overrides: Mapping[str, object] | None = None,
+) -> tuple[SnapshotterConfig, list[str]]:
+    """Like ``load_config``, but keys pynydus does not support yet are not refused (and
+    not warned about): the file as upstream's rules read it, for tools that inspect one."""
+    cfg, recorded, origin = _parse(path, overrides)
+    return _validate(cfg, origin, recorded, recorded.warnings), recorded.warnings
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: Mapping[str, object] | None = None,
+) -> tuple[SnapshotterConfig, list[str]]:
+    """Load, type-check and validate the snapshotter configuration for a start-up.
+
+    ``path`` is a TOML file in upstream's format (it must say ``version = 1``); None means
+    defaults only. ``overrides`` maps dotted keys ("root", "daemon.fs_driver", "log.level")
+    to values from the command line; they win over the file and are checked the same way; a
+    None value means "flag not given" and is skipped.
+
+    Returns the configuration and warnings (unknown keys and sections, keys set to a value
+    that has no effect, settings forced by other settings) for the caller to log. Raises
+    ConfigError naming the file and dotted key for a missing or unreadable file, a TOML
+    syntax error (with line), a wrong type, an unknown override key, a key pynydus does not
+    support yet set to anything but its default ("... is not supported by pynydus yet"),
+    or a failed validation rule. Reads only ``path``; creates nothing. Calling it twice
+    with the same inputs gives equal results.
+    """
+    cfg, recorded, origin = _parse(path, overrides)
+    schema.refuse(cfg, origin)
+    recorded.warnings.extend(schema.inert_warnings(cfg, origin))
+    return _validate(cfg, origin, recorded, recorded.warnings), recorded.warnings
+
+
+def _validate(
+    cfg: SnapshotterConfig,
+    origin: typing.Callable[[str], str],
+    recorded: schema.Recorded,
+    warnings: list[str],
+) -> SnapshotterConfig:
+    mode_written = recorded.values["daemon_mode"][0] if "daemon_mode" in recorded.values else None
     if not cfg.root:
         raise ConfigError(f"{origin('root')}: root: must not be empty")
     root_len = len(os.fsencode(cfg.root))
@@ -716,6 +508,10 @@ def _validate(
             raise ConfigError(
                 f'{origin(key)}: {key}: file "{image.public_key_file}" does not exist'
             )
+    if cfg.cgroup.memory_limit and not cfg.cgroup.enable:
+        warnings.append(f"{origin('cgroup.memory_limit')}: cgroup.memory_limit ="
+                        f' "{cfg.cgroup.memory_limit}" has no effect (it applies only with'
+                        " cgroup.enable = true)")
     if cfg.daemon.fs_driver is FsDriver.FSCACHE and cfg.daemon_mode is not DaemonMode.SHARED:
         # fscache has one nydusd per host talking to /dev/cachefiles
         if mode_written is not None:

@@ -22,6 +22,7 @@ from pynydus.config import (
     SnapshotterConfig,
     TarfsExportMode,
     load_config,
+    parse_config,
     parse_duration,
     parse_memory_limit,
 )
@@ -222,7 +223,8 @@ def with_key(dotted: str, toml_value: str) -> str:
 
 
 def load_one(tmp_path: Path, dotted: str, toml_value: str) -> SnapshotterConfig:
-    cfg, warnings = load_config(write(tmp_path, with_key(dotted, toml_value)))
+    """One key parsed by upstream's rules (parse_config: nothing refused as unsupported)."""
+    cfg, warnings = parse_config(write(tmp_path, with_key(dotted, toml_value)))
     assert warnings == []
     return cfg
 
@@ -316,11 +318,13 @@ def test_derived_cache_and_log_dirs_honour_explicit_settings(tmp_path: Path) -> 
 # --- the full sample ---------------------------------------------------------------------
 
 
-def test_sample_config_loads_every_key_without_warnings(
+def test_sample_config_parses_every_key_without_warnings(
     sample: tuple[Path, dict[str, object]],
 ) -> None:
+    # parse_config: upstream's rules only; which keys a start-up refuses is
+    # tests/unit/test_config_effects.py's business
     path, expected = sample
-    cfg, warnings = load_config(path)
+    cfg, warnings = parse_config(path)
     assert warnings == []
     assert leaf_keys(cfg) == expected
 
@@ -674,7 +678,7 @@ def test_threads_number_out_of_range_is_rejected(tmp_path: Path, value: str) -> 
 def test_cri_and_kubeconfig_keychains_are_exclusive(tmp_path: Path) -> None:
     text = "version = 1\n[remote.auth]\nenable_cri_keychain = true\nenable_kubeconfig_keychain = true\n"
     with pytest.raises(ConfigError, match="cannot both be true"):
-        load_config(write(tmp_path, text))
+        parse_config(write(tmp_path, text))
 
 
 def test_either_keychain_alone_is_accepted(tmp_path: Path) -> None:
@@ -703,9 +707,9 @@ def test_validate_signature_needs_the_public_key_file_to_exist(tmp_path: Path) -
     text = f'version = 1\n[image]\nvalidate_signature = true\npublic_key_file = "{key}"\n'
     path = write(tmp_path, text)
     with pytest.raises(ConfigError, match=f'image.public_key_file: file "{key}" does not exist'):
-        load_config(path)
+        parse_config(path)
     key.write_text("pem")
-    assert load_config(path)[0].image.validate_signature is True
+    assert parse_config(path)[0].image.validate_signature is True
 
 
 def test_public_key_file_is_not_checked_without_validate_signature(tmp_path: Path) -> None:
@@ -780,7 +784,7 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
         "snapshot.nydus_overlayfs_path": "/opt/nydus-overlayfs",
         "log.log_to_stdout": True,
     }
-    cfg, warnings = load_config(write(tmp_path, text), overrides)
+    cfg, warnings = parse_config(write(tmp_path, text), overrides)
     assert warnings == []
     assert cfg.root == "/cli"
     assert cfg.address == "/run/cli.sock"
@@ -937,7 +941,8 @@ def test_parse_memory_limit_rejects_malformed_or_unknown_units(text: str) -> Non
 
 
 def test_memory_limit_is_checked_at_load_and_converted_on_demand(tmp_path: Path) -> None:
-    cfg = load_one(tmp_path, "cgroup.memory_limit", '"25%"')
+    cfg, _ = parse_config(write(tmp_path, 'version = 1\n[cgroup]\nenable = true\n'
+                                          'memory_limit = "25%"\n'))
     assert cfg.cgroup.memory_limit_bytes(4 * GIB) == GIB
     with pytest.raises(
         ConfigError, match='cgroup.memory_limit: expected a memory size .*got string "1GB"'
@@ -953,6 +958,6 @@ def test_loading_twice_gives_equal_results_and_touches_nothing(
 ) -> None:
     path, _ = sample
     before = sorted(os.listdir(path.parent))
-    first: Any = load_config(path)
-    assert load_config(path) == first
+    first: Any = parse_config(path)
+    assert parse_config(path) == first
     assert sorted(os.listdir(path.parent)) == before

@@ -51,7 +51,6 @@ class DaemonOptions:
     supervisor: str = ""
     thread_num: int = 4
     prefetch_files: tuple[str, ...] | None = None
-    upgrade: bool = False
 
 
 def make_backend(cfg: BackendConfig) -> Backend:
@@ -139,6 +138,11 @@ class Daemon:
                                          busy=lambda: bool(self.fs and self.fs.inflight))
         self.prefetcher.submit(inst, files, p.prefetch_all and p.enable)
 
+    def make_fs(self) -> RafsFs:
+        """The FUSE operations, sized by --thread-num, with the config's enable_xattr."""
+        xattr = self.opts.config.rafs.enable_xattr if self.opts.config else True
+        return RafsFs(self.vfs, thread_num=self.opts.thread_num, enable_xattr=xattr)
+
     def run(self) -> int:
         """Mount, serve until told to stop, unmount. Returns the exit code."""
         threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
@@ -156,8 +160,7 @@ class Daemon:
                 inst = self._instance(self.opts.bootstrap, self.opts.config)
                 self.vfs.dedicated = inst
                 self.mounts_info["/"] = {"source": self.opts.bootstrap, "mounted_time": time.time()}
-            xattr = self.opts.config.rafs.enable_xattr if self.opts.config else True
-            self.fs = RafsFs(self.vfs, thread_num=self.opts.thread_num, enable_xattr=xattr)
+            self.fs = self.make_fs()
             options = {"fsname=rafs", "subtype=rafs", "ro", "default_permissions", "allow_other"}
             pyfuse3.init(self.fs, mp, options)
             mounted = True
@@ -313,10 +316,8 @@ class Daemon:
     def metrics(self, kind: str, sid: str | None, query: dict[str, str]) -> Any:
         instances = self._instances_for(sid)
         if kind == "fs":
-            rafs = instances[0].config.rafs if len(instances) == 1 else None
-            return metrics.fs_json((i.fs_stats for i in instances),
-                                   files_account_enabled=bool(rafs and rafs.iostats_files),
-                                   access_pattern_enabled=bool(rafs and rafs.access_pattern))
+            # per-file accounting (iostats_files, access_pattern) is refused at mount
+            return metrics.fs_json(i.fs_stats for i in instances)
         if kind == "backend":
             return metrics.backend_json(self.cache_stats,
                                         instances[0].config.backend.type if instances else "")

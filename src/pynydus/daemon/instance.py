@@ -270,13 +270,16 @@ class RafsInstance:
             log.debug("readahead of inode %d at %d failed: %s", ino, start, err)
 
     def prefetch_chunks(self, chunks: Iterable[FileChunk]) -> int:
-        """Fetch these chunks into the cache (no data returned); bytes fetched."""
+        """Fetch these chunks into the cache (no data returned); bytes fetched. One backend
+        request carries at most the prefetch ``batch_size`` (nydusd's merging_size)."""
         fetched = 0
+        max_request = self.config.rafs.prefetch.batch_size
         for blob_index, refs in _refs_by_blob(chunks).items():
             refs.sort(key=lambda r: r.c_off)
             cache = self.cache(blob_index)
             for i in range(0, len(refs), 64):
-                fetched += cache.ensure(refs[i:i + 64], amplify=False, prefetch=True)
+                fetched += cache.ensure(refs[i:i + 64], amplify=False, prefetch=True,
+                                        max_request=max_request)
         return fetched
 
 

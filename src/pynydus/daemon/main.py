@@ -1,8 +1,10 @@
 """``pynydusd``: nydusd's command line, for a drop-in daemon.
 
 ``pynydusd [fuse] --mountpoint DIR [--bootstrap FILE --config FILE] [--apisock SOCK] ...``
-Flags upstream has and we do not implement are accepted with a warning when they
-cannot change what is served, and refused with an error when they would.
+Every flag either does what nydusd's does or, when given with anything but nydusd's
+default, stops start-up naming the flag ("... is not supported by pynydusd yet"). The one
+exception is ``--supervisor``: it is reported in the daemon info, with a warning that
+failover hand-over is not implemented (docs/failover.md).
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import logging
 import resource
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pynydus import __version__
 from pynydus.errors import ConfigError, NydusError
 from pynydus.logs import LEVELS, RotatingLog
+
+if TYPE_CHECKING:
+    from pynydus.daemon.daemon import DaemonOptions
 
 log = logging.getLogger("pynydusd")
 
@@ -34,23 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-M", "--mountpoint", help="FUSE mountpoint")
     p.add_argument("-D", "--localfs-dir", help="localfs backend and blob cache in this directory")
     p.add_argument("--id", help="daemon id (with --supervisor)")
-    p.add_argument("--supervisor", help="failover supervisor socket (accepted, not used)")
+    p.add_argument("--supervisor", help="failover supervisor socket (reported in the daemon "
+                   "info; hand-over is not implemented)")
     p.add_argument("--upgrade", action="store_true", help="failover/upgrade start (not supported)")
-    p.add_argument("--failover-policy", choices=["none", "resend", "flush"], default="resend")
+    p.add_argument("--failover-policy", choices=["none", "resend", "flush"], default="resend",
+                   help="only resend, the default, is supported")
     p.add_argument("--thread-num", "--fuse-threads", type=int, default=4, dest="thread_num")
     p.add_argument("--prefetch-files", help="file with one absolute path per line to prefetch")
     p.add_argument("-l", "--log-level", default="info", type=str.lower, choices=list(LEVELS))
     p.add_argument("-L", "--log-file", help="log file (default stderr)")
     p.add_argument("--log-rotation-size", type=int, default=0, help="MB; 0 = no rotation")
     p.add_argument("--rlimit-nofile", type=int, default=1_000_000)
-    p.add_argument("--readonly", action="store_true", default=True)
+    p.add_argument("--readonly", action="store_true", default=True,
+                   help="the mount is read-only (always)")
     p.add_argument("--writable", action="store_true", help="not supported")
-    p.add_argument("-m", "--virtual-mountpoint", default="/")
+    p.add_argument("-m", "--virtual-mountpoint", default="/", help="only / is supported")
     p.add_argument("-s", "--shared-dir", help="passthroughfs (not supported)")
-    p.add_argument("--backend-source", help="accepted for nydus-snapshotter's backend-source (ignored)")
+    p.add_argument("--backend-source", help="backend config from a URL (not supported)")
     p.add_argument("--fscache", help="singleton: fscache dir (not supported)")
-    p.add_argument("--fscache-threads", type=int)
-    p.add_argument("--fscache-tag")
+    p.add_argument("--fscache-threads", type=int, help="not supported")
+    p.add_argument("--fscache-tag", help="not supported")
     return p
 
 
@@ -90,20 +99,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(sub: str, args: argparse.Namespace) -> int:
-    from pynydus.daemon.daemon import Daemon, DaemonOptions, load_config_file, localfs_config
+    from pynydus.daemon.daemon import Daemon
+
+    options = daemon_options(sub, args)
+    if args.rlimit_nofile:
+        raise_nofile_limit(args.rlimit_nofile)
+    return Daemon(options).run()
+
+
+def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
+    """What the command line asks of the daemon; ConfigError naming the flag for a flag
+    pynydusd does not support (given with anything but nydusd's default) or a bad value.
+    Reads the config and prefetch list files; starts nothing."""
+    from pynydus.daemon.daemon import DaemonOptions, load_config_file, localfs_config
 
     if sub != "fuse":
         raise ConfigError(f"subcommand {sub!r} is not supported by pynydusd (it serves FUSE only; "
                           f"fscache needs /dev/cachefiles)")
-    if args.writable or args.shared_dir:
-        raise ConfigError("--writable and --shared-dir (passthroughfs) are not supported")
-    if args.virtual_mountpoint not in ("/", ""):
-        raise ConfigError("--virtual-mountpoint other than / is not supported")
-    for flag, on in (("--upgrade", args.upgrade), ("--supervisor", args.supervisor),
-                     ("--backend-source", args.backend_source)):
-        if on:
-            log.warning("%s is accepted but not supported: failover hand-over is not implemented; "
-                        "the daemon starts normally", flag)
+    refused = (
+        ("--writable", args.writable, "a writable mount"),
+        ("--shared-dir", args.shared_dir, "passthroughfs"),
+        ("--virtual-mountpoint", args.virtual_mountpoint not in ("/", ""),
+         "an image below the mountpoint's root"),
+        ("--upgrade", args.upgrade, "taking over a live FUSE session, see docs/failover.md"),
+        ("--failover-policy", args.failover_policy != "resend",
+         "failover of a live FUSE session, see docs/failover.md"),
+        ("--backend-source", args.backend_source, "the backend config from a URL"),
+        ("--fscache", args.fscache, "fscache"),
+        ("--fscache-threads", args.fscache_threads is not None, "fscache"),
+        ("--fscache-tag", args.fscache_tag, "fscache"),
+    )
+    for flag, given, what in refused:
+        if given:
+            raise ConfigError(f"{flag} is not supported by pynydusd yet ({what})")
+    if args.supervisor:
+        log.warning("--supervisor %s: failover hand-over is not implemented (docs/failover.md); "
+                    "the daemon starts normally", args.supervisor)
     if not args.mountpoint:
         raise ConfigError("--mountpoint is required")
     if args.config and args.localfs_dir:
@@ -124,19 +155,24 @@ def _run(sub: str, args: argparse.Namespace) -> int:
                 prefetch = tuple(line.strip() for line in f if line.strip())
         except OSError as err:
             raise ConfigError(f"--prefetch-files {args.prefetch_files}: {err.strerror}") from err
-    if args.rlimit_nofile:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = min(args.rlimit_nofile, hard) if hard != resource.RLIM_INFINITY else args.rlimit_nofile
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
-        except (ValueError, OSError):
-            pass
-    daemon = Daemon(DaemonOptions(
+    return DaemonOptions(
         mountpoint=args.mountpoint, apisock=args.apisock or "", bootstrap=args.bootstrap or "",
         config=config, daemon_id=args.id or "", supervisor=args.supervisor or "",
-        thread_num=args.thread_num, prefetch_files=prefetch, upgrade=args.upgrade,
-    ))
-    return daemon.run()
+        thread_num=args.thread_num, prefetch_files=prefetch,
+    )
+
+
+def raise_nofile_limit(want: int) -> int:
+    """``--rlimit-nofile``: raise the soft open-files limit to ``want`` (capped by the hard
+    limit; never lowered). Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    except (ValueError, OSError) as err:
+        log.warning("--rlimit-nofile %d: %s", want, err)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from .referrers import (
     referrer_descriptor,
     subject_of,
 )
-from .transport import RETRYABLE, Mirror, Request, Transport, raise_for_status
+from .transport import PROXY_COOLDOWN, RETRYABLE, Mirror, Request, Transport, raise_for_status
 from .upload import MONOLITHIC_LIMIT, BlobSource, Upload, blob_opener, iter_file
 
 MAX_MANIFEST_SIZE = 4 << 20   # the OCI spec's limit registries must accept
@@ -123,8 +123,8 @@ class RegistryClient:
     ``insecure``): accept any TLS certificate and fall back to http when the host
     speaks plain HTTP; ``timeout``/``connect_timeout``: seconds, 0 = none;
     ``retry_limit``: extra attempts after a retryable failure; ``proxy``: an
-    HTTP(S) proxy URL (dfdaemon), bypassed for a while when it cannot be reached
-    (``proxy_fallback``); ``mirrors``: hosts tried in order before the origin for
+    HTTP(S) proxy URL (dfdaemon), bypassed for ``proxy_check_interval`` seconds when it
+    cannot be reached (``proxy_fallback``); ``mirrors``: hosts tried in order before the origin for
     reads; ``blob_url_scheme``/``blob_redirected_host``: rewrite redirect targets
     (nydusd's keys of the same names); ``token_renewal``: renew bearer tokens in a
     background thread before they expire (see :mod:`.renewal`). Close it (or use
@@ -139,7 +139,7 @@ class RegistryClient:
                  mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
                  redirect_cache_ttl: float = REDIRECT_CACHE_TTL, max_connections: int = 64,
                  blob_url_scheme: str = "", blob_redirected_host: str = "",
-                 token_renewal: bool = True,
+                 token_renewal: bool = True, proxy_check_interval: float = PROXY_COOLDOWN,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if not host or "/" in host:
             raise InvalidArgument(f"registry host {q(host)}: want host[:port]")
@@ -153,7 +153,8 @@ class RegistryClient:
             retry_limit=retry_limit, proxy=proxy, proxy_fallback=proxy_fallback,
             mirrors=mirrors, ca_cert_files=ca_cert_files, max_connections=max_connections,
             blob_url_scheme=blob_url_scheme, blob_redirected_host=blob_redirected_host,
-            token_renewal=token_renewal, sleep=sleep)
+            token_renewal=token_renewal, proxy_check_interval=proxy_check_interval,
+            sleep=sleep)
         self._redirects = _RedirectCache(redirect_cache_ttl)
         self._sleep = sleep
 

@@ -59,7 +59,7 @@ BACKOFF_BASE = 0.1      # first retry after ~100 ms, as nydusd's prefetch retry
 BACKOFF_CAP = 2.0
 MIRROR_FAILURE_LIMIT = 3
 MIRROR_COOLDOWN = 30.0  # seconds a failing mirror is skipped before it is tried again
-PROXY_COOLDOWN = 5.0    # nydusd's proxy check_interval
+PROXY_COOLDOWN = 5.0    # seconds a proxy that failed is bypassed (nydusd's check_interval)
 RETRY_AFTER_CAP = 5.0   # longest Retry-After we wait for before the next attempt
 
 
@@ -69,11 +69,15 @@ class Mirror:
 
     ``url``: ``scheme://host[:port]`` (a bare host takes the client's scheme);
     ``headers``: extra headers sent to it (e.g. Dragonfly's ``X-Dragonfly-Registry``);
-    ``credentials``: its own; origin credentials are never sent to a mirror."""
+    ``credentials``: its own; origin credentials are never sent to a mirror;
+    ``failure_limit`` failures in a row make it skipped for ``cooldown`` seconds (nydusd's
+    ``failure_limit`` and ``health_check_interval``)."""
 
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     credentials: Credentials | None = None
+    failure_limit: int = MIRROR_FAILURE_LIMIT
+    cooldown: float = MIRROR_COOLDOWN
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Endpoint:
     is_mirror: bool
     headers: Mapping[str, str]
     credentials: Credentials | None
+    failure_limit: int = MIRROR_FAILURE_LIMIT
+    cooldown: float = MIRROR_COOLDOWN
     failures: int = 0
     skip_until: float = 0.0
 
@@ -181,7 +187,7 @@ class Transport:
                  mirrors: Sequence[Mirror | str] = (), ca_cert_files: Sequence[str] = (),
                  max_connections: int = 64, metrics: RegistryMetrics | None = None,
                  blob_url_scheme: str = "", blob_redirected_host: str = "",
-                 token_renewal: bool = True,
+                 token_renewal: bool = True, proxy_check_interval: float = PROXY_COOLDOWN,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if scheme not in ("http", "https"):
             raise InvalidArgument(f"registry scheme {scheme!r}: want http or https")
@@ -227,6 +233,7 @@ class Transport:
         self._http = make(proxy)
         self._direct = make(None) if proxy and proxy_fallback else None
         self._proxy_down_until = 0.0
+        self._proxy_check_interval = proxy_check_interval  # nydusd's proxy check_interval
 
     @staticmethod
     def _mirror_endpoint(m: Mirror | str, scheme: str) -> Endpoint:
@@ -234,7 +241,8 @@ class Transport:
         url = mirror.url.rstrip("/")
         if "://" not in url:
             url = f"{scheme}://{url}"
-        return Endpoint(url, True, dict(mirror.headers), mirror.credentials)
+        return Endpoint(url, True, dict(mirror.headers), mirror.credentials,
+                        max(1, mirror.failure_limit), mirror.cooldown)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -317,8 +325,8 @@ class Transport:
     def _mirror_failed(self, ep: Endpoint) -> None:
         self.metrics.add("mirror_fallbacks")
         ep.failures += 1
-        if ep.failures >= MIRROR_FAILURE_LIMIT:
-            ep.skip_until = time.monotonic() + MIRROR_COOLDOWN
+        if ep.failures >= ep.failure_limit:
+            ep.skip_until = time.monotonic() + ep.cooldown
             ep.failures = 0
 
     def _url(self, ep: Endpoint, target: str) -> str:
@@ -443,7 +451,7 @@ class Transport:
                     # The proxy is down: go direct for a while (nydusd's proxy
                     # fallback). Only a replayable body is resent at once; a
                     # streamed one goes direct on the caller's retry.
-                    self._proxy_down_until = time.monotonic() + PROXY_COOLDOWN
+                    self._proxy_down_until = time.monotonic() + self._proxy_check_interval
                     if not _replayable(content):
                         raise
                     self.metrics.observe(time.monotonic() - t0, None)

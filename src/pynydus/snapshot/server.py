@@ -71,10 +71,23 @@ def make_filesystem(cfg: SnapshotterConfig) -> NydusFilesystem | None:
     if driver == "fusedev":
         Path(cfg.root).mkdir(parents=True, exist_ok=True)
         return NydusFilesystem(cfg)
-    if driver == "fscache":
-        raise HostCheckError("fs_driver fscache needs /dev/cachefiles (EROFS over fscache), which "
-                             "pynydus does not drive; use fs_driver = \"fusedev\"")
-    raise HostCheckError(f"fs_driver {driver} is not supported yet; use fs_driver = \"fusedev\"")
+    why = {"fscache": "it needs /dev/cachefiles (EROFS over fscache), which pynydus does not "
+                      "drive"}.get(driver, "pynydus serves images over FUSE only")
+    raise HostCheckError(f"daemon.fs_driver: fs_driver {driver} is not supported by pynydus yet "
+                         f"({why}); use fs_driver = \"fusedev\"")
+
+
+def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
+    """What the Snapshots calls take from the configuration."""
+    helper = ""
+    if cfg.snapshot.enable_nydus_overlayfs or str(cfg.daemon_mode) == "none":
+        helper = "fuse." + (cfg.snapshot.nydus_overlayfs_path or "nydus-overlayfs")
+    return SnapshotterOptions(
+        sync_remove=cfg.snapshot.sync_remove,
+        volatile=cfg.snapshot.enable_overlayfs_volatile,
+        cleanup_on_close=cfg.cleanup_on_close,
+        nydus_overlayfs_type=helper,
+    )
 
 
 def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, uid: int = 0,
@@ -105,15 +118,7 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     setup_logging(cfg)
     for w in warnings:
         log.warning("config: %s", w)
-    helper = ""
-    if cfg.snapshot.enable_nydus_overlayfs or str(cfg.daemon_mode) == "none":
-        helper = "fuse." + (cfg.snapshot.nydus_overlayfs_path or "nydus-overlayfs")
-    options = SnapshotterOptions(
-        sync_remove=cfg.snapshot.sync_remove,
-        volatile=cfg.snapshot.enable_overlayfs_volatile,
-        cleanup_on_close=cfg.cleanup_on_close,
-        nydus_overlayfs_type=helper,
-    )
+    options = snapshotter_options(cfg)
     # Before anything touches the root: a second instance would adopt (and on stop kill)
     # the first one's daemons, and take over its socket.
     checks.check_root_path(Path(cfg.root))

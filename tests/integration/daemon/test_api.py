@@ -84,6 +84,21 @@ def test_daemon_info_and_metrics_shapes(full_image: Image, start_daemon: StartFn
     assert backend_info["version"] == 6 and backend_info["blobs"] == [full_image.blob_id]
 
 
+def test_localfs_dir_flag_serves_and_caches(full_image: Image, start_daemon: StartFn,
+                                            workdir: Path) -> None:
+    """``--localfs-dir DIR``: blobs are read from DIR and cached there; ``--readonly``
+    (always so) makes writes fail with EROFS."""
+    import errno
+
+    d = start_daemon(bootstrap=full_image.bootstrap,
+                     extra_args=("--localfs-dir", str(full_image.blob_dir), "--readonly"))
+    assert compare_trees(full_image.src, d.mountpoint) == []
+    assert (full_image.blob_dir / f"{full_image.blob_id}.blob.data.chunk_map").exists()
+    with pytest.raises(OSError) as err:
+        (d.mountpoint / "files/new").write_bytes(b"x")
+    assert err.value.errno == errno.EROFS
+
+
 def test_errors_log_level_and_exit(full_image: Image, start_daemon: StartFn,
                                    workdir: Path) -> None:
     d = start_daemon(bootstrap=full_image.bootstrap,

@@ -407,6 +407,7 @@ def test_refused_update_applies_none_of_its_paths(population):
         ('version = 1\n[snapshot]\nsync_remove = ["a"]\n', "sync_remove"),
         ('version = "1"\n', "version"),
         ("[snapshot]\nsync_remove = true\n", "version"),  # upstream: version = 1 is required
+        ("version = 1\n[system]\nenable = true\n", "system.enable: true is not supported"),
     ],
     ids=[
         "sync_remove-str",
@@ -415,6 +416,7 @@ def test_refused_update_applies_none_of_its_paths(population):
         "sync_remove-list",
         "version-str",
         "version-missing",
+        "unsupported-key",
     ],
 )
 def test_config_type_error_exits_non_zero_naming_the_key(start_snapshotter, config, key):

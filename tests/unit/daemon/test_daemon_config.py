@@ -68,7 +68,7 @@ threads = 2
         (lambda c: c["device"]["backend"]["config"].__setitem__("timeout", "5s"), "device.backend.config.timeout"),
         (lambda c: c["device"]["backend"]["config"].__setitem__("host", ""), "device.backend.config.host"),
         (lambda c: c["device"]["backend"]["config"].__setitem__("auth", "bm9jb2xvbg=="), "device.backend.config.auth"),
-        (lambda c: c["device"]["backend"].__setitem__("type", "oss"), "device.backend.config"),
+        (lambda c: c["device"]["backend"].__setitem__("type", "oss"), "device.backend.type"),
         (lambda c: c["device"]["cache"].__setitem__("type", "fscache"), "device.cache.type"),
         (lambda c: c.__setitem__("enable_xattr", "yes"), "enable_xattr"),
         (lambda c: c["fs_prefetch"].__setitem__("threads_count", 0), "fs_prefetch.threads_count"),
@@ -88,8 +88,10 @@ def test_unknown_keys_warn() -> None:
     cfg["enable_xatr"] = True
     cfg["device"]["backend"]["config"]["hots"] = "x"
     _, warnings = parse_daemon_config(json.dumps(cfg))
-    assert any("'enable_xatr'" in w for w in warnings)
-    assert any("'device.backend.config.hots'" in w for w in warnings)
+    # the same engine and words as the snapshotter's TOML, suggestions included
+    assert 'config: unknown key "enable_xatr" (did you mean "enable_xattr"?)' in warnings
+    assert any('unknown key "device.backend.config.hots" (did you mean "host"?)' in w
+               for w in warnings)
 
 
 def test_garbage_is_a_config_error() -> None:
@@ -101,3 +103,29 @@ def test_image_pull_auth_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGE_PULL_AUTH", base64.b64encode(b"a:b").decode())
     cfg, _ = parse_daemon_config(json.dumps(V1))
     assert cfg.backend.registry.credentials() == ("a", "b")
+
+
+def test_messages_read_like_the_snapshotters(tmp_path) -> None:
+    """One engine: a wrong type, an unknown key and an unsupported value are worded the
+    same in nydusd's JSON as in the snapshotter's TOML."""
+    from pynydus.config import load_config
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('version = 1\n[daemon]\nthreads_number = "4"\n')
+    with pytest.raises(ConfigError) as snap:
+        load_config(toml)
+    cfg = json.loads(json.dumps(V1))
+    cfg["fs_prefetch"]["threads_count"] = "4"
+    with pytest.raises(ConfigError) as daemon:
+        parse_daemon_config(json.dumps(cfg), "config c.json")
+    assert str(snap.value) == f'config {toml}: daemon.threads_number: expected an integer in ' \
+        '0..1024, got string "4"'
+    assert str(daemon.value) == 'config c.json: fs_prefetch.threads_count: expected an integer ' \
+        'in 1..1024, got string "4"'
+    cfg = json.loads(json.dumps(V1))
+    cfg["device"]["cache"]["compressed"] = True
+    with pytest.raises(ConfigError) as refused:
+        parse_daemon_config(json.dumps(cfg), "config c.json")
+    assert str(refused.value) == (
+        "config c.json: device.cache.compressed: true is not supported by pynydusd yet (a cache "
+        "that keeps chunks compressed); remove it or set it to false")
