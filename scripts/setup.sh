@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 machine for pynydus: system packages and a virtualenv at .venv.
 # Idempotent: packages already installed are not fetched again.
-# --peers: then also install the upstream peer programs (scripts/peers.sh).
+# Installs the peers the e2e tests drive (containerd 2.x and crictl, scripts/peers.sh);
+# --peers: every upstream peer program (scripts/peers.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 peers=
@@ -43,4 +44,6 @@ ln -sf "$PWD/.venv/bin/nydus-overlayfs" /usr/local/bin/nydus-overlayfs
 echo "setup: ok ($(.venv/bin/python --version), $(containerd --version | awk '{print $3}'))"
 if [ -n "$peers" ]; then
   scripts/peers.sh
+else
+  scripts/peers.sh containerd2 crictl   # tests/e2e runs against containerd 1.6 and 2.x
 fi

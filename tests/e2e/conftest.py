@@ -1,6 +1,12 @@
 """Fixtures for end-to-end tests: a registry with the test images, our snapshotter, and a
 private containerd that uses it as proxy plugin ``nydus``.
 
+``containerd_version`` is parametrized over Debian's containerd 1.6 and the containerd 2.x
+peer (``scripts/peers.sh containerd2``): every test that asks for it, directly or through
+``containerd``/``snapshotter``, runs against both (test ids ``[ctrd1.6]``/``[ctrd2]``), each
+with a snapshotter of its own. A test that holds for one version only parametrizes
+``containerd_version`` itself (``@pytest.mark.parametrize("containerd_version", [...])``).
+
 Skipped when not root; a missing system tool fails every test here, naming the tool
 and its package (``scripts/setup.sh`` installs them all). When a test fails, the tails of the snapshotter, containerd
 and registry logs are attached to its report.
@@ -15,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import images, oci, tools
-from tests.harness.containerd import Containerd
+from tests.harness.containerd import VERSIONS, Containerd
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import make_workdir, remove_tree, sweep_stale
@@ -102,8 +108,15 @@ def small_image(registry: Registry, layouts: Path) -> tuple[str, oci.BuiltImage]
     return ref, built
 
 
+@pytest.fixture(scope="session", params=VERSIONS, ids=[f"ctrd{v}" for v in VERSIONS])
+def containerd_version(request: pytest.FixtureRequest) -> str:
+    """The containerd under test: "1.6" (Debian's) or "2" (the containerd2 peer)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def snapshotter() -> Iterator[Snapshotter]:
+def snapshotter(containerd_version: str) -> Iterator[Snapshotter]:
+    """A snapshotter per module and containerd version (the name keeps them apart)."""
     with Snapshotter() as snap:
         _LIVE.append(snap)
         try:
@@ -113,8 +126,10 @@ def snapshotter() -> Iterator[Snapshotter]:
 
 
 @pytest.fixture(scope="module")
-def containerd(snapshotter: Snapshotter, registry: Registry) -> Iterator[Containerd]:
-    with Containerd(snapshotter.socket, registry_hosts=[registry.host]) as ctrd:
+def containerd(snapshotter: Snapshotter, registry: Registry, containerd_version: str
+               ) -> Iterator[Containerd]:
+    with Containerd(snapshotter.socket, registry_hosts=[registry.host],
+                    version=containerd_version) as ctrd:
         _LIVE.append(ctrd)
         try:
             yield ctrd

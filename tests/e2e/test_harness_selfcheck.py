@@ -42,12 +42,12 @@ CRASHER = textwrap.dedent("""
     from tests.harness.registry import Registry
     from tests.harness.snapshotter import Snapshotter
     from tests.harness.util import make_workdir
-    tag = sys.argv[1]
+    tag, version = sys.argv[1], sys.argv[2]
     layouts = make_workdir(tag + "-img")
     built = images.small_image().write_layout(layouts / "small")
     reg = Registry(tag=tag + "-reg").start()
     snap = Snapshotter(tag=tag + "-snap").start()
-    ctrd = Containerd(snap.socket, tag=tag + "-ctrd").start()
+    ctrd = Containerd(snap.socket, tag=tag + "-ctrd", version=version).start()
     ref = reg.ref("selfcheck/small")
     oci.push(built, ref)
     ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "nydus", ref)
@@ -61,13 +61,15 @@ CRASHER = textwrap.dedent("""
 """)
 
 
-def test_a_crashed_run_is_swept_completely() -> None:
+def test_a_crashed_run_is_swept_completely(containerd_version: str) -> None:
     """kill -9 of the process that owns a registry, a snapshotter, a containerd and a
     running container leaves all of them running; ``sweep_stale`` then stops every one
-    (shim and container included), unmounts and removes the directories."""
+    (shim and container included), unmounts and removes the directories. For each
+    containerd version: their shims are found differently."""
     tag = f"sc{secrets.token_hex(3)}"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-c", CRASHER, tag], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", CRASHER, tag, containerd_version],
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
                              start_new_session=True)
     try:

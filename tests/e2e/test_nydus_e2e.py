@@ -4,6 +4,10 @@ The layered check image is converted with ``pynydus convert`` and pulled through
 containerd's CRI ImageService (as kubelet does, so the ``cri.*`` labels reach the
 snapshotter). The pull downloads only the bootstrap layer; ``ctr run`` then starts
 a container whose files are fetched chunk by chunk by a pynydusd process.
+
+Every test runs against containerd 1.6 and 2.x (``containerd_version``), the module's
+shared environment in both daemon modes (``dedicated``: a daemon per image; ``shared``:
+one daemon for all).
 """
 
 from __future__ import annotations
@@ -39,16 +43,25 @@ def nydus_ref(registry: Registry, layered_image: tuple[str, oci.BuiltImage]) -> 
     return target
 
 
+@pytest.fixture(scope="module", params=["dedicated", "shared"])
+def daemon_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def nydus_env(registry: Registry) -> Iterator[tuple[Snapshotter, Containerd]]:
-    with Snapshotter() as snap, Containerd(snap.socket, registry_hosts=[registry.host], cri=True,
-                                           namespace=NS) as ctrd:
+def nydus_env(registry: Registry, containerd_version: str, daemon_mode: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Snapshotter, Containerd]]:
+    config = tmp_path_factory.mktemp("snapcfg") / "config.toml"
+    config.write_text(f'version = 1\ndaemon_mode = "{daemon_mode}"\n')
+    with Snapshotter(config=config) as snap, Containerd(
+            snap.socket, registry_hosts=[registry.host], cri=True, namespace=NS,
+            version=containerd_version) as ctrd:
         yield snap, ctrd
 
 
 @pytest.fixture(scope="module")
-def pulled(nydus_env: tuple[Snapshotter, Containerd], nydus_ref: str, registry: Registry) -> dict:
-    _snap, ctrd = nydus_env
+def nydus_layers(nydus_ref: str) -> tuple[list[str], str]:
+    """(data blob digests, bootstrap layer digest) of the converted image."""
     manifest = json.loads(subprocess.run(
         ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{nydus_ref}"],
         check=True, capture_output=True, text=True).stdout)
@@ -56,11 +69,19 @@ def pulled(nydus_env: tuple[Snapshotter, Containerd], nydus_ref: str, registry: 
     data = [l["digest"] for l in layers if "containerd.io/snapshot/nydus-blob" in l.get("annotations", {})]
     boot = [l["digest"] for l in layers if "containerd.io/snapshot/nydus-bootstrap" in l.get("annotations", {})]
     assert data and len(boot) == 1
-    before = {d: registry.blob_gets(d) for d in data + boot}
+    return data, boot[0]
+
+
+@pytest.fixture(scope="module")
+def pulled(nydus_env: tuple[Snapshotter, Containerd], nydus_ref: str, registry: Registry,
+           nydus_layers: tuple[list[str], str]) -> dict:
+    _snap, ctrd = nydus_env
+    data, boot = nydus_layers
+    before = {d: registry.blob_gets(d) for d in [*data, boot]}
     t0 = time.monotonic()
     CriImages(str(ctrd.socket)).pull(nydus_ref)
     pull_s = time.monotonic() - t0
-    return {"data": data, "boot": boot[0], "before": before, "pull_s": pull_s}
+    return {"data": data, "boot": boot, "before": before, "pull_s": pull_s}
 
 
 def wait_reachable(ctrd: Containerd, timeout: float = 15) -> None:
@@ -156,15 +177,45 @@ def test_killed_daemon_is_restarted(nydus_env, pulled: dict, nydus_ref: str) -> 
     assert run_check(ctrd, nydus_ref, "ny-check-4") == images.expected_check_output()
 
 
-def test_plain_ctr_pull_fails_clearly(registry: Registry, nydus_ref: str) -> None:
+@pytest.mark.parametrize("containerd_version", [pytest.param("1.6", id="ctrd1.6")])
+def test_plain_ctr_pull_fails_clearly(registry: Registry, nydus_ref: str,
+                                      containerd_version: str) -> None:
     """ctr 1.6 hands the snapshotter neither layer annotations nor the image reference,
     so it cannot pull a Nydus image lazily; the pull must fail naming the blob media type
     (README: use the CRI, ctr-remote images rpull or nerdctl)."""
-    with Snapshotter() as snap, Containerd(snap.socket, registry_hosts=[registry.host]) as ctrd:
+    with Snapshotter() as snap, Containerd(snap.socket, registry_hosts=[registry.host],
+                                           version=containerd_version) as ctrd:
         proc = ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", SNAP, nydus_ref,
                         check=False, timeout=300)
         assert proc.returncode != 0
         assert "application/vnd.oci.image.layer.nydus.blob.v1" in proc.stderr
+
+
+@pytest.mark.parametrize("containerd_version", [pytest.param("2", id="ctrd2")])
+def test_transfer_service_pulls_are_lazy(registry: Registry, nydus_ref: str,
+                                         nydus_layers: tuple[list[str], str],
+                                         containerd_version: str) -> None:
+    """containerd 2.x pulls through its transfer service: the CRI's default since 2.1
+    (``disable_snapshot_annotations = true``) and ``ctr image pull``. The proxy's
+    ``enable_remote_snapshot_annotations`` export makes it label the layers as the CRI
+    does, so both pull no data blob and the image runs."""
+    data, _ = nydus_layers
+    with Snapshotter() as snap, Containerd(snap.socket, registry_hosts=[registry.host], cri=True,
+                                           cri_transfer=True, namespace=NS,
+                                           version=containerd_version) as ctrd:
+        before = {d: registry.blob_gets(d) for d in data}
+        CriImages(str(ctrd.socket)).pull(nydus_ref)
+        assert "Falling back to local image pull" not in ctrd.log.read_text()
+        ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", SNAP, nydus_ref,
+                 namespace="xfer")
+        assert {d: registry.blob_gets(d) for d in data} == before, "a data blob was pulled"
+        for ns in (NS, "xfer"):
+            content = ctrd.ctr("content", "ls", "-q", namespace=ns).stdout
+            assert not any(d in content for d in data)
+        out = ctrd.ctr("run", "--rm", "--snapshotter", SNAP, nydus_ref, "xfer-run", "cat",
+                       "/app/v3.txt", namespace="xfer", timeout=120).stdout
+        assert out.strip() == "three"
+        assert run_check(ctrd, nydus_ref, "xfer-check") == images.expected_check_output()
 
 
 def test_ctr_remote_rpull_pulls_lazily(nydus_env, pulled: dict, nydus_ref: str) -> None:
@@ -183,7 +234,8 @@ def test_ctr_remote_rpull_pulls_lazily(nydus_env, pulled: dict, nydus_ref: str) 
     assert out.strip() == "three"
 
 
-def test_registry_down_at_run_time_gives_eio_and_snapshotter_stays_healthy(tmp_path: Path) -> None:
+def test_registry_down_at_run_time_gives_eio_and_snapshotter_stays_healthy(
+        tmp_path: Path, containerd_version: str) -> None:
     """Data not cached and the registry gone: reads fail with EIO (no hang, no wrong
     bytes), the snapshotter keeps answering, and reads work again once it is back."""
     workdir = tmp_path / "reg"
@@ -198,7 +250,7 @@ def test_registry_down_at_run_time_gives_eio_and_snapshotter_stays_healthy(tmp_p
         oci.push(built, src)
         convert(ConvertOptions(source=src, target=ref, source_insecure=True, target_insecure=True))
         with Snapshotter() as snap, Containerd(snap.socket, registry_hosts=[reg.host], cri=True,
-                                               namespace=NS) as ctrd:
+                                               namespace=NS, version=containerd_version) as ctrd:
             CriImages(str(ctrd.socket)).pull(ref)
             # busybox and ok.txt are read (and cached) while the registry is up
             assert ctrd.ctr_out("run", "--rm", "--snapshotter", SNAP, ref, "warm", "cat", "/app/ok.txt",
@@ -238,7 +290,8 @@ def test_remove_image_and_prune_stops_daemons_and_drops_cache(nydus_env, pulled:
     assert [f for f in os.listdir(snap.root / "cache")] == []
 
 
-def test_nydus_overlayfs_mounts(registry: Registry, nydus_ref: str, tmp_path: Path) -> None:
+def test_nydus_overlayfs_mounts(registry: Registry, nydus_ref: str, tmp_path: Path,
+                                containerd_version: str) -> None:
     """enable_nydus_overlayfs: containers get one fuse.nydus-overlayfs mount carrying
     extraoption; containerd runs it through mount.fuse3 and our helper."""
     tools.require("mount.fuse3")
@@ -246,7 +299,8 @@ def test_nydus_overlayfs_mounts(registry: Registry, nydus_ref: str, tmp_path: Pa
     config = tmp_path / "config.toml"
     config.write_text('version = 1\n[snapshot]\nenable_nydus_overlayfs = true\n')
     with Snapshotter(config=config) as snap, Containerd(snap.socket, registry_hosts=[registry.host],
-                                                        cri=True, namespace=NS) as ctrd:
+                                                        cri=True, namespace=NS,
+                                                        version=containerd_version) as ctrd:
         CriImages(str(ctrd.socket)).pull(nydus_ref)
         rows = [line.split() for line in ctrd.ctr_out("snapshots", "--snapshotter", SNAP, "ls").splitlines()[1:]]
         parents = {r[1] for r in rows if len(r) == 3}

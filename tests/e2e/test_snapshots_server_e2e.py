@@ -1,4 +1,4 @@
-"""The snapshots API through a real containerd 1.6 whose proxy plugin ``nydus`` is our
+"""The snapshots API through a real containerd (1.6 and 2.x) whose proxy plugin ``nydus`` is our
 snapshotter (Go's gRPC client: HPACK dynamic table, BDP pings, WINDOW_UPDATEs, calls
 multiplexed on one connection), on whichever server ``serve`` picks by default."""
 
@@ -51,8 +51,9 @@ class Ctrd:
 
 
 @pytest.fixture(scope="module")
-def ctrd() -> Iterator[Ctrd]:
-    with Snapshotter(log_level="info") as snap, Containerd(snap.socket) as ctr:
+def ctrd(containerd_version: str) -> Iterator[Ctrd]:
+    with Snapshotter(log_level="info") as snap, Containerd(snap.socket,
+                                                           version=containerd_version) as ctr:
         ctr.wait_snapshotter()
         client = Ctrd(ctr)
         try:
@@ -62,7 +63,7 @@ def ctrd() -> Iterator[Ctrd]:
 
 
 def test_list_of_1000_through_containerd_stats_every_snapshot(ctrd: Ctrd) -> None:
-    """containerd 1.6 answers List from its database plus one backend Stat per snapshot:
+    """containerd (1.6 and 2.x) answers List from its database plus one backend Stat per snapshot:
     1,000 Stat calls over one HTTP/2 connection, with our responses exceeding the
     64 KiB windows the client starts with many times over."""
     pad = {"pynydus.test/pad": "p" * 300}

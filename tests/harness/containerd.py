@@ -1,4 +1,6 @@
-"""A private containerd 1.6 (``/usr/bin/containerd``) with our snapshotter as proxy plugin.
+"""A private containerd with our snapshotter as proxy plugin: Debian's 1.6
+(``/usr/bin/containerd``, config version 2) or 2.x (the ``containerd2`` peer of
+``scripts/peers.sh``, config version 3), chosen by ``version`` ("1.6" or "2").
 
 Layout of the work directory (short: unix sockets must fit in 108 bytes)::
 
@@ -11,7 +13,22 @@ Layout of the work directory (short: unix sockets must fit in 108 bytes)::
 ``[proxy_plugins.<name>]`` points at the socket of the snapshotter under test; containerd
 dials it lazily, so the snapshotter may start after containerd (and be restarted under
 it). The CRI plugin is disabled by default; ``cri=True`` configures it like a nydus node
-(``disable_snapshot_annotations = false``) so snapshot labels reach the proxy.
+(the CRI image service's ``snapshotter`` and the runtime's per-runtime ``snapshotter`` are
+the proxy, ``disable_snapshot_annotations = false``, ``discard_unpacked_layers = false``)
+so the ``cri.*`` snapshot labels reach the proxy. ``restrict_oom_score_adj``: a pod
+sandbox asks for oom_score_adj -998, which a process without CAP_SYS_RESOURCE (this
+machine's sandbox, rootless nodes) may not set; restricted, the CRI keeps containerd's own. The two versions spell that differently:
+
+- 1.6: ``[plugins."io.containerd.grpc.v1.cri".containerd]`` holds all of it.
+- 2.x: ``io.containerd.cri.v1.images`` (snapshotter, annotations, registry, pinned
+  sandbox image) and ``io.containerd.cri.v1.runtime`` (runtimes, CNI); the proxy
+  exports ``enable_remote_snapshot_annotations = "true"`` so pulls through the transfer
+  service (``ctr image pull``; the CRI with ``cri_transfer=True``) label layers too, and
+  the transfer service is told to unpack into the proxy as well as into overlayfs.
+  ``disable_snapshot_annotations = false`` makes 2.x's CRI pull with the client-side
+  (``use_local_image_pull``) path, as a kubelet node configured for Nydus does;
+  ``cri_transfer=True`` keeps annotations off in the CRI and so pulls through the
+  transfer service, which is 2.1's default.
 
 Every instance uses its own namespace (``pyn<hex>``): runc keeps state under
 ``/run/containerd/runc/<namespace>`` and cgroups under ``/<namespace>/<id>``, both shared
@@ -50,6 +67,7 @@ from .util import (
 
 CONTAINERD_BIN = "/usr/bin/containerd"
 CTR_BIN = "/usr/bin/ctr"
+VERSIONS = ("1.6", "2")  # Debian's containerd and the containerd2 peer
 RUNC_ROOT = Path("/run/containerd/runc")
 TASK_DIR = "io.containerd.runtime.v2.task"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -64,6 +82,27 @@ _ALWAYS_DISABLED = [
     "io.containerd.tracing.processor.v1.otlp",
     "io.containerd.internal.v1.tracing",
 ]
+# 2.x only: snapshotters that need kernel features or tools we do not set up, and NRI,
+# whose socket (/var/run/nri/nri.sock) would be shared with any other containerd here
+_DISABLED_2 = [
+    "io.containerd.snapshotter.v1.erofs",
+    "io.containerd.snapshotter.v1.blockfile",
+    "io.containerd.nri.v1.nri",
+]
+
+
+def binaries(version: str) -> tuple[str, str, str | None]:
+    """(containerd, ctr, directory to put first in containerd's PATH for its shim) of
+    containerd ``version``; raises PeerMissing when 2.x is not installed."""
+    if version == "1.6":
+        return CONTAINERD_BIN, CTR_BIN, None
+    if version == "2":
+        from .peers import peer_bin
+
+        ctrd = peer_bin("containerd2", "containerd")
+        peer_bin("containerd2", "containerd-shim-runc-v2")  # fail now, not at the first run
+        return str(ctrd), str(peer_bin("containerd2", "ctr")), str(ctrd.parent)
+    raise ValueError(f"containerd version {version!r}: expected one of {VERSIONS}")
 
 
 class Containerd(Service):
@@ -73,11 +112,26 @@ class Containerd(Service):
                  namespace: str | None = None, cri: bool = False,
                  cri_snapshotter: str = "nydus", registry_hosts: Sequence[str] = (),
                  log_level: str = "info", extra_toml: str = "", keep: bool = False,
-                 tag: str = "ctrd") -> None:
+                 tag: str = "ctrd", version: str = "1.6", sandbox_image: str = "",
+                 cri_transfer: bool = False, stats_period_s: int = 0) -> None:
+        """``version``: "1.6" or "2". ``sandbox_image``: the CRI's pause image (there is
+        no registry.k8s.io here). ``cri_transfer`` (2.x): the CRI pulls through the
+        transfer service. ``stats_period_s``: how often the CRI collects snapshot usage
+        (its default, 10 s, when 0)."""
+        self.version = version
+        self.containerd_bin, self.ctr_bin, self.shim_dir = binaries(version)
+        if cri_transfer and version == "1.6":
+            raise ValueError("cri_transfer: containerd 1.6 has no transfer service")
+        self.sandbox_image = sandbox_image
+        self.cri_transfer = cri_transfer
+        self.stats_period_s = stats_period_s
         self.workdir = make_workdir(tag)
         self.proxy_socket = proxy_socket
         self.proxy_name = proxy_name
         self.namespace = namespace or f"pyn{secrets.token_hex(3)}"
+        # the cgroup parent of CRI pods (``Crictl``): ours to clean, unlike "k8s.io"
+        self.cgroup_name = (self.namespace if self.namespace.startswith("pyn")
+                            else f"pyn{secrets.token_hex(3)}")
         self.cri = cri
         self.cri_snapshotter = cri_snapshotter
         self.registry_hosts = list(registry_hosts)
@@ -95,11 +149,13 @@ class Containerd(Service):
     # ------------------------------------------------------------------ config
     def _config_text(self) -> str:
         disabled = list(_ALWAYS_DISABLED)
+        if self.version != "1.6":
+            disabled += _DISABLED_2
         if not self.cri:
             disabled.append("io.containerd.grpc.v1.cri")
         lines = [
             "# generated by tests/harness/containerd.py",
-            "version = 2",
+            "version = 2" if self.version == "1.6" else "version = 3",
             f'root = "{self.root}"',
             f'state = "{self.state}"',
             "oom_score = 0",
@@ -122,20 +178,31 @@ class Containerd(Service):
                 f"  [proxy_plugins.{self.proxy_name}]",
                 '    type = "snapshot"',
                 f'    address = "{self.proxy_socket}"',
-                "",
             ]
+            if self.version != "1.6":
+                lines += [
+                    f"    [proxy_plugins.{self.proxy_name}.exports]",
+                    '      enable_remote_snapshot_annotations = "true"',
+                ]
+            lines.append("")
         lines += [
             "[plugins]",
             '  [plugins."io.containerd.internal.v1.opt"]',
             f'    path = "{self.root / "opt"}"',
         ]
-        if self.cri:
+        if self.version != "1.6":
+            lines += self._config_2x()
+        elif self.cri:
             lines += [
                 '  [plugins."io.containerd.grpc.v1.cri"]',
                 "    disable_tcp_service = true",
                 '    stream_server_address = "127.0.0.1"',
                 '    stream_server_port = "0"',
                 "    enable_selinux = false",
+                "    restrict_oom_score_adj = true",
+                *([f'    sandbox_image = "{self.sandbox_image}"'] if self.sandbox_image else []),
+                *([f"    stats_collect_period = {self.stats_period_s}"]
+                  if self.stats_period_s else []),
                 '    [plugins."io.containerd.grpc.v1.cri".containerd]',
                 f'      snapshotter = "{self.cri_snapshotter}"',
                 "      disable_snapshot_annotations = false",
@@ -152,6 +219,54 @@ class Containerd(Service):
             ]
         return "\n".join(lines) + "\n" + self.extra_toml
 
+    def _config_2x(self) -> list[str]:
+        """The ``[plugins]`` of config version 3 after ``opt`` (containerd 2.x)."""
+        images = "'io.containerd.cri.v1.images'"
+        runtime = "'io.containerd.cri.v1.runtime'"
+        unpack = ['{ platform = "linux/amd64", snapshotter = "overlayfs" }']
+        if self.proxy_socket is not None:
+            unpack.append(f'{{ platform = "linux/amd64", snapshotter = "{self.proxy_name}" }}')
+        lines = [
+            "  [plugins.'io.containerd.transfer.v1.local']",
+            f'    config_path = "{self.certs_d}"',
+            f"    unpack_config = [{', '.join(unpack)}]",
+        ]
+        if not self.cri:
+            return lines
+        lines += [
+            "  [plugins.'io.containerd.grpc.v1.cri']",
+            "    disable_tcp_service = true",
+            '    stream_server_address = "127.0.0.1"',
+            '    stream_server_port = "0"',
+            f"  [plugins.{images}]",
+            f'    snapshotter = "{self.cri_snapshotter}"',
+            # false: the cri.* labels go to the snapshotter, and the CRI pulls on the
+            # client-side path; true with the proxy's exports: through the transfer service
+            f"    disable_snapshot_annotations = {'true' if self.cri_transfer else 'false'}",
+            "    discard_unpacked_layers = false",
+        ]
+        if self.stats_period_s:
+            lines.append(f"    stats_collect_period = {self.stats_period_s}")
+        if self.sandbox_image:
+            lines += [f"    [plugins.{images}.pinned_images]",
+                      f'      sandbox = "{self.sandbox_image}"']
+        lines += [
+            f"    [plugins.{images}.registry]",
+            f'      config_path = "{self.certs_d}"',
+            f"  [plugins.{runtime}]",
+            "    enable_selinux = false",
+            "    restrict_oom_score_adj = true",
+            f"    [plugins.{runtime}.containerd]",
+            '      default_runtime_name = "runc"',
+            f"      [plugins.{runtime}.containerd.runtimes.runc]",
+            '        runtime_type = "io.containerd.runc.v2"',
+            f'        snapshotter = "{self.cri_snapshotter}"',
+            f"    [plugins.{runtime}.cni]",
+            '      bin_dirs = ["/usr/lib/cni"]',
+            f'      conf_dir = "{self.workdir / "cni"}"',
+        ]
+        return lines
+
     def trust_plain_http(self, host: str) -> None:
         """Write ``certs.d/<host>/hosts.toml`` so CRI and ``ctr --hosts-dir`` use plain HTTP."""
         d = self.certs_d / host
@@ -167,15 +282,18 @@ class Containerd(Service):
         for host in self.registry_hosts:
             self.trust_plain_http(host)
         self.config.write_text(self._config_text())
-        self.proc = Proc("containerd", [CONTAINERD_BIN, "--config", str(self.config)],
-                         self.workdir, self.log)
+        env = None
+        if self.shim_dir is not None:  # containerd finds its shim through PATH first
+            env = {**os.environ, "PATH": f"{self.shim_dir}:{os.environ.get('PATH', '')}"}
+        self.proc = Proc("containerd", [self.containerd_bin, "--config", str(self.config)],
+                         self.workdir, self.log, env=env)
         self.proc.start()
 
         def up() -> bool:
             if self.proc is not None and not self.proc.running():
                 raise HarnessError(f"containerd exited:\n{self.proc.log_tail()}")
             return self.socket.exists() and run(
-                [CTR_BIN, "-a", str(self.socket), "version"], check=False,
+                [self.ctr_bin, "-a", str(self.socket), "version"], check=False,
                 timeout=10).returncode == 0
 
         try:
@@ -195,7 +313,7 @@ class Containerd(Service):
     def ctr(self, *args: str, check: bool = True, timeout: float = 300,
             namespace: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``ctr -a <our socket> -n <our namespace> ARGS``."""
-        return run([CTR_BIN, "-a", str(self.socket), "-n", namespace or self.namespace,
+        return run([self.ctr_bin, "-a", str(self.socket), "-n", namespace or self.namespace,
                     *args], check=check, timeout=timeout)
 
     def ctr_out(self, *args: str, timeout: float = 300) -> str:
@@ -242,7 +360,7 @@ class Containerd(Service):
         finally:
             if self.proc is not None:
                 self.proc.stop(timeout=20)
-            cleanup_state_dir(self.workdir, [self.namespace])
+            cleanup_state_dir(self.workdir, [self.namespace, self.cgroup_name])
             if not self.keep:
                 remove_tree(self.workdir)
             elif self.workdir.exists():
