@@ -3,10 +3,9 @@
 Both images are pulled from their registries. The source's layers are streamed
 through :class:`.overlay_view.OverlayView` (overlay semantics, content hashed, no
 data kept). The Nydus image's bootstrap layer is unpacked and opened with the RAFS
-reader; every regular file is read chunk by chunk with ranged GETs on the blob
-named in the bootstrap's blob table (contiguous chunks of a file in one request),
-each chunk decompressed with :mod:`pynydus.rafs.format.compress` and checked against its
-size. Then every path of both trees is compared in sorted order: type, permission
+reader; its blobs are read once, in offset order, in large ranges, and every chunk
+is decompressed, checked against its digest and handed to the files that use it as
+it streams past (:mod:`.chunkstream`), which hash their contents. Then every path of both trees is compared in sorted order: type, permission
 bits, owner, mtime (files), size, content sha256, symlink target, device numbers,
 xattrs, and hardlink groups (same inode in the Nydus image). The first difference
 is reported by path; the check does not stop at a registry or format error either:
@@ -15,7 +14,6 @@ those are raised as the pynydus error they are.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -23,20 +21,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound, q
-from pynydus.rafs.format import decode_chunk, decode_rdev
+from pynydus.rafs.format import decode_rdev
 from pynydus.rafs.read import Bootstrap, FileChunk, bootstrap_from_bytes
 from pynydus.registry import RegistryClient, media, parse_reference
 from pynydus.registry.reference import Reference
 
 from . import image as img
+from .chunkstream import FileDigests, file_digest, stream_digests
 from .endpoints import registry_spec
 from .overlay_view import FileRecord, OverlayView, kind_of_mode
 from .pack import bootstrap_from_layer
 
 __all__ = ["CheckOptions", "CheckResult", "check_image"]
-
-MAX_RANGE = 8 << 20
-
 
 @dataclass
 class CheckOptions:
@@ -86,56 +82,6 @@ def _resolve(client: RegistryClient, ref: Reference, platform: str | None,
     raise NotFound(f"image {ref}: no {kind} manifest for platform {want}")
 
 
-class _ChunkReader:
-    """Reads file contents of a Nydus image from the registry, by chunk ranges."""
-
-    def __init__(self, client: RegistryClient, repo: str) -> None:
-        self.client = client
-        self.repo = repo
-        self.bytes_fetched = 0
-
-    def file_digest(self, chunks: list[FileChunk], size: int) -> str:
-        h = hashlib.sha256()
-        got = 0
-        for data in self._read(chunks):
-            h.update(data)
-            got += len(data)
-        if got != size:
-            raise FormatError(f"file data: chunks cover {got} bytes, inode size {size}")
-        return h.hexdigest()
-
-    def _read(self, chunks: list[FileChunk]) -> Iterator[bytes]:
-        group: list[FileChunk] = []
-        for c in sorted(chunks, key=lambda c: c.file_offset):
-            if c.compressed_offset is None or c.compressed_size is None:
-                raise FormatError(f"chunk {c.index} of blob {c.blob_id}: no chunk record")
-            if group:
-                last = group[-1]
-                assert last.compressed_offset is not None and last.compressed_size is not None
-                contiguous = (c.blob_id == last.blob_id and c.compressed_offset ==
-                              last.compressed_offset + last.compressed_size)
-                span = c.compressed_offset + c.compressed_size - (group[0].compressed_offset or 0)
-                if not contiguous or span > MAX_RANGE:
-                    yield from self._fetch(group)
-                    group = []
-            group.append(c)
-        if group:
-            yield from self._fetch(group)
-
-    def _fetch(self, group: list[FileChunk]) -> Iterator[bytes]:
-        start = group[0].compressed_offset or 0
-        end = max((c.compressed_offset or 0) + (c.compressed_size or 0) for c in group)
-        data = self.client.read_blob_range(self.repo, "sha256:" + group[0].blob_id, start,
-                                           end - start)
-        self.bytes_fetched += len(data)
-        for c in group:
-            off = (c.compressed_offset or 0) - start
-            raw = data[off:off + (c.compressed_size or 0)]
-            yield decode_chunk(raw, compressed=bool(c.compressed), compressor=c.compressor,
-                               uncompressed_size=c.uncompressed_size,
-                               what=f"chunk {c.index} of blob {c.blob_id}")
-
-
 def _describe(rec: FileRecord) -> str:
     return f"{rec.kind} mode {rec.mode:o} uid {rec.uid} gid {rec.gid}"
 
@@ -165,11 +111,17 @@ def _compare(path: str, want: FileRecord, got: FileRecord) -> str | None:
     return None
 
 
-def _nydus_view(bs: Bootstrap, reader: _ChunkReader) -> tuple[dict[str, FileRecord], dict[str, int], int]:
+def _nydus_view(bs: Bootstrap, client: RegistryClient, repo: str
+                ) -> tuple[dict[str, FileRecord], dict[str, int], int]:
+    """Every path of the Nydus image as a :class:`FileRecord`; file contents are hashed
+    from the blobs read once in order (:mod:`.chunkstream`), every chunk checked against
+    its digest."""
     out: dict[str, FileRecord] = {}
     inos: dict[str, int] = {}
-    digests: dict[int, str] = {}
+    files = FileDigests()
+    wanted: list[FileChunk] = []
     total = 0
+    sized: dict[int, int] = {}
     for raw_path, ino in bs.walk():
         path = raw_path.decode("utf-8", "surrogateescape").strip("/")
         st = bs.stat(ino)
@@ -177,11 +129,12 @@ def _nydus_view(bs: Bootstrap, reader: _ChunkReader) -> tuple[dict[str, FileReco
                          xattrs=dict(bs.xattrs(ino)))
         if st.is_reg:
             rec.size = st.size
-            if ino not in digests:
-                digests[ino] = reader.file_digest(bs.chunks(ino), st.size) if st.size else \
-                    hashlib.sha256().hexdigest()
+            if ino not in sized:
+                sized[ino] = st.size
+                chunks = bs.chunks(ino) if st.size else []
+                files.add(ino, chunks, st.size)
+                wanted += chunks
                 total += st.size
-            rec.sha256 = digests[ino]
         elif st.is_symlink:
             rec.link = bs.readlink(ino)
             rec.size = len(rec.link)
@@ -189,6 +142,18 @@ def _nydus_view(bs: Bootstrap, reader: _ChunkReader) -> tuple[dict[str, FileReco
             rec.rdev = decode_rdev(st.rdev)
         out[path] = rec
         inos[path] = ino
+
+    def fetch(blob_id: str, offset: int, length: int) -> bytes:
+        return client.read_blob_range(repo, "sha256:" + blob_id, offset, length)
+
+    digesters = [b.digester for b in bs.blobs]
+    stream_digests(files, wanted, fetch, lambda c: digesters[c.blob_index])
+    digests = files.digests()
+    for ino in files.deferred():  # gave up their waiting chunks: read on their own
+        digests[ino] = file_digest(bs.chunks(ino), fetch, lambda c: digesters[c.blob_index])
+    for path, rec in out.items():
+        if rec.kind == "reg":
+            rec.sha256 = str(digests[inos[path]])
     return out, inos, total
 
 
@@ -217,10 +182,9 @@ def check_image(opts: CheckOptions) -> CheckResult:
         boot_desc = dst_doc["layers"][-1]
         boot = bootstrap_from_layer(b"".join(dst.get_blob(dst_ref.repository,
                                                           boot_desc["digest"])))
-        reader = _ChunkReader(dst, dst_ref.repository)
         bs = bootstrap_from_bytes(boot)
         try:
-            got, inos, total = _nydus_view(bs, reader)
+            got, inos, total = _nydus_view(bs, dst, dst_ref.repository)
         finally:
             bs.close()
     want = view.paths

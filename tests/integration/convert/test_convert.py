@@ -50,9 +50,15 @@ def test_convert_then_check_image_passes(registry: Registry, layered: str, cache
     assert top["deduplicated_bytes"] >= 1 << 20
     assert top["blob_size"] < 1 << 20
     assert not any(lyr["rebuilt_against_lower_layers"] for lyr in layers[:-1])
+    _, _, m = _manifest(registry, "nydus/layered", "v1")
+    data_blobs = [lyr["digest"] for lyr in m["layers"][:-1]]
+    before = {d: registry.blob_gets(d) for d in data_blobs}
     c = pynydus("check-image", "--source", layered, "--target", dst)
     assert c.rc == 0, c.err + c.out
     assert "OK" in c.out
+    # every data blob is read in one ranged GET, not one per file (these are small)
+    assert {d: registry.blob_gets(d) - before[d] for d in data_blobs} == \
+        {d: 1 for d in data_blobs}
 
 
 def test_manifest_layout_is_upstreams(registry: Registry, layered: str, cache_dir: str) -> None:
