@@ -11,7 +11,6 @@ is the FUSE layer's business (``FsStats``), once per request.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,14 +21,10 @@ from pynydus.daemon.blobcache import Backend, BlobCache, ChunkRef
 from pynydus.daemon.config import NydusdConfig
 from pynydus.daemon.metrics import CacheStats, FsStats
 from pynydus.errors import FormatError, NotImplementedFeature
-from pynydus.rafs.format import RafsChunkInfo
 from pynydus.rafs.read import ChunkRead, FileChunk, open_bootstrap
 
 log = logging.getLogger(__name__)
 
-# (blob_index, index) of an 80-byte bootstrap chunk record (RafsChunkInfo), the rest skipped
-_CHUNK_KEYS = struct.Struct("<32xI36xI4x")
-assert _CHUNK_KEYS.size == RafsChunkInfo.SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +82,6 @@ class RafsInstance:
         self._ra_lock = threading.Lock()
         self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
         self._lock = threading.Lock()
-        self._index: dict[int, dict[int, int]] | None = None  # see _chunk_lookup
-        self._index_lock = threading.Lock()
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
@@ -118,51 +111,21 @@ class RafsInstance:
             return cache
 
     def _chunk_lookup(self, blob_index: int) -> Callable[[int], ChunkRef | None]:
-        """``chunk index -> ChunkRef`` of one blob, for read amplification (amplify_io).
-
-        The first miss that wants to extend its request indexes the bootstrap chunk
-        table for *all* blobs in one pass that decodes only two fields per record
-        (struct.iter_unpack: ~10 ms for 50,000 chunks; decoding whole records into
-        objects took 0.3-0.4 s of the first read of a 50,000-file image); a record is
-        decoded when amplification asks for it. Images whose bootstrap has no chunk
-        table (v5, or v6 records only in the blob's chunk-info array) do not amplify.
+        """``chunk index -> ChunkRef`` of one blob, for read amplification (amplify_io),
+        from the bootstrap's chunk table (indexed by the reader on first use). Images
+        whose bootstrap has no chunk table (v5, or v6 records only in the blob's
+        chunk-info array) do not amplify.
         """
 
         def chunk_at(index: int) -> ChunkRef | None:
-            at = self._chunk_index().get(blob_index, {}).get(index)
-            if at is None:
+            rec = self.bs.chunk_record(blob_index, index)
+            if rec is None:
                 return None
-            rec = RafsChunkInfo.unpack(self.bs.buffer, at)
             return ChunkRef(index=rec.index, c_off=rec.compressed_offset, c_size=rec.compressed_size,
                             u_off=rec.uncompressed_offset, u_size=rec.uncompressed_size,
                             compressed=rec.is_compressed, digest=rec.digest)
 
         return chunk_at
-
-    def _chunk_index(self) -> dict[int, dict[int, int]]:
-        """blob index -> chunk index -> offset of its record in the bootstrap (the first
-        record of a chunk wins)."""
-        index = self._index
-        if index is not None:
-            return index
-        with self._index_lock:
-            if self._index is None:
-                built: dict[int, dict[int, int]] = {}
-                ext = getattr(self.bs, "ext_superblock", None)
-                buf = self.bs.buffer
-                if ext is not None and ext.chunk_table_size:
-                    start, size = ext.chunk_table_offset, ext.chunk_table_size
-                    if size % RafsChunkInfo.SIZE or start + size > len(buf):
-                        log.warning("bootstrap chunk table at %d+%d is malformed; reads will "
-                                    "not be amplified", start, size)
-                    else:
-                        view = memoryview(buf)[start:start + size]
-                        ats = range(start, start + size, RafsChunkInfo.SIZE)
-                        for at, (blob, chunk) in zip(ats, _CHUNK_KEYS.iter_unpack(view)):
-                            built.setdefault(blob, {}).setdefault(chunk, at)
-                        view.release()
-                self._index = built
-            return self._index
 
     def all_cached(self) -> bool:
         """Every chunk of every blob is in the cache (asks only caches already open: a

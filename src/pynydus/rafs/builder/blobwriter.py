@@ -70,8 +70,8 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "BlobDesc",
     "BlobWriter",
-    "ChunkDict",
     "ChunkDesc",
+    "ChunkDict",
     "discard_partial",
     "pack_ci_v1",
 ]

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from array import array
 from dataclasses import dataclass
-from typing import TypeAlias
 
 from pynydus.errors import InvalidArgument
 from pynydus.rafs.format import layout as L
@@ -24,11 +22,7 @@ __all__ = ["ChunkTable", "LayerSource"]
 
 _ADDR = L.RafsV6InodeChunkAddr.codec()
 _CHUNK = L.RafsChunkInfo.codec()
-_CHUNK_KEY = struct.Struct("<32xI12x8xQ8xI4x")  # blob_index, uncompressed_offset, index
 _COMPRESSED = int(L.ChunkFlags.COMPRESSED)  # the only chunk flag a merged record keeps
-_REC = L.RAFS_V6_CHUNK_INFO_SIZE
-# chunk index -> value; an array (-1: none) when dense, a dict when sparse
-ChunkIndex: TypeAlias = "array[int] | dict[int, int]"
 # Sort key prefix of a pending record (after the digest): merged blob, chunk index.
 _ORDER = struct.Struct(">BI")
 _TAIL = struct.Struct("<IIIIQQQII")  # a record after its digest
@@ -52,36 +46,7 @@ class LayerSource:
             tbl[local + 1] = merged + 1
         # bytes.translate table for the device id byte of a chunk index entry
         self.dev_table = bytes(tbl)
-        self.records = self._load_records()
-
-    def _load_records(self) -> list[tuple[ChunkIndex, ChunkIndex]]:
-        """Per blob, by chunk index: the offset of its chunk-table record and that
-        record's block address (uncompressed offset / 4 KiB, -1 when unaligned); -1
-        or missing when there is no record. The first record of a chunk wins, as in
-        the reader."""
-        blobs = self.bs.blobs
-        ext = self.bs.ext_superblock
-        start = ext.chunk_table_offset
-        data = bytes(self.buf[start : start + ext.chunk_table_size])
-        rows = list(_CHUNK_KEY.iter_unpack(data))
-        nb = len(blobs)
-        limits = [b.chunk_count for b in blobs]
-        # An array per blob when it has about as many records as chunks (a layer's own
-        # blob); a dict for a blob the layer uses a few chunks of (a chunk dict's), so
-        # a large chunk_count costs nothing and a corrupt one cannot exhaust memory.
-        recs: list[ChunkIndex] = []
-        blks: list[ChunkIndex] = []
-        for n in limits:
-            dense = n <= 4 * len(rows) + 4096
-            recs.append(array("q", [-1]) * n if dense else {})
-            blks.append(array("q", [-1]) * n if dense else {})
-        # Backwards, so that the first record of a chunk is the one left (as in the reader).
-        for pos in range(len(rows) - 1, -1, -1):
-            b, uo, idx = rows[pos]
-            if b < nb and idx < limits[b]:
-                recs[b][idx] = start + pos * _REC
-                blks[b][idx] = -1 if uo & 0xFFF else uo >> 12
-        return list(zip(recs, blks))
+        self.chunks = self.bs.chunk_index()
 
 
 class ChunkTable:
@@ -98,7 +63,7 @@ class ChunkTable:
         ``array_off`` in ``src``'s bootstrap. InvalidArgument for a chunk without a
         chunk-table record, as the tree merge raises."""
         buf = src.buf
-        per_blob = src.records
+        records, u_offsets = src.chunks.records, src.chunks.u_offsets
         blob_map = src.blob_map
         seen = self._seen
         unpack_addr = _ADDR.unpack_from
@@ -106,11 +71,12 @@ class ChunkTable:
             lo, hi, blk = unpack_addr(buf, array_off + 8 * i)
             dev = hi & 0xFF
             ci = ((hi >> 8) << 16) | lo
-            try:
-                recs, blks = per_blob[dev - 1]
-                rec = recs[ci] if dev and blks[ci] == blk else -1
+            try:  # the reader's lookup, inlined: this runs once per chunk of the image
+                rec = records[dev - 1][ci] if dev and u_offsets[dev - 1][ci] == blk << 12 else -1
             except (IndexError, KeyError):  # no such index, or no record for it
                 rec = -1
+            if rec < 0 and dev:  # a chunk the table holds twice, at other offsets
+                rec = src.chunks.find(dev - 1, ci, blk << 12)
             if rec < 0:
                 raise InvalidArgument(f"chunk {ci} of blob {dev - 1} has no chunk record")
             # (blob, chunk index) names one chunk, so it stands for (digest, blob, index).

@@ -9,6 +9,7 @@ data from blob files; :func:`inspect_bootstrap`, :func:`check_image` and
 
 from pynydus.rafs.read.blobfiles import BlobFiles
 from pynydus.rafs.read.bootstrap import BlobInfo, Bootstrap, ChunkRead, DirEntry, FileChunk, Stat
+from pynydus.rafs.read.chunkindex import ChunkIndex
 from pynydus.rafs.read.inspect import describe, inspect_bootstrap
 from pynydus.rafs.read.open import bootstrap_from_bytes, open_bootstrap
 from pynydus.rafs.read.unpack import CheckReport, check_image, unpack_image
@@ -22,6 +23,7 @@ __all__ = [
     "BootstrapV5",
     "BootstrapV6",
     "CheckReport",
+    "ChunkIndex",
     "ChunkRead",
     "DirEntry",
     "FileChunk",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from pynydus.errors import InvalidArgument, NotFound
-from pynydus.rafs.format import Compressor, Digester, FileType, SuperFlags
+from pynydus.rafs.format import Compressor, Digester, FileType, RafsChunkInfo, SuperFlags
 from pynydus.rafs.format.layout import format_error
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
@@ -262,6 +262,12 @@ class Bootstrap:
     def chunks(self, ino: int) -> list[FileChunk]:
         """Chunks of regular file ``ino`` in file order ([] for other types or empty files)."""
         raise NotImplementedError
+
+    def chunk_record(self, blob_index: int, index: int) -> RafsChunkInfo | None:
+        """The bootstrap chunk-table record of chunk ``index`` of blob ``blob_index`` (the
+        first, if the table repeats it), or None: no such record, or no chunk table
+        (v5 keeps chunk records in its inodes only)."""
+        return None
 
     # -- common algorithms -------------------------------------------------------------
 

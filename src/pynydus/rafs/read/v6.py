@@ -8,13 +8,14 @@ Directories are EROFS dirent blocks whose names are sorted over the whole
 directory, so lookup is a binary search over blocks and then inside one block.
 Regular files carry an array of 8-byte chunk addresses (blob index + 1, chunk-info
 index, uncompressed block address); compressed locations and digests come from the
-bootstrap chunk table, indexed lazily on first use.
+bootstrap chunk table, indexed on first use (:mod:`pynydus.rafs.read.chunkindex`).
 """
 
 from __future__ import annotations
 
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
@@ -52,6 +53,7 @@ from pynydus.rafs.format.layout import (
     xattr_ibody_size,
 )
 from pynydus.rafs.read.bootstrap import Bootstrap, Buffer, DirEntry, FileChunk, Stat
+from pynydus.rafs.read.chunkindex import ChunkIndex
 from pynydus.rafs.read.v6headers import (
     check_ext,
     check_superblock,
@@ -63,8 +65,6 @@ from pynydus.rafs.read.v6headers import (
 _DIRENT = struct.Struct("<QHBx")
 _CHUNK_ADDR = struct.Struct("<HHI")
 _NAMEOFF = struct.Struct("<H")
-# blob_index, uncompressed_offset and index of an 80-byte chunk record, for the lazy index.
-_CHUNK_KEY = struct.Struct("<32xI12x8xQ8xI4x")
 
 
 class _Node:
@@ -149,7 +149,8 @@ class BootstrapV6(Bootstrap):
         root = self._node(sb.root_nid, "root nid", EROFS_SUPER_OFFSET + 14)
         if stat.S_IFMT(root.mode) != stat.S_IFDIR:
             raise format_error("root inode", root.off, f"mode 0o{root.mode:o} is not a directory")
-        self._chunk_index: dict[tuple[int, int, int], int] | None = None
+        self._chunk_index: ChunkIndex | None = None
+        self._chunk_index_lock = threading.Lock()
 
     # -- inodes ----------------------------------------------------------------------
 
@@ -473,8 +474,8 @@ class BootstrapV6(Bootstrap):
                 off + 4,
                 f"{u_off}+{u_size} beyond blob size {blob.uncompressed_size}",
             )
-        rec = self._chunk_record(blob.index, ci, u_off)
-        if rec is None:
+        rec_off = self.chunk_index().find(blob.index, ci, u_off)
+        if rec_off < 0:
             return FileChunk(
                 file_off,
                 blob.index,
@@ -488,7 +489,7 @@ class BootstrapV6(Bootstrap):
                 None,
                 blob.compressor,
             )
-        rec_off, info = rec
+        info = RafsChunkInfo.unpack(self._buf, rec_off)
         if info.uncompressed_size != u_size:
             raise format_error(
                 "chunk table uncompressed_size",
@@ -522,28 +523,25 @@ class BootstrapV6(Bootstrap):
             info.crc32,
         )
 
-    def _chunk_record(
-        self, blob_index: int, ci: int, u_off: int
-    ) -> tuple[int, RafsChunkInfo] | None:
-        """The bootstrap chunk-table record for a chunk, keyed like nydusd's chunk map."""
-        if self._chunk_index is None:
-            ext = self.ext_superblock
-            index: dict[tuple[int, int, int], int] = {}
-            if ext.chunk_table_size:
-                data = bytes(
-                    self._buf[
-                        ext.chunk_table_offset : ext.chunk_table_offset + ext.chunk_table_size
-                    ]
-                )
-                for pos, (b, uo, idx) in enumerate(_CHUNK_KEY.iter_unpack(data)):
-                    index.setdefault(
-                        (b, idx, uo), ext.chunk_table_offset + pos * RAFS_V6_CHUNK_INFO_SIZE
+    def chunk_index(self) -> ChunkIndex:
+        """The chunk table indexed by (blob index, chunk index), built on first use."""
+        index = self._chunk_index
+        if index is None:
+            with self._chunk_index_lock:
+                if self._chunk_index is None:
+                    ext = self.ext_superblock
+                    self._chunk_index = ChunkIndex(
+                        self._buf,
+                        ext.chunk_table_offset,
+                        ext.chunk_table_size,
+                        [b.chunk_count for b in self.blobs],
                     )
-            self._chunk_index = index
-        off = self._chunk_index.get((blob_index, ci, u_off))
-        if off is None:
-            return None
-        return off, RafsChunkInfo.unpack(self._buf, off)
+                index = self._chunk_index
+        return index
+
+    def chunk_record(self, blob_index: int, index: int) -> RafsChunkInfo | None:
+        off = self.chunk_index().find(blob_index, index)
+        return None if off < 0 else RafsChunkInfo.unpack(self._buf, off)
 
     def chunk_table(self) -> Iterator[RafsChunkInfo]:
         """All records of the bootstrap chunk table, in on-disk order."""

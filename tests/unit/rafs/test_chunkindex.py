@@ -1,0 +1,45 @@
+"""The reader's chunk-table index: (blob, chunk index) -> record, first record wins."""
+
+from pynydus.rafs.format import RafsChunkInfo
+from pynydus.rafs.read import ChunkIndex
+
+BASE = 4096  # where the table starts in the "bootstrap"
+
+
+def _table(*records: tuple[int, int, int]) -> bytes:
+    """A bootstrap whose chunk table at BASE holds (blob, index, uncompressed offset)s."""
+    return bytes(BASE) + b"".join(
+        RafsChunkInfo(digest=bytes([i]) * 32, blob_index=b, index=ci, uncompressed_offset=uo).pack()
+        for i, (b, ci, uo) in enumerate(records)
+    )
+
+
+def _at(pos: int) -> int:
+    return BASE + pos * RafsChunkInfo.SIZE
+
+
+def test_each_chunk_finds_its_record_in_dense_and_sparse_blobs() -> None:
+    buf = _table((0, 2, 8192), (1, 70_000, 0), (0, 0, 0))
+    index = ChunkIndex(buf, BASE, len(buf) - BASE, [3, 1_000_000])
+    assert index.find(0, 2) == _at(0) and index.find(0, 0) == _at(2)
+    assert index.find(1, 70_000) == _at(1)  # a big blob of a chunk dict: a dict, not an array
+    assert isinstance(index.records[1], dict)
+    assert index.find(0, 1) == -1 and index.find(1, 5) == -1
+    assert index.find(2, 0) == -1 and index.find(0, 3) == -1 and index.find(0, -1) == -1
+
+
+def test_the_first_record_of_a_chunk_wins_and_an_offset_selects_a_later_one() -> None:
+    buf = _table((0, 1, 4096), (0, 1, 4096), (0, 1, 8192), (0, 1, 8192))
+    index = ChunkIndex(buf, BASE, len(buf) - BASE, [2])
+    assert index.find(0, 1) == _at(0)
+    assert index.find(0, 1, 4096) == _at(0)
+    assert index.find(0, 1, 8192) == _at(2)  # the first record at that offset
+    assert index.find(0, 1, 12288) == -1
+
+
+def test_records_outside_the_blob_table_are_ignored() -> None:
+    buf = _table((5, 0, 0), (0, 9, 0), (0, 0, (1 << 64) - 1))
+    index = ChunkIndex(buf, BASE, len(buf) - BASE, [1])
+    assert index.find(5, 0) == -1 and index.find(0, 9) == -1
+    assert index.find(0, 0) == _at(2)  # an offset beyond int64 still names its record
+    assert index.find(0, 0, 0) == -1
