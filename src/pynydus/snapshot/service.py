@@ -114,7 +114,7 @@ class Snapshots:
 
     @_rpc
     def Commit(self, request: Any) -> Any:
-        self.sn.commit(request.name, request.key, dict(request.labels))
+        self.sn.commit(request.name, request.key, dict(request.labels), request.parent)
         return empty_pb2.Empty()
 
     @_rpc

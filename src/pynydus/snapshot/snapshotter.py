@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pynydus import labels as L
-from pynydus.errors import AlreadyExists, FailedPrecondition, NotFound, q
+from pynydus.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplementedFeature,
+    q,
+)
 from pynydus.host import checks
 from pynydus.host.diskusage import disk_usage
 from pynydus.host.mountinfo import mountpoints_under
@@ -181,13 +188,19 @@ class Snapshotter:
             return self._remote(target.snap, target.meta, target.labels)
         return self._mounts(target.snap, target.labels)
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None,
+               parent: str = "") -> None:
         """Commit active ``key`` as ``name``; its labels become ``labels`` (not inherited).
 
-        The usage of the upper directory is measured now and recorded.
+        The usage of the upper directory is measured now and recorded. ``parent``
+        (containerd 2.x, sent to snapshotters with the "rebase" capability) must be the
+        parent ``key`` already has: a different one is InvalidArgument, as in containerd;
+        a parent for a snapshot prepared without one (a rebase) is not implemented.
         """
         labels = dict(labels or {})
         L.validate(labels)
+        if parent:
+            self._check_commit_parent(key, parent)
         usage = Usage()
         try:
             snap = self.ms.get_snapshot(key)
@@ -208,6 +221,21 @@ class Snapshotter:
                                           daemon=True, name=f"mount-{sid}")
                 self._early.add(thread)
             thread.start()
+
+    def _check_commit_parent(self, key: str, parent: str) -> None:
+        # Rebase is not offered: an unpacker that prepares layers without their parents
+        # would hand us Nydus data layers to skip before the chain below them exists, and
+        # would apply whiteouts to a bind mount (containerd converts them to overlay
+        # whiteouts only for its own overlayfs). docs/decisions.md, "containerd 2.x".
+        current = self.ms.get_info(key)[1].parent
+        if current == parent:
+            return
+        if current:
+            raise InvalidArgument(f"cannot change parent of active snapshot {q(key)} on "
+                                  f"commit from {q(current)} to {q(parent)}")
+        raise NotImplementedFeature(
+            f"commit snapshot {q(key)} onto parent {q(parent)}: rebase is not supported; "
+            'do not declare the "rebase" capability for this proxy plugin')
 
     def _mount_early(self, sid: str, labels: Mapping[str, str]) -> None:
         assert self.fs is not None

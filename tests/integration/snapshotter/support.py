@@ -103,9 +103,11 @@ class SnapshotterClient:
         req = snapshots_pb2.MountsRequest(snapshotter=SNAPSHOTTER_NAME, key=key)
         return list(self.stub.Mounts(req, timeout=self.timeout).mounts)
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None,
+               parent: str = "") -> None:
         req = snapshots_pb2.CommitSnapshotRequest(
-            snapshotter=SNAPSHOTTER_NAME, name=name, key=key, labels=dict(labels or {})
+            snapshotter=SNAPSHOTTER_NAME, name=name, key=key, labels=dict(labels or {}),
+            parent=parent,
         )
         self.stub.Commit(req, timeout=self.timeout)
 

@@ -272,6 +272,31 @@ def test_commit_to_an_existing_name_is_already_exists(population, name):
     assert_consistent(population, POPULATION)
 
 
+@pytest.mark.parametrize("key, parent, code", [
+    ("a0", "c1", grpc.StatusCode.UNIMPLEMENTED),  # a rebase: containerd 2.x's "rebase" cap
+    ("a1", "c1", grpc.StatusCode.INVALID_ARGUMENT),  # a1 has parent c2: containerd refuses
+], ids=["rebase", "other-parent"])
+def test_commit_with_a_new_parent_is_refused(population, key, parent, code):
+    """containerd 2.x sends a parent with Commit to snapshotters that declare "rebase";
+    we do not (docs/decisions.md), so a parent other than the snapshot's own is refused
+    with nothing changed, never silently dropped."""
+    sn = _client(population)
+    before = snapshot_state(sn)
+    err = expect_code(code, sn.commit, "fresh-name", key, None, parent)
+    assert key in err.details() and parent in err.details()
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        assert "rebase" in err.details()
+    assert snapshot_state(sn) == before
+    assert_consistent(population, POPULATION)
+
+
+def test_commit_with_its_own_parent_commits(own_population):
+    sn = _client(own_population)
+    sn.commit("c3", "a1", {"k": "v"}, "c2")
+    info = sn.stat("c3")
+    assert info.parent == "c2" and dict(info.labels) == {"k": "v"}
+
+
 # --------------------------------------------------------------------------------------
 # filters
 
