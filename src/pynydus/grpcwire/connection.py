@@ -18,8 +18,21 @@ Theory of operation (bytes in, events and bytes out, as h11 does for HTTP/1.1):
   connection and stream windows and max frame size: what does not fit waits in the
   stream's queue and leaves with the WINDOW_UPDATE that makes room (``pending(sid)``
   says how much still waits, so a producer can hold back).
-* Inward flow control: we advertise large windows (a request may be 16 MiB) and give
-  credit back when half of a window is used, so clients never stall on us.
+* Inward flow control is enforced: DATA beyond a stream's window resets that stream,
+  beyond the connection's window ends the connection (FLOW_CONTROL_ERROR). Request bytes
+  are *held* from their arrival until their stream ends (answered, reset or cancelled),
+  and connection credit is given back only while the connection holds at most
+  ``Limits.max_held`` bytes and, for a connection holding more than one stream window,
+  while all connections together (``HoldBudget``) stay under their cap: a client that
+  sends bodies faster than its calls finish is slowed by flow control, not buffered.
+  Stream credit is given back as data arrives (a message may be 16 MiB).
+* Abuse that costs us work but no protocol error ends the connection with
+  ENHANCE_YOUR_CALM: more than ``Limits.max_continuations`` CONTINUATION frames in one
+  header block (empty ones grow nothing, so a size cap alone does not stop them), and
+  streams reset by the client before we answered them faster than we answer others
+  ("rapid reset": a score that each such reset raises and each answered call lowers).
+* Time is the caller's: ``expired(now, ...)`` names streams whose request body or whose
+  output has not moved for too long, and ``cancel(sid)`` resets one (RST_STREAM CANCEL).
 * Any violation of the protocol by the peer (bad preface, malformed frame, HPACK
   garbage, wrong stream ids) ends the connection: a GOAWAY with the error code is
   queued, ``closed`` becomes true and ``Terminated`` is returned. Nothing raises to
@@ -33,6 +46,7 @@ encoder state and the constant blocks are encoded once.
 from __future__ import annotations
 
 import struct
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -71,7 +85,31 @@ class Limits:
     max_message: int = 16 << 20  # as grpcio's grpc.max_receive_message_length before
     max_header_list: int = 64 << 10  # request headers are a few hundred bytes
     stream_window: int = 1 << 20  # a request rarely exceeds this: no WINDOW_UPDATE round trip
-    connection_window: int = 16 << 20
+    connection_window: int = 1 << 20  # what a client may send ahead of its calls finishing
+    # Request bytes one connection may hold (buffered or in calls not yet answered) and
+    # still get credit back: one message of the largest size fits.
+    max_held: int = (16 << 20) + (64 << 10)
+    max_continuations: int = 16  # a 64 KiB header list needs 4 frames of 16 KiB
+    max_reset_score: int = 200  # rapid reset: early client resets not offset by answers
+
+
+class HoldBudget:
+    """Request bytes held by all connections of a server; shared, so it locks.
+
+    Only a connection holding more than a stream window is slowed by it: one that sends
+    small calls always gets its credit back."""
+
+    def __init__(self, cap: int = 64 << 20) -> None:
+        self.cap = cap
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.held += n
+
+    def over(self) -> bool:
+        return self.held > self.cap
 
 
 @dataclass(frozen=True)
@@ -108,29 +146,37 @@ class ProtocolError(Exception):
 
 class _Stream:
     __slots__ = (
+        "answered",
         "body",
         "done",
+        "held",
         "out",
         "out_bytes",
         "path",
         "recv_unacked",
+        "recv_window",
         "remote_closed",
         "send_window",
         "sid",
+        "since",
         "timeout",
     )
 
-    def __init__(self, sid: int, send_window: int) -> None:
+    def __init__(self, sid: int, send_window: int, recv_window: int, now: float) -> None:
         self.sid = sid
         self.path = ""
         self.timeout: float | None = None
         self.body = bytearray()
         self.remote_closed = False
+        self.answered = False  # our response has started (a reset now is no early reset)
         self.send_window = send_window
+        self.recv_window = recv_window  # what the peer may still send on this stream
         self.recv_unacked = 0
+        self.held = 0  # request bytes of this stream counted in the connection's hold
         self.out: deque[tuple[int, bytes]] = deque()  # (_OUT_*, payload)
         self.out_bytes = 0
         self.done = False  # our END_STREAM is queued
+        self.since = now  # when its input or output last moved (for ``expired``)
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -172,8 +218,11 @@ def parse_timeout(value: bytes) -> float | None:
 class H2Connection:
     """The server side of one HTTP/2 connection. Not thread-safe: callers serialise."""
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = Limits(), budget: HoldBudget | None = None,
+                 now: float = 0.0) -> None:
         self.limits = limits
+        self.budget = budget
+        self.now = now  # the caller's clock, as of its last call (see ``expired``)
         self.closed = False
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -185,11 +234,15 @@ class H2Connection:
         self._waiting: dict[int, _Stream] = {}  # streams with queued output
         self._last_sid = 0
         self._going_away = False
-        self._cont: tuple[int, int, bytearray] | None = None  # (sid, flags, block) awaiting CONTINUATION
+        # (sid, flags, block, frames so far) of a header block awaiting CONTINUATION
+        self._cont: tuple[int, int, bytearray, int] | None = None
         self._send_window = _DEFAULT_WINDOW
         self._peer_initial_window = _DEFAULT_WINDOW
         self._peer_max_frame = _DEFAULT_FRAME
-        self._recv_unacked = 0
+        self._recv_window = max(limits.connection_window, _DEFAULT_WINDOW)  # peer may send
+        self._owed = 0  # connection credit not given back yet
+        self._held = 0  # request bytes of live streams
+        self._reset_score = 0
         settings = struct.pack(
             ">HLHLHLHL", S_ENABLE_PUSH, 0, S_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams,
             S_INITIAL_WINDOW_SIZE, limits.stream_window, S_MAX_HEADER_LIST_SIZE,
@@ -223,6 +276,49 @@ class H2Connection:
         """The stream still wants our response (not reset by the peer, connection up)."""
         return not self.closed and sid in self._streams
 
+    @property
+    def open_streams(self) -> int:
+        """Streams not finished: requests arriving, calls running, responses leaving."""
+        return len(self._streams)
+
+    @property
+    def output_waiting(self) -> bool:
+        """Some stream's response waits for flow-control credit."""
+        return bool(self._waiting)
+
+    @property
+    def established(self) -> bool:
+        """The client's preface and first SETTINGS have arrived."""
+        return self._settings_seen
+
+    @property
+    def held(self) -> int:
+        """Request bytes this connection holds (see the module docstring)."""
+        return self._held
+
+    def expired(self, now: float, body_timeout: float, stall_timeout: float) -> list[int]:
+        """Streams whose request body has not completed within ``body_timeout`` of its
+        last byte, or whose queued response has not moved for ``stall_timeout``."""
+        out = []
+        for st in self._streams.values():
+            if not st.remote_closed:
+                if now - st.since > body_timeout:
+                    out.append(st.sid)
+            elif st.out and now - st.since > stall_timeout:
+                out.append(st.sid)
+        return out
+
+    def cancel(self, sid: int) -> None:
+        """Give up on stream ``sid``: RST_STREAM CANCEL; its response, if any, is dropped."""
+        st = self._streams.get(sid)
+        if st is not None and not self.closed:
+            self._reset(st, CANCEL)
+
+    def poll_credit(self) -> None:
+        """Give back connection credit held back while the server held too much, if it
+        may be given now (call now and then: another connection's release does not)."""
+        self._credit()
+
     def pending(self, sid: int) -> int:
         """Bytes of DATA queued on ``sid`` waiting for flow-control credit (0 if gone)."""
         st = self._streams.get(sid)
@@ -230,6 +326,7 @@ class H2Connection:
 
     def respond(self, sid: int, message: bytes) -> None:
         """Unary success: headers, one message, OK trailers."""
+        self._reset_score = max(0, self._reset_score - 1)  # an answered call offsets a reset
         self.start(sid)
         self.send_message(sid, message)
         self.finish(sid, 0, "")
@@ -259,6 +356,9 @@ class H2Connection:
         st = self._streams.get(sid)
         if st is None or st.done or self.closed:
             return  # reset by the peer or connection gone: the response has no reader
+        st.answered = True
+        if not st.out:
+            st.since = self.now  # the stall clock runs from when output first waits
         st.out.append((kind, payload))
         if kind == _OUT_DATA:
             st.out_bytes += len(payload)
@@ -278,6 +378,7 @@ class H2Connection:
                 self._send_window -= n
                 st.send_window -= n
                 st.out_bytes -= n
+                st.since = self.now
                 if n < len(payload):
                     st.out[0] = (kind, payload[n:])
                     continue
@@ -304,11 +405,41 @@ class H2Connection:
     def _end_local(self, st: _Stream) -> None:
         del self._streams[st.sid]
         self._waiting.pop(st.sid, None)
+        self._release(st)
         if not st.remote_closed:  # answered before the request ended: tell the client to stop
             self._out.append(frame(RST_STREAM, 0, st.sid, struct.pack(">L", NO_ERROR)))
 
     def _window_update(self, sid: int, increment: int) -> None:
         self._out.append(frame(WINDOW_UPDATE, 0, sid, struct.pack(">L", increment)))
+
+    def _hold(self, st: _Stream | None, n: int) -> None:
+        if st is not None and n:
+            st.held += n
+            self._held += n
+            if self.budget is not None:
+                self.budget.add(n)
+
+    def _release(self, st: _Stream) -> None:
+        """The stream is over: its request bytes are no longer held."""
+        if st.held:
+            self._held -= st.held
+            if self.budget is not None:
+                self.budget.add(-st.held)
+            st.held = 0
+            self._credit()
+
+    def _credit(self) -> None:
+        """Give back connection credit if it is owed and may be given (module docstring)."""
+        if self._owed < self.limits.connection_window // 2 or self.closed:
+            return  # the client still has half its window: no need to write
+        if self._held > self.limits.max_held:
+            return
+        if (self.budget is not None and self._held > self.limits.stream_window
+                and self.budget.over()):
+            return
+        self._window_update(0, self._owed)
+        self._recv_window += self._owed
+        self._owed = 0
 
     # --- input -----------------------------------------------------------------
 
@@ -353,6 +484,8 @@ class H2Connection:
                                + reason.encode()[:256]))
         self.closed = True
         self._buf.clear()
+        for st in self._streams.values():
+            self._release(st)
         self._streams.clear()
         self._waiting.clear()
         events.append(Terminated(code, False, reason))
@@ -369,10 +502,14 @@ class H2Connection:
         elif ftype == CONTINUATION:
             if self._cont is None or self._cont[0] != sid:
                 raise ProtocolError(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            block = self._cont[2]
+            csid, cflags, block, count = self._cont
             block += payload
             if len(block) > 2 * self.limits.max_header_list:
                 raise ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
+            if count >= self.limits.max_continuations:
+                raise ProtocolError(ENHANCE_YOUR_CALM,
+                                    f"more than {count} CONTINUATION frames in a header block")
+            self._cont = (csid, cflags, block, count + 1)
             if flags & END_HEADERS:
                 first_flags = self._cont[1]
                 self._cont = None
@@ -394,7 +531,13 @@ class H2Connection:
             st = self._streams.pop(sid, None)
             self._waiting.pop(sid, None)
             if st is not None:
+                self._release(st)
                 events.append(StreamReset(sid, int.from_bytes(payload, "big")))
+                if not st.answered:
+                    self._reset_score += 1
+                    if self._reset_score > self.limits.max_reset_score:
+                        raise ProtocolError(ENHANCE_YOUR_CALM,
+                                            "too many streams reset before they were answered")
         elif ftype == GOAWAY:
             if sid != 0 or len(payload) < 8:
                 raise ProtocolError(PROTOCOL_ERROR, "bad GOAWAY")
@@ -464,6 +607,7 @@ class H2Connection:
         self._out.append(frame(RST_STREAM, 0, st.sid, struct.pack(">L", code)))
         self._streams.pop(st.sid, None)
         self._waiting.pop(st.sid, None)
+        self._release(st)
 
     def _strip_padding(self, flags: int, payload: bytes) -> bytes:
         if flags & PADDED:
@@ -475,19 +619,31 @@ class H2Connection:
     def _on_data(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
         if sid == 0:
             raise ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
-        self._recv_unacked += len(payload)  # padding counts against flow control too
-        if self._recv_unacked >= self.limits.connection_window // 2:
-            self._window_update(0, self._recv_unacked)
-            self._recv_unacked = 0
+        n = len(payload)  # padding counts against flow control too
+        if n > self._recv_window:
+            raise ProtocolError(FLOW_CONTROL_ERROR,
+                                f"DATA of {n} bytes beyond the connection window ({self._recv_window})")
+        self._recv_window -= n
+        self._owed += n
         data = self._strip_padding(flags, payload)
         st = self._streams.get(sid)
         if st is None:
             if sid > self._last_sid:
                 raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            self._credit()
             return  # late DATA for a stream we answered or reset
         if st.remote_closed:
             self._reset(st, STREAM_CLOSED)
+            self._credit()
             return
+        if n > st.recv_window:
+            self._reset(st, FLOW_CONTROL_ERROR)
+            self._credit()
+            return
+        st.recv_window -= n
+        st.since = self.now
+        self._hold(st, n)
+        self._credit()
         st.body += data
         declared = int.from_bytes(st.body[1:5], "big") if len(st.body) >= 5 else 0
         if max(declared, len(st.body) - 5) > self.limits.max_message:
@@ -500,9 +656,10 @@ class H2Connection:
             st.remote_closed = True
             self._request_complete(st, events)
             return
-        st.recv_unacked += len(payload)
+        st.recv_unacked += n
         if st.recv_unacked >= self.limits.stream_window // 2:
             self._window_update(sid, st.recv_unacked)
+            st.recv_window += st.recv_unacked
             st.recv_unacked = 0
 
     def _on_headers(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
@@ -516,7 +673,7 @@ class H2Connection:
         if flags & END_HEADERS:
             self._on_header_block(sid, flags, block, events)
         else:
-            self._cont = (sid, flags, bytearray(block))
+            self._cont = (sid, flags, bytearray(block), 0)
 
     def _on_header_block(self, sid: int, flags: int, block: bytes, events: list[Event]) -> None:
         # Decode first, whatever happens to the stream: the HPACK table is per connection.
@@ -531,7 +688,7 @@ class H2Connection:
         if sid % 2 == 0 or sid <= self._last_sid:
             raise ProtocolError(PROTOCOL_ERROR, f"HEADERS on stream {sid} (not a new odd id)")
         self._last_sid = sid
-        st = _Stream(sid, self._peer_initial_window)
+        st = _Stream(sid, self._peer_initial_window, self.limits.stream_window, self.now)
         if self._going_away or len(self._streams) >= self.limits.max_concurrent_streams:
             self._out.append(frame(RST_STREAM, 0, sid, struct.pack(">L", REFUSED_STREAM)))
             return

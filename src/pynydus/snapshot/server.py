@@ -7,14 +7,14 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from pynydus import __version__
 from pynydus.config import SnapshotterConfig, load_config
-from pynydus.errors import HostCheckError
+from pynydus.errors import HostCheckError, Unavailable
 from pynydus.grpcwire import server as h2server
 from pynydus.host import checks
 from pynydus.host.exclusive import SocketClaim, claim_socket, lock_root
@@ -91,11 +91,14 @@ def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
 
 
 def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, uid: int = 0,
-          gid: int = 0, server: str | None = None) -> Any:
+          gid: int = 0, server: str | None = None,
+          on_fatal: Callable[[BaseException], None] | None = None) -> Any:
     """Start serving on unix socket ``address``, which ``claim_socket`` has made free.
 
     ``server`` (default: $PYNYDUS_SNAPSHOTS_SERVER, else "h2") picks the implementation;
     both return an object whose ``stop(grace)`` returns an event set once stopped.
+    ``on_fatal`` is called if our server can no longer serve. Unavailable if its threads
+    cannot be started (a pids limit).
     """
     kind = server or os.environ.get(SERVER_ENV) or "h2"
     if kind not in ("h2", "grpcio"):
@@ -103,8 +106,13 @@ def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, ui
     path = Path(address)
     core = Snapshots(snapshotter)
     if kind == "h2":
-        return h2server.serve(core.methods(), path, workers=workers, uid=uid, gid=gid,
-                              inline=core.inline)
+        try:
+            return h2server.serve(core.methods(), path, workers=workers, uid=uid, gid=gid,
+                                  inline=core.inline, on_fatal=on_fatal)
+        except RuntimeError as err:  # "can't start new thread"
+            path.unlink(missing_ok=True)
+            raise Unavailable(f"cannot start the server's {workers} threads: {err} (is the "
+                              f"process at a pids, TasksMax or memory limit?)") from err
     log.info("snapshots service on grpcio (%s=grpcio)", SERVER_ENV)
     return grpcio_server(core, path, workers=workers, uid=uid, gid=gid)
 
@@ -133,7 +141,18 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
         if fs is not None:
             fs.close()
         raise
-    server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def on_fatal(err: BaseException) -> None:
+        failed.append(err)  # the server cannot serve: stop and exit non-zero, so that a
+        stop.set()  # supervisor restarts us instead of keeping a process that answers nothing
+
+    try:
+        server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid, on_fatal=on_fatal)
+    except BaseException:
+        snapshotter.close()
+        raise
     claim = SocketClaim.of(Path(cfg.address))
     metrics_server = None
     if cfg.metrics.address:
@@ -143,8 +162,6 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
             metrics.register_daemons(fs.metrics_snapshot)
         metrics_server = metrics.serve_metrics(cfg.metrics.address)
     log.info("pynydus %s snapshotter serving on %s (root %s)", __version__, cfg.address, cfg.root)
-
-    stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
@@ -163,5 +180,8 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     snapshotter.close()
     claim.release()
     root_lock.release()
+    if failed:
+        log.error("stopped: the server failed (%r)", failed[0])
+        return 1
     log.info("stopped")
     return 0

@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pynydus.grpcwire import connection as w
-from pynydus.grpcwire.connection import H2Connection, Limits, Request, StreamReset, Terminated
+from pynydus.grpcwire.connection import (
+    H2Connection,
+    HoldBudget,
+    Limits,
+    Request,
+    StreamReset,
+    Terminated,
+)
 from tests.integration.snapshotter.h2peer import STAT, Peer
 
 
@@ -275,3 +282,123 @@ def test_deferred_ping_ack_leaves_first_with_the_next_response() -> None:
     frames = Peer.frames(conn.data_to_send(defer_pings=True))
     assert frames[0] == (w.PING, w.ACK, 0, b"12345678") and not conn.pings_waiting
     assert peer.response(b"".join(w.frame(*f) for f in frames), 1)[0]["grpc-status"] == "0"
+
+
+# --- abuse: flow control enforced, held bytes bounded, floods ended ------------------------
+
+def _goaway_code(data: bytes) -> int | None:
+    for t, _, _, p in Peer.frames(data):
+        if t == w.GOAWAY:
+            return int.from_bytes(p[4:8], "big")
+    return None
+
+
+def _credit(data: bytes, sid: int = 0) -> int:
+    return sum(int.from_bytes(p, "big") for t, _, s, p in Peer.frames(data)
+               if t == w.WINDOW_UPDATE and s == sid)
+
+
+def test_data_beyond_the_connection_window_ends_the_connection() -> None:
+    limits = Limits(connection_window=1 << 16, stream_window=1 << 20, max_held=1000)
+    peer, conn = Peer(), connected(limits)
+    conn.receive(w.frame(w.HEADERS, w.END_HEADERS, 1, peer.headers()))
+    chunk = bytes(16_000)
+    for _ in range(4):  # 64,000 bytes: within 65,536 (no credit back: it holds too much)
+        assert not conn.receive(w.frame(w.DATA, 0, 1, chunk))
+    assert _credit(conn.data_to_send()) == 0
+    events = conn.receive(w.frame(w.DATA, 0, 1, chunk))
+    assert isinstance(events[-1], Terminated) and conn.closed
+    assert _goaway_code(conn.data_to_send()) == w.FLOW_CONTROL_ERROR
+
+
+def test_data_beyond_a_stream_window_resets_that_stream_only() -> None:
+    limits = Limits(stream_window=10_000)
+    peer, conn = Peer(), connected(limits)
+    conn.receive(w.frame(w.HEADERS, w.END_HEADERS, 1, peer.headers()))
+    conn.receive(w.frame(w.DATA, 0, 1, bytes(12_000)))
+    frames = Peer.frames(conn.data_to_send())
+    assert (w.RST_STREAM, 0, 1, struct.pack(">L", w.FLOW_CONTROL_ERROR)) in frames
+    assert not conn.closed
+    assert conn.receive(peer.request(3, b"k")) == [Request(3, STAT, b"k", None)]
+
+
+def test_credit_stops_while_the_connection_holds_too_much_and_resumes_when_calls_end() -> None:
+    """Bodies of unanswered calls are held: past ``max_held`` the client gets no more
+    connection credit (it must wait), and credit comes back as the calls are answered."""
+    limits = Limits(connection_window=1 << 16, stream_window=1 << 20, max_held=100_000)
+    peer, conn = Peer(), connected(limits)
+    sent = credited = 0
+    window = 1 << 16
+    sid = 1
+    while sid < 40:  # each stream: a 30,000-byte message, whole
+        body = peer.body(bytes(30_000))
+        if len(body) > window - sent + credited:
+            break  # the client may not send: out of connection credit
+        conn.receive(w.frame(w.HEADERS, w.END_HEADERS, sid, peer.headers())
+                     + w.frame(w.DATA, 0, sid, body[:16_000])
+                     + w.frame(w.DATA, w.END_STREAM, sid, body[16_000:]))
+        sent += len(body)
+        credited += _credit(conn.data_to_send())
+        sid += 2
+    assert conn.held <= limits.max_held + (1 << 16)
+    assert sid < 40, "the client was never held back"
+    for done in range(1, sid, 2):
+        conn.respond(done, b"ok")
+    assert _credit(conn.data_to_send()) > 0 and conn.held == 0
+
+
+def test_a_budget_slows_only_connections_that_hold_a_lot() -> None:
+    budget = HoldBudget(cap=10)
+    budget.add(100)  # other connections hold more than the cap
+    limits = Limits(connection_window=1 << 16, stream_window=1 << 14)
+    peer = Peer()
+    small = H2Connection(limits, budget)
+    small.receive(w.PREFACE + w.frame(w.SETTINGS, 0, 0))
+    small.data_to_send()
+    for sid in range(1, 41, 2):  # many small calls, answered: credit keeps coming
+        small.receive(peer.request(sid, bytes(3000)))
+        small.respond(sid, b"")
+    assert _credit(small.data_to_send()) > 0
+
+
+def test_empty_continuation_frames_without_end_are_cut_off() -> None:
+    peer, conn = Peer(), connected()
+    flood = w.frame(w.HEADERS, 0, 1, peer.headers()[:5]) + w.frame(w.CONTINUATION, 0, 1) * 100
+    events = conn.receive(flood)
+    assert isinstance(events[-1], Terminated) and conn.closed
+    assert _goaway_code(conn.data_to_send()) == w.ENHANCE_YOUR_CALM
+
+
+def test_rapid_reset_ends_the_connection_but_answered_calls_offset_resets() -> None:
+    peer, conn = Peer(), connected()
+    sid = 1
+    for _ in range(150):  # a client that cancels now and then, among answered calls
+        conn.receive(peer.request(sid, b"k") + w.frame(w.RST_STREAM, 0, sid, struct.pack(">L", 8)))
+        conn.receive(peer.request(sid + 2, b"k"))
+        conn.respond(sid + 2, b"")
+        sid += 4
+    assert not conn.closed
+    flood = b"".join(peer.request(s, b"k") + w.frame(w.RST_STREAM, 0, s, struct.pack(">L", 8))
+                     for s in range(sid, sid + 2 * 300, 2))
+    events = conn.receive(flood)
+    assert isinstance(events[-1], Terminated) and conn.closed
+    assert _goaway_code(conn.data_to_send()) == w.ENHANCE_YOUR_CALM
+
+
+def test_expired_names_stalled_bodies_and_stalled_responses_and_cancel_resets() -> None:
+    peer, conn = Peer(), connected()
+    conn.now = 100.0
+    conn.receive(w.frame(w.HEADERS, w.END_HEADERS, 1, peer.headers()))  # body never ends
+    conn.receive(w.frame(w.WINDOW_UPDATE, 0, 0, struct.pack(">L", 1)))
+    conn.receive(w.frame(w.SETTINGS, 0, 0, struct.pack(">HL", w.S_INITIAL_WINDOW_SIZE, 0))
+                 + peer.request(3, b"k"))
+    conn.respond(3, b"answer")  # no stream credit: waits
+    assert conn.output_waiting and conn.expired(105.0, 10.0, 10.0) == []
+    assert sorted(conn.expired(111.0, 10.0, 10.0)) == [1, 3]
+    conn.data_to_send()
+    conn.cancel(3)
+    conn.cancel(1)
+    frames = Peer.frames(conn.data_to_send())
+    assert {(s, p) for t, _, s, p in frames if t == w.RST_STREAM} == {
+        (1, struct.pack(">L", w.CANCEL)), (3, struct.pack(">L", w.CANCEL))}
+    assert conn.open_streams == 0 and not conn.output_waiting and conn.held == 0
