@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -56,9 +57,9 @@ import grpc
 from pynydus.api import snapshots_pb2 as pb
 from pynydus.api import snapshots_pb2_grpc
 from pynydus.snapshot.server import SERVER_ENV
-from tests.harness.containerd import Containerd
+from tests.harness.containerd import VERSIONS, Containerd, binaries
 from tests.harness.snapshotter import Snapshotter
-from tests.harness.util import wait_until
+from tests.harness.util import HarnessError, Proc, remove_tree, unmount_under, wait_until
 
 # containerd removes backend snapshots in its garbage collector, which by default may use
 # only 2% of the time (pause_threshold 0.02): after 10,000 removals it would take many
@@ -222,13 +223,70 @@ def start_peers(stack: contextlib.ExitStack, peers: list[str], log_level: str,
                 continue
             sg = stack.enter_context(Stargz(plain_http=[]))
             out["stargz"] = (sg.socket, sg.proc.pid if sg.proc and sg.proc.popen else 0)
+        elif peer == "nydus-snapshotter":
+            ns = stack.enter_context(UpstreamNydus(log_level))
+            out["nydus-go"] = (ns.socket, ns.proc.pid if ns.proc and ns.proc.popen else 0)
         else:
-            raise SystemExit(f"--peers: unknown peer {peer!r} (grpcio, stargz)")
+            raise SystemExit(f"--peers: unknown peer {peer!r} (grpcio, stargz, nydus-snapshotter)")
     return out
 
 
-def machine() -> str:
-    ctrd = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=False).stdout
+class UpstreamNydus:
+    """Upstream's Go snapshotter, ``containerd-nydus-grpc`` (the ``nydus-snapshotter`` peer
+    of ``scripts/peers.sh``), with upstream's daemon ``nydusd`` (the ``nydus-rs`` peer):
+    the same program we reimplement, as a proxy plugin ``nydus-go``. For plain snapshots
+    it never starts a daemon; the system controller, metrics and cgroups are off."""
+
+    def __init__(self, log_level: str) -> None:
+        from tests.harness.peers import peer_bin
+        from tests.harness.util import make_workdir
+
+        self.bin = peer_bin("nydus-snapshotter", "containerd-nydus-grpc")
+        self.nydusd = peer_bin("nydus-rs", "nydusd")
+        self.workdir = make_workdir("bench-gonydus")
+        self.root = self.workdir / "root"
+        self.socket = self.workdir / "s.sock"
+        self.log_level = "warn" if log_level == "warning" else log_level
+        self.proc: Proc | None = None
+
+    def __enter__(self) -> Self:
+        daemon_cfg = self.workdir / "nydusd.json"
+        daemon_cfg.write_text(json.dumps({
+            "device": {"backend": {"type": "registry", "config": {}},
+                       "cache": {"type": "blobcache", "config": {"work_dir": "cache"}}},
+            "mode": "direct", "digest_validate": False, "enable_xattr": True}))
+        config = self.workdir / "config.toml"
+        config.write_text(
+            f'version = 1\nroot = "{self.root}"\naddress = "{self.socket}"\n'
+            'daemon_mode = "dedicated"\n'
+            "[system]\nenable = false\n"
+            f'[daemon]\nnydusd_path = "{self.nydusd}"\nnydusd_config = "{daemon_cfg}"\n'
+            'fs_driver = "fusedev"\nrecover_policy = "restart"\n'
+            "[cgroup]\nenable = false\n"
+            f'[log]\nlog_to_stdout = true\nlevel = "{self.log_level}"\n'
+            '[metrics]\naddress = ""\n')
+        self.proc = Proc("nydus-go", [str(self.bin), "--config", str(config)],
+                         self.workdir, self.workdir / "nydus-go.log")
+        self.proc.start()
+
+        def up() -> bool:
+            if self.proc is not None and not self.proc.running():
+                raise HarnessError(f"containerd-nydus-grpc exited:\n{self.proc.log_tail()}")
+            return self.socket.exists()
+
+        wait_until(up, 30, "containerd-nydus-grpc socket")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=20)
+        unmount_under(self.workdir)
+        remove_tree(self.workdir)
+
+
+def machine(containerd_bin: str = "containerd") -> str:
+    ctrd = subprocess.run([containerd_bin, "--version"], capture_output=True, text=True,
+                          check=False).stdout
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, check=False).stdout.strip()
@@ -260,7 +318,12 @@ def main() -> int:
     ap.add_argument("--peers", default="",
                     help="comma list of further proxy snapshotters measured in the same run: "
                          "grpcio (pynydus on grpcio's server, plugin nydus-grpcio), stargz "
-                         "(the Go stargz snapshotter built by bench/stargz/build.sh)")
+                         "(the Go stargz snapshotter built by bench/stargz/build.sh), "
+                         "nydus-snapshotter (upstream's containerd-nydus-grpc, plugin "
+                         "nydus-go; scripts/peers.sh nydus-snapshotter nydus-rs)")
+    ap.add_argument("--containerd", choices=VERSIONS, default="1.6",
+                    help="containerd to proxy through: Debian's 1.6 or the containerd2 peer "
+                         "(scripts/peers.sh containerd2)")
     ap.add_argument("--snapshotter-log-level", default="info")
     ap.add_argument("--json", type=Path, default=None, help="write all figures here")
     a = ap.parse_args()
@@ -277,7 +340,8 @@ def main() -> int:
         print(msg, file=sys.stderr, flush=True)
 
     cmd = "bench/snapshotter_ops.py " + " ".join(sys.argv[1:])
-    result: dict[str, object] = {"command": cmd.strip(), "machine": machine(),
+    result: dict[str, object] = {"command": cmd.strip(),
+                                 "machine": machine(binaries(a.containerd)[0]),
                                  "iterations": iters, "warmup": warm, "list_count": list_n,
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     # "direct" gets its own snapshotter instance: containerd's garbage collector removes
@@ -290,7 +354,7 @@ def main() -> int:
         peer_sockets = start_peers(stack, peers, a.snapshotter_log_level, log)
         peer_toml = "".join(f'\n[proxy_plugins.{name}]\n  type = "snapshot"\n'
                             f'  address = "{sock}"\n' for name, (sock, _) in peer_sockets.items())
-        ctrd = stack.enter_context(Containerd(snap.socket, log_level="warn",
+        ctrd = stack.enter_context(Containerd(snap.socket, log_level="warn", version=a.containerd,
                                               extra_toml=GC_TOML + peer_toml, tag="bench-ctrd"))
         mem: dict[str, dict[str, int]] = {"fresh": settle(snap, 1.0)}
         peer_mem = {name: {"fresh": rss(pid)} for name, (_, pid) in peer_sockets.items() if pid}
