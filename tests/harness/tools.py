@@ -41,6 +41,7 @@ TOOLS: dict[str, str] = {
     "htpasswd": "apache2-utils",
     "gzip": "gzip",
     "tar": "tar",
+    "systemd-analyze": "systemd",
 }
 
 SETUP_SH = REPO / "scripts" / "setup.sh"

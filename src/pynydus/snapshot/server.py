@@ -16,7 +16,7 @@ from pynydus import __version__
 from pynydus.config import SnapshotterConfig, load_config
 from pynydus.errors import HostCheckError, Unavailable
 from pynydus.grpcwire import server as h2server
-from pynydus.host import checks
+from pynydus.host import checks, systemd
 from pynydus.host.exclusive import SocketClaim, claim_socket, lock_root
 from pynydus.logs import LEVELS, RotatingLog
 from pynydus.manager.filesystem import NydusFilesystem
@@ -162,12 +162,14 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
             metrics.register_daemons(fs.metrics_snapshot)
         metrics_server = metrics.serve_metrics(cfg.metrics.address)
     log.info("pynydus %s snapshotter serving on %s (root %s)", __version__, cfg.address, cfg.root)
+    systemd.notify("READY=1", f"STATUS=serving on {cfg.address}", f"MAINPID={os.getpid()}")
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             log.warning("second signal %d: exiting now", signum)
             os._exit(1)
         log.info("signal %d: stopping, letting in-flight calls finish", signum)
+        systemd.notify("STOPPING=1", "STATUS=stopping: letting in-flight calls finish")
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
