@@ -74,6 +74,13 @@ _DEFAULT_FRAME = 16_384
 _FRAME_HEAD = struct.Struct(">BHBBL")  # 24-bit length written as a byte and a short
 
 _OUT_HEADERS, _OUT_DATA, _OUT_TRAILERS = range(3)  # what a stream's output queue holds
+# How a stream we no longer track was closed (RFC 9113 5.1 treats late frames by it).
+_PEER_ENDED, _WE_RESET, _PEER_RESET = range(3)
+_CLOSED_KEPT = 512  # closed streams remembered, newest
+_SELF_DEPENDENT = 0x100  # not a wire flag: a HEADERS block whose priority names itself
+# RFC 9113 8.2.2: connection-specific fields are malformed in HTTP/2.
+_CONNECTION_FIELDS = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                      b"upgrade"}
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
@@ -148,6 +155,7 @@ class _Stream:
     __slots__ = (
         "answered",
         "body",
+        "content_length",
         "done",
         "held",
         "out",
@@ -167,6 +175,7 @@ class _Stream:
         self.path = ""
         self.timeout: float | None = None
         self.body = bytearray()
+        self.content_length: int | None = None
         self.remote_closed = False
         self.answered = False  # our response has started (a reset now is no early reset)
         self.send_window = send_window
@@ -243,6 +252,7 @@ class H2Connection:
         self._owed = 0  # connection credit not given back yet
         self._held = 0  # request bytes of live streams
         self._reset_score = 0
+        self._closed: dict[int, int] = {}  # sid -> _PEER_ENDED/_WE_RESET/_PEER_RESET
         settings = struct.pack(
             ">HLHLHLHL", S_ENABLE_PUSH, 0, S_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams,
             S_INITIAL_WINDOW_SIZE, limits.stream_window, S_MAX_HEADER_LIST_SIZE,
@@ -406,11 +416,17 @@ class H2Connection:
         del self._streams[st.sid]
         self._waiting.pop(st.sid, None)
         self._release(st)
+        self._forget(st.sid, _PEER_ENDED if st.remote_closed else _WE_RESET)
         if not st.remote_closed:  # answered before the request ended: tell the client to stop
             self._out.append(frame(RST_STREAM, 0, st.sid, struct.pack(">L", NO_ERROR)))
 
     def _window_update(self, sid: int, increment: int) -> None:
         self._out.append(frame(WINDOW_UPDATE, 0, sid, struct.pack(">L", increment)))
+
+    def _forget(self, sid: int, how: int) -> None:
+        self._closed[sid] = how
+        if len(self._closed) > _CLOSED_KEPT:
+            del self._closed[next(iter(self._closed))]
 
     def _hold(self, st: _Stream | None, n: int) -> None:
         if st is not None and n:
@@ -532,6 +548,7 @@ class H2Connection:
             self._waiting.pop(sid, None)
             if st is not None:
                 self._release(st)
+                self._forget(sid, _PEER_RESET)
                 events.append(StreamReset(sid, int.from_bytes(payload, "big")))
                 if not st.answered:
                     self._reset_score += 1
@@ -546,6 +563,8 @@ class H2Connection:
         elif ftype == PRIORITY:
             if sid == 0 or len(payload) != 5:
                 raise ProtocolError(PROTOCOL_ERROR if not sid else FRAME_SIZE_ERROR, "bad PRIORITY")
+            if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
+                self._stream_error(sid, PROTOCOL_ERROR)  # a stream cannot depend on itself
         elif ftype == PUSH_PROMISE:
             raise ProtocolError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # other frame types are extensions: ignored, as RFC 9113 requires
@@ -592,6 +611,8 @@ class H2Connection:
             return
         st = self._streams.get(sid)
         if st is None:
+            if sid > self._last_sid:
+                raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
             return  # a stream we already finished or reset
         if inc == 0 or st.send_window + inc > _MAX_WINDOW:
             self._reset(st, PROTOCOL_ERROR if inc == 0 else FLOW_CONTROL_ERROR)
@@ -608,6 +629,16 @@ class H2Connection:
         self._streams.pop(st.sid, None)
         self._waiting.pop(st.sid, None)
         self._release(st)
+        self._forget(st.sid, _WE_RESET)
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        """RST_STREAM ``code`` on ``sid``, tracked or not."""
+        st = self._streams.get(sid)
+        if st is not None:
+            self._reset(st, code)
+        else:
+            self._out.append(frame(RST_STREAM, 0, sid, struct.pack(">L", code)))
+            self._forget(sid, _WE_RESET)
 
     def _strip_padding(self, flags: int, payload: bytes) -> bytes:
         if flags & PADDED:
@@ -631,7 +662,12 @@ class H2Connection:
             if sid > self._last_sid:
                 raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             self._credit()
-            return  # late DATA for a stream we answered or reset
+            how = self._closed.get(sid)
+            if how == _PEER_ENDED:  # the client ended it, then sent more: RFC 9113 5.1
+                raise ProtocolError(STREAM_CLOSED, f"DATA on closed stream {sid}")
+            if how == _PEER_RESET:
+                self._stream_error(sid, STREAM_CLOSED)
+            return  # late DATA for a stream we answered early or reset: ignored
         if st.remote_closed:
             self._reset(st, STREAM_CLOSED)
             self._credit()
@@ -645,6 +681,9 @@ class H2Connection:
         self._hold(st, n)
         self._credit()
         st.body += data
+        if st.content_length is not None and len(st.body) > st.content_length:
+            self._reset(st, PROTOCOL_ERROR)  # more than content-length said: malformed
+            return
         declared = int.from_bytes(st.body[1:5], "big") if len(st.body) >= 5 else 0
         if max(declared, len(st.body) - 5) > self.limits.max_message:
             # Answered at once (the stream is then closed, with RST_STREAM NO_ERROR):
@@ -669,6 +708,8 @@ class H2Connection:
         if flags & PRIORITY_FLAG:
             if len(block) < 5:
                 raise ProtocolError(FRAME_SIZE_ERROR, "HEADERS priority fields missing")
+            if int.from_bytes(block[:4], "big") & 0x7FFFFFFF == sid:
+                flags |= _SELF_DEPENDENT
             block = block[5:]
         if flags & END_HEADERS:
             self._on_header_block(sid, flags, block, events)
@@ -683,6 +724,9 @@ class H2Connection:
             if st.remote_closed or not flags & END_STREAM:
                 raise ProtocolError(PROTOCOL_ERROR, f"second HEADERS on stream {sid}")
             st.remote_closed = True
+            if any(name[:1] == b":" for name, _ in headers):
+                self._reset(st, PROTOCOL_ERROR)  # pseudo-headers in trailers: malformed
+                return
             self._request_complete(st, events)
             return
         if sid % 2 == 0 or sid <= self._last_sid:
@@ -693,19 +737,49 @@ class H2Connection:
             self._out.append(frame(RST_STREAM, 0, sid, struct.pack(">L", REFUSED_STREAM)))
             return
         self._streams[sid] = st
-        for name, value in headers:
-            if name == b":path":
-                st.path = value.decode("utf-8", "replace")
-            elif name == b"grpc-timeout":
-                st.timeout = parse_timeout(value)
-        if not st.path:
-            self._reset(st, PROTOCOL_ERROR)
+        if flags & _SELF_DEPENDENT or not self._request_headers(st, headers):
+            self._reset(st, PROTOCOL_ERROR)  # a malformed request: RFC 9113 8.1.1
             return
         if flags & END_STREAM:
             st.remote_closed = True
             self._request_complete(st, events)
 
+    @staticmethod
+    def _request_headers(st: _Stream, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Take ``:path``, ``grpc-timeout`` and ``content-length`` into ``st``; False for a
+        malformed request (RFC 9113 8.2-8.3: field names lowercase, the request
+        pseudo-headers once each and first, no connection-specific fields, te only
+        "trailers")."""
+        seen = 0  # pseudo-headers met, as bits
+        regular = False
+        for name, value in headers:
+            if name[:1] == b":":
+                bit = 1 if name == b":path" else 2 if name == b":method" else \
+                    4 if name == b":scheme" else 8 if name == b":authority" else 0
+                if regular or not bit or seen & bit:
+                    return False  # after a field, unknown, a response's, or repeated
+                seen |= bit
+                if bit == 1:
+                    st.path = value.decode("utf-8", "replace")
+                continue
+            regular = True
+            if name == b"grpc-timeout":
+                st.timeout = parse_timeout(value)
+            elif name == b"te":
+                if value != b"trailers":
+                    return False
+            elif name == b"content-length":
+                if not value.isdigit():
+                    return False
+                st.content_length = int(value)
+            elif name in _CONNECTION_FIELDS or name != name.lower():
+                return False
+        return seen & 7 == 7 and bool(st.path)  # :path (not empty), :method, :scheme
+
     def _request_complete(self, st: _Stream, events: list[Event]) -> None:
+        if st.content_length is not None and st.content_length != len(st.body):
+            self._reset(st, PROTOCOL_ERROR)  # RFC 9113 8.1.1: content-length must match
+            return
         body = st.body
         st.body = bytearray()
         if len(body) >= 5 and body[0] != 0:

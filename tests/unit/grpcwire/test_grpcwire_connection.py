@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -402,3 +403,63 @@ def test_expired_names_stalled_bodies_and_stalled_responses_and_cancel_resets() 
     assert {(s, p) for t, _, s, p in frames if t == w.RST_STREAM} == {
         (1, struct.pack(">L", w.CANCEL)), (3, struct.pack(">L", w.CANCEL))}
     assert conn.open_streams == 0 and not conn.output_waiting and conn.held == 0
+
+
+# --- RFC 9113 rules h2spec checks --------------------------------------------------------
+
+def _rst(data: bytes, sid: int) -> int | None:
+    for t, _, s, p in Peer.frames(data):
+        if t == w.RST_STREAM and s == sid:
+            return int.from_bytes(p, "big")
+    return None
+
+
+@pytest.mark.parametrize("fields", [
+    [(":method", "POST"), (":scheme", "http"), (":path", STAT), ("Content-Type", "x")],
+    [(":method", "POST"), (":scheme", "http"), (":path", STAT), (":status", "200")],
+    [(":method", "POST"), ("te", "trailers"), (":scheme", "http"), (":path", STAT)],
+    [(":method", "POST"), (":method", "POST"), (":scheme", "http"), (":path", STAT)],
+    [(":scheme", "http"), (":path", STAT)],
+    [(":method", "POST"), (":scheme", "http"), (":path", STAT), ("connection", "close")],
+    [(":method", "POST"), (":scheme", "http"), (":path", STAT), ("te", "gzip")],
+])
+def test_malformed_request_headers_reset_the_stream(fields: list[tuple[str, str]]) -> None:
+    peer, conn = Peer(), connected()
+    block = peer.enc.encode(fields)
+    events = conn.receive(w.frame(w.HEADERS, w.END_HEADERS | w.END_STREAM, 1, block))
+    assert events == [] and _rst(conn.data_to_send(), 1) == w.PROTOCOL_ERROR
+    assert conn.receive(peer.request(3, b"k")) == [Request(3, STAT, b"k", None)]
+
+
+def test_content_length_must_match_the_body() -> None:
+    peer, conn = Peer(), connected()
+    block = peer.headers(extra=[("content-length", "3")])
+    conn.receive(w.frame(w.HEADERS, w.END_HEADERS, 1, block) + w.frame(w.DATA, 0, 1, b"test"))
+    assert _rst(conn.data_to_send(), 1) == w.PROTOCOL_ERROR
+    body = peer.body(b"k")
+    ok = peer.headers(extra=[("content-length", str(len(body)))])
+    assert conn.receive(w.frame(w.HEADERS, w.END_HEADERS, 3, ok)
+                        + w.frame(w.DATA, w.END_STREAM, 3, body)) == [Request(3, STAT, b"k", None)]
+
+
+def test_a_stream_depending_on_itself_is_a_stream_error() -> None:
+    peer, conn = Peer(), connected()
+    conn.receive(w.frame(w.PRIORITY, 0, 1, struct.pack(">LB", 1, 16)))
+    assert _rst(conn.data_to_send(), 1) == w.PROTOCOL_ERROR and not conn.closed
+    block = struct.pack(">LB", 3, 16) + peer.headers()
+    conn.receive(w.frame(w.HEADERS, w.END_HEADERS | w.END_STREAM | w.PRIORITY_FLAG, 3, block))
+    assert _rst(conn.data_to_send(), 3) == w.PROTOCOL_ERROR and not conn.closed
+
+
+def test_frames_on_closed_and_idle_streams() -> None:
+    peer, conn = Peer(), connected()
+    conn.receive(peer.request(1, b"k"))
+    conn.respond(1, b"")  # closed: the client ended it and we answered
+    conn.data_to_send()
+    conn.receive(w.frame(w.WINDOW_UPDATE, 0, 1, struct.pack(">L", 1)))  # allowed late
+    assert not conn.closed
+    events = conn.receive(w.frame(w.DATA, 0, 1, b"more"))
+    assert isinstance(events[-1], Terminated) and events[-1].error_code == w.STREAM_CLOSED
+    peer, conn = Peer(), connected()
+    events = conn.receive(w.frame(w.WINDOW_UPDATE, 0, 9, struct.pack(">L", 1)))
+    assert isinstance(events[-1], Terminated) and events[-1].error_code == w.PROTOCOL_ERROR
