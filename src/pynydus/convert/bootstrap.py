@@ -8,29 +8,21 @@ layer's copy, so the runtime fetches and caches it once. The bytes stay in layer
 n's blob (rewriting blobs would change digests the cache and the registry already
 know); ``shared_bytes`` reports how much was redirected.
 
-The overlay itself (whiteouts, opaque directories, layer order, one blob-table entry
-per blob id) is :func:`pynydus.rafs.builder.overlay`, exactly what ``merge()`` does.
+The merge itself (whiteouts, opaque directories, layer order, one blob-table entry
+per blob id) is :func:`pynydus.rafs.merge.merge`, exactly what ``image merge`` does;
+the sharing is its :class:`~pynydus.rafs.merge.ChunkRedirect` hook.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs.builder import (
-    BlobDesc,
-    ChunkDesc,
-    Tree,
-    V6Options,
-    bind_lower_links,
-    load_bootstrap,
-    overlay,
-    write_bootstrap,
-)
+from pynydus.rafs.builder import ChunkDesc, Tree
+from pynydus.rafs.merge import merge
 from pynydus.rafs.read import open_bootstrap
-from pynydus.rafs.source import normalize_path
 
 __all__ = ["LayerChunks", "MergedImage", "layer_chunks", "merge_layers"]
 
@@ -44,61 +36,52 @@ class MergedImage:
     shared_chunks: list[int]
 
 
-def merge_layers(bootstraps: Sequence[str], out: str, *,
-                 prefetch_files: Sequence[str] = ("/",)) -> MergedImage:
-    """Overlay per-layer ``bootstraps`` (lowest first) into ``out``.
+class _LowerLayerChunks:
+    """The merge hook that points a layer's chunks at a lower layer's copy of the same
+    data (same digest and size, another blob), counting what it redirected per layer.
 
-    Deterministic for the same inputs. InvalidArgument if the layers disagree on
-    chunk size or digester.
+    The lower copy is the first one met: lowest layer first, files in walk order.
     """
-    if not bootstraps:
-        raise InvalidArgument("merge: no layers")
-    images = [load_bootstrap(p) for p in bootstraps]
-    first = images[0]
-    merged = Tree("none")
-    table: list[BlobDesc] = []
-    by_id: dict[str, BlobDesc] = {}
-    seen: dict[bytes, ChunkDesc] = {}
-    shared_bytes: list[int] = []
-    shared_chunks: list[int] = []
-    for path, img in zip(bootstraps, images):
-        if img.chunk_size != first.chunk_size or img.digester != first.digester:
-            raise InvalidArgument(
-                f"merge: {os.fspath(path)!r} has chunk size {img.chunk_size:#x}/"
-                f"{img.digester.name}, the first layer {first.chunk_size:#x}/{first.digester.name}")
-        for b in img.blobs:
-            if b.blob_id not in by_id:
-                by_id[b.blob_id] = b
-                table.append(b)
+
+    def __init__(self) -> None:
+        self._lower: dict[bytes, ChunkDesc] = {}
+        self.shared_bytes: list[int] = []
+        self.shared_chunks: list[int] = []
+
+    def layer(self, tree: Tree) -> None:
         n_bytes = n_chunks = 0
         mine: dict[bytes, ChunkDesc] = {}
-        for _, node in img.tree.walk():
+        for _, node in tree.walk():
             chunks = node.inode.chunks
             for i, c in enumerate(chunks):
-                c.blob = by_id[c.blob.blob_id]
-                lower = seen.get(c.digest)
+                lower = self._lower.get(c.digest)
                 if lower is not None and lower.blob is not c.blob \
                         and lower.uncompressed_size == c.uncompressed_size:
-                    chunks[i] = ChunkDesc(lower.digest, lower.blob, lower.ci_index,
-                                         lower.compressed_offset, lower.compressed_size,
-                                         lower.uncompressed_offset, lower.uncompressed_size,
-                                         lower.compressed, c.file_offset)
+                    chunks[i] = dataclasses.replace(lower, file_offset=c.file_offset)
                     n_bytes += c.uncompressed_size
                     n_chunks += 1
                 else:
                     mine.setdefault(c.digest, c)
         for d, c in mine.items():
-            seen.setdefault(d, c)
-        shared_bytes.append(n_bytes)
-        shared_chunks.append(n_chunks)
-        bind_lower_links(merged.root, img.tree.root)
-        overlay(merged.root, img.tree.root)
-    # Like merge(): every layer's blobs stay in the table, also those whose files a
-    # later layer deleted (upstream's merged blob table lists them too).
-    info = write_bootstrap(merged, table, out, V6Options(
-        chunk_size=first.chunk_size, compressor=images[-1].compressor, digester=first.digester,
-        prefetch=tuple(normalize_path(os.fsencode(p)) for p in prefetch_files)))
-    return MergedImage(out, info.size, list(info.blob_ids), shared_bytes, shared_chunks)
+            self._lower.setdefault(d, c)
+        self.shared_bytes.append(n_bytes)
+        self.shared_chunks.append(n_chunks)
+
+
+def merge_layers(bootstraps: Sequence[str], out: str, *,
+                 prefetch_files: Sequence[str] = ("/",)) -> MergedImage:
+    """Overlay per-layer ``bootstraps`` (lowest first) into ``out``.
+
+    Deterministic for the same inputs. InvalidArgument if the layers disagree on
+    chunk size or digester. Every layer's blobs stay in the blob table, also those
+    whose files a later layer deleted (upstream's merged blob table lists them too).
+    """
+    if not bootstraps:
+        raise InvalidArgument("merge: no layers")
+    shared = _LowerLayerChunks()
+    result = merge(bootstraps, out, prefetch_files=prefetch_files, redirect=shared)
+    return MergedImage(result.bootstrap, result.bootstrap_size, result.blob_ids,
+                       shared.shared_bytes, shared.shared_chunks)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 :class:`BlobWriter` (chunks, dedup, compression: the data blob) into a
 :class:`Tree` (metadata only), which :func:`write_bootstrap` lays out as the
 bootstrap. :func:`load_bootstrap` reads a bootstrap back into a tree, for a parent
-image, a chunk dict or a tree merge; :func:`overlay` puts one layer's tree on
-another with the whiteout rules.
+image, a chunk dict or a tree merge; :func:`overlay_layer` puts one layer on the
+layers below it with the whiteout rules (:mod:`~pynydus.rafs.builder.overlay`), for a
+build on a parent and for every merge.
 """
 
 from pynydus.rafs.builder.blobwriter import (
@@ -26,7 +27,20 @@ from pynydus.rafs.builder.load import (
     chunk_dict_from_tree,
     load_bootstrap,
 )
-from pynydus.rafs.builder.tree import Inode, Node, Tree, bind_lower_links, iter_nodes, overlay
+from pynydus.rafs.builder.overlay import (
+    LayerDir,
+    LayerSkeleton,
+    Leaf,
+    MergedDir,
+    MergedTree,
+    find,
+    layer_of_tree,
+    looks_implicit,
+    merged_of_tree,
+    overlay_layer,
+    tree_of_merged,
+)
+from pynydus.rafs.builder.tree import Inode, Node, Tree, iter_nodes
 from pynydus.rafs.builder.v6writer import BootstrapInfo, V6Options, write_bootstrap
 
 __all__ = [
@@ -41,20 +55,29 @@ __all__ = [
     "ChunkDesc",
     "ChunkDict",
     "Inode",
+    "LayerDir",
+    "LayerSkeleton",
+    "Leaf",
     "LoadedImage",
+    "MergedDir",
+    "MergedTree",
     "Node",
     "SourceType",
     "Tree",
     "V6Options",
-    "bind_lower_links",
     "blob_descs",
     "bootstrap_compressor",
     "bootstrap_digester",
     "build",
     "chunk_dict_from_bootstrap",
     "chunk_dict_from_tree",
+    "find",
     "iter_nodes",
+    "layer_of_tree",
     "load_bootstrap",
-    "overlay",
+    "looks_implicit",
+    "merged_of_tree",
+    "overlay_layer",
+    "tree_of_merged",
     "write_bootstrap",
 ]

@@ -36,8 +36,14 @@ from pynydus.rafs.builder.load import (
     chunk_dict_from_tree,
     load_bootstrap,
 )
+from pynydus.rafs.builder.overlay import (
+    layer_of_tree,
+    merged_of_tree,
+    overlay_layer,
+    tree_of_merged,
+)
 from pynydus.rafs.builder.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
-from pynydus.rafs.builder.tree import Tree, bind_lower_links, iter_nodes, overlay
+from pynydus.rafs.builder.tree import Tree, iter_nodes
 from pynydus.rafs.builder.v6writer import BootstrapInfo, V6Options, write_bootstrap
 from pynydus.rafs.format import Compressor, Digester, parse_compressor, parse_digester
 from pynydus.rafs.source import (
@@ -328,11 +334,12 @@ def _finish_build(
     """Put the layer on its parent, write the bootstrap and the JSON report."""
     lower_links = list(tree.lower_links)
     if parent is not None:
-        bind_lower_links(parent.tree.root, tree.root)
+        # The layer's whiteouts hide parent entries, its lower-layer hardlinks bind.
+        merged = merged_of_tree(parent.tree)
+        overlay_layer(merged, layer_of_tree(tree))
+        skipped, tree = tree.skipped_xattrs, tree_of_merged(merged)
+        tree.skipped_xattrs = skipped
         lower_links = []
-        overlay(parent.tree.root, tree.root)  # whiteouts of the new layer hide parent entries
-        parent.tree.skipped_xattrs = tree.skipped_xattrs
-        tree = parent.tree
     blobs = _blob_table(tree, dict_map, data.desc, parent.blobs if parent is not None else None)
     info = write_bootstrap(tree, blobs, bootstrap_out, options)
     result = _result(

@@ -12,11 +12,11 @@ Costs ~40 us and a few hundred bytes per inode.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
 from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkDesc, ChunkDict
+from pynydus.rafs.builder.overlay import looks_implicit
 from pynydus.rafs.builder.tree import Inode, Node, Tree
 from pynydus.rafs.format import Compressor, Digester
 from pynydus.rafs.format.layout import compressor_from_flags, digester_from_flags
@@ -125,8 +125,9 @@ def _load_inode(bs: Bootstrap, ino: int, blobs: list[BlobDesc]) -> Inode:
         xattrs=dict(bs.xattrs(ino)),
         nlink=st.nlink,  # recounted when written; here it flags hardlinked files
     )
-    if st.is_dir and _looks_implicit(inode):
-        inode.implicit = True
+    if st.is_dir:
+        meta = (st.mode, st.uid, st.gid, st.mtime, st.mtime_nsec)
+        inode.implicit = looks_implicit(meta, bool(inode.xattrs))
     if st.is_symlink:
         inode.link = bs.readlink(ino)
     elif st.is_reg:
@@ -149,24 +150,6 @@ def _load_inode(bs: Bootstrap, ino: int, blobs: list[BlobDesc]) -> Inode:
                 )
             )
     return inode
-
-
-def _looks_implicit(inode: Inode) -> bool:
-    """True for the placeholder metadata our builder gives directories that a layer only
-    implies (no entry of their own, e.g. a tar without ``./``): 0755, root, mtime 0.
-
-    A bootstrap cannot record implicitness, so a merge recognises the placeholder and
-    keeps the lower layer's metadata for it; a real directory with exactly these
-    attributes loses nothing but its (epoch) mtime.
-    """
-    return (
-        inode.mode == stat.S_IFDIR | 0o755
-        and inode.uid == 0
-        and inode.gid == 0
-        and inode.mtime == 0
-        and inode.mtime_nsec == 0
-        and not inode.xattrs
-    )
 
 
 def chunk_dict_from_bootstrap(path: str | os.PathLike[str]) -> ChunkDict:

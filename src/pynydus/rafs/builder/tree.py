@@ -23,9 +23,9 @@ OCI whiteouts are handled per ``whiteout_spec``:
 A hardlink whose target is not in the layer (it is in a lower layer, as layers
 made by some build tools have) cannot be resolved by the layer alone. It becomes
 an empty regular file carrying ``trusted.pynydus.lower-hardlink`` = target path;
-:func:`bind_lower_links` turns it into the lower target when the layer is put on
-top of its lower layers (merge, parent bootstrap). Upstream's builder rejects such
-a layer (docs/decisions.md).
+:func:`pynydus.rafs.builder.overlay.overlay_layer` turns it into the lower target when
+the layer is put on top of its lower layers (merge, parent bootstrap). Upstream's
+builder rejects such a layer (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.builder.blobwriter import ChunkDesc
 from pynydus.rafs.format import (
     LOWER_HARDLINK_XATTR,
-    OCI_WHITEOUT_OPAQUE,
     OCI_WHITEOUT_PREFIX,
     OVERLAY_OPAQUE_XATTR,
     encode_rdev,
@@ -51,9 +50,7 @@ __all__ = [
     "Inode",
     "Node",
     "Tree",
-    "bind_lower_links",
     "iter_nodes",
-    "overlay",
 ]
 
 WHITEOUT_SPECS = ("overlayfs", "oci", "none")
@@ -301,74 +298,6 @@ def iter_nodes(root: Node) -> Iterator[tuple[Node, Node]]:
             yield d, child
             if child.children is not None:
                 stack.append(child)
-
-
-def bind_lower_links(lower: Node, upper: Node) -> None:
-    """Point the hardlinks of layer ``upper`` that wait for a lower target at it, in place.
-
-    ``lower`` is the root of everything below the layer (the merged lower layers),
-    ``upper`` the layer's own root, before :func:`overlay` puts
-    one on the other. A placeholder becomes the lower target's inode (regular
-    files: one inode, a real hardlink in the merged image; other types: a copy,
-    as for hardlinks inside a layer). Raises :class:`FormatError` when the target
-    is missing below too or is a directory, as extracting the layers would fail.
-    Costs one pass over ``upper``'s nodes.
-    """
-    bound: dict[int, Inode] = {}  # id(placeholder) -> target; links to a link share it
-    for parent, node in iter_nodes(upper):
-        inode = node.inode
-        if not inode.xattrs or LOWER_HARDLINK_XATTR not in inode.xattrs:
-            continue
-        target = bound.get(id(inode))
-        if target is None:
-            path = inode.xattrs[LOWER_HARDLINK_XATTR]
-            found = _lookup(lower, path)
-            if found is None or found.is_dir:
-                raise FormatError(
-                    f"hardlink {node.name!r}: target {path!r} is in no lower layer"
-                    if found is None
-                    else f"hardlink {node.name!r}: target {path!r} is a directory"
-                )
-            target = found.inode if found.inode.is_reg else found.inode.copy()
-            bound[id(inode)] = target
-        assert parent.children is not None
-        parent.children[node.name] = Node(node.name, target)
-
-
-def overlay(lower: Node, upper: Node) -> None:
-    """Apply directory ``upper`` (one layer) on top of directory ``lower``, in place.
-
-    ``lower`` takes ``upper``'s metadata (unless upper's directory was only implied
-    by its children's paths); whiteouts in ``upper`` hide lower entries
-    and are not copied; other upper entries are added or replace/merge into lower.
-    Upper nodes are reused (not copied), so ``upper`` must not be used afterwards.
-    """
-    assert lower.children is not None and upper.children is not None
-    if upper.inode.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y":
-        lower.children.clear()  # an opaque upper directory hides everything below it
-    if not upper.inode.implicit or lower.inode.implicit:
-        lower.inode = upper.inode
-    lower.inode.xattrs.pop(OVERLAY_OPAQUE_XATTR, None)
-    kept: list[Node] = []
-    for name, u in upper.children.items():
-        if name == OCI_WHITEOUT_OPAQUE:
-            lower.children.clear()
-        elif name.startswith(OCI_WHITEOUT_PREFIX):
-            lower.children.pop(name[len(OCI_WHITEOUT_PREFIX) :], None)
-        elif _is_overlay_whiteout(u.inode):
-            lower.children.pop(name, None)
-        else:
-            kept.append(u)
-    for u in kept:
-        old = lower.children.get(u.name)
-        if u.is_dir and old is not None and old.is_dir:
-            overlay(old, u)
-        elif u.is_dir:
-            fresh = Node(u.name, Inode(mode=u.inode.mode), {})
-            overlay(fresh, u)  # strips whiteouts at the lowest layer, too
-            lower.children[u.name] = fresh
-        else:
-            lower.children[u.name] = u
 
 
 def _lookup(root: Node, path: bytes) -> Node | None:

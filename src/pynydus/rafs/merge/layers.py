@@ -30,31 +30,36 @@ import time
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pynydus.errors import InvalidArgument
 from pynydus.rafs.builder import (
     BlobDesc,
     BootstrapInfo,
+    MergedTree,
     Tree,
     V6Options,
-    bind_lower_links,
     blob_descs,
     bootstrap_compressor,
     bootstrap_digester,
+    iter_nodes,
+    layer_of_tree,
     load_bootstrap,
-    overlay,
+    overlay_layer,
+    tree_of_merged,
     write_bootstrap,
 )
-from pynydus.rafs.format import Digester
+from pynydus.rafs.format import Compressor, Digester
 from pynydus.rafs.format import layout as L
 from pynydus.rafs.merge.chunktable import LayerSource
-from pynydus.rafs.merge.skeleton import MergedTree, overlay_layer, scan_layer
+from pynydus.rafs.merge.skeleton import scan_layer
 from pynydus.rafs.merge.writer import write_merged
-from pynydus.rafs.read import Bootstrap, BootstrapV6, open_bootstrap
+from pynydus.rafs.read import BootstrapV6, open_bootstrap
 from pynydus.rafs.source import normalize_path
 
-__all__ = ["MergeResult", "merge", "merge_trees"]
+__all__ = ["ChunkRedirect", "MergeResult", "merge", "merge_trees"]
+
+_RECORD_BLOCK = L.EROFS_BLOCK_SIZE_4096  # the block size of layers merged on their records
 
 
 # --------------------------------------------------------------------------- merge
@@ -77,12 +82,23 @@ class MergeResult:
         return asdict(self)
 
 
+class ChunkRedirect(Protocol):
+    """A merge's hook on chunk references: may point a layer's chunks at other copies of
+    the same data (the converter shares chunks across layers this way)."""
+
+    def layer(self, tree: Tree) -> None:
+        """Called once per layer, lowest first, with the layer's tree before it is put
+        on the layers below; every chunk's ``blob`` is an entry of the merged blob
+        table. May replace items of any ``inode.chunks`` list."""
+
+
 def merge(
     bootstraps: Sequence[str | os.PathLike[str]],
     bootstrap_out: str | os.PathLike[str],
     *,
     prefetch_files: Iterable[str | bytes] | None = None,
     output_json: str | os.PathLike[str] | None = None,
+    redirect: ChunkRedirect | None = None,
 ) -> MergeResult:
     """Overlay ``bootstraps`` (lowest layer first) into one RAFS v6 ``bootstrap_out``.
 
@@ -94,22 +110,25 @@ def merge(
     Layers that are all RAFS v6 with 4 KiB blocks (what builders emit) merge on
     their records (:mod:`~pynydus.rafs.merge.skeleton`, :mod:`~pynydus.rafs.merge.writer`):
     directories are decoded, other inodes copied with renumbered fields, so the cost
-    is a few microseconds per inode. Anything else (v5, tarfs' 512-byte blocks)
-    goes through :func:`merge_trees`; both give the same image.
+    is a few microseconds per inode. Anything else (v5, tarfs' 512-byte blocks), and a
+    merge with a ``redirect`` hook, goes through :func:`merge_trees`; both give the
+    same image.
     """
     t0 = time.monotonic()
     if not bootstraps:
         raise InvalidArgument("merge: no bootstraps given")
     with ExitStack() as stack:
         opened = [stack.enter_context(open_bootstrap(p)) for p in bootstraps]
-        if not all(
-            isinstance(b, BootstrapV6) and b.block_size == L.EROFS_BLOCK_SIZE_4096 for b in opened
-        ):
+        v6 = [b for b in opened if isinstance(b, BootstrapV6) and b.block_size == _RECORD_BLOCK]
+        if redirect is not None or len(v6) < len(opened):
             stack.close()
             return merge_trees(
-                bootstraps, bootstrap_out, prefetch_files=prefetch_files, output_json=output_json
+                bootstraps,
+                bootstrap_out,
+                prefetch_files=prefetch_files,
+                output_json=output_json,
+                redirect=redirect,
             )
-        v6 = [b for b in opened if isinstance(b, BootstrapV6)]
         layer_blobs = [blob_descs(b) for b in v6]
         _check_layers(bootstraps, [(b.chunk_size, bootstrap_digester(b)) for b in v6])
         blobs, _ = _blob_table(layer_blobs)
@@ -120,21 +139,28 @@ def merge(
         sources = [
             LayerSource(b, [index[d.blob_id] for d in descs]) for b, descs in zip(v6, layer_blobs)
         ]
-        info, used = write_merged(
-            merged, sources, blobs, bootstrap_out, _options(v6[0], v6[-1], prefetch_files)
+        first, last = v6[0], v6[-1]
+        options = _options(
+            first.chunk_size, bootstrap_compressor(last), bootstrap_digester(first), prefetch_files
         )
+        info, used = write_merged(merged, sources, blobs, bootstrap_out, options)
     return _result(
         bootstrap_out, info, blobs, {blobs[i].blob_id for i in used}, len(v6), t0, output_json
     )
 
 
 def _options(
-    first: Bootstrap, last: Bootstrap, prefetch_files: Iterable[str | bytes] | None
+    chunk_size: int,
+    compressor: Compressor,
+    digester: Digester,
+    prefetch_files: Iterable[str | bytes] | None,
 ) -> V6Options:
+    """The merged image's: the first layer's chunk size and digester, the last one's
+    compressor (as upstream)."""
     return V6Options(
-        chunk_size=first.chunk_size,
-        compressor=bootstrap_compressor(last),
-        digester=bootstrap_digester(first),
+        chunk_size=chunk_size,
+        compressor=compressor,
+        digester=digester,
         prefetch=tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ())),
     )
 
@@ -199,6 +225,7 @@ def merge_trees(
     *,
     prefetch_files: Iterable[str | bytes] | None = None,
     output_json: str | os.PathLike[str] | None = None,
+    redirect: ChunkRedirect | None = None,
 ) -> MergeResult:
     """:func:`merge` by loading every layer into a :class:`Tree` (any RAFS version).
 
@@ -211,26 +238,18 @@ def merge_trees(
     images = [load_bootstrap(p) for p in bootstraps]
     _check_layers(bootstraps, [(img.chunk_size, img.digester) for img in images])
     blobs, by_id = _blob_table([img.blobs for img in images])
-    merged = Tree("none")
+    merged = MergedTree()
     for img in images:
-        bind_lower_links(merged.root, img.tree.root)  # tree.py: links into lower layers
-        overlay(merged.root, img.tree.root)
-    # Chunks of a repeated blob id must reference the table's single entry.
-    for _, node in merged.walk():
-        for c in node.inode.chunks:
-            c.blob = by_id[c.blob.blob_id]
-    used = {c.blob.blob_id for _, n in merged.walk() for c in n.inode.chunks}
+        # Chunks of a repeated blob id must reference the table's single entry.
+        for _, node in iter_nodes(img.tree.root):
+            for c in node.inode.chunks:
+                c.blob = by_id[c.blob.blob_id]
+        if redirect is not None:
+            redirect.layer(img.tree)
+        overlay_layer(merged, layer_of_tree(img.tree))
+    tree = tree_of_merged(merged)
+    used = {c.blob.blob_id for _, n in iter_nodes(tree.root) for c in n.inode.chunks}
     first, last = images[0], images[-1]
-    prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
-    info = write_bootstrap(
-        merged,
-        blobs,
-        bootstrap_out,
-        V6Options(
-            chunk_size=first.chunk_size,
-            compressor=last.compressor,
-            digester=first.digester,
-            prefetch=prefetch,
-        ),
-    )
+    options = _options(first.chunk_size, last.compressor, first.digester, prefetch_files)
+    info = write_bootstrap(tree, blobs, bootstrap_out, options)
     return _result(bootstrap_out, info, blobs, used, len(images), t0, output_json)

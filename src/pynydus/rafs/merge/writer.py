@@ -26,7 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pynydus.errors import InvalidArgument
-from pynydus.rafs.builder import BlobDesc, BootstrapInfo, V6Options
+from pynydus.rafs.builder import (
+    BlobDesc,
+    BootstrapInfo,
+    Leaf,
+    MergedDir,
+    MergedTree,
+    V6Options,
+    find,
+)
 from pynydus.rafs.builder.v6writer import (
     ALIGN,
     HeadLayout,
@@ -37,7 +45,6 @@ from pynydus.rafs.builder.v6writer import (
 )
 from pynydus.rafs.format import layout as L
 from pynydus.rafs.merge.chunktable import ChunkTable, LayerSource
-from pynydus.rafs.merge.skeleton import MergedDir, MergedTree, find
 from pynydus.rafs.read import BootstrapV6
 
 __all__ = ["write_merged"]
@@ -161,7 +168,7 @@ class _Writer:
         bs: int,
         chunk_size: int,
         chunks: ChunkTable,
-        linked: set[int],
+        linked: set[Leaf],
     ) -> None:
         self.layers = layers
         self.n_layers = len(layers)

@@ -72,7 +72,9 @@ class ChunkIndex:
         if kept != sum(_count(r) for r in self.records):
             self._set_aside(rows, start, chunk_counts)
 
-    def _set_aside(self, rows: list[tuple[int, int, int]], start: int, counts: Sequence[int]) -> None:
+    def _set_aside(
+        self, rows: list[tuple[int, int, int]], start: int, counts: Sequence[int]
+    ) -> None:
         """Keep the records of chunks that the table holds more than once, at an
         uncompressed offset their first record does not give (first one wins)."""
         for pos, (blob, u_off, index) in enumerate(rows):

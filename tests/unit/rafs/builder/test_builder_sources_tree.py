@@ -13,7 +13,13 @@ import pytest
 import zstandard
 
 from pynydus.errors import FormatError
-from pynydus.rafs.builder import Tree, bind_lower_links
+from pynydus.rafs.builder import (
+    Tree,
+    layer_of_tree,
+    merged_of_tree,
+    overlay_layer,
+    tree_of_merged,
+)
 from pynydus.rafs.format import LOWER_HARDLINK_XATTR, decode_rdev, encode_rdev
 from pynydus.rafs.source import DirSource, Entry, EntryType, TarSource, Whiteout, normalize_path
 from pynydus.rafs.source.tarsource import _pax_time
@@ -140,14 +146,14 @@ def test_tree_hardlinks_share_regular_inodes_only() -> None:
     assert t.root.inode.nlink == 2
     with pytest.raises(FormatError):
         t.apply(_e(b"h3", EntryType.HARDLINK, link=b""))  # the root: a directory
-    # A target outside the layer waits for the lower layers (tree.bind_lower_links).
+    # A target outside the layer waits for the lower layers (overlay_layer binds it).
     t.apply(_e(b"h4", EntryType.HARDLINK, link=b"lower/file"))
     h4 = t.lookup(b"h4").inode
     assert h4.is_reg and h4.size == 0 and h4.xattrs == {LOWER_HARDLINK_XATTR: b"lower/file"}
     assert t.lower_links == [(b"h4", b"lower/file")]
 
 
-def test_bind_lower_links_shares_the_lower_inode() -> None:
+def test_overlay_binds_lower_links_to_the_lower_inode() -> None:
     lower = Tree()
     lower.apply(_e(b"usr/bin/tool", size=0))
     lower.apply(_e(b"usr/bin/sh", EntryType.SYMLINK, link=b"tool"))
@@ -155,15 +161,20 @@ def test_bind_lower_links_shares_the_lower_inode() -> None:
     upper.apply(_e(b"a", EntryType.HARDLINK, link=b"usr/bin/tool"))
     upper.apply(_e(b"b", EntryType.HARDLINK, link=b"a"))  # a link to the waiting link
     upper.apply(_e(b"c", EntryType.HARDLINK, link=b"usr/bin/sh"))
-    bind_lower_links(lower.root, upper.root)
     tool = lower.lookup(b"usr/bin/tool").inode
-    assert upper.lookup(b"a").inode is tool and upper.lookup(b"b").inode is tool
-    c = upper.lookup(b"c").inode
-    assert c is not lower.lookup(b"usr/bin/sh").inode and c.link == b"tool"
+    sh = lower.lookup(b"usr/bin/sh").inode
+    merged = merged_of_tree(lower)
+    overlay_layer(merged, layer_of_tree(upper))
+    out = tree_of_merged(merged)
+    assert out.lookup(b"a").inode is tool and out.lookup(b"b").inode is tool
+    assert out.lookup(b"usr/bin/tool").inode is tool
+    c = out.lookup(b"c").inode
+    assert c is not out.lookup(b"usr/bin/sh").inode and c.link == b"tool"  # a copy
+    assert sh in (c, out.lookup(b"usr/bin/sh").inode)
     missing = Tree("none")
     missing.apply(_e(b"x", EntryType.HARDLINK, link=b"nowhere"))
     with pytest.raises(FormatError, match="nowhere"):
-        bind_lower_links(lower.root, missing.root)
+        overlay_layer(merged, layer_of_tree(missing))
 
 
 def test_tree_whiteout_specs() -> None:
