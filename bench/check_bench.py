@@ -12,7 +12,8 @@ shared machine falls on both:
   (pull the source layers and compare them with every file of the Nydus image read
   from its blobs).
 
-Reported: the median of each and the ratio check/convert (target: at most 1.0). When
+Reported: the median of each (wall and CPU seconds of the command and its children) and
+the ratios check/convert (target: at most 1.0). When
 upstream's ``nydusify`` is installed (``scripts/peers.sh nydusify``; it does not build by
 name through the Go proxy we reach), ``nydusify check`` of the same pair is timed too.
 
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,14 +81,18 @@ def layout(name: str) -> tuple[Path, dict[str, Any]]:
     return out, info
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str]) -> tuple[float, float]:
+    """Run argv; (wall seconds, CPU seconds of it and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=7200, check=False)
     wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:6])}… failed ({r.returncode}):\n"
                          f"{r.stdout[-2000:]}{r.stderr[-4000:]}")
-    return wall
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
 
 
 def nydusify() -> Path | None:
@@ -105,18 +111,18 @@ def bench_image(name: str, reps: int, reg: Registry, tmp: Path) -> dict[str, Any
     ins = ["--source-insecure", "--target-insecure"]
     n = 0
 
-    def convert() -> tuple[str, float]:
+    def convert() -> tuple[str, tuple[float, float]]:
         nonlocal n
         n += 1
         dst = reg.ref(f"check/{name}-nydus{n}")
-        wall = timed([*exe, "convert", "--source", src, "--target", dst, *ins,
+        took = timed([*exe, "convert", "--source", src, "--target", dst, *ins,
                       "--cache-dir", str(tmp / f"cache-{name}-{n}"), "--progress", "quiet"])
-        return dst, wall
+        return dst, took
 
-    target, first = convert()
+    target, (first, _) = convert()
     check_argv = [*exe, "check-image", "--source", src, "--target", target, *ins]
-    conv: list[float] = []
-    check: list[float] = []
+    conv: list[tuple[float, float]] = []
+    check: list[tuple[float, float]] = []
     upstream: list[float] = []
     nyd = nydusify()
     for i in range(reps):
@@ -129,16 +135,22 @@ def bench_image(name: str, reps: int, reg: Registry, tmp: Path) -> dict[str, Any
         if nyd is not None:
             upstream.append(timed([str(nyd), "check", "--source", src, "--target", target,
                                    "--source-insecure", "--target-insecure",
-                                   "--work-dir", str(tmp / "nydusify")]))
+                                   "--work-dir", str(tmp / "nydusify")])[0])
     res: dict[str, Any] = {
         "files": info["files"], "compressed_bytes": info["compressed_bytes"],
         "tar_bytes": info["tar_bytes"], "first_convert_seconds": round(first, 2),
-        "convert_seconds": [round(x, 2) for x in conv],
-        "check_seconds": [round(x, 2) for x in check],
-        "convert_median": round(statistics.median(conv), 2),
-        "check_median": round(statistics.median(check), 2),
+        "convert_seconds": [round(w, 2) for w, _ in conv],
+        "check_seconds": [round(w, 2) for w, _ in check],
+        "convert_cpu_seconds": [round(c, 2) for _, c in conv],
+        "check_cpu_seconds": [round(c, 2) for _, c in check],
+        "convert_median": round(statistics.median(w for w, _ in conv), 2),
+        "check_median": round(statistics.median(w for w, _ in check), 2),
+        "convert_cpu_median": round(statistics.median(c for _, c in conv), 2),
+        "check_cpu_median": round(statistics.median(c for _, c in check), 2),
     }
     res["ratio_check_over_convert"] = round(res["check_median"] / res["convert_median"], 2)
+    res["cpu_ratio_check_over_convert"] = round(res["check_cpu_median"] /
+                                                res["convert_cpu_median"], 2)
     if upstream:
         res["nydusify_check_seconds"] = [round(x, 2) for x in upstream]
         res["nydusify_check_median"] = round(statistics.median(upstream), 2)
@@ -173,7 +185,9 @@ def main() -> int:
             print(f"{n}: {r['files']} files, {r['compressed_bytes'] / 1e6:.1f} MB gz: "
                   f"convert {r['convert_median']:.2f} s {r['convert_seconds']}, "
                   f"check {r['check_median']:.2f} s {r['check_seconds']}, "
-                  f"check/convert {r['ratio_check_over_convert']}{extra}", flush=True)
+                  f"check/convert {r['ratio_check_over_convert']} (CPU s: convert "
+                  f"{r['convert_cpu_median']}, check {r['check_cpu_median']}, ratio "
+                  f"{r['cpu_ratio_check_over_convert']}){extra}", flush=True)
     out["host"]["loadavg_end"] = os.getloadavg()[0]
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))

@@ -2,12 +2,14 @@
 
 Both images are pulled from their registries. The source's layers are streamed
 through :class:`.overlay_view.OverlayView` (overlay semantics, content hashed, no
-data kept). The Nydus image's bootstrap layer is unpacked and opened with the RAFS
-reader; its blobs are read once, in offset order, in large ranges, and every chunk
-is decompressed, checked against its digest and handed to the files that use it as
-it streams past (:mod:`.chunkstream`), which hash their contents. Then every path of both trees is compared in sorted order: type, permission
-bits, owner, mtime (files), size, content sha256, symlink target, device numbers,
-xattrs, and hardlink groups (same inode in the Nydus image). The first difference
+data kept), in a child process when a second CPU is usable. Meanwhile the Nydus
+image's bootstrap layer is unpacked and opened with the RAFS reader; its blobs are
+read once, in offset order, in large ranges, and every chunk is decompressed,
+checked against its digest and handed to the files that use it as it streams past
+(:mod:`.chunkstream`), which hash their contents. Then every path of both trees is
+compared in sorted order: type, permission bits, owner, mtime (files), size,
+content sha256, symlink target, device numbers, xattrs, and hardlink groups (same
+inode in the Nydus image). The first difference
 is reported by path; the check does not stop at a registry or format error either:
 those are raised as the pynydus error they are.
 """
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -168,26 +173,26 @@ def check_image(opts: CheckOptions) -> CheckResult:
         dst_digest, dst_doc = _resolve(dst, dst_ref, opts.platform, nydus=True)
         if not img.is_nydus_manifest(dst_doc):
             raise InvalidArgument(f"target {q(str(dst_ref))}: last layer is not a Nydus bootstrap")
-        view = OverlayView()
-        for lyr in src_doc.get("layers") or []:
-            img.layer_compression(str(lyr.get("mediaType")), str(lyr.get("digest")))
-            stream = io.BufferedReader(_IterIO(src.get_blob(src_ref.repository, lyr["digest"])),
-                                       1 << 20)
-            try:
-                view.apply_layer(stream)
-            except ValueError as err:
-                raise FormatError(f"source layer {lyr['digest']}: {err}") from err
-            while stream.read(1 << 20):  # to the end: the digest is verified there
-                pass
+        # The source side (pull, decompress, parse, hash every layer) runs in a child
+        # process when a second CPU is usable, beside the Nydus side here.
+        layers = list(src_doc.get("layers") or [])
+        pool = _source_pool()
+        source: Future[dict[str, FileRecord]] | None = None
+        if pool is not None:
+            source = pool.submit(_source_paths, opts, layers)
         boot_desc = dst_doc["layers"][-1]
         boot = bootstrap_from_layer(b"".join(dst.get_blob(dst_ref.repository,
                                                           boot_desc["digest"])))
         bs = bootstrap_from_bytes(boot)
         try:
-            got, inos, total = _nydus_view(bs, dst, dst_ref.repository)
+            try:
+                got, inos, total = _nydus_view(bs, dst, dst_ref.repository)
+            finally:
+                bs.close()
+            want = source.result() if source is not None else _source_paths(opts, layers, src)
         finally:
-            bs.close()
-    want = view.paths
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     diff = ""
     for path in sorted(set(want) | set(got)):
         if path not in got:
@@ -218,6 +223,40 @@ def check_image(opts: CheckOptions) -> CheckResult:
                 break
     files = sum(1 for r in want.values() if r.kind == "reg")
     return CheckResult(not diff, diff, len(want), files, total, src_digest, dst_digest)
+
+
+def _source_pool() -> ProcessPoolExecutor | None:
+    """A one-process pool for the source side, or None with a single usable CPU
+    (``PYNYDUS_CHECK_SOURCE=inline`` or ``=process`` overrides)."""
+    how = os.environ.get("PYNYDUS_CHECK_SOURCE", "")
+    if how == "inline" or (how != "process" and len(os.sched_getaffinity(0)) < 2):
+        return None
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _source_paths(opts: CheckOptions, layers: list[dict[str, Any]],
+                  client: RegistryClient | None = None) -> dict[str, FileRecord]:
+    """The source image's paths: its ``layers`` pulled and applied with overlay
+    semantics (:class:`.overlay_view.OverlayView`), each layer's digest verified."""
+    ref = parse_reference(opts.source)
+    own = client is None
+    src = client or registry_spec(ref, opts.source_insecure, opts.source_auth).client()
+    try:
+        view = OverlayView()
+        for lyr in layers:
+            img.layer_compression(str(lyr.get("mediaType")), str(lyr.get("digest")))
+            stream = io.BufferedReader(_IterIO(src.get_blob(ref.repository, lyr["digest"])),
+                                       1 << 20)
+            try:
+                view.apply_layer(stream)
+            except ValueError as err:
+                raise FormatError(f"source layer {lyr['digest']}: {err}") from err
+            while stream.read(1 << 20):  # to the end: the digest is verified there
+                pass
+        return view.paths
+    finally:
+        if own:
+            src.close()
 
 
 class _IterIO(io.RawIOBase):
