@@ -142,18 +142,41 @@ class NydusdConfig:
     rafs: RafsConfig = field(default_factory=RafsConfig)
 
     def redacted(self) -> dict[str, Any]:
-        """The config as JSON-able data without secrets (for the API's daemon info)."""
-        reg = self.backend.registry
+        """The config as JSON-able data without secrets (for the API's daemon info), in
+        nydusd's ConfigV2 shape: ``nydusctl info`` and other clients of nydusd parse it
+        into that type (``version``, ``backend.type`` and the cache and rafs sections
+        are required there; the backend sections that are not in use are null)."""
+        reg, lfs = self.backend.registry, self.backend.localfs
+        prefetch = {"enable": self.rafs.prefetch.enable, "threads": self.rafs.prefetch.threads,
+                    "batch_size": self.rafs.prefetch.batch_size,
+                    "bandwidth_limit": self.rafs.prefetch.bandwidth_limit,
+                    "prefetch_all": self.rafs.prefetch.prefetch_all}
+        backend: dict[str, Any] = {"type": self.backend.type, "localdisk": None, "localfs": None,
+                                   "oss": None, "s3": None, "registry": None, "http-proxy": None}
+        if self.backend.type == "registry":
+            backend["registry"] = {
+                "scheme": reg.scheme, "host": reg.host, "repo": reg.repo,
+                "skip_verify": reg.skip_verify, "timeout": reg.timeout,
+                "connect_timeout": reg.connect_timeout, "retry_limit": reg.retry_limit,
+                "blob_url_scheme": reg.blob_url_scheme,
+                "blob_redirected_host": reg.blob_redirected_host,
+                "mirrors": [{"host": m.host} for m in reg.mirrors]}
+        elif self.backend.type == "localfs":
+            backend["localfs"] = {"blob_file": lfs.blob_file, "dir": lfs.dir,
+                                  "alt_dirs": list(lfs.alt_dirs)}
         return {
+            "version": 2,
             "id": self.id,
-            "backend": {"type": self.backend.type,
-                        "registry": {"scheme": reg.scheme, "host": reg.host, "repo": reg.repo},
-                        "localfs": {"dir": self.backend.localfs.dir}},
-            "cache": {"type": self.cache.type, "work_dir": self.cache.work_dir,
-                      "validate": self.cache.validate},
-            "rafs": {"mode": "direct", "enable_xattr": self.rafs.enable_xattr,
-                     "prefetch": {"enable": self.rafs.prefetch.enable,
-                                  "prefetch_all": self.rafs.prefetch.prefetch_all}},
+            "backend": backend,
+            "cache": {"type": self.cache.type, "compressed": False,
+                      "validate": self.cache.validate,
+                      "filecache": ({"work_dir": self.cache.work_dir, "disable_indexed_map": False}
+                                    if self.cache.enabled else None),
+                      "fscache": None, "prefetch": prefetch},
+            "rafs": {"mode": "direct", "batch_size": self.rafs.batch_size,
+                     "validate": self.rafs.validate, "enable_xattr": self.rafs.enable_xattr,
+                     "iostats_files": False, "access_pattern": False, "latest_read_files": False,
+                     "prefetch": prefetch},
         }
 
 

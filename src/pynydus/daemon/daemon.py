@@ -220,8 +220,8 @@ class Daemon:
         for mp, info in self.mounts_info.items():
             inst = self._inst_for(mp)
             collection[mp] = {"backend_type": "Rafs", "mountpoint": mp,
-                              "mounted_time": int(info["mounted_time"]),
-                              "config": inst.config.redacted() if inst else {}}
+                              "mounted_time": _offset_datetime(info["mounted_time"]),
+                              "config": inst.config.redacted() if inst else None}
         return {
             "version": {"package_ver": __version__, "git_commit": f"pynydus-{__version__}",
                         "build_time": "", "profile": "release", "rustc": "python"},
@@ -365,6 +365,17 @@ class Daemon:
         return {"version": bs.version, "root_ino": bs.root_ino, "block_size": bs.block_size,
                 "chunk_size": bs.chunk_size, "flags": bs.flags, "inodes_count": bs.inode_count,
                 "blobs": [b.blob_id for b in bs.blobs]}
+
+
+def _offset_datetime(ts: float) -> str:
+    """``ts`` as nydusd writes a mount's time (the Rust time crate's human-readable
+    OffsetDateTime, in UTC): ``2026-12-07 05:36:07.183990879 +00:00:00``."""
+    whole = int(ts)
+    nanos = int(round((ts - whole) * 1e9))
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    day = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+    return f"{day}.{nanos:09d} +00:00:00"
 
 
 def load_config_file(path: str) -> NydusdConfig:

@@ -80,9 +80,18 @@ class DaemonClient:
             time.sleep(0.02)
         raise Unavailable(f"daemon API {self.sock_path}: not {state} after {timeout:.0f}s ({last})")
 
+    def set_log_level(self, level: str) -> None:
+        self._request("PUT", "/api/v1/daemon", {"log_level": level})
+
+    def metrics(self, kind: str = "", sid: str | None = None) -> dict[str, Any]:
+        """``GET /api/v1/metrics[/kind]``: "" (filesystem), "backend", "blobcache", ..."""
+        path = "/api/v1/metrics" + (f"/{kind}" if kind else "") + (f"?id={sid}" if sid else "")
+        out: dict[str, Any] = self._request("GET", path)
+        return out
+
     def mount(self, mountpoint: str, bootstrap: str, config_json: str,
-              prefetch_files: list[str] | None = None) -> None:
-        body: dict[str, Any] = {"fs_type": "rafs", "source": bootstrap, "config": config_json}
+              prefetch_files: list[str] | None = None, *, fs_type: str = "rafs") -> None:
+        body: dict[str, Any] = {"fs_type": fs_type, "source": bootstrap, "config": config_json}
         if prefetch_files:
             body["prefetch_files"] = prefetch_files
         self._request("POST", f"/api/v1/mount?mountpoint={mountpoint}", body)

@@ -1,0 +1,53 @@
+"""The drop-in CLIs print numbers, JSON values, times and names as upstream's Rust does."""
+
+from __future__ import annotations
+
+import pytest
+
+from pynydus.cli.nydus_image import blob_features, build_parser
+from pynydus.cli.nydus_inspect import rust_debug
+from pynydus.cli.nydusctl import offset_datetime_display
+from pynydus.cli.upstream import hex_int, json_value, rust_f64
+
+
+@pytest.mark.parametrize(("x", "shown"), [(0.0, "0"), (1024.0, "1024"), (1.5, "1.5"),
+                                          (0.0000057220458984375, "0.0000057220458984375"),
+                                          (1e21, "1000000000000000000000"),
+                                          (float("nan"), "NaN"), (float("inf"), "inf")])
+def test_f64_display_is_rusts(x: float, shown: str) -> None:
+    assert rust_f64(x) == shown
+
+
+def test_json_values_are_compact_sorted_and_keep_unicode() -> None:
+    assert json_value({"b": [1, "x"], "a": "é"}) == '{"a":"é","b":[1,"x"]}'
+    assert json_value("localfs") == '"localfs"'
+
+
+def test_mount_time_displays_like_the_time_crate() -> None:
+    assert offset_datetime_display("2026-12-07 05:36:07.183990879 +00:00:00") == \
+        "2026-12-07 5:36:07.183990879 +00:00:00"
+    assert offset_datetime_display("2026-12-07 15:00:00.500000000 +00:00:00") == \
+        "2026-12-07 15:00:00.5 +00:00:00"
+
+
+def test_blob_features_and_names() -> None:
+    assert blob_features(0x4000_0001) == "aligned cap_toc"
+    assert blob_features(0x7000_0021) == "aligned cap_toc chunk-digest tar-header toc"
+    assert rust_debug(b'a"b\n') == '"a\\"b\\n"'
+
+
+def test_chunk_size_is_hexadecimal_with_or_without_prefix() -> None:
+    assert hex_int("0x100000", "chunk size") == hex_int("100000", "chunk size") == 0x100000
+    with pytest.raises(ValueError, match="invalid chunk size zz"):
+        hex_int("zz", "chunk size")
+
+
+def test_create_defaults_are_upstreams() -> None:
+    args = build_parser().parse_args(["create", "src", "-D", "d"])
+    assert (args.type, args.compressor, args.digester, args.fs_version, args.whiteout_spec,
+            args.prefetch_policy) == ("dir-rafs", "zstd", "blake3", "6", "oci", "none")
+    assert build_parser().parse_args(["create", "--source-type", "tar-rafs", "x",
+                                      "-D", "d"]).type == "tar-rafs"
+    with pytest.raises(SystemExit) as exc:  # no abbreviations, as clap
+        build_parser().parse_args(["create", "src", "-D", "d", "--compress", "zstd"])
+    assert exc.value.code == 2
