@@ -146,7 +146,8 @@ def _w(path: bytes, data: bytes) -> None:
         f.write(data)
 
 
-def make_rich_tree(root: Path, *, big: bool = True) -> None:
+def make_rich_tree(root: Path, *, big: bool = True, acls: bool = True,
+                   binary_xattr: bytes = bytes(range(256))) -> None:
     """Populate ``root`` with every entry type and attribute a layer can carry.
 
     Regular (empty, small, multi-chunk, sparse, duplicate), hardlinks across
@@ -155,6 +156,9 @@ def make_rich_tree(root: Path, *, big: bool = True) -> None:
     trusted.*, security.capability, binary values), long and non-UTF-8 names, a
     directory with several dirent blocks, a 40-level deep path, odd modes and ids,
     nanosecond mtimes. Directory mtimes are set last, bottom-up.
+
+    ``acls=False`` leaves out the POSIX ACLs and ``binary_xattr`` replaces the value of
+    ``user.bin``: nydus-image 2.2 cannot build either (see docs/compat.md).
     """
     r = os.fsencode(root)
     j = os.path.join
@@ -205,18 +209,18 @@ def make_rich_tree(root: Path, *, big: bool = True) -> None:
     _w(j(deep, b"bottom"), b"bottom of the tree\n")
     # xattrs
     os.setxattr(j(r, b"small.txt"), "user.comment", b"a comment")
-    os.setxattr(j(r, b"small.txt"), "user.bin", bytes(range(256)))
+    os.setxattr(j(r, b"small.txt"), "user.bin", binary_xattr)
     os.setxattr(j(r, b"small.txt"), "trusted.something", b"t")
     os.setxattr(j(r, b"dir/multi.bin"), "security.capability", CAP_NET_BIND)
     os.setxattr(j(r, b"dir"), "trusted.overlay.opaque", b"y")
     os.setxattr(j(r, b"dir/hl-a"), "user.shared", b"on all links")
     for i in range(20):
         os.setxattr(j(r, b"many"), f"user.k{i:02d}", b"v" * i)
-    # POSIX ACLs (stored under the two system.posix_acl_* name indexes)
-    _w(j(r, b"acl-file"), b"acl\n")
-    os.setxattr(j(r, b"acl-file"), "system.posix_acl_access", _ACL)
-    os.makedirs(j(r, b"acl-dir"))
-    os.setxattr(j(r, b"acl-dir"), "system.posix_acl_default", _ACL)
+    if acls:  # POSIX ACLs (stored under the two system.posix_acl_* name indexes)
+        _w(j(r, b"acl-file"), b"acl\n")
+        os.setxattr(j(r, b"acl-file"), "system.posix_acl_access", _ACL)
+        os.makedirs(j(r, b"acl-dir"))
+        os.setxattr(j(r, b"acl-dir"), "system.posix_acl_default", _ACL)
     # ownership, modes
     os.chown(j(r, b"small.txt"), 1000, 1000)
     os.chown(j(r, b"exact-4k"), 70000, 80000)
