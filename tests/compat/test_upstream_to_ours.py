@@ -91,11 +91,11 @@ BUILDS = [
     Build("v6-targz-ref-zran", ("-t", "targz-ref"), source="targz"),
     Build("v5-targz-rafs", ("-v", "5", "-t", "targz-rafs"), source="targz", bug=(
         "inode validation failure",
-        "nydus-image 2.2 writes a corrupt RAFS v5 bootstrap from a tar layer in which a "
-        "hardlinked file has an xattr: its own 'nydus-image check' then fails with "
-        "'inode validation failure, inode RafsV5Inode { ... }' at nydus-rafs 0.2.2 "
-        "metadata/direct_v5.rs:440 / 'failed to load bootstrap for validator' (v6 from the "
-        "same tar, and v5 from the same directory, are fine)")),
+        ("nydus-image 2.2 writes a corrupt RAFS v5 bootstrap from a tar layer in which a "
+         "hardlinked file has an xattr: its own 'nydus-image check' then fails with "
+         "'inode validation failure, inode RafsV5Inode { ... }' at nydus-rafs 0.2.2 "
+         "metadata/direct_v5.rs:440 / 'failed to load bootstrap for validator' (v6 from "
+         "the same tar, and v5 from the same directory, are fine)"))),
 ]
 
 

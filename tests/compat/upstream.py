@@ -161,9 +161,10 @@ def check_view(bootstrap: Path, blob_dir: Path | None = None, *, workdir: Path) 
     return CheckView(inodes, list(report.get("blobs", [])), clean(r.stdout + r.stderr))
 
 
-def inspect_request(bootstrap: Path, request: str) -> Any:
+def inspect_request(bootstrap: Path, request: str, blob_dir: Path | None = None) -> Any:
     """``nydus-image inspect -R REQUEST`` (stats, blobs, prefetch): its JSON answer."""
-    r = nydus_image("inspect", "-R", request, bootstrap)
+    extra: list[str | Path] = ["-D", blob_dir] if blob_dir is not None else []
+    r = nydus_image("inspect", "-R", request, *extra, bootstrap)
     text = clean(r.stdout)
     start = min(i for i in (text.find("{"), text.find("[")) if i >= 0)
     return json.loads(text[start:])

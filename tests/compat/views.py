@@ -51,10 +51,10 @@ def assert_check_agrees(boot: Path, blob_dir: Path, up: CheckView) -> dict[str, 
     return rep
 
 
-def assert_inspect_agrees(boot: Path, up_boot: Path) -> None:
+def assert_inspect_agrees(boot: Path, up_boot: Path, up_blob_dir: Path | None = None) -> None:
     mine = json.loads(ours("image", "inspect", "--json", boot).stdout)
-    stats = inspect_request(up_boot, "stats")
-    blobs = inspect_request(up_boot, "blobs")
+    stats = inspect_request(up_boot, "stats", up_blob_dir)
+    blobs = inspect_request(up_boot, "blobs", up_blob_dir)
     assert mine["inode_count"] == stats["inodes_count"]
     assert [(b["blob_id"], b["compressed_size"], b["uncompressed_size"]) for b in mine["blobs"]] \
         == [(b["blob_id"], b["compressed_size"], b["decompressed_size"]) for b in blobs]
@@ -100,7 +100,7 @@ def assert_views_agree(boot: Path, blob_dir: Path, workdir: Path, *,
     hand upstream when it differs (an inline blob needs ``-D`` to be opened)."""
     up = check_view(up_boot or boot, up_blob_dir, workdir=workdir)
     assert_check_agrees(boot, blob_dir, up)
-    assert_inspect_agrees(boot, up_boot or boot)
+    assert_inspect_agrees(boot, up_boot or boot, up_blob_dir)
     assert_reader_agrees(boot, up)
 
 

@@ -6,6 +6,11 @@ bootstrap's ``map_read``, grouped by blob) and then served from the plan: by
 ``read_planned``, which lets each blob's cache fetch missing chunks from the backend.
 Holes (file ranges no chunk covers, as in sparse files) read as zeros. Counting the read
 is the FUSE layer's business (``FsStats``), once per request.
+
+A blob whose chunks live in spans (ZRAN: slices of a gzip layer's inflate contexts;
+batch) has its chunk-info array read from the backend on first use (for ZRAN from the
+separate meta blob ``blob_meta_digest``, as nydusd does); its chunks are then fetched as
+their spans and cut out of them (``rafs.read.spans``). Such blobs are not amplified.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pynydus.daemon.config import NydusdConfig
 from pynydus.daemon.metrics import CacheStats, FsStats
 from pynydus.errors import FormatError, NotImplementedFeature
 from pynydus.rafs.read import ChunkRead, FileChunk, open_bootstrap
+from pynydus.rafs.read.spans import SpanMap, has_spans, load_span_map
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,8 @@ class RafsInstance:
         self._ra_lock = threading.Lock()
         self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
         self._lock = threading.Lock()
+        self._span_maps: dict[int, SpanMap | None] = {}  # blob index -> spans, see _spans
+        self._spans_lock = threading.Lock()
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
@@ -95,6 +103,7 @@ class RafsInstance:
         self.bs.close()
 
     def cache(self, blob_index: int) -> BlobCache:
+        spans = self._spans(blob_index)
         with self._lock:
             cache = self._caches.get(blob_index)
             if cache is None:
@@ -103,12 +112,40 @@ class RafsInstance:
                                       f"{len(self.bs.blobs)} blobs")
                 cache = BlobCache(
                     self.config.cache.work_dir, self.bs.blobs[blob_index], self.backend,
-                    self._chunk_lookup(blob_index),
+                    self._chunk_lookup(blob_index) if spans is None else _no_chunk,
+                    decode_span=None if spans is None else spans.decode,
                     validate=self.config.cache.validate or self.config.rafs.validate,
                     amplify_io=self.config.rafs.batch_size, stats=self.cache_stats,
                 )
                 self._caches[blob_index] = cache
             return cache
+
+    def _spans(self, blob_index: int) -> SpanMap | None:
+        """The span map of a ZRAN or batch blob (read once, from the backend), else None."""
+        if not 0 <= blob_index < len(self.bs.blobs) or not has_spans(self.bs.blobs[blob_index]):
+            return None
+        with self._spans_lock:
+            if blob_index not in self._span_maps:
+                self._span_maps[blob_index] = load_span_map(self.bs.blobs[blob_index],
+                                                            self._read_exact)
+            return self._span_maps[blob_index]
+
+    def _read_exact(self, blob_id: str, offset: int, length: int) -> bytes:
+        data = self.backend.read_range(blob_id, offset, length)
+        if len(data) != length:
+            raise FormatError(f"blob {blob_id}: {len(data)} of {length} bytes at {offset}")
+        return data
+
+    def _ref(self, c: FileChunk) -> ChunkRef:
+        """The cache's reference of chunk ``c`` (its span, for ZRAN and batch chunks)."""
+        spans = self._spans(c.blob_index)
+        at = spans.locate(c.index) if spans is not None else None
+        if at is None:
+            return _chunk_ref(c)
+        span, inner = at
+        return ChunkRef(index=c.index, c_off=span.offset, c_size=span.size,
+                        u_off=c.uncompressed_offset, u_size=c.uncompressed_size, compressed=True,
+                        digest=c.digest or b"", span=span, span_offset=inner)
 
     def _chunk_lookup(self, blob_index: int) -> Callable[[int], ChunkRef | None]:
         """``chunk index -> ChunkRef`` of one blob, for read amplification (amplify_io),
@@ -149,7 +186,7 @@ class RafsInstance:
         file_size = self.bs.stat(ino).size
         groups = tuple(
             (blob_index, group[0].chunk.file_offset + group[0].offset,
-             [(_chunk_ref(r.chunk), r.offset, r.length) for r in group])
+             [(self._ref(r.chunk), r.offset, r.length) for r in group])
             for blob_index, group in _by_blob(reads)
         )
         # Amplify misses (fetch the blob's next chunks in the same request) only from
@@ -225,7 +262,7 @@ class RafsInstance:
     def _fetch_ahead(self, ino: int, start: int, length: int) -> None:
         try:
             reads = self.bs.map_read(ino, start, length)
-            for blob_index, refs in _refs_by_blob(r.chunk for r in reads).items():
+            for blob_index, refs in self._refs_by_blob(r.chunk for r in reads).items():
                 cache = self.cache(blob_index)
                 cache.ensure(refs, amplify=False, max_request=length)
                 cache.will_need(refs)  # and from the cache file into the page cache
@@ -237,7 +274,7 @@ class RafsInstance:
         request carries at most the prefetch ``batch_size`` (nydusd's merging_size)."""
         fetched = 0
         max_request = self.config.rafs.prefetch.batch_size
-        for blob_index, refs in _refs_by_blob(chunks).items():
+        for blob_index, refs in self._refs_by_blob(chunks).items():
             refs.sort(key=lambda r: r.c_off)
             cache = self.cache(blob_index)
             for i in range(0, len(refs), 64):
@@ -245,13 +282,17 @@ class RafsInstance:
                                         max_request=max_request)
         return fetched
 
+    def _refs_by_blob(self, chunks: Iterable[FileChunk]) -> dict[int, list[ChunkRef]]:
+        """The chunks' cache references, grouped by blob index (order kept within a blob)."""
+        by_blob: dict[int, list[ChunkRef]] = {}
+        for c in chunks:
+            by_blob.setdefault(c.blob_index, []).append(self._ref(c))
+        return by_blob
 
-def _refs_by_blob(chunks: Iterable[FileChunk]) -> dict[int, list[ChunkRef]]:
-    """The chunks' cache references, grouped by blob index (order kept within a blob)."""
-    by_blob: dict[int, list[ChunkRef]] = {}
-    for c in chunks:
-        by_blob.setdefault(c.blob_index, []).append(_chunk_ref(c))
-    return by_blob
+
+def _no_chunk(index: int) -> ChunkRef | None:
+    """Amplification's lookup for blobs it does not extend (spans)."""
+    return None
 
 
 def _by_blob(reads: list[ChunkRead]) -> list[tuple[int, list[ChunkRead]]]:

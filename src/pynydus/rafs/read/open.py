@@ -3,15 +3,20 @@
 The only place that knows both versions: :class:`~pynydus.rafs.read.bootstrap.Bootstrap`
 holds what they share, :class:`~pynydus.rafs.read.v5.BootstrapV5` and
 :class:`~pynydus.rafs.read.v6.BootstrapV6` build on it, and this module picks one.
+A data blob with inline metadata opens like a bootstrap, as upstream allows
+(:mod:`pynydus.rafs.read.inline`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 
+from pynydus.errors import FormatError
 from pynydus.rafs.format.layout import EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET, format_error
 from pynydus.rafs.format.layout_v5 import RAFS_V5_SUPER_MAGIC
+from pynydus.rafs.read import inline
 from pynydus.rafs.read.bootstrap import Bootstrap, Buffer
 from pynydus.rafs.read.v5 import BootstrapV5
 from pynydus.rafs.read.v6 import BootstrapV6
@@ -42,6 +47,10 @@ def bootstrap_from_bytes(buf: Buffer) -> Bootstrap:
 def open_bootstrap(path: str | os.PathLike[str]) -> Bootstrap:
     """mmap the bootstrap file at ``path`` read-only and parse its headers.
 
+    ``path`` may also be a data blob with inline metadata: its ``image.boot`` is read
+    into memory and the blobs with inline metadata take the file's name as their id
+    (upstream's rule, :mod:`pynydus.rafs.read.inline`).
+
     OSError if the file cannot be read; FormatError if it is not a valid bootstrap.
     ``close()`` (or leaving a ``with`` block) releases the mapping.
     """
@@ -52,6 +61,19 @@ def open_bootstrap(path: str | os.PathLike[str]) -> Bootstrap:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         bs = bootstrap_from_bytes(mm)
+    except FormatError:
+        try:
+            boot = inline.extract_bootstrap(mm)
+        finally:
+            mm.close()
+        if boot is None:
+            raise
+        bs = bootstrap_from_bytes(boot)
+        blob_id = inline.blob_id_from_path(path)
+        for i, b in enumerate(bs.blobs):
+            if inline.renames_blob(b.features):
+                bs.blobs[i] = dataclasses.replace(b, blob_id=blob_id)
+        return bs
     except BaseException:
         mm.close()
         raise

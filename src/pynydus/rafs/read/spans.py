@@ -1,0 +1,153 @@
+"""Chunks that are not stored one by one: ZRAN and batch chunks (spec §2.4, §2.5).
+
+Most chunks are a compressed extent of their own in the data blob, and the bootstrap's
+chunk record says where. Two kinds are not:
+
+* **ZRAN** (``targz-ref``): the data blob is the original gzip layer; a chunk is a slice
+  of the output of one inflate *context* (see :mod:`pynydus.rafs.format.zran`). The
+  chunk-info array, contexts and dictionaries live in a separate meta blob named by the
+  blob table's ``blob_meta_digest``.
+* **batch** (``--batch-size``): small chunks concatenated and compressed as one unit; a
+  chunk is a slice of the decompressed batch. The chunk-info array is in the blob itself.
+
+Both are a :class:`Span`: a compressed extent of the data blob that decodes to a buffer
+holding several chunks. :class:`SpanMap` (built from the blob's chunk-info array, which
+only these blobs need) tells which span holds a chunk and where in it; reading the
+span's bytes is the caller's business (a blob file, a registry, a cache), so this stays
+free of I/O apart from :func:`load_span_map`, which is handed the read function.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pynydus.errors import FormatError
+from pynydus.rafs.format import BlobFeatures, Compressor, decompress
+from pynydus.rafs.format.blobmeta import (
+    BLOB_CCT_HEADER_SIZE,
+    BatchContext,
+    BlobChunkInfo,
+    BlobMeta,
+    ChunkInfoFlags,
+    parse_blob_meta,
+)
+from pynydus.rafs.format.zran import ZranTable, inflate_context
+from pynydus.rafs.read.bootstrap import BlobInfo
+
+#: ``read_range(blob_id, offset, length) -> bytes``: exactly ``length`` bytes, or raise.
+ReadRange = Callable[[str, int, int], bytes]
+
+ZRAN, BATCH = "zran", "batch"
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A compressed extent of a data blob that decodes to ``out_len`` bytes holding
+    several chunks: ZRAN context or batch number ``index``."""
+
+    kind: str
+    index: int
+    offset: int
+    size: int
+    out_len: int
+
+
+def has_spans(blob: BlobInfo) -> bool:
+    """Whether a blob's chunks may live in spans (ZRAN or batch blobs)."""
+    return bool(blob.features & (BlobFeatures.ZRAN | BlobFeatures.BATCH))
+
+
+def meta_blob_id(blob: BlobInfo) -> str:
+    """The blob holding ``blob``'s chunk-info array: the separate meta blob of a ZRAN
+    image (``blob_meta_digest``), else the data blob itself."""
+    if blob.features & BlobFeatures.SEPARATE:
+        return blob.blob_meta_digest.hex()
+    return blob.blob_id
+
+
+class SpanMap:
+    """Which span holds each chunk of one ZRAN or batch blob. Thread-safe (read-only)."""
+
+    def __init__(self, blob: BlobInfo, meta: BlobMeta) -> None:
+        self.blob = blob
+        self.meta = meta
+        self._zran = ZranTable.from_meta(meta) if blob.features & BlobFeatures.ZRAN else None
+        self._batches: list[BatchContext] = []
+        if blob.features & BlobFeatures.BATCH:
+            self._batches = [c for c in meta.contexts() if isinstance(c, BatchContext)]
+
+    def chunk_info(self, index: int) -> BlobChunkInfo:
+        return self.meta.chunk(index)
+
+    def locate(self, index: int) -> tuple[Span, int] | None:
+        """(span, offset of the chunk in the span's output) of chunk ``index``, or None
+        when the chunk is stored on its own. FormatError if its entry is inconsistent."""
+        ci = self.meta.chunk(index)
+        sub, inner = ci.data >> 32, ci.data & 0xFFFF_FFFF
+        if ci.flags & ChunkInfoFlags.ZRAN:
+            if self._zran is None or sub >= len(self._zran.contexts):
+                raise FormatError(f"blob {self.blob.blob_id} chunk {index}: zran context {sub} "
+                                  f"does not exist")
+            ctx = self._zran.contexts[sub]
+            span = Span(ZRAN, sub, ctx.in_offset, ctx.in_len, ctx.out_len)
+        elif ci.flags & ChunkInfoFlags.BATCH:
+            if sub >= len(self._batches):
+                raise FormatError(f"blob {self.blob.blob_id} chunk {index}: batch {sub} "
+                                  f"does not exist")
+            b = self._batches[sub]
+            span = Span(BATCH, sub, ci.compressed_offset, b.compressed_size,
+                        b.uncompressed_batch_size)
+        else:
+            return None
+        if inner + ci.uncompressed_size > span.out_len:
+            raise FormatError(f"blob {self.blob.blob_id} chunk {index}: {inner}+"
+                              f"{ci.uncompressed_size} beyond its {span.kind} span of "
+                              f"{span.out_len} bytes")
+        return span, inner
+
+    def decode(self, span: Span, raw: bytes | memoryview, want: int | None = None) -> bytes:
+        """The output of ``span`` (its first ``want`` bytes if given) from its
+        ``span.size`` compressed bytes."""
+        if span.kind == ZRAN:
+            assert self._zran is not None
+            return inflate_context(self._zran.contexts[span.index],
+                                   self._zran.window(span.index), raw, want)
+        algo = self.blob.compressor if span.size != span.out_len else Compressor.NONE
+        try:
+            out = decompress(raw, algo, span.out_len)
+        except FormatError as err:
+            raise FormatError(f"blob {self.blob.blob_id} batch {span.index}: {err}") from err
+        return out if want is None else out[:want]
+
+
+def load_span_map(blob: BlobInfo, read_range: ReadRange) -> SpanMap:
+    """Read and validate the chunk-info array of ``blob`` (from its meta blob for ZRAN)."""
+    raw = read_range(meta_blob_id(blob), blob.ci_offset,
+                     blob.ci_compressed_size + BLOB_CCT_HEADER_SIZE)
+    return SpanMap(blob, parse_blob_meta(raw, blob))
+
+
+class SpanCache:
+    """The last few decoded spans (a ZRAN context inflates to megabytes; chunks of one
+    context are usually read together). Not thread-safe: one per reader."""
+
+    def __init__(self, spans: SpanMap, read_span: Callable[[Span], bytes],
+                 keep: int = 4) -> None:
+        self.spans = spans
+        self.read_span = read_span
+        self.keep = keep
+        self._out: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    def chunk(self, span: Span, inner: int, size: int) -> bytes:
+        key = (span.kind, span.index)
+        out = self._out.get(key)
+        if out is None:
+            out = self.spans.decode(span, self.read_span(span))
+            self._out[key] = out
+            while len(self._out) > self.keep:
+                self._out.popitem(last=False)
+        else:
+            self._out.move_to_end(key)
+        return out[inner:inner + size]
