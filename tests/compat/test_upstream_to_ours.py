@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.rafs_layers import Ent
 from tests.integration.rafs.erofs_harness import Rec, snapshot
 
 from .conftest import ServeFn
-from .trees import rich_tree, tar_of
+from .trees import T1, rich_tree, tar_of, write_layers
 from .upstream import UpstreamFailed, check_view, nydus_image
 from .views import assert_served, assert_unpack_agrees, assert_views_agree, no_sockets
 
@@ -241,3 +242,23 @@ def test_upstream_tar_keeps_subsecond_mtimes(workdir: Path) -> None:
     line = next(ln for ln in view.output.splitlines() if '"/f"' in ln)
     if view.inodes[b"/f"].mtime_nsec != 123_456_789:
         raise UpstreamBug(line)
+
+
+FIFO_EVIDENCE = "numeric field was not a number:  when getting device_major for pipe"
+
+
+@pytest.mark.xfail(raises=UpstreamBug, strict=True, reason=(
+    "nydus-image 2.2 reads device numbers of a tar fifo entry and fails when the fields "
+    "are empty, as Python's tarfile writes them (ustar defines devmajor/devminor for "
+    "character and block devices only): 'failed to get device major from tar entry' / "
+    "'numeric field was not a number:  when getting device_major for pipe'"))
+def test_upstream_builds_fifo_without_device_numbers(workdir: Path, serve: ServeFn) -> None:
+    layers = [[Ent("fifo", "pipe", mtime=T1), Ent("file", "f", data=b"f", mtime=T1)]]
+    (tar,) = write_layers(layers, workdir / "tars", numeric_fifo_devs=False)
+    work = workdir / "img"
+    (work / "blobs").mkdir(parents=True)
+    with upstream_bug(FIFO_EVIDENCE):
+        nydus_image("create", "-t", "tar-rafs", "-B", work / "image.boot", "-D",
+                    work / "blobs", tar)
+    mnt = serve("pynydusd", work / "image.boot", work / "blobs")
+    assert sorted(os.listdir(mnt)) == ["f", "pipe"]

@@ -71,7 +71,7 @@ def layered_image() -> list[list[Ent]]:
         Ent("dir", "usr", mtime=T1, **d), Ent("dir", "usr/bin", mtime=T1, **d),
         Ent("file", "usr/bin/tool", data=BIG, mode=0o755, mtime=T1,
             xattrs={"user.origin": b"layer1"}),
-        Ent("hardlink", "usr/bin/tool-alias", link="usr/bin/tool", mtime=T1),
+        Ent("hardlink", "usr/bin/tool-alias", link="usr/bin/tool", mode=0o755, mtime=T1),
         Ent("symlink", "usr/bin/short", link="tool", mode=0o777, mtime=T1),
         Ent("symlink", "usr/bin/long", link="/" + "p" * 3000, mode=0o777, mtime=T1),
         Ent("dir", "etc", mtime=T1, **d),
@@ -100,7 +100,7 @@ def layered_image() -> list[list[Ent]]:
         Ent("file", "opt/was-dir", data=b"now a file\n", mtime=T2),
         Ent("file", "opt/copy-of-tool", data=BIG, mtime=T2),  # same chunks as layer 1
         Ent("file", "opt/pair-a", data=b"pair\n", mtime=T2, xattrs={"user.pair": b"1"}),
-        Ent("hardlink", "opt/pair-b", link="opt/pair-a", mtime=T2),
+        Ent("hardlink", "opt/pair-b", link="opt/pair-a", mtime=T2),  # same mode as pair-a
     ]
     l3 = [
         Ent("dir", "srv", mtime=T3, **d), Ent("opq", "srv/.wh..wh..opq"),
@@ -113,18 +113,52 @@ def layered_image() -> list[list[Ent]]:
 
 
 def random_image(seed: int, n_layers: int = 3) -> list[list[Ent]]:
-    """The merge property tests' random layers for one seed (deterministic)."""
+    """The merge property tests' random layers for one seed (deterministic), each hardlink
+    entry carrying its target's mode, owner and mtime, as tar writers (GNU tar, Go's
+    archive/tar) write them: nydus-image 2.2 gives the file the hardlink entry's
+    attributes (see test_upstream_hardlink_entry_keeps_target_attributes)."""
+    import dataclasses
     import random
 
-    return random_layers(random.Random(seed), n_layers, explicit_dirs=True)
+    layers = random_layers(random.Random(seed), n_layers, explicit_dirs=True)
+    for ents in layers:
+        by_path = {e.path: e for e in ents}
+        for i, e in enumerate(ents):
+            if e.kind == "hardlink":
+                t = by_path[e.link]
+                ents[i] = dataclasses.replace(e, mode=t.mode, uid=t.uid, gid=t.gid,
+                                              mtime=t.mtime)
+    return layers
 
 
-def write_layers(layers: list[list[Ent]], out: Path) -> list[Path]:
-    """Each layer as ``out/layerN.tar``."""
+def write_layers(layers: list[list[Ent]], out: Path, *, numeric_fifo_devs: bool = True
+                 ) -> list[Path]:
+    """Each layer as ``out/layerN.tar``.
+
+    ``numeric_fifo_devs``: give fifo entries device numbers 0/0, as GNU tar and Go's
+    archive/tar write them; Python's tarfile leaves the fields empty (they mean nothing
+    for a fifo), which nydus-image 2.2 cannot parse (docs/compat.md)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, ents in enumerate(layers):
         p = out / f"layer{i}.tar"
-        p.write_bytes(layer_tar(ents))
+        data = layer_tar(ents)
+        p.write_bytes(fifo_devs_numeric(data) if numeric_fifo_devs else data)
         paths.append(p)
     return paths
+
+
+def fifo_devs_numeric(tar: bytes) -> bytes:
+    """``tar`` with each fifo header's empty devmajor/devminor set to octal 0."""
+    out = bytearray(tar)
+    pos = 0
+    while pos + 512 <= len(out) and any(out[pos:pos + 512]):
+        h = out[pos:pos + 512]
+        size = int(bytes(h[124:136]).rstrip(b"\0 ") or b"0", 8)
+        if h[156:157] == b"6":
+            h[329:345] = b"0000000\0" * 2
+            h[148:156] = b" " * 8
+            h[148:156] = b"%06o\0 " % sum(h)
+            out[pos:pos + 512] = h
+        pos += 512 + (size + 511) // 512 * 512
+    return bytes(out)

@@ -29,6 +29,10 @@ def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--chunk-dict", help="bootstrap whose chunks are reused instead of stored again")
     b.add_argument("--parent-bootstrap", help="build this layer on top of a parent image")
     b.add_argument("--prefetch-files", help="file with one absolute path per line")
+    b.add_argument("--whiteout-spec", default="overlayfs", choices=["overlayfs", "oci", "none"],
+                   help="what a layer's OCI whiteouts become: overlayfs whiteouts (default), "
+                        "applied to the layer itself (oci), or kept as files for a later "
+                        "merge (none, as converters build layers)")
     b.add_argument("--output-json", help="write the build report here")
     b.add_argument("--progress", default="auto", choices=["auto", "line", "plain", "quiet"],
                    help="on stderr: line (one line rewritten), plain (a line every 5 s), "
@@ -88,6 +92,7 @@ def _build(args: argparse.Namespace) -> int:
             compressor=args.compressor, digester=args.digester, chunk_size=args.chunk_size,
             chunk_dict=args.chunk_dict, parent_bootstrap=args.parent_bootstrap,
             prefetch_files=_lines(args.prefetch_files), output_json=args.output_json,
+            whiteout_spec=args.whiteout_spec,
             progress=show, progress_interval=0.5 if mode == "line" else 5.0,
         )
     finally:

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pynydus.errors import InvalidArgument
@@ -48,7 +48,8 @@ from pynydus.rafs.builder import (
     load_bootstrap,
     write_bootstrap,
 )
-from pynydus.rafs.format import parse_compressor, parse_digester
+from pynydus.rafs.format import BlobFeatures, parse_compressor, parse_digester
+from pynydus.rafs.format import layout as L
 from pynydus.rafs.source import normalize_path
 from pynydus.registry.errors import DigestMismatch
 
@@ -58,7 +59,7 @@ from .pack import inline_bootstrap
 
 __all__ = ["BuildOptions", "LayerJob", "LayerResult", "cache_key", "convert_layer", "lookup_cache"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the embedded layer bootstrap flags its blob INLINED_FS_META
 Progress = Callable[[int, str, int], None]
 """(layer index, event, value): "bytes" with a byte count, "done" with 0."""
 
@@ -253,6 +254,8 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
         builder_blob = new[0].path if new else None
         with open(raw_boot, "rb") as f:
             layer_boot = f.read()
+        if new:
+            layer_boot = _flag_inline_meta(layer_boot, new[0].blob_id)
         blob = inline_bootstrap(builder_blob, layer_boot, blobs_dir, consume=True)
         boot_out = os.path.join(boots_dir, blob.digest.split(":", 1)[1] + ".boot")
         _retarget_bootstrap(raw_boot, boot_out, new[0].blob_id if new else None, blob, opts)
@@ -286,6 +289,23 @@ def _chunk_dict(opts: BuildOptions, lower: tuple[tuple[str, str], ...]) -> Any:
         for d, ref in chunk_dict_from_tree(load_bootstrap(boot).tree).items():
             out.setdefault(d, ref)
     return out
+
+
+def _flag_inline_meta(boot: bytes, builder_id: str) -> bytes:
+    """The layer bootstrap as its blob carries it: its own blob flagged INLINED_FS_META,
+    as ``nydus-image create --blob-inline-meta`` writes it. A reader that opens the pushed
+    blob as a bootstrap (upstream's ``nydus-image check``/``inspect``, nydusd) names the
+    blobs so flagged after the file, since the table still holds the builder's id; without
+    the flag upstream looks for a blob named by the builder's id and fails."""
+    out = bytearray(boot)
+    ext = L.RafsV6SuperBlockExt.unpack(out, L.RAFS_V6_EXT_SUPER_OFFSET)
+    for off in range(ext.blob_table_offset, ext.blob_table_offset + ext.blob_table_size,
+                     L.RafsV6Blob.SIZE):
+        entry = L.RafsV6Blob.unpack(out, off)
+        if entry.blob_id.decode("latin-1") == builder_id:
+            flagged = replace(entry, features=entry.features | BlobFeatures.INLINED_FS_META)
+            out[off:off + L.RafsV6Blob.SIZE] = flagged.pack()
+    return bytes(out)
 
 
 def _retarget_bootstrap(src: str, dst: str, builder_id: str | None, blob: Any,
