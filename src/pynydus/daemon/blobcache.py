@@ -22,7 +22,10 @@ the read fails (EIO at the FUSE edge) and the log names the blob and chunk.
 ZRAN and batch chunks (``ChunkRef.span``) are slices of a *span*: a compressed extent
 holding several chunks (a gzip layer's inflate context, a batch). Their ``c_off``/
 ``c_size`` are the span's extent, so chunks of one span group into one request; the
-span is decoded once per fetch and each chunk cut out of it.
+span is decoded once per fetch and each chunk cut out of it. Decoding a span costs the
+same however few of its chunks are wanted (a ZRAN context inflates to megabytes), so
+its other chunks are stored too (``span_members``) unless chunks are validated (their
+digests are not at hand).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class BlobCache:
         chunk_at: Callable[[int], ChunkRef | None],
         *,
         decode_span: Callable[[Span, bytes], bytes] | None = None,
+        span_members: Callable[[Span], list[ChunkRef]] | None = None,
         validate: bool = False,
         amplify_io: int = 1 << 20,
         stats: CacheStats | None = None,
@@ -108,6 +112,7 @@ class BlobCache:
         self.backend = backend
         self.chunk_at = chunk_at
         self.decode_span = decode_span
+        self.span_members = span_members
         self.validate = validate
         self.amplify_io = amplify_io
         self.stats = stats or CacheStats()
@@ -319,7 +324,27 @@ class BlobCache:
             ready.append(c.index)
         self.chunk_map.set_ready(ready)
         self.stats.add(misses=len(group))
+        if spans and self.span_members is not None and not self.validate:
+            self._store_span_members(spans)
         return end - start
+
+    def _store_span_members(self, spans: dict[Span, bytes]) -> None:
+        """Store the chunks of decoded spans that nobody has or is fetching."""
+        extra: list[tuple[ChunkRef, bytes]] = []
+        with self._lock:
+            for span, out in spans.items():
+                assert self.span_members is not None
+                for m in self.span_members(span):
+                    if m.index in self._claims or self.chunk_map.is_ready(m.index):
+                        continue
+                    self._claims[m.index] = _Claim()
+                    extra.append((m, out))
+        try:
+            for m, out in extra:
+                os.pwrite(self._fd, out[m.span_offset:m.span_offset + m.u_size], m.u_off)
+            self.chunk_map.set_ready([m.index for m, _ in extra])
+        finally:
+            self._release([m for m, _ in extra], None)
 
     def _decode(self, c: ChunkRef, payload: bytes, spans: dict[Span, bytes]) -> bytes | None:
         """The chunk's bytes, or None when they are corrupt (the caller fetches again)."""

@@ -27,7 +27,7 @@ from pynydus.daemon.config import NydusdConfig
 from pynydus.daemon.metrics import CacheStats, FsStats
 from pynydus.errors import FormatError, NotImplementedFeature
 from pynydus.rafs.read import ChunkRead, FileChunk, open_bootstrap
-from pynydus.rafs.read.spans import SpanMap, has_spans, load_span_map
+from pynydus.rafs.read.spans import Span, SpanMap, has_spans, load_span_map
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class RafsInstance:
                     self.config.cache.work_dir, self.bs.blobs[blob_index], self.backend,
                     self._chunk_lookup(blob_index) if spans is None else _no_chunk,
                     decode_span=None if spans is None else spans.decode,
+                    span_members=None if spans is None else self._span_members(spans),
                     validate=self.config.cache.validate or self.config.rafs.validate,
                     amplify_io=self.config.rafs.batch_size, stats=self.cache_stats,
                 )
@@ -146,6 +147,23 @@ class RafsInstance:
         return ChunkRef(index=c.index, c_off=span.offset, c_size=span.size,
                         u_off=c.uncompressed_offset, u_size=c.uncompressed_size, compressed=True,
                         digest=c.digest or b"", span=span, span_offset=inner)
+
+    @staticmethod
+    def _span_members(spans: SpanMap) -> Callable[[Span], list[ChunkRef]]:
+        """The cache references of every chunk of a span (from the chunk-info array: no
+        digest, so they are stored only when chunks are not validated)."""
+
+        def members(span: Span) -> list[ChunkRef]:
+            out = []
+            for i in spans.members(span):
+                ci = spans.chunk_info(i)
+                out.append(ChunkRef(index=i, c_off=span.offset, c_size=span.size,
+                                    u_off=ci.uncompressed_offset, u_size=ci.uncompressed_size,
+                                    compressed=True, span=span,
+                                    span_offset=ci.data & 0xFFFF_FFFF))
+            return out
+
+        return members
 
     def _chunk_lookup(self, blob_index: int) -> Callable[[int], ChunkRef | None]:
         """``chunk index -> ChunkRef`` of one blob, for read amplification (amplify_io),

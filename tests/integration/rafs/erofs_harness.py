@@ -6,7 +6,9 @@
 * :func:`fsck` runs ``fsck.erofs`` with one ``--device`` per blob.
 * :func:`materialize` turns a (possibly compressed) Nydus blob into its
   uncompressed address space using only the blob's own TOC and chunk-info array,
-  which is what a kernel device must contain.
+  which is what a kernel device must contain. Given the bootstrap, the chunk-info
+  array and header it decoded (with the code under test) must equal what upstream's
+  ``nydus-image check`` decodes from the same blob (:func:`upstream_blob_meta`).
 * :func:`make_rich_tree` creates a directory with every entry type and attribute
   the builder has to carry; :func:`snapshot` / :func:`assert_same_tree` compare two
   trees path by path (type, mode, ids, size, mtime, link, xattrs, rdev, bytes,
@@ -20,6 +22,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import shutil
 import socket
 import stat
 import struct
@@ -79,11 +82,29 @@ def fsck(bootstrap: str | Path, blobs: Sequence[str | Path], *extra: str) -> str
     return p.stderr
 
 
-def materialize(blob: str | Path, out: str | Path) -> int:
+def upstream_blob_meta(bootstrap: str | Path, blob: str | Path) -> bytes:
+    """The chunk-info array and its header as upstream decodes them: ``nydus-image
+    check -D`` over a copy of the blob writes ``<blob id>.blob.meta`` to its cache dir,
+    the uncompressed array padded to 4 KiB and then the 4096-byte header. (nydus-image
+    2.2 cannot check an image with POSIX ACLs, docs/compat.md: use a tree without.)"""
+    from tests.harness.peers import peer_bin
+
+    blob = Path(blob)
+    with tempfile.TemporaryDirectory(prefix="pn-upmeta-") as d:
+        shutil.copyfile(blob, Path(d) / blob.name)
+        p = subprocess.run([str(peer_bin("nydus-rs", "nydus-image")), "check", "--log-level",
+                            "warn", "-D", d, os.fspath(bootstrap)],
+                           capture_output=True, text=True, timeout=300, check=False)
+        assert p.returncode == 0, f"upstream check of {blob.name}: {p.stdout}{p.stderr}"
+        return (Path(d) / f"{blob.name}.blob.meta").read_bytes()
+
+
+def materialize(blob: str | Path, out: str | Path, bootstrap: str | Path | None = None) -> int:
     """Write the uncompressed address space of a Nydus blob; return its size.
 
     Uses the blob's TOC, compressed chunk-info array and header only (not the
-    bootstrap), so this also checks that the blob is self-describing.
+    bootstrap), so this also checks that the blob is self-describing. With the
+    ``bootstrap``, upstream referees that decoding (:func:`upstream_blob_meta`).
     """
     data = Path(blob).read_bytes()
     toc = {e.entry_name: e for e in blobmeta.unpack_toc(data[-min(4096, len(data)) :])}
@@ -96,6 +117,10 @@ def materialize(blob: str | Path, out: str | Path) -> int:
         data, meta.compressed_offset + meta.compressed_size
     )
     assert hdr.magic == hdr.magic2 == blobmeta.BLOB_CCT_MAGIC
+    if bootstrap is not None:
+        theirs = upstream_blob_meta(bootstrap, blob)
+        assert theirs[: len(ci_buf)] == ci_buf, "chunk-info array differs from upstream's decoding"
+        assert theirs[-4096:] == hdr.pack(), "blob meta header differs from upstream's decoding"
     arr = blobmeta.ChunkInfoArray(ci_buf, hdr.ci_entries, v2=False)
     size = 0
     with open(out, "wb") as f:

@@ -9,7 +9,7 @@ import pytest
 from pynydus.daemon.blobcache import BlobCache, ChunkRef, LocalFsBackend, plan_ranges
 from pynydus.daemon.chunkmap import HEADER_SIZE, ChunkMap
 from pynydus.errors import FormatError, Unavailable
-from pynydus.rafs.format import Compressor, Digester, compress, digest
+from pynydus.rafs.format import Compressor, Digester, compress, decompress, digest
 from pynydus.rafs.read import BlobInfo
 
 CHUNK = 64 << 10
@@ -179,3 +179,48 @@ def test_plan_ranges_bridges_small_gaps_only() -> None:
     groups = plan_ranges(c, 1 << 20)
     assert [[x.index for x in g] for g in groups] == [[0, 1, 2], [3]]
     assert [[x.index for x in g] for g in plan_ranges(c, 250)] == [[0, 1], [2], [3]]
+
+
+def test_span_is_fetched_and_decoded_once_for_all_its_chunks(tmp_path: Path) -> None:
+    """Batch/ZRAN chunks: one request for the span; decoding it stores its other chunks
+    too (unless chunks are validated: their digests are not at hand)."""
+    from pynydus.rafs.read.spans import BATCH, Span
+
+    members = [os.urandom(1000), b"m" * 3000, b"tail"]
+    buf = b"".join(members)
+    packed, _ = compress(buf, Compressor.ZSTD)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / BLOB_ID).write_bytes(b"\0" * 100 + bytes(packed))
+    span = Span(BATCH, 0, 100, len(packed), len(buf))
+    offs = [0, 1000, 4000]
+    refs = [ChunkRef(i, span.offset, span.size, i * 4096, len(m), True,
+                     digest(m, Digester.BLAKE3), span, o)
+            for i, (m, o) in enumerate(zip(members, offs))]
+    ref = BlobInfo(index=0, blob_id=BLOB_ID, compressor=Compressor.ZSTD,
+                   digester=Digester.BLAKE3, chunk_size=CHUNK, chunk_count=3,
+                   compressed_size=100 + len(packed), uncompressed_size=3 * 4096)
+    decodes: list[Span] = []
+
+    def decode(s: Span, raw: bytes) -> bytes:
+        decodes.append(s)
+        return decompress(raw, Compressor.ZSTD, len(buf))
+
+    for validate, stored in ((False, [True, True, True]), (True, [False, True, False])):
+        work = tmp_path / f"v{validate}"
+        be = CountingBackend(str(tmp_path / "blobs"))
+        bc = BlobCache(str(work), ref, be, lambda i: None, decode_span=decode,
+                       span_members=lambda s: refs, validate=validate)
+        decodes.clear()
+        assert bc.read([(refs[1], 10, 100)]) == members[1][10:110]
+        assert be.requests == [(100, len(packed))] and len(decodes) == 1
+        assert [bc.chunk_map.is_ready(i) for i in range(3)] == stored
+        assert bc.read([(refs[2], 0, 4)]) == b"tail"
+        assert bc.read([(refs[0], 0, 1000)]) == members[0]
+        bc.close()
+    # Two chunks of one span in one read: one request, one decode.
+    be = CountingBackend(str(tmp_path / "blobs"))
+    bc = BlobCache(str(tmp_path / "both"), ref, be, lambda i: None, decode_span=decode)
+    decodes.clear()
+    assert bc.read([(refs[0], 0, 1000), (refs[1], 0, 3000)]) == members[0] + members[1]
+    assert len(be.requests) == 1 and len(decodes) == 1
+    bc.close()

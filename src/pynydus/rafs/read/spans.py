@@ -19,6 +19,7 @@ free of I/O apart from :func:`load_span_map`, which is handed the read function.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ class SpanMap:
         self.blob = blob
         self.meta = meta
         self._zran = ZranTable.from_meta(meta) if blob.features & BlobFeatures.ZRAN else None
+        self._members: dict[tuple[str, int], list[int]] | None = None
+        self._members_lock = threading.Lock()
         self._batches: list[BatchContext] = []
         if blob.features & BlobFeatures.BATCH:
             self._batches = [c for c in meta.contexts() if isinstance(c, BatchContext)]
@@ -106,6 +109,18 @@ class SpanMap:
                               f"{ci.uncompressed_size} beyond its {span.kind} span of "
                               f"{span.out_len} bytes")
         return span, inner
+
+    def members(self, span: Span) -> list[int]:
+        """Indexes of every chunk ``span`` holds (the whole array is scanned once)."""
+        with self._members_lock:
+            if self._members is None:
+                found: dict[tuple[str, int], list[int]] = {}
+                for i in range(self.meta.chunk_count):
+                    at = self.locate(i)
+                    if at is not None:
+                        found.setdefault((at[0].kind, at[0].index), []).append(i)
+                self._members = found
+            return self._members.get((span.kind, span.index), [])
 
     def decode(self, span: Span, raw: bytes | memoryview, want: int | None = None) -> bytes:
         """The output of ``span`` (its first ``want`` bytes if given) from its
