@@ -40,6 +40,13 @@ CELLS = {
         "3", "merges crossed",
         ("layers built by one side, merged by the other, served by a daemon; "
          "the mount equals the OCI layer application computed on its own")),
+    "test_dropin_cli": (
+        "4", "drop-in `nydus-image` against upstream's",
+        ("our `nydus-image` and upstream's on the same inputs: `-J` documents, check "
+         "reports, `inspect -R` answers, unpacked tars, exit codes")),
+    "test_daemon_api": (
+        "5", "the nydusd HTTP API across implementations",
+        ("upstream `nydusctl` against pynydusd, our manager against upstream `nydusd`")),
 }
 
 NOT_APPLICABLE = [
