@@ -11,8 +11,10 @@ a block that does not parse means there, is :class:`pynydus.rafs.source.tarsourc
 The parsers accept exactly what :mod:`tarfile` accepts for the header types in
 :data:`PLAIN_TYPES` and :data:`EXT_TYPES` (same checksum rule, same number
 spellings), and return None for well-formed input tarfile may read differently
-(other typeflags, sparse files, ``hdrcharset``), so that the caller can hand it
-to tarfile. They exist because tarfile costs ~25 µs per member (a TarInfo, a
+(other typeflags, ``hdrcharset``), so that the caller can hand it to tarfile.
+GNU sparse members (the ``S`` typeflag, ``GNU.sparse.*`` records) are read here
+too, their maps by :mod:`pynydus.rafs.format.tarsparse`: tarfile loops forever
+over an overlapping map and reads whatever real size a header claims. They exist because tarfile costs ~25 µs per member (a TarInfo, a
 dozen nti/nts calls, two 512-element checksum sums), a large share of a big
 layer's main-thread time. Damage is told apart, not handed on: after the first
 member tarfile takes a damaged header for the end of the archive, and it reads
@@ -32,6 +34,7 @@ __all__ = [
     "BLOCK",
     "EXT_TYPES",
     "PLAIN_TYPES",
+    "SPARSE_TYPE",
     "ZERO_BLOCK",
     "Header",
     "apply_pax",
@@ -51,6 +54,8 @@ PLAIN_TYPES = frozenset((b"0", b"\0", b"7", b"1", b"2", b"3", b"4", b"5", b"6"))
 # ... and the headers that qualify the member after them: PAX extended and global
 # records, GNU long name and long link target.
 EXT_TYPES = frozenset((b"x", b"g", b"L", b"K"))
+# ... and the old GNU sparse member, whose map follows in its header (tarsparse).
+SPARSE_TYPE = b"S"
 
 # type, name, mode, uid, gid, size, mtime, linkname, devmajor, devminor, prefix
 Header = tuple[bytes, bytes, int, int, int, int, int, bytes, int, int, bytes]
@@ -102,8 +107,9 @@ def _octal(field: bytes) -> int:
 
 def parse_header(buf: bytes) -> Header | None:
     """The fields of one tar header block, or None unless it is a well-formed
-    header of a type in :data:`PLAIN_TYPES` or :data:`EXT_TYPES` with a
-    non-negative size.
+    header of a type in :data:`PLAIN_TYPES` or :data:`EXT_TYPES` or
+    :data:`SPARSE_TYPE` with a non-negative size (for ``S`` the prefix field holds
+    the sparse map: the caller ignores it).
 
     Well-formed as tarfile judges it: 512 bytes, not all zero, the checksum equal
     to the unsigned or the signed byte sum (the checksum field counted as spaces),
@@ -118,7 +124,7 @@ def parse_header(buf: bytes) -> Header | None:
     if total == 0:
         return None  # the zero block that ends an archive
     flag = buf[156:157]
-    if flag not in PLAIN_TYPES and flag not in EXT_TYPES:
+    if flag not in PLAIN_TYPES and flag not in EXT_TYPES and flag != SPARSE_TYPE:
         return None
     try:
         key = buf[100:124]
@@ -198,11 +204,16 @@ _NUMBER_FIELDS = (
 )
 
 
-def pax_records(payload: bytes, size: int) -> dict[bytes, bytes] | None:
+def pax_records(
+    payload: bytes, size: int, *, charset_ok: bool = False
+) -> dict[bytes, bytes] | None:
     """The ``LENGTH KEY=VALUE\\n`` records in the first ``size`` bytes of a PAX
     header's data (``payload``, at least ``size`` bytes); None if the header needs
-    tarfile: ``hdrcharset`` (tarfile validates it) and ``GNU.sparse.*`` records
-    (sparse files). A key given twice keeps its first place and its last value.
+    tarfile: ``hdrcharset`` (tarfile validates it) without ``GNU.sparse.*`` records
+    (sparse members are read here whatever their charset: names stay bytes). A key
+    given twice keeps its first place and its last value (sparse format 0.0 repeats
+    keys: :func:`~pynydus.rafs.format.tarsparse.pax_00_extents` reads the payload).
+    ``charset_ok`` returns the records of a ``hdrcharset`` header too.
 
     ValueError, naming the byte, for a record whose length does not end it at a
     newline (zero, past ``size``, too short), one with no length or no key, and
@@ -233,7 +244,11 @@ def pax_records(payload: bytes, size: int) -> dict[bytes, bytes] | None:
         pos = end
     if payload.count(0, pos, size) != size - pos:
         raise ValueError(f"PAX data: bytes other than NUL after the last record, at byte {pos}")
-    if payload.find(b"hdrcharset=", 0, size) >= 0 or payload.find(b"GNU.sparse.", 0, size) >= 0:
+    if (
+        not charset_ok
+        and payload.find(b"hdrcharset=", 0, size) >= 0
+        and payload.find(b"GNU.sparse.", 0, size) < 0
+    ):
         return None
     return records
 

@@ -20,9 +20,11 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.decoder import DECODE_ERRORS, LayerStream, absolute_seek
+from pynydus.rafs.format import tarsparse
 from pynydus.rafs.format.tarheader import (
     BLOCK,
     EXT_TYPES,
+    SPARSE_TYPE,
     ZERO_BLOCK,
     Header,
     apply_pax,
@@ -42,8 +44,10 @@ __all__ = ["TarSource"]
 # Headers are parsed by pynydus.rafs.format.tarheader, not by tarfile (which costs ~25 µs a
 # member). A member whose header chain (PAX ``x``/``g``, GNU ``L``/``K``, then the
 # member's own header) parses and holds only ordinary PAX records is built here,
-# applying the chain as tarfile does. Well-formed members of other kinds -- GNU
-# sparse, vendor typeflags, ``hdrcharset`` -- are handed to tarfile together with
+# applying the chain as tarfile does. GNU sparse members are built here too, from
+# maps tarsparse checks (tarfile loops forever over an overlapping map and reads
+# every byte of whatever real size a header claims). Well-formed members of other
+# kinds -- vendor typeflags, ``hdrcharset`` -- are handed to tarfile together with
 # the blocks already taken for them (:class:`_Replay`), and tarfile reads them as
 # it always did.
 #
@@ -167,7 +171,7 @@ def _member_entry(m: tarfile.TarInfo, base: int) -> Entry | None:
     normalize_path(name)
     pax = {_enc(k): _enc(v) for k, v in m.pax_headers.items()}
     mtime = _mtime(name, pax, m.mtime)
-    if m.isreg():  # REGTYPE, AREGTYPE, CONTTYPE, GNU sparse
+    if m.isreg():  # REGTYPE, AREGTYPE, CONTTYPE
         etype = EntryType.REG
     elif m.isdir():
         etype = EntryType.DIR
@@ -192,7 +196,7 @@ def _member_entry(m: tarfile.TarInfo, base: int) -> Entry | None:
         _enc(m.linkname),
         (m.devmajor, m.devminor),
         _tar_xattrs(pax),
-        None if m.issparse() else base + m.offset_data,
+        base + m.offset_data,
     )
 
 
@@ -257,18 +261,45 @@ class _Slice:
         return data
 
 
-class _TarData:
-    """File data tarfile reads for a sparse member; corrupt data is a FormatError."""
+# Holes read as views of this (a builder reads a chunk at a time).
+_ZEROS = bytes(1 << 20)
 
-    def __init__(self, f: BinaryIO, path: bytes) -> None:
-        self._f = f
+
+class _SparseSlice:
+    """A sparse member's file: its data extents, stored back to back at the stream's
+    position, with zeros in between and after; a truncated or corrupt stream is a
+    FormatError or a short file, as for :class:`_Slice`."""
+
+    def __init__(self, stream: LayerStream, smap: tarsparse.SparseMap, path: bytes) -> None:
+        self._stream = stream
+        self._size = smap.real_size
+        self._extents = smap.extents
+        self._next = 0  # index of the extent at or after the position
+        self._pos = 0
         self._path = path
 
     def read(self, n: int = -1, /) -> bytes | memoryview:
-        try:
-            return self._f.read(n)
-        except _DECODE_ERRORS as err:
-            raise FormatError(f"layer tar: data of {self._path!r}: {err}") from err
+        left = self._size - self._pos
+        n = left if n < 0 else min(n, left)
+        if n <= 0:
+            return b""
+        if self._next < len(self._extents):
+            off, length = self._extents[self._next]
+            if self._pos >= off:  # inside the extent: its stored bytes
+                n = min(n, off + length - self._pos)
+                try:
+                    data = self._stream.read_view(n)
+                except _DECODE_ERRORS as err:
+                    raise FormatError(f"layer tar: data of {self._path!r}: {err}") from err
+                self._pos += len(data)
+                if len(data) < n:
+                    self._size = self._pos  # the stream ended early: a short file
+                elif self._pos == off + length:
+                    self._next += 1
+                return data
+            n = min(n, off - self._pos)  # a hole up to the extent
+        self._pos += n
+        return memoryview(_ZEROS)[:n] if n <= len(_ZEROS) else bytes(n)
 
 
 class _Replay:
@@ -315,11 +346,11 @@ class _TarReader:
     tarfile's ``TarFile.offset``) and the PAX global records.
     """
 
-    def __init__(self, stream: LayerStream) -> None:
+    def __init__(self, stream: LayerStream, max_sparse_size: int) -> None:
         self._stream = stream
         self._offset = 0
         self._glob: dict[bytes, bytes] = {}
-        self._glob_sparse = False  # GNU.sparse.* global records: tarfile applies those
+        self._max_sparse_size = max_sparse_size
 
     def next(self) -> tuple[Entry | None, DataReader | None] | None:
         """The next member (its Entry None for vendor types), or None at the end
@@ -342,7 +373,7 @@ class _TarReader:
                 return None  # the end of the archive
             _check_header(buf, start)
             return self._delegate([buf], start)
-        if hdr[0] in EXT_TYPES or self._glob:
+        if hdr[0] in EXT_TYPES or hdr[0] == SPARSE_TYPE or self._glob:
             return self._chain(hdr, [buf], start)
         # The common case: a plain header, no PAX records anywhere.
         flag, name, mode, uid, gid, size, mtime, link, major, minor, prefix = hdr
@@ -365,7 +396,7 @@ class _TarReader:
     def _chain(
         self, hdr: Header, chain: list[bytes], start: int
     ) -> tuple[Entry | None, DataReader | None] | None:
-        """A member with PAX records (global or its own) or GNU long names.
+        """A member with PAX records (global or its own), GNU long names or a sparse map.
 
         tarfile applies a chain from the inside out: the global records when it
         parses the member's own header, then each qualifying header from the one
@@ -374,10 +405,11 @@ class _TarReader:
         """
         stream = self._stream
         glob = self._glob
-        layers: list[tuple[bytes, bytes | dict[bytes, bytes]]] = []
-        # GNU sparse global records, hdrcharset or sparse records here: tarfile reads
-        # the member, once every header and record of its chain proved well-formed.
-        delegate = self._glob_sparse
+        # (flag, long name or records, PAX data and its size for a sparse 0.0 map)
+        layers: list[tuple[bytes, bytes | dict[bytes, bytes], bytes, int]] = []
+        # hdrcharset here: tarfile reads the member, once every header and record of
+        # its chain proved well-formed.
+        delegate = False
         at = start  # the offset of hdr
         held = 0  # payload bytes of this chain in memory
         while hdr[0] in EXT_TYPES:
@@ -398,7 +430,7 @@ class _TarReader:
                     f"offset {at + BLOCK + len(payload)} ({len(payload)} of {padded(size)} bytes)"
                 )
             if flag == b"L" or flag == b"K":
-                layers.append((flag, cstr(payload)))
+                layers.append((flag, cstr(payload), b"", 0))
             else:
                 try:
                     records = pax_records(payload, size)
@@ -407,11 +439,20 @@ class _TarReader:
                         f"layer tar: {_EXT_NAMES[flag]} header at offset {at}: {err}"
                     ) from err
                 if records is None:
+                    # tarfile reads the member unless it proves sparse; its records are
+                    # needed then.
                     delegate = True
-                elif flag == b"g":
+                    records = pax_records(payload, size, charset_ok=True)
+                    assert records is not None
+                if flag == b"g":
+                    if any(k.startswith(b"GNU.sparse.") for k in records):
+                        # tarfile applies them to every later member, most of them not
+                        # sparse: no writer means that.
+                        raise FormatError(f"layer tar: PAX global header at offset {at}: "
+                                          "GNU.sparse records apply to one member only")
                     glob = {**glob, **records}
                 else:
-                    layers.append((flag, {**glob, **records}))
+                    layers.append((flag, {**glob, **records}, payload, size))
             prev, at = flag, at + BLOCK + len(payload)
             buf = stream.read(BLOCK)
             chain.append(buf)
@@ -423,12 +464,25 @@ class _TarReader:
                         f"{_EXT_NAMES[prev]} header"
                     )
                 _check_header(buf, at)
+                if any(isinstance(v, dict) and tarsparse.is_sparse_pax(v) for _, v, _, _ in layers):
+                    raise FormatError(f"layer tar: member at offset {start}: GNU.sparse records "
+                                      f"for a member of type {buf[156:157]!r}")
                 return self._delegate(chain, start)
             hdr = nxt
-        if delegate:
-            return self._delegate(chain, start)
         flag, name, mode, uid, gid, size, mtime_, link, major, minor, prefix = hdr
-        etype = _ENTRY_TYPES[flag]
+        sparse_pax: tuple[dict[bytes, bytes], bytes, int] | None = None
+        for _, value, payload, psize in layers:
+            if isinstance(value, dict):  # the first x header's records win, as in tarfile
+                if tarsparse.is_sparse_pax(value):
+                    sparse_pax = value, payload, psize
+                break
+        if delegate and sparse_pax is None and flag != SPARSE_TYPE:
+            return self._delegate(chain, start)
+        if flag == SPARSE_TYPE:
+            etype = EntryType.REG
+            prefix = b""  # the old GNU header keeps its sparse map there
+        else:
+            etype = _ENTRY_TYPES[flag]
         if flag == b"\0" and name.endswith(b"/"):
             etype = EntryType.DIR
         if prefix:
@@ -440,7 +494,7 @@ class _TarReader:
         pax = glob
         if glob:
             name, link, size, mtime, uid, gid = apply_pax(glob, name, link, size, mtime, uid, gid)
-        for flag, value in reversed(layers):
+        for flag_, value, _, _ in reversed(layers):
             if isinstance(value, dict):
                 name, link, size, mtime, uid, gid = apply_pax(
                     value, name, link, size, mtime, uid, gid
@@ -448,10 +502,21 @@ class _TarReader:
                 pax = value
                 if b"size" in value:
                     offset = data + padded(size) if reg else data
-            elif flag == b"L":
+            elif flag_ == b"L":
                 name = value
             else:
                 link = value
+        smap: tarsparse.SparseMap | None = None
+        if flag == SPARSE_TYPE or sparse_pax is not None:
+            if not reg or (flag == SPARSE_TYPE and sparse_pax is not None):
+                raise FormatError(
+                    f"layer tar: member at offset {start}: GNU.sparse records for a "
+                    f"{'sparse' if reg else 'non-regular'} member of type {flag!r}"
+                )
+            if sparse_pax is not None:
+                name = sparse_pax[0].get(b"GNU.sparse.name", name)
+            smap, extra = self._sparse_map(chain[-1], sparse_pax, size, start, data)
+            offset += extra
         self._glob = glob
         self._offset = offset
         entry = _entry(
@@ -461,13 +526,80 @@ class _TarReader:
             uid,
             gid,
             _mtime(name, pax, mtime),
-            size,
+            size if smap is None else smap.real_size,
             link,
             (major, minor),
             _tar_xattrs(pax) if pax else {},
-            data if reg else None,
+            data if reg and smap is None else None,
         )
-        return entry, _Slice(stream, size, entry.path) if reg else None
+        if not reg:
+            return entry, None
+        if smap is not None:
+            return entry, _SparseSlice(stream, smap, entry.path)
+        return entry, _Slice(stream, size, entry.path)
+
+    def _sparse_map(
+        self,
+        header: bytes,
+        pax: tuple[dict[bytes, bytes], bytes, int] | None,
+        stored: int,
+        start: int,
+        data: int,
+    ) -> tuple[tarsparse.SparseMap, int]:
+        """The checked map of the sparse member whose header block is at ``start``
+        (``header``, ``stored`` bytes of data from ``data``, the stream's position),
+        from ``pax`` (its records, PAX data and size) or the old GNU header; and the
+        bytes of GNU extension blocks read before the data. Reads those blocks or the
+        1.0 map, leaving the stream at the first extent. Every fault is a FormatError
+        naming the offset."""
+        stream = self._stream
+        where = f"layer tar: sparse member at offset {start}"
+        try:
+            if pax is None:
+                real, extents, more = tarsparse.old_gnu_extents(header)
+                at = data
+                while more:
+                    if at - data >= tarsparse.MAP_10_MAX:
+                        raise ValueError(f"more than {tarsparse.MAP_10_MAX} bytes of extension "
+                                         "blocks")
+                    block = stream.read(BLOCK)
+                    if len(block) < BLOCK:
+                        raise ValueError(f"extension block at offset {at} cut short "
+                                         f"({len(block)} of {BLOCK} bytes)")
+                    try:
+                        got, more = tarsparse.old_gnu_extension(block)
+                    except ValueError as err:
+                        raise ValueError(f"extension block at offset {at}: {err}") from err
+                    extents += got
+                    at += BLOCK
+                smap = tarsparse.check_map(extents, real, stored, limit=self._max_sparse_size)
+                return smap, at - data
+            records, payload, size = pax
+            real = tarsparse.pax_real_size(records)
+            if b"GNU.sparse.map" in records:
+                extents = tarsparse.pax_01_extents(records)
+            elif b"GNU.sparse.size" in records:
+                extents = tarsparse.pax_00_extents(payload, size, records)
+            else:
+                buf = b""
+                try:
+                    while (got10 := tarsparse.map_10(buf)) is None:
+                        if len(buf) >= stored:
+                            raise ValueError(f"the map runs past the member's {stored} bytes")
+                        block = stream.read(BLOCK)
+                        if len(block) < BLOCK:
+                            raise ValueError(f"cut short at byte {len(buf) + len(block)}")
+                        buf += block
+                    extents, maplen = got10
+                    if maplen > stored:
+                        raise ValueError(f"the map runs past the member's {stored} bytes")
+                except ValueError as err:
+                    raise ValueError(f"map at offset {data}: {err}") from err
+                stored -= maplen
+            smap = tarsparse.check_map(extents, real, stored, limit=self._max_sparse_size)
+            return smap, 0
+        except ValueError as err:
+            raise FormatError(f"{where}: {err}") from err
 
     def _delegate(
         self, chain: list[bytes], start: int
@@ -497,14 +629,16 @@ class _TarReader:
             # an error: whatever else did must not end the archive in silence.
             raise FormatError(f"layer tar: member at offset {start}: tarfile read no member")
         assert not replay.head, "tarfile read less than the fast path took"
+        if member.issparse():
+            # Never handed over on purpose (its map would go unchecked); a header the
+            # fast path declines, a negative size say, still may be one.
+            raise FormatError(f"layer tar: member at offset {start}: a sparse member the "
+                              "tar reader does not accept")
         self._glob = {_enc(k): _enc(v) for k, v in tf.pax_headers.items()}
-        self._glob_sparse = any(k.startswith(b"GNU.sparse.") for k in self._glob)
         self._offset = start + tf.offset
         entry = _member_entry(member, start)
         if entry is None or entry.type is not EntryType.REG:
             return entry, None
-        if member.issparse():
-            return entry, _TarData(cast(BinaryIO, tf.extractfile(member)), entry.path)
         return entry, _Slice(stream, member.size, entry.path)
 
     def _skip(self, pos: int, offset: int) -> None:
@@ -536,13 +670,21 @@ class TarSource:
     :class:`FormatError`), by :class:`_TarReader`, except that the archive ends
     only at a zero block or where the data ends at a header boundary: a damaged
     header or PAX record anywhere is a FormatError naming its offset, not the end
-    of the archive (tarfile ends there after the first member, in silence).
+    of the archive (tarfile ends there after the first member, in silence). GNU
+    sparse members are read here, not by tarfile: their maps are checked (in order,
+    disjoint, inside the real size, adding up to the stored data) and their real
+    size may not exceed ``max_sparse_size``, whatever a header claims.
     """
 
     def __init__(
-        self, source: str | os.PathLike[str] | BinaryIO, *, tee: _Sink | None = None
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        tee: _Sink | None = None,
+        max_sparse_size: int = tarsparse.DEFAULT_MAX_SPARSE_SIZE,
     ) -> None:
         self._source = source
+        self._max_sparse_size = max_sparse_size
         self._consumed = False
         self._tee = tee
         self.compression: str | None = None
@@ -572,7 +714,7 @@ class TarSource:
             return  # an empty file is an empty layer (upstream's empty.tar fixture)
         with LayerStream(f, head, tee=self._tee) as stream:
             self.compression = stream.compression
-            reader = _TarReader(stream)
+            reader = _TarReader(stream, self._max_sparse_size)
             while (member := reader.next()) is not None:
                 if member[0] is not None:
                     yield member  # type: ignore[misc]

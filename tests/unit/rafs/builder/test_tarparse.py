@@ -20,6 +20,7 @@ import base64
 import gzip
 import io
 import random
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -412,6 +413,16 @@ def test_header_chains_apply_as_tarfile_applies_them(
         with pytest.raises(FormatError, match=r"PAX header at offset \d+: PAX"):
             list(TarSource(io.BytesIO(raw + END)))
         return
+    if flag == b"S":
+        # An old GNU sparse header whose map holds none of the data it stores (its size,
+        # or a PAX size record's): tarfile drops the data unread; like Go's archive/tar
+        # ("unreferenced data"), the reader refuses.
+        _, message = _read_paths(raw + END)
+        if re.search(r"sparse extents hold 0 bytes but the member stores [1-9]", message):
+            return
+        # tarfile skips the global records for an old GNU sparse member (they apply to
+        # every member after them: test_global_records_apply_to_sparse_members).
+        assume(not any(kind == "g" for kind, _ in chain))
     _same(raw + END)
     _same(raw + END, read=False)
 
@@ -442,7 +453,7 @@ def _sparse_pax(version: str) -> bytes:
 
 @pytest.mark.parametrize("sparse", [_sparse_gnu(), _sparse_pax("0.1"), _sparse_pax("1.0")],
                          ids=["gnu-S", "pax-0.1", "pax-1.0"])
-def test_sparse_members_go_through_tarfile(sparse: bytes) -> None:
+def test_sparse_members_read_as_tarfile_reads_them(sparse: bytes) -> None:
     tail = _block(b"after", b"0", 5) + _data(b"after")
     got, err = _same(sparse + tail + END)
     assert err is None
@@ -712,7 +723,7 @@ def test_header_and_pax_record_parsers_decline_what_tarfile_must_judge() -> None
     assert parse_header(good[:511]) is None
     assert header_damage(good[:511]) == "header cut short (511 of 512 bytes)"
     assert parse_header(bytes(512)) is None
-    assert parse_header(_block(b"f", b"S")) is None  # GNU sparse: tarfile reads it
+    assert parse_header(_block(b"f", b"S")) is not None  # GNU sparse: read here too
     assert header_damage(_block(b"f", b"S")) is None
     assert parse_header(_block(b"f", b"0", chksum=1)) is None
     assert (header_damage(_block(b"f", b"0", chksum=1)) or "").startswith("checksum mismatch")
@@ -725,7 +736,11 @@ def test_header_and_pax_record_parsers_decline_what_tarfile_must_judge() -> None
     with pytest.raises(ValueError, match="runs past"):
         pax_records(recs + b"7 a=1\n", len(recs) + 6)
     sparse = _rec(b"GNU.sparse.map", b"0,1")
-    assert pax_records(sparse, len(sparse)) is None
+    assert pax_records(sparse, len(sparse)) == {b"GNU.sparse.map": b"0,1"}
+    charset = _rec(b"hdrcharset", b"BINARY")
+    assert pax_records(charset, len(charset)) is None
+    assert pax_records(charset + sparse, len(charset + sparse)) is not None
+    assert pax_records(charset, len(charset), charset_ok=True) == {b"hdrcharset": b"BINARY"}
 
 
 @pytest.mark.parametrize("tail", [b"", b"\x01" * 100, bytes(100)], ids=["none", "junk", "zeros"])
@@ -738,7 +753,8 @@ def test_a_gnu_sparse_header_cut_inside_its_extension_is_a_format_error(tail: by
     h[148:156] = b"%06o\0 " % sum(h)
     first = _block(b"a", b"0", 1) + _data(b"1")
     got, message = _read_paths(first + bytes(h) + tail)
-    assert got == [b"a"] and message.startswith("layer tar: member at offset 1024: ")
+    assert got == [b"a"] and message.startswith(
+        "layer tar: sparse member at offset 1024: extension block at offset 1536 cut short")
 
 
 @pytest.mark.parametrize("flag", [b"x", b"L", b"K"])
