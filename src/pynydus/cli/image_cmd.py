@@ -12,6 +12,19 @@ def _int(text: str) -> int:
     return int(text, 0)  # 0x100000 as nydus-image writes it
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes: a number, optionally with K/M/G/T (binary units, ``i``/``iB`` allowed)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        return int(t[: len(t) - len(unit)], 0) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected e.g. 64G") from None
+
+
 def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("image", help="build, merge, inspect, check and unpack RAFS images (nydus-image)")
     isub = p.add_subparsers(dest="image_command", required=True, metavar="ACTION")
@@ -34,6 +47,9 @@ def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "applied to the layer itself (oci), or kept as files for a later "
                         "merge (none, as converters build layers)")
     b.add_argument("--output-json", help="write the build report here")
+    b.add_argument("--max-sparse-size", type=_size, default=None, metavar="SIZE",
+                   help="largest real size of a sparse tar member (default 64G); its holes "
+                        "are read as zeros, so a bigger claim is refused")
     b.add_argument("--progress", default="auto", choices=["auto", "line", "plain", "quiet"],
                    help="on stderr: line (one line rewritten), plain (a line every 5 s), "
                         "quiet; auto: line at a terminal, else plain")
@@ -94,6 +110,7 @@ def _build(args: argparse.Namespace) -> int:
             prefetch_files=_lines(args.prefetch_files), output_json=args.output_json,
             whiteout_spec=args.whiteout_spec,
             progress=show, progress_interval=0.5 if mode == "line" else 5.0,
+            **({} if args.max_sparse_size is None else {"max_sparse_size": args.max_sparse_size}),
         )
     finally:
         if show is not None:

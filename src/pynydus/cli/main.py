@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from pynydus import __version__
+from pynydus.cli.pipes import quiet_on_closed_pipe
 from pynydus.errors import NydusError
 
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

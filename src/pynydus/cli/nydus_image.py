@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pynydus import __version__
+from pynydus.cli.pipes import quiet_on_closed_pipe
 from pynydus.cli.upstream import (
     VERSION,
     ClapParser,
@@ -158,6 +159,7 @@ def build_parser() -> ClapParser:
     return p
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pynydus import __version__
+from pynydus.cli.pipes import quiet_on_closed_pipe
 from pynydus.cli.upstream import ClapParser, json_value, run, rust_f64
 from pynydus.manager.client import DaemonClient
 
@@ -63,6 +64,7 @@ def build_parser() -> ClapParser:
     return p
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

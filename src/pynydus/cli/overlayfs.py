@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from pynydus.cli.pipes import quiet_on_closed_pipe
 from pynydus.host.mount import MountSpec, mount
 
 _DROPPED = ("extraoption=", "io.katacontainers.volume=")
@@ -24,6 +25,7 @@ def filter_options(options: str) -> tuple[str, ...]:
     return tuple(o for o in options.split(",") if o and not o.startswith(_DROPPED))
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 4 or args[2] != "-o":

@@ -59,6 +59,8 @@ def run(prog: str, body: Callable[[], int]) -> int:
     except UsageError as err:
         sys.stderr.write(f"error: {err}\n\nFor more information try '--help'\n")
         return USAGE_ERROR
+    except BrokenPipeError:
+        raise  # stdout's reader has gone: pipes.quiet_on_closed_pipe ends quietly
     except (NydusError, OSError, ValueError) as err:
         sys.stderr.write(f"Error: {err}\n")
         return FAILURE

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pynydus import __version__
+from pynydus.cli.pipes import quiet_on_closed_pipe
 from pynydus.errors import ConfigError, NydusError
 from pynydus.logs import LEVELS, RotatingLog
 
@@ -83,6 +84,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
                                          else logging.WARNING)
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sub = "fuse"

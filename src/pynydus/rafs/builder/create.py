@@ -46,6 +46,7 @@ from pynydus.rafs.builder.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.builder.tree import Tree, iter_nodes
 from pynydus.rafs.builder.v6writer import BootstrapInfo, V6Options, write_bootstrap
 from pynydus.rafs.format import Compressor, Digester, parse_compressor, parse_digester
+from pynydus.rafs.format.tarsparse import DEFAULT_MAX_SPARSE_SIZE
 from pynydus.rafs.source import (
     DataReader,
     DirSource,
@@ -143,12 +144,13 @@ class _Ticker:
 
 
 def _source_for(
-    source: Any, type: str, first: tuple[bytes, ...] = ()
+    source: Any, type: str, first: tuple[bytes, ...] = (),
+    max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE,
 ) -> Iterable[tuple[Entry, DataReader | None]]:
     if type == "dir-rafs":
         return DirSource(source, first=first)
     if type in ("tar-rafs", "targz-rafs"):
-        return TarSource(source)
+        return TarSource(source, max_sparse_size=max_sparse_size)
     raise InvalidArgument(
         f"unknown source type {type!r}: expected dir-rafs, tar-rafs, targz-rafs or tar-tarfs"
     )
@@ -219,6 +221,7 @@ def build(
     blob_cache_dir: str | os.PathLike[str] | None = None,
     progress: ProgressFn | None = None,
     progress_interval: float = 1.0,
+    max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
@@ -241,6 +244,8 @@ def build(
 
     ``progress`` is called with a :class:`BuildProgress` every ``progress_interval``
     seconds while data is read, and once per later phase (on the calling thread).
+    ``max_sparse_size`` bounds the real size of a GNU sparse tar member (its holes
+    are read as zeros): a larger claim is a FormatError.
 
     A failed build removes its partial blob and writes no bootstrap. The output is
     deterministic: the same input gives byte-identical bootstrap and blob.
@@ -285,7 +290,7 @@ def build(
         data = _write_tarfs_blob(source, blob_dir, chunk_size, tree, ticker)
     else:
         data = _write_blob(
-            _source_for(source, type, prefetch),
+            _source_for(source, type, prefetch, max_sparse_size),
             BlobWriter(
                 blob_dir,
                 compressor=comp,
