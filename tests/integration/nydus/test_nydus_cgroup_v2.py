@@ -7,7 +7,8 @@ can be tested here, with ``PYNYDUS_CGROUP_ROOT`` pointing the snapshotter elsewh
 
 - on a real cgroup2 hierarchy mounted privately for the test, a v2 root without the
   memory controller is recognised as v2 and start-up stops naming the missing
-  controller (not a v1 error, not a daemon without a limit);
+  controller (not a v1 error, not a daemon without a limit); on a host that delegates
+  memory on v2 the same test checks the real placement and limit instead;
 - on a directory laid out like a v2 root with memory delegated (``cgroup.controllers``,
   ``cgroup.subtree_control``), the daemon's PID is written to
   ``system.slice/nydusd/cgroup.procs`` and the limit to ``memory.max``, nothing to v1
@@ -16,6 +17,7 @@ can be tested here, with ``PYNYDUS_CGROUP_ROOT`` pointing the snapshotter elsewh
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,21 +49,45 @@ def cgroup2() -> Iterator[Path]:
         remove_tree(work)
 
 
-def test_v2_root_without_memory_controller_stops_start_up(cgroup2: Path, tmp_path: Path) -> None:
-    controllers = (cgroup2 / "cgroup.controllers").read_text().split()
-    assert "memory" not in controllers, "this host delegates memory on v2: extend the test"
+def test_v2_on_the_real_hierarchy(cgroup2: Path, image: dict, tmp_path: Path) -> None:
+    """On a private mount of the host's cgroup2 hierarchy: where memory is delegated
+    (cgroup v2 hosts), the daemon really runs in system.slice/nydusd under memory.max;
+    where it is not (this v1-hybrid host), start-up stops naming the missing controller
+    (not a v1 error, and not a daemon without its limit)."""
     config = tmp_path / "config.toml"
     config.write_text(CONFIG)
-    snap = Snapshotter(config=config, env={"PYNYDUS_CGROUP_ROOT": str(cgroup2)})
+    env = {"PYNYDUS_CGROUP_ROOT": str(cgroup2)}
+    delegated = "memory" in (cgroup2 / "cgroup.subtree_control").read_text().split()
+    if not delegated:
+        snap = Snapshotter(config=config, env=env)
+        try:
+            with pytest.raises(HarnessError, match="snapshotter exited"):
+                snap.start()
+            assert snap.proc is not None and snap.proc.returncode() not in (None, 0)
+            text = snap.log.read_text(errors="replace")
+            assert "cgroup v2: the memory controller is not enabled" in text, text[-3000:]
+            assert not (cgroup2 / "system.slice" / "nydusd").exists()
+        finally:
+            snap.close()
+        return
+    cg = cgroup2 / "system.slice" / "nydusd"
+    existed = cg.exists()
     try:
-        with pytest.raises(HarnessError, match="snapshotter exited"):
-            snap.start()
-        assert snap.proc is not None and snap.proc.returncode() not in (None, 0)
-        text = snap.log.read_text(errors="replace")
-        assert "cgroup v2: the memory controller is not enabled" in text, text[-3000:]
-        assert not (cgroup2 / "system.slice").exists()
+        with Snapshotter(config=config, env=env) as snap:
+            (pid,) = snap.daemon_pids()
+            assert str(pid) in (cg / "cgroup.procs").read_text().split()
+            assert (cg / "memory.max").read_text().strip() == str(300 << 20)
+            top = pull_nydus_image(snap, image)
+            rootfs = tmp_path / "rootfs"
+            container_rootfs(snap, top, "default/3/c1", rootfs)
+            try:
+                assert (rootfs / "data/small.txt").read_text() == "small\n"
+            finally:
+                unmount_all(str(rootfs))
     finally:
-        snap.close()
+        if not existed and cg.exists():
+            with contextlib.suppress(OSError):
+                cg.rmdir()
 
 
 @pytest.fixture
