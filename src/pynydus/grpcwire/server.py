@@ -365,8 +365,8 @@ class H2Server:
                     self._serve_events(key.data, mask, now)
             while self._attention:
                 conn = self._attention.popleft()
-                if conn.fd in self._conns and conn.outbuf and not conn.writing:
-                    self._watch_writes(conn, True)
+                if self._live(conn) and conn.outbuf and not conn.writing:
+                    self._guarded(conn, self._watch_writes, True)
             if self._stopping and listening:
                 listening = False
                 self._stop_listening()
@@ -376,6 +376,10 @@ class H2Server:
             if now >= next_tick:
                 next_tick = now + _TICK
                 self._housekeeping(now, listening)
+
+    def _live(self, conn: _Conn) -> bool:
+        """``conn`` is still served (its descriptor number may belong to a newer one)."""
+        return self._conns.get(conn.fd) is conn
 
     def _guarded(self, conn: _Conn, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(conn, ...)``; an error closes that connection, never the server."""
@@ -467,15 +471,15 @@ class H2Server:
         self._flush_io(conn)
 
     def _serve_events(self, conn: _Conn, mask: int, now: float) -> None:
-        if conn.fd not in self._conns:
+        if not self._live(conn):
             return
         if mask & selectors.EVENT_WRITE:
             self._guarded(conn, self._flush_io)
-        if mask & selectors.EVENT_READ and conn.fd in self._conns:
+        if mask & selectors.EVENT_READ and self._live(conn):
             self._guarded(conn, self._read, now)
 
     def _watch_writes(self, conn: _Conn, on: bool) -> None:
-        if conn.writing != on and conn.fd in self._conns:
+        if conn.writing != on and self._live(conn):
             conn.writing = on
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
             self._sel.modify(conn.sock, events, conn)
@@ -493,8 +497,10 @@ class H2Server:
 
     def _send_pings(self, conn: _Conn) -> None:
         conn.ping_due = None
-        self._pinged.pop(conn.fd, None)
-        self._flush_io(conn)
+        if self._pinged.get(conn.fd) is conn:
+            del self._pinged[conn.fd]
+        if self._live(conn):
+            self._flush_io(conn)
 
     def _read(self, conn: _Conn, now: float) -> None:
         try:
@@ -568,9 +574,11 @@ class H2Server:
             self._flush_io(conn)
 
     def _close(self, conn: _Conn) -> None:
-        if self._conns.pop(conn.fd, None) is None:
-            return
-        self._pinged.pop(conn.fd, None)
+        if not self._live(conn):
+            return  # closed already (its descriptor number may serve a newer one now)
+        del self._conns[conn.fd]
+        if self._pinged.get(conn.fd) is conn:
+            del self._pinged[conn.fd]
         try:
             self._sel.unregister(conn.sock)
         except (KeyError, ValueError):
