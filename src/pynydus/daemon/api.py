@@ -5,14 +5,25 @@ HTTP/1.1, JSON bodies, 200 with a body or 204 without; errors are
 or object), 501 (not supported), 503 (not ready) or 500 — nydusd's shapes, so
 upstream's snapshotter can drive pynydusd. The handlers call a ``Controller``
 (the daemon); this module knows HTTP, not filesystems.
+
+Who may talk to it: the API can unmount the image and stop the daemon, so the
+socket is created mode 0600 (0660 with a group given), whatever the umask
+(bound under a temporary name, chmod'ed, then renamed into place), and every
+connection's peer credentials (SO_PEERCRED) are checked: root, the daemon's own
+uid and members of the configured group get through; anyone else is logged and
+hung up on before a byte is read.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import pwd
+import socket
 import socketserver
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
@@ -180,21 +191,87 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
 
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def resolve_group(group: str) -> int:
+    """A group name or number as a gid; InvalidArgument if there is no such group."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidArgument(f"API socket group {group!r}: no such group") from None
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
     controller: Controller
+    group: int | None = None
+
+    def server_bind(self) -> None:
+        # The umask is the whole process's (other threads create files): bind under a
+        # temporary name, set the mode, and only then give the socket its name.
+        path = str(self.server_address)
+        tmp = f"{path}.{os.getpid()}.new"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        self.socket.bind(tmp)
+        try:
+            if self.group is not None:
+                os.chown(tmp, -1, self.group)
+            os.chmod(tmp, 0o600 if self.group is None else 0o660)
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self.server_address = path
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        pid, uid, gid = _PEERCRED.unpack(
+            request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if allowed_peer(uid, gid, self.group):
+            return True
+        log.warning("api: refused a connection from pid %d (uid %d, gid %d)", pid, uid, gid)
+        return False
+
+
+def allowed_peer(uid: int, gid: int, group: int | None) -> bool:
+    """Root, our own uid and (when a group is configured) its members."""
+    if uid == 0 or uid == os.geteuid():
+        return True
+    if group is None:
+        return False
+    if gid == group:
+        return True
+    try:  # supplementary groups: SO_PEERCRED carries the primary gid only
+        return group in os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:
+        return False
 
 
 class ApiServer:
-    """Serves the API on ``path`` in a background thread until ``close()``."""
+    """Serves the API on ``path`` in a background thread until ``close()``.
 
-    def __init__(self, path: str, controller: Controller) -> None:
+    The socket is mode 0600, or 0660 owned by ``group`` (a name or gid); only root,
+    this process's uid and the group's members may use it.
+    """
+
+    def __init__(self, path: str, controller: Controller, group: str = "") -> None:
         self.path = path
+        gid = resolve_group(group) if group else None
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path) or os.path.islink(path):
             os.unlink(path)  # a stale socket from a previous run
-        self.server = _Server(path, _Handler)
+        self.server = _Server(path, _Handler, bind_and_activate=False)
+        self.server.group = gid
+        try:
+            self.server.server_bind()
+            self.server.server_activate()
+        except BaseException:
+            self.server.server_close()
+            raise
         self.server.controller = controller
         self.thread = threading.Thread(target=self.server.serve_forever, name="api", daemon=True)
 

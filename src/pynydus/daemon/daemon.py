@@ -45,6 +45,7 @@ log = logging.getLogger("pynydusd")
 class DaemonOptions:
     mountpoint: str
     apisock: str = ""
+    apisock_group: str = ""  # "": the socket is 0600, for root and our uid only
     bootstrap: str = ""
     config: NydusdConfig | None = None
     daemon_id: str = ""
@@ -150,7 +151,7 @@ class Daemon:
         clean_stale_mountpoint(mp)  # before mkdir: a dead FUSE mount cannot even be stat'ed
         os.makedirs(mp, exist_ok=True)
         if self.opts.apisock:
-            self.api = ApiServer(self.opts.apisock, self)
+            self.api = ApiServer(self.opts.apisock, self, group=self.opts.apisock_group)
             self.api.start()
         mounted = False
         try:

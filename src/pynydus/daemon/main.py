@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pynydusd", description="Serve a Nydus (RAFS) image over FUSE, "
                                 "fetching data chunks lazily into a blob cache.")
     p.add_argument("-V", "--version", action="version", version=f"pynydusd {__version__}")
-    p.add_argument("-A", "--apisock", help="HTTP API unix socket")
+    p.add_argument("-A", "--apisock", help="HTTP API unix socket (mode 0600: root and this "
+                   "user only)")
+    p.add_argument("--apisock-group", help="also let this group (name or gid) use the API "
+                   "socket (mode 0660)")
     p.add_argument("-C", "--config", help="daemon config (nydusd JSON v1, JSON/TOML v2)")
     p.add_argument("-B", "--bootstrap", help="RAFS bootstrap to serve at the mountpoint root")
     p.add_argument("-M", "--mountpoint", help="FUSE mountpoint")
@@ -158,7 +161,8 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
         except OSError as err:
             raise ConfigError(f"--prefetch-files {args.prefetch_files}: {err.strerror}") from err
     return DaemonOptions(
-        mountpoint=args.mountpoint, apisock=args.apisock or "", bootstrap=args.bootstrap or "",
+        mountpoint=args.mountpoint, apisock=args.apisock or "",
+        apisock_group=args.apisock_group or "", bootstrap=args.bootstrap or "",
         config=config, daemon_id=args.id or "", supervisor=args.supervisor or "",
         thread_num=args.thread_num, prefetch_files=prefetch,
     )

@@ -1,0 +1,151 @@
+"""pynydusd's API socket: mode 0600 whatever the umask, and only root, the daemon's
+uid and a configured group may use it, checked with SO_PEERCRED against a real
+unprivileged user (a forked child that drops to ``nobody``)."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pwd
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pynydus.daemon.api import ApiServer, allowed_peer
+from pynydus.errors import InvalidArgument
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+class _Ctl:
+    exited = False
+
+    def daemon_info(self) -> dict[str, Any]:
+        return {"id": "d", "state": "RUNNING"}
+
+    def exit(self) -> None:
+        self.exited = True
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=5)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(self._path)
+
+
+def _request(path: str, method: str, url: str) -> int:
+    conn = _UnixHTTP(path)
+    try:
+        conn.request(method, url)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="pyn-apisock-", dir="/var/tmp")
+    os.chmod(d, 0o755)  # nobody may reach the socket itself: its own mode is what counts
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _serve(path: str, group: str = "") -> tuple[ApiServer, _Ctl]:
+    ctl = _Ctl()
+    old = os.umask(0)  # the issue: under umask 000 the socket was world-writable
+    try:
+        api = ApiServer(path, ctl, group=group)  # type: ignore[arg-type]
+    finally:
+        os.umask(old)
+    api.start()
+    return api, ctl
+
+
+def _as_nobody(path: str, gid: int | None = None) -> str:
+    """In a forked child running as nobody (gid ``gid`` if given): what PUT
+    /api/v1/daemon/exit got ("status N", "EACCES", "hung up")."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY.pw_gid if gid is None else gid)
+            os.setuid(NOBODY.pw_uid)
+            try:
+                result = f"status {_request(path, 'PUT', '/api/v1/daemon/exit')}"
+            except PermissionError:
+                result = "EACCES"
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                result = "hung up"
+            except Exception as err:  # noqa: BLE001 - reported to the parent
+                result = f"{type(err).__name__}: {err}"
+            os.write(write, result.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.mark.root
+def test_the_socket_is_0600_under_umask_000_and_refuses_other_users(sockdir: str) -> None:
+    path = os.path.join(sockdir, "api.sock")
+    api, ctl = _serve(path)
+    try:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert [n for n in os.listdir(sockdir)] == ["api.sock"]  # no temporary name left
+        assert _as_nobody(path) == "EACCES"  # the file mode stops them
+        # Even with the mode opened up (a careless chmod, a bind mount), the peer check
+        # hangs up on them before reading the request.
+        os.chmod(path, 0o666)
+        assert _as_nobody(path) == "hung up"
+        assert not ctl.exited
+        assert _request(path, "GET", "/api/v1/daemon") == 200  # root still gets through
+    finally:
+        api.close()
+    assert not os.path.exists(path)
+
+
+@pytest.mark.root
+def test_a_configured_group_may_use_the_socket(sockdir: str) -> None:
+    path = os.path.join(sockdir, "api.sock")
+    group = 4242  # a gid no user has: nobody joins it for the test
+    api, ctl = _serve(path, group=str(group))
+    try:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group
+        assert _as_nobody(path, gid=group) == "status 204"
+        assert ctl.exited
+        assert _as_nobody(path) == "EACCES"  # nobody outside the group
+    finally:
+        api.close()
+
+
+def test_peer_rules() -> None:
+    me = os.geteuid()
+    assert allowed_peer(0, 0, None) and allowed_peer(me, 12345, None)
+    assert not allowed_peer(NOBODY.pw_uid, NOBODY.pw_gid, None)
+    assert allowed_peer(NOBODY.pw_uid, 4242, 4242)
+    assert not allowed_peer(NOBODY.pw_uid, NOBODY.pw_gid, 4242)
+    assert not allowed_peer(987654, 987654, 4242)  # no passwd entry: primary gid only
+
+
+def test_an_unknown_group_is_refused(sockdir: str) -> None:
+    with pytest.raises(InvalidArgument, match="no such group"):
+        ApiServer(os.path.join(sockdir, "api.sock"), _Ctl(), group="no-such-group-x")  # type: ignore[arg-type]
