@@ -1,18 +1,75 @@
-"""``pynydus convert`` and ``pynydus check-image`` (upstream: ``nydusify convert/check``)."""
+"""``pynydus convert`` and ``pynydus check-image`` (upstream: ``nydusify convert/check``).
+
+Registry credentials stay off the command line, where every local user reads them
+in /proc/PID/cmdline: each side's ``user:password`` (or its base64) comes from
+``--source-auth-file``/``--target-auth-file``, from stdin (``--source-auth-stdin``,
+one line per side, source first), from ``PYNYDUS_SOURCE_AUTH``/``PYNYDUS_TARGET_AUTH``
+or, by default, from the docker config. ``--source-auth``/``--target-auth`` still
+work, with a warning.
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
-__all__ = ["_add_convert"]
+from pynydus.errors import InvalidArgument
+
+__all__ = ["_add_convert", "resolve_auth"]
+
+AUTH_ENV = {"source": "PYNYDUS_SOURCE_AUTH", "target": "PYNYDUS_TARGET_AUTH"}
 
 
 def _int(text: str) -> int:
     return int(text, 0)
+
+
+def _add_auth(p: argparse.ArgumentParser) -> None:
+    for side in ("source", "target"):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument(f"--{side}-auth-file", metavar="FILE",
+                       help=f"file whose first line is the {side} registry's user:password (or "
+                            f"its base64); also ${AUTH_ENV[side]}; default: docker config.json")
+        g.add_argument(f"--{side}-auth-stdin", action="store_true",
+                       help=f"read the {side} user:password from a line of stdin (source first)")
+        g.add_argument(f"--{side}-auth", metavar="USER:PASSWORD",
+                       help="discouraged: every local user can read it in /proc; use "
+                            f"--{side}-auth-file, --{side}-auth-stdin or ${AUTH_ENV[side]}")
+
+
+def resolve_auth(args: argparse.Namespace, side: str, stdin: TextIO | None = None,
+                 warn: TextIO | None = None) -> str | None:
+    """The ``user:password`` (or base64) for ``side`` ("source"/"target"), from the first
+    of: the command-line value (with a warning), the file, a line of ``stdin``, the
+    environment; None leaves it to the docker config. InvalidArgument for an empty or
+    unreadable one."""
+    flag = f"--{side}-auth"
+    value: str | None = getattr(args, f"{side}_auth")
+    if value is not None:
+        print(f"warning: {flag} puts the password on the command line, where every local "
+              f"user can read it (/proc/PID/cmdline); use {flag}-file, {flag}-stdin or "
+              f"${AUTH_ENV[side]}", file=warn or sys.stderr)
+        return value
+    path: str | None = getattr(args, f"{side}_auth_file")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidArgument(f"{flag}-file {path}: cannot read: {err}") from err
+        if not value:
+            raise InvalidArgument(f"{flag}-file {path}: empty")
+        return value
+    if getattr(args, f"{side}_auth_stdin"):
+        value = (stdin or sys.stdin).readline().strip()
+        if not value:
+            raise InvalidArgument(f"{flag}-stdin: no credentials on stdin")
+        return value
+    return os.environ.get(AUTH_ENV[side]) or None
 
 
 def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,8 +82,7 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--target", required=True, help="target image reference (a tag)")
     p.add_argument("--source-insecure", action="store_true", help="skip TLS verification, fall back to plain HTTP")
     p.add_argument("--target-insecure", action="store_true", help="skip TLS verification, fall back to plain HTTP")
-    p.add_argument("--source-auth", help="user:password (default: docker config.json)")
-    p.add_argument("--target-auth", help="user:password (default: docker config.json)")
+    _add_auth(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--platform", help="os/arch[/variant] to convert (default linux/amd64)")
     g.add_argument("--all-platforms", action="store_true", help="convert every platform")
@@ -54,8 +110,7 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     c.add_argument("--target", required=True)
     c.add_argument("--source-insecure", action="store_true")
     c.add_argument("--target-insecure", action="store_true")
-    c.add_argument("--source-auth")
-    c.add_argument("--target-auth")
+    _add_auth(c)
     c.add_argument("--platform", help="os/arch[/variant] (default linux/amd64)")
     c.add_argument("--output-json")
     c.set_defaults(func=_run_check)
@@ -76,8 +131,9 @@ def _run_convert(args: argparse.Namespace) -> int:
             prefetch = tuple(line.strip() for line in f if line.strip()) or ("/",)
     opts = ConvertOptions(
         source=args.source, target=args.target, source_insecure=args.source_insecure,
-        target_insecure=args.target_insecure, source_auth=args.source_auth,
-        target_auth=args.target_auth, platform=args.platform, all_platforms=args.all_platforms,
+        target_insecure=args.target_insecure, source_auth=resolve_auth(args, "source"),
+        target_auth=resolve_auth(args, "target"), platform=args.platform,
+        all_platforms=args.all_platforms,
         build=BuildOptions(fs_version=args.fs_version, compressor=args.compressor,
                            chunk_size=args.chunk_size, chunk_dict=args.chunk_dict_bootstrap,
                            chunk_dict_digest=dict_digest, prefetch_files=prefetch),
@@ -94,8 +150,8 @@ def _run_check(args: argparse.Namespace) -> int:
 
     result = check_image(CheckOptions(
         source=args.source, target=args.target, source_insecure=args.source_insecure,
-        target_insecure=args.target_insecure, source_auth=args.source_auth,
-        target_auth=args.target_auth, platform=args.platform))
+        target_insecure=args.target_insecure, source_auth=resolve_auth(args, "source"),
+        target_auth=resolve_auth(args, "target"), platform=args.platform))
     doc: dict[str, Any] = result.to_json()
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -93,10 +93,11 @@ class Run:
     err: str
 
 
-def pynydus(*args: str, timeout: float = 600) -> Run:
+def pynydus(*args: str, timeout: float = 600, stdin: str | None = None,
+            env: dict[str, str] | None = None) -> Run:
     r = subprocess.run([sys.executable, "-m", "pynydus.cli.main", *args], capture_output=True,
-                       text=True, timeout=timeout, check=False,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       text=True, timeout=timeout, check=False, input=stdin,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     return Run(r.returncode, r.stdout, r.stderr)
 
 

@@ -40,16 +40,24 @@ def test_auth_registry_with_and_without_credentials(auth_registry: Registry, wor
     oci.push(img.write_layout(workdir / "private"), src, creds=f"{USER}:{PASSWORD}")
     dst = auth_registry.ref("nydus/private", "v1")
     creds = f"{USER}:{PASSWORD}"
-    ok = pynydus(*convert_args(src, dst, cache_dir, "--source-auth", creds,
-                               "--target-auth", creds))
+    # Secrets off the command line: a file for one side, the environment for the other...
+    secret = workdir / "source-auth"
+    secret.write_text(creds + "\n")
+    secret.chmod(0o600)
+    ok = pynydus(*convert_args(src, dst, cache_dir, "--source-auth-file", str(secret)),
+                 env={"PYNYDUS_TARGET_AUTH": creds})
     assert ok.rc == 0, ok.err
+    assert "warning" not in ok.err
+    # ... or stdin, a line per side (base64 works too)
+    b64 = base64.b64encode(creds.encode()).decode()
     check = pynydus("check-image", "--source", src, "--target", dst,
-                    "--source-auth", creds, "--target-auth", creds)
+                    "--source-auth-stdin", "--target-auth-stdin", stdin=f"{creds}\n{b64}\n")
     assert check.rc == 0, check.err + check.out
     dst2 = auth_registry.ref("nydus/private", "v2")
     bad = pynydus(*convert_args(src, dst2, cache_dir, "--source-auth", f"{USER}:wrong",
                                 "--target-auth", creds))
     assert bad.rc == 3, bad.err
+    assert "warning: --source-auth puts the password on the command line" in bad.err
     assert "denied" in bad.err or "401" in bad.err or "unauthorized" in bad.err.lower()
     # a good source but a target that refuses our credentials: nothing tagged there
     bad_target = pynydus(*convert_args(src, dst2, cache_dir, "--source-auth", creds,
