@@ -36,8 +36,8 @@ fi
 stamp=.venv/.pynydus-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c 'import pynydus, grpc, pyfuse3' 
+  .venv/bin/pip install -q -e '.[test,fuzz]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c 'import pynydus, grpc, pyfuse3, atheris' 
   touch "$stamp"
 fi
 # containerd mounts "fuse.nydus-overlayfs" through mount.fuse3, which runs the helper

@@ -17,7 +17,6 @@ those are raised as the pynydus error they are.
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -72,15 +71,15 @@ def _resolve(client: RegistryClient, ref: Reference, platform: str | None,
     except NotFound as err:
         raise NotFound(f"image {ref}: not found ({err})") from err
     if top.media_type not in media.INDEX_TYPES:
-        return top.digest, json.loads(top.data)
-    index = json.loads(top.data)
+        return top.digest, img.load_document(top.data, f"manifest {top.digest}")
+    index = img.parse_index(top.data, f"image index {top.digest}")
     want = img.parse_platform(platform) if platform else img.Platform("linux", "amd64")
     for d in index.get("manifests") or []:
         marked = img.is_nydus_platform(d.get("platform")) or \
             d.get("artifactType") == media.NYDUS_MANIFEST_ARTIFACT
         if want.matches(d.get("platform")):
             m = client.get_manifest(ref.repository, d["digest"])
-            doc = json.loads(m.data)
+            doc = img.load_document(m.data, f"manifest {m.digest}")
             if nydus == (marked or img.is_nydus_manifest(doc)):
                 return m.digest, doc
     kind = "Nydus" if nydus else "OCI"

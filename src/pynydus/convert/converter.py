@@ -138,7 +138,7 @@ class _Run:
             raise Unauthorized(f"{what}: access denied ({err})", status=err.status) from err
         platform = img.parse_platform(self.opts.platform) if self.opts.platform else None
         if top.media_type in media.INDEX_TYPES:
-            index = json.loads(top.data)
+            index = img.parse_index(top.data, f"{what}: index {top.digest}")
             images = []
             for d in img.select_manifests(index, platform, self.opts.all_platforms):
                 m = self.src.get_manifest(self.src_repo, d["digest"])

@@ -92,13 +92,39 @@ def dumps(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _load(data: bytes, what: str) -> dict[str, Any]:
+def load_document(data: bytes, what: str) -> dict[str, Any]:
+    """A registry document (manifest, index, config): a JSON object, else FormatError."""
     try:
         doc = json.loads(data)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise FormatError(f"{what}: not JSON: {err}") from err
     if not isinstance(doc, dict):
         raise FormatError(f"{what}: not a JSON object")
+    return doc
+
+
+_load = load_document
+
+
+def parse_index(data: bytes, what: str) -> dict[str, Any]:
+    """An image index whose ``manifests`` are descriptors (objects with a string
+    ``digest``; ``platform`` an object and ``mediaType``/``artifactType`` strings where
+    given): what :func:`select_manifests` and :func:`merged_index` read. FormatError
+    otherwise, naming the entry."""
+    doc = load_document(data, what)
+    manifests = doc.get("manifests")
+    if manifests is None:
+        manifests = doc["manifests"] = []
+    if not isinstance(manifests, list):
+        raise FormatError(f"{what}: manifests is not a list")
+    for i, d in enumerate(manifests):
+        if not isinstance(d, dict) or not isinstance(d.get("digest"), str):
+            raise FormatError(f"{what}: manifests[{i}] is not a descriptor with a digest")
+        if not isinstance(d.get("platform", {}), dict):
+            raise FormatError(f"{what}: manifests[{i}].platform is not an object")
+        for key in ("mediaType", "artifactType"):
+            if not isinstance(d.get(key, ""), str):
+                raise FormatError(f"{what}: manifests[{i}].{key} is not a string")
     return doc
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from pynydus.errors import FormatError
 from pynydus.grpcwire._hpack import STATIC_TABLE as _STATIC
 from pynydus.grpcwire._hpack import decode_huffman
 
@@ -22,8 +23,8 @@ _NSTATIC = len(_STATIC)
 _ENTRY_OVERHEAD = 32  # RFC 7541 4.1
 
 
-class HpackError(Exception):
-    pass
+class HpackError(FormatError):
+    """A malformed header block (the connection answers COMPRESSION_ERROR)."""
 
 
 class Decoder:
