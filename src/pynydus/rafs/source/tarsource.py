@@ -410,6 +410,7 @@ class _TarReader:
         # hdrcharset here: tarfile reads the member, once every header and record of
         # its chain proved well-formed.
         delegate = False
+        bad_charset: str | None = None
         at = start  # the offset of hdr
         held = 0  # payload bytes of this chain in memory
         while hdr[0] in EXT_TYPES:
@@ -444,6 +445,12 @@ class _TarReader:
                     delegate = True
                     records = pax_records(payload, size, charset_ok=True)
                     assert records is not None
+                if bad_charset is None and b"hdrcharset" in records:
+                    try:  # what tarfile checks of it, for a member it is not handed
+                        records[b"hdrcharset"].decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        bad_charset = (f"layer tar: {_EXT_NAMES[flag]} header at offset {at}: "
+                                       f"hdrcharset is not UTF-8: {err}")
                 if flag == b"g":
                     if any(k.startswith(b"GNU.sparse.") for k in records):
                         # tarfile applies them to every later member, most of them not
@@ -478,6 +485,8 @@ class _TarReader:
                 break
         if delegate and sparse_pax is None and flag != SPARSE_TYPE:
             return self._delegate(chain, start)
+        if bad_charset is not None:
+            raise FormatError(bad_charset)
         if flag == SPARSE_TYPE:
             etype = EntryType.REG
             prefix = b""  # the old GNU header keeps its sparse map there
