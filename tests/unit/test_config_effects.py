@@ -654,6 +654,8 @@ FLAGS: dict[str, Case] = {
     "--help": ShownBy("tests/unit/test_config_effects.py::test_help_lists_every_flag"),
     "--version": ShownBy("tests/unit/test_config_effects.py::test_version_prints_the_version"),
     "--apisock": ShownBy(DAEMON_TESTS + "test_api.py::test_daemon_info_and_metrics_shapes"),
+    "--apisock-group": ShownBy("tests/unit/daemon/test_api_socket.py::"
+                                "test_the_group_flag_reaches_the_api_socket"),
     "--config": ShownBy(DAEMON_TESTS + "test_api.py::test_daemon_info_and_metrics_shapes"),
     "--bootstrap": ShownBy(DAEMON_TESTS + "test_api.py::test_daemon_info_and_metrics_shapes"),
     "--mountpoint": ShownBy(DAEMON_TESTS + "test_api.py::test_daemon_info_and_metrics_shapes"),

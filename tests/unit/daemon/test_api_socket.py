@@ -137,6 +137,16 @@ def test_a_configured_group_may_use_the_socket(sockdir: str) -> None:
         api.close()
 
 
+def test_the_group_flag_reaches_the_api_socket(tmp_path: Any) -> None:
+    from pynydus.daemon import main as dmain
+
+    args = dmain.build_parser().parse_args(["--mountpoint", str(tmp_path / "m"), "--apisock",
+                                            str(tmp_path / "a.sock"), "--apisock-group", "4242"])
+    opts = dmain.daemon_options("fuse", args)
+    assert (opts.apisock, opts.apisock_group) == (str(tmp_path / "a.sock"), "4242")
+    # ... which the daemon hands to ApiServer (test_a_configured_group_may_use_the_socket)
+
+
 def test_peer_rules() -> None:
     me = os.geteuid()
     assert allowed_peer(0, 0, None) and allowed_peer(me, 12345, None)
