@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -32,8 +31,8 @@ from pynydus.logs import nydusd_level
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
-from pynydus.rafs.format.layout import EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
-from pynydus.rafs.format.layout_v5 import RAFS_V5_SUPER_MAGIC
+from pynydus.rafs.format import bootstrap_version
+from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +67,16 @@ def bootstrap_ready(path: str) -> bool:
             head = f.read(EROFS_SUPER_OFFSET + 16)
     except OSError:
         return False
-    if size >= 8 and struct.unpack_from("<I", head, 0)[0] == RAFS_V5_SUPER_MAGIC:
-        return True
-    if (len(head) >= EROFS_SUPER_OFFSET + 4
-            and struct.unpack_from("<I", head, EROFS_SUPER_OFFSET)[0] == EROFS_SUPER_MAGIC_V1):
-        return size % 4096 == 0 or size % 512 == 0
-    return False
+    version = bootstrap_version(head)
+    if version == 5:
+        return size >= 8
+    return version == 6 and (size % 4096 == 0 or size % 512 == 0)
 
 
 def fs_version(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
-    return "v5" if len(head) == 4 and struct.unpack("<I", head)[0] == RAFS_V5_SUPER_MAGIC else "v6"
+    return "v5" if bootstrap_version(head) == 5 else "v6"
 
 
 class NydusFilesystem:

@@ -76,7 +76,7 @@ __all__ = [
     "pack_ci_v1",
 ]
 
-DEFAULT_CHUNK_SIZE = 0x100000
+DEFAULT_CHUNK_SIZE = L.RAFS_DEFAULT_CHUNK_SIZE
 BLOCK = L.EROFS_BLOCK_SIZE_4096  # chunks start on this boundary in the uncompressed space
 _MAX_V1_OFFSET = (1 << 40) - 1  # V1 chunk info holds 40-bit compressed offsets
 

@@ -49,14 +49,19 @@ from pynydus.rafs.builder.tree import Inode, Node, Tree
 from pynydus.rafs.format import Compressor, Digester
 from pynydus.rafs.format import layout as L
 
-__all__ = ["BootstrapInfo", "HeadLayout", "V6Options", "write_bootstrap", "write_heads"]
+__all__ = [
+    "ALIGN",
+    "BootstrapInfo",
+    "HeadLayout",
+    "V6Options",
+    "atomic_write",
+    "dir_block_sizes",
+    "write_bootstrap",
+    "write_heads",
+]
 
 ALIGN = 4096  # tables and the meta area stay 4 KiB aligned for every block size
 _SEG_ALIGN = 512 * 1024  # mapped_blkaddr alignment of HEAD builders (spec §1.4)
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ class _Deferred:
     block_ends: list[int] | None = None  # index in ``names`` where each dirent block ends
 
 
-def _dir_block_sizes(names: list[bytes], bs: int) -> list[int]:
+def dir_block_sizes(names: list[bytes], bs: int) -> list[int]:
     """Used bytes per dirent block, splitting exactly like ``layout.pack_dir_blocks``."""
     sizes: list[int] = []
     used = 0
@@ -251,7 +256,7 @@ class _Planner:
         bs = self.bs
         pos = (self.pos + 31) & ~31
         if pos % bs + head + tail > bs and head + tail <= bs:
-            pos = _align(pos, bs)
+            pos = L.align_up(pos, bs)
         self.pos = pos + head + tail + extra
         self.inodes += 1
         inode.ino = self.inodes
@@ -427,11 +432,11 @@ class HeadLayout:
     @classmethod
     def of(cls, n_blobs: int, n_prefetch: int) -> HeadLayout:
         devt_end = L.RAFS_V6_DEVTABLE_OFFSET + n_blobs * L.EROFS_DEVT_SLOT_SIZE
-        blob_tbl_off = _align(devt_end, ALIGN)
+        blob_tbl_off = L.align_up(devt_end, ALIGN)
         blob_tbl_size = n_blobs * L.RAFS_V6_BLOB_ENTRY_SIZE
         pf_off = blob_tbl_off + blob_tbl_size
         pf_size = 4 * n_prefetch
-        return cls(blob_tbl_off, blob_tbl_size, pf_off, pf_size, _align(pf_off + pf_size, ALIGN))
+        return cls(blob_tbl_off, blob_tbl_size, pf_off, pf_size, L.align_up(pf_off + pf_size, ALIGN))
 
 
 def write_heads(
@@ -464,7 +469,7 @@ def write_heads(
                 f"blob {b.blob_id}: uncompressed size not a non-zero multiple of {bs}"
             )
         cnt = b.uncompressed_size // bs
-        maddr = _align(mapped, _SEG_ALIGN) // bs
+        maddr = L.align_up(mapped, _SEG_ALIGN) // bs
         mapped = (maddr + cnt) * bs
         blocks_total += cnt
         all_digest &= bool(b.features & L.BlobFeatures.INLINED_CHUNK_DIGEST)
@@ -556,7 +561,7 @@ def write_bootstrap(
     heads = HeadLayout.of(len(blobs), len(pf_nodes))
     pf_off, pf_size, meta_base = heads.prefetch_offset, heads.prefetch_size, heads.meta_base
     meta_blkaddr = meta_base // bs
-    data_base = _align(meta_base + planner.pos, bs)
+    data_base = L.align_up(meta_base + planner.pos, bs)
 
     root_nid = tree.root.inode.nid
     if root_nid > 0xFFFF:
@@ -565,12 +570,12 @@ def write_bootstrap(
     # Chunk table: one record per distinct (digest, blob), sorted like upstream.
     table = planner.chunks
     chunk_keys = sorted(table)
-    chunk_tbl_off = _align(data_base + planner.data_blocks * bs, ALIGN)
+    chunk_tbl_off = L.align_up(data_base + planner.data_blocks * bs, ALIGN)
     chunk_tbl_size = len(chunk_keys) * L.RAFS_V6_CHUNK_INFO_SIZE
-    total = _align(chunk_tbl_off + chunk_tbl_size, ALIGN)
+    total = L.align_up(chunk_tbl_off + chunk_tbl_size, ALIGN)
     if not chunk_keys:
         chunk_tbl_off = 0
-        total = _align(data_base + planner.data_blocks * bs, ALIGN)
+        total = L.align_up(data_base + planner.data_blocks * bs, ALIGN)
 
     buf = bytearray(meta_base)
     buf += planner.meta
@@ -616,7 +621,7 @@ def write_bootstrap(
         has_xattr=planner.has_xattr,
     )
 
-    _atomic_write(os.fspath(out_path), buf)
+    atomic_write(os.fspath(out_path), buf)
     return BootstrapInfo(
         size=total,
         inodes=planner.inodes,
@@ -701,7 +706,8 @@ def _write_dirents(buf: bytearray, s: _Deferred, data_at: int, inline_at: int, b
     assert last * bs + nameoff == s.size, "dirent sizing drift"
 
 
-def _atomic_write(path: str, data: bytes | bytearray) -> None:
+def atomic_write(path: str, data: bytes | bytearray) -> None:
+    """Write ``data`` to ``path`` through a temp file in its directory, fsync and rename."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".bootstrap-", dir=d)

@@ -26,6 +26,7 @@ from pynydus.rafs.format.layout import (
     decode_rdev,
     encode_rdev,
 )
+from pynydus.rafs.format.version import bootstrap_version
 from pynydus.rafs.format.whiteout import (
     LOWER_HARDLINK_XATTR,
     OCI_WHITEOUT_OPAQUE,
@@ -46,6 +47,7 @@ __all__ = [
     "RafsChunkInfo",
     "SuperFlags",
     "TocEntry",
+    "bootstrap_version",
     "compress",
     "decode_chunk",
     "decode_rdev",

@@ -16,18 +16,19 @@ raw chunks.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import threading
+import types
 import zlib
-from typing import Protocol, TypeVar
-
-import blake3
-import lz4.block  # type: ignore[import-untyped]
-import zstandard
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.format import layout as _layout
+
+if TYPE_CHECKING:
+    import zstandard
 
 __all__ = [
     "Compressor",
@@ -60,6 +61,33 @@ _DIGESTER_NAMES = {"blake3": Digester.BLAKE3, "sha256": Digester.SHA256}
 
 # zstd level 3 is upstream's default (zstd::bulk::compress with level 0 -> 3).
 _ZSTD_LEVEL = 3
+
+
+class _Libraries:
+    """The codec libraries, each imported when first used: the snapshotter imports this
+    package for the bootstrap magics and never compresses or hashes a chunk (blake3,
+    lz4 and zstandard are ~3 MB of its resident memory)."""
+
+    @functools.cached_property
+    def blake3(self) -> types.ModuleType:
+        import blake3
+
+        return blake3
+
+    @functools.cached_property
+    def lz4(self) -> types.ModuleType:
+        import lz4.block  # type: ignore[import-untyped]
+
+        return lz4.block
+
+    @functools.cached_property
+    def zstd(self) -> types.ModuleType:
+        import zstandard
+
+        return zstandard
+
+
+_lib = _Libraries()
 
 
 def parse_compressor(name: str | Compressor) -> Compressor:
@@ -119,7 +147,7 @@ def compress(data: _Data, algo: Compressor) -> tuple[bytes | _Data, bool]:
     if algo == Compressor.NONE or not data:
         return data, False
     if algo == Compressor.LZ4_BLOCK:
-        out = lz4.block.compress(data, store_size=False)
+        out = _lib.lz4.compress(data, store_size=False)
     elif algo == Compressor.ZSTD:
         out = _zstd_compressor().compress(data)
     elif algo == Compressor.GZIP:
@@ -138,7 +166,7 @@ def _zstd_compressor() -> zstandard.ZstdCompressor:
     """One compression context per thread (a context serves one call at a time)."""
     c = getattr(_tls, "zstd_c", None)
     if c is None:
-        c = _tls.zstd_c = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        c = _tls.zstd_c = _lib.zstd.ZstdCompressor(level=_ZSTD_LEVEL)
     return c
 
 
@@ -146,7 +174,7 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     """One decompression context per thread: creating one costs more than a small chunk."""
     d = getattr(_tls, "zstd", None)
     if d is None:
-        d = _tls.zstd = zstandard.ZstdDecompressor()
+        d = _tls.zstd = _lib.zstd.ZstdDecompressor()
     return d
 
 
@@ -160,14 +188,14 @@ def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: in
         if algo == Compressor.NONE:
             out = raw
         elif algo == Compressor.LZ4_BLOCK:
-            out = lz4.block.decompress(raw, uncompressed_size=uncompressed_size)
+            out = _lib.lz4.decompress(raw, uncompressed_size=uncompressed_size)
         elif algo == Compressor.ZSTD:
             out = _zstd_decompressor().decompress(raw, max_output_size=max(uncompressed_size, 1))
         elif algo == Compressor.GZIP:
             out = zlib.decompress(raw, wbits=31)
         else:  # pragma: no cover
             raise InvalidArgument(f"unsupported compressor {algo!r}")
-    except (lz4.block.LZ4BlockError, zstandard.ZstdError, zlib.error) as err:
+    except (_lib.lz4.LZ4BlockError, _lib.zstd.ZstdError, zlib.error) as err:
         raise FormatError(f"decompress {algo.name} chunk: {err}") from err
     if len(out) != uncompressed_size:
         raise FormatError(
@@ -187,14 +215,14 @@ class _Hasher(Protocol):
 def new_hasher(algo: Digester) -> _Hasher:
     """A fresh incremental hasher for ``algo`` (``update``/``digest``)."""
     if algo == Digester.BLAKE3:
-        return blake3.blake3()
+        return _lib.blake3.blake3()
     return hashlib.sha256()
 
 
 def digest(data: bytes | memoryview, algo: Digester) -> bytes:
     """The 32-byte chunk digest of uncompressed ``data``."""
     if algo == Digester.BLAKE3:
-        return blake3.blake3(data).digest()
+        return _lib.blake3.blake3(data).digest()
     return hashlib.sha256(data).digest()
 
 

@@ -38,9 +38,8 @@ from pynydus.rafs.builder import (
 from pynydus.rafs.builder.v6writer import (
     ALIGN,
     HeadLayout,
-    _align,
-    _atomic_write,
-    _dir_block_sizes,
+    atomic_write,
+    dir_block_sizes,
     write_heads,
 )
 from pynydus.rafs.format import layout as L
@@ -112,7 +111,7 @@ def write_merged(
     w.place_tree(root)
     img = w.img
     # Data area: full dirent blocks and long symlinks, right after the meta area.
-    data_base = _align(len(img), bs)
+    data_base = L.align_up(len(img), bs)
     data_blk0 = data_base // bs
     img += bytes(data_base - len(img) + w.data_blocks * bs)
     for slot in w.dirs:
@@ -123,11 +122,11 @@ def write_merged(
     chunk_tbl_off = 0
     n_records = len(chunks)
     if n_records:
-        chunk_tbl_off = _align(len(img), ALIGN)
+        chunk_tbl_off = L.align_up(len(img), ALIGN)
         img += bytes(chunk_tbl_off - len(img))
         chunks.emit(img)
     chunk_tbl_size = n_records * L.RAFS_V6_CHUNK_INFO_SIZE
-    img += bytes(_align(len(img), ALIGN) - len(img))
+    img += bytes(L.align_up(len(img), ALIGN) - len(img))
     pf_nids = _prefetch_nids(prefetch, w.dirs)
     img[heads.prefetch_offset : heads.prefetch_offset + heads.prefetch_size] = L.pack_u32_array(
         pf_nids
@@ -145,7 +144,7 @@ def write_merged(
         chunk_table=(chunk_tbl_off, chunk_tbl_size),
         has_xattr=w.has_xattr,
     )
-    _atomic_write(os.fspath(out_path), img)
+    atomic_write(os.fspath(out_path), img)
     info = BootstrapInfo(
         size=len(img),
         inodes=w.ino,
@@ -222,9 +221,9 @@ class _Writer:
         """Offset for an inode of ``head`` bytes (+ ``tail`` inline bytes), as the
         tree writer places it: 32-byte slots, not crossing a block if it fits one."""
         bs = self.bs
-        pos = _align(len(self.img), 32)
+        pos = L.align_up(len(self.img), 32)
         if pos % bs + head + tail > bs and head + tail <= bs:
-            pos = _align(pos, bs)
+            pos = L.align_up(pos, bs)
         self.img += bytes(pos - len(self.img))
         self.ino += 1
         return pos
@@ -234,7 +233,7 @@ class _Writer:
         xattrs = L.pack_v6_xattrs(sorted(d.xattrs)) if d.xattrs else b""
         self.has_xattr |= bool(xattrs)
         head = _EXT + len(xattrs)
-        sizes = _dir_block_sizes(sorted([b".", b"..", *names]), bs)
+        sizes = dir_block_sizes(sorted([b".", b"..", *names]), bs)
         dir_size = (len(sizes) - 1) * bs + sizes[-1]
         tail = dir_size % bs
         if tail and head + tail <= bs:
@@ -386,7 +385,7 @@ class _Writer:
             self.links[nid] = 1
             self.i_ino_nid[i_ino] = nid
             if n:
-                self._copy_chunks(src, off + _align(isize + xsize, 8), n, name)
+                self._copy_chunks(src, off + L.align_up(isize + xsize, 8), n, name)
             return nid, ftype
         u = _U32.unpack_from(img, pos + 16)[0] if typ in (stat.S_IFCHR, stat.S_IFBLK) else 0
         layout = L.EROFS_INODE_FLAT_PLAIN

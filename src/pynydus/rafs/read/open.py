@@ -1,8 +1,9 @@
 """Open a RAFS bootstrap: tell v5 from v6 by its magic and construct that reader.
 
-The only place that knows both versions: :class:`~pynydus.rafs.read.bootstrap.Bootstrap`
+The only place that knows both readers: :class:`~pynydus.rafs.read.bootstrap.Bootstrap`
 holds what they share, :class:`~pynydus.rafs.read.v5.BootstrapV5` and
-:class:`~pynydus.rafs.read.v6.BootstrapV6` build on it, and this module picks one.
+:class:`~pynydus.rafs.read.v6.BootstrapV6` build on it, and this module picks one by
+:func:`pynydus.rafs.format.bootstrap_version`.
 A data blob with inline metadata opens like a bootstrap, as upstream allows
 (:mod:`pynydus.rafs.read.inline`).
 """
@@ -14,8 +15,8 @@ import mmap
 import os
 
 from pynydus.errors import FormatError
-from pynydus.rafs.format.layout import EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET, format_error
-from pynydus.rafs.format.layout_v5 import RAFS_V5_SUPER_MAGIC
+from pynydus.rafs.format import bootstrap_version
+from pynydus.rafs.format.layout import format_error
 from pynydus.rafs.read import inline
 from pynydus.rafs.read.bootstrap import Bootstrap, Buffer
 from pynydus.rafs.read.v5 import BootstrapV5
@@ -30,12 +31,10 @@ def bootstrap_from_bytes(buf: Buffer) -> Bootstrap:
     Costs O(number of blobs + prefetch entries); no inode is decoded. The buffer is
     not copied (except a memoryview) and must outlive the bootstrap.
     """
-    if len(buf) >= 4 and int.from_bytes(buf[0:4], "little") == RAFS_V5_SUPER_MAGIC:
+    version = bootstrap_version(buf)
+    if version == 5:
         return BootstrapV5(buf)
-    if len(buf) >= EROFS_SUPER_OFFSET + 4 and (
-        int.from_bytes(buf[EROFS_SUPER_OFFSET : EROFS_SUPER_OFFSET + 4], "little")
-        == EROFS_SUPER_MAGIC_V1
-    ):
+    if version == 6:
         return BootstrapV6(buf)
     raise format_error(
         "bootstrap magic",
