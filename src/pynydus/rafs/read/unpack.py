@@ -17,10 +17,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from pynydus.rafs.format import (
+    OCI_WHITEOUT_OPAQUE,
+    OCI_WHITEOUT_PREFIX,
+    OVERLAY_OPAQUE_XATTR,
+    decode_rdev,
+    is_overlay_whiteout,
+)
 from pynydus.rafs.read.blobfiles import BlobFiles
 from pynydus.rafs.read.open import open_bootstrap
 
-_OPAQUE = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+# overlayfs' opaque mark, and its form for unprivileged mounts (userxattr)
+_OPAQUE = (OVERLAY_OPAQUE_XATTR, b"user.overlay.opaque")
+_WH = OCI_WHITEOUT_PREFIX.decode()
+_WH_OPAQUE = OCI_WHITEOUT_OPAQUE.decode()
 
 
 @dataclass
@@ -116,9 +126,9 @@ def unpack_image(bootstrap: str, blob_dir: str, output: str) -> int:
             if pax:
                 ti.pax_headers = pax
             fileobj = None
-            if st_mod.S_ISCHR(s.mode) and s.rdev == 0:  # overlayfs whiteout → OCI whiteout
+            if is_overlay_whiteout(s.mode, s.rdev):  # overlayfs whiteout → OCI whiteout
                 parent, _, base = name.rpartition("/")
-                ti.name = (parent + "/" if parent else "") + ".wh." + base
+                ti.name = (parent + "/" if parent else "") + _WH + base
                 ti.type = tarfile.REGTYPE
                 ti.size = 0
             elif s.is_dir:
@@ -138,13 +148,13 @@ def unpack_image(bootstrap: str, blob_dir: str, output: str) -> int:
                 ti.type = {st_mod.S_IFCHR: tarfile.CHRTYPE, st_mod.S_IFBLK: tarfile.BLKTYPE,
                            st_mod.S_IFIFO: tarfile.FIFOTYPE}.get(st_mod.S_IFMT(s.mode), tarfile.REGTYPE)
                 if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-                    ti.devmajor, ti.devminor = (s.rdev >> 8) & 0xFFF, (s.rdev & 0xFF) | ((s.rdev >> 12) & 0xFFF00)
+                    ti.devmajor, ti.devminor = decode_rdev(s.rdev)
                 if st_mod.S_ISSOCK(s.mode):
                     continue  # tar cannot carry sockets (they are not data)
             tar.addfile(ti, fileobj)
             count += 1
             if opaque:
-                wh = tarfile.TarInfo(name + "/.wh..wh..opq")
+                wh = tarfile.TarInfo(name + "/" + _WH_OPAQUE)
                 wh.mtime = ti.mtime
                 tar.addfile(wh)
                 count += 1
