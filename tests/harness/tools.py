@@ -82,7 +82,7 @@ def setup_packages(text: str | None = None) -> list[str]:
     """The Debian packages of setup.sh's ``PKGS=( ... )`` array (comments dropped)."""
     if text is None:
         text = SETUP_SH.read_text()
-    m = re.search(r"^PKGS=\((.*?)\)\s*(?:#.*)?$", text, re.S | re.M)
+    m = re.search(r"^PKGS=\((.*?)\)\s*(?:#.*)?$", text, re.DOTALL | re.MULTILINE)
     if m is None:
         raise ValueError("scripts/setup.sh has no PKGS=( ... ) array")
     body = "\n".join(line.split("#", 1)[0] for line in m.group(1).splitlines())

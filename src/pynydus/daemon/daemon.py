@@ -372,7 +372,7 @@ def _offset_datetime(ts: float) -> str:
     """``ts`` as nydusd writes a mount's time (the Rust time crate's human-readable
     OffsetDateTime, in UTC): ``2026-12-07 05:36:07.183990879 +00:00:00``."""
     whole = int(ts)
-    nanos = int(round((ts - whole) * 1e9))
+    nanos = round((ts - whole) * 1e9)
     if nanos >= 1_000_000_000:
         whole, nanos = whole + 1, nanos - 1_000_000_000
     day = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))

@@ -26,7 +26,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -286,7 +286,8 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
 
         return self._run("open", inode, body)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    # pyfuse3 sends any buffer; its stub says bytes
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         t0 = time.perf_counter_ns()
         stats: FsStats | None = None
         try:
@@ -357,5 +358,5 @@ class RafsFs(pyfuse3.Operations):  # type: ignore[misc]
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return not mode & os.W_OK
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -47,7 +47,7 @@ def info_to_pb(info: Info) -> snapshots_pb2.Info:
     return snapshots_pb2.Info(
         name=info.name,
         parent=info.parent,
-        kind=int(info.kind),
+        kind=cast(snapshots_pb2.Kind, int(info.kind)),
         created_at=_timestamp(info.created_ns),
         updated_at=_timestamp(info.updated_ns),
         labels=dict(info.labels),

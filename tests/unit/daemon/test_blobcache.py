@@ -70,7 +70,7 @@ def test_read_fetches_once_and_persists(tmp_path: Path) -> None:
 
 
 def test_amplification_merges_following_chunks(tmp_path: Path) -> None:
-    data, chunks, ref = make_blob(tmp_path)
+    _data, chunks, ref = make_blob(tmp_path)
     be = CountingBackend(str(tmp_path / "blobs"))
     bc = cache(tmp_path, ref, chunks, be, amplify_io=4 * CHUNK)
     bc.read([(chunks[0], 0, 10)])
@@ -84,7 +84,7 @@ def test_amplification_merges_following_chunks(tmp_path: Path) -> None:
 def test_amplification_window_adapts_to_whether_neighbours_are_read(tmp_path: Path) -> None:
     """Misses whose amplified neighbours nobody reads halve the window down to a probe;
     once a probe's neighbour is read, the window grows back."""
-    data, chunks, ref = make_blob(tmp_path, n=96, algo=Compressor.NONE)
+    _data, chunks, ref = make_blob(tmp_path, n=96, algo=Compressor.NONE)
     be = CountingBackend(str(tmp_path / "blobs"))
     bc = cache(tmp_path, ref, chunks, be, amplify_io=8 * CHUNK)
 

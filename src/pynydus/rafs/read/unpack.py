@@ -16,6 +16,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pynydus.rafs.format import (
     OCI_WHITEOUT_OPAQUE,
@@ -90,7 +91,7 @@ class _ChunkStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+    def readinto(self, b: Any) -> int:  # any writable buffer, as RawIOBase's
         while not self.buf:
             nxt = next(self.parts, None)
             if nxt is None:
