@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
 import tempfile
 import time
@@ -55,6 +56,7 @@ def test_descriptor_exhaustion_pauses_accepts_and_serving_goes_on() -> None:
         assert not fatal
     finally:
         server.stop(0).wait(10)
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def test_a_broken_listener_is_fatal_not_a_silent_death() -> None:
@@ -70,3 +72,4 @@ def test_a_broken_listener_is_fatal_not_a_silent_death() -> None:
         assert not server._io.is_alive()
     finally:
         server.stop(0).wait(10)
+        shutil.rmtree(path.parent, ignore_errors=True)
