@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pynydus.errors import InvalidArgument
+from pynydus.errors import FormatError
 from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkDesc, ChunkDict
 from pynydus.rafs.builder.overlay import looks_implicit
 from pynydus.rafs.builder.tree import Inode, Node, Tree
@@ -76,7 +76,7 @@ def load_bootstrap(path: str | os.PathLike[str]) -> LoadedImage:
 
     Hardlinked regular files come back sharing one Inode. Chunk records missing
     compressed location or digest (possible in upstream v6 images without a chunk
-    table entry) raise :class:`InvalidArgument`, as they cannot be re-referenced.
+    table entry) raise :class:`FormatError`, as they cannot be re-referenced.
     """
     with open_bootstrap(path) as bs:
         blobs = blob_descs(bs)
@@ -133,7 +133,7 @@ def _load_inode(bs: Bootstrap, ino: int, blobs: list[BlobDesc]) -> Inode:
     elif st.is_reg:
         for c in bs.chunks(ino):
             if c.compressed_offset is None or c.compressed_size is None or c.digest is None:
-                raise InvalidArgument(
+                raise FormatError(
                     f"inode {ino}: chunk {c.index} of blob {c.blob_id} has no chunk record"
                 )
             inode.chunks.append(

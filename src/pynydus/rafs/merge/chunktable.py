@@ -14,7 +14,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 
-from pynydus.errors import InvalidArgument
+from pynydus.errors import FormatError
 from pynydus.rafs.format import layout as L
 from pynydus.rafs.read import BootstrapV6
 
@@ -60,7 +60,7 @@ class ChunkTable:
 
     def add_file(self, src: LayerSource, array_off: int, count: int) -> None:
         """Record the chunks of one file: its ``count``-entry chunk index array at
-        ``array_off`` in ``src``'s bootstrap. InvalidArgument for a chunk without a
+        ``array_off`` in ``src``'s bootstrap. FormatError for a chunk without a
         chunk-table record, as the tree merge raises."""
         buf = src.buf
         records, u_offsets = src.chunks.records, src.chunks.u_offsets
@@ -78,7 +78,7 @@ class ChunkTable:
             if rec < 0 and dev:  # a chunk the table holds twice, at other offsets
                 rec = src.chunks.find(dev - 1, ci, blk << 12)
             if rec < 0:
-                raise InvalidArgument(f"chunk {ci} of blob {dev - 1} has no chunk record")
+                raise FormatError(f"chunk {ci} of blob {dev - 1} has no chunk record")
             # (blob, chunk index) names one chunk, so it stands for (digest, blob, index).
             gblob = blob_map[dev - 1]
             key = (gblob << 24) | ci
