@@ -726,7 +726,12 @@ def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     with pytest.raises(SystemExit):
         dmain.build_parser().parse_args(["--version"])
-    assert __version__ in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert __version__ in out
+    # nydusd's layout: upstream's snapshotter reads "Git Commit:" when it reconnects to
+    # live daemons, and it must be the commit the daemon info reports
+    commit = re.search(r"Git Commit:\s*(.+)", out)
+    assert commit is not None and commit[1].strip() == f"pynydus-{__version__}"
 
 
 def test_thread_num_sizes_the_workers(tmp_path: Path) -> None:

@@ -31,10 +31,26 @@ _SUBCOMMANDS = ("fuse", "singleton", "virtiofs", "nbd", "uffd")
 _LOG_BACKUPS = 5
 
 
+def version_text() -> str:
+    """``pynydusd -V``: nydusd's lines (``Git Commit:`` as in the daemon info)."""
+    return (f"pynydusd Version: \t{__version__}\nGit Commit: \tpynydus-{__version__}\n"
+            f"Build Time: \t\nProfile: \trelease\n"
+            f"Python: \t{sys.version.split()[0]}")
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_text())  # verbatim: argparse's "version" action refills whitespace
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pynydusd", description="Serve a Nydus (RAFS) image over FUSE, "
                                 "fetching data chunks lazily into a blob cache.")
-    p.add_argument("-V", "--version", action="version", version=f"pynydusd {__version__}")
+    # nydusd's -V block: upstream's snapshotter reads "Git Commit:" from it when it
+    # reconnects to live daemons (a restart), and refuses to start without it; the commit
+    # is the one the daemon info reports, so no hot upgrade is ever attempted
+    p.add_argument("-V", "--version", action=_Version, nargs=0, help="print the version")
     p.add_argument("-A", "--apisock", help="HTTP API unix socket (mode 0600: root and this "
                    "user only)")
     p.add_argument("--apisock-group", help="also let this group (name or gid) use the API "
