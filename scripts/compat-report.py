@@ -40,13 +40,22 @@ CELLS = {
         "3", "merges crossed",
         ("layers built by one side, merged by the other, served by a daemon; "
          "the mount equals the OCI layer application computed on its own")),
-    "test_dropin_cli": (
-        "4", "drop-in `nydus-image` against upstream's",
-        ("our `nydus-image` and upstream's on the same inputs: `-J` documents, check "
-         "reports, `inspect -R` answers, unpacked tars, exit codes")),
+    "test_snapshotters_crossed": (
+        "4", "snapshotters crossed with daemons, through containerd 2.x",
+        ("upstream `containerd-nydus-grpc` (v0.16.1) with pynydusd as its "
+         "`daemon.nydusd_path`, our snapshotter with upstream `nydusd`, each in dedicated "
+         "and shared mode: `crictl` pulls a Nydus image from `pynydus convert` lazily "
+         "(no file data leaves the registry at pull), a pod's container checks its files "
+         "(content, sha256, modes, links, whiteouts) served by the crossed daemon (its "
+         "command line as `ps` shows it), and after a snapshotter restart the container "
+         "keeps reading and a new one starts")),
     "test_daemon_api": (
         "5", "the nydusd HTTP API across implementations",
         ("upstream `nydusctl` against pynydusd, our manager against upstream `nydusd`")),
+    "test_dropin_cli": (
+        "6", "drop-in `nydus-image` against upstream's",
+        ("our `nydus-image` and upstream's on the same inputs: `-J` documents, check "
+         "reports, `inspect -R` answers, unpacked tars, exit codes")),
 }
 
 NOT_APPLICABLE = [
@@ -119,10 +128,12 @@ def render(rows: list[Row], total: float, when: str, source: str) -> str:
         ("Written by `scripts/compat-report.py` from the last run of `tests/compat` "
          f"({when}; {source}). Do not edit by hand: run the script."),
         "",
-        ("Referee: upstream nydus-rs **2.2.0** (`nydus-image`, `nydusd`), the version pinned "
-         "in `scripts/peers.lock` and installed by `scripts/peers.sh` (the newest release on "
-         "crates.io). \"upstream bug\" is a strict xfail: the cell fails because upstream "
-         "does, with the output quoted; it turns red when upstream stops failing."),
+        ("Referee: upstream nydus-rs **2.2.0** (`nydus-image`, `nydusd`, `nydusctl`) and "
+         "nydus-snapshotter **v0.16.1** (`containerd-nydus-grpc`), the versions pinned in "
+         "`scripts/peers.lock` and installed by `scripts/peers.sh` (the newest releases on "
+         "crates.io and the Go module proxy). \"upstream bug\" is a strict xfail: the cell "
+         "fails because upstream does, with the output quoted; it turns red when upstream "
+         "stops failing."),
         "",
     ]
     counts: dict[str, int] = {}
