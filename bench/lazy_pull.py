@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Lazy pull end to end: time from the start of the pull to the end of the container's
-startup command, for the same image pulled three ways, all in one run:
+startup command, for the same image pulled several ways, all in one run:
 
   overlayfs  ``ctr images pull --plain-http REF:oci`` (fetch + unpack every layer), then
              ``ctr run --rm REF`` with containerd's own overlayfs snapshotter: the baseline;
@@ -11,6 +11,12 @@ startup command, for the same image pulled three ways, all in one run:
              the bootstrap layer is downloaded), then ``ctr run --rm --snapshotter nydus``:
              our snapshotter starts pynydusd, which fetches chunks on demand.
              ``--nydus-pull cri`` pulls through containerd's CRI ImageService instead.
+             ``nydus-shared``: the same with one shared pynydusd (images API-mounted);
+  upstream   the peer: the same pull and run of the same Nydus image through upstream's
+             ``containerd-nydus-grpc`` with upstream's ``nydusd`` (``upstream-shared``:
+             its shared mode), from ``scripts/peers.sh``, with the daemon template ours
+             uses (same ``amplify_io``, no prefetch). Each of our modes is held against
+             upstream's in the same daemon mode (``ours / peer``, target <= 1.0).
 
 Each repetition is cold: a new containerd (empty content store and snapshots), a new
 snapshotter process with an empty root and cache, and the page cache dropped
@@ -74,19 +80,30 @@ from tests.harness.containerd import Containerd
 from tests.harness.cri import CriImages
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
+from tests.harness.upstream_snapshotter import UpstreamSnapshotter
 from tests.harness.util import Proc, make_workdir, remove_tree, unmount_under, wait_until
 
 CTR = "/usr/bin/ctr"
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
 STARGZ_BIN = lazy_images.WORK / "bin" / "pynydus-stargz"
-MODES = ("overlayfs", "stargz", "nydus", "nydus-shared")
-TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus"}
+MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-shared")
+TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
+       "upstream": "nydus", "upstream-shared": "nydus"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
-SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus"}
+SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
+               "upstream": "nydus", "upstream-shared": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
 DAEMON_MODE = {"nydus": None, "nydus-shared": "shared"}
+# the peer: upstream's containerd-nydus-grpc with upstream's nydusd (scripts/peers.sh
+# nydus-snapshotter nydus-rs), in each daemon mode, on the same Nydus image, with the
+# daemon template ours uses (same amplify_io, no prefetch; plain HTTP)
+UPSTREAM_MODE = {"upstream": "dedicated", "upstream-shared": "shared"}
+# which upstream mode each of ours is held against
+VS_UPSTREAM = {"nydus": "upstream", "nydus-shared": "upstream-shared"}
+NYDUS_MODES = (*DAEMON_MODE, *UPSTREAM_MODE)  # modes that pull the Nydus image
+TARGET_VS_UPSTREAM = 1.0
 NETWORKS = ("loopback", "100mbit")
 TARGET_X = 10.0
 
@@ -351,7 +368,7 @@ def nydus_breakdown(snap: Snapshotter, t_pull: float, t_run: float, t_end: float
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def nydus_counters(snap: Snapshotter) -> tuple[int, int, int]:
+def nydus_counters(snap: Snapshotter | UpstreamSnapshotter) -> tuple[int, int, int]:
     """(FUSE bytes read, chunks fetched, backend requests) over the snapshotter's live
     daemons, from their nydusd-compatible metrics API."""
     fuse = chunks = requests = 0
@@ -430,11 +447,37 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
         finally:
             if profile is None:
                 remove_tree(cfg_dir)
+    elif mode in UPSTREAM_MODE:
+        template = json.loads(json.dumps(DEFAULT_TEMPLATE))
+        template["device"]["backend"]["config"]["scheme"] = "http"
+        if amplify_io is not None:
+            template["amplify_io"] = amplify_io
+        if prefetch:
+            template["fs_prefetch"]["enable"] = True
+        with UpstreamSnapshotter(daemon="nydusd", daemon_mode=UPSTREAM_MODE[mode],
+                                 template=template, tag="lzups",
+                                 log_level="debug" if keep_logs else "info") as up:
+            if UPSTREAM_MODE[mode] == "shared":  # its shared daemon starts with it
+                wait_upstream_ready(up, timeout=60)
+            yield up
     elif mode == "stargz":
         with Stargz(plain_http) as sgz:
             yield sgz
     else:
         yield None
+
+
+def wait_upstream_ready(up: UpstreamSnapshotter, timeout: float = 30.0) -> None:
+    """Upstream's shared daemon answers RUNNING (as wait_daemons_ready, for the peer)."""
+    def ready() -> bool:
+        socks = list((up.root / "socket").glob("*/api.sock"))
+        try:
+            return bool(socks) and all(DaemonClient(str(s), timeout=2).state() == "RUNNING"
+                                       for s in socks)
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    wait_until(ready, timeout, "upstream's shared nydusd")
 
 
 def wait_daemons_ready(snap: Snapshotter, timeout: float = 30.0) -> None:
@@ -481,7 +524,7 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
     sn = SNAPSHOTTER[mode]
     with peer(mode, plain_http, profile, amplify_io, prefetch, keep_logs is not None) as p:
         sock = getattr(p, "socket", None)
-        cri = mode in DAEMON_MODE and nydus_pull == "cri"
+        cri = mode in NYDUS_MODES and nydus_pull == "cri"
         ns = "k8s.io" if cri else None
         with Containerd(sock, proxy_name=sn or "nydus", cri=cri,
                         namespace=ns, registry_hosts=plain_http, tag="lzctrd") as ctrd:
@@ -523,8 +566,9 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             m = re.search(r"touched_bytes=(\d+)", r.stdout)
             s = Sample(network, image, mode, rep, t1 - t0, t2 - t1, t2 - t0, fetched_pull,
                        fetched_run, n_run, int(m[1]) if m else 0, load1=load1)
-            if isinstance(p, Snapshotter):
+            if isinstance(p, Snapshotter | UpstreamSnapshotter):
                 s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
+            if isinstance(p, Snapshotter):
                 s.breakdown = nydus_breakdown(p, w0, w1, w2)
                 if keep_logs is not None:
                     save_logs(p, keep_logs / f"{network}-{image}-{mode}-{rep}", w0, w1, w2)
@@ -564,7 +608,7 @@ def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple
                    "fetched_run": med([s.fetched_run for s in ss]), "fetched": fetched,
                    "workload_read": read,
                    "fetched_over_read": fetched / read if read else float("nan"),
-                   "fuse_read": med([s.fuse_read for s in ss]) if mode in DAEMON_MODE else None}
+                   "fuse_read": med([s.fuse_read for s in ss]) if mode in NYDUS_MODES else None}
             rows.append(row)
             lines.append(
                 f"| {net} | {img} | {mode} | {row['pull_s']:.2f} | {row['run_s']:.2f} | "
@@ -572,13 +616,41 @@ def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple
                 f"{'1.00x (base)' if mode == 'overlayfs' else f'{ratio:.2f}x'} | "
                 f"{row['fetched_pull'] / 1e6:.1f} / {row['fetched_run'] / 1e6:.1f} | "
                 f"{read / 1e6:.1f} | {row['fetched_over_read']:.2f} |")
+    lines += ["", vs_upstream_table(rows)]
     return "\n".join(lines), rows
+
+
+def vs_upstream_table(rows: list[dict[str, Any]]) -> str:
+    """Our modes against upstream's snapshotter + nydusd in the same daemon mode:
+    pull+run of ours divided by upstream's (``ours / upstream``, target <= 1.0). Sets
+    each of our rows' ``vs_upstream`` (None without an upstream row)."""
+    get = {(r["network"], r["image"], r["mode"]): r for r in rows}
+    lines = [("| network | image | mode | pull+run s | peer | peer pull+run s | ours / peer "
+              "| MB fetched ours / peer |"),
+             "|---|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if r["mode"] not in VS_UPSTREAM:
+            continue
+        up = get.get((r["network"], r["image"], VS_UPSTREAM[r["mode"]]))
+        r["vs_upstream"] = r["total_s"] / up["total_s"] if up and up["total_s"] else None
+        if up is None:
+            continue
+        lines.append(f"| {r['network']} | {r['image']} | {r['mode']} | {r['total_s']:.2f} | "
+                     f"{up['mode']} | {up['total_s']:.2f} | {r['vs_upstream']:.2f}x | "
+                     f"{r['fetched'] / 1e6:.1f} / {up['fetched'] / 1e6:.1f} |")
+    return "\n".join(lines)
 
 
 def checks(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's targets, each as PASS/FAIL with the figures, for each nydus mode."""
     out = []
     get = {(r["network"], r["image"], r["mode"]): r for r in rows}
+    for r in rows:
+        if r.get("vs_upstream") is not None:
+            ok = r["vs_upstream"] <= TARGET_VS_UPSTREAM
+            out.append(f"{'PASS' if ok else 'FAIL'} {r['image']}/{r['network']}: {r['mode']} "
+                       f"pull+run {r['vs_upstream']:.2f}x upstream's {VS_UPSTREAM[r['mode']]} "
+                       f"(target <= {TARGET_VS_UPSTREAM:.1f}x)")
     for net in NETWORKS:
         for m in DAEMON_MODE:
             ny, sg, ov = (get.get((net, "large", x)) for x in (m, "stargz", "overlayfs"))
@@ -679,7 +751,7 @@ def main() -> int:
                         k = (rep - 1) % len(modes)  # each mode goes first in turn
                         for mode in modes[k:] + modes[:k]:
                             tag = TAG[mode]
-                            if a.nydus_tag and mode in DAEMON_MODE:
+                            if a.nydus_tag and mode in NYDUS_MODES:
                                 tag = a.nydus_tag
                             elif a.stargz_tag and mode == "stargz":
                                 tag = a.stargz_tag

@@ -1,10 +1,12 @@
 """The lazy-pull benchmark must keep running: ``bench/lazy_pull.py --quick``.
 
-Small image only, one repetition, loopback and the 100 Mbit/s proxy, overlayfs and
-nydus (stargz too when its peer binary is already built: the smoke never compiles
-Go). Checks the shape of the report, not the figures: every mode produced a row with a
-ratio against overlayfs measured in the same run, and nydus fetched its data at run
-time, not at pull time.
+Small image only, one repetition, loopback and the 100 Mbit/s proxy, overlayfs, nydus
+in both daemon modes and the upstream peer (containerd-nydus-grpc + nydusd) in both
+(stargz too when its peer binary is already built: the smoke never compiles Go).
+Checks the shape of the report, not the figures: every mode produced a row with a
+ratio against overlayfs measured in the same run, each nydus mode a ratio against
+upstream's in the same daemon mode, and every Nydus mode fetched its data at run time,
+not at pull time.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ def test_lazy_pull_quick_prints_ratios(tmp_path: Path) -> None:
     data = json.loads(out_json.read_text())
     rows = {(row["network"], row["mode"]): row for row in data["rows"]}
     for net in ("loopback", "100mbit"):
-        for mode in ("overlayfs", "nydus"):
+        for mode in ("overlayfs", "nydus", "nydus-shared", "upstream", "upstream-shared"):
             row = rows[(net, mode)]
             assert row["image"] == "small" and row["n"] == 1
             assert row["total_s"] > 0 and row["x_vs_overlayfs"] > 0
         assert rows[(net, "overlayfs")]["fetched_pull"] > 1e6  # the whole image at pull
-        nydus = rows[(net, "nydus")]
-        assert nydus["fetched_pull"] < 0.2e6 < nydus["fetched_run"]  # bootstrap only, then lazily
+        for mode in ("nydus", "nydus-shared", "upstream", "upstream-shared"):
+            nydus = rows[(net, mode)]
+            # bootstrap only, then lazily
+            assert nydus["fetched_pull"] < 0.2e6 < nydus["fetched_run"], (mode, nydus)
     assert "| loopback | small | nydus |" in r.stdout
     assert "vs overlayfs" in r.stdout
     # every printed figure and ratio is the JSON's: the quotient of its figures
@@ -52,3 +56,14 @@ def test_lazy_pull_quick_prints_ratios(tmp_path: Path) -> None:
         fetched = row["fetched_pull"] + row["fetched_run"]
         assert row["fetched"] == fetched
         assert cells[10] == f"{fetched / row['workload_read']:.2f}", cells
+    # ours against upstream's snapshotter + nydusd in the same daemon mode
+    vs = {(c[0], c[2]): c for c in
+          ([x.strip() for x in ln.split("|")[1:-1]] for ln in r.stdout.splitlines()
+           if ln.startswith("| ") and ln.count("|") == 9)}
+    for net in ("loopback", "100mbit"):
+        for mode, peer in (("nydus", "upstream"), ("nydus-shared", "upstream-shared")):
+            cells, row = vs[(net, mode)], rows[(net, mode)]
+            assert cells[4] == peer
+            assert row["vs_upstream"] == row["total_s"] / rows[(net, peer)]["total_s"]
+            assert cells[6] == f"{row['vs_upstream']:.2f}x", cells
+            assert f"{mode} pull+run {row['vs_upstream']:.2f}x upstream's {peer}" in r.stdout
