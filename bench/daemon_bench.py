@@ -24,6 +24,15 @@ printed as a ratio. Phases (full sizes; ``--quick`` shrinks them for the CI smok
   idle RSS          VmRSS of that daemon, idle after start and after one full walk.
                     Target: < 80 MB.
 
+The peer (``--peer nydusd``, the default; ``--peer none`` leaves it out): upstream's
+``nydusd`` 2.2 (``scripts/peers.sh nydus-rs``) runs every phase beside pynydusd on the
+same bootstrap, blob cache layout and backend (localfs warm, the loopback registry
+cold), with 4 FUSE threads (upstream's snapshotter's ``threads_number``; pynydusd's
+default) and ``--rlimit-nofile 0`` (this container refuses its raise to 1,000,000).
+A second table holds pynydusd against it. Targets: warm sequential >= 0.8x nydusd,
+cold sequential >= 1.0x, random IOPS >= 0.8x, tree walk <= 1.5x its time, idle RSS
+<= 2x; start to ready is reported.
+
 Every measurement is repeated ``--repeat`` times (cold phases too, each with a new
 daemon and an empty blob cache) with the native and pynydusd runs alternating, each
 going first in turn; medians are reported, every run is in the JSON, and each printed
@@ -60,6 +69,7 @@ sys.path.insert(0, str(REPO))
 
 from pynydus.rafs.builder import build
 from pynydus.registry.client import RegistryClient
+from tests.harness.peers import peer_bin
 from tests.harness.pynydusd import PYNYDUSD, Pynydusd, force_unmount
 from tests.harness.registry import Registry
 from tests.harness.util import make_workdir, remove_tree, stop_recorded
@@ -73,6 +83,29 @@ TARGETS = {
     "start_to_ready_s": "< 1 s",
     "idle_rss_mb": "< 80 MB",
 }
+# pynydusd against upstream nydusd, as pynydusd's figure over nydusd's (times: nydusd's
+# time over pynydusd's is not used; a tree walk's ratio is pynydusd's time over nydusd's)
+PEER_TARGETS = {
+    "warm_seq": (">= 0.8x nydusd", lambda r: r >= 0.8),
+    "cold_seq": (">= 1.0x nydusd", lambda r: r >= 1.0),
+    "cold_random": (">= 0.8x nydusd", lambda r: r >= 0.8),
+    "walk": ("<= 1.5x nydusd's time", lambda r: r <= 1.5),
+    "start_to_ready": ("-", None),
+    "idle_rss": ("<= 2x nydusd", lambda r: r <= 2.0),
+}
+NYDUSD_THREADS = 4
+
+
+def nydusd_argv_tail() -> list[str]:
+    return ["--thread-num", str(NYDUSD_THREADS), "--rlimit-nofile", "0"]
+
+
+def nydusd_daemon(wd: Path, name: str, bootstrap: Path, config: dict[str, Any]) -> Pynydusd:
+    """Upstream nydusd with the harness's daemon wrapper (same flags, API and stop)."""
+    d = Pynydusd(wd, name=name, bootstrap=bootstrap, config=config,
+                 extra_args=tuple(nydusd_argv_tail()))
+    d.proc.argv[0] = str(peer_bin("nydus-rs", "nydusd"))
+    return d
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -235,23 +268,26 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def start_to_ready(wd: Path, boot: Path, cfg: Path, probe: str, tag: str) -> tuple[float, Any]:
-    """Spawn pynydusd; seconds until ``lstat(mnt/probe)`` answers from the FUSE mount."""
+def start_to_ready(wd: Path, boot: Path, cfg: Path, probe: str, tag: str,
+                   exe: str = PYNYDUSD, extra: tuple[str, ...] = ()) -> tuple[float, Any]:
+    """Spawn the daemon ``exe`` (pynydusd, or upstream nydusd with its ``extra`` flags);
+    seconds until ``lstat(mnt/probe)`` answers from the FUSE mount."""
     mnt = wd / f"{tag}.mnt"
     mnt.mkdir(exist_ok=True)
     with open(wd / f"{tag}.log", "ab") as log:
         t0 = time.perf_counter()
-        p = subprocess.Popen([PYNYDUSD, "--mountpoint", str(mnt), "--bootstrap", str(boot),
-                              "--config", str(cfg), "--apisock", str(wd / f"{tag}.sock")],
+        p = subprocess.Popen([exe, "--mountpoint", str(mnt), "--bootstrap", str(boot),
+                              "--config", str(cfg), "--apisock", str(wd / f"{tag}.sock"),
+                              *extra],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True)
     (wd / "pids").mkdir(exist_ok=True)
-    (wd / "pids" / f"{tag}.pid").write_text(f"{p.pid} {PYNYDUSD}\n")
+    (wd / "pids" / f"{tag}.pid").write_text(f"{p.pid} {exe}\n")
     parent_dev = os.stat(wd).st_dev
     target = mnt / probe
     while True:
         if p.poll() is not None:
-            raise RuntimeError(f"pynydusd exited with {p.returncode}; see {wd / tag}.log")
+            raise RuntimeError(f"{exe} exited with {p.returncode}; see {wd / tag}.log")
         try:
             if os.stat(mnt).st_dev != parent_dev:
                 os.lstat(target)
@@ -285,6 +321,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "python": platform.python_version()}}
     daemons: list[Pynydusd] = []
     registry: Registry | None = None
+    peer = args.peer == "nydusd"
+    up: dict[str, Any] = {}  # upstream nydusd's figures, phase by phase
+    if peer:
+        nydusd_exe = str(peer_bin("nydus-rs", "nydusd"))  # fails now, naming peers.sh
+        res["nydusd"] = up
     try:
         # ---- data and images
         t0 = time.perf_counter()
@@ -317,12 +358,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         d.start()
         seq_read(d.mountpoint / "big.bin")  # populate the blob cache
         assert d.get("/api/v1/metrics/blobcache")["data_all_ready"], "blob cache not full"
+        warm_fns: dict[str, Callable[[], tuple[float, int]]] = {
+            "pynydusd": lambda: seq_read(d.mountpoint / "big.bin")}
+        if peer:
+            u = nydusd_daemon(wd, "nwarm", wd / "seq.boot",
+                              localfs_cfg(wd / "seq-blobs", wd / "nwarm-cache"))
+            daemons.append(u)
+            u.start()
+            seq_read(u.mountpoint / "big.bin")  # populate its blob cache
+            warm_fns["nydusd"] = lambda: seq_read(u.mountpoint / "big.bin")
         with overlay(seq_src, wd / "ovl-seq") as ovl:
-            got = alternating({"native": lambda: seq_read(ovl / "big.bin"),
-                               "pynydusd": lambda: seq_read(d.mountpoint / "big.bin")},
+            got = alternating({"native": lambda: seq_read(ovl / "big.bin"), **warm_fns},
                               args.repeat, drop_caches)
         (nat, n, nat_runs), (fus, n2, fus_runs) = got["native"], got["pynydusd"]
         assert n == n2 == seq_size
+        if peer:
+            nyd, n3, nyd_runs = got["nydusd"]
+            assert n3 == seq_size
+            up["warm_seq"] = {"mb_s": round(n3 / nyd / 1e6, 1),
+                              "runs_s": [round(x, 3) for x in nyd_runs]}
+            u.stop()
         res["warm_seq"] = {"native_mb_s": round(n / nat / 1e6, 1),
                            "pynydusd_mb_s": round(n / fus / 1e6, 1),
                            "native_runs_s": [round(x, 3) for x in nat_runs],
@@ -346,14 +401,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stop_proc(p, wd / f"start{i}.mnt")
         mnt = wd / f"start{args.repeat - 1}.mnt"
         rss_ready = rss_kib(p.pid)
+        q, qmnt = None, wd / f"nstart{args.repeat - 1}.mnt"
         try:
+            walk_fns: dict[str, Callable[[], tuple[float, int]]] = {
+                "pynydusd": lambda: walk_stat(mnt)}
+            if peer:
+                nstarts = []
+                for i in range(args.repeat):
+                    took, q = start_to_ready(wd, wd / "walk.boot", cfg_path, "d0000/f000",
+                                             f"nstart{i}", exe=nydusd_exe,
+                                             extra=tuple(nydusd_argv_tail()))
+                    nstarts.append(took)
+                    if i < args.repeat - 1:
+                        stop_proc(q, wd / f"nstart{i}.mnt")
+                assert q is not None
+                nrss_ready = rss_kib(q.pid)
+                walk_fns["nydusd"] = lambda: walk_stat(qmnt)
             with overlay(walk_src, wd / "ovl-walk") as ovl:
-                got = alternating({"native": lambda: walk_stat(ovl),
-                                   "pynydusd": lambda: walk_stat(mnt)}, args.repeat, drop_caches)
+                got = alternating({"native": lambda: walk_stat(ovl), **walk_fns},
+                                  args.repeat, drop_caches)
             (nat, n, nat_runs), (fus, n2, fus_runs) = got["native"], got["pynydusd"]
             rss_walked = rss_kib(p.pid)
+            if q is not None:
+                nyd, n3, nyd_runs = got["nydusd"]
+                assert n3 == args.files, n3
+                nrss_walked = rss_kib(q.pid)
+                up["walk"] = {"s": round(nyd, 3), "runs_s": [round(x, 3) for x in nyd_runs]}
+                up["start_to_ready"] = {"s": round(statistics.median(nstarts), 3),
+                                        "runs_s": [round(x, 3) for x in nstarts]}
+                up["idle_rss"] = {"mb": round(max(nrss_ready, nrss_walked) / 1024, 1),
+                                  "after_start_kib": nrss_ready, "after_walk_kib": nrss_walked}
         finally:
             stop_proc(p, mnt)
+            if q is not None:
+                stop_proc(q, qmnt)
         assert n == n2 == args.files, (n, n2)
         res["walk"] = {"files": n, "native_s": round(nat, 3), "pynydusd_s": round(fus, 3),
                        "native_runs_s": [round(x, 3) for x in nat_runs],
@@ -376,11 +457,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cold_runs: list[dict[str, Any]] = []
         run_no = [0]
 
-        def cold_daemon(tag: str) -> Pynydusd:
+        def cold_daemon(tag: str, kind: str = "pynydusd") -> Pynydusd:
             run_no[0] += 1
-            dm = Pynydusd(wd, name=f"{tag}{run_no[0]}", bootstrap=wd / "seq.boot",
-                          config=registry_cfg(registry.host, "bench/seq",
-                                              wd / f"{tag}-cache-{run_no[0]}"))
+            cfg = registry_cfg(registry.host, "bench/seq", wd / f"{tag}-cache-{run_no[0]}")
+            if kind == "nydusd":
+                dm = nydusd_daemon(wd, f"{tag}{run_no[0]}", wd / "seq.boot", cfg)
+            else:
+                dm = Pynydusd(wd, name=f"{tag}{run_no[0]}", bootstrap=wd / "seq.boot",
+                              config=cfg)
             daemons.append(dm)
             dm.start()
             return dm
@@ -398,6 +482,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dm.stop()
             return took, n
 
+        def cold_seq_nydusd() -> tuple[float, int]:
+            dm = cold_daemon("ncoldseq", "nydusd")
+            gets0 = registry.blob_gets(f"sha256:{seq_blob}")
+            drop_caches()
+            took, n = seq_read(dm.mountpoint / "big.bin")
+            up_cold_runs.append({"seconds": round(took, 3), "bytes": n, "registry_gets":
+                                 registry.blob_gets(f"sha256:{seq_blob}") - gets0})
+            dm.stop()
+            return took, n
+
+        up_cold_runs: list[dict[str, Any]] = []
+
         def cold_seq_http() -> tuple[float, int]:
             """The blob by plain 4 MiB ranged GETs, page cache dropped like the daemon's
             run; returns the file bytes the blob carries, so both rates count the same."""
@@ -412,7 +508,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             assert got == seq_desc.compressed_size
             return took, seq_size
 
-        got = alternating({"http": cold_seq_http, "pynydusd": cold_seq_pynydusd}, args.repeat,
+        cold_fns = {"http": cold_seq_http, "pynydusd": cold_seq_pynydusd}
+        if peer:
+            cold_fns["nydusd"] = cold_seq_nydusd
+        got = alternating(cold_fns, args.repeat,
                           lambda: None)  # each run drops the caches itself, after its set-up
         (http_s, n_http, http_runs), (cold_s, n, _) = got["http"], got["pynydusd"]
         assert n == n_http == seq_size
@@ -423,6 +522,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "blob_bytes": seq_desc.compressed_size,
                            "plain_http_mb_s": round(seq_size / http_s / 1e6, 1)}
         res["cold_seq_mb_s"] = round(seq_size / cold_s / 1e6, 1)
+        if peer:
+            nyd_s, n3, _ = got["nydusd"]
+            assert n3 == seq_size
+            nyd_s = round(nyd_s, 6)
+            up["cold_seq"] = {"mb_s": round(seq_size / nyd_s / 1e6, 1), "seconds": nyd_s,
+                              "runs": up_cold_runs}
         print(f"cold sequential: {res['cold_seq_mb_s']} MB/s of file data "
               f"(plain ranged GETs of the blob: {res['cold_seq']['plain_http_mb_s']} MB/s of "
               f"the same file data; medians of {args.repeat})", flush=True)
@@ -443,6 +548,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dm.stop()
             return took, reads
 
+        up_rnd_runs: list[dict[str, Any]] = []
+        up_lat: list[float] = []
+
+        def cold_random_nydusd() -> tuple[float, int]:
+            dm = cold_daemon("ncoldrnd", "nydusd")
+            drop_caches()
+            took, reads, lats = random_reads(dm.mountpoint / "big.bin", seq_size, args.readers,
+                                             args.reads, seed=7)
+            up_rnd_runs.append({"seconds": round(took, 3), "reads": reads})
+            up_lat.extend(lats)
+            dm.stop()
+            return took, reads
+
         with overlay(seq_src, wd / "ovl-rnd") as ovl:
             def cold_random_native() -> tuple[float, int]:
                 drop_caches()
@@ -450,8 +568,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                               args.reads, seed=7)
                 return took, reads
 
-            got = alternating({"native": cold_random_native, "pynydusd": cold_random_pynydusd},
-                              args.repeat, lambda: None)
+            rnd_fns = {"native": cold_random_native, "pynydusd": cold_random_pynydusd}
+            if peer:
+                rnd_fns["nydusd"] = cold_random_nydusd
+            got = alternating(rnd_fns, args.repeat, lambda: None)
         (ntook, nreads, nruns), (took, reads, _) = got["native"], got["pynydusd"]
         lat.sort()
         res["cold_random"] = {"readers": args.readers, "reads": reads, "seconds": round(took, 3),
@@ -460,6 +580,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "runs": rnd_runs, "native_runs_s": [round(x, 3) for x in nruns],
                               "native_iops": round(nreads / ntook)}
         res["cold_random_iops"] = round(reads / took)
+        if peer:
+            ntook, nreads, _ = got["nydusd"]
+            up_lat.sort()
+            up["cold_random"] = {"iops": round(nreads / ntook), "seconds": round(ntook, 3),
+                                 "p50_ms": round(up_lat[len(up_lat) // 2], 2),
+                                 "p99_ms": round(up_lat[int(len(up_lat) * 0.99)], 2),
+                                 "runs": up_rnd_runs}
         print(f"cold random: {res['cold_random_iops']} IOPS (native "
               f"{res['cold_random']['native_iops']}; medians of {args.repeat})", flush=True)
     finally:
@@ -514,6 +641,53 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def vs_nydusd(res: dict[str, Any]) -> dict[str, float]:
+    """pynydusd over nydusd per phase (rates and RSS: ours / theirs; times: ours /
+    theirs as well, so a walk ratio above 1 is slower); sets ``res["vs_nydusd"]``."""
+    up = res.get("nydusd")
+    if not up:
+        return {}
+    ours = {"warm_seq": res["warm_seq"]["pynydusd_mb_s"], "cold_seq": res["cold_seq_mb_s"],
+            "cold_random": res["cold_random_iops"], "walk": res["walk"]["pynydusd_s"],
+            "start_to_ready": res["start_to_ready_s"], "idle_rss": res["idle_rss_mb"]}
+    theirs = {"warm_seq": up["warm_seq"]["mb_s"], "cold_seq": up["cold_seq"]["mb_s"],
+              "cold_random": up["cold_random"]["iops"], "walk": up["walk"]["s"],
+              "start_to_ready": up["start_to_ready"]["s"], "idle_rss": up["idle_rss"]["mb"]}
+    out = {k: ours[k] / theirs[k] for k in ours}
+    res["vs_nydusd"] = out
+    return out
+
+
+def peer_report(res: dict[str, Any]) -> str:
+    """pynydusd against upstream nydusd, phase by phase: the second table."""
+    ratios = vs_nydusd(res)
+    if not ratios:
+        return ""
+    up = res["nydusd"]
+    rows = [
+        ("warm sequential read", f"{up['warm_seq']['mb_s']} MB/s",
+         f"{res['warm_seq']['pynydusd_mb_s']} MB/s", "warm_seq"),
+        ("cold sequential read (registry)", f"{up['cold_seq']['mb_s']} MB/s",
+         f"{res['cold_seq_mb_s']} MB/s", "cold_seq"),
+        (f"cold 4 KiB random, {res['cold_random']['readers']} readers",
+         f"{up['cold_random']['iops']} IOPS", f"{res['cold_random_iops']} IOPS", "cold_random"),
+        (f"tree walk + lstat ({res['walk']['files']} files)", f"{up['walk']['s']} s",
+         f"{res['walk']['pynydusd_s']} s", "walk"),
+        ("start to ready", f"{up['start_to_ready']['s']} s", f"{res['start_to_ready_s']} s",
+         "start_to_ready"),
+        ("idle RSS (mounted, after walk)", f"{up['idle_rss']['mb']} MB",
+         f"{res['idle_rss_mb']} MB", "idle_rss"),
+    ]
+    out = ["| vs upstream | nydusd 2.2 | pynydusd | pynydusd/nydusd | target | verdict |",
+           "|---|---|---|---|---|---|"]
+    for name, theirs, ours, key in rows:
+        target, ok = PEER_TARGETS[key]
+        verdict_ = "-" if ok is None else ("meets" if ok(ratios[key]) else "MISSES")
+        out.append(f"| {name} | {theirs} | {ours} | {ratios[key]:.2f}x | {target} | "
+                   f"{verdict_} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
@@ -524,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, help="passes per measurement, median (default 3)")
     p.add_argument("--json", help="write all figures to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--peer", choices=["nydusd", "none"], default="nydusd",
+                   help="run upstream nydusd beside pynydusd in every phase (default)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("daemon_bench needs root (FUSE and overlay mounts, drop_caches)", file=sys.stderr)
@@ -539,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.files} files, {args.readers} readers x {args.reads} reads, "
           f"median of {args.repeat}; {res['host']['cpus']} CPUs, kernel {res['host']['kernel']})")
     print(report(res))
+    if args.peer == "nydusd":
+        print()
+        print(peer_report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

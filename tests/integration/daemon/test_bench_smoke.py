@@ -1,7 +1,8 @@
 """The daemon benchmark must keep running: ``bench/daemon_bench.py --quick``.
 
 Checks the shape of what it prints and writes (every measurement row with a ratio and
-a verdict, every figure in the JSON), not the figures themselves: CI machines vary.
+a verdict, every figure in the JSON, the same phases for upstream nydusd in a second
+table), not the figures themselves: CI machines vary.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def test_daemon_bench_quick_prints_ratios(tmp_path: Path) -> None:
                         "--repeat", "2", "--json", str(out_json)],
                        capture_output=True, text=True, timeout=400, cwd=REPO, check=False)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    table = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
+    ours_part = r.stdout.split("| vs upstream |", 1)[0]  # the peer's table comes second
+    table = [ln for ln in ours_part.splitlines() if ln.startswith("| ")]
     for row in ROWS:
         line = next((ln for ln in table if ln.startswith(f"| {row}")), None)
         assert line is not None, r.stdout
@@ -63,3 +65,29 @@ def test_daemon_bench_quick_prints_ratios(tmp_path: Path) -> None:
     assert len(cr["runs"]) == len(cr["native_runs_s"]) == n
     assert len(ws["native_runs_s"]) == len(ws["pynydusd_runs_s"]) == n
     assert set(Path("/var/tmp").glob("pyn-dbench-*")) <= before  # it cleaned up its data
+    # the peer table: upstream nydusd in every phase, each ratio pynydusd's figure over
+    # nydusd's, both printed beside it and both the JSON's
+    up, vs = data["nydusd"], data["vs_nydusd"]
+    peer_rows = {c[0].split(" (")[0].split(",")[0]: c for c in
+                 ([x.strip() for x in ln.split("|")[1:-1]] for ln in r.stdout.split(
+                     "| vs upstream |", 1)[1].splitlines()[2:] if ln.startswith("| "))}
+    pairs = {
+        "warm sequential read": ("warm_seq", f"{up['warm_seq']['mb_s']} MB/s",
+                                 f"{ws['pynydusd_mb_s']} MB/s"),
+        "cold sequential read": ("cold_seq", f"{up['cold_seq']['mb_s']} MB/s",
+                                 f"{data['cold_seq_mb_s']} MB/s"),
+        "cold 4 KiB random": ("cold_random", f"{up['cold_random']['iops']} IOPS",
+                              f"{data['cold_random_iops']} IOPS"),
+        "tree walk + lstat": ("walk", f"{up['walk']['s']} s", f"{wk['pynydusd_s']} s"),
+        "start to ready": ("start_to_ready", f"{up['start_to_ready']['s']} s",
+                           f"{data['start_to_ready_s']} s"),
+        "idle RSS": ("idle_rss", f"{up['idle_rss']['mb']} MB", f"{data['idle_rss_mb']} MB"),
+    }
+    for row, (key, theirs, ours) in pairs.items():
+        c = peer_rows[row]
+        assert c[1] == theirs and c[2] == ours and c[3] == f"{vs[key]:.2f}x", (row, c)
+        assert c[5] in ("meets", "MISSES", "-"), c
+    assert vs["warm_seq"] == ws["pynydusd_mb_s"] / up["warm_seq"]["mb_s"]
+    assert vs["walk"] == wk["pynydusd_s"] / up["walk"]["s"]
+    assert len(up["cold_seq"]["runs"]) == len(up["cold_random"]["runs"]) == n
+    assert up["cold_seq"]["runs"][0]["registry_gets"] > 0  # nydusd read through the registry
