@@ -292,10 +292,12 @@ class CacheManagerConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """``[image]``: bootstrap signature verification."""
+    """``[image]``: bootstrap signature verification (``pynydus.signature``)."""
 
-    public_key_file: str = unsupported("", "bootstrap signature verification")
-    validate_signature: bool = unsupported(False, "bootstrap signature verification")
+    # PEM RSA public key; read at start-up when validate_signature is true
+    public_key_file: str = ""
+    # refuse to mount a bootstrap without a signature that verifies with the key
+    validate_signature: bool = False
 
 
 @dataclass(frozen=True)
@@ -508,6 +510,10 @@ def _validate(
             raise ConfigError(
                 f'{origin(key)}: {key}: file "{image.public_key_file}" does not exist'
             )
+    elif image.public_key_file:
+        warnings.append(f"{origin('image.public_key_file')}: image.public_key_file ="
+                        f' "{image.public_key_file}" has no effect (it applies only with'
+                        " image.validate_signature = true)")
     if cfg.cgroup.memory_limit and not cfg.cgroup.enable:
         warnings.append(f"{origin('cgroup.memory_limit')}: cgroup.memory_limit ="
                         f' "{cfg.cgroup.memory_limit}" has no effect (it applies only with'

@@ -713,8 +713,12 @@ def test_validate_signature_needs_the_public_key_file_to_exist(tmp_path: Path) -
 
 
 def test_public_key_file_is_not_checked_without_validate_signature(tmp_path: Path) -> None:
-    cfg = load_one(tmp_path, "image.public_key_file", '"/nonexistent/key.pem"')
+    # as upstream: no key is read; and a warning says the setting does nothing
+    cfg, warnings = load_config(write(tmp_path, with_key("image.public_key_file",
+                                                         '"/nonexistent/key.pem"')))
     assert cfg.image.public_key_file == "/nonexistent/key.pem"
+    assert len(warnings) == 1 and "image.public_key_file" in warnings[0] \
+        and "has no effect" in warnings[0], warnings
 
 
 def test_fscache_forces_shared_daemon_mode_silently_when_mode_is_defaulted(tmp_path: Path) -> None:

@@ -272,8 +272,10 @@ SNAPSHOTTER: dict[str, Case] = {
     "cache_manager.cache_dir": Effect('"{tmp}/cache-here"', lambda d, s: (
         s.fs.cache_dir == str(s.tmp / "cache-here") != d.fs.cache_dir
         and (s.tmp / "cache-here").is_dir()) or pytest.fail("cache_dir")),
-    "image.public_key_file": Refused('"{tmp}/key.pem"'),
-    "image.validate_signature": Refused("true"),
+    "image.public_key_file": ShownBy("tests/integration/nydus/test_signature.py::"
+                                     "test_validate_signature_mounts_only_signed_bootstraps"),
+    "image.validate_signature": ShownBy("tests/integration/nydus/test_signature.py::"
+                                        "test_validate_signature_mounts_only_signed_bootstraps"),
     "experimental.enable_stargz": Refused("true"),
     "experimental.enable_referrer_detect": Refused("true"),
     "experimental.enable_index_detect": Refused("true"),

@@ -99,6 +99,9 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--cache-dir", help="converted-layer cache (~/.cache/pynydus/convert)")
     p.add_argument("--workers", type=int, default=0, help="parallel layers (default: CPUs)")
     p.add_argument("--output-json", help="write a JSON summary here")
+    p.add_argument("--sign-key", metavar="FILE",
+                   help="PEM RSA private key: sign each bootstrap for nodes with "
+                        "[image] validate_signature (annotation nydus-signature)")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "quiet"])
     p.set_defaults(func=_run_convert)
 
@@ -139,7 +142,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                            chunk_dict_digest=dict_digest, prefetch_files=prefetch),
         merge_platform=args.merge_platform, with_referrer=args.with_referrer, oci=args.oci,
         cache_dir=args.cache_dir or default_cache_dir(), workers=args.workers,
-        output_json=args.output_json)
+        output_json=args.output_json, sign_key=args.sign_key)
     report = convert(opts, make_reporter(args.progress))
     print(f"{report.target}@{report.target_digest}")
     return 0

@@ -31,6 +31,7 @@ from typing import Any
 
 from pynydus.errors import FailedPrecondition, InvalidArgument, NotFound, q
 from pynydus.registry import RegistryClient, Unauthorized, media, parse_reference
+from pynydus.signature import load_private_key, sign_bootstrap
 
 from . import image as img
 from .bootstrap import LayerChunks, layer_chunks, merge_layers
@@ -65,6 +66,7 @@ class ConvertOptions:
     cache_dir: str = field(default_factory=default_cache_dir)
     workers: int = 0                 # 0: one per CPU
     output_json: str | None = None
+    sign_key: str | None = None      # PEM RSA private key: sign each bootstrap (signature.py)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class _Run:
     def __init__(self, opts: ConvertOptions, reporter: Reporter) -> None:
         self.opts = opts
         self.rep = reporter
+        # read first: a bad key should stop the run before any registry work
+        self.sign_key = load_private_key(opts.sign_key) if opts.sign_key else None
         self.src_ref = parse_reference(opts.source)
         self.dst_ref = parse_reference(opts.target)
         if self.dst_ref.digest:
@@ -356,7 +360,8 @@ class _Run:
         mdoc = img.nydus_manifest(
             si, blobs, img.BlobLayer(bl.digest, len(bl.data)),
             img.BlobLayer(cdigest, len(cbytes)), fs_version=opts.build.fs_version,
-            oci=opts.oci or None, merge_platform=opts.merge_platform, subject=subject)
+            oci=opts.oci or None, merge_platform=opts.merge_platform, subject=subject,
+            signature=sign_bootstrap(self.sign_key, boot) if self.sign_key else "")
         mbytes = img.dumps(mdoc)
         mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
         summary = {

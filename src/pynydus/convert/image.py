@@ -322,11 +322,13 @@ def nydus_manifest(
     oci: bool | None = None,
     merge_platform: bool = False,
     subject: Mapping[str, Any] | None = None,
+    signature: str = "",
 ) -> dict[str, Any]:
     """The Nydus manifest for ``source``; key order as Go marshals ``ocispec.Manifest``.
 
     ``oci``: manifest flavour; default: the source's (upstream's rule: an OCI
-    source always gives an OCI Nydus manifest).
+    source always gives an OCI Nydus manifest). ``signature``: the bootstrap's
+    (``pynydus.signature``), put in the bootstrap layer's annotations.
     """
     use_oci = source.is_oci if oci is None else (oci or source.is_oci)
     mt = media.OCI_MANIFEST if use_oci else media.DOCKER_MANIFEST
@@ -345,6 +347,7 @@ def nydus_manifest(
         "annotations": {
             labels.NYDUS_BOOTSTRAP: "true",
             labels.NYDUS_FS_VERSION: str(fs_version),
+            **({labels.NYDUS_SIGNATURE: signature} if signature else {}),
         },
     })
     doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": mt,

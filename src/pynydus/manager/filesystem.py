@@ -33,6 +33,7 @@ from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_bi
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.rafs.format import bootstrap_version
 from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
+from pynydus.signature import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class NydusFilesystem:
         self.cache_dir = cfg.cache_dir()
         os.makedirs(self.cache_dir, exist_ok=True)
         self.template = load_template(cfg.daemon.nydusd_config)
+        self.verifier = Verifier(cfg.image.public_key_file, cfg.image.validate_signature)
         policy = str(cfg.daemon.recover_policy)
         if policy == "failover":
             log.warning("recover_policy failover is not supported (docs/failover.md); using restart")
@@ -245,6 +247,7 @@ class NydusFilesystem:
                 )
             sdir = self.snapshot_dir(sid)
             boot = self._wait_bootstrap(sdir)
+            self.verifier.verify(labels, boot, f"snapshot {q(sid)} of image {q(image_ref)}")
             cfg = supplement(self.template, image_ref=image_ref, snapshot_id=sid,
                              cache_dir=self.cache_dir, labels=labels)
             if self.mode == "shared":
