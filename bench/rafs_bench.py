@@ -25,6 +25,13 @@ seconds, CPU seconds (user + sys of the child) and peak RSS.
 5. **peak RSS** of ``pynydus image build --compressor lz4_block`` on a 2 GB layer.
    Target < 300 MB.
 
+The peer (``--peer nydus-image``, the default; ``--peer none`` leaves it out): upstream's
+``nydus-image`` 2.2 (``scripts/peers.sh nydus-rs``) builds the same inputs with the same
+compressor in phases 1-3 (``create -t dir-rafs|targz-rafs --fs-version 6``, its defaults
+otherwise: 1 MiB chunks, blake3), alternating with ours, and in phase 4 merges the same
+ten layers built by itself (``nydus-image merge``). Target: pynydus / nydus-image <= 1.5x
+wall for every build and the merge.
+
 The page cache is dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) before every
 timed run that reads the source, so each tool reads from disk (off in ``--quick`` and with
 ``--no-drop-caches``). Short phases are repeated (median of ``--repeat``, default 3).
@@ -173,14 +180,17 @@ class Bench:
 
     def run(self, cmd: list[str], *, stdout: int | None = subprocess.DEVNULL,
             stdin: int | None = None, pre: Sequence[Path] = (), cold: bool = True,
-            src: Path = REPO / "src") -> Run:
-        """One child: wall, CPU (user+sys), peak RSS. ``pre`` paths are removed first;
+            src: Path = REPO / "src", mkdirs: Sequence[Path] = ()) -> Run:
+        """One child: wall, CPU (user+sys), peak RSS. ``pre`` paths are removed first,
+        ``mkdirs`` made then (nydus-image wants its blob directory to exist);
         ``src`` is the pynydus source tree the child imports."""
         for p in pre:
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+        for d in mkdirs:
+            d.mkdir(parents=True, exist_ok=True)
         if cold:
             self.drop_caches()
         load1 = os.getloadavg()[0]
@@ -210,6 +220,18 @@ def build_cmd(src: Path, bootstrap: Path, blob_dir: Path, compressor: str, kind:
     if kind:
         cmd += ["--type", kind]
     return cmd
+
+
+def upstream_build_cmd(src: Path, bootstrap: Path, blob_dir: Path, compressor: str,
+                       kind: str | None = None) -> list[str]:
+    """``nydus-image create`` of the same input, as upstream's converter runs it."""
+    return [str(NYDUS_IMAGE[0]), "create", "--log-level", "warn", "-t", kind or "dir-rafs",
+            "--fs-version", "6", "--compressor", compressor, "-B", str(bootstrap),
+            "-D", str(blob_dir), str(src)]
+
+
+# upstream's nydus-image (set in main from the peers cache when --peer nydus-image)
+NYDUS_IMAGE: list[Path] = []
 
 
 MERGE_TREES = (
@@ -248,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge phase: also time the tree merge (merge_trees) of this tree, alternating")
     ap.add_argument("--merge-layers", help="merge phase: use DIR/layer*.boot (built earlier) "
                     "instead of generating and building the layers")
+    ap.add_argument("--peer", choices=["nydus-image", "none"], default="nydus-image",
+                    help="upstream nydus-image builds and merges the same inputs (default)")
     args = ap.parse_args(argv)
+    peer = args.peer == "nydus-image"
+    if peer:
+        sys.path.insert(0, str(REPO))
+        from tests.harness.peers import peer_bin
+
+        NYDUS_IMAGE[:] = [peer_bin("nydus-rs", "nydus-image")]  # fails now, naming peers.sh
     sizes = QUICK if args.quick else FULL
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.split(",")))
@@ -304,23 +334,41 @@ def main(argv: list[str] | None = None) -> int:
                     out.mkdir(exist_ok=True)
                     return b.run(build_cmd(src, bs, blobs, "none"), pre=[bs, blobs], src=tree)
 
+                def theirs(src: Path = src, bs: Path = bs, blobs: Path = blobs) -> Run:
+                    return b.run(upstream_build_cmd(src, bs, blobs, "none"), pre=[bs, blobs],
+                                 mkdirs=[blobs])
+
                 # Alternate the tools so drifting load hits all alike.
                 e_runs: list[Run] = []
+                n_runs: list[Run] = []
                 v_runs: dict[str, list[Run]] = {label: [] for label, _ in variants}
                 for _ in range(b.repeat):
                     e_runs.append(erofs())
                     for label, tree in variants:
                         v_runs[label].append(ours(tree=tree))
+                    if peer:
+                        n_runs.append(theirs())
                 e = _median(e_runs)
                 res[f"build_{name}"] = {"mkfs_erofs": [asdict(r) for r in e_runs],
                                         **{k: [asdict(r) for r in v] for k, v in v_runs.items()},
                                         "ratio": _median(v_runs["pynydus"]).wall / e.wall}
+                if n_runs:
+                    nm = _median(n_runs)
+                    res[f"build_{name}"]["nydus_image"] = [asdict(r) for r in n_runs]
+                    res[f"build_{name}"]["ratio_vs_nydus_image"] = \
+                        _median(v_runs["pynydus"]).wall / nm.wall
                 rows.append((f"build {name}: mkfs.erofs (wall / cpu)", f"{e.wall:.2f} s / {e.cpu:.2f} s", "baseline", f"{e.load1:.2f}"))
                 for label, _ in variants:
                     p = _median(v_runs[label])
                     rows.append((f"build {name}: {label} none (wall / cpu)", f"{p.wall:.2f} s / {p.cpu:.2f} s", "", f"{p.load1:.2f}"))
                     rows.append((f"build {name}: {label} / mkfs.erofs (wall; cpu)",
                                  f"{p.wall / e.wall:.2f}x; {p.cpu / e.cpu:.2f}x", "<= 2x", ""))
+                if n_runs:
+                    p = _median(v_runs["pynydus"])
+                    rows.append((f"build {name}: nydus-image none (wall / cpu)",
+                                 f"{nm.wall:.2f} s / {nm.cpu:.2f} s", "peer", f"{nm.load1:.2f}"))
+                    rows.append((f"build {name}: pynydus / nydus-image (wall; cpu)",
+                                 f"{p.wall / nm.wall:.2f}x; {p.cpu / nm.cpu:.2f}x", "<= 1.5x", ""))
             shutil.rmtree(small, ignore_errors=True)
 
         if "lz4" not in skip:
@@ -333,12 +381,21 @@ def main(argv: list[str] | None = None) -> int:
             # downloaded; what one core does with the data, without the disk.
             w_runs: dict[str, list[Run]] = {label: [] for label, _ in variants}
             lz4 = ["taskset", "-c", "0"]
+            nl_runs: list[Run] = []
+            nw_runs: list[Run] = []
             for _ in range(b.repeat):
                 for label, tree in variants:
                     l_runs[label].append(b.run([*lz4, *build_cmd(mixed, bs, blobs, "lz4_block")],
                                                pre=[bs, blobs], src=tree))
                     w_runs[label].append(b.run([*lz4, *build_cmd(mixed, bs, blobs, "lz4_block")],
                                                pre=[bs, blobs], src=tree, cold=False))
+                if peer:
+                    up_cmd = [*lz4, *upstream_build_cmd(mixed, bs, blobs, "lz4_block")]
+                    nl_runs.append(b.run(up_cmd, pre=[bs, blobs], mkdirs=[blobs]))
+                    nw_runs.append(b.run(up_cmd, pre=[bs, blobs], mkdirs=[blobs], cold=False))
+            if peer:  # ours wrote last in each round: leave its blobs for the size below
+                b.run([*lz4, *build_cmd(mixed, bs, blobs, "lz4_block")], pre=[bs, blobs],
+                      cold=False)
             comp = sum(p.stat().st_size for p in blobs.iterdir())
             res["lz4"] = {"runs": [asdict(r) for r in l_runs["pynydus"]],
                           "warm_runs": [asdict(r) for r in w_runs["pynydus"]], "mb_in": mixed_mb,
@@ -355,6 +412,19 @@ def main(argv: list[str] | None = None) -> int:
                              f"{mixed_mb / w.cpu:.0f} MB/s", "", ""))
                 rows.append((f"lz4_block build{who}, cold cache: MB in / CPU s", f"{mixed_mb / m.cpu:.0f} MB/s", "", f"{m.load1:.2f}"))
                 rows.append((f"lz4_block build{who}, cold cache: MB in / wall s (1 CPU)", f"{mixed_mb / m.wall:.0f} MB/s", "", ""))
+            if nl_runs:
+                nm, nw = _median(nl_runs), _median(nw_runs)
+                m, w = _median(l_runs["pynydus"]), _median(w_runs["pynydus"])
+                res["lz4"]["nydus_image"] = [asdict(r) for r in nl_runs]
+                res["lz4"]["nydus_image_warm"] = [asdict(r) for r in nw_runs]
+                rows.append(("lz4_block build (nydus-image), warm cache: MB in / wall s on 1 CPU",
+                             f"{mixed_mb / nw.wall:.0f} MB/s", "peer", f"{nw.load1:.2f}"))
+                rows.append(("lz4_block build (nydus-image), cold cache: MB in / wall s (1 CPU)",
+                             f"{mixed_mb / nm.wall:.0f} MB/s", "peer", f"{nm.load1:.2f}"))
+                rows.append(("lz4_block build: pynydus / nydus-image, warm (wall; cpu)",
+                             f"{w.wall / nw.wall:.2f}x; {w.cpu / nw.cpu:.2f}x", "<= 1.5x", ""))
+                rows.append(("lz4_block build: pynydus / nydus-image, cold (wall; cpu)",
+                             f"{m.wall / nm.wall:.2f}x; {m.cpu / nm.cpu:.2f}x", "<= 1.5x", ""))
 
         if "targz" not in skip:
             log("gzip tar of layer (a)")
@@ -371,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             z_runs: list[Run] = []
             i_runs: list[Run] = []  # ISA-L's inflate (python-isal), which the builder uses
             t_runs: dict[str, list[Run]] = {label: [] for label, _ in variants}
+            nt_runs: list[Run] = []
             for _ in range(b.repeat):
                 g_runs.append(b.run(["gzip", "-dc", str(tgz)]))
                 if shutil.which("unpigz"):
@@ -380,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                 for label, tree in variants:
                     t_runs[label].append(b.run(build_cmd(tgz, bs, blobs, "none", "targz-rafs"),
                                                pre=[bs, blobs], src=tree))
+                if peer:
+                    nt_runs.append(b.run(upstream_build_cmd(tgz, bs, blobs, "none", "targz-rafs"),
+                                         pre=[bs, blobs], mkdirs=[blobs]))
             g, z, i = _median(g_runs), _median(z_runs), _median(i_runs)
             res["targz"] = {"gz_mb": gz_mb, "gzip_dc": [asdict(r) for r in g_runs],
                             "zlib": [asdict(r) for r in z_runs], "isal": [asdict(r) for r in i_runs],
@@ -401,26 +475,44 @@ def main(argv: list[str] | None = None) -> int:
                              f"{p.wall / z.wall:.2f}x; {p.cpu / z.cpu:.2f}x", "~1x (decode-bound)", ""))
                 rows.append((f"targz: {label} / isal inflate (wall; cpu)",
                              f"{p.wall / i.wall:.2f}x; {p.cpu / i.cpu:.2f}x", "", ""))
+            if nt_runs:
+                nm, p = _median(nt_runs), _median(t_runs["pynydus"])
+                res["targz"]["nydus_image"] = [asdict(r) for r in nt_runs]
+                rows.append(("targz: nydus-image build none (wall / cpu)",
+                             f"{nm.wall:.2f} s / {nm.cpu:.2f} s", "peer", f"{nm.load1:.2f}"))
+                rows.append(("targz: pynydus / nydus-image (wall; cpu)",
+                             f"{p.wall / nm.wall:.2f}x; {p.cpu / nm.cpu:.2f}x", "<= 1.5x", ""))
             tgz.unlink()
 
         if "merge" not in skip:
             layers = sorted(Path(args.merge_layers).glob("layer*.boot")) if args.merge_layers else []
+            up_layers: list[Path] = []  # the same layers built by nydus-image
             for k in range(0 if layers else sizes.merge_layers):
                 src = work / f"layer{k}"
                 log(f"merge: generating and building layer {k}")
                 gen_small(src, sizes.merge_files, seed=100 + k, shared_half=True)
                 bs = work / f"layer{k}.boot"
                 b.run(build_cmd(src, bs, work / "merge-blobs", "lz4_block"), cold=False)
+                if peer:
+                    ubs = work / f"up-layer{k}.boot"
+                    b.run(upstream_build_cmd(src, ubs, work / "merge-blobs-up", "lz4_block"),
+                          cold=False, mkdirs=[work / "merge-blobs-up"])
+                    up_layers.append(ubs)
                 shutil.rmtree(src)
                 layers.append(bs)
             out.mkdir(exist_ok=True)
             merged, merged_old = out / "merged.boot", out / "merged-tree.boot"
             # The tree merge (the implementation before the record merge) alternates with
             # ours, so both see the same load; their outputs must be the same bytes.
-            m_runs: dict[str, list[Run]] = {"records": [], "tree": []}
+            m_runs: dict[str, list[Run]] = {"records": [], "tree": [], "nydus_image": []}
+            merged_up = out / "merged-up.boot"
             for _ in range(b.repeat):
                 m_runs["records"].append(b.run([*PYNYDUS, "image", "merge", *map(str, layers),
                                                 "--bootstrap", str(merged)], pre=[merged]))
+                if up_layers:
+                    m_runs["nydus_image"].append(b.run(
+                        [str(NYDUS_IMAGE[0]), "merge", "--log-level", "warn", "-B",
+                         str(merged_up), *map(str, up_layers)], pre=[merged_up]))
                 if args.merge_old:
                     m_runs["tree"].append(b.run([sys.executable, "-c", MERGE_TREES, str(merged_old),
                                                  *map(str, layers)], pre=[merged_old]))
@@ -432,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
             name = f"merge {len(layers)} x {sizes.merge_files} files"
             rows.append((f"{name} (wall / cpu)", f"{m.wall:.2f} s / {m.cpu:.2f} s", "< 5 s", f"{m.load1:.2f}"))
             rows.append((f"{name}: peak RSS", f"{m.maxrss_mb:.0f} MB", "", ""))
+            if m_runs["nydus_image"]:
+                nm = _median(m_runs["nydus_image"])
+                res["merge"]["nydus_image_runs"] = [asdict(r) for r in m_runs["nydus_image"]]
+                rows.append((f"{name}, nydus-image merge (wall / cpu)",
+                             f"{nm.wall:.2f} s / {nm.cpu:.2f} s", "peer", f"{nm.load1:.2f}"))
+                rows.append((f"{name}: pynydus / nydus-image (wall; cpu)",
+                             f"{m.wall / nm.wall:.2f}x; {m.cpu / nm.cpu:.2f}x", "<= 1.5x", ""))
             if m_runs["tree"]:
                 t = _median(m_runs["tree"])
                 same = merged.read_bytes() == merged_old.read_bytes()

@@ -1,4 +1,6 @@
-"""The RAFS build/merge benchmark's ``--quick`` mode runs end to end, so it cannot rot."""
+"""The RAFS build/merge benchmark's ``--quick`` mode runs end to end, so it cannot rot;
+its printed ratios (against mkfs.erofs, the inflaters and upstream nydus-image) are the
+quotients of the median runs its JSON holds."""
 
 from __future__ import annotations
 
@@ -58,3 +60,20 @@ def test_rafs_bench_quick_prints_the_table(tmp_path: Path) -> None:
     assert value["lz4_block build, warm cache: MB in / wall s on 1 CPU"] == \
         f"{mixed_mb / w['wall']:.0f} MB/s"
     assert value["lz4_block build, cold cache: MB in / CPU s"] == f"{mixed_mb / c['cpu']:.0f} MB/s"
+    # upstream nydus-image on the same inputs: each ratio is ours over its median run
+    for name in ("mixed", "small"):
+        p, n = med(res[f"build_{name}"]["pynydus"]), med(res[f"build_{name}"]["nydus_image"])
+        assert value[f"build {name}: pynydus / nydus-image (wall; cpu)"] == \
+            f"{p['wall'] / n['wall']:.2f}x; {p['cpu'] / n['cpu']:.2f}x"
+        assert res[f"build_{name}"]["ratio_vs_nydus_image"] == p["wall"] / n["wall"]
+    nw, nc = med(res["lz4"]["nydus_image_warm"]), med(res["lz4"]["nydus_image"])
+    assert value["lz4_block build: pynydus / nydus-image, warm (wall; cpu)"] == \
+        f"{w['wall'] / nw['wall']:.2f}x; {w['cpu'] / nw['cpu']:.2f}x"
+    assert value["lz4_block build: pynydus / nydus-image, cold (wall; cpu)"] == \
+        f"{c['wall'] / nc['wall']:.2f}x; {c['cpu'] / nc['cpu']:.2f}x"
+    n, pt = med(t["nydus_image"]), med(t["pynydus"])
+    assert value["targz: pynydus / nydus-image (wall; cpu)"] == \
+        f"{pt['wall'] / n['wall']:.2f}x; {pt['cpu'] / n['cpu']:.2f}x"
+    m, nm = med(res["merge"]["runs"]), med(res["merge"]["nydus_image_runs"])
+    assert value["merge 10 x 300 files: pynydus / nydus-image (wall; cpu)"] == \
+        f"{m['wall'] / nm['wall']:.2f}x; {m['cpu'] / nm['cpu']:.2f}x"
