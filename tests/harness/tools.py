@@ -42,6 +42,8 @@ TOOLS: dict[str, str] = {
     "gzip": "gzip",
     "tar": "tar",
     "systemd-analyze": "systemd",
+    "socat": "socat",
+    "openssl": "openssl",
 }
 
 SETUP_SH = REPO / "scripts" / "setup.sh"
