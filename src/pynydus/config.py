@@ -140,7 +140,7 @@ class TarfsExportMode(enum.StrEnum):
 
 
 # Why the unsupported keys are refused, once per feature.
-_SYSTEM = "the system controller ([system]) and its debug listeners"
+_SYSTEM = "the system controller's debug listeners ([system.debug])"
 _TARFS = "tarfs: OCI layers served as RAFS blobs"
 _KEYCHAIN = "registry credentials from Kubernetes (kubeconfig, CRI or kubelet keychains)"
 
@@ -162,10 +162,11 @@ class DebugConfig:
 class SystemConfig:
     """``[system]``: the system controller, HTTP on a unix socket."""
 
-    enable: bool = unsupported(False, _SYSTEM)
-    address: str = unsupported(DEFAULT_SYSTEM_ADDRESS, _SYSTEM)
-    uid: int = with_meta(count(0), unsupported=_SYSTEM)
-    gid: int = with_meta(count(0), unsupported=_SYSTEM)
+    enable: bool = False
+    address: str = DEFAULT_SYSTEM_ADDRESS
+    # owner of the controller socket (mode 0600: it hands out backend credentials)
+    uid: int = count(0)
+    gid: int = count(0)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

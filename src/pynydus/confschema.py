@@ -12,8 +12,8 @@ the file's keys; nested dataclasses are sub-tables. Reading a table takes three 
    dataclasses). A mismatch raises ``ConfigError`` naming the origin and the dotted key:
    ``config /etc/x.toml: snapshot.sync_remove: expected a boolean, got string "yes"``.
 3. *Refuse*: a field marked ``unsupported`` whose value differs from its default raises
-   ``ConfigError`` naming the key: ``...: system.enable: true is not supported by pynydus
-   yet (the system controller); remove it or set it to false``. Defaults stay accepted, so
+   ``ConfigError`` naming the key: ``...: experimental.enable_stargz: true is not supported
+   by pynydus yet (stargz images); remove it or set it to false``. Defaults stay accepted, so
    files that spell them out still load.
 
 A key that is present takes its value (``false``, ``0`` and ``""`` included); defaults

@@ -182,10 +182,10 @@ SNAPSHOTTER: dict[str, Case] = {
     "cleanup_on_close": Effect("true", lambda d, s: (not d.options().cleanup_on_close
                                                       and s.options().cleanup_on_close)
                                or pytest.fail("cleanup_on_close")),
-    "system.enable": Refused("true"),
-    "system.address": Refused('"/run/x.sock"'),
-    "system.uid": Refused("7"),
-    "system.gid": Refused("8"),
+    "system.enable": ShownBy("tests/integration/nydus/test_system_controller.py::test_socket_address_owner_and_mode"),
+    "system.address": ShownBy("tests/integration/nydus/test_system_controller.py::test_socket_address_owner_and_mode"),
+    "system.uid": ShownBy("tests/integration/nydus/test_system_controller.py::test_socket_address_owner_and_mode"),
+    "system.gid": ShownBy("tests/integration/nydus/test_system_controller.py::test_socket_address_owner_and_mode"),
     "system.debug.daemon_cpu_profile_duration_secs": Refused("5"),
     "system.debug.pprof_address": Refused('"127.0.0.1:6060"'),
     "daemon.nydusd_path": Effect('"/bin/true"', lambda d, s: (s.fs.manager.command == ["/bin/true"]
@@ -831,12 +831,12 @@ def test_doc_lists_every_pynydusd_flag_with_its_status() -> None:
 
 def test_refusals_name_the_key_and_the_way_out(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('version = 1\n[system]\nenable = true\n')
+    path.write_text('version = 1\n[experimental]\nenable_stargz = true\n')
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == (
-        f"config {path}: system.enable: true is not supported by pynydus yet (the system "
-        "controller ([system]) and its debug listeners); remove it or set it to false")
-    path.write_text('version = 1\n[system]\nenable = false\naddress = '
-                    '"/run/containerd-nydus/system.sock"\n')
+        f"config {path}: experimental.enable_stargz: true is not supported by pynydus yet "
+        "(stargz images); remove it or set it to false")
+    path.write_text('version = 1\n[experimental]\nenable_stargz = false\n'
+                    '[system.debug]\npprof_address = ""\n')
     assert load_config(path)[1] == []  # defaults spelled out load, without a word

@@ -99,6 +99,11 @@ class DaemonClient:
     def umount(self, mountpoint: str) -> None:
         self._request("DELETE", f"/api/v1/mount?mountpoint={mountpoint}")
 
+    def fs_metrics(self, sid: str | None = None) -> dict[str, Any]:
+        path = "/api/v1/metrics" + (f"?id={sid}" if sid else "")
+        out: dict[str, Any] = self._request("GET", path)
+        return out
+
     def blobcache_metrics(self, sid: str | None = None) -> dict[str, Any]:
         path = "/api/v1/metrics/blobcache" + (f"?id={sid}" if sid else "")
         out: dict[str, Any] = self._request("GET", path)

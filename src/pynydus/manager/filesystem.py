@@ -25,7 +25,7 @@ from typing import Any
 
 from pynydus import labels as L
 from pynydus.config import SnapshotterConfig
-from pynydus.errors import FailedPrecondition, NotFound, Unavailable, q
+from pynydus.errors import FailedPrecondition, NotFound, NydusError, Unavailable, q
 from pynydus.host.mountinfo import mountpoints_under
 from pynydus.logs import nydusd_level
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
@@ -34,6 +34,7 @@ from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.rafs.format import bootstrap_version
 from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
 from pynydus.signature import Verifier
+from pynydus.system.controller import DaemonView, PrefetchLists, views_by_daemon
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ class NydusFilesystem:
         self._refilling: DaemonRecord | None = None  # the spare being started, if any
         self._refill_thread: threading.Thread | None = None
         self._closing = False  # set under _lock: no mount starts after it
+        # image -> files its next dedicated daemon prefetches (the system controller's
+        # PUT /api/v1/prefetch; taken by the mount, as upstream does)
+        self.prefetch_lists = PrefetchLists()
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -326,7 +330,8 @@ class NydusFilesystem:
         if os.path.isdir(path) and not mountpoints_under(path):
             shutil.rmtree(path, ignore_errors=True)
 
-    def _take_standby(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord | None:
+    def _take_standby(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any],
+                      prefetch: list[str] | None = None) -> RafsRecord | None:
         """Mount the image into the spare daemon, which becomes its dedicated daemon."""
         with self._standby_lock:
             starting = self._refilling
@@ -348,7 +353,7 @@ class NydusFilesystem:
                 raise Unavailable(f"standby daemon {live.record.id} is {live.state}")
             config_path = os.path.join(self.cfg.config_dir(), live.record.id, "config.json")
             write_config(config_path, cfg)
-            live.client.mount(f"/{sid}", boot, json.dumps(cfg))
+            live.client.mount(f"/{sid}", boot, json.dumps(cfg), prefetch_files=prefetch)
         except Exception as err:  # noqa: BLE001 - fall back to starting a daemon
             log.warning("standby daemon %s unusable (%s); starting one", live.record.id, err)
             self.manager.destroy_daemon(live.record.id)
@@ -362,15 +367,22 @@ class NydusFilesystem:
                           config_path=config_path)
 
     def _mount_dedicated(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord:
-        taken = self._take_standby(sid, image_ref, boot, cfg)
+        prefetch = self.prefetch_lists.take(image_ref)  # the system controller's, if any
+        taken = self._take_standby(sid, image_ref, boot, cfg, prefetch)
         self._refill_standby(delay=_STANDBY_REFILL_DELAY)
         if taken is not None:
             return taken
         did = secrets.token_hex(10)
         config_path = os.path.join(self.cfg.config_dir(), did, "config.json")
         write_config(config_path, cfg)
+        prefetch_path = ""
+        if prefetch:
+            prefetch_path = os.path.join(self.cfg.config_dir(), did, "prefetch-files")
+            with open(prefetch_path, "w", encoding="utf-8") as f:
+                f.write("".join(p + "\n" for p in prefetch))
         mp = os.path.join(self.snapshot_dir(sid), "mnt")
         rec = self._daemon_record(did, "dedicated", mp, config_path=config_path, bootstrap=boot)
+        rec.prefetch_files = prefetch_path
         self.manager.start_daemon(rec)
         return RafsRecord(snapshot_id=sid, daemon_id=did, image_ref=image_ref,
                           snapshot_dir=self.snapshot_dir(sid), mountpoint=mp, bootstrap=boot,
@@ -441,6 +453,26 @@ class NydusFilesystem:
                     pass
                 self._remove_daemon_dir(rec.daemon_id)
             log.info("unmounted RAFS instance of snapshot %s", sid)
+
+    # --- the system controller's view (pynydus.system.controller.Daemons) ----------------
+
+    def daemon_views(self) -> list[DaemonView]:
+        return views_by_daemon(list(self.manager.daemons.values()), list(self.instances.values()))
+
+    def daemon_read_bytes(self, daemon_id: str) -> int | None:
+        """Bytes the daemon's filesystems have read (its fs metrics), None if it cannot say."""
+        live = self.manager.daemons.get(daemon_id)
+        if live is None or live.state != "RUNNING":
+            return None
+        try:
+            return int(live.client.fs_metrics().get("data_read", 0))
+        except (NydusError, OSError, ValueError) as err:
+            log.debug("fs metrics of daemon %s: %s", daemon_id, err)
+            return None
+
+    def set_prefetch(self, image: str, files: list[str]) -> None:
+        """Files the next dedicated daemon mounting ``image`` prefetches (consumed once)."""
+        self.prefetch_lists.put(image, files)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         states: dict[str, int] = {}

@@ -119,6 +119,8 @@ class DaemonManager:
         cmd += ["--mountpoint", rec.mountpoint]
         if rec.mode == "dedicated":
             cmd += ["--config", rec.config_path, "--bootstrap", rec.bootstrap]
+            if rec.prefetch_files:
+                cmd += ["--prefetch-files", rec.prefetch_files]
         cmd += ["--log-level", self.log_level, "--apisock", rec.api_socket]
         if self.log_rotation_size:
             cmd += ["--log-rotation-size", str(self.log_rotation_size)]

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -27,6 +29,8 @@ class DaemonRecord:
     log_file: str
     pid: int = 0
     thread_num: int = 0
+    # dedicated: a file of paths its start prefetches (--prefetch-files), "" for none
+    prefetch_files: str = ""
 
 
 @dataclass
@@ -49,6 +53,14 @@ _SCHEMA = (
         "seq INTEGER NOT NULL, daemon_id TEXT NOT NULL, record TEXT NOT NULL)"
     ),
 )
+
+
+def _record(cls: type[R], text: str) -> R:
+    """A record from its JSON, keeping only the fields ``cls`` knows: a record written
+    by a newer pynydus (kept across a downgrade) still loads, its new fields dropped;
+    fields added since a record was written take their defaults."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 class DaemonStore:
@@ -77,7 +89,7 @@ class DaemonStore:
     def daemons(self) -> list[DaemonRecord]:
         with self._lock:
             rows = self._db.execute("SELECT record FROM daemons ORDER BY id").fetchall()
-        return [DaemonRecord(**json.loads(r[0])) for r in rows]
+        return [_record(DaemonRecord, r[0]) for r in rows]
 
     def put_instance(self, rec: RafsRecord) -> RafsRecord:
         """Insert or replace; a new instance gets the next sequence number (mount order)."""
@@ -97,4 +109,4 @@ class DaemonStore:
     def instances(self) -> list[RafsRecord]:
         with self._lock:
             rows = self._db.execute("SELECT record FROM instances ORDER BY seq").fetchall()
-        return [RafsRecord(**json.loads(r[0])) for r in rows]
+        return [_record(RafsRecord, r[0]) for r in rows]

@@ -161,6 +161,13 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
         if fs is not None:
             metrics.register_daemons(fs.metrics_snapshot)
         metrics_server = metrics.serve_metrics(cfg.metrics.address)
+    system_server = None
+    if cfg.system.enable:
+        from pynydus.system.controller import Controller
+        from pynydus.system.server import SystemServer
+
+        system_server = SystemServer(Controller(fs), cfg.system.address, uid=cfg.system.uid,
+                                     gid=cfg.system.gid)
     log.info("pynydus %s snapshotter serving on %s (root %s)", __version__, cfg.address, cfg.root)
     systemd.notify("READY=1", f"STATUS=serving on {cfg.address}", f"MAINPID={os.getpid()}")
 
@@ -179,6 +186,8 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     server.stop(_GRACE_SECONDS).wait()
     if metrics_server is not None:
         metrics_server.shutdown()
+    if system_server is not None:
+        system_server.stop()
     snapshotter.close()
     claim.release()
     root_lock.release()

@@ -432,7 +432,8 @@ def test_refused_update_applies_none_of_its_paths(population):
         ('version = 1\n[snapshot]\nsync_remove = ["a"]\n', "sync_remove"),
         ('version = "1"\n', "version"),
         ("[snapshot]\nsync_remove = true\n", "version"),  # upstream: version = 1 is required
-        ("version = 1\n[system]\nenable = true\n", "system.enable: true is not supported"),
+        ("version = 1\n[experimental]\nenable_stargz = true\n",
+         "experimental.enable_stargz: true is not supported"),
     ],
     ids=[
         "sync_remove-str",

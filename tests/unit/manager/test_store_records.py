@@ -1,0 +1,38 @@
+"""Daemon and instance records across pynydus versions (the upgrade path): a record
+written before a field existed loads with its default, one written by a newer version
+loads without the fields this one does not know."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
+
+
+def test_records_from_older_and_newer_versions_load(tmp_path: Path) -> None:
+    db = tmp_path / "daemons.db"
+    store = DaemonStore(db)
+    store.close()
+    old = {"id": "d1", "mode": "dedicated", "mountpoint": "/m", "api_socket": "/s",
+           "config_path": "/c", "bootstrap": "/b", "log_file": "/l", "pid": 42}  # no thread_num
+    newer = {**old, "id": "d2", "thread_num": 2, "prefetch_files": "", "future_field": [1]}
+    inst = {"snapshot_id": "7", "daemon_id": "d1", "image_ref": "r/a:1", "snapshot_dir": "/s/7",
+            "mountpoint": "/m", "bootstrap": "/b", "config_path": "/c", "fs_hint": "later"}
+    conn = sqlite3.connect(db)
+    with conn:
+        for rec in (old, newer):
+            conn.execute("INSERT INTO daemons(id, record) VALUES(?, ?)", (rec["id"], json.dumps(rec)))
+        conn.execute("INSERT INTO instances(snapshot_id, seq, daemon_id, record) VALUES(?, ?, ?, ?)",
+                     ("7", 1, "d1", json.dumps(inst)))
+    conn.close()
+    store = DaemonStore(db)
+    try:
+        d1, d2 = store.daemons()
+        assert d1 == DaemonRecord(**old) and d1.thread_num == 0 and d1.prefetch_files == ""
+        assert d2.thread_num == 2 and not hasattr(d2, "future_field")
+        (r,) = store.instances()
+        assert isinstance(r, RafsRecord) and r.image_ref == "r/a:1"
+    finally:
+        store.close()
