@@ -104,6 +104,10 @@ class DaemonClient:
         out: dict[str, Any] = self._request("GET", path)
         return out
 
+    def inflight(self) -> list[dict[str, Any]]:
+        """FUSE requests the daemon is working on (204, no body, when none)."""
+        return list(self._request("GET", "/api/v1/metrics/inflight") or [])
+
     def blobcache_metrics(self, sid: str | None = None) -> dict[str, Any]:
         path = "/api/v1/metrics/blobcache" + (f"?id={sid}" if sid else "")
         out: dict[str, Any] = self._request("GET", path)

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pynydus import labels as L
@@ -28,6 +29,7 @@ from pynydus.config import SnapshotterConfig
 from pynydus.errors import FailedPrecondition, NotFound, NydusError, Unavailable, q
 from pynydus.host.mountinfo import mountpoints_under
 from pynydus.logs import nydusd_level
+from pynydus.manager.client import DaemonClient
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
@@ -135,6 +137,7 @@ class NydusFilesystem:
         # image -> files its next dedicated daemon prefetches (the system controller's
         # PUT /api/v1/prefetch; taken by the mount, as upstream does)
         self.prefetch_lists = PrefetchLists()
+        self.cache_gc = CacheGcStats()  # what Cleanup's cache GC did, for the metrics
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -470,6 +473,10 @@ class NydusFilesystem:
             log.debug("fs metrics of daemon %s: %s", daemon_id, err)
             return None
 
+    def daemon_client(self, daemon_id: str, timeout: float) -> DaemonClient | None:
+        live = self.manager.daemons.get(daemon_id)
+        return None if live is None else DaemonClient(live.record.api_socket, timeout)
+
     def set_prefetch(self, image: str, files: list[str]) -> None:
         """Files the next dedicated daemon mounting ``image`` prefetches (consumed once)."""
         self.prefetch_lists.put(image, files)
@@ -524,6 +531,7 @@ class NydusFilesystem:
         if used is None:
             log.info("cache GC skipped: a daemon did not report its blobs")
             return []
+        self.cache_gc.in_use = len(used)
         removed = set()
         for name in os.listdir(self.cache_dir):
             path = os.path.join(self.cache_dir, name)
@@ -535,8 +543,19 @@ class NydusFilesystem:
                     os.unlink(path)
                     removed.add(blob)
                 except OSError as err:
+                    self.cache_gc.errors += 1
                     log.warning("cache GC: cannot remove %s: %s", path, err)
+        self.cache_gc.deleted += len(removed)
         return sorted(removed)
+
+
+@dataclass
+class CacheGcStats:
+    """Cumulative results of the cache GC (upstream's cache metrics)."""
+
+    in_use: int = 0  # blobs the last GC found in use
+    deleted: int = 0  # blobs whose files it deleted
+    errors: int = 0  # files it could not delete
 
 
 CACHE_SUFFIXES = ("", ".chunk_map", ".blob.data", ".blob.data.chunk_map", ".blob.meta", ".image.disk",

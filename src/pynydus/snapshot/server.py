@@ -158,8 +158,10 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     if cfg.metrics.address:
         from pynydus.snapshot import metrics
 
+        metrics.register_process()
         if fs is not None:
             metrics.register_daemons(fs.metrics_snapshot)
+            metrics.register_filesystem(fs)
         metrics_server = metrics.serve_metrics(cfg.metrics.address)
     system_server = None
     if cfg.system.enable:

@@ -27,7 +27,7 @@ from pynydus.errors import NydusError
 from pynydus.grpcwire.rpc import Method, RpcAbort
 from pynydus.snapshot import filters
 from pynydus.snapshot.metastore import Info
-from pynydus.snapshot.metrics import RPC_ERRORS, RPC_SECONDS
+from pynydus.snapshot.metrics import OPERATION_MS, RPC_ERRORS, RPC_SECONDS, UPSTREAM_OPERATIONS
 from pynydus.snapshot.mounts import Mount
 from pynydus.snapshot.snapshotter import MountsTarget, Snapshotter
 
@@ -63,6 +63,8 @@ def _rpc(method: F) -> F:
 
     name = method.__name__
     seconds = RPC_SECONDS.labels(name)  # the per-method child, looked up once
+    upstream = UPSTREAM_OPERATIONS.get(name)  # upstream's histogram (milliseconds), if it times this
+    millis = OPERATION_MS.labels(upstream) if upstream else None
 
     @functools.wraps(method)
     def wrapper(self: Snapshots, request: Any, *args: Any) -> Any:
@@ -80,6 +82,8 @@ def _rpc(method: F) -> F:
         finally:
             elapsed = time.perf_counter() - start
             seconds.observe(elapsed)
+            if millis is not None:
+                millis.observe(elapsed * 1e3)
             log.debug("%s took %.2f ms", name, elapsed * 1e3)
 
     return wrapper  # type: ignore[return-value]

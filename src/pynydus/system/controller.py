@@ -59,6 +59,7 @@ class DaemonView:
     config_path: str  # its nydusd config (dedicated), "" otherwise
     state: str
     instances: tuple[dict[str, str], ...]  # {snapshot_id, snapshot_dir, mountpoint, image_id}
+    shared: bool = False  # the shared daemon: its API takes an instance id (/<snapshot id>)
 
 
 class Daemons(Protocol):
@@ -238,6 +239,7 @@ def views_by_daemon(daemons: Iterable[Any], instances: Iterable[Any]) -> list[Da
         out.append(DaemonView(
             id=r.id, pid=r.pid, api_socket=r.api_socket, mountpoint=r.mountpoint,
             reference=reference, config_path=r.config_path, state=live.state,
+            shared=r.mode == "shared",
             instances=tuple(instance_view(i.snapshot_id, i.snapshot_dir, i.mountpoint,
                                           i.image_ref, i.config_path) for i in mine)))
     return sorted(out, key=lambda v: v.id)
