@@ -245,8 +245,11 @@ def test_prometheus_metrics(image: dict, tmp_path: Path) -> None:
 def _thread_nice(pid: int) -> set[int]:
     out = set()
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # the thread ended between the listing and the read
         out.add(int(fields[16]))  # field 19 of stat(5): nice
     return out
 
