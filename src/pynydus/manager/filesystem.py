@@ -147,10 +147,15 @@ class NydusFilesystem:
         serving = {r.daemon_id for r in self.instances.values()}
         for ld in live:
             if ld.record.mode == "standby" and ld.record.id not in serving:
-                if self._standby is None and self.use_standby:
+                current = ld.record.command == self.manager.command
+                if self._standby is None and self.use_standby and current:
                     self._standby = ld  # a spare from before the restart: keep it
                 else:
+                    if not current:  # left by another version (an upgrade): images
+                        log.info("standby daemon %s runs %s, not %s: replacing it",  # get ours
+                                 ld.record.id, ld.record.command, self.manager.command)
                     self.manager.destroy_daemon(ld.record.id)
+                    self._remove_daemon_dir(ld.record.id)
         for rec in dead:
             if rec.mode == "standby" and rec.id not in serving:
                 self.manager.destroy_daemon(rec.id)  # a spare is not worth restarting

@@ -170,6 +170,7 @@ class DaemonManager:
         live.proc = proc
         live.state = "STARTING"
         rec.pid = proc.pid
+        rec.command = list(self.command)  # which build runs it, across snapshotter upgrades
         self.store.put_daemon(rec)
         if self.cgroup is not None:
             add = getattr(self.cgroup, "add_pid", None)

@@ -31,6 +31,9 @@ class DaemonRecord:
     thread_num: int = 0
     # dedicated: a file of paths its start prefetches (--prefetch-files), "" for none
     prefetch_files: str = ""
+    # the daemon program that was started (daemon.nydusd_path resolved); [] in records
+    # written before pynydus kept it
+    command: list[str] = field(default_factory=list)
 
 
 @dataclass

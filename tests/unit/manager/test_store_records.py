@@ -31,6 +31,7 @@ def test_records_from_older_and_newer_versions_load(tmp_path: Path) -> None:
     try:
         d1, d2 = store.daemons()
         assert d1 == DaemonRecord(**old) and d1.thread_num == 0 and d1.prefetch_files == ""
+        assert d1.command == []  # not known for a daemon started before it was recorded
         assert d2.thread_num == 2 and not hasattr(d2, "future_field")
         (r,) = store.instances()
         assert isinstance(r, RafsRecord) and r.image_ref == "r/a:1"

@@ -1,0 +1,164 @@
+"""Upgrading a node's pynydus while containers run on Nydus images.
+
+The upgrade path (README "Upgrading"): the service restarts on the new version, which
+systemd does with ``KillMode=process`` (SIGTERM to the snapshotter alone). The daemons of
+running images are adopted by the new snapshotter and keep serving their containers; the
+images mounted afterwards get daemons of the new ``pynydusd`` (here: ``daemon.nydusd_path``
+pointed at a second launcher of pynydusd, standing in for a newer build). A standby
+daemon left by a crashed old version is not used for them. An old image's daemon goes
+when its image is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pynydus.convert.converter import ConvertOptions, convert
+from tests.harness import images, oci
+from tests.harness.containerd import Containerd
+from tests.harness.cri import CriImages
+from tests.harness.registry import Registry
+from tests.harness.snapshotter import Snapshotter
+from tests.harness.util import wait_until
+
+SNAP = "nydus"
+NS = "k8s.io"
+PYNYDUSD = Path(sys.executable).parent / "pynydusd"
+
+
+def launcher(path: Path) -> Path:
+    """A pynydusd "build" of its own: a script that runs this checkout's pynydusd."""
+    path.write_text(f"#!/bin/sh\nexec {PYNYDUSD} \"$@\"\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def config(path: Path, nydusd: Path) -> Path:
+    path.write_text(f'version = 1\ndaemon_mode = "dedicated"\n[daemon]\nnydusd_path = "{nydusd}"\n')
+    return path
+
+
+def daemons_by_command(snap: Snapshotter) -> dict[str, list[str]]:
+    """daemon id -> the command its record says started it."""
+    return {r["id"]: r.get("command", []) for r in snap.daemon_records()}
+
+
+def serving(snap: Snapshotter) -> dict[str, str]:
+    """snapshot id -> daemon id, for every image being served."""
+    (rows,) = snap._daemons_db("SELECT snapshot_id, daemon_id FROM instances")
+    return dict(rows)
+
+
+@pytest.fixture(scope="module")
+def refs(registry: Registry, layouts: Path) -> tuple[str, str]:
+    """Two Nydus images: one running across the upgrade, one pulled after it."""
+    out = []
+    for name in ("old", "new"):
+        built = images.small_image(name).write_layout(layouts / f"up-{name}")
+        src = registry.ref(f"upgrade/{name}")
+        oci.push(built, src)
+        target = registry.ref(f"upgrade/{name}", "nydus")
+        convert(ConvertOptions(source=src, target=target, source_insecure=True,
+                               target_insecure=True))
+        out.append(target)
+    return out[0], out[1]
+
+
+@pytest.fixture
+def node(registry: Registry, containerd_version: str, tmp_path: Path
+         ) -> Iterator[tuple[Snapshotter, Containerd, Path, Path]]:
+    v1, v2 = launcher(tmp_path / "pynydusd-v1"), launcher(tmp_path / "pynydusd-v2")
+    cfg = config(tmp_path / "config.toml", v1)
+    with Snapshotter(config=cfg) as snap, Containerd(
+            snap.socket, registry_hosts=[registry.host], cri=True, namespace=NS,
+            version=containerd_version) as ctrd:
+        yield snap, ctrd, v1, v2
+
+
+def test_running_containers_keep_their_daemons_and_new_images_get_the_new_one(
+        node: tuple[Snapshotter, Containerd, Path, Path], refs: tuple[str, str]) -> None:
+    snap, ctrd, v1, v2 = node
+    old_ref, new_ref = refs
+    cri = CriImages(str(ctrd.socket))
+    cri.pull(old_ref)
+    ctrd.ctr("run", "-d", "--snapshotter", SNAP, old_ref, "before", "sleep", "600")
+    try:
+        (old_daemon,) = serving(snap).values()
+        assert daemons_by_command(snap)[old_daemon] == [str(v1)]
+        old_pid = next(r["pid"] for r in snap.daemon_records() if r["id"] == old_daemon)
+
+        # the upgrade: SIGTERM to the snapshotter alone, then the new version starts
+        config(Path(str(snap.config)), v2)
+        assert snap.restart() == 0
+        ctrd.wait_snapshotter(SNAP)
+
+        # the running container still reads through its (old) daemon
+        out = ctrd.ctr_out("tasks", "exec", "--exec-id", "after", "before", "cat", "/app/data.txt")
+        assert out.strip() == "data"
+        assert os.path.exists(f"/proc/{old_pid}")
+        assert daemons_by_command(snap)[old_daemon] == [str(v1)]
+
+        # an image mounted now gets a daemon of the new version
+        cri.pull(new_ref)
+        out = ctrd.ctr_out("run", "--rm", "--snapshotter", SNAP, new_ref, "new-run",
+                           "/bin/sh", "/app/hello.sh", timeout=180)
+        assert out.strip() == "hello from new"
+        new_daemons = set(serving(snap).values()) - {old_daemon}
+        assert len(new_daemons) == 1
+        assert daemons_by_command(snap)[new_daemons.pop()] == [str(v2)]
+        assert all(c == [str(v2)] for d, c in daemons_by_command(snap).items() if d != old_daemon)
+    finally:
+        ctrd.ctr("tasks", "kill", "-s", "KILL", "before", check=False)
+        time.sleep(0.5)
+        ctrd.ctr("tasks", "rm", "-f", "before", check=False)
+        ctrd.ctr("containers", "rm", "before", check=False)
+
+    # the old image goes: its daemon with it
+    for img in cri.list():
+        cri.remove(img.id)
+    wait_until(lambda: old_daemon not in daemons_by_command(snap), 60,
+               "the old image's daemon to stop with its image")
+    wait_until(lambda: not pid_running(old_pid), 15, "the old image's daemon to exit")
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_standby_left_by_a_crashed_old_version_is_replaced(
+        node: tuple[Snapshotter, Containerd, Path, Path], refs: tuple[str, str]) -> None:
+    """kill -9 leaves the old version's spare daemon running; the new version does not
+    hand it an image: it stops it and starts a spare of its own."""
+    snap, ctrd, v1, v2 = node
+    wait_until(lambda: any(r["mode"] == "standby" and r["pid"] for r in snap.daemon_records()),
+               60, "the standby daemon")
+    (old_spare,) = [r for r in snap.daemon_records() if r["mode"] == "standby"]
+    assert old_spare["command"] == [str(v1)]
+    snap.kill9()
+    config(Path(str(snap.config)), v2)
+    snap.start()
+    ctrd.wait_snapshotter(SNAP)
+
+    def fresh_spare() -> bool:
+        spares = [r for r in snap.daemon_records() if r["mode"] == "standby" and r["pid"]]
+        return len(spares) == 1 and spares[0]["command"] == [str(v2)]
+
+    wait_until(fresh_spare, 60, "a standby daemon of the new version")
+    assert old_spare["id"] not in daemons_by_command(snap)
+    wait_until(lambda: not pid_running(old_spare["pid"]), 15, "the old spare to exit")
+    CriImages(str(ctrd.socket)).pull(refs[1])
+    out = ctrd.ctr_out("run", "--rm", "--snapshotter", SNAP, refs[1], "spare-run",
+                       "/bin/sh", "/app/hello.sh", timeout=180)
+    assert out.strip() == "hello from new"
+    assert all(c == [str(v2)] for c in daemons_by_command(snap).values())
