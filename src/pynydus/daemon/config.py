@@ -29,7 +29,7 @@ _PRODUCT = "pynydusd"
 # nydusd rejects batch sizes above this (0x1000_0000).
 _MAX_BATCH = 0x1000_0000
 _ENCRYPTION = "encryption of the blob cache"
-_FILE_METRICS = "per-file metrics (/api/v1/metrics/files, /pattern)"
+_FILE_METRICS = "switching per-file metrics (the access trace is always recorded)"
 _HEALTH = "health checks that ping a proxy or mirror"
 
 

@@ -12,6 +12,7 @@ worker threads; the API and the prefetch workers have their own threads.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import pyfuse3
 import trio
 
 from pynydus import __version__
-from pynydus.daemon import metrics
+from pynydus.daemon import metrics, trace
 from pynydus.daemon.api import ApiServer
 from pynydus.daemon.blobcache import Backend, LocalFsBackend
 from pynydus.daemon.config import BackendConfig, NydusdConfig, parse_daemon_config
@@ -317,8 +318,7 @@ class Daemon:
     def metrics(self, kind: str, sid: str | None, query: dict[str, str]) -> Any:
         instances = self._instances_for(sid)
         if kind == "fs":
-            # per-file accounting (iostats_files, access_pattern) is refused at mount
-            return metrics.fs_json(i.fs_stats for i in instances)
+            return metrics.fs_json((i.fs_stats for i in instances), access_pattern_enabled=True)
         if kind == "backend":
             return metrics.backend_json(self.cache_stats,
                                         instances[0].config.backend.type if instances else "")
@@ -332,9 +332,29 @@ class Daemon:
                 prefetch=self.prefetcher)
         if kind == "inflight":
             return metrics.inflight_json(self.fs.inflight) if self.fs else []
-        if kind in ("files", "pattern"):
-            return []
+        if kind in ("files", "pattern", "trace"):
+            return self._trace_metrics(kind, instances, query)
         raise metrics.unknown(kind)
+
+    @staticmethod
+    def _trace_metrics(kind: str, instances: list[RafsInstance], query: dict[str, str]) -> Any:
+        """The access trace of the one image asked for (``?id=``; the only image without
+        it, as nydusd answers): ``files`` (``latest=true``: inodes read since the last such
+        query, as ``[[start, end], ...]``), ``pattern``, ``trace``."""
+        if not instances:
+            return {"truncated": False, "files": [], "chunks": []} if kind == "trace" else []
+        if len(instances) > 1:
+            raise InvalidArgument(f"metrics/{kind}: {len(instances)} images are mounted; "
+                                  f"name one with ?id=/<mountpoint>")
+        inst = instances[0]
+        paths = functools.partial(trace.paths_of, inst.bs.walk())
+        if kind == "pattern":
+            return trace.pattern_json(inst.trace)
+        if kind == "files":
+            if query.get("latest", "").lower() in ("true", "1"):
+                return trace.ino_ranges(inst.trace.take_latest())
+            return trace.files_json(inst.trace, paths)
+        return trace.trace_json(inst.trace, [b.blob_id for b in inst.bs.blobs], paths)
 
     def prometheus(self) -> bytes:
         return metrics.prometheus_text(metrics.DaemonSnapshot(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pynydus.daemon.blobcache import Backend, BlobCache, ChunkRef
 from pynydus.daemon.config import NydusdConfig
 from pynydus.daemon.metrics import CacheStats, FsStats
+from pynydus.daemon.trace import AccessTrace
 from pynydus.errors import FormatError, NotImplementedFeature
 from pynydus.rafs.read import ChunkRead, FileChunk, open_bootstrap
 from pynydus.rafs.read.spans import Span, SpanMap, has_spans, load_span_map
@@ -80,6 +81,9 @@ class RafsInstance:
         self.mounted_at = time.time()
         self.cache_stats = cache_stats or CacheStats()
         self.fs_stats = FsStats()
+        # first reads of files and chunks since the mount (reads only: not prefetch or
+        # readahead), for the access-pattern API and the prefetch list
+        self.trace = AccessTrace()
         self._caches: dict[int, BlobCache] = {}
         # Sequential readahead: per inode (next expected offset, fetched-or-queued up to).
         self.readahead_bytes = 8 * max(config.rafs.batch_size, 1 << 20)
@@ -222,6 +226,7 @@ class RafsInstance:
         round trips."""
         out = self._assemble(plan, cached_only=False)
         assert out is not None
+        self.trace.record(plan.ino, len(out), plan.groups)
         self._readahead(plan.ino, plan.offset, len(out))
         return out
 
@@ -230,6 +235,7 @@ class RafsInstance:
         None. Never blocks, so the FUSE loop answers warm reads itself."""
         out = self._assemble(plan, cached_only=True)
         if out is not None:
+            self.trace.record(plan.ino, len(out), plan.groups)
             self._readahead(plan.ino, plan.offset, len(out))
         return out
 

@@ -74,7 +74,7 @@ def test_daemon_info_and_metrics_shapes(full_image: Image, start_daemon: StartFn
     assert any(f.endswith(".blob.data.chunk_map") for f in cache["underlying_files"])
     assert cache["data_all_ready"] is False
     assert d.api("GET", "/api/v1/metrics/inflight") == (204, None)
-    assert d.get("/api/v1/metrics/files") == []
+    assert [f["path"] for f in d.get("/api/v1/metrics/files")] == ["/files/multi-chunk"]
     prom = d.api("GET", "/metrics")[1].decode()
     for name in ("nydusd_state", "nydusd_backend_read_bytes_total", "nydusd_cache_hits_total",
                  "nydusd_mounted_images"):
