@@ -8,9 +8,12 @@ serves pynydusd's ``--log-rotation-size``): when a record would grow the file pa
 ``max_bytes``, the file is renamed to ``<stem>-<timestamp><ext>`` (local time or UTC,
 millisecond resolution) and a new one is opened. Backups are then, on a thread the handler
 owns, gzip-compressed (``compress``), deleted beyond the ``max_backups`` newest (0 keeps all)
-and deleted when their timestamp is older than ``max_age_days`` (0 keeps all). Until it is
-compressed a backup is a plain file, and a crash in between leaves it so; the next rotation
-compresses it.
+and deleted when their timestamp is older than ``max_age_days`` (0 keeps all). The age is
+the one in the backup's name, as lumberjack reads it, not its mtime. Until it is compressed a
+backup is a plain file, and a crash in between leaves it so. As lumberjack does on open, the
+clean-up also runs when the handler opens a log that already has backups: a restarted
+snapshotter or daemon compresses what a crash left plain and drops what aged while it was
+down, without waiting for its next rotation.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
         self._pending = False
         self._closing = False
         self._mill: threading.Thread | None = None
+        if (compress or max_backups > 0 or max_age_days > 0) and self.backups():
+            self._start_mill()
 
     # --- rotation (called by BaseRotatingHandler.emit under the handler's lock) -----------
 

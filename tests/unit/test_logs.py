@@ -6,6 +6,7 @@ import datetime
 import gzip
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,98 @@ def test_zero_size_never_rotates(tmp_path: Path) -> None:
         log.info("line %03d %s", i, "." * 80)
     h.close()
     assert _files(tmp_path) == ["x.log"]
+
+
+def test_opening_a_log_cleans_up_the_backups_already_there(tmp_path: Path) -> None:
+    """As lumberjack on open: what aged while the process was down goes, what a crash left
+    uncompressed is compressed, before any new rotation."""
+    old = tmp_path / "x-2001-01-01T00-00-00.000.log"
+    old.write_text("ancient\n")
+    os.utime(old, (0, 0))
+    recent_stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S.000")
+    plain = tmp_path / f"x-{recent_stamp}.log"
+    plain.write_text("left plain by a crash\n")
+    h = RotatingLog(str(tmp_path / "x.log"), max_bytes=1 << 20, max_age_days=1, compress=True)
+    h.close()  # waits for the clean-up
+    assert _files(tmp_path) == sorted(["x.log", plain.name + ".gz"])
+    assert gzip.decompress((tmp_path / (plain.name + ".gz")).read_bytes()) == \
+        b"left plain by a crash\n"
+
+
+def _root_logging_of(setup: Callable[[], None]) -> Iterator[logging.Logger]:
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        setup()
+        yield root
+    finally:
+        for h in root.handlers:
+            if h not in saved[1]:
+                h.close()
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+
+
+def test_snapshotter_log_rotates_as_configured(tmp_path: Path) -> None:
+    """[log] log_rotation_*: the snapshotter's own log rotates at max_size MB into gzipped
+    backups and drops those older than max_age days (by count:
+    test_rotates_by_size_and_keeps_max_backups)."""
+    from pynydus.config import load_config
+    from pynydus.snapshot.server import setup_logging
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    aged = logs / "nydus-snapshotter-2001-01-01T00-00-00.000.log.gz"
+    aged.write_bytes(gzip.compress(b"ancient\n"))
+    os.utime(aged, (0, 0))
+    config = tmp_path / "config.toml"
+    config.write_text(f'version = 1\nroot = "{tmp_path}/root"\n[log]\ndir = "{logs}"\n'
+                      "log_rotation_max_size = 1\nlog_rotation_max_backups = 4\n"
+                      "log_rotation_max_age = 3\nlog_rotation_compress = true\n")
+    cfg, _ = load_config(config)
+    line = "x" * 1000
+    for root in _root_logging_of(lambda: setup_logging(cfg)):
+        # only the file handler: the stderr one takes warnings, and these are infos
+        for i in range(3600):  # 3.6 MB: three rotations at 1 MB
+            root.info("%05d %s", i, line)
+    names = _files(logs)
+    backups = [n for n in names if n != "nydus-snapshotter.log"]
+    assert "nydus-snapshotter.log" in names and aged.name not in names, names
+    assert len(backups) == 3 and all(n.endswith(".log.gz") for n in backups), names
+    assert all((logs / n).stat().st_size < 1 << 20 for n in names)
+    newest = gzip.decompress((logs / max(backups)).read_bytes()).decode()
+    assert len(newest) <= 1 << 20 and newest.endswith(f"{line}\n")
+    assert "03599 " in (logs / "nydus-snapshotter.log").read_text()
+
+
+def test_pynydusd_rotates_its_log_at_the_rotation_size(tmp_path: Path) -> None:
+    """pynydusd --log-rotation-size N (what the snapshotter passes from [daemon]
+    log_rotation_size) rotates its --log-file at N MB; 0 never rotates."""
+    from pynydus.daemon import main as dmain
+
+    log_file = tmp_path / "nydusd.log"
+    args = dmain.build_parser().parse_args(
+        ["--log-file", str(log_file), "--log-rotation-size", "1"])
+    for root in _root_logging_of(lambda: dmain._setup_logging(args)):
+        for i in range(1500):
+            root.warning("%05d %s", i, "y" * 1000)
+    backups = [n for n in _files(tmp_path) if n != "nydusd.log"]
+    assert len(backups) == 1 and backups[0].startswith("nydusd-"), backups
+    assert (tmp_path / backups[0]).stat().st_size <= 1 << 20
+
+
+def test_the_daemon_command_carries_the_rotation_size(tmp_path: Path) -> None:
+    from pynydus.manager.manager import DaemonManager
+    from pynydus.manager.store import DaemonRecord, DaemonStore
+
+    store = DaemonStore(tmp_path / "daemons.db")
+    rec = DaemonRecord(id="d1", mode="dedicated", mountpoint="/m", api_socket="/a.sock",
+                       config_path="/c.json", bootstrap="/b.boot", log_file="/l/nydusd.log")
+    try:
+        cmd = DaemonManager(store, command=["pynydusd"], log_rotation_size=7).build_command(rec)
+        i = cmd.index("--log-rotation-size")
+        assert cmd[i + 1] == "7" and cmd[cmd.index("--log-file") + 1] == "/l/nydusd.log"
+        plain = DaemonManager(store, command=["pynydusd"]).build_command(rec)
+        assert "--log-rotation-size" not in plain  # 0: nydusd's own default, no rotation
+    finally:
+        store.close()
