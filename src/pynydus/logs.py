@@ -14,6 +14,12 @@ backup is a plain file, and a crash in between leaves it so. As lumberjack does 
 clean-up also runs when the handler opens a log that already has backups: a restarted
 snapshotter or daemon compresses what a crash left plain and drops what aged while it was
 down, without waiting for its next rotation.
+
+Stacks. ``dump_stacks_on(SIGUSR1)`` makes the snapshotter and pynydusd log every thread's
+stack when signalled (``kill -USR1 <pid>``), whatever the log level: what an operator asks
+of a process that hangs, without attaching a debugger (py-spy ``dump`` works too, from
+outside). The dump goes through logging, so it lands in the rotating log file, not on a
+file descriptor that a rotation may have closed (faulthandler's way).
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ import logging.handlers
 import os
 import re
 import shutil
+import signal
+import sys
 import threading
+import traceback
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["LEVELS", "NYDUSD_LEVELS", "RotatingLog", "level_of", "nydusd_level"]
+__all__ = ["LEVELS", "NYDUSD_LEVELS", "RotatingLog", "dump_stacks_on", "level_of",
+           "nydusd_level", "thread_stacks"]
 
 LEVELS: Final[Mapping[str, int]] = {
     "trace": logging.DEBUG,
@@ -190,3 +200,40 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
         if mill is not None and mill is not threading.current_thread():
             mill.join()
         super().close()
+
+
+# --- stack dumps ------------------------------------------------------------------------
+
+
+def thread_stacks() -> tuple[int, str]:
+    """(number of threads, every thread's stack as traceback prints it, innermost last)."""
+    threads = {t.ident: t for t in threading.enumerate()}
+    frames = sys._current_frames()
+    parts = []
+    for ident, frame in sorted(frames.items()):
+        t = threads.get(ident)
+        name = t.name if t is not None else "?"
+        kind = "daemon thread" if t is not None and t.daemon else "thread"
+        parts.append(f"{kind} {name!r} (ident {ident}):\n"
+                     + "".join(traceback.format_stack(frame)).rstrip("\n"))
+    return len(frames), "\n".join(parts)
+
+
+def dump_stacks_on(signum: int = signal.SIGUSR1, logger: str = "stacks") -> bool:
+    """On ``signum``, log every thread's stack at INFO through ``logger`` (its handlers and
+    the root's), even when the level would drop INFO. The handler runs in the main thread
+    between two bytecodes, as Python runs signal handlers. Returns False (nothing
+    installed) when not called from the main thread, where signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    log = logging.getLogger(logger)
+
+    def on_signal(got: int, _frame: object) -> None:
+        count, text = thread_stacks()
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0,
+                                "%s: stacks of %d threads, pid %d\n%s",
+                                (signal.Signals(got).name, count, os.getpid(), text), None)
+        log.handle(record)  # not log.info(): the dump was asked for, whatever the level
+
+    signal.signal(signum, on_signal)
+    return True

@@ -190,3 +190,56 @@ def test_the_daemon_command_carries_the_rotation_size(tmp_path: Path) -> None:
         assert "--log-rotation-size" not in plain  # 0: nydusd's own default, no rotation
     finally:
         store.close()
+
+
+def test_sigusr1_logs_every_threads_stack_whatever_the_level() -> None:
+    import signal
+    import threading
+
+    from pynydus.logs import dump_stacks_on
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("test-stacks")
+    log.propagate = False
+    log.handlers[:] = [Keep()]
+    log.setLevel(logging.ERROR)  # an INFO record would be dropped by log.info()
+    parked = threading.Event()
+
+    def parked_here() -> None:
+        parked.wait(30)
+
+    t = threading.Thread(target=parked_here, name="parked-worker")
+    t.start()
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        assert dump_stacks_on(signal.SIGUSR1, logger="test-stacks")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(100):  # the handler runs at the next bytecode boundary
+            if records:
+                break
+        (rec,) = records
+        text = rec.getMessage()
+        assert text.startswith(f"SIGUSR1: stacks of {threading.active_count()} threads")
+        assert "thread 'parked-worker'" in text and "in parked_here" in text
+        assert "thread 'MainThread'" in text and "in test_sigusr1_logs" in text
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        parked.set()
+        t.join()
+
+
+def test_stack_dumps_need_the_main_thread() -> None:
+    import threading
+
+    from pynydus.logs import dump_stacks_on
+
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(dump_stacks_on()))
+    t.start()
+    t.join()
+    assert got == [False]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from pynydus import __version__
 from pynydus.cli.pipes import quiet_on_closed_pipe
 from pynydus.errors import ConfigError, NydusError
-from pynydus.logs import LEVELS, RotatingLog
+from pynydus.logs import LEVELS, RotatingLog, dump_stacks_on
 
 if TYPE_CHECKING:
     from pynydus.daemon.daemon import DaemonOptions
@@ -111,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = argv.pop(0)
     args = build_parser().parse_args(argv)
     _setup_logging(args)
+    dump_stacks_on(signal.SIGUSR1)  # kill -USR1: every thread's stack into the log
     try:
         return _run(sub, args)
     except NydusError as err:

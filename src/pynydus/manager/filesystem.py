@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pynydus import labels as L
@@ -481,6 +481,12 @@ class NydusFilesystem:
     def daemon_client(self, daemon_id: str, timeout: float) -> DaemonClient | None:
         live = self.manager.daemons.get(daemon_id)
         return None if live is None else DaemonClient(live.record.api_socket, timeout)
+
+    def daemon_records(self) -> dict[str, list[dict[str, Any]]]:
+        """The store's daemon and instance records, as persisted (``DaemonRecord`` and
+        ``RafsRecord`` fields)."""
+        return {"daemons": [asdict(r) for r in self.store.daemons()],
+                "instances": [asdict(r) for r in self.store.instances()]}
 
     def set_prefetch(self, image: str, files: list[str]) -> None:
         """Files the next dedicated daemon mounting ``image`` prefetches (consumed once)."""

@@ -18,7 +18,7 @@ from pynydus.errors import HostCheckError, Unavailable
 from pynydus.grpcwire import server as h2server
 from pynydus.host import checks, systemd
 from pynydus.host.exclusive import SocketClaim, claim_socket, lock_root
-from pynydus.logs import LEVELS, RotatingLog
+from pynydus.logs import LEVELS, RotatingLog, dump_stacks_on
 from pynydus.manager.filesystem import NydusFilesystem
 from pynydus.snapshot.service import Snapshots, grpcio_server
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
@@ -124,6 +124,7 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     """
     cfg, warnings = load_config(config_path, overrides)
     setup_logging(cfg)
+    dump_stacks_on(signal.SIGUSR1)  # kill -USR1: every thread's stack into the log
     for w in warnings:
         log.warning("config: %s", w)
     options = snapshotter_options(cfg)

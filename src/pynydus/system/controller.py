@@ -8,7 +8,9 @@ implements it) and from ``/proc`` for a daemon's memory.
 
     GET  /api/v1/daemons                the daemons: id, pid, sockets, mountpoint, image,
                                         memory, data read, and the images (instances) each serves
-    GET  /api/v1/daemons/records        501, as upstream
+    GET  /api/v1/daemons/records        the records the snapshotter keeps in its daemon
+                                        store, as stored (``{"daemons": [...], "instances":
+                                        [...]}``): what a restart adopts (upstream: 501)
     GET  /api/v1/daemons/{id}/backend   {"type", "config"} of the daemon's storage backend
     PUT  /api/v1/prefetch               [{"image": ref, "prefetch": "file list"}]: the files
                                         the next daemon mounting that image prefetches
@@ -71,6 +73,8 @@ class Daemons(Protocol):
 
     def set_prefetch(self, image: str, files: list[str]) -> None: ...
 
+    def daemon_records(self) -> dict[str, list[dict[str, Any]]]: ...
+
 
 class PrefetchLists:
     """Image reference -> files to prefetch, kept until a daemon mounting it takes them
@@ -123,7 +127,7 @@ class Controller:
             if path == f"{API}/daemons" and method == "GET":
                 return Reply(200, self.list_daemons())
             if path == f"{API}/daemons/records" and method == "GET":
-                return error(501, "Unimplemented", "daemon records are not exposed")
+                return Reply(200, self.records())
             if path == f"{API}/daemons/upgrade" and method == "PUT":
                 return error(501, "Unimplemented",
                              "hot upgrade of a running daemon needs its FUSE session handed "
@@ -163,6 +167,14 @@ class Controller:
                               for i in d.instances},
             })
         return out
+
+    def records(self) -> dict[str, list[dict[str, Any]]]:
+        """The daemon store's two tables, each record as persisted: the daemons a restarted
+        snapshotter adopts or restarts and the RAFS instances it mounts again. Unlike
+        ``/daemons`` it reads no process: a record whose daemon died shows here only."""
+        if self.daemons is None:
+            return {"daemons": [], "instances": []}
+        return self.daemons.daemon_records()
 
     def put_prefetch(self, body: bytes) -> Reply:
         """Always 200, as upstream; what cannot be read is logged and skipped."""

@@ -3,15 +3,18 @@ prefetch NRI plugin talks to it, on a snapshotter serving a Nydus image.
 
 GET /api/v1/daemons lists each daemon with the images it serves (the snapshot the image's
 bootstrap layer is, its directory, the mountpoint, the image reference) and its memory and
-data read; GET /api/v1/daemons/{id}/backend gives the registry it reads from; PUT
-/api/v1/prefetch makes the next daemon mounting that image prefetch those files; the
-upgrade and records endpoints answer 501 with a reason. The socket is 0600.
+data read; GET /api/v1/daemons/records gives the daemon store's records as persisted; GET
+/api/v1/daemons/{id}/backend gives the registry it reads from; PUT /api/v1/prefetch makes
+the next daemon mounting that image prefetch those files; the upgrade endpoint answers 501
+with a reason. The socket is 0600. SIGUSR1 makes the snapshotter and pynydusd log every
+thread's stack and carry on.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import stat
 import time
@@ -56,7 +59,7 @@ def snap(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Snapshotter
     s = Snapshotter(config=tmp_path / "config.toml")
     s.system_socket = s.workdir / "system.sock"  # type: ignore[attr-defined]
     (tmp_path / "config.toml").write_text(
-        f'version = 1\ndaemon_mode = "{request.param}"\n'
+        f'version = 1\ndaemon_mode = "{request.param}"\n[daemon]\nlog_rotation_size = 3\n'
         f'[system]\nenable = true\naddress = "{s.system_socket}"\n')  # type: ignore[attr-defined]
     s.start()
     try:
@@ -104,9 +107,62 @@ def test_unimplemented_and_unknown_endpoints(snap: Snapshotter) -> None:
     sock: Path = snap.system_socket  # type: ignore[attr-defined]
     status, body = call(sock, "PUT", "/api/v1/daemons/upgrade", {"nydusd_path": "/bin/true"})
     assert status == 501 and "failover" in body["message"]  # type: ignore[index]
-    assert call(sock, "GET", "/api/v1/daemons/records")[0] == 501
     assert call(sock, "GET", "/api/v1/nothing")[0] == 404
     assert call(sock, "DELETE", "/api/v1/daemons")[0] == 405
+
+
+def _wait_for_text(path: Path, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = path.read_text(errors="replace") if path.exists() else ""
+        if text in got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_records_and_stack_dumps(snap: Snapshotter, image: dict, tmp_path: Path) -> None:
+    """GET /api/v1/daemons/records: the store's daemon and instance records (the daemons
+    started with [daemon] log_rotation_size on their command line); SIGUSR1 to the
+    snapshotter and to a daemon logs their threads' stacks, and both keep serving."""
+    import signal
+    import subprocess
+
+    sock: Path = snap.system_socket  # type: ignore[attr-defined]
+    top = pull_nydus_image(snap, image)
+    container_rootfs(snap, top, "default/3/ctr", tmp_path / "rootfs")
+    try:
+        status, records = call(sock, "GET", "/api/v1/daemons/records")
+        assert status == 200 and set(records) == {"daemons", "instances"}  # type: ignore[arg-type]
+        daemons, instances = records["daemons"], records["instances"]  # type: ignore[index]
+        _, live = call(sock, "GET", "/api/v1/daemons")
+        assert {d["id"] for d in daemons} == {d["id"] for d in live}  # type: ignore[union-attr]
+        (inst,) = instances
+        assert inst["image_ref"] == image["ref"] and Path(inst["bootstrap"]).is_file()
+        (serving,) = [d for d in daemons if d["id"] == inst["daemon_id"]]
+        assert serving["pid"] in snap.daemon_pids() and Path(serving["api_socket"]).is_socket()
+        for d in daemons:
+            argv = Path(f"/proc/{d['pid']}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--log-rotation-size") + 1] == b"3", argv
+            assert argv[argv.index(b"--log-file") + 1].decode() == d["log_file"]
+
+        os.kill(snap.pid, signal.SIGUSR1)
+        text = _wait_for_text(snap.log, "SIGUSR1: stacks of")
+        assert "SIGUSR1: stacks of" in text and "thread 'MainThread'" in text, text[-3000:]
+        assert snap.proc is not None and snap.proc.running()
+        assert call(sock, "GET", "/api/v1/daemons")[0] == 200
+        assert snap.list_names()  # the snapshots service still answers
+
+        os.kill(serving["pid"], signal.SIGUSR1)
+        daemon_log = Path(serving["log_file"])
+        text = _wait_for_text(daemon_log, "SIGUSR1: stacks of")
+        assert "SIGUSR1: stacks of" in text and "thread 'MainThread'" in text, text[-3000:]
+        # not read before: the daemon serves it now
+        assert (tmp_path / "rootfs/etc/hello.txt").read_text().startswith("hello from")
+        assert serving["pid"] in snap.daemon_pids()
+        status, info = call(sock, "GET", "/api/v1/daemons")
+        assert status == 200 and serving["id"] in {d["id"] for d in info}  # type: ignore[union-attr]
+    finally:
+        subprocess.run(["umount", str(tmp_path / "rootfs")], check=False)
 
 
 @pytest.mark.parametrize("snap", ["dedicated"], indirect=True)

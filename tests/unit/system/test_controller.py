@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,9 @@ class FakeDaemons:
     def set_prefetch(self, image: str, files: list[str]) -> None:
         self.prefetch.put(image, files)
 
+    def daemon_records(self) -> dict[str, list[dict[str, Any]]]:
+        return {"daemons": [{"id": v.id, "pid": v.pid} for v in self.views], "instances": []}
+
 
 def view(did: str, config_path: str = "", instances: tuple[dict[str, str], ...] = ()) -> DaemonView:
     return DaemonView(id=did, pid=0, api_socket=f"/run/{did}.sock", mountpoint="/mnt",
@@ -54,10 +58,20 @@ def test_daemons_are_listed_with_upstreams_fields() -> None:
 
 def test_no_filesystem_lists_nothing() -> None:
     assert Controller(None).handle("GET", "/api/v1/daemons/").body == []
+    assert Controller(None).handle("GET", "/api/v1/daemons/records").body == \
+        {"daemons": [], "instances": []}
+
+
+def test_records_are_the_stores_as_they_are() -> None:
+    reply = Controller(FakeDaemons([view("d1"), view("d2")])).handle(
+        "GET", "/api/v1/daemons/records")
+    assert reply.status == 200
+    assert reply.body == {"daemons": [{"id": "d1", "pid": 0}, {"id": "d2", "pid": 0}],
+                          "instances": []}
 
 
 @pytest.mark.parametrize("method, path, status", [
-    ("GET", "/api/v1/daemons/records", 501),
+    ("DELETE", "/api/v1/daemons/records", 405),
     ("PUT", "/api/v1/daemons/upgrade", 501),
     ("GET", "/api/v1/other", 404),
     ("POST", "/api/v1/daemons", 405),
