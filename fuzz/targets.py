@@ -24,6 +24,8 @@ Target = Callable[[bytes], None]
 #: Entries of a bootstrap walked per input (every inode of the seeds; the mutations
 #: that matter are in the superblock, the inodes and the tables they reach).
 MAX_ENTRIES = 64
+#: Names looked up per directory (each a binary search over the dirents).
+MAX_LOOKUPS = 8
 #: Bytes per map_read: FUSE's largest read (a 2 MiB range over 4 KiB chunks made 512
 #: chunk records per file, a cost of the request, not of the image).
 READ_SIZE = 128 << 10
@@ -58,7 +60,7 @@ def _bootstrap(data: bytes) -> None:
             bs.map_read(ino, max(0, st.size // 2 - 100), READ_SIZE)
         elif st.is_dir:
             for i, entry in enumerate(bs.readdir(ino)):
-                if i >= MAX_ENTRIES:
+                if i >= MAX_LOOKUPS:  # the walk reads every entry; a few binary searches
                     break
                 try:
                     bs.lookup(ino, entry.name)

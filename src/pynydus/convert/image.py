@@ -106,6 +106,41 @@ def load_document(data: bytes, what: str) -> dict[str, Any]:
 _load = load_document
 
 
+def _strings(value: Any, what: str) -> None:
+    """FormatError unless ``value`` (if given) is an object of strings (labels,
+    annotations) or a platform (strings, ``os.features`` a list of strings)."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise FormatError(f"{what} is not an object")
+    for k, v in value.items():
+        ok = (isinstance(v, list) and all(isinstance(x, str) for x in v)) if k in (
+            "os.features", "features") else isinstance(v, str)
+        if not ok:
+            raise FormatError(f"{what}.{k} is not a string")
+
+
+def check_descriptor(d: Any, what: str, *, size: bool = True) -> dict[str, Any]:
+    """An OCI descriptor as we read it: an object with a string ``digest`` and
+    ``mediaType``, an integer ``size`` >= 0 (when ``size``), string annotations and a
+    platform of strings where given; FormatError naming ``what`` otherwise."""
+    if not isinstance(d, dict):
+        raise FormatError(f"{what} is not an object")
+    for key in ("digest", "mediaType"):
+        if key in d and not isinstance(d[key], str):
+            raise FormatError(f"{what}.{key} is not a string")
+    if not isinstance(d.get("digest"), str):
+        raise FormatError(f"{what} has no digest")
+    if "artifactType" in d and not isinstance(d["artifactType"], str):
+        raise FormatError(f"{what}.artifactType is not a string")
+    n = d.get("size", 0)
+    if size and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise FormatError(f"{what}.size {n!r} is not a size")
+    _strings(d.get("annotations"), f"{what}.annotations")
+    _strings(d.get("platform"), f"{what}.platform")
+    return d
+
+
 def parse_index(data: bytes, what: str) -> dict[str, Any]:
     """An image index whose ``manifests`` are descriptors (objects with a string
     ``digest``; ``platform`` an object and ``mediaType``/``artifactType`` strings where
@@ -118,13 +153,7 @@ def parse_index(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(manifests, list):
         raise FormatError(f"{what}: manifests is not a list")
     for i, d in enumerate(manifests):
-        if not isinstance(d, dict) or not isinstance(d.get("digest"), str):
-            raise FormatError(f"{what}: manifests[{i}] is not a descriptor with a digest")
-        if not isinstance(d.get("platform", {}), dict):
-            raise FormatError(f"{what}: manifests[{i}].platform is not an object")
-        for key in ("mediaType", "artifactType"):
-            if not isinstance(d.get(key, ""), str):
-                raise FormatError(f"{what}: manifests[{i}].{key} is not a string")
+        check_descriptor(d, f"{what}: manifests[{i}]")
     return doc
 
 
@@ -252,6 +281,13 @@ def parse_manifest(media_type: str, digest: str, data: bytes) -> SourceImage:
     """
     doc = _load(data, f"manifest {digest}")
     mt = doc.get("mediaType") or media_type
+    if not isinstance(mt, str):
+        raise FormatError(f"manifest {digest}: mediaType {mt!r} is not a string")
+    layer_docs = doc.get("layers") or []
+    if not isinstance(layer_docs, list):
+        raise FormatError(f"manifest {digest}: layers is not a list")
+    for i, d in enumerate(layer_docs):
+        check_descriptor(d, f"manifest {digest}: layers[{i}]")
     if mt not in media.MANIFEST_TYPES:
         raise InvalidArgument(f"manifest {digest}: unsupported media type {q(mt)}")
     if doc.get("schemaVersion") != 2:
@@ -261,8 +297,9 @@ def parse_manifest(media_type: str, digest: str, data: bytes) -> SourceImage:
     config = doc.get("config")
     if not isinstance(config, dict) or "digest" not in config:
         raise FormatError(f"manifest {digest}: no config descriptor")
+    check_descriptor(config, f"manifest {digest}: config")
     layers = []
-    for i, d in enumerate(doc.get("layers") or []):
+    for i, d in enumerate(layer_docs):
         try:
             layers.append(LayerDesc(str(d["digest"]), int(d["size"]), str(d["mediaType"]),
                                     layer_compression(str(d["mediaType"]), str(d["digest"]))))
@@ -275,8 +312,15 @@ def parse_manifest(media_type: str, digest: str, data: bytes) -> SourceImage:
 
 def attach_config(img: SourceImage, data: bytes) -> None:
     """Record the image config and the layers' diff ids from it."""
-    cfg = _load(data, f"config {img.config['digest']}")
-    diff_ids = (cfg.get("rootfs") or {}).get("diff_ids") or []
+    what = f"config {img.config['digest']}"
+    cfg = _load(data, what)
+    rootfs = cfg.get("rootfs") or {}
+    diff_ids = rootfs.get("diff_ids") or [] if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise FormatError(f"{what}: rootfs.diff_ids is not a list of digests")
+    for key in ("architecture", "os", "variant"):
+        if not isinstance(cfg.get(key, ""), str):
+            raise FormatError(f"{what}: {key} is not a string")
     if len(diff_ids) != len(img.layers):
         raise FormatError(
             f"config {img.config['digest']}: {len(diff_ids)} diff_ids for {len(img.layers)} layers")
