@@ -20,7 +20,6 @@ key is RSA. Everything here is pure except the key and bootstrap file reads.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 from collections.abc import Mapping
 
@@ -110,7 +109,7 @@ class Verifier:
                 f"(image.validate_signature = true); sign it with pynydus convert --sign-key")
         try:
             sig = base64.b64decode(value, validate=True)
-        except binascii.Error as err:
+        except ValueError as err:  # binascii.Error, or a label that is not ASCII
             raise PermissionDenied(f"{what}: the bootstrap signature ({L.NYDUS_SIGNATURE}) "
                                    f"is not base64: {err}") from err
         try:

@@ -83,6 +83,9 @@ def test_wrong_signature_is_refused_naming_key_and_label(keys: dict[str, Path],
     with pytest.raises(PermissionDenied, match="not base64"):
         Verifier(str(keys["pkcs1"]), True).verify({L.NYDUS_SIGNATURE: "%%%"},
                                                   str(keys["boot"]), "i")
+    with pytest.raises(PermissionDenied, match="not base64"):  # was a raw ValueError
+        Verifier(str(keys["pkcs1"]), True).verify({L.NYDUS_SIGNATURE: "sig\u00e9"},
+                                                  str(keys["boot"]), "i")
 
 
 def test_not_required_checks_nothing(keys: dict[str, Path]) -> None:

@@ -14,7 +14,6 @@ other value ("... is not supported by pynydusd yet"); docs/config.md lists them.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 import tomllib
@@ -319,7 +318,7 @@ def _registry(raw: dict[str, Any], key: str, origin: str, warnings: list[str]) -
     if cfg.auth:
         try:
             decoded = base64.b64decode(cfg.auth, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError) as err:
+        except ValueError as err:  # binascii.Error, UnicodeDecodeError, a non-ASCII string
             raise ConfigError(f"{origin}: {key}.auth: not base64 of user:password") from err
         if ":" not in decoded:
             raise ConfigError(f"{origin}: {key}.auth: must encode user:password")
