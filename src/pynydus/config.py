@@ -76,6 +76,7 @@ __all__ = [
     "SystemConfig",
     "TarfsConfig",
     "TarfsExportMode",
+    "TarfsMountMode",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -139,9 +140,15 @@ class TarfsExportMode(enum.StrEnum):
     IMAGE_BLOCK_WITH_VERITY = "image_block_with_verity"
 
 
+class TarfsMountMode(enum.StrEnum):
+    """How tarfs images are mounted (``experimental.tarfs.mount_mode``, a pynydus key)."""
+
+    LAYER = "layer"  # one EROFS mount per layer, stacked by the container's overlay
+    IMAGE = "image"  # upstream's: layer bootstraps merged, one EROFS mount per image
+
+
 # Why the unsupported keys are refused, once per feature.
 _SYSTEM = "the system controller's debug listeners ([system.debug])"
-_TARFS = "tarfs: OCI layers served as RAFS blobs"
 _KEYCHAIN = "registry credentials from Kubernetes (kubeconfig, CRI or kubelet keychains)"
 
 
@@ -178,7 +185,7 @@ class DaemonConfig:
     nydusd_path: str = "nydusd"
     nydusd_config: str = "/etc/nydus/nydusd-config.json"
     nydusimage_path: str = inert("nydus-image", "upstream runs nydus-image only for tarfs, "
-                                 "which pynydus does not have yet")
+                                 "whose bootstraps and block images pynydus builds itself")
     fs_driver: FsDriver = FsDriver.FUSEDEV
     recover_policy: RecoverPolicy = RecoverPolicy.RESTART
     # 0: let nydusd pick its own thread count; nydusd rejects more than 1024
@@ -260,9 +267,10 @@ class RemoteConfig:
     """``[remote]``: registries."""
 
     convert_vpc_registry: bool = inert(False, "upstream parses it but never uses it")
-    skip_ssl_verify: bool = inert(False, "upstream uses it only with the fs drivers other "
-                                  "than fusedev and fscache; for fusedev set skip_verify in "
-                                  "the nydusd config template")
+    # the snapshotter's own registry reads (tarfs layers, manifests and configs): any
+    # certificate, and plain HTTP where the registry speaks it. pynydusd's reads take
+    # skip_verify from the nydusd config template instead (as upstream).
+    skip_ssl_verify: bool = False
     mirrors_config: MirrorsConfig = field(default_factory=MirrorsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -305,13 +313,18 @@ class ImageConfig:
 class TarfsConfig:
     """``[experimental.tarfs]``: run OCI images with their tar layers as RAFS blobs."""
 
-    enable_tarfs: bool = unsupported(False, _TARFS)
-    mount_tarfs_on_host: bool = unsupported(False, _TARFS)
-    tarfs_hint: bool = unsupported(False, _TARFS)
+    enable_tarfs: bool = False
+    # false: upstream leaves the image to a Kata guest (raw block volumes); pynydus has no
+    # Kata volumes, so enable_tarfs needs it true (checked in _validate)
+    mount_tarfs_on_host: bool = False
+    # only images whose manifest has the containerd.io/snapshot/tarfs-hint annotation
+    tarfs_hint: bool = False
     # 0: no limit on concurrent layer conversions per image
-    max_concurrent_proc: int = with_meta(count(0), unsupported=_TARFS)
-    export_mode: TarfsExportMode = unsupported(
-        TarfsExportMode.DISABLED, _TARFS)
+    max_concurrent_proc: int = count(0)
+    export_mode: TarfsExportMode = TarfsExportMode.DISABLED
+    # pynydus: "layer" (each layer its own EROFS mount: no merge, layers shared between
+    # images) or "image" (upstream's merged bootstrap per image)
+    mount_mode: TarfsMountMode = TarfsMountMode.LAYER
 
 
 @dataclass(frozen=True)
@@ -467,7 +480,46 @@ def load_config(
     cfg, recorded, origin = _parse(path, overrides)
     schema.refuse(cfg, origin)
     recorded.warnings.extend(schema.inert_warnings(cfg, origin))
+    _check_tarfs(cfg, origin, recorded.warnings)
     return _validate(cfg, origin, recorded, recorded.warnings), recorded.warnings
+
+
+def _check_tarfs(cfg: SnapshotterConfig, origin: typing.Callable[[str], str],
+                 warnings: list[str]) -> None:
+    """What pynydus can do with ``[experimental.tarfs]`` (beyond upstream's own rules):
+    blockdev needs tarfs, tarfs needs its images mounted on the host (no Kata here),
+    and the tarfs keys have no effect while tarfs is off."""
+    tarfs = cfg.experimental.tarfs
+    if cfg.daemon.fs_driver is FsDriver.BLOCKDEV and not tarfs.enable_tarfs:
+        raise ConfigError(
+            f"{origin('daemon.fs_driver')}: daemon.fs_driver: fs_driver blockdev serves OCI "
+            "images through tarfs only: set experimental.tarfs.enable_tarfs = true (and "
+            'mount_tarfs_on_host = true), or use fs_driver = "fusedev"')
+    if tarfs.enable_tarfs and not tarfs.mount_tarfs_on_host:
+        key = "experimental.tarfs.mount_tarfs_on_host"
+        raise ConfigError(
+            f"{origin(key)}: {key}: false hands tarfs images to a Kata guest as block volumes "
+            "(snapshot.enable_kata_volume), which pynydus does not support: set "
+            "mount_tarfs_on_host = true to mount them on the host")
+    if not tarfs.enable_tarfs:
+        for key, value, default in (("export_mode", tarfs.export_mode, TarfsExportMode.DISABLED),
+                                    ("tarfs_hint", tarfs.tarfs_hint, False),
+                                    ("max_concurrent_proc", tarfs.max_concurrent_proc, 0),
+                                    ("mount_mode", tarfs.mount_mode, TarfsMountMode.LAYER),
+                                    ("mount_tarfs_on_host", tarfs.mount_tarfs_on_host, False)):
+            if value != default:
+                dotted = f"experimental.tarfs.{key}"
+                warnings.append(f"{origin(dotted)}: {dotted} = {_toml_value(value)} has no "
+                                "effect (it applies only with experimental.tarfs.enable_tarfs "
+                                "= true)")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
 
 
 def _validate(

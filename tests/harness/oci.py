@@ -31,6 +31,7 @@ from .util import HarnessError, run
 
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MT_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MT_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 WHITEOUT_PREFIX = ".wh."
@@ -230,6 +231,7 @@ class Image:
     workdir: str = "/"
     labels: dict[str, str] = field(default_factory=dict)
     created: str = "1970-01-01T00:00:00Z"
+    annotations: dict[str, str] = field(default_factory=dict)  # of the manifest
 
     def write_layout(self, layout: Path, tag: str = "latest") -> BuiltImage:
         """Write an OCI image layout at ``layout`` (replaced if it exists)."""
@@ -249,7 +251,14 @@ class Image:
         for layer in self.layers:
             raw = layer.tar()
             diff_ids.append(_sha256(raw))
-            blob = gzip.compress(raw, 6, mtime=0) if layer.media_type == MT_LAYER_GZIP else raw
+            if layer.media_type == MT_LAYER_GZIP:
+                blob = gzip.compress(raw, 6, mtime=0)
+            elif layer.media_type == MT_LAYER_ZSTD:
+                import zstandard
+
+                blob = zstandard.ZstdCompressor(level=3).compress(raw)
+            else:
+                blob = raw
             descs.append({"mediaType": layer.media_type, "digest": put(blob), "size": len(blob)})
         cfg: dict[str, object] = {
             "architecture": "amd64", "os": "linux", "created": self.created,
@@ -269,6 +278,8 @@ class Image:
         manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
                     "config": {"mediaType": MT_CONFIG, "digest": cdig, "size": len(cfg_bytes)},
                     "layers": descs}
+        if self.annotations:
+            manifest["annotations"] = dict(self.annotations)
         mbytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         mdig = put(mbytes)
         index = {"schemaVersion": 2, "manifests": [{

@@ -44,6 +44,7 @@ TOOLS: dict[str, str] = {
     "systemd-analyze": "systemd",
     "socat": "socat",
     "openssl": "openssl",
+    "veritysetup": "cryptsetup-bin",
 }
 
 SETUP_SH = REPO / "scripts" / "setup.sh"

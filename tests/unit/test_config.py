@@ -21,6 +21,7 @@ from pynydus.config import (
     RecoverPolicy,
     SnapshotterConfig,
     TarfsExportMode,
+    TarfsMountMode,
     load_config,
     parse_config,
     parse_duration,
@@ -124,6 +125,7 @@ mount_tarfs_on_host = true
 tarfs_hint = true
 max_concurrent_proc = 2
 export_mode = "image_block_with_verity"
+mount_mode = "image"
 """
 
 # dotted key -> value the sample above must load as
@@ -192,6 +194,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "experimental.tarfs.tarfs_hint": True,
     "experimental.tarfs.max_concurrent_proc": 2,
     "experimental.tarfs.export_mode": TarfsExportMode.IMAGE_BLOCK_WITH_VERITY,
+    "experimental.tarfs.mount_mode": TarfsMountMode.IMAGE,
 }
 
 
@@ -411,6 +414,7 @@ WRONG_TYPES: dict[str, str] = {
     "experimental.tarfs.tarfs_hint": "1",
     "experimental.tarfs.max_concurrent_proc": '"2"',
     "experimental.tarfs.export_mode": "1",
+    "experimental.tarfs.mount_mode": "true",
 }
 
 

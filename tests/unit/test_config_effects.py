@@ -33,7 +33,7 @@ from pynydus import confschema
 from pynydus.config import SnapshotterConfig, load_config
 from pynydus.daemon import config as dconf
 from pynydus.daemon import main as dmain
-from pynydus.errors import ConfigError, HostCheckError
+from pynydus.errors import ConfigError
 from pynydus.logs import RotatingLog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,6 +166,18 @@ def _raises_naming(fn: Callable[[], object], exc: type[Exception], text: str | N
         fn()
 
 
+_TARFS_ON = {"experimental.tarfs.enable_tarfs": "true",
+             "experimental.tarfs.mount_tarfs_on_host": "true"}
+_TARFS_TESTS = "tests/integration/tarfs"
+
+
+def _tarfs_options(run: Run) -> Any:
+    """What the tarfs driver would take from the configuration (nothing started)."""
+    from pynydus.tarfs.manager import TarfsOptions
+
+    return TarfsOptions.from_config(run.cfg)
+
+
 SNAPSHOTTER: dict[str, Case] = {
     "version": Effect("2", lambda d, s: None),  # the set run must fail to load: see below
     "root": ShownBy("tests/integration/snapshotter/test_bad_input.py::"
@@ -197,7 +209,7 @@ SNAPSHOTTER: dict[str, Case] = {
                                    or pytest.fail("nydusd_config")),
     "daemon.nydusimage_path": Inert('"/usr/local/bin/nydus-image"'),
     "daemon.fs_driver": Effect('"blockdev"', lambda d, s: (
-        d.fs is not None and _raises_naming(lambda: s.fs, HostCheckError, "daemon.fs_driver"))),
+        d.fs is not None and s.fs is None) or pytest.fail("fs_driver blockdev"), also=_TARFS_ON),
     "daemon.recover_policy": Effect('"none"', lambda d, s: (
         (d.fs.manager.recover_policy, s.fs.manager.recover_policy) == ("restart", "none"))
         or pytest.fail("recover_policy")),
@@ -244,7 +256,9 @@ SNAPSHOTTER: dict[str, Case] = {
     "metrics.hung_io_interval": Refused('"5s"'),
     "metrics.collect_interval": Refused('"2m"'),
     "remote.convert_vpc_registry": Inert("true"),
-    "remote.skip_ssl_verify": Inert("true"),
+    "remote.skip_ssl_verify": Effect("true", lambda d, s: (
+        not _tarfs_options(d).insecure and _tarfs_options(s).insecure)
+        or pytest.fail("skip_ssl_verify"), also=_TARFS_ON),
     "remote.mirrors_config.dir": Refused('"{tmp}"'),
     "remote.auth.enable_kubeconfig_keychain": Refused("true"),
     "remote.auth.kubeconfig_path": Refused('"/root/.kube/config"'),
@@ -280,11 +294,21 @@ SNAPSHOTTER: dict[str, Case] = {
     "experimental.enable_referrer_detect": Refused("true"),
     "experimental.enable_index_detect": Refused("true"),
     "experimental.enable_backend_source": Refused("true"),
-    "experimental.tarfs.enable_tarfs": Refused("true"),
-    "experimental.tarfs.mount_tarfs_on_host": Refused("true"),
-    "experimental.tarfs.tarfs_hint": Refused("true"),
-    "experimental.tarfs.max_concurrent_proc": Refused("2"),
-    "experimental.tarfs.export_mode": Refused('"layer_block"'),
+    "experimental.tarfs.enable_tarfs": ShownBy(
+        f"{_TARFS_TESTS}/test_tarfs_options.py::test_enable_tarfs_decides_who_unpacks_oci_layers"),
+    "experimental.tarfs.mount_tarfs_on_host": ShownBy(
+        f"{_TARFS_TESTS}/test_tarfs_options.py::"
+        "test_mount_tarfs_on_host_false_and_blockdev_without_tarfs_stop_start_up"),
+    "experimental.tarfs.tarfs_hint": ShownBy(
+        f"{_TARFS_TESTS}/test_tarfs_options.py::"
+        "test_tarfs_hint_only_takes_images_with_the_annotation"),
+    "experimental.tarfs.max_concurrent_proc": ShownBy(
+        f"{_TARFS_TESTS}/test_tarfs_options.py::"
+        "test_max_concurrent_proc_bounds_conversions_of_an_image"),
+    "experimental.tarfs.export_mode": ShownBy(
+        f"{_TARFS_TESTS}/test_tarfs_export.py::test_export_mode_writes_disks_and_labels"),
+    "experimental.tarfs.mount_mode": ShownBy(
+        f"{_TARFS_TESTS}/test_tarfs_options.py::test_mount_mode_mounts_per_layer_or_per_image"),
 }
 
 

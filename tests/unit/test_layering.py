@@ -22,8 +22,9 @@ RANK = {
     "rafs": 3, "registry": 3, "grpcwire": 3, "system": 3,
     "daemon": 4,
     "manager": 5, "convert": 5,
-    "snapshot": 6,
-    "cli": 7,
+    "tarfs": 6,  # the kernel's EROFS over OCI layer tars: shares the blob cache, parses manifests
+    "snapshot": 7,
+    "cli": 8,
 }
 ALLOWED = {
     # pynydusd's entry point shares the quiet-on-closed-pipe wrapper of the other programs

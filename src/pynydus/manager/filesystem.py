@@ -526,38 +526,17 @@ class NydusFilesystem:
 
     def cache_usage(self, blob_id: str) -> tuple[int, int]:
         """(bytes allocated, files) of one blob's cache files."""
-        size = files = 0
-        for suffix in CACHE_SUFFIXES:
-            try:
-                st = os.stat(os.path.join(self.cache_dir, blob_id + suffix))
-            except FileNotFoundError:
-                continue
-            size += st.st_blocks * 512
-            files += 1
-        return size, files
+        return cache_usage(self.cache_dir, blob_id)
 
-    def gc_cache(self) -> list[str]:
-        """Delete cache files of blobs no live instance uses; returns the blob ids removed."""
+    def gc_cache(self, keep: set[str] | None = None) -> list[str]:
+        """Delete cache files of blobs no live instance uses (nor ``keep`` names: the
+        tarfs layers' tars share the cache); returns the blob ids removed."""
         used = self.used_blob_ids()
         if used is None:
             log.info("cache GC skipped: a daemon did not report its blobs")
             return []
         self.cache_gc.in_use = len(used)
-        removed = set()
-        for name in os.listdir(self.cache_dir):
-            path = os.path.join(self.cache_dir, name)
-            if not os.path.isfile(path):
-                continue
-            blob = blob_id_of(name)
-            if blob and blob not in used:
-                try:
-                    os.unlink(path)
-                    removed.add(blob)
-                except OSError as err:
-                    self.cache_gc.errors += 1
-                    log.warning("cache GC: cannot remove %s: %s", path, err)
-        self.cache_gc.deleted += len(removed)
-        return sorted(removed)
+        return remove_unused(self.cache_dir, used | (keep or set()), self.cache_gc)
 
 
 @dataclass
@@ -571,6 +550,42 @@ class CacheGcStats:
 
 CACHE_SUFFIXES = ("", ".chunk_map", ".blob.data", ".blob.data.chunk_map", ".blob.meta", ".image.disk",
                   ".layer.disk")
+
+
+def cache_usage(cache_dir: str, blob_id: str) -> tuple[int, int]:
+    """(bytes allocated, files) of one blob's files in ``cache_dir``."""
+    size = files = 0
+    for suffix in CACHE_SUFFIXES:
+        try:
+            st = os.stat(os.path.join(cache_dir, blob_id + suffix))
+        except FileNotFoundError:
+            continue
+        size += st.st_blocks * 512
+        files += 1
+    return size, files
+
+
+def remove_unused(cache_dir: str, used: set[str], stats: CacheGcStats | None = None) -> list[str]:
+    """Delete the files of ``cache_dir`` that belong to a blob not in ``used``; returns
+    the blob ids removed. Files that are no blob's (temp files, other names) stay.
+    ``stats`` (if given) counts the deletions and failures."""
+    removed = set()
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if not os.path.isfile(path):
+            continue
+        blob = blob_id_of(name)
+        if blob and blob not in used:
+            try:
+                os.unlink(path)
+                removed.add(blob)
+            except OSError as err:
+                if stats is not None:
+                    stats.errors += 1
+                log.warning("cache GC: cannot remove %s: %s", path, err)
+    if stats is not None:
+        stats.deleted += len(removed)
+    return sorted(removed)
 
 
 def blob_id_of(filename: str) -> str:

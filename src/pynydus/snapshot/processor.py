@@ -6,17 +6,21 @@ labels of the new snapshot and of its ancestors, whether a layer is
 - ``DEFAULT``: a plain directory containerd unpacks into (native mounts),
 - ``SKIP``: committed at once and answered AlreadyExists, so containerd never
   downloads it (a Nydus data blob, fetched lazily later),
-- ``REMOTE``: mounted through the RAFS filesystem of the image's bootstrap layer.
+- ``REMOTE``: mounted through the RAFS filesystem of the image's bootstrap layer,
+- ``TARFS``: a plain OCI layer the tarfs driver takes: committed at once (SKIP) while
+  it converts in the background; DEFAULT if the driver declines it (row A7).
 
 ``bootstrap_layer`` is the one answer to "which ancestor is the image's Nydus
-bootstrap": Prepare (through ``choose``), View and Mounts all ask it.
+bootstrap": Prepare (through ``choose``), View and Mounts all ask it. Row B7 (a
+container over tarfs layers) needs no answer here: its mounts are the DEFAULT ones,
+with each tarfs layer's EROFS mount in place of its directory (``pynydus.tarfs``).
 
-With no remote filesystem configured (``Features.nydus`` false) every layer is
-DEFAULT and the snapshotter is exactly containerd's overlayfs snapshotter.
+With no remote filesystem configured (``Features`` all false) every layer is DEFAULT
+and the snapshotter is exactly containerd's overlayfs snapshotter.
 upstream's proxy rows (``fs_driver = "proxy"``: skip every CRI layer and mark it
 ``nydus-proxy-mode``; a container layer over such a parent handed to the guest) are
 not here: that driver is refused at start-up (``docs/decisions.md``). Rows not
-implemented (index/referrer detection, stargz, tarfs) are named where they would go.
+implemented (index/referrer detection, stargz) are named where they would go.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Handler(Enum):
     DEFAULT = "default"
     SKIP = "skip"
     REMOTE = "remote"
+    TARFS = "tarfs"
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,11 @@ class Features:
     """Which rows of the table are live."""
 
     nydus: bool = False  # a RAFS filesystem (daemon manager) is attached
+    tarfs: bool = False  # plain OCI layers go to the tarfs driver (experimental.tarfs)
+
+    @property
+    def any(self) -> bool:
+        return self.nydus or self.tarfs
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class Decision:
 
 DEFAULT = Decision(Handler.DEFAULT)
 SKIP = Decision(Handler.SKIP)
+TARFS = Decision(Handler.TARFS)
 
 
 def bootstrap_layer(ancestors: Sequence[Layer]) -> Layer | None:
@@ -78,21 +89,23 @@ def choose(
 
     Raises nothing for unknown labels: an unrecognised layer is DEFAULT.
     """
-    if not features.nydus:
+    if not features.any:
         return DEFAULT
     if L.TARGET_SNAPSHOT_REF in labels:
-        return _choose_pulled_layer(labels)
+        return _choose_pulled_layer(labels, features)
     return _choose_container_layer(ancestors)
 
 
-def _choose_pulled_layer(labels: Mapping[str, str]) -> Decision:
+def _choose_pulled_layer(labels: Mapping[str, str], features: Features) -> Decision:
     # A2: the bootstrap layer is small; containerd unpacks it like any layer.
     if L.is_nydus_meta_layer(labels):
         return DEFAULT
     # A3: data blobs are never downloaded; the daemon fetches chunks lazily.
     if L.is_nydus_data_layer(labels):
         return SKIP
-    # A4 index detection, A5 referrer detection, A6 stargz, A7 tarfs: not implemented.
+    # A4 index detection, A5 referrer detection, A6 stargz: not implemented.
+    if features.tarfs:
+        return TARFS  # A7
     return DEFAULT  # A8
 
 
@@ -101,5 +114,6 @@ def _choose_container_layer(ancestors: Sequence[Layer]) -> Decision:
     meta = bootstrap_layer(ancestors)
     if meta is not None:
         return Decision(Handler.REMOTE, remote=meta)
-    # B4 index, B5 referrer, B6 stargz, B7 tarfs: not implemented.
+    # B4 index, B5 referrer, B6 stargz: not implemented. B7 (tarfs parents) is DEFAULT
+    # with their EROFS mounts as lower dirs.
     return DEFAULT  # B8

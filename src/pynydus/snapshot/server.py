@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynydus import __version__
 from pynydus.config import SnapshotterConfig, load_config
@@ -22,6 +22,9 @@ from pynydus.logs import LEVELS, RotatingLog, dump_stacks_on
 from pynydus.manager.filesystem import NydusFilesystem
 from pynydus.snapshot.service import Snapshots, grpcio_server
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
+
+if TYPE_CHECKING:
+    from pynydus.tarfs.manager import TarfsManager
 
 log = logging.getLogger("pynydus.snapshotter")
 
@@ -66,15 +69,29 @@ def setup_logging(cfg: SnapshotterConfig) -> None:
 
 
 def make_filesystem(cfg: SnapshotterConfig) -> NydusFilesystem | None:
-    """The Nydus filesystem for the configured fs_driver (fusedev is the default)."""
+    """The Nydus filesystem for the configured fs_driver (fusedev is the default); None
+    for blockdev, which serves OCI images through tarfs only (``make_tarfs``)."""
     driver = str(cfg.daemon.fs_driver)
     if driver == "fusedev":
         Path(cfg.root).mkdir(parents=True, exist_ok=True)
         return NydusFilesystem(cfg)
+    if driver == "blockdev":
+        return None  # the configuration has checked that tarfs is on
     why = {"fscache": "it needs /dev/cachefiles (EROFS over fscache), which pynydus does not "
-                      "drive"}.get(driver, "pynydus serves images over FUSE only")
+                      "drive"}.get(driver, "pynydus serves Nydus images over FUSE only")
     raise HostCheckError(f"daemon.fs_driver: fs_driver {driver} is not supported by pynydus yet "
-                         f"({why}); use fs_driver = \"fusedev\"")
+                         f"({why}); use fs_driver = \"fusedev\" (or \"blockdev\" with tarfs)")
+
+
+def make_tarfs(cfg: SnapshotterConfig) -> TarfsManager | None:
+    """The tarfs driver when ``experimental.tarfs.enable_tarfs`` (beside fusedev, or as
+    fs_driver blockdev); checks the kernel's EROFS (HostCheckError)."""
+    if not cfg.experimental.tarfs.enable_tarfs:
+        return None
+    from pynydus.tarfs.manager import TarfsManager, TarfsOptions
+
+    Path(cfg.root).mkdir(parents=True, exist_ok=True)
+    return TarfsManager(TarfsOptions.from_config(cfg))
 
 
 def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
@@ -134,13 +151,17 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     root_lock = lock_root(Path(cfg.root))
     claim_socket(Path(cfg.address))
     fs = make_filesystem(cfg)
+    tarfs = None
     try:
-        snapshotter = Snapshotter(cfg.root, options, fs)
+        tarfs = make_tarfs(cfg)
+        snapshotter = Snapshotter(cfg.root, options, fs, tarfs)
         if fs is not None:
             fs.start()
     except BaseException:
         if fs is not None:
             fs.close()
+        if tarfs is not None:
+            tarfs.close()
         raise
     stop = threading.Event()
     failed: list[BaseException] = []

@@ -13,8 +13,8 @@ Theory of operation (the same as containerd's overlayfs snapshotter):
   that has no record: removed snapshots and leftovers of crashes alike.
 
 The label decision table (``processor.choose``) picks, per Prepare, whether a layer
-is a plain directory or is served by a remote filesystem (Nydus); with no remote
-filesystem attached every layer is a plain directory.
+is a plain directory or is served by a remote filesystem (Nydus, or the kernel's EROFS
+over the layer tars with tarfs); with neither attached every layer is a plain directory.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from pynydus.snapshot.mounts import Mount, native_mounts, remote_mounts
 
 if TYPE_CHECKING:
     from pynydus.manager.filesystem import NydusFilesystem
+    from pynydus.tarfs.manager import TarfsManager
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,22 @@ class MountsTarget:
     snap: Snapshot
     labels: Mapping[str, str]
     meta: processor.Layer | None
+    # the parents with their labels when tarfs layers are among them (their mounts are
+    # made or waited for), else empty
+    tarfs_parents: tuple[processor.Layer, ...] = ()
 
     @property
     def needs_instance(self) -> bool:
-        """Mounts starts (or waits for) a Nydus instance; False means a metastore read."""
-        return self.meta is not None
+        """Mounts starts (or waits for) a Nydus instance or tarfs mounts; False means a
+        metastore read."""
+        return self.meta is not None or bool(self.tarfs_parents)
 
 
 class Snapshotter:
     """containerd Snapshotter over ``root``. Thread-safe; every method is atomic."""
 
     def __init__(self, root: str | Path, options: SnapshotterOptions | None = None,
-                 fs: NydusFilesystem | None = None) -> None:
+                 fs: NydusFilesystem | None = None, tarfs: TarfsManager | None = None) -> None:
         self.root = Path(root)
         self.options = options or SnapshotterOptions()
         checks.check_root_path(self.root)
@@ -103,13 +108,18 @@ class Snapshotter:
         self.ms = MetaStore(self.root / "metadata.db")
         self._snapshots = str(self.snapshots_dir)
         self.fs = fs
-        self.features = processor.Features(nydus=fs is not None)
+        self.tarfs = tarfs
+        self.features = processor.Features(nydus=fs is not None, tarfs=tarfs is not None)
         self._overlay_extra = ("index=off",) if checks.overlay_supports_index() else ()
         self._cleanup_lock = threading.Lock()
         # Early mounts started by Commit (see commit); close() waits for them.
         self._early_lock = threading.Lock()
         self._early: set[threading.Thread] = set()
         self._closing = False
+        if tarfs is not None:
+            tarfs.set_labels = self._set_labels
+            ids = self.ms.id_map()
+            tarfs.start(zip(ids, ids.values(), self.ms.labels_by_ids(list(ids)), strict=True))
 
     # --- paths --------------------------------------------------------------------
 
@@ -134,6 +144,8 @@ class Snapshotter:
         L.validate(labels)
         snap = self._create(Kind.ACTIVE, key, parent, labels)
         decision = self._decide(snap, labels)
+        if decision.handler is processor.Handler.TARFS:
+            decision = self._tarfs_layer(key, snap, labels)
         if decision.handler is processor.Handler.SKIP:
             target = labels.get(L.TARGET_SNAPSHOT_REF, "")
             try:
@@ -156,13 +168,16 @@ class Snapshotter:
         L.validate(labels)
         snap = self._create(Kind.VIEW, key, parent, labels)
         try:
-            meta = None if self.fs is None else processor.bootstrap_layer(self._ancestors(snap))
+            if not self.features.any:
+                return self._mounts(snap, labels)
+            ancestors = self._ancestors(snap)
+            meta = processor.bootstrap_layer(ancestors)
             if meta is not None:
                 return self._remote(snap, meta, labels)
+            return self._mounts(snap, labels, ancestors)
         except BaseException:
             self._undo_create(key)
             raise
-        return self._mounts(snap, labels)
 
     def mounts(self, key: str) -> list[Mount]:
         """Mounts of active or view snapshot ``key``; FailedPrecondition for a committed one."""
@@ -175,18 +190,20 @@ class Snapshotter:
         snap = self.ms.get_snapshot(key)
         if snap.kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"mounts of snapshot {q(key)}: snapshot is not active or view")
-        if self.fs is None:  # no Nydus: the parents' labels do not matter
+        if not self.features.any:  # no Nydus, no tarfs: the parents' labels do not matter
             return MountsTarget(snap, self.ms.labels_by_ids((snap.id,))[0], None)
         labels, *parents = self.ms.labels_by_ids((snap.id, *snap.parent_ids))
-        return MountsTarget(snap, labels, processor.bootstrap_layer(
-            [processor.Layer(pid, pl) for pid, pl in zip(snap.parent_ids, parents, strict=True)]))
+        layers = [processor.Layer(pid, pl) for pid, pl in zip(snap.parent_ids, parents, strict=True)]
+        tarfs = self.tarfs is not None and self.tarfs.needs_mounts(layers)
+        return MountsTarget(snap, labels, processor.bootstrap_layer(layers),
+                            tuple(layers) if tarfs else ())
 
     def mounts_of(self, target: MountsTarget) -> list[Mount]:
-        """The mounts of a ``mounts_target``; starts the image's Nydus instance if it needs
-        one (``target.needs_instance``) and waits for it."""
+        """The mounts of a ``mounts_target``; starts the image's Nydus instance or its
+        tarfs mounts if it needs them (``target.needs_instance``) and waits for them."""
         if target.meta is not None:
             return self._remote(target.snap, target.meta, target.labels)
-        return self._mounts(target.snap, target.labels)
+        return self._mounts(target.snap, target.labels, target.tarfs_parents or None)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None,
                parent: str = "") -> None:
@@ -280,6 +297,9 @@ class Snapshotter:
         if info.kind == Kind.ACTIVE:
             return Usage(*disk_usage(self.upper_path(sid)))
         digest = info.labels.get(L.CRI_LAYER_DIGEST, "")
+        if self.tarfs is not None and L.NYDUS_TARFS in info.labels:
+            size, files = self.tarfs.usage(sid, info.labels)
+            return Usage(recorded.size + size, recorded.inodes + files)
         if self.fs is not None and L.is_nydus_data_layer(info.labels) and digest.startswith("sha256:"):
             size, files = self.fs.cache_usage(digest[len("sha256:"):])
             return Usage(recorded.size + size, recorded.inodes + files)
@@ -294,11 +314,21 @@ class Snapshotter:
         with self._cleanup_lock:
             orphans = self._orphan_dirs()
             removed = self._remove_dirs(orphans)
-            if self.fs is not None:
-                blobs = self.fs.gc_cache()
+            if self.fs is not None or self.tarfs is not None:
+                blobs = self._gc_cache()
                 if blobs:
                     log.info("cleanup: removed cache of %d unused blobs", len(blobs))
             return removed
+
+    def _gc_cache(self) -> list[str]:
+        """Blobs neither a daemon nor a tarfs layer uses leave the (shared) cache."""
+        from pynydus.manager.filesystem import remove_unused
+
+        keep = self.tarfs.used_blob_ids() if self.tarfs is not None else set()
+        if self.fs is not None:
+            return self.fs.gc_cache(keep)
+        assert self.tarfs is not None
+        return remove_unused(self.tarfs.opts.cache_dir, keep)
 
     def close(self) -> None:
         """Stop: no early mount starts any more; the filesystem finishes (or refuses) the
@@ -308,6 +338,8 @@ class Snapshotter:
             early = list(self._early)
         if self.fs is not None:
             self.fs.close(teardown=self.options.cleanup_on_close)
+        if self.tarfs is not None:
+            self.tarfs.close(teardown=self.options.cleanup_on_close)
         for thread in early:
             thread.join(timeout=30)  # the filesystem refuses their mounts now: they end soon
         self.ms.close()
@@ -340,9 +372,35 @@ class Snapshotter:
             raise
 
     def _decide(self, snap: Snapshot, labels: Mapping[str, str]) -> processor.Decision:
-        if not self.features.nydus:
+        if not self.features.any:
             return processor.DEFAULT
         return processor.choose(labels, self._ancestors(snap), self.features)
+
+    def _tarfs_layer(self, key: str, snap: Snapshot, labels: dict[str, str]) -> processor.Decision:
+        """Row A7: a pulled OCI layer the tarfs driver takes is committed now (SKIP) and
+        converted in the background; one it declines is unpacked by containerd."""
+        assert self.tarfs is not None
+        try:
+            added = self.tarfs.accept_layer(labels)
+        except Exception:
+            self._undo_create(key)
+            raise
+        if added is None:
+            return processor.DEFAULT
+        labels.update(added)
+        target = labels.get(L.TARGET_SNAPSHOT_REF, "")
+        try:
+            self.commit(target, key, labels)
+        except BaseException:
+            self._undo_create(key)
+            raise
+        self.tarfs.start_layer(snap.id, target, labels)
+        raise AlreadyExists(f"target snapshot {q(target)} already exists")
+
+    def _set_labels(self, name: str, labels: Mapping[str, str]) -> None:
+        """Set (or, with an empty value, drop) ``labels`` of ``name``: tarfs records its
+        block images' verity data on the layers as they are exported."""
+        self.ms.update_info(name, labels, [f"labels.{k}" for k in labels])
 
     def _ancestors(self, snap: Snapshot) -> list[processor.Layer]:
         """The parents of ``snap``, nearest first, with their labels (one metastore read)."""
@@ -362,7 +420,10 @@ class Snapshotter:
                 labels: Mapping[str, str]) -> list[Mount]:
         """Mount the image's RAFS instance (if not yet) and overlay the snapshot on it.
         ``meta``: the bootstrap layer as the caller read it (labels are not read again)."""
-        assert self.fs is not None
+        if self.fs is None:
+            raise FailedPrecondition(
+                f"snapshot {q(meta.id)} is a Nydus image's bootstrap layer: serving Nydus "
+                'images needs fs_driver = "fusedev" (this snapshotter runs tarfs only)')
         meta_id = meta.id
         self.fs.mount(meta_id, meta.labels)
         self.fs.wait_until_ready(meta_id)
@@ -381,13 +442,23 @@ class Snapshotter:
             extra=self.fs.extraoption(meta_id) if self.options.nydus_overlayfs_type else None,
         )
 
-    def _mounts(self, snap: Snapshot, labels: Mapping[str, str]) -> list[Mount]:
+    def _mounts(self, snap: Snapshot, labels: Mapping[str, str],
+                parents: list[processor.Layer] | tuple[processor.Layer, ...] | None = None
+                ) -> list[Mount]:
+        """Native mounts; ``parents`` (with labels, nearest first) when tarfs is on: its
+        layers' EROFS mounts stand in for their directories (made now if need be)."""
         volatile = self.options.volatile or L.is_volatile(labels)
+        if self.tarfs is not None and parents is None and snap.parent_ids:
+            parents = self._ancestors(snap)
+        if self.tarfs is not None and parents and self.tarfs.needs_mounts(parents):
+            lowers = self.tarfs.lower_dirs(parents, self.upper_path)
+        else:
+            lowers = [self.upper_path(pid) for pid in snap.parent_ids]
         return native_mounts(
             snap.kind,
             self.upper_path(snap.id),
             self.work_path(snap.id),
-            [self.upper_path(pid) for pid in snap.parent_ids],
+            lowers,
             volatile=volatile,
             extra_options=self._overlay_extra,
         )
@@ -407,6 +478,11 @@ class Snapshotter:
         removed = []
         for name in names:
             path = self.snapshots_dir / name
+            if self.tarfs is not None:
+                try:  # its conversion stops, its EROFS mount goes
+                    self.tarfs.detach(name)
+                except Exception as err:  # noqa: BLE001 - one bad layer must not stop cleanup
+                    log.warning("cleanup: cannot detach tarfs layer %s: %s", name, err)
             if self.fs is not None and self.fs.has_instance(name):
                 try:  # the image's daemon goes with its bootstrap snapshot
                     self.fs.umount(name)

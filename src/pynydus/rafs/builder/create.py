@@ -222,6 +222,8 @@ def build(
     progress: ProgressFn | None = None,
     progress_interval: float = 1.0,
     max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE,
+    blob_id: str | None = None,
+    expect_tar_sha256: str | None = None,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
@@ -247,6 +249,10 @@ def build(
     ``max_sparse_size`` bounds the real size of a GNU sparse tar member (its holes
     are read as zeros): a larger claim is a FormatError.
 
+    ``tar-tarfs`` only: ``blob_id`` names the blob (else its sha256) and
+    ``expect_tar_sha256`` is the uncompressed tar's digest, checked before the blob is
+    named (FormatError on a mismatch).
+
     A failed build removes its partial blob and writes no bootstrap. The output is
     deterministic: the same input gives byte-identical bootstrap and blob.
     """
@@ -261,6 +267,8 @@ def build(
             "compressor gzip is only used for zran data; choose none, lz4_block or zstd"
         )
     tarfs = type == "tar-tarfs"
+    if (blob_id is not None or expect_tar_sha256 is not None) and not tarfs:
+        raise InvalidArgument("blob_id and expect_tar_sha256 apply to tar-tarfs builds only")
     if tarfs:
         if chunk_dict is not None or parent_bootstrap is not None:
             raise InvalidArgument(
@@ -287,7 +295,9 @@ def build(
     prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     tree = Tree(whiteout_spec)
     if tarfs:
-        data = _write_tarfs_blob(source, blob_dir, chunk_size, tree, ticker)
+        data = _write_tarfs_blob(source, TarfsBlob(blob_dir, chunk_size, blob_id=blob_id,
+                                                   expect_sha256=expect_tar_sha256),
+                                 tree, ticker)
     else:
         data = _write_blob(
             _source_for(source, type, prefetch, max_sparse_size),
@@ -401,10 +411,7 @@ def _write_blob(
     return _BlobOutcome(desc, writer.path, writer.replaced_existing, writer.stats, writer)
 
 
-def _write_tarfs_blob(
-    source: Any, blob_dir: str | os.PathLike[str], chunk_size: int, tree: Tree, ticker: _Ticker
-) -> _BlobOutcome:
-    blob = TarfsBlob(blob_dir, chunk_size)
+def _write_tarfs_blob(source: Any, blob: TarfsBlob, tree: Tree, ticker: _Ticker) -> _BlobOutcome:
     try:
         build_tree(TarSource(source, tee=blob), blob, tree, strict_sizes=True, ticker=ticker)
         desc = blob.finish()

@@ -19,7 +19,7 @@ from pynydus.rafs.builder.blobwriter import BlobDesc, ChunkDesc, ChunkDict
 from pynydus.rafs.builder.overlay import looks_implicit
 from pynydus.rafs.builder.tree import Inode, Node, Tree
 from pynydus.rafs.format import Compressor, Digester
-from pynydus.rafs.format.layout import compressor_from_flags, digester_from_flags
+from pynydus.rafs.format.layout import SuperFlags, compressor_from_flags, digester_from_flags
 from pynydus.rafs.read import Bootstrap, BootstrapV6, open_bootstrap
 
 __all__ = [
@@ -43,6 +43,8 @@ class LoadedImage:
     compressor: Compressor
     digester: Digester
     version: int
+    block_size: int = 4096
+    tarfs: bool = False  # the blobs are layer tars addressed in 512-byte blocks
 
 
 def blob_descs(bs: Bootstrap) -> list[BlobDesc]:
@@ -109,6 +111,8 @@ def load_bootstrap(path: str | os.PathLike[str]) -> LoadedImage:
             compressor=bootstrap_compressor(bs),
             digester=bootstrap_digester(bs),
             version=bs.version,
+            block_size=bs.block_size,
+            tarfs=bool(bs.flags & int(SuperFlags.TARTFS_MODE)),
         )
 
 

@@ -10,7 +10,8 @@ no TOC and no dedup (two equal chunks are two places in the tar).
 :class:`TarfsBlob` receives the uncompressed tar bytes as they stream past (it is
 the ``tee`` of :class:`~pynydus.rafs.source.tarsource.TarSource`), writes them to a temp
 file in ``blob_dir`` with a running sha256 and renames the file to that digest — the
-layer's diff id — at the end. Chunk digests are sha256 of the chunk bytes (upstream
+layer's diff id — at the end (or to the name the caller gives, once the digest is the
+diff id it expects). Chunk digests are sha256 of the chunk bytes (upstream
 leaves them zero; real digests cost little and keep the chunk table meaningful).
 """
 
@@ -21,7 +22,7 @@ import os
 import tempfile
 from typing import BinaryIO
 
-from pynydus.errors import InvalidArgument, NotImplementedFeature
+from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
 from pynydus.rafs.builder.blobwriter import (
     BlobDesc,
     BlobStats,
@@ -45,9 +46,15 @@ class TarfsBlob:
     file as the builder meets it, then :meth:`finish` (or :meth:`abort`, idempotent).
     """
 
-    def __init__(self, blob_dir: str | os.PathLike[str], chunk_size: int) -> None:
+    def __init__(self, blob_dir: str | os.PathLike[str], chunk_size: int, *,
+                 blob_id: str | None = None, expect_sha256: str | None = None) -> None:
         self.blob_dir = os.fspath(blob_dir)
         self.chunk_size = chunk_size
+        # ``blob_id`` names the blob instead of its sha256 (upstream's ``--blob-id``: the
+        # snapshotter names a layer's tar by its registry digest); ``expect_sha256`` is
+        # the tar's digest (the layer's diff id), checked before the blob takes its name.
+        self._name = blob_id
+        self._expect = expect_sha256
         os.makedirs(self.blob_dir, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=".tarfs-", dir=self.blob_dir)
         self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
@@ -112,11 +119,15 @@ class TarfsBlob:
             raise InvalidArgument("tarfs blob already finished")
         if self.pos % TARFS_BLOCK_SIZE:
             raise InvalidArgument(f"tarfs: tar size {self.pos} is not a multiple of 512")
+        digest = self._h.hexdigest()
+        if self._expect is not None and digest != self._expect:
+            raise FormatError(f"tarfs: the uncompressed layer hashes to sha256:{digest}, "
+                              f"its diff id is sha256:{self._expect}")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
-        blob_id = self._h.hexdigest()
+        blob_id = self._name or digest
         os.chmod(self._tmp, 0o644)
         final = os.path.join(self.blob_dir, blob_id)
         self.replaced_existing = os.path.exists(final)  # same id = same bytes

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from pynydus.errors import InvalidArgument
@@ -251,5 +251,10 @@ def merge_trees(
     used = {c.blob.blob_id for _, n in iter_nodes(tree.root) for c in n.inode.chunks}
     first, last = images[0], images[-1]
     options = _options(first.chunk_size, last.compressor, first.digester, prefetch_files)
+    if any(img.tarfs for img in images):
+        # Tarfs layers stay tarfs: their blobs are tars addressed in 512-byte blocks.
+        if not all(img.tarfs for img in images):
+            raise InvalidArgument("merge: tarfs layers cannot be merged with other layers")
+        options = replace(options, block_size=first.block_size, tarfs=True)
     info = write_bootstrap(tree, blobs, bootstrap_out, options)
     return _result(bootstrap_out, info, blobs, used, len(images), t0, output_json)

@@ -1,0 +1,199 @@
+"""Mounting a RAFS v6 bootstrap with its blobs as kernel EROFS, and unmounting it.
+
+Two ways to hand the kernel its files (``Backing``):
+
+- ``file``: EROFS file-backed mounts (Linux 6.12+): the bootstrap is the mount source
+  and every blob a ``device=`` path, all regular files; no block device is involved.
+  When the option string would pass the one page ``mount(2)`` copies (many layers with
+  long cache paths), the devices are named ``/proc/self/fd/N`` of descriptors held
+  open for the call.
+- ``loop``: what upstream does (and older kernels need): a loop device per file,
+  attached read-only with ``LO_FLAGS_AUTOCLEAR`` and our descriptor closed right after
+  the mount, so the kernel detaches each device when the mount (its last user) goes.
+  Nothing is left to detach on unmount, after a crash of this process, or if the mount
+  fails: a loop device never outlives its mount.
+
+:func:`probe_backing` picks ``file`` where the kernel can, ``loop`` otherwise;
+``PYNYDUS_TARFS_BACKING=file|loop`` overrides it (the tests run both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+from pynydus.errors import FailedPrecondition, HostCheckError
+
+__all__ = ["BACKING_ENV", "Backing", "mount_erofs", "probe_backing", "umount_erofs"]
+
+log = logging.getLogger(__name__)
+
+Backing = Literal["file", "loop"]
+BACKING_ENV = "PYNYDUS_TARFS_BACKING"
+
+_MS_RDONLY = 0x1
+_MNT_DETACH = 0x2
+# mount(2) copies at most one page of options
+_MAX_DATA = os.sysconf("SC_PAGE_SIZE") - 1
+
+_LOOP_CTL_GET_FREE = 0x4C82
+_LOOP_CONFIGURE = 0x4C0A
+_LO_FLAGS_READ_ONLY = 1
+_LO_FLAGS_AUTOCLEAR = 4
+# struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 8 reserved u64
+_LOOP_INFO64 = struct.Struct("<QQQQQIIII64s64s32sQQ")
+_LOOP_CONFIG = struct.Struct(f"<II{_LOOP_INFO64.size}s64s")
+_LO_FLAGS_OFFSET = 8 * 5 + 4 * 3  # lo_flags inside loop_info64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_loop_lock = threading.Lock()  # GET_FREE + CONFIGURE is a race between our own threads
+
+
+def _mount(source: str, target: str, data: str) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(target), b"erofs", _MS_RDONLY,
+                   data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount erofs {source} on {target} ({data[:200]!r}): "
+                           f"{os.strerror(err)}")
+
+
+def umount_erofs(target: str) -> bool:
+    """Unmount ``target``; False if nothing was mounted there. OSError (EBUSY) while an
+    overlay or a process still uses it: it stays mounted, intact."""
+    if _libc.umount2(os.fsencode(target), 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False
+    raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def mount_erofs(bootstrap: str, devices: Sequence[str], target: str, backing: Backing) -> None:
+    """Mount ``bootstrap`` read-only on ``target`` with ``devices`` as its extra devices
+    (in the order of its device table). All paths absolute; ``target`` exists."""
+    if backing == "loop":
+        _mount_loop(bootstrap, devices, target)
+        return
+    data = ",".join(f"device={d}" for d in devices)
+    if len(data) <= _MAX_DATA:
+        _mount(bootstrap, target, data)
+        return
+    with _held_open(devices) as fds:
+        _mount(bootstrap, target, ",".join(f"device=/proc/self/fd/{fd}" for fd in fds))
+
+
+@contextlib.contextmanager
+def _held_open(paths: Sequence[str]) -> Iterator[list[int]]:
+    fds: list[int] = []
+    try:
+        for p in paths:
+            fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _attach_loop(path: str) -> tuple[int, str]:
+    """A read-only, auto-clearing loop device over ``path``: (open descriptor, its path).
+    The device detaches itself once the descriptor and every mount of it are gone."""
+    backing = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _loop_lock:
+            ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                for _ in range(16):
+                    num = fcntl.ioctl(ctl, _LOOP_CTL_GET_FREE)
+                    dev = f"/dev/loop{num}"
+                    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+                    info = bytearray(_LOOP_INFO64.size)
+                    struct.pack_into("<I", info, _LO_FLAGS_OFFSET,
+                                     _LO_FLAGS_READ_ONLY | _LO_FLAGS_AUTOCLEAR)
+                    cfg = _LOOP_CONFIG.pack(backing, 512, bytes(info), bytes(64))
+                    try:
+                        fcntl.ioctl(fd, _LOOP_CONFIGURE, cfg)
+                    except OSError as err:
+                        os.close(fd)
+                        if err.errno == errno.EBUSY:  # taken by someone else meanwhile
+                            continue
+                        raise
+                    return fd, dev
+            finally:
+                os.close(ctl)
+        raise OSError(errno.EBUSY, f"no free loop device for {path}")
+    finally:
+        os.close(backing)  # the loop device holds its own reference
+
+
+def _mount_loop(bootstrap: str, devices: Sequence[str], target: str) -> None:
+    held: list[int] = []
+    try:
+        meta_fd, meta_dev = _attach_loop(bootstrap)
+        held.append(meta_fd)
+        names = []
+        for d in devices:
+            fd, dev = _attach_loop(d)
+            held.append(fd)
+            names.append(dev)
+        _mount(meta_dev, target, ",".join(f"device={n}" for n in names))
+    finally:
+        for fd in held:  # the mount keeps what it uses; the rest detaches now
+            os.close(fd)
+
+
+def probe_backing(work_dir: str) -> Backing:
+    """``file`` if this kernel mounts EROFS from a regular file, else ``loop`` (then
+    HostCheckError if there is no loop control either). ``PYNYDUS_TARFS_BACKING`` wins."""
+    forced = os.environ.get(BACKING_ENV, "")
+    if forced:
+        if forced not in ("file", "loop"):
+            raise HostCheckError(f"{BACKING_ENV}={forced!r}: expected file or loop")
+        return "file" if forced == "file" else "loop"
+    if not _erofs_registered():
+        raise HostCheckError("tarfs needs the kernel's EROFS (CONFIG_EROFS_FS): "
+                             "modprobe erofs, or disable experimental.tarfs")
+    from pynydus.rafs.builder import build
+
+    with tempfile.TemporaryDirectory(prefix="erofs-probe-", dir=work_dir) as d:
+        src = os.path.join(d, "src")
+        mnt = os.path.join(d, "mnt")
+        os.mkdir(src)
+        os.mkdir(mnt)
+        boot = os.path.join(d, "probe.boot")
+        build(src, boot, os.path.join(d, "blobs"))
+        try:
+            _mount(boot, mnt, "")
+        except OSError as err:
+            log.info("EROFS file-backed mounts unavailable (%s): using loop devices", err)
+            if not os.path.exists("/dev/loop-control"):
+                raise HostCheckError("tarfs needs EROFS file-backed mounts (Linux 6.12+) or "
+                                     "loop devices (/dev/loop-control)") from err
+            return "loop"
+        umount_erofs(mnt)
+    return "file"
+
+
+def _erofs_registered() -> bool:
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            return any(line.split()[-1] == "erofs" for line in f if line.strip())
+    except OSError:
+        return True  # let the mount say
+
+
+def check_mountpoint(target: str) -> None:
+    """FailedPrecondition if ``target`` is not a directory we can mount on."""
+    if not os.path.isdir(target):
+        raise FailedPrecondition(f"tarfs mountpoint {target} is not a directory")
