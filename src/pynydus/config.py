@@ -241,8 +241,8 @@ class MetricsConfig:
 class MirrorsConfig:
     """``[remote.mirrors_config]``: containerd-style ``hosts.toml`` directory."""
 
-    dir: str = unsupported("", "registry mirrors from a hosts.toml directory; set mirrors in "
-                           "the nydusd config template instead")
+    # "": no mirrors but the template's; else containerd's certs.d layout (registry.hosts)
+    dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -254,9 +254,10 @@ class AuthConfig:
     kubeconfig_path: str = unsupported("", _KEYCHAIN)
     enable_cri_keychain: bool = unsupported(False, _KEYCHAIN)
     image_service_address: str = unsupported("/run/containerd/containerd.sock", _KEYCHAIN)
-    enable_kubelet_credential_providers: bool = unsupported(False, _KEYCHAIN)
-    credential_provider_config: str = unsupported("", _KEYCHAIN)
-    credential_provider_bin_dir: str = unsupported("", _KEYCHAIN)
+    # kubelet's image credential provider plugins (registry.kubelet), after the docker config
+    enable_kubelet_credential_providers: bool = False
+    credential_provider_config: str = ""  # kubelet's --image-credential-provider-config
+    credential_provider_bin_dir: str = ""  # kubelet's --image-credential-provider-bin-dir
     # 0: no renewal loop
     credential_renewal_interval: float = with_meta(duration(0.0, positive=False),
                                                    unsupported=_KEYCHAIN)
@@ -546,6 +547,22 @@ def _validate(
             f"{origin('remote.auth.enable_cri_keychain')}: remote.auth.enable_cri_keychain and"
             " remote.auth.enable_kubeconfig_keychain cannot both be true"
         )
+    kubelet_keys = ("remote.auth.credential_provider_config",
+                    "remote.auth.credential_provider_bin_dir")
+    if auth.enable_kubelet_credential_providers:
+        # the files are read (and checked) when the snapshotter starts, as upstream
+        for key, path in zip(kubelet_keys, (auth.credential_provider_config,
+                                            auth.credential_provider_bin_dir), strict=True):
+            if not path:
+                raise ConfigError(f"{origin(key)}: {key}: must be set when"
+                                  " remote.auth.enable_kubelet_credential_providers is true")
+    else:
+        for key, path in zip(kubelet_keys, (auth.credential_provider_config,
+                                            auth.credential_provider_bin_dir), strict=True):
+            if path:
+                warnings.append(f'{origin(key)}: {key} = "{path}" has no effect (it applies'
+                                " only with remote.auth.enable_kubelet_credential_providers"
+                                " = true)")
     mirrors_dir = cfg.remote.mirrors_config.dir
     if mirrors_dir and not os.path.isdir(mirrors_dir):
         raise ConfigError(

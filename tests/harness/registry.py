@@ -9,12 +9,20 @@ Auth: ``Registry(htpasswd=write_htpasswd(path, user, password))`` turns on distr
 htpasswd (basic) auth; push with ``oci.push(..., creds="user:password")`` and pull with
 ``ctr images pull --user user:password``. Token auth is a later hook: pass the ``auth:``
 YAML section through ``auth_yaml``.
+
+TLS: ``tls=(certificate, key)`` serves https (``url`` says so), ``client_ca`` also
+requires a client certificate signed by it; ``client=(cert, key)`` and ``ca`` are what
+the harness itself presents and trusts to see it up (``tests/harness/pki.py`` makes
+them). ``proxy_remote="http://origin"`` makes it a pull-through cache of another
+registry (distribution's proxy mode): a mirror. ``restart()`` stops it and starts it again
+on the same port, with the same storage.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -53,7 +61,10 @@ class Registry(Service):
     """Context manager: ``with Registry() as reg: reg.host -> '127.0.0.1:PORT'``."""
 
     def __init__(self, workdir: Path | None = None, *, htpasswd: Path | None = None,
-                 auth_yaml: str | None = None, keep: bool = False, tag: str = "reg") -> None:
+                 auth_yaml: str | None = None, keep: bool = False, tag: str = "reg",
+                 tls: tuple[Path, Path] | None = None, client_ca: Path | None = None,
+                 ca: Path | None = None, client: tuple[Path, Path] | None = None,
+                 proxy_remote: str | None = None) -> None:
         self._own_dir = workdir is None
         self.workdir = workdir or make_workdir(tag)
         self.keep = keep
@@ -64,6 +75,8 @@ class Registry(Service):
         self.config = self.workdir / "config.yml"
         self.access_log = self.workdir / "access.log"
         self.proc: Proc | None = None
+        self.tls, self.client_ca, self.ca, self.client = tls, client_ca, ca, client
+        self.proxy_remote = proxy_remote
 
     @property
     def host(self) -> str:
@@ -72,7 +85,7 @@ class Registry(Service):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def ref(self, name: str, tag: str = "latest") -> str:
         return f"{self.host}/{name}:{tag}"
@@ -104,19 +117,52 @@ class Registry(Service):
             "      enabled: false\n"
             "http:\n"
             f"  addr: 127.0.0.1:{self.port}\n"
+            + self._tls_section()
+            + (f"proxy:\n  remoteurl: {self.proxy_remote}\n" if self.proxy_remote else "")
             + self._auth_section())
+
+    def _tls_section(self) -> str:
+        if not self.tls:
+            return ""
+        out = f"  tls:\n    certificate: {self.tls[0]}\n    key: {self.tls[1]}\n"
+        if self.client_ca:
+            out += f"    clientcas:\n      - {self.client_ca}\n"
+        return out
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        if self.client:
+            ctx.load_cert_chain(str(self.client[0]), str(self.client[1]))
+        return ctx
 
     def _answers(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=2,
+                                        context=self._ssl_context()) as r:
                 return bool(r.status == 200)
         except urllib.error.HTTPError as err:
             return err.code == 401  # auth enabled: up and asking for credentials
 
     def start(self) -> Self:
         self.storage.mkdir(parents=True, exist_ok=True)
+        return self._start(None)
+
+    def restart(self) -> Self:
+        """Stop (by PID) and start again on the same port and storage."""
+        if self.proc is not None:
+            self.proc.stop()
+        return self._start(self.port)
+
+    def kill(self) -> None:
+        """SIGKILL the process (storage and port kept for ``restart``)."""
+        if self.proc is not None:
+            self.proc.kill9()
+
+    def _start(self, port: int | None) -> Self:
         for attempt in range(3):  # the free port may be taken between probe and bind
-            self.port = free_port()
+            self.port = port or free_port()
             self._write_config()
             self.proc = Proc("registry", [REGISTRY_BIN, "serve", str(self.config)],
                              self.workdir, self.workdir / "registry.log",

@@ -33,7 +33,7 @@ from pynydus import confschema
 from pynydus.config import SnapshotterConfig, load_config
 from pynydus.daemon import config as dconf
 from pynydus.daemon import main as dmain
-from pynydus.errors import ConfigError
+from pynydus.errors import ConfigError, InvalidArgument
 from pynydus.logs import RotatingLog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -259,14 +259,16 @@ SNAPSHOTTER: dict[str, Case] = {
     "remote.skip_ssl_verify": Effect("true", lambda d, s: (
         not _tarfs_options(d).insecure and _tarfs_options(s).insecure)
         or pytest.fail("skip_ssl_verify"), also=_TARFS_ON),
-    "remote.mirrors_config.dir": Refused('"{tmp}"'),
+    "remote.mirrors_config.dir": ShownBy("tests/integration/nydus/test_mirrors.py::"
+                                         "test_pull_through_mirror_with_tls_fails_over_and_back"),
     "remote.auth.enable_kubeconfig_keychain": Refused("true"),
     "remote.auth.kubeconfig_path": Refused('"/root/.kube/config"'),
     "remote.auth.enable_cri_keychain": Refused("true"),
     "remote.auth.image_service_address": Refused('"/run/k3s/containerd/containerd.sock"'),
-    "remote.auth.enable_kubelet_credential_providers": Refused("true"),
-    "remote.auth.credential_provider_config": Refused('"/etc/kubernetes/cp.yaml"'),
-    "remote.auth.credential_provider_bin_dir": Refused('"/usr/libexec/cp"'),
+    **{f"remote.auth.{k}": ShownBy("tests/integration/nydus/test_credential_sources.py::"
+                                   "test_kubelet_credential_provider_plugin")
+       for k in ("enable_kubelet_credential_providers", "credential_provider_config",
+                 "credential_provider_bin_dir")},
     "remote.auth.credential_renewal_interval": Refused('"1h"'),
     "snapshot.enable_nydus_overlayfs": Effect("true", lambda d, s: (
         (d.options().nydus_overlayfs_type, s.options().nydus_overlayfs_type)
@@ -484,8 +486,12 @@ _MIRROR = {"mirrors[0].host": "http://127.0.0.1:2"}
 _NEEDS: dict[str, dict[str, Any]] = {
     "proxy.fallback": {"proxy.url": "http://127.0.0.1:1"},
     **{f"mirrors[0].{k}": _MIRROR for k in ("headers", "ping_url", "health_check_interval",
-                                            "failure_limit", "auth_through")},
+                                            "failure_limit", "auth_through", "override_path",
+                                            "ca_cert_files", "client_cert", "client_key",
+                                            "skip_verify", "connect_timeout")},
 }
+_HOSTS_TEST = ("tests/unit/registry/test_registry_hosts.py::"
+               "test_registry_client_certificate_key_and_headers_reach_the_transport")
 NYDUSD: list[Key] = [
     Key("version", "version", ShownBy("tests/unit/daemon/test_daemon_config.py::"
                                        "test_v2_toml_loads")),
@@ -506,7 +512,14 @@ NYDUSD: list[Key] = [
             None, "tok"))),
         ("skip_verify", Effect("true", _differs(lambda c: _client(c).skip_verify, False, True))),
         ("ca_cert_files", Effect('["/nonexistent/ca.pem"]', lambda d, s: (
-            _client(d) is not None and _raises_naming(lambda: _client(s), OSError, None)))),
+            _client(d) is not None and _raises_naming(lambda: _client(s), InvalidArgument,
+                                                      "/nonexistent/ca.pem")))),
+        ("client_cert", Effect('"/nonexistent/c.pem"', lambda d, s: (
+            _client(d) is not None and _raises_naming(lambda: _client(s), InvalidArgument,
+                                                      "client certificate /nonexistent/c.pem")))),
+        ("client_key", ShownBy(_HOSTS_TEST)),
+        ("headers", Effect('{"X-R": "1"}', _differs(lambda c: dict(_client(c).origin.headers),
+                                                    {}, {"X-R": "1"}))),
         ("timeout", Effect("9", _differs(lambda c: _client(c)._http.timeout.read, 5, 9))),
         ("connect_timeout", Effect("9", _differs(lambda c: _client(c)._http.timeout.connect,
                                                  5, 9))),
@@ -531,12 +544,27 @@ NYDUSD: list[Key] = [
             lambda c: [m.base for m in _client(c).mirrors], [], ["http://127.0.0.1:2"]))),
         ("mirrors[0].headers", Effect('{"X-M": "1"}', _differs(
             lambda c: dict(_client(c).mirrors[0].headers), {}, {"X-M": "1"}))),
-        ("mirrors[0].ping_url", Refused('"http://127.0.0.1:2/ping"')),
+        ("mirrors[0].ping_url", Effect('"http://127.0.0.1:2/ping"', _differs(
+            lambda c: _client(c).mirrors[0].ping_url, "", "http://127.0.0.1:2/ping"))),
         ("mirrors[0].health_check_interval", Effect("9", _differs(
             lambda c: _client(c).mirrors[0].cooldown, 5.0, 9.0))),
         ("mirrors[0].failure_limit", Effect("2", _differs(
             lambda c: _client(c).mirrors[0].failure_limit, 5, 2))),
         ("mirrors[0].auth_through", Refused("true")),
+        ("mirrors[0].override_path", Effect("true", _differs(
+            lambda c: _client(c).mirrors[0].root, "/v2", "/"))),
+        ("mirrors[0].ca_cert_files", Effect('["/nonexistent/ca.pem"]', lambda d, s: (
+            _client(d) is not None and _raises_naming(lambda: _client(s), InvalidArgument,
+                                                      "/nonexistent/ca.pem")))),
+        ("mirrors[0].client_cert", Effect('"/nonexistent/c.pem"', lambda d, s: (
+            _client(d) is not None and _raises_naming(lambda: _client(s), InvalidArgument,
+                                                      "client certificate /nonexistent/c.pem")))),
+        ("mirrors[0].client_key", ShownBy(_HOSTS_TEST)),
+        ("mirrors[0].skip_verify", Effect("true", _differs(
+            lambda c: _client(c).mirrors[0].skip_verify, False, True))),
+        ("mirrors[0].connect_timeout", Effect("9", _differs(
+            lambda c: getattr(_client(c).mirrors[0].http, "timeout", None) and
+            _client(c).mirrors[0].http.timeout.connect, None, 9))),
     ]),
     *(Key(*_l(k), c) for k, c in [
         ("dir", Effect('"/other"', _differs(lambda c: _backend(c).dirs, ["/blobs"], ["/other"]))),

@@ -50,14 +50,25 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class MirrorConfig:
-    """A host tried before the registry for reads: ``mirrors[i]`` in the backend config."""
+    """A host tried before the registry for reads: ``mirrors[i]`` in the backend config.
 
-    host: str = ""  # scheme://host[:port]
+    The keys after ``auth_through`` are pynydusd's, for what containerd's ``hosts.toml``
+    gives a mirror (the snapshotter writes them from ``[remote.mirrors_config] dir``)."""
+
+    host: str = ""  # scheme://host[:port][/path]
     headers: dict[str, str] = field(default_factory=dict)
-    ping_url: str = unsupported("", _HEALTH)
+    # "": after a skip the next read tries the mirror; else this URL must answer 2xx first
+    ping_url: str = ""
     health_check_interval: int = count(5)  # seconds a failing mirror is skipped
     failure_limit: int = count(5, minimum=1)  # failures in a row before it is skipped
     auth_through: bool = unsupported(False, "sending the registry's credentials to a mirror")
+    # the host's path is the API root itself, not <path>/v2 (containerd's override_path)
+    override_path: bool = False
+    ca_cert_files: tuple[str, ...] = ()  # added to the registry's for this mirror
+    client_cert: str = ""  # PEM certificate to present; with the key unless client_key
+    client_key: str = ""
+    skip_verify: bool = False  # false: the registry's skip_verify applies
+    connect_timeout: int = count(0)  # seconds; 0: the registry's
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,11 @@ class RegistryConfig:
     registry_token: str = ""
     skip_verify: bool = False
     ca_cert_files: tuple[str, ...] = ()
+    # pynydusd's: a client certificate for the registry (key in the same file unless
+    # client_key), and headers sent with every request (hosts.toml's for the server)
+    client_cert: str = ""
+    client_key: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
     timeout: int = count(5)  # seconds; 0 = none
     connect_timeout: int = count(5)
     retry_limit: int = count(0, maximum=255)
@@ -315,6 +331,10 @@ def _registry(raw: dict[str, Any], key: str, origin: str, warnings: list[str]) -
     for i, m in enumerate(cfg.mirrors):
         if not m.host:
             raise ConfigError(f"{origin}: {key}.mirrors[{i}].host: a mirror needs a host")
+        if m.client_key and not m.client_cert:
+            raise ConfigError(f"{origin}: {key}.mirrors[{i}].client_key: needs client_cert")
+    if cfg.client_key and not cfg.client_cert:
+        raise ConfigError(f"{origin}: {key}.client_key: needs client_cert")
     if cfg.auth:
         try:
             decoded = base64.b64decode(cfg.auth, validate=True).decode()

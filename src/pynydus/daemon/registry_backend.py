@@ -43,8 +43,15 @@ def client_from_config(cfg: RegistryConfig) -> RegistryClient:
         proxy_fallback=cfg.proxy.fallback,
         proxy_check_interval=float(cfg.proxy.check_interval),
         mirrors=[Mirror(m.host, dict(m.headers), failure_limit=m.failure_limit,
-                        cooldown=float(m.health_check_interval)) for m in cfg.mirrors],
+                        cooldown=float(m.health_check_interval), ping_url=m.ping_url,
+                        override_path=m.override_path, ca_cert_files=list(m.ca_cert_files),
+                        client_cert=(m.client_cert, m.client_key) if m.client_cert else None,
+                        skip_verify=True if m.skip_verify else None,
+                        connect_timeout=float(m.connect_timeout) or None)
+                 for m in cfg.mirrors],
         ca_cert_files=list(cfg.ca_cert_files),
+        client_cert=(cfg.client_cert, cfg.client_key) if cfg.client_cert else None,
+        headers=dict(cfg.headers),
         blob_url_scheme=cfg.blob_url_scheme,
         blob_redirected_host=cfg.blob_redirected_host,
     )

@@ -32,9 +32,12 @@ from pynydus.logs import nydusd_level
 from pynydus.manager.client import DaemonClient
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
+from pynydus.manager.registryaccess import build_keychain, check_access
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.rafs.format import bootstrap_version
 from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
+from pynydus.registry.hosts import check_all
+from pynydus.registry.keychain import Keychain
 from pynydus.signature import Verifier
 from pynydus.system.controller import DaemonView, PrefetchLists, views_by_daemon
 
@@ -86,8 +89,11 @@ def fs_version(path: str) -> str:
 class NydusFilesystem:
     """RAFS instances of images, served by daemons the manager supervises."""
 
-    def __init__(self, cfg: SnapshotterConfig) -> None:
+    def __init__(self, cfg: SnapshotterConfig, *, keychain: Keychain | None = None) -> None:
+        """``keychain``: the credential sources (default: what ``[remote.auth]`` turns on
+        that needs no server of ours; the snapshotter adds its CRI keychain)."""
         self.cfg = cfg
+        self.keychain = keychain if keychain is not None else build_keychain(cfg)
         self.root = cfg.root
         self.mode = str(cfg.daemon_mode)
         if self.mode == "none":
@@ -97,6 +103,10 @@ class NydusFilesystem:
         os.makedirs(self.cache_dir, exist_ok=True)
         self.template = load_template(cfg.daemon.nydusd_config)
         self.verifier = Verifier(cfg.image.public_key_file, cfg.image.validate_signature)
+        if cfg.remote.mirrors_config.dir:
+            # Reported now; only the images of a registry whose file is broken fail to mount.
+            for problem in check_all(cfg.remote.mirrors_config.dir):
+                log.error("remote.mirrors_config.dir: %s", problem)
         policy = str(cfg.daemon.recover_policy)
         if policy == "failover":
             log.warning("recover_policy failover is not supported (docs/failover.md); using restart")
@@ -260,8 +270,12 @@ class NydusFilesystem:
             sdir = self.snapshot_dir(sid)
             boot = self._wait_bootstrap(sdir)
             self.verifier.verify(labels, boot, f"snapshot {q(sid)} of image {q(image_ref)}")
+            creds = self.keychain.lookup(image_ref, labels)
             cfg = supplement(self.template, image_ref=image_ref, snapshot_id=sid,
-                             cache_dir=self.cache_dir, labels=labels)
+                             cache_dir=self.cache_dir, labels=labels,
+                             mirrors_dir=self.cfg.remote.mirrors_config.dir,
+                             credentials=creds.found.credentials if creds.found else None)
+            check_access(image_ref, cfg, labels, creds, f"snapshot {q(sid)}")
             if self.mode == "shared":
                 rec = self._mount_shared(sid, image_ref, boot, cfg)
             else:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
 
@@ -127,8 +127,10 @@ class RegistryClient:
     cannot be reached (``proxy_fallback``); ``mirrors``: hosts tried in order before the origin for
     reads; ``blob_url_scheme``/``blob_redirected_host``: rewrite redirect targets
     (nydusd's keys of the same names); ``token_renewal``: renew bearer tokens in a
-    background thread before they expire (see :mod:`.renewal`). Close it (or use
-    ``with``) to release connections and stop that thread.
+    background thread before they expire (see :mod:`.renewal`); ``client_cert``:
+    (certificate, key) to present to the registry, the key "" when it is in the
+    certificate's file; ``headers``: sent to the registry with every request. Close it
+    (or use ``with``) to release connections and stop that thread.
     """
 
     def __init__(self, host: str, *, scheme: str = "https", skip_verify: bool = False,
@@ -140,6 +142,8 @@ class RegistryClient:
                  redirect_cache_ttl: float = REDIRECT_CACHE_TTL, max_connections: int = 64,
                  blob_url_scheme: str = "", blob_redirected_host: str = "",
                  token_renewal: bool = True, proxy_check_interval: float = PROXY_COOLDOWN,
+                 client_cert: tuple[str, str] | None = None,
+                 headers: Mapping[str, str] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if not host or "/" in host:
             raise InvalidArgument(f"registry host {q(host)}: want host[:port]")
@@ -154,7 +158,7 @@ class RegistryClient:
             mirrors=mirrors, ca_cert_files=ca_cert_files, max_connections=max_connections,
             blob_url_scheme=blob_url_scheme, blob_redirected_host=blob_redirected_host,
             token_renewal=token_renewal, proxy_check_interval=proxy_check_interval,
-            sleep=sleep)
+            client_cert=client_cert, headers=headers, sleep=sleep)
         self._redirects = _RedirectCache(redirect_cache_ttl)
         self._sleep = sleep
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,12 @@ from typing import Any
 from pynydus import labels as L
 from pynydus.errors import ConfigError, InvalidArgument, q
 
+from .exechelper import CredentialSourceError, run_bounded
 from .reference import DOCKER_HUB, DOCKER_HUB_API, DOCKER_HUB_AUTH_KEY, DOCKER_HUB_LEGACY
 
-CREDENTIAL_HELPER_TIMEOUT = 30.0
+# A helper reads a local keychain (pass, secretservice, a cloud SDK's cache): seconds at
+# most. Past this it is killed and the lookup fails naming it.
+CREDENTIAL_HELPER_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -159,17 +161,30 @@ class DockerConfig:
     def lookup(self, host: str, *, run_helpers: bool = True) -> Credentials | None:
         """Credentials for registry ``host`` (``docker.io`` and its aliases share one
         entry): a per-host credential helper, then ``auths``, then ``credsStore``.
-        Incomplete entries count as absent."""
+        Incomplete entries count as absent. A helper that fails (missing, hangs, exits
+        with an error other than "not found", prints garbage) raises
+        CredentialSourceError naming it and this file."""
+        found = self.find(host, run_helpers=run_helpers)
+        return found[0] if found is not None else None
+
+    def find(self, host: str, *, run_helpers: bool = True) -> tuple[Credentials, str] | None:
+        """Like :meth:`lookup`, with where the credentials came from (for messages)."""
+        where = str(self.path) if self.path else "docker config"
         hosts = _hosts_for_lookup(host)
         if run_helpers:
             for h in hosts:
                 if h in self.cred_helpers:
-                    return _run_helper(self.cred_helpers[h], _helper_server(host))
+                    name = self.cred_helpers[h]
+                    what = f"docker-credential-{name} (credHelpers of {where})"
+                    creds = _run_helper(name, _helper_server(host), what)
+                    return (creds, what) if creds is not None else None
         creds = self.entry_credentials(host)
         if creds is not None:
-            return creds
+            return creds, f"{where} (auths)"
         if run_helpers and self.creds_store:
-            return _run_helper(self.creds_store, _helper_server(host))
+            what = f"docker-credential-{self.creds_store} (credsStore of {where})"
+            creds = _run_helper(self.creds_store, _helper_server(host), what)
+            return (creds, what) if creds is not None else None
         return None
 
 
@@ -198,26 +213,33 @@ def _helper_server(host: str) -> str:
         else host
 
 
-def _run_helper(name: str, server: str) -> Credentials | None:
-    """Run ``docker-credential-<name> get`` with the server URL on stdin."""
+def _run_helper(name: str, server: str, what: str = "") -> Credentials | None:
+    """Run ``docker-credential-<name> get`` with the server URL on stdin (docker's
+    credential helper protocol). None when the helper has nothing for ``server``;
+    CredentialSourceError naming ``what`` when it fails."""
+    what = what or f"docker-credential-{name}"
+    ran = run_bounded([f"docker-credential-{name}", "get"], server.encode(),
+                      timeout=CREDENTIAL_HELPER_TIMEOUT, what=what)
+    if ran.returncode != 0:
+        said = (ran.stdout[:200] + ran.stderr[:200]).decode(errors="replace").lower()
+        if "credentials not found" in said:
+            return None  # the protocol's "nothing stored for this server"
+        raise CredentialSourceError(f"{what}: exited with status {ran.returncode}: "
+                                    f"{ran.stderr_text() or '(no message)'}")
     try:
-        out = subprocess.run([f"docker-credential-{name}", "get"], input=server.encode(),
-                             capture_output=True, timeout=CREDENTIAL_HELPER_TIMEOUT,
-                             check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None  # "credentials not found in native keychain" and friends
-    try:
-        doc = json.loads(out.stdout)
+        doc = json.loads(ran.stdout)
     except ValueError:
-        return None
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("Secret", ""), str):
+        raise CredentialSourceError(f"{what}: its answer is not the helper protocol's JSON "
+                                    '({"Username": ..., "Secret": ...})')
     user, secret = str(doc.get("Username") or ""), str(doc.get("Secret") or "")
     if not secret:
         return None
     if user == "<token>":
         return Credentials(identity_token=secret)
-    return Credentials(username=user, password=secret) if user else None
+    return Credentials(username=user, password=secret) if user else \
+        Credentials(registry_token=secret)
 
 
 def load_docker_config(path: Path | None = None,

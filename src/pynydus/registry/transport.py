@@ -16,6 +16,7 @@ fallback. It knows nothing of manifests or blobs; :mod:`.client` builds those on
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 import threading
@@ -51,6 +52,7 @@ from .metrics import RegistryMetrics
 from .renewal import TokenRenewer
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 USER_AGENT = "pynydus-registry/0.1"
 CLIENT_ID = "pynydus-registry-client"
@@ -61,23 +63,35 @@ MIRROR_FAILURE_LIMIT = 3
 MIRROR_COOLDOWN = 30.0  # seconds a failing mirror is skipped before it is tried again
 PROXY_COOLDOWN = 5.0    # seconds a proxy that failed is bypassed (nydusd's check_interval)
 RETRY_AFTER_CAP = 5.0   # longest Retry-After we wait for before the next attempt
+PING_TIMEOUT = 3.0      # a mirror's ping_url must answer within this (upstream's 3 s)
 
 
 @dataclass
 class Mirror:
     """A host tried before the origin for pulls (a pull-through cache, dfdaemon).
 
-    ``url``: ``scheme://host[:port]`` (a bare host takes the client's scheme);
-    ``headers``: extra headers sent to it (e.g. Dragonfly's ``X-Dragonfly-Registry``);
-    ``credentials``: its own; origin credentials are never sent to a mirror;
-    ``failure_limit`` failures in a row make it skipped for ``cooldown`` seconds (nydusd's
-    ``failure_limit`` and ``health_check_interval``)."""
+    ``url``: ``scheme://host[:port][/path]`` (a bare host takes the client's scheme); the
+    API root is ``<path>/v2``, or ``<path>`` itself with ``override_path`` (containerd's
+    ``hosts.toml`` rule); ``headers``: extra headers sent to it (e.g. Dragonfly's
+    ``X-Dragonfly-Registry``); ``credentials``: its own; origin credentials are never sent
+    to a mirror; ``failure_limit`` failures in a row make it skipped for ``cooldown``
+    seconds (nydusd's ``failure_limit`` and ``health_check_interval``); after that one
+    failure skips it again, and with a ``ping_url`` it is used again only once that URL
+    answers 2xx. ``ca_cert_files``, ``client_cert`` (certificate, key or "" when the key
+    is in the certificate's file), ``skip_verify`` and ``connect_timeout`` give it TLS
+    and dial settings of its own (None: the client's)."""
 
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     credentials: Credentials | None = None
     failure_limit: int = MIRROR_FAILURE_LIMIT
     cooldown: float = MIRROR_COOLDOWN
+    ping_url: str = ""
+    override_path: bool = False
+    ca_cert_files: Sequence[str] = ()
+    client_cert: tuple[str, str] | None = None
+    skip_verify: bool | None = None
+    connect_timeout: float | None = None
 
 
 @dataclass
@@ -90,10 +104,43 @@ class Endpoint:
     cooldown: float = MIRROR_COOLDOWN
     failures: int = 0
     skip_until: float = 0.0
+    root: str = "/v2"               # API root path: what replaces "/v2" of a target
+    ping_url: str = ""
+    skip_verify: bool = False
+    http: httpx.Client | None = None  # its own TLS/dial settings; None: the transport's
+    probation: bool = False         # skipped before: one failure skips it again
+    probing: bool = False           # a thread is pinging it now
 
     @property
     def netloc(self) -> str:
         return urlsplit(self.base).netloc
+
+
+def tls_verify(ca_cert_files: Sequence[str], skip_verify: bool,
+               client_cert: tuple[str, str] | None) -> bool | ssl.SSLContext:
+    """httpx's ``verify`` for these settings: the system CAs plus ``ca_cert_files`` (all
+    of them ignored with ``skip_verify``) and a client certificate to present."""
+    if not ca_cert_files and not client_cert:
+        return not skip_verify
+    ctx = ssl.create_default_context()
+    if skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        for f in ca_cert_files:
+            try:
+                ctx.load_verify_locations(cafile=f)
+            except (OSError, ssl.SSLError) as err:
+                raise InvalidArgument(f"CA certificate {f}: cannot load: {err}") from err
+    if client_cert:
+        cert, key = client_cert
+        try:
+            ctx.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as err:
+            raise InvalidArgument(f"client certificate {cert}"
+                                  f"{' with key ' + key if key else ''}: cannot load: "
+                                  f"{err}") from err
+    return ctx
 
 
 @dataclass
@@ -188,6 +235,8 @@ class Transport:
                  max_connections: int = 64, metrics: RegistryMetrics | None = None,
                  blob_url_scheme: str = "", blob_redirected_host: str = "",
                  token_renewal: bool = True, proxy_check_interval: float = PROXY_COOLDOWN,
+                 client_cert: tuple[str, str] | None = None,
+                 headers: Mapping[str, str] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if scheme not in ("http", "https"):
             raise InvalidArgument(f"registry scheme {scheme!r}: want http or https")
@@ -212,37 +261,52 @@ class Transport:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._challenges: dict[str, Challenge] = {}   # netloc -> last challenge seen
-        self.origin = Endpoint(f"{scheme}://{host}", False, {}, credentials)
-        self.mirrors = [self._mirror_endpoint(m, scheme) for m in mirrors]
-        verify: bool | ssl.SSLContext = not skip_verify
-        if ca_cert_files and not skip_verify:
-            ctx = ssl.create_default_context()
-            for f in ca_cert_files:
-                ctx.load_verify_locations(cafile=f)
-            verify = ctx
-        t = httpx.Timeout(timeout or None, connect=connect_timeout or None)
-        limits = httpx.Limits(max_connections=max_connections,
-                              max_keepalive_connections=max_connections)
-
-        def make(proxy_url: str | None) -> httpx.Client:
-            # trust_env off: HTTP(S)_PROXY of the daemon's environment must not
-            # silently reroute registry traffic; the proxy is explicit config.
-            return httpx.Client(proxy=proxy_url, verify=verify, timeout=t, limits=limits,
-                                follow_redirects=False, headers={"User-Agent": USER_AGENT},
-                                trust_env=False)
-        self._http = make(proxy)
-        self._direct = make(None) if proxy and proxy_fallback else None
+        self.origin = Endpoint(f"{scheme}://{host}", False, dict(headers or {}), credentials,
+                               skip_verify=skip_verify)
+        self._timeout, self._connect_timeout = timeout, connect_timeout
+        self._limits = httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=max_connections)
+        self._proxy = proxy
+        verify = tls_verify(ca_cert_files, skip_verify, client_cert)
+        self._http = self._make_client(proxy, verify, connect_timeout)
+        self._direct = self._make_client(None, verify, connect_timeout) \
+            if proxy and proxy_fallback else None
         self._proxy_down_until = 0.0
         self._proxy_check_interval = proxy_check_interval  # nydusd's proxy check_interval
+        self.mirrors = [self._mirror_endpoint(m, scheme, ca_cert_files) for m in mirrors]
 
-    @staticmethod
-    def _mirror_endpoint(m: Mirror | str, scheme: str) -> Endpoint:
+    def _make_client(self, proxy_url: str | None, verify: bool | ssl.SSLContext,
+                     connect_timeout: float) -> httpx.Client:
+        # trust_env off: HTTP(S)_PROXY of the daemon's environment must not
+        # silently reroute registry traffic; the proxy is explicit config.
+        t = httpx.Timeout(self._timeout or None, connect=connect_timeout or None)
+        return httpx.Client(proxy=proxy_url, verify=verify, timeout=t, limits=self._limits,
+                            follow_redirects=False, headers={"User-Agent": USER_AGENT},
+                            trust_env=False)
+
+    def _mirror_endpoint(self, m: Mirror | str, scheme: str,
+                         ca_cert_files: Sequence[str]) -> Endpoint:
         mirror = Mirror(m) if isinstance(m, str) else m
         url = mirror.url.rstrip("/")
         if "://" not in url:
             url = f"{scheme}://{url}"
-        return Endpoint(url, True, dict(mirror.headers), mirror.credentials,
-                        max(1, mirror.failure_limit), mirror.cooldown)
+        u = urlsplit(url)
+        path = u.path.rstrip("/")
+        root = (path or "/") if mirror.override_path else \
+            (path if path.endswith("/v2") else path + "/v2")
+        skip = self.skip_verify if mirror.skip_verify is None else mirror.skip_verify
+        own = mirror.ca_cert_files or mirror.client_cert or mirror.skip_verify is not None \
+            or mirror.connect_timeout is not None
+        http = None
+        if own:
+            verify = tls_verify([*ca_cert_files, *mirror.ca_cert_files], skip,
+                                mirror.client_cert)
+            http = self._make_client(self._proxy, verify, self._connect_timeout
+                                     if mirror.connect_timeout is None else
+                                     mirror.connect_timeout)
+        return Endpoint(f"{u.scheme}://{u.netloc}", True, dict(mirror.headers),
+                        mirror.credentials, max(1, mirror.failure_limit), mirror.cooldown,
+                        root=root, ping_url=mirror.ping_url, skip_verify=skip, http=http)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -252,6 +316,9 @@ class Transport:
         self._http.close()
         if self._direct is not None:
             self._direct.close()
+        for ep in self.mirrors:
+            if ep.http is not None:
+                ep.http.close()
 
     def set_credentials(self, credentials: Credentials | None) -> None:
         """Swap origin credentials (nydusd's hot auth update): cached tokens and the
@@ -306,32 +373,79 @@ class Transport:
         ``stream``). Raises transport errors, Unauthorized from the origin, and
         RetryableStatus never (statuses are left to the caller)."""
         if req.pull and self.mirrors and not req.target.startswith(("http://", "https://")):
-            now = time.monotonic()
             for ep in self.mirrors:
-                if ep.skip_until > now:
+                if not self._mirror_usable(ep):
                     continue
                 try:
                     resp = self._exchange_at(ep, req, stream)
-                except (httpx.TransportError, Unauthorized):
-                    self._mirror_failed(ep)
+                except (httpx.TransportError, Unauthorized) as err:
+                    self._mirror_failed(ep, f"{type(err).__name__}: {err}")
                     continue
                 if resp.status_code < 400 or resp.status_code == 416:
-                    ep.failures = 0
+                    self._mirror_answered(ep)
                     return resp
                 resp.close()
-                self._mirror_failed(ep)
+                self._mirror_failed(ep, f"HTTP {resp.status_code} for {req.what}")
         return self._exchange_at(self.origin, req, stream)
 
-    def _mirror_failed(self, ep: Endpoint) -> None:
+    def _mirror_usable(self, ep: Endpoint) -> bool:
+        """Not skipped; a mirror coming back from a skip with a ``ping_url`` is pinged
+        first (by one thread; the others go on to the next endpoint meanwhile)."""
+        with self._lock:
+            if ep.skip_until > time.monotonic() or ep.probing:
+                return False
+            if not (ep.probation and ep.ping_url):
+                return True
+            ep.probing = True
+        ok = False
+        try:
+            client = ep.http or self._http
+            resp = client.get(ep.ping_url, headers=dict(ep.headers), timeout=PING_TIMEOUT)
+            ok = 200 <= resp.status_code < 300
+            why = f"HTTP {resp.status_code}"
+        except httpx.HTTPError as err:
+            why = f"{type(err).__name__}: {err}"
+        with self._lock:
+            ep.probing = False
+            if ok:
+                ep.probation = False
+            else:
+                ep.skip_until = time.monotonic() + ep.cooldown
+        if ok:
+            log.info("registry mirror %s: %s answers again; reads go to it", ep.base,
+                     ep.ping_url)
+        else:
+            log.info("registry mirror %s: ping %s failed (%s); skipped for %g s more",
+                     ep.base, ep.ping_url, why, ep.cooldown)
+        return ok
+
+    def _mirror_failed(self, ep: Endpoint, why: str) -> None:
         self.metrics.add("mirror_fallbacks")
-        ep.failures += 1
-        if ep.failures >= ep.failure_limit:
+        with self._lock:
+            ep.failures += 1
+            if not (ep.probation or ep.failures >= ep.failure_limit):
+                return
+            first = not ep.probation
             ep.skip_until = time.monotonic() + ep.cooldown
             ep.failures = 0
+            ep.probation = True
+        # once per outage at warning level; each later failed retry at info
+        (log.warning if first else log.info)(
+            "registry mirror %s failed (%s); skipped for %g s, reads go to the next "
+            "mirror or the registry %s", ep.base, why, ep.cooldown, self.host)
+
+    def _mirror_answered(self, ep: Endpoint) -> None:
+        if ep.failures or ep.probation:
+            with self._lock:
+                back, ep.probation, ep.failures = ep.probation, False, 0
+            if back:
+                log.info("registry mirror %s answers again; reads go to it", ep.base)
 
     def _url(self, ep: Endpoint, target: str) -> str:
         if target.startswith(("http://", "https://")):
             return target
+        if target.startswith("/v2"):
+            return ep.base + ep.root.rstrip("/") + target[len("/v2"):]
         return ep.base + target
 
     def _exchange_at(self, ep: Endpoint, req: Request, stream: bool) -> httpx.Response:
@@ -434,7 +548,9 @@ class Transport:
                   content: bytes | Iterable[bytes] | None, stream: bool,
                   ep: Endpoint | None = None) -> httpx.Response:
         client = self._http
-        if self._direct is not None and time.monotonic() < self._proxy_down_until:
+        if ep is not None and ep.http is not None:
+            client = ep.http
+        elif self._direct is not None and time.monotonic() < self._proxy_down_until:
             client = self._direct
         if params:
             # httpx replaces a URL's query with ``params``; upload Locations carry state
@@ -459,7 +575,8 @@ class Transport:
                     resp = self._direct.send(client.build_request(
                         method, url, headers=headers, params=params, content=content),
                         stream=stream)
-                elif ep is not None and self._should_downgrade(ep, err):
+                elif ep is not None and url.startswith(ep.base) and \
+                        self._should_downgrade(ep, err):
                     self.metrics.observe(time.monotonic() - t0, None)
                     t0 = time.monotonic()
                     url = self._downgrade(ep, url)
@@ -477,7 +594,7 @@ class Transport:
     def _should_downgrade(self, ep: Endpoint, err: BaseException) -> bool:
         # nydusd: with skip_verify, a TLS handshake answered by plain HTTP ("wrong
         # version number") means an insecure registry; talk http to it from now on.
-        return self.skip_verify and ep.base.startswith("https://") and \
+        return ep.skip_verify and ep.base.startswith("https://") and \
             _tls_speaks_plain_http(err)
 
     def _downgrade(self, ep: Endpoint, url: str) -> str:
@@ -532,7 +649,7 @@ class Transport:
         with self.tokens.fetch_lock(key):
             tok = self.tokens.get(key)  # another thread may have fetched it meanwhile
             if tok is None:
-                tok = self._fetch_token(ch, key[2], creds, req.what)
+                tok = self._fetch_token(ch, key[2], creds, req.what, ep)
                 self.tokens.put(key, tok)
                 with self._lock:
                     self._token_sources[key] = (ep, ch, req.what)
@@ -561,7 +678,7 @@ class Transport:
                 continue  # idle since issued: let it lapse
             ep, ch, what = source
             with self.tokens.fetch_lock(key):
-                fresh = self._fetch_token(ch, key[2], self._creds(ep), what)
+                fresh = self._fetch_token(ch, key[2], self._creds(ep), what, ep)
                 self.tokens.put(key, fresh)
             self.metrics.add("token_renewals")
             due = fresh.renew_at() - now
@@ -569,7 +686,7 @@ class Transport:
         return next_due
 
     def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...],
-                     creds: Credentials | None, what: str) -> Token:
+                     creds: Credentials | None, what: str, ep: Endpoint) -> Token:
         self.metrics.add("token_fetches")
         if creds is not None and creds.identity_token:
             form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
@@ -577,7 +694,7 @@ class Transport:
                     "scope": " ".join(scopes)}
             resp = self._send_raw(
                 "POST", ch.realm, {"Content-Type": "application/x-www-form-urlencoded"},
-                None, str(httpx.QueryParams(form)).encode(), False)
+                None, str(httpx.QueryParams(form)).encode(), False, ep)
         else:
             params: dict[str, str | Sequence[str]] = {"service": ch.service}
             if scopes:
@@ -588,7 +705,7 @@ class Transport:
                 params["account"] = creds.username
             if not ch.service:
                 del params["service"]
-            resp = self._send_raw("GET", ch.realm, headers, params, None, False)
+            resp = self._send_raw("GET", ch.realm, headers, params, None, False, ep)
         if resp.status_code in (401, 403):
             raise Unauthorized(f"{what}: token server {ch.realm} refused the credentials "
                                f"(HTTP {resp.status_code}): {_body_excerpt(resp)}",

@@ -29,6 +29,7 @@ from pynydus.registry.auth import (
     resolve_credentials,
 )
 from pynydus.registry.errors import RegistryProtocolError
+from pynydus.registry.exechelper import CredentialSourceError
 
 
 def b64(s: str) -> str:
@@ -188,8 +189,10 @@ def test_credential_helpers_run_per_host_and_as_store(tmp_path: Path,
     assert cfg.lookup("plain.example.com") == Credentials("a", "b")  # auths before store
     assert cfg.lookup("unknown.example.com") is None
     assert cfg.lookup("helped.example.com", run_helpers=False) is None
+    # a helper that is not there is an error naming it, not "no credentials"
     missing = DockerConfig.parse(json.dumps({"credsStore": "does-not-exist"}))
-    assert missing.lookup("x.io") is None
+    with pytest.raises(CredentialSourceError, match="docker-credential-does-not-exist"):
+        missing.lookup("x.io")
 
 
 # -------------------------------------------------------------------------- tokens
