@@ -61,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pynydus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from pynydus.cli.convert_cmd import _add_convert
+    from pynydus.cli.ctl import add_ctl
     from pynydus.cli.image_cmd import add_image
 
     _add_snapshotter(sub)
     add_image(sub)
     _add_convert(sub)
+    add_ctl(sub)
     return parser
 
 

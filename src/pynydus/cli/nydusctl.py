@@ -141,9 +141,12 @@ Commit:                 {json_value(v.get("git_commit"))}
 
 # --------------------------------------------------------------------------- metrics
 
-def metrics(client: DaemonClient, category: str, raw: bool, interval: str | None) -> None:
+def metrics(client: DaemonClient, category: str, raw: bool, interval: str | None,
+            sid: str | None = None) -> None:
+    """``metrics backend|cache|fsstats``; ``sid`` names one image of a shared daemon
+    (``?id=``, which upstream's nydusctl never sends)."""
     if category == "backend":
-        m = client.metrics("backend")
+        m = client.metrics("backend", sid)
         if interval is not None:
             try:
                 secs = int(interval)
@@ -155,7 +158,7 @@ def metrics(client: DaemonClient, category: str, raw: bool, interval: str | None
         else:
             _backend(m)
     elif category == "cache":
-        m = client.metrics("blobcache")
+        m = client.metrics("blobcache", sid)
         duration = (m["prefetch_end_time_secs"] + m["prefetch_end_time_millis"] / 1000.0
                     - (m["prefetch_begin_time_secs"] + m["prefetch_begin_time_millis"] / 1000.0))
         if raw:
@@ -163,7 +166,7 @@ def metrics(client: DaemonClient, category: str, raw: bool, interval: str | None
         else:
             _cache(m, float(duration))
     else:
-        m = client.metrics("")
+        m = client.metrics("", sid)
         if raw:
             print(json_value(m))
         else:

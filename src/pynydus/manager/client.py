@@ -33,9 +33,11 @@ class _UnixConnection(http.client.HTTPConnection):
 class DaemonClient:
     """One request per connection: simple, and robust across daemon restarts."""
 
-    def __init__(self, sock_path: str, timeout: float = 30.0) -> None:
+    def __init__(self, sock_path: str, timeout: float = 30.0, *,
+                 what: str = "daemon API") -> None:
         self.sock_path = sock_path
         self.timeout = timeout
+        self.what = what  # what errors call the server: the system controller speaks alike
 
     def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         conn = _UnixConnection(self.sock_path, timeout or self.timeout)
@@ -46,7 +48,7 @@ class DaemonClient:
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, http.client.HTTPException) as err:  # HTTPException: a reply cut off
-            raise Unavailable(f"daemon API {self.sock_path}: {method} {path}: {err!r}") from err
+            raise Unavailable(f"{self.what} {self.sock_path}: {method} {path}: {err!r}") from err
         finally:
             conn.close()
         if resp.status in (200, 204):
@@ -56,7 +58,12 @@ class DaemonClient:
         except (ValueError, AttributeError):
             detail = data.decode(errors="replace")
         err_cls: type[NydusError] = NotFound if resp.status == 404 else Unavailable
-        raise err_cls(f"daemon API {method} {path}: HTTP {resp.status}: {detail}")
+        raise err_cls(f"{self.what} {method} {path}: HTTP {resp.status}: {detail}")
+
+    def get(self, path: str) -> Any:
+        """``GET path``: its JSON (None for an empty body); NotFound on 404, Unavailable
+        on any other failure."""
+        return self._request("GET", path)
 
     def info(self, timeout: float | None = None) -> dict[str, Any]:
         out: dict[str, Any] = self._request("GET", "/api/v1/daemon", timeout=timeout)
