@@ -56,6 +56,10 @@ _MERGE_GAP = 64 << 10
 _AMPLIFY_PROBE = 16 << 10
 # How long a reader waits for another thread's fetch of a chunk it needs.
 _WAIT_SECONDS = 120.0
+# How long a miss waits for neighbouring misses to join its request when a request to
+# the same blob is already in flight (the kernel's readahead sends a file's next chunks
+# as concurrent reads); a miss on an idle blob goes at once.
+_GATHER_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,46 @@ class Backend(Protocol):
 
 
 class _Claim:
-    __slots__ = ("done", "error")
+    """A chunk being fetched by one reader. ``done`` is set once its bytes are decoded
+    (``data``, while a delayed persist has not written them yet) or the fetch failed
+    (``error``); the claim leaves the table once the chunk is in the cache file."""
+
+    __slots__ = ("data", "done", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.data: bytes | None = None
+
+
+class _Batch:
+    """Misses gathered into one request while the blob's backend is busy: the first
+    reader (the leader) waits ``_GATHER_SECONDS``, neighbours' misses join, then it
+    fetches them all; joiners wait for ``done``."""
+
+    __slots__ = ("chunks", "closed", "data", "done", "end", "error", "limit", "start")
+
+    def __init__(self, chunks: list[ChunkRef], limit: int) -> None:
+        self.chunks = list(chunks)
+        self.start = min(c.c_off for c in chunks)
+        self.end = max(c.c_off + c.c_size for c in chunks)
+        self.limit = limit
+        self.closed = False
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.data: dict[int, bytes] = {}
+
+    def takes(self, chunks: Sequence[ChunkRef]) -> bool:
+        start = min(self.start, min(c.c_off for c in chunks))
+        end = max(self.end, max(c.c_off + c.c_size for c in chunks))
+        gap = max(min(c.c_off for c in chunks) - self.end,
+                  self.start - max(c.c_off + c.c_size for c in chunks))
+        return not self.closed and gap <= _MERGE_GAP and end - start <= self.limit
+
+
+# Persists a decoded group later (``job``, ``nbytes`` held in memory until it ran); False
+# when it cannot take more, and the caller writes at once.
+Persist = Callable[[Callable[[], None], int], bool]
 
 
 class BlobCache:
@@ -107,6 +146,7 @@ class BlobCache:
         validate: bool = False,
         amplify_io: int = 1 << 20,
         stats: CacheStats | None = None,
+        persist: Persist | None = None,
     ) -> None:
         self.blob = blob
         self.backend = backend
@@ -116,6 +156,7 @@ class BlobCache:
         self.validate = validate
         self.amplify_io = amplify_io
         self.stats = stats or CacheStats()
+        self.persist = persist
         os.makedirs(work_dir, exist_ok=True)
         self.data_path = os.path.join(work_dir, f"{blob.blob_id}.blob.data")
         self.map_path = self.data_path + ".chunk_map"
@@ -141,6 +182,8 @@ class BlobCache:
         self._amp_window = amplify_io
         self._amp_pending: range | None = None
         self._amp_used = False
+        self._fetching = 0  # requests to the backend in flight for this blob
+        self._batch: _Batch | None = None  # misses gathering for one request
 
     def close(self) -> None:
         self.chunk_map.close()
@@ -154,9 +197,30 @@ class BlobCache:
         """Bytes of ``pieces`` = (chunk, offset in chunk, length), concatenated in order;
         a miss fetches the following chunks too (up to amplify_io) when ``amplify``.
 
+        Chunks fetched for this read are answered from their decoded bytes; with a
+        ``persist`` they are written to the cache file after the answer (upstream's
+        delayed persist), and concurrent readers of them take the same bytes meanwhile.
         A bytearray: FUSE replies take any buffer, and this saves a copy per read."""
-        self.ensure([c for c, _, _ in pieces], amplify=amplify)
-        return self._pread_pieces(pieces, 0)
+        fresh: dict[int, bytes] = {}
+        self._obtain([c for c, _, _ in pieces], amplify=amplify, prefetch=False,
+                     max_request=0, fresh=fresh)
+        if not fresh:
+            return self._pread_pieces(pieces, 0)
+        out = bytearray(sum(length for _, _, length in pieces))
+        view = memoryview(out)
+        pos = 0
+        for chunk, off, length in pieces:
+            data = fresh.get(chunk.index)
+            if data is not None:
+                view[pos:pos + length] = data[off:off + length]
+            elif length:
+                got = os.preadv(self._fd, [view[pos:pos + length]], chunk.u_off + off)
+                if got != length:
+                    raise FormatError(
+                        f"blob {self.blob.blob_id}: cache file short at chunk {chunk.index} "
+                        f"(wanted {length} bytes at {chunk.u_off + off}, got {got})")
+            pos += length
+        return out
 
     def read_cached(self, pieces: Sequence[tuple[ChunkRef, int, int]]) -> bytearray | None:
         """The bytes if every chunk is cached *and* in the page cache, else None.
@@ -207,14 +271,27 @@ class BlobCache:
 
         ``max_request`` caps one ranged request (default: amplify_io, at least 1 MiB);
         background work (readahead, prefetch) asks for larger ones: fewer round trips.
+        On return the chunks are in the cache file (or, for a moment, in a delayed
+        persist that a later read waits for).
         """
+        return self._obtain(chunks, amplify=amplify, prefetch=prefetch,
+                            max_request=max_request, fresh=None)
+
+    def _obtain(self, chunks: Sequence[ChunkRef], *, amplify: bool, prefetch: bool,
+                max_request: int, fresh: dict[int, bytes] | None) -> int:
+        """``ensure``; with ``fresh`` (a foreground read) the decoded bytes of chunks this
+        call fetched or found decoded in another reader's claim go there, misses may join
+        a gathering request, and persisting may be delayed."""
         hits = sum(1 for c in chunks if self.chunk_map.is_ready(c.index))
         if hits:
             self.stats.add(hits=hits)
         mine, theirs = self._claim(chunks, amplify)
         fetched = 0
         if mine:
-            fetched = self._fetch(mine, prefetch=prefetch, max_request=max_request)
+            if fresh is None:
+                fetched = self._fetch(mine, prefetch=prefetch, max_request=max_request)
+            else:
+                fetched = self._fetch_gathered(mine, fresh)
         retried: set[int] = set()
         while theirs:
             index, claim = theirs.pop()
@@ -227,9 +304,15 @@ class BlobCache:
                 retried.add(index)
                 again, more = self._claim([c for c in chunks if c.index == index], False)
                 if again:
-                    fetched += self._fetch(again, prefetch=prefetch)
+                    fetched += self._fetch(again, prefetch=prefetch, fresh=fresh)
                 theirs.extend(more)
-        missing = [c.index for c in chunks if not self.chunk_map.is_ready(c.index)]
+            elif claim.error is None and claim.data is not None:
+                if fresh is not None:
+                    fresh[index] = claim.data
+                elif not self.chunk_map.is_ready(index):
+                    self._wait_persisted(index, claim)
+        missing = [c.index for c in chunks
+                   if not self.chunk_map.is_ready(c.index) and (fresh is None or c.index not in fresh)]
         if missing:
             raise Unavailable(f"blob {self.blob.blob_id}: chunk {missing[0]}: fetch by another "
                               f"reader failed")
@@ -288,25 +371,87 @@ class BlobCache:
                     claim.error = error
                     claim.done.set()
 
-    def _fetch(self, chunks: list[ChunkRef], *, prefetch: bool, max_request: int = 0) -> int:
-        """Fetch claimed ``chunks`` (sorted by c_off); releases every claim, even on error."""
+    def _wait_persisted(self, index: int, claim: _Claim) -> None:
+        """Background work found a chunk decoded but not yet written: wait for the write
+        (the claim leaves the table then); a failed write leaves the chunk missing."""
+        deadline = time.monotonic() + _WAIT_SECONDS
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._claims.get(index) is not claim:
+                    return
+            time.sleep(0.001)
+
+    def _fetch_gathered(self, chunks: list[ChunkRef], fresh: dict[int, bytes]) -> int:
+        """A foreground read's claimed misses: fetched at once while the blob's backend is
+        idle; while it is busy, gathered with concurrent neighbouring misses into one
+        request (the first of them waits ``_GATHER_SECONDS`` for the others)."""
+        limit = max(self.amplify_io, 1 << 20)
+        leader: _Batch | None = None
+        joined: _Batch | None = None
+        with self._lock:
+            batch = self._batch
+            if batch is not None and batch.takes(chunks):
+                batch.chunks.extend(chunks)
+                batch.start = min(batch.start, min(c.c_off for c in chunks))
+                batch.end = max(batch.end, max(c.c_off + c.c_size for c in chunks))
+                joined = batch
+            elif self._fetching > 0 and _GATHER_SECONDS > 0:
+                leader = self._batch = _Batch(chunks, limit)
+        if joined is not None:
+            if not joined.done.wait(_WAIT_SECONDS):
+                raise Unavailable(f"blob {self.blob.blob_id}: timed out waiting for a fetch")
+            if joined.error is not None:
+                raise Unavailable(f"blob {self.blob.blob_id}: {joined.error}") from joined.error
+            for c in chunks:
+                if c.index in joined.data:
+                    fresh[c.index] = joined.data[c.index]
+            return 0
+        if leader is None:
+            return self._fetch(chunks, prefetch=False, fresh=fresh)
+        time.sleep(_GATHER_SECONDS)
+        with self._lock:
+            leader.closed = True
+            if self._batch is leader:
+                self._batch = None
+            members = sorted(leader.chunks, key=lambda c: c.c_off)
+        try:
+            return self._fetch(members, prefetch=False, fresh=leader.data)
+        except BaseException as err:
+            leader.error = err
+            raise
+        finally:
+            fresh.update(leader.data)
+            leader.done.set()
+
+    def _fetch(self, chunks: list[ChunkRef], *, prefetch: bool, max_request: int = 0,
+               fresh: dict[int, bytes] | None = None) -> int:
+        """Fetch claimed ``chunks`` (sorted by c_off); releases every claim, even on error.
+        With ``fresh`` the decoded bytes go there too and may be persisted later."""
         fetched = 0
         pending = list(chunks)
+        with self._lock:
+            self._fetching += 1
         try:
             for group in plan_ranges(chunks, max_request or max(self.amplify_io, 1 << 20)):
-                fetched += self._fetch_group(group, prefetch=prefetch)
-                self._release(group, None)
+                fetched += self._fetch_group(group, prefetch=prefetch, fresh=fresh)
                 pending = pending[len(group):]
         except BaseException as err:
             self._release(pending, err)
             raise
+        finally:
+            with self._lock:
+                self._fetching -= 1
         return fetched
 
-    def _fetch_group(self, group: list[ChunkRef], *, prefetch: bool) -> int:
+    def _fetch_group(self, group: list[ChunkRef], *, prefetch: bool,
+                     fresh: dict[int, bytes] | None = None) -> int:
+        """Fetch, decode and store one group; its claims are released once the chunks are
+        in the cache file (at once, or after a delayed persist: ``fresh`` given and the
+        cache has a ``persist``; their claims then hold the bytes meanwhile)."""
         start = group[0].c_off
         end = max(c.c_off + c.c_size for c in group)
-        raw = self._backend_read(start, end - start, prefetch=prefetch)
-        ready = []
+        raw = memoryview(self._backend_read(start, end - start, prefetch=prefetch))
+        decoded: list[tuple[ChunkRef, bytes]] = []
         spans: dict[Span, bytes] = {}  # decoded once per fetch, however many chunks it has
         for c in group:
             payload = raw[c.c_off - start:c.c_off - start + c.c_size]
@@ -320,13 +465,49 @@ class BlobCache:
                     log.error("blob %s chunk %d: digest mismatch after refetch; failing the read",
                               self.blob.blob_id, c.index)
                     raise FormatError(f"blob {self.blob.blob_id} chunk {c.index}: digest mismatch")
-            os.pwrite(self._fd, data, c.u_off)
-            ready.append(c.index)
-        self.chunk_map.set_ready(ready)
+            decoded.append((c, data))
         self.stats.add(misses=len(group))
+        nbytes = sum(len(d) for _, d in decoded)
+        if fresh is not None:
+            for c, data in decoded:
+                fresh[c.index] = data
+            if self.persist is not None:
+                with self._lock:
+                    for c, data in decoded:
+                        claim = self._claims.get(c.index)
+                        if claim is not None:
+                            claim.data = data
+                            claim.done.set()  # readers of these chunks take the bytes now
+
+                def job() -> None:
+                    self._persist(decoded, spans)
+
+                if self.persist(job, nbytes):
+                    return end - start
+        self._persist(decoded, spans, raise_errors=True)
+        return end - start
+
+    def _persist(self, decoded: list[tuple[ChunkRef, bytes]], spans: dict[Span, bytes],
+                 raise_errors: bool = False) -> None:
+        """Write decoded chunks to the cache file, mark them ready, release their claims.
+        A failed delayed write (disk full) leaves them missing: fetched again later."""
+        error: BaseException | None = None
+        try:
+            for c, data in decoded:
+                if self._fd < 0:
+                    raise Unavailable(f"blob {self.blob.blob_id}: cache closed")
+                os.pwrite(self._fd, data, c.u_off)
+            self.chunk_map.set_ready([c.index for c, _ in decoded])
+        except BaseException as err:
+            error = err
+            if raise_errors:
+                self._release([c for c, _ in decoded], err)
+                raise
+            log.warning("blob %s: writing %d chunks to the cache failed: %s",
+                        self.blob.blob_id, len(decoded), err)
+        self._release([c for c, _ in decoded], error)
         if spans and self.span_members is not None and not self.validate:
             self._store_span_members(spans)
-        return end - start
 
     def _store_span_members(self, spans: dict[Span, bytes]) -> None:
         """Store the chunks of decoded spans that nobody has or is fetching."""
@@ -346,7 +527,8 @@ class BlobCache:
         finally:
             self._release([m for m, _ in extra], None)
 
-    def _decode(self, c: ChunkRef, payload: bytes, spans: dict[Span, bytes]) -> bytes | None:
+    def _decode(self, c: ChunkRef, payload: bytes | memoryview,
+                spans: dict[Span, bytes]) -> bytes | None:
         """The chunk's bytes, or None when they are corrupt (the caller fetches again)."""
         if len(payload) != c.c_size:
             raise FormatError(
@@ -360,7 +542,7 @@ class BlobCache:
                     if self.decode_span is None:
                         raise FormatError(f"blob {self.blob.blob_id} chunk {c.index}: "
                                           f"{c.span.kind} chunk but no span decoder")
-                    out = spans[c.span] = self.decode_span(c.span, payload)
+                    out = spans[c.span] = self.decode_span(c.span, bytes(payload))
                 return decode_chunk(
                     out[c.span_offset:c.span_offset + c.u_size], compressed=False,
                     compressor=Compressor.NONE, uncompressed_size=c.u_size,

@@ -32,6 +32,9 @@ from pynydus.rafs.read.spans import Span, SpanMap, has_spans, load_span_map
 
 log = logging.getLogger(__name__)
 
+# Decoded chunks waiting for the persist thread, at most (a burst of misses beyond it is
+# written by the readers themselves, as before delayed persist).
+_PERSIST_BUDGET = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +94,18 @@ class RafsInstance:
         self._ra_state: dict[int, tuple[int, int]] = {}
         self._ra_lock = threading.Lock()
         self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
+        # Delayed persist: a miss is answered from the decoded chunk and written to the
+        # cache file here afterwards, holding at most _PERSIST_BUDGET bytes in memory.
+        self._persist_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist")
+        self._persist_bytes = 0
+        self._persist_lock = threading.Lock()
         self._lock = threading.Lock()
         self._span_maps: dict[int, SpanMap | None] = {}  # blob index -> spans, see _spans
         self._spans_lock = threading.Lock()
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
+        self._persist_pool.shutdown(wait=True)  # writes finish before the files close
         with self._lock:
             for cache in self._caches.values():
                 cache.close()
@@ -121,9 +130,33 @@ class RafsInstance:
                     span_members=None if spans is None else self._span_members(spans),
                     validate=self.config.cache.validate or self.config.rafs.validate,
                     amplify_io=self.config.rafs.batch_size, stats=self.cache_stats,
+                    persist=self._persist_later,
                 )
                 self._caches[blob_index] = cache
             return cache
+
+    def _persist_later(self, job: Callable[[], None], nbytes: int) -> bool:
+        """Run a blob cache's write ``job`` on the persist thread; False (write it now)
+        when ``nbytes`` more would exceed the budget or the instance is closing."""
+        with self._persist_lock:
+            if self._persist_bytes + nbytes > _PERSIST_BUDGET:
+                return False
+            self._persist_bytes += nbytes
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                with self._persist_lock:
+                    self._persist_bytes -= nbytes
+
+        try:
+            self._persist_pool.submit(run)
+        except RuntimeError:  # shut down: the caller writes
+            with self._persist_lock:
+                self._persist_bytes -= nbytes
+            return False
+        return True
 
     def _spans(self, blob_index: int) -> SpanMap | None:
         """The span map of a ZRAN or batch blob (read once, from the backend), else None."""

@@ -183,10 +183,11 @@ def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: in
 
     Raises :class:`FormatError` when the payload is corrupt or decodes to another size.
     """
-    raw = bytes(data)
+    # the codecs take any buffer: a chunk cut out of a ranged read is not copied first
+    raw = data
     try:
         if algo == Compressor.NONE:
-            out = raw
+            out = bytes(raw)
         elif algo == Compressor.LZ4_BLOCK:
             out = _lib.lz4.decompress(raw, uncompressed_size=uncompressed_size)
         elif algo == Compressor.ZSTD:
