@@ -16,14 +16,10 @@ hung up on before a byte is read.
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import os
-import pwd
-import socket
 import socketserver
-import struct
 import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
@@ -38,6 +34,7 @@ from pynydus.errors import (
     NydusError,
     Unavailable,
 )
+from pynydus.host.unixsock import allowed_peer, bind_private, peer_creds, resolve_group
 
 log = logging.getLogger(__name__)
 
@@ -191,19 +188,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
 
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-def resolve_group(group: str) -> int:
-    """A group name or number as a gid; InvalidArgument if there is no such group."""
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise InvalidArgument(f"API socket group {group!r}: no such group") from None
-
-
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -211,43 +195,16 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     group: int | None = None
 
     def server_bind(self) -> None:
-        # The umask is the whole process's (other threads create files): bind under a
-        # temporary name, set the mode, and only then give the socket its name.
         path = str(self.server_address)
-        tmp = f"{path}.{os.getpid()}.new"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        self.socket.bind(tmp)
-        try:
-            if self.group is not None:
-                os.chown(tmp, -1, self.group)
-            os.chmod(tmp, 0o600 if self.group is None else 0o660)
-            os.rename(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        bind_private(self.socket, path, 0o600 if self.group is None else 0o660,
+                     gid=-1 if self.group is None else self.group)
         self.server_address = path
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        pid, uid, gid = _PEERCRED.unpack(
-            request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        pid, uid, gid = peer_creds(request)
         if allowed_peer(uid, gid, self.group):
             return True
         log.warning("api: refused a connection from pid %d (uid %d, gid %d)", pid, uid, gid)
-        return False
-
-
-def allowed_peer(uid: int, gid: int, group: int | None) -> bool:
-    """Root, our own uid and (when a group is configured) its members."""
-    if uid == 0 or uid == os.geteuid():
-        return True
-    if group is None:
-        return False
-    if gid == group:
-        return True
-    try:  # supplementary groups: SO_PEERCRED carries the primary gid only
-        return group in os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
-    except KeyError:
         return False
 
 

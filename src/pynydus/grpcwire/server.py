@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import selectors
 import socket
 import threading
@@ -64,6 +63,7 @@ from pynydus.grpcwire.connection import (
     Terminated,
 )
 from pynydus.grpcwire.rpc import STATUS_CODES, Inline, Method, RpcAbort
+from pynydus.host.unixsock import allowed_peer, bind_private, peer_creds
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,8 @@ class H2Server:
         self._closing = False  # the I/O thread closes everything and ends
         self._accept_paused_until = 0.0
         self._last_refusal_log = 0.0
+        #: (uid, gid) -> whether that peer may talk to us (unix sockets; None: anyone)
+        self.allow_peer: Callable[[int, int], bool] | None = None
         self.scheduler = _Scheduler(workers, per_connection or max(1, workers // 2), self._run)
         self._io = threading.Thread(target=self._io_main, name="h2-io", daemon=True)
 
@@ -413,6 +415,9 @@ class H2Server:
                     self._accept_paused_until = now + _ACCEPT_PAUSE
                     return
                 raise  # the listener itself is broken: fatal
+            if self.allow_peer is not None and not self._peer_allowed(sock):
+                sock.close()
+                continue
             if len(self._conns) >= self.max_connections and not self._evict_one():
                 sock.close()
                 if now - self._last_refusal_log > 10:
@@ -433,6 +438,17 @@ class H2Server:
             self._guarded(conn, self._flush_io)
             if self._stopping:
                 self._guarded(conn, self._goaway)
+
+    def _peer_allowed(self, sock: socket.socket) -> bool:
+        assert self.allow_peer is not None
+        try:
+            pid, uid, gid = peer_creds(sock)
+        except OSError:
+            return False
+        if self.allow_peer(uid, gid):
+            return True
+        log.warning("refused a snapshots connection from pid %d (uid %d, gid %d)", pid, uid, gid)
+        return False
 
     def _evict_one(self) -> bool:
         """At the connection limit, make room for a new connection: close the oldest one
@@ -706,12 +722,14 @@ def serve(methods: Mapping[str, Method], path: Path, *, workers: int, uid: int =
           on_fatal: Callable[[BaseException], None] | None = None) -> H2Server:
     """Listen on unix socket ``path`` (already free) and start serving ``methods``."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chmod(path, 0o660)
-    if uid or gid:
-        os.chown(path, uid, gid)
+    # 0660 owned by uid:gid whatever the umask; peers checked at accept: root, our uid,
+    # the configured uid and members of the configured gid (containerd runs as root).
+    bind_private(listener, str(path), 0o660, uid=uid if uid or gid else -1,
+                 gid=gid if uid or gid else -1)
     listener.listen(128)
     server = H2Server(methods, listener, workers=workers, limits=limits or Limits(),
                       inline=inline, on_fatal=on_fatal)
+    owner, group = (uid or None), (gid or None)
+    server.allow_peer = lambda puid, pgid: allowed_peer(puid, pgid, group, owner)
     server.start()
     return server

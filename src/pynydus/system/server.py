@@ -1,16 +1,16 @@
 """HTTP/1.1 on a unix socket for the system controller (``[system] address``).
 
 The socket is created fresh (a stale one from a crash is replaced, a live one is an
-error: another snapshotter serves it), mode 0600 and owned by ``[system] uid``/``gid``:
-the API lists daemons and hands out backend configurations, which carry registry
-credentials. One thread accepts; each request gets a thread (requests are rare).
+error: another snapshotter serves it), mode 0600 whatever the umask and owned by
+``[system] uid``/``gid``: the API lists daemons and hands out backend configurations,
+which carry registry credentials. Each connection's SO_PEERCRED is checked too (root,
+our uid and the configured ``uid``), so a chmod or a bind mount does not open it. One thread accepts; each request gets a thread (requests are rare).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import socketserver
 import threading
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pynydus.errors import FailedPrecondition, q
+from pynydus.host.unixsock import allowed_peer, bind_private, peer_creds
 from pynydus.system.controller import Controller
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,21 @@ class _Handler(BaseHTTPRequestHandler):
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     controller: Controller
+    owner_uid = -1
+    owner_gid = -1
+
+    def server_bind(self) -> None:
+        path = str(self.server_address)
+        bind_private(self.socket, path, 0o600, uid=self.owner_uid, gid=self.owner_gid)
+        self.server_address = path
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        pid, uid, gid = peer_creds(request)
+        if allowed_peer(uid, gid, None, owner=self.owner_uid if self.owner_uid != -1 else None):
+            return True
+        log.warning("system controller: refused a connection from pid %d (uid %d, gid %d)",
+                    pid, uid, gid)
+        return False
 
 
 def _claim(path: Path) -> None:
@@ -83,14 +99,17 @@ class SystemServer:
         self.path = Path(address)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _claim(self.path)
-        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
-        try:
-            self._server = _UnixHTTPServer(str(self.path), _Handler)
-        finally:
-            os.umask(old)
-        self._server.controller = controller
+        server = _UnixHTTPServer(str(self.path), _Handler, bind_and_activate=False)
         if uid or gid:
-            os.chown(self.path, uid, gid)
+            server.owner_uid, server.owner_gid = uid, gid
+        try:
+            server.server_bind()  # born 0600 and owned by uid:gid, whatever the umask
+            server.server_activate()
+        except BaseException:
+            server.server_close()
+            raise
+        server.controller = controller
+        self._server = server
         self._thread = threading.Thread(target=self._server.serve_forever, name="system",
                                         daemon=True)
         self._thread.start()
