@@ -14,6 +14,7 @@ and, for a shared daemon, mounts its images again; ``none`` only reports.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 from pynydus.errors import FailedPrecondition, Unavailable
 from pynydus.host.mount import unmount
-from pynydus.host.mountinfo import is_mountpoint
+from pynydus.host.mountinfo import is_mountpoint, mountpoints_under
 from pynydus.manager.client import RUNNING, DaemonClient
 from pynydus.manager.store import DaemonRecord, DaemonStore
 
@@ -144,6 +145,14 @@ class DaemonManager:
             set_niceness(rec.pid, niceness)
         try:
             self._wait_running(live)
+        except Unavailable as err:
+            tail = _log_tail(rec)  # its log goes with it: what it said goes into ours
+            self.destroy_daemon(rec.id)
+            what = str(err).split("; see ")[0]  # that log is gone now
+            if tail:
+                log.error("daemon %s failed to start; the end of its log:\n%s", rec.id, tail)
+                raise Unavailable(f"{what}; its log ended with: {tail[-600:]}") from err
+            raise Unavailable(what) from err
         except BaseException:
             self.destroy_daemon(rec.id)
             raise
@@ -228,11 +237,7 @@ class DaemonManager:
                 if live.proc is not None:
                     live.proc.wait(timeout=5)
         clear_vestige(rec)
-        for path in (rec.api_socket,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        remove_daemon_files(rec)
         log.info("daemon %s stopped", daemon_id)
 
     # --- recovery -------------------------------------------------------------------------
@@ -333,6 +338,41 @@ def set_niceness(pid: int, niceness: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, niceness)
         except OSError:
             pass
+
+
+def _log_tail(rec: DaemonRecord, size: int = 4096) -> str:
+    """The last ``size`` bytes of a daemon's stderr and log file (whichever exist)."""
+    parts = []
+    for path in (rec.log_file + ".stderr", rec.log_file) if rec.log_file else ():
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                data = f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if data:
+            parts.append(data)
+    return "\n".join(parts)
+
+
+def remove_daemon_files(rec: DaemonRecord) -> None:
+    """Everything a stopped daemon leaves: its API socket and the directories named by its
+    id that hold it, its log (rotated ones included) and its config
+    (``<root>/socket/<id>/``, ``<logs>/<id>/``, ``<root>/config/<id>/``), as upstream's
+    manager removes them, and a spare's ``<root>/daemons/<id>/`` once nothing is mounted
+    in it. A directory not named by the id (a record from elsewhere, an image's snapshot)
+    loses only the daemon's own socket."""
+    for path in (rec.api_socket,):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    for path in (rec.api_socket, rec.log_file, rec.config_path, rec.mountpoint):
+        d = os.path.dirname(path) if path else ""
+        if not d or os.path.basename(d) != rec.id or not os.path.isdir(d):
+            continue
+        if path == rec.mountpoint and mountpoints_under(d):
+            log.warning("daemon %s: %s is still mounted; left in place", rec.id, d)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def clear_vestige(rec: DaemonRecord) -> None:

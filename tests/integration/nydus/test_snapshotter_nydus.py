@@ -161,6 +161,53 @@ def test_remove_image_stops_daemon_and_cleanup_drops_cache(snap: Snapshotter, im
         assert all("/daemons/" in m for m in mountpoints_under(str(snap.root)))
 
 
+def _daemon_ids(snap: Snapshotter) -> set[str]:
+    """The ids of the live pynydusd processes, from their --apisock <root>/socket/<id>/."""
+    ids = set()
+    for pid in snap.daemon_pids():
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ids.add(Path(argv[argv.index(b"--apisock") + 1].decode()).parent.name)
+    return ids
+
+
+def _daemon_dirs(snap: Snapshotter) -> dict[str, set[str]]:
+    out = {}
+    for name in ("socket", "logs", "config", "daemons"):
+        d = snap.root / name
+        out[name] = {e.name for e in d.iterdir() if e.is_dir()} if d.is_dir() else set()
+    return out
+
+
+def test_removed_images_leave_no_daemon_files(snap: Snapshotter, image: dict) -> None:
+    """Per-daemon directories (socket/<id>/, logs/<id>/, config/<id>/, daemons/<id>/) go
+    with their daemon: after images are pulled and removed, only the live daemons' are
+    left (the spare's in dedicated mode, the shared daemon's in shared mode)."""
+    stub = snap.stub()
+    started: set[str] = set()
+    for i in range(4):
+        ns = f"churn{i}"
+        top = pull_nydus_image(snap, image, ns)
+        stub.Prepare(pb.PrepareSnapshotRequest(key=f"{ns}/3/c", parent=top))  # mounts it
+        started |= _daemon_ids(snap)
+        stub.Remove(pb.RemoveSnapshotRequest(key=f"{ns}/3/c"))
+        stub.Remove(pb.RemoveSnapshotRequest(key=top))
+        stub.Remove(pb.RemoveSnapshotRequest(key=f"{ns}/sha256:blobchain"))
+    stub.Cleanup(pb.CleanupRequest())
+    assert len(started) >= (4 if "dedicated" in snap.config.read_text() else 1)
+    deadline = time.monotonic() + 30  # a spare may be starting or stopping
+    while True:
+        live, dirs = _daemon_ids(snap), _daemon_dirs(snap)
+        if all(names <= live for names in dirs.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(live) <= 2
+    for name, names in dirs.items():
+        assert names <= live, f"{name}/ keeps directories of stopped daemons: {names - live}"
+    logs = {e.name for e in (snap.root / "logs").iterdir() if e.is_file()}
+    assert all(n.startswith("nydus-snapshotter.log") for n in logs), logs
+
+
 def test_missing_image_ref_is_a_clear_error(snap: Snapshotter, image: dict) -> None:
     stub = snap.stub()
     labels = {L.TARGET_SNAPSHOT_REF: "default/sha256:b2", L.NYDUS_BOOTSTRAP: "true"}
