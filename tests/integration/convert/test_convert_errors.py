@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +70,66 @@ def test_auth_registry_with_and_without_credentials(auth_registry: Registry, wor
     assert bad_target.rc == 3, bad_target.err
     auth = base64.b64encode(creds.encode()).decode()
     assert _tag_absent(auth_registry, "nydus/private", "v2", auth)
+
+
+def _descendants(root: int) -> dict[int, bytes]:
+    """The command lines of ``root`` and every process under it, now."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{name}/stat").read_text()
+                parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, pp in parent.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    out = {}
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return out
+
+
+def _argv_seen_while(argv: list[str], env: dict[str, str]) -> tuple[int, str, dict[int, bytes]]:
+    """Run ``argv``; every command line of it and its children, sampled as it runs."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+    seen: dict[int, bytes] = {}
+    while proc.poll() is None:
+        seen.update(_descendants(proc.pid))
+        time.sleep(0.01)
+    out, err = proc.communicate()
+    return proc.returncode, out + err, seen
+
+
+def test_credentials_from_files_are_on_no_command_line(auth_registry: Registry, workdir: Path,
+                                                       cache_dir: str) -> None:
+    """The issue: --source-auth user:password was readable by every user in /proc. With
+    the credentials in files, neither convert nor check-image nor anything they start
+    (layer workers, decoder processes) carries the password in its argv."""
+    img = oci.Image([oci.Layer(f"l{i}").file(f"etc/f{i}", f"{i}\n" * 5000) for i in range(3)])
+    src = auth_registry.ref("src/argv")
+    creds = f"{USER}:{PASSWORD}"
+    oci.push(img.write_layout(workdir / "argv"), src, creds=creds)
+    dst = auth_registry.ref("nydus/argv", "v1")
+    secret = workdir / "auth"
+    secret.write_text(creds + "\n")
+    secret.chmod(0o600)
+    cli = [sys.executable, "-m", "pynydus.cli.main"]
+    rc, out, seen = _argv_seen_while(
+        [*cli, *convert_args(src, dst, cache_dir, "--source-auth-file", str(secret),
+                             "--target-auth-file", str(secret), "--workers", "2")], {})
+    assert rc == 0, out
+    assert len(seen) >= 2, seen  # the workers were seen
+    rc, out, seen_check = _argv_seen_while(
+        [*cli, "check-image", "--source", src, "--target", dst, "--source-auth-file",
+         str(secret), "--target-auth-file", str(secret)], {})
+    assert rc == 0, out
+    for pid, argv in {**seen, **seen_check}.items():
+        assert PASSWORD.encode() not in argv, (pid, argv)
+        assert base64.b64encode(creds.encode()) not in argv, (pid, argv)
 
 
 def test_corrupt_source_layer_is_a_digest_error(registry: Registry, workdir: Path,
