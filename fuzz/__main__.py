@@ -83,10 +83,11 @@ def fuzz_target(name: str, *, runs: int, max_time: int | None, out: Path,
         if fixture.is_file():  # too big for the repo's seeds: joins the work corpus
             shutil.copyfile(fixture, corpus / f"fixture-{fixture.parent.parent.name}")
     seeds = CORPUS / name
+    regressions = REGRESSIONS / name  # past findings: every run starts from them too
     args = [f"-runs={runs}", f"-timeout={TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}",
             f"-max_len={spec.max_len}", f"-artifact_prefix={work}/", "-print_final_stats=1",
             *( [f"-max_total_time={max_time}"] if max_time else []), *extra,
-            str(corpus), *([str(seeds)] if seeds.is_dir() else [])]
+            str(corpus), *(str(d) for d in (seeds, regressions) if d.is_dir())]
     log = work / "fuzz.log"
     t0 = time.monotonic()
     with open(log, "wb") as f:

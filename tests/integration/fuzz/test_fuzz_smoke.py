@@ -1,5 +1,6 @@
 """CI's short fuzzing run: every target under atheris for a few thousand executions
-(or 5 s), with the campaign's limits (1 s per input, 256 MB RSS): no finding."""
+(or 5 s) from its seeds and past findings (fuzz/regressions), with the campaign's limits
+(1 s per input, 256 MB RSS): no finding."""
 
 from __future__ import annotations
 
