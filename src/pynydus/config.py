@@ -252,8 +252,10 @@ class AuthConfig:
     enable_kubeconfig_keychain: bool = unsupported(False, _KEYCHAIN)
     # "": $KUBECONFIG, ~/.kube/config, then the in-cluster service account
     kubeconfig_path: str = unsupported("", _KEYCHAIN)
-    enable_cri_keychain: bool = unsupported(False, _KEYCHAIN)
-    image_service_address: str = unsupported("/run/containerd/containerd.sock", _KEYCHAIN)
+    # the CRI ImageService proxy on the snapshotter's socket (snapshot.imageproxy): the
+    # credentials of each PullImage, the call forwarded to image_service_address
+    enable_cri_keychain: bool = False
+    image_service_address: str = "/run/containerd/containerd.sock"  # containerd's CRI
     # kubelet's image credential provider plugins (registry.kubelet), after the docker config
     enable_kubelet_credential_providers: bool = False
     credential_provider_config: str = ""  # kubelet's --image-credential-provider-config
@@ -547,6 +549,16 @@ def _validate(
             f"{origin('remote.auth.enable_cri_keychain')}: remote.auth.enable_cri_keychain and"
             " remote.auth.enable_kubeconfig_keychain cannot both be true"
         )
+    key = "remote.auth.image_service_address"
+    if auth.enable_cri_keychain:
+        target = auth.image_service_address.removeprefix("unix://")
+        if not target:
+            raise ConfigError(f"{origin(key)}: {key}: must be set when"
+                              " remote.auth.enable_cri_keychain is true (containerd's socket)")
+        if os.path.abspath(target) == os.path.abspath(cfg.address):
+            raise ConfigError(f"{origin(key)}: {key}: \"{auth.image_service_address}\" is the"
+                              " snapshotter's own address: the CRI proxy would call itself;"
+                              " name containerd's socket")
     kubelet_keys = ("remote.auth.credential_provider_config",
                     "remote.auth.credential_provider_bin_dir")
     if auth.enable_kubelet_credential_providers:

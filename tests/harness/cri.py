@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -52,7 +53,10 @@ class Crictl:
     (``cgroup_parent``); logs go below the work directory.
     """
 
-    def __init__(self, ctrd: Containerd, timeout_s: int = 300) -> None:
+    def __init__(self, ctrd: Containerd, timeout_s: int = 300,
+                 image_endpoint: Path | None = None) -> None:
+        """``image_endpoint``: the ImageService's socket when it is not containerd's
+        (kubelet's ``--image-service-endpoint``: the snapshotter's CRI keychain proxy)."""
         from .peers import peer_bin
 
         self.bin = str(peer_bin("crictl", "crictl"))
@@ -60,7 +64,8 @@ class Crictl:
         self.timeout_s = timeout_s
         self.config = ctrd.workdir / "crictl.yaml"
         endpoint = f"unix://{ctrd.socket}"
-        self.config.write_text(f"runtime-endpoint: {endpoint}\nimage-endpoint: {endpoint}\n"
+        images = f"unix://{image_endpoint}" if image_endpoint else endpoint
+        self.config.write_text(f"runtime-endpoint: {endpoint}\nimage-endpoint: {images}\n"
                                f"timeout: {timeout_s}\ndebug: false\npull-image-on-create: false\n")
         self.log_dir = ctrd.workdir / "pod-logs"
         self.log_dir.mkdir(exist_ok=True)

@@ -691,6 +691,16 @@ def test_either_keychain_alone_is_accepted(tmp_path: Path) -> None:
     ).remote.auth.enable_cri_keychain
 
 
+def test_cri_keychain_must_not_proxy_to_the_snapshotter_itself(tmp_path: Path) -> None:
+    text = ('version = 1\naddress = "/run/n/s.sock"\n[remote.auth]\nenable_cri_keychain = true\n'
+            'image_service_address = "unix:///run/n/s.sock"\n')
+    with pytest.raises(ConfigError, match="the snapshotter's own address"):
+        parse_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match="must be set when"):
+        parse_config(write(tmp_path, 'version = 1\n[remote.auth]\nenable_cri_keychain = true\n'
+                                     'image_service_address = ""\n'))
+
+
 def test_mirrors_dir_must_exist_when_set(tmp_path: Path) -> None:
     missing = tmp_path / "certs.d"
     with pytest.raises(

@@ -263,8 +263,9 @@ SNAPSHOTTER: dict[str, Case] = {
                                          "test_pull_through_mirror_with_tls_fails_over_and_back"),
     "remote.auth.enable_kubeconfig_keychain": Refused("true"),
     "remote.auth.kubeconfig_path": Refused('"/root/.kube/config"'),
-    "remote.auth.enable_cri_keychain": Refused("true"),
-    "remote.auth.image_service_address": Refused('"/run/k3s/containerd/containerd.sock"'),
+    **{f"remote.auth.{k}": ShownBy("tests/e2e/test_cri_keychain.py::"
+                                   "test_private_image_runs_with_the_credentials_of_its_cri_pull")
+       for k in ("enable_cri_keychain", "image_service_address")},
     **{f"remote.auth.{k}": ShownBy("tests/integration/nydus/test_credential_sources.py::"
                                    "test_kubelet_credential_provider_plugin")
        for k in ("enable_kubelet_credential_providers", "credential_provider_config",

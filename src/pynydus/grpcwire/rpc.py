@@ -37,12 +37,19 @@ class Method:
     request). ``call(request)`` returns the response message of a unary method, or an
     iterator of response messages when ``streaming`` (server-streaming); it raises
     RpcAbort to end the call with an error status.
+
+    ``detached``: a unary call that may wait long on another service (a proxy). It runs
+    on a thread of its own (a bounded number at once: RESOURCE_EXHAUSTED beyond), never
+    on the worker pool, so that it cannot starve the calls the other service makes back
+    to this server meanwhile; it is called as ``call(request, timeout)`` with the
+    seconds the client's ``grpc-timeout`` leaves (None: no deadline).
     """
 
     name: str
     decode: Callable[[bytes], Any]
-    call: Callable[[Any], Any]
+    call: Callable[..., Any]
     streaming: bool = False
+    detached: bool = False
 
 
 # The call, ready to run, when a method may run on the connection's reader thread (it

@@ -77,6 +77,8 @@ _MAX_OUTBUF = 4 << 20
 # and one wake-up of containerd's reader instead of two. Only its RTT estimate sees this.
 _PING_ACK_DELAY = 0.002
 _TICK = 0.25  # housekeeping period of the I/O thread
+# Detached calls (a proxy waiting on another service) running at once, each on its own thread.
+MAX_DETACHED = 64
 _READ_SIZE = 1 << 16
 _ACCEPT_BATCH = 64
 _ACCEPT_PAUSE = 0.5  # after EMFILE and the like
@@ -276,6 +278,7 @@ class H2Server:
         #: (uid, gid) -> whether that peer may talk to us (unix sockets; None: anyone)
         self.allow_peer: Callable[[int, int], bool] | None = None
         self.scheduler = _Scheduler(workers, per_connection or max(1, workers // 2), self._run)
+        self._detached = threading.BoundedSemaphore(MAX_DETACHED)
         self._io = threading.Thread(target=self._io_main, name="h2-io", daemon=True)
 
     # --- life cycle ------------------------------------------------------------------
@@ -636,12 +639,37 @@ class H2Server:
             self._fail(conn, req.stream_id, "UNAVAILABLE", "the server is stopping")
             return
         deadline = None if req.timeout is None else time.monotonic() + req.timeout
+        if method.detached:
+            self._detach(conn, req.stream_id, method, request, deadline)
+            return
         inline = self.inline
         call = None if method.streaming or inline is None else inline(method, request)
         if call is not None:
             self._unary(conn, req.stream_id, call)
             return
         self.scheduler.submit(_Call(conn, req.stream_id, method, request, deadline))
+
+    def _detach(self, conn: _Conn, sid: int, method: Method, request: Any,
+                deadline: float | None) -> None:
+        """Run a detached method's call on a thread of its own (see ``Method``)."""
+        if not self._detached.acquire(blocking=False):
+            self._fail(conn, sid, "RESOURCE_EXHAUSTED",
+                       f"{method.name}: {MAX_DETACHED} calls of this kind are running")
+            return
+
+        def run() -> None:
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._unary(conn, sid, lambda: method.call(request, left))
+            except Exception:  # never let a bug pass silently
+                log.exception("%s: unexpected error in the HTTP/2 server", method.name)
+            finally:
+                self._detached.release()
+        try:
+            threading.Thread(target=run, name=f"h2-detached-{sid}", daemon=True).start()
+        except RuntimeError as err:  # "can't start new thread"
+            self._detached.release()
+            self._fail(conn, sid, "RESOURCE_EXHAUSTED", f"{method.name}: no thread: {err}")
 
     def _run(self, call: _Call) -> None:
         conn, sid = call.conn, call.sid

@@ -20,6 +20,9 @@ from pynydus.host import checks, systemd
 from pynydus.host.exclusive import SocketClaim, claim_socket, lock_root
 from pynydus.logs import LEVELS, RotatingLog, dump_stacks_on
 from pynydus.manager.filesystem import NydusFilesystem
+from pynydus.manager.registryaccess import build_keychain
+from pynydus.registry.crikeychain import CriKeychain
+from pynydus.snapshot.imageproxy import ImageServiceProxy
 from pynydus.snapshot.service import Snapshots, grpcio_server
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
 
@@ -68,13 +71,15 @@ def setup_logging(cfg: SnapshotterConfig) -> None:
     root.addHandler(err)
 
 
-def make_filesystem(cfg: SnapshotterConfig) -> NydusFilesystem | None:
+def make_filesystem(cfg: SnapshotterConfig, cri: CriKeychain | None = None
+                    ) -> NydusFilesystem | None:
     """The Nydus filesystem for the configured fs_driver (fusedev is the default); None
-    for blockdev, which serves OCI images through tarfs only (``make_tarfs``)."""
+    for blockdev, which serves OCI images through tarfs only (``make_tarfs``). ``cri``:
+    the CRI keychain the image service proxy fills, asked after the snapshot labels."""
     driver = str(cfg.daemon.fs_driver)
     if driver == "fusedev":
         Path(cfg.root).mkdir(parents=True, exist_ok=True)
-        return NydusFilesystem(cfg)
+        return NydusFilesystem(cfg, keychain=build_keychain(cfg, cri=cri))
     if driver == "blockdev":
         return None  # the configuration has checked that tarfs is on
     why = {"fscache": "it needs /dev/cachefiles (EROFS over fscache), which pynydus does not "
@@ -109,8 +114,10 @@ def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
 
 def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, uid: int = 0,
           gid: int = 0, server: str | None = None,
-          on_fatal: Callable[[BaseException], None] | None = None) -> Any:
+          on_fatal: Callable[[BaseException], None] | None = None,
+          image_proxy: ImageServiceProxy | None = None) -> Any:
     """Start serving on unix socket ``address``, which ``claim_socket`` has made free.
+    ``image_proxy``: the CRI ImageService served beside the Snapshots service.
 
     ``server`` (default: $PYNYDUS_SNAPSHOTS_SERVER, else "h2") picks the implementation;
     both return an object whose ``stop(grace)`` returns an event set once stopped.
@@ -123,15 +130,19 @@ def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, ui
     path = Path(address)
     core = Snapshots(snapshotter)
     if kind == "h2":
+        methods = core.methods()
+        if image_proxy is not None:
+            methods.update(image_proxy.methods())
         try:
-            return h2server.serve(core.methods(), path, workers=workers, uid=uid, gid=gid,
+            return h2server.serve(methods, path, workers=workers, uid=uid, gid=gid,
                                   inline=core.inline, on_fatal=on_fatal)
         except RuntimeError as err:  # "can't start new thread"
             path.unlink(missing_ok=True)
             raise Unavailable(f"cannot start the server's {workers} threads: {err} (is the "
                               f"process at a pids, TasksMax or memory limit?)") from err
     log.info("snapshots service on grpcio (%s=grpcio)", SERVER_ENV)
-    return grpcio_server(core, path, workers=workers, uid=uid, gid=gid)
+    return grpcio_server(core, path, workers=workers, uid=uid, gid=gid,
+                         extra=image_proxy.grpcio_handlers() if image_proxy else ())
 
 
 def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
@@ -150,7 +161,8 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     checks.check_root_path(Path(cfg.root))
     root_lock = lock_root(Path(cfg.root))
     claim_socket(Path(cfg.address))
-    fs = make_filesystem(cfg)
+    cri = CriKeychain() if cfg.remote.auth.enable_cri_keychain else None
+    fs = make_filesystem(cfg, cri)
     tarfs = None
     try:
         tarfs = make_tarfs(cfg)
@@ -170,8 +182,14 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
         failed.append(err)  # the server cannot serve: stop and exit non-zero, so that a
         stop.set()  # supervisor restarts us instead of keeping a process that answers nothing
 
+    image_proxy = None
+    if cri is not None:
+        image_proxy = ImageServiceProxy(cfg.remote.auth.image_service_address, cri)
+        log.info("CRI image service proxy on %s, forwarding to %s", cfg.address,
+                 cfg.remote.auth.image_service_address)
     try:
-        server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid, on_fatal=on_fatal)
+        server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid, on_fatal=on_fatal,
+                       image_proxy=image_proxy)
     except BaseException:
         snapshotter.close()
         raise
@@ -208,6 +226,8 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     while not stop.wait(3600):
         pass
     server.stop(_GRACE_SECONDS).wait()
+    if image_proxy is not None:
+        image_proxy.close()
     if metrics_server is not None:
         metrics_server.shutdown()
     if system_server is not None:

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -234,13 +234,16 @@ for _name, _ in _RPCS:
 
 
 def grpcio_server(core: Snapshots, path: Path, *, workers: int, uid: int = 0,
-                  gid: int = 0) -> grpc.Server:
-    """``core`` on grpcio's sync server, listening on unix socket ``path`` (already free)."""
+                  gid: int = 0, extra: Sequence[grpc.GenericRpcHandler] = ()) -> grpc.Server:
+    """``core`` on grpcio's sync server, listening on unix socket ``path`` (already free);
+    ``extra``: more services (the CRI image service proxy)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", 16 << 20)],
     )
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(core), server)
+    if extra:
+        server.add_generic_rpc_handlers(tuple(extra))
     server.add_insecure_port("unix:" + str(path))
     server.start()
     os.chmod(path, 0o660)

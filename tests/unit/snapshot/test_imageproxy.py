@@ -1,0 +1,139 @@
+"""The CRI image service proxy in-process: our HTTP/2 server in front of a fake containerd
+(grpcio) that, like containerd during a pull, calls back into the same server.
+
+The snapshotter's server here has one worker thread. The fake containerd's PullImage
+calls the server's other service and answers only when that call returns: a proxied call
+holding the only worker would deadlock; detached calls must not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from pynydus.grpcwire import server as h2server
+from pynydus.grpcwire.rpc import Method
+from pynydus.registry.credentials import Credentials
+from pynydus.registry.crikeychain import CriKeychain
+from pynydus.registry.reference import parse_reference
+from pynydus.snapshot.imageproxy import ImageServiceProxy
+from tests.harness.criapi import cri_pb2, cri_pb2_grpc
+
+ECHO = "/test.Callback/Echo"
+
+
+class _Echo:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+
+class FakeContainerd(cri_pb2_grpc.ImageServiceServicer):
+    def __init__(self, callback: Path) -> None:
+        self.callback = callback
+        self.pulls: list[Any] = []
+
+    def PullImage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.pulls.append(request)
+        with grpc.insecure_channel(f"unix://{self.callback}") as ch:
+            echoed = ch.unary_unary(ECHO)(b"unpack " + request.image.image.encode(), timeout=20)
+        return cri_pb2.PullImageResponse(image_ref=echoed.decode())
+
+    def RemoveImage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"image {request.image.image} not found")
+
+    def ListImages(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return cri_pb2.ListImagesResponse(images=[cri_pb2.Image(id="sha256:1",
+                                                                repo_tags=["r.io/a:1"])])
+
+
+@pytest.fixture
+def node() -> Iterator[dict[str, Any]]:
+    d = Path(tempfile.mkdtemp(prefix="pyn-criproxy-"))
+    ours, theirs = d / "snap.sock", d / "ctrd.sock"
+    fake = FakeContainerd(ours)
+    ctrd = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    cri_pb2_grpc.add_ImageServiceServicer_to_server(fake, ctrd)
+    ctrd.add_insecure_port(f"unix://{theirs}")
+    ctrd.start()
+    keychain = CriKeychain()
+    proxy = ImageServiceProxy(str(theirs), keychain)
+    methods = {ECHO: Method("Echo", bytes, lambda req: _Echo(req)), **proxy.methods()}
+    server = h2server.serve(methods, ours, workers=1)
+    channel = grpc.insecure_channel(f"unix://{ours}")
+    try:
+        yield {"stub": cri_pb2_grpc.ImageServiceStub(channel), "fake": fake,
+               "keychain": keychain, "channel": channel}
+    finally:
+        channel.close()
+        server.stop(0).wait(10)
+        proxy.close()
+        ctrd.stop(0).wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pull_is_forwarded_and_its_credentials_kept(node: dict[str, Any]) -> None:
+    req = cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image="r.io/app:1"),
+                                   auth=cri_pb2.AuthConfig(username="u", password="pw"))
+    answer = node["stub"].PullImage(req, timeout=30)
+    assert answer.image_ref == "unpack r.io/app:1"  # containerd's call back was served
+    assert node["fake"].pulls[0].auth.password == "pw"  # forwarded unchanged
+    found = node["keychain"].find(parse_reference("r.io/app:1"), {})
+    assert found is not None and found.credentials == Credentials("u", "pw")
+
+
+def test_concurrent_pulls_do_not_starve_the_callbacks(node: dict[str, Any]) -> None:
+    results: list[str] = []
+
+    def one(i: int) -> None:
+        req = cri_pb2.PullImageRequest(image=cri_pb2.ImageSpec(image=f"r.io/app:{i}"))
+        results.append(node["stub"].PullImage(req, timeout=30).image_ref)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert sorted(results) == [f"unpack r.io/app:{i}" for i in range(4)]
+
+
+def test_containerd_errors_and_answers_pass_through(node: dict[str, Any]) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        node["stub"].RemoveImage(cri_pb2.RemoveImageRequest(
+            image=cri_pb2.ImageSpec(image="r.io/gone:1")), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "image r.io/gone:1 not found" in err.value.details()
+    images = node["stub"].ListImages(cri_pb2.ListImagesRequest(), timeout=30).images
+    assert [list(i.repo_tags) for i in images] == [["r.io/a:1"]]
+    # a method containerd does not implement: its UNIMPLEMENTED comes back
+    with pytest.raises(grpc.RpcError) as err:
+        node["channel"].unary_unary("/runtime.v1.ImageService/ImageFsInfo")(b"", timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_malformed_pull_is_refused_not_forwarded(node: dict[str, Any]) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        node["channel"].unary_unary("/runtime.v1.ImageService/PullImage")(b"\x0a\x09ab",
+                                                                          timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not node["fake"].pulls
+
+
+def test_containerd_away_is_unavailable_naming_it(tmp_path: Path) -> None:
+    proxy = ImageServiceProxy(str(tmp_path / "none.sock"), CriKeychain())
+    try:
+        with pytest.raises(Exception) as err:
+            proxy.forward("/runtime.v1.ImageService/ListImages", b"", 5)
+        assert getattr(err.value, "code", "") == "UNAVAILABLE"
+        assert str(tmp_path / "none.sock") in str(err.value)
+    finally:
+        proxy.close()
