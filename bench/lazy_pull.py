@@ -12,6 +12,12 @@ startup command, for the same image pulled several ways, all in one run:
              our snapshotter starts pynydusd, which fetches chunks on demand.
              ``--nydus-pull cri`` pulls through containerd's CRI ImageService instead.
              ``nydus-shared``: the same with one shared pynydusd (images API-mounted);
+  tarfs      the OCI image itself through our snapshotter with ``fs_driver = "blockdev"``
+             (docs/tarfs.md): the pull (``ctr-remote images rpull``, or the CRI) skips
+             every layer, the snapshotter downloads each blob once, decoded to its tar
+             as it arrives, and the container runs on kernel EROFS mounts of the tars.
+             Not in the default ``--modes``: ``--modes overlayfs,tarfs``. Held against
+             overlayfs (targets: many-files >= 2x faster, large no slower).
   upstream   the peer: the same pull and run of the same Nydus image through upstream's
              ``containerd-nydus-grpc`` with upstream's ``nydusd`` (``upstream-shared``:
              its shared mode), from ``scripts/peers.sh``, with the daemon template ours
@@ -87,11 +93,12 @@ CTR = "/usr/bin/ctr"
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
 STARGZ_BIN = lazy_images.WORK / "bin" / "pynydus-stargz"
 MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-shared")
+ALL_MODES = (*MODES, "tarfs")  # tarfs runs when asked for (--modes)
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
-       "upstream": "nydus", "upstream-shared": "nydus"}
+       "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
-               "upstream": "nydus", "upstream-shared": "nydus"}
+               "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
@@ -103,6 +110,11 @@ UPSTREAM_MODE = {"upstream": "dedicated", "upstream-shared": "shared"}
 # which upstream mode each of ours is held against
 VS_UPSTREAM = {"nydus": "upstream", "nydus-shared": "upstream-shared"}
 NYDUS_MODES = (*DAEMON_MODE, *UPSTREAM_MODE)  # modes that pull the Nydus image
+LABELLED_PULL = (*NYDUS_MODES, "tarfs")  # pulled with the layer labels (rpull or the CRI)
+# tarfs against overlayfs's pull + unpack + run: (image, at least this many times faster)
+TARFS_TARGETS = (("many-files", 2.0), ("large", 1.0))
+TARFS_CONFIG = ('version = 1\n[daemon]\nfs_driver = "blockdev"\n[experimental.tarfs]\n'
+                "enable_tarfs = true\nmount_tarfs_on_host = true\n")
 TARGET_VS_UPSTREAM = 1.0
 NETWORKS = ("loopback", "100mbit")
 TARGET_X = 10.0
@@ -460,6 +472,16 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
             if UPSTREAM_MODE[mode] == "shared":  # its shared daemon starts with it
                 wait_upstream_ready(up, timeout=60)
             yield up
+    elif mode == "tarfs":
+        cfg_dir = make_workdir("lzcfg")
+        try:
+            cfg = cfg_dir / "snapshotter.toml"
+            cfg.write_text(TARFS_CONFIG)
+            with Snapshotter(tag="lzsnap", log_level="debug" if keep_logs else "info",
+                             config=cfg) as snap:
+                yield snap
+        finally:
+            remove_tree(cfg_dir)
     elif mode == "stargz":
         with Stargz(plain_http) as sgz:
             yield sgz
@@ -524,7 +546,7 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
     sn = SNAPSHOTTER[mode]
     with peer(mode, plain_http, profile, amplify_io, prefetch, keep_logs is not None) as p:
         sock = getattr(p, "socket", None)
-        cri = mode in NYDUS_MODES and nydus_pull == "cri"
+        cri = mode in LABELLED_PULL and nydus_pull == "cri"
         ns = "k8s.io" if cri else None
         with Containerd(sock, proxy_name=sn or "nydus", cri=cri,
                         namespace=ns, registry_hosts=plain_http, tag="lzctrd") as ctrd:
@@ -566,10 +588,11 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             m = re.search(r"touched_bytes=(\d+)", r.stdout)
             s = Sample(network, image, mode, rep, t1 - t0, t2 - t1, t2 - t0, fetched_pull,
                        fetched_run, n_run, int(m[1]) if m else 0, load1=load1)
-            if isinstance(p, Snapshotter | UpstreamSnapshotter):
+            if mode in NYDUS_MODES and isinstance(p, Snapshotter | UpstreamSnapshotter):
                 s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
             if isinstance(p, Snapshotter):
-                s.breakdown = nydus_breakdown(p, w0, w1, w2)
+                if mode in DAEMON_MODE:
+                    s.breakdown = nydus_breakdown(p, w0, w1, w2)
                 if keep_logs is not None:
                     save_logs(p, keep_logs / f"{network}-{image}-{mode}-{rep}", w0, w1, w2)
             return s
@@ -590,9 +613,9 @@ def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple
                   key=lambda k: (NETWORKS.index(k[0]), ["large", "many-files", "small"].index(k[1])))
     for net, img in keys:
         by_mode = {m: [s for s in samples if (s.network, s.image, s.mode) == (net, img, m)]
-                   for m in MODES}
+                   for m in ALL_MODES}
         base = med([s.total_s for s in by_mode["overlayfs"]])
-        for mode in MODES:
+        for mode in ALL_MODES:
             ss = by_mode[mode]
             if not ss:
                 continue
@@ -652,6 +675,13 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
                        f"pull+run {r['vs_upstream']:.2f}x upstream's {VS_UPSTREAM[r['mode']]} "
                        f"(target <= {TARGET_VS_UPSTREAM:.1f}x)")
     for net in NETWORKS:
+        for img, x in TARFS_TARGETS:
+            tf = get.get((net, img, "tarfs"))
+            if tf and get.get((net, img, "overlayfs")):
+                ok = tf["x_vs_overlayfs"] >= x
+                out.append(f"{'PASS' if ok else 'FAIL'} {img}/{net}: tarfs "
+                           f"{tf['x_vs_overlayfs']:.2f}x faster than overlayfs "
+                           f"(target >= {x:.1f}x)")
         for m in DAEMON_MODE:
             ny, sg, ov = (get.get((net, "large", x)) for x in (m, "stargz", "overlayfs"))
             if ny and ov and net == "loopback":
@@ -716,6 +746,9 @@ def main() -> int:
         a.repeat, a.images = 1, "small"
     images = [i for i in a.images.split(",") if i]
     modes = [m for m in a.modes.split(",") if m]
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        ap.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(ALL_MODES)})")
     networks = [n for n in a.networks.split(",") if n]
     notes: list[str] = []
     if "stargz" in modes:

@@ -16,6 +16,7 @@ fallback. It knows nothing of manifests or blobs; :mod:`.client` builds those on
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import ssl
@@ -116,12 +117,21 @@ class Endpoint:
         return urlsplit(self.base).netloc
 
 
+@functools.cache
+def shared_ssl_context(verify: bool) -> ssl.SSLContext:
+    """The TLS context every client of this process shares when no CA file nor client
+    certificate is configured (httpx's own default: the certifi bundle, or no
+    verification). Loading the bundle costs 0.1 s per client (1 s for the first), which
+    a client per layer or per image would pay each time."""
+    return httpx.create_ssl_context(verify=verify, trust_env=False)
+
+
 def tls_verify(ca_cert_files: Sequence[str], skip_verify: bool,
                client_cert: tuple[str, str] | None) -> bool | ssl.SSLContext:
     """httpx's ``verify`` for these settings: the system CAs plus ``ca_cert_files`` (all
     of them ignored with ``skip_verify``) and a client certificate to present."""
     if not ca_cert_files and not client_cert:
-        return not skip_verify
+        return shared_ssl_context(not skip_verify)
     ctx = ssl.create_default_context()
     if skip_verify:
         ctx.check_hostname = False
