@@ -298,6 +298,39 @@ class Sample:
     backend_requests: int = 0
     load1: float = 0.0
     breakdown: dict[str, float] = field(default_factory=dict)
+    # figures the command printed as ``bench:<key>=<seconds>`` (WALK_CMD)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# --walk: instead of the image's Cmd, the mounted image's tree is walked twice (first,
+# warm: lstat of every entry) and the image's data files are read whole twice, timed in the
+# container. The large image has python3; the busybox images use busybox's time (10 ms).
+_PY_WALK = """import os, time
+def walk():
+    for d, ds, fs in os.walk("/"):
+        ds[:] = [x for x in ds if not os.path.ismount(os.path.join(d, x))]  # /proc, /sys
+        for f in ds + fs:
+            os.lstat(os.path.join(d, f))
+def read():
+    for d, ds, fs in os.walk("/app"):
+        for f in fs:
+            with open(os.path.join(d, f), "rb") as h:
+                while h.read(1 << 20):
+                    pass
+for k, fn in (("walk_first", walk), ("walk_warm", walk), ("read_first", read), ("read_warm", read)):
+    t = time.monotonic()
+    fn()
+    print("bench:%s=%.4f" % (k, time.monotonic() - t))
+"""
+_BB_WALK = ("t() { (time sh -c \"$1 >/dev/null 2>&1\") 2>&1 | "
+            "awk '/^real/{sub(\"m\",\" \"); gsub(\"s\",\"\"); print $2*60+$3}'; }; "
+            "for k in walk_first walk_warm; do echo bench:$k=$(t 'find / -xdev | wc -l'); done; "
+            "for k in read_first read_warm; do "
+            "echo bench:$k=$(t 'find {data} -type f | xargs cat | wc -c'); done")
+# the files read: the large image's app and documents, many-files' 50,000 files
+WALK_ARGV = {"large": ["python3", "-c", _PY_WALK],
+             "many-files": ["/bin/sh", "-c", _BB_WALK.replace("{data}", "/data")],
+             "small": ["/bin/sh", "-c", _BB_WALK.replace("{data}", "/app")]}
 
 
 def access_bytes(log: Path, start: int, end: int) -> tuple[int, int, int]:
@@ -541,7 +574,7 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             rep: int, plain_http: list[str], *, drop: bool, nydus_pull: str,
             keep_logs: Path | None = None, profile: Path | None = None,
             amplify_io: int | None = None, prefetch: bool = False,
-            cmd: str | None = None) -> Sample:
+            cmd: str | None = None, walk: bool = False) -> Sample:
     cid = f"lz-{mode}-{rep}"
     sn = SNAPSHOTTER[mode]
     with peer(mode, plain_http, profile, amplify_io, prefetch, keep_logs is not None) as p:
@@ -556,7 +589,10 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             else:
                 pull = [CTR_REMOTE, *base, "images", "rpull", "--plain-http", "--snapshotter", sn, ref]
             run = [CTR, *base, "run", "--rm"] + (["--snapshotter", sn] if sn else []) + [ref, cid]
-            if cmd:  # another start-up workload than the image's Cmd
+            if walk:
+                run += WALK_ARGV[image]
+                expect = "bench:read_warm="
+            elif cmd:  # another start-up workload than the image's Cmd
                 run += ["/bin/sh", "-c", f"{cmd} && echo {_CMD_OK}"]
                 expect = _CMD_OK
             if drop:
@@ -586,8 +622,9 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             _, fetched_pull, _ = access_bytes(registry.access_log, off0, off1)
             _, fetched_run, n_run = access_bytes(registry.access_log, off1, end)
             m = re.search(r"touched_bytes=(\d+)", r.stdout)
+            extra = {k: float(v) for k, v in re.findall(r"bench:(\w+)=([0-9.]+)", r.stdout)}
             s = Sample(network, image, mode, rep, t1 - t0, t2 - t1, t2 - t0, fetched_pull,
-                       fetched_run, n_run, int(m[1]) if m else 0, load1=load1)
+                       fetched_run, n_run, int(m[1]) if m else 0, load1=load1, extra=extra)
             if mode in NYDUS_MODES and isinstance(p, Snapshotter | UpstreamSnapshotter):
                 s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
             if isinstance(p, Snapshotter):
@@ -641,6 +678,25 @@ def report(samples: list[Sample], images_state: dict[str, Any], n: int) -> tuple
                 f"{read / 1e6:.1f} | {row['fetched_over_read']:.2f} |")
     lines += ["", vs_upstream_table(rows)]
     return "\n".join(lines), rows
+
+
+def walk_table(samples: list[Sample]) -> str:
+    """Medians of the ``--walk`` figures per network, image and mode, each with its
+    ratio to overlayfs's (``mode / overlayfs``: 1.00 is as fast; target <= 1.1)."""
+    keys = ("walk_first", "walk_warm", "read_first", "read_warm")
+    lines = ["| network | image | mode | " + " | ".join(f"{k} s (vs overlayfs)" for k in keys)
+             + " |", "|---|---|---|" + "---:|" * len(keys)]
+    groups = sorted({(s.network, s.image, s.mode) for s in samples if s.extra})
+    for net, img, mode in groups:
+        def m(md: str, k: str, net: str = net, img: str = img) -> float:
+            return med([s.extra[k] for s in samples
+                        if (s.network, s.image, s.mode) == (net, img, md) and k in s.extra])
+        cells = []
+        for k in keys:
+            v, b = m(mode, k), m("overlayfs", k)
+            cells.append(f"{v:.3f} ({v / b:.2f}x)" if b and not math.isnan(b) else f"{v:.3f}")
+        lines.append(f"| {net} | {img} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def vs_upstream_table(rows: list[dict[str, Any]]) -> str:
@@ -736,6 +792,10 @@ def main() -> int:
     ap.add_argument("--profile", help="run pynydusd under py-spy; collapsed stacks go here")
     ap.add_argument("--cmd", help="run this shell command in the container instead of the "
                     "image's Cmd (e.g. a heavier python import); 'read by Cmd' is then unknown")
+    ap.add_argument("--walk", action="store_true",
+                    help="run a timed tree walk and read of /app (twice each) in the "
+                    "container instead of the image's Cmd; medians and ratios to overlayfs "
+                    "are printed")
     ap.add_argument("--amplify-io", type=lambda v: int(v, 0), default=None,
                     help="pynydusd amplify_io for this run (default: the snapshotter's template)")
     a = ap.parse_args()
@@ -794,14 +854,14 @@ def main() -> int:
                                 "keep_logs": Path(a.keep_logs) if a.keep_logs else None,
                                 "profile": Path(a.profile) / f"{net}-{img}-{rep}"
                                 if a.profile else None, "amplify_io": a.amplify_io,
-                                "prefetch": a.prefetch, "cmd": a.cmd}
+                                "prefetch": a.prefetch, "cmd": a.cmd, "walk": a.walk}
                             try:
                                 s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
                             except RunFailed as err:  # counted, reported, repeated once
                                 notes.append(f"{net} {img} {mode} rep {rep}: {err}; repeated")
                                 say(notes[-1])
                                 s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
-                            if not s.workload_read and not a.cmd:
+                            if not s.workload_read and not a.cmd and not a.walk:
                                 s.workload_read = int(st.get("reads_bytes", 0))
                             samples.append(s)
                             say(f"{net:8} {img:10} {mode:9} rep {rep}: pull {s.pull_s:6.2f} s "
@@ -815,6 +875,9 @@ def main() -> int:
     print(f"`{cmd}` on {platform.node()} ({os.cpu_count()} CPUs, {platform.release()})\n")
     print(table)
     print()
+    if a.walk:
+        print(walk_table(samples))
+        print()
     for line in checks(rows) + notes:
         print(f"- {line}")
     ny = [s for s in samples if s.mode in DAEMON_MODE and s.breakdown]

@@ -23,6 +23,7 @@ import tempfile
 from typing import BinaryIO
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
+from pynydus.host.writeback import start_writeback
 from pynydus.rafs.builder.blobwriter import (
     BlobDesc,
     BlobStats,
@@ -37,6 +38,7 @@ __all__ = ["TARFS_BLOCK_SIZE", "TARFS_FEATURES", "TarfsBlob"]
 
 TARFS_BLOCK_SIZE = 512
 TARFS_FEATURES = int(BlobFeatures.TARFS | BlobFeatures.CAP_TAR_TOC)
+_WRITEBACK_STEP = 16 << 20  # as the blob writer's (pynydus.host.writeback)
 
 
 class TarfsBlob:
@@ -60,6 +62,7 @@ class TarfsBlob:
         self._f: BinaryIO | None = os.fdopen(fd, "wb", buffering=1 << 20)
         self._h = hashlib.sha256()
         self.pos = 0
+        self._flushed = 0  # bytes whose writeback was started
         self.stats = BlobStats()  # every chunk is new and stored raw
         self.replaced_existing = False
         self.desc = BlobDesc(
@@ -76,6 +79,11 @@ class TarfsBlob:
         self._f.write(data)
         self._h.update(data)
         self.pos += len(data)
+        if self.pos - self._flushed >= _WRITEBACK_STEP:
+            # Disk writes overlap with the build instead of all waiting for the fsync
+            # (what is still in our buffer goes with the next range or the fsync).
+            start_writeback(self._f.fileno(), self._flushed, self.pos - self._flushed)
+            self._flushed = self.pos
 
     def add_entry(self, entry: Entry, reader: DataReader) -> tuple[list[ChunkDesc], int]:
         """The chunks of a regular file's data as it lies in the tar, and its size.
