@@ -184,7 +184,8 @@ def containerd_usage(ctrd: Containerd, snapshotter: str, key: str) -> tuple[int,
     return resp.size, resp.inodes
 
 
-def containerd_view(ctrd: Containerd, key: str, parent: str) -> None:
+def containerd_view(ctrd: Containerd, key: str, parent: str,
+                    snapshotter: str = SNAP) -> None:
     """A View through containerd's Snapshots service that is a GC root.
 
     ``ctr snapshot view`` labels nothing (prepare and commit add containerd.io/gc.root),
@@ -200,7 +201,7 @@ def containerd_view(ctrd: Containerd, key: str, parent: str) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with grpc.insecure_channel("unix:" + str(ctrd.socket)) as channel:
         snapshots_pb2_grpc.SnapshotsStub(channel).View(
-            pb.ViewSnapshotRequest(snapshotter=SNAP, key=key, parent=parent,
+            pb.ViewSnapshotRequest(snapshotter=snapshotter, key=key, parent=parent,
                                    labels={"containerd.io/gc.root": stamp}),
             metadata=(("containerd-namespace", ctrd.namespace),), timeout=120)
 
@@ -264,8 +265,11 @@ def test_mounts_have_the_shape_overlayfs_gives(
             shapes[snapshotter] = []
             for i, (verb, parent) in enumerate(cases):
                 key = f"shape-{tag}-{i}"
-                containerd.ctr("snapshot", "--snapshotter", snapshotter, verb, key,
-                               *([parent] if parent else []))
+                if verb == "view":  # a GC root, unlike ctr's (see containerd_view)
+                    containerd_view(containerd, key, parent, snapshotter)
+                else:
+                    containerd.ctr("snapshot", "--snapshotter", snapshotter, verb, key,
+                                   *([parent] if parent else []))
                 shapes[snapshotter].append(mount_shape(containerd.ctr_out(
                     "snapshot", "--snapshotter", snapshotter, "mounts", "/mnt/x", key)))
     finally:
