@@ -207,7 +207,7 @@ class NydusFilesystem:
         if teardown:
             for sid in list(self.instances):
                 try:
-                    self.umount(sid)
+                    self.umount(sid, wait=True)
                 except Exception as err:  # noqa: BLE001 - tear down as much as we can
                     log.warning("teardown of %s: %s", sid, err)
             if SHARED_DAEMON_ID in self.manager.daemons:
@@ -447,8 +447,10 @@ class NydusFilesystem:
         # A daemon being restarted after a crash becomes ready within its start time.
         self.manager.wait_ready(rec.daemon_id, timeout=20.0)
 
-    def umount(self, sid: str) -> None:
-        """Stop serving ``sid`` (a dedicated daemon exits). Idempotent."""
+    def umount(self, sid: str, *, wait: bool = False) -> None:
+        """Stop serving ``sid`` (a dedicated daemon exits: its mount is gone when this
+        returns, the process finishes exiting in the background unless ``wait``).
+        Idempotent."""
         with self._sid_lock(sid):
             rec = self.instances.pop(sid, None)
             if rec is None:
@@ -467,7 +469,7 @@ class NydusFilesystem:
                 except OSError:
                     pass
             else:
-                self.manager.destroy_daemon(rec.daemon_id)
+                self.manager.destroy_daemon(rec.daemon_id, wait=wait)
                 try:
                     os.unlink(rec.config_path)
                     os.rmdir(os.path.dirname(rec.config_path))

@@ -97,6 +97,7 @@ class DaemonManager:
         self.daemons: dict[str, LiveDaemon] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._stopping: list[threading.Thread] = []  # daemons exiting in the background
         self._monitor = threading.Thread(target=self._watch, name="daemon-monitor", daemon=True)
         self.deaths = 0
 
@@ -109,6 +110,11 @@ class DaemonManager:
         self._stop.set()
         if self._monitor.is_alive():
             self._monitor.join(timeout=5)
+        with self._lock:
+            stopping, self._stopping = self._stopping, []
+        deadline = time.monotonic() + 20  # daemons of removed images finish exiting
+        for t in stopping:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # --- one daemon ---------------------------------------------------------------------
 
@@ -205,8 +211,12 @@ class DaemonManager:
             raise Unavailable(f"daemon {rec.id} did not become RUNNING: {err}; see {rec.log_file}") from err
         live.state = RUNNING if final else "RECOVERING"
 
-    def destroy_daemon(self, daemon_id: str) -> None:
-        """Stop a daemon (SIGTERM, then SIGKILL), unmount, forget it. Idempotent."""
+    def destroy_daemon(self, daemon_id: str, *, wait: bool = True) -> None:
+        """Stop a daemon (SIGTERM, then SIGKILL), unmount, forget it. Idempotent.
+
+        With ``wait=False`` (an image removed) its mount is taken away at once and the
+        process finishes exiting in the background (its files go once it has): a stop
+        waits about 0.5 s for the process, and containerd removes images one by one."""
         with self._lock:
             live = self.daemons.pop(daemon_id, None)
         self.store.delete_daemon(daemon_id)
@@ -215,11 +225,25 @@ class DaemonManager:
         rec = live.record
         live.state = "DESTROYED"
         pid = live.proc.pid if live.proc is not None else rec.pid
-        if live.proc is not None or _pid_alive(rec.pid, rec.api_socket):
-            try:
+        running = live.proc is not None or _pid_alive(rec.pid, rec.api_socket)
+        if running:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 15)
-            except ProcessLookupError:
-                pass
+        if running and not wait:
+            clear_vestige(rec)  # the mountpoint is free when we return
+            t = threading.Thread(target=self._finish_stop, args=(live, pid),
+                                 name=f"stop-{daemon_id}", daemon=True)
+            with self._lock:
+                self._stopping = [s for s in self._stopping if s.is_alive()] + [t]
+            t.start()
+            return
+        self._finish_stop(live, pid if running else 0)
+
+    def _finish_stop(self, live: LiveDaemon, pid: int) -> None:
+        """Wait for a signalled daemon to exit (SIGKILL after 10 s), then clear what it
+        leaves. ``pid`` 0: it was not running."""
+        rec = live.record
+        if pid:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if live.proc is not None:
@@ -229,16 +253,14 @@ class DaemonManager:
                     break
                 time.sleep(0.02)
             else:
-                log.warning("daemon %s (pid %d) ignored SIGTERM; killing it", daemon_id, pid)
-                try:
+                log.warning("daemon %s (pid %d) ignored SIGTERM; killing it", rec.id, pid)
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
                 if live.proc is not None:
                     live.proc.wait(timeout=5)
         clear_vestige(rec)
         remove_daemon_files(rec)
-        log.info("daemon %s stopped", daemon_id)
+        log.info("daemon %s stopped", rec.id)
 
     # --- recovery -------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _TEMP_PREFIX = "new-"
+#: Cleanup stops this many daemons at a time (each mostly waits for its process to exit).
+_PARALLEL_STOPS = 32
 
 
 @dataclass(frozen=True)
@@ -474,8 +477,32 @@ class Snapshotter:
                 if entry.name not in live and entry.is_dir(follow_symlinks=False)
             )
 
+    def _umount_all(self, names: list[str]) -> None:
+        """The RAFS instances of ``names`` unmounted, their dedicated daemons stopped, all at
+        once: each stop waits for a process to exit (about 0.5 s), and one after another
+        that made removing 100 images take 48 s."""
+        fs = self.fs
+        if fs is None:
+            return
+        mounted = [n for n in names if fs.has_instance(n)]
+
+        def umount(name: str) -> None:
+            try:  # the image's daemon goes with its bootstrap snapshot
+                fs.umount(name)
+            except Exception as err:  # noqa: BLE001 - one bad instance must not stop cleanup
+                log.warning("cleanup: cannot unmount RAFS instance of %s: %s", name, err)
+
+        if len(mounted) <= 1:
+            for name in mounted:
+                umount(name)
+            return
+        with ThreadPoolExecutor(min(len(mounted), _PARALLEL_STOPS),
+                                thread_name_prefix="cleanup-umount") as pool:
+            list(pool.map(umount, mounted))
+
     def _remove_dirs(self, names: list[str]) -> list[str]:
         removed = []
+        self._umount_all(names)
         for name in names:
             path = self.snapshots_dir / name
             if self.tarfs is not None:
@@ -483,11 +510,6 @@ class Snapshotter:
                     self.tarfs.detach(name)
                 except Exception as err:  # noqa: BLE001 - one bad layer must not stop cleanup
                     log.warning("cleanup: cannot detach tarfs layer %s: %s", name, err)
-            if self.fs is not None and self.fs.has_instance(name):
-                try:  # the image's daemon goes with its bootstrap snapshot
-                    self.fs.umount(name)
-                except Exception as err:  # noqa: BLE001 - one bad instance must not stop cleanup
-                    log.warning("cleanup: cannot unmount RAFS instance of %s: %s", name, err)
             busy = mountpoints_under(str(path))
             if busy:
                 log.warning("cleanup: leaving %s, still mounted: %s", path, ", ".join(busy))
