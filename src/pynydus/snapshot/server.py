@@ -22,6 +22,7 @@ from pynydus.logs import LEVELS, RotatingLog, dump_stacks_on
 from pynydus.manager.filesystem import NydusFilesystem
 from pynydus.manager.registryaccess import build_keychain
 from pynydus.registry.crikeychain import CriKeychain
+from pynydus.registry.keychain import Keychain
 from pynydus.snapshot.imageproxy import ImageServiceProxy
 from pynydus.snapshot.service import Snapshots, grpcio_server
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
@@ -71,15 +72,15 @@ def setup_logging(cfg: SnapshotterConfig) -> None:
     root.addHandler(err)
 
 
-def make_filesystem(cfg: SnapshotterConfig, cri: CriKeychain | None = None
+def make_filesystem(cfg: SnapshotterConfig, keychain: Keychain | None = None
                     ) -> NydusFilesystem | None:
     """The Nydus filesystem for the configured fs_driver (fusedev is the default); None
-    for blockdev, which serves OCI images through tarfs only (``make_tarfs``). ``cri``:
-    the CRI keychain the image service proxy fills, asked after the snapshot labels."""
+    for blockdev, which serves OCI images through tarfs only (``make_tarfs``).
+    ``keychain``: the registry credential sources (default: ``build_keychain(cfg)``)."""
     driver = str(cfg.daemon.fs_driver)
     if driver == "fusedev":
         Path(cfg.root).mkdir(parents=True, exist_ok=True)
-        return NydusFilesystem(cfg, keychain=build_keychain(cfg, cri=cri))
+        return NydusFilesystem(cfg, keychain=keychain)
     if driver == "blockdev":
         return None  # the configuration has checked that tarfs is on
     why = {"fscache": "it needs /dev/cachefiles (EROFS over fscache), which pynydus does not "
@@ -88,7 +89,7 @@ def make_filesystem(cfg: SnapshotterConfig, cri: CriKeychain | None = None
                          f"({why}); use fs_driver = \"fusedev\" (or \"blockdev\" with tarfs)")
 
 
-def make_tarfs(cfg: SnapshotterConfig) -> TarfsManager | None:
+def make_tarfs(cfg: SnapshotterConfig, keychain: Keychain | None = None) -> TarfsManager | None:
     """The tarfs driver when ``experimental.tarfs.enable_tarfs`` (beside fusedev, or as
     fs_driver blockdev); checks the kernel's EROFS (HostCheckError)."""
     if not cfg.experimental.tarfs.enable_tarfs:
@@ -96,7 +97,7 @@ def make_tarfs(cfg: SnapshotterConfig) -> TarfsManager | None:
     from pynydus.tarfs.manager import TarfsManager, TarfsOptions
 
     Path(cfg.root).mkdir(parents=True, exist_ok=True)
-    return TarfsManager(TarfsOptions.from_config(cfg))
+    return TarfsManager(TarfsOptions.from_config(cfg), keychain=keychain)
 
 
 def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
@@ -161,11 +162,13 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     checks.check_root_path(Path(cfg.root))
     root_lock = lock_root(Path(cfg.root))
     claim_socket(Path(cfg.address))
+    # the CRI keychain the image service proxy fills, asked after the snapshot labels
     cri = CriKeychain() if cfg.remote.auth.enable_cri_keychain else None
-    fs = make_filesystem(cfg, cri)
+    keychain = build_keychain(cfg, cri=cri)
+    fs = make_filesystem(cfg, keychain)
     tarfs = None
     try:
-        tarfs = make_tarfs(cfg)
+        tarfs = make_tarfs(cfg, keychain)
         snapshotter = Snapshotter(cfg.root, options, fs, tarfs)
         if fs is not None:
             fs.start()

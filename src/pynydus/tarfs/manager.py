@@ -56,6 +56,7 @@ from pynydus.errors import (
 from pynydus.host.mountinfo import read_mountinfo
 from pynydus.manager.filesystem import cache_usage
 from pynydus.registry import RegistryClient
+from pynydus.registry.keychain import Keychain
 from pynydus.registry.reference import Reference
 from pynydus.registry.transport import shared_ssl_context
 from pynydus.tarfs import erofs, export
@@ -163,12 +164,15 @@ class TarfsManager:
     def __init__(self, opts: TarfsOptions,
                  set_labels: Callable[[str, Mapping[str, str]], None] | None = None,
                  *, backing: erofs.Backing | None = None,
-                 client: Callable[[Reference, Mapping[str, str]], RegistryClient] | None = None
-                 ) -> None:
+                 client: Callable[[Reference, Mapping[str, str]], RegistryClient] | None = None,
+                 keychain: Keychain | None = None) -> None:
+        """``keychain``: where registry credentials come from (the snapshotter's, shared
+        with its Nydus images); ``client`` replaces the registry client (tests)."""
         self.opts = opts
         # (name, labels) -> None: records export results on snapshots (the snapshotter's)
         self.set_labels = set_labels
-        self._client = client or (lambda ref, labels: connect(ref, labels, insecure=opts.insecure))
+        self._client = client or (lambda ref, labels: connect(ref, labels, insecure=opts.insecure,
+                                                              keychain=keychain))
         os.makedirs(opts.cache_dir, exist_ok=True)
         self.backing: erofs.Backing = backing or erofs.probe_backing(opts.cache_dir)
         self.images = ImageInfoCache(self._client)

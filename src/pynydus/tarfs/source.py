@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pynydus import labels as L
 from pynydus.errors import FormatError, NotFound
 from pynydus.registry import RegistryClient, media, parse_reference, resolve_credentials
+from pynydus.registry.keychain import Keychain
 from pynydus.registry.reference import Reference
 
 __all__ = ["ImageInfo", "ImageInfoCache", "LayerSource", "connect"]
@@ -67,12 +68,18 @@ class ImageInfo:
     diff_ids: Mapping[str, str] = field(default_factory=dict)  # layer digest -> diff id
 
 
-def connect(ref: Reference, labels: Mapping[str, str], *, insecure: bool) -> RegistryClient:
-    """A client for ``ref``'s registry with the keychain's credentials (labels, then the
+def connect(ref: Reference, labels: Mapping[str, str], *, insecure: bool,
+            keychain: Keychain | None = None) -> RegistryClient:
+    """A client for ``ref``'s registry with the credentials of the snapshotter's
+    ``keychain`` (``[remote.auth]``'s sources in order; without one: labels, then the
     docker config). ``insecure`` (``remote.skip_ssl_verify``): any certificate, and plain
     HTTP where the host speaks it. A long read timeout: a layer streams as fast as the
     builder takes it."""
-    creds = resolve_credentials(ref.domain, labels=labels)
+    if keychain is not None:
+        found = keychain.lookup(str(ref), labels).found
+        creds = found.credentials if found is not None else None
+    else:
+        creds = resolve_credentials(ref.domain, labels=labels)
     return RegistryClient.for_reference(ref, skip_verify=insecure, auth=creds, timeout=120.0,
                                         connect_timeout=10.0)
 
