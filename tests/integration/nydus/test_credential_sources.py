@@ -278,7 +278,11 @@ def test_failing_sources_are_named_and_bounded_while_others_serve(
             t0 = time.monotonic()
             read_big(snap, image, pull_nydus_image(snap, image, "ns-public"), "ns-public/9/c",
                      tmp_path / "public")
-            assert time.monotonic() - t0 < 8, "the public image waited for the helper"
+            # the hanging Prepare still waits for its helper (killed at 10 s); on a loaded
+            # machine the public image may take long, but not longer than that Prepare
+            took_public = time.monotonic() - t0
+            assert t.is_alive() or took_public < 8, \
+                f"the public image waited for the helper ({took_public:.1f} s)"
             t.join(60)
             message, took = result["hang"]
             assert "docker-credential-hang" in message and "no answer within 10 s; killed" \

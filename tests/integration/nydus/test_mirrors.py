@@ -228,10 +228,15 @@ def test_bad_mirrors_cost_bounded_time_and_are_named(origin_image: dict,
                 first = read(rootfs, "f0.bin", origin_image)
                 # one 500 and one read timeout (2 s, plus one retry) at most, then the origin
                 assert first < 10, f"first read took {first:.1f} s"
+                timeouts = daemon_logs(snap).count(f"registry mirror http://{silent.host} failed")
+                assert timeouts >= 1
                 later = [read(rootfs, f"f{i}.bin", origin_image) for i in range(1, FILES)]
-                # the silent mirror is skipped for its interval: no more timeouts
-                assert max(later) < 2, later
+                # the silent mirror is skipped for its interval: no more timeouts (counted
+                # in the log; the times only as a loose bound, the machine may be loaded)
                 logs = daemon_logs(snap)
+                assert logs.count(f"registry mirror http://{silent.host} failed") == timeouts, \
+                    later
+                assert max(later) < 10, later
                 assert f"registry mirror http://{silent.host} failed (ReadTimeout" in logs
                 assert f"registry mirror http://{failing.host} failed (HTTP 500" in logs
             finally:
