@@ -56,6 +56,14 @@ CELLS = {
         "6", "drop-in `nydus-image` against upstream's",
         ("our `nydus-image` and upstream's on the same inputs: `-J` documents, check "
          "reports, `inspect -R` answers, unpacked tars, exit codes")),
+    "test_zran": (
+        "7", "ZRAN (`targz-ref`, `--oci-ref`) images both ways",
+        ("upstream's `create -t targz-ref` (separate meta blob) and its registry form "
+         "(`--blob-inline-meta --features blob-toc` + `merge --blob-digests`) read by our "
+         "reader and served by pynydusd; ours (`image build --type targz-ref`, with and "
+         "without `--blob-inline-meta`, our merge) pass upstream's `check` and are served "
+         "by upstream `nydusd`; merges crossed; text beside incompressible data so that "
+         "contexts start mid-byte before stored blocks; two-member gzip layers")),
 }
 
 NOT_APPLICABLE = [

@@ -96,6 +96,11 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--with-referrer", action="store_true",
                    help="set subject to the source manifest (OCI referrers)")
     p.add_argument("--oci", action="store_true", help="OCI manifest even for a Docker source")
+    p.add_argument("--oci-ref", action="store_true",
+                   help="zran: push only metadata (inflate contexts into the source's gzip "
+                        "layers, and the bootstrap); the runtime reads the source layers in "
+                        "place, from the target repository (they are mounted or copied "
+                        "there when it is another one)")
     p.add_argument("--cache-dir", help="converted-layer cache (~/.cache/pynydus/convert)")
     p.add_argument("--workers", type=int, default=0, help="parallel layers (default: CPUs)")
     p.add_argument("--output-json", help="write a JSON summary here")
@@ -139,7 +144,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         all_platforms=args.all_platforms,
         build=BuildOptions(fs_version=args.fs_version, compressor=args.compressor,
                            chunk_size=args.chunk_size, chunk_dict=args.chunk_dict_bootstrap,
-                           chunk_dict_digest=dict_digest, prefetch_files=prefetch),
+                           chunk_dict_digest=dict_digest, prefetch_files=prefetch,
+                           oci_ref=args.oci_ref),
         merge_platform=args.merge_platform, with_referrer=args.with_referrer, oci=args.oci,
         cache_dir=args.cache_dir or default_cache_dir(), workers=args.workers,
         output_json=args.output_json, sign_key=args.sign_key)

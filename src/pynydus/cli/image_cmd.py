@@ -33,8 +33,11 @@ def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("source", help="directory, or OCI layer tar (plain, gzip or zstd)")
     b.add_argument("--bootstrap", required=True, help="bootstrap file to write")
     b.add_argument("--blob-dir", required=True, help="directory for the data blob (named by its sha256)")
-    b.add_argument("--type", default=None, choices=["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs"],
-                   help="default: dir-rafs for a directory, tar-rafs for a file")
+    b.add_argument("--type", default=None, choices=["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs",
+                                                          "targz-ref"],
+                   help="default: dir-rafs for a directory, tar-rafs for a file; targz-ref "
+                        "(zran) leaves the data in the gzip layer and writes only a meta "
+                        "blob of inflate contexts to --blob-dir")
     b.add_argument("--fs-version", type=int, default=6, choices=[6])
     b.add_argument("--compressor", default="lz4_block", choices=["none", "lz4_block", "zstd"])
     b.add_argument("--digester", default="blake3", choices=["blake3", "sha256"])
@@ -46,6 +49,10 @@ def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="what a layer's OCI whiteouts become: overlayfs whiteouts (default), "
                         "applied to the layer itself (oci), or kept as files for a later "
                         "merge (none, as converters build layers)")
+    b.add_argument("--blob-inline-meta", action="store_true",
+                   help="targz-ref: the meta blob carries the layer's bootstrap and a TOC "
+                        "(what convert --oci-ref pushes); --bootstrap is then the layer's "
+                        "bootstrap as a merge names that blob")
     b.add_argument("--output-json", help="write the build report here")
     b.add_argument("--max-sparse-size", type=_size, default=None, metavar="SIZE",
                    help="largest real size of a sparse tar member (default 64G); its holes "
@@ -108,7 +115,7 @@ def _build(args: argparse.Namespace) -> int:
             compressor=args.compressor, digester=args.digester, chunk_size=args.chunk_size,
             chunk_dict=args.chunk_dict, parent_bootstrap=args.parent_bootstrap,
             prefetch_files=_lines(args.prefetch_files), output_json=args.output_json,
-            whiteout_spec=args.whiteout_spec,
+            whiteout_spec=args.whiteout_spec, blob_inline_meta=args.blob_inline_meta,
             progress=show, progress_interval=0.5 if mode == "line" else 5.0,
             **({} if args.max_sparse_size is None else {"max_sparse_size": args.max_sparse_size}),
         )

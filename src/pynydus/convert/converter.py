@@ -248,6 +248,8 @@ class _Run:
                     if lc is None:
                         lc = chunks[res.blob_digest] = layer_chunks(res.bootstrap, res.blob_digest)
                     dup = lc.duplicated_bytes(st.lower)
+                    if self.opts.build.oci_ref:
+                        dup = 0  # nothing to rebuild: the data stays in the source layers
                     if dup and (dup >= REBUILD_MIN_BYTES
                                 or dup >= REBUILD_MIN_FRACTION * lc.own_bytes):
                         st.rebuild.append(st.next)
@@ -328,8 +330,11 @@ class _Run:
                 os.unlink(boot_path)
             except FileNotFoundError:
                 pass
-        blobs = [img.BlobLayer(r.blob_digest, r.blob_size) for r in layer_results]
+        blobs = [img.BlobLayer(r.blob_digest, r.blob_size, r.ref_digest) for r in layer_results]
         layer_ids = {b.digest.split(":", 1)[1] for b in blobs}
+        layer_ids |= {r.ref_digest.split(":", 1)[1] for r in layer_results if r.ref_digest}
+        if opts.build.oci_ref:
+            self.ensure_source_layers(layer_results)
         for blob_id in merged.blob_ids:  # chunk-dict blobs join the manifest, as upstream
             if blob_id not in layer_ids:
                 digest = "sha256:" + blob_id
@@ -349,7 +354,9 @@ class _Run:
             seen.add(r.blob_digest)
             meta = blob_meta_cache_file(r.blob_path(opts.cache_dir))
             if meta is not None:
-                metas.append((r.blob_digest, meta))
+                # Named after the blob id, the cache file a daemon looks for: for a
+                # ZRAN layer the source layer, not the meta blob.
+                metas.append((r.ref_digest or r.blob_digest, meta))
         bl = bootstrap_layer(boot, metas)
         self.push_blob(bl.digest, bl.data, len(bl.data))
         config = img.nydus_config(si.config_doc, blobs, bl.diff_id)
@@ -375,10 +382,32 @@ class _Run:
                  "deduplicated_bytes": r.dedup_bytes + merged.shared_bytes[i],
                  "shared_with_lower_layers_bytes": merged.shared_bytes[i],
                  "seconds": r.seconds, "cached": r.cached,
-                 "rebuilt_against_lower_layers": r.rebuilt}
+                 "rebuilt_against_lower_layers": r.rebuilt,
+                 **({"ref_digest": r.ref_digest} if r.ref_digest else {})}
                 for i, r in enumerate(layer_results)],
         }
+        if opts.build.oci_ref:
+            added = sum(b.size for b in blobs) + len(bl.data) + len(cbytes) + len(mbytes)
+            source = sum(r.source_size for r in layer_results)
+            summary["oci_ref"] = {"pushed_bytes": added, "source_layer_bytes": source,
+                                  "fraction_of_source": round(added / source, 5) if source else 0}
         return si, mbytes, mdoc, mdigest, summary
+
+    def ensure_source_layers(self, results: Sequence[LayerResult]) -> None:
+        """A ZRAN image reads the source layers from its own repository: mount (same
+        registry) or copy the ones the target repository lacks."""
+        same_registry = self.src_spec.host == self.dst_spec.host
+        for r in results:
+            if not r.has_data or not r.ref_digest or r.ref_digest in self.pushed:
+                continue
+            digest, size = r.ref_digest, r.source_size
+            if same_registry and self.src_repo == self.dst_repo:
+                continue
+            if self.dst.blob_exists(self.dst_repo, digest):
+                continue
+            if same_registry and self.dst.mount_blob(self.dst_repo, digest, self.src_repo):
+                continue
+            self.pushed[digest] = self.push_pool.submit(self._copy_blob, digest, size)
 
     # ---------------------------------------------------------------- merge-platform
     def copy_source_manifests(self, images: Sequence[img.SourceImage],
@@ -410,7 +439,7 @@ class _Run:
             self.dst.put_manifest(self.dst_repo, digest, m.media_type, m.data)
 
 
-    def _copy_blob(self, digest: str, size: int) -> None:
+    def _copy_blob(self, digest: str, size: int) -> str:
         """Source blob → target blob through a temp file (memory stays bounded)."""
         tmp_dir = os.path.join(self.opts.cache_dir, "tmp")
         os.makedirs(tmp_dir, exist_ok=True)
@@ -419,6 +448,7 @@ class _Run:
                 f.write(chunk)
             f.seek(0)
             self.dst.push_blob(self.dst_repo, f, digest, size=size)
+        return digest
 
 
 def convert(opts: ConvertOptions, reporter: Reporter | None = None) -> ConvertReport:

@@ -23,7 +23,11 @@ What a Nydus image looks like in a registry is upstream's contract
   media type switched to ``application/vnd.nydus.image.config.v1+json`` so that
   plain containerd never picks it;
 * ``--with-referrer``: ``subject`` = the source manifest's descriptor (platform
-  dropped).
+  dropped);
+* ``--oci-ref`` (ZRAN): each layer is the layer's meta blob (chunk info and inflate
+  contexts into the source layer, plus its bootstrap), annotated
+  ``containerd.io/snapshot/nydus-ref: <source layer digest>``; the source layers stay
+  where they are (the same repository) and are the blobs the runtime reads.
 
 The ``containerd.io/uncompressed`` annotation upstream carries internally is
 removed from the final manifest, as upstream does. ``nydus-blob-digest`` /
@@ -336,10 +340,12 @@ def attach_config(img: SourceImage, data: bytes) -> None:
 # ------------------------------------------------------------------------ target
 @dataclass(frozen=True)
 class BlobLayer:
-    """A pushed Nydus blob: its registry digest (== blob id) and size."""
+    """A pushed Nydus blob: its registry digest (== blob id) and size; for a ZRAN image
+    (``--oci-ref``) the meta blob, and ``ref`` the source layer its chunks live in."""
 
     digest: str
     size: int
+    ref: str = ""
 
 
 def nydus_config(source_config: Mapping[str, Any], blobs: Sequence[BlobLayer],
@@ -381,7 +387,8 @@ def nydus_manifest(
         cfg_mt = media.NYDUS_CONFIG
     layers: list[dict[str, Any]] = [
         {"mediaType": media.NYDUS_BLOB, "digest": b.digest, "size": b.size,
-         "annotations": {labels.NYDUS_BLOB: "true"}}
+         "annotations": {labels.NYDUS_BLOB: "true",
+                         **({labels.NYDUS_REF: b.ref} if b.ref else {})}}
         for b in blobs
     ]
     layers.append({

@@ -55,7 +55,7 @@ from pynydus.registry.errors import DigestMismatch
 
 from .endpoints import RegistrySpec
 from .image import LayerDesc
-from .pack import inline_bootstrap
+from .pack import InlineBlob, inline_bootstrap
 
 __all__ = ["BuildOptions", "LayerJob", "LayerResult", "cache_key", "convert_layer", "lookup_cache"]
 
@@ -75,10 +75,15 @@ class BuildOptions:
     chunk_dict: str | None = None  # path of a chunk dict bootstrap
     chunk_dict_digest: str = ""    # sha256 of that file: part of the cache key
     prefetch_files: tuple[str, ...] = ("/",)  # upstream: prefetch policy fs, pattern "/"
+    # --oci-ref: ZRAN; the data stays in the source's gzip layers (gzip and sha256 forced)
+    oci_ref: bool = False
 
     def validate(self) -> None:
         if self.fs_version != 6:
             raise InvalidArgument(f"fs version {self.fs_version}: only 6 can be built")
+        if self.oci_ref and self.chunk_dict:
+            raise InvalidArgument("--oci-ref takes no chunk dict: the data stays in the "
+                                  "source layers")
         parse_compressor(self.compressor)
         parse_digester(self.digester)
         if self.chunk_size & (self.chunk_size - 1) or not 0x1000 <= self.chunk_size <= 0x1000000:
@@ -121,6 +126,9 @@ class LayerResult:
     rebuilt: bool = False  # converted again with the lower layers as chunk dict
     index: int = -1
     warnings: list[str] = field(default_factory=list)
+    # --oci-ref: the source layer the blob's chunks point into (its blob id); the pushed
+    # blob (blob_digest) is then the ZRAN meta blob
+    ref_digest: str = ""
 
     def blob_path(self, cache_dir: str) -> str:
         return os.path.join(cache_dir, "blobs", self.blob_digest.split(":", 1)[1])
@@ -134,6 +142,8 @@ def cache_key(layer_digest: str, opts: BuildOptions, lower: tuple[str, ...] = ()
            "chunk_size": opts.chunk_size, "digester": parse_digester(opts.digester).name,
            "chunk_dict": opts.chunk_dict_digest, "prefetch": list(opts.prefetch_files),
            "lower": list(lower)}
+    if opts.oci_ref:
+        doc["oci_ref"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -198,6 +208,10 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
         if progress:
             progress(job.index, "done", 0)
         return cached
+    if opts.oci_ref and job.layer.compression != "gzip":
+        raise InvalidArgument(
+            f"--oci-ref: layer {job.layer.digest} is {job.layer.compression}, not gzip: "
+            "only gzip layers can be read in place (zran)")
     t0 = time.monotonic()
     blobs_dir = os.path.join(job.cache_dir, "blobs")
     boots_dir = os.path.join(job.cache_dir, "bootstraps")
@@ -217,11 +231,16 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
             raw_boot = os.path.join(work, "layer.boot")
             chunk_dict = _chunk_dict(opts, job.lower)
             try:
-                result = build(
-                    stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,
-                    compressor=opts.compressor, digester=opts.digester,
-                    chunk_size=opts.chunk_size, chunk_dict=chunk_dict,
-                    prefetch_files=opts.prefetch_files, whiteout_spec="none")
+                if opts.oci_ref:
+                    result = build(
+                        stream, raw_boot, work, type="targz-ref", chunk_size=opts.chunk_size,
+                        prefetch_files=opts.prefetch_files, blob_inline_meta=True)
+                else:
+                    result = build(
+                        stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,
+                        compressor=opts.compressor, digester=opts.digester,
+                        chunk_size=opts.chunk_size, chunk_dict=chunk_dict,
+                        prefetch_files=opts.prefetch_files, whiteout_spec="none")
             except Exception as err:
                 # Corrupt bytes usually break the gzip or tar stream before the digest
                 # check at the end could run: name the real cause when it is that.
@@ -251,21 +270,29 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
                     f"layer {job.layer.digest}: registry sent {raw.total} bytes, "
                     f"manifest says {job.layer.size}")
         new = [b for b in result.blobs if b.new]
-        builder_blob = new[0].path if new else None
-        with open(raw_boot, "rb") as f:
-            layer_boot = f.read()
-        if new:
-            layer_boot = _flag_inline_meta(layer_boot, new[0].blob_id)
-        blob = inline_bootstrap(builder_blob, layer_boot, blobs_dir, consume=True)
-        boot_out = os.path.join(boots_dir, blob.digest.split(":", 1)[1] + ".boot")
-        _retarget_bootstrap(raw_boot, boot_out, new[0].blob_id if new else None, blob, opts)
+        blob: _MetaBlob | InlineBlob
+        if opts.oci_ref:
+            blob = _zran_meta_blob(result, blobs_dir)
+            boot_out = os.path.join(boots_dir, blob.digest.split(":", 1)[1] + ".boot")
+            # The layer bootstrap already names the meta blob as a merge wants it.
+            shutil.copyfile(raw_boot, boot_out)
+        else:
+            builder_blob = new[0].path if new else None
+            with open(raw_boot, "rb") as f:
+                layer_boot = f.read()
+            if new:
+                layer_boot = _flag_inline_meta(layer_boot, new[0].blob_id)
+            blob = inline_bootstrap(builder_blob, layer_boot, blobs_dir, consume=True)
+            boot_out = os.path.join(boots_dir, blob.digest.split(":", 1)[1] + ".boot")
+            _retarget_bootstrap(raw_boot, boot_out, new[0].blob_id if new else None, blob, opts)
         res = LayerResult(
             source_digest=job.layer.digest, source_size=job.layer.size,
             blob_digest=blob.digest, blob_size=blob.size, bootstrap=boot_out,
             has_data=bool(new), chunks=result.chunk_count, chunks_written=result.chunks_written,
             bytes_in=result.bytes_in, compressed_bytes=result.compressed_bytes,
             dedup_bytes=result.dedup_bytes, seconds=round(time.monotonic() - t0, 3),
-            index=job.index, warnings=list(result.warnings))
+            index=job.index, warnings=list(result.warnings),
+            ref_digest=job.layer.digest if opts.oci_ref else "")
         entry = _entry_path(job.cache_dir, cache_key(job.layer.digest, opts, lower_ids))
         tmp_entry = entry + f".{os.getpid()}.tmp"
         with open(tmp_entry, "w") as out:
@@ -276,6 +303,21 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _MetaBlob:
+    digest: str
+    size: int
+
+
+def _zran_meta_blob(result: Any, blobs_dir: str) -> _MetaBlob:
+    """Move a targz-ref build's meta blob (the layer's pushable Nydus blob) into the
+    cache's blob directory."""
+    z = result.zran
+    final = os.path.join(blobs_dir, z["meta_blob"])
+    os.replace(z["meta_blob_path"], final)
+    return _MetaBlob("sha256:" + z["meta_blob"], z["meta_blob_size"])
 
 
 def _chunk_dict(opts: BuildOptions, lower: tuple[tuple[str, str], ...]) -> Any:

@@ -14,12 +14,13 @@ written, so a failed build leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol, cast
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
 from pynydus.rafs.builder.blobwriter import (
@@ -44,8 +45,28 @@ from pynydus.rafs.builder.overlay import (
 )
 from pynydus.rafs.builder.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.builder.tree import Tree, iter_nodes
-from pynydus.rafs.builder.v6writer import BootstrapInfo, V6Options, write_bootstrap
-from pynydus.rafs.format import Compressor, Digester, parse_compressor, parse_digester
+from pynydus.rafs.builder.v6writer import (
+    BootstrapInfo,
+    V6Options,
+    atomic_write,
+    write_bootstrap,
+)
+from pynydus.rafs.builder.zranblob import (
+    ZRAN_FEATURES_INLINE,
+    MetaBlob,
+    ZranBlob,
+    inline_meta,
+    separate_meta,
+)
+from pynydus.rafs.decoder.gzindex import GzipIndexer
+from pynydus.rafs.format import (
+    BlobFeatures,
+    Compressor,
+    Digester,
+    parse_compressor,
+    parse_digester,
+)
+from pynydus.rafs.format.blobmeta import TAR_BLOCK_SIZE as TAR_BLOCK
 from pynydus.rafs.format.tarsparse import DEFAULT_MAX_SPARSE_SIZE
 from pynydus.rafs.source import (
     DataReader,
@@ -58,7 +79,7 @@ from pynydus.rafs.source import (
 
 __all__ = ["BlobReport", "BuildProgress", "BuildResult", "SourceType", "build", "build_tree"]
 
-SourceType = Literal["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs"]
+SourceType = Literal["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs", "targz-ref"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,8 @@ class BuildResult:
     compressor: str = "none"
     digester: str = "blake3"
     warnings: list[str] = field(default_factory=list)
+    # targz-ref: the meta blob written (digest, path, size) and the layer it indexes
+    zran: dict[str, Any] | None = None
 
     @property
     def blob_ids(self) -> list[str]:
@@ -224,6 +247,7 @@ def build(
     max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE,
     blob_id: str | None = None,
     expect_tar_sha256: str | None = None,
+    blob_inline_meta: bool = False,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
@@ -243,6 +267,16 @@ def build(
     ``blob_cache_dir`` also writes the blob's cache form (``<id>.blob.data``, the
     uncompressed address space usable as the kernel device of a compressed image,
     and ``<id>.blob.meta``), like upstream's ``--blob-cache-dir``.
+
+    ``targz-ref`` (ZRAN, spec §2.5) leaves the file data in the gzip layer ``source``:
+    the blob table names the layer (by its sha256, which is computed as it is read)
+    and ``blob_dir`` receives only the *meta blob* of :mod:`.zranblob` (chunk info,
+    inflate contexts, windows), named by its sha256; chunk size as given, gzip and
+    sha256 forced, no chunk dict, parent or blob cache. With ``blob_inline_meta`` the
+    meta blob is upstream's registry form (it carries the layer's bootstrap and a TOC)
+    and ``bootstrap_out`` is the layer's bootstrap as a merge names that blob
+    (``blob_meta_digest``/``blob_meta_size``/TOC digest set): what ``pynydus convert
+    --oci-ref`` pushes and merges.
 
     ``progress`` is called with a :class:`BuildProgress` every ``progress_interval``
     seconds while data is read, and once per later phase (on the calling thread).
@@ -266,6 +300,19 @@ def build(
         raise InvalidArgument(
             "compressor gzip is only used for zran data; choose none, lz4_block or zstd"
         )
+    if type == "targz-ref":
+        if chunk_dict is not None or parent_bootstrap is not None or blob_cache_dir is not None:
+            raise InvalidArgument("targz-ref takes no chunk dict, parent or blob cache")
+        prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
+        result = _build_zran(source, bootstrap_out, blob_dir, chunk_size, prefetch,
+                             blob_inline_meta, ticker, t0)
+        if output_json is not None:
+            with open(output_json, "w") as f:
+                json.dump(result.to_json(), f, indent=2)
+        ticker.phase("done", result.bytes_in)
+        return result
+    if blob_inline_meta:
+        raise InvalidArgument("blob_inline_meta is for targz-ref builds only")
     tarfs = type == "tar-tarfs"
     if (blob_id is not None or expect_tar_sha256 is not None) and not tarfs:
         raise InvalidArgument("blob_id and expect_tar_sha256 apply to tar-tarfs builds only")
@@ -333,6 +380,81 @@ def build(
         data.discard()  # a failed build leaves no blob behind
         raise
     ticker.phase("done", data.stats.bytes_in)
+    return result
+
+
+def _build_zran(
+    source: Any, bootstrap_out: str | os.PathLike[str], blob_dir: str | os.PathLike[str],
+    chunk_size: int, prefetch: tuple[bytes, ...], inline: bool, ticker: _Ticker, t0: float,
+) -> BuildResult:
+    """A targz-ref build (see :func:`build`): one pass over the gzip layer."""
+    with contextlib.ExitStack() as stack:
+        f: BinaryIO = stack.enter_context(open(source, "rb")) \
+            if isinstance(source, (str, os.PathLike)) else source
+        index = GzipIndexer(f)
+        zblob = ZranBlob(index, chunk_size)
+        tree = Tree("overlayfs")
+        # The indexer is read like a file (of the tar it inflates).
+        build_tree(TarSource(cast(BinaryIO, index)), zblob, tree, strict_sizes=True,
+                   ticker=ticker)
+        index.drain()
+    ticker.phase("bootstrap", zblob.stats.bytes_in)
+    pack = zblob.finish()
+    desc = zblob.desc if pack is not None else None
+    blobs = _blob_table(tree, {}, desc)
+    opts = V6Options(chunk_size=chunk_size, compressor=Compressor.GZIP,
+                     digester=Digester.SHA256, prefetch=prefetch)
+    os.makedirs(blob_dir, exist_ok=True)
+    meta: MetaBlob | None = None
+    if not inline:
+        if pack is not None and desc is not None:
+            meta = separate_meta(pack)
+            desc.blob_meta_digest = bytes.fromhex(meta.digest)
+            desc.blob_meta_size = len(meta.data)
+    else:
+        if desc is not None:
+            desc.features = ZRAN_FEATURES_INLINE
+            desc.ci_offset = TAR_BLOCK
+        embedded = os.fspath(bootstrap_out) + ".embedded"
+        try:
+            write_bootstrap(tree, blobs, embedded, opts)
+            with open(embedded, "rb") as ef:
+                meta = inline_meta(pack, ef.read(), index.size_in, zblob.desc.uncompressed_size)
+        finally:
+            try:
+                os.unlink(embedded)
+            except FileNotFoundError:
+                pass
+        if desc is not None:
+            # As upstream's merge names it (--blob-digests/--blob-sizes/--blob-toc-digests;
+            # it leaves blob_toc_size 0).
+            desc.features = ZRAN_FEATURES_INLINE & ~int(BlobFeatures.INLINED_FS_META)
+            desc.blob_meta_digest = bytes.fromhex(meta.digest)
+            desc.blob_meta_size = len(meta.data)
+            desc.blob_toc_digest = meta.toc_digest
+    meta_path = None
+    if meta is not None:
+        meta_path = os.path.join(os.fspath(blob_dir), meta.digest)
+        atomic_write(meta_path, meta.data)
+    info = write_bootstrap(tree, blobs, bootstrap_out, opts)
+    st = zblob.stats
+    result = BuildResult(
+        bootstrap=os.fspath(bootstrap_out), bootstrap_size=info.size,
+        blobs=[BlobReport(b.blob_id, meta_path, b.compressed_size, b.uncompressed_size,
+                          b.chunk_count, True) for b in blobs],
+        inodes=info.inodes, chunk_count=info.chunk_table_entries,
+        chunks_written=st.chunks_written, bytes_in=st.bytes_in,
+        dedup_chunks=st.dedup_chunks, dedup_bytes=st.dedup_bytes, dict_chunks=0,
+        compressed_bytes=st.compressed_bytes, elapsed_seconds=time.monotonic() - t0,
+        compressor="gzip", digester="sha256",
+        warnings=[f"xattr {name!r} of {path!r} has no RAFS v6 prefix; skipped"
+                  for path, name in tree.skipped_xattrs],
+        zran={"layer_digest": "sha256:" + index.hexdigest(), "layer_size": index.size_in,
+              "meta_blob": meta.digest if meta is not None else None,
+              "meta_blob_path": meta_path,
+              "meta_blob_size": len(meta.data) if meta is not None else 0,
+              "meta_toc_digest": meta.toc_digest.hex() if meta is not None else None,
+              "contexts": zblob.context_count, "chunks": zblob.chunk_count})
     return result
 
 

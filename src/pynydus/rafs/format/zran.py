@@ -10,11 +10,13 @@ context and its offset in that context's output.
 
 A checkpoint need not fall on a byte boundary: ``ctx_bits`` bits of the byte before
 ``in_offset`` (its high bits, ``ctx_byte``) still belong to the stream. zlib's
-``inflatePrime`` feeds them; Python's zlib has no such call, so the input is shifted
-instead: deflate reads bits least significant first, so the stream from the checkpoint
-on is ``(input as one little-endian integer) << ctx_bits | pending bits``. Raw inflate
-(``wbits=-15``) with ``zdict`` sets the window before the first byte, which is what
-``inflateSetDictionary`` does for upstream.
+``inflatePrime`` feeds them (:mod:`pynydus.rafs.format.libz`; Python's zlib has no such
+call, and shifting the input by those bits breaks every stored block after the
+checkpoint, which realigns to a byte boundary of the original stream). Raw inflate
+with the saved window as dictionary (``inflateSetDictionary``) then resumes where the
+layer's inflate was. A context may run past the end of a gzip member (a layer of
+several members): the 8-byte trailer and the next member's header are skipped and
+inflating goes on with an empty window, as upstream's decoder does.
 
 Sans-I/O: the caller reads ``[in_offset, in_offset + in_len)`` of the layer and hands
 the bytes in.
@@ -22,12 +24,12 @@ the bytes in.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 from pynydus.errors import FormatError
 from pynydus.rafs.format.blobmeta import BlobMeta, ZranContext
 from pynydus.rafs.format.layout import BlobFeatures, format_error, need
+from pynydus.rafs.format.libz import DT_BLOCK_END, Z_BLOCK, Z_STREAM_END, Inflater
 
 #: Largest deflate window, hence largest dictionary of a context.
 ZRAN_DICT_MAX = 32 << 10
@@ -73,23 +75,53 @@ def inflate_context(ctx: ZranContext, window: bytes, data: bytes | memoryview,
 
     FormatError if the bytes do not inflate to that much output.
     """
+    where = f"zran context at {ctx.in_offset}"
     if len(data) != ctx.in_len:
-        raise FormatError(f"zran context at {ctx.in_offset}: got {len(data)} compressed bytes, "
-                          f"expected {ctx.in_len}")
+        raise FormatError(f"{where}: got {len(data)} compressed bytes, expected {ctx.in_len}")
     n = ctx.out_len if want is None else want
     if not 0 <= n <= ctx.out_len:
-        raise FormatError(f"zran context at {ctx.in_offset}: {n} bytes wanted of {ctx.out_len}")
-    stream: bytes | memoryview = data
-    if ctx.ctx_bits:
-        pending = (ctx.ctx_byte >> (8 - ctx.ctx_bits)) & ((1 << ctx.ctx_bits) - 1)
-        value = (int.from_bytes(data, "little") << ctx.ctx_bits) | pending
-        stream = value.to_bytes(len(data) + 1, "little")
+        raise FormatError(f"{where}: {n} bytes wanted of {ctx.out_len}")
+    z = Inflater(-15)
     try:
-        d = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
-        out = d.decompress(stream, n)
-    except zlib.error as err:
-        raise FormatError(f"zran context at {ctx.in_offset}: inflate: {err}") from err
-    if len(out) != n:
-        raise FormatError(f"zran context at {ctx.in_offset}: inflated {len(out)} bytes, "
-                          f"expected {n}")
-    return out
+        if ctx.ctx_bits:
+            z.prime(ctx.ctx_bits, ctx.ctx_byte >> (8 - ctx.ctx_bits))
+        z.set_dictionary(window)
+        z.feed(bytes(data))
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            out, rc = z.inflate(n - got)
+            parts.append(out)
+            got += len(out)
+            if got >= n:
+                break
+            if rc == Z_STREAM_END:
+                _next_member(z, where)
+            elif not out:
+                raise FormatError(f"{where}: inflated {got} bytes, expected {n}: input ends")
+    except FormatError as err:
+        if str(err).startswith(where):
+            raise
+        raise FormatError(f"{where}: {err}") from err
+    finally:
+        z.close()
+    return b"".join(parts)
+
+
+def _next_member(z: Inflater, where: str) -> None:
+    """Skip the gzip trailer after a member's deflate stream and the next member's
+    header; leave ``z`` inflating raw deflate right after it (empty window)."""
+    rest = z.unused_input()
+    if len(rest) < 8:
+        raise FormatError(f"{where}: the input ends inside a gzip trailer")
+    z.reset(31)
+    z.feed(rest[8:])
+    while True:
+        out, _ = z.inflate(ZRAN_DICT_MAX, Z_BLOCK)
+        if out:
+            raise FormatError(f"{where}: no gzip header after a member's end")
+        if z.data_type & DT_BLOCK_END:
+            break
+        if not z.avail_in:
+            raise FormatError(f"{where}: the input ends inside a gzip header")
+    z.reset(-15)

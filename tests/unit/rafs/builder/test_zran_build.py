@@ -1,0 +1,252 @@
+"""targz-ref (ZRAN) builds: the gzip indexer, the contexts the builder picks, the meta
+blob in both of upstream's forms, and the reader decoding every chunk of the result.
+
+Upstream's own judgement of these images (``nydus-image check``, nydusd) is in
+``tests/compat/test_zran.py``; here the layers are made with Python's gzip (zlib, as
+registries' layers mostly are) so that the awkward cases are certain to occur: a resume
+point in the middle of a byte followed by stored blocks (incompressible data), a layer
+of several gzip members, a chunk across a member boundary.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import itertools
+import os
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pynydus.errors import FormatError, InvalidArgument
+from pynydus.rafs.builder import build
+from pynydus.rafs.builder.zranblob import ZRAN_FEATURES_INLINE, ZRAN_FEATURES_SEPARATE
+from pynydus.rafs.decoder.gzindex import KEEP_EVERY, GzipIndexer
+from pynydus.rafs.format import BlobFeatures
+from pynydus.rafs.format.blobmeta import ZranContext, parse_blob_meta
+from pynydus.rafs.format.zran import ZranTable, inflate_context
+from pynydus.rafs.merge import merge
+from pynydus.rafs.read import check_image, open_bootstrap
+from pynydus.rafs.read.inline import extract_bootstrap
+
+WORDS = ["alpha ", "beta ", "gamma\n", "delta ", "epsilon "]
+
+
+def _text(n: int, seed: int) -> bytes:
+    r = random.Random(seed)
+    return "".join(r.choice(WORDS) for _ in range(n)).encode()[:n]
+
+
+def _files() -> list[tuple[str, bytes]]:
+    text = _text(4_600_000, 1)
+    return [("small", b"hello\n"), ("d/text.txt", text),
+            ("d/rand.bin", random.Random(2).randbytes(3_000_000)),
+            ("d/copy.txt", text), ("empty", b""), ("d/tail.txt", _text(70_000, 3))]
+
+
+def _tar(files: list[tuple[str, bytes]]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        d = tarfile.TarInfo("d")
+        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
+        tf.addfile(d)
+        for name, data in files:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_600_000_000
+            tf.addfile(ti, io.BytesIO(data))
+        ln = tarfile.TarInfo("d/link")
+        ln.type, ln.linkname, ln.mtime = tarfile.SYMTYPE, "text.txt", 1_600_000_000
+        tf.addfile(ln)
+        hl = tarfile.TarInfo("hard")
+        hl.type, hl.linkname, hl.mtime = tarfile.LNKTYPE, "small", 1_600_000_000
+        tf.addfile(hl)
+    return raw.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tar_bytes() -> bytes:
+    return _tar(_files())
+
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+# --------------------------------------------------------------------------- indexer
+
+
+def _index_all(layer: bytes) -> tuple[bytes, GzipIndexer, list]:
+    ix = GzipIndexer(io.BytesIO(layer))
+    out = bytearray()
+    cps = []
+    while b := ix.read(1 << 20):
+        out += b
+        cps = list(ix._cps)  # nothing asked yet, so nothing dropped
+    return bytes(out), ix, cps
+
+
+def test_indexer_yields_the_tar_and_the_layer_digest(tar_bytes: bytes) -> None:
+    layer = _gz(tar_bytes)
+    out, ix, cps = _index_all(layer)
+    assert out == tar_bytes
+    assert ix.hexdigest() == hashlib.sha256(layer).hexdigest()
+    assert ix.size_in == len(layer)
+    assert cps[0].in_pos == 10 and cps[0].out_pos == 0 and not cps[0].window  # after the header
+    assert all(b.out_pos - a.out_pos >= KEEP_EVERY for a, b in itertools.pairwise(cps))
+
+
+def test_every_checkpoint_resumes_inflating_even_before_stored_blocks(tar_bytes: bytes) -> None:
+    # Python's inflate cannot start mid-byte; shifting the input instead misplaces the
+    # byte boundary a stored block (incompressible data) realigns to.
+    layer = _gz(tar_bytes)
+    _, _, cps = _index_all(layer)
+    mid_byte = [c for c in cps if c.bits]
+    assert mid_byte, "the layer should have resume points in the middle of a byte"
+    for cp in cps:
+        n = min(1_500_000, len(tar_bytes) - cp.out_pos)
+        ctx = ZranContext(in_offset=cp.in_pos, out_offset=cp.out_pos, in_len=len(layer) - cp.in_pos,
+                          out_len=n, dict_size=len(cp.window), ctx_byte=cp.byte, ctx_bits=cp.bits)
+        assert inflate_context(ctx, cp.window, layer[cp.in_pos:]) == \
+            tar_bytes[cp.out_pos:cp.out_pos + n], cp
+
+
+def test_members_and_zero_padding(tar_bytes: bytes) -> None:
+    cut = len(tar_bytes) // 3 + 1234  # inside a file's data
+    layer = _gz(tar_bytes[:cut]) + bytes(64) + _gz(tar_bytes[cut:])
+    out, ix, cps = _index_all(layer)
+    assert out == tar_bytes and ix.members == 2
+    second = [c for c in cps if c.member == 1]
+    assert second[0].out_pos == cut and not second[0].window
+    # A context from the first member runs on into the second (no padding between, as
+    # in real layers): the decoder skips the trailer and the next member's header.
+    plain = _gz(tar_bytes[:cut]) + _gz(tar_bytes[cut:])
+    _, _, pcps = _index_all(plain)
+    last = [c for c in pcps if c.member == 0][-1]
+    n = min(len(tar_bytes) - last.out_pos, cut - last.out_pos + 300_000)
+    ctx = ZranContext(in_offset=last.in_pos, out_offset=last.out_pos,
+                      in_len=len(plain) - last.in_pos, out_len=n, dict_size=len(last.window),
+                      ctx_byte=last.byte, ctx_bits=last.bits)
+    assert inflate_context(ctx, last.window, plain[last.in_pos:]) == \
+        tar_bytes[last.out_pos:last.out_pos + n]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad-crc"])
+def test_damaged_layers_are_format_errors(tar_bytes: bytes, damage: str) -> None:
+    layer = _gz(tar_bytes[:200_000])
+    if damage == "truncated":
+        layer = layer[:-20]
+    elif damage == "garbage":
+        layer += b"\x01\x02\x03"
+    else:
+        layer = layer[:-8] + bytes(8)
+    with pytest.raises(FormatError):
+        _index_all(layer)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _build(tmp: Path, layer: bytes, *, inline: bool = False, name: str = "img") -> tuple[Path, Path, dict]:
+    work = tmp / name
+    work.mkdir()
+    src = work / "layer.tar.gz"
+    src.write_bytes(layer)
+    blobs = work / "blobs"
+    res = build(src, work / "boot", blobs, type="targz-ref", blob_inline_meta=inline)
+    shutil.copyfile(src, blobs / hashlib.sha256(layer).hexdigest())
+    assert res.zran is not None
+    return work / "boot", blobs, res.zran
+
+
+def _contexts(boot: Path, blobs: Path) -> tuple[ZranTable, object]:
+    with open_bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+    raw = (blobs / blob.blob_meta_digest.hex()).read_bytes()
+    meta = parse_blob_meta(raw[blob.ci_offset:blob.ci_offset + blob.ci_compressed_size + 4096],
+                           blob)
+    return ZranTable.from_meta(meta), meta
+
+
+def test_separate_build_reads_back_and_names_the_layer(tmp_path: Path, tar_bytes: bytes) -> None:
+    layer = _gz(tar_bytes)
+    boot, blobs, z = _build(tmp_path, layer)
+    rep = check_image(boot, blobs)
+    files = dict(_files())
+    assert rep.bytes_verified == sum(len(v) for k, v in files.items() if k != "d/copy.txt")
+    with open_bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+    assert blob.blob_id == hashlib.sha256(layer).hexdigest() == z["layer_digest"][7:]
+    assert blob.compressed_size == len(layer)
+    assert blob.features == ZRAN_FEATURES_SEPARATE and blob.ci_offset == 0
+    assert blob.blob_meta_size == z["meta_blob_size"] == (blobs / z["meta_blob"]).stat().st_size
+    table, meta = _contexts(boot, blobs)
+    assert 0 < len(table.contexts) <= meta.chunk_count  # upstream's validation
+    for i in range(meta.chunk_count):
+        ci = meta.chunk(i)
+        ctx = table.contexts[ci.data >> 32]
+        assert (ci.data & 0xFFFF_FFFF) + ci.uncompressed_size <= ctx.out_len
+        assert ctx.in_offset + ctx.in_len <= len(layer)
+    # About one context per MiB of tar (upstream's sizes), windows 32 KiB.
+    assert len(table.contexts) <= len(tar_bytes) // (1 << 20) + 3
+
+
+def test_build_is_deterministic(tmp_path: Path, tar_bytes: bytes) -> None:
+    layer = _gz(tar_bytes)
+    a, ab, _ = _build(tmp_path, layer, name="a")
+    b, bb, _ = _build(tmp_path, layer, name="b")
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(os.listdir(ab)) == sorted(os.listdir(bb))
+
+
+def test_inline_build_carries_its_bootstrap_and_merges(tmp_path: Path, tar_bytes: bytes) -> None:
+    layer = _gz(tar_bytes)
+    boot, blobs, z = _build(tmp_path, layer, inline=True)
+    meta_blob = blobs / z["meta_blob"]
+    with open_bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+    assert blob.features == ZRAN_FEATURES_INLINE & ~BlobFeatures.INLINED_FS_META
+    assert blob.ci_offset == 512 and blob.blob_meta_digest.hex() == z["meta_blob"]
+    assert blob.blob_toc_digest.hex() == z["meta_toc_digest"] and blob.blob_toc_size == 0
+    embedded = extract_bootstrap(meta_blob.read_bytes())
+    (tmp_path / "embedded.boot").write_bytes(embedded)
+    with open_bootstrap(tmp_path / "embedded.boot") as bs:
+        assert bs.blobs[0].features == ZRAN_FEATURES_INLINE
+    merged = tmp_path / "merged.boot"
+    merge([str(boot)], str(merged))
+    rep = check_image(merged, blobs)
+    _, meta = _contexts(boot, blobs)
+    assert rep.chunks_verified == meta.chunk_count == 10  # copy.txt's chunks are text.txt's
+    with open_bootstrap(merged) as bs:
+        assert bs.blobs[0].blob_meta_digest == blob.blob_meta_digest
+
+
+def test_layer_without_data(tmp_path: Path) -> None:
+    layer = _gz(_tar([("empty", b"")]))
+    boot, blobs, z = _build(tmp_path, layer, name="sep")
+    assert z["meta_blob"] is None and open_bootstrap(boot).blobs == []
+    boot, blobs, z = _build(tmp_path, layer, inline=True, name="inl")
+    assert z["meta_blob"] and extract_bootstrap((blobs / z["meta_blob"]).read_bytes())
+
+
+def test_multi_member_layer_with_a_chunk_across_members(tmp_path: Path, tar_bytes: bytes) -> None:
+    cut = len(tar_bytes) // 3 + 1234
+    layer = _gz(tar_bytes[:cut]) + _gz(tar_bytes[cut:])
+    boot, blobs, _ = _build(tmp_path, layer)
+    check_image(boot, blobs)
+    table, _ = _contexts(boot, blobs)
+    # Contexts start anew in the second member (upstream 2.2's decoder cannot cross one).
+    assert any(c.out_offset == cut for c in table.contexts)
+
+
+def test_targz_ref_refuses_what_it_cannot_use(tmp_path: Path, tar_bytes: bytes) -> None:
+    src = tmp_path / "l.tar"
+    src.write_bytes(tar_bytes[:100_000])
+    with pytest.raises(FormatError):
+        build(src, tmp_path / "b", tmp_path / "blobs", type="targz-ref")  # not gzip
+    with pytest.raises(InvalidArgument):
+        build(src, tmp_path / "b", tmp_path / "blobs", type="targz-ref",
+              chunk_dict=str(tmp_path / "x"))
