@@ -19,7 +19,12 @@ Stacks. ``dump_stacks_on(SIGUSR1)`` makes the snapshotter and pynydusd log every
 stack when signalled (``kill -USR1 <pid>``), whatever the log level: what an operator asks
 of a process that hangs, without attaching a debugger (py-spy ``dump`` works too, from
 outside). The dump goes through logging, so it lands in the rotating log file, not on a
-file descriptor that a rotation may have closed (faulthandler's way).
+file descriptor that a rotation may have closed (faulthandler's way). The signal handler
+only writes a byte to a pipe: Python runs handlers in the main thread between any two
+bytecodes, also in the middle of that thread's own logging call (the handler's lock is
+re-entrant, a rotation half done) or of a lock it holds, so logging there corrupts or
+deadlocks. A thread reading the pipe takes the stacks and logs them; signals that arrive
+while a dump is pending make one dump.
 """
 
 from __future__ import annotations
@@ -219,21 +224,47 @@ def thread_stacks() -> tuple[int, str]:
     return len(frames), "\n".join(parts)
 
 
+class _StackDumper:
+    """The pipe the handlers write to and the thread that dumps (one per process)."""
+
+    def __init__(self) -> None:
+        self.loggers: dict[int, str] = {}  # signal -> logger the dump goes to
+        self._read, self._write = os.pipe()  # both close-on-exec (PEP 446)
+        os.set_blocking(self._write, False)
+        threading.Thread(target=self._run, name="stack-dump", daemon=True).start()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        try:
+            os.write(self._write, bytes([signum]))
+        except BlockingIOError:  # the pipe is full of requests: a dump is coming anyway
+            pass
+
+    def _run(self) -> None:
+        while True:
+            asked = set(os.read(self._read, 256))
+            count, text = thread_stacks()
+            for signum in sorted(asked):
+                log = logging.getLogger(self.loggers.get(signum, "stacks"))
+                record = log.makeRecord(log.name, logging.INFO, __file__, 0,
+                                        "%s: stacks of %d threads, pid %d\n%s",
+                                        (signal.Signals(signum).name, count, os.getpid(), text),
+                                        None)
+                log.handle(record)  # not log.info(): the dump was asked for, whatever the level
+
+
+_dumper: _StackDumper | None = None
+
+
 def dump_stacks_on(signum: int = signal.SIGUSR1, logger: str = "stacks") -> bool:
     """On ``signum``, log every thread's stack at INFO through ``logger`` (its handlers and
-    the root's), even when the level would drop INFO. The handler runs in the main thread
-    between two bytecodes, as Python runs signal handlers. Returns False (nothing
-    installed) when not called from the main thread, where signals cannot be handled."""
+    the root's), even when the level would drop INFO, from the process's stack-dump thread.
+    Calling it again for a signal changes the logger. Returns False (nothing installed)
+    when not called from the main thread, where signals cannot be handled."""
+    global _dumper
     if threading.current_thread() is not threading.main_thread():
         return False
-    log = logging.getLogger(logger)
-
-    def on_signal(got: int, _frame: object) -> None:
-        count, text = thread_stacks()
-        record = log.makeRecord(log.name, logging.INFO, __file__, 0,
-                                "%s: stacks of %d threads, pid %d\n%s",
-                                (signal.Signals(got).name, count, os.getpid(), text), None)
-        log.handle(record)  # not log.info(): the dump was asked for, whatever the level
-
-    signal.signal(signum, on_signal)
+    if _dumper is None:
+        _dumper = _StackDumper()
+    _dumper.loggers[signum] = logger
+    signal.signal(signum, _dumper.on_signal)
     return True

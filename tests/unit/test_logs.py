@@ -195,6 +195,7 @@ def test_the_daemon_command_carries_the_rotation_size(tmp_path: Path) -> None:
 def test_sigusr1_logs_every_threads_stack_whatever_the_level() -> None:
     import signal
     import threading
+    import time
 
     from pynydus.logs import dump_stacks_on
 
@@ -219,14 +220,15 @@ def test_sigusr1_logs_every_threads_stack_whatever_the_level() -> None:
     try:
         assert dump_stacks_on(signal.SIGUSR1, logger="test-stacks")
         os.kill(os.getpid(), signal.SIGUSR1)
-        for _ in range(100):  # the handler runs at the next bytecode boundary
-            if records:
-                break
+        deadline = time.monotonic() + 10  # the dump thread logs it
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.01)
         (rec,) = records
         text = rec.getMessage()
         assert text.startswith(f"SIGUSR1: stacks of {threading.active_count()} threads")
         assert "thread 'parked-worker'" in text and "in parked_here" in text
         assert "thread 'MainThread'" in text and "in test_sigusr1_logs" in text
+        assert "daemon thread 'stack-dump'" in text
     finally:
         signal.signal(signal.SIGUSR1, previous)
         parked.set()
