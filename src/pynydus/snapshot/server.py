@@ -190,29 +190,36 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
         image_proxy = ImageServiceProxy(cfg.remote.auth.image_service_address, cri)
         log.info("CRI image service proxy on %s, forwarding to %s", cfg.address,
                  cfg.remote.auth.image_service_address)
+    # The operator's endpoints first: once the snapshots socket answers (what containerd,
+    # `pynydus ctl health` and systemd's READY=1 wait for), the system controller and the
+    # metrics answer too.
+    metrics_server = None
+    system_server = None
     try:
+        if cfg.metrics.address:
+            from pynydus.snapshot import metrics
+
+            metrics.register_process()
+            if fs is not None:
+                metrics.register_daemons(fs.metrics_snapshot)
+                metrics.register_filesystem(fs)
+            metrics_server = metrics.serve_metrics(cfg.metrics.address)
+        if cfg.system.enable:
+            from pynydus.system.controller import Controller
+            from pynydus.system.server import SystemServer
+
+            system_server = SystemServer(Controller(fs), cfg.system.address,
+                                         uid=cfg.system.uid, gid=cfg.system.gid)
         server = serve(snapshotter, cfg.address, uid=cfg.uid, gid=cfg.gid, on_fatal=on_fatal,
                        image_proxy=image_proxy)
     except BaseException:
+        if system_server is not None:
+            system_server.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         snapshotter.close()
         raise
     claim = SocketClaim.of(Path(cfg.address))
-    metrics_server = None
-    if cfg.metrics.address:
-        from pynydus.snapshot import metrics
-
-        metrics.register_process()
-        if fs is not None:
-            metrics.register_daemons(fs.metrics_snapshot)
-            metrics.register_filesystem(fs)
-        metrics_server = metrics.serve_metrics(cfg.metrics.address)
-    system_server = None
-    if cfg.system.enable:
-        from pynydus.system.controller import Controller
-        from pynydus.system.server import SystemServer
-
-        system_server = SystemServer(Controller(fs), cfg.system.address, uid=cfg.system.uid,
-                                     gid=cfg.system.gid)
     log.info("pynydus %s snapshotter serving on %s (root %s)", __version__, cfg.address, cfg.root)
     systemd.notify("READY=1", f"STATUS=serving on {cfg.address}", f"MAINPID={os.getpid()}")
 
