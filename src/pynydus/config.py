@@ -249,9 +249,10 @@ class MirrorsConfig:
 class AuthConfig:
     """``[remote.auth]``: where registry credentials come from besides labels and docker config."""
 
-    enable_kubeconfig_keychain: bool = unsupported(False, _KEYCHAIN)
+    # image pull secrets of the cluster (registry.kubesecrets), after the other sources
+    enable_kubeconfig_keychain: bool = False
     # "": $KUBECONFIG, ~/.kube/config, then the in-cluster service account
-    kubeconfig_path: str = unsupported("", _KEYCHAIN)
+    kubeconfig_path: str = ""
     # the CRI ImageService proxy on the snapshotter's socket (snapshot.imageproxy): the
     # credentials of each PullImage, the call forwarded to image_service_address
     enable_cri_keychain: bool = False

@@ -261,8 +261,9 @@ SNAPSHOTTER: dict[str, Case] = {
         or pytest.fail("skip_ssl_verify"), also=_TARFS_ON),
     "remote.mirrors_config.dir": ShownBy("tests/integration/nydus/test_mirrors.py::"
                                          "test_pull_through_mirror_with_tls_fails_over_and_back"),
-    "remote.auth.enable_kubeconfig_keychain": Refused("true"),
-    "remote.auth.kubeconfig_path": Refused('"/root/.kube/config"'),
+    **{f"remote.auth.{k}": ShownBy("tests/integration/nydus/test_credential_sources.py::"
+                                   "test_kubeconfig_keychain_reads_the_clusters_pull_secrets")
+       for k in ("enable_kubeconfig_keychain", "kubeconfig_path")},
     **{f"remote.auth.{k}": ShownBy("tests/e2e/test_cri_keychain.py::"
                                    "test_private_image_runs_with_the_credentials_of_its_cri_pull")
        for k in ("enable_cri_keychain", "image_service_address")},

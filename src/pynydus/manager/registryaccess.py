@@ -58,13 +58,18 @@ def kubelet_source(cfg: SnapshotterConfig) -> Source:
 def build_keychain(cfg: SnapshotterConfig, *, cri: Source | None = None,
                    kube_secrets: Source | None = None) -> Keychain:
     """The sources ``[remote.auth]`` turns on, in upstream's order. Reads and validates
-    the kubelet provider config now (ConfigError at start-up)."""
+    the kubelet provider config and lists the cluster's pull secrets now (ConfigError at
+    start-up)."""
     sources: list[Source] = [LabelSource()]
     if cri is not None:
         sources.append(cri)
     sources.append(DockerConfigSource())
     if cfg.remote.auth.enable_kubelet_credential_providers:
         sources.append(kubelet_source(cfg))
+    if kube_secrets is None and cfg.remote.auth.enable_kubeconfig_keychain:
+        from pynydus.registry.kubesecrets import KubeSecrets
+
+        kube_secrets = KubeSecrets.start(cfg.remote.auth.kubeconfig_path)
     if kube_secrets is not None:
         sources.append(kube_secrets)
     return Keychain(sources)

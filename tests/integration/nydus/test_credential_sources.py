@@ -298,3 +298,98 @@ def test_failing_sources_are_named_and_bounded_while_others_serve(
             assert "password=b" not in message
     finally:
         remove_tree(work)
+
+
+class _FakeKubeAPI:
+    """``GET /api/v1/secrets?fieldSelector=type=kubernetes.io/dockerconfigjson`` with a
+    bearer token: the cluster's pull secrets (one for another registry, one for ours)."""
+
+    def __init__(self, token: str, secrets: list[dict]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        api = self
+        self.token, self.secrets, self.lists = token, secrets, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                ok = (self.headers.get("Authorization") == f"Bearer {api.token}" and
+                      self.path == "/api/v1/secrets?fieldSelector="
+                                   "type%3Dkubernetes.io%2Fdockerconfigjson")
+                body = json.dumps({"kind": "SecretList", "apiVersion": "v1",
+                                   "items": api.secrets} if ok else
+                                  {"kind": "Status", "code": 401}).encode()
+                api.lists += ok
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _pull_secret(ns: str, name: str, host: str, user: str, password: str) -> dict:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    cfg = json.dumps({"auths": {host: {"auth": auth}}}).encode()
+    return {"metadata": {"namespace": ns, "name": name},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64.b64encode(cfg).decode()}}
+
+
+def test_kubeconfig_keychain_reads_the_clusters_pull_secrets(private: dict,
+                                                             tmp_path: Path) -> None:
+    """``enable_kubeconfig_keychain`` with ``kubeconfig_path``: the image pull secret of
+    the registry, listed from the API server the kubeconfig names, opens the private
+    image; a kubeconfig whose API refuses its token stops the start naming it."""
+    reg: Registry = private["registry"]
+    work = make_workdir("kubesec")
+    token = "kube-" + secrets.token_hex(8)
+    api = _FakeKubeAPI(token, [_pull_secret("apps", "other", "elsewhere.io", "x", "y"),
+                               _pull_secret("apps", "regcred", reg.host, USER, PASSWORD)])
+    try:
+        kubeconfig = work / "kubeconfig"
+        kubeconfig.write_text(textwrap.dedent(f"""
+            apiVersion: v1
+            kind: Config
+            current-context: node
+            clusters:
+              - name: c
+                cluster: {{server: "{api.url}"}}
+            users:
+              - name: u
+                user: {{token: "{token}"}}
+            contexts:
+              - name: node
+                context: {{cluster: c, user: u}}
+            """))
+        kubeconfig.chmod(0o600)
+        config = work / "config.toml"
+        config.write_text(f'version = 1\n[remote.auth]\nenable_kubeconfig_keychain = true\n'
+                          f'kubeconfig_path = "{kubeconfig}"\n')
+        empty = work / "docker"
+        empty.mkdir()
+        with Snapshotter(config=config, env={"DOCKER_CONFIG": str(empty)}) as snap:
+            assert api.lists >= 1
+            read_big(snap, private, pull_nydus_image(snap, private), "default/9/c",
+                     tmp_path / "r1")
+            leaks = find_leaks(NEEDLES, [snap.workdir, work, reg.workdir])
+            assert not leaks, "the registry secret leaked:\n" + "\n".join(leaks)
+        # a token the API refuses: the snapshotter does not start, and says why
+        api.token = "other"
+        bad = Snapshotter(config=config, env={"DOCKER_CONFIG": str(empty)})
+        with pytest.raises(Exception, match=r"(?s)kubeconfig keychain.*HTTP 401"):
+            bad.start()
+        bad.close()
+    finally:
+        api.stop()
+        remove_tree(work)
