@@ -191,6 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 refused a burst of mounts (EAGAIN)
     controller: Controller
     group: int | None = None
 

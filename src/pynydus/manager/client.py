@@ -20,14 +20,27 @@ class _UnixConnection(http.client.HTTPConnection):
         self.path = path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        # With a timeout the socket is non-blocking underneath, and connect() to a unix
+        # socket whose listen queue is full fails at once with EAGAIN instead of waiting
+        # (many mounts or removals at once on the shared daemon): wait for room, within
+        # the timeout.
+        deadline = time.monotonic() + (self.timeout or 30.0)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+            return
 
 
 class DaemonClient:

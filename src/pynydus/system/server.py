@@ -58,6 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 64
     controller: Controller
     owner_uid = -1
     owner_gid = -1
