@@ -62,6 +62,11 @@ def snap(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Snapshotter
         f'version = 1\ndaemon_mode = "{request.param}"\n[daemon]\nlog_rotation_size = 3\n'
         f'[system]\nenable = true\naddress = "{s.system_socket}"\n')  # type: ignore[attr-defined]
     s.start()
+    # The harness waits for the Snapshots socket; the system controller's comes up just
+    # after it (a test that called it at once found no socket, now and then under load).
+    deadline = time.monotonic() + 30
+    while not s.system_socket.exists() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
     try:
         yield s
     finally:
