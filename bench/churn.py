@@ -19,11 +19,14 @@ Measured (figures in docs/benchmarks.md, "Churn and scale"):
 * remove: the Remove calls of all the images of a cycle (container, bootstrap and data
   snapshots, one after another as containerd's GC does), then Cleanup, which unmounts the
   images and stops their daemons (``remove_s`` + ``cleanup_s`` is what removal costs);
-* after each cycle: the shared daemon's and the snapshotter's RSS, and the files,
-  directories, mounts and daemon processes under the root against the start.
+* after each cycle: the shared daemon's and the snapshotter's RSS (against "warm": after
+  the five images of the pause series, which import and set up what any image needs),
+  and the files, directories, mounts and daemon processes under the root against the
+  start.
 
 ``python bench/churn.py --images 100 --cycles 2 --json out.json`` (root; ~10 min);
-``--modes shared`` for one mode.
+``--modes shared`` for one mode; ``--quick`` for CI's smoke. It ends with the issue's
+targets against the last cycle's figures.
 """
 
 from __future__ import annotations
@@ -83,6 +86,19 @@ def _inventory(root: Path) -> dict[str, int]:
         dirs += len(kept)
         files += len(names)
     return {"files": files, "dirs": dirs, "mounts": len(mounts), "depth2": tops}
+
+
+def _stale_dirs(snap: Snapshotter) -> list[str]:
+    """Per-daemon directories (socket/, logs/, config/, daemons/ ``<id>``) of daemons that
+    are not running."""
+    live = set()
+    for pid in snap.daemon_pids():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            live.add(Path(argv[argv.index(b"--apisock") + 1].decode()).parent.name)
+    return sorted(f"{top}/{d.name}" for top in ("socket", "logs", "config", "daemons")
+                  if (snap.root / top).is_dir()
+                  for d in (snap.root / top).iterdir() if d.is_dir() and d.name not in live)
 
 
 def _shared_pid(snap: Snapshotter) -> int | None:
@@ -166,6 +182,9 @@ def run_mode(mode: str, n: int, cycles: int, pause: float, image: dict[str, Any]
             images.remove(ns, chain)
         snap.stub().Cleanup(pb.CleanupRequest())
         time.sleep(pause)
+        shared = _shared_pid(snap)  # warm: what the first images imported and set up
+        out["warm"] = {"snapshotter_rss_kib": snap.rss_kib(),
+                       "shared_daemon": _rollup(shared) if shared else None}
         out["start_after_pause_s"] = {"median": statistics.median(paused), "max": max(paused)}
         out["pull_after_pause_s"] = {"median": statistics.median(paused_pulls),
                                      "max": max(paused_pulls)}
@@ -203,7 +222,11 @@ def run_mode(mode: str, n: int, cycles: int, pause: float, image: dict[str, Any]
             cleanup = time.perf_counter() - t1
             time.sleep(pause)  # the spare refilled, daemons gone
             shared = _shared_pid(snap)
+            deadline = time.monotonic() + 30  # removed images' daemons exit in the background
+            while _stale_dirs(snap) and time.monotonic() < deadline:
+                time.sleep(0.2)
             after = {"inventory": _inventory(snap.root), "daemons": len(snap.daemon_pids()),
+                     "stale_dirs": _stale_dirs(snap),
                      "snapshotter_rss_kib": snap.rss_kib(),
                      "shared_daemon": _rollup(shared) if shared else None}
             out["cycles"].append({"mounted": mounted, "remove_s": removed,
@@ -231,6 +254,34 @@ def make_image(work: Path, reg: Registry) -> dict[str, Any]:
             "boot": work / "image.boot"}
 
 
+def summary(results: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets against the figures of the last cycle of each mode (markdown)."""
+    rows = ["| mode | figure | measured | target | verdict |", "|---|---|---|---|---|"]
+
+    def row(mode: str, what: str, value: float, target: float, unit: str) -> None:
+        verdict = "meets" if value <= target else "MISSES"
+        rows.append(f"| {mode} | {what} | {value:.2f} {unit} | <= {target:g} {unit} | {verdict} |")
+
+    for r in results:
+        mode, last, n = r["mode"], r["cycles"][-1], r["images"]
+        m = last["mounted"]
+        row(mode, "pull, back to back (median)", m["pull_back_to_back_s"]["median"], 0.2, "s")
+        row(mode, "container start, back to back (p90)", m["start_back_to_back_s"]["p90"],
+            0.2, "s")
+        row(mode, f"remove {n} images + Cleanup", last["remove_s"] + last["cleanup_s"],
+            5.0 * n / 100, "s")
+        if mode == "dedicated":
+            row(mode, "PSS per image daemon", m["image_daemon_pss_kib"] / 1024, 10, "MB")
+        else:
+            row(mode, "shared daemon RSS after removal / warm",
+                last["after"]["shared_daemon"]["rss"] / r["warm"]["shared_daemon"]["rss"],
+                1.1, "x")
+        row(mode, "snapshotter RSS after / warm",
+            last["after"]["snapshotter_rss_kib"] / r["warm"]["snapshotter_rss_kib"], 1.1, "x")
+        row(mode, "directories of stopped daemons left", len(last["after"]["stale_dirs"]), 0, "")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=100)
@@ -238,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="dedicated,shared")
     ap.add_argument("--pause", type=float, default=4.0, help="seconds of a pause")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--quick", action="store_true", help="3 images, one cycle (CI's smoke)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.cycles, args.pause = 3, 1, 1.0
     work = Path(tempfile.mkdtemp(prefix="pyn-churn-img-", dir="/var/tmp"))
     results = []
     try:
@@ -248,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_mode(mode, args.images, args.cycles, args.pause, image))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {"load": os.getloadavg(), "results": results}
+    doc = {"load": os.getloadavg(), "results": results, "summary": summary(results)}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1))
-    print(json.dumps(doc, indent=1))
+    print("\n".join(doc["summary"]))
     return 0
 
 
