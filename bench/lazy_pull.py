@@ -93,16 +93,23 @@ CTR = "/usr/bin/ctr"
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
 STARGZ_BIN = lazy_images.WORK / "bin" / "pynydus-stargz"
 MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-shared")
-ALL_MODES = (*MODES, "tarfs")  # tarfs runs when asked for (--modes)
+# tarfs runs when asked for (--modes); so does nydus-list: the nydus mode on a copy of the
+# Nydus image (tag nydus-list: one annotation more, its own digest) for which a prefetch
+# list was learned first (one run of it through our snapshotter, then the list of its
+# daemon's trace pushed beside it, as `pynydus optimize --node-root --push` does); the
+# snapshotter finds the list at mount and pynydusd prefetches in its order
+ALL_MODES = (*MODES, "tarfs", "nydus-list")
+LIST_TAG = "nydus-list"
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
-       "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci"}
+       "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
-               "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus"}
+               "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus",
+               "nydus-list": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
-DAEMON_MODE = {"nydus": None, "nydus-shared": "shared"}
+DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None}
 # the peer: upstream's containerd-nydus-grpc with upstream's nydusd (scripts/peers.sh
 # nydus-snapshotter nydus-rs), in each daemon mode, on the same Nydus image, with the
 # daemon template ours uses (same amplify_io, no prefetch; plain HTTP)
@@ -636,6 +643,41 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             return s
 
 
+def learn_list(reg: Registry, repo: str, expect: str, cmd: str | None) -> str:
+    """Copy ``repo:nydus`` to ``repo:nydus-list`` (a new digest), run it once through our
+    snapshotter (loopback), push the list of its daemon's trace beside it; a note."""
+    from pynydus.cli.optimize_cmd import find_daemon, push_list
+    from pynydus.daemon import prefetchlist
+    from pynydus.registry import RegistryClient
+
+    with RegistryClient(reg.host, scheme="http") as c:
+        m = c.get_manifest(repo, "nydus")
+        doc = json.loads(m.data)
+        doc.setdefault("annotations", {})["pynydus.bench/variant"] = LIST_TAG
+        c.put_manifest(repo, LIST_TAG, m.media_type, json.dumps(doc).encode())
+    ref = f"{reg.host}/{repo}:{LIST_TAG}"
+    with peer("nydus", [reg.host]) as snap, Containerd(
+            getattr(snap, "socket", None), proxy_name="nydus", registry_hosts=[reg.host],
+            tag="lzctrd") as ctrd:
+        assert isinstance(snap, Snapshotter)
+        base = ["-a", str(ctrd.socket), "-n", ctrd.namespace]
+        subprocess.run([CTR_REMOTE, *base, "images", "rpull", "--plain-http", "--snapshotter",
+                        "nydus", ref], check=True, capture_output=True, timeout=1800)
+        run = [CTR, *base, "run", "--rm", "--snapshotter", "nydus", ref, "lz-learn"]
+        if cmd:
+            run += ["/bin/sh", "-c", f"{cmd} && echo {_CMD_OK}"]
+            expect = _CMD_OK
+        r = subprocess.run(run, capture_output=True, text=True, timeout=1800, check=False)
+        if r.returncode != 0 or expect not in r.stdout:
+            raise RunFailed(f"learning run of {ref} failed: {r.stderr[-500:]!r}")
+        sock, mp = find_daemon(str(snap.root), ref)
+        trace = DaemonClient(sock).metrics("trace", mp)
+    plist = prefetchlist.from_trace(trace)
+    digest = push_list(ref, plist)
+    return (f"{repo}:{LIST_TAG}: list of {len(plist.files)} files, {len(plist.ranges)} chunk "
+            f"runs, {plist.compressed_bytes / 1e6:.1f} MB pushed as {digest[:19]}")
+
+
 # --------------------------------------------------------------------- report
 
 def med(xs: list[float]) -> float:
@@ -830,9 +872,14 @@ def main() -> int:
     use_bytecode()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with lazy_images.bench_registry() as reg:
-        formats = tuple(dict.fromkeys(["oci"] + [TAG[m] for m in modes] + [
-            t for t in (a.nydus_tag, a.stargz_tag) if t in lazy_images.VARIANTS]))
+        formats = tuple(dict.fromkeys(["oci"] + [TAG[m] for m in modes if m != "nydus-list"] + [
+            t for t in (a.nydus_tag, a.stargz_tag) if t in lazy_images.VARIANTS]
+            + (["nydus"] if "nydus-list" in modes else [])))
         state = lazy_images.ensure(reg, images, formats=formats)
+        if "nydus-list" in modes:
+            for img in images:
+                notes.append(learn_list(reg, state[img]["repo"], state[img]["expect"], a.cmd))
+                say(notes[-1])
         for net in networks:
             with contextlib.ExitStack() as stack:
                 host = reg.host

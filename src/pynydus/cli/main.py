@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pynydus.cli.convert_cmd import _add_convert
     from pynydus.cli.ctl import add_ctl
     from pynydus.cli.image_cmd import add_image
+    from pynydus.cli.optimize_cmd import add_optimize
 
     _add_snapshotter(sub)
     add_image(sub)
     _add_convert(sub)
     add_ctl(sub)
+    add_optimize(sub)
     return parser
 
 

@@ -52,6 +52,7 @@ class Controller(Protocol):
     def get_config(self, sid: str | None) -> dict[str, Any]: ...
     def update_config(self, sid: str | None, values: dict[str, Any]) -> None: ...
     def backend_info(self, mountpoint: str) -> dict[str, Any]: ...
+    def prefetch_list(self, mountpoint: str, body: dict[str, Any]) -> None: ...
 
 
 def _status(err: Exception) -> int:
@@ -159,6 +160,10 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "DELETE":
                 ctl.umount(mountpoint)
                 return None
+        elif path == "/api/v1/prefetch" and method == "PUT":
+            # ours: a prefetch list (daemon.prefetchlist) for an image mounted here
+            ctl.prefetch_list(q.get("mountpoint", "/"), self._body())
+            return None
         elif path.startswith("/api/v1/metrics") and method == "GET":
             kind = path[len("/api/v1/metrics"):].lstrip("/") or "fs"
             result = ctl.metrics(kind, q.get("id"), q)

@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from pynydus import __version__
-from pynydus.daemon import metrics, trace
+from pynydus.daemon import metrics, prefetchlist, trace
 from pynydus.daemon.api import ApiServer
 from pynydus.daemon.blobcache import Backend, LocalFsBackend
 from pynydus.daemon.config import BackendConfig, NydusdConfig, parse_daemon_config
@@ -34,7 +34,13 @@ from pynydus.daemon.fusefs import RafsFs, Vfs
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.metrics import CacheStats
 from pynydus.daemon.prefetch import Prefetcher
-from pynydus.errors import InvalidArgument, NotFound, NotImplementedFeature, Unavailable
+from pynydus.errors import (
+    FormatError,
+    InvalidArgument,
+    NotFound,
+    NotImplementedFeature,
+    Unavailable,
+)
 from pynydus.host.mount import unmount
 from pynydus.host.mountinfo import is_mountpoint
 from pynydus.logs import level_of
@@ -291,6 +297,26 @@ class Daemon:
         files = body.get("prefetch_files")
         self._start_prefetch(inst, list(files) if isinstance(files, list) else None)
         log.info("mounted %s at %s", source, mountpoint)
+
+    def prefetch_list(self, mountpoint: str, body: dict[str, Any]) -> None:
+        """Prefetch the image at ``mountpoint`` in the order of a prefetch list (the
+        JSON document of ``daemon.prefetchlist``), limited by its config's prefetch
+        bandwidth; returns at once. Its blobs the image lacks are skipped."""
+        inst = self._inst_for(mountpoint)
+        if inst is None:
+            raise NotFound(f"no image mounted at {mountpoint}")
+        try:
+            plist = prefetchlist.parse(json.dumps(body).encode(), f"prefetch list for {mountpoint}")
+        except FormatError as err:
+            raise InvalidArgument(str(err)) from err
+        p = inst.config.rafs.prefetch
+        with self._lock:
+            if self.prefetcher is None:
+                self.prefetcher = Prefetcher(p.threads, p.bandwidth_limit,
+                                             busy=lambda: bool(self.fs and self.fs.inflight))
+        self.prefetcher.submit_list(inst, plist)
+        log.info("prefetching %s from a list: %d chunk runs, %d bytes", mountpoint,
+                 len(plist.ranges), plist.compressed_bytes)
 
     def remount(self, mountpoint: str, body: dict[str, Any]) -> None:
         self.umount(mountpoint)

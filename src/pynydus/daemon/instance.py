@@ -339,6 +339,19 @@ class RafsInstance:
                                         max_request=max_request)
         return fetched
 
+    def prefetch_run(self, blob_index: int, indexes: Iterable[int]) -> int:
+        """Fetch chunks of one blob by index (a prefetch list's run) into the cache;
+        bytes fetched. Indexes the bootstrap's chunk table does not have are skipped
+        (a list made for another build of the image)."""
+        if not 0 <= blob_index < len(self.bs.blobs):
+            return 0
+        chunk_at = self._chunk_lookup(blob_index)
+        refs = [r for r in (chunk_at(i) for i in indexes) if r is not None]
+        if not refs:
+            return 0
+        return self.cache(blob_index).ensure(refs, amplify=False, prefetch=True,
+                                             max_request=self.config.rafs.prefetch.batch_size)
+
     def _refs_by_blob(self, chunks: Iterable[FileChunk]) -> dict[int, list[ChunkRef]]:
         """The chunks' cache references, grouped by blob index (order kept within a blob)."""
         by_blob: dict[int, list[ChunkRef]] = {}

@@ -2,7 +2,9 @@
 
 What is prefetched (upstream's order): the files of ``--prefetch-files`` or of the
 mount request, else the bootstrap's prefetch table (directories expanded), then,
-with ``prefetch_all``, every chunk of the image. Workers are plain threads owned
+with ``prefetch_all``, every chunk of the image. A prefetch list learned from a start-up
+(``prefetchlist``, handed over by the snapshotter after the mount) is fetched in its
+own order, chunk runs of up to 64 chunks at a time. Workers are plain threads owned
 by the Prefetcher; ``stop()`` ends them. They yield to foreground reads: while any
 FUSE read is in flight a worker waits, so a container's own reads go first. A
 token bucket limits the bandwidth when ``bandwidth_limit`` is set.
@@ -10,6 +12,7 @@ token bucket limits the bandwidth when ``bandwidth_limit`` is set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from pynydus.daemon.instance import RafsInstance
+from pynydus.daemon.prefetchlist import PrefetchList, chunks_in_order
 from pynydus.errors import NydusError
 from pynydus.rafs.read import FileChunk
 
@@ -98,7 +102,11 @@ class Prefetcher:
         self.bucket = TokenBucket(bandwidth_limit)
         self.busy = busy
         self.stop_event = threading.Event()
-        self.queue: queue.Queue[tuple[RafsInstance, list[FileChunk]] | None] = queue.Queue(maxsize=256)
+        # (bytes the job fetches at most, the job: returns bytes fetched, whether it
+        # waits for foreground reads: a list's jobs do not, they fetch what those reads
+        # are about to ask for)
+        self.queue: queue.Queue[tuple[int, Callable[[], int], bool] | None] = queue.Queue(
+            maxsize=256)
         self.workers: list[threading.Thread] = []
         self.done_bytes = 0
         self.requests = 0
@@ -109,14 +117,21 @@ class Prefetcher:
 
     def submit(self, inst: RafsInstance, files: list[str] | None, prefetch_all: bool) -> None:
         """Queue the prefetch of one image (files first, then everything if asked)."""
+        self._start_feeder(self._feed, inst, files, prefetch_all)
+
+    def submit_list(self, inst: RafsInstance, plist: PrefetchList) -> None:
+        """Queue the prefetch of one image's list, in its order (blobs the image does
+        not have are skipped; chunks already cached cost nothing)."""
+        self._start_feeder(self._feed_list, inst, plist)
+
+    def _start_feeder(self, target: Callable[..., None], *args: object) -> None:
         if not self.workers:
             self.begin = time.time()
             for i in range(self.threads):
                 t = threading.Thread(target=self._work, name=f"prefetch-{i}", daemon=True)
                 t.start()
                 self.workers.append(t)
-        feeder = threading.Thread(target=self._feed, args=(inst, files, prefetch_all),
-                                  name="prefetch-feed", daemon=True)
+        feeder = threading.Thread(target=target, args=args, name="prefetch-feed", daemon=True)
         feeder.start()
         self._feeders.append(feeder)
 
@@ -134,6 +149,22 @@ class Prefetcher:
         except Exception:
             log.exception("prefetch feeder failed")
 
+    def _feed_list(self, inst: RafsInstance, plist: PrefetchList) -> None:
+        try:
+            index_of = {b.blob_id: i for i, b in enumerate(inst.bs.blobs)}
+            sizes = {(index_of.get(plist.blobs[r[0]]), r[1]): r[4] for r in plist.ranges}
+            for blob_index, indexes in chunks_in_order(plist, index_of):
+                nbytes = sizes.get((blob_index, indexes[0]), 0)
+                for i in range(0, len(indexes), _BATCH_CHUNKS):
+                    if self.stop_event.is_set():
+                        return
+                    part = indexes[i:i + _BATCH_CHUNKS]
+                    share = nbytes * len(part) // len(indexes)
+                    self.queue.put((share, functools.partial(inst.prefetch_run, blob_index, part),
+                                    False))
+        except Exception:
+            log.exception("prefetch list feeder failed")
+
     def _put_chunks(self, inst: RafsInstance, chunks: Iterator[FileChunk]) -> None:
         batch: list[FileChunk] = []
         for c in chunks:
@@ -141,10 +172,14 @@ class Prefetcher:
                 return
             batch.append(c)
             if len(batch) >= _BATCH_CHUNKS:
-                self.queue.put((inst, batch))
+                self._put_batch(inst, batch)
                 batch = []
         if batch:
-            self.queue.put((inst, batch))
+            self._put_batch(inst, batch)
+
+    def _put_batch(self, inst: RafsInstance, batch: list[FileChunk]) -> None:
+        nbytes = sum(c.compressed_size or c.uncompressed_size for c in batch)
+        self.queue.put((nbytes, functools.partial(inst.prefetch_chunks, batch), True))
 
     def _work(self) -> None:
         while not self.stop_event.is_set():
@@ -154,18 +189,18 @@ class Prefetcher:
                 continue
             if item is None:
                 return
-            inst, batch = item
-            while self.busy() and not self.stop_event.is_set():
+            nbytes, job, yields = item
+            while yields and self.busy() and not self.stop_event.is_set():
                 self.stop_event.wait(0.005)  # foreground reads first
-            self.bucket.take(sum(c.compressed_size or c.uncompressed_size for c in batch), self.stop_event)
+            self.bucket.take(nbytes, self.stop_event)
             try:
-                n = inst.prefetch_chunks(batch)
+                n = job()
                 with self._lock:
                     self.done_bytes += n
                     self.requests += 1
                     self.end = time.time()
             except NydusError as err:
-                log.warning("prefetch of %d chunks failed: %s", len(batch), err)
+                log.warning("prefetch of up to %d bytes failed: %s", nbytes, err)
             except Exception:
                 log.exception("prefetch worker error")
 

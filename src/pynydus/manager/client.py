@@ -119,6 +119,11 @@ class DaemonClient:
     def umount(self, mountpoint: str) -> None:
         self._request("DELETE", f"/api/v1/mount?mountpoint={mountpoint}")
 
+    def prefetch_list(self, mountpoint: str, doc: dict[str, Any]) -> None:
+        """``PUT /api/v1/prefetch`` (pynydusd's): prefetch the image at ``mountpoint``
+        (``/`` for a daemon started with its bootstrap) in a prefetch list's order."""
+        self._request("PUT", f"/api/v1/prefetch?mountpoint={mountpoint}", doc)
+
     def fs_metrics(self, sid: str | None = None) -> dict[str, Any]:
         path = "/api/v1/metrics" + (f"?id={sid}" if sid else "")
         out: dict[str, Any] = self._request("GET", path)

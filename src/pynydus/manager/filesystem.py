@@ -13,6 +13,7 @@ snapshot is removed; a dedicated daemon lives exactly as long as that snapshot.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from pynydus.logs import nydusd_level
 from pynydus.manager.client import DaemonClient
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
+from pynydus.manager.prefetchlookup import PrefetchListLookup
 from pynydus.manager.registryaccess import build_keychain, check_access
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.rafs.format import bootstrap_version
@@ -147,6 +149,8 @@ class NydusFilesystem:
         # image -> files its next dedicated daemon prefetches (the system controller's
         # PUT /api/v1/prefetch; taken by the mount, as upstream does)
         self.prefetch_lists = PrefetchLists()
+        # prefetch lists learned from start-ups, found in the registry at mount
+        self.list_lookup = PrefetchListLookup()
         self.cache_gc = CacheGcStats()  # what Cleanup's cache GC did, for the metrics
 
     # --- start-up ------------------------------------------------------------------------
@@ -196,6 +200,7 @@ class NydusFilesystem:
             if self._mounting:
                 log.warning("closing with %d mounts still under way", self._mounting)
         self._refill_now.set()
+        self.list_lookup.close()
         if self._refill_thread is not None:
             self._refill_thread.join(timeout=20)  # it stops what it started once it sees closing
         self.manager.close()
@@ -276,12 +281,28 @@ class NydusFilesystem:
                              mirrors_dir=self.cfg.remote.mirrors_config.dir,
                              credentials=creds.found.credentials if creds.found else None)
             check_access(image_ref, cfg, labels, creds, f"snapshot {q(sid)}")
-            if self.mode == "shared":
-                rec = self._mount_shared(sid, image_ref, boot, cfg)
-            else:
-                rec = self._mount_dedicated(sid, image_ref, boot, cfg)
-            self.instances[sid] = self.store.put_instance(rec)
+            listed = self.list_lookup.start(image_ref, labels, cfg)  # beside the mount
+            try:
+                if self.mode == "shared":
+                    rec = self._mount_shared(sid, image_ref, boot, cfg)
+                else:
+                    rec = self._mount_dedicated(sid, image_ref, boot, cfg)
+            except BaseException:
+                listed.cancel()
+                raise
+            stored = self.instances[sid] = self.store.put_instance(rec)
+            self.list_lookup.deliver(listed, functools.partial(self._send_list, stored),
+                                     f"image {q(image_ref)}")
             return rec.mountpoint
+
+    def _send_list(self, rec: RafsRecord, doc: dict[str, Any]) -> None:
+        """Hand a prefetch list to the daemon serving ``rec`` (the image is at ``/<id>``
+        in a daemon it was mounted into through the API, at ``/`` in one started with it)."""
+        live = self.manager.daemons.get(rec.daemon_id)
+        if live is None or self.instances.get(rec.snapshot_id) is not rec:
+            return  # unmounted meanwhile
+        sub = os.path.relpath(rec.mountpoint, live.record.mountpoint)
+        live.client.prefetch_list("/" if sub == "." else f"/{sub}", doc)
 
     def _wait_bootstrap(self, sdir: str) -> str:
         deadline = time.monotonic() + _BOOTSTRAP_WAIT

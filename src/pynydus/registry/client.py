@@ -546,6 +546,16 @@ class RegistryClient:
                       artifact_type: str | None = None) -> dict[str, Any]:
         """The image index of manifests whose ``subject`` is ``digest``: the referrers
         API when the registry has it, else the fallback tag, else an empty index."""
+        doc = self.referrers_api(repo, digest, artifact_type)
+        if doc is not None:
+            return doc
+        return self.referrers_fallback(repo, digest, artifact_type)
+
+    def referrers_api(self, repo: str, digest: str,
+                      artifact_type: str | None = None) -> dict[str, Any] | None:
+        """The referrers API's index for ``digest``; None when the registry has no
+        referrers API (it answers 404 there; one that has it answers 200 even for a
+        digest nothing refers to)."""
         self._check(repo, digest)
         what = f"referrers of {q(digest)} in {q(repo)}"
 
@@ -563,9 +573,14 @@ class RegistryClient:
                     "oci-filters-applied", ""):
                 doc = filter_artifact_type(doc, artifact_type)
             return doc
-        doc = self._t.retrying(what, op)
-        if doc is not None:
-            return doc
+        return self._t.retrying(what, op)
+
+    def referrers_fallback(self, repo: str, digest: str,
+                           artifact_type: str | None = None) -> dict[str, Any]:
+        """The referrers index kept under ``digest``'s fallback tag (registries without
+        the referrers API); an empty index when there is none."""
+        self._check(repo, digest)
+        what = f"referrers of {q(digest)} in {q(repo)}"
         try:
             m = self.get_manifest(repo, fallback_tag(digest), accept=(media.OCI_INDEX,))
         except NotFound:

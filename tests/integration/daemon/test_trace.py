@@ -94,3 +94,36 @@ def test_shared_daemon_traces_each_image(full_image: Image, start_daemon: StartF
     assert status == 400 and "?id=" in body["message"]
     assert [f["path"] for f in d.get("/api/v1/metrics/files?id=/a")] == ["/files/tiny"]
     assert [f["path"] for f in d.get("/api/v1/metrics/files?id=/b")] == ["/files/one-chunk"]
+
+
+def test_a_list_from_one_daemons_trace_prefetches_another_in_order(
+        full_image: Image, start_daemon: StartFn, workdir: Path) -> None:
+    """Daemon A's trace becomes a list; daemon B (empty cache) is handed it after its
+    mount (PUT /api/v1/prefetch) and fetches those chunks before anything reads them:
+    reading A's files on B then costs no backend request."""
+    from pynydus.daemon import prefetchlist
+
+    a = start_daemon("a", bootstrap=full_image.bootstrap,
+                     config=localfs_config(full_image.blob_dir, workdir / "cache-a"))
+    for name in ORDER:
+        (a.mountpoint / name).read_bytes()
+    plist = prefetchlist.from_trace(a.get("/api/v1/metrics/trace"))
+    assert plist.files == tuple("/" + n for n in ORDER)
+    assert plist.ranges and plist.blobs == (full_image.blob_id,)
+
+    b = start_daemon("b", bootstrap=full_image.bootstrap,
+                     config=localfs_config(full_image.blob_dir, workdir / "cache-b"))
+    assert b.get("/api/v1/metrics/blobcache")["prefetch_data_amount"] == 0  # no list: none
+    status, body = b.api("PUT", "/api/v1/prefetch?mountpoint=/", {"version": 9})
+    assert status == 400 and "prefetch list" in body["message"]
+    assert b.api("PUT", "/api/v1/prefetch?mountpoint=/",
+                 json.loads(plist.to_json())) == (204, None)
+    deadline = time.monotonic() + 20
+    while b.get("/api/v1/metrics/blobcache")["prefetch_data_amount"] < plist.compressed_bytes:
+        assert time.monotonic() < deadline, "the list was not prefetched"
+        time.sleep(0.05)
+    before = b.get("/api/v1/metrics/backend")["read_count"]
+    for name in ORDER:
+        assert (b.mountpoint / name).read_bytes() == (full_image.src / name).read_bytes()
+    assert b.get("/api/v1/metrics/backend")["read_count"] == before
+    assert b.get("/api/v1/metrics/trace")["chunks"]  # B's own reads are traced as usual

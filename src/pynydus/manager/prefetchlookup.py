@@ -1,0 +1,151 @@
+"""Prefetch lists at pull: find an image's list in the registry and hand it to its daemon.
+
+When an image is mounted, its list (an OCI artifact referring to the image manifest,
+``pynydus optimize --push``) is looked up in the background, beside the mount: the
+manifest digest comes from containerd's label (else one HEAD of the reference), the
+referrers from one request (``registry.artifact.ReferrersFinder``: the referrers API, or
+the fallback tag once the registry is known to lack it; answers cached). A list found is
+fetched (inline in its manifest when small), checked, and handed to the daemon that
+serves the image (``PUT /api/v1/prefetch``), which prefetches in its order. No list, a
+registry without one, or any failure: nothing happens (a debug line), and the mount never
+waits for the lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from pynydus import labels as L
+from pynydus.daemon import prefetchlist
+from pynydus.daemon.prefetchlist import PrefetchList
+from pynydus.errors import NydusError
+
+if TYPE_CHECKING:
+    from pynydus.daemon.config import RegistryConfig
+    from pynydus.registry.client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+
+def _warm_imports() -> None:
+    try:
+        import pynydus.daemon.registry_backend
+        import pynydus.registry.artifact
+        import pynydus.registry.client  # noqa: F401
+    except Exception:
+        log.debug("warming the registry client imports failed", exc_info=True)
+
+
+class PrefetchListLookup:
+    """Looks up images' prefetch lists on its own threads; ``close()`` stops them."""
+
+    def __init__(self, workers: int = 4) -> None:
+        from pynydus.registry.artifact import ReferrersFinder
+
+        self.finder = ReferrersFinder()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch-list")
+        self._lists: dict[str, PrefetchList] = {}  # artifact digest -> list
+        # one client per registry and credentials: building one (an SSL context, a
+        # connection pool) costs more than the lookup itself
+        self._clients: dict[tuple[str, ...], RegistryClient] = {}
+        self._lock = threading.Lock()
+        # the registry client's imports (httpx, ssl) cost a first lookup ~0.3 s: take
+        # them now, off every mount's way
+        self._pool.submit(_warm_imports)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            c.close()
+
+    def _client(self, reg: RegistryConfig) -> RegistryClient:
+        from pynydus.daemon.registry_backend import client_from_config
+
+        key = (reg.host, reg.scheme, reg.auth, reg.registry_token, str(reg.skip_verify),
+               ",".join(m.host for m in reg.mirrors))
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                if len(self._clients) >= 32:
+                    self._clients.pop(next(iter(self._clients))).close()
+                client = self._clients[key] = client_from_config(reg)
+            return client
+
+    def start(self, image_ref: str, labels: Mapping[str, str], daemon_cfg: Mapping[str, Any]
+              ) -> Future[PrefetchList | None]:
+        """Look the list of ``image_ref`` up in the background (the registry and
+        credentials of its daemon config); the future holds it, or None."""
+        return self._pool.submit(self._lookup_quietly, image_ref, dict(labels), dict(daemon_cfg))
+
+    @staticmethod
+    def deliver(pending: Future[PrefetchList | None], send: Callable[[dict[str, Any]], None],
+                what: str) -> None:
+        """Once ``pending`` has a list, ``send`` its JSON document (to the daemon)."""
+
+        def done(f: Future[PrefetchList | None]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            plist = f.result()
+            if not plist:
+                return
+            try:
+                send(json.loads(plist.to_json()))
+                log.info("%s: prefetch list handed to the daemon (%d chunk runs, %d bytes)",
+                         what, len(plist.ranges), plist.compressed_bytes)
+            except Exception as err:  # noqa: BLE001 - a prefetch is a hint
+                log.warning("%s: the daemon did not take the prefetch list: %s", what, err)
+
+        pending.add_done_callback(done)
+
+    def _lookup_quietly(self, image_ref: str, labels: dict[str, str],
+                        daemon_cfg: dict[str, Any]) -> PrefetchList | None:
+        try:
+            return self.lookup(image_ref, labels, daemon_cfg)
+        except Exception as err:  # noqa: BLE001 - no list is the ordinary case
+            log.debug("prefetch list of %s: none (%s)", image_ref, err)
+            return None
+
+    def lookup(self, image_ref: str, labels: Mapping[str, str],
+               daemon_cfg: Mapping[str, Any]) -> PrefetchList | None:
+        """The newest prefetch list referring to ``image_ref``'s manifest, or None."""
+        from pynydus.daemon.config import parse_daemon_config
+        from pynydus.registry.artifact import fetch_artifact
+        from pynydus.registry.reference import parse_reference
+
+        cfg, _ = parse_daemon_config(json.dumps(daemon_cfg), "prefetch list lookup")
+        if cfg.backend.type != "registry":
+            return None
+        reg = cfg.backend.registry
+        ref = parse_reference(image_ref)
+        client = self._client(reg)
+        digest = labels.get(L.CRI_MANIFEST_DIGEST) or ref.digest
+        if not digest:
+            digest = client.head_manifest(reg.repo, ref.tag or "latest").digest
+        found = self.finder.find(client, reg.host, reg.repo, digest, prefetchlist.ARTIFACT_TYPE)
+        if not found:
+            log.debug("prefetch list of %s (%s): none", image_ref, digest)
+            return None
+        artifact = str(found[0]["digest"])
+        with self._lock:
+            cached = self._lists.get(artifact)
+        if cached is not None:
+            return cached
+        data = fetch_artifact(client, reg.repo, artifact, prefetchlist.MEDIA_TYPE,
+                              prefetchlist.MAX_BYTES)
+        try:
+            plist = prefetchlist.parse(data, f"prefetch list {artifact} of {image_ref}")
+        except NydusError as err:
+            log.warning("%s", err)
+            return None
+        with self._lock:
+            self._lists[artifact] = plist
+            if len(self._lists) > 256:
+                self._lists.pop(next(iter(self._lists)))
+        return plist
