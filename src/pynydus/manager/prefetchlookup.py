@@ -17,13 +17,13 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from pynydus import labels as L
 from pynydus.daemon import prefetchlist
 from pynydus.daemon.prefetchlist import PrefetchList
-from pynydus.errors import NydusError
+from pynydus.errors import NydusError, Unavailable
 
 if TYPE_CHECKING:
     from pynydus.daemon.config import RegistryConfig
@@ -42,25 +42,27 @@ def _warm_imports() -> None:
 
 
 class PrefetchListLookup:
-    """Looks up images' prefetch lists on its own threads; ``close()`` stops them."""
+    """Looks up images' prefetch lists, each on a thread of its own."""
 
-    def __init__(self, workers: int = 4) -> None:
+    def __init__(self) -> None:
         from pynydus.registry.artifact import ReferrersFinder
 
         self.finder = ReferrersFinder()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch-list")
         self._lists: dict[str, PrefetchList] = {}  # artifact digest -> list
         # one client per registry and credentials: building one (an SSL context, a
         # connection pool) costs more than the lookup itself
         self._clients: dict[tuple[str, ...], RegistryClient] = {}
         self._lock = threading.Lock()
+        self._closed = False
         # the registry client's imports (httpx, ssl) cost a first lookup ~0.3 s: take
         # them now, off every mount's way
-        self._pool.submit(_warm_imports)
+        threading.Thread(target=_warm_imports, name="prefetch-list-warm", daemon=True).start()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Lookups under way end quietly (their threads are daemon threads: a registry
+        that does not answer never holds the snapshotter's exit)."""
         with self._lock:
+            self._closed = True
             clients, self._clients = list(self._clients.values()), {}
         for c in clients:
             c.close()
@@ -71,6 +73,8 @@ class PrefetchListLookup:
         key = (reg.host, reg.scheme, reg.auth, reg.registry_token, str(reg.skip_verify),
                ",".join(m.host for m in reg.mirrors))
         with self._lock:
+            if self._closed:
+                raise Unavailable("prefetch list lookup: closed")
             client = self._clients.get(key)
             if client is None:
                 if len(self._clients) >= 32:
@@ -82,7 +86,16 @@ class PrefetchListLookup:
               ) -> Future[PrefetchList | None]:
         """Look the list of ``image_ref`` up in the background (the registry and
         credentials of its daemon config); the future holds it, or None."""
-        return self._pool.submit(self._lookup_quietly, image_ref, dict(labels), dict(daemon_cfg))
+        fut: Future[PrefetchList | None] = Future()
+        labels, cfg = dict(labels), dict(daemon_cfg)
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            fut.set_result(None if self._closed else self._lookup_quietly(image_ref, labels, cfg))
+
+        threading.Thread(target=run, name="prefetch-list", daemon=True).start()
+        return fut
 
     @staticmethod
     def deliver(pending: Future[PrefetchList | None], send: Callable[[dict[str, Any]], None],
