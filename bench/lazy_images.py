@@ -3,6 +3,7 @@
 
 Three images, each pushed to a loopback ``docker-registry`` as ``bench/<name>:oci``
 (plain OCI, gzip layers), converted with ``pynydus convert`` to ``bench/<name>:nydus``
+(and, on request, with ``--oci-ref`` to ``bench/<name>:zran``)
 and with ``ctr-remote images convert --estargz --oci`` (inside a private containerd)
 to ``bench/<name>:esgz``:
 
@@ -419,10 +420,11 @@ def push_layout(layout: Path, ref: str) -> None:
                     f"oci:{layout}:latest", f"docker://{ref}"], check=True, timeout=1800)
 
 
-def convert_nydus(src: str, dst: str) -> None:
+def convert_nydus(src: str, dst: str, *extra: str) -> None:
     exe = [str(PYNYDUS)] if PYNYDUS.exists() else [sys.executable, "-m", "pynydus.cli.main"]
     subprocess.run([*exe, "convert", "--source", src, "--target", dst, "--source-insecure",
-                    "--target-insecure", "--progress", "plain"], check=True, timeout=3600)
+                    "--target-insecure", "--progress", "plain", *extra], check=True,
+                   timeout=3600)
 
 
 RECORD_TOUCHED = ("exec(open('/app/main.py').read()); "
@@ -504,6 +506,11 @@ def ensure(registry: Registry, names: list[str], *, rebuild: bool = False,
             t0 = time.monotonic()
             convert_nydus(f"{host}/{repo}:oci", f"{host}/{repo}:nydus")
             st["nydus_convert_s"] = round(time.monotonic() - t0, 1)
+        if "zran" in formats and (fresh or not tag_exists(host, repo, "zran")):
+            summary = WORK / f"{name}-zran.json"
+            convert_nydus(f"{host}/{repo}:oci", f"{host}/{repo}:zran", "--oci-ref",
+                          "--output-json", str(summary))
+            st["zran_pushed"] = json.loads(summary.read_text())["images"][0]["oci_ref"]
         if "esgz" in formats and (fresh or not tag_exists(host, repo, "esgz")):
             need_esgz.append((f"{host}/{repo}:oci", f"{host}/{repo}:esgz"))
         state[name] = st

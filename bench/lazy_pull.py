@@ -18,6 +18,9 @@ startup command, for the same image pulled several ways, all in one run:
              as it arrives, and the container runs on kernel EROFS mounts of the tars.
              Not in the default ``--modes``: ``--modes overlayfs,tarfs``. Held against
              overlayfs (targets: many-files >= 2x faster, large no slower).
+  zran       the nydus mode on ``REF:zran`` (``pynydus convert --oci-ref``: only the
+             bootstraps were pushed; pynydusd reads the OCI layers themselves); on request
+             (``--modes ...,zran``), held against nydus (target <= 1.2x pull+run);
   upstream   the peer: the same pull and run of the same Nydus image through upstream's
              ``containerd-nydus-grpc`` with upstream's ``nydusd`` (``upstream-shared``:
              its shared mode), from ``scripts/peers.sh``, with the daemon template ours
@@ -98,18 +101,19 @@ MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-s
 # list was learned first (one run of it through our snapshotter, then the list of its
 # daemon's trace pushed beside it, as `pynydus optimize --node-root --push` does); the
 # snapshotter finds the list at mount and pynydusd prefetches in its order
-ALL_MODES = (*MODES, "tarfs", "nydus-list")
+ALL_MODES = (*MODES, "tarfs", "nydus-list", "zran")  # zran: REF:zran (convert --oci-ref)
 LIST_TAG = "nydus-list"
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
-       "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG}
+       "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG,
+       "zran": "zran"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
                "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus",
-               "nydus-list": "nydus"}
+               "nydus-list": "nydus", "zran": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
-DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None}
+DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None, "zran": None}
 # the peer: upstream's containerd-nydus-grpc with upstream's nydusd (scripts/peers.sh
 # nydus-snapshotter nydus-rs), in each daemon mode, on the same Nydus image, with the
 # daemon template ours uses (same amplify_io, no prefetch; plain HTTP)
@@ -125,6 +129,7 @@ TARFS_CONFIG = ('version = 1\n[daemon]\nfs_driver = "blockdev"\n[experimental.ta
 TARGET_VS_UPSTREAM = 1.0
 NETWORKS = ("loopback", "100mbit")
 TARGET_X = 10.0
+TARGET_ZRAN = 1.2  # zran pull+run / nydus pull+run (issue 16)
 
 # 127.0.0.1 - - [27/Nov/2026:18:50:01 +0000] "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 1234 "" "ua"
 _ACCESS = re.compile(r'"(?P<m>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
@@ -781,7 +786,14 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
                 out.append(f"{'PASS' if ok else 'FAIL'} {img}/{net}: tarfs "
                            f"{tf['x_vs_overlayfs']:.2f}x faster than overlayfs "
                            f"(target >= {x:.1f}x)")
-        for m in DAEMON_MODE:
+        for img in ("large", "many-files", "small"):
+            z, ny = get.get((net, img, "zran")), get.get((net, img, "nydus"))
+            if z and ny:
+                q = z["total_s"] / ny["total_s"]
+                out.append(f"{'PASS' if q <= TARGET_ZRAN else 'FAIL'} {img}/{net}: zran "
+                           f"{z['total_s']:.2f} s = {q:.2f}x nydus {ny['total_s']:.2f} s "
+                           f"(target <= {TARGET_ZRAN:.1f}x)")
+        for m in (x for x in DAEMON_MODE if x != "zran"):
             ny, sg, ov = (get.get((net, "large", x)) for x in (m, "stargz", "overlayfs"))
             if ny and ov and net == "loopback":
                 ok = ny["x_vs_overlayfs"] >= TARGET_X
@@ -815,7 +827,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--repeat", type=int, default=3)
     ap.add_argument("--images", default="large,many-files,small")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"of {', '.join(ALL_MODES)} (zran: `pynydus convert --oci-ref`)")
     ap.add_argument("--networks", default=",".join(NETWORKS))
     ap.add_argument("--mbit", type=float, default=100.0, help="throttled network rate")
     ap.add_argument("--quick", action="store_true", help="small image only, n=1 (CI smoke)")

@@ -39,6 +39,10 @@ NYDUS_TARFS = "containerd.io/snapshot/nydus-tarfs"
 NYDUS_IMAGE_BLOCK = "containerd.io/snapshot/nydus-image-block"
 NYDUS_LAYER_BLOCK = "containerd.io/snapshot/nydus-layer-block"
 NYDUS_INDEX_ALTERNATIVE = "containerd.io/snapshot/nydus-index-alternative"
+# an OCI layer not downloaded because the image has a Nydus form: "referrer|index <digest>"
+NYDUS_DETECTED = "containerd.io/snapshot/nydus-detected"
+# the layer was unpacked as OCI by the snapshotter because lazy serving failed: the cause
+NYDUS_FALLBACK = "containerd.io/snapshot/nydus-oci-fallback"
 
 # --- credentials via labels ----------------------------------------------------
 PULL_USERNAME = "containerd.io/snapshot/pullusername"

@@ -103,6 +103,7 @@ nydus_overlayfs_path = "/usr/local/bin/nydus-overlayfs"
 enable_kata_volume = true
 sync_remove = true
 enable_overlayfs_volatile = true
+oci_fallback = false
 
 [cache_manager]
 disable = true
@@ -180,6 +181,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "snapshot.enable_kata_volume": True,
     "snapshot.sync_remove": True,
     "snapshot.enable_overlayfs_volatile": True,
+    "snapshot.oci_fallback": False,
     "cache_manager.disable": True,
     "cache_manager.gc_period": 43200.0,
     "cache_manager.cache_dir": "/var/cache/nydus",
@@ -400,6 +402,7 @@ WRONG_TYPES: dict[str, str] = {
     "snapshot.enable_kata_volume": '"true"',
     "snapshot.sync_remove": '"yes"',
     "snapshot.enable_overlayfs_volatile": "1",
+    "snapshot.oci_fallback": '"no"',
     "cache_manager.disable": "0",
     "cache_manager.gc_period": "86400",
     "cache_manager.cache_dir": "1",

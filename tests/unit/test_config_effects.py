@@ -157,6 +157,14 @@ def _socket_owner(run: Run) -> tuple[int, int]:
         sn.close()
 
 
+def _detector(run: Run) -> tuple[bool, bool] | None:
+    """(referrer, index) detection the snapshotter would run with, or None."""
+    from pynydus.snapshot.server import make_detector
+
+    det = make_detector(run.cfg)
+    return None if det is None else (det.referrer, det.index)
+
+
 def _flag(cmd: list[str], flag: str) -> str | None:
     return cmd[cmd.index(flag) + 1] if flag in cmd else None
 
@@ -285,6 +293,9 @@ SNAPSHOTTER: dict[str, Case] = {
                                    == (False, True) or pytest.fail("sync_remove")),
     "snapshot.enable_overlayfs_volatile": Effect("true", lambda d, s: (
         d.options().volatile, s.options().volatile) == (False, True) or pytest.fail("volatile")),
+    "snapshot.oci_fallback": Effect("false", lambda d, s: (
+        d.options().oci_fallback, s.options().oci_fallback) == (True, False)
+        or pytest.fail("oci_fallback")),
     "cache_manager.disable": Inert("true"),
     "cache_manager.gc_period": Inert('"12h"'),
     "cache_manager.cache_dir": Effect('"{tmp}/cache-here"', lambda d, s: (
@@ -295,8 +306,10 @@ SNAPSHOTTER: dict[str, Case] = {
     "image.validate_signature": ShownBy("tests/integration/nydus/test_signature.py::"
                                         "test_validate_signature_mounts_only_signed_bootstraps"),
     "experimental.enable_stargz": Refused("true"),
-    "experimental.enable_referrer_detect": Refused("true"),
-    "experimental.enable_index_detect": Refused("true"),
+    "experimental.enable_referrer_detect": Effect("true", lambda d, s: (
+        _detector(d), _detector(s)) == (None, (True, False)) or pytest.fail("referrer_detect")),
+    "experimental.enable_index_detect": Effect("true", lambda d, s: (
+        _detector(d), _detector(s)) == (None, (False, True)) or pytest.fail("index_detect")),
     "experimental.enable_backend_source": Refused("true"),
     "experimental.tarfs.enable_tarfs": ShownBy(
         f"{_TARFS_TESTS}/test_tarfs_options.py::test_enable_tarfs_decides_who_unpacks_oci_layers"),

@@ -338,6 +338,21 @@ class MetaStore:
             )
         return self.get_info(name)[1]
 
+    def change_labels_by_id(self, sid: str, put: Mapping[str, str],
+                            drop: Sequence[str] = ()) -> None:
+        """Set ``put`` and delete ``drop`` in the labels of snapshot id ``sid`` (the
+        snapshotter's own marks, e.g. an OCI fallback); NotFound if there is none."""
+        with self.transaction() as db:
+            row = db.execute("SELECT labels FROM snapshots WHERE id=?", (int(sid),)).fetchone()
+            if row is None:
+                raise NotFound(f"snapshot id {sid} does not exist")
+            current: dict[str, str] = json.loads(row[0])
+            for key in drop:
+                current.pop(key, None)
+            current.update(put)
+            db.execute("UPDATE snapshots SET labels=?, updated_ns=? WHERE id=?",
+                       (_dump_labels(current), _now_ns(), int(sid)))
+
 
 def _dump_labels(labels: Mapping[str, str]) -> str:
     # As containerd's label writer: an empty value means "unset", it is not stored.

@@ -50,6 +50,8 @@ RPC_SECONDS = Histogram(
 )
 RPC_ERRORS = Counter("snapshotter_rpc_errors", "Snapshots API calls that failed", ["method", "code"],
                      registry=REGISTRY)
+OCI_FALLBACKS = Counter("snapshotter_oci_fallbacks", "Images unpacked as OCI because they could "
+                        "not be served lazily, by cause", ["cause"], registry=REGISTRY)
 
 # --- upstream's names ----------------------------------------------------------------
 

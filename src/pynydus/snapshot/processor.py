@@ -20,7 +20,8 @@ and the snapshotter is exactly containerd's overlayfs snapshotter.
 upstream's proxy rows (``fs_driver = "proxy"``: skip every CRI layer and mark it
 ``nydus-proxy-mode``; a container layer over such a parent handed to the guest) are
 not here: that driver is refused at start-up (``docs/decisions.md``). Rows not
-implemented (index/referrer detection, stargz) are named where they would go.
+implemented (stargz) are named where they would go; index and referrer detection (A4, A5)
+need the registry and are decided by the snapshotter for a DEFAULT answer (`detect.py`).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _choose_pulled_layer(labels: Mapping[str, str], features: Features) -> Decis
     # A3: data blobs are never downloaded; the daemon fetches chunks lazily.
     if L.is_nydus_data_layer(labels):
         return SKIP
-    # A4 index detection, A5 referrer detection, A6 stargz: not implemented.
+    # A4 index, A5 referrer detection: Snapshotter._detected, on this DEFAULT. A6 stargz: no.
     if features.tarfs:
         return TARFS  # A7
     return DEFAULT  # A8
@@ -114,6 +115,6 @@ def _choose_container_layer(ancestors: Sequence[Layer]) -> Decision:
     meta = bootstrap_layer(ancestors)
     if meta is not None:
         return Decision(Handler.REMOTE, remote=meta)
-    # B4 index, B5 referrer, B6 stargz: not implemented. B7 (tarfs parents) is DEFAULT
-    # with their EROFS mounts as lower dirs.
+    # B4 index, B5 referrer: their top layer has the bootstrap label (B3). B6 stargz: no.
+    # B7 (tarfs parents) is DEFAULT with their EROFS mounts as lower dirs.
     return DEFAULT  # B8

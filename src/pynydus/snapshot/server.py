@@ -21,8 +21,10 @@ from pynydus.host.exclusive import SocketClaim, claim_socket, lock_root
 from pynydus.logs import LEVELS, RotatingLog, dump_stacks_on
 from pynydus.manager.filesystem import NydusFilesystem
 from pynydus.manager.registryaccess import build_keychain
+from pynydus.registry import Credentials
 from pynydus.registry.crikeychain import CriKeychain
 from pynydus.registry.keychain import Keychain
+from pynydus.snapshot.detect import Detector, client_factory
 from pynydus.snapshot.imageproxy import ImageServiceProxy
 from pynydus.snapshot.service import Snapshots, grpcio_server
 from pynydus.snapshot.snapshotter import Snapshotter, SnapshotterOptions
@@ -100,6 +102,23 @@ def make_tarfs(cfg: SnapshotterConfig, keychain: Keychain | None = None) -> Tarf
     return TarfsManager(TarfsOptions.from_config(cfg), keychain=keychain)
 
 
+def make_detector(cfg: SnapshotterConfig, keychain: Keychain | None = None) -> Detector | None:
+    """Referrer/index detection (``experimental.enable_referrer_detect``/``_index_detect``),
+    or None when both are off; registry credentials from ``keychain`` (default: the
+    labels, then the docker config)."""
+    x = cfg.experimental
+    if not (x.enable_referrer_detect or x.enable_index_detect):
+        return None
+    factory = None
+    if keychain is not None:
+        def creds(image_ref: str, labels: Mapping[str, str]) -> Credentials | None:
+            found = keychain.lookup(image_ref, labels).found
+            return found.credentials if found else None
+        factory = client_factory(creds)
+    return Detector(referrer=x.enable_referrer_detect, index=x.enable_index_detect,
+                    client_factory=factory)
+
+
 def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
     """What the Snapshots calls take from the configuration."""
     helper = ""
@@ -110,6 +129,7 @@ def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
         volatile=cfg.snapshot.enable_overlayfs_volatile,
         cleanup_on_close=cfg.cleanup_on_close,
         nydus_overlayfs_type=helper,
+        oci_fallback=cfg.snapshot.oci_fallback,
     )
 
 
@@ -169,7 +189,7 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
     tarfs = None
     try:
         tarfs = make_tarfs(cfg, keychain)
-        snapshotter = Snapshotter(cfg.root, options, fs, tarfs)
+        snapshotter = Snapshotter(cfg.root, options, fs, tarfs, detector=make_detector(cfg, keychain))
         if fs is not None:
             fs.start()
     except BaseException:

@@ -34,21 +34,26 @@ from pynydus import labels as L
 from pynydus.errors import (
     AlreadyExists,
     FailedPrecondition,
+    FormatError,
     InvalidArgument,
     NotFound,
     NotImplementedFeature,
+    PermissionDenied,
+    Unavailable,
     q,
 )
 from pynydus.host import checks
 from pynydus.host.diskusage import disk_usage
 from pynydus.host.mountinfo import mountpoints_under
-from pynydus.snapshot import processor
+from pynydus.snapshot import detect, ocifill, processor
 from pynydus.snapshot.filters import Filter, snapshot_adaptor
 from pynydus.snapshot.metastore import Info, Kind, MetaStore, Snapshot, Usage
+from pynydus.snapshot.metrics import OCI_FALLBACKS
 from pynydus.snapshot.mounts import Mount, native_mounts, remote_mounts
 
 if TYPE_CHECKING:
     from pynydus.manager.filesystem import NydusFilesystem
+    from pynydus.registry import Credentials
     from pynydus.tarfs.manager import TarfsManager
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,22 @@ log = logging.getLogger(__name__)
 _TEMP_PREFIX = "new-"
 #: Cleanup stops this many daemons at a time (each mostly waits for its process to exit).
 _PARALLEL_STOPS = 32
+# seconds the first read of an image with an OCI form may take before it falls back
+_PROBE_TIMEOUT = 30.0
+# longest cause kept in the nydus-oci-fallback label
+_CAUSE_LEN = 512
+
+
+def _cause_kind(err: BaseException) -> str:
+    """The metric label of a fallback cause."""
+    text = str(err)
+    if "ranged reads" in text:
+        return "ranged-read"
+    if isinstance(err, FormatError) or "bootstrap" in text:
+        return "bootstrap"
+    if isinstance(err, Unavailable) or "daemon" in text:
+        return "daemon"
+    return "other"
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,9 @@ class SnapshotterOptions:
     # Start serving a Nydus image when its bootstrap layer is committed (end of the pull)
     # instead of at the first container's Prepare.
     mount_on_commit: bool = True
+    # An image with OCI layers that cannot be served lazily is unpacked as OCI
+    # (``snapshot.oci_fallback``); false: Prepare fails with the cause.
+    oci_fallback: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,7 +122,8 @@ class Snapshotter:
     """containerd Snapshotter over ``root``. Thread-safe; every method is atomic."""
 
     def __init__(self, root: str | Path, options: SnapshotterOptions | None = None,
-                 fs: NydusFilesystem | None = None, tarfs: TarfsManager | None = None) -> None:
+                 fs: NydusFilesystem | None = None, tarfs: TarfsManager | None = None,
+                 detector: detect.Detector | None = None) -> None:
         self.root = Path(root)
         self.options = options or SnapshotterOptions()
         checks.check_root_path(self.root)
@@ -113,12 +138,18 @@ class Snapshotter:
         self.fs = fs
         self.tarfs = tarfs
         self.features = processor.Features(nydus=fs is not None, tarfs=tarfs is not None)
+        # referrer/index detection: only with a filesystem to serve what it finds
+        self.detector = detector if fs is not None and detector is not None \
+            and detector.enabled else None
         self._overlay_extra = ("index=off",) if checks.overlay_supports_index() else ()
         self._cleanup_lock = threading.Lock()
         # Early mounts started by Commit (see commit); close() waits for them.
         self._early_lock = threading.Lock()
         self._early: set[threading.Thread] = set()
         self._closing = False
+        # OCI fallback: one fill per image at a time; instances whose first read was checked
+        self._fill_locks: dict[str, threading.Lock] = {}
+        self._probed: set[str] = set()
         if tarfs is not None:
             tarfs.set_labels = self._set_labels
             ids = self.ms.id_map()
@@ -146,7 +177,16 @@ class Snapshotter:
         labels = dict(labels or {})
         L.validate(labels)
         snap = self._create(Kind.ACTIVE, key, parent, labels)
-        decision = self._decide(snap, labels)
+        chain = self._ancestors(snap) if self.features.any else []
+        decision = processor.choose(labels, chain, self.features) if self.features.any \
+            else processor.DEFAULT
+        if decision is processor.DEFAULT and self.detector is not None \
+                and L.TARGET_SNAPSHOT_REF in labels:
+            try:
+                decision = self._detected(snap, labels)
+            except BaseException:
+                self._undo_create(key)
+                raise
         if decision.handler is processor.Handler.TARFS:
             decision = self._tarfs_layer(key, snap, labels)
         if decision.handler is processor.Handler.SKIP:
@@ -159,7 +199,13 @@ class Snapshotter:
             raise AlreadyExists(f"target snapshot {q(target)} already exists")
         if decision.remote is not None:
             try:
-                return self._remote(snap, decision.remote, labels)
+                return self._serve(snap, decision.remote, labels, chain)
+            except BaseException:
+                self._undo_create(key)
+                raise
+        if L.TARGET_SNAPSHOT_REF not in labels:
+            try:
+                self._fill_shared(snap, chain)
             except BaseException:
                 self._undo_create(key)
                 raise
@@ -176,7 +222,8 @@ class Snapshotter:
             ancestors = self._ancestors(snap)
             meta = processor.bootstrap_layer(ancestors)
             if meta is not None:
-                return self._remote(snap, meta, labels)
+                return self._serve(snap, meta, labels, ancestors)
+            self._fill_shared(snap, ancestors)
             return self._mounts(snap, labels, ancestors)
         except BaseException:
             self._undo_create(key)
@@ -205,7 +252,7 @@ class Snapshotter:
         """The mounts of a ``mounts_target``; starts the image's Nydus instance or its
         tarfs mounts if it needs them (``target.needs_instance``) and waits for them."""
         if target.meta is not None:
-            return self._remote(target.snap, target.meta, target.labels)
+            return self._serve(target.snap, target.meta, target.labels)
         return self._mounts(target.snap, target.labels, target.tarfs_parents or None)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None,
@@ -374,11 +421,6 @@ class Snapshotter:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _decide(self, snap: Snapshot, labels: Mapping[str, str]) -> processor.Decision:
-        if not self.features.any:
-            return processor.DEFAULT
-        return processor.choose(labels, self._ancestors(snap), self.features)
-
     def _tarfs_layer(self, key: str, snap: Snapshot, labels: dict[str, str]) -> processor.Decision:
         """Row A7: a pulled OCI layer the tarfs driver takes is committed now (SKIP) and
         converted in the background; one it declines is unpacked by containerd."""
@@ -405,6 +447,29 @@ class Snapshotter:
         block images' verity data on the layers as they are exported."""
         self.ms.update_info(name, labels, [f"labels.{k}" for k in labels])
 
+    def _detected(self, snap: Snapshot, labels: dict[str, str]) -> processor.Decision:
+        """Rows A4/A5 (index, referrer detection) for a plain OCI layer being pulled:
+        SKIP it when the image has a Nydus form (``labels`` then name it); its top layer
+        also gets the Nydus bootstrap in its directory and the bootstrap label, so that
+        the image is served from it like any Nydus image. DEFAULT otherwise."""
+        assert self.detector is not None
+        form = self.detector.find(labels)
+        if form is None:
+            return processor.DEFAULT
+        labels[L.NYDUS_DETECTED] = form.label
+        if detect.is_last_layer(labels):
+            try:
+                labels.update(self.detector.fetch_bootstrap(form, labels,
+                                                            self.upper_path(snap.id)))
+            except Exception as err:  # noqa: BLE001 - the image is still an OCI image
+                log.warning("snapshot %s: Nydus form %s of %s found but its bootstrap cannot "
+                            "be fetched, unpacking the layer: %s", snap.id, form.label,
+                            labels.get(L.CRI_IMAGE_REF), err)
+                labels.pop(L.NYDUS_DETECTED)
+                return processor.DEFAULT
+            labels[L.NYDUS_BOOTSTRAP] = "true"
+        return processor.SKIP
+
     def _ancestors(self, snap: Snapshot) -> list[processor.Layer]:
         """The parents of ``snap``, nearest first, with their labels (one metastore read)."""
         return [processor.Layer(pid, labels) for pid, labels in
@@ -418,6 +483,183 @@ class Snapshotter:
             self._remove_dirs([sid])
         except Exception as err:  # noqa: BLE001 - the original error matters more
             log.warning("undo of %s failed: %s", key, err)
+
+    # --- OCI fallback ----------------------------------------------------------------
+
+    def _serve(self, snap: Snapshot, meta: processor.Layer, labels: Mapping[str, str],
+               chain: list[processor.Layer] | None = None) -> list[Mount]:
+        """The remote mounts of ``snap``; when the image cannot be served lazily and has
+        OCI layers (detected or ZRAN image) and ``oci_fallback`` is on, its layers are
+        unpacked as OCI instead (once) and ``snap`` gets plain overlay mounts. A failed
+        signature check (``validate_signature``) is never a reason to fall back."""
+        try:
+            mounts = self._remote(snap, meta, labels)
+            if self.options.oci_fallback and meta.id not in self._probed:
+                # once per instance: the first read of an image that could fall back
+                if self._fallback_plan(snap, meta, chain) is not None:
+                    self._probe(meta.id)
+                self._probed.add(meta.id)
+            return mounts
+        except Exception as err:
+            # A bootstrap that fails a required signature is refused, never worked around.
+            plan = self._fallback_plan(snap, meta, chain) \
+                if self.options.oci_fallback and not isinstance(err, PermissionDenied) else None
+            if plan is None:
+                raise
+            self._fall_back(meta, plan, err)
+        return self._mounts(snap, labels)
+
+    def _fallback_plan(self, snap: Snapshot, meta: processor.Layer,
+                       chain: list[processor.Layer] | None = None
+                       ) -> list[tuple[processor.Layer, str]] | None:
+        """What unpacking the image as OCI takes, layer by layer from the bootstrap layer
+        down: (layer, OCI blob digest to unpack; "" to empty the layer; "keep"), or None
+        when a layer has no OCI form (a converted Nydus image)."""
+        if chain is None:
+            chain = self._ancestors(snap)
+        ids = [layer.id for layer in chain]
+        if meta.id not in ids:
+            return None
+        plan: list[tuple[processor.Layer, str]] = []
+        for layer in chain[ids.index(meta.id):]:
+            lb = layer.labels
+            digest = ocifill.oci_layer_digest(lb)
+            if L.NYDUS_FALLBACK in lb:
+                plan.append((layer, "keep"))
+            elif digest:
+                plan.append((layer, digest))
+            elif layer.id == meta.id:
+                plan.append((layer, ""))  # a ZRAN image's bootstrap layer: no files
+            elif L.is_nydus_data_layer(lb) or L.is_nydus_meta_layer(lb):
+                return None
+            else:
+                plan.append((layer, "keep"))  # unpacked by containerd
+        if not any(d not in ("", "keep") for _, d in plan):
+            return None
+        return plan
+
+    def _probe(self, sid: str) -> None:
+        """Read the first byte of the image's first non-empty regular file through its
+        mount (a ranged read of the registry, an inflate, a digest check): what a
+        container would do first. Raises Unavailable naming what failed."""
+        assert self.fs is not None
+        root = self.fs.mountpoint(sid)
+        box: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                stack = [root]
+                seen = 0
+                while stack and seen < 10000:
+                    with os.scandir(stack.pop()) as it:
+                        for e in it:
+                            seen += 1
+                            if e.is_dir(follow_symlinks=False):
+                                stack.append(e.path)
+                            elif e.is_file(follow_symlinks=False) and \
+                                    e.stat(follow_symlinks=False).st_size > 0:
+                                with open(e.path, "rb") as f:
+                                    f.read(1)
+                                box.append(None)
+                                return
+                box.append(None)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                box.append(err)
+
+        t = threading.Thread(target=read, daemon=True, name=f"probe-{sid}")
+        t.start()
+        t.join(_PROBE_TIMEOUT)
+        if not box:
+            raise Unavailable(f"reading the image of snapshot {q(sid)} took more than "
+                              f"{_PROBE_TIMEOUT:.0f} s (ranged reads of its blobs)")
+        if box[0] is not None:
+            raise Unavailable(f"reading the image of snapshot {q(sid)} failed (ranged reads "
+                              f"of its blobs): {box[0]}") from box[0]
+
+    def _fall_back(self, meta: processor.Layer, plan: list[tuple[processor.Layer, str]],
+                   err: Exception) -> None:
+        assert self.fs is not None
+        kind = _cause_kind(err)
+        cause = f"{kind}: {err}"[:_CAUSE_LEN]
+        image = meta.labels.get(L.CRI_IMAGE_REF, "")
+        log.warning("image %s (snapshot %s) cannot be served lazily, unpacking its OCI "
+                    "layers: %s", image, meta.id, cause)
+        with self._fill_lock(meta.id):
+            if L.NYDUS_FALLBACK in self.ms.labels_by_id(meta.id):
+                return  # another Prepare did it meanwhile
+            try:
+                if self.fs.has_instance(meta.id):
+                    self.fs.umount(meta.id)
+            except Exception as uerr:  # noqa: BLE001 - the fallback goes on
+                log.warning("fallback of %s: cannot unmount its RAFS instance: %s", meta.id, uerr)
+            self._probed.discard(meta.id)
+            try:
+                for layer, digest in plan:
+                    if digest != "keep":
+                        self._fill(layer, digest, image, cause, drop_bootstrap=layer.id == meta.id)
+            except Exception as ferr:
+                raise FailedPrecondition(
+                    f"image {q(image)} cannot be served lazily ({cause}) and unpacking its "
+                    f"OCI layers failed: {ferr}") from ferr
+        OCI_FALLBACKS.labels(cause=kind).inc()
+
+    def _fill(self, layer: processor.Layer, digest: str, image: str, cause: str,
+              drop_bootstrap: bool = False) -> None:
+        """Empty ``layer``'s directory and unpack OCI blob ``digest`` (if any) into it."""
+        upper = self.upper_path(layer.id)
+        for entry in os.scandir(upper):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        if digest:
+            ref = layer.labels.get(L.CRI_IMAGE_REF) or image
+            blob = f"{self._snapshots}/{layer.id}/oci-layer.tmp"
+            try:
+                ocifill.fetch_layer(ref, layer.labels, digest, blob,
+                                    self._credentials(ref, layer.labels))
+                ocifill.apply_layer(blob, upper)
+            finally:
+                try:
+                    os.unlink(blob)
+                except FileNotFoundError:
+                    pass
+        self.ms.change_labels_by_id(layer.id, {L.NYDUS_FALLBACK: cause},
+                                    [L.NYDUS_BOOTSTRAP] if drop_bootstrap else [])
+
+    def _fill_shared(self, snap: Snapshot,
+                     ancestors: list[processor.Layer] | None = None) -> None:
+        """Layers skipped because their image had a Nydus form, now below an image that is
+        not served by one (it shares them and has none): unpack them as OCI."""
+        if self.detector is None or not snap.parent_ids:
+            return
+        chain = self._ancestors(snap) if ancestors is None else ancestors
+        todo = [(layer, ocifill.oci_layer_digest(layer.labels)) for layer in chain
+                if L.NYDUS_DETECTED in layer.labels and L.NYDUS_FALLBACK not in layer.labels]
+        if not todo:
+            return
+        cause = "shared: a layer skipped for a Nydus form is used by an image without one"
+        with self._fill_lock("shared"):
+            for layer, digest in todo:
+                if L.NYDUS_FALLBACK in self.ms.labels_by_id(layer.id):
+                    continue
+                if not digest:
+                    raise FailedPrecondition(f"snapshot {q(layer.id)} was skipped and has no "
+                                             "OCI layer digest to unpack")
+                self._fill(layer, digest, "", cause)
+        OCI_FALLBACKS.labels(cause="shared").inc()
+
+    def _credentials(self, image_ref: str, labels: Mapping[str, str]) -> Credentials | None:
+        """The registry credentials the filesystem's keychain has for ``image_ref``."""
+        keychain = getattr(self.fs, "keychain", None)
+        if keychain is None:
+            return detect.label_credentials(image_ref, labels)
+        found = keychain.lookup(image_ref, labels).found
+        return found.credentials if found else None
+
+    def _fill_lock(self, key: str) -> threading.Lock:
+        with self._cleanup_lock:
+            return self._fill_locks.setdefault(key, threading.Lock())
 
     def _remote(self, snap: Snapshot, meta: processor.Layer,
                 labels: Mapping[str, str]) -> list[Mount]:

@@ -1,0 +1,225 @@
+"""Referrer/index detection (snapshot/detect.py) with a fake registry client, and the OCI
+layer unpacking of the fallback (snapshot/ocifill.py)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import stat
+import tarfile
+from pathlib import Path
+from typing import Any, Self
+
+import pytest
+
+from pynydus import labels as L
+from pynydus.errors import FormatError, Unavailable
+from pynydus.registry import media
+from pynydus.snapshot import detect, ocifill
+
+OCI = "sha256:" + "a" * 64
+NYDUS = "sha256:" + "b" * 64
+BOOT = "sha256:" + "c" * 64
+REF = "reg.example/app:v1"
+
+
+class _Manifest:
+    def __init__(self, data: bytes, media_type: str) -> None:
+        self.data, self.media_type, self.digest = data, media_type, ""
+
+
+class FakeClient:
+    """Answers what a registry would; counts requests."""
+
+    def __init__(self, *, referrers: list[dict[str, Any]] | None = None,
+                 top: dict[str, Any] | None = None, fail: Exception | None = None) -> None:
+        self.referrers = referrers or []
+        self.top = top
+        self.fail = fail
+        self.calls: list[str] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def get_referrers(self, repo: str, digest: str,
+                      artifact_type: str | None = None) -> dict[str, Any]:
+        self.calls.append(f"referrers {digest}")
+        if self.fail:
+            raise self.fail
+        return {"manifests": self.referrers}
+
+    def get_manifest(self, repo: str, ref: str, accept: Any = ()) -> _Manifest:
+        self.calls.append(f"manifest {ref}")
+        if self.fail:
+            raise self.fail
+        if ref == NYDUS:
+            doc = {"layers": [{"digest": "sha256:" + "d" * 64},
+                              {"digest": BOOT, "annotations": {L.NYDUS_BOOTSTRAP: "true",
+                                                                L.NYDUS_FS_VERSION: "6"}}]}
+            return _Manifest(json.dumps(doc).encode(), media.OCI_MANIFEST)
+        if ref == OCI:
+            return _Manifest(json.dumps({"layers": [{"digest": "x"}]}).encode(),
+                             media.OCI_MANIFEST)
+        assert self.top is not None
+        return _Manifest(json.dumps(self.top).encode(), media.OCI_INDEX)
+
+    def get_blob(self, repo: str, digest: str) -> list[bytes]:
+        self.calls.append(f"blob {digest}")
+        return [_tar_gz({"image/image.boot": b"BOOT"})]
+
+
+def _tar_gz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _labels(**extra: str) -> dict[str, str]:
+    return {L.CRI_IMAGE_REF: REF, L.CRI_MANIFEST_DIGEST: OCI, **extra}
+
+
+def _detector(client: FakeClient, **kw: Any) -> detect.Detector:
+    return detect.Detector(client_factory=lambda ref, labels: client, **kw)  # type: ignore[arg-type,return-value]
+
+
+def test_referrer_marked_as_nydus_is_found_with_one_request_per_image() -> None:
+    client = FakeClient(referrers=[{"mediaType": media.OCI_MANIFEST, "digest": NYDUS,
+                                    "artifactType": media.NYDUS_MANIFEST_ARTIFACT}])
+    det = _detector(client, referrer=True, index=False)
+    for _ in range(3):  # three layers of one image
+        form = det.find(_labels())
+        assert form == detect.NydusForm("referrer", "app", NYDUS)
+    assert client.calls == [f"referrers {OCI}"]
+    assert det.lookups == 1
+
+
+def test_unmarked_referrer_is_taken_when_its_last_layer_is_a_bootstrap(tmp_path: Path) -> None:
+    client = FakeClient(referrers=[{"mediaType": media.OCI_MANIFEST, "digest": NYDUS,
+                                    "artifactType": "application/vnd.oci.image.config.v1+json"}])
+    det = _detector(client, referrer=True, index=False)
+    form = det.find(_labels())
+    assert form is not None and form.boot is not None
+    added = det.fetch_bootstrap(form, _labels(), str(tmp_path))
+    assert (tmp_path / "image" / "image.boot").read_bytes() == b"BOOT"
+    assert added == {L.NYDUS_BOOTSTRAP: "true", L.NYDUS_FS_VERSION: "6"}
+    # the manifest read at discovery is not read again
+    assert client.calls == [f"referrers {OCI}", f"manifest {NYDUS}", f"blob {BOOT}"]
+
+
+def test_index_entry_for_the_same_platform_is_found() -> None:
+    plat = {"os": "linux", "architecture": "amd64"}
+    top = {"manifests": [
+        {"digest": OCI, "platform": plat},
+        {"digest": "sha256:" + "e" * 64, "platform": {"os": "linux", "architecture": "arm64",
+                                                      "os.features": ["nydus.remoteimage.v1"]}},
+        {"digest": NYDUS, "platform": {**plat, "os.features": ["nydus.remoteimage.v1"]}},
+    ]}
+    client = FakeClient(top=top)
+    det = _detector(client, referrer=True, index=True)
+    assert det.find(_labels()) == detect.NydusForm("index", "app", NYDUS)
+    assert client.calls == ["manifest v1"]  # found: the referrers are not asked
+
+
+def test_no_form_is_cached_and_a_failing_registry_means_plain_oci() -> None:
+    now = [0.0]
+    client = FakeClient()
+    det = detect.Detector(referrer=True, index=False, clock=lambda: now[0],
+                          client_factory=lambda ref, labels: client)  # type: ignore[arg-type,return-value]
+    assert det.find(_labels()) is None
+    assert det.find(_labels()) is None
+    assert det.lookups == 1
+    now[0] += detect.NEGATIVE_TTL + 1
+    assert det.find(_labels()) is None
+    assert det.lookups == 2
+    broken = _detector(FakeClient(fail=Unavailable("registry down")), referrer=True, index=True)
+    assert broken.find(_labels()) is None
+
+
+def test_layers_without_cri_labels_are_not_looked_up() -> None:
+    client = FakeClient()
+    det = _detector(client, referrer=True, index=True)
+    assert det.find({L.TARGET_SNAPSHOT_REF: "x"}) is None
+    assert client.calls == []
+
+
+def test_last_layer_is_the_one_cri_lists_alone() -> None:
+    assert detect.is_last_layer({L.CRI_LAYER_DIGEST: "sha256:3", L.CRI_IMAGE_LAYERS: "sha256:3"})
+    assert not detect.is_last_layer({L.CRI_LAYER_DIGEST: "sha256:2",
+                                     L.CRI_IMAGE_LAYERS: "sha256:2,sha256:3"})
+    assert not detect.is_last_layer({L.CRI_LAYER_DIGEST: "sha256:2"})
+
+
+# --------------------------------------------------------------------------- ocifill
+def _layer(tmp_path: Path, members: list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]],
+           name: str = "layer.tar.gz") -> str:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for m in members:
+            if isinstance(m, tuple):
+                tf.addfile(m[0], io.BytesIO(m[1]))
+            else:
+                tf.addfile(m)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    return str(path)
+
+
+def _ti(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, **kw: Any) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size, ti.mtime, ti.mode = kind, size, 1000, kw.pop("mode", 0o644)
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts are device nodes: needs root")
+def test_apply_layer_writes_an_overlay_upper_dir(tmp_path: Path) -> None:
+    blob = _layer(tmp_path, [
+        _ti("app", tarfile.DIRTYPE, mode=0o750),
+        (_ti("app/a.txt", size=5, uid=7, gid=8, pax_headers={"SCHILY.xattr.user.k": "v"}),
+         b"hello"),
+        _ti("app/sym", tarfile.SYMTYPE, linkname="a.txt"),
+        _ti("app/hard", tarfile.LNKTYPE, linkname="app/a.txt"),
+        _ti("app/.wh.gone"),
+        _ti("opq", tarfile.DIRTYPE, mode=0o755),
+        _ti("opq/.wh..wh..opq"),
+    ])
+    dest = tmp_path / "fs"
+    dest.mkdir()
+    assert ocifill.apply_layer(blob, str(dest)) == 7
+    a = dest / "app" / "a.txt"
+    assert a.read_bytes() == b"hello"
+    st = a.stat()
+    assert (st.st_uid, st.st_gid, st.st_nlink, int(st.st_mtime)) == (7, 8, 2, 1000)
+    assert os.getxattr(a, "user.k") == b"v"
+    assert os.readlink(dest / "app" / "sym") == "a.txt"
+    gone = os.lstat(dest / "app" / "gone")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert os.getxattr(dest / "opq", "trusted.overlay.opaque") == b"y"
+    assert stat.S_IMODE((dest / "app").stat().st_mode) == 0o750
+
+
+def test_apply_layer_refuses_paths_that_leave_the_layer(tmp_path: Path) -> None:
+    dest = tmp_path / "fs"
+    dest.mkdir()
+    escape = _layer(tmp_path, [_ti("up", tarfile.SYMTYPE, linkname="/"),
+                               (_ti("up/etc-owned", size=1), b"x")], "escape.tar.gz")
+    with pytest.raises(FormatError, match="leaves the layer"):
+        ocifill.apply_layer(escape, str(dest))
+    assert not (tmp_path / "etc-owned").exists()
+
+
+def test_oci_layer_digest_of_skipped_layers() -> None:
+    assert ocifill.oci_layer_digest({L.NYDUS_BLOB: "true", L.NYDUS_REF: OCI}) == OCI
+    assert ocifill.oci_layer_digest({L.NYDUS_DETECTED: f"referrer {NYDUS}",
+                                     L.CRI_LAYER_DIGEST: OCI}) == OCI
+    assert ocifill.oci_layer_digest({L.NYDUS_BLOB: "true"}) is None
