@@ -349,14 +349,15 @@ class _Run:
         metas: list[tuple[str, bytes]] = []
         seen: set[str] = set()
         for r in layer_results:
-            if not r.has_data or r.blob_digest in seen:
-                continue  # a blob shared by layers: its TOC is read once
+            if not r.has_data or r.blob_digest in seen or r.ref_digest:
+                # a blob shared by layers: its TOC is read once. A ZRAN layer's chunk
+                # info (mostly 32 KiB inflate windows) stays in its meta blob only: a
+                # copy here would double what --oci-ref pushes (docs/decisions.md)
+                continue
             seen.add(r.blob_digest)
             meta = blob_meta_cache_file(r.blob_path(opts.cache_dir))
             if meta is not None:
-                # Named after the blob id, the cache file a daemon looks for: for a
-                # ZRAN layer the source layer, not the meta blob.
-                metas.append((r.ref_digest or r.blob_digest, meta))
+                metas.append((r.blob_digest, meta))
         bl = bootstrap_layer(boot, metas)
         self.push_blob(bl.digest, bl.data, len(bl.data))
         config = img.nydus_config(si.config_doc, blobs, bl.diff_id)

@@ -11,8 +11,10 @@ layers applied with overlay semantics.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,10 @@ def test_oci_ref_pushes_only_metadata_and_names_the_source_layers(
     with client_for(registry) as c:  # same registry: the source layers were mounted
         for s in src["layers"]:
             assert c.blob_exists("zran/layout", s["digest"])
+    with client_for(registry) as c:  # the chunk info is in the meta blobs only
+        boot_layer = b"".join(c.get_blob("zran/layout", boot["digest"]))
+    with tarfile.open(fileobj=io.BytesIO(boot_layer)) as tf:
+        assert [m.name for m in tf if m.isfile()] == ["image/image.boot"]
     doc = json.loads(summary.read_text())["images"][0]
     assert doc["oci_ref"]["pushed_bytes"] < doc["oci_ref"]["source_layer_bytes"]
 
