@@ -137,3 +137,33 @@ def test_containerd_away_is_unavailable_naming_it(tmp_path: Path) -> None:
         assert str(tmp_path / "none.sock") in str(err.value)
     finally:
         proxy.close()
+
+
+def test_grpcio_server_serves_the_same_proxy() -> None:
+    """PYNYDUS_SNAPSHOTS_SERVER=grpcio: the proxy as grpcio generic handlers."""
+    d = Path(tempfile.mkdtemp(prefix="pyn-criproxy-"))
+    fake = FakeContainerd(d / "unused.sock")
+    ctrd = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    cri_pb2_grpc.add_ImageServiceServicer_to_server(fake, ctrd)
+    ctrd.add_insecure_port(f"unix://{d}/ctrd.sock")
+    ctrd.start()
+    proxy = ImageServiceProxy(str(d / "ctrd.sock"), CriKeychain())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(tuple(proxy.grpcio_handlers()))
+    server.add_insecure_port(f"unix://{d}/p.sock")
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{d}/p.sock")
+    try:
+        stub = cri_pb2_grpc.ImageServiceStub(channel)
+        assert [i.id for i in stub.ListImages(cri_pb2.ListImagesRequest(), timeout=30).images] \
+            == ["sha256:1"]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RemoveImage(cri_pb2.RemoveImageRequest(image=cri_pb2.ImageSpec(image="a")),
+                             timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        channel.close()
+        server.stop(0).wait(10)
+        proxy.close()
+        ctrd.stop(0).wait(10)
+        shutil.rmtree(d, ignore_errors=True)
