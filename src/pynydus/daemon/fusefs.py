@@ -1,4 +1,4 @@
-"""The FUSE filesystem: read-only RAFS images through pyfuse3 (libfuse3).
+"""The FUSE filesystem through pyfuse3 (libfuse3): the older of the two FUSE sessions.
 
 One FUSE mount serves either a single image at its root (dedicated mode,
 ``--bootstrap``), or a pseudo root directory whose subdirectories are images
@@ -24,7 +24,6 @@ import errno
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -34,88 +33,16 @@ import trio
 
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.metrics import FsStats
+from pynydus.daemon.vfs import Resolved, Vfs
 from pynydus.errors import NotFound, NydusError
 from pynydus.rafs.read import Stat
 
 log = logging.getLogger(__name__)
 
 _FOREVER = float(1 << 32)  # the image is immutable: cache entries/attrs "forever"
-_SLOT_SHIFT = 56
-_NID_MASK = (1 << _SLOT_SHIFT) - 1
 _ROOT = pyfuse3.ROOT_INODE
 
 T = TypeVar("T")
-# (slot, instance, nid) of a FUSE inode; None is the shared-mode pseudo root
-Resolved = tuple[int, RafsInstance, int] | None
-
-
-class Vfs:
-    """Which image (and which inode in it) a FUSE inode number means."""
-
-    def __init__(self) -> None:
-        self.dedicated: RafsInstance | None = None
-        self.slots: dict[int, tuple[bytes, RafsInstance]] = {}
-        # Slots are handed out round-robin (as fuse-backend-rs does for nydusd), not
-        # lowest-free: the kernel keeps inodes (attributes cached "forever", page cache
-        # kept) of an unmounted image while anything holds them open, and an image
-        # mounted right away in the same slot would be answered from them.
-        self._next_slot = 1
-        self._lock = threading.Lock()
-
-    # dedicated mode: swap the image root and nid 1
-    def _ded_to_fuse(self, inst: RafsInstance, nid: int) -> int:
-        root = inst.bs.root_ino
-        return _ROOT if nid == root else (root if nid == _ROOT else nid)
-
-    def to_fuse(self, slot: int, inst: RafsInstance, nid: int) -> int:
-        if slot == 0:
-            return self._ded_to_fuse(inst, nid)
-        return (slot << _SLOT_SHIFT) | nid
-
-    def resolve(self, ino: int) -> tuple[int, RafsInstance, int] | None:
-        """(slot, instance, nid) of a FUSE inode; None for the shared-mode pseudo root."""
-        if self.dedicated is not None:
-            return 0, self.dedicated, self._ded_to_fuse(self.dedicated, ino)
-        if ino == _ROOT:
-            return None
-        slot = ino >> _SLOT_SHIFT
-        entry = self.slots.get(slot)
-        if entry is None:
-            raise NotFound(f"inode {ino}: no image in slot {slot}")
-        return slot, entry[1], ino & _NID_MASK
-
-    def add(self, name: bytes, inst: RafsInstance) -> int:
-        with self._lock:
-            if any(n == name for n, _ in self.slots.values()):
-                from pynydus.errors import AlreadyExists
-
-                raise AlreadyExists(f"mountpoint /{name.decode(errors='replace')} is already mounted")
-            order = [(self._next_slot - 1 + i) % 255 + 1 for i in range(255)]
-            free = next((s for s in order if s not in self.slots), None)
-            if free is None:
-                from pynydus.errors import FailedPrecondition
-
-                raise FailedPrecondition("255 images are mounted already; unmount one first")
-            self.slots[free] = (name, inst)
-            self._next_slot = free % 255 + 1
-            return free
-
-    def remove(self, name: bytes) -> tuple[int, RafsInstance]:
-        with self._lock:
-            for slot, (n, inst) in list(self.slots.items()):
-                if n == name:
-                    del self.slots[slot]
-                    return slot, inst
-        raise NotFound(f"mountpoint /{name.decode(errors='replace')} is not mounted")
-
-    def slot_by_name(self, name: bytes) -> tuple[int, RafsInstance] | None:
-        for slot, (n, inst) in self.slots.items():
-            if n == name:
-                return slot, inst
-        return None
-
-    def instances(self) -> list[RafsInstance]:
-        return [self.dedicated] if self.dedicated else [inst for _, inst in self.slots.values()]
 
 
 class RafsFs(pyfuse3.Operations):  # type: ignore[misc]

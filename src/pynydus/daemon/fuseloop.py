@@ -1,0 +1,151 @@
+"""The FUSE session: threads that read ``/dev/fuse``, answer, and write the replies.
+
+A thin adapter around ``fuseproto`` (the messages) and ``fuseops`` (the answers).
+Each of ``threads`` worker threads blocks in read(2) on the connection's fd, parses
+the one request it got, lets the server answer it (a read whose chunks are missing
+waits for the backend right there, as nydusd's FUSE threads do) and writes the reply
+with one writev(2). The kernel hands each request to exactly one reader, so nothing is
+shared between the threads but the server.
+
+The fd is the connection: whoever holds it keeps the mount alive. ``mount_fuse`` opens
+``/dev/fuse`` and mounts it with mount(2) directly (we are root; no fusermount). A
+successor daemon gets the same fd from the supervisor instead and, since the kernel sends
+INIT once per connection, restores the negotiated ``InitParams``; it first asks the
+kernel to resend what its predecessor had read and not answered (``resend``).
+
+Stopping: an unmount ends the connection (read returns ENODEV) and the threads return.
+A daemon that hands its connection over does not unmount; it exits, and requests its
+threads had read but not answered are resent to the successor.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+
+from pynydus.daemon import fuseproto as P
+from pynydus.daemon.fuseops import RafsServer
+from pynydus.host.mount import MountSpec, mount
+
+log = logging.getLogger(__name__)
+
+FSNAME = "rafs"
+
+
+def mount_fuse(mountpoint: str, *, fsname: str = FSNAME, subtype: str = FSNAME,
+               options: tuple[str, ...] = ("ro", "nosuid", "nodev", "default_permissions",
+                                           "allow_other")) -> int:
+    """Open ``/dev/fuse`` and mount a FUSE filesystem on ``mountpoint`` served through
+    the returned fd (close-on-exec). The kernel sends INIT as the first request."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        mode = os.stat(mountpoint).st_mode
+        data = (f"fd={fd}", f"rootmode={stat.S_IFMT(mode):o}", f"user_id={os.geteuid()}",
+                f"group_id={os.getegid()}")
+        mount(MountSpec(type=f"fuse.{subtype}", source=fsname, options=(*options, *data)),
+              mountpoint)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class FuseSession:
+    """Serves one FUSE connection (``fd``) with ``server`` on ``threads`` threads."""
+
+    def __init__(self, fd: int, server: RafsServer, *, threads: int = 4,
+                 on_end: Callable[[], None] | None = None) -> None:
+        self.fd = fd
+        self.server = server
+        self.threads = max(1, threads)
+        self.on_end = on_end
+        self.ended = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._live = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the worker threads (daemon threads: a process that exits ends them)."""
+        with self._lock:
+            self._live = self.threads
+        for i in range(self.threads):
+            t = threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def resend(self) -> bool:
+        """Ask the kernel to resend requests taken but never answered on this connection
+        (a dead predecessor's). False if the kernel cannot (before Linux 6.9)."""
+        try:
+            os.write(self.fd, P.notify_resend())
+        except OSError as err:
+            log.warning("FUSE_NOTIFY_RESEND failed (%s); requests the previous daemon had "
+                        "read are lost and their callers wait until interrupted", err)
+            return False
+        return True
+
+    def notify(self, message: bytes) -> None:
+        """Write a notification (e.g. ``notify_inval_entry``); ENOENT (nothing cached)
+        and a connection that is gone are not errors."""
+        try:
+            os.write(self.fd, message)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTCONN):
+                raise
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every worker has returned (the connection ended)."""
+        return self.ended.wait(timeout)
+
+    def _buffer_size(self) -> int:
+        params = self.server.params
+        if params is not None:
+            return params.buffer_size
+        # before INIT: big enough for any request the negotiated parameters allow
+        wants = self.server.wants
+        return max(P.MIN_READ_BUFFER, wants.max_pages * 4096 + 4096, wants.max_write + 4096)
+
+    def _serve(self) -> None:
+        fd, handle, parse = self.fd, self.server.handle, P.parse_request
+        buf = bytearray(self._buffer_size())
+        view = memoryview(buf)
+        try:
+            while True:
+                try:
+                    n = os.readv(fd, [buf])
+                except OSError as err:
+                    if err.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                        continue  # interrupted, or a request aborted before we got it
+                    if err.errno != errno.ENODEV:  # ENODEV: unmounted, the normal end
+                        log.error("reading /dev/fuse: %s", err)
+                    return
+                try:
+                    req = parse(view[:n])
+                except P.ProtocolError as err:
+                    log.error("bad FUSE request: %s", err)
+                    continue
+                out = handle(req)
+                if out is None:
+                    continue
+                try:
+                    os.writev(fd, out)
+                except OSError as err:
+                    if err.errno == errno.ENODEV:
+                        return
+                    if err.errno != errno.ENOENT:  # ENOENT: the caller was interrupted
+                        log.error("FUSE reply to %s failed: %s", P.opcode_name(req.opcode), err)
+                if self.server.destroyed:
+                    return
+        finally:
+            view.release()
+            with self._lock:
+                self._live -= 1
+                last = self._live == 0
+            if last:
+                self.ended.set()
+                if self.on_end is not None:
+                    self.on_end()

@@ -1,0 +1,370 @@
+"""The read-only RAFS filesystem as answers to FUSE requests.
+
+``RafsServer.handle(request)`` takes a parsed kernel request (``fuseproto.Request``)
+and returns the reply as a list of buffers (for one writev), or None for requests the
+kernel expects no answer to. It holds no per-open state: a file or directory handle is
+the node id itself and directory listings are recomputed (and cached by node id), so a
+successor daemon can answer requests about handles its predecessor gave out. The only
+connection state is the negotiated ``InitParams``; a successor restores it instead of
+seeing INIT again.
+
+Images never change, so the kernel may cache everything: entries and attributes get
+huge timeouts, opens keep the page cache, directories are cached by the kernel too,
+and misses in an image are cached negatively. The shared-mode pseudo root changes as
+images come and go; its own attributes and entries are never cached, and an unmounted
+image's entry is invalidated by the daemon.
+
+Each request resolves its inode once and is counted once in its image's ``FsStats``
+(a hit or an error); a read is planned once and served from that plan.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from pynydus.daemon import fuseproto as P
+from pynydus.daemon.instance import RafsInstance
+from pynydus.daemon.metrics import FsStats
+from pynydus.daemon.vfs import ROOT_ID, Resolved, Vfs
+from pynydus.errors import NotFound, NydusError
+from pynydus.rafs.format.layout import FileType
+from pynydus.rafs.read import Stat
+
+log = logging.getLogger(__name__)
+
+FOREVER = float(1 << 32)  # the image is immutable: cache entries and attributes "forever"
+_DIR_CACHE = 256  # directory listings kept (by node id)
+_DTYPE = {FileType.REG: 8, FileType.DIR: 4, FileType.CHRDEV: 2, FileType.BLKDEV: 6,
+          FileType.FIFO: 1, FileType.SOCK: 12, FileType.SYMLINK: 10}
+_DT_DIR = 4
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+Reply = list[Any]  # buffers for one writev; the first is the out header
+
+
+class FuseError(Exception):
+    """Answer the request with ``errno``."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+class RafsServer:
+    """Answers FUSE requests for the images of a ``Vfs``. Thread-safe: the session calls
+    ``handle`` from several threads at once."""
+
+    def __init__(self, vfs: Vfs, *, enable_xattr: bool = True,
+                 wants: P.InitWants | None = None, params: P.InitParams | None = None) -> None:
+        self.vfs = vfs
+        self.enable_xattr = enable_xattr
+        self.wants = wants or P.InitWants()
+        self.params = params  # None until INIT is answered (or a predecessor's is restored)
+        self.initialized = threading.Event()
+        if params is not None:
+            self.initialized.set()
+        self.destroyed = False
+        # failover policy "flush": fail requests a dead predecessor had taken (the kernel
+        # resends them marked) instead of serving them again
+        self.fail_resent = False
+        self.start_ns = time.time_ns()
+        self.uid, self.gid = os.geteuid(), os.getegid()
+        # requests waiting for the backend: unique -> (node id, op, since); the
+        # API's inflight metrics and the prefetcher's "busy" read it
+        self.inflight: dict[int, tuple[int, str, float]] = {}
+        self._dirs: OrderedDict[int, list[tuple[bytes, int, int]]] = OrderedDict()
+        self._dirs_lock = threading.Lock()
+        self._ops: dict[int, Callable[[P.Request], Reply | None]] = {
+            P.LOOKUP: self._lookup, P.GETATTR: self._getattr, P.READLINK: self._readlink,
+            P.OPEN: self._open, P.OPENDIR: self._opendir, P.READ: self._read,
+            P.READDIR: self._readdir, P.READDIRPLUS: self._readdir,
+            P.RELEASE: self._release, P.RELEASEDIR: self._ok, P.FLUSH: self._ok,
+            P.GETXATTR: self._getxattr, P.LISTXATTR: self._listxattr, P.STATFS: self._statfs,
+            P.ACCESS: self._access, P.FORGET: self._none, P.BATCH_FORGET: self._none,
+            P.INTERRUPT: self._none, P.INIT: self._init, P.DESTROY: self._destroy,
+        }
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def handle(self, req: P.Request) -> Reply | None:
+        """The reply to ``req`` (None when the kernel expects none). Never raises."""
+        op = self._ops.get(req.opcode)
+        if op is None:
+            if req.opcode in P.NO_REPLY:
+                return None
+            return [P.reply_error(req.unique, errno.EROFS if req.opcode in P.MODIFYING
+                                  else errno.ENOSYS)]
+        if self.params is None and req.opcode != P.INIT:
+            return [P.reply_error(req.unique, errno.EIO)]  # as libfuse: nothing before INIT
+        if self.fail_resent and req.unique & P.UNIQUE_RESEND:
+            return [P.reply_error(req.unique, errno.EIO)]
+        try:
+            return op(req)
+        except FuseError as err:
+            return [P.reply_error(req.unique, err.errno)]
+        except NydusError as err:
+            if not isinstance(err, NotFound):
+                log.warning("%s inode %d: %s", P.opcode_name(req.opcode), req.nodeid, err)
+            return [P.reply_error(req.unique, err.errno)]
+        except Exception:
+            log.exception("%s inode %d: internal error", P.opcode_name(req.opcode), req.nodeid)
+            return [P.reply_error(req.unique, errno.EIO)]
+
+    def _run(self, op: str, ino: int, body: Callable[[Resolved], bytes]) -> bytes:
+        """Resolve ``ino`` once, run ``body`` with it and count the request once (a hit,
+        or an error)."""
+        stats: FsStats | None = None
+        try:
+            resolved = self.vfs.resolve(ino)
+            stats = resolved[1].fs_stats if resolved else None
+            out = body(resolved)
+        except Exception:
+            if stats is not None:
+                stats.record(op, error=True)
+            raise
+        if stats is not None:
+            stats.record(op)
+        return out
+
+    # --- attributes --------------------------------------------------------------------------
+
+    def attr(self, slot: int, inst: RafsInstance, st: Stat) -> P.Attr:
+        mode = st.mode
+        if st.ino == inst.bs.root_ino:
+            mode = (mode & ~0o7777) | 0o755  # as nydusd: the image root is always 0755
+        if inst.bs.explicit_uidgid:
+            uid, gid = st.uid, st.gid
+        else:  # images built without ownership belong to whoever runs the daemon
+            uid, gid = self.uid, self.gid
+        t = st.mtime * 1_000_000_000 + st.mtime_nsec if st.mtime else self.start_ns
+        return P.Attr(ino=self.vfs.to_fuse(slot, inst, st.ino), mode=mode, nlink=st.nlink,
+                      uid=uid, gid=gid, size=st.size, blocks=st.blocks, rdev=st.rdev,
+                      time_ns=t)
+
+    def pseudo_root_attr(self) -> P.Attr:
+        return P.Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2 + len(self.vfs.slots),
+                      uid=self.uid, gid=self.gid, time_ns=self.start_ns)
+
+    def _entry(self, slot: int, inst: RafsInstance, nid: int) -> bytes:
+        a = self.attr(slot, inst, inst.bs.stat(nid))
+        return P.entry_body(a.ino, a, FOREVER, FOREVER)
+
+    # --- operations --------------------------------------------------------------------------
+
+    def _init(self, req: P.Request) -> Reply:
+        if self.params is not None:
+            raise P.ProtocolError("second INIT on one connection")
+        params, body = P.negotiate(req.arg, self.wants)
+        self.params = params
+        self.initialized.set()
+        log.info("FUSE INIT: kernel protocol %d.%d, serving 7.%d, flags %#x, max_pages %d",
+                 req.arg.major, req.arg.minor, params.minor, params.flags, params.max_pages)
+        return [P.reply(req.unique, body)]
+
+    def _destroy(self, req: P.Request) -> Reply:
+        self.destroyed = True
+        return [P.reply(req.unique)]
+
+    def _none(self, req: P.Request) -> None:
+        return None
+
+    def _ok(self, req: P.Request) -> Reply:
+        return [P.reply(req.unique)]
+
+    def _lookup(self, req: P.Request) -> Reply:
+        name: bytes = req.arg
+
+        def body(resolved: Resolved) -> bytes:
+            if resolved is None:  # shared-mode pseudo root: one entry per mounted image
+                if name in (b".", b".."):
+                    return P.entry_body(ROOT_ID, self.pseudo_root_attr(), 0, 0)
+                hit = self.vfs.slot_by_name(name)
+                if hit is None:
+                    raise FuseError(errno.ENOENT)  # not cached: the image may come later
+                slot, inst = hit
+                return self._entry(slot, inst, inst.bs.root_ino)
+            slot, inst, nid = resolved
+            if slot and nid == inst.bs.root_ino and name == b"..":
+                return P.entry_body(ROOT_ID, self.pseudo_root_attr(), 0, 0)
+            try:
+                child = inst.bs.lookup(nid, name)
+            except NotFound:
+                return P.entry_body(0, None, FOREVER, 0)  # negative, cached by the kernel
+            return self._entry(slot, inst, child)
+
+        return [P.reply(req.unique, self._run("lookup", req.nodeid, body))]
+
+    def _getattr(self, req: P.Request) -> Reply:
+        def body(resolved: Resolved) -> bytes:
+            if resolved is None:
+                return P.attr_body(self.pseudo_root_attr(), 0)
+            slot, inst, nid = resolved
+            return P.attr_body(self.attr(slot, inst, inst.bs.stat(nid)), FOREVER)
+
+        return [P.reply(req.unique, self._run("getattr", req.nodeid, body))]
+
+    def _readlink(self, req: P.Request) -> Reply:
+        def body(resolved: Resolved) -> bytes:
+            if resolved is None:
+                raise FuseError(errno.EINVAL)
+            target: bytes = resolved[1].bs.readlink(resolved[2])
+            return target
+
+        return [P.reply(req.unique, self._run("readlink", req.nodeid, body))]
+
+    def _open(self, req: P.Request) -> Reply:
+        def body(resolved: Resolved) -> bytes:
+            if req.arg & _WRITE_FLAGS:
+                raise FuseError(errno.EROFS)
+            if resolved is None:
+                raise FuseError(errno.EISDIR)
+            return P.open_body(req.nodeid, P.FOPEN_KEEP_CACHE)
+
+        return [P.reply(req.unique, self._run("open", req.nodeid, body))]
+
+    def _opendir(self, req: P.Request) -> Reply:
+        def body(resolved: Resolved) -> bytes:
+            if resolved is None:  # the pseudo root changes: the kernel must ask again
+                return P.open_body(req.nodeid, 0)
+            _slot, inst, nid = resolved
+            if not inst.bs.stat(nid).is_dir:
+                raise FuseError(errno.ENOTDIR)
+            return P.open_body(req.nodeid, P.FOPEN_KEEP_CACHE | P.FOPEN_CACHE_DIR)
+
+        return [P.reply(req.unique, self._run("opendir", req.nodeid, body))]
+
+    def _release(self, req: P.Request) -> Reply:
+        try:
+            resolved = self.vfs.resolve(req.nodeid)
+        except NydusError:  # the image was unmounted while the file was open
+            resolved = None
+        if resolved is not None:
+            resolved[1].fs_stats.record("release")
+        return [P.reply(req.unique)]
+
+    def _read(self, req: P.Request) -> Reply:
+        t0 = time.perf_counter_ns()
+        arg: P.ReadIn = req.arg
+        stats: FsStats | None = None
+        try:
+            resolved = self.vfs.resolve(req.nodeid)
+            if resolved is None:
+                raise FuseError(errno.EISDIR)
+            inst, nid = resolved[1], resolved[2]
+            stats = inst.fs_stats
+            plan = inst.plan_read(nid, arg.offset, arg.size)
+            data = inst.read_cached(plan)
+            if data is None:
+                self.inflight[req.unique] = (req.nodeid, "read", time.time())
+                try:
+                    data = inst.read_planned(plan)
+                finally:
+                    self.inflight.pop(req.unique, None)
+        except Exception:
+            if stats is not None:
+                stats.record("read", error=True)
+            raise
+        stats.record("read", size=len(data), latency_us=(time.perf_counter_ns() - t0) // 1000)
+        return [P.header(req.unique, len(data)), data]
+
+    def _listing(self, nodeid: int, resolved: Resolved) -> list[tuple[bytes, int, int]]:
+        """(name, node id, DT_ type) of a directory, ``.`` and ``..`` first."""
+        if resolved is None:
+            return [(b".", ROOT_ID, _DT_DIR), (b"..", ROOT_ID, _DT_DIR)] + [
+                (name, self.vfs.to_fuse(slot, inst, inst.bs.root_ino), _DT_DIR)
+                for slot, (name, inst) in sorted(self.vfs.slots.items())]
+        with self._dirs_lock:
+            hit = self._dirs.get(nodeid)
+            if hit is not None:
+                self._dirs.move_to_end(nodeid)
+                return hit
+        slot, inst, nid = resolved
+        entries = [(e.name, self.vfs.to_fuse(slot, inst, e.ino), _DTYPE.get(e.file_type, 0))
+                   for e in inst.bs.readdir(nid)]
+        with self._dirs_lock:
+            self._dirs[nodeid] = entries
+            while len(self._dirs) > _DIR_CACHE:
+                self._dirs.popitem(last=False)
+        return entries
+
+    def _readdir(self, req: P.Request) -> Reply:
+        arg: P.ReadIn = req.arg
+        plus = req.opcode == P.READDIRPLUS
+
+        def body(resolved: Resolved) -> bytes:
+            entries = self._listing(req.nodeid, resolved)
+            out = bytearray()
+            for i in range(arg.offset, len(entries)):
+                name, ino, dtype = entries[i]
+                if name == b"." or name == b"..":
+                    continue  # as before: listings never carried them
+                if len(out) + P.dirent_size(name, plus) > arg.size:
+                    break
+                if not plus:
+                    out += P.pack_dirent(ino, i + 1, dtype, name)
+                    continue
+                # an entry plus attributes: the kernel counts it as a lookup
+                target = self.vfs.resolve(ino)
+                if target is None:
+                    entry = P.entry_body(ROOT_ID, self.pseudo_root_attr(), 0, 0)
+                else:
+                    entry = self._entry(*target)
+                out += P.pack_direntplus(entry, ino, i + 1, dtype, name)
+            return bytes(out)
+
+        op = "readdirplus" if plus else "readdir"
+        return [P.reply(req.unique, self._run(op, req.nodeid, body))]
+
+    def _xattrs_allowed(self, inst: RafsInstance) -> None:
+        if not self.enable_xattr and not inst.bs.has_xattr:
+            raise FuseError(errno.ENOSYS)
+
+    def _getxattr(self, req: P.Request) -> Reply:
+        arg: P.GetxattrIn = req.arg
+
+        def body(resolved: Resolved) -> bytes:
+            if resolved is None:
+                raise FuseError(errno.ENODATA)
+            self._xattrs_allowed(resolved[1])
+            value = resolved[1].bs.getxattr(resolved[2], arg.name)
+            if value is None:
+                raise FuseError(errno.ENODATA)
+            return _sized(value, arg.size)
+
+        return [P.reply(req.unique, self._run("getxattr", req.nodeid, body))]
+
+    def _listxattr(self, req: P.Request) -> Reply:
+        def body(resolved: Resolved) -> bytes:
+            if resolved is None:
+                return _sized(b"", req.arg)
+            self._xattrs_allowed(resolved[1])
+            names = resolved[1].bs.listxattr(resolved[2])
+            return _sized(b"".join(n + b"\0" for n in names), req.arg)
+
+        return [P.reply(req.unique, self._run("listxattr", req.nodeid, body))]
+
+    def _statfs(self, req: P.Request) -> Reply:
+        files = sum(inst.bs.inode_count for inst in self.vfs.instances())
+        return [P.reply(req.unique, P.statfs_body(files=files))]
+
+    def _access(self, req: P.Request) -> Reply:
+        if req.arg & os.W_OK:
+            raise FuseError(errno.EACCES)
+        return [P.reply(req.unique)]
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """getxattr/listxattr: the size when asked with 0, ERANGE when it does not fit."""
+    if size == 0:
+        return P.xattr_size_body(len(value))
+    if len(value) > size:
+        raise FuseError(errno.ERANGE)
+    return value
