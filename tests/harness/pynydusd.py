@@ -76,6 +76,33 @@ def fuse_mounted(path: str | Path) -> bool:
     return False
 
 
+def abort_fuse_under(path: str | Path) -> list[str]:
+    """Abort the FUSE connection of every mount at or below ``path`` (fusectl's ``abort``):
+    whoever waits on one gets ENOTCONN. For tests whose connections a supervisor, or a
+    successor, keeps alive: a plain unmount of such a mount would wait for an answer
+    (umount(8) asks statfs) that nobody is left to give. Returns the mountpoints."""
+    conns = "/sys/fs/fuse/connections"
+    if not os.path.ismount(conns):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", conns], check=False,
+                       capture_output=True)
+    base = os.path.realpath(path).rstrip("/")
+    done = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            mp = parts[4].replace("\\040", " ")
+            if parts[sep + 1].startswith("fuse") and (mp == base or mp.startswith(base + "/")):
+                minor = parts[2].split(":")[1]
+                try:
+                    with open(f"{conns}/{minor}/abort", "w") as ctl:
+                        ctl.write("1")
+                    done.append(mp)
+                except OSError:
+                    pass
+    return done
+
+
 def force_unmount(path: str | Path) -> None:
     """Unmount ``path`` until nothing is mounted there (lazy as a last resort)."""
     for _ in range(5):

@@ -731,8 +731,10 @@ FLAGS: dict[str, Case] = {
     "--localfs-dir": ShownBy(DAEMON_TESTS + "test_api.py::test_localfs_dir_flag_serves_and_caches"),
     "--id": ShownBy(DAEMON_TESTS + "test_api.py::test_daemon_info_and_metrics_shapes"),
     "--supervisor": ShownBy(DAEMON_TESTS + "test_api.py::test_daemon_info_and_metrics_shapes"),
-    "--upgrade": Refused("--upgrade"),
-    "--failover-policy": Refused("--failover-policy=flush"),
+    "--upgrade": ShownBy(DAEMON_TESTS + "test_takeover.py::"
+                          "test_kill9_under_reads_is_taken_over_without_an_error"),
+    "--failover-policy": ShownBy(DAEMON_TESTS + "test_takeover.py::"
+                                  "test_a_read_the_dead_daemon_had_taken_is_resent_or_failed"),
     "--thread-num": ShownBy("tests/unit/test_config_effects.py::test_thread_num_sizes_the_workers"),
     "--prefetch-files": ShownBy(DAEMON_TESTS + "test_prefetch.py::"
                                  "test_prefetch_files_fetches_only_the_listed_files"),

@@ -53,6 +53,8 @@ class Controller(Protocol):
     def update_config(self, sid: str | None, values: dict[str, Any]) -> None: ...
     def backend_info(self, mountpoint: str) -> dict[str, Any]: ...
     def prefetch_list(self, mountpoint: str, body: dict[str, Any]) -> None: ...
+    def send_fd(self) -> None: ...
+    def takeover(self, body: dict[str, Any] | None = None) -> None: ...
 
 
 def _status(err: Exception) -> int:
@@ -65,6 +67,9 @@ def _status(err: Exception) -> int:
     if isinstance(err, Unavailable):
         return 503
     return 500
+
+
+_EXIT = object()  # _route's answer to PUT /api/v1/daemon/exit
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -115,7 +120,14 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("api %s %s failed", method, self.path)
             self._send(500, {"code": "UNDEFINED", "message": f"internal error: {err}"})
             return
-        if isinstance(result, tuple):
+        if result is _EXIT:  # answer first: the process may be gone a moment later
+            self._send(204)
+            self.wfile.flush()
+            try:
+                ctl.exit()
+            except Exception:
+                log.exception("api exit failed")
+        elif isinstance(result, tuple):
             self._send(200, result[0], result[1])
         elif result is None:
             self._send(204)
@@ -137,14 +149,16 @@ class _Handler(BaseHTTPRequestHandler):
                 ctl.set_log_level(level)
                 return None
         elif v == "/api/v1/daemon/exit" and method == "PUT":
-            ctl.exit()
-            return None
+            return _EXIT
         elif v == "/api/v1/daemon/start" and method == "PUT":
             ctl.start()
             return None
-        elif v in ("/api/v1/daemon/fuse/sendfd", "/api/v1/daemon/fuse/takeover") and method == "PUT":
-            raise NotImplementedFeature("failover (sendfd/takeover) is not supported by pynydusd; "
-                                        "use recover_policy = \"restart\"")
+        elif v == "/api/v1/daemon/fuse/sendfd" and method == "PUT":
+            ctl.send_fd()
+            return None
+        elif v == "/api/v1/daemon/fuse/takeover" and method == "PUT":
+            ctl.takeover(self._body())
+            return None
         elif v == "/api/v1/daemon/backend" and method == "GET":
             return ctl.backend_info(q.get("mountpoint", "/"))
         elif path == "/api/v1/mount":

@@ -6,8 +6,11 @@ serves requests. SIGTERM/SIGINT or ``PUT /api/v1/daemon/exit`` stop the loop,
 unmount and exit. A mountpoint left behind by a crashed daemon (a dead FUSE
 connection) is unmounted before mounting again.
 
-Threads: the FUSE loop runs on trio in the main thread; file reads run in trio's
-worker threads; the API and the prefetch workers have their own threads.
+Two FUSE sessions serve the mount: our own (``fuseloop``: worker threads reading
+``/dev/fuse``, the default) or pyfuse3's (libfuse3 on trio in the main thread, file
+reads in trio's worker threads), chosen with ``PYNYDUSD_FUSE=loop|pyfuse3``. Only our
+own can hand its connection to a successor (docs/failover.md). The API and the
+prefetch workers have their own threads.
 """
 
 from __future__ import annotations
@@ -22,23 +25,31 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pyfuse3
-import trio
-
 from pynydus import __version__
-from pynydus.daemon import metrics, prefetchlist, trace
+from pynydus.daemon import fuseproto, metrics, prefetchlist, trace
 from pynydus.daemon.api import ApiServer
 from pynydus.daemon.blobcache import Backend, LocalFsBackend
 from pynydus.daemon.config import BackendConfig, NydusdConfig, parse_daemon_config
-from pynydus.daemon.fusefs import RafsFs, Vfs
+from pynydus.daemon.fuseloop import FuseSession, mount_fuse
+from pynydus.daemon.fuseops import RafsServer
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.metrics import CacheStats
 from pynydus.daemon.prefetch import Prefetcher
+from pynydus.daemon.takeover import (
+    DaemonState,
+    MountState,
+    StateError,
+    request_takeover,
+    send_state,
+)
+from pynydus.daemon.vfs import ROOT_ID, Vfs
 from pynydus.errors import (
+    FailedPrecondition,
     FormatError,
     InvalidArgument,
     NotFound,
     NotImplementedFeature,
+    NydusError,
     Unavailable,
 )
 from pynydus.host.mount import unmount
@@ -59,6 +70,13 @@ class DaemonOptions:
     supervisor: str = ""
     thread_num: int = 4
     prefetch_files: tuple[str, ...] | None = None
+    # "loop" (our own FUSE session) or "pyfuse3" (libfuse3); PYNYDUSD_FUSE overrides
+    fuse_session: str = "loop"
+    # the text --config was read from (handed to a successor with the state)
+    config_text: str = ""
+    # --upgrade: start in INIT and take a predecessor's connection over (takeover, start)
+    upgrade: bool = False
+    failover_policy: str = "resend"
 
 
 def make_backend(cfg: BackendConfig) -> Backend:
@@ -114,21 +132,44 @@ def clean_stale_mountpoint(path: str) -> None:
 
 
 class Daemon:
-    """The controller behind the API and the FUSE loop."""
+    """The controller behind the API and the FUSE session."""
 
     def __init__(self, opts: DaemonOptions) -> None:
         self.opts = opts
         self.state = "INIT"
         self.vfs = Vfs()
         self.cache_stats = CacheStats()
-        self.fs: RafsFs | None = None
         self.api: ApiServer | None = None
-        self.trio_token: trio.lowlevel.TrioToken | None = None
         self.started = time.time()
         self.mounts_info: dict[str, dict[str, Any]] = {}
         self.auth_overrides: dict[str, str] = {}
         self.prefetcher: Prefetcher | None = None
         self._lock = threading.Lock()
+        # our own session
+        self.server: RafsServer | None = None
+        self.session: FuseSession | None = None
+        self.fuse_fd = -1
+        self.fuse_mountpoint = ""
+        self._stop = threading.Event()
+        # the supervisor holds our connection (sendfd done): exit leaves the mount to it
+        self.handed_over = False
+        self._keep_mount = False
+        self._flush_resent = False
+        self.daemon_id = opts.daemon_id
+        self.supervisor = opts.supervisor  # a takeover may name another
+        # the pyfuse3 session
+        self.fs: Any = None
+        self.trio_token: Any = None
+
+    @property
+    def inflight(self) -> dict[int, tuple[int, str, float]]:
+        """FUSE requests waiting for the backend (for metrics and the prefetcher)."""
+        if self.server is not None:
+            return self.server.inflight
+        if self.fs is not None:
+            inflight: dict[int, tuple[int, str, float]] = self.fs.inflight
+            return inflight
+        return {}
 
     # --- setup ------------------------------------------------------------------------
 
@@ -143,52 +184,53 @@ class Daemon:
             return
         if self.prefetcher is None:
             self.prefetcher = Prefetcher(p.threads, p.bandwidth_limit,
-                                         busy=lambda: bool(self.fs and self.fs.inflight))
+                                         busy=lambda: bool(self.inflight))
         self.prefetcher.submit(inst, files, p.prefetch_all and p.enable)
 
-    def make_fs(self) -> RafsFs:
-        """The FUSE operations, sized by --thread-num, with the config's enable_xattr."""
-        xattr = self.opts.config.rafs.enable_xattr if self.opts.config else True
-        return RafsFs(self.vfs, thread_num=self.opts.thread_num, enable_xattr=xattr)
+    @property
+    def enable_xattr(self) -> bool:
+        if self.vfs.dedicated is not None:  # also a successor's, restored from the state
+            return self.vfs.dedicated.config.rafs.enable_xattr
+        return self.opts.config.rafs.enable_xattr if self.opts.config else True
+
+    def make_fs(self) -> Any:
+        """The pyfuse3 operations, sized by --thread-num, with the config's enable_xattr."""
+        from pynydus.daemon.fusefs import RafsFs
+
+        return RafsFs(self.vfs, thread_num=self.opts.thread_num, enable_xattr=self.enable_xattr)
+
+    def session_threads(self) -> int:
+        """Worker threads of our session: each may wait for the backend on a cold read,
+        so as many as pyfuse3 allowed reads in flight (4 per --thread-num, at least 16)."""
+        return max(self.opts.thread_num, 4) * 4
 
     def run(self) -> int:
         """Mount, serve until told to stop, unmount. Returns the exit code."""
         threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
+        if self.opts.upgrade:
+            return self._run_successor()
         mp = os.path.abspath(self.opts.mountpoint)
         clean_stale_mountpoint(mp)  # before mkdir: a dead FUSE mount cannot even be stat'ed
         os.makedirs(mp, exist_ok=True)
         if self.opts.apisock:
             self.api = ApiServer(self.opts.apisock, self, group=self.opts.apisock_group)
             self.api.start()
-        mounted = False
         try:
             if self.opts.bootstrap:
                 if self.opts.config is None:
                     raise InvalidArgument("--bootstrap needs --config")
                 inst = self._instance(self.opts.bootstrap, self.opts.config)
                 self.vfs.dedicated = inst
-                self.mounts_info["/"] = {"source": self.opts.bootstrap, "mounted_time": time.time()}
-            self.fs = self.make_fs()
-            options = {"fsname=rafs", "subtype=rafs", "ro", "default_permissions", "allow_other"}
-            pyfuse3.init(self.fs, mp, options)
-            mounted = True
-            self.state = "READY"
-            if self.vfs.dedicated is not None:
-                self._start_prefetch(self.vfs.dedicated,
-                                     list(self.opts.prefetch_files) if self.opts.prefetch_files else None)
-            trio.run(self._main)
+                self.mounts_info["/"] = {"source": self.opts.bootstrap, "mounted_time": time.time(),
+                                         "config": self.opts.config_text, "slot": 0}
+            if self.opts.fuse_session == "pyfuse3":
+                self._run_pyfuse3(mp)
+            else:
+                self._run_loop(mp)
         finally:
             self.state = "STOPPED"
             if self.prefetcher:
                 self.prefetcher.stop()
-            # pyfuse3.close() without a successful init() dereferences a NULL session
-            # and kills the process with SIGSEGV (a missing bootstrap crashed the CLI
-            # instead of printing its error), so only close what was opened.
-            if mounted:
-                try:
-                    pyfuse3.close(unmount=True)
-                except Exception:
-                    log.exception("closing the FUSE session")
             for inst in self.vfs.instances():
                 inst.close()
             if self.api:
@@ -196,17 +238,248 @@ class Daemon:
         log.info("stopped")
         return 0
 
+    # --- our own session ------------------------------------------------------------------
+
+    def _run_loop(self, mp: str) -> None:
+        self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr)
+        self.fuse_fd = mount_fuse(mp)
+        self.fuse_mountpoint = mp
+        try:
+            self.session = FuseSession(self.fuse_fd, self.server, threads=self.session_threads(),
+                                       on_end=self._stop.set)
+            self.state = "READY"
+            if self.vfs.dedicated is not None:
+                self._start_prefetch(self.vfs.dedicated,
+                                     list(self.opts.prefetch_files) if self.opts.prefetch_files else None)
+            self.session.start()
+            self.state = "RUNNING"
+            log.info("pynydusd %s serving %s", __version__, self.opts.mountpoint)
+            threading.Thread(target=self._tune_after_init, args=(mp,), name="readahead",
+                             daemon=True).start()
+            self._wait_for_stop()
+        finally:
+            self._unmount(mp)
+
+    def _wait_for_stop(self) -> None:
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %d: unmounting and exiting", signum)
+            self._stop.set()
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _tune_after_init(self, mp: str) -> None:
+        # INIT sets the window to what the kernel offered; raise it once INIT is answered
+        if self.server is not None and self.server.initialized.wait(30):
+            tune_readahead(mp, READAHEAD_KB)
+            self._push_state("started")
+
+    def _unmount(self, mp: str) -> None:
+        """End the mount: unmount (lazily if busy) and close our fd, which ends the
+        connection once nothing uses the mount. After ``exit`` of a daemon whose
+        supervisor holds the connection, leave the mount to the successor instead."""
+        if self.fuse_fd < 0:
+            return
+        if self._keep_mount:
+            log.info("leaving %s mounted: the supervisor holds the connection", mp)
+            logging.shutdown()
+            # no cleanup that could fail a request on its way: the successor resends
+            # whatever our threads had read and not answered
+            os._exit(0)
+        try:
+            unmount(mp)
+        except OSError:
+            try:
+                unmount(mp, lazy=True)
+            except OSError as err:
+                log.warning("cannot unmount %s: %s", mp, err)
+        if self.session is not None:
+            self.session.wait(2.0)
+        os.close(self.fuse_fd)
+        self.fuse_fd = -1
+
+    # --- failover: hand-over to the supervisor and takeover by a successor ------------------
+
+    def state_value(self) -> DaemonState:
+        """What a successor needs to serve our connection (see takeover.py)."""
+        if self.server is None or self.server.params is None:
+            raise Unavailable(f"daemon is {self.state}: no FUSE connection to hand over yet")
+        with self._lock:
+            mounts = []
+            for mp, info in sorted(self.mounts_info.items()):
+                if mp == "/":
+                    slot = 0
+                else:
+                    hit = self.vfs.slot_by_name(self._name(mp))
+                    if hit is None:
+                        continue
+                    slot = hit[0]
+                mounts.append(MountState(mountpoint=mp, slot=slot, source=info["source"],
+                                         config=info.get("config", ""),
+                                         mounted_time=info["mounted_time"]))
+            return DaemonState(daemon_id=self.daemon_id, mountpoint=self.fuse_mountpoint,
+                               init=self.server.params, next_slot=self.vfs.next_slot,
+                               mounts=tuple(mounts), failover_policy=self.opts.failover_policy)
+
+    def send_fd(self) -> None:
+        """``PUT /api/v1/daemon/fuse/sendfd``: give the supervisor our connection and state."""
+        if not self.supervisor:
+            raise FailedPrecondition("no --supervisor to send the FUSE connection to")
+        if self.session is None or self.fuse_fd < 0:
+            raise FailedPrecondition(f"daemon is {self.state} without a FUSE connection of its "
+                                     f"own to send (pyfuse3 sessions cannot be handed over)")
+        state = self.state_value()
+        try:
+            send_state(self.supervisor, state, self.fuse_fd)
+        except (OSError, EOFError) as err:
+            raise Unavailable(f"sending the FUSE connection to {self.supervisor}: {err}") from err
+        self.handed_over = True
+        log.debug("state (%d mounts) and FUSE fd sent to %s", len(state.mounts), self.supervisor)
+
+    def _push_state(self, why: str) -> None:
+        """Keep the supervisor's copy current (after start and every mount change)."""
+        if not self.supervisor or self.session is None:
+            return
+        try:
+            self.send_fd()
+        except NydusError as err:
+            log.warning("state not sent to the supervisor (%s): %s", why, err)
+
+    def takeover(self, body: dict[str, Any] | None = None) -> None:
+        """``PUT /api/v1/daemon/fuse/takeover`` (``--upgrade`` only): get the connection and
+        state from the supervisor and restore the images; INIT -> READY. On failure the
+        daemon stays in INIT and holds nothing (the supervisor falls back to a restart).
+
+        An optional body ``{"supervisor": path, "id": daemon id}`` (our extension; upstream
+        sends none) names whose connection to take, so that a spare started in advance
+        can succeed any daemon."""
+        if not self.opts.upgrade:
+            raise FailedPrecondition("takeover needs a daemon started with --upgrade")
+        body = body or {}
+        supervisor = str(body.get("supervisor") or self.supervisor)
+        wanted = str(body.get("id") or self.opts.daemon_id)
+        if not supervisor:
+            raise FailedPrecondition("takeover needs --supervisor (or a supervisor in the body)")
+        with self._lock:
+            if self.state != "INIT":
+                raise FailedPrecondition(f"daemon is {self.state}: takeover happens once, in INIT")
+            try:
+                blob, fd = request_takeover(supervisor, wanted)
+            except (OSError, EOFError) as err:
+                raise Unavailable(f"takeover from {supervisor}: {err}") from err
+            try:
+                if fd < 0:
+                    raise StateError("the supervisor holds no FUSE connection for us")
+                state = DaemonState.decode(blob)
+                mine = self.opts.mountpoint and os.path.abspath(self.opts.mountpoint)
+                if mine and mine != state.mountpoint:
+                    raise StateError(f"the state is for {state.mountpoint}, this daemon was "
+                                     f"started for {mine}")
+                self._restore(state)
+            except BaseException as err:
+                if fd >= 0:
+                    os.close(fd)
+                for inst in self.vfs.instances():
+                    inst.close()
+                self.vfs = Vfs()
+                self.mounts_info.clear()
+                if isinstance(err, (StateError, NydusError)):
+                    raise FailedPrecondition(f"takeover state refused: {err}") from err
+                raise
+            self.fuse_fd = fd
+            self.fuse_mountpoint = state.mountpoint
+            self.daemon_id = state.daemon_id
+            self.supervisor = supervisor
+            self.handed_over = True  # the supervisor holds the connection too
+            self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr, params=state.init)
+            self.session = FuseSession(fd, self.server, threads=self.session_threads(),
+                                       on_end=self._stop.set)
+            self._flush_resent = self.opts.failover_policy == "flush"
+            self.state = "READY"
+        log.info("took over %s (daemon %s, %d images, FUSE 7.%d)", state.mountpoint,
+                 state.daemon_id, len(state.mounts), state.init.minor)
+
+    def _restore(self, state: DaemonState) -> None:
+        for m in state.mounts:
+            cfg, warnings = parse_daemon_config(m.config, f"takeover of {m.mountpoint} config")
+            for w in warnings:
+                log.debug("%s", w)
+            inst = self._instance(m.source, cfg)
+            if m.slot == 0:
+                self.vfs.dedicated = inst
+            else:
+                self.vfs.add(self._name(m.mountpoint), inst, slot=m.slot)
+            self.mounts_info[m.mountpoint] = {"source": m.source, "mounted_time": m.mounted_time,
+                                              "config": m.config, "slot": m.slot}
+        self.vfs.next_slot = state.next_slot
+
+    def _run_successor(self) -> int:
+        """``--upgrade``: serve the API in INIT until takeover and start, then serve the
+        connection taken over until stopped."""
+        if not self.opts.apisock:
+            raise InvalidArgument("--upgrade needs --apisock (takeover comes through the API)")
+        self.api = ApiServer(self.opts.apisock, self, group=self.opts.apisock_group)
+        self.api.start()
+        log.info("pynydusd %s waiting for takeover (supervisor %s)", __version__,
+                 self.supervisor or "named by the takeover")
+        try:
+            self._wait_for_stop()
+        finally:
+            self.state = "STOPPED"
+            if self.fuse_fd >= 0:
+                self._unmount(self.fuse_mountpoint)
+            if self.prefetcher:
+                self.prefetcher.stop()
+            for inst in self.vfs.instances():
+                inst.close()
+            self.api.close()
+        log.info("stopped")
+        return 0
+
+    # --- the pyfuse3 session --------------------------------------------------------------
+
+    def _run_pyfuse3(self, mp: str) -> None:
+        import pyfuse3
+        import trio
+
+        self.fs = self.make_fs()
+        options = {"fsname=rafs", "subtype=rafs", "ro", "default_permissions", "allow_other"}
+        pyfuse3.init(self.fs, mp, options)
+        try:
+            self.state = "READY"
+            if self.vfs.dedicated is not None:
+                self._start_prefetch(self.vfs.dedicated,
+                                     list(self.opts.prefetch_files) if self.opts.prefetch_files else None)
+            trio.run(self._main)
+        finally:
+            # pyfuse3.close() without a successful init() dereferences a NULL session
+            # and kills the process with SIGSEGV, so only close what was opened.
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:
+                log.exception("closing the FUSE session")
+
     async def _main(self) -> None:
+        import pyfuse3
+        import trio
+
         self.trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(self._tune_readahead)
             self.state = "RUNNING"
-            log.info("pynydusd %s serving %s", __version__, self.opts.mountpoint)
+            log.info("pynydusd %s serving %s (pyfuse3)", __version__, self.opts.mountpoint)
             await pyfuse3.main(min_tasks=max(2, self.opts.thread_num), max_tasks=256)
             nursery.cancel_scope.cancel()
 
     async def _tune_readahead(self) -> None:
+        import trio
+
         # FUSE_INIT (answered by the loop) resets the window to what libfuse negotiated,
         # so set it once the loop has run, and once more in case INIT came late.
         for delay in (0.05, 0.5):
@@ -214,7 +487,10 @@ class Daemon:
             await trio.to_thread.run_sync(tune_readahead, os.path.abspath(self.opts.mountpoint),
                                           READAHEAD_KB)
 
-    async def _signals(self, scope: trio.CancelScope) -> None:
+    async def _signals(self, scope: Any) -> None:
+        import pyfuse3
+        import trio
+
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting and exiting", signum)
@@ -233,8 +509,8 @@ class Daemon:
         return {
             "version": {"package_ver": __version__, "git_commit": f"pynydus-{__version__}",
                         "build_time": "", "profile": "release", "rustc": "python"},
-            "id": self.opts.daemon_id or None,
-            "supervisor": self.opts.supervisor or None,
+            "id": self.daemon_id or None,
+            "supervisor": self.supervisor or None,
             "state": self.state,
             "backend_collection": collection,
         }
@@ -246,14 +522,40 @@ class Daemon:
             raise InvalidArgument(f"log_level: {err}") from None
 
     def exit(self) -> None:
-        if self.trio_token is None:
+        """Stop and exit. A daemon whose supervisor holds its connection leaves the mount
+        in place for a successor (nydusd: Running -Stop-> Ready -Exit-> Die, no umount);
+        any other unmounts, as on SIGTERM."""
+        if self.handed_over and self.session is not None:
+            self._keep_mount = True
+            self._stop.set()
+            return
+        if self.fs is not None and self.trio_token is not None:
+            import pyfuse3
+            import trio
+
+            trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self.trio_token)
+            return
+        if self.server is None:
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self.trio_token)
+        self._stop.set()
 
     def start(self) -> None:
-        if self.state not in ("READY", "RUNNING"):
-            raise Unavailable(f"daemon is {self.state}, cannot start")
+        """READY -> RUNNING. After a takeover: ask the kernel to resend what the
+        predecessor had read and not answered, then serve."""
+        with self._lock:
+            if self.state not in ("READY", "RUNNING"):
+                raise Unavailable(f"daemon is {self.state}, cannot start")
+            if self.state == "RUNNING" or self.session is None or not self.opts.upgrade:
+                return
+            assert self.server is not None
+            if self._flush_resent:
+                self.server.fail_resent = True
+            resent = self.session.resend()
+            self.session.start()
+            self.state = "RUNNING"
+        log.info("serving %s (resend %s)", self.fuse_mountpoint,
+                 "requested" if resent else "unavailable")
 
     @staticmethod
     def _name(mountpoint: str) -> bytes:
@@ -293,7 +595,10 @@ class Daemon:
         except BaseException:
             inst.close()
             raise
-        self.mounts_info[mountpoint] = {"source": source, "mounted_time": time.time()}
+        with self._lock:
+            self.mounts_info[mountpoint] = {"source": source, "mounted_time": time.time(),
+                                            "config": config_text}
+        self._push_state(f"mount {mountpoint}")
         files = body.get("prefetch_files")
         self._start_prefetch(inst, list(files) if isinstance(files, list) else None)
         log.info("mounted %s at %s", source, mountpoint)
@@ -325,9 +630,16 @@ class Daemon:
     def umount(self, mountpoint: str) -> None:
         name = self._name(mountpoint)
         _, inst = self.vfs.remove(name)
-        self.mounts_info.pop(mountpoint, None)
+        with self._lock:
+            self.mounts_info.pop(mountpoint, None)
+        self._push_state(f"umount {mountpoint}")
         try:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
+            if self.session is not None:
+                self.session.notify(fuseproto.notify_inval_entry(ROOT_ID, name))
+            elif self.fs is not None:
+                import pyfuse3
+
+                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
         except Exception as err:  # noqa: BLE001 - best effort: the kernel finds ENOENT anyway
             log.debug("invalidate %s: %s", mountpoint, err)
         inst.close()
@@ -357,7 +669,7 @@ class Daemon:
                 all_ready=bool(instances) and all(i.all_cached() for i in instances),
                 prefetch=self.prefetcher)
         if kind == "inflight":
-            return metrics.inflight_json(self.fs.inflight) if self.fs else []
+            return metrics.inflight_json(self.inflight)
         if kind in ("files", "pattern", "trace"):
             return self._trace_metrics(kind, instances, query)
         raise metrics.unknown(kind)
@@ -386,7 +698,7 @@ class Daemon:
         return metrics.prometheus_text(metrics.DaemonSnapshot(
             state=self.state, started=self.started, cache=self.cache_stats,
             fs=[i.fs_stats for i in self.vfs.instances()],
-            inflight=len(self.fs.inflight) if self.fs else 0))
+            inflight=len(self.inflight)))
 
     def get_config(self, sid: str | None) -> dict[str, Any]:
         return {"registry_auth": "<redacted>" if self.auth_overrides else ""}
@@ -434,10 +746,19 @@ def load_config_file(path: str) -> NydusdConfig:
     return cfg
 
 
-def localfs_config(directory: str) -> NydusdConfig:
-    """``--localfs-dir``: localfs backend and blob cache in one directory."""
-    text = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": directory}},
+def config_file_text(path: str) -> str:
+    """The text of a config file already loaded (for the takeover state)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def localfs_config_text(directory: str) -> str:
+    return json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": directory}},
                                   "cache": {"type": "blobcache", "config": {"work_dir": directory}}},
                        "enable_xattr": True})
-    cfg, _ = parse_daemon_config(text, "--localfs-dir")
+
+
+def localfs_config(directory: str) -> NydusdConfig:
+    """``--localfs-dir``: localfs backend and blob cache in one directory."""
+    cfg, _ = parse_daemon_config(localfs_config_text(directory), "--localfs-dir")
     return replace(cfg)

@@ -105,6 +105,8 @@ class RafsServer:
         if self.params is None and req.opcode != P.INIT:
             return [P.reply_error(req.unique, errno.EIO)]  # as libfuse: nothing before INIT
         if self.fail_resent and req.unique & P.UNIQUE_RESEND:
+            log.info("failing %s of inode %d that the previous daemon had taken (failover "
+                     "policy flush)", P.opcode_name(req.opcode), req.nodeid)
             return [P.reply_error(req.unique, errno.EIO)]
         try:
             return op(req)
@@ -226,7 +228,9 @@ class RafsServer:
                 raise FuseError(errno.EROFS)
             if resolved is None:
                 raise FuseError(errno.EISDIR)
-            return P.open_body(req.nodeid, P.FOPEN_KEEP_CACHE)
+            # NOFLUSH: nothing to flush on a read-only image, and a close() then never
+            # waits for a daemon (one being replaced, say)
+            return P.open_body(req.nodeid, P.FOPEN_KEEP_CACHE | P.FOPEN_NOFLUSH)
 
         return [P.reply(req.unique, self._run("open", req.nodeid, body))]
 

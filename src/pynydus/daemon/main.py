@@ -2,15 +2,17 @@
 
 ``pynydusd [fuse] --mountpoint DIR [--bootstrap FILE --config FILE] [--apisock SOCK] ...``
 Every flag either does what nydusd's does or, when given with anything but nydusd's
-default, stops start-up naming the flag ("... is not supported by pynydusd yet"). The one
-exception is ``--supervisor``: it is reported in the daemon info, with a warning that
-failover hand-over is not implemented (docs/failover.md).
+default, stops start-up naming the flag ("... is not supported by pynydusd yet").
+``--supervisor``/``--upgrade``/``--failover-policy`` are the failover hand-over
+(docs/failover.md); a daemon started with ``--upgrade`` needs no ``--mountpoint``: it
+takes its predecessor's over.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import signal
 import sys
@@ -61,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-M", "--mountpoint", help="FUSE mountpoint")
     p.add_argument("-D", "--localfs-dir", help="localfs backend and blob cache in this directory")
     p.add_argument("--id", help="daemon id (with --supervisor)")
-    p.add_argument("--supervisor", help="failover supervisor socket (reported in the daemon "
-                   "info; hand-over is not implemented)")
-    p.add_argument("--upgrade", action="store_true", help="failover/upgrade start (not supported)")
+    p.add_argument("--supervisor", help="failover supervisor socket: the daemon sends its FUSE "
+                   "connection and state there, a successor takes them from there")
+    p.add_argument("--upgrade", action="store_true", help="start in INIT and wait for "
+                   "PUT /api/v1/daemon/fuse/takeover and /start (failover, hot upgrade)")
     p.add_argument("--failover-policy", choices=["none", "resend", "flush"], default="resend",
-                   help="only resend, the default, is supported")
+                   help="after a takeover: resend the requests the predecessor had read "
+                   "(default) or fail them (flush)")
     p.add_argument("--thread-num", "--fuse-threads", type=int, default=4, dest="thread_num")
     p.add_argument("--prefetch-files", help="file with one absolute path per line to prefetch")
     p.add_argument("-l", "--log-level", default="info", type=str.lower, choices=list(LEVELS))
@@ -134,7 +138,13 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
     """What the command line asks of the daemon; ConfigError naming the flag for a flag
     pynydusd does not support (given with anything but nydusd's default) or a bad value.
     Reads the config and prefetch list files; starts nothing."""
-    from pynydus.daemon.daemon import DaemonOptions, load_config_file, localfs_config
+    from pynydus.daemon.daemon import (
+        DaemonOptions,
+        config_file_text,
+        load_config_file,
+        localfs_config,
+        localfs_config_text,
+    )
 
     if sub != "fuse":
         raise ConfigError(f"subcommand {sub!r} is not supported by pynydusd (it serves FUSE only; "
@@ -144,9 +154,9 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
         ("--shared-dir", args.shared_dir, "passthroughfs"),
         ("--virtual-mountpoint", args.virtual_mountpoint not in ("/", ""),
          "an image below the mountpoint's root"),
-        ("--upgrade", args.upgrade, "taking over a live FUSE session, see docs/failover.md"),
-        ("--failover-policy", args.failover_policy != "resend",
-         "failover of a live FUSE session, see docs/failover.md"),
+        ("--failover-policy", args.failover_policy == "none",
+         ("a takeover that neither resends nor fails the requests its predecessor had read, "
+         "see docs/failover.md")),
         ("--backend-source", args.backend_source, "the backend config from a URL"),
         ("--fscache", args.fscache, "fscache"),
         ("--fscache-threads", args.fscache_threads is not None, "fscache"),
@@ -155,10 +165,7 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
     for flag, given, what in refused:
         if given:
             raise ConfigError(f"{flag} is not supported by pynydusd yet ({what})")
-    if args.supervisor:
-        log.warning("--supervisor %s: failover hand-over is not implemented (docs/failover.md); "
-                    "the daemon starts normally", args.supervisor)
-    if not args.mountpoint:
+    if not args.mountpoint and not args.upgrade:
         raise ConfigError("--mountpoint is required")
     if args.config and args.localfs_dir:
         raise ConfigError("--config and --localfs-dir exclude each other")
@@ -167,10 +174,13 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
     if not 1 <= args.thread_num <= 1024:
         raise ConfigError(f"--thread-num must be 1..1024, got {args.thread_num}")
     config = None
+    config_text = ""
     if args.config:
         config = load_config_file(args.config)
+        config_text = config_file_text(args.config)
     elif args.localfs_dir:
         config = localfs_config(args.localfs_dir)
+        config_text = localfs_config_text(args.localfs_dir)
     prefetch = None
     if args.prefetch_files:
         try:
@@ -178,8 +188,14 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
                 prefetch = tuple(line.strip() for line in f if line.strip())
         except OSError as err:
             raise ConfigError(f"--prefetch-files {args.prefetch_files}: {err.strerror}") from err
+    session = os.environ.get("PYNYDUSD_FUSE") or "loop"
+    if session not in ("loop", "pyfuse3"):
+        raise ConfigError(f"PYNYDUSD_FUSE={session!r}: expected loop (our FUSE session) or "
+                          f"pyfuse3 (libfuse3)")
     return DaemonOptions(
-        mountpoint=args.mountpoint, apisock=args.apisock or "",
+        fuse_session=session,
+        config_text=config_text, upgrade=args.upgrade, failover_policy=args.failover_policy,
+        mountpoint=args.mountpoint or "", apisock=args.apisock or "",
         apisock_group=args.apisock_group or "", bootstrap=args.bootstrap or "",
         config=config, daemon_id=args.id or "", supervisor=args.supervisor or "",
         thread_num=args.thread_num, prefetch_files=prefetch,

@@ -109,7 +109,9 @@ def test_errors_log_level_and_exit(full_image: Image, start_daemon: StartFn,
     assert status == 400 and "log_level" in body["message"]
     assert d.api("PUT", "/api/v1/daemon", {"log_level": "debug"}) == (204, None)
     status, body = d.api("PUT", "/api/v1/daemon/fuse/takeover")
-    assert status == 501
+    assert status == 400 and "--upgrade" in body["message"]  # a daemon started normally
+    status, body = d.api("PUT", "/api/v1/daemon/fuse/sendfd")
+    assert status == 400 and "--supervisor" in body["message"]
     # a dedicated daemon refuses API mounts
     status, body = d.api("POST", "/api/v1/mount?mountpoint=/x",
                          {"source": str(V6_BOOT), "fs_type": "rafs", "config": "{}"})
