@@ -192,8 +192,9 @@ class DaemonConfig:
     threads_number: int = count(0, maximum=1024)
     # MB; 0: nydusd does not rotate its log
     log_rotation_size: int = count(100)
-    failover_policy: FailoverPolicy = unsupported(
-        FailoverPolicy.RESEND, "failover of a live FUSE session, see docs/failover.md")
+    # after a takeover, what happens to requests the dead daemon had read: resend them to
+    # the successor (Linux >= 6.9) or fail them (flush); "none" is refused at start
+    failover_policy: FailoverPolicy = FailoverPolicy.RESEND
 
 
 @dataclass(frozen=True)

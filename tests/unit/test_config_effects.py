@@ -228,7 +228,9 @@ SNAPSHOTTER: dict[str, Case] = {
         _flag(d.daemon_command(), "--log-rotation-size"),
         _flag(s.daemon_command(), "--log-rotation-size")) == ("100", None)
         or pytest.fail("log_rotation_size")),
-    "daemon.failover_policy": Refused('"flush"'),
+    "daemon.failover_policy": Effect('"flush"', lambda d, s: (
+        (d.fs.manager.failover_policy, s.fs.manager.failover_policy) == ("resend", "flush"))
+        or pytest.fail("failover_policy")),
     "cgroup.enable": ShownBy("tests/integration/nydus/test_snapshotter_nydus.py::"
                               "test_daemons_run_in_a_memory_cgroup"),
     "cgroup.memory_limit": ShownBy("tests/integration/nydus/test_snapshotter_nydus.py::"

@@ -144,3 +144,17 @@ class DaemonClient:
 
     def exit(self) -> None:
         self._request("PUT", "/api/v1/daemon/exit")
+
+    def send_fd(self) -> None:
+        """``PUT /api/v1/daemon/fuse/sendfd``: the daemon gives its supervisor its FUSE
+        connection and state; returns once the supervisor has them."""
+        self._request("PUT", "/api/v1/daemon/fuse/sendfd")
+
+    def takeover(self, supervisor: str = "", daemon_id: str = "") -> None:
+        """``PUT /api/v1/daemon/fuse/takeover``; naming the supervisor and the daemon to
+        succeed (pynydusd's extension) lets a spare started in advance take any over."""
+        body = {"supervisor": supervisor, "id": daemon_id} if supervisor else None
+        self._request("PUT", "/api/v1/daemon/fuse/takeover", body)
+
+    def start(self) -> None:
+        self._request("PUT", "/api/v1/daemon/start")

@@ -13,6 +13,7 @@ snapshot is removed; a dedicated daemon lives exactly as long as that snapshot.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import logging
@@ -27,7 +28,7 @@ from typing import Any
 
 from pynydus import labels as L
 from pynydus.config import SnapshotterConfig
-from pynydus.errors import FailedPrecondition, NotFound, NydusError, Unavailable, q
+from pynydus.errors import ConfigError, FailedPrecondition, NotFound, NydusError, Unavailable, q
 from pynydus.host.mountinfo import mountpoints_under
 from pynydus.logs import nydusd_level
 from pynydus.manager.client import DaemonClient
@@ -36,6 +37,7 @@ from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_bi
 from pynydus.manager.prefetchlookup import PrefetchListLookup
 from pynydus.manager.registryaccess import build_keychain, check_access
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
+from pynydus.manager.supervisor import Supervisor
 from pynydus.rafs.format import bootstrap_version
 from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
 from pynydus.registry.hosts import check_all
@@ -110,9 +112,15 @@ class NydusFilesystem:
             for problem in check_all(cfg.remote.mirrors_config.dir):
                 log.error("remote.mirrors_config.dir: %s", problem)
         policy = str(cfg.daemon.recover_policy)
+        self.supervisor: Supervisor | None = None
+        if str(cfg.daemon.failover_policy) == "none":
+            raise ConfigError('daemon.failover_policy: "none" is not supported by pynydus yet '
+                              '(a successor either resends or fails the requests its '
+                              'predecessor had read: "resend" or "flush")')
         if policy == "failover":
-            log.warning("recover_policy failover is not supported (docs/failover.md); using restart")
-            policy = "restart"
+            # the supervisor holds every daemon's FUSE connection; a dead daemon's is
+            # handed to a successor (docs/failover.md)
+            self.supervisor = Supervisor(cfg.supervisor_dir())
         self.cgroup = None
         if cfg.cgroup.enable:
             from pynydus.host.cgroup import MemoryCgroup
@@ -129,6 +137,10 @@ class NydusFilesystem:
             log_rotation_size=cfg.daemon.log_rotation_size,
             on_restarted=self._remount_shared,
             cgroup=self.cgroup,
+            supervisor=self.supervisor,
+            failover_policy=str(cfg.daemon.failover_policy),
+            spare_record=self._spare_record,
+            on_taken_over=self._remount_missing,
         )
         self.instances: dict[str, RafsRecord] = {r.snapshot_id: r for r in self.store.instances()}
         self._locks: dict[str, threading.Lock] = {}
@@ -204,6 +216,8 @@ class NydusFilesystem:
         if self._refill_thread is not None:
             self._refill_thread.join(timeout=20)  # it stops what it started once it sees closing
         self.manager.close()
+        if self.supervisor is not None:
+            self.supervisor.close()  # the daemons keep their connections
         with self._standby_lock:
             spare, self._standby = self._standby, None
         if spare is not None:
@@ -327,6 +341,10 @@ class NydusFilesystem:
             thread_num=self.cfg.daemon.threads_number,
         )
 
+    def _spare_record(self, did: str) -> DaemonRecord:
+        """A failover successor waiting in INIT: no mountpoint, no image of its own."""
+        return self._daemon_record(did, "spare", "")
+
     def _refill_standby(self, delay: float = 0.0) -> None:
         """Start a spare daemon in the background if dedicated mode has none.
 
@@ -448,17 +466,36 @@ class NydusFilesystem:
                           mountpoint=os.path.join(live.record.mountpoint, sid), bootstrap=boot,
                           config_path=config_path)
 
-    def _remount_shared(self, live: LiveDaemon) -> None:
+    def _remount_shared(self, live: LiveDaemon, *, only_missing: bool = False) -> None:
         """After a daemon that serves images through the API restarts (the shared daemon,
-        or a standby that became an image's daemon), mount them again in their order."""
+        or a standby that became an image's daemon), mount them again in their order.
+        ``only_missing``: after a takeover, mount only what the handed-over state lacked
+        (a mount whose state did not reach the supervisor before the daemon died)."""
         if live.record.mode not in ("shared", "assigned"):
             return
+        have: set[str] = set()
+        if only_missing:
+            have = set(live.client.info().get("backend_collection") or {})
         for rec in sorted(self.instances.values(), key=lambda r: r.seq):
-            if rec.daemon_id != live.record.id:
+            if rec.daemon_id != live.record.id or f"/{rec.snapshot_id}" in have:
                 continue
+            if only_missing:
+                log.warning("daemon %s: image %s was not in the state it handed over; "
+                            "mounting it again", live.record.id, rec.snapshot_id)
             with open(rec.config_path, encoding="utf-8") as f:
                 cfg_text = f.read()
             live.client.mount(f"/{rec.snapshot_id}", rec.bootstrap, cfg_text)
+
+    def _remount_missing(self, live: LiveDaemon) -> None:
+        self._remount_shared(live, only_missing=True)
+
+    def upgrade_daemons(self, nydusd_path: str = "") -> list[str]:
+        """Hot upgrade (``PUT /api/v1/daemons/upgrade``): every daemon is replaced by one
+        of ``nydusd_path`` (default: daemon.nydusd_path again, e.g. a new build installed
+        there) without unmounting; see ``DaemonManager.upgrade``. Returns the daemon ids
+        replaced; FailedPrecondition without the failover policy."""
+        command = resolve_daemon_binary(nydusd_path) if nydusd_path else None
+        return self.manager.upgrade(command)
 
     def wait_until_ready(self, sid: str) -> None:
         """The instance's daemon answers RUNNING (NotFound if there is no instance)."""
@@ -502,7 +539,10 @@ class NydusFilesystem:
     # --- the system controller's view (pynydus.system.controller.Daemons) ----------------
 
     def daemon_views(self) -> list[DaemonView]:
-        return views_by_daemon(list(self.manager.daemons.values()), list(self.instances.values()))
+        views = views_by_daemon(list(self.manager.daemons.values()), list(self.instances.values()))
+        if self.supervisor is None:
+            return views
+        return [dataclasses.replace(v, supervisor_path=self.supervisor.path(v.id)) for v in views]
 
     def daemon_read_bytes(self, daemon_id: str) -> int | None:
         """Bytes the daemon's filesystems have read (its fs metrics), None if it cannot say."""

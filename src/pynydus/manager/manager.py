@@ -6,10 +6,22 @@ containers keep reading. Its record (pid, API socket, mountpoint) is persisted
 before it is started; a restarted snapshotter reconnects to live daemons and
 starts again the ones that died meanwhile.
 
-A monitor thread notices dead daemons (our children are reaped; adopted ones are
-checked through /proc) and applies the recover policy: ``restart`` starts a new
-process on the same mountpoint and socket (after unmounting the dead FUSE mount)
-and, for a shared daemon, mounts its images again; ``none`` only reports.
+A monitor thread notices dead daemons at once (it waits on their pidfds; our
+children are reaped, adopted ones are checked through /proc) and applies the recover
+policy: ``restart`` starts a new process on the same mountpoint and socket (after
+unmounting the dead FUSE mount) and, for a shared daemon, mounts its images again;
+``failover`` hands the dead daemon's FUSE connection, which the supervisor holds, to a
+successor, so that readers of the mount only wait (docs/failover.md); ``none`` only
+reports.
+
+Failover keeps one successor started in advance (a "spare": ``pynydusd --upgrade``,
+waiting in INIT, no mount of its own), because a Python daemon needs 0.4-2 s to start
+and a reader of a dead daemon's mount waits that long. A death takes the spare (or, if
+two daemons die at once, starts another), which takes the connection over and serves
+it; a new spare starts in the background. A takeover that fails falls back to a
+restart: the supervisor lets the connection go (callers get ENOTCONN, never a hang)
+and a new daemon mounts afresh. ``upgrade`` replaces every daemon by one of a new
+binary through the same hand-over.
 """
 
 from __future__ import annotations
@@ -17,25 +29,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from pynydus.errors import FailedPrecondition, Unavailable
+from pynydus.errors import FailedPrecondition, NydusError, Unavailable
 from pynydus.host.mount import unmount
 from pynydus.host.mountinfo import is_mountpoint, mountpoints_under
-from pynydus.manager.client import RUNNING, DaemonClient
+from pynydus.manager.client import INIT, READY, RUNNING, DaemonClient
 from pynydus.manager.store import DaemonRecord, DaemonStore
+from pynydus.manager.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 # How long a new daemon may take to answer RUNNING.
 START_TIMEOUT = 15.0
 _MONITOR_PERIOD = 0.5
+# Successors kept started in advance under the failover policy.
+SPARES = 1
+SPARE = "spare"  # DaemonRecord.mode of a spare
+# Tests only: seconds a takeover waits between takeover and start (a snapshotter killed
+# in the middle of one must leave a daemon its successor can finish).
+_TAKEOVER_PAUSE = float(os.environ.get("PYNYDUS_TEST_TAKEOVER_PAUSE") or 0)
 
 
 def resolve_daemon_binary(configured: str) -> list[str]:
@@ -58,6 +80,7 @@ class LiveDaemon:
     proc: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
     state: str = "STARTING"
     restarts: int = 0
+    takeovers: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -85,7 +108,10 @@ class DaemonManager:
                  recover_policy: str = "restart", thread_num: int = 0,
                  log_rotation_size: int = 0,
                  on_restarted: Callable[[LiveDaemon], None] | None = None,
-                 cgroup: object | None = None) -> None:
+                 cgroup: object | None = None, supervisor: Supervisor | None = None,
+                 failover_policy: str = "resend",
+                 spare_record: Callable[[str], DaemonRecord] | None = None,
+                 on_taken_over: Callable[[LiveDaemon], None] | None = None) -> None:
         self.store = store
         self.command = command
         self.log_level = log_level
@@ -94,10 +120,20 @@ class DaemonManager:
         self.log_rotation_size = log_rotation_size  # MB, daemon.log_rotation_size; 0: never
         self.on_restarted = on_restarted
         self.cgroup = cgroup
+        # failover: the supervisor holds the connections, spares succeed dead daemons
+        self.supervisor = supervisor
+        self.failover_policy = failover_policy
+        self.spare_record = spare_record
+        self.on_taken_over = on_taken_over
+        self.spares: list[LiveDaemon] = []
+        self._spares_lock = threading.Lock()
+        self._refilling = 0
         self.daemons: dict[str, LiveDaemon] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._stopping: list[threading.Thread] = []  # daemons exiting in the background
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._pidfds: dict[int, int] = {}
         self._monitor = threading.Thread(target=self._watch, name="daemon-monitor", daemon=True)
         self.deaths = 0
 
@@ -105,16 +141,32 @@ class DaemonManager:
 
     def start_monitor(self) -> None:
         self._monitor.start()
+        self.refill_spares()
 
     def close(self) -> None:
+        """Stop supervising (a takeover under way is finished first) and stop the spares."""
         self._stop.set()
+        self._wake()
         if self._monitor.is_alive():
-            self._monitor.join(timeout=5)
+            self._monitor.join(timeout=30)
         with self._lock:
             stopping, self._stopping = self._stopping, []
         deadline = time.monotonic() + 20  # daemons of removed images finish exiting
         for t in stopping:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
+        while self._refilling and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._spares_lock:
+            spares, self.spares = self.spares, []
+        for spare in spares:
+            self.destroy_daemon(spare.record.id)
+        for fd in self._pidfds.values():
+            os.close(fd)
+        self._pidfds.clear()
+
+    @property
+    def failover(self) -> bool:
+        return self.recover_policy == "failover" and self.supervisor is not None
 
     # --- one daemon ---------------------------------------------------------------------
 
@@ -123,11 +175,16 @@ class DaemonManager:
         cmd = [*self.command, "fuse"]
         if rec.thread_num:
             cmd += ["--thread-num", str(rec.thread_num)]
-        cmd += ["--mountpoint", rec.mountpoint]
+        if rec.mode == SPARE:  # a successor: its mountpoint and images come with the state
+            cmd += ["--upgrade", "--failover-policy", self.failover_policy]
+        else:
+            cmd += ["--mountpoint", rec.mountpoint]
         if rec.mode == "dedicated":
             cmd += ["--config", rec.config_path, "--bootstrap", rec.bootstrap]
             if rec.prefetch_files:
                 cmd += ["--prefetch-files", rec.prefetch_files]
+        if self.supervisor is not None and rec.mode != SPARE:
+            cmd += ["--id", rec.id, "--supervisor", self.supervisor.path(rec.id)]
         cmd += ["--log-level", self.log_level, "--apisock", rec.api_socket]
         if self.log_rotation_size:
             cmd += ["--log-rotation-size", str(self.log_rotation_size)]
@@ -151,6 +208,7 @@ class DaemonManager:
             set_niceness(rec.pid, niceness)
         try:
             self._wait_running(live)
+            self._hand_to_supervisor(live)
         except Unavailable as err:
             tail = _log_tail(rec)  # its log goes with it: what it said goes into ours
             self.destroy_daemon(rec.id)
@@ -166,12 +224,22 @@ class DaemonManager:
             set_niceness(rec.pid, 0)
         return live
 
+    def _hand_to_supervisor(self, live: LiveDaemon) -> None:
+        """Failover: make sure the supervisor holds the daemon's connection (upstream
+        calls sendfd once the daemon runs; ours also sends by itself)."""
+        if self.supervisor is None or live.record.mode == SPARE:
+            return
+        self.supervisor.add(live.record.id)
+        live.client.send_fd()
+
     def _spawn(self, live: LiveDaemon) -> None:
         rec = live.record
         clear_vestige(rec)  # first: a dead FUSE mount makes the mountpoint unusable
         for d in (os.path.dirname(rec.api_socket), os.path.dirname(rec.log_file), rec.mountpoint):
             if d:
                 os.makedirs(d, exist_ok=True)
+        if self.supervisor is not None and rec.mode != SPARE:
+            self.supervisor.add(rec.id)  # listening before the daemon sends to it
         cmd = self.build_command(rec)
         log.info("starting daemon %s: %s", rec.id, " ".join(cmd))
         # What the daemon prints before its own logging is up (argument errors, crashes)
@@ -187,12 +255,13 @@ class DaemonManager:
         rec.pid = proc.pid
         rec.command = list(self.command)  # which build runs it, across snapshotter upgrades
         self.store.put_daemon(rec)
+        self._wake()
         if self.cgroup is not None:
             add = getattr(self.cgroup, "add_pid", None)
             if add is not None:
                 add(proc.pid)
 
-    def _wait_running(self, live: LiveDaemon, final: bool = True) -> None:
+    def _wait_running(self, live: LiveDaemon, final: bool = True, state: str = RUNNING) -> None:
         rec = live.record
 
         def alive() -> bool:
@@ -206,10 +275,10 @@ class DaemonManager:
                 raise Unavailable(f"daemon {rec.id}: no API socket after {START_TIMEOUT:.0f}s")
             time.sleep(0.01)
         try:
-            live.client.wait_until(RUNNING, max(0.5, deadline - time.monotonic()), alive)
+            live.client.wait_until(state, max(0.5, deadline - time.monotonic()), alive)
         except Unavailable as err:
-            raise Unavailable(f"daemon {rec.id} did not become RUNNING: {err}; see {rec.log_file}") from err
-        live.state = RUNNING if final else "RECOVERING"
+            raise Unavailable(f"daemon {rec.id} did not become {state}: {err}; see {rec.log_file}") from err
+        live.state = state if final else "RECOVERING"
 
     def destroy_daemon(self, daemon_id: str, *, wait: bool = True) -> None:
         """Stop a daemon (SIGTERM, then SIGKILL), unmount, forget it. Idempotent.
@@ -224,6 +293,8 @@ class DaemonManager:
             return
         rec = live.record
         live.state = "DESTROYED"
+        if self.supervisor is not None:
+            self.supervisor.remove(daemon_id)  # before the unmount: no one else holds it then
         pid = live.proc.pid if live.proc is not None else rec.pid
         running = live.proc is not None or _pid_alive(rec.pid, rec.api_socket)
         if running:
@@ -268,24 +339,46 @@ class DaemonManager:
         """Re-attach to persisted daemons. Returns (live ones, dead ones).
 
         Dead ones are not restarted here: the caller decides (it knows the images).
-        """
+        Under the failover policy a live daemon hands its connection to our supervisor
+        again, and a successor that a previous snapshotter left after its takeover
+        (READY) is started; one left before it (INIT) holds nothing and counts as dead.
+        Spares are stopped (new ones start with the monitor)."""
         live, dead = [], []
         for rec in self.store.daemons():
             ld = LiveDaemon(rec)
+            if rec.mode == SPARE:
+                with self._lock:
+                    self.daemons[rec.id] = ld
+                self.destroy_daemon(rec.id)
+                continue
             if _pid_alive(rec.pid, rec.api_socket):
                 try:
-                    if ld.client.state() == RUNNING:
+                    state = ld.client.state()
+                    if state == READY and self.failover:
+                        log.info("daemon %s (pid %d) took over but was not started; starting it",
+                                 rec.id, rec.pid)
+                        ld.client.start()
+                        state = ld.client.state()
+                    if state == RUNNING:
                         ld.state = RUNNING
                         with self._lock:
                             self.daemons[rec.id] = ld
+                        try:
+                            self._hand_to_supervisor(ld)
+                        except NydusError as err:  # keep serving; a death restarts it
+                            log.warning("daemon %s cannot hand its FUSE connection to the "
+                                        "supervisor (%s); if it dies it is restarted, not "
+                                        "taken over", rec.id, err)
                         live.append(ld)
                         log.info("daemon %s (pid %d) is alive; reconnected", rec.id, rec.pid)
                         add = getattr(self.cgroup, "add_pid", None)
                         if add is not None:
                             add(rec.pid)
                         continue
+                    log.warning("daemon %s (pid %d) is %s; stopping it", rec.id, rec.pid, state)
                 except Unavailable as err:
                     log.warning("daemon %s (pid %d) does not answer: %s", rec.id, rec.pid, err)
+                _kill_pid(rec.pid, rec.api_socket)
             dead.append(rec)
         return live, dead
 
@@ -294,12 +387,200 @@ class DaemonManager:
             live = self.daemons.get(rec.id) or LiveDaemon(rec)
             self.daemons[rec.id] = live
         live.restarts += 1
+        if self.supervisor is not None:
+            self.supervisor.drop(rec.id)  # the old connection must end before the unmount
         self._spawn(live)
         self._wait_running(live, final=False)
         if self.on_restarted is not None:
             self.on_restarted(live)  # e.g. the shared daemon mounts its images again
+        self._hand_to_supervisor(live)
         live.state = RUNNING
         return live
+
+    # --- failover ------------------------------------------------------------------------
+
+    def refill_spares(self) -> None:
+        """Start spares in the background until ``SPARES`` wait (failover only)."""
+        if not self.failover or self.spare_record is None or self._stop.is_set():
+            return
+        with self._spares_lock:
+            if len(self.spares) + self._refilling >= SPARES:
+                return
+            self._refilling += 1
+        threading.Thread(target=self._start_spare_bg, name="spare-daemon", daemon=True).start()
+
+    def _start_spare_bg(self) -> None:
+        spare: LiveDaemon | None = None
+        try:
+            spare = self._start_spare()
+        except Exception as err:  # noqa: BLE001 - a failover then starts its successor itself
+            if not self._stop.is_set():
+                log.warning("could not start a spare daemon: %s", err)
+        with self._spares_lock:
+            self._refilling -= 1
+            if spare is not None and not self._stop.is_set():
+                self.spares.append(spare)
+                spare = None
+        if spare is not None:
+            self.destroy_daemon(spare.record.id)
+
+    def _start_spare(self) -> LiveDaemon:
+        """A successor in INIT, started now (with the current command)."""
+        assert self.spare_record is not None
+        rec = self.spare_record(f"{SPARE}-{secrets.token_hex(8)}")
+        rec.mode = SPARE
+        live = LiveDaemon(rec)
+        with self._lock:
+            self.daemons[rec.id] = live
+        try:
+            self._spawn(live)
+            self._wait_running(live, state=INIT)
+        except BaseException:
+            self.destroy_daemon(rec.id)
+            raise
+        live.state = SPARE
+        return live
+
+    def _successor(self) -> LiveDaemon:
+        with self._spares_lock:
+            spare = self.spares.pop(0) if self.spares else None
+        if spare is not None and spare.proc is not None and spare.proc.poll() is None:
+            return spare
+        if spare is not None:
+            self.destroy_daemon(spare.record.id)
+        log.info("no spare daemon is ready; starting a successor now")
+        return self._start_spare()
+
+    def _adopt(self, live: LiveDaemon, successor: LiveDaemon) -> str:
+        """Make ``successor`` the process of ``live``'s daemon (record persisted);
+        returns the API socket the daemon had."""
+        rec = live.record
+        old_socket = rec.api_socket
+        rec.pid = successor.record.pid
+        rec.api_socket = successor.record.api_socket
+        rec.log_file = successor.record.log_file
+        live.proc = successor.proc
+        with self._lock:
+            self.daemons.pop(successor.record.id, None)
+        self.store.put_daemon(rec)
+        self.store.delete_daemon(successor.record.id)
+        self._wake()
+        return old_socket
+
+    def take_over(self, live: LiveDaemon) -> bool:
+        """Hand a dead daemon's connection to a successor; False (with a log line saying
+        why) if it cannot be done and the daemon must be restarted instead."""
+        rec = live.record
+        assert self.supervisor is not None
+        held = self.supervisor.held(rec.id)
+        if held is None:
+            log.error("daemon %s: the supervisor holds no FUSE connection for it; falling back "
+                      "to restart", rec.id)
+            return False
+        t0 = time.monotonic()
+        try:
+            successor = self._successor()
+        except Exception as err:  # noqa: BLE001 - reported, then restarted
+            log.error("daemon %s: no successor could be started (%s); falling back to restart",
+                      rec.id, err)
+            return False
+        dead_pid = rec.pid
+        old_socket = self._adopt(live, successor)
+        try:
+            live.client.takeover(self.supervisor.path(rec.id), rec.id)
+            if _TAKEOVER_PAUSE:
+                time.sleep(_TAKEOVER_PAUSE)
+            live.client.start()
+        except NydusError as err:
+            log.error("daemon %s: takeover by pid %d failed: %s; falling back to restart",
+                      rec.id, rec.pid, err)
+            _kill_pid(rec.pid, rec.api_socket)
+            if live.proc is not None:
+                live.proc.wait(timeout=5)
+            return False
+        live.takeovers += 1
+        live.state = RUNNING
+        if old_socket != rec.api_socket:
+            try:
+                os.unlink(old_socket)
+            except OSError:
+                pass
+        log.info("daemon %s (pid %d) taken over by pid %d in %.3f s", rec.id, dead_pid, rec.pid,
+                 time.monotonic() - t0)
+        if self.on_taken_over is not None:
+            try:
+                self.on_taken_over(live)
+            except Exception as err:  # noqa: BLE001 - it serves; a missing image is logged
+                log.error("daemon %s: after the takeover: %s", rec.id, err)
+        self.refill_spares()
+        return True
+
+    def upgrade(self, command: list[str] | None = None) -> list[str]:
+        """Hot upgrade: replace every daemon by one running ``command`` (default: the
+        configured one, e.g. after the binary was replaced on disk) through the
+        failover hand-over: the old daemon gives the supervisor its connection, the new
+        one takes it over, the old one exits without unmounting, the new one serves.
+        Readers wait for milliseconds. Returns the ids of the daemons upgraded; raises
+        FailedPrecondition without the failover policy. A daemon whose hand-over fails
+        before its old process exits keeps running the old binary (logged)."""
+        if not self.failover:
+            raise FailedPrecondition("hot upgrade hands FUSE connections over: it needs "
+                                     "recover_policy = \"failover\"")
+        if command is not None:
+            self.command = command
+        with self._spares_lock:
+            old_spares, self.spares = self.spares, []
+        for spare in old_spares:  # they run the old binary
+            self.destroy_daemon(spare.record.id)
+        done = []
+        with self._lock:
+            targets = [ld for ld in self.daemons.values() if ld.state == RUNNING]
+        for live in targets:
+            if self._upgrade_one(live):
+                done.append(live.record.id)
+        self.refill_spares()
+        return done
+
+    def _upgrade_one(self, live: LiveDaemon) -> bool:
+        rec = live.record
+        assert self.supervisor is not None
+        with live.lock:
+            live.state = "UPGRADING"  # the monitor leaves it alone while the old one exits
+            try:
+                live.client.send_fd()
+                successor = self._successor()
+            except Exception as err:  # noqa: BLE001 - the old daemon keeps serving
+                log.error("upgrade of daemon %s: %s; it keeps running", rec.id, err)
+                live.state = RUNNING
+                return False
+            t0 = time.monotonic()
+            old = replace(rec)
+            old_proc = live.proc
+            try:
+                successor.client.takeover(self.supervisor.path(rec.id), rec.id)
+            except NydusError as err:
+                log.error("upgrade of daemon %s: takeover refused (%s); it keeps running",
+                          rec.id, err)
+                self.destroy_daemon(successor.record.id)
+                live.state = RUNNING
+                return False
+            try:
+                live.client.exit()
+                _wait_gone(old.pid, old.api_socket, old_proc, 10)
+                self._adopt(live, successor)
+                live.client.start()
+            except NydusError as err:
+                log.error("upgrade of daemon %s failed after the old daemon stopped: %s; "
+                          "falling back to restart", rec.id, err)
+                _kill_pid(rec.pid, rec.api_socket)
+                live.state = "DIED"
+                self.restart(rec)
+                return False
+            live.takeovers += 1
+            live.state = RUNNING
+            log.info("daemon %s upgraded: pid %d -> %d (%s) in %.3f s", rec.id, old.pid, rec.pid,
+                     " ".join(self.command), time.monotonic() - t0)
+            return True
 
     # --- supervision ----------------------------------------------------------------------
 
@@ -330,8 +611,41 @@ class DaemonManager:
                 out.append(live)
         return out
 
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _wait_for_news(self) -> None:
+        """Sleep until a watched daemon exits, the set of daemons changes, or a period
+        passed: a pidfd becomes readable the moment its process dies."""
+        with self._lock:
+            pids = {ld.record.pid for ld in self.daemons.values()
+                    if ld.state in (RUNNING, "RECOVERING") and ld.record.pid > 0}
+        for pid in list(self._pidfds):
+            if pid not in pids:
+                os.close(self._pidfds.pop(pid))
+        for pid in pids - set(self._pidfds):
+            try:
+                self._pidfds[pid] = os.pidfd_open(pid)
+            except OSError:
+                pass  # gone already: the scan finds it
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        for fd in self._pidfds.values():
+            poller.register(fd, select.POLLIN)
+        poller.poll(_MONITOR_PERIOD * 1000)
+        try:
+            os.read(self._wake_r, 4096)
+        except OSError:
+            pass
+
     def _watch(self) -> None:
-        while not self._stop.wait(_MONITOR_PERIOD):
+        while not self._stop.is_set():
+            self._wait_for_news()
+            if self._stop.is_set():
+                return
             for live in self._dead():
                 self.deaths += 1
                 rec = live.record
@@ -339,13 +653,43 @@ class DaemonManager:
                 log.error("daemon %s (pid %d) died (exit %s); recover policy %s", rec.id, rec.pid, code,
                           self.recover_policy)
                 live.state = "DIED"
-                if self.recover_policy != "restart":
+                if self.recover_policy == "none":
+                    continue
+                if self.failover and self.take_over(live):
                     continue
                 try:
                     self.restart(rec)
                     log.info("daemon %s restarted as pid %d", rec.id, live.record.pid)
                 except Exception as err:  # noqa: BLE001 - keep supervising the others
                     log.error("daemon %s: restart failed: %s", rec.id, err)
+
+
+def _kill_pid(pid: int, api_socket: str) -> None:
+    """SIGKILL ``pid`` if it is still the daemon serving ``api_socket``."""
+    if _pid_alive(pid, api_socket):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pid: int, api_socket: str, proc: subprocess.Popen[bytes] | None,
+               timeout: float) -> None:
+    """Wait until ``pid`` exited (SIGKILL after ``timeout``); reaps our own child."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None:
+            if proc.poll() is not None:
+                return
+        elif not _pid_alive(pid, api_socket):
+            return
+        if time.monotonic() > deadline:
+            log.warning("daemon pid %d did not exit after handing over; killing it", pid)
+            _kill_pid(pid, api_socket)
+            if proc is not None:
+                proc.wait(timeout=5)
+            return
+        time.sleep(0.005)
 
 
 def set_niceness(pid: int, niceness: int) -> None:
@@ -387,9 +731,19 @@ def remove_daemon_files(rec: DaemonRecord) -> None:
     for path in (rec.api_socket,):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    dirs = []
     for path in (rec.api_socket, rec.log_file, rec.config_path, rec.mountpoint):
-        d = os.path.dirname(path) if path else ""
-        if not d or os.path.basename(d) != rec.id or not os.path.isdir(d):
+        if not path:
+            continue
+        d = os.path.dirname(path)
+        # a daemon taken over runs in its successor's (a spare's) directories; the ones
+        # named by its own id sit beside them
+        dirs.append((path, d))
+        if path != rec.mountpoint:
+            dirs.append((path, os.path.join(os.path.dirname(d), rec.id)))
+    for path, d in dirs:
+        name = os.path.basename(d)
+        if not (name == rec.id or name.startswith(f"{SPARE}-")) or not os.path.isdir(d):
             continue
         if path == rec.mountpoint and mountpoints_under(d):
             log.warning("daemon %s: %s is still mounted; left in place", rec.id, d)

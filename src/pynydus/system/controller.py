@@ -14,8 +14,9 @@ implements it) and from ``/proc`` for a daemon's memory.
     GET  /api/v1/daemons/{id}/backend   {"type", "config"} of the daemon's storage backend
     PUT  /api/v1/prefetch               [{"image": ref, "prefetch": "file list"}]: the files
                                         the next daemon mounting that image prefetches
-    PUT  /api/v1/daemons/upgrade        501: a running FUSE session cannot be handed over
-                                        (docs/failover.md); see docs/decisions.md
+    PUT  /api/v1/daemons/upgrade        {"nydusd_path": ...} (optional): every daemon is
+                                        replaced by one of that binary through the failover
+                                        hand-over (recover_policy = "failover"; 501 otherwise)
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class DaemonView:
     state: str
     instances: tuple[dict[str, str], ...]  # {snapshot_id, snapshot_dir, mountpoint, image_id}
     shared: bool = False  # the shared daemon: its API takes an instance id (/<snapshot id>)
+    supervisor_path: str = ""  # where it hands its FUSE connection over (failover only)
 
 
 class Daemons(Protocol):
@@ -129,11 +131,7 @@ class Controller:
             if path == f"{API}/daemons/records" and method == "GET":
                 return Reply(200, self.records())
             if path == f"{API}/daemons/upgrade" and method == "PUT":
-                return error(501, "Unimplemented",
-                             "hot upgrade of a running daemon needs its FUSE session handed "
-                             "over, which libfuse cannot resume (docs/failover.md); restart "
-                             "the snapshotter with the new pynydusd: running images keep "
-                             "their daemons, new ones get the new binary")
+                return self.upgrade(body)
             if path == f"{API}/prefetch" and method == "PUT":
                 return self.put_prefetch(body)
             m = _BACKEND.match(path)
@@ -158,7 +156,7 @@ class Controller:
             read = self.daemons.daemon_read_bytes(d.id)
             out.append({
                 "id": d.id, "pid": d.pid, "api_socket": d.api_socket,
-                "supervisor_path": "",  # no failover supervisor (docs/failover.md)
+                "supervisor_path": d.supervisor_path,
                 "reference": d.reference, "mountpoint": d.mountpoint, "state": d.state,
                 "startup_cpu_utilization": 0.0,  # [system.debug] sampling is not done
                 "memory_rss_kb": float(rss_kib(d.pid)),
@@ -198,6 +196,28 @@ class Controller:
                 self.daemons.set_prefetch(image, paths)
             log.info("prefetch list for %s: %d files", image, len(paths))
         return Reply(200)
+
+    def upgrade(self, body: bytes) -> Reply:
+        """Hot upgrade: 200 with the daemons replaced, 501 when the snapshotter cannot hand
+        connections over (recover policy other than failover), 400 for a bad body."""
+        upgrade = getattr(self.daemons, "upgrade_daemons", None)
+        if upgrade is None:
+            return error(501, "Unimplemented", "no Nydus daemons to upgrade")
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError as err:
+            return error(400, "InvalidArgument", f"upgrade body is not JSON: {err}")
+        path = req.get("nydusd_path", "") if isinstance(req, Mapping) else None
+        if not isinstance(path, str):
+            return error(400, "InvalidArgument", "nydusd_path: expected a string")
+        from pynydus.errors import FailedPrecondition
+
+        try:
+            done = upgrade(path)
+        except FailedPrecondition as err:
+            return error(501, "Unimplemented", str(err))
+        log.info("hot upgrade done: %d daemons replaced", len(done))
+        return Reply(200, {"upgraded": done})
 
     def backend(self, daemon_id: str) -> Reply:
         if self.daemons is None:
