@@ -31,7 +31,9 @@ cold), with 4 FUSE threads (upstream's snapshotter's ``threads_number``; pynydus
 default) and ``--rlimit-nofile 0`` (this container refuses its raise to 1,000,000).
 A second table holds pynydusd against it. Targets: warm sequential >= 0.8x nydusd,
 cold sequential >= 1.0x, random IOPS >= 0.8x, tree walk <= 1.5x its time, idle RSS
-<= 2x; start to ready is reported.
+<= 2x; start to ready is reported. ``--peer pyfuse3`` runs pynydusd on libfuse's session
+(``PYNYDUSD_FUSE=pyfuse3``) as the peer instead, against our own FUSE session (the
+default), with the same alternation: the evidence for keeping or dropping pyfuse3.
 
 Every measurement is repeated ``--repeat`` times (cold phases too, each with a new
 daemon and an empty blob cache) with the native and pynydusd runs alternating, each
@@ -100,8 +102,21 @@ def nydusd_argv_tail() -> list[str]:
     return ["--thread-num", str(NYDUSD_THREADS), "--rlimit-nofile", "0"]
 
 
+PEER_KIND = ["nydusd"]  # set from --peer: "nydusd" (upstream) or "pyfuse3"
+
+
+def pyfuse3_env() -> dict[str, str]:
+    """pynydusd's environment with libfuse's session (pyfuse3) instead of our own."""
+    return {**os.environ, "PYNYDUSD_FUSE": "pyfuse3"}
+
+
 def nydusd_daemon(wd: Path, name: str, bootstrap: Path, config: dict[str, Any]) -> Pynydusd:
-    """Upstream nydusd with the harness's daemon wrapper (same flags, API and stop)."""
+    """The peer with the harness's daemon wrapper (same flags, API and stop): upstream
+    nydusd, or with ``--peer pyfuse3`` pynydusd on libfuse."""
+    if PEER_KIND[0] == "pyfuse3":
+        d = Pynydusd(wd, name=name, bootstrap=bootstrap, config=config)
+        d.proc.env = pyfuse3_env()
+        return d
     d = Pynydusd(wd, name=name, bootstrap=bootstrap, config=config,
                  extra_args=tuple(nydusd_argv_tail()))
     d.proc.argv[0] = str(peer_bin("nydus-rs", "nydusd"))
@@ -269,7 +284,8 @@ def rss_kib(pid: int) -> int:
 
 
 def start_to_ready(wd: Path, boot: Path, cfg: Path, probe: str, tag: str,
-                   exe: str = PYNYDUSD, extra: tuple[str, ...] = ()) -> tuple[float, Any]:
+                   exe: str = PYNYDUSD, extra: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None) -> tuple[float, Any]:
     """Spawn the daemon ``exe`` (pynydusd, or upstream nydusd with its ``extra`` flags);
     seconds until ``lstat(mnt/probe)`` answers from the FUSE mount."""
     mnt = wd / f"{tag}.mnt"
@@ -280,7 +296,7 @@ def start_to_ready(wd: Path, boot: Path, cfg: Path, probe: str, tag: str,
                               "--config", str(cfg), "--apisock", str(wd / f"{tag}.sock"),
                               *extra],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                             start_new_session=True)
+                             start_new_session=True, env=env)
     (wd / "pids").mkdir(exist_ok=True)
     (wd / "pids" / f"{tag}.pid").write_text(f"{p.pid} {exe}\n")
     parent_dev = os.stat(wd).st_dev
@@ -321,11 +337,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "python": platform.python_version()}}
     daemons: list[Pynydusd] = []
     registry: Registry | None = None
-    peer = args.peer == "nydusd"
-    up: dict[str, Any] = {}  # upstream nydusd's figures, phase by phase
+    peer = args.peer != "none"
+    up: dict[str, Any] = {}  # the peer's figures, phase by phase
+    peer_env: dict[str, str] | None = None
+    peer_extra: tuple[str, ...] = ()
     if peer:
-        nydusd_exe = str(peer_bin("nydus-rs", "nydusd"))  # fails now, naming peers.sh
-        res["nydusd"] = up
+        PEER_KIND[0] = args.peer
+        res["peer"] = args.peer
+        res[args.peer] = up
+        if args.peer == "nydusd":
+            nydusd_exe = str(peer_bin("nydus-rs", "nydusd"))  # fails now, naming peers.sh
+            peer_extra = tuple(nydusd_argv_tail())
+        else:
+            nydusd_exe, peer_env = PYNYDUSD, pyfuse3_env()
     try:
         # ---- data and images
         t0 = time.perf_counter()
@@ -410,7 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for i in range(args.repeat):
                     took, q = start_to_ready(wd, wd / "walk.boot", cfg_path, "d0000/f000",
                                              f"nstart{i}", exe=nydusd_exe,
-                                             extra=tuple(nydusd_argv_tail()))
+                                             extra=peer_extra, env=peer_env)
                     nstarts.append(took)
                     if i < args.repeat - 1:
                         stop_proc(q, wd / f"nstart{i}.mnt")
@@ -644,7 +668,7 @@ def report(res: dict[str, Any]) -> str:
 def vs_nydusd(res: dict[str, Any]) -> dict[str, float]:
     """pynydusd over nydusd per phase (rates and RSS: ours / theirs; times: ours /
     theirs as well, so a walk ratio above 1 is slower); sets ``res["vs_nydusd"]``."""
-    up = res.get("nydusd")
+    up = res.get(res.get("peer", "nydusd"))
     if not up:
         return {}
     ours = {"warm_seq": res["warm_seq"]["pynydusd_mb_s"], "cold_seq": res["cold_seq_mb_s"],
@@ -654,7 +678,7 @@ def vs_nydusd(res: dict[str, Any]) -> dict[str, float]:
               "cold_random": up["cold_random"]["iops"], "walk": up["walk"]["s"],
               "start_to_ready": up["start_to_ready"]["s"], "idle_rss": up["idle_rss"]["mb"]}
     out = {k: ours[k] / theirs[k] for k in ours}
-    res["vs_nydusd"] = out
+    res["vs_peer" if res.get("peer") == "pyfuse3" else "vs_nydusd"] = out
     return out
 
 
@@ -663,7 +687,8 @@ def peer_report(res: dict[str, Any]) -> str:
     ratios = vs_nydusd(res)
     if not ratios:
         return ""
-    up = res["nydusd"]
+    kind = res.get("peer", "nydusd")
+    up = res[kind]
     rows = [
         ("warm sequential read", f"{up['warm_seq']['mb_s']} MB/s",
          f"{res['warm_seq']['pynydusd_mb_s']} MB/s", "warm_seq"),
@@ -678,6 +703,12 @@ def peer_report(res: dict[str, Any]) -> str:
         ("idle RSS (mounted, after walk)", f"{up['idle_rss']['mb']} MB",
          f"{res['idle_rss_mb']} MB", "idle_rss"),
     ]
+    if kind == "pyfuse3":
+        out = ["| our FUSE session vs pyfuse3 | pyfuse3 | own session | own/pyfuse3 |",
+               "|---|---|---|---|"]
+        for name, theirs, ours, key in rows:
+            out.append(f"| {name} | {theirs} | {ours} | {ratios[key]:.2f}x |")
+        return "\n".join(out)
     out = ["| vs upstream | nydusd 2.2 | pynydusd | pynydusd/nydusd | target | verdict |",
            "|---|---|---|---|---|---|"]
     for name, theirs, ours, key in rows:
@@ -698,8 +729,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, help="passes per measurement, median (default 3)")
     p.add_argument("--json", help="write all figures to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--peer", choices=["nydusd", "none"], default="nydusd",
-                   help="run upstream nydusd beside pynydusd in every phase (default)")
+    p.add_argument("--peer", choices=["nydusd", "pyfuse3", "none"], default="nydusd",
+                   help="run upstream nydusd (default), or pynydusd on pyfuse3 (libfuse), "
+                        "beside pynydusd in every phase")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("daemon_bench needs root (FUSE and overlay mounts, drop_caches)", file=sys.stderr)
@@ -715,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.files} files, {args.readers} readers x {args.reads} reads, "
           f"median of {args.repeat}; {res['host']['cpus']} CPUs, kernel {res['host']['kernel']})")
     print(report(res))
-    if args.peer == "nydusd":
+    if args.peer != "none":
         print()
         print(peer_report(res))
     if args.json:
