@@ -84,6 +84,10 @@ def serving_pid(snap: Snapshotter) -> int:
     return pids[0]
 
 
+def takeovers(snap: Snapshotter) -> int:
+    return snap.log.read_text(errors="replace").count(" taken over by pid ")
+
+
 def spare_waiting(snap: Snapshotter) -> bool:
     from pynydus.manager.client import DaemonClient
 
@@ -202,10 +206,9 @@ def test_container_reading_through_kill9_failovers_sees_no_error(
             wait_until(lambda: spare_waiting(snap), 90, "a spare daemon waiting in INIT")
             pid = serving_pid(snap)
             pids.append(pid)
-            log0 = snap.log.read_text(errors="replace").count(" taken over by pid ")
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: snap.log.read_text(errors="replace").count(" taken over by pid ")
-                       > log0, 60, f"takeover {round_ + 1} in the snapshotter log")
+            wait_until(lambda n=round_ + 1: takeovers(snap) >= n, 60,
+                       f"takeover {round_ + 1} in the snapshotter log")
             passes.wait(5)
             assert serving_pid(snap) != pid
         (out / "stop").touch()
