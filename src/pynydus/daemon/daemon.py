@@ -274,8 +274,10 @@ class Daemon:
                 signal.signal(sig, handler)
 
     def _tune_after_init(self, mp: str) -> None:
-        # INIT sets the window to what the kernel offered; raise it once INIT is answered
-        if self.server is not None and self.server.initialized.wait(30):
+        # INIT sets the window to what the kernel offered; raise it once the kernel has
+        # applied our INIT reply (the server's "initialized" comes before the reply is
+        # written, and a window set in between was reset to 128 KiB)
+        if self.session is not None and self.session.init_applied.wait(30):
             tune_readahead(mp, READAHEAD_KB)
             self._push_state("started")
 

@@ -64,6 +64,11 @@ class FuseSession:
         self.threads = max(1, threads)
         self.on_end = on_end
         self.ended = threading.Event()
+        # set once the kernel has applied the INIT reply (it does so inside our write):
+        # tuning the connection before that (read_ahead_kb) would be undone by it
+        self.init_applied = threading.Event()
+        if server.params is not None:  # a successor: INIT was answered long ago
+            self.init_applied.set()
         self._workers: list[threading.Thread] = []
         self._live = 0
         self._lock = threading.Lock()
@@ -138,6 +143,9 @@ class FuseSession:
                         return
                     if err.errno != errno.ENOENT:  # ENOENT: the caller was interrupted
                         log.error("FUSE reply to %s failed: %s", P.opcode_name(req.opcode), err)
+                else:
+                    if req.opcode == P.INIT:
+                        self.init_applied.set()
                 if self.server.destroyed:
                     return
         finally:
