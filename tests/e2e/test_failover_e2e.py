@@ -36,7 +36,8 @@ from tests.harness.util import wait_until
 SNAP = "nydus"
 NS = "k8s.io"
 KILLS = 3
-STALL_LIMIT = 5.0  # seconds, loose for a loaded machine; bench/failover_bench.py measures
+STALL_LIMIT = 15.0  # seconds: the failure is a hang; the figure is printed (and benched:
+# bench/failover_bench.py); 2-3 s seen at a load of 20 on 2 vCPUs
 
 
 def _data(i: int, size: int) -> bytes:

@@ -34,7 +34,7 @@ from .support import container_rootfs, pull_nydus_image
 
 pytestmark = [pytest.mark.root]
 
-PAUSE_LIMIT = 5.0  # seconds; the benchmark measures the real figure (bench/failover_bench.py)
+PAUSE_LIMIT = 15.0  # seconds: the failure is a hang; bench/failover_bench.py measures the figure
 
 
 def _config(tmp_path: Path, mode: str, extra: str = "", system: Path | None = None) -> Path:
