@@ -620,7 +620,7 @@ class Daemon:
         with self._lock:
             if self.prefetcher is None:
                 self.prefetcher = Prefetcher(p.threads, p.bandwidth_limit,
-                                             busy=lambda: bool(self.fs and self.fs.inflight))
+                                             busy=lambda: bool(self.inflight))
         self.prefetcher.submit_list(inst, plist)
         log.info("prefetching %s from a list: %d chunk runs, %d bytes", mountpoint,
                  len(plist.ranges), plist.compressed_bytes)
