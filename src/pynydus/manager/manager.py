@@ -445,7 +445,12 @@ class DaemonManager:
         with self._spares_lock:
             spare = self.spares.pop(0) if self.spares else None
         if spare is not None and spare.proc is not None and spare.proc.poll() is None:
-            return spare
+            # a spare killed together with its daemon may not be reaped yet: ask it
+            try:
+                if spare.client.state() == INIT:
+                    return spare
+            except NydusError as err:
+                log.info("spare daemon %s does not answer (%s)", spare.record.id, err)
         if spare is not None:
             self.destroy_daemon(spare.record.id)
         log.info("no spare daemon is ready; starting a successor now")
