@@ -286,8 +286,20 @@ import os, sys, time
 cg, victim = sys.argv[1], int(sys.argv[2])
 with open(os.path.join(cg, "cgroup.procs"), "w") as f:
     f.write(str(os.getpid()))
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie holds no memory
+    except FileNotFoundError:
+        return False
+def oom_kills():
+    with open(os.path.join(cg, "memory.oom_control")) as f:
+        return int(next(ln for ln in f if ln.startswith("oom_kill ")).split()[1])
+# stop at the first OOM kill: allocating on while the victim exits makes the cgroup run
+# out again, and the next victim is the hog itself
+kills = oom_kills()
 hog = []
-while os.path.exists(f"/proc/{victim}") and len(hog) < 4096:
+while alive(victim) and oom_kills() == kills and len(hog) < 4096:
     hog.append(bytearray(os.urandom(1 << 20)))
     time.sleep(0.002)
 """
