@@ -334,7 +334,10 @@ def test_daemon_oom_killed_by_its_cgroup_is_taken_over(image: dict, tmp_path: Pa
             hog = subprocess.run([sys.executable, "-c", _HOG, str(cg), str(pid)], timeout=120,
                                  check=False)
             (cg / "memory.limit_in_bytes").write_text(str(1 << 30))
-            assert hog.returncode == 0
+            # the hog may be a second victim: an allocation already under way when the
+            # daemon is killed can run the cgroup out again before the daemon's memory
+            # is freed; what matters is that the daemon went first (asserted below)
+            assert hog.returncode in (0, -signal.SIGKILL), hog.returncode
             assert not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid)
             assert _oom_kills(cg) > kills, "the daemon was not killed by the OOM killer"
             _wait_taken_over(snap, before)
