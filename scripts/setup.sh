@@ -45,6 +45,14 @@ fi
 # containerd mounts "fuse.nydus-overlayfs" through mount.fuse3, which runs the helper
 # by name from PATH: make ours reachable for a containerd started from any shell.
 ln -sf "$PWD/.venv/bin/nydus-overlayfs" /usr/local/bin/nydus-overlayfs
+# FUSE and the upstream-written fixtures are needed by tests that fail (never skip)
+# without them: load the module if the device is missing, and say where fixtures go.
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing (modprobe fuse failed)" >&2; exit 1; }
+shared="${PYNYDUS_SHARED:-$PWD/../shared}"
+[ -d "$shared/fixtures" ] || {
+  echo "setup: no fixtures at $shared/fixtures: check out ../shared beside the repo or set PYNYDUS_SHARED" >&2
+  exit 1; }
 echo "setup: ok ($(.venv/bin/python --version), $(containerd --version | awk '{print $3}'))"
 if [ -n "$peers" ]; then
   scripts/peers.sh

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,8 +93,6 @@ def test_oci_ref_pushes_only_metadata_and_names_the_source_layers(
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-                    reason="needs root and /dev/fuse")
 def test_pynydusd_and_upstream_nydusd_serve_the_zran_image_from_the_registry(
         registry: Registry, layered: str, cache_dir: str, mountdir: Path) -> None:
     from tests.compat.upstream import Nydusd

@@ -7,7 +7,6 @@ Both mounted trees must equal the source layers applied with overlay semantics."
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +21,7 @@ from tests.harness.util import make_workdir, remove_tree
 
 from .conftest import assert_tree_matches, client_for, convert_args, pynydus, source_view
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)"),
-]
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture
@@ -44,7 +40,6 @@ def _converted(registry: Registry, layered: str, cache_dir: str, repo: str,
         return bootstrap_from_layer(b"".join(c.get_blob(repo, m["layers"][-1]["digest"])))
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 def test_pynydusd_serves_the_converted_image(registry: Registry, layered: str, cache_dir: str,
                                              mountdir: Path) -> None:
     boot = _converted(registry, layered, cache_dir, "nydus/mounted")

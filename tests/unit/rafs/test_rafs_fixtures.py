@@ -29,7 +29,6 @@ GOLDEN = FIXTURES / "v6-bootstrap-chunk-pos-438272.golden.tsv"
 SUMMARY = FIXTURES / "v6-bootstrap-chunk-pos-438272.summary.json"
 ARCHIVES = FIXTURES / "archives"
 
-pytestmark = pytest.mark.skipif(not V6.exists(), reason="shared fixtures not available")
 
 
 @pytest.fixture(scope="module")

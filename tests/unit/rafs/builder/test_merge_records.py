@@ -117,7 +117,6 @@ def test_merge_of_the_benchmark_shape_is_byte_identical(tmp_path: Path) -> None:
     assert r.inodes == 1 + 5 + 5 * 40 and not r.warnings
 
 
-@pytest.mark.skipif(not V6.exists(), reason="shared fixtures not available")
 @pytest.mark.parametrize("copies", [1, 2])
 def test_upstream_v6_bootstrap_merges_like_the_tree_merge(tmp_path: Path, copies: int) -> None:
     """nydus-image's own output (a whole image, so one layer or the same layer twice:
@@ -130,7 +129,6 @@ def test_upstream_v6_bootstrap_merges_like_the_tree_merge(tmp_path: Path, copies
     assert got == bootstrap_listing(V6, data="map")
 
 
-@pytest.mark.skipif(not V5.exists(), reason="shared fixtures not available")
 def test_v5_layers_go_through_the_tree_merge(tmp_path: Path) -> None:
     """This v5 image's blob is not 4 KiB-sized, so no v6 device table can hold it:
     both paths refuse it the same way (the record path never sees it)."""
