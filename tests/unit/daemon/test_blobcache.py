@@ -11,23 +11,11 @@ from pynydus.daemon.chunkmap import HEADER_SIZE, ChunkMap
 from pynydus.errors import FormatError, Unavailable
 from pynydus.rafs.format import Compressor, Digester, compress, decompress, digest
 from pynydus.rafs.read import BlobInfo
+from tests.harness.counting import CountingBackend
 
 CHUNK = 64 << 10
 BLOB_ID = "ab" * 32
 
-
-class CountingBackend(LocalFsBackend):
-    """The real localfs backend, counting the requests it serves."""
-
-    def __init__(self, directory: str) -> None:
-        super().__init__(directory)
-        self.requests: list[tuple[int, int]] = []
-        self.lock = threading.Lock()
-
-    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
-        with self.lock:
-            self.requests.append((offset, length))
-        return super().read_range(blob_id, offset, length)
 
 
 def make_blob(tmp: Path, n: int = 8, algo: Compressor = Compressor.LZ4_BLOCK):

@@ -15,21 +15,11 @@ from pynydus.daemon import blobcache
 from pynydus.daemon.blobcache import BlobCache, ChunkRef, LocalFsBackend
 from pynydus.rafs.format import Compressor, Digester, compress, digest
 from pynydus.rafs.read import BlobInfo
+from tests.harness.counting import CountingBackend
 
 CHUNK = 64 << 10
 BLOB_ID = "cd" * 32
 
-
-class CountingBackend(LocalFsBackend):
-    def __init__(self, directory: str) -> None:
-        super().__init__(directory)
-        self.requests: list[tuple[int, int]] = []
-        self.lock = threading.Lock()
-
-    def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
-        with self.lock:
-            self.requests.append((offset, length))
-        return super().read_range(blob_id, offset, length)
 
 
 def make_blob(tmp: Path, n: int = 8) -> tuple[list[bytes], list[ChunkRef], BlobInfo]:
