@@ -7,12 +7,11 @@ tests/unit/daemon/test_api_socket.py."""
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from pynydus.grpcwire.server import serve
 from pynydus.host.unixsock import allowed_peer, bind_private
 from pynydus.system.controller import Reply
 from pynydus.system.server import SystemServer
-
-NOBODY = pwd.getpwnam("nobody")
+from tests.harness.nobody import NOBODY, as_nobody
 
 
 @pytest.fixture
@@ -36,34 +34,6 @@ def sockdir() -> Iterator[str]:
     finally:
         os.umask(old)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def _as_nobody(talk: Callable[[], str], gid: int | None = None) -> str:
-    """``talk()`` in a forked child running as nobody (primary gid ``gid`` if given)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(read)
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY.pw_gid if gid is None else gid)
-            os.setuid(NOBODY.pw_uid)
-            try:
-                result = talk()
-            except PermissionError:
-                result = "EACCES"
-            except (ConnectionResetError, BrokenPipeError):
-                result = "hung up"
-            except Exception as err:  # noqa: BLE001 - reported to the parent
-                result = f"{type(err).__name__}: {err}"
-            os.write(write, result.encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
 
 
 def _first_bytes(path: str, send: bytes) -> str:
@@ -111,9 +81,9 @@ def test_snapshots_socket_is_0660_under_umask_000_and_refuses_other_users(sockdi
     try:
         assert _mode(path) == 0o660
         assert os.listdir(sockdir) == ["snap.sock"]  # no temporary name left behind
-        assert _as_nobody(lambda: _h2(path)) == "EACCES"  # the mode stops them
+        assert as_nobody(lambda: _h2(path)) == "EACCES"  # the mode stops them
         os.chmod(path, 0o666)  # a careless chmod: the peer check still hangs up on them
-        assert _as_nobody(lambda: _h2(path)) == "hung up"
+        assert as_nobody(lambda: _h2(path)) == "hung up"
         assert _h2(path) == "settings"  # root is served
     finally:
         server.stop().wait(10)
@@ -126,8 +96,8 @@ def test_snapshots_socket_serves_the_configured_group(sockdir: str) -> None:
     server = serve({}, Path(path), workers=2, gid=group)
     try:
         assert os.stat(path).st_gid == group and _mode(path) == 0o660
-        assert _as_nobody(lambda: _h2(path), gid=group) == "settings"
-        assert _as_nobody(lambda: _h2(path)) == "EACCES"
+        assert as_nobody(lambda: _h2(path), gid=group) == "settings"
+        assert as_nobody(lambda: _h2(path)) == "EACCES"
     finally:
         server.stop().wait(10)
 
@@ -139,9 +109,9 @@ def test_system_socket_is_0600_under_umask_000_and_refuses_other_users(sockdir: 
     try:
         assert _mode(path) == 0o600
         assert os.listdir(sockdir) == ["system.sock"]
-        assert _as_nobody(lambda: _http(path)) == "EACCES"
+        assert as_nobody(lambda: _http(path)) == "EACCES"
         os.chmod(path, 0o666)
-        assert _as_nobody(lambda: _http(path)) == "hung up"
+        assert as_nobody(lambda: _http(path)) == "hung up"
         assert _http(path) == "HTTP/1.1 200 OK"
     finally:
         server.stop()
@@ -155,7 +125,7 @@ def test_system_socket_serves_its_configured_owner(sockdir: str) -> None:
     try:
         st = os.stat(path)
         assert (st.st_uid, st.st_gid, _mode(path)) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o600)
-        assert _as_nobody(lambda: _http(path)) == "HTTP/1.1 200 OK"
+        assert as_nobody(lambda: _http(path)) == "HTTP/1.1 200 OK"
     finally:
         server.stop()
 

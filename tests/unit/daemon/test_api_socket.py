@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import pwd
 import shutil
 import socket
 import stat
@@ -18,8 +17,7 @@ import pytest
 
 from pynydus.daemon.api import ApiServer, allowed_peer
 from pynydus.errors import InvalidArgument
-
-NOBODY = pwd.getpwnam("nobody")
+from tests.harness.nobody import NOBODY, as_nobody
 
 
 class _Ctl:
@@ -73,33 +71,10 @@ def _serve(path: str, group: str = "") -> tuple[ApiServer, _Ctl]:
     return api, ctl
 
 
-def _as_nobody(path: str, gid: int | None = None) -> str:
-    """In a forked child running as nobody (gid ``gid`` if given): what PUT
-    /api/v1/daemon/exit got ("status N", "EACCES", "hung up")."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(read)
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY.pw_gid if gid is None else gid)
-            os.setuid(NOBODY.pw_uid)
-            try:
-                result = f"status {_request(path, 'PUT', '/api/v1/daemon/exit')}"
-            except PermissionError:
-                result = "EACCES"
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                result = "hung up"
-            except Exception as err:  # noqa: BLE001 - reported to the parent
-                result = f"{type(err).__name__}: {err}"
-            os.write(write, result.encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
+def _exit_as_nobody(path: str, gid: int | None = None) -> str:
+    """What PUT /api/v1/daemon/exit got from nobody (gid ``gid`` if given): "status N",
+    "EACCES" or "hung up"."""
+    return as_nobody(lambda: f"status {_request(path, 'PUT', '/api/v1/daemon/exit')}", gid)
 
 
 @pytest.mark.root
@@ -110,11 +85,11 @@ def test_the_socket_is_0600_under_umask_000_and_refuses_other_users(sockdir: str
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
         assert [n for n in os.listdir(sockdir)] == ["api.sock"]  # no temporary name left
-        assert _as_nobody(path) == "EACCES"  # the file mode stops them
+        assert _exit_as_nobody(path) == "EACCES"  # the file mode stops them
         # Even with the mode opened up (a careless chmod, a bind mount), the peer check
         # hangs up on them before reading the request.
         os.chmod(path, 0o666)
-        assert _as_nobody(path) == "hung up"
+        assert _exit_as_nobody(path) == "hung up"
         assert not ctl.exited
         assert _request(path, "GET", "/api/v1/daemon") == 200  # root still gets through
     finally:
@@ -130,9 +105,9 @@ def test_a_configured_group_may_use_the_socket(sockdir: str) -> None:
     try:
         st = os.stat(path)
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group
-        assert _as_nobody(path, gid=group) == "status 204"
+        assert _exit_as_nobody(path, gid=group) == "status 204"
         assert ctl.exited
-        assert _as_nobody(path) == "EACCES"  # nobody outside the group
+        assert _exit_as_nobody(path) == "EACCES"  # nobody outside the group
     finally:
         api.close()
 
