@@ -16,6 +16,8 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from tests.harness.util import all_cmdlines
+
 
 def world_readable(path: Path) -> bool:
     if not os.stat(path).st_mode & stat.S_IROTH:
@@ -23,24 +25,19 @@ def world_readable(path: Path) -> bool:
     return all(os.stat(d).st_mode & stat.S_IXOTH for d in path.parents)
 
 
-def _hits(data: bytes, needles: Mapping[bytes, str]) -> list[str]:
+def hits(data: bytes, needles: Mapping[bytes, str]) -> list[str]:
+    """The names of the needles found in ``data``."""
     return [what for needle, what in needles.items() if needle in data]
 
 
 def find_leaks(needles: Mapping[bytes, str], roots: Iterable[Path]) -> list[str]:
     out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        found = _hits(cmd, needles)
+    for pid, cmd in all_cmdlines():
+        found = hits(cmd, needles)
         if found:
             shown = cmd.replace(b"\0", b" ")[:200]
             out.append(f"/proc/{pid}/cmdline {shown!r}: {found}")
-    found = _hits(Path("/proc/self/mountinfo").read_bytes(), needles)
+    found = hits(Path("/proc/self/mountinfo").read_bytes(), needles)
     if found:
         out.append(f"/proc/self/mountinfo: {found}")
     for root in roots:
@@ -50,7 +47,7 @@ def find_leaks(needles: Mapping[bytes, str], roots: Iterable[Path]) -> list[str]
                 if not p.is_file() or p.is_symlink():
                     continue
                 try:
-                    found = _hits(p.read_bytes(), needles)
+                    found = hits(p.read_bytes(), needles)
                 except OSError:
                     continue
                 if not found:

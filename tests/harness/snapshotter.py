@@ -30,6 +30,7 @@ from .util import (
     Service,
     kill_processes_using,
     make_workdir,
+    pynydusd_pids,
     remove_tree,
     unmount_under,
     wait_until,
@@ -157,18 +158,7 @@ class Snapshotter(Service):
 
     def daemon_pids(self) -> list[int]:
         """PIDs of the pynydusd processes serving images for this snapshotter (sorted)."""
-        out = []
-        root = str(self.root).encode()
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"pynydusd" in cmd and root in cmd:
-                out.append(int(pid))
-        return sorted(out)
+        return pynydusd_pids(self.root)
 
     def _daemons_db(self, *queries: str) -> list[list[tuple]]:
         """Rows of each query on the snapshotter's daemons.db, opened read-only (no rows

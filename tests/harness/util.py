@@ -102,6 +102,24 @@ def proc_cmdline(pid: int) -> list[str]:
         return []
 
 
+def all_cmdlines() -> Iterator[tuple[int, bytes]]:
+    """(pid, raw NUL-separated command line) of every process on the machine; a process
+    that exits while the list is read is left out."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+
+
+def pynydusd_pids(root: Path | str) -> list[int]:
+    """PIDs of the pynydusd processes whose command line names ``root`` (sorted)."""
+    needle = str(root).encode()
+    return sorted(pid for pid, cmd in all_cmdlines() if b"pynydusd" in cmd and needle in cmd)
+
+
 def kill_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool:
     """Send ``sig`` to ``pid``, wait up to ``timeout``, then SIGKILL. True if it is gone.
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import secrets
-import stat
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ from pynydus import labels as L
 from pynydus.host.mount import unmount_all
 from pynydus.manager.client import _UnixConnection
 from pynydus.registry.client import RegistryClient
+from tests.harness import leaks
 from tests.harness.registry import Registry, write_htpasswd
 from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import make_workdir, remove_tree
@@ -63,52 +62,7 @@ def auth_image(image: dict) -> Iterator[dict]:
 
 
 def hits(data: bytes) -> list[str]:
-    return [what for needle, what in NEEDLES.items() if needle in data]
-
-
-def world_readable(path: Path) -> bool:
-    """Another user can read ``path``: o+r on it and o+x on every directory above."""
-    if not os.stat(path).st_mode & stat.S_IROTH:
-        return False
-    return all(os.stat(d).st_mode & stat.S_IXOTH for d in path.parents)
-
-
-def scan_files(*roots: Path) -> tuple[list[str], list[str]]:
-    """(log files with the secret, world-readable files with the secret) under ``roots``."""
-    in_logs, readable = [], []
-    for root in roots:
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                p = Path(dirpath, name)
-                if not p.is_file() or p.is_symlink():
-                    continue
-                try:
-                    found = hits(p.read_bytes())
-                except OSError:
-                    continue
-                if not found:
-                    continue
-                if name.endswith(".log") or "/logs/" in str(p):
-                    in_logs.append(f"{p}: {found}")
-                if world_readable(p):
-                    readable.append(f"{p} ({oct(p.stat().st_mode & 0o777)}): {found}")
-    return in_logs, readable
-
-
-def scan_cmdlines() -> list[str]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue  # gone meanwhile
-        found = hits(cmd)
-        if found:
-            shown = cmd.replace(b"\0", b" ")[:200]
-            out.append(f"pid {pid} {shown!r}: {found}")
-    return out
+    return leaks.hits(data, NEEDLES)
 
 
 def api_get(sock: str, path: str) -> bytes:
@@ -141,11 +95,7 @@ def test_lazy_pull_with_credentials_leaks_no_secret(snap: Snapshotter, auth_imag
         assert hashlib.sha256(big).hexdigest() == auth_image["big_sha"]
         assert reg.blob_gets(blob) > 0  # fetched lazily, with the credentials
 
-        leaks = [f"/proc/*/cmdline: {c}" for c in scan_cmdlines()]
-        mountinfo = Path("/proc/self/mountinfo").read_bytes()
-        leaks += [f"/proc/self/mountinfo: {h}" for h in hits(mountinfo)]
-        in_logs, readable = scan_files(snap.workdir, auth_image["work"])
-        leaks += [f"log: {x}" for x in in_logs] + [f"world-readable: {x}" for x in readable]
+        found = leaks.find_leaks(NEEDLES, [snap.workdir, auth_image["work"]])
         records = [r for r in snap.daemon_records() if r["mode"] != "standby"]
         assert records, snap.daemon_records()
         for rec in records:
@@ -157,8 +107,8 @@ def test_lazy_pull_with_credentials_leaks_no_secret(snap: Snapshotter, auth_imag
             paths += [f"/api/v1/daemon/backend?mountpoint={mp}" for mp in mountpoints]
             paths += [f"/api/v1/config?id={mp}" for mp in mountpoints]
             for path in paths:
-                leaks += [f"API {path}: {h}" for h in hits(api_get(sock, path))]
-        assert not leaks, "the registry secret leaked:\n" + "\n".join(leaks)
+                found += [f"API {path}: {h}" for h in hits(api_get(sock, path))]
+        assert not found, "the registry secret leaked:\n" + "\n".join(found)
         # the scan can find it: the metastore keeps the labels (in a 0700 root)
         assert hits((snap.root / "metadata.db").read_bytes()) or hits(
             (snap.root / "metadata.db-wal").read_bytes() if (snap.root / "metadata.db-wal").exists()

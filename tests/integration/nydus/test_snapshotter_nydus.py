@@ -40,6 +40,7 @@ from pynydus.snapshot.snapshotter import Snapshotter as SnapshotterCore
 from pynydus.snapshot.snapshotter import SnapshotterOptions
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
+from tests.harness.util import all_cmdlines, pynydusd_pids
 
 from .support import container_rootfs, pull_nydus_image
 
@@ -449,22 +450,14 @@ def _stray_daemons(root: Path, fs: NydusFilesystem) -> list[int]:
         recorded = {json.loads(r[0])["pid"] for r in db.execute("SELECT record FROM daemons")}
     finally:
         db.close()
-    pids = []
-    for pid in os.listdir("/proc"):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if pid.isdigit() and b"pynydusd" in cmd and str(root).encode() in cmd:
-            pids.append(int(pid))
-    return sorted(set(pids) - recorded)
+    return sorted(set(pynydusd_pids(root)) - recorded)
 
 
 def _kill_under(root: Path) -> None:
-    for pid in os.listdir("/proc"):
-        with contextlib.suppress(OSError):
-            if pid.isdigit() and str(root).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
+    for pid, cmd in all_cmdlines():
+        if str(root).encode() in cmd:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     time.sleep(0.3)
     for mp in sorted(mountpoints_under(str(root)), reverse=True):
         subprocess.run(["umount", "-l", mp], check=False)

@@ -34,6 +34,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from pynydus.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from tests.harness.util import pynydusd_pids
 
 # The name containerd puts in every request of a proxy snapshotter; ours ignores it.
 SNAPSHOTTER_NAME = "nydus"
@@ -346,17 +347,9 @@ def teardown_base(base: Path, procs: Iterable[SnapshotterProcess] = ()) -> None:
 def stop_daemons_below(base: Path) -> None:
     """Kill the pynydusd processes our snapshotters left working under ``base`` (daemons
     outlive a snapshotter by design; a kill -9'd snapshotter cannot stop even its standby)."""
-    needle = str(base).encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"pynydusd" in cmd and needle in cmd:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry), signal.SIGKILL)
+    for pid in pynydusd_pids(base):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------
