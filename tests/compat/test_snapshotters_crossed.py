@@ -48,7 +48,6 @@ NS = "k8s.io"  # the CRI plugin's namespace
 NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
 NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
 BLOB_META_HEADER = 4096  # after a v6 blob's chunk-info table (rafs-nydusd-spec)
-BIG_SHA = images.expected_check_output().split("big=")[1].split()[0]
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,7 @@ def layouts() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def pause_ref(registry: Registry, layouts: Path) -> str:
     ref = registry.ref("x/pause", "3.10")
-    img = oci.Image([oci.busybox_layer()], cmd=["/bin/sleep", "inf"])
-    oci.push(img.write_layout(layouts / "pause"), ref)
+    oci.push(images.pause_image().write_layout(layouts / "pause"), ref)
     return ref
 
 
@@ -198,8 +196,7 @@ def pulled(node: Node, registry: Registry, nydus_ref: str,
 def running(node: Node, pulled: dict[str, int], nydus_ref: str) -> str:
     """A pod with one long-running container from the Nydus image: its id."""
     pod_id = node.crictl.runp("crossed")
-    cid = node.crictl.create(pod_id, "crossed", "app", nydus_ref, ["/bin/sleep", "inf"])
-    node.crictl.start(cid)
+    cid = node.crictl.start_sleeper(pod_id, "crossed", "app", nydus_ref)
     node.state["pod"] = pod_id
     return cid
 
@@ -259,17 +256,14 @@ def test_snapshotter_restart_keeps_the_container_and_starts_a_new_one(
     before = node_image_daemons(node)
     node.snap.restart()
     # the running container keeps reading (its daemon outlived the snapshotter)
-    out = node.crictl.exec(running, "sh", "-c", "cat /app/v3.txt; sha256sum /app/big.bin")
-    assert out.split("\n")[0] == "three"
-    assert out.split("\n")[1].split()[0] == BIG_SHA
+    images.assert_quick_check(node.crictl.exec(running, "sh", "-c", images.QUICK_CHECK))
     node.ctrd.wait_snapshotter("nydus", timeout=60)
     # the image's daemon is the same process (a spare of ours may be replaced: one that
     # was still starting when the snapshotter stopped is not adopted)
     assert before and set(before) <= set(node_image_daemons(node)), \
         "the restart replaced the image's daemon"
     pod = str(node.state.get("pod") or node.crictl.runp("crossed"))
-    cid = node.crictl.create(pod, "crossed", "after-restart", nydus_ref, ["/bin/sleep", "inf"])
-    node.crictl.start(cid)
+    cid = node.crictl.start_sleeper(pod, "crossed", "after-restart", nydus_ref)
     wait_until(lambda: node.crictl.inspect(cid)["status"]["state"] == "CONTAINER_RUNNING",
                30, "the container started after the restart")
     _check(node, cid)

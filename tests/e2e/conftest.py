@@ -101,6 +101,14 @@ def layered_image(registry: Registry, layouts: Path) -> tuple[str, oci.BuiltImag
 
 
 @pytest.fixture(scope="session")
+def pause_ref(registry: Registry, layouts: Path) -> str:
+    """The CRI pods' sandbox image, pushed (there is no registry.k8s.io here)."""
+    ref = registry.ref("e2e/pause", "3.10")
+    oci.push(images.pause_image().write_layout(layouts / "pause"), ref)
+    return ref
+
+
+@pytest.fixture(scope="session")
 def small_image(registry: Registry, layouts: Path) -> tuple[str, oci.BuiltImage]:
     built = images.small_image("e2e").write_layout(layouts / "small")
     ref = registry.ref("e2e/small")

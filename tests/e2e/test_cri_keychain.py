@@ -15,29 +15,16 @@ from __future__ import annotations
 
 import base64
 import secrets
-from pathlib import Path
 
-import pytest
-
-from pynydus.convert.converter import ConvertOptions, convert
 from tests.harness import images, oci
 from tests.harness.containerd import Containerd
 from tests.harness.cri import Crictl
 from tests.harness.leaks import find_leaks
-from tests.harness.registry import Registry, write_htpasswd
+from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import make_workdir, remove_tree
 
 NS = "k8s.io"
-
-
-@pytest.fixture(scope="module")
-def pause_ref(registry: Registry, layouts: Path) -> str:
-    """The sandbox image (public, pulled by containerd itself)."""
-    ref = registry.ref("e2e/pause-crikc", "3.10")
-    oci.push(oci.Image([oci.busybox_layer()], cmd=["/bin/sleep", "inf"])
-             .write_layout(layouts / "pause-crikc"), ref)
-    return ref
 
 
 def test_private_image_runs_with_the_credentials_of_its_cri_pull(
@@ -48,14 +35,9 @@ def test_private_image_runs_with_the_credentials_of_its_cri_pull(
                base64.b64encode(f"{user}:{password}".encode()): "base64(user:password)"}
     work = make_workdir("crikc")
     try:
-        htpasswd = write_htpasswd(work / "htpasswd", user, password)
         no_docker = work / "docker"
         no_docker.mkdir()
-        with Registry(work / "reg", htpasswd=htpasswd) as private:
-            src, _ = layered_image
-            ref = private.ref("private/layered", "nydus")
-            convert(ConvertOptions(source=src, target=ref, source_insecure=True,
-                                   target_insecure=True, target_auth=f"{user}:{password}"))
+        with images.private_nydus_copy(work, layered_image[0], user, password) as (private, ref):
             config = work / "config.toml"
             snap = Snapshotter(config=config, env={"DOCKER_CONFIG": str(no_docker)})
             ctrd = Containerd(snap.socket, registry_hosts=[registry.host, private.host],
@@ -76,15 +58,8 @@ def test_private_image_runs_with_the_credentials_of_its_cri_pull(
                     tags = [t for i in crictl.json_out("images")["images"]
                             for t in i.get("repoTags") or []]
                     assert ref in tags, tags
-                    pod_id = crictl.runp("private")
-                    cid = crictl.create(pod_id, "private", "app", ref, ["/bin/sleep", "inf"])
-                    crictl.start(cid)
-                    out = crictl.exec(cid, "sh", "-c",
-                                      "cat /app/v3.txt; sha256sum /app/big.bin")
-                    lines = out.split("\n")
-                    assert lines[0] == "three"
-                    assert lines[1].split()[0] == images.expected_check_output().split(
-                        "big=")[1].split()[0]
+                    cid = crictl.start_sleeper(crictl.runp("private"), "private", "app", ref)
+                    images.assert_quick_check(crictl.exec(cid, "sh", "-c", images.QUICK_CHECK))
                     leaks = find_leaks(needles, [snap.workdir, ctrd.workdir, work])
                     assert not leaks, "the registry secret leaked:\n" + "\n".join(leaks)
                 finally:

@@ -17,7 +17,6 @@ import base64
 import json
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -25,18 +24,13 @@ from pynydus.convert.converter import ConvertOptions, convert
 from tests.harness import images, oci
 from tests.harness.containerd import Containerd
 from tests.harness.cri import Crictl
-from tests.harness.registry import Registry, write_htpasswd
+from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import make_workdir, remove_tree, wait_until
 
 NS = "k8s.io"  # the CRI plugin's namespace
 NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
 NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
-
-
-def pause_image() -> oci.Image:
-    """What the sandbox container runs: it only has to stay up until it is stopped."""
-    return oci.Image([oci.busybox_layer()], cmd=["/bin/sleep", "inf"])
 
 
 def layer_digests(registry: Registry, ref: str) -> tuple[list[str], str]:
@@ -50,13 +44,6 @@ def layer_digests(registry: Registry, ref: str) -> tuple[list[str], str]:
     boot = [l["digest"] for l in layers if NYDUS_BOOTSTRAP in l.get("annotations", {})]
     assert data and len(boot) == 1, layers
     return data, boot[0]
-
-
-@pytest.fixture(scope="module")
-def pause_ref(registry: Registry, layouts: Path) -> str:
-    ref = registry.ref("e2e/pause", "3.10")
-    oci.push(pause_image().write_layout(layouts / "pause"), ref)
-    return ref
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +85,7 @@ def pod(node: tuple[Snapshotter, Containerd, Crictl], pulled: dict, nydus_ref: s
     """A pod with one long-running container from the Nydus image, started."""
     _snap, _ctrd, crictl = node
     pod_id = crictl.runp("lazy")
-    cid = crictl.create(pod_id, "lazy", "app", nydus_ref, ["/bin/sleep", "inf"])
-    crictl.start(cid)
+    cid = crictl.start_sleeper(pod_id, "lazy", "app", nydus_ref)
     return {"pod": pod_id, "cid": cid}
 
 
@@ -184,14 +170,9 @@ def test_private_image_pulled_with_creds_runs(registry: Registry, pause_ref: str
     user, password = "kube", "pr1vate-pw"
     work = make_workdir("crireg")
     try:
-        htpasswd = write_htpasswd(work / "htpasswd", user, password)
         docker_cfg = work / "docker"
         docker_cfg.mkdir()
-        with Registry(work / "reg", htpasswd=htpasswd) as private:
-            src, _ = layered_image
-            ref = private.ref("private/layered", "nydus")
-            convert(ConvertOptions(source=src, target=ref, source_insecure=True,
-                                   target_insecure=True, target_auth=f"{user}:{password}"))
+        with images.private_nydus_copy(work, layered_image[0], user, password) as (private, ref):
             auth = base64.b64encode(f"{user}:{password}".encode()).decode()
             (docker_cfg / "config.json").write_text(json.dumps(
                 {"auths": {private.host: {"auth": auth}}}))
@@ -204,14 +185,8 @@ def test_private_image_pulled_with_creds_runs(registry: Registry, pause_ref: str
                     anon = crictl.run("pull", ref, check=False)
                     assert anon.returncode != 0, "an anonymous pull of a private image worked"
                     crictl.pull(ref, creds=f"{user}:{password}")
-                    pod_id = crictl.runp("private")
-                    cid = crictl.create(pod_id, "private", "app", ref, ["/bin/sleep", "inf"])
-                    crictl.start(cid)
-                    out = crictl.exec(cid, "sh", "-c", "cat /app/v3.txt; sha256sum /app/big.bin")
-                    lines = out.split("\n")
-                    assert lines[0] == "three"
-                    assert lines[1].split()[0] == images.expected_check_output().split(
-                        "big=")[1].split()[0]
+                    cid = crictl.start_sleeper(crictl.runp("private"), "private", "app", ref)
+                    images.assert_quick_check(crictl.exec(cid, "sh", "-c", images.QUICK_CHECK))
                 finally:
                     crictl.remove_pods()
     finally:

@@ -26,17 +26,6 @@ NS = "k8s.io"
 SIGNATURE = "containerd.io/snapshot/nydus-signature"
 
 
-def pause_image() -> oci.Image:
-    return oci.Image([oci.busybox_layer()], cmd=["/bin/sleep", "inf"])
-
-
-@pytest.fixture(scope="module")
-def pause_ref(registry: Registry, layouts: Path) -> str:
-    ref = registry.ref("e2e/pause-node", "3.10")
-    oci.push(pause_image().write_layout(layouts / "pause-node"), ref)
-    return ref
-
-
 def _rsa(d: Path, name: str) -> tuple[Path, Path]:
     priv, pub = d / f"{name}.pem", d / f"{name}.pub.pem"
     subprocess.run(["openssl", "genrsa", "-out", str(priv), "2048"], check=True,
@@ -103,8 +92,7 @@ def test_signed_image_runs_and_one_signed_by_another_key_is_refused(
     pod = crictl.runp("signed")
     err = create_fails(crictl, pod, "signed", "other", signed_refs["other"])
     assert SIGNATURE in err and "does not verify with the public key" in err, err
-    cid = crictl.create(pod, "signed", "good", signed_refs["good"], ["/bin/sleep", "inf"])
-    crictl.start(cid)
+    cid = crictl.start_sleeper(pod, "signed", "good", signed_refs["good"])
     out = crictl.exec(cid, "sh", "-c", images.CHECK_SCRIPT)
     assert out.strip() == images.expected_check_output()
     assert len(snap.image_daemon_pids()) == 1

@@ -126,6 +126,13 @@ class Crictl:
     def start(self, cid: str) -> None:
         self.run("start", cid)
 
+    def start_sleeper(self, pod_id: str, pod: str, name: str, image: str) -> str:
+        """Create and start container ``name`` from ``image`` in pod ``pod_id`` running
+        ``sleep inf``, for the test to exec into; returns its id."""
+        cid = self.create(pod_id, pod, name, image, ["/bin/sleep", "inf"])
+        self.start(cid)
+        return cid
+
     def exec(self, cid: str, *argv: str) -> str:
         """ExecSync: ``argv`` in container ``cid``; its stdout."""
         return self.run("exec", "--sync", cid, *argv).stdout

@@ -12,8 +12,14 @@ correct rootfs prints (containerd's own overlayfs snapshotter is the reference).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pynydus.convert.converter import ConvertOptions, convert
 
 from .oci import Image, Layer, busybox_layer
+from .registry import Registry, write_htpasswd
 
 LONG_NAME = "long-" + "n" * 190 + ".txt"
 
@@ -28,6 +34,35 @@ def _big_blob(size: int = 1 << 20) -> bytes:
 
 
 BIG = _big_blob()
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+
+# A quick look into a running container of ``layered_image()``: a file of its top layer
+# and the digest of the big file; ``assert_quick_check`` judges what it printed.
+QUICK_CHECK = "cat /app/v3.txt; sha256sum /app/big.bin"
+
+
+def assert_quick_check(out: str) -> None:
+    lines = out.split("\n")
+    assert lines[0] == "three", out
+    assert lines[1].split()[0] == BIG_SHA, out
+
+
+def pause_image() -> Image:
+    """What a CRI pod's sandbox container runs: it only has to stay up until stopped."""
+    return Image([busybox_layer()], cmd=["/bin/sleep", "inf"])
+
+
+@contextmanager
+def private_nydus_copy(work: Path, src: str, user: str,
+                       password: str) -> Iterator[tuple[Registry, str]]:
+    """A registry of its own under ``work`` that wants ``user``/``password`` (basic auth),
+    holding the Nydus conversion of the OCI image ``src``: (the registry, the Nydus ref)."""
+    htpasswd = write_htpasswd(work / "htpasswd", user, password)
+    with Registry(work / "reg", htpasswd=htpasswd) as private:
+        ref = private.ref("private/layered", "nydus")
+        convert(ConvertOptions(source=src, target=ref, source_insecure=True,
+                               target_insecure=True, target_auth=f"{user}:{password}"))
+        yield private, ref
 
 
 def layered_image() -> Image:
@@ -108,7 +143,7 @@ echo "check-done"
 
 
 def expected_check_output() -> str:
-    big = hashlib.sha256(BIG).hexdigest()
+    big = BIG_SHA
     return "\n".join([
         "hello=hello v2",
         "keep=keep",
