@@ -16,7 +16,6 @@ Runs against containerd 1.6 and 2.x.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from pynydus.convert.converter import ConvertOptions, convert
 from tests.harness import images, oci
 from tests.harness.containerd import Containerd
 from tests.harness.cri import CriImages
-from tests.harness.registry import Registry
+from tests.harness.node import cri_node
+from tests.harness.registry import Registry, raw_manifest
 from tests.harness.snapshotter import Snapshotter
 
 SNAP = "nydus"
@@ -34,12 +34,6 @@ NS = "k8s.io"
 DETECTED = "containerd.io/snapshot/nydus-detected"
 IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 FALLBACK = "containerd.io/snapshot/nydus-oci-fallback"
-
-
-def _manifest(ref: str) -> dict:
-    return json.loads(subprocess.run(
-        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-        check=True, capture_output=True, text=True).stdout)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,7 @@ def forms(registry: Registry, layouts: Path) -> dict:
         built = image.write_layout(layouts / f"detect-{name}")
         ref = registry.ref(f"e2e/detect-{name}", "oci")
         oci.push(built, ref)
-        out[name] = {"ref": ref, "oci_layers": [l["digest"] for l in _manifest(ref)["layers"]]}
+        out[name] = {"ref": ref, "oci_layers": [l["digest"] for l in raw_manifest(ref)["layers"]]}
     convert(ConvertOptions(source=out["referrer"]["ref"],
                            target=registry.ref("e2e/detect-referrer", "nydus"),
                            source_insecure=True, target_insecure=True, with_referrer=True))
@@ -62,29 +56,26 @@ def forms(registry: Registry, layouts: Path) -> dict:
                            target_insecure=True, merge_platform=True))
     out["index"]["ref"] = merged
     for name, nydus_ref in (("referrer", registry.ref("e2e/detect-referrer", "nydus")),):
-        m = _manifest(nydus_ref)
+        m = raw_manifest(nydus_ref)
         out[name]["blobs"] = [l["digest"] for l in m["layers"][:-1]]
         out[name]["boot"] = m["layers"][-1]["digest"]
-    idx = _manifest(merged)
+    idx = raw_manifest(merged)
     nydus = [d for d in idx["manifests"]
              if "nydus.remoteimage.v1" in d.get("platform", {}).get("os.features", [])]
     assert len(nydus) == 1
-    m = _manifest(f"{registry.host}/e2e/detect-index@{nydus[0]['digest']}")
+    m = raw_manifest(f"{registry.host}/e2e/detect-index@{nydus[0]['digest']}")
     out["index"]["blobs"] = [l["digest"] for l in m["layers"][:-1]]
     out["index"]["boot"] = m["layers"][-1]["digest"]
     return out
 
 
 @pytest.fixture(scope="module")
-def detect_env(registry: Registry, containerd_version: str,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Snapshotter, Containerd]]:
-    config = tmp_path_factory.mktemp("snapcfg") / "config.toml"
-    config.write_text('version = 1\n[experimental]\nenable_referrer_detect = true\n'
-                      'enable_index_detect = true\n')
-    with Snapshotter(config=config) as snap, Containerd(
-            snap.socket, registry_hosts=[registry.host], cri=True, namespace=NS,
-            version=containerd_version) as ctrd:
-        yield snap, ctrd
+def detect_env(registry: Registry,
+               containerd_version: str) -> Iterator[tuple[Snapshotter, Containerd]]:
+    with cri_node(registry, containerd_version,
+                  'version = 1\n[experimental]\nenable_referrer_detect = true\n'
+                  'enable_index_detect = true\n') as node:
+        yield node
 
 
 def _run_check(ctrd: Containerd, ref: str, cid: str, name: str) -> str:

@@ -17,8 +17,8 @@ import pytest
 
 from pynydus.convert.converter import ConvertOptions, convert
 from tests.harness import images, oci
-from tests.harness.containerd import Containerd
 from tests.harness.cri import Crictl
+from tests.harness.node import cri_node
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 
@@ -71,12 +71,10 @@ def signed_refs(registry: Registry, layered_image: tuple[str, oci.BuiltImage],
 @pytest.fixture(scope="module")
 def strict_node(registry: Registry, pause_ref: str, signed_refs: dict, containerd_version: str,
                 layouts: Path) -> Iterator[tuple[Snapshotter, Crictl]]:
-    config = layouts / f"strict-{containerd_version}.toml"
-    config.write_text(f'version = 1\n[image]\nvalidate_signature = true\n'
-                      f'public_key_file = "{signed_refs["pub"]}"\n')
-    with Snapshotter(config=config) as snap, Containerd(
-            snap.socket, registry_hosts=[registry.host], cri=True, namespace=NS,
-            sandbox_image=pause_ref, version=containerd_version) as ctrd:
+    with cri_node(registry, containerd_version,
+                  f'version = 1\n[image]\nvalidate_signature = true\n'
+                  f'public_key_file = "{signed_refs["pub"]}"\n',
+                  sandbox_image=pause_ref) as (snap, ctrd):
         crictl = Crictl(ctrd)
         try:
             yield snap, crictl

@@ -28,6 +28,7 @@ from pynydus.convert.converter import ConvertOptions, convert
 from tests.harness import images, oci, tools
 from tests.harness.containerd import Containerd
 from tests.harness.cri import CriImages
+from tests.harness.node import cri_node
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 
@@ -49,14 +50,11 @@ def daemon_mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def nydus_env(registry: Registry, containerd_version: str, daemon_mode: str,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Snapshotter, Containerd]]:
-    config = tmp_path_factory.mktemp("snapcfg") / "config.toml"
-    config.write_text(f'version = 1\ndaemon_mode = "{daemon_mode}"\n')
-    with Snapshotter(config=config) as snap, Containerd(
-            snap.socket, registry_hosts=[registry.host], cri=True, namespace=NS,
-            version=containerd_version) as ctrd:
-        yield snap, ctrd
+def nydus_env(registry: Registry, containerd_version: str,
+              daemon_mode: str) -> Iterator[tuple[Snapshotter, Containerd]]:
+    with cri_node(registry, containerd_version,
+                  f'version = 1\ndaemon_mode = "{daemon_mode}"\n') as node:
+        yield node
 
 
 @pytest.fixture(scope="module")
@@ -296,11 +294,8 @@ def test_nydus_overlayfs_mounts(registry: Registry, nydus_ref: str, tmp_path: Pa
     extraoption; containerd runs it through mount.fuse3 and our helper."""
     tools.require("mount.fuse3")
     assert shutil.which("nydus-overlayfs"), "nydus-overlayfs is not in PATH: scripts/setup.sh links it"
-    config = tmp_path / "config.toml"
-    config.write_text('version = 1\n[snapshot]\nenable_nydus_overlayfs = true\n')
-    with Snapshotter(config=config) as snap, Containerd(snap.socket, registry_hosts=[registry.host],
-                                                        cri=True, namespace=NS,
-                                                        version=containerd_version) as ctrd:
+    with cri_node(registry, containerd_version,
+                  'version = 1\n[snapshot]\nenable_nydus_overlayfs = true\n') as (_snap, ctrd):
         CriImages(str(ctrd.socket)).pull(nydus_ref)
         rows = [line.split() for line in ctrd.ctr_out("snapshots", "--snapshotter", SNAP, "ls").splitlines()[1:]]
         parents = {r[1] for r in rows if len(r) == 3}

@@ -20,6 +20,7 @@ on the same port, with the same storage.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import ssl
@@ -37,6 +38,13 @@ REGISTRY_BIN = "/usr/bin/docker-registry"
 # 127.0.0.1 - - [27/Nov/2026:18:50:01 +0000] "GET /v2/x/blobs/sha256:ab.. HTTP/1.1" 200 ...
 _ACCESS_RE = re.compile(
     r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
+
+
+def raw_manifest(ref: str) -> dict:
+    """The manifest (or index) ``ref`` names, as the registry serves it (skopeo)."""
+    return dict(json.loads(subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+        check=True, capture_output=True, text=True).stdout))
 
 
 def write_htpasswd(path: Path, user: str, password: str) -> Path:
