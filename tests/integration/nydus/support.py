@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -11,7 +13,7 @@ import pytest
 
 from pynydus import labels as L
 from pynydus.api import snapshots_pb2 as pb
-from pynydus.host.mount import MountSpec, mount_all
+from pynydus.host.mount import MountSpec, mount_all, unmount_all
 from tests.harness.snapshotter import Snapshotter
 
 REPO = "test/nydus-app"
@@ -63,6 +65,16 @@ def container_rootfs(snap: Snapshotter, parent: str, key: str, target: Path) -> 
     assert "/mnt" in lower, lower  # the RAFS mountpoint of the bootstrap snapshot
     target.mkdir(parents=True, exist_ok=True)
     mount_all([MountSpec(m.type, m.source, tuple(m.options))], str(target))
+
+
+@contextmanager
+def mounted_rootfs(snap: Snapshotter, parent: str, key: str, target: Path) -> Iterator[Path]:
+    """``container_rootfs`` for the ``with`` block: the rootfs is unmounted after it."""
+    container_rootfs(snap, parent, key, target)
+    try:
+        yield target
+    finally:
+        unmount_all(str(target))
 
 
 def exists(snap: Snapshotter, key: str) -> bool:

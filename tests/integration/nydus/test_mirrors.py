@@ -36,7 +36,7 @@ from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import make_workdir, remove_tree, wait_until
 from tests.integration.registry.servers import FaultProxy
 
-from .support import REPO, container_rootfs, pull_nydus_image
+from .support import REPO, container_rootfs, mounted_rootfs, pull_nydus_image
 
 pytestmark = [pytest.mark.root]
 
@@ -265,20 +265,12 @@ def test_hosts_toml_typo_fails_only_that_registrys_images(origin_image: dict,
             # the same image under a name whose registry has no entry mounts and reads
             other = dict(origin_image, ref=origin_image["ref"].replace("127.0.0.1", "localhost"))
             top2 = pull_nydus_image(snap, other, "ns2")
-            rootfs = tmp_path / "r2"
-            container_rootfs(snap, top2, "ns2/9/c", rootfs)
-            try:
+            with mounted_rootfs(snap, top2, "ns2/9/c", tmp_path / "r2") as rootfs:
                 read(rootfs, "f0.bin", origin_image)
-            finally:
-                unmount_all(str(rootfs))
             # fixed, the next image of that registry mounts without a restart
             bad.write_text('[host."http://127.0.0.1:1"]\n  capabilities = ["pull"]\n')
             top3 = pull_nydus_image(snap, origin_image, "ns3")
-            rootfs3 = tmp_path / "r3"
-            container_rootfs(snap, top3, "ns3/9/c", rootfs3)
-            try:
-                read(rootfs3, "f1.bin", origin_image)
-            finally:
-                unmount_all(str(rootfs3))
+            with mounted_rootfs(snap, top3, "ns3/9/c", tmp_path / "r3") as rootfs:
+                read(rootfs, "f1.bin", origin_image)
     finally:
         remove_tree(work)

@@ -18,11 +18,10 @@ import grpc
 import pytest
 
 from pynydus import labels as L
-from pynydus.host.mount import unmount_all
 from pynydus.signature import load_private_key, sign_bootstrap
 from tests.harness.snapshotter import Snapshotter
 
-from .support import container_rootfs, pull_nydus_image
+from .support import container_rootfs, mounted_rootfs, pull_nydus_image
 
 pytestmark = [pytest.mark.root]
 
@@ -83,10 +82,6 @@ def test_validate_signature_mounts_only_signed_bootstraps(
     # the snapshotter keeps serving: the signed image mounts and reads
     good = {L.NYDUS_SIGNATURE: _signature(signing["priv"], image["boot"])}
     top = pull_nydus_image(snap, image, "ns-signed", extra_labels=good)
-    rootfs = tmp_path / "rootfs"
-    container_rootfs(snap, top, "ns-signed/9/c", rootfs)
-    try:
+    with mounted_rootfs(snap, top, "ns-signed/9/c", tmp_path / "rootfs") as rootfs:
         data = (rootfs / "data/big.bin").read_bytes()
         assert hashlib.sha256(data).hexdigest() == image["big_sha"]
-    finally:
-        unmount_all(str(rootfs))
