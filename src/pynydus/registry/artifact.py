@@ -20,13 +20,12 @@ import json
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pynydus.errors import NotFound
 
 from . import media
-from .client import RegistryClient
+from .client import Descriptor, RegistryClient
 from .errors import RegistryProtocolError
 
 # Documents up to this size ride inline in the manifest (``data``): found in two requests.
@@ -35,13 +34,8 @@ _EMPTY = b"{}"
 CREATED = "org.opencontainers.image.created"
 
 
-@dataclass(frozen=True)
-class Subject:
-    """The descriptor of the manifest an artifact refers to."""
-
-    media_type: str
-    digest: str
-    size: int
+# The descriptor of the manifest an artifact refers to (its media type, digest and size).
+Subject = Descriptor
 
 
 def _digest(data: bytes) -> str:
