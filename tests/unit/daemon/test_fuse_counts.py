@@ -10,7 +10,6 @@ release lowers it. The operations are called as pyfuse3 calls them, without a mo
 from __future__ import annotations
 
 import errno
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,10 @@ import pyfuse3
 import pytest
 import trio
 
-from pynydus.daemon.blobcache import LocalFsBackend
-from pynydus.daemon.config import parse_daemon_config
 from pynydus.daemon.fusefs import RafsFs, Vfs
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.metrics import (
     FOPS,
-    CacheStats,
     backend_json,
     backend_latency_bucket,
     fs_json,
@@ -33,6 +29,7 @@ from pynydus.daemon.metrics import (
     size_bucket,
 )
 from pynydus.rafs.builder import build
+from tests.harness.rafs_instance import local_instance
 
 READ = FOPS.index("read")
 SMALL = b"x" * 100
@@ -50,14 +47,6 @@ def image(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "image.boot", tmp_path / "blobs"
 
 
-def _instance(tmp_path: Path, boot: Path, blobs: Path) -> RafsInstance:
-    text = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
-                                  "cache": {"type": "blobcache",
-                                            "config": {"work_dir": str(tmp_path / "cache")}}}})
-    cfg, _ = parse_daemon_config(text)
-    return RafsInstance(str(boot), cfg, LocalFsBackend(str(blobs)), CacheStats())
-
-
 class Counted:
     """Wraps a callable and counts its calls."""
 
@@ -70,7 +59,7 @@ class Counted:
 
 
 def _fs(tmp_path: Path, image: tuple[Path, Path]) -> tuple[RafsFs, RafsInstance, Counted, Counted]:
-    inst = _instance(tmp_path, *image)
+    inst = local_instance(*image, tmp_path / "cache")
     vfs = Vfs()
     vfs.dedicated = inst
     resolve = Counted(vfs.resolve)

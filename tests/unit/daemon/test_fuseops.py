@@ -10,7 +10,6 @@ request is counted once in its image's FsStats (nydusd's FsIoStats).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 import struct
@@ -19,13 +18,11 @@ from pathlib import Path
 import pytest
 
 from pynydus.daemon import fuseproto as P
-from pynydus.daemon.blobcache import LocalFsBackend
-from pynydus.daemon.config import parse_daemon_config
 from pynydus.daemon.fuseops import FOREVER, RafsServer
-from pynydus.daemon.instance import RafsInstance
-from pynydus.daemon.metrics import FOPS, CacheStats, fs_json
+from pynydus.daemon.metrics import FOPS, fs_json
 from pynydus.daemon.vfs import SLOT_SHIFT, Vfs
 from pynydus.rafs.builder import build
+from tests.harness.rafs_instance import local_instance
 
 SMALL = b"x" * 100
 BIG = bytes(range(256)) * 4096 * 3  # 3 MiB: several chunks
@@ -45,14 +42,6 @@ def image(tmp_path: Path) -> tuple[Path, Path, Path]:
     (tmp_path / "blobs").mkdir()
     build(str(src), str(tmp_path / "image.boot"), str(tmp_path / "blobs"), compressor="lz4_block")
     return src, tmp_path / "image.boot", tmp_path / "blobs"
-
-
-def _instance(tmp_path: Path, boot: Path, blobs: Path) -> RafsInstance:
-    text = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
-                                  "cache": {"type": "blobcache",
-                                            "config": {"work_dir": str(tmp_path / "cache")}}}})
-    cfg, _ = parse_daemon_config(text)
-    return RafsInstance(str(boot), cfg, LocalFsBackend(str(blobs)), CacheStats())
 
 
 class Kernel:
@@ -104,7 +93,7 @@ class Kernel:
 @pytest.fixture
 def dedicated(tmp_path: Path, image: tuple[Path, Path, Path]):  # type: ignore[no-untyped-def]
     _, boot, blobs = image
-    inst = _instance(tmp_path, boot, blobs)
+    inst = local_instance(boot, blobs, tmp_path / "cache")
     vfs = Vfs()
     vfs.dedicated = inst
     kernel = Kernel(RafsServer(vfs))
@@ -114,7 +103,7 @@ def dedicated(tmp_path: Path, image: tuple[Path, Path, Path]):  # type: ignore[n
 
 
 def test_nothing_but_init_before_init(tmp_path: Path, image: tuple[Path, Path, Path]) -> None:
-    inst = _instance(tmp_path, image[1], image[2])
+    inst = local_instance(image[1], image[2], tmp_path / "cache")
     vfs = Vfs()
     vfs.dedicated = inst
     kernel = Kernel(RafsServer(vfs))
@@ -206,7 +195,7 @@ def test_a_successor_answers_for_handles_it_never_gave_out(tmp_path: Path, dedic
     many = kernel.lookup(P.ROOT_ID, b"many")[0]
     first = kernel.listing(many, plus=False, size=1024)
     # a second server over a second instance of the image, with only the INIT parameters
-    inst2 = _instance(tmp_path, image[1], image[2])
+    inst2 = local_instance(image[1], image[2], tmp_path / "cache")
     vfs = Vfs()
     vfs.dedicated = inst2
     successor = Kernel(RafsServer(vfs, params=kernel.server.params))
@@ -218,7 +207,7 @@ def test_a_successor_answers_for_handles_it_never_gave_out(tmp_path: Path, dedic
 
 def test_shared_mode_pseudo_root_and_slots(tmp_path: Path, image: tuple[Path, Path, Path]) -> None:
     _, boot, blobs = image
-    a, b = _instance(tmp_path, boot, blobs), _instance(tmp_path, boot, blobs)
+    a, b = local_instance(boot, blobs, tmp_path / "cache"), local_instance(boot, blobs, tmp_path / "cache")
     vfs = Vfs()
     assert vfs.add(b"img-a", a) == 1 and vfs.add(b"img-b", b) == 2
     kernel = Kernel(RafsServer(vfs))
@@ -255,7 +244,7 @@ def test_read_counts_once_with_size_and_latency(dedicated) -> None:  # type: ign
 
 def test_failed_read_is_one_error(tmp_path: Path, image: tuple[Path, Path, Path]) -> None:
     (tmp_path / "empty").mkdir()
-    inst = _instance(tmp_path, image[1], tmp_path / "empty")  # no blob anywhere
+    inst = local_instance(image[1], tmp_path / "empty", tmp_path / "cache")  # no blob anywhere
     vfs = Vfs()
     vfs.dedicated = inst
     kernel = Kernel(RafsServer(vfs))
