@@ -16,6 +16,7 @@ Rules this module enforces for everything the harness starts:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -118,6 +119,23 @@ def pynydusd_pids(root: Path | str) -> list[int]:
     """PIDs of the pynydusd processes whose command line names ``root`` (sorted)."""
     needle = str(root).encode()
     return sorted(pid for pid, cmd in all_cmdlines() if b"pynydusd" in cmd and needle in cmd)
+
+
+@contextlib.contextmanager
+def root_logging_of(setup: Callable[[], None]) -> Iterator[logging.Logger]:
+    """The root logger as ``setup()`` left it; afterwards its level and handlers are as
+    before (handlers that ``setup`` added are closed)."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        setup()
+        yield root
+    finally:
+        for h in root.handlers:
+            if h not in saved[1]:
+                h.close()
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
 
 
 def kill_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool:

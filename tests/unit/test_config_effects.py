@@ -35,6 +35,7 @@ from pynydus.daemon import config as dconf
 from pynydus.daemon import main as dmain
 from pynydus.errors import ConfigError, InvalidArgument
 from pynydus.logs import RotatingLog
+from tests.harness.util import root_logging_of
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "config.md"
@@ -106,18 +107,8 @@ class Run:
         """The root logger's level and handlers after the snapshotter's set-up."""
         from pynydus.snapshot.server import setup_logging
 
-        root = logging.getLogger()
-        saved = (root.level, list(root.handlers))
-        try:
-            setup_logging(self.cfg)
-            level, handlers = root.level, list(root.handlers)
-        finally:
-            for h in root.handlers:
-                if h not in saved[1]:
-                    h.close()
-            root.handlers[:] = saved[1]
-            root.setLevel(saved[0])
-        return level, handlers
+        with root_logging_of(lambda: setup_logging(self.cfg)) as root:
+            return root.level, list(root.handlers)
 
     def log_file(self) -> RotatingLog:
         return next(h for h in self.logging()[1] if isinstance(h, RotatingLog))

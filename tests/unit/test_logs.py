@@ -7,12 +7,12 @@ import gzip
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pynydus.logs import LEVELS, RotatingLog, level_of, nydusd_level
+from tests.harness.util import root_logging_of
 
 
 def _logger(handler: logging.Handler) -> logging.Logger:
@@ -114,20 +114,6 @@ def test_opening_a_log_cleans_up_the_backups_already_there(tmp_path: Path) -> No
         b"left plain by a crash\n"
 
 
-def _root_logging_of(setup: Callable[[], None]) -> Iterator[logging.Logger]:
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers))
-    try:
-        setup()
-        yield root
-    finally:
-        for h in root.handlers:
-            if h not in saved[1]:
-                h.close()
-        root.handlers[:] = saved[1]
-        root.setLevel(saved[0])
-
-
 def test_snapshotter_log_rotates_as_configured(tmp_path: Path) -> None:
     """[log] log_rotation_*: the snapshotter's own log rotates at max_size MB into gzipped
     backups and drops those older than max_age days (by count:
@@ -146,7 +132,7 @@ def test_snapshotter_log_rotates_as_configured(tmp_path: Path) -> None:
                       "log_rotation_max_age = 3\nlog_rotation_compress = true\n")
     cfg, _ = load_config(config)
     line = "x" * 1000
-    for root in _root_logging_of(lambda: setup_logging(cfg)):
+    with root_logging_of(lambda: setup_logging(cfg)) as root:
         # only the file handler: the stderr one takes warnings, and these are infos
         for i in range(3600):  # 3.6 MB: three rotations at 1 MB
             root.info("%05d %s", i, line)
@@ -168,7 +154,7 @@ def test_pynydusd_rotates_its_log_at_the_rotation_size(tmp_path: Path) -> None:
     log_file = tmp_path / "nydusd.log"
     args = dmain.build_parser().parse_args(
         ["--log-file", str(log_file), "--log-rotation-size", "1"])
-    for root in _root_logging_of(lambda: dmain._setup_logging(args)):
+    with root_logging_of(lambda: dmain._setup_logging(args)) as root:
         for i in range(1500):
             root.warning("%05d %s", i, "y" * 1000)
     backups = [n for n in _files(tmp_path) if n != "nydusd.log"]
