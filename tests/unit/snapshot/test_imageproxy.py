@@ -57,15 +57,21 @@ class FakeContainerd(cri_pb2_grpc.ImageServiceServicer):
                                                                 repo_tags=["r.io/a:1"])])
 
 
+def _containerd(fake: FakeContainerd, sock: Path, workers: int) -> grpc.Server:
+    """``fake`` served on ``sock``, started."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    cri_pb2_grpc.add_ImageServiceServicer_to_server(fake, server)
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    return server
+
+
 @pytest.fixture
 def node() -> Iterator[dict[str, Any]]:
     d = Path(tempfile.mkdtemp(prefix="pyn-criproxy-"))
     ours, theirs = d / "snap.sock", d / "ctrd.sock"
     fake = FakeContainerd(ours)
-    ctrd = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    cri_pb2_grpc.add_ImageServiceServicer_to_server(fake, ctrd)
-    ctrd.add_insecure_port(f"unix://{theirs}")
-    ctrd.start()
+    ctrd = _containerd(fake, theirs, workers=4)
     keychain = CriKeychain()
     proxy = ImageServiceProxy(str(theirs), keychain)
     methods = {ECHO: Method("Echo", bytes, lambda req: _Echo(req)), **proxy.methods()}
@@ -142,11 +148,7 @@ def test_containerd_away_is_unavailable_naming_it(tmp_path: Path) -> None:
 def test_grpcio_server_serves_the_same_proxy() -> None:
     """PYNYDUS_SNAPSHOTS_SERVER=grpcio: the proxy as grpcio generic handlers."""
     d = Path(tempfile.mkdtemp(prefix="pyn-criproxy-"))
-    fake = FakeContainerd(d / "unused.sock")
-    ctrd = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    cri_pb2_grpc.add_ImageServiceServicer_to_server(fake, ctrd)
-    ctrd.add_insecure_port(f"unix://{d}/ctrd.sock")
-    ctrd.start()
+    ctrd = _containerd(FakeContainerd(d / "unused.sock"), d / "ctrd.sock", workers=2)
     proxy = ImageServiceProxy(str(d / "ctrd.sock"), CriKeychain())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers(tuple(proxy.grpcio_handlers()))
