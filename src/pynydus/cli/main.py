@@ -53,30 +53,57 @@ def _run_snapshotter(args: argparse.Namespace) -> int:
     return run(args.config, overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pynydus.cli.image_cmd import add_image
+
+    add_image(sub)
+
+
+def _add_convert_and_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pynydus.cli.convert_cmd import _add_convert
+
+    _add_convert(sub)
+
+
+def _add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pynydus.cli.ctl import add_ctl
+
+    add_ctl(sub)
+
+
+def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pynydus.cli.optimize_cmd import add_optimize
+
+    add_optimize(sub)
+
+
+# Each subcommand's module, in the order --help lists them; a module may add several.
+_ADDERS = (_add_snapshotter, _add_image, _add_convert_and_check, _add_ctl, _add_optimize)
+_ADDER_OF = {"snapshotter": _add_snapshotter, "image": _add_image,
+             "convert": _add_convert_and_check, "check-image": _add_convert_and_check,
+             "ctl": _add_ctl, "optimize": _add_optimize}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given the arguments, and when their first word names a
+    subcommand, only that subcommand's module is imported (a short ``image build`` does not
+    pay for the snapshotter's or the control client's imports); otherwise all of them."""
     parser = argparse.ArgumentParser(
         prog="pynydus",
         description="Nydus image acceleration for containerd: snapshotter, image builder, converter.",
     )
     parser.add_argument("--version", action="version", version=f"pynydus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from pynydus.cli.convert_cmd import _add_convert
-    from pynydus.cli.ctl import add_ctl
-    from pynydus.cli.image_cmd import add_image
-    from pynydus.cli.optimize_cmd import add_optimize
-
-    _add_snapshotter(sub)
-    add_image(sub)
-    _add_convert(sub)
-    add_ctl(sub)
-    add_optimize(sub)
+    only = _ADDER_OF.get(argv[0]) if argv else None
+    for add in (only,) if only else _ADDERS:
+        add(sub)
     return parser
 
 
 @quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(words).parse_args(words)
     try:
         rc: int = args.func(args)
         return rc
