@@ -129,7 +129,7 @@ def _corrupt_bootstrap(registry: Registry, repo: str, tag: str) -> None:
         return "sha256:" + hashlib.sha256(b).hexdigest()
 
     with RegistryClient(registry.host, scheme="http") as c:
-        m = c.getraw_manifest(repo, tag)
+        m = c.get_manifest(repo, tag)
         doc = json.loads(m.data)
         c.push_blob(repo, io.BytesIO(layer), sha(layer), size=len(layer))
         doc["layers"][-1].update(digest=sha(layer), size=len(layer))
@@ -138,7 +138,7 @@ def _corrupt_bootstrap(registry: Registry, repo: str, tag: str) -> None:
         cbytes = json.dumps(config).encode()
         c.push_blob(repo, io.BytesIO(cbytes), sha(cbytes), size=len(cbytes))
         doc["config"].update(digest=sha(cbytes), size=len(cbytes))
-        c.putraw_manifest(repo, tag, m.media_type, json.dumps(doc).encode())
+        c.put_manifest(repo, tag, m.media_type, json.dumps(doc).encode())
 
 
 def _env(registry: Registry, version: str, tmp: Path, toml: str,
