@@ -12,7 +12,12 @@ the takeover in the snapshotter's log and for two more passes of the reader.
 Per kill, the stall is the longest gap between two completed file reads from the kill
 to the end of that round. Reported: read errors (exceptions or wrong bytes; target 0),
 stall p50 / p99 / max (targets: p99 <= 0.3 s, max <= 1 s), the reader's normal gap
-(median of all gaps) for scale, and how many takeovers the snapshotter logged.
+(median of all gaps) for scale, and how many takeovers the snapshotter logged. The gap
+is split into its phases with the timeline each takeover logs (CLOCK_MONOTONIC stamps of
+the manager and the successor, comparable with ours): death noticed, successor chosen,
+takeover call received, state and fd received, images restored, requests resent and
+workers serving, the reader's first read completed; p50 / p99 / max of each, and the
+split of the five worst stalls.
 
     bench/failover_bench.py                 # 100 kills, dedicated mode
     bench/failover_bench.py --mode shared
@@ -39,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from pynydus.host.mount import unmount_all
 from pynydus.rafs.builder import build
 from pynydus.registry.client import RegistryClient
+from tests.harness.failover import spare_waiting, takeovers, timelines
 from tests.harness.readloop import ReadLoop, digests
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
@@ -46,7 +52,16 @@ from tests.harness.util import make_workdir, remove_tree, wait_until
 from tests.integration.nydus.support import REPO as IMAGE_REPO
 from tests.integration.nydus.support import container_rootfs, pull_nydus_image
 
-TAKEN_OVER = " taken over by pid "
+# The steps of a takeover, in order, as the snapshotter logs them (tests.harness.failover
+# .timelines); each phase ends at its step and starts at the previous one ("kill" first).
+STEPS = [("noticed", "death noticed (pidfd)"),
+         ("successor", "successor chosen (the spare)"),
+         ("request", "takeover call reached the successor"),
+         ("state_received", "state and fd received from the supervisor"),
+         ("restored", "images restored, session built"),
+         ("resent", "FUSE_NOTIFY_RESEND written"),
+         ("serving", "worker threads serving"),
+         ("first_read", "first read of the reader completed")]
 
 
 def make_image(work: Path, reg: Registry) -> dict[str, Any]:
@@ -66,20 +81,21 @@ def make_image(work: Path, reg: Registry) -> dict[str, Any]:
             "ref": f"{reg.host}/{IMAGE_REPO}:latest"}
 
 
-def spare_waiting(snap: Snapshotter) -> bool:
-    from pynydus.manager.client import DaemonClient
-
-    for r in snap.daemon_records():
-        if r["mode"] == "spare" and r.get("pid") and os.path.exists(r["api_socket"]):
-            try:
-                return DaemonClient(r["api_socket"], timeout=2).state() == "INIT"
-            except Exception:  # noqa: BLE001 - still starting
-                return False
-    return False
-
-
-def takeovers(snap: Snapshotter) -> int:
-    return snap.log.read_text(errors="replace").count(TAKEN_OVER)
+def phases(t_kill: float, timeline: list[dict[str, float]], done: list[float]
+           ) -> dict[str, float]:
+    """Seconds each phase of one takeover took, from the kill to the reader's first read
+    completed after the successor served (empty steps: the snapshotter logged none)."""
+    if not timeline:
+        return {}
+    steps = dict(timeline[0])
+    steps["first_read"] = next((t for t in done if t >= steps.get("serving", t_kill)),
+                               float("nan"))
+    out, last = {}, t_kill
+    for name, _ in STEPS:
+        if name in steps:
+            out[name] = steps[name] - last
+            last = steps[name]
+    return out
 
 
 def pct(values: list[float], p: float) -> float:
@@ -102,6 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rootfs = wd / "rootfs"
                 container_rootfs(snap, top, "default/3/c1", rootfs)
                 stalls: list[float] = []
+                splits: list[dict[str, float]] = []
                 try:
                     with ReadLoop(rootfs, digests(image["src"])) as reader:
                         reader.wait_passes(2)
@@ -118,7 +135,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             i = next(j for j, t in enumerate(done) if t >= t_kill)
                             window = [b - a for a, b in zip(done[i - 1:], done[i:])]
                             stalls.append(max(window))
-                            print(f"kill {k + 1}/{args.kills}: stall {stalls[-1]:.3f} s, "
+                            split = phases(t_kill, timelines(snap)[before:before + 1], done)
+                            splits.append(split)
+                            print(f"kill {k + 1}/{args.kills}: stall {stalls[-1]:.3f} s "
+                                  f"({' '.join(f'{n} {v:.3f}' for n, v in split.items())}), "
                                   f"errors so far {len(reader.errors)}", flush=True)
                 finally:
                     unmount_all(str(rootfs))
@@ -128,6 +148,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["stall_s"] = {"p50": round(pct(stalls, 0.5), 3), "p99": round(pct(stalls, 0.99), 3),
                               "max": round(max(stalls), 3), "all": [round(s, 3) for s in stalls]}
             res["normal_gap_s"] = round(statistics.median(reader.gaps()), 4)
+            res["phases_s"] = {}
+            for name, _ in STEPS:
+                v = [sp[name] for sp in splits if name in sp]
+                if v:
+                    res["phases_s"][name] = {"p50": round(pct(v, 0.5), 4),
+                                             "p99": round(pct(v, 0.99), 4),
+                                             "max": round(max(v), 4)}
+            worst = sorted(range(len(stalls)), key=lambda j: -stalls[j])[:5]
+            res["worst"] = [{"stall": round(stalls[j], 3),
+                             **{n: round(v, 4) for n, v in splits[j].items()}} for j in worst]
             res["passes"] = reader.passes
     finally:
         remove_tree(wd)
@@ -156,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| reader stall max | {s['max']} s | <= 1 s |")
     print(f"| reader's normal gap (median) | {res['normal_gap_s']} s | - |")
     print(f"| takeovers logged | {res['takeovers_logged']} | {res['kills']} |")
+    print("\n| phase (ends when) | p50 | p99 | max |\n|---|---|---|---|")
+    for name, what in STEPS:
+        f = res["phases_s"].get(name)
+        if f:
+            print(f"| {what} | {f['p50']:.4f} s | {f['p99']:.4f} s | {f['max']:.4f} s |")
+    print("\nworst stalls:", json.dumps(res["worst"]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0 if res["errors"] == 0 else 1

@@ -54,7 +54,7 @@ class Controller(Protocol):
     def backend_info(self, mountpoint: str) -> dict[str, Any]: ...
     def prefetch_list(self, mountpoint: str, body: dict[str, Any]) -> None: ...
     def send_fd(self) -> None: ...
-    def takeover(self, body: dict[str, Any] | None = None) -> None: ...
+    def takeover(self, body: dict[str, Any] | None = None) -> dict[str, Any] | None: ...
 
 
 def _status(err: Exception) -> int:
@@ -157,8 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
             ctl.send_fd()
             return None
         elif v == "/api/v1/daemon/fuse/takeover" and method == "PUT":
-            ctl.takeover(self._body())
-            return None
+            return ctl.takeover(self._body())
         elif v == "/api/v1/daemon/backend" and method == "GET":
             return ctl.backend_info(q.get("mountpoint", "/"))
         elif path == "/api/v1/mount":

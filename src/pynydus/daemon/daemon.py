@@ -79,14 +79,15 @@ class DaemonOptions:
     failover_policy: str = "resend"
 
 
-def make_backend(cfg: BackendConfig) -> Backend:
-    """The backend a config names; a registry client is created lazily per image."""
+def make_backend(cfg: BackendConfig, defer: float = 0.0) -> Backend:
+    """The backend a config names; a registry client is created lazily per image (after
+    ``defer`` seconds unless a read needs it first, see ``RegistryBackend``)."""
     if cfg.type == "localfs":
         return LocalFsBackend(cfg.localfs.dir, cfg.localfs.blob_file, cfg.localfs.alt_dirs)
     if cfg.type == "registry":
         from pynydus.daemon.registry_backend import RegistryBackend
 
-        return RegistryBackend(cfg.registry)
+        return RegistryBackend(cfg.registry, defer=defer)
     raise NotImplementedFeature(f"backend type {cfg.type!r} is not supported")
 
 
@@ -94,11 +95,17 @@ def _warm_imports() -> None:
     """Import the registry client (httpx) off the start-up path. It is first needed
     at a chunk miss; a shared daemon starts long before its first API mount, whose
     first read then no longer waits 0.1-0.5 s for the import (bench/lazy_pull.py
-    --profile)."""
+    --profile). A spare imports here what a takeover's restore needs, so that the
+    takeover does not import it while readers wait."""
     try:
+        import pynydus.daemon.registry_backend
         import pynydus.registry.client  # noqa: F401
     except Exception:  # the real import at first use reports it
         log.debug("warming the registry client import failed", exc_info=True)
+
+
+# Seconds a successor waits before building its images' registry clients (see _restore).
+_SUCCESSOR_CLIENT_DEFER = 2.0
 
 
 # The kernel's readahead window for our mount. The default (128 KiB) makes the kernel
@@ -157,6 +164,10 @@ class Daemon:
         self._flush_resent = False
         self.daemon_id = opts.daemon_id
         self.supervisor = opts.supervisor  # a takeover may name another
+        # a successor's takeover: when each step ended (CLOCK_MONOTONIC, comparable with
+        # the manager's and a benchmark's clocks): request, state_received, restored,
+        # resent, serving
+        self.timeline: dict[str, float] = {}
         # the pyfuse3 session
         self.fs: Any = None
         self.trio_token: Any = None
@@ -173,10 +184,10 @@ class Daemon:
 
     # --- setup ------------------------------------------------------------------------
 
-    def _instance(self, bootstrap: str, cfg: NydusdConfig) -> RafsInstance:
+    def _instance(self, bootstrap: str, cfg: NydusdConfig, defer: float = 0.0) -> RafsInstance:
         if not os.path.isfile(bootstrap):
             raise NotFound(f"bootstrap {bootstrap} does not exist")
-        return RafsInstance(bootstrap, cfg, make_backend(cfg.backend), self.cache_stats)
+        return RafsInstance(bootstrap, cfg, make_backend(cfg.backend, defer), self.cache_stats)
 
     def _start_prefetch(self, inst: RafsInstance, files: list[str] | None) -> None:
         p = inst.config.rafs.prefetch
@@ -352,14 +363,18 @@ class Daemon:
         except NydusError as err:
             log.warning("state not sent to the supervisor (%s): %s", why, err)
 
-    def takeover(self, body: dict[str, Any] | None = None) -> None:
+    def takeover(self, body: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """``PUT /api/v1/daemon/fuse/takeover`` (``--upgrade`` only): get the connection and
         state from the supervisor and restore the images; INIT -> READY. On failure the
         daemon stays in INIT and holds nothing (the supervisor falls back to a restart).
 
         An optional body ``{"supervisor": path, "id": daemon id}`` (our extension; upstream
         sends none) names whose connection to take, so that a spare started in advance
-        can succeed any daemon."""
+        can succeed any daemon. With ``"start": true`` in it the daemon also starts
+        (resend, serve: READY -> RUNNING) before answering, which saves the failover a
+        second API call, and the answer is ``{"timeline": {...}}``: the CLOCK_MONOTONIC
+        time at which each step ended (see ``timeline``)."""
+        self.timeline = {"request": time.monotonic()}
         if not self.opts.upgrade:
             raise FailedPrecondition("takeover needs a daemon started with --upgrade")
         body = body or {}
@@ -374,6 +389,7 @@ class Daemon:
                 blob, fd = request_takeover(supervisor, wanted)
             except (OSError, EOFError) as err:
                 raise Unavailable(f"takeover from {supervisor}: {err}") from err
+            self.timeline["state_received"] = time.monotonic()
             try:
                 if fd < 0:
                     raise StateError("the supervisor holds no FUSE connection for us")
@@ -403,15 +419,22 @@ class Daemon:
                                        on_end=self._stop.set)
             self._flush_resent = self.opts.failover_policy == "flush"
             self.state = "READY"
+            self.timeline["restored"] = time.monotonic()
         log.info("took over %s (daemon %s, %d images, FUSE 7.%d)", state.mountpoint,
                  state.daemon_id, len(state.mounts), state.init.minor)
+        if not body.get("start"):
+            return None
+        self.start()
+        return {"timeline": dict(self.timeline)}
 
     def _restore(self, state: DaemonState) -> None:
         for m in state.mounts:
             cfg, warnings = parse_daemon_config(m.config, f"takeover of {m.mountpoint} config")
             for w in warnings:
                 log.debug("%s", w)
-            inst = self._instance(m.source, cfg)
+            # the registry client is built once the first reads are served (~0.15 s
+            # of CPU and the GIL otherwise taken from them), or when a read misses
+            inst = self._instance(m.source, cfg, defer=_SUCCESSOR_CLIENT_DEFER)
             if m.slot == 0:
                 self.vfs.dedicated = inst
             else:
@@ -554,8 +577,10 @@ class Daemon:
             if self._flush_resent:
                 self.server.fail_resent = True
             resent = self.session.resend()
+            self.timeline["resent"] = time.monotonic()
             self.session.start()
             self.state = "RUNNING"
+            self.timeline["serving"] = time.monotonic()
         log.info("serving %s (resend %s)", self.fuse_mountpoint,
                  "requested" if resent else "unavailable")
 

@@ -58,15 +58,24 @@ def client_from_config(cfg: RegistryConfig) -> RegistryClient:
 
 
 class RegistryBackend:
-    def __init__(self, cfg: RegistryConfig) -> None:
+    """``defer``: seconds the build waits unless a read needs the client first (a
+    failover successor's: its first reads are the ones its readers wait for, and they
+    are usually served from the cache)."""
+
+    def __init__(self, cfg: RegistryConfig, defer: float = 0.0) -> None:
         self.cfg = cfg
         self.repo = cfg.repo
         self._client: RegistryClient | None = None
         self._error: BaseException | None = None
         self._built = threading.Event()
-        threading.Thread(target=self._build, name="registry-client", daemon=True).start()
+        self._wanted = threading.Event()
+        if not defer:
+            self._wanted.set()
+        threading.Thread(target=self._build, args=(defer,), name="registry-client",
+                         daemon=True).start()
 
-    def _build(self) -> None:
+    def _build(self, defer: float) -> None:
+        self._wanted.wait(defer)
         try:
             self._client = client_from_config(self.cfg)
         except BaseException as err:  # noqa: BLE001 - handed to every caller of .client
@@ -76,6 +85,7 @@ class RegistryBackend:
 
     @property
     def client(self) -> RegistryClient:
+        self._wanted.set()
         self._built.wait()
         if self._error is not None:
             raise self._error
@@ -91,6 +101,7 @@ class RegistryBackend:
         self.client.set_credentials(auth)
 
     def close(self) -> None:
+        self._wanted.set()
         self._built.wait()
         if self._client is not None:
             self._client.close()

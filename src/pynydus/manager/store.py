@@ -89,6 +89,20 @@ class DaemonStore:
     def delete_daemon(self, daemon_id: str) -> None:
         self._write("DELETE FROM daemons WHERE id=?", (daemon_id,))
 
+    def replace_daemon(self, rec: DaemonRecord, gone_id: str) -> None:
+        """Put ``rec`` and delete ``gone_id`` in one transaction (one sync to disk): a
+        successor's record becomes the daemon's it took over."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO daemons(id, record) VALUES(?, ?)",
+                                 (rec.id, json.dumps(asdict(rec))))
+                self._db.execute("DELETE FROM daemons WHERE id=?", (gone_id,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def daemons(self) -> list[DaemonRecord]:
         with self._lock:
             rows = self._db.execute("SELECT record FROM daemons ORDER BY id").fetchall()

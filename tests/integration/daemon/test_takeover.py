@@ -65,11 +65,22 @@ def _successor(workdir: Path, mountpoint: Path, name: str = "succ",
     return s
 
 
-def _take_over(s: Pynydusd, sup: Supervisor) -> None:
-    body = {"supervisor": sup.path(DID), "id": DID}
-    assert s.api("PUT", "/api/v1/daemon/fuse/takeover", body) == (204, None), s.log_text()
-    assert s.get("/api/v1/daemon")["state"] == "READY"
-    assert s.api("PUT", "/api/v1/daemon/start") == (204, None)
+def _take_over(s: Pynydusd, sup: Supervisor, one_call: bool = False) -> None:
+    """Upstream's sequence (takeover: READY, start: RUNNING), or ours in one call
+    (``"start": true``: the reply is the timeline of the steps, in order)."""
+    body: dict[str, object] = {"supervisor": sup.path(DID), "id": DID}
+    if one_call:
+        t0 = time.monotonic()
+        status, reply = s.api("PUT", "/api/v1/daemon/fuse/takeover", {**body, "start": True})
+        assert status == 200, s.log_text()
+        steps = reply["timeline"]
+        assert list(steps) == ["request", "state_received", "restored", "resent", "serving"]
+        assert t0 <= steps["request"] <= steps["serving"] <= time.monotonic()
+        assert sorted(steps.values()) == list(steps.values())
+    else:
+        assert s.api("PUT", "/api/v1/daemon/fuse/takeover", body) == (204, None), s.log_text()
+        assert s.get("/api/v1/daemon")["state"] == "READY"
+        assert s.api("PUT", "/api/v1/daemon/start") == (204, None)
     info = s.get("/api/v1/daemon")
     assert (info["state"], info["id"]) == ("RUNNING", DID)
 
@@ -110,7 +121,7 @@ def test_shared_mode_keeps_slots_node_ids_and_open_files(
     try:
         d.kill9()
         s = _successor(workdir, d.mountpoint)
-        _take_over(s, supervisor)
+        _take_over(s, supervisor, one_call=True)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         assert os.pread(fd, len(want) + 1, 0) == want  # a handle of the dead daemon
     finally:

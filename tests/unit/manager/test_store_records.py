@@ -37,3 +37,28 @@ def test_records_from_older_and_newer_versions_load(tmp_path: Path) -> None:
         assert isinstance(r, RafsRecord) and r.image_ref == "r/a:1"
     finally:
         store.close()
+
+
+def test_a_successor_record_replaces_the_spare_one_in_one_transaction(tmp_path: Path) -> None:
+    """After a takeover the daemon's record names the successor and the spare's is gone,
+    both or neither (a snapshotter killed in between finds one consistent state)."""
+    store = DaemonStore(tmp_path / "daemons.db")
+    try:
+        daemon = DaemonRecord(id="d1", mode="dedicated", mountpoint="/m", api_socket="/s1",
+                              config_path="/c", bootstrap="/b", log_file="/l1", pid=10)
+        spare = DaemonRecord(id="spare-1", mode="spare", mountpoint="", api_socket="/s2",
+                             config_path="", bootstrap="", log_file="/l2", pid=20)
+        store.put_daemon(daemon)
+        store.put_daemon(spare)
+        daemon.pid, daemon.api_socket = 20, "/s2"
+        store.replace_daemon(daemon, "spare-1")
+        assert store.daemons() == [daemon]
+        bad = DaemonRecord(**{**daemon.__dict__, "pid": 30})
+        bad.command = object()  # type: ignore[assignment]  # not JSON: the put fails
+        try:
+            store.replace_daemon(bad, "d1")
+        except TypeError:
+            pass
+        assert store.daemons() == [daemon]  # rolled back: nothing half done
+    finally:
+        store.close()
