@@ -106,6 +106,8 @@ def _warm_imports() -> None:
 
 # Seconds a successor waits before building its images' registry clients (see _restore).
 _SUCCESSOR_CLIENT_DEFER = 2.0
+# Worker threads a successor starts before it answers start; the others start behind.
+_SUCCESSOR_FIRST_WORKERS = 2
 
 
 # The kernel's readahead window for our mount. The default (128 KiB) makes the kernel
@@ -578,7 +580,7 @@ class Daemon:
                 self.server.fail_resent = True
             resent = self.session.resend()
             self.timeline["resent"] = time.monotonic()
-            self.session.start()
+            self.session.start(first=_SUCCESSOR_FIRST_WORKERS)
             self.state = "RUNNING"
             self.timeline["serving"] = time.monotonic()
         log.info("serving %s (resend %s)", self.fuse_mountpoint,

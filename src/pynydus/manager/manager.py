@@ -253,6 +253,9 @@ class DaemonManager:
         with open(rec.log_file + ".stderr" if rec.log_file else os.devnull, "ab") as errlog:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                                     start_new_session=True, close_fds=True, env=env)
+        with contextlib.suppress(OSError):  # a boosted thread's priority is not for daemons
+            if os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 0:
+                set_niceness(proc.pid, 0)
         live.proc = proc
         live.state = "STARTING"
         rec.pid = proc.pid
@@ -712,6 +715,11 @@ class DaemonManager:
             pass
 
     def _watch(self) -> None:
+        # it sleeps until a death and then hands the connection over while readers wait:
+        # at the failover's priority from the wake-up on (what it spawns does not inherit
+        # it, see _spawn)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TAKEOVER_NICENESS)
         while not self._stop.is_set():
             self._wait_for_news()
             if self._stop.is_set():
