@@ -336,6 +336,21 @@ class TarfsConfig:
 
 
 @dataclass(frozen=True)
+class PrefetchListConfig:
+    """``[experimental.prefetch_list]``: prefetch lists learned on this node (issue 17;
+    ``manager/prefetchrecord.py``)."""
+
+    # an image whose lookup at mount found no list: learn one from its first container's
+    # start-up (the daemon's access trace, taken once its reads go quiet)
+    record: bool = False
+    # push what was learned beside the image in its registry (the node's credentials
+    # for it must allow pushes); needs record
+    push: bool = False
+    # a recording ends this long after the image's first read at the latest
+    record_timeout: float = duration(30.0, positive=True)
+
+
+@dataclass(frozen=True)
 class ExperimentalConfig:
     """``[experimental]``."""
 
@@ -347,6 +362,7 @@ class ExperimentalConfig:
     enable_backend_source: bool = unsupported(False, "--backend-source for nydusd "
                                               "(system controller)")
     tarfs: TarfsConfig = field(default_factory=TarfsConfig)
+    prefetch_list: PrefetchListConfig = field(default_factory=PrefetchListConfig)
 
 
 @dataclass(frozen=True)
@@ -548,6 +564,11 @@ def _validate(
         )
     if not cfg.address:
         raise ConfigError(f"{origin('address')}: address: must not be empty")
+    plc = cfg.experimental.prefetch_list
+    if plc.push and not plc.record:
+        key = "experimental.prefetch_list.push"
+        raise ConfigError(f"{origin(key)}: {key}: pushes what this node records: set "
+                          "experimental.prefetch_list.record = true too")
     auth = cfg.remote.auth
     if auth.enable_cri_keychain and auth.enable_kubeconfig_keychain:
         raise ConfigError(

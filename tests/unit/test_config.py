@@ -127,6 +127,11 @@ tarfs_hint = true
 max_concurrent_proc = 2
 export_mode = "image_block_with_verity"
 mount_mode = "image"
+
+[experimental.prefetch_list]
+record = true
+push = true
+record_timeout = "10s"
 """
 
 # dotted key -> value the sample above must load as
@@ -197,6 +202,9 @@ SAMPLE_VALUES: dict[str, object] = {
     "experimental.tarfs.max_concurrent_proc": 2,
     "experimental.tarfs.export_mode": TarfsExportMode.IMAGE_BLOCK_WITH_VERITY,
     "experimental.tarfs.mount_mode": TarfsMountMode.IMAGE,
+    "experimental.prefetch_list.record": True,
+    "experimental.prefetch_list.push": True,
+    "experimental.prefetch_list.record_timeout": 10.0,
 }
 
 
@@ -418,6 +426,9 @@ WRONG_TYPES: dict[str, str] = {
     "experimental.tarfs.max_concurrent_proc": '"2"',
     "experimental.tarfs.export_mode": "1",
     "experimental.tarfs.mount_mode": "true",
+    "experimental.prefetch_list.record": '"yes"',
+    "experimental.prefetch_list.push": "1",
+    "experimental.prefetch_list.record_timeout": "10",
 }
 
 
@@ -982,3 +993,9 @@ def test_loading_twice_gives_equal_results_and_touches_nothing(
     first: Any = parse_config(path)
     assert parse_config(path) == first
     assert sorted(os.listdir(path.parent)) == before
+
+
+def test_pushing_prefetch_lists_needs_recording_them(tmp_path: Path) -> None:
+    text = "version = 1\n[experimental.prefetch_list]\npush = true\n"
+    with pytest.raises(ConfigError, match=r"experimental\.prefetch_list\.push: .*record = true"):
+        load_config(write(tmp_path, text))

@@ -304,6 +304,16 @@ SNAPSHOTTER: dict[str, Case] = {
     "experimental.enable_index_detect": Effect("true", lambda d, s: (
         _detector(d), _detector(s)) == (None, (False, True)) or pytest.fail("index_detect")),
     "experimental.enable_backend_source": Refused("true"),
+    "experimental.prefetch_list.record": Effect("true", lambda d, s: (
+        d.fs.list_recorder is None and s.fs.list_recorder is not None
+        and not s.fs.list_recorder.push) or pytest.fail("prefetch_list.record")),
+    "experimental.prefetch_list.push": Effect("true", lambda d, s: (
+        d.fs.list_recorder.push is False and s.fs.list_recorder.push is True)
+        or pytest.fail("prefetch_list.push"), also={"experimental.prefetch_list.record": "true"}),
+    "experimental.prefetch_list.record_timeout": Effect('"5s"', lambda d, s: (
+        d.fs.list_recorder.timeout == 30.0 and s.fs.list_recorder.timeout == 5.0)
+        or pytest.fail("prefetch_list.record_timeout"),
+        also={"experimental.prefetch_list.record": "true"}),
     "experimental.tarfs.enable_tarfs": ShownBy(
         f"{_TARFS_TESTS}/test_tarfs_options.py::test_enable_tarfs_decides_who_unpacks_oci_layers"),
     "experimental.tarfs.mount_tarfs_on_host": ShownBy(

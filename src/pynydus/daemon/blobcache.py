@@ -265,6 +265,13 @@ class BlobCache:
             pos += length
         return out
 
+    def unclaimed(self, chunks: Sequence[ChunkRef]) -> list[ChunkRef]:
+        """Those of ``chunks`` neither in the cache nor being fetched by another thread
+        (background work leaves those alone rather than wait for them)."""
+        with self._lock:
+            return [c for c in chunks
+                    if c.index not in self._claims and not self.chunk_map.is_ready(c.index)]
+
     def ensure(self, chunks: Sequence[ChunkRef], *, amplify: bool = True, prefetch: bool = False,
                max_request: int = 0) -> int:
         """Make every chunk of ``chunks`` ready in the cache; returns bytes fetched by us.

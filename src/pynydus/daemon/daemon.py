@@ -34,7 +34,7 @@ from pynydus.daemon.fuseloop import FuseSession, mount_fuse
 from pynydus.daemon.fuseops import RafsServer
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.metrics import CacheStats
-from pynydus.daemon.prefetch import Prefetcher
+from pynydus.daemon.prefetch import Prefetcher, WireGate
 from pynydus.daemon.takeover import (
     DaemonState,
     MountState,
@@ -189,7 +189,9 @@ class Daemon:
     def _instance(self, bootstrap: str, cfg: NydusdConfig, defer: float = 0.0) -> RafsInstance:
         if not os.path.isfile(bootstrap):
             raise NotFound(f"bootstrap {bootstrap} does not exist")
-        return RafsInstance(bootstrap, cfg, make_backend(cfg.backend, defer), self.cache_stats)
+        # the gate lets a prefetch list wait for the image's foreground requests
+        return RafsInstance(bootstrap, cfg, WireGate(make_backend(cfg.backend, defer)),
+                            self.cache_stats)
 
     def _start_prefetch(self, inst: RafsInstance, files: list[str] | None) -> None:
         p = inst.config.rafs.prefetch

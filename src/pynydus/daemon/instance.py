@@ -339,18 +339,24 @@ class RafsInstance:
                                         max_request=max_request)
         return fetched
 
-    def prefetch_run(self, blob_index: int, indexes: Iterable[int]) -> int:
-        """Fetch chunks of one blob by index (a prefetch list's run) into the cache;
-        bytes fetched. Indexes the bootstrap's chunk table does not have are skipped
-        (a list made for another build of the image)."""
+    def chunk_refs(self, blob_index: int, indexes: Iterable[int]) -> list[ChunkRef]:
+        """The cache references of chunks of one blob by index (a prefetch list's run);
+        indexes the bootstrap's chunk table does not have are left out (a list made for
+        another build of the image)."""
         if not 0 <= blob_index < len(self.bs.blobs):
-            return 0
+            return []
         chunk_at = self._chunk_lookup(blob_index)
-        refs = [r for r in (chunk_at(i) for i in indexes) if r is not None]
-        if not refs:
+        return [r for r in (chunk_at(i) for i in indexes) if r is not None]
+
+    def prefetch_refs(self, blob_index: int, refs: list[ChunkRef]) -> int:
+        """Fetch those of ``refs`` (of one blob, by ``chunk_refs``) that are neither cached
+        nor being fetched by a reader into the cache; bytes fetched."""
+        cache = self.cache(blob_index)
+        todo = cache.unclaimed(refs)
+        if not todo:
             return 0
-        return self.cache(blob_index).ensure(refs, amplify=False, prefetch=True,
-                                             max_request=self.config.rafs.prefetch.batch_size)
+        return cache.ensure(todo, amplify=False, prefetch=True,
+                            max_request=self.config.rafs.prefetch.batch_size)
 
     def _refs_by_blob(self, chunks: Iterable[FileChunk]) -> dict[int, list[ChunkRef]]:
         """The chunks' cache references, grouped by blob index (order kept within a blob)."""

@@ -125,6 +125,11 @@ class AccessTrace:
         with self._lock:
             return list(self._chunks)
 
+    def chunks_since(self, start: int) -> list[ChunkAccess]:
+        """The chunks first read after the first ``start`` of them, in first-read order."""
+        with self._lock:
+            return self._chunks[start:]
+
     def take_latest(self) -> list[int]:
         """Inodes read since the last call (upstream's ``latest_read_files``), sorted."""
         with self._lock:

@@ -35,6 +35,7 @@ from pynydus.manager.client import DaemonClient
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.prefetchlookup import PrefetchListLookup
+from pynydus.manager.prefetchrecord import ListRecorder
 from pynydus.manager.registryaccess import build_keychain, check_access
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.manager.supervisor import Supervisor
@@ -163,6 +164,10 @@ class NydusFilesystem:
         self.prefetch_lists = PrefetchLists()
         # prefetch lists learned from start-ups, found in the registry at mount
         self.list_lookup = PrefetchListLookup()
+        plc = cfg.experimental.prefetch_list
+        # lists learned from an image's first container here, when configured
+        self.list_recorder = ListRecorder(self.root, self.list_lookup, push=plc.push,
+                                          timeout=plc.record_timeout) if plc.record else None
         self.cache_gc = CacheGcStats()  # what Cleanup's cache GC did, for the metrics
 
     # --- start-up ------------------------------------------------------------------------
@@ -212,6 +217,8 @@ class NydusFilesystem:
             if self._mounting:
                 log.warning("closing with %d mounts still under way", self._mounting)
         self._refill_now.set()
+        if self.list_recorder is not None:
+            self.list_recorder.close()
         self.list_lookup.close()
         if self._refill_thread is not None:
             self._refill_thread.join(timeout=20)  # it stops what it started once it sees closing
@@ -290,12 +297,10 @@ class NydusFilesystem:
             boot = self._wait_bootstrap(sdir)
             self.verifier.verify(labels, boot, f"snapshot {q(sid)} of image {q(image_ref)}")
             creds = self.keychain.lookup(image_ref, labels)
-            cfg = supplement(self.template, image_ref=image_ref, snapshot_id=sid,
-                             cache_dir=self.cache_dir, labels=labels,
-                             mirrors_dir=self.cfg.remote.mirrors_config.dir,
-                             credentials=creds.found.credentials if creds.found else None)
+            cfg = self._daemon_cfg(image_ref, sid, labels, creds)
             check_access(image_ref, cfg, labels, creds, f"snapshot {q(sid)}")
-            listed = self.list_lookup.start(image_ref, labels, cfg)  # beside the mount
+            # the lookup the pull's first Prepare started (prefetch_hint), or one now
+            listed = self.list_lookup.start(image_ref, labels, cfg)
             try:
                 if self.mode == "shared":
                     rec = self._mount_shared(sid, image_ref, boot, cfg)
@@ -303,20 +308,52 @@ class NydusFilesystem:
                     rec = self._mount_dedicated(sid, image_ref, boot, cfg)
             except BaseException:
                 listed.cancel()
+                self.list_lookup.forget(image_ref, labels)
                 raise
             stored = self.instances[sid] = self.store.put_instance(rec)
             self.list_lookup.deliver(listed, functools.partial(self._send_list, stored),
                                      f"image {q(image_ref)}")
+            if self.list_recorder is not None:
+                self.list_recorder.after_lookup(listed, image_ref, labels, cfg,
+                                                functools.partial(self._daemon_of, stored))
             return rec.mountpoint
 
-    def _send_list(self, rec: RafsRecord, doc: dict[str, Any]) -> None:
-        """Hand a prefetch list to the daemon serving ``rec`` (the image is at ``/<id>``
-        in a daemon it was mounted into through the API, at ``/`` in one started with it)."""
+    def _daemon_cfg(self, image_ref: str, sid: str, labels: Mapping[str, str],
+                    creds: Any = None) -> dict[str, Any]:
+        """The daemon config of ``image_ref`` served from snapshot ``sid`` (credentials
+        from the keychain unless given)."""
+        if creds is None:
+            creds = self.keychain.lookup(image_ref, labels)
+        return supplement(self.template, image_ref=image_ref, snapshot_id=sid,
+                          cache_dir=self.cache_dir, labels=labels,
+                          mirrors_dir=self.cfg.remote.mirrors_config.dir,
+                          credentials=creds.found.credentials if creds.found else None)
+
+    def prefetch_hint(self, labels: Mapping[str, str]) -> None:
+        """A pull of a Nydus image has reached the snapshotter (the Prepare of one of its
+        layers): start looking its prefetch list up now, on a thread (this returns at
+        once), so that the list is at hand when the image is mounted at the pull's end."""
+        image_ref = labels.get(L.CRI_IMAGE_REF) or labels.get(L.STARGZ_REFERENCE)
+        if not image_ref or self._closing:
+            return
+        self.list_lookup.start(image_ref, labels,
+                               functools.partial(self._daemon_cfg, image_ref, "", dict(labels)))
+
+    def _daemon_of(self, rec: RafsRecord) -> tuple[DaemonClient, str] | None:
+        """The API client of the daemon serving ``rec`` and the image's mountpoint in it
+        (``/<id>`` in a daemon it was mounted into through the API, ``/`` in one started
+        with it); None once the image is unmounted."""
         live = self.manager.daemons.get(rec.daemon_id)
         if live is None or self.instances.get(rec.snapshot_id) is not rec:
-            return  # unmounted meanwhile
+            return None
         sub = os.path.relpath(rec.mountpoint, live.record.mountpoint)
-        live.client.prefetch_list("/" if sub == "." else f"/{sub}", doc)
+        return live.client, "/" if sub == "." else f"/{sub}"
+
+    def _send_list(self, rec: RafsRecord, doc: dict[str, Any]) -> None:
+        """Hand a prefetch list to the daemon serving ``rec``."""
+        where = self._daemon_of(rec)
+        if where is not None:  # else unmounted meanwhile
+            where[0].prefetch_list(where[1], doc)
 
     def _wait_bootstrap(self, sdir: str) -> str:
         deadline = time.monotonic() + _BOOTSTRAP_WAIT

@@ -176,6 +176,8 @@ class Snapshotter:
         """
         labels = dict(labels or {})
         L.validate(labels)
+        if self.fs is not None and (L.is_nydus_data_layer(labels) or L.is_nydus_meta_layer(labels)):
+            self.fs.prefetch_hint(labels)  # the image's prefetch list, looked up meanwhile
         snap = self._create(Kind.ACTIVE, key, parent, labels)
         chain = self._ancestors(snap) if self.features.any else []
         decision = processor.choose(labels, chain, self.features) if self.features.any \

@@ -20,6 +20,9 @@ class SlowStops:
         self.running = self.most = 0
         self._lock = threading.Lock()
 
+    def prefetch_hint(self, labels: Mapping[str, str]) -> None:
+        pass  # no prefetch lists here
+
     def mount(self, sid: str, labels: Mapping[str, str]) -> str:
         raise AssertionError("nothing is mounted here")
 

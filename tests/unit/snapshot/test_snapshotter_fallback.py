@@ -23,6 +23,9 @@ class FailingFilesystem:
         self.root, self.err = root, err
         self.mounts = 0
 
+    def prefetch_hint(self, labels: Mapping[str, str]) -> None:
+        pass  # no prefetch lists here
+
     def mount(self, sid: str, labels: Mapping[str, str]) -> str:
         self.mounts += 1
         raise self.err

@@ -23,6 +23,9 @@ class FakeFilesystem:
         self.root = root
         self.mounted: list[tuple[str, dict[str, str]]] = []
 
+    def prefetch_hint(self, labels: Mapping[str, str]) -> None:
+        pass  # no prefetch lists here
+
     def mount(self, sid: str, labels: Mapping[str, str]) -> str:
         self.mounted.append((sid, dict(labels)))
         return self.mountpoint(sid)
