@@ -26,6 +26,15 @@ startup command, for the same image pulled several ways, all in one run:
              its shared mode), from ``scripts/peers.sh``, with the daemon template ours
              uses (same ``amplify_io``, no prefetch). Each of our modes is held against
              upstream's in the same daemon mode (``ours / peer``, target <= 1.0).
+             ``upstream-pf``: upstream with its own prefetch (``fs_prefetch`` on) of the
+             large image converted with the start-up's files as ``--prefetch-files``
+             (tag ``nydus-pf``; the other images have none: their plain Nydus form);
+  nydus-list our snapshotter on a copy of the Nydus image with a prefetch list learned
+             from one run of it (issue 17); ``nydus-stale``: a copy whose list was learned
+             from another start-up (``STALE_CMD``: the app changed), held against nydus
+             (target: not slower). With ``--floor`` the large image's 100 Mbit/s floor is
+             computed (bytes the start-up needs / bandwidth + the bootstrap pull +
+             overlayfs's run, everything local) and overlayfs runs on loopback only.
 
 Each repetition is cold: a new containerd (empty content store and snapshots), a new
 snapshotter process with an empty root and cache, and the page cache dropped
@@ -101,23 +110,36 @@ MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-s
 # list was learned first (one run of it through our snapshotter, then the list of its
 # daemon's trace pushed beside it, as `pynydus optimize --node-root --push` does); the
 # snapshotter finds the list at mount and pynydusd prefetches in its order
-ALL_MODES = (*MODES, "tarfs", "nydus-list", "zran")  # zran: REF:zran (convert --oci-ref)
+ALL_MODES = (*MODES, "tarfs", "nydus-list", "nydus-stale", "upstream-pf",
+             "zran")  # zran: REF:zran (convert --oci-ref)
 LIST_TAG = "nydus-list"
+STALE_TAG = "nydus-stale"
+# nydus-stale's list is learned from this start-up instead of the image's Cmd: for large
+# another python app (other modules, 300 documents it reads), for the busybox images a
+# read of other files
+STALE_CMD = {
+    "large": ("python3 -c 'import email.parser, http.client, xml.dom.minidom, decimal, "
+              "argparse, unittest' && cat /opt/docs/g0[0-2]/* > /dev/null"),
+    "many-files": "cat /data/d001/* > /dev/null",
+    "small": "ls -l /bin > /dev/null",
+}
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
        "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG,
-       "zran": "zran"}
+       "nydus-stale": STALE_TAG, "upstream-pf": "nydus-pf", "zran": "zran"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
                "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus",
-               "nydus-list": "nydus", "zran": "nydus"}
+               "nydus-list": "nydus", "nydus-stale": "nydus", "upstream-pf": "nydus",
+               "zran": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
-DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None, "zran": None}
+DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None, "nydus-stale": None,
+               "zran": None}
 # the peer: upstream's containerd-nydus-grpc with upstream's nydusd (scripts/peers.sh
 # nydus-snapshotter nydus-rs), in each daemon mode, on the same Nydus image, with the
 # daemon template ours uses (same amplify_io, no prefetch; plain HTTP)
-UPSTREAM_MODE = {"upstream": "dedicated", "upstream-shared": "shared"}
+UPSTREAM_MODE = {"upstream": "dedicated", "upstream-shared": "shared", "upstream-pf": "dedicated"}
 # which upstream mode each of ours is held against
 VS_UPSTREAM = {"nydus": "upstream", "nydus-shared": "upstream-shared"}
 NYDUS_MODES = (*DAEMON_MODE, *UPSTREAM_MODE)  # modes that pull the Nydus image
@@ -130,6 +152,11 @@ TARGET_VS_UPSTREAM = 1.0
 NETWORKS = ("loopback", "100mbit")
 TARGET_X = 10.0
 TARGET_ZRAN = 1.2  # zran pull+run / nydus pull+run (issue 16)
+# issue 17: large on loopback with a list, s; at 100 Mbit/s, x the floor; bytes fetched
+# with a list / bytes the start-up reads
+TARGET_LIST_LOOPBACK = 0.6
+TARGET_LIST_FLOOR = 1.3
+TARGET_LIST_BYTES = 1.2
 
 # 127.0.0.1 - - [27/Nov/2026:18:50:01 +0000] "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 1234 "" "ua"
 _ACCESS = re.compile(r'"(?P<m>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<bytes>\d+|-)')
@@ -510,7 +537,7 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
         template["device"]["backend"]["config"]["scheme"] = "http"
         if amplify_io is not None:
             template["amplify_io"] = amplify_io
-        if prefetch:
+        if prefetch or mode == "upstream-pf":
             template["fs_prefetch"]["enable"] = True
         with UpstreamSnapshotter(daemon="nydusd", daemon_mode=UPSTREAM_MODE[mode],
                                  template=template, tag="lzups",
@@ -648,9 +675,11 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             return s
 
 
-def learn_list(reg: Registry, repo: str, expect: str, cmd: str | None) -> str:
-    """Copy ``repo:nydus`` to ``repo:nydus-list`` (a new digest), run it once through our
-    snapshotter (loopback), push the list of its daemon's trace beside it; a note."""
+def learn_list(reg: Registry, repo: str, expect: str, cmd: str | None,
+               tag: str = LIST_TAG) -> tuple[str, int]:
+    """Copy ``repo:nydus`` to ``repo:TAG`` (a new digest), run it once through our
+    snapshotter (loopback; ``cmd`` instead of its Cmd), push the list of its daemon's
+    trace beside it; a note and the list's compressed bytes."""
     from pynydus.cli.optimize_cmd import find_daemon, push_list
     from pynydus.daemon import prefetchlist
     from pynydus.registry import RegistryClient
@@ -658,9 +687,9 @@ def learn_list(reg: Registry, repo: str, expect: str, cmd: str | None) -> str:
     with RegistryClient(reg.host, scheme="http") as c:
         m = c.get_manifest(repo, "nydus")
         doc = json.loads(m.data)
-        doc.setdefault("annotations", {})["pynydus.bench/variant"] = LIST_TAG
-        c.put_manifest(repo, LIST_TAG, m.media_type, json.dumps(doc).encode())
-    ref = f"{reg.host}/{repo}:{LIST_TAG}"
+        doc.setdefault("annotations", {})["pynydus.bench/variant"] = tag
+        c.put_manifest(repo, tag, m.media_type, json.dumps(doc).encode())
+    ref = f"{reg.host}/{repo}:{tag}"
     with peer("nydus", [reg.host]) as snap, Containerd(
             getattr(snap, "socket", None), proxy_name="nydus", registry_hosts=[reg.host],
             tag="lzctrd") as ctrd:
@@ -679,8 +708,9 @@ def learn_list(reg: Registry, repo: str, expect: str, cmd: str | None) -> str:
         trace = DaemonClient(sock).metrics("trace", mp)
     plist = prefetchlist.from_trace(trace)
     digest = push_list(ref, plist)
-    return (f"{repo}:{LIST_TAG}: list of {len(plist.files)} files, {len(plist.ranges)} chunk "
-            f"runs, {plist.compressed_bytes / 1e6:.1f} MB pushed as {digest[:19]}")
+    return (f"{repo}:{tag}: list of {len(plist.files)} files, {len(plist.ranges)} chunk "
+            f"runs, {plist.compressed_bytes / 1e6:.1f} MB pushed as {digest[:19]}"
+            + (f" (learned from `{cmd}`)" if cmd else ""), plist.compressed_bytes)
 
 
 # --------------------------------------------------------------------- report
@@ -817,6 +847,72 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def floor_s(rows: list[dict[str, Any]], image: str, net: str, list_bytes: int,
+            mbit: float) -> float | None:
+    """Bytes the start-up needs / bandwidth + the bootstrap pull (nydus-list's) + the
+    container's run with everything local (overlayfs's, on loopback)."""
+    get = {(r["network"], r["image"], r["mode"]): r for r in rows}
+    ny, ov = get.get((net, image, "nydus-list")), get.get(("loopback", image, "overlayfs"))
+    if ny is None or ov is None or not list_bytes:
+        return None
+    wire = list_bytes / (mbit * 1e6 / 8) if net != "loopback" else 0.0
+    return wire + ny["pull_s"] + ov["run_s"]
+
+
+def list_table(rows: list[dict[str, Any]], list_bytes: dict[str, int], mbit: float) -> str:
+    """nydus-list and nydus-stale beside nydus (no list), stargz and upstream's prefetch,
+    with the floor."""
+    get = {(r["network"], r["image"], r["mode"]): r for r in rows}
+    modes = ("nydus", "nydus-list", "nydus-stale", "stargz", "upstream", "upstream-pf")
+    lines = ["| network | image | " + " | ".join(f"{m} s (MB)" for m in modes)
+             + " | floor s | list / floor | list / nydus | stale / nydus |",
+             "|---|---|" + "---:|" * (len(modes) + 4)]
+    for net, img in sorted({(r["network"], r["image"]) for r in rows},
+                           key=lambda k: (NETWORKS.index(k[0]), k[1])):
+        cells = []
+        for m in modes:
+            r = get.get((net, img, m))
+            cells.append(f"{r['total_s']:.2f} ({r['fetched'] / 1e6:.1f})" if r else "-")
+        fl = floor_s(rows, img, net, list_bytes.get(img, 0), mbit)
+        ny, li, st = (get.get((net, img, m)) for m in ("nydus", "nydus-list", "nydus-stale"))
+        cells += [f"{fl:.2f}", f"{li['total_s'] / fl:.2f}x"] if fl and li else ["-", "-"]
+        cells += [f"{x['total_s'] / ny['total_s']:.2f}x" if x and ny else "-" for x in (li, st)]
+        lines.append(f"| {net} | {img} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def list_checks(rows: list[dict[str, Any]], list_bytes: dict[str, int], mbit: float) -> list[str]:
+    """Issue 17's targets for the runs with prefetch lists."""
+    out = []
+    get = {(r["network"], r["image"], r["mode"]): r for r in rows}
+    for r in rows:
+        net, img, mode = r["network"], r["image"], r["mode"]
+        ny = get.get((net, img, "nydus"))
+        if mode == "nydus-list":
+            if img == "large" and net == "loopback":
+                ok = r["total_s"] <= TARGET_LIST_LOOPBACK
+                out.append(f"{'PASS' if ok else 'FAIL'} large/loopback: nydus-list pull+run "
+                           f"{r['total_s']:.2f} s (target <= {TARGET_LIST_LOOPBACK} s)")
+            fl = floor_s(rows, img, net, list_bytes.get(img, 0), mbit)
+            if img == "large" and net != "loopback" and fl:
+                q = r["total_s"] / fl
+                out.append(f"{'PASS' if q <= TARGET_LIST_FLOOR else 'FAIL'} large/{net}: "
+                           f"nydus-list {r['total_s']:.2f} s = {q:.2f}x the floor {fl:.2f} s "
+                           f"(target <= {TARGET_LIST_FLOOR}x)")
+            if r["workload_read"]:
+                q = r["fetched"] / r["workload_read"]
+                out.append(f"{'PASS' if q <= TARGET_LIST_BYTES else 'FAIL'} {img}/{net}: "
+                           f"nydus-list fetched {r['fetched'] / 1e6:.1f} MB for "
+                           f"{r['workload_read'] / 1e6:.1f} MB read = {q:.2f}x "
+                           f"(target <= {TARGET_LIST_BYTES}x)")
+        if mode in ("nydus-list", "nydus-stale") and ny:
+            q = r["total_s"] / ny["total_s"]
+            out.append(f"{'PASS' if q <= 1.0 else 'FAIL'} {img}/{net}: {mode} "
+                       f"{r['total_s']:.2f} s = {q:.2f}x nydus {ny['total_s']:.2f} s "
+                       f"(target: no slower)")
+    return out
+
+
 # --------------------------------------------------------------------- main
 
 def main() -> int:
@@ -852,6 +948,9 @@ def main() -> int:
                     help="run a timed tree walk and read of /app (twice each) in the "
                     "container instead of the image's Cmd; medians and ratios to overlayfs "
                     "are printed")
+    ap.add_argument("--floor", action="store_true",
+                    help="overlayfs on loopback only; check the prefetch-list targets against "
+                    "the 100 Mbit/s floor (see nydus-list)")
     ap.add_argument("--amplify-io", type=lambda v: int(v, 0), default=None,
                     help="pynydusd amplify_io for this run (default: the snapshotter's template)")
     a = ap.parse_args()
@@ -885,14 +984,26 @@ def main() -> int:
     use_bytecode()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with lazy_images.bench_registry() as reg:
-        formats = tuple(dict.fromkeys(["oci"] + [TAG[m] for m in modes if m != "nydus-list"] + [
-            t for t in (a.nydus_tag, a.stargz_tag) if t in lazy_images.VARIANTS]
-            + (["nydus"] if "nydus-list" in modes else [])))
+        learned = ("nydus-list", "nydus-stale")
+        formats = tuple(dict.fromkeys(
+            ["oci"] + [TAG[m] for m in modes if m not in learned and TAG[m] not in
+                       lazy_images.VARIANTS]
+            + [t for t in (a.nydus_tag, a.stargz_tag, *(TAG[m] for m in modes))
+               if t in lazy_images.VARIANTS and "large" in images]
+            + (["nydus"] if any(m in learned or m == "upstream-pf" for m in modes) else [])))
         state = lazy_images.ensure(reg, images, formats=formats)
-        if "nydus-list" in modes:
-            for img in images:
-                notes.append(learn_list(reg, state[img]["repo"], state[img]["expect"], a.cmd))
-                say(notes[-1])
+        list_bytes: dict[str, int] = {}
+        for img in images:
+            if "nydus-list" in modes:
+                note, list_bytes[img] = learn_list(reg, state[img]["repo"], state[img]["expect"],
+                                                   a.cmd)
+                notes.append(note)
+                say(note)
+            if "nydus-stale" in modes:
+                note, _ = learn_list(reg, state[img]["repo"], state[img]["expect"],
+                                     STALE_CMD[img], STALE_TAG)
+                notes.append(note)
+                say(note)
         for net in networks:
             with contextlib.ExitStack() as stack:
                 host = reg.host
@@ -904,11 +1015,16 @@ def main() -> int:
                     for rep in range(1, a.repeat + 1):
                         k = (rep - 1) % len(modes)  # each mode goes first in turn
                         for mode in modes[k:] + modes[:k]:
+                            if a.floor and net != "loopback" and mode == "overlayfs":
+                                continue  # the floor needs its run, all local: loopback's
                             tag = TAG[mode]
-                            if a.nydus_tag and mode in NYDUS_MODES:
+                            if a.nydus_tag and mode in NYDUS_MODES and mode not in (
+                                    "nydus-list", "nydus-stale", "upstream-pf"):
                                 tag = a.nydus_tag
                             elif a.stargz_tag and mode == "stargz":
                                 tag = a.stargz_tag
+                            if tag in lazy_images.VARIANTS and img != "large":
+                                tag = "esgz" if mode == "stargz" else "nydus"  # large only
                             ref = f"{host}/{st['repo']}:{tag}"
                             kw: dict[str, Any] = {
                                 "drop": not a.no_drop_caches, "nydus_pull": a.nydus_pull,
@@ -930,6 +1046,8 @@ def main() -> int:
                                 f"{s.fetched_pull / 1e6:.1f}+{s.fetched_run / 1e6:.1f} MB"
                                 + (f"  {s.breakdown}" if s.breakdown else ""))
     table, rows = report(samples, state, a.repeat)
+    if "nydus-list" in modes or "nydus-stale" in modes:
+        table += "\n\n" + list_table(rows, list_bytes, a.mbit)
     cmd = "bench/lazy_pull.py " + " ".join(sys.argv[1:])
     print(f"\n### Lazy pull end to end ({started}, n={a.repeat}, medians; "
           f"page cache dropped: {not a.no_drop_caches}; nydus pull: {a.nydus_pull})\n")
@@ -939,7 +1057,7 @@ def main() -> int:
     if a.walk:
         print(walk_table(samples))
         print()
-    for line in checks(rows) + notes:
+    for line in checks(rows) + list_checks(rows, list_bytes, a.mbit) + notes:
         print(f"- {line}")
     ny = [s for s in samples if s.mode in DAEMON_MODE and s.breakdown]
     if ny:
