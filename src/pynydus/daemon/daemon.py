@@ -19,9 +19,11 @@ import functools
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -79,9 +81,10 @@ class DaemonOptions:
     failover_policy: str = "resend"
 
 
-def make_backend(cfg: BackendConfig, defer: float = 0.0) -> Backend:
-    """The backend a config names; a registry client is created lazily per image (after
-    ``defer`` seconds unless a read needs it first, see ``RegistryBackend``)."""
+def make_backend(cfg: BackendConfig, defer: bool = False) -> Backend:
+    """The backend a config names; a registry client is created lazily per image (on
+    its own thread at once, or with ``defer`` when warmed or first needed, see
+    ``RegistryBackend``)."""
     if cfg.type == "localfs":
         return LocalFsBackend(cfg.localfs.dir, cfg.localfs.blob_file, cfg.localfs.alt_dirs)
     if cfg.type == "registry":
@@ -106,8 +109,34 @@ def _warm_imports() -> None:
 
 # Seconds a successor waits before building its images' registry clients (see _restore).
 _SUCCESSOR_CLIENT_DEFER = 2.0
-# Worker threads a successor starts before it answers start; the others start behind.
+# Worker threads a successor starts before it answers start (parked in advance, see
+# Parked); the others start behind.
 _SUCCESSOR_FIRST_WORKERS = 2
+
+
+class Parked:
+    """Threads started in advance that each wait to run one function: a spare's first
+    FUSE workers, so that its takeover does not wait for threads to be scheduled."""
+
+    def __init__(self, n: int) -> None:
+        self._work: queue.SimpleQueue[tuple[Callable[[], None], str] | None] = queue.SimpleQueue()
+        self._n = n
+        for i in range(n):
+            threading.Thread(target=self._wait, name=f"parked-{i}", daemon=True).start()
+
+    def _wait(self) -> None:
+        item = self._work.get()
+        if item is not None:
+            fn, name = item
+            threading.current_thread().name = name
+            fn()
+
+    def run(self, fn: Callable[[], None], name: str) -> None:
+        self._work.put((fn, name))
+
+    def close(self) -> None:
+        for _ in range(self._n):
+            self._work.put(None)
 
 
 # The kernel's readahead window for our mount. The default (128 KiB) makes the kernel
@@ -170,6 +199,7 @@ class Daemon:
         # the manager's and a benchmark's clocks): request, state_received, restored,
         # resent, serving
         self.timeline: dict[str, float] = {}
+        self._parked: Parked | None = None  # a spare's first FUSE workers
         # the pyfuse3 session
         self.fs: Any = None
         self.trio_token: Any = None
@@ -186,7 +216,7 @@ class Daemon:
 
     # --- setup ------------------------------------------------------------------------
 
-    def _instance(self, bootstrap: str, cfg: NydusdConfig, defer: float = 0.0) -> RafsInstance:
+    def _instance(self, bootstrap: str, cfg: NydusdConfig, defer: bool = False) -> RafsInstance:
         if not os.path.isfile(bootstrap):
             raise NotFound(f"bootstrap {bootstrap} does not exist")
         # the gate lets a prefetch list wait for the image's foreground requests
@@ -438,7 +468,7 @@ class Daemon:
                 log.debug("%s", w)
             # the registry client is built once the first reads are served (~0.15 s
             # of CPU and the GIL otherwise taken from them), or when a read misses
-            inst = self._instance(m.source, cfg, defer=_SUCCESSOR_CLIENT_DEFER)
+            inst = self._instance(m.source, cfg, defer=True)
             if m.slot == 0:
                 self.vfs.dedicated = inst
             else:
@@ -452,6 +482,7 @@ class Daemon:
         connection taken over until stopped."""
         if not self.opts.apisock:
             raise InvalidArgument("--upgrade needs --apisock (takeover comes through the API)")
+        self._parked = Parked(_SUCCESSOR_FIRST_WORKERS)
         self.api = ApiServer(self.opts.apisock, self, group=self.opts.apisock_group)
         self.api.start()
         log.info("pynydusd %s waiting for takeover (supervisor %s)", __version__,
@@ -460,6 +491,8 @@ class Daemon:
             self._wait_for_stop()
         finally:
             self.state = "STOPPED"
+            if self._parked is not None:
+                self._parked.close()
             if self.fuse_fd >= 0:
                 self._unmount(self.fuse_mountpoint)
             if self.prefetcher:
@@ -582,11 +615,25 @@ class Daemon:
                 self.server.fail_resent = True
             resent = self.session.resend()
             self.timeline["resent"] = time.monotonic()
-            self.session.start(first=_SUCCESSOR_FIRST_WORKERS)
+            parked, self._parked = self._parked, None
+            self.session.start(first=_SUCCESSOR_FIRST_WORKERS,
+                               run=parked.run if parked is not None else None)
             self.state = "RUNNING"
             self.timeline["serving"] = time.monotonic()
+            threading.Thread(target=self._warm_backends, name="warm-backends",
+                             daemon=True).start()
         log.info("serving %s (resend %s)", self.fuse_mountpoint,
                  "requested" if resent else "unavailable")
+
+    def _warm_backends(self) -> None:
+        """A successor's: build its images' registry clients once the first reads are
+        served (see ``_restore``)."""
+        if self._stop.wait(_SUCCESSOR_CLIENT_DEFER):
+            return
+        for inst in self.vfs.instances():
+            warm = getattr(inst.backend, "warm", None)
+            if warm is not None:
+                warm()
 
     @staticmethod
     def _name(mountpoint: str) -> bytes:

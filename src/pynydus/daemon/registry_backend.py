@@ -58,35 +58,37 @@ def client_from_config(cfg: RegistryConfig) -> RegistryClient:
 
 
 class RegistryBackend:
-    """``defer``: seconds the build waits unless a read needs the client first (a
-    failover successor's: its first reads are the ones its readers wait for, and they
-    are usually served from the cache)."""
+    """``defer``: no build thread now; the client is built by ``warm()`` (a failover
+    successor calls it once its first reads are served: starting a thread and building
+    take scheduling rounds, CPU and the GIL from the reads its readers wait for) or by
+    the first read that needs it."""
 
-    def __init__(self, cfg: RegistryConfig, defer: float = 0.0) -> None:
+    def __init__(self, cfg: RegistryConfig, defer: bool = False) -> None:
         self.cfg = cfg
         self.repo = cfg.repo
         self._client: RegistryClient | None = None
         self._error: BaseException | None = None
         self._built = threading.Event()
-        self._wanted = threading.Event()
+        self._lock = threading.Lock()
         if not defer:
-            self._wanted.set()
-        threading.Thread(target=self._build, args=(defer,), name="registry-client",
-                         daemon=True).start()
+            threading.Thread(target=self.warm, name="registry-client", daemon=True).start()
 
-    def _build(self, defer: float) -> None:
-        self._wanted.wait(defer)
-        try:
-            self._client = client_from_config(self.cfg)
-        except BaseException as err:  # noqa: BLE001 - handed to every caller of .client
-            self._error = err
-        finally:
-            self._built.set()
+    def warm(self) -> None:
+        """Build the client (in this thread) unless it is built or being built."""
+        with self._lock:
+            if self._built.is_set():
+                return
+            try:
+                self._client = client_from_config(self.cfg)
+            except BaseException as err:  # noqa: BLE001 - handed to every caller of .client
+                self._error = err
+            finally:
+                self._built.set()
 
     @property
     def client(self) -> RegistryClient:
-        self._wanted.set()
-        self._built.wait()
+        if not self._built.is_set():
+            self.warm()
         if self._error is not None:
             raise self._error
         assert self._client is not None
@@ -101,7 +103,7 @@ class RegistryBackend:
         self.client.set_credentials(auth)
 
     def close(self) -> None:
-        self._wanted.set()
-        self._built.wait()
+        with self._lock:  # a build under way finishes first
+            pass
         if self._client is not None:
             self._client.close()

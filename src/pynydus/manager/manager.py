@@ -130,7 +130,9 @@ class DaemonManager:
         self.on_taken_over = on_taken_over
         self.spares: list[LiveDaemon] = []
         self._spares_lock = threading.Lock()
+        self._spares_changed = threading.Condition(self._spares_lock)
         self._refilling = 0
+        self._spare_now = threading.Event()  # cuts a delayed spare start's wait short
         self.daemons: dict[str, LiveDaemon] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -149,6 +151,7 @@ class DaemonManager:
     def close(self) -> None:
         """Stop supervising (a takeover under way is finished first) and stop the spares."""
         self._stop.set()
+        self._spare_now.set()
         self._wake()
         if self._monitor.is_alive():
             self._monitor.join(timeout=30)
@@ -446,7 +449,9 @@ class DaemonManager:
     def _start_spare_bg(self, delay: float = 0.0) -> None:
         spare: LiveDaemon | None = None
         try:
-            if not self._stop.wait(delay):
+            if delay:
+                self._spare_now.wait(delay)
+            if not self._stop.is_set():
                 spare = self._start_spare()
         except Exception as err:  # noqa: BLE001 - a failover then starts its successor itself
             if not self._stop.is_set():
@@ -456,6 +461,7 @@ class DaemonManager:
             if spare is not None and not self._stop.is_set():
                 self.spares.append(spare)
                 spare = None
+            self._spares_changed.notify_all()
         if spare is not None:
             self.destroy_daemon(spare.record.id)
 
@@ -481,7 +487,15 @@ class DaemonManager:
         together with its daemon may still look alive (not reaped yet): its takeover
         then fails on the connection and ``take_over`` starts another."""
         with self._spares_lock:
+            if not self.spares and self._refilling:
+                # one is on its way: it is further along than a successor started now
+                self._spare_now.set()
+                deadline = time.monotonic() + START_TIMEOUT
+                while not self.spares and self._refilling and time.monotonic() < deadline:
+                    self._spares_changed.wait(0.05)
             spare = self.spares.pop(0) if self.spares else None
+            if not self._refilling:
+                self._spare_now.clear()
         if spare is not None and _running(spare):
             return spare
         if spare is not None:
