@@ -12,7 +12,8 @@ snapshotter) is fetched by a ``ListPrefetch``: in the list's order, in pieces of
 256 KiB, two at a time, each started only while the image's foreground has no request on
 the wire (``WireGate``: a container's misses go first, the list fills the idle link);
 chunks already cached or being fetched by a miss are skipped; the pieces ahead of the
-furthest listed chunk the workload has read go before the ones it passed over. The
+furthest listed chunk the workload has read go before the ones it passed over, and
+they run ahead of it by at most 4 MiB or the bytes of the list it has read so far. The
 workload's first reads (the image's access trace) also judge the list: when fewer than
 a quarter of a window of them are listed chunks, the list is stale, and when the
 workload has read and then reads nothing new for 3 s its start-up is over; either way
@@ -43,6 +44,11 @@ _PIECE_BYTES = 256 << 10
 # A list's requests in flight at once: two keep a link busy across the gap between
 # requests; more would only share it, delaying the chunks needed first.
 _LIST_INFLIGHT = 2
+# How far (compressed bytes) the list may run ahead of the furthest listed chunk the
+# workload has read: this much, or as much as the workload has read of the list so far
+# if that is more (a list the workload follows earns its lead; the tail of one it left
+# is not fetched).
+_LOOKAHEAD = 4 << 20
 # Foreground first reads of chunks judged together, and the share of them that must be
 # listed chunks for the list to go on (docs/decisions.md, "prefetch list scheduling").
 _STALE_WINDOW = 64
@@ -303,6 +309,7 @@ class ListPrefetch:
         self.stopped = ""  # why the rest of the list was dropped, if it was
         self.done = threading.Event()
         self.listed_reads = 0  # the workload's first reads of listed chunks
+        self.used = 0  # ... their compressed bytes
         self.other_reads = 0  # ... and of chunks the list does not have
         self.fetched = 0
         self.requests = 0
@@ -333,6 +340,9 @@ class ListPrefetch:
         if piece:
             self.pieces.append((blob, piece))
         self.issued = [False] * len(self.pieces)
+        self._cum = [0]  # compressed bytes of the pieces before each
+        for _, refs in self.pieces:
+            self._cum.append(self._cum[-1] + sum(r.c_size for r in refs))
 
     def run(self) -> None:
         stop = self.owner.stop_event
@@ -352,6 +362,10 @@ class ListPrefetch:
                 if i is None:
                     self._slots.release()
                     break
+                if i < 0:  # as far ahead of the workload as it may go
+                    self._slots.release()
+                    stop.wait(0.02)
+                    continue
                 self.issued[i] = True
                 blob_index, refs = self.pieces[i]
                 self.owner.queue.put((sum(r.c_size for r in refs),
@@ -382,20 +396,26 @@ class ListPrefetch:
             self._slots.release()
 
     def _next(self) -> int | None:
-        """The first piece not yet fetched from the workload's position on, else the
-        first of those it passed over; None when every piece is under way."""
+        """The first piece not yet fetched from the workload's position on (-1 when it
+        is further ahead of the workload than _LOOKAHEAD allows), else the first of
+        those it passed over; None when every piece is under way."""
         n = len(self.pieces)
         i = self._cursor = max(self._cursor, self.frontier)
         while i < n and self.issued[i]:
             i += 1
         self._cursor = i
         if i < n:
-            return i
+            if self._cum[i] - self._cum[self.frontier] > max(_LOOKAHEAD, self.used):
+                i = -1
+            else:
+                return i
         j = self._back
-        while j < n and self.issued[j]:
+        while j < min(n, self.frontier) and self.issued[j]:
             j += 1
         self._back = j
-        return j if j < n else None
+        if j < min(n, self.frontier):
+            return j
+        return -1 if i < 0 else None
 
     def _observe(self) -> None:
         """Take the workload's new first reads from the trace: its position in the list,
@@ -409,6 +429,7 @@ class ListPrefetch:
                 self.other_reads += 1
             else:
                 self.listed_reads += 1
+                self.used += c.c_size
                 self._window[0] += 1
                 self.frontier = max(self.frontier, p)
             self._window[1] += 1

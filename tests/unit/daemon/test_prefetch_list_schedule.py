@@ -179,6 +179,32 @@ def test_the_list_goes_on_from_where_the_workload_is(image: tuple[RafsInstance, 
     assert order == [5, 6, 7, 0, 1, 2, 3, 4]  # ahead of it first, then what it passed over
 
 
+def test_the_list_runs_ahead_of_the_workload_only_as_far_as_it_follows(
+        image: tuple[RafsInstance, SlowBackend], monkeypatch: pytest.MonkeyPatch) -> None:
+    inst, _ = image
+    monkeypatch.setattr(prefetch, "_LOOKAHEAD", 256 << 10)  # one piece
+    job = ListPrefetch(inst, plist_of(inst, list(range(32))), Prefetcher(1, 0, lambda: False))
+    job._plan()
+
+    def take() -> list[int]:
+        out = []
+        while (i := job._next()) is not None and i >= 0:
+            job.issued[i] = True
+            out.append(i)
+        return out
+
+    assert take() == [0, 1]  # before any read: the lead allowed (piece 1 starts at 256 KiB)
+    for f in range(8):  # the workload reads pieces 0 and 1: 512 KiB of the list
+        inst.read(ino(inst, f), 0, SIZE)
+    job._observe()
+    assert job.frontier == 1 and job.used == job._cum[2]
+    assert take() == [2, 3]  # its lead is now what it has read
+    for f in range(32, 40):  # then it leaves the list: no further
+        inst.read(ino(inst, f), 0, SIZE)
+    job._observe()
+    assert take() == [] and job._next() == -1
+
+
 def _list_and_reads(inst: RafsInstance, be: SlowBackend, bg_delay: float,
                     reads: list[int]) -> ListPrefetch:
     """The list of files 0-31 fetched (each request ``bg_delay`` s) while the workload
