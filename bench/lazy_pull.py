@@ -939,6 +939,8 @@ def main() -> int:
                     "ctr-remote images optimize)")
     ap.add_argument("--nydus-tag", help="pull this tag for the nydus modes (another conversion "
                     "of the same image, e.g. with another --chunk-size)")
+    ap.add_argument("--zran-tag", help="pull this tag for the zran mode (another "
+                    "convert --oci-ref of the same image, e.g. by another version)")
     ap.add_argument("--json", help="write every sample and the summary here")
     ap.add_argument("--keep-logs", help="copy each nydus run's snapshotter and daemon logs here")
     ap.add_argument("--profile", help="run pynydusd under py-spy; collapsed stacks go here")
@@ -1018,7 +1020,9 @@ def main() -> int:
                             if a.floor and net != "loopback" and mode == "overlayfs":
                                 continue  # the floor needs its run, all local: loopback's
                             tag = TAG[mode]
-                            if a.nydus_tag and mode in NYDUS_MODES and mode not in (
+                            if mode == "zran":
+                                tag = a.zran_tag or tag
+                            elif a.nydus_tag and mode in NYDUS_MODES and mode not in (
                                     "nydus-list", "nydus-stale", "upstream-pf"):
                                 tag = a.nydus_tag
                             elif a.stargz_tag and mode == "stargz":

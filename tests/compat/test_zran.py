@@ -145,11 +145,12 @@ def our_separate(layer: Path, work: Path) -> tuple[Path, Path]:
     return work / "ours.boot", blobs
 
 
-def our_inline_merged(layer: Path, work: Path) -> tuple[Path, Path, Path, Path]:
-    """(merged bootstrap, blob dir, meta blob, layer bootstrap) as convert --oci-ref."""
+def our_inline_merged(layer: Path, work: Path, *extra: str) -> tuple[Path, Path, Path, Path]:
+    """(merged bootstrap, blob dir, meta blob, layer bootstrap) as convert --oci-ref
+    --oci-ref-full-meta (``extra`` ``--lean-meta``: as convert --oci-ref)."""
     blobs = _blob_dir_with_layer(work, layer)
     layer_boot = work / "ours-layer.boot"
-    ours("image", "build", "--type", "targz-ref", "--blob-inline-meta", "--bootstrap",
+    ours("image", "build", "--type", "targz-ref", "--blob-inline-meta", *extra, "--bootstrap",
          layer_boot, "--blob-dir", blobs, "--progress", "quiet", layer)
     with open_bootstrap(layer_boot) as bs:
         meta = blobs / bs.blobs[0].blob_meta_digest.hex()
@@ -221,6 +222,20 @@ def test_our_oci_ref_image_passes_upstream_check_and_nydusd(
                 ua.features) == (ob.blob_id, ob.blob_meta_digest, ob.blob_meta_size,
                                  ob.blob_toc_digest, ob.features)
     assert_served(serve("nydusd", up_merged, blobs, name="upmerged"), zsnap)
+
+
+def test_our_lean_oci_ref_image_passes_upstream_check_and_nydusd(
+        zsrc: Path, zsnap: dict[bytes, Rec], workdir: Path, serve: ServeFn) -> None:
+    """What convert --oci-ref pushes by default: meta blobs without the layer's bootstrap
+    and chunk digests (framed chunk info either way): upstream reads the merged image."""
+    layer = _layer(zsrc, workdir / "l")
+    merged, blobs, meta, _ = our_inline_merged(layer, workdir, "--lean-meta")
+    assert b"image.boot" not in meta.read_bytes() and b"blob.digest" not in meta.read_bytes()
+    up = check_view(merged, blobs, workdir=workdir)
+    assert_check_agrees(merged, blobs, up)
+    assert_reader_agrees(merged, up)
+    assert_served(serve("nydusd", merged, blobs), zsnap)
+    assert_served(serve("pynydusd", merged, blobs, name="ours"), zsnap)
 
 
 CROSS_MEMBER_EVIDENCE = "failed to decode data from compressed data stream"

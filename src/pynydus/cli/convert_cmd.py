@@ -101,6 +101,10 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "layers, and the bootstrap); the runtime reads the source layers in "
                         "place, from the target repository (they are mounted or copied "
                         "there when it is another one)")
+    p.add_argument("--oci-ref-full-meta", action="store_true",
+                   help="--oci-ref: each pushed meta blob also carries its layer's bootstrap "
+                        "and chunk digests, as nydusify's do (for tools that open a meta blob "
+                        "as a bootstrap); by default only the merged bootstrap has them")
     p.add_argument("--cache-dir", help="converted-layer cache (~/.cache/pynydus/convert)")
     p.add_argument("--workers", type=int, default=0, help="parallel layers (default: CPUs)")
     p.add_argument("--output-json", help="write a JSON summary here")
@@ -145,7 +149,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         build=BuildOptions(fs_version=args.fs_version, compressor=args.compressor,
                            chunk_size=args.chunk_size, chunk_dict=args.chunk_dict_bootstrap,
                            chunk_dict_digest=dict_digest, prefetch_files=prefetch,
-                           oci_ref=args.oci_ref),
+                           oci_ref=args.oci_ref, oci_ref_full_meta=args.oci_ref_full_meta),
         merge_platform=args.merge_platform, with_referrer=args.with_referrer, oci=args.oci,
         cache_dir=args.cache_dir or default_cache_dir(), workers=args.workers,
         output_json=args.output_json, sign_key=args.sign_key)

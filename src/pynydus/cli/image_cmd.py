@@ -53,6 +53,10 @@ def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="targz-ref: the meta blob carries the layer's bootstrap and a TOC "
                         "(what convert --oci-ref pushes); --bootstrap is then the layer's "
                         "bootstrap as a merge names that blob")
+    b.add_argument("--lean-meta", action="store_true",
+                   help="targz-ref with --blob-inline-meta: leave the layer's bootstrap and "
+                        "the chunk digests out of the meta blob (the merged bootstrap has "
+                        "them; what convert --oci-ref pushes by default)")
     b.add_argument("--output-json", help="write the build report here")
     b.add_argument("--max-sparse-size", type=_size, default=None, metavar="SIZE",
                    help="largest real size of a sparse tar member (default 64G); its holes "
@@ -116,6 +120,7 @@ def _build(args: argparse.Namespace) -> int:
             chunk_dict=args.chunk_dict, parent_bootstrap=args.parent_bootstrap,
             prefetch_files=_lines(args.prefetch_files), output_json=args.output_json,
             whiteout_spec=args.whiteout_spec, blob_inline_meta=args.blob_inline_meta,
+            lean_meta=args.lean_meta,
             progress=show, progress_interval=0.5 if mode == "line" else 5.0,
             **({} if args.max_sparse_size is None else {"max_sparse_size": args.max_sparse_size}),
         )

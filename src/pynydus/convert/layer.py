@@ -77,6 +77,11 @@ class BuildOptions:
     prefetch_files: tuple[str, ...] = ("/",)  # upstream: prefetch policy fs, pattern "/"
     # --oci-ref: ZRAN; the data stays in the source's gzip layers (gzip and sha256 forced)
     oci_ref: bool = False
+    # --oci-ref-full-meta: each meta blob carries its layer's bootstrap and chunk digests,
+    # as nydusify pushes them (for tools that open a meta blob as a bootstrap); by default
+    # only the merged bootstrap has them (they made a many-files image's metadata twice
+    # as big: docs/benchmarks.md, ZRAN)
+    oci_ref_full_meta: bool = False
 
     def validate(self) -> None:
         if self.fs_version != 6:
@@ -143,7 +148,8 @@ def cache_key(layer_digest: str, opts: BuildOptions, lower: tuple[str, ...] = ()
            "chunk_dict": opts.chunk_dict_digest, "prefetch": list(opts.prefetch_files),
            "lower": list(lower)}
     if opts.oci_ref:
-        doc["oci_ref"] = True
+        # 2: framed chunk info (windows read on demand), lean or full meta blobs
+        doc["oci_ref"] = "full-2" if opts.oci_ref_full_meta else "lean-2"
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -234,7 +240,8 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
                 if opts.oci_ref:
                     result = build(
                         stream, raw_boot, work, type="targz-ref", chunk_size=opts.chunk_size,
-                        prefetch_files=opts.prefetch_files, blob_inline_meta=True)
+                        prefetch_files=opts.prefetch_files, blob_inline_meta=True,
+                        lean_meta=not opts.oci_ref_full_meta)
                 else:
                     result = build(
                         stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,

@@ -36,7 +36,7 @@ from pynydus.errors import FormatError
 from pynydus.rafs.format import (
     Compressor,
     TocEntry,
-    decompress,
+    decompress_frames,
     pack_section_header,
     toc_flag_for_compressor,
 )
@@ -200,7 +200,7 @@ def blob_meta_cache_file(blob_path: str) -> bytes | None:
                  if toc_flag_for_compressor(c) == meta.flags & 0xF), None)
     if comp is None:
         raise FormatError(f"{blob_path}: blob.meta has unknown compression flags {meta.flags:#x}")
-    ci = decompress(raw, comp, meta.uncompressed_size) if comp != Compressor.NONE else raw
+    ci = decompress_frames(raw, comp, meta.uncompressed_size) if comp != Compressor.NONE else raw
     if not ci and not head:
         return None
     pad = -len(ci) % 4096

@@ -1,7 +1,7 @@
 """``pynydus convert --oci-ref``: a ZRAN image next to the OCI image it reads in place.
 
-Only metadata is pushed (per layer a meta blob: chunk info, inflate contexts, windows,
-the layer's bootstrap; the merged bootstrap layer; config; manifest); the data blobs are
+Only metadata is pushed (per layer a meta blob: chunk info, inflate contexts, windows;
+the merged bootstrap layer; config; manifest); the data blobs are
 the source's gzip layers, which must be in the target repository (mounted from the
 source repository of the same registry, copied from another registry). pynydusd and
 upstream's nydusd then serve the image from the registry, byte for byte as the source
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pynydus.convert.pack import bootstrap_from_layer
+from pynydus.convert.pack import bootstrap_from_layer, read_toc
 from pynydus.rafs.format import BlobFeatures
 from pynydus.rafs.read import bootstrap_from_bytes
 from tests.harness.pynydusd import Pynydusd
@@ -88,6 +88,13 @@ def test_oci_ref_pushes_only_metadata_and_names_the_source_layers(
         boot_layer = b"".join(c.get_blob("zran/layout", boot["digest"]))
     with tarfile.open(fileobj=io.BytesIO(boot_layer)) as tf:
         assert [m.name for m in tf if m.isfile()] == ["image/image.boot"]
+    with client_for(registry) as c:  # lean meta blobs: no layer bootstrap, no digests
+        for b in blobs:
+            meta = b"".join(c.get_blob("zran/layout", b["digest"]))
+            _, toc = read_toc(io.BytesIO(meta), len(meta))
+            names = [e.entry_name for e in toc]
+            assert names in (["image.blob", "blob.meta", "blob.meta.header"],
+                             ["image.boot"]), names  # the latter: a layer without data
     doc = json.loads(summary.read_text())["images"][0]
     assert doc["oci_ref"]["pushed_bytes"] < doc["oci_ref"]["source_layer_bytes"]
 

@@ -53,6 +53,7 @@ from pynydus.rafs.builder.v6writer import (
 )
 from pynydus.rafs.builder.zranblob import (
     ZRAN_FEATURES_INLINE,
+    ZRAN_FEATURES_LEAN,
     MetaBlob,
     ZranBlob,
     inline_meta,
@@ -248,6 +249,7 @@ def build(
     blob_id: str | None = None,
     expect_tar_sha256: str | None = None,
     blob_inline_meta: bool = False,
+    lean_meta: bool = False,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
@@ -276,7 +278,9 @@ def build(
     meta blob is upstream's registry form (it carries the layer's bootstrap and a TOC)
     and ``bootstrap_out`` is the layer's bootstrap as a merge names that blob
     (``blob_meta_digest``/``blob_meta_size``/TOC digest set): what ``pynydus convert
-    --oci-ref`` pushes and merges.
+    --oci-ref`` pushes and merges. ``lean_meta`` (with ``blob_inline_meta``) leaves the
+    layer's bootstrap and the chunk digests out of a meta blob that has chunk info:
+    the merged bootstrap holds both (what ``convert --oci-ref`` pushes by default).
 
     ``progress`` is called with a :class:`BuildProgress` every ``progress_interval``
     seconds while data is read, and once per later phase (on the calling thread).
@@ -305,14 +309,14 @@ def build(
             raise InvalidArgument("targz-ref takes no chunk dict, parent or blob cache")
         prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
         result = _build_zran(source, bootstrap_out, blob_dir, chunk_size, prefetch,
-                             blob_inline_meta, ticker, t0)
+                             blob_inline_meta, lean_meta, ticker, t0)
         if output_json is not None:
             with open(output_json, "w") as f:
                 json.dump(result.to_json(), f, indent=2)
         ticker.phase("done", result.bytes_in)
         return result
-    if blob_inline_meta:
-        raise InvalidArgument("blob_inline_meta is for targz-ref builds only")
+    if blob_inline_meta or lean_meta:
+        raise InvalidArgument("blob_inline_meta and lean_meta are for targz-ref builds only")
     tarfs = type == "tar-tarfs"
     if (blob_id is not None or expect_tar_sha256 is not None) and not tarfs:
         raise InvalidArgument("blob_id and expect_tar_sha256 apply to tar-tarfs builds only")
@@ -385,7 +389,8 @@ def build(
 
 def _build_zran(
     source: Any, bootstrap_out: str | os.PathLike[str], blob_dir: str | os.PathLike[str],
-    chunk_size: int, prefetch: tuple[bytes, ...], inline: bool, ticker: _Ticker, t0: float,
+    chunk_size: int, prefetch: tuple[bytes, ...], inline: bool, lean: bool, ticker: _Ticker,
+    t0: float,
 ) -> BuildResult:
     """A targz-ref build (see :func:`build`): one pass over the gzip layer."""
     with contextlib.ExitStack() as stack:
@@ -406,29 +411,38 @@ def _build_zran(
                      digester=Digester.SHA256, prefetch=prefetch)
     os.makedirs(blob_dir, exist_ok=True)
     meta: MetaBlob | None = None
+    if lean and not inline:
+        raise InvalidArgument("lean_meta needs blob_inline_meta")
+    lean = lean and pack is not None  # a layer without data keeps its (small) bootstrap
     if not inline:
         if pack is not None and desc is not None:
             meta = separate_meta(pack)
             desc.blob_meta_digest = bytes.fromhex(meta.digest)
             desc.blob_meta_size = len(meta.data)
     else:
+        features = ZRAN_FEATURES_LEAN if lean else ZRAN_FEATURES_INLINE
         if desc is not None:
-            desc.features = ZRAN_FEATURES_INLINE
+            desc.features = features
             desc.ci_offset = TAR_BLOCK
-        embedded = os.fspath(bootstrap_out) + ".embedded"
-        try:
-            write_bootstrap(tree, blobs, embedded, opts)
-            with open(embedded, "rb") as ef:
-                meta = inline_meta(pack, ef.read(), index.size_in, zblob.desc.uncompressed_size)
-        finally:
+        if lean:
+            meta = inline_meta(pack, None, index.size_in, zblob.desc.uncompressed_size,
+                               digests=False)
+        else:
+            embedded = os.fspath(bootstrap_out) + ".embedded"
             try:
-                os.unlink(embedded)
-            except FileNotFoundError:
-                pass
+                write_bootstrap(tree, blobs, embedded, opts)
+                with open(embedded, "rb") as ef:
+                    meta = inline_meta(pack, ef.read(), index.size_in,
+                                       zblob.desc.uncompressed_size)
+            finally:
+                try:
+                    os.unlink(embedded)
+                except FileNotFoundError:
+                    pass
         if desc is not None:
             # As upstream's merge names it (--blob-digests/--blob-sizes/--blob-toc-digests;
             # it leaves blob_toc_size 0).
-            desc.features = ZRAN_FEATURES_INLINE & ~int(BlobFeatures.INLINED_FS_META)
+            desc.features = features & ~int(BlobFeatures.INLINED_FS_META)
             desc.blob_meta_digest = bytes.fromhex(meta.digest)
             desc.blob_meta_size = len(meta.data)
             desc.blob_toc_digest = meta.toc_digest

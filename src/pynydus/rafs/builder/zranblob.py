@@ -6,7 +6,8 @@ its digest, and a small *meta blob* holds what a reader needs to reach into it:
 
 * one V2 chunk-info entry per distinct chunk (flags COMPRESSED|ZRAN; ``data`` =
   context index << 32 | the chunk's offset in the context's output), in tar order;
-* the inflate contexts (40 bytes each) and their dictionaries (the 32 KiB windows).
+* the inflate contexts (40 bytes each) and their dictionaries (the 32 KiB windows),
+  zstd-compressed as frames a reader can fetch one by one (``pack_framed_ci``).
 
 :class:`ZranBlob` receives the layer's regular files from the builder, as the tar reader
 meets them over a :class:`~pynydus.rafs.decoder.gzindex.GzipIndexer`; for each chunk it
@@ -43,7 +44,7 @@ from pynydus.rafs.builder.blobwriter import (
     _read_full,
 )
 from pynydus.rafs.decoder.gzindex import Checkpoint, GzipIndexer
-from pynydus.rafs.format import BlobFeatures, Compressor, Digester, compress
+from pynydus.rafs.format import BlobFeatures, Compressor, Digester
 from pynydus.rafs.format import layout as L
 from pynydus.rafs.format.blobmeta import (
     BLOB_CCT_HEADER_SIZE,
@@ -56,10 +57,12 @@ from pynydus.rafs.format.blobmeta import (
     pack_section_header,
 )
 from pynydus.rafs.format.compress import toc_flag_for_compressor
+from pynydus.rafs.format.zran import pack_framed_ci
 from pynydus.rafs.source import DataReader, Entry
 
 __all__ = [
     "ZRAN_FEATURES_INLINE",
+    "ZRAN_FEATURES_LEAN",
     "ZRAN_FEATURES_SEPARATE",
     "MetaBlob",
     "ZranBlob",
@@ -76,6 +79,8 @@ ZRAN_FEATURES_SEPARATE = int(BlobFeatures.ALIGNED | BlobFeatures.CHUNK_INFO_V2
 ZRAN_FEATURES_INLINE = ZRAN_FEATURES_SEPARATE | int(
     BlobFeatures.INLINED_FS_META | BlobFeatures.INLINED_CHUNK_DIGEST
     | BlobFeatures.HAS_TAR_HEADER | BlobFeatures.HAS_TOC)
+#: ... and of a lean meta blob: no chunk digests (nor, in the blob itself, bootstrap).
+ZRAN_FEATURES_LEAN = ZRAN_FEATURES_INLINE & ~int(BlobFeatures.INLINED_CHUNK_DIGEST)
 
 # Upstream's context sizes (ZranContextGenerator: chunk size / 2, chunk size, 2 x chunk
 # size, with the default 1 MiB chunk).
@@ -195,17 +200,22 @@ class ZranBlob:
     # ------------------------------------------------------------------ finish
     def chunk_info(self) -> bytes:
         """The uncompressed chunk-info buffer: V2 entries, contexts, dictionaries."""
+        head, windows = self._ci_parts()
+        return head + b"".join(windows)
+
+    def _ci_parts(self) -> tuple[bytes, list[bytes]]:
+        """(entries and contexts, each context's dictionary in order)."""
         ctxs = bytearray()
-        dicts: list[bytes] = []
+        windows: list[bytes] = []
         dict_off = 0
         for c in self._ctxs:
             ctxs += ZranContext(
                 in_offset=c.cp.in_pos, out_offset=c.cp.out_pos, dict_offset=dict_off,
                 in_len=c.in_len, out_len=c.out_end - c.cp.out_pos,
                 dict_size=len(c.cp.window), ctx_byte=c.cp.byte, ctx_bits=c.cp.bits).pack()
-            dicts.append(c.cp.window)
+            windows.append(c.cp.window)
             dict_off += len(c.cp.window)
-        return bytes(self._ci) + bytes(ctxs) + b"".join(dicts)
+        return bytes(self._ci) + bytes(ctxs), windows
 
     @property
     def chunk_count(self) -> int:
@@ -221,17 +231,20 @@ class ZranBlob:
         Call after the whole layer was read (``index.drain()``)."""
         if not self._digests:
             return None
-        raw = self.chunk_info()
-        payload, compressed = compress(raw, Compressor.ZSTD)
+        head, windows = self._ci_parts()
+        raw = head + b"".join(windows)
+        # Framed (rafs.format.zran): a reader fetches the entries and contexts alone,
+        # and a window when its context is first inflated; upstream reads it whole.
+        payload = pack_framed_ci(head, windows)
         d = self.desc
         d.blob_id = self.index.hexdigest()
         d.chunk_count = len(self._digests)
         d.compressed_size = self.index.size_in
         d.uncompressed_size = self._u_end
-        d.ci_compressor = Compressor.ZSTD if compressed else Compressor.NONE
+        d.ci_compressor = Compressor.ZSTD
         d.ci_compressed_size = len(payload)
         d.ci_uncompressed_size = len(raw)
-        return ChunkInfoPack(raw, bytes(payload), d.ci_compressor, len(self._digests),
+        return ChunkInfoPack(raw, payload, d.ci_compressor, len(self._digests),
                              len(self._ctxs), b"".join(self._digests))
 
 
@@ -240,7 +253,7 @@ class ChunkInfoPack:
     """What a meta blob is made of."""
 
     raw: bytes  # uncompressed ci buffer
-    payload: bytes  # as stored (zstd unless that did not help)
+    payload: bytes  # as stored: framed zstd (rafs.format.zran)
     compressor: Compressor
     chunks: int
     contexts: int
@@ -280,11 +293,13 @@ def _toc(name: str, comp: Compressor, content: bytes, off: int, c_size: int, u_s
                     off, c_size, u_size)
 
 
-def inline_meta(pack: ChunkInfoPack | None, bootstrap: bytes, layer_size: int,
-                u_size: int) -> MetaBlob:
+def inline_meta(pack: ChunkInfoPack | None, bootstrap: bytes | None, layer_size: int,
+                u_size: int, digests: bool = True) -> MetaBlob:
     """The blob-toc form with the layer's bootstrap inside (what upstream's converter
     pushes as a ZRAN image's Nydus layer). ``pack`` None: a layer without file data,
-    whose meta blob holds only the bootstrap."""
+    whose meta blob holds only the bootstrap. The *lean* form (``bootstrap`` None,
+    ``digests`` False) leaves out the layer's bootstrap and the chunk digests, which
+    the image's merged bootstrap holds too: only the chunk info and the TOC remain."""
     import zstandard  # the bootstrap section is zstd, whatever the blob's compressor
 
     parts: list[bytes] = []
@@ -298,7 +313,10 @@ def inline_meta(pack: ChunkInfoPack | None, bootstrap: bytes, layer_size: int,
                         layer_size, u_size))
         parts.append(blob_hdr)
         pos = len(blob_hdr)
-        header = pack.header(ZRAN_FEATURES_INLINE, pos)
+        features = ZRAN_FEATURES_INLINE if digests else ZRAN_FEATURES_LEAN
+        if bootstrap is None:
+            features &= ~int(BlobFeatures.INLINED_FS_META)
+        header = pack.header(features, pos)
         toc.append(_toc("blob.meta", pack.compressor, pack.raw, pos, len(pack.payload),
                         len(pack.raw)))
         toc.append(_toc("blob.meta.header", Compressor.NONE, header, pos + len(pack.payload),
@@ -306,13 +324,20 @@ def inline_meta(pack: ChunkInfoPack | None, bootstrap: bytes, layer_size: int,
         parts += [pack.payload, header,
                   pack_section_header("blob.meta", len(pack.payload) + BLOB_CCT_HEADER_SIZE)]
         pos += len(pack.payload) + BLOB_CCT_HEADER_SIZE + 512
-        toc.append(_toc("blob.digest", Compressor.NONE, pack.digests, pos, len(pack.digests),
-                        len(pack.digests)))
-        parts += [pack.digests, pack_section_header("blob.digest", len(pack.digests))]
-        pos += len(pack.digests) + 512
+        if digests:
+            toc.append(_toc("blob.digest", Compressor.NONE, pack.digests, pos,
+                            len(pack.digests), len(pack.digests)))
+            parts += [pack.digests, pack_section_header("blob.digest", len(pack.digests))]
+            pos += len(pack.digests) + 512
+    if bootstrap is None:
+        return _with_toc(parts, toc)
     boot = zstandard.ZstdCompressor(level=3).compress(bootstrap)
     toc.append(_toc("image.boot", Compressor.ZSTD, bootstrap, pos, len(boot), len(bootstrap)))
     parts += [boot, pack_section_header("image.boot", len(boot))]
+    return _with_toc(parts, toc)
+
+
+def _with_toc(parts: list[bytes], toc: list[TocEntry]) -> MetaBlob:
     toc_bytes = b"".join(e.pack() for e in toc)
     toc_hdr = pack_section_header("rafs.blob.toc", len(toc_bytes))
     parts += [toc_bytes, toc_hdr]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from pynydus.errors import FormatError
-from pynydus.rafs.format.compress import decompress
+from pynydus.rafs.format.compress import decompress_frames
 from pynydus.rafs.format.layout import (
     RAFS_MAX_CHUNKS_PER_BLOB,
     BlobFeatures,
@@ -489,6 +489,14 @@ def _build_meta(header: BlobCompressionContextHeader, ci: bytes, blob: BlobInfoL
     return BlobMeta(header, ci, v2, blob.chunk_count, blob.compressed_size, blob.uncompressed_size)
 
 
+def meta_from_parts(header: BlobCompressionContextHeader, ci: bytes,
+                    blob: BlobInfoLike) -> BlobMeta:
+    """A BlobMeta over the first part of a chunk-info buffer (at least the entries; the
+    contexts too for BATCH/ZRAN) and its header, checked by the caller
+    (:func:`check_header`): framed ZRAN chunk info read without its windows."""
+    return _build_meta(header, ci, blob)
+
+
 def parse_blob_meta(raw: bytes, blob: BlobInfoLike) -> BlobMeta:
     """Parse ``ci_compressed_size + 4096`` bytes read at ``blob.ci_offset`` of the blob
     (or of the separate meta blob): the compressed ci array, then its header.
@@ -504,7 +512,7 @@ def parse_blob_meta(raw: bytes, blob: BlobInfoLike) -> BlobMeta:
             "blob meta ci_uncompressed_size", blob.ci_compressed_size + 32, "too large"
         )
     try:
-        ci = decompress(
+        ci = decompress_frames(
             raw[: blob.ci_compressed_size],
             Compressor(blob.ci_compressor),
             blob.ci_uncompressed_size,

@@ -36,6 +36,7 @@ __all__ = [
     "compress",
     "decode_chunk",
     "decompress",
+    "decompress_frames",
     "digest",
     "new_hasher",
     "parse_compressor",
@@ -203,6 +204,38 @@ def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: in
             f"decompress {algo.name} chunk: got {len(out)} bytes, expected {uncompressed_size}"
         )
     return out
+
+
+def decompress_frames(data: bytes | memoryview, algo: Compressor,
+                      uncompressed_size: int) -> bytes:
+    """Decode a chunk-info payload into exactly ``uncompressed_size`` bytes: as
+    :func:`decompress`, but a zstd payload may be several frames, skippable ones among
+    them (upstream decodes chunk info with ``ZSTD_decompress``, which reads them so).
+    FormatError when it is corrupt or decodes to another size."""
+    if algo != Compressor.ZSTD:
+        return decompress(data, algo, uncompressed_size)
+    parts: list[bytes] = []
+    got = 0
+    rest = bytes(data)
+    try:
+        while rest:
+            if _lib.zstd.frame_content_size(rest[:18]) > uncompressed_size - got:
+                break  # a frame larger than what is left: not decoded (memory bound)
+            d = _zstd_decompressor().decompressobj()
+            out = d.decompress(rest)
+            if not d.eof:
+                raise FormatError("decompress ZSTD chunk info: the last frame is truncated")
+            got += len(out)
+            if got > uncompressed_size:
+                break
+            parts.append(out)
+            rest = d.unused_data
+    except _lib.zstd.ZstdError as err:
+        raise FormatError(f"decompress ZSTD chunk info: {err}") from err
+    if got != uncompressed_size:
+        raise FormatError(f"decompress ZSTD chunk info: got {got} bytes or more, expected "
+                          f"{uncompressed_size}")
+    return b"".join(parts)
 
 
 class _Hasher(Protocol):

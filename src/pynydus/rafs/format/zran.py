@@ -20,10 +20,21 @@ inflating goes on with an empty window, as upstream's decoder does.
 
 Sans-I/O: the caller reads ``[in_offset, in_offset + in_len)`` of the layer and hands
 the bytes in.
+
+**Framed chunk info.** The chunk-info buffer (entries, contexts, windows) is one zstd
+payload that upstream's nydusd reads whole (``ZSTD_decompress``, which decodes
+concatenated frames and skips skippable ones). Ours is cut into frames so that a reader
+can fetch the entries and contexts alone and each window when a context is first
+inflated: a skippable frame holding the index (:func:`pack_framed_ci`), one frame of
+entries and contexts (the *head*), then one frame per non-empty window, in context
+order. Decoded end to end it is the same buffer, so the header, the TOC digest and
+upstream's reading are unchanged; only what the frames hold is ours.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pynydus.errors import FormatError
@@ -35,37 +46,128 @@ from pynydus.rafs.format.libz import DT_BLOCK_END, Z_BLOCK, Z_STREAM_END, Inflat
 ZRAN_DICT_MAX = 32 << 10
 
 
+#: ``window(context index) -> its dictionary``, for windows kept outside the buffer.
+WindowSource = Callable[[int], bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class ZranTable:
-    """The contexts and dictionaries of one ZRAN blob's chunk-info buffer."""
+    """The contexts of one ZRAN blob's chunk-info buffer and a way to their windows:
+    the dictionary table when the buffer holds it, else ``source`` (framed chunk info
+    read without its windows)."""
 
     contexts: tuple[ZranContext, ...]
-    dicts: bytes  # the dictionary table that follows the contexts
+    dicts: bytes  # the dictionary table that follows the contexts (b"" with a source)
+    source: WindowSource | None = None
 
     @classmethod
-    def from_meta(cls, meta: BlobMeta) -> ZranTable:
-        """FormatError if the blob is not ZRAN or a context points outside the buffer."""
+    def from_meta(cls, meta: BlobMeta, source: WindowSource | None = None) -> ZranTable:
+        """FormatError if the blob is not ZRAN or a context points outside the buffer.
+        With ``source``, ``meta.data`` may stop after the contexts (the dictionary table
+        is then only checked against the header's size)."""
         h = meta.header
         if not h.features & BlobFeatures.ZRAN:
             raise format_error("blob meta features", 4, f"0x{h.features:x} has no ZRAN")
         ctxs = tuple(c for c in meta.contexts() if isinstance(c, ZranContext))
         start = h.ci_zran_offset + h.ci_zran_count * ZranContext.SIZE
         end = h.ci_zran_offset + h.ci_zran_size
-        need(len(meta.data), h.ci_zran_offset, h.ci_zran_size, "zran contexts and dictionaries")
-        dicts = bytes(meta.data[start:end])
+        if end < start:
+            raise format_error("blob meta ci_zran_size", 48,
+                               f"{h.ci_zran_size} < {h.ci_zran_count} contexts")
+        if source is None:
+            need(len(meta.data), h.ci_zran_offset, h.ci_zran_size,
+                 "zran contexts and dictionaries")
+            dicts = bytes(meta.data[start:end])
+        else:
+            dicts = b""
+        table_size = end - start
         for i, c in enumerate(ctxs):
-            if c.dict_size > ZRAN_DICT_MAX or c.dict_offset + c.dict_size > len(dicts):
+            if c.dict_size > ZRAN_DICT_MAX or c.dict_offset + c.dict_size > table_size:
                 raise format_error(f"zran context {i} dictionary",
                                    h.ci_zran_offset + i * ZranContext.SIZE + 16,
-                                   f"{c.dict_offset}+{c.dict_size} beyond {len(dicts)} bytes")
+                                   f"{c.dict_offset}+{c.dict_size} beyond {table_size} bytes")
             if c.ctx_bits > 7:
                 raise format_error(f"zran context {i} ctx_bits",
                                    h.ci_zran_offset + i * ZranContext.SIZE + 37, str(c.ctx_bits))
-        return cls(ctxs, dicts)
+        return cls(ctxs, dicts, source)
 
     def window(self, index: int) -> bytes:
         c = self.contexts[index]
+        if self.source is not None:
+            return self.source(index) if c.dict_size else b""
         return self.dicts[c.dict_offset:c.dict_offset + c.dict_size]
+
+
+# ---------------------------------------------------------------------- framed chunk info
+
+#: zstd skippable frame magic (0x184D2A50..5F; decoders skip such frames) of the index.
+CI_INDEX_MAGIC = 0x184D2A5A
+_CI_INDEX_TAG = b"pynzci01"
+_FRAME_HDR = struct.Struct("<II")
+_INDEX_HDR = struct.Struct("<8sII")  # tag, head frame size, window frames
+
+
+@dataclass(frozen=True, slots=True)
+class FramedChunkInfo:
+    """Where the frames of a framed chunk-info payload lie, relative to its start:
+    the head (entries and contexts) and each context's window frame (size 0: the
+    context has an empty window and no frame)."""
+
+    head_offset: int
+    head_size: int
+    windows: tuple[tuple[int, int], ...]
+
+    @property
+    def head_end(self) -> int:
+        return self.head_offset + self.head_size
+
+
+def pack_framed_ci(head: bytes, windows: Sequence[bytes], level: int = 3) -> bytes:
+    """The zstd payload of a ZRAN chunk-info buffer ``head + b"".join(windows)``
+    (``head``: entries and contexts; ``windows``: each context's dictionary, in
+    context order, as the dictionary table lays them out), framed as the module
+    header says. Deterministic for given input and level."""
+    import zstandard  # zstd is how the frames are read by upstream's nydusd
+
+    z = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    head_frame = z.compress(head)
+    frames = [z.compress(w) if w else b"" for w in windows]
+    body = _INDEX_HDR.pack(_CI_INDEX_TAG, len(head_frame), len(frames)) + b"".join(
+        struct.pack("<I", len(f)) for f in frames)
+    return (_FRAME_HDR.pack(CI_INDEX_MAGIC, len(body)) + body + head_frame
+            + b"".join(frames))
+
+
+def framed_index_size(prefix: bytes | memoryview) -> int | None:
+    """The size of the index frame that opens a framed payload, from its first 8 bytes
+    or more; None when ``prefix`` is not the start of a framed payload."""
+    if len(prefix) < _FRAME_HDR.size + _INDEX_HDR.size:
+        return None
+    magic, size = _FRAME_HDR.unpack_from(prefix, 0)
+    if magic != CI_INDEX_MAGIC or bytes(prefix[8:16]) != _CI_INDEX_TAG:
+        return None
+    return _FRAME_HDR.size + size
+
+
+def parse_framed_ci(index: bytes | memoryview, payload_size: int) -> FramedChunkInfo:
+    """The frame map of a framed payload of ``payload_size`` bytes from its index frame
+    (``framed_index_size`` bytes). FormatError if the frames do not fill the payload."""
+    n = framed_index_size(index)
+    if n is None or len(index) < n:
+        raise format_error("framed chunk info index", 0, "not a complete index frame")
+    _, head_size, count = _INDEX_HDR.unpack_from(index, _FRAME_HDR.size)
+    body = _FRAME_HDR.size + _INDEX_HDR.size
+    if n != body + 4 * count:
+        raise format_error("framed chunk info index", 4, f"{n} bytes for {count} windows")
+    pos = n + head_size
+    windows = []
+    for (size,) in struct.iter_unpack("<I", index[body:n]):
+        windows.append((pos, size))
+        pos += size
+    if pos != payload_size:
+        raise format_error("framed chunk info index", body,
+                           f"frames end at {pos}, the payload has {payload_size} bytes")
+    return FramedChunkInfo(n, head_size, tuple(windows))
 
 
 def inflate_context(ctx: ZranContext, window: bytes, data: bytes | memoryview,

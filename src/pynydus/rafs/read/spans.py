@@ -15,6 +15,11 @@ holding several chunks. :class:`SpanMap` (built from the blob's chunk-info array
 only these blobs need) tells which span holds a chunk and where in it; reading the
 span's bytes is the caller's business (a blob file, a registry, a cache), so this stays
 free of I/O apart from :func:`load_span_map`, which is handed the read function.
+
+A ZRAN meta blob whose chunk info is framed (:mod:`pynydus.rafs.format.zran`) is read
+in parts: its index, the entries and contexts, the header (two to four small reads), and a
+context's window (one ranged read of its frame) when the context is first inflated;
+the last windows read are kept. Other chunk info is read whole, in one read.
 """
 
 from __future__ import annotations
@@ -30,11 +35,21 @@ from pynydus.rafs.format.blobmeta import (
     BLOB_CCT_HEADER_SIZE,
     BatchContext,
     BlobChunkInfo,
+    BlobCompressionContextHeader,
     BlobMeta,
     ChunkInfoFlags,
+    ZranContext,
+    check_header,
+    meta_from_parts,
     parse_blob_meta,
 )
-from pynydus.rafs.format.zran import ZranTable, inflate_context
+from pynydus.rafs.format.zran import (
+    FramedChunkInfo,
+    ZranTable,
+    framed_index_size,
+    inflate_context,
+    parse_framed_ci,
+)
 from pynydus.rafs.read.bootstrap import BlobInfo
 
 #: ``read_range(blob_id, offset, length) -> bytes``: exactly ``length`` bytes, or raise.
@@ -71,10 +86,12 @@ def meta_blob_id(blob: BlobInfo) -> str:
 class SpanMap:
     """Which span holds each chunk of one ZRAN or batch blob. Thread-safe (read-only)."""
 
-    def __init__(self, blob: BlobInfo, meta: BlobMeta) -> None:
+    def __init__(self, blob: BlobInfo, meta: BlobMeta,
+                 windows: Callable[[int], bytes] | None = None) -> None:
         self.blob = blob
         self.meta = meta
-        self._zran = ZranTable.from_meta(meta) if blob.features & BlobFeatures.ZRAN else None
+        self._zran = (ZranTable.from_meta(meta, windows) if blob.features & BlobFeatures.ZRAN
+                      else None)
         self._members: dict[tuple[str, int], list[int]] | None = None
         self._members_lock = threading.Lock()
         self._batches: list[BatchContext] = []
@@ -137,11 +154,97 @@ class SpanMap:
         return out if want is None else out[:want]
 
 
+#: What the first read of a framed chunk-info payload asks for: its index and, for most
+#: images, its head too (a 600 MB layer has ~600 entries and contexts).
+_PROBE = 64 << 10
+#: Windows kept by a framed span map (32 KiB each): a context is inflated once per miss.
+_KEEP_WINDOWS = 32
+
+
 def load_span_map(blob: BlobInfo, read_range: ReadRange) -> SpanMap:
-    """Read and validate the chunk-info array of ``blob`` (from its meta blob for ZRAN)."""
-    raw = read_range(meta_blob_id(blob), blob.ci_offset,
-                     blob.ci_compressed_size + BLOB_CCT_HEADER_SIZE)
-    return SpanMap(blob, parse_blob_meta(raw, blob))
+    """Read and validate the chunk-info array of ``blob`` (from its meta blob for ZRAN).
+    Framed ZRAN chunk info costs two to four small reads now and one per window later (through
+    ``read_range``, which must then stay usable); other chunk info one read."""
+    meta_id = meta_blob_id(blob)
+    c_size = blob.ci_compressed_size
+    whole = c_size + BLOB_CCT_HEADER_SIZE
+    if not (blob.features & BlobFeatures.ZRAN and blob.ci_compressor == Compressor.ZSTD):
+        return SpanMap(blob, parse_blob_meta(read_range(meta_id, blob.ci_offset, whole), blob))
+    first = read_range(meta_id, blob.ci_offset, min(c_size, _PROBE))
+    n = framed_index_size(first)
+    if n is None:
+        rest = read_range(meta_id, blob.ci_offset + len(first), whole - len(first))
+        return SpanMap(blob, parse_blob_meta(first + rest, blob))
+    if n > c_size:
+        raise FormatError(f"blob {blob.blob_id}: framed chunk info index of {n} bytes "
+                          f"beyond its {c_size}")
+    if len(first) < n:
+        first += read_range(meta_id, blob.ci_offset + len(first), n - len(first))
+    frames = parse_framed_ci(first[:n], c_size)
+    if len(first) < frames.head_end:
+        first += read_range(meta_id, blob.ci_offset + len(first), frames.head_end - len(first))
+    raw_header = read_range(meta_id, blob.ci_offset + c_size, BLOB_CCT_HEADER_SIZE)
+    header = BlobCompressionContextHeader.unpack(raw_header, 0)
+    check_header(header, blob, c_size)
+    head_size = header.ci_zran_offset + header.ci_zran_count * ZranContext.SIZE
+    if not header.ci_zran_offset <= head_size <= blob.ci_uncompressed_size:
+        raise FormatError(f"blob {blob.blob_id}: zran contexts end at {head_size}, beyond "
+                          f"the chunk info's {blob.ci_uncompressed_size} bytes")
+    try:
+        head = decompress(first[frames.head_offset:frames.head_end], Compressor.ZSTD,
+                          head_size)
+    except FormatError as err:
+        raise FormatError(f"blob {blob.blob_id} chunk info head: {err}") from err
+    meta = meta_from_parts(header, head, blob)
+    windows = _FrameWindows(blob, meta, frames, read_range, meta_id, first)
+    return SpanMap(blob, meta, windows)
+
+
+class _FrameWindows:
+    """The windows of framed chunk info, read one frame at a time and kept a while."""
+
+    def __init__(self, blob: BlobInfo, meta: BlobMeta, frames: FramedChunkInfo,
+                 read_range: ReadRange, meta_id: str, prefix: bytes = b"") -> None:
+        ctxs = [c for c in meta.contexts() if isinstance(c, ZranContext)]
+        if len(frames.windows) != len(ctxs):
+            raise FormatError(f"blob {blob.blob_id}: {len(frames.windows)} window frames for "
+                              f"{len(ctxs)} zran contexts")
+        pos = 0
+        for i, c in enumerate(ctxs):
+            if c.dict_offset != pos or bool(c.dict_size) != bool(frames.windows[i][1]):
+                raise FormatError(f"blob {blob.blob_id}: zran context {i}'s dictionary "
+                                  f"({c.dict_offset}+{c.dict_size}) is not its window frame")
+            pos += c.dict_size
+        self._where = f"blob {blob.blob_id}"
+        self._ctxs = ctxs
+        self._frames = frames
+        self._read = read_range
+        self._meta_id = meta_id
+        self._base = blob.ci_offset
+        self._prefix = prefix  # the payload's first bytes, read already
+        self._kept: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, index: int) -> bytes:
+        with self._lock:
+            w = self._kept.get(index)
+            if w is not None:
+                self._kept.move_to_end(index)
+                return w
+        off, size = self._frames.windows[index]
+        if off + size <= len(self._prefix):
+            raw = self._prefix[off:off + size]
+        else:
+            raw = self._read(self._meta_id, self._base + off, size)
+        try:
+            w = decompress(raw, Compressor.ZSTD, self._ctxs[index].dict_size)
+        except FormatError as err:
+            raise FormatError(f"{self._where} zran context {index} window: {err}") from err
+        with self._lock:
+            self._kept[index] = w
+            while len(self._kept) > _KEEP_WINDOWS:
+                self._kept.popitem(last=False)
+        return w
 
 
 class SpanCache:

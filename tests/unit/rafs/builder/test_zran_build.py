@@ -26,12 +26,20 @@ from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.builder import build
 from pynydus.rafs.builder.zranblob import ZRAN_FEATURES_INLINE, ZRAN_FEATURES_SEPARATE
 from pynydus.rafs.decoder.gzindex import KEEP_EVERY, GzipIndexer
-from pynydus.rafs.format import BlobFeatures
+from pynydus.rafs.format import BlobFeatures, Compressor, decompress, decompress_frames
 from pynydus.rafs.format.blobmeta import ZranContext, parse_blob_meta
-from pynydus.rafs.format.zran import ZranTable, inflate_context
+from pynydus.rafs.format.zran import (
+    ZranTable,
+    framed_index_size,
+    inflate_context,
+    pack_framed_ci,
+    parse_framed_ci,
+)
 from pynydus.rafs.merge import merge
 from pynydus.rafs.read import check_image, open_bootstrap
 from pynydus.rafs.read.inline import extract_bootstrap
+from pynydus.rafs.read import spans as spans_mod
+from pynydus.rafs.read.spans import load_span_map
 
 WORDS = ["alpha ", "beta ", "gamma\n", "delta ", "epsilon "]
 
@@ -250,3 +258,92 @@ def test_targz_ref_refuses_what_it_cannot_use(tmp_path: Path, tar_bytes: bytes) 
     with pytest.raises(InvalidArgument):
         build(src, tmp_path / "b", tmp_path / "blobs", type="targz-ref",
               chunk_dict=str(tmp_path / "x"))
+
+
+# --------------------------------------------------------------------------- framed chunk info
+
+
+def test_framed_chunk_info_decodes_whole_and_frame_by_frame() -> None:
+    head = b"entries and contexts " * 100
+    windows = [b"", os.urandom(32 << 10), _text(32 << 10, 5), b"", _text(1000, 6)]
+    payload = pack_framed_ci(head, windows)
+    whole = head + b"".join(windows)
+    # upstream reads it whole (ZSTD_decompress: skippable and concatenated frames)
+    assert decompress_frames(payload, Compressor.ZSTD, len(whole)) == whole
+    with pytest.raises(FormatError):
+        decompress_frames(payload, Compressor.ZSTD, len(whole) - 1)
+    n = framed_index_size(payload)
+    assert n is not None and framed_index_size(bytes(len(payload))) is None
+    fr = parse_framed_ci(payload[:n], len(payload))
+    assert decompress(payload[fr.head_offset:fr.head_end], Compressor.ZSTD, len(head)) == head
+    for (off, size), w in zip(fr.windows, windows, strict=True):
+        assert bool(size) == bool(w)
+        if w:
+            assert decompress(payload[off:off + size], Compressor.ZSTD, len(w)) == w
+    with pytest.raises(FormatError, match="frames end"):
+        parse_framed_ci(payload[:n], len(payload) + 1)
+
+
+class _CountingFiles:
+    """``read_range`` over a blob directory, remembering each read."""
+
+    def __init__(self, blobs: Path) -> None:
+        self.blobs = blobs
+        self.reads: list[tuple[str, int, int]] = []
+
+    def __call__(self, blob_id: str, offset: int, length: int) -> bytes:
+        self.reads.append((blob_id, offset, length))
+        with open(self.blobs / blob_id, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_span_map_reads_windows_only_when_a_context_is_inflated(
+        tmp_path: Path, tar_bytes: bytes, inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spans_mod, "_PROBE", 1024)  # else this small image's windows come with it
+    layer = _gz(tar_bytes)
+    boot, blobs, z = _build(tmp_path, layer, inline=inline)
+    with open_bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+        files = {c.index: c for _, ino in bs.walk() for c in bs.chunks(ino)}
+    reader = _CountingFiles(blobs)
+    spans = load_span_map(blob, reader)
+    table, _ = _contexts(boot, blobs)
+    windows = sum(c.dict_size for c in table.contexts)
+    assert len(table.contexts) > 2 and windows > 64 << 10
+    first = sum(n for _, _, n in reader.reads)
+    assert len(reader.reads) <= 4 and first < (blob.ci_compressed_size + 4096) // 4
+    ref = (blobs / blob.blob_id).read_bytes()
+    seen: set[int] = set()
+    for i in sorted(files):
+        at = spans.locate(i)
+        assert at is not None
+        span, inner = at
+        before = len(reader.reads)
+        out = spans.decode(span, ref[span.offset:span.offset + span.size])
+        fetched = len(reader.reads) - before
+        # one ranged read of the window frame the first time, none after
+        assert fetched == (0 if span.index in seen or not table.contexts[span.index].dict_size
+                           else 1)
+        seen.add(span.index)
+        c = files[i]
+        assert hashlib.sha256(out[inner:inner + c.uncompressed_size]).digest() == c.digest
+
+
+def test_windows_read_with_the_head_are_not_read_again(
+        tmp_path: Path, tar_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spans_mod, "_PROBE", 1 << 20)
+    boot, blobs, _ = _build(tmp_path, _gz(tar_bytes))
+    with open_bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+    assert blob.ci_compressed_size < 1 << 20  # the first read has it all
+    reader = _CountingFiles(blobs)
+    spans = load_span_map(blob, reader)
+    loaded = len(reader.reads)
+    ref = (blobs / blob.blob_id).read_bytes()
+    for i in range(spans.meta.chunk_count):
+        span, _ = spans.locate(i) or (None, 0)
+        assert span is not None
+        spans.decode(span, ref[span.offset:span.offset + span.size])
+    assert len(reader.reads) == loaded == 2  # the payload, the header
