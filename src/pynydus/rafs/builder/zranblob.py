@@ -24,6 +24,13 @@ blob-toc form ``tar(image.blob) | ci | header | tar(blob.meta) | digests | tar(b
 | zstd(bootstrap) | tar(image.boot) | TOC | tar(rafs.blob.toc)``, whose first header names
 the gzip layer that is not there (``--blob-inline-meta --features blob-toc``).
 
+A window is what inflating may refer to, not what it does: only the first 32 KiB of a
+context's output can reach back into it, and most of it is never read (incompressible
+data has no back-references at all). Bytes no back-reference reads are zeroed
+(:func:`sparse_window`), so a window costs what the layer uses of it; the window is then
+checked: inflating the context's lead (the bytes to its first 32 KiB of output) with
+it gives the same output as with the real one, or the real one is kept.
+
 Chunk digests are sha256 (upstream forces it); chunks with equal digests are stored
 once. The bootstrap's chunk records carry the compressed range a chunk came from
 (from the block before it to the block after it), as upstream's do; readers fetch
@@ -57,6 +64,7 @@ from pynydus.rafs.format.blobmeta import (
     pack_section_header,
 )
 from pynydus.rafs.format.compress import toc_flag_for_compressor
+from pynydus.rafs.format.libz import WINDOW, Z_STREAM_END, Inflater
 from pynydus.rafs.format.zran import pack_framed_ci
 from pynydus.rafs.source import DataReader, Entry
 
@@ -213,7 +221,7 @@ class ZranBlob:
                 in_offset=c.cp.in_pos, out_offset=c.cp.out_pos, dict_offset=dict_off,
                 in_len=c.in_len, out_len=c.out_end - c.cp.out_pos,
                 dict_size=len(c.cp.window), ctx_byte=c.cp.byte, ctx_bits=c.cp.bits).pack()
-            windows.append(c.cp.window)
+            windows.append(sparse_window(c.cp))
             dict_off += len(c.cp.window)
         return bytes(self._ci) + bytes(ctxs), windows
 
@@ -246,6 +254,67 @@ class ZranBlob:
         d.ci_uncompressed_size = len(raw)
         return ChunkInfoPack(raw, payload, d.ci_compressor, len(self._digests),
                              len(self._ctxs), b"".join(self._digests))
+
+
+#: Smallest run of window bytes tested for zeroing, and most tests per window.
+SPARSE_GRAIN = 256
+SPARSE_TESTS = 256
+
+
+def _inflate_lead(cp: Checkpoint, window: bytes | bytearray) -> bytes:
+    """What inflating ``cp``'s lead with ``window`` as dictionary gives (at most 32 KiB,
+    less at its member's end)."""
+    z = Inflater(-15)
+    try:
+        if cp.bits:
+            z.prime(cp.bits, cp.byte >> (8 - cp.bits))
+        z.set_dictionary(bytes(window))
+        z.feed(cp.lead[0])
+        parts: list[bytes] = []
+        got = 0
+        while got < WINDOW:
+            out, rc = z.inflate(WINDOW - got)
+            parts.append(out)
+            got += len(out)
+            if rc == Z_STREAM_END or not out:
+                break
+        return b"".join(parts)
+    except FormatError:
+        return b""
+    finally:
+        z.close()
+
+
+def sparse_window(cp: Checkpoint) -> bytes:
+    """``cp.window`` with the bytes its context never reads zeroed (module header):
+    runs of the window are zeroed when inflating the lead still gives the same output
+    (halving the runs that do not, down to :data:`SPARSE_GRAIN` bytes, at most
+    :data:`SPARSE_TESTS` inflates), then all together are checked once more."""
+    window = cp.window
+    if not window or not cp.lead:
+        return window
+    want = _inflate_lead(cp, window)
+    if not want:
+        return window
+    zero: list[tuple[int, int]] = []
+    todo = [(0, len(window))]
+    tests = 0
+    while todo and tests < SPARSE_TESTS:
+        lo, hi = todo.pop()
+        trial = bytearray(window)
+        trial[lo:hi] = bytes(hi - lo)
+        tests += 1
+        if _inflate_lead(cp, trial) == want:
+            zero.append((lo, hi))
+        elif hi - lo > SPARSE_GRAIN:
+            mid = (lo + hi) // 2
+            todo += [(mid, hi), (lo, mid)]
+    if not zero:
+        return window
+    out = bytearray(window)
+    for lo, hi in zero:
+        out[lo:hi] = bytes(hi - lo)
+    return bytes(out) if _inflate_lead(cp, out) == want else window
 
 
 @dataclass(frozen=True)

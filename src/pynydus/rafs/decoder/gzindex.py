@@ -18,6 +18,11 @@ lies before them is dropped. Windows (32 KiB each) are kept for checkpoints at l
 flushes often) cannot make the kept windows grow past what the reader buffers divided
 by that distance, and a context starts at most that much earlier than it could.
 
+Each kept checkpoint also gets its *lead*: the compressed bytes from its ``in_pos`` on
+that inflate to the next 32 KiB of output (or to the member's end), the only output
+that can reach back into the window; the builder uses them to find which window bytes
+the layer really refers to (:mod:`pynydus.rafs.builder.zranblob`).
+
 Gzip members follow one another (any number, zero padding between allowed, as
 :mod:`gzip` allows); each member starts with an empty window. Damage (a bad deflate
 stream, trailer, or bytes that are neither padding nor a member) is a FormatError.
@@ -28,7 +33,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from pynydus.errors import FormatError
@@ -67,6 +72,8 @@ class Checkpoint:
     byte: int
     member: int
     window: bytes
+    # the lead (module header), filled once the inflater is 32 KiB of output further
+    lead: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
 
 class GzipIndexer:
@@ -98,6 +105,10 @@ class GzipIndexer:
         self._cp_outs: list[int] = []
         self._cp_lo = 0
         self._last_kept: Checkpoint | None = None
+        # compressed bytes from _recent_base on (back to the oldest lead not yet taken)
+        self._recent = bytearray()
+        self._recent_base = 0
+        self._leads: list[Checkpoint] = []  # kept checkpoints whose lead is not taken yet
 
     # ------------------------------------------------------------------ reading
     def read(self, n: int = -1, /) -> bytes:
@@ -134,8 +145,34 @@ class GzipIndexer:
         self._cur_base = self.size_in
         self.size_in += len(data)
         self._cur = data
+        self._keep_recent(data, self._cur_base)
         self._z.feed(data)
         return True
+
+    def _keep_recent(self, data: bytes, base: int) -> None:
+        if not self._leads:
+            self._recent = bytearray(data)
+            self._recent_base = base
+            return
+        if base != self._recent_base + len(self._recent):  # a gap (padding): not needed
+            self._recent = bytearray(data)
+            self._recent_base = base
+            return
+        self._recent += data
+
+    def _take_leads(self, in_pos: int, ended: bool) -> None:
+        """Give the checkpoints whose next 32 KiB of output is out (or whose member
+        ended) their lead: the compressed bytes from theirs to ``in_pos``."""
+        while self._leads and (ended or self.out_pos - self._leads[0].out_pos >= WINDOW):
+            cp = self._leads.pop(0)
+            lo = cp.in_pos - self._recent_base
+            if lo >= 0:
+                cp.lead.append(bytes(self._recent[lo:in_pos - self._recent_base]))
+        keep_from = self._leads[0].in_pos if self._leads else in_pos
+        drop = keep_from - self._recent_base
+        if drop > (1 << 20):
+            del self._recent[:drop]
+            self._recent_base = keep_from
 
     def _step(self, want: int) -> bytes:
         if self._state == "between":
@@ -149,6 +186,8 @@ class GzipIndexer:
         if out:
             self.out_pos += len(out)
             self._tail = (self._tail + out)[-WINDOW:]
+        if self._leads:
+            self._take_leads(in_pos, rc == Z_STREAM_END)
         with self._lock:
             self._s_out.append(self.out_pos)
             self._s_in.append(in_pos)
@@ -175,6 +214,8 @@ class GzipIndexer:
             return
         cp = Checkpoint(in_pos, self.out_pos, bits, byte, self.member, self._tail)
         self._last_kept = cp
+        if cp.window:
+            self._leads.append(cp)
         with self._lock:
             self._cps.append(cp)
             self._cp_outs.append(cp.out_pos)
@@ -218,6 +259,7 @@ class GzipIndexer:
         self._z.reset(31)
         self._cur_base = base
         self._cur = rest
+        self._keep_recent(rest, base)
         self._z.feed(rest)
         self.member += 1
         self._tail = b""

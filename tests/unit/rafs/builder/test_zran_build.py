@@ -24,7 +24,11 @@ import pytest
 
 from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.builder import build
-from pynydus.rafs.builder.zranblob import ZRAN_FEATURES_INLINE, ZRAN_FEATURES_SEPARATE
+from pynydus.rafs.builder.zranblob import (
+    ZRAN_FEATURES_INLINE,
+    ZRAN_FEATURES_SEPARATE,
+    sparse_window,
+)
 from pynydus.rafs.decoder.gzindex import KEEP_EVERY, GzipIndexer
 from pynydus.rafs.format import BlobFeatures, Compressor, decompress, decompress_frames
 from pynydus.rafs.format.blobmeta import ZranContext, parse_blob_meta
@@ -37,8 +41,8 @@ from pynydus.rafs.format.zran import (
 )
 from pynydus.rafs.merge import merge
 from pynydus.rafs.read import check_image, open_bootstrap
-from pynydus.rafs.read.inline import extract_bootstrap
 from pynydus.rafs.read import spans as spans_mod
+from pynydus.rafs.read.inline import extract_bootstrap
 from pynydus.rafs.read.spans import load_span_map
 
 WORDS = ["alpha ", "beta ", "gamma\n", "delta ", "epsilon "]
@@ -303,17 +307,24 @@ def test_span_map_reads_windows_only_when_a_context_is_inflated(
         tmp_path: Path, tar_bytes: bytes, inline: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spans_mod, "_PROBE", 1024)  # else this small image's windows come with it
     layer = _gz(tar_bytes)
-    boot, blobs, z = _build(tmp_path, layer, inline=inline)
+    boot, blobs, _ = _build(tmp_path, layer, inline=inline)
     with open_bootstrap(boot) as bs:
         (blob,) = bs.blobs
         files = {c.index: c for _, ino in bs.walk() for c in bs.chunks(ino)}
     reader = _CountingFiles(blobs)
     spans = load_span_map(blob, reader)
     table, _ = _contexts(boot, blobs)
-    windows = sum(c.dict_size for c in table.contexts)
-    assert len(table.contexts) > 2 and windows > 64 << 10
-    first = sum(n for _, _, n in reader.reads)
-    assert len(reader.reads) <= 4 and first < (blob.ci_compressed_size + 4096) // 4
+    assert len(table.contexts) > 2
+    meta_blob = (blobs / blob.blob_meta_digest.hex()).read_bytes()
+    payload = meta_blob[blob.ci_offset:blob.ci_offset + blob.ci_compressed_size]
+    n = framed_index_size(payload)
+    assert n is not None
+    frames = parse_framed_ci(payload[:n], len(payload))
+    prefix = max(min(len(payload), 1024), frames.head_end)  # what loading read
+    header = blob.ci_offset + len(payload)
+    assert len(reader.reads) <= 4
+    assert all(off + size <= blob.ci_offset + prefix or off == header
+               for _, off, size in reader.reads)
     ref = (blobs / blob.blob_id).read_bytes()
     seen: set[int] = set()
     for i in sorted(files):
@@ -322,13 +333,36 @@ def test_span_map_reads_windows_only_when_a_context_is_inflated(
         span, inner = at
         before = len(reader.reads)
         out = spans.decode(span, ref[span.offset:span.offset + span.size])
-        fetched = len(reader.reads) - before
-        # one ranged read of the window frame the first time, none after
-        assert fetched == (0 if span.index in seen or not table.contexts[span.index].dict_size
-                           else 1)
+        fetched = reader.reads[before:]
+        # the window's frame, by one ranged read, the first time (unless loading read it)
+        w_off, w_size = frames.windows[span.index]
+        if span.index in seen or not w_size or w_off + w_size <= prefix:
+            assert fetched == []
+        else:
+            assert fetched == [(blob.blob_meta_digest.hex(), blob.ci_offset + w_off, w_size)]
         seen.add(span.index)
         c = files[i]
         assert hashlib.sha256(out[inner:inner + c.uncompressed_size]).digest() == c.digest
+
+
+def test_sparse_windows_keep_what_the_layer_refers_to(tar_bytes: bytes) -> None:
+    """Text: some of each window is read by back-references, the rest zeroed; random
+    data (stored blocks): nothing is; either way every context inflates as before."""
+    layer = _gz(tar_bytes)
+    _, _, cps = _index_all(layer)
+    kept = [cp for cp in cps if cp.window and cp.lead]
+    assert len(kept) > 5
+    zeroed = []
+    for cp in kept:
+        w = sparse_window(cp)
+        assert len(w) == len(cp.window)
+        zeroed.append(w.count(0) - cp.window.count(0))
+        ctx = ZranContext(in_offset=cp.in_pos, out_offset=cp.out_pos, in_len=len(cp.lead[0]),
+                          out_len=min(32 << 10, len(tar_bytes) - cp.out_pos),
+                          dict_size=len(w), ctx_byte=cp.byte, ctx_bits=cp.bits)
+        got = inflate_context(ctx, w, cp.lead[0])
+        assert got == tar_bytes[cp.out_pos:cp.out_pos + ctx.out_len]
+    assert min(zeroed) >= 0 and max(zeroed) > 16 << 10
 
 
 def test_windows_read_with_the_head_are_not_read_again(
