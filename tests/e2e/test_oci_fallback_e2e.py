@@ -5,20 +5,26 @@ snapshotter unpacks its OCI layers, logs the cause, counts it and labels the lay
 
 Causes provoked: the daemon does not start (``daemon.nydusd_path`` is a program that
 exits), the bootstrap is corrupt (a bootstrap layer whose ``image.boot`` is garbage),
-and the registry refuses ranged reads (a proxy in front of it answers every Range GET
-403). ``snapshot.oci_fallback = false`` turns it off: the container fails, naming the
+the registry refuses ranged reads (a proxy in front of it answers every Range GET
+403), and the cache disk is full (the cache directory on a full tmpfs). The decision
+survives a restart of the snapshotter (the labels are in its metadata store): the
+image keeps running from its OCI layers, no daemon is started for it.
+``snapshot.oci_fallback = false`` turns it off: the container fails, naming the
 cause. Runs against containerd 1.6 and 2.x.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
 import io
 import json
+import shutil
 import subprocess
 import tarfile
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,7 +109,7 @@ def zran_images(registry: Registry, layouts: Path) -> dict[str, str]:
     """ZRAN images, each of its own layers (containerd reuses snapshots by chain id):
     "good", "corrupt" (bootstrap layer replaced by garbage), "ranged", "nofallback"."""
     refs = {}
-    for name in ("good", "corrupt", "ranged", "nofallback", "daemon"):
+    for name in ("good", "corrupt", "ranged", "nofallback", "daemon", "restart", "full"):
         image = images.layered_image()
         image.layers.append(oci.Layer(name).file(f"etc/fb-{name}", f"{name}\n"))
         src = registry.ref(f"e2e/fb-{name}", "oci")
@@ -191,6 +197,16 @@ def _expect(name: str) -> str:
     return images.expected_check_output() + f"\nfb={name}"
 
 
+def _falls_back(ctrd: Containerd, ref: str, name: str, kind: str) -> list[str]:
+    """Pull ``ref`` through the CRI and run it: it runs, and its layers carry the
+    fallback label with a cause of ``kind``; returns the labels' values."""
+    CriImages(str(ctrd.socket)).pull(ref)
+    assert _run(ctrd, ref, f"fb-{name}", name).stdout.strip() == _expect(name)
+    causes = _fallback_labels(ctrd, ref)
+    assert causes and all(c.startswith(f"{kind}:") for c in causes), causes
+    return causes
+
+
 def test_good_zran_image_is_served_lazily_without_fallback(fb_env, zran_images) -> None:
     _snap, ctrd = fb_env
     ref = zran_images["good"]
@@ -201,11 +217,7 @@ def test_good_zran_image_is_served_lazily_without_fallback(fb_env, zran_images) 
 
 def test_corrupt_bootstrap_falls_back_to_the_oci_layers(fb_env, zran_images) -> None:
     snap, ctrd = fb_env
-    ref = zran_images["corrupt"]
-    CriImages(str(ctrd.socket)).pull(ref)
-    assert _run(ctrd, ref, "fb-corrupt", "corrupt").stdout.strip() == _expect("corrupt")
-    causes = _fallback_labels(ctrd, ref)
-    assert causes and all(c.startswith("bootstrap:") for c in causes), causes
+    _falls_back(ctrd, zran_images["corrupt"], "corrupt", "bootstrap")
     assert "cannot be served lazily" in snap.log.read_text()
 
 
@@ -214,11 +226,8 @@ def test_registry_refusing_ranged_reads_falls_back(fb_env, zran_images, registry
     _snap, ctrd = fb_env
     ref = zran_images["ranged"].replace(registry.host, proxy.host)
     refused = proxy.refused
-    CriImages(str(ctrd.socket)).pull(ref)
-    assert _run(ctrd, ref, "fb-ranged", "ranged").stdout.strip() == _expect("ranged")
+    _falls_back(ctrd, ref, "ranged", "ranged-read")
     assert proxy.refused > refused
-    causes = _fallback_labels(ctrd, ref)
-    assert causes and all(c.startswith("ranged-read:") for c in causes), causes
 
 
 def test_daemon_that_does_not_start_falls_back(registry: Registry, zran_images,
@@ -226,13 +235,63 @@ def test_daemon_that_does_not_start_falls_back(registry: Registry, zran_images,
     snap, ctrd = _env(registry, containerd_version, tmp_path,
                       '[daemon]\nnydusd_path = "/bin/false"\n', [registry.host])
     with snap, ctrd:
-        ref = zran_images["daemon"]
-        CriImages(str(ctrd.socket)).pull(ref)
-        assert _run(ctrd, ref, "fb-daemon", "daemon").stdout.strip() == _expect("daemon")
-        causes = _fallback_labels(ctrd, ref)
-        assert causes and all(c.startswith("daemon:") for c in causes), causes
+        _falls_back(ctrd, zran_images["daemon"], "daemon", "daemon")
         metrics = snap.log.read_text()
         assert "cannot be served lazily" in metrics
+
+
+def test_fallback_survives_a_snapshotter_restart(registry: Registry, zran_images,
+                                                 containerd_version: str, tmp_path: Path) -> None:
+    snap, ctrd = _env(registry, containerd_version, tmp_path,
+                      '[daemon]\nnydusd_path = "/bin/false"\n', [registry.host])
+    with snap, ctrd:
+        ref = zran_images["restart"]
+        before = _falls_back(ctrd, ref, "restart", "daemon")
+        # A working daemon now: the image stays what it fell back to (no remount, no
+        # second unpack), and still runs.
+        assert snap.config is not None
+        snap.config.write_text("version = 1\n")
+        snap.restart()
+        assert _run(ctrd, ref, "fb-restart2", "restart").stdout.strip() == _expect("restart")
+        assert _fallback_labels(ctrd, ref) == before
+        assert snap.image_daemon_pids() == []
+        snap.kill9()
+        snap.start()
+        assert _run(ctrd, ref, "fb-restart3", "restart").stdout.strip() == _expect("restart")
+        assert _fallback_labels(ctrd, ref) == before
+        log = snap.log.read_text()
+        assert log.count("cannot be served lazily") == 1, log
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs with no space left (a file fills it), unmounted afterwards."""
+    mnt = Path(tempfile.mkdtemp(prefix="pyn-full-", dir="/var/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        with open(mnt / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (64 << 10))
+                    f.flush()
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_full_cache_disk_falls_back(registry: Registry, zran_images, containerd_version: str,
+                                    tmp_path: Path, full_disk: Path) -> None:
+    """The daemon cannot store what it fetches: the first read fails, the image runs
+    from its OCI layers (unpacked into the snapshotter's root, another disk) and the
+    cause says the cache is full."""
+    snap, ctrd = _env(registry, containerd_version, tmp_path,
+                      f'[cache_manager]\ncache_dir = "{full_disk}/cache"\n', [registry.host])
+    with snap, ctrd:
+        _falls_back(ctrd, zran_images["full"], "full", "cache-full")
 
 
 def test_fallback_off_fails_the_container_naming_the_cause(

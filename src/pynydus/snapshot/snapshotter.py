@@ -19,6 +19,7 @@ over the layer tars with tarfs); with neither attached every layer is a plain di
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -67,9 +68,29 @@ _PROBE_TIMEOUT = 30.0
 _CAUSE_LEN = 512
 
 
-def _cause_kind(err: BaseException) -> str:
-    """The metric label of a fallback cause."""
+# free bytes below which the cache disk counts as full (one default chunk)
+_CACHE_FULL_BELOW = 1 << 20
+
+
+def _cache_full(cache_dir: str) -> bool:
+    try:
+        st = os.statvfs(cache_dir)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _CACHE_FULL_BELOW
+
+
+def _cause_kind(err: BaseException, cache_dir: str = "") -> str:
+    """The metric label of a fallback cause. A full cache disk is seen on the disk, as
+    the daemon's read fails with EIO whatever the reason."""
     text = str(err)
+    chain: BaseException | None = err
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno == errno.ENOSPC:
+            return "cache-full"
+        chain = chain.__cause__
+    if cache_dir and _cache_full(cache_dir):
+        return "cache-full"
     if "ranged reads" in text:
         return "ranged-read"
     if isinstance(err, FormatError) or "bootstrap" in text:
@@ -309,6 +330,11 @@ class Snapshotter:
     def _mount_early(self, sid: str, labels: Mapping[str, str]) -> None:
         assert self.fs is not None
         try:
+            cache_dir = getattr(self.fs, "cache_dir", "")
+            if self.options.oci_fallback and cache_dir and _cache_full(cache_dir):
+                log.info("image snapshot %s: not mounted early, the cache disk (%s) is full "
+                         "(Prepare decides)", sid, cache_dir)
+                return
             self.fs.mount(sid, labels)
         except Exception as err:  # noqa: BLE001 - a hint; Prepare mounts again and reports
             log.info("early mount of image snapshot %s failed (Prepare will retry): %s", sid, err)
@@ -495,6 +521,8 @@ class Snapshotter:
         unpacked as OCI instead (once) and ``snap`` gets plain overlay mounts. A failed
         signature check (``validate_signature``) is never a reason to fall back."""
         try:
+            if self.options.oci_fallback and meta.id not in self._probed:
+                self._check_cache_disk(snap, meta, chain)
             mounts = self._remote(snap, meta, labels)
             if self.options.oci_fallback and meta.id not in self._probed:
                 # once per instance: the first read of an image that could fall back
@@ -510,6 +538,18 @@ class Snapshotter:
                 raise
             self._fall_back(meta, plan, err)
         return self._mounts(snap, labels)
+
+    def _check_cache_disk(self, snap: Snapshot, meta: processor.Layer,
+                          chain: list[processor.Layer] | None) -> None:
+        """Unavailable when the cache disk is full and the image, not served yet, could
+        fall back: a daemon would fetch every read again, or fail it (a converted
+        Nydus image is left to the daemon: it has nothing to fall back to)."""
+        assert self.fs is not None
+        cache_dir = getattr(self.fs, "cache_dir", "")
+        if cache_dir and _cache_full(cache_dir) and not self.fs.has_instance(meta.id) \
+                and self._fallback_plan(snap, meta, chain) is not None:
+            raise Unavailable(f"the cache disk ({cache_dir}) is full: less than "
+                              f"{_CACHE_FULL_BELOW >> 20} MiB free")
 
     def _fallback_plan(self, snap: Snapshot, meta: processor.Layer,
                        chain: list[processor.Layer] | None = None
@@ -581,7 +621,7 @@ class Snapshotter:
     def _fall_back(self, meta: processor.Layer, plan: list[tuple[processor.Layer, str]],
                    err: Exception) -> None:
         assert self.fs is not None
-        kind = _cause_kind(err)
+        kind = _cause_kind(err, getattr(self.fs, "cache_dir", ""))
         cause = f"{kind}: {err}"[:_CAUSE_LEN]
         image = meta.labels.get(L.CRI_IMAGE_REF, "")
         log.warning("image %s (snapshot %s) cannot be served lazily, unpacking its OCI "

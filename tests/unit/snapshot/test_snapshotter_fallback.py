@@ -135,3 +135,43 @@ def test_a_converted_nydus_image_has_no_oci_layers_to_fall_back_to(
     with pytest.raises(FailedPrecondition, match="no valid RAFS bootstrap"):
         sn.prepare("c1", "boot")
     assert fetched == []
+
+
+def test_a_full_cache_disk_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynydus.errors import Unavailable
+    from pynydus.snapshot import snapshotter as snapshotter_mod
+
+    eio = Unavailable("reading the image of snapshot 7 failed (ranged reads of its blobs): "
+                      "[Errno 5] Input/output error")
+    assert snapshotter_mod._cause_kind(eio, str(tmp_path)) == "ranged-read"
+    full = OSError(28, "No space left on device")
+    wrapped = Unavailable("daemon failed")
+    wrapped.__cause__ = full
+    assert snapshotter_mod._cause_kind(wrapped) == "cache-full"
+
+    class _Full:
+        f_bavail, f_frsize = 3, 4096
+
+    monkeypatch.setattr(snapshotter_mod.os, "statvfs", lambda p: _Full())
+    assert snapshotter_mod._cause_kind(eio, str(tmp_path)) == "cache-full"
+    assert snapshotter_mod._cause_kind(eio, "") == "ranged-read"
+
+
+def test_a_full_cache_disk_falls_back_before_any_mount(
+        tmp_path: Path, fetched: list[str], made: list[Snapshotter],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynydus.snapshot import snapshotter as snapshotter_mod
+
+    sn = _snapshotter(tmp_path, FailedPrecondition("not reached"))
+    made.append(sn)
+    sn.fs.cache_dir = str(tmp_path)  # type: ignore[union-attr]
+    _zran_image(sn)
+
+    class _Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(snapshotter_mod.os, "statvfs", lambda p: _Full())
+    sn.prepare("c1", "boot")
+    assert sorted(fetched) == [OCI1, OCI2]
+    assert sn.fs.mounts == 0  # type: ignore[union-attr]
+    assert sn.stat("boot").labels[L.NYDUS_FALLBACK].startswith("cache-full: the cache disk")
