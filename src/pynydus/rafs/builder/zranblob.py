@@ -244,12 +244,15 @@ class ZranBlob:
         # Framed (rafs.format.zran): a reader fetches the entries and contexts alone,
         # and a window when its context is first inflated; upstream reads it whole.
         payload = pack_framed_ci(head, windows)
+        comp = Compressor.ZSTD
+        if len(payload) >= len(raw):  # tiny: stored as is, as upstream does (read whole)
+            payload, comp = raw, Compressor.NONE
         d = self.desc
         d.blob_id = self.index.hexdigest()
         d.chunk_count = len(self._digests)
         d.compressed_size = self.index.size_in
         d.uncompressed_size = self._u_end
-        d.ci_compressor = Compressor.ZSTD
+        d.ci_compressor = comp
         d.ci_compressed_size = len(payload)
         d.ci_uncompressed_size = len(raw)
         return ChunkInfoPack(raw, payload, d.ci_compressor, len(self._digests),

@@ -381,3 +381,14 @@ def test_windows_read_with_the_head_are_not_read_again(
         assert span is not None
         spans.decode(span, ref[span.offset:span.offset + span.size])
     assert len(reader.reads) == loaded == 2  # the payload, the header
+
+
+def test_tiny_chunk_info_is_stored_uncompressed(tmp_path: Path) -> None:
+    """Framing would make it bigger than it is (a reader refuses that): stored as is."""
+    layer = _gz(_tar([("small", b"hello\n")]))
+    boot, blobs, _ = _build(tmp_path, layer)
+    with open_bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+    assert blob.ci_compressor == Compressor.NONE
+    assert blob.ci_compressed_size == blob.ci_uncompressed_size
+    check_image(boot, blobs)
