@@ -148,8 +148,8 @@ def cache_key(layer_digest: str, opts: BuildOptions, lower: tuple[str, ...] = ()
            "chunk_dict": opts.chunk_dict_digest, "prefetch": list(opts.prefetch_files),
            "lower": list(lower)}
     if opts.oci_ref:
-        # 2: framed chunk info (windows read on demand), lean or full meta blobs
-        doc["oci_ref"] = "full-2" if opts.oci_ref_full_meta else "lean-2"
+        # the meta blob's form: framed chunk info with sparse windows (3), lean or full
+        doc["oci_ref"] = "full-3" if opts.oci_ref_full_meta else "lean-3"
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
