@@ -252,11 +252,13 @@ def test_fallback_survives_a_snapshotter_restart(registry: Registry, zran_images
         assert snap.config is not None
         snap.config.write_text("version = 1\n")
         snap.restart()
+        ctrd.wait_snapshotter(SNAP)  # containerd redials a restarted proxy with a backoff
         assert _run(ctrd, ref, "fb-restart2", "restart").stdout.strip() == _expect("restart")
         assert _fallback_labels(ctrd, ref) == before
         assert snap.image_daemon_pids() == []
         snap.kill9()
         snap.start()
+        ctrd.wait_snapshotter(SNAP)
         assert _run(ctrd, ref, "fb-restart3", "restart").stdout.strip() == _expect("restart")
         assert _fallback_labels(ctrd, ref) == before
         log = snap.log.read_text()
