@@ -204,15 +204,19 @@ def build_tree(
     ``strict_sizes`` makes a short read an error (tar: the archive is truncated);
     otherwise the size actually read wins (a directory file changed while walking).
     """
+    stats = blob.stats
+    add_entry, apply = blob.add_entry, tree.apply
+    tick = ticker.entry if ticker is not None else None
+    keep_whiteouts = tree.whiteout_spec == "none"
+    reg = EntryType.REG
     for entry, reader in entries:
-        if ticker is not None:
-            ticker.entry(blob.stats.bytes_in)
+        if tick is not None:
+            tick(stats.bytes_in)
         refs: list[ChunkDesc] | None = None
-        is_whiteout = entry.whiteout is not None and tree.whiteout_spec != "none"
-        if entry.type == EntryType.REG and not is_whiteout:
+        if entry.type is reg and (keep_whiteouts or entry.whiteout is None):
             assert reader is not None
             try:
-                refs, got = blob.add_entry(entry, reader)
+                refs, got = add_entry(entry, reader)
             finally:
                 close = getattr(reader, "close", None)
                 if close is not None:
@@ -223,7 +227,7 @@ def build_tree(
                         f"entry {entry.path!r}: expected {entry.size} bytes of data, got {got}"
                     )
                 entry.size = got
-        tree.apply(entry, refs)
+        apply(entry, refs)
 
 
 def build(

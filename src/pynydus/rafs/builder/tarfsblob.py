@@ -41,6 +41,26 @@ TARFS_FEATURES = int(BlobFeatures.TARFS | BlobFeatures.CAP_TAR_TOC)
 _WRITEBACK_STEP = 16 << 20  # as the blob writer's (pynydus.host.writeback)
 
 
+class _Prepended:
+    """``reader`` with ``head`` read back first."""
+
+    def __init__(self, head: bytes | memoryview, reader: DataReader) -> None:
+        self._head: bytes | memoryview | None = head
+        self._reader = reader
+
+    def read(self, n: int = -1, /) -> bytes | memoryview:
+        head = self._head
+        if head is None:
+            return self._reader.read(n)
+        self._head = None
+        if not head:
+            return self._reader.read(n)
+        if 0 <= n < len(head):
+            self._head = head[n:]
+            return head[:n]
+        return head
+
+
 class TarfsBlob:
     """Copy of the uncompressed tar in ``blob_dir``, named by its sha256 at :meth:`finish`.
 
@@ -94,6 +114,21 @@ class TarfsBlob:
             raise NotImplementedFeature(
                 f"tarfs: {entry.path!r} is a sparse tar member; its data is not contiguous"
             )
+        size = entry.size
+        stats = self.stats
+        if 0 < size <= self.chunk_size:
+            # One chunk (most files): one read, nothing to loop over.
+            piece = reader.read(size)
+            if len(piece) == size:
+                off = entry.data_offset or 0
+                ci = stats.chunks_written
+                stats.chunks_in += 1
+                stats.chunks_written = ci + 1
+                stats.bytes_in += size
+                stats.compressed_bytes += size
+                return [ChunkDesc(hashlib.sha256(piece).digest(), self.desc, ci, off, size, off,
+                                  size, False, 0)], size
+            reader = _Prepended(piece, reader)  # a short read: the general path goes on
         refs: list[ChunkDesc] = []
         done = 0
         while done < entry.size:

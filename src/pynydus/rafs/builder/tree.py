@@ -138,6 +138,11 @@ class Tree:
             )
         self.whiteout_spec = whiteout_spec
         self.root = _new_dir(b"/")
+        # The directory the last entry went into, by path: a tar lists a directory's
+        # entries together, so most entries find their parent here without a walk.
+        # Dropped whenever an entry replaces a node (which may be that directory or
+        # one above it).
+        self._last_dir: tuple[bytes, Node] = (b"", self.root)
         self.skipped_xattrs: list[tuple[bytes, bytes]] = []
         # (path, target) of hardlinks left for a lower layer to resolve
         self.lower_links: list[tuple[bytes, bytes]] = []
@@ -149,6 +154,9 @@ class Tree:
 
     def _dir_for(self, path: bytes) -> Node:
         """The directory at ``path``, creating missing directories on the way."""
+        last = self._last_dir
+        if last[0] == path:
+            return last[1]
         node = self.root
         if not path:
             return node
@@ -164,6 +172,7 @@ class Tree:
                     nxt.inode.xattrs[OVERLAY_OPAQUE_XATTR] = b"y"
                 node.children[part] = nxt
             node = nxt
+        self._last_dir = (path, node)
         return node
 
     # ------------------------------------------------------------------ apply
@@ -179,24 +188,45 @@ class Tree:
             self._set_meta(self.root.inode, entry)
             self.root.inode.mode = entry.st_mode
             return
-        parent = self._dir_for(entry.parent)
-        assert parent.children is not None
-        name = entry.name
+        parent_path, _, name = entry.path.rpartition(b"/")
+        parent = self._dir_for(parent_path)
+        children = parent.children
+        assert children is not None
         if len(name) > 255:
             raise FormatError(f"entry {entry.path!r}: name longer than 255 bytes")
-        old = parent.children.get(name)
+        old = children.get(name)
+        etype = entry.type
+        if old is None and etype is not EntryType.HARDLINK:
+            # The common case: a new name (no replacement, no whiteout below it).
+            xattrs = self._storable(entry) if entry.xattrs else {}
+            if etype is EntryType.REG:
+                children[name] = Node(name, Inode(
+                    stat.S_IFREG | (entry.mode & 0o7777), entry.uid, entry.gid, entry.mtime,
+                    entry.mtime_nsec, entry.size, 0, b"", xattrs, chunks or []))
+                return
+            inode = Inode(entry.st_mode, entry.uid, entry.gid, entry.mtime, entry.mtime_nsec,
+                          0, 0, b"", xattrs)
+            if etype is EntryType.SYMLINK:
+                inode.link = entry.link
+                inode.size = len(entry.link)
+            elif etype is EntryType.CHAR or etype is EntryType.BLOCK:
+                inode.rdev = encode_rdev(entry.rdev_major, entry.rdev_minor)
+            children[name] = Node(name, inode, {} if etype is EntryType.DIR else None)
+            return
+        if old is not None:
+            self._last_dir = (b"", self.root)  # ``old`` may be a cached directory
         if entry.type == EntryType.HARDLINK:
             target = self.lookup(entry.link)
             if target is None:
                 # The target lives in a lower layer: keep the link for the merge to bind.
-                parent.children[name] = Node(name, self._lower_link(entry))
+                children[name] = Node(name, self._lower_link(entry))
                 return
             if target.is_dir:
                 raise FormatError(f"hardlink {entry.path!r}: target {entry.link!r} is a directory")
             if target is old:
                 return
             inode = target.inode if target.inode.is_reg else target.inode.copy()
-            parent.children[name] = Node(name, inode)
+            children[name] = Node(name, inode)
             return
         if entry.type == EntryType.DIR and old is not None and old.is_dir:
             self._set_meta(old.inode, entry)
@@ -215,7 +245,7 @@ class Tree:
             inode.size = len(entry.link)
         elif entry.type in (EntryType.CHAR, EntryType.BLOCK):
             inode.rdev = encode_rdev(entry.rdev_major, entry.rdev_minor)
-        parent.children[name] = Node(name, inode, {} if entry.type == EntryType.DIR else None)
+        children[name] = Node(name, inode, {} if entry.type == EntryType.DIR else None)
 
     def _lower_link(self, entry: Entry) -> Inode:
         """Placeholder for a hardlink whose target is not in this layer (see module doc)."""
@@ -232,14 +262,19 @@ class Tree:
         inode.mode = (inode.mode & ~0o7777) | (e.mode & 0o7777)
         inode.uid, inode.gid = e.uid, e.gid
         inode.mtime, inode.mtime_nsec = e.mtime, e.mtime_nsec
-        inode.xattrs = {}
-        for k, v in e.xattrs.items():
-            if _storable_xattr(k):
-                inode.xattrs[k] = v
-            else:
-                self.skipped_xattrs.append((e.path, k))
+        inode.xattrs = self._storable(e)
         if opaque is not None:
             inode.xattrs.setdefault(OVERLAY_OPAQUE_XATTR, opaque)
+
+    def _storable(self, e: Entry) -> dict[bytes, bytes]:
+        """The xattrs of ``e`` RAFS v6 can store; the others are noted as skipped."""
+        out = {}
+        for k, v in e.xattrs.items():
+            if _storable_xattr(k):
+                out[k] = v
+            else:
+                self.skipped_xattrs.append((e.path, k))
+        return out
 
     def _apply_whiteout(self, entry: Entry, wh: Whiteout) -> None:
         # Every spec keeps the directories a whiteout's path implies.

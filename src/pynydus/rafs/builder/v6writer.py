@@ -97,6 +97,8 @@ class BootstrapInfo:
 
 
 _S_IFMT = 0o170000
+_S_IFREG = stat.S_IFREG
+_CHUNK_BASED = L.EROFS_INODE_CHUNK_BASED
 _EXT = L.RafsV6InodeExtended.codec()
 _COMPACT = L.RafsV6InodeCompact.codec()
 _DIRENT = L.RafsV6Dirent.codec()
@@ -199,6 +201,7 @@ class _Planner:
         self.blob_index = blob_index
         self.bs = opts.block_size
         self.compact = opts.compact_inodes
+        self.chunk_size = opts.chunk_size
         self.chunk_fmt = L.chunk_format(
             opts.chunk_size.bit_length() - 1, opts.block_size.bit_length() - 1
         )
@@ -212,6 +215,8 @@ class _Planner:
         # (digest, blob) is unique for deduplicated blobs; tarfs repeats digests.
         self.chunks: dict[tuple[bytes, int, int], ChunkDesc] = {}
         self.has_xattr = False
+        self._last_blob: BlobDesc | None = None  # blob_index's last answer
+        self._last_bi = 0
         self.build_time = (0, 0)
         if opts.compact_inodes:
             counts = collections.Counter(
@@ -313,9 +318,9 @@ class _Planner:
         tail = b""
         pad = 0
         u = 0
-        if typ == stat.S_IFREG:
-            layout = L.EROFS_INODE_CHUNK_BASED
-            n_chunks = -(-inode.size // self.opts.chunk_size)
+        if typ == _S_IFREG:
+            layout = _CHUNK_BASED
+            n_chunks = -(-inode.size // self.chunk_size)
             if n_chunks != len(chunks):
                 raise InvalidArgument(
                     f"regular file of {inode.size} bytes has {len(chunks)} chunks"
@@ -360,10 +365,14 @@ class _Planner:
         """Append the 8-byte chunk indexes of ``chunks`` to ``meta`` and enter each
         chunk in the chunk table."""
         table = self.chunks
-        blob_index = self.blob_index
         bs = self.bs
         for c in chunks:
-            bi = blob_index(c)
+            blob = c.blob
+            if blob is self._last_blob:  # most chunks of an image are in one blob
+                bi = self._last_bi
+            else:
+                bi = self._last_bi = self.blob_index(c)
+                self._last_blob = blob
             ci = c.ci_index
             key = (c.digest, bi, ci)
             if key not in table:
@@ -584,15 +593,17 @@ def write_bootstrap(
         _write_deferred(buf, s, meta_base, data_base // bs, bs)
 
     pos = chunk_tbl_off
+    pack_chunk = _CHUNK_INFO.pack_into
+    flag_compressed = int(L.ChunkFlags.COMPRESSED)
     for key in chunk_keys:
         c = table[key]
         try:
-            _CHUNK_INFO.pack_into(
+            pack_chunk(
                 buf,
                 pos,
                 c.digest,
                 key[1],
-                int(L.ChunkFlags.COMPRESSED) if c.compressed else 0,
+                flag_compressed if c.compressed else 0,
                 c.compressed_size,
                 c.uncompressed_size,
                 c.compressed_offset,

@@ -57,6 +57,8 @@ EXT_TYPES = frozenset((b"x", b"g", b"L", b"K"))
 # ... and the old GNU sparse member, whose map follows in its header (tarsparse).
 SPARSE_TYPE = b"S"
 
+_PARSED_TYPES = PLAIN_TYPES | EXT_TYPES | {SPARSE_TYPE}
+
 # type, name, mode, uid, gid, size, mtime, linkname, devmajor, devminor, prefix
 Header = tuple[bytes, bytes, int, int, int, int, int, bytes, int, int, bytes]
 
@@ -124,7 +126,7 @@ def parse_header(buf: bytes) -> Header | None:
     if total == 0:
         return None  # the zero block that ends an archive
     flag = buf[156:157]
-    if flag not in PLAIN_TYPES and flag not in EXT_TYPES and flag != SPARSE_TYPE:
+    if flag not in _PARSED_TYPES:
         return None
     try:
         key = buf[100:124]
@@ -146,7 +148,8 @@ def parse_header(buf: bytes) -> Header | None:
         chksum = _octal(buf[148:156])
     except ValueError:
         return None
-    unsigned = total - sum(buf[148:156]) + 8 * 32
+    # the checksum field's own bytes out (their sum, at most 2040, again through adler32)
+    unsigned = total - (zlib.adler32(buf[148:156]) & 0xFFFF) + 1 + 8 * 32
     if chksum != unsigned:
         high = sum(b >> 7 for b in buf[:148]) + sum(b >> 7 for b in buf[156:])
         if chksum != unsigned - 256 * high:

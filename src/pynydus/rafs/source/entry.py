@@ -109,6 +109,8 @@ class Entry:
     @property
     def whiteout(self) -> Whiteout | None:
         """The OCI whiteout kind this entry's name encodes, if any."""
+        if OCI_WHITEOUT_PREFIX not in self.path:
+            return None  # the common case, answered without splitting the path
         name = self.name
         if name == OCI_WHITEOUT_OPAQUE:
             return Whiteout.OPAQUE
