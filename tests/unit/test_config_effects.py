@@ -738,6 +738,8 @@ FLAGS: dict[str, Case] = {
                           "test_kill9_under_reads_is_taken_over_without_an_error"),
     "--failover-policy": ShownBy(DAEMON_TESTS + "test_takeover.py::"
                                   "test_a_read_the_dead_daemon_had_taken_is_resent_or_failed"),
+    "--blob-files": ShownBy(DAEMON_TESTS + "test_blob_files.py::"
+                             "test_kernel_erofs_over_blob_files_shows_the_tree"),
     "--thread-num": ShownBy("tests/unit/test_config_effects.py::test_thread_num_sizes_the_workers"),
     "--prefetch-files": ShownBy(DAEMON_TESTS + "test_prefetch.py::"
                                  "test_prefetch_files_fetches_only_the_listed_files"),

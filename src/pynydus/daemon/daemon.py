@@ -79,6 +79,9 @@ class DaemonOptions:
     # --upgrade: start in INIT and take a predecessor's connection over (takeover, start)
     upgrade: bool = False
     failover_policy: str = "resend"
+    # --blob-files: the mount shows each blob as a flat file (daemon/blobfs.py), for
+    # kernel EROFS mounts of the bootstraps over them, not the RAFS tree
+    blob_files: bool = False
 
 
 def make_backend(cfg: BackendConfig, defer: bool = False) -> Backend:
@@ -286,7 +289,12 @@ class Daemon:
     # --- our own session ------------------------------------------------------------------
 
     def _run_loop(self, mp: str) -> None:
-        self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr)
+        if self.opts.blob_files:
+            from pynydus.daemon.blobfs import BlobFileServer
+
+            self.server = BlobFileServer(self.vfs)
+        else:
+            self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr)
         self.fuse_fd = mount_fuse(mp)
         self.fuse_mountpoint = mp
         try:

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failover-policy", choices=["none", "resend", "flush"], default="resend",
                    help="after a takeover: resend the requests the predecessor had read "
                    "(default) or fail them (flush)")
+    p.add_argument("--blob-files", action="store_true", help="show each blob of the "
+                   "image(s) as a flat file of its uncompressed data at the mountpoint (for "
+                   "kernel EROFS mounts of the bootstrap with these files as devices)")
     p.add_argument("--thread-num", "--fuse-threads", type=int, default=4, dest="thread_num")
     p.add_argument("--prefetch-files", help="file with one absolute path per line to prefetch")
     p.add_argument("-l", "--log-level", default="info", type=str.lower, choices=list(LEVELS))
@@ -192,13 +195,16 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
     if session not in ("loop", "pyfuse3"):
         raise ConfigError(f"PYNYDUSD_FUSE={session!r}: expected loop (our FUSE session) or "
                           f"pyfuse3 (libfuse3)")
+    if args.blob_files and (session != "loop" or args.supervisor or args.upgrade):
+        raise ConfigError("--blob-files needs our own FUSE session and no failover "
+                          "(--supervisor, --upgrade, PYNYDUSD_FUSE=pyfuse3)")
     return DaemonOptions(
         fuse_session=session,
         config_text=config_text, upgrade=args.upgrade, failover_policy=args.failover_policy,
         mountpoint=args.mountpoint or "", apisock=args.apisock or "",
         apisock_group=args.apisock_group or "", bootstrap=args.bootstrap or "",
         config=config, daemon_id=args.id or "", supervisor=args.supervisor or "",
-        thread_num=args.thread_num, prefetch_files=prefetch,
+        thread_num=args.thread_num, prefetch_files=prefetch, blob_files=args.blob_files,
     )
 
 

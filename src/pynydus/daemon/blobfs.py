@@ -1,0 +1,261 @@
+"""Blob files: each blob of the served images as one flat read-only file on a FUSE mount.
+
+The kernel's EROFS can then mount an image's RAFS v6 bootstrap itself, with these files
+as its devices (file-backed mounts, ``device=<mount>/<blob id>``): the kernel does the
+metadata, the directory walks and the page cache, and the daemon only moves blob ranges.
+This is the shape upstream gets from fscache (``/dev/cachefiles``), with FUSE as the
+fetcher.
+
+A blob file is the blob's *uncompressed* address space, ``uncompressed_size`` bytes: the
+bytes of chunk i at its uncompressed offset, zeros between chunks (the bootstrap's EROFS
+chunk indexes address blocks of that space: ``blkaddr = uncompressed_offset / block
+size``, which our v6 builder keeps block-aligned). A read maps its range to the chunks of
+the bootstrap's chunk table by uncompressed offset and reads them through the image's
+blob cache, which fetches, decompresses and keeps what is missing, as for a FUSE read of
+a file. Blobs whose chunks live in spans (ZRAN, batch) have no such address space and
+are not listed.
+
+Files are opened with ``FOPEN_DIRECT_IO``: the EROFS pages are the one page cache of the
+data (a FUSE page cache under them would be a second copy). The root directory lists one
+file per distinct blob id of the images in the ``Vfs`` (a blob shared by two images is
+one file, read through the first image that has it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import stat
+import threading
+from array import array
+from dataclasses import dataclass
+
+from pynydus.daemon import fuseproto as P
+from pynydus.daemon.blobcache import ChunkRef
+from pynydus.daemon.fuseops import FOREVER, FuseError, RafsServer, Reply
+from pynydus.daemon.instance import RafsInstance
+from pynydus.daemon.vfs import ROOT_ID, Vfs
+from pynydus.rafs.read.spans import has_spans
+from pynydus.rafs.read.v6 import BootstrapV6
+
+__all__ = ["BlobFileServer", "BlobIndex"]
+
+log = logging.getLogger(__name__)
+
+_DT_REG = 8
+
+
+@dataclass(frozen=True)
+class _File:
+    name: bytes
+    node: int
+    inst: RafsInstance
+    blob_index: int
+    size: int
+
+
+class BlobIndex:
+    """The chunks of one blob of a bootstrap, sorted by uncompressed offset."""
+
+    def __init__(self, inst: RafsInstance, blob_index: int) -> None:
+        self.inst = inst
+        self.blob_index = blob_index
+        assert isinstance(inst.bs, BootstrapV6)
+        recs = sorted((r.uncompressed_offset, r.uncompressed_size, r.index)
+                      for r in inst.bs.chunk_table() if r.blob_index == blob_index)
+        self.starts = array("q")
+        self.sizes = array("q")
+        self.indexes = array("q")
+        for off, size, index in recs:
+            if self.starts and self.starts[-1] == off:
+                continue  # one chunk named twice (dedup within the blob)
+            self.starts.append(off)
+            self.sizes.append(size)
+            self.indexes.append(index)
+
+    def pieces(self, offset: int, end: int) -> list[tuple[int, int, int, int]]:
+        """(position in the range, chunk index, offset in chunk, length) of every chunk
+        piece inside ``[offset, end)``, in order; what no chunk covers reads as zeros."""
+        starts, sizes = self.starts, self.sizes
+        i = bisect.bisect_right(starts, offset) - 1
+        if i < 0 or starts[i] + sizes[i] <= offset:
+            i += 1
+        out = []
+        n = len(starts)
+        while i < n and starts[i] < end:
+            lo = max(offset, starts[i])
+            hi = min(end, starts[i] + sizes[i])
+            out.append((lo - offset, self.indexes[i], lo - starts[i], hi - lo))
+            i += 1
+        return out
+
+
+class BlobFileServer(RafsServer):
+    """Answers FUSE requests for the blob files of the images of a ``Vfs``. Thread-safe."""
+
+    def __init__(self, vfs: Vfs, **kw: object) -> None:
+        super().__init__(vfs, **kw)  # type: ignore[arg-type]
+        self._files: dict[bytes, _File] = {}
+        self._by_node: dict[int, _File] = {}
+        self._indexes: dict[tuple[int, int], BlobIndex] = {}
+        self._seen: tuple[int, ...] = ()
+        self._lock = threading.Lock()
+
+    # --- the directory of blob files ---------------------------------------------------------
+
+    def _table(self) -> dict[bytes, _File]:
+        """Blob files by name, brought up to date with the Vfs's images."""
+        insts = self.vfs.instances()
+        key = tuple(id(i) for i in insts)
+        with self._lock:
+            if key == self._seen:
+                return self._files
+            files: dict[bytes, _File] = {}
+            old = {f.name: f.node for f in self._by_node.values()}
+            next_node = max(self._by_node, default=ROOT_ID) + 1
+            for inst in insts:
+                if not isinstance(inst.bs, BootstrapV6):
+                    continue  # RAFS v5 has no EROFS form
+                for bi, blob in enumerate(inst.bs.blobs):
+                    name = blob.blob_id.encode()
+                    if name in files or has_spans(blob):
+                        continue
+                    node = old.get(name)
+                    if node is None:
+                        node, next_node = next_node, next_node + 1
+                    files[name] = _File(name, node, inst, bi, blob.uncompressed_size)
+            self._files = files
+            # node ids stay with their names; a blob that went away keeps its id reserved
+            self._by_node = {**self._by_node, **{f.node: f for f in files.values()}}
+            self._seen = key
+            return files
+
+    def _file(self, node: int) -> _File:
+        f = self._by_node.get(node)
+        if f is None or self._table().get(f.name) is not f:
+            raise FuseError(errno.ENOENT if f is None else errno.ESTALE)
+        return f
+
+    def _index(self, f: _File) -> BlobIndex:
+        key = (id(f.inst), f.blob_index)
+        idx = self._indexes.get(key)
+        if idx is None or idx.inst is not f.inst:
+            idx = BlobIndex(f.inst, f.blob_index)
+            with self._lock:
+                self._indexes[key] = idx
+        return idx
+
+    def _attr(self, f: _File) -> P.Attr:
+        return P.Attr(ino=f.node, mode=stat.S_IFREG | 0o444, size=f.size,
+                      blocks=(f.size + 511) // 512, uid=0, gid=0, time_ns=self.start_ns)
+
+    def _root_attr(self) -> P.Attr:
+        return P.Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2, time_ns=self.start_ns)
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def _lookup(self, req: P.Request) -> Reply:
+        if req.nodeid != ROOT_ID:
+            raise FuseError(errno.ENOTDIR)
+        name: bytes = req.arg
+        if name in (b".", b".."):
+            return [P.reply(req.unique, P.entry_body(ROOT_ID, self._root_attr(), 0, 0))]
+        f = self._table().get(name)
+        if f is None:
+            raise FuseError(errno.ENOENT)  # not cached: an image may come later
+        return [P.reply(req.unique, P.entry_body(f.node, self._attr(f), FOREVER, FOREVER))]
+
+    def _getattr(self, req: P.Request) -> Reply:
+        if req.nodeid == ROOT_ID:
+            return [P.reply(req.unique, P.attr_body(self._root_attr(), 0))]
+        return [P.reply(req.unique, P.attr_body(self._attr(self._file(req.nodeid)), FOREVER))]
+
+    def _open(self, req: P.Request) -> Reply:
+        if req.arg & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FuseError(errno.EROFS)
+        if req.nodeid == ROOT_ID:
+            raise FuseError(errno.EISDIR)
+        self._file(req.nodeid)
+        return [P.reply(req.unique, P.open_body(req.nodeid, P.FOPEN_DIRECT_IO | P.FOPEN_NOFLUSH))]
+
+    def _opendir(self, req: P.Request) -> Reply:
+        if req.nodeid != ROOT_ID:
+            raise FuseError(errno.ENOTDIR)
+        return [P.reply(req.unique, P.open_body(req.nodeid, 0))]
+
+    def _release(self, req: P.Request) -> Reply:
+        return [P.reply(req.unique)]
+
+    def _readdir(self, req: P.Request) -> Reply:
+        if req.nodeid != ROOT_ID:
+            raise FuseError(errno.ENOTDIR)
+        arg: P.ReadIn = req.arg
+        plus = req.opcode == P.READDIRPLUS
+        files = sorted(self._table().values(), key=lambda f: f.name)
+        out = bytearray()
+        for i in range(arg.offset, len(files)):
+            f = files[i]
+            if len(out) + P.dirent_size(f.name, plus) > arg.size:
+                break
+            if plus:
+                entry = P.entry_body(f.node, self._attr(f), FOREVER, FOREVER)
+                out += P.pack_direntplus(entry, f.node, i + 1, _DT_REG, f.name)
+            else:
+                out += P.pack_dirent(f.node, i + 1, _DT_REG, f.name)
+        return [P.reply(req.unique, bytes(out))]
+
+    def _read(self, req: P.Request) -> Reply:
+        arg: P.ReadIn = req.arg
+        f = self._file(req.nodeid)
+        end = min(arg.offset + arg.size, f.size)
+        if end <= arg.offset:
+            return [P.header(req.unique, 0)]
+        data = self.read_blob(f, arg.offset, end, req.unique)
+        return [P.header(req.unique, len(data)), data]
+
+    def read_blob(self, f: _File, offset: int, end: int, unique: int = 0) -> bytearray:
+        """Bytes ``[offset, end)`` of blob file ``f`` (end inside the blob)."""
+        inst, bi = f.inst, f.blob_index
+        out = bytearray(end - offset)
+        pieces = self._index(f).pieces(offset, end)
+        if not pieces:
+            return out
+        cache = inst.cache(bi)
+        refs = []
+        for _pos, index, inner, length in pieces:
+            rec = inst.bs.chunk_record(bi, index)
+            if rec is None:
+                raise FuseError(errno.EIO)
+            refs.append((ChunkRef(index=rec.index, c_off=rec.compressed_offset,
+                                  c_size=rec.compressed_size, u_off=rec.uncompressed_offset,
+                                  u_size=rec.uncompressed_size, compressed=rec.is_compressed,
+                                  digest=rec.digest), inner, length))
+        data = cache.read_cached(refs)
+        if data is None:
+            self.inflight[unique] = (f.node, "read", 0.0)
+            try:
+                data = cache.read(refs, amplify=False)
+            finally:
+                self.inflight.pop(unique, None)
+        # the pieces' bytes back to back; put each at its place in the range
+        pos = 0
+        for at, _index, _inner, length in pieces:
+            out[at:at + length] = data[pos:pos + length]
+            pos += length
+        inst.fs_stats.record("read", size=len(out))
+        return out
+
+    def _listxattr(self, req: P.Request) -> Reply:
+        size: int = req.arg
+        return [P.reply(req.unique, P.xattr_size_body(0) if size == 0 else b"")]
+
+    def _getxattr(self, req: P.Request) -> Reply:
+        raise FuseError(errno.ENODATA)
+
+    def _readlink(self, req: P.Request) -> Reply:
+        raise FuseError(errno.EINVAL)
+
+    def _statfs(self, req: P.Request) -> Reply:
+        return [P.reply(req.unique, P.statfs_body(files=len(self._table())))]

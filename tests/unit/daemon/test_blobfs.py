@@ -1,0 +1,87 @@
+"""Blob files (``pynydusd --blob-files``) answer kernel requests, without a mount.
+
+Contract: the root lists one regular read-only file per blob, named by its id, sized as
+the blob's uncompressed address space; a read at any offset returns that space's bytes
+(each chunk decompressed at its uncompressed offset, zeros between chunks), short only
+at the end; opens are direct I/O and refuse writing; other nodes are not directories.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+
+from pynydus.daemon import fuseproto as P
+from pynydus.daemon.blobfs import BlobFileServer
+from pynydus.daemon.vfs import Vfs
+from pynydus.rafs.builder import build
+from tests.harness.rafs_instance import local_instance
+from tests.unit.daemon.test_fuseops import Kernel
+
+BIG = bytes(range(256)) * 4096 * 3  # 3 MiB: several chunks
+SMALL = b"small file\n"
+
+
+@pytest.fixture
+def served(tmp_path: Path):  # type: ignore[no-untyped-def]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(BIG)
+    (src / "small").write_bytes(SMALL)
+    (src / "empty").write_bytes(b"")
+    (tmp_path / "blobs").mkdir()
+    res = build(str(src), str(tmp_path / "image.boot"), str(tmp_path / "blobs"),
+                compressor="lz4_block", chunk_size=1 << 20)
+    inst = local_instance(tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "cache")
+    vfs = Vfs()
+    vfs.dedicated = inst
+    kernel = Kernel(BlobFileServer(vfs))
+    kernel.init()
+    yield kernel, inst, res
+    inst.close()
+
+
+def _address_space(inst, size: int) -> bytes:  # type: ignore[no-untyped-def]
+    out = bytearray(size)
+    for name, data in ((b"/big", BIG), (b"/small", SMALL)):
+        for c in inst.bs.chunks(inst.bs.lookup_path(name)):
+            piece = data[c.file_offset:c.file_offset + c.uncompressed_size]
+            out[c.uncompressed_offset:c.uncompressed_offset + len(piece)] = piece
+    return bytes(out)
+
+
+def test_root_lists_one_file_per_blob(served) -> None:  # type: ignore[no-untyped-def]
+    kernel, _inst, res = served
+    blob = res.blobs[-1]
+    assert [e[0] for e in kernel.listing(P.ROOT_ID, plus=False)] == [blob.blob_id.encode()]
+    assert [e[0] for e in kernel.listing(P.ROOT_ID, plus=True)] == [blob.blob_id.encode()]
+    node, _, attr = kernel.lookup(P.ROOT_ID, blob.blob_id.encode())
+    assert node == attr.ino != P.ROOT_ID
+    assert stat.S_ISREG(attr.mode) and attr.mode & 0o777 == 0o444
+    assert attr.size == blob.uncompressed_size and attr.size % 4096 == 0
+    assert kernel.send(P.LOOKUP, P.ROOT_ID, b"nope\0")[0] == errno.ENOENT
+    assert kernel.send(P.LOOKUP, node, b"x\0")[0] == errno.ENOTDIR
+    _, root = P.parse_attr(kernel.ok(P.GETATTR, P.ROOT_ID, b"\0" * 16))
+    assert stat.S_ISDIR(root.mode)
+
+
+def test_reads_are_the_uncompressed_address_space(served) -> None:  # type: ignore[no-untyped-def]
+    kernel, inst, res = served
+    blob = res.blobs[-1]
+    node = kernel.lookup(P.ROOT_ID, blob.blob_id.encode())[0]
+    fh, flags, _ = P.parse_open(kernel.ok(P.OPEN, node, struct.pack("<II", os.O_RDONLY, 0)))
+    assert fh == node and flags & P.FOPEN_DIRECT_IO
+    for flag in (os.O_WRONLY, os.O_RDWR):
+        assert kernel.send(P.OPEN, node, struct.pack("<II", flag, 0))[0] == errno.EROFS
+    size = blob.uncompressed_size
+    want = _address_space(inst, size)
+    got = b"".join(kernel.read(node, off, 1 << 20) for off in range(0, size, 1 << 20))
+    assert got == want
+    for off, n in ((1, 10), ((1 << 20) - 5, 10), (size - 7, 4096), (3 << 20, 4096)):
+        assert kernel.read(node, off, n) == want[off:off + n]
+    assert kernel.read(node, size, 4096) == b""
