@@ -20,6 +20,9 @@ import pytest
 
 from pynydus import labels as L
 from pynydus.api import snapshots_pb2 as pb
+from pynydus.host.mountinfo import read_mountinfo
+from pynydus.tarfs import erofs
+from pynydus.tarfs.manager import FILE_READ_AHEAD_KB
 from tests.harness.snapshotter import Snapshotter
 
 from .support import check_rootfs, erofs_mounts, labels_of, loops_under, pull_oci, rootfs
@@ -40,6 +43,14 @@ def test_pulled_layers_are_skipped_and_the_rootfs_is_the_image(
         check_rootfs(root)
         mounts = erofs_mounts(tarfs_snap)
         assert mounts, "no EROFS mount serves the image"
+        if (tarfs_snap.env or {}).get("PYNYDUS_TARFS_BACKING") == "file":
+            # direct I/O from the tar, a wide read-ahead window (docs/decisions.md, tarfs)
+            for m in mounts:
+                opts = next(e.options for e in read_mountinfo() if e.mountpoint == m)
+                assert "directio" in opts.split(","), opts
+                bdi = erofs.mount_bdi(m)
+                assert bdi is not None
+                assert int(Path(bdi, "read_ahead_kb").read_text()) == FILE_READ_AHEAD_KB
     # each layer blob fetched once (plus the config), nothing by containerd
     assert reg.blob_gets() - before == len(built.layers) + 1
 
