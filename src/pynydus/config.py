@@ -149,7 +149,6 @@ class TarfsMountMode(enum.StrEnum):
 
 # Why the unsupported keys are refused, once per feature.
 _SYSTEM = "the system controller's debug listeners ([system.debug])"
-_KEYCHAIN = "registry credentials from Kubernetes (kubeconfig, CRI or kubelet keychains)"
 
 
 # --- sections -------------------------------------------------------------------------
@@ -262,9 +261,9 @@ class AuthConfig:
     enable_kubelet_credential_providers: bool = False
     credential_provider_config: str = ""  # kubelet's --image-credential-provider-config
     credential_provider_bin_dir: str = ""  # kubelet's --image-credential-provider-bin-dir
-    # 0: no renewal loop
-    credential_renewal_interval: float = with_meta(duration(0.0, positive=False),
-                                                   unsupported=_KEYCHAIN)
+    # seconds between passes that ask the renewable sources again for the credentials of
+    # running images and hand new ones to their daemons (manager.renewal); 0: no renewal
+    credential_renewal_interval: float = duration(0.0, positive=False)
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,9 @@ SNAPSHOTTER: dict[str, Case] = {
                                    "test_kubelet_credential_provider_plugin")
        for k in ("enable_kubelet_credential_providers", "credential_provider_config",
                  "credential_provider_bin_dir")},
-    "remote.auth.credential_renewal_interval": Refused('"1h"'),
+    "remote.auth.credential_renewal_interval": ShownBy(
+        "tests/integration/nydus/test_credential_renewal.py::"
+        "test_images_keep_reading_after_their_credentials_expired"),
     "snapshot.enable_nydus_overlayfs": Effect("true", lambda d, s: (
         (d.options().nydus_overlayfs_type, s.options().nydus_overlayfs_type)
         == ("", "fuse.nydus-overlayfs")) or pytest.fail("enable_nydus_overlayfs")),

@@ -790,17 +790,30 @@ class Daemon:
         return {"registry_auth": "<redacted>" if self.auth_overrides else ""}
 
     def update_config(self, sid: str | None, values: dict[str, Any]) -> None:
-        allowed = {"registry_auth", "proxy_url", "dragonfly_scheduler_endpoint"}
+        """nydusd's hot credential update: ``registry_auth`` (base64 of user:password),
+        or pynydusd's ``registry_token`` (a bearer token used as-is, which nydusd cannot
+        take at run time); the backends of the image(s) drop the tokens they hold."""
+        allowed = {"registry_auth", "registry_token", "proxy_url", "dragonfly_scheduler_endpoint"}
         unknown = set(values) - allowed
         if unknown:
             raise InvalidArgument(f"config keys {sorted(unknown)} cannot be changed at run time")
-        auth = values.get("registry_auth")
-        if auth is not None:
-            for inst in self._instances_for(sid):
-                backend = inst.backend
-                if hasattr(backend, "update_auth"):
-                    backend.update_auth(auth)
-            self.auth_overrides[sid or "/"] = auth
+        auth, token = values.get("registry_auth"), values.get("registry_token")
+        if auth is None and token is None:
+            return
+        if auth is not None and token is not None:
+            raise InvalidArgument("registry_auth and registry_token: give one of them")
+        if not isinstance(auth if token is None else token, str) or token == "":
+            raise InvalidArgument("registry_auth / registry_token: want a non-empty string")
+        from pynydus.registry.credentials import Credentials  # httpx: not at start-up
+
+        # checked before any backend takes it: a bad value changes nothing
+        creds = Credentials(registry_token=token) if token is not None else \
+            Credentials.from_auth_string(str(auth))
+        for inst in self._instances_for(sid):
+            backend = inst.backend
+            if hasattr(backend, "update_auth"):
+                backend.update_auth(creds)
+        self.auth_overrides[sid or "/"] = "set"
 
     def backend_info(self, mountpoint: str) -> dict[str, Any]:
         inst = self._inst_for(mountpoint)

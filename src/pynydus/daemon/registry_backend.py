@@ -22,6 +22,7 @@ from pynydus.daemon.config import RegistryConfig
 
 if TYPE_CHECKING:
     from pynydus.registry.client import RegistryClient
+    from pynydus.registry.credentials import Credentials
 
 
 def client_from_config(cfg: RegistryConfig) -> RegistryClient:
@@ -98,8 +99,9 @@ class RegistryBackend:
         digest = blob_id if ":" in blob_id else f"sha256:{blob_id}"
         return self.client.read_blob_range(self.repo, digest, offset, length)
 
-    def update_auth(self, auth: str) -> None:
-        """Hot credential refresh (PUT /api/v1/config {"registry_auth": base64})."""
+    def update_auth(self, auth: Credentials | str) -> None:
+        """Hot credential refresh (PUT /api/v1/config {"registry_auth": base64} or
+        {"registry_token": token})."""
         self.client.set_credentials(auth)
 
     def close(self) -> None:

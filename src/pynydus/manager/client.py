@@ -142,6 +142,11 @@ class DaemonClient:
         path = "/api/v1/config" + (f"?id={sid}" if sid else "")
         self._request("PUT", path, {"registry_auth": auth_b64})
 
+    def update_token(self, token: str, sid: str | None = None) -> None:
+        """pynydusd's extension of ``PUT /api/v1/config``: a new bearer token."""
+        path = "/api/v1/config" + (f"?id={sid}" if sid else "")
+        self._request("PUT", path, {"registry_token": token})
+
     def exit(self) -> None:
         self._request("PUT", "/api/v1/daemon/exit")
 

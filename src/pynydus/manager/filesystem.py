@@ -37,6 +37,7 @@ from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_bi
 from pynydus.manager.prefetchlookup import PrefetchListLookup
 from pynydus.manager.prefetchrecord import ListRecorder
 from pynydus.manager.registryaccess import build_keychain, check_access
+from pynydus.manager.renewal import CredentialRenewal
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.manager.supervisor import Supervisor
 from pynydus.rafs.format import bootstrap_version
@@ -169,6 +170,10 @@ class NydusFilesystem:
         self.list_recorder = ListRecorder(self.root, self.list_lookup, push=plc.push,
                                           timeout=plc.record_timeout) if plc.record else None
         self.cache_gc = CacheGcStats()  # what Cleanup's cache GC did, for the metrics
+        # [remote.auth] credential_renewal_interval: new credentials to running daemons
+        interval = cfg.remote.auth.credential_renewal_interval
+        self.renewal = CredentialRenewal(self, self.keychain, interval) if interval > 0 \
+            else None
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -202,6 +207,8 @@ class NydusFilesystem:
             self._shared_daemon()
         self.manager.start_monitor()
         self._refill_standby()
+        if self.renewal is not None:
+            self.renewal.start()
 
     def close(self, teardown: bool = False) -> None:
         """Stop supervising. Daemons serving images keep running (containers read through
@@ -219,6 +226,8 @@ class NydusFilesystem:
         self._refill_now.set()
         if self.list_recorder is not None:
             self.list_recorder.close()
+        if self.renewal is not None:
+            self.renewal.close()
         self.list_lookup.close()
         if self._refill_thread is not None:
             self._refill_thread.join(timeout=20)  # it stops what it started once it sees closing
@@ -257,6 +266,21 @@ class NydusFilesystem:
 
     def has_instance(self, sid: str) -> bool:
         return sid in self.instances
+
+    # --- what credential renewal asks (manager.renewal.Instances) -------------------------
+
+    def renewal_targets(self) -> list[RafsRecord]:
+        """The instances whose credentials came from a source that may renew them."""
+        return [r for r in list(self.instances.values()) if r.credentials_renewable]
+
+    def instance_lock(self, sid: str) -> threading.Lock:
+        return self._sid_lock(sid)
+
+    def current(self, sid: str) -> RafsRecord | None:
+        return self.instances.get(sid)
+
+    def live_daemon(self, daemon_id: str) -> LiveDaemon | None:
+        return self.manager.daemons.get(daemon_id)
 
     def _sid_lock(self, sid: str) -> threading.Lock:
         with self._lock:
@@ -310,7 +334,12 @@ class NydusFilesystem:
                 listed.cancel()
                 self.list_lookup.forget(image_ref, labels)
                 raise
+            if creds.found is not None:
+                rec.credential_source = creds.found.source
+                rec.credentials_renewable = creds.found.renewable
             stored = self.instances[sid] = self.store.put_instance(rec)
+            if self.renewal is not None and creds.found is not None:
+                self.renewal.mounted(stored, creds.found.credentials)
             self.list_lookup.deliver(listed, functools.partial(self._send_list, stored),
                                      f"image {q(image_ref)}")
             if self.list_recorder is not None:

@@ -69,7 +69,11 @@ def build_keychain(cfg: SnapshotterConfig, *, cri: Source | None = None,
     if kube_secrets is None and cfg.remote.auth.enable_kubeconfig_keychain:
         from pynydus.registry.kubesecrets import KubeSecrets
 
-        kube_secrets = KubeSecrets.start(cfg.remote.auth.kubeconfig_path)
+        ks = KubeSecrets.start(cfg.remote.auth.kubeconfig_path)
+        interval = cfg.remote.auth.credential_renewal_interval
+        if interval > 0:  # a renewal pass sees secrets at most one interval old
+            ks.refresh = min(ks.refresh, interval)
+        kube_secrets = ks
     if kube_secrets is not None:
         sources.append(kube_secrets)
     return Keychain(sources)

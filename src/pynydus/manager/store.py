@@ -47,6 +47,11 @@ class RafsRecord:
     config_path: str
     seq: int = 0
     annotations: dict[str, str] = field(default_factory=dict)
+    # where the daemon's registry credentials came from (a keychain source's description,
+    # never a secret; "" when the image was mounted anonymously), and whether renewal asks
+    # the sources again for them (not for the snapshot labels' own)
+    credential_source: str = ""
+    credentials_renewable: bool = False
 
 
 _SCHEMA = (

@@ -127,10 +127,11 @@ def parse_pull_request(data: bytes) -> PullRequest:
 @dataclass
 class CriKeychain:
     """Credentials of the PullImage calls seen, by image reference and by repository.
-    Thread-safe. A keychain source (``name``, ``renewable``, ``find``)."""
+    Thread-safe. A keychain source (``name``, ``renewable``, ``find``): renewable, as a
+    later PullImage of the image (a new pod) brings the credentials kubelet has then."""
 
     name: str = "CRI keychain"
-    renewable: bool = False
+    renewable: bool = True
     max_entries: int = MAX_ENTRIES
     _by_key: OrderedDict[str, Credentials] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -160,4 +161,4 @@ class CriKeychain:
             creds = self._by_key.get(str(ref)) or self._by_key.get(ref.name)
         if creds is None:
             return None
-        return Found(creds, f"the CRI keychain (PullImage of {ref.name})")
+        return Found(creds, f"the CRI keychain (PullImage of {ref.name})", renewable=True)

@@ -10,9 +10,9 @@ Sources, first that has credentials wins (nydus-snapshotter ``pkg/auth/keychain.
 4. kubelet's credential provider plugins (``enable_kubelet_credential_providers``);
 5. Kubernetes ``dockerconfigjson`` secrets (``enable_kubeconfig_keychain``).
 
-Sources 3-5 are *renewable*: asked again later they may give fresh credentials (a
-rotated password, a new short-lived token), which :mod:`pynydus.manager.renewal` hands to
-running daemons. A source that fails (a helper that hangs or prints garbage, a plugin that
+Sources 2-5 are *renewable*: asked again later they may give fresh credentials (a
+rotated password, a new short-lived token, the credentials of a later PullImage), which
+:mod:`pynydus.manager.renewal` hands to running daemons. A source that fails (a helper that hangs or prints garbage, a plugin that
 errs, an API that does not answer) does not stop the lookup: its error is kept, named, and
 reported with the result, so that a mount that then lacks credentials says why.
 """
@@ -117,7 +117,7 @@ class Keychain:
     def lookup(self, image_ref: str, labels: Mapping[str, str] | None = None, *,
                renewable_only: bool = False) -> Lookup:
         """Ask the sources in order for ``image_ref``'s registry; the first credentials
-        win. ``renewable_only``: skip labels and the CRI (what renewal asks). Never raises
+        win. ``renewable_only``: skip the labels (what renewal asks). Never raises
         for a failing source: its error is in ``failures`` (and logged)."""
         ref = parse_reference(image_ref)
         failures: list[str] = []

@@ -19,8 +19,10 @@ for it work unchanged:
 
 Upstream collects the daemon metrics on a timer (``collect_interval``); here they are
 collected when scraped, each daemon asked with a short timeout (one that does not answer
-is left out of that scrape). Not exported: the const histograms of read sizes and
-latencies, daemon lifetime events, credential renewal.
+is left out of that scrape). With ``credential_renewal_interval``:
+``snapshotter_credential_renewals_total{image_ref,result}`` and
+``snapshotter_credential_store_entries{image_ref}``. Not exported: the const histograms of
+read sizes and latencies, daemon lifetime events.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from pynydus.manager.filesystem import NydusFilesystem
+    from pynydus.manager.renewal import CredentialRenewal
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,24 @@ class _NydusCollector(Collector):
                                      "Cache files the cache GC could not delete")
         errors.add_metric([], fs.cache_gc.errors)
         yield errors
+        if fs.renewal is not None:
+            yield from self._renewal(fs.renewal)
         yield from self._daemons()
+
+    @staticmethod
+    def _renewal(renewal: CredentialRenewal) -> Iterator[Any]:
+        renewals = CounterMetricFamily("snapshotter_credential_renewals",
+                                       "Credential renewal attempts by image and result",
+                                       labels=["image_ref", "result"])
+        for image, result, n in renewal.metrics():
+            renewals.add_metric([image, result], n)
+        yield renewals
+        entries = GaugeMetricFamily("snapshotter_credential_store_entries",
+                                    "Images whose credentials renewal keeps fresh",
+                                    labels=["image_ref"])
+        for image in sorted(renewal.stats.tracked):
+            entries.add_metric([image], 1)
+        yield entries
 
     def _daemons(self) -> Iterator[Any]:
         counts = GaugeMetricFamily("nydusd_counts", "Running daemons by version", labels=["version"])

@@ -132,3 +132,33 @@ def test_wrong_credentials_are_eio_not_a_hang(
     assert status == 204
     assert (d.mountpoint / "files/tiny").read_bytes() == \
         (full_image.src / "files/tiny").read_bytes()
+
+
+def test_a_bearer_token_is_replaced_at_run_time(
+        full_image: Image, token_registry: tuple[Registry, TokenServer],
+        start_daemon: StartFn, workdir: Path) -> None:
+    """``registry_token`` (a bearer token used as is) through ``PUT /api/v1/config``,
+    pynydusd's extension for credential renewal: a daemon whose token the registry
+    refuses (expired) reads EIO, and reads again once handed a fresh one. A bad value
+    changes nothing."""
+    reg, ts = token_registry
+    scope = [f"repository:{REPO}:pull"]
+    ts.exp_offset = -3600  # expired an hour ago, leeway or not
+    try:
+        expired = ts.make_jwt(USER, scope)
+    finally:
+        ts.exp_offset = 0.0
+    cfg = registry_config(reg.host, REPO, workdir / "cache", timeout=3)
+    cfg["device"]["backend"]["config"]["registry_token"] = expired
+    d = start_daemon(bootstrap=full_image.bootstrap, config=cfg)
+    with pytest.raises(OSError) as err:
+        (d.mountpoint / "files/tiny").read_bytes()
+    assert err.value.errno == errno.EIO
+    for bad in ({"registry_token": ""}, {"registry_token": 7},
+                {"registry_token": "x", "registry_auth": "eDp5"}):
+        status, _ = d.api("PUT", "/api/v1/config", bad)
+        assert status == 400, bad
+    status, _ = d.api("PUT", "/api/v1/config", {"registry_token": ts.make_jwt(USER, scope)})
+    assert status == 204
+    assert (d.mountpoint / "files/tiny").read_bytes() == \
+        (full_image.src / "files/tiny").read_bytes()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -84,3 +89,50 @@ def exists(snap: Snapshotter, key: str) -> bool:
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.NOT_FOUND, err
         return False
+
+
+class FakeKubeAPI:
+    """``GET /api/v1/secrets?fieldSelector=type=kubernetes.io/dockerconfigjson`` with a
+    bearer token: the cluster's pull secrets, ``secrets`` (a list, or a function giving
+    the list of the moment: a secret an operator rotates)."""
+
+    def __init__(self, token: str,
+                 secrets: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]]) -> None:
+        api = self
+        self.token, self.secrets, self.lists = token, secrets, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                ok = (self.headers.get("Authorization") == f"Bearer {api.token}" and
+                      self.path == "/api/v1/secrets?fieldSelector="
+                                   "type%3Dkubernetes.io%2Fdockerconfigjson")
+                items = api.secrets() if callable(api.secrets) else api.secrets
+                body = json.dumps({"kind": "SecretList", "apiVersion": "v1", "items": items}
+                                  if ok else {"kind": "Status", "code": 401}).encode()
+                api.lists += ok
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def pull_secret(ns: str, name: str, host: str, user: str, password: str) -> dict[str, Any]:
+    """A ``kubernetes.io/dockerconfigjson`` secret with ``user:password`` for ``host``."""
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    cfg = json.dumps({"auths": {host: {"auth": auth}}}).encode()
+    return {"metadata": {"namespace": ns, "name": name},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64.b64encode(cfg).decode()}}

@@ -40,7 +40,7 @@ from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import make_workdir, remove_tree
 from tests.integration.registry.servers import TokenServer
 
-from .support import REPO, container_rootfs, pull_nydus_image
+from .support import REPO, FakeKubeAPI, container_rootfs, pull_nydus_image, pull_secret
 
 pytestmark = [pytest.mark.root]
 
@@ -279,52 +279,6 @@ def test_failing_sources_are_named_and_bounded_while_others_serve(
         remove_tree(work)
 
 
-class _FakeKubeAPI:
-    """``GET /api/v1/secrets?fieldSelector=type=kubernetes.io/dockerconfigjson`` with a
-    bearer token: the cluster's pull secrets (one for another registry, one for ours)."""
-
-    def __init__(self, token: str, secrets: list[dict]) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        api = self
-        self.token, self.secrets, self.lists = token, secrets, 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                ok = (self.headers.get("Authorization") == f"Bearer {api.token}" and
-                      self.path == "/api/v1/secrets?fieldSelector="
-                                   "type%3Dkubernetes.io%2Fdockerconfigjson")
-                body = json.dumps({"kind": "SecretList", "apiVersion": "v1",
-                                   "items": api.secrets} if ok else
-                                  {"kind": "Status", "code": 401}).encode()
-                api.lists += ok
-                self.send_response(200 if ok else 401)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _pull_secret(ns: str, name: str, host: str, user: str, password: str) -> dict:
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    cfg = json.dumps({"auths": {host: {"auth": auth}}}).encode()
-    return {"metadata": {"namespace": ns, "name": name},
-            "type": "kubernetes.io/dockerconfigjson",
-            "data": {".dockerconfigjson": base64.b64encode(cfg).decode()}}
-
-
 def test_kubeconfig_keychain_reads_the_clusters_pull_secrets(private: dict,
                                                              tmp_path: Path) -> None:
     """``enable_kubeconfig_keychain`` with ``kubeconfig_path``: the image pull secret of
@@ -333,8 +287,8 @@ def test_kubeconfig_keychain_reads_the_clusters_pull_secrets(private: dict,
     reg: Registry = private["registry"]
     work = make_workdir("kubesec")
     token = "kube-" + secrets.token_hex(8)
-    api = _FakeKubeAPI(token, [_pull_secret("apps", "other", "elsewhere.io", "x", "y"),
-                               _pull_secret("apps", "regcred", reg.host, USER, PASSWORD)])
+    api = FakeKubeAPI(token, [pull_secret("apps", "other", "elsewhere.io", "x", "y"),
+                               pull_secret("apps", "regcred", reg.host, USER, PASSWORD)])
     try:
         kubeconfig = work / "kubeconfig"
         kubeconfig.write_text(textwrap.dedent(f"""

@@ -85,7 +85,12 @@ class _Base:
 # ------------------------------------------------------------------ token server
 @dataclass
 class TokenServer(_Base):
-    """``GET /token?service=&scope=&account=`` with Basic auth → ``{"token": JWT}``."""
+    """``GET /token?service=&scope=&account=`` with Basic auth → ``{"token": JWT}``.
+
+    Short-lived passwords, as a cloud registry has them (the password is itself a token):
+    ``mint()``, or ``GET /mint`` with Basic ``mint_user:mint_key`` (for a credential
+    helper of the test's own), issues a password of ``mint_user`` that the token server
+    takes for ``mint_ttl`` seconds."""
 
     workdir: Path
     users: dict[str, str] = field(default_factory=dict)
@@ -97,6 +102,23 @@ class TokenServer(_Base):
     readonly_users: set[str] = field(default_factory=set)  # granted "pull" only
     issued: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    mint_user: str = ""
+    mint_key: str = ""
+    mint_ttl: float = 8.0
+    minted: dict[str, float] = field(default_factory=dict)  # password -> time.time() expiry
+    refused: int = 0  # token requests refused for a bad or expired password
+
+    def mint(self) -> str:
+        pw = "minted-" + uuid.uuid4().hex
+        with self._lock:
+            self.minted[pw] = time.time() + self.mint_ttl
+        return pw
+
+    def password_ok(self, user: str, pw: str) -> bool:
+        if user and self.users.get(user) == pw:
+            return True
+        with self._lock:
+            return bool(user) and user == self.mint_user and self.minted.get(pw, 0) > time.time()
 
     def __post_init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -168,6 +190,14 @@ class _TokenHandler(BaseHTTPRequestHandler):
         q = parse_qs(u.query)
         user = ""
         authz = self.headers.get("Authorization", "")
+        if u.path == "/mint":
+            want = "Basic " + base64.b64encode(f"{ts.mint_user}:{ts.mint_key}".encode()).decode()
+            if not ts.mint_key or authz != want:
+                self._reply(401, {"errors": [{"code": "UNAUTHORIZED", "message": "mint"}]})
+                return
+            self._reply(200, {"username": ts.mint_user, "password": ts.mint(),
+                              "expires_in": ts.mint_ttl})
+            return
         with ts._lock:
             ts.requests.append({"query": q, "authorization": authz})
         if authz.startswith("Basic "):
@@ -175,7 +205,9 @@ class _TokenHandler(BaseHTTPRequestHandler):
                 user, _, pw = base64.b64decode(authz[6:]).decode().partition(":")
             except ValueError:
                 user, pw = "", ""
-            if ts.users.get(user) != pw or not user:
+            if not ts.password_ok(user, pw):
+                with ts._lock:
+                    ts.refused += 1
                 self._reply(401, {"errors": [{"code": "UNAUTHORIZED",
                                               "message": "bad user or password"}]})
                 return
