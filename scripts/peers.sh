@@ -9,7 +9,7 @@
 #
 # What is already installed is skipped, so a second run takes seconds. Prints one line
 # per peer (name, version, bin directory) and exits non-zero naming any required peer
-# that failed. Optional peers (nerdctl, nydusify) that cannot be installed by name are
+# that failed. Optional peers (nydusify) that cannot be installed by name are
 # reported as "NAME: not installable by name: REASON" and do not fail the run; that
 # verdict is remembered in NAME-VERSION.unavailable (PYNYDUS_PEERS_RETRY=1 tries again).
 # Build logs: $PYNYDUS_PEERS_CACHE/_logs/NAME-VERSION.log.
@@ -30,13 +30,19 @@ declare -A SPEC=(
   [nydusify]="go|github.com/dragonflyoss/nydus/contrib/nydusify|cmd/nydusify|nydusify|"
 )
 ORDER=(nydus-rs nydus-snapshotter containerd2 crictl h2spec nerdctl nydusify)
-# Optional: they do not build by name through the Go module proxy we reach (the exact
-# reason is printed and kept in NAME-VERSION.unavailable): nerdctl v2's go.mod has a
-# replace directive, so go install refuses it, and built by name it needs a moby/v2 beta
-# that the proxy refuses (403); nydusify's module, which lives inside the nydus repository,
-# is refused by the proxy outright (403), so upstream's replace directives never even come
-# into play. Nothing may depend on them; they are tried so a proxy that serves them works.
-OPTIONAL=" nerdctl nydusify "
+# Dependencies of a Go peer moved to another version the proxy serves, when upstream's own
+# is refused (403): "module=version ...". nerdctl v2.4.2 requires moby/moby/v2
+# v2.0.0-beta.28, which the proxy refuses; of that module nerdctl uses only pkg/sysinfo and
+# pkg/meminfo, which beta.25 (the newest the proxy serves) has with the same API.
+declare -A DEP_PINS=(
+  [nerdctl]="github.com/moby/moby/v2=v2.0.0-beta.25"
+)
+# Optional: it does not build by name through the Go module proxy we reach (the exact
+# reason is printed and kept in NAME-VERSION.unavailable): nydusify's module, which lives
+# inside the nydus repository, is refused by the proxy outright (403), so upstream's
+# replace directives never even come into play. Nothing may depend on it; it is tried so
+# a proxy that serves it works.
+OPTIONAL=" nydusify "
 # Debian packages needed to build them: C toolchain for cgo and the -sys crates, OpenSSL.
 DEB_PKGS=(build-essential pkg-config libssl-dev zlib1g-dev ca-certificates)
 
@@ -106,6 +112,7 @@ cargo_peer() {  # crate version root
 # from the proxy, as a dependency of a throwaway main module that carries upstream's
 # exclude directives and its module-to-module replaces, so the build list is upstream's.
 # Replaces by local path cannot be honoured this way; they are logged and left out.
+# $DEP_PIN ("module=version ...", from DEP_PINS) moves dependencies on top of those.
 go_build_by_name() {  # module version out ldflags pkgs...
   local module=$1 version=$2 out=$3 ldflags=$4; shift 4
   local work rc=0
@@ -130,6 +137,10 @@ for r in d.get("Replace") or []:
     o = old["Path"] + ("@" + old["Version"] if old.get("Version") else "")
     print("-replace=%s=%s@%s" % (o, new["Path"], new["Version"]))
 ') || exit 1
+    for pin in ${DEP_PIN:-}; do
+      echo "peers: $module@$version: ${pin%%=*} replaced by ${pin#*=} (DEP_PINS)"
+      edits+=" -replace=${pin%%=*}=${pin%%=*}@${pin#*=}"
+    done
     if [ -n "$edits" ]; then
       # shellcheck disable=SC2086
       "$GO" mod edit $edits || exit 1
@@ -186,7 +197,7 @@ install_peer() {  # name version
     echo "== $(date -u +%FT%TZ) installing $name $version"
     case "$kind" in
       cargo) cargo_peer "$pkg" "$version" "$part" ;;
-      go) go_peer "$pkg" "$version" "$part/bin" "${ldflags//%V/${version%+incompatible}}" $pkgs ;;
+      go) DEP_PIN="${DEP_PINS[$name]:-}" go_peer "$pkg" "$version" "$part/bin" "${ldflags//%V/${version%+incompatible}}" $pkgs ;;
     esac && smoke "$part/bin" $progs
   } >>"$log" 2>&1 || rc=$?
   local secs=$(( $(date +%s) - start ))
