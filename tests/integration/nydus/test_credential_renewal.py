@@ -39,9 +39,10 @@ import secrets
 import socket
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -298,18 +299,32 @@ def _cri_pull(sock: Path, ref: str, password: str) -> None:
             auth=cri_pb2.AuthConfig(username=MINT_USER, password=password)), timeout=30)
 
 
-def read_rounds(mounts: list[tuple[Img, Path]], seconds: float,
-                also: Callable[[], None] = lambda: None) -> int:
-    """Read file i of every mount in round i, rounds spread over ``seconds``; returns
-    the number of rounds."""
+def kubelet_pulls(sock: Path, ref: str, ts: TokenServer, stop: threading.Event) -> None:
+    """kubelet starting a pod of the image every 2 s: a PullImage with the credentials of
+    the moment (a freshly minted password)."""
+    while not stop.wait(2.0):
+        _cri_pull(sock, ref, ts.mint())
+
+
+def blob_gets(img: Img) -> int:
+    assert img.registry is not None
+    return img.registry.blob_gets(f"sha256:{img.blob_ids[0]}")
+
+
+def read_rounds(mounts: list[tuple[Img, Path]], seconds: float) -> dict[str, float]:
+    """Read file i of every mount in round i, the rounds spread over ``seconds``. Returns
+    the blob GETs of each image when the second half began, and when (``at``)."""
     t0 = time.monotonic()
     step = seconds / FILES
+    half: dict[str, float] = {}
     for i in range(FILES):
+        if i == FILES // 2:
+            half = {img.name: blob_gets(img) for img, _ in mounts}
+            half["at"] = time.monotonic()
         for img, rootfs in mounts:
             read_file(rootfs, img, i)
-        also()
         time.sleep(max(0.0, t0 + (i + 1) * step - time.monotonic()))
-    return FILES
+    return half
 
 
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])
@@ -346,8 +361,12 @@ def test_images_keep_reading_after_their_credentials_expired(
     env = {"DOCKER_CONFIG": str(docker), "PATH": f"{bin_dir}:/usr/bin:/bin"}
     mounts: list[tuple[Img, Path]] = []
     with Snapshotter(config=config, env=env) as snap:
+        stop = threading.Event()
+        kubelet = threading.Thread(target=kubelet_pulls, args=(snap.socket, images["cri"].ref,
+                                                               ts, stop))
         try:
             _cri_pull(snap.socket, images["cri"].ref, ts.mint())
+            kubelet.start()
             for name in ("labels", "cri", "helper", "kubelet"):
                 img = images[name]
                 labels = {"containerd.io/snapshot/pullusername": LABEL_USER,
@@ -359,18 +378,13 @@ def test_images_keep_reading_after_their_credentials_expired(
                 mounts.append((img, rootfs))
             started = time.monotonic()
             tokens_before, minted_before = ts.issued, len(ts.minted)
-            last_pull = [started]
-
-            def kubelet_pulls() -> None:  # a new pod every 2 s: a new PullImage
-                if time.monotonic() - last_pull[0] >= 2:
-                    _cri_pull(snap.socket, images["cri"].ref, ts.mint())
-                    last_pull[0] = time.monotonic()
-            read_rounds(mounts, READ_SECONDS, kubelet_pulls)
+            half = read_rounds(mounts, READ_SECONDS)
+            assert half["at"] - started > PASSWORD_TTL  # the first credentials are gone
             took = time.monotonic() - started
             assert took >= 2 * PASSWORD_TTL
-            for img, _ in mounts:  # every file was a registry request
-                gets = img.registry.blob_gets(f"sha256:{img.blob_ids[0]}")  # type: ignore[union-attr]
-                assert gets >= FILES, (img.name, gets)
+            for img, _ in mounts:  # every file of the second half was a registry request,
+                gets = blob_gets(img) - half[img.name]  # read with the credentials of then
+                assert gets >= FILES // 2, (img.name, gets)
             m = scrape(port)
             for name in ("cri", "helper", "kubelet"):
                 ok = renewals(m, images[name].ref, "success")
@@ -387,6 +401,9 @@ def test_images_keep_reading_after_their_credentials_expired(
             leaks = find_leaks(secrets_of(ts), [snap.workdir, d])
             assert not leaks, "a registry secret leaked:\n" + "\n".join(leaks)
         finally:
+            stop.set()
+            if kubelet.is_alive():
+                kubelet.join(60)
             for _, rootfs in mounts:
                 unmount_all(str(rootfs))
 
