@@ -118,7 +118,11 @@ class CredentialRenewal:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # a pass every interval (upstream's ticker), not an interval after each pass: a
+        # slow source must not stretch the time between renewals by its own
+        due = time.monotonic() + self.interval
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            due = max(due + self.interval, time.monotonic())
             try:
                 self.renew_all()
             except Exception:  # the loop must outlive one bad pass

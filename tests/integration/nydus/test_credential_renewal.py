@@ -388,14 +388,14 @@ def test_images_keep_reading_after_their_credentials_expired(
             m = scrape(port)
             for name in ("cri", "helper", "kubelet"):
                 ok = renewals(m, images[name].ref, "success")
-                assert ok >= took / 2 / 2, (name, ok, took)  # passes every 2 s, most made
+                assert ok >= 3, (name, ok, took)  # a pass every 2 s, however slow each is
                 assert renewals(m, images[name].ref, "failure") == 0, name
                 assert m[f'snapshotter_credential_store_entries{{image_ref="{images[name].ref}"}}'] == 1
             # the labels' credentials are the labels': not renewed; the daemon renewed
             # its own tokens (far more than one for the run)
             assert renewals(m, images["labels"].ref, "success") == 0
             assert ts.issued - tokens_before >= took / TOKEN_TTL / 2
-            assert len(ts.minted) - minted_before >= took / 2 / 2
+            assert len(ts.minted) - minted_before >= 3
             log = snap.log.read_text(errors="replace")
             assert "has new credentials" in log
             leaks = find_leaks(secrets_of(ts), [snap.workdir, d])
