@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import contextlib
 import json
 import math
@@ -435,6 +436,10 @@ def nydus_breakdown(snap: Snapshotter, t_pull: float, t_run: float, t_end: float
     mounted = [t for d in dlogs for t in stamps(d, "INFO pynydusd: mounted ")]
     fetches = sorted(t for d in dlogs for t in stamps(d, "HTTP Request: GET"))
     out = {"pull": t_run - t_pull}
+    prep = container_prepare(snap.log, t_run)
+    if prep is not None:
+        out.update(run_to_prepare=prep[0] - t_run, prepare=prep[1] - prep[0],
+                   prepared_to_end=t_end - prep[1])
     ready = None
     if spawn:
         out["run_to_spawn"] = spawn[0] - t_run
@@ -450,6 +455,57 @@ def nydus_breakdown(snap: Snapshotter, t_pull: float, t_run: float, t_end: float
         out["last_fetch_to_end"] = t_end - fetches[-1]
     elif ready is not None:
         out["ready_to_end"] = t_end - ready
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+_GO_TIME = re.compile(r'time="(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z"')
+_OUR_PREPARE = re.compile(r"pynydus\.snapshot\.service: Prepare took ([0-9.]+) ms")
+
+
+def _go_logtime(line: str) -> float | None:
+    m = _GO_TIME.search(line)
+    if not m:
+        return None
+    return calendar.timegm(time.strptime(m[1], "%Y-%m-%dT%H:%M:%S")) + float(m[2] or 0)
+
+
+def container_prepare(log: Path, t_run: float) -> tuple[float, float] | None:
+    """(start, end) wall-clock of the container's Prepare in a snapshotter's log (the
+    last Prepare after ``ctr run`` began: the pull's are over by then), ours or
+    upstream's; None without debug lines."""
+    found = None
+    text = log.read_text(errors="replace").splitlines()
+    for i, line in enumerate(text):
+        m = _OUR_PREPARE.search(line)
+        if m:  # ours: one debug line when the call ends, with its duration
+            t = _logtime(line)
+            if t is not None and t >= t_run - 0.001:
+                found = (t - float(m[1]) / 1e3, t)
+        elif "[Prepare] snapshot with key" in line:  # upstream: a line as the call starts
+            t = _go_logtime(line)
+            if t is None or t < t_run - 0.001:
+                continue
+            # it ends after its mounts are computed ("overlayfs mount options", debug)
+            for later in text[i + 1:]:
+                if "mount options" in later or "bind mount on" in later:
+                    end = _go_logtime(later)
+                    if end is not None:
+                        found = (t, end)
+                    break
+    return found
+
+
+def upstream_breakdown(up: UpstreamSnapshotter, t_pull: float, t_run: float,
+                       t_end: float) -> dict[str, float]:
+    """The split that both snapshotters' logs give alike: ``pull``, ``run_to_prepare``
+    (ctr run until the container's Prepare reaches the snapshotter), ``prepare`` (the
+    call: the image's daemon started or found, mounts computed) and ``prepared_to_end``
+    (containerd's Mounts, runc, the command's reads through FUSE, exit)."""
+    out = {"pull": t_run - t_pull}
+    prep = container_prepare(up.log, t_run)
+    if prep is not None:
+        out.update(run_to_prepare=prep[0] - t_run, prepare=prep[1] - prep[0],
+                   prepared_to_end=t_end - prep[1])
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -523,12 +579,27 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
             with Snapshotter(tag="lzsnap", log_level=level, config=cfg) as snap:
                 if profile is None:  # under py-spy a daemon's start is several times slower
                     wait_daemons_ready(snap, timeout=60)
-                yield snap
-                if profile is not None:  # let py-spy see its child exit and write the profile
-                    for sock in (snap.root / "socket").glob("*/*.sock"):
-                        with contextlib.suppress(Exception):
-                            DaemonClient(str(sock), timeout=5)._request("PUT", "/api/v1/daemon/exit")
-                    time.sleep(3)
+                    yield snap
+                    return
+                # the snapshotter's own samples too (Prepare, Commit, mounts into daemons)
+                spy = subprocess.Popen([str(PYSPY), "record", "--nonblocking", "-r", "250",
+                                        "-f", "raw", "-o", str(profile / f"snapshotter-{snap.pid}.txt"),
+                                        "--pid", str(snap.pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    yield snap
+                finally:
+                    spy.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        spy.wait(timeout=20)
+                    if spy.poll() is None:
+                        spy.kill()
+                        spy.wait()
+                # let py-spy see the daemons exit and write their profiles
+                for sock in (snap.root / "socket").glob("*/*.sock"):
+                    with contextlib.suppress(Exception):
+                        DaemonClient(str(sock), timeout=5)._request("PUT", "/api/v1/daemon/exit")
+                time.sleep(3)
         finally:
             if profile is None:
                 remove_tree(cfg_dir)
@@ -599,7 +670,7 @@ class RunFailed(RuntimeError):
     """The container did not print what its image's Cmd prints on success."""
 
 
-def save_logs(snap: Snapshotter, dst: Path, w0: float, w1: float, w2: float) -> None:
+def save_logs(snap: Snapshotter | UpstreamSnapshotter, dst: Path, w0: float, w1: float, w2: float) -> None:
     """The snapshotter's and its daemons' logs and the run's wall-clock stamps."""
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
@@ -667,9 +738,11 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
                        fetched_run, n_run, int(m[1]) if m else 0, load1=load1, extra=extra)
             if mode in NYDUS_MODES and isinstance(p, Snapshotter | UpstreamSnapshotter):
                 s.fuse_read, s.chunks_fetched, s.backend_requests = nydus_counters(p)
-            if isinstance(p, Snapshotter):
-                if mode in DAEMON_MODE:
+            if isinstance(p, Snapshotter | UpstreamSnapshotter):
+                if mode in DAEMON_MODE and isinstance(p, Snapshotter):
                     s.breakdown = nydus_breakdown(p, w0, w1, w2)
+                elif mode in UPSTREAM_MODE and isinstance(p, UpstreamSnapshotter):
+                    s.breakdown = upstream_breakdown(p, w0, w1, w2)
                 if keep_logs is not None:
                     save_logs(p, keep_logs / f"{network}-{image}-{mode}-{rep}", w0, w1, w2)
             return s
@@ -1063,11 +1136,11 @@ def main() -> int:
         print()
     for line in checks(rows) + list_checks(rows, list_bytes, a.mbit) + notes:
         print(f"- {line}")
-    ny = [s for s in samples if s.mode in DAEMON_MODE and s.breakdown]
+    ny = [s for s in samples if s.mode in NYDUS_MODES and s.breakdown]
     if ny:
         print("\nnydus time breakdown (medians, s):")
         for net in networks:
-            for img, mode in [(i, m) for i in images for m in DAEMON_MODE]:
+            for img, mode in [(i, m) for i in images for m in NYDUS_MODES]:
                 ss = [s for s in ny if (s.network, s.image, s.mode) == (net, img, mode)]
                 if ss:
                     keys = list(ss[0].breakdown)

@@ -25,7 +25,11 @@ walking its database and calling the backend's Stat once per snapshot.
 With ``--peers grpcio,stargz`` the same containerd also proxies to pynydus on grpcio's
 server (plugin ``nydus-grpcio``, the fallback kept by PYNYDUS_SNAPSHOTS_SERVER=grpcio) and
 to the Go stargz snapshotter (plugin ``stargz``: what a compiled proxy snapshotter costs
-through containerd on this machine), interleaved like the others.
+through containerd on this machine), interleaved like the others. ``nydus-snapshotter``
+adds upstream's ``containerd-nydus-grpc`` (plugin ``nydus-go``) and, unless
+``--no-direct``, a second instance of it called straight ("nydus-go-direct", beside
+"nydus-direct"); ``base=SRC`` runs pynydus from another tree's ``src/`` directory as
+plugin ``nydus-base``: a change measured against its parent in one containerd.
 
     bench/snapshotter_ops.py                 # full run (about 3-6 minutes)
     bench/snapshotter_ops.py --quick         # CI smoke: small counts
@@ -76,6 +80,7 @@ OPS = ["Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "List"]
 GC_ROOT = "containerd.io/gc.root"  # keeps containerd's GC off our unreferenced snapshots
 NYDUS = "nydus"
 OVERLAY = "overlayfs"
+GO_DIRECT = "nydus-go-direct"  # upstream's Go snapshotter without containerd
 
 
 class Client:
@@ -223,11 +228,18 @@ def start_peers(stack: contextlib.ExitStack, peers: list[str], log_level: str,
                 continue
             sg = stack.enter_context(Stargz(plain_http=[]))
             out["stargz"] = (sg.socket, sg.proc.pid if sg.proc and sg.proc.popen else 0)
+        elif peer.startswith("base="):
+            # another pynydus tree (its src/ directory) as plugin nydus-base: before/after
+            # a change in one containerd, interleaved
+            s = stack.enter_context(Snapshotter(log_level=log_level, tag="bench-bsnap",
+                                                env={"PYTHONPATH": peer[len("base="):]}))
+            out["nydus-base"] = (s.socket, s.pid)
         elif peer == "nydus-snapshotter":
             ns = stack.enter_context(UpstreamNydus(log_level))
             out["nydus-go"] = (ns.socket, ns.proc.pid if ns.proc and ns.proc.popen else 0)
         else:
-            raise SystemExit(f"--peers: unknown peer {peer!r} (grpcio, stargz, nydus-snapshotter)")
+            raise SystemExit(f"--peers: unknown peer {peer!r} (grpcio, stargz, nydus-snapshotter, "
+                             "base=SRC)")
     return out
 
 
@@ -320,7 +332,8 @@ def main() -> int:
                          "grpcio (pynydus on grpcio's server, plugin nydus-grpcio), stargz "
                          "(the Go stargz snapshotter built by bench/stargz/build.sh), "
                          "nydus-snapshotter (upstream's containerd-nydus-grpc, plugin "
-                         "nydus-go; scripts/peers.sh nydus-snapshotter nydus-rs)")
+                         "nydus-go; scripts/peers.sh nydus-snapshotter nydus-rs), base=SRC "
+                         "(pynydus from another tree's src/ directory, plugin nydus-base)")
     ap.add_argument("--containerd", choices=VERSIONS, default="1.6",
                     help="containerd to proxy through: Debian's 1.6 or the containerd2 peer "
                          "(scripts/peers.sh containerd2)")
@@ -352,8 +365,13 @@ def main() -> int:
         direct_snap = stack.enter_context(
             Snapshotter(log_level=a.snapshotter_log_level, tag="bench-dsnap"))
         peer_sockets = start_peers(stack, peers, a.snapshotter_log_level, log)
+        # the peers as containerd has the "nydus" plugin (2.x: with the exports that let it
+        # pass remote-snapshot annotations), so that no target is set apart by its config
+        exports = ("" if a.containerd == "1.6" else
+                   '  [proxy_plugins.{}.exports]\n    enable_remote_snapshot_annotations = "true"\n')
         peer_toml = "".join(f'\n[proxy_plugins.{name}]\n  type = "snapshot"\n'
-                            f'  address = "{sock}"\n' for name, (sock, _) in peer_sockets.items())
+                            f'  address = "{sock}"\n' + exports.format(name)
+                            for name, (sock, _) in peer_sockets.items())
         ctrd = stack.enter_context(Containerd(snap.socket, log_level="warn", version=a.containerd,
                                               extra_toml=GC_TOML + peer_toml, tag="bench-ctrd"))
         mem: dict[str, dict[str, int]] = {"fresh": settle(snap, 1.0)}
@@ -367,6 +385,12 @@ def main() -> int:
             clients[name] = Client(ch, name, ctrd.namespace)
         if not a.no_direct:
             clients["nydus-direct"] = Client(direct_ch, "", None)
+            if "nydus-go" in peer_sockets:
+                # upstream's own socket, straight: what its server costs without containerd
+                go_direct = stack.enter_context(UpstreamNydus(a.snapshotter_log_level))
+                go_ch = grpc.insecure_channel(f"unix://{go_direct.socket}")
+                stack.callback(go_ch.close)
+                clients[GO_DIRECT] = Client(go_ch, "", None)
         names = list(clients)
         tops = {n: base_chain(c, "bench") for n, c in clients.items()}
         samples = {n: Samples() for n in names}
@@ -430,15 +454,20 @@ def main() -> int:
 
 def render(r: dict, direct: bool) -> str:  # type: ignore[type-arg]
     ops, lists, mem, peers = r["ops"], r["list"], r["rss_kib"], r.get("peers", [])
+    go_direct = GO_DIRECT in ops
+    ratio_peers = [p for p in ("nydus-go", "nydus-base") if p in peers]
     lines = [f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
              (f"Run: {r['started']}, {r['iterations']} measured iterations "
               f"(+{r['warmup']} warm-up) per snapshotter, order rotating"), "",
              ("| op | overlayfs p50 ms | overlayfs p95 ms | nydus p50 ms | nydus p95 ms "
               "| ratio p50 nydus/overlayfs | ratio p95 |"
               + (" nydus direct p50 ms | direct p95 ms |" if direct else "")
-              + "".join(f" {p} p50 ms | ratio p50 {p}/overlayfs |" for p in peers)),
+              + (" nydus-go direct p50 ms | direct p95 ms |" if go_direct else "")
+              + "".join(f" {p} p50 ms | ratio p50 {p}/overlayfs |" for p in peers)
+              + "".join(f" **ratio p50 nydus/{p}** |" for p in ratio_peers)),
              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if direct else "")
-             + "---:|---:|" * len(peers)]
+             + ("---:|---:|" if go_direct else "")
+             + "---:|---:|" * len(peers) + "---:|" * len(ratio_peers)]
     for op in OPS:
         o, y = ops[OVERLAY][op], ops[NYDUS][op]
         row = (f"| {op} | {o['p50_ms']:.3f} | {o['p95_ms']:.3f} | {y['p50_ms']:.3f} | "
@@ -447,8 +476,13 @@ def render(r: dict, direct: bool) -> str:  # type: ignore[type-arg]
         if direct:
             d = ops["nydus-direct"][op]
             row += f" {d['p50_ms']:.3f} | {d['p95_ms']:.3f} |"
+        if go_direct:
+            d = ops[GO_DIRECT][op]
+            row += f" {d['p50_ms']:.3f} | {d['p95_ms']:.3f} |"
         for p in peers:
             row += f" {ops[p][op]['p50_ms']:.3f} | {ops[p][op]['p50_ms'] / o['p50_ms']:.2f}x |"
+        for p in ratio_peers:
+            row += f" **{y['p50_ms'] / ops[p][op]['p50_ms']:.2f}x** |"
         lines.append(row)
     n = r["list_count"]
     lines += ["", (f"List over {n} active snapshots (median of the List calls; creation is "

@@ -102,10 +102,18 @@ def _warm_imports() -> None:
     at a chunk miss; a shared daemon starts long before its first API mount, whose
     first read then no longer waits 0.1-0.5 s for the import (bench/lazy_pull.py
     --profile). A spare imports here what a takeover's restore needs, so that the
-    takeover does not import it while readers wait."""
+    takeover does not import it while readers wait. Also what the first client would
+    make: httpcore (with trio and anyio; httpx imports it only when a client is made:
+    0.5 s under load) and the shared TLS context (the CA bundle: 0.1 s), which were
+    still on the first image's first miss."""
     try:
+        import httpcore  # noqa: F401
+
         import pynydus.daemon.registry_backend
         import pynydus.registry.client  # noqa: F401
+        from pynydus.registry.transport import shared_ssl_context
+
+        shared_ssl_context(True)
     except Exception:  # the real import at first use reports it
         log.debug("warming the registry client import failed", exc_info=True)
 

@@ -137,24 +137,32 @@ class _Conn:
         out = self.h2.data_to_send(defer_pings)
         if self.broken:
             return False
-        if out:
-            self.outbuf += out
+        sent = 0
         if self.outbuf:
-            try:
-                sent = self.sock.send(self.outbuf)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as err:
-                log.debug("connection write failed: %s", err)
-                self.broken = True
-                self.cond.notify_all()
-                return False
-            if sent:
-                del self.outbuf[:sent]
-                self.last_sent = time.monotonic()
-        if not self.outbuf:
+            self.outbuf += out
+            sent = self._send(self.outbuf)
+            del self.outbuf[:sent]
+        elif out:  # the usual case: written straight, only a remainder is buffered
+            sent = self._send(out)
+            if sent < len(out) and not self.broken:
+                self.outbuf += memoryview(out)[sent:]
+        if self.broken:
+            return False
+        if sent or not self.outbuf:
             self.last_sent = time.monotonic()
         return bool(self.outbuf)
+
+    def _send(self, data: bytes | bytearray) -> int:
+        """Bytes the socket took now; a failed socket marks the connection broken."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as err:
+            log.debug("connection write failed: %s", err)
+            self.broken = True
+            self.cond.notify_all()
+            return 0
 
     def send_from_worker(self) -> None:
         """Flush after a worker's change; caller holds ``lock``."""

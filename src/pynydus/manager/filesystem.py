@@ -36,7 +36,7 @@ from pynydus.manager.daemonconfig import load_template, supplement, write_config
 from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
 from pynydus.manager.prefetchlookup import PrefetchListLookup
 from pynydus.manager.prefetchrecord import ListRecorder
-from pynydus.manager.registryaccess import build_keychain, check_access
+from pynydus.manager.registryaccess import build_keychain, check_access, warm_up
 from pynydus.manager.renewal import CredentialRenewal
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.manager.supervisor import Supervisor
@@ -179,6 +179,8 @@ class NydusFilesystem:
 
     def start(self) -> None:
         """Reconnect to daemons that survived a restart, restart the ones that did not."""
+        # a one-shot, bounded task: the first mount would otherwise wait for it
+        threading.Thread(target=warm_up, name="warm-tls", daemon=True).start()
         live, dead = self.manager.recover()
         serving = {r.daemon_id for r in self.instances.values()}
         for ld in live:

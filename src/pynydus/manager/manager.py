@@ -85,6 +85,14 @@ class LiveDaemon:
     restarts: int = 0
     takeovers: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The daemon itself has said RUNNING since ``state`` was last set (any change of our
+    # account clears it): ``wait_ready`` need not ask it again on every Prepare and Mounts.
+    confirmed: bool = False
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "state":
+            object.__setattr__(self, "confirmed", False)
+        object.__setattr__(self, name, value)
 
     @property
     def client(self) -> DaemonClient:
@@ -288,6 +296,7 @@ class DaemonManager:
         except Unavailable as err:
             raise Unavailable(f"daemon {rec.id} did not become {state}: {err}; see {rec.log_file}") from err
         live.state = state if final else "RECOVERING"
+        live.confirmed = final and state == RUNNING
 
     def destroy_daemon(self, daemon_id: str, *, wait: bool = True) -> None:
         """Stop a daemon (SIGTERM, then SIGKILL), unmount, forget it. Idempotent.
@@ -673,12 +682,18 @@ class DaemonManager:
 
     def wait_ready(self, daemon_id: str, timeout: float) -> LiveDaemon:
         """Wait until the daemon is RUNNING by our account (started, and recovered if
-        it was restarted) and by its own; Unavailable otherwise."""
+        it was restarted) and by its own; Unavailable otherwise. The daemon is asked
+        once per change of our account, not on every call: Prepare and Mounts of an
+        image call this, and a request to a daemon busy serving the container's first
+        reads cost milliseconds on the container's start (a death is seen by the
+        monitor's pidfd, which changes our account)."""
         deadline = time.monotonic() + timeout
         while True:
             live = self.daemons.get(daemon_id)
             if live is not None and live.state == RUNNING:
-                live.client.wait_until(RUNNING, max(0.5, deadline - time.monotonic()))
+                if not live.confirmed:
+                    live.client.wait_until(RUNNING, max(0.5, deadline - time.monotonic()))
+                    live.confirmed = live.state == RUNNING
                 return live
             if time.monotonic() > deadline:
                 state = live.state if live is not None else "gone"

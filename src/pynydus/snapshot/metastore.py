@@ -60,11 +60,14 @@ class Usage:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A snapshot's id, kind and the ids of its ancestors, nearest parent first."""
+    """A snapshot's id, kind and the ids of its ancestors, nearest parent first; with
+    the labels of each ancestor (same order) and its own, read with the chain."""
 
     id: str
     kind: Kind
     parent_ids: tuple[str, ...]
+    parent_labels: tuple[Mapping[str, str], ...] = field(default=(), compare=False)
+    labels: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 _SCHEMA = """
@@ -87,16 +90,26 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 # corrupt database must not hang us. Overlay itself stops far below this.
 _MAX_CHAIN = 4096
 
-# A parent chain, nearest first: (id, parent_id) per layer, at most _MAX_CHAIN + 1 rows
-# (one more than allowed tells a loop or an over-long chain).
+# A parent chain, nearest first: (id, parent_id, labels) per layer, at most _MAX_CHAIN + 1
+# rows (one more than allowed tells a loop or an over-long chain).
 _CHAIN_SQL = """
-WITH RECURSIVE chain(id, parent_id, depth) AS (
-    SELECT id, parent_id, 1 FROM snapshots WHERE id = ?1
+WITH RECURSIVE chain(id, parent_id, labels, depth) AS (
+    SELECT id, parent_id, labels, 1 FROM snapshots WHERE id = ?1
     UNION ALL
-    SELECT s.id, s.parent_id, c.depth + 1 FROM snapshots s JOIN chain c ON s.id = c.parent_id
-    WHERE c.depth <= ?2
+    SELECT s.id, s.parent_id, s.labels, c.depth + 1 FROM snapshots s
+    JOIN chain c ON s.id = c.parent_id WHERE c.depth <= ?2
 )
-SELECT id, parent_id FROM chain ORDER BY depth
+SELECT id, parent_id, labels FROM chain ORDER BY depth
+"""
+# A snapshot by key and its chain: (id, parent_id, kind, labels), itself first.
+_KEY_CHAIN_SQL = """
+WITH RECURSIVE chain(id, parent_id, kind, labels, depth) AS (
+    SELECT id, parent_id, kind, labels, 0 FROM snapshots WHERE key = ?1
+    UNION ALL
+    SELECT s.id, s.parent_id, s.kind, s.labels, c.depth + 1 FROM snapshots s
+    JOIN chain c ON s.id = c.parent_id WHERE c.depth <= ?2
+)
+SELECT id, parent_id, kind, labels FROM chain ORDER BY depth
 """
 
 
@@ -113,6 +126,10 @@ class MetaStore:
         self._db = sqlite3.connect(
             str(self.path), isolation_level=None, check_same_thread=False, timeout=30
         )
+        # One process owns the store (the root lock), as bolt's flock has containerd's
+        # one: holding SQLite's locks keeps the WAL index in our memory and spares every
+        # statement its lock and unlock calls on the -shm file (set before WAL mode).
+        self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -160,27 +177,27 @@ class MetaStore:
         row = db.execute("SELECT id, parent_id, kind FROM snapshots WHERE key=?", (key,)).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
-    def _parent_ids(self, db: sqlite3.Connection, parent_id: int | None) -> tuple[str, ...]:
-        """Ids from ``parent_id`` up to the root, in one recursive query (Mounts and
-        Prepare read the chain on every call; one query per layer cost ~10 us each)."""
+    def _chain(self, db: sqlite3.Connection, parent_id: int | None
+               ) -> tuple[tuple[str, ...], tuple[Mapping[str, str], ...]]:
+        """Ids and labels from ``parent_id`` up to the root, in one recursive query
+        (Mounts and Prepare read the chain on every call; one query per layer cost
+        ~10 us each)."""
         if parent_id is None:
-            return ()
+            return (), ()
         rows = db.execute(_CHAIN_SQL, (parent_id, _MAX_CHAIN)).fetchall()
-        if len(rows) > _MAX_CHAIN:
-            raise FailedPrecondition(f"metastore: parent chain longer than {_MAX_CHAIN} (loop?)")
         if not rows or rows[0][0] != parent_id:
             raise FailedPrecondition(f"metastore: snapshot id {parent_id} missing from chain")
-        if rows[-1][1] is not None:
-            raise FailedPrecondition(f"metastore: snapshot id {rows[-1][1]} missing from chain")
-        return tuple(str(r[0]) for r in rows)
+        return _checked_chain(rows, _MAX_CHAIN)
 
     def get_snapshot(self, key: str) -> Snapshot:
-        """The id, kind and ancestor ids of ``key``; NotFound if there is none."""
+        """The id, kind, labels and ancestors (ids and labels) of ``key``, in one query;
+        NotFound if there is none."""
         with self._lock:
-            row = self._row(self._db, key)
-            if row is None:
-                raise NotFound(f"snapshot {q(key)} does not exist")
-            return Snapshot(str(row[0]), Kind(row[2]), self._parent_ids(self._db, row[1]))
+            rows = self._db.execute(_KEY_CHAIN_SQL, (key, _MAX_CHAIN)).fetchall()
+        if not rows:
+            raise NotFound(f"snapshot {q(key)} does not exist")
+        ids, labels = _checked_chain([r[:2] + r[3:] for r in rows], _MAX_CHAIN + 1)
+        return Snapshot(ids[0], Kind(rows[0][2]), ids[1:], labels[1:], labels[0])
 
     def get_info(self, key: str) -> tuple[str, Info, Usage]:
         """(id, info, recorded usage) of ``key``; NotFound if there is none."""
@@ -257,14 +274,15 @@ class MetaStore:
         if self._row(db, key) is not None:
             raise AlreadyExists(f"snapshot {q(key)} already exists")
         now = _now_ns()
+        kept = _kept_labels(labels)
         cur = db.execute(
             "INSERT INTO snapshots(key, parent_id, kind, created_ns, updated_ns, labels) "
             "VALUES(?, ?, ?, ?, ?, ?)",
-            (key, parent_id, int(kind), now, now, _dump_labels(labels)),
+            (key, parent_id, int(kind), now, now, _dump_labels(kept)),
         )
         new_id = cur.lastrowid
         assert new_id is not None
-        return Snapshot(str(new_id), kind, self._parent_ids(db, parent_id))
+        return Snapshot(str(new_id), kind, *self._chain(db, parent_id), kept)
 
     def commit_active(
         self, db: sqlite3.Connection, key: str, name: str, usage: Usage, labels: Mapping[str, str]
@@ -354,10 +372,31 @@ class MetaStore:
                        (_dump_labels(current), _now_ns(), int(sid)))
 
 
-def _dump_labels(labels: Mapping[str, str]) -> str:
+def _checked_chain(rows: Sequence[tuple[int, int | None, str]], limit: int
+                   ) -> tuple[tuple[str, ...], tuple[Mapping[str, str], ...]]:
+    """Ids and parsed labels of chain rows (id, parent_id, labels), nearest first; a
+    chain of more than ``limit`` rows (a loop) or one that ends on a missing parent is
+    FailedPrecondition."""
+    if len(rows) > limit:
+        raise FailedPrecondition(f"metastore: parent chain longer than {_MAX_CHAIN} (loop?)")
+    if rows and rows[-1][1] is not None:
+        raise FailedPrecondition(f"metastore: snapshot id {rows[-1][1]} missing from chain")
+    return tuple(str(r[0]) for r in rows), tuple(_load_labels(r[2]) for r in rows)
+
+
+def _load_labels(text: str) -> dict[str, str]:
+    # most layers of a chain have none ("{}"): no parser for them on every Mounts
+    labels: dict[str, str] = {} if text == "{}" else json.loads(text)
+    return labels
+
+
+def _kept_labels(labels: Mapping[str, str]) -> dict[str, str]:
     # As containerd's label writer: an empty value means "unset", it is not stored.
-    kept = {k: v for k, v in labels.items() if v != ""}
-    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    return {k: v for k, v in labels.items() if v != ""}
+
+
+def _dump_labels(labels: Mapping[str, str]) -> str:
+    return json.dumps(_kept_labels(labels), sort_keys=True, separators=(",", ":"))
 
 
 def _info(row: tuple[object, ...]) -> Info:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -240,6 +241,10 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
         snapshotter.close()
         raise
     claim = SocketClaim.of(Path(cfg.address))
+    # What start-up made (modules, config, method tables: ~45,000 objects) lives as long
+    # as the process: out of the collector's sight, a full collection that a burst of
+    # calls triggers walks only what the calls made (it cost one of them ~20-50 ms).
+    gc.freeze()
     log.info("pynydus %s snapshotter serving on %s (root %s)", __version__, cfg.address, cfg.root)
     systemd.notify("READY=1", f"STATUS=serving on {cfg.address}", f"MAINPID={os.getpid()}")
 

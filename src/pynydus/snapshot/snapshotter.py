@@ -264,11 +264,10 @@ class Snapshotter:
         if snap.kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"mounts of snapshot {q(key)}: snapshot is not active or view")
         if not self.features.any:  # no Nydus, no tarfs: the parents' labels do not matter
-            return MountsTarget(snap, self.ms.labels_by_ids((snap.id,))[0], None)
-        labels, *parents = self.ms.labels_by_ids((snap.id, *snap.parent_ids))
-        layers = [processor.Layer(pid, pl) for pid, pl in zip(snap.parent_ids, parents, strict=True)]
+            return MountsTarget(snap, snap.labels, None)
+        layers = self._ancestors(snap)
         tarfs = self.tarfs is not None and self.tarfs.needs_mounts(layers)
-        return MountsTarget(snap, labels, processor.bootstrap_layer(layers),
+        return MountsTarget(snap, snap.labels, processor.bootstrap_layer(layers),
                             tuple(layers) if tarfs else ())
 
     def mounts_of(self, target: MountsTarget) -> list[Mount]:
@@ -499,9 +498,10 @@ class Snapshotter:
         return processor.SKIP
 
     def _ancestors(self, snap: Snapshot) -> list[processor.Layer]:
-        """The parents of ``snap``, nearest first, with their labels (one metastore read)."""
+        """The parents of ``snap``, nearest first, with their labels (read with the
+        chain by the metastore)."""
         return [processor.Layer(pid, labels) for pid, labels in
-                zip(snap.parent_ids, self.ms.labels_by_ids(snap.parent_ids), strict=True)]
+                zip(snap.parent_ids, snap.parent_labels, strict=True)]
 
     def _undo_create(self, key: str) -> None:
         """Forget a snapshot whose Prepare/View failed after it was recorded."""

@@ -148,6 +148,10 @@ def test_chain_is_nearest_parent_first_and_labels_follow_ids(ms: MetaStore) -> N
     snap = ms.get_snapshot("top")
     assert snap.parent_ids == tuple(ms.get_info(f"l{i}")[0] for i in (3, 2, 1, 0))
     assert [lb["n"] for lb in ms.labels_by_ids(snap.parent_ids)] == ["3", "2", "1", "0"]
+    assert [lb["n"] for lb in snap.parent_labels] == ["3", "2", "1", "0"]  # read with the chain
+    assert create(ms, Kind.VIEW, "v", "l3", {"x": "1", "unset": ""}).parent_labels == \
+        snap.parent_labels
+    assert ms.get_snapshot("v").labels == {"x": "1"}
     assert ms.labels_by_ids([]) == []
     with pytest.raises(NotFound):
         ms.labels_by_ids(["999"])
@@ -162,4 +166,15 @@ def test_a_parent_loop_in_a_corrupt_database_is_reported(ms: MetaStore) -> None:
         db.execute("PRAGMA foreign_keys=OFF")
         db.execute("UPDATE snapshots SET parent_id=? WHERE id=?", (int(xid), int(xid)))
     with pytest.raises(FailedPrecondition, match="loop"):
+        ms.get_snapshot("y")
+
+
+def test_a_missing_parent_in_a_corrupt_database_is_reported(ms: MetaStore) -> None:
+    create(ms, Kind.ACTIVE, "x-a")
+    commit(ms, "x-a", "x")
+    create(ms, Kind.ACTIVE, "y", "x")
+    ms._db.execute("PRAGMA foreign_keys=OFF")  # only outside a transaction
+    with ms.transaction() as db:
+        db.execute("DELETE FROM snapshots WHERE key='x'")
+    with pytest.raises(FailedPrecondition, match="missing from chain"):
         ms.get_snapshot("y")

@@ -1,5 +1,5 @@
 """Prepare, View and Mounts over a Nydus image: one decision of which ancestor is the
-bootstrap, from labels read once per call.
+bootstrap, from the labels the metastore reads with the chain (no read of its own).
 
 The filesystem is a fake (the real one starts daemons; ``tests/integration/nydus`` drives
 it): it records what it is asked to mount, with which labels.
@@ -78,29 +78,28 @@ def _pull(sn: Snapshotter) -> None:
     sn.commit("boot", "x2", BOOT)
 
 
-def test_prepare_reads_the_chains_labels_once_and_mounts_with_them(
+def test_prepare_takes_the_chains_labels_with_the_chain_and_mounts_with_them(
         sn: Snapshotter, monkeypatch: pytest.MonkeyPatch) -> None:
     _pull(sn)
     reads = Reads(sn, monkeypatch)
     mounts = sn.prepare("c1", "boot")
-    assert reads.calls == ["labels_by_ids"]
+    assert reads.calls == []
     fs: FakeFilesystem = sn.fs  # type: ignore[assignment]
     boot_id = sn.ms.get_snapshot("boot").id
     assert fs.mounted == [(boot_id, BOOT)]
     assert f"lowerdir={fs.mountpoint(boot_id)}" in mounts[0].options
 
 
-def test_view_and_mounts_decide_the_same_bootstrap_from_one_read(
+def test_view_and_mounts_decide_the_same_bootstrap_from_the_chains_labels(
         sn: Snapshotter, monkeypatch: pytest.MonkeyPatch) -> None:
     _pull(sn)
     sn.prepare("c1", "boot")
     sn.commit("layer-above", "c1")  # a build's layer on the image: still the same bootstrap
     reads = Reads(sn, monkeypatch)
     sn.view("v1", "layer-above")
-    assert reads.calls == ["labels_by_ids"]
-    reads.calls.clear()
+    assert reads.calls == []
     sn.mounts("v1")
-    assert reads.calls == ["labels_by_ids"]
+    assert reads.calls == []
     fs: FakeFilesystem = sn.fs  # type: ignore[assignment]
     boot_id = sn.ms.get_snapshot("boot").id
     assert [sid for sid, _ in fs.mounted] == [boot_id] * 3
