@@ -498,7 +498,8 @@ class Daemon:
         connection taken over until stopped."""
         if not self.opts.apisock:
             raise InvalidArgument("--upgrade needs --apisock (takeover comes through the API)")
-        self._parked = Parked(_SUCCESSOR_FIRST_WORKERS)
+        # the first workers, the start of the others, the registry clients' build
+        self._parked = Parked(_SUCCESSOR_FIRST_WORKERS + 2)
         self.api = ApiServer(self.opts.apisock, self, group=self.opts.apisock_group)
         self.api.start()
         log.info("pynydusd %s waiting for takeover (supervisor %s)", __version__,
@@ -636,8 +637,11 @@ class Daemon:
                                run=parked.run if parked is not None else None)
             self.state = "RUNNING"
             self.timeline["serving"] = time.monotonic()
-            threading.Thread(target=self._warm_backends, name="warm-backends",
-                             daemon=True).start()
+            if parked is not None:
+                parked.run(self._warm_backends, "warm-backends")
+            else:
+                threading.Thread(target=self._warm_backends, name="warm-backends",
+                                 daemon=True).start()
         log.info("serving %s (resend %s)", self.fuse_mountpoint,
                  "requested" if resent else "unavailable")
 

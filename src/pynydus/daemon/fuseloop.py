@@ -81,8 +81,9 @@ class FuseSession:
         now and the others from a thread of their own, so that neither the caller nor
         the first requests wait for every thread's start (starting 16 while the first
         ones already serve took 0.1-0.4 s, each start waiting for the GIL). ``run(fn,
-        name)`` runs those first ones on threads started in advance instead (a thread's
-        start waits for the new thread to be scheduled: 10-70 ms on a loaded node)."""
+        name)`` runs those first ones, and the start of the others, on threads started
+        in advance instead (``first`` + 1 of them): a thread's start waits for the new
+        thread to be scheduled, 10-70 ms on a loaded node."""
         with self._lock:
             self._live = self.threads
         now = min(first, self.threads) if first > 0 else self.threads
@@ -92,8 +93,12 @@ class FuseSession:
         else:
             self._spawn(range(now))
         if now < self.threads:
-            threading.Thread(target=self._spawn, args=(range(now, self.threads),),
-                             name="fuse-spawn", daemon=True).start()
+            rest = range(now, self.threads)
+            if run is not None:
+                run(lambda: self._spawn(rest), "fuse-spawn")
+            else:
+                threading.Thread(target=self._spawn, args=(rest,), name="fuse-spawn",
+                                 daemon=True).start()
 
     def _spawn(self, numbers: range) -> None:
         for i in numbers:
