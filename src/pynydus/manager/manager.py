@@ -491,21 +491,22 @@ class DaemonManager:
         live.state = SPARE
         return live
 
-    def _successor(self) -> LiveDaemon:
-        """The spare whose process lives, else a successor started now. A spare killed
-        together with its daemon may still look alive (not reaped yet): its takeover
-        then fails on the connection and ``take_over`` starts another."""
+    def _successor(self, fresh: bool = False) -> LiveDaemon:
+        """The spare whose process lives and runs the current command, else a successor
+        started now (always with ``fresh``: an upgrade's). A spare killed together with
+        its daemon may still look alive (not reaped yet): its takeover then fails on the
+        connection and ``take_over`` starts another."""
         with self._spares_lock:
-            if not self.spares and self._refilling:
+            if not self.spares and self._refilling and not fresh:
                 # one is on its way: it is further along than a successor started now
                 self._spare_now.set()
                 deadline = time.monotonic() + START_TIMEOUT
                 while not self.spares and self._refilling and time.monotonic() < deadline:
                     self._spares_changed.wait(0.05)
-            spare = self.spares.pop(0) if self.spares else None
+            spare = self.spares.pop(0) if self.spares and not fresh else None
             if not self._refilling:
                 self._spare_now.clear()
-        if spare is not None and _running(spare):
+        if spare is not None and _running(spare) and spare.record.command == self.command:
             return spare
         if spare is not None:
             self.destroy_daemon(spare.record.id)
@@ -640,7 +641,7 @@ class DaemonManager:
             live.state = "UPGRADING"  # the monitor leaves it alone while the old one exits
             try:
                 live.client.send_fd()
-                successor = self._successor()
+                successor = self._successor(fresh=True)
             except Exception as err:  # noqa: BLE001 - the old daemon keeps serving
                 log.error("upgrade of daemon %s: %s; it keeps running", rec.id, err)
                 live.state = RUNNING
