@@ -132,34 +132,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               compressor="lz4_block")
         print("prepared", flush=True)
 
+        phases = set(args.phases.split(","))
         # warm sequential
-        warm = {m: serve(m, f"warm-{m}", wd / "seq.boot",
+        warm = {} if "warm" not in phases else {m: serve(m, f"warm-{m}", wd / "seq.boot",
                          DB.localfs_cfg(wd / "seq-blobs", wd / f"warm-cache-{m}"))
                 for m in modes}
         for s in warm.values():
             DB.seq_read(s.root / "big.bin")  # fills the blob cache
-        got = DB.alternating({m: (lambda s=s: DB.seq_read(s.root / "big.bin"))
-                              for m, s in warm.items()}, args.repeat, DB.drop_caches)
-        res["warm_seq_mb_s"] = {m: round(n / t / 1e6, 1) for m, (t, n, _) in got.items()}
-        res["warm_seq_runs"] = {m: r for m, (_, _, r) in got.items()}
-        for s in list(warm.values()):
-            stop(s)
-        print("warm sequential MB/s:", res["warm_seq_mb_s"], flush=True)
+        if warm:
+            got = DB.alternating({m: (lambda s=s: DB.seq_read(s.root / "big.bin"))
+                                  for m, s in warm.items()}, args.repeat, DB.drop_caches)
+            res["warm_seq_mb_s"] = {m: round(n / t / 1e6, 1) for m, (t, n, _) in got.items()}
+            res["warm_seq_runs"] = {m: r for m, (_, _, r) in got.items()}
+            for s in list(warm.values()):
+                stop(s)
+            print("warm sequential MB/s:", res["warm_seq_mb_s"], flush=True)
 
         # tree walk (the blob cache of the walk image is filled by the first walk: the
         # bootstrap is all a walk reads through fusedev; through EROFS too)
-        walkers = {m: serve(m, f"walk-{m}", wd / "walk.boot",
+        walkers = {} if "walk" not in phases else {m: serve(m, f"walk-{m}", wd / "walk.boot",
                             DB.localfs_cfg(wd / "walk-blobs", wd / f"walk-cache-{m}"))
                    for m in modes}
-        got = DB.alternating({m: (lambda s=s: DB.walk_stat(s.root)) for m, s in walkers.items()},
-                             args.repeat, DB.drop_caches)
-        res["walk_s"] = {m: round(t, 3) for m, (t, _, _) in got.items()}
-        res["walk_runs"] = {m: r for m, (_, _, r) in got.items()}
-        res["rss_after_walk_mb"] = {m: round(DB.rss_kib(s.pid) / 1024, 1)
-                                    for m, s in walkers.items()}
-        for s in list(walkers.values()):
-            stop(s)
-        print("walk s:", res["walk_s"], flush=True)
+        if walkers:
+            got = DB.alternating({m: (lambda s=s: DB.walk_stat(s.root))
+                                  for m, s in walkers.items()}, args.repeat, DB.drop_caches)
+            res["walk_s"] = {m: round(t, 3) for m, (t, _, _) in got.items()}
+            res["walk_runs"] = {m: r for m, (_, _, r) in got.items()}
+            res["rss_after_walk_mb"] = {m: round(DB.rss_kib(s.pid) / 1024, 1)
+                                        for m, s in walkers.items()}
+            for s in list(walkers.values()):
+                stop(s)
+            print("walk s:", res["walk_s"], flush=True)
 
         # cold: loopback registry, an empty cache and a new daemon per run
         registry = Registry(wd / "registry")
@@ -192,24 +195,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def cold_seq(root: Path) -> tuple[float, int]:
             return DB.seq_read(root / "big.bin")
 
-        got = DB.alternating({m: partial(cold, m, cold_seq, True) for m in modes},
-                             args.repeat, lambda: None)
-        res["cold_seq_mb_s"] = {m: round(n / t / 1e6, 1) for m, (t, n, _) in got.items()}
-        res["cold_seq_runs"] = {m: r for m, (_, _, r) in got.items()}
-        res["memory_after_cold_seq"] = memory
-        print("cold sequential MB/s:", res["cold_seq_mb_s"], flush=True)
-        print("memory:", json.dumps(memory), flush=True)
+        if "cold" in phases:
+            got = DB.alternating({m: partial(cold, m, cold_seq, True) for m in modes},
+                                 args.repeat, lambda: None)
+            res["cold_seq_mb_s"] = {m: round(n / t / 1e6, 1) for m, (t, n, _) in got.items()}
+            res["cold_seq_runs"] = {m: r for m, (_, _, r) in got.items()}
+            res["memory_after_cold_seq"] = memory
+            print("cold sequential MB/s:", res["cold_seq_mb_s"], flush=True)
+            print("memory:", json.dumps(memory), flush=True)
 
         def rnd(root: Path) -> tuple[float, int]:
             took, reads, _ = DB.random_reads(root / "big.bin", seq_size, args.readers,
                                              args.reads, seed=7)
             return took, reads
 
-        got = DB.alternating({m: partial(cold, m, rnd) for m in modes}, args.repeat,
-                             lambda: None)
-        res["cold_random_iops"] = {m: round(n / t) for m, (t, n, _) in got.items()}
-        res["cold_random_runs"] = {m: r for m, (_, _, r) in got.items()}
-        print("cold random IOPS:", res["cold_random_iops"], flush=True)
+        if "random" in phases:
+            got = DB.alternating({m: partial(cold, m, rnd) for m in modes}, args.repeat,
+                                 lambda: None)
+            res["cold_random_iops"] = {m: round(n / t) for m, (t, n, _) in got.items()}
+            res["cold_random_runs"] = {m: r for m, (_, _, r) in got.items()}
+            print("cold random IOPS:", res["cold_random_iops"], flush=True)
     finally:
         for s in served:
             try:
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--erofs-opts", default="directio", help="comma list: directio or none")
     p.add_argument("--read-ahead-kb", type=int, default=1024,
                    help="read-ahead of the EROFS mounts (0: the kernel's 128 KiB)")
+    p.add_argument("--phases", default="warm,walk,cold,random",
+                   help="comma list of warm, walk, cold, random")
     p.add_argument("--json")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)

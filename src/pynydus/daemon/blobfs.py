@@ -30,6 +30,7 @@ import os
 import stat
 import threading
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pynydus.daemon import fuseproto as P
@@ -45,6 +46,10 @@ __all__ = ["BlobFileServer", "BlobIndex"]
 log = logging.getLogger(__name__)
 
 _DT_REG = 8
+# Sequential read-ahead of a blob file (the FUSE tree's per-file window: 8 x 1 MiB)
+READAHEAD = 8 << 20
+# ... once a run of sequential reads is this long (one small file's read fetches no more)
+READAHEAD_AFTER = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,11 @@ class BlobFileServer(RafsServer):
         self._indexes: dict[tuple[int, int], BlobIndex] = {}
         self._seen: tuple[int, ...] = ()
         self._lock = threading.Lock()
+        # Sequential read-ahead per blob file, as the FUSE tree has per file: node ->
+        # (next expected offset, fetched-or-queued up to, where the run began); the chunks
+        # go to the cache
+        self._ra: dict[int, tuple[int, int, int]] = {}  # ... and where the run began
+        self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-readahead")
 
     # --- the directory of blob files ---------------------------------------------------------
 
@@ -215,14 +225,10 @@ class BlobFileServer(RafsServer):
         data = self.read_blob(f, arg.offset, end, req.unique)
         return [P.header(req.unique, len(data)), data]
 
-    def read_blob(self, f: _File, offset: int, end: int, unique: int = 0) -> bytearray:
-        """Bytes ``[offset, end)`` of blob file ``f`` (end inside the blob)."""
+    def _refs(self, f: _File, pieces: list[tuple[int, int, int, int]]
+              ) -> list[tuple[ChunkRef, int, int]]:
+        """The cache's references of ``pieces`` of blob file ``f``, with their spans."""
         inst, bi = f.inst, f.blob_index
-        out = bytearray(end - offset)
-        pieces = self._index(f).pieces(offset, end)
-        if not pieces:
-            return out
-        cache = inst.cache(bi)
         refs = []
         for _pos, index, inner, length in pieces:
             rec = inst.bs.chunk_record(bi, index)
@@ -232,6 +238,44 @@ class BlobFileServer(RafsServer):
                                   c_size=rec.compressed_size, u_off=rec.uncompressed_offset,
                                   u_size=rec.uncompressed_size, compressed=rec.is_compressed,
                                   digest=rec.digest), inner, length))
+        return refs
+
+    def _readahead(self, f: _File, offset: int, end: int) -> None:
+        """After a long sequential run of reads (a large file read through, not a small
+        one: the blob does not say where files end), fetch the next ``READAHEAD`` bytes."""
+        with self._lock:
+            expected, scheduled, run = self._ra.get(f.node, (-1, 0, offset))
+            if offset != expected:
+                run = offset  # a new run starts here
+            self._ra[f.node] = (end, scheduled, run)
+            if end - run < READAHEAD_AFTER or scheduled >= end + READAHEAD // 2:
+                return
+            start = max(scheduled, end)
+            self._ra[f.node] = (end, start + READAHEAD, run)
+        stop = min(start + READAHEAD, f.size)
+        if start < stop:
+            self._ra_pool.submit(self._fetch_ahead, f, start, stop)
+
+    def _fetch_ahead(self, f: _File, start: int, stop: int) -> None:
+        try:
+            refs = [r for r, _, _ in self._refs(f, self._index(f).pieces(start, stop))]
+            if refs:
+                cache = f.inst.cache(f.blob_index)
+                cache.ensure(refs, amplify=False, max_request=stop - start)
+                cache.will_need(refs)  # and from the cache file into the page cache
+        except Exception as err:  # noqa: BLE001 - a hint; the read itself reports
+            log.debug("read-ahead of blob %s at %d failed: %s", f.name, start, err)
+
+    def read_blob(self, f: _File, offset: int, end: int, unique: int = 0) -> bytearray:
+        """Bytes ``[offset, end)`` of blob file ``f`` (end inside the blob)."""
+        out = bytearray(end - offset)
+        pieces = self._index(f).pieces(offset, end)
+        self._readahead(f, offset, end)
+        if not pieces:
+            return out
+        inst = f.inst
+        cache = inst.cache(f.blob_index)
+        refs = self._refs(f, pieces)
         data = cache.read_cached(refs)
         if data is None:
             self.inflight[unique] = (f.node, "read", 0.0)
