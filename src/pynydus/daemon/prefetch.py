@@ -13,7 +13,8 @@ snapshotter) is fetched by a ``ListPrefetch``: in the list's order, in pieces of
 the wire (``WireGate``: a container's misses go first, the list fills the idle link);
 chunks already cached or being fetched by a miss are skipped; the pieces ahead of the
 furthest listed chunk the workload has read go before the ones it passed over, and
-they run ahead of it by at most 4 MiB or the bytes of the list it has read so far. The
+they run ahead of it by at most 4 MiB or the bytes of the list it has read so far, times
+the share of listed chunks among its last 32 first reads. The
 workload's first reads (the image's access trace) also judge the list: when fewer than
 a quarter of a window of them are listed chunks, the list is stale, and when the
 workload has read and then reads nothing new for 3 s its start-up is over; either way
@@ -27,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 from pynydus.daemon.blobcache import Backend, ChunkRef
@@ -47,8 +49,11 @@ _LIST_INFLIGHT = 2
 # How far (compressed bytes) the list may run ahead of the furthest listed chunk the
 # workload has read: this much, or as much as the workload has read of the list so far
 # if that is more (a list the workload follows earns its lead; the tail of one it left
-# is not fetched).
+# is not fetched), times the share of listed chunks among its last _RECENT first reads
+# (a workload that has left the list stops it: on a node's few cores the decoding of
+# chunks nobody reads takes the CPU, and the GIL, from the container's own reads).
 _LOOKAHEAD = 4 << 20
+_RECENT = 32
 # Foreground first reads of chunks judged together, and the share of them that must be
 # listed chunks for the list to go on (docs/decisions.md, "prefetch list scheduling").
 _STALE_WINDOW = 64
@@ -317,6 +322,7 @@ class ListPrefetch:
         self._back = 0
         self._seen = 0  # chunks of the trace looked at
         self._window = [0, 0]  # listed, all first reads of the window being filled
+        self._recent: deque[bool] = deque(maxlen=_RECENT)  # the last first reads: listed?
         self._last_read = time.monotonic()
         self._slots = threading.Semaphore(_LIST_INFLIGHT)
         self._lock = threading.Lock()
@@ -405,7 +411,7 @@ class ListPrefetch:
             i += 1
         self._cursor = i
         if i < n:
-            if self._cum[i] - self._cum[self.frontier] > max(_LOOKAHEAD, self.used):
+            if self._cum[i] - self._cum[self.frontier] > self._lead():
                 i = -1
             else:
                 return i
@@ -417,6 +423,12 @@ class ListPrefetch:
             return j
         return -1 if i < 0 else None
 
+    def _lead(self) -> float:
+        """How many bytes of the list may be fetched past the workload's position."""
+        recent = self._recent
+        share = sum(recent) / len(recent) if len(recent) >= _STALE_MIN_READS else 1.0
+        return max(_LOOKAHEAD, self.used) * share
+
     def _observe(self) -> None:
         """Take the workload's new first reads from the trace: its position in the list,
         and the judgement of each window of them."""
@@ -425,6 +437,7 @@ class ListPrefetch:
         now = time.monotonic()
         for c in new:
             p = self.position.get((c.blob_index, c.index))
+            self._recent.append(p is not None)
             if p is None:
                 self.other_reads += 1
             else:
