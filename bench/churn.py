@@ -24,6 +24,13 @@ Measured (figures in docs/benchmarks.md, "Churn and scale"):
   and the files, directories, mounts and daemon processes under the root against the
   start.
 
+* memory as images are added: after the 10th, 50th, ... image of a cycle is pulled
+  (``--samples``, a 1 s settle each), the mean RSS and PSS of the image daemons and the
+  PSS of all the snapshotter's pynydusd processes (template and standby included) per
+  image;
+* ``--template on,off`` runs each mode with daemons forked from the template and spawned
+  (``PYNYDUS_DAEMON_TEMPLATE=0``), one after the other.
+
 ``python bench/churn.py --images 100 --cycles 2 --json out.json`` (root; ~10 min);
 ``--modes shared`` for one mode; ``--quick`` for CI's smoke. It ends with the issue's
 targets against the last cycle's figures.
@@ -156,11 +163,27 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def run_mode(mode: str, n: int, cycles: int, pause: float, image: dict[str, Any]) -> dict[str, Any]:
+def _memory(snap: Snapshotter) -> dict[str, Any]:
+    """Mean RSS/PSS (KiB) of the image daemons, and the PSS of every pynydusd of the
+    snapshotter (image daemons, standby, shared daemon, template) over the images."""
+    image_pids = snap.image_daemon_pids()
+    per_image = [_rollup(p) for p in image_pids]
+    everything = [_rollup(p) for p in snap.daemon_pids() + snap.template_pids()]
+    n = max(1, len(image_pids))
+    return {"image_daemons": len(image_pids),
+            "image_daemon_rss_kib": statistics.mean(r["rss"] for r in per_image) if per_image else 0,
+            "image_daemon_pss_kib": statistics.mean(r["pss"] for r in per_image) if per_image else 0,
+            "all_pss_per_image_kib": sum(r["pss"] for r in everything) / n,
+            "template_pss_kib": sum(_rollup(p)["pss"] for p in snap.template_pids())}
+
+
+def run_mode(mode: str, n: int, cycles: int, pause: float, image: dict[str, Any],
+             template: str = "on", samples: tuple[int, ...] = ()) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="pyn-churn-", dir="/var/tmp"))
     config = work / "config.toml"
     config.write_text(f'version = 1\ndaemon_mode = "{mode}"\n')
-    snap = Snapshotter(config=config, log_level="info", tag="churn")
+    snap = Snapshotter(config=config, log_level="info", tag="churn",
+                       env={"PYNYDUS_DAEMON_TEMPLATE": "1" if template == "on" else "0"})
     snap.start()
     try:
         images = Images(snap, image["ref"], image["blob_id"], image["boot"])
@@ -169,7 +192,8 @@ def run_mode(mode: str, n: int, cycles: int, pause: float, image: dict[str, Any]
         start = {"inventory": _inventory(snap.root), "daemons": len(snap.daemon_pids()),
                  "snapshotter_rss_kib": snap.rss_kib(),
                  "shared_daemon": _rollup(shared) if shared else None}
-        out: dict[str, Any] = {"mode": mode, "images": n, "start": start, "cycles": []}
+        out: dict[str, Any] = {"mode": mode, "template": template, "images": n,
+                               "start": start, "cycles": []}
         # after a pause: each image once the previous one is settled (spare refilled)
         paused, paused_pulls = [], []
         for i in range(5):
@@ -190,26 +214,26 @@ def run_mode(mode: str, n: int, cycles: int, pause: float, image: dict[str, Any]
                                      "max": max(paused_pulls)}
         for c in range(cycles):
             names = [f"c{c}i{i}" for i in range(n)]
-            chains, pulls = {}, []
-            for ns in names:  # pulled back to back (the bootstrap's Commit mounts it early)
+            chains, pulls, curve = {}, [], []
+            for k, ns in enumerate(names, 1):  # pulled back to back (the Commit mounts it)
                 t0 = time.perf_counter()
                 chains[ns] = images.pull(ns)
                 pulls.append(time.perf_counter() - t0)
+                if k in samples and k < n:
+                    time.sleep(1.0)  # the early mount under way finishes
+                    curve.append({"images": k, **_memory(snap)})
             starts = [images.mount(ns, chains[ns]) for ns in names]  # back to back
             time.sleep(2)
-            image_pids = snap.image_daemon_pids()
-            per_image = [_rollup(p) for p in image_pids]
+            memory = _memory(snap)
+            curve.append({"images": n, **memory})
             shared = _shared_pid(snap)
             mounted = {
                 "pull_back_to_back_s": {"median": statistics.median(pulls),
                                         "p90": _pct(pulls, 0.9), "max": max(pulls)},
                 "start_back_to_back_s": {"median": statistics.median(starts),
                                          "p90": _pct(starts, 0.9), "max": max(starts)},
-                "image_daemons": len(image_pids),
-                "image_daemon_rss_kib": (statistics.mean(r["rss"] for r in per_image)
-                                         if per_image else 0),
-                "image_daemon_pss_kib": (statistics.mean(r["pss"] for r in per_image)
-                                         if per_image else 0),
+                **memory,
+                "memory_curve": curve,
                 "shared_daemon": _rollup(shared) if shared else None,
                 "snapshotter_rss_kib": snap.rss_kib(),
             }
@@ -231,7 +255,8 @@ def run_mode(mode: str, n: int, cycles: int, pause: float, image: dict[str, Any]
                      "shared_daemon": _rollup(shared) if shared else None}
             out["cycles"].append({"mounted": mounted, "remove_s": removed,
                                   "cleanup_s": cleanup, "after": after})
-            print(json.dumps({"mode": mode, "cycle": c, **out["cycles"][-1]}), flush=True)
+            print(json.dumps({"mode": mode, "template": template, "cycle": c,
+                              **out["cycles"][-1]}), flush=True)
         return out
     finally:
         snap.close()
@@ -263,14 +288,15 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
         rows.append(f"| {mode} | {what} | {value:.2f} {unit} | <= {target:g} {unit} | {verdict} |")
 
     for r in results:
-        mode, last, n = r["mode"], r["cycles"][-1], r["images"]
+        last, n = r["cycles"][-1], r["images"]
+        mode = r["mode"] if r.get("template", "on") == "on" else f"{r['mode']} (spawned)"
         m = last["mounted"]
         row(mode, "pull, back to back (median)", m["pull_back_to_back_s"]["median"], 0.2, "s")
         row(mode, "container start, back to back (p90)", m["start_back_to_back_s"]["p90"],
             0.2, "s")
         row(mode, f"remove {n} images + Cleanup", last["remove_s"] + last["cleanup_s"],
             5.0 * n / 100, "s")
-        if mode == "dedicated":
+        if r["mode"] == "dedicated":
             row(mode, "PSS per image daemon", m["image_daemon_pss_kib"] / 1024, 10, "MB")
         else:
             row(mode, "shared daemon RSS after removal / warm",
@@ -279,6 +305,38 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
         row(mode, "snapshotter RSS after / warm",
             last["after"]["snapshotter_rss_kib"] / r["warm"]["snapshotter_rss_kib"], 1.1, "x")
         row(mode, "directories of stopped daemons left", len(last["after"]["stale_dirs"]), 0, "")
+        start, end = r["start"], last["after"]
+        for what in ("files", "dirs", "mounts"):
+            a, b = start["inventory"][what], end["inventory"][what]
+            row(mode, f"{what} under the root, end / start ({a} -> {b})", b / max(1, a), 1.1, "x")
+        row(mode, f"daemon processes, end / start ({start['daemons']} -> {end['daemons']})",
+            end["daemons"] / max(1, start["daemons"]), 1.1, "x")
+    return rows
+
+
+def curve(results: list[dict[str, Any]]) -> list[str]:
+    """Memory and start latency against the number of images (markdown): per cycle, and
+    within each cycle as images are added."""
+    head = ("| mode | cycle | images churned | mounted | start median / p90 (s) | "
+            "PSS per image daemon (MB) | all daemons' PSS per image (MB) | snapshotter RSS "
+            "after (MB) | shared daemon RSS after (MB) |")
+    rows = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mode = r["mode"] if r.get("template", "on") == "on" else f"{r['mode']} (spawned)"
+        for c, cyc in enumerate(r["cycles"]):
+            m = cyc["mounted"]
+            after = cyc["after"]
+            shared = after["shared_daemon"]["rss"] / 1024 if after["shared_daemon"] else 0
+            for point in m.get("memory_curve", []):
+                last = point["images"] == r["images"]
+                starts = (f"{m['start_back_to_back_s']['median']:.3f} / "
+                          f"{m['start_back_to_back_s']['p90']:.3f}" if last else "")
+                rows.append(
+                    f"| {mode} | {c + 1} | {(c + 1) * r['images']} | {point['images']} | "
+                    f"{starts} | {point['image_daemon_pss_kib'] / 1024:.1f} | "
+                    f"{point['all_pss_per_image_kib'] / 1024:.1f} | "
+                    + (f"{after['snapshotter_rss_kib'] / 1024:.0f} | {shared:.0f} |" if last
+                       else "| |"))
     return rows
 
 
@@ -290,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pause", type=float, default=4.0, help="seconds of a pause")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--quick", action="store_true", help="3 images, one cycle (CI's smoke)")
+    ap.add_argument("--template", default="on", help="on, off or on,off: daemons forked "
+                    "from the template, spawned, or each mode both ways")
+    ap.add_argument("--samples", default="10,50", help="image counts at which memory is "
+                    "also sampled during the pulls")
     args = ap.parse_args(argv)
     if args.quick:
         args.images, args.cycles, args.pause = 3, 1, 1.0
@@ -298,13 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Registry() as reg:
             image = make_image(work, reg)
+            samples = tuple(int(x) for x in args.samples.split(",") if x)
             for mode in args.modes.split(","):
-                results.append(run_mode(mode, args.images, args.cycles, args.pause, image))
+                for template in args.template.split(","):
+                    results.append(run_mode(mode, args.images, args.cycles, args.pause, image,
+                                            template, samples))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {"load": os.getloadavg(), "results": results, "summary": summary(results)}
+    doc = {"load": os.getloadavg(), "results": results, "summary": summary(results),
+           "curve": curve(results)}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1))
+    print("\n".join(doc["curve"]))
+    print()
     print("\n".join(doc["summary"]))
     return 0
 

@@ -157,8 +157,13 @@ class Snapshotter(Service):
         return rc
 
     def daemon_pids(self) -> list[int]:
-        """PIDs of the pynydusd processes serving images for this snapshotter (sorted)."""
-        return pynydusd_pids(self.root)
+        """PIDs of the pynydusd processes serving images for this snapshotter (sorted; the
+        daemon template, which forks them, is not one)."""
+        return pynydusd_pids(self.root, template=False)
+
+    def template_pids(self) -> list[int]:
+        """PIDs of the snapshotter's daemon templates (``pynydusd template``)."""
+        return pynydusd_pids(self.root, template=True)
 
     def _daemons_db(self, *queries: str) -> list[list[tuple]]:
         """Rows of each query on the snapshotter's daemons.db, opened read-only (no rows

@@ -115,10 +115,13 @@ def all_cmdlines() -> Iterator[tuple[int, bytes]]:
             continue
 
 
-def pynydusd_pids(root: Path | str) -> list[int]:
-    """PIDs of the pynydusd processes whose command line names ``root`` (sorted)."""
+def pynydusd_pids(root: Path | str, *, template: bool | None = None) -> list[int]:
+    """PIDs of the pynydusd processes whose command line names ``root`` (sorted);
+    ``template`` True/False: only daemon templates (``pynydusd template``) / only the
+    others."""
     needle = str(root).encode()
-    return sorted(pid for pid, cmd in all_cmdlines() if b"pynydusd" in cmd and needle in cmd)
+    return sorted(pid for pid, cmd in all_cmdlines() if b"pynydusd" in cmd and needle in cmd
+                  and (template is None or (b"\0template\0" in cmd) == template))
 
 
 @contextlib.contextmanager

@@ -150,6 +150,45 @@ class Parked:
             self._work.put(None)
 
 
+class MemoryTrimmer:
+    """Give memory freed by unmounted images back to the system, once things are quiet.
+
+    An image's instance leaves free but resident heap behind (malloc keeps freed
+    memory of its arenas, one per thread that allocated): the shared daemon grew by
+    ~60 KB per image mounted and removed. ``request()`` schedules, ``delay`` seconds
+    later and once for any number of requests meanwhile, a collection and
+    ``malloc_trim(0)``, which hands free pages of every arena back."""
+
+    def __init__(self, delay: float = 1.0) -> None:
+        self.delay = delay
+        self._lock = threading.Lock()
+        self._pending = False
+        self.trims = 0
+
+    def request(self) -> None:
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+        t = threading.Timer(self.delay, self._trim)
+        t.daemon = True
+        t.name = "memory-trim"
+        t.start()
+
+    def _trim(self) -> None:
+        with self._lock:
+            self._pending = False
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            return
+        self.trims += 1
+
+
 # The kernel's readahead window for our mount. The default (128 KiB) makes the kernel
 # ask in 64 KiB pieces; 1 MiB lets a sequential reader get chunk-sized requests.
 READAHEAD_KB = 1024
@@ -192,6 +231,7 @@ class Daemon:
         self.started = time.time()
         self.mounts_info: dict[str, dict[str, Any]] = {}
         self.auth_overrides: dict[str, str] = {}
+        self.trimmer = MemoryTrimmer()
         self.prefetcher: Prefetcher | None = None
         self._lock = threading.Lock()
         # our own session
@@ -741,6 +781,7 @@ class Daemon:
         except Exception as err:  # noqa: BLE001 - best effort: the kernel finds ENOENT anyway
             log.debug("invalidate %s: %s", mountpoint, err)
         inst.close()
+        self.trimmer.request()
         log.info("unmounted %s", mountpoint)
 
     def _instances_for(self, sid: str | None) -> list[RafsInstance]:

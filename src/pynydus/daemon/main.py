@@ -5,7 +5,8 @@ Every flag either does what nydusd's does or, when given with anything but nydus
 default, stops start-up naming the flag ("... is not supported by pynydusd yet").
 ``--supervisor``/``--upgrade``/``--failover-policy`` are the failover hand-over
 (docs/failover.md); a daemon started with ``--upgrade`` needs no ``--mountpoint``: it
-takes its predecessor's over.
+takes its predecessor's over. ``pynydusd template --control SOCK`` is the snapshotter's
+pre-imported process that forks daemons (``template.py``).
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
 @quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "template":  # the snapshotter's pre-imported daemon forker
+        from pynydus.daemon.template import serve
+
+        return serve(argv[1:], main)
     sub = "fuse"
     if argv and argv[0] in _SUBCOMMANDS:
         sub = argv.pop(0)

@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,13 +34,19 @@ from pynydus.host.mountinfo import mountpoints_under
 from pynydus.logs import nydusd_level
 from pynydus.manager.client import DaemonClient
 from pynydus.manager.daemonconfig import load_template, supplement, write_config
-from pynydus.manager.manager import DaemonManager, LiveDaemon, resolve_daemon_binary, set_niceness
+from pynydus.manager.manager import (
+    DaemonManager,
+    LiveDaemon,
+    resolve_daemon_binary,
+    set_niceness,
+)
 from pynydus.manager.prefetchlookup import PrefetchListLookup
 from pynydus.manager.prefetchrecord import ListRecorder
 from pynydus.manager.registryaccess import build_keychain, check_access, warm_up
 from pynydus.manager.renewal import CredentialRenewal
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.manager.supervisor import Supervisor
+from pynydus.manager.template import DaemonTemplate
 from pynydus.rafs.format import bootstrap_version
 from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
 from pynydus.registry.hosts import check_all
@@ -56,9 +63,15 @@ _STANDBY_NICENESS = 10
 # After an image takes the spare, the next one starts this much later (seconds);
 # PYNYDUS_STANDBY_REFILL_DELAY overrides it (tests make it long, so that cutting it short
 # is told apart from waiting it out without a race).
+# Forked from the template a spare costs milliseconds of CPU: it is refilled at once.
 _STANDBY_REFILL_DELAY = float(os.environ.get("PYNYDUS_STANDBY_REFILL_DELAY") or 3.0)
+_STANDBY_REFILL_DELAY_FORKED = float(os.environ.get("PYNYDUS_STANDBY_REFILL_DELAY") or 0.0)
+# PYNYDUS_DAEMON_TEMPLATE=0: spawn every daemon (no template process forking them)
+_USE_TEMPLATE = os.environ.get("PYNYDUS_DAEMON_TEMPLATE", "1") != "0"
 # How long an image waits for a spare that is starting before starting its own daemon.
 _STANDBY_WAIT = 10.0
+# Umount calls to the shared daemon in flight at once (umount_many)
+_PARALLEL_UMOUNTS = 8
 # How long close() waits for mounts under way (a daemon start, a standby's wait).
 _CLOSE_MOUNT_WAIT = 30.0
 
@@ -107,6 +120,8 @@ class NydusFilesystem:
                         "(upstream does the same with fs_driver fusedev)")
         self.cache_dir = cfg.cache_dir()
         os.makedirs(self.cache_dir, exist_ok=True)
+        # made now, not by the first image: the root's layout does not change with use
+        os.makedirs(cfg.config_dir(), exist_ok=True)
         self.template = load_template(cfg.daemon.nydusd_config)
         self.verifier = Verifier(cfg.image.public_key_file, cfg.image.validate_signature)
         if cfg.remote.mirrors_config.dir:
@@ -130,9 +145,17 @@ class NydusFilesystem:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             self.cgroup = MemoryCgroup(cfg.cgroup.memory_limit_bytes(total))
         self.store = DaemonStore(os.path.join(self.root, "daemons.db"))
+        command = resolve_daemon_binary(cfg.daemon.nydusd_path)
+        # Dedicated mode (a daemon per image) and failover (spares) fork their pynydusd
+        # from a pre-imported template: shared pages, millisecond starts.
+        self.forker: DaemonTemplate | None = None
+        if (_USE_TEMPLATE and command == resolve_daemon_binary("")
+                and (self.mode != "shared" or policy == "failover")):
+            self.forker = DaemonTemplate(os.path.join(self.root, "template"), command,
+                                           nydusd_level(cfg.log.level))
         self.manager = DaemonManager(
             self.store,
-            command=resolve_daemon_binary(cfg.daemon.nydusd_path),
+            command=command,
             log_level=nydusd_level(cfg.log.level),
             recover_policy=policy,
             thread_num=cfg.daemon.threads_number,
@@ -143,6 +166,7 @@ class NydusFilesystem:
             failover_policy=str(cfg.daemon.failover_policy),
             spare_record=self._spare_record,
             on_taken_over=self._remount_missing,
+            template=self.forker,
         )
         self.instances: dict[str, RafsRecord] = {r.snapshot_id: r for r in self.store.instances()}
         self._locks: dict[str, threading.Lock] = {}
@@ -182,6 +206,8 @@ class NydusFilesystem:
         # a one-shot, bounded task: the first mount would otherwise wait for it
         threading.Thread(target=warm_up, name="warm-tls", daemon=True).start()
         live, dead = self.manager.recover()
+        if self.forker is not None:
+            self.forker.start()  # adopted, or importing while the rest starts
         serving = {r.daemon_id for r in self.instances.values()}
         for ld in live:
             if ld.record.mode == "standby" and ld.record.id not in serving:
@@ -207,6 +233,9 @@ class NydusFilesystem:
             # Started eagerly, as upstream does: the first image then costs an API
             # mount (milliseconds), not a daemon start.
             self._shared_daemon()
+            # its images' configs go below (made now: the root's layout does not change
+            # with use)
+            os.makedirs(os.path.join(self.cfg.config_dir(), SHARED_DAEMON_ID), exist_ok=True)
         self.manager.start_monitor()
         self._refill_standby()
         if self.renewal is not None:
@@ -241,6 +270,8 @@ class NydusFilesystem:
         if spare is not None:
             self.manager.destroy_daemon(spare.record.id)
             self._remove_daemon_dir(spare.record.id)
+        if self.forker is not None:
+            self.forker.close()  # the daemons it forked run on
         if teardown:
             for sid in list(self.instances):
                 try:
@@ -498,7 +529,8 @@ class NydusFilesystem:
     def _mount_dedicated(self, sid: str, image_ref: str, boot: str, cfg: dict[str, Any]) -> RafsRecord:
         prefetch = self.prefetch_lists.take(image_ref)  # the system controller's, if any
         taken = self._take_standby(sid, image_ref, boot, cfg, prefetch)
-        self._refill_standby(delay=_STANDBY_REFILL_DELAY)
+        self._refill_standby(delay=_STANDBY_REFILL_DELAY if self.forker is None
+                             else _STANDBY_REFILL_DELAY_FORKED)
         if taken is not None:
             return taken
         did = secrets.token_hex(10)
@@ -583,26 +615,63 @@ class NydusFilesystem:
                 return
             self.store.delete_instance(sid)
             if rec.daemon_id == SHARED_DAEMON_ID:
-                live = self.manager.daemons.get(SHARED_DAEMON_ID)
-                if live is not None:
-                    try:
-                        live.client.umount(f"/{sid}")
-                    except (NotFound, Unavailable) as err:
-                        log.warning("umount %s from the shared daemon: %s", sid, err)
-                try:
-                    os.unlink(rec.config_path)
-                    os.rmdir(os.path.dirname(rec.config_path))
-                except OSError:
-                    pass
+                self._umount_shared(rec)
             else:
                 self.manager.destroy_daemon(rec.daemon_id, wait=wait)
-                try:
-                    os.unlink(rec.config_path)
-                    os.rmdir(os.path.dirname(rec.config_path))
-                except OSError:
-                    pass
-                self._remove_daemon_dir(rec.daemon_id)
-            log.info("unmounted RAFS instance of snapshot %s", sid)
+            self._drop_files(rec)
+
+    def umount_many(self, sids: list[str]) -> None:
+        """``umount`` of each, for snapshots that are gone (Cleanup): their records are
+        deleted in one transaction each for instances and daemons, not two per image,
+        and no daemon's exit is waited for."""
+        taken = []
+        for sid in sids:
+            with self._sid_lock(sid):
+                rec = self.instances.pop(sid, None)
+            if rec is not None:
+                taken.append(rec)
+        if not taken:
+            return
+        self.store.delete_many(snapshot_ids=[r.snapshot_id for r in taken])
+        self.manager.destroy_daemons([r.daemon_id for r in taken
+                                      if r.daemon_id != SHARED_DAEMON_ID])
+
+        def release(rec: RafsRecord) -> None:
+            try:
+                if rec.daemon_id == SHARED_DAEMON_ID:
+                    self._umount_shared(rec)
+                self._drop_files(rec)
+            except Exception as err:  # noqa: BLE001 - one bad instance must not stop the rest
+                log.warning("cannot unmount RAFS instance of %s: %s", rec.snapshot_id, err)
+
+        shared = sum(r.daemon_id == SHARED_DAEMON_ID for r in taken)
+        if shared <= 1:
+            for rec in taken:
+                release(rec)
+            return
+        # the shared daemon's umount calls overlap (each is a round trip to its API)
+        with ThreadPoolExecutor(min(shared, _PARALLEL_UMOUNTS),
+                                thread_name_prefix="umount") as pool:
+            list(pool.map(release, taken))
+
+    def _umount_shared(self, rec: RafsRecord) -> None:
+        live = self.manager.daemons.get(SHARED_DAEMON_ID)
+        if live is not None:
+            try:
+                live.client.umount(f"/{rec.snapshot_id}")
+            except (NotFound, Unavailable) as err:
+                log.warning("umount %s from the shared daemon: %s", rec.snapshot_id, err)
+
+    def _drop_files(self, rec: RafsRecord) -> None:
+        """The config of an instance unmounted, and its former standby daemon's directory."""
+        try:
+            os.unlink(rec.config_path)
+            os.rmdir(os.path.dirname(rec.config_path))
+        except OSError:
+            pass
+        if rec.daemon_id != SHARED_DAEMON_ID:
+            self._remove_daemon_dir(rec.daemon_id)
+        log.info("unmounted RAFS instance of snapshot %s", rec.snapshot_id)
 
     # --- the system controller's view (pynydus.system.controller.Daemons) ----------------
 

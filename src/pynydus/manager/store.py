@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,19 +95,36 @@ class DaemonStore:
     def delete_daemon(self, daemon_id: str) -> None:
         self._write("DELETE FROM daemons WHERE id=?", (daemon_id,))
 
-    def replace_daemon(self, rec: DaemonRecord, gone_id: str) -> None:
-        """Put ``rec`` and delete ``gone_id`` in one transaction (one sync to disk): a
-        successor's record becomes the daemon's it took over."""
+    def _transaction(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        """Run ``(sql, rows)`` pairs in one transaction: one sync to disk."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT OR REPLACE INTO daemons(id, record) VALUES(?, ?)",
-                                 (rec.id, json.dumps(asdict(rec))))
-                self._db.execute("DELETE FROM daemons WHERE id=?", (gone_id,))
+                for sql, rows in statements:
+                    self._db.executemany(sql, rows)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def replace_daemon(self, rec: DaemonRecord, gone_id: str) -> None:
+        """Put ``rec`` and delete ``gone_id`` in one transaction (one sync to disk): a
+        successor's record becomes the daemon's it took over."""
+        self._transaction([
+            ("INSERT OR REPLACE INTO daemons(id, record) VALUES(?, ?)",
+             [(rec.id, json.dumps(asdict(rec)))]),
+            ("DELETE FROM daemons WHERE id=?", [(gone_id,)]),
+        ])
+
+    def delete_many(self, *, daemon_ids: Sequence[str] = (),
+                    snapshot_ids: Sequence[str] = ()) -> None:
+        """Delete these daemon and instance records in one transaction (one sync: a
+        Cleanup after 100 images were removed made 200 commits one by one)."""
+        if not daemon_ids and not snapshot_ids:
+            return
+        self._transaction([("DELETE FROM daemons WHERE id=?", [(d,) for d in daemon_ids]),
+                           ("DELETE FROM instances WHERE snapshot_id=?",
+                            [(s,) for s in snapshot_ids])])
 
     def daemons(self) -> list[DaemonRecord]:
         with self._lock:

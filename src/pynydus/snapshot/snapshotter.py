@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _TEMP_PREFIX = "new-"
-#: Cleanup stops this many daemons at a time (each mostly waits for its process to exit).
-_PARALLEL_STOPS = 32
+# Cleanup removes this many snapshot directories at a time
+_PARALLEL_RMTREES = 8
 # seconds the first read of an image with an OCI form may take before it falls back
 _PROBE_TIMEOUT = 30.0
 # longest cause kept in the nydus-oci-fallback label
@@ -763,46 +763,52 @@ class Snapshotter:
 
     def _umount_all(self, names: list[str]) -> None:
         """The RAFS instances of ``names`` unmounted, their dedicated daemons stopped, all at
-        once: each stop waits for a process to exit (about 0.5 s), and one after another
-        that made removing 100 images take 48 s."""
+        once (``umount_many``: records deleted in one transaction, no daemon's exit waited
+        for): one after another, waiting for each process, 100 images took 48 s."""
         fs = self.fs
         if fs is None:
             return
         mounted = [n for n in names if fs.has_instance(n)]
-
-        def umount(name: str) -> None:
-            try:  # the image's daemon goes with its bootstrap snapshot
-                fs.umount(name)
-            except Exception as err:  # noqa: BLE001 - one bad instance must not stop cleanup
-                log.warning("cleanup: cannot unmount RAFS instance of %s: %s", name, err)
-
-        if len(mounted) <= 1:
-            for name in mounted:
-                umount(name)
-            return
-        with ThreadPoolExecutor(min(len(mounted), _PARALLEL_STOPS),
-                                thread_name_prefix="cleanup-umount") as pool:
-            list(pool.map(umount, mounted))
+        try:  # the images' daemons go with their bootstrap snapshots
+            fs.umount_many(mounted)
+        except Exception as err:  # noqa: BLE001 - the directories are still cleaned
+            log.warning("cleanup: cannot unmount RAFS instances: %s", err)
 
     def _remove_dirs(self, names: list[str]) -> list[str]:
         removed = []
         self._umount_all(names)
-        for name in names:
-            path = self.snapshots_dir / name
-            if self.tarfs is not None:
+        if self.tarfs is not None:
+            for name in names:
                 try:  # its conversion stops, its EROFS mount goes
                     self.tarfs.detach(name)
                 except Exception as err:  # noqa: BLE001 - one bad layer must not stop cleanup
                     log.warning("cleanup: cannot detach tarfs layer %s: %s", name, err)
-            busy = mountpoints_under(str(path))
+        # the mount table read once, not once per directory (300 for 100 images)
+        mounts = mountpoints_under(str(self.snapshots_dir)) if names else []
+
+        def remove(name: str) -> str | None:
+            path = self.snapshots_dir / name
+            prefix = os.path.realpath(path)
+            busy = [m for m in mounts if m == prefix or m.startswith(prefix + "/")]
             if busy:
                 log.warning("cleanup: leaving %s, still mounted: %s", path, ", ".join(busy))
-                continue
+                return None
             try:
                 shutil.rmtree(path)
-                removed.append(name)
+                return name
             except FileNotFoundError:
-                continue
+                return None
             except OSError as err:
                 log.warning("cleanup: cannot remove %s: %s", path, err)
+                return None
+
+        if len(names) <= 1:
+            done = [remove(n) for n in names]
+        else:
+            # rmdir waits for the filesystem's journal: several at once overlap those
+            # waits (300 directories of 100 images took 4-5 s one after another)
+            with ThreadPoolExecutor(min(len(names), _PARALLEL_RMTREES),
+                                    thread_name_prefix="cleanup-rm") as pool:
+                done = list(pool.map(remove, names))
+        removed += [n for n in done if n is not None]
         return removed

@@ -35,6 +35,6 @@ def test_churn_bench_quick(tmp_path: Path) -> None:
         else:
             assert cycle["mounted"]["shared_daemon"]["rss"] > 0
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
-    assert table == doc["summary"]
+    assert table == doc["curve"] + doc["summary"]
     left = [ln for ln in table if "directories of stopped daemons" in ln]
     assert len(left) == 2 and all("| meets |" in ln for ln in left), left

@@ -62,3 +62,24 @@ def test_a_successor_record_replaces_the_spare_one_in_one_transaction(tmp_path: 
         assert store.daemons() == [daemon]  # rolled back: nothing half done
     finally:
         store.close()
+
+
+def test_delete_many_removes_daemons_and_instances_in_one_transaction(tmp_path: Path) -> None:
+    store = DaemonStore(tmp_path / "daemons.db")
+    try:
+        for i in range(5):
+            store.put_daemon(DaemonRecord(id=f"d{i}", mode="dedicated", mountpoint="/m",
+                                          api_socket="/s", config_path="", bootstrap="",
+                                          log_file=""))
+            store.put_instance(RafsRecord(snapshot_id=str(i), daemon_id=f"d{i}", image_ref="r",
+                                          snapshot_dir="/s", mountpoint="/m", bootstrap="/b",
+                                          config_path="/c"))
+        changes = store._db.total_changes
+        store.delete_many(daemon_ids=["d1", "d3", "gone"], snapshot_ids=["1", "3"])
+        assert [d.id for d in store.daemons()] == ["d0", "d2", "d4"]
+        assert [r.snapshot_id for r in store.instances()] == ["0", "2", "4"]
+        assert store._db.total_changes - changes == 4
+        assert not store._db.in_transaction
+        store.delete_many()  # nothing to do: no transaction at all
+    finally:
+        store.close()
