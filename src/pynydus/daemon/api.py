@@ -21,7 +21,7 @@ import logging
 import os
 import socketserver
 import threading
-from http.server import BaseHTTPRequestHandler
+import time
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -72,29 +72,112 @@ def _status(err: Exception) -> int:
 _EXIT = object()  # _route's answer to PUT /api/v1/daemon/exit
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "Nydus API"
-    sys_version = ""
+# The few reasons we send (http.server's table would cost the daemon the import of
+# http.server, email, html and http.client: 7 MB of its resident memory, a quarter).
+_REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
+            404: "Not Found", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
+_METHODS = ("GET", "PUT", "POST", "DELETE")
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+_MAX_BODY = 16 << 20
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("api: " + format, *args)
+
+class _BadRequest(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """HTTP/1.1 as nydusd's clients speak it: a request line, headers, a body of
+    Content-Length bytes; persistent connections unless the client closes (or speaks
+    1.0 without keep-alive); ``Expect: 100-continue`` answered."""
+
+    server: _Server
+    path = ""
+    headers: dict[str, str]
+    close_connection = True
+    _unread = 0  # body bytes of the current request not read yet
+
+    def handle(self) -> None:
+        try:
+            while self._one_request():
+                pass
+        except (ConnectionError, TimeoutError):
+            pass
+
+    def _one_request(self) -> bool:
+        """Serve one request; False when the connection is to be closed."""
+        line = self.rfile.readline(_MAX_LINE + 1)
+        if not line:
+            return False
+        self.close_connection = True
+        try:
+            method, version = self._parse_head(line)
+        except _BadRequest as err:
+            log.debug("api: bad request: %s", err)
+            self._send(err.code, {"code": "INVALID_ARGUMENT", "message": str(err)})
+            return False
+        conn = self.headers.get("connection", "").lower()
+        self.close_connection = conn == "close" or (version == "HTTP/1.0" and conn != "keep-alive")
+        if self.headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if method not in _METHODS:
+            self.close_connection = True  # its body, if any, is not read
+            self._send(501, {"code": "NOT_IMPLEMENTED",
+                             "message": f"unsupported method {method!r}"})
+        else:
+            self._dispatch(method)
+        log.debug("api: %s %s", method, self.path)
+        if self._unread and not self.close_connection:
+            if self._unread > _MAX_BODY:
+                return False
+            self.rfile.read(self._unread)  # a body the route did not want
+        return not self.close_connection
+
+    def _parse_head(self, line: bytes) -> tuple[str, str]:
+        if len(line) > _MAX_LINE:
+            raise _BadRequest(414, "request line too long")
+        parts = line.decode("latin-1").rstrip("\r\n").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(400, f"bad request line {line[:100]!r}")
+        method, self.path, version = parts
+        self.headers = {}
+        while True:
+            raw = self.rfile.readline(_MAX_LINE + 1)
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            if len(raw) > _MAX_LINE or len(self.headers) >= _MAX_HEADERS:
+                raise _BadRequest(431, "request headers too large")
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if not sep:
+                raise _BadRequest(400, f"bad header line {raw[:100]!r}")
+            self.headers[name.strip().lower()] = value.strip()
+        try:
+            self._unread = int(self.headers.get("content-length") or 0)
+        except ValueError:
+            raise _BadRequest(400, "Content-Length is not a number") from None
+        if self._unread < 0:
+            raise _BadRequest(400, "negative Content-Length")
+        return method, version
 
     def _send(self, code: int, body: Any = None, content_type: str = "application/json") -> None:
         payload = b""
         if body is not None:
             payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if payload:
-            self.wfile.write(payload)
+        date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+        head = (f"HTTP/1.1 {code} {_REASONS.get(code, '')}\r\nServer: Nydus API\r\n"
+                f"Date: {date}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(payload)}\r\n")
+        if self.close_connection:
+            head += "Connection: close\r\n"
+        self.wfile.write(head.encode("latin-1") + b"\r\n" + payload)
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 16 << 20:
+        length, self._unread = self._unread, 0
+        if length > _MAX_BODY:
+            self.close_connection = True  # not read: the connection cannot go on
             raise InvalidArgument("request body larger than 16 MiB")
         raw = self.rfile.read(length) if length else b""
         if not raw:
@@ -192,18 +275,6 @@ class _Handler(BaseHTTPRequestHandler):
                 ctl.update_config(q.get("id"), self._body())
                 return None
         raise NotFound(f"no route for {method} {path}")
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
