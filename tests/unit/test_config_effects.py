@@ -622,6 +622,8 @@ NYDUSD: list[Key] = [
         lambda c: c.rafs.enable_xattr, False, True))),
     Key("amplify_io", "rafs.batch_size", Effect("65536", _differs(lambda c: c.rafs.batch_size,
                                                                   1 << 20, 65536))),
+    Key("fill_page_cache", "rafs.fill_page_cache", Effect("false", _differs(
+        lambda c: c.rafs.fill_page_cache, True, False))),
     Key("fs_prefetch.enable", "rafs.prefetch.enable", Effect("true", _differs(
         lambda c: c.rafs.prefetch.enable, False, True))),
     Key("fs_prefetch.threads_count", "rafs.prefetch.threads", Effect("3", _differs(

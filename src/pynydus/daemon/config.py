@@ -147,6 +147,10 @@ class RafsConfig:
     validate: bool = False  # digest_validate in v1
     enable_xattr: bool = False
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    # pynydusd's: after a read that waited for the backend, put the rest of the chunks it
+    # fetched into the kernel's page cache (FUSE_NOTIFY_STORE; our own FUSE session only),
+    # so later reads of them never reach the daemon
+    fill_page_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,7 @@ class _V1File:
     latest_read_files: bool = unsupported(False, _FILE_METRICS)
     enable_xattr: bool = False
     amplify_io: int = count(1 << 20, maximum=_MAX_BATCH)
+    fill_page_cache: bool = True
     fs_prefetch: _V1Prefetch = field(default_factory=_V1Prefetch)
     id_mapping: object = unsupported(None, "uid/gid mapping")
     warmup: object = unsupported(None, "warm-up of the cache at start")
@@ -298,6 +303,7 @@ class _V2Rafs:
     batch_size: int = count(1 << 20, maximum=_MAX_BATCH)
     validate: bool = False
     enable_xattr: bool = False
+    fill_page_cache: bool = True
     iostats_files: bool = unsupported(False, _FILE_METRICS)
     access_pattern: bool = unsupported(False, _FILE_METRICS)
     latest_read_files: bool = unsupported(False, _FILE_METRICS)
@@ -386,7 +392,8 @@ def _from_v1(data: dict[str, Any], origin: str, warnings: list[str]) -> NydusdCo
     prefetch = PrefetchConfig(enable=p.enable, threads=p.threads_count, batch_size=p.merging_size,
                               bandwidth_limit=p.bandwidth_rate, prefetch_all=p.prefetch_all)
     rafs = RafsConfig(batch_size=f.amplify_io, validate=f.digest_validate,
-                      enable_xattr=f.enable_xattr, prefetch=prefetch)
+                      enable_xattr=f.enable_xattr, prefetch=prefetch,
+                      fill_page_cache=f.fill_page_cache)
     return NydusdConfig(id=dev.id, backend=backend, cache=cache, rafs=rafs)
 
 
@@ -410,7 +417,7 @@ def _from_v2(data: dict[str, Any], origin: str, warnings: list[str]) -> NydusdCo
     r = f.rafs
     prefetch = r.prefetch if r.prefetch.enable or not c.prefetch.enable else c.prefetch
     rafs = RafsConfig(batch_size=r.batch_size, validate=r.validate, enable_xattr=r.enable_xattr,
-                      prefetch=_prefetch_v2(prefetch))
+                      prefetch=_prefetch_v2(prefetch), fill_page_cache=r.fill_page_cache)
     return NydusdConfig(id=f.id, backend=backend, cache=cache, rafs=rafs)
 
 

@@ -304,6 +304,12 @@ class Daemon:
         so as many as pyfuse3 allowed reads in flight (4 per --thread-num, at least 16)."""
         return max(self.opts.thread_num, 4) * 4
 
+    def _new_session(self, fd: int) -> FuseSession:
+        assert self.server is not None
+        return FuseSession(fd, self.server, threads=self.session_threads(),
+                           on_end=self._stop.set,
+                           store_chunks=True)
+
     def run(self) -> int:
         """Mount, serve until told to stop, unmount. Returns the exit code."""
         cfg = self.opts.config
@@ -353,8 +359,7 @@ class Daemon:
         self.fuse_fd = mount_fuse(mp)
         self.fuse_mountpoint = mp
         try:
-            self.session = FuseSession(self.fuse_fd, self.server, threads=self.session_threads(),
-                                       on_end=self._stop.set)
+            self.session = self._new_session(self.fuse_fd)
             self.state = "READY"
             if self.vfs.dedicated is not None:
                 self._start_prefetch(self.vfs.dedicated,
@@ -512,8 +517,7 @@ class Daemon:
             self.supervisor = supervisor
             self.handed_over = True  # the supervisor holds the connection too
             self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr, params=state.init)
-            self.session = FuseSession(fd, self.server, threads=self.session_threads(),
-                                       on_end=self._stop.set)
+            self.session = self._new_session(fd)
             self._flush_resent = self.opts.failover_policy == "flush"
             self.state = "READY"
             self.timeline["restored"] = time.monotonic()

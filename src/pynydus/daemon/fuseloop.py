@@ -24,17 +24,25 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 from pynydus.daemon import fuseproto as P
 from pynydus.daemon.fuseops import RafsServer
+from pynydus.daemon.instance import RafsInstance, ReadPlan
 from pynydus.host.mount import MountSpec, mount
 
 log = logging.getLogger(__name__)
 
 FSNAME = "rafs"
+# Opcodes (the low byte; the upper three are zero) that need neither an answer nor
+# parsing: after a cache drop the kernel sends one FORGET or BATCH_FORGET per few
+# evicted inodes, thousands of them, interleaved with the requests a reader waits for.
+_UNANSWERED = frozenset({P.FORGET, P.BATCH_FORGET})
+_STORE_QUEUE = 256  # misses waiting for their chunks to be stored; more are dropped
 
 
 def mount_fuse(mountpoint: str, *, fsname: str = FSNAME, subtype: str = FSNAME,
@@ -59,9 +67,12 @@ class FuseSession:
     """Serves one FUSE connection (``fd``) with ``server`` on ``threads`` threads."""
 
     def __init__(self, fd: int, server: RafsServer, *, threads: int = 4,
-                 on_end: Callable[[], None] | None = None) -> None:
+                 on_end: Callable[[], None] | None = None, store_chunks: bool = False) -> None:
         self.fd = fd
         self.server = server
+        # after a read that waited for the backend, push the rest of its chunks into the
+        # kernel's page cache, so the next reads of them never reach us
+        self._stores: queue.Queue[tuple[int, RafsInstance, ReadPlan]] | None = None
         self.threads = max(1, threads)
         self.on_end = on_end
         self.ended = threading.Event()
@@ -73,6 +84,10 @@ class FuseSession:
         self._workers: list[threading.Thread] = []
         self._live = 0
         self._lock = threading.Lock()
+        self._storing = False
+        if store_chunks:
+            self._stores = queue.Queue(maxsize=_STORE_QUEUE)
+            server.store = self._queue_store
 
     def start(self, first: int = 0,
               run: Callable[[Callable[[], None], str], None] | None = None) -> None:
@@ -127,6 +142,45 @@ class FuseSession:
             if err.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTCONN):
                 raise
 
+    def _queue_store(self, nodeid: int, inst: RafsInstance, plan: ReadPlan) -> None:
+        assert self._stores is not None
+        if not self._storing:  # started at the first miss: none on a start's path
+            with self._lock:
+                if not self._storing:
+                    self._storing = True
+                    threading.Thread(target=self._store_loop, name="fuse-store",
+                                     daemon=True).start()
+        try:
+            self._stores.put_nowait((nodeid, inst, plan))
+        except queue.Full:
+            pass  # a hint: the reads will come to us instead
+
+    def _store_loop(self) -> None:
+        """FUSE_NOTIFY_STORE the chunks around each queued miss, minus what the read
+        itself returned. A thread of its own: the kernel makes a store wait for pages
+        that reads in flight have locked, and those reads need the workers."""
+        assert self._stores is not None
+        recent: OrderedDict[tuple[int, int], None] = OrderedDict()
+        while not self.ended.is_set():
+            nodeid, inst, plan = self._stores.get()
+            try:
+                start, end = inst.chunk_bounds(plan)
+                if (nodeid, start) in recent:
+                    continue  # two readers missed one chunk: stored once
+                recent[(nodeid, start)] = None
+                if len(recent) > 1024:
+                    recent.popitem(last=False)
+                for a, b in ((start, plan.offset), (plan.end, end)):
+                    if b > a:
+                        data = inst.read_range_quietly(plan.ino, a, b)
+                        os.writev(self.fd, [P.notify_store(nodeid, a, len(data)), data])
+            except OSError as err:
+                if err.errno in (errno.ENODEV, errno.EBADF):
+                    return
+                log.debug("storing inode %d at %d in the page cache: %s", nodeid, plan.offset, err)
+            except Exception as err:  # noqa: BLE001 - a hint; the reads report real errors
+                log.debug("storing inode %d at %d in the page cache: %s", nodeid, plan.offset, err)
+
     def wait(self, timeout: float | None = None) -> bool:
         """True once every worker has returned (the connection ended)."""
         return self.ended.wait(timeout)
@@ -156,6 +210,8 @@ class FuseSession:
                     if err.errno != errno.ENODEV:  # ENODEV: unmounted, the normal end
                         log.error("reading /dev/fuse: %s", err)
                     return
+                if n >= 8 and view[4] in _UNANSWERED and not view[5] and not view[6] and not view[7]:
+                    continue  # FORGET, BATCH_FORGET: nothing to answer or to keep
                 try:
                     req = parse(view[:n])
                 except P.ProtocolError as err:

@@ -149,6 +149,7 @@ FOPEN_PASSTHROUGH = 1 << 7
 # notify codes (server -> kernel, unique 0, error = code)
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_STORE = 4
 NOTIFY_RESEND = 7
 
 # The kernel marks a request it resends after FUSE_NOTIFY_RESEND with this bit of
@@ -192,6 +193,7 @@ _STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 _DIRENT = struct.Struct("<QQII")
 _NOTIFY_INVAL_ENTRY = struct.Struct("<QII")
 _NOTIFY_INVAL_INODE = struct.Struct("<Qqq")
+_NOTIFY_STORE = struct.Struct("<QQII")
 _BACKING_MAP = struct.Struct("<iIQ")
 
 ENTRY_OUT_SIZE = _ENTRY_OUT.size
@@ -356,7 +358,11 @@ class InitParams:
 class InitWants:
     """What the filesystem asks for at INIT (the kernel may offer less)."""
 
-    flags: int = (ASYNC_READ | EXPORT_SUPPORT | DO_READDIRPLUS | READDIRPLUS_AUTO | ASYNC_DIO
+    # READDIRPLUS always, not READDIRPLUS_AUTO: AUTO makes only a listing's first call
+    # "plus", and every entry of the later calls costs the walker a LOOKUP round trip
+    # AUTO_INVAL_DATA: a directory whose mtime moved loses its cached listing (only the
+    # shared-mode root's ever moves; image attributes are cached forever, never asked)
+    flags: int = (ASYNC_READ | EXPORT_SUPPORT | DO_READDIRPLUS | ASYNC_DIO | AUTO_INVAL_DATA
                   | PARALLEL_DIROPS | CACHE_SYMLINKS | MAX_PAGES | INIT_EXT)
     # 1 MiB reads (the kernel's readahead window is raised to match after INIT)
     max_pages: int = 256
@@ -396,9 +402,10 @@ def negotiate(req: InitIn, wants: InitWants) -> tuple[InitParams, bytes]:
 # --- replies ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """An inode's attributes as the kernel caches them (``fuse_attr``)."""
+class Attr(NamedTuple):
+    """An inode's attributes as the kernel caches them (``fuse_attr``). A tuple, not a
+    frozen dataclass: a READDIRPLUS builds one per entry, and a frozen dataclass's
+    ``__init__`` cost more than packing it."""
 
     ino: int
     mode: int
@@ -421,6 +428,10 @@ def _attr_fields(a: Attr) -> tuple[int, ...]:
 def _timeout(seconds: float) -> tuple[int, int]:
     sec = int(seconds)
     return sec, int((seconds - sec) * 1e9)
+
+
+# fuse_direntplus in one pack: entry_out, then the dirent's header (the name follows)
+_DIRENTPLUS = struct.Struct(_ENTRY_OUT.format + "QQII")
 
 
 def header(unique: int, body_len: int, error: int = 0) -> bytes:
@@ -484,6 +495,30 @@ def pack_direntplus(entry: bytes, ino: int, next_off: int, dtype: int, name: byt
     return entry + pack_dirent(ino, next_off, dtype, name)
 
 
+DIRENTPLUS_HEAD = _DIRENTPLUS.size  # a direntplus: this, then its name padded to 8 bytes
+_FOREVER_S = 1 << 32
+
+
+def direntplus_values(ino: int, size: int, blocks: int, sec: int, nsec: int, mode: int,
+                      nlink: int, uid: int, gid: int, rdev: int, next_off: int, dtype: int,
+                      name: bytes) -> bytes:
+    """``direntplus`` of an inode cached "forever" (timeouts of 2**32 s), from its values:
+    atime = mtime = ctime, blksize 4096."""
+    raw = _DIRENTPLUS.pack(ino, 0, _FOREVER_S, _FOREVER_S, 0, 0, ino, size, blocks, sec, sec,
+                           sec, nsec, nsec, nsec, mode, nlink, uid, gid, rdev & 0xFFFFFFFF,
+                           4096, 0, ino, next_off, len(name), dtype) + name
+    return raw + b"\0" * (-len(raw) & 7)
+
+
+def direntplus(attr: Attr, timeout: float, next_off: int, dtype: int, name: bytes) -> bytes:
+    """``pack_direntplus(entry_body(attr.ino, attr, timeout, timeout), attr.ino, ...)``
+    in one pack: a READDIRPLUS reply holds one per entry."""
+    s, ns = _timeout(timeout)
+    raw = _DIRENTPLUS.pack(attr.ino, 0, s, s, ns, ns, *_attr_fields(attr), attr.ino, next_off,
+                           len(name), dtype) + name
+    return raw + b"\0" * (-len(raw) & 7)
+
+
 # --- notifications (server -> kernel) -----------------------------------------------------
 
 
@@ -496,6 +531,15 @@ def notify_inval_entry(parent: int, name: bytes, flags: int = 0) -> bytes:
 def notify_inval_inode(nodeid: int, offset: int = 0, length: int = 0) -> bytes:
     body = _NOTIFY_INVAL_INODE.pack(nodeid, offset, length)
     return OUT_HEADER.pack(HEADER_SIZE + len(body), NOTIFY_INVAL_INODE, 0) + body
+
+
+def notify_store(nodeid: int, offset: int, size: int) -> bytes:
+    """The head of a FUSE_NOTIFY_STORE: the ``size`` bytes that follow it (the caller's
+    next buffer in the same writev) go into inode ``nodeid``'s page cache at ``offset``.
+    The kernel grows its idea of the file's size to cover them, so they must lie within
+    the file; it waits for the pages' locks, which reads in flight hold."""
+    body = _NOTIFY_STORE.pack(nodeid, offset, size, 0)
+    return OUT_HEADER.pack(HEADER_SIZE + len(body) + size, NOTIFY_STORE, 0) + body
 
 
 def notify_resend() -> bytes:

@@ -32,6 +32,8 @@ from pynydus.rafs.read.spans import Span, SpanMap, has_spans, load_span_map
 
 log = logging.getLogger(__name__)
 
+_UNKNOWN = object()  # _spans: a blob not looked at yet
+
 # Decoded chunks waiting for the persist thread, at most (a burst of misses beyond it is
 # written by the readers themselves, as before delayed persist).
 _PERSIST_BUDGET = 64 << 20
@@ -81,6 +83,8 @@ class RafsInstance:
         self.config = config
         self.backend = backend
         self.bs = open_bootstrap(bootstrap_path)
+        # asked for every attribute the FUSE layer builds (a flags test on the superblock)
+        self.explicit_uidgid = self.bs.explicit_uidgid
         self.mounted_at = time.time()
         self.cache_stats = cache_stats or CacheStats()
         self.fs_stats = FsStats()
@@ -116,6 +120,9 @@ class RafsInstance:
         self.bs.close()
 
     def cache(self, blob_index: int) -> BlobCache:
+        cache = self._caches.get(blob_index)  # every read asks: no lock once it exists
+        if cache is not None:
+            return cache
         spans = self._spans(blob_index)
         with self._lock:
             cache = self._caches.get(blob_index)
@@ -160,7 +167,12 @@ class RafsInstance:
 
     def _spans(self, blob_index: int) -> SpanMap | None:
         """The span map of a ZRAN or batch blob (read once, from the backend), else None."""
+        known = self._span_maps.get(blob_index, _UNKNOWN)
+        if known is not _UNKNOWN:  # every read asks: decided once per blob
+            return known  # type: ignore[return-value]
         if not 0 <= blob_index < len(self.bs.blobs) or not has_spans(self.bs.blobs[blob_index]):
+            with self._spans_lock:
+                self._span_maps.setdefault(blob_index, None)
             return None
         with self._spans_lock:
             if blob_index not in self._span_maps:
@@ -238,7 +250,7 @@ class RafsInstance:
         """Plan a read of up to ``size`` bytes of file ``ino`` at ``offset`` (short only at
         end of file). Pure: touches neither the cache nor the backend."""
         reads = self.bs.map_read(ino, offset, size)
-        file_size = self.bs.stat(ino).size
+        file_size = self.bs.stat_fields(ino)[4]
         groups = tuple(
             (blob_index, group[0].chunk.file_offset + group[0].offset,
              [(self._ref(r.chunk), r.offset, r.length) for r in group])
@@ -270,6 +282,26 @@ class RafsInstance:
         if out is not None:
             self.trace.record(plan.ino, len(out), plan.groups)
             self._readahead(plan.ino, plan.offset, len(out))
+        return out
+
+    def chunk_bounds(self, plan: ReadPlan) -> tuple[int, int]:
+        """The file range ``[start, end)`` of the chunks ``plan`` reads from: its own range
+        widened to whole chunks, capped at the file's end."""
+        if not plan.groups:
+            return plan.offset, plan.end
+        _, first_pos, first = plan.groups[0]
+        start = first_pos - first[0][1]
+        _, last_pos, last = plan.groups[-1]
+        chunk, off, length = last[-1]
+        end = last_pos + sum(n for _, _, n in last) + chunk.u_size - off - length
+        return min(start, plan.offset), min(max(end, plan.end), self.bs.stat(plan.ino).size)
+
+    def read_range_quietly(self, ino: int, start: int, end: int) -> bytearray:
+        """Bytes ``[start, end)`` of file ``ino`` for the daemon's own use (pushing them
+        into the kernel's page cache): not traced and no readahead (the reader's pattern
+        is not this); waits for the backend only if a chunk is missing."""
+        out = self._assemble(self.plan_read(ino, start, end - start), cached_only=False)
+        assert out is not None
         return out
 
     def read(self, ino: int, offset: int, size: int) -> bytearray:

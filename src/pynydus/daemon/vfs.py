@@ -15,6 +15,7 @@ nydusd's fuse-backend-rs Vfs does.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from pynydus.daemon.instance import RafsInstance
@@ -40,6 +41,9 @@ class Vfs:
         # kept) of an unmounted image while anything holds them open, and an image
         # mounted right away in the same slot would be answered from them.
         self.next_slot = 1
+        # when the slot table last changed: the shared-mode root's mtime, which tells the
+        # kernel that its cached listing of the root is stale
+        self.changed_ns = time.time_ns()
         self._lock = threading.Lock()
 
     # dedicated mode: swap the image root and nid 1
@@ -86,13 +90,18 @@ class Vfs:
             self.slots[free] = (name, inst)
             if not slot:
                 self.next_slot = free % MAX_SLOTS + 1
+            self._changed()
             return free
+
+    def _changed(self) -> None:
+        self.changed_ns = max(time.time_ns(), self.changed_ns + 1)
 
     def remove(self, name: bytes) -> tuple[int, RafsInstance]:
         with self._lock:
             for slot, (n, inst) in list(self.slots.items()):
                 if n == name:
                     del self.slots[slot]
+                    self._changed()
                     return slot, inst
         raise NotFound(f"mountpoint /{name.decode(errors='replace')} is not mounted")
 

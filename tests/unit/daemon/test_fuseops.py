@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,32 @@ def test_other_operations_count_once(dedicated) -> None:  # type: ignore[no-unty
     expect = {"lookup": 2, "getattr": 1, "open": 1, "read": 1, "release": 1, "listxattr": 1}
     assert st["fop_hits"] == [expect.get(op, 0) for op in FOPS]
     assert sum(st["fop_errors"]) == 0 and st["nr_opens"] == 0
+
+
+def test_a_read_that_missed_asks_the_session_to_store_its_chunks(dedicated) -> None:  # type: ignore[no-untyped-def]
+    kernel, inst = dedicated
+    stored: list[tuple[int, int, int]] = []
+    kernel.server.store = lambda nodeid, i, plan: stored.append((nodeid, *i.chunk_bounds(plan)))
+    big = kernel.lookup(P.ROOT_ID, b"big")[0]
+    mib = 1 << 20
+    assert kernel.read(big, mib + 8192, 4096) == BIG[mib + 8192:mib + 12288]
+    assert stored == [(big, mib, 2 * mib)]  # the whole chunk around the read
+    assert bytes(inst.read_range_quietly(big, mib, 2 * mib)) == BIG[mib:2 * mib]
+    # (BIG's chunks are one deduplicated chunk: the other reads hit; bounds of a plan)
+    end = inst.plan_read(big, len(BIG) - 100, 4096)
+    assert inst.chunk_bounds(end) == (2 * mib, len(BIG))  # capped at the file's end
+
+
+def test_fill_page_cache_false_stores_nothing(tmp_path: Path, image: tuple[Path, Path, Path]) -> None:
+    inst = local_instance(image[1], image[2], tmp_path / "cache")
+    inst.config = replace(inst.config, rafs=replace(inst.config.rafs, fill_page_cache=False))
+    vfs = Vfs()
+    vfs.dedicated = inst
+    kernel = Kernel(RafsServer(vfs))
+    kernel.init()
+    stored: list[int] = []
+    kernel.server.store = lambda nodeid, i, plan: stored.append(nodeid)
+    big = kernel.lookup(P.ROOT_ID, b"big")[0]
+    assert kernel.read(big, 0, 4096) == BIG[:4096]
+    assert stored == []
+    inst.close()

@@ -103,8 +103,9 @@ def test_negotiation_agrees_on_what_both_sides_have() -> None:
     offered = (P.ASYNC_READ | P.DO_READDIRPLUS | P.READDIRPLUS_AUTO | P.MAX_PAGES | P.INIT_EXT
                | P.WRITEBACK_CACHE | P.HAS_RESEND | P.SPLICE_READ)
     params, body = P.negotiate(P.InitIn(7, 45, 128 << 10, offered), P.InitWants())
-    agreed = P.ASYNC_READ | P.DO_READDIRPLUS | P.READDIRPLUS_AUTO | P.MAX_PAGES | P.INIT_EXT
-    assert params.flags == agreed  # no writeback cache, no splice: not asked for
+    agreed = P.ASYNC_READ | P.DO_READDIRPLUS | P.MAX_PAGES | P.INIT_EXT
+    # no writeback cache, no splice, and READDIRPLUS on every call, not AUTO: not asked for
+    assert params.flags == agreed
     assert params.kernel_flags == offered and params.has(P.MAX_PAGES)
     assert params.minor == P.KERNEL_MINOR  # the older of the two
     out = P.parse_init_reply(body)
@@ -177,6 +178,22 @@ def test_dirents_are_padded_to_eight_bytes() -> None:
     assert len(plus) == 128 + 40 == P.dirent_size(b"ninechars", plus=True)
     assert P.parse_dirents(one + nine, plus=False) == [(b"abc", 5, 1, 8), (b"ninechars", 6, 2, 4)]
     assert P.parse_dirents(plus, plus=True) == [(b"ninechars", 6, 2, 4)]
+
+
+@pytest.mark.parametrize("name", [b"a", b"seven77", b"eight888", b"x" * 255])
+def test_direntplus_in_one_pack_is_entry_then_dirent(name: bytes) -> None:
+    attr = P.Attr(ino=(2 << 56) | 77, mode=0o100640, nlink=3, uid=7, gid=8, size=99,
+                  blocks=1, time_ns=1_600_000_000_000_000_001)
+    one = P.direntplus(attr, float(1 << 32), 5, 8, name)
+    assert one == P.pack_direntplus(P.entry_body(attr.ino, attr, float(1 << 32),
+                                                 float(1 << 32)), attr.ino, 5, 8, name)
+    assert len(one) == P.dirent_size(name, plus=True)
+
+
+def test_notify_store_head_counts_the_data_that_follows() -> None:
+    head = P.notify_store(42, 1 << 20, 4096)
+    assert struct.unpack("<IiQQQII", head) == (16 + 24 + 4096, P.NOTIFY_STORE, 0, 42, 1 << 20,
+                                               4096, 0)
 
 
 def test_notifications() -> None:

@@ -244,6 +244,18 @@ class Bootstrap:
         """
         raise NotImplementedError
 
+    def stat_fields(self, ino: int) -> tuple[int, int, int, int, int, int, int, int, int]:
+        """``stat(ino)`` as a plain tuple ``(mode, nlink, uid, gid, size, blocks, mtime,
+        mtime_nsec, rdev)``, same values and errors: for callers that build thousands of
+        attributes (a FUSE READDIRPLUS) and need no object per inode."""
+        st = self.stat(ino)
+        return (st.mode, st.nlink, st.uid, st.gid, st.size, st.blocks, st.mtime, st.mtime_nsec,
+                st.rdev)
+
+    def readdir_fields(self, ino: int) -> Iterator[tuple[bytes, int, int]]:
+        """``readdir(ino)`` as ``(name, ino, EROFS file type)`` tuples."""
+        return ((e.name, e.ino, int(e.file_type)) for e in self.readdir(ino))
+
     def lookup(self, parent: int, name: bytes) -> int:
         """Inode number of ``name`` in directory ``parent`` (binary search).
 

@@ -26,6 +26,7 @@ from pynydus.rafs.format.layout import (
     EROFS_CHUNK_INDEX_SIZE,
     EROFS_DEVT_SLOT_SIZE,
     EROFS_DIRENT_SIZE,
+    EROFS_I_FORMAT_MASK,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
@@ -63,6 +64,13 @@ from pynydus.rafs.read.v6headers import (
 )
 
 _DIRENT = struct.Struct("<QHBx")
+# what stat() needs of an extended / a compact inode, for stat_fields
+_STAT_EXT = struct.Struct("<HHH2xQIIIIQII")
+_STAT_CMP = struct.Struct("<HHHHIIIIHH")
+_FILE_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                         stat.S_IFIFO, stat.S_IFSOCK})
+_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
+_LAYOUTS = (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED)
 _CHUNK_ADDR = struct.Struct("<HHI")
 _NAMEOFF = struct.Struct("<H")
 
@@ -196,6 +204,28 @@ class BootstrapV6(Bootstrap):
             rdev=rdev,
         )
 
+    def stat_fields(self, ino: int) -> tuple[int, int, int, int, int, int, int, int, int]:
+        # One unpack of the inode's bytes; whatever is unusual (out of range, a format or
+        # file type RAFS does not use, xattrs past the end) goes to stat(), which says why.
+        buf = self._buf
+        off = self._meta_base + ino * EROFS_INODE_SLOT_SIZE
+        if ino >= 0 and off + 64 <= len(buf):
+            if buf[off] & 1:
+                (fmt, xcount, mode, size, u, _, uid, gid, mtime, mtime_nsec,
+                 nlink) = _STAT_EXT.unpack_from(buf, off)
+                isize = 64
+            else:
+                fmt, xcount, mode, nlink, size, _, u, _, uid, gid = _STAT_CMP.unpack_from(buf, off)
+                mtime = mtime_nsec = 0
+                isize = 32
+            ftype = stat.S_IFMT(mode)
+            if (not fmt & ~EROFS_I_FORMAT_MASK and (fmt >> 1) & 0x7 in _LAYOUTS
+                    and ftype in _FILE_TYPES
+                    and off + isize + xattr_ibody_size(xcount) <= len(buf)):
+                return (mode, nlink, uid, gid, size, (size + 511) // 512, mtime, mtime_nsec,
+                        u if ftype in _DEVICES else 0)
+        return super().stat_fields(ino)
+
     # -- flat data (directories, symlinks) ----------------------------------------------
 
     def _flat_blocks(self, node: _Node) -> _FlatBlocks:
@@ -293,11 +323,15 @@ class BootstrapV6(Bootstrap):
         return name, nid, ftype
 
     def readdir(self, ino: int) -> Iterator[DirEntry]:
+        return (DirEntry(name, nid, FileType(ftype))
+                for name, nid, ftype in self.readdir_fields(ino))
+
+    def readdir_fields(self, ino: int) -> Iterator[tuple[bytes, int, int]]:
         node = self._dir_node(ino)
         blocks = self._flat_blocks(node)
         return self._iter_dir(ino, blocks)
 
-    def _iter_dir(self, ino: int, blocks: _FlatBlocks) -> Iterator[DirEntry]:
+    def _iter_dir(self, ino: int, blocks: _FlatBlocks) -> Iterator[tuple[bytes, int, int]]:
         prev = b""
         for boff, blen in blocks:
             count = self._block_count(boff, blen, ino)
@@ -311,7 +345,7 @@ class BootstrapV6(Bootstrap):
                         f"{name!r} after {prev!r}",
                     )
                 prev = name
-                yield DirEntry(name, nid, FileType(ftype))
+                yield name, nid, ftype
 
     def _claim_dir_storage(self, ino: int, claimed: set[int]) -> None:
         for boff, _ in self._flat_blocks(self._dir_node(ino)):
