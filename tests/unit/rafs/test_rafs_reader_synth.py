@@ -298,13 +298,17 @@ def test_a_50000_file_bootstrap_opens_in_well_under_100ms() -> None:
         root.children[b"d%02d" % d_i] = sub
     data = S.build(root).data
     bootstrap_from_bytes(data)  # warm imports
-    t0 = time.perf_counter()
-    b = bootstrap_from_bytes(data)
-    opened = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(1000):
-        b.stat(b.lookup_path(b"/d%02d/f%04d" % (i % 50, (i * 37) % 1000)))
-    per_lookup = (time.perf_counter() - t0) / 1000
+    # This thread's CPU time, the best of five: what the open costs, not how long a loaded
+    # machine kept the test from running.
+    opened, per_lookup = float("inf"), float("inf")
+    for _ in range(5):
+        t0 = time.thread_time()
+        b = bootstrap_from_bytes(data)
+        opened = min(opened, time.thread_time() - t0)
+        t0 = time.thread_time()
+        for i in range(1000):
+            b.stat(b.lookup_path(b"/d%02d/f%04d" % (i % 50, (i * 37) % 1000)))
+        per_lookup = min(per_lookup, (time.thread_time() - t0) / 1000)
     assert opened < 0.02, opened
     assert per_lookup < 0.002, per_lookup
     print(
