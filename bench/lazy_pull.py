@@ -71,6 +71,7 @@ import argparse
 import asyncio
 import calendar
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -112,7 +113,7 @@ MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-s
 # daemon's trace pushed beside it, as `pynydus optimize --node-root --push` does); the
 # snapshotter finds the list at mount and pynydusd prefetches in its order
 ALL_MODES = (*MODES, "tarfs", "nydus-list", "nydus-stale", "upstream-pf",
-             "zran")  # zran: REF:zran (convert --oci-ref)
+             "zran", "zran-b")  # zran: REF:zran (convert --oci-ref); zran-b: --zran-b-tag
 LIST_TAG = "nydus-list"
 STALE_TAG = "nydus-stale"
 # nydus-stale's list is learned from this start-up instead of the image's Cmd: for large
@@ -126,17 +127,18 @@ STALE_CMD = {
 }
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
        "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG,
-       "nydus-stale": STALE_TAG, "upstream-pf": "nydus-pf", "zran": "zran"}
+       "nydus-stale": STALE_TAG, "upstream-pf": "nydus-pf", "zran": "zran",
+       "zran-b": "zran"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
                "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus",
                "nydus-list": "nydus", "nydus-stale": "nydus", "upstream-pf": "nydus",
-               "zran": "nydus"}
+               "zran": "nydus", "zran-b": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
 DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None, "nydus-stale": None,
-               "zran": None}
+               "zran": None, "zran-b": None}
 # the peer: upstream's containerd-nydus-grpc with upstream's nydusd (scripts/peers.sh
 # nydus-snapshotter nydus-rs), in each daemon mode, on the same Nydus image, with the
 # daemon template ours uses (same amplify_io, no prefetch; plain HTTP)
@@ -889,14 +891,14 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
                 out.append(f"{'PASS' if ok else 'FAIL'} {img}/{net}: tarfs "
                            f"{tf['x_vs_overlayfs']:.2f}x faster than overlayfs "
                            f"(target >= {x:.1f}x)")
-        for img in ("large", "many-files", "small"):
-            z, ny = get.get((net, img, "zran")), get.get((net, img, "nydus"))
+        for img, zm in itertools.product(("large", "many-files", "small"), ("zran", "zran-b")):
+            z, ny = get.get((net, img, zm)), get.get((net, img, "nydus"))
             if z and ny:
                 q = z["total_s"] / ny["total_s"]
-                out.append(f"{'PASS' if q <= TARGET_ZRAN else 'FAIL'} {img}/{net}: zran "
+                out.append(f"{'PASS' if q <= TARGET_ZRAN else 'FAIL'} {img}/{net}: {zm} "
                            f"{z['total_s']:.2f} s = {q:.2f}x nydus {ny['total_s']:.2f} s "
                            f"(target <= {TARGET_ZRAN:.1f}x)")
-        for m in (x for x in DAEMON_MODE if x != "zran"):
+        for m in (x for x in DAEMON_MODE if x not in ("zran", "zran-b")):
             ny, sg, ov = (get.get((net, "large", x)) for x in (m, "stargz", "overlayfs"))
             if ny and ov and net == "loopback":
                 ok = ny["x_vs_overlayfs"] >= TARGET_X
@@ -1014,6 +1016,8 @@ def main() -> int:
                     "of the same image, e.g. with another --chunk-size)")
     ap.add_argument("--zran-tag", help="pull this tag for the zran mode (another "
                     "convert --oci-ref of the same image, e.g. by another version)")
+    ap.add_argument("--zran-b-tag", help="pull this tag for the zran-b mode: a second ZRAN "
+                    "form in the same run (e.g. the one --zran-tag is held against)")
     ap.add_argument("--json", help="write every sample and the summary here")
     ap.add_argument("--keep-logs", help="copy each nydus run's snapshotter and daemon logs here")
     ap.add_argument("--profile", help="run pynydusd under py-spy; collapsed stacks go here")
@@ -1095,6 +1099,8 @@ def main() -> int:
                             tag = TAG[mode]
                             if mode == "zran":
                                 tag = a.zran_tag or tag
+                            elif mode == "zran-b":
+                                tag = a.zran_b_tag or tag
                             elif a.nydus_tag and mode in NYDUS_MODES and mode not in (
                                     "nydus-list", "nydus-stale", "upstream-pf"):
                                 tag = a.nydus_tag

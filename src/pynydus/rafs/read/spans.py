@@ -18,8 +18,8 @@ free of I/O apart from :func:`load_span_map`, which is handed the read function.
 
 A ZRAN meta blob whose chunk info is framed (:mod:`pynydus.rafs.format.zran`) is read
 in parts: its index, the entries and contexts, the header (two to four small reads), and a
-context's window (one ranged read of its frame) when the context is first inflated;
-the last windows read are kept. Other chunk info is read whole, in one read.
+context's window when the context is first inflated: one ranged read of its frame and
+the frames after it (up to 256 KiB), which are kept for their contexts. Other chunk info is read whole, in one read.
 """
 
 from __future__ import annotations
@@ -159,6 +159,11 @@ class SpanMap:
 _PROBE = 64 << 10
 #: Windows kept by a framed span map (32 KiB each): a context is inflated once per miss.
 _KEEP_WINDOWS = 32
+#: A window's frame is read with the frames after it, up to this many bytes: one round
+#: trip for the next contexts too (sparse windows of incompressible data are a few bytes).
+_WINDOW_BATCH = 256 << 10
+#: Frames kept that were read with another (a few MiB at most).
+_KEEP_RAW = 256
 
 
 def load_span_map(blob: BlobInfo, read_range: ReadRange) -> SpanMap:
@@ -223,6 +228,7 @@ class _FrameWindows:
         self._base = blob.ci_offset
         self._prefix = prefix  # the payload's first bytes, read already
         self._kept: OrderedDict[int, bytes] = OrderedDict()
+        self._raw: dict[int, bytes] = {}  # frames read with another, not inflated yet
         self._lock = threading.Lock()
 
     def __call__(self, index: int) -> bytes:
@@ -231,11 +237,9 @@ class _FrameWindows:
             if w is not None:
                 self._kept.move_to_end(index)
                 return w
-        off, size = self._frames.windows[index]
-        if off + size <= len(self._prefix):
-            raw = self._prefix[off:off + size]
-        else:
-            raw = self._read(self._meta_id, self._base + off, size)
+            raw = self._raw.pop(index, None)
+        if raw is None:
+            raw = self._fetch(index)
         try:
             w = decompress(raw, Compressor.ZSTD, self._ctxs[index].dict_size)
         except FormatError as err:
@@ -245,6 +249,29 @@ class _FrameWindows:
             while len(self._kept) > _KEEP_WINDOWS:
                 self._kept.popitem(last=False)
         return w
+
+    def _fetch(self, index: int) -> bytes:
+        """Window frame ``index``, read with the frames after it up to
+        :data:`_WINDOW_BATCH` bytes in one ranged read (contexts are mostly inflated in
+        layer order; the others are kept as they came)."""
+        frames = self._frames.windows
+        off, size = frames[index]
+        if off + size <= len(self._prefix):
+            return self._prefix[off:off + size]
+        end, last = off + size, index
+        while last + 1 < len(frames) and frames[last + 1][0] + frames[last + 1][1] - off \
+                <= _WINDOW_BATCH:
+            last += 1
+            end = frames[last][0] + frames[last][1]
+        data = self._read(self._meta_id, self._base + off, end - off)
+        with self._lock:
+            for i in range(index + 1, last + 1):
+                o, n = frames[i]
+                if n and i not in self._kept:
+                    self._raw[i] = data[o - off:o - off + n]
+            while len(self._raw) > _KEEP_RAW:
+                self._raw.pop(next(iter(self._raw)))
+        return data[:size]
 
 
 class SpanCache:
