@@ -5,9 +5,9 @@ quotients of the median runs its JSON holds."""
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.harness import tools
@@ -19,12 +19,16 @@ REPO = Path(__file__).resolve().parents[3]
 def test_rafs_bench_quick_prints_the_table(tmp_path: Path) -> None:
     tools.require("mkfs.erofs", "unpigz", "taskset")
     out = tmp_path / "bench.json"
-    t0 = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run([sys.executable, str(REPO / "bench" / "rafs_bench.py"), "--quick",
                         "--workdir", str(tmp_path / "data"), "--json", str(out)],
-                       capture_output=True, text=True, timeout=120, check=False)
+                       capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert time.monotonic() - t0 < 60
+    # --quick stays quick: the CPU it and its children used (wall time is what a loaded
+    # machine makes of it: 113 s once at load 40, where a quiet one takes 20)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    assert cpu < 60, f"--quick used {cpu:.0f} s of CPU"
     for figure in ("build mixed: pynydus / mkfs.erofs", "build small: pynydus / mkfs.erofs",
                    "lz4_block build, warm cache: MB in / wall s on 1 CPU",
                    "lz4_block build, cold cache: MB in / CPU s", "targz: pynydus / zlib inflate",
