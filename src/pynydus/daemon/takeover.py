@@ -139,11 +139,11 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, bytes, int]:
         os.set_inheritable(received, False)
     if not first:
         for extra in fds:
-            _close(extra)
+            close_fd(extra)
         raise EOFError("supervisor connection closed")
     fd = fds[0] if fds else -1
     for extra in fds[1:]:
-        _close(extra)
+        close_fd(extra)
     try:
         rest = _recv_exact(sock, _FRAME.size - 1)
         kind, length = _FRAME.unpack(first + rest)
@@ -151,7 +151,7 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, bytes, int]:
             raise OSError(f"frame of {length} bytes is larger than {_MAX_FRAME}")
         return kind, _recv_exact(sock, length), fd
     except BaseException:
-        _close(fd)
+        close_fd(fd)
         raise
 
 
@@ -165,7 +165,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _close(fd: int) -> None:
+def close_fd(fd: int) -> None:
+    """Close ``fd`` if it is one (>= 0), ignoring an error: for descriptors being let go."""
     if fd >= 0:
         try:
             os.close(fd)
@@ -190,7 +191,7 @@ def send_state(path: str, state: DaemonState, fd: int, timeout: float = 10.0) ->
     with connect(path, timeout) as sock:
         send_frame(sock, b"S", state.encode(), fd)
         kind, payload, extra = recv_frame(sock)
-        _close(extra)
+        close_fd(extra)
         if kind != b"K":
             raise OSError(f"supervisor {path} refused the state: {payload.decode(errors='replace')}")
 
@@ -202,7 +203,7 @@ def request_takeover(path: str, daemon_id: str, timeout: float = 10.0) -> tuple[
         send_frame(sock, b"T", json.dumps({"id": daemon_id}).encode())
         kind, payload, fd = recv_frame(sock)
         if kind != b"R":
-            _close(fd)
+            close_fd(fd)
             raise OSError(f"supervisor {path}: {payload.decode(errors='replace')}")
         return payload, fd
 

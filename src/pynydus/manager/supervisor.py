@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pynydus.daemon.takeover import DaemonState, StateError, recv_frame, send_frame
+from pynydus.daemon.takeover import DaemonState, StateError, close_fd, recv_frame, send_frame
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Supervisor:
                 except FileNotFoundError:
                     pass
         if held is not None:
-            _close(held.fd)
+            close_fd(held.fd)
         self._wake()
 
     def held(self, daemon_id: str) -> Held | None:
@@ -127,7 +127,7 @@ class Supervisor:
         with self._lock:
             held = self._held.pop(daemon_id, None)
         if held is not None:
-            _close(held.fd)
+            close_fd(held.fd)
             log.info("supervisor: released the FUSE connection of daemon %s", daemon_id)
 
     def close(self) -> None:
@@ -149,7 +149,7 @@ class Supervisor:
             self._listeners.clear()
             held, self._held = list(self._held.values()), {}
         for h in held:
-            _close(h.fd)
+            close_fd(h.fd)
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -196,10 +196,10 @@ class Supervisor:
         if kind == b"S":
             self._keep(daemon_id, conn, payload, fd, pid)
         elif kind == b"T":
-            _close(fd)
+            close_fd(fd)
             self._give(daemon_id, conn, payload, pid)
         else:
-            _close(fd)
+            close_fd(fd)
             send_frame(conn, b"E", f"unknown request {kind!r}".encode())
 
     def _keep(self, daemon_id: str, conn: socket.socket, blob: bytes, fd: int, pid: int) -> None:
@@ -212,7 +212,7 @@ class Supervisor:
                 raise StateError(f"state of daemon {state.daemon_id!r} sent to the socket of "
                                  f"{daemon_id!r}")
         except StateError as err:
-            _close(fd)
+            close_fd(fd)
             log.error("supervisor: daemon %s (pid %d) sent a state we cannot keep: %s",
                       daemon_id, pid, err)
             send_frame(conn, b"E", str(err).encode())
@@ -222,7 +222,7 @@ class Supervisor:
             self._held[daemon_id] = Held(fd, blob, state, time.monotonic(), pid)
             self._changed.notify_all()
         if old is not None:
-            _close(old.fd)  # the same connection, or one that ended
+            close_fd(old.fd)  # the same connection, or one that ended
         send_frame(conn, b"K")
         log.debug("supervisor: holding the FUSE connection of daemon %s (pid %d, %d images)",
                   daemon_id, pid, len(state.mounts))
@@ -241,11 +241,3 @@ class Supervisor:
             return
         send_frame(conn, b"R", held.blob, held.fd)
         log.info("supervisor: FUSE connection of daemon %s handed to pid %d", daemon_id, pid)
-
-
-def _close(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
