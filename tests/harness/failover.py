@@ -19,6 +19,7 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,20 @@ def takeovers(snap: Snapshotter) -> int:
 def wait_taken_over(snap: Snapshotter, before: int, n: int = 1, timeout: float = 60) -> None:
     wait_until(lambda: takeovers(snap) >= before + n, timeout,
                f"{n} takeover(s) in the snapshotter log")
+
+
+def kill_image_daemon(snap: Snapshotter, kill: Callable[[int], None] | None = None) -> int:
+    """With a spare waiting, end the image's one daemon (``kill(pid)``; SIGKILL by default)
+    and wait until the snapshotter has taken it over; the dead daemon's pid."""
+    wait_spare(snap)
+    (pid,) = snap.image_daemon_pids()
+    before = takeovers(snap)
+    if kill is None:
+        os.kill(pid, signal.SIGKILL)
+    else:
+        kill(pid)
+    wait_taken_over(snap, before)
+    return pid
 
 
 def timelines(snap: Snapshotter) -> list[dict[str, float]]:

@@ -27,6 +27,7 @@ from pynydus.host.mount import unmount_all
 from tests.harness.failover import (
     CGROUP_CONFIG,
     DaemonCgroup,
+    kill_image_daemon,
     log_text,
     other_build,
     put_json,
@@ -95,11 +96,7 @@ def test_kill9_of_a_serving_daemon_is_invisible(failover_snap: Snapshotter, imag
     top = pull_nydus_image(snap, image)
     with Container(snap, image, top, "default/3/c1", tmp_path / "rootfs") as c:
         for round_ in range(3):
-            wait_spare(snap)
-            (pid,) = snap.image_daemon_pids()
-            before = takeovers(snap)
-            os.kill(pid, signal.SIGKILL)
-            wait_taken_over(snap, before)
+            pid = kill_image_daemon(snap)
             c.reader.wait_passes(2)
             assert snap.image_daemon_pids() != [pid], round_
         assert c.reader.errors == []
@@ -157,11 +154,7 @@ def test_snapshotter_killed_in_the_middle_of_a_takeover(mode: str, image: dict,
             assert "took over but was not started; starting it" in log_text(snap)
             assert c.reader.errors == []
             # and the new snapshotter supervises it: another death is taken over too
-            wait_spare(snap)
-            (pid2,) = snap.image_daemon_pids()
-            before = takeovers(snap)
-            os.kill(pid2, signal.SIGKILL)
-            wait_taken_over(snap, before)
+            kill_image_daemon(snap)
             c.reader.wait_passes(2)
             assert c.reader.errors == []
     finally:
@@ -238,11 +231,7 @@ def test_daemon_oom_killed_by_its_cgroup_is_taken_over(image: dict, tmp_path: Pa
     try:
         top = pull_nydus_image(snap, image)
         with Container(snap, image, top, "default/3/c1", tmp_path / "rootfs") as c:
-            wait_spare(snap)
-            (pid,) = snap.image_daemon_pids()
-            before = takeovers(snap)
-            cgroup.oom_kill(pid)
-            wait_taken_over(snap, before)
+            kill_image_daemon(snap, cgroup.oom_kill)
             c.reader.wait_passes(2)
             assert c.reader.errors == []
         print(f"longest pause of the reader over the OOM kill: {c.reader.max_gap():.3f} s")
