@@ -20,7 +20,7 @@ from pynydus.registry.client import RegistryClient
 from tests.harness.registry import Registry
 from tests.harness.snapshotter import Snapshotter
 
-from .support import REPO
+from .support import REPO, snapshotter_in_mode
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +50,4 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 @pytest.fixture(params=["dedicated", "shared"])
 def snap(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Snapshotter]:
-    config = tmp_path / "config.toml"
-    config.write_text(f'version = 1\ndaemon_mode = "{request.param}"\n')
-    s = Snapshotter(config=config)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
+    yield from snapshotter_in_mode(tmp_path, request.param)

@@ -136,3 +136,15 @@ def pull_secret(ns: str, name: str, host: str, user: str, password: str) -> dict
     return {"metadata": {"namespace": ns, "name": name},
             "type": "kubernetes.io/dockerconfigjson",
             "data": {".dockerconfigjson": base64.b64encode(cfg).decode()}}
+
+
+def snapshotter_in_mode(tmp_path: Path, mode: str) -> Iterator[Snapshotter]:
+    """A started snapshotter whose daemon_mode is ``mode``, closed afterwards (for fixtures)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'version = 1\ndaemon_mode = "{mode}"\n')
+    s = Snapshotter(config=config)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.close()

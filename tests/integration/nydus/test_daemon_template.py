@@ -21,7 +21,7 @@ from pynydus.host.mount import unmount_all
 from tests.harness.snapshotter import Snapshotter
 from tests.harness.util import wait_until
 
-from .support import container_rootfs, pull_nydus_image
+from .support import container_rootfs, pull_nydus_image, snapshotter_in_mode
 
 pytestmark = [pytest.mark.root]
 
@@ -33,14 +33,7 @@ def _ppid(pid: int) -> int:
 
 @pytest.fixture
 def dedicated(tmp_path: Path) -> Iterator[Snapshotter]:
-    config = tmp_path / "config.toml"
-    config.write_text('version = 1\ndaemon_mode = "dedicated"\n')
-    s = Snapshotter(config=config)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
+    yield from snapshotter_in_mode(tmp_path, "dedicated")
 
 
 def _template(snap: Snapshotter) -> int:
