@@ -338,6 +338,13 @@ class Containerd(Service):
                    f"containerd to reach snapshotter {name!r}", interval=0.2)
         return time.monotonic() - t0
 
+    def collect_garbage(self) -> None:
+        """Run containerd's garbage collector now and wait for it. containerd removes a
+        deleted snapshot from the backend only in its next collection, which it schedules
+        on its own; deleting a lease with ``--sync`` runs one synchronously."""
+        lease = self.ctr_out("leases", "create", timeout=30).split()[0]
+        self.ctr("leases", "rm", "--sync", lease, timeout=120)
+
     def remove_all_containers(self) -> None:
         """Kill every task and delete every container in our namespaces (best effort)."""
         if self.proc is None or not self.proc.running():
