@@ -170,6 +170,7 @@ class Snapshotter:
         self._closing = False
         # OCI fallback: one fill per image at a time; instances whose first read was checked
         self._fill_locks: dict[str, threading.Lock] = {}
+        self._fill_locks_lock = threading.Lock()  # not _cleanup_lock: a Cleanup takes seconds
         self._probed: set[str] = set()
         if tarfs is not None:
             tarfs.set_labels = self._set_labels
@@ -649,11 +650,12 @@ class Snapshotter:
               drop_bootstrap: bool = False) -> None:
         """Empty ``layer``'s directory and unpack OCI blob ``digest`` (if any) into it."""
         upper = self.upper_path(layer.id)
-        for entry in os.scandir(upper):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+        with os.scandir(upper) as entries:
+            for entry in list(entries):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
         if digest:
             ref = layer.labels.get(L.CRI_IMAGE_REF) or image
             blob = f"{self._snapshots}/{layer.id}/oci-layer.tmp"
@@ -700,7 +702,7 @@ class Snapshotter:
         return found.credentials if found else None
 
     def _fill_lock(self, key: str) -> threading.Lock:
-        with self._cleanup_lock:
+        with self._fill_locks_lock:
             return self._fill_locks.setdefault(key, threading.Lock())
 
     def _remote(self, snap: Snapshot, meta: processor.Layer,
