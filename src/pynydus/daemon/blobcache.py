@@ -222,17 +222,20 @@ class BlobCache:
             pos += length
         return out
 
-    def read_cached(self, pieces: Sequence[tuple[ChunkRef, int, int]]) -> bytearray | None:
-        """The bytes if every chunk is cached *and* in the page cache, else None.
+    def read_cached(self, pieces: Sequence[tuple[ChunkRef, int, int]], *,
+                    nowait: bool = True) -> bytearray | None:
+        """The bytes if every chunk is cached, else None; never waits for the backend.
 
-        Never blocks on the disk or the network (RWF_NOWAIT), so it can be called
-        on the FUSE loop itself: a warm read then costs no thread hand-off.
+        ``nowait`` (an event loop's caller): None also when a byte is not in the page
+        cache, so it never blocks on the disk either (RWF_NOWAIT) and a warm read costs no
+        thread hand-off. Without it the cache file is read from the disk if need be: a
+        caller that may block (a FUSE worker) reads once instead of twice.
         """
         if not all(self.chunk_map.is_ready(c.index) for c, _, _ in pieces):
             return None
         self._note_use(c.index for c, _, _ in pieces)
         try:
-            out = self._pread_pieces(pieces, os.RWF_NOWAIT)
+            out = self._pread_pieces(pieces, os.RWF_NOWAIT if nowait else 0)
         except BlockingIOError:
             return None
         self.stats.add(hits=len(pieces))

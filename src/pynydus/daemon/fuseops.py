@@ -291,7 +291,9 @@ class RafsServer:
             inst, nid = resolved[1], resolved[2]
             stats = inst.fs_stats
             plan = inst.plan_read(nid, arg.offset, arg.size)
-            data = inst.read_cached(plan)
+            # a worker may block on the cache file's disk; only a miss waits for the
+            # backend (and has the rest of its chunks stored in the page cache)
+            data = inst.read_cached(plan, nowait=False)
             if data is None:
                 self.inflight[req.unique] = (req.nodeid, "read", time.time())
                 try:

@@ -2,10 +2,11 @@
 
 A read is planned once (``plan_read``: the byte range mapped to chunk pieces with the
 bootstrap's ``map_read``, grouped by blob) and then served from the plan: by
-``read_cached`` when every byte is in the cache and the page cache (never blocks), else by
-``read_planned``, which lets each blob's cache fetch missing chunks from the backend.
-Holes (file ranges no chunk covers, as in sparse files) read as zeros. Counting the read
-is the FUSE layer's business (``FsStats``), once per request.
+``read_cached`` when every byte is in the cache (never waits for the backend; with
+``nowait`` not for the disk either), else by ``read_planned``, which lets each blob's
+cache fetch missing chunks from the backend. Holes (file ranges no chunk covers, as in
+sparse files) read as zeros. Counting the read is the FUSE layer's business
+(``FsStats``), once per request.
 
 A blob whose chunks live in spans (ZRAN: slices of a gzip layer's inflate contexts;
 batch) has its chunk-info array read from the backend on first use (for ZRAN from the
@@ -275,10 +276,11 @@ class RafsInstance:
         self._readahead(plan.ino, plan.offset, len(out))
         return out
 
-    def read_cached(self, plan: ReadPlan) -> bytearray | None:
-        """Like ``read_planned`` when every byte is in the cache and the page cache; else
-        None. Never blocks, so the FUSE loop answers warm reads itself."""
-        out = self._assemble(plan, cached_only=True)
+    def read_cached(self, plan: ReadPlan, *, nowait: bool = True) -> bytearray | None:
+        """Like ``read_planned`` when every byte is in the cache; else None. Never waits
+        for the backend; with ``nowait`` (pyfuse3's trio loop answers warm reads itself)
+        not for the disk either: None unless every byte is in the page cache too."""
+        out = self._assemble(plan, cached_only=True, nowait=nowait)
         if out is not None:
             self.trace.record(plan.ino, len(out), plan.groups)
             self._readahead(plan.ino, plan.offset, len(out))
@@ -308,7 +310,8 @@ class RafsInstance:
         """``read_planned(plan_read(...))``: for callers that need no warm path."""
         return self.read_planned(self.plan_read(ino, offset, size))
 
-    def _assemble(self, plan: ReadPlan, *, cached_only: bool) -> bytearray | None:
+    def _assemble(self, plan: ReadPlan, *, cached_only: bool,
+                  nowait: bool = True) -> bytearray | None:
         parts: list[bytearray] = []
         pos = plan.offset
         for blob_index, start, pieces in plan.groups:
@@ -316,7 +319,8 @@ class RafsInstance:
                 parts.append(bytearray(start - pos))
                 pos = start
             cache = self.cache(blob_index)
-            data = cache.read_cached(pieces) if cached_only else cache.read(pieces, plan.amplify)
+            data = (cache.read_cached(pieces, nowait=nowait) if cached_only
+                    else cache.read(pieces, plan.amplify))
             if data is None:
                 return None
             parts.append(data)

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import struct
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -302,3 +303,32 @@ def test_fill_page_cache_false_stores_nothing(tmp_path: Path, image: tuple[Path,
     assert kernel.read(big, 0, 4096) == BIG[:4096]
     assert stored == []
     inst.close()
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):  # the pages are gone: a NOWAIT read fails
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+    finally:
+        os.close(fd)
+
+
+def test_a_cached_read_whose_cache_file_left_the_page_cache_reads_the_disk_and_stores_nothing(
+        tmp_path: Path, dedicated) -> None:  # type: ignore[no-untyped-def]
+    kernel, inst = dedicated
+    stored: list[int] = []
+    kernel.server.store = lambda nodeid, i, plan: stored.append(nodeid)
+    big = kernel.lookup(P.ROOT_ID, b"big")[0]
+    assert kernel.read(big, 0, 4096) == BIG[:4096]  # a miss: fetched, then persisted
+    deadline = time.monotonic() + 30
+    while inst.read_cached(inst.plan_read(big, 0, 4096)) is None:
+        assert time.monotonic() < deadline, "the fetched chunk was never persisted"
+        time.sleep(0.01)
+    stored.clear()
+    _drop_from_page_cache(Path(inst.cache(0).data_path))
+    mib = 1 << 20
+    assert kernel.read(big, mib, 128 << 10) == BIG[mib:mib + (128 << 10)]
+    assert stored == []  # no backend wait: nothing to push into the kernel's page cache
