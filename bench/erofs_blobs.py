@@ -43,9 +43,9 @@ sys.path.insert(0, str(BENCH.parent))
 
 import daemon_bench as DB
 
+from pynydus.host import erofs
 from pynydus.rafs.builder import build
 from pynydus.registry.client import RegistryClient
-from pynydus.tarfs import erofs
 from tests.harness.pynydusd import Pynydusd
 from tests.harness.registry import Registry
 from tests.harness.util import make_workdir, remove_tree, stop_recorded

@@ -48,8 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from pynydus.host import erofs
 from pynydus.rafs.builder import build
-from pynydus.tarfs import erofs
 
 BENCH_DIR = Path(os.environ.get("PYNYDUS_BENCH_DIR", "/var/tmp/pynydus-bench"))
 WORK = Path("/var/tmp/pyn-tarfs-reads")

@@ -102,6 +102,9 @@ class FsDriver(enum.StrEnum):
     BLOCKDEV = "blockdev"
     PROXY = "proxy"
     NODEV = "nodev"
+    # ours, experimental (docs/decisions.md): pynydusd serves each blob as a flat file
+    # over FUSE and the kernel mounts the image's bootstrap as EROFS over those files
+    BLOBFILE = "blobfile"
 
 
 class DaemonMode(enum.StrEnum):
@@ -563,6 +566,12 @@ def _validate(
         )
     if not cfg.address:
         raise ConfigError(f"{origin('address')}: address: must not be empty")
+    if cfg.daemon.fs_driver is FsDriver.BLOBFILE and \
+            cfg.daemon.recover_policy is RecoverPolicy.FAILOVER:
+        raise ConfigError(
+            f"{origin('daemon.recover_policy')}: daemon.recover_policy: failover hands a dead "
+            "daemon's FUSE connection to a successor, which fs_driver blobfile does not do "
+            '(its blob-file daemons are restarted): use recover_policy = "restart"')
     plc = cfg.experimental.prefetch_list
     if plc.push and not plc.record:
         key = "experimental.prefetch_list.push"

@@ -634,8 +634,17 @@ def test_unknown_fs_driver_is_rejected_listing_the_choices(tmp_path: Path) -> No
         load_config(path)
     assert str(info.value) == (
         f"config {path}: daemon.fs_driver: expected one of "
-        '"fusedev", "fscache", "blockdev", "proxy", "nodev", got string "fuse"'
+        '"fusedev", "fscache", "blockdev", "proxy", "nodev", "blobfile", got string "fuse"'
     )
+
+
+def test_blobfile_driver_refuses_the_failover_policy(tmp_path: Path) -> None:
+    path = write(tmp_path, 'version = 1\n[daemon]\nfs_driver = "blobfile"\n'
+                           'recover_policy = "failover"\n')
+    with pytest.raises(ConfigError, match='daemon.recover_policy: failover .* blobfile'):
+        load_config(path)
+    cfg, _ = load_config(write(tmp_path, 'version = 1\n[daemon]\nfs_driver = "blobfile"\n'))
+    assert cfg.daemon.fs_driver is FsDriver.BLOBFILE
 
 
 @pytest.mark.parametrize(

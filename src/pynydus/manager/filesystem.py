@@ -8,6 +8,15 @@ per-image daemon config and starts a dedicated daemon on ``snapshots/<id>/mnt``
 ``<root>/mnt/<id>`` (mode ``shared``). It is idempotent: every container of an
 image shares that one instance. ``umount`` is called when the meta layer
 snapshot is removed; a dedicated daemon lives exactly as long as that snapshot.
+
+With ``fs_driver = "blobfile"`` (ours, experimental) the daemons run with
+``--blob-files``: their FUSE mount shows each blob of their images as one flat file
+(a dedicated daemon's at ``snapshots/<id>/blobs``), and the image is the kernel's
+EROFS mount of its bootstrap over those files at ``snapshots/<id>/mnt``: the kernel
+answers lookups, walks and cached reads, the daemon only moves blob ranges. The EROFS
+mount is made after the daemon serves the image and taken away before it stops; a
+restarted daemon's images are mounted again (containers started before keep the dead
+mount, as with a FUSE tree: only failover could save them, which this driver lacks).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from typing import Any
 from pynydus import labels as L
 from pynydus.config import SnapshotterConfig
 from pynydus.errors import ConfigError, FailedPrecondition, NotFound, NydusError, Unavailable, q
+from pynydus.host import erofs
+from pynydus.host.mount import unmount
 from pynydus.host.mountinfo import mountpoints_under
 from pynydus.logs import nydusd_level
 from pynydus.manager.client import DaemonClient
@@ -49,6 +60,8 @@ from pynydus.manager.supervisor import Supervisor
 from pynydus.manager.template import DaemonTemplate
 from pynydus.rafs.format import bootstrap_version
 from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
+from pynydus.rafs.read import open_bootstrap
+from pynydus.rafs.read.spans import has_spans
 from pynydus.registry.hosts import check_all
 from pynydus.registry.keychain import Keychain
 from pynydus.signature import Verifier
@@ -74,6 +87,10 @@ _STANDBY_WAIT = 10.0
 _PARALLEL_UMOUNTS = 8
 # How long close() waits for mounts under way (a daemon start, a standby's wait).
 _CLOSE_MOUNT_WAIT = 30.0
+# fs_driver blobfile: the EROFS mount's read-ahead window (KiB). The kernel's default
+# bdi window is 128 KiB; a larger one keeps several FUSE reads of the blob file in
+# flight (bench/erofs_blobs.py)
+BLOBFILE_READ_AHEAD_KB = 8192
 
 
 def bootstrap_path(snapshot_dir: str) -> str:
@@ -99,6 +116,24 @@ def bootstrap_ready(path: str) -> bool:
     return version == 6 and (size % 4096 == 0 or size % 512 == 0)
 
 
+def blob_devices(boot: str, sid: str) -> list[str]:
+    """The blob ids of RAFS v6 bootstrap ``boot`` in its device order: the blob files an
+    EROFS mount of it needs. FailedPrecondition for what fs_driver blobfile cannot serve:
+    RAFS v5 (no EROFS form) and ZRAN or batch blobs (no flat address space)."""
+    where = f"snapshot {q(sid)}: fs_driver blobfile"
+    if fs_version(boot) != "v6":
+        raise FailedPrecondition(f"{where} needs a RAFS v6 image, {boot} is v5")
+    bs = open_bootstrap(boot)
+    try:
+        spans = [b.blob_id for b in bs.blobs if has_spans(b)]
+        if spans:
+            raise FailedPrecondition(f"{where} cannot serve ZRAN or batch blobs ({spans[0]}): "
+                                     'convert the image without --oci-ref, or use fusedev')
+        return [b.blob_id for b in bs.blobs]
+    finally:
+        bs.close()
+
+
 def fs_version(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
@@ -115,6 +150,7 @@ class NydusFilesystem:
         self.keychain = keychain if keychain is not None else build_keychain(cfg)
         self.root = cfg.root
         self.mode = str(cfg.daemon_mode)
+        self.blob_files = str(cfg.daemon.fs_driver) == "blobfile"
         if self.mode == "none":
             log.warning("daemon_mode none: images are still served by a dedicated daemon here "
                         "(upstream does the same with fs_driver fusedev)")
@@ -160,7 +196,7 @@ class NydusFilesystem:
             recover_policy=policy,
             thread_num=cfg.daemon.threads_number,
             log_rotation_size=cfg.daemon.log_rotation_size,
-            on_restarted=self._remount_shared,
+            on_restarted=self._restarted,
             cgroup=self.cgroup,
             supervisor=self.supervisor,
             failover_policy=str(cfg.daemon.failover_policy),
@@ -236,6 +272,8 @@ class NydusFilesystem:
             # its images' configs go below (made now: the root's layout does not change
             # with use)
             os.makedirs(os.path.join(self.cfg.config_dir(), SHARED_DAEMON_ID), exist_ok=True)
+        if self.blob_files:
+            self._mount_missing_erofs()
         self.manager.start_monitor()
         self._refill_standby()
         if self.renewal is not None:
@@ -290,9 +328,12 @@ class NydusFilesystem:
         return os.path.join(self.root, "snapshots", sid)
 
     def mountpoint(self, sid: str) -> str:
+        """Where containers find snapshot ``sid``'s image (the lower dir of their overlay)."""
         rec = self.instances.get(sid)
         if rec is not None:
-            return rec.mountpoint
+            return rec.erofs_mountpoint or rec.mountpoint
+        if self.blob_files:
+            return self._erofs_target(sid)
         if self.mode == "shared":
             return os.path.join(self.root, "mnt", sid)
         return os.path.join(self.snapshot_dir(sid), "mnt")
@@ -342,7 +383,7 @@ class NydusFilesystem:
     def _mount(self, sid: str, labels: Mapping[str, str]) -> str:
         with self._sid_lock(sid):
             if sid in self.instances:
-                return self.instances[sid].mountpoint
+                return self.mountpoint(sid)
             image_ref = labels.get(L.CRI_IMAGE_REF) or labels.get(L.STARGZ_REFERENCE)
             if not image_ref:
                 raise FailedPrecondition(
@@ -352,6 +393,7 @@ class NydusFilesystem:
                 )
             sdir = self.snapshot_dir(sid)
             boot = self._wait_bootstrap(sdir)
+            devices = blob_devices(boot, sid) if self.blob_files else []
             self.verifier.verify(labels, boot, f"snapshot {q(sid)} of image {q(image_ref)}")
             creds = self.keychain.lookup(image_ref, labels)
             cfg = self._daemon_cfg(image_ref, sid, labels, creds)
@@ -367,6 +409,14 @@ class NydusFilesystem:
                 listed.cancel()
                 self.list_lookup.forget(image_ref, labels)
                 raise
+            if self.blob_files:
+                try:
+                    self._mount_erofs(rec, devices)
+                except BaseException:
+                    listed.cancel()
+                    self.list_lookup.forget(image_ref, labels)
+                    self._release_daemon(rec)
+                    raise
             if creds.found is not None:
                 rec.credential_source = creds.found.source
                 rec.credentials_renewable = creds.found.renewable
@@ -378,7 +428,7 @@ class NydusFilesystem:
             if self.list_recorder is not None:
                 self.list_recorder.after_lookup(listed, image_ref, labels, cfg,
                                                 functools.partial(self._daemon_of, stored))
-            return rec.mountpoint
+            return self.mountpoint(sid)
 
     def _daemon_cfg(self, image_ref: str, sid: str, labels: Mapping[str, str],
                     creds: Any = None) -> dict[str, Any]:
@@ -437,7 +487,7 @@ class NydusFilesystem:
             api_socket=os.path.join(self.cfg.socket_dir(), did, "api.sock"),
             config_path=config_path, bootstrap=bootstrap,
             log_file=os.path.join(self.cfg.log_dir(), did, "nydusd.log"),
-            thread_num=self.cfg.daemon.threads_number,
+            thread_num=self.cfg.daemon.threads_number, blob_files=self.blob_files,
         )
 
     def _spare_record(self, did: str) -> DaemonRecord:
@@ -541,7 +591,8 @@ class NydusFilesystem:
             prefetch_path = os.path.join(self.cfg.config_dir(), did, "prefetch-files")
             with open(prefetch_path, "w", encoding="utf-8") as f:
                 f.write("".join(p + "\n" for p in prefetch))
-        mp = os.path.join(self.snapshot_dir(sid), "mnt")
+        # blobfile: the FUSE mount shows blob files; the image is the EROFS mount at mnt
+        mp = os.path.join(self.snapshot_dir(sid), "blobs" if self.blob_files else "mnt")
         rec = self._daemon_record(did, "dedicated", mp, config_path=config_path, bootstrap=boot)
         rec.prefetch_files = prefetch_path
         self.manager.start_daemon(rec)
@@ -589,6 +640,64 @@ class NydusFilesystem:
     def _remount_missing(self, live: LiveDaemon) -> None:
         self._remount_shared(live, only_missing=True)
 
+    def _restarted(self, live: LiveDaemon) -> None:
+        """A daemon that died was started again: its images are served again (through
+        the API for a daemon that got them that way) and, with blob files, mounted
+        again as EROFS over the new daemon's files."""
+        self._remount_shared(live)
+        if not self.blob_files:
+            return
+        for rec in sorted(self.instances.values(), key=lambda r: r.seq):
+            if rec.daemon_id == live.record.id:
+                self._umount_erofs(rec)  # over the dead daemon's files: only EIO there
+                self._mount_erofs(rec, blob_devices(rec.bootstrap, rec.snapshot_id))
+
+    # --- fs_driver blobfile: kernel EROFS over a daemon's blob files ---------------------
+
+    def _erofs_target(self, sid: str) -> str:
+        return os.path.join(self.snapshot_dir(sid), "mnt")
+
+    def _mount_erofs(self, rec: RafsRecord, devices: list[str]) -> None:
+        """Mount ``rec``'s bootstrap as EROFS over its daemon's blob files ``devices``
+        (blob ids, in the bootstrap's device order); sets ``rec.erofs_mountpoint``."""
+        live = self.manager.daemons.get(rec.daemon_id)
+        if live is None:
+            raise Unavailable(f"snapshot {q(rec.snapshot_id)}: daemon {rec.daemon_id} is gone")
+        target = self._erofs_target(rec.snapshot_id)
+        os.makedirs(target, exist_ok=True)
+        # directio: the EROFS inodes' pages are the one page cache of the data (the
+        # blob files are FOPEN_DIRECT_IO); asynchronous reads of the whole window
+        erofs.mount_erofs(rec.bootstrap, [os.path.join(live.record.mountpoint, d) for d in devices],
+                          target, "file", direct_io=True, read_ahead_kb=BLOBFILE_READ_AHEAD_KB)
+        rec.erofs_mountpoint = target
+
+    def _umount_erofs(self, rec: RafsRecord) -> None:
+        """Unmount ``rec``'s EROFS mount, detaching it if a container's overlay still uses
+        it. Idempotent."""
+        if not rec.erofs_mountpoint:
+            return
+        try:
+            erofs.umount_erofs(rec.erofs_mountpoint)
+        except OSError:
+            try:
+                unmount(rec.erofs_mountpoint, lazy=True)
+            except OSError as err:
+                log.warning("cannot unmount %s: %s", rec.erofs_mountpoint, err)
+
+    def _mount_missing_erofs(self) -> None:
+        """At start-up: the EROFS mount of every image whose daemon is alive (one a host
+        reboot or an operator took away is made again; the others are left alone)."""
+        mounted = set(mountpoints_under(os.path.join(self.root, "snapshots")))
+        for rec in sorted(self.instances.values(), key=lambda r: r.seq):
+            if not rec.erofs_mountpoint or os.path.realpath(rec.erofs_mountpoint) in mounted:
+                continue
+            if rec.daemon_id not in self.manager.daemons:
+                continue  # restarted below (manager.restart), which mounts it
+            try:
+                self._mount_erofs(rec, blob_devices(rec.bootstrap, rec.snapshot_id))
+            except (OSError, NydusError) as err:
+                log.error("EROFS mount of snapshot %s: %s", rec.snapshot_id, err)
+
     def upgrade_daemons(self, nydusd_path: str = "") -> list[str]:
         """Hot upgrade (``PUT /api/v1/daemons/upgrade``): every daemon is replaced by one
         of ``nydusd_path`` (default: daemon.nydusd_path again, e.g. a new build installed
@@ -614,11 +723,17 @@ class NydusFilesystem:
             if rec is None:
                 return
             self.store.delete_instance(sid)
-            if rec.daemon_id == SHARED_DAEMON_ID:
-                self._umount_shared(rec)
-            else:
-                self.manager.destroy_daemon(rec.daemon_id, wait=wait)
+            self._release_daemon(rec, wait=wait)
             self._drop_files(rec)
+
+    def _release_daemon(self, rec: RafsRecord, *, wait: bool = False) -> None:
+        """Take ``rec``'s image away from its daemon (its EROFS mount first, which holds
+        the daemon's blob files): the shared daemon unmounts it, a dedicated one stops."""
+        self._umount_erofs(rec)
+        if rec.daemon_id == SHARED_DAEMON_ID:
+            self._umount_shared(rec)
+        else:
+            self.manager.destroy_daemon(rec.daemon_id, wait=wait)
 
     def umount_many(self, sids: list[str]) -> None:
         """``umount`` of each, for snapshots that are gone (Cleanup): their records are
@@ -633,6 +748,8 @@ class NydusFilesystem:
         if not taken:
             return
         self.store.delete_many(snapshot_ids=[r.snapshot_id for r in taken])
+        for rec in taken:
+            self._umount_erofs(rec)  # before the daemons whose files they hold stop
         self.manager.destroy_daemons([r.daemon_id for r in taken
                                       if r.daemon_id != SHARED_DAEMON_ID])
 

@@ -202,6 +202,8 @@ class DaemonManager:
             cmd += ["--upgrade", "--failover-policy", self.failover_policy]
         else:
             cmd += ["--mountpoint", rec.mountpoint]
+        if rec.blob_files:
+            cmd.append("--blob-files")
         if rec.mode == "dedicated":
             cmd += ["--config", rec.config_path, "--bootstrap", rec.bootstrap]
             if rec.prefetch_files:

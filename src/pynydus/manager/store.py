@@ -35,6 +35,8 @@ class DaemonRecord:
     # the daemon program that was started (daemon.nydusd_path resolved); [] in records
     # written before pynydus kept it
     command: list[str] = field(default_factory=list)
+    # fs_driver blobfile: the daemon shows its images' blobs as flat files (--blob-files)
+    blob_files: bool = False
 
 
 @dataclass
@@ -53,6 +55,9 @@ class RafsRecord:
     # the sources again for them (not for the snapshot labels' own)
     credential_source: str = ""
     credentials_renewable: bool = False
+    # fs_driver blobfile: where the kernel's EROFS mount of the bootstrap over the
+    # daemon's blob files is (what containers see); "" for a FUSE tree at ``mountpoint``
+    erofs_mountpoint: str = ""
 
 
 _SCHEMA = (

@@ -77,12 +77,21 @@ def setup_logging(cfg: SnapshotterConfig) -> None:
 
 def make_filesystem(cfg: SnapshotterConfig, keychain: Keychain | None = None
                     ) -> NydusFilesystem | None:
-    """The Nydus filesystem for the configured fs_driver (fusedev is the default); None
+    """The Nydus filesystem for the configured fs_driver (fusedev is the default, blobfile
+    serves the same images as kernel EROFS over blob files: host-checked here); None
     for blockdev, which serves OCI images through tarfs only (``make_tarfs``).
     ``keychain``: the registry credential sources (default: ``build_keychain(cfg)``)."""
     driver = str(cfg.daemon.fs_driver)
     if driver == "fusedev":
         Path(cfg.root).mkdir(parents=True, exist_ok=True)
+        return NydusFilesystem(cfg, keychain=keychain)
+    if driver == "blobfile":
+        from pynydus.tarfs.backing import probe_backing
+
+        Path(cfg.root).mkdir(parents=True, exist_ok=True)
+        if probe_backing(cfg.root, "fs_driver blobfile") != "file":
+            raise HostCheckError("daemon.fs_driver: fs_driver blobfile needs EROFS file-backed "
+                                 "mounts (Linux 6.12+): use fs_driver = \"fusedev\"")
         return NydusFilesystem(cfg, keychain=keychain)
     if driver == "blockdev":
         return None  # the configuration has checked that tarfs is on

@@ -712,7 +712,7 @@ class Snapshotter:
         if self.fs is None:
             raise FailedPrecondition(
                 f"snapshot {q(meta.id)} is a Nydus image's bootstrap layer: serving Nydus "
-                'images needs fs_driver = "fusedev" (this snapshotter runs tarfs only)')
+                'images needs fs_driver = "fusedev" or "blobfile" (this snapshotter runs tarfs only)')
         meta_id = meta.id
         self.fs.mount(meta_id, meta.labels)
         self.fs.wait_until_ready(meta_id)

@@ -53,13 +53,15 @@ from pynydus.errors import (
     Unavailable,
     q,
 )
+from pynydus.host import erofs
 from pynydus.host.mountinfo import read_mountinfo
 from pynydus.manager.filesystem import cache_usage
 from pynydus.registry import RegistryClient
 from pynydus.registry.keychain import Keychain
 from pynydus.registry.reference import Reference
 from pynydus.registry.transport import shared_ssl_context
-from pynydus.tarfs import erofs, export
+from pynydus.tarfs import export
+from pynydus.tarfs.backing import probe_backing
 from pynydus.tarfs.layer import (
     IMAGE_BOOTSTRAP,
     LAYER_BOOTSTRAP,
@@ -177,7 +179,7 @@ class TarfsManager:
         self._client = client or (lambda ref, labels: connect(ref, labels, insecure=opts.insecure,
                                                               keychain=keychain))
         os.makedirs(opts.cache_dir, exist_ok=True)
-        self.backing: erofs.Backing = backing or erofs.probe_backing(opts.cache_dir)
+        self.backing: erofs.Backing = backing or probe_backing(opts.cache_dir)
         self.images = ImageInfoCache(self._client)
         # the registry clients' shared TLS context costs up to a second to load: not
         # at the first layer's conversion

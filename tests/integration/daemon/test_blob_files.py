@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from pynydus.host import erofs
 from pynydus.rafs.read import open_bootstrap
 from pynydus.rafs.read.blobfiles import BlobFiles
-from pynydus.tarfs import erofs
 from tests.harness.registry import Registry
 
 from .conftest import TARGET, Image, StartFn, localfs_config, push, registry_config

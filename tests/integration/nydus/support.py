@@ -138,10 +138,11 @@ def pull_secret(ns: str, name: str, host: str, user: str, password: str) -> dict
             "data": {".dockerconfigjson": base64.b64encode(cfg).decode()}}
 
 
-def snapshotter_in_mode(tmp_path: Path, mode: str) -> Iterator[Snapshotter]:
-    """A started snapshotter whose daemon_mode is ``mode``, closed afterwards (for fixtures)."""
+def snapshotter_in_mode(tmp_path: Path, mode: str, driver: str = "fusedev") -> Iterator[Snapshotter]:
+    """A started snapshotter whose daemon_mode is ``mode`` and fs_driver ``driver``, closed
+    afterwards (for fixtures)."""
     config = tmp_path / "config.toml"
-    config.write_text(f'version = 1\ndaemon_mode = "{mode}"\n')
+    config.write_text(f'version = 1\ndaemon_mode = "{mode}"\n[daemon]\nfs_driver = "{driver}"\n')
     s = Snapshotter(config=config)
     s.start()
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pynydus import labels as L
-from pynydus.tarfs.erofs import mount_erofs, umount_erofs
+from pynydus.host.erofs import mount_erofs, umount_erofs
 from pynydus.tarfs.verity import parse_block_info
 from tests.harness import tools
 from tests.harness.snapshotter import Snapshotter

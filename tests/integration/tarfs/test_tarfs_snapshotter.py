@@ -20,8 +20,8 @@ import pytest
 
 from pynydus import labels as L
 from pynydus.api import snapshots_pb2 as pb
+from pynydus.host import erofs
 from pynydus.host.mountinfo import read_mountinfo
-from pynydus.tarfs import erofs
 from pynydus.tarfs.manager import FILE_READ_AHEAD_KB
 from tests.harness.snapshotter import Snapshotter
 

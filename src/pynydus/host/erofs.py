@@ -13,8 +13,8 @@ Two ways to hand the kernel its files (``Backing``):
   Nothing is left to detach on unmount, after a crash of this process, or if the mount
   fails: a loop device never outlives its mount.
 
-:func:`probe_backing` picks ``file`` where the kernel can, ``loop`` otherwise;
-``PYNYDUS_TARFS_BACKING=file|loop`` overrides it (the tests run both).
+:func:`pynydus.tarfs.backing.probe_backing` picks ``file`` where the kernel can, ``loop``
+otherwise; ``PYNYDUS_TARFS_BACKING=file|loop`` overrides it (the tests run both).
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ import fcntl
 import logging
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
-from pynydus.errors import FailedPrecondition, HostCheckError
+from pynydus.errors import FailedPrecondition
 
-__all__ = ["BACKING_ENV", "Backing", "forget_pages", "mount_bdi", "mount_erofs", "probe_backing",
+__all__ = ["BACKING_ENV", "Backing", "forget_pages", "mount_bdi", "mount_erofs",
            "umount_erofs"]
 
 log = logging.getLogger(__name__)
@@ -212,46 +211,6 @@ def _mount_loop(bootstrap: str, devices: Sequence[str], target: str, direct_io: 
     finally:
         for fd in held:  # the mount keeps what it uses; the rest detaches now
             os.close(fd)
-
-
-def probe_backing(work_dir: str) -> Backing:
-    """``file`` if this kernel mounts EROFS from a regular file, else ``loop`` (then
-    HostCheckError if there is no loop control either). ``PYNYDUS_TARFS_BACKING`` wins."""
-    forced = os.environ.get(BACKING_ENV, "")
-    if forced:
-        if forced not in ("file", "loop"):
-            raise HostCheckError(f"{BACKING_ENV}={forced!r}: expected file or loop")
-        return "file" if forced == "file" else "loop"
-    if not _erofs_registered():
-        raise HostCheckError("tarfs needs the kernel's EROFS (CONFIG_EROFS_FS): "
-                             "modprobe erofs, or disable experimental.tarfs")
-    from pynydus.rafs.builder import build
-
-    with tempfile.TemporaryDirectory(prefix="erofs-probe-", dir=work_dir) as d:
-        src = os.path.join(d, "src")
-        mnt = os.path.join(d, "mnt")
-        os.mkdir(src)
-        os.mkdir(mnt)
-        boot = os.path.join(d, "probe.boot")
-        build(src, boot, os.path.join(d, "blobs"))
-        try:
-            _mount(boot, mnt, "")
-        except OSError as err:
-            log.info("EROFS file-backed mounts unavailable (%s): using loop devices", err)
-            if not os.path.exists("/dev/loop-control"):
-                raise HostCheckError("tarfs needs EROFS file-backed mounts (Linux 6.12+) or "
-                                     "loop devices (/dev/loop-control)") from err
-            return "loop"
-        umount_erofs(mnt)
-    return "file"
-
-
-def _erofs_registered() -> bool:
-    try:
-        with open("/proc/filesystems", encoding="ascii") as f:
-            return any(line.split()[-1] == "erofs" for line in f if line.strip())
-    except OSError:
-        return True  # let the mount say
 
 
 def check_mountpoint(target: str) -> None:
