@@ -50,6 +50,9 @@ _DT_REG = 8
 READAHEAD = 8 << 20
 # ... once a run of sequential reads is this long (one small file's read fetches no more)
 READAHEAD_AFTER = 4 << 20
+# a read this far past the run's furthest end still continues it (requests in flight
+# arrive out of order)
+RUN_SLACK = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -242,16 +245,22 @@ class BlobFileServer(RafsServer):
 
     def _readahead(self, f: _File, offset: int, end: int) -> None:
         """After a long sequential run of reads (a large file read through, not a small
-        one: the blob does not say where files end), fetch the next ``READAHEAD`` bytes."""
+        one: the blob does not say where files end), fetch the next ``READAHEAD`` bytes.
+
+        EROFS reads a blob file with several asynchronous requests in flight (its
+        read-ahead window in 1 MiB pieces), which our threads take in any order: a read
+        continues the run if it starts between the run's start and a little past the
+        furthest end read so far, not only exactly where the last one ended."""
         with self._lock:
-            expected, scheduled, run = self._ra.get(f.node, (-1, 0, offset))
-            if offset != expected:
-                run = offset  # a new run starts here
-            self._ra[f.node] = (end, scheduled, run)
-            if end - run < READAHEAD_AFTER or scheduled >= end + READAHEAD // 2:
+            frontier, scheduled, run = self._ra.get(f.node, (-1, 0, offset))
+            if not run <= offset <= frontier + RUN_SLACK:
+                run, frontier = offset, end  # a new run starts here
+            frontier = max(frontier, end)
+            self._ra[f.node] = (frontier, scheduled, run)
+            if frontier - run < READAHEAD_AFTER or scheduled >= frontier + READAHEAD // 2:
                 return
-            start = max(scheduled, end)
-            self._ra[f.node] = (end, start + READAHEAD, run)
+            start = max(scheduled, frontier)
+            self._ra[f.node] = (frontier, start + READAHEAD, run)
         stop = min(start + READAHEAD, f.size)
         if start < stop:
             self._ra_pool.submit(self._fetch_ahead, f, start, stop)

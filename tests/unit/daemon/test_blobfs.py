@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pynydus.daemon import fuseproto as P
-from pynydus.daemon.blobfs import BlobFileServer
+from pynydus.daemon.blobfs import READAHEAD, BlobFileServer
 from pynydus.daemon.vfs import Vfs
 from pynydus.rafs.builder import build
 from tests.harness.rafs_instance import local_instance
@@ -85,3 +85,40 @@ def test_reads_are_the_uncompressed_address_space(served) -> None:  # type: igno
     for off, n in ((1, 10), ((1 << 20) - 5, 10), (size - 7, 4096), (3 << 20, 4096)):
         assert kernel.read(node, off, n) == want[off:off + n]
     assert kernel.read(node, size, 4096) == b""
+
+
+def test_sequential_reads_taken_out_of_order_start_the_read_ahead(tmp_path: Path) -> None:
+    """EROFS keeps several 1 MiB reads of a blob file in flight and the FUSE threads take
+    them in any order: a run read that way still counts as sequential, and once it is
+    READAHEAD_AFTER long the chunks after it are fetched into the cache; a small read
+    elsewhere fetches nothing more."""
+    mib = 1 << 20
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(24 * mib))
+    (tmp_path / "blobs").mkdir()
+    res = build(str(src), str(tmp_path / "image.boot"), str(tmp_path / "blobs"),
+                compressor="lz4_block", chunk_size=mib)
+    inst = local_instance(tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "cache")
+    try:
+        vfs = Vfs()
+        vfs.dedicated = inst
+        server = BlobFileServer(vfs)
+        kernel = Kernel(server)
+        kernel.init()
+        node = kernel.lookup(P.ROOT_ID, res.blobs[-1].blob_id.encode())[0]
+        cache = inst.cache(0)
+        by_offset = {c.uncompressed_offset // mib: c.index
+                     for c in inst.bs.chunks(inst.bs.lookup_path(b"/big"))}
+        kernel.read(node, 20 * mib, 4096)  # a small read alone: no read-ahead
+        for mb in (1, 0, 3, 2, 5, 4, 6):  # pairs swapped, as the threads take them
+            kernel.read(node, mb * mib, mib)
+        server._ra_pool.shutdown(wait=True)
+        ready = {mb for mb, index in by_offset.items() if cache.chunk_map.is_ready(index)}
+        assert {0, 1, 2, 3, 4, 5, 6, 20} <= ready
+        # read ahead: READAHEAD from where the run passed READAHEAD_AFTER, at least half
+        # of it still ahead of the last read
+        assert set(range(7, 7 + READAHEAD // mib // 2)) <= ready
+        assert 21 not in ready
+    finally:
+        inst.close()
