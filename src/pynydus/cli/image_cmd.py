@@ -106,8 +106,10 @@ def _print(data: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     import os
 
+    from pynydus.host.libc import keep_freed_buffers
     from pynydus.rafs.builder import SourceType, build
 
+    keep_freed_buffers()  # this process is the build: chunk buffers are reused, not refaulted
     kind: SourceType = args.type or ("dir-rafs" if os.path.isdir(args.source) else "tar-rafs")
     mode = args.progress
     if mode == "auto":

@@ -225,7 +225,10 @@ def _sha256_file(path: str) -> str:
 # --------------------------------------------------------------------------- create
 
 def _create(args: argparse.Namespace) -> int:
+    from pynydus.host.libc import keep_freed_buffers
     from pynydus.rafs.builder import build
+
+    keep_freed_buffers()  # this process is the build: chunk buffers are reused, not refaulted
 
     cmd = "create"
     if args.type in TYPES_REFUSED:

@@ -13,21 +13,18 @@ not available it does nothing: durability still comes from the fsync.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Any
+
+from pynydus.host.libc import LIBC
 
 __all__ = ["start_writeback"]
 
 _SYNC_FILE_RANGE_WRITE = 2
 
-_sync_file_range: Any = None
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    _sync_file_range = _libc.sync_file_range
+_sync_file_range: Any = getattr(LIBC, "sync_file_range", None)
+if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     _sync_file_range.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
-    _sync_file_range = None
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> bool:

@@ -227,11 +227,53 @@ class _Planner:
     def plan(self) -> None:
         placed = self.placed
         place_leaf = self._place_leaf
+        # Regular files without xattrs in extended inodes, the bulk of an image, are
+        # placed and encoded right here (what _place_leaf, _slot and _append_chunk_indexes
+        # do for them, without the calls).
+        fast = not self.compact
+        bs = self.bs
+        meta = self.meta
+        chunk_size = self.chunk_size
+        pack_ext = _EXT.pack
+        layout_word = L.EROFS_INODE_LAYOUT_EXTENDED | _CHUNK_BASED << 1
+        u = self.chunk_fmt
+        append_indexes = self._append_chunk_indexes
         for d, parent, kids in _link_counts(self.tree):
             self._place_dir(d, parent, kids)
             for child in kids:
-                if child.children is None and id(child.inode) not in placed:
-                    place_leaf(child.inode)
+                if child.children is not None:
+                    continue
+                inode = child.inode
+                key = id(inode)
+                if key in placed:
+                    continue
+                if not fast or inode.xattrs or inode.mode & _S_IFMT != _S_IFREG:
+                    place_leaf(inode)
+                    continue
+                chunks = inode.chunks
+                size = inode.size
+                if -(-size // chunk_size) != len(chunks):
+                    raise InvalidArgument(
+                        f"regular file of {size} bytes has {len(chunks)} chunks"
+                    )
+                # 64-byte inode, no tail: it crosses a block only from the block's last slot.
+                pos = (self.pos + 31) & ~31
+                if pos % bs + 64 > bs:
+                    pos = (pos + bs - 1) // bs * bs
+                self.pos = pos + 64 + 8 * len(chunks)
+                self.inodes = ino = self.inodes + 1
+                inode.ino = ino
+                inode.nid = pos // L.EROFS_INODE_SLOT_SIZE
+                placed.add(key)
+                if pos > len(meta):
+                    meta += bytes(pos - len(meta))
+                try:
+                    meta += pack_ext(layout_word, 0, inode.mode, size, u, ino, inode.uid,
+                                     inode.gid, inode.mtime, inode.mtime_nsec, inode.nlink)
+                except struct.error:
+                    meta += _pack_inode(inode, True, _CHUNK_BASED, 0, size, u)  # raises
+                if chunks:
+                    append_indexes(meta, chunks)
 
     def _compact_ok(self, i: Inode) -> bool:
         return (

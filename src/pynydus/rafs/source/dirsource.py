@@ -27,6 +27,19 @@ _AHEAD_MAX_FILE = 64 * 1024
 _AHEAD_ENTRIES = 512
 
 
+_S_IFMT = 0o170000
+_REG, _DIR, _HARDLINK = EntryType.REG, EntryType.DIR, EntryType.HARDLINK
+_TYPE_OF_FMT = {
+    stat.S_IFREG: _REG,
+    stat.S_IFDIR: _DIR,
+    stat.S_IFLNK: EntryType.SYMLINK,
+    stat.S_IFCHR: EntryType.CHAR,
+    stat.S_IFBLK: EntryType.BLOCK,
+    stat.S_IFIFO: EntryType.FIFO,
+    stat.S_IFSOCK: EntryType.SOCKET,
+}
+
+
 class _LazyFile:
     """Opens the file on first read and closes it at EOF, so walking holds no fds.
 
@@ -75,16 +88,6 @@ class _Prefetched:
         return out
 
 
-class _NoReadAhead:
-    """What :class:`_ReadAhead` offers, doing nothing (the walk reads every file itself)."""
-
-    def take(self, path: bytes) -> None:
-        return None
-
-    def stop(self) -> None:
-        pass
-
-
 class _ReadAhead:
     """Reads a directory walk's small files ahead of it, on a thread of its own.
 
@@ -103,36 +106,44 @@ class _ReadAhead:
         self._root = root
         self._ready: dict[bytes, bytes] = {}
         self._taken = 0  # entries the walk has passed; data for those is not kept
-        self._room = threading.Semaphore(_AHEAD_ENTRIES)
-        self._done = threading.Event()
+        # The walk wakes the thread every eighth of the window, not per entry: a
+        # semaphore's release and acquire are Python code under the GIL, a few us each.
+        self._wake = threading.Event()
+        self._wake_every = max(1, _AHEAD_ENTRIES // 8)
+        self._done = False
         self._thread = threading.Thread(target=self._run, name="dir-read-ahead", daemon=True)
         self._thread.start()
 
     def take(self, path: bytes) -> bytes | None:
         """The data read ahead for ``path`` (once), or None; one call per walked entry."""
-        self._taken += 1
-        self._room.release()
+        self._taken = taken = self._taken + 1
+        if not taken % self._wake_every:
+            self._wake.set()
         return self._ready.pop(path, None)
 
     def stop(self) -> None:
-        self._done.set()
-        self._room.release()
+        self._done = True
+        self._wake.set()
         self._thread.join()
         self._ready.clear()
 
     def _run(self) -> None:
         stack = [self._root]
         index = 0  # position of the entry in walk order (1-based, as _taken counts)
+        wake = self._wake
         try:
-            while stack and not self._done.is_set():
+            while stack and not self._done:
                 with os.scandir(stack.pop()) as it:
                     entries = sorted(it, key=lambda e: e.name)
                 subdirs = []
                 for e in entries:
-                    while not self._room.acquire(timeout=0.5):
-                        if self._done.is_set():
+                    while index - self._taken >= _AHEAD_ENTRIES:
+                        # A wake-up lost between wait and clear only costs this timeout.
+                        wake.wait(0.05)
+                        wake.clear()
+                        if self._done:
                             return
-                    if self._done.is_set():
+                    if self._done:
                         return
                     index += 1
                     if e.is_dir(follow_symlinks=False):
@@ -209,47 +220,51 @@ class DirSource:
         self._first = [p for p in first if p]
 
     def __iter__(self) -> Iterator[tuple[Entry, DataReader | None]]:
-        st = os.lstat(self._root)
+        root = self._root
+        st = os.lstat(root)
         if not stat.S_ISDIR(st.st_mode):
-            raise InvalidArgument(f"build source {self._root!r}: not a directory")
+            raise InvalidArgument(f"build source {root!r}: not a directory")
+        # Paths are the root's prefix plus the relative path: os.path.join per entry
+        # costs more than the lstat it feeds.
+        prefix = root if root.endswith(b"/") else root + b"/"
         seen: dict[tuple[int, int], bytes] = {}
-        yield self._entry(self._root, b"", st, seen), None
+        yield self._entry(root, b"", st, seen), None
         early: set[bytes] = set()
         for rel in self._early_files():
             if rel in early:
                 continue
             early.add(rel)
-            abs_path = os.path.join(self._root, rel)
+            abs_path = prefix + rel
             entry = self._entry(abs_path, rel, os.lstat(abs_path), seen)
-            yield entry, _LazyFile(abs_path) if entry.type == EntryType.REG else None
+            yield entry, _LazyFile(abs_path) if entry.type is _REG else None
         # On one CPU the read-ahead thread's own walk is pure overhead: nothing runs beside it.
-        ahead: _ReadAhead | _NoReadAhead = _ReadAhead(self._root) if usable_cpus() > 1 \
-            else _NoReadAhead()
+        ahead = _ReadAhead(root) if usable_cpus() > 1 else None
+        make_entry, lstat, listdir = self._entry, os.lstat, os.listdir
         try:
             stack: list[bytes] = [b""]
             while stack:
                 rel_dir = stack.pop()
-                abs_dir = os.path.join(self._root, rel_dir) if rel_dir else self._root
-                with os.scandir(abs_dir) as it:
-                    names = sorted(e.name for e in it)
+                names = sorted(listdir(prefix + rel_dir if rel_dir else root))
                 subdirs: list[bytes] = []
+                head = rel_dir + b"/" if rel_dir else b""
                 for name in names:
-                    rel = rel_dir + b"/" + name if rel_dir else name
-                    abs_path = os.path.join(self._root, rel)
-                    data = ahead.take(abs_path)
-                    if rel in early:
+                    rel = head + name
+                    abs_path = prefix + rel
+                    data = ahead.take(abs_path) if ahead is not None else None
+                    if early and rel in early:
                         continue
-                    cst = os.lstat(abs_path)
-                    entry = self._entry(abs_path, rel, cst, seen)
-                    reader: DataReader | None = None
-                    if entry.type == EntryType.REG:
-                        reader = _LazyFile(abs_path) if data is None else _Prefetched(data)
-                    yield entry, reader
-                    if entry.type == EntryType.DIR:
-                        subdirs.append(rel)
+                    entry = make_entry(abs_path, rel, lstat(abs_path), seen)
+                    etype = entry.type
+                    if etype is _REG:
+                        yield entry, _LazyFile(abs_path) if data is None else _Prefetched(data)
+                    else:
+                        yield entry, None
+                        if etype is _DIR:
+                            subdirs.append(rel)
                 stack.extend(reversed(subdirs))
         finally:
-            ahead.stop()
+            if ahead is not None:
+                ahead.stop()
 
     def _early_files(self) -> Iterator[bytes]:
         """Regular files named by ``first`` (directories expanded, sorted); missing ones skipped."""
@@ -273,38 +288,37 @@ class DirSource:
         self, abs_path: bytes, rel: bytes, st: os.stat_result, seen: dict[tuple[int, int], bytes]
     ) -> Entry:
         m = st.st_mode
-        e = Entry(
-            path=rel,
-            type=EntryType.REG,
-            mode=stat.S_IMODE(m),
-            uid=st.st_uid,
-            gid=st.st_gid,
-            mtime=st.st_mtime_ns // 1_000_000_000,
-            mtime_nsec=st.st_mtime_ns % 1_000_000_000,
-            xattrs=_read_xattrs(abs_path) if self._xattrs else {},
-        )
-        if not stat.S_ISDIR(m) and st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            first = seen.get(key)
+        etype = _TYPE_OF_FMT.get(m & _S_IFMT)
+        if etype is None:
+            raise FormatError(f"build source {abs_path!r}: unsupported file type {m:o}")
+        mtime, mtime_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+        xattrs = _read_xattrs(abs_path) if self._xattrs else {}
+        if etype is _REG:  # the bulk of a tree: one Entry built at once
+            if st.st_nlink > 1 and (first := _first_name(seen, st, rel)) is not None:
+                return Entry(rel, _HARDLINK, m & 0o7777, st.st_uid, st.st_gid, mtime,
+                             mtime_nsec, 0, first, 0, 0, xattrs)
+            return Entry(rel, _REG, m & 0o7777, st.st_uid, st.st_gid, mtime, mtime_nsec,
+                         st.st_size, b"", 0, 0, xattrs)
+        e = Entry(rel, etype, m & 0o7777, st.st_uid, st.st_gid, mtime, mtime_nsec, 0, b"",
+                  0, 0, xattrs)
+        if etype is not _DIR and st.st_nlink > 1:
+            first = _first_name(seen, st, rel)
             if first is not None:
-                e.type = EntryType.HARDLINK
+                e.type = _HARDLINK
                 e.link = first
                 return e
-            seen[key] = rel
-        if stat.S_ISREG(m):
-            e.size = st.st_size
-        elif stat.S_ISDIR(m):
-            e.type = EntryType.DIR
-        elif stat.S_ISLNK(m):
-            e.type = EntryType.SYMLINK
+        if etype is EntryType.SYMLINK:
             e.link = os.readlink(abs_path)
-        elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
-            e.type = EntryType.CHAR if stat.S_ISCHR(m) else EntryType.BLOCK
+        elif etype is EntryType.CHAR or etype is EntryType.BLOCK:
             e.rdev_major, e.rdev_minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        elif stat.S_ISFIFO(m):
-            e.type = EntryType.FIFO
-        elif stat.S_ISSOCK(m):
-            e.type = EntryType.SOCKET
-        else:
-            raise FormatError(f"build source {abs_path!r}: unsupported file type {m:o}")
         return e
+
+
+def _first_name(seen: dict[tuple[int, int], bytes], st: os.stat_result, rel: bytes) -> bytes | None:
+    """The first path seen of the file behind ``st`` (a hardlink), else None (and
+    ``rel`` is remembered as its first name)."""
+    key = (st.st_dev, st.st_ino)
+    first = seen.get(key)
+    if first is None:
+        seen[key] = rel
+    return first
