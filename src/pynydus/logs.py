@@ -13,7 +13,9 @@ the one in the backup's name, as lumberjack reads it, not its mtime. Until it is
 backup is a plain file, and a crash in between leaves it so. As lumberjack does on open, the
 clean-up also runs when the handler opens a log that already has backups: a restarted
 snapshotter or daemon compresses what a crash left plain and drops what aged while it was
-down, without waiting for its next rotation.
+down, without waiting for its next rotation. ``background=False`` does the clean-up in the
+call that rotates (or opens) instead, for a process that must hold no thread: the daemon
+template forks, and a fork copies no thread but every lock one holds.
 
 Stacks. ``dump_stacks_on(SIGUSR1)`` makes the snapshotter and pynydusd log every thread's
 stack when signalled (``kill -USR1 <pid>``), whatever the log level: what an operator asks
@@ -86,17 +88,20 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
     """A log file rotated by size, with timestamped, optionally gzipped, bounded backups.
 
     ``max_bytes`` 0 never rotates. Thread-safe as any logging handler; ``close()`` waits
-    for compression and clean-up that are under way.
+    for compression and clean-up that are under way. ``background`` False: no thread, the
+    clean-up runs in the logging call that rotates.
     """
 
     def __init__(self, filename: str, *, max_bytes: int, max_backups: int = 0,
-                 max_age_days: int = 0, local_time: bool = True, compress: bool = False) -> None:
+                 max_age_days: int = 0, local_time: bool = True, compress: bool = False,
+                 background: bool = True) -> None:
         super().__init__(filename, "a", encoding="utf-8", delay=False)
         self.max_bytes = max_bytes
         self.max_backups = max_backups
         self.max_age_days = max_age_days
         self.local_time = local_time
         self.compress = compress
+        self.background = background
         self._wake = threading.Condition()
         self._pending = False
         self._closing = False
@@ -158,6 +163,9 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
         return found
 
     def _start_mill(self) -> None:
+        if not self.background:
+            self._mill_once()
+            return
         with self._wake:
             self._pending = True
             if self._mill is None:
@@ -173,10 +181,13 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
                 if not self._pending:
                     return
                 self._pending = False
-            try:
-                self.mill()
-            except OSError as err:  # never take the process down over old logs
-                logging.getLogger(__name__).warning("log rotation clean-up: %s", err)
+            self._mill_once()
+
+    def _mill_once(self) -> None:
+        try:
+            self.mill()
+        except OSError as err:  # never take the process down over old logs
+            logging.getLogger(__name__).warning("log rotation clean-up: %s", err)
 
     def mill(self) -> None:
         """Apply compress, max_backups and max_age_days to the backups now on disk."""

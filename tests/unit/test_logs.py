@@ -50,6 +50,23 @@ def test_rotates_by_size_and_keeps_max_backups(tmp_path: Path) -> None:
     assert "line 059" in (tmp_path / "x.log").read_text()
 
 
+def test_without_background_the_rotating_call_cleans_up_and_no_thread_starts(
+        tmp_path: Path) -> None:
+    import threading
+
+    h = RotatingLog(str(tmp_path / "x.log"), max_bytes=500, max_backups=1, compress=True,
+                    background=False)
+    log = _logger(h)
+    before = threading.active_count()
+    for i in range(30):
+        log.info("line %03d %s", i, "." * 80)
+        # right after each call: at most one backup, compressed
+        backups = [n for n in _files(tmp_path) if n != "x.log"]
+        assert len(backups) <= 1 and all(n.endswith(".log.gz") for n in backups)
+    assert backups and threading.active_count() == before and h._mill is None
+    h.close()
+
+
 def test_compresses_backups_with_gzip(tmp_path: Path) -> None:
     h = RotatingLog(str(tmp_path / "x.log"), max_bytes=500, max_backups=0, compress=True)
     log = _logger(h)

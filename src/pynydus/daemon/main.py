@@ -92,16 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = LEVELS[args.log_level]
+def log_handler(log_file: str | None, rotation_mb: int, *, background: bool = True
+                ) -> logging.Handler:
+    """The handler of a pynydusd's log (and of its template's): ``log_file`` rotated at
+    ``rotation_mb`` (0 never rotates) as nydusd rotates, a few backups kept; stderr
+    without a file. ``background`` False: no clean-up thread (see RotatingLog)."""
     handler: logging.Handler
-    if args.log_file:
-        # nydusd keeps a few rotated files; 0 MB never rotates
-        handler = RotatingLog(args.log_file, max_bytes=max(0, args.log_rotation_size) << 20,
-                              max_backups=_LOG_BACKUPS)
+    if log_file:
+        handler = RotatingLog(log_file, max_bytes=max(0, rotation_mb) << 20,
+                              max_backups=_LOG_BACKUPS, background=background)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = LEVELS[args.log_level]
+    handler = log_handler(args.log_file, args.log_rotation_size)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -26,11 +26,12 @@ over it), so that a template of an older version never forks daemons for a newer
 Control protocol, one request per connection on ``--control`` (a unix socket, 0600,
 peers checked with SO_PEERCRED): one JSON line each way.
 
-- ``{"op": "hello"}`` -> ``{"pid", "version", "exec", "env", "cmdline"}``: who it is.
+- ``{"op": "hello"}`` -> ``{"pid", "version", "exec", "env", "cmdline", "log"}``: who it is.
   ``exec`` is what precedes ``template`` in its own command line: the program as the
   kernel started it (``[python3, /usr/bin/pynydusd]`` for the script
   ``/usr/bin/pynydusd``); ``env`` a digest of its environment (:func:`env_digest`);
-  ``cmdline`` whether it can give a child its command line (it needs CAP_SYS_RESOURCE).
+  ``cmdline`` whether it can give a child its command line (it needs CAP_SYS_RESOURCE);
+  ``log`` its own log's ``[level, rotation size in MB]``.
 - ``{"op": "spawn", "command": [...], "args": [...], "stdout": PATH}`` -> ``{"pid": N}``
   once the child runs under its command line, or ``{"error": TEXT, "stale": BOOL}``.
   ``command`` is the program the caller would have executed (``exec`` must end with
@@ -240,11 +241,13 @@ class Template:
     """The template's loop: serve the control socket, fork children, reap them."""
 
     def __init__(self, control: str, exec_prefix: list[str], run: Callable[[list[str]], int],
-                 log_handler: logging.Handler | None) -> None:
+                 log_handler: logging.Handler | None, log_settings: tuple[str, int] = ("info", 0)
+                 ) -> None:
         self.control = control
         self.exec_prefix = exec_prefix
         self.run = run
         self.log_handler = log_handler
+        self.log_settings = log_settings
         self.stamps = module_stamps()
         self.env = env_digest(os.environ)
         self.can_set_cmdline = True
@@ -345,7 +348,8 @@ class Template:
         op = req.get("op")
         if op == "hello":
             return {"pid": os.getpid(), "version": __version__, "exec": self.exec_prefix,
-                    "env": self.env, "cmdline": self.can_set_cmdline}
+                    "env": self.env, "cmdline": self.can_set_cmdline,
+                    "log": list(self.log_settings)}
         if op == "exit":
             self._stop = True
             return {"ok": True}
@@ -471,21 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", required=True, help="control socket (created 0600)")
     p.add_argument("-L", "--log-file", help="log file (default stderr)")
     p.add_argument("-l", "--log-level", default="info", type=str.lower)
+    p.add_argument("--log-rotation-size", type=int, default=0,
+                   help="MB; 0 = no rotation (as the daemons' logs)")
     return p
 
 
 def serve(argv: Sequence[str], run: Callable[[list[str]], int]) -> int:
     """``pynydusd template --control SOCK ...``: preload, then fork ``run`` on request."""
+    from pynydus.daemon.main import log_handler
     from pynydus.logs import LEVELS
 
     args = build_parser().parse_args(list(argv))
-    handler: logging.Handler
     if args.log_file:
         os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), exist_ok=True)
-        handler = logging.FileHandler(args.log_file)  # no rotation thread: it logs little
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # rotated as the daemons' logs, without their clean-up thread: the template forks
+    handler = log_handler(args.log_file, args.log_rotation_size, background=False)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS.get(args.log_level, logging.INFO))
@@ -499,6 +503,7 @@ def serve(argv: Sequence[str], run: Callable[[list[str]], int]) -> int:
     exec_prefix = cmdline[:cmdline.index(SUBCOMMAND)] if SUBCOMMAND in cmdline else cmdline[:1]
     gc.collect()
     gc.freeze()  # children's collections leave the template's objects (and pages) alone
-    template = Template(args.control, exec_prefix, run, handler if args.log_file else None)
+    template = Template(args.control, exec_prefix, run, handler if args.log_file else None,
+                        (args.log_level, args.log_rotation_size))
     log.info("preloaded in %.2f s", time.monotonic() - t0)
     return template.serve()

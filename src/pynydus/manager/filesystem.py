@@ -188,7 +188,8 @@ class NydusFilesystem:
         if (_USE_TEMPLATE and command == resolve_daemon_binary("")
                 and (self.mode != "shared" or policy == "failover")):
             self.forker = DaemonTemplate(os.path.join(self.root, "template"), command,
-                                           nydusd_level(cfg.log.level))
+                                           nydusd_level(cfg.log.level),
+                                           cfg.daemon.log_rotation_size)
         self.manager = DaemonManager(
             self.store,
             command=command,

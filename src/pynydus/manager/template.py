@@ -16,7 +16,9 @@ adopted after a restart like spawned ones (their records, pids and command lines
 the same).
 
 Interface for other users of daemons (takeover successors, spares): construct with the
-directory, the daemon command (as ``resolve_daemon_binary`` gives it) and the log level;
+directory, the daemon command (as ``resolve_daemon_binary`` gives it), the log level and
+the log rotation size (MB, the daemons' ``--log-rotation-size``: ``template.log`` rotates as
+their logs do);
 ``start()``; ``spawn(argv, stdout_path) -> pid | None``; ``close()``; ``pid``.
 """
 
@@ -77,10 +79,12 @@ def request(control: str, message: dict[str, Any], timeout: float = _REQUEST_TIM
 
 
 class DaemonTemplate:
-    def __init__(self, directory: str, command: Sequence[str], log_level: str = "info") -> None:
+    def __init__(self, directory: str, command: Sequence[str], log_level: str = "info",
+                 log_rotation_size: int = 0) -> None:
         self.directory = directory
         self.command = list(command)
         self.log_level = log_level
+        self.log_rotation_size = log_rotation_size  # MB; 0: never
         # the environment daemons get (that of the snapshotter's start): a template is
         # started with it, and one started with another is not adopted
         self.env = daemon_env(os.environ)
@@ -119,6 +123,8 @@ class DaemonTemplate:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         cmd = [*self.command, SUBCOMMAND, "--control", self.control, "--log-file", self.log_file,
                "--log-level", self.log_level]
+        if self.log_rotation_size:
+            cmd += ["--log-rotation-size", str(self.log_rotation_size)]
         with open(self.log_file + ".stderr", "ab") as errlog:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=errlog,
                                          stderr=errlog, start_new_session=True, close_fds=True,
@@ -137,6 +143,8 @@ class DaemonTemplate:
             return "was started with another environment"
         if not hello.get("cmdline"):
             return "cannot give its children their command lines"
+        if hello.get("log") != [self.log_level, self.log_rotation_size]:
+            return f"logs at {hello.get('log')}, not {[self.log_level, self.log_rotation_size]}"
         return ""
 
     def _stop_other(self, pid: int) -> None:

@@ -174,3 +174,33 @@ def test_env_digest_ignores_what_a_daemon_does_not_depend_on() -> None:
     assert env_digest(base) == env_digest({**base, "PYTHONDONTWRITEBYTECODE": "1",
                                            "NOTIFY_SOCKET": "/run/x"})
     assert env_digest(base) != env_digest({**base, "HTTPS_PROXY": "http://q:3128"})
+
+
+def test_the_template_log_rotates_as_the_daemons_logs_without_a_thread(tmp_path: Path) -> None:
+    """``template.log`` rotates at the daemons' ``--log-rotation-size`` and keeps as many
+    backups as they do; the clean-up runs in the template's own thread (it forks: no
+    thread may run in it), so it still serves."""
+    directory = tmp_path / "template"
+    directory.mkdir()
+    log = directory / "template.log"
+    log.write_text("x" * (1 << 20) + "\n")  # past 1 MB: the first line rotates it
+    for day in range(1, 8):  # older backups than the five kept
+        (directory / f"template-2026-01-0{day}T00-00-00.000.log").write_text("old\n")
+    t = T.DaemonTemplate(str(directory), resolve_daemon_binary(""), log_rotation_size=1)
+    t.start()
+    try:
+        assert t.spawn([*t.command, "-V"], os.devnull)  # serving: no thread refused it
+        assert len(os.listdir(f"/proc/{t.pid}/task")) == 1
+        backups = sorted(p.name for p in directory.glob("template-*.log"))
+        assert len(backups) == 5
+        assert "template-2026-01-07T00-00-00.000.log" in backups  # the newest old ones
+        assert "template-2026-01-03T00-00-00.000.log" not in backups
+        rotated = [b for b in backups if not b.startswith("template-2026-01-")]
+        assert len(rotated) == 1 and (directory / rotated[0]).stat().st_size > 1 << 20
+        assert log.stat().st_size < 1 << 20 and "serving" in log.read_text()
+        # a snapshotter configured with another rotation does not adopt it
+        other = T.DaemonTemplate(str(directory), t.command, log_rotation_size=2)
+        hello = T.request(t.control, {"op": "hello"})
+        assert hello["log"] == ["info", 1] and "logs at" in other._mismatch(hello)
+    finally:
+        t.close()
