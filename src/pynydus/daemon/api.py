@@ -23,7 +23,7 @@ import socketserver
 import threading
 import time
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from pynydus.errors import (
     AlreadyExists,
@@ -191,11 +191,14 @@ class _Handler(socketserver.StreamRequestHandler):
         return data
 
     def _dispatch(self, method: str) -> None:
-        url = urlsplit(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        # not urlsplit: it caches its last 128 URLs, and each mount's differs; what a
+        # cache keeps from the time images were mounted pins the allocator's arenas
+        # their objects were freed from (see MemoryTrimmer)
+        path, _, query_text = self.path.partition("#")[0].partition("?")
+        query = {k: v[-1] for k, v in parse_qs(query_text).items()}
         ctl = self.server.controller
         try:
-            result = self._route(ctl, method, url.path.rstrip("/") or "/", query)
+            result = self._route(ctl, method, path.rstrip("/") or "/", query)
         except NydusError as err:
             self._send(_status(err), {"code": type(err).__name__.upper(), "message": str(err)})
             return
