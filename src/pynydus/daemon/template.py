@@ -334,7 +334,7 @@ class Template:
                 if uid not in (0, os.geteuid()):
                     log.warning("control connection from uid %d refused", uid)
                     return
-                request = _read_line(conn)
+                request = read_line(conn)
                 reply = self._handle(json.loads(request), conn)
             except (OSError, ValueError) as err:
                 log.warning("control request failed: %s", err)
@@ -451,7 +451,9 @@ def _strings(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _read_line(conn: socket.socket) -> bytes:
+def read_line(conn: socket.socket) -> bytes:
+    """One message of the control protocol (either way): bytes up to and including the
+    newline, or what came before the peer closed; ValueError past ``MAX_REQUEST``."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = conn.recv(65536)
@@ -459,7 +461,7 @@ def _read_line(conn: socket.socket) -> bytes:
             break
         data += chunk
         if len(data) > MAX_REQUEST:
-            raise ValueError("request too long")
+            raise ValueError("message too long")
     return data
 
 

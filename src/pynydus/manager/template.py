@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pynydus import __version__
-from pynydus.daemon.template import SUBCOMMAND, daemon_env, env_digest
+from pynydus.daemon.template import SUBCOMMAND, daemon_env, env_digest, read_line
 from pynydus.manager.manager import _pid_alive
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,11 @@ def request(control: str, message: dict[str, Any], timeout: float = _REQUEST_TIM
             s.settimeout(timeout)
             s.connect(control)
             s.sendall(json.dumps(message).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_line(s)
     except OSError as err:
         raise TemplateError(f"no answer on {control}: {err}") from err
+    except ValueError as err:
+        raise TemplateError(f"bad answer from {control}: {err}") from err
     if not data:
         raise TemplateError(f"{control} closed the connection without an answer")
     try:
