@@ -39,7 +39,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -95,13 +95,11 @@ class CredentialRenewal:
     seconds on a thread of its own, ``close()`` stops it. ``renew_all()`` runs one pass
     (tests and the first pass after start-up call it directly)."""
 
-    def __init__(self, fs: Instances, keychain: Keychain, interval: float, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, fs: Instances, keychain: Keychain, interval: float) -> None:
         self.fs = fs
         self.keychain = keychain
         self.interval = interval
         self.stats = RenewalStats()
-        self._clock = clock
         self._pushed: dict[str, tuple[int, str]] = {}  # sid -> (daemon pid, credential_key)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,7 +135,7 @@ class CredentialRenewal:
 
     def renew_all(self) -> None:
         """One pass over the instances; each image's sources are asked once."""
-        t0 = self._clock()
+        t0 = time.monotonic()
         lookups: dict[str, Lookup] = {}
         tracked: dict[str, int] = {}
         targets = self.fs.renewal_targets()
@@ -156,7 +154,7 @@ class CredentialRenewal:
             self._renew(rec, lookup)
         self.stats.tracked = tracked
         self.stats.passes += 1
-        self.stats.last_pass_seconds = self._clock() - t0
+        self.stats.last_pass_seconds = time.monotonic() - t0
         log.debug("credential renewal pass: %d instances of %d images in %.1f ms",
                   len(targets), len(lookups), self.stats.last_pass_seconds * 1000)
 
