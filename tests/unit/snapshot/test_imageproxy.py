@@ -8,8 +8,8 @@ holding the only worker would deadlock; detached calls must not.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -26,6 +26,7 @@ from pynydus.registry.crikeychain import CriKeychain
 from pynydus.registry.reference import parse_reference
 from pynydus.snapshot.imageproxy import ImageServiceProxy
 from tests.harness.criapi import cri_pb2, cri_pb2_grpc
+from tests.harness.util import make_workdir
 
 ECHO = "/test.Callback/Echo"
 
@@ -57,35 +58,56 @@ class FakeContainerd(cri_pb2_grpc.ImageServiceServicer):
                                                                 repo_tags=["r.io/a:1"])])
 
 
-def _containerd(fake: FakeContainerd, sock: Path, workers: int) -> grpc.Server:
-    """``fake`` served on ``sock``, started."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    cri_pb2_grpc.add_ImageServiceServicer_to_server(fake, server)
-    server.add_insecure_port(f"unix://{sock}")
+@pytest.fixture
+def scratch() -> Iterator[tuple[contextlib.ExitStack, Path]]:
+    """A private directory and a stack of clean-ups: whatever a test starts is stopped
+    (in reverse order, then the directory removed) however the test or its set-up ends."""
+    with contextlib.ExitStack() as stack:
+        d = make_workdir("criproxy")
+        stack.callback(shutil.rmtree, d, ignore_errors=True)
+        yield stack, d
+
+
+def _started(stack: contextlib.ExitStack, server: grpc.Server) -> grpc.Server:
+    stack.callback(lambda: server.stop(0).wait(10))
     server.start()
     return server
 
 
+def _containerd(stack: contextlib.ExitStack, fake: FakeContainerd, sock: Path,
+                workers: int) -> grpc.Server:
+    """``fake`` served on ``sock``, started, stopped with ``stack``."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    cri_pb2_grpc.add_ImageServiceServicer_to_server(fake, server)
+    server.add_insecure_port(f"unix://{sock}")
+    return _started(stack, server)
+
+
+def _proxy(stack: contextlib.ExitStack, containerd: Path) -> ImageServiceProxy:
+    proxy = ImageServiceProxy(str(containerd), CriKeychain())
+    stack.callback(proxy.close)
+    return proxy
+
+
+def _channel(stack: contextlib.ExitStack, sock: Path) -> grpc.Channel:
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    stack.callback(channel.close)
+    return channel
+
+
 @pytest.fixture
-def node() -> Iterator[dict[str, Any]]:
-    d = Path(tempfile.mkdtemp(prefix="pyn-criproxy-"))
+def node(scratch: tuple[contextlib.ExitStack, Path]) -> dict[str, Any]:
+    stack, d = scratch
     ours, theirs = d / "snap.sock", d / "ctrd.sock"
     fake = FakeContainerd(ours)
-    ctrd = _containerd(fake, theirs, workers=4)
-    keychain = CriKeychain()
-    proxy = ImageServiceProxy(str(theirs), keychain)
+    _containerd(stack, fake, theirs, workers=4)
+    proxy = _proxy(stack, theirs)
     methods = {ECHO: Method("Echo", bytes, lambda req: _Echo(req)), **proxy.methods()}
     server = h2server.serve(methods, ours, workers=1)
-    channel = grpc.insecure_channel(f"unix://{ours}")
-    try:
-        yield {"stub": cri_pb2_grpc.ImageServiceStub(channel), "fake": fake,
-               "keychain": keychain, "channel": channel}
-    finally:
-        channel.close()
-        server.stop(0).wait(10)
-        proxy.close()
-        ctrd.stop(0).wait(10)
-        shutil.rmtree(d, ignore_errors=True)
+    stack.callback(lambda: server.stop(0).wait(10))
+    channel = _channel(stack, ours)
+    return {"stub": cri_pb2_grpc.ImageServiceStub(channel), "fake": fake,
+            "keychain": proxy.keychain, "channel": channel}
 
 
 def test_pull_is_forwarded_and_its_credentials_kept(node: dict[str, Any]) -> None:
@@ -145,27 +167,20 @@ def test_containerd_away_is_unavailable_naming_it(tmp_path: Path) -> None:
         proxy.close()
 
 
-def test_grpcio_server_serves_the_same_proxy() -> None:
+def test_grpcio_server_serves_the_same_proxy(scratch: tuple[contextlib.ExitStack, Path]
+                                             ) -> None:
     """PYNYDUS_SNAPSHOTS_SERVER=grpcio: the proxy as grpcio generic handlers."""
-    d = Path(tempfile.mkdtemp(prefix="pyn-criproxy-"))
-    ctrd = _containerd(FakeContainerd(d / "unused.sock"), d / "ctrd.sock", workers=2)
-    proxy = ImageServiceProxy(str(d / "ctrd.sock"), CriKeychain())
+    stack, d = scratch
+    _containerd(stack, FakeContainerd(d / "unused.sock"), d / "ctrd.sock", workers=2)
+    proxy = _proxy(stack, d / "ctrd.sock")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers(tuple(proxy.grpcio_handlers()))
     server.add_insecure_port(f"unix://{d}/p.sock")
-    server.start()
-    channel = grpc.insecure_channel(f"unix://{d}/p.sock")
-    try:
-        stub = cri_pb2_grpc.ImageServiceStub(channel)
-        assert [i.id for i in stub.ListImages(cri_pb2.ListImagesRequest(), timeout=30).images] \
-            == ["sha256:1"]
-        with pytest.raises(grpc.RpcError) as err:
-            stub.RemoveImage(cri_pb2.RemoveImageRequest(image=cri_pb2.ImageSpec(image="a")),
-                             timeout=30)
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    finally:
-        channel.close()
-        server.stop(0).wait(10)
-        proxy.close()
-        ctrd.stop(0).wait(10)
-        shutil.rmtree(d, ignore_errors=True)
+    _started(stack, server)
+    stub = cri_pb2_grpc.ImageServiceStub(_channel(stack, d / "p.sock"))
+    assert [i.id for i in stub.ListImages(cri_pb2.ListImagesRequest(), timeout=30).images] \
+        == ["sha256:1"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RemoveImage(cri_pb2.RemoveImageRequest(image=cri_pb2.ImageSpec(image="a")),
+                         timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
