@@ -285,7 +285,9 @@ class BlobFileServer(RafsServer):
         inst = f.inst
         cache = inst.cache(f.blob_index)
         refs = self._refs(f, pieces)
-        data = cache.read_cached(refs)
+        # our own session's worker may block on the cache file's disk (as the FUSE tree's
+        # reads do): only a miss waits for the backend
+        data = cache.read_cached(refs, nowait=False)
         if data is None:
             self.inflight[unique] = (f.node, "read", 0.0)
             try:
