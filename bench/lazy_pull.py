@@ -18,6 +18,9 @@ startup command, for the same image pulled several ways, all in one run:
              as it arrives, and the container runs on kernel EROFS mounts of the tars.
              Not in the default ``--modes``: ``--modes overlayfs,tarfs``. Held against
              overlayfs (targets: many-files >= 2x faster, large no slower).
+  blobfile   the nydus mode with ``fs_driver = "blobfile"``: the container's image is the
+             kernel's EROFS mount of the bootstrap over pynydusd's blob files (on request,
+             ``--modes nydus,blobfile``);
   zran       the nydus mode on ``REF:zran`` (``pynydus convert --oci-ref``: only the
              bootstraps were pushed; pynydusd reads the OCI layers themselves); on request
              (``--modes ...,zran``), held against nydus (target <= 1.2x pull+run);
@@ -113,7 +116,8 @@ MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-s
 # daemon's trace pushed beside it, as `pynydus optimize --node-root --push` does); the
 # snapshotter finds the list at mount and pynydusd prefetches in its order
 ALL_MODES = (*MODES, "tarfs", "nydus-list", "nydus-stale", "upstream-pf",
-             "zran", "zran-b")  # zran: REF:zran (convert --oci-ref); zran-b: --zran-b-tag
+             "zran", "zran-b",  # zran: REF:zran (convert --oci-ref); zran-b: --zran-b-tag
+             "blobfile")  # the nydus mode with fs_driver blobfile (kernel EROFS over blob files)
 LIST_TAG = "nydus-list"
 STALE_TAG = "nydus-stale"
 # nydus-stale's list is learned from this start-up instead of the image's Cmd: for large
@@ -128,17 +132,19 @@ STALE_CMD = {
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
        "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG,
        "nydus-stale": STALE_TAG, "upstream-pf": "nydus-pf", "zran": "zran",
-       "zran-b": "zran"}
+       "zran-b": "zran", "blobfile": "nydus"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
                "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus",
                "nydus-list": "nydus", "nydus-stale": "nydus", "upstream-pf": "nydus",
-               "zran": "nydus", "zran-b": "nydus"}
+               "zran": "nydus", "zran-b": "nydus", "blobfile": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
 DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None, "nydus-stale": None,
-               "zran": None, "zran-b": None}
+               "zran": None, "zran-b": None, "blobfile": None}
+# daemon.fs_driver of the modes that do not run the default (fusedev)
+FS_DRIVER = {"blobfile": "blobfile"}
 # the peer: upstream's containerd-nydus-grpc with upstream's nydusd (scripts/peers.sh
 # nydus-snapshotter nydus-rs), in each daemon mode, on the same Nydus image, with the
 # daemon template ours uses (same amplify_io, no prefetch; plain HTTP)
@@ -529,7 +535,8 @@ PYSPY = Path(sys.executable).parent / "py-spy"
 
 
 def snapshotter_config(out: Path, profile: bool, amplify_io: int | None,
-                       daemon_mode: str | None, prefetch: bool = False) -> Path | None:
+                       daemon_mode: str | None, prefetch: bool = False,
+                       fs_driver: str | None = None) -> Path | None:
     """A snapshotter config for this run, or None for the defaults. ``profile``: the
     ``daemon.nydusd_path`` runs pynydusd under py-spy (raw collapsed stacks in ``out``,
     written when the daemon exits); ``amplify_io``: a daemon template (the built-in one
@@ -537,14 +544,17 @@ def snapshotter_config(out: Path, profile: bool, amplify_io: int | None,
     (one pynydusd per image, started at the container's Prepare) or shared (one
     pynydusd started with the snapshotter, images mounted through its API); ``prefetch``:
     the template turns ``fs_prefetch`` on (the bootstrap's prefetch table is fetched by
-    worker threads at mount)."""
-    if not profile and amplify_io is None and daemon_mode is None and not prefetch:
+    worker threads at mount); ``fs_driver``: ``daemon.fs_driver`` if not the default."""
+    if not profile and amplify_io is None and daemon_mode is None and not prefetch \
+            and fs_driver is None:
         return None
     out.mkdir(parents=True, exist_ok=True)
     lines = ["version = 1"]
     if daemon_mode is not None:
         lines.append(f'daemon_mode = "{daemon_mode}"')
     lines.append("[daemon]")
+    if fs_driver is not None:
+        lines.append(f'fs_driver = "{fs_driver}"')
     if profile:
         wrapper = out / "pynydusd-pyspy"
         pynydusd = Path(sys.executable).parent / "pynydusd"
@@ -574,7 +584,7 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
         cfg_dir = profile or make_workdir("lzcfg")
         try:
             cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode],
-                                     prefetch)
+                                     prefetch, FS_DRIVER.get(mode))
             # info as on a node; debug when the logs are kept (the breakdown needs the
             # daemons' per-request lines)
             level = "debug" if keep_logs or profile is not None else "info"

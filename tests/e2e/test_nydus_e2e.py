@@ -7,7 +7,8 @@ a container whose files are fetched chunk by chunk by a pynydusd process.
 
 Every test runs against containerd 1.6 and 2.x (``containerd_version``), the module's
 shared environment in both daemon modes (``dedicated``: a daemon per image; ``shared``:
-one daemon for all).
+one daemon for all) and with ``fs_driver = "blobfile"`` (dedicated daemons showing blob
+files, the image the kernel's EROFS mount over them).
 """
 
 from __future__ import annotations
@@ -44,7 +45,15 @@ def nydus_ref(registry: Registry, layered_image: tuple[str, oci.BuiltImage]) -> 
     return target
 
 
-@pytest.fixture(scope="module", params=["dedicated", "shared"])
+# daemon mode, and fs_driver: blobfile is ours (kernel EROFS over the daemon's blob files)
+CONFIGS = {
+    "dedicated": 'daemon_mode = "dedicated"\n',
+    "shared": 'daemon_mode = "shared"\n',
+    "blobfile": 'daemon_mode = "dedicated"\n[daemon]\nfs_driver = "blobfile"\n',
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def daemon_mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -52,8 +61,7 @@ def daemon_mode(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def nydus_env(registry: Registry, containerd_version: str,
               daemon_mode: str) -> Iterator[tuple[Snapshotter, Containerd]]:
-    with cri_node(registry, containerd_version,
-                  f'version = 1\ndaemon_mode = "{daemon_mode}"\n') as node:
+    with cri_node(registry, containerd_version, f"version = 1\n{CONFIGS[daemon_mode]}") as node:
         yield node
 
 
