@@ -19,7 +19,9 @@ Each pulled layer of the image asks :meth:`Detector.find`; the registry is asked
 manifest), one for the referrers (two when the registry lacks the API and the tag
 scheme is tried), answers cached, negative ones for :data:`NEGATIVE_TTL` seconds. A
 registry that fails or is slow is "no Nydus form" (logged), after
-:data:`DETECT_TIMEOUT` seconds at most, so a plain OCI pull goes on.
+:data:`DETECT_TIMEOUT` seconds at most, so a plain OCI pull goes on. Lookups of one
+registry with the same credentials share a client (:func:`client_factory`), hence its
+tokens: with token auth an image's requests, and the bootstrap's, cost one token.
 
 :meth:`Detector.fetch_bootstrap` then fetches the Nydus manifest and its bootstrap
 layer (serving, not discovery: done once, for the image's last layer).
@@ -34,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +62,8 @@ DETECT_TIMEOUT = 2.0
 #: Seconds a "no Nydus form" answer is kept (an image converted later is found after it).
 NEGATIVE_TTL = 600.0
 _CACHE_SIZE = 1024
+#: Registry clients kept between lookups (per registry and credentials).
+_CLIENTS_KEPT = 16
 _MANIFEST_TYPES = (media.OCI_MANIFEST, media.DOCKER_MANIFEST)
 
 
@@ -78,7 +83,8 @@ class NydusForm:
         return f"{self.how} {self.digest}"
 
 
-ClientFactory = Callable[[str, Mapping[str, str]], RegistryClient]
+#: ``(image reference, labels) -> client`` for one lookup, as a context manager.
+ClientFactory = Callable[[str, Mapping[str, str]], AbstractContextManager[RegistryClient]]
 #: The credentials for an image reference and its snapshot labels (the snapshotter's
 #: keychain), or None: anonymous.
 CredentialsFn = Callable[[str, Mapping[str, str]], Credentials | None]
@@ -91,10 +97,28 @@ def label_credentials(image_ref: str, labels: Mapping[str, str]) -> Credentials 
 
 def client_factory(creds: CredentialsFn = label_credentials,
                    timeout: float = DETECT_TIMEOUT, retries: int = 0) -> ClientFactory:
-    def make(image_ref: str, labels: Mapping[str, str]) -> RegistryClient:
-        return RegistryClient.for_reference(
-            parse_reference(image_ref), auth=creds(image_ref, labels), timeout=timeout,
-            connect_timeout=timeout, retry_limit=retries, token_renewal=False)
+    """Registry clients for lookups, one per (registry, credentials) kept for the next
+    lookups: a client keeps its bearer tokens and the registry's challenge, so the
+    index, referrers and bootstrap requests of an image, and later images of the same
+    registry, do not each pay a 401 and a token request. The last
+    :data:`_CLIENTS_KEPT` are kept (a node pulls from a few registries)."""
+    clients: OrderedDict[tuple[str, str, Credentials | None], RegistryClient] = OrderedDict()
+    lock = threading.Lock()
+
+    def make(image_ref: str, labels: Mapping[str, str]) -> AbstractContextManager[RegistryClient]:
+        ref = parse_reference(image_ref)
+        auth = creds(image_ref, labels)
+        key = (ref.api_host, ref.default_scheme, auth)
+        with lock:
+            client = clients.get(key)
+            if client is None:
+                client = clients[key] = RegistryClient.for_reference(
+                    ref, auth=auth, timeout=timeout, connect_timeout=timeout,
+                    retry_limit=retries, token_renewal=False)
+                while len(clients) > _CLIENTS_KEPT:
+                    clients.popitem(last=False)[1].close()
+            clients.move_to_end(key)
+        return nullcontext(client)  # the lookup must not close a kept client
     return make
 
 

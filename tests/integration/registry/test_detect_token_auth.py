@@ -33,6 +33,13 @@ def _push(reg: Registry, repo: str, name: str) -> str:
     return digest
 
 
+def _convert_with_referrer(reg: Registry, repo: str, tmp_path) -> None:
+    convert(ConvertOptions(source=reg.ref(repo, "v1"), target=reg.ref(repo, "nydus"),
+                           source_insecure=True, target_insecure=True,
+                           source_auth=f"{USER}:{PASSWORD}", target_auth=f"{USER}:{PASSWORD}",
+                           with_referrer=True, cache_dir=str(tmp_path / "cache")))
+
+
 def _labels(ref: str, manifest: str) -> dict[str, str]:
     return {L.CRI_IMAGE_REF: ref, L.CRI_MANIFEST_DIGEST: manifest,
             L.CRI_LAYER_DIGEST: "sha256:" + "0" * 64}
@@ -47,10 +54,7 @@ def test_detection_with_token_auth(token_registry: tuple[Registry, TokenServer],
     reg, ts = token_registry
     plain = _push(reg, "det/plain", "plain")
     ref_manifest = _push(reg, "det/ref", "ref")
-    convert(ConvertOptions(source=reg.ref("det/ref", "v1"), target=reg.ref("det/ref", "nydus"),
-                           source_insecure=True, target_insecure=True,
-                           source_auth=f"{USER}:{PASSWORD}", target_auth=f"{USER}:{PASSWORD}",
-                           with_referrer=True, cache_dir=str(tmp_path / "cache")))
+    _convert_with_referrer(reg, "det/ref", tmp_path)
     det = detect.Detector(referrer=True, index=True,
                           client_factory=detect.client_factory(creds=_creds))
     form = det.find(_labels(reg.ref("det/ref", "v1"), ref_manifest))
@@ -72,3 +76,22 @@ def test_detection_with_token_auth(token_registry: tuple[Registry, TokenServer],
                               str(tmp_path / "boot"))
     assert (tmp_path / "boot" / "image" / "image.boot").stat().st_size > 0
     assert isinstance(out, dict)
+
+
+def test_one_token_serves_an_images_lookups_and_its_bootstrap(
+        token_registry: tuple[Registry, TokenServer], tmp_path) -> None:
+    """The index, referrers API, referrers tag and bootstrap requests of one image share
+    the lookup client's token (one token request in all); a later image of the same
+    registry reuses the client's challenge."""
+    reg, ts = token_registry
+    manifest = _push(reg, "det/one", "one")
+    _convert_with_referrer(reg, "det/one", tmp_path)
+    det = detect.Detector(referrer=True, index=True,
+                          client_factory=detect.client_factory(creds=_creds))
+    issued = ts.issued
+    labels = _labels(reg.ref("det/one", "v1"), manifest)
+    form = det.find(labels)
+    assert form is not None and form.how == "referrer"
+    det.fetch_bootstrap(form, labels, str(tmp_path / "boot"))
+    assert (tmp_path / "boot" / "image" / "image.boot").stat().st_size > 0
+    assert ts.issued - issued == 1
