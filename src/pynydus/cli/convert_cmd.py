@@ -105,6 +105,10 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="--oci-ref: each pushed meta blob also carries its layer's bootstrap "
                         "and chunk digests, as nydusify's do (for tools that open a meta blob "
                         "as a bootstrap); by default only the merged bootstrap has them")
+    p.add_argument("--oci-ref-context-size", type=_int, metavar="BYTES",
+                   help="--oci-ref: compressed bytes an inflate context spans (nydusify's: "
+                        "0x80000; ours is smaller, docs/decisions.md): smaller contexts make "
+                        "a random read fetch less, at 40 bytes and a window each")
     p.add_argument("--cache-dir", help="converted-layer cache (~/.cache/pynydus/convert)")
     p.add_argument("--workers", type=int, default=0, help="parallel layers (default: CPUs)")
     p.add_argument("--output-json", help="write a JSON summary here")
@@ -149,7 +153,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         build=BuildOptions(fs_version=args.fs_version, compressor=args.compressor,
                            chunk_size=args.chunk_size, chunk_dict=args.chunk_dict_bootstrap,
                            chunk_dict_digest=dict_digest, prefetch_files=prefetch,
-                           oci_ref=args.oci_ref, oci_ref_full_meta=args.oci_ref_full_meta),
+                           oci_ref=args.oci_ref, oci_ref_full_meta=args.oci_ref_full_meta,
+                           **({"oci_ref_context_size": args.oci_ref_context_size}
+                              if args.oci_ref_context_size else {})),
         merge_platform=args.merge_platform, with_referrer=args.with_referrer, oci=args.oci,
         cache_dir=args.cache_dir or default_cache_dir(), workers=args.workers,
         output_json=args.output_json, sign_key=args.sign_key)

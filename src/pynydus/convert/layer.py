@@ -40,6 +40,7 @@ from typing import Any
 
 from pynydus.errors import InvalidArgument
 from pynydus.rafs.builder import (
+    ZRAN_CONTEXT_SIZE,
     ChunkDict,
     V6Options,
     build,
@@ -82,6 +83,9 @@ class BuildOptions:
     # only the merged bootstrap has them (they made a many-files image's metadata twice
     # as big: docs/benchmarks.md, ZRAN)
     oci_ref_full_meta: bool = False
+    # --oci-ref-context-size: compressed bytes per inflate context (rafs.builder.zranblob;
+    # smaller than upstream's 512 KiB: a reader fetches a context's prefix up to a chunk)
+    oci_ref_context_size: int = ZRAN_CONTEXT_SIZE
 
     def validate(self) -> None:
         if self.fs_version != 6:
@@ -150,6 +154,7 @@ def cache_key(layer_digest: str, opts: BuildOptions, lower: tuple[str, ...] = ()
     if opts.oci_ref:
         # the meta blob's form: framed chunk info with sparse windows (3), lean or full
         doc["oci_ref"] = "full-3" if opts.oci_ref_full_meta else "lean-3"
+        doc["oci_ref_context_size"] = opts.oci_ref_context_size
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -241,7 +246,8 @@ def convert_layer(job: LayerJob, progress: Progress | None = None) -> LayerResul
                     result = build(
                         stream, raw_boot, work, type="targz-ref", chunk_size=opts.chunk_size,
                         prefetch_files=opts.prefetch_files, blob_inline_meta=True,
-                        lean_meta=not opts.oci_ref_full_meta)
+                        lean_meta=not opts.oci_ref_full_meta,
+                        zran_context_size=opts.oci_ref_context_size)
                 else:
                     result = build(
                         stream, raw_boot, work, type="tar-rafs", fs_version=opts.fs_version,

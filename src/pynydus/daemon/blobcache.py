@@ -20,12 +20,14 @@ A chunk whose digest does not match is fetched once more; if it is still wrong
 the read fails (EIO at the FUSE edge) and the log names the blob and chunk.
 
 ZRAN and batch chunks (``ChunkRef.span``) are slices of a *span*: a compressed extent
-holding several chunks (a gzip layer's inflate context, a batch). Their ``c_off``/
-``c_size`` are the span's extent, so chunks of one span group into one request; the
-span is decoded once per fetch and each chunk cut out of it. Decoding a span costs the
-same however few of its chunks are wanted (a ZRAN context inflates to megabytes), so
-its other chunks are stored too (``span_members``) unless chunks are validated (their
-digests are not at hand).
+holding several chunks (a gzip layer's inflate context, a batch). Their ``c_off`` is
+the span's start and ``c_size`` runs to where the chunk's compressed bytes end (a ZRAN
+chunk: a prefix of its context, which inflates from the start; a batch: all of it), so
+chunks of one span group into one request; each span is decoded once per fetch, as far
+as the group's chunks need, and each chunk cut out of it. A ZRAN context's inflate
+stream is kept (``spans``, :class:`SpanDecoder`) so the context's next chunk fetches
+and inflates only what follows. The other chunks a decode produced are stored too
+(``span_members``) unless chunks are validated (their digests are not at hand).
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pynydus.daemon.chunkmap import ChunkMap
 from pynydus.daemon.metrics import CacheStats
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
 from pynydus.rafs.format import Compressor, decode_chunk
+from pynydus.rafs.format.zran import ZranInputShort
 from pynydus.rafs.read import BlobInfo
 from pynydus.rafs.read.spans import Span
 
@@ -78,6 +81,21 @@ class ChunkRef:
     digest: bytes = b""
     span: Span | None = None
     span_offset: int = 0
+
+
+class SpanDecoder(Protocol):
+    """Decodes the spans of one blob (:class:`pynydus.rafs.read.spans.SpanMap`)."""
+
+    def resume(self, span: Span, out_from: int) -> Any:
+        """A kept decoder state of ``span`` that stopped at or before output ``out_from``
+        (its ``in_end``: where the compressed bytes it still needs start), else None."""
+        ...
+
+    def decode_from(self, span: Span, data: bytes | memoryview, want: int,
+                    stream: Any = None) -> tuple[int, bytes]:
+        """``(first, output[first:want])`` from the compressed bytes ``data`` from
+        ``stream.in_end`` (or the span's start) on."""
+        ...
 
 
 class Backend(Protocol):
@@ -141,7 +159,7 @@ class BlobCache:
         backend: Backend,
         chunk_at: Callable[[int], ChunkRef | None],
         *,
-        decode_span: Callable[[Span, bytes], bytes] | None = None,
+        spans: SpanDecoder | None = None,
         span_members: Callable[[Span], list[ChunkRef]] | None = None,
         validate: bool = False,
         amplify_io: int = 1 << 20,
@@ -151,7 +169,7 @@ class BlobCache:
         self.blob = blob
         self.backend = backend
         self.chunk_at = chunk_at
-        self.decode_span = decode_span
+        self.spans = spans
         self.span_members = span_members
         self.validate = validate
         self.amplify_io = amplify_io
@@ -458,18 +476,27 @@ class BlobCache:
         """Fetch, decode and store one group; its claims are released once the chunks are
         in the cache file (at once, or after a delayed persist: ``fresh`` given and the
         cache has a ``persist``; their claims then hold the bytes meanwhile)."""
-        start = group[0].c_off
-        end = max(c.c_off + c.c_size for c in group)
-        raw = memoryview(self._backend_read(start, end - start, prefetch=prefetch))
+        streams = self._resume(group)
+        try:
+            # a resumed span needs only the bytes after those its stream was fed
+            start = min(streams[c.span].in_end if c.span in streams else c.c_off
+                        for c in group)
+            end = max(c.c_off + c.c_size for c in group)
+            raw = memoryview(self._backend_read(start, end - start, prefetch=prefetch)
+                             if end > start else b"")
+            spans = self._decode_spans(group, raw, start, streams, prefetch)
+        finally:
+            for stream in streams.values():  # taken but not reached (an error)
+                stream.close()
         decoded: list[tuple[ChunkRef, bytes]] = []
-        spans: dict[Span, bytes] = {}  # decoded once per fetch, however many chunks it has
         for c in group:
-            payload = raw[c.c_off - start:c.c_off - start + c.c_size]
-            data = self._decode(c, payload, spans)
+            data = self._chunk_of(c, raw, start, spans)
             if data is None:  # digest mismatch: fetch this one chunk once more
                 self.stats.add(digest_failures=1)
                 log.warning("blob %s chunk %d: digest mismatch, fetching again", self.blob.blob_id, c.index)
-                data = self._decode(c, self._backend_read(c.c_off, c.c_size, prefetch=prefetch), {})
+                again = memoryview(self._backend_read(c.c_off, c.c_size, prefetch=prefetch))
+                data = self._chunk_of(c, again, c.c_off,
+                                      self._decode_spans([c], again, c.c_off, {}, prefetch))
                 if data is None:
                     self.stats.add(digest_failures=1)
                     log.error("blob %s chunk %d: digest mismatch after refetch; failing the read",
@@ -477,28 +504,29 @@ class BlobCache:
                     raise FormatError(f"blob {self.blob.blob_id} chunk {c.index}: digest mismatch")
             decoded.append((c, data))
         self.stats.add(misses=len(group))
-        nbytes = sum(len(d) for _, d in decoded)
         if fresh is not None:
             for c, data in decoded:
                 fresh[c.index] = data
-            if self.persist is not None:
-                with self._lock:
-                    for c, data in decoded:
-                        claim = self._claims.get(c.index)
-                        if claim is not None:
-                            claim.data = data
-                            claim.done.set()  # readers of these chunks take the bytes now
+        if spans and self.span_members is not None and not self.validate:
+            decoded += self._claim_span_members(spans)
+        nbytes = sum(len(d) for _, d in decoded)
+        if fresh is not None and self.persist is not None:
+            with self._lock:
+                for c, data in decoded:
+                    claim = self._claims.get(c.index)
+                    if claim is not None:
+                        claim.data = data
+                        claim.done.set()  # readers of these chunks take the bytes now
 
-                def job() -> None:
-                    self._persist(decoded, spans)
+            def job() -> None:
+                self._persist(decoded)
 
-                if self.persist(job, nbytes):
-                    return end - start
-        self._persist(decoded, spans, raise_errors=True)
-        return end - start
+            if self.persist(job, nbytes):
+                return max(end - start, 0)
+        self._persist(decoded, raise_errors=True)
+        return max(end - start, 0)
 
-    def _persist(self, decoded: list[tuple[ChunkRef, bytes]], spans: dict[Span, bytes],
-                 raise_errors: bool = False) -> None:
+    def _persist(self, decoded: list[tuple[ChunkRef, bytes]], raise_errors: bool = False) -> None:
         """Write decoded chunks to the cache file, mark them ready, release their claims.
         A failed delayed write (disk full) leaves them missing: fetched again later."""
         error: BaseException | None = None
@@ -516,29 +544,92 @@ class BlobCache:
             log.warning("blob %s: writing %d chunks to the cache failed: %s",
                         self.blob.blob_id, len(decoded), err)
         self._release([c for c, _ in decoded], error)
-        if spans and self.span_members is not None and not self.validate:
-            self._store_span_members(spans)
 
-    def _store_span_members(self, spans: dict[Span, bytes]) -> None:
-        """Store the chunks of decoded spans that nobody has or is fetching."""
+    def _claim_span_members(self, spans: dict[Span, tuple[int, bytes]]) -> list[tuple[ChunkRef, bytes]]:
+        """The other chunks the decoded spans (``(first, output from there)``) hold in full
+        that nobody has or is fetching, claimed: they are stored with the fetched ones
+        (and, while a delayed write is pending, served from their claims)."""
         extra: list[tuple[ChunkRef, bytes]] = []
         with self._lock:
-            for span, out in spans.items():
+            for span, (first, out) in spans.items():
                 assert self.span_members is not None
                 for m in self.span_members(span):
-                    if m.index in self._claims or self.chunk_map.is_ready(m.index):
+                    if m.span_offset < first or m.span_offset + m.u_size > first + len(out) \
+                            or m.index in self._claims or self.chunk_map.is_ready(m.index):
                         continue
                     self._claims[m.index] = _Claim()
-                    extra.append((m, out))
-        try:
-            for m, out in extra:
-                os.pwrite(self._fd, out[m.span_offset:m.span_offset + m.u_size], m.u_off)
-            self.chunk_map.set_ready([m.index for m, _ in extra])
-        finally:
-            self._release([m for m, _ in extra], None)
+                    extra.append((m, out[m.span_offset - first:m.span_offset - first + m.u_size]))
+        return extra
 
-    def _decode(self, c: ChunkRef, payload: bytes | memoryview,
-                spans: dict[Span, bytes]) -> bytes | None:
+    def _resume(self, group: Sequence[ChunkRef]) -> dict[Span, Any]:
+        """The kept decoder states the group's spans can continue from (taken: the
+        caller hands each to ``decode_from`` or closes it)."""
+        if self.spans is None:
+            return {}
+        lowest: dict[Span, int] = {}
+        for c in group:
+            if c.span is not None:
+                lowest[c.span] = min(lowest.get(c.span, c.span_offset), c.span_offset)
+        found = {}
+        for span, out_from in lowest.items():
+            stream = self.spans.resume(span, out_from)
+            if stream is not None:
+                found[span] = stream
+        return found
+
+    def _decode_spans(self, group: Sequence[ChunkRef], raw: memoryview, start: int,
+                      streams: dict[Span, Any], prefetch: bool) -> dict[Span, tuple[int, bytes]]:
+        """Each span of ``group`` decoded as far as the group's chunks need, from ``raw``
+        (the blob's bytes at ``start``): ``(first output offset, output)``; a span that
+        does not decode is left out (its chunks are fetched again). ``streams`` (from
+        :meth:`_resume`) are handed on and removed from it."""
+        need: dict[Span, tuple[int, int]] = {}  # span -> (compressed end, output end)
+        for c in group:
+            if c.span is not None:
+                c_end, want = need.get(c.span, (0, 0))
+                need[c.span] = (max(c_end, c.c_off + c.c_size),
+                                max(want, c.span_offset + c.u_size))
+        out: dict[Span, tuple[int, bytes]] = {}
+        for span, (c_end, want) in need.items():
+            stream = streams.pop(span, None)
+            begin = span.offset if stream is None else stream.in_end
+            data = raw[begin - start:max(begin, c_end) - start]
+            try:
+                if self.spans is None:
+                    raise FormatError(f"blob {self.blob.blob_id}: {span.kind} chunk but no "
+                                      f"span decoder")
+                try:
+                    out[span] = self.spans.decode_from(span, data, want, stream)
+                except ZranInputShort as err:
+                    # The chunk entry understated where its bytes end: the whole context.
+                    log.warning("blob %s: %s; reading the whole context", self.blob.blob_id, err)
+                    whole = self._backend_read(span.offset, span.size, prefetch=prefetch)
+                    out[span] = self.spans.decode_from(span, whole, want)
+            except FormatError as err:
+                log.warning("blob %s %s %d: %s", self.blob.blob_id, span.kind, span.index, err)
+        return out
+
+    def _chunk_of(self, c: ChunkRef, raw: memoryview, start: int,
+                  spans: dict[Span, tuple[int, bytes]]) -> bytes | None:
+        """Chunk ``c`` from ``raw`` (the blob's bytes at ``start``) or, for a span chunk,
+        from its decoded span; None when it is corrupt (the caller fetches again)."""
+        if c.span is None:
+            return self._decode(c, raw[c.c_off - start:c.c_off - start + c.c_size])
+        seg = spans.get(c.span)
+        if seg is None:
+            return None
+        first, out = seg
+        piece = out[c.span_offset - first:c.span_offset - first + c.u_size]
+        try:
+            return decode_chunk(
+                piece, compressed=False, compressor=Compressor.NONE, uncompressed_size=c.u_size,
+                expected_digest=c.digest if self.validate else b"", digester=self.blob.digester,
+                what=f"blob {self.blob.blob_id} chunk {c.index} ({c.span.kind} {c.span.index})")
+        except FormatError as err:
+            log.warning("%s", err)
+            return None
+
+    def _decode(self, c: ChunkRef, payload: bytes | memoryview) -> bytes | None:
         """The chunk's bytes, or None when they are corrupt (the caller fetches again)."""
         if len(payload) != c.c_size:
             raise FormatError(
@@ -546,19 +637,6 @@ class BlobCache:
                 f"{c.c_size} bytes"
             )
         try:
-            if c.span is not None:
-                out = spans.get(c.span)
-                if out is None:
-                    if self.decode_span is None:
-                        raise FormatError(f"blob {self.blob.blob_id} chunk {c.index}: "
-                                          f"{c.span.kind} chunk but no span decoder")
-                    out = spans[c.span] = self.decode_span(c.span, bytes(payload))
-                return decode_chunk(
-                    out[c.span_offset:c.span_offset + c.u_size], compressed=False,
-                    compressor=Compressor.NONE, uncompressed_size=c.u_size,
-                    expected_digest=c.digest if self.validate else b"",
-                    digester=self.blob.digester,
-                    what=f"blob {self.blob.blob_id} chunk {c.index} ({c.span.kind} {c.span.index})")
             return decode_chunk(
                 payload, compressed=c.compressed, compressor=self.blob.compressor,
                 uncompressed_size=c.u_size, expected_digest=c.digest if self.validate else b"",

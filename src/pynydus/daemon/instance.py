@@ -11,7 +11,9 @@ sparse files) read as zeros. Counting the read is the FUSE layer's business
 A blob whose chunks live in spans (ZRAN: slices of a gzip layer's inflate contexts;
 batch) has its chunk-info array read from the backend on first use (for ZRAN from the
 separate meta blob ``blob_meta_digest``, as nydusd does); its chunks are then fetched as
-their spans and cut out of them (``rafs.read.spans``). Such blobs are not amplified.
+their spans and cut out of them (``rafs.read.spans``): a ZRAN chunk as the prefix of
+its context up to its own end, continuing a context's kept inflate stream when there is
+one. Such blobs are not amplified.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class RafsInstance:
                 cache = BlobCache(
                     self.config.cache.work_dir, self.bs.blobs[blob_index], self.backend,
                     self._chunk_lookup(blob_index) if spans is None else _no_chunk,
-                    decode_span=None if spans is None else spans.decode,
+                    spans=spans,
                     span_members=None if spans is None else self._span_members(spans),
                     validate=self.config.cache.validate or self.config.rafs.validate,
                     amplify_io=self.config.rafs.batch_size, stats=self.cache_stats,
@@ -191,10 +193,12 @@ class RafsInstance:
         """The cache's reference of chunk ``c`` (its span, for ZRAN and batch chunks)."""
         spans = self._spans(c.blob_index)
         at = spans.locate(c.index) if spans is not None else None
-        if at is None:
+        if spans is None or at is None:
             return _chunk_ref(c)
         span, inner = at
-        return ChunkRef(index=c.index, c_off=span.offset, c_size=span.size,
+        # from the span's start to where this chunk's bytes end (a ZRAN context's prefix)
+        return ChunkRef(index=c.index, c_off=span.offset,
+                        c_size=spans.compressed_end(c.index, span) - span.offset,
                         u_off=c.uncompressed_offset, u_size=c.uncompressed_size, compressed=True,
                         digest=c.digest or b"", span=span, span_offset=inner)
 

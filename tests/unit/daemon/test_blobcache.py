@@ -189,14 +189,19 @@ def test_span_is_fetched_and_decoded_once_for_all_its_chunks(tmp_path: Path) -> 
                    compressed_size=100 + len(packed), uncompressed_size=3 * 4096)
     decodes: list[Span] = []
 
-    def decode(s: Span, raw: bytes) -> bytes:
-        decodes.append(s)
-        return decompress(raw, Compressor.ZSTD, len(buf))
+    class Decoder:
+        def resume(self, s: Span, out_from: int) -> None:
+            return None
+
+        def decode_from(self, s: Span, raw: bytes | memoryview, want: int,
+                        stream: object = None) -> tuple[int, bytes]:
+            decodes.append(s)
+            return 0, decompress(raw, Compressor.ZSTD, len(buf))
 
     for validate, stored in ((False, [True, True, True]), (True, [False, True, False])):
         work = tmp_path / f"v{validate}"
         be = CountingBackend(str(tmp_path / "blobs"))
-        bc = BlobCache(str(work), ref, be, lambda i: None, decode_span=decode,
+        bc = BlobCache(str(work), ref, be, lambda i: None, spans=Decoder(),
                        span_members=lambda s: refs, validate=validate)
         decodes.clear()
         assert bc.read([(refs[1], 10, 100)]) == members[1][10:110]
@@ -207,7 +212,7 @@ def test_span_is_fetched_and_decoded_once_for_all_its_chunks(tmp_path: Path) -> 
         bc.close()
     # Two chunks of one span in one read: one request, one decode.
     be = CountingBackend(str(tmp_path / "blobs"))
-    bc = BlobCache(str(tmp_path / "both"), ref, be, lambda i: None, decode_span=decode)
+    bc = BlobCache(str(tmp_path / "both"), ref, be, lambda i: None, spans=Decoder())
     decodes.clear()
     assert bc.read([(refs[0], 0, 1000), (refs[1], 0, 3000)]) == members[0] + members[1]
     assert len(be.requests) == 1 and len(decodes) == 1

@@ -42,9 +42,11 @@ from pynydus.rafs.builder.overlay import (
 )
 from pynydus.rafs.builder.tree import Inode, Node, Tree, iter_nodes
 from pynydus.rafs.builder.v6writer import BootstrapInfo, V6Options, write_bootstrap
+from pynydus.rafs.builder.zranblob import DEFAULT_CONTEXT_SIZE as ZRAN_CONTEXT_SIZE
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "ZRAN_CONTEXT_SIZE",
     "BlobDesc",
     "BlobReport",
     "BlobStats",

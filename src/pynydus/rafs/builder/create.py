@@ -52,6 +52,7 @@ from pynydus.rafs.builder.v6writer import (
     write_bootstrap,
 )
 from pynydus.rafs.builder.zranblob import (
+    DEFAULT_CONTEXT_SIZE,
     ZRAN_FEATURES_INLINE,
     ZRAN_FEATURES_LEAN,
     MetaBlob,
@@ -254,6 +255,7 @@ def build(
     expect_tar_sha256: str | None = None,
     blob_inline_meta: bool = False,
     lean_meta: bool = False,
+    zran_context_size: int = DEFAULT_CONTEXT_SIZE,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
@@ -285,6 +287,8 @@ def build(
     --oci-ref`` pushes and merges. ``lean_meta`` (with ``blob_inline_meta``) leaves the
     layer's bootstrap and the chunk digests out of a meta blob that has chunk info:
     the merged bootstrap holds both (what ``convert --oci-ref`` pushes by default).
+    ``zran_context_size``: compressed bytes an inflate context spans before the next
+    chunk starts another (:mod:`.zranblob`).
 
     ``progress`` is called with a :class:`BuildProgress` every ``progress_interval``
     seconds while data is read, and once per later phase (on the calling thread).
@@ -313,7 +317,7 @@ def build(
             raise InvalidArgument("targz-ref takes no chunk dict, parent or blob cache")
         prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
         result = _build_zran(source, bootstrap_out, blob_dir, chunk_size, prefetch,
-                             blob_inline_meta, lean_meta, ticker, t0)
+                             blob_inline_meta, lean_meta, zran_context_size, ticker, t0)
         if output_json is not None:
             with open(output_json, "w") as f:
                 json.dump(result.to_json(), f, indent=2)
@@ -393,15 +397,15 @@ def build(
 
 def _build_zran(
     source: Any, bootstrap_out: str | os.PathLike[str], blob_dir: str | os.PathLike[str],
-    chunk_size: int, prefetch: tuple[bytes, ...], inline: bool, lean: bool, ticker: _Ticker,
-    t0: float,
+    chunk_size: int, prefetch: tuple[bytes, ...], inline: bool, lean: bool,
+    context_size: int, ticker: _Ticker, t0: float,
 ) -> BuildResult:
     """A targz-ref build (see :func:`build`): one pass over the gzip layer."""
     with contextlib.ExitStack() as stack:
         f: BinaryIO = stack.enter_context(open(source, "rb")) \
             if isinstance(source, (str, os.PathLike)) else source
         index = GzipIndexer(f)
-        zblob = ZranBlob(index, chunk_size)
+        zblob = ZranBlob(index, chunk_size, context_size)
         tree = Tree("overlayfs")
         # The indexer is read like a file (of the tar it inflates).
         build_tree(TarSource(cast(BinaryIO, index)), zblob, tree, strict_sizes=True,

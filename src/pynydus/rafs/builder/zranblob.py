@@ -12,11 +12,15 @@ its digest, and a small *meta blob* holds what a reader needs to reach into it:
 :class:`ZranBlob` receives the layer's regular files from the builder, as the tar reader
 meets them over a :class:`~pynydus.rafs.decoder.gzindex.GzipIndexer`; for each chunk it
 records it picks the context by upstream's rule (``ZranGenerator::begin_read``): a new
-context when the current one already spans half of ``max_comp`` compressed bytes, or
-would exceed ``max_uncomp`` with one more chunk, or the stream skipped far ahead, or a
-new gzip member began; else the chunk joins the current context. A new context starts
-at the last checkpoint (deflate block start) at or before the chunk. With 1 MiB chunks
-that is about one context (and one 32 KiB window) per MiB of tar.
+context when the current one already spans ``context_size`` compressed bytes, or would
+exceed ``max_uncomp`` with one more chunk, or the stream skipped far ahead, or a new
+gzip member began; else the chunk joins the current context. A new context starts at
+the last checkpoint (deflate block start) at or before the chunk. Upstream's spacing
+is 512 KiB (half its 1 MiB ``max_comp``); ours defaults to
+:data:`DEFAULT_CONTEXT_SIZE`, smaller, because a reader fetches a chunk as the prefix of
+its context up to the chunk's end: the context's start is what a random read pays for
+beyond its chunk, and a context more costs 40 bytes and a sparse window
+(docs/decisions.md, "ZRAN context spacing").
 
 The meta blob comes in upstream's two forms (:func:`separate_meta`, :func:`inline_meta`):
 ``ci | header`` for ``create -t targz-ref -B -D`` (2.2), and, for registry images, the
@@ -69,6 +73,8 @@ from pynydus.rafs.format.zran import pack_framed_ci
 from pynydus.rafs.source import DataReader, Entry
 
 __all__ = [
+    "DEFAULT_CONTEXT_SIZE",
+    "UPSTREAM_CONTEXT_SIZE",
     "ZRAN_FEATURES_INLINE",
     "ZRAN_FEATURES_LEAN",
     "ZRAN_FEATURES_SEPARATE",
@@ -91,10 +97,11 @@ ZRAN_FEATURES_INLINE = ZRAN_FEATURES_SEPARATE | int(
 ZRAN_FEATURES_LEAN = ZRAN_FEATURES_INLINE & ~int(BlobFeatures.INLINED_CHUNK_DIGEST)
 
 # Upstream's context sizes (ZranContextGenerator: chunk size / 2, chunk size, 2 x chunk
-# size, with the default 1 MiB chunk).
-MIN_COMP = 512 << 10
-MAX_COMP = 1 << 20
+# size, with the default 1 MiB chunk): a new context once one spans MAX_COMP // 2.
+UPSTREAM_CONTEXT_SIZE = 512 << 10
 MAX_UNCOMP = 2 << 20
+#: Compressed bytes a context spans before the next chunk starts a new one (ours).
+DEFAULT_CONTEXT_SIZE = 128 << 10
 _ZRAN_CHUNK = int(ChunkInfoFlags.COMPRESSED | ChunkInfoFlags.ZRAN)
 
 
@@ -116,9 +123,13 @@ class ZranBlob:
     :meth:`finish` once the layer has been read to its end (``index.drain()``).
     """
 
-    def __init__(self, index: GzipIndexer, chunk_size: int) -> None:
+    def __init__(self, index: GzipIndexer, chunk_size: int,
+                 context_size: int = DEFAULT_CONTEXT_SIZE) -> None:
+        if not 4096 <= context_size <= 1 << 30:
+            raise InvalidArgument(f"zran context size {context_size}: must be in [4 KiB, 1 GiB]")
         self.index = index
         self.chunk_size = chunk_size
+        self.context_size = context_size
         self.stats = BlobStats()
         self.replaced_existing = False
         self.desc = BlobDesc(blob_id="", chunk_size=chunk_size, compressor=Compressor.GZIP,
@@ -196,8 +207,8 @@ class ZranBlob:
             if cp.member == cur.cp.member:
                 comp = self.index.in_at(start) - cur.cp.in_pos
                 uncomp = start - cur.cp.out_pos
-                full = comp >= MAX_COMP // 2 or uncomp + self.chunk_size >= MAX_UNCOMP
-                gap = comp > 2 * cur.in_len and cur.in_len > MIN_COMP
+                full = comp >= self.context_size or uncomp + self.chunk_size >= MAX_UNCOMP
+                gap = comp > 2 * cur.in_len and cur.in_len > self.context_size
                 if not full and not gap:
                     return len(self._ctxs) - 1
         self._ctxs.append(_Context(cp, cp.out_pos, cp.in_pos))

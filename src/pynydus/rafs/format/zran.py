@@ -18,8 +18,13 @@ layer's inflate was. A context may run past the end of a gzip member (a layer of
 several members): the 8-byte trailer and the next member's header are skipped and
 inflating goes on with an empty window, as upstream's decoder does.
 
-Sans-I/O: the caller reads ``[in_offset, in_offset + in_len)`` of the layer and hands
-the bytes in.
+Sans-I/O: the caller reads the layer's bytes from ``in_offset`` on and hands them in.
+A chunk needs only a prefix of its context: inflating must run from the context's
+start, but no further than the chunk's last byte, which the layer's inflate had
+produced by the compressed offset the chunk's entry ends at (``compressed_offset +
+compressed_size``, upstream's entries and ours alike). :class:`ContextStream` inflates
+a context as its bytes arrive, so a reader fetches up to one chunk's end and, for the
+context's next chunk, only the bytes after that.
 
 **Framed chunk info.** The chunk-info buffer (entries, contexts, windows) is one zstd
 payload that upstream's nydusd reads whole (``ZSTD_decompress``, which decodes
@@ -170,6 +175,82 @@ def parse_framed_ci(index: bytes | memoryview, payload_size: int) -> FramedChunk
     return FramedChunkInfo(n, head_size, tuple(windows))
 
 
+class ZranInputShort(FormatError):
+    """The compressed bytes handed in end before the output asked for: the chunk record
+    understated where its data ends (the reader fetches the whole context instead)."""
+
+
+class ContextStream:
+    """One context inflated in order as its compressed bytes arrive: :meth:`feed` the
+    bytes from ``ctx.in_offset`` on, in pieces, and :meth:`take` the output up to a
+    position. A reader that keeps the stream after a chunk continues with the context's
+    next chunk from there: only the compressed bytes after :attr:`in_end` are needed.
+
+    Not thread-safe; :meth:`close` frees the inflater (about 40 KiB). Errors are
+    FormatError naming the context; :class:`ZranInputShort` when the input ends first
+    (the stream is then spent).
+    """
+
+    def __init__(self, ctx: ZranContext, window: bytes) -> None:
+        self.ctx = ctx
+        self.in_end = ctx.in_offset  # the compressed bytes fed end here
+        self.out_pos = 0  # output produced, from the context's start
+        self._where = f"zran context at {ctx.in_offset}"
+        self._z = Inflater(-15)
+        try:
+            if ctx.ctx_bits:
+                self._z.prime(ctx.ctx_bits, ctx.ctx_byte >> (8 - ctx.ctx_bits))
+            self._z.set_dictionary(window)
+        except FormatError as err:
+            self._z.close()
+            raise FormatError(f"{self._where}: {err}") from err
+
+    @property
+    def in_limit(self) -> int:
+        """Where the context's compressed bytes end."""
+        return self.ctx.in_offset + self.ctx.in_len
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """The next compressed bytes, from :attr:`in_end` on (not beyond the context)."""
+        if self.in_end + len(data) > self.in_limit:
+            raise FormatError(f"{self._where}: {len(data)} bytes at {self.in_end} go beyond "
+                              f"its {self.ctx.in_len}")
+        if data:
+            self._z.feed(self._z.unused_input() + bytes(data))
+            self.in_end += len(data)
+
+    def take(self, upto: int) -> bytes:
+        """The output from :attr:`out_pos` to ``upto`` (``<= ctx.out_len``)."""
+        if not self.out_pos <= upto <= self.ctx.out_len:
+            raise FormatError(f"{self._where}: output to {upto} wanted at {self.out_pos} of "
+                              f"{self.ctx.out_len}")
+        parts: list[bytes] = []
+        try:
+            while self.out_pos < upto:
+                out, rc = self._z.inflate(upto - self.out_pos)
+                parts.append(out)
+                self.out_pos += len(out)
+                if self.out_pos >= upto:
+                    break
+                if rc == Z_STREAM_END:
+                    _next_member(self._z, self._where)
+                elif not out:
+                    got, self.out_pos = self.out_pos, self.ctx.out_len + 1  # spent
+                    raise ZranInputShort(f"{self._where}: inflated {got} bytes, expected "
+                                         f"{upto}: input ends at {self.in_end}")
+        except ZranInputShort:
+            raise
+        except FormatError as err:
+            if str(err).startswith(self._where):
+                raise
+            raise FormatError(f"{self._where}: {err}") from err
+        self._z.feed(self._z.unused_input())  # keep only the input not consumed yet
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._z.close()
+
+
 def inflate_context(ctx: ZranContext, window: bytes, data: bytes | memoryview,
                     want: int | None = None) -> bytes:
     """The first ``want`` (default ``ctx.out_len``) bytes of context ``ctx``'s output,
@@ -177,37 +258,15 @@ def inflate_context(ctx: ZranContext, window: bytes, data: bytes | memoryview,
 
     FormatError if the bytes do not inflate to that much output.
     """
-    where = f"zran context at {ctx.in_offset}"
     if len(data) != ctx.in_len:
-        raise FormatError(f"{where}: got {len(data)} compressed bytes, expected {ctx.in_len}")
-    n = ctx.out_len if want is None else want
-    if not 0 <= n <= ctx.out_len:
-        raise FormatError(f"{where}: {n} bytes wanted of {ctx.out_len}")
-    z = Inflater(-15)
+        raise FormatError(f"zran context at {ctx.in_offset}: got {len(data)} compressed "
+                          f"bytes, expected {ctx.in_len}")
+    stream = ContextStream(ctx, window)
     try:
-        if ctx.ctx_bits:
-            z.prime(ctx.ctx_bits, ctx.ctx_byte >> (8 - ctx.ctx_bits))
-        z.set_dictionary(window)
-        z.feed(bytes(data))
-        parts: list[bytes] = []
-        got = 0
-        while got < n:
-            out, rc = z.inflate(n - got)
-            parts.append(out)
-            got += len(out)
-            if got >= n:
-                break
-            if rc == Z_STREAM_END:
-                _next_member(z, where)
-            elif not out:
-                raise FormatError(f"{where}: inflated {got} bytes, expected {n}: input ends")
-    except FormatError as err:
-        if str(err).startswith(where):
-            raise
-        raise FormatError(f"{where}: {err}") from err
+        stream.feed(data)
+        return stream.take(ctx.out_len if want is None else want)
     finally:
-        z.close()
-    return b"".join(parts)
+        stream.close()
 
 
 def _next_member(z: Inflater, where: str) -> None:
@@ -215,7 +274,7 @@ def _next_member(z: Inflater, where: str) -> None:
     header; leave ``z`` inflating raw deflate right after it (empty window)."""
     rest = z.unused_input()
     if len(rest) < 8:
-        raise FormatError(f"{where}: the input ends inside a gzip trailer")
+        raise ZranInputShort(f"{where}: the input ends inside a gzip trailer")
     z.reset(31)
     z.feed(rest[8:])
     while True:
@@ -225,5 +284,5 @@ def _next_member(z: Inflater, where: str) -> None:
         if z.data_type & DT_BLOCK_END:
             break
         if not z.avail_in:
-            raise FormatError(f"{where}: the input ends inside a gzip header")
+            raise ZranInputShort(f"{where}: the input ends inside a gzip header")
     z.reset(-15)

@@ -20,6 +20,10 @@ A ZRAN meta blob whose chunk info is framed (:mod:`pynydus.rafs.format.zran`) is
 in parts: its index, the entries and contexts, the header (two to four small reads), and a
 context's window when the context is first inflated: one ranged read of its frame and
 the frames after it (up to 256 KiB), which are kept for their contexts. Other chunk info is read whole, in one read.
+
+A ZRAN chunk needs its context only up to its own end (:meth:`SpanMap.compressed_end`);
+the inflate stream that decoded it is kept (:meth:`SpanMap.resume`, at most
+:data:`_KEEP_STREAMS` per blob), so the context's next chunk continues from there.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pynydus.rafs.format.blobmeta import (
     parse_blob_meta,
 )
 from pynydus.rafs.format.zran import (
+    ContextStream,
     FramedChunkInfo,
     ZranTable,
     framed_index_size,
@@ -83,8 +88,13 @@ def meta_blob_id(blob: BlobInfo) -> str:
     return blob.blob_id
 
 
+#: Inflate streams kept per ZRAN blob for their context's next chunk (~40 KiB each).
+_KEEP_STREAMS = 16
+
+
 class SpanMap:
-    """Which span holds each chunk of one ZRAN or batch blob. Thread-safe (read-only)."""
+    """Which span holds each chunk of one ZRAN or batch blob, and how to decode spans.
+    Thread-safe (a kept inflate stream belongs to one reader at a time)."""
 
     def __init__(self, blob: BlobInfo, meta: BlobMeta,
                  windows: Callable[[int], bytes] | None = None) -> None:
@@ -97,6 +107,8 @@ class SpanMap:
         self._batches: list[BatchContext] = []
         if blob.features & BlobFeatures.BATCH:
             self._batches = [c for c in meta.contexts() if isinstance(c, BatchContext)]
+        self._streams: OrderedDict[int, ContextStream] = OrderedDict()  # context -> stream
+        self._streams_lock = threading.Lock()
 
     def chunk_info(self, index: int) -> BlobChunkInfo:
         return self.meta.chunk(index)
@@ -127,6 +139,17 @@ class SpanMap:
                               f"{span.out_len} bytes")
         return span, inner
 
+    def compressed_end(self, index: int, span: Span) -> int:
+        """Where the compressed bytes chunk ``index`` of ``span`` needs end: for a ZRAN
+        chunk its entry's compressed end (by then the layer's inflate had produced the
+        chunk's last byte; upstream's entries and ours both say so), within the context;
+        else, or for an entry outside its context, the span's end."""
+        end = span.offset + span.size
+        if span.kind != ZRAN:
+            return end
+        c_end = self.meta.chunk(index).compressed_end
+        return c_end if span.offset < c_end <= end else end
+
     def members(self, span: Span) -> list[int]:
         """Indexes of every chunk ``span`` holds (the whole array is scanned once)."""
         with self._members_lock:
@@ -146,6 +169,57 @@ class SpanMap:
             assert self._zran is not None
             return inflate_context(self._zran.contexts[span.index],
                                    self._zran.window(span.index), raw, want)
+        return self._decode_batch(span, raw, want)
+
+    def resume(self, span: Span, out_from: int) -> ContextStream | None:
+        """The inflate stream a reader left in ZRAN context ``span``, if it stopped at or
+        before output ``out_from``, else None (and always for batch spans). The caller
+        owns it until it hands it to :meth:`decode_from`."""
+        if span.kind != ZRAN:
+            return None
+        with self._streams_lock:
+            stream = self._streams.get(span.index)
+            if stream is None or stream.out_pos > out_from:
+                return None
+            del self._streams[span.index]
+        return stream
+
+    def decode_from(self, span: Span, data: bytes | memoryview, want: int,
+                    stream: ContextStream | None = None) -> tuple[int, bytes]:
+        """``(first, output[first:want])`` of ``span``. ``data``: its compressed bytes from
+        ``stream.in_end`` on (a stream from :meth:`resume`; ``first`` is where it had
+        stopped) or from ``span.offset`` on (``first`` 0), as far as ``want`` needs
+        (batch spans: the whole span). The ZRAN stream is kept for the context's next
+        chunk. ZranInputShort when ``data`` ends before ``want`` bytes of output."""
+        if span.kind != ZRAN:
+            return 0, self._decode_batch(span, data, want)
+        assert self._zran is not None
+        if stream is None:
+            stream = ContextStream(self._zran.contexts[span.index],
+                                   self._zran.window(span.index))
+        first = stream.out_pos
+        try:
+            stream.feed(data)
+            out = stream.take(want)
+        except BaseException:
+            stream.close()
+            raise
+        self._keep(span.index, stream)
+        return first, out
+
+    def _keep(self, index: int, stream: ContextStream) -> None:
+        if stream.out_pos >= stream.ctx.out_len:
+            stream.close()
+            return
+        with self._streams_lock:
+            done = [s for s in (self._streams.pop(index, None),) if s is not None]
+            self._streams[index] = stream
+            while len(self._streams) > _KEEP_STREAMS:
+                done.append(self._streams.popitem(last=False)[1])
+        for s in done:
+            s.close()
+
+    def _decode_batch(self, span: Span, raw: bytes | memoryview, want: int | None) -> bytes:
         algo = self.blob.compressor if span.size != span.out_len else Compressor.NONE
         try:
             out = decompress(raw, algo, span.out_len)

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from pynydus.errors import FormatError, InvalidArgument
-from pynydus.rafs.builder import build
+from pynydus.rafs.builder import ZRAN_CONTEXT_SIZE, build
 from pynydus.rafs.builder.zranblob import (
+    UPSTREAM_CONTEXT_SIZE,
     ZRAN_FEATURES_INLINE,
     ZRAN_FEATURES_SEPARATE,
     sparse_window,
@@ -202,8 +203,32 @@ def test_separate_build_reads_back_and_names_the_layer(tmp_path: Path, tar_bytes
         ctx = table.contexts[ci.data >> 32]
         assert (ci.data & 0xFFFF_FFFF) + ci.uncompressed_size <= ctx.out_len
         assert ctx.in_offset + ctx.in_len <= len(layer)
-    # About one context per MiB of tar (upstream's sizes), windows 32 KiB.
-    assert len(table.contexts) <= len(tar_bytes) // (1 << 20) + 3
+    # A context spans the default context size of the layer at least (or a 1 MiB chunk).
+    assert len(table.contexts) <= len(layer) // ZRAN_CONTEXT_SIZE + 3
+
+
+def test_context_size_is_chosen_at_build_time(tmp_path: Path) -> None:
+    """Upstream's spacing (512 KiB of the layer) makes about a context per MiB of tar;
+    ours, smaller, more of them; both read back. (Many small files: a chunk of 1 MiB
+    starts a context of its own under either.)"""
+    tar_bytes = _tar([(f"f{i:03d}", random.Random(i).randbytes(10_000) + _text(10_000, i))
+                      for i in range(200)])
+    layer = _gz(tar_bytes)
+    counts = {}
+    for size in (UPSTREAM_CONTEXT_SIZE, ZRAN_CONTEXT_SIZE):
+        work = tmp_path / str(size)
+        work.mkdir()
+        (work / "l.tar.gz").write_bytes(layer)
+        build(work / "l.tar.gz", work / "boot", work / "blobs", type="targz-ref",
+              zran_context_size=size)
+        shutil.copyfile(work / "l.tar.gz", work / "blobs" / hashlib.sha256(layer).hexdigest())
+        check_image(work / "boot", work / "blobs")
+        counts[size] = len(_contexts(work / "boot", work / "blobs")[0].contexts)
+    assert counts[UPSTREAM_CONTEXT_SIZE] <= len(tar_bytes) // (1 << 20) + 3
+    assert counts[ZRAN_CONTEXT_SIZE] > counts[UPSTREAM_CONTEXT_SIZE]
+    with pytest.raises(InvalidArgument):
+        build(work / "l.tar.gz", work / "b2", work / "x", type="targz-ref",
+              zran_context_size=100)
 
 
 def test_build_is_deterministic(tmp_path: Path, tar_bytes: bytes) -> None:
