@@ -3,7 +3,8 @@
 Contract (``fill_page_cache``, default true, our own FUSE session): after a read that
 had to wait for the backend, the rest of the chunks it fetched is pushed into the
 kernel's page cache (FUSE_NOTIFY_STORE), byte-identical to the image, so later reads of
-them never reach the daemon; with the key false only what was read is cached.
+them never reach the daemon; with the key false only what was read is cached. The
+kernel reads ahead ``READAHEAD_KB`` on the mount (not the 128 KiB INIT leaves).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pynydus.daemon.daemon import READAHEAD_KB
+from pynydus.host.mountinfo import read_mountinfo
+from tests.harness.util import wait_until
 
 from .conftest import Image, StartFn, localfs_config
 from .trees import CHUNK
@@ -89,3 +94,15 @@ def test_a_miss_puts_its_whole_chunk_in_the_page_cache(full_image: Image, start_
     # what the kernel holds is the image's bytes
     with open(path, "rb") as f:
         assert f.read() == src
+
+
+def test_the_mount_reads_ahead_as_far_as_the_daemon_sets(full_image: Image, start_daemon: StartFn,
+                                                          workdir: Path) -> None:
+    # the kernel resets the window to what INIT negotiated (128 KiB) when it applies the
+    # INIT reply: the daemon raises it after that, once
+    d = start_daemon(bootstrap=full_image.bootstrap,
+                     config=localfs_config(full_image.blob_dir, workdir / "cache"))
+    entry = next(e for e in reversed(read_mountinfo()) if e.mountpoint == str(d.mountpoint))
+    knob = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+    wait_until(lambda: int(knob.read_text()) == READAHEAD_KB, 30,
+               f"{knob} at {READAHEAD_KB} (is {knob.read_text().strip()})")
