@@ -97,29 +97,16 @@ def make_backend(cfg: BackendConfig, defer: bool = False) -> Backend:
     raise NotImplementedFeature(f"backend type {cfg.type!r} is not supported")
 
 
-def _warm_imports(client: bool = True) -> None:
-    """Import the registry client (httpx) off the start-up path. It is first needed
-    at a chunk miss; a shared daemon starts long before its first API mount, whose
-    first read then no longer waits 0.1-0.5 s for the import (bench/lazy_pull.py
-    --profile). A spare imports here what a takeover's restore needs, so that the
-    takeover does not import it while readers wait. With ``client`` (a daemon that may
-    serve from a registry: not one whose config names another backend), also what the
-    first client would make: httpcore (with trio and anyio; httpx imports it only when a
-    client is made: 0.5 s under load) and the shared TLS context (the CA bundle: 0.1 s),
-    which were still on the first image's first miss; 6.6 MB of RSS the first client
-    would add anyway."""
-    try:
-        import pynydus.daemon.registry_backend
-        import pynydus.registry.client  # noqa: F401
-
-        if client:
-            import httpcore  # noqa: F401
-
-            from pynydus.registry.transport import shared_ssl_context
-
-            shared_ssl_context(True)
-    except Exception:  # the real import at first use reports it
-        log.debug("warming the registry client import failed", exc_info=True)
+def import_registry_client() -> None:
+    """Import the registry client and what its first client imports (httpcore, which
+    httpx imports only when a client is made), in the calling thread. Run by a daemon
+    that may serve from a registry before it starts any thread: imported later, on the
+    thread that builds the first client, it took 0.5-0.9 s under load while another
+    thread waiting on a module being imported (the import lock of that module) or on
+    the GIL stalled (the first chunk miss, a takeover's restore). A daemon whose config
+    names another backend never imports it (~16 MB of RSS, httpx and ssl)."""
+    import pynydus.daemon.registry_backend
+    import pynydus.registry.client  # noqa: F401
 
 
 # Seconds a successor waits before building its images' registry clients (see _restore).
@@ -329,9 +316,9 @@ class Daemon:
     def run(self) -> int:
         """Mount, serve until told to stop, unmount. Returns the exit code."""
         cfg = self.opts.config
-        client = cfg is None or cfg.backend.type == "registry"
-        threading.Thread(target=_warm_imports, args=(client,), name="warm-imports",
-                         daemon=True).start()
+        # a shared daemon (no config) and a successor may be handed registry images
+        if cfg is None or cfg.backend.type == "registry" or self.opts.upgrade:
+            import_registry_client()
         if self.opts.upgrade:
             return self._run_successor()
         mp = os.path.abspath(self.opts.mountpoint)

@@ -53,7 +53,7 @@ from pynydus.manager.manager import (
 )
 from pynydus.manager.prefetchlookup import PrefetchListLookup
 from pynydus.manager.prefetchrecord import ListRecorder
-from pynydus.manager.registryaccess import build_keychain, check_access, warm_up
+from pynydus.manager.registryaccess import build_keychain, check_access
 from pynydus.manager.renewal import CredentialRenewal
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.manager.supervisor import Supervisor
@@ -240,8 +240,6 @@ class NydusFilesystem:
 
     def start(self) -> None:
         """Reconnect to daemons that survived a restart, restart the ones that did not."""
-        # a one-shot, bounded task: the first pull would otherwise wait for it
-        threading.Thread(target=warm_up, name="warm-client", daemon=True).start()
         live, dead = self.manager.recover()
         if self.forker is not None:
             self.forker.start()  # adopted, or importing while the rest starts

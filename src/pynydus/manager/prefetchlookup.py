@@ -25,8 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from pynydus import labels as L
 from pynydus.daemon import prefetchlist
+from pynydus.daemon.config import parse_daemon_config
 from pynydus.daemon.prefetchlist import PrefetchList
+from pynydus.daemon.registry_backend import client_from_config
 from pynydus.errors import NydusError, Unavailable
+from pynydus.registry import media
+from pynydus.registry.artifact import ReferrersFinder, Subject, fetch_artifact, push_artifact
+from pynydus.registry.reference import parse_reference
 
 if TYPE_CHECKING:
     from pynydus.daemon.config import RegistryConfig
@@ -35,26 +40,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The registry client is imported with this module, before the snapshotter starts its
+# threads: imported by a first lookup's thread, it held the pull's next Prepare for
+# 0.5-0.9 s (that Prepare waited on a module the lookup was importing).
+
 # A lookup started at a pull's first Prepare is taken by its mount for this long (a pull
 # of a large bootstrap over a slow link takes a while); later mounts look up again.
 _EARLY_KEEP = 60.0
-
-
-def _warm_imports() -> None:
-    try:
-        import pynydus.daemon.registry_backend
-        import pynydus.registry.artifact
-        import pynydus.registry.client  # noqa: F401
-    except Exception:
-        log.debug("warming the registry client imports failed", exc_info=True)
 
 
 class PrefetchListLookup:
     """Looks up images' prefetch lists, each on a thread of its own."""
 
     def __init__(self) -> None:
-        from pynydus.registry.artifact import ReferrersFinder
-
         self.finder = ReferrersFinder()
         self._lists: dict[str, PrefetchList] = {}  # artifact digest -> list
         # one client per registry and credentials: building one (an SSL context, a
@@ -64,9 +62,6 @@ class PrefetchListLookup:
         # lookups under way or done, by (image, manifest digest label): (start, future)
         self._started: dict[tuple[str, str], tuple[float, Future[PrefetchList | None]]] = {}
         self._closed = False
-        # the registry client's imports (httpx, ssl) cost a first lookup ~0.3 s: take
-        # them now, off every mount's way
-        threading.Thread(target=_warm_imports, name="prefetch-list-warm", daemon=True).start()
 
     def close(self) -> None:
         """Lookups under way end quietly (their threads are daemon threads: a registry
@@ -78,8 +73,6 @@ class PrefetchListLookup:
             c.close()
 
     def _client(self, reg: RegistryConfig) -> RegistryClient:
-        from pynydus.daemon.registry_backend import client_from_config
-
         key = (reg.host, reg.scheme, reg.auth, reg.registry_token, str(reg.skip_verify),
                ",".join(m.host for m in reg.mirrors))
         with self._lock:
@@ -173,9 +166,6 @@ class PrefetchListLookup:
                   ) -> tuple[RegistryConfig, Reference, RegistryClient] | None:
         """The registry config of an image's daemon config, its reference and a client
         (None: the image is not served from a registry)."""
-        from pynydus.daemon.config import parse_daemon_config
-        from pynydus.registry.reference import parse_reference
-
         cfg, _ = parse_daemon_config(json.dumps(daemon_cfg), what)
         if cfg.backend.type != "registry":
             return None
@@ -185,8 +175,6 @@ class PrefetchListLookup:
     def lookup(self, image_ref: str, labels: Mapping[str, str],
                daemon_cfg: Mapping[str, Any]) -> PrefetchList | None:
         """The newest prefetch list referring to ``image_ref``'s manifest, or None."""
-        from pynydus.registry.artifact import fetch_artifact
-
         at = self._registry(image_ref, daemon_cfg, "prefetch list lookup")
         if at is None:
             return None
@@ -222,9 +210,6 @@ class PrefetchListLookup:
         as ``pynydus optimize --push`` does) with the registry and credentials of its
         daemon config, unless a list refers to the manifest already (another node's);
         the artifact's digest, or None."""
-        from pynydus.registry import media
-        from pynydus.registry.artifact import ReferrersFinder, Subject, push_artifact
-
         at = self._registry(image_ref, daemon_cfg, "prefetch list push")
         if at is None:
             return None

@@ -20,6 +20,8 @@ from typing import Any
 
 from pynydus import labels as L
 from pynydus.config import SnapshotterConfig
+from pynydus.daemon.config import parse_daemon_config
+from pynydus.daemon.registry_backend import client_from_config
 from pynydus.errors import NydusError, PermissionDenied, q
 from pynydus.registry.errors import Unauthorized
 from pynydus.registry.keychain import (
@@ -79,24 +81,6 @@ def build_keychain(cfg: SnapshotterConfig, *, cri: Source | None = None,
     return Keychain(sources)
 
 
-def warm_up() -> None:
-    """Import and build what the first registry client of the process needs (the
-    pull's prefetch-list lookup, the mount's ``check_access``): httpcore, which httpx
-    imports only when a client is made (with trio and anyio: 0.5 s under load, more from
-    a cold disk), and the shared TLS context (the CA bundle: 0.05-0.15 s), built even
-    for a plain-HTTP registry. Run at start-up: done during a pull, it held the pull's
-    next Prepare for 0.5-0.9 s (bench/lazy_pull.py logs). Costs 6.6 MB of RSS that the
-    first Nydus image would add anyway."""
-    try:
-        import httpcore  # noqa: F401
-
-        from pynydus.registry.transport import shared_ssl_context
-
-        shared_ssl_context(True)
-    except Exception:  # the first client builds them again and reports
-        log.debug("warming the registry client failed", exc_info=True)
-
-
 def check_access(image_ref: str, daemon_cfg: Mapping[str, Any], labels: Mapping[str, str],
                  lookup: Lookup, what: str) -> None:
     """Raise PermissionDenied naming the credential source (or the lack of one) when the
@@ -106,9 +90,6 @@ def check_access(image_ref: str, daemon_cfg: Mapping[str, Any], labels: Mapping[
     layer = labels.get(L.CRI_LAYER_DIGEST, "")
     if backend.get("type") != "registry" or not layer.startswith("sha256:"):
         return
-    from pynydus.daemon.config import parse_daemon_config
-    from pynydus.daemon.registry_backend import client_from_config
-
     ref = parse_reference(image_ref)
     try:
         parsed, _ = parse_daemon_config(json.dumps(daemon_cfg), f"daemon config of {what}")

@@ -6,6 +6,7 @@ Sync API on httpx; safe to share one :class:`RegistryClient` across threads.
 
 from __future__ import annotations
 
+from . import _http  # noqa: F401 - first: httpx and httpcore as this package uses them
 from .auth import (
     Challenge,
     Credentials,

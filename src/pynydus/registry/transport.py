@@ -55,6 +55,7 @@ from .renewal import TokenRenewer
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+
 USER_AGENT = "pynydus-registry/0.1"
 CLIENT_ID = "pynydus-registry-client"
 MAX_REDIRECTS = 5
