@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import enum
 import json
 import re
@@ -270,6 +269,8 @@ def suggest(root: type[Any], cls: type[Any], name: str) -> str:
     elsewhere = [k for k in all_leaves(root) if k.rsplit(".", 1)[-1] == name]
     if elsewhere:
         return f' (did you mean "{elsewhere[0]}"?)'
+    import difflib  # only for a config with an unknown key
+
     close = difflib.get_close_matches(name, list(_schema(cls)), n=1, cutoff=0.7)
     return f' (did you mean "{close[0]}"?)' if close else ""
 

@@ -31,19 +31,18 @@ while a dump is pending make one dump.
 
 from __future__ import annotations
 
-import datetime
-import gzip
 import logging
-import logging.handlers
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import datetime
 
 __all__ = ["LEVELS", "NYDUSD_LEVELS", "RotatingLog", "dump_stacks_on", "level_of",
            "nydusd_level", "thread_stacks"]
@@ -84,12 +83,15 @@ _STAMP_FORMAT: Final = "%Y-%m-%dT%H-%M-%S"
 _STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d)\.(\d{3})")
 
 
-class RotatingLog(logging.handlers.BaseRotatingHandler):
+class RotatingLog(logging.FileHandler):
     """A log file rotated by size, with timestamped, optionally gzipped, bounded backups.
 
     ``max_bytes`` 0 never rotates. Thread-safe as any logging handler; ``close()`` waits
     for compression and clean-up that are under way. ``background`` False: no thread, the
-    clean-up runs in the logging call that rotates.
+    clean-up runs in the logging call that rotates. A FileHandler, not a
+    ``logging.handlers`` one: every pynydusd opens its log with this class, and that
+    module (with pickle, for its socket handlers) is 0.6 MB of a daemon's RSS; datetime,
+    gzip and shutil are imported when a backup is named, read or compressed.
     """
 
     def __init__(self, filename: str, *, max_bytes: int, max_backups: int = 0,
@@ -109,7 +111,15 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
         if (compress or max_backups > 0 or max_age_days > 0) and self.backups():
             self._start_mill()
 
-    # --- rotation (called by BaseRotatingHandler.emit under the handler's lock) -----------
+    # --- rotation (emit runs under the handler's lock) -------------------------------------
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self.shouldRollover(record):
+                self.doRollover()
+            super().emit(record)
+        except Exception:  # noqa: BLE001 - logging's contract: report, never raise
+            self.handleError(record)
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:
         if self.max_bytes <= 0 or self.stream is None:
@@ -127,6 +137,8 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
         self._start_mill()
 
     def _now(self) -> datetime.datetime:
+        import datetime
+
         if self.local_time:
             return datetime.datetime.now()
         return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
@@ -148,6 +160,8 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
         """(timestamp, path) of this log's backups, newest first."""
         directory = os.path.dirname(self.baseFilename) or "."
         stem, ext = os.path.splitext(os.path.basename(self.baseFilename))
+        import datetime
+
         found = []
         for name in os.listdir(directory):
             if not name.startswith(stem + "-"):
@@ -191,6 +205,10 @@ class RotatingLog(logging.handlers.BaseRotatingHandler):
 
     def mill(self) -> None:
         """Apply compress, max_backups and max_age_days to the backups now on disk."""
+        import datetime
+        import gzip
+        import shutil
+
         backups = self.backups()
         doomed: set[str] = set()
         if self.max_backups > 0:

@@ -119,7 +119,8 @@ class Pynydusd(Service):
     def __init__(self, workdir: Path, *, name: str = "pynydusd", mountpoint: Path | None = None,
                  bootstrap: Path | str | None = None, config: dict[str, Any] | None = None,
                  config_text: str | None = None, extra_args: tuple[str, ...] = (),
-                 log_level: str = "info", apisock: Path | None = None) -> None:
+                 log_level: str = "info", apisock: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.name = name
         self.mountpoint = mountpoint or workdir / f"{name}.mnt"
@@ -138,7 +139,7 @@ class Pynydusd(Service):
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         argv += list(extra_args)
-        self.proc = Proc(name, argv, workdir, self.log)
+        self.proc = Proc(name, argv, workdir, self.log, env=env)
         self.started_at = 0.0
         self.ready_seconds = 0.0
 

@@ -45,7 +45,6 @@ from pynydus.daemon.chunkmap import ChunkMap
 from pynydus.daemon.metrics import CacheStats
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
 from pynydus.rafs.format import Compressor, decode_chunk
-from pynydus.rafs.format.zran import ZranInputShort
 from pynydus.rafs.read import BlobInfo
 from pynydus.rafs.read.spans import Span
 
@@ -590,6 +589,8 @@ class BlobCache:
                 need[c.span] = (max(c_end, c.c_off + c.c_size),
                                 max(want, c.span_offset + c.u_size))
         out: dict[Span, tuple[int, bytes]] = {}
+        if need:  # the ZRAN code (ctypes' libz) loads with a blob that has spans
+            from pynydus.rafs.format.zran import ZranInputShort
         for span, (c_end, want) in need.items():
             stream = streams.pop(span, None)
             begin = span.offset if stream is None else stream.in_end

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -432,6 +431,8 @@ def parse_daemon_config(text: str, origin: str = "config") -> tuple[NydusdConfig
     try:
         data = json.loads(text)
     except json.JSONDecodeError as jerr:
+        import tomllib  # (with datetime) only for a TOML config
+
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError:

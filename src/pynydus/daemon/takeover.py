@@ -20,7 +20,6 @@ state + fd; ``K`` acknowledgement; ``E`` error (text).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -33,6 +32,15 @@ FORMAT = b"PYNYDUSD-STATE"
 VERSION = 1
 _MAX_FRAME = 64 << 20
 _FRAME = struct.Struct(">cI")
+
+
+def _checksum(payload: bytes) -> bytes:
+    """The state's sha256, in hex. hashlib is imported here, when a daemon with a
+    supervisor first sends its state: it loads libcrypto (3.7 MB), which a daemon
+    without failover never needs."""
+    import hashlib
+
+    return hashlib.sha256(payload).hexdigest().encode()
 
 
 class StateError(ValueError):
@@ -67,8 +75,7 @@ class DaemonState:
             "failover_policy": self.failover_policy,
             "mounts": [m.__dict__ for m in self.mounts],
         }, sort_keys=True).encode()
-        digest = hashlib.sha256(payload).hexdigest().encode()
-        return FORMAT + b"/%d " % VERSION + digest + b"\n" + payload
+        return FORMAT + b"/%d " % VERSION + _checksum(payload) + b"\n" + payload
 
     @classmethod
     def decode(cls, blob: bytes) -> DaemonState:
@@ -84,7 +91,7 @@ class DaemonState:
         if version != VERSION:
             raise StateError(f"state version {version} is not {VERSION} (a daemon of another "
                              f"release wrote it)")
-        if hashlib.sha256(payload).hexdigest().encode() != digest:
+        if _checksum(payload) != digest:
             raise StateError(f"state checksum mismatch ({len(payload)} bytes of payload): "
                              f"the blob is corrupt or truncated")
         try:

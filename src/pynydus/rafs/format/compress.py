@@ -17,8 +17,6 @@ raw chunks.
 from __future__ import annotations
 
 import functools
-import gzip
-import hashlib
 import threading
 import types
 import zlib
@@ -65,9 +63,22 @@ _ZSTD_LEVEL = 3
 
 
 class _Libraries:
-    """The codec libraries, each imported when first used: the snapshotter imports this
-    package for the bootstrap magics and never compresses or hashes a chunk (blake3,
-    lz4 and zstandard are ~3 MB of its resident memory)."""
+    """The codec and digest libraries, each imported when first used: the snapshotter
+    imports this package for the bootstrap magics and never compresses or hashes a chunk
+    (blake3, lz4 and zstandard are ~3 MB of its resident memory), and a daemon needs only
+    its images' codec (hashlib loads libcrypto: 3.7 MB of a localfs daemon's)."""
+
+    @functools.cached_property
+    def hashlib(self) -> types.ModuleType:
+        import hashlib
+
+        return hashlib
+
+    @functools.cached_property
+    def gzip(self) -> types.ModuleType:
+        import gzip
+
+        return gzip
 
     @functools.cached_property
     def blake3(self) -> types.ModuleType:
@@ -152,7 +163,7 @@ def compress(data: _Data, algo: Compressor) -> tuple[bytes | _Data, bool]:
     elif algo == Compressor.ZSTD:
         out = _zstd_compressor().compress(data)
     elif algo == Compressor.GZIP:
-        out = gzip.compress(data, compresslevel=6, mtime=0)
+        out = _lib.gzip.compress(data, compresslevel=6, mtime=0)
     else:  # pragma: no cover - enum is closed
         raise InvalidArgument(f"unsupported compressor {algo!r}")
     if len(out) >= len(data):
@@ -250,14 +261,14 @@ def new_hasher(algo: Digester) -> _Hasher:
     """A fresh incremental hasher for ``algo`` (``update``/``digest``)."""
     if algo == Digester.BLAKE3:
         return _lib.blake3.blake3()
-    return hashlib.sha256()
+    return _lib.hashlib.sha256()
 
 
 def digest(data: bytes | memoryview, algo: Digester) -> bytes:
     """The 32-byte chunk digest of uncompressed ``data``."""
     if algo == Digester.BLAKE3:
         return _lib.blake3.blake3(data).digest()
-    return hashlib.sha256(data).digest()
+    return _lib.hashlib.sha256(data).digest()
 
 
 def decode_chunk(

@@ -16,11 +16,10 @@ steps; :func:`pynydus.rafs.read.open.open_bootstrap` applies them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from pynydus.errors import FormatError
-from pynydus.rafs.format import BlobFeatures, Compressor, decompress
+from pynydus.rafs.format import BlobFeatures, Compressor, Digester, decompress, digest
 from pynydus.rafs.format.blobmeta import (
     TAR_BLOCK_SIZE,
     TOC_ENTRY_BLOB_TOC,
@@ -75,7 +74,7 @@ def extract_bootstrap(buf: Buffer) -> bytes | None:
             raw = bytes(buf[e.compressed_offset:e.compressed_offset + e.compressed_size])
             boot = decompress(raw, codec, e.uncompressed_size)
             if e.uncompressed_digest != bytes(32) \
-                    and hashlib.sha256(boot).digest() != e.uncompressed_digest:
+                    and digest(boot, Digester.SHA256) != e.uncompressed_digest:
                 raise format_error("blob TOC image.boot digest", 0,
                                    "the bootstrap does not hash to its TOC digest")
             return boot

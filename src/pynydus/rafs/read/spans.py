@@ -32,6 +32,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynydus.errors import FormatError
 from pynydus.rafs.format import BlobFeatures, Compressor, decompress
@@ -47,15 +48,10 @@ from pynydus.rafs.format.blobmeta import (
     meta_from_parts,
     parse_blob_meta,
 )
-from pynydus.rafs.format.zran import (
-    ContextStream,
-    FramedChunkInfo,
-    ZranTable,
-    framed_index_size,
-    inflate_context,
-    parse_framed_ci,
-)
 from pynydus.rafs.read.bootstrap import BlobInfo
+
+if TYPE_CHECKING:
+    from pynydus.rafs.format.zran import ContextStream, FramedChunkInfo, ZranTable
 
 #: ``read_range(blob_id, offset, length) -> bytes``: exactly ``length`` bytes, or raise.
 ReadRange = Callable[[str, int, int], bytes]
@@ -100,8 +96,12 @@ class SpanMap:
                  windows: Callable[[int], bytes] | None = None) -> None:
         self.blob = blob
         self.meta = meta
-        self._zran = (ZranTable.from_meta(meta, windows) if blob.features & BlobFeatures.ZRAN
-                      else None)
+        self._zran: ZranTable | None = None
+        if blob.features & BlobFeatures.ZRAN:
+            # the ZRAN code (and libz through ctypes) loads with the first ZRAN blob
+            from pynydus.rafs.format.zran import ZranTable
+
+            self._zran = ZranTable.from_meta(meta, windows)
         self._members: dict[tuple[str, int], list[int]] | None = None
         self._members_lock = threading.Lock()
         self._batches: list[BatchContext] = []
@@ -166,6 +166,8 @@ class SpanMap:
         """The output of ``span`` (its first ``want`` bytes if given) from its
         ``span.size`` compressed bytes."""
         if span.kind == ZRAN:
+            from pynydus.rafs.format.zran import inflate_context
+
             assert self._zran is not None
             return inflate_context(self._zran.contexts[span.index],
                                    self._zran.window(span.index), raw, want)
@@ -195,6 +197,8 @@ class SpanMap:
             return 0, self._decode_batch(span, data, want)
         assert self._zran is not None
         if stream is None:
+            from pynydus.rafs.format.zran import ContextStream
+
             stream = ContextStream(self._zran.contexts[span.index],
                                    self._zran.window(span.index))
         first = stream.out_pos
@@ -249,6 +253,8 @@ def load_span_map(blob: BlobInfo, read_range: ReadRange) -> SpanMap:
     whole = c_size + BLOB_CCT_HEADER_SIZE
     if not (blob.features & BlobFeatures.ZRAN and blob.ci_compressor == Compressor.ZSTD):
         return SpanMap(blob, parse_blob_meta(read_range(meta_id, blob.ci_offset, whole), blob))
+    from pynydus.rafs.format.zran import framed_index_size, parse_framed_ci
+
     first = read_range(meta_id, blob.ci_offset, min(c_size, _PROBE))
     n = framed_index_size(first)
     if n is None:
