@@ -38,13 +38,12 @@ import queue
 import struct
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pynydus.errors import InvalidArgument
+from pynydus.host.cpus import usable_cpus
 from pynydus.host.writeback import start_writeback
-from pynydus.rafs.decoder import usable_cpus
 from pynydus.rafs.format import (
     BlobFeatures,
     Compressor,
@@ -64,6 +63,9 @@ from pynydus.rafs.format.blobmeta import (
     pack_chunk_info_v1,
 )
 from pynydus.rafs.source import DataReader, Entry
+
+if TYPE_CHECKING:  # the pool's module (and logging) load only when a pool is made
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 __all__ = [
     "BLOB_FEATURES_DEFAULT",
@@ -397,6 +399,8 @@ class BlobWriter:
         # Worth a thread hand-off only when there is a codec to run and a second CPU
         # to run it on; digesting alone (blake3: GB/s) is cheaper than the hand-off.
         if self._executor is None and self._cpus > 1 and self.compressor != Compressor.NONE:
+            from concurrent.futures import ThreadPoolExecutor
+
             workers = min(4, self._cpus)
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="chunker")
         return self._executor

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, cast
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
 from pynydus.rafs.builder.blobwriter import (
@@ -31,19 +31,6 @@ from pynydus.rafs.builder.blobwriter import (
     ChunkDesc,
     ChunkDict,
 )
-from pynydus.rafs.builder.load import (
-    LoadedImage,
-    chunk_dict_from_bootstrap,
-    chunk_dict_from_tree,
-    load_bootstrap,
-)
-from pynydus.rafs.builder.overlay import (
-    layer_of_tree,
-    merged_of_tree,
-    overlay_layer,
-    tree_of_merged,
-)
-from pynydus.rafs.builder.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
 from pynydus.rafs.builder.tree import Tree, iter_nodes
 from pynydus.rafs.builder.v6writer import (
     BootstrapInfo,
@@ -51,16 +38,6 @@ from pynydus.rafs.builder.v6writer import (
     atomic_write,
     write_bootstrap,
 )
-from pynydus.rafs.builder.zranblob import (
-    DEFAULT_CONTEXT_SIZE,
-    ZRAN_FEATURES_INLINE,
-    ZRAN_FEATURES_LEAN,
-    MetaBlob,
-    ZranBlob,
-    inline_meta,
-    separate_meta,
-)
-from pynydus.rafs.decoder.gzindex import GzipIndexer
 from pynydus.rafs.format import (
     BlobFeatures,
     Compressor,
@@ -68,16 +45,21 @@ from pynydus.rafs.format import (
     parse_compressor,
     parse_digester,
 )
-from pynydus.rafs.format.blobmeta import TAR_BLOCK_SIZE as TAR_BLOCK
 from pynydus.rafs.format.tarsparse import DEFAULT_MAX_SPARSE_SIZE
 from pynydus.rafs.source import (
     DataReader,
     DirSource,
     Entry,
     EntryType,
-    TarSource,
     normalize_path,
 )
+
+# A directory build imports only what it runs: tar sources (tarfile, the layer
+# decoders), tarfs, ZRAN and the bootstrap reader (parent images, chunk dicts) load
+# in the functions that use them.
+if TYPE_CHECKING:
+    from pynydus.rafs.builder.load import LoadedImage
+    from pynydus.rafs.builder.tarfsblob import TarfsBlob
 
 __all__ = ["BlobReport", "BuildProgress", "BuildResult", "SourceType", "build", "build_tree"]
 
@@ -175,6 +157,8 @@ def _source_for(
     if type == "dir-rafs":
         return DirSource(source, first=first)
     if type in ("tar-rafs", "targz-rafs"):
+        from pynydus.rafs.source.tarsource import TarSource
+
         return TarSource(source, max_sparse_size=max_sparse_size)
     raise InvalidArgument(
         f"unknown source type {type!r}: expected dir-rafs, tar-rafs, targz-rafs or tar-tarfs"
@@ -255,7 +239,7 @@ def build(
     expect_tar_sha256: str | None = None,
     blob_inline_meta: bool = False,
     lean_meta: bool = False,
-    zran_context_size: int = DEFAULT_CONTEXT_SIZE,
+    zran_context_size: int | None = None,
 ) -> BuildResult:
     """Build a RAFS v6 image from ``source`` into ``bootstrap_out`` + one blob in ``blob_dir``.
 
@@ -288,7 +272,7 @@ def build(
     layer's bootstrap and the chunk digests out of a meta blob that has chunk info:
     the merged bootstrap holds both (what ``convert --oci-ref`` pushes by default).
     ``zran_context_size``: compressed bytes an inflate context spans before the next
-    chunk starts another (:mod:`.zranblob`).
+    chunk starts another (:mod:`.zranblob`; None: its ``DEFAULT_CONTEXT_SIZE``).
 
     ``progress`` is called with a :class:`BuildProgress` every ``progress_interval``
     seconds while data is read, and once per later phase (on the calling thread).
@@ -340,6 +324,8 @@ def build(
     dict_map = _load_chunk_dict(chunk_dict)
     parent: LoadedImage | None = None
     if parent_bootstrap is not None:
+        from pynydus.rafs.builder.load import chunk_dict_from_tree, load_bootstrap
+
         parent = load_bootstrap(parent_bootstrap)
         if parent.chunk_size != chunk_size or parent.digester != dig:
             raise InvalidArgument(
@@ -353,7 +339,11 @@ def build(
     # Prefetch files lead a directory build's blob (a tar stream has its own order).
     prefetch = tuple(normalize_path(os.fsencode(p)) for p in (prefetch_files or ()))
     tree = Tree(whiteout_spec)
+    block_size = 4096
     if tarfs:
+        from pynydus.rafs.builder.tarfsblob import TARFS_BLOCK_SIZE, TarfsBlob
+
+        block_size = TARFS_BLOCK_SIZE
         data = _write_tarfs_blob(source, TarfsBlob(blob_dir, chunk_size, blob_id=blob_id,
                                                    expect_sha256=expect_tar_sha256),
                                  tree, ticker)
@@ -383,7 +373,7 @@ def build(
                 digester=dig,
                 compact_inodes=compact_inodes,
                 prefetch=prefetch,
-                block_size=TARFS_BLOCK_SIZE if tarfs else 4096,
+                block_size=block_size,
                 tarfs=tarfs,
             ),
         )
@@ -398,14 +388,28 @@ def build(
 def _build_zran(
     source: Any, bootstrap_out: str | os.PathLike[str], blob_dir: str | os.PathLike[str],
     chunk_size: int, prefetch: tuple[bytes, ...], inline: bool, lean: bool,
-    context_size: int, ticker: _Ticker, t0: float,
+    context_size: int | None, ticker: _Ticker, t0: float,
 ) -> BuildResult:
     """A targz-ref build (see :func:`build`): one pass over the gzip layer."""
+    from pynydus.rafs.builder.zranblob import (
+        DEFAULT_CONTEXT_SIZE,
+        ZRAN_FEATURES_INLINE,
+        ZRAN_FEATURES_LEAN,
+        MetaBlob,
+        ZranBlob,
+        inline_meta,
+        separate_meta,
+    )
+    from pynydus.rafs.decoder.gzindex import GzipIndexer
+    from pynydus.rafs.format.blobmeta import TAR_BLOCK_SIZE as TAR_BLOCK
+    from pynydus.rafs.source.tarsource import TarSource
+
     with contextlib.ExitStack() as stack:
         f: BinaryIO = stack.enter_context(open(source, "rb")) \
             if isinstance(source, (str, os.PathLike)) else source
         index = GzipIndexer(f)
-        zblob = ZranBlob(index, chunk_size, context_size)
+        zblob = ZranBlob(index, chunk_size,
+                         DEFAULT_CONTEXT_SIZE if context_size is None else context_size)
         tree = Tree("overlayfs")
         # The indexer is read like a file (of the tar it inflates).
         build_tree(TarSource(cast(BinaryIO, index)), zblob, tree, strict_sizes=True,
@@ -493,6 +497,13 @@ def _finish_build(
     """Put the layer on its parent, write the bootstrap and the JSON report."""
     lower_links = list(tree.lower_links)
     if parent is not None:
+        from pynydus.rafs.builder.overlay import (
+            layer_of_tree,
+            merged_of_tree,
+            overlay_layer,
+            tree_of_merged,
+        )
+
         # The layer's whiteouts hide parent entries, its lower-layer hardlinks bind.
         merged = merged_of_tree(parent.tree)
         overlay_layer(merged, layer_of_tree(tree))
@@ -556,6 +567,8 @@ def _write_blob(
 
 
 def _write_tarfs_blob(source: Any, blob: TarfsBlob, tree: Tree, ticker: _Ticker) -> _BlobOutcome:
+    from pynydus.rafs.source.tarsource import TarSource
+
     try:
         build_tree(TarSource(source, tee=blob), blob, tree, strict_sizes=True, ticker=ticker)
         desc = blob.finish()
@@ -615,6 +628,8 @@ def _load_chunk_dict(
         return {}
     if isinstance(chunk_dict, Mapping):
         return dict(chunk_dict)
+    from pynydus.rafs.builder.load import chunk_dict_from_bootstrap
+
     path = os.fspath(chunk_dict)
     # upstream's CLI form is --chunk-dict bootstrap=PATH
     return chunk_dict_from_bootstrap(path.removeprefix("bootstrap="))

@@ -48,6 +48,7 @@ import zstandard
 
 import pynydus
 from pynydus.errors import InvalidArgument
+from pynydus.host.cpus import usable_cpus
 
 _inflate_lib: types.ModuleType
 try:  # ISA-L's inflate: same interface as zlib's, about twice as fast (and GIL-free)
@@ -97,14 +98,6 @@ _PROCESS_MIN = 8 << 20
 
 class _Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (``taskset`` narrows it; os.cpu_count() does not)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def compression_of(head: bytes) -> str | None:

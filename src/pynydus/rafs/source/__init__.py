@@ -5,9 +5,23 @@ Both sources yield ``(Entry, DataReader | None)`` one entry at a time
 zstd layer through :class:`pynydus.rafs.decoder.LayerStream`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from pynydus.rafs.source.dirsource import DirSource
 from pynydus.rafs.source.entry import DataReader, Entry, EntryType, Whiteout, normalize_path
-from pynydus.rafs.source.tarsource import TarSource
+
+if TYPE_CHECKING:
+    from pynydus.rafs.source.tarsource import TarSource
+
+
+def __getattr__(name: str) -> Any:
+    # TarSource pulls in tarfile and the layer decoders: a directory build does without.
+    if name == "TarSource":
+        from pynydus.rafs.source.tarsource import TarSource
+
+        return TarSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DataReader",

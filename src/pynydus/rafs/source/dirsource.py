@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from pynydus.errors import FormatError, InvalidArgument
-from pynydus.rafs.decoder import usable_cpus
+from pynydus.host.cpus import usable_cpus
 from pynydus.rafs.source.entry import DataReader, Entry, EntryType
 
 __all__ = ["DirSource"]
