@@ -36,9 +36,9 @@ checked: inflating the context's lead (the bytes to its first 32 KiB of output) 
 it gives the same output as with the real one, or the real one is kept.
 
 Chunk digests are sha256 (upstream forces it); chunks with equal digests are stored
-once. The bootstrap's chunk records carry the compressed range a chunk came from
-(from the block before it to the block after it), as upstream's do; readers fetch
-whole contexts.
+once. The chunk records (bootstrap and chunk info) carry the compressed range a chunk
+came from (to where the layer's inflate had produced its last byte), as upstream's do;
+nydusd 2.2 fetches whole contexts, pynydusd a context's prefix up to that end.
 """
 
 from __future__ import annotations
