@@ -80,11 +80,11 @@ def _builds(tmp: str) -> dict[str, bytes]:
     return out
 
 
-def _synthetic(module: str, fn: str) -> bytes:
+def _synthetic(module: str, fn: str, **kw: object) -> bytes:
     sys.path.insert(0, str(ROOT / "tests/unit/rafs"))
     try:
         mod = __import__(module)
-        return getattr(mod, fn)()  # type: ignore[no-any-return]
+        return getattr(mod, fn)(**kw)  # type: ignore[no-any-return]
     finally:
         sys.path.pop(0)
 
@@ -311,7 +311,7 @@ def write_seeds(root: Path, only: Iterable[str] | None = None) -> None:
     manifests, indexes = _documents()
     configs = _configs()
     corpora = {
-        "rafs_v5": {"synthetic-v5": _synthetic("test_rafs_fuzz", "synthetic_v5")},
+        "rafs_v5": {"synthetic-v5": _synthetic("test_rafs_fuzz", "synthetic_v5", files=4)},
         "rafs_v6": {"synthetic-v6": _synthetic("test_rafs_fuzz", "synthetic"),
                     **{k: v for k, v in built.items() if k.startswith("boot-")}},
         "blob_meta": _blob_meta(),
