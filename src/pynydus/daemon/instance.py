@@ -195,12 +195,8 @@ class RafsInstance:
         at = spans.locate(c.index) if spans is not None else None
         if spans is None or at is None:
             return _chunk_ref(c)
-        span, inner = at
-        # from the span's start to where this chunk's bytes end (a ZRAN context's prefix)
-        return ChunkRef(index=c.index, c_off=span.offset,
-                        c_size=spans.compressed_end(c.index, span) - span.offset,
-                        u_off=c.uncompressed_offset, u_size=c.uncompressed_size, compressed=True,
-                        digest=c.digest or b"", span=span, span_offset=inner)
+        return _span_ref(spans, at, c.index, c.uncompressed_offset, c.uncompressed_size,
+                         c.digest or b"")
 
     @staticmethod
     def _span_members(spans: SpanMap) -> Callable[[Span], list[ChunkRef]]:
@@ -382,11 +378,21 @@ class RafsInstance:
     def chunk_refs(self, blob_index: int, indexes: Iterable[int]) -> list[ChunkRef]:
         """The cache references of chunks of one blob by index (a prefetch list's run);
         indexes the bootstrap's chunk table does not have are left out (a list made for
-        another build of the image)."""
+        another build of the image). A ZRAN or batch chunk is referred to in its span,
+        as a reader's miss is (``_ref``)."""
         if not 0 <= blob_index < len(self.bs.blobs):
             return []
         chunk_at = self._chunk_lookup(blob_index)
-        return [r for r in (chunk_at(i) for i in indexes) if r is not None]
+        refs = [r for r in (chunk_at(i) for i in indexes) if r is not None]
+        spans = self._spans(blob_index)
+        if spans is None:
+            return refs
+        out = []
+        for r in refs:
+            at = spans.locate(r.index)
+            out.append(r if at is None else
+                       _span_ref(spans, at, r.index, r.u_off, r.u_size, r.digest))
+        return out
 
     def prefetch_refs(self, blob_index: int, refs: list[ChunkRef]) -> int:
         """Fetch those of ``refs`` (of one blob, by ``chunk_refs``) that are neither cached
@@ -404,6 +410,17 @@ class RafsInstance:
         for c in chunks:
             by_blob.setdefault(c.blob_index, []).append(self._ref(c))
         return by_blob
+
+
+def _span_ref(spans: SpanMap, at: tuple[Span, int], index: int, u_off: int, u_size: int,
+              digest: bytes) -> ChunkRef:
+    """The cache's reference of chunk ``index`` at ``at`` (its span, its offset there):
+    from the span's start to where the chunk's bytes end (a ZRAN context's prefix)."""
+    span, inner = at
+    return ChunkRef(index=index, c_off=span.offset,
+                    c_size=spans.compressed_end(index, span) - span.offset,
+                    u_off=u_off, u_size=u_size, compressed=True, digest=digest,
+                    span=span, span_offset=inner)
 
 
 def _no_chunk(index: int) -> ChunkRef | None:

@@ -150,3 +150,26 @@ def test_an_understated_chunk_end_reads_the_whole_context(
     got = inst.cache(0).read([(ref, 0, ci.uncompressed_size)])
     assert bytes(got) == files[name]
     assert _layer_requests(be, layer) == [(span.offset, 100), (span.offset, span.size)]
+
+
+def test_a_prefetch_list_of_a_zran_image_serves_the_files_bytes(
+        served: tuple[RafsInstance, CountingBackend], image: tuple[Path, Path, bytes]) -> None:
+    """A prefetch list names chunks by index (``chunk_refs``): for a ZRAN blob they are
+    fetched as their contexts' prefixes and inflated there, like a reader's misses; what
+    the list put in the cache then reads back as the files' bytes, with no request."""
+    files, layer = _files(), image[2]
+    inst, be = served
+    order = list(files)
+    random.Random(5).shuffle(order)
+    listed = [_where(inst, name)[1] for name in order[:40]]
+    refs = inst.chunk_refs(0, listed)
+    assert [r.index for r in refs] == listed
+    assert all(r.span is not None for r in refs)
+    assert inst.prefetch_refs(0, refs) > 0
+    assert _layer_requests(be, layer)  # the list's chunks came from the layer itself
+    n = len(be.blob_requests)
+    for name in order[:40]:
+        assert _read(inst, name) == files[name]
+    assert len(be.blob_requests) == n
+    for name in order[40:]:
+        assert _read(inst, name) == files[name]
