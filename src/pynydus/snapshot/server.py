@@ -25,6 +25,7 @@ from pynydus.manager.registryaccess import build_keychain
 from pynydus.registry import Credentials
 from pynydus.registry.crikeychain import CriKeychain
 from pynydus.registry.keychain import Keychain
+from pynydus.registry.transport import shared_ssl_context
 from pynydus.snapshot.detect import Detector, client_factory
 from pynydus.snapshot.imageproxy import ImageServiceProxy
 from pynydus.snapshot.service import Snapshots, grpcio_server
@@ -143,6 +144,16 @@ def snapshotter_options(cfg: SnapshotterConfig) -> SnapshotterOptions:
     )
 
 
+def _build_tls_context() -> None:
+    """Build the registry clients' shared TLS context (the CA bundle: 0.05-0.25 s) before
+    any thread serves: left to the first client, it was built during a pull, on the path
+    of that pull's second Prepare (+0.1-0.24 s, docs/benchmarks.md "Lean start")."""
+    try:
+        shared_ssl_context(True)
+    except Exception as err:  # noqa: BLE001 - the first client that needs it reports it
+        log.warning("registry TLS context: %s", err)
+
+
 def serve(snapshotter: Snapshotter, address: str, *, workers: int = _WORKERS, uid: int = 0,
           gid: int = 0, server: str | None = None,
           on_fatal: Callable[[BaseException], None] | None = None,
@@ -202,6 +213,7 @@ def run(config_path: str | None, overrides: Mapping[str, object]) -> int:
         snapshotter = Snapshotter(cfg.root, options, fs, tarfs, detector=make_detector(cfg, keychain))
         if fs is not None:
             fs.start()
+        _build_tls_context()
     except BaseException:
         if fs is not None:
             fs.close()
