@@ -44,6 +44,7 @@ nydusd 2.2 fetches whole contexts, pynydusd a context's prefix up to that end.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from pynydus.errors import FormatError, InvalidArgument, NotImplementedFeature
@@ -270,11 +271,6 @@ class ZranBlob:
                              len(self._ctxs), b"".join(self._digests))
 
 
-#: Smallest run of window bytes tested for zeroing, and most tests per window.
-SPARSE_GRAIN = 256
-SPARSE_TESTS = 256
-
-
 def _inflate_lead(cp: Checkpoint, window: bytes | bytearray) -> bytes:
     """What inflating ``cp``'s lead with ``window`` as dictionary gives (at most 32 KiB,
     less at its member's end)."""
@@ -299,35 +295,47 @@ def _inflate_lead(cp: Checkpoint, window: bytes | bytearray) -> bytes:
         z.close()
 
 
+# Windows whose every byte is the low / high byte of its own position: inflated with
+# them, an output byte copied (at any remove) from the window names the byte it came
+# from. A third, the low one inverted, tells such bytes from literals: those are equal
+# under every window.
+_POS_LO = bytes(i & 0xFF for i in range(WINDOW))
+_POS_HI = bytes(i >> 8 for i in range(WINDOW))
+_POS_LO_INV = bytes(b ^ 0xFF for b in _POS_LO)
+_COPIED = re.compile(rb"[^\x00]+")
+
+
 def sparse_window(cp: Checkpoint) -> bytes:
-    """``cp.window`` with the bytes its context never reads zeroed (module header):
-    runs of the window are zeroed when inflating the lead still gives the same output
-    (halving the runs that do not, down to :data:`SPARSE_GRAIN` bytes, at most
-    :data:`SPARSE_TESTS` inflates), then all together are checked once more."""
+    """``cp.window`` with the bytes its context never reads zeroed (module header).
+
+    Deflate copies bytes, never transforms them, so the lead is inflated three times
+    with windows that encode each byte's position (``_POS_*``): where the outputs
+    differ the byte came from the window, and the two position bytes say from where.
+    Those window bytes are kept, the rest zeroed; the result is checked once (the lead
+    inflates to the same output as with the real window) or the real one is kept.
+    """
     window = cp.window
-    if not window or not cp.lead:
+    n = len(window)
+    if not window or not cp.lead or n > WINDOW:
         return window
     want = _inflate_lead(cp, window)
-    if not want:
+    lo = _inflate_lead(cp, _POS_LO[:n])
+    hi = _inflate_lead(cp, _POS_HI[:n])
+    inv = _inflate_lead(cp, _POS_LO_INV[:n])
+    if not want or not len(want) == len(lo) == len(hi) == len(inv):
         return window
-    zero: list[tuple[int, int]] = []
-    todo = [(0, len(window))]
-    tests = 0
-    while todo and tests < SPARSE_TESTS:
-        lo, hi = todo.pop()
-        trial = bytearray(window)
-        trial[lo:hi] = bytes(hi - lo)
-        tests += 1
-        if _inflate_lead(cp, trial) == want:
-            zero.append((lo, hi))
-        elif hi - lo > SPARSE_GRAIN:
-            mid = (lo + hi) // 2
-            todo += [(mid, hi), (lo, mid)]
-    if not zero:
-        return window
-    out = bytearray(window)
-    for lo, hi in zero:
-        out[lo:hi] = bytes(hi - lo)
+    copied = (int.from_bytes(lo, "big") ^ int.from_bytes(inv, "big")).to_bytes(len(lo), "big")
+    out = bytearray(n)
+    for m in _COPIED.finditer(copied):
+        i, j = m.span()
+        src = lo[i] | hi[i] << 8
+        if src + j - i <= n and lo[i:j] == _POS_LO[src:src + j - i] \
+                and hi[i:j] == _POS_HI[src:src + j - i]:
+            out[src:src + j - i] = window[src:src + j - i]  # one run copied in order
+            continue
+        for k in range(i, j):  # several copies side by side
+            src = lo[k] | hi[k] << 8
+            out[src] = window[src]
     return bytes(out) if _inflate_lead(cp, out) == want else window
 
 

@@ -390,6 +390,12 @@ def test_sparse_windows_keep_what_the_layer_refers_to(tar_bytes: bytes) -> None:
                           dict_size=len(w), ctx_byte=cp.byte, ctx_bits=cp.bits)
         got = inflate_context(ctx, w, cp.lead[0])
         assert got == tar_bytes[cp.out_pos:cp.out_pos + ctx.out_len]
+        # exact: a byte kept is one the lead reads (changing it changes the output)
+        kept_at = [j for j in range(len(w)) if w[j]]
+        for j in random.Random(cp.in_pos).sample(kept_at, min(8, len(kept_at))):
+            other = bytearray(w)
+            other[j] ^= 0x5A
+            assert inflate_context(ctx, bytes(other), cp.lead[0]) != got, (cp.in_pos, j)
     assert min(zeroed) >= 0 and max(zeroed) > 16 << 10
 
 
