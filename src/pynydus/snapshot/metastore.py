@@ -90,17 +90,6 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 # corrupt database must not hang us. Overlay itself stops far below this.
 _MAX_CHAIN = 4096
 
-# A parent chain, nearest first: (id, parent_id, labels) per layer, at most _MAX_CHAIN + 1
-# rows (one more than allowed tells a loop or an over-long chain).
-_CHAIN_SQL = """
-WITH RECURSIVE chain(id, parent_id, labels, depth) AS (
-    SELECT id, parent_id, labels, 1 FROM snapshots WHERE id = ?1
-    UNION ALL
-    SELECT s.id, s.parent_id, s.labels, c.depth + 1 FROM snapshots s
-    JOIN chain c ON s.id = c.parent_id WHERE c.depth <= ?2
-)
-SELECT id, parent_id, labels FROM chain ORDER BY depth
-"""
 # A snapshot by key and its chain: (id, parent_id, kind, labels), itself first.
 _KEY_CHAIN_SQL = """
 WITH RECURSIVE chain(id, parent_id, kind, labels, depth) AS (
@@ -177,27 +166,27 @@ class MetaStore:
         row = db.execute("SELECT id, parent_id, kind FROM snapshots WHERE key=?", (key,)).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
-    def _chain(self, db: sqlite3.Connection, parent_id: int | None
-               ) -> tuple[tuple[str, ...], tuple[Mapping[str, str], ...]]:
-        """Ids and labels from ``parent_id`` up to the root, in one recursive query
-        (Mounts and Prepare read the chain on every call; one query per layer cost
-        ~10 us each)."""
-        if parent_id is None:
-            return (), ()
-        rows = db.execute(_CHAIN_SQL, (parent_id, _MAX_CHAIN)).fetchall()
-        if not rows or rows[0][0] != parent_id:
-            raise FailedPrecondition(f"metastore: snapshot id {parent_id} missing from chain")
-        return _checked_chain(rows, _MAX_CHAIN)
+    def _lookup(self, db: sqlite3.Connection, key: str, limit: int
+                ) -> tuple[Kind, tuple[str, ...], tuple[Mapping[str, str], ...]] | None:
+        """The kind of ``key`` and the ids and labels of it and its ancestors (itself
+        first), in one recursive query (one query per layer cost ~10 us each; Mounts,
+        Prepare and View read the chain on every call); None if there is no ``key``.
+        More than ``limit`` layers (a loop) is FailedPrecondition."""
+        rows = db.execute(_KEY_CHAIN_SQL, (key, _MAX_CHAIN)).fetchall()
+        if not rows:
+            return None
+        ids, labels = _checked_chain([r[:2] + r[3:] for r in rows], limit)
+        return Kind(rows[0][2]), ids, labels
 
     def get_snapshot(self, key: str) -> Snapshot:
         """The id, kind, labels and ancestors (ids and labels) of ``key``, in one query;
         NotFound if there is none."""
         with self._lock:
-            rows = self._db.execute(_KEY_CHAIN_SQL, (key, _MAX_CHAIN)).fetchall()
-        if not rows:
+            found = self._lookup(self._db, key, _MAX_CHAIN + 1)
+        if found is None:
             raise NotFound(f"snapshot {q(key)} does not exist")
-        ids, labels = _checked_chain([r[:2] + r[3:] for r in rows], _MAX_CHAIN + 1)
-        return Snapshot(ids[0], Kind(rows[0][2]), ids[1:], labels[1:], labels[0])
+        kind, ids, labels = found
+        return Snapshot(ids[0], kind, ids[1:], labels[1:], labels[0])
 
     def get_info(self, key: str) -> tuple[str, Info, Usage]:
         """(id, info, recorded usage) of ``key``; NotFound if there is none."""
@@ -264,25 +253,31 @@ class MetaStore:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
         parent_id: int | None = None
+        chain: tuple[tuple[str, ...], tuple[Mapping[str, str], ...]] = ((), ())
         if parent:
-            prow = self._row(db, parent)
-            if prow is None:
+            found = self._lookup(db, parent, _MAX_CHAIN)  # the parent is the first ancestor
+            if found is None:
                 raise NotFound(f"parent snapshot {q(parent)} does not exist")
-            if prow[2] != Kind.COMMITTED:
+            if found[0] != Kind.COMMITTED:
                 raise InvalidArgument(f"parent {q(parent)} is not a committed snapshot")
-            parent_id = prow[0]
-        if self._row(db, key) is not None:
-            raise AlreadyExists(f"snapshot {q(key)} already exists")
+            chain = found[1:]
+            parent_id = int(chain[0][0])
         now = _now_ns()
         kept = _kept_labels(labels)
-        cur = db.execute(
-            "INSERT INTO snapshots(key, parent_id, kind, created_ns, updated_ns, labels) "
-            "VALUES(?, ?, ?, ?, ?, ?)",
-            (key, parent_id, int(kind), now, now, _dump_labels(kept)),
-        )
+        try:
+            cur = db.execute(
+                "INSERT INTO snapshots(key, parent_id, kind, created_ns, updated_ns, labels) "
+                "VALUES(?, ?, ?, ?, ?, ?)",
+                (key, parent_id, int(kind), now, now, _dump_labels(kept)),
+            )
+        except sqlite3.IntegrityError as err:
+            # the key's UNIQUE index answers "taken?" without a query of its own
+            if "snapshots.key" not in str(err):
+                raise
+            raise AlreadyExists(f"snapshot {q(key)} already exists") from err
         new_id = cur.lastrowid
         assert new_id is not None
-        return Snapshot(str(new_id), kind, *self._chain(db, parent_id), kept)
+        return Snapshot(str(new_id), kind, *chain, kept)
 
     def commit_active(
         self, db: sqlite3.Connection, key: str, name: str, usage: Usage, labels: Mapping[str, str]

@@ -427,25 +427,28 @@ class Snapshotter:
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
         # The temporary directory is made inside the write transaction, so Cleanup
         # (which scans for orphans inside one too) never sees a half-made snapshot.
-        tmp: Path | None = None
+        # Plain strings and os calls: pathlib's joins cost more than the syscalls here.
+        tmp = ""
         try:
             with self.ms.transaction() as db:
-                tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.snapshots_dir))
-                (tmp / "fs").mkdir(0o755)
-                os.chmod(tmp / "fs", 0o755)  # mkdir's mode is masked by umask
+                tmp = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._snapshots)
+                fs = tmp + "/fs"
+                os.mkdir(fs, 0o755)
+                os.chmod(fs, 0o755)  # mkdir's mode is masked by umask
                 if kind == Kind.ACTIVE:
-                    (tmp / "work").mkdir(0o711)
-                    os.chmod(tmp / "work", 0o711)
+                    work = tmp + "/work"
+                    os.mkdir(work, 0o711)
+                    os.chmod(work, 0o711)
                 snap = self.ms.create(db, kind, key, parent, labels)
                 if snap.parent_ids:
                     # The new layer's root belongs to whoever owns the parent's root,
                     # so a chown in a lower layer is not undone by the upper dir.
                     st = os.stat(self.upper_path(snap.parent_ids[0]))
-                    os.lchown(tmp / "fs", st.st_uid, st.st_gid)
-                os.rename(tmp, self.snapshots_dir / snap.id)
+                    os.lchown(fs, st.st_uid, st.st_gid)
+                os.rename(tmp, f"{self._snapshots}/{snap.id}")
             return snap
         except BaseException:
-            if tmp is not None:
+            if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 

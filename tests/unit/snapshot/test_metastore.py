@@ -51,6 +51,21 @@ def test_create_errors_in_containerd_order(ms: MetaStore) -> None:
     assert [i.name for i in ms.walk()] == ["a"]
 
 
+def test_a_taken_key_is_checked_after_the_parent_and_leaves_the_store_usable(ms: MetaStore) -> None:
+    a = create(ms, Kind.ACTIVE, "a", labels={"l": "1"})
+    commit(ms, "a", "A", {"l": "2"})
+    create(ms, Kind.ACTIVE, "b", "A")
+    with pytest.raises(NotFound, match='parent snapshot "missing"'):
+        create(ms, Kind.ACTIVE, "b", "missing")
+    with pytest.raises(InvalidArgument, match="not a committed"):
+        create(ms, Kind.ACTIVE, "b", "b")
+    with pytest.raises(AlreadyExists, match='snapshot "b" already exists'):
+        create(ms, Kind.VIEW, "b", "A")
+    v = create(ms, Kind.VIEW, "v", "A")  # the refused insert rolled back, nothing else
+    assert (v.parent_ids, [dict(x) for x in v.parent_labels]) == ((a.id,), [{"l": "2"}])
+    assert [i.name for i in ms.walk()] == ["A", "b", "v"]
+
+
 def test_commit_replaces_labels_and_records_usage(ms: MetaStore) -> None:
     create(ms, Kind.ACTIVE, "a", labels={"old": "1"})
     commit(ms, "a", "A", {"new": "2"})
