@@ -28,14 +28,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pynydus.daemon import fuseproto as P
 from pynydus.daemon.instance import RafsInstance, ReadPlan
 from pynydus.daemon.metrics import FsStats
 from pynydus.daemon.vfs import ROOT_ID, Resolved, Vfs
 from pynydus.errors import NotFound, NydusError
-from pynydus.rafs.read import Stat
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,14 @@ FOREVER = float(1 << 32)  # the image is immutable: cache entries and attributes
 # in one call is not kept, only its length (the kernel's next call asks past the end).
 _DIR_CACHE_ENTRIES = 16384
 _DIR_ENDS = 4096
-# DT_ type by EROFS file type (FileType: UNKNOWN, REG, DIR, CHRDEV, BLKDEV, FIFO, SOCK, SYMLINK)
-_DTYPE = (0, 8, 4, 2, 6, 1, 12, 10)
+# DT_ type by EROFS file type (FileType: UNKNOWN, REG, DIR, CHRDEV, BLKDEV, FIFO, SOCK, SYMLINK;
+# the on-disk type is one byte: any other value is DT_UNKNOWN)
+_DTYPE = bytes((0, 8, 4, 2, 6, 1, 12, 10)).ljust(256, b"\0")
 _DT_DIR = 4
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 Reply = list[Any]  # buffers for one writev; the first is the out header
+T = TypeVar("T")
 # a directory entry as listed: name, FUSE node id, DT_ type, inode in its image
 Listed = tuple[bytes, int, int, int]
 
@@ -131,7 +132,7 @@ class RafsServer:
             log.exception("%s inode %d: internal error", P.opcode_name(req.opcode), req.nodeid)
             return [P.reply_error(req.unique, errno.EIO)]
 
-    def _run(self, op: str, ino: int, body: Callable[[Resolved], bytes]) -> bytes:
+    def _run(self, op: str, ino: int, body: Callable[[Resolved], T]) -> T:
         """Resolve ``ino`` once, run ``body`` with it and count the request once (a hit,
         or an error)."""
         stats: FsStats | None = None
@@ -149,26 +150,24 @@ class RafsServer:
 
     # --- attributes --------------------------------------------------------------------------
 
-    def attr(self, slot: int, inst: RafsInstance, st: Stat, ino: int = 0) -> P.Attr:
-        """The attributes of ``st`` as FUSE node ``ino`` (computed from ``slot`` and the
-        image's inode when 0)."""
-        mode = st.mode
-        if st.ino == inst.bs.root_ino:
+    def attr(self, slot: int, inst: RafsInstance, nid: int, ino: int = 0) -> P.Attr:
+        """The attributes of the image's inode ``nid`` as FUSE node ``ino`` (computed from
+        ``slot`` when 0). From ``stat_fields``: no object per inode but the answer."""
+        mode, nlink, uid, gid, size, blocks, mtime, mtime_nsec, rdev = inst.bs.stat_fields(nid)
+        if nid == inst.bs.root_ino:
             mode = (mode & ~0o7777) | 0o755  # as nydusd: the image root is always 0755
-        if inst.explicit_uidgid:
-            uid, gid = st.uid, st.gid
-        else:  # images built without ownership belong to whoever runs the daemon
-            uid, gid = self.uid, self.gid
-        t = st.mtime * 1_000_000_000 + st.mtime_nsec if st.mtime else self.start_ns
-        return P.Attr(ino or self.vfs.to_fuse(slot, inst, st.ino), mode, st.nlink, uid, gid,
-                      st.size, st.blocks, st.rdev, 4096, t)
+        if not inst.explicit_uidgid:  # images built without ownership belong to whoever
+            uid, gid = self.uid, self.gid  # runs the daemon
+        t = mtime * 1_000_000_000 + mtime_nsec if mtime else self.start_ns
+        return P.Attr(ino or self.vfs.to_fuse(slot, inst, nid), mode, nlink, uid, gid, size,
+                      blocks, rdev, 4096, t)
 
     def pseudo_root_attr(self) -> P.Attr:
         return P.Attr(ino=ROOT_ID, mode=stat.S_IFDIR | 0o755, nlink=2 + len(self.vfs.slots),
                       uid=self.uid, gid=self.gid, time_ns=self.vfs.changed_ns)
 
     def _entry(self, slot: int, inst: RafsInstance, nid: int) -> bytes:
-        a = self.attr(slot, inst, inst.bs.stat(nid))
+        a = self.attr(slot, inst, nid)
         return P.entry_body(a.ino, a, FOREVER, FOREVER)
 
     @property
@@ -227,7 +226,7 @@ class RafsServer:
             if resolved is None:
                 return P.attr_body(self.pseudo_root_attr(), 0)
             slot, inst, nid = resolved
-            return P.attr_body(self.attr(slot, inst, inst.bs.stat(nid)), FOREVER)
+            return P.attr_body(self.attr(slot, inst, nid), FOREVER)
 
         return [P.reply(req.unique, self._run("getattr", req.nodeid, body))]
 
@@ -322,9 +321,10 @@ class RafsServer:
                 self._dirs.move_to_end(nodeid)
                 return hit
         slot, inst, nid = resolved
-        to_fuse = self.vfs.to_fuse
-        return [(name, to_fuse(slot, inst, ino), _DTYPE[ftype] if ftype < len(_DTYPE) else 0, ino)
-                for name, ino, ftype in inst.bs.readdir_fields(nid)]
+        fields = list(inst.bs.readdir_fields(nid))
+        ids = self.vfs.to_fuse_all(slot, inst, [ino for _, ino, _ in fields])
+        dtype = _DTYPE
+        return [(name, fid, dtype[ftype], ino) for (name, ino, ftype), fid in zip(fields, ids, strict=True)]
 
     def _listed(self, nodeid: int, entries: list[Listed], complete: bool) -> None:
         """Keep a listing for the next READDIR call, or (``complete``: the reply carried
@@ -364,7 +364,7 @@ class RafsServer:
                 out += P.direntplus(self.pseudo_root_attr(), 0, i + 1, dtype, name)
             else:
                 slot, inst, nid = target
-                out += P.direntplus(self.attr(slot, inst, inst.bs.stat(nid), ino), FOREVER,
+                out += P.direntplus(self.attr(slot, inst, nid, ino), FOREVER,
                                     i + 1, dtype, name)
         return out, True
 
@@ -374,31 +374,38 @@ class RafsServer:
         computed inline from ``stat_fields`` (a walk of 50,000 files spends most of the
         daemon's time here)."""
         out = bytearray()
-        stat_fields, pack = inst.bs.stat_fields, P.direntplus_values
+        stat_fields, pack = inst.bs.stat_fields, P.DIRENTPLUS.pack
+        forever, pad = P.FOREVER_S, P.PAD8
         root = inst.bs.root_ino
         owner = None if inst.explicit_uidgid else (self.uid, self.gid)
-        start = divmod(self.start_ns, 1_000_000_000)
+        start_sec, start_nsec = divmod(self.start_ns, 1_000_000_000)
+        room = size - P.DIRENTPLUS_HEAD
         for i in range(offset, len(entries)):
             name, ino, dtype, nid = entries[i]
             if name == b"." or name == b"..":
                 continue  # as before: listings never carried them
-            if len(out) + P.DIRENTPLUS_HEAD + ((len(name) + 7) & ~7) > size:
+            n = len(name)
+            if len(out) + ((n + 7) & ~7) > room:
                 return out, False
-            mode, nlink, uid, gid, fsize, blocks, mtime, mtime_nsec, rdev = stat_fields(nid)
+            mode, nlink, uid, gid, fsize, blocks, sec, nsec, rdev = stat_fields(nid)
             if nid == root:
                 mode = (mode & ~0o7777) | 0o755
             if owner is not None:
                 uid, gid = owner
-            sec, nsec = (mtime, mtime_nsec) if mtime else start
-            out += pack(ino, fsize, blocks, sec, nsec, mode, nlink, uid, gid, rdev, i + 1, dtype,
-                        name)
+            if not sec:
+                sec, nsec = start_sec, start_nsec
+            out += pack(ino, 0, forever, forever, 0, 0, ino, fsize, blocks, sec, sec, sec, nsec,
+                        nsec, nsec, mode, nlink, uid, gid, rdev & 0xFFFFFFFF, 4096, 0, ino, i + 1,
+                        n, dtype)
+            out += name
+            out += pad[n & 7]
         return out, True
 
     def _readdir(self, req: P.Request) -> Reply:
         arg: P.ReadIn = req.arg
         plus = req.opcode == P.READDIRPLUS
 
-        def body(resolved: Resolved) -> bytes:
+        def body(resolved: Resolved) -> bytes | bytearray:
             if resolved is not None and arg.offset:
                 with self._dirs_lock:
                     if self._dir_ends.get(req.nodeid) == arg.offset:
@@ -410,10 +417,10 @@ class RafsServer:
                 out, complete = self._dirents(entries, arg.offset, arg.size, plus)
             if resolved is not None:
                 self._listed(req.nodeid, entries, complete)
-            return bytes(out)
+            return out
 
-        op = "readdirplus" if plus else "readdir"
-        return [P.reply(req.unique, self._run(op, req.nodeid, body))]
+        out = self._run("readdirplus" if plus else "readdir", req.nodeid, body)
+        return [P.header(req.unique, len(out)), out]  # the entries as built: no copy
 
     def _xattrs_allowed(self, inst: RafsInstance) -> None:
         if not self.enable_xattr and not inst.bs.has_xattr:

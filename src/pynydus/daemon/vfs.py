@@ -57,6 +57,14 @@ class Vfs:
             return self._ded_to_fuse(inst, nid)
         return (slot << SLOT_SHIFT) | nid
 
+    def to_fuse_all(self, slot: int, inst: RafsInstance, nids: list[int]) -> list[int]:
+        """``to_fuse`` of each of ``nids`` (a directory listing's)."""
+        if slot:
+            base = slot << SLOT_SHIFT
+            return [base | nid for nid in nids]
+        root = inst.bs.root_ino
+        return [ROOT_ID if nid == root else (root if nid == ROOT_ID else nid) for nid in nids]
+
     def resolve(self, ino: int) -> tuple[int, RafsInstance, int] | None:
         """(slot, instance, nid) of a FUSE inode; None for the shared-mode pseudo root."""
         if self.dedicated is not None:

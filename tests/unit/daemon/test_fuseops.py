@@ -164,6 +164,18 @@ def test_readdirplus_carries_the_lookup_answer(dedicated) -> None:  # type: igno
     body = kernel.ok(P.READDIRPLUS, P.ROOT_ID, P.read_request_body(P.ROOT_ID, 0, 8192))
     first = P.parse_dirents(body, plus=True)[0]
     assert P.parse_entry(body[:P.ENTRY_OUT_SIZE]) == kernel.lookup(P.ROOT_ID, first[0])
+    # every entry's entry_out, byte for byte (files, a directory, a symlink; the image
+    # root's mode fixed to 0755 in both), in listings of the root and of /many
+    for parent in (P.ROOT_ID, kernel.lookup(P.ROOT_ID, b"many")[0]):
+        pos, body, seen = 0, kernel.ok(P.READDIRPLUS, parent,
+                                       P.read_request_body(parent, 0, 1 << 16)), 0
+        while pos < len(body):
+            entry = body[pos:pos + P.ENTRY_OUT_SIZE]
+            name = P.parse_dirents(body[pos:], plus=True)[0][0]
+            assert entry == kernel.ok(P.LOOKUP, parent, name + b"\0"), name
+            pos += P.dirent_size(name, plus=True)
+            seen += 1
+        assert seen == (4 if parent == P.ROOT_ID else MANY)
 
 
 def test_xattrs(dedicated) -> None:  # type: ignore[no-untyped-def]
