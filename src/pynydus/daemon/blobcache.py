@@ -64,7 +64,7 @@ _WAIT_SECONDS = 120.0
 _GATHER_SECONDS = 0.002
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     """Where one chunk lives in its blob (compressed) and in the cache (uncompressed).
 

@@ -1,11 +1,12 @@
 """A mounted RAFS image: its bootstrap, its blob caches and the file read path.
 
 A read is planned once (``plan_read``: the byte range mapped to chunk pieces with the
-bootstrap's ``map_read``, grouped by blob) and then served from the plan: by
-``read_cached`` when every byte is in the cache (never waits for the backend; with
-``nowait`` not for the disk either), else by ``read_planned``, which lets each blob's
-cache fetch missing chunks from the backend. Holes (file ranges no chunk covers, as in
-sparse files) read as zeros. Counting the read is the FUSE layer's business
+bootstrap's ``map_read``, grouped by blob; the chunks a file's reads mapped are kept per
+inode, so a later read of them does not decode the inode again) and then served from the
+plan: by ``read_cached`` when every byte is in the cache (never waits for the backend;
+with ``nowait`` not for the disk either), else by ``read_planned``, which lets each
+blob's cache fetch missing chunks from the backend. Holes (file ranges no chunk covers,
+as in sparse files) read as zeros. Counting the read is the FUSE layer's business
 (``FsStats``), once per request.
 
 A blob whose chunks live in spans (ZRAN: slices of a gzip layer's inflate contexts;
@@ -40,6 +41,11 @@ _UNKNOWN = object()  # _spans: a blob not looked at yet
 # Decoded chunks waiting for the persist thread, at most (a burst of misses beyond it is
 # written by the readers themselves, as before delayed persist).
 _PERSIST_BUDGET = 64 << 20
+# Chunks of files being read, kept mapped (per inode: chunk number -> blob index and cache
+# reference), at most this many in all (~250 bytes each). The bootstrap's ``map_read``
+# decodes the inode, its chunk array and chunk records for every read (~50 us); a random
+# reader comes back to the same chunks again and again.
+_MAPPED_CHUNKS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,10 @@ class RafsInstance:
         self._lock = threading.Lock()
         self._span_maps: dict[int, SpanMap | None] = {}  # blob index -> spans, see _spans
         self._spans_lock = threading.Lock()
+        # inode -> (file size, {chunk number: (blob index, reference)}): see plan_read
+        self._mapped: dict[int, tuple[int, dict[int, tuple[int, ChunkRef]]]] = {}
+        self._mapped_count = 0
+        self._mapped_lock = threading.Lock()
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
@@ -249,7 +259,13 @@ class RafsInstance:
 
     def plan_read(self, ino: int, offset: int, size: int) -> ReadPlan:
         """Plan a read of up to ``size`` bytes of file ``ino`` at ``offset`` (short only at
-        end of file). Pure: touches neither the cache nor the backend."""
+        end of file). Pure: touches neither the cache nor the backend. A read of chunks
+        an earlier read of the file mapped costs no bootstrap decoding."""
+        mapped = self._mapped.get(ino)  # every read asks: no lock
+        if mapped is not None and offset >= 0:
+            plan = self._plan_mapped(ino, offset, size, *mapped)
+            if plan is not None:
+                return plan
         reads = self.bs.map_read(ino, offset, size)
         file_size = self.bs.stat_fields(ino)[4]
         groups = tuple(
@@ -257,12 +273,62 @@ class RafsInstance:
              [(self._ref(r.chunk), r.offset, r.length) for r in group])
             for blob_index, group in _by_blob(reads)
         )
+        self._map_chunks(ino, file_size, groups, [r.chunk for r in reads])
         # Amplify misses (fetch the blob's next chunks in the same request) only from
         # small files: a start-up reads runs of small neighbours (modules, configs) for
         # which a round trip costs more than the bytes, while a file of half the window
         # or more is mostly read on its own (sequential reads of it get readahead).
         return ReadPlan(ino, offset, max(offset, min(offset + size, file_size)), groups,
                         amplify=file_size < self.amplify_below)
+
+    def _plan_mapped(self, ino: int, offset: int, size: int, file_size: int,
+                     chunks: dict[int, tuple[int, ChunkRef]]) -> ReadPlan | None:
+        """``plan_read`` from the file's mapped chunks; None when one is not mapped. A
+        mapped chunk number k covers ``[k * chunk_size, +u_size)`` of the file."""
+        cs = self.bs.chunk_size
+        end = min(offset + size, file_size)
+        groups: list[tuple[int, int, list[tuple[ChunkRef, int, int]]]] = []
+        pos = offset
+        k = pos // cs
+        while pos < end:
+            hit = chunks.get(k)
+            if hit is None:
+                return None
+            blob_index, ref = hit
+            base = k * cs
+            n = min(end, base + ref.u_size) - pos
+            if groups and groups[-1][0] == blob_index:
+                groups[-1][2].append((ref, pos - base, n))
+            else:
+                groups.append((blob_index, pos, [(ref, pos - base, n)]))
+            pos += n
+            k += 1
+        return ReadPlan(ino, offset, max(offset, end), tuple(groups),
+                        amplify=file_size < self.amplify_below)
+
+    def _map_chunks(self, ino: int, file_size: int,
+                    groups: tuple[tuple[int, int, list[tuple[ChunkRef, int, int]]], ...],
+                    chunks: list[FileChunk]) -> None:
+        """Keep the chunks a read mapped (only those at their place in the chunk grid: a
+        v5 file's holes and odd geometries go through ``map_read`` each time)."""
+        cs = self.bs.chunk_size
+        refs = [ref for _, _, pieces in groups for ref, _, _ in pieces]
+        if not refs or cs <= 0 or len(refs) != len(chunks):
+            return
+        with self._mapped_lock:
+            mapped = self._mapped.get(ino)
+            if mapped is None:
+                mapped = self._mapped[ino] = (file_size, {})
+            table = mapped[1]
+            for c, ref in zip(chunks, refs, strict=True):
+                k, rem = divmod(c.file_offset, cs)
+                if rem or k in table or c.uncompressed_size != min(cs, file_size - c.file_offset):
+                    continue
+                table[k] = (c.blob_index, ref)
+                self._mapped_count += 1
+            if self._mapped_count > _MAPPED_CHUNKS:  # forget the files mapped first
+                for old in list(self._mapped)[:max(1, len(self._mapped) // 2)]:
+                    self._mapped_count -= len(self._mapped.pop(old)[1])
 
     def read_planned(self, plan: ReadPlan) -> bytearray:
         """The bytes of ``plan``; may wait for the backend.
