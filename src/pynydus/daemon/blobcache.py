@@ -210,15 +210,18 @@ class BlobCache:
 
     # --- reading --------------------------------------------------------------------
 
-    def read(self, pieces: Sequence[tuple[ChunkRef, int, int]], amplify: bool = True) -> bytearray:
+    def read(self, pieces: Sequence[tuple[ChunkRef, int, int]], amplify: bool = True,
+             fresh: dict[int, bytes] | None = None) -> bytearray:
         """Bytes of ``pieces`` = (chunk, offset in chunk, length), concatenated in order;
         a miss fetches the following chunks too (up to amplify_io) when ``amplify``.
 
-        Chunks fetched for this read are answered from their decoded bytes; with a
-        ``persist`` they are written to the cache file after the answer (upstream's
+        Chunks fetched for this read are answered from their decoded bytes (left in
+        ``fresh`` by chunk index, when given: the caller may want the rest of them); with
+        a ``persist`` they are written to the cache file after the answer (upstream's
         delayed persist), and concurrent readers of them take the same bytes meanwhile.
         A bytearray: FUSE replies take any buffer, and this saves a copy per read."""
-        fresh: dict[int, bytes] = {}
+        if fresh is None:
+            fresh = {}
         self._obtain([c for c, _, _ in pieces], amplify=amplify, prefetch=False,
                      max_request=0, fresh=fresh)
         if not fresh:
@@ -229,7 +232,7 @@ class BlobCache:
         for chunk, off, length in pieces:
             data = fresh.get(chunk.index)
             if data is not None:
-                view[pos:pos + length] = data[off:off + length]
+                view[pos:pos + length] = memoryview(data)[off:off + length]
             elif length:
                 got = os.preadv(self._fd, [view[pos:pos + length]], chunk.u_off + off)
                 if got != length:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from pynydus.daemon import fuseproto as P
 from pynydus.daemon.fuseops import RafsServer
-from pynydus.daemon.instance import RafsInstance, ReadPlan
+from pynydus.daemon.instance import Fresh, RafsInstance, ReadPlan
 from pynydus.host.mount import MountSpec, mount
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ FSNAME = "rafs"
 # evicted inodes, thousands of them, interleaved with the requests a reader waits for.
 _UNANSWERED = frozenset({P.FORGET, P.BATCH_FORGET})
 _STORE_QUEUE = 256  # misses waiting for their chunks to be stored; more are dropped
+# ... of which this many keep the decoded chunks their read fetched (stored from those,
+# no read of the cache; ~1 MiB each); the others read them back from the cache
+_STORE_KEEPS = 32
 
 
 def mount_fuse(mountpoint: str, *, fsname: str = FSNAME, subtype: str = FSNAME,
@@ -72,7 +75,7 @@ class FuseSession:
         self.server = server
         # after a read that waited for the backend, push the rest of its chunks into the
         # kernel's page cache, so the next reads of them never reach us
-        self._stores: queue.Queue[tuple[int, RafsInstance, ReadPlan]] | None = None
+        self._stores: queue.Queue[tuple[int, RafsInstance, ReadPlan, Fresh]] | None = None
         self.threads = max(1, threads)
         self.on_end = on_end
         self.ended = threading.Event()
@@ -142,7 +145,7 @@ class FuseSession:
             if err.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTCONN):
                 raise
 
-    def _queue_store(self, nodeid: int, inst: RafsInstance, plan: ReadPlan) -> None:
+    def _queue_store(self, nodeid: int, inst: RafsInstance, plan: ReadPlan, fresh: Fresh) -> None:
         assert self._stores is not None
         if not self._storing:  # started at the first miss: none on a start's path
             with self._lock:
@@ -150,8 +153,10 @@ class FuseSession:
                     self._storing = True
                     threading.Thread(target=self._store_loop, name="fuse-store",
                                      daemon=True).start()
+        if self._stores.qsize() >= _STORE_KEEPS:
+            fresh = {}  # a backlog: its chunks are read again when stored, not held here
         try:
-            self._stores.put_nowait((nodeid, inst, plan))
+            self._stores.put_nowait((nodeid, inst, plan, fresh))
         except queue.Full:
             pass  # a hint: the reads will come to us instead
 
@@ -162,7 +167,7 @@ class FuseSession:
         assert self._stores is not None
         recent: OrderedDict[tuple[int, int], None] = OrderedDict()
         while not self.ended.is_set():
-            nodeid, inst, plan = self._stores.get()
+            nodeid, inst, plan, fresh = self._stores.get()
             try:
                 start, end = inst.chunk_bounds(plan)
                 if (nodeid, start) in recent:
@@ -172,7 +177,7 @@ class FuseSession:
                     recent.popitem(last=False)
                 for a, b in ((start, plan.offset), (plan.end, end)):
                     if b > a:
-                        data = inst.read_range_quietly(plan.ino, a, b)
+                        data = inst.chunk_range(plan, fresh, a, b)
                         os.writev(self.fd, [P.notify_store(nodeid, a, len(data)), data])
             except OSError as err:
                 if err.errno in (errno.ENODEV, errno.EBADF):

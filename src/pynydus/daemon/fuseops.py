@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pynydus.daemon import fuseproto as P
-from pynydus.daemon.instance import RafsInstance, ReadPlan
+from pynydus.daemon.instance import Fresh, RafsInstance, ReadPlan
 from pynydus.daemon.metrics import FsStats
 from pynydus.daemon.vfs import ROOT_ID, Resolved, Vfs
 from pynydus.errors import NotFound, NydusError
@@ -87,9 +87,9 @@ class RafsServer:
         # API's inflight metrics and the prefetcher's "busy" read it
         self.inflight: dict[int, tuple[int, str, float]] = {}
         # set by a session that pushes the rest of a missed chunk into the kernel's
-        # page cache (FUSE_NOTIFY_STORE): called with (node id, image, plan) after a
-        # read that had to wait for the backend
-        self.store: Callable[[int, RafsInstance, ReadPlan], None] | None = None
+        # page cache (FUSE_NOTIFY_STORE): called with (node id, image, plan, the decoded
+        # chunks the read fetched) after a read that had to wait for the backend
+        self.store: Callable[[int, RafsInstance, ReadPlan, Fresh], None] | None = None
         self._dirs: OrderedDict[int, list[Listed]] = OrderedDict()
         self._dirs_entries = 0
         self._dir_ends: OrderedDict[int, int] = OrderedDict()
@@ -295,12 +295,13 @@ class RafsServer:
             data = inst.read_cached(plan, nowait=False)
             if data is None:
                 self.inflight[req.unique] = (req.nodeid, "read", time.time())
+                fresh: Fresh = {}
                 try:
-                    data = inst.read_planned(plan)
+                    data = inst.read_planned(plan, fresh)
                 finally:
                     self.inflight.pop(req.unique, None)
                 if self.store is not None and inst.config.rafs.fill_page_cache:
-                    self.store(req.nodeid, inst, plan)
+                    self.store(req.nodeid, inst, plan, fresh)
         except Exception:
             if stats is not None:
                 stats.record("read", error=True)

@@ -48,6 +48,10 @@ _PERSIST_BUDGET = 64 << 20
 _MAPPED_CHUNKS = 8192
 
 
+# decoded chunks a read fetched: blob index -> chunk index -> bytes
+Fresh = dict[int, dict[int, bytes]]
+
+
 @dataclass(frozen=True, slots=True)
 class ReadPlan:
     """What one read of ``ino`` at ``offset`` needs: per blob, the file position where its
@@ -330,13 +334,15 @@ class RafsInstance:
                 for old in list(self._mapped)[:max(1, len(self._mapped) // 2)]:
                     self._mapped_count -= len(self._mapped.pop(old)[1])
 
-    def read_planned(self, plan: ReadPlan) -> bytearray:
-        """The bytes of ``plan``; may wait for the backend.
+    def read_planned(self, plan: ReadPlan, fresh: Fresh | None = None) -> bytearray:
+        """The bytes of ``plan``; may wait for the backend. The decoded chunks the read
+        fetched or took from another reader's fetch go to ``fresh`` when given (blob
+        index -> chunk index -> bytes: ``chunk_range`` cuts the rest of them from there).
 
         A sequential reader gets the following chunks of the same file fetched in the
         background (readahead), so a cold sequential read is not a chain of one-chunk
         round trips."""
-        out = self._assemble(plan, cached_only=False)
+        out = self._assemble(plan, cached_only=False, fresh=fresh)
         assert out is not None
         self.trace.record(plan.ino, len(out), plan.groups)
         self._readahead(plan.ino, plan.offset, len(out))
@@ -364,6 +370,19 @@ class RafsInstance:
         end = last_pos + sum(n for _, _, n in last) + chunk.u_size - off - length
         return min(start, plan.offset), min(max(end, plan.end), self.bs.stat(plan.ino).size)
 
+    def chunk_range(self, plan: ReadPlan, fresh: Fresh, start: int, end: int
+                    ) -> memoryview | bytearray:
+        """Bytes ``[start, end)`` of ``plan``'s file inside the chunk a one-chunk ``plan``
+        read (``chunk_bounds``): cut from its decoded bytes in ``fresh`` without a copy
+        when they are there, else ``read_range_quietly``."""
+        if len(plan.groups) == 1 and len(plan.groups[0][2]) == 1:
+            blob_index, pos, ((ref, off, _),) = plan.groups[0]
+            data = fresh.get(blob_index, {}).get(ref.index)
+            if data is not None:
+                base = pos - off
+                return memoryview(data)[start - base:end - base]
+        return self.read_range_quietly(plan.ino, start, end)
+
     def read_range_quietly(self, ino: int, start: int, end: int) -> bytearray:
         """Bytes ``[start, end)`` of file ``ino`` for the daemon's own use (pushing them
         into the kernel's page cache): not traced and no readahead (the reader's pattern
@@ -377,7 +396,7 @@ class RafsInstance:
         return self.read_planned(self.plan_read(ino, offset, size))
 
     def _assemble(self, plan: ReadPlan, *, cached_only: bool,
-                  nowait: bool = True) -> bytearray | None:
+                  nowait: bool = True, fresh: Fresh | None = None) -> bytearray | None:
         parts: list[bytearray] = []
         pos = plan.offset
         for blob_index, start, pieces in plan.groups:
@@ -385,8 +404,11 @@ class RafsInstance:
                 parts.append(bytearray(start - pos))
                 pos = start
             cache = self.cache(blob_index)
-            data = (cache.read_cached(pieces, nowait=nowait) if cached_only
-                    else cache.read(pieces, plan.amplify))
+            if cached_only:
+                data = cache.read_cached(pieces, nowait=nowait)
+            else:
+                data = cache.read(pieces, plan.amplify,
+                                  None if fresh is None else fresh.setdefault(blob_index, {}))
             if data is None:
                 return None
             parts.append(data)

@@ -16,11 +16,13 @@ import struct
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pynydus.daemon import fuseproto as P
 from pynydus.daemon.fuseops import FOREVER, RafsServer
+from pynydus.daemon.instance import Fresh, RafsInstance, ReadPlan
 from pynydus.daemon.metrics import FOPS, fs_json
 from pynydus.daemon.vfs import SLOT_SHIFT, Vfs
 from pynydus.rafs.builder import build
@@ -291,12 +293,23 @@ def test_other_operations_count_once(dedicated) -> None:  # type: ignore[no-unty
 def test_a_read_that_missed_asks_the_session_to_store_its_chunks(dedicated) -> None:  # type: ignore[no-untyped-def]
     kernel, inst = dedicated
     stored: list[tuple[int, int, int]] = []
-    kernel.server.store = lambda nodeid, i, plan: stored.append((nodeid, *i.chunk_bounds(plan)))
+    kept: list[Any] = []
+
+    def store(nodeid: int, i: RafsInstance, plan: ReadPlan, fresh: Fresh) -> None:
+        stored.append((nodeid, *i.chunk_bounds(plan)))
+        kept.append((plan, fresh))
+
+    kernel.server.store = store
     big = kernel.lookup(P.ROOT_ID, b"big")[0]
     mib = 1 << 20
     assert kernel.read(big, mib + 8192, 4096) == BIG[mib + 8192:mib + 12288]
     assert stored == [(big, mib, 2 * mib)]  # the whole chunk around the read
     assert bytes(inst.read_range_quietly(big, mib, 2 * mib)) == BIG[mib:2 * mib]
+    # the rest of the chunk is cut from the decoded bytes the read fetched: no copy
+    plan, fresh = kept[0]
+    rest = inst.chunk_range(plan, fresh, mib + 12288, 2 * mib)
+    assert isinstance(rest, memoryview) and bytes(rest) == BIG[mib + 12288:2 * mib]
+    assert bytes(inst.chunk_range(plan, {}, mib, mib + 8192)) == BIG[mib:mib + 8192]  # re-read
     # (BIG's chunks are one deduplicated chunk: the other reads hit; bounds of a plan)
     end = inst.plan_read(big, len(BIG) - 100, 4096)
     assert inst.chunk_bounds(end) == (2 * mib, len(BIG))  # capped at the file's end
@@ -310,7 +323,7 @@ def test_fill_page_cache_false_stores_nothing(tmp_path: Path, image: tuple[Path,
     kernel = Kernel(RafsServer(vfs))
     kernel.init()
     stored: list[int] = []
-    kernel.server.store = lambda nodeid, i, plan: stored.append(nodeid)
+    kernel.server.store = lambda nodeid, i, plan, fresh: stored.append(nodeid)
     big = kernel.lookup(P.ROOT_ID, b"big")[0]
     assert kernel.read(big, 0, 4096) == BIG[:4096]
     assert stored == []
@@ -332,7 +345,7 @@ def test_a_cached_read_whose_cache_file_left_the_page_cache_reads_the_disk_and_s
         tmp_path: Path, dedicated) -> None:  # type: ignore[no-untyped-def]
     kernel, inst = dedicated
     stored: list[int] = []
-    kernel.server.store = lambda nodeid, i, plan: stored.append(nodeid)
+    kernel.server.store = lambda nodeid, i, plan, fresh: stored.append(nodeid)
     big = kernel.lookup(P.ROOT_ID, b"big")[0]
     assert kernel.read(big, 0, 4096) == BIG[:4096]  # a miss: fetched, then persisted
     deadline = time.monotonic() + 30
