@@ -13,10 +13,11 @@ bootstrap chunk table, indexed on first use (:mod:`pynydus.rafs.read.chunkindex`
 
 from __future__ import annotations
 
+import operator
 import stat
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
 from pynydus.rafs.format import FileType, RafsChunkInfo
@@ -205,26 +206,38 @@ class BootstrapV6(Bootstrap):
         )
 
     def stat_fields(self, ino: int) -> tuple[int, int, int, int, int, int, int, int, int]:
-        # One unpack of the inode's bytes; whatever is unusual (out of range, a format or
-        # file type RAFS does not use, xattrs past the end) goes to stat(), which says why.
+        return self.stat_fields_many([ino])[0]
+
+    def stat_fields_many(self, inos: list[int]) -> list[tuple[int, int, int, int, int, int, int,
+                                                               int, int]]:
+        # One unpack of each inode's bytes in one loop (a READDIRPLUS asks for a listing's
+        # worth); whatever is unusual (out of range, a format or file type RAFS does not
+        # use, xattrs past the end) goes to stat(), which says why.
         buf = self._buf
-        off = self._meta_base + ino * EROFS_INODE_SLOT_SIZE
-        if ino >= 0 and off + 64 <= len(buf):
-            if buf[off] & 1:
-                (fmt, xcount, mode, size, u, _, uid, gid, mtime, mtime_nsec,
-                 nlink) = _STAT_EXT.unpack_from(buf, off)
-                isize = 64
-            else:
-                fmt, xcount, mode, nlink, size, _, u, _, uid, gid = _STAT_CMP.unpack_from(buf, off)
-                mtime = mtime_nsec = 0
-                isize = 32
-            ftype = stat.S_IFMT(mode)
-            if (not fmt & ~EROFS_I_FORMAT_MASK and (fmt >> 1) & 0x7 in _LAYOUTS
-                    and ftype in _FILE_TYPES
-                    and off + isize + xattr_ibody_size(xcount) <= len(buf)):
-                return (mode, nlink, uid, gid, size, (size + 511) // 512, mtime, mtime_nsec,
-                        u if ftype in _DEVICES else 0)
-        return super().stat_fields(ino)
+        n = len(buf)
+        meta, slot = self._meta_base, EROFS_INODE_SLOT_SIZE
+        ext, cmp_, xhead = _STAT_EXT.unpack_from, _STAT_CMP.unpack_from, EROFS_XATTR_IBODY_HEADER_SIZE
+        ifmt, layouts, types, devices = stat.S_IFMT, _LAYOUTS, _FILE_TYPES, _DEVICES
+        bad_fmt = ~EROFS_I_FORMAT_MASK
+        out = []
+        for ino in inos:
+            off = meta + ino * slot
+            if ino >= 0 and off + 64 <= n:
+                if buf[off] & 1:
+                    fmt, xcount, mode, size, u, _, uid, gid, mtime, mtime_nsec, nlink = ext(buf, off)
+                    isize = 64
+                else:
+                    fmt, xcount, mode, nlink, size, _, u, _, uid, gid = cmp_(buf, off)
+                    mtime = mtime_nsec = 0
+                    isize = 32
+                ftype = ifmt(mode)
+                if (not fmt & bad_fmt and (fmt >> 1) & 0x7 in layouts and ftype in types
+                        and off + isize + (xcount and xhead + 4 * (xcount - 1)) <= n):
+                    out.append((mode, nlink, uid, gid, size, (size + 511) // 512, mtime,
+                                mtime_nsec, u if ftype in devices else 0))
+                    continue
+            out.append(super().stat_fields(ino))
+        return out
 
     # -- flat data (directories, symlinks) ----------------------------------------------
 
@@ -335,7 +348,11 @@ class BootstrapV6(Bootstrap):
         prev = b""
         for boff, blen in blocks:
             count = self._block_count(boff, blen, ino)
-            for j, (name, nid, ftype) in enumerate(self._block_dirents(boff, blen, count, ino)):
+            entries: Iterable[tuple[bytes, int, int]] | None = self._block_dirents(boff, blen,
+                                                                                  count)
+            if entries is None:  # something is off: entry by entry, to say what and where
+                entries = (self._dirent(boff, blen, count, j, ino) for j in range(count))
+            for j, (name, nid, ftype) in enumerate(entries):
                 # Lookup is a binary search, so names must be strictly increasing.
                 if name <= prev:
                     raise format_error(
@@ -346,27 +363,27 @@ class BootstrapV6(Bootstrap):
                 prev = name
                 yield name, nid, ftype
 
-    def _block_dirents(self, boff: int, blen: int, count: int,
-                       ino: int) -> list[tuple[bytes, int, int]]:
-        """``_dirent`` of each of the ``count`` entries of one block, decoded together (a
-        listing's cost per entry; a tree walk lists every entry of the image). The
-        checks and their order are ``_dirent``'s."""
-        buf = self._buf
-        heads = list(_DIRENT.iter_unpack(buf[boff:boff + count * EROFS_DIRENT_SIZE]))
-        last_nid = (len(buf) - 32 - self._meta_base) // EROFS_INODE_SLOT_SIZE
-        first = count * EROFS_DIRENT_SIZE
-        out: list[tuple[bytes, int, int]] = []
-        for j, (nid, start, ftype) in enumerate(heads):
-            if j + 1 < count:
-                end = heads[j + 1][1]
-                name = bytes(buf[boff + start:boff + end]) if first <= start < end <= blen else b""
-            else:
-                return out + [self._dirent(boff, blen, count, j, ino)]
-            if (not name or end - start > EROFS_NAME_LEN or ftype > FileType.SYMLINK
-                    or nid > last_nid or b"/" in name or b"\0" in name):
-                return out + [self._dirent(boff, blen, count, j, ino)]  # raises, naming why
-            out.append((name, nid, ftype))
-        return out
+    def _block_dirents(self, boff: int, blen: int, count: int
+                       ) -> list[tuple[bytes, int, int]] | None:
+        """Every entry of one dirent block as ``_dirent`` decodes them, checked all at once
+        (a tree walk lists every entry of the image); None when any check of ``_dirent``
+        would fail."""
+        block = bytes(self._buf[boff:boff + blen])
+        nids, starts, types = zip(*_DIRENT.iter_unpack(block[:count * EROFS_DIRENT_SIZE]),
+                                  strict=True)
+        tail = starts[-1]
+        last_end = block.find(b"\0", tail) if tail < blen else -1
+        ends = starts[1:] + (blen if last_end < 0 else last_end,)
+        if (not count * EROFS_DIRENT_SIZE <= starts[0] or not all(map(operator.lt, starts, ends))
+                or ends[-1] > blen or max(map(operator.sub, ends, starts)) > EROFS_NAME_LEN
+                or max(types) > FileType.SYMLINK
+                or self._meta_base + max(nids) * EROFS_INODE_SLOT_SIZE + 32 > len(self._buf)):
+            return None
+        names = block[starts[0]:ends[-1]]
+        if b"/" in names or b"\0" in names:  # a name with a separator or a NUL in it
+            return None
+        return list(zip([block[a:b] for a, b in zip(starts, ends, strict=True)], nids, types,
+                        strict=True))
 
     def _claim_dir_storage(self, ino: int, claimed: set[int]) -> None:
         for boff, _ in self._flat_blocks(self._dir_node(ino)):
