@@ -19,6 +19,7 @@ PKGS=(containerd runc docker-registry fuse3 libfuse3-dev pkg-config erofs-utils 
       socat                # bridges h2spec (TCP only) to the snapshots unix socket in a test
       openssl              # verifies the converter's image signatures in a test
       cryptsetup-bin       # veritysetup: userspace check of tarfs block images' dm-verity trees
+      liblz4-1             # liblz4: lz4_block chunks decoded without holding the GIL, rafs.format.compress
       mount gzip tar)      # mount/umount, gzip, tar: called by tests (tests/harness/tools.py)
 missing=()
 for p in "${PKGS[@]}"; do

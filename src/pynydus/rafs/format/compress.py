@@ -20,7 +20,7 @@ import functools
 import threading
 import types
 import zlib
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pynydus.errors import FormatError, InvalidArgument
 from pynydus.rafs.format import layout as _layout
@@ -91,6 +91,32 @@ class _Libraries:
         import lz4.block  # type: ignore[import-untyped]
 
         return lz4.block
+
+    @functools.cached_property
+    def lz4_decompress_safe(self) -> Any:
+        """(new bytes object of a size, liblz4's ``LZ4_decompress_safe``) through ctypes,
+        which lets go of the GIL while the block decodes (python-lz4's decoder holds it:
+        a daemon's readers then queue for the GIL behind every chunk decoded); None
+        without the library (python-lz4 then)."""
+        import ctypes
+        import ctypes.util
+
+        try:  # the soname first: find_library runs ldconfig (tens of ms at the first miss)
+            lib = ctypes.CDLL("liblz4.so.1")
+        except OSError:
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("lz4") or "liblz4.so")
+            except OSError:
+                return None
+        decode = getattr(lib, "LZ4_decompress_safe", None)
+        if decode is None:
+            return None
+        decode.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+        decode.restype = ctypes.c_int
+        new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+        new_bytes.restype = ctypes.py_object
+        return new_bytes, decode
 
     @functools.cached_property
     def zstd(self) -> types.ModuleType:
@@ -190,6 +216,27 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _lz4_decompress(raw: bytes | memoryview, size: int) -> bytes:
+    """A raw LZ4 block decoded into ``size`` bytes (fewer when it holds fewer: the caller
+    checks), without holding the GIL when liblz4 is there. liblz4 writes straight into
+    a new bytes object (not shared with anyone before this returns): no copy."""
+    lz4 = _lib.lz4_decompress_safe
+    if lz4 is None or not 1 < size < 1 << 31 or len(raw) >= 1 << 31:
+        out: bytes = _lib.lz4.decompress(raw, uncompressed_size=size)
+        return out
+    if not isinstance(raw, bytes):  # a chunk cut out of a fetched range: the whole of it?
+        obj = raw.obj if isinstance(raw, memoryview) else None
+        raw = obj if isinstance(obj, bytes) and raw.nbytes == len(obj) else bytes(raw)
+    new_bytes, decode = lz4
+    out = new_bytes(None, size)
+    got = decode(raw, out, len(raw), size)
+    if got < 0:
+        raise FormatError(f"decompress LZ4_BLOCK chunk: corrupt block (error at byte {-got - 1})")
+    if got != size:
+        raise FormatError(f"decompress LZ4_BLOCK chunk: got {got} bytes, expected {size}")
+    return out
+
+
 def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: int) -> bytes:
     """Decode one chunk compressed with ``algo`` into exactly ``uncompressed_size`` bytes.
 
@@ -201,7 +248,7 @@ def decompress(data: bytes | memoryview, algo: Compressor, uncompressed_size: in
         if algo == Compressor.NONE:
             out = bytes(raw)
         elif algo == Compressor.LZ4_BLOCK:
-            out = _lib.lz4.decompress(raw, uncompressed_size=uncompressed_size)
+            out = _lz4_decompress(raw, uncompressed_size)
         elif algo == Compressor.ZSTD:
             out = _zstd_decompressor().decompress(raw, max_output_size=max(uncompressed_size, 1))
         elif algo == Compressor.GZIP:
