@@ -75,7 +75,7 @@ class FuseSession:
         self.server = server
         # after a read that waited for the backend, push the rest of its chunks into the
         # kernel's page cache, so the next reads of them never reach us
-        self._stores: queue.Queue[tuple[int, RafsInstance, ReadPlan, Fresh]] | None = None
+        self._stores: queue.SimpleQueue[tuple[int, RafsInstance, ReadPlan, Fresh]] | None = None
         self.threads = max(1, threads)
         self.on_end = on_end
         self.ended = threading.Event()
@@ -89,7 +89,7 @@ class FuseSession:
         self._lock = threading.Lock()
         self._storing = False
         if store_chunks:
-            self._stores = queue.Queue(maxsize=_STORE_QUEUE)
+            self._stores = queue.SimpleQueue()  # bounded by _queue_store
             server.store = self._queue_store
 
     def start(self, first: int = 0,
@@ -153,12 +153,12 @@ class FuseSession:
                     self._storing = True
                     threading.Thread(target=self._store_loop, name="fuse-store",
                                      daemon=True).start()
-        if self._stores.qsize() >= _STORE_KEEPS:
+        queued = self._stores.qsize()
+        if queued >= _STORE_QUEUE:
+            return  # a hint: the reads will come to us instead
+        if queued >= _STORE_KEEPS:
             fresh = {}  # a backlog: its chunks are read again when stored, not held here
-        try:
-            self._stores.put_nowait((nodeid, inst, plan, fresh))
-        except queue.Full:
-            pass  # a hint: the reads will come to us instead
+        self._stores.put((nodeid, inst, plan, fresh))
 
     def _store_loop(self) -> None:
         """FUSE_NOTIFY_STORE the chunks around each queued miss, minus what the read

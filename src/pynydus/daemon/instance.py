@@ -20,6 +20,7 @@ one. Such blobs are not amplified.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -113,7 +114,7 @@ class RafsInstance:
         self._ra_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
         # Delayed persist: a miss is answered from the decoded chunk and written to the
         # cache file here afterwards, holding at most _PERSIST_BUDGET bytes in memory.
-        self._persist_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persist")
+        self._persist_thread = _JobThread("persist")
         self._persist_bytes = 0
         self._persist_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -126,7 +127,7 @@ class RafsInstance:
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
-        self._persist_pool.shutdown(wait=True)  # writes finish before the files close
+        self._persist_thread.close()  # writes finish before the files close
         with self._lock:
             for cache in self._caches.values():
                 cache.close()
@@ -174,9 +175,7 @@ class RafsInstance:
                 with self._persist_lock:
                     self._persist_bytes -= nbytes
 
-        try:
-            self._persist_pool.submit(run)
-        except RuntimeError:  # shut down: the caller writes
+        if not self._persist_thread.submit(run):  # closing: the caller writes
             with self._persist_lock:
                 self._persist_bytes -= nbytes
             return False
@@ -509,6 +508,48 @@ def _span_ref(spans: SpanMap, at: tuple[Span, int], index: int, u_off: int, u_si
                     c_size=spans.compressed_end(index, span) - span.offset,
                     u_off=u_off, u_size=u_size, compressed=True, digest=digest,
                     span=span, span_offset=inner)
+
+
+class _JobThread:
+    """One thread that runs the jobs given to it in order, started with the first; the
+    misses of a random reader hand it one job each, so a hand-off is a SimpleQueue put
+    (a ThreadPoolExecutor's took a Future, a lock and two condition variables a job)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Queue ``job``; False once ``close`` was called (the job is not run)."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._jobs.put(job)
+        return True
+
+    def close(self) -> None:
+        """Run the jobs queued so far, then end the thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            self._jobs.put(None)
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job reports its own failures; the thread goes on
+                log.exception("%s job failed", self.name)
 
 
 def _no_chunk(index: int) -> ChunkRef | None:
