@@ -12,7 +12,6 @@ pre-imported process that forks daemons (``template.py``).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import resource
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 from pynydus import __version__
 from pynydus.cli.pipes import quiet_on_closed_pipe
 from pynydus.errors import ConfigError, NydusError
+from pynydus.host.libc import limit_malloc_arenas
 from pynydus.logs import LEVELS, RotatingLog, dump_stacks_on
 
 if TYPE_CHECKING:
@@ -34,8 +34,7 @@ log = logging.getLogger("pynydusd")
 _SUBCOMMANDS = ("fuse", "singleton", "virtiofs", "nbd", "uffd")
 # rotated daemon logs kept (--log-rotation-size)
 _LOG_BACKUPS = 5
-# glibc's mallopt parameter M_ARENA_MAX (malloc.h), and the arenas a daemon keeps
-_M_ARENA_MAX = -8
+# the arenas glibc's malloc may keep for a daemon (host/libc.limit_malloc_arenas)
 _MALLOC_ARENAS = 2
 
 
@@ -151,7 +150,7 @@ def _run(sub: str, args: argparse.Namespace) -> int:
     options = daemon_options(sub, args)
     if args.rlimit_nofile:
         raise_nofile_limit(args.rlimit_nofile)
-    limit_malloc_arenas()
+    limit_malloc_arenas(_MALLOC_ARENAS)
     return Daemon(options).run()
 
 
@@ -224,21 +223,6 @@ def daemon_options(sub: str, args: argparse.Namespace) -> DaemonOptions:
         config=config, daemon_id=args.id or "", supervisor=args.supervisor or "",
         thread_num=args.thread_num, prefetch_files=prefetch, blob_files=args.blob_files,
     )
-
-
-def limit_malloc_arenas(n: int = _MALLOC_ARENAS) -> bool:
-    """Let glibc's malloc keep at most ``n`` arenas (its default is eight per CPU: a
-    thread that finds every arena busy makes another, and each keeps its pages). The
-    daemon's threads allocate almost only under the GIL, so they hardly ever contend for
-    one; more arenas were 1 MB of an idle daemon's RSS after a tree walk (docs/benchmarks.md,
-    "Lean start"). Run before the daemon starts its threads; ``MALLOC_ARENA_MAX`` in the
-    environment wins. Whether the limit was set (False on a libc without mallopt)."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, n))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def raise_nofile_limit(want: int) -> int:

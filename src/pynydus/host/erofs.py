@@ -20,7 +20,6 @@ otherwise; ``PYNYDUS_TARFS_BACKING=file|loop`` overrides it (the tests run both)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -31,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from pynydus.errors import FailedPrecondition
+from pynydus.host.mount import MS_RDONLY, sys_mount, unmount
 
 __all__ = ["BACKING_ENV", "Backing", "forget_pages", "mount_bdi", "mount_erofs",
            "umount_erofs"]
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 Backing = Literal["file", "loop"]
 BACKING_ENV = "PYNYDUS_TARFS_BACKING"
 
-_MS_RDONLY = 0x1
-_MNT_DETACH = 0x2
 # mount(2) copies at most one page of options
 _MAX_DATA = os.sysconf("SC_PAGE_SIZE") - 1
 
@@ -58,30 +56,23 @@ _LOOP_INFO64 = struct.Struct("<QQQQQIIII64s64s32sQQ")
 _LOOP_CONFIG = struct.Struct(f"<II{_LOOP_INFO64.size}s64s")
 _LO_FLAGS_OFFSET = 8 * 5 + 4 * 3  # lo_flags inside loop_info64
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _loop_lock = threading.Lock()  # GET_FREE + CONFIGURE is a race between our own threads
 
 
 def _mount(source: str, target: str, data: str) -> None:
-    if _libc.mount(os.fsencode(source), os.fsencode(target), b"erofs", _MS_RDONLY,
-                   data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount erofs {source} on {target} ({data[:200]!r}): "
-                           f"{os.strerror(err)}")
+    sys_mount(source, target, "erofs", MS_RDONLY, data)
 
 
 def umount_erofs(target: str) -> bool:
     """Unmount ``target``; False if nothing was mounted there. OSError (EBUSY) while an
     overlay or a process still uses it: it stays mounted, intact."""
-    if _libc.umount2(os.fsencode(target), 0) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
-        return False
-    raise OSError(err, f"umount {target}: {os.strerror(err)}")
+    try:
+        unmount(target)
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.ENOENT):
+            return False
+        raise
+    return True
 
 
 def mount_erofs(bootstrap: str, devices: Sequence[str], target: str, backing: Backing, *,

@@ -8,8 +8,9 @@ None where it cannot be loaded; every caller treats its call as optional.
 from __future__ import annotations
 
 import ctypes
+import os
 
-__all__ = ["LIBC", "keep_freed_buffers"]
+__all__ = ["LIBC", "keep_freed_buffers", "limit_malloc_arenas"]
 
 LIBC: ctypes.CDLL | None
 try:
@@ -18,6 +19,7 @@ except OSError:  # pragma: no cover - no dynamic loader
     LIBC = None
 
 _M_TRIM_THRESHOLD = -1
+_M_ARENA_MAX = -8
 _M_MMAP_THRESHOLD = -3
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit).
 _MMAP_THRESHOLD_MAX = 32 << 20
@@ -41,3 +43,16 @@ def keep_freed_buffers(keep: int = 64 << 20) -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
         mallopt(_M_TRIM_THRESHOLD, keep)
     )
+
+
+def limit_malloc_arenas(n: int) -> bool:
+    """Let glibc's malloc keep at most ``n`` arenas (its default is eight per CPU: a
+    thread that finds every arena busy makes another, and each keeps its pages). For a
+    daemon whose threads allocate almost only under the GIL, so they hardly ever contend
+    for one: more arenas were 1 MB of an idle pynydusd's RSS after a tree walk
+    (docs/benchmarks.md, "Lean start"). Run before the threads start; ``MALLOC_ARENA_MAX``
+    in the environment wins. Whether the limit was set (False without glibc's mallopt)."""
+    mallopt = getattr(LIBC, "mallopt", None)
+    if mallopt is None or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    return bool(mallopt(_M_ARENA_MAX, n))

@@ -95,12 +95,14 @@ def parse_options(options: Iterable[str]) -> tuple[int, list[str]]:
     return flags, data
 
 
-def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+def sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2); OSError naming the mount (its data cut to 200 characters)."""
     rc = _libc.mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype), flags,
                      os.fsencode(data) if data else None)
     if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} {source} on {target} ({data!r}): {os.strerror(err)}")
+        raise OSError(err, f"mount {fstype} {source} on {target} ({data[:200]!r}): "
+                           f"{os.strerror(err)}")
 
 
 def compact_lowerdir(data: list[str]) -> tuple[str, list[str]]:
@@ -125,9 +127,9 @@ def mount(spec: MountSpec, target: str) -> None:
     flags, data = parse_options(spec.options)
     target = os.path.abspath(target)
     if spec.type == "bind" or flags & MS_BIND:
-        _sys_mount(spec.source, target, "", flags & ~MS_RDONLY | MS_BIND, "")
+        sys_mount(spec.source, target, "", flags & ~MS_RDONLY | MS_BIND, "")
         if flags & MS_RDONLY:
-            _sys_mount("", target, "", flags | MS_REMOUNT | MS_BIND, "")
+            sys_mount("", target, "", flags | MS_REMOUNT | MS_BIND, "")
         return
     joined = ",".join(data)
     if spec.type == "overlay" and len(joined) >= _PAGE_SIZE - 512:
@@ -137,12 +139,12 @@ def mount(spec: MountSpec, target: str) -> None:
                 saved = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     os.chdir(common)
-                    _sys_mount(spec.source, target, spec.type, flags, ",".join(data))
+                    sys_mount(spec.source, target, spec.type, flags, ",".join(data))
                 finally:
                     os.fchdir(saved)
                     os.close(saved)
             return
-    _sys_mount(spec.source, target, spec.type, flags, joined)
+    sys_mount(spec.source, target, spec.type, flags, joined)
 
 
 def mount_all(specs: Sequence[MountSpec], target: str) -> None:

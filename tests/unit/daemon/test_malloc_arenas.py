@@ -11,8 +11,8 @@ import sys
 
 _SCRIPT = """
 import ctypes, sys, threading
-from pynydus.daemon.main import limit_malloc_arenas
-print(limit_malloc_arenas())
+from pynydus.host.libc import limit_malloc_arenas
+print(limit_malloc_arenas(2))
 all_in = threading.Barrier(8)
 def allocate():
     kept = [bytearray(256 << 10) for _ in range(4)]  # beyond pymalloc: malloc itself
@@ -50,7 +50,7 @@ def test_malloc_arena_max_in_the_environment_wins() -> None:
 def test_without_the_limit_each_thread_takes_an_arena() -> None:
     """The case the limit is for: the same threads without it (glibc's default)."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    script = _SCRIPT.replace("print(limit_malloc_arenas())", "print('unlimited')")
+    script = _SCRIPT.replace("print(limit_malloc_arenas(2))", "print('unlimited')")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        env=env, check=True, timeout=120)
     assert sum(line.startswith("Arena ") for line in r.stderr.splitlines()) > 2
