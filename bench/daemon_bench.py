@@ -381,7 +381,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         daemons.append(d)
         d.start()
         seq_read(d.mountpoint / "big.bin")  # populate the blob cache
-        assert d.get("/api/v1/metrics/blobcache")["data_all_ready"], "blob cache not full"
+        # misses are persisted behind the reads (delayed persist): wait for the writes
+        deadline = time.monotonic() + 60
+        while not d.get("/api/v1/metrics/blobcache")["data_all_ready"]:
+            assert time.monotonic() < deadline, "blob cache not full 60 s after the read"
+            time.sleep(0.1)
+        print(f"blob cache full {60 - (deadline - time.monotonic()):.2f} s after the read",
+              flush=True)
         warm_fns: dict[str, Callable[[], tuple[float, int]]] = {
             "pynydusd": lambda: seq_read(d.mountpoint / "big.bin")}
         if peer:
