@@ -178,14 +178,15 @@ class MemoryTrimmer:
     def _trim(self) -> None:
         with self._lock:
             self._pending = False
-        import ctypes
         import gc
 
+        from pynydus.host.libc import LIBC
+
         gc.collect()
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
+        trim = getattr(LIBC, "malloc_trim", None)
+        if trim is None:  # not glibc
             return
+        trim(0)
         self.trims += 1
         from pynydus.system.controller import rss_kib
 
