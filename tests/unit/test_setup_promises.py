@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,12 @@ def test_require_fails_naming_program_and_package(monkeypatch: pytest.MonkeyPatc
         tools.require("/nonexistent/pyn-tool")
     with pytest.raises(KeyError, match="TOOLS"):
         tools.require("not-a-known-tool")
+
+
+def test_profiler_the_benches_run_is_in_the_venv() -> None:
+    # bench/lazy_pull.py --profile and bench/daemon_ab.py --spy run py-spy beside the
+    # interpreter; the test extra installs it
+    spy = Path(sys.executable).with_name("py-spy")
+    assert spy.exists(), f"{spy} is missing: pip install -e '.[test]' (scripts/setup.sh)"
+    r = subprocess.run([str(spy), "--version"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("py-spy 0."), r.stdout + r.stderr
