@@ -9,6 +9,9 @@ One row per cell (a test, or one parameter of it): pass, FAIL, or "upstream bug"
 strict xfail, whose recorded reason quotes upstream's own output ("not in upstream 2.2"
 when the reason says upstream predates the feature). Cells upstream's pinned
 version cannot have at all are listed at the end with the reason.
+
+The section from "## Issue 11 checklist" on is written by hand (the audit of issue 11
+against the repository) and is kept as it is when the matrix is rewritten.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+HAND_WRITTEN = "## Issue 11 checklist"
 
 CELLS = {
     "test_upstream_to_ours": (
@@ -80,6 +84,11 @@ NOT_APPLICABLE = [
      ("upstream has no form for it (its builder refuses such a layer, see the xfail "
       "above); our per-layer bootstrap marks the link for our merge to bind "
       "(docs/decisions.md), which upstream's merge does not know")),
+    ("issue 11's 6", ("converters crossed (nydusify's output through our snapshotter, "
+                      "`nydusify check` of ours)"),
+     ("cannot run here: nydusify is not installable by name, the Go module proxy answers "
+      "403 for its module under either path (`scripts/peers.sh nydusify` reports it; "
+      "docs/decisions.md \"nydusify by name\" has the answers and dates)")),
 ]
 
 
@@ -134,7 +143,8 @@ def render(rows: list[Row], total: float, when: str, source: str) -> str:
         "# Compatibility with upstream Nydus",
         "",
         ("Written by `scripts/compat-report.py` from the last run of `tests/compat` "
-         f"({when}; {source}). Do not edit by hand: run the script."),
+         f"({when}; {source}). Do not edit by hand: run the script (it keeps the "
+         f"hand-written section \"{HAND_WRITTEN[3:]}\" at the end as it is)."),
         "",
         ("Referee: upstream nydus-rs **2.2.0** (`nydus-image`, `nydusd`, `nydusctl`) and "
          "nydus-snapshotter **v0.16.1** (`containerd-nydus-grpc`), the versions pinned in "
@@ -161,11 +171,24 @@ def render(rows: list[Row], total: float, when: str, source: str) -> str:
             for r in notes:
                 out.append(f"- **{r.name}** ({r.outcome}): {r.note}")
         out.append("")
-    out += ["## Not applicable with upstream 2.2", "", "| cell | case | why |", "|---|---|---|"]
+    out += ["## Not applicable with upstream 2.2, or not runnable here", "",
+            "| cell | case | why |", "|---|---|---|"]
     for cell, case, why in NOT_APPLICABLE:
         out.append(f"| {cell} | {case} | {why} |")
     out.append("")
     return "\n".join(out)
+
+
+def hand_written(old: str) -> str:
+    """The hand-written section of an earlier report (from its heading on), or ""."""
+    at = old.find("\n" + HAND_WRITTEN + "\n")
+    return old[at + 1:] if at >= 0 else ""
+
+
+def write(path: Path, matrix: str) -> None:
+    """``matrix`` to ``path``, followed by the hand-written section ``path`` had."""
+    tail = hand_written(path.read_text()) if path.exists() else ""
+    path.write_text(matrix + ("\n" + tail if tail else ""))
 
 
 def main() -> int:
@@ -189,7 +212,7 @@ def main() -> int:
         print(f"compat-report: no tests/compat results in {xml}", file=sys.stderr)
         return 1
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.path.getmtime(xml)))
-    Path(args.output).write_text(render(rows, total, when, source))
+    write(Path(args.output), render(rows, total, when, source))
     print(f"wrote {args.output}: {len(rows)} cells")
     return 1 if any(r.outcome == "FAIL" for r in rows) else 0
 
