@@ -8,7 +8,9 @@ and merged by the other side's merge:
 
 * ours-built layers, ``nydus-image merge``d: served by pynydusd;
 * upstream-built layers, ``pynydus image merge``d: served by upstream's nydusd;
-* and, as references, each side's merge of its own layers served by the other's daemon.
+* as references, each side's merge of its own layers served by the other's daemon;
+* and ours through our drop-in ``nydus-image create``/``merge`` (upstream's command
+  lines, "ours-cli"), served by upstream's nydusd.
 
 The served tree must equal the OCI layer application computed on its own
 (``tests/harness/rafs_layers.expected_listing``): type, mode, owner, size, mtime,
@@ -27,7 +29,13 @@ from .conftest import ServeFn
 from .test_upstream_to_ours import UpstreamBug, upstream_bug
 from .trees import T1, T2, layered_image, random_image, write_layers
 from .upstream import check_view, nydus_image
-from .views import assert_reader_agrees, ours
+from .views import NYDUS_IMAGE, assert_reader_agrees, ours
+
+
+def dropin(*args: str | Path) -> object:
+    """Our ``nydus-image`` with upstream's command line."""
+    return ours(*args, exe=NYDUS_IMAGE)
+
 
 LAYER_SETS = {
     "layered": layered_image,
@@ -40,6 +48,7 @@ DIRECTIONS = [
     ("upstream", "ours", "nydusd"),
     ("ours", "ours", "nydusd"),
     ("upstream", "upstream", "pynydusd"),
+    ("ours-cli", "ours-cli", "nydusd"),
 ]
 
 
@@ -54,9 +63,10 @@ def build_layers(who: str, tars: list[Path], work: Path) -> tuple[list[Path], Pa
         own = work / f"blobs{i}"  # the layer's own blob (two layers may write the same)
         own.mkdir()
         boot = work / f"layer{i}.boot"
-        if who == "upstream":
-            nydus_image("create", "-t", "tar-rafs", "--whiteout-spec", "none",
-                        "--compressor", "zstd", "-B", boot, "-D", own, tar)
+        if who in ("upstream", "ours-cli"):
+            (nydus_image if who == "upstream" else dropin)(
+                "create", "-t", "tar-rafs", "--whiteout-spec", "none",
+                "--compressor", "zstd", "-B", boot, "-D", own, tar)
         else:
             ours("image", "build", "--type", "tar-rafs", "--whiteout-spec", "none",
                  "--compressor", "zstd", "--progress", "quiet", "--bootstrap", boot,
@@ -69,8 +79,8 @@ def build_layers(who: str, tars: list[Path], work: Path) -> tuple[list[Path], Pa
 
 
 def merge_layers(who: str, boots: list[Path], out: Path) -> None:
-    if who == "upstream":
-        nydus_image("merge", "-B", out, *boots)
+    if who in ("upstream", "ours-cli"):
+        (nydus_image if who == "upstream" else dropin)("merge", "-B", out, *boots)
     else:
         ours("image", "merge", "--bootstrap", out, *boots)
 

@@ -1,8 +1,9 @@
 """Matrix cell 2: images we write, judged by upstream.
 
 Every image our builder (``pynydus image build``: v6, each compressor, chunk sizes,
-sha256, tar and tar.gz layers, a chunk dictionary, tarfs) and our converter (per-layer
-inline blobs and the merged bootstrap, as ``pynydus convert`` pushes them) writes must
+sha256, tar and tar.gz layers, a chunk dictionary, tarfs; and through our drop-in
+``nydus-image create`` with upstream's flags) and our converter (per-layer inline blobs
+and the merged bootstrap, as ``pynydus convert`` pushes them) writes must
 
 * pass upstream's ``nydus-image check`` (with the blobs), listing every inode the way our
   reader sees it (kind, nlink, size, mtime, each chunk's digest and extents) and the
@@ -36,7 +37,7 @@ from .conftest import ServeFn
 from .test_upstream_to_ours import UpstreamBug, upstream_bug
 from .trees import layered_image, rich_tree, tar_of, write_layers
 from .upstream import check_view
-from .views import assert_reader_agrees, assert_served, no_sockets, ours
+from .views import NYDUS_IMAGE, assert_reader_agrees, assert_served, no_sockets, ours
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class OurBuild:
     args: tuple[str, ...] = ()
     source: str = "dir"  # dir | tar | targz
     bug: tuple[str, str] | None = None
+    dropin: bool = False  # built by our ``nydus-image create`` (args: upstream's flags)
 
 
 BUILDS = [
@@ -62,6 +64,11 @@ BUILDS = [
         ("nydus-image/nydusd 2.2 predate tarfs (RAFS v6 with 512-byte blocks over the tar "
          "itself, added upstream after 2.2): 'nydus-image check' says 'invalid block size "
          "bits 9 in Rafsv6 superblock' (nydus-rafs 0.2.2 metadata/layout/v6.rs:176)"))),
+    # The same cells through the command line operators' scripts call.
+    OurBuild("nydus-image-cli-v6-zstd-chunk4k", ("--compressor", "zstd", "--chunk-size",
+                                                 "0x1000"), dropin=True),
+    OurBuild("nydus-image-cli-v6-targz-rafs-sha256", ("-t", "targz-rafs", "--digester",
+                                                      "sha256"), "targz", dropin=True),
 ]
 
 
@@ -71,13 +78,18 @@ def _param(b: OurBuild) -> Any:
     return pytest.param(b, id=b.id, marks=marks)
 
 
-def our_build(args: tuple[str, ...], source: Path, work: Path) -> tuple[Path, Path, list[str]]:
+def our_build(args: tuple[str, ...], source: Path, work: Path, *, dropin: bool = False
+              ) -> tuple[Path, Path, list[str]]:
     blob_dir = work / "blobs"
     blob_dir.mkdir(parents=True, exist_ok=True)
     boot = work / "image.boot"
     report = work / "build.json"
-    ours("image", "build", *args, "--bootstrap", boot, "--blob-dir", blob_dir,
-         "--output-json", report, "--progress", "quiet", source)
+    if dropin:
+        ours("create", *args, "-B", boot, "-D", blob_dir, "-J", report, source,
+             exe=NYDUS_IMAGE)
+    else:
+        ours("image", "build", *args, "--bootstrap", boot, "--blob-dir", blob_dir,
+             "--output-json", report, "--progress", "quiet", source)
     blobs = json.loads(report.read_text()).get("blobs", [])
     return boot, blob_dir, [b["blob_id"] if isinstance(b, dict) else b for b in blobs]
 
@@ -97,7 +109,7 @@ def test_our_image_passes_upstream_check_and_nydusd(
         b: OurBuild, rich_src: Path, workdir: Path, serve: ServeFn) -> None:
     source = rich_src if b.source == "dir" else tar_of(rich_src, workdir / "layer.tar",
                                                          gz=b.source == "targz")
-    boot, blob_dir, _ = our_build(b.args, source, workdir)
+    boot, blob_dir, _ = our_build(b.args, source, workdir, dropin=b.dropin)
     if "targz-ref" in b.args:
         # The data stays in the gzip layer: the blob the bootstrap names is the layer,
         # by its sha256 (as a registry serves it); blob_dir holds the meta blob.

@@ -59,11 +59,13 @@ BIG = bytes(range(256)) * 12288  # 3 MiB: three chunks, compressible
 def layered_image() -> list[list[Ent]]:
     """Three OCI layers that exercise what a merge must get right.
 
-    1: base tree (multi-chunk file, hardlinks inside the layer, xattrs, symlinks, a fifo,
-       a char device, a directory to be made opaque, files to be whited out);
+    1: base tree (multi-chunk file, an empty file, hardlinks inside the layer, xattrs,
+       symlinks, a fifo, a char device, a 255-byte name, 300 small files in one
+       directory, a directory to be made opaque, files to be whited out);
     2: ``.wh.`` of a file and of a whole directory, ``.wh..wh..opq`` of a directory that
        gets new content, a file replacing a directory, a directory replacing a file,
-       a file whose chunks repeat layer 1's, a new hardlink pair;
+       a file whose chunks repeat layer 1's, a new hardlink pair, a whiteout among the
+       small files;
     3: an opaque directory over nothing, a whiteout of a layer-2 file, a file replaced.
     """
     d = {"mode": 0o755}
@@ -86,6 +88,10 @@ def layered_image() -> list[list[Ent]]:
         Ent("dir", "opt", mtime=T1, **d), Ent("file", "opt/was-file", data=b"f", mtime=T1),
         Ent("dir", "opt/was-dir", mtime=T1, **d),
         Ent("file", "opt/was-dir/inner", data=b"inner", mtime=T1),
+        Ent("file", "etc/empty", data=b"", mtime=T1),
+        Ent("file", "opt/" + "L" * 255, data=b"long name\n", mtime=T1),
+        Ent("dir", "usr/lib", mtime=T1, **d),
+        *(Ent("file", f"usr/lib/f{i:03d}", data=b"%d\n" % i, mtime=T1) for i in range(300)),
     ]
     l2 = [
         Ent("dir", "etc", mtime=T2, **d),
@@ -101,6 +107,8 @@ def layered_image() -> list[list[Ent]]:
         Ent("file", "opt/copy-of-tool", data=BIG, mtime=T2),  # same chunks as layer 1
         Ent("file", "opt/pair-a", data=b"pair\n", mtime=T2, xattrs={"user.pair": b"1"}),
         Ent("hardlink", "opt/pair-b", link="opt/pair-a", mtime=T2),  # same mode as pair-a
+        Ent("dir", "usr", mtime=T2, **d), Ent("dir", "usr/lib", mtime=T2, **d),
+        Ent("wh", "usr/lib/.wh.f007"),
     ]
     l3 = [
         Ent("dir", "srv", mtime=T3, **d), Ent("opq", "srv/.wh..wh..opq"),

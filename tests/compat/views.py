@@ -32,11 +32,14 @@ from tests.integration.rafs.erofs_harness import Rec, assert_same_tree, snapshot
 from .upstream import CheckView, check_view, inspect_request, nydus_image
 
 PYNYDUS = str(Path(sys.executable).with_name("pynydus"))
+#: our drop-in ``nydus-image`` (upstream's subcommands and flags mapped onto ours)
+NYDUS_IMAGE = str(Path(sys.executable).with_name("nydus-image"))
 
 
-def ours(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``pynydus ARGS``; AssertionError with its output unless it exits 0."""
-    argv = [PYNYDUS, *(str(a) for a in args)]
+def ours(*args: str | Path, exe: str = PYNYDUS) -> subprocess.CompletedProcess[str]:
+    """``pynydus ARGS`` (or ``exe ARGS``: our ``NYDUS_IMAGE``); AssertionError with its
+    output unless it exits 0."""
+    argv = [exe, *(str(a) for a in args)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0, f"{' '.join(argv[1:])} exited {r.returncode}:\n{r.stdout}{r.stderr}"
