@@ -56,14 +56,21 @@ def mirror_of_the_machines_cache(cache: Path) -> None:
     """The installed peers of the machine's cache (filled by ``scripts/setup.sh --peers``
     before the suite), hard-linked into ``cache``: the script runs on the same files but
     can never replace or remove the machine's own."""
+    cache.mkdir(parents=True)
     for entry in cache_dir().iterdir():
         if entry.name.startswith(("_", ".")):
             continue  # build caches, locks and half-built peers
         if entry.is_dir():
-            shutil.copytree(entry, cache / entry.name, symlinks=True, copy_function=os.link)
+            shutil.copytree(entry, cache / entry.name, symlinks=True, copy_function=_link)
         else:
-            cache.mkdir(parents=True, exist_ok=True)
-            os.link(entry, cache / entry.name)
+            _link(entry, cache / entry.name)
+
+
+def _link(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system: a copy protects the original just as well
+        shutil.copy2(src, dst)
 
 
 def test_second_run_finds_every_pin_cached_and_prints_where_without_a_registry(
