@@ -45,8 +45,7 @@ from pynydus.daemon.chunkmap import ChunkMap
 from pynydus.daemon.metrics import CacheStats
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
 from pynydus.rafs.format import Compressor, decode_chunk
-from pynydus.rafs.read import BlobInfo
-from pynydus.rafs.read.spans import Span
+from pynydus.rafs.read import BlobInfo, Span
 
 log = logging.getLogger(__name__)
 
@@ -593,7 +592,7 @@ class BlobCache:
                                 max(want, c.span_offset + c.u_size))
         out: dict[Span, tuple[int, bytes]] = {}
         if need:  # the ZRAN code (ctypes' libz) loads with a blob that has spans
-            from pynydus.rafs.format.zran import ZranInputShort
+            from pynydus.rafs.format import zran
         for span, (c_end, want) in need.items():
             stream = streams.pop(span, None)
             begin = span.offset if stream is None else stream.in_end
@@ -604,7 +603,7 @@ class BlobCache:
                                       f"span decoder")
                 try:
                     out[span] = self.spans.decode_from(span, data, want, stream)
-                except ZranInputShort as err:
+                except zran.ZranInputShort as err:
                     # The chunk entry understated where its bytes end: the whole context.
                     log.warning("blob %s: %s; reading the whole context", self.blob.blob_id, err)
                     whole = self._backend_read(span.offset, span.size, prefetch=prefetch)

@@ -38,8 +38,7 @@ from pynydus.daemon.blobcache import ChunkRef
 from pynydus.daemon.fuseops import FOREVER, FuseError, RafsServer, Reply
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.vfs import ROOT_ID, Vfs
-from pynydus.rafs.read.spans import has_spans
-from pynydus.rafs.read.v6 import BootstrapV6
+from pynydus.rafs.read import BootstrapV6, has_spans
 
 __all__ = ["BlobFileServer", "BlobIndex"]
 

@@ -32,8 +32,15 @@ from pynydus.daemon.config import NydusdConfig
 from pynydus.daemon.metrics import CacheStats, FsStats
 from pynydus.daemon.trace import AccessTrace
 from pynydus.errors import FormatError, NotImplementedFeature
-from pynydus.rafs.read import ChunkRead, FileChunk, open_bootstrap
-from pynydus.rafs.read.spans import Span, SpanMap, has_spans, load_span_map
+from pynydus.rafs.read import (
+    ChunkRead,
+    FileChunk,
+    Span,
+    SpanMap,
+    has_spans,
+    load_span_map,
+    open_bootstrap,
+)
 
 log = logging.getLogger(__name__)
 

@@ -58,10 +58,8 @@ from pynydus.manager.renewal import CredentialRenewal
 from pynydus.manager.store import DaemonRecord, DaemonStore, RafsRecord
 from pynydus.manager.supervisor import Supervisor
 from pynydus.manager.template import DaemonTemplate
-from pynydus.rafs.format import bootstrap_version
-from pynydus.rafs.format.layout import EROFS_SUPER_OFFSET
-from pynydus.rafs.read import open_bootstrap
-from pynydus.rafs.read.spans import has_spans
+from pynydus.rafs.format import VERSION_HEAD_SIZE, bootstrap_version
+from pynydus.rafs.read import has_spans, open_bootstrap
 from pynydus.registry.hosts import check_all
 from pynydus.registry.keychain import Keychain
 from pynydus.signature import Verifier
@@ -107,7 +105,7 @@ def bootstrap_ready(path: str) -> bool:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(EROFS_SUPER_OFFSET + 16)
+            head = f.read(VERSION_HEAD_SIZE)
     except OSError:
         return False
     version = bootstrap_version(head)

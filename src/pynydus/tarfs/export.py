@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pynydus.errors import FormatError, InvalidArgument, NotFound
-from pynydus.rafs.format.layout import SuperFlags
+from pynydus.rafs.format import SuperFlags
 from pynydus.rafs.read import open_bootstrap
 from pynydus.tarfs.verity import TreeBuilder, geometry
 

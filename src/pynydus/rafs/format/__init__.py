@@ -27,7 +27,7 @@ from pynydus.rafs.format.layout import (
     decode_rdev,
     encode_rdev,
 )
-from pynydus.rafs.format.version import bootstrap_version
+from pynydus.rafs.format.version import VERSION_HEAD_SIZE, bootstrap_version
 from pynydus.rafs.format.whiteout import (
     LOWER_HARDLINK_XATTR,
     OCI_WHITEOUT_OPAQUE,
@@ -41,6 +41,7 @@ __all__ = [
     "OCI_WHITEOUT_OPAQUE",
     "OCI_WHITEOUT_PREFIX",
     "OVERLAY_OPAQUE_XATTR",
+    "VERSION_HEAD_SIZE",
     "BlobFeatures",
     "Compressor",
     "Digester",

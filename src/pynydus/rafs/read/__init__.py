@@ -4,7 +4,9 @@
 (:class:`BootstrapV5` or :class:`BootstrapV6`, both a :class:`Bootstrap`); inodes,
 directories and chunk maps are decoded on demand. :class:`BlobFiles` reads chunk
 data from blob files; :func:`inspect_bootstrap`, :func:`check_image` and
-:func:`unpack_image` are ``image inspect``, ``check`` and ``unpack``.
+:func:`unpack_image` are ``image inspect``, ``check`` and ``unpack``. A blob whose
+chunks are slices of decoded spans (ZRAN, batch) is read through its :class:`SpanMap`
+(:func:`has_spans`, :func:`load_span_map`).
 
 The names below are imported from their modules when first used (PEP 562): pynydusd
 imports this package for the reader and would otherwise carry ``unpack``'s tarfile,
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from pynydus.rafs.read.chunkindex import ChunkIndex
     from pynydus.rafs.read.inspect import describe, inspect_bootstrap
     from pynydus.rafs.read.open import bootstrap_from_bytes, open_bootstrap
+    from pynydus.rafs.read.spans import Span, SpanMap, has_spans, load_span_map
     from pynydus.rafs.read.unpack import CheckReport, check_image, unpack_image
     from pynydus.rafs.read.v5 import BootstrapV5
     from pynydus.rafs.read.v6 import BootstrapV6
@@ -41,6 +44,7 @@ _WHERE = {
     "ChunkIndex": "chunkindex",
     "describe": "inspect", "inspect_bootstrap": "inspect",
     "bootstrap_from_bytes": "open", "open_bootstrap": "open",
+    **dict.fromkeys(("Span", "SpanMap", "has_spans", "load_span_map"), "spans"),
     "CheckReport": "unpack", "check_image": "unpack", "unpack_image": "unpack",
     "BootstrapV5": "v5",
     "BootstrapV6": "v6",
@@ -57,11 +61,15 @@ __all__ = [
     "ChunkRead",
     "DirEntry",
     "FileChunk",
+    "Span",
+    "SpanMap",
     "Stat",
     "bootstrap_from_bytes",
     "check_image",
     "describe",
+    "has_spans",
     "inspect_bootstrap",
+    "load_span_map",
     "open_bootstrap",
     "unpack_image",
 ]
