@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any, NoReturn
 
 from pynydus import __version__
+from pynydus.logs import NYDUSD_LEVELS, level_of
 
 #: upstream prints ``<package_ver>-<git_commit>`` in its JSON outputs
 VERSION = f"{__version__}-pynydus"
@@ -75,8 +76,7 @@ def setup_logging(level: str, log_file: str | None) -> None:
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel({"trace": 5, "debug": logging.DEBUG, "info": logging.INFO,
-                   "warn": logging.WARNING, "error": logging.ERROR}[level])
+    root.setLevel(level_of(level))
 
 
 def json_value(v: Any) -> str:
@@ -119,4 +119,4 @@ def add_globals(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     sup = None if defaults else argparse.SUPPRESS
     p.add_argument("-L", "--log-file", default=sup, help="Log file path")
     p.add_argument("-l", "--log-level", default="info" if defaults else sup,
-                   choices=["trace", "debug", "info", "warn", "error"], help="Log level:")
+                   choices=NYDUSD_LEVELS, help="Log level:")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pynydus.cli.nydus_image import blob_features, build_parser
 from pynydus.cli.nydus_inspect import rust_debug
 from pynydus.cli.nydusctl import offset_datetime_display
-from pynydus.cli.upstream import hex_int, json_value, rust_f64
+from pynydus.cli.upstream import hex_int, json_value, rust_f64, setup_logging
+from pynydus.logs import NYDUSD_LEVELS, level_of
+from tests.harness.util import root_logging_of
 
 
 @pytest.mark.parametrize(("x", "shown"), [(0.0, "0"), (1024.0, "1024"), (1.5, "1.5"),
@@ -51,3 +55,18 @@ def test_create_defaults_are_upstreams() -> None:
     with pytest.raises(SystemExit) as exc:  # no abbreviations, as clap
         build_parser().parse_args(["create", "src", "-D", "d", "--compress", "zstd"])
     assert exc.value.code == 2
+
+
+def test_log_level_takes_rusts_names_and_the_shared_level_map() -> None:
+    """nydus-image's ``-l`` accepts the Rust ``log`` names nydusd does, and each sets the
+    root level pynydusd and the snapshotter set for that name (one map: pynydus.logs)."""
+    parser = build_parser()
+    assert {parser.parse_args(["-l", n, "check", "-B", "b"]).log_level for n in NYDUSD_LEVELS} \
+        == set(NYDUSD_LEVELS)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-l", "verbose", "check", "-B", "b"])
+    for name in NYDUSD_LEVELS:
+        with root_logging_of(lambda n=name: setup_logging(n, None)) as root:
+            assert root.level == level_of(name)
+    with root_logging_of(lambda: setup_logging("warn", None)) as root:
+        assert root.level == logging.WARNING
