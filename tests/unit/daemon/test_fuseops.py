@@ -258,6 +258,31 @@ def test_read_counts_once_with_size_and_latency(dedicated) -> None:  # type: ign
     assert sum(st["read_latency_dist"]) == 2 and st["fop_cumulative_latency_total"][READ] > 0
 
 
+def test_a_read_resolves_its_inode_and_plans_once(dedicated, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One READ: one inode resolution, one plan; the bootstrap is decoded for the first
+    read of a chunk only (a miss used to resolve four times and plan twice)."""
+    kernel, inst = dedicated
+    big = kernel.lookup(P.ROOT_ID, b"big")[0]
+    calls = {"resolve": 0, "plan_read": 0, "map_read": 0}
+
+    def counted(owner: Any, name: str) -> None:
+        real = getattr(owner, name)
+
+        def spy(*args: Any) -> Any:
+            calls[name] += 1
+            return real(*args)
+
+        monkeypatch.setattr(owner, name, spy)
+
+    counted(kernel.server.vfs, "resolve")
+    counted(inst, "plan_read")
+    counted(inst.bs, "map_read")
+    assert kernel.read(big, 0, 128 << 10) == BIG[:128 << 10]  # cold: a miss
+    assert calls == {"resolve": 1, "plan_read": 1, "map_read": 1}
+    assert kernel.read(big, 0, 128 << 10) == BIG[:128 << 10]  # warm
+    assert calls == {"resolve": 2, "plan_read": 2, "map_read": 1}
+
+
 def test_failed_read_is_one_error(tmp_path: Path, image: tuple[Path, Path, Path]) -> None:
     (tmp_path / "empty").mkdir()
     inst = local_instance(image[1], tmp_path / "empty", tmp_path / "cache")  # no blob anywhere
