@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Any
 
 from pynydus.rafs.format import BlobFeatures, SuperFlags
+from pynydus.rafs.format.layout import RAFS_V6_CHUNK_INFO_SIZE
 from pynydus.rafs.read.bootstrap import BlobInfo, Bootstrap
 from pynydus.rafs.read.open import open_bootstrap
 from pynydus.rafs.read.v5 import BootstrapV5
@@ -75,7 +76,7 @@ def describe(bs: Bootstrap) -> dict[str, Any]:
             }
             for d in bs.devices
         ]
-        out["chunk_table_entries"] = bs.ext_superblock.chunk_table_size // 80
+        out["chunk_table_entries"] = bs.ext_superblock.chunk_table_size // RAFS_V6_CHUNK_INFO_SIZE
     elif isinstance(bs, BootstrapV5):
         out["superblock"] = _struct_dict(bs.superblock)
     out["blobs"] = [_blob_dict(b) for b in bs.blobs]
