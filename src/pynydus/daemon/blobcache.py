@@ -44,7 +44,7 @@ from typing import Any, Protocol
 from pynydus.daemon.chunkmap import ChunkMap
 from pynydus.daemon.metrics import CacheStats
 from pynydus.errors import FormatError, NotFound, NydusError, Unavailable
-from pynydus.rafs.format import Compressor, decode_chunk
+from pynydus.rafs.format import Compressor, RafsChunkInfo, decode_chunk
 from pynydus.rafs.read import BlobInfo, Span
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,13 @@ class ChunkRef:
     digest: bytes = b""
     span: Span | None = None
     span_offset: int = 0
+
+    @classmethod
+    def of_record(cls, rec: RafsChunkInfo) -> ChunkRef:
+        """The reference of a chunk by its record in the bootstrap's chunk table."""
+        return cls(index=rec.index, c_off=rec.compressed_offset, c_size=rec.compressed_size,
+                   u_off=rec.uncompressed_offset, u_size=rec.uncompressed_size,
+                   compressed=rec.is_compressed, digest=rec.digest)
 
 
 class SpanDecoder(Protocol):

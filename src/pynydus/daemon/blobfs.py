@@ -29,7 +29,6 @@ import logging
 import os
 import stat
 import threading
-from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -64,23 +63,15 @@ class _File:
 
 
 class BlobIndex:
-    """The chunks of one blob of a bootstrap, sorted by uncompressed offset."""
+    """The chunks of one blob of a bootstrap, sorted by uncompressed offset (the reader's
+    ``BootstrapV6.blob_extents``; one chunk named twice, deduplicated within the blob,
+    counts once)."""
 
     def __init__(self, inst: RafsInstance, blob_index: int) -> None:
         self.inst = inst
         self.blob_index = blob_index
         assert isinstance(inst.bs, BootstrapV6)
-        recs = sorted((r.uncompressed_offset, r.uncompressed_size, r.index)
-                      for r in inst.bs.chunk_table() if r.blob_index == blob_index)
-        self.starts = array("q")
-        self.sizes = array("q")
-        self.indexes = array("q")
-        for off, size, index in recs:
-            if self.starts and self.starts[-1] == off:
-                continue  # one chunk named twice (dedup within the blob)
-            self.starts.append(off)
-            self.sizes.append(size)
-            self.indexes.append(index)
+        self.starts, self.sizes, self.indexes = inst.bs.blob_extents(blob_index)
 
     def pieces(self, offset: int, end: int) -> list[tuple[int, int, int, int]]:
         """(position in the range, chunk index, offset in chunk, length) of every chunk
@@ -236,10 +227,7 @@ class BlobFileServer(RafsServer):
             rec = inst.bs.chunk_record(bi, index)
             if rec is None:
                 raise FuseError(errno.EIO)
-            refs.append((ChunkRef(index=rec.index, c_off=rec.compressed_offset,
-                                  c_size=rec.compressed_size, u_off=rec.uncompressed_offset,
-                                  u_size=rec.uncompressed_size, compressed=rec.is_compressed,
-                                  digest=rec.digest), inner, length))
+            refs.append((ChunkRef.of_record(rec), inner, length))
         return refs
 
     def _readahead(self, f: _File, offset: int, end: int) -> None:

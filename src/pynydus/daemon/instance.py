@@ -244,11 +244,7 @@ class RafsInstance:
 
         def chunk_at(index: int) -> ChunkRef | None:
             rec = self.bs.chunk_record(blob_index, index)
-            if rec is None:
-                return None
-            return ChunkRef(index=rec.index, c_off=rec.compressed_offset, c_size=rec.compressed_size,
-                            u_off=rec.uncompressed_offset, u_size=rec.uncompressed_size,
-                            compressed=rec.is_compressed, digest=rec.digest)
+            return None if rec is None else ChunkRef.of_record(rec)
 
         return chunk_at
 

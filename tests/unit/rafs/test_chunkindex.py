@@ -1,7 +1,9 @@
-"""The reader's chunk-table index: (blob, chunk index) -> record, first record wins."""
+"""The reader's chunk-table index: (blob, chunk index) -> record, first record wins; and a
+blob's chunks by uncompressed offset (``blob_extents``)."""
 
 from pynydus.rafs.format import RafsChunkInfo
 from pynydus.rafs.read import ChunkIndex
+from pynydus.rafs.read.chunkindex import blob_extents
 
 BASE = 4096  # where the table starts in the "bootstrap"
 
@@ -43,3 +45,18 @@ def test_records_outside_the_blob_table_are_ignored() -> None:
     assert index.find(5, 0) == -1 and index.find(0, 9) == -1
     assert index.find(0, 0) == _at(2)  # an offset beyond int64 still names its record
     assert index.find(0, 0, 0) == -1
+
+
+def test_blob_extents_are_one_blobs_chunks_by_offset_each_start_once() -> None:
+    # (blob, chunk index, uncompressed offset, uncompressed size), in digest order
+    rows = [(1, 3, 8192, 4096), (0, 0, 0, 4096), (1, 0, 0, 8192), (1, 7, 4096, 100),
+            (1, 2, 8192, 4096), (2, 0, 0, 4096), (1, 9, 1 << 40, 1)]
+    buf = bytes(BASE) + b"".join(
+        RafsChunkInfo(digest=bytes([i]) * 32, blob_index=b, index=ci, uncompressed_offset=uo,
+                      uncompressed_size=us, compressed_size=us // 2, file_offset=i << 20).pack()
+        for i, (b, ci, uo, us) in enumerate(rows))
+    starts, sizes, indexes = blob_extents(buf, BASE, len(buf) - BASE, 1)
+    # chunk 2 and chunk 3 both start at 8192 (deduplicated data): the lower index stays
+    assert list(zip(starts, sizes, indexes, strict=True)) == \
+        [(0, 8192, 0), (4096, 100, 7), (8192, 4096, 2), (1 << 40, 1, 9)]
+    assert [list(a) for a in blob_extents(buf, BASE, len(buf) - BASE, 5)] == [[], [], []]

@@ -1,4 +1,5 @@
-"""The chunk table of a RAFS v6 bootstrap, indexed by (blob index, chunk index).
+"""The chunk table of a RAFS v6 bootstrap, indexed by (blob index, chunk index), and
+a blob's chunks by uncompressed offset.
 
 A v6 regular file names each of its chunks by (blob, chunk index, block address) in
 its chunk index array; the chunk's compressed extent, digest and flags are in the
@@ -16,6 +17,10 @@ so a large ``chunk_count`` costs nothing and a corrupt one cannot exhaust memory
 The first record of a chunk wins, as in nydusd. A table with two records for one
 chunk at different uncompressed offsets (no builder we know writes one) keeps the
 later ones aside, so that a lookup by the file's offset still finds its record.
+
+A blob read as its flat uncompressed address space (pynydusd's blob files) asks the other
+way round, which chunks cover a range of the blob: :func:`blob_extents` lists one blob's
+chunks sorted by uncompressed offset, decoded the same way.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from typing import TypeAlias
 
 from pynydus.rafs.format.layout import RAFS_V6_CHUNK_INFO_SIZE, ReadableBuffer
 
-__all__ = ["ChunkIndex", "PerChunk"]
+__all__ = ["ChunkIndex", "Extents", "PerChunk", "blob_extents"]
 
 # blob_index, uncompressed_offset and index of an 80-byte chunk record
 _KEY = struct.Struct("<32xI12x8xQ8xI4x")
+# blob_index, uncompressed_size, uncompressed_offset and index of an 80-byte chunk record
+_EXTENT = struct.Struct("<32xI8xI8xQ8xI4x")
 _MAX_OFFSET = (1 << 63) - 1
 _NO_OFFSET = -2  # stands for an offset beyond int64 in the arrays: no file has it
 #: chunk index -> value; an array (-1: none) when dense, a dict when sparse
@@ -104,3 +111,24 @@ class ChunkIndex:
 def _count(per_chunk: PerChunk) -> int:
     """Chunks with a record."""
     return len(per_chunk) if isinstance(per_chunk, dict) else len(per_chunk) - per_chunk.count(-1)
+
+
+#: (start, size, chunk index) arrays of a blob's chunks by uncompressed offset
+Extents: TypeAlias = "tuple[array[int], array[int], array[int]]"
+
+
+def blob_extents(buf: ReadableBuffer, start: int, size: int, blob: int) -> Extents:
+    """The chunks of blob ``blob`` in the chunk table at ``buf[start:start + size]``,
+    sorted by uncompressed offset (then size, then chunk index): three arrays,
+    ``starts``, ``sizes`` and ``indexes``. Of records that start at the same offset
+    (one chunk named twice) the first in that order is kept."""
+    starts, sizes, indexes = array("q"), array("q"), array("q")
+    rows = sorted((u_off, u_size, index) for b, u_size, u_off, index
+                  in _EXTENT.iter_unpack(bytes(buf[start : start + size])) if b == blob)
+    for u_off, u_size, index in rows:
+        if starts and starts[-1] == u_off:
+            continue
+        starts.append(u_off)
+        sizes.append(u_size)
+        indexes.append(index)
+    return starts, sizes, indexes

@@ -55,7 +55,7 @@ from pynydus.rafs.format.layout import (
     xattr_ibody_size,
 )
 from pynydus.rafs.read.bootstrap import Bootstrap, Buffer, DirEntry, FileChunk, Stat
-from pynydus.rafs.read.chunkindex import ChunkIndex
+from pynydus.rafs.read.chunkindex import ChunkIndex, Extents, blob_extents
 from pynydus.rafs.read.v6headers import (
     check_ext,
     check_superblock,
@@ -614,6 +614,12 @@ class BootstrapV6(Bootstrap):
     def chunk_record(self, blob_index: int, index: int) -> RafsChunkInfo | None:
         off = self.chunk_index().find(blob_index, index)
         return None if off < 0 else RafsChunkInfo.unpack(self._buf, off)
+
+    def blob_extents(self, blob_index: int) -> Extents:
+        """The chunks of blob ``blob_index`` by uncompressed offset (``chunkindex.blob_extents``),
+        decoded from the chunk table at each call."""
+        ext = self.ext_superblock
+        return blob_extents(self._buf, ext.chunk_table_offset, ext.chunk_table_size, blob_index)
 
     def chunk_table(self) -> Iterator[RafsChunkInfo]:
         """All records of the bootstrap chunk table, in on-disk order."""
