@@ -188,7 +188,7 @@ class MemoryTrimmer:
             return
         trim(0)
         self.trims += 1
-        from pynydus.system.controller import rss_kib
+        from pynydus.host.procstatus import rss_kib
 
         log.info("memory trimmed after unmounts: RSS %d KiB", rss_kib(os.getpid()))
 

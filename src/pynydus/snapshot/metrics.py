@@ -40,6 +40,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pynydus.host.procstatus import proc_status, rss_kib
+
 if TYPE_CHECKING:
     from pynydus.manager.filesystem import NydusFilesystem
     from pynydus.manager.renewal import CredentialRenewal
@@ -90,7 +92,7 @@ class _ProcessCollector(Collector):
                      user - user0)
         yield _gauge("snapshotter_cpu_system_time_seconds",
                      "System CPU time since the previous scrape", system - system0)
-        status = _proc_status("self")
+        status = proc_status("self")
         yield _gauge("snapshotter_memory_usage_kilobytes", "Resident memory of the snapshotter",
                      status.get("VmRSS", 0))
         yield _gauge("snapshotter_thread_counts", "Threads of the snapshotter", status.get("Threads", 0))
@@ -181,7 +183,7 @@ class _NydusCollector(Collector):
             try:
                 version = str((client.info().get("version") or {}).get("package_ver", "unknown"))
                 versions[version] = versions.get(version, 0) + 1
-                rss.add_metric([view.id], _proc_status(str(view.pid)).get("VmRSS", 0))
+                rss.add_metric([view.id], rss_kib(view.pid))
                 now = time.time()
                 hung += sum(1 for r in client.inflight() or []
                             if now - float(r.get("timestamp_secs", now)) > _HUNG_IO_SECONDS)
@@ -225,21 +227,6 @@ def _at(values: Any, i: int) -> float:
 def _cpu_times() -> tuple[float, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime
-
-
-def _proc_status(pid: str) -> dict[str, int]:
-    """The numeric fields of /proc/PID/status (kB values in KiB)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                fields = rest.split()
-                if fields and fields[0].isdigit():
-                    out[key] = int(fields[0])
-    except OSError:
-        pass
-    return out
 
 
 def _disk_kib(path: str) -> int:

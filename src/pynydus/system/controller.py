@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pynydus.host.procstatus import rss_kib
+
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
@@ -103,18 +105,6 @@ def parse_file_list(text: str) -> list[str]:
     """The NRI plugin's annotation value: absolute paths separated by commas, newlines or
     spaces; anything else is dropped."""
     return [p for p in re.split(r"[\s,]+", text) if p.startswith("/")]
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` in KiB (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 class Controller:
