@@ -6,6 +6,7 @@ Label keys are named here once; code elsewhere never spells them as literals.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from pynydus.errors import InvalidArgument
 
@@ -70,6 +71,18 @@ def validate(labels: Mapping[str, str]) -> None:
 def is_nydus_meta_layer(labels: Mapping[str, str]) -> bool:
     """The layer carries the image's RAFS bootstrap (presence of the key is what counts)."""
     return NYDUS_BOOTSTRAP in labels
+
+
+def bootstrap_descriptor(manifest: object) -> Mapping[str, Any] | None:
+    """The layer descriptor of an image manifest that carries its RAFS bootstrap: the last
+    layer, when its annotations mark it so (upstream's test of a Nydus manifest); None for
+    any other manifest, or a document that is not one."""
+    layers = manifest.get("layers") if isinstance(manifest, Mapping) else None
+    if not layers or not isinstance(layers, list) or not isinstance(layers[-1], Mapping):
+        return None
+    annotations = layers[-1].get("annotations")
+    return layers[-1] if isinstance(annotations, Mapping) and is_nydus_meta_layer(annotations) \
+        else None
 
 
 def is_nydus_data_layer(labels: Mapping[str, str]) -> bool:

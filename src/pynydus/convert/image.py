@@ -273,8 +273,7 @@ def layer_compression(media_type: str, digest: str = "") -> str:
 
 def is_nydus_manifest(doc: Mapping[str, Any]) -> bool:
     """True if the manifest's last layer is a Nydus bootstrap (upstream's test)."""
-    layers = doc.get("layers") or []
-    return bool(layers) and labels.NYDUS_BOOTSTRAP in (layers[-1].get("annotations") or {})
+    return labels.bootstrap_descriptor(doc) is not None
 
 
 def parse_manifest(media_type: str, digest: str, data: bytes) -> SourceImage:

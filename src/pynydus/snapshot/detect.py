@@ -270,12 +270,8 @@ class Detector:
 
 def _bootstrap_layer(client: RegistryClient, repo: str, digest: str) -> Mapping[str, Any] | None:
     """The last layer of manifest ``digest`` if it is a Nydus bootstrap layer, else None."""
-    doc = json.loads(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data)
-    layers = doc.get("layers") if isinstance(doc, dict) else None
-    if not layers or not isinstance(layers[-1], dict):
-        return None
-    last: Mapping[str, Any] = layers[-1]
-    return last if L.NYDUS_BOOTSTRAP in (last.get("annotations") or {}) else None
+    return L.bootstrap_descriptor(
+        json.loads(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data))
 
 
 def client_factory_default() -> ClientFactory:

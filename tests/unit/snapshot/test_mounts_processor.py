@@ -62,3 +62,16 @@ def test_bootstrap_layer_is_the_nearest_and_none_for_an_oci_image() -> None:
     assert processor.bootstrap_layer([processor.Layer("6", {}), near, far]) is near
     assert processor.bootstrap_layer([processor.Layer("1", {})]) is None
     assert processor.bootstrap_layer([]) is None
+
+
+def test_a_manifests_bootstrap_is_its_last_layer_when_annotated_so() -> None:
+    """What the snapshotter's detection and the converter ask of a manifest: the same
+    predicate as a snapshot's labels (``is_nydus_meta_layer``), on the last layer."""
+    blob = {"digest": "sha256:b", "annotations": {L.NYDUS_BLOB: "true"}}
+    boot = {"digest": "sha256:m", "annotations": {L.NYDUS_BOOTSTRAP: "true"}}
+    assert L.bootstrap_descriptor({"layers": [blob, boot]}) is boot
+    assert L.bootstrap_descriptor({"layers": [boot, blob]}) is None  # only the last counts
+    assert L.bootstrap_descriptor({"layers": [{"digest": "sha256:o"}]}) is None
+    for bad in ({}, {"layers": []}, {"layers": ["x"]}, {"layers": {"a": 1}}, [], None,
+                {"layers": [{"annotations": ["x"]}]}):
+        assert L.bootstrap_descriptor(bad) is None
