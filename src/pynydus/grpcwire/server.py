@@ -351,7 +351,7 @@ class H2Server:
         try:
             self._io_loop()
         except BaseException as err:
-            log.critical("the snapshots server's I/O thread failed: %r", err, exc_info=True)
+            log.critical("the gRPC server's I/O thread failed: %r", err, exc_info=True)
             if self.on_fatal is not None:
                 self.on_fatal(err)
         finally:
@@ -405,7 +405,7 @@ class H2Server:
         try:
             fn(conn, *args)
         except Exception:
-            log.exception("snapshots connection failed; closing it")
+            log.exception("gRPC connection failed; closing it")
             self._close(conn)
 
     def _drain_wake(self) -> None:
@@ -427,7 +427,7 @@ class H2Server:
                 if self._stopping:
                     return
                 if err.errno in _ACCEPT_TRANSIENT:
-                    log.warning("cannot accept a snapshots connection (%s); pausing accepts", err)
+                    log.warning("cannot accept a gRPC connection (%s); pausing accepts", err)
                     self._sel.unregister(self._listener)
                     self._accept_paused_until = now + _ACCEPT_PAUSE
                     return
@@ -439,7 +439,7 @@ class H2Server:
                 sock.close()
                 if now - self._last_refusal_log > 10:
                     self._last_refusal_log = now
-                    log.warning("refusing snapshots connections: %d open (the limit), all busy",
+                    log.warning("refusing gRPC connections: %d open (the limit), all busy",
                                 len(self._conns))
                 continue
             try:
@@ -448,7 +448,7 @@ class H2Server:
                 self._conns[conn.fd] = conn
                 self._sel.register(sock, selectors.EVENT_READ, conn)
             except Exception:
-                log.exception("cannot set up a snapshots connection")
+                log.exception("cannot set up a gRPC connection")
                 self._conns.pop(sock.fileno(), None)
                 sock.close()
                 continue
@@ -464,7 +464,7 @@ class H2Server:
             return False
         if self.allow_peer(uid, gid):
             return True
-        log.warning("refused a snapshots connection from pid %d (uid %d, gid %d)", pid, uid, gid)
+        log.warning("refused a gRPC connection from pid %d (uid %d, gid %d)", pid, uid, gid)
         return False
 
     def _evict_one(self) -> bool:
@@ -566,7 +566,7 @@ class H2Server:
                 self.scheduler.cancel(conn, ev.stream_id)
                 log.debug("stream %d reset by the client (%d)", ev.stream_id, ev.error_code)
             elif isinstance(ev, Terminated) and not ev.remote:
-                log.warning("closing a snapshots connection: %s", ev.reason)
+                log.warning("closing a gRPC connection: %s", ev.reason)
         if broken or closed:
             self._close(conn)
         else:
@@ -601,7 +601,7 @@ class H2Server:
                     log.info("stream %d cancelled: the client stopped sending or reading", sid)
                 h2.poll_credit()
         if reason:
-            log.info("closing a snapshots connection: %s", reason)
+            log.info("closing a gRPC connection: %s", reason)
             self._close(conn)
         else:
             self._flush_io(conn)
