@@ -2,8 +2,9 @@
 
 :class:`LayerStream` decodes on a thread, or, for a big layer in a regular file with
 a second CPU free, in a child process (``python -m pynydus.rafs.decoder.decodeproc``).
-This package imports nothing else of :mod:`pynydus.rafs`, so that child starts
-with the decoder alone.
+The decoding path (``layerstream``, ``decodeproc``) imports nothing else of
+:mod:`pynydus.rafs`, so that child starts with the decoder alone; ``gzindex`` (the
+gzip index a ZRAN build makes) uses :mod:`pynydus.rafs.format`'s libz.
 """
 
 from pynydus.rafs.decoder.layerstream import (
