@@ -7,7 +7,10 @@ Theory of operation (bytes in, events and bytes out, as h11 does for HTTP/1.1):
   (SETTINGS and its ACK, PING ACKs, WINDOW_UPDATEs, responses, RST_STREAM, GOAWAY).
   Go's client sends a BDP PING after nearly every response it reads; the caller may
   hold the ACK back briefly so that it leaves with the next response in one write
-  (``data_to_send(defer_pings=True)``, ``pings_waiting``).
+  (``data_to_send(defer_pings=True)``, ``pings_waiting``), after that response's
+  frames: grpc-go's estimator pings at the first DATA it reads once its ping is
+  answered, so a client that reads the response before the ACK pings after every
+  other call, not after each (a WINDOW_UPDATE and a PING fewer to parse per call).
   The caller owns the socket and serialises calls into one ``H2Connection``.
 * A request is delivered once, whole: ``Request`` after the client ends its half of the
   stream, carrying the ``:path`` and the single gRPC message (5-byte prefix stripped).
@@ -235,7 +238,7 @@ class H2Connection:
         self.closed = False
         self._buf = bytearray()
         self._out: list[bytes] = []
-        self._acks: list[bytes] = []  # PING ACKs, sent first with the next output
+        self._acks: list[bytes] = []  # PING ACKs, sent after the next output
         self._preface_seen = False
         self._settings_seen = False
         self._decoder = Decoder(max_header_list=limits.max_header_list)
@@ -268,7 +271,7 @@ class H2Connection:
         ``pings_waiting``) so they can ride with the next response."""
         if defer_pings and not self._out:
             return b""
-        out = b"".join(self._acks + self._out)
+        out = b"".join(self._out + self._acks)
         self._acks.clear()
         self._out.clear()
         return out

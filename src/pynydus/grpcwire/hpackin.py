@@ -42,9 +42,13 @@ class Decoder:
         pos, end, total = 0, len(block), 0
         while pos < end:
             b = block[pos]
-            if b & 0x80:  # indexed field
-                idx, pos = _integer(block, pos, 7)
-                field = self._get(idx)
+            if b & 0x80:  # indexed field: Go's client sends most fields so, one byte each
+                if b != 0xFF:
+                    idx = b & 0x7F
+                    pos += 1
+                else:
+                    idx, pos = _integer(block, pos, 7)
+                field = _STATIC[idx - 1] if 0 < idx <= _NSTATIC else self._get(idx)
             elif b & 0xC0 == 0x40:  # literal, added to the table
                 field, pos = self._literal(block, pos, 6)
                 self._add(field)

@@ -53,5 +53,6 @@ class Method:
 
 
 # The call, ready to run, when a method may run on the connection's reader thread (it
-# answers in microseconds and never blocks); None sends it to the worker pool.
+# answers in microseconds and never blocks); None sends it to the worker pool. For a
+# server-streaming method the callable returns all the messages (a few) at once.
 Inline = Callable[[Method, Any], Callable[[], Any] | None]

@@ -72,6 +72,8 @@ _CODES = STATUS_CODES
 _LIST_AHEAD = 256 << 10
 # Bytes waiting for one socket before a List producer waits for the peer to read.
 _MAX_OUTBUF = 4 << 20
+# A server stream's messages are written once this many bytes are queued (or at its end).
+_STREAM_WRITE = 64 << 10
 # How long a PING ACK may wait for a response to travel with. Go's client pings after
 # each response it reads (BDP estimation) and sends its next call right after: one write
 # and one wake-up of containerd's reader instead of two. Only its RTT estimate sees this.
@@ -657,9 +659,12 @@ class H2Server:
             self._detach(conn, req.stream_id, method, request, deadline)
             return
         inline = self.inline
-        call = None if method.streaming or inline is None else inline(method, request)
+        call = None if inline is None else inline(method, request)
         if call is not None:
-            self._unary(conn, req.stream_id, call)
+            if method.streaming:
+                self._stream_now(conn, req.stream_id, call)
+            else:
+                self._unary(conn, req.stream_id, call)
             return
         self.scheduler.submit(_Call(conn, req.stream_id, method, request, deadline))
 
@@ -710,12 +715,33 @@ class H2Server:
             conn.h2.respond(sid, payload)
             conn.send_from_worker()
 
+    def _stream_now(self, conn: _Conn, sid: int, call: Callable[[], Any]) -> None:
+        """Run an inline server stream: ``call`` returns all its messages (a few), which
+        leave in one write with the headers and trailers."""
+        try:
+            payloads = [msg.SerializeToString() for msg in call()]
+        except RpcAbort as err:
+            self._fail(conn, sid, err.code, err.message)
+            return
+        with conn.lock:
+            h2 = conn.h2
+            h2.now = time.monotonic()
+            h2.start(sid)
+            for payload in payloads:
+                h2.send_message(sid, payload)
+            h2.finish(sid, 0, "")
+            conn.send_from_worker()
+
     def _stream(self, call: _Call) -> None:
+        """Run a server-streaming call on a worker: its messages leave once
+        ``_STREAM_WRITE`` bytes are queued, and at its end (a List of a few hundred
+        snapshots in one write with its headers and trailers, not one write each), the
+        producer held to the client's window (``_wait_for_room``)."""
         conn, sid = call.conn, call.sid
         with conn.lock:
             conn.h2.start(sid)
-            conn.send_from_worker()
         code, text = 0, ""
+        unsent = 0  # message bytes queued since the last write
         messages: Iterator[Any] = iter(call.method.call(call.request))
         try:
             for msg in messages:
@@ -723,6 +749,10 @@ class H2Server:
                 with conn.lock:
                     conn.h2.now = time.monotonic()
                     conn.h2.send_message(sid, payload)
+                    unsent += len(payload)
+                    if unsent < _STREAM_WRITE:
+                        continue
+                    unsent = 0
                     conn.send_from_worker()
                     if not self._wait_for_room(conn, sid):
                         return  # the client went away, cancelled, or stopped reading

@@ -40,6 +40,9 @@ class Kind(IntEnum):
     COMMITTED = 3
 
 
+_KINDS = tuple(Kind)  # by value (0-3): an index, not an enum lookup per row
+
+
 @dataclass(frozen=True)
 class Info:
     """What Stat returns: containerd's snapshots.Info."""
@@ -100,6 +103,10 @@ WITH RECURSIVE chain(id, parent_id, kind, labels, depth) AS (
 )
 SELECT id, parent_id, kind, labels FROM chain ORDER BY depth
 """
+
+# Every snapshot's info, in id order.
+_WALK_SQL = ("SELECT s.key, p.key, s.kind, s.created_ns, s.updated_ns, s.labels "
+             "FROM snapshots s LEFT JOIN snapshots p ON s.parent_id = p.id ORDER BY s.id")
 
 
 def _now_ns() -> int:
@@ -204,12 +211,16 @@ class MetaStore:
     def walk(self) -> Iterator[Info]:
         """Every snapshot's info, in id order. Reads a consistent snapshot of the table."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT s.key, p.key, s.kind, s.created_ns, s.updated_ns, s.labels "
-                "FROM snapshots s LEFT JOIN snapshots p ON s.parent_id = p.id ORDER BY s.id"
-            ).fetchall()
+            rows = self._db.execute(_WALK_SQL).fetchall()
         for row in rows:
             yield _info(row)
+
+    def walk_upto(self, limit: int) -> list[Info] | None:
+        """Every snapshot's info, in id order, if there are at most ``limit`` snapshots
+        (one read of at most ``limit + 1`` rows); None if there are more."""
+        with self._lock:
+            rows = self._db.execute(_WALK_SQL + " LIMIT ?", (limit + 1,)).fetchall()
+        return None if len(rows) > limit else [_info(row) for row in rows]
 
     def labels_by_ids(self, sids: Sequence[str]) -> list[dict[str, str]]:
         """Labels of each snapshot id in ``sids``, in that order; NotFound if one is missing."""
@@ -394,13 +405,8 @@ def _dump_labels(labels: Mapping[str, str]) -> str:
     return json.dumps(_kept_labels(labels), sort_keys=True, separators=(",", ":"))
 
 
-def _info(row: tuple[object, ...]) -> Info:
+def _info(row: tuple[str, str | None, int, int, int, str]) -> Info:
+    """A row (key, parent's key, kind, created, updated, labels) as SQLite returns it."""
     key, parent, kind, created, updated, labels = row
-    return Info(
-        name=str(key),
-        parent=str(parent) if parent is not None else "",
-        kind=Kind(int(kind)),  # type: ignore[call-overload]
-        created_ns=int(created),  # type: ignore[call-overload]
-        updated_ns=int(updated),  # type: ignore[call-overload]
-        labels=json.loads(str(labels)),
-    )
+    return Info(name=key, parent=parent or "", kind=_KINDS[kind], created_ns=created,
+                updated_ns=updated, labels=_load_labels(labels))

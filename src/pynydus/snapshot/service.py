@@ -14,13 +14,13 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from pynydus.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from pynydus.errors import NydusError
@@ -35,23 +35,21 @@ log = logging.getLogger(__name__)
 
 # containerd's snapshot service sends List results in batches of this many infos.
 _LIST_BATCH = 100
+# A List over at most this many snapshots runs on the server's reader thread (``inline``):
+# ~10 us each, and no hand-off to a worker thread.
+_INLINE_LIST = 64
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
 def info_to_pb(info: Info) -> snapshots_pb2.Info:
-    return snapshots_pb2.Info(
-        name=info.name,
-        parent=info.parent,
-        kind=cast(snapshots_pb2.Kind, int(info.kind)),
-        created_at=_timestamp(info.created_ns),
-        updated_at=_timestamp(info.updated_ns),
-        labels=dict(info.labels),
-    )
+    # The times set in place: a Timestamp made apart and copied in cost 3x as much
+    # (Stat and every snapshot of a List pass here).
+    msg = snapshots_pb2.Info(name=info.name, parent=info.parent,
+                             kind=cast(snapshots_pb2.Kind, info.kind), labels=info.labels)
+    msg.created_at.seconds, msg.created_at.nanos = divmod(info.created_ns, 1_000_000_000)
+    msg.updated_at.seconds, msg.updated_at.nanos = divmod(info.updated_ns, 1_000_000_000)
+    return msg
 
 
 def mounts_to_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
@@ -141,11 +139,15 @@ class Snapshots:
         microseconds, never waits on a daemon or the disk), so a server may run it on its
         connection's reader thread; None otherwise. What deciding read is not read again.
         None while a transaction holds the metastore: its commit fsyncs, and the reader
-        thread must stay free to dispatch the connection's other calls."""
+        thread must stay free to dispatch the connection's other calls. A List is
+        inline when there are at most ``_INLINE_LIST`` snapshots: read here, its
+        callable returns every message."""
         if self.sn.ms.busy():
             return None
         if method.name == "Stat":
             return functools.partial(self.Stat, request)
+        if method.name == "List":
+            return self._list_inline(request)
         if method.name == "Mounts":
             try:
                 target = self.sn.mounts_target(request.key)
@@ -159,20 +161,24 @@ class Snapshots:
     def List(self, request: Any) -> Iterator[Any]:
         """Batches of infos; a failure (even after some batches) raises RpcAbort."""
         try:
-            flt = filters.parse(list(request.filters))
-            batch: list[snapshots_pb2.Info] = []
-            for info in self.sn.walk(flt):
-                batch.append(info_to_pb(info))
-                if len(batch) >= _LIST_BATCH:
-                    yield snapshots_pb2.ListSnapshotsResponse(info=batch)
-                    batch = []
-            if batch:
-                yield snapshots_pb2.ListSnapshotsResponse(info=batch)
+            yield from _list_batches(self.sn.walk(filters.parse(list(request.filters))))
         except NydusError as err:
             raise RpcAbort(err.grpc_code, str(err)) from err
         except Exception as err:
             log.exception("List: internal error")
             raise RpcAbort("INTERNAL", f"List: internal error: {err}") from err
+
+    def _list_inline(self, request: Any) -> Callable[[], list[Any]] | None:
+        """List's messages, read now, when there are at most ``_INLINE_LIST`` snapshots
+        (what containerd's garbage collector walks on a node of a few images); None for
+        more, or for anything that fails (the worker's List reports it)."""
+        try:
+            infos = self.sn.walk_upto(filters.parse(list(request.filters)), _INLINE_LIST)
+        except Exception:  # noqa: BLE001 - reported by the List that runs instead
+            return None
+        if infos is None:
+            return None
+        return functools.partial(list, _list_batches(infos))
 
     @_rpc
     def Usage(self, request: Any) -> Any:
@@ -191,6 +197,17 @@ class Snapshots:
         return {_PREFIX + name: Method(name, getattr(snapshots_pb2, req).FromString,
                                        getattr(self, name), name == "List")
                 for name, req in _RPCS}
+
+
+def _list_batches(infos: Iterable[Info]) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+    batch: list[snapshots_pb2.Info] = []
+    for info in infos:
+        batch.append(info_to_pb(info))
+        if len(batch) >= _LIST_BATCH:
+            yield snapshots_pb2.ListSnapshotsResponse(info=batch)
+            batch = []
+    if batch:
+        yield snapshots_pb2.ListSnapshotsResponse(info=batch)
 
 
 _PREFIX = "/containerd.services.snapshots.v1.Snapshots/"

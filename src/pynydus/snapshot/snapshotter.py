@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +98,15 @@ def _cause_kind(err: BaseException, cache_dir: str = "") -> str:
     if isinstance(err, Unavailable) or "daemon" in text:
         return "daemon"
     return "other"
+
+
+def _matching(infos: Iterable[Info], flt: Filter) -> Iterator[Info]:
+    if not flt.clauses:  # no filter: every snapshot, without a field lookup for each
+        yield from infos
+        return
+    for info in infos:
+        if flt.match(snapshot_adaptor(info.name, info.parent, info.kind, info.labels)):
+            yield info
 
 
 @dataclass(frozen=True)
@@ -364,9 +373,14 @@ class Snapshotter:
         return self.ms.update_info(name, labels, paths)
 
     def walk(self, flt: Filter) -> Iterator[Info]:
-        for info in self.ms.walk():
-            if flt.match(snapshot_adaptor(info.name, info.parent, info.kind, info.labels)):
-                yield info
+        """The snapshots ``flt`` matches, in id order (one consistent read)."""
+        return _matching(self.ms.walk(), flt)
+
+    def walk_upto(self, flt: Filter, limit: int) -> list[Info] | None:
+        """``walk`` read at once if there are at most ``limit`` snapshots (matching or
+        not); None if there are more."""
+        infos = self.ms.walk_upto(limit)
+        return None if infos is None else list(_matching(infos, flt))
 
     def usage(self, key: str) -> Usage:
         """Active: measured now from the upper dir. Otherwise: recorded at commit, plus,

@@ -274,14 +274,14 @@ def test_random_bytes_only_ever_produce_our_protocol_errors(junk: bytes, after_p
         assert Peer.frames(out)[-1][0] == w.GOAWAY
 
 
-def test_deferred_ping_ack_leaves_first_with_the_next_response() -> None:
+def test_deferred_ping_ack_leaves_after_the_next_response() -> None:
     peer, conn = Peer(), connected()
     conn.receive(w.frame(w.PING, 0, 0, b"12345678"))
     assert conn.data_to_send(defer_pings=True) == b"" and conn.pings_waiting
     conn.receive(peer.request(1, b"k"))
     conn.respond(1, b"r")
     frames = Peer.frames(conn.data_to_send(defer_pings=True))
-    assert frames[0] == (w.PING, w.ACK, 0, b"12345678") and not conn.pings_waiting
+    assert frames[-1] == (w.PING, w.ACK, 0, b"12345678") and not conn.pings_waiting
     assert peer.response(b"".join(w.frame(*f) for f in frames), 1)[0]["grpc-status"] == "0"
 
 
