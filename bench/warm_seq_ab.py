@@ -13,7 +13,9 @@ bdi after start).
     bench/warm_seq_ab.py --variant before=/tmp/before/src --variant after=src
     bench/warm_seq_ab.py --variant ra1=src --variant ra8=src,ra=8192 --variant nydusd=nydusd
 
-Spec: ``NAME=SRC[,ra=KB][,env.VAR=VALUE...]``; SRC ``nydusd`` is upstream's daemon
+Spec: ``NAME=SRC[,ra=KB][,passthrough=0][,env.VAR=VALUE...]``; ``passthrough=0`` turns
+the image's passthrough off (``rafs.passthrough``; a build without the key would refuse
+it); SRC ``nydusd`` is upstream's daemon
 (``scripts/peers.sh nydus-rs``). A source tree of another commit: ``git archive <rev>
 src | tar -x -C /tmp/before``. Needs root. Data under ``/var/tmp/pyn-seqab-*``, removed
 at the end.
@@ -42,6 +44,7 @@ from bench.daemon_bench import (
     nydusd_daemon,
     overlay,
     seq_read,
+    wait_settled,
     write_data,
 )
 from pynydus.daemon.daemon import tune_readahead
@@ -62,6 +65,9 @@ def start_variant(wd: Path, spec: str) -> tuple[str, Pynydusd]:
     src, *opts = rest.split(",")
     kv = dict(o.split("=", 1) for o in opts)
     cfg = localfs_cfg(wd / "blobs", wd / f"{name}-cache")
+    passthrough = kv.get("passthrough", "1") != "0"
+    if not passthrough:
+        cfg["passthrough"] = False
     if src == "nydusd":
         d = nydusd_daemon(wd, name, wd / "seq.boot", cfg)
     else:
@@ -70,6 +76,9 @@ def start_variant(wd: Path, spec: str) -> tuple[str, Pynydusd]:
                       **{k[4:]: v for k, v in kv.items() if k.startswith("env.")}}
     d.start()
     seq_read(d.mountpoint / "big.bin")  # fills its blob cache
+    if src != "nydusd":  # and, with passthrough, makes its copy for the kernel to read
+        print(f"{name}: settled {wait_settled(d, materialized=int(passthrough)):.1f} s "
+              f"after the first read", flush=True)
     if "ra" in kv:
         tune_readahead(str(d.mountpoint), int(kv["ra"]))
     return name, d
@@ -77,7 +86,8 @@ def start_variant(wd: Path, spec: str) -> tuple[str, Pynydusd]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", action="append", required=True, help="NAME=SRC[,ra=KB][,env.V=X]")
+    p.add_argument("--variant", action="append", required=True,
+                   help="NAME=SRC[,ra=KB][,passthrough=0][,env.V=X]")
     p.add_argument("--mib", type=int, default=1024, help="size of the file (default 1024)")
     p.add_argument("--repeat", type=int, default=5, help="passes per contender (median)")
     p.add_argument("--json", help="write every run to this file")

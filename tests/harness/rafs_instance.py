@@ -19,3 +19,17 @@ def local_instance(boot: Path, blobs: Path, cache_dir: Path) -> RafsInstance:
                                             "config": {"work_dir": str(cache_dir)}}}})
     cfg, _ = parse_daemon_config(text)
     return RafsInstance(str(boot), cfg, LocalFsBackend(str(blobs)), CacheStats())
+
+
+def built_instance(tmp_path: Path, files: dict[str, bytes]) -> RafsInstance:
+    """An image of ``files`` (name -> bytes) built in ``tmp_path`` (lz4_block) and served by
+    ``local_instance`` with its blob cache in ``tmp_path/cache``."""
+    from pynydus.rafs.builder import build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    (tmp_path / "blobs").mkdir()
+    build(str(src), str(tmp_path / "image.boot"), str(tmp_path / "blobs"), compressor="lz4_block")
+    return local_instance(tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "cache")

@@ -267,6 +267,11 @@ class BlobCache:
         self.stats.add(hits=len(pieces))
         return out
 
+    def has(self, index: int, *, landing: bool = False) -> bool:
+        """Chunk ``index`` is in the cache file (``landing``: or being fetched, or
+        waiting for its delayed persist)."""
+        return self.chunk_map.is_ready(index) or (landing and index in self._claims)
+
     def will_need(self, chunks: Sequence[ChunkRef]) -> None:
         """Ask the kernel to read these chunks' cached bytes ahead (returns at once)."""
         if not chunks:

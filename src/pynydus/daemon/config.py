@@ -150,6 +150,11 @@ class RafsConfig:
     # fetched into the kernel's page cache (FUSE_NOTIFY_STORE; our own FUSE session only),
     # so later reads of them never reach the daemon
     fill_page_cache: bool = True
+    # pynydusd's: a file of 1 MiB or more whose chunks are all cached is copied once to
+    # a file of its own in the cache dir, and later opens of it read that file through
+    # the kernel (FUSE passthrough: no daemon round trip, one page cache); our own FUSE
+    # session only (daemon/materialize.py, docs/decisions.md "FUSE passthrough")
+    passthrough: bool = True
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,7 @@ class _V1File:
     enable_xattr: bool = False
     amplify_io: int = count(1 << 20, maximum=_MAX_BATCH)
     fill_page_cache: bool = True
+    passthrough: bool = True
     fs_prefetch: _V1Prefetch = field(default_factory=_V1Prefetch)
     id_mapping: object = unsupported(None, "uid/gid mapping")
     warmup: object = unsupported(None, "warm-up of the cache at start")
@@ -303,6 +309,7 @@ class _V2Rafs:
     validate: bool = False
     enable_xattr: bool = False
     fill_page_cache: bool = True
+    passthrough: bool = True
     iostats_files: bool = unsupported(False, _FILE_METRICS)
     access_pattern: bool = unsupported(False, _FILE_METRICS)
     latest_read_files: bool = unsupported(False, _FILE_METRICS)
@@ -392,7 +399,7 @@ def _from_v1(data: dict[str, Any], origin: str, warnings: list[str]) -> NydusdCo
                               bandwidth_limit=p.bandwidth_rate, prefetch_all=p.prefetch_all)
     rafs = RafsConfig(batch_size=f.amplify_io, validate=f.digest_validate,
                       enable_xattr=f.enable_xattr, prefetch=prefetch,
-                      fill_page_cache=f.fill_page_cache)
+                      fill_page_cache=f.fill_page_cache, passthrough=f.passthrough)
     return NydusdConfig(id=dev.id, backend=backend, cache=cache, rafs=rafs)
 
 
@@ -416,7 +423,8 @@ def _from_v2(data: dict[str, Any], origin: str, warnings: list[str]) -> NydusdCo
     r = f.rafs
     prefetch = r.prefetch if r.prefetch.enable or not c.prefetch.enable else c.prefetch
     rafs = RafsConfig(batch_size=r.batch_size, validate=r.validate, enable_xattr=r.enable_xattr,
-                      prefetch=_prefetch_v2(prefetch), fill_page_cache=r.fill_page_cache)
+                      prefetch=_prefetch_v2(prefetch), fill_page_cache=r.fill_page_cache,
+                      passthrough=r.passthrough)
     return NydusdConfig(id=f.id, backend=backend, cache=cache, rafs=rafs)
 
 

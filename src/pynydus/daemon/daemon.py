@@ -35,12 +35,15 @@ from pynydus.daemon.config import BackendConfig, NydusdConfig, parse_daemon_conf
 from pynydus.daemon.fuseloop import FuseSession, mount_fuse
 from pynydus.daemon.fuseops import RafsServer
 from pynydus.daemon.instance import RafsInstance
+from pynydus.daemon.iomode import IoModes
+from pynydus.daemon.materialize import Materializer
 from pynydus.daemon.metrics import CacheStats
 from pynydus.daemon.prefetch import Prefetcher, WireGate
 from pynydus.daemon.takeover import (
     DaemonState,
     MountState,
     StateError,
+    close_fd,
     request_takeover,
     send_state,
 )
@@ -344,6 +347,7 @@ class Daemon:
             self.state = "STOPPED"
             if self.prefetcher:
                 self.prefetcher.stop()
+            self._stop_materializing()
             for inst in self.vfs.instances():
                 inst.close()
             if self.api:
@@ -359,7 +363,11 @@ class Daemon:
 
             self.server = BlobFileServer(self.vfs)
         else:
-            self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr)
+            offer = self._offer_passthrough()
+            self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr,
+                                     wants=fuseproto.PASSTHROUGH_WANTS if offer else None)
+            if offer:
+                self._equip_passthrough(IoModes.new())
         self.fuse_fd = mount_fuse(mp)
         self.fuse_mountpoint = mp
         try:
@@ -376,6 +384,23 @@ class Daemon:
             self._wait_for_stop()
         finally:
             self._unmount(mp)
+
+    def _offer_passthrough(self) -> bool:
+        """INIT offers passthrough unless the daemon's one image turns it off (a shared
+        daemon's images each decide for their files). The blob-file mount never does:
+        the kernel's EROFS above its files and containerd's overlay above that would
+        exceed the kernel's stack depth of 2."""
+        cfg = self.opts.config
+        return cfg is None or cfg.rafs.passthrough
+
+    def _equip_passthrough(self, table: IoModes) -> None:
+        assert self.server is not None
+        self.server.iomodes = table
+        self.server.materializer = Materializer()
+
+    def _stop_materializing(self) -> None:
+        if self.server is not None and self.server.materializer is not None:
+            self.server.materializer.close()
 
     def _wait_for_stop(self) -> None:
         def on_signal(signum: int, _frame: Any) -> None:
@@ -453,8 +478,10 @@ class Daemon:
             raise FailedPrecondition(f"daemon is {self.state} without a FUSE connection of its "
                                      f"own to send (pyfuse3 sessions cannot be handed over)")
         state = self.state_value()
+        table = self.server.iomodes if self.server is not None else None
         try:
-            send_state(self.supervisor, state, self.fuse_fd)
+            send_state(self.supervisor, state, self.fuse_fd,
+                       table_fd=table.fd if table is not None else -1)
         except (OSError, EOFError) as err:
             raise Unavailable(f"sending the FUSE connection to {self.supervisor}: {err}") from err
         self.handed_over = True
@@ -492,7 +519,7 @@ class Daemon:
             if self.state != "INIT":
                 raise FailedPrecondition(f"daemon is {self.state}: takeover happens once, in INIT")
             try:
-                blob, fd = request_takeover(supervisor, wanted)
+                blob, fd, table_fd = request_takeover(supervisor, wanted)
             except (OSError, EOFError) as err:
                 raise Unavailable(f"takeover from {supervisor}: {err}") from err
             self.timeline["state_received"] = time.monotonic()
@@ -505,9 +532,12 @@ class Daemon:
                     raise StateError(f"the state is for {state.mountpoint}, this daemon was "
                                      f"started for {mine}")
                 self._restore(state)
+                taken, table_fd = table_fd, -1  # _adopt_table owns it from here
+                table = self._adopt_table(state, taken)
             except BaseException as err:
                 if fd >= 0:
                     os.close(fd)
+                close_fd(table_fd)
                 for inst in self.vfs.instances():
                     inst.close()
                 self.vfs = Vfs()
@@ -521,6 +551,8 @@ class Daemon:
             self.supervisor = supervisor
             self.handed_over = True  # the supervisor holds the connection too
             self.server = RafsServer(self.vfs, enable_xattr=self.enable_xattr, params=state.init)
+            if table is not None:
+                self._equip_passthrough(table)
             self.session = self._new_session(fd)
             self._flush_resent = self.opts.failover_policy == "flush"
             self.state = "READY"
@@ -531,6 +563,23 @@ class Daemon:
             return None
         self.start()
         return {"timeline": dict(self.timeline)}
+
+    @staticmethod
+    def _adopt_table(state: DaemonState, table_fd: int) -> IoModes | None:
+        """The open-mode table a passthrough connection's predecessor left (the fd is
+        taken). Without one the successor cannot tell which inodes are open cached, and
+        makes none newly eligible (``IoModes.blind_table``)."""
+        if not state.init.has(fuseproto.PASSTHROUGH):
+            close_fd(table_fd)
+            return None
+        if table_fd < 0:
+            log.warning("takeover: no open-mode table came with a passthrough connection; "
+                        "no file becomes newly passthrough")
+            return IoModes.blind_table()
+        try:
+            return IoModes.adopt(table_fd)
+        except (OSError, ValueError) as err:
+            raise StateError(f"the open-mode table: {err}") from err
 
     def _restore(self, state: DaemonState) -> None:
         for m in state.mounts:
@@ -565,6 +614,7 @@ class Daemon:
             self.state = "STOPPED"
             if self._parked is not None:
                 self._parked.close()
+            self._stop_materializing()
             if self.fuse_fd >= 0:
                 self._unmount(self.fuse_mountpoint)
             if self.prefetcher:
@@ -782,9 +832,13 @@ class Daemon:
 
     def umount(self, mountpoint: str) -> None:
         name = self._name(mountpoint)
-        _, inst = self.vfs.remove(name)
+        slot, inst = self.vfs.remove(name)
         with self._lock:
             self.mounts_info.pop(mountpoint, None)
+        if self.server is not None:
+            for backing in self.server.forget_image(slot, inst):
+                if self.session is not None:
+                    self.session.backing_close(backing)
         self._push_state(f"umount {mountpoint}")
         try:
             if self.session is not None:
@@ -815,13 +869,19 @@ class Daemon:
             return metrics.backend_json(self.cache_stats,
                                         instances[0].config.backend.type if instances else "")
         if kind == "blobcache":
-            return metrics.blobcache_json(
+            out = metrics.blobcache_json(
                 self.cache_stats,
                 underlying_files=[f for i in instances for f in i.underlying_files()],
                 store_path=instances[0].config.cache.work_dir if instances else "",
                 entries=sum(len(i.bs.blobs) for i in instances),
                 all_ready=bool(instances) and all(i.all_cached() for i in instances),
                 prefetch=self.prefetcher)
+            # ours: files being copied for passthrough (a benchmark waits for 0), and
+            # how many were since start
+            mat = self.server.materializer if self.server is not None else None
+            out["materialize_pending"] = mat.pending if mat is not None else 0
+            out["materialized_files"] = mat.done if mat is not None else 0
+            return out
         if kind == "inflight":
             return metrics.inflight_json(self.inflight)
         if kind in ("files", "pattern", "trace"):

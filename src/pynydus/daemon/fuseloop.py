@@ -21,6 +21,7 @@ threads had read but not answered are resent to the successor.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -88,6 +89,9 @@ class FuseSession:
         self._live = 0
         self._lock = threading.Lock()
         self._storing = False
+        self._backing_refused = False
+        if server.iomodes is not None:
+            server.backing_open = self.backing_open
         if store_chunks:
             self._stores = queue.SimpleQueue()  # bounded by _queue_store
             server.store = self._queue_store
@@ -135,6 +139,36 @@ class FuseSession:
                         "read are lost and their callers wait until interrupted", err)
             return False
         return True
+
+    def backing_open(self, path: str) -> int:
+        """Register ``path`` as a passthrough backing file of this connection; its
+        backing id, or 0 when the kernel refuses (logged once: no passthrough then).
+        The id belongs to the connection, not to this process: a successor answers
+        opens with the ids its predecessor registered."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            log.info("passthrough backing file %s: %s", path, err)
+            return 0
+        try:
+            # a mutable argument: ioctl's return value (the id) comes back
+            return fcntl.ioctl(self.fd, P.DEV_IOC_BACKING_OPEN, bytearray(P.backing_map(fd)))
+        except OSError as err:
+            if not self._backing_refused:
+                self._backing_refused = True
+                log.warning("the kernel refused a passthrough backing file (%s: %s); files "
+                            "are read through the daemon and no more are copied", path, err)
+                self.server.passthrough_refused()
+            return 0
+        finally:
+            os.close(fd)
+
+    def backing_close(self, backing: int) -> None:
+        """Drop a backing id (files open with it keep their backing file)."""
+        try:
+            fcntl.ioctl(self.fd, P.DEV_IOC_BACKING_CLOSE, bytearray(P.backing_id(backing)))
+        except OSError as err:
+            log.debug("closing backing id %d: %s", backing, err)
 
     def notify(self, message: bytes) -> None:
         """Write a notification (e.g. ``notify_inval_entry``); ENOENT (nothing cached)

@@ -16,6 +16,13 @@ image's entry is invalidated by the daemon.
 
 Each request resolves its inode once and is counted once in its image's ``FsStats``
 (a hit or an error); a read is planned once and served from that plan.
+
+Passthrough (when INIT negotiated it and the server has ``iomodes``): an open of a file
+that has a materialized copy (``materialize``) is answered FOPEN_PASSTHROUGH with the
+copy's backing id once its inode is eligible (``iomode``: no cached open of it); the
+kernel then reads the copy itself. Those opens carry fh 0, cached ones their node id,
+so a RELEASE tells which kind ended: the one piece of per-open state, kept in the
+table that a successor inherits.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from typing import Any, TypeVar
 
 from pynydus.daemon import fuseproto as P
 from pynydus.daemon.instance import Fresh, RafsInstance, ReadPlan
+from pynydus.daemon.iomode import IoModes
+from pynydus.daemon.materialize import Materializer, is_candidate
 from pynydus.daemon.metrics import FsStats
-from pynydus.daemon.vfs import ROOT_ID, Resolved, Vfs
+from pynydus.daemon.vfs import ROOT_ID, SLOT_SHIFT, Resolved, Vfs
 from pynydus.errors import NotFound, NydusError
 
 log = logging.getLogger(__name__)
@@ -90,6 +99,11 @@ class RafsServer:
         # page cache (FUSE_NOTIFY_STORE): called with (node id, image, plan, the decoded
         # chunks the read fetched) after a read that had to wait for the backend
         self.store: Callable[[int, RafsInstance, ReadPlan, Fresh], None] | None = None
+        # passthrough: the open-mode table, the materializer, and the session's
+        # registration of a backing file (path -> backing id, 0 when refused)
+        self.iomodes: IoModes | None = None
+        self.materializer: Materializer | None = None
+        self.backing_open: Callable[[str], int] | None = None
         self._dirs: OrderedDict[int, list[Listed]] = OrderedDict()
         self._dirs_entries = 0
         self._dir_ends: OrderedDict[int, int] = OrderedDict()
@@ -245,11 +259,51 @@ class RafsServer:
                 raise FuseError(errno.EROFS)
             if resolved is None:
                 raise FuseError(errno.EISDIR)
+            if self.iomodes is not None and self._candidate(resolved):
+                backing = self._backing(resolved)
+                bid = self.iomodes.open(req.nodeid, backing)
+                if bid:
+                    return P.open_body(0, P.FOPEN_PASSTHROUGH | P.FOPEN_NOFLUSH, bid)
             # NOFLUSH: nothing to flush on a read-only image, and a close() then never
             # waits for a daemon (one being replaced, say)
             return P.open_body(req.nodeid, P.FOPEN_KEEP_CACHE | P.FOPEN_NOFLUSH)
 
         return [P.reply(req.unique, self._run("open", req.nodeid, body))]
+
+    def _candidate(self, resolved: tuple[int, RafsInstance, int]) -> bool:
+        """A regular file that may be opened in passthrough mode (and so is counted)."""
+        params = self.params
+        if params is None or not params.has(P.PASSTHROUGH):
+            return False
+        _slot, inst, nid = resolved
+        mode, size = (f := inst.bs.stat_fields(nid))[0], f[4]
+        return stat.S_ISREG(mode) and is_candidate(inst, size)
+
+    def _backing(self, resolved: tuple[int, RafsInstance, int]) -> Callable[[], int] | None:
+        """How to register the inode's materialized copy as a backing file (None when it
+        has none yet)."""
+        if self.materializer is None or self.backing_open is None:
+            return None
+        path = self.materializer.path(resolved[1], resolved[2])
+        if not path:
+            return None
+        backing_open = self.backing_open
+        return lambda: backing_open(path)
+
+    def passthrough_refused(self) -> None:
+        """The kernel refuses our backing files (e.g. a cache dir on a stacked
+        filesystem such as overlayfs): copying more files would only cost disk."""
+        if self.materializer is not None:
+            self.materializer.close()
+
+    def forget_image(self, slot: int, inst: RafsInstance) -> list[int]:
+        """An image left its slot: drop its inodes' open modes (the slot may serve
+        another image later); the backing ids to close."""
+        if self.materializer is not None:
+            self.materializer.forget(inst)
+        if self.iomodes is None:
+            return []
+        return self.iomodes.forget(lambda nodeid: nodeid >> SLOT_SHIFT == slot)
 
     def _opendir(self, req: P.Request) -> Reply:
         if self.zero_message_opendir:
@@ -277,6 +331,11 @@ class RafsServer:
             resolved = None
         if resolved is not None:
             resolved[1].fs_stats.record("release")
+            # fh 0: a passthrough open (nothing counted); else a cached one ended
+            if req.arg and self.iomodes is not None and self._candidate(resolved):
+                self.iomodes.release(req.nodeid)
+                if self.materializer is not None:
+                    self.materializer.released(resolved[1], resolved[2])
         return [P.reply(req.unique)]
 
     def _read(self, req: P.Request) -> Reply:

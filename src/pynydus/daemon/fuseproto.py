@@ -370,7 +370,15 @@ class InitWants:
     max_write: int = 128 << 10
     max_background: int = 0  # 0: the kernel's default
     congestion_threshold: int = 0
-    max_stack_depth: int = 1  # passthrough only: backing files are not FUSE files
+    # passthrough only: backing files (the materialized copies on the cache disk) are
+    # no stacked filesystem's, and overlayfs above the mount stays within the kernel's
+    # stack depth of 2 (FILESYSTEM_MAX_STACK_DEPTH)
+    max_stack_depth: int = 1
+
+
+# what RafsServer asks when passthrough is on: the blob-file mount does not (an EROFS
+# over its files, and containerd's overlay over that EROFS, would exceed the depth)
+PASSTHROUGH_WANTS = InitWants(flags=InitWants.flags | PASSTHROUGH)
 
 
 def negotiate(req: InitIn, wants: InitWants) -> tuple[InitParams, bytes]:
@@ -546,6 +554,11 @@ def notify_resend() -> bytes:
 def backing_map(fd: int) -> bytes:
     """The argument of FUSE_DEV_IOC_BACKING_OPEN for ``fd`` (passthrough)."""
     return _BACKING_MAP.pack(fd, 0, 0)
+
+
+def backing_id(backing: int) -> bytes:
+    """The argument of FUSE_DEV_IOC_BACKING_CLOSE."""
+    return _U32.pack(backing)
 
 
 def opcode_name(opcode: int) -> str:

@@ -393,6 +393,20 @@ class RafsInstance:
         assert out is not None
         return out
 
+    def file_cached(self, ino: int, *, landing: bool = False) -> bool:
+        """Every chunk of file ``ino`` is in the blob cache (``landing``: or on its way
+        there: being fetched, or waiting for a delayed persist)."""
+        reads = self.bs.map_read(ino, 0, self.bs.stat_fields(ino)[4])
+        return all(self.cache(r.chunk.blob_index).has(r.chunk.index, landing=landing)
+                   for r in reads)
+
+    def read_cached_quietly(self, ino: int, start: int, end: int) -> bytearray | None:
+        """Bytes ``[start, end)`` of file ``ino`` if they are all in the blob cache (may
+        wait for the disk, never for the backend), else None; for the daemon's own use:
+        not traced, no readahead."""
+        return self._assemble(self.plan_read(ino, start, end - start), cached_only=True,
+                              nowait=False)
+
     def read(self, ino: int, offset: int, size: int) -> bytearray:
         """``read_planned(plan_read(...))``: for callers that need no warm path."""
         return self.read_planned(self.plan_read(ino, offset, size))

@@ -15,7 +15,8 @@ Wire frames (ours; upstream's supervisor speaks dbs-snapshot, which nothing here
 to read): one kind byte, a 4-byte big-endian length, the payload; an fd rides on the
 frame's first byte. ``S`` daemon -> supervisor: state + fd; ``T`` successor ->
 supervisor: takeover request (JSON ``{"id": ...}``); ``R`` supervisor -> successor:
-state + fd; ``K`` acknowledgement; ``E`` error (text).
+state + fd; ``K`` acknowledgement; ``E`` error (text). A state frame may carry a second
+fd: the connection's open-mode table (a memfd, ``iomode``) when passthrough is on.
 """
 
 from __future__ import annotations
@@ -127,11 +128,13 @@ class DaemonState:
 # --- frames over a unix socket -----------------------------------------------------------------
 
 
-def send_frame(sock: socket.socket, kind: bytes, payload: bytes = b"", fd: int = -1) -> None:
-    """One frame; ``fd`` (if >= 0) travels with it as SCM_RIGHTS."""
+def send_frame(sock: socket.socket, kind: bytes, payload: bytes = b"", fd: int = -1,
+               extra_fd: int = -1) -> None:
+    """One frame; ``fd`` (if >= 0), then ``extra_fd`` (if >= 0), travel with it as
+    SCM_RIGHTS."""
     data = _FRAME.pack(kind, len(payload)) + payload
     if fd >= 0:
-        sent = socket.send_fds(sock, [data[:1]], [fd])
+        sent = socket.send_fds(sock, [data[:1]], [fd] + ([extra_fd] if extra_fd >= 0 else []))
         if sent != 1:
             raise OSError("short send of the frame carrying the fd")
         sock.sendall(data[1:])
@@ -139,8 +142,9 @@ def send_frame(sock: socket.socket, kind: bytes, payload: bytes = b"", fd: int =
         sock.sendall(data)
 
 
-def recv_frame(sock: socket.socket) -> tuple[bytes, bytes, int]:
-    """(kind, payload, fd or -1). The caller owns the fd. OSError/EOFError on a cut."""
+def recv_frame(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
+    """(kind, payload, fd or -1, extra fd or -1). The caller owns the fds.
+    OSError/EOFError on a cut."""
     first, fds, _, _ = socket.recv_fds(sock, 1, 4)
     for received in fds:  # recv_fds drops its flags argument (CPython 3.11): no CMSG_CLOEXEC
         os.set_inheritable(received, False)
@@ -149,16 +153,18 @@ def recv_frame(sock: socket.socket) -> tuple[bytes, bytes, int]:
             close_fd(extra)
         raise EOFError("supervisor connection closed")
     fd = fds[0] if fds else -1
-    for extra in fds[1:]:
+    extra_fd = fds[1] if len(fds) > 1 else -1
+    for extra in fds[2:]:
         close_fd(extra)
     try:
         rest = _recv_exact(sock, _FRAME.size - 1)
         kind, length = _FRAME.unpack(first + rest)
         if length > _MAX_FRAME:
             raise OSError(f"frame of {length} bytes is larger than {_MAX_FRAME}")
-        return kind, _recv_exact(sock, length), fd
+        return kind, _recv_exact(sock, length), fd, extra_fd
     except BaseException:
         close_fd(fd)
+        close_fd(extra_fd)
         raise
 
 
@@ -192,25 +198,30 @@ def connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
-def send_state(path: str, state: DaemonState, fd: int, timeout: float = 10.0) -> None:
-    """Give ``state`` and the connection fd to the supervisor at ``path``; returns once it
-    acknowledged keeping them."""
+def send_state(path: str, state: DaemonState, fd: int, timeout: float = 10.0,
+               table_fd: int = -1) -> None:
+    """Give ``state``, the connection fd (and its open-mode table's) to the supervisor at
+    ``path``; returns once it acknowledged keeping them."""
     with connect(path, timeout) as sock:
-        send_frame(sock, b"S", state.encode(), fd)
-        kind, payload, extra = recv_frame(sock)
+        send_frame(sock, b"S", state.encode(), fd, table_fd)
+        kind, payload, extra, extra2 = recv_frame(sock)
         close_fd(extra)
+        close_fd(extra2)
         if kind != b"K":
             raise OSError(f"supervisor {path} refused the state: {payload.decode(errors='replace')}")
 
 
-def request_takeover(path: str, daemon_id: str, timeout: float = 10.0) -> tuple[bytes, int]:
-    """Ask the supervisor for the state blob and the fd of ``daemon_id`` ("" = whatever the
-    supervisor assigned to this process). Returns (blob, fd or -1)."""
+def request_takeover(path: str, daemon_id: str,
+                     timeout: float = 10.0) -> tuple[bytes, int, int]:
+    """Ask the supervisor for the state blob and the fds of ``daemon_id`` ("" = whatever
+    the supervisor assigned to this process). Returns (blob, fd or -1, the open-mode
+    table's fd or -1)."""
     with connect(path, timeout) as sock:
         send_frame(sock, b"T", json.dumps({"id": daemon_id}).encode())
-        kind, payload, fd = recv_frame(sock)
+        kind, payload, fd, table_fd = recv_frame(sock)
         if kind != b"R":
             close_fd(fd)
+            close_fd(table_fd)
             raise OSError(f"supervisor {path}: {payload.decode(errors='replace')}")
-        return payload, fd
+        return payload, fd, table_fd
 

@@ -916,8 +916,16 @@ def remove_unused(cache_dir: str, used: set[str], stats: CacheGcStats | None = N
     return sorted(removed)
 
 
+# pynydusd's materialized files (daemon/materialize.py): ``<blob id>.file.<key>``, and
+# their copies in progress (``...<key>.tmp-<pid>``), go with the blob of their first chunk
+MATERIALIZED = ".file."
+
+
 def blob_id_of(filename: str) -> str:
     """The blob id a cache file belongs to ('' if it is not a blob cache file)."""
+    head, sep, _ = filename.partition(MATERIALIZED)
+    if sep:
+        return head if _is_hex64(head) else ""
     for suffix in sorted(CACHE_SUFFIXES, key=len, reverse=True):
         if suffix and filename.endswith(suffix):
             base = filename[: -len(suffix)]

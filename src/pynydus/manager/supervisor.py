@@ -49,6 +49,7 @@ class Held:
     state: DaemonState
     received: float
     sender_pid: int
+    table_fd: int = -1  # the connection's open-mode table (passthrough), if it has one
 
 
 class Supervisor:
@@ -102,6 +103,7 @@ class Supervisor:
                     pass
         if held is not None:
             close_fd(held.fd)
+            close_fd(held.table_fd)
         self._wake()
 
     def held(self, daemon_id: str) -> Held | None:
@@ -128,6 +130,7 @@ class Supervisor:
             held = self._held.pop(daemon_id, None)
         if held is not None:
             close_fd(held.fd)
+            close_fd(held.table_fd)
             log.info("supervisor: released the FUSE connection of daemon %s", daemon_id)
 
     def close(self) -> None:
@@ -150,6 +153,7 @@ class Supervisor:
             held, self._held = list(self._held.values()), {}
         for h in held:
             close_fd(h.fd)
+            close_fd(h.table_fd)
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -192,18 +196,21 @@ class Supervisor:
     def _answer(self, daemon_id: str, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         pid = int.from_bytes(creds[:4], "little")
-        kind, payload, fd = recv_frame(conn)
+        kind, payload, fd, table_fd = recv_frame(conn)
         if kind == b"S":
-            self._keep(daemon_id, conn, payload, fd, pid)
-        elif kind == b"T":
-            close_fd(fd)
+            self._keep(daemon_id, conn, payload, fd, pid, table_fd)
+            return
+        close_fd(fd)
+        close_fd(table_fd)
+        if kind == b"T":
             self._give(daemon_id, conn, payload, pid)
         else:
-            close_fd(fd)
             send_frame(conn, b"E", f"unknown request {kind!r}".encode())
 
-    def _keep(self, daemon_id: str, conn: socket.socket, blob: bytes, fd: int, pid: int) -> None:
+    def _keep(self, daemon_id: str, conn: socket.socket, blob: bytes, fd: int, pid: int,
+              table_fd: int = -1) -> None:
         if fd < 0:
+            close_fd(table_fd)
             send_frame(conn, b"E", b"no fd came with the state")
             return
         try:
@@ -213,16 +220,18 @@ class Supervisor:
                                  f"{daemon_id!r}")
         except StateError as err:
             close_fd(fd)
+            close_fd(table_fd)
             log.error("supervisor: daemon %s (pid %d) sent a state we cannot keep: %s",
                       daemon_id, pid, err)
             send_frame(conn, b"E", str(err).encode())
             return
         with self._lock:
             old = self._held.get(daemon_id)
-            self._held[daemon_id] = Held(fd, blob, state, time.monotonic(), pid)
+            self._held[daemon_id] = Held(fd, blob, state, time.monotonic(), pid, table_fd)
             self._changed.notify_all()
         if old is not None:
             close_fd(old.fd)  # the same connection, or one that ended
+            close_fd(old.table_fd)
         send_frame(conn, b"K")
         log.debug("supervisor: holding the FUSE connection of daemon %s (pid %d, %d images)",
                   daemon_id, pid, len(state.mounts))
@@ -239,5 +248,5 @@ class Supervisor:
         if held is None:
             send_frame(conn, b"E", f"no FUSE connection is held for daemon {daemon_id}".encode())
             return
-        send_frame(conn, b"R", held.blob, held.fd)
+        send_frame(conn, b"R", held.blob, held.fd, held.table_fd)
         log.info("supervisor: FUSE connection of daemon %s handed to pid %d", daemon_id, pid)

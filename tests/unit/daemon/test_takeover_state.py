@@ -79,13 +79,14 @@ def test_frames_carry_an_fd_close_on_exec(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
         send_frame(a, b"S", b"x" * 100_000, fd)
-        kind, payload, got = recv_frame(b)
+        kind, payload, got, none = recv_frame(b)
+        assert none == -1
         assert (kind, payload) == (b"S", b"x" * 100_000)
         assert os.path.samestat(os.fstat(got), os.fstat(fd))
         assert fcntl.fcntl(got, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         os.close(got)
         send_frame(a, b"K")
-        assert recv_frame(b) == (b"K", b"", -1)
+        assert recv_frame(b) == (b"K", b"", -1, -1)
         a.close()
         with pytest.raises(EOFError):
             recv_frame(b)
@@ -104,13 +105,17 @@ def test_supervisor_keeps_the_latest_and_hands_it_over(tmp_path: Path) -> None:
         first = os.open(tmp_path, os.O_RDONLY)
         second = os.open("/", os.O_RDONLY)
         send_state(path, _state(), first)
-        send_state(path, _state(next_slot=9), second)
+        table = os.memfd_create("iomodes")  # a passthrough daemon's open-mode table
+        send_state(path, _state(next_slot=9), second, table_fd=table)
         held = sup.held("d1")
         assert held is not None and held.state.next_slot == 9 and held.sender_pid == os.getpid()
-        blob, fd = request_takeover(path, "d1")
+        blob, fd, got_table = request_takeover(path, "d1")
         assert DaemonState.decode(blob).next_slot == 9
         assert os.path.samestat(os.fstat(fd), os.fstat(second))
+        assert os.path.samestat(os.fstat(got_table), os.fstat(table))
         os.close(fd)
+        os.close(got_table)
+        os.close(table)
         with pytest.raises(OSError, match="serves daemon d1, not d2"):
             request_takeover(path, "d2")
         with pytest.raises(OSError, match="refused the state: state of daemon 'other'"):
@@ -118,7 +123,7 @@ def test_supervisor_keeps_the_latest_and_hands_it_over(tmp_path: Path) -> None:
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(path)
             send_frame(s, b"S", _state().encode()[:-3], first)
-            kind, payload, _ = recv_frame(s)
+            kind, payload, _, _ = recv_frame(s)
             assert kind == b"E" and b"checksum" in payload
         sup.drop("d1")
         assert sup.held("d1") is None
