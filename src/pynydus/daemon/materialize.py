@@ -26,8 +26,6 @@ disk would keep less than ``_DISK_RESERVE`` of its size free, and small files (b
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 import logging
 import os
 import queue
@@ -183,6 +181,8 @@ class Materializer:
 def _remove_stale_copies(path: str) -> None:
     """Remove copies of ``path`` in progress whose daemon is gone (killed mid-copy);
     another live daemon's (the cache dir is shared) stays."""
+    import glob
+
     for stale in glob.glob(glob.escape(path) + ".tmp-*"):
         try:
             os.kill(int(stale.rsplit("-", 1)[1]), 0)
@@ -195,6 +195,8 @@ def _remove_stale_copies(path: str) -> None:
 
 def _layout_name(inst: RafsInstance, nid: int) -> tuple[str, int]:
     """The materialized file's name for inode ``nid`` and the file's size."""
+    import hashlib  # libcrypto: loaded with the first large file opened, not at start
+
     size = inst.bs.stat_fields(nid)[4]
     reads = inst.bs.map_read(nid, 0, size)
     if not reads:
