@@ -31,6 +31,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 
 from pynydus.daemon.instance import RafsInstance
 
@@ -59,10 +60,12 @@ class Materializer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # (instance, nid) -> the materialized file, or "" when known to have none
-        self._known: dict[tuple[int, int], str] = {}
-        self._queued: set[tuple[int, int]] = set()
+        self._known: dict[tuple[RafsInstance, int], str] = {}
+        self._queued: set[tuple[RafsInstance, int]] = set()
         self._jobs: queue.SimpleQueue[tuple[RafsInstance, int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # images unmounted: a copy of theirs in progress is dropped
+        self._gone: weakref.WeakSet[RafsInstance] = weakref.WeakSet()
         self._busy = 0  # queued or being copied
         self.done = 0  # files materialized since start
         self.closed = False
@@ -75,7 +78,7 @@ class Materializer:
     def path(self, inst: RafsInstance, nid: int) -> str:
         """The materialized file of ``inst``'s inode ``nid`` ("" when there is none). The
         first ask of an inode looks on disk (a file left by an earlier daemon)."""
-        key = (id(inst), nid)
+        key = (inst, nid)
         known = self._known.get(key)
         if known is not None:
             return known
@@ -94,8 +97,8 @@ class Materializer:
     def released(self, inst: RafsInstance, nid: int) -> None:
         """A cached open of a candidate file ended: queue it if its chunks are all in the
         cache (or landing there) and it is not materialized yet."""
-        key = (id(inst), nid)
-        if self.closed or self._known.get(key) or key in self._queued:
+        key = (inst, nid)
+        if self.closed or self._known.get(key) or key in self._queued or inst in self._gone:
             return
         if not inst.file_cached(nid, landing=True):
             return
@@ -111,8 +114,9 @@ class Materializer:
 
     def forget(self, inst: RafsInstance) -> None:
         """An image was unmounted: drop what is known of its inodes."""
-        with self._lock:
-            for key in [k for k in self._known if k[0] == id(inst)]:
+        with self._lock:  # after this, no copy of its files is renamed into place
+            self._gone.add(inst)
+            for key in [k for k in self._known if k[0] is inst]:
                 del self._known[key]
 
     def close(self) -> None:
@@ -126,7 +130,7 @@ class Materializer:
             pass
         while (job := self._jobs.get()) is not None:
             inst, nid = job
-            key = (id(inst), nid)
+            key = (inst, nid)
             try:
                 path = self._materialize(inst, nid)
                 if path:
@@ -172,7 +176,11 @@ class Materializer:
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.rename(tmp, path)
+        with self._lock:  # the image's removal and the cache GC after it see it or none
+            if inst in self._gone:
+                os.unlink(tmp)
+                return ""
+            os.rename(tmp, path)
         log.debug("materialized inode %d of %s (%d bytes) as %s", nid, inst.bootstrap_path,
                   size, path)
         return path
