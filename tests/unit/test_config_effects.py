@@ -624,6 +624,8 @@ NYDUSD: list[Key] = [
                                                                   1 << 20, 65536))),
     Key("fill_page_cache", "rafs.fill_page_cache", Effect("false", _differs(
         lambda c: c.rafs.fill_page_cache, True, False))),
+    Key("passthrough", "rafs.passthrough", Effect("false", _differs(
+        lambda c: c.rafs.passthrough, True, False))),
     Key("fs_prefetch.enable", "rafs.prefetch.enable", Effect("true", _differs(
         lambda c: c.rafs.prefetch.enable, False, True))),
     Key("fs_prefetch.threads_count", "rafs.prefetch.threads", Effect("3", _differs(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,17 @@ def test_a_later_daemon_finds_the_copy_and_the_cache_gc_removes_it(served) -> No
     assert Materializer().path(inst, big) == ""
     removed = remove_unused(str(tmp_path / "cache"), set())
     assert removed == [inst.bs.blobs[0].blob_id] and not copy.exists()
+
+
+def test_passthrough_false_keeps_the_image_on_fuse(served) -> None:  # type: ignore[no-untyped-def]
+    k, inst, registered, tmp_path = served
+    inst.config = replace(inst.config, rafs=replace(inst.config.rafs, passthrough=False))
+    big = inst.bs.lookup_path("/big")
+    for _ in range(2):
+        fh, flags, _ = _open(k, big)
+        _read_all(k, big, len(BIG))
+        _release(k, big, fh)
+        _wait_idle(k.server)
+        assert (fh, flags & P.FOPEN_PASSTHROUGH) == (big, 0)
+    assert k.server.materializer.done == 0 and not registered
+    assert not list((tmp_path / "cache").glob("*.file.*"))
