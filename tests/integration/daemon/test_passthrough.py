@@ -12,7 +12,6 @@ backing file (the copy), a cached one's is the FUSE file.
 
 from __future__ import annotations
 
-import mmap
 import os
 import subprocess
 import threading
@@ -63,32 +62,24 @@ def _materialized(d: Pynydusd, count: int) -> list[Path]:
     return sorted((d.workdir / "cache").glob("*.file.*"))
 
 
-def _file_maps() -> set[str]:
-    with open("/proc/self/maps") as f:
-        return {line for line in f if len(line.split(maxsplit=5)) == 6}
+def _is_passthrough(d: Pynydusd, fd: int) -> bool:
+    """Whether ``fd`` was opened in passthrough mode: its page cache dropped, a read of it
+    reaches daemon ``d`` only if it is a cached open (a passthrough open reads the
+    materialized copy in the kernel). /proc/self/maps cannot tell: it names a backing
+    file's mapping by the FUSE file's path and inode."""
+    before = d.get("/api/v1/metrics")["data_read"]
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert len(os.pread(fd, 4096, 0)) == 4096
+    return bool(d.get("/api/v1/metrics")["data_read"] == before)
 
 
-def _is_passthrough(fd: int) -> bool:
-    """Whether ``fd`` was opened in passthrough mode: a mapping of such a file is a
-    mapping of its backing file (the materialized copy), as /proc/self/maps names it;
-    a cached file's mapping names the FUSE file."""
-    before = _file_maps()
-    m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-    try:
-        new = [line.split(maxsplit=5)[5] for line in _file_maps() - before]
-    finally:
-        m.close()
-    assert new, "the mapping is not in /proc/self/maps"
-    return any(".file." in path for path in new)
-
-
-def _open_passthrough(path: Path) -> int:
+def _open_passthrough(d: Pynydusd, path: Path) -> int:
     """An fd of ``path`` opened passthrough, once the daemon has seen the RELEASEs of its
     cached opens (the kernel sends them after close() returns)."""
     deadline = time.monotonic() + 20
     while True:
         fd = os.open(path, os.O_RDONLY)
-        if _is_passthrough(fd):
+        if _is_passthrough(d, fd):
             return fd
         os.close(fd)
         assert time.monotonic() < deadline, f"{path} is not opened passthrough"
@@ -106,14 +97,14 @@ def test_a_file_read_whole_is_then_read_by_the_kernel_from_its_copy(
     for name in ("one.bin", "two.bin"):
         fd = os.open(d.mountpoint / name, os.O_RDONLY)
         try:
-            assert _is_passthrough(fd), name
+            assert _is_passthrough(d, fd), name
             got = b"".join(iter(lambda fd=fd: os.read(fd, MiB), b""))  # type: ignore[misc]
             assert got == (image.src / name).read_bytes()
         finally:
             os.close(fd)
     fd = os.open(d.mountpoint / "small.bin", os.O_RDONLY)  # below the floor: as before
     try:
-        assert not _is_passthrough(fd)
+        assert not _is_passthrough(d, fd)
     finally:
         os.close(fd)
 
@@ -127,7 +118,7 @@ def test_cached_and_passthrough_opens_of_one_file_never_fail_each_other(
     assert _read_whole(path) == want
     _materialized(d, 1)
     second = os.open(path, os.O_RDONLY)  # must stay cached while "held" is open
-    assert not _is_passthrough(second) and os.pread(second, 4096, MiB) == want[MiB:MiB + 4096]
+    assert not _is_passthrough(d, second) and os.pread(second, 4096, MiB) == want[MiB:MiB + 4096]
     os.close(second)
     os.close(held)
     errors: list[BaseException] = []
@@ -142,7 +133,7 @@ def test_cached_and_passthrough_opens_of_one_file_never_fail_each_other(
     threads = [threading.Thread(target=reader) for _ in range(4)]
     for t in threads:
         t.start()
-    os.close(_open_passthrough(path))
+    os.close(_open_passthrough(d, path))
     for t in threads:
         t.join()
     assert errors == []
@@ -159,7 +150,7 @@ def test_kill9_with_opens_of_both_kinds_alive_keeps_every_read_working(
     assert _read_whole(one) == want_one and _read_whole(two) == want_two
     _materialized(d, 2)
     through = os.open(two, os.O_RDONLY)
-    assert _is_passthrough(through) and not _is_passthrough(cached)
+    assert _is_passthrough(d, through) and not _is_passthrough(d, cached)
     d.kill9()
     assert os.pread(through, 4096, 0) == want_two[:4096]  # the kernel reads it: no daemon
     s = _successor(workdir, d.mountpoint)
@@ -167,13 +158,13 @@ def test_kill9_with_opens_of_both_kinds_alive_keeps_every_read_working(
         _take_over(s, supervisor, one_call=True)
         assert os.pread(cached, MiB, 2 * MiB) == want_one[2 * MiB:3 * MiB]
         again = os.open(one, os.O_RDONLY)  # "cached" is still open: cached again
-        assert not _is_passthrough(again) and _read_whole(one) == want_one
+        assert not _is_passthrough(s, again) and _read_whole(one) == want_one
         os.close(again)
         also = os.open(two, os.O_RDONLY)  # the predecessor's backing id, reused
-        assert _is_passthrough(also) and _read_whole(two) == want_two
+        assert _is_passthrough(s, also) and _read_whole(two) == want_two
         os.close(also)
         os.close(cached)
-        fd = _open_passthrough(one)  # the last cached open went: passthrough now
+        fd = _open_passthrough(s, one)  # the last cached open went: passthrough now
         try:
             assert b"".join(iter(lambda: os.read(fd, MiB), b"")) == want_one
         finally:
