@@ -42,14 +42,18 @@ _INLINE_LIST = 64
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def info_to_pb(info: Info) -> snapshots_pb2.Info:
-    # The times set in place: a Timestamp made apart and copied in cost 3x as much
-    # (Stat and every snapshot of a List pass here).
-    msg = snapshots_pb2.Info(name=info.name, parent=info.parent,
-                             kind=cast(snapshots_pb2.Kind, info.kind), labels=info.labels)
+def fill_info(msg: snapshots_pb2.Info, info: Info) -> None:
+    """Write ``info`` into ``msg``, the Info field of a response or one added to a List
+    batch: in place, as messages built apart and copied in (an Info into its response,
+    a Timestamp into its Info) cost 1.5x as much (Stat and every snapshot of a List pass
+    here)."""
+    msg.name = info.name
+    msg.parent = info.parent
+    msg.kind = cast(snapshots_pb2.Kind, info.kind)
+    if info.labels:
+        msg.labels.update(info.labels)
     msg.created_at.seconds, msg.created_at.nanos = divmod(info.created_ns, 1_000_000_000)
     msg.updated_at.seconds, msg.updated_at.nanos = divmod(info.updated_ns, 1_000_000_000)
-    return msg
 
 
 def mounts_to_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
@@ -126,13 +130,17 @@ class Snapshots:
 
     @_rpc
     def Stat(self, request: Any) -> Any:
-        return snapshots_pb2.StatSnapshotResponse(info=info_to_pb(self.sn.stat(request.key)))
+        response = snapshots_pb2.StatSnapshotResponse()
+        fill_info(response.info, self.sn.stat(request.key))
+        return response
 
     @_rpc
     def Update(self, request: Any) -> Any:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = self.sn.update(request.info.name, dict(request.info.labels), paths)
-        return snapshots_pb2.UpdateSnapshotResponse(info=info_to_pb(info))
+        response = snapshots_pb2.UpdateSnapshotResponse()
+        fill_info(response.info, info)
+        return response
 
     def inline(self, method: Method, request: Any) -> Callable[[], Any] | None:
         """The call, ready to run, if it answers from the metastore alone (tens of
@@ -200,14 +208,14 @@ class Snapshots:
 
 
 def _list_batches(infos: Iterable[Info]) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
-    batch: list[snapshots_pb2.Info] = []
+    batch = snapshots_pb2.ListSnapshotsResponse()
     for info in infos:
-        batch.append(info_to_pb(info))
-        if len(batch) >= _LIST_BATCH:
-            yield snapshots_pb2.ListSnapshotsResponse(info=batch)
-            batch = []
-    if batch:
-        yield snapshots_pb2.ListSnapshotsResponse(info=batch)
+        fill_info(batch.info.add(), info)
+        if len(batch.info) >= _LIST_BATCH:
+            yield batch
+            batch = snapshots_pb2.ListSnapshotsResponse()
+    if batch.info:
+        yield batch
 
 
 _PREFIX = "/containerd.services.snapshots.v1.Snapshots/"
