@@ -54,6 +54,7 @@ from pynydus.errors import (
     q,
 )
 from pynydus.host import erofs
+from pynydus.host.cpus import thread_cpu_and_wait
 from pynydus.host.mountinfo import read_mountinfo
 from pynydus.manager.filesystem import cache_usage
 from pynydus.registry import RegistryClient
@@ -331,7 +332,7 @@ class TarfsManager:
 
     def _convert(self, layer: _Layer) -> None:
         t0 = time.monotonic()
-        cpu0 = time.thread_time()
+        cpu0, wait0 = thread_cpu_and_wait()
         try:
             src = layer.source
             if src is None:
@@ -353,9 +354,12 @@ class TarfsManager:
                     erofs.forget_pages(done.tar)  # the mounts read it with direct I/O
                 # logged before the next conversion may start (max_concurrent_proc's
                 # test reads the spans from these lines)
+                # (CPU, and the time runnable without one: what the machine's load took)
+                cpu, wait = thread_cpu_and_wait()
                 log.info("tarfs: layer %s (%s) converted: %d bytes of tar in %.2f s (%.2f s "
-                         "CPU in this thread)", layer.sid, src.layer_digest, done.tar_bytes,
-                         time.monotonic() - t0, time.thread_time() - cpu0)
+                         "CPU in this thread, %.2f s waiting for a CPU)", layer.sid,
+                         src.layer_digest, done.tar_bytes, time.monotonic() - t0, cpu - cpu0,
+                         wait - wait0)
             finally:
                 if sem is not None:
                     sem.release()
