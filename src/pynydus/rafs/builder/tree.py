@@ -178,10 +178,12 @@ class Tree:
     # ------------------------------------------------------------------ apply
     def apply(self, entry: Entry, chunks: list[ChunkDesc] | None = None) -> None:
         """Apply one layer entry (with the chunks of its data, for regular files)."""
-        wh = entry.whiteout
-        if wh is not None and self.whiteout_spec != "none":
-            self._apply_whiteout(entry, wh)
-            return
+        # (the name test first: most entries are no whiteout, and it costs no call)
+        if OCI_WHITEOUT_PREFIX in entry.path and self.whiteout_spec != "none":
+            wh = entry.whiteout
+            if wh is not None:
+                self._apply_whiteout(entry, wh)
+                return
         if not entry.path:
             if entry.type != EntryType.DIR:
                 raise FormatError("layer root entry is not a directory")

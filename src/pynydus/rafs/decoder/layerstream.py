@@ -529,6 +529,15 @@ class LayerStream:
                 want -= take
         return b"".join(parts)
 
+    def skip(self, n: int) -> int:
+        """Move ``n`` bytes forward (tee'd, not returned); fewer only at the end of the
+        stream. Returns how many were skipped."""
+        if 0 <= n <= len(self._buf) - self._i:
+            self._i += n  # the common case, block padding: no view, no copy
+            return n
+        start = self.tell()
+        return self.seek(start + n) - start
+
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         """Skip forward to absolute ``pos`` (tarfile seeks over data it is not given)."""
         pos = absolute_seek(pos, whence, self.tell())

@@ -89,9 +89,10 @@ def _number(field: bytes) -> int:
     return int(text or "0", 8)
 
 
-# mode+uid+gid and devmajor+devminor fields, as read: a layer repeats a few
+# mode+uid+gid, mtime and devmajor+devminor fields, as read: a layer repeats a few
 # spellings thousands of times, and a dict lookup is cheaper than parsing them.
 _IDS: dict[bytes, tuple[int, int, int]] = {}
+_MTIMES: dict[bytes, int] = {}
 _DEVS: dict[bytes, tuple[int, int]] = {}
 _FIELD_CACHE_MAX = 4096
 
@@ -143,13 +144,20 @@ def parse_header(buf: bytes) -> Header | None:
             if len(_DEVS) >= _FIELD_CACHE_MAX:
                 _DEVS.clear()
             _DEVS[key] = devs
+        key = buf[136:148]
+        mtime = _MTIMES.get(key)
+        if mtime is None:
+            mtime = _octal(key)
+            if len(_MTIMES) >= _FIELD_CACHE_MAX:
+                _MTIMES.clear()
+            _MTIMES[key] = mtime
         size = _octal(buf[124:136])
-        mtime = _octal(buf[136:148])
-        chksum = _octal(buf[148:156])
+        key = buf[148:156]
+        chksum = _octal(key)
     except ValueError:
         return None
     # the checksum field's own bytes out (their sum, at most 2040, again through adler32)
-    unsigned = total - (zlib.adler32(buf[148:156]) & 0xFFFF) + 1 + 8 * 32
+    unsigned = total - (zlib.adler32(key) & 0xFFFF) + 1 + 8 * 32
     if chksum != unsigned:
         high = sum(b >> 7 for b in buf[:148]) + sum(b >> 7 for b in buf[156:])
         if chksum != unsigned - 256 * high:

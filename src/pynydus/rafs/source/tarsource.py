@@ -229,11 +229,6 @@ def _check_header(buf: bytes, offset: int) -> None:
         raise FormatError(f"layer tar: header at offset {offset}: {damage}")
 
 
-# Gaps up to this size (block padding, small unread files) are skipped with one
-# read; longer ones with a seek.
-_SKIP_READ = 64 * 1024
-
-
 class _Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
@@ -655,12 +650,7 @@ class _TarReader:
         if offset < pos:  # a negative size: tarfile would seek back
             raise FormatError(f"layer tar: next header at offset {offset} before {pos}")
         gap = offset - pos
-        if gap <= _SKIP_READ:
-            short = len(self._stream.read_view(gap)) < gap
-        else:
-            self._stream.seek(offset - 1)
-            short = not self._stream.read(1)
-        if short:
+        if self._stream.skip(gap) < gap:
             raise FormatError(f"layer tar: unexpected end of data before offset {offset}")
 
 

@@ -121,6 +121,25 @@ def test_reads_views_seeks_and_tee_see_the_same_bytes() -> None:
     assert copy.getvalue() == PAYLOAD
 
 
+def test_skip_moves_over_bytes_inside_and_across_blocks_and_stops_at_the_end() -> None:
+    raw = b"".join(zstandard.ZstdCompressor().compress(PAYLOAD[i : i + 50_000])
+                   for i in range(0, len(PAYLOAD), 50_000))
+    copy = io.BytesIO()
+    with _stream(raw, tee=copy) as s:
+        assert s.skip(0) == 0
+        assert s.read(10) == PAYLOAD[:10]
+        assert s.skip(502) == 502  # tar block padding: inside the current block
+        assert s.read(4) == PAYLOAD[512:516]
+        far = len(PAYLOAD) - 1000 - 516
+        assert s.skip(far) == far  # across blocks
+        assert s.tell() == len(PAYLOAD) - 1000
+        assert s.read(10) == PAYLOAD[-1000:-990]
+        assert s.skip(5000) == 990  # fewer only at the end
+        assert s.read(1) == b""
+        s.drain()
+    assert copy.getvalue() == PAYLOAD  # what is skipped is still tee'd
+
+
 def test_close_stops_a_decoder_blocked_on_a_full_queue() -> None:
     s = _stream(gzip.compress(PAYLOAD))
     assert s.read(1) == PAYLOAD[:1]

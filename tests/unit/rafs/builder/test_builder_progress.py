@@ -62,3 +62,47 @@ def test_no_callback_no_reports_and_a_failing_build_reports_no_done(tmp_path: Pa
               progress=seen.append, progress_interval=0.0)
     assert "done" not in [p.phase for p in seen]
     assert not (tmp_path / "bs").exists()
+
+
+def test_the_collector_is_off_while_builds_run_and_back_as_it_was_after(tmp_path: Path) -> None:
+    """A build's tree is acyclic: the collector's passes over it were 15% of a large
+    layer's CPU. It is paused during the build (across concurrent builds: until the
+    last ends) and left as the caller had it, after a failed build too."""
+    import gc
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _tree(src)
+    during: list[bool] = []
+    inner_done = threading.Event()
+
+    def inner(p: BuildProgress) -> None:
+        during.append(gc.isenabled())
+        if p.phase == "done":
+            inner_done.set()
+
+    def outer(p: BuildProgress) -> None:
+        during.append(gc.isenabled())
+        if p.phase == "bootstrap" and not inner_done.is_set():
+            # a second build, in another thread, ends while this one still runs
+            t = threading.Thread(target=build, args=(src, tmp_path / "bs2", tmp_path / "b2"),
+                                 kwargs={"progress": inner})
+            t.start()
+            t.join()
+            during.append(gc.isenabled())
+
+    assert gc.isenabled()
+    build(src, tmp_path / "bs", tmp_path / "blobs", progress=outer, progress_interval=0.0)
+    assert inner_done.is_set()
+    assert during and not any(during)
+    assert gc.isenabled()
+    with pytest.raises(Exception):  # noqa: B017 - any failure
+        build(tmp_path / "missing", tmp_path / "bs3", tmp_path / "b3")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        build(src, tmp_path / "bs4", tmp_path / "b4")
+        assert not gc.isenabled()  # the caller's choice stands
+    finally:
+        gc.enable()
