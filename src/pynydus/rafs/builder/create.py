@@ -251,6 +251,20 @@ def _gc_paused() -> Iterator[None]:
                 gc.enable()
 
 
+def _gc_after_fork() -> None:
+    # A child forked while a build ran in another thread runs no build: the collector
+    # is back as it was before the first (and the lock, maybe held then, is new).
+    global _gc_pauses, _gc_lock
+    _gc_lock = threading.Lock()
+    if _gc_pauses:
+        _gc_pauses = 0
+        if _gc_was_enabled:
+            gc.enable()
+
+
+os.register_at_fork(after_in_child=_gc_after_fork)
+
+
 @_gc_paused()
 def build(
     source: str | os.PathLike[str] | BinaryIO,

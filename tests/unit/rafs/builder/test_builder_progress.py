@@ -106,3 +106,21 @@ def test_the_collector_is_off_while_builds_run_and_back_as_it_was_after(tmp_path
         assert not gc.isenabled()  # the caller's choice stands
     finally:
         gc.enable()
+
+
+def test_a_child_forked_during_a_build_has_the_collector_as_before(tmp_path: Path) -> None:
+    import gc
+    import os
+
+    from pynydus.rafs.builder import create
+
+    assert gc.isenabled()
+    with create._gc_paused():  # a build under way (in another thread, say)
+        assert not gc.isenabled()
+        pid = os.fork()
+        if pid == 0:  # the child: no build runs here
+            os._exit(0 if gc.isenabled() and create._gc_pauses == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert not gc.isenabled()  # the parent's build goes on
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert gc.isenabled()
