@@ -389,29 +389,18 @@ def _merge(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- check
 
-#: upstream's names of blob feature bits, in the order it prints them
-BLOB_FEATURE_NAMES = ((0x0000_0001, "aligned"), (0x4000_0000, "cap_toc"),
-                      (0x0000_0020, "chunk-digest"), (0x0000_0004, "chunk-v2"),
-                      (0x0000_0002, "fs-meta"), (0x0000_0010, "separate"),
-                      (0x1000_0000, "tar-header"), (0x2000_0000, "toc"),
-                      (0x0000_0008, "zran"))
+#: upstream's names of blob feature bits (by their ``BlobFeatures`` member), in the order
+#: it prints them
+BLOB_FEATURE_NAMES = (("ALIGNED", "aligned"), ("CAP_TAR_TOC", "cap_toc"),
+                      ("INLINED_CHUNK_DIGEST", "chunk-digest"), ("CHUNK_INFO_V2", "chunk-v2"),
+                      ("INLINED_FS_META", "fs-meta"), ("SEPARATE", "separate"),
+                      ("HAS_TAR_HEADER", "tar-header"), ("HAS_TOC", "toc"), ("ZRAN", "zran"))
 
 
 def blob_features(bits: int) -> str:
-    return " ".join(name for bit, name in BLOB_FEATURE_NAMES if bits & bit)
+    from pynydus.rafs.format import BlobFeatures  # loaded already by the bootstrap's reader
 
-
-def compressed_data_size(b: Any) -> int:
-    """upstream's ``BlobInfo::compressed_data_size``: chunk data without the blob's
-    trailing metadata."""
-    if b.features & 0x10:  # SEPARATE
-        return int(b.compressed_size)
-    if b.features & 0x4000_0000:  # CAP_TAR_TOC (2.2+ builders)
-        tar_header = 0x200 if b.features & 0x1000_0000 else 0
-        if b.ci_compressed_size and b.ci_uncompressed_size:
-            return int(b.ci_offset) - tar_header
-        return int(b.compressed_size) - tar_header
-    return int(b.compressed_size)
+    return " ".join(name for member, name in BLOB_FEATURE_NAMES if bits & BlobFeatures[member])
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -426,7 +415,7 @@ def _check(args: argparse.Namespace) -> int:
     print("RAFS filesystem metadata is valid, referenced data blobs: ")
     with open_bootstrap(path) as bs:
         for idx, b in enumerate(bs.blobs):
-            print(f"\t {idx}: {b.blob_id}, compressed data size 0x{compressed_data_size(b):x}, "
+            print(f"\t {idx}: {b.blob_id}, compressed data size 0x{b.compressed_data_size:x}, "
                   f"compressed file size 0x{b.compressed_size:x}, uncompressed file size "
                   f"0x{b.uncompressed_size:x}, chunks: 0x{b.chunk_count:x}, features: "
                   f"{blob_features(b.features)}")

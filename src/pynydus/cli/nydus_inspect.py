@@ -13,6 +13,7 @@ import sys
 from typing import Any, Self
 
 from pynydus.errors import InvalidArgument, NotFound
+from pynydus.rafs.format import BlobFeatures
 from pynydus.rafs.read import Bootstrap, Stat, describe, open_bootstrap
 
 USAGE = """
@@ -28,11 +29,11 @@ USAGE = """
         """
 
 #: upstream's names for blob feature bits (bitflags' Debug), in bit order
-_FEATURES = ((0x0000_0001, "ALIGNED"), (0x0000_0002, "INLINED_FS_META"),
-             (0x0000_0004, "CHUNK_INFO_V2"), (0x0000_0008, "ZRAN"), (0x0000_0010, "SEPARATE"),
-             (0x0000_0020, "INLINED_CHUNK_DIGEST"), (0x1000_0000, "HAS_TAR_HEADER"),
-             (0x2000_0000, "HAS_TOC"), (0x4000_0000, "CAP_TAR_TOC"),
-             (0x8000_0000, "_V5_NO_EXT_BLOB_TABLE"))
+_FEATURES = tuple((f, str(f.name)) for f in (
+    BlobFeatures.ALIGNED, BlobFeatures.INLINED_FS_META, BlobFeatures.CHUNK_INFO_V2,
+    BlobFeatures.ZRAN, BlobFeatures.SEPARATE, BlobFeatures.INLINED_CHUNK_DIGEST,
+    BlobFeatures.HAS_TAR_HEADER, BlobFeatures.HAS_TOC, BlobFeatures.CAP_TAR_TOC,
+)) + ((BlobFeatures.V5_NO_EXT_BLOB_TABLE, "_V5_NO_EXT_BLOB_TABLE"),)
 
 
 class Exit(Exception):
@@ -140,8 +141,6 @@ class Inspector:
         return None
 
     def blobs(self) -> Any:
-        from pynydus.cli.nydus_image import compressed_data_size
-
         if self.request_mode:
             return [{"blob_id": b.blob_id, "readahead_offset": b.readahead_offset,
                      "readahead_size": b.readahead_size,
@@ -153,7 +152,7 @@ Blob Index:             {b.index}
 Blob ID:                {b.blob_id}
 Raw Blob ID:            {b.blob_id}
 Blob Size:              {b.compressed_size}
-Compressed Data Size:   {compressed_data_size(b)}
+Compressed Data Size:   {b.compressed_data_size}
 Uncompressed Data Size: {b.uncompressed_size}
 Features:               {_feature_names(b.features)}
 Compressor:             {_algo(b.compressor.name)}

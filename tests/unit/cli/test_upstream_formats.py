@@ -7,10 +7,12 @@ import logging
 import pytest
 
 from pynydus.cli.nydus_image import blob_features, build_parser
-from pynydus.cli.nydus_inspect import rust_debug
+from pynydus.cli.nydus_inspect import _feature_names, rust_debug
 from pynydus.cli.nydusctl import offset_datetime_display
 from pynydus.cli.upstream import hex_int, json_value, rust_f64, setup_logging
 from pynydus.logs import NYDUSD_LEVELS, level_of
+from pynydus.rafs.format import Compressor, Digester
+from pynydus.rafs.read import BlobInfo
 from tests.harness.util import root_logging_of
 
 
@@ -38,6 +40,33 @@ def test_blob_features_and_names() -> None:
     assert blob_features(0x4000_0001) == "aligned cap_toc"
     assert blob_features(0x7000_0021) == "aligned cap_toc chunk-digest tar-header toc"
     assert rust_debug(b'a"b\n') == '"a\\"b\\n"'
+
+
+def test_inspect_names_feature_bits_as_bitflags_debug() -> None:
+    assert _feature_names(0x4000_0001) == "ALIGNED | CAP_TAR_TOC"
+    assert _feature_names(0x8000_0010) == "SEPARATE | _V5_NO_EXT_BLOB_TABLE"
+    assert _feature_names(0) == "(empty)"
+
+
+def _blob(features: int, **sizes: int) -> BlobInfo:
+    return BlobInfo(index=0, blob_id="b", compressor=Compressor.ZSTD, digester=Digester.SHA256,
+                    chunk_size=1 << 20, chunk_count=1, uncompressed_size=1 << 20,
+                    features=features, **sizes)
+
+
+@pytest.mark.parametrize(("features", "sizes", "data"), [
+    (0, {"compressed_size": 5000}, 5000),                                   # no TOC: all data
+    (0x10 | 0x4000_0000, {"compressed_size": 5000, "ci_offset": 100}, 5000),  # SEPARATE
+    (0x4000_0000 | 0x1000_0000,                                             # TOC, tar headers
+     {"compressed_size": 9000, "ci_offset": 4608, "ci_compressed_size": 10,
+      "ci_uncompressed_size": 24}, 4096),
+    (0x4000_0000, {"compressed_size": 9000, "ci_offset": 4608, "ci_compressed_size": 10,
+                   "ci_uncompressed_size": 24}, 4608),
+    (0x4000_0000 | 0x1000_0000, {"compressed_size": 9000}, 9000 - 512),      # TOC, no ci array
+])
+def test_compressed_data_size_is_upstreams(features: int, sizes: dict[str, int], data: int) -> None:
+    """upstream's ``BlobInfo::compressed_data_size``, which ``check`` and the inspector print."""
+    assert _blob(features, **sizes).compressed_data_size == data
 
 
 def test_chunk_size_is_hexadecimal_with_or_without_prefix() -> None:

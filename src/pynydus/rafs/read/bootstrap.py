@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from typing import Self
 
 from pynydus.errors import InvalidArgument, NotFound
-from pynydus.rafs.format import Compressor, Digester, FileType, RafsChunkInfo, SuperFlags
+from pynydus.rafs.format import (
+    BlobFeatures,
+    Compressor,
+    Digester,
+    FileType,
+    RafsChunkInfo,
+    SuperFlags,
+)
 from pynydus.rafs.format.layout import format_error
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
@@ -119,6 +126,21 @@ class BlobInfo:
     blocks: int = 0
     readahead_offset: int = 0
     readahead_size: int = 0
+
+    @property
+    def compressed_data_size(self) -> int:
+        """The chunk data of the blob file without the metadata after it (upstream's
+        ``BlobInfo::compressed_data_size``): with a TOC (2.2+ builders) the data ends where
+        the chunk-info array (or, without one, the metadata) starts, less the tar header
+        before it; a SEPARATE blob holds data only."""
+        if self.features & BlobFeatures.SEPARATE:
+            return self.compressed_size
+        if self.features & BlobFeatures.CAP_TAR_TOC:
+            tar_header = 0x200 if self.features & BlobFeatures.HAS_TAR_HEADER else 0
+            if self.ci_compressed_size and self.ci_uncompressed_size:
+                return self.ci_offset - tar_header
+            return self.compressed_size - tar_header
+        return self.compressed_size
 
 
 @dataclass(frozen=True, slots=True)
