@@ -191,7 +191,7 @@ class MemoryTrimmer:
             return
         trim(0)
         self.trims += 1
-        from pynydus.host.procstatus import rss_kib
+        from pynydus.host.proc import rss_kib
 
         log.info("memory trimmed after unmounts: RSS %d KiB", rss_kib(os.getpid()))
 

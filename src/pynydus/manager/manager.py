@@ -47,6 +47,7 @@ from pynydus.daemon.template import daemon_env
 from pynydus.errors import FailedPrecondition, NydusError, Unavailable
 from pynydus.host.mount import unmount
 from pynydus.host.mountinfo import mountpoints_under
+from pynydus.host.proc import is_live
 from pynydus.manager.client import INIT, READY, RUNNING, DaemonClient
 from pynydus.manager.store import DaemonRecord, DaemonStore
 from pynydus.manager.supervisor import TAKEOVER_NICENESS, Supervisor
@@ -103,21 +104,6 @@ class LiveDaemon:
     @property
     def client(self) -> DaemonClient:
         return DaemonClient(self.record.api_socket)
-
-
-def _pid_alive(pid: int, api_socket: str) -> bool:
-    """Is ``pid`` a live (non-zombie) process serving ``api_socket``?"""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z":
-            return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return api_socket.encode() in f.read()
-    except (OSError, ValueError):
-        return False
 
 
 class DaemonManager:
@@ -388,7 +374,7 @@ class DaemonManager:
                     self.daemons[rec.id] = ld
                 self.destroy_daemon(rec.id)
                 continue
-            if _pid_alive(rec.pid, rec.api_socket):
+            if is_live(rec.pid, rec.api_socket):
                 try:
                     state = ld.client.state()
                     if state == READY and self.failover:
@@ -426,7 +412,7 @@ class DaemonManager:
         by_id = {r.id: r for r in records}
         out = []
         for rec in records:
-            if rec.mode != SPARE or not _pid_alive(rec.pid, rec.api_socket):
+            if rec.mode != SPARE or not is_live(rec.pid, rec.api_socket):
                 out.append(rec)
                 continue
             try:
@@ -436,7 +422,7 @@ class DaemonManager:
                 continue
             target = by_id.get(str(info.get("id") or ""))
             if (info.get("state") not in (READY, RUNNING) or target is None
-                    or target.mode == SPARE or _pid_alive(target.pid, target.api_socket)):
+                    or target.mode == SPARE or is_live(target.pid, target.api_socket)):
                 out.append(rec)
                 continue
             log.info("daemon %s (pid %d) was taken over by spare %s (pid %d)", target.id,
@@ -799,12 +785,12 @@ def _running(live: LiveDaemon) -> bool:
     """Is ``live``'s process running (our child or not)?"""
     if live.proc is not None:
         return live.proc.poll() is None
-    return _pid_alive(live.record.pid, live.record.api_socket)
+    return is_live(live.record.pid, live.record.api_socket)
 
 
 def _kill_pid(pid: int, api_socket: str) -> None:
     """SIGKILL ``pid`` if it is still the daemon serving ``api_socket``."""
-    if _pid_alive(pid, api_socket):
+    if is_live(pid, api_socket):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -817,7 +803,7 @@ def _wait_exit(pid: int, api_socket: str, proc: subprocess.Popen[bytes] | None,
     without polling: its pidfd becomes readable when it does. Reaps our own child.
     True once it is gone."""
     def gone() -> bool:
-        return proc.poll() is not None if proc is not None else not _pid_alive(pid, api_socket)
+        return proc.poll() is not None if proc is not None else not is_live(pid, api_socket)
 
     try:
         pidfd = os.pidfd_open(pid)
@@ -896,7 +882,7 @@ class Boost:
 
 def _unboost(procs: list[tuple[int, str]]) -> None:
     for pid, api_socket in procs:
-        if _pid_alive(pid, api_socket):  # not a pid used again by another process
+        if is_live(pid, api_socket):  # not a pid used again by another process
             set_niceness(pid, 0)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from pynydus import __version__
 from pynydus.daemon.template import SUBCOMMAND, daemon_env, env_digest, read_line
-from pynydus.manager.manager import _pid_alive
+from pynydus.host.proc import is_live
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,9 @@ class DaemonTemplate:
         with contextlib.suppress(TemplateError):
             request(self.control, {"op": "exit"}, timeout=5)
         deadline = time.monotonic() + 5
-        while pid and _pid_alive(pid, self.control) and time.monotonic() < deadline:
+        while pid and is_live(pid, self.control) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if pid and _pid_alive(pid, self.control):
+        if pid and is_live(pid, self.control):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
 

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pynydus.host.procstatus import proc_status, rss_kib
+from pynydus.host.proc import proc_status, rss_kib
 
 if TYPE_CHECKING:
     from pynydus.manager.filesystem import NydusFilesystem

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pynydus.host.procstatus import rss_kib
+from pynydus.host.proc import rss_kib
 
 log = logging.getLogger(__name__)
 
