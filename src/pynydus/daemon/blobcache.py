@@ -24,10 +24,12 @@ holding several chunks (a gzip layer's inflate context, a batch). Their ``c_off`
 the span's start and ``c_size`` runs to where the chunk's compressed bytes end (a ZRAN
 chunk: a prefix of its context, which inflates from the start; a batch: all of it), so
 chunks of one span group into one request; each span is decoded once per fetch, as far
-as the group's chunks need, and each chunk cut out of it. A ZRAN context's inflate
-stream is kept (``spans``, :class:`SpanDecoder`) so the context's next chunk fetches
-and inflates only what follows. The other chunks a decode produced are stored too
-(``span_members``) unless chunks are validated (their digests are not at hand).
+as the group's chunks need (all of it when the request holds its end), and each chunk
+cut out of it. A ZRAN context's inflate stream is kept (``spans``, :class:`SpanDecoder`)
+so the context's next chunk fetches and inflates only what follows, and a stream at its
+context's end goes on into the next context. The other chunks a decode produced are
+stored too (``span_members``) unless chunks are validated (their digests are not at
+hand).
 """
 
 from __future__ import annotations
@@ -596,17 +598,30 @@ class BlobCache:
         (the blob's bytes at ``start``): ``(first output offset, output)``; a span that
         does not decode is left out (its chunks are fetched again). ``streams`` (from
         :meth:`_resume`) are handed on and removed from it."""
-        need: dict[Span, tuple[int, int]] = {}  # span -> (compressed end, output end)
+        # span -> (compressed end, output end, lowest output offset wanted)
+        need: dict[Span, tuple[int, int, int]] = {}
         for c in group:
             if c.span is not None:
-                c_end, want = need.get(c.span, (0, 0))
+                c_end, want, low = need.get(c.span, (0, 0, c.span_offset))
                 need[c.span] = (max(c_end, c.c_off + c.c_size),
-                                max(want, c.span_offset + c.u_size))
+                                max(want, c.span_offset + c.u_size), min(low, c.span_offset))
         out: dict[Span, tuple[int, bytes]] = {}
         if need:  # the ZRAN code (ctypes' libz) loads with a blob that has spans
             from pynydus.rafs.format import zran
-        for span, (c_end, want) in need.items():
+        stop = start + len(raw)
+        for span, (c_end, want, low) in need.items():
+            if span.offset + span.size <= stop:
+                # the bytes fetched hold the whole span (the group goes on past it):
+                # decode it all, its other chunks are stored and a ZRAN stream at the
+                # context's end goes on into the next context of the group
+                c_end, want = span.offset + span.size, span.out_len
             stream = streams.pop(span, None)
+            if stream is None and self.spans is not None:
+                # the span before it in this group may have left a stream to go on with
+                stream = self.spans.resume(span, low)
+                if stream is not None and not start <= stream.in_end <= max(c_end, start):
+                    stream.close()  # another reader's, outside these bytes
+                    stream = None
             begin = span.offset if stream is None else stream.in_end
             data = raw[begin - start:max(begin, c_end) - start]
             try:

@@ -282,8 +282,11 @@ class Daemon:
         if not os.path.isfile(bootstrap):
             raise NotFound(f"bootstrap {bootstrap} does not exist")
         # the gate lets a prefetch list wait for the image's foreground requests
-        return RafsInstance(bootstrap, cfg, WireGate(make_backend(cfg.backend, defer)),
+        inst = RafsInstance(bootstrap, cfg, WireGate(make_backend(cfg.backend, defer)),
                             self.cache_stats)
+        if not defer:  # a successor's first reads go first; its maps load as they need them
+            inst.load_span_maps()
+        return inst
 
     def _start_prefetch(self, inst: RafsInstance, files: list[str] | None) -> None:
         p = inst.config.rafs.prefetch

@@ -10,11 +10,14 @@ as in sparse files) read as zeros. Counting the read is the FUSE layer's busines
 (``FsStats``), once per request.
 
 A blob whose chunks live in spans (ZRAN: slices of a gzip layer's inflate contexts;
-batch) has its chunk-info array read from the backend on first use (for ZRAN from the
-separate meta blob ``blob_meta_digest``, as nydusd does); its chunks are then fetched as
-their spans and cut out of them (``rafs.read.spans``): a ZRAN chunk as the prefix of
-its context up to its own end, continuing a context's kept inflate stream when there is
-one. Such blobs are not amplified.
+batch) has its chunk-info array read from the backend (for ZRAN from the separate meta
+blob ``blob_meta_digest``, as nydusd does): at mount, in the background
+(``load_span_maps``), or at the blob's first read if that comes first; its chunks are
+then fetched as their spans and cut out of them (``rafs.read.spans``): a ZRAN chunk as
+the prefix of its context up to its own end, continuing a kept inflate stream when there
+is one, with the context's window read beside the context's bytes. Such blobs are not
+amplified: on the large lab image's start-up the layer's next chunks added 0.67 MB to
+8.5 and saved no request (a reader's misses land in contexts apart).
 """
 
 from __future__ import annotations
@@ -127,6 +130,10 @@ class RafsInstance:
         self._lock = threading.Lock()
         self._span_maps: dict[int, SpanMap | None] = {}  # blob index -> spans, see _spans
         self._spans_lock = threading.Lock()
+        self._span_locks: dict[int, threading.Lock] = {}
+        # reads of ZRAN chunk info off the readers' path: span maps at mount, windows
+        # beside a context's data (no thread starts for images without spans)
+        self._spans_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chunk-info")
         # inode -> (file size, {chunk number: (blob index, reference)}): see plan_read
         self._mapped: dict[int, tuple[int, dict[int, tuple[int, ChunkRef]]]] = {}
         self._mapped_count = 0
@@ -134,6 +141,7 @@ class RafsInstance:
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
+        self._spans_pool.shutdown(wait=False, cancel_futures=True)
         self._persist_thread.close()  # writes finish before the files close
         with self._lock:
             for cache in self._caches.values():
@@ -197,11 +205,29 @@ class RafsInstance:
             with self._spans_lock:
                 self._span_maps.setdefault(blob_index, None)
             return None
-        with self._spans_lock:
+        with self._spans_lock:  # one lock per blob: blobs load side by side
+            lock = self._span_locks.setdefault(blob_index, threading.Lock())
+        with lock:
             if blob_index not in self._span_maps:
-                self._span_maps[blob_index] = load_span_map(self.bs.blobs[blob_index],
-                                                            self._read_exact)
+                self._span_maps[blob_index] = load_span_map(
+                    self.bs.blobs[blob_index], self._read_exact, self._spans_pool.submit)
             return self._span_maps[blob_index]
+
+    def load_span_maps(self) -> None:
+        """Start reading the chunk info of every ZRAN and batch blob in the background
+        (returns at once). A mount calls it: the container's first reads of each layer
+        then find its span map ready instead of waiting for its two to four serial
+        requests (they overlap the container's creation). A load that fails is left to
+        the first read of the blob, which tries again and reports the error."""
+        for i, blob in enumerate(self.bs.blobs):
+            if has_spans(blob):
+                self._spans_pool.submit(self._load_spans_quietly, i)
+
+    def _load_spans_quietly(self, blob_index: int) -> None:
+        try:
+            self._spans(blob_index)
+        except Exception as err:  # noqa: BLE001 - the blob's first read reports it
+            log.debug("chunk info of blob %d: %s (left to its first read)", blob_index, err)
 
     def _read_exact(self, blob_id: str, offset: int, length: int) -> bytes:
         data = self.backend.read_range(blob_id, offset, length)

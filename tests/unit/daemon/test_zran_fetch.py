@@ -13,10 +13,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import random
 import shutil
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from pynydus.daemon.config import parse_daemon_config
 from pynydus.daemon.instance import RafsInstance
 from pynydus.daemon.metrics import CacheStats
 from pynydus.rafs.builder import build
+from pynydus.rafs.read import spans as spans_mod
 from pynydus.rafs.read.spans import ZRAN, Span, SpanMap
 from tests.harness.counting import CountingBackend
 
@@ -61,15 +65,22 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]:
 @pytest.fixture
 def served(tmp_path: Path, image: tuple[Path, Path, bytes]
            ) -> Iterator[tuple[RafsInstance, CountingBackend]]:
-    """The image served with an empty cache, over a backend that counts requests."""
+    """The image served with an empty cache, over a backend that counts requests (no
+    amplification: each read fetches what it needs)."""
     boot, blobs, _ = image
-    cfg, _ = parse_daemon_config(json.dumps({"device": {
-        "backend": {"type": "localfs", "config": {"dir": str(blobs)}},
-        "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}}}))
     be = CountingBackend(str(blobs))
-    inst = RafsInstance(str(boot), cfg, be, CacheStats())
+    inst = _serve(boot, blobs, tmp_path / "cache", be)
     yield inst, be
     inst.close()
+
+
+def _serve(boot: Path, blobs: Path, cache: Path, be: CountingBackend,
+           amplify_io: int = 0) -> RafsInstance:
+    cfg, _ = parse_daemon_config(json.dumps({"device": {
+        "backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+        "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
+        "amplify_io": amplify_io}))
+    return RafsInstance(str(boot), cfg, be, CacheStats())
 
 
 def _read(inst: RafsInstance, path: str) -> bytes:
@@ -173,3 +184,97 @@ def test_a_prefetch_list_of_a_zran_image_serves_the_files_bytes(
     assert len(be.blob_requests) == n
     for name in order[40:]:
         assert _read(inst, name) == files[name]
+
+
+def test_a_layer_read_in_order_is_fetched_once_across_its_contexts(
+        served: tuple[RafsInstance, CountingBackend], image: tuple[Path, Path, bytes]) -> None:
+    """Contexts overlap by the deflate block where one ends and the next begins. A stream
+    that has inflated its context to the end goes on into the next one: the files read
+    in layer order cost each compressed byte once (every request starts where the one
+    before ended), and no context after the first is inflated from its own start."""
+    files, layer = _files(), image[2]
+    inst, be = served
+    names = sorted(files, key=lambda n: (_where(inst, n)[2].index, _where(inst, n)[3]))
+    spans = _where(inst, names[0])[0]
+    assert len({_where(inst, n)[2] for n in names}) >= 3
+    for name in names:
+        assert _read(inst, name) == files[name]
+    got = _layer_requests(be, layer)
+    assert got[0][0] == _where(inst, names[0])[2].offset
+    assert all(off == prev_off + prev_n for (prev_off, prev_n), (off, _) in itertools.pairwise(got))
+    last = max(spans.compressed_end(i, s) for i, s in
+               ((_where(inst, n)[1], _where(inst, n)[2]) for n in names))
+    assert sum(n for _, n in got) == last - got[0][0]
+
+
+def test_a_mount_reads_the_chunk_info_before_the_first_read(
+        served: tuple[RafsInstance, CountingBackend], image: tuple[Path, Path, bytes]) -> None:
+    """``load_span_maps`` (a mount calls it) reads each ZRAN blob's chunk info in the
+    background: the first read of a file then costs only its context's bytes."""
+    files, layer = _files(), image[2]
+    inst, be = served
+    inst.load_span_maps()
+    deadline = time.monotonic() + 30
+    while 0 not in inst._span_maps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert inst._span_maps.get(0) is not None
+    loaded = len(be.blob_requests)
+    assert loaded and not _layer_requests(be, layer)
+    name = next(n for n in files if _where(inst, n)[2].index == 0)  # no window to read
+    assert _read(inst, name) == files[name]
+    assert len(be.blob_requests) == loaded + 1 and len(_layer_requests(be, layer)) == 1
+
+
+def test_a_contexts_window_is_read_while_its_bytes_are(
+        tmp_path: Path, image: tuple[Path, Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A miss in a context not inflated yet reads the context's window (from the meta
+    blob) on another thread while the reader reads the context's bytes: one round trip
+    before the inflate, not two in a row."""
+    monkeypatch.setattr(spans_mod, "_PROBE", 1024)  # else the windows come with the head
+    boot, blobs, layer = image
+    files, digest = _files(), hashlib.sha256(layer).hexdigest()
+    window_read = threading.Event()
+    overlapped: list[bool] = []
+
+    class Overlapping(CountingBackend):
+        """Holds each layer read until a window read has begun (5 s at most)."""
+
+        loaded = False
+
+        def read_range(self, blob_id: str, offset: int, length: int) -> bytes:
+            if blob_id == digest:
+                overlapped.append(window_read.wait(5))
+            elif self.loaded:
+                window_read.set()
+            return super().read_range(blob_id, offset, length)
+
+    be = Overlapping(str(blobs))
+    inst = _serve(boot, blobs, tmp_path / "cache", be)
+    try:
+        spans = inst._spans(0)
+        assert spans is not None
+        be.loaded = True
+        name = next(n for n in files if _where(inst, n)[2].index > 0
+                    and spans._zran is not None and spans._zran.contexts[_where(inst, n)[2].index].dict_size)
+        assert _read(inst, name) == files[name]
+        assert overlapped == [True]
+    finally:
+        inst.close()
+
+
+
+def test_span_members_are_the_chunks_each_context_holds(
+        served: tuple[RafsInstance, CountingBackend]) -> None:
+    """``members`` (one pass over the raw entries) names the chunks ``locate`` puts in
+    each context, no more and no fewer."""
+    inst, _ = served
+    spans = inst._spans(0)
+    assert spans is not None
+    by_locate: dict[Span, list[int]] = {}
+    for i in range(spans.meta.chunk_count):
+        at = spans.locate(i)
+        assert at is not None
+        by_locate.setdefault(at[0], []).append(i)
+    assert len(by_locate) >= 3
+    for span, indexes in by_locate.items():
+        assert spans.members(span) == indexes

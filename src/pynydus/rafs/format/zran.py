@@ -186,6 +186,10 @@ class ContextStream:
     position. A reader that keeps the stream after a chunk continues with the context's
     next chunk from there: only the compressed bytes after :attr:`in_end` are needed.
 
+    A stream that has produced its context's output can :meth:`follow` into a later
+    context of the same layer: the layer is one deflate stream, so inflating goes on
+    without that context's window and without reading its start again.
+
     Not thread-safe; :meth:`close` frees the inflater (about 40 KiB). Errors are
     FormatError naming the context; :class:`ZranInputShort` when the input ends first
     (the stream is then spent).
@@ -194,7 +198,9 @@ class ContextStream:
     def __init__(self, ctx: ZranContext, window: bytes) -> None:
         self.ctx = ctx
         self.in_end = ctx.in_offset  # the compressed bytes fed end here
-        self.out_pos = 0  # output produced, from the context's start
+        # output produced, from the context's start (below 0 after ``follow``: the layer's
+        # bytes before the context, inflated and dropped by the next ``take``)
+        self.out_pos = 0
         self._where = f"zran context at {ctx.in_offset}"
         self._z = Inflater(-15)
         try:
@@ -219,11 +225,24 @@ class ContextStream:
             self._z.feed(self._z.unused_input() + bytes(data))
             self.in_end += len(data)
 
+    def follow(self, ctx: ZranContext) -> None:
+        """Go on as a stream of ``ctx``, a later context of the same layer whose output
+        starts at or after what this one has produced (:attr:`out_pos` becomes relative
+        to ``ctx``; negative while the stream is before its start). The bytes fed so far
+        stay fed: the next :meth:`feed` goes on from :attr:`in_end`."""
+        if ctx.out_offset < self.ctx.out_offset or ctx.in_offset + ctx.in_len < self.in_end:
+            raise FormatError(f"{self._where}: cannot follow into the context at "
+                              f"{ctx.in_offset}: it starts before this one")
+        self.out_pos += self.ctx.out_offset - ctx.out_offset
+        self.ctx = ctx
+        self._where = f"zran context at {ctx.in_offset}"
+
     def take(self, upto: int) -> bytes:
-        """The output from :attr:`out_pos` to ``upto`` (``<= ctx.out_len``)."""
+        """The output from :attr:`out_pos` (or 0) to ``upto`` (``<= ctx.out_len``)."""
         if not self.out_pos <= upto <= self.ctx.out_len:
             raise FormatError(f"{self._where}: output to {upto} wanted at {self.out_pos} of "
                               f"{self.ctx.out_len}")
+        skip = max(0, -self.out_pos)  # bytes before the context (after ``follow``)
         parts: list[bytes] = []
         try:
             while self.out_pos < upto:
@@ -245,7 +264,8 @@ class ContextStream:
                 raise
             raise FormatError(f"{self._where}: {err}") from err
         self._z.feed(self._z.unused_input())  # keep only the input not consumed yet
-        return b"".join(parts)
+        out = b"".join(parts)
+        return out[skip:] if skip else out
 
     def close(self) -> None:
         self._z.close()

@@ -19,15 +19,23 @@ free of I/O apart from :func:`load_span_map`, which is handed the read function.
 A ZRAN meta blob whose chunk info is framed (:mod:`pynydus.rafs.format.zran`) is read
 in parts: its index, the entries and contexts, the header (two to four small reads), and a
 context's window when the context is first inflated: one ranged read of its frame and
-the frames after it (up to 256 KiB), which are kept for their contexts. Other chunk info is read whole, in one read.
+the frames after it (up to 256 KiB), which are kept for their contexts. Given a way to
+run jobs on another thread, that read starts when a reader is about to fetch the
+context's bytes (:meth:`SpanMap.resume` finds no stream), so the two reads overlap.
+Other chunk info is read whole, in one read.
 
 A ZRAN chunk needs its context only up to its own end (:meth:`SpanMap.compressed_end`);
 the inflate stream that decoded it is kept (:meth:`SpanMap.resume`, at most
-:data:`_KEEP_STREAMS` per blob), so the context's next chunk continues from there.
+:data:`_KEEP_STREAMS` per blob), so the context's next chunk continues from there. A
+stream that reaches its context's end goes on as the next context's (the layer is one
+deflate stream): a reader of that context fetches from where the stream stopped, needs
+no window and does not read again the deflate block the two contexts share.
 """
 
 from __future__ import annotations
 
+import logging
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,6 +46,7 @@ from pynydus.errors import FormatError
 from pynydus.rafs.format import BlobFeatures, Compressor, decompress
 from pynydus.rafs.format.blobmeta import (
     BLOB_CCT_HEADER_SIZE,
+    BLOB_CHUNK_INFO_V2_SIZE,
     BatchContext,
     BlobChunkInfo,
     BlobCompressionContextHeader,
@@ -51,12 +60,23 @@ from pynydus.rafs.format.blobmeta import (
 from pynydus.rafs.read.bootstrap import BlobInfo
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from pynydus.rafs.format.zran import ContextStream, FramedChunkInfo, ZranTable
+
+log = logging.getLogger(__name__)
 
 #: ``read_range(blob_id, offset, length) -> bytes``: exactly ``length`` bytes, or raise.
 ReadRange = Callable[[str, int, int], bytes]
+#: Runs a job on another thread (an executor's ``submit``): window reads that overlap a
+#: reader's data read.
+RunJob = Callable[[Callable[[], None]], "Future[None]"]
 
 ZRAN, BATCH = "zran", "batch"
+#: A V2 chunk-info entry: uncompressed info (flags in the top byte), compressed info, data
+#: (for ZRAN and batch chunks: the span's number in the high 32 bits).
+_ENTRY_V2 = struct.Struct("<QQQ")
+_ZRAN_BIT, _BATCH_BIT = int(ChunkInfoFlags.ZRAN), int(ChunkInfoFlags.BATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +106,13 @@ def meta_blob_id(blob: BlobInfo) -> str:
 
 #: Inflate streams kept per ZRAN blob for their context's next chunk (~40 KiB each).
 _KEEP_STREAMS = 16
+#: A stream at its context's end goes on into the next context when that one starts
+#: within this many compressed bytes of the stream's input end (reading them costs less
+#: than a round trip, as blobcache's merge gap) ...
+_FOLLOW_GAP = 64 << 10
+#: ... and this many bytes of output (inflated and dropped: tar headers, files the
+#: builder deduplicated).
+_FOLLOW_SKIP = 256 << 10
 
 
 class SpanMap:
@@ -93,9 +120,10 @@ class SpanMap:
     Thread-safe (a kept inflate stream belongs to one reader at a time)."""
 
     def __init__(self, blob: BlobInfo, meta: BlobMeta,
-                 windows: Callable[[int], bytes] | None = None) -> None:
+                 windows: _FrameWindows | None = None) -> None:
         self.blob = blob
         self.meta = meta
+        self._windows = windows
         self._zran: ZranTable | None = None
         if blob.features & BlobFeatures.ZRAN:
             # the ZRAN code (and libz through ctypes) loads with the first ZRAN blob
@@ -151,14 +179,22 @@ class SpanMap:
         return c_end if span.offset < c_end <= end else end
 
     def members(self, span: Span) -> list[int]:
-        """Indexes of every chunk ``span`` holds (the whole array is scanned once)."""
+        """Indexes of every chunk ``span`` holds. The whole array is scanned once, for
+        each entry's flags and span number only (decoding and checking every entry, as
+        :meth:`locate` does, took 0.1-0.2 s of a reader's first miss for a layer of
+        7,000 chunks); the caller checks the members it uses (:meth:`chunk_info`)."""
         with self._members_lock:
             if self._members is None:
                 found: dict[tuple[str, int], list[int]] = {}
-                for i in range(self.meta.chunk_count):
-                    at = self.locate(i)
-                    if at is not None:
-                        found.setdefault((at[0].kind, at[0].index), []).append(i)
+                if self.meta.v2:
+                    n = self.meta.chunk_count
+                    entries = memoryview(self.meta.data)[:n * BLOB_CHUNK_INFO_V2_SIZE]
+                    for i, (uncomp, _, data) in enumerate(_ENTRY_V2.iter_unpack(entries)):
+                        flags = uncomp >> 56
+                        if flags & _ZRAN_BIT:
+                            found.setdefault((ZRAN, data >> 32), []).append(i)
+                        elif flags & _BATCH_BIT:
+                            found.setdefault((BATCH, data >> 32), []).append(i)
                 self._members = found
             return self._members.get((span.kind, span.index), [])
 
@@ -176,15 +212,19 @@ class SpanMap:
     def resume(self, span: Span, out_from: int) -> ContextStream | None:
         """The inflate stream a reader left in ZRAN context ``span``, if it stopped at or
         before output ``out_from``, else None (and always for batch spans). The caller
-        owns it until it hands it to :meth:`decode_from`."""
+        owns it until it hands it to :meth:`decode_from`. None for a ZRAN context starts
+        the read of its window in the background (framed chunk info with a ``run``):
+        the caller's read of the context's bytes and the window's overlap."""
         if span.kind != ZRAN:
             return None
         with self._streams_lock:
             stream = self._streams.get(span.index)
-            if stream is None or stream.out_pos > out_from:
-                return None
-            del self._streams[span.index]
-        return stream
+            if stream is not None and stream.out_pos <= out_from:
+                del self._streams[span.index]
+                return stream
+        if self._windows is not None:  # the caller inflates the context from its start
+            self._windows.start(span.index)
+        return None
 
     def decode_from(self, span: Span, data: bytes | memoryview, want: int,
                     stream: ContextStream | None = None) -> tuple[int, bytes]:
@@ -201,7 +241,7 @@ class SpanMap:
 
             stream = ContextStream(self._zran.contexts[span.index],
                                    self._zran.window(span.index))
-        first = stream.out_pos
+        first = max(stream.out_pos, 0)  # below 0: a stream that followed into the span
         try:
             stream.feed(data)
             out = stream.take(want)
@@ -212,9 +252,15 @@ class SpanMap:
         return first, out
 
     def _keep(self, index: int, stream: ContextStream) -> None:
-        if stream.out_pos >= stream.ctx.out_len:
-            stream.close()
-            return
+        if stream.out_pos >= stream.ctx.out_len:  # done with its context: on to the next
+            index += 1
+            with self._streams_lock:  # unless a reader is in that one already
+                taken = index in self._streams
+            if taken or not self._follows(index, stream):
+                stream.close()
+                return
+            assert self._zran is not None
+            stream.follow(self._zran.contexts[index])
         with self._streams_lock:
             done = [s for s in (self._streams.pop(index, None),) if s is not None]
             self._streams[index] = stream
@@ -222,6 +268,20 @@ class SpanMap:
                 done.append(self._streams.popitem(last=False)[1])
         for s in done:
             s.close()
+
+    def _follows(self, index: int, stream: ContextStream) -> bool:
+        """Whether a stream at the end of its context goes on as context ``index``'s:
+        the context exists and starts within :data:`_FOLLOW_GAP` compressed bytes of
+        where the stream's input ends and :data:`_FOLLOW_SKIP` bytes of its output (a
+        reader of that context then fetches from the stream's end and needs no window)."""
+        assert self._zran is not None
+        if index >= len(self._zran.contexts):
+            return False
+        nxt, end = self._zran.contexts[index], stream.ctx.out_offset + stream.out_pos
+        return (stream.in_end <= nxt.in_offset + nxt.in_len
+                and nxt.in_offset - stream.in_end <= _FOLLOW_GAP
+                and stream.ctx.out_offset <= nxt.out_offset
+                and nxt.out_offset - end <= _FOLLOW_SKIP)
 
     def _decode_batch(self, span: Span, raw: bytes | memoryview, want: int | None) -> bytes:
         algo = self.blob.compressor if span.size != span.out_len else Compressor.NONE
@@ -242,12 +302,16 @@ _KEEP_WINDOWS = 32
 _WINDOW_BATCH = 256 << 10
 #: Frames kept that were read with another (a few MiB at most).
 _KEEP_RAW = 256
+#: How long a reader waits for a window read started in the background before it reads
+#: the window itself (the registry client's own timeouts end a stuck read before).
+_WINDOW_WAIT = 120.0
 
 
-def load_span_map(blob: BlobInfo, read_range: ReadRange) -> SpanMap:
+def load_span_map(blob: BlobInfo, read_range: ReadRange, run: RunJob | None = None) -> SpanMap:
     """Read and validate the chunk-info array of ``blob`` (from its meta blob for ZRAN).
     Framed ZRAN chunk info costs two to four small reads now and one per window later (through
-    ``read_range``, which must then stay usable); other chunk info one read."""
+    ``read_range``, which must then stay usable; with ``run``, started by
+    :meth:`SpanMap.resume` on another thread); other chunk info one read."""
     meta_id = meta_blob_id(blob)
     c_size = blob.ci_compressed_size
     whole = c_size + BLOB_CCT_HEADER_SIZE
@@ -281,7 +345,7 @@ def load_span_map(blob: BlobInfo, read_range: ReadRange) -> SpanMap:
     except FormatError as err:
         raise FormatError(f"blob {blob.blob_id} chunk info head: {err}") from err
     meta = meta_from_parts(header, head, blob)
-    windows = _FrameWindows(blob, meta, frames, read_range, meta_id, first)
+    windows = _FrameWindows(blob, meta, frames, read_range, meta_id, first, run)
     return SpanMap(blob, meta, windows)
 
 
@@ -289,7 +353,8 @@ class _FrameWindows:
     """The windows of framed chunk info, read one frame at a time and kept a while."""
 
     def __init__(self, blob: BlobInfo, meta: BlobMeta, frames: FramedChunkInfo,
-                 read_range: ReadRange, meta_id: str, prefix: bytes = b"") -> None:
+                 read_range: ReadRange, meta_id: str, prefix: bytes = b"",
+                 run: RunJob | None = None) -> None:
         ctxs = [c for c in meta.contexts() if isinstance(c, ZranContext)]
         if len(frames.windows) != len(ctxs):
             raise FormatError(f"blob {blob.blob_id}: {len(frames.windows)} window frames for "
@@ -309,9 +374,57 @@ class _FrameWindows:
         self._prefix = prefix  # the payload's first bytes, read already
         self._kept: OrderedDict[int, bytes] = OrderedDict()
         self._raw: dict[int, bytes] = {}  # frames read with another, not inflated yet
+        self._run = run
+        self._loading: dict[int, threading.Event] = {}  # frames being read by ``start``
         self._lock = threading.Lock()
 
+    def start(self, index: int) -> None:
+        """Begin reading window ``index``'s frame (with the frames after it, as
+        :meth:`_fetch` does) on another thread, unless it is at hand or being read (or
+        there is no ``run``); a later call for any of those frames waits for that read."""
+        if self._run is None or not self._ctxs[index].dict_size:
+            return
+        off, size = self._frames.windows[index]
+        done = threading.Event()
+        with self._lock:
+            if off + size <= len(self._prefix) or index in self._kept or index in self._raw \
+                    or index in self._loading:
+                return
+            marked = [i for i in range(index, self._last(index) + 1)
+                      if i == index or not (i in self._kept or i in self._raw
+                                            or i in self._loading)]
+            for i in marked:
+                self._loading[i] = done
+
+        def release() -> None:  # read or not, the frames' readers stop waiting
+            with self._lock:
+                for i in marked:
+                    self._loading.pop(i, None)
+            done.set()
+
+        def load() -> None:
+            try:
+                raw = self._fetch(index)
+                with self._lock:
+                    self._raw[index] = raw
+            except Exception as err:  # noqa: BLE001 - the reader's own read reports it
+                log.debug("%s zran context %d window: %s (read again by the reader)",
+                          self._where, index, err)
+            finally:
+                release()
+
+        try:
+            job = self._run(load)
+        except RuntimeError:  # the executor is shut down: the readers read them
+            release()
+            return
+        job.add_done_callback(lambda f: release() if f.cancelled() else None)
+
     def __call__(self, index: int) -> bytes:
+        with self._lock:
+            loading = self._loading.get(index)
+        if loading is not None:
+            loading.wait(_WINDOW_WAIT)
         with self._lock:
             w = self._kept.get(index)
             if w is not None:
@@ -338,11 +451,8 @@ class _FrameWindows:
         off, size = frames[index]
         if off + size <= len(self._prefix):
             return self._prefix[off:off + size]
-        end, last = off + size, index
-        while last + 1 < len(frames) and frames[last + 1][0] + frames[last + 1][1] - off \
-                <= _WINDOW_BATCH:
-            last += 1
-            end = frames[last][0] + frames[last][1]
+        last = self._last(index)
+        end = frames[last][0] + frames[last][1]
         data = self._read(self._meta_id, self._base + off, end - off)
         with self._lock:
             for i in range(index + 1, last + 1):
@@ -352,6 +462,16 @@ class _FrameWindows:
             while len(self._raw) > _KEEP_RAW:
                 self._raw.pop(next(iter(self._raw)))
         return data[:size]
+
+    def _last(self, index: int) -> int:
+        """The last frame read with frame ``index``: those after it up to
+        :data:`_WINDOW_BATCH` bytes from its start."""
+        frames = self._frames.windows
+        off, last = frames[index][0], index
+        while last + 1 < len(frames) and frames[last + 1][0] + frames[last + 1][1] - off \
+                <= _WINDOW_BATCH:
+            last += 1
+        return last
 
 
 class SpanCache:

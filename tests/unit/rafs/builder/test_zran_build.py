@@ -44,7 +44,7 @@ from pynydus.rafs.merge import merge
 from pynydus.rafs.read import check_image, open_bootstrap
 from pynydus.rafs.read import spans as spans_mod
 from pynydus.rafs.read.inline import extract_bootstrap
-from pynydus.rafs.read.spans import load_span_map
+from pynydus.rafs.read.spans import ZRAN, Span, load_span_map
 
 WORDS = ["alpha ", "beta ", "gamma\n", "delta ", "epsilon "]
 
@@ -371,6 +371,51 @@ def test_span_map_reads_windows_only_when_a_context_is_inflated(
         seen.add(span.index)
         c = files[i]
         assert hashlib.sha256(out[inner:inner + c.uncompressed_size]).digest() == c.digest
+
+
+@pytest.mark.parametrize("far", [False, True])
+def test_a_stream_at_its_context_end_follows_into_the_next(
+        tmp_path: Path, tar_bytes: bytes, far: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each context inflated to its end by :meth:`SpanMap.decode_from` leaves a stream
+    that the next context resumes (no window of its own): the output is the layer's
+    bytes whether the next context starts inside the output already produced (they
+    share a deflate block) or after it (a tar header, or a file the builder took as a
+    copy of another: its bytes are inflated and dropped; ``far`` lifts the bounds on
+    what a stream follows across, which the copy's 4.6 MB exceed)."""
+    if far:
+        monkeypatch.setattr(spans_mod, "_FOLLOW_GAP", 1 << 30)
+        monkeypatch.setattr(spans_mod, "_FOLLOW_SKIP", 1 << 30)
+    boot, blobs, _ = _build(tmp_path, _gz(tar_bytes))
+    with open_bootstrap(boot) as bs:
+        (blob,) = bs.blobs
+    reader = _CountingFiles(blobs)
+    spans = load_span_map(blob, reader)
+    ref = (blobs / blob.blob_id).read_bytes()
+    table, _ = _contexts(boot, blobs)
+    ctxs = table.contexts
+    assert len(ctxs) > 4
+    followed, starts = 0, []
+    at = [Span(ZRAN, i, c.in_offset, c.in_len, c.out_len) for i, c in enumerate(ctxs)]
+    for j in range(len(ctxs) - 1):
+        a = at[j]
+        first, out = spans.decode_from(a, ref[a.offset:a.offset + a.size], a.out_len)
+        assert out == tar_bytes[ctxs[j].out_offset:ctxs[j].out_offset + ctxs[j].out_len]
+        b = at[j + 1]
+        stream = spans.resume(b, b.out_len)
+        if stream is None:  # too far apart to follow (spans._FOLLOW_GAP / _SKIP)
+            continue
+        followed += 1
+        starts.append(stream.out_pos)
+        assert stream.in_end <= b.offset + b.size
+        first, out = spans.decode_from(b, ref[stream.in_end:b.offset + b.size], b.out_len,
+                                       stream)
+        assert first == max(starts[-1], 0)
+        nxt = ctxs[j + 1]
+        assert out == tar_bytes[nxt.out_offset + first:nxt.out_offset + nxt.out_len]
+    assert followed == len(ctxs) - 1 if far else followed >= len(ctxs) // 2
+    assert max(starts) > 0  # the next context starts inside the output produced
+    if far:
+        assert min(starts) < -(4 << 20)  # ... or after the copy's bytes
 
 
 def test_sparse_windows_keep_what_the_layer_refers_to(tar_bytes: bytes) -> None:
