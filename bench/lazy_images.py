@@ -3,7 +3,8 @@
 
 Three images, each pushed to a loopback ``docker-registry`` as ``bench/<name>:oci``
 (plain OCI, gzip layers), converted with ``pynydus convert`` to ``bench/<name>:nydus``
-(and, on request, with ``--oci-ref`` to ``bench/<name>:zran``)
+(and, on request, with ``--oci-ref`` to ``bench/<name>:zran`` and with ``--with-referrer``
+to ``bench/<name>:nydus-ref``, a Nydus manifest whose subject is ``bench/<name>:oci``)
 and with ``ctr-remote images convert --estargz --oci`` (inside a private containerd)
 to ``bench/<name>:esgz``:
 
@@ -506,6 +507,10 @@ def ensure(registry: Registry, names: list[str], *, rebuild: bool = False,
             t0 = time.monotonic()
             convert_nydus(f"{host}/{repo}:oci", f"{host}/{repo}:nydus")
             st["nydus_convert_s"] = round(time.monotonic() - t0, 1)
+        if "nydus-ref" in formats and (fresh or not tag_exists(host, repo, "nydus-ref")):
+            # the OCI image's referrer (found by the referrers tag scheme: docker-registry
+            # 2.8 has no referrers API), for referrer detection
+            convert_nydus(f"{host}/{repo}:oci", f"{host}/{repo}:nydus-ref", "--with-referrer")
         if "zran" in formats and (fresh or not tag_exists(host, repo, "zran")):
             summary = WORK / f"{name}-zran.json"
             convert_nydus(f"{host}/{repo}:oci", f"{host}/{repo}:zran", "--oci-ref",

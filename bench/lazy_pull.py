@@ -24,6 +24,14 @@ startup command, for the same image pulled several ways, all in one run:
   zran       the nydus mode on ``REF:zran`` (``pynydus convert --oci-ref``: only the
              bootstraps were pushed; pynydusd reads the OCI layers themselves); on request
              (``--modes ...,zran``), held against nydus (target <= 1.2x pull+run);
+             ``--b-src`` runs mode ``zran-b``'s pynydusd from another source tree (a
+             daemon change against its baseline in the same run);
+  detected   the OCI reference ``REF:oci`` pulled through the CRI by our snapshotter with
+             ``experimental.enable_referrer_detect``: it finds ``REF:nydus-ref`` (``pynydus
+             convert --with-referrer``, whose subject is ``REF:oci``) and serves the image
+             lazily from it (on request; needs ``--nydus-pull cri``). Held against the
+             nydus mode on that Nydus manifest pulled by its own tag (``--nydus-tag
+             nydus-ref``): target not slower;
   upstream   the peer: the same pull and run of the same Nydus image through upstream's
              ``containerd-nydus-grpc`` with upstream's ``nydusd`` (``upstream-shared``:
              its shared mode), from ``scripts/peers.sh``, with the daemon template ours
@@ -117,6 +125,7 @@ MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-s
 # snapshotter finds the list at mount and pynydusd prefetches in its order
 ALL_MODES = (*MODES, "tarfs", "nydus-list", "nydus-stale", "upstream-pf",
              "zran", "zran-b",  # zran: REF:zran (convert --oci-ref); zran-b: --zran-b-tag
+             "detected",  # REF:oci served from its Nydus referrer (referrer detection)
              "blobfile")  # the nydus mode with fs_driver blobfile (kernel EROFS over blob files)
 LIST_TAG = "nydus-list"
 STALE_TAG = "nydus-stale"
@@ -132,17 +141,17 @@ STALE_CMD = {
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
        "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG,
        "nydus-stale": STALE_TAG, "upstream-pf": "nydus-pf", "zran": "zran",
-       "zran-b": "zran", "blobfile": "nydus"}
+       "zran-b": "zran", "detected": "oci", "blobfile": "nydus"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
                "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus",
                "nydus-list": "nydus", "nydus-stale": "nydus", "upstream-pf": "nydus",
-               "zran": "nydus", "zran-b": "nydus", "blobfile": "nydus"}
+               "zran": "nydus", "zran-b": "nydus", "detected": "nydus", "blobfile": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
 # started at the container's Prepare); nydus-shared: one pynydusd started with the
 # snapshotter, each image an API mount in it (upstream's shared mode)
 DAEMON_MODE = {"nydus": None, "nydus-shared": "shared", "nydus-list": None, "nydus-stale": None,
-               "zran": None, "zran-b": None, "blobfile": None}
+               "zran": None, "zran-b": None, "detected": None, "blobfile": None}
 # daemon.fs_driver of the modes that do not run the default (fusedev)
 FS_DRIVER = {"blobfile": "blobfile"}
 # the peer: upstream's containerd-nydus-grpc with upstream's nydusd (scripts/peers.sh
@@ -536,7 +545,8 @@ PYSPY = Path(sys.executable).parent / "py-spy"
 
 def snapshotter_config(out: Path, profile: bool, amplify_io: int | None,
                        daemon_mode: str | None, prefetch: bool = False,
-                       fs_driver: str | None = None) -> Path | None:
+                       fs_driver: str | None = None, daemon_src: Path | None = None,
+                       detect: bool = False) -> Path | None:
     """A snapshotter config for this run, or None for the defaults. ``profile``: the
     ``daemon.nydusd_path`` runs pynydusd under py-spy (raw collapsed stacks in ``out``,
     written when the daemon exits); ``amplify_io``: a daemon template (the built-in one
@@ -544,9 +554,11 @@ def snapshotter_config(out: Path, profile: bool, amplify_io: int | None,
     (one pynydusd per image, started at the container's Prepare) or shared (one
     pynydusd started with the snapshotter, images mounted through its API); ``prefetch``:
     the template turns ``fs_prefetch`` on (the bootstrap's prefetch table is fetched by
-    worker threads at mount); ``fs_driver``: ``daemon.fs_driver`` if not the default."""
+    worker threads at mount); ``fs_driver``: ``daemon.fs_driver`` if not the default;
+    ``daemon_src``: pynydusd runs from this source tree (``--b-src``); ``detect``:
+    referrer detection on."""
     if not profile and amplify_io is None and daemon_mode is None and not prefetch \
-            and fs_driver is None:
+            and fs_driver is None and daemon_src is None and not detect:
         return None
     out.mkdir(parents=True, exist_ok=True)
     lines = ["version = 1"]
@@ -563,6 +575,18 @@ exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynyd
 """)
         wrapper.chmod(0o755)
         lines.append(f'nydusd_path = "{wrapper}"')
+    elif daemon_src is not None:
+        # a script as the venv's pynydusd is: its path stays in the command line, so
+        # the daemon template forks these daemons as it forks ours
+        wrapper = out / "pynydusd-b"
+        wrapper.write_text(f"""#!{sys.executable}
+import sys
+sys.path.insert(0, {str(daemon_src)!r})
+from pynydus.daemon.main import main
+sys.exit(main())
+""")
+        wrapper.chmod(0o755)
+        lines.append(f'nydusd_path = "{wrapper}"')
     if amplify_io is not None or prefetch:
         template = json.loads(json.dumps(DEFAULT_TEMPLATE))
         if amplify_io is not None:
@@ -571,6 +595,8 @@ exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynyd
             template["fs_prefetch"]["enable"] = True
         (out / "nydusd-config.json").write_text(json.dumps(template, indent=1))
         lines.append(f'nydusd_config = "{out / "nydusd-config.json"}"')
+    if detect:
+        lines += ["[experimental]", "enable_referrer_detect = true"]
     cfg = out / "snapshotter.toml"
     cfg.write_text("\n".join(lines) + "\n")
     return cfg
@@ -579,12 +605,14 @@ exec {PYSPY} record --nonblocking -r 250 -f raw -o {out}/daemon-$$.txt -- {pynyd
 @contextlib.contextmanager
 def peer(mode: str, plain_http: list[str], profile: Path | None = None,
          amplify_io: int | None = None,
-         prefetch: bool = False, keep_logs: bool = False) -> Iterator[Snapshotter | Stargz | None]:
+         prefetch: bool = False, keep_logs: bool = False,
+         b_src: Path | None = None) -> Iterator[Snapshotter | Stargz | None]:
     if mode in DAEMON_MODE:
         cfg_dir = profile or make_workdir("lzcfg")
         try:
             cfg = snapshotter_config(cfg_dir, profile is not None, amplify_io, DAEMON_MODE[mode],
-                                     prefetch, FS_DRIVER.get(mode))
+                                     prefetch, FS_DRIVER.get(mode),
+                                     b_src if mode == "zran-b" else None, mode == "detected")
             # info as on a node; debug when the logs are kept (the breakdown needs the
             # daemons' per-request lines)
             level = "debug" if keep_logs or profile is not None else "info"
@@ -697,10 +725,11 @@ def measure(mode: str, image: str, ref: str, expect: str, registry: Registry, ne
             rep: int, plain_http: list[str], *, drop: bool, nydus_pull: str,
             keep_logs: Path | None = None, profile: Path | None = None,
             amplify_io: int | None = None, prefetch: bool = False,
-            cmd: str | None = None, walk: bool = False) -> Sample:
+            cmd: str | None = None, walk: bool = False, b_src: Path | None = None) -> Sample:
     cid = f"lz-{mode}-{rep}"
     sn = SNAPSHOTTER[mode]
-    with peer(mode, plain_http, profile, amplify_io, prefetch, keep_logs is not None) as p:
+    with peer(mode, plain_http, profile, amplify_io, prefetch, keep_logs is not None,
+              b_src) as p:
         sock = getattr(p, "socket", None)
         cri = mode in LABELLED_PULL and nydus_pull == "cri"
         ns = "k8s.io" if cri else None
@@ -913,7 +942,13 @@ def checks(rows: list[dict[str, Any]]) -> list[str]:
                 out.append(f"{'PASS' if q <= TARGET_ZRAN else 'FAIL'} {img}/{net}: {zm} "
                            f"{z['total_s']:.2f} s = {q:.2f}x nydus {ny['total_s']:.2f} s "
                            f"(target <= {TARGET_ZRAN:.1f}x)")
-        for m in (x for x in DAEMON_MODE if x not in ("zran", "zran-b")):
+        det, ny = get.get((net, "large", "detected")), get.get((net, "large", "nydus"))
+        if det and ny:
+            q = det["total_s"] / ny["total_s"]
+            out.append(f"{'PASS' if q <= 1.0 else 'FAIL'} large/{net}: detected "
+                       f"{det['total_s']:.2f} s = {q:.2f}x nydus {ny['total_s']:.2f} s "
+                       "(target: as fast as the Nydus image pulled by its tag)")
+        for m in (x for x in DAEMON_MODE if x not in ("zran", "zran-b", "detected")):
             ny, sg, ov = (get.get((net, "large", x)) for x in (m, "stargz", "overlayfs"))
             if ny and ov and net == "loopback":
                 ok = ny["x_vs_overlayfs"] >= TARGET_X
@@ -1033,6 +1068,9 @@ def main() -> int:
                     "convert --oci-ref of the same image, e.g. by another version)")
     ap.add_argument("--zran-b-tag", help="pull this tag for the zran-b mode: a second ZRAN "
                     "form in the same run (e.g. the one --zran-tag is held against)")
+    ap.add_argument("--b-src", help="the zran-b mode's pynydusd runs from this source tree "
+                    "(e.g. a baseline commit's src/, exported with git archive): a daemon "
+                    "change held against its baseline in the same run")
     ap.add_argument("--json", help="write every sample and the summary here")
     ap.add_argument("--keep-logs", help="copy each nydus run's snapshotter and daemon logs here")
     ap.add_argument("--profile", help="run pynydusd under py-spy; collapsed stacks go here")
@@ -1055,6 +1093,8 @@ def main() -> int:
         a.repeat, a.images = 1, "small"
     images = [i for i in a.images.split(",") if i]
     modes = [m for m in a.modes.split(",") if m]
+    if "detected" in modes and a.nydus_pull != "cri":
+        ap.error("--modes detected: referrer detection reads the CRI's labels: --nydus-pull cri")
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         ap.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(ALL_MODES)})")
@@ -1084,7 +1124,8 @@ def main() -> int:
                        lazy_images.VARIANTS]
             + [t for t in (a.nydus_tag, a.stargz_tag, *(TAG[m] for m in modes))
                if t in lazy_images.VARIANTS and "large" in images]
-            + (["nydus"] if any(m in learned or m == "upstream-pf" for m in modes) else [])))
+            + (["nydus"] if any(m in learned or m == "upstream-pf" for m in modes) else [])
+            + (["nydus-ref"] if "detected" in modes else [])))
         state = lazy_images.ensure(reg, images, formats=formats)
         list_bytes: dict[str, int] = {}
         for img in images:
@@ -1117,7 +1158,7 @@ def main() -> int:
                             elif mode == "zran-b":
                                 tag = a.zran_b_tag or tag
                             elif a.nydus_tag and mode in NYDUS_MODES and mode not in (
-                                    "nydus-list", "nydus-stale", "upstream-pf"):
+                                    "nydus-list", "nydus-stale", "upstream-pf", "detected"):
                                 tag = a.nydus_tag
                             elif a.stargz_tag and mode == "stargz":
                                 tag = a.stargz_tag
@@ -1129,7 +1170,8 @@ def main() -> int:
                                 "keep_logs": Path(a.keep_logs) if a.keep_logs else None,
                                 "profile": Path(a.profile) / f"{net}-{img}-{rep}"
                                 if a.profile else None, "amplify_io": a.amplify_io,
-                                "prefetch": a.prefetch, "cmd": a.cmd, "walk": a.walk}
+                                "prefetch": a.prefetch, "cmd": a.cmd, "walk": a.walk,
+                                "b_src": Path(a.b_src).resolve() if a.b_src else None}
                             try:
                                 s = measure(mode, img, ref, st["expect"], reg, net, rep, plain, **kw)
                             except RunFailed as err:  # counted, reported, repeated once
