@@ -93,12 +93,11 @@ def blob_ids(boot: Path) -> list[str]:
 
 
 def fincore_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux-extra's fincore: a missing program
+    or a failed call raises, rather than passing a made-up figure on)."""
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=False)
-    try:
-        return int(out.stdout.split()[0])
-    except (IndexError, ValueError):
-        return -1
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,9 +8,11 @@ the package, never a skip, because a machine prepared by setup.sh always has it.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from tests.harness.paths import REPO
@@ -35,6 +37,7 @@ TOOLS: dict[str, str] = {
     "curl": "curl",
     "/bin/busybox": "busybox-static",
     "/usr/bin/ctr-remote": "stargz-snapshotter",
+    "ctr-remote": "stargz-snapshotter",
     "pigz": "pigz",
     "unpigz": "pigz",
     "debootstrap": "debootstrap",
@@ -45,7 +48,32 @@ TOOLS: dict[str, str] = {
     "socat": "socat",
     "openssl": "openssl",
     "veritysetup": "cryptsetup-bin",
+    "fincore": "util-linux-extra",
+    "git": "git",
+    # Debian's Essential packages: on every system, named so that the scan finds them known
+    "cp": "coreutils",
+    "chown": "coreutils",
+    "chroot": "coreutils",
+    "nice": "coreutils",
+    "timeout": "coreutils",
+    "stat": "coreutils",
+    "/bin/true": "coreutils",
+    "/bin/false": "coreutils",
+    "/bin/sleep": "coreutils",
+    "sh": "dash",
+    "/bin/sh": "dash",
+    "dpkg-query": "dpkg",
 }
+
+# Programs only an optional flag of a benchmark runs (never a test or a --quick smoke),
+# with how to get them: the scan accepts these without a Debian package.
+OPTIONAL: dict[str, str] = {
+    "py-spy": "bench/daemon_ab.py --spy, bench/lazy_pull.py --profile: pip install py-spy",
+}
+
+# The programs this package installs (pyproject's [project.scripts]) and the tests' own
+# interpreter: found in the venv, not installed by apt.
+OWN = {"pynydus", "pynydusd", "nydus-overlayfs", "nydus-image", "nydusctl"}
 
 SETUP_SH = REPO / "scripts" / "setup.sh"
 
@@ -85,11 +113,12 @@ def setup_packages(text: str | None = None) -> list[str]:
     """The Debian packages of setup.sh's ``PKGS=( ... )`` array (comments dropped)."""
     if text is None:
         text = SETUP_SH.read_text()
-    m = re.search(r"^PKGS=\((.*?)\)\s*(?:#.*)?$", text, re.DOTALL | re.MULTILINE)
+    # comments go first, line by line: they may hold parentheses of their own
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    m = re.search(r"^PKGS=\(([^)]*)\)", code, re.MULTILINE)
     if m is None:
         raise ValueError("scripts/setup.sh has no PKGS=( ... ) array")
-    body = "\n".join(line.split("#", 1)[0] for line in m.group(1).splitlines())
-    return body.split()
+    return m.group(1).split()
 
 
 def package_programs(package: str) -> list[Path]:
@@ -102,3 +131,38 @@ def package_programs(package: str) -> list[Path]:
         listing = arch[0]
     bins = re.compile(r"^/(usr/)?s?bin/[^/]+$")
     return [Path(line) for line in listing.read_text().splitlines() if bins.match(line)]
+
+
+_RUNS = {"run", "Popen", "check_output", "check_call", "call"}  # argv as the first argument
+_LOOKUPS = {"which", "require", "find", "missing"}  # shutil.which, tools.require, ...
+
+
+def programs_run(roots: Iterable[Path]) -> dict[str, list[str]]:
+    """Every program named literally by the Python files under ``roots``: the first word
+    of an argv list given to ``subprocess.run``/``Popen``/``check_output``/... (or any
+    call of those names), and the names given to ``shutil.which`` and ``require``.
+    Maps each program to the places (``path:line``) that run it. Argv built from
+    variables is not seen; a program reached only that way also goes through ``require``
+    or a literal elsewhere in practice."""
+    found: dict[str, list[str]] = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call) or not node.args:
+                    continue
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                owner = ("" if not isinstance(func, ast.Attribute)
+                         else func.value.id if isinstance(func.value, ast.Name) else "?")
+                names: list[ast.expr] = []
+                first = node.args[0]
+                if name in _RUNS and isinstance(first, (ast.List, ast.Tuple)) and first.elts:
+                    names = [first.elts[0]]
+                elif name in _LOOKUPS and (owner in ("shutil", "tools")
+                                          or (owner == "" and name != "find")):
+                    names = [first] if name == "which" else list(node.args)
+                for n in names:
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str):
+                        found.setdefault(n.value, []).append(f"{path}:{node.lineno}")
+    return found

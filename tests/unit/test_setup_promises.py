@@ -18,10 +18,15 @@ from pathlib import Path
 import pytest
 
 from tests.harness import tools
+from tests.harness.paths import REPO
+
+SELF = Path(__file__).resolve()  # its own made-up programs are not run
 
 
 def test_pkgs_is_parsed_from_setup_sh() -> None:
     text = 'x\nPKGS=(a b   # comment ( with ) parens\n      c)  # tail\nmore\n'
+    assert tools.setup_packages(text) == ["a", "b", "c"]
+    text = 'PKGS=(a   # a comment ending in (a parenthesis)\n  b c)  # tail (x)\n'
     assert tools.setup_packages(text) == ["a", "b", "c"]
     pkgs = tools.setup_packages()
     assert "containerd" in pkgs and len(pkgs) == len(set(pkgs)) > 10
@@ -31,6 +36,28 @@ def test_every_tool_tests_run_comes_from_a_package_setup_installs() -> None:
     pkgs = set(tools.setup_packages())
     absent = sorted({f"{prog} ({pkg})" for prog, pkg in tools.TOOLS.items() if pkg not in pkgs})
     assert not absent, f"add these packages to scripts/setup.sh PKGS: {absent}"
+
+
+def test_every_program_tests_and_benches_run_is_in_tools() -> None:
+    """A new ``subprocess.run(["prog", ...])``, ``shutil.which("prog")`` or ``require``
+    in tests/, bench/, scripts/ or fuzz/ fails here until ``prog`` is in TOOLS with its
+    package (and so in setup.sh), one of ours, or an optional bench flag's (OPTIONAL)."""
+    found = tools.programs_run(REPO / d for d in ("tests", "bench", "scripts", "fuzz"))
+    known = set(tools.TOOLS) | tools.OWN | set(tools.OPTIONAL)
+    unknown = {prog: where[:3] for prog, where in found.items() if prog not in known
+               and not all(w.startswith(f"{SELF}:") for w in where)}
+    assert not unknown, f"add to tests/harness/tools.py TOOLS (program: package): {unknown}"
+    assert {"umoci", "fincore", "debootstrap", "pigz", "openssl"} <= set(found)  # it sees them
+
+
+def test_the_program_scan_sees_each_way_of_running_a_program(tmp_path: Path) -> None:
+    (tmp_path / "t.py").write_text(
+        "import shutil, subprocess\nfrom tests.harness import tools\n"
+        "subprocess.run(['prog-a', '-x'])\nsubprocess.Popen(('prog-b',))\n"
+        "subprocess.check_output(['prog-c'])\nshutil.which('prog-d')\n"
+        "tools.require('prog-e', 'prog-f')\nx = 'a,b'.find('not-a-prog')\n"
+        "subprocess.run([exe, 'prog-g'])\n")
+    assert sorted(tools.programs_run([tmp_path])) == [f"prog-{c}" for c in "abcdef"]
 
 
 @pytest.mark.parametrize("package", tools.setup_packages())
