@@ -72,7 +72,7 @@ def one(wd: Path, cfg: Path, name: str, exe: str, tag: str) -> dict[str, Any]:
     return {"ready": ready, "walked": walked, "mb": max(ready["rss"], walked["rss"]) / 1024}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pynydusd", action="append", default=[], metavar="NAME=PATH",
                     help="a pynydusd to measure (repeatable; default: this checkout's)")
@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", help="write every sample here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     daemons = dict(a.split("=", 1) for a in args.pynydusd) or {"pynydusd": PYNYDUSD}
     if args.peer == "nydusd":
         daemons["nydusd"] = "nydusd"

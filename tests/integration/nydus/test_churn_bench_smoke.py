@@ -36,5 +36,17 @@ def test_churn_bench_quick(tmp_path: Path) -> None:
             assert cycle["mounted"]["shared_daemon"]["rss"] > 0
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
     assert table == doc["curve"] + doc["summary"]
+    # each printed memory ratio is the quotient of the two JSON figures it names
+    for res in doc["results"]:
+        last = res["cycles"][-1]
+        want = {"snapshotter RSS after / warm":
+                last["after"]["snapshotter_rss_kib"] / res["warm"]["snapshotter_rss_kib"]}
+        if res["mode"] == "shared":
+            want["shared daemon RSS after removal / warm"] = (
+                last["after"]["shared_daemon"]["rss"] / res["warm"]["shared_daemon"]["rss"])
+        for what, value in want.items():
+            (line,) = [ln for ln in table if ln.startswith(f"| {res['mode']}")
+                       and f"| {what} |" in ln]
+            assert f"| {value:.2f} x |" in line, (line, value)
     left = [ln for ln in table if "directories of stopped daemons" in ln]
     assert len(left) == 2 and all("| meets |" in ln for ln in left), left
