@@ -538,8 +538,11 @@ def test_sigterm_while_the_bootstrap_commit_mounts_leaves_no_daemon_without_a_re
                                              name="default/sha256:bootchain", labels=labels))
         assert snap.proc is not None and snap.proc.popen is not None
         os.kill(snap.pid, signal.SIGTERM)
-        time.sleep(0.3)  # the stop is under way; the mount still waits for the bootstrap
-        shutil.copy(image["boot"], boot)  # containerd finishes writing it
+        # the stop is under way (logged, not slept for) while the mount still waits for
+        # the bootstrap; only then does containerd finish writing it
+        _wait(lambda: "letting in-flight calls finish" in snap.log.read_text(errors="replace"),
+              30, "the snapshotter to log the signal")
+        shutil.copy(image["boot"], boot)
         assert snap.proc.popen.wait(timeout=30) == 0
         time.sleep(2.0)  # a daemon started by a straggling thread would be up by now
         with contextlib.suppress(FileNotFoundError):

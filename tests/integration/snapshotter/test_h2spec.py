@@ -8,6 +8,7 @@ listed in ``NOT_APPLICABLE`` with the reason; docs/decisions.md keeps the same l
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -38,6 +39,20 @@ NOT_APPLICABLE = {
 }
 
 
+def _wait_listening(port: int, bridge: subprocess.Popen[bytes]) -> None:
+    """Until socat accepts on ``port`` (a loaded machine may take longer than any fixed
+    sleep to start it; h2spec does not retry its first connection)."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert bridge.poll() is None, f"socat exited with {bridge.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"socat did not listen on {port} in 30 s"
+            time.sleep(0.02)
+
+
 def test_h2spec(snapshotter: SnapshotterProcess, tmp_path: Path) -> None:
     h2spec = peer_bin("h2spec", "h2spec")
     port = free_port()
@@ -45,7 +60,7 @@ def test_h2spec(snapshotter: SnapshotterProcess, tmp_path: Path) -> None:
         ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
          f"UNIX-CONNECT:{snapshotter.address}"], stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)
+        _wait_listening(port, bridge)
         report = tmp_path / "h2spec.xml"
         run = subprocess.run([str(h2spec), "-h", "127.0.0.1", "-p", str(port), "-P", STAT,
                               "-o", "5", "-j", str(report)],
