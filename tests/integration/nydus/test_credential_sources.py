@@ -37,7 +37,7 @@ from pynydus.registry.client import RegistryClient
 from tests.harness.leaks import find_leaks
 from tests.harness.registry import Registry, write_htpasswd
 from tests.harness.snapshotter import Snapshotter
-from tests.harness.util import make_workdir, remove_tree
+from tests.harness.util import all_cmdlines, make_workdir, remove_tree, wait_until
 from tests.integration.registry.servers import TokenServer
 
 from .support import REPO, FakeKubeAPI, container_rootfs, pull_nydus_image, pull_secret
@@ -253,7 +253,9 @@ def test_failing_sources_are_named_and_bounded_while_others_serve(
                 result["hang"] = refused(snap, private, "ns-hang", tmp_path)
             t = threading.Thread(target=hung)
             t.start()
-            time.sleep(1)
+            helper = str(bin_dir / "docker-credential-hang").encode()
+            wait_until(lambda: any(helper in cmd for _pid, cmd in all_cmdlines()), 30,
+                       "the hanging helper to run")  # the private Prepare is stuck in it
             t0 = time.monotonic()
             read_big(snap, image, pull_nydus_image(snap, image, "ns-public"), "ns-public/9/c",
                      tmp_path / "public")

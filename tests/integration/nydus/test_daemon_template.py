@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +33,14 @@ def _ppid(pid: int) -> int:
 @pytest.fixture
 def dedicated(tmp_path: Path) -> Iterator[Snapshotter]:
     yield from snapshotter_in_mode(tmp_path, "dedicated")
+
+
+def _dead(pid: int) -> bool:
+    """``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _template(snap: Snapshotter) -> int:
@@ -94,7 +101,7 @@ def test_a_dead_template_falls_back_to_spawning(dedicated: Snapshotter, image: d
     snap = dedicated
     template = _template(snap)
     os.kill(template, signal.SIGKILL)
-    time.sleep(0.2)
+    wait_until(lambda: _dead(template), 30, "the killed template to exit")
     # the standby forked before the kill serves this image; its replacement must be
     # spawned, and so must the next image's daemon
     top = pull_nydus_image(snap, image)

@@ -263,7 +263,9 @@ def test_kill_9_during_a_burst_of_writes_leaves_a_consistent_metastore(snapshott
 
     t = threading.Thread(target=burst)
     t.start()
-    time.sleep(0.4)
+    # kill once the burst is going (counted, not slept for: under load 0.4 s saw < 4 calls)
+    _wait_for(lambda: len(acknowledged) > 3 or not t.is_alive(), 60, "the burst to get going",
+              snapshotter.logs)
     snapshotter.stop(signal.SIGKILL)
     stop.set()
     t.join(timeout=30)

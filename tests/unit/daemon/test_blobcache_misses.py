@@ -133,10 +133,32 @@ class SlowFirstBackend(CountingBackend):
         return super().read_range(blob_id, offset, length)
 
 
+class GatherGate:
+    """Stands in for blobcache's ``time``: the leader's gathering wait
+    (``time.sleep(_GATHER_SECONDS)``) lasts until the test opens the gate, so the
+    neighbours join the batch however loaded the machine is; every other call is
+    ``time``'s own."""
+
+    WINDOW = 1234.5  # the _GATHER_SECONDS the gate recognises
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == self.WINDOW:
+            assert self.open.wait(60), "the test never opened the gathering window"
+        else:
+            time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 def test_concurrent_neighbouring_misses_share_one_request_while_busy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # a wide gathering window: the readers below join it however loaded the machine is
-    monkeypatch.setattr(blobcache, "_GATHER_SECONDS", 0.5)
+    gate = GatherGate()
+    monkeypatch.setattr(blobcache, "_GATHER_SECONDS", GatherGate.WINDOW)
+    monkeypatch.setattr(blobcache, "time", gate)
     data, chunks, ref = make_blob(tmp_path, n=12)
     be = SlowFirstBackend(str(tmp_path / "blobs"))
     bc = cache(tmp_path, ref, chunks, be, amplify_io=0)
@@ -151,7 +173,11 @@ def test_concurrent_neighbouring_misses_share_one_request_while_busy(
     readers = [threading.Thread(target=read, args=(i,)) for i in (5, 6, 7)]
     for t in readers:
         t.start()
-    time.sleep(0.8)
+    deadline = time.monotonic() + 60
+    while (batch := bc._batch) is None or len(batch.chunks) < 3:  # all three gathered
+        assert time.monotonic() < deadline, "the three misses did not gather"
+        time.sleep(0.01)
+    gate.open.set()
     be.release.set()
     for t in [first, *readers]:
         t.join(5)
