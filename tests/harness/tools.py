@@ -12,7 +12,7 @@ import ast
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tests.harness.paths import REPO
@@ -137,6 +137,15 @@ _RUNS = {"run", "Popen", "check_output", "check_call", "call"}  # argv as the fi
 _LOOKUPS = {"which", "require", "find", "missing"}  # shutil.which, tools.require, ...
 
 
+def _calls(roots: Iterable[Path]) -> Iterator[tuple[str, ast.Call]]:
+    """(``path:line``, call) of every call with arguments in the Python files under ``roots``."""
+    for root in roots:
+        for path in sorted(Path(root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Call) and node.args:
+                    yield f"{path}:{node.lineno}", node
+
+
 def programs_run(roots: Iterable[Path]) -> dict[str, list[str]]:
     """Every program named literally by the Python files under ``roots``: the first word
     of an argv list given to ``subprocess.run``/``Popen``/``check_output``/... (or any
@@ -145,24 +154,34 @@ def programs_run(roots: Iterable[Path]) -> dict[str, list[str]]:
     variables is not seen; a program reached only that way also goes through ``require``
     or a literal elsewhere in practice."""
     found: dict[str, list[str]] = {}
-    for root in roots:
-        for path in sorted(Path(root).rglob("*.py")):
-            tree = ast.parse(path.read_text(), str(path))
-            for node in ast.walk(tree):
-                if not isinstance(node, ast.Call) or not node.args:
-                    continue
-                func = node.func
-                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                owner = ("" if not isinstance(func, ast.Attribute)
-                         else func.value.id if isinstance(func.value, ast.Name) else "?")
-                names: list[ast.expr] = []
-                first = node.args[0]
-                if name in _RUNS and isinstance(first, (ast.List, ast.Tuple)) and first.elts:
-                    names = [first.elts[0]]
-                elif name in _LOOKUPS and (owner in ("shutil", "tools")
-                                          or (owner == "" and name != "find")):
-                    names = [first] if name == "which" else list(node.args)
-                for n in names:
-                    if isinstance(n, ast.Constant) and isinstance(n.value, str):
-                        found.setdefault(n.value, []).append(f"{path}:{node.lineno}")
+    for where, node in _calls(roots):
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = ("" if not isinstance(func, ast.Attribute)
+                 else func.value.id if isinstance(func.value, ast.Name) else "?")
+        names: list[ast.expr] = []
+        first = node.args[0]
+        if name in _RUNS and isinstance(first, (ast.List, ast.Tuple)) and first.elts:
+            names = [first.elts[0]]
+        elif name in _LOOKUPS and (owner in ("shutil", "tools")
+                                   or (owner == "" and name != "find")):
+            names = [first] if name == "which" else list(node.args)
+        for n in names:
+            if isinstance(n, ast.Constant) and isinstance(n.value, str):
+                found.setdefault(n.value, []).append(where)
+    return found
+
+
+def peer_programs_run(roots: Iterable[Path]) -> dict[tuple[str, str], list[str]]:
+    """Every ``peer_bin("peer", "program")`` with literal names under ``roots``, with
+    the places that call it."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for where, node in _calls(roots):
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        args = node.args[:2]
+        if name == "peer_bin" and len(args) == 2 and all(
+                isinstance(a, ast.Constant) and isinstance(a.value, str) for a in args):
+            key = (args[0].value, args[1].value)  # type: ignore[attr-defined]
+            found.setdefault(key, []).append(where)
     return found

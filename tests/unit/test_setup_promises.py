@@ -11,13 +11,14 @@ prepared by setup.sh run the whole suite without a skip for a missing install st
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import tools
+from tests.harness import peers, tools
 from tests.harness.paths import REPO
 
 SELF = Path(__file__).resolve()  # its own made-up programs are not run
@@ -58,6 +59,29 @@ def test_the_program_scan_sees_each_way_of_running_a_program(tmp_path: Path) -> 
         "tools.require('prog-e', 'prog-f')\nx = 'a,b'.find('not-a-prog')\n"
         "subprocess.run([exe, 'prog-g'])\n")
     assert sorted(tools.programs_run([tmp_path])) == [f"prog-{c}" for c in "abcdef"]
+
+
+def _optional_peers() -> set[str]:
+    """scripts/peers.sh's OPTIONAL list: peers whose install may fail (reported)."""
+    m = re.search(r'^OPTIONAL="([^"]*)"', (REPO / "scripts" / "peers.sh").read_text(), re.MULTILINE)
+    assert m is not None, "scripts/peers.sh has no OPTIONAL=\"...\" line"
+    return set(m.group(1).split())
+
+
+PEER_PROGRAMS = sorted(tools.peer_programs_run([REPO / "tests", REPO / "bench"]))
+
+
+def test_the_peer_scan_sees_the_peers() -> None:
+    assert ("nydus-rs", "nydusd") in PEER_PROGRAMS and ("h2spec", "h2spec") in PEER_PROGRAMS
+    assert {name for name, _ in PEER_PROGRAMS} <= set(peers.pins()), PEER_PROGRAMS
+
+
+@pytest.mark.parametrize("peer,program", [pp for pp in PEER_PROGRAMS
+                                          if pp[0] not in _optional_peers()])
+def test_peer_program_tests_run_is_installed(peer: str, program: str) -> None:
+    """scripts/test.sh installs every peer (setup.sh --peers); peer_bin fails naming
+    scripts/peers.sh when one a test or bench runs is missing."""
+    peers.peer_bin(peer, program)
 
 
 @pytest.mark.parametrize("package", tools.setup_packages())
