@@ -65,15 +65,9 @@ TOOLS: dict[str, str] = {
     "dpkg-query": "dpkg",
 }
 
-# Programs only an optional flag of a benchmark runs (never a test or a --quick smoke),
-# with how to get them: the scan accepts these without a Debian package.
-OPTIONAL: dict[str, str] = {
-    "py-spy": "bench/daemon_ab.py --spy, bench/lazy_pull.py --profile: pip install py-spy",
-}
-
-# The programs this package installs (pyproject's [project.scripts]) and the tests' own
-# interpreter: found in the venv, not installed by apt.
-OWN = {"pynydus", "pynydusd", "nydus-overlayfs", "nydus-image", "nydusctl"}
+# Programs in the venv, not installed by apt: this package's ([project.scripts]) and the
+# test extra's py-spy (bench/lazy_pull.py --profile, bench/daemon_ab.py --spy).
+OWN = {"pynydus", "pynydusd", "nydus-overlayfs", "nydus-image", "nydusctl", "py-spy"}
 
 SETUP_SH = REPO / "scripts" / "setup.sh"
 

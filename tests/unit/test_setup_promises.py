@@ -42,9 +42,9 @@ def test_every_tool_tests_run_comes_from_a_package_setup_installs() -> None:
 def test_every_program_tests_and_benches_run_is_in_tools() -> None:
     """A new ``subprocess.run(["prog", ...])``, ``shutil.which("prog")`` or ``require``
     in tests/, bench/, scripts/ or fuzz/ fails here until ``prog`` is in TOOLS with its
-    package (and so in setup.sh), one of ours, or an optional bench flag's (OPTIONAL)."""
+    package (and so in setup.sh), or one the venv has (OWN)."""
     found = tools.programs_run(REPO / d for d in ("tests", "bench", "scripts", "fuzz"))
-    known = set(tools.TOOLS) | tools.OWN | set(tools.OPTIONAL)
+    known = set(tools.TOOLS) | tools.OWN
     unknown = {prog: where[:3] for prog, where in found.items() if prog not in known
                and not all(w.startswith(f"{SELF}:") for w in where)}
     assert not unknown, f"add to tests/harness/tools.py TOOLS (program: package): {unknown}"
