@@ -23,7 +23,7 @@ PKGS=(containerd runc docker-registry fuse3 libfuse3-dev pkg-config erofs-utils 
       util-linux-extra     # fincore: page-cache residency in bench/erofs_blobs.py's memory figures
       git                  # benchmark headers name the commit measured (bench/snapshotter_ops.py)
       mount gzip tar       # mount/umount, gzip, tar: called by tests (tests/harness/tools.py)
-      coreutils dash dpkg) # Essential, named because tests run their programs: cp, sh, dpkg-query
+      coreutils dash bash dpkg) # Essential, named because tests run their programs: cp, sh, dpkg-query
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

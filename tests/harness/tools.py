@@ -62,6 +62,7 @@ TOOLS: dict[str, str] = {
     "/bin/sleep": "coreutils",
     "sh": "dash",
     "/bin/sh": "dash",
+    "bash": "bash",
     "dpkg-query": "dpkg",
 }
 
