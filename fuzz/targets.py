@@ -202,21 +202,32 @@ def _snapshotter_toml(data: bytes) -> None:
 
 
 def _manifest(data: bytes) -> None:
-    """A manifest, then (after a NUL) its config, as the converter reads them."""
+    """A manifest, then (after a NUL) its config, as the converter reads them; the
+    manifest also as the snapshotter's detection reads a referrer's."""
     from pynydus.convert import image as img
+    from pynydus.errors import FormatError
+    from pynydus.snapshot.detect import bootstrap_layer
 
     manifest, _, config = data.partition(b"\0")
+    try:
+        bootstrap_layer(manifest, "fuzz manifest")
+    except FormatError:
+        pass
     si = img.parse_manifest("application/vnd.oci.image.manifest.v1+json",
                             "sha256:" + "0" * 64, manifest)
     img.attach_config(si, config)
 
 
 def _index(data: bytes) -> None:
-    """An image index, manifests picked for a platform and for all platforms."""
+    """An image index, manifests picked for a platform and for all platforms, and the
+    Nydus manifest beside its first entry as the snapshotter's detection finds it."""
     from pynydus.convert import image as img
     from pynydus.errors import NotFound
+    from pynydus.snapshot.detect import nydus_in_index
 
     index = img.parse_index(data, "fuzz index")
+    if index["manifests"]:
+        nydus_in_index(data, index["manifests"][0]["digest"], "fuzz index")
     for platform, every in ((None, False), (img.parse_platform("linux/arm64/v8"), False),
                             (None, True)):
         try:

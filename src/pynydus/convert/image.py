@@ -45,18 +45,22 @@ from typing import Any
 from pynydus import labels
 from pynydus.errors import FormatError, InvalidArgument, NotFound, q
 from pynydus.registry import media
+from pynydus.registry.documents import check_descriptor, load_document, parse_index
 
 __all__ = [
     "BOOTSTRAP_HISTORY",
     "LayerDesc",
     "Platform",
     "SourceImage",
+    "check_descriptor",
     "dumps",
     "is_nydus_manifest",
     "layer_compression",
+    "load_document",
     "merged_index",
     "nydus_config",
     "nydus_manifest",
+    "parse_index",
     "parse_manifest",
     "parse_platform",
     "select_manifests",
@@ -94,71 +98,6 @@ UNCOMPRESSED_ANNOTATION = "containerd.io/uncompressed"
 def dumps(doc: Mapping[str, Any]) -> bytes:
     """Compact JSON as Go's ``json.Marshal`` writes it (the bytes we push and hash)."""
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def load_document(data: bytes, what: str) -> dict[str, Any]:
-    """A registry document (manifest, index, config): a JSON object, else FormatError."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise FormatError(f"{what}: not JSON: {err}") from err
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what}: not a JSON object")
-    return doc
-
-
-_load = load_document
-
-
-def _strings(value: Any, what: str) -> None:
-    """FormatError unless ``value`` (if given) is an object of strings (labels,
-    annotations) or a platform (strings, ``os.features`` a list of strings)."""
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise FormatError(f"{what} is not an object")
-    for k, v in value.items():
-        ok = (isinstance(v, list) and all(isinstance(x, str) for x in v)) if k in (
-            "os.features", "features") else isinstance(v, str)
-        if not ok:
-            raise FormatError(f"{what}.{k} is not a string")
-
-
-def check_descriptor(d: Any, what: str, *, size: bool = True) -> dict[str, Any]:
-    """An OCI descriptor as we read it: an object with a string ``digest`` and
-    ``mediaType``, an integer ``size`` >= 0 (when ``size``), string annotations and a
-    platform of strings where given; FormatError naming ``what`` otherwise."""
-    if not isinstance(d, dict):
-        raise FormatError(f"{what} is not an object")
-    for key in ("digest", "mediaType"):
-        if key in d and not isinstance(d[key], str):
-            raise FormatError(f"{what}.{key} is not a string")
-    if not isinstance(d.get("digest"), str):
-        raise FormatError(f"{what} has no digest")
-    if "artifactType" in d and not isinstance(d["artifactType"], str):
-        raise FormatError(f"{what}.artifactType is not a string")
-    n = d.get("size", 0)
-    if size and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise FormatError(f"{what}.size {n!r} is not a size")
-    _strings(d.get("annotations"), f"{what}.annotations")
-    _strings(d.get("platform"), f"{what}.platform")
-    return d
-
-
-def parse_index(data: bytes, what: str) -> dict[str, Any]:
-    """An image index whose ``manifests`` are descriptors (objects with a string
-    ``digest``; ``platform`` an object and ``mediaType``/``artifactType`` strings where
-    given): what :func:`select_manifests` and :func:`merged_index` read. FormatError
-    otherwise, naming the entry."""
-    doc = load_document(data, what)
-    manifests = doc.get("manifests")
-    if manifests is None:
-        manifests = doc["manifests"] = []
-    if not isinstance(manifests, list):
-        raise FormatError(f"{what}: manifests is not a list")
-    for i, d in enumerate(manifests):
-        check_descriptor(d, f"{what}: manifests[{i}]")
-    return doc
 
 
 # ------------------------------------------------------------------------ platforms
@@ -282,7 +221,7 @@ def parse_manifest(media_type: str, digest: str, data: bytes) -> SourceImage:
     Raises InvalidArgument for a Nydus manifest or an unsupported layer type, and
     FormatError for a malformed document.
     """
-    doc = _load(data, f"manifest {digest}")
+    doc = load_document(data, f"manifest {digest}")
     mt = doc.get("mediaType") or media_type
     if not isinstance(mt, str):
         raise FormatError(f"manifest {digest}: mediaType {mt!r} is not a string")
@@ -316,7 +255,7 @@ def parse_manifest(media_type: str, digest: str, data: bytes) -> SourceImage:
 def attach_config(img: SourceImage, data: bytes) -> None:
     """Record the image config and the layers' diff ids from it."""
     what = f"config {img.config['digest']}"
-    cfg = _load(data, what)
+    cfg = load_document(data, what)
     rootfs = cfg.get("rootfs") or {}
     diff_ids = rootfs.get("diff_ids") or [] if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):

@@ -30,6 +30,7 @@ from pynydus.errors import InvalidArgument, NotFound, NydusError, Unavailable, q
 
 from . import media
 from .auth import Credentials, repository_scope
+from .documents import parse_index
 from .errors import DigestMismatch, RegistryProtocolError, ShortRead
 from .metrics import RegistryMetrics
 from .reference import Reference, parse_reference, validate_digest, validate_repository
@@ -38,7 +39,6 @@ from .referrers import (
     empty_index,
     fallback_tag,
     filter_artifact_type,
-    parse_index,
     referrer_descriptor,
     subject_of,
 )

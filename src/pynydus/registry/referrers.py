@@ -13,7 +13,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import RegistryProtocolError
 from .media import OCI_INDEX
 
 
@@ -25,17 +24,6 @@ def fallback_tag(digest: str) -> str:
 
 def empty_index() -> dict[str, Any]:
     return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-
-
-def parse_index(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError as err:
-        raise RegistryProtocolError(f"{what}: index is not JSON: {err}") from err
-    if not isinstance(doc, dict) or not isinstance(doc.get("manifests", []), list):
-        raise RegistryProtocolError(f"{what}: not an image index")
-    doc.setdefault("manifests", [])
-    return doc
 
 
 def referrer_descriptor(manifest: bytes, media_type: str, digest: str) -> dict[str, Any]:

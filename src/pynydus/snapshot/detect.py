@@ -29,7 +29,6 @@ layer (serving, not discovery: done once, for the image's last layer).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -51,9 +50,10 @@ from pynydus.registry import (
     parse_reference,
     resolve_credentials,
 )
+from pynydus.registry.documents import check_descriptor, load_document, parse_index
 
 __all__ = ["DETECT_TIMEOUT", "NEGATIVE_TTL", "CredentialsFn", "Detector", "NydusForm",
-           "client_factory", "label_credentials"]
+           "bootstrap_layer", "client_factory", "label_credentials", "nydus_in_index"]
 
 log = logging.getLogger(__name__)
 
@@ -213,18 +213,8 @@ class Detector:
         top = client.get_manifest(repo, obj)
         if top.media_type not in media.INDEX_TYPES:
             return None
-        entries = json.loads(top.data).get("manifests") or []
-        mine = next((d for d in entries if d.get("digest") == manifest), None)
-        if mine is None:
-            return None
-        want = _platform_key(mine.get("platform"))
-        for d in entries:
-            nydus = is_nydus_platform(d.get("platform")) or \
-                d.get("artifactType") == media.NYDUS_MANIFEST_ARTIFACT
-            if nydus and d.get("digest") != manifest and \
-                    _platform_key(d.get("platform")) == want:
-                return NydusForm("index", repo, str(d["digest"]))
-        return None
+        digest = nydus_in_index(top.data, manifest, f"index {q(obj)} of {q(repo)}")
+        return NydusForm("index", repo, digest) if digest else None
 
     @staticmethod
     def _by_referrer(client: RegistryClient, repo: str, manifest: str) -> NydusForm | None:
@@ -270,8 +260,41 @@ class Detector:
 
 def _bootstrap_layer(client: RegistryClient, repo: str, digest: str) -> Mapping[str, Any] | None:
     """The last layer of manifest ``digest`` if it is a Nydus bootstrap layer, else None."""
-    return L.bootstrap_descriptor(
-        json.loads(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data))
+    return bootstrap_layer(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data,
+                           f"manifest {digest} of {q(repo)}")
+
+
+def nydus_in_index(data: bytes, manifest: str, what: str) -> str | None:
+    """The digest of the Nydus manifest that image index ``data`` lists beside
+    ``manifest`` for the same platform (the ``nydus.remoteimage.v1`` OS feature or the
+    Nydus artifact type), or None. FormatError naming ``what`` for a document that is no
+    index of descriptors: a registry's answer is untrusted input (fuzzed: ``index``)."""
+    entries = parse_index(data, what)["manifests"]
+    mine = next((d for d in entries if d["digest"] == manifest), None)
+    if mine is None:
+        return None
+    want = _platform_key(mine.get("platform"))
+    for d in entries:
+        nydus = is_nydus_platform(d.get("platform")) or \
+            d.get("artifactType") == media.NYDUS_MANIFEST_ARTIFACT
+        if nydus and d["digest"] != manifest and _platform_key(d.get("platform")) == want:
+            return str(d["digest"])
+    return None
+
+
+def bootstrap_layer(data: bytes, what: str) -> dict[str, Any] | None:
+    """The descriptor of manifest ``data``'s last layer if it is a Nydus bootstrap layer
+    (its ``nydus-bootstrap`` annotation), else None; FormatError naming ``what`` for a
+    manifest whose layers are not descriptors (fuzzed: ``manifest``)."""
+    layers = load_document(data, what).get("layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, list):
+        raise FormatError(f"{what}: layers is not a list")
+    if not layers:
+        return None
+    last = check_descriptor(layers[-1], f"{what}: layers[{len(layers) - 1}]")
+    return last if L.NYDUS_BOOTSTRAP in (last.get("annotations") or {}) else None
 
 
 def client_factory_default() -> ClientFactory:

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
+from pynydus.errors import FormatError
 from pynydus.registry import media
-from pynydus.registry.errors import RegistryProtocolError
+from pynydus.registry.documents import parse_index
 from pynydus.registry.referrers import (
     add_referrer,
     empty_index,
     fallback_tag,
     filter_artifact_type,
-    parse_index,
     referrer_descriptor,
     subject_of,
 )
@@ -52,6 +52,8 @@ def test_add_referrer_is_idempotent_per_digest() -> None:
 
 def test_parse_index_rejects_non_indexes() -> None:
     assert parse_index(b'{"schemaVersion": 2}', "w")["manifests"] == []
-    for bad in (b"[]", b"nope", b'{"manifests": {}}'):
-        with pytest.raises(RegistryProtocolError):
+    for bad in (b"[]", b"nope", b'{"manifests": {}}', b'{"manifests": [1]}',
+                b'{"manifests": [{"digest": 1}]}',
+                b'{"manifests": [{"digest": "d", "artifactType": []}]}'):
+        with pytest.raises(FormatError):
             parse_index(bad, "w")

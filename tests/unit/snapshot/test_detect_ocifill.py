@@ -144,6 +144,75 @@ def test_no_form_is_cached_and_a_failing_registry_means_plain_oci() -> None:
     assert broken.find(_labels()) is None
 
 
+def _json(doc: object) -> bytes:
+    return json.dumps(doc).encode()
+
+
+# A registry's documents are untrusted: whatever shape they have, detection ends in "no
+# Nydus form" (a FormatError naming the place, logged), never in an AttributeError that
+# failed the pull's Prepare.
+HOSTILE_INDEXES = {
+    "a-list": b"[1]",
+    "manifests-an-object": b'{"manifests": {}}',
+    "entry-a-number": b'{"manifests": [1]}',
+    "digest-a-number": b'{"manifests": [{"digest": 7}]}',
+    "platform-a-string": _json({"manifests": [{"digest": OCI, "platform": "linux"}]}),
+    "features-a-string": _json({"manifests": [
+        {"digest": OCI}, {"digest": NYDUS, "platform": {"os.features": "nydus.remoteimage.v1"}}]}),
+    "artifact-type-a-list": _json({"manifests": [{"digest": OCI},
+                                                 {"digest": NYDUS, "artifactType": []}]}),
+}
+
+
+@pytest.mark.parametrize("data", HOSTILE_INDEXES.values(), ids=HOSTILE_INDEXES.keys())
+def test_a_malformed_index_is_a_format_error_and_the_pull_goes_on_as_oci(data: bytes) -> None:
+    with pytest.raises(FormatError, match="index of a registry"):
+        detect.nydus_in_index(data, OCI, "index of a registry")
+
+    class Raw(FakeClient):
+        def get_manifest(self, repo: str, ref: str, accept: Any = ()) -> _Manifest:
+            return _Manifest(data, media.OCI_INDEX)
+
+    assert _detector(Raw(), referrer=False, index=True).find(_labels()) is None
+
+
+HOSTILE_MANIFESTS = {
+    "not-json": b"{",
+    "layers-a-number": b'{"layers": 5}',
+    "layer-a-list": b'{"layers": [[]]}',
+    "annotations-a-list": _json({"layers": [{"digest": BOOT, "annotations": [L.NYDUS_BOOTSTRAP]}]}),
+    "annotation-a-number": _json({"layers": [{"digest": BOOT,
+                                              "annotations": {L.NYDUS_BOOTSTRAP: 1}}]}),
+    "size-a-string": _json({"layers": [{"digest": BOOT, "size": "1"}]}),
+}
+
+
+@pytest.mark.parametrize("data", HOSTILE_MANIFESTS.values(), ids=HOSTILE_MANIFESTS.keys())
+def test_a_malformed_referrer_manifest_is_a_format_error_and_no_form(data: bytes) -> None:
+    with pytest.raises(FormatError, match="manifest m"):
+        detect.bootstrap_layer(data, "manifest m")
+
+    class Raw(FakeClient):
+        def get_manifest(self, repo: str, ref: str, accept: Any = ()) -> _Manifest:
+            return _Manifest(data, media.OCI_MANIFEST)
+
+    client = Raw(referrers=[{"mediaType": media.OCI_MANIFEST, "digest": NYDUS}])
+    assert _detector(client, referrer=True, index=False).find(_labels()) is None
+
+
+def test_well_formed_documents_read_as_before() -> None:
+    plat = {"os": "linux", "architecture": "amd64"}
+    index = {"manifests": [{"digest": OCI, "platform": plat},
+                           {"digest": NYDUS, "artifactType": media.NYDUS_MANIFEST_ARTIFACT,
+                            "platform": plat}]}
+    assert detect.nydus_in_index(json.dumps(index).encode(), OCI, "i") == NYDUS
+    assert detect.nydus_in_index(json.dumps(index).encode(), "sha256:" + "f" * 64, "i") is None
+    boot = {"digest": BOOT, "size": 3, "annotations": {L.NYDUS_BOOTSTRAP: "true"}}
+    assert detect.bootstrap_layer(json.dumps({"layers": [boot]}).encode(), "m") == boot
+    assert detect.bootstrap_layer(b'{"layers": [{"digest": "x"}]}', "m") is None
+    assert detect.bootstrap_layer(b'{"config": {}}', "m") is None
+
+
 def test_layers_without_cri_labels_are_not_looked_up() -> None:
     client = FakeClient()
     det = _detector(client, referrer=True, index=True)
