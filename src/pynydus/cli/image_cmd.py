@@ -59,8 +59,9 @@ def add_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "them; what convert --oci-ref pushes by default)")
     b.add_argument("--output-json", help="write the build report here")
     b.add_argument("--max-sparse-size", type=_size, default=None, metavar="SIZE",
-                   help="largest real size of a sparse tar member (default 64G); its holes "
-                        "are read as zeros, so a bigger claim is refused")
+                   help="largest real size of a sparse tar member, and of the holes of "
+                        "all of a tar's sparse members together (default 64G); holes are "
+                        "read as zeros, so a bigger claim is refused")
     b.add_argument("--progress", default="auto", choices=["auto", "line", "plain", "quiet"],
                    help="on stderr: line (one line rewritten), plain (a line every 5 s), "
                         "quiet; auto: line at a terminal, else plain")

@@ -327,8 +327,9 @@ def build(
 
     ``progress`` is called with a :class:`BuildProgress` every ``progress_interval``
     seconds while data is read, and once per later phase (on the calling thread).
-    ``max_sparse_size`` bounds the real size of a GNU sparse tar member (its holes
-    are read as zeros): a larger claim is a FormatError.
+    ``max_sparse_size`` bounds the real size of a GNU sparse tar member and the holes
+    of all the tar's sparse members together (holes are read as zeros): a larger
+    claim is a FormatError.
 
     ``tar-tarfs`` only: ``blob_id`` names the blob (else its sha256) and
     ``expect_tar_sha256`` is the uncompressed tar's digest, checked before the blob is

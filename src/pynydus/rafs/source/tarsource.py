@@ -346,6 +346,10 @@ class _TarReader:
         self._offset = 0
         self._glob: dict[bytes, bytes] = {}
         self._max_sparse_size = max_sparse_size
+        # What the sparse members read so far claimed beyond the data they store: one
+        # bound for the whole archive, else each of a 10 KB tar's members could claim
+        # the limit and the archive would cost the builder members x limit of zeros.
+        self._holes = 0
 
     def next(self) -> tuple[Entry | None, DataReader | None] | None:
         """The next member (its Entry None for vendor types), or None at the end
@@ -520,6 +524,12 @@ class _TarReader:
             if sparse_pax is not None:
                 name = sparse_pax[0].get(b"GNU.sparse.name", name)
             smap, extra = self._sparse_map(chain[-1], sparse_pax, size, start, data)
+            self._holes += smap.real_size - sum(n for _, n in smap.extents)
+            if self._holes > self._max_sparse_size:
+                raise FormatError(
+                    f"layer tar: sparse member at offset {start}: the holes of the archive's "
+                    f"sparse members add up to more than the limit of {self._max_sparse_size} "
+                    "bytes")
             offset += extra
         self._glob = glob
         self._offset = offset
@@ -671,8 +681,9 @@ class TarSource:
     header or PAX record anywhere is a FormatError naming its offset, not the end
     of the archive (tarfile ends there after the first member, in silence). GNU
     sparse members are read here, not by tarfile: their maps are checked (in order,
-    disjoint, inside the real size, adding up to the stored data) and their real
-    size may not exceed ``max_sparse_size``, whatever a header claims.
+    disjoint, inside the real size, adding up to the stored data) and neither a
+    member's real size nor the holes of all of them together may exceed
+    ``max_sparse_size``, whatever the headers claim.
     """
 
     def __init__(

@@ -130,6 +130,22 @@ def test_the_limit_is_configurable() -> None:
     assert data == bytes(1 << 20) + b"y" * 512 + bytes((1 << 20) - 512)
 
 
+def test_the_holes_of_all_sparse_members_share_the_limit() -> None:
+    """Each member under the limit, together over it: a 10 KB tar of ten members each
+    claiming the limit would have cost ten times the zeros one may."""
+    limit, real = 4 << 20, 1 << 20
+    member = [block(b"f%d" % i, b"S", 512, sparse=[(0, 512)], real=b"%011o\0" % real)
+              + b"x" * 512 for i in range(10)]
+    raw = b"".join(member) + END
+    assert len(raw) < 12 << 10
+    # four members' holes (4 x (1 MiB - 512)) fit; the fifth, at 4 x 1024, does not
+    refused(raw, r"sparse member at offset 4096: the holes of the archive's sparse "
+            r"members add up to more than the limit of 4194304 bytes", max_sparse_size=limit)
+    got = read_all(b"".join(member[:4]) + END, max_sparse_size=limit)
+    assert [(p, n) for p, n, _ in got] == [(b"f%d" % i, real) for i in range(4)]
+    assert all(d == b"x" * 512 + bytes(real - 512) for _, _, d in got)
+
+
 def test_a_hostile_tar_fails_the_build_cli_fast(tmp_path: Path) -> None:
     tar = tmp_path / "big.tar"
     tar.write_bytes(HOSTILE["gnu-base256"] + END)
