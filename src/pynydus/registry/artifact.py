@@ -26,6 +26,7 @@ from pynydus.errors import NotFound
 
 from . import media
 from .client import Descriptor, RegistryClient
+from .documents import check_descriptor, load_document
 from .errors import RegistryProtocolError
 
 # Documents up to this size ride inline in the manifest (``data``): found in two requests.
@@ -83,17 +84,17 @@ def fetch_artifact(client: RegistryClient, repo: str, manifest_digest: str, medi
     ``media_type``, from the manifest's inline ``data`` or the blob."""
     what = f"artifact {manifest_digest} in {repo}"
     m = client.get_manifest(repo, manifest_digest, accept=(media.OCI_MANIFEST,))
-    try:
-        doc = json.loads(m.data)
-        layers = [entry for entry in doc.get("layers", []) if entry.get("mediaType") == media_type]
-    except (ValueError, AttributeError) as err:
-        raise RegistryProtocolError(f"{what}: not an artifact manifest") from err
+    layers = load_document(m.data, what).get("layers", [])
+    if not isinstance(layers, list):
+        raise RegistryProtocolError(f"{what}: not an artifact manifest")
+    layers = [entry for i, entry in enumerate(layers)
+              if check_descriptor(entry, f"{what}: layers[{i}]").get("mediaType") == media_type]
     if not layers:
         raise NotFound(f"{what}: no layer of type {media_type}")
     layer = layers[0]
-    size, digest = layer.get("size"), layer.get("digest")
-    if not isinstance(size, int) or not isinstance(digest, str) or size > max_bytes:
-        raise RegistryProtocolError(f"{what}: layer descriptor invalid or larger than "
+    size, digest = layer.get("size"), layer["digest"]
+    if not isinstance(size, int) or size > max_bytes:
+        raise RegistryProtocolError(f"{what}: layer size {size!r} missing or larger than "
                                     f"{max_bytes} bytes")
     inline = layer.get("data")
     if isinstance(inline, str):

@@ -7,7 +7,16 @@ import base64
 import json
 from typing import Any, cast
 
-from pynydus.registry.artifact import CREATED, ReferrersFinder, Subject, artifact_manifest
+import pytest
+
+from pynydus.errors import FormatError
+from pynydus.registry.artifact import (
+    CREATED,
+    ReferrersFinder,
+    Subject,
+    artifact_manifest,
+    fetch_artifact,
+)
 from pynydus.registry.client import RegistryClient
 
 SUBJECT = Subject("application/vnd.oci.image.manifest.v1+json", "sha256:" + "a" * 64, 123)
@@ -71,3 +80,22 @@ def test_newest_artifact_of_the_type_comes_first() -> None:
     found = ReferrersFinder().find(cast(RegistryClient, client), "h", "r", "sha256:1", "t")
     assert [m["digest"] for m in found] == ["sha256:new", "sha256:old"]
     assert client.calls == ["api"]
+
+
+class _Manifests:
+    """A registry's answer to the artifact's manifest request, as it came."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def get_manifest(self, repo: str, ref: str, accept: Any = ()) -> Any:
+        return type("M", (), {"data": self.data})()
+
+
+@pytest.mark.parametrize("data", [b"[]", b"{", b'{"layers": 5}', b'{"layers": [7]}',
+                                  b'{"layers": [{"mediaType": "t+json"}]}',
+                                  b'{"layers": [{"digest": "d", "size": "3"}]}',
+                                  b'{"layers": [{"digest": "d", "mediaType": "t+json"}]}'])
+def test_a_malformed_artifact_manifest_is_a_format_error(data: bytes) -> None:
+    with pytest.raises(FormatError, match="artifact sha256:b"):
+        fetch_artifact(cast(RegistryClient, _Manifests(data)), "r", "sha256:b", "t+json", 1 << 20)
