@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pynydus.errors import FailedPrecondition
 from pynydus.grpcwire.server import serve
 from pynydus.host.unixsock import allowed_peer, bind_private
 from pynydus.system.controller import Reply
@@ -128,6 +129,37 @@ def test_system_socket_serves_its_configured_owner(sockdir: str) -> None:
         assert as_nobody(lambda: _http(path)) == "HTTP/1.1 200 OK"
     finally:
         server.stop()
+
+
+def test_system_socket_never_replaces_a_file_nor_a_live_socket(sockdir: str) -> None:
+    """[system] address is claimed as the Snapshots address is: a regular file there is
+    never deleted, a socket somebody answers on is never taken over (its pid is named)."""
+    path = os.path.join(sockdir, "system.sock")
+    Path(path).write_text("precious")
+    with pytest.raises(FailedPrecondition, match="not a socket"):
+        SystemServer(_Ctl(), path)  # type: ignore[arg-type]
+    assert Path(path).read_text() == "precious"
+    os.unlink(path)
+    first = SystemServer(_Ctl(), path)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(FailedPrecondition, match=f"served by another process .pid {os.getpid()}"):
+            SystemServer(_Ctl(), path)  # type: ignore[arg-type]
+        assert _http(path) == "HTTP/1.1 200 OK"
+    finally:
+        first.stop()
+
+
+def test_stopping_the_system_server_leaves_a_successors_socket_alone(sockdir: str) -> None:
+    path = os.path.join(sockdir, "system.sock")
+    first = SystemServer(_Ctl(), path)  # type: ignore[arg-type]
+    os.unlink(path)  # somebody removed it and started another controller there
+    second = SystemServer(_Ctl(), path)  # type: ignore[arg-type]
+    try:
+        first.stop()
+        assert _http(path) == "HTTP/1.1 200 OK"
+    finally:
+        second.stop()
+    assert not os.path.exists(path)
 
 
 def test_bind_private_keeps_long_paths_within_the_limit(tmp_path: Any) -> None:

@@ -1,7 +1,8 @@
 """HTTP/1.1 on a unix socket for the system controller (``[system] address``).
 
-The socket is created fresh (a stale one from a crash is replaced, a live one is an
-error: another snapshotter serves it), mode 0600 whatever the umask and owned by
+The socket is created fresh (``host.exclusive.claim_socket``: a stale one from a crash is
+replaced; a live one, or anything that is not a socket, is an error), removed at stop only
+while it is still ours, mode 0600 whatever the umask and owned by
 ``[system] uid``/``gid``: the API lists daemons and hands out backend configurations,
 which carry registry credentials. Each connection's SO_PEERCRED is checked too (root,
 our uid and the configured ``uid``), so a chmod or a bind mount does not open it. One thread accepts; each request gets a thread (requests are rare).
@@ -9,16 +10,14 @@ our uid and the configured ``uid``), so a chmod or a bind mount does not open it
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from pynydus.errors import FailedPrecondition, q
+from pynydus.host.exclusive import SocketClaim, claim_socket
 from pynydus.host.unixsock import allowed_peer, bind_private, peer_creds
 from pynydus.system.controller import Controller
 
@@ -77,29 +76,12 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         return False
 
 
-def _claim(path: Path) -> None:
-    """Remove a stale socket at ``path``; refuse one somebody still listens on."""
-    if not path.exists() and not path.is_symlink():
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1)
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody answers: a leftover of a crash
-        return
-    finally:
-        probe.close()
-    raise FailedPrecondition(f"system controller socket {q(str(path))} is in use by another process")
-
-
 class SystemServer:
     """The controller served on ``address`` until ``stop()``."""
 
     def __init__(self, controller: Controller, address: str, *, uid: int = 0, gid: int = 0) -> None:
         self.path = Path(address)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _claim(self.path)
+        claim_socket(self.path)
         server = _UnixHTTPServer(str(self.path), _Handler, bind_and_activate=False)
         if uid or gid:
             server.owner_uid, server.owner_gid = uid, gid
@@ -111,6 +93,7 @@ class SystemServer:
             raise
         server.controller = controller
         self._server = server
+        self._claim = SocketClaim.of(self.path)
         self._thread = threading.Thread(target=self._server.serve_forever, name="system",
                                         daemon=True)
         self._thread.start()
@@ -120,5 +103,4 @@ class SystemServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self._claim.release()
