@@ -73,3 +73,37 @@ def test_a_broken_listener_is_fatal_not_a_silent_death() -> None:
     finally:
         server.stop(0).wait(10)
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_an_idle_connection_is_told_goaway_and_closed() -> None:
+    """A connection with no stream open and nothing leaving is closed after
+    ``Timeouts.idle`` (a GOAWAY first), so idle clients cannot hold the 256 places."""
+    from pynydus.grpcwire import connection as w
+    from pynydus.grpcwire.server import Timeouts
+
+    path = Path(tempfile.mkdtemp(prefix="pyn-h2-")) / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    server = H2Server({}, listener, workers=1, limits=Limits(), timeouts=Timeouts(idle=0.5))
+    server.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(30)  # a loaded machine; the idle clock is 0.5 s
+            c.connect(str(path))
+            c.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0))
+            got = b""
+            t0 = time.monotonic()
+            while chunk := c.recv(1 << 16):
+                got += chunk
+            waited = time.monotonic() - t0
+        types = []
+        while len(got) >= 9:
+            n = int.from_bytes(got[:3], "big")
+            types.append(got[3])
+            got = got[9 + n:]
+        assert w.GOAWAY in types, types
+        assert waited >= 0.5
+    finally:
+        server.stop(0).wait(10)
+        shutil.rmtree(path.parent, ignore_errors=True)
