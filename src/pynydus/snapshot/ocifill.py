@@ -18,23 +18,22 @@ from __future__ import annotations
 
 import os
 import stat
-import tarfile
 from collections.abc import Mapping
-from typing import IO, Any
-
-import zstandard
+from typing import BinaryIO
 
 from pynydus import labels as L
 from pynydus.errors import FormatError, InvalidArgument, q
-from pynydus.rafs.decoder import compression_of
 from pynydus.rafs.format import OCI_WHITEOUT_OPAQUE, OCI_WHITEOUT_PREFIX, OVERLAY_OPAQUE_XATTR
+from pynydus.rafs.format.tarsparse import DEFAULT_MAX_SPARSE_SIZE
+from pynydus.rafs.source import DataReader, Entry, EntryType, TarSource
 from pynydus.registry import Credentials, RegistryClient, parse_reference
 
 __all__ = ["apply_layer", "fetch_layer", "oci_layer_digest"]
 
 _WH = OCI_WHITEOUT_PREFIX.decode()
 _WH_OPQ = OCI_WHITEOUT_OPAQUE.decode()
-_XATTR_PAX = "SCHILY.xattr."
+_BLOCK = 1 << 20
+_ZEROS = bytes(_BLOCK)
 
 
 def oci_layer_digest(labels: Mapping[str, str]) -> str | None:
@@ -58,74 +57,63 @@ def fetch_layer(image_ref: str, labels: Mapping[str, str], digest: str, path: st
         f.writelines(client.get_blob(ref.repository, digest))
 
 
-def apply_layer(blob_path: str, dest: str) -> int:
+def apply_layer(blob_path: str, dest: str, *,
+                max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE) -> int:
     """Unpack the layer blob at ``blob_path`` (tar: plain, gzip or zstd) into the empty
-    directory ``dest`` as an overlayfs upper layer; returns the number of entries."""
-    with open(blob_path, "rb") as raw:
-        head = raw.read(4)
-        raw.seek(0)
-        if compression_of(head) == "zstd":
-            with zstandard.ZstdDecompressor().stream_reader(raw) as zr:
-                return _apply(tarfile.open(fileobj=zr, mode="r|"), dest)
-        return _apply(tarfile.open(fileobj=raw, mode="r|*"), dest)
+    directory ``dest`` as an overlayfs upper layer; returns the number of entries.
 
-
-def _apply(tf: tarfile.TarFile, dest: str) -> int:
+    The tar is read by pynydus's own reader (what ``image build`` reads layers with): a
+    malformed member is a FormatError naming its offset, sparse maps are checked and the
+    holes of the layer's sparse members bounded by ``max_sparse_size`` together; holes
+    are written as holes. (Python's tarfile wrote a 10 KB layer's claimed 2^50 bytes of
+    holes as zeros until the disk was full.)"""
     root = os.path.realpath(dest)
-    dirs: list[tuple[str, tarfile.TarInfo]] = []
+    dirs: list[tuple[str, Entry]] = []
     n = 0
-    try:
-        for m in tf:
-            n += 1
-            name = os.path.normpath(m.name.lstrip("/"))
-            if name in (".", "") :
-                dirs.append((root, m))
-                continue
-            if name.startswith("..") or os.path.isabs(name):
-                raise FormatError(f"layer entry {q(m.name)} leaves the layer")
-            parent, base = os.path.split(name)
-            pdir = _inside(root, parent)
-            target = os.path.join(pdir, base)
-            if base == _WH_OPQ:
-                os.setxattr(pdir, OVERLAY_OPAQUE_XATTR, b"y")
-                continue
-            if base.startswith(_WH):
-                _remove(os.path.join(pdir, base[len(_WH):]))
-                os.mknod(os.path.join(pdir, base[len(_WH):]), stat.S_IFCHR | 0o600, 0)
-                continue
-            if m.isdir():
-                if not os.path.isdir(target) or os.path.islink(target):
-                    _remove(target)
-                    os.mkdir(target, 0o700)
-                dirs.append((target, m))
-                continue
-            _remove(target)
-            if m.islnk():
-                src = _inside(root, os.path.normpath(m.linkname.lstrip("/")))
-                os.link(src, target, follow_symlinks=False)
-                continue
-            if m.issym():
-                os.symlink(m.linkname, target)
-            elif m.isreg():
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    src_f = tf.extractfile(m)
-                    assert src_f is not None
-                    _copy(src_f, out)
-            elif m.ischr() or m.isblk():
-                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-                os.mknod(target, kind | 0o600, os.makedev(m.devmajor, m.devminor))
-            elif m.isfifo():
-                os.mkfifo(target, 0o600)
-            else:
-                raise InvalidArgument(f"layer entry {q(m.name)}: type {m.type!r} not supported")
-            _attrs(target, m)
-        for path, m in reversed(dirs):  # after their content: times and modes stick
-            _attrs(path, m)
-    except (tarfile.TarError, EOFError, zstandard.ZstdError) as err:
-        raise FormatError(f"layer tar: {err}") from err
-    finally:
-        tf.close()
+    for entry, reader in TarSource(blob_path, max_sparse_size=max_sparse_size):
+        n += 1
+        name = os.fsdecode(entry.path)
+        if not name:
+            dirs.append((root, entry))
+            continue
+        parent, base = os.path.split(name)
+        pdir = _inside(root, parent)
+        target = os.path.join(pdir, base)
+        if base == _WH_OPQ:
+            os.setxattr(pdir, OVERLAY_OPAQUE_XATTR, b"y")
+            continue
+        if base.startswith(_WH):
+            _remove(os.path.join(pdir, base[len(_WH):]))
+            os.mknod(os.path.join(pdir, base[len(_WH):]), stat.S_IFCHR | 0o600, 0)
+            continue
+        kind = entry.type
+        if kind is EntryType.DIR:
+            if not os.path.isdir(target) or os.path.islink(target):
+                _remove(target)
+                os.mkdir(target, 0o700)
+            dirs.append((target, entry))
+            continue
+        _remove(target)
+        if kind is EntryType.HARDLINK:
+            os.link(_inside(root, os.fsdecode(entry.link)), target, follow_symlinks=False)
+            continue
+        if kind is EntryType.SYMLINK:
+            os.symlink(os.fsdecode(entry.link), target)
+        elif kind is EntryType.REG:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                if reader is not None:
+                    _copy(reader, out)
+        elif kind in (EntryType.CHAR, EntryType.BLOCK):
+            mode = stat.S_IFCHR if kind is EntryType.CHAR else stat.S_IFBLK
+            os.mknod(target, mode | 0o600, os.makedev(entry.rdev_major, entry.rdev_minor))
+        elif kind is EntryType.FIFO:
+            os.mkfifo(target, 0o600)
+        else:
+            raise InvalidArgument(f"layer entry {q(name)}: type {kind.value} not supported")
+        _attrs(target, entry)
+    for path, entry in reversed(dirs):  # after their content: times and modes stick
+        _attrs(path, entry)
     return n
 
 
@@ -150,20 +138,24 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _copy(src: IO[bytes], out: Any) -> None:
+def _copy(src: DataReader, out: BinaryIO) -> None:
+    """Copy a file's data; blocks of zeros (a sparse member's holes) become holes."""
     while True:
-        block = src.read(1 << 20)
+        block = src.read(_BLOCK)
         if not block:
-            return
-        out.write(block)
+            break
+        if memoryview(_ZEROS)[:len(block)] == block:
+            out.seek(len(block), os.SEEK_CUR)
+        else:
+            out.write(block)
+    out.truncate()  # a file ending in a hole gets its length
 
 
-def _attrs(path: str, m: tarfile.TarInfo) -> None:
-    os.chown(path, m.uid, m.gid, follow_symlinks=False)
-    for key, value in (m.pax_headers or {}).items():
-        if key.startswith(_XATTR_PAX):
-            raw = value.encode("utf-8", "surrogateescape")
-            os.setxattr(path, key[len(_XATTR_PAX):], raw, follow_symlinks=False)
-    if not m.issym():
-        os.chmod(path, m.mode & 0o7777)
-    os.utime(path, ns=(int(m.mtime * 1e9), int(m.mtime * 1e9)), follow_symlinks=False)
+def _attrs(path: str, entry: Entry) -> None:
+    os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+    for key, value in entry.xattrs.items():
+        os.setxattr(path, os.fsdecode(key), value, follow_symlinks=False)
+    if entry.type is not EntryType.SYMLINK:
+        os.chmod(path, entry.mode & 0o7777)
+    ns = entry.mtime * 1_000_000_000 + entry.mtime_nsec
+    os.utime(path, ns=(ns, ns), follow_symlinks=False)

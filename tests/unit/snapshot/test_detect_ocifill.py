@@ -8,7 +8,9 @@ import io
 import json
 import os
 import stat
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 from typing import Any, Self
 
@@ -292,3 +294,57 @@ def test_oci_layer_digest_of_skipped_layers() -> None:
     assert ocifill.oci_layer_digest({L.NYDUS_DETECTED: f"referrer {NYDUS}",
                                      L.CRI_LAYER_DIGEST: OCI}) == OCI
     assert ocifill.oci_layer_digest({L.NYDUS_BLOB: "true"}) is None
+
+
+def _gnu_sparse_layer(tmp_path: Path, real: int, extents: list[tuple[int, bytes]],
+                      files: int = 1) -> str:
+    """A gzip layer GNU tar wrote (``--sparse``, its PAX 1.0 format) of sparse files."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["sparse.bin"] + [f"sparse{i}.bin" for i in range(1, files)]
+    for name in names:
+        with open(src / name, "wb") as f:
+            for off, data in extents:
+                f.seek(off)
+                f.write(data)
+            f.truncate(real)
+    out = tmp_path / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "--format=pax", "-czf", str(out), "-C", str(src),
+                    *names], check=True)
+    return str(out)
+
+
+def test_a_sparse_member_is_unpacked_with_its_holes_as_holes(tmp_path: Path) -> None:
+    real = 1 << 30
+    blob = _gnu_sparse_layer(tmp_path, real, [(4096, b"a" * 4096), (real - 4096, b"z" * 100)])
+    dest = tmp_path / "fs"
+    dest.mkdir()
+    assert ocifill.apply_layer(blob, str(dest)) == 1
+    f = dest / "sparse.bin"
+    assert f.stat().st_size == real
+    assert f.stat().st_blocks * 512 < 1 << 20  # 1 GiB of holes, a few KB on disk
+    with open(f, "rb") as r:
+        assert r.read(4096) == bytes(4096) and r.read(4096) == b"a" * 4096
+        r.seek(real - 4096)
+        assert r.read() == b"z" * 100 + bytes(4096 - 100)
+
+
+def test_a_layer_claiming_huge_holes_is_refused_before_writing_them(tmp_path: Path) -> None:
+    """88 bytes of gzip claiming a 2^50-byte file: tarfile wrote zeros until the disk was
+    full; the layer's holes together are bounded as ``image build`` bounds them."""
+    from tests.unit.rafs.builder.test_tarsparse import END, HOSTILE
+
+    blob = tmp_path / "huge.tar.gz"
+    blob.write_bytes(gzip.compress(HOSTILE["gnu-base256"] + END))
+    dest = tmp_path / "fs"
+    dest.mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(FormatError, match="real size 1125899906842624 exceeds the limit"):
+        ocifill.apply_layer(str(blob), str(dest))
+    assert time.monotonic() - t0 < 10  # a loaded machine; the old unpack never ended
+    used = sum(p.stat().st_blocks for p in dest.rglob("*") if p.is_file())
+    assert used * 512 < 1 << 20
+    # the same bound over several members, each under it, as for the builder
+    three = _gnu_sparse_layer(tmp_path, 1 << 30, [(0, b"a")], files=3)
+    with pytest.raises(FormatError, match="holes of the archive's sparse members"):
+        ocifill.apply_layer(three, str(dest), max_sparse_size=2 << 30)
