@@ -40,6 +40,7 @@ from pynydus.rafs.format import (
     pack_section_header,
     toc_flag_for_compressor,
 )
+from pynydus.rafs.source import EntryType, TarSource
 
 __all__ = ["InlineBlob", "blob_meta_cache_file", "bootstrap_layer", "inline_bootstrap",
            "read_toc"]
@@ -232,14 +233,17 @@ def bootstrap_layer(bootstrap: bytes,
 
 
 def bootstrap_from_layer(data: bytes) -> bytes:
-    """``image/image.boot`` (or legacy ``image.boot``) out of a bootstrap layer tar.gz."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
-            for m in tf:
-                if m.isfile() and m.name.lstrip("./") in (BOOTSTRAP_IN_LAYER, BOOT_NAME):
-                    f = tf.extractfile(m)
-                    assert f is not None
-                    return f.read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise FormatError(f"bootstrap layer: {err}") from err
+    """``image/image.boot`` (or legacy ``image.boot``) out of a bootstrap layer tar.gz.
+
+    Read with pynydus's tar reader and no room for sparse holes: a registry's layer is
+    untrusted, and tarfile read a sparse ``image.boot`` into memory at whatever size
+    its header claimed (98 bytes of layer for 16 GiB of zeros). FormatError for
+    anything malformed."""
+    names = (BOOTSTRAP_IN_LAYER.encode(), BOOT_NAME.encode())
+    for entry, reader in TarSource(io.BytesIO(data), max_sparse_size=0):
+        if entry.type is EntryType.REG and entry.path in names and reader is not None:
+            parts = []
+            while piece := reader.read(1 << 20):
+                parts.append(bytes(piece))
+            return b"".join(parts)
     raise FormatError(f"bootstrap layer has no {BOOTSTRAP_IN_LAYER}")

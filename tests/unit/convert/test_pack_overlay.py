@@ -9,6 +9,8 @@ import os
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from pynydus.convert.bootstrap import merge_layers
 from pynydus.convert.layer import BuildOptions, cache_key
 from pynydus.convert.overlay_view import OverlayView
@@ -19,6 +21,7 @@ from pynydus.convert.pack import (
     inline_bootstrap,
     read_toc,
 )
+from pynydus.errors import FormatError
 from pynydus.rafs.builder import build
 from pynydus.rafs.read import open_bootstrap
 
@@ -82,6 +85,24 @@ def test_bootstrap_layer_is_deterministic_and_round_trips() -> None:
     assert bootstrap_from_layer(a.data) == b"BOOT" * 100
     import gzip
     assert a.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(a.data)).hexdigest()
+
+
+def test_a_bootstrap_layer_from_a_registry_is_checked_not_trusted() -> None:
+    """A sparse ``image.boot`` (98 bytes claiming 16 GiB: tarfile read that many zeros into
+    memory), a cut layer and a layer without the file are FormatErrors."""
+    import gzip
+
+    from tests.unit.rafs.builder.test_tarsparse import END, block
+
+    sparse = block(b"image/image.boot", b"S", 512, sparse=[(0, 512)],
+                   real=b"\x80" + (16 << 30).to_bytes(11, "big")) + b"x" * 512 + END
+    with pytest.raises(FormatError, match="sparse member at offset 0: real size 17179869184"):
+        bootstrap_from_layer(gzip.compress(sparse))
+    good = bootstrap_layer(b"BOOT" * 100).data
+    with pytest.raises(FormatError):
+        bootstrap_from_layer(gzip.compress(gzip.decompress(good)[:700]))
+    with pytest.raises(FormatError, match="has no image/image.boot"):
+        bootstrap_from_layer(gzip.compress(_tar([("file", "image/other", "x")])))
 
 
 def test_overlay_view_applies_whiteouts_opaque_dirs_and_hardlinks() -> None:
