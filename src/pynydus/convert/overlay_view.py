@@ -1,7 +1,8 @@
 """The filesystem an OCI image's layers describe, flattened with overlay semantics.
 
 This is the reference side of ``check-image``, deliberately independent of the
-RAFS builder's tar reader: layer tars are read with :mod:`tarfile` directly and
+RAFS builder's tar reader (it shares only the check of a sparse map and its bound,
+which tarfile lacks): layer tars are read with :mod:`tarfile` directly and
 applied one after another the way containerd's overlay snapshotter would see them:
 
 * ``.wh.NAME`` removes NAME (and everything under it) from the layers *below*;
@@ -24,9 +25,11 @@ import stat
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, cast
 
 import zstandard
+
+from pynydus.rafs.format.tarsparse import DEFAULT_MAX_SPARSE_SIZE, check_map
 
 __all__ = ["FileRecord", "OverlayView", "open_layer_stream"]
 
@@ -141,11 +144,16 @@ class OverlayView:
                     self._remove_tree(cur)
                 self.paths[cur] = FileRecord("dir", 0o755, 0, 0, 0, implicit=True)
 
-    def apply_layer(self, stream: BinaryIO) -> None:
-        """Read one layer tar (plain, gzip or zstd) and apply it on top."""
+    def apply_layer(self, stream: BinaryIO, max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE
+                    ) -> None:
+        """Read one layer tar (plain, gzip or zstd) and apply it on top. A sparse
+        member's map is checked (ValueError: tarfile does not), and the holes of the
+        layer's sparse members, which are hashed as zeros, are bounded together by
+        ``max_sparse_size`` as the builder bounds them."""
         entries: list[tuple[str, FileRecord, str]] = []  # (path, record, hardlink target)
         removals: list[str] = []
         opaque: list[str] = []
+        holes = 0
         with tarfile.open(fileobj=open_layer_stream(stream), mode="r|*",
                           encoding="utf-8", errors="surrogateescape") as tf:
             for m in tf:
@@ -165,6 +173,16 @@ class OverlayView:
                 target = ""
                 if m.isreg():
                     rec.kind, rec.size = "reg", m.size
+                    if m.sparse is not None:
+                        # (offset, length) pairs (typeshed has bytes); tarfile keeps the
+                        # empty slots of an old GNU header, which Go's reader stops at
+                        extents = [(o, n) for o, n in cast(list[tuple[int, int]], m.sparse) if n]
+                        stored = sum(n for _, n in extents)
+                        check_map(extents, m.size, stored, limit=max_sparse_size)
+                        holes += m.size - stored
+                        if holes > max_sparse_size:
+                            raise ValueError(f"{path}: the holes of the layer's sparse members "
+                                             f"add up to more than {max_sparse_size} bytes")
                     f = tf.extractfile(m)
                     assert f is not None
                     rec.sha256 = _sha256_of(f)

@@ -105,6 +105,31 @@ def test_a_bootstrap_layer_from_a_registry_is_checked_not_trusted() -> None:
         bootstrap_from_layer(gzip.compress(_tar([("file", "image/other", "x")])))
 
 
+def test_check_images_view_bounds_sparse_members_as_the_builder_does() -> None:
+    """check-image's reference side reads source layers with tarfile, which hashes a
+    sparse member's holes as zeros and does not check its map: a 10 KB layer claiming
+    2^50 bytes kept it hashing for days. Maps are checked and holes bounded now."""
+    import time
+
+    from tests.unit.rafs.builder.test_tarsparse import END, HOSTILE, block
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="real size 1125899906842624 exceeds the limit"):
+        OverlayView().apply_layer(io.BytesIO(HOSTILE["gnu-base256"] + END))
+    assert time.monotonic() - t0 < 10
+    overlap = block(b"f", b"S", 1024, sparse=[(0, 512), (256, 512)], real=b"%011o\0" % 4096)
+    with pytest.raises(ValueError, match="sparse extent 1 at 256 overlaps"):
+        OverlayView().apply_layer(io.BytesIO(overlap + b"z" * 1024 + END))
+    members = b"".join(block(b"f%d" % i, b"S", 512, sparse=[(0, 512)], real=b"%011o\0" % (1 << 20))
+                       + b"x" * 512 for i in range(3))
+    with pytest.raises(ValueError, match="holes of the layer's sparse members"):
+        OverlayView().apply_layer(io.BytesIO(members + END), max_sparse_size=2 << 20)
+    view = OverlayView()
+    view.apply_layer(io.BytesIO(members + END))
+    want = hashlib.sha256(b"x" * 512 + bytes((1 << 20) - 512)).hexdigest()
+    assert [view.paths[f"f{i}"].sha256 for i in range(3)] == [want] * 3
+
+
 def test_overlay_view_applies_whiteouts_opaque_dirs_and_hardlinks() -> None:
     view = OverlayView()
     view.apply_layer(io.BytesIO(_tar([
