@@ -205,12 +205,12 @@ def _manifest(data: bytes) -> None:
     """A manifest, then (after a NUL) its config, as the converter reads them; the
     manifest also as the snapshotter's detection reads a referrer's."""
     from pynydus.convert import image as img
+    from pynydus.convert.image import bootstrap_descriptor
     from pynydus.errors import FormatError
-    from pynydus.snapshot.detect import bootstrap_layer
 
     manifest, _, config = data.partition(b"\0")
     try:
-        bootstrap_layer(manifest, "fuzz manifest")
+        bootstrap_descriptor(manifest, "fuzz manifest")
     except FormatError:
         pass
     si = img.parse_manifest("application/vnd.oci.image.manifest.v1+json",
@@ -222,8 +222,8 @@ def _index(data: bytes) -> None:
     """An image index, manifests picked for a platform and for all platforms, and the
     Nydus manifest beside its first entry as the snapshotter's detection finds it."""
     from pynydus.convert import image as img
+    from pynydus.convert.image import nydus_in_index
     from pynydus.errors import NotFound
-    from pynydus.snapshot.detect import nydus_in_index
 
     index = img.parse_index(data, "fuzz index")
     if index["manifests"]:

@@ -52,6 +52,7 @@ __all__ = [
     "LayerDesc",
     "Platform",
     "SourceImage",
+    "bootstrap_descriptor",
     "check_descriptor",
     "dumps",
     "is_nydus_manifest",
@@ -59,6 +60,7 @@ __all__ = [
     "load_document",
     "merged_index",
     "nydus_config",
+    "nydus_in_index",
     "nydus_manifest",
     "parse_index",
     "parse_manifest",
@@ -213,6 +215,46 @@ def layer_compression(media_type: str, digest: str = "") -> str:
 def is_nydus_manifest(doc: Mapping[str, Any]) -> bool:
     """True if the manifest's last layer is a Nydus bootstrap (upstream's test)."""
     return labels.bootstrap_descriptor(doc) is not None
+
+
+def nydus_in_index(data: bytes, manifest: str, what: str) -> str | None:
+    """The digest of the Nydus manifest that image index ``data`` lists beside
+    ``manifest`` for the same platform (the ``nydus.remoteimage.v1`` OS feature or the
+    Nydus artifact type), or None: how the snapshotter's index detection finds a Nydus
+    form. FormatError naming ``what`` for a document that is no index of descriptors (a
+    registry's answer is untrusted input; fuzzed: ``index``)."""
+    entries = parse_index(data, what)["manifests"]
+    mine = next((d for d in entries if d["digest"] == manifest), None)
+    if mine is None:
+        return None
+    want = _platform_key(mine.get("platform"))
+    for d in entries:
+        nydus = is_nydus_platform(d.get("platform")) or \
+            d.get("artifactType") == media.NYDUS_MANIFEST_ARTIFACT
+        if nydus and d["digest"] != manifest and _platform_key(d.get("platform")) == want:
+            return str(d["digest"])
+    return None
+
+
+def bootstrap_descriptor(data: bytes, what: str) -> dict[str, Any] | None:
+    """The descriptor of manifest ``data``'s last layer if it is a Nydus bootstrap layer
+    (:func:`is_nydus_manifest`'s test), else None: how the snapshotter's referrer
+    detection reads a referrer. FormatError naming ``what`` for a manifest whose layers
+    are not descriptors (fuzzed: ``manifest``)."""
+    layers = load_document(data, what).get("layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, list):
+        raise FormatError(f"{what}: layers is not a list")
+    if not layers:
+        return None
+    last = check_descriptor(layers[-1], f"{what}: layers[{len(layers) - 1}]")
+    return last if labels.NYDUS_BOOTSTRAP in (last.get("annotations") or {}) else None
+
+
+def _platform_key(p: Any) -> tuple[str, str, str]:
+    p = p if isinstance(p, Mapping) else {}
+    return (str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant", "")))
 
 
 def parse_manifest(media_type: str, digest: str, data: bytes) -> SourceImage:

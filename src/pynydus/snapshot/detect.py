@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynydus import labels as L
-from pynydus.convert.image import is_nydus_platform
+from pynydus.convert.image import bootstrap_descriptor, nydus_in_index
 from pynydus.convert.pack import bootstrap_from_layer
 from pynydus.errors import FormatError, NydusError, q
 from pynydus.registry import (
@@ -50,10 +50,9 @@ from pynydus.registry import (
     parse_reference,
     resolve_credentials,
 )
-from pynydus.registry.documents import check_descriptor, load_document, parse_index
 
 __all__ = ["DETECT_TIMEOUT", "NEGATIVE_TTL", "CredentialsFn", "Detector", "NydusForm",
-           "bootstrap_layer", "client_factory", "label_credentials", "nydus_in_index"]
+           "client_factory", "label_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -260,41 +259,8 @@ class Detector:
 
 def _bootstrap_layer(client: RegistryClient, repo: str, digest: str) -> Mapping[str, Any] | None:
     """The last layer of manifest ``digest`` if it is a Nydus bootstrap layer, else None."""
-    return bootstrap_layer(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data,
+    return bootstrap_descriptor(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data,
                            f"manifest {digest} of {q(repo)}")
-
-
-def nydus_in_index(data: bytes, manifest: str, what: str) -> str | None:
-    """The digest of the Nydus manifest that image index ``data`` lists beside
-    ``manifest`` for the same platform (the ``nydus.remoteimage.v1`` OS feature or the
-    Nydus artifact type), or None. FormatError naming ``what`` for a document that is no
-    index of descriptors: a registry's answer is untrusted input (fuzzed: ``index``)."""
-    entries = parse_index(data, what)["manifests"]
-    mine = next((d for d in entries if d["digest"] == manifest), None)
-    if mine is None:
-        return None
-    want = _platform_key(mine.get("platform"))
-    for d in entries:
-        nydus = is_nydus_platform(d.get("platform")) or \
-            d.get("artifactType") == media.NYDUS_MANIFEST_ARTIFACT
-        if nydus and d["digest"] != manifest and _platform_key(d.get("platform")) == want:
-            return str(d["digest"])
-    return None
-
-
-def bootstrap_layer(data: bytes, what: str) -> dict[str, Any] | None:
-    """The descriptor of manifest ``data``'s last layer if it is a Nydus bootstrap layer
-    (its ``nydus-bootstrap`` annotation), else None; FormatError naming ``what`` for a
-    manifest whose layers are not descriptors (fuzzed: ``manifest``)."""
-    layers = load_document(data, what).get("layers")
-    if layers is None:
-        return None
-    if not isinstance(layers, list):
-        raise FormatError(f"{what}: layers is not a list")
-    if not layers:
-        return None
-    last = check_descriptor(layers[-1], f"{what}: layers[{len(layers) - 1}]")
-    return last if L.NYDUS_BOOTSTRAP in (last.get("annotations") or {}) else None
 
 
 def client_factory_default() -> ClientFactory:
@@ -306,10 +272,3 @@ def is_last_layer(labels: Mapping[str, str]) -> bool:
     the layer's digest and those above it (cut at the end when too long)."""
     layers = [x for x in labels.get(L.CRI_IMAGE_LAYERS, "").split(",") if x]
     return layers == [labels.get(L.CRI_LAYER_DIGEST, "")]
-
-
-def _platform_key(p: Any) -> tuple[str, str, str]:
-    p = p if isinstance(p, Mapping) else {}
-    return (str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant", "")))
-
-

@@ -17,6 +17,7 @@ from typing import Any, Self
 import pytest
 
 from pynydus import labels as L
+from pynydus.convert import image
 from pynydus.errors import FormatError, Unavailable
 from pynydus.registry import media
 from pynydus.snapshot import detect, ocifill
@@ -169,7 +170,7 @@ HOSTILE_INDEXES = {
 @pytest.mark.parametrize("data", HOSTILE_INDEXES.values(), ids=HOSTILE_INDEXES.keys())
 def test_a_malformed_index_is_a_format_error_and_the_pull_goes_on_as_oci(data: bytes) -> None:
     with pytest.raises(FormatError, match="index of a registry"):
-        detect.nydus_in_index(data, OCI, "index of a registry")
+        image.nydus_in_index(data, OCI, "index of a registry")
 
     class Raw(FakeClient):
         def get_manifest(self, repo: str, ref: str, accept: Any = ()) -> _Manifest:
@@ -192,7 +193,7 @@ HOSTILE_MANIFESTS = {
 @pytest.mark.parametrize("data", HOSTILE_MANIFESTS.values(), ids=HOSTILE_MANIFESTS.keys())
 def test_a_malformed_referrer_manifest_is_a_format_error_and_no_form(data: bytes) -> None:
     with pytest.raises(FormatError, match="manifest m"):
-        detect.bootstrap_layer(data, "manifest m")
+        image.bootstrap_descriptor(data, "manifest m")
 
     class Raw(FakeClient):
         def get_manifest(self, repo: str, ref: str, accept: Any = ()) -> _Manifest:
@@ -207,12 +208,12 @@ def test_well_formed_documents_read_as_before() -> None:
     index = {"manifests": [{"digest": OCI, "platform": plat},
                            {"digest": NYDUS, "artifactType": media.NYDUS_MANIFEST_ARTIFACT,
                             "platform": plat}]}
-    assert detect.nydus_in_index(json.dumps(index).encode(), OCI, "i") == NYDUS
-    assert detect.nydus_in_index(json.dumps(index).encode(), "sha256:" + "f" * 64, "i") is None
+    assert image.nydus_in_index(json.dumps(index).encode(), OCI, "i") == NYDUS
+    assert image.nydus_in_index(json.dumps(index).encode(), "sha256:" + "f" * 64, "i") is None
     boot = {"digest": BOOT, "size": 3, "annotations": {L.NYDUS_BOOTSTRAP: "true"}}
-    assert detect.bootstrap_layer(json.dumps({"layers": [boot]}).encode(), "m") == boot
-    assert detect.bootstrap_layer(b'{"layers": [{"digest": "x"}]}', "m") is None
-    assert detect.bootstrap_layer(b'{"config": {}}', "m") is None
+    assert image.bootstrap_descriptor(json.dumps({"layers": [boot]}).encode(), "m") == boot
+    assert image.bootstrap_descriptor(b'{"layers": [{"digest": "x"}]}', "m") is None
+    assert image.bootstrap_descriptor(b'{"config": {}}', "m") is None
 
 
 def test_layers_without_cri_labels_are_not_looked_up() -> None:
