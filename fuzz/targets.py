@@ -205,12 +205,12 @@ def _manifest(data: bytes) -> None:
     """A manifest, then (after a NUL) its config, as the converter reads them; the
     manifest also as the snapshotter's detection reads a referrer's."""
     from pynydus.convert import image as img
-    from pynydus.convert.image import bootstrap_descriptor
+    from pynydus.convert.image import read_bootstrap_descriptor
     from pynydus.errors import FormatError
 
     manifest, _, config = data.partition(b"\0")
     try:
-        bootstrap_descriptor(manifest, "fuzz manifest")
+        read_bootstrap_descriptor(manifest, "fuzz manifest")
     except FormatError:
         pass
     si = img.parse_manifest("application/vnd.oci.image.manifest.v1+json",

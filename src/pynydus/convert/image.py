@@ -52,7 +52,6 @@ __all__ = [
     "LayerDesc",
     "Platform",
     "SourceImage",
-    "bootstrap_descriptor",
     "check_descriptor",
     "dumps",
     "is_nydus_manifest",
@@ -65,6 +64,7 @@ __all__ = [
     "parse_index",
     "parse_manifest",
     "parse_platform",
+    "read_bootstrap_descriptor",
     "select_manifests",
 ]
 
@@ -236,20 +236,14 @@ def nydus_in_index(data: bytes, manifest: str, what: str) -> str | None:
     return None
 
 
-def bootstrap_descriptor(data: bytes, what: str) -> dict[str, Any] | None:
-    """The descriptor of manifest ``data``'s last layer if it is a Nydus bootstrap layer
-    (:func:`is_nydus_manifest`'s test), else None: how the snapshotter's referrer
-    detection reads a referrer. FormatError naming ``what`` for a manifest whose layers
-    are not descriptors (fuzzed: ``manifest``)."""
-    layers = load_document(data, what).get("layers")
-    if layers is None:
-        return None
-    if not isinstance(layers, list):
-        raise FormatError(f"{what}: layers is not a list")
-    if not layers:
-        return None
-    last = check_descriptor(layers[-1], f"{what}: layers[{len(layers) - 1}]")
-    return last if labels.NYDUS_BOOTSTRAP in (last.get("annotations") or {}) else None
+def read_bootstrap_descriptor(data: bytes, what: str) -> dict[str, Any] | None:
+    """The descriptor of manifest ``data``'s Nydus bootstrap layer
+    (``labels.bootstrap_descriptor``'s test), checked for its shape, else None: how the
+    snapshotter's referrer detection reads a referrer. FormatError naming ``what`` for
+    a document that is no JSON object or a bootstrap layer that is no descriptor (a
+    digest that is no string, annotations that are not strings; fuzzed: ``manifest``)."""
+    boot = labels.bootstrap_descriptor(load_document(data, what))
+    return None if boot is None else check_descriptor(boot, f"{what}: bootstrap layer")
 
 
 def _platform_key(p: Any) -> tuple[str, str, str]:

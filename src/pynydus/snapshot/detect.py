@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynydus import labels as L
-from pynydus.convert.image import bootstrap_descriptor, nydus_in_index
+from pynydus.convert.image import nydus_in_index, read_bootstrap_descriptor
 from pynydus.convert.pack import bootstrap_from_layer
 from pynydus.errors import FormatError, NydusError, q
 from pynydus.registry import (
@@ -259,7 +259,7 @@ class Detector:
 
 def _bootstrap_layer(client: RegistryClient, repo: str, digest: str) -> Mapping[str, Any] | None:
     """The last layer of manifest ``digest`` if it is a Nydus bootstrap layer, else None."""
-    return bootstrap_descriptor(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data,
+    return read_bootstrap_descriptor(client.get_manifest(repo, digest, accept=_MANIFEST_TYPES).data,
                            f"manifest {digest} of {q(repo)}")
 
 

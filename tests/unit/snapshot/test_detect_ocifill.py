@@ -179,28 +179,45 @@ def test_a_malformed_index_is_a_format_error_and_the_pull_goes_on_as_oci(data: b
     assert _detector(Raw(), referrer=False, index=True).find(_labels()) is None
 
 
-HOSTILE_MANIFESTS = {
+_BOOT_MARK = {L.NYDUS_BOOTSTRAP: "true"}
+# a manifest that is no JSON object, or whose bootstrap layer is no descriptor: FormatError
+MALFORMED_MANIFESTS = {
     "not-json": b"{",
+    "a-list": b"[1]",
+    "digest-a-number": _json({"layers": [{"digest": 7, "annotations": _BOOT_MARK}]}),
+    "annotation-a-number": _json({"layers": [{"digest": BOOT,
+                                              "annotations": {L.NYDUS_BOOTSTRAP: 1}}]}),
+    "size-a-string": _json({"layers": [{"digest": BOOT, "size": "1",
+                                        "annotations": _BOOT_MARK}]}),
+}
+# shapes in which no layer is marked as a bootstrap: no Nydus form
+UNMARKED_MANIFESTS = {
     "layers-a-number": b'{"layers": 5}',
     "layer-a-list": b'{"layers": [[]]}',
     "annotations-a-list": _json({"layers": [{"digest": BOOT, "annotations": [L.NYDUS_BOOTSTRAP]}]}),
-    "annotation-a-number": _json({"layers": [{"digest": BOOT,
-                                              "annotations": {L.NYDUS_BOOTSTRAP: 1}}]}),
-    "size-a-string": _json({"layers": [{"digest": BOOT, "size": "1"}]}),
 }
 
 
-@pytest.mark.parametrize("data", HOSTILE_MANIFESTS.values(), ids=HOSTILE_MANIFESTS.keys())
-def test_a_malformed_referrer_manifest_is_a_format_error_and_no_form(data: bytes) -> None:
-    with pytest.raises(FormatError, match="manifest m"):
-        image.bootstrap_descriptor(data, "manifest m")
-
+def _referrer_found(data: bytes) -> detect.NydusForm | None:
     class Raw(FakeClient):
         def get_manifest(self, repo: str, ref: str, accept: Any = ()) -> _Manifest:
             return _Manifest(data, media.OCI_MANIFEST)
 
     client = Raw(referrers=[{"mediaType": media.OCI_MANIFEST, "digest": NYDUS}])
-    assert _detector(client, referrer=True, index=False).find(_labels()) is None
+    return _detector(client, referrer=True, index=False).find(_labels())
+
+
+@pytest.mark.parametrize("data", MALFORMED_MANIFESTS.values(), ids=MALFORMED_MANIFESTS.keys())
+def test_a_malformed_referrer_manifest_is_a_format_error_and_no_form(data: bytes) -> None:
+    with pytest.raises(FormatError, match="manifest m"):
+        image.read_bootstrap_descriptor(data, "manifest m")
+    assert _referrer_found(data) is None
+
+
+@pytest.mark.parametrize("data", UNMARKED_MANIFESTS.values(), ids=UNMARKED_MANIFESTS.keys())
+def test_a_referrer_without_a_marked_bootstrap_is_no_form(data: bytes) -> None:
+    assert image.read_bootstrap_descriptor(data, "manifest m") is None
+    assert _referrer_found(data) is None
 
 
 def test_well_formed_documents_read_as_before() -> None:
@@ -211,9 +228,9 @@ def test_well_formed_documents_read_as_before() -> None:
     assert image.nydus_in_index(json.dumps(index).encode(), OCI, "i") == NYDUS
     assert image.nydus_in_index(json.dumps(index).encode(), "sha256:" + "f" * 64, "i") is None
     boot = {"digest": BOOT, "size": 3, "annotations": {L.NYDUS_BOOTSTRAP: "true"}}
-    assert image.bootstrap_descriptor(json.dumps({"layers": [boot]}).encode(), "m") == boot
-    assert image.bootstrap_descriptor(b'{"layers": [{"digest": "x"}]}', "m") is None
-    assert image.bootstrap_descriptor(b'{"config": {}}', "m") is None
+    assert image.read_bootstrap_descriptor(json.dumps({"layers": [boot]}).encode(), "m") == boot
+    assert image.read_bootstrap_descriptor(b'{"layers": [{"digest": "x"}]}', "m") is None
+    assert image.read_bootstrap_descriptor(b'{"config": {}}', "m") is None
 
 
 def test_layers_without_cri_labels_are_not_looked_up() -> None:
