@@ -7,6 +7,7 @@ refuses and falls back.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -54,7 +55,13 @@ def _gone(pid: int) -> bool:
 
 
 def _fds(pid: int) -> dict[int, str]:
-    return {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    """The open descriptors of ``pid``; one closed between the listing and its readlink (a
+    starting daemon's threads open and close files) is left out."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return out
 
 
 @pytest.fixture
