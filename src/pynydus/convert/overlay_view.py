@@ -29,7 +29,7 @@ from typing import IO, BinaryIO, cast
 
 import zstandard
 
-from pynydus.rafs.format.tarsparse import DEFAULT_MAX_SPARSE_SIZE, check_map
+from pynydus.rafs.format import tarsparse
 
 __all__ = ["FileRecord", "OverlayView", "open_layer_stream"]
 
@@ -144,7 +144,7 @@ class OverlayView:
                     self._remove_tree(cur)
                 self.paths[cur] = FileRecord("dir", 0o755, 0, 0, 0, implicit=True)
 
-    def apply_layer(self, stream: BinaryIO, max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE
+    def apply_layer(self, stream: BinaryIO, max_sparse_size: int = tarsparse.DEFAULT_MAX_SPARSE_SIZE
                     ) -> None:
         """Read one layer tar (plain, gzip or zstd) and apply it on top. A sparse
         member's map is checked (ValueError: tarfile does not), and the holes of the
@@ -178,7 +178,7 @@ class OverlayView:
                         # empty slots of an old GNU header, which Go's reader stops at
                         extents = [(o, n) for o, n in cast(list[tuple[int, int]], m.sparse) if n]
                         stored = sum(n for _, n in extents)
-                        check_map(extents, m.size, stored, limit=max_sparse_size)
+                        tarsparse.check_map(extents, m.size, stored, limit=max_sparse_size)
                         holes += m.size - stored
                         if holes > max_sparse_size:
                             raise ValueError(f"{path}: the holes of the layer's sparse members "

@@ -23,8 +23,12 @@ from typing import BinaryIO
 
 from pynydus import labels as L
 from pynydus.errors import FormatError, InvalidArgument, q
-from pynydus.rafs.format import OCI_WHITEOUT_OPAQUE, OCI_WHITEOUT_PREFIX, OVERLAY_OPAQUE_XATTR
-from pynydus.rafs.format.tarsparse import DEFAULT_MAX_SPARSE_SIZE
+from pynydus.rafs.format import (
+    OCI_WHITEOUT_OPAQUE,
+    OCI_WHITEOUT_PREFIX,
+    OVERLAY_OPAQUE_XATTR,
+    tarsparse,
+)
 from pynydus.rafs.source import DataReader, Entry, EntryType, TarSource
 from pynydus.registry import Credentials, RegistryClient, parse_reference
 
@@ -58,7 +62,7 @@ def fetch_layer(image_ref: str, labels: Mapping[str, str], digest: str, path: st
 
 
 def apply_layer(blob_path: str, dest: str, *,
-                max_sparse_size: int = DEFAULT_MAX_SPARSE_SIZE) -> int:
+                max_sparse_size: int = tarsparse.DEFAULT_MAX_SPARSE_SIZE) -> int:
     """Unpack the layer blob at ``blob_path`` (tar: plain, gzip or zstd) into the empty
     directory ``dest`` as an overlayfs upper layer; returns the number of entries.
 
