@@ -172,7 +172,7 @@ def one(mode: str, layers: list[tuple[Path, Path, Path]], args: argparse.Namespa
     sources = [u for _, _, u in layers] if mode == "overlayfs" else [t for _, t, _ in layers]
     set_source(sources, args.source == "hot")
     out = {}
-    with mounted(mode, layers, WORK / f"m-{mode}-{rep}", args.ra_kb) as mnt:
+    with mounted(mode, layers, WORK / f"m{os.getpid()}-{mode}-{rep}", args.ra_kb) as mnt:
         for phase in ("first", "warm"):
             wall, c, _ = timed(lambda: walk(mnt))
             out[f"walk {phase}"] = (wall, c)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         k = rep % len(modes)
         for m in modes[k:] + modes[:k]:
             runs[m].append(one(m, layers, args, rep))
-            shutil.rmtree(WORK / f"m-{m}-{rep}", ignore_errors=True)
+            shutil.rmtree(WORK / f"m{os.getpid()}-{m}-{rep}", ignore_errors=True)
     load = os.getloadavg()[0]
     print(f"# {args.image}, source {args.source}, read-ahead "
           f"{args.ra_kb or 'default'} KiB, n={args.n}, load1 {load:.1f}")
