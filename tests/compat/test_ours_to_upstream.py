@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import pytest
 from pynydus.convert.bootstrap import merge_layers
 from pynydus.convert.image import LayerDesc
 from pynydus.convert.layer import BuildOptions, LayerJob, convert_layer
-from tests.harness.rafs_layers import expected_listing, mount_listing
+from tests.harness.rafs_layers import FUSE_VFS_INO_MASK, expected_listing, mount_listing
 from tests.integration.rafs.erofs_harness import Rec, snapshot
 
 from .conftest import ServeFn
@@ -215,3 +216,23 @@ def _root_as_served(expected: dict[str, Any], got: dict[str, Any]) -> dict[str, 
     return {**expected, "/": got["/"]}
 
 
+
+
+def test_nydusd_inode_numbers_gain_its_vfs_index_once_a_directory_is_read(
+        workdir: Path, serve: ServeFn) -> None:
+    """Why the served views compare hardlink identity on the low 56 bits
+    (rafs_layers.FUSE_VFS_INO_MASK): nydusd 2.2 gives a file looked up before its directory
+    is read one st_ino and, after a READDIRPLUS, that number with its VFS index in the top
+    byte, for every name of a hardlinked file. Turns red when upstream stops doing so."""
+    src = workdir / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"linked\n")
+    os.link(src / "a", src / "b")
+    boot, blob_dir, _ = our_build(("--compressor", "zstd"), src, workdir)
+    mnt = serve("nydusd", boot, blob_dir)
+    looked_up = os.lstat(mnt / "a").st_ino
+    os.listdir(mnt)
+    after_a, after_b = os.lstat(mnt / "a").st_ino, os.lstat(mnt / "b").st_ino
+    assert after_a == after_b
+    assert looked_up != after_a, "nydusd no longer changes inode numbers: drop the mask"
+    assert looked_up & FUSE_VFS_INO_MASK == after_a & FUSE_VFS_INO_MASK

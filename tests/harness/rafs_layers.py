@@ -345,6 +345,15 @@ def bootstrap_listing(boot: str | Path, *, data: str = "chunks") -> Listing:
     return out
 
 
+#: nydusd 2.2 answers a file's first LOOKUP with its RAFS inode number and, once its
+#: directory has been read (READDIRPLUS), with the same number plus its VFS index in the
+#: top byte (fuse-backend-rs keeps the index of the mounted file system there): measured
+#: st_ino 136, then 0x0100000000000088 for the same file. A walk whose attributes arrive
+#: by both paths (the kernel picks per entry and cache state) sees one hardlinked file as
+#: two; a file's identity on a FUSE mount is the low 56 bits.
+FUSE_VFS_INO_MASK = (1 << 56) - 1
+
+
 def mount_listing(root: Path) -> Listing:
     """A mounted image seen through the kernel, in the model's terms (sha256 data)."""
     out: Listing = {}
@@ -357,7 +366,7 @@ def mount_listing(root: Path) -> Listing:
             st = os.lstat(p)
             recs.append((rel, st))
             if stat.S_ISREG(st.st_mode):
-                groups.setdefault(st.st_ino, []).append(rel)
+                groups.setdefault(st.st_ino & FUSE_VFS_INO_MASK, []).append(rel)
     for rel, st in recs:
         p = os.path.join(root, rel.lstrip("/"))
         m = st.st_mode
@@ -393,6 +402,6 @@ def mount_listing(root: Path) -> Listing:
             st.st_rdev if kind == "char" else None,
             st.st_nlink,
             payload,
-            tuple(sorted(groups[st.st_ino])) if kind == "file" else None,
+            tuple(sorted(groups[st.st_ino & FUSE_VFS_INO_MASK])) if kind == "file" else None,
         )
     return out
