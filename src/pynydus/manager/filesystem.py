@@ -881,11 +881,16 @@ CACHE_SUFFIXES = ("", ".chunk_map", ".blob.data", ".blob.data.chunk_map", ".blob
 
 
 def cache_usage(cache_dir: str, blob_id: str) -> tuple[int, int]:
-    """(bytes allocated, files) of one blob's files in ``cache_dir``."""
+    """(bytes allocated, files) of one blob's files in ``cache_dir`` (its materialized
+    files too: they count against the cache disk as much as its data)."""
+    import glob
+
     size = files = 0
-    for suffix in CACHE_SUFFIXES:
+    paths = [os.path.join(cache_dir, blob_id + suffix) for suffix in CACHE_SUFFIXES]
+    paths += glob.glob(os.path.join(glob.escape(cache_dir), glob.escape(blob_id + MATERIALIZED) + "*"))
+    for path in paths:
         try:
-            st = os.stat(os.path.join(cache_dir, blob_id + suffix))
+            st = os.stat(path)
         except FileNotFoundError:
             continue
         size += st.st_blocks * 512

@@ -17,7 +17,7 @@ from pynydus.daemon.fuseops import RafsServer
 from pynydus.daemon.iomode import IoModes
 from pynydus.daemon.materialize import FLOOR, Materializer
 from pynydus.daemon.vfs import Vfs
-from pynydus.manager.filesystem import blob_id_of, remove_unused
+from pynydus.manager.filesystem import blob_id_of, cache_usage, remove_unused
 from tests.harness.rafs_instance import built_instance
 from tests.unit.daemon.test_fuseops import Kernel
 
@@ -230,6 +230,10 @@ def test_a_later_daemon_finds_the_copy_and_the_cache_gc_removes_it(served) -> No
     assert Materializer().path(inst, big) == str(copy)  # a restart: found by its name
     copy.write_bytes(BIG[:-1])  # a copy of another size is not used
     assert Materializer().path(inst, big) == ""
+    blob = inst.bs.blobs[0].blob_id
+    size, files = cache_usage(str(tmp_path / "cache"), blob)  # the copy counts
+    data = tmp_path / "cache" / f"{blob}.blob.data"
+    assert files == 3 and size >= (copy.stat().st_blocks + data.stat().st_blocks) * 512
     removed = remove_unused(str(tmp_path / "cache"), set())
     assert removed == [inst.bs.blobs[0].blob_id] and not copy.exists()
 
