@@ -169,7 +169,9 @@ def test_cache_data_file_lost_between_runs_is_refetched_not_zeros(
     the next daemon must fetch again, not serve the map's "ready" chunks as holes."""
     from .conftest import localfs_config
 
-    cfg = localfs_config(full_image.blob_dir, workdir / "cache")
+    # without passthrough: a file read whole would be read from its materialized copy,
+    # which the data file's loss leaves in place (it holds the file's bytes, size-checked)
+    cfg = localfs_config(full_image.blob_dir, workdir / "cache", passthrough=False)
     want = (full_image.src / "files/multi-chunk").read_bytes()
     d = start_daemon(bootstrap=full_image.bootstrap, config=cfg)
     assert (d.mountpoint / "files/multi-chunk").read_bytes() == want
