@@ -93,6 +93,14 @@ def node(registry: Registry, containerd_version: str, tmp_path: Path
         yield snap, ctrd, v1, v2
 
 
+def _force_remove(ctrd: Containerd, name: str) -> None:
+    """Kill container ``name``'s task and remove both, whatever state they are in."""
+    ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
+    time.sleep(0.5)
+    ctrd.ctr("tasks", "rm", "-f", name, check=False)
+    ctrd.ctr("containers", "rm", name, check=False)
+
+
 def test_running_containers_keep_their_daemons_and_new_images_get_the_new_one(
         node: tuple[Snapshotter, Containerd, Path, Path], refs: tuple[str, str]) -> None:
     snap, ctrd, v1, v2 = node
@@ -126,10 +134,7 @@ def test_running_containers_keep_their_daemons_and_new_images_get_the_new_one(
         assert daemons_by_command(snap)[new_daemons.pop()] == [str(v2)]
         assert all(c == [str(v2)] for d, c in daemons_by_command(snap).items() if d != old_daemon)
     finally:
-        ctrd.ctr("tasks", "kill", "-s", "KILL", "before", check=False)
-        time.sleep(0.5)
-        ctrd.ctr("tasks", "rm", "-f", "before", check=False)
-        ctrd.ctr("containers", "rm", "before", check=False)
+        _force_remove(ctrd, "before")
 
     # the old image goes: its daemon with it
     for img in cri.list():
@@ -242,10 +247,7 @@ def test_an_older_install_is_upgraded_while_its_container_reads(
                     assert not runs_from(r["pid"], old_install), r
             assert all(not runs_from(p, old_install) for p in snap.template_pids())
         finally:
-            ctrd.ctr("tasks", "kill", "-s", "KILL", "old", check=False)
-            time.sleep(0.5)
-            ctrd.ctr("tasks", "rm", "-f", "old", check=False)
-            ctrd.ctr("containers", "rm", "old", check=False)
+            _force_remove(ctrd, "old")
 
         for img in cri.list():
             cri.remove(img.id)
