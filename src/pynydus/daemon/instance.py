@@ -57,6 +57,10 @@ _PERSIST_BUDGET = 64 << 20
 # decodes the inode, its chunk array and chunk records for every read (~50 us); a random
 # reader comes back to the same chunks again and again.
 _MAPPED_CHUNKS = 8192
+# file_cached: files whose cached prefix is kept (one int each), at most; and how many
+# chunks one step maps (a file mostly not cached is answered after its first step).
+_CACHED_FILES = 4096
+_CACHED_STEP = 64
 
 
 # decoded chunks a read fetched: blob index -> chunk index -> bytes
@@ -138,6 +142,8 @@ class RafsInstance:
         self._mapped: dict[int, tuple[int, dict[int, tuple[int, ChunkRef]]]] = {}
         self._mapped_count = 0
         self._mapped_lock = threading.Lock()
+        # inode -> file bytes [0, n) known to be in the blob cache (see file_cached)
+        self._cached_upto: dict[int, int] = {}
 
     def close(self) -> None:
         self._ra_pool.shutdown(wait=False, cancel_futures=True)
@@ -421,10 +427,45 @@ class RafsInstance:
 
     def file_cached(self, ino: int, *, landing: bool = False) -> bool:
         """Every chunk of file ``ino`` is in the blob cache (``landing``: or on its way
-        there: being fetched, or waiting for a delayed persist)."""
-        reads = self.bs.map_read(ino, 0, self.bs.stat_fields(ino)[4])
-        return all(self.cache(r.chunk.blob_index).has(r.chunk.index, landing=landing)
-                   for r in reads)
+        there: being fetched, or waiting for a delayed persist).
+
+        Asked at every end of a cached open of a large file, so it is incremental: the
+        file's prefix found in the cache is remembered (a chunk stays cached for the
+        mount's life), the rest is mapped a few chunks at a time and the answer comes
+        at the first chunk missing. Costs O(chunks cached since the last ask + one step).
+        """
+        size = self.bs.stat_fields(ino)[4]
+        pos = upto = self._cached_upto.get(ino, 0)
+        ended = False  # a chunk only landing ended the cached prefix at ``upto``
+        step = _CACHED_STEP * max(self.bs.chunk_size, 4096)
+        while pos < size:
+            end = min(size, pos + step)
+            for r in self.bs.map_read(ino, pos, end - pos):
+                c = r.chunk
+                cache = self.cache(c.blob_index)
+                if cache.has(c.index):
+                    if not ended:  # holes before it read as zeros: cached too
+                        upto = c.file_offset + r.offset + r.length
+                elif landing and cache.has(c.index, landing=True):
+                    ended = True
+                else:
+                    self._keep_cached_upto(ino, upto)
+                    return False
+            if not ended:
+                upto = end
+            pos = end
+        self._keep_cached_upto(ino, upto)
+        return True
+
+    def _keep_cached_upto(self, ino: int, upto: int) -> None:
+        cached = self._cached_upto
+        if upto <= cached.get(ino, 0):
+            return
+        with self._mapped_lock:
+            cached[ino] = max(upto, cached.get(ino, 0))
+            if len(cached) > _CACHED_FILES:  # bounded: forget the files asked about first
+                for old in list(cached)[:max(1, _CACHED_FILES // 4)]:
+                    del cached[old]
 
     def read_cached_quietly(self, ino: int, start: int, end: int) -> bytearray | None:
         """Bytes ``[start, end)`` of file ``ino`` if they are all in the blob cache (may

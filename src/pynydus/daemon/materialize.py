@@ -16,7 +16,12 @@ a copy in progress is ``<that>.tmp-<pid>``, removed by the next copy of the same
 ``<key>`` hashes the file's layout (size and, per piece, blob id, chunk index,
 uncompressed offset and size, file offset): blobs are content-addressed, so the key
 names the bytes, and a daemon started later (a restart, another image with the same
-file) finds the file by the same name and uses it when its size matches.
+file) finds the file by the same name and uses it when its size matches. Naming a file
+costs its whole chunk list (decoded and hashed), so an open looks only when a copy of one
+of the image's blobs can exist: the work dir is listed once (the blob ids copies are named
+after) and the copies made since are added; a copy another daemon makes after the
+listing is found when this daemon's first cached open of the file ends (``released``,
+which names it before copying).
 
 Materializing costs the file's size again on the cache disk; it is skipped while the
 disk would keep less than ``_DISK_RESERVE`` of its size free, and small files (below
@@ -64,6 +69,8 @@ class Materializer:
         self._queued: set[tuple[RafsInstance, int]] = set()
         self._jobs: queue.SimpleQueue[tuple[RafsInstance, int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # work dir -> the blob ids materialized files there are named after (see path)
+        self._copied: dict[str, set[str]] = {}
         # images unmounted: a copy of theirs in progress is dropped
         self._gone: weakref.WeakSet[RafsInstance] = weakref.WeakSet()
         self._busy = 0  # queued or being copied
@@ -77,22 +84,48 @@ class Materializer:
 
     def path(self, inst: RafsInstance, nid: int) -> str:
         """The materialized file of ``inst``'s inode ``nid`` ("" when there is none). The
-        first ask of an inode looks on disk (a file left by an earlier daemon)."""
+        first ask of an inode looks on disk (a file left by an earlier daemon) if a copy
+        of one of the image's blobs can be there: in the common case (none) it costs a
+        set look-up per blob, not the file's layout name."""
         key = (inst, nid)
         known = self._known.get(key)
         if known is not None:
             return known
         found = ""
-        try:
-            name, size = _layout_name(inst, nid)
-            path = os.path.join(inst.config.cache.work_dir, name)
-            if os.stat(path).st_size == size:
-                found = path
-        except (OSError, ValueError):
-            pass
+        if self._may_have_copies(inst):
+            try:
+                name, size = _layout_name(inst, nid)
+                path = os.path.join(inst.config.cache.work_dir, name)
+                if os.stat(path).st_size == size:
+                    found = path
+            except (OSError, ValueError):
+                pass
         with self._lock:
             self._known.setdefault(key, found)
         return found
+
+    def _may_have_copies(self, inst: RafsInstance) -> bool:
+        """Whether a materialized file of one of ``inst``'s blobs can be in its work dir:
+        the dir is listed at the first ask (files an earlier daemon left), the copies
+        this materializer makes are added as they land."""
+        work_dir = inst.config.cache.work_dir
+        copied = self._copied.get(work_dir)
+        if copied is None:
+            try:
+                names = os.listdir(work_dir)
+            except OSError:
+                names = []
+            listed = {n.partition(SUFFIX)[0] for n in names if SUFFIX in n}
+            with self._lock:
+                copied = self._copied.setdefault(work_dir, listed)
+        return bool(copied) and any(b.blob_id in copied for b in inst.bs.blobs)
+
+    def _landed(self, work_dir: str, name: str) -> None:
+        """A copy named ``name`` is in ``work_dir`` (made here or found); call with the
+        lock held. A dir not listed yet will list it."""
+        copied = self._copied.get(work_dir)
+        if copied is not None:
+            copied.add(name.partition(SUFFIX)[0])
 
     def released(self, inst: RafsInstance, nid: int) -> None:
         """A cached open of a candidate file ended: queue it if its chunks are all in the
@@ -154,6 +187,8 @@ class Materializer:
         work_dir = inst.config.cache.work_dir
         path = os.path.join(work_dir, name)
         if os.path.exists(path) and os.stat(path).st_size == size:
+            with self._lock:  # another daemon's copy, made after this one listed the dir
+                self._landed(work_dir, name)
             return path
         st = os.statvfs(work_dir)
         if (st.f_bavail * st.f_frsize - size) < _DISK_RESERVE * st.f_blocks * st.f_frsize:
@@ -181,6 +216,7 @@ class Materializer:
                 os.unlink(tmp)
                 return ""
             os.rename(tmp, path)
+            self._landed(work_dir, name)
         log.debug("materialized inode %d of %s (%d bytes) as %s", nid, inst.bootstrap_path,
                   size, path)
         return path

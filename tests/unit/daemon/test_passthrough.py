@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pynydus.daemon import fuseproto as P
+from pynydus.daemon import materialize
 from pynydus.daemon.fuseops import RafsServer
 from pynydus.daemon.iomode import IoModes
 from pynydus.daemon.materialize import FLOOR, Materializer
@@ -236,6 +237,53 @@ def test_a_later_daemon_finds_the_copy_and_the_cache_gc_removes_it(served) -> No
     assert files == 3 and size >= (copy.stat().st_blocks + data.stat().st_blocks) * 512
     removed = remove_unused(str(tmp_path / "cache"), set())
     assert removed == [inst.bs.blobs[0].blob_id] and not copy.exists()
+
+
+def test_an_open_names_no_copy_while_none_of_the_images_blobs_has_one(  # type: ignore[no-untyped-def]
+        served, monkeypatch: pytest.MonkeyPatch) -> None:
+    k, inst, _registered, tmp_path = served
+    named: list[int] = []
+    layout_name = materialize._layout_name
+
+    def counted(inst: object, nid: int) -> tuple[str, int]:
+        named.append(nid)
+        return layout_name(inst, nid)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(materialize, "_layout_name", counted)
+    # another blob's copy in the work dir does not make this image's files worth naming
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "cache" / f"{'e' * 64}.file.0123").write_bytes(b"x")
+    big = inst.bs.lookup_path("/big")
+    fh, _, _ = _open(k, big)
+    _release(k, big, fh)
+    _wait_idle(k.server)
+    assert named == []  # the open named nothing (nor the release: nothing is cached)
+    fh, _, _ = _open(k, big)
+    _read_all(k, big, len(BIG))
+    _release(k, big, fh)
+    _wait_idle(k.server)
+    assert named == [big] and k.server.materializer.done == 1  # named once, to copy it
+    assert _open(k, big)[1] & P.FOPEN_PASSTHROUGH
+
+
+def test_a_copy_another_daemon_made_after_the_listing_is_used_after_a_cached_open(  # type: ignore[no-untyped-def]
+        served) -> None:
+    k, inst, registered, tmp_path = served
+    big = inst.bs.lookup_path("/big")
+    fh, _, _ = _open(k, big)  # this daemon lists the work dir: no copy there
+    _read_all(k, big, len(BIG))
+    other = Materializer()  # another daemon over the same cache copies the file
+    other.released(inst, big)
+    while other.pending:
+        time.sleep(0.02)
+    other.close()
+    copy = next((tmp_path / "cache").glob("*.file.*"))
+    mtime = copy.stat().st_mtime_ns
+    _release(k, big, fh)  # found by its name before copying: not copied again
+    _wait_idle(k.server)
+    assert copy.stat().st_mtime_ns == mtime
+    fh, flags, _ = _open(k, big)
+    assert flags & P.FOPEN_PASSTHROUGH and registered == [str(copy)]
 
 
 def test_passthrough_false_keeps_the_image_on_fuse(served) -> None:  # type: ignore[no-untyped-def]

@@ -126,3 +126,99 @@ def test_mapped_chunks_are_bounded(tmp_path: Path, image: tuple[Path, Path, dict
     assert bytes(inst.read(one, 0, 10)) == files["one"][:10]  # and is mapped again
     assert one in inst._mapped
     inst.close()
+
+
+# --- file_cached: asked at every end of a cached open of a large file ----------------------
+
+
+class _MappedRanges:
+    """Records the ranges ``map_read`` is asked for (what ``file_cached`` decodes)."""
+
+    def __init__(self, inst: RafsInstance) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        map_read = inst.bs.map_read
+
+        def recorded(ino: int, offset: int, size: int) -> Any:
+            self.ranges.append((offset, size))
+            return map_read(ino, offset, size)
+
+        inst.bs.map_read = recorded  # type: ignore[method-assign]
+
+
+def _brute_cached(inst: RafsInstance, ino: int) -> bool:
+    reads = inst.bs.map_read(ino, 0, inst.bs.stat_fields(ino)[4])
+    return all(inst.cache(r.chunk.blob_index).has(r.chunk.index) for r in reads)
+
+
+def test_file_cached_agrees_with_every_chunk_and_maps_only_past_the_cached_prefix(
+        tmp_path: Path, image: tuple[Path, Path, dict[str, bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    boot, blobs, files = image
+    monkeypatch.setattr(instance_mod, "_CACHED_STEP", 2)  # 13 chunks: several steps
+    inst = local_instance(boot, blobs, tmp_path / "cache")
+    inst.readahead_bytes = 0
+    inst._persist_thread.close()  # a closing instance writes its misses itself: no waiting
+    big, size = inst.bs.lookup_path("/big"), len(files["big"])
+    nchunks = -(-size // CHUNK)
+    rec = _MappedRanges(inst)
+    assert not inst.file_cached(big)
+    assert rec.ranges == [(0, 2 * CHUNK)]  # the first step's first chunk is missing
+    inst.read(big, 0, 5 * CHUNK)  # chunks 0-4 cached
+    rec.ranges.clear()
+    assert not inst.file_cached(big)
+    assert rec.ranges == [(0, 2 * CHUNK), (2 * CHUNK, 2 * CHUNK), (4 * CHUNK, 2 * CHUNK)]
+    rec.ranges.clear()
+    assert not inst.file_cached(big)  # asked again: the cached prefix is not mapped again
+    assert rec.ranges == [(5 * CHUNK, 2 * CHUNK)]
+    # in any order, the answer is the brute force's (every chunk of the file checked)
+    rnd = random.Random(3)
+    for k in rnd.sample(range(5, nchunks), nchunks - 5):
+        rec.ranges.clear()
+        got = inst.file_cached(big)
+        assert got == _brute_cached(inst, big) is False
+        assert all(off >= 5 * CHUNK for off, _ in rec.ranges[:1])
+        inst.read(big, k * CHUNK, 1)
+    assert inst.file_cached(big) and _brute_cached(inst, big)
+    rec.ranges.clear()
+    assert inst.file_cached(big) and rec.ranges == []  # known whole: nothing decoded
+    inst.close()
+
+
+def test_file_cached_counts_landing_chunks_only_when_asked_and_never_keeps_them(
+        tmp_path: Path, image: tuple[Path, Path, dict[str, bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    boot, blobs, _files = image
+    inst = local_instance(boot, blobs, tmp_path / "cache")
+    inst.readahead_bytes = 0
+    inst._persist_thread.close()
+    one = inst.bs.lookup_path("/one")
+    cache = inst.cache(0)
+    index = inst.bs.map_read(one, 0, 1)[0].chunk.index
+    monkeypatch.setattr(cache, "_claims", {index: None})  # being fetched by a reader
+    assert inst.file_cached(one, landing=True)
+    assert not inst.file_cached(one)  # a landing chunk is not kept as cached
+    assert inst._cached_upto.get(one, 0) == 0
+    monkeypatch.setattr(cache, "_claims", {})
+    assert not inst.file_cached(one, landing=True)  # the fetch failed: not cached after all
+    inst.read(one, 0, 1)
+    assert inst.file_cached(one) and inst._cached_upto[one] == CHUNK
+    inst.close()
+
+
+def test_file_cached_keeps_a_bounded_number_of_files(
+        tmp_path: Path, image: tuple[Path, Path, dict[str, bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    boot, blobs, files = image
+    monkeypatch.setattr(instance_mod, "_CACHED_FILES", 2)
+    inst = local_instance(boot, blobs, tmp_path / "cache")
+    inst._persist_thread.close()
+    names = ["big", "one", "small"]
+    inos = [inst.bs.lookup_path(f"/{n}") for n in names]
+    for ino, n in zip(inos, names, strict=True):
+        inst.read(ino, 0, 1)
+        inst.file_cached(ino)
+    assert len(inst._cached_upto) <= 2 and inos[2] in inst._cached_upto
+    for ino, n in zip(inos, names, strict=True):  # a forgotten file is asked again
+        inst.read(ino, 0, len(files[n]))
+        assert inst.file_cached(ino)
+    inst.close()
