@@ -52,6 +52,7 @@ __all__ = [
     "inert_warnings",
     "memory",
     "parse_duration",
+    "parse_go_duration",
     "parse_memory_limit",
     "read_table",
     "refusals",
@@ -136,17 +137,31 @@ _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_WHOLE = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 
 
-def parse_duration(text: str) -> float:
-    """Parse a Go-style duration ("24h", "10s", "1m30s", "500ms", "0") into seconds.
-
-    Negative durations are rejected: every duration in the file is an interval.
-    Raises ConfigError for anything else.
-    """
-    if text == "0":
+def parse_go_duration(text: str) -> float:
+    """Go's ``time.ParseDuration``, in seconds: ``"0"``, or an optional sign and one or
+    more number-unit pairs (``"1m30s"``, ``".5s"``, ``"1.5h"``, ``"-250ms"``); units ns,
+    us/µs, ms, s, m, h. ValueError for anything else (a bare number other than 0 too)."""
+    body = text[1:] if text[:1] in ("+", "-") else text
+    if body == "0":
         return 0.0
-    if not _DURATION_WHOLE.fullmatch(text):
-        raise ConfigError(f'invalid duration "{text}": expected e.g. "10s", "1m", "24h"')
-    return sum(float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART.findall(text))
+    if not _DURATION_WHOLE.fullmatch(body):
+        raise ValueError(f"not a duration: {text!r}")
+    seconds = sum(float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART.findall(body))
+    return -seconds if text[:1] == "-" else seconds
+
+
+def parse_duration(text: str) -> float:
+    """A duration of a config file ("24h", "10s", "1m30s", "500ms", "0") in seconds: Go's
+    syntax (:func:`parse_go_duration`), but never negative, since every duration in the
+    file is an interval. Raises ConfigError for anything else.
+    """
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError:
+        raise ConfigError(f'invalid duration "{text}": expected e.g. "10s", "1m", "24h"') from None
+    if text[:1] == "-":
+        raise ConfigError(f'invalid duration "{text}": an interval cannot be negative')
+    return seconds
 
 
 _MEMORY_UNITS: Final = {

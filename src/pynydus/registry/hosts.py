@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from pynydus.confschema import parse_go_duration
 from pynydus.errors import ConfigError
 
 CAPABILITIES = ("pull", "resolve", "push", "referrers")
@@ -46,10 +46,6 @@ _TLS_KEYS = ("ca", "client", "skip_verify")
 _HOST_KEYS = ("capabilities", *_TLS_KEYS, "header", "override_path", "dial_timeout",
               "health_check_interval", "failure_limit", "ping_url")
 _TOP_KEYS = ("server", *_HOST_KEYS, "host")
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 @dataclass(frozen=True)
 class HostEntry:
     """One registry endpoint of a ``hosts.toml``: a mirror, or the server itself.
@@ -133,19 +129,6 @@ def _abs(path: str, base: str) -> str:
     return path if os.path.isabs(path) else os.path.join(base, path)
 
 
-def parse_go_duration(text: str) -> float:
-    """A Go ``time.ParseDuration`` string (``500ms``, ``1m30s``) in seconds."""
-    pos, total = 0, 0.0
-    for m in _GO_DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"not a duration: {text!r}")
-    return total
-
-
 def _entry(source: str, where: str, url: str, raw: Mapping[str, Any], base: str,
            known: tuple[str, ...]) -> HostEntry:
     prefix = where + "." if where else ""
@@ -215,7 +198,7 @@ def _entry(source: str, where: str, url: str, raw: Mapping[str, Any], base: str,
                 isinstance(raw["dial_timeout"], str) else None
         except ValueError:
             dial = None
-        if dial is None:
+        if dial is None or dial < 0:
             raise _err(source, k("dial_timeout"), f"expected a duration such as \"5s\", got "
                                                   f"{raw['dial_timeout']!r}")
     ints: dict[str, int | None] = {}

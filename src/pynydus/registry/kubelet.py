@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from pynydus.confschema import parse_go_duration
 from pynydus.errors import ConfigError
 
 from .credentials import Credentials
 from .exechelper import CredentialSourceError, run_bounded
-from .hosts import parse_go_duration
 
 CONFIG_KIND = "CredentialProviderConfig"
 CONFIG_API_VERSIONS = ("kubelet.config.k8s.io/v1",)
@@ -79,7 +79,7 @@ def _duration(value: object, where: str) -> float:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a duration such as \"12h\", got {value!r}")
     try:
-        return parse_go_duration(value) if value not in ("0", "") else 0.0
+        return parse_go_duration(value) if value else 0.0
     except ValueError:
         raise ConfigError(f"{where}: expected a duration such as \"12h\", got {value!r}") \
             from None

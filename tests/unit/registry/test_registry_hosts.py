@@ -79,6 +79,7 @@ def test_full_file_reads_as_containerd_does(tmp_path: Path) -> None:
     ('[host."https://m"]\nca = 3\n', "ca: expected CA files"),
     ('[host."https://m"]\nclient = [["only-cert"]]\n', "client: invalid entry"),
     ('[host."https://m"]\ndial_timeout = "5 seconds"\n', "dial_timeout: expected a duration"),
+    ('[host."https://m"]\ndial_timeout = "-1s"\n', "dial_timeout: expected a duration"),
     ('[host."https://m"]\nfailure_limit = 0\n', "failure_limit: expected an integer >= 1"),
     ('[host."ftp://m"]\n', "is not an http(s) URL"),
     ('[host."https://m"\n', "TOML syntax error"),
@@ -126,8 +127,14 @@ def test_check_all_reports_each_broken_file(tmp_path: Path) -> None:
 
 
 def test_go_durations() -> None:
+    """Go's time.ParseDuration syntax, the same for hosts.toml, kubelet's provider config
+    and the snapshotter's own config (one parser): "0", fractions without a leading digit
+    or without digits after the point, a sign."""
     assert parse_go_duration("1m30s") == 90 and parse_go_duration("250ms") == 0.25
-    for bad in ("", "5", "5 s", "1x"):
+    assert parse_go_duration("0") == 0 and parse_go_duration(".5s") == 0.5
+    assert parse_go_duration("1.s") == 1 and parse_go_duration("-1.5h") == -5400
+    assert parse_go_duration("+2m") == 120 and parse_go_duration("1μs") == 1e-6
+    for bad in ("", "5", "5 s", "1x", ".s", "-", "+", "1.5.s", "--1s", "0s0"):
         with pytest.raises(ValueError):
             parse_go_duration(bad)
 
