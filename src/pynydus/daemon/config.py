@@ -115,6 +115,8 @@ class LocalFsConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
+    """Where chunks come from: ``type`` (registry or localfs) and that backend's settings."""
+
     type: str = "localfs"
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     localfs: LocalFsConfig = field(default_factory=LocalFsConfig)
@@ -122,6 +124,8 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    """The blob cache: its type, whether cached chunks are checked against their digests, its dir."""
+
     type: str = ""  # blobcache|filecache: a cache dir; dummycache|"": none
     validate: bool = False
     work_dir: str = "."
@@ -133,6 +137,8 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class PrefetchConfig:
+    """Prefetch of the bootstrap's prefetch table (nydusd's ``fs_prefetch`` / ``prefetch``)."""
+
     enable: bool = False
     threads: int = 8
     batch_size: int = 1 << 20  # largest backend request of a prefetch (merging_size in v1)
@@ -142,6 +148,8 @@ class PrefetchConfig:
 
 @dataclass(frozen=True)
 class RafsConfig:
+    """How the image is served: read amplification, digest checks, xattrs, prefetch."""
+
     batch_size: int = 1 << 20  # amplify_io in v1: user reads are extended to this
     validate: bool = False  # digest_validate in v1
     enable_xattr: bool = False
@@ -159,6 +167,8 @@ class RafsConfig:
 
 @dataclass(frozen=True)
 class NydusdConfig:
+    """A daemon's config, v1 or v2 read into one shape (``parse_daemon_config``)."""
+
     id: str = ""
     backend: BackendConfig = field(default_factory=BackendConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -223,12 +233,16 @@ class _CacheFiles:
 
 @dataclass(frozen=True)
 class _V1Backend:
+    """``device.backend`` (v1)."""
+
     type: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # read by type: registry or localfs
 
 
 @dataclass(frozen=True)
 class _V1Cache:
+    """``device.cache`` (v1)."""
+
     type: str = ""
     compressed: bool = _COMPRESSED
     validate: bool = False
@@ -238,6 +252,8 @@ class _V1Cache:
 
 @dataclass(frozen=True)
 class _V1Device:
+    """``device`` (v1)."""
+
     id: str = ""
     backend: _V1Backend = field(default_factory=_V1Backend)
     cache: _V1Cache = field(default_factory=_V1Cache)
@@ -257,6 +273,8 @@ class _V1Prefetch:
 
 @dataclass(frozen=True)
 class _V1File:
+    """A v1 (nydusd JSON) config file."""
+
     version: int = 1
     device: _V1Device = field(default_factory=_V1Device)
     mode: str = _MODE
@@ -275,6 +293,8 @@ class _V1File:
 
 @dataclass(frozen=True)
 class _V2Backend:
+    """``backend`` (v2)."""
+
     type: str = ""
     registry: dict[str, Any] = field(default_factory=dict)
     localfs: dict[str, Any] = field(default_factory=dict)
@@ -293,6 +313,8 @@ class _V2Prefetch:
 
 @dataclass(frozen=True)
 class _V2Cache:
+    """``cache`` (v2)."""
+
     type: str = ""
     compressed: bool = _COMPRESSED
     validate: bool = False
@@ -304,6 +326,8 @@ class _V2Cache:
 
 @dataclass(frozen=True)
 class _V2Rafs:
+    """``rafs`` (v2)."""
+
     mode: str = _MODE
     batch_size: int = count(1 << 20, maximum=_MAX_BATCH)
     validate: bool = False
@@ -318,6 +342,8 @@ class _V2Rafs:
 
 @dataclass(frozen=True)
 class _V2File:
+    """A v2 (JSON or TOML) config file."""
+
     version: int = 2
     id: str = ""
     backend: _V2Backend = field(default_factory=_V2Backend)

@@ -66,6 +66,8 @@ log = logging.getLogger("pynydusd")
 
 @dataclass(frozen=True)
 class DaemonOptions:
+    """What the command line asks of a daemon (``main.daemon_options``)."""
+
     mountpoint: str
     apisock: str = ""
     apisock_group: str = ""  # "": the socket is 0600, for root and our uid only

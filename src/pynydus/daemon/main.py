@@ -51,9 +51,35 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def help_width() -> int:
+    """The width of ``--help`` as argparse takes it from ``shutil.get_terminal_size``:
+    ``$COLUMNS``, else the terminal on stdout, else 80; less 2."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    # argparse builds a formatter for every add_argument, and one without a width
+    # imports shutil for the terminal's (with bz2, lzma and fnmatch: 0.5 MB of every
+    # daemon's resident memory, for a width only --help and usage errors print with)
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         help_width() if width is None else width)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pynydusd", description="Serve a Nydus (RAFS) image over FUSE, "
-                                "fetching data chunks lazily into a blob cache.")
+                                "fetching data chunks lazily into a blob cache.",
+                                formatter_class=_HelpFormatter)
     # nydusd's -V block: upstream's snapshotter reads "Git Commit:" from it when it
     # reconnects to live daemons (a restart), and refuses to start without it; the commit
     # is the one the daemon info reports, so no hot upgrade is ever attempted

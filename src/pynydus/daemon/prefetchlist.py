@@ -61,6 +61,9 @@ class PrefetchList:
 
 @dataclass
 class _Run:
+    """A run of a trace's chunks in one blob (its index in the list's blobs), ``count``
+    consecutive chunk indexes from ``first``, covering compressed bytes ``start:end``."""
+
     blob: int
     first: int
     count: int

@@ -62,6 +62,9 @@ class MountState:
 
 @dataclass(frozen=True)
 class DaemonState:
+    """What a successor takes over: the daemon's id, its FUSE mountpoint and INIT, its
+    images and the failover policy."""
+
     daemon_id: str
     mountpoint: str  # the FUSE mountpoint
     init: InitParams

@@ -77,6 +77,8 @@ _cwd_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class MountSpec:
+    """A mount as containerd describes one: type, source, options."""
+
     type: str
     source: str
     options: tuple[str, ...]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
     mount_id: int
     parent_id: int
     mountpoint: str

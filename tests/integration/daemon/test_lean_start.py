@@ -31,6 +31,10 @@ NOT_FOR_LOCALFS_LZ4 = {
     "anyio", "tarfile", "pynydus.registry", "pynydus.registry.client",
     "pynydus.daemon.registry_backend", "pynydus.rafs.format.zran",
     "pynydus.rafs.format.libz", "pynydus.rafs.read.unpack", "pynydus.rafs.read.inspect",
+    # nor what dataclasses, argparse and the API's query strings would bring (a daemon's
+    # stdlib; tests/unit/test_lean_imports.py)
+    "inspect", "ast", "dis", "shutil", "bz2", "lzma", "urllib.parse", "ipaddress",
+    "ctypes.util", "subprocess", "tempfile",  # liblz4 is loaded by its soname
 }
 
 

@@ -99,11 +99,12 @@ class _Libraries:
         a daemon's readers then queue for the GIL behind every chunk decoded); None
         without the library (python-lz4 then)."""
         import ctypes
-        import ctypes.util
 
         try:  # the soname first: find_library runs ldconfig (tens of ms at the first miss)
-            lib = ctypes.CDLL("liblz4.so.1")
+            lib = ctypes.CDLL("liblz4.so.1")  # and imports shutil, subprocess, tempfile
         except OSError:
+            import ctypes.util
+
             try:
                 lib = ctypes.CDLL(ctypes.util.find_library("lz4") or "liblz4.so")
             except OSError:
