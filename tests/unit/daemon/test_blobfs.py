@@ -27,21 +27,28 @@ BIG = bytes(range(256)) * 4096 * 3  # 3 MiB: several chunks
 SMALL = b"small file\n"
 
 
-@pytest.fixture
-def served(tmp_path: Path):  # type: ignore[no-untyped-def]
+def _serve(tmp_path: Path, files: dict[str, bytes]):  # type: ignore[no-untyped-def]
+    """An image of ``files`` (path -> bytes; lz4_block, 1 MiB chunks) served as blob
+    files: (kernel, server, instance, build result)."""
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "big").write_bytes(BIG)
-    (src / "small").write_bytes(SMALL)
-    (src / "empty").write_bytes(b"")
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
     (tmp_path / "blobs").mkdir()
     res = build(str(src), str(tmp_path / "image.boot"), str(tmp_path / "blobs"),
                 compressor="lz4_block", chunk_size=1 << 20)
     inst = local_instance(tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "cache")
     vfs = Vfs()
     vfs.dedicated = inst
-    kernel = Kernel(BlobFileServer(vfs))
+    server = BlobFileServer(vfs)
+    kernel = Kernel(server)
     kernel.init()
+    return kernel, server, inst, res
+
+
+@pytest.fixture
+def served(tmp_path: Path):  # type: ignore[no-untyped-def]
+    kernel, _server, inst, res = _serve(tmp_path, {"big": BIG, "small": SMALL, "empty": b""})
     yield kernel, inst, res
     inst.close()
 
@@ -93,19 +100,8 @@ def test_sequential_reads_taken_out_of_order_start_the_read_ahead(tmp_path: Path
     READAHEAD_AFTER long the chunks after it are fetched into the cache; a small read
     elsewhere starts no read-ahead."""
     mib = 1 << 20
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "big").write_bytes(os.urandom(24 * mib))
-    (tmp_path / "blobs").mkdir()
-    res = build(str(src), str(tmp_path / "image.boot"), str(tmp_path / "blobs"),
-                compressor="lz4_block", chunk_size=mib)
-    inst = local_instance(tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "cache")
+    kernel, server, inst, res = _serve(tmp_path, {"big": os.urandom(24 * mib)})
     try:
-        vfs = Vfs()
-        vfs.dedicated = inst
-        server = BlobFileServer(vfs)
-        kernel = Kernel(server)
-        kernel.init()
         node = kernel.lookup(P.ROOT_ID, res.blobs[-1].blob_id.encode())[0]
         cache = inst.cache(0)
         by_offset = {c.uncompressed_offset // mib: c.index
@@ -119,9 +115,66 @@ def test_sequential_reads_taken_out_of_order_start_the_read_ahead(tmp_path: Path
         # read ahead: READAHEAD from where the run passed READAHEAD_AFTER, at least half
         # of it still ahead of the last read
         assert set(range(7, 7 + READAHEAD // mib // 2)) <= ready
-        # the small read's miss brought the next chunk too (the cache's amplify_io, as a
-        # FUSE tree read does), and no read-ahead window
-        assert 21 in ready
-        assert not {22, 23} & ready
+        # the small read's miss inside a large file brought nothing more (the FUSE tree
+        # amplifies only small files' misses), and no read-ahead window
+        assert not {21, 22, 23} & ready
+    finally:
+        inst.close()
+
+
+def _two_files(tmp_path: Path, first: dict[str, int], then: dict[str, int]):  # type: ignore[no-untyped-def]
+    """An image whose blob holds ``first``'s files, then ``then``'s (name -> size, random
+    data) served as blob files: (kernel, server, instance, the blob file's node, each
+    file's chunks by name)."""
+    files = {f"{d}/{n}": os.urandom(size)
+             for d, group in (("a", first), ("b", then)) for n, size in group.items()}
+    kernel, server, inst, res = _serve(tmp_path, files)
+    node = kernel.lookup(P.ROOT_ID, res.blobs[-1].blob_id.encode())[0]
+    chunks = {name: inst.bs.chunks(inst.bs.lookup_path(f"/{name}".encode())) for name in files}
+    return kernel, server, inst, node, chunks
+
+
+def test_read_ahead_in_a_large_file_stops_at_its_end(tmp_path: Path) -> None:
+    """A sequential run inside one large file (a library the start-up maps and reads
+    around) reads ahead to that file's end, not into the next file's chunks, as the FUSE
+    tree's read-ahead of a file does."""
+    mib = 1 << 20
+    kernel, server, inst, node, chunks = _two_files(tmp_path, {"lib": 12 * mib},
+                                                    {"next": 8 * mib})
+    try:
+        lib, nxt = chunks["a/lib"], chunks["b/next"]
+        assert lib[-1].uncompressed_offset < nxt[0].uncompressed_offset  # blob order
+        base = lib[0].uncompressed_offset
+        for mb in (1, 0, 3, 2, 5, 4, 7, 6, 9, 8):  # 10 MiB of lib, pairs out of order
+            kernel.read(node, base + mb * mib, mib)
+        server._ra_pool.shutdown(wait=True)
+        # read ahead from 4 MiB to 12 MiB, lib's end; at 10 MiB the run would have read
+        # ahead again, to 20 MiB: lib's chunks were fetched, each once, and none of the
+        # file after it
+        fetched = inst.cache_stats.backend_bytes
+        assert fetched == sum(c.compressed_size for c in lib)
+        cache = inst.cache(0)
+        assert not [c.index for c in nxt if cache.chunk_map.is_ready(c.index)]
+    finally:
+        inst.close()
+
+
+def test_a_small_files_miss_brings_the_next_files_a_large_files_does_not(
+        tmp_path: Path) -> None:
+    """A miss in a small file's data fetches the blob's next chunks too (the files EROFS
+    reads next lie there); a miss in a large file's data fetches only what was asked
+    (the kernel's read-ahead asks for the rest of the file)."""
+    mib = 1 << 20
+    small = {f"s{i:02}": 3000 for i in range(8)}
+    kernel, _server, inst, node, chunks = _two_files(tmp_path, small, {"big": 4 * mib})
+    try:
+        stats = inst.cache_stats
+        first = chunks["a/s00"][0]
+        kernel.read(node, first.uncompressed_offset, 4096)
+        assert stats.backend_bytes > first.compressed_size  # its neighbours came too
+        big = chunks["b/big"]
+        before = stats.backend_bytes
+        kernel.read(node, big[1].uncompressed_offset, 4096)
+        assert stats.backend_bytes - before == big[1].compressed_size
     finally:
         inst.close()

@@ -1,9 +1,10 @@
 """The reader's chunk-table index: (blob, chunk index) -> record, first record wins; and a
-blob's chunks by uncompressed offset (``blob_extents``)."""
+blob's chunks by uncompressed offset (``blob_extents``) and where its files begin
+(``blob_file_starts``)."""
 
 from pynydus.rafs.format import RafsChunkInfo
 from pynydus.rafs.read import ChunkIndex
-from pynydus.rafs.read.chunkindex import blob_extents
+from pynydus.rafs.read.chunkindex import blob_extents, blob_file_starts
 
 BASE = 4096  # where the table starts in the "bootstrap"
 
@@ -60,3 +61,18 @@ def test_blob_extents_are_one_blobs_chunks_by_offset_each_start_once() -> None:
     assert list(zip(starts, sizes, indexes, strict=True)) == \
         [(0, 8192, 0), (4096, 100, 7), (8192, 4096, 2), (1 << 40, 1, 9)]
     assert [list(a) for a in blob_extents(buf, BASE, len(buf) - BASE, 5)] == [[], [], []]
+
+
+def test_blob_file_starts_are_one_blobs_records_at_file_offset_zero() -> None:
+    # (blob, uncompressed offset, file offset), in digest order: blob 1 holds a file of
+    # three chunks at 0, a one-chunk file at 12288 and a chunk two files share, first at
+    # file offset 4096 and then as another file's first chunk
+    rows = [(1, 8192, 8192), (1, 0, 0), (0, 4096, 0), (1, 4096, 4096), (1, 12288, 0),
+            (1, 16384, 4096), (1, 16384, 0)]
+    buf = bytes(BASE) + b"".join(
+        RafsChunkInfo(digest=bytes([i]) * 32, blob_index=b, index=i, uncompressed_offset=uo,
+                      uncompressed_size=4096, file_offset=fo).pack()
+        for i, (b, uo, fo) in enumerate(rows))
+    assert list(blob_file_starts(buf, BASE, len(buf) - BASE, 1)) == [0, 12288, 16384]
+    assert list(blob_file_starts(buf, BASE, len(buf) - BASE, 0)) == [4096]
+    assert list(blob_file_starts(buf, BASE, len(buf) - BASE, 7)) == []

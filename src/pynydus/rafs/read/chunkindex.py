@@ -20,7 +20,10 @@ later ones aside, so that a lookup by the file's offset still finds its record.
 
 A blob read as its flat uncompressed address space (pynydusd's blob files) asks the other
 way round, which chunks cover a range of the blob: :func:`blob_extents` lists one blob's
-chunks sorted by uncompressed offset, decoded the same way.
+chunks sorted by uncompressed offset, decoded the same way, and :func:`blob_file_starts`
+where files begin in it (a record at file offset 0 starts a file's data): the blob does
+not say where files end, but a reader of the blob can tell a file's end from the next
+file's start.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from typing import TypeAlias
 
 from pynydus.rafs.format.layout import RAFS_V6_CHUNK_INFO_SIZE, ReadableBuffer
 
-__all__ = ["ChunkIndex", "Extents", "PerChunk", "blob_extents"]
+__all__ = ["ChunkIndex", "Extents", "PerChunk", "blob_extents", "blob_file_starts"]
 
 # blob_index, uncompressed_offset and index of an 80-byte chunk record
 _KEY = struct.Struct("<32xI12x8xQ8xI4x")
 # blob_index, uncompressed_size, uncompressed_offset and index of an 80-byte chunk record
 _EXTENT = struct.Struct("<32xI8xI8xQ8xI4x")
+# blob_index, uncompressed_offset and file_offset of an 80-byte chunk record
+_FILE_POS = struct.Struct("<32xI12x8xQQ8x")
 _MAX_OFFSET = (1 << 63) - 1
 _NO_OFFSET = -2  # stands for an offset beyond int64 in the arrays: no file has it
 #: chunk index -> value; an array (-1: none) when dense, a dict when sparse
@@ -132,3 +137,12 @@ def blob_extents(buf: ReadableBuffer, start: int, size: int, blob: int) -> Exten
         sizes.append(u_size)
         indexes.append(index)
     return starts, sizes, indexes
+
+
+def blob_file_starts(buf: ReadableBuffer, start: int, size: int, blob: int) -> array[int]:
+    """The uncompressed offsets in blob ``blob`` where a file's data begins (records at
+    file offset 0), sorted, each once; the chunk table at ``buf[start:start + size]``.
+    A chunk that two files share is a start if any of its records is one."""
+    return array("q", sorted({u_off for b, u_off, file_off
+                              in _FILE_POS.iter_unpack(bytes(buf[start : start + size]))
+                              if b == blob and file_off == 0}))

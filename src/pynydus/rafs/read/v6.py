@@ -17,6 +17,7 @@ import operator
 import stat
 import struct
 import threading
+from array import array
 from collections.abc import Iterable, Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
@@ -55,7 +56,7 @@ from pynydus.rafs.format.layout import (
     xattr_ibody_size,
 )
 from pynydus.rafs.read.bootstrap import Bootstrap, Buffer, DirEntry, FileChunk, Stat
-from pynydus.rafs.read.chunkindex import ChunkIndex, Extents, blob_extents
+from pynydus.rafs.read.chunkindex import ChunkIndex, Extents, blob_extents, blob_file_starts
 from pynydus.rafs.read.v6headers import (
     check_ext,
     check_superblock,
@@ -620,6 +621,13 @@ class BootstrapV6(Bootstrap):
         decoded from the chunk table at each call."""
         ext = self.ext_superblock
         return blob_extents(self._buf, ext.chunk_table_offset, ext.chunk_table_size, blob_index)
+
+    def blob_file_starts(self, blob_index: int) -> array[int]:
+        """Where files begin in blob ``blob_index``'s uncompressed space
+        (``chunkindex.blob_file_starts``), decoded from the chunk table at each call."""
+        ext = self.ext_superblock
+        return blob_file_starts(self._buf, ext.chunk_table_offset, ext.chunk_table_size,
+                                blob_index)
 
     def chunk_table(self) -> Iterator[RafsChunkInfo]:
         """All records of the bootstrap chunk table, in on-disk order."""
