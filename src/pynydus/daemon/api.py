@@ -23,6 +23,7 @@ import re
 import socketserver
 import threading
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from pynydus.errors import (
@@ -34,6 +35,7 @@ from pynydus.errors import (
     NydusError,
     Unavailable,
 )
+from pynydus.host.exclusive import claim_socket
 from pynydus.host.unixsock import allowed_peer, bind_private, peer_creds, resolve_group
 
 log = logging.getLogger(__name__)
@@ -332,9 +334,9 @@ class ApiServer:
     def __init__(self, path: str, controller: Controller, group: str = "") -> None:
         self.path = path
         gid = resolve_group(group) if group else None
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if os.path.exists(path) or os.path.islink(path):
-            os.unlink(path)  # a stale socket from a previous run
+        # a stale socket of a dead daemon goes; a live daemon's socket, or anything
+        # that is not a socket (a mistyped --apisock), stays: FailedPrecondition
+        claim_socket(Path(os.path.abspath(path)))
         self.server = _Server(path, _Handler, bind_and_activate=False)
         self.server.group = gid
         try:

@@ -12,12 +12,13 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pynydus.daemon.api import ApiServer, allowed_peer
-from pynydus.errors import InvalidArgument
+from pynydus.errors import FailedPrecondition, InvalidArgument
 from tests.harness.nobody import NOBODY, as_nobody
 
 
@@ -140,3 +141,30 @@ def test_peer_rules() -> None:
 def test_an_unknown_group_is_refused(sockdir: str) -> None:
     with pytest.raises(InvalidArgument, match="no such group"):
         ApiServer(os.path.join(sockdir, "api.sock"), _Ctl(), group="no-such-group-x")  # type: ignore[arg-type]
+
+
+def test_the_socket_path_replaces_only_a_dead_socket(sockdir: str) -> None:
+    """--apisock takes over a dead daemon's socket, but never deletes a file that is not a
+    socket (a mistyped path) nor a live daemon's socket: it refuses, naming the path."""
+    path = os.path.join(sockdir, "api.sock")
+    with open(path, "w") as f:
+        f.write("keep me")
+    with pytest.raises(FailedPrecondition, match="exists and is not a socket"):
+        ApiServer(path, _Ctl())  # type: ignore[arg-type]
+    assert Path(path).read_text() == "keep me"
+    os.unlink(path)
+
+    api, _ = _serve(path)
+    try:
+        with pytest.raises(FailedPrecondition, match="served by another process"):
+            ApiServer(path, _Ctl())  # type: ignore[arg-type]
+        assert _request(path, "GET", "/api/v1/daemon") == 200  # still the first one's
+    finally:
+        api.server.shutdown()
+        api.server.server_close()  # the socket file stays, nobody listens: a dead daemon's
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    api, _ = _serve(path)
+    try:
+        assert _request(path, "GET", "/api/v1/daemon") == 200
+    finally:
+        api.close()
