@@ -23,7 +23,6 @@ import re
 import socketserver
 import threading
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
 from pynydus.errors import (
@@ -336,7 +335,7 @@ class ApiServer:
         gid = resolve_group(group) if group else None
         # a stale socket of a dead daemon goes; a live daemon's socket, or anything
         # that is not a socket (a mistyped --apisock), stays: FailedPrecondition
-        claim_socket(Path(os.path.abspath(path)))
+        claim_socket(path)
         self.server = _Server(path, _Handler, bind_and_activate=False)
         self.server.group = gid
         try:

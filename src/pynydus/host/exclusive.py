@@ -15,6 +15,7 @@ one we bound (same device and inode), so stopping never removes a successor's so
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -22,9 +23,13 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pynydus.errors import FailedPrecondition, q
+
+if TYPE_CHECKING:  # a daemon claims its API socket at start: no pathlib at idle
+    from os import PathLike
+    from pathlib import Path
 
 LOCK_NAME = "snapshotter.lock"
 
@@ -82,7 +87,8 @@ class SocketClaim:
         except FileNotFoundError:
             return
         if (st.st_dev, st.st_ino) == (self.dev, self.ino):
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def _peer_pid(sock: socket.socket) -> int:
@@ -90,26 +96,28 @@ def _peer_pid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[0])
 
 
-def claim_socket(path: Path) -> None:
+def claim_socket(path: str | PathLike[str]) -> None:
     """Make ``path`` free for a new unix socket listener, or raise FailedPrecondition."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise FailedPrecondition(
-            f"address {q(str(path))} exists and is not a socket; refusing to replace it "
+            f"address {q(path)} exists and is not a socket; refusing to replace it "
             f"(remove it or choose another address)")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
-        probe.connect(str(path))
+        probe.connect(path)
     except ConnectionRefusedError:
-        path.unlink(missing_ok=True)  # nobody listens: a leftover of a crash
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # nobody listens: a leftover of a crash
         return
     except OSError as err:
-        raise FailedPrecondition(f"address {q(str(path))}: cannot tell whether it is in use: "
+        raise FailedPrecondition(f"address {q(path)}: cannot tell whether it is in use: "
                                  f"{err}") from err
     else:
         try:
@@ -117,7 +125,7 @@ def claim_socket(path: Path) -> None:
         except OSError:
             holder = "unknown"
         raise FailedPrecondition(
-            f"address {q(str(path))} is served by another process (pid {holder}); "
+            f"address {q(path)} is served by another process (pid {holder}); "
             f"stop it or choose another address")
     finally:
         probe.close()
