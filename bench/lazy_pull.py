@@ -18,6 +18,8 @@ startup command, for the same image pulled several ways, all in one run:
              as it arrives, and the container runs on kernel EROFS mounts of the tars.
              Not in the default ``--modes``: ``--modes overlayfs,tarfs``. Held against
              overlayfs (targets: many-files >= 2x faster, large no slower).
+             ``tarfs-nowarm``: the same with ``warm_metadata = false`` (each layer
+             mounted at the container's Prepare, its metadata not looked up before).
   blobfile   the nydus mode with ``fs_driver = "blobfile"``: the container's image is the
              kernel's EROFS mount of the bootstrap over pynydusd's blob files (on request,
              ``--modes nydus,blobfile``);
@@ -123,7 +125,7 @@ MODES = ("overlayfs", "stargz", "nydus", "nydus-shared", "upstream", "upstream-s
 # list was learned first (one run of it through our snapshotter, then the list of its
 # daemon's trace pushed beside it, as `pynydus optimize --node-root --push` does); the
 # snapshotter finds the list at mount and pynydusd prefetches in its order
-ALL_MODES = (*MODES, "tarfs", "nydus-list", "nydus-stale", "upstream-pf",
+ALL_MODES = (*MODES, "tarfs", "tarfs-nowarm", "nydus-list", "nydus-stale", "upstream-pf",
              "zran", "zran-b",  # zran: REF:zran (convert --oci-ref); zran-b: --zran-b-tag
              "detected",  # REF:oci served from its Nydus referrer (referrer detection)
              "blobfile")  # the nydus mode with fs_driver blobfile (kernel EROFS over blob files)
@@ -139,12 +141,14 @@ STALE_CMD = {
     "small": "ls -l /bin > /dev/null",
 }
 TAG = {"overlayfs": "oci", "stargz": "esgz", "nydus": "nydus", "nydus-shared": "nydus",
-       "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "nydus-list": LIST_TAG,
+       "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "oci", "tarfs-nowarm": "oci",
+       "nydus-list": LIST_TAG,
        "nydus-stale": STALE_TAG, "upstream-pf": "nydus-pf", "zran": "zran",
        "zran-b": "zran", "detected": "oci", "blobfile": "nydus"}
 # containerd's name of the snapshotter each mode runs with (None: its own overlayfs)
 SNAPSHOTTER = {"overlayfs": None, "stargz": "stargz", "nydus": "nydus", "nydus-shared": "nydus",
                "upstream": "nydus", "upstream-shared": "nydus", "tarfs": "nydus",
+               "tarfs-nowarm": "nydus",
                "nydus-list": "nydus", "nydus-stale": "nydus", "upstream-pf": "nydus",
                "zran": "nydus", "zran-b": "nydus", "detected": "nydus", "blobfile": "nydus"}
 # nydus: the snapshotter's default daemon_mode (dedicated: one pynydusd per image,
@@ -161,7 +165,7 @@ UPSTREAM_MODE = {"upstream": "dedicated", "upstream-shared": "shared", "upstream
 # which upstream mode each of ours is held against
 VS_UPSTREAM = {"nydus": "upstream", "nydus-shared": "upstream-shared"}
 NYDUS_MODES = (*DAEMON_MODE, *UPSTREAM_MODE)  # modes that pull the Nydus image
-LABELLED_PULL = (*NYDUS_MODES, "tarfs")  # pulled with the layer labels (rpull or the CRI)
+LABELLED_PULL = (*NYDUS_MODES, "tarfs", "tarfs-nowarm")  # pulled with the layer labels (rpull or the CRI)
 # tarfs against overlayfs's pull + unpack + run: (image, at least this many times faster)
 TARFS_TARGETS = (("many-files", 2.0), ("large", 1.0))
 TARFS_CONFIG = ('version = 1\n[daemon]\nfs_driver = "blockdev"\n[experimental.tarfs]\n'
@@ -656,11 +660,12 @@ def peer(mode: str, plain_http: list[str], profile: Path | None = None,
             if UPSTREAM_MODE[mode] == "shared":  # its shared daemon starts with it
                 wait_upstream_ready(up, timeout=60)
             yield up
-    elif mode == "tarfs":
+    elif mode in ("tarfs", "tarfs-nowarm"):
         cfg_dir = make_workdir("lzcfg")
         try:
             cfg = cfg_dir / "snapshotter.toml"
-            cfg.write_text(TARFS_CONFIG)
+            cfg.write_text(TARFS_CONFIG + ("warm_metadata = false\n" if mode == "tarfs-nowarm"
+                                           else ""))
             with Snapshotter(tag="lzsnap", log_level="debug" if keep_logs else "info",
                              config=cfg) as snap:
                 yield snap

@@ -20,14 +20,26 @@ cache is left alone). A new mount starts with an empty EROFS page cache.
 
 Modes (``--modes``): ``overlayfs`` (the baseline), ``file`` (EROFS file-backed mounts, the
 driver's default), ``file-dio`` (the same with EROFS's ``directio`` option: the tar is read
-with direct I/O, not through its page cache), ``loop`` (auto-clearing loop devices),
-``loop-dio`` (loop devices with ``LO_FLAGS_DIRECT_IO``). ``--ra-kb N`` sets the read-ahead
+with direct I/O, not through its page cache), ``file-dio-warm`` (``file-dio`` with each
+layer's tree looked up once before the overlay is mounted, as the driver does after a
+conversion: ``tarfs/warm.py``), ``loop`` (auto-clearing loop devices), ``loop-dio`` (loop
+devices with ``LO_FLAGS_DIRECT_IO``).
+
+``--meta cold`` also empties the kernel's metadata caches of both sides before each pass,
+without dropping the machine's: the unpacked trees live in an ext4 file system of their
+own (a loop-mounted image under the work directory) that is unmounted, its image's pages
+dropped, and mounted again; the bootstraps' pages are dropped (a new EROFS mount caches
+nothing yet). The remount drops the unpacked files' pages too: use it with ``--source
+cold``. ``--meta hot`` (default) leaves the unpacked trees' dentries and inodes as
+the unpack (or the last pass) left them, as after containerd's overlayfs unpack. ``--ra-kb N`` sets the read-ahead
 of every EROFS mount's bdi (file-backed) or loop device to N KiB (0: the kernel's 128).
 Modes alternate, each going first in turn; medians of ``-n`` repetitions; wall seconds and
 the reader's CPU seconds (user + system; a loop device's worker threads are not in it).
 
     bench/tarfs_reads.py -n 3
     bench/tarfs_reads.py -n 3 --modes overlayfs,file,file-dio --source cold --ra-kb 1024
+    bench/tarfs_reads.py -n 5 --image many-files --read-dir /data \
+        --modes overlayfs,file-dio,file-dio-warm --source cold --meta cold
 """
 
 from __future__ import annotations
@@ -44,17 +56,19 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Self
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from pynydus.host import erofs
 from pynydus.rafs.builder import build
+from pynydus.tarfs.warm import cache_tree
 
 BENCH_DIR = Path(os.environ.get("PYNYDUS_BENCH_DIR", "/var/tmp/pynydus-bench"))
 WORK = Path("/var/tmp/pyn-tarfs-reads")
 MiB = 1 << 20
-MODES = ("overlayfs", "file", "file-dio", "loop", "loop-dio")
+MODES = ("overlayfs", "file", "file-dio", "file-dio-warm", "loop", "loop-dio")
 
 
 def layers_of(layout: Path) -> list[Path]:
@@ -66,26 +80,66 @@ def layers_of(layout: Path) -> list[Path]:
             for layer in manifest["layers"]]
 
 
-def prepare(image: str) -> list[tuple[Path, Path, Path]]:
-    """(bootstrap, tar, unpacked dir) of each layer, bottom first; made once."""
+def prepare(image: str, unpack_root: Path | None = None) -> list[tuple[Path, Path, Path]]:
+    """(bootstrap, tar, unpacked dir) of each layer, bottom first; made once. The trees
+    are unpacked below ``unpack_root`` if given (else beside the bootstraps)."""
     out = []
     for i, blob in enumerate(layers_of(BENCH_DIR / "oci" / image)):
         d = WORK / image / f"{i}-{blob.name[:12]}"
-        boot, unpacked = d / "layer.boot", d / "rootfs"
+        boot = d / "layer.boot"
+        unpacked = (unpack_root / d.name if unpack_root else d) / "rootfs"
         if not boot.exists():
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             r = build(str(blob), str(d / "boot.tmp"), str(d), type="tar-tarfs")
             (d / "boot.tmp").rename(boot)
             Path(r.blobs[0].path or "").rename(d / "layer.tar")
-        if not (d / "unpacked.done").exists():
+        done = unpacked.parent / "unpacked.done"
+        if not done.exists():
             shutil.rmtree(unpacked, ignore_errors=True)
-            unpacked.mkdir()
+            unpacked.mkdir(parents=True)
             subprocess.run(["tar", "-xf", str(blob), "-C", str(unpacked), "--numeric-owner"],
                            check=True)
-            (d / "unpacked.done").touch()
+            done.touch()
         out.append((boot, d / "layer.tar", unpacked))
     return out
+
+
+class UnpackFs:
+    """An ext4 file system of the benchmark's own for the unpacked trees (``--meta cold``):
+    remounting it empties its dentries, inodes and pages and nobody else's."""
+
+    def __init__(self, image: str) -> None:
+        self.img = WORK / f"{image}.ext4"
+        self.mnt = WORK / f"{image}.ext4.d"
+
+    def __enter__(self) -> Self:
+        if not self.img.exists():
+            size = sum(p.stat().st_size for p in layers_of(BENCH_DIR / "oci" / self.img.stem))
+            with open(self.img, "wb") as f:
+                f.truncate(4 * size + (1 << 30))  # gzip layers unpack to ~3x
+            # an inode per 4 KiB: many-files' 50,000 small files
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "4096", str(self.img)], check=True)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "loop", str(self.img), str(self.mnt)], check=True)
+        return self
+
+    def remount(self) -> None:
+        subprocess.run(["umount", str(self.mnt)], check=True)
+        drop_pages([self.img])
+        subprocess.run(["mount", "-o", "loop", str(self.img), str(self.mnt)], check=True)
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["umount", str(self.mnt)], check=False)
+
+
+def drop_pages(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def files_below(root: Path) -> Iterator[str]:
@@ -127,9 +181,10 @@ def mounted(mode: str, layers: list[tuple[Path, Path, Path]], base: Path,
                 m.mkdir(exist_ok=True)
                 backing: erofs.Backing = "loop" if mode.startswith("loop") else "file"
                 erofs.mount_erofs(str(boot), [str(tar)], str(m), backing,
-                                  direct_io=mode.endswith("-dio"),
-                                  read_ahead_kb=ra_kb or None)
+                                  direct_io="-dio" in mode, read_ahead_kb=ra_kb or None)
                 stack.callback(erofs.umount_erofs, str(m))
+                if mode.endswith("-warm"):
+                    cache_tree(str(m))
                 lowers.insert(0, str(m))
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         "ro,lowerdir=" + ":".join(lowers), str(mnt)], check=True)
@@ -168,9 +223,14 @@ def read_all(root: Path) -> int:
 
 
 def one(mode: str, layers: list[tuple[Path, Path, Path]], args: argparse.Namespace,
-        rep: int) -> dict[str, tuple[float, float]]:
+        rep: int, unpack_fs: UnpackFs | None) -> dict[str, tuple[float, float]]:
     sources = [u for _, _, u in layers] if mode == "overlayfs" else [t for _, t, _ in layers]
     set_source(sources, args.source == "hot")
+    if unpack_fs is not None:  # --meta cold, after set_source's walk of the sources
+        if mode == "overlayfs":
+            unpack_fs.remount()
+        else:
+            drop_pages([b for b, _, _ in layers])
     out = {}
     with mounted(mode, layers, WORK / f"m{os.getpid()}-{mode}-{rep}", args.ra_kb) as mnt:
         for phase in ("first", "warm"):
@@ -192,21 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="overlayfs,file,file-dio")
     p.add_argument("--source", choices=["hot", "cold"], default="hot")
     p.add_argument("--ra-kb", type=int, default=0)
+    p.add_argument("--meta", choices=["hot", "cold"], default="hot")
     p.add_argument("--json")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     for m in modes:
         if m not in MODES:
             p.error(f"mode {m!r}: expected some of {', '.join(MODES)}")
-    layers = prepare(args.image)
-    runs: dict[str, list[dict[str, tuple[float, float]]]] = {m: [] for m in modes}
-    for rep in range(args.n):
-        k = rep % len(modes)
-        for m in modes[k:] + modes[:k]:
-            runs[m].append(one(m, layers, args, rep))
-            shutil.rmtree(WORK / f"m{os.getpid()}-{m}-{rep}", ignore_errors=True)
+    with ExitStack() as stack:
+        unpack_fs = stack.enter_context(UnpackFs(args.image)) if args.meta == "cold" else None
+        layers = prepare(args.image, unpack_fs.mnt if unpack_fs else None)
+        runs: dict[str, list[dict[str, tuple[float, float]]]] = {m: [] for m in modes}
+        for rep in range(args.n):
+            k = rep % len(modes)
+            for m in modes[k:] + modes[:k]:
+                runs[m].append(one(m, layers, args, rep, unpack_fs))
+                shutil.rmtree(WORK / f"m{os.getpid()}-{m}-{rep}", ignore_errors=True)
     load = os.getloadavg()[0]
-    print(f"# {args.image}, source {args.source}, read-ahead "
+    print(f"# {args.image}, source {args.source}, metadata {args.meta}, read-ahead "
           f"{args.ra_kb or 'default'} KiB, n={args.n}, load1 {load:.1f}")
     phases = ["walk first", "walk warm", "read first", "read warm"]
     print("| mode | " + " | ".join(f"{ph} s [min] (cpu)" for ph in phases) + " |")

@@ -335,6 +335,10 @@ class TarfsConfig:
     # pynydus: "layer" (each layer its own EROFS mount: no merge, layers shared between
     # images) or "image" (upstream's merged bootstrap per image)
     mount_mode: TarfsMountMode = TarfsMountMode.LAYER
+    # pynydus: in "layer" mode, mount each layer after its conversion and look its tree up
+    # once, so that a container's first walk finds its metadata cached as overlayfs's
+    # finds what its unpack left (tarfs/warm.py); false: mounted at the first container
+    warm_metadata: bool = True
 
 
 @dataclass(frozen=True)
@@ -532,6 +536,7 @@ def _check_tarfs(cfg: SnapshotterConfig, origin: typing.Callable[[str], str],
                                     ("tarfs_hint", tarfs.tarfs_hint, False),
                                     ("max_concurrent_proc", tarfs.max_concurrent_proc, 0),
                                     ("mount_mode", tarfs.mount_mode, TarfsMountMode.LAYER),
+                                    ("warm_metadata", tarfs.warm_metadata, True),
                                     ("mount_tarfs_on_host", tarfs.mount_tarfs_on_host, False)):
             if value != default:
                 dotted = f"experimental.tarfs.{key}"

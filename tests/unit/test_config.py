@@ -127,6 +127,7 @@ tarfs_hint = true
 max_concurrent_proc = 2
 export_mode = "image_block_with_verity"
 mount_mode = "image"
+warm_metadata = false
 
 [experimental.prefetch_list]
 record = true
@@ -202,6 +203,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "experimental.tarfs.max_concurrent_proc": 2,
     "experimental.tarfs.export_mode": TarfsExportMode.IMAGE_BLOCK_WITH_VERITY,
     "experimental.tarfs.mount_mode": TarfsMountMode.IMAGE,
+    "experimental.tarfs.warm_metadata": False,
     "experimental.prefetch_list.record": True,
     "experimental.prefetch_list.push": True,
     "experimental.prefetch_list.record_timeout": 10.0,
@@ -426,6 +428,7 @@ WRONG_TYPES: dict[str, str] = {
     "experimental.tarfs.max_concurrent_proc": '"2"',
     "experimental.tarfs.export_mode": "1",
     "experimental.tarfs.mount_mode": "true",
+    "experimental.tarfs.warm_metadata": '"yes"',
     "experimental.prefetch_list.record": '"yes"',
     "experimental.prefetch_list.push": "1",
     "experimental.prefetch_list.record_timeout": "10",

@@ -331,6 +331,9 @@ SNAPSHOTTER: dict[str, Case] = {
         f"{_TARFS_TESTS}/test_tarfs_export.py::test_export_mode_writes_disks_and_labels"),
     "experimental.tarfs.mount_mode": ShownBy(
         f"{_TARFS_TESTS}/test_tarfs_options.py::test_mount_mode_mounts_per_layer_or_per_image"),
+    "experimental.tarfs.warm_metadata": ShownBy(
+        f"{_TARFS_TESTS}/test_tarfs_options.py::"
+        "test_warm_metadata_mounts_each_converted_layer_and_looks_its_tree_up"),
 }
 
 

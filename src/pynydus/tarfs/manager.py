@@ -71,6 +71,7 @@ from pynydus.tarfs.layer import (
     remove_partial,
 )
 from pynydus.tarfs.source import ImageInfoCache, LayerSource, connect
+from pynydus.tarfs.warm import cache_tree
 
 __all__ = ["ExportFlags", "TarfsManager", "TarfsOptions", "export_flags"]
 
@@ -125,6 +126,7 @@ class TarfsOptions:
     max_concurrent: int = 0  # per image; 0: no limit
     export: ExportFlags = ExportFlags(False, False, False)
     mount_mode: TarfsMountMode = TarfsMountMode.LAYER
+    warm_metadata: bool = True
     insecure: bool = False
 
     @classmethod
@@ -133,7 +135,7 @@ class TarfsOptions:
         return cls(snapshots_dir=cfg.snapshots_dir(), cache_dir=cfg.cache_dir(),
                    hint=t.tarfs_hint, max_concurrent=t.max_concurrent_proc,
                    export=export_flags(t.export_mode), mount_mode=t.mount_mode,
-                   insecure=cfg.remote.skip_ssl_verify)
+                   warm_metadata=t.warm_metadata, insecure=cfg.remote.skip_ssl_verify)
 
 
 class LayerRef(Protocol):
@@ -370,10 +372,43 @@ class TarfsManager:
             if not isinstance(err, Cancelled):
                 log.warning("tarfs: layer %s failed to convert: %s", layer.sid, err)
             status, error = Status.FAILED, err
+        # a layer mounted on its own is mounted and its metadata cached now, after its
+        # waiters are woken: what an unpack leaves for overlayfs (:mod:`.warm`)
+        warm = (status is Status.READY and self.opts.warm_metadata
+                and self.opts.mount_mode is TarfsMountMode.LAYER)
         with self._lock:
             layer.status, layer.error = status, error
-            layer.thread = None
+            if not warm:
+                layer.thread = None
             layer.done.set()
+        if warm:
+            try:
+                self._warm_layer(layer)
+            finally:
+                with self._lock:
+                    layer.thread = None
+
+    def _warm_layer(self, layer: _Layer) -> None:
+        """Mount converted ``layer`` (unless a container's Prepare did meanwhile) and look
+        its tree up once. Best effort: a mount that fails here is tried again, and its
+        error reported, when a container needs the layer."""
+        boot = os.path.join(self.upper(layer.sid), LAYER_BOOTSTRAP)
+        t0 = time.monotonic()
+        cpu0, _ = thread_cpu_and_wait()
+        try:
+            with self._sid_lock(layer.sid):
+                if layer.cancel.is_set():
+                    return
+                if self._mounted.get(layer.sid) != boot:
+                    self._mount(layer.sid, boot)
+            n = cache_tree(self.mountpoint(layer.sid), layer.cancel.is_set)
+        except (OSError, NydusError) as err:
+            log.warning("tarfs: layer %s not mounted after its conversion: %s", layer.sid, err)
+            return
+        cpu, _ = thread_cpu_and_wait()
+        log.info("tarfs: layer %s mounted, metadata of %d entries cached in %.2f s (%.2f s "
+                 "CPU)%s", layer.sid, n, time.monotonic() - t0, cpu - cpu0,
+                 " (cancelled)" if layer.cancel.is_set() else "")
 
     def _diff_id(self, src: LayerSource, layer: _Layer) -> str | None:
         """The diff id the tar must hash to; None (not checked) when the image config

@@ -10,11 +10,16 @@
   go tarfs; the others are unpacked by containerd.
 - ``max_concurrent_proc``: at most that many layers of one image convert at once.
 - ``mount_mode``: ``layer`` mounts each layer on its own, ``image`` one merged bootstrap.
+- ``warm_metadata`` (on by default, with ``layer``): each layer is mounted once converted and
+  its whole tree looked up once, before any container; off, it is mounted at the first
+  container.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime
 from itertools import pairwise
@@ -132,3 +137,43 @@ def test_mount_mode_mounts_per_layer_or_per_image(
     with rootfs(snap, top, "default/c", tmp_path / "r") as root:
         check_rootfs(root)
         assert len(erofs_mounts(snap)) == mounts
+
+
+_WARMED = re.compile(r"tarfs: layer (\d+) mounted, metadata of (\d+) entries cached")
+_CONVERTED = re.compile(r"tarfs: layer (\d+) \((\S+)\) converted")
+
+
+def _found(snap: Snapshotter, pattern: re.Pattern[str], n: int, wait: float) -> dict[str, str]:
+    """{snapshot id: first group} of ``pattern``'s log lines, once ``n`` are there or
+    ``wait`` seconds have passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = dict(pattern.findall(snap.log.read_text(errors="replace")))
+        if len(found) >= n or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_metadata_mounts_each_converted_layer_and_looks_its_tree_up(
+        start_tarfs: Callable[..., Snapshotter], oci_image: dict, tmp_path: Path,
+        warm: bool) -> None:
+    """What an unpack leaves overlayfs (the layer's inodes in the kernel's caches), a
+    layer gets after its conversion, before any container (docs/decisions.md, tarfs)."""
+    snap = start_tarfs("blockdev-file", warm_metadata=warm)
+    top = pull_oci(snap, oci_image)
+    layers = len(oci_image["built"].layers)
+    if warm:
+        warmed = _found(snap, _WARMED, layers, 60)
+        assert len(warmed) == layers, snap.log.read_text(errors="replace")[-3000:]
+        mnts = {sid: snap.root / "snapshots" / sid / "mnt" for sid in warmed}
+        assert erofs_mounts(snap) == sorted(str(m) for m in mnts.values())
+        for sid, n in warmed.items():
+            assert int(n) == sum(len(ds) + len(fs) for _, ds, fs in os.walk(mnts[sid])) > 0
+    else:
+        assert len(_found(snap, _CONVERTED, layers, 60)) == layers
+        assert _found(snap, _WARMED, 1, 2) == {}
+        assert erofs_mounts(snap) == []
+    with rootfs(snap, top, "default/c", tmp_path / "r") as root:
+        check_rootfs(root)
+        assert len(erofs_mounts(snap)) == layers
