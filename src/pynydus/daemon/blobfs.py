@@ -70,16 +70,15 @@ class _File:
 
 
 class BlobIndex:
-    """The chunks of one blob of a bootstrap, sorted by uncompressed offset (the reader's
-    ``BootstrapV6.blob_extents``; one chunk named twice, deduplicated within the blob,
-    counts once), and where files begin in it (``BootstrapV6.blob_file_starts``)."""
+    """The chunks of one blob of a bootstrap, sorted by uncompressed offset, and where
+    files begin in it (the reader's ``BootstrapV6.blob_layout``; one chunk named twice,
+    deduplicated within the blob, counts once)."""
 
     def __init__(self, inst: RafsInstance, blob_index: int) -> None:
         self.inst = inst
         self.blob_index = blob_index
         assert isinstance(inst.bs, BootstrapV6)
-        self.starts, self.sizes, self.indexes = inst.bs.blob_extents(blob_index)
-        self.file_starts = inst.bs.blob_file_starts(blob_index)
+        self.starts, self.sizes, self.indexes, self.file_starts = inst.bs.blob_layout(blob_index)
         self.size = inst.bs.blobs[blob_index].uncompressed_size
 
     def file_span(self, pos: int) -> tuple[int, int] | None:
@@ -143,9 +142,12 @@ class BlobFileServer(RafsServer):
             files: dict[bytes, _File] = {}
             old = {f.name: f.node for f in self._by_node.values()}
             next_node = max(self._by_node, default=ROOT_ID) + 1
+            fresh = set(key) - set(self._seen)
             for inst in insts:
                 if not isinstance(inst.bs, BootstrapV6):
                     continue  # RAFS v5 has no EROFS form
+                if id(inst) in fresh:
+                    self._ra_pool.submit(self._prepare, inst)
                 for bi, blob in enumerate(inst.bs.blobs):
                     name = blob.blob_id.encode()
                     if name in files or has_spans(blob):
@@ -159,6 +161,17 @@ class BlobFileServer(RafsServer):
             self._by_node = {**self._by_node, **{f.node: f for f in files.values()}}
             self._seen = key
             return files
+
+    def _prepare(self, inst: RafsInstance) -> None:
+        """Decode what the first reads of ``inst``'s blob files need (its blobs' layouts
+        and chunk index: 0.1-0.3 s of CPU for an image of 50,000 files) now, while the
+        kernel mounts it and a container starts, not at the container's first read."""
+        assert isinstance(inst.bs, BootstrapV6)
+        try:
+            inst.bs.blob_layout(0)  # every blob's
+            inst.bs.chunk_index()
+        except Exception as err:  # noqa: BLE001 - the first read decodes it and reports
+            log.debug("blob layouts of %s not prepared: %s", inst.bootstrap_path, err)
 
     def _file(self, node: int) -> _File:
         f = self._by_node.get(node)

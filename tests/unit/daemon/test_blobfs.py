@@ -178,3 +178,18 @@ def test_a_small_files_miss_brings_the_next_files_a_large_files_does_not(
         assert stats.backend_bytes - before == big[1].compressed_size
     finally:
         inst.close()
+
+
+def test_an_images_blob_layouts_are_decoded_when_it_appears_not_at_its_first_read(
+        tmp_path: Path) -> None:
+    """When the kernel mounts an image over its blob files (a lookup of them), the blobs'
+    layouts and the chunk index are decoded in the background: the container's first
+    read does not wait for them."""
+    kernel, server, inst, res = _serve(tmp_path, {"a/f": b"x" * 5000, "b/g": b"y" * 9000})
+    try:
+        assert inst.bs._blob_layouts is None and inst.bs._chunk_index is None
+        kernel.lookup(P.ROOT_ID, res.blobs[-1].blob_id.encode())
+        server._ra_pool.shutdown(wait=True)
+        assert inst.bs._blob_layouts is not None and inst.bs._chunk_index is not None
+    finally:
+        inst.close()

@@ -19,30 +19,32 @@ chunk at different uncompressed offsets (no builder we know writes one) keeps th
 later ones aside, so that a lookup by the file's offset still finds its record.
 
 A blob read as its flat uncompressed address space (pynydusd's blob files) asks the other
-way round, which chunks cover a range of the blob: :func:`blob_extents` lists one blob's
-chunks sorted by uncompressed offset, decoded the same way, and :func:`blob_file_starts`
-where files begin in it (a record at file offset 0 starts a file's data): the blob does
-not say where files end, but a reader of the blob can tell a file's end from the next
-file's start.
+way round, which chunks cover a range of the blob: :func:`blob_layouts` lists each blob's
+chunks sorted by uncompressed offset, decoded the same way, and where files begin in it
+(a record at file offset 0 starts a file's data): the blob does not say where files end,
+but a reader of the blob can tell a file's end from the next file's start.
 """
 
 from __future__ import annotations
 
+import bisect
+import operator
 import struct
 from array import array
 from collections.abc import Sequence
-from typing import TypeAlias
+from itertools import compress
+from typing import NamedTuple, TypeAlias
 
 from pynydus.rafs.format.layout import RAFS_V6_CHUNK_INFO_SIZE, ReadableBuffer
 
-__all__ = ["ChunkIndex", "Extents", "PerChunk", "blob_extents", "blob_file_starts"]
+__all__ = ["BlobLayout", "ChunkIndex", "PerChunk", "blob_layouts"]
 
 # blob_index, uncompressed_offset and index of an 80-byte chunk record
 _KEY = struct.Struct("<32xI12x8xQ8xI4x")
-# blob_index, uncompressed_size, uncompressed_offset and index of an 80-byte chunk record
-_EXTENT = struct.Struct("<32xI8xI8xQ8xI4x")
-# blob_index, uncompressed_offset and file_offset of an 80-byte chunk record
-_FILE_POS = struct.Struct("<32xI12x8xQQ8x")
+# blob_index, uncompressed_size, uncompressed_offset, file_offset and index of an 80-byte
+# chunk record, and their order in a blob's layout: blob, offset, size, index
+_ROW = struct.Struct("<32xI8xI8xQQI4x")
+_ROW_ORDER = operator.itemgetter(0, 2, 1, 4)
 _MAX_OFFSET = (1 << 63) - 1
 _NO_OFFSET = -2  # stands for an offset beyond int64 in the arrays: no file has it
 #: chunk index -> value; an array (-1: none) when dense, a dict when sparse
@@ -118,31 +120,39 @@ def _count(per_chunk: PerChunk) -> int:
     return len(per_chunk) if isinstance(per_chunk, dict) else len(per_chunk) - per_chunk.count(-1)
 
 
-#: (start, size, chunk index) arrays of a blob's chunks by uncompressed offset
-Extents: TypeAlias = "tuple[array[int], array[int], array[int]]"
+class BlobLayout(NamedTuple):
+    """A blob's chunks by uncompressed offset (``starts``, ``sizes`` and chunk
+    ``indexes``, one entry per offset) and the offsets where a file's data begins."""
+
+    starts: array[int]
+    sizes: array[int]
+    indexes: array[int]
+    file_starts: array[int]
 
 
-def blob_extents(buf: ReadableBuffer, start: int, size: int, blob: int) -> Extents:
-    """The chunks of blob ``blob`` in the chunk table at ``buf[start:start + size]``,
-    sorted by uncompressed offset (then size, then chunk index): three arrays,
-    ``starts``, ``sizes`` and ``indexes``. Of records that start at the same offset
-    (one chunk named twice) the first in that order is kept."""
-    starts, sizes, indexes = array("q"), array("q"), array("q")
-    rows = sorted((u_off, u_size, index) for b, u_size, u_off, index
-                  in _EXTENT.iter_unpack(bytes(buf[start : start + size])) if b == blob)
-    for u_off, u_size, index in rows:
-        if starts and starts[-1] == u_off:
+def blob_layouts(buf: ReadableBuffer, start: int, size: int, blobs: int) -> list[BlobLayout]:
+    """The layout of each of blobs ``0 .. blobs - 1`` from the chunk table at
+    ``buf[start:start + size]``, in one pass (a pass per blob decoded all records each
+    time: 60-70 ms of CPU for a table of 50,000 chunks at each blob's first read, and
+    the two blobs of such an image 110 ms against 100 ms for this pass). Chunks
+    sort by uncompressed offset, then size, then chunk index; of records that start at
+    the same offset (one chunk named twice) the first in that order is kept. A file
+    begins where a record has file offset 0 (a chunk two files share is a start if any
+    of its records is one). Records of other blob indexes are left out."""
+    rows = sorted(_ROW.iter_unpack(bytes(buf[start : start + size])), key=_ROW_ORDER)
+    b_col, u_sizes, u_offs, file_offs, indexes = zip(*rows) if rows else ((),) * 5
+    out = []
+    for blob in range(blobs):
+        lo, hi = bisect.bisect_left(b_col, blob), bisect.bisect_right(b_col, blob)
+        offs = u_offs[lo:hi]
+        firsts = file_offs[lo:hi]
+        file_starts = array("q", dict.fromkeys(compress(offs, map(operator.not_, firsts))))
+        if len(set(offs)) == len(offs):
+            out.append(BlobLayout(array("q", offs), array("q", u_sizes[lo:hi]),
+                                  array("q", indexes[lo:hi]), file_starts))
             continue
-        starts.append(u_off)
-        sizes.append(u_size)
-        indexes.append(index)
-    return starts, sizes, indexes
-
-
-def blob_file_starts(buf: ReadableBuffer, start: int, size: int, blob: int) -> array[int]:
-    """The uncompressed offsets in blob ``blob`` where a file's data begins (records at
-    file offset 0), sorted, each once; the chunk table at ``buf[start:start + size]``.
-    A chunk that two files share is a start if any of its records is one."""
-    return array("q", sorted({u_off for b, u_off, file_off
-                              in _FILE_POS.iter_unpack(bytes(buf[start : start + size]))
-                              if b == blob and file_off == 0}))
+        kept = [i for i in range(lo, hi) if i == lo or u_offs[i] != u_offs[i - 1]]
+        out.append(BlobLayout(array("q", (u_offs[i] for i in kept)),
+                              array("q", (u_sizes[i] for i in kept)),
+                              array("q", (indexes[i] for i in kept)), file_starts))
+    return out

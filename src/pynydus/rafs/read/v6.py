@@ -17,7 +17,6 @@ import operator
 import stat
 import struct
 import threading
-from array import array
 from collections.abc import Iterable, Iterator
 
 from pynydus.errors import InvalidArgument, NotFound
@@ -56,7 +55,7 @@ from pynydus.rafs.format.layout import (
     xattr_ibody_size,
 )
 from pynydus.rafs.read.bootstrap import Bootstrap, Buffer, DirEntry, FileChunk, Stat
-from pynydus.rafs.read.chunkindex import ChunkIndex, Extents, blob_extents, blob_file_starts
+from pynydus.rafs.read.chunkindex import BlobLayout, ChunkIndex, blob_layouts
 from pynydus.rafs.read.v6headers import (
     check_ext,
     check_superblock,
@@ -160,7 +159,8 @@ class BootstrapV6(Bootstrap):
         if stat.S_IFMT(root.mode) != stat.S_IFDIR:
             raise format_error("root inode", root.off, f"mode 0o{root.mode:o} is not a directory")
         self._chunk_index: ChunkIndex | None = None
-        self._chunk_index_lock = threading.Lock()
+        self._chunk_index_lock = threading.Lock()  # ... and of _blob_layouts
+        self._blob_layouts: list[BlobLayout] | None = None
 
     # -- inodes ----------------------------------------------------------------------
 
@@ -616,18 +616,19 @@ class BootstrapV6(Bootstrap):
         off = self.chunk_index().find(blob_index, index)
         return None if off < 0 else RafsChunkInfo.unpack(self._buf, off)
 
-    def blob_extents(self, blob_index: int) -> Extents:
-        """The chunks of blob ``blob_index`` by uncompressed offset (``chunkindex.blob_extents``),
-        decoded from the chunk table at each call."""
-        ext = self.ext_superblock
-        return blob_extents(self._buf, ext.chunk_table_offset, ext.chunk_table_size, blob_index)
-
-    def blob_file_starts(self, blob_index: int) -> array[int]:
-        """Where files begin in blob ``blob_index``'s uncompressed space
-        (``chunkindex.blob_file_starts``), decoded from the chunk table at each call."""
-        ext = self.ext_superblock
-        return blob_file_starts(self._buf, ext.chunk_table_offset, ext.chunk_table_size,
-                                blob_index)
+    def blob_layout(self, blob_index: int) -> BlobLayout:
+        """Blob ``blob_index``'s chunks by uncompressed offset and where its files begin
+        (``chunkindex.blob_layouts``): every blob's, decoded at the first call, then
+        kept."""
+        layouts = self._blob_layouts
+        if layouts is None:
+            with self._chunk_index_lock:
+                if self._blob_layouts is None:
+                    ext = self.ext_superblock
+                    self._blob_layouts = blob_layouts(self._buf, ext.chunk_table_offset,
+                                                      ext.chunk_table_size, len(self.blobs))
+                layouts = self._blob_layouts
+        return layouts[blob_index]
 
     def chunk_table(self) -> Iterator[RafsChunkInfo]:
         """All records of the bootstrap chunk table, in on-disk order."""
