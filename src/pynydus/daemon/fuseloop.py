@@ -43,6 +43,11 @@ FSNAME = "rafs"
 # parsing: after a cache drop the kernel sends one FORGET or BATCH_FORGET per few
 # evicted inodes, thousands of them, interleaved with the requests a reader waits for.
 _UNANSWERED = frozenset({P.FORGET, P.BATCH_FORGET})
+# A request longer than this (in practice a BATCH_FORGET: requests are headers and
+# names) gives back the pages it was read into beyond it (MADV_DONTNEED): a cache drop's
+# batches left 16-68 KiB resident in each of 16 threads' buffers, 0.2-0.7 MB of an idle
+# daemon after a walk. Only FORGETs are that long, so the cost is one madvise per batch.
+_KEPT_BUFFER = mmap.PAGESIZE
 _STORE_QUEUE = 256  # misses waiting for their chunks to be stored; more are dropped
 # ... of which this many keep the decoded chunks their read fetched (stored from those,
 # no read of the cache; ~1 MiB each); the others read them back from the cache
@@ -237,7 +242,8 @@ class FuseSession:
         # An anonymous map, not a bytearray (which zero-fills): only the pages requests
         # are read into become resident. 16 threads' 1 MiB buffers were 16 MB of every
         # daemon's memory, though requests are headers and names (replies carry the data).
-        buf = mmap.mmap(-1, self._buffer_size())
+        # Private: pages it gives back are freed (a shared anonymous map's stay in shmem).
+        buf = mmap.mmap(-1, self._buffer_size(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         view = memoryview(buf)
         try:
             while True:
@@ -250,6 +256,8 @@ class FuseSession:
                         log.error("reading /dev/fuse: %s", err)
                     return
                 if n >= 8 and view[4] in _UNANSWERED and not view[5] and not view[6] and not view[7]:
+                    if n > _KEPT_BUFFER:
+                        buf.madvise(mmap.MADV_DONTNEED, _KEPT_BUFFER, len(buf) - _KEPT_BUFFER)
                     continue  # FORGET, BATCH_FORGET: nothing to answer or to keep
                 try:
                     req = parse(view[:n])
