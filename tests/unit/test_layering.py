@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "pynydus"
 # bottom to top; packages of equal rank may not import each other
 RANK = {
     "errors": 0,
+    "_lean": 0,  # the package's first import: dataclasses without inspect
     "labels": 1, "logs": 1, "confschema": 1, "signature": 1,
     "api": 1,  # generated protobuf code (containerd's Snapshots API)
     "config": 2, "host": 2,
