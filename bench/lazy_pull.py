@@ -716,13 +716,15 @@ class RunFailed(RuntimeError):
 
 
 def save_logs(snap: Snapshotter | UpstreamSnapshotter, dst: Path, w0: float, w1: float, w2: float) -> None:
-    """The snapshotter's and its daemons' logs and the run's wall-clock stamps."""
+    """The snapshotter's and its daemons' logs (each daemon's ``logs/<id>/nydusd.log`` as
+    ``<id>-nydusd.log``: they share the name) and the run's wall-clock stamps."""
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     shutil.copy(snap.log, dst / "snapshotter.log")
-    for f in (snap.root / "logs").rglob("*"):
+    logs = snap.root / "logs"
+    for f in logs.rglob("*"):
         if f.is_file():
-            shutil.copy(f, dst / f.name)
+            shutil.copy(f, dst / "-".join(f.relative_to(logs).parts))
     (dst / "times.json").write_text(json.dumps({"pull_start": w0, "pull_end": w1, "run_end": w2}))
 
 
