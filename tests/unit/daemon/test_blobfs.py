@@ -187,9 +187,10 @@ def test_an_images_blob_layouts_are_decoded_when_it_appears_not_at_its_first_rea
     read does not wait for them."""
     kernel, server, inst, res = _serve(tmp_path, {"a/f": b"x" * 5000, "b/g": b"y" * 9000})
     try:
-        assert inst.bs._blob_layouts is None and inst.bs._chunk_index is None
+        assert not inst.bs._blob_layouts and inst.bs._chunk_index is None
         kernel.lookup(P.ROOT_ID, res.blobs[-1].blob_id.encode())
         server._ra_pool.shutdown(wait=True)
-        assert inst.bs._blob_layouts is not None and inst.bs._chunk_index is not None
+        assert set(inst.bs._blob_layouts) == set(range(len(inst.bs.blobs)))
+        assert inst.bs._chunk_index is not None
     finally:
         inst.close()

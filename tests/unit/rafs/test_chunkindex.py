@@ -1,9 +1,9 @@
 """The reader's chunk-table index: (blob, chunk index) -> record, first record wins; and a
-blob's chunks by uncompressed offset and where its files begin (``blob_layouts``)."""
+blob's chunks by uncompressed offset and where its files begin (``blob_layout``)."""
 
 from pynydus.rafs.format import RafsChunkInfo
 from pynydus.rafs.read import ChunkIndex
-from pynydus.rafs.read.chunkindex import blob_layouts
+from pynydus.rafs.read.chunkindex import blob_layout
 
 BASE = 4096  # where the table starts in the "bootstrap"
 
@@ -47,7 +47,7 @@ def test_records_outside_the_blob_table_are_ignored() -> None:
     assert index.find(0, 0, 0) == -1
 
 
-def test_blob_layouts_list_each_blobs_chunks_by_offset_each_start_once() -> None:
+def test_a_blob_layout_lists_its_chunks_by_offset_each_start_once() -> None:
     # (blob, chunk index, uncompressed offset, uncompressed size), in digest order
     rows = [(1, 3, 8192, 4096), (0, 0, 0, 4096), (1, 0, 0, 8192), (1, 7, 4096, 100),
             (1, 2, 8192, 4096), (2, 0, 0, 4096), (1, 9, 1 << 40, 1)]
@@ -55,7 +55,7 @@ def test_blob_layouts_list_each_blobs_chunks_by_offset_each_start_once() -> None
         RafsChunkInfo(digest=bytes([i]) * 32, blob_index=b, index=ci, uncompressed_offset=uo,
                       uncompressed_size=us, compressed_size=us // 2, file_offset=i << 20).pack()
         for i, (b, ci, uo, us) in enumerate(rows))
-    layouts = blob_layouts(buf, BASE, len(buf) - BASE, 6)
+    layouts = [blob_layout(buf, BASE, len(buf) - BASE, b) for b in range(6)]
     starts, sizes, indexes, _ = layouts[1]
     # chunk 2 and chunk 3 both start at 8192 (deduplicated data): the lower index stays
     assert list(zip(starts, sizes, indexes, strict=True)) == \
@@ -63,7 +63,7 @@ def test_blob_layouts_list_each_blobs_chunks_by_offset_each_start_once() -> None
     assert [list(a)[:1] for a in layouts[0][:3]] == [[0], [4096], [0]]
     assert [list(a) for a in layouts[2][:3]] == [[0], [4096], [0]]
     assert [list(a) for a in layouts[5]] == [[], [], [], []]
-    assert [[list(a) for a in lay] for lay in blob_layouts(buf, BASE, 0, 2)] == [[[]] * 4] * 2
+    assert [list(a) for a in blob_layout(buf, BASE, 0, 0)] == [[]] * 4
 
 
 def test_a_blobs_files_begin_at_its_records_at_file_offset_zero() -> None:
@@ -76,7 +76,7 @@ def test_a_blobs_files_begin_at_its_records_at_file_offset_zero() -> None:
         RafsChunkInfo(digest=bytes([i]) * 32, blob_index=b, index=i, uncompressed_offset=uo,
                       uncompressed_size=4096, file_offset=fo).pack()
         for i, (b, uo, fo) in enumerate(rows))
-    layouts = blob_layouts(buf, BASE, len(buf) - BASE, 3)
+    layouts = [blob_layout(buf, BASE, len(buf) - BASE, b) for b in range(3)]
     assert list(layouts[1].file_starts) == [0, 12288, 16384]
     assert list(layouts[1].starts) == [0, 4096, 8192, 12288, 16384]
     assert list(layouts[0].file_starts) == [4096]

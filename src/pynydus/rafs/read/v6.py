@@ -55,7 +55,7 @@ from pynydus.rafs.format.layout import (
     xattr_ibody_size,
 )
 from pynydus.rafs.read.bootstrap import Bootstrap, Buffer, DirEntry, FileChunk, Stat
-from pynydus.rafs.read.chunkindex import BlobLayout, ChunkIndex, blob_layouts
+from pynydus.rafs.read.chunkindex import BlobLayout, ChunkIndex, blob_layout
 from pynydus.rafs.read.v6headers import (
     check_ext,
     check_superblock,
@@ -160,7 +160,7 @@ class BootstrapV6(Bootstrap):
             raise format_error("root inode", root.off, f"mode 0o{root.mode:o} is not a directory")
         self._chunk_index: ChunkIndex | None = None
         self._chunk_index_lock = threading.Lock()  # ... and of _blob_layouts
-        self._blob_layouts: list[BlobLayout] | None = None
+        self._blob_layouts: dict[int, BlobLayout] = {}
 
     # -- inodes ----------------------------------------------------------------------
 
@@ -618,17 +618,16 @@ class BootstrapV6(Bootstrap):
 
     def blob_layout(self, blob_index: int) -> BlobLayout:
         """Blob ``blob_index``'s chunks by uncompressed offset and where its files begin
-        (``chunkindex.blob_layouts``): every blob's, decoded at the first call, then
-        kept."""
-        layouts = self._blob_layouts
-        if layouts is None:
+        (``chunkindex.blob_layout``), decoded at the first call for it, then kept."""
+        layout = self._blob_layouts.get(blob_index)
+        if layout is None:
             with self._chunk_index_lock:
-                if self._blob_layouts is None:
+                layout = self._blob_layouts.get(blob_index)
+                if layout is None:
                     ext = self.ext_superblock
-                    self._blob_layouts = blob_layouts(self._buf, ext.chunk_table_offset,
-                                                      ext.chunk_table_size, len(self.blobs))
-                layouts = self._blob_layouts
-        return layouts[blob_index]
+                    layout = self._blob_layouts[blob_index] = blob_layout(
+                        self._buf, ext.chunk_table_offset, ext.chunk_table_size, blob_index)
+        return layout
 
     def chunk_table(self) -> Iterator[RafsChunkInfo]:
         """All records of the bootstrap chunk table, in on-disk order."""
