@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import json
 import re
+import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -210,9 +211,29 @@ _LEAVES: dict[type[Any], dict[str, tuple[dataclasses.Field[Any], Any]]] = {}
 def _schema(cls: type[Any]) -> Schema:
     """Field name -> (field, resolved annotation) of a section dataclass, cached."""
     if cls not in _SCHEMAS:
-        hints = typing.get_type_hints(cls)
+        hints = type_hints(cls)
         _SCHEMAS[cls] = {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
     return _SCHEMAS[cls]
+
+
+def type_hints(cls: type[Any]) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)`` of a dataclass: each annotation of the class and its
+    bases, a string (PEP 563) evaluated in its class's namespace, then its module's.
+    Evaluated with eval, not typing's ForwardRef: that compiles each string, and the first
+    ``compile()`` of a process builds the ast module's node classes (0.2 MB of resident
+    memory of a daemon, which reads its config at start and otherwise never compiles)."""
+    hints: dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        namespace = vars(base)  # not inspect.get_annotations: the daemon does without inspect
+        annotations = namespace.get("__annotations__", {})
+        if not annotations:
+            continue
+        scope = vars(sys.modules[base.__module__])
+        for name, value in annotations.items():
+            if isinstance(value, str):
+                value = eval(value, scope, dict(namespace))
+            hints[name] = type(None) if value is None else value
+    return hints
 
 
 def _is_section(hint: Any) -> bool:

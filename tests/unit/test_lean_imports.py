@@ -4,36 +4,77 @@ Contract (issue 11's idle RSS): importing the daemon's modules and building its 
 line loads neither ``inspect`` (with ast, dis, tokenize: ``dataclasses`` wants it only to
 write a missing docstring), nor ``shutil`` (with bz2, lzma: argparse's terminal width),
 nor ``urllib.parse`` (with ipaddress: the API's query strings); ``inspect`` still works
-and a dataclass without a docstring still gets dataclasses' own.
+and a dataclass without a docstring still gets dataclasses' own. Nor does it, or reading
+a JSON daemon config, ever call ``compile()`` (the first call builds the ast module's node
+classes): the config's annotations are resolved as ``typing.get_type_hints`` resolves
+them, without its ForwardRefs. (tomllib's own NamedTuple compiles: a TOML config does.)
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from pynydus import confschema
 from pynydus.daemon.api import parse_query
 
 _DAEMON = """
-import sys
+import gc, sys
 import pynydus.daemon.main, pynydus.daemon.daemon
+from pynydus.daemon.config import parse_daemon_config
 pynydus.daemon.main.build_parser().parse_args(["--mountpoint", "/m"])
+parse_daemon_config('{"device": {"backend": {"type": "localfs", "config": {"dir": "/b"}}, '
+                    '"cache": {"type": "blobcache", "config": {"work_dir": "/c"}}}, '
+                    '"mode": "direct", "fs_prefetch": {"enable": true}}', "v1")
+parse_daemon_config('{"version": 2, "backend": {"type": "registry", "registry": '
+                    '{"host": "h", "repo": "r"}}, "cache": {"type": "blobcache"}}', "v2")
 print(" ".join(sorted(sys.modules)))
+# the ast module's node classes, which the first compile() builds
+print(any(isinstance(o, type) and o.__module__ == "ast" and o.__name__ == "Expression"
+          for o in gc.get_objects()))
 """
 
 
-def _fresh(code: str) -> str:
+def _fresh(code: str, env: dict[str, str] | None = None) -> str:
     return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                          text=True).stdout
+                          text=True, env=env).stdout
 
 
-def test_daemon_modules_and_command_line_import_no_inspect_shutil_or_urllib() -> None:
-    loaded = set(_fresh(_DAEMON).split())
+def _compiled(code: str, pycache: Path) -> str:
+    """``code``'s output in an interpreter that imports every module from its bytecode
+    cache (``pycache``, filled by a first run): a module imported from its source is
+    compiled with ``compile()``, as an installed package's never is."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    _fresh(code, env)
+    return _fresh(code, env)
+
+
+def test_daemon_modules_command_line_and_config_import_no_inspect_shutil_or_urllib(
+        tmp_path: Path) -> None:
+    modules, ast_built = _compiled(_DAEMON, tmp_path).splitlines()
+    loaded = set(modules.split())
     assert "pynydus.daemon.fuseloop" in loaded and "dataclasses" in loaded
     assert not loaded & {"inspect", "ast", "dis",
                          "shutil", "bz2", "lzma", "urllib.parse", "ipaddress"}
+    assert ast_built == "False"
+
+
+@pytest.mark.parametrize("module", ["pynydus.config", "pynydus.daemon.config"])
+def test_config_sections_resolve_their_annotations_as_get_type_hints(module: str) -> None:
+    import dataclasses
+    import importlib
+    import typing
+
+    sections = [v for v in vars(importlib.import_module(module)).values()
+                if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == module]
+    assert len(sections) >= 10
+    for cls in sections:
+        assert confschema.type_hints(cls) == typing.get_type_hints(cls), cls
 
 
 def test_dataclass_without_docstring_gets_dataclasses_own_and_inspect_works() -> None:

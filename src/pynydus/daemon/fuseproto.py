@@ -21,7 +21,9 @@ from __future__ import annotations
 import errno
 import struct
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any
+
+from pynydus.daemon.fusetypes import Attr, GetxattrIn, InitIn, ReadIn, Request
 
 # --- protocol constants (include/uapi/linux/fuse.h) ----------------------------------
 
@@ -208,40 +210,6 @@ class ProtocolError(Exception):
 # --- requests -------------------------------------------------------------------------
 
 
-class InitIn(NamedTuple):
-    major: int
-    minor: int
-    max_readahead: int
-    flags: int  # flags | flags2 << 32
-
-
-class ReadIn(NamedTuple):
-    fh: int
-    offset: int
-    size: int
-
-
-class GetxattrIn(NamedTuple):
-    size: int
-    name: bytes
-
-
-class Request(NamedTuple):
-    """One kernel request. ``arg`` by opcode: LOOKUP the name (bytes); OPEN/OPENDIR the
-    open flags (int); READ/READDIR/READDIRPLUS a ReadIn; GETXATTR a GetxattrIn; LISTXATTR
-    the buffer size (int); ACCESS the mask (int); RELEASE/RELEASEDIR/FLUSH the fh (int);
-    FORGET/BATCH_FORGET a list of (nodeid, nlookup); INTERRUPT the unique interrupted;
-    INIT an InitIn; GETATTR the fh or None; otherwise None."""
-
-    opcode: int
-    unique: int
-    nodeid: int
-    uid: int
-    gid: int
-    pid: int
-    arg: Any
-
-
 def _cstr(body: bytes | memoryview, what: str) -> bytes:
     raw = bytes(body)
     end = raw.find(b"\0")
@@ -408,23 +376,6 @@ def negotiate(req: InitIn, wants: InitWants) -> tuple[InitParams, bytes]:
 
 
 # --- replies ------------------------------------------------------------------------------
-
-
-class Attr(NamedTuple):
-    """An inode's attributes as the kernel caches them (``fuse_attr``). A tuple, not a
-    frozen dataclass: a READDIRPLUS builds one per entry, and a frozen dataclass's
-    ``__init__`` cost more than packing it."""
-
-    ino: int
-    mode: int
-    nlink: int = 1
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    blocks: int = 0
-    rdev: int = 0
-    blksize: int = 4096
-    time_ns: int = 0  # atime = mtime = ctime (an image has one time per inode)
 
 
 def _attr_fields(a: Attr) -> tuple[int, ...]:

@@ -30,9 +30,10 @@ from __future__ import annotations
 import operator
 import struct
 from array import array
+from collections import namedtuple
 from collections.abc import Sequence
 from itertools import compress
-from typing import NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 from pynydus.rafs.format.layout import RAFS_V6_CHUNK_INFO_SIZE, ReadableBuffer
 
@@ -118,14 +119,20 @@ def _count(per_chunk: PerChunk) -> int:
     return len(per_chunk) if isinstance(per_chunk, dict) else len(per_chunk) - per_chunk.count(-1)
 
 
-class BlobLayout(NamedTuple):
-    """A blob's chunks by uncompressed offset (``starts``, ``sizes`` and chunk
-    ``indexes``, one entry per offset) and the offsets where a file's data begins."""
+if TYPE_CHECKING:
+    class BlobLayout(NamedTuple):
+        """A blob's chunks by uncompressed offset (``starts``, ``sizes`` and chunk
+        ``indexes``, one entry per offset) and the offsets where a file's data begins."""
 
-    starts: array[int]
-    sizes: array[int]
-    indexes: array[int]
-    file_starts: array[int]
+        starts: array[int]
+        sizes: array[int]
+        indexes: array[int]
+        file_starts: array[int]
+else:
+    # the same tuple without typing.NamedTuple, which compiles each string annotation (PEP
+    # 563), and the first compile() of a daemon builds the ast module's node classes
+    # (0.2 MB of its resident memory; daemon/fusetypes.py)
+    BlobLayout = namedtuple("BlobLayout", "starts sizes indexes file_starts")
 
 
 def blob_layout(buf: ReadableBuffer, start: int, size: int, blob: int) -> BlobLayout:
