@@ -7,10 +7,11 @@ one place where the config's keys become client options.
 
 The client is built on a thread of its own, started with the backend: it is
 first needed at the first chunk miss, which comes after the FUSE mount and the
-container's start, while building it (importing httpx, an SSL context even for
-plain HTTP) sat on every dedicated daemon's start-up path, about 0.15 s of it
-(bench/lazy_pull.py --profile). Every use waits for the build; a build that
-failed fails each use with the same error.
+container's start, while building it (importing httpx, a TLS context) sat on every
+dedicated daemon's start-up path, about 0.15 s of it (bench/lazy_pull.py --profile).
+For a plain-http registry the build makes neither the TLS context nor the httpx
+client (its range GETs go through the transport's socket pool). Every use waits for
+the build; a build that failed fails each use with the same error.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """HTTP exchanges with a registry: endpoints, auth, redirects, retries, metrics.
 
-One :class:`Transport` owns one pooled ``httpx.Client`` (keep-alive connections are
-reused across threads) and, with a proxy configured, a second direct one for proxy
-fallback. It knows nothing of manifests or blobs; :mod:`.client` builds those on:
+One :class:`Transport` owns a pool of keep-alive HTTP/1.1 sockets (:mod:`.http1`) for
+GETs and HEADs (blob ranges, manifests: the daemon's misses), one pooled ``httpx.Client``
+for everything else (built when first needed for a plain-http registry, which then
+never builds a TLS context unless a redirect leads to https) and, with a proxy
+configured, a second direct one for proxy fallback; with a proxy every request goes
+through httpx. It knows nothing of manifests or blobs; :mod:`.client` builds those on:
 
 * :meth:`Transport.exchange` — one attempt: try each healthy mirror (pull requests
   only), then the origin; answer a 401 challenge once; follow redirects by hand,
@@ -49,6 +52,7 @@ from .auth import (
     pick_challenge,
 )
 from .errors import DigestMismatch, RegistryProtocolError, ShortRead, Unauthorized
+from .http1 import Http1Pool
 from .metrics import RegistryMetrics
 from .renewal import TokenRenewer
 
@@ -278,13 +282,42 @@ class Transport:
         self._limits = httpx.Limits(max_connections=max_connections,
                                     max_keepalive_connections=max_connections)
         self._proxy = proxy
-        verify = tls_verify(ca_cert_files, skip_verify, client_cert)
-        self._http = self._make_client(proxy, verify, connect_timeout)
-        self._direct = self._make_client(None, verify, connect_timeout) \
+        self._tls_settings = (list(ca_cert_files), skip_verify, client_cert)
+        self._tls: ssl.SSLContext | None = None
+        self._http_client: httpx.Client | None = None
+        self._pool = None if proxy else Http1Pool(
+            timeout=timeout, connect_timeout=connect_timeout, tls=self._tls_context,
+            max_idle=max_connections, default_headers={"User-Agent": USER_AGENT, "Accept": "*/*"})
+        if scheme == "https" or proxy or mirrors or ca_cert_files or client_cert:
+            self._http_client = self._make_client(proxy, self._tls_context(), connect_timeout)
+        self._direct = self._make_client(None, self._tls_context(), connect_timeout) \
             if proxy and proxy_fallback else None
         self._proxy_down_until = 0.0
         self._proxy_check_interval = proxy_check_interval  # nydusd's proxy check_interval
         self.mirrors = [self._mirror_endpoint(m, scheme, ca_cert_files) for m in mirrors]
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The TLS context of the registry's settings, built at its first use."""
+        with self._lock:
+            if self._tls is None:
+                verify = tls_verify(*self._tls_settings)
+                assert isinstance(verify, ssl.SSLContext)
+                self._tls = verify
+            return self._tls
+
+    @property
+    def _http(self) -> httpx.Client:
+        """The httpx client (built at the first request that needs it, for a
+        plain-http registry: a challenge to answer, a body to send)."""
+        client = self._http_client
+        if client is None:
+            verify = self._tls_context()
+            with self._lock:
+                if self._http_client is None:
+                    self._http_client = self._make_client(self._proxy, verify,
+                                                          self._connect_timeout)
+                client = self._http_client
+        return client
 
     def _make_client(self, proxy_url: str | None, verify: bool | ssl.SSLContext,
                      connect_timeout: float) -> httpx.Client:
@@ -324,7 +357,10 @@ class Transport:
         """Stop token renewal, close pooled connections; idempotent."""
         if self._renewer is not None:
             self._renewer.stop()
-        self._http.close()
+        if self._pool is not None:
+            self._pool.close()
+        if self._http_client is not None:
+            self._http_client.close()
         if self._direct is not None:
             self._direct.close()
         for ep in self.mirrors:
@@ -558,6 +594,13 @@ class Transport:
                   params: Mapping[str, str | Sequence[str]] | None,
                   content: bytes | Iterable[bytes] | None, stream: bool,
                   ep: Endpoint | None = None) -> httpx.Response:
+        if self._pool is not None and method in ("GET", "HEAD") and content is None \
+                and not params \
+                and (ep is None or ep.http is None):
+            try:
+                return self._pooled(method, url, headers, ep, stream)
+            except httpx.InvalidURL:
+                pass  # a URL or header the pool does not send: httpx says what is wrong
         client = self._http
         if ep is not None and ep.http is not None:
             client = ep.http
@@ -597,6 +640,30 @@ class Transport:
                 else:
                     raise
         except httpx.HTTPError:
+            self.metrics.observe(time.monotonic() - t0, None)
+            raise
+        self.metrics.observe(time.monotonic() - t0, resp.status_code)
+        return resp
+
+    def _pooled(self, method: str, url: str, headers: Mapping[str, str], ep: Endpoint | None,
+                stream: bool) -> httpx.Response:
+        """A GET or HEAD through the socket pool, with ``_send_raw``'s metrics and downgrade; the
+        body read unless ``stream``."""
+        assert self._pool is not None
+        t0 = time.monotonic()
+        try:
+            try:
+                resp = self._pool.send(method, url, headers)
+            except httpx.ConnectError as err:
+                if not (ep is not None and url.startswith(ep.base) and
+                        self._should_downgrade(ep, err)):
+                    raise
+                self.metrics.observe(time.monotonic() - t0, None)
+                t0 = time.monotonic()
+                resp = self._pool.send(method, self._downgrade(ep, url), headers)
+            if not stream:
+                resp.read()
+        except httpx.TransportError:
             self.metrics.observe(time.monotonic() - t0, None)
             raise
         self.metrics.observe(time.monotonic() - t0, resp.status_code)
