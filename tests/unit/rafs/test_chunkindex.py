@@ -81,3 +81,34 @@ def test_a_blobs_files_begin_at_its_records_at_file_offset_zero() -> None:
     assert list(layouts[1].starts) == [0, 4096, 8192, 12288, 16384]
     assert list(layouts[0].file_starts) == [4096]
     assert list(layouts[2].file_starts) == []
+
+
+def test_the_index_gives_a_blob_in_order_the_layout_a_sort_gives(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A built image's blobs have their chunks in order: the index's arrays give each
+    blob's layout without a sort, equal to ``blob_layout``'s; a table whose offsets do
+    not rise with the chunk index (or names a chunk twice) leaves it to the sort."""
+    import os
+
+    from pynydus.rafs.builder import build
+    from pynydus.rafs.read import open_bootstrap
+
+    src = tmp_path / "src"
+    for name, size in (("a/big", 3 << 20), ("a/small", 3000), ("b/mid", 70_000), ("b/e", 0)):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(os.urandom(size))
+    build(str(src), str(tmp_path / "boot"), str(tmp_path / "blobs"), chunk_size=1 << 20)
+    bs = open_bootstrap(str(tmp_path / "boot"))
+    try:
+        ext = bs.ext_superblock
+        where = (bs._buf, ext.chunk_table_offset, ext.chunk_table_size)
+        for b in range(len(bs.blobs)):
+            fast = bs.chunk_index().layout(*where, b)
+            assert fast is not None and fast == blob_layout(*where, b)
+            assert len(fast.file_starts) == 3  # big, small, mid
+    finally:
+        bs.close()
+    # chunk 0 after chunk 1 in the blob; a chunk named twice
+    for rows in ([(0, 0, 8192), (0, 1, 0)], [(0, 0, 0), (0, 1, 4096), (0, 1, 4096)]):
+        buf = _table(*rows)
+        index = ChunkIndex(buf, BASE, len(buf) - BASE, [2])
+        assert index.layout(buf, BASE, len(buf) - BASE, 0) is None

@@ -618,15 +618,18 @@ class BootstrapV6(Bootstrap):
 
     def blob_layout(self, blob_index: int) -> BlobLayout:
         """Blob ``blob_index``'s chunks by uncompressed offset and where its files begin
-        (``chunkindex.blob_layout``), decoded at the first call for it, then kept."""
+        (``chunkindex.blob_layout``, or the chunk index's arrays when they are in order),
+        decoded at the first call for it, then kept."""
         layout = self._blob_layouts.get(blob_index)
         if layout is None:
+            index = self.chunk_index()  # every read needs it: its arrays save a sort
             with self._chunk_index_lock:
                 layout = self._blob_layouts.get(blob_index)
                 if layout is None:
                     ext = self.ext_superblock
-                    layout = self._blob_layouts[blob_index] = blob_layout(
-                        self._buf, ext.chunk_table_offset, ext.chunk_table_size, blob_index)
+                    where = (self._buf, ext.chunk_table_offset, ext.chunk_table_size, blob_index)
+                    layout = index.layout(*where) or blob_layout(*where)
+                    self._blob_layouts[blob_index] = layout
         return layout
 
     def chunk_table(self) -> Iterator[RafsChunkInfo]:
