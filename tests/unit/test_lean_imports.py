@@ -3,8 +3,9 @@
 Contract (issue 11's idle RSS): importing the daemon's modules and building its command
 line loads neither ``inspect`` (with ast, dis, tokenize: ``dataclasses`` wants it only to
 write a missing docstring), nor ``shutil`` (with bz2, lzma: argparse's terminal width),
-nor ``urllib.parse`` (with ipaddress: the API's query strings); ``inspect`` still works
-and a dataclass without a docstring still gets dataclasses' own. Nor does it, or reading
+nor ``urllib.parse`` (with ipaddress: the API's query strings), nor ``gettext`` (with
+locale: argparse's message lookups); ``inspect`` still works and a dataclass without a
+docstring still gets dataclasses' own, argparse still says what is wrong. Nor does it, or reading
 a JSON daemon config, ever call ``compile()`` (the first call builds the ast module's node
 classes): the config's annotations are resolved as ``typing.get_type_hints`` resolves
 them, without its ForwardRefs. (tomllib's own NamedTuple compiles: a TOML config does.)
@@ -59,9 +60,17 @@ def test_daemon_modules_command_line_and_config_import_no_inspect_shutil_or_urll
     modules, ast_built = _compiled(_DAEMON, tmp_path).splitlines()
     loaded = set(modules.split())
     assert "pynydus.daemon.fuseloop" in loaded and "dataclasses" in loaded
-    assert not loaded & {"inspect", "ast", "dis",
-                         "shutil", "bz2", "lzma", "urllib.parse", "ipaddress"}
+    assert not loaded & {"inspect", "ast", "dis", "shutil", "bz2", "lzma", "urllib.parse",
+                         "ipaddress", "gettext", "locale"}
     assert ast_built == "False"
+
+
+def test_the_daemons_command_line_errors_read_as_argparse_writes_them() -> None:
+    r = subprocess.run([sys.executable, "-m", "pynydus.daemon.main", "--bogus", "--thread-num"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == "pynydusd: error: argument --thread-num/--fuse-threads: " \
+        "expected one argument", r.stderr
 
 
 @pytest.mark.parametrize("module", ["pynydus.config", "pynydus.daemon.config"])

@@ -34,6 +34,7 @@ NOT_FOR_LOCALFS_LZ4 = {
     # nor what dataclasses, argparse and the API's query strings would bring (a daemon's
     # stdlib; tests/unit/test_lean_imports.py)
     "inspect", "ast", "dis", "shutil", "bz2", "lzma", "urllib.parse", "ipaddress",
+    "gettext", "locale",
     "ctypes.util", "subprocess", "tempfile",  # liblz4 is loaded by its soname
 }
 
