@@ -23,10 +23,12 @@ Sans-I/O core: ``parse_head`` (bytes in, status and headers out) and ``ChunkedBo
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -34,6 +36,7 @@ import httpx
 _MAX_HEAD = 64 << 10      # a response head larger than this is refused
 _ONE_BUFFER = 8 << 20     # a Content-Length body up to this is received in one buffer
 _PIECE = 1 << 20          # larger bodies and the other framings, in pieces of this
+_HEAD_RECV = 64 << 10     # what a head is read with: a body's bulk goes straight to its buffer
 _NO_BODY = frozenset({204, 304})
 
 
@@ -152,8 +155,7 @@ class _Body(httpx.SyncByteStream):
             if len(first) == length:
                 yield first
                 return
-            buf = bytearray(length)
-            view = memoryview(buf)
+            buf, view = _fillable(length)
             view[:len(first)] = first
             pos = len(first)
             try:
@@ -168,7 +170,7 @@ class _Body(httpx.SyncByteStream):
                 raise
             finally:
                 view.release()
-            yield bytes(buf)
+            yield buf if isinstance(buf, bytes) else bytes(buf)
             return
         if first:
             yield first
@@ -236,6 +238,41 @@ def _read_error(err: BaseException) -> httpx.TransportError:
     if isinstance(err, HeadError):
         return httpx.RemoteProtocolError(str(err))
     return httpx.ReadError(str(err) or type(err).__name__)
+
+
+@functools.cache
+def _bytes_api() -> tuple[Any, Any, int] | None:
+    """CPython's ``PyBytes_FromStringAndSize`` and ``PyMemoryView_FromMemory`` through
+    ctypes, and where a bytes object's storage starts; None where they cannot be had."""
+    try:
+        import ctypes
+
+        api = ctypes.pythonapi
+        new = api.PyBytes_FromStringAndSize
+        new.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+        new.restype = ctypes.py_object
+        view = api.PyMemoryView_FromMemory
+        view.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+        view.restype = ctypes.py_object
+    except (ImportError, AttributeError):  # pragma: no cover - not CPython
+        return None
+    return new, view, bytes.__basicsize__ - 1  # PyBytesObject: header, then ob_sval
+
+
+_PYBUF_WRITE = 0x200
+
+
+def _fillable(n: int) -> tuple[bytes | bytearray, memoryview]:
+    """A buffer of ``n`` bytes to receive a body into, and a writable view of it: a new
+    bytes object that nothing else refers to yet (neither zero-filled, nor copied to
+    become bytes: a chunk miss's ~1 MB body was both), else a bytearray."""
+    api = _bytes_api()
+    if api is None or n < 2:  # (CPython shares its empty bytes object)
+        buf = bytearray(n)
+        return buf, memoryview(buf)
+    new, view, offset = api
+    out: bytes = new(None, n)
+    return out, view(id(out) + offset, n, _PYBUF_WRITE)
 
 
 class _Stale(Exception):
@@ -321,7 +358,7 @@ class Http1Pool:
         with _closing_on_error(sock.close):
             try:
                 sock.sendall(head_out)
-                data = sock.recv(_PIECE)
+                data = sock.recv(_HEAD_RECV)
             except (ConnectionError, ssl.SSLEOFError) as err:
                 if conn.reused:
                     raise _Stale() from err
@@ -335,13 +372,13 @@ class Http1Pool:
                                                     "complete response head", request=request)
                 if len(buf) > _MAX_HEAD:
                     raise httpx.RemoteProtocolError("response head too large", request=request)
-                data = sock.recv(_PIECE)
+                data = sock.recv(_HEAD_RECV)
                 buf += data
             status, reason, headers, http10 = parse_head(buf[:end])
             while 100 <= status < 200:  # an informational answer: the real one follows
                 buf = buf[end + 4:]
                 while (end := buf.find(b"\r\n\r\n")) < 0:
-                    data = sock.recv(_PIECE)
+                    data = sock.recv(_HEAD_RECV)
                     if not data:
                         raise httpx.RemoteProtocolError("server disconnected after an "
                                                         "informational response",
@@ -394,7 +431,11 @@ class Http1Pool:
     def _connect(self, key: tuple[str, str, int]) -> _Conn:
         scheme, host, port = key
         try:
-            sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+            # an ASCII host as bytes: getaddrinfo encodes a str with the idna codec,
+            # whose first use imports it (and stringprep) on the reader's thread
+            addr = host.encode("ascii") if host.isascii() else host
+            sock = socket.create_connection((addr, port),  # type: ignore[arg-type]
+                                            timeout=self._connect_timeout)
         except TimeoutError as err:
             raise httpx.ConnectTimeout(str(err) or "timed out") from err
         except OSError as err:

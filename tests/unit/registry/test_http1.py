@@ -6,12 +6,15 @@ retries, mirrors, TLS) is tested through the client in tests/integration/registr
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
+from pynydus.registry import http1
 from pynydus.registry.http1 import ChunkedBody, HeadError, Http1Pool, parse_head
 from pynydus.registry.transport import Transport
 
@@ -212,3 +215,33 @@ def test_a_plain_http_registry_builds_neither_a_tls_context_nor_an_httpx_client(
     assert t._tls is None and t._http_client is None
     assert t.metrics.requests == 1
     t.close()
+
+
+def test_a_body_is_received_in_place_into_one_new_bytes_object(serve) -> None:  # type: ignore[no-untyped-def]
+    body = bytes(range(256)) * 4096  # 1 MiB, sent in pieces: several receives fill it
+
+    def script(head: bytes, n: int) -> tuple[bytes, bool]:
+        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body) + body, False
+
+    srv = serve(script)
+    pieces = list(_pool().send("GET", srv.url + "/", {}).iter_raw())
+    assert len(pieces) == 1 and type(pieces[0]) is bytes and pieces[0] == body
+    buf, view = http1._fillable(5)
+    view[:] = b"abcde"
+    view.release()
+    assert type(buf) is bytes and buf == b"abcde" and hash(buf) == hash(b"abcde")
+
+
+def test_connecting_to_an_ascii_host_imports_no_idna_codec(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = serve(lambda head, n: (_ok(b"x"), False))
+    code = ("import sys\n"
+            "from pynydus.registry.http1 import Http1Pool\n"
+            "assert 'encodings.idna' not in sys.modules\n"
+            "pool = Http1Pool(timeout=5, connect_timeout=5, tls=None)\n"
+            f"assert pool.send('GET', {srv.url + '/'!r}, {{}}).read() == b'x'\n"
+            "pool.close()\n"
+            "print(sorted(m for m in ('encodings.idna', 'stringprep')"
+            " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"  # a reader's first miss takes no import lock
