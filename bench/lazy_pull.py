@@ -19,7 +19,8 @@ startup command, for the same image pulled several ways, all in one run:
              Not in the default ``--modes``: ``--modes overlayfs,tarfs``. Held against
              overlayfs (targets: many-files >= 2x faster, large no slower).
              ``tarfs-nowarm``: the same with ``warm_metadata = false`` (each layer
-             mounted at the container's Prepare, its metadata not looked up before).
+             mounted at the container's Prepare, its metadata not looked up before: the
+             driver before 8 Dec 2026).
   blobfile   the nydus mode with ``fs_driver = "blobfile"``: the container's image is the
              kernel's EROFS mount of the bootstrap over pynydusd's blob files (on request,
              ``--modes nydus,blobfile``);

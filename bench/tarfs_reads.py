@@ -6,7 +6,9 @@ The image's layers (an OCI layout from ``bench/lazy_images.py``, default ``large
 converted once as the tarfs driver converts them (``tar-tarfs`` bootstraps over the layer
 tars) and unpacked once with ``tar -x`` (what containerd's overlayfs unpack leaves). Each
 mode then mounts them as the container would see them (an overlay whose lower dirs are the
-per-layer EROFS mounts, or the unpacked directories) and times, inside one process:
+per-layer EROFS mounts, or the unpacked directories, with an empty upper dir as a
+container's rootfs has; read-only, without one, before 8 Dec 2026) and times, inside one
+process:
 
   walk first / warm   lstat of every entry below the mount, twice;
   read first / warm   every file below ``--read-dir`` (default ``/opt``) read whole with a
@@ -22,8 +24,10 @@ Modes (``--modes``): ``overlayfs`` (the baseline), ``file`` (EROFS file-backed m
 driver's default), ``file-dio`` (the same with EROFS's ``directio`` option: the tar is read
 with direct I/O, not through its page cache), ``file-dio-warm`` (``file-dio`` with each
 layer's tree looked up once before the overlay is mounted, as the driver does after a
-conversion: ``tarfs/warm.py``), ``loop`` (auto-clearing loop devices), ``loop-dio`` (loop
-devices with ``LO_FLAGS_DIRECT_IO``).
+conversion: ``tarfs/warm.py``), ``image-dio`` (the layer bootstraps merged into one, mounted
+once with every tar, as ``mount_mode = "image"``: one lower dir for the overlay),
+``loop`` (auto-clearing loop devices), ``loop-dio`` (loop devices with
+``LO_FLAGS_DIRECT_IO``).
 
 ``--meta cold`` also empties the kernel's metadata caches of both sides before each pass,
 without dropping the machine's: the unpacked trees live in an ext4 file system of their
@@ -68,7 +72,7 @@ from pynydus.tarfs.warm import cache_tree
 BENCH_DIR = Path(os.environ.get("PYNYDUS_BENCH_DIR", "/var/tmp/pynydus-bench"))
 WORK = Path("/var/tmp/pyn-tarfs-reads")
 MiB = 1 << 20
-MODES = ("overlayfs", "file", "file-dio", "file-dio-warm", "loop", "loop-dio")
+MODES = ("overlayfs", "file", "file-dio", "file-dio-warm", "image-dio", "loop", "loop-dio")
 
 
 def layers_of(layout: Path) -> list[Path]:
@@ -174,6 +178,14 @@ def mounted(mode: str, layers: list[tuple[Path, Path, Path]], base: Path,
     with ExitStack() as stack:
         if mode == "overlayfs":
             lowers = [str(u) for _, _, u in reversed(layers)]
+        elif mode == "image-dio":
+            boot, tars = merged(layers)
+            m = base / "image"
+            m.mkdir(exist_ok=True)
+            erofs.mount_erofs(str(boot), tars, str(m), "file", direct_io=True,
+                              read_ahead_kb=ra_kb or None)
+            stack.callback(erofs.umount_erofs, str(m))
+            lowers = [str(m)]
         else:
             lowers = []
             for i, (boot, tar, _) in enumerate(layers):
@@ -186,10 +198,32 @@ def mounted(mode: str, layers: list[tuple[Path, Path, Path]], base: Path,
                 if mode.endswith("-warm"):
                     cache_tree(str(m))
                 lowers.insert(0, str(m))
+        # an empty upper dir, as a container's rootfs (and one lower is then enough)
+        upper, work = base / "upper", base / "work"
+        upper.mkdir(exist_ok=True)
+        work.mkdir(exist_ok=True)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        "ro,lowerdir=" + ":".join(lowers), str(mnt)], check=True)
+                        f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}",
+                        str(mnt)], check=True)
         stack.callback(subprocess.run, ["umount", str(mnt)], check=False)
         yield mnt
+
+
+def merged(layers: list[tuple[Path, Path, Path]]) -> tuple[Path, list[str]]:
+    """The layers' bootstraps merged (made once) and its tars in its device order."""
+    from pynydus.rafs.merge import merge
+    from pynydus.rafs.read import open_bootstrap
+
+    out = layers[0][0].parent.parent / "image.boot"
+    if not out.exists():
+        merge([str(b) for b, _, _ in layers], str(out) + ".tmp")
+        os.rename(str(out) + ".tmp", out)
+    tars = {}
+    for boot, tar, _ in layers:
+        with open_bootstrap(str(boot)) as bs:
+            tars[bs.blobs[0].blob_id] = str(tar)
+    with open_bootstrap(str(out)) as bs:
+        return out, [tars[b.blob_id] for b in bs.blobs]
 
 
 def cpu() -> float:

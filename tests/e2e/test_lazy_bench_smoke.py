@@ -70,23 +70,26 @@ def test_lazy_pull_quick_prints_ratios(tmp_path: Path) -> None:
 
 
 def test_lazy_pull_tarfs_walk_quick(tmp_path: Path) -> None:
-    """The tarfs mode (docs/tarfs.md) against overlayfs, with ``--walk``: the pull fetches
-    no layer (the snapshotter does, at run time), and the walk figures of both modes
-    come back with their ratio to overlayfs's."""
+    """The tarfs modes (docs/tarfs.md; ``tarfs-nowarm``: ``warm_metadata = false``)
+    against overlayfs, with ``--walk``: the pull fetches no layer (the snapshotter does,
+    at run time), and the walk figures of every mode come back with their ratio to
+    overlayfs's."""
     tools.require("/usr/bin/ctr-remote", "skopeo", "pigz")
     out_json = tmp_path / "tarfs.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "lazy_pull.py"), "--quick",
-                        "--modes", "overlayfs,tarfs", "--networks", "loopback", "--walk",
+                        "--modes", "overlayfs,tarfs,tarfs-nowarm", "--networks", "loopback", "--walk",
                         "--json", str(out_json)],
                        capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
     data = json.loads(out_json.read_text())
     rows = {row["mode"]: row for row in data["rows"]}
     assert rows["tarfs"]["fetched_pull"] < 0.2e6 < rows["tarfs"]["fetched_run"]
-    assert rows["tarfs"]["x_vs_overlayfs"] > 0
+    for mode in ("tarfs", "tarfs-nowarm"):
+        assert rows[mode]["x_vs_overlayfs"] > 0
     samples = {s["mode"]: s for s in data["samples"]}
-    for mode in ("overlayfs", "tarfs"):
+    for mode in ("overlayfs", "tarfs", "tarfs-nowarm"):
         assert set(samples[mode]["extra"]) == {"walk_first", "walk_warm", "read_first",
                                                "read_warm"}, samples[mode]
     assert "| loopback | small | tarfs | " in r.stdout
+    assert "| loopback | small | tarfs-nowarm | " in r.stdout
     assert "walk_first s (vs overlayfs)" in r.stdout

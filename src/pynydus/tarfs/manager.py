@@ -372,26 +372,23 @@ class TarfsManager:
             if not isinstance(err, Cancelled):
                 log.warning("tarfs: layer %s failed to convert: %s", layer.sid, err)
             status, error = Status.FAILED, err
-        # a layer mounted on its own is mounted and its metadata cached now, after its
-        # waiters are woken: what an unpack leaves for overlayfs (:mod:`.warm`)
-        warm = (status is Status.READY and self.opts.warm_metadata
-                and self.opts.mount_mode is TarfsMountMode.LAYER)
-        with self._lock:
-            layer.status, layer.error = status, error
-            if not warm:
-                layer.thread = None
-            layer.done.set()
-        if warm:
-            try:
+        try:
+            if (status is Status.READY and self.opts.warm_metadata
+                    and self.opts.mount_mode is TarfsMountMode.LAYER):
+                # before its waiters wake: their container's first walk finds the layer's
+                # metadata cached, as overlayfs's finds what its unpack left (:mod:`.warm`;
+                # done beside the container's start, the walk raced it for the CPUs)
                 self._warm_layer(layer)
-            finally:
-                with self._lock:
-                    layer.thread = None
+        finally:
+            with self._lock:
+                layer.status, layer.error = status, error
+                layer.thread = None
+                layer.done.set()
 
     def _warm_layer(self, layer: _Layer) -> None:
-        """Mount converted ``layer`` (unless a container's Prepare did meanwhile) and look
-        its tree up once. Best effort: a mount that fails here is tried again, and its
-        error reported, when a container needs the layer."""
+        """Mount converted ``layer`` and look its tree up once. Best effort: a mount that
+        fails here is tried again, and its error reported, when a container needs the
+        layer."""
         boot = os.path.join(self.upper(layer.sid), LAYER_BOOTSTRAP)
         t0 = time.monotonic()
         cpu0, _ = thread_cpu_and_wait()
@@ -474,12 +471,18 @@ class TarfsManager:
     def _layer_mount(self, p: LayerRef) -> str:
         mnt = self.mountpoint(p.id)
         boot = os.path.join(self.upper(p.id), LAYER_BOOTSTRAP)
+        self.wait_ready(p.id, p.labels)  # not under the lock: a conversion takes it to mount
         with self._sid_lock(p.id):
             if self._mounted.get(p.id) == boot:
                 return mnt
-            self.wait_ready(p.id, p.labels)
             self._mount(p.id, boot)
         return mnt
+
+    def _wait_chain(self, chain: Sequence[LayerRef]) -> None:
+        """Wait for the conversions of ``chain``, holding no snapshot's lock: a conversion
+        takes its layer's to mount it."""
+        for p in reversed(chain):
+            self.wait_ready(p.id, p.labels)
 
     def _image_bootstrap(self, chain: Sequence[LayerRef]) -> str:
         """``image.boot`` of the chain's top layer, merged from the layer bootstraps
@@ -488,8 +491,7 @@ class TarfsManager:
         out = os.path.join(self.upper(top.id), IMAGE_BOOTSTRAP)
         if os.path.exists(out):
             return out
-        for p in reversed(chain):
-            self.wait_ready(p.id, p.labels)
+        self._wait_chain(chain)  # done by the callers already: cheap
         if len(chain) == 1:
             # one layer: its own bootstrap is the image's
             os.link(os.path.join(self.upper(top.id), LAYER_BOOTSTRAP), out + ".tmp")
@@ -506,6 +508,7 @@ class TarfsManager:
     def _image_mount(self, chain: Sequence[LayerRef]) -> str:
         top = chain[0]
         mnt = self.mountpoint(top.id)
+        self._wait_chain(chain)
         with self._sid_lock(top.id):
             boot = self._image_bootstrap(chain)
             if self._mounted.get(top.id) == boot:
@@ -563,6 +566,7 @@ class TarfsManager:
         top = chain[0]
         blob = top.labels[L.NYDUS_TARFS]
         out = os.path.join(self.opts.cache_dir, blob + ".image.disk")
+        self._wait_chain(chain)
         with self._sid_lock(top.id):
             layer = self._layers.get(top.id)
             known = layer.labels if layer is not None else top.labels

@@ -6,11 +6,13 @@ unpacked image only builds overlay's own. A new EROFS mount starts with none: it
 walk also looks every name up in the directory blocks and builds every EROFS inode
 (~3 us an entry here, and a direct-I/O read of each directory block from the bootstrap),
 so it took 1.5x overlayfs's first walk (many-files, 50,000 entries; docs/benchmarks.md,
-"Tarfs walks: where the first walk's time went"). Looking every entry up once after the
-conversion does in the background what the unpack does for overlayfs: a container's
-first walk then finds the EROFS side cached. The cost is the walk's CPU (~0.2 s per
-50,000 entries) and the kernel memory of the cached entries (~0.9 KB each, reclaimable,
-less than ext4's for the same tree).
+"Tarfs walks: where the first walk's time went"). Looking every entry up once, as the
+last step of the layer's conversion (before a container waiting for the layer starts),
+does what the unpack does for overlayfs: a container's first walk then finds the EROFS
+side cached. Done beside the container's start instead, the lookups raced the
+container's walk for the CPUs and the walk got slower under load. The cost is the walk's
+CPU (~0.2-0.3 s per 50,000 entries) and the kernel memory of the cached entries (~0.9 KB
+each, reclaimable, less than ext4's for the same tree).
 """
 
 from __future__ import annotations
