@@ -180,17 +180,41 @@ def test_a_small_files_miss_brings_the_next_files_a_large_files_does_not(
         inst.close()
 
 
-def test_an_images_blob_layouts_are_decoded_when_it_appears_not_at_its_first_read(
+def test_an_images_other_blob_layouts_are_decoded_after_its_first_read(
         tmp_path: Path) -> None:
-    """When the kernel mounts an image over its blob files (a lookup of them), the blobs'
-    layouts and the chunk index are decoded in the background: the container's first
-    read does not wait for them."""
-    kernel, server, inst, res = _serve(tmp_path, {"a/f": b"x" * 5000, "b/g": b"y" * 9000})
+    """The mount decodes no layout (its lookups must not wait for that CPU); the first
+    read of one of an image's blob files decodes that blob's, and the other blobs' are
+    decoded in the background right after, before their own first reads."""
+    mib = 1 << 20
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(mib))
+    build(str(src), str(tmp_path / "lower.boot"), str(tmp_path / "blobs"),
+          compressor="lz4_block", chunk_size=mib)
+    (src / "g").write_bytes(os.urandom(mib))
+    build(str(src), str(tmp_path / "image.boot"), str(tmp_path / "blobs"),
+          compressor="lz4_block", chunk_size=mib, parent_bootstrap=str(tmp_path / "lower.boot"))
+    inst = local_instance(tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "cache")
     try:
-        assert not inst.bs._blob_layouts and inst.bs._chunk_index is None
-        kernel.lookup(P.ROOT_ID, res.blobs[-1].blob_id.encode())
+        vfs = Vfs()
+        vfs.dedicated = inst
+        server = BlobFileServer(vfs)
+        kernel = Kernel(server)
+        kernel.init()
+        assert len(inst.bs.blobs) == 2
+        jobs: list[str] = []
+        submit = server._ra_pool.submit
+
+        def spy(fn, *args):  # type: ignore[no-untyped-def]
+            jobs.append(fn.__name__)
+            return submit(fn, *args)
+
+        server._ra_pool.submit = spy  # type: ignore[method-assign]
+        node = kernel.lookup(P.ROOT_ID, inst.bs.blobs[0].blob_id.encode())[0]
+        assert not jobs and not inst.bs._blob_layouts
+        kernel.read(node, 0, 4096)
         server._ra_pool.shutdown(wait=True)
-        assert set(inst.bs._blob_layouts) == set(range(len(inst.bs.blobs)))
-        assert inst.bs._chunk_index is not None
+        assert jobs == ["_prepare"]
+        assert set(inst.bs._blob_layouts) == {0, 1}
     finally:
         inst.close()
