@@ -328,7 +328,10 @@ class Http1Pool:
         except ValueError as err:
             raise httpx.InvalidURL(f"cannot {method} {url!r}: {err}") from err
         target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        all_headers = {"Host": u.netloc.rpartition("@")[2], **self._default, **headers}
+        if "@" in u.netloc or not target.isascii() or any(c.isspace() for c in target):
+            # credentials in the URL, or a target httpx would percent-encode: its call
+            raise httpx.InvalidURL(f"{method} {url!r}: not sent as is")
+        all_headers = {"Host": u.netloc, **self._default, **headers}
         lines = [f"{method} {target} HTTP/1.1"]
         for name, value in all_headers.items():
             if any(c in name or c in value for c in "\r\n\0") or ":" in name:

@@ -205,6 +205,11 @@ def test_refused_and_unsendable_requests_raise_httpx_errors() -> None:
         pool.send("GET", "http://127.0.0.1:1/", {"X": "a\r\nInjected: 1"})
     with pytest.raises(httpx.InvalidURL):
         pool.send("POST", "http://127.0.0.1:1/", {})
+    # what httpx would rewrite (percent-encoding, credentials in the URL) is left to it
+    for url in ("http://127.0.0.1:1/a b", "http://127.0.0.1:1/\u00e9", "http://u:p@127.0.0.1:1/"):
+        with pytest.raises(httpx.InvalidURL):
+            pool.send("GET", url, {})
+    assert pool.connections == 0
 
 
 def test_a_plain_http_registry_builds_neither_a_tls_context_nor_an_httpx_client(serve) -> None:  # type: ignore[no-untyped-def]
@@ -245,3 +250,11 @@ def test_connecting_to_an_ascii_host_imports_no_idna_codec(serve) -> None:  # ty
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"  # a reader's first miss takes no import lock
+
+
+def test_a_request_the_pool_does_not_send_goes_through_httpx(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = serve(lambda head, n: (_ok(head.split(b" ")[1]), False))
+    t = Transport(srv.url[7:], scheme="http", token_renewal=False)
+    assert t.send_direct("GET", srv.url + "/a b", {}).read() == b"/a%20b"
+    assert t._http_client is not None  # built for it
+    t.close()
