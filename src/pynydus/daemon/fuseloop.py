@@ -48,6 +48,13 @@ _UNANSWERED = frozenset({P.FORGET, P.BATCH_FORGET})
 # batches left 16-68 KiB resident in each of 16 threads' buffers, 0.2-0.7 MB of an idle
 # daemon after a walk. Only FORGETs are that long, so the cost is one madvise per batch.
 _KEPT_BUFFER = mmap.PAGESIZE
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's; in mmap from Python 3.13
+# Workers a session starts with; more start, one at a time up to ``threads``, when a
+# worker takes a request while none is left waiting for the next. An idle worker is
+# ~35 KB of resident memory (its stack, its frame chunk, its buffer's first page): the
+# 12 of 16 an idle daemon never needed were 0.45 MB of its RSS. A successor (takeover)
+# starts all of them: its callers' requests are already queued.
+_FIRST_WORKERS = 4
 _STORE_QUEUE = 256  # misses waiting for their chunks to be stored; more are dropped
 # ... of which this many keep the decoded chunks their read fetched (stored from those,
 # no read of the cache; ~1 MiB each); the others read them back from the cache
@@ -91,7 +98,8 @@ class FuseSession:
         if server.params is not None:  # a successor: INIT was answered long ago
             self.init_applied.set()
         self._workers: list[threading.Thread] = []
-        self._live = 0
+        self._live = 0  # workers started and not returned
+        self._waiting = 0  # workers waiting for a request
         self._lock = threading.Lock()
         self._storing = False
         self._backing_refused = False
@@ -112,8 +120,14 @@ class FuseSession:
         name)`` runs those first ones, and the start of the others, on threads started
         in advance instead (``first`` + 1 of them): a thread's start waits for the new
         thread to be scheduled, 10-70 ms on a loaded node."""
+        if first <= 0 and run is None:  # a new connection: more workers as requests need
+            now = min(_FIRST_WORKERS, self.threads)
+            with self._lock:
+                self._live = self._waiting = now  # waiting from their start on
+            self._spawn(range(now))
+            return
         with self._lock:
-            self._live = self.threads
+            self._live = self._waiting = self.threads
         now = min(first, self.threads) if first > 0 else self.threads
         if run is not None:
             for i in range(now):
@@ -133,6 +147,28 @@ class FuseSession:
             t = threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True)
             t.start()
             self._workers.append(t)
+
+    def _grow(self, number: int) -> None:
+        try:
+            self._spawn(range(number, number + 1))
+        except RuntimeError as err:  # no thread to be had (pids.max): serve with fewer
+            with self._lock:
+                self._live -= 1
+                self._waiting -= 1
+            log.warning("FUSE worker %d not started: %s", number, err)
+
+    def _took_request(self, grow: bool) -> int:
+        """A worker took a request: the number of the worker to start (counted live and
+        waiting from now on) if ``grow`` (the request needs an answer) and none is left
+        waiting and fewer than ``threads`` run, else -1."""
+        with self._lock:
+            self._waiting -= 1
+            if (not grow or self._waiting > 0 or self._live >= self.threads
+                    or self.server.destroyed):
+                return -1
+            self._live += 1
+            self._waiting += 1
+            return self._live - 1
 
     def resend(self) -> bool:
         """Ask the kernel to resend requests taken but never answered on this connection
@@ -243,19 +279,36 @@ class FuseSession:
         # are read into become resident. 16 threads' 1 MiB buffers were 16 MB of every
         # daemon's memory, though requests are headers and names (replies carry the data).
         # Private: pages it gives back are freed (a shared anonymous map's stay in shmem).
-        buf = mmap.mmap(-1, self._buffer_size(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # No swap reserved for the megabyte requests never reach (a map of its own, too:
+        # the kernel does not merge it with the allocator's, so its pages can be told).
+        buf = mmap.mmap(-1, self._buffer_size(),
+                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         view = memoryview(buf)
+        lock = self._lock
+        waiting = True  # counted as waiting by whoever started this worker
         try:
             while True:
+                if not waiting:
+                    with lock:
+                        self._waiting += 1
+                waiting = True
                 try:
                     n = os.readv(fd, [buf])
                 except OSError as err:
                     if err.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                         continue  # interrupted, or a request aborted before we got it
+                    with lock:
+                        self._waiting -= 1
                     if err.errno != errno.ENODEV:  # ENODEV: unmounted, the normal end
                         log.error("reading /dev/fuse: %s", err)
                     return
-                if n >= 8 and view[4] in _UNANSWERED and not view[5] and not view[6] and not view[7]:
+                waiting = False
+                forget = n >= 8 and view[4] in _UNANSWERED and not view[5] and not view[6] \
+                    and not view[7]
+                more = self._took_request(grow=not forget)
+                if more >= 0:  # started before this request is served: it may be long
+                    self._grow(more)
+                if forget:
                     if n > _KEPT_BUFFER:
                         buf.madvise(mmap.MADV_DONTNEED, _KEPT_BUFFER, len(buf) - _KEPT_BUFFER)
                     continue  # FORGET, BATCH_FORGET: nothing to answer or to keep
