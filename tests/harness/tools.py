@@ -28,6 +28,7 @@ TOOLS: dict[str, str] = {
     "mount.fuse3": "fuse3",
     "mkfs.erofs": "erofs-utils",
     "fsck.erofs": "erofs-utils",
+    "mkfs.ext4": "e2fsprogs",
     "skopeo": "skopeo",
     "umoci": "umoci",
     "mount": "mount",
