@@ -71,9 +71,10 @@ def test_lazy_pull_quick_prints_ratios(tmp_path: Path) -> None:
 
 def test_lazy_pull_tarfs_walk_quick(tmp_path: Path) -> None:
     """The tarfs modes (docs/tarfs.md; ``tarfs-nowarm``: ``warm_metadata = false``)
-    against overlayfs, with ``--walk``: the pull fetches no layer (the snapshotter does,
-    at run time), and the walk figures of every mode come back with their ratio to
-    overlayfs's."""
+    against overlayfs, with ``--walk``: the layers come once (the snapshotter fetches
+    them in the background from the layer's Prepare: within the pull's window or after
+    it, as the machine's load decides), and the walk figures of every mode come back
+    with their ratio to overlayfs's."""
     tools.require("/usr/bin/ctr-remote", "skopeo", "pigz")
     out_json = tmp_path / "tarfs.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "lazy_pull.py"), "--quick",
@@ -83,7 +84,9 @@ def test_lazy_pull_tarfs_walk_quick(tmp_path: Path) -> None:
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
     data = json.loads(out_json.read_text())
     rows = {row["mode"]: row for row in data["rows"]}
-    assert rows["tarfs"]["fetched_pull"] < 0.2e6 < rows["tarfs"]["fetched_run"]
+    once = rows["overlayfs"]["fetched_pull"]  # containerd's pull: every layer, once
+    tarfs = rows["tarfs"]["fetched_pull"] + rows["tarfs"]["fetched_run"]
+    assert 0.9 * once <= tarfs <= 1.1 * once + 0.2e6, (tarfs, once)
     for mode in ("tarfs", "tarfs-nowarm"):
         assert rows[mode]["x_vs_overlayfs"] > 0
     samples = {s["mode"]: s for s in data["samples"]}

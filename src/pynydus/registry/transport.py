@@ -667,6 +667,10 @@ class Transport:
             self.metrics.observe(time.monotonic() - t0, None)
             raise
         self.metrics.observe(time.monotonic() - t0, resp.status_code)
+        if log.isEnabledFor(logging.DEBUG):  # httpx's line (bench/lazy_pull.py reads it),
+            # without the query: a redirect's presigned URL carries a signature
+            log.debug('HTTP Request: %s %s "HTTP/1.1 %d %s"', method, url.partition("?")[0],
+                      resp.status_code, resp.reason_phrase)
         return resp
 
     def _should_downgrade(self, ep: Endpoint, err: BaseException) -> bool:

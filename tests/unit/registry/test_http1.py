@@ -222,6 +222,24 @@ def test_a_plain_http_registry_builds_neither_a_tls_context_nor_an_httpx_client(
     t.close()
 
 
+def test_a_pooled_request_logs_httpx_line_at_debug_without_its_query(serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    """httpx's "HTTP Request:" line (debug only: the daemon quiets it at info), which
+    bench/lazy_pull.py's time breakdown reads; a query (a presigned URL's signature)
+    stays out of it."""
+    import logging
+
+    srv = serve(lambda head, n: (_ok(b"{}", b"Content-Type: application/json\r\n"), False))
+    t = Transport(srv.url[7:], scheme="http", token_renewal=False)
+    with caplog.at_level(logging.INFO, logger="pynydus.registry.transport"):
+        t.send_direct("GET", srv.url + "/v2/", {}).read()
+    assert not [r for r in caplog.records if "HTTP Request" in r.getMessage()]
+    with caplog.at_level(logging.DEBUG, logger="pynydus.registry.transport"):
+        t.send_direct("GET", srv.url + "/v2/?X-Amz-Signature=secret", {}).read()
+    (line,) = [r.getMessage() for r in caplog.records if "HTTP Request" in r.getMessage()]
+    assert line == f'HTTP Request: GET {srv.url}/v2/ "HTTP/1.1 200 OK"', line
+    t.close()
+
+
 def test_a_body_is_received_in_place_into_one_new_bytes_object(serve) -> None:  # type: ignore[no-untyped-def]
     body = bytes(range(256)) * 4096  # 1 MiB, sent in pieces: several receives fill it
 
