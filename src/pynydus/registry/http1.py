@@ -275,6 +275,21 @@ def _fillable(n: int) -> tuple[bytes | bytearray, memoryview]:
     return out, view(id(out) + offset, n, _PYBUF_WRITE)
 
 
+def _read_head(sock: socket.socket, buf: bytes, request: httpx.Request,
+               cut: str) -> tuple[bytes, int]:
+    """``buf`` and what follows it on ``sock`` up to a whole response head: (the bytes,
+    where the head's final CRLF CRLF starts). A head over ``_MAX_HEAD`` or a server that
+    disconnects first (``cut`` says when) is a RemoteProtocolError."""
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        if len(buf) > _MAX_HEAD:
+            raise httpx.RemoteProtocolError("response head too large", request=request)
+        data = sock.recv(_HEAD_RECV)
+        if not data:
+            raise httpx.RemoteProtocolError(f"server disconnected {cut}", request=request)
+        buf += data
+    return buf, end
+
+
 class _Stale(Exception):
     """A pooled connection failed before any byte of the answer came back."""
 
@@ -368,25 +383,12 @@ class Http1Pool:
                 raise
             if not data and conn.reused:
                 raise _Stale()
-            buf = data
-            while (end := buf.find(b"\r\n\r\n")) < 0:
-                if not data:
-                    raise httpx.RemoteProtocolError("server disconnected without sending a "
-                                                    "complete response head", request=request)
-                if len(buf) > _MAX_HEAD:
-                    raise httpx.RemoteProtocolError("response head too large", request=request)
-                data = sock.recv(_HEAD_RECV)
-                buf += data
+            buf, end = _read_head(sock, data, request, "without sending a complete "
+                                                            "response head")
             status, reason, headers, http10 = parse_head(buf[:end])
             while 100 <= status < 200:  # an informational answer: the real one follows
-                buf = buf[end + 4:]
-                while (end := buf.find(b"\r\n\r\n")) < 0:
-                    data = sock.recv(_HEAD_RECV)
-                    if not data:
-                        raise httpx.RemoteProtocolError("server disconnected after an "
-                                                        "informational response",
-                                                        request=request)
-                    buf += data
+                buf, end = _read_head(sock, buf[end + 4:], request,
+                                      "after an informational response")
                 status, reason, headers, http10 = parse_head(buf[:end])
         first = buf[end + 4:]
         fields = dict(headers)
